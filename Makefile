@@ -1,0 +1,45 @@
+# vbp: the two commands of the README quick start are `make run` and `make test`.
+# Everything the project needs is installed here, on a fresh Debian machine, as root.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SANDBOX_DIR ?= var/sandbox
+
+# Debian packages: runtime (make run) and test-only (make test).
+APT_RUN := python3-venv qemu-utils libnbd-bin
+APT_TEST := $(APT_RUN) python3-libnbd nbdkit fio etcd-server qemu-system-x86
+
+.PHONY: run test deps-run deps-test venv bench clean
+
+run: deps-run venv
+	$(VENV)/bin/vbp sandbox run --hosts 3 --dir $(SANDBOX_DIR) --volume demo --size 1G
+
+test: deps-test venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: deps-test venv
+	$(PY) -m bench $(BENCH_ARGS)
+
+deps-run:
+	@scripts/apt-install $(APT_RUN)
+
+deps-test:
+	@scripts/apt-install $(APT_TEST)
+
+# The venv is rebuilt when pyproject.toml changes. Debian's libnbd binding (`import nbd`)
+# lives in the system dist-packages; a .pth file exposes exactly that module to the venv
+# (the PyPI package named `nbd` is unrelated and must never be installed).
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	scripts/link-libnbd $(VENV)
+	touch $@
+
+clean:
+	-$(VENV)/bin/vbp sandbox down --dir $(SANDBOX_DIR)
+	rm -rf $(VENV) var

@@ -1,0 +1,103 @@
+"""Errors of the vbp model.
+
+Every error a client can meet carries an `errno` so the NBD frontend maps it in exactly one
+place (nbd_frontend.errors.to_nbd_errno). Local faults (this host's disk, this host's
+metadata) and remote faults (a peer, the registry) are separate branches so callers can
+decide what to retry and what to report.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class VbpError(Exception):
+    """Base of every vbp error. `errno` is what an NBD client is told."""
+
+    errno = _errno.EIO
+
+
+# --- requests a caller got wrong -------------------------------------------------------
+
+
+class InvalidArgument(VbpError, ValueError):
+    errno = _errno.EINVAL
+
+
+class NotFound(VbpError, KeyError):
+    errno = _errno.ENOENT
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
+        return str(self.args[0]) if self.args else "not found"
+
+
+class AlreadyExists(VbpError):
+    errno = _errno.EEXIST
+
+
+class ReadOnly(VbpError):
+    errno = _errno.EPERM
+
+
+class OutOfRange(VbpError):
+    errno = _errno.EINVAL
+
+
+# --- local faults ----------------------------------------------------------------------
+
+
+class LocalFault(VbpError):
+    """Something is wrong on this host (its disk, its metadata)."""
+
+
+class NoSpace(LocalFault):
+    errno = _errno.ENOSPC
+
+
+class ChecksumError(LocalFault):
+    """A page read back does not match its checksum: the replication layer repairs it."""
+
+    errno = _errno.EIO
+
+    def __init__(self, message: str, *, key=None, page: int | None = None):
+        super().__init__(message)
+        self.key = key
+        self.page = page
+
+
+# --- remote faults ---------------------------------------------------------------------
+
+
+class RemoteFault(VbpError):
+    """A peer or the registry failed or could not be reached."""
+
+
+class RegistryUnavailable(RemoteFault):
+    pass
+
+
+class PeerUnavailable(RemoteFault):
+    pass
+
+
+class Fenced(RemoteFault):
+    """A replica refused a write: the caller's fencing token or epoch is older than the
+    newest it has seen. The caller is no longer the volume's gateway."""
+
+    errno = _errno.EIO
+
+
+class StaleEpoch(RemoteFault):
+    errno = _errno.EIO
+
+
+class LeaseHeld(RemoteFault):
+    """Another gateway holds the volume's write lease."""
+
+    errno = _errno.EBUSY
+
+
+class BelowMinSize(RemoteFault):
+    """Fewer than min_size replicas took a write: it is not acknowledged."""
+
+    errno = _errno.EIO
