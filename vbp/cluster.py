@@ -1,0 +1,65 @@
+"""The cluster map: hosts, their failure domains and states, numbered by epoch.
+
+The map is immutable; the registry produces a new one (with a higher epoch) whenever
+membership or a host's state changes. Placement is a pure function of it (vbp.placement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
+
+HOST_UP = "up"
+HOST_DOWN = "down"
+HOST_DRAINING = "draining"
+HOST_STATES = (HOST_UP, HOST_DOWN, HOST_DRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    id: str
+    peer: str  # "host:port" of the peer protocol
+    nbd: str  # "host:port" of the NBD frontend
+    zone: str = "zone0"
+    pod: str = "pod0"
+    capacity: int = 0  # bytes of chunk space offered to the pool
+    state: str = HOST_UP
+    maintenance: bool = False
+
+    @property
+    def domain(self) -> tuple[str, str, str]:
+        """Failure domain path zone/pod/host."""
+        return (self.zone, self.pod, self.id)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HostRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_state(self, state: str) -> "HostRecord":
+        return replace(self, state=state)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMap:
+    epoch: int
+    hosts: tuple[HostRecord, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hosts", tuple(sorted(self.hosts, key=lambda h: h.id)))
+
+    def host(self, host_id: str) -> HostRecord | None:
+        for h in self.hosts:
+            if h.id == host_id:
+                return h
+        return None
+
+    def up_hosts(self) -> tuple[HostRecord, ...]:
+        return tuple(h for h in self.hosts if h.state != HOST_DOWN)
+
+    @classmethod
+    def build(cls, epoch: int, hosts: Iterable[HostRecord]) -> "ClusterMap":
+        return cls(epoch, tuple(hosts))
