@@ -1,0 +1,110 @@
+"""blockd configuration: command-line flags over an optional TOML file.
+
+Every flag has a key of the same name in the file (dashes or underscores); flags win.
+An invalid file or value is refused at start with the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from vbp.errors import InvalidArgument
+from vbp.layout import parse_size
+
+DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host:
+        raise InvalidArgument(f"{what} must be HOST:PORT, not {text!r}")
+    try:
+        p = int(port)
+    except ValueError:
+        raise InvalidArgument(f"{what} must be HOST:PORT, not {text!r}") from None
+    if not 0 <= p <= 65535:
+        raise InvalidArgument(f"{what}: port {p} is out of range")
+    return host.strip("[]"), p
+
+
+@dataclass(slots=True)
+class Config:
+    host_id: str = ""
+    data_dir: str = ""
+    registry: str = ""
+    listen: str = "127.0.0.1:7800"
+    nbd: str = "127.0.0.1:10809"
+    zone: str = "zone0"
+    pod: str = "pod0"
+    capacity: int = 10 * 1024**3
+    cluster: str = "vbp"
+    heartbeat_ttl: float = 6.0
+    lease_ttl: float = 10.0
+    log_level: str = "info"
+    log_format: str = "kv"
+
+    def validate(self, source: str = "flags") -> "Config":
+        for key in ("host_id", "data_dir", "registry"):
+            if not getattr(self, key):
+                raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
+        parse_hostport(self.listen, "listen")
+        parse_hostport(self.nbd, "nbd")
+        if self.capacity <= 0:
+            raise InvalidArgument(f"{source}: capacity must be greater than zero")
+        if self.heartbeat_ttl <= 0 or self.lease_ttl <= 0:
+            raise InvalidArgument(f"{source}: ttl values must be positive")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise InvalidArgument(f"{source}: log-level must be debug, info, warning or error")
+        if self.log_format not in ("kv", "json"):
+            raise InvalidArgument(f"{source}: log-format must be kv or json")
+        return self
+
+
+_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(key: str, value, source: str):
+    kind = _TYPES[key]
+    try:
+        if key == "capacity":
+            return parse_size(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError, InvalidArgument) as e:
+        raise InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({e or 'wrong type'})") from None
+    return value
+
+
+def load(path: str | None, overrides: dict) -> Config:
+    """Read the TOML file (if any), apply non-None overrides, validate."""
+    cfg = Config()
+    source = "flags"
+    file = path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    if file:
+        source = file
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"{file}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"{file}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise InvalidArgument(f"{file}: cannot read: {e.strerror}") from None
+        for raw_key, value in data.items():
+            key = raw_key.replace("-", "_")
+            if key not in _TYPES:
+                raise InvalidArgument(f"{file}: unknown key {raw_key!r}")
+            setattr(cfg, key, _coerce(key, value, file))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, _coerce(key, value, "flag --" + key.replace("_", "-")))
+    return cfg.validate(source)

@@ -1,0 +1,43 @@
+"""Structured logs: one line per event, key=value (default) or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class KVFormatter(logging.Formatter):
+    def __init__(self, host_id: str):
+        super().__init__()
+        self.host_id = host_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} host={self.host_id} logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return line
+
+
+class JSONFormatter(KVFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "host": self.host_id,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup(host_id: str, level: str = "info", fmt: str = "kv") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter(host_id) if fmt == "json" else KVFormatter(host_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,215 @@
+"""A local multi-host pool on one machine: N blockd processes on loopback ports sharing an
+embedded LMDB registry under one directory. For demos (`make run`) and tests.
+
+Layout of DIR: `registry/` (the LMDB registry), `hostN/` (each host's data dir and
+`blockd.log`), `sandbox.json` (ports and pids). `up` is idempotent: it starts only the hosts
+that are not running; `down` stops every process it started (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vbp.errors import InvalidArgument, VbpError
+
+STATE_FILE = "sandbox.json"
+DEFAULT_BASE_PORT = 10809
+DEFAULT_CAPACITY = "8G"
+
+
+class SandboxError(VbpError):
+    pass
+
+
+@dataclass
+class SandboxHost:
+    id: str
+    nbd_port: int
+    peer_port: int
+    pid: int = 0
+    alive: bool = False
+
+    @property
+    def nbd_uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs a blockd (guards against a recycled pid)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"blockd" in cmd and state != "Z"
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def ports_free(ports) -> bool:
+    for p in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
+class Sandbox:
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory).absolute()
+
+    @property
+    def registry_url(self) -> str:
+        return f"lmdb://{self.dir / 'registry'}"
+
+    def _load(self) -> dict:
+        try:
+            return json.loads((self.dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"{self.dir / STATE_FILE}: unreadable sandbox state: {e}") from None
+
+    def _save(self, state: dict) -> None:
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.dir / STATE_FILE)
+
+    def hosts(self) -> list[SandboxHost]:
+        state = self._load()
+        out = []
+        for h in state.get("hosts", []):
+            host = SandboxHost(h["id"], h["nbd_port"], h["peer_port"], h.get("pid", 0))
+            host.alive = pid_alive(host.pid)
+            out.append(host)
+        return out
+
+    def up(self, n: int, base_port: int | None = None, capacity: str = DEFAULT_CAPACITY,
+           timeout: float = 30.0) -> list[SandboxHost]:
+        if not 1 <= n <= 64:
+            raise InvalidArgument(f"--hosts must be between 1 and 64, not {n}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self._load()
+        known = {h["id"]: h for h in state.get("hosts", [])}
+        base = base_port or state.get("base_port") or DEFAULT_BASE_PORT
+        if not 1 <= base <= 65535 - 2 * n:
+            raise InvalidArgument(f"--base-port {base} leaves no room for {n} hosts")
+        state["base_port"] = base
+        state["registry"] = self.registry_url
+        hosts = []
+        for i in range(1, n + 1):
+            hid = f"host{i}"
+            h = known.get(hid) or {"id": hid, "nbd_port": base + 2 * (i - 1), "peer_port": base + 2 * (i - 1) + 1}
+            hosts.append(h)
+        extra = [h for hid, h in known.items() if hid not in {x["id"] for x in hosts}]
+        state["hosts"] = hosts + extra
+        started = []
+        for h in hosts:
+            if pid_alive(h.get("pid", 0)):
+                continue
+            if not ports_free((h["nbd_port"], h["peer_port"])):
+                raise SandboxError(
+                    f"ports {h['nbd_port']}/{h['peer_port']} for {h['id']} are in use; "
+                    f"choose another --base-port"
+                )
+            h["pid"] = self._spawn(h, capacity)
+            started.append(h)
+        self._save(state)
+        self._wait_ready(started, timeout)
+        return self.hosts()
+
+    def _spawn(self, h: dict, capacity: str) -> int:
+        hdir = self.dir / h["id"]
+        hdir.mkdir(parents=True, exist_ok=True)
+        log = open(hdir / "blockd.log", "ab")
+        cmd = [
+            sys.executable, "-m", "blockd.main",
+            "--host-id", h["id"], "--data-dir", str(hdir / "data"),
+            "--registry", self.registry_url,
+            "--listen", f"127.0.0.1:{h['peer_port']}", "--nbd", f"127.0.0.1:{h['nbd_port']}",
+            "--capacity", capacity, "--zone", "zone0", "--pod", f"pod{h['id'][4:]}",
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, close_fds=True)
+        log.close()
+        return proc.pid
+
+    def _wait_ready(self, hosts: list[dict], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(hosts)
+        while pending:
+            for h in list(pending):
+                if port_open(h["nbd_port"]):
+                    pending.remove(h)
+                elif not pid_alive(h["pid"]):
+                    raise SandboxError(f"{h['id']} exited at start:\n{self.log_tail(h['id'])}")
+            if pending and time.monotonic() > deadline:
+                raise SandboxError(
+                    f"{', '.join(h['id'] for h in pending)} not ready after {timeout:.0f}s:\n"
+                    + self.log_tail(pending[0]["id"])
+                )
+            if pending:
+                time.sleep(0.1)
+
+    def log_tail(self, host_id: str, lines: int = 15) -> str:
+        try:
+            text = (self.dir / host_id / "blockd.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self, host_id: str, sig: int = signal.SIGKILL) -> None:
+        for h in self.hosts():
+            if h.id == host_id and h.alive:
+                os.kill(h.pid, sig)
+                return
+        raise SandboxError(f"no running sandbox host {host_id!r}")
+
+    def down(self, timeout: float = 15.0) -> list[str]:
+        state = self._load()
+        stopped = []
+        live = [h for h in state.get("hosts", []) if pid_alive(h.get("pid", 0))]
+        for h in live:
+            try:
+                os.kill(h["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(h["pid"]) for h in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for h in live:
+            if pid_alive(h["pid"]):
+                try:
+                    os.kill(h["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stopped.append(h["id"])
+        deadline = time.monotonic() + 5
+        while any(pid_alive(h["pid"]) for h in live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for h in state.get("hosts", []):
+            h["pid"] = 0
+        if state:
+            self._save(state)
+        return stopped

@@ -1,0 +1,286 @@
+"""blockd: one host of the pool. The root nursery wires every role together.
+
+Roles (DESIGN.md, Packages): the chunk store (this host's disk), the replica (answers peer
+requests against the store), the peer transport, the NBD frontend whose exports are volume
+gateways, and the control loops: registry heartbeat, cluster-map refresh, lease renewal,
+and garbage collection of deleted volumes' chunks.
+
+The registry is synchronous (LMDB or etcd over HTTP); it is called from worker threads and
+never on the per-request path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from blockd.config import Config, parse_hostport
+from nbd_frontend.server import serve_nbd
+from replicator.gateway import ClusterView, VolumeGateway
+from replicator.replica import Replica
+from replicator.transport import PeerPool, serve_peers
+from vbp.chunkstore import ChunkStore
+from vbp.cluster import HostRecord
+from vbp.errors import LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.registry import open_registry
+from vbp.volume import VolumeRecord, split_export_name, view_of
+
+log = logging.getLogger("vbp.blockd")
+
+
+class AsyncRegistry:
+    """Runs each registry call in a worker thread so the event loop never blocks on it."""
+
+    def __init__(self, registry):
+        self.sync = registry
+
+    def __getattr__(self, name):
+        fn = getattr(self.sync, name)
+
+        async def call(*args, **kwargs):
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+        return call
+
+
+class VolumeProvider:
+    """The NBD frontend's export provider: volume names -> shared gateways."""
+
+    def __init__(self, service: "Blockd"):
+        self.service = service
+        self.gateways: dict[str, VolumeGateway] = {}
+        self.refs: dict[str, int] = {}
+        self.leases: dict[str, object] = {}
+        self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
+
+    async def list_exports(self):
+        vols = await self.service.registry.list_volumes()
+        out = []
+        for d in vols:
+            rec = VolumeRecord.from_dict(d)
+            out.append((rec.name, f"vbp volume, {rec.size} bytes, {rec.replicas} replicas"))
+            for s in rec.snapshots:
+                out.append((f"{rec.name}@{s.name}", f"read-only snapshot of {rec.name}"))
+        return out
+
+    async def open_export(self, export: str):
+        name, snap = split_export_name(export)
+        async with self._lock:
+            gw = self.gateways.get(export)
+            if gw is None or gw.fenced:
+                gw = await self._open(export, name, snap)
+                self.gateways[export] = gw
+                self.refs[export] = 0
+            self.refs[export] += 1
+        return gw
+
+    async def _open(self, export: str, name: str, snap: str | None) -> VolumeGateway:
+        svc = self.service
+        rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
+        view = view_of(rec, snap)
+        token = 0
+        if not view.read_only:
+            try:
+                lease = await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
+            except LeaseHeld as e:
+                raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
+            self.leases[export] = lease
+            token = lease.token
+        gw = VolumeGateway(view, host_id=svc.cfg.host_id, replica=svc.replica, cluster=svc.cluster,
+                           pool=svc.pool, registry=svc.registry, token=token)
+        gw.on_fenced = self._on_fenced
+        gw.on_close = functools.partial(self._closed, export)
+        log.info("volume=%s event=open read_only=%s token=%d", export, view.read_only, token)
+        return gw
+
+    def _on_fenced(self, gw: VolumeGateway) -> None:
+        self.leases.pop(gw.name, None)
+
+    def _closed(self, export: str, gw: VolumeGateway):
+        """A connection to `export` ended; the last one flushes and gives the lease back."""
+        if self.gateways.get(export) is not gw:
+            return None
+        self.refs[export] -= 1
+        if self.refs[export] > 0:
+            return None
+        del self.gateways[export], self.refs[export]
+        lease = self.leases.pop(export, None)
+        try:
+            self.service.store.flush()
+        except Exception:  # the store flush failing is logged; the lease still goes
+            log.exception("volume=%s event=close_flush_failed", export)
+        if lease is not None:
+            self.service.nursery.start_soon(self._release, lease)
+        return None
+
+    async def _release(self, lease) -> None:
+        try:
+            await self.service.registry.release_lease(lease)
+        except VbpError as e:
+            log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)
+
+    async def renew_all(self) -> None:
+        svc = self.service
+        for export, lease in list(self.leases.items()):
+            try:
+                self.leases[export] = await svc.registry.renew_lease(lease, svc.cfg.lease_ttl)
+            except RegistryUnavailable as e:
+                log.warning("volume=%s event=lease_renew_failed error=%s", export, e)
+            except VbpError as e:
+                gw = self.gateways.get(export)
+                if gw is not None:
+                    gw._fence(e)
+                self.leases.pop(export, None)
+
+    async def release_all(self) -> None:
+        for export, lease in list(self.leases.items()):
+            await self._release(lease)
+        self.leases.clear()
+
+
+class Blockd:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = None
+        self.registry = None
+        self.cluster: ClusterView | None = None
+        self.replica: Replica | None = None
+        self.pool = None
+        self.nursery: trio.Nursery | None = None
+        self.provider = VolumeProvider(self)
+        self.peer_port = 0
+        self.nbd_port = 0
+
+    def host_record(self) -> HostRecord:
+        peer_host, _ = parse_hostport(self.cfg.listen, "listen")
+        nbd_host, _ = parse_hostport(self.cfg.nbd, "nbd")
+        return HostRecord(
+            id=self.cfg.host_id, peer=f"{peer_host}:{self.peer_port}", nbd=f"{nbd_host}:{self.nbd_port}",
+            zone=self.cfg.zone, pod=self.cfg.pod, capacity=self.cfg.capacity,
+        )
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        data = Path(cfg.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = await trio.to_thread.run_sync(ChunkStore, data / "chunks", cfg.capacity)
+        try:
+            self.registry = AsyncRegistry(await trio.to_thread.run_sync(open_registry, cfg.registry))
+            cmap = await self.registry.cluster_map()
+            self.cluster = ClusterView(cmap)
+            self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
+            peer_host, peer_port = parse_hostport(cfg.listen, "listen")
+            nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
+            async with PeerPool(cfg.cluster, cfg.host_id) as pool, trio.open_nursery() as nursery:
+                self.pool = pool
+                self.nursery = nursery
+                self.peer_port = await nursery.start(functools.partial(
+                    serve_peers, self.replica.handle, peer_host, peer_port,
+                    cluster=cfg.cluster, host_id=cfg.host_id))
+                cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
+                self.cluster.set_map(cmap)
+                self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._watch_map)
+                nursery.start_soon(self._renew_leases)
+                nursery.start_soon(self._collect_garbage)
+                log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
+                         nbd_host, self.nbd_port, self.cluster.epoch)
+                task_status.started(self)
+                sd_notify("READY=1")
+        finally:
+            sd_notify("STOPPING=1")
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await self.provider.release_all()
+            await trio.to_thread.run_sync(self.store.close)
+            if self.registry is not None:
+                self.registry.sync.close()
+            log.info("event=stopped")
+
+    async def _heartbeat(self) -> None:
+        period = self.cfg.heartbeat_ttl / 3
+        while True:
+            await trio.sleep(period)
+            try:
+                await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl)
+            except NotFound:
+                await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
+            except RegistryUnavailable as e:
+                log.warning("event=heartbeat_failed error=%s", e)
+            sd_notify("WATCHDOG=1")
+
+    async def _watch_map(self) -> None:
+        while True:
+            try:
+                cmap = await trio.to_thread.run_sync(
+                    functools.partial(self.registry.sync.wait_map_change, self.cluster.epoch, 2.0),
+                    abandon_on_cancel=True,
+                )
+            except RegistryUnavailable as e:
+                log.warning("event=map_refresh_failed error=%s", e)
+                await trio.sleep(1)
+                continue
+            if cmap.epoch != self.cluster.epoch:
+                log.info("event=map_changed epoch=%d hosts=%s", cmap.epoch,
+                         ",".join(f"{h.id}:{h.state}" for h in cmap.hosts))
+                self.cluster.set_map(cmap)
+            else:
+                await trio.sleep(0.5)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.lease_ttl / 3)
+            await self.provider.renew_all()
+
+    async def _collect_garbage(self) -> None:
+        """Free the local chunks of deleted volumes. Lineages are listed locally BEFORE the
+        registry is read: a lineage present here then and absent from the registry after
+        belongs to a deleted volume (lineage ids are never reused)."""
+        while True:
+            await trio.sleep(5)
+            try:
+                local = {k.lineage for k in self.store.keys()}
+                if not local:
+                    continue
+                live = {d["lineage"] for d in await self.registry.list_volumes()}
+                for key in [k for k in self.store.keys() if k.lineage in local - live]:
+                    self.store.delete(key)
+                    log.info("event=gc_chunk lineage=%s index=%d gen=%d", *key)
+            except RegistryUnavailable as e:
+                log.warning("event=gc_skipped error=%s", e)
+            except Exception:  # one pass failing must not stop the daemon
+                log.exception("event=gc_failed")
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state (Type=notify). A no-op outside systemd. Written here
+    because it is a datagram to one socket; the PyPI helpers for it are unmaintained."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    import socket
+
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError:
+        pass
+
+
+async def run_until_signal(cfg: Config) -> None:
+    svc = Blockd(cfg)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(svc.run)
+            async for sig in signals:
+                log.info("event=signal signal=%s", signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,370 @@
+"""The `vbp` command: thin click layer over control.api and blockd.sandbox.
+
+Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from vbp.errors import NotFound, RegistryUnavailable, VbpError
+from vbp.layout import format_size
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY = 1, 2, 3, 4
+
+
+class State:
+    def __init__(self, registry_url: str | None, as_json: bool):
+        self.registry_url = registry_url
+        self.json = as_json
+        self._reg = None
+
+    def registry(self):
+        if self._reg is None:
+            url = self.registry_url
+            if not url:
+                raise click.UsageError(
+                    "no registry: pass --registry URL or set VBP_REGISTRY "
+                    "(for the sandbox: lmdb://DIR/registry, printed by `vbp sandbox up`)"
+                )
+            if url.startswith("lmdb://") and not Path(url[len("lmdb://"):]).is_dir():
+                raise RegistryUnavailable(f"registry {url}: no such directory (is the pool set up?)")
+            from vbp.registry import open_registry
+
+            self._reg = open_registry(url)
+        return self._reg
+
+
+def fail(message: str, code: int = EXIT_ERROR):
+    click.echo(f"vbp: error: {message}", err=True)
+    sys.exit(code)
+
+
+class VbpGroup(click.Group):
+    """Turns every vbp error into one line and an exit code; never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NotFound as e:
+            fail(str(e), EXIT_NOT_FOUND)
+        except RegistryUnavailable as e:
+            fail(str(e), EXIT_REGISTRY)
+        except VbpError as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+
+
+def json_flag(f):
+    def set_json(ctx, _param, value):
+        if value:
+            ctx.find_object(State).json = True
+        return value
+
+    return click.option("--json", "json_", is_flag=True, expose_value=False, callback=set_json,
+                        help="Print machine-readable JSON.")(f)
+
+
+def out(state: State, data, human) -> None:
+    if state.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human()
+
+
+def table(columns, rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console().print(t)
+
+
+@click.group(cls=VbpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--registry", envvar="VBP_REGISTRY", metavar="URL",
+              help="lmdb://DIR or etcd://HOST:PORT[,...]; default $VBP_REGISTRY.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def main(ctx, registry, as_json):
+    """vbp: a replicated virtual block pool served over NBD.
+
+    \b
+    Examples:
+      vbp sandbox up --hosts 3 --dir var/sandbox
+      export VBP_REGISTRY=lmdb://$PWD/var/sandbox/registry
+      vbp volume create disk1 --size 10G --replicas 3
+      nbdinfo nbd://127.0.0.1:10809/disk1
+    """
+    ctx.obj = State(registry, as_json)
+
+
+# --- sandbox -------------------------------------------------------------------------
+
+
+@main.group()
+def sandbox():
+    """A local pool of N blockd processes on loopback, for demos and tests."""
+
+
+def _sandbox_dict(sb, hosts):
+    return {
+        "dir": str(sb.dir),
+        "registry": sb.registry_url,
+        "hosts": [{"id": h.id, "pid": h.pid, "alive": h.alive, "nbd": h.nbd_uri,
+                   "nbd_port": h.nbd_port, "peer_port": h.peer_port} for h in hosts],
+    }
+
+
+def _print_hosts(hosts):
+    table(["HOST", "STATE", "PID", "NBD", "PEER PORT"],
+          [(h.id, "running" if h.alive else "stopped", h.pid or "-", h.nbd_uri, h.peer_port) for h in hosts])
+
+
+@sandbox.command("up")
+@click.option("--hosts", "n", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
+@click.option("--base-port", type=click.IntRange(1, 65000), help="First port (default 10809).")
+@click.option("--capacity", default="8G", show_default=True, help="Capacity of each host.")
+@json_flag
+@click.pass_obj
+def sandbox_up(state, n, directory, base_port, capacity):
+    """Start the sandbox hosts that are not running (idempotent)."""
+    from blockd.sandbox import Sandbox
+    from vbp.layout import parse_size
+
+    parse_size(capacity)
+    sb = Sandbox(directory)
+    hosts = sb.up(n, base_port, capacity)
+    out(state, _sandbox_dict(sb, hosts), lambda: (
+        _print_hosts(hosts), click.echo(f"\nexport VBP_REGISTRY={sb.registry_url}")))
+
+
+@sandbox.command("down")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
+@json_flag
+@click.pass_obj
+def sandbox_down(state, directory):
+    """Stop every process of the sandbox."""
+    from blockd.sandbox import Sandbox
+
+    stopped = Sandbox(directory).down()
+    out(state, {"stopped": stopped}, lambda: click.echo(
+        f"stopped {', '.join(stopped)}" if stopped else "nothing was running"))
+
+
+@sandbox.command("status")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
+@json_flag
+@click.pass_obj
+def sandbox_status(state, directory):
+    """Show the sandbox hosts and whether they run."""
+    from blockd.sandbox import Sandbox
+
+    sb = Sandbox(directory)
+    hosts = sb.hosts()
+    out(state, _sandbox_dict(sb, hosts), lambda: _print_hosts(hosts) if hosts else click.echo("no sandbox here"))
+
+
+@sandbox.command("run")
+@click.option("--hosts", "n", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
+@click.option("--base-port", type=click.IntRange(1, 65000))
+@click.option("--volume", default="demo", show_default=True)
+@click.option("--size", default="1G", show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 7), default=None, help="Default: min(3, hosts).")
+@click.pass_obj
+def sandbox_run(state, n, directory, base_port, volume, size, replicas):
+    """Start the sandbox, create a demo volume, serve until Ctrl-C, then stop everything."""
+    from blockd.sandbox import Sandbox
+    from control import api
+    from vbp.registry import open_registry
+
+    sb = Sandbox(directory)
+    hosts = sb.up(n, base_port)
+    try:
+        reg = open_registry(sb.registry_url)
+        try:
+            rec = api.get_volume(reg, volume)
+        except NotFound:
+            rec = api.create_volume(reg, volume, size, replicas=replicas or min(3, n))
+        uri = f"{hosts[0].nbd_uri}/{volume}"
+        click.echo(f"vbp sandbox: {n} hosts in {sb.dir}")
+        _print_hosts(hosts)
+        click.echo(f"\nvolume {rec.name}: {format_size(rec.size)}, {rec.replicas} replicas")
+        click.echo(f"NBD URI: {uri}\n\nTry, in another terminal:")
+        click.echo(f"  nbdinfo {uri}")
+        click.echo(f"  qemu-img convert -p -O raw {uri} /tmp/{volume}.raw")
+        click.echo(f"  nbdcopy --progress /tmp/{volume}.raw {uri}")
+        click.echo(f"  export VBP_REGISTRY={sb.registry_url}; .venv/bin/vbp volume list")
+        click.echo("\nServing. Press Ctrl-C to stop.")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            time.sleep(1)
+            dead = [h.id for h in sb.hosts() if not h.alive]
+            if dead:
+                click.echo(f"host(s) stopped: {', '.join(dead)}; restarting", err=True)
+                sb.up(n, base_port)
+    except KeyboardInterrupt:
+        click.echo("\nstopping")
+    finally:
+        stopped = sb.down()
+        click.echo(f"stopped {', '.join(stopped) or 'nothing'}")
+
+
+# --- volumes -------------------------------------------------------------------------
+
+
+@main.group()
+def volume():
+    """Create, inspect, snapshot, clone and delete volumes."""
+
+
+def _vol_dict(v):
+    d = v.to_dict()
+    d["snapshots"] = [s.name for s in v.snapshots]
+    return d
+
+
+def _show_volume(v):
+    rows = [
+        ("name", v.name), ("size", f"{format_size(v.size)} ({v.size} bytes)"),
+        ("replicas", v.replicas), ("min_size", v.min_size), ("chunk_size", format_size(v.chunk_size)),
+        ("lineage", v.lineage), ("parent", v.parent or "-"),
+        ("snapshots", ", ".join(s.name for s in v.snapshots) or "-"),
+        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))),
+    ]
+    table(["FIELD", "VALUE"], rows)
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="e.g. 10G")
+@click.option("--replicas", type=click.IntRange(1, 7), default=3, show_default=True)
+@click.option("--min-size", type=click.IntRange(1, 7), default=None,
+              help="Replicas that must take a write (default replicas-1, at least 1).")
+@click.option("--chunk-size", default="4M", show_default=True, help="1M to 64M, a power of two.")
+@json_flag
+@click.pass_obj
+def volume_create(state, name, size, replicas, min_size, chunk_size):
+    """Create a thin volume (it uses no space until written)."""
+    from control import api
+
+    v = api.create_volume(state.registry(), name, size, replicas=replicas, min_size=min_size,
+                          chunk_size=chunk_size)
+    out(state, _vol_dict(v), lambda: click.echo(
+        f"created volume {v.name}: {format_size(v.size)}, {v.replicas} replicas (min {v.min_size}), "
+        f"chunk {format_size(v.chunk_size)}"))
+
+
+@volume.command("list")
+@json_flag
+@click.pass_obj
+def volume_list(state):
+    """List volumes."""
+    from control import api
+
+    vols = api.list_volumes(state.registry())
+    out(state, [_vol_dict(v) for v in vols], lambda: table(
+        ["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"],
+        [(v.name, format_size(v.size), v.replicas, v.min_size, format_size(v.chunk_size),
+          len(v.snapshots), v.parent or "-") for v in vols]) if vols else click.echo("no volumes"))
+
+
+@volume.command("show")
+@click.argument("name")
+@json_flag
+@click.pass_obj
+def volume_show(state, name):
+    """Show one volume."""
+    from control import api
+
+    v = api.get_volume(state.registry(), name)
+    out(state, _vol_dict(v), lambda: _show_volume(v))
+
+
+@volume.command("delete")
+@click.argument("name")
+@json_flag
+@click.pass_obj
+def volume_delete(state, name):
+    """Delete a volume; hosts free its chunks in the background."""
+    from control import api
+
+    api.delete_volume(state.registry(), name)
+    out(state, {"deleted": name}, lambda: click.echo(f"deleted volume {name}"))
+
+
+@volume.command("snapshot")
+@click.argument("name")
+@click.argument("snap")
+@json_flag
+@click.pass_obj
+def volume_snapshot(state, name, snap):
+    """Take a read-only snapshot NAME@SNAP (served read-only over NBD)."""
+    from control import api
+
+    v = api.snapshot(state.registry(), name, snap)
+    out(state, _vol_dict(v), lambda: click.echo(f"created snapshot {name}@{snap}"))
+
+
+@volume.command("clone")
+@click.argument("source", metavar="NAME@SNAP")
+@click.argument("new")
+@json_flag
+@click.pass_obj
+def volume_clone(state, source, new):
+    """Create a writable clone NEW of the snapshot NAME@SNAP."""
+    from control import api
+
+    v = api.clone(state.registry(), source, new)
+    out(state, _vol_dict(v), lambda: click.echo(f"created clone {v.name} of {source}"))
+
+
+@volume.command("resize")
+@click.argument("name")
+@click.argument("size")
+@click.option("--force", is_flag=True, help="Allow shrinking (discards data past the new end).")
+@json_flag
+@click.pass_obj
+def volume_resize(state, name, size, force):
+    """Grow (or with --force shrink) a volume."""
+    from control import api
+
+    v = api.resize(state.registry(), name, size, force=force)
+    out(state, _vol_dict(v), lambda: click.echo(f"volume {name} is now {format_size(v.size)}"))
+
+
+# --- hosts ---------------------------------------------------------------------------
+
+
+@main.group()
+def host():
+    """Hosts of the pool."""
+
+
+@host.command("list")
+@json_flag
+@click.pass_obj
+def host_list(state):
+    """List hosts with their failure domain and state."""
+    cmap = state.registry().cluster_map()
+    out(state, {"epoch": cmap.epoch, "hosts": [h.to_dict() for h in cmap.hosts]}, lambda: table(
+        ["HOST", "STATE", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
+        [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), h.zone, h.pod,
+          format_size(h.capacity), h.nbd, h.peer) for h in cmap.hosts]))
+
+
+if __name__ == "__main__":
+    main()

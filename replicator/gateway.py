@@ -1,0 +1,358 @@
+"""The gateway: one volume as an NBD export, writing every chunk to its N replicas.
+
+Theory of operation (DESIGN.md, Data path):
+- A request is cut into per-chunk pieces (vbp.layout). Each chunk's replica hosts come from
+  placement over (lineage, index) and the current cluster map; the answer is cached per
+  epoch, so the hot path does a dict lookup, not a hash walk.
+- Data path placement treats down hosts as still owning their chunks: the replica set of a
+  chunk does not move when a host fails; the failed replica is skipped and recorded stale
+  until recovery brings it current.
+- WRITE: every replica gets the piece in parallel (the local one by direct call). The write
+  is acknowledged when every reachable replica has it; replicas that failed are recorded
+  stale for that chunk in the registry, and the write succeeds while at least min_size
+  replicas took it. Below min_size it fails (EIO) and is not acknowledged. A Fenced answer
+  means another gateway holds the lease: this one stops writing for good.
+- FLUSH: made durable on every host that took writes since the previous flush.
+- READ: the local replica when it holds the chunk, else a remote replica. A checksum error
+  on the local copy is answered from another replica and the good bytes are written back.
+- With replicas=1 and a local replica the whole path is synchronous: no task, no await.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace as dc_replace
+
+import trio
+
+from replicator import messages as m
+from vbp.cluster import HOST_UP, ClusterMap
+from vbp.errors import (
+    BelowMinSize,
+    ChecksumError,
+    Fenced,
+    PeerUnavailable,
+    ReadOnly,
+    StaleEpoch,
+    VbpError,
+)
+from vbp.layout import ChunkKey, MiB
+from vbp.placement import Placement
+from vbp.volume import View
+
+log = logging.getLogger("vbp.gateway")
+
+NBD_STATE_HOLE = 1
+NBD_STATE_ZERO = 2
+
+
+class ClusterView:
+    """The cluster map as this host sees it, with per-epoch cached chunk placement."""
+
+    def __init__(self, cmap: ClusterMap):
+        self._cache: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self.set_map(cmap)
+
+    def set_map(self, cmap: ClusterMap) -> None:
+        self.map = cmap
+        # Data path placement: a down host keeps its chunks until recovery moves them.
+        self._data_map = ClusterMap(
+            cmap.epoch, tuple(dc_replace(h, state=HOST_UP) for h in cmap.hosts)
+        )
+        self._placement = Placement(self._data_map)
+        self._cache.clear()
+        self._up = {h.id for h in cmap.hosts if h.state != "down"}
+        self._addr = {h.id: h.peer for h in cmap.hosts}
+
+    @property
+    def epoch(self) -> int:
+        return self.map.epoch
+
+    def replicas(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        k = (lineage, index, n)
+        hosts = self._cache.get(k)
+        if hosts is None:
+            hosts = self._cache[k] = tuple(self._placement.place(lineage, index, n))
+        return hosts
+
+    def is_up(self, host_id: str) -> bool:
+        return host_id in self._up
+
+    def address(self, host_id: str) -> str:
+        return self._addr[host_id]
+
+
+class VolumeGateway:
+    """Serves one view (a volume head or a snapshot) of a volume; shared by all NBD
+    connections to it on this host. Implements nbd_frontend.export.Export."""
+
+    min_block = 1
+    preferred_block = 4096
+    max_block = 32 * MiB
+    multi_conn = True
+
+    def __init__(self, view: View, *, host_id: str, replica, cluster: ClusterView, pool,
+                 registry=None, token: int = 0):
+        vol = view.volume
+        self.view = view
+        self.name = view.export
+        self.description = f"vbp volume {vol.name}" + (" (snapshot)" if view.read_only else "")
+        self.size = vol.size
+        self.read_only = view.read_only
+        self.geometry = vol.geometry
+        self.lineage = vol.lineage
+        self.chain = view.chain
+        self.gen = view.gen
+        self.n = vol.replicas
+        self.min_size = vol.min_size
+        self.host_id = host_id
+        self.replica = replica
+        self.store = replica.store
+        self.cluster = cluster
+        self.pool = pool
+        self.registry = registry
+        self.token = token
+        self.fenced = False
+        # host -> chunk indexes written there since the last flush
+        self._unflushed: dict[str, set[int]] = {}
+        self.on_fenced = None  # callback set by the service: drop this gateway's clients
+        self.on_close = None  # callback set by the service: one connection ended
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _local_only(self, index: int) -> bool:
+        if self.n != 1:
+            return False
+        return self.cluster.replicas(self.lineage, index, 1)[0] == self.host_id
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"{self.name} is a read-only snapshot")
+        if self.fenced:
+            raise Fenced(f"this host no longer holds the write lease of {self.view.volume.name!r}")
+
+    def _fence(self, exc: Exception) -> None:
+        if not self.fenced:
+            log.warning("volume=%s event=fenced reason=%s", self.view.volume.name, exc)
+            self.fenced = True
+            if self.on_fenced is not None:
+                self.on_fenced(self)
+
+    # --- READ --------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int):
+        extents = []
+        remote = []
+        for p in self.geometry.pieces(offset, length):
+            hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+            if self.host_id in hosts:
+                try:
+                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain, p.offset, p.length)
+                    extents.append((offset + p.buf_offset, p.length, data))
+                    continue
+                except ChecksumError as e:
+                    log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, p.index, e.page)
+                    if len(hosts) == 1:
+                        raise
+            extents.append(None)
+            remote.append((len(extents) - 1, p))
+        if remote:
+            return self._read_remote(offset, extents, remote)
+        return extents
+
+    async def _read_remote(self, offset, extents, remote):
+        for slot, p in remote:
+            extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p))
+        return extents
+
+    async def _read_piece(self, p):
+        hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+        msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain,
+                          p.offset, p.length, self.cluster.epoch)
+        last: Exception | None = None
+        for h in hosts:
+            if h == self.host_id or not self.cluster.is_up(h):
+                continue
+            try:
+                reply = await self.pool.call(self.cluster.address(h), msg)
+            except VbpError as e:
+                last = e
+                continue
+            data = reply.data if reply.gen >= 0 else None
+            if self.host_id in hosts:
+                self._repair_local(p, data)
+            return data
+        raise last or PeerUnavailable(f"no replica of chunk {p.index} of {self.name} is reachable")
+
+    def _repair_local(self, p, data) -> None:
+        """Write good bytes from a peer over a local copy that failed its checksum."""
+        if data is None or self.read_only:
+            return
+        try:
+            gen = self.store.resolve(self.lineage, p.index, self.chain)
+            if gen is not None:
+                info = self.store.info(ChunkKey(self.lineage, p.index, gen))
+                self.store.write(ChunkKey(self.lineage, p.index, gen), p.offset, data,
+                                 chunk_size=self.geometry.chunk_size,
+                                 version=info.version if info else None)
+                log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index, len(data))
+        except VbpError as e:
+            log.warning("volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
+
+    # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
+
+    def write(self, offset: int, data, fua: bool):
+        self._check_writable()
+        pieces = list(self.geometry.pieces(offset, length := len(data)))
+        if all(self._local_only(p.index) for p in pieces):
+            for p in pieces:
+                self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain,
+                                   p.offset, data[p.buf_offset:p.buf_offset + p.length],
+                                   self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
+                self._unflushed.setdefault(self.host_id, set()).add(p.index)
+            return None
+        payload = bytes(data)
+        del length
+        return self._replicate(pieces, lambda p: m.WriteChunk(
+            self.view.volume.name, self.lineage, p.index, self.gen, self.chain, p.offset,
+            payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
+            self.cluster.epoch, self.token))
+
+    def _zero(self, offset: int, length: int, fua: bool):
+        self._check_writable()
+        pieces = list(self.geometry.pieces(offset, length))
+        if all(self._local_only(p.index) for p in pieces):
+            for p in pieces:
+                self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain,
+                                  p.offset, p.length, self.geometry.chunk_size, 0, fua,
+                                  self.cluster.epoch, self.token)
+                self._unflushed.setdefault(self.host_id, set()).add(p.index)
+            return None
+        return self._replicate(pieces, lambda p: m.ZeroChunk(
+            self.view.volume.name, self.lineage, p.index, self.gen, self.chain, p.offset, p.length,
+            self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token))
+
+    def trim(self, offset: int, length: int, fua: bool):
+        return self._zero(offset, length, fua)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
+        # Zeroing is always fast here: whole pages become holes, no data is written.
+        return self._zero(offset, length, fua)
+
+    async def _replicate(self, pieces, make_msg):
+        async with trio.open_nursery() as nursery:
+            for p in pieces:
+                nursery.start_soon(self._replicate_piece, p, make_msg(p))
+
+    async def _replicate_piece(self, p, msg) -> None:
+        hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+        failed: dict[str, Exception] = {}
+
+        async def one(h: str) -> None:
+            try:
+                await self._send(h, msg)
+                self._unflushed.setdefault(h, set()).add(p.index)
+            except (Fenced, StaleEpoch, PeerUnavailable, VbpError) as e:
+                failed[h] = e
+
+        async with trio.open_nursery() as nursery:
+            for h in hosts:
+                if self.cluster.is_up(h) or h == self.host_id:
+                    nursery.start_soon(one, h)
+                else:
+                    failed[h] = PeerUnavailable(f"host {h} is down")
+        for e in failed.values():
+            if isinstance(e, Fenced):
+                self._fence(e)
+                raise e
+        ok = len(hosts) - len(failed)
+        if failed:
+            log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
+                        ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
+        if ok < self.min_size:
+            raise BelowMinSize(
+                f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
+                f"min_size is {self.min_size}"
+            )
+        if failed and self.registry is not None:
+            await self.registry.mark_stale(self.lineage, p.index, sorted(failed), 0)
+
+    async def _send(self, host: str, msg):
+        if host == self.host_id:
+            return self.replica.handle(msg)
+        try:
+            return await self.pool.call(self.cluster.address(host), msg)
+        except StaleEpoch:
+            # Our map is older than the replica's: nothing to do here but fail this replica;
+            # the service refreshes the map in the background.
+            raise
+
+    # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
+
+    def flush(self):
+        hosts = self._unflushed
+        self._unflushed = {}
+        if set(hosts) <= {self.host_id}:
+            self.store.flush()
+            return None
+        return self._flush_replicated(hosts)
+
+    async def _flush_replicated(self, hosts: dict[str, set[int]]):
+        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token)
+        failed: dict[str, Exception] = {}
+
+        async def one(h: str) -> None:
+            try:
+                await self._send(h, msg)
+            except VbpError as e:
+                failed[h] = e
+
+        async with trio.open_nursery() as nursery:
+            for h in hosts:
+                nursery.start_soon(one, h)
+        if not failed:
+            return
+        # A host that could not flush may have lost what it took since the last flush: its
+        # copies of those chunks are stale; the flush holds while min_size copies are durable.
+        for e in failed.values():
+            if isinstance(e, Fenced):
+                self._fence(e)
+                raise e
+        lost: dict[int, list[str]] = {}
+        for h in failed:
+            for idx in hosts[h]:
+                lost.setdefault(idx, []).append(h)
+        for idx, bad in lost.items():
+            good = len(self.cluster.replicas(self.lineage, idx, self.n)) - len(bad)
+            if good < self.min_size:
+                raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
+            if self.registry is not None:
+                await self.registry.mark_stale(self.lineage, idx, bad, 0)
+
+    def cache(self, offset: int, length: int):
+        return None
+
+    def block_status(self, offset: int, length: int):
+        out: list[tuple[int, int]] = []
+        for p in self.geometry.pieces(offset, length):
+            hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+            if self.host_id not in hosts:
+                out.append((p.length, 0))  # not local: reported as data (always correct)
+                continue
+            ext = self.replica.extents(self.lineage, p.index, self.chain, p.offset, p.length)
+            if ext is None:
+                out.append((p.length, NBD_STATE_HOLE | NBD_STATE_ZERO))
+            else:
+                out.extend((n, NBD_STATE_HOLE | NBD_STATE_ZERO if hole else 0) for n, hole in ext)
+        merged: list[tuple[int, int]] = []
+        for n, f in out:
+            if merged and merged[-1][1] == f:
+                merged[-1] = (merged[-1][0] + n, f)
+            else:
+                merged.append((n, f))
+        return merged
+
+    def close(self):
+        if self.on_close is not None:
+            return self.on_close(self)
+        return None
