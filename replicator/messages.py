@@ -1,0 +1,207 @@
+"""Peer protocol messages: every message between blockd hosts, one frozen dataclass each.
+
+Type ids are part of the wire format (replicator/codec.py): never renumber, only add.
+Every data message carries volume, lineage, chunk index and the sender's epoch; writes also
+carry the fencing token of the gateway's lease (DESIGN.md, Words), so a replica can refuse a
+write from a gateway that lost its lease or lives in an older cluster map.
+
+Field types are limited to str, int, bool, bytes, `int | None` and `tuple[int, ...]`; the codec
+derives its validation from the annotations below, so a new field of another type fails at
+import time instead of on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+PROTO_VERSION = 1
+
+# Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
+FENCED = "fenced"
+STALE_EPOCH = "stale_epoch"
+NOT_FOUND = "not_found"
+NO_SPACE = "no_space"
+CHECKSUM = "checksum"
+INVALID = "invalid"
+INTERNAL = "internal"
+VERSION = "version"
+CLUSTER = "cluster"
+UNAVAILABLE = "unavailable"
+ERROR_CODES = frozenset(
+    {FENCED, STALE_EPOCH, NOT_FOUND, NO_SPACE, CHECKSUM, INVALID, INTERNAL, VERSION, CLUSTER,
+     UNAVAILABLE}
+)
+
+MESSAGE_TYPES: dict[int, type] = {}  # type id -> class
+TYPE_IDS: dict[type, int] = {}  # class -> type id
+
+
+def _message(type_id: int):
+    def register(cls):
+        assert type_id not in MESSAGE_TYPES, type_id
+        assert 0 < type_id < 128, type_id  # one msgpack byte
+        MESSAGE_TYPES[type_id] = cls
+        TYPE_IDS[cls] = type_id
+        return cls
+
+    return register
+
+
+# --- session -----------------------------------------------------------------------------
+
+
+@_message(1)
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message of a connection, client to server."""
+
+    cluster: str
+    host_id: str
+    version: int
+
+
+@_message(2)
+@dataclass(frozen=True, slots=True)
+class HelloOk:
+    cluster: str
+    host_id: str
+    version: int
+
+
+@_message(3)
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A refused or failed request; `code` is one of ERROR_CODES (unknown codes are kept)."""
+
+    code: str
+    message: str
+
+
+@_message(4)
+@dataclass(frozen=True, slots=True)
+class Ping:
+    epoch: int
+
+
+@_message(5)
+@dataclass(frozen=True, slots=True)
+class Pong:
+    host_id: str
+    epoch: int
+
+
+# --- chunk I/O ---------------------------------------------------------------------------
+
+
+@_message(10)
+@dataclass(frozen=True, slots=True)
+class ReadChunk:
+    """Read [offset, offset+length) of the newest generation of `chain` held locally.
+
+    `chain` lists generations newest first (the volume's head, then its ancestors)."""
+
+    volume: str
+    lineage: str
+    index: int
+    chain: tuple[int, ...]
+    offset: int
+    length: int
+    epoch: int
+
+
+@_message(11)
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Reply to ReadChunk. `gen` is the generation read, -1 when none of the chain exists
+    locally (then `data` is empty)."""
+
+    data: bytes
+    version: int
+    gen: int
+
+
+@_message(12)
+@dataclass(frozen=True, slots=True)
+class WriteChunk:
+    """Write `data` at `offset` of chunk (lineage, index, gen); `base` is the generation to
+    copy up from when gen does not exist yet (None: start from zeros)."""
+
+    volume: str
+    lineage: str
+    index: int
+    gen: int
+    base: int | None
+    offset: int
+    data: bytes
+    chunk_size: int
+    version: int
+    fua: bool
+    epoch: int
+    token: int
+
+
+@_message(13)
+@dataclass(frozen=True, slots=True)
+class ZeroChunk:
+    volume: str
+    lineage: str
+    index: int
+    gen: int
+    base: int | None
+    offset: int
+    length: int
+    chunk_size: int
+    version: int
+    fua: bool
+    epoch: int
+    token: int
+
+
+@_message(14)
+@dataclass(frozen=True, slots=True)
+class Flush:
+    volume: str
+    epoch: int
+    token: int
+
+
+@_message(15)
+@dataclass(frozen=True, slots=True)
+class Ok:
+    version: int
+
+
+@_message(16)
+@dataclass(frozen=True, slots=True)
+class ChunkState:
+    lineage: str
+    index: int
+    gen: int
+
+
+@_message(17)
+@dataclass(frozen=True, slots=True)
+class ChunkStateReply:
+    """`checksums`: one xxhash per 4 KiB page of the chunk (empty when it does not exist)."""
+
+    exists: bool
+    version: int
+    checksums: tuple[int, ...]
+
+
+Message = Union[
+    Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
+    ChunkState, ChunkStateReply,
+]
+
+# request type -> the reply type a well-behaved peer answers with (or Error)
+REPLY_TYPES: dict[type, type] = {
+    Hello: HelloOk,
+    Ping: Pong,
+    ReadChunk: Data,
+    WriteChunk: Ok,
+    ZeroChunk: Ok,
+    Flush: Ok,
+    ChunkState: ChunkStateReply,
+}

@@ -1,0 +1,607 @@
+"""The trio shell around the peer codec: a server for replica requests and a client pool.
+
+Theory of operation (DESIGN.md, Speed). Each connection has one reader and one writer task.
+The reader decodes every complete frame already received before reading again; the writer
+takes every frame queued since its last send and sends them with one `sendmsg`, so a burst
+of requests or replies costs one syscall each way, with no lock and no task per reply.
+
+Server: `handler(message, peer_host_id)` returns a reply message, or an awaitable of one that
+runs as a task of the connection (replies may then go out of order: request ids match them
+up). An exception from the handler becomes an `Error` reply (replicator.errors) and the
+connection lives on; only a protocol error or a broken socket closes it. At most
+`max_in_flight` awaitable requests run per connection: past that the reader stops reading
+and TCP pushes back on the sender.
+
+Client (`PeerPool`): one connection per address, opened and handshaken by a task of the
+pool's nursery and shared by every caller; requests are multiplexed by request id. When a
+connection dies every pending call fails at once with PeerUnavailable and the next call
+opens a new connection. Timeouts are per call. A `FaultPolicy` is consulted on every call:
+the one place tests and the simulation inject network faults (CONVENTIONS 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, Awaitable, Callable, Iterable
+
+import outcome
+import trio
+from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
+
+from replicator import messages as m
+from replicator.codec import DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec
+from replicator.errors import (
+    ClusterMismatch,
+    PeerProtocolError,
+    VersionMismatch,
+    error_to_exception,
+    exception_to_error,
+)
+from vbp.errors import PeerUnavailable
+
+log = logging.getLogger("vbp.replicator.transport")
+
+RECV_SIZE = 256 * 1024
+IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_IN_FLIGHT = 256
+
+Handler = Callable[[Any, str], Any]
+
+_REPLY_OK = frozenset(m.TYPE_IDS)
+
+
+# --- plumbing shared by both sides ---------------------------------------------------------
+
+
+class _Wakeup:
+    """Wakes one parked task (the writer); cheaper than an Event per batch."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task = None
+
+    def set(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            reschedule(task)
+
+    async def wait(self) -> None:
+        self._task = current_task()
+
+        def abort(_):
+            self._task = None
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
+
+
+async def _send_buffers(sock, bufs: list) -> None:
+    """Send every buffer, in order, with as few sendmsg calls as the kernel allows."""
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        sent = await sock.sendmsg(batch)
+        i = 0
+        for b in batch:
+            n = len(b)
+            if sent < n:
+                break
+            sent -= n
+            i += 1
+        if i < len(batch):  # a partial send: keep the tail of the buffer it stopped in
+            bufs = [memoryview(batch[i])[sent:]] + batch[i + 1 :] + bufs[len(batch) :]
+        else:
+            bufs = bufs[len(batch) :]
+
+
+class _Link:
+    """One connection's socket, codec and writer queue."""
+
+    def __init__(self, stream: trio.SocketStream, max_frame: int):
+        self.stream = stream
+        self.sock = stream.socket
+        self.codec = PeerCodec(max_frame)
+        self.out: list = []
+        self.wakeup = _Wakeup()
+        self.rbuf = bytearray(RECV_SIZE)
+
+    def queue(self, request_id: int, message) -> None:
+        frame = self.codec.encode(request_id, message)
+        if type(frame) is bytes:
+            self.out.append(frame)
+        else:
+            self.out.extend(frame)
+        self.wakeup.set()
+
+    async def writer(self) -> None:
+        while True:
+            if not self.out:
+                await self.wakeup.wait()
+                continue
+            bufs, self.out = self.out, []
+            await _send_buffers(self.sock, bufs)
+
+    async def flush(self) -> None:
+        bufs, self.out = self.out, []
+        await _send_buffers(self.sock, bufs)
+
+    async def receive(self) -> bool:
+        """Read once into the codec; False at end of stream."""
+        n = await self.sock.recv_into(self.rbuf)
+        if n == 0:
+            self.codec.receive_data(b"")
+            return False
+        with memoryview(self.rbuf) as view, view[:n] as chunk:
+            self.codec.receive_data(chunk)
+        return True
+
+    async def next_message(self):
+        """The next (request_id, message), reading as needed; None at end of stream."""
+        while True:
+            event = self.codec.next_event()
+            if event is not NEED_DATA:
+                return event if type(event) is tuple else None
+            await self.receive()
+
+
+_LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, PeerProtocolError)
+
+
+async def _guarded(fn, scope: trio.CancelScope):
+    """Run a connection's reader or writer; when it ends, for whatever reason, end its
+    sibling too. A broken link is returned, not raised, so that it never reaches the
+    nursery (which would wrap it in an ExceptionGroup)."""
+    try:
+        await fn()
+    except _LINK_ERRORS as exc:
+        return exc
+    finally:
+        scope.cancel()
+    return None
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+async def serve_peers(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    cluster: str,
+    host_id: str,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve peer connections until cancelled; `task_status.started(bound_port)`."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = listeners[0].socket.getsockname()[1]
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame)
+        try:
+            await session.run()
+        except Exception:  # one connection's fault never takes the server down
+            log.exception("peer connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, serve_one, [listener])
+        task_status.started(bound_port)
+
+
+class _ServerSession:
+    def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame):
+        self.link = _Link(stream, max_frame)
+        self.handler = handler
+        self.cluster = cluster
+        self.host_id = host_id
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.room = ParkingLot()
+        self.peer = "?"
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        link = self.link
+        failure = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if not await self.handshake():
+                    return
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(_guarded, link.writer, nursery.cancel_scope)
+                failure = await _guarded(self.read_loop, nursery.cancel_scope)
+        except (trio.TooSlowError, *_LINK_ERRORS) as exc:
+            failure = exc
+        if isinstance(failure, PeerProtocolError):
+            log.warning("closing connection from %s: %s", self.peer, failure)
+            await self.refuse(0, m.Error(failure.code, str(failure)))
+
+    async def refuse(self, request_id: int, error: m.Error) -> None:
+        """Best effort: tell the peer why before closing."""
+        with trio.move_on_after(1):
+            try:
+                self.link.out.clear()
+                self.link.queue(request_id, error)
+                await self.link.flush()
+            except _LINK_ERRORS:
+                pass
+
+    async def handshake(self) -> bool:
+        event = await self.link.next_message()
+        if event is None:
+            return False
+        request_id, hello = event
+        if type(hello) is not m.Hello:
+            raise PeerProtocolError(f"expected Hello, got {type(hello).__name__}")
+        self.peer = hello.host_id
+        if hello.version != m.PROTO_VERSION:
+            await self.refuse(request_id, m.Error(
+                m.VERSION, f"protocol version {hello.version} not supported "
+                           f"(this host speaks {m.PROTO_VERSION})"))
+            return False
+        if hello.cluster != self.cluster:
+            await self.refuse(request_id, m.Error(
+                m.CLUSTER, f"host {self.host_id} belongs to cluster {self.cluster!r}, "
+                           f"not {hello.cluster!r}"))
+            return False
+        self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION))
+        await self.link.flush()
+        return True
+
+    async def read_loop(self) -> None:
+        link = self.link
+        codec = link.codec
+        dispatch = self.dispatch
+        while True:
+            while self.in_flight >= self.max_in_flight:
+                await self.room.park()
+            if not await link.receive():
+                codec.next_event()  # raises if the peer closed inside a frame
+                return
+            while True:
+                event = codec.next_event()
+                if event is NEED_DATA:
+                    break
+                dispatch(*event)
+
+    def dispatch(self, request_id: int, message) -> None:
+        if type(message) is m.Hello:
+            self.reply(request_id, m.Error(m.INVALID, "Hello after the handshake"))
+            return
+        try:
+            result = self.handler(message, self.peer)
+        except Exception as exc:
+            self.reply(request_id, self.error_for(exc))
+            return
+        if type(result) in _REPLY_OK:
+            self.reply(request_id, result)
+        elif hasattr(result, "__await__"):
+            self.in_flight += 1
+            self.nursery.start_soon(self.finish, request_id, result)
+        else:
+            self.reply(request_id, m.Error(m.INTERNAL, f"handler returned {result!r}"))
+
+    async def finish(self, request_id: int, awaitable: Awaitable) -> None:
+        try:
+            reply = await awaitable
+            if type(reply) not in _REPLY_OK:
+                reply = m.Error(m.INTERNAL, f"handler returned {reply!r}")
+        except Exception as exc:
+            reply = self.error_for(exc)
+        finally:
+            self.in_flight -= 1
+            if self.room:
+                self.room.unpark()
+        self.reply(request_id, reply)
+
+    def reply(self, request_id: int, reply) -> None:
+        try:
+            self.link.queue(request_id, reply)
+        except TypeError as exc:  # the handler built a reply the protocol cannot carry
+            log.error("bad reply to %s: %s", self.peer, exc)
+            self.link.queue(request_id, m.Error(m.INTERNAL, f"bad reply: {exc}"))
+
+    def error_for(self, exc: Exception) -> m.Error:
+        error = exception_to_error(exc)
+        if error.code == m.INTERNAL:
+            log.error("request from %s failed", self.peer, exc_info=exc)
+        return error
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+class FaultPolicy:
+    """Network faults for a PeerPool, decided once per call (CONVENTIONS 8).
+
+    `partition(addresses)`: calls to them fail at once with PeerUnavailable, as a refused
+    connection would. `drop_probability`: the request is lost; the caller waits out its
+    timeout and gets PeerUnavailable. `delay`: seconds added before the request is sent.
+    Subclass and override `on_call` for anything fancier (per-message faults, schedules)."""
+
+    DROP = None
+
+    def __init__(self, *, drop_probability: float = 0.0, delay: float = 0.0,
+                 seed: int | None = None):
+        self.partitioned: set[str] = set()
+        self.drop_probability = drop_probability
+        self.delay = delay
+        self.random = random.Random(seed)
+
+    def partition(self, addresses: Iterable[str]) -> None:
+        self.partitioned.update(addresses)
+
+    def heal(self, addresses: Iterable[str] | None = None) -> None:
+        if addresses is None:
+            self.partitioned.clear()
+        else:
+            self.partitioned.difference_update(addresses)
+
+    def on_call(self, address: str, message) -> str | float:
+        """"partition", "drop", or a delay in seconds (0: deliver normally)."""
+        if address in self.partitioned:
+            return "partition"
+        if self.drop_probability and self.random.random() < self.drop_probability:
+            return "drop"
+        return self.delay
+
+
+# --- client --------------------------------------------------------------------------------
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class _ClientConnection:
+    """One pooled connection: opened by `run` in the pool's nursery, shared by callers."""
+
+    def __init__(self, pool: "PeerPool", address: str):
+        self.pool = pool
+        self.address = address
+        self.link: _Link | None = None
+        self.ready = trio.Event()
+        self.error: PeerUnavailable | None = None  # set once the connection is dead
+        self.pending: dict[int, Any] = {}  # request id -> waiting task
+        self.next_id = 1
+        self.room = ParkingLot()
+        self.peer_host_id: str | None = None
+        self.cancel_scope = trio.CancelScope()
+
+    @property
+    def dead(self) -> bool:
+        return self.error is not None
+
+    async def run(self) -> None:
+        reason: BaseException | str = "connection closed"
+        stream = None
+        try:
+            with self.cancel_scope:
+                with trio.fail_after(self.pool.connect_timeout):
+                    host, port = _split_address(self.address)
+                    stream = await trio.open_tcp_stream(host, port)
+                    self.link = _Link(stream, self.pool.max_frame)
+                    await self.handshake()
+                self.ready.set()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_guarded, self.link.writer, nursery.cancel_scope)
+                    failure = await _guarded(self.read_loop, nursery.cancel_scope)
+                if failure is not None:
+                    reason = f"{type(failure).__name__}: {failure}"
+        except trio.TooSlowError:
+            reason = "connect timed out"
+        except PeerUnavailable as exc:  # refused at handshake
+            reason = exc
+        except (*_LINK_ERRORS, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug here must not take the pool down
+            log.exception("peer connection to %s failed", self.address)
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.fail(reason)
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def handshake(self) -> None:
+        pool = self.pool
+        self.link.queue(0, m.Hello(pool.cluster, pool.host_id, m.PROTO_VERSION))
+        await self.link.flush()
+        event = await self.link.next_message()
+        if event is None:
+            raise PeerUnavailable(f"{self.address} closed the connection during the handshake")
+        reply = event[1]
+        if type(reply) is m.Error:
+            exc = error_to_exception(reply)
+            if not isinstance(exc, PeerUnavailable):
+                exc = PeerUnavailable(f"{self.address} refused the handshake: {reply.message}")
+            raise exc
+        if type(reply) is not m.HelloOk:
+            raise PeerProtocolError(f"expected HelloOk, got {type(reply).__name__}")
+        if reply.cluster != pool.cluster:
+            raise ClusterMismatch(
+                f"{self.address} is in cluster {reply.cluster!r}, not {pool.cluster!r}")
+        if reply.version != m.PROTO_VERSION:
+            raise VersionMismatch(f"{self.address} speaks protocol version {reply.version}")
+        self.peer_host_id = reply.host_id
+
+    async def read_loop(self) -> None:
+        link = self.link
+        codec = link.codec
+        pending = self.pending
+        while True:
+            if not await link.receive():
+                codec.next_event()  # raises if the peer closed inside a frame
+                return
+            while True:
+                event = codec.next_event()
+                if event is NEED_DATA:
+                    break
+                task = pending.pop(event[0], None)
+                if task is not None:  # else a late reply to a call that gave up
+                    reschedule(task, outcome.Value(event[1]))
+            if self.room:
+                self.room.unpark_all()
+
+    def fail(self, reason: BaseException | str) -> None:
+        """Mark the connection dead and fail every pending call at once."""
+        if self.error is None:
+            if isinstance(reason, PeerUnavailable):
+                self.error = reason
+            else:
+                self.error = PeerUnavailable(f"peer {self.address}: {reason}")
+        self.cancel_scope.cancel()
+        self.ready.set()
+        pending, self.pending = self.pending, {}
+        for task in pending.values():
+            reschedule(task, outcome.Error(self.new_error()))
+        self.room.unpark_all()
+        if self.pool._conns.get(self.address) is self:
+            del self.pool._conns[self.address]
+
+    def new_error(self) -> PeerUnavailable:
+        exc = self.error
+        return type(exc)(*exc.args)
+
+    async def request(self, message, drop: bool):
+        """Send and wait for the reply; the caller bounds the wait."""
+        while len(self.pending) >= self.pool.max_in_flight and not self.dead:
+            await self.room.park()
+        if self.dead:
+            raise self.new_error()
+        request_id = self.next_id
+        self.next_id += 1
+        if not drop:
+            self.link.queue(request_id, message)
+        self.pending[request_id] = task = current_task()
+
+        def abort(_):
+            if self.pending.get(request_id) is task:
+                del self.pending[request_id]
+            return Abort.SUCCEEDED
+
+        return await wait_task_rescheduled(abort)
+
+
+class PeerPool:
+    """Pooled, multiplexed connections to peers. Use `async with PeerPool(...) as pool` or
+    `await nursery.start(pool.run)`; then `await pool.call("host:port", message)`."""
+
+    def __init__(
+        self,
+        cluster: str,
+        host_id: str,
+        *,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        max_in_flight: int = 1024,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        faults: FaultPolicy | None = None,
+    ):
+        self.cluster = cluster
+        self.host_id = host_id
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_in_flight = max_in_flight
+        self.max_frame = max_frame
+        self.faults = faults
+        self._conns: dict[str, _ClientConnection] = {}
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm = None
+
+    async def __aenter__(self) -> "PeerPool":
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool:
+        # The body's exception is not handed to the nursery: it would come out wrapped in an
+        # ExceptionGroup. Connection tasks never raise, so the nursery has nothing to add.
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        await self._nursery_cm.__aexit__(None, None, None)
+        return False
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with self:
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        """Close every connection (pending calls fail with PeerUnavailable)."""
+        for conn in list(self._conns.values()):
+            conn.fail("pool closed")
+
+    def disconnect(self, address: str) -> None:
+        """Drop the connection to `address`, if any; the next call reconnects."""
+        conn = self._conns.get(address)
+        if conn is not None:
+            conn.fail("disconnected")
+
+    def peer_host_id(self, address: str) -> str | None:
+        conn = self._conns.get(address)
+        return conn.peer_host_id if conn is not None and conn.ready.is_set() else None
+
+    async def call(self, address: str, message, timeout: float | None = None):
+        """Send `message` to the peer at `address` ("host:port") and return its reply.
+
+        An Error reply is raised as its vbp exception (replicator.errors); an unreachable,
+        dead or silent peer (past `timeout`, default `request_timeout`) is PeerUnavailable."""
+        if self._nursery is None:
+            raise RuntimeError("PeerPool used outside its `async with` or run()")
+        drop = False
+        if self.faults is not None:
+            fault = self.faults.on_call(address, message)
+            if fault == "partition":
+                await trio.lowlevel.checkpoint()
+                raise PeerUnavailable(f"peer {address}: partitioned (fault injection)")
+            if fault == "drop":
+                drop = True
+            elif fault:
+                await trio.sleep(fault)
+        with trio.move_on_after(self.request_timeout if timeout is None else timeout):
+            conn = self._conns.get(address)
+            if conn is None:
+                conn = self._conns[address] = _ClientConnection(self, address)
+                self._nursery.start_soon(conn.run)
+            if not conn.ready.is_set():
+                await conn.ready.wait()
+            reply = await conn.request(message, drop)
+            if type(reply) is m.Error:
+                raise error_to_exception(reply)
+            expected = m.REPLY_TYPES.get(type(message))
+            if expected is not None and type(reply) is not expected:
+                raise PeerUnavailable(
+                    f"peer {address} answered {type(message).__name__} with "
+                    f"{type(reply).__name__}")
+            return reply
+        raise PeerUnavailable(f"peer {address}: no reply to {type(message).__name__} in time")
+
+    async def call_many(self, calls: Iterable[tuple[str, Any]], timeout: float | None = None
+                        ) -> list:
+        """Run calls concurrently; a list, in order, of each reply or the exception raised."""
+        calls = list(calls)
+        results: list = [None] * len(calls)
+
+        async def one(i: int, address: str, message) -> None:
+            try:
+                results[i] = await self.call(address, message, timeout)
+            except Exception as exc:
+                results[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i, (address, message) in enumerate(calls):
+                nursery.start_soon(one, i, address, message)
+        return results
