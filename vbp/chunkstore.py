@@ -1,0 +1,775 @@
+"""One host's local chunk store: fixed slots in data files, an LMDB index, xxh3 per page.
+
+Theory of operation (DESIGN.md "Words", "Failures"; issue 5, local half)
+
+Layout of the store directory:
+- `data-<size>.bin`, one per chunk size in use: slot n holds its chunk at n*chunk_size. The
+  file grows sparse (ftruncate) as slots are added; freed slots are punched and reused.
+- `sums-<size>.bin`, mmap'd: one native u64 per 4 KiB page, slot n's at n*(chunk_size/4096)*8.
+  0 means hole (never written or zeroed whole; reads as zeros whatever the disk holds); a
+  real page stores `xxh3_64(page) or 1`. The sidecar is posix_fallocate'd before a slot is
+  used, so a full disk is an ENOSPC at allocation, never a SIGBUS in the mmap.
+- `index/` (LMDB): `chunks` ChunkKey -> [slot, chunk_size, version, state], `free` and
+  `limbo` (size, slot) sets, `dirty` ChunkKey set, `meta` (slot high-water per size, clean).
+  Every slot below a size's high-water is owned by exactly one of chunks/free/limbo: each
+  transaction that moves a slot removes it from one and adds it to another atomically, so a
+  crash never leaks a slot nor gives one to two chunks.
+
+Per request, no LMDB transaction: a 4 KiB write is one pwrite plus one u64 store into the
+mmap; a partial page first reads (and verifies) that page only. An LMDB write happens only:
+- at allocation (slot moves free/high-water -> chunks; the chunk is born dirty);
+- at delete (chunks -> limbo; the slot is punched and its sums zeroed, and it moves
+  limbo -> free in the next flush, after that wipe is durable, so a reused slot never shows
+  a deleted chunk's bytes);
+- before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
+- at flush: fdatasync data files, msync sidecars, then one transaction persists the versions
+  of all dirty chunks, clears the dirty set and frees the limbo;
+- at fua: fdatasync + msync of the chunk's sums + one transaction persisting its version.
+- copy-up (create with `base`): the new chunk is allocated PENDING, the base's data and
+  sums are copied and synced, then one transaction makes it READY and dirty. A crash leaves
+  either no chunk (PENDING is dropped at open) or a complete copy, never a half copy that
+  would shadow the base's acknowledged data with zeros.
+
+Recovery at open (always run; after a clean close there is nothing to do): PENDING chunks
+are dropped, limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
+match its bytes holds a write that was never acknowledged durable: it is re-hashed,
+accepting the bytes on disk (a hole page holding non-zero bytes becomes a real page). Its
+version becomes the last persisted one + 1 (never below what a flush or fua acknowledged).
+A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
+page raise ChecksumError. `recovered` lists the dirty chunks so replication can resync them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import heapq
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import lmdb
+import msgpack
+from xxhash import xxh3_64_intdigest
+
+from vbp.chunkstore_common import (
+    PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
+    check_range, check_version, page_checksum, runs,
+)
+from vbp.chunkstore_memory import MemoryChunkStore
+from vbp.errors import ChecksumError, InvalidArgument, NoSpace, NotFound
+from vbp.layout import PAGE_SIZE, ChunkKey
+
+__all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
+
+_READY, _PENDING = 0, 1
+_QQ = struct.Struct(">QQ")
+_SLOT = struct.Struct(">IQ")
+_MAP_SIZE = 1 << 30
+_NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_COPY_STEP = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros, freeing its blocks when the fs can."""
+    if _fallocate is not None and _fallocate(fd, _PUNCH, offset, length) == 0:
+        return
+    zeros = bytes(min(length, _COPY_STEP))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, zeros[: end - offset], offset)
+
+
+def _pwrite_all(fd: int, buf, pos: int) -> None:
+    n = os.pwrite(fd, buf, pos)
+    if n != len(buf):
+        mv = memoryview(buf)
+        while n < len(mv):
+            n += os.pwrite(fd, mv[n:], pos + n)
+
+
+def _pread_full(fd: int, n: int, pos: int) -> bytes:
+    buf = os.pread(fd, n, pos)
+    return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
+
+
+def _enc(key) -> bytes:
+    return key[0].encode() + b"\0" + _QQ.pack(key[1], key[2])
+
+
+def _dec(raw: bytes) -> ChunkKey:
+    index, gen = _QQ.unpack(raw[-16:])
+    return ChunkKey(raw[:-17].decode(), index, gen)
+
+
+def _size_name(cs: int) -> str:
+    if cs % (1 << 20) == 0:
+        return f"{cs >> 20}M"
+    return f"{cs >> 10}K"
+
+
+class _Space:
+    """The data file and the checksum sidecar of one chunk size."""
+
+    __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo")
+
+    def __init__(self, root: Path, cs: int, nslots: int):
+        self.cs = cs
+        self.ppc = cs >> PAGE_SHIFT
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self.fd = os.open(root / f"data-{_size_name(cs)}.bin", flags, 0o600)
+        self.sfd = os.open(root / f"sums-{_size_name(cs)}.bin", flags, 0o600)
+        self.mm = self.sums = None
+        self.mapped = 0
+        self.nslots = 0
+        self.free: list[int] = []  # a heap: reuse low slots first
+        self.limbo: list[int] = []
+        self.ensure(nslots)
+        self.nslots = nslots
+
+    def ensure(self, nslots: int) -> None:
+        """Files large enough for `nslots` slots. OSError(ENOSPC) if the sidecar can't grow."""
+        if nslots > self.mapped or self.mm is None:
+            want = max(nslots, 2 * self.mapped, 16)
+            try:
+                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
+            except OSError as e:
+                if e.errno not in _NOSPACE_ERRNOS or want == nslots:
+                    raise
+                want = nslots
+                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
+            self._unmap()
+            self.mm = mmap.mmap(self.sfd, want * self.ppc * 8)
+            self.sums = memoryview(self.mm).cast("Q")
+            self.mapped = want
+        if os.fstat(self.fd).st_size < nslots * self.cs:
+            os.ftruncate(self.fd, nslots * self.cs)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        self.mm.flush()
+
+    def sync_sums(self, slot: int) -> None:
+        start = slot * self.ppc * 8
+        aligned = start - start % mmap.PAGESIZE
+        self.mm.flush(aligned, start + self.ppc * 8 - aligned)
+
+    def wipe(self, slot: int) -> None:
+        _punch(self.fd, slot * self.cs, self.cs)
+        a = slot * self.ppc * 8
+        self.mm[a: a + self.ppc * 8] = bytes(self.ppc * 8)
+
+    def _unmap(self) -> None:
+        if self.sums is not None:
+            self.sums.release()
+            self.mm.close()
+            self.sums = self.mm = None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+        os.close(self.sfd)
+
+
+class _Chunk:
+    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "dbase", "sbase")
+
+    def __init__(self, key: ChunkKey, space: _Space, slot: int, version: int, state: int):
+        self.key = key
+        self.space = space
+        self.cs = space.cs
+        self.slot = slot
+        self.version = version
+        self.state = state
+        self.dirty = False
+        self.dbase = slot * space.cs
+        self.sbase = slot * space.ppc
+
+    def record(self) -> bytes:
+        return msgpack.packb([self.slot, self.cs, self.version, self.state])
+
+
+class ChunkStore:
+    """A host's chunks on its local disk. Single-threaded: call it from one thread."""
+
+    def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True):
+        if not isinstance(capacity, int) or capacity < 0:
+            raise InvalidArgument(f"capacity must be a non-negative byte count, not {capacity!r}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.verify_reads = verify_reads  # False only for benchmarks measuring the checksum cost
+        self._chunks: dict[ChunkKey, _Chunk] = {}
+        self._gens: dict[tuple[str, int], set[int]] = {}
+        self._dirty: dict[ChunkKey, _Chunk] = {}
+        self._spaces: dict[int, _Space] = {}
+        self._used = 0
+        self._checksum_errors = 0
+        self._closed = False
+        self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
+                              map_size=_MAP_SIZE)
+        self._db = {name: self._env.open_db(name.encode()) for name in
+                    ("chunks", "free", "limbo", "dirty", "meta")}
+        try:
+            self.was_clean, self.recovered = self._load()
+        except BaseException:
+            self._close_files()
+            raise
+
+    # --- open and recovery ----------------------------------------------------------------
+
+    def _load(self) -> tuple[bool, frozenset[ChunkKey]]:
+        db = self._db
+        with self._env.begin() as txn:
+            clean = txn.get(b"clean", db=db["meta"]) == b"1"
+            for k, v in txn.cursor(db=db["meta"]):
+                if k.startswith(b"nslots:"):
+                    cs = int(k[7:])
+                    self._spaces[cs] = _Space(self.path, cs, int(v))
+            for name in ("free", "limbo"):
+                for k, _ in txn.cursor(db=db[name]):
+                    cs, slot = _SLOT.unpack(k)
+                    getattr(self._spaces[cs], name).append(slot)
+            pending = []
+            for k, v in txn.cursor(db=db["chunks"]):
+                slot, cs, version, state = msgpack.unpackb(v)
+                c = _Chunk(_dec(k), self._spaces[cs], slot, version, state)
+                if state == _PENDING:
+                    pending.append(c)
+                else:
+                    self._remember(c)
+            dirty = [self._chunks[_dec(k)] for k, _ in txn.cursor(db=db["dirty"])]
+        for sp in self._spaces.values():
+            heapq.heapify(sp.free)
+        self._recover(pending, dirty)
+        return clean, frozenset(c.key for c in dirty)
+
+    def _recover(self, pending: list[_Chunk], dirty: list[_Chunk]) -> None:
+        for c in pending:
+            c.space.limbo.append(c.slot)
+        for sp in self._spaces.values():
+            for slot in sp.limbo:
+                sp.wipe(slot)
+        for c in dirty:
+            self._rehash(c)
+            c.version += 1
+        for sp in self._spaces.values():
+            sp.sync()
+        db = self._db
+        with self._txn() as txn:
+            for c in pending:
+                txn.delete(_enc(c.key), db=db["chunks"])
+            for c in dirty:
+                txn.put(_enc(c.key), c.record(), db=db["chunks"])
+                txn.delete(_enc(c.key), db=db["dirty"])
+            self._free_limbo(txn)
+            txn.put(b"clean", b"0", db=db["meta"])
+
+    def _rehash(self, c: _Chunk) -> None:
+        """Accept the bytes on disk for every page of `c` whose checksum does not match."""
+        sp, sums = c.space, c.space.sums
+        for start in range(0, c.cs, _COPY_STEP):
+            n = min(_COPY_STEP, c.cs - start)
+            buf = _pread_full(sp.fd, n, c.dbase + start)
+            mv = memoryview(buf)
+            for off in range(0, n, PAGE_SIZE):
+                i = c.sbase + ((start + off) >> PAGE_SHIFT)
+                page = mv[off: off + PAGE_SIZE]
+                s = sums[i]
+                if s == 0:
+                    if page != ZERO_PAGE:
+                        sums[i] = page_checksum(page)
+                elif page_checksum(page) != s:
+                    sums[i] = page_checksum(page)
+
+    def _remember(self, c: _Chunk) -> None:
+        self._chunks[c.key] = c
+        self._gens.setdefault((c.key.lineage, c.key.index), set()).add(c.key.gen)
+        self._used += c.cs
+
+    def _forget(self, c: _Chunk) -> None:
+        del self._chunks[c.key]
+        gens = self._gens[(c.key.lineage, c.key.index)]
+        gens.discard(c.key.gen)
+        if not gens:
+            del self._gens[(c.key.lineage, c.key.index)]
+        self._dirty.pop(c.key, None)
+        self._used -= c.cs
+
+    def _txn(self):
+        return _Txn(self._env)
+
+    # --- queries --------------------------------------------------------------------------
+
+    def info(self, key: ChunkKey) -> ChunkInfo | None:
+        c = self._chunks.get(key)
+        if c is None:
+            return None
+        return ChunkInfo(c.key, c.cs, c.version, c.slot)
+
+    def resolve(self, lineage: str, index: int, chain: Sequence[int]) -> int | None:
+        gens = self._gens.get((lineage, index))
+        if gens:
+            for gen in reversed(chain):
+                if gen in gens:
+                    return gen
+        return None
+
+    def keys(self, lineage: str | None = None) -> Iterator[ChunkKey]:
+        return iter([k for k in self._chunks if lineage is None or k.lineage == lineage])
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self.capacity, self._used, max(0, self.capacity - self._used),
+                          len(self._chunks), self._checksum_errors)
+
+    def page_checksums(self, key: ChunkKey) -> tuple[int, list[int]]:
+        c = self._get(key)
+        return c.version, c.space.sums[c.sbase: c.sbase + c.space.ppc].tolist()
+
+    def extents(self, key: ChunkKey, offset: int, length: int) -> list[tuple[int, bool]]:
+        c = self._get(key)
+        check_range(offset, length, c.cs)
+        if not length:
+            return []
+        first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+        sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
+        return runs([s == 0 for s in sums], first, offset, length)
+
+    def _get(self, key) -> _Chunk:
+        c = self._chunks.get(key)
+        if c is None:
+            raise NotFound(f"chunk {tuple(key)!r} is not on this host")
+        return c
+
+    # --- read -----------------------------------------------------------------------------
+
+    def read(self, key: ChunkKey, offset: int, length: int) -> bytes:
+        c = self._chunks.get(key)
+        if c is None:
+            raise NotFound(f"chunk {tuple(key)!r} is not on this host")
+        if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < c.cs:
+            s = c.space.sums[c.sbase + (offset >> PAGE_SHIFT)]
+            if not s:
+                return ZERO_PAGE
+            buf = os.pread(c.space.fd, PAGE_SIZE, c.dbase + offset)
+            if len(buf) != PAGE_SIZE:
+                buf = buf.ljust(PAGE_SIZE, b"\0")
+            if self.verify_reads and (xxh3_64_intdigest(buf) or 1) != s:
+                self._corrupt(c, offset >> PAGE_SHIFT)
+            return buf
+        check_range(offset, length, c.cs)
+        return self._read_range(c, offset, length) if length else b""
+
+    def _read_range(self, c: _Chunk, offset: int, length: int) -> bytes:
+        first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+        sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
+        if not any(sums):
+            return bytes(length)
+        start = first << PAGE_SHIFT
+        buf = _pread_full(c.space.fd, (last - first + 1) << PAGE_SHIFT, c.dbase + start)
+        mv = memoryview(buf)
+        holes = []
+        for i, s in enumerate(sums):
+            if not s:
+                holes.append(i)
+            elif self.verify_reads and page_checksum(mv[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT]) != s:
+                self._corrupt(c, first + i)
+        if holes:
+            mv.release()
+            buf = bytearray(buf)
+            for i in holes:
+                buf[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT] = ZERO_PAGE
+        if offset == start and len(buf) == length:
+            return bytes(buf) if holes else buf
+        return bytes(memoryview(buf)[offset - start: offset - start + length])
+
+    def _page(self, c: _Chunk, page: int) -> bytes:
+        """One page as stored, verified (used to merge partial-page writes)."""
+        s = c.space.sums[c.sbase + page]
+        if not s:
+            return ZERO_PAGE
+        buf = _pread_full(c.space.fd, PAGE_SIZE, c.dbase + (page << PAGE_SHIFT))
+        if page_checksum(buf) != s:
+            self._corrupt(c, page)
+        return buf
+
+    def _corrupt(self, c: _Chunk, page: int):
+        self._checksum_errors += 1
+        raise ChecksumError(f"checksum mismatch in chunk {tuple(c.key)!r} page {page}",
+                            key=c.key, page=page)
+
+    # --- write and zero -------------------------------------------------------------------
+
+    def write(self, key: ChunkKey, offset: int, data, *, chunk_size: int,
+              base: int | None = None, version: int | None = None, fua: bool = False) -> int:
+        if type(data) is memoryview and (data.format != "B" or data.ndim != 1):
+            data = data.cast("B")
+        n = len(data)
+        c = self._chunks.get(key)
+        created = c is None
+        if created:
+            c = self._create(key, offset, n, chunk_size, base, version)
+        elif c.cs != chunk_size or offset < 0 or offset + n > chunk_size:
+            self._check_request(c, offset, n, chunk_size)
+        if version is not None:
+            check_version(version)
+        if not c.dirty:
+            self._mark_dirty(c)
+        if n:
+            try:
+                self._put(c, offset, data, n)
+            except NoSpace:
+                if created:
+                    self._drop(c)
+                raise
+        c.version = c.version + 1 if version is None else version
+        if fua:
+            self._sync_chunk(c)
+        return c.version
+
+    def zero(self, key: ChunkKey, offset: int, length: int, *, chunk_size: int,
+             base: int | None = None, version: int | None = None, fua: bool = False) -> int:
+        c = self._chunks.get(key)
+        created = c is None
+        if created:
+            c = self._create(key, offset, length, chunk_size, base, version)
+        else:
+            self._check_request(c, offset, length, chunk_size)
+        check_version(version)
+        if not c.dirty:
+            self._mark_dirty(c)
+        end = offset + length
+        a = (offset + PAGE_MASK) & ~PAGE_MASK  # first whole page
+        b = end & ~PAGE_MASK  # end of the last whole page
+        try:
+            if a >= b:
+                if length:
+                    self._put(c, offset, bytes(length), length)
+            else:
+                if offset < a:
+                    self._put(c, offset, bytes(a - offset), a - offset)
+                if b < end:
+                    self._put(c, b, bytes(end - b), end - b)
+                sp = c.space
+                i, j = (c.sbase + (a >> PAGE_SHIFT)) * 8, (c.sbase + (b >> PAGE_SHIFT)) * 8
+                sp.mm[i:j] = bytes(j - i)
+                _punch(sp.fd, c.dbase + a, b - a)
+        except NoSpace:
+            if created:
+                self._drop(c)
+            raise
+        c.version = c.version + 1 if version is None else version
+        if fua:
+            self._sync_chunk(c)
+        return c.version
+
+    def _check_request(self, c: _Chunk, offset, length, chunk_size) -> None:
+        if chunk_size != c.cs:
+            raise InvalidArgument(
+                f"chunk {tuple(c.key)!r} has size {c.cs}, the request says {chunk_size}"
+            )
+        check_range(offset, length, c.cs)
+
+    def _put(self, c: _Chunk, offset: int, data, n: int) -> None:
+        """Write `data` at `offset` of `c` and update the pages' checksums."""
+        sp = c.space
+        if not (offset | n) & PAGE_MASK:
+            buf, start = data, offset
+        else:
+            start = offset & ~PAGE_MASK
+            end = offset + n
+            last = (end - 1) >> PAGE_SHIFT
+            buf = bytearray(((last + 1) << PAGE_SHIFT) - start)
+            if offset & PAGE_MASK:
+                buf[:PAGE_SIZE] = self._page(c, start >> PAGE_SHIFT)
+            if end & PAGE_MASK and (last << PAGE_SHIFT > start or not offset & PAGE_MASK):
+                buf[-PAGE_SIZE:] = self._page(c, last)
+            buf[offset - start: end - start] = data
+        try:
+            _pwrite_all(sp.fd, buf, c.dbase + start)
+        except OSError as e:
+            if e.errno in _NOSPACE_ERRNOS:
+                self._settle_failed(c, start, len(buf))
+                raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
+            raise
+        sums = sp.sums
+        p = c.sbase + (start >> PAGE_SHIFT)
+        if len(buf) == PAGE_SIZE:
+            sums[p] = xxh3_64_intdigest(buf) or 1
+            return
+        mv = memoryview(buf)
+        for off in range(0, len(buf), PAGE_SIZE):
+            sums[p] = xxh3_64_intdigest(mv[off: off + PAGE_SIZE]) or 1
+            p += 1
+
+    def _settle_failed(self, c: _Chunk, start: int, n: int) -> None:
+        """After a failed pwrite: real pages take what reached the disk (an unacknowledged,
+        possibly torn write); holes stay holes, so no page fails its checksum later."""
+        sums = c.space.sums
+        for off in range(start, start + n, PAGE_SIZE):
+            i = c.sbase + (off >> PAGE_SHIFT)
+            if sums[i]:
+                sums[i] = page_checksum(_pread_full(c.space.fd, PAGE_SIZE, c.dbase + off))
+
+    def _mark_dirty(self, c: _Chunk) -> None:
+        with self._txn() as txn:
+            txn.put(_enc(c.key), b"", db=self._db["dirty"])
+        c.dirty = True
+        self._dirty[c.key] = c
+
+    def _sync_chunk(self, c: _Chunk) -> None:
+        os.fdatasync(c.space.fd)
+        c.space.sync_sums(c.slot)
+        with self._txn() as txn:
+            txn.put(_enc(c.key), c.record(), db=self._db["chunks"])
+
+    # --- allocation -----------------------------------------------------------------------
+
+    def _create(self, key, offset, length, chunk_size, base, version) -> _Chunk:
+        key = check_key(key)
+        check_chunk_size(chunk_size)
+        check_range(offset, length, chunk_size)
+        check_version(version)
+        src = None
+        if base is not None:
+            if not isinstance(base, int) or base < 0:
+                raise InvalidArgument(f"not a generation: {base!r}")
+            if base != key.gen:
+                src = self._chunks.get(ChunkKey(key.lineage, key.index, base))
+            if src is not None and src.cs != chunk_size:
+                raise InvalidArgument(
+                    f"base chunk {tuple(src.key)!r} has size {src.cs}, not {chunk_size}"
+                )
+        if src is None:
+            return self._allocate(key, chunk_size, _READY)
+        c = self._allocate(key, chunk_size, _PENDING)
+        try:
+            self._copy_up(src, c)
+        except OSError as e:
+            self._drop(c)
+            if e.errno in _NOSPACE_ERRNOS:
+                raise NoSpace(f"the disk is full copying up chunk {tuple(key)!r}") from e
+            raise
+        c.state = _READY
+        with self._txn() as txn:
+            txn.put(_enc(c.key), c.record(), db=self._db["chunks"])
+            txn.put(_enc(c.key), b"", db=self._db["dirty"])
+        c.dirty = True
+        self._dirty[c.key] = c
+        return c
+
+    def _copy_up(self, src: _Chunk, dst: _Chunk) -> None:
+        sp, sums = src.space, src.space.sums
+        flags = sums[src.sbase: src.sbase + sp.ppc].tolist()
+        i = 0
+        while i < sp.ppc:
+            if not flags[i]:
+                i += 1
+                continue
+            j = i
+            while j < sp.ppc and flags[j]:
+                j += 1
+            off, n = i << PAGE_SHIFT, (j - i) << PAGE_SHIFT
+            while n:
+                done = os.copy_file_range(sp.fd, sp.fd, n, src.dbase + off, dst.dbase + off)
+                if done == 0:  # past EOF of a file whose ftruncate was lost: zeros
+                    _pwrite_all(sp.fd, bytes(n), dst.dbase + off)
+                    done = n
+                off += done
+                n -= done
+            i = j
+        sums[dst.sbase: dst.sbase + sp.ppc] = sums[src.sbase: src.sbase + sp.ppc]
+        os.fdatasync(sp.fd)
+        sp.sync_sums(dst.slot)
+
+    def _allocate(self, key: ChunkKey, cs: int, state: int) -> _Chunk:
+        if self._used + cs > self.capacity:
+            raise NoSpace(f"no free slot of {cs} bytes: {self._used} of {self.capacity} used")
+        sp = self._spaces.get(cs)
+        if sp is None:
+            try:
+                sp = self._spaces[cs] = _Space(self.path, cs, 0)
+            except OSError as e:
+                raise self._oserror(e) from e
+        if not sp.free and sp.limbo:
+            self._settle_limbo()
+        grow = not sp.free
+        slot = sp.nslots if grow else sp.free[0]
+        if grow:
+            try:
+                sp.ensure(slot + 1)
+            except OSError as e:
+                raise self._oserror(e) from e
+        c = _Chunk(key, sp, slot, 0, state)
+        db = self._db
+        with self._txn() as txn:
+            if grow:
+                txn.put(b"nslots:%d" % cs, b"%d" % (slot + 1), db=db["meta"])
+            else:
+                txn.delete(_SLOT.pack(cs, slot), db=db["free"])
+            txn.put(_enc(key), c.record(), db=db["chunks"])
+            if state == _READY:
+                txn.put(_enc(key), b"", db=db["dirty"])
+        if grow:
+            sp.nslots = slot + 1
+        else:
+            heapq.heappop(sp.free)
+        self._remember(c)
+        if state == _READY:
+            c.dirty = True
+            self._dirty[key] = c
+        return c
+
+    @staticmethod
+    def _oserror(e: OSError) -> Exception:
+        if e.errno in _NOSPACE_ERRNOS:
+            return NoSpace(f"the disk is full: {e}")
+        return e
+
+    def delete(self, key: ChunkKey) -> None:
+        self._drop(self._get(key))
+
+    def _drop(self, c: _Chunk) -> None:
+        with self._txn() as txn:
+            txn.delete(_enc(c.key), db=self._db["chunks"])
+            txn.delete(_enc(c.key), db=self._db["dirty"])
+            txn.put(_SLOT.pack(c.cs, c.slot), b"", db=self._db["limbo"])
+        self._forget(c)
+        c.space.wipe(c.slot)
+        c.space.limbo.append(c.slot)
+
+    def _free_limbo(self, txn) -> None:
+        """In `txn`, move every limbo slot to free. Their wipes must be durable already."""
+        for sp in self._spaces.values():
+            for slot in sp.limbo:
+                txn.delete(_SLOT.pack(sp.cs, slot), db=self._db["limbo"])
+                txn.put(_SLOT.pack(sp.cs, slot), b"", db=self._db["free"])
+
+    def _after_free_limbo(self) -> None:
+        for sp in self._spaces.values():
+            for slot in sp.limbo:
+                heapq.heappush(sp.free, slot)
+            sp.limbo.clear()
+
+    def _settle_limbo(self) -> None:
+        for sp in self._spaces.values():
+            if sp.limbo:
+                sp.sync()
+        with self._txn() as txn:
+            self._free_limbo(txn)
+        self._after_free_limbo()
+
+    # --- durability -----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        limbo = any(sp.limbo for sp in self._spaces.values())
+        if not self._dirty and not limbo:
+            return
+        for sp in {c.space for c in self._dirty.values()} | {
+                sp for sp in self._spaces.values() if sp.limbo}:
+            sp.sync()
+        db = self._db
+        with self._txn() as txn:
+            for c in self._dirty.values():
+                k = _enc(c.key)
+                txn.put(k, c.record(), db=db["chunks"])
+                txn.delete(k, db=db["dirty"])
+            self._free_limbo(txn)
+        for c in self._dirty.values():
+            c.dirty = False
+        self._dirty.clear()
+        self._after_free_limbo()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        with self._txn() as txn:
+            txn.put(b"clean", b"1", db=self._db["meta"])
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self._closed = True
+        for sp in self._spaces.values():
+            sp.close()
+        self._spaces.clear()
+        self._env.close()
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def fsck(self) -> list[str]:
+        """Problems found comparing the durable index with itself and with memory: every
+        slot below a size's high-water owned by exactly one of chunks/free/limbo."""
+        problems: list[str] = []
+        owners: dict[tuple[int, int], list[str]] = {}
+        db = self._db
+        with self._env.begin() as txn:
+            nslots = {int(k[7:]): int(v) for k, v in txn.cursor(db=db["meta"])
+                      if k.startswith(b"nslots:")}
+            for k, v in txn.cursor(db=db["chunks"]):
+                slot, cs, version, state = msgpack.unpackb(v)
+                owners.setdefault((cs, slot), []).append(f"chunk {_dec(k)}")
+                c = self._chunks.get(_dec(k))
+                if c is None or c.slot != slot or c.cs != cs:
+                    problems.append(f"chunk {_dec(k)} in the index differs from memory")
+                elif version > c.version:
+                    problems.append(f"chunk {_dec(k)} durable version above memory")
+            for name in ("free", "limbo"):
+                for k, _ in txn.cursor(db=db[name]):
+                    owners.setdefault(_SLOT.unpack(k), []).append(name)
+        for (cs, slot), who in owners.items():
+            if len(who) > 1:
+                problems.append(f"slot {slot} of size {cs} owned by {who}")
+            if slot >= nslots.get(cs, 0):
+                problems.append(f"slot {slot} of size {cs} beyond the high-water mark")
+        for cs, n in nslots.items():
+            for slot in range(n):
+                if (cs, slot) not in owners:
+                    problems.append(f"slot {slot} of size {cs} leaked (no owner)")
+        if len(self._chunks) != sum(1 for w in owners.values() for x in w if x.startswith("chunk")):
+            problems.append("memory holds chunks the index does not")
+        if self._used > self.capacity:
+            problems.append(f"{self._used} bytes used, above capacity {self.capacity}")
+        return problems
+
+
+class _Txn:
+    """An LMDB write transaction whose "disk full" failures become NoSpace."""
+
+    __slots__ = ("env", "txn")
+
+    def __init__(self, env):
+        self.env = env
+
+    def __enter__(self):
+        self.txn = self.env.begin(write=True)
+        return self.txn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.txn.abort()
+            return False
+        try:
+            self.txn.commit()
+        except lmdb.MapFullError as e:
+            raise NoSpace(f"the chunk index is full: {e}") from e
+        except lmdb.Error as e:
+            if "No space" in str(e) or "ENOSPC" in str(e):
+                raise NoSpace(f"the disk is full writing the chunk index: {e}") from e
+            raise
+        return False

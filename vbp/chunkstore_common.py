@@ -1,0 +1,102 @@
+"""What the real chunk store and the in-memory one share: result types, checksums, checks.
+
+A page checksum is xxh3_64 of the 4 KiB page, with 0 reserved for "hole" (a page never
+written, or zeroed whole): a real page whose hash happens to be 0 is stored as 1, so a real
+page never looks like a hole (see vbp/chunkstore.py, theory of operation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xxhash import xxh3_64_intdigest
+
+from vbp.errors import InvalidArgument
+from vbp.layout import PAGE_SIZE, ChunkKey
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+PAGE_MASK = PAGE_SIZE - 1
+ZERO_PAGE = bytes(PAGE_SIZE)
+HOLE = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    key: ChunkKey
+    chunk_size: int
+    version: int
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    capacity: int
+    used: int
+    free: int
+    chunks: int
+    checksum_errors: int
+
+
+def page_checksum(page) -> int:
+    """Checksum of one real (non-hole) page: never 0."""
+    return xxh3_64_intdigest(page) or 1
+
+
+def check_chunk_size(chunk_size) -> int:
+    """A chunk size the store accepts: a power of two, a whole number of pages.
+
+    Looser than vbp.layout.check_chunk_size (1..64 MiB) so tests and simulations may use
+    small chunks; volumes still get their sizes checked by vbp.layout.
+    """
+    if (not isinstance(chunk_size, int) or chunk_size < PAGE_SIZE
+            or chunk_size & (chunk_size - 1) or chunk_size > (1 << 30)):
+        raise InvalidArgument(
+            f"chunk size must be a power of two between {PAGE_SIZE} and 1 GiB, not {chunk_size!r}"
+        )
+    return chunk_size
+
+
+def check_key(key) -> ChunkKey:
+    try:
+        lineage, index, gen = key
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"not a chunk key: {key!r}") from None
+    if (not isinstance(lineage, str) or not lineage or not isinstance(index, int)
+            or not isinstance(gen, int) or index < 0 or gen < 0
+            or index >= 1 << 63 or gen >= 1 << 63):
+        raise InvalidArgument(f"not a chunk key: {key!r}")
+    return ChunkKey(lineage, index, gen)
+
+
+def check_range(offset, length, chunk_size: int) -> None:
+    if (not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0
+            or offset + length > chunk_size):
+        raise InvalidArgument(
+            f"range {offset}+{length} is outside the chunk (chunk size {chunk_size})"
+        )
+
+
+def check_version(version) -> None:
+    if version is not None and (not isinstance(version, int) or version < 0
+                                or version >= 1 << 63):
+        raise InvalidArgument(f"not a version: {version!r}")
+
+
+def runs(flags, first_page: int, offset: int, length: int) -> list[tuple[int, bool]]:
+    """(length, is_hole) runs over [offset, offset+length) from per-page hole flags.
+
+    `flags[i]` tells whether page first_page+i is a hole. Runs are clipped to the range, so
+    their lengths add up to `length`.
+    """
+    out: list[tuple[int, bool]] = []
+    end = offset + length
+    pos = offset
+    for i, hole in enumerate(flags):
+        page_end = (first_page + i + 1) << PAGE_SHIFT
+        n = min(page_end, end) - pos
+        if out and out[-1][1] == hole:
+            out[-1] = (out[-1][0] + n, hole)
+        else:
+            out.append((n, hole))
+        pos += n
+    return out
