@@ -85,10 +85,7 @@ class VolumeProvider:
         view = view_of(rec, snap)
         token = 0
         if not view.read_only:
-            try:
-                lease = await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
-            except LeaseHeld as e:
-                raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
+            lease = await self._acquire(name)
             self.leases[export] = lease
             token = lease.token
         gw = VolumeGateway(view, host_id=svc.cfg.host_id, replica=svc.replica, cluster=svc.cluster,
@@ -97,6 +94,20 @@ class VolumeProvider:
         gw.on_close = functools.partial(self._closed, export)
         log.info("volume=%s event=open read_only=%s token=%d", export, view.read_only, token)
         return gw
+
+    async def _acquire(self, name: str):
+        """Take the volume's write lease. A lease still held elsewhere is waited for up to
+        one lease period: its holder either hands it back (clean close) or stops renewing
+        (crash) and it expires; this is the gateway failover path."""
+        svc = self.service
+        deadline = trio.current_time() + svc.cfg.lease_ttl + 2
+        while True:
+            try:
+                return await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
+            except LeaseHeld as e:
+                if trio.current_time() > deadline:
+                    raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
+                await trio.sleep(0.2)
 
     def _on_fenced(self, gw: VolumeGateway) -> None:
         self.leases.pop(gw.name, None)
