@@ -1,0 +1,192 @@
+"""What the NBD server serves: the Export and ExportProvider interfaces, and MemoryExport,
+the bytearray-backed reference export (tests and manual runs use it; its behaviour is the
+reference the real volume export follows).
+
+Every Export operation may return its result directly (the server's fast path: no task, no
+await) or an awaitable the server awaits in a task of the connection. A WRITE's `data` is a
+view into the connection's receive buffer valid only during the call: an export that
+returns an awaitable must copy it first (the server copies itself when `write` is an
+`async def`, whose body runs later). Exceptions become NBD errors through
+nbd_frontend.errors.to_nbd_errno.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, Protocol
+
+from nbd_frontend import proto
+from vbp.errors import NotFound, ReadOnly
+
+
+class Export(Protocol):
+    name: str
+    description: str
+    size: int
+    read_only: bool
+    multi_conn: bool  # optional; the server assumes True when missing
+    min_block: int
+    preferred_block: int
+    max_block: int
+
+    def read(self, offset: int, length: int) -> Any:
+        """bytes-like of exactly `length`, or [(offset, length, data|None), ...] covering
+        the range in order (None: a hole, reads as zeros)."""
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+    def trim(self, offset: int, length: int, fua: bool) -> Any: ...
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                     fast: bool) -> Any:
+        """fast=True and zeroing not faster than writing: raise an error with errno
+        ENOTSUP, changing nothing."""
+
+    def cache(self, offset: int, length: int) -> Any: ...
+
+    def block_status(self, offset: int, length: int) -> Any:
+        """[(length, flags), ...] with proto.STATE_HOLE / proto.STATE_ZERO, starting at
+        `offset` and covering at least one byte."""
+
+    def close(self) -> Any: ...
+
+
+class ExportProvider(Protocol):
+    def list_exports(self) -> Any:
+        """[(name, description), ...], or an awaitable of it."""
+
+    def open_export(self, name: str) -> Any:
+        """An Export or an awaitable of one; raises vbp.errors.NotFound if unknown."""
+
+
+PAGE = 4096
+_HOLE = proto.STATE_HOLE | proto.STATE_ZERO
+
+
+class MemoryExport:
+    """A bytearray export tracking allocation per 4 KiB page: written pages are data,
+    trimmed (or zeroed with may_trim) whole pages become holes again."""
+
+    def __init__(self, name: str, size: int, *, read_only: bool = False,
+                 description: str = "", multi_conn: bool = True, fast_zero: bool = True,
+                 min_block: int = 1, preferred_block: int = 4096,
+                 max_block: int = proto.MAX_PAYLOAD) -> None:
+        self.name = name
+        self.description = description
+        self.size = size
+        self.read_only = read_only
+        self.multi_conn = multi_conn
+        self.fast_zero = fast_zero
+        self.min_block = min_block
+        self.preferred_block = preferred_block
+        self.max_block = max_block
+        self.data = bytearray(size)
+        self.allocated = bytearray((size + PAGE - 1) // PAGE)  # 1 = data, 0 = hole
+        self.flushes = 0
+        self.closed = False
+
+    def _pages(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // PAGE, (offset + length + PAGE - 1) // PAGE
+
+    def read(self, offset: int, length: int):
+        first, end = self._pages(offset, length)
+        if 0 not in self.allocated[first:end]:
+            return bytes(self.data[offset:offset + length])
+        extents, pos, stop = [], offset, offset + length
+        while pos < stop:
+            page = pos // PAGE
+            state = self.allocated[page]
+            nxt = page + 1
+            while nxt < end and self.allocated[nxt] == state:
+                nxt += 1
+            upto = min(nxt * PAGE, stop)
+            extents.append((pos, upto - pos, bytes(self.data[pos:upto]) if state else None))
+            pos = upto
+        return extents
+
+    def write(self, offset: int, data, fua: bool):
+        if self.read_only:
+            raise ReadOnly(f"{self.name} is read-only")
+        self.data[offset:offset + len(data)] = data
+        first, end = self._pages(offset, len(data))
+        self.allocated[first:end] = b"\x01" * (end - first)
+
+    def flush(self):
+        self.flushes += 1
+
+    def trim(self, offset: int, length: int, fua: bool):
+        if self.read_only:
+            raise ReadOnly(f"{self.name} is read-only")
+        first = (offset + PAGE - 1) // PAGE
+        end = min(offset + length, self.size) // PAGE
+        if offset + length == self.size:
+            end = len(self.allocated)  # the partial last page belongs to the range
+        if end > first:
+            self.data[first * PAGE:min(end * PAGE, self.size)] = bytes(
+                min(end * PAGE, self.size) - first * PAGE)
+            self.allocated[first:end] = bytes(end - first)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
+        if self.read_only:
+            raise ReadOnly(f"{self.name} is read-only")
+        if fast and not self.fast_zero:
+            raise OSError(errno.ENOTSUP, "zeroing is not fast on this export")
+        self.data[offset:offset + length] = bytes(length)
+        if may_trim:
+            self.trim(offset, length, fua)
+        first, end = self._pages(offset, length)
+        if not may_trim:
+            self.allocated[first:end] = b"\x01" * (end - first)
+
+    def cache(self, offset: int, length: int):
+        return None
+
+    def block_status(self, offset: int, length: int):
+        extents = []
+        pos, stop = offset, min(offset + length, self.size)
+        while pos < stop:
+            page = pos // PAGE
+            state = self.allocated[page]
+            nxt = page + 1
+            while nxt < len(self.allocated) and self.allocated[nxt] == state \
+                    and nxt * PAGE < stop:
+                nxt += 1
+            upto = min(nxt * PAGE, self.size)
+            extents.append((upto - pos, 0 if state else _HOLE))
+            pos = upto
+        return extents
+
+    def close(self):
+        self.closed = True
+
+
+class MemoryProvider:
+    """Exports by name; `NAME@SNAP` names a read-only snapshot made by `snapshot()`."""
+
+    def __init__(self, exports: dict[str, MemoryExport] | None = None) -> None:
+        self.exports: dict[str, MemoryExport] = dict(exports or {})
+
+    def add(self, name: str, size: int, **kwargs) -> MemoryExport:
+        export = MemoryExport(name, size, **kwargs)
+        self.exports[name] = export
+        return export
+
+    def snapshot(self, name: str, snap: str) -> MemoryExport:
+        src = self.exports[name]
+        copy = MemoryExport(f"{name}@{snap}", src.size, read_only=True,
+                            description=f"snapshot {snap} of {name}")
+        copy.data[:] = src.data
+        copy.allocated[:] = src.allocated
+        self.exports[copy.name] = copy
+        return copy
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [(name, e.description) for name, e in self.exports.items()]
+
+    def open_export(self, name: str) -> MemoryExport:
+        try:
+            return self.exports[name]
+        except KeyError:
+            raise NotFound(f"no export {name!r}") from None

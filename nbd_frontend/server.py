@@ -1,0 +1,364 @@
+"""The trio shell around the NBD codecs: receive, feed, drain, dispatch, send.
+
+Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and writes"):
+- The reader receives straight into the transmission codec's preallocated buffer and
+  drains every complete request before receiving again. Each request is dispatched at
+  once: an export operation that returns a plain result is encoded and queued right
+  there (no task, no await); one that returns an awaitable runs in a task of the
+  connection's nursery. Replies may therefore leave out of order, as proto.md allows.
+- ONE writer task sends everything queued so far in one vectored send. Nobody else
+  writes, so there is no lock per reply.
+- Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
+  are running or MAX_QUEUED reply bytes wait for the writer.
+- FLUSH calls export.flush() when it is received: writes replied to before it were
+  completed by the export, which owns their durability.
+- NBD_CMD_DISC or end of input: stop reading, finish in-flight requests, send their
+  replies, close. A protocol error (bad magic) is a hard disconnect. Nothing a client
+  sends can take down another connection or the server: every connection's errors are
+  caught and logged in handle_connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from functools import partial
+
+import trio
+
+from nbd_frontend import proto
+from nbd_frontend.errors import ProtocolError, to_nbd_errno
+from nbd_frontend.export import ExportProvider, MemoryProvider
+from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery, ListQuery,
+                                    Ready, ServerHandshake)
+from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
+                                       transmission_flags)
+from vbp.errors import NotFound
+
+log = logging.getLogger("vbp.nbd")
+
+MAX_IN_FLIGHT = 128
+MAX_QUEUED = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_RECEIVE = 64 * 1024
+IOV_MAX = 1024
+_PLAIN = (type(None), bytes, bytearray, memoryview, list)
+
+
+async def _resolve(value):
+    """Export and provider calls may answer directly or with an awaitable."""
+    if type(value) not in _PLAIN and inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def export_info(export) -> ExportInfo:
+    return ExportInfo(
+        name=export.name, size=export.size, description=getattr(export, "description", ""),
+        flags=transmission_flags(read_only=bool(export.read_only),
+                                 multi_conn=bool(getattr(export, "multi_conn", True))),
+        min_block=getattr(export, "min_block", proto.MIN_BLOCK),
+        preferred_block=getattr(export, "preferred_block", proto.PREFERRED_BLOCK),
+        max_block=getattr(export, "max_block", proto.MAX_PAYLOAD))
+
+
+async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve NBD on host:port (port 0: any free port) until cancelled.
+    task_status.started(actual_port) once listening."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    actual = listeners[0].socket.getsockname()[1]
+    log.info("nbd listening on %s:%d", host, actual)
+    task_status.started(actual)
+    await trio.serve_listeners(partial(handle_connection, provider=provider), listeners)
+
+
+async def handle_connection(stream, provider: ExportProvider) -> None:
+    """Run one NBD connection to its end; never raises (except cancellation)."""
+    export = None
+    try:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            result = await _handshake(stream, provider)
+        if scope.cancelled_caught:
+            log.info("nbd handshake timed out")
+            return
+        if result is None:
+            return
+        ready, export, trailing = result
+        await _Connection(stream, export, ready, trailing).run()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+        log.debug("nbd connection lost: %r", exc)
+    except ProtocolError as exc:
+        log.warning("nbd protocol error, disconnecting: %s", exc)
+    except Exception:
+        log.exception("nbd connection failed")
+    finally:
+        if export is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await _resolve(export.close())
+                except Exception:
+                    log.exception("closing export %r failed", getattr(export, "name", "?"))
+        await trio.aclose_forcefully(stream)
+
+
+async def _open(provider, name: str):
+    try:
+        return await _resolve(provider.open_export(name))
+    except NotFound:
+        log.info("nbd client asked for unknown export %r", name)
+    except Exception:
+        log.exception("opening export %r failed", name)
+    return None
+
+
+async def _handshake(stream, provider):
+    """Negotiate; return (Ready, export, trailing bytes) or None when the client left."""
+    hs = ServerHandshake()
+    await stream.send_all(hs.initial_bytes())
+    export = None
+    while True:
+        event = hs.next_event()
+        if event is NEED_DATA:
+            out = hs.data_to_send()
+            if out:
+                await stream.send_all(out)
+            data = await stream.receive_some(HANDSHAKE_RECEIVE)
+            if not data:
+                return None
+            hs.receive_data(data)
+        elif isinstance(event, ExportQuery):
+            export = await _open(provider, event.name)
+            hs.provide_export(None if export is None else export_info(export))
+            if event.kind == "info" and export is not None:
+                await _resolve(export.close())
+                export = None
+        elif isinstance(event, ListQuery):
+            hs.provide_list(list(await _resolve(provider.list_exports())))
+        elif isinstance(event, Ready):
+            out = hs.data_to_send()
+            if out:
+                await stream.send_all(out)
+            return event, export, hs.trailing_data
+        elif isinstance(event, Aborted):
+            out = hs.data_to_send()
+            if out:
+                await stream.send_all(out)
+            log.debug("nbd handshake ended: %s", event.reason)
+            return None
+        else:  # PAUSED cannot happen: every query is answered above
+            raise RuntimeError(f"unexpected handshake event {event!r}")
+
+
+class _Connection:
+    def __init__(self, stream, export, ready: Ready, trailing: bytes) -> None:
+        self.stream = stream
+        self.export = export
+        self.codec = TransmissionCodec(
+            size=export.size, read_only=bool(export.read_only),
+            structured=ready.structured_replies, meta_contexts=ready.meta_contexts,
+            min_block=getattr(export, "min_block", 1), initial_data=trailing)
+        self.sock = getattr(stream, "socket", None)
+        self.copy_writes = inspect.iscoroutinefunction(export.write)
+        self.out: list = []
+        self.out_bytes = 0
+        self.inflight = 0
+        self.closing = False
+        self.wake = trio.Event()
+        self.room = trio.Event()
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self.writer)
+            try:
+                await self.reader()
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+            self.closing = True
+            self.wake.set()
+
+    # --- reading and dispatch ----------------------------------------------------------------
+    async def reader(self) -> None:
+        codec = self.codec
+        while True:
+            while True:
+                event = codec.next_event()
+                kind = type(event)
+                if kind is Request:
+                    self.dispatch(event)
+                elif kind is BadRequest:
+                    self.queue(codec.reply_error(event.cookie, event.command, event.errno,
+                                                 "request refused"))
+                elif event is NEED_DATA:
+                    break
+                else:  # Disconnect
+                    return
+                if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
+                    await self.wait_room()
+            buf = codec.get_buffer()
+            if self.sock is not None:
+                n = await self.sock.recv_into(buf, len(buf))
+            else:
+                data = await self.stream.receive_some(len(buf))
+                n = len(data)
+                buf[:n] = data
+            if not n:
+                return
+            codec.commit(n)
+
+    async def wait_room(self) -> None:
+        while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
+            self.room = trio.Event()
+            await self.room.wait()
+
+    def dispatch(self, req: Request) -> None:
+        export, cmd = self.export, req.command
+        try:
+            if cmd == proto.CMD_READ:
+                result = export.read(req.offset, req.length)
+            elif cmd == proto.CMD_WRITE:
+                data = bytes(req.data) if self.copy_writes else req.data
+                result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
+            elif cmd == proto.CMD_FLUSH:
+                result = export.flush()
+            elif cmd == proto.CMD_TRIM:
+                result = export.trim(req.offset, req.length, bool(req.flags & proto.CMD_FLAG_FUA))
+            elif cmd == proto.CMD_WRITE_ZEROES:
+                f = req.flags
+                result = export.write_zeroes(
+                    req.offset, req.length, bool(f & proto.CMD_FLAG_FUA),
+                    not f & proto.CMD_FLAG_NO_HOLE, bool(f & proto.CMD_FLAG_FAST_ZERO))
+            elif cmd == proto.CMD_CACHE:
+                result = export.cache(req.offset, req.length)
+            else:
+                result = export.block_status(req.offset, req.length)
+        except Exception as exc:
+            self.fail(req, exc)
+            return
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            self.inflight += 1
+            self.nursery.start_soon(self.finish, req, result)
+        else:
+            self.complete(req, result)
+
+    async def finish(self, req: Request, awaitable) -> None:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            self.fail(req, exc)
+        else:
+            self.complete(req, result)
+        finally:
+            self.inflight -= 1
+            self.room.set()
+            if self.closing:
+                self.wake.set()
+
+    def complete(self, req: Request, result) -> None:
+        codec, cmd = self.codec, req.command
+        try:
+            if cmd == proto.CMD_READ:
+                reply = codec.reply_read(req.cookie, req.offset, req.length, result, req.flags)
+            elif cmd == proto.CMD_BLOCK_STATUS:
+                reply = codec.reply_block_status(req.cookie, req.offset, req.length, result,
+                                                 req.flags)
+            else:
+                reply = codec.reply_ok(req.cookie, cmd)
+        except Exception as exc:
+            log.exception("encoding the reply to %s failed", proto.CMD_NAMES.get(cmd, cmd))
+            self.fail(req, exc)
+            return
+        self.queue(reply)
+
+    def fail(self, req: Request, exc: Exception) -> None:
+        errno = to_nbd_errno(exc)
+        if errno == proto.EIO:
+            log.warning("nbd %s failed: %r", proto.CMD_NAMES.get(req.command), exc)
+        self.queue(self.codec.reply_error(req.cookie, req.command, errno, str(exc)))
+
+    def queue(self, buffers: list) -> None:
+        self.out.extend(buffers)
+        for b in buffers:
+            self.out_bytes += len(b)
+        self.wake.set()
+
+    # --- writing -----------------------------------------------------------------------------
+    async def writer(self) -> None:
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                while self.out:
+                    buffers, self.out = self.out, []
+                    self.out_bytes = 0
+                    self.room.set()
+                    await self.send(buffers)
+                if self.closing and self.inflight == 0:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("nbd client went away: %r", exc)
+            self.nursery.cancel_scope.cancel()
+
+    async def send(self, buffers: list) -> None:
+        if self.sock is None:
+            await self.stream.send_all(b"".join(buffers))
+            return
+        views = [memoryview(b).cast("B") for b in buffers]
+        while views:
+            batch = views[:IOV_MAX]
+            sent = await self.sock.sendmsg(batch)
+            i = 0
+            while i < len(batch) and sent >= len(batch[i]):
+                sent -= len(batch[i])
+                i += 1
+            if i < len(batch) and sent:
+                batch[i] = batch[i][sent:]
+            views = batch[i:] + views[len(batch):]
+
+
+# --- a tiny runner for manual tests -------------------------------------------------------
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    for suffix, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if text.endswith(suffix):
+            return int(text[:-1]) * mult
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nbd_frontend.server",
+                                     description="Serve in-memory NBD exports.")
+    parser.add_argument("--memory", action="append", default=[], metavar="NAME=SIZE[:ro]",
+                        help="an in-memory export, e.g. disk=64M (repeatable)")
+    parser.add_argument("--listen", default="127.0.0.1:10809", metavar="HOST:PORT")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    provider = MemoryProvider()
+    for spec in args.memory or ["disk=64M"]:
+        name, _, size = spec.partition("=")
+        size, _, mode = size.partition(":")
+        provider.add(name, _parse_size(size), read_only=(mode == "ro"))
+    host, _, port = args.listen.rpartition(":")
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            actual = await nursery.start(serve_nbd, provider, host or "127.0.0.1", int(port))
+            print(f"nbd listening on {host}:{actual}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Sans-io NBD transmission phase: requests parsed in place, replies encoded.
+
+Theory of operation (proto.md "Transmission", "Request message", "Request types",
+"Error values", "Size constraints"):
+
+- The shell receives straight into this codec's one preallocated buffer:
+  `buf = codec.get_buffer(); n = recv_into(buf); codec.commit(n)`, then drains
+  `next_event()` until NEED_DATA. `Request.data` (WRITE payloads) is a memoryview into that
+  buffer, valid until the next `get_buffer()`/`receive_data()` call: a consumer that keeps
+  it longer copies it. A WRITE larger than the buffer gets its own payload buffer (the only
+  per-request allocation besides the Request itself).
+- A bad request magic is a protocol error (hard disconnect). A request the server refuses
+  yields `BadRequest` carrying the NBD errno to reply with; a refused WRITE's payload is
+  skipped without allocating it, so the connection stays in sync:
+  unknown command or flag not allowed for the command -> EINVAL; write, trim or
+  write-zeroes on a read-only export -> EPERM; READ/WRITE longer than the maximum
+  payload -> EINVAL (EOVERFLOW for a structured READ, which proto.md allows to be
+  rejected up front); beyond the export size -> ENOSPC for WRITE and WRITE_ZEROES, EINVAL
+  otherwise; unaligned to the minimum block -> EINVAL; BLOCK_STATUS without a negotiated
+  metadata context -> EINVAL. Commands without payload may exceed the maximum payload.
+- NBD_CMD_DISC yields `Disconnect`; nothing after it is parsed.
+- Replies: simple replies unless structured replies were negotiated; then READ is
+  always structured, and errors are ERROR chunks. Encoders return lists of buffers to be
+  sent together (the shell batches them).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from nbd_frontend import proto
+from nbd_frontend.errors import ProtocolError
+from nbd_frontend.handshake import NEED_DATA
+
+DEFAULT_BUFFER = 512 * 1024
+MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
+
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+_HOLE_CHUNK = struct.Struct(">IHHQIQI")
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")
+_ZEROS = bytes(1 << 20)
+
+_WRITES = (proto.CMD_WRITE, proto.CMD_TRIM, proto.CMD_WRITE_ZEROES)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    data: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request to answer with error `errno` without calling the export."""
+
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    errno: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: finish what is in flight, then close."""
+
+
+def transmission_flags(*, read_only: bool, multi_conn: bool) -> int:
+    """The transmission flags we advertise (NBD_FLAG_SEND_DF is added by the handshake
+    once structured replies are negotiated)."""
+    flags = (proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH | proto.FLAG_SEND_FUA
+             | proto.FLAG_SEND_CACHE)
+    if read_only:  # writes are still refused with EPERM if a client sends them
+        flags |= proto.FLAG_READ_ONLY
+    else:
+        flags |= proto.FLAG_SEND_TRIM | proto.FLAG_SEND_WRITE_ZEROES | proto.FLAG_SEND_FAST_ZERO
+    if multi_conn:
+        flags |= proto.FLAG_CAN_MULTI_CONN
+    return flags
+
+
+class TransmissionCodec:
+    def __init__(self, *, size: int, read_only: bool = False, structured: bool = False,
+                 meta_contexts: dict[int, str] | None = None, min_block: int = 1,
+                 max_payload: int = proto.MAX_PAYLOAD, buffer_size: int = DEFAULT_BUFFER,
+                 initial_data: bytes = b"") -> None:
+        self.size = size
+        self.read_only = read_only
+        self.structured = structured
+        self.meta_contexts = dict(meta_contexts or {})
+        self.min_block = max(1, min_block)
+        self.max_payload = max_payload
+        self._buf = bytearray(max(buffer_size, proto.REQUEST_SIZE + 4096))
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._discard = 0
+        self._large: bytearray | None = None
+        self._large_filled = 0
+        self._large_header: tuple[int, int, int, int] | None = None
+        self._backlog = bytearray()
+        self.closed = False
+        dflag = proto.CMD_FLAG_DF if structured else 0
+        fua = proto.CMD_FLAG_FUA
+        self._allowed = {
+            proto.CMD_READ: fua | dflag,
+            proto.CMD_WRITE: fua,
+            proto.CMD_FLUSH: fua,
+            proto.CMD_TRIM: fua,
+            proto.CMD_CACHE: fua,
+            proto.CMD_WRITE_ZEROES: fua | proto.CMD_FLAG_NO_HOLE | proto.CMD_FLAG_FAST_ZERO,
+            proto.CMD_BLOCK_STATUS: fua | proto.CMD_FLAG_REQ_ONE,
+        }
+        if initial_data:
+            self.receive_data(initial_data)
+
+    # --- input -----------------------------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go (for recv_into). Invalidates earlier Request.data."""
+        if self._large is not None:
+            return memoryview(self._large)[self._large_filled:]
+        if self._start:
+            if self._start == self._end:
+                self._start = self._end = 0
+            else:
+                n = self._end - self._start
+                self._buf[:n] = self._mv[self._start:self._end]
+                self._start, self._end = 0, n
+        return self._mv[self._end:]
+
+    def commit(self, n: int) -> None:
+        if self._large is not None:
+            self._large_filled += n
+        else:
+            self._end += n
+
+    def receive_data(self, data) -> None:
+        """Convenience for tests and non-recv_into shells: copies `data` in; what does not
+        fit waits in a backlog that next_event moves in as the buffer drains."""
+        self._backlog += data
+        self._pull_backlog()
+
+    def _pull_backlog(self) -> bool:
+        if not self._backlog:
+            return False
+        buf = self.get_buffer()
+        n = min(len(buf), len(self._backlog))
+        if n == 0:
+            return False
+        buf[:n] = self._backlog[:n]
+        del self._backlog[:n]
+        self.commit(n)
+        return True
+
+    # --- events ----------------------------------------------------------------------------
+    def next_event(self):
+        """Next Request, BadRequest or Disconnect; NEED_DATA; ProtocolError on bad magic."""
+        while True:
+            event = self._parse()
+            if event is not NEED_DATA or not self._pull_backlog():
+                return event
+
+    def _parse(self):
+        if self.closed:
+            return NEED_DATA
+        if self._large is not None:
+            return self._finish_large()
+        if self._discard:
+            take = min(self._discard, self._end - self._start)
+            self._start += take
+            self._discard -= take
+            if self._discard:
+                return NEED_DATA
+        start = self._start
+        if self._end - start < 28:
+            return NEED_DATA
+        magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(self._buf, start)
+        if magic != proto.REQUEST_MAGIC:
+            self.closed = True
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if cmd == proto.CMD_WRITE:
+            return self._write(flags, cookie, offset, length)
+        self._start = start + 28
+        if cmd == proto.CMD_DISC:
+            self.closed = True
+            return Disconnect()
+        err = self._check(cmd, flags, offset, length)
+        if err:
+            return BadRequest(cookie, cmd, flags, offset, length, err)
+        return Request(cookie, cmd, flags, offset, length)
+
+    def _write(self, flags: int, cookie: int, offset: int, length: int):
+        err = self._check(proto.CMD_WRITE, flags, offset, length)
+        start = self._start + 28
+        if err:
+            self._start = start
+            self._discard = length
+            return BadRequest(cookie, proto.CMD_WRITE, flags, offset, length, err)
+        if length <= len(self._buf) - 28:
+            if self._end - start < length:
+                return NEED_DATA
+            self._start = start + length
+            return Request(cookie, proto.CMD_WRITE, flags, offset, length,
+                           self._mv[start:start + length])
+        have = self._end - start
+        self._large = bytearray(length)
+        self._large[:have] = self._mv[start:self._end]
+        self._large_filled = have
+        self._large_header = (cookie, flags, offset, length)
+        self._start = self._end = 0
+        return self._finish_large()
+
+    def _finish_large(self):
+        assert self._large is not None and self._large_header is not None
+        if self._large_filled < len(self._large):
+            return NEED_DATA
+        cookie, flags, offset, length = self._large_header
+        data = memoryview(self._large)
+        self._large = self._large_header = None
+        return Request(cookie, proto.CMD_WRITE, flags, offset, length, data)
+
+    def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
+        allowed = self._allowed.get(cmd)
+        if allowed is None or flags & ~allowed:
+            return proto.EINVAL
+        if cmd == proto.CMD_FLUSH:
+            return proto.EINVAL if offset or length else 0
+        if self.read_only and cmd in _WRITES:
+            return proto.EPERM
+        if cmd == proto.CMD_BLOCK_STATUS and not (
+                self.structured and self.meta_contexts and length):
+            return proto.EINVAL
+        if length > self.max_payload and cmd <= proto.CMD_WRITE:
+            return proto.EOVERFLOW if cmd == proto.CMD_READ and self.structured else proto.EINVAL
+        if offset + length > self.size:
+            return proto.ENOSPC if cmd in (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES) \
+                else proto.EINVAL
+        if self.min_block > 1 and (offset % self.min_block or length % self.min_block):
+            return proto.EINVAL
+        return 0
+
+    # --- replies ---------------------------------------------------------------------------
+    def reply_ok(self, cookie: int, command: int = proto.CMD_FLUSH) -> list:
+        """Success without payload (any command but a structured READ)."""
+        if command == proto.CMD_READ and self.structured:
+            return [_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
+                                proto.REPLY_TYPE_NONE, cookie, 0)]
+        return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie)]
+
+    def reply_error(self, cookie: int, command: int, errno: int, message: str = "") -> list:
+        if errno not in proto.ERRNOS:
+            errno = proto.EINVAL if errno == 0 else proto.EIO
+        if not self.structured:
+            return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, errno, cookie)]
+        raw = message.encode()[:proto.MAX_STRING]
+        return [_ERROR_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
+                                  proto.REPLY_TYPE_ERROR, cookie, 6 + len(raw), errno,
+                                  len(raw)) + raw]
+
+    def reply_read(self, cookie: int, offset: int, length: int, result, flags: int = 0) -> list:
+        """Encode an export's read result: bytes-like of `length`, or a list of
+        (offset, length, data|None) extents covering the range in order."""
+        if isinstance(result, list):
+            if not self.structured or flags & proto.CMD_FLAG_DF:
+                return self._read_flat(cookie, offset, length, result)
+            return self._read_extents(cookie, offset, length, result)
+        if len(result) != length:
+            return self.reply_error(cookie, proto.CMD_READ, proto.EIO, "short read")
+        if not self.structured:
+            return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie), result]
+        if length == 0:
+            return self.reply_ok(cookie, proto.CMD_READ)
+        return [_DATA_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
+                                 proto.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset),
+                result]
+
+    def _read_flat(self, cookie: int, offset: int, length: int, extents: list) -> list:
+        parts: list = []
+        if not _covers(extents, offset, length):
+            return self.reply_error(cookie, proto.CMD_READ, proto.EIO, "bad read extents")
+        for _, n, data in extents:
+            parts.extend(_zeros(n) if data is None else (data,))
+        if not self.structured:
+            return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie), *parts]
+        if length == 0:
+            return self.reply_ok(cookie, proto.CMD_READ)
+        return [_DATA_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
+                                 proto.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset),
+                *parts]
+
+    def _read_extents(self, cookie: int, offset: int, length: int, extents: list) -> list:
+        extents = [e for e in extents if e[1]]
+        if not _covers(extents, offset, length):
+            return self.reply_error(cookie, proto.CMD_READ, proto.EIO, "bad read extents")
+        if not extents:
+            return self.reply_ok(cookie, proto.CMD_READ)
+        parts: list = []
+        last = len(extents) - 1
+        for i, (off, n, data) in enumerate(extents):
+            done = proto.REPLY_FLAG_DONE if i == last else 0
+            if data is None:
+                parts.append(_HOLE_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, done,
+                                              proto.REPLY_TYPE_OFFSET_HOLE, cookie, 12, off, n))
+            else:
+                parts.append(_DATA_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, done,
+                                              proto.REPLY_TYPE_OFFSET_DATA, cookie, n + 8, off))
+                parts.append(data)
+        return parts
+
+    def reply_block_status(self, cookie: int, offset: int, length: int, extents, flags: int = 0):
+        """Encode base:allocation extents [(length, flags), ...] starting at `offset`:
+        clipped to the request (and to one extent with REQ_ONE), one chunk per context."""
+        out = bytearray()
+        covered = 0
+        limit = min(length, self.size - offset)
+        max_n = 1 if flags & proto.CMD_FLAG_REQ_ONE else MAX_EXTENTS
+        n = 0
+        for ext_len, ext_flags in extents:
+            ext_len = min(ext_len, limit - covered)
+            if ext_len <= 0:
+                break
+            out += struct.pack(">II", ext_len, ext_flags & 0xFFFFFFFF)
+            covered += ext_len
+            n += 1
+            if n >= max_n or covered >= limit:
+                break
+        if n == 0:
+            return self.reply_error(cookie, proto.CMD_BLOCK_STATUS, proto.EIO, "no extents")
+        ids = sorted(self.meta_contexts)
+        parts = []
+        for i, ctx in enumerate(ids):
+            done = proto.REPLY_FLAG_DONE if i == len(ids) - 1 else 0
+            parts.append(_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, done,
+                                     proto.REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(out))
+                         + struct.pack(">I", ctx) + out)
+        return parts
+
+
+def _zeros(n: int) -> list:
+    whole, rest = divmod(n, len(_ZEROS))
+    return [_ZEROS] * whole + ([memoryview(_ZEROS)[:rest]] if rest else [])
+
+
+def _covers(extents: list, offset: int, length: int) -> bool:
+    pos = offset
+    for off, n, data in extents:
+        if off != pos or (data is not None and len(data) != n):
+            return False
+        pos += n
+    return pos == offset + length
