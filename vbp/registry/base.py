@@ -1,0 +1,384 @@
+"""The registry: cluster metadata behind one synchronous interface (DESIGN.md, Packages).
+
+Theory of operation. Everything is written once over the small KV contract of
+vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layout:
+
+    vbp/cluster/host/<id>    HostRecord (stored state is "up" or "draining", never "down")
+    vbp/cluster/alive/<id>   liveness, a key with a TTL refreshed by heartbeat()
+    vbp/cluster/map          {"epoch", "digest"}: the last published map
+    vbp/vol/<name>           a volume record (a msgpack-able dict owned by vbp.volume)
+    vbp/ctr/<name>           an id counter
+    vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
+    vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
+
+Epoch rule: cluster_map() reads vbp/cluster/ in one snapshot, derives each host's
+effective state (a host whose alive key is gone is "down" unless in maintenance) and hashes
+the effective records. If the digest differs from the published one, it publishes
+epoch + 1 by compare-and-set on vbp/cluster/map (retrying on a lost race), so every reader
+agrees on one epoch per distinct map and the epoch strictly grows on every change of
+membership, state, domain, capacity or address.
+
+Lease token rule: a grant is a CAS on vbp/lease/<volume> and its token is
+max(store revision at the read + 1, previous token + 1). Every earlier grant committed at a
+revision <= the read revision and took a token <= its own commit revision, so a new token
+is strictly greater than every earlier token for that volume, even one whose record was
+deleted. Renewal keeps the token; a takeover or a release changes the record, and renewing
+then raises Fenced. Lease liveness is judged by the stored `expires` (wall clock); fencing
+tokens keep a clock skew between gateways safe (replicas reject older tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import msgpack
+import xxhash
+
+from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord
+from vbp.errors import (
+    AlreadyExists,
+    Fenced,
+    InvalidArgument,
+    LeaseHeld,
+    NotFound,
+    RegistryUnavailable,
+)
+from vbp.registry.kv import KV, Cmp, Delete, Put
+
+P_CLUSTER = b"vbp/cluster/"
+P_HOST = b"vbp/cluster/host/"
+P_ALIVE = b"vbp/cluster/alive/"
+K_MAP = b"vbp/cluster/map"
+P_VOL = b"vbp/vol/"
+P_CTR = b"vbp/ctr/"
+P_LEASE = b"vbp/lease/"
+P_STALE = b"vbp/stale/"
+
+CAS_ATTEMPTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    volume: str
+    holder: str
+    token: int
+    expires: float  # time.time() seconds
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRecord:
+    lineage: str
+    index: int
+    host_id: str
+    version: int
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(b: bytes):
+    return msgpack.unpackb(b, raw=False, strict_map_key=False)
+
+
+def _name(kind: str, s: str) -> bytes:
+    if not isinstance(s, str) or not s or "\x00" in s:
+        raise InvalidArgument(f"invalid {kind}: {s!r} (a non-empty string without NUL)")
+    return s.encode()
+
+
+class Registry:
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.url = kv.url
+
+    def close(self) -> None:
+        self.kv.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    def _contended(self, what: str) -> RegistryUnavailable:
+        return RegistryUnavailable(f"registry {self.url}: {what}: too many concurrent updates")
+
+    # --- hosts and the cluster map -----------------------------------------------------
+
+    def register_host(self, rec: HostRecord, ttl: float) -> ClusterMap:
+        key = P_HOST + _name("host id", rec.id)
+        for _ in range(CAS_ATTEMPTS):
+            item, _rev = self.kv.get(key)
+            new = rec
+            if item is not None:
+                old = HostRecord.from_dict(_unpack(item.value))
+                new = HostRecord.from_dict({**rec.to_dict(), "state": old.state,
+                                            "maintenance": old.maintenance})
+            elif new.state not in (HOST_UP, HOST_DRAINING):
+                new = new.with_state(HOST_UP)
+            ok, _ = self.kv.txn(
+                [Cmp(key, "mod", item.mod_rev if item else 0)],
+                [Put(key, _pack(new.to_dict())), Put(P_ALIVE + rec.id.encode(), b"1", ttl)],
+            )
+            if ok:
+                return self.cluster_map()
+        raise self._contended(f"register host {rec.id}")
+
+    def heartbeat(self, host_id: str, ttl: float) -> None:
+        key = P_HOST + _name("host id", host_id)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise NotFound(f"host {host_id} is not registered")
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
+                                [Put(P_ALIVE + host_id.encode(), b"1", ttl)])
+            if ok:
+                return
+        raise self._contended(f"heartbeat of {host_id}")
+
+    def cluster_map(self) -> ClusterMap:
+        for _ in range(CAS_ATTEMPTS):
+            items, _rev = self.kv.range(P_CLUSTER)
+            hosts, alive, published = [], set(), None
+            for it in items:
+                if it.key.startswith(P_HOST):
+                    hosts.append(HostRecord.from_dict(_unpack(it.value)))
+                elif it.key.startswith(P_ALIVE):
+                    alive.add(it.key[len(P_ALIVE):].decode())
+                elif it.key == K_MAP:
+                    published = it
+            eff = [h if (h.id in alive or h.maintenance) else h.with_state(HOST_DOWN) for h in hosts]
+            digest = xxhash.xxh3_128_digest(_pack([h.to_dict() for h in eff]))
+            if published is None:
+                epoch, old_digest = 0, xxhash.xxh3_128_digest(_pack([]))
+            else:
+                m = _unpack(published.value)
+                epoch, old_digest = m["epoch"], m["digest"]
+            if digest == old_digest:
+                return ClusterMap(epoch, tuple(eff))
+            ok, _ = self.kv.txn(
+                [Cmp(K_MAP, "mod", published.mod_rev if published else 0)],
+                [Put(K_MAP, _pack({"epoch": epoch + 1, "digest": digest}))],
+            )
+            if ok:
+                return ClusterMap(epoch + 1, tuple(eff))
+        raise self._contended("publish cluster map")
+
+    def _update_host(self, host_id: str, change: Callable[[HostRecord], HostRecord]) -> ClusterMap:
+        key = P_HOST + _name("host id", host_id)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise NotFound(f"host {host_id} is not registered")
+            new = change(HostRecord.from_dict(_unpack(item.value)))
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, _pack(new.to_dict()))])
+            if ok:
+                return self.cluster_map()
+        raise self._contended(f"update host {host_id}")
+
+    def set_host_state(self, host_id: str, state: str) -> ClusterMap:
+        if state not in (HOST_UP, HOST_DRAINING):
+            raise InvalidArgument(f"host state must be 'up' or 'draining', not {state!r}")
+        return self._update_host(host_id, lambda h: h.with_state(state))
+
+    def set_maintenance(self, host_id: str, on: bool) -> ClusterMap:
+        return self._update_host(host_id, lambda h: HostRecord.from_dict({**h.to_dict(), "maintenance": bool(on)}))
+
+    def remove_host(self, host_id: str) -> ClusterMap:
+        key = P_HOST + _name("host id", host_id)
+        item, _ = self.kv.get(key)
+        if item is None:
+            raise NotFound(f"host {host_id} is not registered")
+        self.kv.txn([], [Delete(key), Delete(P_ALIVE + host_id.encode())])
+        return self.cluster_map()
+
+    def wait_map_change(self, epoch: int, timeout: float) -> ClusterMap:
+        """The first map with an epoch above `epoch`, or the current map after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, rev = self.kv.get(K_MAP)
+            m = self.cluster_map()
+            left = deadline - time.monotonic()
+            if m.epoch > epoch or left <= 0:
+                return m
+            # Liveness expiry needs no write on LMDB, so never wait long without a re-check.
+            self.kv.wait(P_CLUSTER, rev, min(left, 1.0))
+
+    # --- volumes -------------------------------------------------------------------------
+
+    def create_volume(self, name: str, record: dict) -> None:
+        key = P_VOL + _name("volume name", name)
+        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, _pack(record))])
+        if not ok:
+            raise AlreadyExists(f"volume {name} already exists")
+
+    def get_volume(self, name: str) -> dict:
+        item, _ = self.kv.get(P_VOL + _name("volume name", name))
+        if item is None:
+            raise NotFound(f"volume {name} does not exist")
+        return _unpack(item.value)
+
+    def list_volumes(self) -> list[dict]:
+        items, _ = self.kv.range(P_VOL)
+        return [_unpack(it.value) for it in items]
+
+    def update_volume(self, name: str, fn: Callable[[dict], dict]) -> dict:
+        key = P_VOL + _name("volume name", name)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise NotFound(f"volume {name} does not exist")
+            rec = _unpack(item.value)
+            new = fn(rec)
+            if new is None:  # fn changed the record in place
+                new = rec
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, _pack(new))])
+            if ok:
+                return new
+        raise self._contended(f"update volume {name}")
+
+    def delete_volume(self, name: str) -> None:
+        key = P_VOL + _name("volume name", name)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise NotFound(f"volume {name} does not exist")
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
+            if ok:
+                return
+        raise self._contended(f"delete volume {name}")
+
+    def next_id(self, counter: str) -> int:
+        key = P_CTR + _name("counter name", counter)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            n = (_unpack(item.value) if item else 0) + 1
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, _pack(n))])
+            if ok:
+                return n
+        raise self._contended(f"next id of {counter}")
+
+    # --- volume write leases -------------------------------------------------------------
+
+    @staticmethod
+    def _lease_of(volume: str, value: bytes) -> Lease:
+        d = _unpack(value)
+        return Lease(volume, d["holder"], d["token"], d["expires"])
+
+    def acquire_lease(self, volume: str, holder: str, ttl: float) -> Lease:
+        """Grant `holder` the write lease. Re-acquiring one's own lease is a fresh grant
+        with a new, greater token (it fences the holder's earlier incarnation)."""
+        key = P_LEASE + _name("volume name", volume)
+        _name("lease holder", holder)
+        for _ in range(CAS_ATTEMPTS):
+            item, rev = self.kv.get(key)
+            now = time.time()
+            token = rev + 1
+            if item is not None:
+                cur = self._lease_of(volume, item.value)
+                if cur.holder != holder and cur.expires > now:
+                    raise LeaseHeld(
+                        f"volume {volume} is leased to {cur.holder} (token {cur.token}) "
+                        f"for {cur.expires - now:.1f}s more"
+                    )
+                token = max(token, cur.token + 1)
+            lease = Lease(volume, holder, token, now + ttl)
+            value = _pack({"holder": holder, "token": token, "expires": lease.expires})
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, value)])
+            if ok:
+                return lease
+        raise self._contended(f"acquire lease of {volume}")
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        """Extend a lease. Renewing after expiry succeeds if nobody took it over meanwhile
+        (its token is still the newest); after a takeover or release it raises Fenced."""
+        key = P_LEASE + _name("volume name", lease.volume)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise Fenced(f"lease of volume {lease.volume} (token {lease.token}) was released")
+            cur = self._lease_of(lease.volume, item.value)
+            if (cur.holder, cur.token) != (lease.holder, lease.token):
+                raise Fenced(
+                    f"lease of volume {lease.volume} (token {lease.token}) was taken over "
+                    f"by {cur.holder} (token {cur.token})"
+                )
+            new = Lease(lease.volume, lease.holder, lease.token, time.time() + ttl)
+            value = _pack({"holder": new.holder, "token": new.token, "expires": new.expires})
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, value)])
+            if ok:
+                return new
+        raise self._contended(f"renew lease of {lease.volume}")
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up; a no-op if it is no longer ours."""
+        key = P_LEASE + _name("volume name", lease.volume)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                return
+            cur = self._lease_of(lease.volume, item.value)
+            if (cur.holder, cur.token) != (lease.holder, lease.token):
+                return
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
+            if ok:
+                return
+        raise self._contended(f"release lease of {lease.volume}")
+
+    def get_lease(self, volume: str) -> Lease | None:
+        item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
+        if item is None:
+            return None
+        lease = self._lease_of(volume, item.value)
+        return lease if lease.expires > time.time() else None
+
+    # --- stale-replica (dirty) records -----------------------------------------------------
+
+    @staticmethod
+    def _stale_key(lineage: str, index: int, host_id: str = "") -> bytes:
+        if not isinstance(index, int) or index < 0:
+            raise InvalidArgument(f"chunk index must be a non-negative int, not {index!r}")
+        head = P_STALE + _name("lineage", lineage) + b"\x00" + b"%016x" % index + b"\x00"
+        return head + (_name("host id", host_id) if host_id else b"")
+
+    def mark_stale(self, lineage: str, index: int, host_ids: Iterable[str], version: int) -> None:
+        """Record that these replicas miss `version` of the chunk; a record only ever moves
+        to a higher version (a late mark with an older version changes nothing)."""
+        for host_id in host_ids:
+            key = self._stale_key(lineage, index, host_id)
+            for _ in range(CAS_ATTEMPTS):
+                item, _ = self.kv.get(key)
+                if item is not None and _unpack(item.value) >= version:
+                    break
+                ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)],
+                                    [Put(key, _pack(version))])
+                if ok:
+                    break
+            else:
+                raise self._contended(f"mark {lineage}/{index} stale on {host_id}")
+
+    def list_stale(self, lineage: str | None = None) -> list[StaleRecord]:
+        prefix = P_STALE if lineage is None else P_STALE + _name("lineage", lineage) + b"\x00"
+        items, _ = self.kv.range(prefix)
+        out = []
+        for it in items:
+            lin, idx, host = it.key[len(P_STALE):].split(b"\x00")
+            out.append(StaleRecord(lin.decode(), int(idx, 16), host.decode(), _unpack(it.value)))
+        return out
+
+    def clear_stale(self, lineage: str, index: int, host_id: str, version: int | None = None) -> None:
+        key = self._stale_key(lineage, index, host_id)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None or (version is not None and _unpack(item.value) != version):
+                return
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
+            if ok:
+                return
+        raise self._contended(f"clear stale {lineage}/{index} on {host_id}")

@@ -1,0 +1,163 @@
+"""The etcd backend: `etcd://HOST:PORT[,HOST:PORT...]`, for clusters of many machines.
+
+Why HTTP/JSON and not an etcd client library: etcd v3 speaks gRPC, and no maintained
+synchronous Python etcd3 client works with current protobuf releases (the `etcd3` package
+is unmaintained and breaks on protobuf >= 4). etcd itself serves its v3 API through the
+gRPC gateway as JSON over HTTP (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/lease/grant`,
+`/v3/watch`; keys and values base64, 64-bit integers as strings), which needs only httpx,
+already a dependency. It is the same API, version for version, as the gRPC one.
+
+Failover: requests go to the last endpoint that answered; on a connection failure (or an
+"unavailable" answer) the next endpoint is tried, and once all have failed the caller gets
+RegistryUnavailable naming the URL and each endpoint's error. A write whose outcome is
+unknown (the request was sent, no answer came) is not resent to another endpoint: the
+registry's CAS loops re-read and decide, and the caller gets RegistryUnavailable.
+
+TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit; etcd
+also enforces a minimum TTL derived from its election timeout). Expired keys are deleted by
+etcd's leader, which shows up as an ordinary change to watchers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Sequence
+
+import httpx
+
+from vbp.errors import RegistryUnavailable
+from vbp.registry.kv import Cmp, Delete, Item, Op, Put, prefix_end
+
+CONNECT_TIMEOUT = 1.0
+REQUEST_TIMEOUT = 5.0
+GRPC_UNAVAILABLE = 14
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str | None) -> bytes:
+    return base64.b64decode(s) if s else b""
+
+
+def _item(kv: dict) -> Item:
+    return Item(_unb64(kv.get("key")), _unb64(kv.get("value")),
+                int(kv.get("create_revision", 0)), int(kv.get("mod_revision", 0)))
+
+
+class _Retry(Exception):
+    pass
+
+
+class EtcdKV:
+    def __init__(self, url: str, endpoints: list[str]) -> None:
+        self.url = url
+        self.endpoints = endpoints
+        self._cur = 0
+        self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
+
+    # --- transport ------------------------------------------------------------------------
+
+    def _call(self, path: str, body: dict, *, idempotent: bool = True) -> dict:
+        errors = []
+        n = len(self.endpoints)
+        start = self._cur
+        for i in range(n):
+            idx = (start + i) % n
+            ep = self.endpoints[idx]
+            try:
+                r = self._client.post(f"http://{ep}/v3/{path}", json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                errors.append(f"{ep}: cannot connect ({type(e).__name__}: {e})")
+                continue
+            except httpx.HTTPError as e:
+                if idempotent:
+                    errors.append(f"{ep}: {type(e).__name__}: {e}")
+                    continue
+                raise RegistryUnavailable(
+                    f"registry {self.url}: {path} to {ep} failed with an unknown outcome "
+                    f"({type(e).__name__}: {e})") from None
+            try:
+                data = r.json()
+            except (json.JSONDecodeError, ValueError):
+                errors.append(f"{ep}: HTTP {r.status_code}, not an etcd answer: {r.text[:200]!r}")
+                continue
+            if r.status_code != 200 or "error" in data:
+                msg = data.get("message") or data.get("error") or r.text[:200]
+                if data.get("code") == GRPC_UNAVAILABLE:
+                    errors.append(f"{ep}: unavailable: {msg}")
+                    continue
+                raise RegistryUnavailable(f"registry {self.url}: etcd {ep} refused {path}: {msg}")
+            self._cur = idx
+            return data
+        raise RegistryUnavailable(
+            f"registry {self.url} is unreachable: " + "; ".join(errors))
+
+    # --- KV contract ----------------------------------------------------------------------
+
+    def get(self, key: bytes) -> tuple[Item | None, int]:
+        d = self._call("kv/range", {"key": _b64(key)})
+        kvs = d.get("kvs") or []
+        return (_item(kvs[0]) if kvs else None), int(d["header"]["revision"])
+
+    def range(self, prefix: bytes) -> tuple[list[Item], int]:
+        d = self._call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        return [_item(kv) for kv in d.get("kvs") or []], int(d["header"]["revision"])
+
+    def _grant(self, ttl: float) -> str:
+        d = self._call("lease/grant", {"TTL": str(max(1, math.ceil(ttl)))}, idempotent=False)
+        return d["ID"]
+
+    def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
+        body_cmp = []
+        for c in compares:
+            if c.target == "mod":
+                body_cmp.append({"key": _b64(c.key), "target": "MOD", "result": "EQUAL",
+                                 "mod_revision": str(c.expected)})
+            elif c.target == "value":
+                body_cmp.append({"key": _b64(c.key), "target": "VALUE", "result": "EQUAL",
+                                 "value": _b64(c.expected)})
+            else:
+                raise ValueError(f"unknown compare target {c.target!r}")
+        body_ops = []
+        leases: dict[float, str] = {}
+        for op in ops:
+            if isinstance(op, Put):
+                put = {"key": _b64(op.key), "value": _b64(op.value)}
+                if op.ttl is not None:
+                    if op.ttl not in leases:
+                        leases[op.ttl] = self._grant(op.ttl)
+                    put["lease"] = leases[op.ttl]
+                body_ops.append({"request_put": put})
+            elif isinstance(op, Delete):
+                body_ops.append({"request_delete_range": {"key": _b64(op.key)}})
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        d = self._call("kv/txn", {"compare": body_cmp, "success": body_ops}, idempotent=False)
+        return bool(d.get("succeeded")), int(d["header"]["revision"])
+
+    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+        """One watch stream from after_rev + 1; returns at the first event or on timeout."""
+        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+                                   "start_revision": str(after_rev + 1)}}
+        t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
+        ep = self.endpoints[self._cur]
+        try:
+            with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
+                for line in r.iter_lines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("events") or result.get("compact_revision") or result.get("canceled"):
+                        return
+        except httpx.ReadTimeout:
+            return
+        except (httpx.HTTPError, json.JSONDecodeError):
+            # The caller re-reads through _call, which fails over or reports the outage.
+            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
+
+    def close(self) -> None:
+        self._client.close()

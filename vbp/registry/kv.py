@@ -1,0 +1,82 @@
+"""The small key-value contract every registry backend implements.
+
+Theory of operation: the registry (vbp.registry.base) is written once against this contract,
+which is the common ground of etcd v3 and an embedded LMDB store:
+
+- every committed write advances one store-wide revision counter; an item remembers the
+  revision that created it and the one that last modified it (`create_rev`, `mod_rev`);
+- `txn` is an atomic compare-and-set: all compares hold -> all ops applied at one new
+  revision, else nothing changes. Comparing `mod_rev == 0` means "the key is absent";
+- `put(..., ttl=)` writes a key that disappears by itself after `ttl` seconds unless
+  written again (etcd: a lease; LMDB: a stored expiry, expired keys read as absent);
+- `wait` blocks until something under a prefix changes after a revision, or a timeout.
+
+Keys and values are bytes. Backends raise vbp.errors.RegistryUnavailable for every failure
+of the store itself, naming the URL and what failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    key: bytes
+    value: bytes
+    create_rev: int
+    mod_rev: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cmp:
+    """A txn guard: `target` is "mod" (compare mod_rev, 0 = absent) or "value"."""
+
+    key: bytes
+    target: str
+    expected: int | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: bytes
+    value: bytes
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: bytes
+
+
+Op = Put | Delete
+
+
+class KV(Protocol):
+    url: str
+
+    def get(self, key: bytes) -> tuple[Item | None, int]:
+        """The item (None if absent or expired) and the store revision it was read at."""
+
+    def range(self, prefix: bytes) -> tuple[list[Item], int]:
+        """Items whose key starts with prefix, sorted by key, and the store revision."""
+
+    def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
+        """Apply ops iff every compare holds. Returns (succeeded, revision)."""
+
+    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+        """Return when a key under prefix may have changed after after_rev, or on timeout."""
+
+    def close(self) -> None: ...
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with prefix (etcd's range_end)."""
+    b = bytearray(prefix)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return b"\x00"  # etcd: "all keys"

@@ -1,0 +1,130 @@
+"""The embedded registry backend: `lmdb://DIR`, the default for one machine.
+
+Several blockd processes and the CLI open the same LMDB environment at once. LMDB's own
+multi-process locking makes that safe: one writer at a time (a robust mutex in the lock
+file), readers never blocked, every write transaction durable at commit. We keep write
+transactions short (one registry operation each) so no process holds the writer long.
+
+LMDB forbids opening one environment twice in a process (closing either handle drops the
+other's POSIX locks), so environments are shared per process and path, and reopened in a
+forked child. TTL keys store an expiry time and read as absent once it has passed; the
+wall clock is the one of this machine, shared by every process using the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Sequence
+
+import lmdb
+
+from vbp.errors import RegistryUnavailable
+from vbp.registry import local
+from vbp.registry.kv import Cmp, Item, Op
+
+MAP_SIZE = 1 << 30  # sparse; the registry holds metadata only
+MAX_READERS = 1024
+
+_ENVS: dict[str, tuple[int, lmdb.Environment, int]] = {}  # path -> (pid, env, refs)
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: str) -> lmdb.Environment:
+    with _ENVS_LOCK:
+        entry = _ENVS.get(path)
+        if entry and entry[0] == os.getpid():
+            _ENVS[path] = (entry[0], entry[1], entry[2] + 1)
+            return entry[1]
+        os.makedirs(path, exist_ok=True)
+        env = lmdb.open(path, map_size=MAP_SIZE, max_readers=MAX_READERS, subdir=True,
+                        lock=True, max_dbs=0)
+        env.reader_check()  # free reader slots left by crashed processes
+        _ENVS[path] = (os.getpid(), env, 1)
+        return env
+
+
+def _close_env(path: str) -> None:
+    with _ENVS_LOCK:
+        entry = _ENVS.get(path)
+        if not entry or entry[0] != os.getpid():
+            return
+        if entry[2] > 1:
+            _ENVS[path] = (entry[0], entry[1], entry[2] - 1)
+        else:
+            del _ENVS[path]
+            entry[1].close()
+
+
+class LmdbKV:
+    def __init__(self, url: str, path: str) -> None:
+        self.url = url
+        self.path = os.path.abspath(path)
+        try:
+            self._env = _open_env(self.path)
+        except (lmdb.Error, OSError) as e:
+            raise RegistryUnavailable(f"registry {url}: cannot open LMDB at {self.path}: {e}") from None
+        self._closed = False
+
+    def _fail(self, what: str, e: Exception) -> RegistryUnavailable:
+        return RegistryUnavailable(f"registry {self.url}: LMDB {what} failed: {type(e).__name__}: {e}")
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RegistryUnavailable(f"registry {self.url} is closed")
+
+    def get(self, key: bytes) -> tuple[Item | None, int]:
+        self._check()
+        try:
+            with self._env.begin() as t:
+                return local.decode(key, t.get(key), time.time()), local.read_rev(t.get)
+        except lmdb.Error as e:
+            raise self._fail("read", e) from None
+
+    def range(self, prefix: bytes) -> tuple[list[Item], int]:
+        self._check()
+        now = time.time()
+        out = []
+        try:
+            with self._env.begin() as t:
+                cur = t.cursor()
+                if cur.set_range(prefix):
+                    for k, v in cur:
+                        if not k.startswith(prefix):
+                            break
+                        it = local.decode(k, v, now)
+                        if it is not None:
+                            out.append(it)
+                return out, local.read_rev(t.get)
+        except lmdb.Error as e:
+            raise self._fail("read", e) from None
+
+    def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
+        self._check()
+        try:
+            with self._env.begin(write=True) as t:
+                return local.apply_txn(t.get, t.put, t.delete, compares, ops)
+        except lmdb.Error as e:
+            raise self._fail("write", e) from None
+
+    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+        # LMDB has no change notification: poll the revision briefly.
+        deadline = time.monotonic() + min(timeout, 0.25)
+        while time.monotonic() < deadline:
+            if self._rev() > after_rev:
+                return
+            time.sleep(0.05)
+
+    def _rev(self) -> int:
+        self._check()
+        try:
+            with self._env.begin() as t:
+                return local.read_rev(t.get)
+        except lmdb.Error as e:
+            raise self._fail("read", e) from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _close_env(self.path)

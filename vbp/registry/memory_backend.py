@@ -1,0 +1,58 @@
+"""An in-memory KV (`memory://NAME`): the registry for simulations and unit tests.
+
+Same semantics as the LMDB backend (vbp.registry.local); registries opened with the same
+NAME in one process share one store, like several processes sharing one LMDB directory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+from vbp.registry import local
+from vbp.registry.kv import Cmp, Item, Op
+
+_STORES: dict[str, "_Store"] = {}
+_STORES_LOCK = threading.Lock()
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.cond = threading.Condition()
+
+
+class MemoryKV:
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        with _STORES_LOCK:
+            self._store = _STORES.setdefault(name, _Store())
+
+    def get(self, key: bytes) -> tuple[Item | None, int]:
+        with self._store.cond:
+            d = self._store.data
+            return local.decode(key, d.get(key), time.time()), local.read_rev(d.get)
+
+    def range(self, prefix: bytes) -> tuple[list[Item], int]:
+        now = time.time()
+        with self._store.cond:
+            d = self._store.data
+            items = [local.decode(k, v, now) for k, v in sorted(d.items()) if k.startswith(prefix)]
+            return [it for it in items if it is not None], local.read_rev(d.get)
+
+    def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
+        with self._store.cond:
+            d = self._store.data
+            ok, rev = local.apply_txn(d.get, d.__setitem__, d.__delitem__, compares, ops)
+            if ok and ops:
+                self._store.cond.notify_all()
+            return ok, rev
+
+    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+        with self._store.cond:
+            if local.read_rev(self._store.data.get) <= after_rev:
+                self._store.cond.wait(min(timeout, 0.25))
+
+    def close(self) -> None:
+        pass
