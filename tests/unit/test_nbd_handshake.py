@@ -1,0 +1,397 @@
+"""Byte-level tests of the sans-io NBD handshake (proto.md, "Fixed newstyle negotiation")."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbd_frontend import proto
+from nbd_frontend.errors import LocalProtocolError, ProtocolError
+from nbd_frontend.handshake import (MAX_OPTION_DATA, NEED_DATA, PAUSED, _TRANSITIONS, Aborted,
+                                    ExportInfo, ExportQuery, ListQuery, Ready, ServerHandshake,
+                                    State)
+
+EXPORTS = {
+    "disk": ExportInfo("disk", 1 << 20, proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH,
+                       description="a disk"),
+    "": ExportInfo("", 4096, proto.FLAG_HAS_FLAGS),
+}
+FLAGS = struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE)
+FLAGS_NZ = struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES)
+
+
+def opt(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", proto.IHAVEOPT, option, len(data)) + data
+
+
+def info_req(name: str, *infos: int) -> bytes:
+    raw = name.encode()
+    return struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+
+
+def meta_req(name: str, *queries: str) -> bytes:
+    raw = name.encode()
+    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q.encode())) + q.encode()
+    return out
+
+
+def replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        magic, option, rtype, length = struct.unpack_from(">QIII", data, pos)
+        assert magic == proto.REPLY_MAGIC
+        out.append((option, rtype, data[pos + 20:pos + 20 + length]))
+        pos += 20 + length
+    assert pos == len(data)
+    return out
+
+
+def drain(hs: ServerHandshake, events: list) -> None:
+    while True:
+        ev = hs.next_event()
+        if ev is NEED_DATA or ev is PAUSED:
+            return
+        events.append(ev)
+        if isinstance(ev, ExportQuery):
+            hs.provide_export(EXPORTS.get(ev.name))
+        elif isinstance(ev, ListQuery):
+            hs.provide_list([(n, i.description) for n, i in EXPORTS.items()])
+
+
+def run(data: bytes, mode: str = "whole"):
+    """Feed `data` to a fresh handshake whole or one byte at a time; answer queries."""
+    hs = ServerHandshake()
+    events: list = []
+    chunks = [data] if mode == "whole" else [data[i:i + 1] for i in range(len(data))]
+    for chunk in chunks:
+        hs.receive_data(chunk)
+        drain(hs, events)
+    return hs, events, hs.data_to_send()
+
+
+MODES = pytest.mark.parametrize("mode", ["whole", "bytewise"])
+
+
+def test_greeting():
+    assert ServerHandshake().initial_bytes() == b"NBDMAGICIHAVEOPT" + struct.pack(
+        ">H", proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES)
+
+
+@MODES
+def test_export_name_known(mode):
+    hs, events, out = run(FLAGS + opt(proto.OPT_EXPORT_NAME, b"disk"), mode)
+    assert events[0] == ExportQuery("disk", "export_name")
+    assert isinstance(events[1], Ready) and events[1].export_name == "disk"
+    assert not events[1].structured_replies and events[1].meta_contexts == {}
+    size, flags = struct.unpack_from(">QH", out)
+    assert size == 1 << 20 and flags & proto.FLAG_SEND_FLUSH and not flags & proto.FLAG_SEND_DF
+    assert out[10:] == bytes(124)
+    assert hs.state is State.READY
+
+
+def test_export_name_no_zeroes_and_trailing_bytes():
+    tail = b"\x25\x60\x95\x13 pipelined request"
+    hs, events, out = run(FLAGS_NZ + opt(proto.OPT_EXPORT_NAME, b"disk") + tail)
+    assert events[-1].no_zeroes and len(out) == 10
+    assert hs.trailing_data == tail
+    hs.receive_data(b"more")
+    assert hs.trailing_data == tail + b"more"
+
+
+@MODES
+def test_export_name_unknown_closes(mode):
+    hs, events, out = run(FLAGS + opt(proto.OPT_EXPORT_NAME, b"nope"), mode)
+    assert isinstance(events[-1], Aborted) and hs.state is State.CLOSED and out == b""
+
+
+@MODES
+def test_go_with_info_requests(mode):
+    data = FLAGS + opt(proto.OPT_GO, info_req("disk", proto.INFO_NAME, proto.INFO_DESCRIPTION,
+                                                proto.INFO_BLOCK_SIZE, 999))
+    hs, events, out = run(data, mode)
+    reps = replies(out)
+    assert [r[1] for r in reps] == [proto.REP_INFO] * 4 + [proto.REP_ACK]
+    infos = {struct.unpack_from(">H", r[2])[0]: r[2][2:] for r in reps[:-1]}
+    assert struct.unpack(">QH", infos[proto.INFO_EXPORT])[0] == 1 << 20
+    assert infos[proto.INFO_NAME] == b"disk" and infos[proto.INFO_DESCRIPTION] == b"a disk"
+    assert struct.unpack(">III", infos[proto.INFO_BLOCK_SIZE]) == (1, 4096, proto.MAX_PAYLOAD)
+    assert events == [ExportQuery("disk", "go"), Ready("disk", False, {}, False,
+                                                       EXPORTS["disk"].flags)]
+
+
+@MODES
+def test_info_then_unknown_then_go(mode):
+    data = (FLAGS + opt(proto.OPT_INFO, info_req("disk")) + opt(proto.OPT_GO, info_req("x"))
+            + opt(proto.OPT_STRUCTURED_REPLY) + opt(proto.OPT_GO, info_req("")))
+    hs, events, out = run(data, mode)
+    types = [r[1] for r in replies(out)]
+    assert types == [proto.REP_INFO, proto.REP_INFO, proto.REP_ACK, proto.REP_ERR_UNKNOWN,
+                     proto.REP_ACK, proto.REP_INFO, proto.REP_INFO, proto.REP_ACK]
+    ready = events[-1]
+    assert ready.export_name == "" and ready.structured_replies
+    assert ready.flags & proto.FLAG_SEND_DF
+    assert [e.kind for e in events if isinstance(e, ExportQuery)] == ["info", "go", "go"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\x00\x00\x00\x09disk\x00\x00",  # name longer than the option
+    info_req("disk") + b"\x00",  # trailing garbage
+    struct.pack(">I", 4) + b"disk" + struct.pack(">H", 3) + b"\x00\x01",  # count mismatch
+    struct.pack(">I", 2) + b"\xff\xfe" + struct.pack(">H", 0),  # not UTF-8
+])
+def test_go_malformed_is_invalid_and_connection_continues(payload):
+    hs, events, out = run(FLAGS + opt(proto.OPT_GO, payload) + opt(proto.OPT_GO, info_req("disk")))
+    assert replies(out)[0][1] == proto.REP_ERR_INVALID
+    assert isinstance(events[-1], Ready)
+
+
+@MODES
+def test_list(mode):
+    hs, events, out = run(FLAGS + opt(proto.OPT_LIST) + opt(proto.OPT_LIST, b"x"), mode)
+    reps = replies(out)
+    assert [r[1] for r in reps] == [proto.REP_SERVER, proto.REP_SERVER, proto.REP_ACK,
+                                    proto.REP_ERR_INVALID]
+    assert reps[0][2] == struct.pack(">I", 4) + b"disk" + b"a disk"
+    assert events == [ListQuery()] and hs.state is State.AWAIT_OPTION
+
+
+@pytest.mark.parametrize("data", [b"", b"ignored"])
+def test_abort(data):
+    hs, events, out = run(FLAGS + opt(proto.OPT_ABORT, data) + b"trailing")
+    assert replies(out) == [(proto.OPT_ABORT, proto.REP_ACK, b"")]
+    assert isinstance(events[0], Aborted) and hs.state is State.CLOSED
+    assert hs.next_event() is PAUSED
+
+
+def test_structured_reply_with_data_is_invalid():
+    hs, events, out = run(FLAGS + opt(proto.OPT_STRUCTURED_REPLY, b"x")
+                          + opt(proto.OPT_EXPORT_NAME, b"disk"))
+    assert replies(out[:-134])[0][1] == proto.REP_ERR_INVALID
+    assert not events[-1].structured_replies
+
+
+@pytest.mark.parametrize("option,expected", [
+    (proto.OPT_STARTTLS, proto.REP_ERR_POLICY),
+    (proto.OPT_EXTENDED_HEADERS, proto.REP_ERR_UNSUP),
+    (proto.OPT_PEEK_EXPORT, proto.REP_ERR_UNSUP),
+    (999, proto.REP_ERR_UNSUP),
+    (0xFFFFFFFF, proto.REP_ERR_UNSUP),
+])
+@MODES
+def test_unsupported_options_keep_connection_usable(option, expected, mode):
+    hs, events, out = run(FLAGS + opt(option, b"abc" if option > 11 else b"")
+                          + opt(proto.OPT_GO, info_req("disk")), mode)
+    assert replies(out)[0][:2] == (option, expected)
+    assert isinstance(events[-1], Ready)
+
+
+def test_meta_context_requires_structured_replies():
+    hs, events, out = run(FLAGS + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))
+                          + opt(proto.OPT_LIST_META_CONTEXT, meta_req("disk")))
+    assert [r[1] for r in replies(out)] == [proto.REP_ERR_INVALID] * 2
+
+
+@pytest.mark.parametrize("queries,expected", [
+    ((), [proto.BASE_ALLOCATION]),
+    (("base:",), [proto.BASE_ALLOCATION]),
+    (("base:allocation",), [proto.BASE_ALLOCATION]),
+    (("base:nothing", "x-foo:bar", "qemu:dirty-bitmap:a"), []),
+])
+def test_list_meta_context(queries, expected):
+    hs, events, out = run(FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+                          + opt(proto.OPT_LIST_META_CONTEXT, meta_req("disk", *queries)))
+    reps = replies(out)[1:]
+    assert reps[-1][1] == proto.REP_ACK
+    assert [r[2][4:].decode() for r in reps[:-1]] == expected
+    assert all(r[2][:4] == bytes(4) for r in reps[:-1])
+
+
+@MODES
+def test_set_meta_context_then_go(mode):
+    data = (FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+            + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:", "base:allocation", "x:y"))
+            + opt(proto.OPT_GO, info_req("disk")))
+    hs, events, out = run(data, mode)
+    reps = replies(out)
+    assert reps[1][1] == proto.REP_META_CONTEXT and reps[2][1] == proto.REP_ACK
+    (ctx_id,) = struct.unpack_from(">I", reps[1][2])
+    assert reps[1][2][4:] == b"base:allocation"
+    assert events[-1].meta_contexts == {ctx_id: "base:allocation"}
+
+
+def test_meta_context_for_other_export_is_dropped_at_go():
+    data = (FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+            + opt(proto.OPT_SET_META_CONTEXT, meta_req("", "base:allocation"))
+            + opt(proto.OPT_GO, info_req("disk")))
+    assert run(data)[1][-1].meta_contexts == {}
+
+
+def test_failed_set_meta_context_clears_previous():
+    data = (FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+            + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))
+            + opt(proto.OPT_SET_META_CONTEXT, b"\x00\x00\x00\x04disk\x00\x00\x00\x01\x00\x00\x00\x09ab")
+            + opt(proto.OPT_GO, info_req("disk")))
+    hs, events, out = run(data)
+    assert replies(out)[3][1] == proto.REP_ERR_INVALID
+    assert events[-1].meta_contexts == {}
+
+
+@pytest.mark.parametrize("payload", [
+    meta_req("disk", "nocolon"), meta_req("disk")[:-1], meta_req("disk", "base:") + b"x",
+    b"\x00\x00\x00\x10disk",
+])
+def test_meta_context_malformed(payload):
+    hs, events, out = run(FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+                          + opt(proto.OPT_LIST_META_CONTEXT, payload))
+    assert replies(out)[1][1] == proto.REP_ERR_INVALID
+
+
+@pytest.mark.parametrize("option,expected", [
+    (999, proto.REP_ERR_UNSUP), (proto.OPT_GO, proto.REP_ERR_TOO_BIG),
+    (proto.OPT_LIST, proto.REP_ERR_INVALID), (proto.OPT_SET_META_CONTEXT, proto.REP_ERR_TOO_BIG),
+])
+def test_absurd_option_length_is_skipped_without_buffering(option, expected):
+    length = 10 * 1024 * 1024
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + struct.pack(">QII", proto.IHAVEOPT, option, length))
+    events: list = []
+    chunk = b"\xaa" * 65536
+    for _ in range(length // len(chunk)):
+        hs.receive_data(chunk)
+        drain(hs, events)
+        assert len(hs._in) < 32
+    hs.receive_data(opt(proto.OPT_GO, info_req("disk")))
+    drain(hs, events)
+    assert replies(hs.data_to_send())[0][:2] == (option, expected)
+    assert isinstance(events[-1], Ready)
+
+
+def test_huge_abort_is_still_acknowledged():
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_ABORT, 1 << 20))
+    events: list = []
+    drain(hs, events)
+    hs.receive_data(bytes(1 << 20))
+    drain(hs, events)
+    assert isinstance(events[-1], Aborted)
+
+
+@pytest.mark.parametrize("data", [
+    struct.pack(">I", 4),  # unknown client flag
+    FLAGS + b"IHAVEOPX" + bytes(8),  # bad option magic
+    FLAGS + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, proto.MAX_STRING + 1),
+    FLAGS + opt(proto.OPT_EXPORT_NAME, b"\xff\xff"),
+])
+def test_protocol_errors(data):
+    hs = ServerHandshake()
+    hs.receive_data(data)
+    with pytest.raises(ProtocolError):
+        drain(hs, [])
+    assert hs.state is State.ERROR
+
+
+def test_too_many_options_is_a_protocol_error():
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + opt(999) * 5000)
+    with pytest.raises(ProtocolError):
+        drain(hs, [])
+
+
+def test_client_without_fixed_newstyle_flag_is_served():
+    hs, events, out = run(bytes(4) + opt(proto.OPT_EXPORT_NAME, b"disk"))
+    assert isinstance(events[-1], Ready)
+
+
+# --- the transition table -------------------------------------------------------------------
+
+def test_every_missing_transition_raises_naming_state_and_event():
+    events = {e for _, e in _TRANSITIONS}
+    for state in State:
+        for event in events:
+            hs = ServerHandshake()
+            hs.state = state
+            if (state, event) in _TRANSITIONS:
+                hs._transition(event)
+                assert hs.state is _TRANSITIONS[(state, event)]
+            else:
+                with pytest.raises(LocalProtocolError) as info:
+                    hs._transition(event)
+                assert state.value in str(info.value) and event in str(info.value)
+
+
+def test_every_transition_is_reachable_from_bytes():
+    seen: set = set()
+    original = ServerHandshake._transition
+
+    def spy(self, event):
+        seen.add((self.state, event))
+        original(self, event)
+
+    ServerHandshake._transition = spy
+    try:
+        for data in [
+            FLAGS + opt(proto.OPT_LIST) + opt(proto.OPT_STRUCTURED_REPLY)
+            + opt(proto.OPT_INFO, info_req("disk"))
+            + opt(proto.OPT_INFO, info_req("x")) + opt(proto.OPT_GO, info_req("disk")),
+            FLAGS + opt(proto.OPT_ABORT), FLAGS + opt(proto.OPT_EXPORT_NAME, b"x"),
+        ]:
+            run(data)
+        for bad in [b"\xff" * 4, FLAGS + b"x" * 16]:
+            with pytest.raises(ProtocolError):
+                run(bad)
+    finally:
+        ServerHandshake._transition = original
+    assert seen == set(_TRANSITIONS)
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.AWAIT_EXPORT])
+def test_provide_export_outside_await_export(state):
+    hs = ServerHandshake()
+    hs.state = state
+    with pytest.raises(LocalProtocolError, match=state.value):
+        hs.provide_export(EXPORTS["disk"])
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.AWAIT_LIST])
+def test_provide_list_outside_await_list(state):
+    hs = ServerHandshake()
+    hs.state = state
+    with pytest.raises(LocalProtocolError, match=state.value):
+        hs.provide_list([])
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+OPTION_IDS = st.sampled_from([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 0xFFFFFFFF])
+OPTION = st.builds(lambda o, d: opt(o, d), OPTION_IDS, st.binary(max_size=64))
+HEADER = st.builds(lambda o, n: struct.pack(">QII", proto.IHAVEOPT, o, n), OPTION_IDS,
+                   st.integers(0, 2**32 - 1))
+PIECE = st.one_of(OPTION, HEADER, st.binary(max_size=40),
+                  st.sampled_from([opt(proto.OPT_STRUCTURED_REPLY),
+                                   opt(proto.OPT_GO, info_req("disk")),
+                                   opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([FLAGS, FLAGS_NZ, b""]), st.lists(PIECE, max_size=12),
+       st.integers(1, 50))
+def test_fuzz_garbage_yields_events_or_protocol_error(prefix, pieces, step):
+    data = prefix + b"".join(pieces)
+    hs = ServerHandshake()
+    events: list = []
+    try:
+        for i in range(0, len(data), step):
+            hs.receive_data(data[i:i + step])
+            drain(hs, events)
+            assert len(hs._in) <= 16 + MAX_OPTION_DATA + step
+            hs.data_to_send()
+    except ProtocolError:
+        assert hs.state is State.ERROR
+        return
+    for ev in events:
+        assert isinstance(ev, (ExportQuery, ListQuery, Ready, Aborted))
