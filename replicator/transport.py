@@ -263,12 +263,12 @@ class _ServerSession:
         codec = link.codec
         dispatch = self.dispatch
         while True:
-            while self.in_flight >= self.max_in_flight:
-                await self.room.park()
             if not await link.receive():
                 codec.next_event()  # raises if the peer closed inside a frame
                 return
             while True:
+                while self.in_flight >= self.max_in_flight:  # frames wait in the codec
+                    await self.room.park()
                 event = codec.next_event()
                 if event is NEED_DATA:
                     break

@@ -1,0 +1,345 @@
+"""The peer transport over real loopback sockets: handshake, multiplexing, faults."""
+
+from __future__ import annotations
+
+import random
+import struct
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from replicator import messages as m
+from replicator.codec import CLOSED, NEED_DATA, PeerCodec
+from replicator.errors import ClusterMismatch, PeerError
+from replicator.transport import FaultPolicy, PeerPool, serve_peers
+from vbp.errors import Fenced, NoSpace, PeerUnavailable
+
+pytestmark = pytest.mark.timeout(30)
+
+CLUSTER = "c1"
+
+
+def write(index: int, data: bytes = b"x" * 4096, version: int = 1) -> m.WriteChunk:
+    return m.WriteChunk("vol", "lin", index, 1, None, 0, data, 4 << 20, version, False, 3, 1)
+
+
+def ok_handler(msg, peer):
+    if type(msg) is m.Ping:
+        return m.Pong("srv", msg.epoch)
+    if type(msg) is m.ReadChunk:
+        return m.Data(bytes([msg.index % 256]) * msg.length, msg.index, 1)
+    return m.Ok(msg.version)
+
+
+@asynccontextmanager
+async def server(handler=ok_handler, *, port=0, cluster=CLUSTER, host_id="srv", **kw):
+    """A running serve_peers; yields (address, cancel scope that kills it)."""
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: serve_peers(
+            handler, "127.0.0.1", port, cluster=cluster, host_id=host_id,
+            task_status=task_status, **kw))
+        yield f"127.0.0.1:{bound}", nursery.cancel_scope
+        nursery.cancel_scope.cancel()
+
+
+async def raw_client(address: str, hello: bool = True):
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    codec = PeerCodec()
+    if hello:
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+        assert await next_reply(stream, codec) == (0, m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION))
+    return stream, codec
+
+
+async def next_reply(stream, codec):
+    """The next event from the server, or CLOSED."""
+    with trio.fail_after(5):
+        while (event := codec.next_event()) is NEED_DATA:
+            codec.receive_data(await stream.receive_some(65536))
+        return event
+
+
+async def test_handshake_names_both_hosts():
+    seen = []
+
+    def handler(msg, peer):
+        seen.append(peer)
+        return m.Pong("srv", msg.epoch)
+
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(address, m.Ping(7)) == m.Pong("srv", 7)
+            assert pool.peer_host_id(address) == "srv"
+    assert seen == ["cli"]
+
+
+async def test_wrong_cluster_is_refused_and_closed():
+    called = []
+    async with server(lambda msg, peer: called.append(msg)) as (address, _):
+        async with PeerPool("other-cluster", "cli") as pool:
+            with pytest.raises(ClusterMismatch, match="other-cluster"):
+                await pool.call(address, m.Ping(1))
+            assert isinstance(ClusterMismatch("x"), PeerUnavailable)
+        # on the wire: an Error naming the cluster, then the server hangs up
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(codec.encode(0, m.Hello("nope", "raw", m.PROTO_VERSION)))
+        rid, reply = await next_reply(stream, codec)
+        assert reply.code == m.CLUSTER
+        codec.receive_data(await stream.receive_some(100))
+        assert codec.next_event() is CLOSED
+        # and a newer protocol version is refused with its own code
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION + 1)))
+        assert (await next_reply(stream, codec))[1].code == m.VERSION
+    assert called == []
+
+
+async def test_request_before_hello_is_refused():
+    async with server() as (address, _):
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(codec.encode(5, m.Ping(1)))
+        rid, reply = await next_reply(stream, codec)
+        assert reply.code == m.INVALID and "Hello" in reply.message
+        assert await next_reply(stream, codec) is CLOSED
+
+
+async def test_200_concurrent_calls_out_of_order_each_get_their_reply():
+    arrivals, completions = [], []
+
+    async def slow_read(msg, peer):
+        arrivals.append(msg.index)
+        await trio.sleep(random.random() * 0.05)
+        completions.append(msg.index)
+        return m.Data(msg.index.to_bytes(4, "big") * (msg.length // 4), msg.index, 1)
+
+    results = {}
+    async with server(slow_read) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+
+            async def one(i):
+                read = m.ReadChunk("vol", "lin", i, (1,), 0, 4 * (i % 7 + 1), 3)
+                results[i] = await pool.call(address, read)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+            assert len(pool._conns) == 1  # all multiplexed on one connection
+    assert sorted(arrivals) == list(range(200))
+    assert completions != arrivals  # replies really went out of order
+    for i, reply in results.items():
+        assert reply == m.Data(i.to_bytes(4, "big") * (i % 7 + 1), i, 1)
+
+
+async def test_handler_exceptions_become_mapped_exceptions_and_connection_survives():
+    async def async_fenced(msg, peer):
+        await trio.sleep(0)
+        raise Fenced(f"token {msg.token} is older than 9")
+
+    def handler(msg, peer):
+        if type(msg) is m.WriteChunk:
+            return async_fenced(msg, peer)
+        if type(msg) is m.Flush:
+            raise NoSpace("disk full on srv")
+        if type(msg) is m.ZeroChunk:
+            return 1 / 0
+        return m.Pong("srv", msg.epoch)
+
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            with pytest.raises(Fenced, match="token 1 is older than 9"):
+                await pool.call(address, write(1))
+            with pytest.raises(NoSpace, match="disk full"):
+                await pool.call(address, m.Flush("vol", 3, 1))
+            with pytest.raises(PeerError, match="ZeroDivisionError"):
+                await pool.call(address, m.ZeroChunk("v", "l", 1, 1, None, 0, 1, 1 << 22, 1,
+                                                     False, 1, 1))
+            conn = pool._conns[address]
+            assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
+            assert pool._conns[address] is conn  # same connection all along
+
+
+async def test_bad_reply_from_handler_is_an_internal_error():
+    async with server(lambda msg, peer: m.Ok("not an int")) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            with pytest.raises(PeerError, match="bad reply"):
+                await pool.call(address, m.Flush("v", 1, 1))
+            with pytest.raises(PeerError):
+                await pool.call(address, m.Flush("v", 1, 1))
+
+
+async def test_server_killed_mid_flight_fails_callers_promptly_then_reconnects():
+    started = []
+
+    async def hang(msg, peer):
+        started.append(msg)
+        await trio.sleep_forever()
+
+    failures = []
+    async with server(hang) as (address, kill):
+        port = int(address.rsplit(":", 1)[1])
+        async with PeerPool(CLUSTER, "cli", request_timeout=20) as pool:
+
+            async def one(i):
+                with pytest.raises(PeerUnavailable) as info:
+                    await pool.call(address, write(i))
+                failures.append((trio.current_time(), info.value))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(one, i)
+                while len(started) < 10:
+                    await trio.sleep(0.01)
+                killed_at = trio.current_time()
+                kill.cancel()
+            assert len(failures) == 10
+            assert max(t for t, _ in failures) - killed_at < 1.0
+
+            with pytest.raises(PeerUnavailable):  # nothing listens now: refused at once
+                with trio.fail_after(2):
+                    await pool.call(address, m.Ping(1))
+            async with server(port=port) as (again, _):
+                assert again == address
+                assert await pool.call(address, m.Ping(4)) == m.Pong("srv", 4)
+
+
+async def test_connection_refused_is_peer_unavailable():
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()  # a port nobody listens on
+    async with PeerPool(CLUSTER, "cli") as pool:
+        with trio.fail_after(2):
+            with pytest.raises(PeerUnavailable):
+                await pool.call(f"127.0.0.1:{port}", m.Ping(1))
+
+
+async def test_oversized_frame_closes_that_connection_only():
+    async with server(max_frame=1 << 20) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(address, m.Ping(1)) == m.Pong("srv", 1)
+            stream, codec = await raw_client(address)
+            await stream.send_all(struct.pack(">I", 2**31))  # a 2 GiB frame, never sent
+            rid, reply = await next_reply(stream, codec)
+            assert reply.code == m.INVALID and "outside" in reply.message
+            assert await next_reply(stream, codec) is CLOSED
+            # garbage that is not msgpack at all: same fate
+            stream, codec = await raw_client(address)
+            await stream.send_all(b"\x00\x00\x00\x02\xc1\xc1")
+            assert (await next_reply(stream, codec))[1].code == m.INVALID
+            assert await next_reply(stream, codec) is CLOSED
+            # the pooled connection and new ones are unaffected
+            assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
+            stream, codec = await raw_client(address)
+            await stream.send_all(codec.encode(8, m.Ping(3)))
+            assert await next_reply(stream, codec) == (8, m.Pong("srv", 3))
+
+
+async def test_large_payloads_roundtrip():
+    stored = {}
+
+    def handler(msg, peer):
+        if type(msg) is m.WriteChunk:
+            stored[msg.index] = msg.data
+            return m.Ok(msg.version)
+        return m.Data(stored[msg.index], 1, 1)
+
+    payloads = [random.randbytes(n) for n in (1 << 20, 3 << 20, 100, 70000)]
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            async with trio.open_nursery() as nursery:
+                for i, data in enumerate(payloads):
+                    nursery.start_soon(pool.call, address, write(i, data))
+            for i, data in enumerate(payloads):
+                read = m.ReadChunk("vol", "lin", i, (1,), 0, len(data), 3)
+                assert (await pool.call(address, read)).data == data
+
+
+async def test_server_bounds_requests_in_flight_per_connection():
+    running = 0
+    most = 0
+    release = trio.Event()
+
+    async def handler(msg, peer):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return m.Ok(msg.version)
+
+    async with server(handler, max_in_flight=4) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(pool.call, address, write(i))
+                await trio.sleep(0.3)
+                assert most == 4
+                release.set()
+    assert most == 4 and running == 0
+
+
+async def test_timeout_is_per_call_and_keeps_the_connection():
+    async def handler(msg, peer):
+        if type(msg) is m.Flush:
+            await trio.sleep(10)
+        return m.Ok(1) if type(msg) is m.Flush else m.Pong("srv", msg.epoch)
+
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            start = trio.current_time()
+            with pytest.raises(PeerUnavailable, match="in time"):
+                await pool.call(address, m.Flush("v", 1, 1), timeout=0.2)
+            assert trio.current_time() - start < 1
+            conn = pool._conns[address]
+            assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)
+            assert pool._conns[address] is conn
+
+
+async def test_fault_policy_partition_drop_delay():
+    faults = FaultPolicy(seed=1)
+    async with server(host_id="srv") as (a, _), server(host_id="srv") as (b, _):
+        async with PeerPool(CLUSTER, "cli", faults=faults) as pool:
+            assert await pool.call(a, m.Ping(1)) == m.Pong("srv", 1)
+            faults.partition([a])
+            with trio.fail_after(0.5):
+                with pytest.raises(PeerUnavailable, match="partitioned"):
+                    await pool.call(a, m.Ping(1))
+            assert await pool.call(b, m.Ping(2)) == m.Pong("srv", 2)
+            faults.heal()
+            assert await pool.call(a, m.Ping(3)) == m.Pong("srv", 3)
+
+            faults.drop_probability = 1.0
+            start = trio.current_time()
+            with pytest.raises(PeerUnavailable):
+                await pool.call(a, m.Ping(4), timeout=0.2)
+            assert 0.15 < trio.current_time() - start < 1
+            faults.drop_probability = 0.0
+
+            faults.delay = 0.2
+            start = trio.current_time()
+            assert await pool.call(b, m.Ping(5)) == m.Pong("srv", 5)
+            assert trio.current_time() - start >= 0.2
+
+
+async def test_pool_close_fails_pending_calls():
+    async def hang(msg, peer):
+        await trio.sleep_forever()
+
+    async with server(hang) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            async def one():
+                with pytest.raises(PeerUnavailable):
+                    await pool.call(address, m.Ping(1))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                nursery.start_soon(one)
+                await trio.sleep(0.2)
+                pool.disconnect(address)
+
+
+async def test_pool_exceptions_are_not_wrapped_in_groups():
+    with pytest.raises(Fenced):
+        async with PeerPool(CLUSTER, "cli"):
+            raise Fenced("plain")
