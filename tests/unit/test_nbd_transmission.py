@@ -1,0 +1,338 @@
+"""Byte-level tests of the sans-io NBD transmission codec (proto.md, "Transmission")."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbd_frontend import proto
+from nbd_frontend.errors import ProtocolError
+from nbd_frontend.handshake import NEED_DATA
+from nbd_frontend.transmission import (BadRequest, Disconnect, Request, TransmissionCodec,
+                                       transmission_flags)
+
+SIZE = 1 << 20
+R, W = proto.CMD_READ, proto.CMD_WRITE
+
+
+def req(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7,
+        data: bytes | None = None, magic: int = proto.REQUEST_MAGIC) -> bytes:
+    if cmd == W and data is None:
+        data = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + (data or b"")
+
+
+def codec(**kw) -> TransmissionCodec:
+    kw.setdefault("size", SIZE)
+    return TransmissionCodec(**kw)
+
+
+def events(c: TransmissionCodec, data: bytes, mode: str = "whole") -> list:
+    """Feed data; return events with WRITE payloads copied (views die with the buffer)."""
+    out: list = []
+    chunks = [data] if mode == "whole" else [data[i:i + 1] for i in range(len(data))]
+    for chunk in chunks:
+        c.receive_data(chunk)
+        while (ev := c.next_event()) is not NEED_DATA:
+            if isinstance(ev, Request) and ev.data is not None:
+                ev = Request(ev.cookie, ev.command, ev.flags, ev.offset, ev.length, bytes(ev.data))
+            out.append(ev)
+    return out
+
+
+MODES = pytest.mark.parametrize("mode", ["whole", "bytewise"])
+
+
+@MODES
+def test_every_valid_command(mode):
+    c = codec(structured=True, meta_contexts={1: proto.BASE_ALLOCATION})
+    data = (req(R, 512, 4096, cookie=1) + req(W, 4096, 1000, proto.CMD_FLAG_FUA, cookie=2)
+            + req(proto.CMD_FLUSH, cookie=3) + req(proto.CMD_TRIM, 0, 8192, cookie=4)
+            + req(proto.CMD_CACHE, 0, SIZE, cookie=5)
+            + req(proto.CMD_WRITE_ZEROES, 0, SIZE, proto.CMD_FLAG_NO_HOLE | proto.CMD_FLAG_FAST_ZERO, 6)
+            + req(proto.CMD_BLOCK_STATUS, 0, SIZE, proto.CMD_FLAG_REQ_ONE, cookie=8)
+            + req(R, 0, 100, proto.CMD_FLAG_DF | proto.CMD_FLAG_FUA, cookie=9))
+    evs = events(c, data, mode)
+    assert [(e.cookie, e.command) for e in evs] == [(1, R), (2, W), (3, 3), (4, 4), (5, 5),
+                                                     (6, 6), (8, 7), (9, R)]
+    assert all(type(e) is Request for e in evs)
+    assert evs[1].data == req(W, 4096, 1000)[28:] and evs[1].flags == proto.CMD_FLAG_FUA
+    assert evs[0].data is None and (evs[0].offset, evs[0].length) == (512, 4096)
+
+
+def test_trailing_partial_request_waits_for_more():
+    c = codec()
+    full = req(W, 0, 300, cookie=1)
+    evs = events(c, req(R, 0, 1, cookie=9) + full[:100])
+    assert [e.cookie for e in evs] == [9]
+    evs = events(c, full[100:] + req(R, 0, 1)[:27])
+    assert evs[0].data == full[28:]
+    assert c.next_event() is NEED_DATA
+
+
+def test_recv_into_path_zero_copy():
+    c = codec(buffer_size=8192)
+    data = req(W, 10, 100, cookie=3) + req(R, 0, 10)
+    buf = c.get_buffer()
+    buf[:len(data)] = data
+    c.commit(len(data))
+    ev = c.next_event()
+    assert ev.data.obj is c._buf  # a view into the preallocated buffer
+    assert bytes(ev.data) == data[28:128]
+    assert c.next_event().command == R
+
+
+@MODES
+def test_write_larger_than_buffer_gets_own_payload(mode):
+    c = codec(buffer_size=8192)
+    payload = bytes(range(256)) * 100  # 25600 > buffer
+    evs = events(c, req(R, 0, 1, cookie=1) + req(W, 100, len(payload), data=payload, cookie=2)
+                 + req(R, 0, 2, cookie=3), mode)
+    assert [e.cookie for e in evs] == [1, 2, 3] and evs[1].data == payload
+    assert len(c._buf) == 8192
+
+
+def test_write_larger_than_buffer_via_recv_into():
+    c = codec(buffer_size=8192)
+    payload = b"\x5a" * 30000
+    data = req(W, 0, len(payload), data=payload) + req(proto.CMD_FLUSH)
+    pos, got = 0, []
+    while pos < len(data):
+        buf = c.get_buffer()
+        n = min(len(buf), 5000, len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        c.commit(n)
+        pos += n
+        while (ev := c.next_event()) is not NEED_DATA:
+            got.append((ev.command, bytes(ev.data) if ev.data is not None else None))
+    assert got == [(W, payload), (proto.CMD_FLUSH, None)]
+
+
+@MODES
+def test_bad_magic_is_protocol_error(mode):
+    c = codec()
+    with pytest.raises(ProtocolError):
+        events(c, req(R, 0, 1) + req(R, 0, 1, magic=0x12345678), mode)
+    assert c.closed
+
+
+def test_extended_header_magic_is_protocol_error():
+    with pytest.raises(ProtocolError):
+        events(codec(), req(R, magic=proto.EXTENDED_REQUEST_MAGIC))
+
+
+def test_disconnect_ends_parsing():
+    c = codec()
+    evs = events(c, req(R, 0, 1) + req(proto.CMD_DISC) + req(R, 0, 1) + b"garbage" * 10)
+    assert isinstance(evs[0], Request) and evs[1] == Disconnect() and len(evs) == 2
+
+
+def bad(c, data):
+    evs = events(c, data)
+    return [(e.cookie, e.errno) if isinstance(e, BadRequest) else (e.cookie, 0) for e in evs]
+
+
+@pytest.mark.parametrize("data,errno", [
+    (req(9), proto.EINVAL),  # unknown command
+    (req(proto.CMD_RESIZE), proto.EINVAL),
+    (req(0xFFFF, 0, 10), proto.EINVAL),
+    (req(R, 0, 1, proto.CMD_FLAG_NO_HOLE), proto.EINVAL),  # flag not for READ
+    (req(R, 0, 1, proto.CMD_FLAG_DF), proto.EINVAL),  # DF without structured replies
+    (req(R, 0, 1, 1 << 15), proto.EINVAL),  # unknown flag
+    (req(proto.CMD_FLUSH, 0, 1), proto.EINVAL),
+    (req(proto.CMD_FLUSH, 0, 0, proto.CMD_FLAG_REQ_ONE), proto.EINVAL),
+    (req(proto.CMD_TRIM, 0, 1, proto.CMD_FLAG_FAST_ZERO), proto.EINVAL),
+    (req(proto.CMD_BLOCK_STATUS, 0, 1), proto.EINVAL),  # no meta context negotiated
+    (req(R, SIZE, 1), proto.EINVAL),  # out of range
+    (req(R, 2**64 - 1, 2), proto.EINVAL),
+    (req(proto.CMD_TRIM, SIZE - 1, 2), proto.EINVAL),
+    (req(proto.CMD_CACHE, SIZE + 1, 0), proto.EINVAL),
+    (req(W, SIZE - 10, 11), proto.ENOSPC),
+    (req(proto.CMD_WRITE_ZEROES, SIZE, 4096), proto.ENOSPC),
+    (req(R, 0, proto.MAX_PAYLOAD + 1), proto.EINVAL),  # oversized read, simple replies
+])
+def test_refused_requests(data, errno):
+    c = codec()
+    assert bad(c, data + req(R, 0, 1, cookie=99)) == [(7, errno), (99, 0)]
+
+
+def test_oversized_payloadless_commands_are_allowed():
+    c = codec(size=1 << 40)
+    evs = events(c, req(proto.CMD_TRIM, 0, 2**32 - 1) + req(proto.CMD_WRITE_ZEROES, 0, 2**32 - 1)
+                 + req(proto.CMD_CACHE, 0, 2**32 - 1))
+    assert [type(e) for e in evs] == [Request] * 3
+
+
+def test_oversized_structured_read_is_eoverflow():
+    c = codec(structured=True)
+    assert bad(c, req(R, 0, proto.MAX_PAYLOAD + 1)) == [(7, proto.EOVERFLOW)]
+
+
+def test_read_only_refuses_writes_and_skips_payload():
+    c = codec(read_only=True)
+    data = (req(W, 0, 5000, cookie=1) + req(proto.CMD_TRIM, 0, 10, cookie=2)
+            + req(proto.CMD_WRITE_ZEROES, 0, 10, cookie=3) + req(R, 0, 10, cookie=4)
+            + req(proto.CMD_FLUSH, cookie=5))
+    assert bad(c, data) == [(1, proto.EPERM), (2, proto.EPERM), (3, proto.EPERM), (4, 0), (5, 0)]
+
+
+def test_refused_write_payload_is_skipped_bytewise():
+    c = codec(read_only=True)
+    data = req(W, 0, 300, cookie=1) + req(R, 0, 10, cookie=2)
+    assert [getattr(e, "errno", 0) for e in events(c, data, "bytewise")] == [proto.EPERM, 0]
+
+
+def test_oversized_write_is_discarded_without_allocation():
+    c = codec(max_payload=64 * 1024, buffer_size=16 * 1024)
+    length = 8 * 1024 * 1024
+    c.receive_data(req(W, 0, length, data=b""))
+    ev = c.next_event()
+    assert isinstance(ev, BadRequest) and ev.errno == proto.EINVAL
+    chunk = b"\x11" * 65536
+    for _ in range(length // len(chunk)):
+        c.receive_data(chunk)
+        assert c.next_event() is NEED_DATA
+        assert c._large is None and len(c._buf) == 16 * 1024 and len(c._backlog) == 0
+    c.receive_data(req(R, 0, 1, cookie=5))
+    assert c.next_event().cookie == 5
+
+
+def test_out_of_range_write_of_large_payload_is_skipped():
+    c = codec(buffer_size=8192)
+    assert bad(c, req(W, SIZE - 100, 20000, cookie=1) + req(R, 0, 1, cookie=2)) == [
+        (1, proto.ENOSPC), (2, 0)]
+
+
+def test_min_block_alignment():
+    c = codec(min_block=512)
+    assert bad(c, req(R, 1, 512, cookie=1) + req(R, 0, 100, cookie=2) + req(R, 512, 512, cookie=3)
+               + req(W, 3, 512, cookie=4)) == [(1, proto.EINVAL), (2, proto.EINVAL), (3, 0),
+                                               (4, proto.EINVAL)]
+
+
+def test_zero_length_requests_are_not_refused_except_block_status():
+    c = codec(structured=True, meta_contexts={1: proto.BASE_ALLOCATION})
+    assert bad(c, req(R, 0, 0, cookie=1) + req(W, SIZE, 0, cookie=2)
+               + req(proto.CMD_BLOCK_STATUS, 0, 0, cookie=3)) == [(1, 0), (2, 0),
+                                                                   (3, proto.EINVAL)]
+
+
+def test_transmission_flags():
+    rw = transmission_flags(read_only=False, multi_conn=True)
+    for f in (proto.FLAG_HAS_FLAGS, proto.FLAG_SEND_FLUSH, proto.FLAG_SEND_FUA,
+              proto.FLAG_SEND_TRIM, proto.FLAG_SEND_WRITE_ZEROES, proto.FLAG_CAN_MULTI_CONN,
+              proto.FLAG_SEND_CACHE, proto.FLAG_SEND_FAST_ZERO):
+        assert rw & f
+    assert not rw & proto.FLAG_READ_ONLY and not rw & proto.FLAG_SEND_DF
+    ro = transmission_flags(read_only=True, multi_conn=False)
+    assert ro & proto.FLAG_READ_ONLY and not ro & proto.FLAG_CAN_MULTI_CONN
+    assert not ro & (proto.FLAG_SEND_TRIM | proto.FLAG_SEND_WRITE_ZEROES)
+
+
+# --- replies --------------------------------------------------------------------------------
+
+def join(parts) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def chunks(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        magic, flags, rtype, cookie, length = struct.unpack_from(">IHHQI", data, pos)
+        assert magic == proto.STRUCTURED_REPLY_MAGIC
+        out.append((flags, rtype, cookie, data[pos + 20:pos + 20 + length]))
+        pos += 20 + length
+    assert pos == len(data)
+    return out
+
+
+def test_simple_replies():
+    c = codec()
+    assert join(c.reply_ok(5)) == struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, 0, 5)
+    assert join(c.reply_error(5, R, proto.ENOSPC, "full")) == struct.pack(
+        ">IIQ", proto.SIMPLE_REPLY_MAGIC, proto.ENOSPC, 5)
+    assert join(c.reply_error(5, R, 4242)) == struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, 5, 5)
+    assert join(c.reply_read(5, 0, 3, b"abc")) == struct.pack(
+        ">IIQ", proto.SIMPLE_REPLY_MAGIC, 0, 5) + b"abc"
+    flat = join(c.reply_read(5, 10, 6, [(10, 2, b"ab"), (12, 3, None), (15, 1, b"z")]))
+    assert flat[16:] == b"ab\0\0\0z"
+    assert struct.unpack_from(">I", join(c.reply_read(5, 0, 4, b"abc")), 4)[0] == proto.EIO
+
+
+def test_structured_replies():
+    c = codec(structured=True)
+    assert chunks(join(c.reply_read(1, 100, 3, b"xyz"))) == [
+        (proto.REPLY_FLAG_DONE, proto.REPLY_TYPE_OFFSET_DATA, 1, struct.pack(">Q", 100) + b"xyz")]
+    assert chunks(join(c.reply_read(1, 0, 0, b""))) == [
+        (proto.REPLY_FLAG_DONE, proto.REPLY_TYPE_NONE, 1, b"")]
+    err = chunks(join(c.reply_error(2, W, proto.EPERM, "read-only")))
+    assert err == [(proto.REPLY_FLAG_DONE, proto.REPLY_TYPE_ERROR, 2,
+                    struct.pack(">IH", proto.EPERM, 9) + b"read-only")]
+    assert join(c.reply_ok(3, proto.CMD_FLUSH))[:4] == struct.pack(">I", proto.SIMPLE_REPLY_MAGIC)
+
+
+def test_structured_read_with_holes():
+    c = codec(structured=True)
+    got = chunks(join(c.reply_read(4, 0, 10, [(0, 4, b"abcd"), (4, 0, None), (4, 6, None)])))
+    assert got == [(0, proto.REPLY_TYPE_OFFSET_DATA, 4, struct.pack(">Q", 0) + b"abcd"),
+                   (proto.REPLY_FLAG_DONE, proto.REPLY_TYPE_OFFSET_HOLE, 4,
+                    struct.pack(">QI", 4, 6))]
+    df = chunks(join(c.reply_read(4, 0, 10, [(0, 4, b"abcd"), (4, 6, None)], proto.CMD_FLAG_DF)))
+    assert df == [(proto.REPLY_FLAG_DONE, proto.REPLY_TYPE_OFFSET_DATA, 4,
+                   struct.pack(">Q", 0) + b"abcd" + bytes(6))]
+
+
+@pytest.mark.parametrize("extents", [
+    [(0, 4, b"abcd")],  # short
+    [(0, 4, b"abc"), (4, 6, None)],  # data of wrong length
+    [(1, 10, None)],  # wrong start
+])
+def test_read_extents_that_do_not_cover_the_request_are_eio(extents):
+    c = codec(structured=True)
+    (flags, rtype, _, payload), = chunks(join(c.reply_read(4, 0, 10, extents)))
+    assert rtype == proto.REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == proto.EIO
+
+
+def test_block_status_is_clipped_to_the_request():
+    c = codec(structured=True, meta_contexts={1: proto.BASE_ALLOCATION})
+    ext = [(4096, 0), (8192, 3), (SIZE, 0)]
+    (flags, rtype, cookie, payload), = chunks(join(c.reply_block_status(6, 0, 10000, ext)))
+    assert flags == proto.REPLY_FLAG_DONE and rtype == proto.REPLY_TYPE_BLOCK_STATUS
+    assert struct.unpack(">IIIII", payload) == (1, 4096, 0, 10000 - 4096, 3)
+    (_, _, _, one), = chunks(join(c.reply_block_status(6, 0, 100, ext, proto.CMD_FLAG_REQ_ONE)))
+    assert struct.unpack(">III", one) == (1, 100, 0)
+    (_, _, _, end), = chunks(join(c.reply_block_status(6, SIZE - 10, 10, [(SIZE, 3)])))
+    assert struct.unpack(">III", end) == (1, 10, 3)
+    (_, rtype, _, _), = chunks(join(c.reply_block_status(6, 0, 10, [])))
+    assert rtype == proto.REPLY_TYPE_ERROR
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+REQ = st.builds(lambda cmd, flags, off, n: req(cmd, off, n, flags, data=bytes(n) if cmd == W else None),
+                st.integers(0, 9), st.integers(0, 0xFFFF), st.integers(0, SIZE + 10),
+                st.integers(0, 3000))
+PIECE = st.one_of(REQ, st.binary(max_size=40), st.just(req(proto.CMD_DISC)),
+                  st.builds(lambda n: req(W, 0, n, data=b""), st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PIECE, max_size=10), st.integers(1, 4000), st.booleans())
+def test_fuzz_yields_events_or_protocol_error(pieces, step, structured):
+    c = TransmissionCodec(size=SIZE, structured=structured, buffer_size=8192, max_payload=4096,
+                          meta_contexts={1: proto.BASE_ALLOCATION} if structured else None)
+    data = b"".join(pieces)
+    try:
+        for i in range(0, len(data), step):
+            c.receive_data(data[i:i + step])
+            while (ev := c.next_event()) is not NEED_DATA:
+                assert type(ev) in (Request, BadRequest, Disconnect)
+                if type(ev) is Request and ev.command == W:
+                    assert len(ev.data) == ev.length <= 4096
+                assert c._large is None or len(c._large) <= 4096
+                assert len(c._backlog) <= step
+    except ProtocolError:
+        assert c.closed
