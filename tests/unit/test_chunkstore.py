@@ -1,0 +1,290 @@
+"""vbp.chunkstore.ChunkStore on disk: layout, the no-transaction-per-request rule, recovery.
+
+What both stores share is in tests/conformance/test_chunkstore_conformance.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import lmdb
+import pytest
+from xxhash import xxh3_64_intdigest
+
+from vbp.chunkstore import ChunkStore, MemoryChunkStore
+from vbp.errors import ChecksumError, NoSpace
+from vbp.layout import PAGE_SIZE, ChunkKey
+
+CS = 64 * 1024
+PAGES = CS // PAGE_SIZE
+K = ChunkKey("lin", 0, 1)
+
+
+def abandon(store: ChunkStore) -> None:
+    """Drop the store as a killed process would: no flush, no clean marker."""
+    store._close_files()
+
+
+def txnid(store: ChunkStore) -> int:
+    return store._env.info()["last_txnid"]
+
+
+def flip(path, pos):
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def write_raw(path, pos, data):
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        f.write(data)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChunkStore(tmp_path, 32 * CS)
+    yield s
+    if not s._closed:
+        s.close()
+
+
+def test_files_and_sidecar_layout(store, tmp_path):
+    store.write(ChunkKey("lin", 9, 0), 0, b"first", chunk_size=CS)
+    data = os.urandom(PAGE_SIZE)
+    store.write(K, 3 * PAGE_SIZE, data, chunk_size=CS)
+    slot = store.info(K).slot
+    assert slot == 1
+    store.flush()
+    with open(tmp_path / "data-64K.bin", "rb") as f:
+        f.seek(slot * CS + 3 * PAGE_SIZE)
+        assert f.read(PAGE_SIZE) == data
+    with open(tmp_path / "sums-64K.bin", "rb") as f:
+        f.seek((slot * PAGES + 3) * 8)
+        (s,) = struct.unpack("=Q", f.read(8))
+    assert s == (xxh3_64_intdigest(data) or 1)
+    big = ChunkKey("lin", 1, 1)
+    store.write(big, 0, b"x", chunk_size=1 << 20)
+    assert (tmp_path / "data-1M.bin").exists() and (tmp_path / "sums-1M.bin").exists()
+
+
+def test_no_index_transaction_per_request(store):
+    store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)  # allocation: transactions
+    t = txnid(store)
+    for i in range(50):
+        store.write(K, (i % PAGES) * PAGE_SIZE, os.urandom(PAGE_SIZE), chunk_size=CS)
+        store.read(K, (i % PAGES) * PAGE_SIZE, PAGE_SIZE)
+        store.write(K, 7, b"partial", chunk_size=CS)
+        store.zero(K, PAGE_SIZE, 2 * PAGE_SIZE, chunk_size=CS)
+    assert txnid(store) == t
+    store.flush()
+    assert txnid(store) == t + 1
+    store.write(K, 0, b"b", chunk_size=CS)  # first write after a flush: the dirty record
+    assert txnid(store) == t + 2
+    store.write(K, 0, b"c", chunk_size=CS)
+    assert txnid(store) == t + 2
+    store.flush()
+    store.flush()  # nothing dirty: nothing to do
+    assert txnid(store) == t + 3
+
+
+def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
+    """A page written to disk whose checksum never made it is re-hashed, not an error."""
+    store.write(K, 0, b"a" * (4 * PAGE_SIZE), chunk_size=CS, version=4)
+    store.flush()
+    store.write(K, 0, b"b", chunk_size=CS)  # K is dirty now
+    slot = store.info(K).slot
+    abandon(store)
+    write_raw(tmp_path / "data-64K.bin", slot * CS + PAGE_SIZE, b"c" * PAGE_SIZE)  # sum stale
+    write_raw(tmp_path / "data-64K.bin", slot * CS + 6 * PAGE_SIZE, b"d" * 10)  # into a hole
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert not s.was_clean and s.recovered == {K}
+        assert s.read(K, PAGE_SIZE, PAGE_SIZE) == b"c" * PAGE_SIZE
+        assert s.read(K, 6 * PAGE_SIZE, 11) == b"d" * 10 + b"\0"
+        assert s.read(K, 2 * PAGE_SIZE, PAGE_SIZE) == b"a" * PAGE_SIZE
+        assert s.info(K).version == 5  # above the flushed 4
+        assert s.stats().checksum_errors == 0
+        assert s.fsck() == []
+    finally:
+        s.close()
+    s = ChunkStore(tmp_path, 32 * CS)
+    assert s.was_clean and s.recovered == frozenset() and s.info(K).version == 5
+    s.close()
+
+
+def test_corruption_outside_dirty_chunks_survives_recovery(store, tmp_path):
+    other = ChunkKey("lin", 1, 1)
+    store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
+    store.write(other, 0, b"o" * PAGE_SIZE, chunk_size=CS)
+    store.flush()
+    store.write(other, PAGE_SIZE, b"x", chunk_size=CS)  # only `other` is dirty
+    slot = store.info(K).slot
+    abandon(store)
+    flip(tmp_path / "data-64K.bin", slot * CS + 5)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.recovered == {other}
+        with pytest.raises(ChecksumError):
+            s.read(K, 0, PAGE_SIZE)
+        assert s.stats().checksum_errors == 1
+        assert s.read(other, 0, PAGE_SIZE) == b"o" * PAGE_SIZE
+    finally:
+        s.close()
+
+
+def test_fua_version_survives_crash(store, tmp_path):
+    store.write(K, 0, b"a", chunk_size=CS, version=3)
+    store.flush()
+    store.write(K, 0, b"b", chunk_size=CS, version=9, fua=True)
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.info(K).version >= 9
+        assert s.read(K, 0, 1) == b"b"
+    finally:
+        s.close()
+
+
+class _CrashInCopyUp(ChunkStore):
+    def _copy_up(self, src, dst):
+        raise KeyboardInterrupt  # the process dies in the middle of the copy
+
+
+def test_interrupted_copy_up_leaves_no_chunk(tmp_path):
+    s = _CrashInCopyUp(tmp_path, 32 * CS)
+    s.write(K, 0, b"parent" * 1000, chunk_size=CS)
+    s.flush()
+    with pytest.raises(KeyboardInterrupt):
+        s.write(ChunkKey("lin", 0, 2), 0, b"child", chunk_size=CS, base=1)
+    abandon(s)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.info(ChunkKey("lin", 0, 2)) is None
+        assert s.resolve("lin", 0, [1, 2]) == 1
+        assert s.fsck() == []
+        s.write(ChunkKey("lin", 0, 2), 0, b"child", chunk_size=CS, base=1)
+        assert s.read(ChunkKey("lin", 0, 2), 0, 12) == b"childtparent"
+        assert s.stats().used == 2 * CS
+    finally:
+        s.close()
+
+
+def test_delete_then_crash_frees_the_slot(store, tmp_path):
+    store.write(K, 0, b"a" * CS, chunk_size=CS)
+    store.write(ChunkKey("lin", 1, 1), 0, b"keep", chunk_size=CS)
+    store.flush()
+    slot = store.info(K).slot
+    store.delete(K)
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.info(K) is None and s.fsck() == []
+        s.write(ChunkKey("new", 0, 0), PAGE_SIZE, b"n", chunk_size=CS)
+        assert s.info(ChunkKey("new", 0, 0)).slot == slot
+        assert s.read(ChunkKey("new", 0, 0), 0, CS) == bytes(PAGE_SIZE) + b"n" + bytes(
+            CS - PAGE_SIZE - 1)
+    finally:
+        s.close()
+
+
+def test_deleted_slot_is_punched_on_disk(store, tmp_path):
+    store.write(K, 0, b"s" * CS, chunk_size=CS)
+    slot = store.info(K).slot
+    store.delete(K)
+    store.flush()
+    with open(tmp_path / "data-64K.bin", "rb") as f:
+        f.seek(slot * CS)
+        assert f.read(CS) == bytes(CS)
+
+
+def test_zero_punches_holes(store, tmp_path):
+    store.write(K, 0, os.urandom(CS), chunk_size=CS)
+    store.flush()
+    blocks = os.stat(tmp_path / "data-64K.bin").st_blocks
+    store.zero(K, 0, CS, chunk_size=CS)
+    store.flush()
+    assert os.stat(tmp_path / "data-64K.bin").st_blocks < blocks
+
+
+def test_lost_file_growth_reads_zeros(store, tmp_path):
+    """A data file shorter than its slots (its growth was lost) reads as holes, no error."""
+    store.write(K, 0, b"", chunk_size=CS)  # allocates, writes nothing
+    store.write(ChunkKey("lin", 1, 1), 0, b"", chunk_size=CS)
+    abandon(store)
+    os.truncate(tmp_path / "data-64K.bin", 0)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert os.stat(tmp_path / "data-64K.bin").st_size >= 2 * CS
+        assert s.read(ChunkKey("lin", 1, 1), 0, CS) == bytes(CS)
+        s.write(ChunkKey("lin", 1, 1), 1, b"x", chunk_size=CS)
+        assert s.read(ChunkKey("lin", 1, 1), 0, 3) == b"\0x\0"
+    finally:
+        s.close()
+
+
+def test_nospace_leaves_store_usable(tmp_path):
+    s = ChunkStore(tmp_path, 2 * CS)
+    try:
+        s.write(ChunkKey("a", 0, 0), 0, b"a", chunk_size=CS)
+        with pytest.raises(NoSpace):
+            s.write(ChunkKey("b", 0, 0), 0, b"b", chunk_size=2 * CS)
+        s.write(ChunkKey("c", 0, 0), 0, b"c", chunk_size=CS)
+        with pytest.raises(NoSpace):
+            s.write(ChunkKey("d", 0, 0), 0, b"d", chunk_size=CS)
+        assert s.stats().free == 0 and s.fsck() == []
+    finally:
+        s.close()
+
+
+def test_index_agrees_with_memory_after_churn(tmp_path):
+    rng = random.Random(5)
+    s = ChunkStore(tmp_path, 6 * CS)
+    try:
+        for i in range(300):
+            k = ChunkKey("l", rng.randrange(8), rng.randrange(2))
+            op = rng.random()
+            if op < 0.3 and s.info(k):
+                s.delete(k)
+            elif op < 0.35:
+                s.flush()
+            else:
+                try:
+                    s.write(k, rng.randrange(CS - 10), b"z" * 10, chunk_size=CS,
+                            base=1 - k.gen)
+                except NoSpace:
+                    assert s.stats().used + CS > s.capacity
+        assert s.fsck() == []
+    finally:
+        s.close()
+
+
+def test_memory_crash_model():
+    rng = random.Random(1)
+    m = MemoryChunkStore(None, 8 * CS)
+    m.write(K, 0, b"a" * CS, chunk_size=CS, version=3)
+    m.flush()
+    m.write(K, 0, b"b" * CS, chunk_size=CS)
+    m.write(ChunkKey("lin", 1, 1), 0, b"f", chunk_size=CS, version=8, fua=True)
+    after = m.crash(rng)
+    assert after.recovered == {K, ChunkKey("lin", 1, 1)}
+    assert after.info(K).version == 4
+    assert after.info(ChunkKey("lin", 1, 1)).version == 9
+    assert after.read(ChunkKey("lin", 1, 1), 0, 1) == b"f"
+    page_values = {after.read(K, p * PAGE_SIZE, 1) for p in range(PAGES)}
+    assert page_values <= {b"a", b"b"}
+
+
+def test_lmdb_records_are_readable_by_tools(store, tmp_path):
+    """The index is plain LMDB: an operator can inspect it with the lmdb package."""
+    store.write(K, 0, b"x", chunk_size=CS)
+    store.close()
+    env = lmdb.open(str(tmp_path / "index"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        chunks = env.open_db(b"chunks", txn=txn, create=False)
+        assert txn.stat(chunks)["entries"] == 1
+    env.close()
