@@ -1,0 +1,474 @@
+"""The trio NBD server over real loopback sockets, driven by a small raw client."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import trio
+
+from nbd_frontend import proto, server
+from nbd_frontend.export import MemoryExport, MemoryProvider
+from nbd_frontend.server import serve_nbd
+from vbp.errors import NoSpace
+
+pytestmark = pytest.mark.timeout(60)
+MiB = 1 << 20
+
+
+class Client:
+    """Just enough NBD client to poke at the server byte by byte."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.structured = False
+        self.size = 0
+        self.flags = 0
+
+    @classmethod
+    async def connect(cls, port: int, name: str = "disk", *, structured: bool = False,
+                      meta: bool = False) -> "Client":
+        c = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        greeting = await c.recv(18)
+        assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+        await c.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES))
+        if structured:
+            assert (await c.option(proto.OPT_STRUCTURED_REPLY))[-1][0] == proto.REP_ACK
+            c.structured = True
+        if meta:
+            raw, q = name.encode(), proto.BASE_ALLOCATION.encode()
+            data = struct.pack(">I", len(raw)) + raw + struct.pack(">II", 1, len(q)) + q
+            reps = await c.option(proto.OPT_SET_META_CONTEXT, data)
+            assert [r[0] for r in reps] == [proto.REP_META_CONTEXT, proto.REP_ACK]
+        raw = name.encode()
+        reps = await c.option(proto.OPT_GO, struct.pack(">I", len(raw)) + raw + b"\0\0")
+        if reps[-1][0] != proto.REP_ACK:
+            raise LookupError(reps[-1][0])
+        for rtype, data in reps:
+            if rtype == proto.REP_INFO and data[:2] == b"\0\0":
+                c.size, c.flags = struct.unpack(">QH", data[2:])
+        return c
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                raise EOFError(f"wanted {n}, have {len(self.buf)}")
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        await self.send(struct.pack(">QII", proto.IHAVEOPT, option, len(data)) + data)
+        out = []
+        while True:
+            magic, opt, rtype, length = struct.unpack(">QIII", await self.recv(20))
+            assert magic == proto.REPLY_MAGIC and opt == option
+            out.append((rtype, await self.recv(length)))
+            if rtype != proto.REP_INFO and rtype != proto.REP_META_CONTEXT \
+                    and rtype != proto.REP_SERVER:
+                return out
+
+    async def request(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"",
+                      flags: int = 0, cookie: int = 1) -> None:
+        await self.send(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, flags, cmd, cookie, offset,
+                                    length) + data)
+
+    async def reply(self, read_length: dict[int, int] | None = None):
+        """One whole reply: (cookie, error, payload). Structured chunks are reassembled:
+        payload is read data (holes as zeros) or the block status payloads joined."""
+        magic = struct.unpack(">I", await self.recv(4))[0]
+        if magic == proto.SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", await self.recv(12))
+            n = (read_length or {}).get(cookie, 0) if error == 0 else 0
+            return cookie, error, await self.recv(n)
+        assert magic == proto.STRUCTURED_REPLY_MAGIC, hex(magic)
+        parts, error = [], 0
+        while True:
+            flags, rtype, cookie, length = struct.unpack(">HHQI", await self.recv(16))
+            payload = await self.recv(length)
+            if rtype == proto.REPLY_TYPE_OFFSET_DATA:
+                parts.append((struct.unpack_from(">Q", payload)[0], payload[8:]))
+            elif rtype == proto.REPLY_TYPE_OFFSET_HOLE:
+                off, n = struct.unpack(">QI", payload)
+                parts.append((off, ("hole", n)))
+            elif rtype == proto.REPLY_TYPE_ERROR:
+                error = struct.unpack_from(">I", payload)[0]
+            elif rtype == proto.REPLY_TYPE_BLOCK_STATUS:
+                parts.append((0, payload))
+            if flags & proto.REPLY_FLAG_DONE:
+                return cookie, error, parts
+            if magic := struct.unpack(">I", await self.recv(4))[0]:
+                assert magic == proto.STRUCTURED_REPLY_MAGIC
+
+    async def read(self, offset: int, length: int, cookie: int = 1) -> bytes:
+        await self.request(proto.CMD_READ, offset, length, cookie=cookie)
+        got_cookie, error, payload = await self.reply({cookie: length})
+        assert (got_cookie, error) == (cookie, 0)
+        if not self.structured:
+            return payload
+        out = bytearray(length)
+        for off, part in payload:
+            if isinstance(part, tuple):
+                continue
+            out[off - offset:off - offset + len(part)] = part
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes, cookie: int = 1) -> int:
+        await self.request(proto.CMD_WRITE, offset, len(data), data, cookie=cookie)
+        got_cookie, error, _ = await self.reply()
+        assert got_cookie == cookie
+        return error
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+@pytest.fixture
+def provider():
+    p = MemoryProvider()
+    p.add("disk", 4 * MiB, description="test disk")
+    p.add("ro", MiB, read_only=True)
+    return p
+
+
+@pytest.fixture
+async def port(provider, nursery):
+    return await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+
+
+async def test_write_read_roundtrip_simple(port, provider):
+    c = await Client.connect(port)
+    assert c.size == 4 * MiB and c.flags & proto.FLAG_CAN_MULTI_CONN
+    assert not c.flags & proto.FLAG_SEND_DF
+    payload = random.randbytes(70000)
+    assert await c.write(12345, payload) == 0
+    assert await c.read(12345, len(payload)) == payload
+    assert bytes(provider.exports["disk"].data[12345:12345 + 70000]) == payload
+    await c.request(proto.CMD_FLUSH, cookie=9)
+    assert await c.reply() == (9, 0, b"")
+    assert provider.exports["disk"].flushes == 1
+    await c.request(proto.CMD_DISC)
+    with pytest.raises(EOFError):
+        await c.recv(1)
+
+
+async def test_structured_read_holes_and_block_status(port):
+    c = await Client.connect(port, structured=True, meta=True)
+    assert c.flags & proto.FLAG_SEND_DF
+    await c.write(8192, b"\x77" * 4096)
+    await c.request(proto.CMD_READ, 0, 16384, cookie=3)
+    cookie, error, parts = await c.reply()
+    assert (cookie, error) == (3, 0)
+    assert parts == [(0, ("hole", 8192)), (8192, b"\x77" * 4096), (12288, ("hole", 4096))]
+    await c.request(proto.CMD_BLOCK_STATUS, 0, 3 * MiB, cookie=4)
+    cookie, error, [(_, payload)] = await c.reply()
+    ctx, *ext = struct.unpack(f">I{(len(payload) - 4) // 4}I", payload)
+    assert ext == [8192, 3, 4096, 0, 3 * MiB - 12288, 3]
+    await c.request(proto.CMD_READ, 0, 16384, flags=proto.CMD_FLAG_DF, cookie=5)
+    cookie, error, parts = await c.reply()
+    assert len(parts) == 1 and parts[0][1] == bytes(8192) + b"\x77" * 4096 + bytes(4096)
+
+
+async def test_trim_write_zeroes_cache(port, provider):
+    c = await Client.connect(port, structured=True)
+    disk = provider.exports["disk"]
+    await c.write(0, b"\x01" * 65536)
+    for cmd, flags in [(proto.CMD_TRIM, 0), (proto.CMD_WRITE_ZEROES, proto.CMD_FLAG_NO_HOLE),
+                       (proto.CMD_CACHE, 0), (proto.CMD_WRITE_ZEROES, proto.CMD_FLAG_FAST_ZERO)]:
+        await c.request(cmd, 0, 8192, flags=flags, cookie=cmd)
+        assert await c.reply() == (cmd, 0, b"")
+    assert await c.read(0, 8192) == bytes(8192)
+    assert disk.allocated[0:2] == b"\0\0" and disk.allocated[2] == 1
+    disk.fast_zero = False
+    await c.request(proto.CMD_WRITE_ZEROES, 8192, 4096, flags=proto.CMD_FLAG_FAST_ZERO, cookie=8)
+    assert (await c.reply())[1] == proto.ENOTSUP
+    assert await c.read(8192, 4096) == b"\x01" * 4096
+
+
+async def test_bad_magic_disconnects_only_that_client(port):
+    good = await Client.connect(port)
+    bad = await Client.connect(port)
+    await bad.send(b"\xde\xad\xbe\xef" + bytes(24))
+    with pytest.raises(EOFError):
+        await bad.recv(1)
+    assert await good.write(0, b"still fine") == 0
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_refused_requests_keep_connection(port, structured):
+    c = await Client.connect(port, structured=structured)
+    cases = [
+        (dict(cmd=42), proto.EINVAL),
+        (dict(cmd=proto.CMD_READ, offset=4 * MiB, length=1), proto.EINVAL),
+        (dict(cmd=proto.CMD_TRIM, offset=4 * MiB - 1, length=2), proto.EINVAL),
+        (dict(cmd=proto.CMD_WRITE_ZEROES, offset=4 * MiB, length=1), proto.ENOSPC),
+        (dict(cmd=proto.CMD_READ, length=proto.MAX_PAYLOAD + 1),
+         proto.EOVERFLOW if structured else proto.EINVAL),
+        (dict(cmd=proto.CMD_READ, length=1, flags=proto.CMD_FLAG_REQ_ONE), proto.EINVAL),
+        (dict(cmd=proto.CMD_BLOCK_STATUS, length=1), proto.EINVAL),
+        (dict(cmd=proto.CMD_WRITE, offset=4 * MiB - 2, length=4, data=b"abcd"), proto.ENOSPC),
+    ]
+    for i, (kw, errno) in enumerate(cases):
+        await c.request(cookie=i, **kw)
+        assert (await c.reply())[:2] == (i, errno), kw
+    assert await c.write(0, b"ok") == 0
+
+
+async def test_oversized_write_is_refused_and_skipped(port):
+    c = await Client.connect(port)
+    length = proto.MAX_PAYLOAD + 4096
+    await c.request(proto.CMD_WRITE, 0, length, cookie=5)
+    assert (await c.reply())[:2] == (5, proto.EINVAL)
+    chunk = b"\xee" * MiB
+    for _ in range(length // MiB):
+        await c.send(chunk)
+    await c.send(chunk[:4096])
+    assert await c.read(0, 16) == bytes(16)
+
+
+async def test_read_only_export(port):
+    c = await Client.connect(port, "ro")
+    assert c.flags & proto.FLAG_READ_ONLY
+    assert await c.write(0, b"x") == proto.EPERM
+    await c.request(proto.CMD_TRIM, 0, 10, cookie=2)
+    assert (await c.reply())[1] == proto.EPERM
+    assert await c.read(0, 4) == bytes(4)
+
+
+async def test_unknown_export(port):
+    with pytest.raises(LookupError) as info:
+        await Client.connect(port, "missing")
+    assert info.value.args[0] == proto.REP_ERR_UNKNOWN
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1) + struct.pack(">QII", proto.IHAVEOPT,
+                                                       proto.OPT_EXPORT_NAME, 7) + b"missing")
+    with pytest.raises(EOFError):
+        await c.recv(1)
+
+
+async def test_list_and_truncated_frames(port):
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    reps = await c.option(proto.OPT_LIST)
+    assert [r[0] for r in reps] == [proto.REP_SERVER] * 2 + [proto.REP_ACK]
+    await c.send(struct.pack(">QI", proto.IHAVEOPT, proto.OPT_GO))  # half an option
+    await c.aclose()
+    t = await Client.connect(port)
+    await t.request(proto.CMD_WRITE, 0, 100, b"half")  # half a write, then gone
+    await t.aclose()
+    good = await Client.connect(port)
+    assert await good.read(0, 4) == bytes(4)
+
+
+async def test_garbage_connections_do_not_disturb_a_good_client(port, provider):
+    rng = random.Random(4)
+    good = await Client.connect(port, structured=True)
+    expected = bytearray(4 * MiB)
+
+    async def garbage(i: int) -> None:
+        try:
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            return
+        try:
+            with trio.move_on_after(5):
+                kind = i % 4
+                if kind == 0:
+                    await s.send_all(rng.randbytes(rng.randrange(1, 3000)))
+                elif kind == 1:
+                    await s.send_all(struct.pack(">IQII", 1, proto.IHAVEOPT, 999, 2**32 - 1))
+                    await s.send_all(rng.randbytes(5000))
+                elif kind == 2:
+                    await s.send_all(struct.pack(">IQII", 1, proto.IHAVEOPT, proto.OPT_EXPORT_NAME,
+                                                 4) + b"disk" + rng.randbytes(500))
+                else:
+                    await s.send_all(struct.pack(">IQII", 1, proto.IHAVEOPT, proto.OPT_EXPORT_NAME,
+                                                 4) + b"disk" + struct.pack(
+                        ">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 1, 0, 2**32 - 1))
+                await s.receive_some(100)
+        except (trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(s)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(400):
+            nursery.start_soon(garbage, i)
+        for i in range(50):
+            off = rng.randrange(0, 4 * MiB - 8192)
+            data = rng.randbytes(rng.randrange(1, 8192))
+            assert await good.write(off, data, cookie=i) == 0
+            expected[off:off + len(data)] = data
+            await trio.sleep(0)
+    assert await good.read(0, 4 * MiB) == bytes(expected)
+    assert provider.exports["disk"].data == expected
+
+
+async def test_many_requests_in_flight(port):
+    c = await Client.connect(port)
+    n = 600
+    blocks = {i: random.randbytes(512) for i in range(n)}
+    batch = b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i, i * 512,
+                                 512) + blocks[i] for i in range(n))
+    batch += b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, n + i,
+                                  i * 512, 512) for i in range(n))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c.send, batch)
+        replies = [await c.reply({n + i: 512 for i in range(n)}) for _ in range(2 * n)]
+    assert sorted(r[0] for r in replies) == list(range(2 * n))
+    assert all(r[1] == 0 for r in replies)
+    assert {r[0] - n: r[2] for r in replies if r[0] >= n} == blocks
+
+
+class SlowExport(MemoryExport):
+    """Reads and writes return awaitables that finish when the test says so."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gates: dict[int, trio.Event] = {}
+        self.active = 0
+        self.max_active = 0
+        self.auto = False
+
+    def read(self, offset, length):
+        result = super().read(offset, length)
+
+        async def later():
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            try:
+                if not self.auto:
+                    await self.gates.setdefault(offset, trio.Event()).wait()
+                else:
+                    await trio.sleep(0.001)
+                return result
+            finally:
+                self.active -= 1
+        return later()
+
+    async def write(self, offset, data, fua):  # an async def: the server must copy data
+        await trio.sleep(random.random() / 100)
+        super().write(offset, data, fua)
+
+    def flush(self):
+        async def fail():
+            raise NoSpace("disk full")
+        return fail()
+
+    def trim(self, offset, length, fua):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def slow(provider):
+    export = SlowExport("slow", MiB)
+    MemoryExport.write(export, 0, bytes(range(256)) * (MiB // 256), False)
+    provider.exports["slow"] = export
+    return export
+
+
+async def test_out_of_order_replies(port, slow):
+    c = await Client.connect(port, "slow", structured=True)
+    n = 20
+    for i in range(n):
+        await c.request(proto.CMD_READ, i * 100, 100, cookie=i)
+    await trio.sleep(0.05)
+    assert slow.active == n
+    order = []
+    for i in reversed(range(n)):
+        slow.gates.setdefault(i * 100, trio.Event()).set()
+        cookie, error, [(off, data)] = await c.reply()
+        order.append(cookie)
+        assert error == 0 and off == cookie * 100
+        assert data == bytes(slow.data[off:off + 100])
+    assert order == list(reversed(range(n)))
+
+
+async def test_async_writes_are_copied_and_errors_mapped(port, slow):
+    c = await Client.connect(port, "slow")
+    blocks = [random.randbytes(1000) for _ in range(64)]
+    await c.send(b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i,
+                                      i * 1000, 1000) + b for i, b in enumerate(blocks)))
+    got = sorted([await c.reply() for _ in blocks])
+    assert got == [(i, 0, b"") for i in range(64)]
+    assert bytes(slow.data[:64000]) == b"".join(blocks)
+    await c.request(proto.CMD_FLUSH, cookie=100)
+    assert await c.reply() == (100, proto.ENOSPC, b"")
+    await c.request(proto.CMD_TRIM, 0, 10, cookie=101)
+    assert await c.reply() == (101, proto.EIO, b"")
+    assert await c.write(0, b"after") == 0
+
+
+async def test_in_flight_is_bounded(port, slow, monkeypatch):
+    monkeypatch.setattr(server, "MAX_IN_FLIGHT", 16)
+    slow.auto = True
+    c = await Client.connect(port, "slow")
+    n = 200
+    await c.send(b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i, i, 10)
+                          for i in range(n)))
+    replies = [await c.reply({i: 10 for i in range(n)}) for _ in range(n)]
+    assert sorted(r[0] for r in replies) == list(range(n))
+    assert 1 < slow.max_active <= 16
+
+
+async def test_disc_finishes_in_flight_requests(port, slow):
+    c = await Client.connect(port, "slow", structured=True)
+    for i in range(5):
+        await c.request(proto.CMD_READ, i * 10, 10, cookie=i)
+    await c.request(proto.CMD_DISC)
+    await trio.sleep(0.05)
+    for i in range(5):
+        slow.gates.setdefault(i * 10, trio.Event()).set()
+    cookies = sorted([(await c.reply())[0] for _ in range(5)])
+    assert cookies == list(range(5))
+    with pytest.raises(EOFError):
+        await c.recv(1)
+
+
+async def test_async_provider(nursery):
+    class AsyncProvider:
+        def __init__(self):
+            self.inner = MemoryProvider()
+            self.inner.add("a", 8192)
+
+        async def list_exports(self):
+            await trio.sleep(0)
+            return self.inner.list_exports()
+
+        async def open_export(self, name):
+            await trio.sleep(0)
+            return self.inner.open_export(name)
+
+    p = await nursery.start(serve_nbd, AsyncProvider(), "127.0.0.1", 0)
+    c = await Client.connect(p, "a")
+    assert c.size == 8192 and await c.write(0, b"hi") == 0
+    with pytest.raises(LookupError):
+        await Client.connect(p, "b")
+
+
+async def test_memory_stream_transport():
+    """handle_connection also runs over streams without a socket (trio.testing)."""
+    provider = MemoryProvider()
+    provider.add("m", 4096)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_stream, provider)
+        c = Client(client_stream)
+        await c.recv(18)
+        await c.send(struct.pack(">I", 3))
+        await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 1) + b"m")
+        size, flags = struct.unpack(">QH", await c.recv(10))
+        assert size == 4096
+        assert await c.write(0, b"abc") == 0
+        assert await c.read(0, 3) == b"abc"
+        await c.request(proto.CMD_DISC)
+    assert bytes(provider.exports["m"].data[:3]) == b"abc"
