@@ -19,12 +19,15 @@ agrees on one epoch per distinct map and the epoch strictly grows on every chang
 membership, state, domain, capacity or address.
 
 Lease token rule: a grant is a CAS on vbp/lease/<volume> and its token is
-max(store revision at the read + 1, previous token + 1). Every earlier grant committed at a
-revision <= the read revision and took a token <= its own commit revision, so a new token
-is strictly greater than every earlier token for that volume, even one whose record was
-deleted. Renewal keeps the token; a takeover or a release changes the record, and renewing
-then raises Fenced. Lease liveness is judged by the stored `expires` (wall clock); fencing
-tokens keep a clock skew between gateways safe (replicas reject older tokens).
+max(store revision at the read + 1, previous token + 1). Grants of one volume are
+serialized by the CAS on the record's mod revision, and the record is never deleted (a
+release clears its holder, keeps its token), so every grant sees the previous token and a
+new token is strictly greater than every earlier one for that volume. (Deleting it would
+break this: a CAS on "absent" can succeed after a grant and a release that happened between
+its read and its write.) Renewal keeps the token; a takeover or a release changes the
+record, and renewing then raises Fenced. Lease liveness is judged by the stored `expires`
+(wall clock); fencing tokens keep a clock skew between gateways safe (replicas reject
+writes with an older token).
 """
 
 from __future__ import annotations
@@ -282,7 +285,7 @@ class Registry:
             token = rev + 1
             if item is not None:
                 cur = self._lease_of(volume, item.value)
-                if cur.holder != holder and cur.expires > now:
+                if cur.holder not in ("", holder) and cur.expires > now:
                     raise LeaseHeld(
                         f"volume {volume} is leased to {cur.holder} (token {cur.token}) "
                         f"for {cur.expires - now:.1f}s more"
@@ -301,9 +304,9 @@ class Registry:
         key = P_LEASE + _name("volume name", lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
-            if item is None:
+            cur = self._lease_of(lease.volume, item.value) if item else None
+            if cur is None or (cur.token == lease.token and cur.holder == ""):
                 raise Fenced(f"lease of volume {lease.volume} (token {lease.token}) was released")
-            cur = self._lease_of(lease.volume, item.value)
             if (cur.holder, cur.token) != (lease.holder, lease.token):
                 raise Fenced(
                     f"lease of volume {lease.volume} (token {lease.token}) was taken over "
@@ -317,7 +320,9 @@ class Registry:
         raise self._contended(f"renew lease of {lease.volume}")
 
     def release_lease(self, lease: Lease) -> None:
-        """Give the lease up; a no-op if it is no longer ours."""
+        """Give the lease up; a no-op if it is no longer ours. The record stays, with no
+        holder and the last token: deleting it would let a grant that read the key before
+        this release still see "absent" and reuse an old token."""
         key = P_LEASE + _name("volume name", lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
@@ -326,7 +331,8 @@ class Registry:
             cur = self._lease_of(lease.volume, item.value)
             if (cur.holder, cur.token) != (lease.holder, lease.token):
                 return
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
+            value = _pack({"holder": "", "token": cur.token, "expires": 0.0})
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, value)])
             if ok:
                 return
         raise self._contended(f"release lease of {lease.volume}")
@@ -336,7 +342,7 @@ class Registry:
         if item is None:
             return None
         lease = self._lease_of(volume, item.value)
-        return lease if lease.expires > time.time() else None
+        return lease if lease.holder and lease.expires > time.time() else None
 
     # --- stale-replica (dirty) records -----------------------------------------------------
 

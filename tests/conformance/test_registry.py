@@ -1,0 +1,445 @@
+"""One conformance suite for every registry backend: in-memory, LMDB and a real etcd."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+
+import pytest
+
+from vbp.cluster import HostRecord
+from vbp.errors import (
+    AlreadyExists,
+    Fenced,
+    InvalidArgument,
+    LeaseHeld,
+    NotFound,
+    RegistryUnavailable,
+)
+from vbp.registry import Lease, StaleRecord, open_registry
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["memory", "lmdb", "etcd"])
+def url(request, tmp_path):
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    if request.param == "lmdb":
+        return f"lmdb://{tmp_path / 'registry'}"
+    etcd = request.getfixturevalue("etcd_server")
+    etcd.wipe()
+    return etcd.url
+
+
+@pytest.fixture
+def reg(url):
+    r = open_registry(url)
+    yield r
+    r.close()
+
+
+def host(i: int, **kw) -> HostRecord:
+    return HostRecord(id=f"h{i}", peer=f"127.0.0.1:{7000 + i}", nbd=f"127.0.0.1:{10800 + i}",
+                      capacity=1 << 30, **kw)
+
+
+def run_threads(n: int, fn) -> list:
+    results: list = [None] * n
+    errors: list = []
+
+    def body(i):
+        try:
+            results[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "nope", "lmdb://", "etcd://", "etcd://host", "etcd://h:99999",
+                                 "ftp://x", "etcd://a:1,,b:2"])
+def test_bad_url_is_invalid_argument(bad):
+    with pytest.raises(InvalidArgument):
+        open_registry(bad)
+
+
+# --- volumes ------------------------------------------------------------------------------
+
+
+def test_volume_crud(reg):
+    assert reg.list_volumes() == []
+    reg.create_volume("a", {"name": "a", "size": 1})
+    reg.create_volume("b", {"name": "b", "size": 2, "blob": b"\x00\xff"})
+    with pytest.raises(AlreadyExists):
+        reg.create_volume("a", {"name": "a"})
+    assert reg.get_volume("b") == {"name": "b", "size": 2, "blob": b"\x00\xff"}
+    assert [v["name"] for v in reg.list_volumes()] == ["a", "b"]
+    assert reg.update_volume("a", lambda r: {**r, "size": 5}) == {"name": "a", "size": 5}
+    assert reg.get_volume("a")["size"] == 5
+    reg.delete_volume("a")
+    with pytest.raises(NotFound):
+        reg.get_volume("a")
+    with pytest.raises(NotFound):
+        reg.delete_volume("a")
+    with pytest.raises(NotFound):
+        reg.update_volume("a", lambda r: r)
+    reg.create_volume("a", {"name": "a", "size": 7})  # a deleted name can be reused
+    assert reg.get_volume("a")["size"] == 7
+
+
+def test_update_volume_fn_error_aborts(reg):
+    reg.create_volume("v", {"n": 1})
+
+    def boom(rec):
+        rec["n"] = 99
+        raise InvalidArgument("no")
+
+    with pytest.raises(InvalidArgument):
+        reg.update_volume("v", boom)
+    assert reg.get_volume("v") == {"n": 1}
+
+
+def test_update_volume_cas_under_concurrent_updaters(url, reg):
+    reg.create_volume("v", {"n": 0, "by": []})
+    per_thread = 15
+
+    def worker(i):
+        r = open_registry(url)
+        try:
+            for _ in range(per_thread):
+                r.update_volume("v", lambda rec: {"n": rec["n"] + 1, "by": rec["by"] + [i]})
+        finally:
+            r.close()
+
+    run_threads(6, worker)
+    rec = reg.get_volume("v")
+    assert rec["n"] == 6 * per_thread
+    assert sorted(rec["by"]) == sorted(i for i in range(6) for _ in range(per_thread))
+
+
+def test_next_id_monotonic_under_concurrency(url, reg):
+    assert reg.next_id("vol") == 1
+    assert reg.next_id("other") == 1
+
+    def worker(i):
+        r = open_registry(url) if i % 2 else reg  # shared and private handles
+        try:
+            return [r.next_id("vol") for _ in range(20)]
+        finally:
+            if i % 2:
+                r.close()
+
+    got = run_threads(6, worker)
+    for seq in got:
+        assert seq == sorted(seq) and len(set(seq)) == len(seq)
+    flat = sorted(x for seq in got for x in seq)
+    assert flat == list(range(2, 2 + 6 * 20))
+    assert reg.next_id("vol") == 2 + 6 * 20
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+
+def test_lease_exclusive_and_reacquire(reg):
+    assert reg.get_lease("v") is None
+    a = reg.acquire_lease("v", "gw-a", 5)
+    assert isinstance(a, Lease) and (a.volume, a.holder) == ("v", "gw-a")
+    assert a.expires > time.time() + 4
+    assert reg.get_lease("v") == a
+    with pytest.raises(LeaseHeld, match="gw-a"):
+        reg.acquire_lease("v", "gw-b", 5)
+    a2 = reg.acquire_lease("v", "gw-a", 5)  # the same holder again: a valid, newer grant
+    assert a2.holder == "gw-a" and a2.token > a.token
+    assert reg.get_lease("v") == a2
+    # leases of other volumes are independent
+    other = reg.acquire_lease("w", "gw-b", 5)
+    assert other.holder == "gw-b"
+
+
+def test_lease_renew_release(reg):
+    a = reg.acquire_lease("v", "gw-a", 2)
+    r = reg.renew_lease(a, 10)
+    assert r.token == a.token and r.expires > a.expires
+    assert reg.get_lease("v").expires == r.expires
+    reg.release_lease(r)
+    assert reg.get_lease("v") is None
+    with pytest.raises(Fenced, match="released"):
+        reg.renew_lease(r, 5)
+    reg.release_lease(r)  # releasing twice is harmless
+    b = reg.acquire_lease("v", "gw-b", 5)
+    assert b.token > a.token
+
+
+def test_lease_takeover_after_expiry_fences_old_holder(reg):
+    a = reg.acquire_lease("v", "gw-a", 1)
+    time.sleep(1.2)
+    assert reg.get_lease("v") is None
+    b = reg.acquire_lease("v", "gw-b", 5)
+    assert b.token > a.token
+    with pytest.raises(Fenced, match="gw-b"):
+        reg.renew_lease(a, 5)
+    reg.release_lease(a)  # a stale release does not drop the new holder's lease
+    assert reg.get_lease("v") == b
+    with pytest.raises(LeaseHeld):
+        reg.acquire_lease("v", "gw-a", 5)
+
+
+def test_lease_renew_after_expiry_without_takeover(reg):
+    a = reg.acquire_lease("v", "gw-a", 1)
+    time.sleep(1.1)
+    r = reg.renew_lease(a, 5)
+    assert r.token == a.token and reg.get_lease("v") == r
+
+
+def test_lease_tokens_increase_under_contention(url, reg):
+    def worker(i):
+        r = open_registry(url)
+        tokens = []
+        try:
+            for _ in range(10):
+                try:
+                    lease = r.acquire_lease("v", f"gw-{i}", 30)
+                except LeaseHeld:
+                    continue
+                tokens.append(lease.token)
+                r.release_lease(lease)
+        finally:
+            r.close()
+        return tokens
+
+    tokens = [t for seq in run_threads(4, worker) for t in seq]
+    assert tokens and len(set(tokens)) == len(tokens)
+
+
+# --- hosts and the cluster map -----------------------------------------------------------------
+
+
+def test_register_and_map(reg):
+    m0 = reg.cluster_map()
+    assert m0.hosts == ()
+    m1 = reg.register_host(host(1, zone="z1", pod="p1"), 30)
+    assert m1.epoch > m0.epoch and [h.id for h in m1.hosts] == ["h1"]
+    assert m1.host("h1").state == "up" and m1.host("h1").zone == "z1"
+    m2 = reg.register_host(host(2), 30)
+    assert m2.epoch > m1.epoch and [h.id for h in m2.hosts] == ["h1", "h2"]
+    assert reg.cluster_map() == m2  # nothing changed: same epoch
+    m3 = reg.register_host(host(2), 30)  # re-registration with identical data
+    assert m3 == m2
+    m4 = reg.register_host(HostRecord("h2", "127.0.0.1:9999", "127.0.0.1:9998"), 30)
+    assert m4.epoch > m3.epoch and m4.host("h2").peer == "127.0.0.1:9999"
+    with pytest.raises(NotFound):
+        reg.heartbeat("nope", 10)
+    m5 = reg.remove_host("h1")
+    assert m5.epoch > m4.epoch and [h.id for h in m5.hosts] == ["h2"]
+    with pytest.raises(NotFound):
+        reg.remove_host("h1")
+
+
+def test_host_ttl_expiry_marks_down_and_bumps_epoch(url, reg):
+    reg.register_host(host(1), 1)
+    m = reg.register_host(host(2), 60)
+    assert m.host("h1").state == "up"
+    # another reader agrees on the epoch
+    other = open_registry(url)
+    try:
+        assert other.cluster_map().epoch == m.epoch
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            reg.heartbeat("h2", 60)
+            m2 = reg.wait_map_change(m.epoch, 0.5)
+            if m2.epoch > m.epoch:
+                break
+        assert m2.epoch > m.epoch
+        assert m2.host("h1").state == "down" and m2.host("h2").state == "up"
+        assert other.cluster_map() == m2
+        # a heartbeat brings it back up, with a new epoch
+        reg.heartbeat("h1", 30)
+        m3 = reg.cluster_map()
+        assert m3.epoch > m2.epoch and m3.host("h1").state == "up"
+    finally:
+        other.close()
+
+
+def test_draining_and_maintenance(reg):
+    reg.register_host(host(1), 1)
+    m0 = reg.register_host(host(2), 30)
+    m1 = reg.set_host_state("h2", "draining")
+    assert m1.epoch > m0.epoch and m1.host("h2").state == "draining"
+    m1b = reg.register_host(host(2), 30)  # a restarting host keeps its draining state
+    assert m1b.host("h2").state == "draining" and m1b.epoch == m1.epoch
+    with pytest.raises(InvalidArgument):
+        reg.set_host_state("h2", "down")
+    with pytest.raises(NotFound):
+        reg.set_host_state("nope", "up")
+    m2 = reg.set_maintenance("h1", True)
+    assert m2.epoch > m1b.epoch and m2.host("h1").maintenance
+    time.sleep(1.2)
+    # in maintenance, an expired host is not reported down (no recovery storm)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        m3 = reg.cluster_map()
+        assert m3.host("h1").state == "up"
+        time.sleep(0.3)
+    m4 = reg.set_maintenance("h1", False)
+    assert m4.host("h1").state == "down" and not m4.host("h1").maintenance
+    assert m4.epoch > m3.epoch
+    m5 = reg.set_host_state("h2", "up")
+    assert m5.host("h2").state == "up" and m5.epoch > m4.epoch
+    m6 = reg.register_host(host(1), 30)  # maintenance flag survives re-registration
+    assert m6.host("h1").state == "up" and not m6.host("h1").maintenance
+
+
+def test_wait_map_change(reg):
+    m = reg.register_host(host(1), 30)
+    t0 = time.monotonic()
+    same = reg.wait_map_change(m.epoch, 0.3)
+    assert same.epoch == m.epoch and time.monotonic() - t0 >= 0.29
+    timer = threading.Timer(0.3, lambda: reg.set_host_state("h1", "draining"))
+    timer.start()
+    t0 = time.monotonic()
+    changed = reg.wait_map_change(m.epoch, 10)
+    timer.join()
+    assert changed.epoch > m.epoch and changed.host("h1").state == "draining"
+    assert time.monotonic() - t0 < 3
+
+
+def test_epochs_strictly_increase_on_every_change(reg):
+    seen = [reg.cluster_map()]
+    ops = [
+        lambda: reg.register_host(host(1), 30),
+        lambda: reg.register_host(host(2, zone="z2"), 30),
+        lambda: reg.set_host_state("h1", "draining"),
+        lambda: reg.set_host_state("h1", "draining"),  # no change
+        lambda: reg.set_maintenance("h2", True),
+        lambda: reg.set_host_state("h1", "up"),
+        lambda: reg.remove_host("h2"),
+    ]
+    for op in ops:
+        seen.append(op())
+    for a, b in zip(seen, seen[1:]):
+        if a.hosts != b.hosts:
+            assert b.epoch > a.epoch
+        else:
+            assert b.epoch == a.epoch
+
+
+# --- stale records ----------------------------------------------------------------------------
+
+
+def test_stale_records(reg):
+    assert reg.list_stale() == []
+    reg.mark_stale("lin", 3, ["h1", "h2"], 5)
+    reg.mark_stale("lin", 10, ["h1"], 1)
+    reg.mark_stale("lin/x", 3, ["h3"], 2)  # a lineage that extends another's name
+    reg.mark_stale("li", 3, ["h3"], 2)
+    assert reg.list_stale("lin") == [
+        StaleRecord("lin", 3, "h1", 5), StaleRecord("lin", 3, "h2", 5), StaleRecord("lin", 10, "h1", 1)]
+    assert len(reg.list_stale()) == 5
+    reg.mark_stale("lin", 3, ["h1"], 7)  # a newer miss raises the version
+    reg.mark_stale("lin", 3, ["h1"], 6)  # a late, older mark does not lower it
+    assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
+    reg.clear_stale("lin", 3, "h1", version=5)  # recovery copied v5, v7 is still missing
+    assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
+    reg.clear_stale("lin", 3, "h1", version=7)
+    reg.clear_stale("lin", 3, "h2")
+    reg.clear_stale("lin", 3, "h9")  # absent: no-op
+    assert reg.list_stale("lin") == [StaleRecord("lin", 10, "h1", 1)]
+    assert reg.list_stale("lin/x") == [StaleRecord("lin/x", 3, "h3", 2)]
+
+
+# --- unavailability ---------------------------------------------------------------------------
+
+
+def test_etcd_closed_port_is_registry_unavailable():
+    port = free_port()
+    r = open_registry(f"etcd://127.0.0.1:{port}")
+    with pytest.raises(RegistryUnavailable) as e:
+        r.get_volume("v")
+    msg = str(e.value)
+    assert f"etcd://127.0.0.1:{port}" in msg and "connect" in msg
+    assert e.value.__cause__ is None  # no raw httpx traceback chained
+    assert e.value.__context__ is None or e.value.__suppress_context__
+    r.close()
+
+
+def test_etcd_failover_between_endpoints(etcd_server):
+    etcd_server.wipe()
+    dead = f"127.0.0.1:{free_port()}"
+    r = open_registry(f"etcd://{dead},{etcd_server.endpoint}")
+    try:
+        r.create_volume("v", {"n": 1})
+        assert r.get_volume("v") == {"n": 1}
+        assert r.next_id("c") == 1
+    finally:
+        r.close()
+
+
+def test_etcd_stopped_is_registry_unavailable(etcd_factory):
+    e = etcd_factory()
+    r = open_registry(e.url)
+    try:
+        r.create_volume("v", {"n": 1})
+        e.stop()
+        for call in (lambda: r.get_volume("v"), lambda: r.cluster_map(),
+                     lambda: r.update_volume("v", lambda x: x), lambda: r.acquire_lease("v", "a", 5)):
+            with pytest.raises(RegistryUnavailable, match=e.url.replace(".", r"\.")):
+                call()
+    finally:
+        r.close()
+
+
+def test_lmdb_unusable_dir_is_registry_unavailable(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("not a directory")
+    with pytest.raises(RegistryUnavailable, match="lmdb://"):
+        open_registry(f"lmdb://{f}/sub")
+
+
+# --- LMDB: several processes at once -------------------------------------------------------------
+
+
+def _lmdb_writer(url: str, i: int, n: int) -> None:
+    r = open_registry(url)
+    for k in range(n):
+        r.update_volume("v", lambda rec: {"n": rec["n"] + 1})
+        r.next_id("ids")
+        r.mark_stale("lin", k, [f"p{i}"], k)
+        r.register_host(host(i), 30)
+    r.close()
+
+
+def test_lmdb_two_processes_write_at_once(tmp_path):
+    url = f"lmdb://{tmp_path / 'registry'}"
+    reg = open_registry(url)
+    reg.create_volume("v", {"n": 0})
+    ctx = multiprocessing.get_context("spawn")
+    n = 150
+    procs = [ctx.Process(target=_lmdb_writer, args=(url, i, n)) for i in range(2)]
+    for p in procs:
+        p.start()
+    # this process writes at the same time too
+    for _ in range(n):
+        reg.update_volume("v", lambda rec: {"n": rec["n"] + 1})
+        reg.next_id("ids")
+    for p in procs:
+        p.join(50)
+        assert p.exitcode == 0
+    assert reg.get_volume("v")["n"] == 3 * n
+    assert reg.next_id("ids") == 3 * n + 1
+    assert len(reg.list_stale("lin")) == 2 * n
+    assert [h.id for h in reg.cluster_map().hosts] == ["h0", "h1"]
+    reg.close()
