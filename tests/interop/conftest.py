@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +52,3 @@ def nbd_server():
             proc.kill()
             proc.wait()
         assert alive, f"the NBD runner died: {proc.stderr.read()[-2000:]}"
-
-
-def need(tool: str) -> str:
-    """The path of a client tool; its absence is a failure, not a skip: these tests
-    exist to prove interop with exactly these clients."""
-    path = shutil.which(tool)
-    assert path, f"{tool} is not installed (make test installs it)"
-    return path
