@@ -375,7 +375,7 @@ class _ClientConnection:
         self.link: _Link | None = None
         self.ready = trio.Event()
         self.error: PeerUnavailable | None = None  # set once the connection is dead
-        self.pending: dict[int, Any] = {}  # request id -> waiting task
+        self.pending: dict[int, tuple] = {}  # request id -> (waiting task, deadline)
         self.next_id = 1
         self.room = ParkingLot()
         self.peer_host_id: str | None = None
@@ -449,9 +449,9 @@ class _ClientConnection:
                 event = codec.next_event()
                 if event is NEED_DATA:
                     break
-                task = pending.pop(event[0], None)
-                if task is not None:  # else a late reply to a call that gave up
-                    reschedule(task, outcome.Value(event[1]))
+                waiter = pending.pop(event[0], None)
+                if waiter is not None:  # else a late reply to a call that gave up
+                    reschedule(waiter[0], outcome.Value(event[1]))
             if self.room:
                 self.room.unpark_all()
 
@@ -465,7 +465,7 @@ class _ClientConnection:
         self.cancel_scope.cancel()
         self.ready.set()
         pending, self.pending = self.pending, {}
-        for task in pending.values():
+        for task, _ in pending.values():
             reschedule(task, outcome.Error(self.new_error()))
         self.room.unpark_all()
         if self.pool._conns.get(self.address) is self:
@@ -475,8 +475,8 @@ class _ClientConnection:
         exc = self.error
         return type(exc)(*exc.args)
 
-    async def request(self, message, drop: bool):
-        """Send and wait for the reply; the caller bounds the wait."""
+    async def request(self, message, deadline: float, drop: bool):
+        """Send and wait for the reply, until `deadline` (see PeerPool._sweep_timeouts)."""
         while len(self.pending) >= self.pool.max_in_flight and not self.dead:
             await self.room.park()
         if self.dead:
@@ -485,10 +485,11 @@ class _ClientConnection:
         self.next_id += 1
         if not drop:
             self.link.queue(request_id, message)
-        self.pending[request_id] = task = current_task()
+        self.pending[request_id] = waiter = (current_task(), deadline)
+        self.pool._timeout_at(deadline)
 
         def abort(_):
-            if self.pending.get(request_id) is task:
+            if self.pending.get(request_id) is waiter:
                 del self.pending[request_id]
             return Abort.SUCCEEDED
 
@@ -520,11 +521,45 @@ class PeerPool:
         self._conns: dict[str, _ClientConnection] = {}
         self._nursery: trio.Nursery | None = None
         self._nursery_cm = None
+        self._next_sweep = math.inf
+        self._sweep_scope: trio.CancelScope | None = None
 
     async def __aenter__(self) -> "PeerPool":
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._sweep_timeouts)
         return self
+
+    # Request timeouts. A cancel scope per call costs as much as the rest of the call, so
+    # pending calls carry their deadline and one task per pool wakes at the earliest one and
+    # fails whatever is overdue. With one timeout for every call, deadlines only grow and a
+    # new call never has to wake the sweeper.
+
+    def _timeout_at(self, deadline: float) -> None:
+        if deadline < self._next_sweep:
+            self._next_sweep = deadline
+            if self._sweep_scope is not None:
+                self._sweep_scope.deadline = deadline
+
+    async def _sweep_timeouts(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_sweep) as scope:
+                self._sweep_scope = scope
+                await trio.sleep_forever()
+            self._sweep_scope = None
+            now = trio.current_time()
+            earliest = math.inf
+            for conn in list(self._conns.values()):
+                for request_id, (task, deadline) in list(conn.pending.items()):
+                    if deadline <= now:
+                        del conn.pending[request_id]
+                        reschedule(task, outcome.Error(PeerUnavailable(
+                            f"peer {conn.address}: no reply in time")))
+                    elif deadline < earliest:
+                        earliest = deadline
+                if conn.room:
+                    conn.room.unpark_all()
+            self._next_sweep = earliest
 
     async def __aexit__(self, *exc_info) -> bool:
         # The body's exception is not handed to the nursery: it would come out wrapped in an
@@ -571,23 +606,29 @@ class PeerPool:
                 drop = True
             elif fault:
                 await trio.sleep(fault)
-        with trio.move_on_after(self.request_timeout if timeout is None else timeout):
-            conn = self._conns.get(address)
-            if conn is None:
-                conn = self._conns[address] = _ClientConnection(self, address)
-                self._nursery.start_soon(conn.run)
-            if not conn.ready.is_set():
-                await conn.ready.wait()
-            reply = await conn.request(message, drop)
-            if type(reply) is m.Error:
-                raise error_to_exception(reply)
-            expected = m.REPLY_TYPES.get(type(message))
-            if expected is not None and type(reply) is not expected:
-                raise PeerUnavailable(
-                    f"peer {address} answered {type(message).__name__} with "
-                    f"{type(reply).__name__}")
-            return reply
-        raise PeerUnavailable(f"peer {address}: no reply to {type(message).__name__} in time")
+        deadline = trio.current_time() + (self.request_timeout if timeout is None else timeout)
+        conn = self._conns.get(address)
+        if conn is None or not conn.ready.is_set():
+            conn = await self._connected(address, deadline)
+        reply = await conn.request(message, deadline, drop)
+        if type(reply) is m.Error:
+            raise error_to_exception(reply)
+        expected = m.REPLY_TYPES.get(type(message))
+        if expected is not None and type(reply) is not expected:
+            raise PeerUnavailable(
+                f"peer {address} answered {type(message).__name__} with {type(reply).__name__}")
+        return reply
+
+    async def _connected(self, address: str, deadline: float) -> _ClientConnection:
+        """The connection to `address` once handshaken, opening it if needed."""
+        conn = self._conns.get(address)
+        if conn is None:
+            conn = self._conns[address] = _ClientConnection(self, address)
+            self._nursery.start_soon(conn.run)
+        with trio.move_on_at(deadline):
+            await conn.ready.wait()
+            return conn
+        raise PeerUnavailable(f"peer {address}: not connected in time")
 
     async def call_many(self, calls: Iterable[tuple[str, Any]], timeout: float | None = None
                         ) -> list:
