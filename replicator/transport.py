@@ -179,7 +179,12 @@ async def serve_peers(
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if port == 0 and len(listeners) > 1:
+        # a wildcard host binds IPv4 and IPv6 to different free ports: keep one
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
     bound_port = listeners[0].socket.getsockname()[1]
 
     async def serve_one(stream: trio.SocketStream) -> None:

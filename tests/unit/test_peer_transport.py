@@ -29,7 +29,7 @@ def ok_handler(msg, peer):
         return m.Pong("srv", msg.epoch)
     if type(msg) is m.ReadChunk:
         return m.Data(bytes([msg.index % 256]) * msg.length, msg.index, 1)
-    return m.Ok(msg.version)
+    return m.Ok(getattr(msg, "version", 1))
 
 
 @asynccontextmanager
@@ -343,3 +343,24 @@ async def test_pool_exceptions_are_not_wrapped_in_groups():
     with pytest.raises(Fenced):
         async with PeerPool(CLUSTER, "cli"):
             raise Fenced("plain")
+
+
+async def test_call_many_and_run_under_a_nursery():
+    async with server() as (address, _), trio.open_nursery() as nursery:
+        pool = await nursery.start(PeerPool(CLUSTER, "cli").run)
+        dead = "127.0.0.1:1"  # nothing listens on port 1
+        results = await pool.call_many([(address, m.Ping(1)), (dead, m.Ping(2)),
+                                        (address, m.Flush("v", 1, 1))])
+        assert results[0] == m.Pong("srv", 1)
+        assert isinstance(results[1], PeerUnavailable)
+        assert results[2] == m.Ok(1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_wildcard_host_with_port_zero_serves_on_the_started_port():
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_peers(
+            ok_handler, "", 0, cluster=CLUSTER, host_id="srv", task_status=task_status))
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(f"127.0.0.1:{port}", m.Ping(1)) == m.Pong("srv", 1)
+        nursery.cancel_scope.cancel()
