@@ -90,21 +90,24 @@ class MemoryExport:
     def _pages(self, offset: int, length: int) -> tuple[int, int]:
         return offset // PAGE, (offset + length + PAGE - 1) // PAGE
 
-    def read(self, offset: int, length: int):
-        first, end = self._pages(offset, length)
-        if 0 not in self.allocated[first:end]:
-            return bytes(self.data[offset:offset + length])
-        extents, pos, stop = [], offset, offset + length
+    def _runs(self, pos: int, stop: int):
+        """(start, end, allocated) runs of equal page state covering pos..stop."""
         while pos < stop:
             page = pos // PAGE
             state = self.allocated[page]
             nxt = page + 1
-            while nxt < end and self.allocated[nxt] == state:
+            while nxt * PAGE < stop and self.allocated[nxt] == state:
                 nxt += 1
-            upto = min(nxt * PAGE, stop)
-            extents.append((pos, upto - pos, bytes(self.data[pos:upto]) if state else None))
-            pos = upto
-        return extents
+            end = min(nxt * PAGE, stop)
+            yield pos, end, state
+            pos = end
+
+    def read(self, offset: int, length: int):
+        first, end = self._pages(offset, length)
+        if 0 not in self.allocated[first:end]:
+            return bytes(self.data[offset:offset + length])
+        return [(start, stop - start, bytes(self.data[start:stop]) if state else None)
+                for start, stop, state in self._runs(offset, offset + length)]
 
     def write(self, offset: int, data, fua: bool):
         if self.read_only:
@@ -144,19 +147,8 @@ class MemoryExport:
         return None
 
     def block_status(self, offset: int, length: int):
-        extents = []
-        pos, stop = offset, min(offset + length, self.size)
-        while pos < stop:
-            page = pos // PAGE
-            state = self.allocated[page]
-            nxt = page + 1
-            while nxt < len(self.allocated) and self.allocated[nxt] == state \
-                    and nxt * PAGE < stop:
-                nxt += 1
-            upto = min(nxt * PAGE, self.size)
-            extents.append((upto - pos, 0 if state else _HOLE))
-            pos = upto
-        return extents
+        return [(stop - start, 0 if state else _HOLE)
+                for start, stop, state in self._runs(offset, min(offset + length, self.size))]
 
     def close(self):
         self.closed = True
