@@ -361,6 +361,21 @@ class FaultPolicy:
         return self.delay
 
 
+async def _apply_fault(faults: FaultPolicy | None, address: str, message) -> bool:
+    """Apply the policy's decision for one call; True when the request is to be dropped."""
+    if faults is None:
+        return False
+    fault = faults.on_call(address, message)
+    if fault == "partition":
+        await trio.lowlevel.checkpoint()
+        raise PeerUnavailable(f"peer {address}: partitioned (fault injection)")
+    if fault == "drop":
+        return True
+    if fault:
+        await trio.sleep(fault)
+    return False
+
+
 # --- client --------------------------------------------------------------------------------
 
 
@@ -601,16 +616,7 @@ class PeerPool:
         dead or silent peer (past `timeout`, default `request_timeout`) is PeerUnavailable."""
         if self._nursery is None:
             raise RuntimeError("PeerPool used outside its `async with` or run()")
-        drop = False
-        if self.faults is not None:
-            fault = self.faults.on_call(address, message)
-            if fault == "partition":
-                await trio.lowlevel.checkpoint()
-                raise PeerUnavailable(f"peer {address}: partitioned (fault injection)")
-            if fault == "drop":
-                drop = True
-            elif fault:
-                await trio.sleep(fault)
+        drop = await _apply_fault(self.faults, address, message)
         deadline = trio.current_time() + (self.request_timeout if timeout is None else timeout)
         conn = self._conns.get(address)
         if conn is None or not conn.ready.is_set():
@@ -651,3 +657,119 @@ class PeerPool:
             for i, (address, message) in enumerate(calls):
                 nursery.start_soon(one, i, address, message)
         return results
+
+
+# --- in memory -----------------------------------------------------------------------------
+
+
+class MemoryNetwork:
+    """Peers in one process, no sockets: for the simulation and for tests of the layers
+    above. Handlers, error mapping, FaultPolicy and the pool API are the ones of the real
+    transport, and every message goes through the codec, so what passes here can be sent.
+
+        net = MemoryNetwork()
+        net.serve("h1:1", replica.handle, cluster="c", host_id="h1")
+        async with net.pool("c", "h2") as pool:
+            await pool.call("h1:1", msg)
+        net.stop("h1:1")  # a crash: calls in flight fail with PeerUnavailable
+    """
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, _MemoryHost] = {}
+
+    def serve(self, address: str, handler: Handler, *, cluster: str, host_id: str) -> None:
+        self._hosts[address] = _MemoryHost(handler, cluster, host_id)
+
+    def stop(self, address: str) -> None:
+        host = self._hosts.pop(address, None)
+        if host is not None:
+            for scope in host.calls:
+                scope.cancel()
+
+    def pool(self, cluster: str, host_id: str, *, request_timeout: float = 30.0,
+             faults: FaultPolicy | None = None) -> "MemoryPeerPool":
+        return MemoryPeerPool(self, cluster, host_id, request_timeout=request_timeout,
+                              faults=faults)
+
+
+class _MemoryHost:
+    def __init__(self, handler: Handler, cluster: str, host_id: str):
+        self.handler = handler
+        self.cluster = cluster
+        self.host_id = host_id
+        self.calls: set[trio.CancelScope] = set()
+
+
+class MemoryPeerPool:
+    """PeerPool's API over a MemoryNetwork."""
+
+    def __init__(self, network: MemoryNetwork, cluster: str, host_id: str, *,
+                 request_timeout: float = 30.0, faults: FaultPolicy | None = None):
+        self.network = network
+        self.cluster = cluster
+        self.host_id = host_id
+        self.request_timeout = request_timeout
+        self.faults = faults
+        self._codec = PeerCodec()
+
+    async def __aenter__(self) -> "MemoryPeerPool":
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool:
+        return False
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        await trio.sleep_forever()
+
+    def _wire(self, message):
+        """The message as the peer decodes it."""
+        frame = self._codec.encode(0, message)
+        codec = PeerCodec()
+        codec.receive_data(frame if type(frame) is bytes else b"".join(frame))
+        return codec.next_event()[1]
+
+    async def call(self, address: str, message, timeout: float | None = None):
+        drop = await _apply_fault(self.faults, address, message)
+        host = self.network._hosts.get(address)
+        if host is None:
+            await trio.lowlevel.checkpoint()
+            raise PeerUnavailable(f"peer {address}: connection refused")
+        if host.cluster != self.cluster:
+            raise ClusterMismatch(f"{address} is in cluster {host.cluster!r}")
+        timeout = self.request_timeout if timeout is None else timeout
+        with trio.move_on_after(timeout) as scope:
+            host.calls.add(scope)
+            try:
+                if drop:
+                    await trio.sleep_forever()
+                reply = await self._serve(host, self._wire(message))
+            finally:
+                host.calls.discard(scope)
+        if scope.cancelled_caught:
+            if address not in self.network._hosts:
+                raise PeerUnavailable(f"peer {address}: connection reset")
+            raise PeerUnavailable(f"peer {address}: no reply in time")
+        try:
+            reply = self._wire(reply)
+        except TypeError as exc:  # as serve_peers does with a reply it cannot send
+            reply = m.Error(m.INTERNAL, f"bad reply: {exc}")
+        if type(reply) is m.Error:
+            raise error_to_exception(reply)
+        return reply
+
+    async def _serve(self, host: _MemoryHost, message):
+        try:
+            reply = host.handler(message, self.host_id)
+            if hasattr(reply, "__await__"):
+                reply = await reply
+            else:
+                await trio.lowlevel.checkpoint()
+        except Exception as exc:
+            return exception_to_error(exc)
+        if type(reply) not in _REPLY_OK:
+            return m.Error(m.INTERNAL, f"handler returned {reply!r}")
+        return reply
+
+    async def call_many(self, calls, timeout: float | None = None) -> list:
+        return await PeerPool.call_many(self, calls, timeout)

@@ -12,7 +12,7 @@ import trio
 from replicator import messages as m
 from replicator.codec import CLOSED, NEED_DATA, PeerCodec
 from replicator.errors import ClusterMismatch, PeerError
-from replicator.transport import FaultPolicy, PeerPool, serve_peers
+from replicator.transport import FaultPolicy, MemoryNetwork, PeerPool, serve_peers
 from vbp.errors import Fenced, NoSpace, PeerUnavailable
 
 pytestmark = pytest.mark.timeout(30)
@@ -364,3 +364,116 @@ async def test_wildcard_host_with_port_zero_serves_on_the_started_port():
         async with PeerPool(CLUSTER, "cli") as pool:
             assert await pool.call(f"127.0.0.1:{port}", m.Ping(1)) == m.Pong("srv", 1)
         nursery.cancel_scope.cancel()
+
+
+# --- the same behaviour from the in-memory network (CONVENTIONS 7) --------------------------
+
+
+class RealNet:
+    def __init__(self, nursery):
+        self.nursery = nursery
+        self.scopes = {}
+
+    async def start(self, handler, *, cluster=CLUSTER, host_id="srv"):
+        scope = trio.CancelScope()
+
+        async def run(task_status):
+            with scope:
+                await serve_peers(handler, "127.0.0.1", 0, cluster=cluster, host_id=host_id,
+                                  task_status=task_status)
+
+        port = await self.nursery.start(run)
+        address = f"127.0.0.1:{port}"
+        self.scopes[address] = scope
+        return address
+
+    def kill(self, address):
+        self.scopes.pop(address).cancel()
+
+    def pool(self, cluster=CLUSTER, **kw):
+        return PeerPool(cluster, "cli", **kw)
+
+
+class MemNet:
+    def __init__(self):
+        self.net = MemoryNetwork()
+        self.n = 0
+
+    async def start(self, handler, *, cluster=CLUSTER, host_id="srv"):
+        self.n += 1
+        address = f"mem{self.n}:1"
+        self.net.serve(address, handler, cluster=cluster, host_id=host_id)
+        return address
+
+    def kill(self, address):
+        self.net.stop(address)
+
+    def pool(self, cluster=CLUSTER, **kw):
+        return self.net.pool(cluster, "cli", **kw)
+
+
+@pytest.fixture(params=["real", "memory"])
+async def net(request, nursery):
+    yield RealNet(nursery) if request.param == "real" else MemNet()
+    nursery.cancel_scope.cancel()
+
+
+async def test_both_nets_map_errors_and_refuse_other_clusters(net):
+    async def handler(msg, peer):
+        await trio.sleep(0)
+        if type(msg) is m.Flush:
+            raise Fenced(f"{peer} holds token {msg.token}, not the newest")
+        if type(msg) is m.ZeroChunk:
+            return m.Ok("bad")
+        return m.Pong("srv", msg.epoch)
+
+    address = await net.start(handler)
+    async with net.pool() as pool:
+        assert await pool.call(address, m.Ping(3)) == m.Pong("srv", 3)
+        with pytest.raises(Fenced, match="cli holds token 4"):
+            await pool.call(address, m.Flush("v", 1, 4))
+        with pytest.raises(PeerError, match="bad reply"):
+            await pool.call(address, m.ZeroChunk("v", "l", 1, 1, None, 0, 1, 1 << 22, 1,
+                                                 False, 1, 1))
+        with pytest.raises(TypeError):  # never leaves the caller
+            await pool.call(address, m.Ping("3"))
+    async with net.pool(cluster="elsewhere") as pool:
+        with pytest.raises(ClusterMismatch):
+            await pool.call(address, m.Ping(1))
+
+
+async def test_both_nets_fail_in_flight_calls_when_a_host_dies(net):
+    entered = trio.Event()
+
+    async def hang(msg, peer):
+        entered.set()
+        await trio.sleep_forever()
+
+    address = await net.start(hang)
+    async with net.pool(request_timeout=10) as pool:
+        async with trio.open_nursery() as nursery:
+            async def doomed():
+                with pytest.raises(PeerUnavailable):
+                    await pool.call(address, m.Ping(1))
+
+            nursery.start_soon(doomed)
+            await entered.wait()
+            with trio.fail_after(2):
+                net.kill(address)
+                with pytest.raises(PeerUnavailable):
+                    await pool.call(address, m.Ping(2))
+
+
+async def test_both_nets_obey_the_fault_policy(net):
+    faults = FaultPolicy()
+    address = await net.start(ok_handler)
+    async with net.pool(faults=faults) as pool:
+        faults.partition([address])
+        with pytest.raises(PeerUnavailable, match="partitioned"):
+            await pool.call(address, m.Ping(1))
+        faults.heal([address])
+        faults.drop_probability = 1.0
+        with pytest.raises(PeerUnavailable, match="in time"):
+            await pool.call(address, m.Ping(1), timeout=0.1)
+        faults.drop_probability = 0.0
+        assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
