@@ -31,7 +31,7 @@ import trio
 from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
 
 from replicator import messages as m
-from replicator.codec import DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec
+from replicator.codec import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec
 from replicator.errors import (
     ClusterMismatch,
     PeerProtocolError,
@@ -268,16 +268,17 @@ class _ServerSession:
         codec = link.codec
         dispatch = self.dispatch
         while True:
-            if not await link.receive():
-                codec.next_event()  # raises if the peer closed inside a frame
-                return
+            # frames pipelined behind the Hello are already in the codec: drain, then read
             while True:
                 while self.in_flight >= self.max_in_flight:  # frames wait in the codec
                     await self.room.park()
                 event = codec.next_event()
                 if event is NEED_DATA:
                     break
+                if event is CLOSED:
+                    return
                 dispatch(*event)
+            await link.receive()
 
     def dispatch(self, request_id: int, message) -> None:
         if type(message) is m.Hello:
@@ -462,18 +463,18 @@ class _ClientConnection:
         codec = link.codec
         pending = self.pending
         while True:
-            if not await link.receive():
-                codec.next_event()  # raises if the peer closed inside a frame
-                return
             while True:
                 event = codec.next_event()
                 if event is NEED_DATA:
                     break
+                if event is CLOSED:
+                    return
                 waiter = pending.pop(event[0], None)
                 if waiter is not None:  # else a late reply to a call that gave up
                     reschedule(waiter[0], outcome.Value(event[1]))
             if self.room:
                 self.room.unpark_all()
+            await link.receive()
 
     def fail(self, reason: BaseException | str) -> None:
         """Mark the connection dead and fail every pending call at once."""

@@ -477,3 +477,15 @@ async def test_both_nets_obey_the_fault_policy(net):
             await pool.call(address, m.Ping(1), timeout=0.1)
         faults.drop_probability = 0.0
         assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
+
+
+async def test_requests_pipelined_behind_the_hello_are_served():
+    async with server() as (address, _):
+        host, port = address.rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        codec = PeerCodec()
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION))
+                              + codec.encode(1, m.Ping(1)) + codec.encode(2, m.Ping(2)))
+        replies = [await next_reply(stream, codec) for _ in range(3)]
+        assert [rid for rid, _ in replies] == [0, 1, 2]
+        assert replies[2][1] == m.Pong("srv", 2)
