@@ -35,7 +35,8 @@ from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery,
                                     Ready, ServerHandshake)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
-from vbp.errors import NotFound
+from vbp.errors import NotFound, VbpError
+from vbp.layout import parse_size
 
 log = logging.getLogger("vbp.nbd")
 
@@ -76,32 +77,33 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
 
 
 async def handle_connection(stream, provider: ExportProvider) -> None:
-    """Run one NBD connection to its end; never raises (except cancellation)."""
-    export = None
+    """Run one NBD connection to its end; never raises (except cancellation). The export
+    the client chose is closed when the connection ends, however it ends."""
+    held: list = []  # the export opened for this connection, once there is one
     try:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-            result = await _handshake(stream, provider)
-        if scope.cancelled_caught:
-            log.info("nbd handshake timed out")
-            return
-        if result is None:
-            return
-        ready, export, trailing = result
-        await _Connection(stream, export, ready, trailing).run()
+        result = await _handshake(stream, provider, held)
+        if result is not None:
+            await _Connection(stream, held[0], *result).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
+    except trio.TooSlowError:
+        log.info("nbd client idle during the handshake, disconnecting")
     except ProtocolError as exc:
         log.warning("nbd protocol error, disconnecting: %s", exc)
     except Exception:
         log.exception("nbd connection failed")
     finally:
-        if export is not None:
-            with trio.CancelScope(shield=True):
-                try:
-                    await _resolve(export.close())
-                except Exception:
-                    log.exception("closing export %r failed", getattr(export, "name", "?"))
-        await trio.aclose_forcefully(stream)
+        with trio.CancelScope(shield=True):
+            for export in held:
+                await _close(export)
+            await trio.aclose_forcefully(stream)
+
+
+async def _close(export) -> None:
+    try:
+        await _resolve(export.close())
+    except Exception:
+        log.exception("closing export %r failed", getattr(export, "name", "?"))
 
 
 async def _open(provider, name: str):
@@ -109,43 +111,49 @@ async def _open(provider, name: str):
         return await _resolve(provider.open_export(name))
     except NotFound:
         log.info("nbd client asked for unknown export %r", name)
+    except VbpError as exc:
+        log.warning("export %r not available: %s", name, exc)
     except Exception:
         log.exception("opening export %r failed", name)
     return None
 
 
-async def _handshake(stream, provider):
-    """Negotiate; return (Ready, export, trailing bytes) or None when the client left."""
+async def _send_pending(stream, hs: ServerHandshake) -> None:
+    out = hs.data_to_send()
+    if out:
+        await stream.send_all(out)
+
+
+async def _handshake(stream, provider, held: list):
+    """Negotiate; return (Ready, trailing bytes) with the export in held[0], or None when
+    the client left. Only waiting for the client is timed: opening an export may
+    legitimately take long (a write lease changing hands)."""
     hs = ServerHandshake()
     await stream.send_all(hs.initial_bytes())
-    export = None
     while True:
         event = hs.next_event()
         if event is NEED_DATA:
-            out = hs.data_to_send()
-            if out:
-                await stream.send_all(out)
-            data = await stream.receive_some(HANDSHAKE_RECEIVE)
+            await _send_pending(stream, hs)
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                data = await stream.receive_some(HANDSHAKE_RECEIVE)
             if not data:
                 return None
             hs.receive_data(data)
         elif isinstance(event, ExportQuery):
             export = await _open(provider, event.name)
+            if export is not None:
+                held.append(export)
             hs.provide_export(None if export is None else export_info(export))
             if event.kind == "info" and export is not None:
-                await _resolve(export.close())
-                export = None
+                held.remove(export)
+                await _close(export)
         elif isinstance(event, ListQuery):
             hs.provide_list(list(await _resolve(provider.list_exports())))
         elif isinstance(event, Ready):
-            out = hs.data_to_send()
-            if out:
-                await stream.send_all(out)
-            return event, export, hs.trailing_data
+            await _send_pending(stream, hs)
+            return event, hs.trailing_data
         elif isinstance(event, Aborted):
-            out = hs.data_to_send()
-            if out:
-                await stream.send_all(out)
+            await _send_pending(stream, hs)
             log.debug("nbd handshake ended: %s", event.reason)
             return None
         else:  # PAUSED cannot happen: every query is answered above
@@ -324,14 +332,6 @@ class _Connection:
 # --- a tiny runner for manual tests -------------------------------------------------------
 
 
-def _parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    for suffix, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if text.endswith(suffix):
-            return int(text[:-1]) * mult
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nbd_frontend.server",
                                      description="Serve in-memory NBD exports.")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.memory or ["disk=64M"]:
         name, _, size = spec.partition("=")
         size, _, mode = size.partition(":")
-        provider.add(name, _parse_size(size), read_only=(mode == "ro"))
+        provider.add(name, parse_size(size), read_only=(mode == "ro"))
     host, _, port = args.listen.rpartition(":")
 
     async def run() -> None:

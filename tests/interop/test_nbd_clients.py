@@ -7,23 +7,17 @@ import errno
 import json
 import os
 import random
-import shutil
 import subprocess
 
 import pytest
+
+from tests.conftest import need
 
 
 nbd = pytest.importorskip("nbd")  # noqa: E402  (python3-libnbd; make test installs it)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
-
-
-def need(tool: str) -> str:
-    """A client tool's path; absence fails (these tests exist to prove interop with it)."""
-    path = shutil.which(tool)
-    assert path, f"{tool} is not installed (make test installs it)"
-    return path
 
 
 def run(*args: str, timeout: float = 60) -> str:

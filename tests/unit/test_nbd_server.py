@@ -11,7 +11,7 @@ import trio
 from nbd_frontend import proto, server
 from nbd_frontend.export import MemoryExport, MemoryProvider
 from nbd_frontend.server import serve_nbd
-from vbp.errors import NoSpace
+from vbp.errors import LeaseHeld, NoSpace
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -300,10 +300,16 @@ async def test_garbage_connections_do_not_disturb_a_good_client(port, provider):
         finally:
             await trio.aclose_forcefully(s)
 
+    limiter = trio.CapacityLimiter(200)
+
+    async def limited(i: int) -> None:
+        async with limiter:
+            await garbage(i)
+
     async with trio.open_nursery() as nursery:
-        for i in range(400):
-            nursery.start_soon(garbage, i)
-        for i in range(50):
+        for i in range(2000):
+            nursery.start_soon(limited, i)
+        for i in range(200):
             off = rng.randrange(0, 4 * MiB - 8192)
             data = rng.randbytes(rng.randrange(1, 8192))
             assert await good.write(off, data, cookie=i) == 0
@@ -472,3 +478,49 @@ async def test_memory_stream_transport():
         assert await c.read(0, 3) == b"abc"
         await c.request(proto.CMD_DISC)
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
+
+
+async def test_idle_handshake_times_out(port, monkeypatch):
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.2)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    with trio.fail_after(5):
+        with pytest.raises(EOFError):
+            await c.recv(1)
+
+
+async def test_export_is_closed_when_the_connection_ends(nursery):
+    class Provider(MemoryProvider):
+        opened = closed = 0
+
+        def open_export(self, name):
+            if name == "busy":
+                raise LeaseHeld("served elsewhere")
+            export = super().open_export(name)
+            Provider.opened += 1
+            original = export.close
+
+            def close():
+                Provider.closed += 1
+                original()
+            export.close = close
+            return export
+
+    p = Provider()
+    p.add("x", 8192)
+    port = await nursery.start(serve_nbd, p, "127.0.0.1", 0)
+    with pytest.raises(LookupError) as info:
+        await Client.connect(port, "busy")
+    assert info.value.args[0] == proto.REP_ERR_UNKNOWN
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    reps = await c.option(proto.OPT_INFO, struct.pack(">I", 1) + b"x" + b"\0\0")
+    assert reps[-1][0] == proto.REP_ACK and (Provider.opened, Provider.closed) == (1, 1)
+    await c.aclose()
+    c = await Client.connect(port, "x")
+    assert (Provider.opened, Provider.closed) == (2, 1)
+    await c.aclose()
+    with trio.fail_after(5):
+        while Provider.closed < 2:
+            await trio.sleep(0.01)
