@@ -1,0 +1,178 @@
+"""Properties of vbp.placement, checked against the deliberately naive reference."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord
+from vbp.placement import Placement, place, place_flat, place_naive
+
+GiB = 1 << 30
+
+
+@st.composite
+def cluster_maps(draw, max_zones=4, max_pods=3, max_hosts=4, states=True):
+    hosts = []
+    for z in range(draw(st.integers(1, max_zones))):
+        for p in range(draw(st.integers(1, max_pods))):
+            for h in range(draw(st.integers(1, max_hosts))):
+                state = draw(st.sampled_from([HOST_UP] * 6 + [HOST_DOWN, HOST_DRAINING])) if states else HOST_UP
+                hosts.append(HostRecord(
+                    id=f"z{z}-p{p}-h{h}", peer="127.0.0.1:1", nbd="127.0.0.1:2",
+                    zone=f"z{z}", pod=f"p{p}", capacity=draw(st.sampled_from([0, 1, 2, 4, 8])) * GiB,
+                    state=state, maintenance=draw(st.booleans())))
+    return ClusterMap(draw(st.integers(0, 100)), tuple(hosts))
+
+
+replicas = st.integers(1, 5)
+chunks = st.lists(st.tuples(st.sampled_from(["lin-a", "lin-b", "x"]), st.integers(0, 10**6)),
+                  min_size=1, max_size=12)
+
+
+def zone_of(cmap, hid):
+    return cmap.host(hid).zone
+
+
+def pod_of(cmap, hid):
+    h = cmap.host(hid)
+    return (h.zone, h.pod)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(), replicas, chunks)
+def test_agrees_with_naive(cmap, n, keys):
+    p = Placement(cmap)
+    for lin, idx in keys:
+        assert p.place(lin, idx, n) == place_naive(lin, idx, cmap, n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cluster_maps(), replicas, chunks, st.randoms(use_true_random=False))
+def test_deterministic_and_independent_of_host_order(cmap, n, keys, rnd):
+    hosts = list(cmap.hosts)
+    rnd.shuffle(hosts)
+    other = ClusterMap(cmap.epoch + 1, tuple(hosts))
+    for lin, idx in keys:
+        a = place(lin, idx, cmap, n)
+        assert a == place(lin, idx, cmap, n) == Placement(other).place(lin, idx, n)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(), replicas, chunks)
+def test_distinct_eligible_hosts_spread_over_domains(cmap, n, keys):
+    up = [h for h in cmap.hosts if h.state == HOST_UP]
+    zones = {h.zone for h in up}
+    for lin, idx in keys:
+        got = place(lin, idx, cmap, n)
+        assert len(got) == len(set(got)) == min(n, len(up))
+        assert all(cmap.host(h).state == HOST_UP for h in got)
+        # as many zones as possible, then as many pods as possible inside each zone
+        assert len({zone_of(cmap, h) for h in got}) == min(n, len(zones))
+        per_zone = Counter(zone_of(cmap, h) for h in got)
+        for z, m in per_zone.items():
+            pods = {h.pod for h in up if h.zone == z}
+            assert len({pod_of(cmap, h) for h in got if zone_of(cmap, h) == z}) == min(m, len(pods))
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(), replicas, chunks, st.data())
+def test_host_down_or_draining_moves_only_its_replicas(cmap, n, keys, data):
+    up = [h for h in cmap.hosts if h.state == HOST_UP]
+    if not up:
+        return
+    victim = data.draw(st.sampled_from(up))
+    new_state = data.draw(st.sampled_from([HOST_DOWN, HOST_DRAINING]))
+    after = ClusterMap(cmap.epoch + 1, tuple(h.with_state(new_state) if h.id == victim.id else h
+                                             for h in cmap.hosts))
+    for lin, idx in keys:
+        old, new = place(lin, idx, cmap, n), place(lin, idx, after, n)
+        if victim.id not in old:
+            assert new == old
+        else:
+            assert set(old) - set(new) == {victim.id}
+            assert len(set(new) - set(old)) <= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(states=False), replicas, chunks, st.data())
+def test_membership_change_moves_replicas_only_inside_the_changed_zone(cmap, n, keys, data):
+    victim = data.draw(st.sampled_from(cmap.hosts))
+    smaller = ClusterMap(cmap.epoch + 1, tuple(h for h in cmap.hosts if h.id != victim.id))
+    for lin, idx in keys:
+        full, less = set(place(lin, idx, cmap, n)), set(place(lin, idx, smaller, n))
+        # removal: every replica a chunk loses was in the victim's zone (its replacement
+        # may go anywhere); read backwards, addition: every replica a chunk gains is in the
+        # new host's zone
+        assert all(zone_of(cmap, h) == victim.zone for h in full - less)
+        if len(smaller.hosts) >= n:
+            assert len(full - less) == len(less - full)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.lists(st.sampled_from([0, 1, 3, 8]), min_size=12, max_size=12),
+       replicas, chunks)
+def test_single_domain_equals_flat_rendezvous(nhosts, caps, n, keys):
+    cmap = ClusterMap(1, tuple(HostRecord(f"h{i}", "a:1", "a:2", capacity=caps[i] * GiB)
+                               for i in range(nhosts)))
+    for lin, idx in keys:
+        assert place(lin, idx, cmap, n) == place_flat(lin, idx, cmap, n)
+
+
+def test_flat_removal_is_minimal():
+    """The flat reference is the textbook scheme: removal moves only the victim's chunks."""
+    cmap = ClusterMap(1, tuple(HostRecord(f"h{i}", "a:1", "a:2", capacity=(1 + i % 3) * GiB)
+                               for i in range(12)))
+    less = ClusterMap(2, tuple(h for h in cmap.hosts if h.id != "h5"))
+    for i in range(2000):
+        old, new = place_flat("l", i, cmap, 3), place_flat("l", i, less, 3)
+        if "h5" not in old:
+            assert old == new
+        else:
+            assert set(old) - set(new) == {"h5"}
+
+
+def test_weighted_by_capacity():
+    caps = [1, 2, 4, 1, 2, 4]
+    cmap = ClusterMap(1, tuple(HostRecord(f"h{i}", "a:1", "a:2", zone=f"z{i % 2}", pod=f"p{i % 3}",
+                                          capacity=c * GiB) for i, c in enumerate(caps)))
+    counts = Counter(place("l", i, cmap, 1)[0] for i in range(30000))
+    total = sum(caps)
+    for i, c in enumerate(caps):
+        assert counts[f"h{i}"] / 30000 == pytest.approx(c / total, rel=0.06)
+
+
+def test_balance_and_movement_on_a_realistic_map():
+    rnd = random.Random(7)
+    hosts = [HostRecord(f"z{z}p{p}h{h}", "a:1", "a:2", f"z{z}", f"p{p}",
+                        rnd.choice([1, 2, 4]) * 1000 * GiB)
+             for z in range(5) for p in range(4) for h in range(5)]
+    cmap = ClusterMap(1, tuple(hosts))
+    N = 6000
+    before = [place("l", i, cmap, 3) for i in range(N)]
+    fill = Counter(h for s in before for h in s)
+    total_cap = sum(h.capacity for h in hosts)
+    rel = [fill[h.id] / (3 * N * h.capacity / total_cap) for h in hosts]
+    assert max(rel) < 1.35 and min(rel) > 0.65  # sampling noise at 6000 chunks
+    # adding a host: every replica that moves goes into the new host's zone, and the
+    # amount stays within a small factor of the minimum (what the new host receives)
+    new = HostRecord("z2p1hX", "a:1", "a:2", "z2", "p1", 2000 * GiB)
+    grown = ClusterMap(2, tuple(hosts) + (new,))
+    after = [place("l", i, grown, 3) for i in range(N)]
+    moved = sum(len(set(a) - set(b)) for a, b in zip(after, before))
+    minimum = sum(new.id in a for a in after)
+    assert minimum > 0 and moved <= 3.5 * minimum
+
+
+def test_edge_cases():
+    empty = ClusterMap(0, ())
+    assert place("l", 0, empty, 3) == ()
+    one = ClusterMap(1, (HostRecord("a", "x:1", "x:2"),))
+    assert place("l", 0, one, 3) == ("a",)
+    assert place("l", 0, one, 0) == ()
+    down = ClusterMap(2, (HostRecord("a", "x:1", "x:2", state=HOST_DOWN),))
+    assert place("l", 0, down, 3) == ()
