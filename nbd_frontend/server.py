@@ -184,6 +184,14 @@ class _Connection:
             nursery.start_soon(self.writer)
             try:
                 await self.reader()
+            except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
+                log.warning("nbd protocol error, disconnecting: %s", exc)
+                nursery.cancel_scope.cancel()
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("nbd connection lost: %r", exc)
+                nursery.cancel_scope.cancel()
+                return
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise

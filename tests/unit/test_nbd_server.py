@@ -524,3 +524,14 @@ async def test_export_is_closed_when_the_connection_ends(nursery):
     with trio.fail_after(5):
         while Provider.closed < 2:
             await trio.sleep(0.01)
+
+
+async def test_protocol_error_is_logged_plainly(port, caplog):
+    c = await Client.connect(port)
+    await c.send(b"\x00" * 28)
+    with pytest.raises(EOFError):
+        await c.recv(1)
+    await trio.sleep(0.05)
+    records = [r for r in caplog.records if r.name == "vbp.nbd" and r.levelname != "DEBUG"]
+    assert any("protocol error" in r.getMessage() for r in records)
+    assert not any(r.exc_info for r in records)
