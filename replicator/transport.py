@@ -396,7 +396,8 @@ class _ClientConnection:
         self.link: _Link | None = None
         self.ready = trio.Event()
         self.error: PeerUnavailable | None = None  # set once the connection is dead
-        self.pending: dict[int, tuple] = {}  # request id -> (waiting task, deadline)
+        self.pending: dict[int, tuple] = {}  # request id -> (task, deadline, sent at)
+        self.last_receive = -math.inf
         self.next_id = 1
         self.room = ParkingLot()
         self.peer_host_id: str | None = None
@@ -475,6 +476,7 @@ class _ClientConnection:
             if self.room:
                 self.room.unpark_all()
             await link.receive()
+            self.last_receive = trio.current_time()
 
     def fail(self, reason: BaseException | str) -> None:
         """Mark the connection dead and fail every pending call at once."""
@@ -486,7 +488,7 @@ class _ClientConnection:
         self.cancel_scope.cancel()
         self.ready.set()
         pending, self.pending = self.pending, {}
-        for task, _ in pending.values():
+        for task, _, _ in pending.values():
             reschedule(task, outcome.Error(self.new_error()))
         self.room.unpark_all()
         if self.pool._conns.get(self.address) is self:
@@ -506,7 +508,7 @@ class _ClientConnection:
         self.next_id += 1
         if not drop:
             self.link.queue(request_id, message)
-        self.pending[request_id] = waiter = (current_task(), deadline)
+        self.pending[request_id] = waiter = (current_task(), deadline, trio.current_time())
         self.pool._timeout_at(deadline)
 
         def abort(_):
@@ -554,7 +556,9 @@ class PeerPool:
     # Request timeouts. A cancel scope per call costs as much as the rest of the call, so
     # pending calls carry their deadline and one task per pool wakes at the earliest one and
     # fails whatever is overdue. With one timeout for every call, deadlines only grow and a
-    # new call never has to wake the sweeper.
+    # new call never has to wake the sweeper. A peer that sent nothing at all during a whole
+    # timeout of a call is hung (stopped, wedged, half-open TCP): its connection is dropped,
+    # or new calls would queue behind a send that never ends.
 
     def _timeout_at(self, deadline: float) -> None:
         if deadline < self._next_sweep:
@@ -571,14 +575,18 @@ class PeerPool:
             now = trio.current_time()
             earliest = math.inf
             for conn in list(self._conns.values()):
-                for request_id, (task, deadline) in list(conn.pending.items()):
+                silent = False
+                for request_id, (task, deadline, sent) in list(conn.pending.items()):
                     if deadline <= now:
                         del conn.pending[request_id]
                         reschedule(task, outcome.Error(PeerUnavailable(
                             f"peer {conn.address}: no reply in time")))
+                        silent = silent or conn.last_receive < sent
                     elif deadline < earliest:
                         earliest = deadline
-                if conn.room:
+                if silent:
+                    conn.fail("silent for a whole request timeout")
+                elif conn.room:
                     conn.room.unpark_all()
             self._next_sweep = earliest
 

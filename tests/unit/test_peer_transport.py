@@ -279,21 +279,46 @@ async def test_server_bounds_requests_in_flight_per_connection():
     assert most == 4 and running == 0
 
 
-async def test_timeout_is_per_call_and_keeps_the_connection():
+async def test_timeout_is_per_call_and_keeps_a_live_connection():
     async def handler(msg, peer):
         if type(msg) is m.Flush:
             await trio.sleep(10)
-        return m.Ok(1) if type(msg) is m.Flush else m.Pong("srv", msg.epoch)
+        return m.Pong("srv", msg.epoch)
 
     async with server(handler) as (address, _):
         async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(address, m.Ping(1)) == m.Pong("srv", 1)
+            conn = pool._conns[address]
             start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                async def pings():  # the peer answers other requests meanwhile
+                    while True:
+                        await pool.call(address, m.Ping(2))
+                        await trio.sleep(0.02)
+
+                nursery.start_soon(pings)
+                with pytest.raises(PeerUnavailable, match="in time"):
+                    await pool.call(address, m.Flush("v", 1, 1), timeout=0.3)
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - start < 1
+            assert pool._conns[address] is conn
+            assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)
+
+
+async def test_a_silent_peer_loses_its_connection():
+    async def handler(msg, peer):
+        if type(msg) is m.Flush:
+            await trio.sleep(10)
+        return m.Pong("srv", msg.epoch)
+
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(address, m.Ping(1)) == m.Pong("srv", 1)
+            conn = pool._conns[address]
             with pytest.raises(PeerUnavailable, match="in time"):
                 await pool.call(address, m.Flush("v", 1, 1), timeout=0.2)
-            assert trio.current_time() - start < 1
-            conn = pool._conns[address]
-            assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)
-            assert pool._conns[address] is conn
+            assert conn.dead and address not in pool._conns
+            assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)  # reconnects
 
 
 async def test_fault_policy_partition_drop_delay():
