@@ -12,6 +12,7 @@ own buffer, to compare the two encodings.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from replicator import messages as m
 from replicator.transport import PeerPool, serve_peers
 
 CLUSTER = "bench"
+SERVER_PID: int | None = None  # the child server, when there is one
 
 
 def handler(msg, peer):
@@ -41,8 +43,19 @@ def write(size: int) -> m.WriteChunk:
     return m.WriteChunk("vol", "lineage", 7, 1, None, 0, b"\xab" * size, 4 << 20, 1, False, 1, 1)
 
 
-async def measure(pool: PeerPool, address: str, msg, in_flight: int, seconds: float) -> float:
-    """Calls per second with `in_flight` concurrent callers."""
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) used so far by process `pid` (Linux), or by this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(pool: PeerPool, address: str, msg, in_flight: int, seconds: float
+                  ) -> tuple[float, float]:
+    """(calls per second, server CPU µs per call) with `in_flight` concurrent callers."""
     done = 0
     stop = trio.current_time() + seconds
 
@@ -55,23 +68,26 @@ async def measure(pool: PeerPool, address: str, msg, in_flight: int, seconds: fl
     for _ in range(50):  # warm up the connection
         await pool.call(address, msg)
     start = time.perf_counter()
+    cpu = cpu_seconds(SERVER_PID)
     async with trio.open_nursery() as nursery:
         for _ in range(in_flight):
             nursery.start_soon(caller)
-    return done / (time.perf_counter() - start)
+    cpu = cpu_seconds(SERVER_PID) - cpu
+    return done / (time.perf_counter() - start), cpu / done * 1e6
 
 
 async def client(address: str, seconds: float) -> None:
     async with PeerPool(CLUSTER, "client") as pool:
         small, big = write(4096), write(1 << 20)
+        cpu_note = "server" if SERVER_PID else "process (client + server)"
         for depth in (1, 32):
-            rate = await measure(pool, address, small, depth, seconds)
+            rate, cpu = await measure(pool, address, small, depth, seconds)
             print(f"4 KiB WriteChunk, {depth:2d} in flight: {rate:9.0f} round trips/s "
-                  f"({rate * 4096 / (1 << 20):6.1f} MiB/s)")
+                  f"({rate * 4096 / (1 << 20):6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req")
         for depth in (1, 4):
-            rate = await measure(pool, address, big, depth, seconds)
+            rate, cpu = await measure(pool, address, big, depth, seconds)
             print(f"1 MiB WriteChunk, {depth:2d} in flight: {rate:9.1f} round trips/s "
-                  f"({rate:6.1f} MiB/s)")
+                  f"({rate:6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req")
 
 
 async def inproc(seconds: float) -> None:
@@ -106,6 +122,8 @@ def main() -> None:
     if args.no_split:
         cmd.append("--no-split")
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    global SERVER_PID
+    SERVER_PID = server.pid
     try:
         port = int(server.stdout.readline())
         trio.run(client, f"127.0.0.1:{port}", args.seconds)
