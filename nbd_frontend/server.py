@@ -67,8 +67,10 @@ def export_info(export) -> ExportInfo:
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve NBD on host:port (port 0: any free port) until cancelled.
-    task_status.started(actual_port) once listening."""
+    """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
+    listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
+    With port 0, give an IP address: a name resolving to several addresses would get a
+    different free port per address, and only the first is reported."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d", host, actual)

@@ -33,7 +33,7 @@ from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError
 from nbd_frontend.handshake import NEED_DATA
 
-DEFAULT_BUFFER = 512 * 1024
+DEFAULT_BUFFER = 256 * 1024
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
 _REQUEST = struct.Struct(">IHHQQI")

@@ -7,10 +7,13 @@ import errno
 import json
 import os
 import random
+import socket
+import struct
 import subprocess
 
 import pytest
 
+from nbd_frontend import proto as nbd_const
 from tests.conftest import need
 
 
@@ -223,6 +226,45 @@ rw=randwrite
     assert job_result["error"] == 0
     assert job_result["write"]["io_bytes"] == 8 * MiB
     assert job_result["read"]["io_bytes"] == 8 * MiB  # the verify pass
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_garbage_connections_stay_cheap(nbd_server):
+    """A thousand hostile connections neither kill the runner nor grow it much."""
+    rng = random.Random(7)
+    hello = struct.pack(">I", 1) + struct.pack(">QII", nbd_const.IHAVEOPT, 1, 4) + b"disk"
+    huge_write = struct.pack(">IHHQQI", nbd_const.REQUEST_MAGIC, 0, 1, 1, 0, 2**32 - 1)
+    before = rss_kib(nbd_server.proc.pid)
+    for batch in range(10):
+        socks = []
+        for i in range(100):
+            s = socket.create_connection((nbd_server.host, nbd_server.port), timeout=10)
+            kind = i % 3
+            payload = (rng.randbytes(rng.randrange(1, 4000)) if kind == 0
+                       else hello + (huge_write + rng.randbytes(20000) if kind == 1
+                                     else rng.randbytes(3000)))
+            try:
+                s.sendall(payload)
+            except OSError:
+                pass
+            socks.append(s)
+        for s in socks:
+            s.close()
+    h = handle(nbd_server.uri("disk"))
+    try:
+        h.pwrite(b"alive", 0)
+        assert h.pread(5, 0) == b"alive"
+    finally:
+        h.shutdown()
+    grown = rss_kib(nbd_server.proc.pid) - before
+    print(f"runner grew by {grown} KiB")
+    assert grown < 100 * 1024, f"runner grew by {grown} KiB"
 
 
 def test_runner_survives_clients(nbd_server):
