@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 from typing import Any, Awaitable, Callable, Iterable
 
 import outcome
@@ -232,12 +233,17 @@ class _ServerSession:
             await self.refuse(0, m.Error(failure.code, str(failure)))
 
     async def refuse(self, request_id: int, error: m.Error) -> None:
-        """Best effort: tell the peer why before closing."""
+        """Best effort: tell the peer why before closing. Then shut our side and discard
+        what the peer still sends for a moment: closing with unread input sends a reset,
+        which can destroy the Error before the peer reads it."""
         with trio.move_on_after(1):
             try:
                 self.link.out.clear()
                 self.link.queue(request_id, error)
                 await self.link.flush()
+                self.link.sock.shutdown(socket.SHUT_WR)
+                while await self.link.sock.recv_into(self.link.rbuf):
+                    pass
             except _LINK_ERRORS:
                 pass
 
@@ -398,6 +404,7 @@ class _ClientConnection:
         self.error: PeerUnavailable | None = None  # set once the connection is dead
         self.pending: dict[int, tuple] = {}  # request id -> (task, deadline, sent at)
         self.last_receive = -math.inf
+        self.goodbye: m.Error | None = None  # why the peer closed the connection, if it said
         self.next_id = 1
         self.room = ParkingLot()
         self.peer_host_id: str | None = None
@@ -423,6 +430,8 @@ class _ClientConnection:
                     failure = await _guarded(self.read_loop, nursery.cancel_scope)
                 if failure is not None:
                     reason = f"{type(failure).__name__}: {failure}"
+                if self.goodbye is not None:
+                    reason = f"closed by the peer: {self.goodbye.code}: {self.goodbye.message}"
         except trio.TooSlowError:
             reason = "connect timed out"
         except PeerUnavailable as exc:  # refused at handshake
@@ -473,6 +482,8 @@ class _ClientConnection:
                 waiter = pending.pop(event[0], None)
                 if waiter is not None:  # else a late reply to a call that gave up
                     reschedule(waiter[0], outcome.Value(event[1]))
+                elif event[0] == 0 and type(event[1]) is m.Error:
+                    self.goodbye = event[1]  # request id 0: about the connection itself
             if self.room:
                 self.room.unpark_all()
             await link.receive()

@@ -514,3 +514,11 @@ async def test_requests_pipelined_behind_the_hello_are_served():
         replies = [await next_reply(stream, codec) for _ in range(3)]
         assert [rid for rid, _ in replies] == [0, 1, 2]
         assert replies[2][1] == m.Pong("srv", 2)
+
+
+async def test_frame_over_the_servers_limit_fails_the_call_with_the_reason():
+    async with server(max_frame=1 << 20) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            with pytest.raises(PeerUnavailable, match="closed by the peer: invalid.*outside"):
+                await pool.call(address, write(1, b"z" * (2 << 20)))
+            assert await pool.call(address, write(2)) == m.Ok(1)  # a new connection
