@@ -727,8 +727,6 @@ class ChunkStore:
                 c = self._chunks.get(_dec(k))
                 if c is None or c.slot != slot or c.cs != cs:
                     problems.append(f"chunk {_dec(k)} in the index differs from memory")
-                elif version > c.version:
-                    problems.append(f"chunk {_dec(k)} durable version above memory")
             for name in ("free", "limbo"):
                 for k, _ in txn.cursor(db=db[name]):
                     owners.setdefault(_SLOT.unpack(k), []).append(name)
