@@ -46,6 +46,12 @@ HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
 IOV_MAX = 1024
 _PLAIN = (type(None), bytes, bytearray, memoryview, list)
+_REFUSALS = {  # the human-readable text of an error chunk for a refused request
+    proto.EINVAL: "invalid request: unknown command or flag, misaligned, or beyond the export",
+    proto.EPERM: "the export is read-only",
+    proto.ENOSPC: "write beyond the end of the export",
+    proto.EOVERFLOW: "request larger than the maximum payload",
+}
 
 
 async def _resolve(value):
@@ -211,7 +217,7 @@ class _Connection:
                     self.dispatch(event)
                 elif kind is BadRequest:
                     self.queue(codec.reply_error(event.cookie, event.command, event.errno,
-                                                 "request refused"))
+                                                 _REFUSALS.get(event.errno, "refused")))
                 elif event is NEED_DATA:
                     break
                 else:  # Disconnect
