@@ -99,14 +99,14 @@ def test_libnbd_aio_64_in_flight(nbd_server):
     h = handle(nbd_server.uri("aio"))
     try:
         blocks = [random.randbytes(64 * 1024) for _ in range(64)]
-        cookies = [h.aio_pwrite(b, i * len(b)) for i, b in enumerate(blocks)]
-        assert h.aio_in_flight() == 64 or h.aio_in_flight() > 32
-        while any(not h.aio_command_completed(c) for c in cookies if c):
+        pending = {h.aio_pwrite(b, i * len(b)) for i, b in enumerate(blocks)}
+        assert h.aio_in_flight() == 64
+        while pending:
             h.poll(-1)
-            cookies = [c for c in cookies if c and not h.aio_command_completed(c)]
+            pending = {c for c in pending if not h.aio_command_completed(c)}
         bufs = [nbd.Buffer(64 * 1024) for _ in range(64)]
-        cookies = [h.aio_pread(b, i * 64 * 1024) for i, b in enumerate(bufs)]
-        pending = set(cookies)
+        pending = {h.aio_pread(b, i * 64 * 1024) for i, b in enumerate(bufs)}
+        assert h.aio_in_flight() == 64
         while pending:
             h.poll(-1)
             pending = {c for c in pending if not h.aio_command_completed(c)}
