@@ -42,6 +42,7 @@ from vbp.cluster import HOST_UP, ClusterMap, HostRecord
 _xxh64 = xxhash.xxh64_intdigest
 _log = math.log
 _TWO_M53 = 2.0**-53
+MEMO_SIZE = 1 << 16  # lookups remembered per map
 
 
 def chunk_key(lineage: str, index: int) -> bytes:
@@ -122,6 +123,7 @@ class Placement:
             top.append(_Node(zname, node_seed("zone", zname), sum(p.weight for p in pods),
                              sum(p.eligible for p in pods), pods))
         self._root = _Node("", 0, sum(z.weight for z in top), sum(z.eligible for z in top), top).freeze()
+        self._memo: dict[tuple[str, int, int], tuple[str, ...]] = {}
 
     @property
     def eligible_hosts(self) -> int:
@@ -131,7 +133,14 @@ class Placement:
         """Up to n distinct host ids, primary first (fewer if fewer hosts are eligible)."""
         if n <= 0:
             return ()
-        return tuple(self._pick(chunk_key(lineage, index), self._root, n))
+        key = (lineage, index, n)
+        got = self._memo.get(key)
+        if got is None:
+            got = tuple(self._pick(chunk_key(lineage, index), self._root, n))
+            if len(self._memo) >= MEMO_SIZE:  # a gateway looks up the same chunks again and again
+                self._memo.clear()
+            self._memo[key] = got
+        return got
 
     def _pick(self, ckey: bytes, node: _Node, k: int) -> list[str]:
         # score_key inlined: this loop is the whole cost of a lookup

@@ -108,7 +108,8 @@ class EtcdKV:
         return [_item(kv) for kv in d.get("kvs") or []], int(d["header"]["revision"])
 
     def _grant(self, ttl: float) -> str:
-        d = self._call("lease/grant", {"TTL": str(max(1, math.ceil(ttl)))}, idempotent=False)
+        # a grant resent after a lost answer only leaves an unused lease that expires
+        d = self._call("lease/grant", {"TTL": str(max(1, math.ceil(ttl)))})
         return d["ID"]
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
