@@ -40,7 +40,7 @@ async def serve(port: int) -> None:
 
 
 def write(size: int) -> m.WriteChunk:
-    return m.WriteChunk("vol", "lineage", 7, 1, None, 0, b"\xab" * size, 4 << 20, 1, False, 1, 1)
+    return m.WriteChunk("vol", "lineage", 7, 1, (1,), 0, b"\xab" * size, 4 << 20, 1, False, 1, 1)
 
 
 def cpu_seconds(pid: int | None) -> float:

@@ -99,7 +99,8 @@ class Pong:
 class ReadChunk:
     """Read [offset, offset+length) of the newest generation of `chain` held locally.
 
-    `chain` lists generations newest first (the volume's head, then its ancestors)."""
+    `chain` lists the generations the reader can see, oldest first, ending with the one
+    it reads as (vbp.volume: a volume head's or a snapshot's chain)."""
 
     volume: str
     lineage: str
@@ -124,14 +125,15 @@ class Data:
 @_message(12)
 @dataclass(frozen=True, slots=True)
 class WriteChunk:
-    """Write `data` at `offset` of chunk (lineage, index, gen); `base` is the generation to
-    copy up from when gen does not exist yet (None: start from zeros)."""
+    """Write `data` at `offset` of chunk (lineage, index, gen). `chain` is the volume's
+    ancestry, oldest first, ending with `gen`: when gen does not exist yet on the replica,
+    the newest older generation of the chain it holds is copied up locally first."""
 
     volume: str
     lineage: str
     index: int
     gen: int
-    base: int | None
+    chain: tuple[int, ...]
     offset: int
     data: bytes
     chunk_size: int
@@ -148,7 +150,7 @@ class ZeroChunk:
     lineage: str
     index: int
     gen: int
-    base: int | None
+    chain: tuple[int, ...]
     offset: int
     length: int
     chunk_size: int

@@ -53,9 +53,9 @@ EXAMPLES = [
     m.ReadChunk("vol", "lin", 3, (5, 2, 0), 4096, 8192, 7),
     m.Data(b"abc" * 100, 12, 5),
     m.Data(b"", 0, -1),
-    m.WriteChunk("vol", "lin", 3, 5, None, 4096, b"x" * 4096, 4 << 20, 13, False, 7, 2),
-    m.WriteChunk("vol", "lin", 3, 5, 2, 0, b"y" * (1 << 20), 4 << 20, 14, True, 7, 2),
-    m.ZeroChunk("vol", "lin", 3, 5, 2, 0, 65536, 4 << 20, 15, True, 7, 2),
+    m.WriteChunk("vol", "lin", 3, 5, (5,), 4096, b"x" * 4096, 4 << 20, 13, False, 7, 2),
+    m.WriteChunk("vol", "lin", 3, 5, (1, 2, 5), 0, b"y" * (1 << 20), 4 << 20, 14, True, 7, 2),
+    m.ZeroChunk("vol", "lin", 3, 5, (2, 5), 0, 65536, 4 << 20, 15, True, 7, 2),
     m.Flush("vol", 7, 2),
     m.Ok(15),
     m.ChunkState("lin", 3, 5),
@@ -113,11 +113,11 @@ def test_frame_layout_is_msgpack_with_bytes_field_last():
 
 def test_large_payload_is_a_separate_buffer_and_same_bytes():
     data = bytes(range(256)) * 4096  # 1 MiB
-    msg = m.WriteChunk("v", "l", 1, 2, None, 0, data, 4 << 20, 3, False, 4, 5)
+    msg = m.WriteChunk("v", "l", 1, 2, (2,), 0, data, 4 << 20, 3, False, 4, 5)
     out = PeerCodec().encode(1, msg)
     assert isinstance(out, list) and out[-1] is data  # not copied
     joined = b"".join(bytes(b) for b in out)
-    small = msgpack.packb([m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, None, 0, 4 << 20, 3, False,
+    small = msgpack.packb([m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, [2], 0, 4 << 20, 3, False,
                            4, 5, data])
     assert joined == frame(small)
 
@@ -228,8 +228,8 @@ def test_wrong_field_type_rejected(fields, match):
 def test_optional_and_tuple_fields_checked():
     read = [m.PROTO_VERSION, 10, 1, "v", "l", 1, [3, "x"], 0, 1, 1]
     rejected(frame(msgpack.packb(read)), "chain")
-    write = [m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, "base", 0, 1, 1, False, 1, 1, b""]
-    rejected(frame(msgpack.packb(write)), "base")
+    write = [m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, None, 0, 1, 1, False, 1, 1, b""]
+    rejected(frame(msgpack.packb(write)), "chain")
     rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, -1, 5])), "request id")
 
 
@@ -240,7 +240,7 @@ def test_encode_refuses_what_the_protocol_cannot_carry():
     with pytest.raises(TypeError, match="Ok.version"):
         c.encode(1, m.Ok("5"))
     with pytest.raises(TypeError, match="fua"):
-        c.encode(1, m.WriteChunk("v", "l", 1, 2, None, 0, b"", 1, 1, 0, 1, 1))
+        c.encode(1, m.WriteChunk("v", "l", 1, 2, (2,), 0, b"", 1, 1, 0, 1, 1))
 
 
 # --- properties ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ CLUSTER = "c1"
 
 
 def write(index: int, data: bytes = b"x" * 4096, version: int = 1) -> m.WriteChunk:
-    return m.WriteChunk("vol", "lin", index, 1, None, 0, data, 4 << 20, version, False, 3, 1)
+    return m.WriteChunk("vol", "lin", index, 1, (1,), 0, data, 4 << 20, version, False, 3, 1)
 
 
 def ok_handler(msg, peer):
@@ -153,7 +153,7 @@ async def test_handler_exceptions_become_mapped_exceptions_and_connection_surviv
             with pytest.raises(NoSpace, match="disk full"):
                 await pool.call(address, m.Flush("vol", 3, 1))
             with pytest.raises(PeerError, match="ZeroDivisionError"):
-                await pool.call(address, m.ZeroChunk("v", "l", 1, 1, None, 0, 1, 1 << 22, 1,
+                await pool.call(address, m.ZeroChunk("v", "l", 1, 1, (1,), 0, 1, 1 << 22, 1,
                                                      False, 1, 1))
             conn = pool._conns[address]
             assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
@@ -458,7 +458,7 @@ async def test_both_nets_map_errors_and_refuse_other_clusters(net):
         with pytest.raises(Fenced, match="cli holds token 4"):
             await pool.call(address, m.Flush("v", 1, 4))
         with pytest.raises(PeerError, match="bad reply"):
-            await pool.call(address, m.ZeroChunk("v", "l", 1, 1, None, 0, 1, 1 << 22, 1,
+            await pool.call(address, m.ZeroChunk("v", "l", 1, 1, (1,), 0, 1, 1 << 22, 1,
                                                  False, 1, 1))
         with pytest.raises(TypeError):  # never leaves the caller
             await pool.call(address, m.Ping("3"))
