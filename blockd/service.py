@@ -83,17 +83,21 @@ class VolumeProvider:
         svc = self.service
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
         view = view_of(rec, snap)
-        token = 0
-        if not view.read_only:
-            lease = await self._acquire(name)
-            self.leases[export] = lease
-            token = lease.token
         gw = VolumeGateway(view, host_id=svc.cfg.host_id, replica=svc.replica, cluster=svc.cluster,
-                           pool=svc.pool, registry=svc.registry, token=token)
+                           pool=svc.pool, registry=svc.registry)
+        if not view.read_only:
+            gw.take_lease = functools.partial(self._take_lease, export)
+        gw.refresh_map = svc.refresh_map
         gw.on_fenced = self._on_fenced
         gw.on_close = functools.partial(self._closed, export)
-        log.info("volume=%s event=open read_only=%s token=%d", export, view.read_only, token)
+        log.info("volume=%s event=open read_only=%s", export, view.read_only)
         return gw
+
+    async def _take_lease(self, export: str) -> int:
+        lease = await self._acquire(export)
+        self.leases[export] = lease
+        log.info("volume=%s event=lease_taken token=%d", export, lease.token)
+        return lease.token
 
     async def _acquire(self, name: str):
         """Take the volume's write lease. A lease still held elsewhere is waited for up to
@@ -193,9 +197,9 @@ class Blockd:
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id))
+                self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
                 cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
                 self.cluster.set_map(cmap)
-                self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
@@ -213,6 +217,11 @@ class Blockd:
             if self.registry is not None:
                 self.registry.sync.close()
             log.info("event=stopped")
+
+    async def refresh_map(self) -> None:
+        cmap = await self.registry.cluster_map()
+        if cmap.epoch > self.cluster.epoch:
+            self.cluster.set_map(cmap)
 
     async def _heartbeat(self) -> None:
         period = self.cfg.heartbeat_ttl / 3

@@ -15,6 +15,10 @@ Theory of operation (DESIGN.md, Data path):
 - FLUSH: made durable on every host that took writes since the previous flush.
 - READ: the local replica when it holds the chunk, else a remote replica. A checksum error
   on the local copy is answered from another replica and the good bytes are written back.
+- The write lease is taken on the first write, not at open (like RBD's exclusive lock):
+  readers and `nbdinfo` never wait for a lease. Until it is held, writes take the slow path.
+- A replica at a newer epoch refuses the write (StaleEpoch): the gateway refreshes its map
+  and retries once, so a healthy replica is never marked stale for our old map.
 - With replicas=1 and a local replica the whole path is synchronous: no task, no await.
 """
 
@@ -117,6 +121,9 @@ class VolumeGateway:
         self._unflushed: dict[str, set[int]] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
+        self.take_lease = None  # async () -> token, set by the service for writable views
+        self.refresh_map = None  # async () -> None, set by the service
+        self._lease_lock = trio.Lock()
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -201,8 +208,21 @@ class VolumeGateway:
 
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 
+    async def _leased(self, op, *args):
+        async with self._lease_lock:
+            if not self.token:
+                if self.take_lease is None:
+                    raise Fenced(f"{self.name}: no write lease can be taken here")
+                self.token = await self.take_lease()
+        result = op(*args)
+        if result is not None and hasattr(result, "__await__"):
+            result = await result
+        return result
+
     def write(self, offset: int, data, fua: bool):
         self._check_writable()
+        if not self.token:
+            return self._leased(self.write, offset, bytes(data), fua)
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
@@ -220,6 +240,8 @@ class VolumeGateway:
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
+        if not self.token:
+            return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
@@ -252,7 +274,7 @@ class VolumeGateway:
             try:
                 await self._send(h, msg)
                 self._unflushed.setdefault(h, set()).add(p.index)
-            except (Fenced, StaleEpoch, PeerUnavailable, VbpError) as e:
+            except VbpError as e:
                 failed[h] = e
 
         async with trio.open_nursery() as nursery:
@@ -278,14 +300,18 @@ class VolumeGateway:
             await self.registry.mark_stale(self.lineage, p.index, sorted(failed), 0)
 
     async def _send(self, host: str, msg):
+        try:
+            return await self._send_once(host, msg)
+        except StaleEpoch:
+            if self.refresh_map is None:
+                raise
+            await self.refresh_map()
+            return await self._send_once(host, dc_replace(msg, epoch=self.cluster.epoch))
+
+    async def _send_once(self, host: str, msg):
         if host == self.host_id:
             return self.replica.handle(msg)
-        try:
-            return await self.pool.call(self.cluster.address(host), msg)
-        except StaleEpoch:
-            # Our map is older than the replica's: nothing to do here but fail this replica;
-            # the service refreshes the map in the background.
-            raise
+        return await self.pool.call(self.cluster.address(host), msg)
 
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
 
