@@ -407,6 +407,10 @@ def test_lmdb_unusable_dir_is_registry_unavailable(tmp_path):
     f.write_text("not a directory")
     with pytest.raises(RegistryUnavailable, match="lmdb://"):
         open_registry(f"lmdb://{f}/sub")
+    with pytest.raises(RegistryUnavailable, match="does not exist"):
+        open_registry(f"lmdb://{tmp_path}/missing/registry")
+    assert not (tmp_path / "missing").exists()
+    open_registry(f"lmdb://{tmp_path}/registry").close()  # the last component is created
 
 
 # --- LMDB: several processes at once -------------------------------------------------------------

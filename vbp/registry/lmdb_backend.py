@@ -37,7 +37,11 @@ def _open_env(path: str) -> lmdb.Environment:
         if entry and entry[0] == os.getpid():
             _ENVS[path] = (entry[0], entry[1], entry[2] + 1)
             return entry[1]
-        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):
+            # Only the last component is created: a mistyped path is reported, not built.
+            if not os.path.isdir(os.path.dirname(path)):
+                raise FileNotFoundError(f"parent directory {os.path.dirname(path)} does not exist")
+            os.makedirs(path, exist_ok=True)
         env = lmdb.open(path, map_size=MAP_SIZE, max_readers=MAX_READERS, subdir=True,
                         lock=True, max_dbs=0)
         env.reader_check()  # free reader slots left by crashed processes
