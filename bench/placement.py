@@ -125,7 +125,6 @@ class VectorPlacement:
         zk = _keys(lanes, self.zseed, self.zinv, self.zok)
         zsel = np.argsort(zk, axis=1, kind="stable")[:, :n]
         out = np.empty((len(lanes), n), np.int64)
-        rows = np.arange(len(lanes))
         for r in range(n):
             z = zsel[:, r]
             pk = _keys(lanes, self.pseed[z], self.pinv[z], self.pok[z])
@@ -133,7 +132,6 @@ class VectorPlacement:
             hk = _keys(lanes, self.hseed[z, p], self.hinv[z, p], self.hok[z, p])
             h = np.argmin(hk, axis=1)
             out[:, r] = self.hidx[z, p, h]
-        del rows
         return out
 
 
