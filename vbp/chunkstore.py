@@ -41,12 +41,9 @@ page raise ChecksumError. `recovered` lists the dirty chunks so replication can 
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import fcntl
 import heapq
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -58,165 +55,50 @@ from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
     check_range, check_version, page_checksum, runs,
 )
+from vbp.chunkstore_files import (
+    COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, dec_key, enc_key,
+    pread_full, punch, pwrite_all, Space, Txn,
+)
 from vbp.chunkstore_memory import MemoryChunkStore
-from vbp.errors import ChecksumError, InvalidArgument, NoSpace, NotFound
+from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
 from vbp.layout import PAGE_SIZE, ChunkKey
 
 __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 
-_READY, _PENDING = 0, 1
-_QQ = struct.Struct(">QQ")
-_SLOT = struct.Struct(">IQ")
-_MAP_SIZE = 1 << 30
-_NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_COPY_STEP = 1 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
-_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros, freeing its blocks when the fs can."""
-    if _fallocate is not None and _fallocate(fd, _PUNCH, offset, length) == 0:
-        return
-    zeros = bytes(min(length, _COPY_STEP))
-    end = offset + length
-    while offset < end:
-        offset += os.pwrite(fd, zeros[: end - offset], offset)
-
-
-def _pwrite_all(fd: int, buf, pos: int) -> None:
-    n = os.pwrite(fd, buf, pos)
-    if n != len(buf):
-        mv = memoryview(buf)
-        while n < len(mv):
-            n += os.pwrite(fd, mv[n:], pos + n)
-
-
-def _pread_full(fd: int, n: int, pos: int) -> bytes:
-    buf = os.pread(fd, n, pos)
-    return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
-
-
-def _enc(key) -> bytes:
-    return key[0].encode() + b"\0" + _QQ.pack(key[1], key[2])
-
-
-def _dec(raw: bytes) -> ChunkKey:
-    index, gen = _QQ.unpack(raw[-16:])
-    return ChunkKey(raw[:-17].decode(), index, gen)
-
-
-def _size_name(cs: int) -> str:
-    if cs % (1 << 20) == 0:
-        return f"{cs >> 20}M"
-    return f"{cs >> 10}K"
-
-
-class _Space:
-    """The data file and the checksum sidecar of one chunk size."""
-
-    __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo")
-
-    def __init__(self, root: Path, cs: int, nslots: int):
-        self.cs = cs
-        self.ppc = cs >> PAGE_SHIFT
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self.fd = os.open(root / f"data-{_size_name(cs)}.bin", flags, 0o600)
-        self.sfd = os.open(root / f"sums-{_size_name(cs)}.bin", flags, 0o600)
-        self.mm = self.sums = None
-        self.mapped = 0
-        self.nslots = 0
-        self.free: list[int] = []  # a heap: reuse low slots first
-        self.limbo: list[int] = []
-        self.ensure(nslots)
-        self.nslots = nslots
-
-    def ensure(self, nslots: int) -> None:
-        """Files large enough for `nslots` slots. OSError(ENOSPC) if the sidecar can't grow."""
-        if nslots > self.mapped or self.mm is None:
-            want = max(nslots, 2 * self.mapped, 16)
-            try:
-                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
-            except OSError as e:
-                if e.errno not in _NOSPACE_ERRNOS or want == nslots:
-                    raise
-                want = nslots
-                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
-            self._unmap()
-            self.mm = mmap.mmap(self.sfd, want * self.ppc * 8)
-            self.sums = memoryview(self.mm).cast("Q")
-            self.mapped = want
-        if os.fstat(self.fd).st_size < nslots * self.cs:
-            os.ftruncate(self.fd, nslots * self.cs)
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-        self.mm.flush()
-
-    def sync_sums(self, slot: int) -> None:
-        start = slot * self.ppc * 8
-        aligned = start - start % mmap.PAGESIZE
-        self.mm.flush(aligned, start + self.ppc * 8 - aligned)
-
-    def wipe(self, slot: int) -> None:
-        _punch(self.fd, slot * self.cs, self.cs)
-        a = slot * self.ppc * 8
-        self.mm[a: a + self.ppc * 8] = bytes(self.ppc * 8)
-
-    def _unmap(self) -> None:
-        if self.sums is not None:
-            self.sums.release()
-            self.mm.close()
-            self.sums = self.mm = None
-
-    def close(self) -> None:
-        self._unmap()
-        os.close(self.fd)
-        os.close(self.sfd)
-
-
-class _Chunk:
-    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "dbase", "sbase")
-
-    def __init__(self, key: ChunkKey, space: _Space, slot: int, version: int, state: int):
-        self.key = key
-        self.space = space
-        self.cs = space.cs
-        self.slot = slot
-        self.version = version
-        self.state = state
-        self.dirty = False
-        self.dbase = slot * space.cs
-        self.sbase = slot * space.ppc
-
-    def record(self) -> bytes:
-        return msgpack.packb([self.slot, self.cs, self.version, self.state])
-
-
 class ChunkStore:
-    """A host's chunks on its local disk. Single-threaded: call it from one thread."""
+    """A host's chunks on its local disk.
+
+    Single-threaded: call it from one thread. One open store per directory (an flock on
+    `lock` refuses a second one, in this process or another).
+    """
 
     def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True):
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidArgument(f"capacity must be a non-negative byte count, not {capacity!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise LocalFault(f"chunk store {self.path} is already open (this or another "
+                             "process)") from None
         self.capacity = capacity
         self.verify_reads = verify_reads  # False only for benchmarks measuring the checksum cost
-        self._chunks: dict[ChunkKey, _Chunk] = {}
+        self._chunks: dict[ChunkKey, Chunk] = {}
         self._gens: dict[tuple[str, int], set[int]] = {}
-        self._dirty: dict[ChunkKey, _Chunk] = {}
-        self._spaces: dict[int, _Space] = {}
+        self._dirty: dict[ChunkKey, Chunk] = {}
+        self._spaces: dict[int, Space] = {}
         self._used = 0
         self._checksum_errors = 0
         self._closed = False
-        self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
-                              map_size=_MAP_SIZE)
+        try:
+            self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
+                                  map_size=MAP_SIZE)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._db = {name: self._env.open_db(name.encode()) for name in
                     ("chunks", "free", "limbo", "dirty", "meta")}
         try:
@@ -234,26 +116,26 @@ class ChunkStore:
             for k, v in txn.cursor(db=db["meta"]):
                 if k.startswith(b"nslots:"):
                     cs = int(k[7:])
-                    self._spaces[cs] = _Space(self.path, cs, int(v))
+                    self._spaces[cs] = Space(self.path, cs, int(v))
             for name in ("free", "limbo"):
                 for k, _ in txn.cursor(db=db[name]):
-                    cs, slot = _SLOT.unpack(k)
+                    cs, slot = SLOT.unpack(k)
                     getattr(self._spaces[cs], name).append(slot)
             pending = []
             for k, v in txn.cursor(db=db["chunks"]):
                 slot, cs, version, state = msgpack.unpackb(v)
-                c = _Chunk(_dec(k), self._spaces[cs], slot, version, state)
-                if state == _PENDING:
+                c = Chunk(dec_key(k), self._spaces[cs], slot, version, state)
+                if state == PENDING:
                     pending.append(c)
                 else:
                     self._remember(c)
-            dirty = [self._chunks[_dec(k)] for k, _ in txn.cursor(db=db["dirty"])]
+            dirty = [self._chunks[dec_key(k)] for k, _ in txn.cursor(db=db["dirty"])]
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
         self._recover(pending, dirty)
         return clean, frozenset(c.key for c in dirty)
 
-    def _recover(self, pending: list[_Chunk], dirty: list[_Chunk]) -> None:
+    def _recover(self, pending: list[Chunk], dirty: list[Chunk]) -> None:
         for c in pending:
             c.space.limbo.append(c.slot)
         for sp in self._spaces.values():
@@ -267,19 +149,19 @@ class ChunkStore:
         db = self._db
         with self._txn() as txn:
             for c in pending:
-                txn.delete(_enc(c.key), db=db["chunks"])
+                txn.delete(enc_key(c.key), db=db["chunks"])
             for c in dirty:
-                txn.put(_enc(c.key), c.record(), db=db["chunks"])
-                txn.delete(_enc(c.key), db=db["dirty"])
+                txn.put(enc_key(c.key), c.record(), db=db["chunks"])
+                txn.delete(enc_key(c.key), db=db["dirty"])
             self._free_limbo(txn)
             txn.put(b"clean", b"0", db=db["meta"])
 
-    def _rehash(self, c: _Chunk) -> None:
+    def _rehash(self, c: Chunk) -> None:
         """Accept the bytes on disk for every page of `c` whose checksum does not match."""
         sp, sums = c.space, c.space.sums
-        for start in range(0, c.cs, _COPY_STEP):
-            n = min(_COPY_STEP, c.cs - start)
-            buf = _pread_full(sp.fd, n, c.dbase + start)
+        for start in range(0, c.cs, COPY_STEP):
+            n = min(COPY_STEP, c.cs - start)
+            buf = pread_full(sp.fd, n, c.dbase + start)
             mv = memoryview(buf)
             for off in range(0, n, PAGE_SIZE):
                 i = c.sbase + ((start + off) >> PAGE_SHIFT)
@@ -291,12 +173,12 @@ class ChunkStore:
                 elif page_checksum(page) != s:
                     sums[i] = page_checksum(page)
 
-    def _remember(self, c: _Chunk) -> None:
+    def _remember(self, c: Chunk) -> None:
         self._chunks[c.key] = c
         self._gens.setdefault((c.key.lineage, c.key.index), set()).add(c.key.gen)
         self._used += c.cs
 
-    def _forget(self, c: _Chunk) -> None:
+    def _forget(self, c: Chunk) -> None:
         del self._chunks[c.key]
         gens = self._gens[(c.key.lineage, c.key.index)]
         gens.discard(c.key.gen)
@@ -306,7 +188,7 @@ class ChunkStore:
         self._used -= c.cs
 
     def _txn(self):
-        return _Txn(self._env)
+        return Txn(self._env)
 
     # --- queries --------------------------------------------------------------------------
 
@@ -344,7 +226,7 @@ class ChunkStore:
         sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
         return runs([s == 0 for s in sums], first, offset, length)
 
-    def _get(self, key) -> _Chunk:
+    def _get(self, key) -> Chunk:
         c = self._chunks.get(key)
         if c is None:
             raise NotFound(f"chunk {tuple(key)!r} is not on this host")
@@ -369,13 +251,13 @@ class ChunkStore:
         check_range(offset, length, c.cs)
         return self._read_range(c, offset, length) if length else b""
 
-    def _read_range(self, c: _Chunk, offset: int, length: int) -> bytes:
+    def _read_range(self, c: Chunk, offset: int, length: int) -> bytes:
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
         if not any(sums):
             return bytes(length)
         start = first << PAGE_SHIFT
-        buf = _pread_full(c.space.fd, (last - first + 1) << PAGE_SHIFT, c.dbase + start)
+        buf = pread_full(c.space.fd, (last - first + 1) << PAGE_SHIFT, c.dbase + start)
         mv = memoryview(buf)
         holes = []
         for i, s in enumerate(sums):
@@ -392,17 +274,17 @@ class ChunkStore:
             return bytes(buf) if holes else buf
         return bytes(memoryview(buf)[offset - start: offset - start + length])
 
-    def _page(self, c: _Chunk, page: int) -> bytes:
+    def _page(self, c: Chunk, page: int) -> bytes:
         """One page as stored, verified (used to merge partial-page writes)."""
         s = c.space.sums[c.sbase + page]
         if not s:
             return ZERO_PAGE
-        buf = _pread_full(c.space.fd, PAGE_SIZE, c.dbase + (page << PAGE_SHIFT))
+        buf = pread_full(c.space.fd, PAGE_SIZE, c.dbase + (page << PAGE_SHIFT))
         if page_checksum(buf) != s:
             self._corrupt(c, page)
         return buf
 
-    def _corrupt(self, c: _Chunk, page: int):
+    def _corrupt(self, c: Chunk, page: int):
         self._checksum_errors += 1
         raise ChecksumError(f"checksum mismatch in chunk {tuple(c.key)!r} page {page}",
                             key=c.key, page=page)
@@ -462,7 +344,7 @@ class ChunkStore:
                 sp = c.space
                 i, j = (c.sbase + (a >> PAGE_SHIFT)) * 8, (c.sbase + (b >> PAGE_SHIFT)) * 8
                 sp.mm[i:j] = bytes(j - i)
-                _punch(sp.fd, c.dbase + a, b - a)
+                punch(sp.fd, c.dbase + a, b - a)
         except NoSpace:
             if created:
                 self._drop(c)
@@ -472,14 +354,14 @@ class ChunkStore:
             self._sync_chunk(c)
         return c.version
 
-    def _check_request(self, c: _Chunk, offset, length, chunk_size) -> None:
+    def _check_request(self, c: Chunk, offset, length, chunk_size) -> None:
         if chunk_size != c.cs:
             raise InvalidArgument(
                 f"chunk {tuple(c.key)!r} has size {c.cs}, the request says {chunk_size}"
             )
         check_range(offset, length, c.cs)
 
-    def _put(self, c: _Chunk, offset: int, data, n: int) -> None:
+    def _put(self, c: Chunk, offset: int, data, n: int) -> None:
         """Write `data` at `offset` of `c` and update the pages' checksums."""
         sp = c.space
         if not (offset | n) & PAGE_MASK:
@@ -495,9 +377,10 @@ class ChunkStore:
                 buf[-PAGE_SIZE:] = self._page(c, last)
             buf[offset - start: end - start] = data
         try:
-            _pwrite_all(sp.fd, buf, c.dbase + start)
+            if os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
+                pwrite_all(sp.fd, buf, c.dbase + start)  # short: redo it whole (idempotent)
         except OSError as e:
-            if e.errno in _NOSPACE_ERRNOS:
+            if e.errno in NOSPACE_ERRNOS:
                 self._settle_failed(c, start, len(buf))
                 raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
             raise
@@ -511,30 +394,30 @@ class ChunkStore:
             sums[p] = xxh3_64_intdigest(mv[off: off + PAGE_SIZE]) or 1
             p += 1
 
-    def _settle_failed(self, c: _Chunk, start: int, n: int) -> None:
+    def _settle_failed(self, c: Chunk, start: int, n: int) -> None:
         """After a failed pwrite: real pages take what reached the disk (an unacknowledged,
         possibly torn write); holes stay holes, so no page fails its checksum later."""
         sums = c.space.sums
         for off in range(start, start + n, PAGE_SIZE):
             i = c.sbase + (off >> PAGE_SHIFT)
             if sums[i]:
-                sums[i] = page_checksum(_pread_full(c.space.fd, PAGE_SIZE, c.dbase + off))
+                sums[i] = page_checksum(pread_full(c.space.fd, PAGE_SIZE, c.dbase + off))
 
-    def _mark_dirty(self, c: _Chunk) -> None:
+    def _mark_dirty(self, c: Chunk) -> None:
         with self._txn() as txn:
-            txn.put(_enc(c.key), b"", db=self._db["dirty"])
+            txn.put(enc_key(c.key), b"", db=self._db["dirty"])
         c.dirty = True
         self._dirty[c.key] = c
 
-    def _sync_chunk(self, c: _Chunk) -> None:
+    def _sync_chunk(self, c: Chunk) -> None:
         os.fdatasync(c.space.fd)
         c.space.sync_sums(c.slot)
         with self._txn() as txn:
-            txn.put(_enc(c.key), c.record(), db=self._db["chunks"])
+            txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
 
     # --- allocation -----------------------------------------------------------------------
 
-    def _create(self, key, offset, length, chunk_size, base, version) -> _Chunk:
+    def _create(self, key, offset, length, chunk_size, base, version) -> Chunk:
         key = check_key(key)
         check_chunk_size(chunk_size)
         check_range(offset, length, chunk_size)
@@ -550,24 +433,24 @@ class ChunkStore:
                     f"base chunk {tuple(src.key)!r} has size {src.cs}, not {chunk_size}"
                 )
         if src is None:
-            return self._allocate(key, chunk_size, _READY)
-        c = self._allocate(key, chunk_size, _PENDING)
+            return self._allocate(key, chunk_size, READY)
+        c = self._allocate(key, chunk_size, PENDING)
         try:
             self._copy_up(src, c)
         except OSError as e:
             self._drop(c)
-            if e.errno in _NOSPACE_ERRNOS:
+            if e.errno in NOSPACE_ERRNOS:
                 raise NoSpace(f"the disk is full copying up chunk {tuple(key)!r}") from e
             raise
-        c.state = _READY
+        c.state = READY
         with self._txn() as txn:
-            txn.put(_enc(c.key), c.record(), db=self._db["chunks"])
-            txn.put(_enc(c.key), b"", db=self._db["dirty"])
+            txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
+            txn.put(enc_key(c.key), b"", db=self._db["dirty"])
         c.dirty = True
         self._dirty[c.key] = c
         return c
 
-    def _copy_up(self, src: _Chunk, dst: _Chunk) -> None:
+    def _copy_up(self, src: Chunk, dst: Chunk) -> None:
         sp, sums = src.space, src.space.sums
         flags = sums[src.sbase: src.sbase + sp.ppc].tolist()
         i = 0
@@ -582,7 +465,7 @@ class ChunkStore:
             while n:
                 done = os.copy_file_range(sp.fd, sp.fd, n, src.dbase + off, dst.dbase + off)
                 if done == 0:  # past EOF of a file whose ftruncate was lost: zeros
-                    _pwrite_all(sp.fd, bytes(n), dst.dbase + off)
+                    pwrite_all(sp.fd, bytes(n), dst.dbase + off)
                     done = n
                 off += done
                 n -= done
@@ -591,13 +474,13 @@ class ChunkStore:
         os.fdatasync(sp.fd)
         sp.sync_sums(dst.slot)
 
-    def _allocate(self, key: ChunkKey, cs: int, state: int) -> _Chunk:
+    def _allocate(self, key: ChunkKey, cs: int, state: int) -> Chunk:
         if self._used + cs > self.capacity:
             raise NoSpace(f"no free slot of {cs} bytes: {self._used} of {self.capacity} used")
         sp = self._spaces.get(cs)
         if sp is None:
             try:
-                sp = self._spaces[cs] = _Space(self.path, cs, 0)
+                sp = self._spaces[cs] = Space(self.path, cs, 0)
             except OSError as e:
                 raise self._oserror(e) from e
         if not sp.free and sp.limbo:
@@ -609,40 +492,40 @@ class ChunkStore:
                 sp.ensure(slot + 1)
             except OSError as e:
                 raise self._oserror(e) from e
-        c = _Chunk(key, sp, slot, 0, state)
+        c = Chunk(key, sp, slot, 0, state)
         db = self._db
         with self._txn() as txn:
             if grow:
                 txn.put(b"nslots:%d" % cs, b"%d" % (slot + 1), db=db["meta"])
             else:
-                txn.delete(_SLOT.pack(cs, slot), db=db["free"])
-            txn.put(_enc(key), c.record(), db=db["chunks"])
-            if state == _READY:
-                txn.put(_enc(key), b"", db=db["dirty"])
+                txn.delete(SLOT.pack(cs, slot), db=db["free"])
+            txn.put(enc_key(key), c.record(), db=db["chunks"])
+            if state == READY:
+                txn.put(enc_key(key), b"", db=db["dirty"])
         if grow:
             sp.nslots = slot + 1
         else:
             heapq.heappop(sp.free)
         self._remember(c)
-        if state == _READY:
+        if state == READY:
             c.dirty = True
             self._dirty[key] = c
         return c
 
     @staticmethod
     def _oserror(e: OSError) -> Exception:
-        if e.errno in _NOSPACE_ERRNOS:
+        if e.errno in NOSPACE_ERRNOS:
             return NoSpace(f"the disk is full: {e}")
         return e
 
     def delete(self, key: ChunkKey) -> None:
         self._drop(self._get(key))
 
-    def _drop(self, c: _Chunk) -> None:
+    def _drop(self, c: Chunk) -> None:
         with self._txn() as txn:
-            txn.delete(_enc(c.key), db=self._db["chunks"])
-            txn.delete(_enc(c.key), db=self._db["dirty"])
-            txn.put(_SLOT.pack(c.cs, c.slot), b"", db=self._db["limbo"])
+            txn.delete(enc_key(c.key), db=self._db["chunks"])
+            txn.delete(enc_key(c.key), db=self._db["dirty"])
+            txn.put(SLOT.pack(c.cs, c.slot), b"", db=self._db["limbo"])
         self._forget(c)
         c.space.wipe(c.slot)
         c.space.limbo.append(c.slot)
@@ -651,8 +534,8 @@ class ChunkStore:
         """In `txn`, move every limbo slot to free. Their wipes must be durable already."""
         for sp in self._spaces.values():
             for slot in sp.limbo:
-                txn.delete(_SLOT.pack(sp.cs, slot), db=self._db["limbo"])
-                txn.put(_SLOT.pack(sp.cs, slot), b"", db=self._db["free"])
+                txn.delete(SLOT.pack(sp.cs, slot), db=self._db["limbo"])
+                txn.put(SLOT.pack(sp.cs, slot), b"", db=self._db["free"])
 
     def _after_free_limbo(self) -> None:
         for sp in self._spaces.values():
@@ -680,7 +563,7 @@ class ChunkStore:
         db = self._db
         with self._txn() as txn:
             for c in self._dirty.values():
-                k = _enc(c.key)
+                k = enc_key(c.key)
                 txn.put(k, c.record(), db=db["chunks"])
                 txn.delete(k, db=db["dirty"])
             self._free_limbo(txn)
@@ -703,6 +586,7 @@ class ChunkStore:
             sp.close()
         self._spaces.clear()
         self._env.close()
+        os.close(self._lock_fd)  # releases the flock
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -723,13 +607,13 @@ class ChunkStore:
                       if k.startswith(b"nslots:")}
             for k, v in txn.cursor(db=db["chunks"]):
                 slot, cs, version, state = msgpack.unpackb(v)
-                owners.setdefault((cs, slot), []).append(f"chunk {_dec(k)}")
-                c = self._chunks.get(_dec(k))
+                owners.setdefault((cs, slot), []).append(f"chunk {dec_key(k)}")
+                c = self._chunks.get(dec_key(k))
                 if c is None or c.slot != slot or c.cs != cs:
-                    problems.append(f"chunk {_dec(k)} in the index differs from memory")
+                    problems.append(f"chunk {dec_key(k)} in the index differs from memory")
             for name in ("free", "limbo"):
                 for k, _ in txn.cursor(db=db[name]):
-                    owners.setdefault(_SLOT.unpack(k), []).append(name)
+                    owners.setdefault(SLOT.unpack(k), []).append(name)
         for (cs, slot), who in owners.items():
             if len(who) > 1:
                 problems.append(f"slot {slot} of size {cs} owned by {who}")
@@ -744,30 +628,3 @@ class ChunkStore:
         if self._used > self.capacity:
             problems.append(f"{self._used} bytes used, above capacity {self.capacity}")
         return problems
-
-
-class _Txn:
-    """An LMDB write transaction whose "disk full" failures become NoSpace."""
-
-    __slots__ = ("env", "txn")
-
-    def __init__(self, env):
-        self.env = env
-
-    def __enter__(self):
-        self.txn = self.env.begin(write=True)
-        return self.txn
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.txn.abort()
-            return False
-        try:
-            self.txn.commit()
-        except lmdb.MapFullError as e:
-            raise NoSpace(f"the chunk index is full: {e}") from e
-        except lmdb.Error as e:
-            if "No space" in str(e) or "ENOSPC" in str(e):
-                raise NoSpace(f"the disk is full writing the chunk index: {e}") from e
-            raise
-        return False

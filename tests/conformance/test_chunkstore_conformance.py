@@ -5,7 +5,6 @@ Both must behave identically, down to the per-page checksums scrub compares acro
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from xxhash import xxh3_64_intdigest

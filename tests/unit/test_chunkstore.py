@@ -288,3 +288,12 @@ def test_lmdb_records_are_readable_by_tools(store, tmp_path):
         chunks = env.open_db(b"chunks", txn=txn, create=False)
         assert txn.stat(chunks)["entries"] == 1
     env.close()
+
+
+def test_one_open_store_per_directory(store, tmp_path):
+    from vbp.errors import LocalFault
+
+    with pytest.raises(LocalFault):
+        ChunkStore(tmp_path, CS)
+    store.close()
+    ChunkStore(tmp_path, CS).close()

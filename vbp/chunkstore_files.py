@@ -1,0 +1,180 @@
+"""The files under a ChunkStore: data file + mmap'd checksum sidecar per chunk size, the
+in-memory chunk record, LMDB key encoding and transactions. See vbp/chunkstore.py for the
+theory of operation; nothing here decides durability order, it only performs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import lmdb
+import msgpack
+
+from vbp.chunkstore_common import PAGE_SHIFT
+from vbp.errors import NoSpace
+from vbp.layout import ChunkKey
+
+READY, PENDING = 0, 1
+KEY_TAIL = struct.Struct(">QQ")
+SLOT = struct.Struct(">IQ")
+MAP_SIZE = 1 << 30
+NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+COPY_STEP = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros, freeing its blocks when the fs can."""
+    if _fallocate is not None and _fallocate(fd, _PUNCH, offset, length) == 0:
+        return
+    zeros = bytes(min(length, COPY_STEP))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, zeros[: end - offset], offset)
+
+
+def pwrite_all(fd: int, buf, pos: int) -> None:
+    n = os.pwrite(fd, buf, pos)
+    if n != len(buf):
+        mv = memoryview(buf)
+        while n < len(mv):
+            n += os.pwrite(fd, mv[n:], pos + n)
+
+
+def pread_full(fd: int, n: int, pos: int) -> bytes:
+    buf = os.pread(fd, n, pos)
+    return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
+
+
+def enc_key(key) -> bytes:
+    return key[0].encode() + b"\0" + KEY_TAIL.pack(key[1], key[2])
+
+
+def dec_key(raw: bytes) -> ChunkKey:
+    index, gen = KEY_TAIL.unpack(raw[-16:])
+    return ChunkKey(raw[:-17].decode(), index, gen)
+
+
+def _size_name(cs: int) -> str:
+    if cs % (1 << 20) == 0:
+        return f"{cs >> 20}M"
+    return f"{cs >> 10}K"
+
+
+class Space:
+    """The data file and the checksum sidecar of one chunk size."""
+
+    __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo")
+
+    def __init__(self, root: Path, cs: int, nslots: int):
+        self.cs = cs
+        self.ppc = cs >> PAGE_SHIFT
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self.fd = os.open(root / f"data-{_size_name(cs)}.bin", flags, 0o600)
+        self.sfd = os.open(root / f"sums-{_size_name(cs)}.bin", flags, 0o600)
+        self.mm = self.sums = None
+        self.mapped = 0
+        self.nslots = 0
+        self.free: list[int] = []  # a heap: reuse low slots first
+        self.limbo: list[int] = []
+        self.ensure(nslots)
+        self.nslots = nslots
+
+    def ensure(self, nslots: int) -> None:
+        """Files large enough for `nslots` slots. OSError(ENOSPC) if the sidecar can't grow."""
+        if nslots > self.mapped or self.mm is None:
+            want = max(nslots, 2 * self.mapped, 16)
+            try:
+                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
+            except OSError as e:
+                if e.errno not in NOSPACE_ERRNOS or want == nslots:
+                    raise
+                want = nslots
+                os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
+            self._unmap()
+            self.mm = mmap.mmap(self.sfd, want * self.ppc * 8)
+            self.sums = memoryview(self.mm).cast("Q")
+            self.mapped = want
+        if os.fstat(self.fd).st_size < nslots * self.cs:
+            os.ftruncate(self.fd, nslots * self.cs)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        self.mm.flush()
+
+    def sync_sums(self, slot: int) -> None:
+        start = slot * self.ppc * 8
+        aligned = start - start % mmap.PAGESIZE
+        self.mm.flush(aligned, start + self.ppc * 8 - aligned)
+
+    def wipe(self, slot: int) -> None:
+        punch(self.fd, slot * self.cs, self.cs)
+        a = slot * self.ppc * 8
+        self.mm[a: a + self.ppc * 8] = bytes(self.ppc * 8)
+
+    def _unmap(self) -> None:
+        if self.sums is not None:
+            self.sums.release()
+            self.mm.close()
+            self.sums = self.mm = None
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+        os.close(self.sfd)
+
+
+class Chunk:
+    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "dbase", "sbase")
+
+    def __init__(self, key: ChunkKey, space: Space, slot: int, version: int, state: int):
+        self.key = key
+        self.space = space
+        self.cs = space.cs
+        self.slot = slot
+        self.version = version
+        self.state = state
+        self.dirty = False
+        self.dbase = slot * space.cs
+        self.sbase = slot * space.ppc
+
+    def record(self) -> bytes:
+        return msgpack.packb([self.slot, self.cs, self.version, self.state])
+
+
+class Txn:
+    """An LMDB write transaction whose "disk full" failures become NoSpace."""
+
+    __slots__ = ("env", "txn")
+
+    def __init__(self, env):
+        self.env = env
+
+    def __enter__(self):
+        self.txn = self.env.begin(write=True)
+        return self.txn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.txn.abort()
+            return False
+        try:
+            self.txn.commit()
+        except lmdb.MapFullError as e:
+            raise NoSpace(f"the chunk index is full: {e}") from e
+        except lmdb.Error as e:
+            if "No space" in str(e) or "ENOSPC" in str(e):
+                raise NoSpace(f"the disk is full writing the chunk index: {e}") from e
+            raise
+        return False
