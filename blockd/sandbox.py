@@ -78,6 +78,7 @@ def ports_free(ports) -> bool:
 class Sandbox:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory).absolute()
+        self._procs: dict[int, subprocess.Popen] = {}  # the processes this object started
 
     @property
     def registry_url(self) -> str:
@@ -153,6 +154,7 @@ class Sandbox:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
         log.close()
+        self._procs[proc.pid] = proc
         return proc.pid
 
     def _wait_ready(self, hosts: list[dict], timeout: float) -> None:
@@ -162,7 +164,7 @@ class Sandbox:
             for h in list(pending):
                 if port_open(h["nbd_port"]):
                     pending.remove(h)
-                elif not pid_alive(h["pid"]):
+                elif self._procs[h["pid"]].poll() is not None:
                     raise SandboxError(f"{h['id']} exited at start:\n{self.log_tail(h['id'])}")
             if pending and time.monotonic() > deadline:
                 raise SandboxError(

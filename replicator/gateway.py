@@ -359,26 +359,51 @@ class VolumeGateway:
         return None
 
     def block_status(self, offset: int, length: int):
-        out: list[tuple[int, int]] = []
+        out: list = []
+        remote = []
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if self.host_id not in hosts:
-                out.append((p.length, 0))  # not local: reported as data (always correct)
-                continue
-            ext = self.replica.extents(self.lineage, p.index, self.chain, p.offset, p.length)
-            if ext is None:
-                out.append((p.length, NBD_STATE_HOLE | NBD_STATE_ZERO))
+            if self.host_id in hosts:
+                out.append(self.replica.extents(self.lineage, p.index, self.chain, p.offset, p.length))
             else:
-                out.extend((n, NBD_STATE_HOLE | NBD_STATE_ZERO if hole else 0) for n, hole in ext)
-        merged: list[tuple[int, int]] = []
-        for n, f in out:
-            if merged and merged[-1][1] == f:
-                merged[-1] = (merged[-1][0] + n, f)
-            else:
-                merged.append((n, f))
-        return merged
+                out.append(None)
+                remote.append((len(out) - 1, p))
+        if remote:
+            return self._block_status_remote(out, remote, list(self.geometry.pieces(offset, length)))
+        return _merge_status(out, list(self.geometry.pieces(offset, length)))
+
+    async def _block_status_remote(self, out, remote, pieces):
+        for slot, p in remote:
+            msg = m.ChunkExtents(self.lineage, p.index, self.chain, p.offset, p.length, self.cluster.epoch)
+            ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
+            for h in self.cluster.replicas(self.lineage, p.index, self.n):
+                if not self.cluster.is_up(h):
+                    continue
+                try:
+                    reply = await self.pool.call(self.cluster.address(h), msg)
+                except VbpError:
+                    continue
+                runs = reply.runs
+                ext = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)] if reply.found else None
+                break
+            out[slot] = ext
+        return _merge_status(out, pieces)
 
     def close(self):
         if self.on_close is not None:
             return self.on_close(self)
         return None
+
+
+def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:
+    """Per-chunk extents (None: nothing in the chain, a hole) -> merged NBD status runs."""
+    merged: list[tuple[int, int]] = []
+    for ext, p in zip(per_piece, pieces):
+        runs = [(p.length, True)] if ext is None else ext
+        for n, hole in runs:
+            f = NBD_STATE_HOLE | NBD_STATE_ZERO if hole else 0
+            if merged and merged[-1][1] == f:
+                merged[-1] = (merged[-1][0] + n, f)
+            else:
+                merged.append((n, f))
+    return merged

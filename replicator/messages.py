@@ -192,9 +192,33 @@ class ChunkStateReply:
     checksums: tuple[int, ...]
 
 
+@_message(18)
+@dataclass(frozen=True, slots=True)
+class ChunkExtents:
+    """Allocation of [offset, offset+length) of the newest generation of `chain` held
+    locally, for NBD_CMD_BLOCK_STATUS."""
+
+    lineage: str
+    index: int
+    chain: tuple[int, ...]
+    offset: int
+    length: int
+    epoch: int
+
+
+@_message(19)
+@dataclass(frozen=True, slots=True)
+class Extents:
+    """Reply to ChunkExtents: `runs` is (length, is_hole) pairs flattened; `found` is False
+    when no generation of the chain exists on the replica (the whole range is a hole)."""
+
+    found: bool
+    runs: tuple[int, ...]
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
-    ChunkState, ChunkStateReply,
+    ChunkState, ChunkStateReply, ChunkExtents, Extents,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -206,4 +230,5 @@ REPLY_TYPES: dict[type, type] = {
     ZeroChunk: Ok,
     Flush: Ok,
     ChunkState: ChunkStateReply,
+    ChunkExtents: Extents,
 }

@@ -120,6 +120,11 @@ class Replica:
                 return m.ChunkStateReply(False, 0, ())
             version, sums = self.store.page_checksums(key)
             return m.ChunkStateReply(True, version, tuple(sums))
+        if isinstance(msg, m.ChunkExtents):
+            ext = self.extents(msg.lineage, msg.index, msg.chain, msg.offset, msg.length)
+            if ext is None:
+                return m.Extents(False, ())
+            return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
         if isinstance(msg, m.Ping):
             return m.Pong(self.host_id, self._epoch())
         from vbp.errors import InvalidArgument
