@@ -60,6 +60,9 @@ EXAMPLES = [
     m.Ok(15),
     m.ChunkState("lin", 3, 5),
     m.ChunkStateReply(True, 15, (1, 2, 2**64 - 1)),
+    m.ChunkExtents("lin", 3, (2, 5), 0, 4 << 20, 7),
+    m.Extents(True, (4096, 1, 8192, 0)),
+    m.Extents(False, ()),
 ]
 
 
@@ -101,7 +104,7 @@ def test_type_ids_are_stable():
     assert {cls.__name__: tid for tid, cls in m.MESSAGE_TYPES.items()} == {
         "Hello": 1, "HelloOk": 2, "Error": 3, "Ping": 4, "Pong": 5, "ReadChunk": 10,
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
-        "ChunkState": 16, "ChunkStateReply": 17,
+        "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
     }
 
 
