@@ -89,7 +89,7 @@ class EtcdProcess:
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory):
     if not Path(ETCD).exists():
-        pytest.skip("etcd is not installed (Debian package etcd-server)")
+        pytest.fail("etcd is not installed (Debian package etcd-server; make test installs it)")
     e = EtcdProcess(tmp_path_factory.mktemp("etcd") / "data").start()
     yield e
     e.stop()
