@@ -72,7 +72,8 @@ class ChunkStore:
     `lock` refuses a second one, in this process or another).
     """
 
-    def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True):
+    def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True,
+                 index_map_size: int = MAP_SIZE):
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidArgument(f"capacity must be a non-negative byte count, not {capacity!r}")
         self.path = Path(path)
@@ -95,12 +96,14 @@ class ChunkStore:
         self._closed = False
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
-                                  map_size=MAP_SIZE)
+                                  map_size=index_map_size)
         except BaseException:
             os.close(self._lock_fd)
             raise
         self._db = {name: self._env.open_db(name.encode()) for name in
                     ("chunks", "free", "limbo", "dirty", "meta")}
+        self._psize = self._env.stat()["psize"]
+        self._map_size = self._env.info()["map_size"]
         try:
             self.was_clean, self.recovered = self._load()
         except BaseException:
@@ -129,7 +132,8 @@ class ChunkStore:
                     pending.append(c)
                 else:
                     self._remember(c)
-            dirty = [self._chunks[dec_key(k)] for k, _ in txn.cursor(db=db["dirty"])]
+            dirty = [self._chunks[dec_key(k)] for k, _ in txn.cursor(db=db["dirty"])
+                     if dec_key(k) in self._chunks]
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
         self._recover(pending, dirty)
@@ -189,6 +193,11 @@ class ChunkStore:
 
     def _txn(self):
         return Txn(self._env)
+
+    def _index_pages(self) -> int:
+        with self._env.begin() as txn:
+            stats = [txn.stat(db) for db in self._db.values()] + [txn.stat()]
+        return sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
 
     # --- queries --------------------------------------------------------------------------
 
@@ -477,6 +486,9 @@ class ChunkStore:
     def _allocate(self, key: ChunkKey, cs: int, state: int) -> Chunk:
         if self._used + cs > self.capacity:
             raise NoSpace(f"no free slot of {cs} bytes: {self._used} of {self.capacity} used")
+        if self._index_pages() * self._psize > 0.4 * self._map_size:
+            # a flush may rewrite every page (copy-on-write): keep room for it to commit
+            raise NoSpace("the chunk index is nearly full: no new chunks")
         sp = self._spaces.get(cs)
         if sp is None:
             try:

@@ -162,19 +162,30 @@ class Txn:
         self.env = env
 
     def __enter__(self):
-        self.txn = self.env.begin(write=True)
+        try:
+            self.txn = self.env.begin(write=True)
+        except lmdb.Error as e:
+            raise _nospace(e) from e
         return self.txn
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.txn.abort()
+            if isinstance(exc, lmdb.Error) and isinstance(_nospace(exc), NoSpace):
+                raise _nospace(exc) from exc
             return False
         try:
             self.txn.commit()
-        except lmdb.MapFullError as e:
-            raise NoSpace(f"the chunk index is full: {e}") from e
         except lmdb.Error as e:
-            if "No space" in str(e) or "ENOSPC" in str(e):
-                raise NoSpace(f"the disk is full writing the chunk index: {e}") from e
-            raise
+            raise _nospace(e) from e
         return False
+
+
+def _nospace(e: lmdb.Error) -> Exception:
+    """NoSpace for the index running out of room (its map or the disk), else `e` itself."""
+    if isinstance(e, lmdb.MapFullError):
+        return NoSpace(f"the chunk index is full: {e}")
+    text = str(e)
+    if "No space" in text or "ENOSPC" in text or "Disk quota" in text:
+        return NoSpace(f"the disk is full writing the chunk index: {e}")
+    return e

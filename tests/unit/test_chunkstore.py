@@ -297,3 +297,24 @@ def test_one_open_store_per_directory(store, tmp_path):
         ChunkStore(tmp_path, CS)
     store.close()
     ChunkStore(tmp_path, CS).close()
+
+
+def test_full_index_is_nospace(tmp_path):
+    """An index running out of room refuses new chunks with NoSpace and keeps enough to
+    flush, delete and close."""
+    s = ChunkStore(tmp_path, 1 << 40, index_map_size=256 * 1024)
+    try:
+        with pytest.raises(NoSpace):
+            for i in range(100_000):
+                s.write(ChunkKey("x" * 300, i, 0), 0, b"", chunk_size=CS)
+        for k in list(s.keys())[:5]:
+            s.write(k, 0, b"y", chunk_size=CS, fua=True)
+        s.delete(next(s.keys()))
+        s.flush()
+        assert s.fsck() == []
+        n = s.stats().chunks
+    finally:
+        s.close()
+    s = ChunkStore(tmp_path, 1 << 40, index_map_size=256 * 1024)
+    assert s.stats().chunks == n and s.fsck() == []
+    s.close()
