@@ -235,6 +235,22 @@ class ChunkStore:
         sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
         return runs([s == 0 for s in sums], first, offset, length)
 
+    def verify(self, key: ChunkKey) -> list[int]:
+        """Pages of `key` whose bytes do not match their checksum (counted), for scrub:
+        page_checksums() alone can't see local rot, replicas hold the same stored sums."""
+        c = self._get(key)
+        sums, bad = c.space.sums, []
+        for start in range(0, c.cs, COPY_STEP):
+            n = min(COPY_STEP, c.cs - start)
+            mv = memoryview(pread_full(c.space.fd, n, c.dbase + start))
+            for off in range(0, n, PAGE_SIZE):
+                p = (start + off) >> PAGE_SHIFT
+                s = sums[c.sbase + p]
+                if s and page_checksum(mv[off: off + PAGE_SIZE]) != s:
+                    bad.append(p)
+        self._checksum_errors += len(bad)
+        return bad
+
     def _get(self, key) -> Chunk:
         c = self._chunks.get(key)
         if c is None:
@@ -419,7 +435,7 @@ class ChunkStore:
         self._dirty[c.key] = c
 
     def _sync_chunk(self, c: Chunk) -> None:
-        os.fdatasync(c.space.fd)
+        c.space.sync_data()
         c.space.sync_sums(c.slot)
         with self._txn() as txn:
             txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
@@ -446,10 +462,13 @@ class ChunkStore:
         c = self._allocate(key, chunk_size, PENDING)
         try:
             self._copy_up(src, c)
-        except OSError as e:
+        except Exception as e:
             self._drop(c)
-            if e.errno in NOSPACE_ERRNOS:
+            if isinstance(e, OSError) and e.errno in NOSPACE_ERRNOS:
                 raise NoSpace(f"the disk is full copying up chunk {tuple(key)!r}") from e
+            raise
+        except BaseException:
+            self._forget(c)  # interrupted: recovery at the next open drops the PENDING record
             raise
         c.state = READY
         with self._txn() as txn:
@@ -480,7 +499,7 @@ class ChunkStore:
                 n -= done
             i = j
         sums[dst.sbase: dst.sbase + sp.ppc] = sums[src.sbase: src.sbase + sp.ppc]
-        os.fdatasync(sp.fd)
+        sp.sync_data()
         sp.sync_sums(dst.slot)
 
     def _allocate(self, key: ChunkKey, cs: int, state: int) -> Chunk:

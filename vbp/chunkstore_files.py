@@ -16,7 +16,7 @@ import lmdb
 import msgpack
 
 from vbp.chunkstore_common import PAGE_SHIFT
-from vbp.errors import NoSpace
+from vbp.errors import LocalFault, NoSpace
 from vbp.layout import ChunkKey
 
 READY, PENDING = 0, 1
@@ -75,7 +75,8 @@ def _size_name(cs: int) -> str:
 class Space:
     """The data file and the checksum sidecar of one chunk size."""
 
-    __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo")
+    __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo",
+                 "failed")
 
     def __init__(self, root: Path, cs: int, nslots: int):
         self.cs = cs
@@ -88,6 +89,7 @@ class Space:
         self.nslots = 0
         self.free: list[int] = []  # a heap: reuse low slots first
         self.limbo: list[int] = []
+        self.failed: OSError | None = None
         self.ensure(nslots)
         self.nslots = nslots
 
@@ -109,14 +111,31 @@ class Space:
         if os.fstat(self.fd).st_size < nslots * self.cs:
             os.ftruncate(self.fd, nslots * self.cs)
 
+    # A failed fsync may have dropped dirty pages while a later one "succeeds" (Linux marks
+    # them clean): after one failure this space refuses to claim durability ever again.
+
     def sync(self) -> None:
-        os.fdatasync(self.fd)
-        self.mm.flush()
+        self._guard(os.fdatasync, self.fd)
+        self._guard(self.mm.flush)
+
+    def sync_data(self) -> None:
+        self._guard(os.fdatasync, self.fd)
 
     def sync_sums(self, slot: int) -> None:
         start = slot * self.ppc * 8
         aligned = start - start % mmap.PAGESIZE
-        self.mm.flush(aligned, start + self.ppc * 8 - aligned)
+        self._guard(self.mm.flush, aligned, start + self.ppc * 8 - aligned)
+
+    def _guard(self, fn, *args) -> None:
+        if self.failed is not None:
+            raise LocalFault(f"an earlier sync of the {self.cs}-byte chunk files failed "
+                             f"({self.failed}): reopen the store and resync it")
+        try:
+            fn(*args)
+        except OSError as e:
+            self.failed = e
+            raise LocalFault(f"sync of the {self.cs}-byte chunk files failed: {e}; "
+                             "writes since the last flush may be lost") from e
 
     def wipe(self, slot: int) -> None:
         punch(self.fd, slot * self.cs, self.cs)

@@ -87,6 +87,12 @@ class MemoryChunkStore:
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         return runs([p not in c.pages for p in range(first, last + 1)], first, offset, length)
 
+    def verify(self, key: ChunkKey) -> list[int]:
+        c = self._get(key)
+        bad = sorted(p for p, (data, s) in c.pages.items() if page_checksum(data) != s)
+        self._checksum_errors += len(bad)
+        return bad
+
     def _get(self, key) -> _MemChunk:
         c = self._chunks.get(key)
         if c is None:

@@ -361,6 +361,18 @@ def test_corruption_is_detected_and_counted(factory, store):
     assert store.read(K, 2 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
 
 
+def test_verify_finds_rotten_pages(factory, store):
+    store.write(K, 0, pattern(14, CS), chunk_size=CS)
+    store.zero(K, 0, PAGE_SIZE, chunk_size=CS)
+    assert store.verify(K) == []
+    factory.corrupt(store, K, 3)
+    factory.corrupt(store, K, 9)
+    assert store.verify(K) == [3, 9]
+    assert store.stats().checksum_errors == 2
+    with pytest.raises(NotFound):
+        store.verify(ChunkKey("nope", 0, 0))
+
+
 def test_same_operations_same_checksums(tmp_path):
     """Scrub compares checksums across hosts: both stores must produce identical ones."""
     disk = ChunkStore(tmp_path / "d", 8 * CS)

@@ -318,3 +318,29 @@ def test_full_index_is_nospace(tmp_path):
     s = ChunkStore(tmp_path, 1 << 40, index_map_size=256 * 1024)
     assert s.stats().chunks == n and s.fsck() == []
     s.close()
+
+
+def test_failed_sync_is_never_forgotten(store, tmp_path):
+    """After one failed fdatasync the store never again claims durability (fsyncgate)."""
+    from vbp.errors import LocalFault
+
+    store.write(K, 0, b"a", chunk_size=CS)
+    sp = store._spaces[CS]
+    saved = os.dup(sp.fd)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, sp.fd)  # fdatasync on a character device fails (EINVAL)
+    try:
+        with pytest.raises(LocalFault):
+            store.flush()
+        os.dup2(saved, sp.fd)  # the disk is "back": syncs would succeed now
+        with pytest.raises(LocalFault):
+            store.flush()
+        with pytest.raises(LocalFault):
+            store.write(K, 0, b"b", chunk_size=CS, fua=True)
+    finally:
+        os.close(devnull)
+        os.close(saved)
+        abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)  # reopening recovers (and resync fixes the rest)
+    assert s.recovered == {K}
+    s.close()
