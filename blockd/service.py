@@ -22,6 +22,7 @@ import trio
 from blockd.config import Config, parse_hostport
 from nbd_frontend.server import serve_nbd
 from replicator.gateway import ClusterView, VolumeGateway
+from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore
@@ -88,6 +89,7 @@ class VolumeProvider:
         if not view.read_only:
             gw.take_lease = functools.partial(self._take_lease, export)
         gw.refresh_map = svc.refresh_map
+        gw.stale = await svc.stale_map(rec.lineage)
         gw.on_fenced = self._on_fenced
         gw.on_close = functools.partial(self._closed, export)
         log.info("volume=%s event=open read_only=%s", export, view.read_only)
@@ -183,7 +185,7 @@ class Blockd:
         cfg = self.cfg
         data = Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.store = await trio.to_thread.run_sync(ChunkStore, data / "chunks", cfg.capacity)
+        self.store = ChunkStore(data / "chunks", cfg.capacity)
         try:
             self.registry = AsyncRegistry(await trio.to_thread.run_sync(open_registry, cfg.registry))
             cmap = await self.registry.cluster_map()
@@ -191,8 +193,10 @@ class Blockd:
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
-            async with PeerPool(cfg.cluster, cfg.host_id) as pool, trio.open_nursery() as nursery:
+            async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout) as pool, \
+                    trio.open_nursery() as nursery:
                 self.pool = pool
+                self.resync = Resync(cfg.host_id, self.store, self.cluster, pool, self.registry)
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
@@ -204,6 +208,8 @@ class Blockd:
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
+                nursery.start_soon(self._recover, list(self.store.recovered))
+                nursery.start_soon(self._refresh_stale)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
                          nbd_host, self.nbd_port, self.cluster.epoch)
                 task_status.started(self)
@@ -213,10 +219,42 @@ class Blockd:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
                     await self.provider.release_all()
-            await trio.to_thread.run_sync(self.store.close)
+            self.store.close()
             if self.registry is not None:
                 self.registry.sync.close()
             log.info("event=stopped")
+
+    async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
+        out: dict[int, set[str]] = {}
+        for r in await self.registry.list_stale(lineage):
+            out.setdefault(r.index, set()).add(r.host_id)
+        return {i: frozenset(h) for i, h in out.items()}
+
+    async def _refresh_stale(self) -> None:
+        """Open gateways learn which copies became current again (or went stale through
+        another gateway's failure)."""
+        while True:
+            await trio.sleep(1)
+            for gw in list(self.provider.gateways.values()):
+                try:
+                    gw.stale = await self.stale_map(gw.lineage)
+                except RegistryUnavailable as e:
+                    log.warning("event=stale_refresh_failed error=%s", e)
+                    break
+
+    async def _recover(self, recovered) -> None:
+        """Resync loop: bring this host's stale chunk copies current."""
+        while True:
+            try:
+                if recovered:
+                    await self.resync.mark_recovered(recovered)
+                    recovered = []
+                await self.resync.run_once()
+            except RegistryUnavailable as e:
+                log.warning("event=resync_skipped error=%s", e)
+            except Exception:  # one pass failing must not stop the daemon
+                log.exception("event=resync_pass_failed")
+            await trio.sleep(1)
 
     async def refresh_map(self) -> None:
         cmap = await self.registry.cluster_map()

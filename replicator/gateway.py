@@ -25,6 +25,7 @@ Theory of operation (DESIGN.md, Data path):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace as dc_replace
 
 import trio
@@ -117,6 +118,9 @@ class VolumeGateway:
         self.registry = registry
         self.token = token
         self.fenced = False
+        # chunk index -> hosts whose copy is stale (registry StaleRecords, refreshed by the
+        # service); reads avoid them while a current copy is reachable
+        self.stale: dict[int, frozenset[str]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
@@ -152,7 +156,7 @@ class VolumeGateway:
         remote = []
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if self.host_id in hosts:
+            if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
                 try:
                     gen, data, _ = self.replica.read(self.lineage, p.index, self.chain, p.offset, p.length)
                     extents.append((offset + p.buf_offset, p.length, data))
@@ -177,8 +181,16 @@ class VolumeGateway:
         msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain,
                           p.offset, p.length, self.cluster.epoch)
         last: Exception | None = None
-        for h in hosts:
-            if h == self.host_id or not self.cluster.is_up(h):
+        stale = self.stale.get(p.index, ())
+        # current copies first; a stale copy only when no current one answers
+        for h in sorted(hosts, key=lambda h: h in stale):
+            if not self.cluster.is_up(h):
+                continue
+            if h == self.host_id:
+                if h in stale:
+                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain, p.offset, p.length)
+                    log.warning("volume=%s chunk=%d event=read_from_stale_copy host=%s", self.name, p.index, h)
+                    return data
                 continue
             try:
                 reply = await self.pool.call(self.cluster.address(h), msg)
@@ -296,8 +308,15 @@ class VolumeGateway:
                 f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
                 f"min_size is {self.min_size}"
             )
-        if failed and self.registry is not None:
-            await self.registry.mark_stale(self.lineage, p.index, sorted(failed), 0)
+        if failed:
+            await self._mark_stale(p.index, failed)
+
+    async def _mark_stale(self, index: int, hosts) -> None:
+        self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
+        if self.registry is not None:
+            # the version orders failures: a resync clears a record only if no newer
+            # failure re-marked it
+            await self.registry.mark_stale(self.lineage, index, sorted(hosts), time.time_ns())
 
     async def _send(self, host: str, msg):
         try:
@@ -352,8 +371,7 @@ class VolumeGateway:
             good = len(self.cluster.replicas(self.lineage, idx, self.n)) - len(bad)
             if good < self.min_size:
                 raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
-            if self.registry is not None:
-                await self.registry.mark_stale(self.lineage, idx, bad, 0)
+            await self._mark_stale(idx, bad)
 
     def cache(self, offset: int, length: int):
         return None
@@ -363,7 +381,7 @@ class VolumeGateway:
         remote = []
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if self.host_id in hosts:
+            if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
                 out.append(self.replica.extents(self.lineage, p.index, self.chain, p.offset, p.length))
             else:
                 out.append(None)

@@ -216,9 +216,24 @@ class Extents:
     runs: tuple[int, ...]
 
 
+@_message(20)
+@dataclass(frozen=True, slots=True)
+class ChunkGens:
+    """Which generations of chunk (lineage, index) does the replica hold? For resync."""
+
+    lineage: str
+    index: int
+
+
+@_message(21)
+@dataclass(frozen=True, slots=True)
+class Gens:
+    gens: tuple[int, ...]
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
-    ChunkState, ChunkStateReply, ChunkExtents, Extents,
+    ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -231,4 +246,5 @@ REPLY_TYPES: dict[type, type] = {
     Flush: Ok,
     ChunkState: ChunkStateReply,
     ChunkExtents: Extents,
+    ChunkGens: Gens,
 }

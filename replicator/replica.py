@@ -125,6 +125,8 @@ class Replica:
             if ext is None:
                 return m.Extents(False, ())
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
+        if isinstance(msg, m.ChunkGens):
+            return m.Gens(tuple(sorted(k.gen for k in self.store.keys(msg.lineage) if k.index == msg.index)))
         if isinstance(msg, m.Ping):
             return m.Pong(self.host_id, self._epoch())
         from vbp.errors import InvalidArgument

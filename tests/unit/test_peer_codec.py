@@ -63,6 +63,8 @@ EXAMPLES = [
     m.ChunkExtents("lin", 3, (2, 5), 0, 4 << 20, 7),
     m.Extents(True, (4096, 1, 8192, 0)),
     m.Extents(False, ()),
+    m.ChunkGens("lin", 3),
+    m.Gens((1, 4, 9)),
 ]
 
 
@@ -105,6 +107,7 @@ def test_type_ids_are_stable():
         "Hello": 1, "HelloOk": 2, "Error": 3, "Ping": 4, "Pong": 5, "ReadChunk": 10,
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
+        "ChunkGens": 20, "Gens": 21,
     }
 
 

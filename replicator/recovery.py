@@ -1,0 +1,167 @@
+"""Resync: bring this host's stale copies of chunks current from a current replica.
+
+Theory of operation (DESIGN.md, Failures: "a host that returns resyncs incrementally, never
+by full copy"):
+- A gateway that could not write a replica records it stale for that chunk in the registry
+  (StaleRecord(lineage, index, host, version)). A host that crashed with unflushed writes
+  records its own dirty chunks stale when it comes back (ChunkStore.recovered).
+- The stale host runs this loop. For each of its records it picks a current source among
+  the chunk's replicas (up, not stale), lists the generations the source holds, and for
+  each generation compares per-page checksums: only pages that differ cross the network.
+- Writes keep arriving while a chunk is resynced. A page is overwritten with the source's
+  bytes only if its local checksum is still the one the diff was made against (the check
+  and the write run without an await between them, so nothing interleaves); a page that
+  changed meanwhile is left for the next pass. The record is cleared only after a pass that
+  found nothing to copy, and only if no newer failure re-marked it (version check).
+- Reads never use a stale copy while a current one is reachable (replicator.gateway).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from replicator import messages as m
+from vbp.errors import NotFound, VbpError
+from vbp.layout import PAGE_SIZE, ChunkKey
+
+log = logging.getLogger("vbp.recovery")
+
+MAX_RUN = 1024 * 1024  # bytes per read request during resync
+MAX_PASSES = 4
+
+
+@dataclass
+class ResyncStats:
+    chunks: int = 0
+    bytes_copied: int = 0
+    pages_compared: int = 0
+
+
+def diff_runs(local: list[int], remote: list[int], max_pages: int) -> list[tuple[int, int, bool]]:
+    """Runs (first page, page count, remote is hole) of pages whose checksums differ,
+    split where the remote hole-ness changes and at max_pages."""
+    out: list[tuple[int, int, bool]] = []
+    start = -1
+    hole = False
+    for i, (a, b) in enumerate(zip(local, remote)):
+        if a != b and start >= 0 and (b == 0) == hole and i - start < max_pages:
+            continue
+        if start >= 0:
+            out.append((start, i - start, hole))
+            start = -1
+        if a != b:
+            start, hole = i, b == 0
+    if start >= 0:
+        out.append((start, len(remote) - start, hole))
+    return out
+
+
+class Resync:
+    def __init__(self, host_id: str, store, cluster, pool, registry):
+        self.host_id = host_id
+        self.store = store
+        self.cluster = cluster
+        self.pool = pool
+        self.registry = registry
+        self.stats = ResyncStats()
+
+    async def replicas_by_lineage(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in await self.registry.list_volumes():
+            out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
+        return out
+
+    async def mark_recovered(self, keys) -> None:
+        """After a crash, chunks that were dirty may miss writes the others have."""
+        n_of = await self.replicas_by_lineage()
+        done = set()
+        for k in keys:
+            if n_of.get(k.lineage, 1) > 1 and (k.lineage, k.index) not in done:
+                done.add((k.lineage, k.index))
+                await self.registry.mark_stale(k.lineage, k.index, [self.host_id], 0)
+        if done:
+            log.info("event=crash_recovery stale_chunks=%d", len(done))
+
+    async def run_once(self) -> int:
+        """One pass over this host's stale records; returns how many were cleared."""
+        records = await self.registry.list_stale()
+        mine = [r for r in records if r.host_id == self.host_id]
+        if not mine:
+            return 0
+        stale_hosts: dict[tuple[str, int], set[str]] = {}
+        for r in records:
+            stale_hosts.setdefault((r.lineage, r.index), set()).add(r.host_id)
+        n_of = await self.replicas_by_lineage()
+        cleared = 0
+        for r in mine:
+            n = n_of.get(r.lineage)
+            if n is None:  # the lineage is gone: nothing to bring current
+                await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
+                continue
+            try:
+                if await self.resync_chunk(r.lineage, r.index, n, stale_hosts[(r.lineage, r.index)]):
+                    await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
+                    cleared += 1
+            except VbpError as e:  # one chunk failing must not stop the others
+                log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+        return cleared
+
+    async def resync_chunk(self, lineage: str, index: int, n: int, stale: set[str]) -> bool:
+        hosts = self.cluster.replicas(lineage, index, n)
+        sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
+        for src in sources:
+            addr = self.cluster.address(src)
+            try:
+                gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
+                for _ in range(MAX_PASSES):
+                    copied = 0
+                    for g in gens:
+                        copied += await self._sync_gen(addr, lineage, index, g)
+                    if not copied:
+                        self.stats.chunks += 1
+                        log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
+                        return True
+            except VbpError as e:
+                log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
+                            lineage, index, src, e)
+        return False
+
+    def _local_sums(self, key: ChunkKey, pages: int) -> tuple[int, list[int]]:
+        try:
+            return self.store.page_checksums(key)
+        except NotFound:
+            return 0, [0] * pages
+
+    async def _sync_gen(self, addr: str, lineage: str, index: int, gen: int) -> int:
+        """Copy the pages of one generation that differ; returns the pages copied."""
+        st = await self.pool.call(addr, m.ChunkState(lineage, index, gen))
+        if not st.exists:
+            return 0
+        key = ChunkKey(lineage, index, gen)
+        remote = list(st.checksums)
+        chunk_size = len(remote) * PAGE_SIZE
+        _, local = self._local_sums(key, len(remote))
+        self.stats.pages_compared += len(remote)
+        copied = 0
+        for first, count, hole in diff_runs(local, remote, MAX_RUN // PAGE_SIZE):
+            off, length = first * PAGE_SIZE, count * PAGE_SIZE
+            data = None
+            if not hole:
+                reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length, self.cluster.epoch))
+                if reply.gen != gen:
+                    continue  # the source lost this generation meanwhile
+                data = reply.data
+            # No await from here to the write: the page check and the write are atomic.
+            version, now = self._local_sums(key, len(remote))
+            if now[first:first + count] != local[first:first + count]:
+                continue  # a newer write landed meanwhile: the next pass looks again
+            version = max(version, st.version) or None
+            if hole:
+                if self.store.info(key) is not None:
+                    self.store.zero(key, off, length, chunk_size=chunk_size, version=version)
+            else:
+                self.store.write(key, off, data, chunk_size=chunk_size, version=version)
+                self.stats.bytes_copied += length
+            copied += count
+        return copied
