@@ -57,7 +57,7 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, dec_key, enc_key,
-    pread_full, punch, pwrite_all, Space, Txn,
+    pread_full, punch, pwrite_all, Space, Txn, sync_dir,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
@@ -103,6 +103,8 @@ class ChunkStore:
         self._db = {name: self._env.open_db(name.encode()) for name in
                     ("chunks", "free", "limbo", "dirty", "meta")}
         self._psize = self._env.stat()["psize"]
+        sync_dir(self.path)  # LMDB's files and our lock are named durably
+        sync_dir(self.path.parent)
         self._map_size = self._env.info()["map_size"]
         try:
             self.was_clean, self.recovered = self._load()

@@ -66,7 +66,16 @@ def dec_key(raw: bytes) -> ChunkKey:
     return ChunkKey(raw[:-17].decode(), index, gen)
 
 
-def _size_name(cs: int) -> str:
+def sync_dir(path: Path) -> None:
+    """Make the names in directory `path` durable (new files, renames)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def size_name(cs: int) -> str:
     if cs % (1 << 20) == 0:
         return f"{cs >> 20}M"
     return f"{cs >> 10}K"
@@ -82,8 +91,12 @@ class Space:
         self.cs = cs
         self.ppc = cs >> PAGE_SHIFT
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self.fd = os.open(root / f"data-{_size_name(cs)}.bin", flags, 0o600)
-        self.sfd = os.open(root / f"sums-{_size_name(cs)}.bin", flags, 0o600)
+        data, sums = root / f"data-{size_name(cs)}.bin", root / f"sums-{size_name(cs)}.bin"
+        created = not (data.exists() and sums.exists())
+        self.fd = os.open(data, flags, 0o600)
+        self.sfd = os.open(sums, flags, 0o600)
+        if created:
+            sync_dir(root)  # else fdatasync of the files may not survive a power loss
         self.mm = self.sums = None
         self.mapped = 0
         self.nslots = 0
