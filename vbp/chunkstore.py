@@ -37,6 +37,21 @@ accepting the bytes on disk (a hole page holding non-zero bytes becomes a real p
 version becomes the last persisted one + 1 (never below what a flush or fua acknowledged).
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
 page raise ChecksumError. `recovered` lists the dirty chunks so replication can resync them.
+
+Failure rules:
+- A failed fdatasync/msync poisons that chunk size's files: every later sync raises
+  LocalFault (Linux may have dropped the dirty pages and would report the next fsync as
+  fine). Reopening runs recovery; replication must resync the host.
+- New files get their directory fsync'd, so synced data never hangs off a lost name.
+- Disk full: the sidecar is allocated before a slot is taken; a pwrite hitting ENOSPC
+  re-hashes the real pages it may have touched (a failed write may be torn, like on any
+  disk) and leaves holes holes; a chunk created by that request is deleted again. The index
+  refuses new chunks past 40% of its map, so flush, fua and delete can always commit.
+- Partial-page writes verify the page they merge into: a ChecksumError there is raised
+  rather than re-hashing (laundering) the damage. Whole-page writes overwrite it.
+
+Test tiers: tests/conformance (both stores), tests/unit/test_chunkstore*.py (incl. a
+hypothesis model and a power-loss model), tests/faults/test_chunkstore_crash.py (SIGKILL).
 """
 
 from __future__ import annotations

@@ -192,6 +192,20 @@ def run_workload(store, model, rng, seq0):
             values = [(p, zero) for p in range(first, first + n)]
             call = store.zero
             arg = n * PAGE_SIZE
+        elif r < 0.45:  # inside one page: read-modify-write of that page
+            o = rng.randrange(PAGE_SIZE - 1)
+            piece = b"%d/" % seq * rng.randint(1, 20)
+            piece = piece[: PAGE_SIZE - o]
+            old = model.cur[key][first]
+            values = [(first, old[:o] + piece + old[o + len(piece):])]
+            for p, v in values:
+                model.propose(key, p, v)
+            v = store.write(key, first * PAGE_SIZE + o, piece, chunk_size=CS, base=base, fua=fua)
+            model.applied(key, values, v)
+            model.inflight = None
+            if fua:
+                model.durable(key)
+            continue
         else:
             values = [(p, page_value(seq, p)) for p in range(first, first + n)]
             call = store.write
