@@ -107,7 +107,9 @@ class Sandbox:
         return out
 
     def up(self, n: int, base_port: int | None = None, capacity: str = DEFAULT_CAPACITY,
-           timeout: float = 30.0) -> list[SandboxHost]:
+           timeout: float = 30.0, settings: dict | None = None) -> list[SandboxHost]:
+        """Start the hosts that are not running. `settings` (blockd config keys, e.g.
+        {"lease_ttl": 4}) go into each host's blockd.toml and stay for later `up`s."""
         if not 1 <= n <= 64:
             raise InvalidArgument(f"--hosts must be between 1 and 64, not {n}")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +120,8 @@ class Sandbox:
             raise InvalidArgument(f"--base-port {base} leaves no room for {n} hosts")
         state["base_port"] = base
         state["registry"] = self.registry_url
+        if settings:
+            state["settings"] = {**state.get("settings", {}), **settings}
         hosts = []
         for i in range(1, n + 1):
             hid = f"host{i}"
@@ -134,15 +138,17 @@ class Sandbox:
                     f"ports {h['nbd_port']}/{h['peer_port']} for {h['id']} are in use; "
                     f"choose another --base-port"
                 )
-            h["pid"] = self._spawn(h, capacity)
+            h["pid"] = self._spawn(h, capacity, state.get("settings", {}))
             started.append(h)
         self._save(state)
         self._wait_ready(started, timeout)
         return self.hosts()
 
-    def _spawn(self, h: dict, capacity: str) -> int:
+    def _spawn(self, h: dict, capacity: str, settings: dict) -> int:
         hdir = self.dir / h["id"]
         hdir.mkdir(parents=True, exist_ok=True)
+        conf = hdir / "blockd.toml"
+        conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(settings.items())))
         log = open(hdir / "blockd.log", "ab")
         cmd = [
             sys.executable, "-m", "blockd.main",
@@ -150,6 +156,7 @@ class Sandbox:
             "--registry", self.registry_url,
             "--listen", f"127.0.0.1:{h['peer_port']}", "--nbd", f"127.0.0.1:{h['nbd_port']}",
             "--capacity", capacity, "--zone", "zone0", "--pod", f"pod{h['id'][4:]}",
+            "--config", str(conf),
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)

@@ -137,18 +137,37 @@ def _print_hosts(hosts):
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
 @click.option("--base-port", type=click.IntRange(1, 65000), help="First port (default 10809).")
 @click.option("--capacity", default="8G", show_default=True, help="Capacity of each host.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A blockd setting for every host, e.g. --set lease_ttl=4 (repeatable).")
 @json_flag
 @click.pass_obj
-def sandbox_up(state, n, directory, base_port, capacity):
+def sandbox_up(state, n, directory, base_port, capacity, settings):
     """Start the sandbox hosts that are not running (idempotent)."""
     from blockd.sandbox import Sandbox
     from vbp.layout import parse_size
 
     parse_size(capacity)
     sb = Sandbox(directory)
-    hosts = sb.up(n, base_port, capacity)
+    hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings))
     out(state, _sandbox_dict(sb, hosts), lambda: (
         _print_hosts(hosts), click.echo(f"\nexport VBP_REGISTRY={sb.registry_url}")))
+
+
+def _parse_settings(items) -> dict:
+    from blockd.config import Config
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in Config.__dataclass_fields__:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with a blockd setting as KEY",
+                                     param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 @sandbox.command("down")

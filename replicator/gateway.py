@@ -303,13 +303,14 @@ class VolumeGateway:
         if failed:
             log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
                         ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
+            # recorded even when the write fails below min_size: the replicas that took it
+            # are ahead of the others, which must resync from them
+            await self._mark_stale(p.index, failed)
         if ok < self.min_size:
             raise BelowMinSize(
                 f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
                 f"min_size is {self.min_size}"
             )
-        if failed:
-            await self._mark_stale(p.index, failed)
 
     async def _mark_stale(self, index: int, hosts) -> None:
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
