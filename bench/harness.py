@@ -1,0 +1,206 @@
+"""One benchmark run: start the references and the vbp sandboxes side by side, prefill each
+with the same data, run every workload against every target interleaved (qemu-nbd, vbp-r1,
+nbdkit, vbp-r3, rotated each round so no target always runs first), take medians, add the
+vbp-only snapshot and copy-up figures, and write the report (bench/report.py).
+
+Everything started here lives in one ExitStack and one temporary directory, both undone on
+success, error, Ctrl-C and SIGTERM (bench/__main__.py turns SIGTERM into SystemExit).
+A workload that fails on one target is recorded as an error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import report, vbp_ops
+from bench import workloads as wl_mod
+from bench.targets import NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions
+
+ALL_TARGETS = ("qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MiB, GiB = 1 << 20, 1 << 30
+
+
+@dataclass
+class Config:
+    rounds: int = 3
+    runtime: float = 5.0
+    size: int = 1 * GiB
+    workloads: list[str] = field(default_factory=lambda: list(wl_mod.WORKLOADS))
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    out_dir: Path = RESULTS_DIR
+    r1_hosts: int = 1
+    vbp_ops: bool = True
+    snap_chunks: int = 10_000
+    snap_targets: list[str] = field(default_factory=lambda: ["vbp-r1"])
+    snap_chunk_size: int = 1 * MiB
+    cow_chunks: int = 64
+    sandbox_capacity: str = "64G"
+    latest: bool = True
+    command: str = ""
+
+    @classmethod
+    def quick(cls, **kw) -> "Config":
+        base = dict(rounds=1, runtime=1.5, size=64 * MiB, workloads=list(wl_mod.QUICK_WORKLOADS),
+                    vbp_ops=False, snap_chunks=200, cow_chunks=8)
+        base.update(kw)
+        return cls(**base)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parent)
+        return r.stdout.strip() or "nogit"
+    except OSError:
+        return "nogit"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def interleaved(names: list[str]) -> list[str]:
+    """References and vbp targets alternating: ref, vbp, ref, vbp..."""
+    refs = [n for n in names if n in report.REFERENCES]
+    vbps = [n for n in names if n not in report.REFERENCES]
+    out = []
+    for i in range(max(len(refs), len(vbps))):
+        out += refs[i:i + 1] + vbps[i:i + 1]
+    return out
+
+
+def start_targets(cfg: Config, tmp: Path, stack: contextlib.ExitStack) -> dict[str, Target]:
+    targets: dict[str, Target] = {}
+    sandboxes: dict[int, VbpSandbox] = {}
+
+    def sandbox(hosts: int) -> VbpSandbox:
+        if hosts not in sandboxes:
+            say(f"starting a {hosts}-host vbp sandbox")
+            sb = VbpSandbox(tmp, hosts, capacity=cfg.sandbox_capacity)
+            stack.enter_context(sb)
+            sandboxes[hosts] = sb.start()
+        return sandboxes[hosts]
+
+    for name in cfg.targets:
+        if name == "qemu-nbd":
+            targets[name] = stack.enter_context(QemuNbd(tmp, cfg.size)).start()
+        elif name == "nbdkit":
+            targets[name] = stack.enter_context(NbdkitFile(tmp, cfg.size)).start()
+        elif name == "vbp-r1":
+            targets[name] = VbpTarget(name, sandbox(cfg.r1_hosts), "bench-r1", cfg.size, 1)
+        elif name == "vbp-r3":
+            targets[name] = VbpTarget(name, sandbox(3), "bench-r3", cfg.size, 3)
+        else:
+            raise ValueError(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
+        say(f"  {name}: {targets[name].uri}")
+    return targets
+
+
+def summary(rec: dict) -> str:
+    parts = []
+    if rec.get("iops") is not None:
+        parts.append(f"{rec['iops']:,.0f} IOPS")
+    parts.append(f"{rec['mib_s']:,.1f} MiB/s")
+    if rec.get("p99_us") is not None:
+        parts.append(f"p50 {rec['p50_us']:,.0f} µs p99 {rec['p99_us']:,.0f} µs")
+    return ", ".join(parts)
+
+
+def run_rounds(cfg: Config, targets: dict[str, Target], ctx: wl_mod.JobContext,
+               errors: list[str]) -> dict:
+    """{workload: {target: [record per round]}}"""
+    order = interleaved(list(targets))
+    raw: dict = {w: {t: [] for t in order} for w in cfg.workloads}
+    for rnd in range(cfg.rounds):
+        rot = order[rnd % len(order):] + order[:rnd % len(order)]
+        for wname in cfg.workloads:
+            w = wl_mod.WORKLOADS[wname]
+            for t in rot:
+                try:
+                    rec = wl_mod.run(w, targets[t], ctx)
+                except (wl_mod.RunError, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                    errors.append(f"round {rnd + 1} {wname} {t}: {e}")
+                    say(f"[{rnd + 1}/{cfg.rounds}] {wname:<20} {t:<9} ERROR {e}")
+                    continue
+                raw[wname][t].append(rec)
+                say(f"[{rnd + 1}/{cfg.rounds}] {wname:<20} {t:<9} {summary(rec)}")
+    return raw
+
+
+def run_vbp_ops(cfg: Config, targets: dict[str, Target]) -> dict:
+    out = {}
+    for name, t in targets.items():
+        if not isinstance(t, VbpTarget):
+            continue
+        o = out.setdefault(name, {})
+        try:
+            if name in cfg.snap_targets:
+                say(f"{name}: snapshot of a volume with {cfg.snap_chunks} written chunks")
+                o["snapshot"] = vbp_ops.snapshot_bench(t, cfg.snap_chunks, cfg.snap_chunk_size,
+                                                       max(cfg.rounds, 3))
+            say(f"{name}: clone and copy-up writes to {cfg.cow_chunks} chunks")
+            o["copyup"] = vbp_ops.copyup_bench(t, cfg.cow_chunks, max(cfg.rounds, 3))
+        except Exception as e:  # one target's extra figures; the run goes on
+            o["error"] = f"{type(e).__name__}: {e}"
+            say(f"{name}: ERROR {o['error']}")
+    return out
+
+
+def run(cfg: Config) -> dict:
+    """Runs the benchmark; returns {"result": ..., "paths": {...}}."""
+    for name in cfg.workloads:
+        if name not in wl_mod.WORKLOADS:
+            raise ValueError(f"unknown workload {name!r} (known: {', '.join(wl_mod.WORKLOADS)})")
+    for tool in ("fio", "nbdcopy"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed (make deps-test installs it)")
+    meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rounds": cfg.rounds, "runtime": cfg.runtime, "size": cfg.size,
+            "workloads": cfg.workloads, "targets": interleaved(cfg.targets),
+            "r1_hosts": cfg.r1_hosts, "nproc": os.cpu_count(), "loadavg_before": loadavg(),
+            "tools": tool_versions(), "command": cfg.command or "python -m bench"}
+    errors: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            say(f"work directory {tmp}; writing {cfg.size >> 20} MiB of test data")
+            data = wl_mod.make_data_file(tmp / "data.raw", cfg.size)
+            targets = start_targets(cfg, tmp, stack)
+            meta["prefill_seconds"] = {}
+            for name, t in targets.items():
+                meta["prefill_seconds"][name] = wl_mod.prefill(t, data)
+                say(f"prefilled {name} in {meta['prefill_seconds'][name]:.1f} s")
+            ctx = wl_mod.JobContext(tmp, cfg.size, cfg.runtime, data)
+            raw = run_rounds(cfg, targets, ctx, errors)
+            ops = run_vbp_ops(cfg, targets) if cfg.vbp_ops else {}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta["loadavg_after"] = loadavg()
+    medians = {w: {t: report.median_record(recs) for t, recs in per.items() if recs}
+               for w, per in raw.items()}
+    result = {"meta": meta, "medians": medians, "ratios": report.ratios(medians),
+              "goals": report.goals(medians), "vbp_ops": ops, "rounds": raw, "errors": errors}
+    paths = report.write(result, cfg.out_dir, f"{meta['date']}-{meta['commit']}", cfg.latest)
+    return {"result": result, "paths": paths}
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m bench " + " ".join(shlex.quote(a) for a in argv)

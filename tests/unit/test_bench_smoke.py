@@ -1,0 +1,78 @@
+"""The benchmark harness (bench/) must not rot: a tiny real run against qemu-nbd and a
+1-host vbp sandbox produces a result JSON with ratios, and the report arithmetic is checked
+on fixed numbers. Nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import harness, report
+from bench.profiling import top_from_collapsed
+from bench.workloads import parse_fio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_interleaved_alternates_references_and_vbp():
+    assert harness.interleaved(["qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3"]) == \
+        ["qemu-nbd", "vbp-r1", "nbdkit", "vbp-r3"]
+    assert harness.interleaved(["vbp-r1"]) == ["vbp-r1"]
+
+
+def test_medians_ratios_and_goals():
+    rounds = {"qemu-nbd": [{"iops": 100.0, "mib_s": 1.0, "p50_us": 10.0, "p99_us": 40.0},
+                           {"iops": 300.0, "mib_s": 3.0, "p50_us": 30.0, "p99_us": None},
+                           {"iops": 200.0, "mib_s": 2.0, "p50_us": 20.0, "p99_us": 20.0}],
+              "nbdkit": [{"iops": 400.0, "mib_s": 4.0, "p50_us": 5.0, "p99_us": 10.0}],
+              "vbp-r3": [{"iops": 200.0, "mib_s": 2.0, "p50_us": 40.0, "p99_us": 60.0}]}
+    med = {"randwrite-4k-qd32": {t: report.median_record(r) for t, r in rounds.items()}}
+    assert med["randwrite-4k-qd32"]["qemu-nbd"] == {"iops": 200.0, "mib_s": 2.0, "p50_us": 20.0,
+                                                    "p99_us": 30.0}
+    rat = report.ratios(med)["randwrite-4k-qd32"]["vbp-r3"]
+    assert rat["qemu-nbd"]["iops"] == 1.0 and rat["nbdkit"]["iops"] == 0.5
+    assert rat["qemu-nbd"]["p99_us"] == 2.0
+    goals = {g["goal"]: g for g in report.goals(med)}
+    g = goals["replicas=3: 4K random write QD32 >= 1.0x qemu-nbd"]
+    assert g["status"] == "PASS" and g["ratio"] == 1.0
+    assert all(g["status"] == "n/a" for text, g in goals.items() if "replicas=1" in text)
+
+
+def test_parse_fio_mixed_job():
+    side = lambda n, iops, p50: {"total_ios": n, "iops": iops, "bw_bytes": iops * 4096,  # noqa: E731
+                                 "clat_ns": {"percentile": {"50.000000": p50, "99.000000": 2 * p50}}}
+    doc = {"jobs": [{"jobname": "x", "error": 0, "job_runtime": 2000,
+                     "read": side(700, 350.0, 1000), "write": side(300, 150.0, 3000)}]}
+    rec = parse_fio(doc)
+    assert rec["iops"] == 500.0 and rec["ios"] == 1000 and rec["seconds"] == 2.0
+    assert rec["p50_us"] == 1.0 and rec["w_p99_us"] == 6.0
+
+
+def test_top_from_collapsed():
+    own, incl, total = top_from_collapsed("main;a;b 3\nmain;a 1\nmain;c;b 2\n")
+    assert total == 6
+    assert own[0] == ("b", 5)
+    assert dict(incl)["a"] == 4 and dict(incl)["main"] == 6
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("fio", "nbdcopy", "qemu-nbd")),
+                    reason="needs fio, nbdcopy and qemu-nbd (make deps-test)")
+def test_quick_run_writes_result_with_ratios(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--targets", "qemu-nbd,vbp-r1",
+           "--workloads", "randread-4k-qd32", "--runtime", "1", "--out", str(tmp_path),
+           "--no-latest"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["errors"] == []
+    ratio = result["ratios"]["randread-4k-qd32"]["vbp-r1"]["qemu-nbd"]["iops"]
+    assert isinstance(ratio, float) and ratio > 0
+    assert {g["status"] for g in result["goals"]} <= {"PASS", "SHORT", "n/a"}
+    assert path.with_suffix(".md").exists()
+    assert not (tmp_path / "latest.md").exists()
