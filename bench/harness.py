@@ -69,6 +69,16 @@ def git_commit() -> str:
         return "nogit"
 
 
+def dirty_files() -> list[str]:
+    """Files outside bench/ that differ from the commit: the code measured is the work tree."""
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return []
+    return [ln[3:] for ln in r.stdout.splitlines() if ln[3:] and not ln[3:].startswith("bench/")]
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -176,7 +186,8 @@ def run(cfg: Config) -> dict:
             "rounds": cfg.rounds, "runtime": cfg.runtime, "size": cfg.size,
             "workloads": cfg.workloads, "targets": interleaved(cfg.targets),
             "r1_hosts": cfg.r1_hosts, "nproc": os.cpu_count(), "loadavg_before": loadavg(),
-            "tools": tool_versions(), "command": cfg.command or "python -m bench"}
+            "tools": tool_versions(),
+            "uncommitted_changes": dirty_files(), "command": cfg.command or "python -m bench"}
     errors: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))
     try:

@@ -102,6 +102,9 @@ def markdown(result: dict) -> str:
              f"vbp-r1 runs on a {meta['r1_hosts']}-host sandbox, vbp-r3 on a 3-host sandbox, "
              "all over loopback. Ratios are vbp / reference: above 1 is better for IOPS and "
              "MiB/s, below 1 is better for latency.", ""]
+    if meta.get("uncommitted_changes"):
+        lines += [f"Measured on the work tree of {meta['commit']} with uncommitted changes to: "
+                  + ", ".join(meta["uncommitted_changes"]) + ".", ""]
     if refs and vbps:
         lines += ["## Ratios (headline metric, p99 latency)", ""]
         head = ["workload", "metric"] + [f"{t} ×{r}" for t in vbps for r in refs] + \
