@@ -1,0 +1,342 @@
+"""control.cli: the `vbp` command driven through click's CliRunner against a temporary LMDB
+registry, plus a few runs of the real process. Errors are one line with the documented exit
+codes (control/cli.py: 1 error, 2 usage, 3 not found, 4 registry unreachable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from control.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_USAGE, main
+from vbp.registry import open_registry
+
+ROOT = Path(__file__).resolve().parents[2]
+GiB = 1024**3
+
+
+@pytest.fixture
+def reg_url(tmp_path) -> str:
+    url = "lmdb://" + str(tmp_path / "reg")
+    open_registry(url).close()
+    return url
+
+
+@pytest.fixture
+def vbp(reg_url):
+    runner = CliRunner()
+
+    def run(*args, code: int = 0, env: dict | None = None):
+        e = {"VBP_REGISTRY": reg_url, "COLUMNS": "80"}
+        e.update(env or {})
+        r = runner.invoke(main, [str(a) for a in args], env=e, prog_name="vbp")
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise AssertionError(f"vbp {' '.join(map(str, args))} raised {r.exception!r} "
+                                 f"(an operator would see a traceback)") from r.exception
+        assert r.exit_code == code, (
+            f"vbp {' '.join(map(str, args))}: exit {r.exit_code}, expected {code}\n{r.stdout}{r.stderr}")
+        return r
+
+    return run
+
+
+def js(result):
+    return json.loads(result.stdout)
+
+
+def one_error_line(result, *fragments):
+    """An error is exactly one line on stderr, `vbp: error: ...`, and nothing on stdout."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vbp: error: "), result.stderr
+    assert result.stdout == ""
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+# --- the volume life cycle ---------------------------------------------------------------
+
+
+def test_volume_lifecycle_human(vbp):
+    r = vbp("volume", "create", "disk1", "--size", "10G", "--replicas", "3")
+    assert "created volume disk1: 10 GiB, 3 replicas (min 2), chunk 4 MiB" in r.stdout
+    r = vbp("volume", "list")
+    assert r.stdout.splitlines()[0].split() == ["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"]
+    assert r.stdout.splitlines()[1].split()[:3] == ["disk1", "10", "GiB"]
+    r = vbp("volume", "show", "disk1")
+    assert "10 GiB (10737418240 bytes)" in r.stdout and "replicas" in r.stdout
+    assert "created snapshot disk1@gold" in vbp("volume", "snapshot", "disk1", "gold").stdout
+    assert "created clone vm1 of disk1@gold" in vbp("volume", "clone", "disk1@gold", "vm1").stdout
+    assert "volume vm1 is now 20 GiB" in vbp("volume", "resize", "vm1", "20G").stdout
+    r = vbp("volume", "show", "vm1")
+    assert "disk1@gold" in r.stdout and "20 GiB" in r.stdout
+    assert "deleted volume vm1" in vbp("volume", "delete", "vm1").stdout
+    assert "deleted volume disk1" in vbp("volume", "delete", "disk1").stdout
+    assert vbp("volume", "list").stdout.strip() == "no volumes"
+
+
+@pytest.mark.parametrize("where", ["global", "command"])
+def test_volume_lifecycle_json(vbp, where):
+    def j(*args):
+        return js(vbp("--json", *args) if where == "global" else vbp(*args, "--json"))
+
+    v = j("volume", "create", "disk1", "--size", "1G", "--replicas", "2", "--chunk-size", "8M")
+    assert (v["name"], v["size"], v["replicas"], v["min_size"], v["chunk_size"]) == ("disk1", GiB, 2, 1, 8 << 20)
+    assert v["snapshots"] == [] and v["parent"] is None
+    assert j("volume", "list") == [v]
+    assert j("volume", "show", "disk1") == v
+    s = j("volume", "snapshot", "disk1", "s1")
+    assert s["snapshots"] == ["s1"] and s["lineage"] == v["lineage"] and s["head"] > v["head"]
+    c = j("volume", "clone", "disk1@s1", "disk2")
+    assert c["parent"] == "disk1@s1" and c["lineage"] == v["lineage"] and c["size"] == GiB
+    assert [x["name"] for x in j("volume", "list")] == ["disk1", "disk2"]
+    assert j("volume", "resize", "disk2", "3G")["size"] == 3 * GiB
+    assert j("volume", "resize", "disk2", "2G", "--force")["size"] == 2 * GiB
+    assert j("volume", "delete", "disk2") == {"deleted": "disk2"}
+    assert j("volume", "delete", "disk1") == {"deleted": "disk1"}
+    assert j("volume", "list") == []
+
+
+def test_volume_create_defaults_and_min_size(vbp):
+    v = js(vbp("volume", "create", "a", "--size", "1G", "--json"))
+    assert (v["replicas"], v["min_size"], v["chunk_size"]) == (3, 2, 4 << 20)
+    v = js(vbp("volume", "create", "b", "--size", "1G", "--replicas", "1", "--json"))
+    assert v["min_size"] == 1
+    v = js(vbp("volume", "create", "c", "--size", "1G", "--replicas", "3", "--min-size", "3", "--json"))
+    assert v["min_size"] == 3
+
+
+def test_host_list_empty_pool(vbp):
+    out = js(vbp("host", "list", "--json"))
+    assert out["hosts"] == [] and isinstance(out["epoch"], int)
+    assert vbp("host", "list").stdout.split()[:2] == ["HOST", "STATE"]
+
+
+def test_registry_flag_wins_over_environment(vbp, reg_url, tmp_path):
+    other = "lmdb://" + str(tmp_path / "other")
+    open_registry(other).close()
+    vbp("--registry", other, "volume", "create", "only-here", "--size", "1G")
+    assert js(vbp("volume", "list", "--json")) == []
+    assert [v["name"] for v in js(vbp("volume", "list", "--json", env={"VBP_REGISTRY": other}))] == ["only-here"]
+
+
+def test_long_names_are_printed_whole(vbp):
+    """A name up to 128 characters is printed in full by `list` and `show`, so it can be
+    copied from the output even when it is piped (no terminal width)."""
+    name = "vm-" + "x" * 100 + "-disk0"
+    vbp("volume", "create", name, "--size", "1G")
+    assert name in vbp("volume", "list").stdout
+    assert name in vbp("volume", "show", name).stdout
+
+
+# --- errors: one line, the documented exit code ------------------------------------------
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["volume", "show", "nope"], EXIT_NOT_FOUND, "nope"),
+    (["volume", "delete", "nope"], EXIT_NOT_FOUND, "nope"),
+    (["volume", "resize", "nope", "2G"], EXIT_NOT_FOUND, "nope"),
+    (["volume", "snapshot", "nope", "s"], EXIT_NOT_FOUND, "nope"),
+    (["volume", "clone", "nope@s", "c"], EXIT_NOT_FOUND, "nope"),
+    (["volume", "clone", "a@nosnap", "c"], EXIT_NOT_FOUND, "nosnap"),
+    (["volume", "create", "a", "--size", "1G"], EXIT_ERROR, "already exists"),
+    (["volume", "create", "b", "--size", "lots"], EXIT_ERROR, "not a size"),
+    (["volume", "create", "b", "--size", "0"], EXIT_ERROR, "greater than zero"),
+    (["volume", "create", "b", "--size", "1G", "--chunk-size", "3M"], EXIT_ERROR, "power of two"),
+    (["volume", "create", "b", "--size", "1G", "--replicas", "2", "--min-size", "3"], EXIT_ERROR, "min-size"),
+    (["volume", "create", "bad/name", "--size", "1G"], EXIT_ERROR, "invalid volume name"),
+    (["volume", "snapshot", "a", "s1"], EXIT_ERROR, "already has a snapshot"),
+    (["volume", "snapshot", "a", "bad@snap"], EXIT_ERROR, "invalid snapshot name"),
+    (["volume", "clone", "a", "c"], EXIT_ERROR, "NAME@SNAPSHOT"),
+    (["volume", "clone", "a@s1", "a"], EXIT_ERROR, "already exists"),
+    (["volume", "resize", "a", "512M"], EXIT_ERROR, "--force"),
+    (["volume", "resize", "a", "0"], EXIT_ERROR, "greater than zero"),
+    (["volume", "resize", "a", "2000P"], EXIT_ERROR, "size"),
+    (["volume", "resize", "a", "1000000P"], EXIT_ERROR, "size"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_errors_are_one_line_with_their_exit_code(vbp, args, code, fragment):
+    vbp("volume", "create", "a", "--size", "1G")
+    vbp("volume", "snapshot", "a", "s1")
+    r = vbp(*args, code=code)
+    one_error_line(r, fragment)
+
+
+def test_delete_a_snapshot_and_a_parent_keeps_the_clone(vbp):
+    vbp("volume", "create", "base", "--size", "1G")
+    vbp("volume", "snapshot", "base", "s1")
+    vbp("volume", "snapshot", "base", "s2")
+    vbp("volume", "clone", "base@s1", "child")
+    vbp("volume", "delete", "base@s2")
+    assert js(vbp("volume", "show", "base", "--json"))["snapshots"] == ["s1"]
+    one_error_line(vbp("volume", "delete", "base@s2", code=EXIT_NOT_FOUND), "s2")
+    vbp("volume", "delete", "base")
+    child = js(vbp("volume", "show", "child", "--json"))
+    assert child["parent"] == "base@s1" and child["size"] == GiB
+    assert [v["name"] for v in js(vbp("volume", "list", "--json"))] == ["child"]
+
+
+def test_pool_status_of_an_empty_pool(vbp):
+    vbp("volume", "create", "a", "--size", "1G")
+    st = js(vbp("pool", "status", "--json"))
+    assert (st["hosts"], st["volumes"], st["degraded_chunks"], st["stale_replicas"]) == ([], 1, 0, 0)
+    assert "1 volumes" in vbp("pool", "status").stdout
+
+
+@pytest.mark.parametrize("args", [["host", "drain", "h9"], ["host", "undrain", "h9"], ["host", "remove", "h9"],
+                                  ["host", "maintenance", "h9", "on"]])
+def test_host_commands_on_an_unknown_host_are_not_found(vbp, args):
+    one_error_line(vbp(*args, code=EXIT_NOT_FOUND), "h9")
+
+
+def test_resize_refused_leaves_the_volume_alone(vbp):
+    vbp("volume", "create", "a", "--size", "1G")
+    vbp("volume", "resize", "a", "512M", code=EXIT_ERROR)
+    vbp("volume", "resize", "a", "2000P", code=EXIT_ERROR)
+    assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB
+
+
+def test_registry_unreachable_is_exit_4(vbp, tmp_path):
+    r = vbp("volume", "list", code=EXIT_REGISTRY, env={"VBP_REGISTRY": f"lmdb://{tmp_path}/absent"})
+    one_error_line(r, "absent")
+    port = _closed_port()
+    r = vbp("volume", "list", code=EXIT_REGISTRY, env={"VBP_REGISTRY": f"etcd://127.0.0.1:{port}"})
+    one_error_line(r, f"127.0.0.1:{port}")
+
+
+def test_no_registry_is_a_usage_error(vbp):
+    r = vbp("volume", "list", code=EXIT_USAGE, env={"VBP_REGISTRY": ""})
+    assert "VBP_REGISTRY" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_malformed_registry_url_is_one_line(vbp):
+    r = vbp("volume", "list", code=EXIT_ERROR, env={"VBP_REGISTRY": "nonsense"})
+    one_error_line(r, "not a registry URL")
+
+
+@pytest.mark.parametrize("args", [
+    ["volume", "bogus"], ["volume", "create", "x"], ["volume", "create", "x", "--size", "1G", "--replicas", "0"],
+    ["volume", "show"], ["--no-such-flag"], ["volume", "resize", "a"],
+])
+def test_usage_errors_are_exit_2(vbp, args):
+    r = vbp(*args, code=EXIT_USAGE)
+    assert "Error:" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- help --------------------------------------------------------------------------------
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, cmd in sorted(group.commands.items()):
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from all_commands(cmd, (*prefix, name))
+
+
+COMMANDS = [()] + [path for path, _ in all_commands(main)]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "vbp")
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_of_every_command(vbp, path, flag):
+    r = vbp(*path, flag)
+    assert r.stdout.startswith(f"Usage: vbp {' '.join(path)}".rstrip()), r.stdout[:80]
+    cmd = main
+    for p in path:
+        cmd = cmd.commands[p]
+    assert (cmd.help or "").strip(), f"vbp {' '.join(path)} has no help text"
+    if cmd.help and "Example" in cmd.help:
+        example = cmd.help.split("Example", 1)[1]
+        assert example.splitlines()[1].strip() in r.stdout  # the first example line is shown verbatim
+
+
+def test_top_level_help_shows_examples_and_groups(vbp):
+    out = vbp("--help").stdout
+    assert "Examples:" in out and "vbp volume create disk1 --size 10G" in out
+    for group in ("sandbox", "volume", "host"):
+        assert group in out
+    out = vbp("volume", "--help").stdout
+    for cmd in ("create", "list", "show", "snapshot", "clone", "resize", "delete"):
+        assert cmd in out
+
+
+# --- the real process --------------------------------------------------------------------
+
+
+def real_vbp(*args, env=None):
+    exe = Path(sys.executable).parent / "vbp"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "control.cli"]
+    e = {k: v for k, v in os.environ.items() if k != "VBP_REGISTRY"}
+    e.update(env or {})
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=e, timeout=60,
+                          cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def test_real_process_json_round_trip(reg_url):
+    env = {"VBP_REGISTRY": reg_url}
+    p = real_vbp("volume", "create", "d1", "--size", "2G", "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["size"] == 2 * GiB
+    p = real_vbp("--registry", reg_url, "--json", "volume", "list")
+    assert p.returncode == 0 and [v["name"] for v in json.loads(p.stdout)] == ["d1"]
+    p = real_vbp("volume", "list", env=env)  # human output, piped: no colour codes
+    assert p.returncode == 0 and "d1" in p.stdout and "\x1b[" not in p.stdout
+
+
+@pytest.mark.parametrize("args, code", [
+    (["volume", "show", "ghost"], EXIT_NOT_FOUND),
+    (["volume", "create", "x", "--size", "huge"], EXIT_ERROR),
+    (["volume", "resize", "x", "1000000P"], EXIT_ERROR),
+])
+def test_real_process_errors_are_one_line_without_traceback(reg_url, args, code):
+    env = {"VBP_REGISTRY": reg_url}
+    assert real_vbp("volume", "create", "x", "--size", "1G", env=env).returncode == 0
+    p = real_vbp(*args, env=env)
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.returncode == code, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("vbp: error: ")
+
+
+def test_real_process_registry_unreachable(tmp_path):
+    p = real_vbp("volume", "list", env={"VBP_REGISTRY": f"lmdb://{tmp_path}/absent"})
+    assert p.returncode == EXIT_REGISTRY and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vbp_commands_in(text: str):
+    """(start, end, group, command) of each `vbp GROUP COMMAND` in inline code or at the
+    start of a line in a fenced code block; prose mentioning vbp is not a command."""
+    import re
+
+    out, offset = [], 0
+    for i, part in enumerate(text.split("```")):  # odd parts are fenced code blocks
+        pattern = r"(?m)^\s*vbp (\w+) (\w+)" if i % 2 else r"`vbp (\w+) (\w+)"
+        out += [(offset + m.start(), offset + m.end(), *m.groups()) for m in re.finditer(pattern, part)]
+        offset += len(part) + 3
+    return out
+
+
+def test_docs_describe_only_commands_that_exist_or_say_planned():
+    """docs/ may name a `vbp GROUP COMMAND` that is not built only next to the word planned."""
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    assert len(vbp_commands_in(guide)) > 10
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        text = doc.read_text()
+        for start, end, group, cmd in vbp_commands_in(text):
+            g = main.commands.get(group)
+            if isinstance(g, click.Group) and cmd in g.commands:
+                continue
+            window = text[max(0, start - 300): end + 300]
+            assert "planned" in window, f"{doc.name}: `vbp {group} {cmd}` does not exist and is not marked planned"

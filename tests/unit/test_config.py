@@ -1,0 +1,234 @@
+"""blockd.config: flags over a TOML file; every mistake refused with the file, the key and
+the reason; and the real `blockd` process saying so in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockd.config import Config, load
+from vbp.errors import InvalidArgument
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUIRED = 'host_id = "h1"\ndata_dir = "/tmp/vbp-h1"\nregistry = "lmdb:///tmp/vbp-reg"\n'
+
+# one valid value per key, as TOML, with the value load() must produce
+VALUES = {
+    "host_id": ('"h7"', "h7"),
+    "data_dir": ('"/srv/vbp/h7"', "/srv/vbp/h7"),
+    "registry": ('"etcd://10.0.0.1:2379,10.0.0.2:2379"', "etcd://10.0.0.1:2379,10.0.0.2:2379"),
+    "listen": ('"10.0.0.7:7900"', "10.0.0.7:7900"),
+    "nbd": ('"[::1]:10810"', "[::1]:10810"),
+    "zone": ('"eu-west"', "eu-west"),
+    "pod": ('"rack9"', "rack9"),
+    "capacity": ('"2T"', 2 * 1024**4),
+    "cluster": ('"prod"', "prod"),
+    "heartbeat_ttl": ("9", 9.0),
+    "lease_ttl": ("12.5", 12.5),
+    "peer_timeout": ("2.5", 2.5),
+    "gc_interval": ("30", 30.0),
+    "log_level": ('"debug"', "debug"),
+    "log_format": ('"json"', "json"),
+}
+
+
+def write(tmp_path, text: str, name: str = "blockd.toml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def refused(path, overrides=None) -> str:
+    with pytest.raises(InvalidArgument) as e:
+        load(path, overrides or {})
+    msg = str(e.value)
+    assert "\n" not in msg.strip(), msg
+    return msg
+
+
+def names_key(msg: str, key: str) -> bool:
+    return key in msg or key.replace("_", "-") in msg
+
+
+def test_every_config_field_has_a_test_value():
+    assert set(VALUES) == {f.name for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("dashes", [False, True], ids=["underscores", "dashes"])
+def test_every_key_is_read_from_the_file(tmp_path, dashes):
+    lines = [f"{k.replace('_', '-') if dashes else k} = {v[0]}" for k, v in VALUES.items()]
+    cfg = load(write(tmp_path, "\n".join(lines)), {})
+    for key, (_, value) in VALUES.items():
+        assert getattr(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("key", sorted(VALUES))
+def test_each_key_alone_with_dashes(tmp_path, key):
+    text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key + " "))
+    cfg = load(write(tmp_path, f"{text}\n{key.replace('_', '-')} = {VALUES[key][0]}\n"), {})
+    assert getattr(cfg, key) == VALUES[key][1]
+
+
+def test_flags_override_the_file(tmp_path):
+    path = write(tmp_path, "\n".join(f"{k} = {v[0]}" for k, v in VALUES.items()))
+    flags = {"host_id": "h9", "data_dir": "/d9", "registry": "lmdb:///r9", "listen": "127.0.0.1:1",
+             "nbd": "127.0.0.1:2", "zone": "z9", "pod": "p9", "capacity": "3G", "cluster": "c9",
+             "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
+             "log_level": "error", "log_format": "kv"}
+    assert set(flags) == set(VALUES)
+    cfg = load(path, flags)
+    assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
+    assert (cfg.listen, cfg.nbd, cfg.zone, cfg.pod, cfg.cluster) == ("127.0.0.1:1", "127.0.0.1:2", "z9", "p9", "c9")
+    assert cfg.capacity == 3 * 1024**3
+    assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
+    assert (cfg.log_level, cfg.log_format) == ("error", "kv")
+
+
+def test_flags_left_unset_keep_the_file_values(tmp_path):
+    path = write(tmp_path, REQUIRED + 'zone = "z1"\n')
+    cfg = load(path, {"zone": None, "pod": "p2", "host_id": None})
+    assert (cfg.zone, cfg.pod, cfg.host_id) == ("z1", "p2", "h1")
+
+
+def test_flags_alone_without_a_file():
+    if os.path.exists("/etc/vbp/blockd.toml"):
+        pytest.skip("this machine has /etc/vbp/blockd.toml, which load() reads by default")
+    cfg = load(None, {"host_id": "h1", "data_dir": "/d", "registry": "lmdb:///r"})
+    assert cfg.listen == Config().listen
+
+
+def test_invalid_toml_names_the_file_and_the_line(tmp_path):
+    path = write(tmp_path, REQUIRED + 'zone = "unterminated\n')
+    msg = refused(path)
+    assert path in msg and "not valid TOML" in msg and "line 4" in msg
+
+
+def test_not_utf8_is_refused(tmp_path):
+    p = tmp_path / "bin.toml"
+    p.write_bytes(b'host_id = "\xff\xfe"\n')
+    msg = refused(str(p))
+    assert str(p) in msg and "TOML" in msg
+
+
+def test_missing_file_and_directory_are_refused(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    assert missing in refused(missing) and "not found" in refused(missing)
+    msg = refused(str(tmp_path))
+    assert str(tmp_path) in msg and "cannot read" in msg
+
+
+@pytest.mark.parametrize("key", ["hostid", "data-directory", "Listen", "metrics_port"])
+def test_unknown_key_is_refused(tmp_path, key):
+    path = write(tmp_path, REQUIRED + f'{key} = "x"\n')
+    msg = refused(path)
+    assert path in msg and f"unknown key {key!r}" in msg
+
+
+def test_a_table_is_refused(tmp_path):
+    path = write(tmp_path, REQUIRED + "[nbd]\nport = 1\n")
+    msg = refused(path)
+    assert path in msg and "'nbd'" in msg
+
+
+@pytest.mark.parametrize("key", ["host_id", "data_dir", "registry"])
+def test_missing_required_key_is_refused(tmp_path, key):
+    text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key))
+    path = write(tmp_path, text)
+    msg = refused(path)
+    assert path in msg and names_key(msg, key) and "required" in msg
+
+
+@pytest.mark.parametrize("key", ["host_id", "data_dir", "registry"])
+def test_empty_required_key_is_refused(tmp_path, key):
+    text = re.sub(rf'(?m)^{key} = .*$', f'{key} = ""', REQUIRED)
+    path = write(tmp_path, text)
+    msg = refused(path)
+    assert path in msg and names_key(msg, key)
+
+
+BAD_VALUES = [
+    # key, TOML value, what the reason must say
+    ("host_id", "5", r"string|type"),
+    ("pod", "3", r"string|type"),
+    ("zone", "[1, 2]", r"string|type"),
+    ("capacity", '"abc"', r"not a size"),
+    ("capacity", "0", r"greater than zero"),
+    ("capacity", '"-1G"', r"size|negative"),
+    ("capacity", "true", r"size|type|bool"),
+    ("lease_ttl", '"x"', r"float|number"),
+    ("lease_ttl", "true", r"number|type|bool"),
+    ("heartbeat_ttl", "-1", r"positive"),
+    ("heartbeat_ttl", "0", r"positive"),
+    ("heartbeat_ttl", "nan", r"positive|finite|nan"),
+    ("lease_ttl", "inf", r"finite|inf"),
+    ("peer_timeout", "0", r"positive"),
+    ("gc_interval", "-5", r"positive"),
+    ("listen", '"nope"', r"HOST:PORT"),
+    ("listen", '"127.0.0.1:x"', r"HOST:PORT"),
+    ("nbd", '"127.0.0.1:99999"', r"out of range"),
+    ("log_level", '"loud"', r"debug, info"),
+    ("log_format", '"xml"', r"kv or json"),
+]
+
+
+@pytest.mark.parametrize("key, value, reason", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+def test_bad_value_is_refused_with_file_key_and_reason(tmp_path, key, value, reason):
+    text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key + " "))
+    path = write(tmp_path, f"{text}\n{key} = {value}\n")
+    msg = refused(path)
+    assert path in msg, f"the file is not named: {msg!r}"
+    assert names_key(msg, key), f"the key is not named: {msg!r}"
+    assert re.search(reason, msg), f"the reason is not given: {msg!r}"
+    assert "()" not in msg, f"empty reason: {msg!r}"
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("capacity", "lots", r"not a size"),
+    ("heartbeat_ttl", "soon", r"float|number"),
+    ("listen", "nope", r"HOST:PORT"),
+])
+def test_bad_flag_is_refused_naming_the_flag(tmp_path, key, value, reason):
+    msg = refused(write(tmp_path, REQUIRED), {key: value})
+    assert "--" + key.replace("_", "-") in msg and re.search(reason, msg), msg
+
+
+# --- the real process --------------------------------------------------------------------
+
+
+def run_blockd(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "blockd.main", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("text, expect", [
+    (REQUIRED + "zone = \n", "not valid TOML"),
+    (REQUIRED + 'colour = "blue"\n', "unknown key 'colour'"),
+    ('data_dir = "/tmp/x"\nregistry = "lmdb:///tmp/r"\n', "host-id is required"),
+    (REQUIRED + 'capacity = "lots"\n', "not a size"),
+], ids=["invalid-toml", "unknown-key", "missing-key", "bad-value"])
+def test_blockd_process_refuses_bad_config_in_one_line(tmp_path, text, expect):
+    path = write(tmp_path, text, "bad.toml")
+    p = run_blockd("--config", path)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("blockd: ") and path in lines[0] and expect in lines[0], lines[0]
+    assert "Traceback" not in p.stderr + p.stdout and p.stdout == ""
+
+
+def test_blockd_process_refuses_a_missing_config_file(tmp_path):
+    p = run_blockd("--config", str(tmp_path / "absent.toml"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "absent.toml" in p.stderr and "not found" in p.stderr
+
+
+def test_operator_guide_documents_every_key():
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in guide]
+    assert not missing, f"docs/operator-guide.md does not document {missing}"

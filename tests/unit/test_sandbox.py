@@ -1,0 +1,179 @@
+"""blockd.sandbox helpers: pid and port checks, and the state file (sandbox.json). No blockd
+is started here; tests/interop drives real sandboxes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from blockd.sandbox import STATE_FILE, Sandbox, SandboxError, pid_alive, port_open, ports_free
+from control.cli import EXIT_ERROR
+from control.cli import main as vbp_main
+from vbp.errors import InvalidArgument
+
+
+# --- pid_alive ---------------------------------------------------------------------------
+
+
+def test_own_pid_is_alive_only_if_it_runs_blockd():
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+        runs_blockd = b"blockd" in f.read()
+    assert pid_alive(os.getpid()) is runs_blockd  # pytest is not a blockd: a recycled pid is not one
+
+
+@pytest.mark.parametrize("pid", [0, -1, -os.getpid(), 2**22 + 12345, 2**31, 10**30])
+def test_garbage_pids_are_not_alive(pid):
+    assert pid_alive(pid) is False
+
+
+def test_a_process_named_blockd_is_alive_until_it_exits_and_a_zombie_is_not():
+    # argv carries "blockd" the way `python -m blockd.main` does
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "blockd.main"])
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_alive(p.pid) and time.monotonic() < deadline:  # until exec is done
+            time.sleep(0.01)
+        assert pid_alive(p.pid)
+        os.kill(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(p.pid) and time.monotonic() < deadline:  # a zombie until reaped
+            time.sleep(0.01)
+        assert not pid_alive(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+    assert not pid_alive(p.pid)
+
+
+# --- ports -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ports_free(listener):
+    port = free_port()
+    assert ports_free([port])
+    assert ports_free([])
+    assert not ports_free([listener])
+    assert not ports_free([port, listener])
+
+
+def test_a_bound_but_not_listening_port_is_not_free():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        assert not ports_free([s.getsockname()[1]])
+
+
+def test_port_open(listener):
+    assert port_open(listener)
+    assert not port_open(free_port())
+
+
+# --- the state file ----------------------------------------------------------------------
+
+
+def test_no_state_means_no_hosts(tmp_path):
+    sb = Sandbox(tmp_path / "sb")
+    assert sb.hosts() == []
+    assert sb.down() == []
+    assert sb.registry_url == f"lmdb://{tmp_path / 'sb' / 'registry'}"
+
+
+def test_state_round_trip_and_dead_pids(tmp_path):
+    sb = Sandbox(tmp_path)
+    sb._save({"base_port": 20000, "hosts": [
+        {"id": "host1", "nbd_port": 20000, "peer_port": 20001, "pid": 0},
+        {"id": "host2", "nbd_port": 20002, "peer_port": 20003, "pid": os.getpid()},  # not a blockd
+    ]})
+    assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
+    hosts = sb.hosts()
+    assert [(h.id, h.nbd_port, h.peer_port, h.alive) for h in hosts] == [
+        ("host1", 20000, 20001, False), ("host2", 20002, 20003, pid_alive(os.getpid()))]
+    assert hosts[0].nbd_uri == "nbd://127.0.0.1:20000"
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b"\xff\xfe\x00\x01", b'{"hosts": [', b"[]", b'"text"', b'{"hosts": 5}',
+    b'{"hosts": [{"id": "host1"}]}', b'{"hosts": ["host1"]}',
+], ids=["garbage", "empty", "binary", "truncated", "list", "string", "hosts-int", "host-fields",
+        "host-str"])
+def test_unreadable_state_is_a_clear_sandbox_error(tmp_path, content):
+    (tmp_path / STATE_FILE).write_bytes(content)
+    sb = Sandbox(tmp_path)
+    for call in (sb.hosts, sb.down, lambda: sb.up(1, free_port())):
+        with pytest.raises(SandboxError) as e:
+            call()
+        msg = str(e.value)
+        assert str(tmp_path / STATE_FILE) in msg and "unreadable sandbox state" in msg, msg
+
+
+def test_state_file_that_is_a_directory(tmp_path):
+    (tmp_path / STATE_FILE).mkdir()
+    with pytest.raises(SandboxError, match="unreadable sandbox state"):
+        Sandbox(tmp_path).hosts()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_state_file_without_permission(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{}")
+    (tmp_path / STATE_FILE).chmod(0)
+    with pytest.raises(SandboxError, match="unreadable sandbox state"):
+        Sandbox(tmp_path).hosts()
+
+
+def test_cli_reports_unreadable_state_in_one_line(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{oops")
+    r = CliRunner().invoke(vbp_main, ["sandbox", "status", "--dir", str(tmp_path)], prog_name="vbp")
+    assert r.exit_code == EXIT_ERROR
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: ") and STATE_FILE in r.stderr
+
+
+# --- up/down arguments, without starting anything ----------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, -1, 65])
+def test_up_refuses_a_bad_host_count(tmp_path, n):
+    with pytest.raises(InvalidArgument, match="--hosts"):
+        Sandbox(tmp_path).up(n)
+
+
+def test_up_refuses_a_base_port_without_room(tmp_path):
+    with pytest.raises(InvalidArgument, match="--base-port"):
+        Sandbox(tmp_path).up(3, 65534)
+
+
+def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, listener):
+    sb = Sandbox(tmp_path)
+    with pytest.raises(SandboxError, match=f"{listener}.*in use"):
+        sb.up(1, listener)
+    assert sb.hosts() == [] and not (tmp_path / STATE_FILE).exists()
+
+
+def test_log_tail_and_kill_of_unknown_host(tmp_path):
+    sb = Sandbox(tmp_path)
+    assert sb.log_tail("host1") == "(no log)"
+    (tmp_path / "host1").mkdir()
+    (tmp_path / "host1" / "blockd.log").write_text("\n".join(f"line {i}" for i in range(40)) + "\n")
+    assert sb.log_tail("host1", 3) == "line 37\nline 38\nline 39"
+    with pytest.raises(SandboxError, match="host9"):
+        sb.kill("host9")
