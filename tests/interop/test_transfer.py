@@ -1,0 +1,222 @@
+"""`vbp volume import` / `export` (control.transfer) against a real 3-host sandbox: holes stay
+holes both ways, the round trip is byte-identical, a used volume is overwritten exactly,
+snapshots export, and every misuse is one clear VbpError."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+
+import nbd  # python3-libnbd: make test installs it
+import pytest
+
+from control.transfer import (TransferError, TransferStats, export_volume, import_file,
+                              volume_uri)
+from tests.conftest import need
+from vbp.errors import AlreadyExists, InvalidArgument, NotFound
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+PAGE = 4096
+FILE_SIZE = 64 * MiB + 1000  # not a multiple of 512 on purpose
+
+
+def make_sparse(path, size: int, seed: int) -> list[tuple[int, int]]:
+    """A sparse file of `size` bytes with a few random data extents (one holding an
+    all-zero MiB, one at the very end); returns the written (start, end) ranges."""
+    rng = random.Random(seed)
+    written = []
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for slot in range(5):  # one extent in each 12 MiB slot, so they never touch
+            start = slot * 12 * MiB + rng.randrange(0, 8 * MiB) // PAGE * PAGE + rng.randrange(PAGE)
+            n = rng.randrange(100 * 1024, 3 * MiB)
+            f.seek(start)
+            f.write(rng.randbytes(n))
+            written.append((start, start + n))
+        f.seek(written[1][0] + 64 * 1024)  # zeroes written as data inside an extent
+        f.write(bytes(MiB))
+        f.seek(size - 300)
+        f.write(rng.randbytes(300))
+        written.append((size - 300, size))
+    return written
+
+
+def nbd_map(uri: str) -> list[dict]:
+    p = subprocess.run([need("nbdinfo"), "--map", "--json", uri], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def zero_at(extents: list[dict], a: int, b: int) -> bool:
+    """Whether the map says [a, b) reads as zero (state bit 2)."""
+    return all(e["type"] & 2 for e in extents
+               if e["offset"] < b and e["offset"] + e["length"] > a)
+
+
+def read_volume(uri: str) -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    out = bytearray()
+    for off in range(0, size, 32 * MiB):
+        out += h.pread(min(32 * MiB, size - off), off)
+    h.shutdown()
+    return bytes(out)
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "sparse.img"
+    written = make_sparse(path, FILE_SIZE, seed=5)
+    assert allocated(path) < 16 * MiB  # the file system kept our holes
+    return path, written
+
+
+@pytest.fixture(scope="module")
+def imported(sandbox, image):
+    """The sparse image imported into a fresh replicas=3 volume `imp` through host 1."""
+    path, written = image
+    sandbox.vbp("volume", "create", "imp", "--size", "128M", "--replicas", "3")
+    calls = []
+    stats = import_file(path, sandbox.uri("imp", 0), progress=lambda d, t: calls.append((d, t)))
+    return stats, calls
+
+
+def test_import_keeps_holes(sandbox, image, imported):
+    path, written = image
+    stats, calls = imported
+    assert isinstance(stats, TransferStats)
+    assert stats.bytes_total == FILE_SIZE
+    assert stats.bytes_data + stats.bytes_zero + stats.bytes_holes == FILE_SIZE
+    data = sum(e - s for s, e in written)
+    assert stats.bytes_data < data  # the zero MiB inside an extent was not sent as data
+    assert stats.bytes_zero == 0  # a new volume is all holes: no zero requests needed
+    assert stats.bytes_tail_zeroed == 0
+    # progress: monotonic, ends at the total
+    assert calls and calls[-1] == (FILE_SIZE, FILE_SIZE)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+    # the map, seen through another host: data where the file has data, zero elsewhere
+    extents = nbd_map(sandbox.uri("imp", 1))
+    total_data = sum(e["length"] for e in extents if not e["type"] & 2)
+    assert total_data <= data + len(written) * 2 * PAGE
+    for (s, e), (s2, _) in zip(written, written[1:] + [(FILE_SIZE + PAGE, 0)]):
+        assert not zero_at(extents, s, min(e, s + 16))
+        gap_a, gap_b = -(-e // PAGE) * PAGE, min(s2, FILE_SIZE) // PAGE * PAGE
+        if gap_b > gap_a:
+            assert zero_at(extents, gap_a, gap_b), (gap_a, gap_b)
+    zs = written[1][0] + 64 * 1024
+    assert zero_at(extents, -(-zs // (64 * 1024)) * 64 * 1024, zs + MiB - 64 * 1024)
+    assert zero_at(extents, 70 * MiB, 128 * MiB)
+
+
+def test_export_round_trip_is_identical_and_sparse(sandbox, image, imported, tmp_path):
+    path, written = image
+    out = tmp_path / "out.img"
+    calls = []
+    stats = export_volume(sandbox.uri("imp", 2), out, progress=lambda d, t: calls.append((d, t)))
+    assert out.stat().st_size == 128 * MiB
+    assert stats.bytes_total == 128 * MiB and calls[-1] == (128 * MiB, 128 * MiB)
+    assert stats.bytes_data + stats.bytes_holes == 128 * MiB
+    got, want = out.read_bytes(), path.read_bytes()
+    assert got[:FILE_SIZE] == want
+    assert got[FILE_SIZE:] == bytes(128 * MiB - FILE_SIZE)
+    assert allocated(out) <= allocated(path) + 4 * PAGE
+    assert allocated(out) < 16 * MiB
+
+    # an existing output is refused, and kept; overwrite replaces it
+    with pytest.raises(AlreadyExists, match="exists"):
+        export_volume(sandbox.uri("imp", 0), out)
+    assert out.stat().st_size == 128 * MiB
+    out.write_bytes(b"junk" * 1000)
+    export_volume(sandbox.uri("imp", 0), out, overwrite=True)
+    assert out.read_bytes()[:FILE_SIZE] == want and allocated(out) < 16 * MiB
+
+
+def test_import_over_data_zeroes_holes_and_tail(sandbox, image, tmp_path):
+    path, _ = image
+    sandbox.vbp("volume", "create", "used", "--size", "96M", "--replicas", "1")
+    uri = sandbox.uri("used", 0)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    junk = random.Random(9).randbytes(4 * MiB)
+    for off in range(0, 96 * MiB, 4 * MiB):
+        h.pwrite(junk, off)
+    h.shutdown()
+
+    stats = import_file(path, uri)
+    assert stats.bytes_zero > 50 * MiB  # the file's holes, zeroed
+    assert stats.bytes_tail_zeroed == 96 * MiB - FILE_SIZE
+    content = read_volume(sandbox.uri("used", 1))
+    assert content[:FILE_SIZE] == path.read_bytes()
+    assert content[FILE_SIZE:] == bytes(96 * MiB - FILE_SIZE)
+    extents = nbd_map(uri)
+    assert zero_at(extents, 70 * MiB, 96 * MiB)  # zeroed, not written: holes again
+    assert sum(e["length"] for e in extents if not e["type"] & 2) < 16 * MiB
+
+
+def test_export_snapshot(sandbox, image, imported, tmp_path):
+    path, _ = image
+    sandbox.vbp("volume", "snapshot", "imp", "s1")
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB + 5)
+        f.write(random.Random(77).randbytes(MiB))
+    import_file(other, sandbox.uri("imp", 0))  # the volume moves on; the snapshot does not
+
+    from vbp.registry import open_registry
+
+    reg = open_registry(sandbox.registry)
+    uri = volume_uri(reg, "imp@s1")
+    assert uri.endswith("/imp@s1") and uri.startswith("nbd://127.0.0.1:")
+    out = tmp_path / "snap.img"
+    export_volume(uri, out)
+    assert out.read_bytes()[:FILE_SIZE] == path.read_bytes()
+    assert allocated(out) < 16 * MiB
+    with pytest.raises(InvalidArgument, match="read-only"):
+        import_file(other, uri)
+
+    head = tmp_path / "head.img"
+    export_volume(volume_uri(reg, "imp", host="host3"), head)
+    assert head.read_bytes()[:8 * MiB] == other.read_bytes()
+    assert head.read_bytes()[8 * MiB:] == bytes(120 * MiB)
+
+
+def test_errors(sandbox, image, tmp_path):
+    path, _ = image
+    sandbox.vbp("volume", "create", "tiny", "--size", "16M", "--replicas", "1")
+    with pytest.raises(InvalidArgument, match=r"larger than the volume \(16777216 bytes\)"):
+        import_file(path, sandbox.uri("tiny", 0))
+    with pytest.raises(NotFound, match="no such file"):
+        import_file(tmp_path / "missing.img", sandbox.uri("tiny", 0))
+    with pytest.raises(InvalidArgument, match="is a directory"):
+        import_file(tmp_path, sandbox.uri("tiny", 0))
+    with pytest.raises(NotFound, match="no such volume"):
+        import_file(path, sandbox.uri("nosuch", 0))
+    with pytest.raises(NotFound, match="no such volume"):
+        export_volume(sandbox.uri("nosuch", 0), tmp_path / "x.img")
+    assert not (tmp_path / "x.img").exists()
+    with pytest.raises(NotFound, match="no such file or directory"):
+        export_volume(sandbox.uri("tiny", 0), tmp_path / "nodir" / "x.img")
+    with pytest.raises(TransferError, match="connection refused"):
+        export_volume("nbd://127.0.0.1:1/tiny", tmp_path / "y.img")
+    assert not (tmp_path / "y.img").exists()
+
+    from vbp.registry import open_registry
+
+    reg = open_registry(sandbox.registry)
+    with pytest.raises(NotFound):
+        volume_uri(reg, "nosuch")
+    with pytest.raises(NotFound, match="no snapshot"):
+        volume_uri(reg, "tiny@nope")
+    with pytest.raises(NotFound, match="no host"):
+        volume_uri(reg, "tiny", host="host9")
