@@ -44,6 +44,7 @@ class Config:
     heartbeat_ttl: float = 6.0
     lease_ttl: float = 10.0
     peer_timeout: float = 5.0
+    gc_interval: float = 5.0
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -55,7 +56,7 @@ class Config:
         parse_hostport(self.nbd, "nbd")
         if self.capacity <= 0:
             raise InvalidArgument(f"{source}: capacity must be greater than zero")
-        if self.heartbeat_ttl <= 0 or self.lease_ttl <= 0 or self.peer_timeout <= 0:
+        if min(self.heartbeat_ttl, self.lease_ttl, self.peer_timeout, self.gc_interval) <= 0:
             raise InvalidArgument(f"{source}: ttl values must be positive")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{source}: log-level must be debug, info, warning or error")

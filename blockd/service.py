@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -28,8 +29,11 @@ from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore
 from vbp.cluster import HostRecord
 from vbp.errors import LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.layout import ChunkKey
 from vbp.registry import open_registry
-from vbp.volume import VolumeRecord, split_export_name, view_of
+from vbp.volume import (
+    VolumeRecord, complete_snapshot, needed_gens, readers, split_export_name, view_of,
+)
 
 log = logging.getLogger("vbp.blockd")
 
@@ -99,7 +103,43 @@ class VolumeProvider:
         lease = await self._acquire(export)
         self.leases[export] = lease
         log.info("volume=%s event=lease_taken token=%d", export, lease.token)
+        # Read the record again now that we hold the lease: a snapshot requested before
+        # we took it must be completed before our first write (vbp.volume, snapshots).
+        gw = self.gateways.get(export)
+        if gw is not None:
+            await self.sync_record(gw, holder=True)
         return lease.token
+
+    async def sync_record(self, gw: VolumeGateway, holder: bool) -> None:
+        """Adopt the volume's current record; the lease holder completes a pending snapshot."""
+        svc = self.service
+        name = gw.view.volume.name
+        rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
+        if rec.pending and holder:
+            pending = rec.pending
+
+            async def complete():
+                def finish(d):
+                    r = VolumeRecord.from_dict(d)
+                    return complete_snapshot(r).to_dict() if r.pending == pending else d
+                new = VolumeRecord.from_dict(await svc.registry.update_volume(name, finish))
+                log.info("volume=%s event=snapshot_completed head=%d", name, new.head)
+                return view_of(new, None)
+
+            await gw.switch_head(complete)
+        elif (rec.head, rec.size, rec.cuts) != (gw.gen, gw.size, gw.cuts):
+            gw.set_view(view_of(rec, None))
+
+    async def sync_records(self) -> None:
+        for export, gw in list(self.gateways.items()):
+            if gw.read_only or gw.fenced:
+                continue
+            try:
+                await self.sync_record(gw, holder=export in self.leases and bool(gw.token))
+            except NotFound:
+                gw.fenced = True  # the volume was deleted under us: refuse further writes
+            except VbpError as e:
+                log.warning("volume=%s event=record_sync_failed error=%s", export, e)
 
     async def _acquire(self, name: str):
         """Take the volume's write lease. A lease still held elsewhere is waited for up to
@@ -204,12 +244,14 @@ class Blockd:
                 self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
                 cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
                 self.cluster.set_map(cmap)
+                await self.registry.publish_stats(cfg.host_id, self.stats(), cfg.heartbeat_ttl)
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
                 nursery.start_soon(self._recover, list(self.store.recovered))
                 nursery.start_soon(self._refresh_stale)
+                nursery.start_soon(self._watch_volumes)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
                          nbd_host, self.nbd_port, self.cluster.epoch)
                 task_status.started(self)
@@ -242,6 +284,12 @@ class Blockd:
                     log.warning("event=stale_refresh_failed error=%s", e)
                     break
 
+    async def _watch_volumes(self) -> None:
+        """Snapshots and resizes reach open gateways within one period."""
+        while True:
+            await trio.sleep(0.2)
+            await self.provider.sync_records()
+
     async def _recover(self, recovered) -> None:
         """Resync loop: bring this host's stale chunk copies current."""
         while True:
@@ -256,6 +304,15 @@ class Blockd:
                 log.exception("event=resync_pass_failed")
             await trio.sleep(1)
 
+    def stats(self) -> dict:
+        st = self.store.stats()
+        rs = self.resync.stats
+        return {
+            "capacity": st.capacity, "used": st.used, "free": st.free, "chunks": st.chunks,
+            "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
+            "resync_bytes": rs.bytes_copied, "time": time.time(),
+        }
+
     async def refresh_map(self) -> None:
         cmap = await self.registry.cluster_map()
         if cmap.epoch > self.cluster.epoch:
@@ -267,6 +324,7 @@ class Blockd:
             await trio.sleep(period)
             try:
                 await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl)
+                await self.registry.publish_stats(self.cfg.host_id, self.stats(), self.cfg.heartbeat_ttl)
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:
@@ -297,23 +355,40 @@ class Blockd:
             await self.provider.renew_all()
 
     async def _collect_garbage(self) -> None:
-        """Free the local chunks of deleted volumes. Lineages are listed locally BEFORE the
-        registry is read: a lineage present here then and absent from the registry after
-        belongs to a deleted volume (lineage ids are never reused)."""
+        """Free local chunk generations no reader needs (vbp.volume.needed_gens): deleted
+        volumes and snapshots, overwritten snapshot data, chunks cut off by a shrink.
+        Local keys are listed BEFORE the registry is read: a generation that exists here
+        then belongs to a record that exists when the registry is read, or to one that was
+        deleted (generation numbers are never reused), so a newer one is never freed."""
         while True:
-            await trio.sleep(5)
+            await trio.sleep(self.cfg.gc_interval)
             try:
-                local = {k.lineage for k in self.store.keys()}
-                if not local:
-                    continue
-                live = {d["lineage"] for d in await self.registry.list_volumes()}
-                for key in [k for k in self.store.keys() if k.lineage in local - live]:
-                    self.store.delete(key)
-                    log.info("event=gc_chunk lineage=%s index=%d gen=%d", *key)
+                await self.collect_garbage_once()
             except RegistryUnavailable as e:
                 log.warning("event=gc_skipped error=%s", e)
             except Exception:  # one pass failing must not stop the daemon
                 log.exception("event=gc_failed")
+
+    async def collect_garbage_once(self) -> int:
+        local: dict[tuple[str, int], list[int]] = {}
+        for k in self.store.keys():
+            local.setdefault((k.lineage, k.index), []).append(k.gen)
+        if not local:
+            return 0
+        recs = [VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()]
+        by_lineage = readers(recs)
+        freed = 0
+        for (lineage, index), gens in local.items():
+            keep = needed_gens(by_lineage.get(lineage, ()), index, gens)
+            for g in gens:
+                if g not in keep:
+                    try:
+                        self.store.delete(ChunkKey(lineage, index, g))
+                    except NotFound:
+                        continue
+                    freed += 1
+                    log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
+        return freed
 
 
 def sd_notify(state: str) -> None:

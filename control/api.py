@@ -3,9 +3,14 @@ opens nothing but the registry it is given."""
 
 from __future__ import annotations
 
-from vbp.errors import InvalidArgument
+import time
+
+from vbp.errors import InvalidArgument, NotFound, VbpError
 from vbp.layout import CHUNK_SIZE_DEFAULT, parse_size
-from vbp.volume import VolumeRecord, check_name, clone_from, new_volume, take_snapshot
+from vbp.volume import (
+    VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
+    new_volume, request_snapshot, shrink,
+)
 
 
 def gen_counter(lineage: str) -> str:
@@ -33,21 +38,51 @@ def list_volumes(reg) -> list[VolumeRecord]:
 
 
 def delete_volume(reg, name: str) -> None:
+    """Delete a volume, or a snapshot when `name` is NAME@SNAP. Hosts free the chunks no
+    reader needs any more in the background (vbp.volume.needed_gens)."""
+    vol, sep, snap = name.partition("@")
+    if sep:
+        get_volume(reg, vol).snapshot(snap)
+        reg.update_volume(vol, lambda d: delete_snapshot(VolumeRecord.from_dict(d), snap).to_dict())
+        return
     rec = get_volume(reg, name)
-    children = [v.name for v in list_volumes(reg) if v.parent and v.parent.split("@")[0] == name]
-    if children:
-        raise InvalidArgument(
-            f"volume {name!r} has clones ({', '.join(children)}); delete them first"
-        )
     reg.delete_volume(rec.name)
 
 
-def snapshot(reg, name: str, snap: str) -> VolumeRecord:
+def _lease_live(reg, name: str) -> bool:
+    lease = reg.get_lease(name)
+    return lease is not None and bool(lease.holder) and lease.expires > time.time()
+
+
+def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 0.05) -> VolumeRecord:
+    """Take a consistent snapshot. With a gateway writing the volume, it completes the
+    snapshot itself after holding new writes and draining in-flight ones; with none (or
+    one that stopped renewing its lease) this call completes it."""
     rec = get_volume(reg, name)
     head = reg.next_id(gen_counter(rec.lineage))
-    return VolumeRecord.from_dict(
-        reg.update_volume(name, lambda d: take_snapshot(VolumeRecord.from_dict(d), snap, head).to_dict())
-    )
+    reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head).to_dict())
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            cur = get_volume(reg, name)
+            if cur.pending != head:
+                if cur.pending == 0 and any(s.name == snap for s in cur.snapshots):
+                    return cur
+                raise VbpError(f"snapshot {name}@{snap} was cancelled")
+            if not _lease_live(reg, name):
+                def finish(d):
+                    r = VolumeRecord.from_dict(d)
+                    return complete_snapshot(r).to_dict() if r.pending == head else d
+                return VolumeRecord.from_dict(reg.update_volume(name, finish))
+            if time.monotonic() > deadline:
+                raise VbpError(f"snapshot {name}@{snap}: the gateway did not complete it in {timeout:.0f}s")
+            time.sleep(poll)
+    except BaseException:
+        try:
+            reg.update_volume(name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), head).to_dict())
+        except (VbpError, NotFound):
+            pass
+        raise
 
 
 def clone(reg, source: str, new_name: str) -> VolumeRecord:
@@ -66,16 +101,22 @@ def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
     new_size = parse_size(size)
     if new_size <= 0:
         raise InvalidArgument("volume size must be greater than zero")
-
-    def apply(d: dict) -> dict:
-        if new_size < d["size"] and not force:
+    rec = get_volume(reg, name)
+    if new_size < rec.size:
+        if not force:
             raise InvalidArgument(
-                f"shrinking {name!r} from {d['size']} to {new_size} bytes discards data; use --force"
+                f"shrinking {name!r} from {rec.size} to {new_size} bytes discards data; use --force"
             )
-        d = dict(d)
-        d["size"] = new_size
-        return d
+        head = reg.next_id(gen_counter(rec.lineage))
 
-    get_volume(reg, name)
+        def apply(d: dict) -> dict:
+            r = VolumeRecord.from_dict(d)
+            if r.pending:
+                raise InvalidArgument(f"a snapshot of {name!r} is in progress; retry")
+            return shrink(r, new_size, head).to_dict()
+    else:
+        def apply(d: dict) -> dict:
+            d = dict(d)
+            d["size"] = new_size
+            return d
     return VolumeRecord.from_dict(reg.update_volume(name, apply))
-

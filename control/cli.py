@@ -314,11 +314,18 @@ def volume_show(state, name):
 
 
 @volume.command("delete")
-@click.argument("name")
+@click.argument("name", metavar="NAME|NAME@SNAP")
 @json_flag
 @click.pass_obj
 def volume_delete(state, name):
-    """Delete a volume; hosts free its chunks in the background."""
+    """Delete a volume, or one snapshot with NAME@SNAP; hosts free the chunks no volume
+    or snapshot needs any more in the background.
+
+    \b
+    Examples:
+      vbp volume delete disk1
+      vbp volume delete disk1@before-upgrade
+    """
     from control import api
 
     api.delete_volume(state.registry(), name)
@@ -383,6 +390,97 @@ def host_list(state):
         ["HOST", "STATE", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
         [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), h.zone, h.pod,
           format_size(h.capacity), h.nbd, h.peer) for h in cmap.hosts]))
+
+
+def _host_command(state, host_id, fn, done: str):
+    reg = state.registry()
+    if reg.cluster_map().host(host_id) is None:
+        raise NotFound(f"no host {host_id!r} in the pool")
+    cmap = fn(reg)
+    h = cmap.host(host_id)
+    out(state, {"epoch": cmap.epoch, "host": h.to_dict() if h else None},
+        lambda: click.echo(f"{done} (epoch {cmap.epoch})"))
+
+
+@host.command("drain")
+@click.argument("host_id")
+@json_flag
+@click.pass_obj
+def host_drain(state, host_id):
+    """Stop placing new chunks on a host (state draining)."""
+    _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"), f"host {host_id} is draining")
+
+
+@host.command("undrain")
+@click.argument("host_id")
+@json_flag
+@click.pass_obj
+def host_undrain(state, host_id):
+    """Return a draining host to service (state up)."""
+    _host_command(state, host_id, lambda r: r.set_host_state(host_id, "up"), f"host {host_id} is up")
+
+
+@host.command("remove")
+@click.argument("host_id")
+@json_flag
+@click.pass_obj
+def host_remove(state, host_id):
+    """Forget a host (after draining it)."""
+    _host_command(state, host_id, lambda r: r.remove_host(host_id), f"host {host_id} removed")
+
+
+@host.command("maintenance")
+@click.argument("host_id")
+@click.argument("mode", type=click.Choice(["on", "off"]))
+@json_flag
+@click.pass_obj
+def host_maintenance(state, host_id, mode):
+    """Keep a host from being declared down while it restarts on purpose."""
+    _host_command(state, host_id, lambda r: r.set_maintenance(host_id, mode == "on"),
+                  f"host {host_id} maintenance {mode}")
+
+
+@main.group()
+def pool():
+    """The pool as a whole."""
+
+
+@pool.command("status")
+@json_flag
+@click.pass_obj
+def pool_status(state):
+    """Capacity per host, degraded chunks (a replica missed writes) and resync progress."""
+    reg = state.registry()
+    cmap = reg.cluster_map()
+    stats = reg.host_stats()
+    stale = reg.list_stale()
+    degraded = {(r.lineage, r.index) for r in stale}
+    hosts = []
+    for h in cmap.hosts:
+        st = stats.get(h.id, {})
+        hosts.append({"id": h.id, "state": h.state, "maintenance": h.maintenance,
+                      "capacity": st.get("capacity", h.capacity), "used": st.get("used"),
+                      "free": st.get("free"), "chunks": st.get("chunks"),
+                      "checksum_errors": st.get("checksum_errors"),
+                      "resync_bytes": st.get("resync_bytes")})
+    total = sum(x["capacity"] or 0 for x in hosts)
+    used = sum(x["used"] or 0 for x in hosts)
+    data = {"epoch": cmap.epoch, "hosts": hosts, "capacity": total, "used": used,
+            "degraded_chunks": len(degraded), "stale_replicas": len(stale),
+            "volumes": len(reg.list_volumes())}
+
+    def human():
+        table(["HOST", "STATE", "CAPACITY", "USED", "FREE", "CHUNKS", "RESYNCED"],
+              [(x["id"], x["state"] + (" (maintenance)" if x["maintenance"] else ""),
+                format_size(x["capacity"] or 0),
+                "-" if x["used"] is None else format_size(x["used"]),
+                "-" if x["free"] is None else format_size(x["free"]),
+                "-" if x["chunks"] is None else x["chunks"],
+                "-" if x["resync_bytes"] is None else format_size(x["resync_bytes"])) for x in hosts])
+        click.echo(f"\n{data['volumes']} volumes; {format_size(used)} used of {format_size(total)}; "
+                   f"{len(degraded)} degraded chunks ({len(stale)} stale replicas); epoch {cmap.epoch}")
+
+    out(state, data, human)
 
 
 if __name__ == "__main__":

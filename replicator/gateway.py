@@ -41,9 +41,9 @@ from vbp.errors import (
     StaleEpoch,
     VbpError,
 )
-from vbp.layout import ChunkKey, MiB
+from vbp.layout import ChunkKey, Geometry, MiB
 from vbp.placement import Placement
-from vbp.volume import View
+from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
 
@@ -99,15 +99,11 @@ class VolumeGateway:
     def __init__(self, view: View, *, host_id: str, replica, cluster: ClusterView, pool,
                  registry=None, token: int = 0):
         vol = view.volume
-        self.view = view
         self.name = view.export
         self.description = f"vbp volume {vol.name}" + (" (snapshot)" if view.read_only else "")
-        self.size = vol.size
         self.read_only = view.read_only
-        self.geometry = vol.geometry
         self.lineage = vol.lineage
-        self.chain = view.chain
-        self.gen = view.gen
+        self.set_view(view)
         self.n = vol.replicas
         self.min_size = vol.min_size
         self.host_id = host_id
@@ -128,7 +124,37 @@ class VolumeGateway:
         self.take_lease = None  # async () -> token, set by the service for writable views
         self.refresh_map = None  # async () -> None, set by the service
         self._lease_lock = trio.Lock()
+        self._hold: trio.Event | None = None  # set while the head generation switches
+        self._inflight = 0  # replicated writes under way
+        self._drained: trio.Event | None = None
 
+    def set_view(self, view: View) -> None:
+        """Adopt a newer record of the volume (new head after a snapshot, resize)."""
+        self.view = view
+        self.size = view.size
+        self.geometry = Geometry(view.size, view.volume.chunk_size)
+        self.chain = view.chain
+        self.gen = view.gen
+        self.cuts = view.cuts
+
+    def chain_for(self, index: int) -> tuple[int, ...]:
+        if not self.cuts:
+            return self.chain
+        return visible_chain(self.chain, self.cuts, index)
+
+    async def switch_head(self, complete) -> None:
+        """Hold new writes, let in-flight ones finish, then `complete()` (async, returns the
+        new View) and go on writing to the new head. Used for snapshots."""
+        hold = self._hold = trio.Event()
+        try:
+            if self._inflight:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            self.set_view(await complete())
+        finally:
+            self._hold = None
+            self._drained = None
+            hold.set()
     # --- helpers -----------------------------------------------------------------------
 
     def _local_only(self, index: int) -> bool:
@@ -158,7 +184,7 @@ class VolumeGateway:
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
             if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
                 try:
-                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain, p.offset, p.length)
+                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length)
                     extents.append((offset + p.buf_offset, p.length, data))
                     continue
                 except ChecksumError as e:
@@ -178,7 +204,7 @@ class VolumeGateway:
 
     async def _read_piece(self, p):
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-        msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain,
+        msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain_for(p.index),
                           p.offset, p.length, self.cluster.epoch)
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
@@ -188,7 +214,8 @@ class VolumeGateway:
                 continue
             if h == self.host_id:
                 if h in stale:
-                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain, p.offset, p.length)
+                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index),
+                                                     p.offset, p.length)
                     log.warning("volume=%s chunk=%d event=read_from_stale_copy host=%s", self.name, p.index, h)
                     return data
                 continue
@@ -208,7 +235,7 @@ class VolumeGateway:
         if data is None or self.read_only:
             return
         try:
-            gen = self.store.resolve(self.lineage, p.index, self.chain)
+            gen = self.store.resolve(self.lineage, p.index, self.chain_for(p.index))
             if gen is not None:
                 info = self.store.info(ChunkKey(self.lineage, p.index, gen))
                 self.store.write(ChunkKey(self.lineage, p.index, gen), p.offset, data,
@@ -221,6 +248,8 @@ class VolumeGateway:
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 
     async def _leased(self, op, *args):
+        while self._hold is not None:
+            await self._hold.wait()
         async with self._lease_lock:
             if not self.token:
                 if self.take_lease is None:
@@ -233,12 +262,12 @@ class VolumeGateway:
 
     def write(self, offset: int, data, fua: bool):
         self._check_writable()
-        if not self.token:
+        if not self.token or self._hold is not None:
             return self._leased(self.write, offset, bytes(data), fua)
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
-                self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain,
+                self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                    p.offset, data[p.buf_offset:p.buf_offset + p.length],
                                    self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
                 self._unflushed.setdefault(self.host_id, set()).add(p.index)
@@ -246,24 +275,24 @@ class VolumeGateway:
         payload = bytes(data)
         del length
         return self._replicate(pieces, lambda p: m.WriteChunk(
-            self.view.volume.name, self.lineage, p.index, self.gen, self.chain, p.offset,
+            self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
             self.cluster.epoch, self.token))
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
-        if not self.token:
+        if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
-                self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain,
+                self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                   p.offset, p.length, self.geometry.chunk_size, 0, fua,
                                   self.cluster.epoch, self.token)
                 self._unflushed.setdefault(self.host_id, set()).add(p.index)
             return None
         return self._replicate(pieces, lambda p: m.ZeroChunk(
-            self.view.volume.name, self.lineage, p.index, self.gen, self.chain, p.offset, p.length,
+            self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
             self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token))
 
     def trim(self, offset: int, length: int, fua: bool):
@@ -274,9 +303,15 @@ class VolumeGateway:
         return self._zero(offset, length, fua)
 
     async def _replicate(self, pieces, make_msg):
-        async with trio.open_nursery() as nursery:
-            for p in pieces:
-                nursery.start_soon(self._replicate_piece, p, make_msg(p))
+        self._inflight += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                for p in pieces:
+                    nursery.start_soon(self._replicate_piece, p, make_msg(p))
+        finally:
+            self._inflight -= 1
+            if not self._inflight and self._drained is not None:
+                self._drained.set()
 
     async def _replicate_piece(self, p, msg) -> None:
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
@@ -383,7 +418,7 @@ class VolumeGateway:
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
             if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
-                out.append(self.replica.extents(self.lineage, p.index, self.chain, p.offset, p.length))
+                out.append(self.replica.extents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length))
             else:
                 out.append(None)
                 remote.append((len(out) - 1, p))
@@ -393,7 +428,8 @@ class VolumeGateway:
 
     async def _block_status_remote(self, out, remote, pieces):
         for slot, p in remote:
-            msg = m.ChunkExtents(self.lineage, p.index, self.chain, p.offset, p.length, self.cluster.epoch)
+            msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
+                                 self.cluster.epoch)
             ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
             for h in self.cluster.replicas(self.lineage, p.index, self.n):
                 if not self.cluster.is_up(h):

@@ -66,7 +66,8 @@ class SandboxHandle:
 
     def up(self):
         p = run_vbp("sandbox", "up", "--hosts", self.n, "--dir", self.dir,
-                    "--base-port", self.base_port, "--capacity", "4G", "--json")
+                    "--base-port", self.base_port, "--capacity", "4G", "--json",
+                    "--set", "gc_interval=1")
         self.info = json.loads(p.stdout)
         return self.info
 

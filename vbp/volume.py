@@ -14,6 +14,19 @@ Theory of operation (DESIGN.md, Words):
   replica host (no bytes cross the network) and then applies the write.
 - Generation numbers come from one registry counter per lineage, so they are unique in the
   lineage and increase with time.
+- A snapshot of a volume that a gateway is writing is taken in two steps, like RBD's notify
+  to the exclusive-lock owner: the command records a pending head generation; the gateway
+  holding the write lease holds new writes, lets in-flight ones finish, switches to the
+  new head and completes the snapshot in the record. With no lease holder the command
+  completes it itself. Writes acknowledged before the snapshot completes are in it; later
+  ones are not; nothing changes in it afterwards.
+- Shrinking (chunk-aligned) starts a fresh head and records a cut: for chunk indexes past
+  the new end, generations up to the old head are invisible (`visible_chain`), so growing
+  again reads zeros there, never old bytes.
+- Garbage collection is one rule (`needed_gens`): a local generation of chunk i is kept
+  while it is the newest generation holding chunk i in the visible chain of some reader
+  (a volume head or a snapshot of the lineage). Deleted volumes, deleted snapshots,
+  overwritten snapshot data and chunks cut off by a shrink all follow from it.
 The record is a plain dict in the registry (msgpack-able); VolumeRecord is its typed view.
 """
 
@@ -50,19 +63,26 @@ def split_export_name(export: str) -> tuple[str, str | None]:
     return name, None
 
 
+Cuts = tuple[tuple[int, int], ...]  # (newest hidden generation, first hidden chunk index)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     name: str
     gen: int
     chain: tuple[int, ...]
     created: float
+    size: int = 0
+    cuts: Cuts = ()
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "gen": self.gen, "chain": list(self.chain), "created": self.created}
+        return {"name": self.name, "gen": self.gen, "chain": list(self.chain), "created": self.created,
+                "size": self.size, "cuts": [list(c) for c in self.cuts]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Snapshot":
-        return cls(d["name"], int(d["gen"]), tuple(d["chain"]), float(d["created"]))
+        return cls(d["name"], int(d["gen"]), tuple(d["chain"]), float(d["created"]),
+                   int(d.get("size", 0)), tuple(tuple(c) for c in d.get("cuts", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +100,9 @@ class VolumeRecord:
     created: float = 0.0
     qos_iops: int = 0
     qos_bps: int = 0
+    cuts: Cuts = ()
+    pending: int = 0  # head generation of a snapshot in progress (0: none)
+    pending_snap: str = ""
 
     @property
     def geometry(self) -> Geometry:
@@ -95,6 +118,7 @@ class VolumeRecord:
         d = asdict(self)
         d["chain"] = list(self.chain)
         d["snapshots"] = [s.to_dict() for s in self.snapshots]
+        d["cuts"] = [list(c) for c in self.cuts]
         return d
 
     @classmethod
@@ -103,6 +127,7 @@ class VolumeRecord:
         kw = {k: v for k, v in d.items() if k in known}
         kw["chain"] = tuple(kw["chain"])
         kw["snapshots"] = tuple(Snapshot.from_dict(s) for s in kw.get("snapshots", ()))
+        kw["cuts"] = tuple(tuple(c) for c in kw.get("cuts", ()))
         return cls(**kw)
 
 
@@ -142,17 +167,99 @@ def new_volume(
     )
 
 
-def take_snapshot(rec: VolumeRecord, snap: str, new_head: int, now: float | None = None) -> VolumeRecord:
-    """The head's chain is frozen under `snap`; writes go to the fresh generation `new_head`."""
+def request_snapshot(rec: VolumeRecord, snap: str, new_head: int) -> VolumeRecord:
+    """Step one of a snapshot: record the pending head generation."""
     check_name(snap, "snapshot")
     if any(s.name == snap for s in rec.snapshots):
         raise AlreadyExists(f"volume {rec.name!r} already has a snapshot {snap!r}")
+    if rec.pending:
+        raise InvalidArgument(f"a snapshot of {rec.name!r} ({rec.pending_snap}) is in progress")
     if new_head <= rec.head:
         raise InvalidArgument("a new head generation must be newer than the current one")
-    frozen = Snapshot(snap, rec.head, rec.chain, time.time() if now is None else now)
-    return replace(
-        rec, head=new_head, chain=rec.chain + (new_head,), snapshots=rec.snapshots + (frozen,)
-    )
+    return replace(rec, pending=new_head, pending_snap=snap)
+
+
+def complete_snapshot(rec: VolumeRecord, now: float | None = None) -> VolumeRecord:
+    """Step two: the head's chain is frozen under the pending name; writes go to the
+    pending generation from now on."""
+    if not rec.pending:
+        return rec
+    frozen = Snapshot(rec.pending_snap, rec.head, rec.chain, time.time() if now is None else now,
+                      rec.size, rec.cuts)
+    return replace(rec, head=rec.pending, chain=rec.chain + (rec.pending,),
+                   snapshots=rec.snapshots + (frozen,), pending=0, pending_snap="")
+
+
+def cancel_snapshot(rec: VolumeRecord, new_head: int) -> VolumeRecord:
+    if rec.pending == new_head:
+        return replace(rec, pending=0, pending_snap="")
+    return rec
+
+
+def take_snapshot(rec: VolumeRecord, snap: str, new_head: int, now: float | None = None) -> VolumeRecord:
+    """Both steps at once (no gateway to coordinate with)."""
+    return complete_snapshot(request_snapshot(rec, snap, new_head), now)
+
+
+def delete_snapshot(rec: VolumeRecord, snap: str) -> VolumeRecord:
+    rec.snapshot(snap)
+    return replace(rec, snapshots=tuple(s for s in rec.snapshots if s.name != snap))
+
+
+def shrink(rec: VolumeRecord, new_size: int, new_head: int) -> VolumeRecord:
+    """Shrink to a chunk-aligned size: a fresh head, and a cut hiding the old generations
+    of every chunk past the new end."""
+    if new_size % rec.chunk_size:
+        raise InvalidArgument(
+            f"shrink to a multiple of the chunk size ({rec.chunk_size} bytes), not {new_size}"
+        )
+    cut = (rec.head, new_size // rec.chunk_size)
+    return replace(rec, size=new_size, head=new_head, chain=rec.chain + (new_head,),
+                   cuts=rec.cuts + (cut,))
+
+
+def visible_chain(chain: tuple[int, ...], cuts: Cuts, index: int) -> tuple[int, ...]:
+    """The generations a reader may see for chunk `index` (shrinks hide older ones)."""
+    if not cuts:
+        return chain
+    return tuple(g for g in chain if not any(g <= bound and index >= first for bound, first in cuts))
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """Something that reads a lineage: a volume head or a snapshot."""
+
+    chain: tuple[int, ...]
+    cuts: Cuts
+    size: int
+    chunk_size: int
+
+
+def readers(records) -> dict[str, list[Reader]]:
+    """lineage -> every reader of it, from all volume records."""
+    out: dict[str, list[Reader]] = {}
+    for rec in records:
+        rs = out.setdefault(rec.lineage, [])
+        rs.append(Reader(rec.chain, rec.cuts, rec.size, rec.chunk_size))
+        if rec.pending:  # the pending head may already hold writes
+            rs.append(Reader(rec.chain + (rec.pending,), rec.cuts, rec.size, rec.chunk_size))
+        for s in rec.snapshots:
+            rs.append(Reader(s.chain, s.cuts, s.size or rec.size, rec.chunk_size))
+    return out
+
+
+def needed_gens(readers_of_lineage, index: int, present) -> set[int]:
+    """Generations of chunk `index` (of those `present` locally) some reader needs."""
+    present = set(present)
+    needed: set[int] = set()
+    for r in readers_of_lineage:
+        if index * r.chunk_size >= r.size:
+            continue
+        for g in reversed(visible_chain(r.chain, r.cuts, index)):
+            if g in present:
+                needed.add(g)
+                break
+    return needed
 
 
 def clone_from(parent: VolumeRecord, snap: str, name: str, new_head: int, now: float | None = None) -> VolumeRecord:
@@ -160,13 +267,14 @@ def clone_from(parent: VolumeRecord, snap: str, name: str, new_head: int, now: f
     check_name(name)
     return VolumeRecord(
         name=name,
-        size=parent.size,
+        size=s.size or parent.size,
         replicas=parent.replicas,
         min_size=parent.min_size,
         chunk_size=parent.chunk_size,
         lineage=parent.lineage,
         head=new_head,
         chain=s.chain + (new_head,),
+        cuts=s.cuts,
         parent=f"{parent.name}@{snap}",
         created=time.time() if now is None else now,
     )
@@ -180,6 +288,8 @@ class View:
     volume: VolumeRecord
     chain: tuple[int, ...]
     read_only: bool
+    size: int
+    cuts: Cuts
 
     @property
     def gen(self) -> int:
@@ -188,6 +298,6 @@ class View:
 
 def view_of(rec: VolumeRecord, snap: str | None) -> View:
     if snap is None:
-        return View(rec.name, rec, rec.chain, False)
+        return View(rec.name, rec, rec.chain, False, rec.size, rec.cuts)
     s = rec.snapshot(snap)
-    return View(f"{rec.name}@{snap}", rec, s.chain, True)
+    return View(f"{rec.name}@{snap}", rec, s.chain, True, s.size or rec.size, s.cuts)

@@ -58,6 +58,7 @@ P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
+P_STATS = b"vbp/stats/"  # per-host usage, published with the heartbeat (not part of the map)
 
 CAS_ATTEMPTS = 1000
 
@@ -345,6 +346,14 @@ class Registry:
         return lease if lease.holder and lease.expires > time.time() else None
 
     # --- stale-replica (dirty) records -----------------------------------------------------
+
+    def publish_stats(self, host_id: str, stats: dict, ttl: float) -> None:
+        """A host's usage figures (capacity, used, chunks, ...), kept while it heartbeats."""
+        self.kv.txn([], [Put(P_STATS + _name("host id", host_id), _pack(stats), ttl)])
+
+    def host_stats(self) -> dict[str, dict]:
+        items, _ = self.kv.range(P_STATS)
+        return {it.key[len(P_STATS):].decode(): _unpack(it.value) for it in items}
 
     @staticmethod
     def _stale_key(lineage: str, index: int, host_id: str = "") -> bytes:

@@ -1,0 +1,173 @@
+"""Snapshots, deletes and resizes of volumes that clients are using, on a real sandbox."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+from tests.conftest import run_vbp
+
+MiB = 1024 * 1024
+BLOCK = 4096
+
+
+def connect(uri):
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def read_all(h, size: int) -> bytes:
+    return b"".join(h.pread(min(16 * MiB, size - o), o) for o in range(0, size, 16 * MiB))
+
+
+def block(i: int) -> bytes:
+    return struct.pack("<Q", i + 1) * (BLOCK // 8)
+
+
+def test_snapshot_under_live_writes_is_consistent(sandbox):
+    """Writes acknowledged before the snapshot command started are in the snapshot; writes
+    started after it returned are not; the snapshot never changes afterwards."""
+    sandbox.vbp("volume", "create", "live", "--size", "64M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("live"))
+    n = 64 * MiB // BLOCK
+    times: dict[int, tuple[float, float]] = {}
+    stop = threading.Event()
+
+    def writer():
+        for i in range(n):
+            if stop.is_set():
+                break
+            t0 = time.monotonic()
+            h.pwrite(block(i), i * BLOCK)
+            times[i] = (t0, time.monotonic())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.5)
+    s0 = time.monotonic()
+    sandbox.vbp("volume", "snapshot", "live", "mid")
+    s1 = time.monotonic()
+    time.sleep(0.5)
+    stop.set()
+    t.join(timeout=60)
+    h.flush()
+    before = [i for i, (a, b) in times.items() if b < s0]
+    after = [i for i, (a, b) in times.items() if a > s1]
+    assert before and after, "the writer must straddle the snapshot"
+    snap = connect(sandbox.uri("live@mid", 1))
+    image = read_all(snap, 64 * MiB)
+    for i in before:
+        assert image[i * BLOCK:(i + 1) * BLOCK] == block(i), f"block {i} acknowledged before the snapshot is missing"
+    for i in after:
+        assert image[i * BLOCK:(i + 1) * BLOCK] == bytes(BLOCK), f"block {i} written after the snapshot is in it"
+    # more writes to the head: the snapshot does not change
+    for i in range(0, n, 97):
+        h.pwrite(b"\xee" * BLOCK, i * BLOCK)
+    h.flush()
+    assert read_all(snap, 64 * MiB) == image
+    assert h.pread(BLOCK, 0) == b"\xee" * BLOCK
+    snap.shutdown()
+    h.shutdown()
+
+
+def used(sandbox) -> int:
+    st = json.loads(sandbox.vbp("pool", "status", "--json").stdout)
+    return sum(x["used"] or 0 for x in st["hosts"])
+
+
+def settled_used(sandbox, timeout=30) -> int:
+    """Usage once earlier tests' writes and frees are all published (two equal readings
+    a heartbeat period apart)."""
+    deadline = time.monotonic() + timeout
+    last = used(sandbox)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        now = used(sandbox)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def wait_used(sandbox, pred, timeout=30) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        u = used(sandbox)
+        if pred(u) or time.monotonic() > deadline:
+            return u
+        time.sleep(0.5)
+
+
+def test_deletes_free_space_and_snapshot_delete_keeps_clones(sandbox):
+    sandbox.vbp("volume", "create", "gc", "--size", "16M", "--replicas", "3", "--chunk-size", "1M")
+    base = settled_used(sandbox)
+    h = connect(sandbox.uri("gc"))
+    h.pwrite(b"A" * (8 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    # stats are published with the heartbeat
+    written = wait_used(sandbox, lambda u: u >= base + 3 * 8 * MiB)
+    assert written >= base + 3 * 8 * MiB
+    sandbox.vbp("volume", "snapshot", "gc", "s1")
+    sandbox.vbp("volume", "clone", "gc@s1", "gc-clone")
+    h = connect(sandbox.uri("gc"))
+    h.pwrite(b"B" * (8 * MiB), 0)  # overwrite: the snapshot keeps the old chunks
+    h.flush()
+    h.shutdown()
+    with_snap = wait_used(sandbox, lambda u: u >= base + 3 * 16 * MiB)
+    assert with_snap >= base + 3 * 16 * MiB
+    sandbox.vbp("volume", "delete", "gc@s1")  # the clone still needs the snapshot's chunks
+    c = connect(sandbox.uri("gc-clone", 2))
+    assert c.pread(4096, 5 * MiB) == b"A" * 4096
+    c.shutdown()
+    time.sleep(3)
+    c = connect(sandbox.uri("gc-clone", 1))
+    assert c.pread(4096, 7 * MiB) == b"A" * 4096
+    c.shutdown()
+    sandbox.vbp("volume", "delete", "gc-clone")  # now the old chunks are garbage
+    after = wait_used(sandbox, lambda u: u <= base + 3 * 8 * MiB)
+    assert after <= base + 3 * 8 * MiB
+    sandbox.vbp("volume", "delete", "gc")
+    final = wait_used(sandbox, lambda u: u <= base)
+    assert final <= base
+
+
+def test_shrink_then_grow_reads_zeros(sandbox):
+    sandbox.vbp("volume", "create", "rs", "--size", "32M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("rs"))
+    h.pwrite(b"Z" * (32 * MiB), 0)
+    h.flush()
+    h.shutdown()
+    p = sandbox.vbp("volume", "resize", "rs", "16M", check=False)
+    assert p.returncode == 1 and "--force" in p.stderr
+    p = sandbox.vbp("volume", "resize", "rs", "16100K", "--force", "--json", check=False)
+    assert p.returncode == 1 and "multiple of the chunk size" in p.stderr
+    sandbox.vbp("volume", "resize", "rs", "16M", "--force")
+    sandbox.vbp("volume", "resize", "rs", "32M")
+    h = connect(sandbox.uri("rs", 1))
+    assert h.get_size() == 32 * MiB
+    assert h.pread(MiB, 15 * MiB) == b"Z" * MiB
+    assert h.pread(MiB, 16 * MiB) == bytes(MiB)
+    assert h.pread(MiB, 31 * MiB) == bytes(MiB)
+    h.pwrite(b"n" * 4096, 20 * MiB)
+    h.flush()
+    assert h.pread(8192, 20 * MiB) == b"n" * 4096 + bytes(4096)
+    h.shutdown()
+
+
+def test_pool_status_and_host_commands(sandbox):
+    st = json.loads(sandbox.vbp("pool", "status", "--json").stdout)
+    assert {h["id"] for h in st["hosts"]} == {"host1", "host2", "host3"}
+    assert all(h["capacity"] == 4 << 30 for h in st["hosts"])
+    p = sandbox.vbp("pool", "status")
+    assert "host1" in p.stdout and "degraded" in p.stdout
+    p = sandbox.vbp("host", "maintenance", "host2", "on", "--json")
+    assert json.loads(p.stdout)["host"]["maintenance"] is True
+    sandbox.vbp("host", "maintenance", "host2", "off")
+    p = sandbox.vbp("host", "drain", "nohost", check=False)
+    assert p.returncode == 3 and "nohost" in p.stderr
