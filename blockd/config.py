@@ -6,6 +6,7 @@ An invalid file or value is refused at start with the file, the key and the reas
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -45,6 +46,7 @@ class Config:
     lease_ttl: float = 10.0
     peer_timeout: float = 5.0
     gc_interval: float = 5.0
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -52,16 +54,21 @@ class Config:
         for key in ("host_id", "data_dir", "registry"):
             if not getattr(self, key):
                 raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
-        parse_hostport(self.listen, "listen")
-        parse_hostport(self.nbd, "nbd")
+        for key in ("listen", "nbd"):
+            try:
+                parse_hostport(getattr(self, key), key)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{source}: key {key!r}: {e}") from None
         if self.capacity <= 0:
-            raise InvalidArgument(f"{source}: capacity must be greater than zero")
-        if min(self.heartbeat_ttl, self.lease_ttl, self.peer_timeout, self.gc_interval) <= 0:
-            raise InvalidArgument(f"{source}: ttl values must be positive")
+            raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero")
+        for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval"):
+            v = getattr(self, key)
+            if not math.isfinite(v) or v <= 0:
+                raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise InvalidArgument(f"{source}: log-level must be debug, info, warning or error")
+            raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
-            raise InvalidArgument(f"{source}: log-format must be kv or json")
+            raise InvalidArgument(f"{source}: key 'log_format': must be kv or json")
         return self
 
 
@@ -70,19 +77,34 @@ _TYPES = {f.name: f.type for f in fields(Config)}
 
 def _coerce(key: str, value, source: str):
     kind = _TYPES[key]
-    try:
-        if key == "capacity":
+
+    def bad(reason: str):
+        return InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({reason})")
+
+    if key == "capacity":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise bad("expected a size such as 100G")
+        try:
             return parse_size(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except (TypeError, ValueError, InvalidArgument) as e:
-        raise InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({e or 'wrong type'})") from None
+        except InvalidArgument as e:
+            raise bad(str(e)) from None
+    if kind == "float":
+        if isinstance(value, bool):
+            raise bad("expected a number of seconds")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad("expected a number of seconds") from None
+        if not math.isfinite(f) or f <= 0:
+            raise bad("must be a positive finite number of seconds")
+        return f
+    if kind == "str" and not isinstance(value, str):
+        raise bad("expected a string")
+    if key in ("listen", "nbd", "metrics") and value:
+        try:
+            parse_hostport(value, key)
+        except InvalidArgument as e:
+            raise bad(str(e)) from None
     return value
 
 

@@ -22,6 +22,7 @@ from vbp.errors import VbpError
 @click.option("--pod", help="Failure domain: pod inside the zone.")
 @click.option("--capacity", help="Chunk space this host offers, e.g. 100G.")
 @click.option("--cluster", help="Cluster name (peers of another cluster are refused).")
+@click.option("--metrics", help="HOST:PORT of the Prometheus /metrics endpoint (off by default).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["kv", "json"]))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),

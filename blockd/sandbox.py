@@ -85,12 +85,23 @@ class Sandbox:
         return f"lmdb://{self.dir / 'registry'}"
 
     def _load(self) -> dict:
+        path = self.dir / STATE_FILE
         try:
-            return json.loads((self.dir / STATE_FILE).read_text())
+            state = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            raise SandboxError(f"{self.dir / STATE_FILE}: unreadable sandbox state: {e}") from None
+            raise SandboxError(f"{path}: unreadable sandbox state: {e}") from None
+        hosts = state.get("hosts", []) if isinstance(state, dict) else None
+        if not isinstance(hosts, list) or not all(
+            isinstance(h, dict) and isinstance(h.get("id"), str)
+            and all(isinstance(h.get(k), int) and not isinstance(h.get(k), bool)
+                    for k in ("nbd_port", "peer_port"))
+            and isinstance(h.get("pid", 0), int)
+            for h in hosts
+        ):
+            raise SandboxError(f"{path}: unreadable sandbox state: not a vbp sandbox state file")
+        return state
 
     def _save(self, state: dict) -> None:
         tmp = self.dir / (STATE_FILE + ".tmp")

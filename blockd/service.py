@@ -21,6 +21,8 @@ from pathlib import Path
 import trio
 
 from blockd.config import Config, parse_hostport
+from blockd.metrics import Metrics, serve_metrics
+from blockd.qos import VolumeQos
 from nbd_frontend.server import serve_nbd
 from replicator.gateway import ClusterView, VolumeGateway
 from replicator.recovery import Resync
@@ -93,6 +95,8 @@ class VolumeProvider:
         if not view.read_only:
             gw.take_lease = functools.partial(self._take_lease, export)
         gw.refresh_map = svc.refresh_map
+        gw.metrics = svc.metrics
+        set_qos(gw, rec)
         gw.stale = await svc.stale_map(rec.lineage)
         gw.on_fenced = self._on_fenced
         gw.on_close = functools.partial(self._closed, export)
@@ -129,6 +133,7 @@ class VolumeProvider:
             await gw.switch_head(complete)
         elif (rec.head, rec.size, rec.cuts) != (gw.gen, gw.size, gw.cuts):
             gw.set_view(view_of(rec, None))
+        set_qos(gw, rec)
 
     async def sync_records(self) -> None:
         for export, gw in list(self.gateways.items()):
@@ -200,9 +205,22 @@ class VolumeProvider:
         self.leases.clear()
 
 
+def set_qos(gw: VolumeGateway, rec: VolumeRecord) -> None:
+    """Apply the record's limits (live: `vbp volume set`); no limits means no bucket at all,
+    so an unlimited volume pays nothing per request."""
+    if not (rec.qos_iops or rec.qos_bps):
+        gw.qos = None
+    elif gw.qos is None:
+        gw.qos = VolumeQos(rec.qos_iops, rec.qos_bps, clock=trio.current_time)
+    elif gw.qos.limits != (rec.qos_iops, rec.qos_bps):
+        gw.qos.set_limits(rec.qos_iops, rec.qos_bps)
+
+
 class Blockd:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.metrics = Metrics()
+        self.metrics_port = 0
         self.store = None
         self.registry = None
         self.cluster: ClusterView | None = None
@@ -242,6 +260,9 @@ class Blockd:
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id))
                 self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
+                if cfg.metrics:
+                    self.metrics_port = await nursery.start(
+                        serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))
                 cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
                 self.cluster.set_map(cmap)
                 await self.registry.publish_stats(cfg.host_id, self.stats(), cfg.heartbeat_ttl)
@@ -254,9 +275,12 @@ class Blockd:
                 nursery.start_soon(self._watch_volumes)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
                          nbd_host, self.nbd_port, self.cluster.epoch)
+                nursery.start_soon(self._watchdog)
+                self.metrics.set_up(True)
                 task_status.started(self)
                 sd_notify("READY=1")
         finally:
+            self.metrics.set_up(False)
             sd_notify("STOPPING=1")
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
@@ -329,7 +353,14 @@ class Blockd:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:
                 log.warning("event=heartbeat_failed error=%s", e)
+            st = self.store.stats()
+            self.metrics.set_space(st.capacity, st.used)
+
+    async def _watchdog(self) -> None:
+        """systemd's watchdog: the event loop is alive (independent of the registry)."""
+        while True:
             sd_notify("WATCHDOG=1")
+            await trio.sleep(5)
 
     async def _watch_map(self) -> None:
         while True:

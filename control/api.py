@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from vbp.errors import InvalidArgument, NotFound, VbpError
-from vbp.layout import CHUNK_SIZE_DEFAULT, parse_size
+from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
     new_volume, request_snapshot, shrink,
@@ -99,9 +99,10 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
 
 def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
     new_size = parse_size(size)
+    rec = get_volume(reg, name)
+    Geometry(new_size, rec.chunk_size)  # refuses sizes out of range
     if new_size <= 0:
         raise InvalidArgument("volume size must be greater than zero")
-    rec = get_volume(reg, name)
     if new_size < rec.size:
         if not force:
             raise InvalidArgument(
@@ -119,4 +120,22 @@ def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
             d = dict(d)
             d["size"] = new_size
             return d
+    return VolumeRecord.from_dict(reg.update_volume(name, apply))
+
+
+def set_limits(reg, name: str, *, iops: int | None = None, bps=None) -> VolumeRecord:
+    """Per-volume QoS limits (0 = unlimited); gateways apply them live."""
+    if iops is not None and iops < 0:
+        raise InvalidArgument("--iops must not be negative")
+    nbps = None if bps is None else parse_size(bps)
+
+    def apply(d: dict) -> dict:
+        d = dict(d)
+        if iops is not None:
+            d["qos_iops"] = int(iops)
+        if nbps is not None:
+            d["qos_bps"] = nbps
+        return d
+
+    get_volume(reg, name)
     return VolumeRecord.from_dict(reg.update_volume(name, apply))

@@ -6,10 +6,10 @@ Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -86,10 +86,11 @@ def table(columns, rows) -> None:
 
     t = Table(box=None, pad_edge=False, header_style="bold")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
-    Console().print(t)
+    # piped output is never cut or wrapped: names must be copyable
+    Console(width=None if sys.stdout.isatty() else 10_000).print(t)
 
 
 @click.group(cls=VbpGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -329,7 +330,8 @@ def volume_delete(state, name):
     from control import api
 
     api.delete_volume(state.registry(), name)
-    out(state, {"deleted": name}, lambda: click.echo(f"deleted volume {name}"))
+    what = "snapshot" if "@" in name else "volume"
+    out(state, {"deleted": name}, lambda: click.echo(f"deleted {what} {name}"))
 
 
 @volume.command("snapshot")
@@ -370,6 +372,99 @@ def volume_resize(state, name, size, force):
 
     v = api.resize(state.registry(), name, size, force=force)
     out(state, _vol_dict(v), lambda: click.echo(f"volume {name} is now {format_size(v.size)}"))
+
+
+@volume.command("set")
+@click.argument("name")
+@click.option("--iops", type=click.IntRange(0), help="I/O operations per second (0: unlimited).")
+@click.option("--bps", metavar="SIZE", help="Bytes per second, e.g. 50M (0: unlimited).")
+@json_flag
+@click.pass_obj
+def volume_set(state, name, iops, bps):
+    """Set a volume's QoS limits; serving hosts apply them within a second.
+
+    \b
+    Example:
+      vbp volume set noisy --iops 500 --bps 20M
+    """
+    from control import api
+
+    if iops is None and bps is None:
+        raise click.UsageError("nothing to set: give --iops and/or --bps")
+    v = api.set_limits(state.registry(), name, iops=iops, bps=bps)
+    out(state, _vol_dict(v), lambda: click.echo(
+        f"volume {name}: iops {v.qos_iops or 'unlimited'}, "
+        f"bandwidth {format_size(v.qos_bps) + '/s' if v.qos_bps else 'unlimited'}"))
+
+
+@contextmanager
+def _progress_bar(state, description):
+    """A rich progress bar on stderr when it is a terminal (never with --json); yields the
+    progress callable for control.transfer, or None."""
+    if state.json or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _transfer_summary(verb, stats):
+    return (f"{verb} {format_size(stats.bytes_total)} in {stats.seconds:.1f}s: "
+            f"{format_size(stats.bytes_data)} data, "
+            f"{format_size(stats.bytes_zero + stats.bytes_holes)} holes or zeroes")
+
+
+@volume.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("name")
+@click.option("--host", metavar="ID", help="Write through this host (default: the first one up).")
+@json_flag
+@click.pass_obj
+def volume_import(state, file, name, host):
+    """Copy the raw image FILE into volume NAME; holes stay holes.
+
+    NAME must be at least as big as FILE; afterwards it reads as FILE followed by zeroes.
+
+    \b
+    Example:
+      vbp volume create web1 --size 20G && vbp volume import debian.raw web1
+    """
+    from control import transfer
+
+    uri = transfer.volume_uri(state.registry(), name, host=host)
+    with _progress_bar(state, f"import {file.name}") as progress:
+        stats = transfer.import_file(file, uri, progress=progress)
+    out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
+        lambda: click.echo(_transfer_summary(f"imported {file} into {name}:", stats)))
+
+
+@volume.command("export")
+@click.argument("name", metavar="NAME[@SNAP]")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")
+@json_flag
+@click.pass_obj
+def volume_export(state, name, file, force, host):
+    """Copy volume or snapshot NAME[@SNAP] into the raw image FILE, a sparse file.
+
+    \b
+    Example:
+      vbp volume export web1@nightly /backup/web1.raw
+    """
+    from control import transfer
+
+    uri = transfer.volume_uri(state.registry(), name, host=host)
+    with _progress_bar(state, f"export {name}") as progress:
+        stats = transfer.export_volume(uri, file, progress=progress, overwrite=force)
+    out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
+        lambda: click.echo(_transfer_summary(f"exported {name} to {file}:", stats)))
 
 
 # --- hosts ---------------------------------------------------------------------------

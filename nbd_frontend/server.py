@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from time import perf_counter
 import logging
 import sys
 from functools import partial
@@ -178,6 +179,8 @@ class _Connection:
             min_block=getattr(export, "min_block", 1), initial_data=trailing)
         self.sock = getattr(stream, "socket", None)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
+        # optional per-request hook of the export: observe(command, nbytes, seconds, ok)
+        self.observe = getattr(export, "observe", None)
         self.out: list = []
         self.out_bytes = 0
         self.inflight = 0
@@ -242,6 +245,7 @@ class _Connection:
 
     def dispatch(self, req: Request) -> None:
         export, cmd = self.export, req.command
+        t0 = perf_counter() if self.observe is not None else 0.0
         try:
             if cmd == proto.CMD_READ:
                 result = export.read(req.offset, req.length)
@@ -263,21 +267,29 @@ class _Connection:
                 result = export.block_status(req.offset, req.length)
         except Exception as exc:
             self.fail(req, exc)
+            if self.observe is not None:
+                self.observe(cmd, req.length, perf_counter() - t0, False)
             return
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             self.inflight += 1
-            self.nursery.start_soon(self.finish, req, result)
+            self.nursery.start_soon(self.finish, req, result, t0)
         else:
             self.complete(req, result)
+            if self.observe is not None:
+                self.observe(cmd, req.length, perf_counter() - t0, True)
 
-    async def finish(self, req: Request, awaitable) -> None:
+    async def finish(self, req: Request, awaitable, t0: float) -> None:
+        ok = False
         try:
             result = await awaitable
         except Exception as exc:
             self.fail(req, exc)
         else:
             self.complete(req, result)
+            ok = True
         finally:
+            if self.observe is not None:
+                self.observe(req.command, req.length, perf_counter() - t0, ok)
             self.inflight -= 1
             self.room.set()
             if self.closing:

@@ -122,6 +122,8 @@ class VolumeGateway:
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
+        self.metrics = None  # blockd.metrics.Metrics, set by the service
+        self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self.refresh_map = None  # async () -> None, set by the service
         self._lease_lock = trio.Lock()
         self._hold: trio.Event | None = None  # set while the head generation switches
@@ -175,9 +177,28 @@ class VolumeGateway:
             if self.on_fenced is not None:
                 self.on_fenced(self)
 
+    # --- per-request hooks (metrics, QoS) ---------------------------------------------------
+
+    def observe(self, command: int, nbytes: int, seconds: float, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(self.view.volume.name, _OPS.get(command, "other"),
+                                 nbytes if command in (0, 1) else 0, seconds)
+
+    async def _throttled(self, delay: float, op, *args):
+        await trio.sleep(delay)
+        result = op(*args)
+        if result is not None and hasattr(result, "__await__"):
+            result = await result
+        return result
+
     # --- READ --------------------------------------------------------------------------
 
     def read(self, offset: int, length: int):
+        if self.qos is not None and (d := self.qos.delay_for(length)):
+            return self._throttled(d, self._read, offset, length)
+        return self._read(offset, length)
+
+    def _read(self, offset: int, length: int):
         extents = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -189,6 +210,8 @@ class VolumeGateway:
                     continue
                 except ChecksumError as e:
                     log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, p.index, e.page)
+                    if self.metrics is not None:
+                        self.metrics.checksum_error()
                     if len(hosts) == 1:
                         raise
             extents.append(None)
@@ -242,6 +265,8 @@ class VolumeGateway:
                                  chunk_size=self.geometry.chunk_size,
                                  version=info.version if info else None)
                 log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index, len(data))
+                if self.metrics is not None:
+                    self.metrics.repaired()
         except VbpError as e:
             log.warning("volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
 
@@ -261,9 +286,14 @@ class VolumeGateway:
         return result
 
     def write(self, offset: int, data, fua: bool):
+        if self.qos is not None and (d := self.qos.delay_for(len(data))):
+            return self._throttled(d, self._write, offset, bytes(data), fua)
+        return self._write(offset, data, fua)
+
+    def _write(self, offset: int, data, fua: bool):
         self._check_writable()
         if not self.token or self._hold is not None:
-            return self._leased(self.write, offset, bytes(data), fua)
+            return self._leased(self._write, offset, bytes(data), fua)
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
@@ -296,11 +326,13 @@ class VolumeGateway:
             self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token))
 
     def trim(self, offset: int, length: int, fua: bool):
+        if self.qos is not None and (d := self.qos.delay_for(0)):
+            return self._throttled(d, self._zero, offset, length, fua)
         return self._zero(offset, length, fua)
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
         # Zeroing is always fast here: whole pages become holes, no data is written.
-        return self._zero(offset, length, fua)
+        return self.trim(offset, length, fua)
 
     async def _replicate(self, pieces, make_msg):
         self._inflight += 1
@@ -338,6 +370,9 @@ class VolumeGateway:
         if failed:
             log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
                         ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
+            if self.metrics is not None:
+                for h, e in failed.items():
+                    self.metrics.replica_error(h, _error_kind(e))
             # recorded even when the write fails below min_size: the replicas that took it
             # are ahead of the others, which must resync from them
             await self._mark_stale(p.index, failed)
@@ -462,3 +497,20 @@ def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:
             else:
                 merged.append((n, f))
     return merged
+
+
+_OPS = {0: "read", 1: "write", 3: "flush", 4: "trim", 5: "cache", 6: "write_zeroes", 7: "block_status"}
+
+
+def _error_kind(e: Exception) -> str:
+    if isinstance(e, StaleEpoch):
+        return "stale_epoch"
+    if isinstance(e, Fenced):
+        return "fenced"
+    if isinstance(e, ChecksumError):
+        return "checksum"
+    if isinstance(e, PeerUnavailable):
+        return "timeout" if "timed out" in str(e) else "connection"
+    if getattr(e, "errno", None) == 28:
+        return "no_space"
+    return "io" if isinstance(e, VbpError) else "other"

@@ -39,6 +39,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*([a-zA-Z]*)\s*$")
 
 def parse_size(text: str | int) -> int:
     """'4M' -> 4194304. Units are binary (K, M, G, T, P, with optional 'iB'/'B')."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise InvalidArgument(f"not a size: {text!r} (examples: 512K, 4M, 1G, 2T)")
     if isinstance(text, int):
         if text < 0:
             raise InvalidArgument(f"size must not be negative: {text}")

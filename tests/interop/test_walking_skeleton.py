@@ -179,3 +179,37 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_metrics_endpoint_counts_requests(tmp_path):
+    """blockd serves Prometheus metrics; a scrape shows the NBD requests of a volume."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import SandboxHandle, free_port_range
+
+    sb = SandboxHandle(tmp_path / "sb", 1)
+    mport = free_port_range(1)
+    run_vbp("sandbox", "up", "--hosts", 1, "--dir", sb.dir, "--base-port", sb.base_port,
+            "--set", f"metrics=127.0.0.1:{mport}")
+    try:
+        sb.info = json.loads(run_vbp("sandbox", "status", "--dir", sb.dir, "--json").stdout)
+        sb.vbp("volume", "create", "m", "--size", "8M", "--replicas", "1")
+        import nbd
+
+        h = nbd.NBD()
+        h.connect_uri(sb.uri("m"))
+        for i in range(10):
+            h.pwrite(b"x" * 4096, i * 4096)
+        h.pread(8192, 0)
+        h.shutdown()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        writes = samples.get(("vbp_nbd_requests_total", (("op", "write"), ("volume", "m"))))
+        assert writes == 10, [k for k in samples if k[0].startswith("vbp_nbd")]
+        assert samples[("vbp_nbd_bytes_total", (("op", "write"), ("volume", "m")))] == 40960
+        assert samples[("vbp_up", ())] == 1
+    finally:
+        sb.down()
