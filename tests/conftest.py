@@ -87,8 +87,8 @@ class SandboxHandle:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     sb = SandboxHandle(tmp_path_factory.mktemp("sandbox"), 3)
-    sb.up()
     try:
+        sb.up()
         yield sb
     finally:
         sb.down()

@@ -65,7 +65,10 @@ def start(tmp_path, n=3) -> SandboxHandle:
     import json
 
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", "2G", "--json", *SETTINGS)
+                "--capacity", "2G", "--json", *SETTINGS, check=False)
+    if p.returncode != 0:
+        sb.down()  # stop whatever did start
+        raise AssertionError(f"sandbox up failed:\n{p.stderr}")
     sb.info = json.loads(p.stdout)
     return sb
 
