@@ -181,10 +181,14 @@ class VolumeProvider:
         return None
 
     async def _release(self, lease) -> None:
-        try:
-            await self.service.registry.release_lease(lease)
-        except VbpError as e:
-            log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)
+        # shielded: on shutdown the connections close while the nursery is cancelled, and
+        # a lease handed back now spares the next gateway a whole lease period
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.service.registry.release_lease(lease)
+                log.info("volume=%s event=lease_released token=%d", lease.volume, lease.token)
+            except VbpError as e:
+                log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)
 
     async def renew_all(self) -> None:
         svc = self.service
@@ -337,6 +341,14 @@ class Blockd:
             "resync_bytes": rs.bytes_copied, "time": time.time(),
         }
 
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Graceful stop, step one: let replicated writes under way finish, then make
+        everything durable. (Synchronous local writes are never in flight.)"""
+        with trio.move_on_after(timeout):
+            while any(gw._inflight for gw in self.provider.gateways.values()):
+                await trio.sleep(0.01)
+        self.store.flush()
+
     async def refresh_map(self) -> None:
         cmap = await self.registry.cluster_map()
         if cmap.epoch > self.cluster.epoch:
@@ -446,5 +458,6 @@ async def run_until_signal(cfg: Config) -> None:
             await nursery.start(svc.run)
             async for sig in signals:
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
+                await svc.drain()
                 nursery.cancel_scope.cancel()
                 break

@@ -36,6 +36,7 @@ from vbp.errors import (
     BelowMinSize,
     ChecksumError,
     Fenced,
+    NoSpace,
     PeerUnavailable,
     ReadOnly,
     StaleEpoch,
@@ -377,6 +378,9 @@ class VolumeGateway:
             # are ahead of the others, which must resync from them
             await self._mark_stale(p.index, failed)
         if ok < self.min_size:
+            full = [e for e in failed.values() if isinstance(e, NoSpace)]
+            if full:
+                raise NoSpace(f"chunk {p.index} of {self.name}: {full[0]}")
             raise BelowMinSize(
                 f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
                 f"min_size is {self.min_size}"
