@@ -1,0 +1,422 @@
+"""A deterministic multi-host simulation of vbp in one process (CONVENTIONS.md 8, 9).
+
+Theory of operation:
+- Every host is the production objects, unchanged: a MemoryChunkStore (the non-durable
+  disk model: `crash(rng)` keeps, page by page, old or new bytes of unflushed chunks), a
+  Replica served on a MemoryNetwork, a MemoryPeerPool with its own FaultPolicy, a
+  ClusterView, a Resync, and blockd.service.VolumeProvider (the code that opens gateways,
+  takes leases, renews them and loads the stale map). Only Blockd's background loops are
+  re-stated here (map watch, lease renewal, resync, stale refresh, GC), because Blockd.run
+  hardwires ChunkStore, PeerPool, worker threads and the lmdb/etcd registry.
+- One trio run with MockClock(autojump_threshold=0): time is virtual, so timeouts, lease
+  periods and resync intervals cost nothing; the same seed gives the same schedule.
+- The registry is the in-process `memory://` one, called inline (no worker thread). Its
+  leases and liveness keys expire on the wall clock (time.time() inside vbp.registry), which
+  a simulation cannot drive: leases are granted for a long wall time and expired in VIRTUAL
+  time by `Sim.lease_clock` (their record is rewritten with expires=0, exactly what an
+  expired lease looks like); a crashed host is declared down by deleting its alive key.
+- One `random.Random(seed)` drives everything: workload choices, fault schedule, each
+  host's FaultPolicy seed and the crash model of the disks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import msgpack
+import trio
+
+from blockd.service import Blockd, VolumeProvider
+from control import api
+from replicator.gateway import ClusterView
+from replicator.recovery import Resync
+from replicator.replica import Replica
+from replicator.transport import FaultPolicy, MemoryNetwork
+from vbp.chunkstore_memory import MemoryChunkStore
+from vbp.cluster import HostRecord
+from vbp.errors import VbpError
+from vbp.layout import MiB, ChunkKey
+from vbp.registry import open_registry
+from vbp.registry.base import P_ALIVE, P_LEASE
+from vbp.registry.kv import Delete, Put
+from vbp.volume import (
+    VolumeRecord, cancel_snapshot, complete_snapshot, new_volume, request_snapshot,
+)
+
+CLUSTER = "sim"
+WALL_TTL = 1e7  # wall-clock TTL of liveness keys and leases: never reached in a test
+
+
+def deterministic_scheduling(seed: int) -> None:
+    """Trio picks the order of runnable tasks with its own module-level Random (the hook
+    hypothesis seeds through trio's plugin); seed it so one seed is one schedule."""
+    trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = True  # as under pytest + hypothesis
+    trio._core._run._r.seed(seed)
+
+
+class HostDown(Exception):
+    """The host running an operation crashed while it ran (or was down)."""
+
+
+# --- side effects ---------------------------------------------------------------------------
+
+
+class SimRegistry:
+    """blockd.service.AsyncRegistry without the worker thread: each call is one checkpoint
+    then the synchronous in-memory call, so scheduling stays deterministic. Leases are
+    given a virtual expiry that `Sim.lease_clock` enforces."""
+
+    def __init__(self, sim: "Sim", registry):
+        self.sim = sim
+        self.sync = registry
+
+    def __getattr__(self, name):
+        fn = getattr(self.sync, name)
+
+        async def call(*args, **kwargs):
+            await trio.lowlevel.checkpoint()
+            return fn(*args, **kwargs)
+
+        return call
+
+    async def acquire_lease(self, volume, holder, ttl):
+        await trio.lowlevel.checkpoint()
+        lease = self.sync.acquire_lease(volume, holder, WALL_TTL)
+        self.sim.lease_deadline[volume] = (lease.token, trio.current_time() + ttl)
+        return lease
+
+    async def renew_lease(self, lease, ttl):
+        await trio.lowlevel.checkpoint()
+        new = self.sync.renew_lease(lease, WALL_TTL)
+        self.sim.lease_deadline[lease.volume] = (lease.token, trio.current_time() + ttl)
+        return new
+
+
+class SimFaults(FaultPolicy):
+    """FaultPolicy with per-destination partitions plus random drops and delays."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed)
+        self.delay_probability = 0.0
+        self.max_delay = 0.0
+
+    def on_call(self, address, message):
+        fault = super().on_call(address, message)
+        if fault == 0 and self.delay_probability and self.random.random() < self.delay_probability:
+            return self.random.uniform(0.001, self.max_delay)
+        return fault
+
+
+# --- hosts ----------------------------------------------------------------------------------
+
+
+class SimHost:
+    """One blockd host. Exposes the attributes VolumeProvider reads from its service."""
+
+    def __init__(self, sim: "Sim", host_id: str, zone: str, capacity: int):
+        self.sim = sim
+        self.id = host_id
+        self.zone = zone
+        self.capacity = capacity
+        self.addr = f"{host_id}:7000"
+        self.cfg = SimpleNamespace(host_id=host_id, lease_ttl=sim.lease_ttl, gc_interval=5.0)
+        self.metrics = None
+        self.registry = sim.registry
+        self.store = MemoryChunkStore(None, capacity)
+        self.faults = SimFaults(sim.rng.randrange(2**32))
+        self.up = False
+        self.nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self.recovered: list[ChunkKey] = []
+        self.incarnation = 0
+
+    def boot(self) -> None:
+        """The synchronous part of Blockd.run: open the store's objects, serve, register."""
+        reg = self.sim.reg
+        self.cluster = ClusterView(reg.cluster_map())
+        self.replica = Replica(self.store, self.id, lambda: self.cluster.epoch)
+        self.pool = self.sim.net.pool(CLUSTER, self.id, request_timeout=self.sim.peer_timeout,
+                                      faults=self.faults)
+        self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry)
+        self.provider = VolumeProvider(self)
+        self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
+        rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
+                         capacity=self.capacity)
+        self.cluster.set_map(reg.register_host(rec, WALL_TTL))
+        self.recovered = sorted(self.store.recovered)  # a frozenset: its order varies per process
+        self.up = True
+        self.incarnation += 1
+
+    # what VolumeProvider calls on its service
+    async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
+        out: dict[int, set[str]] = {}
+        for r in await self.registry.list_stale(lineage):
+            out.setdefault(r.index, set()).add(r.host_id)
+        return {i: frozenset(h) for i, h in out.items()}
+
+    async def refresh_map(self) -> None:
+        cmap = await self.registry.cluster_map()
+        if cmap.epoch > self.cluster.epoch:
+            self.cluster.set_map(cmap)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def serve(self, loops: bool, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                if loops:
+                    nursery.start_soon(self._watch_map)
+                    nursery.start_soon(self._renew_leases)
+                    nursery.start_soon(self._recover)
+                    nursery.start_soon(self._refresh_stale)
+                    nursery.start_soon(self._watch_volumes)
+                task_status.started()
+                await trio.sleep_forever()
+
+    def crash(self) -> None:
+        """Power loss: the peer address vanishes, every task of the host dies, the disk
+        keeps what its crash model keeps. Leases stay held until they expire."""
+        self.sim.net.stop(self.addr)
+        if self._scope is not None:
+            self._scope.cancel()
+        self.store = self.store.crash(self.sim.rng)
+        self.up = False
+        self.nursery = None
+
+    async def run_on(self, afn, *args):
+        """Run an operation as one of this host's tasks: a crash cancels it (HostDown)."""
+        if not self.up or self.nursery is None:
+            raise HostDown(self.id)
+        box: dict = {}
+        done = trio.Event()
+
+        async def task():
+            try:
+                box["v"] = await afn(*args)
+            except trio.Cancelled:
+                box["e"] = HostDown(self.id)
+                raise
+            except BaseException as e:  # handed to the caller
+                box["e"] = e
+            finally:
+                done.set()
+
+        self.nursery.start_soon(task)
+        await done.wait()
+        if "e" in box:
+            raise box["e"]
+        return box.get("v")
+
+    # --- Blockd's loops, re-stated over virtual time ------------------------------------
+
+    async def _watch_map(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            await self.refresh_map()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.lease_ttl / 3)
+            await self.provider.renew_all()
+
+    async def _recover(self) -> None:
+        recovered, self.recovered = self.recovered, []
+        while True:
+            try:
+                if recovered:
+                    await self.resync.mark_recovered(recovered)
+                    recovered = []
+                await self.resync.run_once()
+            except VbpError:
+                pass
+            await trio.sleep(1)
+
+    async def _refresh_stale(self) -> None:
+        while True:
+            await trio.sleep(1)
+            for gw in list(self.provider.gateways.values()):
+                gw.stale = await self.stale_map(gw.lineage)
+
+    async def _watch_volumes(self) -> None:
+        while True:
+            await trio.sleep(0.2)
+            await self.provider.sync_records()
+
+    async def collect_garbage(self) -> int:
+        """Blockd.collect_garbage_once, unchanged, over this host's store and registry."""
+        return await Blockd.collect_garbage_once(self)
+
+
+# --- the cluster ----------------------------------------------------------------------------
+
+
+_names = itertools.count()
+
+
+class Sim:
+    def __init__(self, seed: int, *, hosts: int = 4, zones: int = 4, capacity: int = 256 * MiB,
+                 lease_ttl: float = 9.0, peer_timeout: float = 2.0):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.lease_ttl = lease_ttl
+        self.peer_timeout = peer_timeout
+        self.reg = open_registry(f"memory://sim-{seed}-{next(_names)}")
+        self.registry = SimRegistry(self, self.reg)
+        self.net = MemoryNetwork()
+        self.lease_deadline: dict[str, tuple[int, float]] = {}
+        self.hosts = {f"h{i}": SimHost(self, f"h{i}", f"z{i % zones}", capacity) for i in range(hosts)}
+        self.nursery: trio.Nursery | None = None
+        self.loops = True
+        self._lineages = (f"{seed & 0xFFFFFFFF:08x}{i:08x}" for i in itertools.count())
+
+    # --- start, crash, restart ----------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery, loops: bool = True) -> None:
+        self.nursery = nursery
+        self.loops = loops
+        for h in self.hosts.values():
+            h.boot()
+        for h in self.hosts.values():
+            h.cluster.set_map(self.reg.cluster_map())
+            await nursery.start(h.serve, loops)
+        if loops:
+            nursery.start_soon(self.lease_clock)
+
+    def crash(self, host_id: str, *, declare_down: bool = True) -> None:
+        self.hosts[host_id].crash()
+        if declare_down:  # the heartbeat deadline passed
+            self.reg.kv.txn([], [Delete(P_ALIVE + host_id.encode())])
+            self.reg.cluster_map()
+
+    async def restart(self, host_id: str) -> None:
+        h = self.hosts[host_id]
+        h.boot()
+        await self.nursery.start(h.serve, self.loops)
+
+    async def lease_clock(self) -> None:
+        """Leases expire in virtual time (see the module docstring)."""
+        while True:
+            await trio.sleep(0.25)
+            now = trio.current_time()
+            for vol, (token, deadline) in list(self.lease_deadline.items()):
+                if deadline <= now:
+                    self.expire_lease(vol, token)
+
+    def expire_lease(self, volume: str, token: int | None = None) -> None:
+        key = P_LEASE + volume.encode()
+        item, _ = self.reg.kv.get(key)
+        if item is None:
+            return
+        d = msgpack.unpackb(item.value, raw=False)
+        if token is not None and d["token"] != token:
+            return
+        d["expires"] = 0.0
+        self.reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True))])
+        self.lease_deadline.pop(volume, None)
+
+    def up_hosts(self) -> list[SimHost]:
+        return [h for h in self.hosts.values() if h.up]
+
+    def sync_maps(self) -> None:
+        cmap = self.reg.cluster_map()
+        for h in self.up_hosts():
+            h.cluster.set_map(cmap)
+
+    # --- control plane (control/api.py) -------------------------------------------------
+
+    def create_volume(self, name: str, size: int, *, replicas: int = 3, min_size: int | None = None,
+                      chunk_size: int = MiB) -> VolumeRecord:
+        """control.api.create_volume with a seeded lineage: the API draws it from uuid4,
+        which would make placement (keyed by lineage) differ on every replay."""
+        lineage = next(self._lineages)
+        head = self.reg.next_id(api.gen_counter(lineage))
+        rec = new_volume(name, size, replicas=replicas, min_size=min_size, chunk_size=chunk_size,
+                         lineage=lineage, head=head, now=0.0)
+        self.reg.create_volume(name, rec.to_dict())
+        return rec
+
+    async def snapshot(self, name: str, snap: str, timeout: float = 30.0) -> VolumeRecord:
+        """control.api.snapshot in virtual time (the API polls with time.sleep and a
+        wall-clock deadline): request, then wait for the lease holder to complete it, or
+        complete it here when no lease is live."""
+        reg = self.reg
+        rec = api.get_volume(reg, name)
+        head = reg.next_id(api.gen_counter(rec.lineage))
+        reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head).to_dict())
+        deadline = trio.current_time() + timeout
+        try:
+            while True:
+                cur = api.get_volume(reg, name)
+                if cur.pending != head:
+                    if cur.pending == 0 and any(s.name == snap for s in cur.snapshots):
+                        return cur
+                    raise VbpError(f"snapshot {name}@{snap} was cancelled")
+                if not api._lease_live(reg, name):
+                    def finish(d):
+                        r = VolumeRecord.from_dict(d)
+                        return complete_snapshot(r).to_dict() if r.pending == head else d
+                    return VolumeRecord.from_dict(reg.update_volume(name, finish))
+                if trio.current_time() > deadline:
+                    raise VbpError(f"snapshot {name}@{snap}: not completed in {timeout:.0f}s")
+                await trio.sleep(0.05)
+        except BaseException:
+            reg.update_volume(name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), head).to_dict())
+            raise
+
+    def clone(self, source: str, new_name: str) -> VolumeRecord:
+        return api.clone(self.reg, source, new_name)
+
+    def delete(self, name: str) -> None:
+        api.delete_volume(self.reg, name)
+
+    def volume(self, name: str) -> VolumeRecord:
+        return api.get_volume(self.reg, name)
+
+    # --- direct looks at the disks --------------------------------------------------------
+
+    def replica_bytes(self, host: SimHost, rec: VolumeRecord, chain, index: int) -> bytes:
+        """What `host`'s store holds for chunk `index` of a view (zeros for a hole)."""
+        geo = rec.geometry
+        n = geo.chunk_length(index)
+        gen = host.store.resolve(rec.lineage, index, chain)
+        if gen is None:
+            return bytes(n)
+        return host.store.read(ChunkKey(rec.lineage, index, gen), 0, n)
+
+
+async def call(gw_op):
+    """A gateway method's result: None, a value, or an awaitable of either. An
+    ExceptionGroup of vbp errors (the gateway's nurseries wrap them) becomes its first
+    error, as the NBD server would map it to one errno."""
+    if gw_op is not None and hasattr(gw_op, "__await__"):
+        try:
+            return await gw_op
+        except BaseExceptionGroup as eg:
+            leaf = _first_leaf(eg)
+            if isinstance(leaf, VbpError):
+                GROUPED.append(type(leaf).__name__)
+                raise leaf from eg
+            raise
+    return gw_op
+
+
+GROUPED: list[str] = []  # vbp errors that reached a gateway caller inside an ExceptionGroup
+
+
+def _first_leaf(eg: BaseException) -> BaseException:
+    while isinstance(eg, BaseExceptionGroup):
+        eg = eg.exceptions[0]
+    return eg
+
+
+def extents_bytes(extents, offset: int, length: int) -> bytes:
+    out = bytearray(length)
+    for off, n, data in extents:
+        if data is not None:
+            out[off - offset: off - offset + n] = data
+    return bytes(out)
