@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_list, help=f"comma-separated, of: {', '.join(harness.ALL_TARGETS)}")
     p.add_argument("--r1-hosts", type=int, choices=(1, 3),
                    help="hosts of the sandbox holding the replicas=1 volume (1: all local)")
+    p.add_argument("--prefill", choices=("nbdcopy", "fio"),
+                   help="how the same data is written to every target first (nbdcopy)")
     p.add_argument("--no-vbp-ops", action="store_true", help="skip the snapshot and copy-up figures")
     p.add_argument("--vbp-ops", action="store_true", help="run them even with --quick")
     p.add_argument("--snap-chunks", type=int, help="written chunks of the snapshot volume (10000)")
@@ -61,7 +63,7 @@ def config(args, argv) -> harness.Config:
     if args.quick and args.out is None:
         cfg.latest = False
     for name in ("rounds", "runtime", "workloads", "targets", "r1_hosts", "snap_chunks", "snap_targets",
-                 "cow_chunks"):
+                 "cow_chunks", "prefill"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.size:

@@ -46,6 +46,7 @@ class Config:
     cow_chunks: int = 64
     sandbox_capacity: str = "64G"
     latest: bool = True
+    prefill: str = "nbdcopy"  # or "fio": one connection, sequential 1 MiB writes
     command: str = ""
 
     @classmethod
@@ -138,14 +139,19 @@ def run_rounds(cfg: Config, targets: dict[str, Target], ctx: wl_mod.JobContext,
     """{workload: {target: [record per round]}}"""
     order = interleaved(list(targets))
     raw: dict = {w: {t: [] for t in order} for w in cfg.workloads}
+    stalled = set(ctx.stalled)  # targets where an nbdcopy never ended: skip their copies
     for rnd in range(cfg.rounds):
         rot = order[rnd % len(order):] + order[:rnd % len(order)]
         for wname in cfg.workloads:
             w = wl_mod.WORKLOADS[wname]
             for t in rot:
+                if w.tool == "nbdcopy" and t in stalled:
+                    continue
                 try:
                     rec = wl_mod.run(w, targets[t], ctx)
                 except (wl_mod.RunError, subprocess.TimeoutExpired, OSError, ValueError) as e:
+                    if isinstance(e, wl_mod.Stalled):
+                        stalled.add(t)
                     errors.append(f"round {rnd + 1} {wname} {t}: {e}")
                     say(f"[{rnd + 1}/{cfg.rounds}] {wname:<20} {t:<9} ERROR {e}")
                     continue
@@ -195,11 +201,19 @@ def run(cfg: Config) -> dict:
             say(f"work directory {tmp}; writing {cfg.size >> 20} MiB of test data")
             data = wl_mod.make_data_file(tmp / "data.raw", cfg.size)
             targets = start_targets(cfg, tmp, stack)
-            meta["prefill_seconds"] = {}
+            meta["prefill_seconds"], meta["prefill"] = {}, cfg.prefill
+            stalled: list[str] = []
             for name, t in targets.items():
-                meta["prefill_seconds"][name] = wl_mod.prefill(t, data)
+                try:
+                    meta["prefill_seconds"][name] = wl_mod.prefill(t, data, cfg.prefill)
+                except wl_mod.RunError as e:  # measured anyway; reads may then hit holes
+                    if isinstance(e, wl_mod.Stalled):
+                        stalled.append(name)
+                    errors.append(str(e))
+                    say(f"ERROR {e}")
+                    continue
                 say(f"prefilled {name} in {meta['prefill_seconds'][name]:.1f} s")
-            ctx = wl_mod.JobContext(tmp, cfg.size, cfg.runtime, data)
+            ctx = wl_mod.JobContext(tmp, cfg.size, cfg.runtime, data, stalled=stalled)
             raw = run_rounds(cfg, targets, ctx, errors)
             ops = run_vbp_ops(cfg, targets) if cfg.vbp_ops else {}
     finally:
@@ -214,4 +228,4 @@ def run(cfg: Config) -> dict:
 
 
 def command_line(argv: list[str]) -> str:
-    return "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    return " ".join(["python -m bench", *(shlex.quote(a) for a in argv)])

@@ -133,7 +133,7 @@ def run_profile(cfg: Config, workload: str, target: str = "vbp-r1", profiler: st
             sb.start()
             t = VbpTarget(target, sb, "profile", cfg.size, replicas)
             say(f"prefilling {t.uri} ({cfg.size >> 20} MiB)")
-            wl_mod.prefill(t, wl_mod.make_data_file(tmp / "data.raw", cfg.size))
+            wl_mod.prefill(t, wl_mod.make_data_file(tmp / "data.raw", cfg.size), tool="fio")
             work_stem = tmp / stem_name
             spy = py_spy() if profiler in ("auto", "py-spy") else None
             text = None

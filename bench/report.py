@@ -165,7 +165,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {t}: {o['error']}")
         lines.append("")
     if meta.get("prefill_seconds"):
-        lines += ["Prefill (nbdcopy of the data file, first allocating write): " + ", ".join(
+        lines += [f"Prefill ({meta.get('prefill', 'nbdcopy')} of the data file, the first, "
+                  "allocating write): " + ", ".join(
             f"{t} {s:.1f} s" for t, s in meta["prefill_seconds"].items()) + ".", ""]
     if result.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]

@@ -57,13 +57,17 @@ class RunError(RuntimeError):
     pass
 
 
+class Stalled(RunError):
+    """A copy that did not end: later copies to the same target are skipped."""
+
+
 @dataclass
 class JobContext:
     workdir: Path
     size: int
     runtime: float
     data_file: Path
-    log: list = field(default_factory=list)
+    stalled: list = field(default_factory=list)
 
 
 def fio_command(w: Workload, uri: str, size: int, runtime: float, output: Path) -> list[str]:
@@ -116,11 +120,21 @@ def run_fio(w: Workload, target: Target, ctx: JobContext) -> dict:
     return rec
 
 
+def copy_timeout(size: int) -> float:
+    """Generous (8 MiB/s is far below any target) but bounded: a stalled copy is an error."""
+    return 60 + size / (8 * MiB)
+
+
 def run_nbdcopy(w: Workload, target: Target, ctx: JobContext) -> dict:
     src, dst = (target.uri, "null:") if w.copy == "out" else (str(ctx.data_file), target.uri)
     cpu0 = cpu_seconds(target.pids())
     t0 = time.perf_counter()
-    p = subprocess.run(["nbdcopy", src, dst], capture_output=True, text=True, timeout=1800)
+    try:
+        p = subprocess.run(["nbdcopy", src, dst], capture_output=True, text=True,
+                           timeout=copy_timeout(ctx.size))
+    except subprocess.TimeoutExpired:
+        raise Stalled(f"nbdcopy {src} {dst} stalled (no end after "
+                      f"{copy_timeout(ctx.size):.0f} s)") from None
     seconds = time.perf_counter() - t0
     cpu = cpu_seconds(target.pids()) - cpu0
     if p.returncode != 0:
@@ -146,11 +160,21 @@ def make_data_file(path: Path, size: int) -> Path:
     return path
 
 
-def prefill(target: Target, data_file: Path) -> float:
-    """Copy the data file onto the target; seconds taken (the first, allocating write)."""
+def prefill(target: Target, data_file: Path, tool: str = "nbdcopy") -> float:
+    """Copy the data file onto the target (nbdcopy), or write it whole with one fio job
+    (one connection); seconds taken (the first, allocating write)."""
+    size = data_file.stat().st_size
+    if tool == "nbdcopy":
+        cmd = ["nbdcopy", str(data_file), target.uri]
+    else:
+        cmd = ["fio", "--name=prefill", "--ioengine=nbd", f"--uri={target.uri}", "--rw=write",
+               "--bs=1m", "--iodepth=8", f"--size={size}", "--output-format=json"]
     t0 = time.perf_counter()
-    p = subprocess.run(["nbdcopy", str(data_file), target.uri], capture_output=True, text=True,
-                       timeout=3600)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=copy_timeout(size))
+    except subprocess.TimeoutExpired:
+        raise Stalled(f"prefill of {target.name} with {tool} stalled "
+                       f"(no end after {copy_timeout(size):.0f} s)") from None
     if p.returncode != 0:
-        raise RunError(f"prefill of {target.name} failed: {p.stderr.strip()[-500:]}")
+        raise RunError(f"prefill of {target.name} failed: {(p.stderr or p.stdout).strip()[-500:]}")
     return time.perf_counter() - t0

@@ -62,10 +62,11 @@ def test_top_from_collapsed():
 
 @pytest.mark.skipif(any(shutil.which(t) is None for t in ("fio", "nbdcopy", "qemu-nbd")),
                     reason="needs fio, nbdcopy and qemu-nbd (make deps-test)")
+# fio prefill: this checks the harness, not vbp's handling of nbdcopy (tests/interop/ does)
 def test_quick_run_writes_result_with_ratios(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--quick", "--targets", "qemu-nbd,vbp-r1",
            "--workloads", "randread-4k-qd32", "--runtime", "1", "--out", str(tmp_path),
-           "--no-latest"]
+           "--no-latest", "--prefill", "fio"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-2000:]
     [path] = tmp_path.glob("*.json")
