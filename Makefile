@@ -20,6 +20,7 @@ test: deps-test venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: deps-test venv
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 deps-run:

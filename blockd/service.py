@@ -24,6 +24,7 @@ from blockd.config import Config, parse_hostport
 from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import VolumeQos
 from nbd_frontend.server import serve_nbd
+from replicator import messages as m
 from replicator.gateway import ClusterView, VolumeGateway
 from replicator.recovery import Resync
 from replicator.replica import Replica
@@ -107,12 +108,36 @@ class VolumeProvider:
         lease = await self._acquire(export)
         self.leases[export] = lease
         log.info("volume=%s event=lease_taken token=%d", export, lease.token)
+        await self._announce(export, lease.token)
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
         gw = self.gateways.get(export)
         if gw is not None:
             await self.sync_record(gw, holder=True)
         return lease.token
+
+    async def _announce(self, volume: str, token: int) -> None:
+        """Tell every reachable host the new fencing token before our first write, so a
+        previous holder that has not noticed it lost the lease is refused at once (the
+        way Ceph blocklists the old lock owner). An unreachable host is the partitioned
+        old holder itself, or a replica that will be resynced."""
+        svc = self.service
+        msg = m.Flush(volume, svc.cluster.epoch, token)
+
+        async def one(h) -> None:
+            with trio.move_on_after(svc.cfg.peer_timeout):
+                try:
+                    if h.id == svc.cfg.host_id:
+                        svc.replica.check_token(volume, token)
+                    else:
+                        await svc.pool.call(h.peer, msg)
+                except VbpError as e:
+                    log.info("volume=%s event=token_not_announced host=%s error=%s", volume, h.id, e)
+
+        async with trio.open_nursery() as nursery:
+            for h in svc.cluster.map.hosts:
+                if h.state != "down":
+                    nursery.start_soon(one, h)
 
     async def sync_record(self, gw: VolumeGateway, holder: bool) -> None:
         """Adopt the volume's current record; the lease holder completes a pending snapshot."""
@@ -142,7 +167,7 @@ class VolumeProvider:
             try:
                 await self.sync_record(gw, holder=export in self.leases and bool(gw.token))
             except NotFound:
-                gw.fenced = True  # the volume was deleted under us: refuse further writes
+                gw._fence(NotFound(f"volume {gw.view.volume.name!r} was deleted"))
             except VbpError as e:
                 log.warning("volume=%s event=record_sync_failed error=%s", export, e)
 
@@ -253,12 +278,17 @@ class Blockd:
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
+            self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
+            # before serving anything: copies dirty at a crash, and copies others recorded
+            # stale while we were away, must not be served as current
+            await self.resync.mark_recovered(self.store.recovered)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
-            async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout) as pool, \
+            async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout,
+                                connect_timeout=cfg.peer_timeout) as pool, \
                     trio.open_nursery() as nursery:
                 self.pool = pool
-                self.resync = Resync(cfg.host_id, self.store, self.cluster, pool, self.registry)
+                self.resync.pool = pool
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
@@ -274,7 +304,7 @@ class Blockd:
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
-                nursery.start_soon(self._recover, list(self.store.recovered))
+                nursery.start_soon(self._recover)
                 nursery.start_soon(self._refresh_stale)
                 nursery.start_soon(self._watch_volumes)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
@@ -307,6 +337,10 @@ class Blockd:
             await trio.sleep(1)
             for gw in list(self.provider.gateways.values()):
                 try:
+                    while gw.suspects:
+                        index, hosts = gw.suspects[0]
+                        await self.registry.mark_stale(gw.lineage, index, hosts, time.time_ns())
+                        gw.suspects.pop(0)
                     gw.stale = await self.stale_map(gw.lineage)
                 except RegistryUnavailable as e:
                     log.warning("event=stale_refresh_failed error=%s", e)
@@ -318,13 +352,10 @@ class Blockd:
             await trio.sleep(0.2)
             await self.provider.sync_records()
 
-    async def _recover(self, recovered) -> None:
+    async def _recover(self) -> None:
         """Resync loop: bring this host's stale chunk copies current."""
         while True:
             try:
-                if recovered:
-                    await self.resync.mark_recovered(recovered)
-                    recovered = []
                 await self.resync.run_once()
             except RegistryUnavailable as e:
                 log.warning("event=resync_skipped error=%s", e)

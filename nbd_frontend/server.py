@@ -193,6 +193,10 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.writer)
+            dropped = getattr(self.export, "dropped", None)
+            watch = trio.CancelScope()
+            if dropped is not None:  # the export can end its connections (e.g. fenced)
+                nursery.start_soon(self._drop_when, dropped, nursery.cancel_scope, watch)
             try:
                 await self.reader()
             except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
@@ -206,8 +210,15 @@ class _Connection:
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise
+            watch.cancel()  # the client is gone: stop watching the export
             self.closing = True
             self.wake.set()
+
+    async def _drop_when(self, event, scope, watch) -> None:
+        with watch:
+            await event.wait()
+            log.warning("nbd export %s ended the connection", getattr(self.export, "name", "?"))
+            scope.cancel()
 
     # --- reading and dispatch ----------------------------------------------------------------
     async def reader(self) -> None:

@@ -127,6 +127,10 @@ class VolumeGateway:
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self.refresh_map = None  # async () -> None, set by the service
         self._lease_lock = trio.Lock()
+        self.dropped = trio.Event()  # set when fenced: the NBD server ends our connections
+        # (index, hosts) that took writes after we were fenced; the service records them
+        # stale in the registry as soon as it can reach it
+        self.suspects: list[tuple[int, tuple[str, ...]]] = []
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._inflight = 0  # replicated writes under way
         self._drained: trio.Event | None = None
@@ -175,6 +179,7 @@ class VolumeGateway:
         if not self.fenced:
             log.warning("volume=%s event=fenced reason=%s", self.view.volume.name, exc)
             self.fenced = True
+            self.dropped.set()
             if self.on_fenced is not None:
                 self.on_fenced(self)
 
@@ -204,7 +209,8 @@ class VolumeGateway:
         remote = []
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
+            if (self.host_id in hosts and self.host_id not in self.stale.get(p.index, ())
+                    and not self.replica.is_stale(self.lineage, p.index)):
                 try:
                     gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length)
                     extents.append((offset + p.buf_offset, p.length, data))
@@ -237,9 +243,9 @@ class VolumeGateway:
             if not self.cluster.is_up(h):
                 continue
             if h == self.host_id:
-                if h in stale:
+                if h in stale or self.replica.is_stale(self.lineage, p.index):
                     gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index),
-                                                     p.offset, p.length)
+                                                     p.offset, p.length, allow_stale=True)
                     log.warning("volume=%s chunk=%d event=read_from_stale_copy host=%s", self.name, p.index, h)
                     return data
                 continue
@@ -338,9 +344,22 @@ class VolumeGateway:
     async def _replicate(self, pieces, make_msg):
         self._inflight += 1
         try:
+            if len(pieces) == 1:
+                await self._replicate_piece(pieces[0], make_msg(pieces[0]))
+                return
+            errors: list[VbpError] = []
+
+            async def piece(p) -> None:
+                try:
+                    await self._replicate_piece(p, make_msg(p))
+                except VbpError as e:  # collected: the client gets one plain error, not a group
+                    errors.append(e)
+
             async with trio.open_nursery() as nursery:
                 for p in pieces:
-                    nursery.start_soon(self._replicate_piece, p, make_msg(p))
+                    nursery.start_soon(piece, p)
+            if errors:
+                raise min(errors, key=_error_rank)
         finally:
             self._inflight -= 1
             if not self._inflight and self._drained is not None:
@@ -365,6 +384,9 @@ class VolumeGateway:
                     failed[h] = PeerUnavailable(f"host {h} is down")
         for e in failed.values():
             if isinstance(e, Fenced):
+                # the replicas that took this write hold bytes from a gateway that lost its
+                # lease: their copies of the chunk are suspect until resynced
+                self._suspect(p.index, [h for h in hosts if h not in failed])
                 self._fence(e)
                 raise e
         ok = len(hosts) - len(failed)
@@ -385,6 +407,10 @@ class VolumeGateway:
                 f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
                 f"min_size is {self.min_size}"
             )
+
+    def _suspect(self, index: int, hosts) -> None:
+        if hosts:
+            self.suspects.append((index, tuple(hosts)))
 
     async def _mark_stale(self, index: int, hosts) -> None:
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
@@ -518,3 +544,11 @@ def _error_kind(e: Exception) -> str:
     if getattr(e, "errno", None) == 28:
         return "no_space"
     return "io" if isinstance(e, VbpError) else "other"
+
+
+def _error_rank(e: Exception) -> int:
+    """Which error of a multi-chunk request the client sees: the most specific."""
+    for rank, kind in enumerate((Fenced, NoSpace, ReadOnly, BelowMinSize)):
+        if isinstance(e, kind):
+            return rank
+    return 9

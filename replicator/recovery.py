@@ -19,6 +19,7 @@ by full copy"):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from replicator import messages as m
@@ -58,8 +59,9 @@ def diff_runs(local: list[int], remote: list[int], max_pages: int) -> list[tuple
 
 
 class Resync:
-    def __init__(self, host_id: str, store, cluster, pool, registry):
+    def __init__(self, host_id: str, store, cluster, pool, registry, replica=None):
         self.host_id = host_id
+        self.replica = replica  # its stale_self is kept in step with the registry
         self.store = store
         self.cluster = cluster
         self.pool = pool
@@ -73,20 +75,31 @@ class Resync:
         return out
 
     async def mark_recovered(self, keys) -> None:
-        """After a crash, chunks that were dirty may miss writes the others have."""
+        """After a crash, chunks that were dirty may miss writes the others have. Done
+        before this host serves anything."""
         n_of = await self.replicas_by_lineage()
         done = set()
-        for k in keys:
+        for k in sorted(keys):
             if n_of.get(k.lineage, 1) > 1 and (k.lineage, k.index) not in done:
                 done.add((k.lineage, k.index))
-                await self.registry.mark_stale(k.lineage, k.index, [self.host_id], 0)
+                await self.registry.mark_stale(k.lineage, k.index, [self.host_id], time.time_ns())
         if done:
             log.info("event=crash_recovery stale_chunks=%d", len(done))
+        await self.refresh_stale_self()
+
+    async def refresh_stale_self(self, records=None) -> list:
+        """Learn which of this host's copies are stale, so it never serves them as current."""
+        if records is None:
+            records = await self.registry.list_stale()
+        mine = [r for r in records if r.host_id == self.host_id]
+        if self.replica is not None:
+            self.replica.stale_self = {(r.lineage, r.index) for r in mine}
+        return mine
 
     async def run_once(self) -> int:
         """One pass over this host's stale records; returns how many were cleared."""
         records = await self.registry.list_stale()
-        mine = [r for r in records if r.host_id == self.host_id]
+        mine = await self.refresh_stale_self(records)
         if not mine:
             return 0
         stale_hosts: dict[tuple[str, int], set[str]] = {}
@@ -103,6 +116,7 @@ class Resync:
                 if await self.resync_chunk(r.lineage, r.index, n, stale_hosts[(r.lineage, r.index)]):
                     await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
                     cleared += 1
+                    await self.refresh_stale_self()
             except VbpError as e:  # one chunk failing must not stop the others
                 log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
         return cleared
@@ -118,6 +132,7 @@ class Resync:
                     copied = 0
                     for g in gens:
                         copied += await self._sync_gen(addr, lineage, index, g)
+                    copied += await self._drop_divergent(addr, lineage, index, gens)
                     if not copied:
                         self.stats.chunks += 1
                         log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
@@ -126,6 +141,26 @@ class Resync:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)
         return False
+
+    async def _drop_divergent(self, addr: str, lineage: str, index: int, gens) -> int:
+        """Generations held here but not by the current source hold writes that were never
+        acknowledged (e.g. taken by a gateway that was partitioned away and then fenced):
+        they go. A generation is dropped only if the source still lacks it on a second look
+        and no write touched it in between, so a chunk a current gateway is creating right
+        now is never removed."""
+        local = [k for k in self.store.keys(lineage) if k.index == index and k.gen not in gens]
+        if not local:
+            return 0
+        before = {k: self._local_sums(k, 0) for k in local}
+        again = set((await self.pool.call(addr, m.ChunkGens(lineage, index))).gens)
+        dropped = 0
+        for k in local:
+            if k.gen in again or self.store.info(k) is None or self._local_sums(k, 0) != before[k]:
+                continue
+            self.store.delete(k)
+            dropped += 1
+            log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
+        return dropped
 
     def _local_sums(self, key: ChunkKey, pages: int) -> tuple[int, list[int]]:
         try:

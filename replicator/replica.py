@@ -17,7 +17,11 @@ from __future__ import annotations
 from typing import Callable
 
 from replicator import messages as m
-from vbp.errors import Fenced, StaleEpoch
+from vbp.errors import Fenced, PeerUnavailable, StaleEpoch
+
+
+class StaleCopy(PeerUnavailable):
+    """This replica's copy is stale: ask another one (travels as 'unavailable')."""
 from vbp.layout import ChunkKey
 
 
@@ -27,6 +31,12 @@ class Replica:
         self.host_id = host_id
         self._epoch = epoch
         self._tokens: dict[str, int] = {}
+        # (lineage, index) of this host's copies known stale (registry records naming this
+        # host, and chunks dirty at a crash): never served as current data
+        self.stale_self: set[tuple[str, int]] = set()
+
+    def is_stale(self, lineage: str, index: int) -> bool:
+        return bool(self.stale_self) and (lineage, index) in self.stale_self
 
     # --- checks ------------------------------------------------------------------------
 
@@ -49,8 +59,13 @@ class Replica:
 
     # --- operations (synchronous: the store is local) -----------------------------------
 
-    def read(self, lineage: str, index: int, chain, offset: int, length: int) -> tuple[int, bytes | None, int]:
-        """(gen, data or None for a hole, version) of the newest generation in `chain`."""
+    def read(self, lineage: str, index: int, chain, offset: int, length: int, *,
+             allow_stale: bool = False) -> tuple[int, bytes | None, int]:
+        """(gen, data or None for a hole, version) of the newest generation in `chain`.
+        A copy known stale is refused (the gateway asks another replica) unless the caller
+        has no current copy left and accepts it."""
+        if not allow_stale and self.is_stale(lineage, index):
+            raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced")
         gen = self.store.resolve(lineage, index, chain)
         if gen is None:
             return -1, None, 0

@@ -535,3 +535,36 @@ async def test_protocol_error_is_logged_plainly(port, caplog):
     records = [r for r in caplog.records if r.name == "vbp.nbd" and r.levelname != "DEBUG"]
     assert any("protocol error" in r.getMessage() for r in records)
     assert not any(r.exc_info for r in records)
+
+
+class DroppableExport(MemoryExport):
+    """An export that can end its connections (what a fenced volume gateway does)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.dropped = trio.Event()
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
+
+
+async def test_export_can_drop_its_clients_and_closed_clients_end_cleanly():
+    exp = DroppableExport("d", 1 * MiB)
+    prov = MemoryProvider({"d": exp})
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_nbd, prov, "127.0.0.1", 0)
+        # a client that closes: the connection ends although `dropped` is never set
+        c = await Client.connect(port, "d")
+        await c.stream.aclose()
+        with trio.fail_after(5):
+            while exp.closed < 1:
+                await trio.sleep(0.01)
+        # a client whose export drops it: the server closes the socket
+        c = await Client.connect(port, "d")
+        exp.dropped.set()
+        with trio.fail_after(5):
+            assert await c.stream.receive_some(100) == b""
+            while exp.closed < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
