@@ -122,7 +122,8 @@ class SimHost:
         self.zone = zone
         self.capacity = capacity
         self.addr = f"{host_id}:7000"
-        self.cfg = SimpleNamespace(host_id=host_id, lease_ttl=sim.lease_ttl, gc_interval=5.0)
+        self.cfg = SimpleNamespace(host_id=host_id, lease_ttl=sim.lease_ttl, gc_interval=5.0,
+                                   peer_timeout=sim.peer_timeout)
         self.metrics = None
         self.registry = sim.registry
         self.store = MemoryChunkStore(None, capacity)

