@@ -152,8 +152,29 @@ class Sandbox:
             h["pid"] = self._spawn(h, capacity, state.get("settings", {}))
             started.append(h)
         self._save(state)
+        deadline = time.monotonic() + timeout
         self._wait_ready(started, timeout)
+        self._wait_placed([h["id"] for h in started], max(1.0, deadline - time.monotonic()))
         return self.hosts()
+
+    def _wait_placed(self, ids: list[str], timeout: float) -> None:
+        """Hosts serve at once, but chunks are placed on them only once the controller has
+        put them in the data set (replicator.migration): wait for that, so that a volume
+        created right after `up` is spread over every host."""
+        from vbp.registry import open_registry
+
+        if not ids:
+            return
+        deadline = time.monotonic() + timeout
+        with open_registry(self.registry_url) as reg:
+            while True:
+                m = reg.cluster_map()
+                if m.data is not None and set(ids) <= set(m.data):
+                    return
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"{', '.join(ids)} not in the data set after {timeout:.0f}s "
+                                       f"(data set: {', '.join(m.data_set)})")
+                time.sleep(0.1)
 
     def _spawn(self, h: dict, capacity: str, settings: dict) -> int:
         hdir = self.dir / h["id"]

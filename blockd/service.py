@@ -26,6 +26,7 @@ from blockd.qos import VolumeQos
 from nbd_frontend.server import serve_nbd
 from replicator import messages as m
 from replicator.gateway import ClusterView, VolumeGateway
+from replicator.migration import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
@@ -289,6 +290,8 @@ class Blockd:
                     trio.open_nursery() as nursery:
                 self.pool = pool
                 self.resync.pool = pool
+                self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
+                                          grace=max(2 * cfg.lease_ttl, 5.0))
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
@@ -305,6 +308,7 @@ class Blockd:
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
                 nursery.start_soon(self._recover)
+                nursery.start_soon(self._move_data)
                 nursery.start_soon(self._refresh_stale)
                 nursery.start_soon(self._watch_volumes)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
@@ -361,6 +365,21 @@ class Blockd:
                 log.warning("event=resync_skipped error=%s", e)
             except Exception:  # one pass failing must not stop the daemon
                 log.exception("event=resync_pass_failed")
+            await trio.sleep(1)
+
+    async def _move_data(self) -> None:
+        """Changes of data set (replicator.migration): the controller step and this host's
+        scan; misplaced copies are freed by the garbage collector."""
+        while True:
+            try:
+                cmap = await self.mover.control_once()
+                if cmap.epoch > self.cluster.epoch:
+                    self.cluster.set_map(cmap)
+                await self.mover.scan_once()
+            except RegistryUnavailable as e:
+                log.warning("event=data_set_step_skipped error=%s", e)
+            except Exception:  # one pass failing must not stop the daemon
+                log.exception("event=data_set_step_failed")
             await trio.sleep(1)
 
     def stats(self) -> dict:
@@ -438,6 +457,7 @@ class Blockd:
             await trio.sleep(self.cfg.gc_interval)
             try:
                 await self.collect_garbage_once()
+                await self.mover.collect_misplaced()
             except RegistryUnavailable as e:
                 log.warning("event=gc_skipped error=%s", e)
             except Exception:  # one pass failing must not stop the daemon

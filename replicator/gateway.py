@@ -53,20 +53,31 @@ NBD_STATE_ZERO = 2
 
 
 class ClusterView:
-    """The cluster map as this host sees it, with per-epoch cached chunk placement."""
+    """The cluster map as this host sees it, with per-epoch cached chunk placement.
+
+    Placement runs over the data set (vbp.cluster.ClusterMap.data_set), in which a down host
+    keeps its chunks until the data set leaves it (replicator.migration). While the data
+    set changes, a chunk has two placements: `replicas`, over the set being left, whose
+    copies are complete (reads, min_size), and `targets`, over the new set; writes go to
+    both (`write_set`). Without a change the two are the same."""
 
     def __init__(self, cmap: ClusterMap):
         self._cache: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self._tcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
         self.map = cmap
-        # Data path placement: a down host keeps its chunks until recovery moves them.
-        self._data_map = ClusterMap(
-            cmap.epoch, tuple(dc_replace(h, state=HOST_UP) for h in cmap.hosts)
-        )
-        self._placement = Placement(self._data_map)
+        by_id = {h.id: h for h in cmap.hosts}
+
+        def placement(ids) -> Placement:
+            return Placement(ClusterMap(cmap.epoch, tuple(
+                dc_replace(by_id[i], state=HOST_UP) for i in ids if i in by_id)))
+
+        self._target = placement(cmap.data_set)
+        self._placement = placement(cmap.prev) if cmap.prev is not None else self._target
         self._cache.clear()
+        self._tcache.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
 
@@ -74,12 +85,35 @@ class ClusterView:
     def epoch(self) -> int:
         return self.map.epoch
 
+    @property
+    def migrating(self) -> bool:
+        return self.map.prev is not None
+
     def replicas(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        """The hosts whose copies of the chunk are complete (less any recorded stale)."""
         k = (lineage, index, n)
         hosts = self._cache.get(k)
         if hosts is None:
             hosts = self._cache[k] = tuple(self._placement.place(lineage, index, n))
         return hosts
+
+    def targets(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        """The hosts the chunk is placed on by the new data set."""
+        if self._placement is self._target:
+            return self.replicas(lineage, index, n)
+        k = (lineage, index, n)
+        hosts = self._tcache.get(k)
+        if hosts is None:
+            hosts = self._tcache[k] = tuple(self._target.place(lineage, index, n))
+        return hosts
+
+    def joining(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        """Targets that are not yet replicas: they get the chunk by resync."""
+        old = self.replicas(lineage, index, n)
+        return tuple(h for h in self.targets(lineage, index, n) if h not in old)
+
+    def write_set(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        return self.replicas(lineage, index, n) + self.joining(lineage, index, n)
 
     def is_up(self, host_id: str) -> bool:
         return host_id in self._up
@@ -131,6 +165,7 @@ class VolumeGateway:
         # (index, hosts) that took writes after we were fenced; the service records them
         # stale in the registry as soon as it can reach it
         self.suspects: list[tuple[int, tuple[str, ...]]] = []
+        self._joining_marked: set[tuple[int, int]] = set()  # (data-set gen, index) recorded
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._inflight = 0  # replicated writes under way
         self._drained: trio.Event | None = None
@@ -167,7 +202,7 @@ class VolumeGateway:
     def _local_only(self, index: int) -> bool:
         if self.n != 1:
             return False
-        return self.cluster.replicas(self.lineage, index, 1)[0] == self.host_id
+        return self.cluster.write_set(self.lineage, index, 1) == (self.host_id,)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -366,7 +401,15 @@ class VolumeGateway:
                 self._drained.set()
 
     async def _replicate_piece(self, p, msg) -> None:
-        hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+        cv = self.cluster
+        hosts = cv.write_set(self.lineage, p.index, self.n)
+        complete = cv.replicas(self.lineage, p.index, self.n)
+        if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:
+            # A joining target holds only what reached it directly until it resyncs: it is
+            # recorded stale before its first write, so no chunk written during the change
+            # of data set escapes the resync (the scan covers the chunks that existed).
+            await self._mark_stale(p.index, hosts[len(complete):])
+            self._joining_marked.add((cv.map.mgen, p.index))
         failed: dict[str, Exception] = {}
 
         async def one(h: str) -> None:
@@ -389,7 +432,7 @@ class VolumeGateway:
                 self._suspect(p.index, [h for h in hosts if h not in failed])
                 self._fence(e)
                 raise e
-        ok = len(hosts) - len(failed)
+        ok = sum(1 for h in complete if h not in failed)  # joining targets are not full copies
         if failed:
             log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
                         ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
@@ -404,7 +447,7 @@ class VolumeGateway:
             if full:
                 raise NoSpace(f"chunk {p.index} of {self.name}: {full[0]}")
             raise BelowMinSize(
-                f"chunk {p.index} of {self.name}: {ok} of {len(hosts)} replicas took the write, "
+                f"chunk {p.index} of {self.name}: {ok} of {len(complete)} replicas took the write, "
                 f"min_size is {self.min_size}"
             )
 
@@ -469,7 +512,7 @@ class VolumeGateway:
             for idx in hosts[h]:
                 lost.setdefault(idx, []).append(h)
         for idx, bad in lost.items():
-            good = len(self.cluster.replicas(self.lineage, idx, self.n)) - len(bad)
+            good = sum(1 for h in self.cluster.replicas(self.lineage, idx, self.n) if h not in bad)
             if good < self.min_size:
                 raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
             await self._mark_stale(idx, bad)

@@ -122,7 +122,8 @@ class Resync:
         return cleared
 
     async def resync_chunk(self, lineage: str, index: int, n: int, stale: set[str]) -> bool:
-        hosts = self.cluster.replicas(lineage, index, n)
+        # complete copies first, then targets that joined and are current
+        hosts = self.cluster.write_set(lineage, index, n)
         sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
         for src in sources:
             addr = self.cluster.address(src)

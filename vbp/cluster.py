@@ -45,11 +45,27 @@ class HostRecord:
 
 @dataclass(frozen=True, slots=True)
 class ClusterMap:
+    """`data` is the data set: the hosts chunks are placed on (None: every host in the map,
+    a pool that never recorded one). While the data set changes, `prev` is the set it
+    changes from (the one whose copies are complete) and `data` the target; `mgen` numbers
+    the data sets (vbp.migration)."""
+
     epoch: int
     hosts: tuple[HostRecord, ...] = field(default_factory=tuple)
+    data: tuple[str, ...] | None = None
+    prev: tuple[str, ...] | None = None
+    mgen: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hosts", tuple(sorted(self.hosts, key=lambda h: h.id)))
+
+    @property
+    def data_set(self) -> tuple[str, ...]:
+        return tuple(h.id for h in self.hosts) if self.data is None else self.data
+
+    @property
+    def migrating(self) -> bool:
+        return self.prev is not None
 
     def host(self, host_id: str) -> HostRecord | None:
         for h in self.hosts:

@@ -243,6 +243,10 @@ def test_register_and_map(reg):
     assert m4.epoch > m3.epoch and m4.host("h2").peer == "127.0.0.1:9999"
     with pytest.raises(NotFound):
         reg.heartbeat("nope", 10)
+    with pytest.raises(InvalidArgument, match="drain it"):
+        reg.remove_host("h1")  # no data set recorded: every host holds placed chunks
+    m4 = reg.set_data_set(0, ["h2"], None)
+    assert m4.data == ("h2",) and m4.prev is None and m4.mgen == 1
     m5 = reg.remove_host("h1")
     assert m5.epoch > m4.epoch and [h.id for h in m5.hosts] == ["h2"]
     with pytest.raises(NotFound):
@@ -326,12 +330,14 @@ def test_epochs_strictly_increase_on_every_change(reg):
         lambda: reg.set_host_state("h1", "draining"),  # no change
         lambda: reg.set_maintenance("h2", True),
         lambda: reg.set_host_state("h1", "up"),
+        lambda: reg.set_data_set(0, ["h1"], ["h1", "h2"]),
+        lambda: reg.set_data_set(1, ["h1"], None),
         lambda: reg.remove_host("h2"),
     ]
     for op in ops:
         seen.append(op())
     for a, b in zip(seen, seen[1:]):
-        if a.hosts != b.hosts:
+        if (a.hosts, a.data, a.prev) != (b.hosts, b.data, b.prev):
             assert b.epoch > a.epoch
         else:
             assert b.epoch == a.epoch
@@ -447,3 +453,21 @@ def test_lmdb_two_processes_write_at_once(tmp_path):
     assert len(reg.list_stale("lin")) == 2 * n
     assert [h.id for h in reg.cluster_map().hosts] == ["h0", "h1"]
     reg.close()
+
+
+def test_data_set_compare_and_set_and_remove_guard(reg):
+    reg.register_host(host(1), 30)
+    reg.register_host(host(2), 30)
+    m = reg.cluster_map()
+    assert m.data is None and m.data_set == ("h1", "h2") and not m.migrating
+    m1 = reg.set_data_set(0, ["h2", "h1"], None)
+    assert (m1.data, m1.prev, m1.mgen) == (("h1", "h2"), None, 1) and m1.epoch > m.epoch
+    m2 = reg.set_data_set(1, ["h1"], ["h1", "h2"])  # h2 leaves
+    assert m2.migrating and m2.data == ("h1",) and m2.prev == ("h1", "h2") and m2.epoch > m1.epoch
+    assert reg.set_data_set(1, ["h2"], None) == m2  # lost race: the winner's set stays
+    with pytest.raises(InvalidArgument, match="holds placed chunks"):
+        reg.remove_host("h2")  # still in the set the change leaves
+    reg.set_data_set(2, ["h1"], None)
+    reg.mark_scanned("h1", 3)
+    assert reg.scanned() == {"h1": 3}
+    assert [h.id for h in reg.remove_host("h2").hosts] == ["h1"]

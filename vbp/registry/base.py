@@ -6,6 +6,8 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/cluster/host/<id>    HostRecord (stored state is "up" or "draining", never "down")
     vbp/cluster/alive/<id>   liveness, a key with a TTL refreshed by heartbeat()
     vbp/cluster/map          {"epoch", "digest"}: the last published map
+    vbp/cluster/dataset      {"hosts", "prev", "gen"}: the data set and the one it leaves
+    vbp/scanned/<host>       the data-set generation whose scan the host finished
     vbp/vol/<name>           a volume record (a msgpack-able dict owned by vbp.volume)
     vbp/ctr/<name>           an id counter
     vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
@@ -54,6 +56,8 @@ P_CLUSTER = b"vbp/cluster/"
 P_HOST = b"vbp/cluster/host/"
 P_ALIVE = b"vbp/cluster/alive/"
 K_MAP = b"vbp/cluster/map"
+K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen"}: the data set (vbp.migration)
+P_SCANNED = b"vbp/scanned/"  # <host> -> the data-set generation whose scan it finished
 P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
@@ -149,29 +153,35 @@ class Registry:
     def cluster_map(self) -> ClusterMap:
         for _ in range(CAS_ATTEMPTS):
             items, _rev = self.kv.range(P_CLUSTER)
-            hosts, alive, published = [], set(), None
+            hosts, alive, published, dataset = [], set(), None, None
             for it in items:
-                if it.key.startswith(P_HOST):
+                if it.key == K_DATASET:
+                    dataset = _unpack(it.value)
+                elif it.key.startswith(P_HOST):
                     hosts.append(HostRecord.from_dict(_unpack(it.value)))
                 elif it.key.startswith(P_ALIVE):
                     alive.add(it.key[len(P_ALIVE):].decode())
                 elif it.key == K_MAP:
                     published = it
             eff = [h if (h.id in alive or h.maintenance) else h.with_state(HOST_DOWN) for h in hosts]
-            digest = xxhash.xxh3_128_digest(_pack([h.to_dict() for h in eff]))
+            ds = dataset or {}
+            data = tuple(ds["hosts"]) if dataset else None
+            prev = tuple(ds["prev"]) if ds.get("prev") is not None else None
+            mgen = ds.get("gen", 0)
+            digest = xxhash.xxh3_128_digest(_pack([[h.to_dict() for h in eff], data, prev, mgen]))
             if published is None:
                 epoch, old_digest = 0, xxhash.xxh3_128_digest(_pack([]))
             else:
                 m = _unpack(published.value)
                 epoch, old_digest = m["epoch"], m["digest"]
             if digest == old_digest:
-                return ClusterMap(epoch, tuple(eff))
+                return ClusterMap(epoch, tuple(eff), data, prev, mgen)
             ok, _ = self.kv.txn(
                 [Cmp(K_MAP, "mod", published.mod_rev if published else 0)],
                 [Put(K_MAP, _pack({"epoch": epoch + 1, "digest": digest}))],
             )
             if ok:
-                return ClusterMap(epoch + 1, tuple(eff))
+                return ClusterMap(epoch + 1, tuple(eff), data, prev, mgen)
         raise self._contended("publish cluster map")
 
     def _update_host(self, host_id: str, change: Callable[[HostRecord], HostRecord]) -> ClusterMap:
@@ -195,12 +205,48 @@ class Registry:
         return self._update_host(host_id, lambda h: HostRecord.from_dict({**h.to_dict(), "maintenance": bool(on)}))
 
     def remove_host(self, host_id: str) -> ClusterMap:
+        """Forget a host. Refused while chunks are placed on it (it is in the data set, or in
+        the set a change of data set leaves): its copies would vanish from placement before
+        others hold them. Draining it (or its being down) takes it out first."""
         key = P_HOST + _name("host id", host_id)
-        item, _ = self.kv.get(key)
-        if item is None:
-            raise NotFound(f"host {host_id} is not registered")
-        self.kv.txn([], [Delete(key), Delete(P_ALIVE + host_id.encode())])
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(key)
+            if item is None:
+                raise NotFound(f"host {host_id} is not registered")
+            ds, _ = self.kv.get(K_DATASET)
+            if ds is None:
+                holds = True
+            else:
+                d = _unpack(ds.value)
+                holds = host_id in d["hosts"] or host_id in (d.get("prev") or ())
+            if holds:
+                raise InvalidArgument(
+                    f"host {host_id} still holds placed chunks: drain it (vbp host drain "
+                    f"{host_id} --wait) and remove it when the drain is complete")
+            ok, _ = self.kv.txn([Cmp(K_DATASET, "mod", ds.mod_rev)],
+                                [Delete(key), Delete(P_ALIVE + host_id.encode())])
+            if ok:
+                return self.cluster_map()
+        raise self._contended(f"remove host {host_id}")
+
+    def set_data_set(self, gen: int, hosts, prev) -> ClusterMap:
+        """Replace the data set if its generation is still `gen` (compare-and-set; the new
+        one has generation gen + 1). Returns the map either way: a caller that lost the race
+        sees the winner's data set in it."""
+        item, _ = self.kv.get(K_DATASET)
+        cur = _unpack(item.value)["gen"] if item else 0
+        if cur == gen:
+            value = _pack({"hosts": sorted(hosts), "prev": None if prev is None else sorted(prev),
+                           "gen": gen + 1})
+            self.kv.txn([Cmp(K_DATASET, "mod", item.mod_rev if item else 0)], [Put(K_DATASET, value)])
         return self.cluster_map()
+
+    def mark_scanned(self, host_id: str, gen: int) -> None:
+        self.kv.txn([], [Put(P_SCANNED + _name("host id", host_id), _pack(gen))])
+
+    def scanned(self) -> dict[str, int]:
+        items, _ = self.kv.range(P_SCANNED)
+        return {it.key[len(P_SCANNED):].decode(): _unpack(it.value) for it in items}
 
     def wait_map_change(self, epoch: int, timeout: float) -> ClusterMap:
         """The first map with an epoch above `epoch`, or the current map after `timeout`."""

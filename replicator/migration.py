@@ -1,0 +1,198 @@
+"""Changes of data set: recovery after a host is lost, drain, and rebalance onto new hosts.
+
+Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are the model).
+- The data set is the list of hosts chunks are placed on (vbp.cluster.ClusterMap.data_set,
+  kept in the registry with a generation). One host, the controller (the up host with the
+  lowest id; every step is a compare-and-set, so two controllers are harmless), computes
+  the wanted set from the map: up hosts, less draining ones, less hosts down longer than
+  the heartbeat grace -- unless leaving them out would put fewer hosts in the set than a
+  volume has replicas, or a volume with one replica could have its only copy there.
+- When the wanted set differs, the registry records a change: the set being left (prev)
+  and the target (data). Gateways then read from the placement over prev (complete
+  copies), write to both placements, and count min_size over prev (replicator.gateway).
+- Each host that holds chunks and is in prev scans its store once per change: for every
+  chunk it holds under prev's placement, the targets that are not replicas yet are
+  recorded stale in the registry. Gateways record such a target stale themselves before
+  its first write during the change. A stale record is what the resync loop of that host
+  works from (replicator.recovery): page-by-page copies from a current copy, safe against
+  concurrent writes. So after every up holder has scanned, a chunk reaches a target
+  either by resync or by being written there while recorded stale.
+- The change completes (prev cleared) when every up host of prev has scanned this
+  generation and no target holds a stale record for a chunk it joins. If the wanted set
+  changes meanwhile (another host lost), the change restarts from the same prev.
+- After the change, copies on hosts outside the new placement are garbage: a host frees
+  one only when every host of the chunk's placement holds the chunk's generations with no
+  stale record, and only after a grace period in which gateways still on the old map may
+  read it (collect_misplaced).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from replicator import messages as m
+from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap
+from vbp.errors import NotFound, VbpError
+from vbp.layout import ChunkKey
+
+log = logging.getLogger("vbp.migration")
+
+
+def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
+    """The data set the pool should have under `cmap` (see the module docstring)."""
+    cur = {h for h in cmap.data_set if cmap.host(h) is not None}
+    most = max((v["replicas"] for v in volumes), default=1)
+    want = {h.id for h in cmap.hosts if h.state == HOST_UP}
+    down = {h.id for h in cmap.hosts if h.state == HOST_DOWN} & cur
+    if any(v["replicas"] == 1 for v in volumes):
+        want |= down  # the only copy of a chunk may be there: wait for it to return
+    if len(want) < most:
+        want |= cur  # fewer hosts than replicas: keep every copy where it is
+    return tuple(sorted(want))
+
+
+def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int]) -> dict:
+    """What keeps the current change of data set from completing: hosts of prev that are
+    up and have not scanned, and stale records of joining targets (chunks not moved yet)."""
+    from replicator.gateway import ClusterView  # a view of this map, not the host's
+
+    if cmap.prev is None:
+        return {"unscanned": [], "chunks": 0}
+    view = ClusterView(cmap)
+    unscanned = sorted(h for h in cmap.prev if (rec := cmap.host(h)) is not None
+                       and rec.state != HOST_DOWN and scanned.get(h) != cmap.mgen)
+    chunks = sum(1 for r in records if r.lineage in n_of
+                 and r.host_id in view.joining(r.lineage, r.index, n_of[r.lineage]))
+    return {"unscanned": unscanned, "chunks": chunks}
+
+
+class DataSetMover:
+    """One host's part: the controller step, the scan, and freeing misplaced copies."""
+
+    def __init__(self, host_id: str, store, cluster, registry, pool=None, *, grace: float = 10.0):
+        self.host_id = host_id
+        self.store = store
+        self.cluster = cluster  # replicator.gateway.ClusterView, kept current by the service
+        self.registry = registry  # AsyncRegistry
+        self.pool = pool
+        self.grace = grace  # seconds a settled data set is old before misplaced copies go
+        self.scanned_gen = -1
+        self.marked = 0
+        self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
+
+    async def n_of(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in await self.registry.list_volumes():
+            out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
+        return out
+
+    async def control_once(self) -> ClusterMap:
+        """The controller step; does nothing on hosts other than the controller."""
+        cmap = await self.registry.cluster_map()
+        up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
+        if not up or up[0] != self.host_id:
+            return cmap
+        vols = await self.registry.list_volumes()
+        want = wanted_data_set(cmap, vols)
+        if not want:
+            return cmap
+        if cmap.prev is None:
+            if (cmap.data is None and want == cmap.data_set) or (not vols and want != cmap.data):
+                # the first record, or a pool without volumes: no chunk to move
+                return await self.registry.set_data_set(cmap.mgen, want, None)
+            if want != cmap.data_set:
+                log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
+                         ",".join(cmap.data_set), ",".join(want))
+                return await self.registry.set_data_set(cmap.mgen, want, cmap.data_set)
+            return cmap
+        if want == cmap.prev:  # back where it started (a host returned): nothing to move
+            log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
+            return await self.registry.set_data_set(cmap.mgen, want, None)
+        if want != cmap.data:
+            log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
+                     ",".join(cmap.prev), ",".join(want))
+            return await self.registry.set_data_set(cmap.mgen, want, cmap.prev)
+        left = blocking(cmap, await self.registry.list_stale(), {d["lineage"]: d["replicas"] for d in vols},
+                        await self.registry.scanned())
+        if not left["unscanned"] and not left["chunks"]:
+            log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
+            return await self.registry.set_data_set(cmap.mgen, cmap.data, None)
+        return cmap
+
+    async def scan_once(self) -> int:
+        """Record this host's chunks' joining targets stale, once per change."""
+        cv = self.cluster
+        cmap = cv.map
+        if cmap.prev is None or self.scanned_gen == cmap.mgen:
+            return 0
+        n_of = await self.n_of()
+        marked = 0
+        seen: set[tuple[str, int]] = set()
+        for k in self.store.keys():
+            if (k.lineage, k.index) in seen or k.lineage not in n_of:
+                continue
+            seen.add((k.lineage, k.index))
+            n = n_of[k.lineage]
+            if self.host_id not in cv.replicas(k.lineage, k.index, n):
+                continue  # a misplaced copy: another host's scan covers the chunk
+            joining = cv.joining(k.lineage, k.index, n)
+            if joining:
+                await self.registry.mark_stale(k.lineage, k.index, joining, time.time_ns())
+                marked += 1
+        if cv.map.mgen == cmap.mgen:
+            await self.registry.mark_scanned(self.host_id, cmap.mgen)
+            self.scanned_gen = cmap.mgen
+            self.marked += marked
+            log.info("event=data_set_scanned gen=%d chunks_to_move=%d", cmap.mgen, marked)
+        return marked
+
+    async def collect_misplaced(self) -> int:
+        """Free copies placed elsewhere by a settled data set, once others hold them."""
+        cv = self.cluster
+        cmap = cv.map
+        if cmap.prev is not None or self.pool is None:
+            self._settled = None
+            return 0
+        now = time.monotonic()
+        if self._settled is None or self._settled[0] != cmap.mgen:
+            self._settled = (cmap.mgen, now)
+        if now - self._settled[1] < self.grace:
+            return 0
+        local: dict[tuple[str, int], list[int]] = {}
+        for k in self.store.keys():
+            local.setdefault((k.lineage, k.index), []).append(k.gen)
+        n_of = await self.n_of()
+        misplaced = {c: g for c, g in local.items()
+                     if c[0] in n_of and self.host_id not in cv.replicas(c[0], c[1], n_of[c[0]])}
+        if not misplaced:
+            return 0
+        stale = {(r.lineage, r.index, r.host_id) for r in await self.registry.list_stale()}
+        freed = 0
+        for (lineage, index), gens in misplaced.items():
+            hosts = cv.replicas(lineage, index, n_of[lineage])
+            if not await self._held_elsewhere(lineage, index, gens, hosts, stale):
+                continue
+            if cv.map.mgen != cmap.mgen or cv.map.prev is not None:
+                break  # the data set changed while we asked
+            for g in gens:
+                try:
+                    self.store.delete(ChunkKey(lineage, index, g))
+                    freed += 1
+                except NotFound:
+                    pass
+            log.info("event=misplaced_freed lineage=%s chunk=%d gens=%s", lineage, index,
+                     ",".join(map(str, gens)))
+        return freed
+
+    async def _held_elsewhere(self, lineage, index, gens, hosts, stale) -> bool:
+        if not hosts or any((lineage, index, h) in stale or not self.cluster.is_up(h) for h in hosts):
+            return False
+        for h in hosts:
+            try:
+                reply = await self.pool.call(self.cluster.address(h), m.ChunkGens(lineage, index))
+            except VbpError:
+                return False
+            if not set(gens) <= set(reply.gens):
+                return False
+        return True
