@@ -139,3 +139,46 @@ def set_limits(reg, name: str, *, iops: int | None = None, bps=None) -> VolumeRe
 
     get_volume(reg, name)
     return VolumeRecord.from_dict(reg.update_volume(name, apply))
+
+
+# --- the data set (replicator.migration) ----------------------------------------------
+
+
+def data_set_status(reg) -> dict:
+    """Where chunks are placed and what a change of data set still has to move."""
+    from replicator.migration import blocking
+
+    cmap = reg.cluster_map()
+    out = {"generation": cmap.mgen, "hosts": list(cmap.data_set),
+           "leaving": None if cmap.prev is None else list(cmap.prev),
+           "moving_chunks": 0, "unscanned": []}
+    if cmap.prev is not None:
+        n_of: dict[str, int] = {}
+        for d in reg.list_volumes():
+            n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
+        left = blocking(cmap, reg.list_stale(), n_of, reg.scanned())
+        out["moving_chunks"], out["unscanned"] = left["chunks"], left["unscanned"]
+    return out
+
+
+def placed_on(reg, host_id: str) -> bool:
+    """Whether chunks are (or may still be) placed on the host."""
+    cmap = reg.cluster_map()
+    return host_id in cmap.data_set or host_id in (cmap.prev or ())
+
+
+def wait_drained(reg, host_id: str, *, timeout: float, poll: float = 0.5, progress=None) -> dict:
+    """Wait until no chunk is placed on a draining host any more (it may then be removed);
+    `progress(moving_chunks)` is called on every poll. Raises VbpError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = data_set_status(reg)
+        if progress is not None:
+            progress(st["moving_chunks"])
+        if not placed_on(reg, host_id):
+            return st
+        if time.monotonic() > deadline:
+            why = (f"{st['moving_chunks']} chunks still moving" if st["leaving"] is not None else
+                   "no change of data set started (too few other hosts for the replica count?)")
+            raise VbpError(f"host {host_id} still holds placed chunks after {timeout:.0f}s: {why}")
+        time.sleep(poll)

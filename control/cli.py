@@ -414,6 +414,26 @@ def _progress_bar(state, description):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+@contextmanager
+def _count_bar(state, description):
+    """A progress bar counting work items down to zero (chunks to move), or None."""
+    if state.json or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=None)
+        most = [0]
+
+        def update(left: int) -> None:
+            most[0] = max(most[0], left)
+            bar.update(task, completed=most[0] - left, total=most[0] or None)
+        yield update
+
+
 def _transfer_summary(verb, stats):
     return (f"{verb} {format_size(stats.bytes_total)} in {stats.seconds:.1f}s: "
             f"{format_size(stats.bytes_data)} data, "
@@ -481,10 +501,18 @@ def host():
 def host_list(state):
     """List hosts with their failure domain and state."""
     cmap = state.registry().cluster_map()
-    out(state, {"epoch": cmap.epoch, "hosts": [h.to_dict() for h in cmap.hosts]}, lambda: table(
-        ["HOST", "STATE", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
-        [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), h.zone, h.pod,
-          format_size(h.capacity), h.nbd, h.peer) for h in cmap.hosts]))
+    out(state, {"epoch": cmap.epoch, "hosts": [{**h.to_dict(), "data": _data_role(cmap, h.id)}
+                                               for h in cmap.hosts]}, lambda: table(
+        ["HOST", "STATE", "DATA", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
+        [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), _data_role(cmap, h.id),
+          h.zone, h.pod, format_size(h.capacity), h.nbd, h.peer) for h in cmap.hosts]))
+
+
+def _data_role(cmap, host_id: str) -> str:
+    """in: chunks are placed on it; joining/leaving: while the data set changes; out."""
+    now = host_id in cmap.data_set
+    before = now if cmap.prev is None else host_id in cmap.prev
+    return {(True, True): "in", (True, False): "joining", (False, True): "leaving"}.get((now, before), "out")
 
 
 def _host_command(state, host_id, fn, done: str):
@@ -499,11 +527,36 @@ def _host_command(state, host_id, fn, done: str):
 
 @host.command("drain")
 @click.argument("host_id")
+@click.option("--wait", "wait", is_flag=True, help="Wait until no chunk is placed on the host.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds --wait waits.")
 @json_flag
 @click.pass_obj
-def host_drain(state, host_id):
-    """Stop placing new chunks on a host (state draining)."""
-    _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"), f"host {host_id} is draining")
+def host_drain(state, host_id, wait, timeout):
+    """Move every chunk off a host, then keep it empty (state draining).
+
+    Each chunk is copied to the host that placement picks without this one, and stays
+    readable and fully replicated throughout. When the host shows DATA "out" in
+    `vbp host list`, `vbp host remove ID` forgets it.
+
+    \b
+    Example:
+      vbp host drain host3 --wait && vbp host remove host3
+    """
+    if not wait:
+        _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"),
+                      f"host {host_id} is draining")
+        return
+    from control import api
+
+    reg = state.registry()
+    if reg.cluster_map().host(host_id) is None:
+        raise NotFound(f"no host {host_id!r} in the pool")
+    reg.set_host_state(host_id, "draining")
+    with _count_bar(state, f"drain {host_id}") as progress:
+        st = api.wait_drained(reg, host_id, timeout=timeout, progress=progress)
+    cmap = reg.cluster_map()
+    out(state, {"epoch": cmap.epoch, "host": cmap.host(host_id).to_dict(), "data_set": st},
+        lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
 
 
 @host.command("undrain")
@@ -520,7 +573,8 @@ def host_undrain(state, host_id):
 @json_flag
 @click.pass_obj
 def host_remove(state, host_id):
-    """Forget a host (after draining it)."""
+    """Forget a host. Refused while chunks are placed on it: drain it first (a host that
+    stays down is drained by recovery once enough other hosts are up)."""
     _host_command(state, host_id, lambda r: r.remove_host(host_id), f"host {host_id} removed")
 
 
@@ -560,9 +614,12 @@ def pool_status(state):
                       "resync_bytes": st.get("resync_bytes")})
     total = sum(x["capacity"] or 0 for x in hosts)
     used = sum(x["used"] or 0 for x in hosts)
+    from control import api
+
+    ds = api.data_set_status(reg)
     data = {"epoch": cmap.epoch, "hosts": hosts, "capacity": total, "used": used,
             "degraded_chunks": len(degraded), "stale_replicas": len(stale),
-            "volumes": len(reg.list_volumes())}
+            "volumes": len(reg.list_volumes()), "data_set": ds}
 
     def human():
         table(["HOST", "STATE", "CAPACITY", "USED", "FREE", "CHUNKS", "RESYNCED"],
@@ -574,6 +631,11 @@ def pool_status(state):
                 "-" if x["resync_bytes"] is None else format_size(x["resync_bytes"])) for x in hosts])
         click.echo(f"\n{data['volumes']} volumes; {format_size(used)} used of {format_size(total)}; "
                    f"{len(degraded)} degraded chunks ({len(stale)} stale replicas); epoch {cmap.epoch}")
+        if ds["leaving"] is not None:
+            click.echo(f"data set changing (generation {ds['generation']}): "
+                       f"{','.join(ds['leaving'])} -> {','.join(ds['hosts'])}; "
+                       f"{ds['moving_chunks']} chunks to move"
+                       + (f"; waiting for {','.join(ds['unscanned'])} to scan" if ds["unscanned"] else ""))
 
     out(state, data, human)
 

@@ -105,6 +105,7 @@ class DataSetMover:
                 log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
                          ",".join(cmap.data_set), ",".join(want))
                 return await self.registry.set_data_set(cmap.mgen, want, cmap.data_set)
+            await self._clear_moot(cmap, vols)
             return cmap
         if want == cmap.prev:  # back where it started (a host returned): nothing to move
             log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
@@ -119,6 +120,21 @@ class DataSetMover:
             log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
             return await self.registry.set_data_set(cmap.mgen, cmap.data, None)
         return cmap
+
+    async def _clear_moot(self, cmap: ClusterMap, vols: list[dict]) -> None:
+        """Stale records of hosts a settled data set no longer places the chunk on name
+        nothing to bring current (a lost host's missed writes): they go. If the host
+        returns, a new change of data set records what it must resync."""
+        from replicator.gateway import ClusterView
+
+        n_of: dict[str, int] = {}
+        for d in vols:
+            n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
+        view = ClusterView(cmap)
+        for r in await self.registry.list_stale():
+            if r.lineage in n_of and r.host_id not in view.replicas(r.lineage, r.index, n_of[r.lineage]):
+                await self.registry.clear_stale(r.lineage, r.index, r.host_id, r.version)
+                log.info("event=moot_stale_cleared lineage=%s chunk=%d host=%s", r.lineage, r.index, r.host_id)
 
     async def scan_once(self) -> int:
         """Record this host's chunks' joining targets stale, once per change."""

@@ -1,0 +1,201 @@
+"""Recovery, drain and rebalance (replicator.migration) with real blockd processes.
+
+Each test writes self-describing blocks through one gateway while the data set changes
+(a host drained, lost for good, or added), keeps writing during the change, and ends by
+checking, store by store, that every chunk has exactly its N placed copies, each holding
+every acknowledged write, and that nothing is left on hosts the chunk is not placed on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, SandboxHandle, run_vbp
+from tests.faults.test_replication_faults import BLOCK, SETTINGS, Writer, connect, kill, payload
+from vbp.layout import ChunkKey
+
+MiB = 1024 * 1024
+GRACE = ["--set", "gc_interval=1"]
+
+
+def start(sb: SandboxHandle, n: int) -> None:
+    p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
+                "--capacity", "2G", "--json", *SETTINGS, *GRACE, check=False)
+    if p.returncode != 0:
+        sb.down()
+        raise AssertionError(f"sandbox up failed:\n{p.stderr}")
+    sb.info = json.loads(p.stdout)
+
+
+def cluster_map(sb: SandboxHandle):
+    from vbp.registry import open_registry
+
+    with open_registry(sb.registry) as reg:
+        return reg.cluster_map()
+
+
+def write_until(h, w: Writer, done, timeout: float, what: str) -> None:
+    """Keep writing (and so keep the gateway busy) until done() or the deadline."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached after {timeout}s")
+        w.write(h, 10)
+        time.sleep(0.1)
+
+
+def settled_without(sb: SandboxHandle, host: str):
+    def done() -> bool:
+        m = cluster_map(sb)
+        return m.prev is None and m.data is not None and host not in m.data
+    return done
+
+
+def settled_with(sb: SandboxHandle, host: str):
+    def done() -> bool:
+        m = cluster_map(sb)
+        return m.prev is None and m.data is not None and host in m.data
+    return done
+
+
+def copies_by_host(sb: SandboxHandle, hosts: list[str], volume: str):
+    """Stop the pool and read every chunk of the volume from each host's own store."""
+    from replicator.gateway import ClusterView
+    from vbp.chunkstore import ChunkStore
+    from vbp.registry import open_registry
+    from vbp.volume import VolumeRecord
+
+    with open_registry(sb.registry) as reg:
+        rec = VolumeRecord.from_dict(reg.get_volume(volume))
+        view = ClusterView(reg.cluster_map())
+    sb.down()
+    out: dict[int, dict[str, bytes]] = {}
+    for hid in hosts:
+        st = ChunkStore(sb.dir / hid / "data" / "chunks", 2 << 30)
+        try:
+            for k in st.keys(rec.lineage):
+                gen = st.resolve(rec.lineage, k.index, rec.chain)
+                if gen is not None:
+                    out.setdefault(k.index, {})[hid] = st.read(ChunkKey(rec.lineage, k.index, gen), 0, rec.chunk_size)
+        finally:
+            st.close()
+    return rec, view, out
+
+
+def check_placed_copies(sb: SandboxHandle, hosts: list[str], volume: str, w: Writer) -> dict:
+    """Every written chunk is on exactly its placed hosts, every copy holds every
+    acknowledged write; returns chunk index -> hosts."""
+    rec, view, copies = copies_by_host(sb, hosts, volume)
+    written = {off // rec.chunk_size for off in w.acked}
+    placed = {}
+    for index in sorted(written):
+        want = set(view.replicas(rec.lineage, index, rec.replicas))
+        have = copies.get(index, {})
+        assert set(have) == want, f"chunk {index}: copies on {sorted(have)}, placed on {sorted(want)}"
+        for hid, data in have.items():
+            for off in (o for o in w.acked if o // rec.chunk_size == index):
+                inner = off % rec.chunk_size
+                assert data[inner:inner + BLOCK] == payload(w.acked[off], off), (
+                    f"{hid} chunk {index} offset {off}: acknowledged write missing")
+        placed[index] = sorted(want)
+    return placed
+
+
+def new_volume(sb: SandboxHandle) -> None:
+    sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
+           "--chunk-size", "1M")
+
+
+def test_drain_moves_every_chunk_off_then_remove(tmp_path):
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 4)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=11)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 400)
+        assert sb.vbp("host", "remove", "host4", check=False).returncode != 0  # still holds chunks
+        drain = subprocess.Popen([sys.executable, "-m", "control.cli", "--registry", sb.registry,
+                                  "host", "drain", "host4", "--wait", "--timeout", "150", "--json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            write_until(h, w, lambda: drain.poll() is not None, 170, "drain")
+        finally:
+            if drain.poll() is None:
+                drain.kill()
+        out, err = drain.communicate()
+        assert drain.returncode == 0, err
+        assert "host4" not in json.loads(out)["data_set"]["hosts"]
+        w.write(h, 100)
+        w.verify(h)
+        hosts = json.loads(sb.vbp("host", "list", "--json").stdout)["hosts"]
+        assert {x["id"]: x["data"] for x in hosts}["host4"] == "out"
+
+        def host4_empty() -> bool:
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return {x["id"]: x["chunks"] for x in st["hosts"]}["host4"] == 0
+        write_until(h, w, host4_empty, 90, "host4 empty")
+        h.shutdown()
+        sb.vbp("host", "remove", "host4")
+        placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+        assert placed and all("host4" not in hs for hs in placed.values())
+    finally:
+        sb.down()
+
+
+def test_lost_host_is_replaced_by_recovery(tmp_path):
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 4)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=12)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 400)
+        before = cluster_map(sb)
+        assert "host3" in before.data_set
+        kill(sb, 2)  # host3, for good
+        w.write(h, 100)  # never an error: 2 of 3 complete copies >= min_size
+        write_until(h, w, settled_without(sb, "host3"), 150, "recovery without host3")
+
+        def healthy() -> bool:  # host3's missed writes no longer count once nothing is placed there
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return st["data_set"]["leaving"] is None and st["degraded_chunks"] == 0
+        write_until(h, w, healthy, 60, "no degraded chunk")
+        w.write(h, 100)
+        w.verify(h)
+        h.shutdown()
+        sb.vbp("host", "remove", "host3")  # allowed: nothing is placed on it any more
+        placed = check_placed_copies(sb, ["host1", "host2", "host4"], "r3", w)
+        assert all(len(hs) == 3 and "host3" not in hs for hs in placed.values())
+    finally:
+        sb.down()
+
+
+def test_new_host_gets_only_its_chunks(tmp_path):
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 3)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=13)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 400)
+        start(sb, 4)  # host4 joins
+        write_until(h, w, settled_with(sb, "host4"), 150, "rebalance onto host4")
+
+        def no_misplaced() -> bool:  # copies that moved are freed on the hosts they left
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked})
+        write_until(h, w, no_misplaced, 90, "misplaced copies freed")
+        w.verify(h)
+        st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+        copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host4"]
+        h.shutdown()
+        placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+        on4 = [i for i, hs in placed.items() if "host4" in hs]
+        assert on4, "placement put nothing on the new host"
+        # incremental: the new host received its chunks (at most one full copy each), not the pool
+        assert 0 < copied <= len(on4) * MiB, (copied, len(on4))
+    finally:
+        sb.down()
