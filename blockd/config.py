@@ -46,6 +46,7 @@ class Config:
     lease_ttl: float = 10.0
     peer_timeout: float = 5.0
     gc_interval: float = 5.0
+    recovery_rate: int = 64 * 1024**2  # bytes/s a host copies for resync and recovery; 0: unlimited
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     log_level: str = "info"
     log_format: str = "kv"
@@ -81,9 +82,11 @@ def _coerce(key: str, value, source: str):
     def bad(reason: str):
         return InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({reason})")
 
-    if key == "capacity":
+    if key in ("capacity", "recovery_rate"):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise bad("expected a size such as 100G")
+        if key == "recovery_rate" and value in (0, "0"):
+            return 0
         try:
             return parse_size(value)
         except InvalidArgument as e:

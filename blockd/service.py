@@ -22,7 +22,7 @@ import trio
 
 from blockd.config import Config, parse_hostport
 from blockd.metrics import Metrics, serve_metrics
-from blockd.qos import VolumeQos
+from blockd.qos import TokenBucket, VolumeQos
 from nbd_frontend.server import serve_nbd
 from replicator import messages as m
 from replicator.gateway import ClusterView, VolumeGateway
@@ -280,6 +280,8 @@ class Blockd:
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
+            if cfg.recovery_rate:
+                self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)

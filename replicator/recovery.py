@@ -22,6 +22,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import trio
+
 from replicator import messages as m
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
@@ -67,6 +69,9 @@ class Resync:
         self.pool = pool
         self.registry = registry
         self.stats = ResyncStats()
+        # copies share disk and network with client I/O: at most `rate` bytes/s
+        # (blockd.qos.TokenBucket; None: unlimited)
+        self.limiter = None
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -184,6 +189,8 @@ class Resync:
             off, length = first * PAGE_SIZE, count * PAGE_SIZE
             data = None
             if not hole:
+                if self.limiter is not None and (d := self.limiter.delay_for(length)):
+                    await trio.sleep(d)
                 reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length, self.cluster.epoch))
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
