@@ -640,5 +640,21 @@ def pool_status(state):
     out(state, data, human)
 
 
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL.
+
+    \b
+    Examples:
+      eval "$(vbp completion bash)"                              # in ~/.bashrc
+      vbp completion fish > ~/.config/fish/completions/vbp.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)(main, {}, "vbp", "_VBP_COMPLETE")
+    click.echo(comp.source())
+
+
 if __name__ == "__main__":
-    main()
+    main(prog_name="vbp")

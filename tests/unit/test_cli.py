@@ -340,3 +340,22 @@ def test_docs_describe_only_commands_that_exist_or_say_planned():
                 continue
             window = text[max(0, start - 300): end + 300]
             assert "planned" in window, f"{doc.name}: `vbp {group} {cmd}` does not exist and is not marked planned"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_script_and_completion(shell):
+    from tests.conftest import run_vbp
+
+    script = run_vbp("completion", shell).stdout
+    assert "_VBP_COMPLETE" in script
+    # what the script asks the program when the user presses TAB after `vbp vol`; fish
+    # passes the partial word itself as COMP_CWORD, bash and zsh its position
+    def ask(words: str) -> str:
+        cword = words.split()[-1] if shell == "fish" else str(len(words.split()) - 1)
+        env = {"_VBP_COMPLETE": f"{shell}_complete", "COMP_WORDS": words, "COMP_CWORD": cword}
+        return run_vbp(env=env).stdout
+
+    got = ask("vbp vol")
+    assert "volume" in got and "sandbox" not in got
+    got = ask("vbp host d")
+    assert "drain" in got and "remove" not in got
