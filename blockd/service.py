@@ -280,6 +280,7 @@ class Blockd:
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
+            self.resync.on_progress = self.metrics.set_recovery
             if cfg.recovery_rate:
                 self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
             # before serving anything: copies dirty at a crash, and copies others recorded

@@ -151,13 +151,16 @@ def data_set_status(reg) -> dict:
     cmap = reg.cluster_map()
     out = {"generation": cmap.mgen, "hosts": list(cmap.data_set),
            "leaving": None if cmap.prev is None else list(cmap.prev),
-           "moving_chunks": 0, "unscanned": []}
+           "moving_chunks": 0, "moving_bytes": 0, "unscanned": []}
     if cmap.prev is not None:
         n_of: dict[str, int] = {}
+        sizes: dict[str, int] = {}
         for d in reg.list_volumes():
             n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
-        left = blocking(cmap, reg.list_stale(), n_of, reg.scanned())
+            sizes[d["lineage"]] = d["chunk_size"]
+        left = blocking(cmap, reg.list_stale(), n_of, reg.scanned(), sizes)
         out["moving_chunks"], out["unscanned"] = left["chunks"], left["unscanned"]
+        out["moving_bytes"] = left["bytes"]
     return out
 
 
@@ -181,4 +184,21 @@ def wait_drained(reg, host_id: str, *, timeout: float, poll: float = 0.5, progre
             why = (f"{st['moving_chunks']} chunks still moving" if st["leaving"] is not None else
                    "no change of data set started (too few other hosts for the replica count?)")
             raise VbpError(f"host {host_id} still holds placed chunks after {timeout:.0f}s: {why}")
+        time.sleep(poll)
+
+
+def wait_healthy(reg, *, timeout: float, poll: float = 0.5, progress=None) -> None:
+    """Wait until no change of data set is under way and no copy is stale; `progress(n)`
+    gets the number of stale copies (chunks still to copy) on every poll."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = data_set_status(reg)
+        stale = len(reg.list_stale())
+        if progress is not None:
+            progress(stale)
+        if st["leaving"] is None and not stale:
+            return
+        if time.monotonic() > deadline:
+            raise VbpError(f"pool not healthy after {timeout:.0f}s: {stale} stale copies"
+                           + (f", {st['moving_chunks']} chunks moving" if st["leaving"] is not None else ""))
         time.sleep(poll)

@@ -595,11 +595,27 @@ def pool():
 
 
 @pool.command("status")
+@click.option("--wait", "wait", is_flag=True,
+              help="First wait (with a progress bar) until no chunk is degraded or moving.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds --wait waits.")
 @json_flag
 @click.pass_obj
-def pool_status(state):
-    """Capacity per host, degraded chunks (a replica missed writes) and resync progress."""
+def pool_status(state, wait, timeout):
+    """Capacity per host, degraded chunks (a replica missed writes), resync progress and
+    a change of data set under way (recovery, drain, rebalance) with the chunks it still
+    has to move.
+
+    \b
+    Examples:
+      vbp pool status
+      vbp pool status --wait      # after a host came back or was drained
+    """
     reg = state.registry()
+    if wait:
+        from control import api
+
+        with _count_bar(state, "healing") as progress:
+            api.wait_healthy(reg, timeout=timeout, progress=progress)
     cmap = reg.cluster_map()
     stats = reg.host_stats()
     stale = reg.list_stale()
@@ -634,7 +650,7 @@ def pool_status(state):
         if ds["leaving"] is not None:
             click.echo(f"data set changing (generation {ds['generation']}): "
                        f"{','.join(ds['leaving'])} -> {','.join(ds['hosts'])}; "
-                       f"{ds['moving_chunks']} chunks to move"
+                       f"{ds['moving_chunks']} chunks to move (at most {format_size(ds['moving_bytes'])})"
                        + (f"; waiting for {','.join(ds['unscanned'])} to scan" if ds["unscanned"] else ""))
 
     out(state, data, human)

@@ -52,19 +52,23 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
     return tuple(sorted(want))
 
 
-def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int]) -> dict:
+def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int],
+             chunk_sizes: dict[str, int] | None = None) -> dict:
     """What keeps the current change of data set from completing: hosts of prev that are
-    up and have not scanned, and stale records of joining targets (chunks not moved yet)."""
+    up and have not scanned, and stale records of joining targets (copies not made yet;
+    `bytes` counts them whole, an upper bound: a resync copies only pages that differ)."""
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
     if cmap.prev is None:
-        return {"unscanned": [], "chunks": 0}
+        return {"unscanned": [], "chunks": 0, "bytes": 0}
     view = ClusterView(cmap)
     unscanned = sorted(h for h in cmap.prev if (rec := cmap.host(h)) is not None
                        and rec.state != HOST_DOWN and scanned.get(h) != cmap.mgen)
-    chunks = sum(1 for r in records if r.lineage in n_of
-                 and r.host_id in view.joining(r.lineage, r.index, n_of[r.lineage]))
-    return {"unscanned": unscanned, "chunks": chunks}
+    moving = [r for r in records if r.lineage in n_of
+              and r.host_id in view.joining(r.lineage, r.index, n_of[r.lineage])]
+    sizes = chunk_sizes or {}
+    return {"unscanned": unscanned, "chunks": len(moving),
+            "bytes": sum(sizes.get(r.lineage, 0) for r in moving)}
 
 
 class DataSetMover:

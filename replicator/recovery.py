@@ -72,11 +72,15 @@ class Resync:
         # copies share disk and network with client I/O: at most `rate` bytes/s
         # (blockd.qos.TokenBucket; None: unlimited)
         self.limiter = None
+        self.on_progress = None  # (chunks, bytes) still to bring current here; for metrics
+        self.chunk_sizes: dict[str, int] = {}
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         out: dict[str, int] = {}
+        self.chunk_sizes = {}
         for d in await self.registry.list_volumes():
             out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
+            self.chunk_sizes[d["lineage"]] = d["chunk_size"]
         return out
 
     async def mark_recovered(self, keys) -> None:
@@ -105,6 +109,7 @@ class Resync:
         """One pass over this host's stale records; returns how many were cleared."""
         records = await self.registry.list_stale()
         mine = await self.refresh_stale_self(records)
+        self._progress(mine)
         if not mine:
             return 0
         stale_hosts: dict[tuple[str, int], set[str]] = {}
@@ -124,7 +129,12 @@ class Resync:
                     await self.refresh_stale_self()
             except VbpError as e:  # one chunk failing must not stop the others
                 log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+        self._progress(await self.refresh_stale_self())
         return cleared
+
+    def _progress(self, mine) -> None:
+        if self.on_progress is not None:
+            self.on_progress(len(mine), sum(self.chunk_sizes.get(r.lineage, 0) for r in mine))
 
     async def resync_chunk(self, lineage: str, index: int, n: int, stale: set[str]) -> bool:
         # complete copies first, then targets that joined and are current

@@ -199,3 +199,32 @@ def test_new_host_gets_only_its_chunks(tmp_path):
         assert 0 < copied <= len(on4) * MiB, (copied, len(on4))
     finally:
         sb.down()
+
+
+def test_lost_host_returns_after_recovery(tmp_path):
+    """Recovery moved host3's chunks away; when host3 comes back it joins the data set
+    again and takes its chunks back by resync from the current copies (its old copies
+    make that incremental), and the copies made meanwhile are freed."""
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 4)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=14)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 400)
+        kill(sb, 2)
+        write_until(h, w, settled_without(sb, "host3"), 150, "recovery without host3")
+        w.write(h, 50)
+        start(sb, 4)  # host3 returns with its old disk
+        write_until(h, w, settled_with(sb, "host3"), 150, "host3 back in the data set")
+
+        def no_misplaced() -> bool:
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return (st["degraded_chunks"] == 0 and
+                    sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked}))
+        write_until(h, w, no_misplaced, 90, "misplaced copies freed")
+        w.verify(h)
+        h.shutdown()
+        check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+    finally:
+        sb.down()
