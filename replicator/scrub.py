@@ -274,6 +274,9 @@ class Scrubber:
     async def run_pass(self, volume: str = "", progress=None) -> ScrubReport:
         """Scrub every chunk this host is the first up replica of (of one volume's lineage
         and generations, when `volume` is given). `progress(report)` is awaited now and then."""
+        cmap = await self.registry.cluster_map()  # judge by the newest map: who is up
+        if cmap.epoch > self.cluster.epoch:
+            self.cluster.set_map(cmap)
         recs = await self.registry.list_volumes()
         n_of: dict[str, int] = {}
         for d in recs:
