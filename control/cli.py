@@ -612,7 +612,8 @@ def pool_status(state):
                       "capacity": st.get("capacity", h.capacity), "used": st.get("used"),
                       "free": st.get("free"), "chunks": st.get("chunks"),
                       "checksum_errors": st.get("checksum_errors"),
-                      "resync_bytes": st.get("resync_bytes")})
+                      "resync_bytes": st.get("resync_bytes"),
+                      "scrub": st.get("scrub")})  # the host's last scrub pass, if any
     total = sum(x["capacity"] or 0 for x in hosts)
     used = sum(x["used"] or 0 for x in hosts)
     from control import api
