@@ -217,8 +217,6 @@ def _runs(target: Copy, items, max_pages: int) -> list[Fix]:
         if run and (p != run[-1][0] + 1 or (source, kind, settled) != run[-1][2:]
                     or len(run) >= max_pages):
             close()
-        if source is None and want != 0:
-            source = target.host  # unreachable in practice: a wanted real page has a source
         run.append((p, want, source, kind, settled))
     close()
     return out
@@ -491,10 +489,12 @@ class Scrubber:
         await publish(ScrubReport())
         try:
             report = await self.run_pass(volume, progress=publish)
-        except (InvalidArgument, VbpError) as e:
-            if isinstance(e, RegistryUnavailable):
-                raise
-            await publish(ScrubReport(), "failed", str(e))
+        except RegistryUnavailable:
+            raise  # the request stays owed: the loop retries it
+        except Exception as e:  # the request fails, is reported, and is not retried
+            if not isinstance(e, VbpError):
+                log.exception("event=scrub_request_failed id=%d", rid)
+            await publish(ScrubReport(), "failed", str(e) or type(e).__name__)
             return None
         await publish(report, "done")
         return report
