@@ -47,6 +47,8 @@ class Config:
     peer_timeout: float = 5.0
     gc_interval: float = 5.0
     recovery_rate: int = 64 * 1024**2  # bytes/s a host copies for resync and recovery; 0: unlimited
+    scrub_interval: float = 86400.0  # seconds between background scrub passes; 0: off
+    scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     log_level: str = "info"
     log_format: str = "kv"
@@ -66,6 +68,11 @@ class Config:
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
+        if not math.isfinite(self.scrub_interval) or self.scrub_interval < 0:
+            raise InvalidArgument(f"{source}: key 'scrub_interval': must be a finite number of "
+                                  "seconds, 0 (off) or more")
+        if self.scrub_rate < 0:
+            raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
@@ -82,7 +89,7 @@ def _coerce(key: str, value, source: str):
     def bad(reason: str):
         return InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({reason})")
 
-    if key in ("capacity", "recovery_rate"):
+    if key in ("capacity", "recovery_rate", "scrub_rate"):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise bad("expected a size such as 100G")
         if key == "recovery_rate" and value in (0, "0"):
@@ -98,6 +105,8 @@ def _coerce(key: str, value, source: str):
             f = float(value)
         except (TypeError, ValueError):
             raise bad("expected a number of seconds") from None
+        if key == "scrub_interval" and f == 0:
+            return f  # off
         if not math.isfinite(f) or f <= 0:
             raise bad("must be a positive finite number of seconds")
         return f

@@ -114,6 +114,21 @@ class Metrics:
                                      namespace=ns, registry=r)
         self.recovery_bytes = Gauge("recovery_bytes_remaining", "Bytes still to recover on this host.",
                                     namespace=ns, registry=r)
+        self.scrub_chunks = Counter("scrub_chunks", "Chunk generations scrubbed by this host.",
+                                    namespace=ns, registry=r)
+        self.scrub_pages = Counter("scrub_pages", "Pages verified by scrub (every copy).",
+                                   namespace=ns, registry=r)
+        self.scrub_bytes = Counter("scrub_bytes", "Bytes verified by scrub (every copy).",
+                                   namespace=ns, registry=r)
+        self.scrub_errors = Counter("scrub_errors", "Damaged pages scrub found, by kind: checksum "
+                                    "(bytes fail their checksum) or divergent (outvoted copy).",
+                                    ("kind",), namespace=ns, registry=r)
+        self.scrub_repairs = Counter("scrub_repairs", "Pages scrub repaired from a good copy.",
+                                     namespace=ns, registry=r)
+        self.scrub_unrepairable = Counter("scrub_unrepairable", "Damaged pages scrub found no "
+                                          "good copy for.", namespace=ns, registry=r)
+        for kind in ("checksum", "divergent"):
+            self.scrub_errors.labels(kind)
         self.capacity = Gauge("capacity_bytes", "Chunk space this host offers.", namespace=ns, registry=r)
         self.used = Gauge("used_bytes", "Chunk space in use on this host.", namespace=ns, registry=r)
         self.up = Gauge("up", "1 while blockd serves, 0 while it starts or stops.", namespace=ns, registry=r)
@@ -145,6 +160,20 @@ class Metrics:
 
     def repaired(self, n: int = 1) -> None:
         self.repairs.inc(n)
+
+    def scrubbed(self, chunks: int, pages: int, nbytes: int) -> None:
+        self.scrub_chunks.inc(chunks)
+        self.scrub_pages.inc(pages)
+        self.scrub_bytes.inc(nbytes)
+
+    def scrub_error(self, kind: str, pages: int) -> None:
+        self.scrub_errors.labels(kind).inc(pages)
+
+    def scrub_repaired(self, pages: int) -> None:
+        self.scrub_repairs.inc(pages)
+
+    def scrub_unrepairable(self, pages: int) -> None:
+        self.scrub_unrepairable.inc(pages)
 
     def set_recovery(self, chunks: int, nbytes: int) -> None:
         self.recovery_chunks.set(chunks)

@@ -29,6 +29,7 @@ from replicator.gateway import ClusterView, VolumeGateway
 from replicator.migration import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
+from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore
 from vbp.cluster import HostRecord
@@ -283,6 +284,10 @@ class Blockd:
             self.resync.on_progress = self.metrics.set_recovery
             if cfg.recovery_rate:
                 self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
+            # a pass waits longer than a peer timeout before judging a divergence
+            self.scrubber = Scrubber(cfg.host_id, self.replica, self.cluster, None, self.registry,
+                                     metrics=self.metrics, rate=cfg.scrub_rate,
+                                     settle=cfg.peer_timeout + 1)
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)
@@ -295,6 +300,7 @@ class Blockd:
                 self.resync.pool = pool
                 self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
                                           grace=max(2 * cfg.lease_ttl, 5.0))
+                self.scrubber.pool = pool
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
@@ -314,6 +320,7 @@ class Blockd:
                 nursery.start_soon(self._move_data)
                 nursery.start_soon(self._refresh_stale)
                 nursery.start_soon(self._watch_volumes)
+                nursery.start_soon(self.scrubber.run_loop, cfg.scrub_interval)
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
                          nbd_host, self.nbd_port, self.cluster.epoch)
                 nursery.start_soon(self._watchdog)
@@ -392,6 +399,7 @@ class Blockd:
             "capacity": st.capacity, "used": st.used, "free": st.free, "chunks": st.chunks,
             "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
             "resync_bytes": rs.bytes_copied, "time": time.time(),
+            "scrub": self.scrubber.last,
         }
 
     async def drain(self, timeout: float = 10.0) -> None:

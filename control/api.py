@@ -202,3 +202,59 @@ def wait_healthy(reg, *, timeout: float, poll: float = 0.5, progress=None) -> No
             raise VbpError(f"pool not healthy after {timeout:.0f}s: {stale} stale copies"
                            + (f", {st['moving_chunks']} chunks moving" if st["leaving"] is not None else ""))
         time.sleep(poll)
+
+
+# --- scrub (replicator/scrub.py) ---------------------------------------------------------------
+
+SCRUB_FINISHED = ("done", "failed")
+
+
+def request_scrub(reg, volume: str = "") -> tuple[int, list[str]]:
+    """Ask every host that is not down to scrub now: the chunks it is the first up replica
+    of (of `volume` only, when given). Returns the request id and the hosts asked."""
+    if volume:
+        get_volume(reg, volume)
+    hosts = [h.id for h in reg.cluster_map().hosts if h.state != "down"]
+    if not hosts:
+        raise VbpError("no host is up to scrub")
+    return reg.request_scrub(hosts, volume), hosts
+
+
+def wait_scrub(reg, rid: int, hosts, *, timeout: float = 0, poll: float = 0.5,
+               progress=None) -> dict[str, dict]:
+    """Wait until every asked host has finished request `rid` (or went down, or `timeout`
+    seconds passed; 0: no limit). `progress(done, total)` gets chunk counts as they move.
+    A host that did not finish is in the result with state "down" or "unfinished"."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        results = reg.scrub_results(rid)
+        if progress is not None:
+            progress(sum(r.get("chunks_done", 0) for r in results.values()),
+                     sum(r.get("chunks_total", 0) for r in results.values()))
+        pending = [h for h in hosts if results.get(h, {}).get("state") not in SCRUB_FINISHED]
+        if not pending:
+            return results
+        down = {h.id for h in reg.cluster_map().hosts if h.state == "down"}
+        expired = deadline is not None and time.monotonic() > deadline
+        if expired or all(h in down for h in pending):
+            for h in pending:
+                results[h] = {**results.get(h, {}), "state": "down" if h in down else "unfinished"}
+            return results
+        time.sleep(poll)
+
+
+def scrub_summary(results: dict[str, dict]) -> dict:
+    """Totals over the hosts' results; `ok` when every host finished and every damaged
+    page was repaired."""
+    keys = ("chunks", "pages", "bytes", "repaired", "unrepairable", "busy", "unreachable")
+    total = {k: sum(r.get(k, 0) for r in results.values()) for k in keys}
+    errors: dict[str, int] = {}
+    for r in results.values():
+        for kind, n in r.get("errors", {}).items():
+            errors[kind] = errors.get(kind, 0) + n
+    total["errors"] = errors
+    total["error_pages"] = sum(errors.values())
+    total["unrepaired"] = total["error_pages"] - total["repaired"]
+    total["ok"] = (total["unrepaired"] == 0
+                   and all(r.get("state") == "done" for r in results.values()))
+    return total

@@ -1,6 +1,7 @@
 """The `vbp` command: thin click layer over control.api and blockd.sandbox.
 
-Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable.
+Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable,
+5 `vbp pool scrub` found damage it could not repair (or a host did not finish).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 from vbp.errors import NotFound, RegistryUnavailable, VbpError
 from vbp.layout import format_size
 
-EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY = 1, 2, 3, 4
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE = 1, 2, 3, 4, 5
 
 
 class State:
@@ -627,7 +628,8 @@ def pool_status(state, wait, timeout):
                       "capacity": st.get("capacity", h.capacity), "used": st.get("used"),
                       "free": st.get("free"), "chunks": st.get("chunks"),
                       "checksum_errors": st.get("checksum_errors"),
-                      "resync_bytes": st.get("resync_bytes")})
+                      "resync_bytes": st.get("resync_bytes"),
+                      "scrub": st.get("scrub")})  # the host's last scrub pass, if any
     total = sum(x["capacity"] or 0 for x in hosts)
     used = sum(x["used"] or 0 for x in hosts)
     from control import api
@@ -670,6 +672,72 @@ def completion(shell):
 
     comp = get_completion_class(shell)(main, {}, "vbp", "_VBP_COMPLETE")
     click.echo(comp.source())
+@pool.command("scrub")
+@click.option("--volume", metavar="NAME", help="Scrub only this volume (and its snapshots).")
+@click.option("--timeout", type=click.FloatRange(0), default=0, show_default=True,
+              help="Seconds to wait for the hosts; 0: until they finish.")
+@json_flag
+@click.pass_obj
+def pool_scrub(state, volume, timeout):
+    """Verify every chunk on all its replicas now and repair bad copies.
+
+    Every host that is up rereads the chunks it is the first replica of, checks each 4 KiB
+    page against its checksum, compares versions and checksums with the other replicas,
+    and rewrites a rotten or divergent copy from the agreeing good ones. Blockd does the
+    same in the background every `scrub_interval` seconds. Counts are in pages. Exits with
+    status 5 if a damaged page could not be repaired or a host did not finish.
+
+    \b
+    Examples:
+      vbp pool scrub
+      vbp pool scrub --volume web1 --json
+    """
+    from control import api
+
+    reg = state.registry()
+    rid, hosts = api.request_scrub(reg, volume or "")
+    with _count_bar(state, f"scrub {volume or 'pool'}") as progress:
+        results = api.wait_scrub(reg, rid, hosts, timeout=timeout, progress=progress)
+    total = api.scrub_summary(results)
+    data = {"id": rid, "volume": volume or "", "hosts": results, "total": total}
+
+    def human():
+        table(["HOST", "STATE", "CHUNKS", "VERIFIED", "ERRORS", "REPAIRED", "UNREPAIRABLE", "BUSY"],
+              [(h, r.get("state", "-"), r.get("chunks", 0), format_size(r.get("bytes", 0)),
+                _kinds(r.get("errors", {})), r.get("repaired", 0), r.get("unrepairable", 0),
+                r.get("busy", 0)) for h, r in sorted(results.items())])
+        failed = [f"{h}: {r['error']}" for h, r in sorted(results.items()) if r.get("error")]
+        for line in failed:
+            click.echo(f"failed on {line}", err=True)
+        click.echo(f"\n{total['chunks']} chunks checked, {total['error_pages']} damaged pages found, "
+                   f"{total['repaired']} repaired, {total['unrepaired']} not repaired"
+                   + ("" if total["ok"] else " -- NOT CLEAN"))
+
+    out(state, data, human)
+    if not total["ok"]:
+        sys.exit(EXIT_DAMAGE)
+
+
+def _kinds(errors: dict) -> str:
+    if not errors:
+        return "0"
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(errors.items()))
+
+
+@contextmanager
+def _count_bar(state, description):
+    """A rich progress bar of chunk counts on stderr when it is a terminal (never with
+    --json); yields the progress callable, or None."""
+    if state.json or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total or None)
 
 
 if __name__ == "__main__":

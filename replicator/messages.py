@@ -231,9 +231,69 @@ class Gens:
     gens: tuple[int, ...]
 
 
+# --- scrub (ids 40..49, kept apart from recovery's so parallel work never collides) -----------
+
+
+@_message(40)
+@dataclass(frozen=True, slots=True)
+class ScrubChunk:
+    """Verify your copy of chunk (lineage, index, gen): reread every page and check it
+    against its stored checksum (replicator/scrub.py)."""
+
+    lineage: str
+    index: int
+    gen: int
+    epoch: int
+
+
+@_message(41)
+@dataclass(frozen=True, slots=True)
+class ScrubState:
+    """Reply to ScrubChunk. `checksums`: the stored xxhash per 4 KiB page (0 = hole);
+    `bad`: pages whose bytes do not match their stored checksum; `stale`: this host knows
+    its copy is stale (being resynced). All empty when the chunk does not exist."""
+
+    exists: bool
+    stale: bool
+    version: int
+    checksums: tuple[int, ...]
+    bad: tuple[int, ...]
+
+
+@_message(42)
+@dataclass(frozen=True, slots=True)
+class RepairPages:
+    """Overwrite pages [first, first + len(expect)) of chunk (lineage, index, gen) with
+    `data` (or make them holes when `hole`), but only if their stored checksums are still
+    `expect` and the chunk's version is still `version`: a write that landed since the
+    scrubber looked wins, and the scrubber looks again on its next pass. The version is
+    kept (a repair is not a new write)."""
+
+    lineage: str
+    index: int
+    gen: int
+    chunk_size: int
+    first: int
+    expect: tuple[int, ...]
+    version: int
+    hole: bool
+    epoch: int
+    data: bytes
+
+
+@_message(43)
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    """Reply to RepairPages: `applied` is False when the pages changed meanwhile."""
+
+    applied: bool
+    version: int
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
-    ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens,
+    ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ScrubChunk, ScrubState,
+    RepairPages, Repaired,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -247,4 +307,6 @@ REPLY_TYPES: dict[type, type] = {
     ChunkState: ChunkStateReply,
     ChunkExtents: Extents,
     ChunkGens: Gens,
+    ScrubChunk: ScrubState,
+    RepairPages: Repaired,
 }

@@ -205,16 +205,39 @@ class Resync:
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
                 data = reply.data
-            # No await from here to the write: the page check and the write are atomic.
-            version, now = self._local_sums(key, len(remote))
-            if now[first:first + count] != local[first:first + count]:
+            if not write_pages_if_unchanged(self.store, key, chunk_size, first,
+                                            local[first:first + count], data,
+                                            min_version=st.version):
                 continue  # a newer write landed meanwhile: the next pass looks again
-            version = max(version, st.version) or None
-            if hole:
-                if self.store.info(key) is not None:
-                    self.store.zero(key, off, length, chunk_size=chunk_size, version=version)
-            else:
-                self.store.write(key, off, data, chunk_size=chunk_size, version=version)
+            if not hole:
                 self.stats.bytes_copied += length
             copied += count
         return copied
+
+
+def write_pages_if_unchanged(store, key: ChunkKey, chunk_size: int, first: int, expect,
+                             data, *, min_version: int = 0, expect_version: int | None = None,
+                             fua: bool = False) -> bool:
+    """Overwrite pages [first, first+len(expect)) of `key` with `data` (None: make them
+    holes) only if their stored checksums are still `expect` (and the chunk's version still
+    `expect_version`, when given). Synchronous, no await between the check and the write,
+    so no other write interleaves: a page changed since the caller looked is left alone
+    (returns False) and the caller looks again. Used by resync and by scrub repairs. The
+    version becomes max(current, min_version): a copy never goes back in version."""
+    count = len(expect)
+    try:
+        version, now = store.page_checksums(key)
+    except NotFound:
+        version, now = 0, [0] * (chunk_size // PAGE_SIZE)
+    if list(now[first:first + count]) != list(expect):
+        return False
+    if expect_version is not None and version != expect_version:
+        return False
+    version = max(version, min_version) or None
+    off, length = first * PAGE_SIZE, count * PAGE_SIZE
+    if data is None:
+        if store.info(key) is not None:
+            store.zero(key, off, length, chunk_size=chunk_size, version=version, fua=fua)
+    else:
+        store.write(key, off, data, chunk_size=chunk_size, version=version, fua=fua)
+    return True

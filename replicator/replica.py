@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from replicator import messages as m
+from replicator.scrub import repair_copy, verify_copy
 from vbp.errors import Fenced, PeerUnavailable, StaleEpoch
 
 
@@ -142,6 +143,10 @@ class Replica:
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
         if isinstance(msg, m.ChunkGens):
             return m.Gens(tuple(sorted(k.gen for k in self.store.keys(msg.lineage) if k.index == msg.index)))
+        if isinstance(msg, m.ScrubChunk):
+            return verify_copy(self, msg)
+        if isinstance(msg, m.RepairPages):
+            return repair_copy(self, msg)
         if isinstance(msg, m.Ping):
             return m.Pong(self.host_id, self._epoch())
         from vbp.errors import InvalidArgument

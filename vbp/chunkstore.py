@@ -674,3 +674,22 @@ class ChunkStore:
         if len(self._chunks) != sum(1 for w in owners.values() for x in w if x.startswith("chunk")):
             problems.append("memory holds chunks the index does not")
         return problems
+
+
+def read_index(path: str | os.PathLike) -> dict[ChunkKey, ChunkInfo]:
+    """Where each chunk lives in the store at `path`, read from its index without opening the
+    store (it may be open in a running blockd): for inspection and for tests that damage a
+    data file on purpose (`data-<size>.bin`, slot n at n * chunk_size)."""
+    env = lmdb.open(str(Path(path) / "index"), subdir=True, max_dbs=8, readonly=True)
+    try:
+        db = env.open_db(b"chunks", create=False)
+        with env.begin() as txn:
+            out = {}
+            for k, v in txn.cursor(db=db):
+                slot, cs, version, state = msgpack.unpackb(v)
+                if state == READY:
+                    key = dec_key(k)
+                    out[key] = ChunkInfo(key, cs, version, slot)
+            return out
+    finally:
+        env.close()

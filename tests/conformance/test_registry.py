@@ -471,3 +471,17 @@ def test_data_set_compare_and_set_and_remove_guard(reg):
     reg.mark_scanned("h1", 3)
     assert reg.scanned() == {"h1": 3}
     assert [h.id for h in reg.remove_host("h2").hosts] == ["h1"]
+
+
+def test_scrub_request_and_results(reg):
+    assert reg.scrub_request() is None
+    rid = reg.request_scrub(["h2", "h1"], volume="v")
+    req = reg.scrub_request()
+    assert (req["id"], req["volume"], req["hosts"]) == (rid, "v", ["h1", "h2"])
+    reg.put_scrub_result(rid, "h1", {"state": "running", "chunks_done": 1})
+    reg.put_scrub_result(rid, "h1", {"state": "done", "errors": {"checksum": 2}})
+    reg.put_scrub_result(rid, "h2", {"state": "failed", "error": "x"})
+    assert reg.scrub_results(rid) == {"h1": {"state": "done", "errors": {"checksum": 2}},
+                                      "h2": {"state": "failed", "error": "x"}}
+    rid2 = reg.request_scrub(["h1"])
+    assert rid2 > rid and reg.scrub_results(rid) == {} and reg.scrub_request()["volume"] == ""

@@ -359,3 +359,29 @@ def test_completion_script_and_completion(shell):
     assert "volume" in got and "sandbox" not in got
     got = ask("vbp host d")
     assert "drain" in got and "remove" not in got
+
+
+# --- pool scrub (the whole path with real hosts: tests/faults/test_scrub_faults.py) --------
+
+
+def test_pool_scrub_with_no_host_up_is_one_error_line(vbp):
+    one_error_line(vbp("pool", "scrub", code=EXIT_ERROR), "no host is up")
+
+
+def test_pool_scrub_of_an_unknown_volume_is_not_found(vbp):
+    one_error_line(vbp("pool", "scrub", "--volume", "nope", code=EXIT_NOT_FOUND), "nope")
+
+
+def test_pool_scrub_reports_hosts_that_never_answer_and_exits_5(vbp, reg_url):
+    from vbp.cluster import HostRecord
+
+    reg = open_registry(reg_url)
+    reg.register_host(HostRecord("h1", "127.0.0.1:1", "127.0.0.1:2"), 60)
+    r = vbp("--json", "pool", "scrub", "--timeout", "0.5", code=5)
+    out = js(r)
+    assert out["hosts"]["h1"]["state"] == "unfinished" and out["total"]["ok"] is False
+    assert reg.scrub_request()["hosts"] == ["h1"]
+    # a host's result is shown as it wrote it
+    reg.put_scrub_result(out["id"] + 1, "h1", {})  # an unrelated id changes nothing
+    r = vbp("pool", "scrub", "--timeout", "0.5", code=5)
+    assert "h1" in r.stdout and "NOT CLEAN" in r.stdout

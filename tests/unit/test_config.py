@@ -34,6 +34,8 @@ VALUES = {
     "peer_timeout": ("2.5", 2.5),
     "gc_interval": ("30", 30.0),
     "recovery_rate": ('"16M"', 16 * 1024**2),
+    "scrub_interval": ("3600", 3600.0),
+    "scrub_rate": ('"100M"', 100 * 1024**2),
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
@@ -82,7 +84,8 @@ def test_flags_override_the_file(tmp_path):
     flags = {"host_id": "h9", "data_dir": "/d9", "registry": "lmdb:///r9", "listen": "127.0.0.1:1",
              "nbd": "127.0.0.1:2", "zone": "z9", "pod": "p9", "capacity": "3G", "cluster": "c9",
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
-             "recovery_rate": "0", "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3"}
+             "recovery_rate": "0", "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
+             "scrub_interval": 0, "scrub_rate": "1M"}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -90,6 +93,7 @@ def test_flags_override_the_file(tmp_path):
     assert cfg.capacity == 3 * 1024**3 and cfg.recovery_rate == 0
     assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
+    assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
 
 
 def test_flags_left_unset_keep_the_file_values(tmp_path):
@@ -236,3 +240,12 @@ def test_operator_guide_documents_every_key():
     guide = (ROOT / "docs" / "operator-guide.md").read_text()
     missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in guide]
     assert not missing, f"docs/operator-guide.md does not document {missing}"
+
+
+def test_scrub_interval_zero_turns_it_off_and_negative_values_are_refused(tmp_path):
+    cfg = load(write(tmp_path, REQUIRED + "scrub_interval = 0\nscrub_rate = 0\n"), {})
+    assert cfg.scrub_interval == 0 and cfg.scrub_rate == 0
+    assert names_key(refused(write(tmp_path, REQUIRED + "scrub_interval = -1\n", "a.toml")),
+                     "scrub_interval")
+    assert names_key(refused(write(tmp_path, REQUIRED + 'scrub_rate = "fast"\n', "b.toml")),
+                     "scrub_rate")

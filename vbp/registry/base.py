@@ -12,6 +12,8 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/ctr/<name>           an id counter
     vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
     vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
+    vbp/scrub/request        {"id", "volume", "hosts", "time"}: the last `vbp pool scrub`
+    vbp/scrub/result/<id:016x>/<host>   that host's progress, then its result
 
 Epoch rule: cluster_map() reads vbp/cluster/ in one snapshot, derives each host's
 effective state (a host whose alive key is gone is "down" unless in maintenance) and hashes
@@ -62,7 +64,9 @@ P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
-P_STATS = b"vbp/stats/"  # per-host usage, published with the heartbeat (not part of the map)
+P_STATS = b"vbp/stats/"
+K_SCRUB = b"vbp/scrub/request"
+P_SCRUB_RESULT = b"vbp/scrub/result/"  # per-host usage, published with the heartbeat (not part of the map)
 
 CAS_ATTEMPTS = 1000
 
@@ -443,3 +447,29 @@ class Registry:
             if ok:
                 return
         raise self._contended(f"clear stale {lineage}/{index} on {host_id}")
+
+    # --- scrub requests (replicator/scrub.py) ---------------------------------------------
+
+    def request_scrub(self, hosts: Iterable[str], volume: str = "") -> int:
+        """Ask `hosts` to scrub now (one volume, or everything); returns the request id.
+        Results of earlier requests are dropped: only the last request is kept."""
+        rid = self.next_id("scrub")
+        items, _ = self.kv.range(P_SCRUB_RESULT)
+        ops = [Delete(it.key) for it in items]
+        ops.append(Put(K_SCRUB, _pack({"id": rid, "volume": volume, "hosts": sorted(hosts),
+                                       "time": time.time()})))
+        self.kv.txn([], ops)
+        return rid
+
+    def scrub_request(self) -> dict | None:
+        item, _ = self.kv.get(K_SCRUB)
+        return None if item is None else _unpack(item.value)
+
+    def put_scrub_result(self, rid: int, host_id: str, result: dict) -> None:
+        key = P_SCRUB_RESULT + b"%016x/" % rid + _name("host id", host_id)
+        self.kv.txn([], [Put(key, _pack(result))])
+
+    def scrub_results(self, rid: int) -> dict[str, dict]:
+        prefix = P_SCRUB_RESULT + b"%016x/" % rid
+        items, _ = self.kv.range(prefix)
+        return {it.key[len(prefix):].decode(): _unpack(it.value) for it in items}
