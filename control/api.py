@@ -151,7 +151,7 @@ def data_set_status(reg) -> dict:
     cmap = reg.cluster_map()
     out = {"generation": cmap.mgen, "hosts": list(cmap.data_set),
            "leaving": None if cmap.prev is None else list(cmap.prev),
-           "moving_chunks": 0, "moving_bytes": 0, "unscanned": []}
+           "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": []}
     if cmap.prev is not None:
         n_of: dict[str, int] = {}
         sizes: dict[str, int] = {}
@@ -161,6 +161,12 @@ def data_set_status(reg) -> dict:
         left = blocking(cmap, reg.list_stale(), n_of, reg.scanned(), sizes)
         out["moving_chunks"], out["unscanned"] = left["chunks"], left["unscanned"]
         out["moving_bytes"] = left["bytes"]
+        # a target that cannot take what it must receive keeps the change from completing
+        stats = reg.host_stats()
+        out["short_of_space"] = [
+            {"host": h, "needs": need, "free": stats[h]["free"]}
+            for h, need in sorted(left["by_host"].items())
+            if h in stats and stats[h].get("free") is not None and stats[h]["free"] < need]
     return out
 
 

@@ -654,6 +654,10 @@ def pool_status(state, wait, timeout):
                        f"{','.join(ds['leaving'])} -> {','.join(ds['hosts'])}; "
                        f"{ds['moving_chunks']} chunks to move (at most {format_size(ds['moving_bytes'])})"
                        + (f"; waiting for {','.join(ds['unscanned'])} to scan" if ds["unscanned"] else ""))
+            for x in ds["short_of_space"]:
+                click.echo(f"warning: {x['host']} must receive up to {format_size(x['needs'])} but has "
+                           f"{format_size(x['free'])} free: the change cannot complete until space is "
+                           f"freed or a host is added")
 
     out(state, data, human)
 

@@ -60,15 +60,18 @@ def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str,
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
     if cmap.prev is None:
-        return {"unscanned": [], "chunks": 0, "bytes": 0}
+        return {"unscanned": [], "chunks": 0, "bytes": 0, "by_host": {}}
     view = ClusterView(cmap)
     unscanned = sorted(h for h in cmap.prev if (rec := cmap.host(h)) is not None
                        and rec.state != HOST_DOWN and scanned.get(h) != cmap.mgen)
     moving = [r for r in records if r.lineage in n_of
               and r.host_id in view.joining(r.lineage, r.index, n_of[r.lineage])]
     sizes = chunk_sizes or {}
-    return {"unscanned": unscanned, "chunks": len(moving),
-            "bytes": sum(sizes.get(r.lineage, 0) for r in moving)}
+    by_host: dict[str, int] = {}
+    for r in moving:
+        by_host[r.host_id] = by_host.get(r.host_id, 0) + sizes.get(r.lineage, 0)
+    return {"unscanned": unscanned, "chunks": len(moving), "bytes": sum(by_host.values()),
+            "by_host": by_host}
 
 
 class DataSetMover:

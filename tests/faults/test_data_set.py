@@ -228,3 +228,71 @@ def test_lost_host_returns_after_recovery(tmp_path):
         check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
     finally:
         sb.down()
+
+
+def test_thrash(tmp_path):
+    """In the style of Ceph's thrashosds: a writer keeps writing through host1 while a
+    seeded loop kills and restarts hosts, adds one and drains one; then the pool heals and
+    every chunk must be on exactly its placed hosts with every acknowledged write, and no
+    copy left anywhere else."""
+    import os
+    import random
+
+    seed = int(os.environ.get("THRASH_SEED", random.randrange(1000)))
+    print(f"thrash seed {seed} (replay: THRASH_SEED={seed})")
+    rng = random.Random(seed)
+    sb = SandboxHandle(tmp_path / "sb", 5)
+    start(sb, 4)
+    hosts = 4
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=seed)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 200)
+        down: str | None = None
+        drained: str | None = None
+        for step in range(6):
+            others = [f"host{i}" for i in range(2, hosts + 1) if f"host{i}" not in (down, drained)]
+            moves = ["kill"] if down is None and len(others) > 2 else []
+            moves += ["restart"] if down else []
+            moves += ["add"] if hosts < 5 else []
+            moves += ["drain"] if drained is None and down is None and len(others) > 3 else []
+            moves += ["undrain"] if drained else []
+            move = rng.choice(moves)
+            if move == "kill":
+                target = down = rng.choice(others)
+                kill(sb, int(down[4:]) - 1)
+            elif move == "restart":
+                target, down = down, None
+                start(sb, hosts)
+            elif move == "add":
+                hosts += 1
+                target = f"host{hosts}"
+                start(sb, hosts)
+            elif move == "drain":
+                target = drained = rng.choice(others)
+                sb.vbp("host", "drain", drained)
+            else:
+                target, drained = drained, None
+                sb.vbp("host", "undrain", target)
+            print(f"step {step}: {move} {target}")
+            w.write(h, 60)  # writes never fail: at most one host is down
+            time.sleep(rng.uniform(0, 4))
+            w.write(h, 20)
+        if down:
+            start(sb, hosts)
+        if drained:
+            sb.vbp("host", "undrain", drained)
+        write_until(h, w, lambda: sb.vbp("pool", "status", "--wait", "--timeout", "1", check=False).returncode == 0,
+                    240, "healthy pool")
+
+        def no_strays() -> bool:
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return (st["data_set"]["leaving"] is None and st["degraded_chunks"] == 0 and
+                    sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked}))
+        write_until(h, w, no_strays, 120, "no stray copies")
+        w.verify(h)
+        h.shutdown()
+        check_placed_copies(sb, [f"host{i}" for i in range(1, hosts + 1)], "r3", w)
+    finally:
+        sb.down()
