@@ -170,12 +170,12 @@ class KillLoop:
                 h.shutdown()
             except nbd.Error:
                 pass
-            h.close()
 
     def _write(self, h, v: Vol, rng: random.Random, fua: bool) -> tuple[int, int]:
         import nbd
 
-        off = rng.randrange(v.size // BLOCK) * BLOCK
+        # an NBD connection keeps the size it was opened with; a grow shows on the next one
+        off = rng.randrange(min(v.size, h.get_size()) // BLOCK) * BLOCK
         v.seq += 1
         seq = v.seq
         v.inflight.setdefault(off, set()).add(seq)  # until acknowledged
@@ -358,9 +358,9 @@ class KillLoop:
             return b"".join(h.pread(min(CHUNK, size - o), o) for o in range(0, size, CHUNK))
         finally:
             h.shutdown()
-            h.close()
 
     def verify(self) -> None:
+        self.stats["inflight"] += sum(len(s) for v in self.vols.values() for s in v.inflight.values())
         for v in self.vols.values():
             host = self.rng.randrange(self.sb.n)
             data = self.read_all(v.name, v.size, host)
