@@ -414,6 +414,10 @@ class VolumeGateway:
 
     async def _replicate_piece(self, p, msg) -> None:
         cv = self.cluster
+        if len(cv.replicas(self.lineage, p.index, self.n)) < self.min_size and self.refresh_map:
+            # this write cannot succeed on the map we hold: it may be stale (hosts that
+            # joined the data set since our last refresh, e.g. just after the pool started)
+            await self.refresh_map()
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
         if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:
