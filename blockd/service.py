@@ -33,11 +33,11 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore
 from vbp.cluster import HostRecord
-from vbp.errors import LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.volume import (
-    VolumeRecord, complete_snapshot, needed_gens, readers, split_export_name, view_of,
+    Reader, VolumeRecord, complete_snapshot, needed_gens, readers, split_export_name, view_of,
 )
 
 log = logging.getLogger("vbp.blockd")
@@ -82,12 +82,69 @@ class VolumeProvider:
         name, snap = split_export_name(export)
         async with self._lock:
             gw = self.gateways.get(export)
-            if gw is None or gw.fenced:
+            if gw is None or gw.fenced or gw.gone is not None:
                 gw = await self._open(export, name, snap)
                 self.gateways[export] = gw
                 self.refs[export] = 0
+                if gw.read_only:
+                    await self._hold_snapshot(export, gw)
             self.refs[export] += 1
         return gw
+
+    # Snapshot exports and garbage collection (issue 5: a deleted snapshot's chunks are
+    # freed and reused; an export still open must never serve them). Every host publishes
+    # its open snapshot exports with its stats, and GC on every host keeps what they read
+    # as if they were snapshots (Blockd.collect_garbage_once). The order makes it safe:
+    # - opening: publish first, then check the snapshot still exists; GC reads the
+    #   records before the stats, so a GC pass that missed the publication read records
+    #   from after the delete, and then our check after publishing sees the delete too;
+    # - deleting: a host notices within one record sync, fails the export's requests from
+    #   then on (Gone: EIO) and only then unpublishes it; a remote read that was under way
+    #   is checked again on return.
+    # `vbp volume delete NAME@SNAP` refuses a published snapshot unless --force.
+
+    def published(self) -> list[dict]:
+        """The snapshot exports open here, as readers that GC everywhere must keep."""
+        out = []
+        for export, gw in self.gateways.items():
+            if gw.read_only and gw.gone is None:
+                v = gw.view
+                out.append({"export": export, "lineage": gw.lineage, "chain": list(v.chain),
+                            "cuts": [list(c) for c in v.cuts], "size": v.size,
+                            "chunk_size": v.volume.chunk_size})
+        return out
+
+    async def _hold_snapshot(self, export: str, gw: VolumeGateway) -> None:
+        try:
+            await self.service.publish_stats()
+            if await self._snapshot_gone(gw):
+                raise NotFound(f"snapshot {export} was deleted")
+        except BaseException:
+            del self.gateways[export], self.refs[export]
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.service.publish_stats()
+                except VbpError as e:
+                    log.warning("volume=%s event=unpublish_failed error=%s", export, e)
+            raise
+
+    async def _republish(self) -> None:
+        try:
+            await self.service.publish_stats()
+        except VbpError as e:  # the next heartbeat publishes again
+            log.warning("event=stats_publish_failed error=%s", e)
+
+    async def _snapshot_gone(self, gw: VolumeGateway) -> bool:
+        """True (and the export fails from now on) if its snapshot no longer exists."""
+        name, snap = split_export_name(gw.name)
+        try:
+            rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
+            if view_of(rec, snap).chain == gw.view.chain:
+                return False
+        except NotFound:
+            pass
+        gw.set_gone(Gone(f"snapshot {gw.name} was deleted while exported"))
+        return True
 
     async def _open(self, export: str, name: str, snap: str | None) -> VolumeGateway:
         svc = self.service
@@ -163,7 +220,13 @@ class VolumeProvider:
         set_qos(gw, rec)
 
     async def sync_records(self) -> None:
+        gone = False
         for export, gw in list(self.gateways.items()):
+            if gw.read_only and gw.gone is None:
+                try:
+                    gone = await self._snapshot_gone(gw) or gone
+                except VbpError as e:
+                    log.warning("volume=%s event=record_sync_failed error=%s", export, e)
             if gw.read_only or gw.fenced:
                 continue
             try:
@@ -172,6 +235,8 @@ class VolumeProvider:
                 gw._fence(NotFound(f"volume {gw.view.volume.name!r} was deleted"))
             except VbpError as e:
                 log.warning("volume=%s event=record_sync_failed error=%s", export, e)
+        if gone:
+            await self._republish()
 
     async def _acquire(self, name: str):
         """Take the volume's write lease. A lease still held elsewhere is waited for up to
@@ -198,6 +263,8 @@ class VolumeProvider:
         if self.refs[export] > 0:
             return None
         del self.gateways[export], self.refs[export]
+        if gw.read_only:  # unpublish now rather than at the next heartbeat
+            self.service.nursery.start_soon(self._republish)
         lease = self.leases.pop(export, None)
         try:
             self.service.store.flush()
@@ -261,6 +328,7 @@ class Blockd:
         self.provider = VolumeProvider(self)
         self.peer_port = 0
         self.nbd_port = 0
+        self._stats_lock = trio.Lock()  # one publication at a time, each one current
 
     def host_record(self) -> HostRecord:
         peer_host, _ = parse_hostport(self.cfg.listen, "listen")
@@ -311,7 +379,7 @@ class Blockd:
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))
                 cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
                 self.cluster.set_map(cmap)
-                await self.registry.publish_stats(cfg.host_id, self.stats(), cfg.heartbeat_ttl)
+                await self.publish_stats()
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
@@ -400,7 +468,14 @@ class Blockd:
             "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
             "resync_bytes": rs.bytes_copied, "time": time.time(),
             "scrub": self.scrubber.last,
+            "exports": self.provider.published(),
         }
+
+    async def publish_stats(self) -> None:
+        """Publish stats(), including the open snapshot exports that GC must respect. Under
+        a lock and computed inside it: an older list never lands after a newer one."""
+        async with self._stats_lock:
+            await self.registry.publish_stats(self.cfg.host_id, self.stats(), self.cfg.heartbeat_ttl)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful stop, step one: let replicated writes under way finish, then make
@@ -421,7 +496,7 @@ class Blockd:
             await trio.sleep(period)
             try:
                 await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl)
-                await self.registry.publish_stats(self.cfg.host_id, self.stats(), self.cfg.heartbeat_ttl)
+                await self.publish_stats()
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:
@@ -482,6 +557,13 @@ class Blockd:
             return 0
         recs = [VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()]
         by_lineage = readers(recs)
+        # after the records: open snapshot exports keep their chunks (VolumeProvider)
+        exports = [e for st in (await self.registry.host_stats()).values()
+                   for e in st.get("exports", ())]
+        for e in exports + self.provider.published():
+            by_lineage.setdefault(e["lineage"], []).append(
+                Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
+                       e["chunk_size"]))
         freed = 0
         for (lineage, index), gens in local.items():
             keep = needed_gens(by_lineage.get(lineage, ()), index, gens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from vbp.errors import InvalidArgument, NotFound, VbpError
+from vbp.errors import InUse, InvalidArgument, NotFound, VbpError
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
@@ -37,15 +37,51 @@ def list_volumes(reg) -> list[VolumeRecord]:
     return sorted((VolumeRecord.from_dict(d) for d in reg.list_volumes()), key=lambda v: v.name)
 
 
-def delete_volume(reg, name: str) -> None:
+def open_snapshot_exports(reg, volume: str, snap: str | None = None) -> list[tuple[str, str]]:
+    """(host, export) of every open NBD export of a snapshot of `volume` (of `snap` only
+    when given), as the hosts publish them (blockd: published while open, and before the
+    first read is served)."""
+    out = []
+    for host, st in sorted(reg.host_stats().items()):
+        for e in st.get("exports", ()):
+            export = e.get("export", "") if isinstance(e, dict) else ""
+            vol, _, s = export.partition("@")
+            if vol == volume and s and (snap is None or s == snap):
+                out.append((host, export))
+    return out
+
+
+def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float) -> None:
+    """Like `rbd rm` with watchers: no deleting what a client reads. A client that just
+    disconnected is unpublished within moments, so wait a little before refusing."""
+    deadline = time.monotonic() + wait
+    while True:
+        users = open_snapshot_exports(reg, vol, snap)
+        if not users:
+            return
+        if time.monotonic() > deadline:
+            where = ", ".join(f"{e} on {h}" for h, e in users)
+            what = f"snapshot {name}" if snap else f"volume {name}: its snapshot export"
+            raise InUse(f"{what} is open by NBD clients ({where}); disconnect them, or use "
+                        "--force (their reads then fail with EIO)")
+        time.sleep(0.1)
+
+
+def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> None:
     """Delete a volume, or a snapshot when `name` is NAME@SNAP. Hosts free the chunks no
-    reader needs any more in the background (vbp.volume.needed_gens)."""
+    reader needs any more in the background (vbp.volume.needed_gens). A snapshot that is
+    exported over NBD somewhere is refused with InUse unless `force`; forced, the open
+    exports fail every request with EIO (blockd keeps the chunks until they noticed)."""
     vol, sep, snap = name.partition("@")
     if sep:
         get_volume(reg, vol).snapshot(snap)
+        if not force:
+            _refuse_in_use(reg, name, vol, snap, wait)
         reg.update_volume(vol, lambda d: delete_snapshot(VolumeRecord.from_dict(d), snap).to_dict())
         return
     rec = get_volume(reg, name)
+    if not force and rec.snapshots:
+        _refuse_in_use(reg, name, vol, None, wait)
     reg.delete_volume(rec.name)
 
 

@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable,
 5 `vbp pool scrub` found damage it could not repair (or a host did not finish).
+6 in use (e.g. deleting a snapshot an NBD client has open; --force overrides).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from vbp.errors import NotFound, RegistryUnavailable, VbpError
+from vbp.errors import InUse, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import format_size
 
-EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE = 1, 2, 3, 4, 5
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE, EXIT_IN_USE = 1, 2, 3, 4, 5, 6
 
 
 class State:
@@ -58,6 +59,8 @@ class VbpGroup(click.Group):
             fail(str(e), EXIT_NOT_FOUND)
         except RegistryUnavailable as e:
             fail(str(e), EXIT_REGISTRY)
+        except InUse as e:
+            fail(str(e), EXIT_IN_USE)
         except VbpError as e:
             fail(str(e))
         except OSError as e:
@@ -317,11 +320,17 @@ def volume_show(state, name):
 
 @volume.command("delete")
 @click.argument("name", metavar="NAME|NAME@SNAP")
+@click.option("--force", is_flag=True,
+              help="Delete a snapshot even while NBD clients have it open (they get I/O errors).")
 @json_flag
 @click.pass_obj
-def volume_delete(state, name):
+def volume_delete(state, name, force):
     """Delete a volume, or one snapshot with NAME@SNAP; hosts free the chunks no volume
     or snapshot needs any more in the background.
+
+    A snapshot that an NBD client has open (export NAME@SNAP on any host) is not deleted
+    (exit code 6) unless --force; then that client's requests fail with EIO from then on.
+    The same holds for a volume whose snapshots are open.
 
     \b
     Examples:
@@ -330,7 +339,7 @@ def volume_delete(state, name):
     """
     from control import api
 
-    api.delete_volume(state.registry(), name)
+    api.delete_volume(state.registry(), name, force=force)
     what = "snapshot" if "@" in name else "volume"
     out(state, {"deleted": name}, lambda: click.echo(f"deleted {what} {name}"))
 

@@ -169,6 +169,9 @@ class VolumeGateway:
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._inflight = 0  # replicated writes under way
         self._drained: trio.Event | None = None
+        # set when the snapshot this read-only export serves was deleted (--force): every
+        # later request fails with it, since its chunks may be freed and reused
+        self.gone: Exception | None = None
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""
@@ -210,6 +213,11 @@ class VolumeGateway:
         if self.fenced:
             raise Fenced(f"this host no longer holds the write lease of {self.view.volume.name!r}")
 
+    def set_gone(self, exc: Exception) -> None:
+        if self.gone is None:
+            log.warning("volume=%s event=export_gone reason=%s", self.name, exc)
+            self.gone = exc
+
     def _fence(self, exc: Exception) -> None:
         if not self.fenced:
             log.warning("volume=%s event=fenced reason=%s", self.view.volume.name, exc)
@@ -240,6 +248,8 @@ class VolumeGateway:
         return self._read(offset, length)
 
     def _read(self, offset: int, length: int):
+        if self.gone is not None:
+            raise self.gone
         extents = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -265,6 +275,8 @@ class VolumeGateway:
     async def _read_remote(self, offset, extents, remote):
         for slot, p in remote:
             extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p))
+        if self.gone is not None:  # a peer may have collected the chunks meanwhile
+            raise self.gone
         return extents
 
     async def _read_piece(self, p):
@@ -402,6 +414,10 @@ class VolumeGateway:
 
     async def _replicate_piece(self, p, msg) -> None:
         cv = self.cluster
+        if len(cv.replicas(self.lineage, p.index, self.n)) < self.min_size and self.refresh_map:
+            # this write cannot succeed on the map we hold: it may be stale (hosts that
+            # joined the data set since our last refresh, e.g. just after the pool started)
+            await self.refresh_map()
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
         if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:
@@ -521,6 +537,8 @@ class VolumeGateway:
         return None
 
     def block_status(self, offset: int, length: int):
+        if self.gone is not None:
+            raise self.gone
         out: list = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -550,6 +568,8 @@ class VolumeGateway:
                 ext = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)] if reply.found else None
                 break
             out[slot] = ext
+        if self.gone is not None:
+            raise self.gone
         return _merge_status(out, pieces)
 
     def close(self):

@@ -269,6 +269,11 @@ class MemoryChunkStore:
         """Nothing can disagree in memory; here for API parity with ChunkStore."""
         return []
 
+    def check(self) -> list[str]:
+        """Pages that do not match their checksums (only `corrupt` makes any); API parity."""
+        return [f"chunk {k}: pages {bad[:8]} do not match their checksums"
+                for k in sorted(self._chunks) if (bad := self.verify(k))]
+
     def __enter__(self) -> MemoryChunkStore:
         return self
 

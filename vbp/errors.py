@@ -39,6 +39,19 @@ class ReadOnly(VbpError):
     errno = _errno.EPERM
 
 
+class InUse(VbpError):
+    """Refused: something is using it (a snapshot exported over NBD). --force overrides."""
+
+    errno = _errno.EBUSY
+
+
+class Gone(VbpError):
+    """What an open export served was deleted under it (snapshot delete --force): every
+    later request fails, never serving chunks that may be freed or reused."""
+
+    errno = _errno.EIO
+
+
 class OutOfRange(VbpError):
     errno = _errno.EINVAL
 

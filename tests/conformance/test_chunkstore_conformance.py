@@ -373,6 +373,16 @@ def test_verify_finds_rotten_pages(factory, store):
         store.verify(ChunkKey("nope", 0, 0))
 
 
+def test_check_reports_pages_that_disagree_with_their_checksums(factory, store):
+    store.write(K, 0, pattern(15, 3 * PAGE_SIZE), chunk_size=CS)
+    store.write(ChunkKey("lin", 1, 1), PAGE_SIZE, b"x", chunk_size=CS)
+    store.flush()
+    assert store.check() == []
+    factory.corrupt(store, K, 1)
+    problems = store.check()
+    assert len(problems) == 1 and "pages [1]" in problems[0] and str(K) in problems[0]
+
+
 def test_same_operations_same_checksums(tmp_path):
     """Scrub compares checksums across hosts: both stores must produce identical ones."""
     disk = ChunkStore(tmp_path / "d", 8 * CS)

@@ -152,6 +152,10 @@ class SimHost:
         self.incarnation += 1
 
     # what VolumeProvider calls on its service
+    async def publish_stats(self) -> None:
+        """Blockd.publish_stats: the open snapshot exports, which GC on every host keeps."""
+        await self.registry.publish_stats(self.id, {"exports": self.provider.published()}, WALL_TTL)
+
     async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
         out: dict[int, set[str]] = {}
         for r in await self.registry.list_stale(lineage):
