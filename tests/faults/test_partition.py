@@ -180,9 +180,13 @@ def test_partitioned_gateway_is_fenced_and_its_failed_writes_vanish(partition_po
 
     reg = open_registry(pool.registry)
     wait_for("every stale copy resynced", lambda: not reg.list_stale(), timeout=120, every=0.5)
-    assert reg.get_lease("p3").holder == "host2"
+    lease = reg.get_lease("p3")
+    assert lease is not None and lease.holder == "host2", f"lease of p3: {lease}"
     wb.verify(hb)
-    assert hb.pread(SPAN, 0) == bytes(expected)
+    now = hb.pread(SPAN, 0)
+    diff = [o for o in range(0, SPAN, BLOCK) if now[o:o + BLOCK] != expected[o:o + BLOCK]]
+    assert not diff, (f"{len(diff)} blocks read through host2 differ from what it expects; first at "
+                      f"{diff[0]}: {block_seq(now[diff[0]:diff[0] + BLOCK])}")
     hb.shutdown()
     try:
         ha.shutdown()
