@@ -63,6 +63,12 @@ class Pool:
             log.close()
         wait_for("every host up", lambda: host_states(self) == {f"host{i + 1}": "up" for i in range(HOSTS)},
                  timeout=60)
+        from vbp.registry import open_registry
+
+        with open_registry(self.registry) as reg:  # chunks are placed on data-set members only
+            wait_for("every host in the data set",
+                     lambda: (m := reg.cluster_map()).data is not None and len(m.data) == HOSTS
+                     and not m.migrating, timeout=60)
 
     @property
     def registry(self) -> str:
