@@ -41,3 +41,7 @@ def setup(host_id: str, level: str = "info", fmt: str = "kv") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # the etcd registry's HTTP client logs every request at info: a line per heartbeat
+    # would bury the events an operator needs (its failures reach us as exceptions)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

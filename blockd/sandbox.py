@@ -2,8 +2,11 @@
 embedded LMDB registry under one directory. For demos (`make run`) and tests.
 
 Layout of DIR: `registry/` (the LMDB registry), `hostN/` (each host's data dir and
-`blockd.log`), `sandbox.json` (ports and pids). `up` is idempotent: it starts only the hosts
-that are not running; `down` stops every process it started (SIGTERM, then SIGKILL).
+`blockd.log`), `sandbox.json` (ports, pids and the registry URL). `up --registry URL` puts
+the hosts on another registry instead (etcd://HOST:PORT for a pool on a real etcd); the URL
+is remembered, so a later `up` restarts missing hosts on the same registry. `up` is
+idempotent: it starts only the hosts that are not running; `down` stops every process it
+started (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ class Sandbox:
 
     @property
     def registry_url(self) -> str:
+        try:
+            url = self._load().get("registry")
+        except SandboxError:
+            url = None
+        return url or self.default_registry_url
+
+    @property
+    def default_registry_url(self) -> str:
         return f"lmdb://{self.dir / 'registry'}"
 
     def _load(self) -> dict:
@@ -118,9 +129,12 @@ class Sandbox:
         return out
 
     def up(self, n: int, base_port: int | None = None, capacity: str = DEFAULT_CAPACITY,
-           timeout: float = 30.0, settings: dict | None = None) -> list[SandboxHost]:
+           timeout: float = 30.0, settings: dict | None = None,
+           registry: str | None = None) -> list[SandboxHost]:
         """Start the hosts that are not running. `settings` (blockd config keys, e.g.
-        {"lease_ttl": 4}) go into each host's blockd.toml and stay for later `up`s."""
+        {"lease_ttl": 4}) go into each host's blockd.toml and stay for later `up`s.
+        `registry` (a registry URL) replaces the embedded one; it cannot change while
+        hosts of the sandbox run on another."""
         if not 1 <= n <= 64:
             raise InvalidArgument(f"--hosts must be between 1 and 64, not {n}")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +144,16 @@ class Sandbox:
         if not 1 <= base <= 65535 - 2 * n:
             raise InvalidArgument(f"--base-port {base} leaves no room for {n} hosts")
         state["base_port"] = base
-        state["registry"] = self.registry_url
+        old = state.get("registry") or self.default_registry_url
+        if registry:
+            from vbp.registry import open_registry
+
+            open_registry(registry).close()  # a malformed URL is refused before anything starts
+            if registry != old and any(pid_alive(h.get("pid", 0)) for h in known.values()):
+                raise SandboxError(
+                    f"hosts of this sandbox run on registry {old}; stop them (vbp sandbox down) "
+                    f"before moving the sandbox to {registry}")
+        state["registry"] = registry or old
         if settings:
             state["settings"] = {**state.get("settings", {}), **settings}
         hosts = []
@@ -149,7 +172,7 @@ class Sandbox:
                     f"ports {h['nbd_port']}/{h['peer_port']} for {h['id']} are in use; "
                     f"choose another --base-port"
                 )
-            h["pid"] = self._spawn(h, capacity, state.get("settings", {}))
+            h["pid"] = self._spawn(h, capacity, state.get("settings", {}), state["registry"])
             started.append(h)
         self._save(state)
         deadline = time.monotonic() + timeout
@@ -176,7 +199,7 @@ class Sandbox:
                                        f"(data set: {', '.join(m.data_set)})")
                 time.sleep(0.1)
 
-    def _spawn(self, h: dict, capacity: str, settings: dict) -> int:
+    def _spawn(self, h: dict, capacity: str, settings: dict, registry: str) -> int:
         hdir = self.dir / h["id"]
         hdir.mkdir(parents=True, exist_ok=True)
         conf = hdir / "blockd.toml"
@@ -185,7 +208,7 @@ class Sandbox:
         cmd = [
             sys.executable, "-m", "blockd.main",
             "--host-id", h["id"], "--data-dir", str(hdir / "data"),
-            "--registry", self.registry_url,
+            "--registry", registry,
             "--listen", f"127.0.0.1:{h['peer_port']}", "--nbd", f"127.0.0.1:{h['nbd_port']}",
             "--capacity", capacity, "--zone", "zone0", "--pod", f"pod{h['id'][4:]}",
             "--config", str(conf),

@@ -66,6 +66,9 @@ class VolumeProvider:
         self.gateways: dict[str, VolumeGateway] = {}
         self.refs: dict[str, int] = {}
         self.leases: dict[str, object] = {}
+        self.expired: set[str] = set()  # exports whose lease ran out unrenewed (logged once)
+        # closed gateways with failures or suspect copies the registry has not heard of yet
+        self.unsettled: list[tuple[VolumeGateway, object]] = []
         self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
 
     async def list_exports(self):
@@ -164,8 +167,11 @@ class VolumeProvider:
         return gw
 
     async def _take_lease(self, export: str) -> int:
-        lease = await self._acquire(export)
+        lease, deadline = await self._acquire(export)
         self.leases[export] = lease
+        gw = self.gateways.get(export)
+        if gw is not None:
+            gw.lease_deadline = deadline
         log.info("volume=%s event=lease_taken token=%d", export, lease.token)
         await self._announce(export, lease.token)
         # Read the record again now that we hold the lease: a snapshot requested before
@@ -246,18 +252,29 @@ class VolumeProvider:
         deadline = trio.current_time() + svc.cfg.lease_ttl + 2
         while True:
             try:
-                return await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
+                t0 = trio.current_time()
+                lease = await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
+                return lease, self._deadline(t0)
             except LeaseHeld as e:
                 if trio.current_time() > deadline:
                     raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
                 await trio.sleep(0.2)
 
+    def _deadline(self, t0: float) -> float:
+        """When a lease granted or renewed by a call started at `t0` must be treated as
+        gone: the registry computed its expiry after t0, and a margin covers the clocks."""
+        ttl = self.service.cfg.lease_ttl
+        return t0 + ttl - min(1.0, ttl / 10)
+
     def _on_fenced(self, gw: VolumeGateway) -> None:
-        self.leases.pop(gw.name, None)
+        if self.gateways.get(gw.name) is gw:
+            self.leases.pop(gw.name, None)
 
     def _closed(self, export: str, gw: VolumeGateway):
         """A connection to `export` ended; the last one flushes and gives the lease back."""
         if self.gateways.get(export) is not gw:
+            if gw.suspects or gw.unrecorded:  # a replaced (fenced) gateway's last word
+                self.unsettled.append((gw, None))
             return None
         self.refs[export] -= 1
         if self.refs[export] > 0:
@@ -271,35 +288,108 @@ class VolumeProvider:
         except Exception:  # the store flush failing is logged; the lease still goes
             log.exception("volume=%s event=close_flush_failed", export)
         if lease is not None:
-            self.service.nursery.start_soon(self._release, lease)
+            self.service.nursery.start_soon(self._release, lease, gw)
+        elif gw.suspects or gw.unrecorded:
+            self.unsettled.append((gw, None))
         return None
 
-    async def _release(self, lease) -> None:
+    async def _release(self, lease, gw: VolumeGateway | None = None) -> None:
         # shielded: on shutdown the connections close while the nursery is cancelled, and
         # a lease handed back now spares the next gateway a whole lease period
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
+                if gw is not None and not await self.settle(gw, lease):
+                    raise RegistryUnavailable("what the gateway could not record is still pending")
                 await self.service.registry.release_lease(lease)
                 log.info("volume=%s event=lease_released token=%d", lease.volume, lease.token)
             except VbpError as e:
                 log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)
+        if gw is not None and (gw.suspects or gw.unrecorded):
+            # the lease stays ours (or expires): settled later, when the registry answers
+            self.unsettled.append((gw, lease))
+
+    async def settle(self, gw: VolumeGateway, lease) -> bool:
+        """Tell the registry what `gw` could not (VolumeGateway.unrecorded, .suspects);
+        True when nothing is left. Unrecorded failures need to know whether our lease is
+        still the newest: a renewal answers that (and Fenced converts them to suspects)."""
+        reg = self.service.registry
+        try:
+            if gw.unrecorded and lease is not None and not gw.fenced:
+                try:
+                    await reg.renew_lease(lease, self.service.cfg.lease_ttl)
+                except RegistryUnavailable:
+                    raise
+                except VbpError as e:
+                    gw._fence(e)
+                await self._record_missed(gw)
+            while gw.suspects:
+                index, hosts = gw.suspects[0]
+                await reg.mark_stale(gw.lineage, index, hosts, time.time_ns())
+                gw.suspects.pop(0)
+                log.warning("volume=%s chunk=%d event=unacknowledged_copies_stale hosts=%s",
+                            gw.name, index, ",".join(hosts))
+        except RegistryUnavailable as e:
+            log.warning("volume=%s event=settle_failed error=%s", gw.name, e)
+            return False
+        return not (gw.unrecorded or gw.suspects)
+
+    async def _record_missed(self, gw: VolumeGateway) -> None:
+        """Our lease is still the newest: failures we could not record are recorded now,
+        exactly as they would have been at the time (the hosts that missed a write)."""
+        while gw.unrecorded:
+            index, _took, missed = gw.unrecorded[0]
+            await self.service.registry.mark_stale(gw.lineage, index, missed, time.time_ns())
+            gw.unrecorded.pop(0)
+            log.info("volume=%s chunk=%d event=stale_recorded_late hosts=%s", gw.name, index,
+                     ",".join(missed))
+
+    async def settle_all(self) -> None:
+        for gw in list(self.gateways.values()):
+            if gw.suspects and gw.fenced:
+                await self.settle(gw, None)
+        for item in list(self.unsettled):
+            if await self.settle(*item):
+                self.unsettled.remove(item)
+                if item[1] is not None:
+                    await self._release(item[1])
 
     async def renew_all(self) -> None:
         svc = self.service
         for export, lease in list(self.leases.items()):
+            gw = self.gateways.get(export)
             try:
-                self.leases[export] = await svc.registry.renew_lease(lease, svc.cfg.lease_ttl)
+                for _ in range(2):
+                    t0 = trio.current_time()
+                    lease = self.leases[export] = await svc.registry.renew_lease(lease, svc.cfg.lease_ttl)
+                    if self._deadline(t0) > trio.current_time():
+                        break
+                    # the answer came too late to count (a hung registry): once more at once
             except RegistryUnavailable as e:
                 log.warning("volume=%s event=lease_renew_failed error=%s", export, e)
+                if gw is not None and trio.current_time() >= gw.lease_deadline and export not in self.expired:
+                    self.expired.add(export)
+                    log.warning("volume=%s event=lease_expired token=%d: writes are refused until "
+                                "the registry confirms the lease", export, lease.token)
+                continue
             except VbpError as e:
-                gw = self.gateways.get(export)
                 if gw is not None:
                     gw._fence(e)
                 self.leases.pop(export, None)
+                self.expired.discard(export)
+                continue
+            if gw is not None:
+                gw.lease_deadline = self._deadline(t0)
+                if export in self.expired:
+                    self.expired.discard(export)
+                    log.info("volume=%s event=lease_renewed_after_expiry token=%d", export, lease.token)
+                try:
+                    await self._record_missed(gw)
+                except RegistryUnavailable as e:
+                    log.warning("volume=%s event=stale_record_failed error=%s", export, e)
 
     async def release_all(self) -> None:
         for export, lease in list(self.leases.items()):
-            await self._release(lease)
+            await self._release(lease, self.gateways.get(export))
         self.leases.clear()
 
 
@@ -417,12 +507,9 @@ class Blockd:
         another gateway's failure)."""
         while True:
             await trio.sleep(1)
+            await self.provider.settle_all()
             for gw in list(self.provider.gateways.values()):
                 try:
-                    while gw.suspects:
-                        index, hosts = gw.suspects[0]
-                        await self.registry.mark_stale(gw.lineage, index, hosts, time.time_ns())
-                        gw.suspects.pop(0)
                     gw.stale = await self.stale_map(gw.lineage)
                 except RegistryUnavailable as e:
                     log.warning("event=stale_refresh_failed error=%s", e)
@@ -495,8 +582,8 @@ class Blockd:
         while True:
             await trio.sleep(period)
             try:
-                await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl)
-                await self.publish_stats()
+                async with self._stats_lock:  # stats ride on the heartbeat (one request)
+                    await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, self.stats())
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:

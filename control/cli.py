@@ -144,16 +144,20 @@ def _print_hosts(hosts):
 @click.option("--capacity", default="8G", show_default=True, help="Capacity of each host.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A blockd setting for every host, e.g. --set lease_ttl=4 (repeatable).")
+@click.option("--registry", "sandbox_registry", metavar="URL",
+              help="Registry of the hosts, e.g. etcd://127.0.0.1:2379 (default: an embedded "
+                   "lmdb:// registry in DIR; remembered for later `up`s).")
 @json_flag
 @click.pass_obj
-def sandbox_up(state, n, directory, base_port, capacity, settings):
+def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_registry):
     """Start the sandbox hosts that are not running (idempotent)."""
     from blockd.sandbox import Sandbox
     from vbp.layout import parse_size
 
     parse_size(capacity)
     sb = Sandbox(directory)
-    hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings))
+    hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings),
+                  registry=sandbox_registry)
     out(state, _sandbox_dict(sb, hosts), lambda: (
         _print_hosts(hosts), click.echo(f"\nexport VBP_REGISTRY={sb.registry_url}")))
 

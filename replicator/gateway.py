@@ -19,12 +19,24 @@ Theory of operation (DESIGN.md, Data path):
   readers and `nbdinfo` never wait for a lease. Until it is held, writes take the slow path.
 - A replica at a newer epoch refuses the write (StaleEpoch): the gateway refreshes its map
   and retries once, so a healthy replica is never marked stale for our old map.
+- Self-fencing: `lease_deadline` (trio time) is when the lease the service last took or
+  renewed runs out, counted from before the registry call, so never later than the expiry
+  the registry stores. Past it no write is sent (LeaseExpired): another host may take the
+  lease from then on, and it must find no write of ours still arriving. A renewal that
+  succeeds (nobody took the lease meanwhile) moves the deadline and writes resume.
+- A replica failure that cannot be recorded (registry unreachable) fails the write, and
+  the outcome waits in `unrecorded` as (chunk, hosts that took it, hosts that missed it).
+  The service settles it once the registry answers: if our lease is still the newest, the
+  hosts that missed it are stale (as if recorded at once); if another gateway took over,
+  the hosts that took it hold an unacknowledged write its successor never saw, and they
+  are the stale ones.
 - With replicas=1 and a local replica the whole path is synchronous: no task, no await.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace as dc_replace
 
@@ -36,9 +48,11 @@ from vbp.errors import (
     BelowMinSize,
     ChecksumError,
     Fenced,
+    LeaseExpired,
     NoSpace,
     PeerUnavailable,
     ReadOnly,
+    RegistryUnavailable,
     StaleEpoch,
     VbpError,
 )
@@ -148,6 +162,7 @@ class VolumeGateway:
         self.pool = pool
         self.registry = registry
         self.token = token
+        self.lease_deadline = math.inf  # trio time; set by the service with each grant/renewal
         self.fenced = False
         # chunk index -> hosts whose copy is stale (registry StaleRecords, refreshed by the
         # service); reads avoid them while a current copy is reachable
@@ -166,6 +181,8 @@ class VolumeGateway:
         # stale in the registry as soon as it can reach it
         self.suspects: list[tuple[int, tuple[str, ...]]] = []
         self._joining_marked: set[tuple[int, int]] = set()  # (data-set gen, index) recorded
+        # (index, took, missed) of replica failures the registry could not be told about
+        self.unrecorded: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = []
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._inflight = 0  # replicated writes under way
         self._drained: trio.Event | None = None
@@ -212,6 +229,10 @@ class VolumeGateway:
             raise ReadOnly(f"{self.name} is a read-only snapshot")
         if self.fenced:
             raise Fenced(f"this host no longer holds the write lease of {self.view.volume.name!r}")
+        if self.token and trio.current_time() >= self.lease_deadline:
+            raise LeaseExpired(
+                f"the write lease of {self.view.volume.name!r} ran out and could not be renewed "
+                f"(registry unreachable): writes wait for a renewal")
 
     def set_gone(self, exc: Exception) -> None:
         if self.gone is None:
@@ -222,6 +243,11 @@ class VolumeGateway:
         if not self.fenced:
             log.warning("volume=%s event=fenced reason=%s", self.view.volume.name, exc)
             self.fenced = True
+            # another gateway holds the lease: copies that took one of our unrecorded
+            # (so unacknowledged) writes hold bytes it never saw
+            for index, took, _missed in self.unrecorded:
+                self._suspect(index, took)
+            self.unrecorded.clear()
             self.dropped.set()
             if self.on_fenced is not None:
                 self.on_fenced(self)
@@ -457,7 +483,9 @@ class VolumeGateway:
                     self.metrics.replica_error(h, _error_kind(e))
             # recorded even when the write fails below min_size: the replicas that took it
             # are ahead of the others, which must resync from them
-            await self._mark_stale(p.index, failed)
+            recorded = await self._mark_stale(p.index, failed, hosts)
+        else:
+            recorded = True
         if ok < self.min_size:
             full = [e for e in failed.values() if isinstance(e, NoSpace)]
             if full:
@@ -466,17 +494,35 @@ class VolumeGateway:
                 f"chunk {p.index} of {self.name}: {ok} of {len(complete)} replicas took the write, "
                 f"min_size is {self.min_size}"
             )
+        if not recorded:
+            raise RegistryUnavailable(
+                f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
+                f"could not be recorded (registry unreachable): the write is not acknowledged")
 
     def _suspect(self, index: int, hosts) -> None:
         if hosts:
             self.suspects.append((index, tuple(hosts)))
 
-    async def _mark_stale(self, index: int, hosts) -> None:
+    async def _mark_stale(self, index: int, hosts, replicas=None) -> bool:
+        """Record `hosts` stale for the chunk. If the registry cannot be told: with the
+        chunk's `replicas` (a write's outcome), False, and the outcome waits in `unrecorded`
+        for the service to settle it; without (nothing written yet), RegistryUnavailable."""
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
-        if self.registry is not None:
+        if self.registry is None:
+            return True
+        try:
             # the version orders failures: a resync clears a record only if no newer
             # failure re-marked it
             await self.registry.mark_stale(self.lineage, index, sorted(hosts), time.time_ns())
+            return True
+        except RegistryUnavailable as e:
+            if replicas is None:
+                raise
+            took = tuple(h for h in replicas if h not in hosts)
+            self.unrecorded.append((index, took, tuple(sorted(hosts))))
+            log.warning("volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
+                        self.name, index, ",".join(sorted(hosts)), e)
+            return False
 
     async def _send(self, host: str, msg):
         try:
@@ -527,11 +573,18 @@ class VolumeGateway:
         for h in failed:
             for idx in hosts[h]:
                 lost.setdefault(idx, []).append(h)
+        unrecorded = []
         for idx, bad in lost.items():
-            good = sum(1 for h in self.cluster.replicas(self.lineage, idx, self.n) if h not in bad)
+            replicas = self.cluster.replicas(self.lineage, idx, self.n)
+            good = sum(1 for h in replicas if h not in bad)
             if good < self.min_size:
                 raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
-            await self._mark_stale(idx, bad)
+            if not await self._mark_stale(idx, bad, replicas):
+                unrecorded.append(idx)
+        if unrecorded:
+            raise RegistryUnavailable(
+                f"flush of {self.name}: failures of chunks {unrecorded[:8]} could not be recorded "
+                f"(registry unreachable)")
 
     def cache(self, offset: int, length: int):
         return None

@@ -100,6 +100,13 @@ class Fenced(RemoteFault):
     errno = _errno.EIO
 
 
+class LeaseExpired(RemoteFault):
+    """This gateway's write lease ran out without a renewal (the registry could not be
+    reached): it writes nothing until a renewal proves no other gateway took the lease."""
+
+    errno = _errno.EIO
+
+
 class StaleEpoch(RemoteFault):
     errno = _errno.EIO
 

@@ -253,6 +253,16 @@ def test_register_and_map(reg):
         reg.remove_host("h1")
 
 
+def test_heartbeat_carries_stats_and_needs_a_registered_host(reg):
+    reg.register_host(host(1), 30)
+    reg.heartbeat("h1", 30, {"used": 7})
+    assert reg.host_stats() == {"h1": {"used": 7}}
+    with pytest.raises(NotFound):
+        reg.heartbeat("h9", 30, {"used": 1})
+    assert "h9" not in reg.host_stats()  # the guarded txn wrote nothing
+    assert [h.id for h in reg.cluster_map().hosts] == ["h1"]
+
+
 def test_host_ttl_expiry_marks_down_and_bumps_epoch(url, reg):
     reg.register_host(host(1), 1)
     m = reg.register_host(host(2), 60)

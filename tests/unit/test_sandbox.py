@@ -99,6 +99,19 @@ def test_no_state_means_no_hosts(tmp_path):
     assert sb.registry_url == f"lmdb://{tmp_path / 'sb' / 'registry'}"
 
 
+def test_registry_url_is_remembered_and_checked(tmp_path):
+    sb = Sandbox(tmp_path / "sb")
+    (tmp_path / "sb").mkdir()
+    sb._save({"hosts": [], "registry": "etcd://127.0.0.1:2379"})
+    assert sb.registry_url == "etcd://127.0.0.1:2379"
+    with pytest.raises(InvalidArgument):
+        sb.up(1, 20000, registry="etcd://no-port")  # refused before anything starts
+    assert sb.hosts() == []
+    r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--dir", str(tmp_path / "sb"),
+                                      "--registry", "nosuch://x"])
+    assert r.exit_code != 0 and "nosuch" in r.output
+
+
 def test_state_round_trip_and_dead_pids(tmp_path):
     sb = Sandbox(tmp_path)
     sb._save({"base_port": 20000, "hosts": [

@@ -142,17 +142,16 @@ class Registry:
                 return self.cluster_map()
         raise self._contended(f"register host {rec.id}")
 
-    def heartbeat(self, host_id: str, ttl: float) -> None:
+    def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
+        """Refresh the host's liveness key (and its published stats) in one transaction
+        guarded by the host record's existence: on etcd one lease grant and one txn."""
         key = P_HOST + _name("host id", host_id)
-        for _ in range(CAS_ATTEMPTS):
-            item, _ = self.kv.get(key)
-            if item is None:
-                raise NotFound(f"host {host_id} is not registered")
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
-                                [Put(P_ALIVE + host_id.encode(), b"1", ttl)])
-            if ok:
-                return
-        raise self._contended(f"heartbeat of {host_id}")
+        ops = [Put(P_ALIVE + host_id.encode(), b"1", ttl)]
+        if stats is not None:
+            ops.append(Put(P_STATS + host_id.encode(), _pack(stats), ttl))
+        ok, _ = self.kv.txn([Cmp(key, "exists", 0)], ops)
+        if not ok:
+            raise NotFound(f"host {host_id} is not registered")
 
     def cluster_map(self) -> ClusterMap:
         for _ in range(CAS_ATTEMPTS):

@@ -118,6 +118,9 @@ class EtcdKV:
             if c.target == "mod":
                 body_cmp.append({"key": _b64(c.key), "target": "MOD", "result": "EQUAL",
                                  "mod_revision": str(c.expected)})
+            elif c.target == "exists":
+                body_cmp.append({"key": _b64(c.key), "target": "CREATE", "result": "GREATER",
+                                 "create_revision": "0"})
             elif c.target == "value":
                 body_cmp.append({"key": _b64(c.key), "target": "VALUE", "result": "EQUAL",
                                  "value": _b64(c.expected)})

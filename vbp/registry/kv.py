@@ -31,7 +31,8 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class Cmp:
-    """A txn guard: `target` is "mod" (compare mod_rev, 0 = absent) or "value"."""
+    """A txn guard: `target` is "mod" (compare mod_rev, 0 = absent), "value", or "exists"
+    (the key is present; `expected` is ignored)."""
 
     key: bytes
     target: str

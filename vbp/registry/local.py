@@ -51,6 +51,8 @@ def apply_txn(get: Getter, put: Setter, delete: Deleter,
             held = (item.mod_rev if item else 0) == c.expected
         elif c.target == "value":
             held = item is not None and item.value == c.expected
+        elif c.target == "exists":
+            held = item is not None
         else:
             raise ValueError(f"unknown compare target {c.target!r}")
         if not held:
