@@ -296,3 +296,34 @@ def test_thrash(tmp_path):
         check_placed_copies(sb, [f"host{i}" for i in range(1, hosts + 1)], "r3", w)
     finally:
         sb.down()
+
+
+def test_maintenance_restart_moves_nothing(tmp_path):
+    """A host restarted on purpose under `vbp host maintenance ID on` is never declared
+    down, so no recovery starts (no copies are made elsewhere), writes meanwhile are
+    recorded stale for it, and its resync afterwards brings it current."""
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 4)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=15)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 300)
+        before = cluster_map(sb)
+        sb.vbp("host", "maintenance", "host3", "on")
+        kill(sb, 2)
+        deadline = time.monotonic() + 12  # four times heartbeat_ttl: long enough to be declared down
+        while time.monotonic() < deadline:
+            w.write(h, 10)
+            m = cluster_map(sb)
+            assert m.host("host3").state == "up" and m.data == before.data and m.prev is None, m
+        assert json.loads(sb.vbp("pool", "status", "--json").stdout)["degraded_chunks"] > 0
+        start(sb, 4)
+        sb.vbp("host", "maintenance", "host3", "off")
+        sb.vbp("pool", "status", "--wait", "--timeout", "120")
+        assert cluster_map(sb).mgen == before.mgen  # the data set never changed
+        w.verify(h)
+        h.shutdown()
+        check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+    finally:
+        sb.down()
