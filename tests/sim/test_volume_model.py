@@ -34,6 +34,9 @@ class VolumeMachine(RuleBasedStateMachine):
         self.snaps: dict[str, Model] = {}  # "vol@snap" -> model
         self.gws: dict[str, tuple] = {}  # vol -> (host, gateway)
 
+    def teardown(self):
+        logging.getLogger("vbp").setLevel(logging.NOTSET)  # later tests log at their own level
+
     # --- driving the simulation: one short trio run per step ---------------------------
 
     def drive(self, afn, *args):
@@ -175,6 +178,7 @@ class VolumeMachine(RuleBasedStateMachine):
                 return extents_bytes(await call(gw.read(0, SIZE)), 0, SIZE)
             finally:
                 gw.close()
+                await trio.sleep(1)  # the host unpublishes a closed snapshot export meanwhile
         got = self.drive(go)
         bad = model.mismatch(0, got)
         assert bad is None, f"{label} via {h.id}: byte {bad} is {got[bad]:#x}, expected {model.data[bad]:#x}"

@@ -528,7 +528,9 @@ async def test_export_is_closed_when_the_connection_ends(nursery):
 
 
 async def test_protocol_error_is_logged_plainly(port, caplog):
-    caplog.set_level(logging.INFO)  # an earlier test may have run blockd's logs.setup (root level)
+    # earlier tests may have changed the root level (blockd's logs.setup) or quieted "vbp"
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="vbp.nbd")
     c = await Client.connect(port)
     await c.send(b"\x00" * 28)
     with pytest.raises(EOFError):
