@@ -8,6 +8,15 @@ write from a gateway that lost its lease or lives in an older cluster map.
 Field types are limited to str, int, bool, bytes, `int | None` and `tuple[int, ...]`; the codec
 derives its validation from the annotations below, so a new field of another type fails at
 import time instead of on the wire.
+
+Evolving a message: add a field with a default at its end, never a required one. The codec
+sends an optional field only when it differs from its default and decodes frames that leave
+it out, so peers that predate the field keep talking (replicator/codec.py).
+
+`rid` on the client-facing data messages is the id of the NBD request that caused them
+(vbp.reqid), "" for background work: the replica logs it, so one grep follows a write
+across hosts. Not to be confused with the frame's request_id, which pairs a reply with its
+request on one connection.
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ class ReadChunk:
     offset: int
     length: int
     epoch: int
+    rid: str = ""
 
 
 @_message(11)
@@ -141,6 +151,7 @@ class WriteChunk:
     fua: bool
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(13)
@@ -158,6 +169,7 @@ class ZeroChunk:
     fua: bool
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(14)
@@ -166,6 +178,7 @@ class Flush:
     volume: str
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(15)
@@ -204,6 +217,7 @@ class ChunkExtents:
     offset: int
     length: int
     epoch: int
+    rid: str = ""
 
 
 @_message(19)
