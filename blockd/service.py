@@ -427,6 +427,7 @@ class Blockd:
         return HostRecord(
             id=self.cfg.host_id, peer=f"{peer_host}:{self.peer_port}", nbd=f"{nbd_host}:{self.nbd_port}",
             zone=self.cfg.zone, pod=self.cfg.pod, capacity=self.cfg.capacity,
+            peer_rev=m.PEER_REV,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -97,6 +97,8 @@ class ClusterView:
         self._tcache.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
+        # hosts whose decoder predates request ids (an upgrade under way): sent none
+        self.no_rid = frozenset(h.id for h in cmap.hosts if h.peer_rev < 1)
 
     @property
     def epoch(self) -> int:
@@ -326,7 +328,7 @@ class VolumeGateway:
                     return data
                 continue
             try:
-                reply = await self.pool.call(self.cluster.address(h), msg)
+                reply = await self._call(h, msg)
             except VbpError as e:
                 last = e
                 continue
@@ -546,6 +548,13 @@ class VolumeGateway:
     async def _send_once(self, host: str, msg):
         if host == self.host_id:
             return self.replica.handle(msg)
+        return await self._call(host, msg)
+
+    async def _call(self, host: str, msg):
+        """`msg` to a remote host, without the request id if its decoder predates it."""
+        no_rid = self.cluster.no_rid
+        if no_rid and host in no_rid and msg.rid:
+            msg = dc_replace(msg, rid="")
         return await self.pool.call(self.cluster.address(host), msg)
 
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
@@ -624,7 +633,7 @@ class VolumeGateway:
                 if not self.cluster.is_up(h):
                     continue
                 try:
-                    reply = await self.pool.call(self.cluster.address(h), msg)
+                    reply = await self._call(h, msg)
                 except VbpError:
                     continue
                 runs = reply.runs

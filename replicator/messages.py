@@ -9,9 +9,10 @@ Field types are limited to str, int, bool, bytes, `int | None` and `tuple[int, .
 derives its validation from the annotations below, so a new field of another type fails at
 import time instead of on the wire.
 
-Evolving a message: add a field with a default at its end, never a required one. The codec
-sends an optional field only when it differs from its default and decodes frames that leave
-it out, so peers that predate the field keep talking (replicator/codec.py).
+Evolving a message: add a field with a default at its end, never a required one, and bump
+PEER_REV. The codec sends an optional field only when it differs from its default and
+decodes frames that leave it out (replicator/codec.py); senders clear it for hosts of an
+older revision, so peers that predate the field keep talking.
 
 `rid` on the client-facing data messages is the id of the NBD request that caused them
 (vbp.reqid), "" for background work: the replica logs it, so one grep follows a write
@@ -25,6 +26,12 @@ from dataclasses import dataclass
 from typing import Union
 
 PROTO_VERSION = 1
+# Revision of the messages within PROTO_VERSION, advertised in the host's registry record
+# (vbp.cluster.HostRecord.peer_rev). A decoder of an older revision refuses a frame with
+# fields it does not know, so a sender sends optional fields only to hosts that advertise
+# the revision that added them: a pool keeps working while its hosts are upgraded one by
+# one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents.
+PEER_REV = 1
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
