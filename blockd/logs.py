@@ -1,4 +1,7 @@
-"""Structured logs: one line per event, key=value (default) or JSON."""
+"""Structured logs: one line per event, key=value (default) or JSON.
+
+A line logged on behalf of a client request carries its id (`rid=`, vbp.reqid): the one
+set for the logging task, or one given explicitly with `extra={"rid": ...}`."""
 
 from __future__ import annotations
 
@@ -6,6 +9,12 @@ import json
 import logging
 import sys
 import time
+
+from vbp import reqid
+
+
+def _rid(record: logging.LogRecord) -> str:
+    return getattr(record, "rid", None) or reqid.current.get()
 
 
 class KVFormatter(logging.Formatter):
@@ -15,7 +24,10 @@ class KVFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} host={self.host_id} logger={record.name} {record.getMessage()}"
+        rid = _rid(record)
+        line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+                f"host={self.host_id} logger={record.name} "
+                f"{f'rid={rid} ' if rid else ''}{record.getMessage()}")
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))
         return line
@@ -30,6 +42,9 @@ class JSONFormatter(KVFormatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = _rid(record)
+        if rid:
+            out["rid"] = rid
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

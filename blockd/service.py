@@ -36,6 +36,7 @@ from vbp.cluster import HostRecord
 from vbp.errors import Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
+from vbp.reqid import RequestIds
 from vbp.volume import (
     Reader, VolumeRecord, complete_snapshot, needed_gens, readers, split_export_name, view_of,
 )
@@ -426,6 +427,7 @@ class Blockd:
         return HostRecord(
             id=self.cfg.host_id, peer=f"{peer_host}:{self.peer_port}", nbd=f"{nbd_host}:{self.nbd_port}",
             zone=self.cfg.zone, pod=self.cfg.pod, capacity=self.cfg.capacity,
+            peer_rev=m.PEER_REV,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -463,7 +465,8 @@ class Blockd:
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id))
-                self.nbd_port = await nursery.start(serve_nbd, self.provider, nbd_host, nbd_port)
+                self.nbd_port = await nursery.start(functools.partial(
+                    serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id)))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

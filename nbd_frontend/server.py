@@ -12,6 +12,10 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   are running or MAX_QUEUED reply bytes wait for the writer.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
   completed by the export, which owns their durability.
+- Request ids (vbp.reqid): with a RequestIds, every request gets an id, set as the
+  current one while the export handles it; the task an awaitable runs in inherits it
+  (trio copies the context at start_soon), so every log line about the request, on this
+  host and on the replicas its peer messages reach, carries it.
 - NBD_CMD_DISC or end of input: stop reading, finish in-flight requests, send their
   replies, close. A protocol error (bad magic) is a hard disconnect. Nothing a client
   sends can take down another connection or the server: every connection's errors are
@@ -38,6 +42,7 @@ from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.errors import NotFound, VbpError
 from vbp.layout import parse_size
+from vbp.reqid import RequestIds, current as current_rid
 
 log = logging.getLogger("vbp.nbd")
 
@@ -73,26 +78,30 @@ def export_info(export) -> ExportInfo:
 
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
+                    ids: RequestIds | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
+    `ids`: where request ids come from (none without it).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d", host, actual)
     task_status.started(actual)
-    await trio.serve_listeners(partial(handle_connection, provider=provider), listeners)
+    await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids),
+                               listeners)
 
 
-async def handle_connection(stream, provider: ExportProvider) -> None:
+async def handle_connection(stream, provider: ExportProvider,
+                            ids: RequestIds | None = None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends."""
     held: list = []  # the export opened for this connection, once there is one
     try:
         result = await _handshake(stream, provider, held)
         if result is not None:
-            await _Connection(stream, held[0], *result).run()
+            await _Connection(stream, held[0], *result, ids=ids).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except trio.TooSlowError:
@@ -170,8 +179,10 @@ async def _handshake(stream, provider, held: list):
 
 
 class _Connection:
-    def __init__(self, stream, export, ready: Ready, trailing: bytes) -> None:
+    def __init__(self, stream, export, ready: Ready, trailing: bytes,
+                 ids: RequestIds | None = None) -> None:
         self.stream = stream
+        self.ids = ids
         self.export = export
         self.codec = TransmissionCodec(
             size=export.size, read_only=bool(export.read_only),
@@ -255,6 +266,16 @@ class _Connection:
             await self.room.wait()
 
     def dispatch(self, req: Request) -> None:
+        if self.ids is None:
+            self._dispatch(req)
+            return
+        token = current_rid.set(self.ids.next())
+        try:
+            self._dispatch(req)
+        finally:
+            current_rid.reset(token)
+
+    def _dispatch(self, req: Request) -> None:
         export, cmd = self.export, req.command
         t0 = perf_counter() if self.observe is not None else 0.0
         try:

@@ -7,10 +7,18 @@ dataclass in replicator/messages.py declares them, except that a message's one `
 after a small header (msgpack `bin 32` header, then the raw bytes) and never be copied into
 one big frame on the way out. The bytes on the wire are the same msgpack either way.
 
+Optional trailing fields (protocol evolution without a new version). A field declared with a
+default (after every required field, as dataclasses demand) is optional: on the wire it
+comes after the required fields, after the bytes field too, in declaration order. The
+sender leaves out every optional field at the end that equals its default, and the decoder
+fills in the defaults of the fields a frame leaves out. So a frame from a peer that predates
+an optional field still decodes, and a message whose optional fields hold their defaults is
+byte for byte what that older peer sends and expects. The bytes field is always required.
+
 Decoding rejects, with PeerProtocolError and nothing else: a length of 0 or over
 `max_frame` (as soon as the 4 length bytes are in, before waiting for the body), anything
-that is not msgpack, an unknown protocol version or type id, a wrong field count and a field
-of the wrong type. After an error the codec is dead: the stream cannot be resynchronised,
+that is not msgpack, an unknown protocol version or type id, a field count outside
+[required fields, all fields] and a field of the wrong type. After an error the codec is dead: the stream cannot be resynchronised,
 the connection must be closed.
 
 No trio, no sockets (CONVENTIONS 1).
@@ -65,7 +73,7 @@ class _Spec:
 
     __slots__ = (
         "cls", "type_id", "names", "wire_names", "kinds", "exact", "get", "build", "bytes_pos",
-        "nfields",
+        "nfields", "nrequired", "defaults",
     )
 
     def __init__(self, cls: type, type_id: int):
@@ -78,27 +86,39 @@ class _Spec:
             if f.type not in _KINDS:
                 raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type {f.type!r}")
             kinds.append(_KINDS[f.type])
+        optional = [i for i, f in enumerate(fields) if f.default is not dataclasses.MISSING]
+        if any(f.default_factory is not dataclasses.MISSING for f in fields):
+            raise TypeError(f"{cls.__name__}: a field default must be a plain value")
         bytes_at = [i for i, k in enumerate(kinds) if k is bytes]
         assert len(bytes_at) <= 1, cls
+        assert not set(bytes_at) & set(optional), f"{cls.__name__}: the bytes field is required"
         self.bytes_pos = bytes_at[0] if bytes_at else None  # position in declaration order
-        order = list(range(len(kinds)))
-        if self.bytes_pos is not None:
-            order.remove(self.bytes_pos)
-            order.append(self.bytes_pos)
+        # wire order: required fields, the bytes field last of them, then the optional ones
+        order = [i for i in range(len(kinds)) if i not in optional and i not in bytes_at]
+        order += bytes_at + optional
         self.wire_names = tuple(self.names[i] for i in order)
-        self.kinds = tuple(kinds[i] for i in order)  # wire order
+        self.kinds = tuple(kinds[i] for i in order)
+        self.nfields = len(kinds)
+        self.nrequired = self.nfields - len(optional)
+        self.defaults = tuple(fields[i].default for i in optional)  # wire order
+        for d, i in zip(self.defaults, optional):
+            if self.check_one(fields[i].name, kinds[i], d, sending=True):
+                raise TypeError(f"{cls.__name__}.{fields[i].name}: bad default {d!r}")
         # the fast check: the exact python types of all wire fields, one tuple per way of
-        # filling the optional ints; messages with tuple fields always take the slow path
+        # filling the optional ints and per count of optional fields present; messages with
+        # tuple fields always take the slow path
         exacts = [()]
-        for k in self.kinds:
+        allowed = set()
+        for n, k in enumerate(self.kinds):
+            if n >= self.nrequired:
+                allowed.update(exacts)
             if k == "opt_int":
                 exacts = [e + (t,) for e in exacts for t in (int, type(None))]
             else:
                 exacts = [e + (k,) for e in exacts]
+        allowed.update(exacts)
         has_tuple = any(k == "int_tuple" for k in self.kinds)
-        self.exact = frozenset() if has_tuple else frozenset(exacts)
-        self.nfields = len(kinds)
-        assert 3 + self.nfields < 16, cls  # the frame header is a msgpack fixarray
+        self.exact = frozenset() if has_tuple else frozenset(allowed)
         if len(self.wire_names) == 1:
             name = self.wire_names[0]
             self.get = lambda msg: (getattr(msg, name),)
@@ -108,23 +128,48 @@ class _Spec:
 
     def check(self, values: tuple, *, sending: bool) -> str | None:
         """None when `values` (wire order) fit the message, else what is wrong."""
-        if len(values) != self.nfields:
-            return f"{self.cls.__name__}: {len(values)} fields, expected {self.nfields}"
+        n = len(values)
+        if not self.nrequired <= n <= self.nfields:
+            expected = (f"{self.nfields}" if self.nrequired == self.nfields
+                        else f"{self.nrequired} to {self.nfields}")
+            return f"{self.cls.__name__}: {n} fields, expected {expected}"
         if tuple(map(type, values)) in self.exact:
             return None
         for name, kind, v in zip(self.wire_names, self.kinds, values):
-            t = type(v)
-            if kind == "opt_int":
-                ok = v is None or t is int
-            elif kind == "int_tuple":
-                ok = (t is tuple or (sending and t is list)) and all(type(x) is int for x in v)
-            elif kind is bytes and sending:
-                ok = t is bytes or t is bytearray or t is memoryview
-            else:
-                ok = t is kind
-            if not ok:
-                return f"{self.cls.__name__}.{name}: {t.__name__} is not {_kind_name(kind)}"
+            why = self.check_one(name, kind, v, sending=sending)
+            if why is not None:
+                return why
         return None
+
+    def check_one(self, name: str, kind, v, *, sending: bool) -> str | None:
+        t = type(v)
+        if kind == "opt_int":
+            ok = v is None or t is int
+        elif kind == "int_tuple":
+            ok = (t is tuple or (sending and t is list)) and all(type(x) is int for x in v)
+        elif kind is bytes and sending:
+            ok = t is bytes or t is bytearray or t is memoryview
+        else:
+            ok = t is kind
+        if ok:
+            return None
+        return f"{self.cls.__name__}.{name}: {t.__name__} is not {_kind_name(kind)}"
+
+    def trim(self, values: tuple) -> tuple:
+        """`values` without the optional fields at the end that hold their defaults."""
+        n = self.nfields
+        defaults = self.defaults
+        base = self.nrequired
+        while n > base:
+            v, d = values[n - 1], defaults[n - 1 - base]
+            if type(v) is not type(d) or v != d:
+                break
+            n -= 1
+        return values if n == self.nfields else values[:n]
+
+    def complete(self, values: tuple) -> tuple:
+        """Decoded `values` with the defaults of the optional fields the frame left out."""
+        return values + self.defaults[len(values) - self.nrequired:]
 
 
 def _make_builder(cls: type, wire_names: tuple[str, ...]):
@@ -147,6 +192,12 @@ def _kind_name(kind) -> str:
 
 _SPECS_BY_ID: dict[int, _Spec] = {tid: _Spec(cls, tid) for tid, cls in m.MESSAGE_TYPES.items()}
 _SPECS: dict[type, _Spec] = {s.cls: s for s in _SPECS_BY_ID.values()}
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big")  # a frame never has 65536 elements
 
 
 def _bin_header(n: int) -> bytes:
@@ -236,6 +287,8 @@ class PeerCodec:
         why = spec.check(values, sending=False)
         if why is not None:
             return self._fail(why)
+        if len(values) != spec.nfields:
+            values = spec.complete(values)
         return request_id, spec.build(values)
 
     def encode(self, request_id: int, message) -> bytes | list:
@@ -250,14 +303,26 @@ class PeerCodec:
         why = spec.check(values, sending=True)
         if why is not None:
             raise TypeError(why)
+        if spec.defaults:
+            values = spec.trim(values)
         if spec.bytes_pos is not None:
-            data = values[-1]
+            at = spec.nrequired - 1  # the bytes field: last of the required ones
+            data = values[at]
             if len(data) >= SPLIT_THRESHOLD:
                 if type(data) is not bytes:
                     data = memoryview(data).cast("B")
-                head = _packb((m.PROTO_VERSION, spec.type_id, request_id, *values[:-1]))
-                # head is a fixarray one element short: fix the count, append the bin header
-                head = bytes((0x90 | (3 + spec.nfields),)) + head[1:] + _bin_header(len(data))
-                return [_pack_len(len(head) + len(data)) + head, data]
+                # msgpack of an array is its header then its elements one after the other:
+                # pack the elements before the payload, swap in the header of the whole
+                # array, add the bin header; the payload follows as its own buffer, then
+                # the optional fields, if any
+                before = _packb((m.PROTO_VERSION, spec.type_id, request_id, *values[:at]))
+                skip = 1 if 3 + at < 16 else 3
+                head = (_array_header(3 + len(values)) + before[skip:]
+                        + _bin_header(len(data)))
+                tail = b"".join(map(_packb, values[at + 1:]))
+                out = [_pack_len(len(head) + len(data) + len(tail)) + head, data]
+                if tail:
+                    out.append(tail)
+                return out
         payload = _packb((m.PROTO_VERSION, spec.type_id, request_id, *values))
         return _pack_len(len(payload)) + payload

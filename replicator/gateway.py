@@ -31,6 +31,8 @@ Theory of operation (DESIGN.md, Data path):
   the hosts that took it hold an unacknowledged write its successor never saw, and they
   are the stale ones.
 - With replicas=1 and a local replica the whole path is synchronous: no task, no await.
+- Every peer message sent for a client request carries the request's id (vbp.reqid, set
+  by the NBD frontend for the request's task), and so does every line logged about it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from vbp.errors import (
 )
 from vbp.layout import ChunkKey, Geometry, MiB
 from vbp.placement import Placement
+from vbp.reqid import current as current_rid
 from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
@@ -94,6 +97,8 @@ class ClusterView:
         self._tcache.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
+        # hosts whose decoder predates request ids (an upgrade under way): sent none
+        self.no_rid = frozenset(h.id for h in cmap.hosts if h.peer_rev < 1)
 
     @property
     def epoch(self) -> int:
@@ -308,7 +313,7 @@ class VolumeGateway:
     async def _read_piece(self, p):
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
         msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain_for(p.index),
-                          p.offset, p.length, self.cluster.epoch)
+                          p.offset, p.length, self.cluster.epoch, current_rid.get())
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
         # current copies first; a stale copy only when no current one answers
@@ -323,7 +328,7 @@ class VolumeGateway:
                     return data
                 continue
             try:
-                reply = await self.pool.call(self.cluster.address(h), msg)
+                reply = await self._call(h, msg)
             except VbpError as e:
                 last = e
                 continue
@@ -384,10 +389,11 @@ class VolumeGateway:
             return None
         payload = bytes(data)
         del length
+        rid = current_rid.get()
         return self._replicate(pieces, lambda p: m.WriteChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
-            self.cluster.epoch, self.token))
+            self.cluster.epoch, self.token, rid))
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
@@ -401,9 +407,10 @@ class VolumeGateway:
                                   self.cluster.epoch, self.token)
                 self._unflushed.setdefault(self.host_id, set()).add(p.index)
             return None
+        rid = current_rid.get()
         return self._replicate(pieces, lambda p: m.ZeroChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
-            self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token))
+            self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid))
 
     def trim(self, offset: int, length: int, fua: bool):
         if self.qos is not None and (d := self.qos.delay_for(0)):
@@ -453,6 +460,9 @@ class VolumeGateway:
             await self._mark_stale(p.index, hosts[len(complete):])
             self._joining_marked.add((cv.map.mgen, p.index))
         failed: dict[str, Exception] = {}
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,
+                      type(msg).__name__, ",".join(hosts))
 
         async def one(h: str) -> None:
             try:
@@ -507,6 +517,8 @@ class VolumeGateway:
         """Record `hosts` stale for the chunk. If the registry cannot be told: with the
         chunk's `replicas` (a write's outcome), False, and the outcome waits in `unrecorded`
         for the service to settle it; without (nothing written yet), RegistryUnavailable."""
+        log.info("volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
+                 ",".join(sorted(hosts)))
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
         if self.registry is None:
             return True
@@ -536,6 +548,13 @@ class VolumeGateway:
     async def _send_once(self, host: str, msg):
         if host == self.host_id:
             return self.replica.handle(msg)
+        return await self._call(host, msg)
+
+    async def _call(self, host: str, msg):
+        """`msg` to a remote host, without the request id if its decoder predates it."""
+        no_rid = self.cluster.no_rid
+        if no_rid and host in no_rid and msg.rid:
+            msg = dc_replace(msg, rid="")
         return await self.pool.call(self.cluster.address(host), msg)
 
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
@@ -549,7 +568,7 @@ class VolumeGateway:
         return self._flush_replicated(hosts)
 
     async def _flush_replicated(self, hosts: dict[str, set[int]]):
-        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token)
+        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, current_rid.get())
         failed: dict[str, Exception] = {}
 
         async def one(h: str) -> None:
@@ -608,13 +627,13 @@ class VolumeGateway:
     async def _block_status_remote(self, out, remote, pieces):
         for slot, p in remote:
             msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
-                                 self.cluster.epoch)
+                                 self.cluster.epoch, current_rid.get())
             ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
             for h in self.cluster.replicas(self.lineage, p.index, self.n):
                 if not self.cluster.is_up(h):
                     continue
                 try:
-                    reply = await self.pool.call(self.cluster.address(h), msg)
+                    reply = await self._call(h, msg)
                 except VbpError:
                     continue
                 runs = reply.runs

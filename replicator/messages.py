@@ -8,6 +8,16 @@ write from a gateway that lost its lease or lives in an older cluster map.
 Field types are limited to str, int, bool, bytes, `int | None` and `tuple[int, ...]`; the codec
 derives its validation from the annotations below, so a new field of another type fails at
 import time instead of on the wire.
+
+Evolving a message: add a field with a default at its end, never a required one, and bump
+PEER_REV. The codec sends an optional field only when it differs from its default and
+decodes frames that leave it out (replicator/codec.py); senders clear it for hosts of an
+older revision, so peers that predate the field keep talking.
+
+`rid` on the client-facing data messages is the id of the NBD request that caused them
+(vbp.reqid), "" for background work: the replica logs it, so one grep follows a write
+across hosts. Not to be confused with the frame's request_id, which pairs a reply with its
+request on one connection.
 """
 
 from __future__ import annotations
@@ -16,6 +26,12 @@ from dataclasses import dataclass
 from typing import Union
 
 PROTO_VERSION = 1
+# Revision of the messages within PROTO_VERSION, advertised in the host's registry record
+# (vbp.cluster.HostRecord.peer_rev). A decoder of an older revision refuses a frame with
+# fields it does not know, so a sender sends optional fields only to hosts that advertise
+# the revision that added them: a pool keeps working while its hosts are upgraded one by
+# one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents.
+PEER_REV = 1
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -109,6 +125,7 @@ class ReadChunk:
     offset: int
     length: int
     epoch: int
+    rid: str = ""
 
 
 @_message(11)
@@ -141,6 +158,7 @@ class WriteChunk:
     fua: bool
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(13)
@@ -158,6 +176,7 @@ class ZeroChunk:
     fua: bool
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(14)
@@ -166,6 +185,7 @@ class Flush:
     volume: str
     epoch: int
     token: int
+    rid: str = ""
 
 
 @_message(15)
@@ -204,6 +224,7 @@ class ChunkExtents:
     offset: int
     length: int
     epoch: int
+    rid: str = ""
 
 
 @_message(19)

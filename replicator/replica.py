@@ -10,20 +10,27 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   the newest older generation of the volume's chain that this host holds, locally.
 - The local gateway calls these methods directly (no transport), remote gateways reach
   them through the peer protocol; both go through the same checks.
+- Logs: a refused or failed client request is one line (warning; info for the transient
+  refusals a gateway retries or routes around), an applied one a debug line; both carry the
+  request's id (vbp.reqid) when set, so the gateway's line and the replica's line about one
+  write share it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
-from vbp.errors import Fenced, PeerUnavailable, StaleEpoch
+from vbp.errors import Fenced, PeerUnavailable, StaleEpoch, VbpError
+from vbp.layout import ChunkKey
+
+log = logging.getLogger("vbp.replica")
 
 
 class StaleCopy(PeerUnavailable):
     """This replica's copy is stale: ask another one (travels as 'unavailable')."""
-from vbp.layout import ChunkKey
 
 
 class Replica:
@@ -116,6 +123,22 @@ class Replica:
 
     def handle(self, msg, peer: str | None = None):
         """Answer one peer message (synchronously). Errors propagate and become Error replies."""
+        try:
+            reply = self._handle(msg)
+        except VbpError as e:
+            op = _OPS.get(type(msg))
+            if op is not None:
+                log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
+                        "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
+                        getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
+                        peer or self.host_id, type(e).__name__, e)
+            raise
+        if type(msg) in _OPS and log.isEnabledFor(logging.DEBUG):
+            log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s", getattr(msg, "volume", "-"),
+                      getattr(msg, "index", "-"), _OPS[type(msg)], peer or self.host_id)
+        return reply
+
+    def _handle(self, msg):
         if isinstance(msg, m.WriteChunk):
             v = self.write(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
                            msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
@@ -152,3 +175,10 @@ class Replica:
         from vbp.errors import InvalidArgument
 
         raise InvalidArgument(f"unexpected peer message {type(msg).__name__}")
+
+
+# the client-facing requests the replica logs (background work logs in its own modules)
+_OPS = {m.WriteChunk: "write", m.ZeroChunk: "zero", m.Flush: "flush", m.ReadChunk: "read",
+        m.ChunkExtents: "block_status"}
+# refusals the gateway handles by retrying (StaleEpoch) or asking another copy (StaleCopy)
+_TRANSIENT = (StaleEpoch, StaleCopy)

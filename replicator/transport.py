@@ -7,8 +7,9 @@ of requests or replies costs one syscall each way, with no lock and no task per 
 
 Server: `handler(message, peer_host_id)` returns a reply message, or an awaitable of one that
 runs as a task of the connection (replies may then go out of order: request ids match them
-up). An exception from the handler becomes an `Error` reply (replicator.errors) and the
-connection lives on; only a protocol error or a broken socket closes it. At most
+up). A message on behalf of a client request (its `rid`, vbp.reqid) is handled, and its
+failure logged, with that id as the current one. An exception from the handler becomes an
+`Error` reply (replicator.errors) and the connection lives on; only a protocol error or a broken socket closes it. At most
 `max_in_flight` awaitable requests run per connection: past that the reader stops reading
 and TCP pushes back on the sender.
 
@@ -41,6 +42,7 @@ from replicator.errors import (
     exception_to_error,
 )
 from vbp.errors import PeerUnavailable
+from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
 
@@ -287,6 +289,17 @@ class _ServerSession:
             await link.receive()
 
     def dispatch(self, request_id: int, message) -> None:
+        rid = getattr(message, "rid", "")
+        if not rid:
+            self._dispatch(request_id, message)
+            return
+        token = current_rid.set(rid)
+        try:
+            self._dispatch(request_id, message)
+        finally:
+            current_rid.reset(token)
+
+    def _dispatch(self, request_id: int, message) -> None:
         if type(message) is m.Hello:
             self.reply(request_id, m.Error(m.INVALID, "Hello after the handshake"))
             return

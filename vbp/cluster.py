@@ -25,6 +25,9 @@ class HostRecord:
     capacity: int = 0  # bytes of chunk space offered to the pool
     state: str = HOST_UP
     maintenance: bool = False
+    # revision of the peer messages this host decodes (replicator.messages.PEER_REV); 0 for
+    # a host from before revisions were advertised: peers send it no optional fields
+    peer_rev: int = 0
 
     @property
     def domain(self) -> tuple[str, str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import struct
@@ -572,3 +573,34 @@ async def test_export_can_drop_its_clients_and_closed_clients_end_cleanly():
             while exp.closed < 2:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_every_request_runs_with_its_own_request_id(provider, nursery):
+    """With a RequestIds, the export sees the request's id in the synchronous call and in
+    the task an awaitable request runs in (vbp.reqid)."""
+    from vbp import reqid
+
+    seen = []
+
+    class Traced(MemoryExport):
+        def write(self, offset, data, fua):
+            seen.append(("write", reqid.current.get()))
+            return super().write(offset, data, fua)
+
+        def flush(self):
+            async def later():
+                await trio.sleep(0)
+                seen.append(("flush", reqid.current.get()))
+            return later()
+
+    provider.exports["traced"] = Traced("traced", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=0xAB)))
+    c = await Client.connect(p, "traced")
+    assert await c.write(0, b"one") == 0
+    assert await c.write(10, b"two", cookie=2) == 0
+    await c.request(proto.CMD_FLUSH, cookie=3)
+    assert await c.reply() == (3, 0, b"")
+    assert seen == [("write", "h9-0000ab-1"), ("write", "h9-0000ab-2"),
+                    ("flush", "h9-0000ab-3")]
+    assert reqid.current.get() == ""  # nothing leaks into the caller

@@ -57,6 +57,8 @@ EXAMPLES = [
     m.WriteChunk("vol", "lin", 3, 5, (1, 2, 5), 0, b"y" * (1 << 20), 4 << 20, 14, True, 7, 2),
     m.ZeroChunk("vol", "lin", 3, 5, (2, 5), 0, 65536, 4 << 20, 15, True, 7, 2),
     m.Flush("vol", 7, 2),
+    m.Flush("vol", 7, 2, "h1-3fa9c2-1f"),
+    m.WriteChunk("vol", "lin", 3, 5, (5,), 0, b"w" * 512, 4 << 20, 16, False, 7, 2, "h1-3fa9c2-20"),
     m.Ok(15),
     m.ChunkState("lin", 3, 5),
     m.ChunkStateReply(True, 15, (1, 2, 2**64 - 1)),
@@ -367,3 +369,112 @@ def test_unknown_error_code_is_a_peer_error():
 def test_every_code_maps_to_an_exception():
     for code in m.ERROR_CODES:
         assert isinstance(error_to_exception(m.Error(code, "x")), e.VbpError)
+
+
+# --- optional trailing fields (protocol evolution) -----------------------------------------
+
+
+def _wire_order(cls) -> list[dataclasses.Field]:
+    """The documented wire order, computed naively: required fields in declaration order
+    with the bytes field moved last, then the fields with defaults."""
+    fields = dataclasses.fields(cls)
+    optional = [f for f in fields if f.default is not dataclasses.MISSING]
+    required = [f for f in fields if f.default is dataclasses.MISSING]
+    required.sort(key=lambda f: f.type == "bytes")  # stable: only the bytes field moves
+    return required + optional
+
+
+def _as_wire(v):
+    return list(v) if type(v) is tuple else bytes(v) if type(v) in (bytearray, memoryview) else v
+
+
+def _raw_frame(request_id: int, msg, nfields: int) -> bytes:
+    """A frame with the first `nfields` wire fields, as a peer built for another revision
+    of the message (fewer optional fields) would send it."""
+    order = _wire_order(type(msg))[:nfields]
+    values = [_as_wire(getattr(msg, f.name)) for f in order]
+    return frame(msgpack.packb([m.PROTO_VERSION, m.TYPE_IDS[type(msg)], request_id, *values]))
+
+
+EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
+           if any(f.default is not dataclasses.MISSING for f in dataclasses.fields(cls))]
+
+
+def test_client_data_messages_carry_a_request_id():
+    assert {cls.__name__ for cls in EVOLVED} == {
+        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents"}
+    for cls in EVOLVED:
+        assert [f.name for f in _wire_order(cls)][-1] == "rid"
+
+
+def test_frame_without_the_optional_field_decodes_with_its_default():
+    # exactly what a peer that predates request ids sends
+    old = frame(msgpack.packb([m.PROTO_VERSION, 12, 5, "v", "l", 1, 2, [2], 0, 4 << 20, 3,
+                               False, 4, 5, b"abc"]))
+    c = PeerCodec()
+    c.receive_data(old)
+    assert c.next_event() == (5, m.WriteChunk("v", "l", 1, 2, (2,), 0, b"abc", 4 << 20, 3,
+                                              False, 4, 5, rid=""))
+
+
+def test_default_optional_fields_are_left_out_on_the_wire():
+    # background traffic (rid "") is byte for byte the frame of a peer without request ids
+    assert wire(5, m.Flush("v", 7, 2)) == frame(msgpack.packb([m.PROTO_VERSION, 14, 5, "v", 7, 2]))
+    assert wire(5, m.Flush("v", 7, 2, "h1-0a-1")) == frame(
+        msgpack.packb([m.PROTO_VERSION, 14, 5, "v", 7, 2, "h1-0a-1"]))
+
+
+@pytest.mark.parametrize("size", [100, SPLIT_THRESHOLD, 1 << 20])
+def test_optional_field_follows_the_payload(size):
+    # WriteChunk with a rid has 16 array elements: past a msgpack fixarray
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    msg = m.WriteChunk("v", "l", 1, 2, (2,), 0, data, 4 << 20, 3, False, 4, 5, "h1-0a-2f")
+    out = PeerCodec().encode(1, msg)
+    if size >= SPLIT_THRESHOLD:
+        assert isinstance(out, list) and out[1] is data  # still not copied
+    joined = out if type(out) is bytes else b"".join(bytes(b) for b in out)
+    assert joined == frame(msgpack.packb([m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, [2], 0,
+                                          4 << 20, 3, False, 4, 5, data, "h1-0a-2f"]))
+    c = PeerCodec()
+    c.receive_data(joined)
+    assert c.next_event() == (1, msg)
+
+
+def test_field_count_outside_required_to_all_rejected():
+    short = [m.PROTO_VERSION, 14, 1, "v", 7]
+    rejected(frame(msgpack.packb(short)), "Flush: 2 fields, expected 3 to 4")
+    rejected(frame(msgpack.packb(short + [2, "rid", "extra"])), "5 fields, expected 3 to 4")
+    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1, 5, 6])), "Ok: 2 fields, expected 1$")
+
+
+def test_optional_field_type_checked_both_ways():
+    rejected(frame(msgpack.packb([m.PROTO_VERSION, 14, 1, "v", 7, 2, 99])),
+             "Flush.rid: int is not str")
+    with pytest.raises(TypeError, match="Flush.rid"):
+        PeerCodec().encode(1, m.Flush("v", 7, 2, None))
+
+
+@FAST
+@given(st.sampled_from(EVOLVED).flatmap(message_of), request_ids, st.data())
+def test_any_revision_of_a_message_decodes(msg, request_id, data):
+    """A frame carrying any number of the optional fields, from none (an older peer) to
+    all, decodes to the message with the defaults of the fields it leaves out."""
+    order = _wire_order(type(msg))
+    required = sum(1 for f in order if f.default is dataclasses.MISSING)
+    n = data.draw(st.integers(required, len(order)))
+    c = PeerCodec()
+    c.receive_data(_raw_frame(request_id, msg, n))
+    expected = dataclasses.replace(msg, **{f.name: f.default for f in order[n:]})
+    assert c.next_event() == (request_id, expected)
+
+
+@FAST
+@given(messages, request_ids)
+def test_encoding_is_the_shortest_revision(msg, request_id):
+    """The sender leaves out exactly the trailing optional fields that hold their defaults."""
+    order = _wire_order(type(msg))
+    n = len(order)
+    while n and order[n - 1].default is not dataclasses.MISSING \
+            and getattr(msg, order[n - 1].name) == order[n - 1].default:
+        n -= 1
+    assert wire(request_id, msg) == _raw_frame(request_id, msg, n)

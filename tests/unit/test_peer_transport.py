@@ -522,3 +522,52 @@ async def test_frame_over_the_servers_limit_fails_the_call_with_the_reason():
             with pytest.raises(PeerUnavailable, match="closed by the peer: invalid.*outside"):
                 await pool.call(address, write(1, b"z" * (2 << 20)))
             assert await pool.call(address, write(2)) == m.Ok(1)  # a new connection
+
+
+async def test_handler_runs_with_the_request_id_of_the_message():
+    """The server handles a message, and logs its failure, as its request (vbp.reqid)."""
+    import logging
+
+    from blockd.logs import KVFormatter
+    from vbp import reqid
+
+    seen = []
+    lines = []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    async def later(msg):
+        await trio.sleep(0)
+        seen.append(("async", reqid.current.get()))
+        return m.Ok(1)
+
+    def handler(msg, peer):
+        seen.append((type(msg).__name__, reqid.current.get()))
+        if type(msg) is m.ZeroChunk:
+            return later(msg)
+        if msg.volume == "boom":
+            raise ZeroDivisionError("bug")
+        return m.Ok(1)
+
+    capture = Lines()
+    capture.setFormatter(KVFormatter("srv"))
+    logger = logging.getLogger("vbp.replicator.transport")
+    logger.addHandler(capture)
+    try:
+        async with server(handler) as (address, _):
+            async with PeerPool(CLUSTER, "cli") as pool:
+                await pool.call(address, write(1))
+                await pool.call(address, m.Flush("vol", 3, 1, "h2-00000a-5"))
+                await pool.call(address, m.ZeroChunk("v", "l", 1, 1, (1,), 0, 1, 1 << 22, 1,
+                                                     False, 1, 1, "h2-00000a-6"))
+                with pytest.raises(PeerError):
+                    await pool.call(address, m.Flush("boom", 3, 1, "h2-00000a-7"))
+                await pool.call(address, m.Flush("vol", 3, 1))
+    finally:
+        logger.removeHandler(capture)
+    assert seen == [("WriteChunk", ""), ("Flush", "h2-00000a-5"), ("ZeroChunk", "h2-00000a-6"),
+                    ("async", "h2-00000a-6"), ("Flush", "h2-00000a-7"), ("Flush", "")]
+    failed = [line for line in lines if "request from cli failed" in line]
+    assert len(failed) == 1 and " rid=h2-00000a-7 " in failed[0]

@@ -1,0 +1,70 @@
+"""blockd.logs: one structured line per event, with the request id when there is one."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+
+from blockd.logs import JSONFormatter, KVFormatter
+from vbp import reqid
+
+
+def record(msg: str = "volume=v chunk=%d event=replica_failed", *args, **extra) -> logging.LogRecord:
+    rec = logging.LogRecord("vbp.gateway", logging.WARNING, __file__, 1, msg, args or (3,), None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_kv_line_without_a_request_has_no_rid():
+    line = KVFormatter("h1").format(record())
+    assert "rid=" not in line
+    assert line.endswith(" level=warning host=h1 logger=vbp.gateway "
+                         "volume=v chunk=3 event=replica_failed")
+
+
+def test_kv_and_json_lines_carry_the_current_request_id():
+    token = reqid.current.set("h1-00abcd-7")
+    try:
+        kv = KVFormatter("h1").format(record())
+        js = json.loads(JSONFormatter("h1").format(record()))
+    finally:
+        reqid.current.reset(token)
+    assert " logger=vbp.gateway rid=h1-00abcd-7 volume=v chunk=3" in kv
+    assert js["rid"] == "h1-00abcd-7" and js["msg"] == "volume=v chunk=3 event=replica_failed"
+    assert "rid" not in json.loads(JSONFormatter("h1").format(record()))
+
+
+def test_an_explicit_request_id_wins():
+    token = reqid.current.set("h1-00abcd-7")
+    try:
+        line = KVFormatter("h2").format(record(rid="h3-000001-1"))
+    finally:
+        reqid.current.reset(token)
+    assert " rid=h3-000001-1 " in line and "h1-00abcd-7" not in line
+
+
+def test_request_ids_are_short_and_distinct():
+    ids = reqid.RequestIds("h1", boot=0x3FA9C2)
+    assert [ids.next() for _ in range(3)] == ["h1-3fa9c2-1", "h1-3fa9c2-2", "h1-3fa9c2-3"]
+    # a restarted host draws another boot tag: its ids do not repeat the old ones
+    assert reqid.RequestIds("h1").prefix.startswith("h1-")
+    assert len({reqid.RequestIds("h1").prefix for _ in range(20)}) > 1
+
+
+async def test_the_request_id_follows_into_child_tasks_only():
+    seen = {}
+
+    async def replica_task(name):
+        await trio.sleep(0)
+        seen[name] = reqid.current.get()
+
+    async with trio.open_nursery() as nursery:
+        token = reqid.current.set("h1-000001-9")
+        try:
+            nursery.start_soon(replica_task, "child")
+        finally:
+            reqid.current.reset(token)
+        nursery.start_soon(replica_task, "other")
+    assert seen == {"child": "h1-000001-9", "other": ""}

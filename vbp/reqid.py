@@ -1,0 +1,39 @@
+"""Request ids: one short id per client request, following it across hosts in the logs.
+
+Theory of operation. The NBD frontend of the host that receives a request (its gateway)
+gives it an id from its `RequestIds` and sets `current` for the request's task; trio
+copies the context into every task started from there, so the gateway's per-replica tasks
+see it without passing it by hand. Peer messages sent on behalf of the request carry it
+(replicator.messages, field `rid`); the peer server sets `current` from the message while
+its replica handles it. The log formatter (blockd.logs) adds `rid=` to every line logged
+while an id is set, so `grep rid=h1-5c0a3e-2f` over every host's log shows one request.
+
+An id is `<host>-<boot>-<seq>`: the gateway's host id (host ids are unique in a cluster),
+a random tag drawn when the process starts (a restarted host does not reuse the ids of its
+previous life) and a counter, in hex. Making one costs a counter increment and one string
+format per request: no randomness, no clock, no syscall on the hot path.
+"""
+
+from __future__ import annotations
+
+import random
+from contextvars import ContextVar
+
+# the id of the client request the current task works for; "" when none (background work)
+current: ContextVar[str] = ContextVar("vbp_request_id", default="")
+
+
+class RequestIds:
+    """Hands out the ids of one host's requests."""
+
+    __slots__ = ("prefix", "_seq")
+
+    def __init__(self, host_id: str, boot: int | None = None):
+        if boot is None:
+            boot = random.getrandbits(24)
+        self.prefix = f"{host_id}-{boot:06x}-"
+        self._seq = 0
+
+    def next(self) -> str:
+        self._seq += 1
+        return f"{self.prefix}{self._seq:x}"
