@@ -109,6 +109,8 @@ class ReadChunk:
     offset: int
     length: int
     epoch: int
+    # a resync electing the freshest of copies that are all stale reads a stale copy
+    allow_stale: bool = False
 
 
 @_message(11)
@@ -172,6 +174,9 @@ class Flush:
 @dataclass(frozen=True, slots=True)
 class Ok:
     version: int
+    # the replica's copy of the chunk is recorded stale (it missed earlier writes): it took
+    # this one, but it is not a current copy and does not count towards min_size
+    stale: bool = False
 
 
 @_message(16)
