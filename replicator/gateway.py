@@ -463,11 +463,14 @@ class VolumeGateway:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,
                       type(msg).__name__, ",".join(hosts))
+        behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
 
         async def one(h: str) -> None:
             try:
-                await self._send(h, msg)
+                reply = await self._send(h, msg)
                 self._unflushed.setdefault(h, set()).add(p.index)
+                if getattr(reply, "stale", False):
+                    behind.add(h)
             except VbpError as e:
                 failed[h] = e
 
@@ -484,16 +487,21 @@ class VolumeGateway:
                 self._suspect(p.index, [h for h in hosts if h not in failed])
                 self._fence(e)
                 raise e
-        ok = sum(1 for h in complete if h not in failed)  # joining targets are not full copies
+        if behind - set(self.stale.get(p.index, ())):
+            self.stale[p.index] = self.stale.get(p.index, frozenset()) | frozenset(behind)
+        # Only current copies count: a stale copy that took this write may miss an earlier
+        # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
+        # not full copies either.
+        took = [h for h in complete if h not in failed and h not in behind]
+        ok = len(took)
         if failed:
             log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
                         ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
-            # recorded even when the write fails below min_size: the replicas that took it
-            # are ahead of the others, which must resync from them
-            recorded = await self._mark_stale(p.index, failed, hosts)
+            recorded = await self._mark_stale(
+                p.index, self._falling_behind(failed, took, complete, behind), hosts)
         else:
             recorded = True
         if ok < self.min_size:
@@ -508,6 +516,21 @@ class VolumeGateway:
             raise RegistryUnavailable(
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
+
+    @staticmethod
+    def _falling_behind(failed, took, complete, behind) -> list[str]:
+        """The copies a failed write leaves behind, to record stale. Recorded even when the
+        write fails below min_size: the current copies that took it are ahead of the others,
+        which must resync from them. But when no current copy took it, a current copy that
+        failed still holds every acknowledged write: the first one stays current (the
+        source of every resync of the chunk), or no copy would be left to resync from and
+        the chunk would never converge."""
+        out = list(failed)
+        if not took:
+            keep = next((h for h in complete if h in failed and h not in behind), None)
+            if keep is not None:
+                out.remove(keep)
+        return out
 
     def _suspect(self, index: int, hosts) -> None:
         if hosts:
@@ -595,7 +618,8 @@ class VolumeGateway:
         unrecorded = []
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
-            good = sum(1 for h in replicas if h not in bad)
+            behind = self.stale.get(idx, ())
+            good = sum(1 for h in replicas if h not in bad and h not in behind)
             if good < self.min_size:
                 raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
             if not await self._mark_stale(idx, bad, replicas):

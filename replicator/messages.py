@@ -30,8 +30,9 @@ PROTO_VERSION = 1
 # (vbp.cluster.HostRecord.peer_rev). A decoder of an older revision refuses a frame with
 # fields it does not know, so a sender sends optional fields only to hosts that advertise
 # the revision that added them: a pool keeps working while its hosts are upgraded one by
-# one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents.
-PEER_REV = 1
+# one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents. 2: `allow_stale`
+# on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true).
+PEER_REV = 2
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -126,6 +127,8 @@ class ReadChunk:
     length: int
     epoch: int
     rid: str = ""
+    # a resync electing the freshest of copies that are all stale reads a stale copy
+    allow_stale: bool = False
 
 
 @_message(11)
@@ -192,6 +195,9 @@ class Flush:
 @dataclass(frozen=True, slots=True)
 class Ok:
     version: int
+    # the replica's copy of the chunk is recorded stale (it missed earlier writes): it took
+    # this one, but it is not a current copy and does not count towards min_size
+    stale: bool = False
 
 
 @_message(16)

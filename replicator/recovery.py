@@ -140,6 +140,11 @@ class Resync:
         # complete copies first, then targets that joined and are current
         hosts = self.cluster.write_set(lineage, index, n)
         sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
+        if not sources:
+            complete = self.cluster.replicas(lineage, index, n)
+            if (self.host_id in complete and all(h in stale for h in complete)
+                    and all(self.cluster.is_up(h) for h in complete)):
+                return await self._resync_all_stale(lineage, index, complete)
         for src in sources:
             addr = self.cluster.address(src)
             try:
@@ -157,6 +162,43 @@ class Resync:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)
         return False
+
+    async def _resync_all_stale(self, lineage: str, index: int, complete) -> bool:
+        """Every copy of the chunk is recorded stale (failures through gateways of
+        different volumes of the lineage, a crash, a write no current copy took), so no
+        copy is a plain source. Each generation is brought to its freshest copy: the
+        highest version (every write a copy applies raises it; a copy that missed writes
+        is behind; a copy that crashed comes back at its durable version + 1), ties to the
+        first copy in placement order, so every stale host picks the same one. Only while
+        every copy is up and answers: a copy that is not asked may be the freshest."""
+        peers = [h for h in complete if h != self.host_id]
+        held: dict[str, set[int]] = {}
+        for h in peers:
+            held[h] = set((await self.pool.call(self.cluster.address(h), m.ChunkGens(lineage, index))).gens)
+        local = {k.gen for k in self.store.keys(lineage) if k.index == index}
+        for _ in range(MAX_PASSES):
+            copied = 0
+            for g in sorted(local.union(*held.values())):
+                best, best_version = self.host_id, self._version(ChunkKey(lineage, index, g))
+                for h in complete:
+                    if h == self.host_id or g not in held[h]:
+                        continue
+                    st = await self.pool.call(self.cluster.address(h), m.ChunkState(lineage, index, g))
+                    v = st.version if st.exists else -1
+                    if v > best_version or (v == best_version and complete.index(h) < complete.index(best)):
+                        best, best_version = h, v
+                if best != self.host_id:
+                    copied += await self._sync_gen(self.cluster.address(best), lineage, index, g,
+                                                   allow_stale=True)
+            if not copied:
+                self.stats.chunks += 1
+                log.info("event=resynced_all_stale lineage=%s chunk=%d", lineage, index)
+                return True
+        return False
+
+    def _version(self, key: ChunkKey) -> int:
+        info = self.store.info(key)
+        return -1 if info is None else info.version
 
     async def _drop_divergent(self, addr: str, lineage: str, index: int, gens) -> int:
         """Generations held here but not by the current source hold writes that were never
@@ -184,7 +226,8 @@ class Resync:
         except NotFound:
             return 0, [0] * pages
 
-    async def _sync_gen(self, addr: str, lineage: str, index: int, gen: int) -> int:
+    async def _sync_gen(self, addr: str, lineage: str, index: int, gen: int, *,
+                        allow_stale: bool = False) -> int:
         """Copy the pages of one generation that differ; returns the pages copied."""
         st = await self.pool.call(addr, m.ChunkState(lineage, index, gen))
         if not st.exists:
@@ -201,7 +244,8 @@ class Resync:
             if not hole:
                 if self.limiter is not None and (d := self.limiter.delay_for(length)):
                     await trio.sleep(d)
-                reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length, self.cluster.epoch))
+                reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length,
+                                                              self.cluster.epoch, allow_stale))
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
                 data = reply.data

@@ -226,7 +226,7 @@ def test_other_version_rejected_with_version_code():
 
 def test_wrong_field_count_rejected():
     rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1])), "0 fields")
-    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1, 5, 6])), "2 fields")
+    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1, 5, False, 6])), "3 fields")
     rejected(frame(msgpack.packb([m.PROTO_VERSION, 15])), "not an array")
     rejected(frame(msgpack.packb({"a": 1})), "not an array")
 
@@ -241,11 +241,11 @@ def test_wrong_field_type_rejected(fields, match):
 
 
 def test_optional_and_tuple_fields_checked():
-    read = [m.PROTO_VERSION, 10, 1, "v", "l", 1, [3, "x"], 0, 1, 1]
+    read = [m.PROTO_VERSION, 10, 1, "v", "l", 1, [3, "x"], 0, 1, 1, False]
     rejected(frame(msgpack.packb(read)), "chain")
     write = [m.PROTO_VERSION, 12, 1, "v", "l", 1, 2, None, 0, 1, 1, False, 1, 1, b""]
     rejected(frame(msgpack.packb(write)), "chain")
-    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, -1, 5])), "request id")
+    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, -1, 5, False])), "request id")
 
 
 def test_encode_refuses_what_the_protocol_cannot_carry():
