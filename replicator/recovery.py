@@ -245,7 +245,7 @@ class Resync:
                 if self.limiter is not None and (d := self.limiter.delay_for(length)):
                     await trio.sleep(d)
                 reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length,
-                                                              self.cluster.epoch, allow_stale))
+                                                              self.cluster.epoch, allow_stale=allow_stale))
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
                 data = reply.data
