@@ -402,9 +402,13 @@ EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
 
 def test_client_data_messages_carry_a_request_id():
     assert {cls.__name__ for cls in EVOLVED} == {
-        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents"}
+        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok"}
     for cls in EVOLVED:
-        assert [f.name for f in _wire_order(cls)][-1] == "rid"
+        if cls is not m.Ok:
+            assert "rid" in [f.name for f in _wire_order(cls)]
+    # revision 2 appended after revision 1's field
+    assert [f.name for f in _wire_order(m.ReadChunk)][-2:] == ["rid", "allow_stale"]
+    assert [f.name for f in _wire_order(m.Ok)] == ["version", "stale"]
 
 
 def test_frame_without_the_optional_field_decodes_with_its_default():
@@ -444,7 +448,7 @@ def test_field_count_outside_required_to_all_rejected():
     short = [m.PROTO_VERSION, 14, 1, "v", 7]
     rejected(frame(msgpack.packb(short)), "Flush: 2 fields, expected 3 to 4")
     rejected(frame(msgpack.packb(short + [2, "rid", "extra"])), "5 fields, expected 3 to 4")
-    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1, 5, 6])), "Ok: 2 fields, expected 1$")
+    rejected(frame(msgpack.packb([m.PROTO_VERSION, 15, 1, 5, True, 6])), "Ok: 3 fields, expected 1 to 2$")
 
 
 def test_optional_field_type_checked_both_ways():
