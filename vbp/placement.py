@@ -2,38 +2,48 @@
 
 Theory of operation (DESIGN.md, Words and Failures; CONVENTIONS.md 6).
 
-Score. Weighted rendezvous hashing: a chunk key c = xxh64("lineage\\0index") and a node of
-seed s and weight w get u = xxh64(c, seed=s) mapped into (0, 1) and the key -ln(u) / w;
-the lowest key wins (the same as the highest score w / -ln(u)). -ln(u)/w is exponentially
-distributed with rate w and the minimum of such draws is won by a node with probability
-proportional to its weight, so a node that wins is chosen in proportion to its capacity.
+Score. Weighted rendezvous hashing over all hosts: a chunk key c = xxh64("lineage\\0index")
+and a host of seed s = xxh64("host\\0id") and weight w = capacity get u = xxh64(c, seed=s)
+mapped into (0, 1) and the key -ln(u) * (1/w); lower wins. -ln(u)/w is exponentially
+distributed with rate w, so the host with the lowest key is each host with probability
+proportional to its capacity. A host's key depends on the chunk and that host alone: no
+zone or pod weight exists, so changing one host changes no other host's key.
 
-Hierarchy. Replicas go to distinct failure domains as far as the map allows: zones are
-ranked by key with the zone's weight = the sum of its hosts' capacities; replicas are dealt
-to zones round-robin in rank order (one each while there are zones with eligible hosts,
-then a second round...). In a zone, pods are ranked and dealt to the same way, and in a pod
-the hosts are ranked. Only the chosen branches are hashed: a lookup on 10 zones x 10 pods x
-10 hosts with 3 replicas costs 10 + 3*10 + 3*10 = 70 hashes, not 1000. The output order is
-the dealing order, so the first host (top zone, top pod, top host) is the primary.
+Choice. Replicas are chosen one at a time from the eligible hosts; each time the host taken
+minimizes (replicas already in its zone, replicas already in its pod, key), with (zone, pod,
+id) breaking exact key ties. So replicas go to distinct zones while there are zones left,
+then to distinct pods inside a zone, then to distinct hosts; the first host (the lowest key
+of all) is the primary. With at least n zones this is the n zones of lowest best key, each
+giving its best host: a lookup hashes every eligible host once (O(hosts), about 1000
+hashes at 1000 hosts), which is why `Placement` memoizes and the gateway caches per epoch.
 
-Eligibility and stability. Hosts that are down or draining receive nothing but keep their
-weight in their pod and zone, and an ineligible node is simply skipped in a ranking: the
-relative order of the others does not change. So a host going down or draining moves only
-the replicas that lived on it (exactly), and they go to the next host of the same ranking.
-Adding or removing a host changes its pod's and zone's weights: like CRUSH's straw2, every
-replica that moves then moves into (addition) or out of (removal) that zone, but more than
-the minimum moves (bench/placement.py measures how much). Exact minimal movement under
-membership change and capacity weighting would need a flat ranking of all hosts, which is
-`place_flat` (the naive reference for single-domain maps) at O(hosts) hashes per lookup.
+Stability (the reason for the flat ranking; tests check it exactly). The choice reads only
+the keys of eligible hosts and each step takes a minimum, so:
+- removing a host, or making it ineligible (down or draining), changes nothing for a chunk
+  it did not hold: every step's minimum was another host, still there with the same key.
+  For a chunk it held, its replica is replaced by one other host; the chunk's other
+  replicas stay (each zone's and each pod's choices are taken in key order, so dropping
+  one member leaves the rest and takes in the next one);
+- adding a host is the same read backwards: only chunks whose choice now includes it
+  change, and each by exactly that one replica.
+So membership changes move the minimum that must move. The earlier hierarchical scheme
+(zone, then pod, then host, each ranked by summed capacity, like CRUSH's straw2) hashed
+fewer nodes but moved 1.7-2.6x that minimum, because one host's capacity is part of its
+pod's and zone's weights and so shifts other hosts' chunks between zones.
 
-`place_naive` is the same definition computed the obvious way (every node hashed, a greedy
-choice over all hosts); tests check that it agrees with `Placement.place` on random maps.
+Balance. The primary is exactly proportional to capacity. Later replicas avoid the zones
+already used, which gives heavy zones a little less than their share and light zones a
+little more (sampling without replacement); with zones of similar capacity the effect is
+small, and bench/placement.py measures it on a 1000-host map with mixed capacities.
+
+`place_naive` is the same definition computed the obvious way (every host hashed, counts
+recomputed at every step); tests check that it agrees with `Placement.place` on random maps.
+bench/placement.py holds a vectorized (numpy) form of the same function, also checked.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import xxhash
 
@@ -55,9 +65,10 @@ def node_seed(kind: str, *path: str) -> int:
 
 
 def score_key(ckey: bytes, seed: int, weight: float) -> float:
-    """-ln(u)/w for this chunk and node: lower wins."""
+    """-ln(u) * (1/w) for this chunk and host: lower wins. Multiplying by the inverse (not
+    dividing) is what every form of placement does, so all of them round alike."""
     u = ((_xxh64(ckey, seed) >> 11) + 0.5) * _TWO_M53
-    return -math.log(u) / weight
+    return -math.log(u) * (1.0 / weight)
 
 
 def host_weight(h: HostRecord) -> float:
@@ -71,95 +82,83 @@ def eligible(h: HostRecord) -> bool:
     return h.state == HOST_UP
 
 
-@dataclass(slots=True)
-class _Node:
-    name: str
-    seed: int
-    weight: float
-    eligible: int  # eligible hosts below
-    children: list["_Node"]
-    host: HostRecord | None = None
-    # (seed, 1/weight, name, node) of the children with eligible hosts: what a lookup hashes
-    kids: list[tuple[int, float, str, "_Node"]] | None = None
-
-    def freeze(self) -> "_Node":
-        for c in self.children:
-            c.freeze()
-        self.kids = [(c.seed, 1.0 / c.weight, c.name, c) for c in self.children if c.eligible]
-        return self
-
-
-def _deal(ranked: list[_Node], k: int) -> list[int]:
-    """Replicas per child: round-robin in rank order, a child taking at most `eligible`."""
-    counts = [0] * len(ranked)
-    while k:
-        progress = False
-        for i, child in enumerate(ranked):
-            if k and counts[i] < child.eligible:
-                counts[i] += 1
-                k -= 1
-                progress = True
-        if not progress:
-            break
-    return counts
+def domain_order(cmap: ClusterMap) -> list[HostRecord]:
+    """The eligible hosts by (zone, pod, id): the order that breaks exact key ties, and in
+    which every zone's (and pod's) hosts are contiguous."""
+    return sorted((h for h in cmap.hosts if eligible(h)), key=lambda h: (h.zone, h.pod, h.id))
 
 
 class Placement:
-    """Per-map precomputation (the domain tree, seeds, weights); `place` is pure."""
+    """Per-map precomputation (eligible hosts in domain order, seeds, weights); `place` is
+    pure."""
 
     def __init__(self, cmap: ClusterMap) -> None:
         self.epoch = cmap.epoch
-        zones: dict[str, dict[str, list[HostRecord]]] = {}
-        for h in cmap.hosts:
-            zones.setdefault(h.zone, {}).setdefault(h.pod, []).append(h)
-        top = []
-        for zname in sorted(zones):
-            pods = []
-            for pname in sorted(zones[zname]):
-                hosts = [_Node(h.id, node_seed("host", h.id), host_weight(h), int(eligible(h)), [], h)
-                         for h in zones[zname][pname]]
-                pods.append(_Node(pname, node_seed("pod", zname, pname), sum(x.weight for x in hosts),
-                                  sum(x.eligible for x in hosts), hosts))
-            top.append(_Node(zname, node_seed("zone", zname), sum(p.weight for p in pods),
-                             sum(p.eligible for p in pods), pods))
-        self._root = _Node("", 0, sum(z.weight for z in top), sum(z.eligible for z in top), top).freeze()
+        hosts = domain_order(cmap)
+        self._ids = tuple(h.id for h in hosts)
+        self._kids = tuple((node_seed("host", h.id), 1.0 / host_weight(h)) for h in hosts)
+        zones: dict[str, int] = {}
+        pods: dict[tuple[str, str], int] = {}
+        self._zone = tuple(zones.setdefault(h.zone, len(zones)) for h in hosts)
+        self._pod = tuple(pods.setdefault((h.zone, h.pod), len(pods)) for h in hosts)
+        starts = [i for i, z in enumerate(self._zone) if i == 0 or z != self._zone[i - 1]]
+        self._zone_spans = tuple(zip(starts, starts[1:] + [len(hosts)]))
+        self._npods = len(pods)
         self._memo: dict[tuple[str, int, int], tuple[str, ...]] = {}
 
     @property
     def eligible_hosts(self) -> int:
-        return self._root.eligible
+        return len(self._ids)
 
     def place(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
         """Up to n distinct host ids, primary first (fewer if fewer hosts are eligible)."""
-        if n <= 0:
+        if n <= 0 or not self._ids:
             return ()
         key = (lineage, index, n)
         got = self._memo.get(key)
         if got is None:
-            got = tuple(self._pick(chunk_key(lineage, index), self._root, n))
+            got = self._choose(self.keys(chunk_key(lineage, index)), n)
             if len(self._memo) >= MEMO_SIZE:  # a gateway looks up the same chunks again and again
                 self._memo.clear()
             self._memo[key] = got
         return got
 
-    def _pick(self, ckey: bytes, node: _Node, k: int) -> list[str]:
+    def keys(self, ckey: bytes) -> list[float]:
+        """Every eligible host's key for this chunk, in domain order."""
         # score_key inlined: this loop is the whole cost of a lookup
-        ranked = sorted((-_log(((_xxh64(ckey, seed) >> 11) + 0.5) * _TWO_M53) * inv_w, name, c)
-                        for seed, inv_w, name, c in node.kids)
-        if not ranked:
-            return []
-        if ranked[0][2].host is not None:  # a pod: its hosts, best first
-            return [name for _, name, _ in ranked[:k]]
-        nodes = [c for _, _, c in ranked]
-        if k == 1:
-            return self._pick(ckey, nodes[0], 1)
-        picks = [self._pick(ckey, c, m) for c, m in zip(nodes, _deal(nodes, k)) if m]
-        if all(len(p) == 1 for p in picks):
-            return [p[0] for p in picks]
-        out = []
-        for r in range(max(len(p) for p in picks)):
-            out.extend(p[r] for p in picks if r < len(p))
-        return out
+        return [-_log(((_xxh64(ckey, seed) >> 11) + 0.5) * _TWO_M53) * inv_w
+                for seed, inv_w in self._kids]
+
+    def _choose(self, keys: list[float], n: int) -> tuple[str, ...]:
+        ids = self._ids
+        if n == 1:
+            return (ids[keys.index(min(keys))],)
+        spans = self._zone_spans
+        if len(spans) >= n:
+            # one replica per zone: the n zones of lowest best key, in that order; index()
+            # finds the first of equal keys, which is the (zone, pod, id) tie-break
+            best = sorted((min(keys[a:b]), a, b) for a, b in spans)[:n]
+            return tuple(ids[keys.index(m, a, b)] for m, a, b in best)
+        return self._greedy(keys, n)
+
+    def _greedy(self, keys: list[float], n: int) -> tuple[str, ...]:
+        """Fewer zones than replicas: the definition step by step over hosts in key order."""
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: ties in domain order
+        in_zone = [0] * len(self._zone_spans)
+        in_pod = [0] * self._npods
+        taken: list[int] = []
+        for _ in range(min(n, len(order))):
+            best, best_cost = -1, None
+            for i in order:
+                cost = (in_zone[self._zone[i]], in_pod[self._pod[i]])
+                if (best_cost is None or cost < best_cost) and i not in taken:
+                    best, best_cost = i, cost
+                    if cost == (0, 0):
+                        break
+            taken.append(best)
+            in_zone[self._zone[best]] += 1
+            in_pod[self._pod[best]] += 1
+        return tuple(self._ids[i] for i in taken)
 
 
 _CACHE: list[tuple[ClusterMap, Placement]] = []  # by identity: hashing a big map costs more than a lookup
@@ -185,18 +184,11 @@ def place(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str, ...]
 
 
 def place_naive(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str, ...]:
-    """The same definition as Placement.place, computed the obvious way: hash every zone,
-    pod and host, then pick n times the eligible host that minimizes (replicas already in
-    its zone, zone key, replicas already in its pod, pod key, host key)."""
+    """The same definition as Placement.place, computed the obvious way: hash every host,
+    then pick n times the eligible host that minimizes (replicas already in its zone,
+    replicas already in its pod, host key, zone, pod, id)."""
     ckey = chunk_key(lineage, index)
-    zone_w: dict[str, float] = {}
-    pod_w: dict[tuple[str, str], float] = {}
-    for h in cmap.hosts:
-        zone_w[h.zone] = zone_w.get(h.zone, 0.0) + host_weight(h)
-        pod_w[(h.zone, h.pod)] = pod_w.get((h.zone, h.pod), 0.0) + host_weight(h)
-    zkey = {z: (score_key(ckey, node_seed("zone", z), w), z) for z, w in zone_w.items()}
-    pkey = {zp: (score_key(ckey, node_seed("pod", *zp), w), zp[1]) for zp, w in pod_w.items()}
-    hkey = {h.id: (score_key(ckey, node_seed("host", h.id), host_weight(h)), h.id) for h in cmap.hosts}
+    hkey = {h.id: score_key(ckey, node_seed("host", h.id), host_weight(h)) for h in cmap.hosts}
     chosen: list[HostRecord] = []
     while len(chosen) < n:
         cands = [h for h in cmap.hosts if eligible(h) and h not in chosen]
@@ -206,7 +198,7 @@ def place_naive(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str
         def rank(h: HostRecord):
             in_zone = sum(1 for c in chosen if c.zone == h.zone)
             in_pod = sum(1 for c in chosen if (c.zone, c.pod) == (h.zone, h.pod))
-            return (in_zone, zkey[h.zone], in_pod, pkey[(h.zone, h.pod)], hkey[h.id])
+            return (in_zone, in_pod, hkey[h.id], h.zone, h.pod, h.id)
 
         chosen.append(min(cands, key=rank))
     return tuple(h.id for h in chosen)
