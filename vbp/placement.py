@@ -21,9 +21,11 @@ Stability (the reason for the flat ranking; tests check it exactly). The choice 
 the keys of eligible hosts and each step takes a minimum, so:
 - removing a host, or making it ineligible (down or draining), changes nothing for a chunk
   it did not hold: every step's minimum was another host, still there with the same key.
-  For a chunk it held, its replica is replaced by one other host; the chunk's other
-  replicas stay (each zone's and each pod's choices are taken in key order, so dropping
-  one member leaves the rest and takes in the next one);
+  For a chunk it held, only that replica is replaced. The choice goes in rounds (every
+  zone's first replica before any zone's second; in a zone, every pod's first before any
+  pod's second; in a pod, hosts by key) and inside a round by (pod count, key); dropping
+  one host moves its pod's and zone's later hosts up one round, which changes the chosen
+  set by the one host that fills the gap;
 - adding a host is the same read backwards: only chunks whose choice now includes it
   change, and each by exactly that one replica.
 So membership changes move the minimum that must move. The earlier hierarchical scheme
@@ -144,6 +146,8 @@ class Placement:
     def _greedy(self, keys: list[float], n: int) -> tuple[str, ...]:
         """Fewer zones than replicas: the definition step by step over hosts in key order."""
         order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: ties in domain order
+        if self._npods == 1:  # one pod (a sandbox): the n lowest keys
+            return tuple(self._ids[i] for i in order[:n])
         in_zone = [0] * len(self._zone_spans)
         in_pod = [0] * self._npods
         taken: list[int] = []
