@@ -51,6 +51,22 @@ def test_agrees_with_naive(cmap, n, keys):
         assert p.place(lin, idx, n) == place_naive(lin, idx, cmap, n)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(6, 10), st.sampled_from([(1,), (1, 4), (0, 2)]),
+       replicas, chunks, st.data())
+def test_agrees_with_naive_on_large_pools(zones, pods, per_pod, caps, n, keys, data):
+    """Pools with many hosts of few capacities take the per-capacity shortcut (one log per
+    zone and capacity, not per host); it must give the same answer."""
+    hosts = tuple(HostRecord(f"z{z}-p{p}-h{h}", "a:1", "a:2", f"z{z}", f"p{p}",
+                             data.draw(st.sampled_from(caps)) * GiB,
+                             data.draw(st.sampled_from([HOST_UP] * 8 + [HOST_DOWN, HOST_DRAINING])))
+                  for z in range(zones) for p in range(pods) for h in range(per_pod))
+    cmap = ClusterMap(1, hosts)
+    p = Placement(cmap)
+    for lin, idx in keys:
+        assert p.place(lin, idx, n) == place_naive(lin, idx, cmap, n)
+
+
 @settings(max_examples=100, deadline=None)
 @given(cluster_maps(), replicas, chunks, st.randoms(use_true_random=False))
 def test_deterministic_and_independent_of_host_order(cmap, n, keys, rnd):
