@@ -16,6 +16,9 @@ then to distinct pods inside a zone, then to distinct hosts; the first host (the
 of all) is the primary. With at least n zones this is the n zones of lowest best key, each
 giving its best host: a lookup hashes every eligible host once (O(hosts), about 1000
 hashes at 1000 hosts), which is why `Placement` memoizes and the gateway caches per epoch.
+Hosts of one zone and one capacity rank in the reverse order of their hashes, so a zone's
+best key takes one log per capacity class, not one per host (exact key ties fall back to
+computing every key).
 
 Stability (the reason for the flat ranking; tests check it exactly). The choice reads only
 the keys of eligible hosts and each step takes a minimum, so:
