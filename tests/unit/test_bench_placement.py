@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import numpy as np  # in the test extra: this test never skips
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bench.placement as bp
 from tests.unit.test_placement import chunks, cluster_maps, replicas
 from vbp.cluster import ClusterMap
 from vbp.placement import Placement
-
-np = pytest.importorskip("numpy")
-bp = pytest.importorskip("bench.placement")
 
 
 @settings(max_examples=150, deadline=None)
