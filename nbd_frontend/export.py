@@ -33,7 +33,9 @@ class Export(Protocol):
         """bytes-like of exactly `length`, or [(offset, length, data|None), ...] covering
         the range in order (None: a hole, reads as zeros)."""
 
-    def write(self, offset: int, data: memoryview, fua: bool) -> Any: ...
+    def write(self, offset: int, data: memoryview, fua: bool) -> Any:
+        """`data` is valid during the call only (it is the connection's receive buffer):
+        an export that keeps it, or returns an awaitable that uses it, copies it."""
 
     def flush(self) -> Any: ...
 

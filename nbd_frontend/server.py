@@ -6,8 +6,15 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   once: an export operation that returns a plain result is encoded and queued right
   there (no task, no await); one that returns an awaitable runs in a task of the
   connection's nursery. Replies may therefore leave out of order, as proto.md allows.
-- ONE writer task sends everything queued so far in one vectored send. Nobody else
-  writes, so there is no lock per reply.
+- Replies of one batch leave in one vectored send, made inline by the reader once the
+  batch is dispatched (no task switch) while nothing else is being sent. What the socket
+  does not take at once, and replies completed later by tasks, go to ONE writer task that
+  sends everything queued so far in order. Only one of the two sends at a time (`writing`),
+  so there is no lock per reply.
+- On a real socket the reader calls recv_into/sendmsg on the socket itself, waiting with
+  wait_readable/wait_writable only when it would block: no scheduler round trip per call.
+  It still checkpoints every few batches when data keeps arriving, so other connections
+  and cancellation are never starved.
 - Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
   are running or MAX_QUEUED reply bytes wait for the writer.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import socket
 from time import perf_counter
 import logging
 import sys
@@ -51,6 +59,7 @@ MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
 IOV_MAX = 1024
+SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
 _PLAIN = (type(None), bytes, bytearray, memoryview, list)
 _REFUSALS = {  # the human-readable text of an error chunk for a refused request
     proto.EINVAL: "invalid request: unknown command or flag, misaligned, or beyond the export",
@@ -189,6 +198,9 @@ class _Connection:
             structured=ready.structured_replies, meta_contexts=ready.meta_contexts,
             min_block=getattr(export, "min_block", 1), initial_data=trailing)
         self.sock = getattr(stream, "socket", None)
+        # the plain socket under trio's wrapper, for calls that do not yield when they succeed
+        raw = getattr(self.sock, "_sock", None)
+        self.raw = raw if isinstance(raw, socket.socket) else None
         self.copy_writes = inspect.iscoroutinefunction(export.write)
         # optional per-request hook of the export: observe(command, nbytes, seconds, ok)
         self.observe = getattr(export, "observe", None)
@@ -196,6 +208,7 @@ class _Connection:
         self.out_bytes = 0
         self.inflight = 0
         self.closing = False
+        self.writing = False  # the writer task is in the middle of a send
         self.wake = trio.Event()
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
@@ -234,6 +247,8 @@ class _Connection:
     # --- reading and dispatch ----------------------------------------------------------------
     async def reader(self) -> None:
         codec = self.codec
+        raw = self.raw
+        spins = 0
         while True:
             while True:
                 event = codec.next_event()
@@ -248,17 +263,39 @@ class _Connection:
                 else:  # Disconnect
                     return
                 if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
+                    self.push()
                     await self.wait_room()
+            self.push()
             buf = codec.get_buffer()
-            if self.sock is not None:
-                n = await self.sock.recv_into(buf, len(buf))
-            else:
+            if raw is None:
                 data = await self.stream.receive_some(len(buf))
                 n = len(data)
                 buf[:n] = data
+            else:
+                try:
+                    n = raw.recv_into(buf)
+                except BlockingIOError:
+                    spins = 0
+                    n = await self._receive_wait(raw, buf)
+                else:
+                    spins += 1
+                    if spins >= SPIN_BATCHES or self.inflight:
+                        spins = 0
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        await trio.lowlevel.checkpoint_if_cancelled()
             if not n:
                 return
             codec.commit(n)
+
+    @staticmethod
+    async def _receive_wait(raw, buf) -> int:
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                return raw.recv_into(buf)
+            except BlockingIOError:
+                pass
 
     async def wait_room(self) -> None:
         while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
@@ -324,8 +361,7 @@ class _Connection:
                 self.observe(req.command, req.length, perf_counter() - t0, ok)
             self.inflight -= 1
             self.room.set()
-            if self.closing:
-                self.wake.set()
+            self.wake.set()  # the reader may be waiting for input: the writer sends this
 
     def complete(self, req: Request, result) -> None:
         codec, cmd = self.codec, req.command
@@ -350,10 +386,28 @@ class _Connection:
         self.queue(self.codec.reply_error(req.cookie, req.command, errno, str(exc)))
 
     def queue(self, buffers: list) -> None:
+        """Queue a reply. Replies made while the reader dispatches a batch are sent by
+        push() after the batch; a task finishing a request wakes the writer itself."""
         self.out.extend(buffers)
-        for b in buffers:
-            self.out_bytes += len(b)
-        self.wake.set()
+        for b in buffers:  # bytes, not items: the send accounting relies on it
+            self.out_bytes += b.nbytes if type(b) is memoryview else len(b)
+
+    def push(self) -> None:
+        """Send what is queued, inline, unless the writer is sending: then it sends it."""
+        if not self.out:
+            return
+        if self.raw is None or self.writing:
+            self.wake.set()
+            return
+        buffers, total = self.out, self.out_bytes
+        rest = _send_now(self.raw, buffers, total)
+        if rest is None:
+            self.out = []
+            self.out_bytes = 0
+        else:
+            self.out = rest
+            self.out_bytes = sum(_nbytes(b) for b in rest)
+            self.wake.set()
 
     # --- writing -----------------------------------------------------------------------------
     async def writer(self) -> None:
@@ -363,30 +417,59 @@ class _Connection:
                 self.wake = trio.Event()
                 while self.out:
                     buffers, self.out = self.out, []
-                    self.out_bytes = 0
+                    total, self.out_bytes = self.out_bytes, 0
                     self.room.set()
-                    await self.send(buffers)
+                    self.writing = True
+                    try:
+                        await self.send(buffers, total)
+                    finally:
+                        self.writing = False
                 if self.closing and self.inflight == 0:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("nbd client went away: %r", exc)
             self.nursery.cancel_scope.cancel()
 
-    async def send(self, buffers: list) -> None:
-        if self.sock is None:
+    async def send(self, buffers: list, total: int) -> None:
+        if self.raw is None:
             await self.stream.send_all(b"".join(buffers))
             return
-        views = [memoryview(b).cast("B") for b in buffers]
-        while views:
-            batch = views[:IOV_MAX]
-            sent = await self.sock.sendmsg(batch)
-            i = 0
-            while i < len(batch) and sent >= len(batch[i]):
-                sent -= len(batch[i])
-                i += 1
-            if i < len(batch) and sent:
-                batch[i] = batch[i][sent:]
-            views = batch[i:] + views[len(batch):]
+        rest = _send_now(self.raw, buffers, total)
+        while rest is not None:
+            await trio.lowlevel.wait_writable(self.raw)
+            rest = _send_now(self.raw, rest, -1)
+
+
+def _nbytes(b) -> int:
+    return b.nbytes if type(b) is memoryview else len(b)
+
+
+def _send_now(raw: socket.socket, buffers: list, total: int):
+    """Send `buffers` (`total` bytes, or -1: unknown) with as few sendmsg calls as the
+    socket allows without waiting. None when all went, else what is left (views)."""
+    while True:
+        batch = buffers if len(buffers) <= IOV_MAX else buffers[:IOV_MAX]
+        try:
+            sent = raw.sendmsg(batch)
+        except BlockingIOError:
+            return buffers
+        if batch is buffers and sent == total:
+            return None
+        i = 0
+        while i < len(batch):
+            n = _nbytes(batch[i])
+            if sent < n:
+                break
+            sent -= n
+            i += 1
+        rest = buffers[i:]
+        if not rest:
+            return None
+        if sent:
+            rest[0] = memoryview(rest[0]).cast("B")[sent:]
+        if i < len(batch):  # the socket took less than offered: it is full for now
+            return rest
+        buffers, total = rest, -1
 
 
 # --- a tiny runner for manual tests -------------------------------------------------------

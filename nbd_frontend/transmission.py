@@ -7,8 +7,9 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
   `buf = codec.get_buffer(); n = recv_into(buf); codec.commit(n)`, then drains
   `next_event()` until NEED_DATA. `Request.data` (WRITE payloads) is a memoryview into that
   buffer, valid until the next `get_buffer()`/`receive_data()` call: a consumer that keeps
-  it longer copies it. A WRITE larger than the buffer gets its own payload buffer (the only
-  per-request allocation besides the Request itself).
+  it longer copies it. A WRITE larger than the buffer is received straight into a payload
+  buffer kept for the next one (up to SPARE_MAX; larger ones get their own): no
+  allocation, zeroing or page faults per 1 MiB write.
 - A bad request magic is a protocol error (hard disconnect). A request the server refuses
   yields `BadRequest` carrying the NBD errno to reply with; a refused WRITE's payload is
   skipped without allocating it, so the connection stays in sync:
@@ -34,6 +35,7 @@ from nbd_frontend.errors import ProtocolError
 from nbd_frontend.handshake import NEED_DATA
 
 DEFAULT_BUFFER = 256 * 1024
+SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -104,7 +106,8 @@ class TransmissionCodec:
         self._start = 0
         self._end = 0
         self._discard = 0
-        self._large: bytearray | None = None
+        self._large: memoryview | None = None
+        self._spare: bytearray | None = None
         self._large_filled = 0
         self._large_header: tuple[int, int, int, int] | None = None
         self._backlog = bytearray()
@@ -127,7 +130,7 @@ class TransmissionCodec:
     def get_buffer(self) -> memoryview:
         """Where the next bytes go (for recv_into). Invalidates earlier Request.data."""
         if self._large is not None:
-            return memoryview(self._large)[self._large_filled:]
+            return self._large[self._large_filled:]
         if self._start:
             if self._start == self._end:
                 self._start = self._end = 0
@@ -212,7 +215,12 @@ class TransmissionCodec:
             return Request(cookie, proto.CMD_WRITE, flags, offset, length,
                            self._mv[start:start + length])
         have = self._end - start
-        self._large = bytearray(length)
+        if length <= SPARE_MAX:
+            if self._spare is None or len(self._spare) < length:
+                self._spare = bytearray(max(length, 1 << 20))
+            self._large = memoryview(self._spare)[:length]
+        else:
+            self._large = memoryview(bytearray(length))
         self._large[:have] = self._mv[start:self._end]
         self._large_filled = have
         self._large_header = (cookie, flags, offset, length)
@@ -224,7 +232,7 @@ class TransmissionCodec:
         if self._large_filled < len(self._large):
             return NEED_DATA
         cookie, flags, offset, length = self._large_header
-        data = memoryview(self._large)
+        data = self._large
         self._large = self._large_header = None
         return Request(cookie, proto.CMD_WRITE, flags, offset, length, data)
 

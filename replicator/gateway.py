@@ -31,6 +31,10 @@ Theory of operation (DESIGN.md, Data path):
   the hosts that took it hold an unacknowledged write its successor never saw, and they
   are the stale ones.
 - With replicas=1 and a local replica the whole path is synchronous: no task, no await.
+  A request inside one chunk (every 4K and 1M request of an aligned client) takes a fast
+  path with no per-piece objects: whether a chunk is local-only is cached per cluster map,
+  and a local read returns the bytes themselves (the NBD codec encodes them exactly like a
+  one-extent list).
 - Every peer message sent for a client request carries the request's id (vbp.reqid, set
   by the NBD frontend for the request's task), and so does every line logged about it.
 """
@@ -58,7 +62,7 @@ from vbp.errors import (
     StaleEpoch,
     VbpError,
 )
-from vbp.layout import ChunkKey, Geometry, MiB
+from vbp.layout import ChunkKey, Geometry, MiB, Piece
 from vbp.placement import Placement
 from vbp.reqid import current as current_rid
 from vbp.volume import View, visible_chain
@@ -188,6 +192,8 @@ class VolumeGateway:
         self._joining_marked: set[tuple[int, int]] = set()  # (data-set gen, index) recorded
         # (index, took, missed) of replica failures the registry could not be told about
         self.unrecorded: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = []
+        self._local: dict[int, bool] = {}  # chunk index -> written here only (for _local_map)
+        self._local_map = None
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._inflight = 0  # replicated writes under way
         self._drained: trio.Event | None = None
@@ -200,6 +206,8 @@ class VolumeGateway:
         self.view = view
         self.size = view.size
         self.geometry = Geometry(view.size, view.volume.chunk_size)
+        self._cs = view.volume.chunk_size
+        self._shift = self._cs.bit_length() - 1
         self.chain = view.chain
         self.gen = view.gen
         self.cuts = view.cuts
@@ -227,7 +235,21 @@ class VolumeGateway:
     def _local_only(self, index: int) -> bool:
         if self.n != 1:
             return False
-        return self.cluster.write_set(self.lineage, index, 1) == (self.host_id,)
+        cmap = self.cluster.map
+        if cmap is not self._local_map:  # a new map (epoch, data set): decide again
+            self._local.clear()
+            self._local_map = cmap
+        local = self._local.get(index)
+        if local is None:
+            local = self._local[index] = (
+                self.cluster.write_set(self.lineage, index, 1) == (self.host_id,))
+        return local
+
+    def _note_unflushed(self, host: str, index: int) -> None:
+        s = self._unflushed.get(host)
+        if s is None:
+            s = self._unflushed[host] = set()
+        s.add(index)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -281,6 +303,10 @@ class VolumeGateway:
     def _read(self, offset: int, length: int):
         if self.gone is not None:
             raise self.gone
+        index = offset >> self._shift
+        inner = offset & (self._cs - 1)
+        if inner + length <= self._cs and length:
+            return self._read_one(offset, index, inner, length)
         extents = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -302,6 +328,25 @@ class VolumeGateway:
         if remote:
             return self._read_remote(offset, extents, remote)
         return extents
+
+    def _read_one(self, offset: int, index: int, inner: int, length: int):
+        """A read inside one chunk: _read's loop for one piece, without its objects."""
+        hosts = self.cluster.replicas(self.lineage, index, self.n)
+        if (self.host_id in hosts and self.host_id not in self.stale.get(index, ())
+                and not self.replica.is_stale(self.lineage, index)):
+            store = self.store  # Replica.read, less the version it looks up for peers
+            gen = store.resolve(self.lineage, index, self.chain_for(index))
+            if gen is None:
+                return [(offset, length, None)]
+            try:
+                return store.read(ChunkKey(self.lineage, index, gen), inner, length)
+            except ChecksumError as e:
+                log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
+                if self.metrics is not None:
+                    self.metrics.checksum_error()
+                if len(hosts) == 1:
+                    raise
+        return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0))])
 
     async def _read_remote(self, offset, extents, remote):
         for slot, p in remote:
@@ -379,13 +424,21 @@ class VolumeGateway:
         self._check_writable()
         if not self.token or self._hold is not None:
             return self._leased(self._write, offset, bytes(data), fua)
+        index = offset >> self._shift
+        inner = offset & (self._cs - 1)
+        if inner + len(data) <= self._cs and self._local_only(index):
+            self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
+                               self.chain_for(index), inner, data, self._cs, 0, fua,
+                               self.cluster.epoch, self.token)
+            self._note_unflushed(self.host_id, index)
+            return None
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
                 self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                    p.offset, data[p.buf_offset:p.buf_offset + p.length],
                                    self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
-                self._unflushed.setdefault(self.host_id, set()).add(p.index)
+                self._note_unflushed(self.host_id, p.index)
             return None
         payload = bytes(data)
         del length

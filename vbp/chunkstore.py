@@ -59,6 +59,7 @@ from __future__ import annotations
 import fcntl
 import heapq
 import os
+from array import array
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -79,6 +80,12 @@ from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotF
 from vbp.layout import PAGE_SIZE, ChunkKey
 
 __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
+
+
+def _page_sums(buf) -> list[int]:
+    """page_checksum of every page of `buf` (a whole number of pages), in one pass."""
+    mv = memoryview(buf)
+    return [xxh3_64_intdigest(mv[o: o + PAGE_SIZE]) or 1 for o in range(0, len(mv), PAGE_SIZE)]
 
 class ChunkStore:
     """A host's chunks on its local disk.
@@ -300,18 +307,19 @@ class ChunkStore:
             return bytes(length)
         start = first << PAGE_SHIFT
         buf = pread_full(c.space.fd, (last - first + 1) << PAGE_SHIFT, c.dbase + start)
-        mv = memoryview(buf)
-        holes = []
-        for i, s in enumerate(sums):
-            if not s:
-                holes.append(i)
-            elif self.verify_reads and page_checksum(mv[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT]) != s:
-                self._corrupt(c, first + i)
+        holes = 0 in sums
+        if self.verify_reads:
+            got = _page_sums(buf)
+            if holes:
+                got = [g if s else 0 for g, s in zip(got, sums)]
+            if got != sums:
+                self._corrupt(c, first + next(i for i, (g, s) in enumerate(zip(got, sums))
+                                              if g != s))
         if holes:
-            mv.release()
             buf = bytearray(buf)
-            for i in holes:
-                buf[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT] = ZERO_PAGE
+            for i, s in enumerate(sums):
+                if not s:
+                    buf[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT] = ZERO_PAGE
         if offset == start and len(buf) == length:
             return bytes(buf) if holes else buf
         return bytes(memoryview(buf)[offset - start: offset - start + length])
@@ -431,10 +439,8 @@ class ChunkStore:
         if len(buf) == PAGE_SIZE:
             sums[p] = xxh3_64_intdigest(buf) or 1
             return
-        mv = memoryview(buf)
-        for off in range(0, len(buf), PAGE_SIZE):
-            sums[p] = xxh3_64_intdigest(mv[off: off + PAGE_SIZE]) or 1
-            p += 1
+        got = _page_sums(buf)
+        sums[p: p + len(got)] = array("Q", got)
 
     def _settle_failed(self, c: Chunk, start: int, n: int) -> None:
         """After a failed pwrite: real pages take what reached the disk (an unacknowledged,
