@@ -420,6 +420,9 @@ def _first_leaf(eg: BaseException) -> BaseException:
 
 
 def extents_bytes(extents, offset: int, length: int) -> bytes:
+    """What a client reads from an Export.read result: bytes-like, or extents."""
+    if not isinstance(extents, list):
+        return bytes(extents)
     out = bytearray(length)
     for off, n, data in extents:
         if data is not None:
