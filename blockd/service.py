@@ -440,6 +440,8 @@ class Blockd:
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
+            # fencing survives a restart: the tokens granted so far, before serving a peer
+            self.replica.learn_tokens(await self.registry.lease_tokens())
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
             self.resync.on_progress = self.metrics.set_recovery
             if cfg.recovery_rate:

@@ -62,6 +62,13 @@ class Replica:
         if epoch < mine:
             raise StaleEpoch(f"request from epoch {epoch} refused: this host is at epoch {mine}")
 
+    def learn_tokens(self, tokens: dict[str, int]) -> None:
+        """Tokens granted while this replica was not running (vbp.registry lease_tokens):
+        writes with an older one are refused from the first request on."""
+        for volume, token in tokens.items():
+            if token > self._tokens.get(volume, 0):
+                self._tokens[volume] = token
+
     def newest_token(self, volume: str) -> int:
         return self._tokens.get(volume, 0)
 

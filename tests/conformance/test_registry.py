@@ -495,3 +495,13 @@ def test_scrub_request_and_results(reg):
                                       "h2": {"state": "failed", "error": "x"}}
     rid2 = reg.request_scrub(["h1"])
     assert rid2 > rid and reg.scrub_results(rid) == {} and reg.scrub_request()["volume"] == ""
+
+
+def test_lease_tokens_survive_release_and_expiry(reg):
+    assert reg.lease_tokens() == {}
+    a = reg.acquire_lease("v1", "h1", 30)
+    b = reg.acquire_lease("v2", "h2", 0.01)
+    reg.release_lease(a)
+    time.sleep(0.05)
+    c = reg.acquire_lease("v2", "h3", 30)  # takeover after expiry: a newer token
+    assert reg.lease_tokens() == {"v1": a.token, "v2": c.token} and c.token > b.token

@@ -139,6 +139,7 @@ class SimHost:
         reg = self.sim.reg
         self.cluster = ClusterView(reg.cluster_map())
         self.replica = Replica(self.store, self.id, lambda: self.cluster.epoch)
+        self.replica.learn_tokens(reg.lease_tokens())  # as Blockd.run
         self.pool = self.sim.net.pool(CLUSTER, self.id, request_timeout=self.sim.peer_timeout,
                                       faults=self.faults)
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)

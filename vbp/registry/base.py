@@ -387,6 +387,13 @@ class Registry:
                 return
         raise self._contended(f"release lease of {lease.volume}")
 
+    def lease_tokens(self) -> dict[str, int]:
+        """The newest fencing token granted for each volume, held or not: a replica that
+        starts learns them before it serves, so a gateway fenced while it was down is still
+        refused."""
+        items, _ = self.kv.range(P_LEASE)
+        return {it.key[len(P_LEASE):].decode(): _unpack(it.value)["token"] for it in items}
+
     def get_lease(self, volume: str) -> Lease | None:
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
