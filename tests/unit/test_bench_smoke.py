@@ -77,3 +77,15 @@ def test_quick_run_writes_result_with_ratios(tmp_path):
     assert {g["status"] for g in result["goals"]} <= {"PASS", "SHORT", "n/a"}
     assert path.with_suffix(".md").exists()
     assert not (tmp_path / "latest.md").exists()
+
+
+def test_recovery_bench_tiny_run():
+    """bench.recovery end to end on a tiny volume: both rows, every figure present."""
+    p = subprocess.run([sys.executable, "-m", "bench.recovery", "--size", "24M", "--rate", "4M",
+                        "--runtime", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(p.stderr[p.stderr.index("["):])
+    assert [r["rate"] for r in rows] == ["4M", "0"]
+    for r in rows:
+        assert r["idle_iops"] > 0 and r["busy_iops"] > 0 and r["ratio"] is not None
+        assert r["copied_bytes"] > 0  # the drain copied the drained host's chunks
