@@ -444,6 +444,7 @@ class Blockd:
             self.replica.learn_tokens(await self.registry.lease_tokens())
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
             self.resync.on_progress = self.metrics.set_recovery
+            self.resync.full_ratio = cfg.full_ratio
             if cfg.recovery_rate:
                 self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
             # a pass waits longer than a peer timeout before judging a divergence
@@ -559,6 +560,7 @@ class Blockd:
             "capacity": st.capacity, "used": st.used, "free": st.free, "chunks": st.chunks,
             "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
             "resync_bytes": rs.bytes_copied, "time": time.time(),
+            "recovery_held_full": self.resync.held_full, "full_ratio": self.cfg.full_ratio,
             "scrub": self.scrubber.last,
             "exports": self.provider.published(),
         }

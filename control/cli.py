@@ -642,6 +642,7 @@ def pool_status(state, wait, timeout):
                       "free": st.get("free"), "chunks": st.get("chunks"),
                       "checksum_errors": st.get("checksum_errors"),
                       "resync_bytes": st.get("resync_bytes"),
+                      "recovery_held_full": st.get("recovery_held_full") or 0,
                       "scrub": st.get("scrub")})  # the host's last scrub pass, if any
     total = sum(x["capacity"] or 0 for x in hosts)
     used = sum(x["used"] or 0 for x in hosts)
@@ -671,6 +672,11 @@ def pool_status(state, wait, timeout):
                 click.echo(f"warning: {x['host']} must receive up to {format_size(x['needs'])} but has "
                            f"{format_size(x['free'])} free: the change cannot complete until space is "
                            f"freed or a host is added")
+        for x in hosts:
+            if x["recovery_held_full"]:
+                click.echo(f"warning: {x['id']} is above its full threshold "
+                           f"({(x['used'] or 0) * 100 // max(1, x['capacity'] or 1)}% used): "
+                           f"{x['recovery_held_full']} chunk copies wait for space")
 
     out(state, data, human)
 
@@ -689,6 +695,8 @@ def completion(shell):
 
     comp = get_completion_class(shell)(main, {}, "vbp", "_VBP_COMPLETE")
     click.echo(comp.source())
+
+
 @pool.command("scrub")
 @click.option("--volume", metavar="NAME", help="Scrub only this volume (and its snapshots).")
 @click.option("--timeout", type=click.FloatRange(0), default=0, show_default=True,

@@ -73,6 +73,11 @@ class Resync:
         # (blockd.qos.TokenBucket; None: unlimited)
         self.limiter = None
         self.on_progress = None  # (chunks, bytes) still to bring current here; for metrics
+        # Above this share of its capacity in use, the host takes no copy of a chunk it holds
+        # nothing of (recovery, drain, rebalance wait; vbp pool status says so); resync of
+        # chunks it already holds goes on (it needs no new slot).
+        self.full_ratio = 1.0
+        self.held_full = 0  # chunks held back by the last pass
         self.chunk_sizes: dict[str, int] = {}
 
     async def replicas_by_lineage(self) -> dict[str, int]:
@@ -117,7 +122,18 @@ class Resync:
             stale_hosts.setdefault((r.lineage, r.index), set()).add(r.host_id)
         n_of = await self.replicas_by_lineage()
         cleared = 0
+        st = self.store.stats()
+        held: set[tuple[str, int]] = set()
+        if st.capacity and st.used >= self.full_ratio * st.capacity:
+            have = {(k.lineage, k.index) for k in self.store.keys()}
+            held = {(r.lineage, r.index) for r in mine if (r.lineage, r.index) not in have}
+            if held:
+                log.warning("event=recovery_held reason=full used=%d capacity=%d chunks=%d",
+                            st.used, st.capacity, len(held))
+        self.held_full = len(held)
         for r in mine:
+            if (r.lineage, r.index) in held:
+                continue
             n = n_of.get(r.lineage)
             if n is None:  # the lineage is gone: nothing to bring current
                 await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)

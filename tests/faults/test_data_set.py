@@ -356,3 +356,49 @@ def test_short_outage_resync_copies_only_what_changed(tmp_path):
         check_placed_copies(sb, ["host1", "host2", "host3"], "r3", w)
     finally:
         sb.down()
+
+
+def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
+    """Hosts above full_ratio take no copy of a chunk they hold nothing of: a drain waits,
+    `vbp pool status` names the hosts and the chunks waiting, and once the hosts run with
+    room again (here: a higher full_ratio after a restart) the drain completes."""
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    p = run_vbp("sandbox", "up", "--hosts", 4, "--dir", sb.dir, "--base-port", sb.base_port,
+                "--capacity", "2G", "--json", *SETTINGS, *GRACE, "--set", "full_ratio=0.005", check=False)
+    assert p.returncode == 0, p.stderr
+    sb.info = json.loads(p.stdout)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=17)
+        h = connect(sb.uri("r3", 0))
+        for off in range(0, 48 * MiB, MiB):  # about 36 MiB per host: above 0.5% of 2 GiB
+            h.pwrite(bytes([off // MiB + 1]) * 4096, off)
+            w.acked[off] = -1
+        h.flush()
+        w.acked.clear()
+        w.write(h, 100)
+        sb.vbp("host", "drain", "host4")
+
+        def held() -> bool:
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return st["data_set"]["leaving"] is not None and any(x["recovery_held_full"] for x in st["hosts"])
+        write_until(h, w, held, 60, "recovery held for space")
+        assert "wait for space" in sb.vbp("pool", "status").stdout
+        h.shutdown()
+        sb.down()
+        p = run_vbp("sandbox", "up", "--hosts", 4, "--dir", sb.dir, "--base-port", sb.base_port,
+                    "--capacity", "2G", "--json", "--set", "full_ratio=0.95", check=False)
+        assert p.returncode == 0, p.stderr
+        sb.info = json.loads(p.stdout)
+        sb.vbp("host", "drain", "host4", "--wait", "--timeout", "120")
+        h = connect(sb.uri("r3", 0))
+
+        def host4_empty() -> bool:
+            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            return {x["id"]: x["chunks"] for x in st["hosts"]}["host4"] == 0
+        write_until(h, w, host4_empty, 90, "host4 empty")
+        w.verify(h)
+        h.shutdown()
+        check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+    finally:
+        sb.down()
