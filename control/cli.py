@@ -150,7 +150,13 @@ def _print_hosts(hosts):
 @json_flag
 @click.pass_obj
 def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_registry):
-    """Start the sandbox hosts that are not running (idempotent)."""
+    """Start the sandbox hosts that are not running (idempotent).
+
+    \b
+    Examples:
+      vbp sandbox up --hosts 3 --dir var/sandbox
+      vbp sandbox up --hosts 4 --dir var/sandbox --set lease_ttl=4   # add a host
+    """
     from blockd.sandbox import Sandbox
     from vbp.layout import parse_size
 
@@ -184,7 +190,12 @@ def _parse_settings(items) -> dict:
 @json_flag
 @click.pass_obj
 def sandbox_down(state, directory):
-    """Stop every process of the sandbox."""
+    """Stop every process of the sandbox.
+
+    \b
+    Example:
+      vbp sandbox down --dir var/sandbox
+    """
     from blockd.sandbox import Sandbox
 
     stopped = Sandbox(directory).down()
@@ -197,7 +208,12 @@ def sandbox_down(state, directory):
 @json_flag
 @click.pass_obj
 def sandbox_status(state, directory):
-    """Show the sandbox hosts and whether they run."""
+    """Show the sandbox hosts and whether they run.
+
+    \b
+    Example:
+      vbp sandbox status --dir var/sandbox --json
+    """
     from blockd.sandbox import Sandbox
 
     sb = Sandbox(directory)
@@ -214,7 +230,12 @@ def sandbox_status(state, directory):
 @click.option("--replicas", type=click.IntRange(1, 7), default=None, help="Default: min(3, hosts).")
 @click.pass_obj
 def sandbox_run(state, n, directory, base_port, volume, size, replicas):
-    """Start the sandbox, create a demo volume, serve until Ctrl-C, then stop everything."""
+    """Start the sandbox, create a demo volume, serve until Ctrl-C, then stop everything.
+
+    \b
+    Example:
+      vbp sandbox run --hosts 3 --dir var/sandbox --volume demo --size 1G
+    """
     from blockd.sandbox import Sandbox
     from control import api
     from vbp.registry import open_registry
@@ -286,7 +307,13 @@ def _show_volume(v):
 @json_flag
 @click.pass_obj
 def volume_create(state, name, size, replicas, min_size, chunk_size):
-    """Create a thin volume (it uses no space until written)."""
+    """Create a thin volume (it uses no space until written).
+
+    \b
+    Examples:
+      vbp volume create disk1 --size 100G
+      vbp volume create scratch --size 20G --replicas 2 --min-size 1 --chunk-size 1M
+    """
     from control import api
 
     v = api.create_volume(state.registry(), name, size, replicas=replicas, min_size=min_size,
@@ -300,7 +327,13 @@ def volume_create(state, name, size, replicas, min_size, chunk_size):
 @json_flag
 @click.pass_obj
 def volume_list(state):
-    """List volumes."""
+    """List volumes.
+
+    \b
+    Examples:
+      vbp volume list
+      vbp volume list --json | jq '.[].name'
+    """
     from control import api
 
     vols = api.list_volumes(state.registry())
@@ -315,7 +348,13 @@ def volume_list(state):
 @json_flag
 @click.pass_obj
 def volume_show(state, name):
-    """Show one volume."""
+    """Show one volume.
+
+    \b
+    Examples:
+      vbp volume show disk1
+      vbp volume show disk1 --json | jq .snapshots
+    """
     from control import api
 
     v = api.get_volume(state.registry(), name)
@@ -354,7 +393,12 @@ def volume_delete(state, name, force):
 @json_flag
 @click.pass_obj
 def volume_snapshot(state, name, snap):
-    """Take a read-only snapshot NAME@SNAP (served read-only over NBD)."""
+    """Take a read-only snapshot NAME@SNAP (served read-only over NBD).
+
+    \b
+    Example:
+      vbp volume snapshot disk1 before-upgrade      # then: nbdinfo nbd://HOST:10809/disk1@before-upgrade
+    """
     from control import api
 
     v = api.snapshot(state.registry(), name, snap)
@@ -367,7 +411,12 @@ def volume_snapshot(state, name, snap):
 @json_flag
 @click.pass_obj
 def volume_clone(state, source, new):
-    """Create a writable clone NEW of the snapshot NAME@SNAP."""
+    """Create a writable clone NEW of the snapshot NAME@SNAP.
+
+    \b
+    Example:
+      vbp volume clone disk1@before-upgrade disk2
+    """
     from control import api
 
     v = api.clone(state.registry(), source, new)
@@ -381,7 +430,13 @@ def volume_clone(state, source, new):
 @json_flag
 @click.pass_obj
 def volume_resize(state, name, size, force):
-    """Grow (or with --force shrink) a volume."""
+    """Grow (or with --force shrink) a volume.
+
+    \b
+    Examples:
+      vbp volume resize disk1 200G
+      vbp volume resize disk1 150G --force   # data past 150G is discarded
+    """
     from control import api
 
     v = api.resize(state.registry(), name, size, force=force)
@@ -513,7 +568,13 @@ def host():
 @json_flag
 @click.pass_obj
 def host_list(state):
-    """List hosts with their failure domain and state."""
+    """List hosts with their failure domain and state.
+
+    \b
+    Examples:
+      vbp host list
+      vbp host list --json | jq '.hosts[] | select(.state == "down") | .id'
+    """
     cmap = state.registry().cluster_map()
     out(state, {"epoch": cmap.epoch, "hosts": [{**h.to_dict(), "data": _data_role(cmap, h.id)}
                                                for h in cmap.hosts]}, lambda: table(
@@ -578,7 +639,12 @@ def host_drain(state, host_id, wait, timeout):
 @json_flag
 @click.pass_obj
 def host_undrain(state, host_id):
-    """Return a draining host to service (state up)."""
+    """Return a draining host to service (state up).
+
+    \b
+    Example:
+      vbp host undrain host3
+    """
     _host_command(state, host_id, lambda r: r.set_host_state(host_id, "up"), f"host {host_id} is up")
 
 
@@ -588,7 +654,12 @@ def host_undrain(state, host_id):
 @click.pass_obj
 def host_remove(state, host_id):
     """Forget a host. Refused while chunks are placed on it: drain it first (a host that
-    stays down is drained by recovery once enough other hosts are up)."""
+    stays down is drained by recovery once enough other hosts are up).
+
+    \b
+    Example:
+      vbp host drain host3 --wait && vbp host remove host3
+    """
     _host_command(state, host_id, lambda r: r.remove_host(host_id), f"host {host_id} removed")
 
 
@@ -598,7 +669,13 @@ def host_remove(state, host_id):
 @json_flag
 @click.pass_obj
 def host_maintenance(state, host_id, mode):
-    """Keep a host from being declared down while it restarts on purpose."""
+    """Keep a host from being declared down while it restarts on purpose.
+
+    \b
+    Examples:
+      vbp host maintenance host1 on && systemctl restart blockd@host1
+      vbp host maintenance host1 off && vbp pool status --wait
+    """
     _host_command(state, host_id, lambda r: r.set_maintenance(host_id, mode == "on"),
                   f"host {host_id} maintenance {mode}")
 

@@ -385,3 +385,27 @@ def test_pool_scrub_reports_hosts_that_never_answer_and_exits_5(vbp, reg_url):
     reg.put_scrub_result(out["id"] + 1, "h1", {})  # an unrelated id changes nothing
     r = vbp("pool", "scrub", "--timeout", "0.5", code=5)
     assert "h1" in r.stdout and "NOT CLEAN" in r.stdout
+
+
+def _leaf_commands(group, prefix=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _leaf_commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_every_command_help_has_an_example():
+    from click.testing import CliRunner
+
+    from control.cli import main
+
+    missing = []
+    for path in _leaf_commands(main):
+        res = CliRunner().invoke(main, [*path, "--help"])
+        assert res.exit_code == 0, (path, res.output)
+        if "Example" not in res.output or "vbp " + " ".join(path) not in res.output:
+            missing.append(" ".join(path))
+    assert not missing, f"--help without an example of the command itself: {missing}"
