@@ -1,6 +1,7 @@
-"""`python -m bench --profile WORKLOAD`: one workload against one vbp volume with the
-gateway blockd sampled by py-spy: a flame graph SVG and the top functions (by own samples and
-by samples including callees) written into the results directory.
+"""`python -m bench --profile WORKLOAD`: one workload against one vbp volume with every
+blockd of its sandbox sampled by py-spy at the same time (the gateway, host 0, and with
+replicas=3 the two replica hosts): a flame graph SVG per host and the top functions (by own
+samples and by samples including callees) written into the results directory.
 
 py-spy attaches to the running blockd (ptrace). If it is missing or cannot attach, the
 gateway host is stopped and restarted with the same command line under cProfile
@@ -65,24 +66,40 @@ def format_top(own, incl, total, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_py_spy(spy: str, pid: int, w, uri: str, cfg: Config, stem: Path) -> str | None:
-    """Text of the top functions, or None if py-spy could not sample."""
-    raw, svg = stem.with_suffix(".collapsed.txt"), stem.with_suffix(".svg")
+def _spy_stem(stem: Path, i: int) -> Path:
+    """Host 0 (the gateway) keeps the plain name; replica host i gets `-hostI`."""
+    return stem if i == 0 else stem.with_name(f"{stem.name}-host{i}")
+
+
+def profile_py_spy(spy: str, pids: list[int], w, uri: str, cfg: Config, stem: Path) -> str | None:
+    """Text of the top functions of every host (the gateway first, then the replicas, all
+    sampled at the same time), or None if py-spy could not sample the gateway."""
     fio = start_fio(w, uri, cfg.size, 2 * cfg.runtime + 3, stem.parent / "fio-profile.json")
     try:
         time.sleep(1.0)  # past connect and ramp-up
-        for fmt, out in (("raw", raw), ("flamegraph", svg)):
-            p = subprocess.run([spy, "record", "--pid", str(pid), "--duration",
-                                str(int(cfg.runtime)), "--rate", "200", "--nonblocking", "--function",
-                                "--format", fmt, "--output", str(out)],
-                               capture_output=True, text=True)
-            if p.returncode != 0 or not out.exists():
-                say(f"py-spy failed ({p.returncode}): {p.stderr.strip()[-300:]}")
-                return None
+        for fmt, suffix in (("raw", ".collapsed.txt"), ("flamegraph", ".svg")):
+            procs = [subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--duration", str(int(cfg.runtime)), "--rate",
+                 "200", "--nonblocking", "--function", "--format", fmt, "--output",
+                 str(_spy_stem(stem, i).with_suffix(suffix))],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for i, pid in enumerate(pids)]
+            for i, p in enumerate(procs):
+                err = p.communicate()[1]
+                if p.returncode != 0 and i == 0:
+                    say(f"py-spy failed ({p.returncode}): {err.strip()[-300:]}")
+                    return None
     finally:
         stop_process(fio)
-    own, incl, total = top_from_collapsed(raw.read_text())
-    return format_top(own, incl, total, f"py-spy, {w.name} on gateway pid {pid}")
+    texts = []
+    for i, pid in enumerate(pids):
+        raw = _spy_stem(stem, i).with_suffix(".collapsed.txt")
+        if not raw.exists():
+            continue
+        own, incl, total = top_from_collapsed(raw.read_text())
+        role = "gateway" if i == 0 else f"replica host{i}"
+        texts.append(format_top(own, incl, total, f"py-spy, {w.name} on {role} pid {pid}"))
+    return "\n".join(texts)
 
 
 def profile_cprofile(sb: VbpSandbox, w, uri: str, cfg: Config, stem: Path) -> str:
@@ -139,17 +156,18 @@ def run_profile(cfg: Config, workload: str, target: str = "vbp-r1", profiler: st
             text = None
             if spy:
                 say(f"profiling {workload} with py-spy for {cfg.runtime:g} s (x2: raw + svg)")
-                text = profile_py_spy(spy, sb.pids()[0], w, t.uri, cfg, work_stem)
+                text = profile_py_spy(spy, sb.pids(), w, t.uri, cfg, work_stem)
             elif profiler != "cprofile":
                 say("py-spy not found (pip install py-spy into the venv); using cProfile")
             if text is None:
                 text = profile_cprofile(sb, w, t.uri, cfg, work_stem)
-            for suffix in (".svg", ".collapsed.txt", ".prof"):
-                src = work_stem.with_suffix(suffix)
-                if src.exists():
-                    dst = cfg.out_dir / (stem_name + suffix)
-                    shutil.copy(src, dst)
-                    out[suffix.lstrip(".")] = dst
+            for i in range(hosts):
+                for suffix in (".svg", ".collapsed.txt", ".prof"):
+                    src = _spy_stem(work_stem, i).with_suffix(suffix)
+                    if src.exists():
+                        dst = cfg.out_dir / src.name
+                        shutil.copy(src, dst)
+                        out[suffix.lstrip(".") + ("" if i == 0 else f"-host{i}")] = dst
             top = cfg.out_dir / f"{stem_name}.top.txt"
             top.write_text(text)
             out["top"] = top
