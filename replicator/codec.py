@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
+import sys
 
 import msgpack
 
@@ -37,6 +38,7 @@ from replicator.errors import PeerProtocolError
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + 64 * 1024  # a whole 64 MiB chunk plus its header
 SPLIT_THRESHOLD = 32 * 1024  # bytes fields at least this big are sent as their own buffer
+LARGE_FRAME = 64 * 1024  # frames at least this big are received into their own buffer
 
 
 class _Sentinel:
@@ -72,8 +74,8 @@ class _Spec:
     """What the codec knows of one message class, computed once at import."""
 
     __slots__ = (
-        "cls", "type_id", "names", "wire_names", "kinds", "exact", "get", "build", "bytes_pos",
-        "nfields", "nrequired", "defaults",
+        "cls", "type_id", "names", "wire_names", "kinds", "exact", "tuples", "get", "build",
+        "bytes_pos", "nfields", "nrequired", "defaults",
     )
 
     def __init__(self, cls: type, type_id: int):
@@ -105,8 +107,8 @@ class _Spec:
             if self.check_one(fields[i].name, kinds[i], d, sending=True):
                 raise TypeError(f"{cls.__name__}.{fields[i].name}: bad default {d!r}")
         # the fast check: the exact python types of all wire fields, one tuple per way of
-        # filling the optional ints and per count of optional fields present; messages with
-        # tuple fields always take the slow path
+        # filling the optional ints and per count of optional fields present; a tuple
+        # field's items are checked once its type matched
         exacts = [()]
         allowed = set()
         for n, k in enumerate(self.kinds):
@@ -114,11 +116,13 @@ class _Spec:
                 allowed.update(exacts)
             if k == "opt_int":
                 exacts = [e + (t,) for e in exacts for t in (int, type(None))]
+            elif k == "int_tuple":
+                exacts = [e + (tuple,) for e in exacts]
             else:
                 exacts = [e + (k,) for e in exacts]
         allowed.update(exacts)
-        has_tuple = any(k == "int_tuple" for k in self.kinds)
-        self.exact = frozenset() if has_tuple else frozenset(allowed)
+        self.exact = frozenset(allowed)
+        self.tuples = tuple(i for i, k in enumerate(self.kinds) if k == "int_tuple")
         if len(self.wire_names) == 1:
             name = self.wire_names[0]
             self.get = lambda msg: (getattr(msg, name),)
@@ -134,7 +138,16 @@ class _Spec:
                         else f"{self.nrequired} to {self.nfields}")
             return f"{self.cls.__name__}: {n} fields, expected {expected}"
         if tuple(map(type, values)) in self.exact:
-            return None
+            for i in self.tuples:
+                if i < n:
+                    for x in values[i]:
+                        if type(x) is not int:
+                            break
+                    else:
+                        continue
+                    break
+            else:
+                return None
         for name, kind, v in zip(self.wire_names, self.kinds, values):
             why = self.check_one(name, kind, v, sending=sending)
             if why is not None:
@@ -212,20 +225,44 @@ class PeerCodec:
     """One connection's codec. `receive_data` then `next_event` until NEED_DATA; `encode`
     for each message to send (stateless: any number of tasks may call it)."""
 
-    __slots__ = ("max_frame", "_buf", "_eof", "_error")
+    __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_filled", "_spare")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         if max_frame < 16:
             raise ValueError(f"max_frame too small: {max_frame}")
         self.max_frame = max_frame
+        # received bytes; those before _pos are consumed. Frames are parsed in place and the
+        # consumed prefix is dropped once per receive_data, not once per frame (a burst of
+        # small frames would otherwise move the rest of the buffer for every one of them)
         self._buf = bytearray()
+        self._pos = 0
+        # a frame of at least LARGE_FRAME bytes gets its own buffer once its length is in:
+        # the transport receives the rest straight into it (large_buffer / large_received),
+        # and a WriteChunk's payload is then handed on as a view of it, never copied
+        self._large: bytearray | None = None
+        self._filled = 0
+        # the last large frame's buffer, reused once nothing refers to it any more (the
+        # message it carried is gone): a new one every time costs a page fault per 4 KiB
+        self._spare: bytearray | None = None
         self._eof = False
         self._error: PeerProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed by next_event."""
-        return len(self._buf)
+        return len(self._buf) - self._pos + (self._filled if self._large is not None else 0)
+
+    def large_buffer(self) -> memoryview | None:
+        """Where the rest of a large frame goes, when one is being received (else None):
+        receive into it and call large_received(n) instead of receive_data."""
+        if self._large is None:
+            return None
+        return memoryview(self._large)[self._filled:]
+
+    def large_received(self, n: int) -> None:
+        if not 0 < n <= len(self._large) - self._filled:
+            raise ValueError(f"large_received({n}): {len(self._large) - self._filled} bytes expected")
+        self._filled += n
 
     def receive_data(self, data) -> None:
         """Feed bytes from the peer; b"" means the peer closed its side."""
@@ -234,31 +271,92 @@ class PeerCodec:
             return
         if self._eof:
             raise RuntimeError("receive_data after end of stream")
+        if self._large is not None:  # fill the large frame first, then buffer the rest
+            take = min(len(data), len(self._large) - self._filled)
+            self._large[self._filled:self._filled + take] = data[:take]
+            self._filled += take
+            data = data[take:]
+            if not data:
+                return
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
         self._buf += data
 
     def next_event(self):
         """`(request_id, message)`, NEED_DATA, or CLOSED after end of stream."""
         if self._error is not None:
             raise self._error
+        if self._large is not None:
+            return self._next_large()
         buf = self._buf
-        have = len(buf)
+        pos = self._pos
+        have = len(buf) - pos
         if have < 4:
             return self._short(have)
-        n = _unpack_len(buf)[0]
+        n = _unpack_len(buf, pos)[0]
         if n == 0 or n > self.max_frame:
             return self._fail(f"frame length {n} outside 1..{self.max_frame}")
-        end = 4 + n
-        if have < end:
+        if have < 4 + n:
+            if n >= LARGE_FRAME and not self._eof:
+                # the rest of it goes straight into its own buffer
+                large = self._large = self._frame_buffer(n)
+                large[:have - 4] = memoryview(buf)[pos + 4:]
+                self._filled = have - 4
+                del buf[:]
+                self._pos = 0
+                return NEED_DATA
             return self._short(have)
+        start = pos + 4
+        end = start + n
         try:
             if n < SPLIT_THRESHOLD:  # a copy is cheaper than a memoryview for small frames
-                obj = _unpackb(buf[4:end], raw=False, use_list=False)
+                obj = _unpackb(buf[start:end], raw=False, use_list=False)
             else:
-                with memoryview(buf) as view, view[4:end] as payload:
+                with memoryview(buf) as view, view[start:end] as payload:
                     obj = _unpackb(payload, raw=False, use_list=False)
         except Exception as exc:
             return self._fail(f"frame is not msgpack: {type(exc).__name__}: {exc}")
-        del buf[:end]
+        if end == len(buf):  # everything consumed: reuse the buffer from its start
+            del buf[:]
+            self._pos = 0
+        else:
+            self._pos = end
+        return self._decode(obj)
+
+    def _frame_buffer(self, n: int) -> bytearray:
+        spare = self._spare
+        # references: the slot, the local and getrefcount's argument; a memoryview (a
+        # WriteChunk payload still in use) holds one more
+        if spare is not None and sys.getrefcount(spare) <= 3:
+            if len(spare) != n:
+                spare[n:] = b""
+                if len(spare) < n:
+                    spare.extend(bytes(n - len(spare)))
+            return spare
+        spare = self._spare = bytearray(n)
+        return spare
+
+    def _next_large(self):
+        large = self._large
+        if self._filled < len(large):
+            if self._eof:
+                return self._fail(f"connection closed inside a frame "
+                                  f"({self._filled + 4} bytes of {len(large) + 4})")
+            return NEED_DATA
+        self._large = None
+        self._filled = 0
+        try:
+            event = _decode_write_in_place(large)
+            if event is not None:
+                return event
+            with memoryview(large) as payload:
+                obj = _unpackb(payload, raw=False, use_list=False)
+        except PeerProtocolError as exc:
+            self._error = exc
+            raise
+        except Exception as exc:
+            return self._fail(f"frame is not msgpack: {type(exc).__name__}: {exc}")
         return self._decode(obj)
 
     def _short(self, have: int):
@@ -292,37 +390,122 @@ class PeerCodec:
         return request_id, spec.build(values)
 
     def encode(self, request_id: int, message) -> bytes | list:
-        """One frame: bytes, or a list of buffers (header, payload) for a large bytes field.
+        """One frame: bytes, or a list of buffers (header, payload[, optional fields]) for a
+        large bytes field.
 
         Raises TypeError for a message or field the protocol cannot carry, so a caller's bug
         fails at the caller instead of closing the connection at the peer."""
-        spec = _SPECS.get(type(message))
-        if spec is None:
-            raise TypeError(f"not a peer message: {message!r}")
-        values = spec.get(message)
-        why = spec.check(values, sending=True)
-        if why is not None:
-            raise TypeError(why)
-        if spec.defaults:
-            values = spec.trim(values)
-        if spec.bytes_pos is not None:
-            at = spec.nrequired - 1  # the bytes field: last of the required ones
-            data = values[at]
-            if len(data) >= SPLIT_THRESHOLD:
-                if type(data) is not bytes:
-                    data = memoryview(data).cast("B")
-                # msgpack of an array is its header then its elements one after the other:
-                # pack the elements before the payload, swap in the header of the whole
-                # array, add the bin header; the payload follows as its own buffer, then
-                # the optional fields, if any
-                before = _packb((m.PROTO_VERSION, spec.type_id, request_id, *values[:at]))
-                skip = 1 if 3 + at < 16 else 3
-                head = (_array_header(3 + len(values)) + before[skip:]
-                        + _bin_header(len(data)))
-                tail = b"".join(map(_packb, values[at + 1:]))
-                out = [_pack_len(len(head) + len(data) + len(tail)) + head, data]
-                if tail:
-                    out.append(tail)
-                return out
-        payload = _packb((m.PROTO_VERSION, spec.type_id, request_id, *values))
-        return _pack_len(len(payload)) + payload
+        return frame(request_id, prepare(message))
+
+
+_WRITE = _SPECS[m.WriteChunk]
+_HEAD_PEEK = 4096  # WriteChunk's fields before its payload: names, a chain of generations
+
+
+def _decode_write_in_place(frame: bytearray):
+    """(request_id, WriteChunk) whose `data` is a memoryview of `frame` (no copy), or None
+    when the frame is not a WriteChunk with a split payload (then it is decoded as usual)."""
+    h = 1 if frame[0] & 0xF0 == 0x90 else 3 if frame[0] == 0xDC else 0
+    if not h or len(frame) < h + 2 or frame[h] != m.PROTO_VERSION \
+            or frame[h + 1] != _WRITE.type_id:
+        return None
+    nreq = _WRITE.nrequired
+    unpacker = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=len(frame))
+    unpacker.feed(memoryview(frame)[:_HEAD_PEEK])
+    try:
+        count = unpacker.read_array_header()
+        if not 3 + nreq <= count <= 3 + _WRITE.nfields:
+            return None
+        # version, type id, request id and the required fields before the payload
+        head = tuple(unpacker.unpack() for _ in range(2 + nreq))
+    except msgpack.OutOfData:
+        return None  # a long head: the ordinary decoder handles it
+    at = unpacker.tell()
+    size = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(frame[at]) if at < len(frame) else None
+    if size is None:
+        return None
+    length = int.from_bytes(frame[at + 1:at + 1 + size], "big")
+    start = at + 1 + size
+    end = start + length
+    if end > len(frame):
+        raise PeerProtocolError(f"WriteChunk payload of {length} bytes runs past its frame")
+    tail: tuple = ()
+    if count > 3 + nreq:  # optional fields after the payload
+        rest = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=len(frame))
+        rest.feed(memoryview(frame)[end:])
+        tail = tuple(rest.unpack() for _ in range(count - 3 - nreq))
+        end += rest.tell()
+    if end != len(frame):
+        raise PeerProtocolError(f"WriteChunk frame has {len(frame) - end} bytes past its end")
+    request_id = head[2]
+    if type(request_id) is not int or request_id < 0:
+        raise PeerProtocolError(f"bad request id {request_id!r}")
+    values = head[3:] + (memoryview(frame)[start:start + length],) + tail
+    why = _WRITE.check(values, sending=True)  # sending: the payload is a memoryview
+    if why is not None:
+        raise PeerProtocolError(why)
+    if len(values) != _WRITE.nfields:
+        values = _WRITE.complete(values)
+    return request_id, _WRITE.build(values)
+
+
+class Prepared:
+    """A message validated and encoded once, to be framed for any number of request ids
+    (the same write to every replica): only the request id differs between its frames."""
+
+    __slots__ = ("head", "body", "data", "tail")
+
+    def __init__(self, head: bytes, body: bytes, data, tail: bytes):
+        self.head = head  # the frame's array header, version and type id
+        self.body = body  # the fields, msgpack (up to the bin header of a split payload)
+        self.data = data  # a large payload sent as its own buffer, or None
+        self.tail = tail  # the optional fields after a split payload
+
+
+def _elements(values: tuple) -> bytes:
+    """msgpack of the elements of `values`, one after the other (no array header)."""
+    if not values:
+        return b""
+    return _packb(values)[1 if len(values) < 16 else 3:]
+
+
+def prepare(message) -> Prepared:
+    """Validate and encode `message` once (TypeError if the protocol cannot carry it)."""
+    spec = _SPECS.get(type(message))
+    if spec is None:
+        raise TypeError(f"not a peer message: {message!r}")
+    values = spec.get(message)
+    why = spec.check(values, sending=True)
+    if why is not None:
+        raise TypeError(why)
+    if spec.defaults:
+        values = spec.trim(values)
+    # version and type id are positive fixints: one byte each
+    head = _array_header(3 + len(values)) + bytes((m.PROTO_VERSION, spec.type_id))
+    if spec.bytes_pos is not None:
+        at = spec.nrequired - 1  # the bytes field: last of the required ones
+        data = values[at]
+        if len(data) >= SPLIT_THRESHOLD:
+            if type(data) is not bytes:
+                data = memoryview(data).cast("B")
+            # the payload follows the bin header as its own buffer, then the optional
+            # fields, if any
+            return Prepared(head, _elements(values[:at]) + _bin_header(len(data)), data,
+                            _elements(values[at + 1:]))
+    return Prepared(head, _elements(values), None, b"")
+
+
+def frame(request_id: int, p: Prepared) -> bytes | list:
+    """The frame of a prepared message for `request_id`: bytes, or a list of buffers."""
+    rid = _FIXINT[request_id] if 0 <= request_id < 128 else _packb(request_id)
+    n = len(p.head) + len(rid) + len(p.body)
+    if p.data is None:
+        return _pack_len(n) + p.head + rid + p.body
+    out = [_pack_len(n + len(p.data) + len(p.tail)) + p.head + rid + p.body, p.data]
+    if p.tail:
+        out.append(p.tail)
+    return out
+
+
+_FIXINT = [bytes((i,)) for i in range(128)]
+assert 0 <= m.PROTO_VERSION < 128 and all(0 <= t < 128 for t in m.MESSAGE_TYPES)

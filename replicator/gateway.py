@@ -7,7 +7,9 @@ Theory of operation (DESIGN.md, Data path):
 - Data path placement treats down hosts as still owning their chunks: the replica set of a
   chunk does not move when a host fails; the failed replica is skipped and recorded stale
   until recovery brings it current.
-- WRITE: every replica gets the piece in parallel (the local one by direct call). The write
+- WRITE: every replica gets the piece in parallel: the remote ones by one PeerPool.call_all
+  (one encoding, one parked task for all replies, no task per replica), the local one by
+  direct call while those frames wait for the connection's next batch. The write
   is acknowledged when every reachable replica has it; replicas that failed are recorded
   stale for that chunk in the registry, and the write succeeds while at least min_size
   replicas took it. Below min_size it fails (EIO) and is not acknowledged. A Fenced answer
@@ -85,6 +87,7 @@ class ClusterView:
     def __init__(self, cmap: ClusterMap):
         self._cache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._tcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self._wcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
@@ -99,6 +102,7 @@ class ClusterView:
         self._placement = placement(cmap.prev) if cmap.prev is not None else self._target
         self._cache.clear()
         self._tcache.clear()
+        self._wcache.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
         # hosts whose decoder predates request ids (an upgrade under way): sent none
@@ -136,7 +140,12 @@ class ClusterView:
         return tuple(h for h in self.targets(lineage, index, n) if h not in old)
 
     def write_set(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
-        return self.replicas(lineage, index, n) + self.joining(lineage, index, n)
+        """The replicas, then the joining targets."""
+        k = (lineage, index, n)
+        hosts = self._wcache.get(k)
+        if hosts is None:
+            hosts = self._wcache[k] = self.replicas(lineage, index, n) + self.joining(lineage, index, n)
+        return hosts
 
     def is_up(self, host_id: str) -> bool:
         return host_id in self._up
@@ -517,22 +526,15 @@ class VolumeGateway:
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
-
-        async def one(h: str) -> None:
-            try:
-                reply = await self._send(h, msg)
-                self._unflushed.setdefault(h, set()).add(p.index)
-                if getattr(reply, "stale", False):
-                    behind.add(h)
-            except VbpError as e:
-                failed[h] = e
-
-        async with trio.open_nursery() as nursery:
-            for h in hosts:
-                if self.cluster.is_up(h) or h == self.host_id:
-                    nursery.start_soon(one, h)
-                else:
-                    failed[h] = PeerUnavailable(f"host {h} is down")
+        unflushed = self._unflushed
+        for h, reply in (await self._send_all(hosts, msg, failed)).items():
+            s = unflushed.get(h)
+            if s is None:
+                unflushed[h] = {p.index}
+            else:
+                s.add(p.index)
+            if getattr(reply, "stale", False):
+                behind.add(h)
         for e in failed.values():
             if isinstance(e, Fenced):
                 # the replicas that took this write hold bytes from a gateway that lost its
@@ -611,6 +613,62 @@ class VolumeGateway:
             log.warning("volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
                         self.name, index, ",".join(sorted(hosts)), e)
             return False
+
+    async def _send_all(self, hosts, msg, failed: dict[str, Exception]) -> dict:
+        """Send `msg` to every host of `hosts`: the remote ones by one PeerPool.call_all
+        (one encoding, one parked task for every reply), the local one by direct call
+        while those frames wait for their connections' next batch; a down host fails at
+        once. The replies by host; the failures go into `failed`. A StaleEpoch answer
+        refreshes the map (once) and those hosts are asked once more."""
+        replies: dict = {}
+        remote = []
+        local = False
+        for h in hosts:
+            if h == self.host_id:
+                local = True
+            elif self.cluster.is_up(h):
+                remote.append(h)
+            else:
+                failed[h] = PeerUnavailable(f"host {h} is down")
+        if local:
+            try:
+                replies[self.host_id] = self.replica.handle(msg)
+            except VbpError as e:
+                failed[self.host_id] = e
+        if remote:
+            no_rid = self.cluster.no_rid
+            if no_rid and msg.rid and not no_rid.isdisjoint(remote):
+                # decoders that predate request ids get the message without one
+                old = [h for h in remote if h in no_rid]
+                new = [h for h in remote if h not in no_rid]
+                results = await self._call_all(old, dc_replace(msg, rid=""))
+                results.update(await self._call_all(new, msg))
+            else:
+                results = await self._call_all(remote, msg)
+            for h, r in results.items():
+                if isinstance(r, VbpError):
+                    failed[h] = r
+                elif isinstance(r, Exception):
+                    raise r
+                else:
+                    replies[h] = r
+        stale = [h for h, e in failed.items() if isinstance(e, StaleEpoch)]
+        if stale and self.refresh_map is not None:
+            await self.refresh_map()
+            msg = dc_replace(msg, epoch=self.cluster.epoch)
+            for h in stale:
+                try:
+                    replies[h] = await self._send_once(h, msg)
+                    del failed[h]
+                except VbpError as e:
+                    failed[h] = e
+        return replies
+
+    async def _call_all(self, hosts: list[str], msg) -> dict:
+        if not hosts:
+            return {}
+        results = await self.pool.call_all([self.cluster.address(h) for h in hosts], msg)
+        return dict(zip(hosts, results))
 
     async def _send(self, host: str, msg):
         try:

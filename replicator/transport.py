@@ -18,6 +18,8 @@ pool's nursery and shared by every caller; requests are multiplexed by request i
 connection dies every pending call fails at once with PeerUnavailable and the next call
 opens a new connection. Timeouts are per call. A `FaultPolicy` is consulted on every call:
 the one place tests and the simulation inject network faults (CONVENTIONS 8).
+`call_all` sends one message to several peers (a replicated write): encoded once, framed
+per connection, and the caller parks once for all the replies, with no task per peer.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import trio
 from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
 
 from replicator import messages as m
-from replicator.codec import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec
+from replicator.codec import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec, frame, prepare
 from replicator.errors import (
     ClusterMismatch,
     PeerProtocolError,
@@ -113,7 +115,9 @@ class _Link:
         self.rbuf = bytearray(RECV_SIZE)
 
     def queue(self, request_id: int, message) -> None:
-        frame = self.codec.encode(request_id, message)
+        self.queue_frame(self.codec.encode(request_id, message))
+
+    def queue_frame(self, frame) -> None:
         if type(frame) is bytes:
             self.out.append(frame)
         else:
@@ -134,6 +138,15 @@ class _Link:
 
     async def receive(self) -> bool:
         """Read once into the codec; False at end of stream."""
+        large = self.codec.large_buffer()
+        if large is not None:  # the rest of a large frame: straight into its buffer
+            with large:
+                n = await self.sock.recv_into(large)
+            if n == 0:
+                self.codec.receive_data(b"")
+                return False
+            self.codec.large_received(n)
+            return True
         n = await self.sock.recv_into(self.rbuf)
         if n == 0:
             self.codec.receive_data(b"")
@@ -399,6 +412,34 @@ async def _apply_fault(faults: FaultPolicy | None, address: str, message) -> boo
 # --- client --------------------------------------------------------------------------------
 
 
+class _Gather:
+    """The replies to one message sent to several peers (PeerPool.call_all), gathered for
+    the one task that waits for all of them: no task per peer."""
+
+    __slots__ = ("task", "results", "left")
+
+    def __init__(self, n: int):
+        self.task = None  # set when the caller parks
+        self.results: list = [None] * n
+        self.left = n
+
+    def deliver(self, slot: int, result: outcome.Outcome) -> None:
+        self.results[slot] = result
+        self.left -= 1
+        if not self.left and self.task is not None:
+            task, self.task = self.task, None
+            reschedule(task)
+
+
+def _resolve(waiter: tuple, result: outcome.Outcome) -> None:
+    """Hand a reply (or the call's failure) to whoever waits for it."""
+    target = waiter[0]
+    if type(target) is _Gather:
+        target.deliver(waiter[3], result)
+    else:
+        reschedule(target, result)
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -415,7 +456,8 @@ class _ClientConnection:
         self.link: _Link | None = None
         self.ready = trio.Event()
         self.error: PeerUnavailable | None = None  # set once the connection is dead
-        self.pending: dict[int, tuple] = {}  # request id -> (task, deadline, sent at)
+        # request id -> (task or _Gather, deadline, sent at, slot in the _Gather)
+        self.pending: dict[int, tuple] = {}
         self.last_receive = -math.inf
         self.goodbye: m.Error | None = None  # why the peer closed the connection, if it said
         self.next_id = 1
@@ -494,7 +536,7 @@ class _ClientConnection:
                     return
                 waiter = pending.pop(event[0], None)
                 if waiter is not None:  # else a late reply to a call that gave up
-                    reschedule(waiter[0], outcome.Value(event[1]))
+                    _resolve(waiter, outcome.Value(event[1]))
                 elif event[0] == 0 and type(event[1]) is m.Error:
                     self.goodbye = event[1]  # request id 0: about the connection itself
             if self.room:
@@ -512,8 +554,8 @@ class _ClientConnection:
         self.cancel_scope.cancel()
         self.ready.set()
         pending, self.pending = self.pending, {}
-        for task, _, _ in pending.values():
-            reschedule(task, outcome.Error(self.new_error()))
+        for waiter in pending.values():
+            _resolve(waiter, outcome.Error(self.new_error()))
         self.room.unpark_all()
         if self.pool._conns.get(self.address) is self:
             del self.pool._conns[self.address]
@@ -532,7 +574,7 @@ class _ClientConnection:
         self.next_id += 1
         if not drop:
             self.link.queue(request_id, message)
-        self.pending[request_id] = waiter = (current_task(), deadline, trio.current_time())
+        self.pending[request_id] = waiter = (current_task(), deadline, trio.current_time(), 0)
         self.pool._timeout_at(deadline)
 
         def abort(_):
@@ -600,10 +642,11 @@ class PeerPool:
             earliest = math.inf
             for conn in list(self._conns.values()):
                 silent = False
-                for request_id, (task, deadline, sent) in list(conn.pending.items()):
+                for request_id, waiter in list(conn.pending.items()):
+                    _, deadline, sent, _ = waiter
                     if deadline <= now:
                         del conn.pending[request_id]
-                        reschedule(task, outcome.Error(PeerUnavailable(
+                        _resolve(waiter, outcome.Error(PeerUnavailable(
                             f"peer {conn.address}: no reply in time")))
                         silent = silent or conn.last_receive < sent
                     elif deadline < earliest:
@@ -663,6 +706,57 @@ class PeerPool:
                 f"peer {address} answered {type(message).__name__} with {type(reply).__name__}")
         return reply
 
+    async def call_all(self, addresses, message, timeout: float | None = None) -> list:
+        """Send one `message` to every peer of `addresses` at once and wait for all of them;
+        a list, in order, of each reply or the exception `call` would have raised.
+
+        The message is encoded once and framed per connection; the frames join each
+        connection's next batch and the caller parks once for every reply: no task per peer
+        (the gateway's write to N replicas)."""
+        if self._nursery is None:
+            raise RuntimeError("PeerPool used outside its `async with` or run()")
+        prepared = prepare(message)  # TypeError: the caller's bug, raised here
+        gather = _Gather(len(addresses))
+        deadline = trio.current_time() + (self.request_timeout if timeout is None else timeout)
+        queued: list[tuple[_ClientConnection, int]] = []
+        for slot, address in enumerate(addresses):
+            try:
+                drop = await _apply_fault(self.faults, address, message)
+                conn = self._conns.get(address)
+                if conn is None or not conn.ready.is_set():
+                    conn = await self._connected(address, deadline)
+                while len(conn.pending) >= self.max_in_flight and not conn.dead:
+                    await conn.room.park()
+                if conn.dead:
+                    raise conn.new_error()
+            except PeerUnavailable as exc:
+                gather.deliver(slot, outcome.Error(exc))
+                continue
+            request_id = conn.next_id
+            conn.next_id += 1
+            if not drop:
+                conn.link.queue_frame(frame(request_id, prepared))
+            conn.pending[request_id] = (gather, deadline, trio.current_time(), slot)
+            queued.append((conn, request_id))
+        if queued:
+            self._timeout_at(deadline)
+        if gather.left:
+            gather.task = current_task()
+
+            def abort(_):
+                for conn, request_id in queued:
+                    waiter = conn.pending.get(request_id)
+                    if waiter is not None and waiter[0] is gather:
+                        del conn.pending[request_id]
+                return Abort.SUCCEEDED
+
+            await wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        expected = m.REPLY_TYPES.get(type(message))
+        return [_reply_or_error(r, address, message, expected)
+                for r, address in zip(gather.results, addresses)]
+
     async def _connected(self, address: str, deadline: float) -> _ClientConnection:
         """The connection to `address` once handshaken, opening it if needed."""
         conn = self._conns.get(address)
@@ -690,6 +784,19 @@ class PeerPool:
             for i, (address, message) in enumerate(calls):
                 nursery.start_soon(one, i, address, message)
         return results
+
+
+def _reply_or_error(result: outcome.Outcome, address: str, message, expected):
+    """What `call` returns or raises for one result of `call_all`, as a value."""
+    if type(result) is outcome.Error:
+        return result.error
+    reply = result.value
+    if type(reply) is m.Error:
+        return error_to_exception(reply)
+    if expected is not None and type(reply) is not expected:
+        return PeerUnavailable(
+            f"peer {address} answered {type(message).__name__} with {type(reply).__name__}")
+    return reply
 
 
 # --- in memory -----------------------------------------------------------------------------
@@ -806,3 +913,7 @@ class MemoryPeerPool:
 
     async def call_many(self, calls, timeout: float | None = None) -> list:
         return await PeerPool.call_many(self, calls, timeout)
+
+    async def call_all(self, addresses, message, timeout: float | None = None) -> list:
+        prepare(message)  # TypeError raised here, as PeerPool.call_all does
+        return await PeerPool.call_many(self, [(a, message) for a in addresses], timeout)

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator import messages as m
-from replicator.codec import CLOSED, NEED_DATA, SPLIT_THRESHOLD, PeerCodec
+from replicator.codec import CLOSED, NEED_DATA, SPLIT_THRESHOLD, PeerCodec, prepare
+from replicator.codec import frame as prepared_frame
 from replicator.errors import (
     ClusterMismatch,
     PeerError,
@@ -256,6 +257,23 @@ def test_encode_refuses_what_the_protocol_cannot_carry():
         c.encode(1, m.Ok("5"))
     with pytest.raises(TypeError, match="fua"):
         c.encode(1, m.WriteChunk("v", "l", 1, 2, (2,), 0, b"", 1, 1, 0, 1, 1))
+    with pytest.raises(TypeError, match="chain"):  # a tuple's items, on the fast path too
+        c.encode(1, m.WriteChunk("v", "l", 1, 2, (1, "2"), 0, b"", 1, 1, False, 1, 1))
+    with pytest.raises(TypeError, match="chain"):
+        c.encode(1, m.WriteChunk("v", "l", 1, 2, (1, True), 0, b"", 1, 1, False, 1, 1))
+
+
+@pytest.mark.parametrize("size", [0, 100, SPLIT_THRESHOLD, SPLIT_THRESHOLD * 3])
+def test_a_prepared_message_frames_as_encode_would_for_any_request_id(size):
+    msg = m.WriteChunk("v", "l", 1, 2, (1, 2), 0, b"\x07" * size, 1 << 22, 3, True, 4, 5)
+    p = prepare(msg)
+    out = PeerCodec()
+    for request_id in (0, 1, 127, 128, 255, 65536, 2**32 + 1, 2**64 - 1):
+        f = prepared_frame(request_id, p)
+        assert f == PeerCodec().encode(request_id, msg)
+        out.receive_data(f if type(f) is bytes else b"".join(f))
+        assert out.next_event() == (request_id, msg)
+    assert out.next_event() is NEED_DATA and out.buffered == 0
 
 
 # --- properties ----------------------------------------------------------------------------
@@ -482,3 +500,94 @@ def test_encoding_is_the_shortest_revision(msg, request_id):
             and getattr(msg, order[n - 1].name) == order[n - 1].default:
         n -= 1
     assert wire(request_id, msg) == _raw_frame(request_id, msg, n)
+
+# --- large frames: received into their own buffer ---------------------------------------------
+
+BIG = bytes(range(256)) * 400  # 100 KiB: over LARGE_FRAME
+
+
+def feed_large(c: PeerCodec, raw: bytes, step: int, direct: bool) -> list:
+    """Feed `raw` in `step`-byte pieces; with `direct`, a large frame's rest goes through
+    large_buffer/large_received as the transport does."""
+    events, at = [], 0
+    while at < len(raw):
+        target = c.large_buffer() if direct else None
+        if target is not None:
+            n = min(step, len(target), len(raw) - at)
+            target[:n] = raw[at:at + n]
+            c.large_received(n)
+        else:
+            n = min(step, len(raw) - at)
+            c.receive_data(raw[at:at + n])
+        at += n
+        events += drain(c)
+    return events
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("step", [1000, 65536, 300000])
+def test_large_frames_between_small_ones_any_feeding(step, direct):
+    w = m.WriteChunk("v", "l", 1, 2, (1, 2), 8192, BIG, 1 << 22, 3, True, 4, 5)
+    d = m.Data(BIG, 7, 2)
+    wr = dataclasses.replace(w, rid="req-1")  # an optional field after the payload
+    msgs = [(1, m.Ping(1)), (2, w), (3, m.Ok(1)), (4, d), (5, wr), (6, m.Pong("h", 1))]
+    raw = b"".join(wire(rid, msg) for rid, msg in msgs)
+    c = PeerCodec()
+    events = feed_large(c, raw, step, direct)
+    assert events == msgs and c.buffered == 0
+    assert type(events[3][1].data) is bytes  # only a WriteChunk's payload is a view
+    c.receive_data(b"")
+    assert c.next_event() is CLOSED
+
+
+def test_a_large_write_payload_is_a_view_of_the_frame_not_a_copy():
+    w = m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG, 1 << 22, 3, False, 4, 5)
+    raw = wire(9, w)
+    c = PeerCodec()
+    c.receive_data(raw[:100])
+    assert c.next_event() is NEED_DATA
+    target = c.large_buffer()
+    assert len(target) == len(raw) - 100
+    target[:] = raw[100:]
+    c.large_received(len(target))
+    rid, got = c.next_event()
+    assert rid == 9 and got == w and type(got.data) is memoryview and bytes(got.data) == BIG
+    assert c.large_buffer() is None
+
+
+def test_large_frame_cut_by_end_of_stream_or_malformed_is_an_error():
+    raw = wire(1, m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG, 1 << 22, 3, False, 4, 5))
+    c = PeerCodec()
+    c.receive_data(raw[:-10])
+    assert c.next_event() is NEED_DATA
+    c.receive_data(b"")
+    with pytest.raises(PeerProtocolError, match="closed inside a frame"):
+        c.next_event()
+    # a WriteChunk whose fields are of the wrong type, its payload split as usual
+    head = msgpack.packb([m.PROTO_VERSION, 12, 1, "v", "l", "one", 2, (1,), 0, 1 << 22, 3,
+                          False, 4, 5])
+    bad = struct.pack(">I", len(head) + 5 + len(BIG)) + bytes((0x90 | 15,)) + head[1:] \
+        + b"\xc6" + struct.pack(">I", len(BIG)) + BIG
+    # a payload that does not end the frame
+    short = bytearray(raw)
+    short[-len(BIG) - 4:-len(BIG)] = struct.pack(">I", len(BIG) - 1)
+    for frame_, match in ((bad, "index"), (bytes(short), "past its end")):
+        c = PeerCodec()
+        c.receive_data(frame_[:100])
+        assert c.next_event() is NEED_DATA and c.large_buffer() is not None
+        c.receive_data(frame_[100:])
+        with pytest.raises(PeerProtocolError, match=match):
+            c.next_event()
+        with pytest.raises(PeerProtocolError):  # a dead codec stays dead
+            c.next_event()
+
+
+def test_a_large_frame_buffer_is_reused_only_once_its_payload_is_gone():
+    a = m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG, 1 << 22, 3, False, 4, 5)
+    b = dataclasses.replace(a, data=bytes(reversed(BIG)))
+    c = PeerCodec()
+    held = feed_large(c, wire(1, a), 4096, True)[0][1]
+    got = feed_large(c, wire(2, b), 4096, True)[0][1]
+    assert held == a and got == b  # the held payload was not overwritten
+    del held, got
+    assert feed_large(c, wire(3, a), 4096, True) == [(3, a)]

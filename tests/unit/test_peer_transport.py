@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 from contextlib import asynccontextmanager
@@ -571,3 +572,58 @@ async def test_handler_runs_with_the_request_id_of_the_message():
                     ("async", "h2-00000a-6"), ("Flush", "h2-00000a-7"), ("Flush", "")]
     failed = [line for line in lines if "request from cli failed" in line]
     assert len(failed) == 1 and " rid=h2-00000a-7 " in failed[0]
+
+async def test_both_nets_call_all_gathers_every_reply_and_failure_in_order(net):
+    seen = []
+
+    async def handler(msg, peer):
+        seen.append(msg)
+        if type(msg) is m.WriteChunk and msg.token < 1:
+            raise Fenced("token 1 is newer")
+        return m.Ok(msg.version)
+
+    faults = FaultPolicy()
+    a = await net.start(handler)
+    b = await net.start(handler)
+    c = await net.start(handler)
+    dead = await net.start(handler)
+    net.kill(dead)
+    big = write(3, bytes(range(256)) * 256, version=9)  # 64 KiB: a split frame
+    async with net.pool(faults=faults) as pool:
+        results = await pool.call_all([a, dead, b, c], big)
+        assert results[0] == results[2] == results[3] == m.Ok(9)
+        assert isinstance(results[1], PeerUnavailable)
+        assert seen == [big] * 3  # the one encoding decodes to the same message everywhere
+        results = await pool.call_all([a, b], dataclasses.replace(big, token=0))
+        assert all(isinstance(r, Fenced) for r in results)
+        faults.partition([b])
+        faults.drop_probability = 0.0
+        results = await pool.call_all([a, b], write(4), timeout=0.5)
+        assert results[0] == m.Ok(1) and isinstance(results[1], PeerUnavailable)
+        faults.heal()
+        faults.drop_probability = 1.0
+        with trio.fail_after(2):
+            results = await pool.call_all([a, c], write(5), timeout=0.2)
+        assert all(isinstance(r, PeerUnavailable) for r in results)
+        faults.drop_probability = 0.0
+        assert await pool.call_all([], write(6)) == []
+        with pytest.raises(TypeError):  # never leaves the caller
+            await pool.call_all([a], m.Ping("3"))
+
+
+async def test_call_all_timeout_and_cancel_leave_nothing_pending():
+    async def slow(msg, peer):
+        if msg.index == 1:
+            await trio.sleep(10)
+        return m.Ok(msg.version)
+
+    async with server(slow) as (a, _), server() as (b, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            await pool.call_all([a, b], write(0))  # connected
+            with trio.fail_after(2):
+                results = await pool.call_all([a, b], write(1), timeout=0.3)
+            assert isinstance(results[0], PeerUnavailable) and results[1] == m.Ok(1)
+            with trio.move_on_after(0.1):
+                await pool.call_all([a, b], write(1))
+            assert not any(conn.pending for conn in pool._conns.values())
+            assert await pool.call_all([a, b], write(2)) == [m.Ok(1), m.Ok(1)]
