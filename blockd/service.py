@@ -527,31 +527,35 @@ class Blockd:
             await trio.sleep(0.2)
             await self.provider.sync_records()
 
+    @staticmethod
+    async def _every(period: float, what: str, step, *, first_wait: bool = False) -> None:
+        """Run `step()` forever, `period` seconds apart. A registry outage skips a pass and
+        a failing pass is logged: neither stops the daemon."""
+        while True:
+            if first_wait:
+                await trio.sleep(period)
+            try:
+                await step()
+            except RegistryUnavailable as e:
+                log.warning("event=%s_skipped error=%s", what, e)
+            except Exception:  # one pass failing must not stop the daemon
+                log.exception("event=%s_failed", what)
+            if not first_wait:
+                await trio.sleep(period)
+
     async def _recover(self) -> None:
         """Resync loop: bring this host's stale chunk copies current."""
-        while True:
-            try:
-                await self.resync.run_once()
-            except RegistryUnavailable as e:
-                log.warning("event=resync_skipped error=%s", e)
-            except Exception:  # one pass failing must not stop the daemon
-                log.exception("event=resync_pass_failed")
-            await trio.sleep(1)
+        await self._every(1, "resync", self.resync.run_once)
 
     async def _move_data(self) -> None:
         """Changes of data set (replicator.migration): the controller step and this host's
         scan; misplaced copies are freed by the garbage collector."""
-        while True:
-            try:
-                cmap = await self.mover.control_once()
-                if cmap.epoch > self.cluster.epoch:
-                    self.cluster.set_map(cmap)
-                await self.mover.scan_once()
-            except RegistryUnavailable as e:
-                log.warning("event=data_set_step_skipped error=%s", e)
-            except Exception:  # one pass failing must not stop the daemon
-                log.exception("event=data_set_step_failed")
-            await trio.sleep(1)
+        async def step() -> None:
+            cmap = await self.mover.control_once()
+            if cmap.epoch > self.cluster.epoch:
+                self.cluster.set_map(cmap)
+            await self.mover.scan_once()
+        await self._every(1, "data_set_step", step)
 
     def stats(self) -> dict:
         st = self.store.stats()
@@ -633,15 +637,10 @@ class Blockd:
         Local keys are listed BEFORE the registry is read: a generation that exists here
         then belongs to a record that exists when the registry is read, or to one that was
         deleted (generation numbers are never reused), so a newer one is never freed."""
-        while True:
-            await trio.sleep(self.cfg.gc_interval)
-            try:
-                await self.collect_garbage_once()
-                await self.mover.collect_misplaced()
-            except RegistryUnavailable as e:
-                log.warning("event=gc_skipped error=%s", e)
-            except Exception:  # one pass failing must not stop the daemon
-                log.exception("event=gc_failed")
+        async def step() -> None:
+            await self.collect_garbage_once()
+            await self.mover.collect_misplaced()
+        await self._every(self.cfg.gc_interval, "gc", step, first_wait=True)
 
     async def collect_garbage_once(self) -> int:
         local: dict[tuple[str, int], list[int]] = {}
