@@ -445,6 +445,8 @@ class Blockd:
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
             self.resync.on_progress = self.metrics.set_recovery
             self.resync.full_ratio = cfg.full_ratio
+            # a write may still be on its way to a resync source for a peer timeout
+            self.resync.write_window = cfg.peer_timeout + 1
             if cfg.recovery_rate:
                 self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
             # a pass waits longer than a peer timeout before judging a divergence

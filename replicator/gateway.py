@@ -557,6 +557,8 @@ class VolumeGateway:
                     self.metrics.replica_error(h, _error_kind(e))
             recorded = await self._mark_stale(
                 p.index, self._falling_behind(failed, took, complete, behind), hosts)
+            if recorded and ok >= self.min_size:
+                ok = len(await self._current_after_failure(p.index, took))
         else:
             recorded = True
         if ok < self.min_size:
@@ -579,13 +581,38 @@ class VolumeGateway:
         which must resync from them. But when no current copy took it, a current copy that
         failed still holds every acknowledged write: the first one stays current (the
         source of every resync of the chunk), or no copy would be left to resync from and
-        the chunk would never converge."""
+        the chunk would never converge. And when no current copy took it, the copies that
+        did are recorded too: they were counted behind on what this gateway believed (its
+        stale map lags the registry, a resync may have cleared one since), and they now
+        hold bytes the others lack, so a record must name them whatever we believed."""
         out = list(failed)
         if not took:
             keep = next((h for h in complete if h in failed and h not in behind), None)
             if keep is not None:
                 out.remove(keep)
+            out += [h for h in complete if h not in failed]
         return out
+
+    async def _current_after_failure(self, index: int, took: list[str]) -> list[str]:
+        """The copies in `took` that no stale record names, read after this write's
+        failures were recorded. Our stale map and the replicas' own view lag the registry
+        (another volume of the lineage may have recorded a copy stale meanwhile); a copy
+        recorded stale before our failures were must not carry the write, or the copy we
+        just recorded stale would be the last to go stale while missing an acknowledged
+        write (resync of a chunk whose copies are all stale elects the copy that went stale
+        last, replicator/recovery.py)."""
+        if self.registry is None or not took:
+            return took
+        try:
+            records = await self.registry.list_stale(self.lineage, index)
+        except RegistryUnavailable as e:
+            raise RegistryUnavailable(
+                f"chunk {index} of {self.name}: which copies are current could not be checked "
+                f"(registry unreachable): the write is not acknowledged: {e}") from e
+        named = frozenset(r.host_id for r in records)
+        if named & set(took):
+            self.stale[index] = self.stale.get(index, frozenset()) | (named & set(took))
+        return [h for h in took if h not in named]
 
     def _suspect(self, index: int, hosts) -> None:
         if hosts:

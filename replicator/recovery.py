@@ -13,12 +13,21 @@ by full copy"):
   and the write run without an await between them, so nothing interleaves); a page that
   changed meanwhile is left for the next pass. The record is cleared only after a pass that
   found nothing to copy, and only if no newer failure re-marked it (version check).
+- A write reaches the replicas of a chunk in parallel, so it may have landed here and
+  still be on its way to the source (delayed, or about to time out and get the source
+  recorded stale). Copying the source's older pages over it would undo a write the
+  gateway counts as taken here. So no page of a chunk is overwritten (nor a generation
+  dropped) while a client write reached this copy less than `write_window` (longer than a
+  peer timeout) before the pass began: the chunk waits for a later pass. Past the window,
+  the write has landed on the source, or the source failed it and is recorded stale in
+  the records the pass reads (it is then no source), or it was never acknowledged.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -60,6 +69,10 @@ def diff_runs(local: list[int], remote: list[int], max_pages: int) -> list[tuple
     return out
 
 
+class ChunkBusy(Exception):
+    """A client write reached this copy of the chunk within the write window."""
+
+
 class Resync:
     def __init__(self, host_id: str, store, cluster, pool, registry, replica=None):
         self.host_id = host_id
@@ -79,6 +92,8 @@ class Resync:
         self.full_ratio = 1.0
         self.held_full = 0  # chunks held back by the last pass
         self.chunk_sizes: dict[str, int] = {}
+        self.write_window = 6.0  # seconds; blockd sets its peer timeout + 1
+        self._quiet_since = -math.inf  # writes after this are within the window
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -112,14 +127,20 @@ class Resync:
 
     async def run_once(self) -> int:
         """One pass over this host's stale records; returns how many were cleared."""
+        if self.replica is not None:
+            now = self.replica.now()
+            self._quiet_since = now - self.write_window
+            for k, t in list(self.replica.written.items()):  # forget what the window passed
+                if t <= self._quiet_since:
+                    del self.replica.written[k]
         records = await self.registry.list_stale()
         mine = await self.refresh_stale_self(records)
         self._progress(mine)
         if not mine:
             return 0
-        stale_hosts: dict[tuple[str, int], set[str]] = {}
+        stale_hosts: dict[tuple[str, int], dict[str, int]] = {}
         for r in records:
-            stale_hosts.setdefault((r.lineage, r.index), set()).add(r.host_id)
+            stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = r.since
         n_of = await self.replicas_by_lineage()
         cleared = 0
         st = self.store.stats()
@@ -152,7 +173,22 @@ class Resync:
         if self.on_progress is not None:
             self.on_progress(len(mine), sum(self.chunk_sizes.get(r.lineage, 0) for r in mine))
 
-    async def resync_chunk(self, lineage: str, index: int, n: int, stale: set[str]) -> bool:
+    async def resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
+        """`stale`: the hosts recorded stale for the chunk -> when their record was made."""
+        try:
+            return await self._resync_chunk(lineage, index, n, stale)
+        except ChunkBusy:
+            log.info("event=resync_deferred lineage=%s chunk=%d reason=recent_write", lineage, index)
+            return False
+
+    def _check_quiet(self, lineage: str, index: int) -> None:
+        """Raise ChunkBusy if a client write may still be on its way to the source (see
+        the theory of operation). Called right before a local change, with no await
+        between, so no write slips in after the check."""
+        if self.replica is not None and self.replica.written.get((lineage, index), -math.inf) > self._quiet_since:
+            raise ChunkBusy()
+
+    async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
         # complete copies first, then targets that joined and are current
         hosts = self.cluster.write_set(lineage, index, n)
         sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
@@ -160,7 +196,7 @@ class Resync:
             complete = self.cluster.replicas(lineage, index, n)
             if (self.host_id in complete and all(h in stale for h in complete)
                     and all(self.cluster.is_up(h) for h in complete)):
-                return await self._resync_all_stale(lineage, index, complete)
+                return await self._resync_all_stale(lineage, index, complete, stale)
         for src in sources:
             addr = self.cluster.address(src)
             try:
@@ -179,42 +215,36 @@ class Resync:
                             lineage, index, src, e)
         return False
 
-    async def _resync_all_stale(self, lineage: str, index: int, complete) -> bool:
+    async def _resync_all_stale(self, lineage: str, index: int, complete, stale) -> bool:
         """Every copy of the chunk is recorded stale (failures through gateways of
         different volumes of the lineage, a crash, a write no current copy took), so no
-        copy is a plain source. Each generation is brought to its freshest copy: the
-        highest version (every write a copy applies raises it; a copy that missed writes
-        is behind; a copy that crashed comes back at its durable version + 1), ties to the
-        first copy in placement order, so every stale host picks the same one. Only while
-        every copy is up and answers: a copy that is not asked may be the freshest."""
-        peers = [h for h in complete if h != self.host_id]
-        held: dict[str, set[int]] = {}
-        for h in peers:
-            held[h] = set((await self.pool.call(self.cluster.address(h), m.ChunkGens(lineage, index))).gens)
-        local = {k.gen for k in self.store.keys(lineage) if k.index == index}
+        copy is a plain source. The chunk is brought to the copy that went stale last
+        (its record is the newest: `stale[host]` is the registry revision that created
+        it): while it was current, every acknowledged write reached it (a write counts a
+        copy toward min_size only if no record names it once the write's failures are
+        recorded, replicator.gateway), and since it went stale no write could be
+        acknowledged, as no current copy was left. Versions cannot choose: a stale copy
+        keeps taking writes that then fail below min_size, so the copy that missed an
+        acknowledged write may be the one with the most writes. Generations that copy
+        lacks hold only unacknowledged writes here and go. Only while every copy is up
+        and answers, so that every stale host elects the same one."""
+        best = max(complete, key=lambda h: (stale.get(h, 0), -complete.index(h)))
+        if best == self.host_id:
+            self.stats.chunks += 1
+            log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)
+            return True
+        addr = self.cluster.address(best)
+        gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
         for _ in range(MAX_PASSES):
             copied = 0
-            for g in sorted(local.union(*held.values())):
-                best, best_version = self.host_id, self._version(ChunkKey(lineage, index, g))
-                for h in complete:
-                    if h == self.host_id or g not in held[h]:
-                        continue
-                    st = await self.pool.call(self.cluster.address(h), m.ChunkState(lineage, index, g))
-                    v = st.version if st.exists else -1
-                    if v > best_version or (v == best_version and complete.index(h) < complete.index(best)):
-                        best, best_version = h, v
-                if best != self.host_id:
-                    copied += await self._sync_gen(self.cluster.address(best), lineage, index, g,
-                                                   allow_stale=True)
+            for g in gens:
+                copied += await self._sync_gen(addr, lineage, index, g, allow_stale=True)
+            copied += await self._drop_divergent(addr, lineage, index, gens)
             if not copied:
                 self.stats.chunks += 1
-                log.info("event=resynced_all_stale lineage=%s chunk=%d", lineage, index)
+                log.info("event=resynced_all_stale lineage=%s chunk=%d source=%s", lineage, index, best)
                 return True
         return False
-
-    def _version(self, key: ChunkKey) -> int:
-        info = self.store.info(key)
-        return -1 if info is None else info.version
 
     async def _drop_divergent(self, addr: str, lineage: str, index: int, gens) -> int:
         """Generations held here but not by the current source hold writes that were never
@@ -231,6 +261,7 @@ class Resync:
         for k in local:
             if k.gen in again or self.store.info(k) is None or self._local_sums(k, 0) != before[k]:
                 continue
+            self._check_quiet(lineage, index)
             self.store.delete(k)
             dropped += 1
             log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
@@ -265,6 +296,7 @@ class Resync:
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
                 data = reply.data
+            self._check_quiet(lineage, index)
             if not write_pages_if_unchanged(self.store, key, chunk_size, first,
                                             local[first:first + count], data,
                                             min_version=st.version):

@@ -143,6 +143,7 @@ class SimHost:
         self.pool = self.sim.net.pool(CLUSTER, self.id, request_timeout=self.sim.peer_timeout,
                                       faults=self.faults)
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)
+        self.resync.write_window = self.sim.peer_timeout + 1  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
         self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,

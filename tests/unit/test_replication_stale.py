@@ -57,6 +57,7 @@ def test_a_write_only_a_stale_copy_took_is_not_acknowledged_and_the_current_copy
             # b holds every acknowledged write: it stays the source, not recorded stale
             assert stale_hosts(sim, rec.lineage) == {a}
             gw_faults.heal()
+            await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
             await sim.hosts[a].resync.run_once()
             assert not stale_hosts(sim, rec.lineage)
             key = ChunkKey(rec.lineage, 0, rec.head)
@@ -66,23 +67,54 @@ def test_a_write_only_a_stale_copy_took_is_not_acknowledged_and_the_current_copy
     run(main)
 
 
-def test_resync_with_every_copy_stale_brings_each_generation_to_its_freshest_copy():
+def test_resync_with_every_copy_stale_brings_the_chunk_to_the_copy_that_went_stale_last():
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 8192, False))
             key = ChunkKey(rec.lineage, 0, rec.head)
-            # b misses an acknowledged write (a took it) and both end up recorded stale, as
-            # gateways of two volumes of one lineage can leave them
+            # b misses an acknowledged write (a took it) and is recorded stale, then a is
+            # recorded stale too, as gateways of two volumes of one lineage can leave them
             sim.hosts[a].store.write(key, 0, b"\x07" * 4096, chunk_size=MiB)
-            sim.reg.mark_stale(rec.lineage, 0, [a, b], 1)
+            sim.reg.mark_stale(rec.lineage, 0, [b], 1)
+            sim.reg.mark_stale(rec.lineage, 0, [a], 1)
             for h in (a, b):
                 await sim.hosts[h].resync.refresh_stale_self()
+            await trio.sleep(sim.hosts[b].resync.write_window)  # the writes have settled
             await sim.hosts[b].resync.run_once()
             await sim.hosts[a].resync.run_once()
             assert not stale_hosts(sim, rec.lineage)
             for h in (a, b):
                 assert sim.hosts[h].store.read(key, 0, 8192) == b"\x07" * 4096 + b"\x01" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_the_stale_map_said():
+    """Sim seed 12: a resync cleared a copy's record, the gateway's stale map (refreshed
+    about once a second) still named it, so a write it took counted it behind; the current
+    copy failed the write and stayed current (unrecorded), and the two copies disagreed
+    with no record left to reconcile them."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            gw.stale[0] = frozenset({a})  # the record is gone, the map has not heard yet
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
+            try:
+                await call(gw.write(0, b"\x02" * 4096, False))
+            except BelowMinSize:
+                pass
+            else:
+                raise AssertionError("a write no current copy took was acknowledged")
+            assert stale_hosts(sim, rec.lineage) == {a}  # a holds bytes b lacks
+            sim.hosts[gw.host_id].faults.heal()
+            await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
+            await sim.hosts[a].resync.run_once()
+            assert not stale_hosts(sim, rec.lineage)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x01" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -37,7 +37,7 @@ writes with an older token).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import msgpack
@@ -85,6 +85,10 @@ class StaleRecord:
     index: int
     host_id: str
     version: int
+    # the registry revision that created the record: when this copy stopped being current
+    # (later failures raise `version`, not this). Orders the copies of a chunk that are all
+    # stale: the one that went stale last holds every acknowledged write (recovery.py).
+    since: int = field(default=0, compare=False)
 
 
 def _pack(obj) -> bytes:
@@ -434,13 +438,20 @@ class Registry:
             else:
                 raise self._contended(f"mark {lineage}/{index} stale on {host_id}")
 
-    def list_stale(self, lineage: str | None = None) -> list[StaleRecord]:
-        prefix = P_STALE if lineage is None else P_STALE + _name("lineage", lineage) + b"\x00"
+    def list_stale(self, lineage: str | None = None, index: int | None = None) -> list[StaleRecord]:
+        """Stale records: all, one lineage's, or one chunk's (lineage and index)."""
+        if lineage is None:
+            prefix = P_STALE
+        elif index is None:
+            prefix = P_STALE + _name("lineage", lineage) + b"\x00"
+        else:
+            prefix = self._stale_key(lineage, index)
         items, _ = self.kv.range(prefix)
         out = []
         for it in items:
             lin, idx, host = it.key[len(P_STALE):].split(b"\x00")
-            out.append(StaleRecord(lin.decode(), int(idx, 16), host.decode(), _unpack(it.value)))
+            out.append(StaleRecord(lin.decode(), int(idx, 16), host.decode(), _unpack(it.value),
+                                   it.create_rev))
         return out
 
     def clear_stale(self, lineage: str, index: int, host_id: str, version: int | None = None) -> None:
