@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from vbp.errors import InUse, InvalidArgument, NotFound, VbpError
+from vbp.errors import InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
@@ -106,10 +106,9 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
                     return cur
                 raise VbpError(f"snapshot {name}@{snap} was cancelled")
             if not _lease_live(reg, name):
-                def finish(d):
-                    r = VolumeRecord.from_dict(d)
-                    return complete_snapshot(r).to_dict() if r.pending == head else d
-                return VolumeRecord.from_dict(reg.update_volume(name, finish))
+                done = complete_unleased(reg, name, head)
+                if done is not None:
+                    return done
             if time.monotonic() > deadline:
                 raise VbpError(f"snapshot {name}@{snap}: the gateway did not complete it in {timeout:.0f}s")
             time.sleep(poll)
@@ -119,6 +118,30 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
         except (VbpError, NotFound):
             pass
         raise
+
+
+CONTROL_HOLDER = "control"
+
+
+def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
+    """Complete the pending snapshot `head` while no gateway holds the volume's lease, or
+    None if one took it meanwhile. The lease is taken for it (a new, greater token) and
+    handed back: a holder whose lease only expired (cut off from the registry) could
+    otherwise renew it afterwards, nobody having taken it over, and write the generation
+    that just became the snapshot before it adopts the new head; with the newer token its
+    renewal is refused (Fenced) and it stops for good."""
+    try:
+        lease = reg.acquire_lease(name, CONTROL_HOLDER, 30.0)
+    except LeaseHeld:
+        return None
+
+    def finish(d):
+        r = VolumeRecord.from_dict(d)
+        return complete_snapshot(r).to_dict() if r.pending == head else d
+    try:
+        return VolumeRecord.from_dict(reg.update_volume(name, finish))
+    finally:
+        reg.release_lease(lease)
 
 
 def clone(reg, source: str, new_name: str) -> VolumeRecord:

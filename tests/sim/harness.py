@@ -350,7 +350,7 @@ class Sim:
     async def snapshot(self, name: str, snap: str, timeout: float = 30.0) -> VolumeRecord:
         """control.api.snapshot in virtual time (the API polls with time.sleep and a
         wall-clock deadline): request, then wait for the lease holder to complete it, or
-        complete it here when no lease is live."""
+        complete it here, under a lease of its own, when no lease is live."""
         reg = self.reg
         rec = api.get_volume(reg, name)
         head = reg.next_id(api.gen_counter(rec.lineage))
@@ -364,10 +364,9 @@ class Sim:
                         return cur
                     raise VbpError(f"snapshot {name}@{snap} was cancelled")
                 if not api._lease_live(reg, name):
-                    def finish(d):
-                        r = VolumeRecord.from_dict(d)
-                        return complete_snapshot(r).to_dict() if r.pending == head else d
-                    return VolumeRecord.from_dict(reg.update_volume(name, finish))
+                    done = api.complete_unleased(reg, name, head)
+                    if done is not None:
+                        return done
                 if trio.current_time() > deadline:
                     raise VbpError(f"snapshot {name}@{snap}: not completed in {timeout:.0f}s")
                 await trio.sleep(0.05)

@@ -232,7 +232,12 @@ class Run:
         sim, rng = self.sim, self.sim.rng
         old, old_host = c.gw, c.host
         c.gw = None  # abandoned, not closed: its lease is not handed back
+        # Its lease expires now (time compressed: the registry lets a lease go only a TTL
+        # after its last renewal), so the holder's own deadline, which runs out before the
+        # registry's expiry (VolumeProvider._deadline), has passed too: it writes again
+        # only if a renewal succeeds, as a host that was paused or cut off does.
         sim.expire_lease(c.name)
+        old.lease_deadline = min(old.lease_deadline, trio.current_time())
         self.out.log.append(f"t={trio.current_time():.2f} takeover {c.name} from {old_host.id}")
         model = c.model
         for _ in range(rng.randrange(1, 6)):

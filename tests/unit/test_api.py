@@ -1,0 +1,55 @@
+"""control/api.py against the in-process registry."""
+
+from __future__ import annotations
+
+import itertools
+
+import msgpack
+import pytest
+
+from control import api
+from vbp.errors import Fenced
+from vbp.layout import MiB
+from vbp.registry import open_registry
+from vbp.registry.base import P_LEASE
+from vbp.registry.kv import Put
+from vbp.volume import VolumeRecord, new_volume, request_snapshot
+
+_n = itertools.count()
+
+
+def expire(reg, volume: str) -> None:
+    """What a lease whose TTL ran out looks like (the registry keeps the record)."""
+    key = P_LEASE + volume.encode()
+    d = msgpack.unpackb(reg.kv.get(key)[0].value, raw=False)
+    d["expires"] = 0.0
+    reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True))])
+
+
+def test_a_snapshot_completed_without_a_live_lease_fences_the_holder_whose_lease_expired():
+    """Sim seed 10: the control plane completed a pending snapshot while the holder's
+    lease had expired; the holder, back in touch with the registry, could renew it (nobody
+    had taken it over) and write the generation that had just become the snapshot."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec = new_volume("v", MiB, replicas=1, lineage="l0", head=reg.next_id(api.gen_counter("l0")), now=0.0)
+    reg.create_volume("v", rec.to_dict())
+    held = reg.acquire_lease("v", "h1", 60.0)
+    head = reg.next_id(api.gen_counter("l0"))
+    reg.update_volume("v", lambda d: request_snapshot(VolumeRecord.from_dict(d), "s", head).to_dict())
+    expire(reg, "v")
+    done = api.complete_unleased(reg, "v", head)
+    assert done is not None and done.head == head and [s.name for s in done.snapshots] == ["s"]
+    with pytest.raises(Fenced):
+        reg.renew_lease(held, 60.0)
+    assert reg.acquire_lease("v", "h2", 60.0).token > held.token  # the volume stays usable
+
+
+def test_a_snapshot_is_not_completed_here_while_a_gateway_holds_the_lease():
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec = new_volume("v", MiB, replicas=1, lineage="l0", head=reg.next_id(api.gen_counter("l0")), now=0.0)
+    reg.create_volume("v", rec.to_dict())
+    held = reg.acquire_lease("v", "h1", 60.0)
+    head = reg.next_id(api.gen_counter("l0"))
+    reg.update_volume("v", lambda d: request_snapshot(VolumeRecord.from_dict(d), "s", head).to_dict())
+    assert api.complete_unleased(reg, "v", head) is None
+    assert reg.renew_lease(held, 60.0).token == held.token
