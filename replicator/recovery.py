@@ -16,9 +16,11 @@ by full copy"):
 - A write reaches the replicas of a chunk in parallel, so it may have landed here and
   still be on its way to the source (delayed, or about to time out and get the source
   recorded stale). Copying the source's older pages over it would undo a write the
-  gateway counts as taken here. So no page of a chunk is overwritten (nor a generation
-  dropped) while a client write reached this copy less than `write_window` (longer than a
-  peer timeout) before the pass began: the chunk waits for a later pass. Past the window,
+  gateway counts as taken here. So no page a client write reached less than
+  `write_window` (longer than a peer timeout) before the pass began is overwritten (nor a
+  generation of a chunk so written dropped): the chunk waits for a later pass. Only pages
+  that differ from the source are at stake, and a write that landed on both leaves its
+  pages equal, so a busy chunk still converges. Past the window,
   the write has landed on the source, or the source failed it and is recorded stale in
   the records the pass reads (it is then no source), or it was never acknowledged.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
@@ -130,9 +132,13 @@ class Resync:
         if self.replica is not None:
             now = self.replica.now()
             self._quiet_since = now - self.write_window
-            for k, t in list(self.replica.written.items()):  # forget what the window passed
-                if t <= self._quiet_since:
-                    del self.replica.written[k]
+            written = self.replica.written
+            for k, w in list(written.items()):  # forget what the window passed
+                recent = [x for x in w if x[0] > self._quiet_since]
+                if recent:
+                    written[k] = recent
+                else:
+                    del written[k]
         records = await self.registry.list_stale()
         mine = await self.refresh_stale_self(records)
         self._progress(mine)
@@ -181,12 +187,16 @@ class Resync:
             log.info("event=resync_deferred lineage=%s chunk=%d reason=recent_write", lineage, index)
             return False
 
-    def _check_quiet(self, lineage: str, index: int) -> None:
+    def _check_quiet(self, lineage: str, index: int, start: int = 0, end: int | None = None) -> None:
         """Raise ChunkBusy if a client write may still be on its way to the source (see
         the theory of operation). Called right before a local change, with no await
         between, so no write slips in after the check."""
-        if self.replica is not None and self.replica.written.get((lineage, index), -math.inf) > self._quiet_since:
-            raise ChunkBusy()
+        if self.replica is None:
+            return
+        quiet = self._quiet_since
+        for t, a, b in self.replica.written.get((lineage, index), ()):
+            if t > quiet and (end is None or (a < end and start < b)):
+                raise ChunkBusy()
 
     async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
         # complete copies first, then targets that joined and are current
@@ -296,7 +306,7 @@ class Resync:
                 if reply.gen != gen:
                     continue  # the source lost this generation meanwhile
                 data = reply.data
-            self._check_quiet(lineage, index)
+            self._check_quiet(lineage, index, off, off + length)
             if not write_pages_if_unchanged(self.store, key, chunk_size, first,
                                             local[first:first + count], data,
                                             min_version=st.version):

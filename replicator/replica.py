@@ -10,10 +10,11 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   the newest older generation of the volume's chain that this host holds, locally.
 - The local gateway calls these methods directly (no transport), remote gateways reach
   them through the peer protocol; both go through the same checks.
-- Every client write or zero applied notes the time (`written`, per lineage and chunk, on
-  the trio clock: virtual under the simulation). A copy of the same write may still be on
-  its way to another replica; resync must not overwrite this copy from that one until the
-  write has landed there or failed (replicator/recovery.py).
+- Every client write or zero applied notes when and where (`written`: per lineage and
+  chunk, (time, start, end) on the trio clock, virtual under the simulation). A copy of
+  the same write may still be on its way to another replica; resync must not overwrite
+  those bytes here from that one until the write has landed there or failed
+  (replicator/recovery.py, which also forgets entries older than its window).
 - Logs: a refused or failed client request is one line (warning; info for the transient
   refusals a gateway retries or routes around), an applied one a debug line; both carry the
   request's id (vbp.reqid) when set, so the gateway's line and the replica's line about one
@@ -49,8 +50,8 @@ class Replica:
         # (lineage, index) of this host's copies known stale (registry records naming this
         # host, and chunks dirty at a crash): never served as current data
         self.stale_self: set[tuple[str, int]] = set()
-        # (lineage, index) -> when a client write or zero last reached this copy
-        self.written: dict[tuple[str, int], float] = {}
+        # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
+        self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
 
     @staticmethod
     def now() -> float:
@@ -58,6 +59,12 @@ class Replica:
             return trio.current_time()
         except RuntimeError:  # outside a trio run (direct use in tests, tools)
             return time.monotonic()
+
+    def _note(self, lineage: str, index: int, offset: int, length: int) -> None:
+        w = self.written.get((lineage, index))
+        if w is None:
+            w = self.written[(lineage, index)] = []
+        w.append((self.now(), offset, offset + length))
 
     def is_stale(self, lineage: str, index: int) -> bool:
         return bool(self.stale_self) and (lineage, index) in self.stale_self
@@ -114,7 +121,7 @@ class Replica:
               data, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         self.check_token(volume, token)
         self.check_epoch(epoch)
-        self.written[(lineage, index)] = self.now()
+        self._note(lineage, index, offset, len(data))
         key = ChunkKey(lineage, index, gen)
         return self.store.write(
             key, offset, data, chunk_size=chunk_size, base=self._base(lineage, index, gen, chain),
@@ -125,7 +132,7 @@ class Replica:
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         self.check_token(volume, token)
         self.check_epoch(epoch)
-        self.written[(lineage, index)] = self.now()
+        self._note(lineage, index, offset, length)
         base = self._base(lineage, index, gen, chain)
         if base is None and self.store.resolve(lineage, index, (gen,)) is None:
             return 0  # nothing in the chain: already reads as zeros, allocate nothing

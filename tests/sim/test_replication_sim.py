@@ -28,7 +28,7 @@ def quiet():
     logging.getLogger("vbp").setLevel(logging.NOTSET)
 
 
-@pytest.mark.parametrize("seed", seeds([0, 1, 2, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 40, 44, 55]))
+@pytest.mark.parametrize("seed", seeds([0, 1, 2, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 40, 44, 55]))
 def test_crashes_partitions_drops_delays(seed):
     out = run_seed(seed, Config(faults=NO_TAKEOVER))
     assert not out.violations and not out.divergent_unknown, report(out)
@@ -49,14 +49,23 @@ def test_takeover(seed):
 
 
 @pytest.mark.xfail(strict=True, reason="found by the 0..80 sweep after the resync write window "
-                   "(both passed before it): an acknowledged read returns zeros. Seed 25: the "
-                   "stale copy's resync is deferred again and again by writes within the window "
-                   "(a liveness cost of the window on a busy chunk), and a read whose current "
-                   "copy does not answer in time falls back to the stale copy (gateway "
-                   "_read_piece), which misses an acknowledged write; the gateway also writes "
-                   "remote read bytes over its stale local copy (_repair_local) outside any "
-                   "checksum error. Seed 33: same symptom, mechanism not checked yet")
-@pytest.mark.parametrize("seed", [25, 33])
+                   "(passed before it, by schedule): an acknowledged read returns zeros. The "
+                   "read of v1cs1cs0 chunk 0 via h3 is served from h3's own stale copy "
+                   "(gateway _read_piece falls back to a local stale copy when no current copy "
+                   "answers in time), which misses an acknowledged write. Likely fix: serve a "
+                   "stale copy never (EIO) or only when the registry names every copy stale "
+                   "and this one went stale last")
+@pytest.mark.parametrize("seed", [33])
 def test_read_falls_back_to_stale_copy(seed):
     out = run_seed(seed, Config(faults=NO_TAKEOVER))
     assert not out.violations and not out.divergent_unknown, report(out)
+
+
+@pytest.mark.xfail(strict=True, reason="found by the 0..30 takeover sweep after the resync write "
+                   "window became per byte range (it passed with the whole-chunk window, so "
+                   "possibly by schedule): at the end v0 chunk 1 on h2 misses an acknowledged "
+                   "write (and so does snapshot v0@s3); mechanism not analysed yet")
+@pytest.mark.parametrize("seed", [27])
+def test_takeover_acknowledged_write_lost(seed):
+    out = run_seed(seed, Config(faults=ALL_FAULTS))
+    assert not out.violations, report(out)
