@@ -9,7 +9,7 @@ from vbp.errors import InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
-    new_volume, request_snapshot, shrink,
+    new_volume, replicas_by_lineage, request_snapshot, shrink,
 )
 
 
@@ -212,11 +212,9 @@ def data_set_status(reg) -> dict:
            "leaving": None if cmap.prev is None else list(cmap.prev),
            "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": []}
     if cmap.prev is not None:
-        n_of: dict[str, int] = {}
-        sizes: dict[str, int] = {}
-        for d in reg.list_volumes():
-            n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
-            sizes[d["lineage"]] = d["chunk_size"]
+        vols = reg.list_volumes()
+        n_of = replicas_by_lineage(vols)
+        sizes = {d["lineage"]: d["chunk_size"] for d in vols}
         left = blocking(cmap, reg.list_stale(), n_of, reg.scanned(), sizes)
         out["moving_chunks"], out["unscanned"] = left["chunks"], left["unscanned"]
         out["moving_bytes"] = left["bytes"]

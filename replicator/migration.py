@@ -35,6 +35,7 @@ from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
+from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
 
@@ -89,10 +90,7 @@ class DataSetMover:
         self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
 
     async def n_of(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in await self.registry.list_volumes():
-            out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
-        return out
+        return replicas_by_lineage(await self.registry.list_volumes())
 
     async def control_once(self) -> ClusterMap:
         """The controller step; does nothing on hosts other than the controller."""
@@ -121,7 +119,7 @@ class DataSetMover:
             log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
                      ",".join(cmap.prev), ",".join(want))
             return await self.registry.set_data_set(cmap.mgen, want, cmap.prev)
-        left = blocking(cmap, await self.registry.list_stale(), {d["lineage"]: d["replicas"] for d in vols},
+        left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols),
                         await self.registry.scanned())
         if not left["unscanned"] and not left["chunks"]:
             log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
@@ -134,9 +132,7 @@ class DataSetMover:
         returns, a new change of data set records what it must resync."""
         from replicator.gateway import ClusterView
 
-        n_of: dict[str, int] = {}
-        for d in vols:
-            n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
+        n_of = replicas_by_lineage(vols)
         view = ClusterView(cmap)
         for r in await self.registry.list_stale():
             if r.lineage in n_of and r.host_id not in view.replicas(r.lineage, r.index, n_of[r.lineage]):

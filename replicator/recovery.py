@@ -38,6 +38,7 @@ import trio
 from replicator import messages as m
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
+from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.recovery")
 
@@ -98,12 +99,9 @@ class Resync:
         self._quiet_since = -math.inf  # writes after this are within the window
 
     async def replicas_by_lineage(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        self.chunk_sizes = {}
-        for d in await self.registry.list_volumes():
-            out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
-            self.chunk_sizes[d["lineage"]] = d["chunk_size"]
-        return out
+        vols = await self.registry.list_volumes()
+        self.chunk_sizes = {d["lineage"]: d["chunk_size"] for d in vols}
+        return replicas_by_lineage(vols)
 
     async def mark_recovered(self, keys) -> None:
         """After a crash, chunks that were dirty may miss writes the others have. Done

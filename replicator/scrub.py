@@ -51,6 +51,7 @@ from replicator.recovery import MAX_RUN, write_pages_if_unchanged
 from vbp.chunkstore_common import page_checksum
 from vbp.errors import InvalidArgument, RegistryUnavailable, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
+from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.scrub")
 
@@ -276,9 +277,7 @@ class Scrubber:
         if cmap.epoch > self.cluster.epoch:
             self.cluster.set_map(cmap)
         recs = await self.registry.list_volumes()
-        n_of: dict[str, int] = {}
-        for d in recs:
-            n_of[d["lineage"]] = max(n_of.get(d["lineage"], 0), d["replicas"])
+        n_of = replicas_by_lineage(recs)
         wanted_gens = None
         if volume:
             rec = next((d for d in recs if d["name"] == volume), None)

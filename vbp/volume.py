@@ -301,3 +301,12 @@ def view_of(rec: VolumeRecord, snap: str | None) -> View:
         return View(rec.name, rec, rec.chain, False, rec.size, rec.cuts)
     s = rec.snapshot(snap)
     return View(f"{rec.name}@{snap}", rec, s.chain, True, s.size or rec.size, s.cuts)
+
+
+def replicas_by_lineage(records) -> dict[str, int]:
+    """Lineage -> copies its chunks keep: the most any volume of the lineage (a volume and
+    its clones share one) asks for. `records` are volume record dicts (registry)."""
+    out: dict[str, int] = {}
+    for d in records:
+        out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
+    return out
