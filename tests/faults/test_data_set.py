@@ -46,6 +46,23 @@ def write_until(h, w: Writer, done, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def pool_status(sb: SandboxHandle) -> dict:
+    return json.loads(sb.vbp("pool", "status", "--json").stdout)
+
+
+def copies_held(status: dict) -> int:
+    """Chunk copies on every host (one volume, no snapshot: one generation per chunk)."""
+    return sum(x["chunks"] or 0 for x in status["hosts"])
+
+
+def chunks_written(w: Writer) -> int:
+    return len({o // MiB for o in w.acked})
+
+
+def host_empty(sb: SandboxHandle, host: str):
+    return lambda: {x["id"]: x["chunks"] for x in pool_status(sb)["hosts"]}[host] == 0
+
+
 def settled_without(sb: SandboxHandle, host: str):
     def done() -> bool:
         m = cluster_map(sb)
@@ -133,10 +150,7 @@ def test_drain_moves_every_chunk_off_then_remove(tmp_path):
         hosts = json.loads(sb.vbp("host", "list", "--json").stdout)["hosts"]
         assert {x["id"]: x["data"] for x in hosts}["host4"] == "out"
 
-        def host4_empty() -> bool:
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
-            return {x["id"]: x["chunks"] for x in st["hosts"]}["host4"] == 0
-        write_until(h, w, host4_empty, 90, "host4 empty")
+        write_until(h, w, host_empty(sb, "host4"), 90, "host4 empty")
         h.shutdown()
         sb.vbp("host", "remove", "host4")
         placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
@@ -160,7 +174,7 @@ def test_lost_host_is_replaced_by_recovery(tmp_path):
         write_until(h, w, settled_without(sb, "host3"), 150, "recovery without host3")
 
         def healthy() -> bool:  # host3's missed writes no longer count once nothing is placed there
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            st = pool_status(sb)
             return st["data_set"]["leaving"] is None and st["degraded_chunks"] == 0
         write_until(h, w, healthy, 60, "no degraded chunk")
         w.write(h, 100)
@@ -185,11 +199,11 @@ def test_new_host_gets_only_its_chunks(tmp_path):
         write_until(h, w, settled_with(sb, "host4"), 150, "rebalance onto host4")
 
         def no_misplaced() -> bool:  # copies that moved are freed on the hosts they left
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
-            return sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked})
+            st = pool_status(sb)
+            return copies_held(st) == 3 * chunks_written(w)
         write_until(h, w, no_misplaced, 90, "misplaced copies freed")
         w.verify(h)
-        st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+        st = pool_status(sb)
         copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host4"]
         h.shutdown()
         placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
@@ -219,9 +233,9 @@ def test_lost_host_returns_after_recovery(tmp_path):
         write_until(h, w, settled_with(sb, "host3"), 150, "host3 back in the data set")
 
         def no_misplaced() -> bool:
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            st = pool_status(sb)
             return (st["degraded_chunks"] == 0 and
-                    sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked}))
+                    copies_held(st) == 3 * chunks_written(w))
         write_until(h, w, no_misplaced, 90, "misplaced copies freed")
         w.verify(h)
         h.shutdown()
@@ -287,9 +301,9 @@ def test_thrash(tmp_path):
                     240, "healthy pool")
 
         def no_strays() -> bool:
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            st = pool_status(sb)
             return (st["data_set"]["leaving"] is None and st["degraded_chunks"] == 0 and
-                    sum(x["chunks"] or 0 for x in st["hosts"]) == 3 * len({o // MiB for o in w.acked}))
+                    copies_held(st) == 3 * chunks_written(w))
         write_until(h, w, no_strays, 120, "no stray copies")
         w.verify(h)
         h.shutdown()
@@ -317,7 +331,7 @@ def test_maintenance_restart_moves_nothing(tmp_path):
             w.write(h, 10)
             m = cluster_map(sb)
             assert m.host("host3").state == "up" and m.data == before.data and m.prev is None, m
-        assert json.loads(sb.vbp("pool", "status", "--json").stdout)["degraded_chunks"] > 0
+        assert pool_status(sb)["degraded_chunks"] > 0
         start(sb, 4)
         sb.vbp("host", "maintenance", "host3", "off")
         sb.vbp("pool", "status", "--wait", "--timeout", "120")
@@ -345,10 +359,10 @@ def test_short_outage_resync_copies_only_what_changed(tmp_path):
         w.write(h, 40)  # 40 blocks of 4 KiB while host3 is down
         missed = len(w.acked) * BLOCK
         start(sb, 3)
-        write_until(h, w, lambda: json.loads(sb.vbp("pool", "status", "--json").stdout)["degraded_chunks"] == 0,
+        write_until(h, w, lambda: pool_status(sb)["degraded_chunks"] == 0,
                     120, "host3 resynced")
         time.sleep(2.5)  # the heartbeat publishes the final counters
-        st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+        st = pool_status(sb)
         copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host3"]
         assert 0 < copied <= 2 * missed, (copied, missed)  # not 64 MiB
         w.verify(h)
@@ -380,7 +394,7 @@ def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
         sb.vbp("host", "drain", "host4")
 
         def held() -> bool:
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+            st = pool_status(sb)
             return st["data_set"]["leaving"] is not None and any(x["recovery_held_full"] for x in st["hosts"])
         write_until(h, w, held, 60, "recovery held for space")
         assert "wait for space" in sb.vbp("pool", "status").stdout
@@ -393,10 +407,7 @@ def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
         sb.vbp("host", "drain", "host4", "--wait", "--timeout", "120")
         h = connect(sb.uri("r3", 0))
 
-        def host4_empty() -> bool:
-            st = json.loads(sb.vbp("pool", "status", "--json").stdout)
-            return {x["id"]: x["chunks"] for x in st["hosts"]}["host4"] == 0
-        write_until(h, w, host4_empty, 90, "host4 empty")
+        write_until(h, w, host_empty(sb, "host4"), 90, "host4 empty")
         w.verify(h)
         h.shutdown()
         check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
