@@ -332,8 +332,11 @@ class VolumeGateway:
                         self.metrics.checksum_error()
                     if len(hosts) == 1:
                         raise
+                    extents.append(None)
+                    remote.append((len(extents) - 1, p, True))
+                    continue
             extents.append(None)
-            remote.append((len(extents) - 1, p))
+            remote.append((len(extents) - 1, p, False))
         if remote:
             return self._read_remote(offset, extents, remote)
         return extents
@@ -355,31 +358,32 @@ class VolumeGateway:
                     self.metrics.checksum_error()
                 if len(hosts) == 1:
                     raise
-        return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0))])
+                return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0), True)])
+        return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0), False)])
 
     async def _read_remote(self, offset, extents, remote):
-        for slot, p in remote:
-            extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p))
+        for slot, p, repair in remote:
+            extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p, repair))
         if self.gone is not None:  # a peer may have collected the chunks meanwhile
             raise self.gone
         return extents
 
-    async def _read_piece(self, p):
+    async def _read_piece(self, p, repair: bool = False):
+        """Piece `p` from a current copy on another host. A copy recorded stale (in our
+        map or in the registry's view this host's replica holds) is never read: it may miss
+        acknowledged writes, so with no current copy answering the read fails, as a DRBD
+        node with an Outdated disk and no peer fails it. `repair`: the local copy failed its
+        checksum; the good bytes are written back over it."""
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
         msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain_for(p.index),
                           p.offset, p.length, self.cluster.epoch, current_rid.get())
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
-        # current copies first; a stale copy only when no current one answers
-        for h in sorted(hosts, key=lambda h: h in stale):
-            if not self.cluster.is_up(h):
-                continue
-            if h == self.host_id:
-                if h in stale or self.replica.is_stale(self.lineage, p.index):
-                    gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index),
-                                                     p.offset, p.length, allow_stale=True)
-                    log.warning("volume=%s chunk=%d event=read_from_stale_copy host=%s", self.name, p.index, h)
-                    return data
+        started = self.replica.now()
+        # a write of ours still on its way to the peer we read may be missing from its reply
+        repair = repair and not self._inflight
+        for h in hosts:
+            if h == self.host_id or h in stale or not self.cluster.is_up(h):
                 continue
             try:
                 reply = await self._call(h, msg)
@@ -387,15 +391,26 @@ class VolumeGateway:
                 last = e
                 continue
             data = reply.data if reply.gen >= 0 else None
-            if self.host_id in hosts:
-                self._repair_local(p, data)
+            if repair:
+                self._repair_local(p, data, started)
             return data
-        raise last or PeerUnavailable(f"no replica of chunk {p.index} of {self.name} is reachable")
+        if last is None and any(h != self.host_id and h in stale for h in hosts):
+            last = PeerUnavailable(f"chunk {p.index} of {self.name}: every current copy is down "
+                                   f"and this host's copy is stale")
+        raise last or PeerUnavailable(f"no current replica of chunk {p.index} of {self.name} is reachable")
 
-    def _repair_local(self, p, data) -> None:
-        """Write good bytes from a peer over a local copy that failed its checksum."""
+    def _repair_local(self, p, data, since: float) -> None:
+        """Write good bytes from a peer over a local copy that failed its checksum, unless
+        a write reached that range here after the peer was asked (`since`): the peer's
+        bytes may predate it, and the write is newer than the damage. (The caller does not
+        repair when writes were in flight as it asked: one may not have reached the peer.)
+        A page left unrepaired fails its checksum again on the next read or scrub."""
         if data is None or self.read_only:
             return
+        for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
+            if t >= since and a < p.offset + p.length and p.offset < b:
+                log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
+                return
         try:
             gen = self.store.resolve(self.lineage, p.index, self.chain_for(p.index))
             if gen is not None:
