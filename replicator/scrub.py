@@ -459,6 +459,8 @@ class Scrubber:
     async def _call(self, host: str, msg):
         if host == self.host_id:
             reply = self.replica.handle(msg)
+            if hasattr(reply, "__await__"):
+                return await reply
             await trio.lowlevel.checkpoint()
             return reply
         return await self.pool.call(self.cluster.address(host), msg)
