@@ -420,6 +420,9 @@ class Blockd:
         self.peer_port = 0
         self.nbd_port = 0
         self._stats_lock = trio.Lock()  # one publication at a time, each one current
+        # the store id published in this host's record: the previous one while a new disk
+        # is backfilled, so a crash meanwhile finds it again (see _check_store)
+        self.store_id = ""
 
     def host_record(self) -> HostRecord:
         peer_host, _ = parse_hostport(self.cfg.listen, "listen")
@@ -427,7 +430,7 @@ class Blockd:
         return HostRecord(
             id=self.cfg.host_id, peer=f"{peer_host}:{self.peer_port}", nbd=f"{nbd_host}:{self.nbd_port}",
             zone=self.cfg.zone, pod=self.cfg.pod, capacity=self.cfg.capacity,
-            peer_rev=m.PEER_REV,
+            peer_rev=m.PEER_REV, store_id=self.store_id,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -456,6 +459,7 @@ class Blockd:
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)
+            self._check_store(cmap)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
             async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout,
@@ -479,6 +483,8 @@ class Blockd:
                 self.cluster.set_map(cmap)
                 await self.publish_stats()
                 nursery.start_soon(self._heartbeat)
+                if self.replica.backfilling:
+                    nursery.start_soon(self._backfill)
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
@@ -503,6 +509,29 @@ class Blockd:
             if self.registry is not None:
                 self.registry.sync.close()
             log.info("event=stopped")
+
+    def _check_store(self, cmap) -> None:
+        """A host back under its id with another chunk store (a replaced disk, a lost data
+        directory) holds none of the chunks placed on it, whatever its thin map says: it
+        must not answer for them (as holes) until it has learned which it misses. The
+        registry remembers the store id each host registered with (DRBD's generation
+        ids and Ceph's OSD fsid play this part)."""
+        self.store_id = self.store.store_id
+        before = cmap.host(self.cfg.host_id)
+        if before is not None and before.store_id and before.store_id != self.store.store_id:
+            log.warning("event=new_disk previous_store=%s store=%s: none of the chunks placed "
+                        "on this host are here; every copy counts as stale until the others "
+                        "have said which chunks they hold, then resync copies them",
+                        before.store_id, self.store.store_id)
+            self.store_id = before.store_id
+            self.replica.backfilling = True
+
+    async def _backfill(self) -> None:
+        marked = await self.resync.backfill()
+        self.replica.backfilling = False
+        self.store_id = self.store.store_id
+        await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
+        log.info("event=backfill_done stale_chunks=%d", marked)
 
     async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
         out: dict[int, set[str]] = {}

@@ -828,7 +828,8 @@ class VolumeGateway:
         remote = []
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if self.host_id in hosts and self.host_id not in self.stale.get(p.index, ()):
+            if (self.host_id in hosts and self.host_id not in self.stale.get(p.index, ())
+                    and not self.replica.is_stale(self.lineage, p.index)):
                 out.append(self.replica.extents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length))
             else:
                 out.append(None)

@@ -31,8 +31,9 @@ PROTO_VERSION = 1
 # fields it does not know, so a sender sends optional fields only to hosts that advertise
 # the revision that added them: a pool keeps working while its hosts are upgraded one by
 # one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents. 2: `allow_stale`
-# on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true).
-PEER_REV = 2
+# on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true). 3: the
+# ChunkIndexes request (sent only to hosts of revision 3 or later).
+PEER_REV = 3
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -258,6 +259,21 @@ class Gens:
     gens: tuple[int, ...]
 
 
+@_message(22)
+@dataclass(frozen=True, slots=True)
+class ChunkIndexes:
+    """Which chunks of `lineage` does the host hold (any generation)? Asked by a host that
+    came back with a new, empty store, to learn which of its copies are missing (PEER_REV 3)."""
+
+    lineage: str
+
+
+@_message(23)
+@dataclass(frozen=True, slots=True)
+class Indexes:
+    indexes: tuple[int, ...]
+
+
 # --- scrub (ids 40..49, kept apart from recovery's so parallel work never collides) -----------
 
 
@@ -319,8 +335,8 @@ class Repaired:
 
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
-    ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ScrubChunk, ScrubState,
-    RepairPages, Repaired,
+    ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
+    ScrubChunk, ScrubState, RepairPages, Repaired,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -334,6 +350,7 @@ REPLY_TYPES: dict[type, type] = {
     ChunkState: ChunkStateReply,
     ChunkExtents: Extents,
     ChunkGens: Gens,
+    ChunkIndexes: Indexes,
     ScrubChunk: ScrubState,
     RepairPages: Repaired,
 }

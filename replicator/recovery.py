@@ -40,6 +40,10 @@ from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from vbp.volume import replicas_by_lineage
 
+# The version of the stale records a backfill makes: above any time_ns() a failure records,
+# so no later failure changes it, and it tells resync the copy was never current.
+NEVER_CURRENT = 1 << 62
+
 log = logging.getLogger("vbp.recovery")
 
 MAX_RUN = 1024 * 1024  # bytes per read request during resync
@@ -125,6 +129,48 @@ class Resync:
             self.replica.stale_self = {(r.lineage, r.index) for r in mine}
         return mine
 
+    async def backfill(self, retry: float = 2.0) -> int:
+        """This host came back under its id with a new, empty store (blockd: a replaced
+        disk): learn from every other host of the data set which chunks it holds, record
+        this host stale for each of them placed here, then serve as usual: resync brings
+        them over. Until then Replica.backfilling makes every copy here count as stale.
+        Waits (retrying) while a host that may hold chunks is down or too old to answer:
+        its chunks cannot be known, and a copy missing here must never read as a hole.
+        Returns the number of copies recorded stale."""
+        while True:
+            try:
+                marked = await self._backfill_once()
+            except VbpError as e:
+                log.warning("event=backfill_retry error=%s", e)
+                marked = None
+            if marked is not None:
+                return marked
+            await trio.sleep(retry)
+
+    async def _backfill_once(self) -> int | None:
+        cmap = self.cluster.map
+        n_of = await self.replicas_by_lineage()
+        holders = (set(cmap.data_set) | set(cmap.prev or ())) - {self.host_id}
+        found: set[tuple[str, int]] = set()
+        for h in sorted(holders):
+            rec = cmap.host(h)
+            if rec is None:
+                continue
+            if not self.cluster.is_up(h) or rec.peer_rev < 3:
+                log.info("event=backfill_waiting host=%s reason=%s", h,
+                         "down" if not self.cluster.is_up(h) else "peer revision below 3")
+                return None
+            for lineage in sorted(n_of):
+                reply = await self.pool.call(self.cluster.address(h), m.ChunkIndexes(lineage))
+                found.update((lineage, i) for i in reply.indexes)
+        marked = 0
+        for lineage, index in sorted(found):
+            if self.host_id in self.cluster.write_set(lineage, index, n_of[lineage]):
+                await self.registry.mark_stale(lineage, index, [self.host_id], NEVER_CURRENT)
+                marked += 1
+        await self.refresh_stale_self()
+        return marked
+
     async def run_once(self) -> int:
         """One pass over this host's stale records; returns how many were cleared."""
         if self.replica is not None:
@@ -144,7 +190,9 @@ class Resync:
             return 0
         stale_hosts: dict[tuple[str, int], dict[str, int]] = {}
         for r in records:
-            stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = r.since
+            # a copy recorded stale by a backfill was never current: never the one elected
+            stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = (
+                -1 if r.version == NEVER_CURRENT else r.since)
         n_of = await self.replicas_by_lineage()
         cleared = 0
         st = self.store.stats()
@@ -237,6 +285,8 @@ class Resync:
         lacks hold only unacknowledged writes here and go. Only while every copy is up
         and answers, so that every stale host elects the same one."""
         best = max(complete, key=lambda h: (stale.get(h, 0), -complete.index(h)))
+        if stale.get(best, 0) < 0:
+            return False  # only copies that were never current (backfill): no source left
         if best == self.host_id:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)

@@ -86,6 +86,9 @@ class Replica:
         # (lineage, index) of this host's copies known stale (registry records naming this
         # host, and chunks dirty at a crash): never served as current data
         self.stale_self: set[tuple[str, int]] = set()
+        # this host came back with a new, empty store (blockd: a replaced disk) and has not
+        # yet learned which of its copies are missing: every copy counts as stale
+        self.backfilling = False
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
         # writes waiting for their chunk's dirty mark, per chunk, in order of arrival
@@ -172,7 +175,13 @@ class Replica:
             self._marking = False
 
     def is_stale(self, lineage: str, index: int) -> bool:
-        return bool(self.stale_self) and (lineage, index) in self.stale_self
+        return self.backfilling or (bool(self.stale_self) and (lineage, index) in self.stale_self)
+
+    def _refuse_stale(self, lineage: str, index: int) -> None:
+        """A stale copy is no source: not for reads, allocation maps, or another host's
+        resync (its holes would read as zeros, its missing generations as gone)."""
+        if self.is_stale(lineage, index):
+            raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced")
 
     # --- checks ------------------------------------------------------------------------
 
@@ -318,18 +327,27 @@ class Replica:
             self.flush(msg.volume, msg.epoch, msg.token)
             return m.Ok(0)
         if isinstance(msg, m.ChunkState):
+            if self.backfilling:
+                self._refuse_stale(msg.lineage, msg.index)
             key = ChunkKey(msg.lineage, msg.index, msg.gen)
             if self.store.info(key) is None:
                 return m.ChunkStateReply(False, 0, ())
             version, sums = self.store.page_checksums(key)
             return m.ChunkStateReply(True, version, tuple(sums))
         if isinstance(msg, m.ChunkExtents):
+            self._refuse_stale(msg.lineage, msg.index)
             ext = self.extents(msg.lineage, msg.index, msg.chain, msg.offset, msg.length)
             if ext is None:
                 return m.Extents(False, ())
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
         if isinstance(msg, m.ChunkGens):
+            if self.backfilling:
+                self._refuse_stale(msg.lineage, msg.index)
             return m.Gens(tuple(sorted(k.gen for k in self.store.keys(msg.lineage) if k.index == msg.index)))
+        if isinstance(msg, m.ChunkIndexes):
+            if self.backfilling:
+                raise StaleCopy("this host is learning which chunks it misses itself")
+            return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))
         if isinstance(msg, m.ScrubChunk):
             return verify_copy(self, msg)
         if isinstance(msg, m.RepairPages):

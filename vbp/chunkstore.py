@@ -10,7 +10,8 @@ Layout of the store directory:
   real page stores `xxh3_64(page) or 1`. The sidecar is posix_fallocate'd before a slot is
   used, so a full disk is an ENOSPC at allocation, never a SIGBUS in the mmap.
 - `index/` (LMDB): `chunks` ChunkKey -> [slot, chunk_size, version, state], `free` and
-  `limbo` (size, slot) sets, `dirty` ChunkKey set, `meta` (slot high-water per size, clean).
+  `limbo` (size, slot) sets, `dirty` ChunkKey set, `meta` (slot high-water per size, clean,
+  the store's id).
   Every slot below a size's high-water is owned by exactly one of chunks/free/limbo: each
   transaction that moves a slot removes it from one and adds it to another atomically, so a
   crash never leaks a slot nor gives one to two chunks.
@@ -60,6 +61,7 @@ import fcntl
 import heapq
 import os
 import threading
+import uuid
 from array import array
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -132,9 +134,23 @@ class ChunkStore:
         self._map_size = self._env.info()["map_size"]
         try:
             self.was_clean, self.recovered = self._load()
+            self.store_id = self._store_id()
         except BaseException:
             self._close_files()
             raise
+
+    def _store_id(self) -> str:
+        """This store's id: made once, when the store is created (or first opened by a
+        version that has ids), kept in the index. A host whose store id is not the one its
+        chunks were placed on holds none of them (blockd: the disk was replaced)."""
+        with self._env.begin() as txn:
+            v = txn.get(b"store_id", db=self._db["meta"])
+        if v:
+            return v.decode()
+        new = uuid.uuid4().hex
+        with self._txn() as txn:
+            txn.put(b"store_id", new.encode(), db=self._db["meta"])
+        return new
 
     # --- open and recovery ----------------------------------------------------------------
 

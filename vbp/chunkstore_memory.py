@@ -11,6 +11,7 @@ behind the checksum's back, as a failing disk would.
 from __future__ import annotations
 
 import random
+import uuid
 from typing import Iterator, Sequence
 
 from vbp.chunkstore_common import (
@@ -50,6 +51,7 @@ class MemoryChunkStore:
         self._checksum_errors = 0
         self.was_clean = True
         self.recovered: frozenset[ChunkKey] = frozenset()
+        self.store_id = uuid.uuid4().hex
 
     # --- queries --------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class MemoryChunkStore:
         """The store as found after a crash: see the module docstring."""
         new = MemoryChunkStore(None, self.capacity)
         new.was_clean = False
+        new.store_id = self.store_id  # the same disk
         new.recovered = frozenset(self._dirty)
         new._free = {cs: list(v) for cs, v in self._free.items()}
         new._nslots = dict(self._nslots)

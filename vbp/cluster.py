@@ -28,6 +28,9 @@ class HostRecord:
     # revision of the peer messages this host decodes (replicator.messages.PEER_REV); 0 for
     # a host from before revisions were advertised: peers send it no optional fields
     peer_rev: int = 0
+    # id of the chunk store this host's chunks are placed on (vbp.chunkstore): a host back
+    # under its id with another store (a replaced disk) holds none of them
+    store_id: str = ""
 
     @property
     def domain(self) -> tuple[str, str, str]:
