@@ -455,7 +455,7 @@ class VolumeGateway:
                                             self.chain_for(index), inner, data, self._cs, 0, fua,
                                             self.cluster.epoch, self.token)
             self._note_unflushed(self.host_id, index)
-            return None if type(v) is int else self._local_after([v])
+            return None if type(v) is int else self._local_after([(index, v)])
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             waits = []
@@ -466,7 +466,7 @@ class VolumeGateway:
                     self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
                 self._note_unflushed(self.host_id, p.index)
                 if type(v) is not int:
-                    waits.append(v)
+                    waits.append((p.index, v))
             return self._local_after(waits) if waits else None
         payload = bytes(data)
         del length
@@ -476,12 +476,13 @@ class VolumeGateway:
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
             self.cluster.epoch, self.token, rid))
 
-    @staticmethod
-    async def _local_after(waits) -> None:
+    async def _local_after(self, waits) -> None:
         """Local-only writes queued behind their chunks' dirty marks (Replica.write_in_order):
-        the request completes when every one is applied."""
-        for w in waits:
+        the request completes when every one is applied, and a flush after that covers it
+        (one that ran while it waited did not)."""
+        for index, w in waits:
             await w
+            self._note_unflushed(self.host_id, index)
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
@@ -496,7 +497,7 @@ class VolumeGateway:
                     p.offset, p.length, self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
                 self._note_unflushed(self.host_id, p.index)
                 if type(v) is not int:
-                    waits.append(v)
+                    waits.append((p.index, v))
             return self._local_after(waits) if waits else None
         rid = current_rid.get()
         return self._replicate(pieces, lambda p: m.ZeroChunk(
