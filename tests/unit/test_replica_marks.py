@@ -105,3 +105,30 @@ def test_a_refused_queued_write_gets_its_own_error_and_the_others_apply(tmp_path
             assert store.read(ChunkKey("L", 0, 0), 0, 4096) == b"\x01" * 4096
 
     trio.run(main)
+
+
+def test_a_queued_local_write_is_covered_by_the_next_flush_after_it_completes():
+    """replicas=1, the chunk on the gateway's host: a flush that runs while the write
+    waits for the chunk's dirty mark does not cover it; the next one must (the gateway's
+    unflushed set names this host again once the write completes)."""
+    import trio.testing
+
+    from tests.sim.harness import Sim, call
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=2, zones=2)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 4 * MiB, replicas=1, min_size=1)
+            gw = await sim.hosts["h0"].provider.open_export("v")
+            local = next(i for i in range(4) if sim.hosts["h0"].cluster.write_set(rec.lineage, i, 1) == ("h0",))
+            await call(gw.write(local * MiB, b"\x01" * 4096, False))
+            await call(gw.flush())  # the chunk is clean: its next write waits for the mark
+            pending = gw.write(local * MiB, b"\x02" * 4096, False)
+            assert pending is not None and hasattr(pending, "__await__")
+            gw._unflushed = {}  # a flush ran meanwhile (it cannot have covered the write)
+            await pending
+            assert local in gw._unflushed.get("h0", ())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
