@@ -31,8 +31,10 @@ PROTO_VERSION = 1
 # fields it does not know, so a sender sends optional fields only to hosts that advertise
 # the revision that added them: a pool keeps working while its hosts are upgraded one by
 # one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents. 2: `allow_stale`
-# on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true).
-PEER_REV = 2
+# on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true). 3: no new
+# field; the host places chunks by the data set's weight factors (vbp.cluster.ClusterMap
+# .weights), so the controller reweights only once every host is at 3.
+PEER_REV = 3
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
