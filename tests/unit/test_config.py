@@ -99,6 +99,12 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
 
 
+def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
+    assert load(write(tmp_path, REQUIRED), {}).nearfull_ratio == 0.85
+    assert load(write(tmp_path, REQUIRED + "full_ratio = 0.5\n"), {}).nearfull_ratio == 0.5
+    assert load(write(tmp_path, REQUIRED + "full_ratio = 0.5\nnearfull_ratio = 0.4\n"), {}).nearfull_ratio == 0.4
+
+
 def test_flags_left_unset_keep_the_file_values(tmp_path):
     path = write(tmp_path, REQUIRED + 'zone = "z1"\n')
     cfg = load(path, {"zone": None, "pod": "p2", "host_id": None})
