@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from replicator.migration import NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import parse_size
 
@@ -48,6 +49,10 @@ class Config:
     gc_interval: float = 5.0
     recovery_rate: int = 64 * 1024**2  # bytes/s a host copies for resync and recovery; 0: unlimited
     full_ratio: float = 0.95  # above this share of capacity used, a host takes no new chunk copies
+    # above this share used, the data-set controller lowers the host's placement weight
+    # (replicator.migration.wanted_weights); at most full_ratio. Unset: 0.85, or full_ratio
+    # if that is lower (lowering full_ratio alone is not a mistake)
+    nearfull_ratio: float | None = None
     scrub_interval: float = 86400.0  # seconds between background scrub passes; 0: off
     scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
@@ -74,6 +79,11 @@ class Config:
                                   "seconds, 0 (off) or more")
         if not 0 < self.full_ratio <= 1:
             raise InvalidArgument(f"{source}: key 'full_ratio': must be above 0 and at most 1")
+        if self.nearfull_ratio is None:
+            self.nearfull_ratio = min(NEARFULL_RATIO, self.full_ratio)
+        if not 0 < self.nearfull_ratio <= self.full_ratio:
+            raise InvalidArgument(f"{source}: key 'nearfull_ratio': must be above 0 and at most "
+                                  f"full_ratio ({self.full_ratio})")
         if self.scrub_rate < 0:
             raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -101,7 +111,7 @@ def _coerce(key: str, value, source: str):
             return parse_size(value)
         except InvalidArgument as e:
             raise bad(str(e)) from None
-    if key == "full_ratio":
+    if key in ("full_ratio", "nearfull_ratio"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise bad("expected a fraction above 0 and at most 1, such as 0.95")
         return float(value)

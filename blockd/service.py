@@ -467,8 +467,12 @@ class Blockd:
                     trio.open_nursery() as nursery:
                 self.pool = pool
                 self.resync.pool = pool
+                grace = max(2 * cfg.lease_ttl, 5.0)
+                # a reweight waits until the copies the last change moved are freed (grace,
+                # then the collector's next pass) and the stats show it (one heartbeat)
                 self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
-                                          grace=max(2 * cfg.lease_ttl, 5.0))
+                                          grace=grace,
+                                          reweight_hold=grace + cfg.gc_interval + cfg.heartbeat_ttl)
                 self.scrubber.pool = pool
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
@@ -596,6 +600,7 @@ class Blockd:
             "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
             "resync_bytes": rs.bytes_copied, "time": time.time(),
             "recovery_held_full": self.resync.held_full, "full_ratio": self.cfg.full_ratio,
+            "nearfull_ratio": self.cfg.nearfull_ratio,
             "scrub": self.scrubber.last,
             "exports": self.provider.published(),
         }

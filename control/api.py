@@ -210,6 +210,9 @@ def data_set_status(reg) -> dict:
     cmap = reg.cluster_map()
     out = {"generation": cmap.mgen, "hosts": list(cmap.data_set),
            "leaving": None if cmap.prev is None else list(cmap.prev),
+           # placement weight factors below 1 (reweighted nearly full hosts) and those of
+           # the set being left
+           "weights": cmap.factors, "leaving_weights": None if cmap.prev is None else cmap.prev_factors,
            "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": []}
     if cmap.prev is not None:
         vols = reg.list_volumes()

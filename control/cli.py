@@ -576,11 +576,22 @@ def host_list(state):
       vbp host list --json | jq '.hosts[] | select(.state == "down") | .id'
     """
     cmap = state.registry().cluster_map()
-    out(state, {"epoch": cmap.epoch, "hosts": [{**h.to_dict(), "data": _data_role(cmap, h.id)}
+    out(state, {"epoch": cmap.epoch, "hosts": [{**h.to_dict(), "data": _data_role(cmap, h.id),
+                                                "reweight": cmap.factors.get(h.id, 1.0)}
                                                for h in cmap.hosts]}, lambda: table(
-        ["HOST", "STATE", "DATA", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
+        ["HOST", "STATE", "DATA", "REWEIGHT", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
         [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), _data_role(cmap, h.id),
-          h.zone, h.pod, format_size(h.capacity), h.nbd, h.peer) for h in cmap.hosts]))
+          _reweight(cmap, h.id), h.zone, h.pod, format_size(h.capacity), h.nbd, h.peer)
+         for h in cmap.hosts]))
+
+
+def _reweight(cmap, host_id: str) -> str:
+    """The host's placement weight factor (1.00 unless lowered because it is nearly full);
+    old->new while a change of data set applies a new one."""
+    now = f"{cmap.factors.get(host_id, 1.0):.2f}"
+    if cmap.prev is not None and cmap.prev_factors.get(host_id, 1.0) != cmap.factors.get(host_id, 1.0):
+        return f"{cmap.prev_factors.get(host_id, 1.0):.2f}->{now}"
+    return now
 
 
 def _data_role(cmap, host_id: str) -> str:
@@ -720,6 +731,8 @@ def pool_status(state, wait, timeout):
                       "checksum_errors": st.get("checksum_errors"),
                       "resync_bytes": st.get("resync_bytes"),
                       "recovery_held_full": st.get("recovery_held_full") or 0,
+                      "nearfull_ratio": st.get("nearfull_ratio"),
+                      "reweight": cmap.factors.get(h.id, 1.0),
                       "scrub": st.get("scrub")})  # the host's last scrub pass, if any
     total = sum(x["capacity"] or 0 for x in hosts)
     used = sum(x["used"] or 0 for x in hosts)
@@ -749,6 +762,7 @@ def pool_status(state, wait, timeout):
                 click.echo(f"warning: {x['host']} must receive up to {format_size(x['needs'])} but has "
                            f"{format_size(x['free'])} free: the change cannot complete until space is "
                            f"freed or a host is added")
+        _space_notes(hosts, ds)
         for x in hosts:
             if x["recovery_held_full"]:
                 click.echo(f"warning: {x['id']} is above its full threshold "
@@ -756,6 +770,26 @@ def pool_status(state, wait, timeout):
                            f"{x['recovery_held_full']} chunk copies wait for space")
 
     out(state, data, human)
+
+
+def _space_notes(hosts: list[dict], ds: dict) -> None:
+    """Lowered placement weights, and hosts above their nearfull threshold."""
+    def pct(x) -> str:
+        return f"{(x['used'] or 0) * 100 // max(1, x['capacity'] or 1)}% used"
+
+    inset = [x for x in hosts if x["id"] in ds["hosts"]]
+    for x in hosts:
+        if x["reweight"] < 1:
+            click.echo(f"{x['id']} placement weight {x['reweight']:.2f} (lowered: above its nearfull "
+                       f"threshold; {pct(x)} now): new chunks go to hosts with room")
+    nearfull = [x for x in inset if x["used"] is not None and x["nearfull_ratio"]
+                and x["used"] > x["nearfull_ratio"] * (x["capacity"] or 0)]
+    for x in nearfull:
+        click.echo(f"warning: {x['id']} is above its nearfull threshold ({pct(x)}, "
+                   f"threshold {round(x['nearfull_ratio'] * 100)}%)")
+    if nearfull and len(nearfull) == len(inset):
+        click.echo("warning: every host is nearly full: no host has room to take chunks off the "
+                   "others; add hosts or capacity")
 
 
 @main.command("completion")

@@ -78,9 +78,9 @@ NBD_STATE_ZERO = 2
 class ClusterView:
     """The cluster map as this host sees it, with per-epoch cached chunk placement.
 
-    Placement runs over the data set (vbp.cluster.ClusterMap.data_set), in which a down host
-    keeps its chunks until the data set leaves it (replicator.migration). While the data
-    set changes, a chunk has two placements: `replicas`, over the set being left, whose
+    Placement runs over the data set (vbp.cluster.ClusterMap.data_set, with its weight
+    factors), in which a down host keeps its chunks until the data set leaves it
+    (replicator.migration). While the data set changes, a chunk has two placements: `replicas`, over the set being left, whose
     copies are complete (reads, min_size), and `targets`, over the new set; writes go to
     both (`write_set`). Without a change the two are the same."""
 
@@ -94,12 +94,13 @@ class ClusterView:
         self.map = cmap
         by_id = {h.id: h for h in cmap.hosts}
 
-        def placement(ids) -> Placement:
+        def placement(ids, factors) -> Placement:
             return Placement(ClusterMap(cmap.epoch, tuple(
-                dc_replace(by_id[i], state=HOST_UP) for i in ids if i in by_id)))
+                dc_replace(by_id[i], state=HOST_UP) for i in ids if i in by_id)), factors)
 
-        self._target = placement(cmap.data_set)
-        self._placement = placement(cmap.prev) if cmap.prev is not None else self._target
+        self._target = placement(cmap.data_set, cmap.factors)
+        self._placement = (placement(cmap.prev, cmap.prev_factors) if cmap.prev is not None
+                           else self._target)
         self._cache.clear()
         self._tcache.clear()
         self._wcache.clear()

@@ -32,8 +32,10 @@ PROTO_VERSION = 1
 # the revision that added them: a pool keeps working while its hosts are upgraded one by
 # one. 1: `rid` on ReadChunk, WriteChunk, ZeroChunk, Flush, ChunkExtents. 2: `allow_stale`
 # on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true). 3: the
-# ChunkIndexes request (sent only to hosts of revision 3 or later).
-PEER_REV = 3
+# ChunkIndexes request (sent only to hosts of revision 3 or later). 4: no new field; the
+# host places chunks by the data set's weight factors (vbp.cluster.ClusterMap.weights), so
+# the controller reweights only once every host is at 4.
+PEER_REV = 4
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"

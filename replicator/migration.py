@@ -20,6 +20,12 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
 - The change completes (prev cleared) when every up host of prev has scanned this
   generation and no target holds a stale record for a chunk it joins. If the wanted set
   changes meanwhile (another host lost), the change restarts from the same prev.
+- A nearly full host gets a lower placement weight (reweight, like Ceph's
+  `reweight-by-utilization`): a factor below 1 on its capacity, kept in the data set
+  record, so a reweight is a change of data set like any other (prev keeps the old
+  factors; same scan, resync and completion) and moves only the chunks whose ranking the
+  factor changes: chunks leave that host, and no other chunk moves (vbp.placement). See
+  `wanted_weights` for the thresholds and the hysteresis.
 - After the change, copies on hosts outside the new placement are garbage: a host frees
   one only when every host of the chunk's placement holds the chunk's generations with no
   stale record, and only after a grace period in which gateways still on the old map may
@@ -29,10 +35,11 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from replicator import messages as m
-from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap
+from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, weight_pairs
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
 from vbp.volume import replicas_by_lineage
@@ -51,6 +58,72 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
     if len(want) < most:
         want |= cur  # fewer hosts than replicas: keep every copy where it is
     return tuple(sorted(want))
+
+
+# Reweight (wanted_weights). A host is above its nearfull threshold (blockd config
+# `nearfull_ratio`, published with its stats) when used / capacity exceeds it. Acting at
+# nearfull rather than at full_ratio leaves the host room for what still reaches it while
+# the change runs: gateways keep writing the placement being left until the change
+# completes, and moved copies are freed only a grace period later. At full_ratio recovery
+# already takes no new copy there and new chunks soon fail with ENOSPC (degraded writes).
+NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
+REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
+WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
+WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
+WEIGHT_MIN = 0.05
+WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
+
+
+def _quantize(f: float, up: bool) -> float:
+    q = f / WEIGHT_QUANTUM
+    q = math.ceil(q - 1e-9) if up else math.floor(q + 1e-9)
+    return round(max(WEIGHT_MIN, min(1.0, q * WEIGHT_QUANTUM)), 2)
+
+
+def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[str, float]:
+    """The weight factors the data set should have, from the hosts' published usage.
+
+    - A host of the data set above its nearfull threshold has its factor lowered by at
+      least WEIGHT_STEP, to what would bring it REWEIGHT_MARGIN below the threshold if its
+      share of chunks followed its weight -- unless the other hosts lack the room below
+      their own thresholds for what would move (then nothing moves: a pool that is full
+      everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
+    - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
+      factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
+      usage grows with its weight (an upper bound: a host's share of chunks grows at most
+      in proportion to its weight). So a host that was lowered is not raised back into
+      nearfull, and the factor does not flap.
+    - Hosts without stats (down) keep their factor. With no more hosts than a volume has
+      replicas every host holds every chunk: weights would move nothing, so none change."""
+    cur = {h: f for h, f in cmap.factors.items() if h in cmap.data_set}
+    out = dict(cur)
+    if len(cmap.data_set) <= most:
+        return out
+    usage = {}
+    for h in cmap.data_set:
+        st = stats.get(h) or {}
+        cap, used = st.get("capacity") or 0, st.get("used")
+        if cap > 0 and used is not None:
+            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO))
+    over = sorted((h for h, (used, cap, nf) in usage.items() if used > nf * cap),
+                  key=lambda h: -usage[h][0] / usage[h][1])
+    room = sum(max(0.0, nf * cap - used) for h, (used, cap, nf) in usage.items() if h not in over)
+    for h in over:
+        used, cap, nf = usage[h]
+        f = cur.get(h, 1.0)
+        new = _quantize(f * min(WEIGHT_STEP, (nf - REWEIGHT_MARGIN) * cap / used), up=False)
+        moves = used * (1 - new / f)
+        if new >= f or moves > room:
+            continue
+        room -= moves
+        out[h] = new
+    for h, f in cur.items():
+        if h in usage and h not in over:
+            used, cap, nf = usage[h]
+            new = _quantize(f / WEIGHT_STEP, up=True)
+            if used * new / f < (nf - REWEIGHT_MARGIN) * cap:
+                out[h] = new
+    return {h: f for h, f in out.items() if f < 1.0}
 
 
 def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int],
@@ -78,16 +151,22 @@ def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str,
 class DataSetMover:
     """One host's part: the controller step, the scan, and freeing misplaced copies."""
 
-    def __init__(self, host_id: str, store, cluster, registry, pool=None, *, grace: float = 10.0):
+    def __init__(self, host_id: str, store, cluster, registry, pool=None, *, grace: float = 10.0,
+                 reweight_hold: float | None = None):
         self.host_id = host_id
         self.store = store
         self.cluster = cluster  # replicator.gateway.ClusterView, kept current by the service
         self.registry = registry  # AsyncRegistry
         self.pool = pool
         self.grace = grace  # seconds a settled data set is old before misplaced copies go
+        # seconds a data set stays settled before its weights change again: long enough for
+        # the copies it moved to be freed and for the hosts' stats to show it
+        self.reweight_hold = grace + 5.0 if reweight_hold is None else reweight_hold
         self.scanned_gen = -1
         self.marked = 0
         self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
+        self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
+        self.clock = time.monotonic
 
     async def n_of(self) -> dict[str, int]:
         return replicas_by_lineage(await self.registry.list_volumes())
@@ -102,29 +181,55 @@ class DataSetMover:
         want = wanted_data_set(cmap, vols)
         if not want:
             return cmap
+        weights = dict(weight_pairs(cmap.factors, want))  # a host that leaves takes its factor along
+        set_ds = self.registry.set_data_set
         if cmap.prev is None:
             if (cmap.data is None and want == cmap.data_set) or (not vols and want != cmap.data):
                 # the first record, or a pool without volumes: no chunk to move
-                return await self.registry.set_data_set(cmap.mgen, want, None)
+                return await set_ds(cmap.mgen, want, None, weights)
             if want != cmap.data_set:
                 log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
                          ",".join(cmap.data_set), ",".join(want))
-                return await self.registry.set_data_set(cmap.mgen, want, cmap.data_set)
+                return await set_ds(cmap.mgen, want, cmap.data_set, weights, cmap.factors)
             await self._clear_moot(cmap, vols)
-            return cmap
-        if want == cmap.prev:  # back where it started (a host returned): nothing to move
+            return await self._reweight(cmap, vols)
+        if want == cmap.prev and weights == cmap.prev_factors:
+            # back where it started (a host returned): nothing to move
             log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
-            return await self.registry.set_data_set(cmap.mgen, want, None)
+            return await set_ds(cmap.mgen, want, None, weights)
         if want != cmap.data:
             log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
                      ",".join(cmap.prev), ",".join(want))
-            return await self.registry.set_data_set(cmap.mgen, want, cmap.prev)
+            return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors)
         left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols),
                         await self.registry.scanned())
         if not left["unscanned"] and not left["chunks"]:
             log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
-            return await self.registry.set_data_set(cmap.mgen, cmap.data, None)
+            return await set_ds(cmap.mgen, cmap.data, None, cmap.factors)
         return cmap
+
+    async def _reweight(self, cmap: ClusterMap, vols: list[dict]) -> ClusterMap:
+        """Change the weight factors of a settled data set (wanted_weights), once it has
+        been settled for reweight_hold seconds and every host places by weights."""
+        now = self.clock()
+        if self._calm is None or self._calm[0] != cmap.mgen:
+            self._calm = (cmap.mgen, now)
+        if now - self._calm[1] < self.reweight_hold or not vols:
+            return cmap
+        if any(h.peer_rev < WEIGHTS_REV for h in cmap.hosts):
+            return cmap  # an upgrade under way: older hosts would place chunks elsewhere
+        stats = await self.registry.host_stats()
+        want = wanted_weights(cmap, stats, max(v["replicas"] for v in vols))
+        if want == cmap.factors:
+            return cmap
+        for h in sorted(set(want) | set(cmap.factors)):
+            old, new = cmap.factors.get(h, 1.0), want.get(h, 1.0)
+            if old != new:
+                st = stats.get(h) or {}
+                log.info("event=reweight gen=%d host=%s weight=%s from=%s used=%s capacity=%s",
+                         cmap.mgen + 1, h, new, old, st.get("used"), st.get("capacity"))
+        return await self.registry.set_data_set(cmap.mgen, cmap.data_set, cmap.data_set, want,
+                                                cmap.factors)
 
     async def _clear_moot(self, cmap: ClusterMap, vols: list[dict]) -> None:
         """Stale records of hosts a settled data set no longer places the chunk on name

@@ -54,13 +54,21 @@ class ClusterMap:
     """`data` is the data set: the hosts chunks are placed on (None: every host in the map,
     a pool that never recorded one). While the data set changes, `prev` is the set it
     changes from (the one whose copies are complete) and `data` the target; `mgen` numbers
-    the data sets (vbp.migration)."""
+    the data sets (vbp.migration).
+
+    `weights` are the data set's placement weight factors: (host, factor) pairs, sorted,
+    factor in (0, 1), for the hosts whose placement weight (capacity) the controller lowered
+    because they are nearly full (replicator.migration); a host not listed has factor 1.
+    `prev_weights` are those of `prev`. A change of weights is a change of data set like a
+    change of hosts: same generation, prev, scan and resync."""
 
     epoch: int
     hosts: tuple[HostRecord, ...] = field(default_factory=tuple)
     data: tuple[str, ...] | None = None
     prev: tuple[str, ...] | None = None
     mgen: int = 0
+    weights: tuple[tuple[str, float], ...] = ()
+    prev_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hosts", tuple(sorted(self.hosts, key=lambda h: h.id)))
@@ -68,6 +76,15 @@ class ClusterMap:
     @property
     def data_set(self) -> tuple[str, ...]:
         return tuple(h.id for h in self.hosts) if self.data is None else self.data
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """Host id -> placement weight factor of the data set (hosts at 1 left out)."""
+        return dict(self.weights)
+
+    @property
+    def prev_factors(self) -> dict[str, float]:
+        return dict(self.prev_weights)
 
     @property
     def migrating(self) -> bool:
@@ -85,3 +102,11 @@ class ClusterMap:
     @classmethod
     def build(cls, epoch: int, hosts: Iterable[HostRecord]) -> "ClusterMap":
         return cls(epoch, tuple(hosts))
+
+
+def weight_pairs(factors, hosts: Iterable[str]) -> tuple[tuple[str, float], ...]:
+    """The canonical form of weight factors for a data set of `hosts`: sorted (host,
+    factor) pairs of those hosts whose factor is below 1 (others are at 1)."""
+    keep = set(hosts)
+    return tuple(sorted((h, float(f)) for h, f in dict(factors or {}).items()
+                        if h in keep and 0 < f < 1))

@@ -3,7 +3,8 @@
 Theory of operation (DESIGN.md, Words and Failures; CONVENTIONS.md 6).
 
 Score. Weighted rendezvous hashing over all hosts: a chunk key c = xxh64("lineage\\0index")
-and a host of seed s = xxh64("host\\0id") and weight w = capacity get u = xxh64(c, seed=s)
+and a host of seed s = xxh64("host\\0id") and weight w = capacity (times the data set's
+weight factor of the host, 1 unless the host is nearly full) get u = xxh64(c, seed=s)
 mapped into (0, 1) and the key -ln(u) * (1/w); lower wins. -ln(u)/w is exponentially
 distributed with rate w, so the host with the lowest key is each host with probability
 proportional to its capacity. A host's key depends on the chunk and that host alone: no
@@ -31,7 +32,11 @@ the keys of eligible hosts and each step takes a minimum, so:
   set by the one host that fills the gap;
 - adding a host is the same read backwards: only chunks whose choice now includes it
   change, and each by exactly that one replica.
-So membership changes move the minimum that must move. The earlier hierarchical scheme
+So membership changes move the minimum that must move.
+- changing one host's weight (the data set's weight factor of a nearly full host,
+  replicator.migration) changes that host's key and no other: lowering it only takes the
+  host out of chunks (each replaced by one other host) and raising it only puts it in.
+The earlier hierarchical scheme
 (zone, then pod, then host, each ranked by summed capacity, like CRUSH's straw2) hashed
 fewer nodes but moved 1.7-2.6x that minimum, because one host's capacity is part of its
 pod's and zone's weights and so shifts other hosts' chunks between zones.
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import math
 from itertools import repeat
+from typing import Mapping
 
 import xxhash
 
@@ -96,15 +102,22 @@ def domain_order(cmap: ClusterMap) -> list[HostRecord]:
     return sorted((h for h in cmap.hosts if eligible(h)), key=lambda h: (h.zone, h.pod, h.id))
 
 
+def weights_of(cmap: ClusterMap, factors: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Every host's placement weight: its capacity times its weight factor (default 1)."""
+    f = factors or {}
+    return {h.id: host_weight(h) * f.get(h.id, 1.0) for h in cmap.hosts}
+
+
 class Placement:
     """Per-map precomputation (eligible hosts in domain order, seeds, weights); `place` is
-    pure."""
+    pure. `factors` (host id -> weight factor in (0, 1]) scale hosts' weights."""
 
-    def __init__(self, cmap: ClusterMap) -> None:
+    def __init__(self, cmap: ClusterMap, factors: Mapping[str, float] | None = None) -> None:
         self.epoch = cmap.epoch
         hosts = domain_order(cmap)
+        w = weights_of(cmap, factors)
         self._ids = tuple(h.id for h in hosts)
-        self._kids = tuple((node_seed("host", h.id), 1.0 / host_weight(h)) for h in hosts)
+        self._kids = tuple((node_seed("host", h.id), 1.0 / w[h.id]) for h in hosts)
         zones: dict[str, int] = {}
         pods: dict[tuple[str, str], int] = {}
         self._zone = tuple(zones.setdefault(h.zone, len(zones)) for h in hosts)
@@ -232,12 +245,15 @@ def place(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str, ...]
 # --- references for tests and the bench: deliberately naive ----------------------------------
 
 
-def place_naive(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str, ...]:
+def place_naive(lineage: str, index: int, cmap: ClusterMap, n: int,
+                factors: Mapping[str, float] | None = None) -> tuple[str, ...]:
     """The same definition as Placement.place, computed the obvious way: hash every host,
     then pick n times the eligible host that minimizes (replicas already in its zone,
     replicas already in its pod, host key, zone, pod, id)."""
     ckey = chunk_key(lineage, index)
-    hkey = {h.id: score_key(ckey, node_seed("host", h.id), host_weight(h)) for h in cmap.hosts}
+    f = factors or {}
+    hkey = {h.id: score_key(ckey, node_seed("host", h.id), host_weight(h) * f.get(h.id, 1.0))
+            for h in cmap.hosts}
     chosen: list[HostRecord] = []
     while len(chosen) < n:
         cands = [h for h in cmap.hosts if eligible(h) and h not in chosen]
@@ -253,10 +269,12 @@ def place_naive(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str
     return tuple(h.id for h in chosen)
 
 
-def place_flat(lineage: str, index: int, cmap: ClusterMap, n: int) -> tuple[str, ...]:
+def place_flat(lineage: str, index: int, cmap: ClusterMap, n: int,
+               factors: Mapping[str, float] | None = None) -> tuple[str, ...]:
     """Flat weighted rendezvous over all eligible hosts, ignoring failure domains: the
     textbook scheme. Placement.place equals it on a map with one zone and one pod."""
     ckey = chunk_key(lineage, index)
-    ranked = sorted((score_key(ckey, node_seed("host", h.id), host_weight(h)), h.id)
+    f = factors or {}
+    ranked = sorted((score_key(ckey, node_seed("host", h.id), host_weight(h) * f.get(h.id, 1.0)), h.id)
                     for h in cmap.hosts if eligible(h))
     return tuple(hid for _, hid in ranked[:n])

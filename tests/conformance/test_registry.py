@@ -483,6 +483,25 @@ def test_data_set_compare_and_set_and_remove_guard(reg):
     assert [h.id for h in reg.remove_host("h2").hosts] == ["h1"]
 
 
+def test_data_set_weight_factors(reg):
+    """Weight factors are part of the data set record: set with it by compare-and-set,
+    kept for the set being left, canonical (factors of 1 and of hosts outside the set are
+    left out), and a change of them alone is a new map."""
+    for i in (1, 2, 3):
+        reg.register_host(host(i), 30)
+    m1 = reg.set_data_set(0, ["h1", "h2", "h3"], None)
+    assert m1.weights == () and m1.factors == {}
+    m2 = reg.set_data_set(1, ["h1", "h2", "h3"], ["h1", "h2", "h3"],
+                          {"h3": 0.5, "h1": 1.0, "h9": 0.2}, {})
+    assert m2.migrating and m2.weights == (("h3", 0.5),) and m2.prev_weights == ()
+    assert m2.epoch > m1.epoch and reg.cluster_map() == m2
+    m3 = reg.set_data_set(2, ["h1", "h2"], ["h1", "h2", "h3"], m2.factors, {"h2": 0.8})
+    assert m3.weights == () and m3.prev_factors == {"h2": 0.8}  # h3 left: its factor with it
+    m4 = reg.set_data_set(3, ["h1", "h2"], None, {"h2": 0.25})
+    assert (m4.factors, m4.prev_weights) == ({"h2": 0.25}, ())
+    assert reg.set_data_set(3, ["h1"], None) == m4  # lost race
+
+
 def test_scrub_request_and_results(reg):
     assert reg.scrub_request() is None
     rid = reg.request_scrub(["h2", "h1"], volume="v")

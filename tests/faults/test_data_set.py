@@ -413,3 +413,89 @@ def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
         check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
     finally:
         sb.down()
+
+
+def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
+    """host4 has a quarter of the others' capacity but, with 3 replicas on 4 hosts, holds
+    about a third of the chunks: it fills 1.5 times faster than the pool, and the 200
+    chunks written here would put about 69 copies on its 64 slots. Once it is above its
+    nearfull threshold (0.85, the default) the controller lowers its weight: some of its
+    chunks move off, fewer new ones land there, no write to it ever fails (no stale record
+    names it), the pool ends healthy, and every acknowledged write is on every replica."""
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    for n, cap in ((3, "256M"), (4, "64M")):
+        p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
+                    "--capacity", cap, "--json", *SETTINGS, *GRACE, check=False)
+        if p.returncode != 0:
+            sb.down()
+            raise AssertionError(f"sandbox up failed:\n{p.stderr}")
+        sb.info = json.loads(p.stdout)
+    from replicator.gateway import ClusterView
+    from vbp.cluster import ClusterMap
+    from vbp.registry import open_registry
+
+    chunks, cap4 = 200, 64 * MiB
+    try:
+        sb.vbp("volume", "create", "r3", "--size", "256M", "--replicas", "3", "--min-size", "2",
+               "--chunk-size", "1M")
+        # weights change only on a data set settled for grace + gc_interval + heartbeat_ttl
+        # (8 + 1 + 3 s here), and host4 just joined it: a pool in steady state
+        time.sleep(13)
+        w = Writer(MiB, seed=21)
+        h = connect(sb.uri("r3", 0))
+        stale_on_4: list = []
+        factors: list[float] = []
+        with open_registry(sb.registry) as reg:
+            def look():
+                stale_on_4.extend(r for r in reg.list_stale() if r.host_id == "host4")
+                m = reg.cluster_map()
+                f = m.factors.get("host4", 1.0)
+                if not factors or factors[-1] != f:
+                    factors.append(f)
+                return m, reg.host_stats().get("host4", {}).get("used", 0)
+
+            for i in range(chunks):  # one new chunk at a time, and overwrites of older ones
+                off = i * MiB + (i % (MiB // BLOCK)) * BLOCK
+                w.seq += 1
+                h.pwrite(payload(w.seq, off), off)
+                w.acked[off] = w.seq
+                w.region = (i + 1) * MiB
+                w.write(h, 2)
+                _, used = look()
+                if used > 0.6 * cap4:  # nearer the threshold: the pace of a steady writer
+                    time.sleep(0.4)
+            assert min(factors) < 1.0, f"host4 never reweighted: {factors}"
+            h.flush()
+
+            def settled() -> bool:
+                m, _ = look()
+                st = pool_status(sb)
+                x = {x["id"]: x for x in st["hosts"]}["host4"]
+                return (m.prev is None and st["degraded_chunks"] == 0
+                        and copies_held(st) == 3 * chunks and x["used"] <= 0.85 * x["capacity"])
+            deadline = time.monotonic() + 150
+            while not settled():
+                assert time.monotonic() < deadline, f"not settled: factors {factors}, {pool_status(sb)}"
+                time.sleep(0.5)
+            final = reg.cluster_map()
+            lineage = reg.get_volume("r3")["lineage"]
+        assert not stale_on_4, f"writes to host4 failed: {stale_on_4[:5]}"
+        assert factors == sorted(factors, reverse=True), f"weight flapped: {factors}"
+        status = sb.vbp("pool", "status").stdout
+        assert f"host4 placement weight {factors[-1]:.2f}" in status, status
+        assert "REWEIGHT" in sb.vbp("host", "list").stdout
+        # the weight steered chunks: fewer on host4 than its capacity alone would place there
+        unweighted = ClusterView(ClusterMap(final.epoch, final.hosts, final.data))
+        weighted = ClusterView(final)
+        on4 = sum("host4" in weighted.replicas(lineage, i, 3) for i in range(chunks))
+        on4_unweighted = sum("host4" in unweighted.replicas(lineage, i, 3) for i in range(chunks))
+        assert on4 < on4_unweighted and on4 <= 0.85 * 64, (on4, on4_unweighted)
+        w.verify(h)
+        h.shutdown()
+        placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+        assert sum("host4" in hs for hs in placed.values()) == on4
+        for i in range(4):
+            log = sb.log(i)
+            assert "no free slot" not in log and "disk is full" not in log, f"host{i + 1} ran out of space"
+    finally:
+        sb.down()

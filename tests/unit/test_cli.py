@@ -188,6 +188,36 @@ def test_pool_status_of_an_empty_pool(vbp):
     assert "1 volumes" in vbp("pool", "status").stdout
 
 
+def test_reweighted_and_nearly_full_hosts_are_shown(vbp, reg_url):
+    from vbp.cluster import HostRecord
+
+    reg = open_registry(reg_url)
+    for i in (1, 2, 3, 4):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 60)
+    reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None)
+    reg.set_data_set(1, ["h1", "h2", "h3", "h4"], ["h1", "h2", "h3", "h4"], {"h4": 0.8}, {})
+    for h, used in (("h1", 0.3), ("h2", 0.3), ("h3", 0.3), ("h4", 0.91)):
+        reg.publish_stats(h, {"capacity": GiB, "used": int(used * GiB), "free": int((1 - used) * GiB),
+                              "chunks": 1, "nearfull_ratio": 0.85}, 60)
+    hosts = {h["id"]: h for h in js(vbp("host", "list", "--json"))["hosts"]}
+    assert hosts["h4"]["reweight"] == 0.8 and hosts["h1"]["reweight"] == 1.0
+    lines = vbp("host", "list").stdout.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "STATE", "DATA", "REWEIGHT"]
+    assert lines[4].split()[:4] == ["h4", "up", "in", "1.00->0.80"]  # the change under way
+    st = js(vbp("pool", "status", "--json"))
+    assert st["data_set"]["weights"] == {"h4": 0.8} and st["data_set"]["leaving_weights"] == {}
+    text = vbp("pool", "status").stdout
+    assert "h4 placement weight 0.80" in text
+    assert "warning: h4 is above its nearfull threshold (90% used, threshold 85%)" in text
+    assert "every host is nearly full" not in text
+    reg.set_data_set(2, ["h1", "h2", "h3", "h4"], None, {"h4": 0.8})
+    for h in ("h1", "h2", "h3"):
+        reg.publish_stats(h, {"capacity": GiB, "used": int(0.9 * GiB), "nearfull_ratio": 0.85}, 60)
+    assert vbp("host", "list").stdout.splitlines()[4].split()[3] == "0.80"
+    assert "every host is nearly full" in vbp("pool", "status").stdout
+    reg.close()
+
+
 @pytest.mark.parametrize("args", [["host", "drain", "h9"], ["host", "undrain", "h9"], ["host", "remove", "h9"],
                                   ["host", "maintenance", "h9", "on"]])
 def test_host_commands_on_an_unknown_host_are_not_found(vbp, args):

@@ -35,6 +35,7 @@ VALUES = {
     "gc_interval": ("30", 30.0),
     "recovery_rate": ('"16M"', 16 * 1024**2),
     "full_ratio": ("0.9", 0.9),
+    "nearfull_ratio": ("0.8", 0.8),
     "scrub_interval": ("3600", 3600.0),
     "scrub_rate": ('"100M"', 100 * 1024**2),
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
@@ -85,16 +86,23 @@ def test_flags_override_the_file(tmp_path):
     flags = {"host_id": "h9", "data_dir": "/d9", "registry": "lmdb:///r9", "listen": "127.0.0.1:1",
              "nbd": "127.0.0.1:2", "zone": "z9", "pod": "p9", "capacity": "3G", "cluster": "c9",
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
-             "recovery_rate": "0", "full_ratio": 0.8, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
+             "recovery_rate": "0", "full_ratio": 0.8, "nearfull_ratio": 0.7, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
              "scrub_interval": 0, "scrub_rate": "1M"}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
     assert (cfg.listen, cfg.nbd, cfg.zone, cfg.pod, cfg.cluster) == ("127.0.0.1:1", "127.0.0.1:2", "z9", "p9", "c9")
     assert cfg.capacity == 3 * 1024**3 and cfg.recovery_rate == 0 and cfg.full_ratio == 0.8
+    assert cfg.nearfull_ratio == 0.7
     assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
     assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
+
+
+def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
+    assert load(write(tmp_path, REQUIRED), {}).nearfull_ratio == 0.85
+    assert load(write(tmp_path, REQUIRED + "full_ratio = 0.5\n"), {}).nearfull_ratio == 0.5
+    assert load(write(tmp_path, REQUIRED + "full_ratio = 0.5\nnearfull_ratio = 0.4\n"), {}).nearfull_ratio == 0.4
 
 
 def test_flags_left_unset_keep_the_file_values(tmp_path):
@@ -180,6 +188,8 @@ BAD_VALUES = [
     ("full_ratio", "1.5", r"fraction"),
     ("full_ratio", "0", r"fraction"),
     ("full_ratio", '"95%"', r"fraction"),
+    ("nearfull_ratio", "1.5", r"fraction"),
+    ("nearfull_ratio", "0.97", r"at most full_ratio"),
     ("recovery_rate", "true", r"size"),
     ("listen", '"nope"', r"HOST:PORT"),
     ("listen", '"127.0.0.1:x"', r"HOST:PORT"),

@@ -152,6 +152,65 @@ def test_adding_a_host_moves_only_chunks_it_receives_one_replica_each(cmap, n, k
             assert len(set(old) - set(new)) == (1 if len(old) == len(new) else 0)
 
 
+factors = st.sampled_from([0.05, 0.1, 0.35, 0.5, 0.8, 0.95])
+
+
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(), replicas, chunks, st.data())
+def test_weight_factors_agree_with_naive(cmap, n, keys, data):
+    f = {h.id: data.draw(factors) for h in cmap.hosts if data.draw(st.booleans())}
+    p = Placement(cmap, f)
+    for lin, idx in keys:
+        assert p.place(lin, idx, n) == place_naive(lin, idx, cmap, n, f)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cluster_maps(), replicas, chunks, st.data())
+def test_lowering_one_hosts_weight_moves_only_chunks_off_that_host(cmap, n, keys, data):
+    """A reweight (replicator.migration) changes one host's key only: a chunk not placed
+    on the host keeps its placement, order included; a chunk placed on it either keeps its
+    set or loses that host to exactly one other (or to none, if no other host is left).
+    Raising the weight back is the same read backwards: chunks only move onto the host."""
+    eligible_ids = [h.id for h in cmap.hosts if h.state == HOST_UP]
+    if not eligible_ids:
+        return
+    victim = data.draw(st.sampled_from(eligible_ids))
+    others = {h: data.draw(factors) for h in eligible_ids if h != victim and data.draw(st.booleans())}
+    start = data.draw(st.sampled_from([1.0, 0.8, 0.5]))
+    lower = data.draw(factors.filter(lambda f: f < start))
+    before, after = Placement(cmap, {**others, victim: start}), Placement(cmap, {**others, victim: lower})
+    spare = len(eligible_ids)
+    for lin, idx in keys:
+        old, new = before.place(lin, idx, n), after.place(lin, idx, n)
+        if victim not in old:
+            assert new == old
+        elif set(new) != set(old):
+            assert set(old) - set(new) == {victim}
+            assert len(set(new) - set(old)) == (1 if spare > len(old) else 0)
+        # raising it back: only chunks the host joins change
+        if victim not in new:
+            assert old == new or victim in old
+
+
+def test_lowering_a_weight_moves_about_its_share_in_a_sandbox_sized_pool():
+    """Four equal hosts, three replicas: halving one host's weight takes it out of a part
+    of its chunks and puts those on the host left out before; the other chunks stay."""
+    hosts = tuple(HostRecord(f"h{i}", "a:1", "a:2", "z", f"p{i}", GiB) for i in range(4))
+    cmap = ClusterMap(1, hosts)
+    before, after = Placement(cmap), Placement(cmap, {"h3": 0.5})
+    held_before = held_after = moved = 0
+    for i in range(4000):
+        old, new = before.place("lin", i, 3), after.place("lin", i, 3)
+        held_before += "h3" in old
+        held_after += "h3" in new
+        if set(old) != set(new):
+            moved += 1
+            assert set(old) - set(new) == {"h3"} and len(set(new) - set(old)) == 1
+    assert held_before - held_after == moved
+    # h3 held 3/4 of the chunks; at half weight it is last of four in about 0.46 of them
+    assert 0.65 < held_after / held_before < 0.8
+
+
 @settings(max_examples=100, deadline=None)
 @given(cluster_maps(states=False), replicas, chunks, st.data())
 def test_removing_a_pod_moves_only_its_chunks(cmap, n, keys, data):

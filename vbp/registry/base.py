@@ -6,7 +6,8 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/cluster/host/<id>    HostRecord (stored state is "up" or "draining", never "down")
     vbp/cluster/alive/<id>   liveness, a key with a TTL refreshed by heartbeat()
     vbp/cluster/map          {"epoch", "digest"}: the last published map
-    vbp/cluster/dataset      {"hosts", "prev", "gen"}: the data set and the one it leaves
+    vbp/cluster/dataset      {"hosts", "prev", "gen", "weights", "prev_weights"}: the data set
+                             and the one it leaves; weights: {host: factor} below 1
     vbp/scanned/<host>       the data-set generation whose scan the host finished
     vbp/vol/<name>           a volume record (a msgpack-able dict owned by vbp.volume)
     vbp/ctr/<name>           an id counter
@@ -43,7 +44,7 @@ from typing import Callable, Iterable
 import msgpack
 import xxhash
 
-from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord
+from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord, weight_pairs
 from vbp.errors import (
     AlreadyExists,
     Fenced,
@@ -58,7 +59,7 @@ P_CLUSTER = b"vbp/cluster/"
 P_HOST = b"vbp/cluster/host/"
 P_ALIVE = b"vbp/cluster/alive/"
 K_MAP = b"vbp/cluster/map"
-K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen"}: the data set (vbp.migration)
+K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen", "weights", "prev_weights"} (vbp.migration)
 P_SCANNED = b"vbp/scanned/"  # <host> -> the data-set generation whose scan it finished
 P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
@@ -175,20 +176,23 @@ class Registry:
             data = tuple(ds["hosts"]) if dataset else None
             prev = tuple(ds["prev"]) if ds.get("prev") is not None else None
             mgen = ds.get("gen", 0)
-            digest = xxhash.xxh3_128_digest(_pack([[h.to_dict() for h in eff], data, prev, mgen]))
+            weights = weight_pairs(ds.get("weights"), data or ())
+            prev_weights = weight_pairs(ds.get("prev_weights"), prev or ())
+            digest = xxhash.xxh3_128_digest(_pack([[h.to_dict() for h in eff], data, prev, mgen]
+                                                  + ([weights, prev_weights] if weights or prev_weights else [])))
             if published is None:
                 epoch, old_digest = 0, xxhash.xxh3_128_digest(_pack([]))
             else:
                 m = _unpack(published.value)
                 epoch, old_digest = m["epoch"], m["digest"]
             if digest == old_digest:
-                return ClusterMap(epoch, tuple(eff), data, prev, mgen)
+                return ClusterMap(epoch, tuple(eff), data, prev, mgen, weights, prev_weights)
             ok, _ = self.kv.txn(
                 [Cmp(K_MAP, "mod", published.mod_rev if published else 0)],
                 [Put(K_MAP, _pack({"epoch": epoch + 1, "digest": digest}))],
             )
             if ok:
-                return ClusterMap(epoch + 1, tuple(eff), data, prev, mgen)
+                return ClusterMap(epoch + 1, tuple(eff), data, prev, mgen, weights, prev_weights)
         raise self._contended("publish cluster map")
 
     def _update_host(self, host_id: str, change: Callable[[HostRecord], HostRecord]) -> ClusterMap:
@@ -236,15 +240,24 @@ class Registry:
                 return self.cluster_map()
         raise self._contended(f"remove host {host_id}")
 
-    def set_data_set(self, gen: int, hosts, prev) -> ClusterMap:
+    def set_data_set(self, gen: int, hosts, prev, weights=None, prev_weights=None) -> ClusterMap:
         """Replace the data set if its generation is still `gen` (compare-and-set; the new
-        one has generation gen + 1). Returns the map either way: a caller that lost the race
-        sees the winner's data set in it."""
+        one has generation gen + 1). `weights` and `prev_weights` ({host: factor}) are the
+        placement weight factors of `hosts` and `prev`; factors of 1 and of hosts outside
+        the set are left out. Returns the map either way: a caller that lost the race sees
+        the winner's data set in it."""
         item, _ = self.kv.get(K_DATASET)
         cur = _unpack(item.value)["gen"] if item else 0
         if cur == gen:
-            value = _pack({"hosts": sorted(hosts), "prev": None if prev is None else sorted(prev),
-                           "gen": gen + 1})
+            record = {"hosts": sorted(hosts), "prev": None if prev is None else sorted(prev),
+                      "gen": gen + 1}
+            w = weight_pairs(weights, hosts)
+            pw = weight_pairs(prev_weights, prev or ())
+            if w:  # a record without weights stays as before weights existed
+                record["weights"] = dict(w)
+            if pw:
+                record["prev_weights"] = dict(pw)
+            value = _pack(record)
             self.kv.txn([Cmp(K_DATASET, "mod", item.mod_rev if item else 0)], [Put(K_DATASET, value)])
         return self.cluster_map()
 

@@ -1,0 +1,223 @@
+"""replicator.migration's controller without processes: the weight factors it wants from
+the hosts' stats (reweight of nearly full hosts), and the data-set changes it records."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import trio
+
+from replicator.migration import (
+    REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, wanted_weights,
+)
+from vbp.cluster import ClusterMap, HostRecord
+from vbp.layout import MiB
+from vbp.registry import open_registry
+from vbp.volume import new_volume
+
+GiB = 1 << 30
+_n = itertools.count()
+
+
+def cmap(factors=None, n=4, prev=None) -> ClusterMap:
+    hosts = tuple(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", capacity=GiB)
+                  for i in range(1, n + 1))
+    ids = tuple(h.id for h in hosts)
+    return ClusterMap(1, hosts, ids, prev, 1, tuple(sorted((factors or {}).items())))
+
+
+def stats(used: dict[str, float], nearfull=0.85) -> dict[str, dict]:
+    """Hosts of 1 GiB with `used` given as a share of it."""
+    return {h: {"capacity": GiB, "used": int(u * GiB), "nearfull_ratio": nearfull} for h, u in used.items()}
+
+
+def test_no_host_above_nearfull_no_factor():
+    assert wanted_weights(cmap(), stats({"h1": 0.5, "h2": 0.84, "h3": 0.1, "h4": 0.85}), 3) == {}
+
+
+def test_a_nearfull_host_is_lowered_by_at_least_a_step():
+    got = wanted_weights(cmap(), stats({"h1": 0.5, "h2": 0.5, "h3": 0.5, "h4": 0.87}), 3)
+    assert got == {"h4": 0.8}  # (0.85 - 0.1) / 0.87 = 0.86: the step of 0.8 is more
+    far = wanted_weights(cmap(), stats({"h1": 0.2, "h2": 0.2, "h3": 0.2, "h4": 0.99}), 3)
+    assert far == {"h4": 0.75}  # 0.75 / 0.99 = 0.757, rounded down to a multiple of 0.05
+    lowered = wanted_weights(cmap({"h4": 0.8}), stats({"h1": 0.2, "h2": 0.2, "h3": 0.2, "h4": 0.9}), 3)
+    assert lowered == {"h4": 0.6}  # 0.8 * 0.8 = 0.64 -> 0.6
+
+
+def test_the_factor_stops_at_its_minimum():
+    assert wanted_weights(cmap({"h4": 0.05}), stats({"h1": 0.1, "h2": 0.1, "h3": 0.1, "h4": 0.9}), 3) == {"h4": 0.05}
+    assert wanted_weights(cmap({"h4": 0.1}), stats({"h1": 0.1, "h2": 0.1, "h3": 0.1, "h4": 0.9}), 3) == {"h4": WEIGHT_MIN}
+
+
+def test_the_threshold_is_each_hosts_own():
+    st = stats({"h1": 0.5, "h2": 0.5, "h3": 0.5, "h4": 0.75})
+    assert wanted_weights(cmap(), st, 3) == {}
+    st["h4"]["nearfull_ratio"] = 0.7
+    assert wanted_weights(cmap(), st, 3) == {"h4": 0.8}
+    del st["h4"]["nearfull_ratio"]  # a host that does not publish one: the default 0.85
+    assert wanted_weights(cmap(), st, 3) == {}
+
+
+def test_every_host_nearly_full_nothing_moves():
+    st = stats({"h1": 0.9, "h2": 0.88, "h3": 0.86, "h4": 0.97})
+    assert wanted_weights(cmap(), st, 3) == {}
+    assert wanted_weights(cmap({"h4": 0.5}), st, 3) == {"h4": 0.5}  # kept, not raised either
+
+
+def test_not_lowered_when_the_others_lack_room_for_what_would_move():
+    # h4 would shed about a fifth of 0.95 GiB = 0.19 GiB; the others have 0.05 below nearfull
+    st = stats({"h1": 0.83, "h2": 0.84, "h3": 0.83, "h4": 0.95})
+    assert wanted_weights(cmap(), st, 3) == {}
+    st = stats({"h1": 0.5, "h2": 0.84, "h3": 0.84, "h4": 0.95})  # 0.35 + 0.02 of room: enough
+    assert wanted_weights(cmap(), st, 3) == {"h4": 0.75}
+
+
+def test_room_is_shared_by_the_hosts_lowered_in_one_step():
+    # room 0.1 + 0.45; h4 and h5 would each shed 0.95 * 0.25, h3 0.9 * 0.2: not all three
+    st = stats({"h1": 0.75, "h2": 0.4, "h3": 0.9, "h4": 0.95, "h5": 0.95}, nearfull=0.85)
+    assert wanted_weights(cmap(n=5), st, 3) == {"h4": 0.75, "h5": 0.75}  # the fullest first
+
+
+def test_no_more_hosts_than_replicas_no_reweight():
+    st = stats({"h1": 0.2, "h2": 0.2, "h3": 0.95})
+    assert wanted_weights(cmap(n=3), st, 3) == {}
+    assert wanted_weights(cmap(n=3), st, 2) == {"h3": 0.75}
+
+
+def test_a_host_without_stats_keeps_its_factor():
+    st = stats({"h1": 0.2, "h2": 0.2, "h3": 0.2})  # h4 down: its stats expired
+    assert wanted_weights(cmap({"h4": 0.5}), st, 3) == {"h4": 0.5}
+    assert wanted_weights(cmap({"h9": 0.5}), st, 3) == {}  # a host out of the set: dropped
+
+
+def test_raised_one_step_only_with_room_to_spare():
+    base = {"h1": 0.3, "h2": 0.3, "h3": 0.3}
+    # 0.61 * (0.75 / 0.6) = 0.76 is not below 0.85 - 0.1: stays
+    assert wanted_weights(cmap({"h4": 0.6}), stats({**base, "h4": 0.61}), 3) == {"h4": 0.6}
+    # 0.5 * 1.25 = 0.625 < 0.75: one step up
+    assert wanted_weights(cmap({"h4": 0.6}), stats({**base, "h4": 0.5}), 3) == {"h4": 0.75}
+    # from 0.8 the step reaches 1: the factor goes
+    assert wanted_weights(cmap({"h4": 0.8}), stats({**base, "h4": 0.3}), 3) == {}
+
+
+@pytest.mark.parametrize("demand", [0.9, 1.3, 2.5, 6.0])
+def test_converges_without_flapping(demand):
+    """A host whose usage at full weight would be `demand` of its capacity, and whose usage
+    follows its weight (share proportional to weight, the model's own assumption): the
+    factor only goes down, settles below nearfull, and then stays."""
+    factors: dict[str, float] = {}
+    seen = []
+    for _ in range(30):
+        f = factors.get("h4", 1.0)
+        used = min(1.0, demand * f)
+        seen.append(f)
+        factors = wanted_weights(cmap(factors=factors), stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": used}), 3)
+    assert seen == sorted(seen, reverse=True), seen  # never raised again
+    final = factors.get("h4", 1.0)
+    assert demand * final <= 0.85 or final == WEIGHT_MIN
+    assert seen[-5:] == [final] * 5
+
+
+def test_raising_when_usage_shrinks_stops_short_of_nearfull():
+    """Data deleted: the factor climbs back while the projected usage stays
+    REWEIGHT_MARGIN below nearfull, and never further."""
+    factors = {"h4": 0.1}
+    demand = 0.7  # usage the host would have at weight 1
+    for _ in range(30):
+        f = factors.get("h4", 1.0)
+        factors = wanted_weights(cmap(factors=factors), stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": demand * f}), 3)
+    final = factors.get("h4", 1.0)
+    assert demand * final < 0.85 - REWEIGHT_MARGIN + 1e-9
+    assert final == 1.0  # 0.7 at full weight is below 0.75: all the way back
+
+
+# --- the controller step against the in-process registry ---------------------------------
+
+
+class Async:
+    """The registry's calls awaited (as blockd.service.AsyncRegistry does in a thread)."""
+
+    def __init__(self, reg):
+        self.sync = reg
+
+    def __getattr__(self, name):
+        fn = getattr(self.sync, name)
+
+        async def call(*a, **k):
+            return fn(*a, **k)
+        return call
+
+
+def pool(used4: float, rev: int = WEIGHTS_REV):
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for i in range(1, 5):
+        reg.register_host(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", capacity=GiB,
+                                     peer_rev=rev), 60)
+    reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None)
+    rec = new_volume("v", 64 * MiB, replicas=3, lineage="l0", head=1, now=0.0)
+    reg.create_volume("v", rec.to_dict())
+    for h, u in {"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": used4}.items():
+        reg.publish_stats(h, {"capacity": GiB, "used": int(u * GiB), "nearfull_ratio": 0.85}, 60)
+    return reg
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def mover(reg, clock, hold=10.0) -> DataSetMover:
+    m = DataSetMover("h1", None, None, Async(reg), grace=5.0, reweight_hold=hold)
+    m.clock = clock
+    return m
+
+
+def test_controller_reweights_a_settled_data_set_after_the_hold():
+    reg = pool(0.9)
+    clock = Clock()
+    m = mover(reg, clock)
+    before = reg.cluster_map()
+    assert trio.run(m.control_once) == before  # settled just now: wait
+    clock.t = 9.9
+    assert trio.run(m.control_once).mgen == before.mgen
+    clock.t = 10.0
+    got = trio.run(m.control_once)
+    assert got.mgen == before.mgen + 1 and got.migrating
+    assert got.data == got.prev == before.data
+    assert got.factors == {"h4": 0.8} and got.prev_factors == {}
+    # while the change runs, no other factor change; it completes as any other
+    for h in ("h1", "h2", "h3", "h4"):
+        reg.mark_scanned(h, got.mgen)
+    done = trio.run(m.control_once)
+    assert not done.migrating and done.factors == {"h4": 0.8} and done.mgen == got.mgen + 1
+
+
+def test_controller_does_not_reweight_during_an_upgrade():
+    reg = pool(0.9, rev=WEIGHTS_REV - 1)
+    clock = Clock()
+    m = mover(reg, clock, hold=0.0)
+    assert not trio.run(m.control_once).migrating
+
+
+def test_a_host_leaving_during_a_reweight_keeps_the_factors_of_both_sets():
+    reg = pool(0.9)
+    m = mover(reg, Clock(), hold=0.0)
+    got = trio.run(m.control_once)
+    assert got.factors == {"h4": 0.8}
+    reg.set_host_state("h2", "draining")  # h2 leaves the data set mid-change
+    after = trio.run(m.control_once)
+    assert after.data == ("h1", "h3", "h4") and after.prev == ("h1", "h2", "h3", "h4")
+    assert after.factors == {"h4": 0.8} and after.prev_factors == {}
+
+
+def test_a_reweight_is_not_taken_for_a_cancelled_change():
+    """Same hosts in prev and target but other factors: a change, not a return."""
+    reg = pool(0.9)
+    m = mover(reg, Clock(), hold=0.0)
+    got = trio.run(m.control_once)
+    again = trio.run(m.control_once)  # nothing scanned yet: still under way
+    assert again.migrating and again.mgen == got.mgen and again.factors == {"h4": 0.8}
