@@ -173,8 +173,11 @@ class VolumeProvider:
         gw = self.gateways.get(export)
         if gw is not None:
             gw.lease_deadline = deadline
-        log.info("volume=%s event=lease_taken token=%d", export, lease.token)
+        log.info("volume=%s event=lease_taken token=%d taken_over=%s", export, lease.token,
+                 lease.taken_over)
         await self._announce(export, lease.token)
+        if lease.taken_over and gw is not None:
+            await gw.reconcile_after_takeover()
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
         gw = self.gateways.get(export)

@@ -425,6 +425,73 @@ class VolumeGateway:
         except VbpError as e:
             log.warning("volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
 
+    # --- after a takeover ------------------------------------------------------------
+
+    async def reconcile_after_takeover(self) -> tuple[int, int]:
+        """Run once this gateway took the lease over from a holder that never released it,
+        after the new token was announced (so nothing of the old holder lands any more) and
+        before our first write. A write the old holder had in flight may have reached only
+        some replicas of its chunk; nobody recorded the others stale, so replicas would
+        answer a read differently forever. Every up replica names the chunks of our
+        generation it took writes in since its last flush (DirtyChunks); for each, the
+        current copies are compared (ChunkState: page checksums) and the copies that
+        differ from the largest agreeing group (ties: the first in placement order) are
+        recorded stale, so resync brings them to it. Unacknowledged bytes may so be kept
+        or dropped, as after any crash; acknowledged ones are on every current copy.
+        (DRBD resyncs its activity log's extents after a primary crash for this.)
+        Returns (chunks compared, copies recorded stale)."""
+        cv = self.cluster
+        hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
+        ask = m.DirtyChunks(self.lineage, self.gen)
+        dirty: set[int] = set()
+
+        async def listed(h: str) -> None:
+            rec = cv.map.host(h)
+            if rec is None or not cv.is_up(h) or (h != self.host_id and rec.peer_rev < 5):
+                return
+            try:
+                dirty.update((await self._send_once(h, ask)).indexes)
+            except VbpError as e:
+                log.info("volume=%s event=reconcile_list_failed host=%s error=%s", self.name, h, e)
+
+        async with trio.open_nursery() as nursery:
+            for h in hosts:
+                nursery.start_soon(listed, h)
+        marked = 0
+        for index in sorted(dirty):
+            stale = set(self.stale.get(index, ()))
+            copies = [h for h in cv.write_set(self.lineage, index, self.n)
+                      if h not in stale and cv.is_up(h)]
+            if len(copies) < 2:
+                continue
+            states: dict[str, tuple] = {}
+
+            async def state(h: str) -> None:
+                try:
+                    r = await self._send_once(h, m.ChunkState(self.lineage, index, self.gen))
+                    states[h] = (r.exists, tuple(r.checksums))
+                except VbpError:
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                for h in copies:
+                    nursery.start_soon(state, h)
+            groups: dict[tuple, list[str]] = {}
+            for h in copies:
+                if h in states:
+                    groups.setdefault(states[h], []).append(h)
+            if len(groups) < 2:
+                continue
+            keep = max(groups.values(), key=lambda g: (len(g), -copies.index(g[0])))
+            behind = [h for h in copies if h in states and h not in keep]
+            log.warning("volume=%s chunk=%d event=takeover_divergent keep=%s behind=%s", self.name,
+                        index, ",".join(keep), ",".join(behind))
+            await self._mark_stale(index, behind)
+            marked += len(behind)
+        log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",
+                 self.name, len(dirty), marked)
+        return len(dirty), marked
+
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 
     async def _leased(self, op, *args):

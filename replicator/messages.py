@@ -34,8 +34,9 @@ PROTO_VERSION = 1
 # on ReadChunk (sent by resync only) and `stale` on Ok (sent only when true). 3: the
 # ChunkIndexes request (sent only to hosts of revision 3 or later). 4: no new field; the
 # host places chunks by the data set's weight factors (vbp.cluster.ClusterMap.weights), so
-# the controller reweights only once every host is at 4.
-PEER_REV = 4
+# the controller reweights only once every host is at 4. 5: the DirtyChunks request (sent
+# only to hosts of revision 5 or later).
+PEER_REV = 5
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -276,6 +277,17 @@ class Indexes:
     indexes: tuple[int, ...]
 
 
+@_message(24)
+@dataclass(frozen=True, slots=True)
+class DirtyChunks:
+    """Which chunks of generation `gen` of `lineage` took writes here since the last flush?
+    Asked by a gateway that took over a volume's lease from a holder that never released
+    it, to find the chunks that holder may have left divergent (PEER_REV 5). Reply: Indexes."""
+
+    lineage: str
+    gen: int
+
+
 # --- scrub (ids 40..49, kept apart from recovery's so parallel work never collides) -----------
 
 
@@ -338,7 +350,7 @@ class Repaired:
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
-    ScrubChunk, ScrubState, RepairPages, Repaired,
+    DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -353,6 +365,7 @@ REPLY_TYPES: dict[type, type] = {
     ChunkExtents: Extents,
     ChunkGens: Gens,
     ChunkIndexes: Indexes,
+    DirtyChunks: Indexes,
     ScrubChunk: ScrubState,
     RepairPages: Repaired,
 }

@@ -348,6 +348,8 @@ class Replica:
             if self.backfilling:
                 raise StaleCopy("this host is learning which chunks it misses itself")
             return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))
+        if isinstance(msg, m.DirtyChunks):
+            return m.Indexes(tuple(self.store.dirty_indexes(msg.lineage, msg.gen)))
         if isinstance(msg, m.ScrubChunk):
             return verify_copy(self, msg)
         if isinstance(msg, m.RepairPages):

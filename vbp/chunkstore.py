@@ -483,6 +483,10 @@ class ChunkStore:
     # chunks that need it and records them together off the loop, then writes.
     mark_in_thread = True  # record_dirty may run in a worker thread
 
+    def dirty_indexes(self, lineage: str, gen: int) -> list[int]:
+        """Chunks of generation `gen` of `lineage` written since the last flush."""
+        return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
+
     def needs_mark(self, key: ChunkKey) -> bool:
         """True if a write to the existing chunk `key` would first record it dirty."""
         c = self._chunks.get(key)

@@ -232,6 +232,9 @@ class MemoryChunkStore:
 
     mark_in_thread = False  # record_dirty is free: the caller need not leave its thread
 
+    def dirty_indexes(self, lineage: str, gen: int) -> list[int]:
+        return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
+
     def needs_mark(self, key: ChunkKey) -> bool:
         return key in self._chunks and key not in self._dirty
 

@@ -31,6 +31,7 @@ import trio
 
 from blockd.service import Blockd, VolumeProvider
 from control import api
+from replicator import messages as m
 from replicator.gateway import ClusterView
 from replicator.recovery import Resync
 from replicator.replica import Replica
@@ -147,7 +148,7 @@ class SimHost:
         self.provider = VolumeProvider(self)
         self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
-                         capacity=self.capacity)
+                         capacity=self.capacity, peer_rev=m.PEER_REV)
         self.cluster.set_map(reg.register_host(rec, WALL_TTL))
         self.recovered = sorted(self.store.recovered)  # a frozenset: its order varies per process
         self.up = True

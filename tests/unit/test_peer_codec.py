@@ -70,6 +70,7 @@ EXAMPLES = [
     m.Gens((1, 4, 9)),
     m.ChunkIndexes("lin"),
     m.Indexes((0, 2, 7)),
+    m.DirtyChunks("lin", 4),
     m.ScrubChunk("lin", 3, 5, 7),
     m.ScrubState(True, False, 15, (1, 0, 2**64 - 1), (2,)),
     m.ScrubState(False, False, 0, (), ()),
@@ -118,7 +119,7 @@ def test_type_ids_are_stable():
         "Hello": 1, "HelloOk": 2, "Error": 3, "Ping": 4, "Pong": 5, "ReadChunk": 10,
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
-        "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "ScrubChunk": 40, "ScrubState": 41,
+        "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24, "ScrubChunk": 40, "ScrubState": 41,
         "RepairPages": 42, "Repaired": 43,
     }
 

@@ -78,6 +78,10 @@ class Lease:
     holder: str
     token: int
     expires: float  # time.time() seconds
+    # granted over a holder that never released it (crashed, partitioned, or an earlier
+    # incarnation of the same holder): writes it had in flight may have reached only some
+    # replicas (blockd reconciles them before its first write)
+    taken_over: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +362,8 @@ class Registry:
                         f"for {cur.expires - now:.1f}s more"
                     )
                 token = max(token, cur.token + 1)
-            lease = Lease(volume, holder, token, now + ttl)
+            lease = Lease(volume, holder, token, now + ttl,
+                          taken_over=item is not None and cur.holder != "")
             value = _pack({"holder": holder, "token": token, "expires": lease.expires})
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, value)])
             if ok:

@@ -1,0 +1,73 @@
+"""A gateway that takes a volume's lease over from a holder that never released it
+reconciles the chunks that holder may have left divergent (VolumeGateway.
+reconcile_after_takeover), over the in-memory hosts of the simulation harness."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from tests.sim.harness import Sim, call, extents_bytes
+from vbp.layout import MiB, ChunkKey
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def stale_hosts(sim, lineage, index):
+    return {r.host_id for r in sim.reg.list_stale(lineage, index)}
+
+
+def test_a_write_the_old_holder_left_on_one_replica_is_reconciled_before_the_first_write():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+            old = await sim.hosts["h0"].provider.open_export("v")
+            await call(old.write(0, b"\x01" * 8192, False))
+            await call(old.write(MiB, b"\x05" * 4096, False))
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            # the old holder dies with a write in flight that reached one replica only
+            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
+            sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
+            sim.expire_lease("v")  # never released: its holder stopped renewing
+            new_host = next(h for h in ("h1", "h2") if h != "h0")
+            gw = await sim.hosts[new_host].provider.open_export("v")
+            await call(gw.write(MiB + 4096, b"\x06" * 4096, False))  # takes the lease over
+            # the lone copy is outvoted and recorded stale; the others stay current
+            assert stale_hosts(sim, rec.lineage, 0) == {lone}
+            assert not stale_hosts(sim, rec.lineage, 1)  # the copies of chunk 1 agree
+            for h in sim.hosts.values():  # every gateway read now answers the same
+                g = gw if h.id == new_host else None
+                if g is not None:
+                    got = extents_bytes(await call(g.read(0, 4096)), 0, 4096)
+                    assert got == b"\x01" * 4096
+            await sim.hosts[lone].resync.refresh_stale_self()
+            await trio.sleep(sim.hosts[lone].resync.write_window)
+            await sim.hosts[lone].resync.run_once()
+            assert not stale_hosts(sim, rec.lineage, 0)
+            for h in sim.hosts.values():
+                assert h.store.read(key, 0, 4096) == b"\x01" * 4096, h.id
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_lease_released_cleanly_needs_no_reconcile():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            sim.create_volume("v", MiB, replicas=3, min_size=2)
+            lease = sim.reg.acquire_lease("v", "h0", 30)
+            assert not lease.taken_over
+            sim.reg.release_lease(lease)
+            again = sim.reg.acquire_lease("v", "h1", 30)
+            assert not again.taken_over  # released: nothing was in flight
+            sim.expire_lease("v")
+            assert sim.reg.acquire_lease("v", "h2", 30).taken_over  # expired, never released
+            nursery.cancel_scope.cancel()
+
+    run(main)
