@@ -254,18 +254,11 @@ class Resync:
                     and all(self.cluster.is_up(h) for h in complete)):
                 return await self._resync_all_stale(lineage, index, complete, stale)
         for src in sources:
-            addr = self.cluster.address(src)
             try:
-                gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
-                for _ in range(MAX_PASSES):
-                    copied = 0
-                    for g in gens:
-                        copied += await self._sync_gen(addr, lineage, index, g)
-                    copied += await self._drop_divergent(addr, lineage, index, gens)
-                    if not copied:
-                        self.stats.chunks += 1
-                        log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
-                        return True
+                if await self._sync_from(self.cluster.address(src), lineage, index):
+                    self.stats.chunks += 1
+                    log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
+                    return True
             except VbpError as e:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)
@@ -291,16 +284,25 @@ class Resync:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)
             return True
-        addr = self.cluster.address(best)
-        gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
+        if await self._sync_from(self.cluster.address(best), lineage, index, allow_stale=True):
+            self.stats.chunks += 1
+            log.info("event=resynced_all_stale lineage=%s chunk=%d source=%s", lineage, index, best)
+            return True
+        return False
+
+    async def _sync_from(self, addr: str, lineage: str, index: int, *, allow_stale: bool = False) -> bool:
+        """Passes over the source's generations of the chunk until one changes nothing here.
+        Each pass asks the source for its generations anew: a snapshot taken during the
+        resync makes a new head, and the first write to it copies the chunk up here from
+        this copy's own (stale) base. Had the list been taken once, that generation would
+        be compared by no pass and the record cleared over it."""
         for _ in range(MAX_PASSES):
-            copied = 0
+            gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
+            changed = 0
             for g in gens:
-                copied += await self._sync_gen(addr, lineage, index, g, allow_stale=True)
-            copied += await self._drop_divergent(addr, lineage, index, gens)
-            if not copied:
-                self.stats.chunks += 1
-                log.info("event=resynced_all_stale lineage=%s chunk=%d source=%s", lineage, index, best)
+                changed += await self._sync_gen(addr, lineage, index, g, allow_stale=allow_stale)
+            changed += await self._drop_divergent(addr, lineage, index, gens)
+            if not changed:
                 return True
         return False
 
@@ -309,21 +311,26 @@ class Resync:
         acknowledged (e.g. taken by a gateway that was partitioned away and then fenced):
         they go. A generation is dropped only if the source still lacks it on a second look
         and no write touched it in between, so a chunk a current gateway is creating right
-        now is never removed."""
+        now is never removed. Returns the generations dropped, plus those the source gained
+        since `gens` was listed or a write changed meanwhile: this pass compared none of
+        them, so it is not the last."""
         local = [k for k in self.store.keys(lineage) if k.index == index and k.gen not in gens]
         if not local:
             return 0
         before = {k: self._local_sums(k, 0) for k in local}
         again = set((await self.pool.call(addr, m.ChunkGens(lineage, index))).gens)
-        dropped = 0
+        changed = 0
         for k in local:
-            if k.gen in again or self.store.info(k) is None or self._local_sums(k, 0) != before[k]:
+            if self.store.info(k) is None:
+                continue
+            if k.gen in again or self._local_sums(k, 0) != before[k]:
+                changed += 1  # new on the source too, or written meanwhile: look again
                 continue
             self._check_quiet(lineage, index)
             self.store.delete(k)
-            dropped += 1
+            changed += 1
             log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
-        return dropped
+        return changed
 
     def _local_sums(self, key: ChunkKey, pages: int) -> tuple[int, list[int]]:
         try:
