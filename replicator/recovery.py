@@ -23,6 +23,11 @@ by full copy"):
   pages equal, so a busy chunk still converges. Past the window,
   the write has landed on the source, or the source failed it and is recorded stale in
   the records the pass reads (it is then no source), or it was never acknowledged.
+- A pass resyncs up to `parallel` chunks at once: a chunk's resync waits on round trips to
+  its source, not on the disk. They share only what the pass read at its start (the
+  records, the window's start); each works on its own (lineage, index), every generation
+  of it, and its own record. A cleared record makes the copy current here at once
+  (`_current_again`); the stale map is listed again once, at the end of the pass.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
 """
 
@@ -100,6 +105,9 @@ class Resync:
         self.held_full = 0  # chunks held back by the last pass
         self.chunk_sizes: dict[str, int] = {}
         self.write_window = 6.0  # seconds; blockd sets its peer timeout + 1
+        # chunks resynced at once: each waits on round trips to its source, not on the
+        # disk, so one at a time makes the recovery of many stale chunks latency bound
+        self.parallel = 8
         self._quiet_since = -math.inf  # writes after this are within the window
 
     async def replicas_by_lineage(self) -> dict[str, int]:
@@ -204,22 +212,42 @@ class Resync:
                 log.warning("event=recovery_held reason=full used=%d capacity=%d chunks=%d",
                             st.used, st.capacity, len(held))
         self.held_full = len(held)
-        for r in mine:
-            if (r.lineage, r.index) in held:
-                continue
-            n = n_of.get(r.lineage)
-            if n is None:  # the lineage is gone: nothing to bring current
-                await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
-                continue
-            try:
-                if await self.resync_chunk(r.lineage, r.index, n, stale_hosts[(r.lineage, r.index)]):
-                    await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
-                    cleared += 1
-                    await self.refresh_stale_self()
-            except VbpError as e:  # one chunk failing must not stop the others
-                log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+        limit = trio.CapacityLimiter(self.parallel)
+
+        async def one(r) -> None:
+            nonlocal cleared
+            async with limit:
+                cleared += await self._resync_record(r, n_of.get(r.lineage), stale_hosts[(r.lineage, r.index)])
+
+        async with trio.open_nursery() as nursery:
+            for r in mine:
+                if (r.lineage, r.index) not in held:
+                    nursery.start_soon(one, r)
         self._progress(await self.refresh_stale_self())
         return cleared
+
+    async def _resync_record(self, r, n: int | None, stale: dict[str, int]) -> bool:
+        """Bring the copy one record names current and remove the record; True if done."""
+        if n is None:  # the lineage is gone: nothing to bring current
+            await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
+            return False
+        try:
+            if not await self.resync_chunk(r.lineage, r.index, n, stale):
+                return False
+            if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
+                self._current_again(r.lineage, r.index)
+            return True
+        except VbpError as e:  # one chunk failing must not stop the others
+            log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+            return False
+
+    def _current_again(self, lineage: str, index: int) -> None:
+        """This pass removed the copy's record: serve it as current now, not at the next
+        listing. (A listing per cleared chunk would cost a pass over n records n listings
+        of n, and with chunks resynced at once two listings could land out of order, the
+        older one forgetting a record made in between.)"""
+        if self.replica is not None and not self.replica.backfilling:
+            self.replica.stale_self.discard((lineage, index))
 
     def _progress(self, mine) -> None:
         if self.on_progress is not None:
