@@ -23,6 +23,11 @@ by full copy"):
   pages equal, so a busy chunk still converges. Past the window,
   the write has landed on the source, or the source failed it and is recorded stale in
   the records the pass reads (it is then no source), or it was never acknowledged.
+- A pass resyncs up to `parallel` chunks at once: a chunk's resync waits on round trips to
+  its source, not on the disk. They share only what the pass read at its start (the
+  records, the window's start); each works on its own (lineage, index), every generation
+  of it, and its own record. A cleared record makes the copy current here at once
+  (`_current_again`); the stale map is listed again once, at the end of the pass.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
 """
 
@@ -100,6 +105,9 @@ class Resync:
         self.held_full = 0  # chunks held back by the last pass
         self.chunk_sizes: dict[str, int] = {}
         self.write_window = 6.0  # seconds; blockd sets its peer timeout + 1
+        # chunks resynced at once: each waits on round trips to its source, not on the
+        # disk, so one at a time makes the recovery of many stale chunks latency bound
+        self.parallel = 8
         self._quiet_since = -math.inf  # writes after this are within the window
 
     async def replicas_by_lineage(self) -> dict[str, int]:
@@ -204,22 +212,42 @@ class Resync:
                 log.warning("event=recovery_held reason=full used=%d capacity=%d chunks=%d",
                             st.used, st.capacity, len(held))
         self.held_full = len(held)
-        for r in mine:
-            if (r.lineage, r.index) in held:
-                continue
-            n = n_of.get(r.lineage)
-            if n is None:  # the lineage is gone: nothing to bring current
-                await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
-                continue
-            try:
-                if await self.resync_chunk(r.lineage, r.index, n, stale_hosts[(r.lineage, r.index)]):
-                    await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
-                    cleared += 1
-                    await self.refresh_stale_self()
-            except VbpError as e:  # one chunk failing must not stop the others
-                log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+        limit = trio.CapacityLimiter(self.parallel)
+
+        async def one(r) -> None:
+            nonlocal cleared
+            async with limit:
+                cleared += await self._resync_record(r, n_of.get(r.lineage), stale_hosts[(r.lineage, r.index)])
+
+        async with trio.open_nursery() as nursery:
+            for r in mine:
+                if (r.lineage, r.index) not in held:
+                    nursery.start_soon(one, r)
         self._progress(await self.refresh_stale_self())
         return cleared
+
+    async def _resync_record(self, r, n: int | None, stale: dict[str, int]) -> bool:
+        """Bring the copy one record names current and remove the record; True if done."""
+        if n is None:  # the lineage is gone: nothing to bring current
+            await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
+            return False
+        try:
+            if not await self.resync_chunk(r.lineage, r.index, n, stale):
+                return False
+            if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
+                self._current_again(r.lineage, r.index)
+            return True
+        except VbpError as e:  # one chunk failing must not stop the others
+            log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
+            return False
+
+    def _current_again(self, lineage: str, index: int) -> None:
+        """This pass removed the copy's record: serve it as current now, not at the next
+        listing. (A listing per cleared chunk would cost a pass over n records n listings
+        of n, and with chunks resynced at once two listings could land out of order, the
+        older one forgetting a record made in between.)"""
+        if self.replica is not None and not self.replica.backfilling:
+            self.replica.stale_self.discard((lineage, index))
 
     def _progress(self, mine) -> None:
         if self.on_progress is not None:
@@ -254,18 +282,11 @@ class Resync:
                     and all(self.cluster.is_up(h) for h in complete)):
                 return await self._resync_all_stale(lineage, index, complete, stale)
         for src in sources:
-            addr = self.cluster.address(src)
             try:
-                gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
-                for _ in range(MAX_PASSES):
-                    copied = 0
-                    for g in gens:
-                        copied += await self._sync_gen(addr, lineage, index, g)
-                    copied += await self._drop_divergent(addr, lineage, index, gens)
-                    if not copied:
-                        self.stats.chunks += 1
-                        log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
-                        return True
+                if await self._sync_from(self.cluster.address(src), lineage, index):
+                    self.stats.chunks += 1
+                    log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
+                    return True
             except VbpError as e:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)
@@ -291,16 +312,25 @@ class Resync:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)
             return True
-        addr = self.cluster.address(best)
-        gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
+        if await self._sync_from(self.cluster.address(best), lineage, index, allow_stale=True):
+            self.stats.chunks += 1
+            log.info("event=resynced_all_stale lineage=%s chunk=%d source=%s", lineage, index, best)
+            return True
+        return False
+
+    async def _sync_from(self, addr: str, lineage: str, index: int, *, allow_stale: bool = False) -> bool:
+        """Passes over the source's generations of the chunk until one changes nothing here.
+        Each pass asks the source for its generations anew: a snapshot taken during the
+        resync makes a new head, and the first write to it copies the chunk up here from
+        this copy's own (stale) base. Had the list been taken once, that generation would
+        be compared by no pass and the record cleared over it."""
         for _ in range(MAX_PASSES):
-            copied = 0
+            gens = (await self.pool.call(addr, m.ChunkGens(lineage, index))).gens
+            changed = 0
             for g in gens:
-                copied += await self._sync_gen(addr, lineage, index, g, allow_stale=True)
-            copied += await self._drop_divergent(addr, lineage, index, gens)
-            if not copied:
-                self.stats.chunks += 1
-                log.info("event=resynced_all_stale lineage=%s chunk=%d source=%s", lineage, index, best)
+                changed += await self._sync_gen(addr, lineage, index, g, allow_stale=allow_stale)
+            changed += await self._drop_divergent(addr, lineage, index, gens)
+            if not changed:
                 return True
         return False
 
@@ -309,21 +339,26 @@ class Resync:
         acknowledged (e.g. taken by a gateway that was partitioned away and then fenced):
         they go. A generation is dropped only if the source still lacks it on a second look
         and no write touched it in between, so a chunk a current gateway is creating right
-        now is never removed."""
+        now is never removed. Returns the generations dropped, plus those the source gained
+        since `gens` was listed or a write changed meanwhile: this pass compared none of
+        them, so it is not the last."""
         local = [k for k in self.store.keys(lineage) if k.index == index and k.gen not in gens]
         if not local:
             return 0
         before = {k: self._local_sums(k, 0) for k in local}
         again = set((await self.pool.call(addr, m.ChunkGens(lineage, index))).gens)
-        dropped = 0
+        changed = 0
         for k in local:
-            if k.gen in again or self.store.info(k) is None or self._local_sums(k, 0) != before[k]:
+            if self.store.info(k) is None:
+                continue
+            if k.gen in again or self._local_sums(k, 0) != before[k]:
+                changed += 1  # new on the source too, or written meanwhile: look again
                 continue
             self._check_quiet(lineage, index)
             self.store.delete(k)
-            dropped += 1
+            changed += 1
             log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
-        return dropped
+        return changed
 
     def _local_sums(self, key: ChunkKey, pages: int) -> tuple[int, list[int]]:
         try:

@@ -368,11 +368,11 @@ def test_stale_records(reg):
     reg.mark_stale("lin", 3, ["h1"], 7)  # a newer miss raises the version
     reg.mark_stale("lin", 3, ["h1"], 6)  # a late, older mark does not lower it
     assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
-    reg.clear_stale("lin", 3, "h1", version=5)  # recovery copied v5, v7 is still missing
+    assert not reg.clear_stale("lin", 3, "h1", version=5)  # recovery copied v5, v7 is still missing
     assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
-    reg.clear_stale("lin", 3, "h1", version=7)
-    reg.clear_stale("lin", 3, "h2")
-    reg.clear_stale("lin", 3, "h9")  # absent: no-op
+    assert reg.clear_stale("lin", 3, "h1", version=7)
+    assert reg.clear_stale("lin", 3, "h2")
+    assert not reg.clear_stale("lin", 3, "h9")  # absent: no-op
     assert reg.list_stale("lin") == [StaleRecord("lin", 10, "h1", 1)]
     assert reg.list_stale("lin/x") == [StaleRecord("lin/x", 3, "h3", 2)]
 

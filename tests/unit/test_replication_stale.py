@@ -12,6 +12,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from replicator import messages as m
 from tests.sim.harness import Sim, call
 from vbp.errors import BelowMinSize
 from vbp.layout import MiB, ChunkKey
@@ -115,6 +116,67 @@ def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_t
             assert not stale_hosts(sim, rec.lineage)
             key = ChunkKey(rec.lineage, 0, rec.head)
             assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x01" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class _AfterGens:
+    """A peer pool that runs `hook` once, right after the first ChunkGens reply: the
+    moment a resync has learned which generations its source holds."""
+
+    def __init__(self, pool, hook):
+        self.pool = pool
+        self.hook = hook
+
+    async def call(self, address, msg):
+        reply = await self.pool.call(address, msg)
+        if isinstance(msg, m.ChunkGens) and self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        return reply
+
+
+def test_a_generation_created_during_a_resync_is_brought_current_too():
+    """Sim seed 2 with eight chunks resynced at once: a snapshot and a write made a new
+    generation of a chunk while the stale copy's resync of that chunk was under way. The
+    stale copy copied it up from its own stale base; the resync compared only the
+    generations the source held when it began, cleared the record, and the new head
+    served the stale base's bytes under the acknowledged write."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 8192, False))
+            gw_faults = sim.hosts[gw.host_id].faults
+            gw_faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # acknowledged by b alone
+            assert stale_hosts(sim, rec.lineage) == {a}
+            gw_faults.heal()
+            await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
+            provider = sim.hosts[gw.host_id].provider
+
+            async def snapshot_and_write():
+                async with trio.open_nursery() as n:
+                    n.start_soon(sim.snapshot, "v", "s0")
+                    while not sim.volume("v").snapshots:
+                        await provider.sync_records()
+                        await trio.sleep(0.05)
+                # the first write to the new head copies the chunk up on both copies
+                await call(gw.write(4096, b"\x03" * 4096, False))
+
+            resync = sim.hosts[a].resync
+            resync.pool = _AfterGens(resync.pool, snapshot_and_write)
+            for _ in range(3):
+                await resync.run_once()
+                if not stale_hosts(sim, rec.lineage):
+                    break
+                await trio.sleep(resync.write_window)
+            assert not stale_hosts(sim, rec.lineage)
+            head = sim.volume("v")
+            assert head.head != rec.head
+            for h in (a, b):
+                got = sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192]
+                assert got == b"\x02" * 4096 + b"\x03" * 4096, h
             nursery.cancel_scope.cancel()
 
     run(main)

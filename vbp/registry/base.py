@@ -472,15 +472,17 @@ class Registry:
                                    it.create_rev))
         return out
 
-    def clear_stale(self, lineage: str, index: int, host_id: str, version: int | None = None) -> None:
+    def clear_stale(self, lineage: str, index: int, host_id: str, version: int | None = None) -> bool:
+        """Remove the record (only if it is still at `version`, when given); True if this
+        call removed it, False if it was absent or names a newer miss."""
         key = self._stale_key(lineage, index, host_id)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             if item is None or (version is not None and _unpack(item.value) != version):
-                return
+                return False
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
             if ok:
-                return
+                return True
         raise self._contended(f"clear stale {lineage}/{index} on {host_id}")
 
     # --- scrub requests (replicator/scrub.py) ---------------------------------------------
