@@ -17,11 +17,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_range(n: int) -> int:
-    """A base port such that base..base+n-1 are free on loopback right now."""
+    """A base port such that base..base+n-1 are free on loopback right now, below the
+    kernel's ephemeral range: a test that restarts a host reuses its ports, and an
+    outgoing connection meanwhile (a peer, a client) could otherwise be given one of them
+    as its local port."""
     rng = random.Random()
+    top = min(_ephemeral_floor(), 60000) - n
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
+        base = rng.randrange(20000, max(top, 20001))
         socks = []
         try:
             for p in range(base, base + n):
