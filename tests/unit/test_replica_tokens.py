@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from replicator import messages as m
@@ -18,6 +20,7 @@ def write(token: int) -> m.WriteChunk:
 def test_restarted_replica_refuses_a_gateway_fenced_while_it_was_down():
     reg = open_registry("memory://")
     old = reg.acquire_lease("v", "gw1", 0.0001)
+    time.sleep(0.01)  # gw1 stops renewing: its lease runs out
     store = MemoryChunkStore(None, 64 << 20)
     r = Replica(store, "h1", lambda: 1)
     r.handle(write(old.token))  # before the takeover
