@@ -92,8 +92,23 @@ class VolumeProvider:
                 self.refs[export] = 0
                 if gw.read_only:
                     await self._hold_snapshot(export, gw)
+                else:
+                    await self._settle_orphaned_lease(export, gw)
             self.refs[export] += 1
         return gw
+
+    async def _settle_orphaned_lease(self, export: str, gw: VolumeGateway) -> None:
+        """A lease that ran out without being released (its holder crashed or was cut
+        off) may have left writes on some replicas only: take it over now, which
+        reconciles them (VolumeGateway.reconcile_after_takeover), rather than at our
+        first write, so that reads before it answer what the pool settles on. Not
+        possible right now (registry unreachable, someone else took it): the first write
+        does it."""
+        try:
+            if await self.service.registry.lease_orphaned(export):
+                await gw.ensure_lease()
+        except VbpError as e:
+            log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
 
     # Snapshot exports and garbage collection (issue 5: a deleted snapshot's chunks are
     # freed and reused; an export still open must never serve them). Every host publishes

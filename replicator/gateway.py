@@ -494,6 +494,10 @@ class VolumeGateway:
 
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 
+    async def ensure_lease(self) -> None:
+        """Hold the write lease now (taking it if needed) rather than at the first write."""
+        await self._leased(lambda: None)
+
     async def _leased(self, op, *args):
         while self._hold is not None:
             await self._hold.wait()

@@ -524,3 +524,16 @@ def test_lease_tokens_survive_release_and_expiry(reg):
     time.sleep(0.05)
     c = reg.acquire_lease("v2", "h3", 30)  # takeover after expiry: a newer token
     assert reg.lease_tokens() == {"v1": a.token, "v2": c.token} and c.token > b.token
+
+
+def test_a_lease_that_ran_out_unreleased_is_orphaned(reg):
+    assert not reg.lease_orphaned("v")
+    lease = reg.acquire_lease("v", "gw1", 30)
+    assert not reg.lease_orphaned("v")  # held
+    reg.release_lease(lease)
+    assert not reg.lease_orphaned("v")  # released
+    reg.acquire_lease("v", "gw1", 0.001)
+    time.sleep(0.01)
+    assert reg.lease_orphaned("v")  # ran out: its holder stopped renewing
+    assert reg.acquire_lease("v", "gw2", 30).taken_over
+    assert not reg.lease_orphaned("v")

@@ -423,6 +423,15 @@ class Registry:
         lease = self._lease_of(volume, item.value)
         return lease if lease.holder and lease.expires > time.time() else None
 
+    def lease_orphaned(self, volume: str) -> bool:
+        """The volume's lease ran out without being released: its holder crashed or was
+        cut off, maybe with writes in flight (see Lease.taken_over)."""
+        item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
+        if item is None:
+            return False
+        lease = self._lease_of(volume, item.value)
+        return bool(lease.holder) and lease.expires <= time.time()
+
     # --- stale-replica (dirty) records -----------------------------------------------------
 
     def publish_stats(self, host_id: str, stats: dict, ttl: float) -> None:
