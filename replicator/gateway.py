@@ -523,23 +523,19 @@ class VolumeGateway:
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + len(data) <= self._cs and self._local_only(index):
-            v = self.replica.write_in_order(self.view.volume.name, self.lineage, index, self.gen,
-                                            self.chain_for(index), inner, data, self._cs, 0, fua,
-                                            self.cluster.epoch, self.token)
+            self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
+                               self.chain_for(index), inner, data, self._cs, 0, fua,
+                               self.cluster.epoch, self.token)
             self._note_unflushed(self.host_id, index)
-            return None if type(v) is int else self._local_after([(index, v)])
+            return None
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
-            waits = []
             for p in pieces:
-                v = self.replica.write_in_order(
-                    self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
-                    p.offset, data[p.buf_offset:p.buf_offset + p.length],
-                    self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
+                self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
+                                   p.offset, data[p.buf_offset:p.buf_offset + p.length],
+                                   self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
                 self._note_unflushed(self.host_id, p.index)
-                if type(v) is not int:
-                    waits.append((p.index, v))
-            return self._local_after(waits) if waits else None
+            return None
         payload = bytes(data)
         del length
         rid = current_rid.get()
@@ -548,29 +544,18 @@ class VolumeGateway:
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
             self.cluster.epoch, self.token, rid))
 
-    async def _local_after(self, waits) -> None:
-        """Local-only writes queued behind their chunks' dirty marks (Replica.write_in_order):
-        the request completes when every one is applied, and a flush after that covers it
-        (one that ran while it waited did not)."""
-        for index, w in waits:
-            await w
-            self._note_unflushed(self.host_id, index)
-
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
         if all(self._local_only(p.index) for p in pieces):
-            waits = []
             for p in pieces:
-                v = self.replica.zero_in_order(
-                    self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
-                    p.offset, p.length, self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
-                self._note_unflushed(self.host_id, p.index)
-                if type(v) is not int:
-                    waits.append((p.index, v))
-            return self._local_after(waits) if waits else None
+                self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
+                                  p.offset, p.length, self.geometry.chunk_size, 0, fua,
+                                  self.cluster.epoch, self.token)
+                self._unflushed.setdefault(self.host_id, set()).add(p.index)
+            return None
         rid = current_rid.get()
         return self._replicate(pieces, lambda p: m.ZeroChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
@@ -759,38 +744,28 @@ class VolumeGateway:
                 remote.append(h)
             else:
                 failed[h] = PeerUnavailable(f"host {h} is down")
-        pending = None
         if local:
             try:
-                reply = self.replica.handle(msg)
+                replies[self.host_id] = self.replica.handle(msg)
             except VbpError as e:
                 failed[self.host_id] = e
-            else:
-                if hasattr(reply, "__await__"):  # queued behind the chunk's dirty mark
-                    pending = reply
-                else:
-                    replies[self.host_id] = reply
         if remote:
-            try:
-                results = await self._call_remote(remote, msg)
-            except BaseException:
-                if pending is not None:
-                    pending.close()  # the local write still applies; nobody waits for it
-                raise
+            no_rid = self.cluster.no_rid
+            if no_rid and msg.rid and not no_rid.isdisjoint(remote):
+                # decoders that predate request ids get the message without one
+                old = [h for h in remote if h in no_rid]
+                new = [h for h in remote if h not in no_rid]
+                results = await self._call_all(old, dc_replace(msg, rid=""))
+                results.update(await self._call_all(new, msg))
+            else:
+                results = await self._call_all(remote, msg)
             for h, r in results.items():
                 if isinstance(r, VbpError):
                     failed[h] = r
                 elif isinstance(r, Exception):
-                    if pending is not None:
-                        pending.close()
                     raise r
                 else:
                     replies[h] = r
-        if pending is not None:
-            try:
-                replies[self.host_id] = await pending
-            except VbpError as e:
-                failed[self.host_id] = e
         stale = [h for h, e in failed.items() if isinstance(e, StaleEpoch)]
         if stale and self.refresh_map is not None:
             await self.refresh_map()
@@ -802,17 +777,6 @@ class VolumeGateway:
                 except VbpError as e:
                     failed[h] = e
         return replies
-
-    async def _call_remote(self, remote: list[str], msg) -> dict:
-        no_rid = self.cluster.no_rid
-        if no_rid and msg.rid and not no_rid.isdisjoint(remote):
-            # decoders that predate request ids get the message without one
-            old = [h for h in remote if h in no_rid]
-            new = [h for h in remote if h not in no_rid]
-            results = await self._call_all(old, dc_replace(msg, rid=""))
-            results.update(await self._call_all(new, msg))
-            return results
-        return await self._call_all(remote, msg)
 
     async def _call_all(self, hosts: list[str], msg) -> dict:
         if not hosts:
@@ -831,8 +795,7 @@ class VolumeGateway:
 
     async def _send_once(self, host: str, msg):
         if host == self.host_id:
-            reply = self.replica.handle(msg)
-            return (await reply) if hasattr(reply, "__await__") else reply
+            return self.replica.handle(msg)
         return await self._call(host, msg)
 
     async def _call(self, host: str, msg):

@@ -15,12 +15,6 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   the same write may still be on its way to another replica; resync must not overwrite
   those bytes here from that one until the write has landed there or failed
   (replicator/recovery.py, which also forgets entries older than its window).
-- The first write to a chunk after a flush must record the chunk dirty durably first (a
-  synced index commit, vbp.chunkstore). Such writes are queued per chunk and one marker
-  task records every queued chunk in one commit, in a worker thread, then applies the
-  queued writes in their order of arrival: the event loop never waits on that commit, and
-  later writes to a chunk whose mark is pending queue behind the earlier ones, so every
-  replica applies one gateway's writes to a chunk in the order it sent them.
 - Logs: a refused or failed client request is one line (warning; info for the transient
   refusals a gateway retries or routes around), an applied one a debug line; both carry the
   request's id (vbp.reqid) when set, so the gateway's line and the replica's line about one
@@ -33,7 +27,6 @@ import logging
 import time
 from typing import Callable
 
-import outcome
 import trio
 
 from replicator import messages as m
@@ -46,35 +39,6 @@ log = logging.getLogger("vbp.replica")
 
 class StaleCopy(PeerUnavailable):
     """This replica's copy is stale: ask another one (travels as 'unavailable')."""
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:  # direct use outside a trio run (tools, tests): write inline
-        return False
-    return True
-
-
-class _Queued:
-    """One write waiting for its chunk's dirty mark; its outcome once applied."""
-
-    __slots__ = ("fn", "args", "result", "event")
-
-    def __init__(self, fn, args):
-        self.fn = fn
-        self.args = args
-        self.result: outcome.Outcome | None = None
-        self.event = trio.Event()
-
-    def done(self, result: outcome.Outcome) -> None:
-        self.result = result
-        self.args = None
-        self.event.set()
-
-    async def wait(self):
-        await self.event.wait()
-        return self.result.unwrap()
 
 
 class Replica:
@@ -91,11 +55,6 @@ class Replica:
         self.backfilling = False
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
-        # writes waiting for their chunk's dirty mark, per chunk, in order of arrival
-        self._queued: dict[ChunkKey, list[_Queued]] = {}
-        self._to_mark: list[ChunkKey] = []
-        self._marking = False
-        self.marks = 0  # group commits made (each records one or more chunks dirty)
 
     @staticmethod
     def now() -> float:
@@ -109,70 +68,6 @@ class Replica:
         if w is None:
             w = self.written[(lineage, index)] = []
         w.append((self.now(), offset, offset + length))
-
-    # --- writes in order behind a chunk's dirty mark ----------------------------------
-
-    def write_in_order(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
-                       data, chunk_size: int, version: int, fua: bool, epoch: int, token: int):
-        """write(), now (its version), or an awaitable of its version when the chunk must
-        first be recorded dirty or earlier writes to it wait for that (see the module
-        docstring). `data` is copied when the write waits."""
-        key = ChunkKey(lineage, index, gen)
-        if ((self._queued and key in self._queued) or self.store.needs_mark(key)) and _in_trio():
-            return self._enqueue(key, self.write, (volume, lineage, index, gen, chain, offset, bytes(data),
-                                                   chunk_size, version, fua, epoch, token))
-        return self.write(volume, lineage, index, gen, chain, offset, data, chunk_size, version,
-                          fua, epoch, token)
-
-    def zero_in_order(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
-                      length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int):
-        """zero(), now or in order behind the chunk's dirty mark (see write_in_order)."""
-        key = ChunkKey(lineage, index, gen)
-        if ((self._queued and key in self._queued) or self.store.needs_mark(key)) and _in_trio():
-            return self._enqueue(key, self.zero, (volume, lineage, index, gen, chain, offset, length,
-                                                  chunk_size, version, fua, epoch, token))
-        return self.zero(volume, lineage, index, gen, chain, offset, length, chunk_size, version,
-                         fua, epoch, token)
-
-    def _enqueue(self, key: ChunkKey, fn, args):
-        q = self._queued.get(key)
-        if q is None:
-            if not self.store.needs_mark(key):  # queued behind nothing: no mark needed
-                return fn(*args)
-            q = self._queued[key] = []
-            self._to_mark.append(key)
-            if not self._marking:
-                self._marking = True
-                trio.lowlevel.spawn_system_task(self._marker, name="vbp.replica.marker")
-        slot = _Queued(fn, args)
-        q.append(slot)
-        return slot.wait()
-
-    async def _marker(self) -> None:
-        """Record the queued chunks dirty in one commit, then apply their queued writes in
-        order; again while chunks were queued meanwhile. Shielded: the writes it holds were
-        sent by clients that wait for them, whatever task started it."""
-        try:
-            with trio.CancelScope(shield=True):
-                while self._to_mark:
-                    keys, self._to_mark = self._to_mark, []
-                    try:
-                        if self.store.mark_in_thread:
-                            await trio.to_thread.run_sync(self.store.record_dirty, keys)
-                        else:
-                            await trio.lowlevel.checkpoint()
-                            self.store.record_dirty(keys)
-                        self.store.dirty_recorded(keys)
-                        failed = None
-                    except Exception as e:  # NoSpace, LocalFault: every queued write gets it
-                        failed = e
-                    self.marks += 1
-                    for k in keys:
-                        for slot in self._queued.pop(k, ()):
-                            slot.done(outcome.Error(failed) if failed is not None
-                                      else outcome.capture(slot.fn, *slot.args))
-        finally:
-            self._marking = False
 
     def is_stale(self, lineage: str, index: int) -> bool:
         return self.backfilling or (bool(self.stale_self) and (lineage, index) in self.stale_self)
@@ -268,60 +163,34 @@ class Replica:
     # --- the peer protocol entry point --------------------------------------------------
 
     def handle(self, msg, peer: str | None = None):
-        """Answer one peer message: the reply, or an awaitable of it for a write queued
-        behind its chunk's dirty mark. Errors propagate and become Error replies."""
+        """Answer one peer message (synchronously). Errors propagate and become Error replies."""
         try:
             reply = self._handle(msg)
         except VbpError as e:
-            self._refused(msg, peer, e)
+            op = _OPS.get(type(msg))
+            if op is not None:
+                log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
+                        "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
+                        getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
+                        peer or self.host_id, type(e).__name__, e)
             raise
-        if hasattr(reply, "__await__"):
-            return self._finish(reply, msg, peer)
         if type(msg) in _OPS and log.isEnabledFor(logging.DEBUG):
-            self._applied(msg, peer)
+            log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s", getattr(msg, "volume", "-"),
+                      getattr(msg, "index", "-"), _OPS[type(msg)], peer or self.host_id)
         return reply
-
-    async def _finish(self, pending, msg, peer):
-        try:
-            reply = await pending
-        except VbpError as e:
-            self._refused(msg, peer, e)
-            raise
-        if log.isEnabledFor(logging.DEBUG):
-            self._applied(msg, peer)
-        return reply
-
-    def _refused(self, msg, peer, e: VbpError) -> None:
-        op = _OPS.get(type(msg))
-        if op is not None:
-            log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
-                    "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
-                    getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
-                    peer or self.host_id, type(e).__name__, e)
-
-    def _applied(self, msg, peer) -> None:
-        log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s", getattr(msg, "volume", "-"),
-                  getattr(msg, "index", "-"), _OPS[type(msg)], peer or self.host_id)
-
-    async def _ok_after(self, pending, msg):
-        return m.Ok(await pending, self.is_stale(msg.lineage, msg.index))
 
     def _handle(self, msg):
         if isinstance(msg, m.WriteChunk):
-            v = self.write_in_order(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
-                                    msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
-            if type(v) is not int:
-                return self._ok_after(v, msg)
+            v = self.write(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
+                           msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
             return m.Ok(v, self.is_stale(msg.lineage, msg.index))
         if isinstance(msg, m.ReadChunk):
             gen, data, version = self.read(msg.lineage, msg.index, msg.chain, msg.offset, msg.length,
                                            allow_stale=msg.allow_stale)
             return m.Data(data if data is not None else b"", version, gen)
         if isinstance(msg, m.ZeroChunk):
-            v = self.zero_in_order(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
-                                   msg.length, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
-            if type(v) is not int:
-                return self._ok_after(v, msg)
+            v = self.zero(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
+                          msg.length, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
             return m.Ok(v, self.is_stale(msg.lineage, msg.index))
         if isinstance(msg, m.Flush):
             self.flush(msg.volume, msg.epoch, msg.token)

@@ -459,8 +459,6 @@ class Scrubber:
     async def _call(self, host: str, msg):
         if host == self.host_id:
             reply = self.replica.handle(msg)
-            if hasattr(reply, "__await__"):
-                return await reply
             await trio.lowlevel.checkpoint()
             return reply
         return await self.pool.call(self.cluster.address(host), msg)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import fcntl
 import heapq
 import os
-import threading
 import uuid
 from array import array
 from pathlib import Path
@@ -119,7 +118,6 @@ class ChunkStore:
         self._used = 0
         self._checksum_errors = 0
         self._closed = False
-        self._bg = threading.Lock()  # record_dirty in a worker thread vs close
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
                                   map_size=index_map_size)
@@ -475,51 +473,9 @@ class ChunkStore:
         c.dirty = True
         self._dirty[c.key] = c
 
-    # --- the dirty mark of many chunks at once (group commit) ------------------------------
-
-    # Recording a chunk dirty before its first write after a flush is a synced index
-    # commit (milliseconds on a busy disk). Done inline by write()/zero(), it would stall
-    # the caller's event loop once per chunk; replicator.replica instead collects the
-    # chunks that need it and records them together off the loop, then writes.
-    mark_in_thread = True  # record_dirty may run in a worker thread
-
     def dirty_indexes(self, lineage: str, gen: int) -> list[int]:
         """Chunks of generation `gen` of `lineage` written since the last flush."""
         return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
-
-    def needs_mark(self, key: ChunkKey) -> bool:
-        """True if a write to the existing chunk `key` would first record it dirty."""
-        c = self._chunks.get(key)
-        return c is not None and not c.dirty
-
-    def record_dirty(self, keys) -> None:
-        """Record `keys` dirty, durably, in one transaction. Touches nothing but the index,
-        so it may run in a worker thread while the owner thread goes on; dirty_recorded(keys)
-        then runs in the owner thread. The durability rule is unchanged: the record is
-        durable before any byte of the chunk's next write is written."""
-        with self._bg:
-            if self._closed:
-                raise LocalFault("the chunk store is closed")
-            with self._txn() as txn:
-                for k in keys:
-                    txn.put(enc_key(k), b"", db=self._db["dirty"])
-
-    def dirty_recorded(self, keys) -> None:
-        """After record_dirty(keys), in the owner thread: those chunks are dirty now. A
-        chunk deleted meanwhile has its record taken back (no record may name a missing
-        chunk)."""
-        gone = []
-        for k in keys:
-            c = self._chunks.get(k)
-            if c is None:
-                gone.append(k)
-            elif not c.dirty:
-                c.dirty = True
-                self._dirty[c.key] = c
-        if gone:
-            with self._txn() as txn:
-                for k in gone:
-                    txn.delete(enc_key(k), db=self._db["dirty"])
 
     def _sync_chunk(self, c: Chunk) -> None:
         c.space.sync_data()
@@ -699,8 +655,7 @@ class ChunkStore:
         self._close_files()
 
     def _close_files(self) -> None:
-        with self._bg:  # a record_dirty in a worker thread finishes first
-            self._closed = True
+        self._closed = True
         for sp in self._spaces.values():
             sp.close()
         self._spaces.clear()

@@ -228,21 +228,9 @@ class MemoryChunkStore:
         self._free.setdefault(c.cs, []).append(c.slot)
         self._used -= c.cs
 
-    # --- the dirty mark of many chunks at once (ChunkStore's API; nothing to make durable) --
-
-    mark_in_thread = False  # record_dirty is free: the caller need not leave its thread
-
     def dirty_indexes(self, lineage: str, gen: int) -> list[int]:
+        """Chunks of generation `gen` of `lineage` written since the last flush."""
         return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
-
-    def needs_mark(self, key: ChunkKey) -> bool:
-        return key in self._chunks and key not in self._dirty
-
-    def record_dirty(self, keys) -> None:
-        pass
-
-    def dirty_recorded(self, keys) -> None:
-        pass
 
     # --- durability and faults --------------------------------------------------------------
 
