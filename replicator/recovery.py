@@ -8,6 +8,12 @@ by full copy"):
 - The stale host runs this loop. For each of its records it picks a current source among
   the chunk's replicas (up, not stale), lists the generations the source holds, and for
   each generation compares per-page checksums: only pages that differ cross the network.
+- While a chunk is resynced here, a write that would make a new generation of it here
+  (the first write after a snapshot) is refused (replicator/replica.py): made from this
+  copy's stale base, it would hold stale bytes no pass compares once the last one is done.
+  The gateway records the copy stale again, which undoes the clear or makes it fail; when
+  that cannot (the mark came first, or a backfill's NEVER_CURRENT record), a clear after a
+  refusal records the copy stale again here and it is not served as current.
 - Writes keep arriving while a chunk is resynced. A page is overwritten with the source's
   bytes only if its local checksum is still the one the diff was made against (the check
   and the write run without an await between them, so nothing interleaves); a page that
@@ -231,15 +237,30 @@ class Resync:
         if n is None:  # the lineage is gone: nothing to bring current
             await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
             return False
+        key = (r.lineage, r.index)
+        rep = self.replica
+        if rep is not None:
+            rep.resyncing.add(key)
         try:
             if not await self.resync_chunk(r.lineage, r.index, n, stale):
                 return False
             if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
+                if rep is not None and key in rep.refused:
+                    # a generation this resync never compared is missing here (the gateway's
+                    # mark cannot undo the clear when it came first, nor move a backfill's
+                    # NEVER_CURRENT record): stale again, and never served as current
+                    log.info("event=resync_missed_generation lineage=%s chunk=%d", r.lineage, r.index)
+                    await self.registry.mark_stale(r.lineage, r.index, [self.host_id], time.time_ns())
+                    return False
                 self._current_again(r.lineage, r.index)
             return True
         except VbpError as e:  # one chunk failing must not stop the others
             log.warning("event=resync_failed lineage=%s chunk=%d error=%s", r.lineage, r.index, e)
             return False
+        finally:
+            if rep is not None:
+                rep.resyncing.discard(key)
+                rep.refused.discard(key)
 
     def _current_again(self, lineage: str, index: int) -> None:
         """This pass removed the copy's record: serve it as current now, not at the next

@@ -8,6 +8,12 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   than its own map with StaleEpoch; the gateway refreshes its map and retries.
 - Copy-on-write: a write to generation `gen` of a chunk that does not exist yet copies up
   the newest older generation of the volume's chain that this host holds, locally.
+  Except while resync brings this copy current (`resyncing`): its older generations may
+  still miss acknowledged writes, so a generation made from them would hold stale bytes
+  outside the write's range, and once the resync has made its last comparison nothing
+  would look at it again before the record is cleared. Such a write is refused
+  (StaleCopy: the gateway records the copy stale again) and noted in `refused`; resync
+  does not count a copy current after a refusal (replicator/recovery.py).
 - The local gateway calls these methods directly (no transport), remote gateways reach
   them through the peer protocol; both go through the same checks.
 - Every client write or zero applied notes when and where (`written`: per lineage and
@@ -53,6 +59,10 @@ class Replica:
         # this host came back with a new, empty store (blockd: a replaced disk) and has not
         # yet learned which of its copies are missing: every copy counts as stale
         self.backfilling = False
+        # (lineage, index) whose resync is under way here (replicator/recovery.py), and
+        # those of them that refused to make a generation meanwhile
+        self.resyncing: set[tuple[str, int]] = set()
+        self.refused: set[tuple[str, int]] = set()
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
 
@@ -126,10 +136,19 @@ class Replica:
             return None
         return self.store.resolve(lineage, index, chain)
 
+    def _check_creates(self, lineage: str, index: int, gen: int) -> None:
+        """No generation is made from a copy being resynced (theory of operation)."""
+        if (self.resyncing and (lineage, index) in self.resyncing
+                and self.store.resolve(lineage, index, (gen,)) is None):
+            self.refused.add((lineage, index))
+            raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced: "
+                            f"generation {gen} is left to the resync")
+
     def write(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
               data, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         self.check_token(volume, token)
         self.check_epoch(epoch)
+        self._check_creates(lineage, index, gen)
         self._note(lineage, index, offset, len(data))
         key = ChunkKey(lineage, index, gen)
         return self.store.write(
@@ -141,6 +160,7 @@ class Replica:
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         self.check_token(volume, token)
         self.check_epoch(epoch)
+        self._check_creates(lineage, index, gen)
         self._note(lineage, index, offset, length)
         base = self._base(lineage, index, gen, chain)
         if base is None and self.store.resolve(lineage, index, (gen,)) is None:

@@ -39,7 +39,7 @@ def test_no_faults_all_operations():
     assert not out.violations and not out.divergent_unknown, report(out)
 
 
-@pytest.mark.parametrize("seed", seeds([3, 4, 10, 27]))
+@pytest.mark.parametrize("seed", seeds([3, 4, 10, 27, 32]))
 def test_takeover(seed):
     out = run_seed(seed, Config(faults=ALL_FAULTS))
     assert not out.violations, report(out)

@@ -249,6 +249,16 @@ class Run:
             try:
                 await old_host.run_on(lambda: call(old.write(offset, bytes([ZOMBIE_BYTE]) * length, False)))
             except (VbpError, HostDown):
+                if self._holds_lease(c.name, old):
+                    # Nobody took the lease over (the old gateway renewed it, or took it on
+                    # this write as nobody held it): this gateway is the volume's writer,
+                    # and a write of its that fails may have landed on the copies that took
+                    # it (below min_size they keep it), as a client write that fails may.
+                    # Checked after the failure: had a new gateway taken the lease, the
+                    # check stays strict (none of its acknowledged bytes is masked).
+                    self.out.log.append(f"t={trio.current_time():.2f} zombie write failed, lease "
+                                        f"still held {c.name} {offset}+{length}")
+                    model.maybe(offset, length)
                 continue
             lease = sim.reg.kv.get(b"vbp/lease/" + c.name.encode())[0]
             self.out.log.append(f"t={trio.current_time():.2f} zombie write acked {c.name} {offset}+{length}")
@@ -256,6 +266,11 @@ class Run:
                 self.out.fail(f"t={trio.current_time():.2f} {c.name}: a gateway whose lease was taken "
                               f"over (token {old.token}) had a write acknowledged")
             model.maybe(offset, length)
+
+    def _holds_lease(self, name: str, gw) -> bool:
+        """Whether `gw` holds the volume's lease: its token is the newest one granted."""
+        item = self.sim.reg.kv.get(b"vbp/lease/" + name.encode())[0]
+        return bool(gw.token) and item is not None and self.sim.reg._lease_of(name, item.value).token == gw.token
 
     # --- the end ----------------------------------------------------------------------------
 

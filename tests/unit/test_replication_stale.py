@@ -9,10 +9,12 @@ forever and the copy that missed an acknowledged write could serve it."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from replicator import messages as m
+from replicator.recovery import NEVER_CURRENT
 from tests.sim.harness import Sim, call
 from vbp.errors import BelowMinSize
 from vbp.layout import MiB, ChunkKey
@@ -174,6 +176,69 @@ def test_a_generation_created_during_a_resync_is_brought_current_too():
             assert not stale_hosts(sim, rec.lineage)
             head = sim.volume("v")
             assert head.head != rec.head
+            for h in (a, b):
+                got = sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192]
+                assert got == b"\x02" * 4096 + b"\x03" * 4096, h
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class _WhileClearing:
+    """A registry that runs `hook` once while a resync clears a record: after the last
+    comparison, before the record is gone."""
+
+    def __init__(self, registry, hook):
+        self.registry = registry
+        self.hook = hook
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def clear_stale(self, *args):
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        return await self.registry.clear_stale(*args)
+
+
+@pytest.mark.parametrize("version", [1, NEVER_CURRENT])
+def test_a_generation_made_while_a_resync_clears_its_record_leaves_the_copy_stale(version):
+    """The last pass of a resync found nothing to copy; while the record was being cleared,
+    a snapshot's first write reached the stale copy. Made there from the copy's stale
+    base, that generation would hold its bytes under the acknowledged write with no
+    record left to bring it current. The copy refuses to make it; the copy stays recorded
+    stale (also under a backfill's NEVER_CURRENT record, which no failure moves) and the
+    next resync brings the new generation."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 8192, False))
+            gw_faults = sim.hosts[gw.host_id].faults
+            gw_faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # acknowledged by b alone
+            gw_faults.heal()
+            sim.reg.mark_stale(rec.lineage, 0, [a], version)
+            await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
+            provider = sim.hosts[gw.host_id].provider
+
+            async def snapshot_and_write():
+                async with trio.open_nursery() as n:
+                    n.start_soon(sim.snapshot, "v", "s0")
+                    while not sim.volume("v").snapshots:
+                        await provider.sync_records()
+                        await trio.sleep(0.05)
+                await call(gw.write(4096, b"\x03" * 4096, False))  # the new head's first write
+
+            resync = sim.hosts[a].resync
+            resync.registry = _WhileClearing(resync.registry, snapshot_and_write)
+            await resync.run_once()
+            assert stale_hosts(sim, rec.lineage) == {a}
+            assert not sim.hosts[a].replica.resyncing and not sim.hosts[a].replica.refused
+            await trio.sleep(resync.write_window)
+            await resync.run_once()
+            assert not stale_hosts(sim, rec.lineage)
+            head = sim.volume("v")
             for h in (a, b):
                 got = sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192]
                 assert got == b"\x02" * 4096 + b"\x03" * 4096, h
