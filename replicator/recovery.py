@@ -49,11 +49,8 @@ import trio
 from replicator import messages as m
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
+from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
 from vbp.volume import replicas_by_lineage
-
-# The version of the stale records a backfill makes: above any time_ns() a failure records,
-# so no later failure changes it, and it tells resync the copy was never current.
-NEVER_CURRENT = 1 << 62
 
 log = logging.getLogger("vbp.recovery")
 
@@ -180,7 +177,8 @@ class Resync:
         marked = 0
         for lineage, index in sorted(found):
             if self.host_id in self.cluster.write_set(lineage, index, n_of[lineage]):
-                await self.registry.mark_stale(lineage, index, [self.host_id], NEVER_CURRENT)
+                await self.registry.mark_stale(lineage, index, [self.host_id],
+                                               NEVER_CURRENT | time.time_ns())
                 marked += 1
         await self.refresh_stale_self()
         return marked
@@ -206,7 +204,7 @@ class Resync:
         for r in records:
             # a copy recorded stale by a backfill was never current: never the one elected
             stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = (
-                -1 if r.version == NEVER_CURRENT else r.since)
+                -1 if r.version & NEVER_CURRENT else r.since)
         n_of = await self.replicas_by_lineage()
         cleared = 0
         st = self.store.stats()

@@ -537,3 +537,15 @@ def test_a_lease_that_ran_out_unreleased_is_orphaned(reg):
     assert reg.lease_orphaned("v")  # ran out: its holder stopped renewing
     assert reg.acquire_lease("v", "gw2", 30).taken_over
     assert not reg.lease_orphaned("v")
+
+
+def test_a_never_current_stale_record_keeps_its_flag_and_still_moves_up(reg):
+    from vbp.registry.base import NEVER_CURRENT
+
+    reg.mark_stale("lin", 1, ["h1"], NEVER_CURRENT | 100)
+    reg.mark_stale("lin", 1, ["h1"], 50)  # an older failure: nothing changes
+    assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 100
+    reg.mark_stale("lin", 1, ["h1"], 200)  # a newer failure raises it, the flag stays
+    assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 200
+    assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 100) is False  # re-marked meanwhile
+    assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 200) is True

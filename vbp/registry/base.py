@@ -96,6 +96,12 @@ class StaleRecord:
     since: int = field(default=0, compare=False)
 
 
+# Flag bit of a stale record's version (see mark_stale): set by a host that came back with
+# an empty store for the copies it misses (replicator.recovery, backfill); such a copy was
+# never current, so resync never elects it as the copy that went stale last.
+NEVER_CURRENT = 1 << 62
+
+
 def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -451,15 +457,22 @@ class Registry:
 
     def mark_stale(self, lineage: str, index: int, host_ids: Iterable[str], version: int) -> None:
         """Record that these replicas miss `version` of the chunk; a record only ever moves
-        to a higher version (a late mark with an older version changes nothing)."""
+        to a higher version (a late mark with an older version changes nothing). The
+        NEVER_CURRENT bit of a version is a flag, not part of the order: once set it stays
+        (the copy was never current), and later failures still raise the version below it."""
         for host_id in host_ids:
             key = self._stale_key(lineage, index, host_id)
             for _ in range(CAS_ATTEMPTS):
                 item, _ = self.kv.get(key)
-                if item is not None and _unpack(item.value) >= version:
-                    break
+                new = version
+                if item is not None:
+                    old = _unpack(item.value)
+                    new = (max(old & ~NEVER_CURRENT, version & ~NEVER_CURRENT)
+                           | ((old | version) & NEVER_CURRENT))
+                    if new == old:
+                        break
                 ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)],
-                                    [Put(key, _pack(version))])
+                                    [Put(key, _pack(new))])
                 if ok:
                     break
             else:
