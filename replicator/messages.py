@@ -280,7 +280,8 @@ class Indexes:
 @_message(24)
 @dataclass(frozen=True, slots=True)
 class DirtyChunks:
-    """Which chunks of generation `gen` of `lineage` took writes here since the last flush?
+    """Which chunks of generation `gen` of `lineage` took writes here since the last flush,
+    or in the last moments (Replica.recently_written)?
     Asked by a gateway that took over a volume's lease from a holder that never released
     it, to find the chunks that holder may have left divergent (PEER_REV 5). Reply: Indexes."""
 

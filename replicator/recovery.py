@@ -189,6 +189,7 @@ class Resync:
             now = self.replica.now()
             self._quiet_since = now - self.write_window
             written = self.replica.written
+            self.replica.forget_recent()
             for k, w in list(written.items()):  # forget what the window passed
                 recent = [x for x in w if x[0] > self._quiet_since]
                 if recent:

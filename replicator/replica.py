@@ -65,6 +65,11 @@ class Replica:
         self.refused: set[tuple[str, int]] = set()
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
+        # (lineage, gen) -> {chunk index: when last written}: the chunks a gateway that
+        # took a lease over reconciles (see recently_written); blockd sets the window to
+        # outlast a lease and its takeover
+        self.recent: dict[tuple[str, int], dict[int, float]] = {}
+        self.recent_window = 60.0
 
     @staticmethod
     def now() -> float:
@@ -73,11 +78,37 @@ class Replica:
         except RuntimeError:  # outside a trio run (direct use in tests, tools)
             return time.monotonic()
 
-    def _note(self, lineage: str, index: int, offset: int, length: int) -> None:
+    def _note(self, lineage: str, index: int, offset: int, length: int, gen: int = -1) -> None:
+        now = self.now()
         w = self.written.get((lineage, index))
         if w is None:
             w = self.written[(lineage, index)] = []
-        w.append((self.now(), offset, offset + length))
+        w.append((now, offset, offset + length))
+        r = self.recent.get((lineage, gen))
+        if r is None:
+            r = self.recent[(lineage, gen)] = {}
+        r[index] = now
+
+    def recently_written(self, lineage: str, gen: int) -> list[int]:
+        """Chunks of generation `gen` of `lineage` written here in the last `recent_window`
+        seconds (and forget older ones): what a gateway that took a lease over asks for,
+        to find the chunks its predecessor's last writes may have left divergent."""
+        r = self.recent.get((lineage, gen))
+        if not r:
+            return []
+        since = self.now() - self.recent_window
+        for i in [i for i, t in r.items() if t < since]:
+            del r[i]
+        return sorted(r)
+
+    def forget_recent(self) -> None:
+        """Drop what the window passed, for every generation (called now and then)."""
+        since = self.now() - self.recent_window
+        for k, r in list(self.recent.items()):
+            for i in [i for i, t in r.items() if t < since]:
+                del r[i]
+            if not r:
+                del self.recent[k]
 
     def is_stale(self, lineage: str, index: int) -> bool:
         return self.backfilling or (bool(self.stale_self) and (lineage, index) in self.stale_self)
@@ -149,7 +180,7 @@ class Replica:
         self.check_token(volume, token)
         self.check_epoch(epoch)
         self._check_creates(lineage, index, gen)
-        self._note(lineage, index, offset, len(data))
+        self._note(lineage, index, offset, len(data), gen)
         key = ChunkKey(lineage, index, gen)
         return self.store.write(
             key, offset, data, chunk_size=chunk_size, base=self._base(lineage, index, gen, chain),
@@ -161,7 +192,7 @@ class Replica:
         self.check_token(volume, token)
         self.check_epoch(epoch)
         self._check_creates(lineage, index, gen)
-        self._note(lineage, index, offset, length)
+        self._note(lineage, index, offset, length, gen)
         base = self._base(lineage, index, gen, chain)
         if base is None and self.store.resolve(lineage, index, (gen,)) is None:
             return 0  # nothing in the chain: already reads as zeros, allocate nothing
@@ -238,7 +269,8 @@ class Replica:
                 raise StaleCopy("this host is learning which chunks it misses itself")
             return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))
         if isinstance(msg, m.DirtyChunks):
-            return m.Indexes(tuple(self.store.dirty_indexes(msg.lineage, msg.gen)))
+            return m.Indexes(tuple(sorted(set(self.store.dirty_indexes(msg.lineage, msg.gen))
+                                          | set(self.recently_written(msg.lineage, msg.gen)))))
         if isinstance(msg, m.ScrubChunk):
             return verify_copy(self, msg)
         if isinstance(msg, m.RepairPages):
