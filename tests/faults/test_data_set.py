@@ -464,7 +464,12 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
                 _, used = look()
                 if used > 0.6 * cap4:  # nearer the threshold: the pace of a steady writer
                     time.sleep(0.4)
-            assert min(factors) < 1.0, f"host4 never reweighted: {factors}"
+            # on a loaded machine the stats and the controller's hold lag behind the writer
+            deadline = time.monotonic() + 60
+            while min(factors) >= 1.0 and time.monotonic() < deadline:
+                look()
+                time.sleep(0.5)
+            assert min(factors) < 1.0, f"host4 never reweighted: {factors}, used {look()[1]}"
             h.flush()
 
             def settled() -> bool:
