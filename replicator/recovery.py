@@ -388,7 +388,8 @@ class Resync:
 
     async def _sync_gen(self, addr: str, lineage: str, index: int, gen: int, *,
                         allow_stale: bool = False) -> int:
-        """Copy the pages of one generation that differ; returns the pages copied."""
+        """Copy the pages of one generation that differ; returns the pages copied or left
+        for the next pass (0: this generation is in step with the source)."""
         st = await self.pool.call(addr, m.ChunkState(lineage, index, gen))
         if not st.exists:
             return 0
@@ -407,13 +408,17 @@ class Resync:
                 reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length,
                                                               self.cluster.epoch, allow_stale=allow_stale))
                 if reply.gen != gen:
-                    continue  # the source lost this generation meanwhile
+                    copied += count  # the source lost this generation meanwhile: not clean
+                    continue
                 data = reply.data
             self._check_quiet(lineage, index, off, off + length)
             if not write_pages_if_unchanged(self.store, key, chunk_size, first,
                                             local[first:first + count], data,
                                             min_version=st.version):
-                continue  # a newer write landed meanwhile: the next pass looks again
+                # a newer write landed meanwhile: the next pass looks again (counted, so
+                # that this pass is not taken for one that found nothing to copy)
+                copied += count
+                continue
             if not hole:
                 self.stats.bytes_copied += length
             copied += count
