@@ -615,7 +615,20 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
         unflushed = self._unflushed
-        for h, reply in (await self._send_all(hosts, msg, failed)).items():
+        epoch = cv.epoch
+        replies = await self._send_all(hosts, msg, failed)
+        if cv.epoch != epoch:
+            # A StaleEpoch answer refreshed the map while the write was sent: hosts that
+            # became copies of the chunk meanwhile did not get it. They count as failed
+            # (recorded stale below), never silently behind.
+            now = cv.write_set(self.lineage, p.index, self.n)
+            for h in now:
+                if h not in hosts and h not in failed:
+                    failed[h] = PeerUnavailable(
+                        f"host {h} became a copy of chunk {p.index} while the write was sent")
+            hosts = now
+            complete = cv.replicas(self.lineage, p.index, self.n)
+        for h, reply in replies.items():
             s = unflushed.get(h)
             if s is None:
                 unflushed[h] = {p.index}
