@@ -47,6 +47,13 @@ class StaleCopy(PeerUnavailable):
     """This replica's copy is stale: ask another one (travels as 'unavailable')."""
 
 
+def _forget_before(r: dict[int, float], since: float) -> dict[int, float]:
+    """Drop the chunks of `r` last written before `since`; `r` itself is returned."""
+    for i in [i for i, t in r.items() if t < since]:
+        del r[i]
+    return r
+
+
 class Replica:
     def __init__(self, store, host_id: str, epoch: Callable[[], int]):
         self.store = store
@@ -78,7 +85,7 @@ class Replica:
         except RuntimeError:  # outside a trio run (direct use in tests, tools)
             return time.monotonic()
 
-    def _note(self, lineage: str, index: int, offset: int, length: int, gen: int = -1) -> None:
+    def _note(self, lineage: str, index: int, offset: int, length: int, gen: int) -> None:
         now = self.now()
         w = self.written.get((lineage, index))
         if w is None:
@@ -96,18 +103,14 @@ class Replica:
         r = self.recent.get((lineage, gen))
         if not r:
             return []
-        since = self.now() - self.recent_window
-        for i in [i for i, t in r.items() if t < since]:
-            del r[i]
+        _forget_before(r, self.now() - self.recent_window)
         return sorted(r)
 
     def forget_recent(self) -> None:
         """Drop what the window passed, for every generation (called now and then)."""
         since = self.now() - self.recent_window
         for k, r in list(self.recent.items()):
-            for i in [i for i, t in r.items() if t < since]:
-                del r[i]
-            if not r:
+            if not _forget_before(r, since):
                 del self.recent[k]
 
     def is_stale(self, lineage: str, index: int) -> bool:
