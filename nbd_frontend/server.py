@@ -51,6 +51,7 @@ from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
 from vbp.errors import NotFound, VbpError
 from vbp.layout import parse_size
 from vbp.reqid import RequestIds, current as current_rid
+from vbp.sockets import HAVE_LOWAT, LOWAT_MAX, LOWAT_MIN, set_rcvlowat
 
 log = logging.getLogger("vbp.nbd")
 
@@ -249,6 +250,7 @@ class _Connection:
         codec = self.codec
         raw = self.raw
         spins = 0
+        lowat = 1 if HAVE_LOWAT else 0  # 0: not available on this socket
         while True:
             while True:
                 event = codec.next_event()
@@ -271,7 +273,14 @@ class _Connection:
                 data = await self.stream.receive_some(len(buf))
                 n = len(data)
                 buf[:n] = data
+            elif lowat and (due := codec.payload_due()) >= LOWAT_MIN:
+                # the rest of a large write: one wakeup once the kernel holds all of it
+                lowat = set_rcvlowat(raw, lowat, min(due, LOWAT_MAX))
+                spins = 0
+                n = await self._receive_wait(raw, buf)
             else:
+                if lowat > 1:
+                    lowat = set_rcvlowat(raw, lowat, 1)
                 try:
                     n = raw.recv_into(buf)
                 except BlockingIOError:

@@ -44,6 +44,7 @@ from replicator.errors import (
     exception_to_error,
 )
 from vbp.errors import PeerUnavailable
+from vbp.sockets import HAVE_LOWAT, LOWAT_MAX, LOWAT_MIN, set_rcvlowat
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -113,6 +114,7 @@ class _Link:
         self.out: list = []
         self.wakeup = _Wakeup()
         self.rbuf = bytearray(RECV_SIZE)
+        self.lowat = 1 if HAVE_LOWAT else 0  # SO_RCVLOWAT in force; 0: not available
 
     def queue(self, request_id: int, message) -> None:
         self.queue_frame(self.codec.encode(request_id, message))
@@ -141,12 +143,17 @@ class _Link:
         large = self.codec.large_buffer()
         if large is not None:  # the rest of a large frame: straight into its buffer
             with large:
+                if self.lowat and len(large) >= LOWAT_MIN:
+                    self.lowat = set_rcvlowat(self.sock, self.lowat, min(len(large), LOWAT_MAX))
+                    await trio.lowlevel.wait_readable(self.sock)
                 n = await self.sock.recv_into(large)
             if n == 0:
                 self.codec.receive_data(b"")
                 return False
             self.codec.large_received(n)
             return True
+        if self.lowat > 1:
+            self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
         n = await self.sock.recv_into(self.rbuf)
         if n == 0:
             self.codec.receive_data(b"")

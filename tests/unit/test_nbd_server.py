@@ -604,3 +604,30 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
     assert seen == [("write", "h9-0000ab-1"), ("write", "h9-0000ab-2"),
                     ("flush", "h9-0000ab-3")]
     assert reqid.current.get() == ""  # nothing leaks into the caller
+
+
+async def test_large_write_trickled_in_then_small_requests_are_served_at_once(port, provider):
+    """The rest of a large write is received once the kernel holds all of it
+    (SO_RCVLOWAT): a payload arriving in slow pieces is written whole, the mark goes back
+    down so a small read behind it is answered at once, and a client that hangs up inside a
+    large payload is dropped without disturbing the next one."""
+    c = await Client.connect(port)
+    payload = random.randbytes(MiB + 4096)
+    frame = struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 7, 8192,
+                        len(payload)) + payload
+    step = len(frame) // 8 + 1
+    for i in range(0, len(frame), step):
+        await c.send(frame[i:i + step])
+        await trio.sleep(0.02)
+    with trio.fail_after(5):
+        assert await c.reply() == (7, 0, b"")
+        for cookie in range(8, 11):
+            assert await c.read(8192 + cookie, 100, cookie=cookie) == payload[cookie:cookie + 100]
+    assert bytes(provider.exports["disk"].data[8192:8192 + len(payload)]) == payload
+    await c.send(frame[: len(frame) // 2])
+    await c.stream.send_eof()
+    with trio.fail_after(5), pytest.raises(EOFError):
+        await c.recv(1)
+    c2 = await Client.connect(port)
+    with trio.fail_after(5):
+        assert await c2.read(8192, 4096) == payload[:4096]

@@ -627,3 +627,36 @@ async def test_call_all_timeout_and_cancel_leave_nothing_pending():
                 await pool.call_all([a, b], write(1))
             assert not any(conn.pending for conn in pool._conns.values())
             assert await pool.call_all([a, b], write(2)) == [m.Ok(1), m.Ok(1)]
+
+
+async def test_large_frame_trickled_in_then_small_frames_are_served_at_once():
+    """The rest of a large frame is received once the kernel holds all of it (SO_RCVLOWAT):
+    a frame arriving in slow pieces still arrives whole, the mark goes back down for the
+    small frames after it (a Ping behind it is answered, not left waiting for more bytes),
+    and a connection closed inside a large frame ends without a hang."""
+    got = []
+
+    def handler(msg, peer):
+        if type(msg) is m.WriteChunk:
+            got.append(bytes(msg.data))
+            return m.Ok(msg.version)
+        return ok_handler(msg, peer)
+
+    data = random.randbytes(2 << 20)
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        frame = b"".join(codec.encode(1, write(0, data)))
+        step = len(frame) // 8 + 1
+        for i in range(0, len(frame), step):
+            await stream.send_all(frame[i:i + step])
+            await trio.sleep(0.02)
+        assert await next_reply(stream, codec) == (1, m.Ok(1))
+        assert got == [data]
+        for rid in range(2, 5):
+            await stream.send_all(codec.encode(rid, m.Ping(rid)))
+            assert await next_reply(stream, codec) == (rid, m.Pong("srv", rid))
+        await stream.send_all(frame[: len(frame) // 2])
+        await stream.send_eof()
+        rid, error = await next_reply(stream, codec)
+        assert rid == 0 and "closed inside a frame" in error.message
+        assert await next_reply(stream, codec) is CLOSED

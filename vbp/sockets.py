@@ -1,0 +1,28 @@
+"""Receiving large messages with one wakeup (NBD writes, peer WriteChunk frames).
+
+Once a large message's header is in, the rest is received when the kernel holds all of it
+(up to LOWAT_MAX): SO_RCVLOWAT keeps epoll quiet until then, so a 1 MiB message costs one
+wakeup and one recv instead of one per TCP window's worth (about five on loopback, each a
+trip through the trio scheduler). Linux grows the socket's receive buffer to twice the mark
+by itself (unless the buffer size was set by hand), so the sender is never stalled by it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+LOWAT_MIN = 64 * 1024  # below this, waiting for the whole rest is not worth a setsockopt
+LOWAT_MAX = 4 * 1024 * 1024
+HAVE_LOWAT = hasattr(socket, "SO_RCVLOWAT")
+
+
+def set_rcvlowat(sock, current: int, n: int) -> int:
+    """Set SO_RCVLOWAT of `sock` (a socket or trio socket) to `n` unless it is `current`
+    already; returns the value now in force, 0 if the socket refused it (then leave it)."""
+    if n == current:
+        return n
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        return n
+    except OSError:
+        return 0
