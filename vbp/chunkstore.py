@@ -75,7 +75,7 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, dec_key, enc_key,
-    pread_full, punch, pwrite_all, Space, Txn, sync_dir,
+    pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, WRITE_PIECE,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
@@ -443,7 +443,9 @@ class ChunkStore:
                 buf[-PAGE_SIZE:] = self._page(c, last)
             buf[offset - start: end - start] = data
         try:
-            if os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
+            if len(buf) > WRITE_PIECE:
+                pwrite_pieces(sp.fd, buf, c.dbase + start)
+            elif os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
                 pwrite_all(sp.fd, buf, c.dbase + start)  # short: redo it whole (idempotent)
         except OSError as e:
             if e.errno in NOSPACE_ERRNOS:

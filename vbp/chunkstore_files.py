@@ -52,6 +52,24 @@ def pwrite_all(fd: int, buf, pos: int) -> None:
             n += os.pwrite(fd, mv[n:], pos + n)
 
 
+# Large writes go to the data file in pieces of at most this many bytes. The page cache
+# gives a write a folio as large as the write (ext4 does large folios since Linux 6.16):
+# a later 4 KiB write into a 1 MiB folio walks all of its buffer heads, measured here at
+# 8-9 us per 4 KiB overwrite against 3 us when the data went in as 128 KiB pieces, while
+# 1 MiB written in 128 KiB pieces costs the same as one pwrite (~125 us/MiB, page cache).
+WRITE_PIECE = 128 * 1024
+
+
+def pwrite_pieces(fd: int, buf, pos: int) -> None:
+    """pwrite_all of `buf` at `pos`, in pieces of at most WRITE_PIECE bytes."""
+    if len(buf) <= WRITE_PIECE:
+        pwrite_all(fd, buf, pos)
+        return
+    mv = memoryview(buf)
+    for o in range(0, len(mv), WRITE_PIECE):
+        pwrite_all(fd, mv[o:o + WRITE_PIECE], pos + o)
+
+
 def pread_full(fd: int, n: int, pos: int) -> bytes:
     buf = os.pread(fd, n, pos)
     return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate

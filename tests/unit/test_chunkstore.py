@@ -386,3 +386,28 @@ def test_failed_sync_is_never_forgotten(store, tmp_path):
     s = ChunkStore(tmp_path, 32 * CS)  # reopening recovers (and resync fixes the rest)
     assert s.recovered == {K}
     s.close()
+
+
+def test_large_writes_go_to_the_file_in_pieces_that_add_up(tmp_path, monkeypatch):
+    """pwrite_pieces: every byte lands once, in order, however the length divides, and
+    short pwrites are completed."""
+    from vbp import chunkstore_files as cf
+
+    calls = []
+    real = os.pwrite
+
+    def short_pwrite(fd, buf, pos):  # the kernel may take less than asked
+        calls.append(len(buf))
+        return real(fd, bytes(buf)[: max(1, len(buf) // 2)], pos)
+
+    monkeypatch.setattr(cf.os, "pwrite", short_pwrite)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        for n in (1, cf.WRITE_PIECE, cf.WRITE_PIECE + 1, 2 * cf.WRITE_PIECE + 4096 + 7):
+            data = os.urandom(n)
+            calls.clear()
+            cf.pwrite_pieces(fd, data, 12345)
+            assert os.pread(fd, n, 12345) == data
+            assert max(calls) <= cf.WRITE_PIECE
+    finally:
+        os.close(fd)
