@@ -186,7 +186,8 @@ class Space:
 
 
 class Chunk:
-    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "dbase", "sbase")
+    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "touched", "dbase",
+                 "sbase")
 
     def __init__(self, key: ChunkKey, space: Space, slot: int, version: int, state: int):
         self.key = key
@@ -195,7 +196,8 @@ class Chunk:
         self.slot = slot
         self.version = version
         self.state = state
-        self.dirty = False
+        self.dirty = False  # marked dirty in the index (ChunkStore._dirty holds it)
+        self.touched = False  # written since the last flush (implies dirty)
         self.dbase = slot * space.cs
         self.sbase = slot * space.ppc
 

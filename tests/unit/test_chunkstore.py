@@ -72,7 +72,10 @@ def test_files_and_sidecar_layout(store, tmp_path):
     assert (tmp_path / "data-1M.bin").exists() and (tmp_path / "sums-1M.bin").exists()
 
 
-def test_no_index_transaction_per_request(store):
+def test_no_index_transaction_per_request(store, monkeypatch):
+    from vbp import chunkstore
+
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 1)  # one chunk stays marked through a flush
     store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)  # allocation: transactions
     t = txnid(store)
     for i in range(50):
@@ -83,13 +86,63 @@ def test_no_index_transaction_per_request(store):
     assert txnid(store) == t
     store.flush()
     assert txnid(store) == t + 1
-    store.write(K, 0, b"b", chunk_size=CS)  # first write after a flush: the dirty record
-    assert txnid(store) == t + 2
+    store.write(K, 0, b"b", chunk_size=CS)  # written since the flush before: still marked
     store.write(K, 0, b"c", chunk_size=CS)
-    assert txnid(store) == t + 2
+    assert txnid(store) == t + 1
     store.flush()
-    store.flush()  # nothing dirty: nothing to do
-    assert txnid(store) == t + 3
+    store.flush()  # nothing written since: nothing to do
+    assert txnid(store) == t + 2
+    store.write(ChunkKey("lin", 3, 1), 0, b"o", chunk_size=CS)  # allocation
+    store.flush()  # another chunk was written since K: K is clean now
+    assert txnid(store) == t + 4 and dirty_marks(store) == {ChunkKey("lin", 3, 1)}
+    store.write(K, 0, b"d", chunk_size=CS)  # first write to a clean chunk: the dirty record
+    assert txnid(store) == t + 5 and dirty_marks(store) == {K, ChunkKey("lin", 3, 1)}
+
+
+def dirty_marks(store: ChunkStore) -> set:
+    from vbp.chunkstore_files import dec_key
+
+    with store._env.begin() as txn:
+        return {dec_key(k) for k, _ in txn.cursor(db=store._db["dirty"])}
+
+
+def test_hot_chunks_keep_their_mark_and_a_crash_recovers_them(store, tmp_path, monkeypatch):
+    """The HOT_MAX chunks written last stay marked dirty through a flush: after a crash
+    they are re-hashed and reported like unflushed ones, with every flushed byte intact;
+    a clean close leaves no mark."""
+    from vbp import chunkstore
+
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 2)
+    keys = [ChunkKey("lin", i, 1) for i in range(3)]
+    for i, k in enumerate(keys):
+        store.write(k, 0, bytes([65 + i]) * PAGE_SIZE, chunk_size=CS)
+    store.flush()
+    assert dirty_marks(store) == set(keys[1:])  # the latest two written
+    t = txnid(store)
+    store.write(keys[1], 0, b"B", chunk_size=CS)  # hot: no index commit
+    assert txnid(store) == t
+    store.flush()
+    store.write(keys[0], 0, b"A", chunk_size=CS)  # cold: marked again first
+    assert txnid(store) == t + 2
+    store.flush()  # keys[2] is the least recently written: out of the hot set
+    assert dirty_marks(store) == {keys[0], keys[1]}
+    v = store.info(keys[0]).version
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.recovered == {keys[0], keys[1]}
+        for i, k in enumerate(keys):
+            assert s.read(k, 0, PAGE_SIZE) == bytes([65 + i]) * PAGE_SIZE
+        assert s.info(keys[0]).version == v + 1  # above the flushed version
+        assert s.fsck() == [] and s.stats().checksum_errors == 0
+        s.write(keys[0], 0, b"z", chunk_size=CS)
+        s.flush()
+        assert dirty_marks(s) == {keys[0]}
+    finally:
+        s.close()
+    s = ChunkStore(tmp_path, 32 * CS)
+    assert s.was_clean and s.recovered == frozenset()
+    s.close()
 
 
 def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
@@ -117,11 +170,16 @@ def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
     s.close()
 
 
-def test_corruption_outside_dirty_chunks_survives_recovery(store, tmp_path):
+def test_corruption_outside_dirty_chunks_survives_recovery(store, tmp_path, monkeypatch):
+    from vbp import chunkstore
+
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
     other = ChunkKey("lin", 1, 1)
     store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
     store.write(other, 0, b"o" * PAGE_SIZE, chunk_size=CS)
     store.flush()
+    store.write(other, 2 * PAGE_SIZE, b"y", chunk_size=CS)
+    store.flush()  # `other` written last: the one chunk kept marked; K is clean
     store.write(other, PAGE_SIZE, b"x", chunk_size=CS)  # only `other` is dirty
     slot = store.info(K).slot
     abandon(store)
