@@ -295,6 +295,15 @@ def _show_volume(v):
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))),
     ]
     table(["FIELD", "VALUE"], rows)
+    for line in _lost_lines(v.name, v.lost):
+        click.echo(line)
+
+
+def _lost_lines(name: str, lost) -> list[str]:
+    """Warnings for chunks a replicas=1 volume lost with a replaced disk."""
+    return [f"warning: volume {name} lost up to {n} chunks with host {host}'s replaced disk "
+            f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}; replicas=1, no other "
+            f"copy): they read as zeros" for host, n, when in lost]
 
 
 @volume.command("create")
@@ -739,9 +748,12 @@ def pool_status(state, wait, timeout):
     from control import api
 
     ds = api.data_set_status(reg)
+    vols = reg.list_volumes()
     data = {"epoch": cmap.epoch, "hosts": hosts, "capacity": total, "used": used,
             "degraded_chunks": len(degraded), "stale_replicas": len(stale),
-            "volumes": len(reg.list_volumes()), "data_set": ds}
+            "volumes": len(vols), "data_set": ds,
+            "lost": [{"volume": v["name"], "host": h, "chunks": n, "time": t}
+                     for v in vols for h, n, t in v.get("lost", ())]}
 
     def human():
         table(["HOST", "STATE", "CAPACITY", "USED", "FREE", "CHUNKS", "RESYNCED"],
@@ -763,6 +775,9 @@ def pool_status(state, wait, timeout):
                            f"{format_size(x['free'])} free: the change cannot complete until space is "
                            f"freed or a host is added")
         _space_notes(hosts, ds)
+        for v in vols:
+            for line in _lost_lines(v["name"], v.get("lost", ())):
+                click.echo(line)
         for x in hosts:
             if x["recovery_held_full"]:
                 click.echo(f"warning: {x['id']} is above its full threshold "

@@ -181,7 +181,35 @@ class Resync:
                                                NEVER_CURRENT | time.time_ns())
                 marked += 1
         await self.refresh_stale_self()
+        await self._record_lost()
         return marked
+
+    async def _record_lost(self) -> None:
+        """A replicas=1 volume had the only copy of every chunk placed here on the old disk:
+        no other host can say which existed, nor give them back, and they now read as
+        zeros. Nothing else would tell, so each such volume's record says so (`lost`: this
+        host, how many chunks were placed here, when; shown by `vbp volume show` and `vbp
+        pool status`) and it is logged as an error: an upper bound, as a thin volume may
+        not have written them all."""
+        for d in await self.registry.list_volumes():
+            if d["replicas"] != 1:
+                continue
+            placed = 0
+            for i in range(-(-d["size"] // d["chunk_size"])):
+                if self.host_id in self.cluster.write_set(d["lineage"], i, 1):
+                    placed += 1
+                if i % 4096 == 4095:
+                    await trio.sleep(0)  # a large volume: let the daemon serve meanwhile
+            if not placed:
+                continue
+            log.error("volume=%s event=data_lost chunks_placed_here=%d: replicas=1, their only "
+                      "copies were on the replaced disk; they read as zeros now", d["name"], placed)
+            entry = [self.host_id, placed, time.time()]
+            try:
+                await self.registry.update_volume(
+                    d["name"], lambda v: {**v, "lost": [*v.get("lost", ()), entry]})
+            except NotFound:  # deleted meanwhile: nothing left to warn about
+                pass
 
     async def run_once(self) -> int:
         """One pass over this host's stale records; returns how many were cleared."""

@@ -103,6 +103,9 @@ class VolumeRecord:
     cuts: Cuts = ()
     pending: int = 0  # head generation of a snapshot in progress (0: none)
     pending_snap: str = ""
+    # (host, chunk count, unix time) per host whose disk was replaced while it held the only
+    # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
+    lost: tuple[tuple[str, int, float], ...] = ()
 
     @property
     def geometry(self) -> Geometry:
@@ -119,6 +122,7 @@ class VolumeRecord:
         d["chain"] = list(self.chain)
         d["snapshots"] = [s.to_dict() for s in self.snapshots]
         d["cuts"] = [list(c) for c in self.cuts]
+        d["lost"] = [list(x) for x in self.lost]
         return d
 
     @classmethod
@@ -128,6 +132,7 @@ class VolumeRecord:
         kw["chain"] = tuple(kw["chain"])
         kw["snapshots"] = tuple(Snapshot.from_dict(s) for s in kw.get("snapshots", ()))
         kw["cuts"] = tuple(tuple(c) for c in kw.get("cuts", ()))
+        kw["lost"] = tuple(tuple(x) for x in kw.get("lost", ()))
         return cls(**kw)
 
 
