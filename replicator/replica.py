@@ -122,6 +122,12 @@ class Replica:
         if self.is_stale(lineage, index):
             raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced")
 
+    def _check_backfilled(self) -> None:
+        """A host backfilling a new disk cannot say what it holds: its chunks, versions and
+        generations are not known yet (StaleCopy: ask another copy)."""
+        if self.backfilling:
+            raise StaleCopy("this host is learning which chunks it misses (a new disk)")
+
     # --- checks ------------------------------------------------------------------------
 
     def check_token(self, volume: str, token: int) -> None:
@@ -250,8 +256,7 @@ class Replica:
             self.flush(msg.volume, msg.epoch, msg.token)
             return m.Ok(0)
         if isinstance(msg, m.ChunkState):
-            if self.backfilling:
-                self._refuse_stale(msg.lineage, msg.index)
+            self._check_backfilled()
             key = ChunkKey(msg.lineage, msg.index, msg.gen)
             if self.store.info(key) is None:
                 return m.ChunkStateReply(False, 0, ())
@@ -264,12 +269,10 @@ class Replica:
                 return m.Extents(False, ())
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
         if isinstance(msg, m.ChunkGens):
-            if self.backfilling:
-                self._refuse_stale(msg.lineage, msg.index)
+            self._check_backfilled()
             return m.Gens(tuple(sorted(k.gen for k in self.store.keys(msg.lineage) if k.index == msg.index)))
         if isinstance(msg, m.ChunkIndexes):
-            if self.backfilling:
-                raise StaleCopy("this host is learning which chunks it misses itself")
+            self._check_backfilled()
             return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))
         if isinstance(msg, m.DirtyChunks):
             return m.Indexes(tuple(sorted(set(self.store.dirty_indexes(msg.lineage, msg.gen))

@@ -26,16 +26,22 @@ def expire(reg, volume: str) -> None:
     reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True))])
 
 
-def test_a_snapshot_completed_without_a_live_lease_fences_the_holder_whose_lease_expired():
-    """Sim seed 10: the control plane completed a pending snapshot while the holder's
-    lease had expired; the holder, back in touch with the registry, could renew it (nobody
-    had taken it over) and write the generation that had just become the snapshot."""
+def leased_volume_with_pending_snapshot():
+    """Volume v, its lease held by h1, a snapshot `s` requested: (registry, lease, head)."""
     reg = open_registry(f"memory://api-{next(_n)}")
     rec = new_volume("v", MiB, replicas=1, lineage="l0", head=reg.next_id(api.gen_counter("l0")), now=0.0)
     reg.create_volume("v", rec.to_dict())
     held = reg.acquire_lease("v", "h1", 60.0)
     head = reg.next_id(api.gen_counter("l0"))
     reg.update_volume("v", lambda d: request_snapshot(VolumeRecord.from_dict(d), "s", head).to_dict())
+    return reg, held, head
+
+
+def test_a_snapshot_completed_without_a_live_lease_fences_the_holder_whose_lease_expired():
+    """Sim seed 10: the control plane completed a pending snapshot while the holder's
+    lease had expired; the holder, back in touch with the registry, could renew it (nobody
+    had taken it over) and write the generation that had just become the snapshot."""
+    reg, held, head = leased_volume_with_pending_snapshot()
     expire(reg, "v")
     done = api.complete_unleased(reg, "v", head)
     assert done is not None and done.head == head and [s.name for s in done.snapshots] == ["s"]
@@ -45,11 +51,6 @@ def test_a_snapshot_completed_without_a_live_lease_fences_the_holder_whose_lease
 
 
 def test_a_snapshot_is_not_completed_here_while_a_gateway_holds_the_lease():
-    reg = open_registry(f"memory://api-{next(_n)}")
-    rec = new_volume("v", MiB, replicas=1, lineage="l0", head=reg.next_id(api.gen_counter("l0")), now=0.0)
-    reg.create_volume("v", rec.to_dict())
-    held = reg.acquire_lease("v", "h1", 60.0)
-    head = reg.next_id(api.gen_counter("l0"))
-    reg.update_volume("v", lambda d: request_snapshot(VolumeRecord.from_dict(d), "s", head).to_dict())
+    reg, held, head = leased_volume_with_pending_snapshot()
     assert api.complete_unleased(reg, "v", head) is None
     assert reg.renew_lease(held, 60.0).token == held.token

@@ -40,16 +40,24 @@ def stale_hosts(sim, lineage):
     return {r.host_id for r in sim.reg.list_stale(lineage)}
 
 
+async def a_missed_a_write(sim, rec, gw, a, first: int):
+    """Write `first` bytes of 1s to chunk 0, then 4 KiB of 2s while the gateway is cut from
+    `a` (acknowledged by the other copy alone, `a` recorded stale); healed again. Returns
+    the gateway host's fault policy."""
+    await call(gw.write(0, b"\x01" * first, False))
+    gw_faults = sim.hosts[gw.host_id].faults
+    gw_faults.partition([sim.hosts[a].addr])
+    await call(gw.write(0, b"\x02" * 4096, False))  # acknowledged by b alone
+    assert stale_hosts(sim, rec.lineage) == {a}
+    gw_faults.heal()
+    return gw_faults
+
+
 def test_a_write_only_a_stale_copy_took_is_not_acknowledged_and_the_current_copy_stays_current():
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
-            await call(gw.write(0, b"\x01" * 4096, False))
-            gw_faults = sim.hosts[gw.host_id].faults
-            gw_faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, b"\x02" * 4096, False))  # acknowledged by b alone
-            assert stale_hosts(sim, rec.lineage) == {a}
-            gw_faults.heal()
+            gw_faults = await a_missed_a_write(sim, rec, gw, a, 4096)
             gw_faults.partition([sim.hosts[b].addr])
             try:
                 await call(gw.write(0, b"\x03" * 4096, False))
@@ -148,12 +156,7 @@ def test_a_generation_created_during_a_resync_is_brought_current_too():
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
-            await call(gw.write(0, b"\x01" * 8192, False))
-            gw_faults = sim.hosts[gw.host_id].faults
-            gw_faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, b"\x02" * 4096, False))  # acknowledged by b alone
-            assert stale_hosts(sim, rec.lineage) == {a}
-            gw_faults.heal()
+            await a_missed_a_write(sim, rec, gw, a, 8192)
             await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
             provider = sim.hosts[gw.host_id].provider
 
