@@ -146,6 +146,8 @@ class _Link:
                 if self.lowat and len(large) >= LOWAT_MIN:
                     self.lowat = set_rcvlowat(self.sock, self.lowat, min(len(large), LOWAT_MAX))
                     await trio.lowlevel.wait_readable(self.sock)
+                elif self.lowat > 1:  # a short rest: a mark set for more would never be met
+                    self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
                 n = await self.sock.recv_into(large)
             if n == 0:
                 self.codec.receive_data(b"")

@@ -8,6 +8,8 @@ import struct
 from contextlib import asynccontextmanager
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import trio
 
 from replicator import messages as m
@@ -660,3 +662,37 @@ async def test_large_frame_trickled_in_then_small_frames_are_served_at_once():
         rid, error = await next_reply(stream, codec)
         assert rid == 0 and "closed inside a frame" in error.message
         assert await next_reply(stream, codec) is CLOSED
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.sampled_from([0, 1, 4096, 70_000, 300_000, 1 << 20]), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(1, 400_000), min_size=1, max_size=30),
+       seed=st.integers(0, 2**32 - 1))
+async def test_frames_in_any_pieces_arrive_whole_over_a_real_socket(sizes, cuts, seed):
+    """Small and large frames (the large ones received straight into their own buffer,
+    with SO_RCVLOWAT raised for their rest) sent as one byte stream cut anywhere, with the
+    sender pausing between pieces: every payload arrives intact and in order, and every
+    request gets its reply."""
+    rng = random.Random(seed)
+    payloads = [rng.randbytes(n) for n in sizes]
+    got = []
+
+    def handler(msg, peer):
+        got.append(bytes(msg.data))
+        return m.Ok(msg.version)
+
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        frames = [codec.encode(i + 1, write(i, p)) for i, p in enumerate(payloads)]
+        wire = b"".join(f if isinstance(f, bytes) else b"".join(f) for f in frames)
+        pos, k = 0, 0
+        while pos < len(wire):
+            n = max(cuts[k % len(cuts)], len(wire) // 100)  # at most ~100 pieces
+            await stream.send_all(wire[pos:pos + n])
+            pos += n
+            k += 1
+            await trio.sleep(0.001 if k % 3 == 0 else 0)
+        replies = [await next_reply(stream, codec) for _ in payloads]
+        await stream.aclose()
+    assert replies == [(i + 1, m.Ok(1)) for i in range(len(payloads))]
+    assert got == payloads
