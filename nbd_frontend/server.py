@@ -51,7 +51,7 @@ from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
 from vbp.errors import NotFound, VbpError
 from vbp.layout import parse_size
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import HAVE_LOWAT, LOWAT_MAX, LOWAT_MIN, set_rcvlowat
+from vbp.sockets import HAVE_LOWAT, LOWAT_MIN, set_rcvlowat, wait_for_rest
 
 log = logging.getLogger("vbp.nbd")
 
@@ -275,9 +275,12 @@ class _Connection:
                 buf[:n] = data
             elif lowat and (due := codec.payload_due()) >= LOWAT_MIN:
                 # the rest of a large write: one wakeup once the kernel holds all of it
-                lowat = set_rcvlowat(raw, lowat, min(due, LOWAT_MAX))
+                lowat = await wait_for_rest(raw, lowat, due)
                 spins = 0
-                n = await self._receive_wait(raw, buf)
+                try:
+                    n = raw.recv_into(buf)
+                except BlockingIOError:
+                    n = await self._receive_wait(raw, buf)
             else:
                 if lowat > 1:
                     lowat = set_rcvlowat(raw, lowat, 1)

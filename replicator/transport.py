@@ -44,7 +44,7 @@ from replicator.errors import (
     exception_to_error,
 )
 from vbp.errors import PeerUnavailable
-from vbp.sockets import HAVE_LOWAT, LOWAT_MAX, LOWAT_MIN, set_rcvlowat
+from vbp.sockets import HAVE_LOWAT, LOWAT_MIN, set_rcvlowat, wait_for_rest
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -144,8 +144,7 @@ class _Link:
         if large is not None:  # the rest of a large frame: straight into its buffer
             with large:
                 if self.lowat and len(large) >= LOWAT_MIN:
-                    self.lowat = set_rcvlowat(self.sock, self.lowat, min(len(large), LOWAT_MAX))
-                    await trio.lowlevel.wait_readable(self.sock)
+                    self.lowat = await wait_for_rest(self.sock, self.lowat, len(large))
                 elif self.lowat > 1:  # a short rest: a mark set for more would never be met
                     self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
                 n = await self.sock.recv_into(large)

@@ -5,15 +5,21 @@ Once a large message's header is in, the rest is received when the kernel holds 
 wakeup and one recv instead of one per TCP window's worth (about five on loopback, each a
 trip through the trio scheduler). Linux grows the socket's receive buffer to twice the mark
 by itself (unless the buffer size was set by hand), so the sender is never stalled by it.
+The wait is bounded all the same (LOWAT_WAIT): a kernel whose window does not open up to
+the mark, or a slow sender, costs that long once, then the mark goes back to 1 and what is
+there is taken.
 """
 
 from __future__ import annotations
 
 import socket
 
+import trio
+
 LOWAT_MIN = 64 * 1024  # below this, waiting for the whole rest is not worth a setsockopt
 LOWAT_MAX = 4 * 1024 * 1024
 HAVE_LOWAT = hasattr(socket, "SO_RCVLOWAT")
+LOWAT_WAIT = 0.05  # seconds
 
 
 def set_rcvlowat(sock, current: int, n: int) -> int:
@@ -26,3 +32,16 @@ def set_rcvlowat(sock, current: int, n: int) -> int:
         return n
     except OSError:
         return 0
+
+
+async def wait_for_rest(sock, current: int, due: int) -> int:
+    """Raise the mark of `sock` to `due` bytes (at most LOWAT_MAX) and wait until the kernel
+    holds that much, or LOWAT_WAIT passed (then the mark goes back to 1). Returns the mark
+    now in force; `current` is the one before (0: marks are not available on this socket)."""
+    lowat = set_rcvlowat(sock, current, min(due, LOWAT_MAX))
+    if lowat:
+        with trio.move_on_after(LOWAT_WAIT) as waited:
+            await trio.lowlevel.wait_readable(sock)
+        if waited.cancelled_caught:
+            lowat = set_rcvlowat(sock, lowat, 1)
+    return lowat

@@ -620,7 +620,7 @@ async def test_large_write_trickled_in_then_small_requests_are_served_at_once(po
     step = len(frame) // 8 + 1
     for i in range(0, len(frame), step):
         await c.send(frame[i:i + step])
-        await trio.sleep(0.02)
+        await trio.sleep(0.1 if i == 3 * step else 0.02)  # once longer than LOWAT_WAIT
     with trio.fail_after(5):
         assert await c.reply() == (7, 0, b"")
         for cookie in range(8, 11):

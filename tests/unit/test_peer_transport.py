@@ -651,7 +651,7 @@ async def test_large_frame_trickled_in_then_small_frames_are_served_at_once():
         step = len(frame) // 8 + 1
         for i in range(0, len(frame), step):
             await stream.send_all(frame[i:i + step])
-            await trio.sleep(0.02)
+            await trio.sleep(0.1 if i == 3 * step else 0.02)  # once longer than LOWAT_WAIT
         assert await next_reply(stream, codec) == (1, m.Ok(1))
         assert got == [data]
         for rid in range(2, 5):
@@ -696,3 +696,24 @@ async def test_frames_in_any_pieces_arrive_whole_over_a_real_socket(sizes, cuts,
         await stream.aclose()
     assert replies == [(i + 1, m.Ok(1)) for i in range(len(payloads))]
     assert got == payloads
+
+
+async def test_waiting_for_the_rest_of_a_payload_is_bounded():
+    """wait_for_rest returns once the kernel holds the bytes due, or after LOWAT_WAIT with
+    the mark back at 1 (a sender that stalls, a window that never opens that far)."""
+    from vbp.sockets import LOWAT_WAIT, wait_for_rest
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    server_sock, _ = await listener.accept()
+    with listener, client, server_sock:
+        await client.send(b"x" * 10_000)
+        t0 = trio.current_time()
+        assert await wait_for_rest(server_sock, 1, 100_000) == 1  # only 10 kB came: mark reset
+        assert trio.current_time() - t0 >= LOWAT_WAIT
+        await client.send(b"y" * 100_000)
+        with trio.fail_after(5):
+            assert await wait_for_rest(server_sock, 1, 100_000) == 100_000  # all there
