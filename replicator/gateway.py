@@ -555,7 +555,7 @@ class VolumeGateway:
                 self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                   p.offset, p.length, self.geometry.chunk_size, 0, fua,
                                   self.cluster.epoch, self.token)
-                self._unflushed.setdefault(self.host_id, set()).add(p.index)
+                self._note_unflushed(self.host_id, p.index)
             return None
         rid = current_rid.get()
         return self._replicate(pieces, lambda p: m.ZeroChunk(

@@ -216,14 +216,8 @@ class Resync:
         if self.replica is not None:
             now = self.replica.now()
             self._quiet_since = now - self.write_window
-            written = self.replica.written
+            self.replica.forget_written(self._quiet_since)  # what the window passed
             self.replica.forget_recent()
-            for k, w in list(written.items()):  # forget what the window passed
-                recent = [x for x in w if x[0] > self._quiet_since]
-                if recent:
-                    written[k] = recent
-                else:
-                    del written[k]
         records = await self.registry.list_stale()
         mine = await self.refresh_stale_self(records)
         self._progress(mine)

@@ -29,8 +29,10 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
+from operator import itemgetter
 from typing import Callable
 
 import trio
@@ -45,6 +47,9 @@ log = logging.getLogger("vbp.replica")
 
 class StaleCopy(PeerUnavailable):
     """This replica's copy is stale: ask another one (travels as 'unavailable')."""
+
+
+_when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
 def _forget_before(r: dict[int, float], since: float) -> dict[int, float]:
@@ -105,6 +110,14 @@ class Replica:
             return []
         _forget_before(r, self.now() - self.recent_window)
         return sorted(r)
+
+    def forget_written(self, since: float) -> None:
+        """Drop the notes of writes applied at `since` or earlier (resync's window passed
+        them). Each chunk's notes are in time order (appended as applied): cut, not scan."""
+        for k, w in list(self.written.items()):
+            del w[:bisect.bisect_right(w, since, key=_when)]
+            if not w:
+                del self.written[k]
 
     def forget_recent(self) -> None:
         """Drop what the window passed, for every generation (called now and then)."""
