@@ -8,13 +8,14 @@ import random
 import struct
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import trio
 
 from nbd_frontend import proto, server
 from nbd_frontend.export import MemoryExport, MemoryProvider
 from nbd_frontend.server import serve_nbd
+from tests.pieces import send_in_pieces
 from vbp.errors import LeaseHeld, NoSpace
 
 pytestmark = pytest.mark.timeout(60)
@@ -656,13 +657,7 @@ async def test_writes_in_any_pieces_arrive_whole(sizes, cuts, seed):
             writes.append((off, data))
             at += n
             wire += struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i + 1, off, n) + data
-        pos, k = 0, 0
-        while pos < len(wire):
-            n = max(cuts[k % len(cuts)], len(wire) // 100)  # at most ~100 pieces
-            await c.send(wire[pos:pos + n])
-            pos += n
-            k += 1
-            await trio.sleep(0.001 if k % 3 == 0 else 0)
+        await send_in_pieces(c.send, wire, cuts)
         with trio.fail_after(5):
             done = sorted([(await c.reply())[:2] for _ in writes])
         assert done == [(i + 1, 0) for i in range(len(writes))]

@@ -8,14 +8,15 @@ import struct
 from contextlib import asynccontextmanager
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import trio
 
 from replicator import messages as m
 from replicator.codec import CLOSED, NEED_DATA, PeerCodec
 from replicator.errors import ClusterMismatch, PeerError
 from replicator.transport import FaultPolicy, MemoryNetwork, PeerPool, serve_peers
+from tests.pieces import send_in_pieces
 from vbp.errors import Fenced, NoSpace, PeerUnavailable
 
 pytestmark = pytest.mark.timeout(30)
@@ -685,13 +686,7 @@ async def test_frames_in_any_pieces_arrive_whole_over_a_real_socket(sizes, cuts,
         stream, codec = await raw_client(address)
         frames = [codec.encode(i + 1, write(i, p)) for i, p in enumerate(payloads)]
         wire = b"".join(f if isinstance(f, bytes) else b"".join(f) for f in frames)
-        pos, k = 0, 0
-        while pos < len(wire):
-            n = max(cuts[k % len(cuts)], len(wire) // 100)  # at most ~100 pieces
-            await stream.send_all(wire[pos:pos + n])
-            pos += n
-            k += 1
-            await trio.sleep(0.001 if k % 3 == 0 else 0)
+        await send_in_pieces(stream.send_all, wire, cuts)
         replies = [await next_reply(stream, codec) for _ in payloads]
         await stream.aclose()
     assert replies == [(i + 1, m.Ok(1)) for i in range(len(payloads))]

@@ -9,6 +9,8 @@ forever and the copy that missed an acknowledged write could serve it."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import trio.testing
@@ -147,6 +149,18 @@ class _AfterGens:
         return reply
 
 
+async def snapshot_then_write(sim, gw) -> None:
+    """Snapshot volume v (s0), then write 4 KiB of 3s at 4096 through `gw`: the new head's
+    first write, which copies the chunk up on its copies."""
+    provider = sim.hosts[gw.host_id].provider
+    async with trio.open_nursery() as n:
+        n.start_soon(sim.snapshot, "v", "s0")
+        while not sim.volume("v").snapshots:
+            await provider.sync_records()
+            await trio.sleep(0.05)
+    await call(gw.write(4096, b"\x03" * 4096, False))
+
+
 def test_a_generation_created_during_a_resync_is_brought_current_too():
     """Sim seed 2 with eight chunks resynced at once: a snapshot and a write made a new
     generation of a chunk while the stale copy's resync of that chunk was under way. The
@@ -158,19 +172,8 @@ def test_a_generation_created_during_a_resync_is_brought_current_too():
             sim, rec, gw, a, b = await two_replicas(nursery)
             await a_missed_a_write(sim, rec, gw, a, 8192)
             await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
-            provider = sim.hosts[gw.host_id].provider
-
-            async def snapshot_and_write():
-                async with trio.open_nursery() as n:
-                    n.start_soon(sim.snapshot, "v", "s0")
-                    while not sim.volume("v").snapshots:
-                        await provider.sync_records()
-                        await trio.sleep(0.05)
-                # the first write to the new head copies the chunk up on both copies
-                await call(gw.write(4096, b"\x03" * 4096, False))
-
             resync = sim.hosts[a].resync
-            resync.pool = _AfterGens(resync.pool, snapshot_and_write)
+            resync.pool = _AfterGens(resync.pool, functools.partial(snapshot_then_write, sim, gw))
             for _ in range(3):
                 await resync.run_once()
                 if not stale_hosts(sim, rec.lineage):
@@ -223,18 +226,9 @@ def test_a_generation_made_while_a_resync_clears_its_record_leaves_the_copy_stal
             gw_faults.heal()
             sim.reg.mark_stale(rec.lineage, 0, [a], version)
             await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
-            provider = sim.hosts[gw.host_id].provider
-
-            async def snapshot_and_write():
-                async with trio.open_nursery() as n:
-                    n.start_soon(sim.snapshot, "v", "s0")
-                    while not sim.volume("v").snapshots:
-                        await provider.sync_records()
-                        await trio.sleep(0.05)
-                await call(gw.write(4096, b"\x03" * 4096, False))  # the new head's first write
-
             resync = sim.hosts[a].resync
-            resync.registry = _WhileClearing(resync.registry, snapshot_and_write)
+            resync.registry = _WhileClearing(resync.registry,
+                                             functools.partial(snapshot_then_write, sim, gw))
             await resync.run_once()
             assert stale_hosts(sim, rec.lineage) == {a}
             assert not sim.hosts[a].replica.resyncing and not sim.hosts[a].replica.refused
