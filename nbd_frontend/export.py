@@ -33,6 +33,10 @@ class Export(Protocol):
         """bytes-like of exactly `length`, or [(offset, length, data|None), ...] covering
         the range in order (None: a hole, reads as zeros)."""
 
+    # Optional: read_ref(offset, length), read() that may answer a
+    # vbp.chunkstore_common.FileRange instead of bytes; the server then sends the bytes
+    # from the file with os.sendfile and releases the range (replicator.gateway has it).
+
     def write(self, offset: int, data: memoryview, fua: bool) -> Any:
         """`data` is valid during the call only (it is the connection's receive buffer):
         an export that keeps it, or returns an awaitable that uses it, copies it."""

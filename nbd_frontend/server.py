@@ -17,6 +17,11 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   and cancellation are never starved.
 - Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
   are running or MAX_QUEUED reply bytes wait for the writer.
+- Large reads leave without a copy: an export with `read_ref` (replicator.gateway) may
+  answer a read with a FileRange (bytes of its data file, checked), queued like any
+  buffer and sent with os.sendfile when its turn comes. The range pins the slots its file
+  frees meanwhile (vbp.chunkstore_common.FileRange); it is released once sent, or when
+  the connection ends with it unsent.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
   completed by the export, which owns their durability.
 - Request ids (vbp.reqid): with a RequestIds, every request gets an id, set as the
@@ -32,7 +37,9 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
+import os
 import socket
 from time import perf_counter
 import logging
@@ -48,6 +55,7 @@ from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery,
                                     Ready, ServerHandshake)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
+from vbp.chunkstore_common import FileRange
 from vbp.errors import NotFound, VbpError
 from vbp.layout import parse_size
 from vbp.reqid import RequestIds, current as current_rid
@@ -61,7 +69,7 @@ HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
 IOV_MAX = 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
-_PLAIN = (type(None), bytes, bytearray, memoryview, list)
+_PLAIN = (type(None), bytes, bytearray, memoryview, list, FileRange)
 _REFUSALS = {  # the human-readable text of an error chunk for a refused request
     proto.EINVAL: "invalid request: unknown command or flag, misaligned, or beyond the export",
     proto.EPERM: "the export is read-only",
@@ -203,6 +211,8 @@ class _Connection:
         raw = getattr(self.sock, "_sock", None)
         self.raw = raw if isinstance(raw, socket.socket) else None
         self.copy_writes = inspect.iscoroutinefunction(export.write)
+        read_ref = getattr(export, "read_ref", None) if self.raw is not None else None
+        self.read = read_ref or export.read
         # optional per-request hook of the export: observe(command, nbytes, seconds, ok)
         self.observe = getattr(export, "observe", None)
         self.out: list = []
@@ -210,34 +220,38 @@ class _Connection:
         self.inflight = 0
         self.closing = False
         self.writing = False  # the writer task is in the middle of a send
+        self.files = False  # a FileRange may be queued: sends go through _send_mixed
         self.wake = trio.Event()
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self.writer)
-            dropped = getattr(self.export, "dropped", None)
-            watch = trio.CancelScope()
-            if dropped is not None:  # the export can end its connections (e.g. fenced)
-                nursery.start_soon(self._drop_when, dropped, nursery.cancel_scope, watch)
-            try:
-                await self.reader()
-            except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
-                log.warning("nbd protocol error, disconnecting: %s", exc)
-                nursery.cancel_scope.cancel()
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("nbd connection lost: %r", exc)
-                nursery.cancel_scope.cancel()
-                return
-            except BaseException:
-                nursery.cancel_scope.cancel()
-                raise
-            watch.cancel()  # the client is gone: stop watching the export
-            self.closing = True
-            self.wake.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.writer)
+                dropped = getattr(self.export, "dropped", None)
+                watch = trio.CancelScope()
+                if dropped is not None:  # the export can end its connections (e.g. fenced)
+                    nursery.start_soon(self._drop_when, dropped, nursery.cancel_scope, watch)
+                try:
+                    await self.reader()
+                except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
+                    log.warning("nbd protocol error, disconnecting: %s", exc)
+                    nursery.cancel_scope.cancel()
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.debug("nbd connection lost: %r", exc)
+                    nursery.cancel_scope.cancel()
+                    return
+                except BaseException:
+                    nursery.cancel_scope.cancel()
+                    raise
+                watch.cancel()  # the client is gone: stop watching the export
+                self.closing = True
+                self.wake.set()
+        finally:
+            _release(self.out)  # what an ended connection never sent
 
     async def _drop_when(self, event, scope, watch) -> None:
         with watch:
@@ -329,7 +343,7 @@ class _Connection:
         t0 = perf_counter() if self.observe is not None else 0.0
         try:
             if cmd == proto.CMD_READ:
-                result = export.read(req.offset, req.length)
+                result = self.read(req.offset, req.length)
             elif cmd == proto.CMD_WRITE:
                 data = bytes(req.data) if self.copy_writes else req.data
                 result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
@@ -380,6 +394,8 @@ class _Connection:
         try:
             if cmd == proto.CMD_READ:
                 reply = codec.reply_read(req.cookie, req.offset, req.length, result, req.flags)
+                if type(result) is FileRange:
+                    self.files = True
             elif cmd == proto.CMD_BLOCK_STATUS:
                 reply = codec.reply_block_status(req.cookie, req.offset, req.length, result,
                                                  req.flags)
@@ -412,10 +428,11 @@ class _Connection:
             self.wake.set()
             return
         buffers, total = self.out, self.out_bytes
-        rest = _send_now(self.raw, buffers, total)
+        rest = (_send_mixed if self.files else _send_now)(self.raw, buffers, total)
         if rest is None:
             self.out = []
             self.out_bytes = 0
+            self.files = False
         else:
             self.out = rest
             self.out_bytes = sum(_nbytes(b) for b in rest)
@@ -436,6 +453,7 @@ class _Connection:
                         await self.send(buffers, total)
                     finally:
                         self.writing = False
+                self.files = False  # all sent, nothing queued
                 if self.closing and self.inflight == 0:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -446,23 +464,65 @@ class _Connection:
         if self.raw is None:
             await self.stream.send_all(b"".join(buffers))
             return
-        rest = _send_now(self.raw, buffers, total)
-        while rest is not None:
-            await trio.lowlevel.wait_writable(self.raw)
-            rest = _send_now(self.raw, rest, -1)
+        send_now = _send_mixed if self.files else _send_now
+        rest = send_now(self.raw, buffers, total)
+        try:
+            while rest is not None:
+                await trio.lowlevel.wait_writable(self.raw)
+                rest = send_now(self.raw, rest, -1)
+        except BaseException:
+            _release(rest)
+            raise
 
 
 def _nbytes(b) -> int:
     return b.nbytes if type(b) is memoryview else len(b)
 
 
-def _send_now(raw: socket.socket, buffers: list, total: int):
+def _release(buffers) -> None:
+    for b in buffers or ():
+        if type(b) is FileRange:
+            b.release()
+
+
+def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
+    """_send_now for a queue that may hold FileRanges: the buffers between them go with
+    sendmsg (MSG_MORE when a range follows, so a reply header shares its data's first
+    segment), each range with os.sendfile, released once all of it went."""
+    i, end = 0, len(buffers)
+    while i < end:
+        j = i
+        while j < end and type(buffers[j]) is not FileRange:
+            j += 1
+        if j > i:
+            part = buffers[i:j]
+            rest = _send_now(raw, part, sum(map(_nbytes, part)), socket.MSG_MORE if j < end else 0)
+            if rest is not None:
+                return rest + buffers[j:]
+        if j == end:
+            return None
+        rng = buffers[j]
+        sock = raw.fileno()
+        while rng.length:
+            try:
+                n = os.sendfile(sock, rng.fd, rng.pos, rng.length)
+            except BlockingIOError:
+                return buffers[j:]
+            if not n:  # the file never shrinks while its store is open
+                raise OSError(errno.EIO, f"data file shorter than {rng!r}")
+            rng.advance(n)
+        rng.release()
+        i = j + 1
+    return None
+
+
+def _send_now(raw: socket.socket, buffers: list, total: int, flags: int = 0):
     """Send `buffers` (`total` bytes, or -1: unknown) with as few sendmsg calls as the
     socket allows without waiting. None when all went, else what is left (views)."""
     while True:
         batch = buffers if len(buffers) <= IOV_MAX else buffers[:IOV_MAX]
         try:
-            sent = raw.sendmsg(batch)
+            sent = raw.sendmsg(batch, (), flags)
         except BlockingIOError:
             return buffers
         if batch is buffers and sent == total:

@@ -310,13 +310,22 @@ class VolumeGateway:
             return self._throttled(d, self._read, offset, length)
         return self._read(offset, length)
 
-    def _read(self, offset: int, length: int):
+    def read_ref(self, offset: int, length: int):
+        """read() for the NBD server, which sends the result before it does anything else:
+        a local read inside one chunk may answer a FileRange (ChunkStore.read_ref) that the
+        server hands to os.sendfile. Never after an await: the range is only valid until
+        the event loop moves on."""
+        if self.qos is not None and (d := self.qos.delay_for(length)):
+            return self._throttled(d, self._read, offset, length)
+        return self._read(offset, length, True)
+
+    def _read(self, offset: int, length: int, ref: bool = False):
         if self.gone is not None:
             raise self.gone
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + length <= self._cs and length:
-            return self._read_one(offset, index, inner, length)
+            return self._read_one(offset, index, inner, length, ref)
         extents = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -342,7 +351,7 @@ class VolumeGateway:
             return self._read_remote(offset, extents, remote)
         return extents
 
-    def _read_one(self, offset: int, index: int, inner: int, length: int):
+    def _read_one(self, offset: int, index: int, inner: int, length: int, ref: bool = False):
         """A read inside one chunk: _read's loop for one piece, without its objects."""
         hosts = self.cluster.replicas(self.lineage, index, self.n)
         if (self.host_id in hosts and self.host_id not in self.stale.get(index, ())
@@ -352,7 +361,8 @@ class VolumeGateway:
             if gen is None:
                 return [(offset, length, None)]
             try:
-                return store.read(ChunkKey(self.lineage, index, gen), inner, length)
+                key = ChunkKey(self.lineage, index, gen)
+                return store.read_ref(key, inner, length) if ref else store.read(key, inner, length)
             except ChecksumError as e:
                 log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
                 if self.metrics is not None:

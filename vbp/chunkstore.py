@@ -34,6 +34,12 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   either no chunk (PENDING is dropped at open) or a complete copy, never a half copy that
   would shadow the base's acknowledged data with zeros.
 
+Reads check every page against its checksum. read_ref, for the NBD server's large reads,
+checks the pages in place through a read-only map of the data file and answers a FileRange
+that the server sends with os.sendfile (no copy through this process). While a range is
+out, slots its space frees stay in limbo: the bytes a slow client gets are the chunk's (or
+the zeros of a delete that overtook the send), never another chunk's.
+
 Recovery at open (always run; after a clean close there is nothing to do; a dirty chunk is
 one written since the last flush or one of the hot set kept marked through it): PENDING chunks
 are dropped, limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
@@ -74,7 +80,7 @@ import msgpack
 from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore_common import (
-    PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
+    PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, FileRange, StoreStats, check_chunk_size, check_key,
     check_range, check_version, page_checksum, runs,
 )
 from vbp.chunkstore_files import (
@@ -90,6 +96,10 @@ __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 # Chunks kept marked dirty across a flush, at most (see flush). With 4 MiB chunks, 1 GiB of
 # hot data: what a crash re-hashes at the next open (and resyncs) beyond the unflushed chunks.
 HOT_MAX = 256
+
+# read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
+# costs less than the extra send call).
+REF_MIN = 64 * 1024
 
 
 def _page_sums(buf) -> list[int]:
@@ -337,8 +347,7 @@ class ChunkStore:
             if holes:
                 got = [g if s else 0 for g, s in zip(got, sums)]
             if got != sums:
-                self._corrupt(c, first + next(i for i, (g, s) in enumerate(zip(got, sums))
-                                              if g != s))
+                self._mismatch(c, first, got, sums)
         if holes:
             buf = bytearray(buf)
             for i, s in enumerate(sums):
@@ -347,6 +356,34 @@ class ChunkStore:
         if offset == start and len(buf) == length:
             return bytes(buf) if holes else buf
         return bytes(memoryview(buf)[offset - start: offset - start + length])
+
+    def read_ref(self, key: ChunkKey, offset: int, length: int):
+        """read(), for a caller that sends the bytes before doing anything else (the NBD
+        server): a range of REF_MIN bytes or more without a hole is checked in place,
+        through a read-only map of the data file, and returned as a FileRange for
+        os.sendfile, so the bytes are never copied into this process. Otherwise (small,
+        holes, a file shorter than its slots after a lost ftruncate) what read() returns."""
+        c = self._chunks.get(key)
+        if c is None or length < REF_MIN:
+            return self.read(key, offset, length)
+        check_range(offset, length, c.cs)
+        first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+        sp = c.space
+        sums = sp.sums[c.sbase + first: c.sbase + last + 1].tolist()
+        start = c.dbase + (first << PAGE_SHIFT)
+        end = c.dbase + ((last + 1) << PAGE_SHIFT)
+        view = sp.data_view(end) if 0 not in sums else None
+        if view is None:
+            return self._read_range(c, offset, length)
+        if self.verify_reads:
+            got = [xxh3_64_intdigest(view[o: o + PAGE_SIZE]) or 1
+                   for o in range(start, end, PAGE_SIZE)]
+            if got != sums:
+                self._mismatch(c, first, got, sums)
+        return FileRange(sp, c.dbase + offset, length)
+
+    def _mismatch(self, c: Chunk, first: int, got: list[int], sums: list[int]):
+        self._corrupt(c, first + next(i for i, (g, s) in enumerate(zip(got, sums)) if g != s))
 
     def _page(self, c: Chunk, page: int) -> bytes:
         """One page as stored, verified (used to merge partial-page writes)."""
@@ -617,26 +654,32 @@ class ChunkStore:
         c.space.wipe(c.slot)
         c.space.limbo.append(c.slot)
 
-    def _free_limbo(self, txn) -> None:
-        """In `txn`, move every limbo slot to free. Their wipes must be durable already."""
-        for sp in self._spaces.values():
+    def _free_limbo(self, txn) -> list[Space]:
+        """In `txn`, move limbo slots to free; their wipes must be durable already. The
+        spaces whose limbo went, for _after_free_limbo: a space with FileRanges out
+        (read_ref) keeps its limbo, since a range may still be sending a slot freed after
+        it was made."""
+        freed = [sp for sp in self._spaces.values() if sp.limbo and not sp.ranges]
+        for sp in freed:
             for slot in sp.limbo:
                 txn.delete(SLOT.pack(sp.cs, slot), db=self._db["limbo"])
                 txn.put(SLOT.pack(sp.cs, slot), b"", db=self._db["free"])
+        return freed
 
-    def _after_free_limbo(self) -> None:
-        for sp in self._spaces.values():
+    @staticmethod
+    def _after_free_limbo(freed: list[Space]) -> None:
+        for sp in freed:
             for slot in sp.limbo:
                 heapq.heappush(sp.free, slot)
             sp.limbo.clear()
 
     def _settle_limbo(self) -> None:
         for sp in self._spaces.values():
-            if sp.limbo:
+            if sp.limbo and not sp.ranges:
                 sp.sync()
         with self._txn() as txn:
-            self._free_limbo(txn)
-        self._after_free_limbo()
+            freed = self._free_limbo(txn)
+        self._after_free_limbo(freed)
 
     # --- durability -----------------------------------------------------------------------
 
@@ -664,13 +707,13 @@ class ChunkStore:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
             for c in cold:
                 txn.delete(enc_key(c.key), db=db["dirty"])
-            self._free_limbo(txn)
+            freed = self._free_limbo(txn)
         for c in written:
             c.touched = False
         for c in cold:
             c.dirty = False
             del dirty[c.key]
-        self._after_free_limbo()
+        self._after_free_limbo(freed)
 
     def close(self) -> None:
         if self._closed:

@@ -7,6 +7,7 @@ page never looks like a hole (see vbp/chunkstore.py, theory of operation).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from xxhash import xxh3_64_intdigest
@@ -35,6 +36,50 @@ class StoreStats:
     free: int
     chunks: int
     checksum_errors: int
+
+
+class FileRange:
+    """`length` bytes at `pos` of a data file, checked against their checksums, for a
+    caller that sends them with os.sendfile instead of copying them (ChunkStore.read_ref).
+
+    The range pins its file's freed slots (`owner.ranges`): while it lives, a slot freed
+    meanwhile is not given to another chunk, so the bytes sent are this chunk's, or zeros
+    if it was deleted meanwhile. A write landing before the bytes leave is sent with them,
+    as for any read that overlaps a write in flight. `release()` once sent or dropped
+    (garbage collection releases it too). A closed store's ranges read as EBADF."""
+
+    __slots__ = ("owner", "pos", "length", "__weakref__")
+
+    def __init__(self, owner, pos: int, length: int):
+        self.owner, self.pos, self.length = owner, pos, length
+        owner.ranges.add(self)
+
+    @property
+    def fd(self) -> int:
+        return self.owner.fd if self.owner is not None else -1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"FileRange(pos={self.pos}, length={self.length})"
+
+    def advance(self, n: int) -> None:
+        """The first `n` bytes were sent."""
+        self.pos += n
+        self.length -= n
+
+    def read(self) -> bytes:
+        """The bytes (zeros past the end of the file, as pread_full), and release."""
+        n = self.length
+        buf = os.pread(self.fd, n, self.pos)
+        self.release()
+        return buf if len(buf) == n else buf.ljust(n, b"\0")
+
+    def release(self) -> None:
+        if self.owner is not None:
+            self.owner.ranges.discard(self)
+            self.owner = None
 
 
 def page_checksum(page) -> int:

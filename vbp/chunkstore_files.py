@@ -10,6 +10,7 @@ import errno
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import lmdb
@@ -99,11 +100,16 @@ def size_name(cs: int) -> str:
     return f"{cs >> 10}K"
 
 
+# The data file grows (sparse) by this many slots at a time, so the read-only map of it
+# (Space.data_view) is made again once per DATA_GROW new slots, not per slot.
+DATA_GROW = 16
+
+
 class Space:
     """The data file and the checksum sidecar of one chunk size."""
 
     __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo",
-                 "failed")
+                 "failed", "dmm", "dview", "retired", "ranges")
 
     def __init__(self, root: Path, cs: int, nslots: int):
         self.cs = cs
@@ -116,6 +122,9 @@ class Space:
         if created:
             sync_dir(root)  # else fdatasync of the files may not survive a power loss
         self.mm = self.sums = None
+        self.dmm = self.dview = None  # read-only map of the data file, made by data_view
+        self.retired: list = []  # older data maps a view still pointed into when replaced
+        self.ranges: weakref.WeakSet = weakref.WeakSet()  # FileRanges out: limbo stays limbo
         self.mapped = 0
         self.nslots = 0
         self.free: list[int] = []  # a heap: reuse low slots first
@@ -140,7 +149,33 @@ class Space:
             self.sums = memoryview(self.mm).cast("Q")
             self.mapped = want
         if os.fstat(self.fd).st_size < nslots * self.cs:
-            os.ftruncate(self.fd, nslots * self.cs)
+            os.ftruncate(self.fd, -(-nslots // DATA_GROW) * DATA_GROW * self.cs)
+
+    def data_view(self, end: int) -> memoryview | None:
+        """A read-only view of the data file's first `end` bytes or more (None if the file
+        is shorter), through a shared map, for checking pages in place before os.sendfile
+        sends them (ChunkStore.read_ref). The file never shrinks while the store is open,
+        so the map never reaches past its end; a media error under it is a SIGBUS, as for
+        the sums sidecar and the LMDB index, which are maps too."""
+        if self.dview is not None and end <= len(self.dview):
+            return self.dview
+        size = os.fstat(self.fd).st_size
+        if size < end:
+            return None
+        self._unmap_data()
+        self.dmm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self.dview = memoryview(self.dmm)
+        return self.dview
+
+    def _unmap_data(self) -> None:
+        if self.dview is None:
+            return
+        try:
+            self.dview.release()
+            self.dmm.close()
+        except BufferError:  # a view into it is still alive: closed with the space
+            self.retired.append((self.dmm, self.dview))
+        self.dmm = self.dview = None
 
     # A failed fsync may have dropped dirty pages while a later one "succeeds" (Linux marks
     # them clean): after one failure this space refuses to claim durability ever again.
@@ -181,7 +216,10 @@ class Space:
 
     def close(self) -> None:
         self._unmap()
+        self._unmap_data()
+        self.retired.clear()  # whatever still points into them keeps them alive
         os.close(self.fd)
+        self.fd = -1  # FileRanges still out fail with EBADF, never read another file
         os.close(self.sfd)
 
 

@@ -1,0 +1,234 @@
+"""Large reads leave by os.sendfile: ChunkStore.read_ref's FileRange through the NBD server.
+
+A real chunk store on disk behind a minimal export, the real server, a byte-level client
+(tests/unit/test_nbd_server.py's). What must hold: the bytes are the chunk's, a range
+queued behind a slow client keeps the slots freed meanwhile from going to another chunk,
+ranges an ended connection never sent are released, and a damaged page is an error, not
+data.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+from nbd_frontend import proto
+from nbd_frontend.server import serve_nbd
+from tests.unit.test_nbd_server import Client
+from vbp.chunkstore import REF_MIN, ChunkStore
+from vbp.chunkstore_common import FileRange
+from vbp.errors import NotFound
+from vbp.layout import ChunkKey
+
+pytestmark = pytest.mark.timeout(60)
+CS = 1 << 20
+CHUNKS = 24
+
+
+class StoreExport:
+    """Chunk i of the export is ChunkKey("lin", i, 1); requests stay inside one chunk."""
+
+    name, description, read_only = "disk", "", False
+    size = CHUNKS * CS
+
+    def __init__(self, store: ChunkStore):
+        self.store = store
+
+    def _where(self, offset: int, length: int):
+        assert offset // CS == (offset + length - 1) // CS, "the test keeps to one chunk"
+        return ChunkKey("lin", offset // CS, 1), offset % CS
+
+    def read(self, offset: int, length: int):
+        key, inner = self._where(offset, length)
+        try:
+            return self.store.read(key, inner, length)
+        except NotFound:
+            return bytes(length)
+
+    def read_ref(self, offset: int, length: int):
+        key, inner = self._where(offset, length)
+        try:
+            return self.store.read_ref(key, inner, length)
+        except NotFound:
+            return bytes(length)
+
+    def write(self, offset: int, data, fua: bool):
+        key, inner = self._where(offset, len(data))
+        self.store.write(key, inner, data, chunk_size=CS)
+
+    def flush(self):
+        self.store.flush()
+
+    def close(self):
+        pass
+
+
+class Provider:
+    def __init__(self, export):
+        self.export = export
+
+    def list_exports(self):
+        return [("disk", "")]
+
+    def open_export(self, name):
+        if name != "disk":
+            raise NotFound(name)
+        return self.export
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChunkStore(tmp_path / "store", 64 * CS)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def served(store, nursery):
+    export = StoreExport(store)
+    port = await nursery.start(serve_nbd, Provider(export), "127.0.0.1", 0)
+    return port, store
+
+
+def fill(store, chunks) -> dict[int, bytes]:
+    data = {}
+    for i in chunks:
+        data[i] = random.randbytes(CS)
+        store.write(ChunkKey("lin", i, 1), 0, data[i], chunk_size=CS)
+    return data
+
+
+def counting_sendfile(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.sendfile
+
+    def sendfile(out, fd, pos, n):
+        calls.append(n)
+        return real(out, fd, pos, n)
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    return calls
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_large_reads_are_sent_from_the_file_and_match(served, monkeypatch, structured):
+    port, store = served
+    data = fill(store, range(4))
+    calls = counting_sendfile(monkeypatch)
+    c = await Client.connect(port, structured=structured)
+    for off, n in ((0, CS), (CS + 4096, REF_MIN), (2 * CS + 123, 300_000), (3 * CS, 4096),
+                   (3 * CS + 1000, 10)):
+        assert await c.read(off, n) == data[off // CS][off % CS: off % CS + n], (off, n)
+    assert len(calls) >= 3  # the three reads of REF_MIN bytes or more; small ones are copies
+    await c.aclose()
+
+
+async def test_ranges_queued_behind_a_slow_client_pin_freed_slots(served):
+    """A client asks for 16 MiB and reads none of it: replies wait as FileRanges. The
+    chunks are deleted and the limbo flushed meanwhile, and new chunks written: none may
+    take a slot a queued range still points at. The slow client then gets each chunk's
+    own bytes up to where the delete found its send and zeros after (a read overlapping
+    a trim in flight), never another chunk's."""
+    port, store = served
+    data = fill(store, range(16))
+    slots = {store.info(ChunkKey("lin", i, 1)).slot for i in range(16)}
+    c = await Client.connect(port, structured=True)
+    for i in range(16):
+        await c.request(proto.CMD_READ, i * CS, CS, cookie=i)
+    space = store._spaces[CS]
+    with trio.fail_after(10):
+        while not space.ranges:
+            await trio.sleep(0.01)
+    await trio.sleep(0.2)  # the socket is full: what is left waits in the queue
+    queued = len(space.ranges)
+    assert queued > 0
+    for i in range(16):
+        store.delete(ChunkKey("lin", i, 1))
+    store.flush()  # would free the limbo, but ranges are out
+    assert sorted(space.limbo) == sorted(slots)
+    fresh = fill(store, range(16, 24))
+    assert not slots & {store.info(ChunkKey("lin", i, 1)).slot for i in range(16, 24)}
+    got = {}
+    for _ in range(16):
+        cookie, error, parts = await c.reply({i: CS for i in range(16)})
+        assert error == 0
+        buf = bytearray(CS)
+        for off, part in parts:
+            if not isinstance(part, tuple):
+                buf[off - cookie * CS: off - cookie * CS + len(part)] = part
+        got[cookie] = bytes(buf)
+    others = set(fresh.values())
+    for i, b in got.items():
+        assert b not in others
+        # the chunk's bytes up to where the delete found the send, zeros from there on
+        cut = len(b.rstrip(b"\0"))
+        assert b[:cut] == data[i][:cut] and not b[cut:].strip(b"\0"), i
+    assert sum(b != data[i] for i, b in got.items()) >= 1, "no range was still queued"
+    with trio.fail_after(5):
+        while space.ranges:
+            await trio.sleep(0.01)
+    store.flush()
+    assert not space.limbo
+    fill(store, [30 % CHUNKS])  # a freed slot is used again
+    assert store.info(ChunkKey("lin", 30 % CHUNKS, 1)).slot in slots
+    await c.aclose()
+
+
+async def test_a_connection_ended_with_ranges_queued_releases_them(served):
+    port, store = served
+    fill(store, range(12))
+    c = await Client.connect(port)
+    for i in range(12):
+        await c.request(proto.CMD_READ, i * CS, CS, cookie=i)
+    space = store._spaces[CS]
+    with trio.fail_after(10):
+        while not space.ranges:
+            await trio.sleep(0.01)
+    await c.aclose()
+    with trio.fail_after(10):
+        while space.ranges:
+            await trio.sleep(0.01)
+    store.delete(ChunkKey("lin", 0, 1))
+    store.flush()
+    assert not space.limbo
+
+
+async def test_a_damaged_page_is_an_error_not_data(served, tmp_path):
+    port, store = served
+    data = fill(store, range(2))
+    store.flush()
+    slot = store.info(ChunkKey("lin", 1, 1)).slot
+    with open(tmp_path / "store" / "data-1M.bin", "r+b") as f:
+        f.seek(slot * CS + 5 * 4096 + 7)
+        f.write(bytes([data[1][5 * 4096 + 7] ^ 0xFF]))
+    c = await Client.connect(port, structured=True)
+    await c.request(proto.CMD_READ, CS, CS, cookie=9)
+    cookie, error, parts = await c.reply({9: CS})
+    assert (cookie, error) == (9, proto.EIO)
+    assert not any(not isinstance(p, tuple) and len(p) > 8 for _, p in parts)
+    assert await c.read(0, CS) == data[0]  # the connection still serves
+    await c.aclose()
+    assert store.stats().checksum_errors == 1
+    assert not store._spaces[CS].ranges
+
+
+def test_read_ref_answers_ranges_or_bytes(store):
+    k = ChunkKey("lin", 0, 1)
+    body = random.randbytes(CS // 2)
+    store.write(k, 0, body, chunk_size=CS)  # the second half is holes
+    r = store.read_ref(k, 4096, REF_MIN)
+    assert isinstance(r, FileRange) and len(r) == REF_MIN
+    assert r.read() == body[4096:4096 + REF_MIN]
+    assert not store._spaces[CS].ranges  # read() released it
+    assert store.read_ref(k, 0, 4096) == body[:4096]  # small: a copy
+    mixed = store.read_ref(k, CS // 2 - REF_MIN, 2 * REF_MIN)  # data then holes: a copy
+    assert mixed == body[-REF_MIN:] + bytes(REF_MIN)
+    # slots past the data file's first map: it is made again, the old one stays valid
+    more = fill(store, range(1, 40))
+    for i in (1, 39):
+        r = store.read_ref(ChunkKey("lin", i, 1), 0, CS)
+        assert isinstance(r, FileRange) and r.read() == more[i]
+    del r
+    assert not store._spaces[CS].ranges  # garbage collection releases too
