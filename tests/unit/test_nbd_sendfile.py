@@ -41,19 +41,15 @@ class StoreExport:
         assert offset // CS == (offset + length - 1) // CS, "the test keeps to one chunk"
         return ChunkKey("lin", offset // CS, 1), offset % CS
 
-    def read(self, offset: int, length: int):
+    def read(self, offset: int, length: int, how: str = "read"):
         key, inner = self._where(offset, length)
         try:
-            return self.store.read(key, inner, length)
+            return getattr(self.store, how)(key, inner, length)
         except NotFound:
             return bytes(length)
 
     def read_ref(self, offset: int, length: int):
-        key, inner = self._where(offset, length)
-        try:
-            return self.store.read_ref(key, inner, length)
-        except NotFound:
-            return bytes(length)
+        return self.read(offset, length, "read_ref")
 
     def write(self, offset: int, data, fua: bool):
         key, inner = self._where(offset, len(data))
