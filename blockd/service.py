@@ -43,6 +43,13 @@ from vbp.volume import (
 
 log = logging.getLogger("vbp.blockd")
 
+# Stats follow usage between heartbeats: published once usage has moved by this share of
+# capacity since the last publication, looked at this often. A small host under a fast
+# writer fills in about a second, faster than a heartbeat period; the controller's
+# reweight (replicator.migration) and `vbp pool status` act on the published figure.
+SPACE_STEP = 1 / 32
+SPACE_POLL = 0.25
+
 
 class AsyncRegistry:
     """Runs each registry call in a worker thread so the event loop never blocks on it."""
@@ -438,6 +445,7 @@ class Blockd:
         self.peer_port = 0
         self.nbd_port = 0
         self._stats_lock = trio.Lock()  # one publication at a time, each one current
+        self._published_used = 0  # the usage in the last stats published
         # the store id published in this host's record: the previous one while a new disk
         # is backfilled, so a crash meanwhile finds it again (see _check_store)
         self.store_id = ""
@@ -508,6 +516,7 @@ class Blockd:
                 self.cluster.set_map(cmap)
                 await self.publish_stats()
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._watch_space)
                 if self.replica.backfilling:
                     nursery.start_soon(self._backfill)
                 nursery.start_soon(self._watch_map)
@@ -630,7 +639,9 @@ class Blockd:
         """Publish stats(), including the open snapshot exports that GC must respect. Under
         a lock and computed inside it: an older list never lands after a newer one."""
         async with self._stats_lock:
-            await self.registry.publish_stats(self.cfg.host_id, self.stats(), self.cfg.heartbeat_ttl)
+            st = self.stats()
+            await self.registry.publish_stats(self.cfg.host_id, st, self.cfg.heartbeat_ttl)
+            self._published_used = st["used"]
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful stop, step one: let replicated writes under way finish, then make
@@ -651,13 +662,27 @@ class Blockd:
             await trio.sleep(period)
             try:
                 async with self._stats_lock:  # stats ride on the heartbeat (one request)
-                    await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, self.stats())
+                    st = self.stats()
+                    await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, st)
+                    self._published_used = st["used"]
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:
                 log.warning("event=heartbeat_failed error=%s", e)
             st = self.store.stats()
             self.metrics.set_space(st.capacity, st.used)
+
+    async def _watch_space(self) -> None:
+        """Publish the stats early when usage moved by SPACE_STEP of capacity."""
+        while True:
+            await trio.sleep(SPACE_POLL)
+            st = self.store.stats()
+            if not st.capacity or abs(st.used - self._published_used) < SPACE_STEP * st.capacity:
+                continue
+            try:
+                await self.publish_stats()
+            except VbpError as e:  # the next heartbeat publishes again
+                log.warning("event=stats_publish_failed error=%s", e)
 
     async def _watchdog(self) -> None:
         """systemd's watchdog: the event loop is alive (independent of the registry)."""
