@@ -497,8 +497,9 @@ class Blockd:
                 self.pool = pool
                 self.resync.pool = pool
                 grace = max(2 * cfg.lease_ttl, 5.0)
-                # a reweight waits until the copies the last change moved are freed (grace,
-                # then the collector's next pass) and the stats show it (one heartbeat)
+                # with a host that does not publish its misplaced copies, a reweight waits
+                # until the copies the last change moved are freed (grace, then the
+                # collector's next pass) and the stats show it (one heartbeat)
                 self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
                                           grace=grace,
                                           reweight_hold=grace + cfg.gc_interval + cfg.heartbeat_ttl)
@@ -620,6 +621,8 @@ class Blockd:
             if cmap.epoch > self.cluster.epoch:
                 self.cluster.set_map(cmap)
             await self.mover.scan_once()
+            if await self.mover.measure_misplaced():
+                await self.publish_stats()  # the controller's next reweight waits for it
         await self._every(1, "data_set_step", step)
 
     def stats(self) -> dict:
@@ -631,6 +634,8 @@ class Blockd:
             "resync_bytes": rs.bytes_copied, "time": time.time(),
             "recovery_held_full": self.resync.held_full, "full_ratio": self.cfg.full_ratio,
             "nearfull_ratio": self.cfg.nearfull_ratio,
+            # copies the settled data set places elsewhere, not freed yet (pending_free)
+            "misplaced": self.mover.misplaced, "misplaced_gen": self.mover.misplaced_gen,
             "scrub": self.scrubber.last,
             "exports": self.provider.published(),
         }
