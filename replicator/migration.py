@@ -55,6 +55,8 @@ import logging
 import math
 import time
 
+import trio
+
 from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, weight_pairs
 from vbp.errors import NotFound, VbpError
@@ -82,14 +84,15 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
 # nearfull rather than at full_ratio leaves the host room for what still reaches it while
 # the change runs: gateways keep writing the placement being left until the change
 # completes (no step can stop new chunks landing there sooner), and moved copies are
-# freed only a grace period later. At full_ratio recovery
-# already takes no new copy there and new chunks soon fail with ENOSPC (degraded writes).
+# freed only a grace period later. At full_ratio recovery already takes no new copy there
+# and new chunks soon fail with ENOSPC (degraded writes).
 NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
 REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
 WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
 WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
 WEIGHT_MIN = 0.05
 WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
+RAISE_SAMPLE = 20000  # chunks whose placement a raise is judged on, at most
 
 
 def _quantize(f: float, up: bool) -> float:
@@ -113,7 +116,25 @@ def stats_current(cmap: ClusterMap, stats: dict[str, dict]) -> bool:
     return all(stats[h].get("misplaced_gen") == cmap.mgen for h in cmap.data_set if h in stats)
 
 
-def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[str, float]:
+def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict[str, float]) -> int:
+    """How many of the pool's chunks the data set of `cmap` with weight `factors` places on
+    `host`: every chunk index of each lineage up to its largest volume, or, past
+    RAISE_SAMPLE of them, an even stride through them."""
+    from replicator.gateway import ClusterView  # a view of this map, not the host's
+
+    view = ClusterView(ClusterMap(cmap.epoch, cmap.hosts, cmap.data_set, None, cmap.mgen,
+                                  weight_pairs(factors, cmap.data_set)))
+    chunks: dict[str, tuple[int, int]] = {}
+    for v in volumes:
+        n, c = chunks.get(v["lineage"], (0, 0))
+        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    stride = max(1, -(-sum(c for _, c in chunks.values()) // RAISE_SAMPLE))
+    return sum(host in view.replicas(lineage, i, n)
+               for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
+
+
+def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
+                   growth: dict[str, float] | None = None) -> dict[str, float]:
     """The weight factors the data set should have, from the hosts' published usage: what
     each host holds less its copies the data set places elsewhere (`pending_free`), so
     copies a step moved off count as gone before they are freed.
@@ -125,9 +146,11 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[
       everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
     - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
       factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
-      usage grows with its weight (an upper bound: a host's share of chunks grows at most
-      in proportion to its weight). So a host that was lowered is not raised back into
-      nearfull, and the factor does not flap.
+      usage grows with its weight -- or, if more, as its count of placed chunks grows
+      (`growth[host]`, from placed_count, at the raise asked for): its expected share
+      grows at most in proportion to its weight, but the chunks a step flips are few on a
+      small pool and their count can grow faster. So a host that was lowered is not raised back
+      into nearfull, and the factor does not flap.
     - Hosts without stats (down) keep their factor. With no more hosts than a volume has
       replicas every host holds every chunk: weights would move nothing, so none change."""
     cur = {h: f for h, f in cmap.factors.items() if h in cmap.data_set}
@@ -157,7 +180,8 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[
         if h in usage and h not in over:
             used, cap, nf = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
-            if used * new / f < (nf - REWEIGHT_MARGIN) * cap:
+            grows = max(new / f, (growth or {}).get(h, 0.0))
+            if used * grows < (nf - REWEIGHT_MARGIN) * cap:
                 out[h] = new
     return {h: f for h, f in out.items() if f < 1.0}
 
@@ -207,6 +231,7 @@ class DataSetMover:
         self.misplaced_gen = -1
         self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
         self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
+        self._growths: dict = {}  # _growth's answers for one data set and set of volumes
         self.clock = time.monotonic
 
     async def n_of(self) -> dict[str, int]:
@@ -263,7 +288,12 @@ class DataSetMover:
         stats = await self.registry.host_stats()
         if now - self._calm[1] < self.reweight_hold and not stats_current(cmap, stats):
             return cmap
-        want = wanted_weights(cmap, stats, max(v["replicas"] for v in vols))
+        most = max(v["replicas"] for v in vols)
+        want = wanted_weights(cmap, stats, most)
+        raised = {h: f for h, f in want.items() if f > cmap.factors.get(h, 1.0)}
+        raised.update((h, 1.0) for h in cmap.factors if h in cmap.data_set and h not in want)
+        if raised:  # judged again on the chunks the raise would place there
+            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised))
         if want == cmap.factors:
             return cmap
         for h in sorted(set(want) | set(cmap.factors)):
@@ -274,6 +304,22 @@ class DataSetMover:
                          cmap.mgen + 1, h, new, old, st.get("used"), st.get("capacity"))
         return await self.registry.set_data_set(cmap.mgen, cmap.data_set, cmap.data_set, want,
                                                 cmap.factors)
+
+    async def _growth(self, cmap: ClusterMap, vols: list[dict], raised: dict[str, float]) -> dict[str, float]:
+        """Host -> how many times its placed chunks grow at the raised factor (placed_count,
+        in a worker thread: up to 2 * RAISE_SAMPLE placements; kept per data set and volumes)."""
+        sig = (cmap.mgen, tuple(sorted((v["lineage"], v["size"], v["chunk_size"], v["replicas"]) for v in vols)))
+        if self._growths.get("sig") != sig:
+            self._growths = {"sig": sig}
+        out = {}
+        for h, new in raised.items():
+            if (h, new) not in self._growths:
+                def ratio(h=h, new=new) -> float:
+                    before = placed_count(cmap, vols, h, cmap.factors)
+                    return placed_count(cmap, vols, h, {**cmap.factors, h: new}) / before if before else 0.0
+                self._growths[(h, new)] = await trio.to_thread.run_sync(ratio)
+            out[h] = self._growths[(h, new)]
+        return out
 
     async def _clear_moot(self, cmap: ClusterMap, vols: list[dict]) -> None:
         """Stale records of hosts a settled data set no longer places the chunk on name

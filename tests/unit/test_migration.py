@@ -160,6 +160,15 @@ def test_back_to_back_steps_do_not_overshoot(demand):
     assert seen == sorted(seen, reverse=True) and seen[-5:] == [seen[-1]] * 5
 
 
+def test_a_raise_reckons_with_the_chunks_it_would_place_when_they_grow_faster():
+    """On few chunks the count a raise puts back can grow faster than the weight (it is
+    the expected share that grows at most in proportion): `growth` from the placement."""
+    st = stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": 0.56})
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3) == {"h4": 0.75}  # 0.56 * 1.25 = 0.7 < 0.75
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3, {"h4": 1.4}) == {"h4": 0.6}  # 0.78
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3, {"h4": 1.0}) == {"h4": 0.75}  # never laxer
+
+
 def test_raising_when_usage_shrinks_stops_short_of_nearfull():
     """Data deleted: the factor climbs back while the projected usage stays
     REWEIGHT_MARGIN below nearfull, and never further."""
@@ -338,3 +347,25 @@ def test_freeing_a_misplaced_copy_takes_it_off_the_published_bytes_at_once():
     freed = trio.run(m.collect_misplaced)
     assert freed * MiB == pending > 0 and m.misplaced == 0
     assert store.stats().used == used - pending and m.misplaced_gen == lowered.mgen
+
+
+def test_controller_does_not_raise_a_host_whose_placed_chunks_would_grow_too_much():
+    """64 chunks of lineage g89: h4 at factor 0.6 is placed on 26 of them, at 0.75 on 36
+    (x1.38, not x1.25). At 0.56 of its capacity it stays at 0.6: at 0.75 it would be
+    past nearfull - margin. The weight-proportional model would raise it, and the next
+    step lower it again."""
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for i in range(1, 5):
+        reg.register_host(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", capacity=GiB,
+                                     peer_rev=WEIGHTS_REV), 60)
+    gen = reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None, {"h4": 0.6}).mgen
+    rec = new_volume("v", 64 * MiB, replicas=3, lineage="g89", head=1, now=0.0, chunk_size=MiB)
+    reg.create_volume("v", rec.to_dict())
+    for h, u in {"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": 0.56}.items():
+        reg.publish_stats(h, {"capacity": GiB, "used": int(u * GiB), "nearfull_ratio": 0.85,
+                              "misplaced": 0, "misplaced_gen": gen}, 60)
+    m = mover(reg, Clock(), hold=0.0)
+    assert trio.run(m.control_once).factors == {"h4": 0.6}
+    reg.publish_stats("h4", {"capacity": GiB, "used": int(0.5 * GiB), "nearfull_ratio": 0.85,
+                             "misplaced": 0, "misplaced_gen": gen}, 60)
+    assert trio.run(m.control_once).factors == {"h4": 0.75}  # 0.5 * 1.38 = 0.69: raised
