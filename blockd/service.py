@@ -678,10 +678,18 @@ class Blockd:
             self.metrics.set_space(st.capacity, st.used)
 
     async def _watch_space(self) -> None:
-        """Publish the stats early when usage moved by SPACE_STEP of capacity."""
+        """Publish the stats early when usage moved by SPACE_STEP of capacity; log when it
+        crosses the nearfull threshold (the controller then lowers the host's weight)."""
+        above = False
         while True:
             await trio.sleep(SPACE_POLL)
             st = self.store.stats()
+            if st.capacity and (st.used > self.cfg.nearfull_ratio * st.capacity) != above:
+                above = not above
+                log.log(logging.WARNING if above else logging.INFO,
+                        "event=%s used=%d capacity=%d nearfull_ratio=%s",
+                        "nearfull" if above else "below_nearfull", st.used, st.capacity,
+                        self.cfg.nearfull_ratio)
             if not st.capacity or abs(st.used - self._published_used) < SPACE_STEP * st.capacity:
                 continue
             try:
