@@ -43,6 +43,13 @@ from vbp.volume import (
 
 log = logging.getLogger("vbp.blockd")
 
+# Stats follow usage between heartbeats: published once usage has moved by this share of
+# capacity since the last publication, looked at this often. A small host under a fast
+# writer fills in about a second, faster than a heartbeat period; the controller's
+# reweight (replicator.migration) and `vbp pool status` act on the published figure.
+SPACE_STEP = 1 / 32
+SPACE_POLL = 0.25
+
 
 class AsyncRegistry:
     """Runs each registry call in a worker thread so the event loop never blocks on it."""
@@ -438,6 +445,7 @@ class Blockd:
         self.peer_port = 0
         self.nbd_port = 0
         self._stats_lock = trio.Lock()  # one publication at a time, each one current
+        self._published_used = 0  # the usage in the last stats published
         # the store id published in this host's record: the previous one while a new disk
         # is backfilled, so a crash meanwhile finds it again (see _check_store)
         self.store_id = ""
@@ -489,8 +497,9 @@ class Blockd:
                 self.pool = pool
                 self.resync.pool = pool
                 grace = max(2 * cfg.lease_ttl, 5.0)
-                # a reweight waits until the copies the last change moved are freed (grace,
-                # then the collector's next pass) and the stats show it (one heartbeat)
+                # with a host that does not publish its misplaced copies, a reweight waits
+                # until the copies the last change moved are freed (grace, then the
+                # collector's next pass) and the stats show it (one heartbeat)
                 self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
                                           grace=grace,
                                           reweight_hold=grace + cfg.gc_interval + cfg.heartbeat_ttl)
@@ -508,6 +517,7 @@ class Blockd:
                 self.cluster.set_map(cmap)
                 await self.publish_stats()
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._watch_space)
                 if self.replica.backfilling:
                     nursery.start_soon(self._backfill)
                 nursery.start_soon(self._watch_map)
@@ -611,6 +621,8 @@ class Blockd:
             if cmap.epoch > self.cluster.epoch:
                 self.cluster.set_map(cmap)
             await self.mover.scan_once()
+            if await self.mover.measure_misplaced():
+                await self.publish_stats()  # the controller's next reweight waits for it
         await self._every(1, "data_set_step", step)
 
     def stats(self) -> dict:
@@ -622,6 +634,8 @@ class Blockd:
             "resync_bytes": rs.bytes_copied, "time": time.time(),
             "recovery_held_full": self.resync.held_full, "full_ratio": self.cfg.full_ratio,
             "nearfull_ratio": self.cfg.nearfull_ratio,
+            # copies the settled data set places elsewhere, not freed yet (pending_free)
+            "misplaced": self.mover.misplaced, "misplaced_gen": self.mover.misplaced_gen,
             "scrub": self.scrubber.last,
             "exports": self.provider.published(),
         }
@@ -630,7 +644,9 @@ class Blockd:
         """Publish stats(), including the open snapshot exports that GC must respect. Under
         a lock and computed inside it: an older list never lands after a newer one."""
         async with self._stats_lock:
-            await self.registry.publish_stats(self.cfg.host_id, self.stats(), self.cfg.heartbeat_ttl)
+            st = self.stats()
+            await self.registry.publish_stats(self.cfg.host_id, st, self.cfg.heartbeat_ttl)
+            self._published_used = st["used"]
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful stop, step one: let replicated writes under way finish, then make
@@ -651,13 +667,35 @@ class Blockd:
             await trio.sleep(period)
             try:
                 async with self._stats_lock:  # stats ride on the heartbeat (one request)
-                    await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, self.stats())
+                    st = self.stats()
+                    await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, st)
+                    self._published_used = st["used"]
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:
                 log.warning("event=heartbeat_failed error=%s", e)
             st = self.store.stats()
             self.metrics.set_space(st.capacity, st.used)
+
+    async def _watch_space(self) -> None:
+        """Publish the stats early when usage moved by SPACE_STEP of capacity; log when it
+        crosses the nearfull threshold (the controller then lowers the host's weight)."""
+        above = False
+        while True:
+            await trio.sleep(SPACE_POLL)
+            st = self.store.stats()
+            if st.capacity and (st.used > self.cfg.nearfull_ratio * st.capacity) != above:
+                above = not above
+                log.log(logging.WARNING if above else logging.INFO,
+                        "event=%s used=%d capacity=%d nearfull_ratio=%s",
+                        "nearfull" if above else "below_nearfull", st.used, st.capacity,
+                        self.cfg.nearfull_ratio)
+            if not st.capacity or abs(st.used - self._published_used) < SPACE_STEP * st.capacity:
+                continue
+            try:
+                await self.publish_stats()
+            except VbpError as e:  # the next heartbeat publishes again
+                log.warning("event=stats_publish_failed error=%s", e)
 
     async def _watchdog(self) -> None:
         """systemd's watchdog: the event loop is alive (independent of the registry)."""

@@ -30,6 +30,23 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
   one only when every host of the chunk's placement holds the chunk's generations with no
   stale record, and only after a grace period in which gateways still on the old map may
   read it (collect_misplaced).
+- Pacing of reweights. The controller judges a settled data set by what each host will
+  hold under it: its usage less its copies waiting to be freed. Each host measures those
+  (`misplaced`, bytes) as soon as the data set settles and again at each collector pass,
+  takes a freed copy off at once, and publishes them with `misplaced_gen`, the generation
+  they were measured on. The controller takes the next step as soon as every data-set
+  host with stats has published for the current generation (a second or two after the
+  change completes) instead of waiting for the copies to be freed; stats measured on an
+  older data set do not count, so a step never reads the usage from before the last one
+  (which would take the factor on down: overshoot). Only when some host does not publish
+  `misplaced` (an older blockd) does it wait `reweight_hold` seconds (grace, a collector
+  pass and a heartbeat: the copies freed and the stats showing it). Hosts also publish
+  their stats as soon as their usage moves by 1/32 of their capacity (blockd.service), not
+  only with the heartbeat: a small host under a fast writer fills in seconds.
+- No step is taken during a change, not even for a host past full_ratio: the placement
+  being left is written until the change completes whatever the target's factors, so a
+  step then would only restart the change (every holder scans again) and keep that host
+  in the written placement longer.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+
+import trio
 
 from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, weight_pairs
@@ -64,14 +83,16 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
 # `nearfull_ratio`, published with its stats) when used / capacity exceeds it. Acting at
 # nearfull rather than at full_ratio leaves the host room for what still reaches it while
 # the change runs: gateways keep writing the placement being left until the change
-# completes, and moved copies are freed only a grace period later. At full_ratio recovery
-# already takes no new copy there and new chunks soon fail with ENOSPC (degraded writes).
+# completes (no step can stop new chunks landing there sooner), and moved copies are
+# freed only a grace period later. At full_ratio recovery already takes no new copy there
+# and new chunks soon fail with ENOSPC (degraded writes).
 NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
 REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
 WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
 WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
 WEIGHT_MIN = 0.05
 WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
+RAISE_SAMPLE = 20000  # chunks whose placement a raise is judged on, at most
 
 
 def _quantize(f: float, up: bool) -> float:
@@ -80,8 +101,43 @@ def _quantize(f: float, up: bool) -> float:
     return round(max(WEIGHT_MIN, min(1.0, q * WEIGHT_QUANTUM)), 2)
 
 
-def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[str, float]:
-    """The weight factors the data set should have, from the hosts' published usage.
+def pending_free(st: dict, mgen: int) -> int:
+    """Bytes of a host's copies that the data set of generation `mgen` places elsewhere
+    (freed by collect_misplaced after the grace), if its stats were measured on that data
+    set; else 0 (not known: the host's usage is taken whole)."""
+    if st.get("misplaced_gen") != mgen:
+        return 0
+    return int(st.get("misplaced") or 0)
+
+
+def stats_current(cmap: ClusterMap, stats: dict[str, dict]) -> bool:
+    """Whether every data-set host that publishes stats has measured its misplaced copies
+    on this data set (so its usage, less them, is what it will hold under it)."""
+    return all(stats[h].get("misplaced_gen") == cmap.mgen for h in cmap.data_set if h in stats)
+
+
+def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict[str, float]) -> int:
+    """How many of the pool's chunks the data set of `cmap` with weight `factors` places on
+    `host`: every chunk index of each lineage up to its largest volume, or, past
+    RAISE_SAMPLE of them, an even stride through them."""
+    from replicator.gateway import ClusterView  # a view of this map, not the host's
+
+    view = ClusterView(ClusterMap(cmap.epoch, cmap.hosts, cmap.data_set, None, cmap.mgen,
+                                  weight_pairs(factors, cmap.data_set)))
+    chunks: dict[str, tuple[int, int]] = {}
+    for v in volumes:
+        n, c = chunks.get(v["lineage"], (0, 0))
+        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    stride = max(1, -(-sum(c for _, c in chunks.values()) // RAISE_SAMPLE))
+    return sum(host in view.replicas(lineage, i, n)
+               for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
+
+
+def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
+                   growth: dict[str, float] | None = None) -> dict[str, float]:
+    """The weight factors the data set should have, from the hosts' published usage: what
+    each host holds less its copies the data set places elsewhere (`pending_free`), so
+    copies a step moved off count as gone before they are freed.
 
     - A host of the data set above its nearfull threshold has its factor lowered by at
       least WEIGHT_STEP, to what would bring it REWEIGHT_MARGIN below the threshold if its
@@ -90,9 +146,11 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[
       everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
     - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
       factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
-      usage grows with its weight (an upper bound: a host's share of chunks grows at most
-      in proportion to its weight). So a host that was lowered is not raised back into
-      nearfull, and the factor does not flap.
+      usage grows with its weight -- or, if more, as its count of placed chunks grows
+      (`growth[host]`, from placed_count, at the raise asked for): its expected share
+      grows at most in proportion to its weight, but the chunks a step flips are few on a
+      small pool and their count can grow faster. So a host that was lowered is not raised back
+      into nearfull, and the factor does not flap.
     - Hosts without stats (down) keep their factor. With no more hosts than a volume has
       replicas every host holds every chunk: weights would move nothing, so none change."""
     cur = {h: f for h, f in cmap.factors.items() if h in cmap.data_set}
@@ -104,6 +162,7 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[
         st = stats.get(h) or {}
         cap, used = st.get("capacity") or 0, st.get("used")
         if cap > 0 and used is not None:
+            used = max(0, used - pending_free(st, cmap.mgen))
             usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO))
     over = sorted((h for h, (used, cap, nf) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
@@ -121,7 +180,8 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int) -> dict[
         if h in usage and h not in over:
             used, cap, nf = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
-            if used * new / f < (nf - REWEIGHT_MARGIN) * cap:
+            grows = max(new / f, (growth or {}).get(h, 0.0))
+            if used * grows < (nf - REWEIGHT_MARGIN) * cap:
                 out[h] = new
     return {h: f for h, f in out.items() if f < 1.0}
 
@@ -159,13 +219,19 @@ class DataSetMover:
         self.registry = registry  # AsyncRegistry
         self.pool = pool
         self.grace = grace  # seconds a settled data set is old before misplaced copies go
-        # seconds a data set stays settled before its weights change again: long enough for
-        # the copies it moved to be freed and for the hosts' stats to show it
+        # seconds a data set stays settled before its weights change again when some host
+        # does not publish its misplaced copies (an older blockd): long enough for the
+        # copies the last change moved to be freed and for the hosts' stats to show it
         self.reweight_hold = grace + 5.0 if reweight_hold is None else reweight_hold
         self.scanned_gen = -1
         self.marked = 0
+        # published with the stats (pending_free): bytes of this host's copies that the
+        # settled data set of generation misplaced_gen places elsewhere, not freed yet
+        self.misplaced = 0
+        self.misplaced_gen = -1
         self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
         self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
+        self._growths: dict = {}  # _growth's answers for one data set and set of volumes
         self.clock = time.monotonic
 
     async def n_of(self) -> dict[str, int]:
@@ -209,17 +275,25 @@ class DataSetMover:
         return cmap
 
     async def _reweight(self, cmap: ClusterMap, vols: list[dict]) -> ClusterMap:
-        """Change the weight factors of a settled data set (wanted_weights), once it has
-        been settled for reweight_hold seconds and every host places by weights."""
+        """Change the weight factors of a settled data set (wanted_weights) once every
+        host's stats were measured on it (stats_current; their usage less the copies the
+        last change moved off is what they keep), or, when some host does not say, once
+        it has been settled for reweight_hold seconds; and only if every host places by
+        weights."""
         now = self.clock()
         if self._calm is None or self._calm[0] != cmap.mgen:
             self._calm = (cmap.mgen, now)
-        if now - self._calm[1] < self.reweight_hold or not vols:
-            return cmap
-        if any(h.peer_rev < WEIGHTS_REV for h in cmap.hosts):
-            return cmap  # an upgrade under way: older hosts would place chunks elsewhere
+        if not vols or any(h.peer_rev < WEIGHTS_REV for h in cmap.hosts):
+            return cmap  # (an upgrade under way: older hosts would place chunks elsewhere)
         stats = await self.registry.host_stats()
-        want = wanted_weights(cmap, stats, max(v["replicas"] for v in vols))
+        if now - self._calm[1] < self.reweight_hold and not stats_current(cmap, stats):
+            return cmap
+        most = max(v["replicas"] for v in vols)
+        want = wanted_weights(cmap, stats, most)
+        raised = {h: f for h, f in want.items() if f > cmap.factors.get(h, 1.0)}
+        raised.update((h, 1.0) for h in cmap.factors if h in cmap.data_set and h not in want)
+        if raised:  # judged again on the chunks the raise would place there
+            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised))
         if want == cmap.factors:
             return cmap
         for h in sorted(set(want) | set(cmap.factors)):
@@ -230,6 +304,22 @@ class DataSetMover:
                          cmap.mgen + 1, h, new, old, st.get("used"), st.get("capacity"))
         return await self.registry.set_data_set(cmap.mgen, cmap.data_set, cmap.data_set, want,
                                                 cmap.factors)
+
+    async def _growth(self, cmap: ClusterMap, vols: list[dict], raised: dict[str, float]) -> dict[str, float]:
+        """Host -> how many times its placed chunks grow at the raised factor (placed_count,
+        in a worker thread: up to 2 * RAISE_SAMPLE placements; kept per data set and volumes)."""
+        sig = (cmap.mgen, tuple(sorted((v["lineage"], v["size"], v["chunk_size"], v["replicas"]) for v in vols)))
+        if self._growths.get("sig") != sig:
+            self._growths = {"sig": sig}
+        out = {}
+        for h, new in raised.items():
+            if (h, new) not in self._growths:
+                def ratio(h=h, new=new) -> float:
+                    before = placed_count(cmap, vols, h, cmap.factors)
+                    return placed_count(cmap, vols, h, {**cmap.factors, h: new}) / before if before else 0.0
+                self._growths[(h, new)] = await trio.to_thread.run_sync(ratio)
+            out[h] = self._growths[(h, new)]
+        return out
 
     async def _clear_moot(self, cmap: ClusterMap, vols: list[dict]) -> None:
         """Stale records of hosts a settled data set no longer places the chunk on name
@@ -271,6 +361,35 @@ class DataSetMover:
             log.info("event=data_set_scanned gen=%d chunks_to_move=%d", cmap.mgen, marked)
         return marked
 
+    async def _measure(self, cmap: ClusterMap):
+        """This host's copies that the settled data set `cmap` places elsewhere, recorded
+        as `misplaced` bytes of generation cmap.mgen: ({(lineage, index): gens}, replicas
+        by lineage), or None if the map changed meanwhile."""
+        local: dict[tuple[str, int], list[int]] = {}
+        for k in self.store.keys():
+            local.setdefault((k.lineage, k.index), []).append(k.gen)
+        n_of = await self.n_of()
+        cv = self.cluster
+        if cv.map.mgen != cmap.mgen or cv.map.prev is not None:
+            return None
+        misplaced = {c: g for c, g in local.items()
+                     if c[0] in n_of and self.host_id not in cv.replicas(c[0], c[1], n_of[c[0]])}
+        size = 0
+        for (lineage, index), gens in misplaced.items():
+            for g in gens:
+                info = self.store.info(ChunkKey(lineage, index, g))
+                size += info.chunk_size if info is not None else 0
+        self.misplaced, self.misplaced_gen = size, cmap.mgen
+        return misplaced, n_of
+
+    async def measure_misplaced(self) -> bool:
+        """Measure once per settled data set, as soon as it settles: True when measured
+        (the caller publishes the stats, which the controller waits for)."""
+        cmap = self.cluster.map
+        if cmap.prev is not None or self.misplaced_gen == cmap.mgen or self.store is None:
+            return False
+        return await self._measure(cmap) is not None
+
     async def collect_misplaced(self) -> int:
         """Free copies placed elsewhere by a settled data set, once others hold them."""
         cv = self.cluster
@@ -281,16 +400,10 @@ class DataSetMover:
         now = time.monotonic()
         if self._settled is None or self._settled[0] != cmap.mgen:
             self._settled = (cmap.mgen, now)
-        if now - self._settled[1] < self.grace:
+        measured = await self._measure(cmap)  # also corrects for copies GC freed meanwhile
+        if now - self._settled[1] < self.grace or not measured or not measured[0]:
             return 0
-        local: dict[tuple[str, int], list[int]] = {}
-        for k in self.store.keys():
-            local.setdefault((k.lineage, k.index), []).append(k.gen)
-        n_of = await self.n_of()
-        misplaced = {c: g for c, g in local.items()
-                     if c[0] in n_of and self.host_id not in cv.replicas(c[0], c[1], n_of[c[0]])}
-        if not misplaced:
-            return 0
+        misplaced, n_of = measured
         stale = {(r.lineage, r.index, r.host_id) for r in await self.registry.list_stale()}
         freed = 0
         for (lineage, index), gens in misplaced.items():
@@ -300,11 +413,16 @@ class DataSetMover:
             if cv.map.mgen != cmap.mgen or cv.map.prev is not None:
                 break  # the data set changed while we asked
             for g in gens:
+                key = ChunkKey(lineage, index, g)
+                info = self.store.info(key)
                 try:
-                    self.store.delete(ChunkKey(lineage, index, g))
+                    self.store.delete(key)
                     freed += 1
                 except NotFound:
-                    pass
+                    continue
+                if info is not None and self.misplaced_gen == cmap.mgen:
+                    # at once: stats published before the next measure must not count it twice
+                    self.misplaced = max(0, self.misplaced - info.chunk_size)
             log.info("event=misplaced_freed lineage=%s chunk=%d gens=%s", lineage, index,
                      ",".join(map(str, gens)))
         return freed

@@ -8,11 +8,13 @@ import itertools
 import pytest
 import trio
 
+from replicator.gateway import ClusterView
 from replicator.migration import (
     REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, wanted_weights,
 )
+from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.layout import MiB
+from vbp.layout import ChunkKey, MiB
 from vbp.registry import open_registry
 from vbp.volume import new_volume
 
@@ -119,6 +121,54 @@ def test_converges_without_flapping(demand):
     assert seen[-5:] == [final] * 5
 
 
+def test_copies_pending_free_do_not_count():
+    """Copies the data set places elsewhere (published as `misplaced`, measured on this
+    data set) are as good as freed: a host that the last step brought below nearfull is
+    not lowered again while they wait for the grace."""
+    st = stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": 0.9})
+    st["h4"].update(misplaced=int(0.2 * GiB), misplaced_gen=1)
+    assert wanted_weights(cmap({"h4": 0.8}), st, 3) == {"h4": 0.8}
+    st["h4"]["misplaced_gen"] = 0  # measured on an older data set: the usage counts whole
+    assert wanted_weights(cmap({"h4": 0.8}), st, 3) == {"h4": 0.6}
+    # and they leave room on the others: 0.95 - 0.2 on each of h1..h3 is well below nearfull
+    st = stats({"h1": 0.95, "h2": 0.95, "h3": 0.95, "h4": 0.95})
+    for h in ("h1", "h2", "h3"):
+        st[h].update(misplaced=int(0.2 * GiB), misplaced_gen=1)
+    assert wanted_weights(cmap(), st, 3) == {"h4": 0.75}
+
+
+@pytest.mark.parametrize("demand", [0.9, 1.3, 2.5, 6.0])
+def test_back_to_back_steps_do_not_overshoot(demand):
+    """Steps one right after another (no hold: the moved copies not freed yet) reach the
+    factor that steps with every copy freed reach, because the stats publish the copies
+    pending free; counting them as held would take the factor on down."""
+    def run(freed: bool) -> list[float]:
+        factors: dict[str, float] = {}
+        held = 0.0  # what h4 holds: what it keeps plus, unless freed, what it gave away
+        seen = []
+        for _ in range(30):
+            f = factors.get("h4", 1.0)
+            keep = min(1.0, demand * f)
+            held = keep if freed else max(held, keep)
+            st = stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": held})
+            st["h4"].update(misplaced=int((held - keep) * GiB), misplaced_gen=1)
+            seen.append(f)
+            factors = wanted_weights(cmap(factors=factors), st, 3)
+        return seen
+    seen = run(freed=False)
+    assert seen == run(freed=True)
+    assert seen == sorted(seen, reverse=True) and seen[-5:] == [seen[-1]] * 5
+
+
+def test_a_raise_reckons_with_the_chunks_it_would_place_when_they_grow_faster():
+    """On few chunks the count a raise puts back can grow faster than the weight (it is
+    the expected share that grows at most in proportion): `growth` from the placement."""
+    st = stats({"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": 0.56})
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3) == {"h4": 0.75}  # 0.56 * 1.25 = 0.7 < 0.75
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3, {"h4": 1.4}) == {"h4": 0.6}  # 0.78
+    assert wanted_weights(cmap({"h4": 0.6}), st, 3, {"h4": 1.0}) == {"h4": 0.75}  # never laxer
+
+
 def test_raising_when_usage_shrinks_stops_short_of_nearfull():
     """Data deleted: the factor climbs back while the projected usage stays
     REWEIGHT_MARGIN below nearfull, and never further."""
@@ -221,3 +271,101 @@ def test_a_reweight_is_not_taken_for_a_cancelled_change():
     got = trio.run(m.control_once)
     again = trio.run(m.control_once)  # nothing scanned yet: still under way
     assert again.migrating and again.mgen == got.mgen and again.factors == {"h4": 0.8}
+
+
+def publish_measured(reg, gen: int) -> None:
+    """Every host's stats as measured on the data set of generation `gen`."""
+    for h, st in reg.host_stats().items():
+        reg.publish_stats(h, {**st, "misplaced": 0, "misplaced_gen": gen}, 60)
+
+
+def test_controller_steps_without_the_hold_once_stats_are_measured_on_the_set():
+    reg = pool(0.9)
+    clock = Clock()
+    m = mover(reg, clock)
+    before = reg.cluster_map()
+    publish_measured(reg, before.mgen - 1)  # measured on an older data set: the hold applies
+    assert trio.run(m.control_once) == before
+    publish_measured(reg, before.mgen)
+    got = trio.run(m.control_once)  # no time has passed
+    assert got.mgen == before.mgen + 1 and got.factors == {"h4": 0.8}
+
+
+def test_controller_waits_for_every_host_with_stats():
+    reg = pool(0.9)
+    m = mover(reg, Clock())
+    gen = reg.cluster_map().mgen
+    publish_measured(reg, gen)
+    reg.publish_stats("h2", {**reg.host_stats()["h2"], "misplaced_gen": gen - 1}, 60)
+    assert not trio.run(m.control_once).migrating  # h2 has not measured this set yet
+    publish_measured(reg, gen)
+    assert trio.run(m.control_once).migrating
+
+
+def placed_store(view: ClusterView, host: str, chunks: int, cs: int = MiB) -> MemoryChunkStore:
+    """A store holding the chunks that `view` places on `host` (lineage l0, 3 replicas)."""
+    store = MemoryChunkStore(capacity=GiB)
+    for i in range(chunks):
+        if host in view.replicas("l0", i, 3):
+            store.write(ChunkKey("l0", i, 1), 0, b"x", chunk_size=cs)
+    return store
+
+
+def test_mover_measures_its_misplaced_copies_once_per_settled_set():
+    reg = pool(0.9)
+    old = reg.cluster_map()
+    store = placed_store(ClusterView(old), "h4", 200)
+    lowered = ClusterMap(old.epoch + 1, old.hosts, old.data, None, old.mgen + 2, (("h4", 0.5),))
+    view = ClusterView(lowered)
+    m = DataSetMover("h4", store, view, Async(reg))
+    assert trio.run(m.measure_misplaced)
+    gone = sum("h4" not in view.replicas("l0", i, 3) for i in range(200) if store.info(ChunkKey("l0", i, 1)))
+    assert gone > 0 and m.misplaced == gone * MiB and m.misplaced_gen == lowered.mgen
+    assert not trio.run(m.measure_misplaced)  # once per data set
+    view.set_map(ClusterMap(lowered.epoch + 1, old.hosts, old.data, old.data, lowered.mgen + 1,
+                            (("h4", 0.25),), (("h4", 0.5),)))
+    assert not trio.run(m.measure_misplaced)  # a change under way: nothing settled to measure
+    assert m.misplaced_gen == lowered.mgen
+
+
+class HeldEverywhere:
+    """A peer pool whose every host holds every generation asked about."""
+
+    async def call(self, address, msg):
+        return type("Gens", (), {"gens": (1,)})()
+
+
+def test_freeing_a_misplaced_copy_takes_it_off_the_published_bytes_at_once():
+    reg = pool(0.9)
+    old = reg.cluster_map()
+    store = placed_store(ClusterView(old), "h4", 200)
+    lowered = ClusterMap(old.epoch + 1, old.hosts, old.data, None, old.mgen + 2, (("h4", 0.5),))
+    m = DataSetMover("h4", store, ClusterView(lowered), Async(reg), HeldEverywhere(), grace=0.0)
+    used = store.stats().used
+    trio.run(m.measure_misplaced)
+    pending = m.misplaced
+    freed = trio.run(m.collect_misplaced)
+    assert freed * MiB == pending > 0 and m.misplaced == 0
+    assert store.stats().used == used - pending and m.misplaced_gen == lowered.mgen
+
+
+def test_controller_does_not_raise_a_host_whose_placed_chunks_would_grow_too_much():
+    """64 chunks of lineage g89: h4 at factor 0.6 is placed on 26 of them, at 0.75 on 36
+    (x1.38, not x1.25). At 0.56 of its capacity it stays at 0.6: at 0.75 it would be
+    past nearfull - margin. The weight-proportional model would raise it, and the next
+    step lower it again."""
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for i in range(1, 5):
+        reg.register_host(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", capacity=GiB,
+                                     peer_rev=WEIGHTS_REV), 60)
+    gen = reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None, {"h4": 0.6}).mgen
+    rec = new_volume("v", 64 * MiB, replicas=3, lineage="g89", head=1, now=0.0, chunk_size=MiB)
+    reg.create_volume("v", rec.to_dict())
+    for h, u in {"h1": 0.3, "h2": 0.3, "h3": 0.3, "h4": 0.56}.items():
+        reg.publish_stats(h, {"capacity": GiB, "used": int(u * GiB), "nearfull_ratio": 0.85,
+                              "misplaced": 0, "misplaced_gen": gen}, 60)
+    m = mover(reg, Clock(), hold=0.0)
+    assert trio.run(m.control_once).factors == {"h4": 0.6}
+    reg.publish_stats("h4", {"capacity": GiB, "used": int(0.5 * GiB), "nearfull_ratio": 0.85,
+                             "misplaced": 0, "misplaced_gen": gen}, 60)
+    assert trio.run(m.control_once).factors == {"h4": 0.75}  # 0.5 * 1.38 = 0.69: raised
