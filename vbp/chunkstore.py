@@ -102,10 +102,14 @@ HOT_MAX = 256
 REF_MIN = 64 * 1024
 
 
-def _page_sums(buf) -> list[int]:
-    """page_checksum of every page of `buf` (a whole number of pages), in one pass."""
+def _page_sums(buf, start: int = 0, end: int | None = None) -> list[int]:
+    """page_checksum of every page of `buf[start:end]` (a whole number of pages), in one
+    pass. (map over a list of views: ~20% less per MiB than a comprehension calling the
+    hash, whose per-page call overhead is twice the hashing of 4 KiB itself.)"""
     mv = memoryview(buf)
-    return [xxh3_64_intdigest(mv[o: o + PAGE_SIZE]) or 1 for o in range(0, len(mv), PAGE_SIZE)]
+    end = len(mv) if end is None else end
+    return [s or 1 for s in map(xxh3_64_intdigest,
+                                [mv[o: o + PAGE_SIZE] for o in range(start, end, PAGE_SIZE)])]
 
 class ChunkStore:
     """A host's chunks on its local disk.
@@ -376,8 +380,7 @@ class ChunkStore:
         if view is None:
             return self._read_range(c, offset, length)
         if self.verify_reads:
-            got = [xxh3_64_intdigest(view[o: o + PAGE_SIZE]) or 1
-                   for o in range(start, end, PAGE_SIZE)]
+            got = _page_sums(view, start, end)
             if got != sums:
                 self._mismatch(c, first, got, sums)
         return FileRange(sp, c.dbase + offset, length)
