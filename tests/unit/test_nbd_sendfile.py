@@ -14,6 +14,7 @@ import random
 
 import pytest
 import trio
+from hypothesis import event, example, given, settings, strategies as st
 
 from nbd_frontend import proto
 from nbd_frontend.server import serve_nbd
@@ -228,3 +229,34 @@ def test_read_ref_answers_ranges_or_bytes(store):
         assert isinstance(r, FileRange) and r.read() == more[i]
     del r
     assert not store._spaces[CS].ranges  # garbage collection releases too
+
+
+@settings(max_examples=100, deadline=None)
+@given(holes=st.sets(st.integers(0, 31), max_size=2), zeroed=st.sets(st.integers(0, 31), max_size=2),
+       offset=st.integers(0, 128 * 1024 - 1) | st.integers(0, 4096),
+       length=st.integers(1, 128 * 1024) | st.integers(REF_MIN, 128 * 1024),
+       seed=st.integers(0, 2**32 - 1))
+@example(holes=set(), zeroed=set(), offset=0, length=128 * 1024, seed=1)
+@example(holes=set(), zeroed={31}, offset=4095, length=65 * 1024, seed=2)
+def test_read_ref_gives_the_bytes_read_gives(tmp_path_factory, holes, zeroed, offset, length,
+                                             seed):
+    """Whatever the chunk holds (data, holes never written, pages zeroed) and whatever the
+    range, read_ref's answer (a FileRange or a copy) holds exactly read()'s bytes."""
+    rng = random.Random(seed)
+    cs = 128 * 1024
+    length = min(length, cs - offset)
+    with ChunkStore(tmp_path_factory.mktemp("s"), 8 * cs) as s:
+        k = ChunkKey("lin", 0, 1)
+        for i in range(32):
+            if i not in holes:
+                s.write(k, i * 4096, rng.randbytes(4096), chunk_size=cs)
+            if i in zeroed:
+                s.zero(k, i * 4096, 4096, chunk_size=cs)
+        want = s.read(k, offset, length)
+        got = s.read_ref(k, offset, length)
+        if isinstance(got, FileRange):
+            event("FileRange")
+            assert length >= REF_MIN
+            got = got.read()
+        assert got == want
+        assert not s._spaces[cs].ranges
