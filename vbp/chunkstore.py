@@ -30,9 +30,16 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   journal, a database, fio with fsync) costs no synced commit per first write after a flush;
 - at fua: fdatasync + msync of the chunk's sums + one transaction persisting its version.
 - copy-up (create with `base`): the new chunk is allocated PENDING, the base's data and
-  sums are copied and synced, then one transaction makes it READY and dirty. A crash leaves
-  either no chunk (PENDING is dropped at open) or a complete copy, never a half copy that
-  would shadow the base's acknowledged data with zeros.
+  sums are copied (not synced), then one transaction makes it READY and marks it dirty
+  FRESH: its copy may not be durable yet. A copy-up holds nothing acknowledged durable
+  that its base does not: every write to it came after the last flush. So it needs no
+  sync of its own (an fdatasync of the whole data file, which under load stalled the host
+  for tens of milliseconds): the next flush or fua syncs it and turns the mark into an
+  ordinary one; deleting a chunk a FRESH copy was made from syncs the copies first.
+  A crash leaves either no chunk (PENDING is dropped at open) or a complete copy in the
+  page cache (the same boot: `meta.boot` is the kernel's boot id), never a half copy
+  that would shadow the base's acknowledged data with zeros; after a reboot (power loss)
+  a FRESH chunk is dropped like a PENDING one and reads fall back to its base.
 
 Reads check every page against its checksum. read_ref, for the NBD server's large reads,
 checks the pages in place through a read-only map of the data file and answers a FileRange
@@ -42,12 +49,13 @@ the zeros of a delete that overtook the send), never another chunk's.
 
 Recovery at open (always run; after a clean close there is nothing to do; a dirty chunk is
 one written since the last flush or one of the hot set kept marked through it): PENDING chunks
-are dropped, limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
+are dropped, and FRESH ones after a reboot; limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
 match its bytes holds a write that was never acknowledged durable: it is re-hashed,
 accepting the bytes on disk (a hole page holding non-zero bytes becomes a real page). Its
 version becomes the last persisted one + 1 (never below what a flush or fua acknowledged).
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
-page raise ChecksumError. `recovered` lists the dirty chunks so replication can resync them.
+page raise ChecksumError. `recovered` lists the dirty chunks (and dropped FRESH ones) so
+replication can resync them.
 
 Failure rules:
 - A failed fdatasync/msync poisons that chunk size's files: every later sync raises
@@ -84,7 +92,7 @@ from vbp.chunkstore_common import (
     check_range, check_version, page_checksum, runs,
 )
 from vbp.chunkstore_files import (
-    COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, dec_key, enc_key,
+    COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
     pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, WRITE_PIECE,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
@@ -96,6 +104,9 @@ __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 # Chunks kept marked dirty across a flush, at most (see flush). With 4 MiB chunks, 1 GiB of
 # hot data: what a crash re-hashes at the next open (and resyncs) beyond the unflushed chunks.
 HOT_MAX = 256
+
+# The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
+FRESH = b"c"
 
 # read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
 # costs less than the extra send call).
@@ -136,6 +147,7 @@ class ChunkStore:
         self._chunks: dict[ChunkKey, Chunk] = {}
         self._gens: dict[tuple[str, int], set[int]] = {}
         self._dirty: dict[ChunkKey, Chunk] = {}
+        self._fresh: dict[ChunkKey, Chunk] = {}  # copy-ups not synced since (Chunk.fresh)
         self._spaces: dict[int, Space] = {}
         self._used = 0
         self._checksum_errors = 0
@@ -178,6 +190,7 @@ class ChunkStore:
         db = self._db
         with self._env.begin() as txn:
             clean = txn.get(b"clean", db=db["meta"]) == b"1"
+            boot = txn.get(b"boot", db=db["meta"])
             for k, v in txn.cursor(db=db["meta"]):
                 if k.startswith(b"nslots:"):
                     cs = int(k[7:])
@@ -194,15 +207,26 @@ class ChunkStore:
                     pending.append(c)
                 else:
                     self._remember(c)
-            dirty = [self._chunks[dec_key(k)] for k, _ in txn.cursor(db=db["dirty"])
-                     if dec_key(k) in self._chunks]
+            dirty, fresh = [], []
+            for k, v in txn.cursor(db=db["dirty"]):
+                c = self._chunks.get(dec_key(k))
+                if c is not None:
+                    (fresh if v == FRESH else dirty).append(c)
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
-        self._recover(pending, dirty)
-        return clean, frozenset(c.key for c in dirty)
+        now = boot_id()
+        if now and boot == now.encode():  # the page cache holds the copies whole: as dirty
+            dirty += fresh
+            fresh = []
+        self._recover(pending, dirty, fresh, now)
+        return clean, frozenset(c.key for c in dirty + fresh)
 
-    def _recover(self, pending: list[Chunk], dirty: list[Chunk]) -> None:
+    def _recover(self, pending: list[Chunk], dirty: list[Chunk], lost: list[Chunk],
+                 boot: str) -> None:
         for c in pending:
+            c.space.limbo.append(c.slot)
+        for c in lost:  # copy-ups never synced, after a reboot: dropped like PENDING ones
+            self._forget(c)
             c.space.limbo.append(c.slot)
         for sp in self._spaces.values():
             for slot in sp.limbo:
@@ -216,11 +240,15 @@ class ChunkStore:
         with self._txn() as txn:
             for c in pending:
                 txn.delete(enc_key(c.key), db=db["chunks"])
+            for c in lost:
+                txn.delete(enc_key(c.key), db=db["chunks"])
+                txn.delete(enc_key(c.key), db=db["dirty"])
             for c in dirty:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
                 txn.delete(enc_key(c.key), db=db["dirty"])
             self._free_limbo(txn)
             txn.put(b"clean", b"0", db=db["meta"])
+            txn.put(b"boot", boot.encode(), db=db["meta"])
 
     def _rehash(self, c: Chunk) -> None:
         """Accept the bytes on disk for every page of `c` whose checksum does not match."""
@@ -251,6 +279,7 @@ class ChunkStore:
         if not gens:
             del self._gens[(c.key.lineage, c.key.index)]
         self._dirty.pop(c.key, None)
+        self._fresh.pop(c.key, None)
         self._used -= c.cs
 
     def _txn(self):
@@ -535,6 +564,23 @@ class ChunkStore:
         c.space.sync_sums(c.slot)
         with self._txn() as txn:
             txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
+            if c.fresh:
+                txn.put(enc_key(c.key), b"", db=self._db["dirty"])
+        if c.fresh:
+            c.fresh = False
+            del self._fresh[c.key]
+
+    def _settle_fresh(self) -> None:
+        """Make every copy-up durable now (its FRESH mark cleared): before a chunk one of
+        them was copied from may go."""
+        for sp in {c.space for c in self._fresh.values()}:
+            sp.sync()
+        with self._txn() as txn:
+            for c in self._fresh.values():
+                txn.put(enc_key(c.key), b"", db=self._db["dirty"])
+        for c in self._fresh.values():
+            c.fresh = False
+        self._fresh.clear()
 
     # --- allocation -----------------------------------------------------------------------
 
@@ -569,9 +615,10 @@ class ChunkStore:
         c.state = READY
         with self._txn() as txn:
             txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
-            txn.put(enc_key(c.key), b"", db=self._db["dirty"])
-        c.dirty = c.touched = True
+            txn.put(enc_key(c.key), FRESH, db=self._db["dirty"])
+        c.dirty = c.touched = c.fresh = True
         self._dirty[c.key] = c
+        self._fresh[c.key] = c
         return c
 
     def _copy_up(self, src: Chunk, dst: Chunk) -> None:
@@ -595,8 +642,6 @@ class ChunkStore:
                 n -= done
             i = j
         sums[dst.sbase: dst.sbase + sp.ppc] = sums[src.sbase: src.sbase + sp.ppc]
-        sp.sync_data()
-        sp.sync_sums(dst.slot)
 
     def _allocate(self, key: ChunkKey, cs: int, state: int) -> Chunk:
         if self._used + cs > self.capacity:
@@ -649,6 +694,9 @@ class ChunkStore:
         self._drop(self._get(key))
 
     def _drop(self, c: Chunk) -> None:
+        if self._fresh and any(f.key.lineage == c.key.lineage and f.key.index == c.key.index
+                               for f in self._fresh.values() if f is not c):
+            self._settle_fresh()  # a copy made from c must not need c after a reboot
         with self._txn() as txn:
             txn.delete(enc_key(c.key), db=self._db["chunks"])
             txn.delete(enc_key(c.key), db=self._db["dirty"])
@@ -708,11 +756,14 @@ class ChunkStore:
         with self._txn() as txn:
             for c in written:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
+                if c.fresh:  # synced above: an ordinary mark now (cold ones go below)
+                    txn.put(enc_key(c.key), b"", db=db["dirty"])
             for c in cold:
                 txn.delete(enc_key(c.key), db=db["dirty"])
             freed = self._free_limbo(txn)
         for c in written:
-            c.touched = False
+            c.touched = c.fresh = False
+        self._fresh.clear()
         for c in cold:
             c.dirty = False
             del dirty[c.key]

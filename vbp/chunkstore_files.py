@@ -76,6 +76,16 @@ def pread_full(fd: int, n: int, pos: int) -> bytes:
     return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
 
 
+def boot_id() -> str:
+    """This boot of the kernel: a page cache that survived a process crash belongs to the
+    same one ("" if unknown, which counts as another boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def enc_key(key) -> bytes:
     return key[0].encode() + b"\0" + KEY_TAIL.pack(key[1], key[2])
 
@@ -224,8 +234,8 @@ class Space:
 
 
 class Chunk:
-    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "touched", "dbase",
-                 "sbase")
+    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "touched", "fresh",
+                 "dbase", "sbase")
 
     def __init__(self, key: ChunkKey, space: Space, slot: int, version: int, state: int):
         self.key = key
@@ -236,6 +246,7 @@ class Chunk:
         self.state = state
         self.dirty = False  # marked dirty in the index (ChunkStore._dirty holds it)
         self.touched = False  # written since the last flush (implies dirty)
+        self.fresh = False  # a copy-up whose copied bytes may not be durable yet (implies dirty)
         self.dbase = slot * space.cs
         self.sbase = slot * space.ppc
 

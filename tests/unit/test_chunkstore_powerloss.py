@@ -18,6 +18,7 @@ import random
 
 import pytest
 
+import vbp.chunkstore as chunkstore
 import vbp.chunkstore_files as files
 from vbp.chunkstore import ChunkStore
 from vbp.errors import ChecksumError
@@ -43,6 +44,7 @@ class Disk:
         self.rng = rng
         self.images: dict[str, bytearray] = {}
         self.crash_chance = 0.0
+        self.boot = 0  # the power came back: the kernel's boot id changed
 
     def maybe_die(self):
         if self.rng.random() < self.crash_chance:
@@ -64,6 +66,7 @@ class Disk:
 
     def power_off(self):
         """Rewrite every data/sums file as the disk would hold it after the power came back."""
+        self.boot += 1
         for name in os.listdir(self.root):
             if not name.endswith(".bin"):
                 continue
@@ -112,6 +115,7 @@ def disk(tmp_path, monkeypatch):
         return orig_exit(self, exc_type, exc, tb)
 
     orig_sync, orig_sync_data, orig_sync_sums = space.sync, space.sync_data, space.sync_sums
+    monkeypatch.setattr(chunkstore, "boot_id", lambda: f"boot-{d.boot}")
     orig_exit = files.Txn.__exit__
     monkeypatch.setattr(space, "sync", sync)
     monkeypatch.setattr(space, "sync_data", sync_data)
@@ -133,6 +137,9 @@ class Model:
         self.version: dict[ChunkKey, int] = {}
         self.durable_version: dict[ChunkKey, int] = {}
         self.gone: set[ChunkKey] = set()
+        # copy-ups not made durable since (no flush, no fua on them): a power loss drops
+        # them whole, and reads fall back to their base
+        self.fresh: set[ChunkKey] = set()
         self.inflight: ChunkKey | None = None  # created or deleted by the interrupted call
 
     def create(self, key, pages):
@@ -152,11 +159,13 @@ class Model:
     def durable(self, key):
         self.cands[key] = [{v} for v in self.cur[key]]
         self.durable_version[key] = self.version[key]
+        self.fresh.discard(key)
 
     def delete(self, key):
         for d in (self.cur, self.cands, self.version, self.durable_version):
             d.pop(key, None)
         self.gone.add(key)
+        self.fresh.discard(key)
 
 
 def run_workload(store, model, rng, seq0):
@@ -176,6 +185,8 @@ def run_workload(store, model, rng, seq0):
                 store.delete(key)
                 model.delete(key)
                 model.inflight = None
+                if key.gen == 0:  # copies made from it were synced first
+                    model.fresh.discard(ChunkKey("p", key.index, 1))
             continue
         first = rng.randrange(PAGES)
         n = rng.randint(1, min(3, PAGES - first))
@@ -185,8 +196,11 @@ def run_workload(store, model, rng, seq0):
             if store.stats().used + CS > CAPACITY:
                 continue
             src = ChunkKey("p", key.index, 0)
-            pages = list(model.cur[src]) if base == 0 and src in model.cur else [zero] * PAGES
-            model.create(key, pages)  # creation (and copy-up) is durable when it returns
+            copy_up = base == 0 and src in model.cur
+            pages = list(model.cur[src]) if copy_up else [zero] * PAGES
+            model.create(key, pages)  # creation is durable when it returns
+            if copy_up:  # ... but a copy-up only with the next flush or fua
+                model.fresh.add(key)
             model.inflight = key
         if r < 0.3:
             values = [(p, zero) for p in range(first, first + n)]
@@ -222,9 +236,16 @@ def run_workload(store, model, rng, seq0):
 def check(store, model):
     assert store.fsck() == []
     k = model.inflight
+    settling = k is not None and k.gen == 0 and k in model.cur  # a delete of a copy's base
     if k is not None:  # an interrupted create or delete may or may not have happened
         if store.info(k) is None:
             model.delete(k)
+    for f in list(model.fresh):  # a copy-up never made durable is dropped by a power loss
+        if settling and f.index == k.index and store.info(f) is not None:
+            continue  # ... unless the interrupted delete of its base synced it first
+        assert store.info(f) is None, f"{f}: a copy-up never synced outlived a power loss"
+        model.delete(f)
+        model.gone.discard(f)  # not deleted: it may be made again from its base
     for key in model.gone:
         assert store.info(key) is None, f"{key} was deleted, came back"
     for key, cands in model.cands.items():
@@ -272,3 +293,74 @@ def test_power_loss(disk, tmp_path, seed):
         for name in os.listdir(tmp_path):
             if name.endswith(".bin"):
                 disk.synced(name)
+
+
+
+def copy_up_then(disk, tmp_path, then):
+    """A chunk written and flushed (gen 0), a copy-up of it (gen 1) written without a
+    flush, `then(store)`, then the power fails: what the reopened store holds."""
+    store = ChunkStore(tmp_path, CAPACITY)
+    base, copy = ChunkKey("p", 0, 0), ChunkKey("p", 0, 1)
+    store.write(base, 0, page_value(1, 0) * 2, chunk_size=CS)
+    store.flush()
+    syncs = []
+    disk.maybe_die = lambda: syncs.append(1)
+    store.write(copy, PAGE_SIZE, page_value(2, 1), chunk_size=CS, base=0)
+    assert not syncs, "a copy-up synced the data file"
+    then(store)
+    store._close_files()
+    disk.power_off()
+    return ChunkStore(tmp_path, CAPACITY), base, copy
+
+
+def test_a_copy_up_never_synced_is_dropped_by_a_power_loss(disk, tmp_path):
+    disk.rng = random.Random(1)
+    store, base, copy = copy_up_then(disk, tmp_path, lambda s: None)
+    try:
+        assert store.info(copy) is None and copy in store.recovered
+        assert store.read(base, 0, PAGE_SIZE) == page_value(1, 0)
+        assert store.fsck() == []
+    finally:
+        store.close()
+
+
+def test_a_copy_up_survives_a_process_crash(tmp_path):
+    """SIGKILL keeps the page cache (same boot): the copy and its write are kept."""
+    store = ChunkStore(tmp_path, CAPACITY)
+    base, copy = ChunkKey("p", 0, 0), ChunkKey("p", 0, 1)
+    store.write(base, 0, page_value(1, 0), chunk_size=CS)
+    store.flush()
+    store.write(copy, PAGE_SIZE, page_value(2, 1), chunk_size=CS, base=0)
+    store._close_files()
+    store = ChunkStore(tmp_path, CAPACITY)
+    try:
+        assert store.read(copy, 0, 2 * PAGE_SIZE) == page_value(1, 0) + page_value(2, 1)
+        assert copy in store.recovered and store.fsck() == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("then", ["fua", "flush", "delete base"])
+def test_a_copy_up_made_durable_outlives_a_power_loss(disk, tmp_path, then):
+    """A fua on the copy, a flush, or deleting the base it was made from (which syncs the
+    copies first) make it durable: after the power loss it holds the base's bytes."""
+    disk.rng = random.Random(2)
+    base = ChunkKey("p", 0, 0)
+
+    def act(store):
+        if then == "fua":
+            store.write(ChunkKey("p", 0, 1), 0, page_value(3, 0), chunk_size=CS, fua=True)
+        elif then == "flush":
+            store.flush()
+        else:
+            store.delete(base)
+    store, base, copy = copy_up_then(disk, tmp_path, act)
+    try:
+        first = page_value(3, 0) if then == "fua" else page_value(1, 0)
+        got = store.read(copy, 0, 2 * PAGE_SIZE)
+        assert got[:PAGE_SIZE] == first, then
+        if then != "delete base":  # the write after the copy was not made durable then
+            assert got[PAGE_SIZE:] == page_value(2, 1), then
+        assert store.fsck() == []
+    finally:
+        store.close()
