@@ -109,6 +109,19 @@ def counting_sendfile(monkeypatch) -> list[int]:
     return calls
 
 
+async def reads_left_unread(port, store, n: int, structured: bool = False):
+    """A client that asks for chunks 0..n-1 whole and reads none of the replies: (client,
+    space), once some reply waits as a FileRange."""
+    c = await Client.connect(port, structured=structured)
+    for i in range(n):
+        await c.request(proto.CMD_READ, i * CS, CS, cookie=i)
+    space = store._spaces[CS]
+    with trio.fail_after(10):
+        while not space.ranges:
+            await trio.sleep(0.01)
+    return c, space
+
+
 @pytest.mark.parametrize("structured", [False, True])
 async def test_large_reads_are_sent_from_the_file_and_match(served, monkeypatch, structured):
     port, store = served
@@ -131,13 +144,7 @@ async def test_ranges_queued_behind_a_slow_client_pin_freed_slots(served):
     port, store = served
     data = fill(store, range(16))
     slots = {store.info(ChunkKey("lin", i, 1)).slot for i in range(16)}
-    c = await Client.connect(port, structured=True)
-    for i in range(16):
-        await c.request(proto.CMD_READ, i * CS, CS, cookie=i)
-    space = store._spaces[CS]
-    with trio.fail_after(10):
-        while not space.ranges:
-            await trio.sleep(0.01)
+    c, space = await reads_left_unread(port, store, 16, structured=True)
     await trio.sleep(0.2)  # the socket is full: what is left waits in the queue
     queued = len(space.ranges)
     assert queued > 0
@@ -176,13 +183,7 @@ async def test_ranges_queued_behind_a_slow_client_pin_freed_slots(served):
 async def test_a_connection_ended_with_ranges_queued_releases_them(served):
     port, store = served
     fill(store, range(12))
-    c = await Client.connect(port)
-    for i in range(12):
-        await c.request(proto.CMD_READ, i * CS, CS, cookie=i)
-    space = store._spaces[CS]
-    with trio.fail_after(10):
-        while not space.ranges:
-            await trio.sleep(0.01)
+    c, space = await reads_left_unread(port, store, 12)
     await c.aclose()
     with trio.fail_after(10):
         while space.ranges:
