@@ -305,19 +305,16 @@ class VolumeGateway:
 
     # --- READ --------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int):
+    def read(self, offset: int, length: int, ref: bool = False):
         if self.qos is not None and (d := self.qos.delay_for(length)):
             return self._throttled(d, self._read, offset, length)
-        return self._read(offset, length)
+        return self._read(offset, length, ref)
 
     def read_ref(self, offset: int, length: int):
-        """read() for the NBD server, which sends the result before it does anything else:
-        a local read inside one chunk may answer a FileRange (ChunkStore.read_ref) that the
-        server hands to os.sendfile. Never after an await: the range is only valid until
-        the event loop moves on."""
-        if self.qos is not None and (d := self.qos.delay_for(length)):
-            return self._throttled(d, self._read, offset, length)
-        return self._read(offset, length, True)
+        """read() for the NBD server, which queues the result at once: a local read inside
+        one chunk may answer a FileRange (ChunkStore.read_ref) that the server sends with
+        os.sendfile. Never after an await (a throttled read answers bytes)."""
+        return self.read(offset, length, True)
 
     def _read(self, offset: int, length: int, ref: bool = False):
         if self.gone is not None:

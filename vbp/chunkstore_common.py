@@ -7,7 +7,6 @@ page never looks like a hole (see vbp/chunkstore.py, theory of operation).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from xxhash import xxh3_64_intdigest
@@ -68,13 +67,6 @@ class FileRange:
         """The first `n` bytes were sent."""
         self.pos += n
         self.length -= n
-
-    def read(self) -> bytes:
-        """The bytes (zeros past the end of the file, as pread_full), and release."""
-        n = self.length
-        buf = os.pread(self.fd, n, self.pos)
-        self.release()
-        return buf if len(buf) == n else buf.ljust(n, b"\0")
 
     def release(self) -> None:
         if self.owner is not None:
