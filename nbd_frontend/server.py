@@ -5,12 +5,15 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   drains every complete request before receiving again. Each request is dispatched at
   once: an export operation that returns a plain result is encoded and queued right
   there (no task, no await); one that returns an awaitable runs in a task of the
-  connection's nursery. Replies may therefore leave out of order, as proto.md allows.
+  connection's nursery; one that returns a vbp.later.Later (a replicated write) is
+  completed by the export's callback, with no task, or continues as an awaitable in a
+  task if the export defers it. Replies may therefore leave out of order, as proto.md
+  allows.
 - Replies of one batch leave in one vectored send, made inline by the reader once the
   batch is dispatched (no task switch) while nothing else is being sent. What the socket
-  does not take at once, and replies completed later by tasks, go to ONE writer task that
-  sends everything queued so far in order. Only one of the two sends at a time (`writing`),
-  so there is no lock per reply.
+  does not take at once, and replies completed later (tasks, Later callbacks), go to ONE
+  writer task that sends everything queued so far in order. Only one of the two sends at
+  a time (`writing`), so there is no lock per reply.
 - On a real socket the reader calls recv_into/sendmsg on the socket itself, waiting with
   wait_readable/wait_writable only when it would block: no scheduler round trip per call.
   It still checkpoints every few batches when data keeps arriving, so other connections
@@ -57,9 +60,11 @@ from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.chunkstore_common import FileRange
 from vbp.errors import NotFound, VbpError
+from vbp.later import Later
 from vbp.layout import parse_size
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import HAVE_LOWAT, LOWAT_MIN, set_rcvlowat, wait_for_rest
+from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, nbytes, plain_socket, receive_wait, send_now,
+                         set_rcvlowat, wait_for_rest)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -67,7 +72,6 @@ MAX_IN_FLIGHT = 128
 MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
-IOV_MAX = 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
 _PLAIN = (type(None), bytes, bytearray, memoryview, list, FileRange)
 _REFUSALS = {  # the human-readable text of an error chunk for a refused request
@@ -208,8 +212,7 @@ class _Connection:
             min_block=getattr(export, "min_block", 1), initial_data=trailing)
         self.sock = getattr(stream, "socket", None)
         # the plain socket under trio's wrapper, for calls that do not yield when they succeed
-        raw = getattr(self.sock, "_sock", None)
-        self.raw = raw if isinstance(raw, socket.socket) else None
+        self.raw = plain_socket(self.sock)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None else None
         self.read = read_ref or export.read
@@ -294,7 +297,7 @@ class _Connection:
                 try:
                     n = raw.recv_into(buf)
                 except BlockingIOError:
-                    n = await self._receive_wait(raw, buf)
+                    n = await receive_wait(raw, buf)
             else:
                 if lowat > 1:
                     lowat = set_rcvlowat(raw, lowat, 1)
@@ -302,7 +305,7 @@ class _Connection:
                     n = raw.recv_into(buf)
                 except BlockingIOError:
                     spins = 0
-                    n = await self._receive_wait(raw, buf)
+                    n = await receive_wait(raw, buf)
                 else:
                     spins += 1
                     if spins >= SPIN_BATCHES or self.inflight:
@@ -313,15 +316,6 @@ class _Connection:
             if not n:
                 return
             codec.commit(n)
-
-    @staticmethod
-    async def _receive_wait(raw, buf) -> int:
-        while True:
-            await trio.lowlevel.wait_readable(raw)
-            try:
-                return raw.recv_into(buf)
-            except BlockingIOError:
-                pass
 
     async def wait_room(self) -> None:
         while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
@@ -365,7 +359,10 @@ class _Connection:
             if self.observe is not None:
                 self.observe(cmd, req.length, perf_counter() - t0, False)
             return
-        if type(result) not in _PLAIN and inspect.isawaitable(result):
+        if type(result) is Later:
+            self.inflight += 1
+            result.bind(partial(self.later_done, req, t0), partial(self.later_defer, req, t0))
+        elif type(result) not in _PLAIN and inspect.isawaitable(result):
             self.inflight += 1
             self.nursery.start_soon(self.finish, req, result, t0)
         else:
@@ -388,6 +385,32 @@ class _Connection:
             self.inflight -= 1
             self.room.set()
             self.wake.set()  # the reader may be waiting for input: the writer sends this
+
+    def later_done(self, req: Request, t0: float, result, exc) -> None:
+        """A Later answer completed (from another task's callback: never raises)."""
+        try:
+            if exc is None:
+                self.complete(req, result)
+            else:
+                self.fail(req, exc)
+            if self.observe is not None:
+                self.observe(req.command, req.length, perf_counter() - t0, exc is None)
+        except Exception:
+            log.exception("completing nbd %s failed", proto.CMD_NAMES.get(req.command))
+        finally:
+            self.inflight -= 1
+            self.room.set()
+            self.wake.set()
+
+    def later_defer(self, req: Request, t0: float, awaitable) -> bool:
+        """A Later answer continues as an awaitable: run it like one. False when the
+        connection's tasks are gone (it was cancelled): nothing will run it."""
+        try:
+            self.nursery.start_soon(self.finish, req, awaitable, t0)
+        except RuntimeError:  # the nursery is closed: the connection ended
+            self.inflight -= 1
+            return False
+        return True
 
     def complete(self, req: Request, result) -> None:
         codec, cmd = self.codec, req.command
@@ -428,14 +451,14 @@ class _Connection:
             self.wake.set()
             return
         buffers, total = self.out, self.out_bytes
-        rest = (_send_mixed if self.files else _send_now)(self.raw, buffers, total)
+        rest = (_send_mixed if self.files else send_now)(self.raw, buffers, total)
         if rest is None:
             self.out = []
             self.out_bytes = 0
             self.files = False
         else:
             self.out = rest
-            self.out_bytes = sum(_nbytes(b) for b in rest)
+            self.out_bytes = sum(nbytes(b) for b in rest)
             self.wake.set()
 
     # --- writing -----------------------------------------------------------------------------
@@ -464,19 +487,15 @@ class _Connection:
         if self.raw is None:
             await self.stream.send_all(b"".join(buffers))
             return
-        send_now = _send_mixed if self.files else _send_now
-        rest = send_now(self.raw, buffers, total)
+        sender = _send_mixed if self.files else send_now
+        rest = sender(self.raw, buffers, total)
         try:
             while rest is not None:
                 await trio.lowlevel.wait_writable(self.raw)
-                rest = send_now(self.raw, rest, -1)
+                rest = sender(self.raw, rest, -1)
         except BaseException:
             _release(rest)
             raise
-
-
-def _nbytes(b) -> int:
-    return b.nbytes if type(b) is memoryview else len(b)
 
 
 def _release(buffers) -> None:
@@ -486,7 +505,7 @@ def _release(buffers) -> None:
 
 
 def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
-    """_send_now for a queue that may hold FileRanges: the buffers between them go with
+    """send_now for a queue that may hold FileRanges: the buffers between them go with
     sendmsg (MSG_MORE when a range follows, so a reply header shares its data's first
     segment), each range with os.sendfile, released once all of it went."""
     i, end = 0, len(buffers)
@@ -496,7 +515,7 @@ def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
             j += 1
         if j > i:
             part = buffers[i:j]
-            rest = _send_now(raw, part, sum(map(_nbytes, part)), socket.MSG_MORE if j < end else 0)
+            rest = send_now(raw, part, sum(map(nbytes, part)), socket.MSG_MORE if j < end else 0)
             if rest is not None:
                 return rest + buffers[j:]
         if j == end:
@@ -514,34 +533,6 @@ def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
         rng.release()
         i = j + 1
     return None
-
-
-def _send_now(raw: socket.socket, buffers: list, total: int, flags: int = 0):
-    """Send `buffers` (`total` bytes, or -1: unknown) with as few sendmsg calls as the
-    socket allows without waiting. None when all went, else what is left (views)."""
-    while True:
-        batch = buffers if len(buffers) <= IOV_MAX else buffers[:IOV_MAX]
-        try:
-            sent = raw.sendmsg(batch, (), flags)
-        except BlockingIOError:
-            return buffers
-        if batch is buffers and sent == total:
-            return None
-        i = 0
-        while i < len(batch):
-            n = _nbytes(batch[i])
-            if sent < n:
-                break
-            sent -= n
-            i += 1
-        rest = buffers[i:]
-        if not rest:
-            return None
-        if sent:
-            rest[0] = memoryview(rest[0]).cast("B")[sent:]
-        if i < len(batch):  # the socket took less than offered: it is full for now
-            return rest
-        buffers, total = rest, -1
 
 
 # --- a tiny runner for manual tests -------------------------------------------------------

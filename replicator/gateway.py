@@ -9,7 +9,12 @@ Theory of operation (DESIGN.md, Data path):
   until recovery brings it current.
 - WRITE: every replica gets the piece in parallel: the remote ones by one PeerPool.call_all
   (one encoding, one parked task for all replies, no task per replica), the local one by
-  direct call while those frames wait for the connection's next batch. The write
+  direct call while those frames wait for the connection's next batch. The common case
+  (a write inside one chunk whose copies are all current, reachable over ready
+  connections, no data-set change) needs no task at all (`_replicate_now`): the local copy
+  is written, the frames are queued with PeerPool.queue_all, and the NBD answer is a
+  vbp.later.Later that the callback seeing the last reply completes; any failure or
+  surprise there continues in a task exactly as the full path (`_settle`). The write
   is acknowledged when every reachable replica has it; replicas that failed are recorded
   stale for that chunk in the registry, and the write succeeds while at least min_size
   replicas took it. Below min_size it fails (EIO) and is not acknowledged. A Fenced answer
@@ -64,6 +69,7 @@ from vbp.errors import (
     StaleEpoch,
     VbpError,
 )
+from vbp.later import Later
 from vbp.layout import ChunkKey, Geometry, MiB, Piece
 from vbp.placement import Placement
 from vbp.reqid import current as current_rid
@@ -547,6 +553,14 @@ class VolumeGateway:
         payload = bytes(data)
         del length
         rid = current_rid.get()
+        if len(pieces) == 1:
+            p = pieces[0]
+            later = self._replicate_now(p, m.WriteChunk(
+                self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
+                p.offset, payload, self.geometry.chunk_size, 0, fua, self.cluster.epoch,
+                self.token, rid))
+            if later is not None:
+                return later
         return self._replicate(pieces, lambda p: m.WriteChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
@@ -598,9 +612,7 @@ class VolumeGateway:
             if errors:
                 raise min(errors, key=_error_rank)
         finally:
-            self._inflight -= 1
-            if not self._inflight and self._drained is not None:
-                self._drained.set()
+            self._write_done()
 
     async def _replicate_piece(self, p, msg) -> None:
         cv = self.cluster
@@ -621,9 +633,92 @@ class VolumeGateway:
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
-        unflushed = self._unflushed
         epoch = cv.epoch
         replies = await self._send_all(hosts, msg, failed)
+        await self._settle(p, hosts, complete, behind, epoch, replies, failed)
+
+    def _replicate_now(self, p, msg) -> Later | None:
+        """_replicate_piece for the common case, with no task: a chunk whose replicas are
+        all current and reachable over ready connections, no data-set change under way.
+        The local copy is written now, the frames are queued, and the Later is completed
+        by the callback that sees the last reply; anything but a clean success on every
+        copy continues as _replicate_piece would (`_settle`, in a task). None when the
+        case does not apply: the caller takes _replicate."""
+        ready = getattr(self.pool, "ready", None)
+        if ready is None or self._hold is not None:
+            return None
+        cv = self.cluster
+        index = p.index
+        hosts = cv.write_set(self.lineage, index, self.n)
+        complete = cv.replicas(self.lineage, index, self.n)
+        if (len(hosts) != len(complete) or len(complete) < self.min_size
+                or self.stale.get(index) or cv.no_rid):
+            return None
+        local = False
+        remote = []
+        for h in hosts:
+            if h == self.host_id:
+                local = True
+            elif cv.is_up(h):
+                remote.append(cv.address(h))
+            else:
+                return None
+        if not remote or not ready(remote):
+            return None
+        replies: dict = {}
+        failed: dict[str, Exception] = {}
+        if local:
+            try:
+                replies[self.host_id] = self.replica.handle(msg)
+            except VbpError as e:
+                failed[self.host_id] = e
+        later = Later()
+        epoch = cv.epoch
+        names = [h for h in hosts if h != self.host_id]
+        self._inflight += 1
+
+        def on_replies(results: list) -> None:
+            for h, r in zip(names, results):
+                if isinstance(r, Exception):
+                    failed[h] = r
+                else:
+                    replies[h] = r
+            if not failed and cv.epoch == epoch and not any(
+                    getattr(r, "stale", False) for r in replies.values()):
+                for h in replies:
+                    self._note_unflushed(h, index)
+                self._write_done()
+                later.done(None)
+            elif not later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies,
+                                                    failed)):
+                self._write_done()
+
+        self.pool.queue_all(remote, msg, on_replies)
+        return later
+
+    def _write_done(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._drained is not None:
+            self._drained.set()
+
+    async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed) -> None:
+        """The rest of a _replicate_now write that did not succeed cleanly everywhere."""
+        current_rid.set(msg.rid)  # this task's own context: its log lines carry the id
+        try:
+            for h, e in failed.items():
+                if not isinstance(e, VbpError):
+                    raise e
+            await self._retry_stale_epoch(msg, replies, failed)
+            await self._settle(p, hosts, complete, set(), epoch, replies, failed)
+        finally:
+            self._write_done()
+
+    async def _settle(self, p, hosts, complete, behind: set, epoch: int, replies: dict,
+                      failed: dict) -> None:
+        """Account for one piece's replies: what took it, what is behind, whether the write
+        stands (min_size), what to record stale. Raises when it is not acknowledged."""
+        cv = self.cluster
+        unflushed = self._unflushed
         if cv.epoch != epoch:
             # A StaleEpoch answer refreshed the map while the write was sent: hosts that
             # became copies of the chunk meanwhile did not get it. They count as failed
@@ -787,6 +882,11 @@ class VolumeGateway:
                     raise r
                 else:
                     replies[h] = r
+        await self._retry_stale_epoch(msg, replies, failed)
+        return replies
+
+    async def _retry_stale_epoch(self, msg, replies: dict, failed: dict) -> None:
+        """Hosts that answered StaleEpoch are asked once more on a refreshed map."""
         stale = [h for h, e in failed.items() if isinstance(e, StaleEpoch)]
         if stale and self.refresh_map is not None:
             await self.refresh_map()
@@ -797,7 +897,6 @@ class VolumeGateway:
                     del failed[h]
                 except VbpError as e:
                     failed[h] = e
-        return replies
 
     async def _call_all(self, hosts: list[str], msg) -> dict:
         if not hosts:

@@ -44,13 +44,14 @@ from replicator.errors import (
     exception_to_error,
 )
 from vbp.errors import PeerUnavailable
-from vbp.sockets import HAVE_LOWAT, LOWAT_MIN, set_rcvlowat, wait_for_rest
+from vbp.sockets import (HAVE_LOWAT, IOV_MAX, LOWAT_MIN, plain_socket, receive_wait, send_all,
+                         send_now, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
 
 RECV_SIZE = 256 * 1024
-IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+SPIN_RECEIVES = 8  # receives without waiting before the reader yields anyway
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 256
 
@@ -87,7 +88,8 @@ class _Wakeup:
 
 
 async def _send_buffers(sock, bufs: list) -> None:
-    """Send every buffer, in order, with as few sendmsg calls as the kernel allows."""
+    """Send every buffer, in order, with as few sendmsg calls as the kernel allows (through
+    trio's socket: a link without a plain socket under it)."""
     while bufs:
         batch = bufs[:IOV_MAX]
         sent = await sock.sendmsg(batch)
@@ -105,14 +107,26 @@ async def _send_buffers(sock, bufs: list) -> None:
 
 
 class _Link:
-    """One connection's socket, codec and writer queue."""
+    """One connection's socket, codec and writer queue.
+
+    Socket calls go to the plain socket under trio's (vbp.sockets): a recv or send that
+    succeeds costs no trip through the scheduler. The reader checkpoints after every few
+    receives all the same (SPIN_RECEIVES), so other tasks and cancellation get their turn.
+    While the server's reader drains a batch (`held`), the replies it queues wait for its
+    push() after the batch, one sendmsg made inline; otherwise (replies of awaited
+    requests, the client's requests) queuing wakes the writer task, which sends all that
+    is queued at its turn. Only one of the two sends at a time (`sending`)."""
 
     def __init__(self, stream: trio.SocketStream, max_frame: int):
         self.stream = stream
         self.sock = stream.socket
+        self.raw = plain_socket(self.sock)
         self.codec = PeerCodec(max_frame)
         self.out: list = []
         self.wakeup = _Wakeup()
+        self.held = False  # the server's reader is dispatching a batch: it pushes
+        self.sending = False  # the writer task is in the middle of a send
+        self.spins = 0  # receives in a row that did not wait
         self.rbuf = bytearray(RECV_SIZE)
         self.lowat = 1 if HAVE_LOWAT else 0  # SO_RCVLOWAT in force; 0: not available
 
@@ -124,7 +138,23 @@ class _Link:
             self.out.append(frame)
         else:
             self.out.extend(frame)
-        self.wakeup.set()
+        if not self.held:
+            self.wakeup.set()
+
+    def push(self) -> None:
+        """Send what is queued, inline, unless the writer is sending: then it sends it; so
+        does it what the socket does not take now."""
+        if not self.out:
+            return
+        if self.raw is None or self.sending:
+            self.wakeup.set()
+            return
+        rest = send_now(self.raw, self.out, -1)
+        if rest is None:
+            self.out = []
+        else:
+            self.out = rest
+            self.wakeup.set()
 
     async def writer(self) -> None:
         while True:
@@ -132,11 +162,38 @@ class _Link:
                 await self.wakeup.wait()
                 continue
             bufs, self.out = self.out, []
+            self.sending = True
+            try:
+                await self._send(bufs)
+            finally:
+                self.sending = False
+
+    async def _send(self, bufs: list) -> None:
+        if self.raw is None:
             await _send_buffers(self.sock, bufs)
+        else:
+            await send_all(self.raw, bufs)
 
     async def flush(self) -> None:
         bufs, self.out = self.out, []
-        await _send_buffers(self.sock, bufs)
+        await self._send(bufs)
+
+    async def _recv_into(self, buf) -> int:
+        raw = self.raw
+        if raw is None:
+            return await self.sock.recv_into(buf)
+        try:
+            n = raw.recv_into(buf)
+        except BlockingIOError:
+            self.spins = 0
+            return await receive_wait(raw, buf)
+        self.spins += 1
+        if self.spins >= SPIN_RECEIVES:
+            self.spins = 0
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        return n
 
     async def receive(self) -> bool:
         """Read once into the codec; False at end of stream."""
@@ -147,7 +204,7 @@ class _Link:
                     self.lowat = await wait_for_rest(self.sock, self.lowat, len(large))
                 elif self.lowat > 1:  # a short rest: a mark set for more would never be met
                     self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
-                n = await self.sock.recv_into(large)
+                n = await self._recv_into(large)
             if n == 0:
                 self.codec.receive_data(b"")
                 return False
@@ -155,7 +212,7 @@ class _Link:
             return True
         if self.lowat > 1:
             self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
-        n = await self.sock.recv_into(self.rbuf)
+        n = await self._recv_into(self.rbuf)
         if n == 0:
             self.codec.receive_data(b"")
             return False
@@ -298,15 +355,24 @@ class _ServerSession:
         dispatch = self.dispatch
         while True:
             # frames pipelined behind the Hello are already in the codec: drain, then read
-            while True:
-                while self.in_flight >= self.max_in_flight:  # frames wait in the codec
-                    await self.room.park()
-                event = codec.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return
-                dispatch(*event)
+            link.held = True  # replies wait for the push after the batch
+            try:
+                while True:
+                    if self.in_flight >= self.max_in_flight:  # frames wait in the codec
+                        link.held = False
+                        link.push()
+                        while self.in_flight >= self.max_in_flight:
+                            await self.room.park()
+                        link.held = True
+                    event = codec.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if event is CLOSED:
+                        return
+                    dispatch(*event)
+            finally:
+                link.held = False
+            link.push()
             await link.receive()
 
     def dispatch(self, request_id: int, message) -> None:
@@ -424,19 +490,27 @@ class _Gather:
     """The replies to one message sent to several peers (PeerPool.call_all), gathered for
     the one task that waits for all of them: no task per peer."""
 
-    __slots__ = ("task", "results", "left")
+    __slots__ = ("task", "results", "left", "callback")
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, callback=None):
         self.task = None  # set when the caller parks
         self.results: list = [None] * n
         self.left = n
+        self.callback = callback  # instead of a task (PeerPool.queue_all): called once
 
     def deliver(self, slot: int, result: outcome.Outcome) -> None:
         self.results[slot] = result
         self.left -= 1
-        if not self.left and self.task is not None:
-            task, self.task = self.task, None
-            reschedule(task)
+        if not self.left:
+            if self.task is not None:
+                task, self.task = self.task, None
+                reschedule(task)
+            elif self.callback is not None:
+                callback, self.callback = self.callback, None
+                try:
+                    callback(self.results)
+                except Exception:  # it runs in a connection's reader: never end that
+                    log.exception("a queue_all callback failed")
 
 
 def _resolve(waiter: tuple, result: outcome.Outcome) -> None:
@@ -764,6 +838,50 @@ class PeerPool:
         expected = m.REPLY_TYPES.get(type(message))
         return [_reply_or_error(r, address, message, expected)
                 for r, address in zip(gather.results, addresses)]
+
+    def ready(self, addresses) -> bool:
+        """Whether queue_all can send to every peer of `addresses` now: each connection is
+        up with room to spare, and no fault policy applies (its decisions may wait)."""
+        if self._nursery is None or self.faults is not None:
+            return False
+        conns = self._conns
+        limit = self.max_in_flight
+        for address in addresses:
+            conn = conns.get(address)
+            if (conn is None or conn.error is not None or not conn.ready.is_set()
+                    or len(conn.pending) >= limit):
+                return False
+        return True
+
+    def queue_all(self, addresses, message, on_replies) -> None:
+        """call_all without a task: queue `message` to every peer of `addresses` now;
+        `on_replies(list)` is called once, from the task that sees the last reply (or the
+        timeout), with the list call_all would return. It must not raise or block. Check
+        ready() first: a peer that is not gets PeerUnavailable at once, through
+        `on_replies` (before this returns)."""
+        if not self.ready(addresses):
+            on_replies([PeerUnavailable(f"peer {a}: no connection ready") for a in addresses])
+            return
+        conns = [self._conns[address] for address in addresses]
+        prepared = prepare(message)
+        expected = m.REPLY_TYPES.get(type(message))
+
+        def done(results: list) -> None:
+            on_replies([_reply_or_error(r, address, message, expected)
+                        for r, address in zip(results, addresses)])
+
+        gather = _Gather(len(conns), done)
+        now = trio.current_time()
+        deadline = now + self.request_timeout
+        for slot, conn in enumerate(conns):
+            request_id = conn.next_id
+            conn.next_id += 1
+            conn.link.queue_frame(frame(request_id, prepared))
+            conn.pending[request_id] = (gather, deadline, now, slot)
+        if conns:
+            self._timeout_at(deadline)
+        else:
+            done([])
 
     async def _connected(self, address: str, deadline: float) -> _ClientConnection:
         """The connection to `address` once handshaken, opening it if needed."""

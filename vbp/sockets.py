@@ -1,4 +1,9 @@
-"""Receiving large messages with one wakeup (NBD writes, peer WriteChunk frames).
+"""Socket calls of the data path (NBD server, peer transport) on the plain socket under
+trio's wrapper: a call that succeeds returns at once, without the trip through the trio
+scheduler that trio's socket methods make after every call; only a call that would block
+waits (wait_readable / wait_writable). Callers checkpoint on their own schedule.
+
+Receiving large messages with one wakeup (NBD writes, peer WriteChunk frames).
 
 Once a large message's header is in, the rest is received when the kernel holds all of it
 (up to LOWAT_MAX): SO_RCVLOWAT keeps epoll quiet until then, so a 1 MiB message costs one
@@ -20,6 +25,63 @@ LOWAT_MIN = 64 * 1024  # below this, waiting for the whole rest is not worth a s
 LOWAT_MAX = 4 * 1024 * 1024
 HAVE_LOWAT = hasattr(socket, "SO_RCVLOWAT")
 LOWAT_WAIT = 0.05  # seconds
+IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+
+
+def plain_socket(trio_socket) -> socket.socket | None:
+    """The socket.socket under a trio socket, or None (a test double, another transport)."""
+    raw = getattr(trio_socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
+
+
+def nbytes(b) -> int:
+    return b.nbytes if type(b) is memoryview else len(b)
+
+
+async def receive_wait(raw: socket.socket, buf) -> int:
+    """recv_into `buf` once the socket is readable (the first try said it would block)."""
+    while True:
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            return raw.recv_into(buf)
+        except BlockingIOError:
+            pass
+
+
+def send_now(raw: socket.socket, buffers: list, total: int, flags: int = 0):
+    """Send `buffers` (`total` bytes, or -1: unknown) with as few sendmsg calls as the
+    socket allows without waiting. None when all went, else what is left (views)."""
+    while True:
+        batch = buffers if len(buffers) <= IOV_MAX else buffers[:IOV_MAX]
+        try:
+            sent = raw.sendmsg(batch, (), flags)
+        except BlockingIOError:
+            return buffers
+        if batch is buffers and sent == total:
+            return None
+        i = 0
+        while i < len(batch):
+            n = nbytes(batch[i])
+            if sent < n:
+                break
+            sent -= n
+            i += 1
+        rest = buffers[i:]
+        if not rest:
+            return None
+        if sent:
+            rest[0] = memoryview(rest[0]).cast("B")[sent:]
+        if i < len(batch):  # the socket took less than offered: it is full for now
+            return rest
+        buffers, total = rest, -1
+
+
+async def send_all(raw: socket.socket, buffers: list, total: int = -1) -> None:
+    """send_now, waiting for room as long as needed."""
+    rest = send_now(raw, buffers, total)
+    while rest is not None:
+        await trio.lowlevel.wait_writable(raw)
+        rest = send_now(raw, rest, -1)
 
 
 def set_rcvlowat(sock, current: int, n: int) -> int:

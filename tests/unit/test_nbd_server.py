@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nbd_frontend import proto, server
 from nbd_frontend.export import MemoryExport, MemoryProvider
 from nbd_frontend.server import serve_nbd
+from vbp.later import Later
 from tests.pieces import send_in_pieces
 from vbp.errors import LeaseHeld, NoSpace
 
@@ -670,3 +671,72 @@ async def test_writes_in_any_pieces_arrive_whole(sizes, cuts, seed):
             assert await c.read(off, min(len(data), 4096), cookie=99) == data[:4096]
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+class LaterExport(MemoryExport):
+    """Writes answer a vbp.later.Later that the test completes, fails or defers."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[int, Later] = {}
+
+    def write(self, offset, data, fua):
+        super().write(offset, data, fua)
+        later = self.pending[offset] = Later()
+        return later
+
+
+@pytest.fixture
+def later_export(provider):
+    export = LaterExport("later", MiB)
+    provider.exports["later"] = export
+    return export
+
+
+async def test_later_answers_complete_from_callbacks_out_of_order(port, later_export):
+    c = await Client.connect(port, "later", structured=True)
+    for i in range(4):
+        await c.request(proto.CMD_WRITE, i * 512, 512, b"\x05" * 512, cookie=i)
+    with trio.fail_after(5):
+        while len(later_export.pending) < 4:
+            await trio.sleep(0.01)
+    assert len(later_export.pending) == 4
+    later_export.pending[3 * 512].done()
+    assert await c.reply() == (3, 0, b"")
+    later_export.pending[0].fail(NoSpace("full"))
+    assert (await c.reply())[:2] == (0, proto.ENOSPC)
+
+    async def rest(error):
+        await trio.sleep(0.01)
+        if error:
+            raise error
+
+    later_export.pending[512].defer(rest(None))  # the rest runs in a task of the connection
+    assert await c.reply() == (1, 0, b"")
+    later_export.pending[1024].defer(rest(LeaseHeld("taken")))
+    assert (await c.reply())[1] != 0
+    assert await c.read(0, 512) == b"\x05" * 512  # the connection lives on
+
+
+async def test_later_pending_when_the_connection_dies_is_refused_cleanly(port, later_export):
+    c = await Client.connect(port, "later")
+    await c.request(proto.CMD_WRITE, 0, 512, b"\x01" * 512, cookie=1)
+    with trio.fail_after(5):
+        while not later_export.pending:
+            await trio.sleep(0.01)
+    await c.send(b"\0" * 28)  # bad magic: a hard disconnect, the connection's tasks end
+    with pytest.raises(EOFError):
+        await c.recv(1)
+    await trio.sleep(0.05)
+
+    async def rest():
+        raise AssertionError("never runs: nothing is left to answer")
+
+    assert later_export.pending[0].defer(rest()) is False  # closed, not leaked
+    c2 = await Client.connect(port, "later")
+    await c2.request(proto.CMD_WRITE, 512, 512, b"\x02" * 512, cookie=2)
+    with trio.fail_after(5):
+        while 512 not in later_export.pending:
+            await trio.sleep(0.01)
+    later_export.pending[512].done()
+    assert await c2.reply() == (2, 0, b"")

@@ -712,3 +712,88 @@ async def test_waiting_for_the_rest_of_a_payload_is_bounded():
         await client.send(b"y" * 100_000)
         with trio.fail_after(5):
             assert await wait_for_rest(server_sock, 1, 100_000) == 100_000  # all there
+
+
+async def _replies_of(pool, addresses, message) -> list:
+    """pool.queue_all, waited for by the test (the callback sets an event)."""
+    got: list = []
+    done = trio.Event()
+
+    def on_replies(results):
+        got.append(results)
+        done.set()
+
+    pool.queue_all(addresses, message, on_replies)
+    with trio.fail_after(5):
+        await done.wait()
+    assert len(got) == 1
+    return got[0]
+
+
+async def test_queue_all_calls_back_with_every_reply_or_failure_in_order():
+    async def handler(msg, peer):
+        if msg.index == 1:
+            await trio.sleep(10)
+        if msg.token < 1:
+            raise Fenced("token 1 is newer")
+        return m.Ok(msg.version)
+
+    async with server(handler) as (a, _), server(handler) as (b, kill_b):
+        async with PeerPool(CLUSTER, "cli", request_timeout=0.3) as pool:
+            assert not pool.ready([a, b])  # nothing connected yet: call_all connects
+            await pool.call_all([a, b], write(0))
+            assert pool.ready([a, b])
+            big = write(3, bytes(range(256)) * 256, version=9)  # a split frame
+            assert await _replies_of(pool, [a, b], big) == [m.Ok(9), m.Ok(9)]
+            results = await _replies_of(pool, [a, b], dataclasses.replace(big, token=0))
+            assert all(isinstance(r, Fenced) for r in results)
+            # a peer that does not answer in time: PeerUnavailable from the sweeper
+            results = await _replies_of(pool, [a, b], write(1))
+            assert all(isinstance(r, PeerUnavailable) for r in results)
+            assert not any(conn.pending for conn in pool._conns.values())
+            # a peer that dies with the request in flight fails it at once
+            got: list = []
+            pool.queue_all([a, b], write(1), got.append)
+            await trio.sleep(0.05)
+            kill_b.cancel()
+            with trio.fail_after(2):
+                while not got:
+                    await trio.sleep(0.01)
+            assert isinstance(got[0][1], PeerUnavailable)
+            # a peer whose connection is not ready is refused through the callback, at once
+            assert not pool.ready([a, b])
+            got = []
+            pool.queue_all([a, b], write(2), got.append)
+            assert len(got) == 1 and all(isinstance(r, PeerUnavailable) for r in got[0])
+
+
+async def test_queue_all_is_not_ready_under_a_fault_policy_or_without_room():
+    async with server() as (a, _):
+        async with PeerPool(CLUSTER, "cli", faults=FaultPolicy()) as pool:
+            await pool.call(a, m.Ping(1))
+            assert not pool.ready([a])  # every call must see the policy: call_all does
+        async with PeerPool(CLUSTER, "cli", max_in_flight=2) as pool:
+            await pool.call(a, m.Ping(1))
+            assert pool.ready([a])
+            conn = pool._conns[a]
+            conn.pending[1000] = conn.pending[1001] = (None, 0, 0, 0)  # two parked calls
+            assert not pool.ready([a])
+            conn.pending.clear()
+
+
+async def test_a_batch_of_pipelined_frames_is_answered_in_full():
+    """Replies to frames that arrive together wait for the reader's push after the batch
+    (not the writer task): every one of them must still leave."""
+    frames = 50
+    async with server() as (address, _):
+        stream, codec = await raw_client(address)
+        batch = b"".join(codec.encode(i + 1, m.Ping(i)) for i in range(frames))
+        await stream.send_all(batch)
+        seen = []
+        with trio.fail_after(5):
+            while len(seen) < frames:
+                event = await next_reply(stream, codec)
+                seen.append(event)
+        assert sorted(rid for rid, _ in seen) == list(range(1, frames + 1))
+        assert all(reply == m.Pong("srv", rid - 1) for rid, reply in seen)
+        await stream.aclose()

@@ -1,0 +1,130 @@
+"""The gateway's task-less replicated write (VolumeGateway._replicate_now), over the real
+peer transport on loopback: the clean case completes from the reply callback, anything
+else (a dead replica, a fenced gateway, a map change) continues as the full path would."""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from blockd.service import AsyncRegistry
+from control import api
+from replicator.gateway import ClusterView, VolumeGateway
+from replicator.replica import Replica
+from replicator.transport import PeerPool, serve_peers
+from vbp.chunkstore_memory import MemoryChunkStore
+from vbp.cluster import ClusterMap, HostRecord
+from vbp.errors import Fenced
+from vbp.later import Later
+from vbp.layout import ChunkKey
+from vbp.registry import open_registry
+from vbp.volume import VolumeRecord, view_of
+
+pytestmark = pytest.mark.timeout(60)
+CLUSTER = "fast"
+_POOLS = itertools.count()
+CHUNK = 1 << 20
+
+
+@asynccontextmanager
+async def three_hosts(min_size: int = 2):
+    """A gateway on h1 and replicas h1..h3, h2 and h3 served by real serve_peers; yields
+    (gateway, replicas, registry, {host: cancel scope killing its server})."""
+    reg = open_registry(f"memory://fast-write-{next(_POOLS)}")
+    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
+    async with trio.open_nursery() as nursery:
+        ports, kills = {}, {}
+        for h in ("h2", "h3"):
+            scope = trio.CancelScope()
+
+            async def serve(h=h, scope=scope, task_status=trio.TASK_STATUS_IGNORED):
+                with scope:
+                    await serve_peers(replicas[h].handle, "127.0.0.1", 0, cluster=CLUSTER,
+                                      host_id=h, task_status=task_status)
+
+            ports[h] = await nursery.start(serve)
+            kills[h] = scope
+        hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
+                                 pod=f"p{h}", peer_rev=1) for h in ("h1", "h2", "h3"))
+        cluster = ClusterView(ClusterMap(1, hosts))
+        api.create_volume(reg, "v", "8M", replicas=3, min_size=min_size, chunk_size="1M")
+        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
+            gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
+                               host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
+                               registry=AsyncRegistry(reg), token=1)
+            yield gw, replicas, reg, kills
+        nursery.cancel_scope.cancel()
+
+
+def copy_of(replica: Replica, gw: VolumeGateway, index: int, offset: int, length: int) -> bytes:
+    store = replica.store
+    gen = store.resolve(gw.lineage, index, gw.chain_for(index))
+    return bytes(store.read(ChunkKey(gw.lineage, index, gen), offset, length))
+
+
+async def test_clean_write_is_answered_by_the_reply_callback_on_every_copy():
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)  # no connection yet: the full path connects
+        later = gw.write(CHUNK + 8192, memoryview(bytearray(b"\x02" * 4096)), False)
+        assert type(later) is Later  # connections ready: no task
+        with trio.fail_after(5):
+            await later
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 1, 8192, 4096) == b"\x02" * 4096, h
+        assert {h for h, chunks in gw._unflushed.items() if 1 in chunks} == {"h1", "h2", "h3"}
+        assert gw._inflight == 0
+        assert not reg.list_stale()
+
+
+async def test_a_dead_replica_is_recorded_stale_and_the_write_stands():
+    async with three_hosts() as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)
+        kills["h3"].cancel()  # takes effect at the next checkpoint: h3 still looks ready
+        later = gw.write(0, b"\x03" * 4096, False)
+        assert type(later) is Later
+        with trio.fail_after(10):
+            await later  # h3's connection fails: the callback defers to the full path
+        assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
+        assert "h3" in gw.stale[0]
+        for h in ("h1", "h2"):
+            assert copy_of(replicas[h], gw, 0, 0, 4096) == b"\x03" * 4096
+        assert gw._inflight == 0
+        # the chunk has a stale copy now: later writes to it take the full path
+        result = gw.write(0, b"\x04" * 4096, False)
+        assert type(result) is not Later
+        with trio.fail_after(10):
+            await result
+
+
+async def test_a_newer_token_on_a_replica_fences_the_gateway():
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        replicas["h2"].learn_tokens({gw.view.volume.name: 5})  # another gateway took over
+        later = gw.write(0, b"\x05" * 4096, False)
+        assert type(later) is Later
+        with pytest.raises(Fenced), trio.fail_after(5):
+            await later
+        assert gw.fenced
+        assert gw._inflight == 0
+        assert gw.suspects  # h1 and h3 took a write the new gateway never saw
+
+
+async def test_a_snapshot_waits_for_writes_answered_by_callback():
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        later = gw.write(0, b"\x06" * 4096, False)
+        assert type(later) is Later and gw._inflight == 1
+        switched = []
+
+        async def complete():
+            switched.append(gw._inflight)
+            return gw.view
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw.switch_head, complete)
+            with trio.fail_after(5):
+                await later
+        assert switched == [0]
