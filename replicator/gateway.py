@@ -665,6 +665,9 @@ class VolumeGateway:
                 return None
         if not remote or not ready(remote):
             return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, index,
+                      type(msg).__name__, ",".join(hosts))
         replies: dict = {}
         failed: dict[str, Exception] = {}
         if local:
