@@ -395,10 +395,18 @@ class PeerCodec:
 
         Raises TypeError for a message or field the protocol cannot carry, so a caller's bug
         fails at the caller instead of closing the connection at the peer."""
+        if type(message) is m.Ok:  # the reply to every write: one packb, no spec walk
+            version, stale = message.version, message.stale
+            if type(version) is int and type(request_id) is int and request_id >= 0 \
+                    and (stale is False or stale is True):
+                body = _packb((m.PROTO_VERSION, _OK_ID, request_id, version, True) if stale
+                              else (m.PROTO_VERSION, _OK_ID, request_id, version))
+                return _pack_len(len(body)) + body
         return frame(request_id, prepare(message))
 
 
 _WRITE = _SPECS[m.WriteChunk]
+_OK_ID = _SPECS[m.Ok].type_id
 _HEAD_PEEK = 4096  # WriteChunk's fields before its payload: names, a chain of generations
 
 

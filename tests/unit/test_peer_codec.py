@@ -594,3 +594,19 @@ def test_a_large_frame_buffer_is_reused_only_once_its_payload_is_gone():
     assert held == a and got == b  # the held payload was not overwritten
     del held, got
     assert feed_large(c, wire(3, a), 4096, True) == [(3, a)]
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(-2**63, 2**64 - 1), st.booleans())
+def test_ok_replies_take_a_short_cut_to_the_same_frame(request_id, version, stale):
+    reply = m.Ok(version, stale)
+    frame = PeerCodec().encode(request_id, reply)
+    assert frame == prepared_frame(request_id, prepare(reply))
+    codec = PeerCodec()
+    codec.receive_data(frame)
+    assert codec.next_event() == (request_id, reply)
+
+
+@pytest.mark.parametrize("reply", [m.Ok("1"), m.Ok(1, 1), m.Ok(True), m.Ok(1.0)])
+def test_ok_replies_the_protocol_cannot_carry_are_refused_at_the_sender(reply):
+    with pytest.raises(TypeError):
+        PeerCodec().encode(1, reply)
