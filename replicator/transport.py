@@ -20,6 +20,11 @@ opens a new connection. Timeouts are per call. A `FaultPolicy` is consulted on e
 the one place tests and the simulation inject network faults (CONVENTIONS 8).
 `call_all` sends one message to several peers (a replicated write): encoded once, framed
 per connection, and the caller parks once for all the replies, with no task per peer.
+`queue_all` is the same with a callback instead of a parked caller (the gateway's write
+path: no task per write either), for peers that are `ready()`.
+
+Sockets are used through the plain socket under trio's (vbp.sockets, see _Link): a call
+that succeeds returns without a trip through the scheduler.
 """
 
 from __future__ import annotations
