@@ -400,7 +400,13 @@ class _Connection:
         finally:
             self.inflight -= 1
             self.room.set()
-            self.wake.set()
+            if self.inflight or self.closing or self.raw is None:
+                self.wake.set()
+            else:  # the only answer outstanding (QD1): send it now, no writer task switch
+                try:
+                    self.push()
+                except OSError:  # the client is gone: the writer finds out and ends it
+                    self.wake.set()
 
     def later_defer(self, req: Request, t0: float, awaitable) -> bool:
         """A Later answer continues as an awaitable: run it like one. False when the

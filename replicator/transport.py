@@ -146,6 +146,18 @@ class _Link:
         if not self.held:
             self.wakeup.set()
 
+    def send_soon(self, frame) -> None:
+        """Queue `frame` and send what is queued at once (push). Never raises: a broken
+        socket is left for the writer to find (it ends the connection, failing calls)."""
+        if type(frame) is bytes:
+            self.out.append(frame)
+        else:
+            self.out.extend(frame)
+        try:
+            self.push()
+        except OSError:
+            self.wakeup.set()
+
     def push(self) -> None:
         """Send what is queued, inline, unless the writer is sending: then it sends it; so
         does it what the socket does not take now."""
@@ -881,7 +893,11 @@ class PeerPool:
         for slot, conn in enumerate(conns):
             request_id = conn.next_id
             conn.next_id += 1
-            conn.link.queue_frame(frame(request_id, prepared))
+            link = conn.link
+            if conn.pending or link.out:  # busy: the frame joins the writer's next batch
+                link.queue_frame(frame(request_id, prepared))
+            else:  # idle (QD1): sent now, without waking the writer
+                link.send_soon(frame(request_id, prepared))
             conn.pending[request_id] = (gather, deadline, now, slot)
         if conns:
             self._timeout_at(deadline)

@@ -740,3 +740,18 @@ async def test_later_pending_when_the_connection_dies_is_refused_cleanly(port, l
             await trio.sleep(0.01)
     later_export.pending[512].done()
     assert await c2.reply() == (2, 0, b"")
+
+
+async def test_a_later_answer_after_disc_is_sent_and_the_connection_then_ends(port, later_export):
+    c = await Client.connect(port, "later")
+    await c.request(proto.CMD_WRITE, 0, 512, b"\x03" * 512, cookie=7)
+    await c.request(proto.CMD_DISC)
+    with trio.fail_after(5):
+        while not later_export.pending:
+            await trio.sleep(0.01)
+    await trio.sleep(0.05)  # the reader has seen DISC: the connection is closing
+    later_export.pending[0].done()  # the last answer outstanding
+    with trio.fail_after(5):
+        assert await c.reply() == (7, 0, b"")
+        with pytest.raises(EOFError):  # and the server closes once it is sent
+            await c.recv(1)

@@ -745,6 +745,16 @@ async def test_queue_all_calls_back_with_every_reply_or_failure_in_order():
             assert pool.ready([a, b])
             big = write(3, bytes(range(256)) * 256, version=9)  # a split frame
             assert await _replies_of(pool, [a, b], big) == [m.Ok(9), m.Ok(9)]
+            # an idle connection sends at once; one with a call in flight queues for its
+            # writer: both arrive
+            first, second = [], []
+            pool.queue_all([a, b], write(4, version=4), first.append)
+            assert pool._conns[a].pending  # in flight: the next frame takes the queue
+            pool.queue_all([a, b], write(5, version=5), second.append)
+            with trio.fail_after(5):
+                while not (first and second):
+                    await trio.sleep(0.01)
+            assert first == [[m.Ok(4), m.Ok(4)]] and second == [[m.Ok(5), m.Ok(5)]]
             results = await _replies_of(pool, [a, b], dataclasses.replace(big, token=0))
             assert all(isinstance(r, Fenced) for r in results)
             # a peer that does not answer in time: PeerUnavailable from the sweeper
