@@ -692,9 +692,9 @@ class VolumeGateway:
                     self._note_unflushed(h, index)
                 self._write_done()
                 later.done(None)
-            elif not later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies,
-                                                    failed)):
-                self._write_done()
+            else:  # refused (the connection is gone): the rest never runs, so close here
+                later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed),
+                            self._write_done)
 
         self.pool.queue_all(remote, msg, on_replies)
         return later

@@ -21,7 +21,7 @@ _PENDING = object()
 
 
 class Later:
-    __slots__ = ("_on_done", "_on_defer", "_kind", "_value", "_event")
+    __slots__ = ("_on_done", "_on_defer", "_kind", "_value", "_event", "_on_refused")
 
     def __init__(self) -> None:
         self._on_done = None  # (value, exc) -> None
@@ -29,6 +29,7 @@ class Later:
         self._kind = _PENDING  # then "done", "fail" or "defer"
         self._value = None
         self._event: trio.Event | None = None
+        self._on_refused = None  # called if a deferred awaitable is never run
 
     # --- the export's side ------------------------------------------------------------
 
@@ -38,10 +39,12 @@ class Later:
     def fail(self, exc: BaseException) -> None:
         self._settle("fail", exc)
 
-    def defer(self, awaitable) -> bool:
-        """Hand the rest to the server (it awaits `awaitable` for the answer). False when
-        the bound connection is gone and will never run it: `awaitable` is closed unrun
-        and the caller cleans up what it would have."""
+    def defer(self, awaitable, on_refused=None) -> bool:
+        """Hand the rest to the server (it awaits `awaitable` for the answer). When the
+        bound connection is gone and will never run it, now or at bind, `awaitable` is
+        closed unrun and `on_refused()` is called, so the caller can clean up what it
+        would have done; the return value says so too when it is known now (False)."""
+        self._on_refused = on_refused
         if self._on_defer is None:
             self._settle("defer", awaitable)
             return True
@@ -50,8 +53,14 @@ class Later:
         self._kind = "defer"
         if self._on_defer(awaitable):
             return True
-        _close(awaitable)
+        self._refused(awaitable)
         return False
+
+    def _refused(self, awaitable) -> None:
+        _close(awaitable)
+        on_refused, self._on_refused = self._on_refused, None
+        if on_refused is not None:
+            on_refused()
 
     def _settle(self, kind: str, value) -> None:
         if self._kind is not _PENDING:
@@ -78,7 +87,7 @@ class Later:
         elif kind == "fail":
             self._on_done(None, value)
         elif not self._on_defer(value):
-            _close(value)
+            self._refused(value)
 
     def __await__(self):
         return self._wait().__await__()

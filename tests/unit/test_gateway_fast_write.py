@@ -128,3 +128,19 @@ async def test_a_snapshot_waits_for_writes_answered_by_callback():
             with trio.fail_after(5):
                 await later
         assert switched == [0]
+
+
+async def test_a_write_whose_connection_is_gone_when_it_needs_the_full_path_is_let_go():
+    async with three_hosts() as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)
+        kills["h3"].cancel()
+        later = gw.write(0, b"\x07" * 4096, False)
+        assert type(later) is Later
+        answers = []
+        # bound as by an NBD connection whose tasks have ended: it can run nothing more
+        later.bind(lambda value, exc: answers.append((value, exc)), lambda awaitable: False)
+        with trio.fail_after(5):
+            while gw._inflight:  # h3's failure needs the full path, which is refused
+                await trio.sleep(0.01)
+        assert answers == []  # nobody to answer: the write is not acknowledged
+        assert gw._inflight == 0  # and a snapshot will not wait for it forever

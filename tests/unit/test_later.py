@@ -43,9 +43,19 @@ def test_defer_hands_the_awaitable_over_and_reports_refusal():
     later = Later()
     bound(later, defer_ok=False)
     coro = _value(2)
-    assert later.defer(coro) is False  # the caller cleans up; the coroutine is closed
+    refused = []
+    assert later.defer(coro, lambda: refused.append(1)) is False  # the coroutine is closed
     with pytest.raises(RuntimeError):
         coro.send(None)
+    assert refused == [1]
+
+    later = Later()  # deferred before it is bound, refused at bind: still told
+    coro = _value(3)
+    assert later.defer(coro, lambda: refused.append(2)) is True
+    bound(later, defer_ok=False)
+    with pytest.raises(RuntimeError):
+        coro.send(None)
+    assert refused == [1, 2]
 
 
 def test_a_later_settles_once():
