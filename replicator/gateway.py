@@ -692,7 +692,8 @@ class VolumeGateway:
                     self._note_unflushed(h, index)
                 self._write_done()
                 later.done(None)
-            else:  # refused (the connection is gone): the rest never runs, so close here
+            else:  # the full path's tail, in a task; if nothing will ever run it (the
+                # connection is gone), on_refused still ends the write's in-flight count
                 later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed),
                             self._write_done)
 

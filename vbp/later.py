@@ -44,12 +44,12 @@ class Later:
         bound connection is gone and will never run it, now or at bind, `awaitable` is
         closed unrun and `on_refused()` is called, so the caller can clean up what it
         would have done; the return value says so too when it is known now (False)."""
+        if self._kind is not _PENDING:
+            raise RuntimeError(f"Later already {self._kind}")
         self._on_refused = on_refused
         if self._on_defer is None:
             self._settle("defer", awaitable)
             return True
-        if self._kind is not _PENDING:
-            raise RuntimeError(f"Later already {self._kind}")
         self._kind = "defer"
         if self._on_defer(awaitable):
             return True
