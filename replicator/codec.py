@@ -395,18 +395,17 @@ class PeerCodec:
 
         Raises TypeError for a message or field the protocol cannot carry, so a caller's bug
         fails at the caller instead of closing the connection at the peer."""
-        if type(message) is m.Ok:  # the reply to every write: one packb, no spec walk
-            version, stale = message.version, message.stale
-            if type(version) is int and type(request_id) is int and request_id >= 0 \
-                    and (stale is False or stale is True):
-                body = _packb((m.PROTO_VERSION, _OK_ID, request_id, version, True) if stale
-                              else (m.PROTO_VERSION, _OK_ID, request_id, version))
-                return _pack_len(len(body)) + body
-        return frame(request_id, prepare(message))
+        spec, values = _wire_values(message)
+        if type(request_id) is int and request_id >= 0 and (
+                spec.bytes_pos is None or len(values[spec.nrequired - 1]) < SPLIT_THRESHOLD):
+            # nothing to send as its own buffer: the whole frame is one packb (the same
+            # bytes as frame(prepare()), which call_all uses to frame once per peer)
+            body = _packb((m.PROTO_VERSION, spec.type_id, request_id) + values)
+            return _pack_len(len(body)) + body
+        return frame(request_id, _prepared(spec, values))
 
 
 _WRITE = _SPECS[m.WriteChunk]
-_OK_ID = _SPECS[m.Ok].type_id
 _HEAD_PEEK = 4096  # WriteChunk's fields before its payload: names, a chain of generations
 
 
@@ -477,8 +476,9 @@ def _elements(values: tuple) -> bytes:
     return _packb(values)[1 if len(values) < 16 else 3:]
 
 
-def prepare(message) -> Prepared:
-    """Validate and encode `message` once (TypeError if the protocol cannot carry it)."""
+def _wire_values(message) -> tuple[_Spec, tuple]:
+    """`message`'s spec and its fields in wire order, validated, without the optional ones
+    at the end that hold their defaults (TypeError if the protocol cannot carry it)."""
     spec = _SPECS.get(type(message))
     if spec is None:
         raise TypeError(f"not a peer message: {message!r}")
@@ -488,6 +488,15 @@ def prepare(message) -> Prepared:
         raise TypeError(why)
     if spec.defaults:
         values = spec.trim(values)
+    return spec, values
+
+
+def prepare(message) -> Prepared:
+    """Validate and encode `message` once (TypeError if the protocol cannot carry it)."""
+    return _prepared(*_wire_values(message))
+
+
+def _prepared(spec: _Spec, values: tuple) -> Prepared:
     # version and type id are positive fixints: one byte each
     head = _array_header(3 + len(values)) + bytes((m.PROTO_VERSION, spec.type_id))
     if spec.bytes_pos is not None:

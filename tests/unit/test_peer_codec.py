@@ -596,8 +596,18 @@ def test_a_large_frame_buffer_is_reused_only_once_its_payload_is_gone():
     assert feed_large(c, wire(3, a), 4096, True) == [(3, a)]
 
 
+@given(request_ids, messages)
+def test_encode_gives_the_frame_prepare_gives(request_id, message):
+    """encode() packs small messages in one go; call_all frames prepare()'s encoding per
+    peer: both must put the same bytes on the wire."""
+    frame = PeerCodec().encode(request_id, message)
+    joined = frame if type(frame) is bytes else b"".join(frame)
+    expected = prepared_frame(request_id, prepare(message))
+    assert joined == (expected if type(expected) is bytes else b"".join(expected))
+
+
 @given(st.integers(0, 2**64 - 1), st.integers(-2**63, 2**64 - 1), st.booleans())
-def test_ok_replies_take_a_short_cut_to_the_same_frame(request_id, version, stale):
+def test_ok_replies_encode_to_the_frame_prepare_gives(request_id, version, stale):
     reply = m.Ok(version, stale)
     frame = PeerCodec().encode(request_id, reply)
     assert frame == prepared_frame(request_id, prepare(reply))
