@@ -49,8 +49,8 @@ from replicator.errors import (
     exception_to_error,
 )
 from vbp.errors import PeerUnavailable
-from vbp.sockets import (HAVE_LOWAT, IOV_MAX, LOWAT_MIN, plain_socket, receive_wait, send_all,
-                         send_now, set_rcvlowat, wait_for_rest)
+from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, plain_socket, receive_wait, send_all, send_now,
+                         set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -92,25 +92,6 @@ class _Wakeup:
         await wait_task_rescheduled(abort)
 
 
-async def _send_buffers(sock, bufs: list) -> None:
-    """Send every buffer, in order, with as few sendmsg calls as the kernel allows (through
-    trio's socket: a link without a plain socket under it)."""
-    while bufs:
-        batch = bufs[:IOV_MAX]
-        sent = await sock.sendmsg(batch)
-        i = 0
-        for b in batch:
-            n = len(b)
-            if sent < n:
-                break
-            sent -= n
-            i += 1
-        if i < len(batch):  # a partial send: keep the tail of the buffer it stopped in
-            bufs = [memoryview(batch[i])[sent:]] + batch[i + 1 :] + bufs[len(batch) :]
-        else:
-            bufs = bufs[len(batch) :]
-
-
 class _Link:
     """One connection's socket, codec and writer queue.
 
@@ -125,7 +106,9 @@ class _Link:
     def __init__(self, stream: trio.SocketStream, max_frame: int):
         self.stream = stream
         self.sock = stream.socket
-        self.raw = plain_socket(self.sock)
+        self.raw = plain_socket(self.sock)  # links are TCP streams: there always is one
+        if self.raw is None:
+            raise TypeError(f"a peer link needs a socket, not {self.sock!r}")
         self.codec = PeerCodec(max_frame)
         self.out: list = []
         self.wakeup = _Wakeup()
@@ -138,21 +121,21 @@ class _Link:
     def queue(self, request_id: int, message) -> None:
         self.queue_frame(self.codec.encode(request_id, message))
 
-    def queue_frame(self, frame) -> None:
+    def _add(self, frame) -> None:
         if type(frame) is bytes:
             self.out.append(frame)
         else:
             self.out.extend(frame)
+
+    def queue_frame(self, frame) -> None:
+        self._add(frame)
         if not self.held:
             self.wakeup.set()
 
     def send_soon(self, frame) -> None:
         """Queue `frame` and send what is queued at once (push). Never raises: a broken
         socket is left for the writer to find (it ends the connection, failing calls)."""
-        if type(frame) is bytes:
-            self.out.append(frame)
-        else:
-            self.out.extend(frame)
+        self._add(frame)
         try:
             self.push()
         except OSError:
@@ -163,7 +146,7 @@ class _Link:
         does it what the socket does not take now."""
         if not self.out:
             return
-        if self.raw is None or self.sending:
+        if self.sending:
             self.wakeup.set()
             return
         rest = send_now(self.raw, self.out, -1)
@@ -181,24 +164,16 @@ class _Link:
             bufs, self.out = self.out, []
             self.sending = True
             try:
-                await self._send(bufs)
+                await send_all(self.raw, bufs)
             finally:
                 self.sending = False
 
-    async def _send(self, bufs: list) -> None:
-        if self.raw is None:
-            await _send_buffers(self.sock, bufs)
-        else:
-            await send_all(self.raw, bufs)
-
     async def flush(self) -> None:
         bufs, self.out = self.out, []
-        await self._send(bufs)
+        await send_all(self.raw, bufs)
 
     async def _recv_into(self, buf) -> int:
         raw = self.raw
-        if raw is None:
-            return await self.sock.recv_into(buf)
         try:
             n = raw.recv_into(buf)
         except BlockingIOError:
