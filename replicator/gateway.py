@@ -734,6 +734,7 @@ class VolumeGateway:
                         f"host {h} became a copy of chunk {p.index} while the write was sent")
             hosts = now
             complete = cv.replicas(self.lineage, p.index, self.n)
+        reported = set()  # copies that say they are stale: their own word, not our map's
         for h, reply in replies.items():
             s = unflushed.get(h)
             if s is None:
@@ -741,7 +742,8 @@ class VolumeGateway:
             else:
                 s.add(p.index)
             if getattr(reply, "stale", False):
-                behind.add(h)
+                reported.add(h)
+        behind |= reported
         for e in failed.values():
             if isinstance(e, Fenced):
                 # the replicas that took this write hold bytes from a gateway that lost its
@@ -755,6 +757,9 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
+        if len(took) < self.min_size and behind - reported:
+            behind = await self._behind_by_registry(p.index, behind, reported)
+            took = [h for h in complete if h not in failed and h not in behind]
         ok = len(took)
         if failed:
             log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
@@ -780,6 +785,34 @@ class VolumeGateway:
             raise RegistryUnavailable(
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
+
+    async def _behind_by_registry(self, index: int, behind: set, reported: set) -> set:
+        """The copies of the chunk behind, by the registry's stale records read now rather
+        than by our map of them, which lags a resync's clearing by up to a refresh period:
+        a copy just resynced (a joining target of a data-set change that has settled, say)
+        still counts behind there, and one more failure would leave the write below
+        min_size with enough current copies holding it. Asked only when our map says the
+        write falls short. Copies that said they are stale stay behind (a host that lost
+        its store knows before the registry does), and so do the copies our own failures
+        named that the registry has not been told of yet (`unrecorded`). If the registry
+        cannot be read, our map stands: the write fails rather than count a copy that may
+        be behind."""
+        if self.registry is None:
+            return behind
+        try:
+            records = await self.registry.list_stale(self.lineage, index)
+        except RegistryUnavailable as e:
+            log.warning("volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
+            return behind
+        now = {r.host_id for r in records} | reported
+        for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
+            if i == index:
+                now.update(missed)
+        if behind - now:
+            log.info("volume=%s chunk=%d event=stale_map_behind current=%s", self.name, index,
+                     ",".join(sorted(behind - now)))
+        self.stale[index] = frozenset(now)
+        return now
 
     @staticmethod
     def _falling_behind(failed, took, complete, behind) -> list[str]:

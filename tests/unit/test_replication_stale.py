@@ -18,7 +18,7 @@ import trio.testing
 from replicator import messages as m
 from replicator.recovery import NEVER_CURRENT
 from tests.sim.harness import Sim, call
-from vbp.errors import BelowMinSize
+from vbp.errors import BelowMinSize, RegistryUnavailable
 from vbp.layout import MiB, ChunkKey
 
 
@@ -104,16 +104,33 @@ def test_resync_with_every_copy_stale_brings_the_chunk_to_the_copy_that_went_sta
     run(main)
 
 
+class _StaleListUnreadable:
+    """The gateway's registry with list_stale failing: the registry cannot be asked which
+    copies are stale right now (the rest still answers)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def list_stale(self, *args):
+        raise RegistryUnavailable("list_stale: registry unreachable (test)")
+
+
 def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_the_stale_map_said():
     """Sim seed 12: a resync cleared a copy's record, the gateway's stale map (refreshed
     about once a second) still named it, so a write it took counted it behind; the current
     copy failed the write and stayed current (unrecorded), and the two copies disagreed
-    with no record left to reconcile them."""
+    with no record left to reconcile them. Here the registry cannot be asked which copies
+    are stale (otherwise it answers that `a` is current: the next test), so the map
+    stands and the write fails."""
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 4096, False))
             gw.stale[0] = frozenset({a})  # the record is gone, the map has not heard yet
+            gw.registry = _StaleListUnreadable(gw.registry)
             sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
             try:
                 await call(gw.write(0, b"\x02" * 4096, False))
@@ -122,12 +139,56 @@ def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_t
             else:
                 raise AssertionError("a write no current copy took was acknowledged")
             assert stale_hosts(sim, rec.lineage) == {a}  # a holds bytes b lacks
+            gw.registry = gw.registry.registry
             sim.hosts[gw.host_id].faults.heal()
             await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
             await sim.hosts[a].resync.run_once()
             assert not stale_hosts(sim, rec.lineage)
             key = ChunkKey(rec.lineage, 0, rec.head)
             assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x01" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_copy_the_stale_map_still_names_but_the_registry_cleared_counts_toward_min_size():
+    """Thrash seed 549: a joining target resynced (its record cleared) as the data-set
+    change settled; the gateway's stale map, refreshed once a second, still named it when
+    another copy's host was killed, and the write failed below min_size although the copy
+    that took it was current. A write our map counts short asks the registry."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            gw.stale[0] = frozenset({a})  # the record is gone, the map has not heard yet
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # a is current: it stands
+            assert stale_hosts(sim, rec.lineage) == {b}
+            assert gw.stale[0] == {b}
+            sim.hosts[gw.host_id].faults.heal()
+            await sim.hosts[b].resync.refresh_stale_self()
+            await trio.sleep(sim.hosts[b].resync.write_window)  # the writes have settled
+            await sim.hosts[b].resync.run_once()
+            assert not stale_hosts(sim, rec.lineage)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x02" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_copy_that_says_it_is_stale_stays_behind_whatever_the_registry_says():
+    """A replica's own word that its copy is stale (a host that lost its store knows before
+    the registry does) is not overruled by the registry: the write falls short."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            sim.hosts[a].replica.backfilling = True  # every copy of a counts as stale
+            gw.stale[0] = frozenset({a})
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
+            with pytest.raises(BelowMinSize):
+                await call(gw.write(0, b"\x02" * 4096, False))
             nursery.cancel_scope.cancel()
 
     run(main)
