@@ -323,52 +323,51 @@ class _Connection:
             await self.room.wait()
 
     def dispatch(self, req: Request) -> None:
-        if self.ids is None:
-            self._dispatch(req)
-            return
-        token = current_rid.set(self.ids.next())
+        """Hand `req` to the export, its request id set while the export handles it, and
+        queue the answer, or arrange for it (a task, a Later). One function on purpose:
+        this runs per request."""
+        token = current_rid.set(self.ids.next()) if self.ids is not None else None
         try:
-            self._dispatch(req)
-        finally:
-            current_rid.reset(token)
-
-    def _dispatch(self, req: Request) -> None:
-        export, cmd = self.export, req.command
-        t0 = perf_counter() if self.observe is not None else 0.0
-        try:
-            if cmd == proto.CMD_READ:
-                result = self.read(req.offset, req.length)
-            elif cmd == proto.CMD_WRITE:
-                data = bytes(req.data) if self.copy_writes else req.data
-                result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
-            elif cmd == proto.CMD_FLUSH:
-                result = export.flush()
-            elif cmd == proto.CMD_TRIM:
-                result = export.trim(req.offset, req.length, bool(req.flags & proto.CMD_FLAG_FUA))
-            elif cmd == proto.CMD_WRITE_ZEROES:
-                f = req.flags
-                result = export.write_zeroes(
-                    req.offset, req.length, bool(f & proto.CMD_FLAG_FUA),
-                    not f & proto.CMD_FLAG_NO_HOLE, bool(f & proto.CMD_FLAG_FAST_ZERO))
-            elif cmd == proto.CMD_CACHE:
-                result = export.cache(req.offset, req.length)
+            export, cmd = self.export, req.command
+            observe = self.observe
+            t0 = perf_counter() if observe is not None else 0.0
+            try:
+                if cmd == proto.CMD_READ:
+                    result = self.read(req.offset, req.length)
+                elif cmd == proto.CMD_WRITE:
+                    data = bytes(req.data) if self.copy_writes else req.data
+                    result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
+                elif cmd == proto.CMD_FLUSH:
+                    result = export.flush()
+                elif cmd == proto.CMD_TRIM:
+                    result = export.trim(req.offset, req.length, bool(req.flags & proto.CMD_FLAG_FUA))
+                elif cmd == proto.CMD_WRITE_ZEROES:
+                    f = req.flags
+                    result = export.write_zeroes(
+                        req.offset, req.length, bool(f & proto.CMD_FLAG_FUA),
+                        not f & proto.CMD_FLAG_NO_HOLE, bool(f & proto.CMD_FLAG_FAST_ZERO))
+                elif cmd == proto.CMD_CACHE:
+                    result = export.cache(req.offset, req.length)
+                else:
+                    result = export.block_status(req.offset, req.length)
+            except Exception as exc:
+                self.fail(req, exc)
+                if observe is not None:
+                    observe(cmd, req.length, perf_counter() - t0, False)
+                return
+            if type(result) is Later:
+                self.inflight += 1
+                result.bind(partial(self.later_done, req, t0), partial(self.later_defer, req, t0))
+            elif type(result) not in _PLAIN and inspect.isawaitable(result):
+                self.inflight += 1
+                self.nursery.start_soon(self.finish, req, result, t0)
             else:
-                result = export.block_status(req.offset, req.length)
-        except Exception as exc:
-            self.fail(req, exc)
-            if self.observe is not None:
-                self.observe(cmd, req.length, perf_counter() - t0, False)
-            return
-        if type(result) is Later:
-            self.inflight += 1
-            result.bind(partial(self.later_done, req, t0), partial(self.later_defer, req, t0))
-        elif type(result) not in _PLAIN and inspect.isawaitable(result):
-            self.inflight += 1
-            self.nursery.start_soon(self.finish, req, result, t0)
-        else:
-            self.complete(req, result)
-            if self.observe is not None:
-                self.observe(cmd, req.length, perf_counter() - t0, True)
+                self.complete(req, result)
+                if observe is not None:
+                    observe(cmd, req.length, perf_counter() - t0, True)
+        finally:
+            if token is not None:
+                current_rid.reset(token)
 
     async def finish(self, req: Request, awaitable, t0: float) -> None:
         ok = False

@@ -49,8 +49,13 @@ _ZEROS = bytes(1 << 20)
 _WRITES = (proto.CMD_WRITE, proto.CMD_TRIM, proto.CMD_WRITE_ZEROES)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
+    """One request to hand to the export. Not frozen, unlike the other events: one is
+    made per request, and a frozen dataclass's __init__ (object.__setattr__ per field)
+    costs four times a plain one's, over a microsecond on this hot path. Nothing
+    changes it after the codec made it."""
+
     cookie: int
     command: int
     flags: int

@@ -76,6 +76,7 @@ from vbp.reqid import current as current_rid
 from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
+_new_key = tuple.__new__
 
 NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
@@ -216,6 +217,11 @@ class VolumeGateway:
         # set when the snapshot this read-only export serves was deleted (--force): every
         # later request fails with it, since its chunks may be freed and reused
         self.gone: Exception | None = None
+        # trio.current_time, less two calls: this run's clock, asked per write
+        try:
+            self._now = trio.lowlevel.current_clock().current_time
+        except RuntimeError:  # made outside a run: whichever run it is used in
+            self._now = trio.current_time
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""
@@ -272,7 +278,7 @@ class VolumeGateway:
             raise ReadOnly(f"{self.name} is a read-only snapshot")
         if self.fenced:
             raise Fenced(f"this host no longer holds the write lease of {self.view.volume.name!r}")
-        if self.token and trio.current_time() >= self.lease_deadline:
+        if self.token and self._now() >= self.lease_deadline:
             raise LeaseExpired(
                 f"the write lease of {self.view.volume.name!r} ran out and could not be renewed "
                 f"(registry unreachable): writes wait for a renewal")
@@ -319,7 +325,12 @@ class VolumeGateway:
     def read_ref(self, offset: int, length: int):
         """read() for the NBD server, which queues the result at once: a local read inside
         one chunk may answer a FileRange (ChunkStore.read_ref) that the server sends with
-        os.sendfile. Never after an await (a throttled read answers bytes)."""
+        os.sendfile. Never after an await (a throttled read answers bytes). A read inside
+        one chunk goes straight to _read_one: this runs per request."""
+        if self.qos is None and self.gone is None:
+            inner = offset & (self._cs - 1)
+            if inner + length <= self._cs and length:
+                return self._read_one(offset, offset >> self._shift, inner, length, True)
         return self.read(offset, length, True)
 
     def _read(self, offset: int, length: int, ref: bool = False):
@@ -356,15 +367,16 @@ class VolumeGateway:
 
     def _read_one(self, offset: int, index: int, inner: int, length: int, ref: bool = False):
         """A read inside one chunk: _read's loop for one piece, without its objects."""
-        hosts = self.cluster.replicas(self.lineage, index, self.n)
+        lineage = self.lineage
+        hosts = self.cluster.replicas(lineage, index, self.n)
         if (self.host_id in hosts and self.host_id not in self.stale.get(index, ())
-                and not self.replica.is_stale(self.lineage, index)):
+                and not self.replica.is_stale(lineage, index)):
             store = self.store  # Replica.read, less the version it looks up for peers
-            gen = store.resolve(self.lineage, index, self.chain_for(index))
+            gen = store.resolve(lineage, index, self.chain_for(index) if self.cuts else self.chain)
             if gen is None:
                 return [(offset, length, None)]
             try:
-                key = ChunkKey(self.lineage, index, gen)
+                key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
                 return store.read_ref(key, inner, length) if ref else store.read(key, inner, length)
             except ChecksumError as e:
                 log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
