@@ -134,7 +134,8 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
 
 
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
-                   growth: dict[str, float] | None = None) -> dict[str, float]:
+                   growth: dict[str, float] | None = None,
+                   owed: dict[str, int] | None = None) -> dict[str, float]:
     """The weight factors the data set should have, from the hosts' published usage: what
     each host holds less its copies the data set places elsewhere (`pending_free`), so
     copies a step moved off count as gone before they are freed.
@@ -150,7 +151,10 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
       (`growth[host]`, from placed_count, at the raise asked for): its expected share
       grows at most in proportion to its weight, but the chunks a step flips are few on a
       small pool and their count can grow faster. So a host that was lowered is not raised back
-      into nearfull, and the factor does not flap.
+      into nearfull, and the factor does not flap. Its usage counts what it owes too
+      (`owed[host]`: bytes of the copies recorded stale on it, which its resync may still
+      allocate): a host that refused writes when it was full holds less than its share
+      until those resync, and a raise judged on that would be taken back once they did.
     - Hosts without stats (down) keep their factor. With no more hosts than a volume has
       replicas every host holds every chunk: weights would move nothing, so none change."""
     cur = {h: f for h, f in cmap.factors.items() if h in cmap.data_set}
@@ -181,9 +185,19 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
             used, cap, nf = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
             grows = max(new / f, (growth or {}).get(h, 0.0))
-            if used * grows < (nf - REWEIGHT_MARGIN) * cap:
+            if (used + (owed or {}).get(h, 0)) * grows < (nf - REWEIGHT_MARGIN) * cap:
                 out[h] = new
     return {h: f for h, f in out.items() if f < 1.0}
+
+
+def owed_by_host(records, volumes: list[dict]) -> dict[str, int]:
+    """Host -> bytes its stale copies may still allocate when they resync: a whole chunk per
+    record naming it (an upper bound: a copy that is only behind holds its slot already)."""
+    sizes = {v["lineage"]: v["chunk_size"] for v in volumes}
+    out: dict[str, int] = {}
+    for r in records:
+        out[r.host_id] = out.get(r.host_id, 0) + sizes.get(r.lineage, 0)
+    return out
 
 
 def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int],
@@ -292,8 +306,9 @@ class DataSetMover:
         want = wanted_weights(cmap, stats, most)
         raised = {h: f for h, f in want.items() if f > cmap.factors.get(h, 1.0)}
         raised.update((h, 1.0) for h in cmap.factors if h in cmap.data_set and h not in want)
-        if raised:  # judged again on the chunks the raise would place there
-            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised))
+        if raised:  # judged again on the chunks the raise would place there, and owed
+            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised),
+                                  owed_by_host(await self.registry.list_stale(), vols))
         if want == cmap.factors:
             return cmap
         for h in sorted(set(want) | set(cmap.factors)):

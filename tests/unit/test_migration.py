@@ -103,6 +103,21 @@ def test_raised_one_step_only_with_room_to_spare():
     assert wanted_weights(cmap({"h4": 0.8}), stats({**base, "h4": 0.3}), 3) == {}
 
 
+def test_a_host_is_raised_on_what_it_holds_and_what_its_stale_copies_may_still_take():
+    """CI run of 3b5d0e8: a full host refused writes (recorded stale), was lowered, its
+    usage fell below the raise threshold, it was raised, its resyncs then took the slots
+    they lacked, and it was lowered again (0.8, 0.6, 0.75, 0.6)."""
+    base = {"h1": 0.3, "h2": 0.3, "h3": 0.3}
+    # at 0.5: 0.5 * 1.25 = 0.625 < 0.75, one step up
+    assert wanted_weights(cmap({"h4": 0.6}), stats({**base, "h4": 0.5}), 3) == {"h4": 0.75}
+    # owing 0.12 of its capacity to resyncs: (0.5 + 0.12) * 1.25 = 0.775, it stays
+    owed = {"h4": int(0.12 * GiB)}
+    assert wanted_weights(cmap({"h4": 0.6}), stats({**base, "h4": 0.5}), 3, owed=owed) == {"h4": 0.6}
+    # what other hosts owe does not hold h4 back; lowering ignores it (usage is over already)
+    assert wanted_weights(cmap({"h4": 0.6}), stats({**base, "h4": 0.5}), 3,
+                          owed={"h1": GiB}) == {"h4": 0.75}
+
+
 @pytest.mark.parametrize("demand", [0.9, 1.3, 2.5, 6.0])
 def test_converges_without_flapping(demand):
     """A host whose usage at full weight would be `demand` of its capacity, and whose usage
@@ -366,6 +381,16 @@ def test_controller_does_not_raise_a_host_whose_placed_chunks_would_grow_too_muc
                               "misplaced": 0, "misplaced_gen": gen}, 60)
     m = mover(reg, Clock(), hold=0.0)
     assert trio.run(m.control_once).factors == {"h4": 0.6}
-    reg.publish_stats("h4", {"capacity": GiB, "used": int(0.5 * GiB), "nearfull_ratio": 0.85,
+    reg.publish_stats("h4", {"capacity": GiB, "used": int(0.53 * GiB), "nearfull_ratio": 0.85,
                              "misplaced": 0, "misplaced_gen": gen}, 60)
-    assert trio.run(m.control_once).factors == {"h4": 0.75}  # 0.5 * 1.38 = 0.69: raised
+    # its 26 chunks recorded stale on it (refused writes, say): it may still take 26 MiB,
+    # and (0.53 GiB + 26 MiB) * 1.38 > 0.75 GiB: not raised while they are owed
+    from replicator.gateway import ClusterView
+    mine = [i for i in range(64) if "h4" in ClusterView(reg.cluster_map()).replicas("g89", i, 3)]
+    assert len(mine) == 26
+    for i in mine:
+        reg.mark_stale("g89", i, ["h4"], 1)
+    assert trio.run(m.control_once).factors == {"h4": 0.6}
+    for i in mine:
+        reg.clear_stale("g89", i, "h4")
+    assert trio.run(m.control_once).factors == {"h4": 0.75}  # 0.53 * 1.38 = 0.73: raised
