@@ -104,6 +104,16 @@ def test_resync_with_every_copy_stale_brings_the_chunk_to_the_copy_that_went_sta
     run(main)
 
 
+async def resync_to(sim, rec, stale: str, current: str, want: bytes) -> None:
+    """Once the writes have settled, `stale` resyncs chunk 0: no record is left and both
+    copies hold `want` in its first page."""
+    await trio.sleep(sim.hosts[stale].resync.write_window)
+    await sim.hosts[stale].resync.run_once()
+    assert not stale_hosts(sim, rec.lineage)
+    key = ChunkKey(rec.lineage, 0, rec.head)
+    assert sim.hosts[stale].store.read(key, 0, 4096) == sim.hosts[current].store.read(key, 0, 4096) == want
+
+
 class _StaleListUnreadable:
     """The gateway's registry with list_stale failing: the registry cannot be asked which
     copies are stale right now (the rest still answers)."""
@@ -141,11 +151,7 @@ def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_t
             assert stale_hosts(sim, rec.lineage) == {a}  # a holds bytes b lacks
             gw.registry = gw.registry.registry
             sim.hosts[gw.host_id].faults.heal()
-            await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
-            await sim.hosts[a].resync.run_once()
-            assert not stale_hosts(sim, rec.lineage)
-            key = ChunkKey(rec.lineage, 0, rec.head)
-            assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x01" * 4096
+            await resync_to(sim, rec, a, b, b"\x01" * 4096)
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -167,11 +173,7 @@ def test_a_copy_the_stale_map_still_names_but_the_registry_cleared_counts_toward
             assert gw.stale[0] == {b}
             sim.hosts[gw.host_id].faults.heal()
             await sim.hosts[b].resync.refresh_stale_self()
-            await trio.sleep(sim.hosts[b].resync.write_window)  # the writes have settled
-            await sim.hosts[b].resync.run_once()
-            assert not stale_hosts(sim, rec.lineage)
-            key = ChunkKey(rec.lineage, 0, rec.head)
-            assert sim.hosts[a].store.read(key, 0, 4096) == sim.hosts[b].store.read(key, 0, 4096) == b"\x02" * 4096
+            await resync_to(sim, rec, b, a, b"\x02" * 4096)
             nursery.cancel_scope.cancel()
 
     run(main)
