@@ -17,8 +17,11 @@ Theory of operation (DESIGN.md, Data path):
   surprise there continues in a task exactly as the full path (`_settle`). The write
   is acknowledged when every reachable replica has it; replicas that failed are recorded
   stale for that chunk in the registry, and the write succeeds while at least min_size
-  replicas took it. Below min_size it fails (EIO) and is not acknowledged. A Fenced answer
-  means another gateway holds the lease: this one stops writing for good.
+  replicas took it. Below min_size it fails (EIO) and is not acknowledged. Which copies
+  count is our map of stale records (refreshed once a second); when that map leaves a
+  write short, the registry is asked before failing it (`_behind_by_registry`), with the
+  marks this gateway is still recording counted as records. A Fenced answer means another
+  gateway holds the lease: this one stops writing for good.
 - FLUSH: made durable on every host that took writes since the previous flush.
 - READ: the local replica when it holds the chunk, else a remote replica. A checksum error
   on the local copy is answered from another replica and the good bytes are written back.
@@ -193,6 +196,9 @@ class VolumeGateway:
         # chunk index -> hosts whose copy is stale (registry StaleRecords, refreshed by the
         # service); reads avoid them while a current copy is reachable
         self.stale: dict[int, frozenset[str]] = {}
+        # chunk index -> {host: count} of stale marks under way (_mark_stale awaiting the
+        # registry): the registry may not show them yet, so reads of it count them too
+        self._marking: dict[int, dict[str, int]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
@@ -217,7 +223,8 @@ class VolumeGateway:
         # set when the snapshot this read-only export serves was deleted (--force): every
         # later request fails with it, since its chunks may be freed and reused
         self.gone: Exception | None = None
-        # trio.current_time, less two calls: this run's clock, asked per write
+        # trio.current_time, less two calls: this run's clock, asked per write (a gateway
+        # lives in the run it was made in: the service's)
         try:
             self._now = trio.lowlevel.current_clock().current_time
         except RuntimeError:  # made outside a run: whichever run it is used in
@@ -769,8 +776,9 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
-        if len(took) < self.min_size and behind - reported:
-            behind = await self._behind_by_registry(p.index, behind, reported)
+        if len(took) < self.min_size and any(
+                h in behind and h not in reported and h not in failed for h in complete):
+            behind = await self._behind_by_registry(p.index, reported)
             took = [h for h in complete if h not in failed and h not in behind]
         ok = len(took)
         if failed:
@@ -798,31 +806,38 @@ class VolumeGateway:
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
 
-    async def _behind_by_registry(self, index: int, behind: set, reported: set) -> set:
+    async def _behind_by_registry(self, index: int, reported: set) -> set:
         """The copies of the chunk behind, by the registry's stale records read now rather
         than by our map of them, which lags a resync's clearing by up to a refresh period:
         a copy just resynced (a joining target of a data-set change that has settled, say)
         still counts behind there, and one more failure would leave the write below
         min_size with enough current copies holding it. Asked only when our map says the
-        write falls short. Copies that said they are stale stay behind (a host that lost
-        its store knows before the registry does), and so do the copies our own failures
-        named that the registry has not been told of yet (`unrecorded`). If the registry
-        cannot be read, our map stands: the write fails rather than count a copy that may
-        be behind."""
+        write falls short. Behind whatever the registry says: copies that said they are
+        stale (a host that lost its store knows before the registry does), copies our own
+        failures named that the registry has not been told of (`unrecorded`), and copies
+        whose marks are under way (`_marking`, before the read or after it: the read may
+        not show them). Our map loses only the hosts it named before the read that none of
+        these name; what other writes added meanwhile stays. If the registry cannot be
+        read, our map stands: the write fails rather than count a copy that may be
+        behind."""
+        before = set(self.stale.get(index, ()))
+        pending = set(self._marking.get(index, ()))
         if self.registry is None:
-            return behind
+            return before | reported
         try:
             records = await self.registry.list_stale(self.lineage, index)
         except RegistryUnavailable as e:
             log.warning("volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
-            return behind
-        now = {r.host_id for r in records} | reported
+            return set(self.stale.get(index, ())) | before | reported
+        keep = {r.host_id for r in records} | reported | pending | set(self._marking.get(index, ()))
         for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
             if i == index:
-                now.update(missed)
-        if behind - now:
+                keep.update(missed)
+        cleared = before - keep
+        if cleared:
             log.info("volume=%s chunk=%d event=stale_map_behind current=%s", self.name, index,
-                     ",".join(sorted(behind - now)))
+                     ",".join(sorted(cleared)))
+        now = (set(self.stale.get(index, ())) - cleared) | keep
         self.stale[index] = frozenset(now)
         return now
 
@@ -861,7 +876,7 @@ class VolumeGateway:
             raise RegistryUnavailable(
                 f"chunk {index} of {self.name}: which copies are current could not be checked "
                 f"(registry unreachable): the write is not acknowledged: {e}") from e
-        named = frozenset(r.host_id for r in records)
+        named = frozenset(r.host_id for r in records) | frozenset(self._marking.get(index, ()))
         if named & set(took):
             self.stale[index] = self.stale.get(index, frozenset()) | (named & set(took))
         return [h for h in took if h not in named]
@@ -879,6 +894,9 @@ class VolumeGateway:
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
         if self.registry is None:
             return True
+        marking = self._marking.setdefault(index, {})
+        for h in hosts:
+            marking[h] = marking.get(h, 0) + 1
         try:
             # the version orders failures: a resync clears a record only if no newer
             # failure re-marked it
@@ -892,6 +910,14 @@ class VolumeGateway:
             log.warning("volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
                         self.name, index, ",".join(sorted(hosts)), e)
             return False
+        finally:  # recorded, or in `unrecorded`, or the write is abandoned (cancelled)
+            for h in hosts:
+                if marking[h] > 1:
+                    marking[h] -= 1
+                else:
+                    del marking[h]
+            if not marking and self._marking.get(index) is marking:
+                del self._marking[index]
 
     async def _send_all(self, hosts, msg, failed: dict[str, Exception]) -> dict:
         """Send `msg` to every host of `hosts`: the remote ones by one PeerPool.call_all

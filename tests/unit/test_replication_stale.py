@@ -179,6 +179,69 @@ def test_a_copy_the_stale_map_still_names_but_the_registry_cleared_counts_toward
     run(main)
 
 
+class _DuringRead:
+    """The gateway's registry with `hook()` run while the first list_stale is under way
+    (another write of the gateway going on meanwhile)."""
+
+    def __init__(self, registry, hook):
+        self.registry = registry
+        self.hook = hook
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def list_stale(self, *args):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return await self.registry.list_stale(*args)
+
+
+@pytest.mark.parametrize("how", ["marking", "unrecorded"])
+def test_a_copy_whose_stale_mark_is_not_in_the_registry_yet_stays_behind(how):
+    """The registry shows no record for `a`, but one is on its way: this gateway's mark
+    still awaiting the registry (another write's failure, `_marking`), or one the registry
+    could not be told (`unrecorded`). `a` may miss that write: the write `a` alone took
+    is not acknowledged."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            gw.stale[0] = frozenset({a})
+            if how == "marking":
+                gw._marking[0] = {a: 1}
+            else:
+                gw.unrecorded.append((0, (b,), (a,)))
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
+            with pytest.raises(BelowMinSize):
+                await call(gw.write(0, b"\x02" * 4096, False))
+            assert a in gw.stale[0]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_stale_map_keeps_what_other_writes_added_while_the_registry_was_read():
+    """Only hosts our map named before the read can be cleared by it: one a concurrent
+    failure added meanwhile (its mark may have landed after the read) stays."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            gw.stale[0] = frozenset({a})  # the record is gone, the map has not heard yet
+
+            def concurrent_failure():
+                gw.stale[0] = gw.stale[0] | {"h-other"}
+
+            gw.registry = _DuringRead(gw.registry, concurrent_failure)
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # a is current: it stands
+            assert a not in gw.stale[0] and {"h-other", b} <= gw.stale[0]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_copy_that_says_it_is_stale_stays_behind_whatever_the_registry_says():
     """A replica's own word that its copy is stale (a host that lost its store knows before
     the registry does) is not overruled by the registry: the write falls short."""
