@@ -582,7 +582,8 @@ class Blockd:
             await self.provider.settle_all()
             for gw in list(self.provider.gateways.values()):
                 try:
-                    gw.stale = await self.stale_map(gw.lineage)
+                    before = dict(gw.stale)
+                    gw.adopt_stale(before, await self.stale_map(gw.lineage))
                 except RegistryUnavailable as e:
                     log.warning("event=stale_refresh_failed error=%s", e)
                     break

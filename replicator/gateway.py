@@ -230,6 +230,21 @@ class VolumeGateway:
         except RuntimeError:  # made outside a run: whichever run it is used in
             self._now = trio.current_time
 
+    def adopt_stale(self, before: dict, fresh: dict) -> None:
+        """Take `fresh`, the registry's stale records read while our map was `before` (a
+        copy taken before the read), as our map: what this gateway added to it meanwhile
+        (a failure, its mark perhaps landing after the read) and the marks still under
+        way stay; the rest is the registry's word."""
+        now = self.stale
+        out = dict(fresh)
+        for index, hosts in now.items():
+            added = hosts - before.get(index, frozenset())
+            if added:
+                out[index] = out.get(index, frozenset()) | added
+        for index, marking in self._marking.items():
+            out[index] = out.get(index, frozenset()) | frozenset(marking)
+        self.stale = out
+
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""
         self.view = view

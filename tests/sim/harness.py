@@ -248,7 +248,8 @@ class SimHost:
         while True:
             await trio.sleep(1)
             for gw in list(self.provider.gateways.values()):
-                gw.stale = await self.stale_map(gw.lineage)
+                before = dict(gw.stale)
+                gw.adopt_stale(before, await self.stale_map(gw.lineage))
 
     async def _watch_volumes(self) -> None:
         while True:

@@ -242,6 +242,25 @@ def test_the_stale_map_keeps_what_other_writes_added_while_the_registry_was_read
     run(main)
 
 
+def test_the_periodic_refresh_keeps_what_this_gateway_added_during_its_read():
+    """The service's refresh replaces our map with the registry's records read a moment
+    ago: a host this gateway marked meanwhile (or is marking) stays in it, a host the
+    registry cleared goes."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            gw.stale = {0: frozenset({a}), 1: frozenset({b})}
+            before = dict(gw.stale)
+            gw.stale = {**gw.stale, 2: frozenset({a})}  # a failure during the read
+            gw._marking[3] = {b: 1}  # a mark under way
+            gw.adopt_stale(before, {1: frozenset({b})})  # the registry cleared a's record of 0
+            assert gw.stale == {1: frozenset({b}), 2: frozenset({a}), 3: frozenset({b})}
+            gw._marking.clear()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_copy_that_says_it_is_stale_stays_behind_whatever_the_registry_says():
     """A replica's own word that its copy is stale (a host that lost its store knows before
     the registry does) is not overruled by the registry: the write falls short."""
