@@ -235,15 +235,19 @@ class VolumeGateway:
         copy taken before the read), as our map: what this gateway added to it meanwhile
         (a failure, its mark perhaps landing after the read) and the marks still under
         way stay; the rest is the registry's word."""
-        now = self.stale
         out = dict(fresh)
-        for index, hosts in now.items():
-            added = hosts - before.get(index, frozenset())
-            if added:
-                out[index] = out.get(index, frozenset()) | added
-        for index, marking in self._marking.items():
-            out[index] = out.get(index, frozenset()) | frozenset(marking)
+        for index in set(self.stale) | set(self._marking):
+            merged = self._merged_stale(index, before.get(index, ()), fresh.get(index, ()))
+            if merged:
+                out[index] = merged
         self.stale = out
+
+    def _merged_stale(self, index: int, before, fresh) -> frozenset:
+        """Chunk `index`'s stale hosts once `fresh` (what a read of the registry, begun
+        when our map named `before`, says) is taken in: those, what our map gained since
+        `before`, and the marks still under way."""
+        return (frozenset(fresh) | (self.stale.get(index, frozenset()) - frozenset(before))
+                | frozenset(self._marking.get(index, ())))
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""
@@ -844,17 +848,16 @@ class VolumeGateway:
         except RegistryUnavailable as e:
             log.warning("volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
             return set(self.stale.get(index, ())) | before | reported
-        keep = {r.host_id for r in records} | reported | pending | set(self._marking.get(index, ()))
+        named = {r.host_id for r in records} | reported | pending
         for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
             if i == index:
-                keep.update(missed)
-        cleared = before - keep
-        if cleared:
+                named.update(missed)
+        now = self._merged_stale(index, before, named)
+        if before - now:
             log.info("volume=%s chunk=%d event=stale_map_behind current=%s", self.name, index,
-                     ",".join(sorted(cleared)))
-        now = (set(self.stale.get(index, ())) - cleared) | keep
-        self.stale[index] = frozenset(now)
-        return now
+                     ",".join(sorted(before - now)))
+        self.stale[index] = now
+        return set(now)
 
     @staticmethod
     def _falling_behind(failed, took, complete, behind) -> list[str]:

@@ -114,18 +114,26 @@ async def resync_to(sim, rec, stale: str, current: str, want: bytes) -> None:
     assert sim.hosts[stale].store.read(key, 0, 4096) == sim.hosts[current].store.read(key, 0, 4096) == want
 
 
-class _StaleListUnreadable:
-    """The gateway's registry with list_stale failing: the registry cannot be asked which
-    copies are stale right now (the rest still answers)."""
+class _OnListStale:
+    """The gateway's registry with `hook()` run when list_stale is first called, before
+    it answers: another write of the gateway going on meanwhile, or a failure raised."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, hook):
         self.registry = registry
+        self.hook = hook
 
     def __getattr__(self, name):
         return getattr(self.registry, name)
 
     async def list_stale(self, *args):
-        raise RegistryUnavailable("list_stale: registry unreachable (test)")
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return await self.registry.list_stale(*args)
+
+
+def _unreadable() -> None:
+    raise RegistryUnavailable("list_stale: registry unreachable (test)")
 
 
 def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_the_stale_map_said():
@@ -140,7 +148,7 @@ def test_a_write_no_current_copy_took_records_the_copies_that_took_it_whatever_t
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 4096, False))
             gw.stale[0] = frozenset({a})  # the record is gone, the map has not heard yet
-            gw.registry = _StaleListUnreadable(gw.registry)
+            gw.registry = _OnListStale(gw.registry, _unreadable)
             sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
             try:
                 await call(gw.write(0, b"\x02" * 4096, False))
@@ -179,24 +187,6 @@ def test_a_copy_the_stale_map_still_names_but_the_registry_cleared_counts_toward
     run(main)
 
 
-class _DuringRead:
-    """The gateway's registry with `hook()` run while the first list_stale is under way
-    (another write of the gateway going on meanwhile)."""
-
-    def __init__(self, registry, hook):
-        self.registry = registry
-        self.hook = hook
-
-    def __getattr__(self, name):
-        return getattr(self.registry, name)
-
-    async def list_stale(self, *args):
-        hook, self.hook = self.hook, None
-        if hook is not None:
-            hook()
-        return await self.registry.list_stale(*args)
-
-
 @pytest.mark.parametrize("how", ["marking", "unrecorded"])
 def test_a_copy_whose_stale_mark_is_not_in_the_registry_yet_stays_behind(how):
     """The registry shows no record for `a`, but one is on its way: this gateway's mark
@@ -233,7 +223,7 @@ def test_the_stale_map_keeps_what_other_writes_added_while_the_registry_was_read
             def concurrent_failure():
                 gw.stale[0] = gw.stale[0] | {"h-other"}
 
-            gw.registry = _DuringRead(gw.registry, concurrent_failure)
+            gw.registry = _OnListStale(gw.registry, concurrent_failure)
             sim.hosts[gw.host_id].faults.partition([sim.hosts[b].addr])
             await call(gw.write(0, b"\x02" * 4096, False))  # a is current: it stands
             assert a not in gw.stale[0] and {"h-other", b} <= gw.stale[0]
