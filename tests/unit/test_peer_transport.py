@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import socket
 import struct
 from contextlib import asynccontextmanager
 
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 from replicator import messages as m
 from replicator.codec import CLOSED, NEED_DATA, PeerCodec
 from replicator.errors import ClusterMismatch, PeerError
-from replicator.transport import FaultPolicy, MemoryNetwork, PeerPool, serve_peers
+from replicator.transport import (REPLY_EARLY, SEND_EARLY, FaultPolicy, MemoryNetwork, PeerPool,
+                                  serve_peers)
 from tests.pieces import send_in_pieces
 from vbp.errors import Fenced, NoSpace, PeerUnavailable
+from vbp.sockets import plain_socket
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -807,3 +810,74 @@ async def test_a_batch_of_pipelined_frames_is_answered_in_full():
         assert sorted(rid for rid, _ in seen) == list(range(1, frames + 1))
         assert all(reply == m.Pong("srv", rid - 1) for rid, reply in seen)
         await stream.aclose()
+
+
+def _frames_waiting(sock: socket.socket) -> int:
+    """How many whole frames the kernel holds for `sock`, unread (without reading them)."""
+    try:
+        data = sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
+    codec = PeerCodec()
+    codec.receive_data(data)
+    n = 0
+    while type(codec.next_event()) is tuple:
+        n += 1
+    return n
+
+
+async def test_a_long_batch_of_replies_starts_leaving_before_its_end():
+    """A server pushes replies every REPLY_EARLY requests of a batch, so the client starts
+    on them while the server goes on (pipelining): seen from inside the handler, while the
+    server is still dispatching the batch, the first replies are already at the client."""
+    frames = 4 * REPLY_EARLY
+    seen_at: dict[int, int] = {}
+    client: list = []
+
+    def handler(msg, peer):
+        if type(msg) is m.Ping and msg.epoch >= 0:
+            seen_at[msg.epoch] = _frames_waiting(client[0])
+        return ok_handler(msg, peer)
+
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        client.append(plain_socket(stream.socket))
+        await stream.send_all(b"".join(codec.encode(i + 1, m.Ping(i)) for i in range(frames)))
+        got = [await next_reply(stream, codec) for _ in range(frames)]
+        assert sorted(rid for rid, _ in got) == list(range(1, frames + 1))
+        assert len(seen_at) == frames  # one batch: every request was handled in this test
+        assert seen_at[0] == 0
+        assert seen_at[frames - 1] >= frames - 1 - REPLY_EARLY  # sent before the batch ended
+        await stream.aclose()
+
+
+async def test_a_long_batch_of_requests_starts_leaving_before_its_end():
+    """queue_all on a busy link sends what waits once SEND_EARLY buffers are queued, rather
+    than at the writer's next turn after the whole batch: the peer starts on it."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    with listener:
+        async with PeerPool(CLUSTER, "cli", request_timeout=5) as pool, \
+                trio.open_nursery() as nursery:
+            nursery.start_soon(pool.call, address, m.Ping(1))  # connects; left unanswered
+            peer, _ = await listener.accept()
+            with peer:
+                codec = PeerCodec()
+                with trio.fail_after(5):
+                    while (hello := codec.next_event()) is NEED_DATA:
+                        codec.receive_data(await peer.recv(65536))
+                    await peer.send(codec.encode(hello[0], m.HelloOk(CLUSTER, "srv",
+                                                                     m.PROTO_VERSION)))
+                    while not pool.ready([address]) or not pool._conns[address].pending:
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.05)  # the Ping is out
+                raw = plain_socket(peer)
+                assert _frames_waiting(raw) == 1
+                batch = 3 * SEND_EARLY
+                for i in range(batch):  # one batch: no checkpoint in between
+                    pool.queue_all([address], write(i, b"x" * 64), lambda results: None)
+                waiting = _frames_waiting(raw) - 1
+                assert waiting >= batch - SEND_EARLY, waiting
+                nursery.cancel_scope.cancel()
