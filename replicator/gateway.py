@@ -65,6 +65,7 @@ from vbp.errors import (
     ChecksumError,
     Fenced,
     LeaseExpired,
+    LocalFault,
     NoSpace,
     PeerUnavailable,
     ReadOnly,
@@ -678,10 +679,11 @@ class VolumeGateway:
     def _replicate_now(self, p, msg) -> Later | None:
         """_replicate_piece for the common case, with no task: a chunk whose replicas are
         all current and reachable over ready connections, no data-set change under way.
-        The local copy is written now, the frames are queued, and the Later is completed
-        by the callback that sees the last reply; anything but a clean success on every
-        copy continues as _replicate_piece would (`_settle`, in a task). None when the
-        case does not apply: the caller takes _replicate."""
+        The frames are queued (sent at once when the link is idle), then the local copy is
+        written while the peers work on theirs, and the Later is completed by the callback
+        that sees the last reply; anything but a clean success on every copy continues as
+        _replicate_piece would (`_settle`, in a task). None when the case does not apply:
+        the caller takes _replicate."""
         ready = getattr(self.pool, "ready", None)
         if ready is None or self._hold is not None:
             return None
@@ -708,17 +710,17 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         replies: dict = {}
         failed: dict[str, Exception] = {}
-        if local:
-            try:
-                replies[self.host_id] = self.replica.handle(msg)
-            except VbpError as e:
-                failed[self.host_id] = e
         later = Later()
         epoch = cv.epoch
         names = [h for h in hosts if h != self.host_id]
         self._inflight += 1
 
+        early: list | None = [] if local else None  # replies back before the local write
+
         def on_replies(results: list) -> None:
+            if early is not None:
+                early.append(results)
+                return
             for h, r in zip(names, results):
                 if isinstance(r, Exception):
                     failed[h] = r
@@ -736,6 +738,17 @@ class VolumeGateway:
                             self._write_done)
 
         self.pool.queue_all(remote, msg, on_replies)
+        if local:  # after the frames: the peers start on them while this copy is written
+            try:
+                replies[self.host_id] = self.replica.handle(msg)
+            except VbpError as e:
+                failed[self.host_id] = e
+            except Exception as e:  # the other copies are under way: this one failed
+                log.exception("volume=%s chunk=%d event=local_write_failed", self.name, index)
+                failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
+            got, early = early, None
+            if got:  # (a pool that called back at once: peers refused before sending)
+                on_replies(got[0])
         return later
 
     def _write_done(self) -> None:

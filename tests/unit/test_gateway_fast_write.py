@@ -144,3 +144,52 @@ async def test_a_write_whose_connection_is_gone_when_it_needs_the_full_path_is_l
                 await trio.sleep(0.01)
         assert answers == []  # nobody to answer: the write is not acknowledged
         assert gw._inflight == 0  # and a snapshot will not wait for it forever
+
+
+async def test_frames_leave_before_the_local_copy_is_written():
+    """The peers start on a write while the gateway writes its own copy: both frames are
+    out (in flight, not waiting in a queue) by the time the local write begins."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        seen = []
+        local = replicas["h1"]
+        handle = local.handle
+
+        def watching(msg, peer=None):
+            conns = gw.pool._conns.values()
+            seen.append([(len(c.pending), len(c.link.out)) for c in conns])
+            return handle(msg, peer)
+
+        local.handle = watching
+        later = gw.write(0, b"\x08" * 4096, False)
+        assert type(later) is Later
+        assert seen == [[(1, 0), (1, 0)]]  # idle links: each frame sent at once
+        with trio.fail_after(5):
+            await later
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 0, 0, 4096) == b"\x08" * 4096, h
+
+
+async def test_a_local_write_that_breaks_after_the_frames_left_is_a_failed_copy():
+    """An unexpected error of the local write, with the peers' copies already under way:
+    that copy is recorded stale like any failed replica and the write stands on the other
+    two (min_size 2); it is never acknowledged with a copy silently behind."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        local = replicas["h1"]
+        handle = local.handle
+
+        def broken(msg, peer=None):
+            raise OSError(5, "Input/output error")
+
+        local.handle = broken
+        later = gw.write(0, b"\x09" * 4096, False)
+        assert type(later) is Later
+        with trio.fail_after(10):
+            await later
+        local.handle = handle
+        assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h1"]
+        assert "h1" in gw.stale[0]
+        for h in ("h2", "h3"):
+            assert copy_of(replicas[h], gw, 0, 0, 4096) == b"\x09" * 4096, h
+        assert gw._inflight == 0
