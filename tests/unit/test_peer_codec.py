@@ -620,3 +620,41 @@ def test_ok_replies_encode_to_the_frame_prepare_gives(request_id, version, stale
 def test_ok_replies_the_protocol_cannot_carry_are_refused_at_the_sender(reply):
     with pytest.raises(TypeError):
         PeerCodec().encode(1, reply)
+
+
+# Ok, every write's reply, has its own encoder and decoder (the fast path): they must agree
+# with the general ones on every input, good or bad.
+_ok_like = st.tuples(
+    st.one_of(st.just(m.PROTO_VERSION), st.just(True), st.just(1.0), ints),
+    st.one_of(st.just(15), st.just(15.0), st.integers(0, 40)),
+    st.one_of(request_ids, st.just(-1), st.just(True), st.just("1")),
+    st.one_of(ints, st.booleans(), st.none(), st.just(1.5), texts),
+).map(lambda t: t + ()) | st.tuples(st.just(m.PROTO_VERSION), st.just(15), request_ids, ints,
+                                    st.booleans())
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except (PeerProtocolError, TypeError, OverflowError) as exc:
+        return (type(exc).__name__, str(exc), getattr(exc, "code", None))
+
+
+def test_ok_is_type_15():
+    assert {cls: tid for tid, cls in m.MESSAGE_TYPES.items()}[m.Ok] == 15
+
+
+@settings(max_examples=500)
+@given(_ok_like)
+def test_the_fast_ok_decoder_agrees_with_the_general_one(obj):
+    assert _outcome(PeerCodec()._decode, obj) == _outcome(PeerCodec()._decode_any, obj)
+
+
+@settings(max_examples=300)
+@given(st.one_of(request_ids, st.just(-1)),
+       st.one_of(ints, st.booleans(), st.just(2**64), st.just(-(2**63) - 1)), st.booleans())
+def test_the_fast_ok_encoder_writes_the_general_ones_bytes(request_id, version, stale):
+    msg = m.Ok(version, stale)
+    general = _outcome(lambda: prepared_frame(request_id, prepare(msg)))
+    assert _outcome(PeerCodec().encode, request_id, msg)[:1 if general[0] != "ok" else 2] \
+        == general[:1 if general[0] != "ok" else 2]
