@@ -23,7 +23,8 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   limbo -> free in the next flush, after that wipe is durable, so a reused slot never shows
   a deleted chunk's bytes);
 - before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
-- at flush: fdatasync data files, msync sidecars, then one transaction persists the versions
+- at flush: fdatasync data files, msync the checksums of the chunks whose mark it clears
+  (those that stay marked are re-hashed by recovery), then one transaction persists the versions
   of the chunks written since, clears the dirty marks of all but the HOT_MAX chunks written
   last, and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
@@ -104,6 +105,10 @@ __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 # Chunks kept marked dirty across a flush, at most (see flush). With 4 MiB chunks, 1 GiB of
 # hot data: what a crash re-hashes at the next open (and resyncs) beyond the unflushed chunks.
 HOT_MAX = 256
+
+# A flush makes the checksums of the chunks it marks clean durable one chunk at a time
+# (an msync of the chunk's part of the sidecar) up to this many per space, else all at once.
+SUMS_SYNC_EACH = 8
 
 # The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
 FRESH = b"c"
@@ -739,8 +744,6 @@ class ChunkStore:
         written = [c for c in self._dirty.values() if c.touched]
         if not written and not limbo and (keep_hot or not self._dirty):
             return
-        for sp in {c.space for c in written} | {sp for sp in self._spaces.values() if sp.limbo}:
-            sp.sync()
         db = self._db
         # The HOT_MAX chunks written last keep their dirty mark through the flush: they
         # are likely written again soon, and their next write then needs no synced index
@@ -753,6 +756,28 @@ class ChunkStore:
             del dirty[c.key]
             dirty[c.key] = c
         cold = list(dirty.values())[:max(0, len(dirty) - (HOT_MAX if keep_hot else 0))]
+        # Durable before the commit: the data written, and the checksums of the chunks
+        # whose mark it clears. A chunk that stays marked needs no durable checksums (the
+        # recovery re-hashes marked chunks from their durable bytes), so a flush of hot
+        # chunks alone is one fdatasync, no msync. A space with slots in limbo syncs its
+        # whole sidecar: the wipes' zeroed checksums must be durable before the slots are
+        # freed.
+        whole = {sp for sp in self._spaces.values() if sp.limbo}
+        by_space: dict = {}
+        for c in cold:
+            by_space.setdefault(c.space, []).append(c)
+        for sp, cs in by_space.items():
+            if len(cs) > SUMS_SYNC_EACH:
+                whole.add(sp)
+        for sp in {c.space for c in written} | whole:
+            if sp in whole:
+                sp.sync()
+            else:
+                sp.sync_data()
+        for sp, cs in by_space.items():
+            if sp not in whole:
+                for c in cs:
+                    sp.sync_sums(c.slot)
         with self._txn() as txn:
             for c in written:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])

@@ -99,6 +99,36 @@ def test_no_index_transaction_per_request(store, monkeypatch):
     assert txnid(store) == t + 5 and dirty_marks(store) == {K, ChunkKey("lin", 3, 1)}
 
 
+def test_a_flush_makes_durable_only_what_it_must(store, monkeypatch):
+    """The data written, always; the checksums of a chunk only when the flush marks it
+    clean (a chunk that stays marked is re-hashed by recovery): a flush of hot chunks is
+    one fdatasync. (test_chunkstore_powerloss checks that this loses nothing.)"""
+    from vbp import chunkstore
+    from vbp import chunkstore_files as files
+
+    calls = []
+    for name in ("sync", "sync_data", "sync_sums"):
+        def wrapped(sp, *args, _orig=getattr(files.Space, name), _name=name):
+            calls.append((_name, *args))
+            return _orig(sp, *args)
+        monkeypatch.setattr(files.Space, name, wrapped)
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
+    other = ChunkKey("lin", 3, 1)
+    store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
+    store.flush()
+    assert calls == [("sync_data",)]  # K stays marked
+    calls.clear()
+    store.write(other, 0, b"b" * PAGE_SIZE, chunk_size=CS)
+    store.flush()  # K goes clean: its checksums now
+    assert calls == [("sync_data",), ("sync_sums", store.info(K).slot)]
+    assert dirty_marks(store) == {other}
+    calls.clear()
+    store.delete(other)
+    store.write(K, 0, b"c" * PAGE_SIZE, chunk_size=CS)
+    store.flush()  # a slot in limbo: the whole sidecar (the wipe's zeroed checksums)
+    assert calls == [("sync",)]
+
+
 def dirty_marks(store: ChunkStore) -> set:
     from vbp.chunkstore_files import dec_key
 
