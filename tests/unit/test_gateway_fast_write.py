@@ -193,3 +193,42 @@ async def test_a_local_write_that_breaks_after_the_frames_left_is_a_failed_copy(
         for h in ("h2", "h3"):
             assert copy_of(replicas[h], gw, 0, 0, 4096) == b"\x09" * 4096, h
         assert gw._inflight == 0
+
+
+async def test_a_flush_sends_the_peers_theirs_before_flushing_its_own():
+    """The Flush frames are in flight when the gateway syncs its own copy: the syncs of
+    the three hosts overlap instead of the peers waiting for the gateway's."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        await gw.write(0, b"\x02" * 4096, False)
+        flushed, seen = [], []
+        for h, r in replicas.items():
+            def counting(h=h, orig=r.store.flush):
+                flushed.append(h)
+                return orig()
+            r.store.flush = counting
+        local = replicas["h1"]
+        handle = local.handle
+
+        def watching(msg, peer=None):
+            if type(msg).__name__ == "Flush":
+                seen.append(sorted(len(c.pending) for c in gw.pool._conns.values()))
+            return handle(msg, peer)
+
+        local.handle = watching
+        with trio.fail_after(5):
+            await gw.flush()
+        assert seen == [[1, 1]]  # both peers' Flush frames were out first
+        assert sorted(flushed) == ["h1", "h2", "h3"]
+        assert not reg.list_stale()
+
+
+async def test_a_replica_lost_before_a_flush_is_recorded_stale_and_the_flush_holds():
+    async with three_hosts() as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)
+        await gw.write(0, b"\x02" * 4096, False)  # on every copy, not yet durable
+        kills["h3"].cancel()  # takes effect at the next checkpoint: h3 still looks ready
+        with trio.fail_after(10):
+            await gw.flush()  # h3 cannot say it flushed: it may have lost that write
+        assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
+        assert "h3" in gw.stale[0]
