@@ -684,27 +684,19 @@ class VolumeGateway:
         that sees the last reply; anything but a clean success on every copy continues as
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
-        ready = getattr(self.pool, "ready", None)
-        if ready is None or self._hold is not None:
+        if self._hold is not None:
             return None
         cv = self.cluster
         index = p.index
         hosts = cv.write_set(self.lineage, index, self.n)
         complete = cv.replicas(self.lineage, index, self.n)
         if (len(hosts) != len(complete) or len(complete) < self.min_size
-                or self.stale.get(index) or cv.no_rid):
+                or self.stale.get(index)):
             return None
-        local = False
-        remote = []
-        for h in hosts:
-            if h == self.host_id:
-                local = True
-            elif cv.is_up(h):
-                remote.append(cv.address(h))
-            else:
-                return None
-        if not remote or not ready(remote):
+        remote = self._ready_peers(hosts)
+        if remote is None:
             return None
+        local = self.host_id in hosts
         if log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, index,
                       type(msg).__name__, ",".join(hosts))
@@ -750,6 +742,22 @@ class VolumeGateway:
             if got:  # (a pool that called back at once: peers refused before sending)
                 on_replies(got[0])
         return later
+
+    def _ready_peers(self, hosts) -> list[str] | None:
+        """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all
+        can send to every one of them now (each up, its connection ready, no decoder that
+        predates request ids); else None, and the caller takes its general path."""
+        ready = getattr(self.pool, "ready", None)
+        cv = self.cluster
+        if ready is None or cv.no_rid:
+            return None
+        remote = []
+        for h in hosts:
+            if h != self.host_id:
+                if not cv.is_up(h):
+                    return None
+                remote.append(cv.address(h))
+        return remote if remote and ready(remote) else None
 
     def _write_done(self) -> None:
         self._inflight -= 1
@@ -1087,15 +1095,10 @@ class VolumeGateway:
         theirs; the syncs overlap instead of the peers waiting for ours. The hosts left to
         flush the general way (all of them when the case does not apply; those that
         answered StaleEpoch, which _send retries on a fresh map)."""
+        addresses = self._ready_peers(hosts) if self.host_id in hosts else None
+        if addresses is None:
+            return list(hosts)
         remote = [h for h in hosts if h != self.host_id]
-        ready = getattr(self.pool, "ready", None)
-        cv = self.cluster
-        if (self.host_id not in hosts or not remote or ready is None or cv.no_rid
-                or not all(cv.is_up(h) for h in remote)):
-            return list(hosts)
-        addresses = [cv.address(h) for h in remote]
-        if not ready(addresses):
-            return list(hosts)
         answered = trio.Event()
         results: list = []
 
