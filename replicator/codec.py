@@ -57,7 +57,12 @@ CLOSED = _Sentinel("CLOSED")  # receive_data(b"") was called and every frame was
 _U32 = struct.Struct(">I")
 _pack_len = _U32.pack
 _unpack_len = _U32.unpack_from
-_packb = msgpack.packb
+# msgpack.packb makes a Packer per call, which costs more than packing a WriteChunk's
+# fields (0.73 against 0.33 us for an Ok reply): one Packer, reused. pack() resets it
+# after every object, also when it raises, and runs without releasing the GIL (only the
+# exact types the specs allow reach it: no callback into Python), so no other thread can
+# see it half-way.
+_packb = msgpack.Packer(autoreset=True).pack
 _unpackb = msgpack.unpackb
 
 _KINDS = {

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from replicator import messages as m
 from replicator.codec import CLOSED, NEED_DATA, SPLIT_THRESHOLD, PeerCodec, prepare
+from replicator.codec import _wire_values
 from replicator.codec import frame as prepared_frame
 from replicator.errors import (
     ClusterMismatch,
@@ -658,3 +659,21 @@ def test_the_fast_ok_encoder_writes_the_general_ones_bytes(request_id, version, 
     general = _outcome(lambda: prepared_frame(request_id, prepare(msg)))
     assert _outcome(PeerCodec().encode, request_id, msg)[:1 if general[0] != "ok" else 2] \
         == general[:1 if general[0] != "ok" else 2]
+
+
+def test_a_message_that_fails_half_packed_leaves_nothing_for_the_next_frame():
+    """The codec packs with one reused msgpack Packer: an int too large for msgpack fails
+    after the fields before it were packed, and those bytes must not lead the next frame."""
+    bad = m.WriteChunk("vol", "lin", 3, 1, (1,), 2**64, b"x" * 10, 4 << 20, 0, False, 1, 1)
+    with pytest.raises(OverflowError):
+        PeerCodec().encode(7, bad)
+    with pytest.raises(OverflowError):
+        prepare(bad)
+    good = m.WriteChunk("vol", "lin", 3, 1, (1,), 4096, b"x" * 10, 4 << 20, 0, False, 1, 1)
+    frame = PeerCodec().encode(7, good)
+    spec, values = _wire_values(good)  # the fields in wire order, none packed yet
+    body = msgpack.packb((m.PROTO_VERSION, spec.type_id, 7) + values)
+    assert frame == len(body).to_bytes(4, "big") + body
+    codec = PeerCodec()
+    codec.receive_data(frame)
+    assert codec.next_event() == (7, good)
