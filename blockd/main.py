@@ -9,7 +9,7 @@ import trio
 
 from blockd import config as config_mod
 from blockd import logs
-from blockd.memory import tune_malloc
+from blockd.memory import tune_gc, tune_malloc
 from vbp.errors import VbpError
 
 
@@ -43,6 +43,7 @@ def main(config_file, **flags):
         sys.exit(2)
     logs.setup(cfg.host_id, cfg.log_level, cfg.log_format)
     tune_malloc()
+    tune_gc()
     from blockd.service import run_until_signal
 
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from blockd.config import Config, parse_hostport
+from blockd.memory import freeze_startup_objects
 from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import TokenBucket, VolumeQos
 from nbd_frontend.server import serve_nbd
@@ -789,6 +790,7 @@ async def run_until_signal(cfg: Config) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await nursery.start(svc.run)
+            freeze_startup_objects()
             async for sig in signals:
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
                 await svc.drain()
