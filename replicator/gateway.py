@@ -594,13 +594,13 @@ class VolumeGateway:
         rid = current_rid.get()
         if len(pieces) == 1:
             p = pieces[0]
-            later = self._replicate_now(p, m.WriteChunk(
+            later = self._replicate_now(p, m.new_write_chunk(
                 self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                 p.offset, payload, self.geometry.chunk_size, 0, fua, self.cluster.epoch,
                 self.token, rid))
             if later is not None:
                 return later
-        return self._replicate(pieces, lambda p: m.WriteChunk(
+        return self._replicate(pieces, lambda p: m.new_write_chunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
             self.cluster.epoch, self.token, rid))

@@ -22,7 +22,7 @@ request on one connection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Union
 
 PROTO_VERSION = 1
@@ -370,3 +370,35 @@ REPLY_TYPES: dict[type, type] = {
     ScrubChunk: ScrubState,
     RepairPages: Repaired,
 }
+
+
+def maker(cls):
+    """`cls(...)` for a hot path, same arguments (positional, in field order, defaults
+    included): it sets the slots directly. A frozen dataclass's __init__ goes through
+    object.__setattr__ for every field, twice the cost (3.0 against 1.5 us for WriteChunk,
+    built once per replicated write). No validation either way: the codec checks what it
+    sends."""
+    fields = cls.__dataclass_fields__
+    names = list(fields)
+    env = {"new": object.__new__, "cls": cls}
+    params = []
+    for name in names:
+        f = fields[name]
+        assert f.default_factory is MISSING, (cls, name)  # messages have plain defaults
+        if f.default is not MISSING:
+            env[f"default_{name}"] = f.default
+            params.append(f"{name}=default_{name}")
+        else:
+            params.append(name)
+    lines = [f"def make({', '.join(params)}):", "    o = new(cls)"]
+    for name in names:
+        env[f"set_{name}"] = cls.__dict__[name].__set__
+        lines.append(f"    set_{name}(o, {name})")
+    lines.append("    return o")
+    exec("\n".join(lines), env)
+    make = env["make"]
+    make.__name__ = make.__qualname__ = f"make_{cls.__name__}"
+    return make
+
+
+new_write_chunk = maker(WriteChunk)

@@ -504,7 +504,9 @@ class _Gather:
         self.left = n
         self.callback = callback  # instead of a task (PeerPool.queue_all): called once
 
-    def deliver(self, slot: int, result: outcome.Outcome) -> None:
+    def deliver(self, slot: int, result) -> None:
+        """`result`: the reply itself, or an outcome.Error for a call that failed (a reply
+        is never one: no Outcome is made per reply, 0.6 us each)."""
         self.results[slot] = result
         self.left -= 1
         if not self.left:
@@ -523,7 +525,7 @@ def _resolve(waiter: tuple, result: outcome.Outcome) -> None:
     """Hand a reply (or the call's failure) to whoever waits for it."""
     target = waiter[0]
     if type(target) is _Gather:
-        target.deliver(waiter[3], result)
+        target.deliver(waiter[3], result.value if type(result) is outcome.Value else result)
     else:
         reschedule(target, result)
 
@@ -623,10 +625,13 @@ class _ClientConnection:
                 if event is CLOSED:
                     return
                 waiter = pending.pop(event[0], None)
-                if waiter is not None:  # else a late reply to a call that gave up
-                    _resolve(waiter, outcome.Value(event[1]))
-                elif event[0] == 0 and type(event[1]) is m.Error:
-                    self.goodbye = event[1]  # request id 0: about the connection itself
+                if waiter is None:  # a late reply to a call that gave up, or:
+                    if event[0] == 0 and type(event[1]) is m.Error:
+                        self.goodbye = event[1]  # request id 0: about the connection itself
+                elif type(waiter[0]) is _Gather:  # (_resolve, less an Outcome per reply)
+                    waiter[0].deliver(waiter[3], event[1])
+                else:
+                    reschedule(waiter[0], outcome.Value(event[1]))
             if self.room:
                 self.room.unpark_all()
             await link.receive()
@@ -922,11 +927,12 @@ class PeerPool:
         return results
 
 
-def _reply_or_error(result: outcome.Outcome, address: str, message, expected):
-    """What `call` returns or raises for one result of `call_all`, as a value."""
+def _reply_or_error(result, address: str, message, expected):
+    """What `call` returns or raises for one result of `call_all` (a _Gather's: the reply,
+    or an outcome.Error), as a value."""
     if type(result) is outcome.Error:
         return result.error
-    reply = result.value
+    reply = result
     if type(reply) is m.Error:
         return error_to_exception(reply)
     if expected is not None and type(reply) is not expected:

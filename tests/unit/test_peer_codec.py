@@ -677,3 +677,19 @@ def test_a_message_that_fails_half_packed_leaves_nothing_for_the_next_frame():
     codec = PeerCodec()
     codec.receive_data(frame)
     assert codec.next_event() == (7, good)
+
+
+@given(messages)
+def test_a_messages_fast_maker_builds_what_its_constructor_builds(message):
+    cls = type(message)
+    values = [getattr(message, f.name) for f in dataclasses.fields(cls)]
+    made = m.maker(cls)(*values)
+    assert type(made) is cls and made == message and hash(made) == hash(message)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.__setattr__(dataclasses.fields(cls)[0].name, None)
+
+
+def test_the_fast_maker_fills_defaults_like_the_constructor():
+    args = ("vol", "lin", 3, 1, (1,), 4096, b"x", 4 << 20, 0, False, 1, 1)
+    assert m.new_write_chunk(*args) == m.WriteChunk(*args)
+    assert m.new_write_chunk(*args).rid == ""
