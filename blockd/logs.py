@@ -14,7 +14,7 @@ from vbp import reqid
 
 
 def _rid(record: logging.LogRecord) -> str:
-    return getattr(record, "rid", None) or reqid.current.get()
+    return getattr(record, "rid", None) or reqid.get()
 
 
 class KVFormatter(logging.Formatter):

@@ -326,7 +326,7 @@ class _Connection:
         """Hand `req` to the export, its request id set while the export handles it, and
         queue the answer, or arrange for it (a task, a Later). One function on purpose:
         this runs per request."""
-        token = current_rid.set(self.ids.next()) if self.ids is not None else None
+        token = current_rid.set(self.ids.next_ref()) if self.ids is not None else None
         try:
             export, cmd = self.export, req.command
             observe = self.observe

@@ -77,6 +77,7 @@ from vbp.later import Later
 from vbp.layout import ChunkKey, Geometry, MiB, Piece
 from vbp.placement import Placement
 from vbp.reqid import current as current_rid
+from vbp.reqid import get as get_rid
 from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
@@ -429,7 +430,7 @@ class VolumeGateway:
         checksum; the good bytes are written back over it."""
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
         msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain_for(p.index),
-                          p.offset, p.length, self.cluster.epoch, current_rid.get())
+                          p.offset, p.length, self.cluster.epoch, get_rid())
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
         started = self.replica.now()
@@ -591,7 +592,7 @@ class VolumeGateway:
             return None
         payload = bytes(data)
         del length
-        rid = current_rid.get()
+        rid = get_rid()
         if len(pieces) == 1:
             p = pieces[0]
             later = self._replicate_now(p, m.new_write_chunk(
@@ -617,7 +618,7 @@ class VolumeGateway:
                                   self.cluster.epoch, self.token)
                 self._note_unflushed(self.host_id, p.index)
             return None
-        rid = current_rid.get()
+        rid = get_rid()
         return self._replicate(pieces, lambda p: m.ZeroChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
             self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid))
@@ -1050,7 +1051,7 @@ class VolumeGateway:
         return self._flush_replicated(hosts)
 
     async def _flush_replicated(self, hosts: dict[str, set[int]]):
-        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, current_rid.get())
+        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
         failed: dict[str, Exception] = {}
 
         async def one(h: str) -> None:
@@ -1147,7 +1148,7 @@ class VolumeGateway:
     async def _block_status_remote(self, out, remote, pieces):
         for slot, p in remote:
             msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
-                                 self.cluster.epoch, current_rid.get())
+                                 self.cluster.epoch, get_rid())
             ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
             for h in self.cluster.replicas(self.lineage, p.index, self.n):
                 if not self.cluster.is_up(h):

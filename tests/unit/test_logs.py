@@ -36,6 +36,22 @@ def test_kv_and_json_lines_carry_the_current_request_id():
     assert "rid" not in json.loads(JSONFormatter("h1").format(record()))
 
 
+def test_a_frontend_request_id_is_formatted_when_a_line_is_logged():
+    """The NBD frontend sets (RequestIds, counter), not the string (vbp.reqid)."""
+    ids = reqid.RequestIds("h1", boot=0xABCD)
+    ids.next()
+    token = reqid.current.set(ids.next_ref())
+    try:
+        kv = KVFormatter("h1").format(record())
+        assert reqid.get() == "h1-00abcd-2"
+        ids.next_ref()  # the frontend moved on: this request keeps its id
+        assert reqid.get() == "h1-00abcd-2"
+    finally:
+        reqid.current.reset(token)
+    assert " rid=h1-00abcd-2 volume=v" in kv
+    assert reqid.get() == "" and ids.next() == "h1-00abcd-4"
+
+
 def test_an_explicit_request_id_wins():
     token = reqid.current.set("h1-00abcd-7")
     try:

@@ -588,13 +588,13 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
 
     class Traced(MemoryExport):
         def write(self, offset, data, fua):
-            seen.append(("write", reqid.current.get()))
+            seen.append(("write", reqid.get()))
             return super().write(offset, data, fua)
 
         def flush(self):
             async def later():
                 await trio.sleep(0)
-                seen.append(("flush", reqid.current.get()))
+                seen.append(("flush", reqid.get()))
             return later()
 
     provider.exports["traced"] = Traced("traced", MiB)
