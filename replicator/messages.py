@@ -402,3 +402,4 @@ def maker(cls):
 
 
 new_write_chunk = maker(WriteChunk)
+new_ok = maker(Ok)  # every write's reply

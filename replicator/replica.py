@@ -258,7 +258,7 @@ class Replica:
         if isinstance(msg, m.WriteChunk):
             v = self.write(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
                            msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
-            return m.Ok(v, self.is_stale(msg.lineage, msg.index))
+            return m.new_ok(v, self.is_stale(msg.lineage, msg.index))
         if isinstance(msg, m.ReadChunk):
             gen, data, version = self.read(msg.lineage, msg.index, msg.chain, msg.offset, msg.length,
                                            allow_stale=msg.allow_stale)
@@ -266,7 +266,7 @@ class Replica:
         if isinstance(msg, m.ZeroChunk):
             v = self.zero(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
                           msg.length, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
-            return m.Ok(v, self.is_stale(msg.lineage, msg.index))
+            return m.new_ok(v, self.is_stale(msg.lineage, msg.index))
         if isinstance(msg, m.Flush):
             self.flush(msg.volume, msg.epoch, msg.token)
             return m.Ok(0)
