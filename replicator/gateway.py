@@ -576,12 +576,20 @@ class VolumeGateway:
             return self._leased(self._write, offset, bytes(data), fua)
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
-        if inner + len(data) <= self._cs and self._local_only(index):
-            self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
-                               self.chain_for(index), inner, data, self._cs, 0, fua,
-                               self.cluster.epoch, self.token)
-            self._note_unflushed(self.host_id, index)
-            return None
+        n = len(data)
+        if inner + n <= self._cs:  # inside one chunk: no pieces to make
+            if self._local_only(index):
+                self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
+                                   self.chain_for(index), inner, data, self._cs, 0, fua,
+                                   self.cluster.epoch, self.token)
+                self._note_unflushed(self.host_id, index)
+                return None
+            p = Piece(index, inner, n, 0)
+            msg = m.new_write_chunk(self.view.volume.name, self.lineage, index, self.gen,
+                                    self.chain_for(index), inner, bytes(data), self._cs, 0, fua,
+                                    self.cluster.epoch, self.token, get_rid())
+            later = self._replicate_now(p, msg)
+            return later if later is not None else self._replicate([p], lambda _: msg)
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
@@ -593,14 +601,6 @@ class VolumeGateway:
         payload = bytes(data)
         del length
         rid = get_rid()
-        if len(pieces) == 1:
-            p = pieces[0]
-            later = self._replicate_now(p, m.new_write_chunk(
-                self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
-                p.offset, payload, self.geometry.chunk_size, 0, fua, self.cluster.epoch,
-                self.token, rid))
-            if later is not None:
-                return later
         return self._replicate(pieces, lambda p: m.new_write_chunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
             payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
