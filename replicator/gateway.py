@@ -730,7 +730,7 @@ class VolumeGateway:
                 later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed),
                             self._write_done)
 
-        self.pool.queue_all(remote, msg, on_replies)
+        self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
         if local:  # after the frames: the peers start on them while this copy is written
             try:
                 replies[self.host_id] = self.replica.handle(msg)
@@ -1107,7 +1107,7 @@ class VolumeGateway:
             results.extend(replies)
             answered.set()
 
-        self.pool.queue_all(addresses, msg, on_replies)
+        self.pool.queue_all(addresses, msg, on_replies, checked=True)  # (_ready_peers)
         again = []
         try:
             self.replica.handle(msg)

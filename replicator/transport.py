@@ -864,13 +864,14 @@ class PeerPool:
                 return False
         return True
 
-    def queue_all(self, addresses, message, on_replies) -> None:
+    def queue_all(self, addresses, message, on_replies, *, checked: bool = False) -> None:
         """call_all without a task: queue `message` to every peer of `addresses` now;
         `on_replies(list)` is called once, from the task that sees the last reply (or the
         timeout), with the list call_all would return. It must not raise or block. Check
         ready() first: a peer that is not gets PeerUnavailable at once, through
-        `on_replies` (before this returns)."""
-        if not self.ready(addresses):
+        `on_replies` (before this returns). `checked`: the caller has just seen ready()
+        say so, with no checkpoint since (the check is then not made twice)."""
+        if not checked and not self.ready(addresses):
             on_replies([PeerUnavailable(f"peer {a}: no connection ready") for a in addresses])
             return
         conns = [self._conns[address] for address in addresses]
