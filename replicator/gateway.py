@@ -86,6 +86,10 @@ _new_key = tuple.__new__
 NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
 
+# seconds between registry reads of the map by a gateway whose map offers a chunk fewer
+# copies than the volume's replica count (_replicate_piece)
+SHORT_MAP_REFRESH = 1.0
+
 
 class ClusterView:
     """The cluster map as this host sees it, with per-epoch cached chunk placement.
@@ -209,6 +213,7 @@ class VolumeGateway:
         self.metrics = None  # blockd.metrics.Metrics, set by the service
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self.refresh_map = None  # async () -> None, set by the service
+        self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
         self.dropped = trio.Event()  # set when fenced: the NBD server ends our connections
         # (index, hosts) that took writes after we were fenced; the service records them
@@ -656,10 +661,21 @@ class VolumeGateway:
 
     async def _replicate_piece(self, p, msg) -> None:
         cv = self.cluster
-        if len(cv.replicas(self.lineage, p.index, self.n)) < self.min_size and self.refresh_map:
-            # this write cannot succeed on the map we hold: it may be stale (hosts that
-            # joined the data set since our last refresh, e.g. just after the pool started)
-            await self.refresh_map()
+        if self.refresh_map is not None:
+            have = len(cv.replicas(self.lineage, p.index, self.n))
+            if have < self.min_size:
+                # this write cannot succeed on the map we hold: it may be stale (hosts that
+                # joined the data set since our last refresh, e.g. just after the pool
+                # started)
+                await self.refresh_map()
+            elif have < self.n and trio.current_time() >= self._short_refresh_at:
+                # the map offers fewer copies than the volume wants: hosts that joined may
+                # be missing from it, and one more failure would leave the write below
+                # min_size on a map that a registry read would have completed (a gateway
+                # that started just before the last hosts registered). Asked at most once
+                # a second: a pool that really has too few hosts keeps its map.
+                self._short_refresh_at = trio.current_time() + SHORT_MAP_REFRESH
+                await self.refresh_map()
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
         if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:

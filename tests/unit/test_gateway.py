@@ -50,3 +50,50 @@ async def test_request_id_reaches_current_replicas_and_is_left_out_for_older_one
         reqid.current.reset(token)
     assert sorted(got) == [("h2", "Flush", "h1-00abcd-1"), ("h2", "WriteChunk", "h1-00abcd-1"),
                            ("h3", "Flush", ""), ("h3", "WriteChunk", "")]
+
+
+async def test_a_map_short_of_copies_is_refreshed_before_a_failure_fails_the_write():
+    """A gateway whose map predates the last hosts' registration (it started just before
+    them) offers a replicas=3 chunk only two copies. When one of the two fails, the write
+    would be below min_size on that map; the gateway reads the map again first, and the
+    write stands on the host it was missing."""
+    reg = open_registry(f"memory://gateway-short-{next(_POOLS)}")
+    hosts = tuple(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", peer_rev=1)
+                  for i in (1, 2, 3))
+    old = ClusterMap(1, hosts[:2])  # h3 registered after this map
+    new = ClusterMap(2, hosts)
+    cluster = ClusterView(old)
+    net = MemoryNetwork()
+    replicas = {h.id: Replica(MemoryChunkStore(None, 1 << 30), h.id, lambda: cluster.epoch)
+                for h in hosts}
+    got = []
+
+    def serve(host):
+        def handle(msg, peer):
+            got.append((host, type(msg).__name__))
+            return replicas[host].handle(msg, peer)
+        return handle
+
+    net.serve("h3:1", serve("h3"), cluster="t", host_id="h3")  # h2 is down
+    api.create_volume(reg, "v", "4M", replicas=3, chunk_size="1M")
+    gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
+                       host_id="h1", replica=replicas["h1"], cluster=cluster,
+                       pool=net.pool("t", "h1"), token=1)
+    refreshes = []
+
+    async def refresh_map():
+        refreshes.append(cluster.epoch)
+        cluster.set_map(new)
+
+    gw.refresh_map = refresh_map
+    assert sorted(cluster.replicas(gw.lineage, 0, 3)) == ["h1", "h2"]
+    await gw.write(0, b"x" * 4096, False)
+    # read before sending (then once more: h3, of the new map, answers the frame made on
+    # the old one with StaleEpoch, and the gateway retries it on a fresh map)
+    assert refreshes[0] == 1 and ("h3", "WriteChunk") in got
+    assert "h2" in gw.stale[0]
+    assert replicas["h3"].read(gw.lineage, 0, (gw.gen,), 0, 4096)[1] == b"x" * 4096
+    # with the map complete, nothing more is read
+    seen = len(refreshes)
+    await gw.write(4096, b"y" * 4096, False)
+    assert len(refreshes) == seen
