@@ -590,11 +590,16 @@ class VolumeGateway:
                 self._note_unflushed(self.host_id, index)
                 return None
             p = Piece(index, inner, n, 0)
-            msg = m.new_write_chunk(self.view.volume.name, self.lineage, index, self.gen,
-                                    self.chain_for(index), inner, bytes(data), self._cs, 0, fua,
-                                    self.cluster.epoch, self.token, get_rid())
-            later = self._replicate_now(p, msg)
-            return later if later is not None else self._replicate([p], lambda _: msg)
+            payload, rid = bytes(data), get_rid()
+            later = self._replicate_now(p, m.new_write_chunk(
+                self.view.volume.name, self.lineage, index, self.gen, self.chain_for(index),
+                inner, payload, self._cs, 0, fua, self.cluster.epoch, self.token, rid))
+            if later is not None:
+                return later
+            # the general path makes its message when its task runs (epoch and token then)
+            return self._replicate([p], lambda p: m.new_write_chunk(
+                self.view.volume.name, self.lineage, index, self.gen, self.chain_for(index),
+                inner, payload, self._cs, 0, fua, self.cluster.epoch, self.token, rid))
         pieces = list(self.geometry.pieces(offset, length := len(data)))
         if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
