@@ -133,7 +133,8 @@ class _Spec:
             self.get = lambda msg: (getattr(msg, name),)
         else:
             self.get = operator.attrgetter(*self.wire_names)
-        self.build = _make_builder(cls, self.wire_names)
+        # the message from validated wire-order values, slots set directly (per frame)
+        self.build = m.maker(cls, self.wire_names)
 
     def check(self, values: tuple, *, sending: bool) -> str | None:
         """None when `values` (wire order) fit the message, else what is wrong."""
@@ -188,19 +189,6 @@ class _Spec:
     def complete(self, values: tuple) -> tuple:
         """Decoded `values` with the defaults of the optional fields the frame left out."""
         return values + self.defaults[len(values) - self.nrequired:]
-
-
-def _make_builder(cls: type, wire_names: tuple[str, ...]):
-    """A function making a message from validated wire-order values, setting the slots
-    directly: a frozen dataclass's __init__ costs twice as much and this runs per frame."""
-    env = {"new": object.__new__, "cls": cls}
-    lines = ["def build(v):", "    o = new(cls)"]
-    for i, name in enumerate(wire_names):
-        env[f"set_{name}"] = cls.__dict__[name].__set__
-        lines.append(f"    set_{name}(o, v[{i}])")
-    lines.append("    return o")
-    exec("\n".join(lines), env)
-    return env["build"]
 
 
 def _kind_name(kind) -> str:
@@ -380,7 +368,7 @@ class PeerCodec:
         if (type(obj) is tuple and len(obj) == 4 and obj[1] == _OK_ID and obj[0] == _VERSION
                 and type(obj[0]) is int and type(obj[1]) is int and type(obj[2]) is int
                 and obj[2] >= 0 and type(obj[3]) is int):
-            return obj[2], _build_ok((obj[3], False))
+            return obj[2], _build_ok(obj[3], False)
         return self._decode_any(obj)
 
     def _decode_any(self, obj):
@@ -400,7 +388,7 @@ class PeerCodec:
             return self._fail(why)
         if len(values) != spec.nfields:
             values = spec.complete(values)
-        return request_id, spec.build(values)
+        return request_id, spec.build(*values)
 
     def encode(self, request_id: int, message) -> bytes | list:
         """One frame: bytes, or a list of buffers (header, payload[, optional fields]) for a
@@ -476,7 +464,7 @@ def _decode_write_in_place(frame: bytearray):
         raise PeerProtocolError(why)
     if len(values) != _WRITE.nfields:
         values = _WRITE.complete(values)
-    return request_id, _WRITE.build(values)
+    return request_id, _WRITE.build(*values)
 
 
 class Prepared:
