@@ -582,39 +582,37 @@ class VolumeGateway:
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         n = len(data)
-        if inner + n <= self._cs:  # inside one chunk: no pieces to make
+        if inner + n <= self._cs:  # inside one chunk: its one piece, no generator
             if self._local_only(index):
                 self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
                                    self.chain_for(index), inner, data, self._cs, 0, fua,
                                    self.cluster.epoch, self.token)
                 self._note_unflushed(self.host_id, index)
                 return None
-            p = Piece(index, inner, n, 0)
-            payload, rid = bytes(data), get_rid()
-            later = self._replicate_now(p, m.new_write_chunk(
-                self.view.volume.name, self.lineage, index, self.gen, self.chain_for(index),
-                inner, payload, self._cs, 0, fua, self.cluster.epoch, self.token, rid))
+            pieces = [Piece(index, inner, n, 0)]
+        else:
+            pieces = list(self.geometry.pieces(offset, n))
+            if all(self._local_only(p.index) for p in pieces):
+                for p in pieces:
+                    self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
+                                       p.offset, data[p.buf_offset:p.buf_offset + p.length],
+                                       self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
+                    self._note_unflushed(self.host_id, p.index)
+                return None
+        payload = bytes(data)
+        rid = get_rid()
+
+        def make(p):  # (the general path calls it when its task runs: epoch and token then)
+            return m.new_write_chunk(
+                self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
+                p.offset, payload[p.buf_offset:p.buf_offset + p.length], self._cs, 0, fua,
+                self.cluster.epoch, self.token, rid)
+
+        if len(pieces) == 1:
+            later = self._replicate_now(pieces[0], make(pieces[0]))
             if later is not None:
                 return later
-            # the general path makes its message when its task runs (epoch and token then)
-            return self._replicate([p], lambda p: m.new_write_chunk(
-                self.view.volume.name, self.lineage, index, self.gen, self.chain_for(index),
-                inner, payload, self._cs, 0, fua, self.cluster.epoch, self.token, rid))
-        pieces = list(self.geometry.pieces(offset, length := len(data)))
-        if all(self._local_only(p.index) for p in pieces):
-            for p in pieces:
-                self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
-                                   p.offset, data[p.buf_offset:p.buf_offset + p.length],
-                                   self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
-                self._note_unflushed(self.host_id, p.index)
-            return None
-        payload = bytes(data)
-        del length
-        rid = get_rid()
-        return self._replicate(pieces, lambda p: m.new_write_chunk(
-            self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset,
-            payload[p.buf_offset:p.buf_offset + p.length], self.geometry.chunk_size, 0, fua,
-            self.cluster.epoch, self.token, rid))
+        return self._replicate(pieces, make)
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
@@ -673,13 +671,13 @@ class VolumeGateway:
                 # joined the data set since our last refresh, e.g. just after the pool
                 # started)
                 await self.refresh_map()
-            elif have < self.n and trio.current_time() >= self._short_refresh_at:
+            elif have < self.n and (now := trio.current_time()) >= self._short_refresh_at:
                 # the map offers fewer copies than the volume wants: hosts that joined may
                 # be missing from it, and one more failure would leave the write below
                 # min_size on a map that a registry read would have completed (a gateway
                 # that started just before the last hosts registered). Asked at most once
                 # a second: a pool that really has too few hosts keeps its map.
-                self._short_refresh_at = trio.current_time() + SHORT_MAP_REFRESH
+                self._short_refresh_at = now + SHORT_MAP_REFRESH
                 await self.refresh_map()
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
