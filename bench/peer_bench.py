@@ -55,7 +55,8 @@ def cpu_seconds(pid: int | None) -> float:
 
 async def measure(pool: PeerPool, address: str, msg, in_flight: int, seconds: float
                   ) -> tuple[float, float]:
-    """(calls per second, server CPU µs per call) with `in_flight` concurrent callers."""
+    """(calls per second, server CPU µs per call, client CPU µs per call) with `in_flight`
+    concurrent callers."""
     done = 0
     stop = trio.current_time() + seconds
 
@@ -68,12 +69,12 @@ async def measure(pool: PeerPool, address: str, msg, in_flight: int, seconds: fl
     for _ in range(50):  # warm up the connection
         await pool.call(address, msg)
     start = time.perf_counter()
-    cpu = cpu_seconds(SERVER_PID)
+    cpu, own = cpu_seconds(SERVER_PID), cpu_seconds(None)
     async with trio.open_nursery() as nursery:
         for _ in range(in_flight):
             nursery.start_soon(caller)
-    cpu = cpu_seconds(SERVER_PID) - cpu
-    return done / (time.perf_counter() - start), cpu / done * 1e6
+    cpu, own = cpu_seconds(SERVER_PID) - cpu, cpu_seconds(None) - own
+    return done / (time.perf_counter() - start), cpu / done * 1e6, own / done * 1e6
 
 
 async def client(address: str, seconds: float) -> None:
@@ -81,13 +82,15 @@ async def client(address: str, seconds: float) -> None:
         small, big = write(4096), write(1 << 20)
         cpu_note = "server" if SERVER_PID else "process (client + server)"
         for depth in (1, 32):
-            rate, cpu = await measure(pool, address, small, depth, seconds)
+            rate, cpu, own = await measure(pool, address, small, depth, seconds)
             print(f"4 KiB WriteChunk, {depth:2d} in flight: {rate:9.0f} round trips/s "
-                  f"({rate * 4096 / (1 << 20):6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req")
+                  f"({rate * 4096 / (1 << 20):6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req"
+                  + (f", client {own:6.1f}" if SERVER_PID else ""))
         for depth in (1, 4):
-            rate, cpu = await measure(pool, address, big, depth, seconds)
+            rate, cpu, own = await measure(pool, address, big, depth, seconds)
             print(f"1 MiB WriteChunk, {depth:2d} in flight: {rate:9.1f} round trips/s "
-                  f"({rate:6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req")
+                  f"({rate:6.1f} MiB/s), {cpu_note} CPU {cpu:6.1f} µs/req"
+                  + (f", client {own:6.1f}" if SERVER_PID else ""))
 
 
 async def inproc(seconds: float) -> None:
