@@ -4,9 +4,11 @@ reference the real volume export follows).
 
 Every Export operation may return its result directly (the server's fast path: no task, no
 await) or an awaitable the server awaits in a task of the connection. A WRITE's `data` is a
-view into the connection's receive buffer valid only during the call: an export that
-returns an awaitable must copy it first (the server copies itself when `write` is an
-`async def`, whose body runs later). Exceptions become NBD errors through
+memoryview. A writable one is a view into the connection's receive buffer valid only
+during the call: an export that keeps it, or returns an awaitable that uses it, copies it
+first (the server copies itself when `write` is an `async def`, whose body runs later). A
+read-only one (a large write, received into a buffer of its own) does not change while
+anything refers to it: keep it without a copy. Exceptions become NBD errors through
 nbd_frontend.errors.to_nbd_errno.
 """
 
@@ -38,8 +40,9 @@ class Export(Protocol):
     # from the file with os.sendfile and releases the range (replicator.gateway has it).
 
     def write(self, offset: int, data: memoryview, fua: bool) -> Any:
-        """`data` is valid during the call only (it is the connection's receive buffer):
-        an export that keeps it, or returns an awaitable that uses it, copies it."""
+        """A writable `data` is valid during the call only (it is the connection's receive
+        buffer): an export that keeps it, or returns an awaitable that uses it, copies it.
+        A read-only one may be kept as it is (see the module's docstring)."""
 
     def flush(self) -> Any: ...
 

@@ -335,7 +335,9 @@ class _Connection:
                 if cmd == proto.CMD_READ:
                     result = self.read(req.offset, req.length)
                 elif cmd == proto.CMD_WRITE:
-                    data = bytes(req.data) if self.copy_writes else req.data
+                    data = req.data
+                    if self.copy_writes and not data.readonly:
+                        data = bytes(data)
                     result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
                 elif cmd == proto.CMD_FLUSH:
                     result = export.flush()

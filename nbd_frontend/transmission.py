@@ -8,8 +8,12 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
   `next_event()` until NEED_DATA. `Request.data` (WRITE payloads) is a memoryview into that
   buffer, valid until the next `get_buffer()`/`receive_data()` call: a consumer that keeps
   it longer copies it. A WRITE larger than the buffer is received straight into a payload
-  buffer kept for the next one (up to SPARE_MAX; larger ones get their own): no
-  allocation, zeroing or page faults per 1 MiB write.
+  buffer of its own, and its `Request.data` is a *read-only* view of it: the codec never
+  writes into that buffer again while anything refers to it, so a consumer may keep the
+  view instead of copying the payload (a replicated write keeps it until every replica
+  has answered). Payload buffers are pooled (up to POOL_BYTES of them, each at most
+  SPARE_MAX; larger ones are used once): one no longer referred to is reused, so a stream
+  of 1 MiB writes costs no allocation, zeroing or page faults per write.
 - A bad request magic is a protocol error (hard disconnect). A request the server refuses
   yields `BadRequest` carrying the NBD errno to reply with; a refused WRITE's payload is
   skipped without allocating it, so the connection stays in sync:
@@ -28,6 +32,7 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 
 from nbd_frontend import proto
@@ -36,6 +41,7 @@ from nbd_frontend.handshake import NEED_DATA
 
 DEFAULT_BUFFER = 256 * 1024
 SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
+POOL_BYTES = 16 * 1024 * 1024  # payload buffers kept for reuse per connection, in all
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -112,7 +118,7 @@ class TransmissionCodec:
         self._end = 0
         self._discard = 0
         self._large: memoryview | None = None
-        self._spare: bytearray | None = None
+        self._pool: list[bytearray] = []  # payload buffers of large writes, for reuse
         self._large_filled = 0
         self._large_header: tuple[int, int, int, int] | None = None
         self._backlog = bytearray()
@@ -224,12 +230,7 @@ class TransmissionCodec:
             return Request(cookie, proto.CMD_WRITE, flags, offset, length,
                            self._mv[start:start + length])
         have = self._end - start
-        if length <= SPARE_MAX:
-            if self._spare is None or len(self._spare) < length:
-                self._spare = bytearray(max(length, 1 << 20))
-            self._large = memoryview(self._spare)[:length]
-        else:
-            self._large = memoryview(bytearray(length))
+        self._large = memoryview(self._payload_buffer(length))[:length]
         self._large[:have] = self._mv[start:self._end]
         self._large_filled = have
         self._large_header = (cookie, flags, offset, length)
@@ -241,9 +242,26 @@ class TransmissionCodec:
         if self._large_filled < len(self._large):
             return NEED_DATA
         cookie, flags, offset, length = self._large_header
-        data = self._large
+        data = self._large.toreadonly()  # the consumer's, for as long as it keeps it
         self._large = self._large_header = None
         return Request(cookie, proto.CMD_WRITE, flags, offset, length, data)
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        """A buffer of at least `length` bytes that nothing else refers to."""
+        pool = self._pool
+        for i in range(len(pool)):
+            buf = pool[i]
+            # references: the list's, `buf` and getrefcount's argument; a view of it that
+            # a consumer still holds (a write in flight) adds one
+            if sys.getrefcount(buf) <= 3:
+                if len(buf) >= length:
+                    return buf
+                del pool[i]  # free but too small: make room for a bigger one
+                break
+        buf = bytearray(max(length, 1 << 20))
+        if len(buf) <= SPARE_MAX and sum(map(len, pool)) + len(buf) <= POOL_BYTES:
+            pool.append(buf)
+        return buf
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
         allowed = self._allowed.get(cmd)

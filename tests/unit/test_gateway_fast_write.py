@@ -232,3 +232,24 @@ async def test_a_replica_lost_before_a_flush_is_recorded_stale_and_the_flush_hol
             await gw.flush()  # h3 cannot say it flushed: it may have lost that write
         assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
         assert "h3" in gw.stale[0]
+
+
+async def test_a_writable_payload_is_copied_and_a_read_only_one_kept():
+    """The NBD server hands a small write as a view of its receive buffer, which its next
+    request overwrites: writable, the gateway copies it. A large write comes as a read-only
+    view of a buffer of its own that stays as it is while referred to (nbd_frontend.export):
+    the gateway keeps it and copies nothing. A write across two chunks sends its pieces
+    when it is awaited, after the buffer changed here."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        for readonly in (False, True):
+            buf = bytearray(b"\x02" * 8192)
+            view = memoryview(buf).toreadonly() if readonly else memoryview(buf)
+            pending = gw.write(CHUNK - 4096, view, False)
+            buf[:] = b"\x03" * 8192
+            with trio.fail_after(5):
+                await pending
+            expected = (b"\x03" if readonly else b"\x02") * 4096
+            for h, r in replicas.items():
+                assert copy_of(r, gw, 0, CHUNK - 4096, 4096) == expected, (h, readonly)
+                assert copy_of(r, gw, 1, 0, 4096) == expected, (h, readonly)

@@ -111,6 +111,58 @@ def test_write_larger_than_buffer_via_recv_into():
     assert got == [(W, payload), (proto.CMD_FLUSH, None)]
 
 
+def large_write(c: TransmissionCodec, fill: int, length: int = 30000) -> Request:
+    c.receive_data(req(W, 0, length, data=bytes([fill]) * length))
+    ev = c.next_event()
+    assert type(ev) is Request and c.next_event() is NEED_DATA
+    return ev
+
+
+def test_large_write_payload_is_read_only_and_kept_while_referred_to():
+    """A consumer may keep a large write's view (a replicated write does, until every
+    replica answered): the codec receives the next writes elsewhere, and reuses the buffer
+    only once nothing refers to it."""
+    c = codec(buffer_size=8192)
+    first = large_write(c, 1)
+    assert first.data.readonly
+    with pytest.raises(TypeError):
+        first.data[0] = 9
+    held = first.data[100:200]  # a slice of the view holds the buffer too
+    second = large_write(c, 2)
+    assert second.data.obj is not first.data.obj
+    del first
+    third = large_write(c, 3)  # `held` still refers to the first buffer
+    assert third.data.obj is not held.obj and third.data.obj is not second.data.obj
+    assert bytes(held) == b"\x01" * 100 and bytes(second.data) == b"\x02" * 30000
+    buffer = id(held.obj)  # (not the object: a reference to it would keep it busy)
+    del held
+    fourth = large_write(c, 4)
+    assert id(fourth.data.obj) == buffer  # free again: reused, no new allocation
+    assert bytes(fourth.data) == b"\x04" * 30000 and bytes(third.data) == b"\x03" * 30000
+
+
+def test_small_write_payload_is_a_writable_view_of_the_receive_buffer():
+    """Writable: the export must copy it to keep it (nbd_frontend.export)."""
+    c = codec(buffer_size=8192)
+    c.receive_data(req(W, 0, 100))
+    ev = c.next_event()
+    assert not ev.data.readonly and ev.data.obj is c._buf
+
+
+def test_payload_pool_is_bounded():
+    """Payloads held by consumers beyond the pool's bytes are allocated, used once and
+    not kept; buffers above SPARE_MAX are never kept."""
+    from nbd_frontend import transmission
+    c = codec(size=1 << 30, buffer_size=8192)
+    held = [large_write(c, i, 1 << 20) for i in range(transmission.POOL_BYTES // (1 << 20) + 4)]
+    assert sum(map(len, c._pool)) <= transmission.POOL_BYTES
+    assert len({id(ev.data.obj) for ev in held}) == len(held)
+    del held
+    big = large_write(c, 7, transmission.SPARE_MAX + 4096)
+    assert all(buf is not big.data.obj for buf in c._pool)
+    assert sum(map(len, c._pool)) <= transmission.POOL_BYTES
+
+
 @MODES
 def test_bad_magic_is_protocol_error(mode):
     c = codec()
