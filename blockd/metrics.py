@@ -5,7 +5,7 @@ Theory of operation. Every NBD request calls `Metrics.observe(volume, op, nbytes
 labelled children cost ~2.6 µs for that (`labels()` lookups aside): every `inc` takes a
 lock and `Histogram.observe` walks its buckets in Python. blockd's data path runs in one trio
 thread, so the request families are plain per-(volume, op) counters instead: one dict lookup,
-three additions and one `bisect` (~0.5 µs; tests/unit/test_metrics.py holds it under 3 µs),
+three additions and one `bisect` (~0.5 µs; `python -m bench.metrics_bench` measures it),
 turned into counter and histogram families by a collector at scrape time, which runs in the
 same thread. Series of a closed or deleted volume are dropped with `forget_volume`, so
 label cardinality follows the live volumes.

@@ -89,3 +89,11 @@ def test_recovery_bench_tiny_run():
     for r in rows:
         assert r["idle_iops"] > 0 and r["busy_iops"] > 0 and r["ratio"] is not None
         assert r["copied_bytes"] > 0  # the drain copied the drained host's chunks
+
+
+def test_metrics_bench_runs():
+    """bench.metrics_bench end to end with few calls: both figures printed."""
+    p = subprocess.run([sys.executable, "-m", "bench.metrics_bench", "--calls", "200"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Metrics.observe:" in p.stdout and "a call doing nothing:" in p.stdout, p.stdout

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import timeit
 
 import pytest
 import trio
@@ -98,17 +97,6 @@ def test_each_metrics_has_its_own_registry():
     a.observe("v", "read", 1, 1e-4)
     assert 'volume="v"' not in b.exposition().decode()
     assert a.registry is not b.registry
-
-
-def test_per_request_hook_costs_under_3us():
-    m = Metrics()
-    for v in range(50):
-        for op in ("read", "write", "flush"):
-            m.observe(f"vol{v}", op, 4096, 1e-4)
-    n = 20_000
-    best = min(timeit.repeat(lambda: m.observe("vol7", "write", 4096, 0.00042), number=n, repeat=7)) / n
-    # ~0.3-0.5 µs here (the lambda adds ~0.05); 3 µs leaves room for a loaded machine
-    assert best < 3e-6, f"observe() costs {best * 1e6:.2f} µs"
 
 
 # --- the responder, pure -----------------------------------------------------------------
