@@ -41,6 +41,10 @@ from nbd_frontend.handshake import NEED_DATA
 
 DEFAULT_BUFFER = 256 * 1024
 SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
+# After a large write, get_buffer offers at most this much: the next request is likely a
+# large write too, and what of its payload lands in the receive buffer is copied into the
+# payload's own buffer, while the rest is received straight into it.
+HEAD_RECV = 16 * 1024
 POOL_BYTES = 16 * 1024 * 1024  # payload buffers kept for reuse per connection, in all
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
@@ -121,6 +125,7 @@ class TransmissionCodec:
         self._pool: list[bytearray] = []  # payload buffers of large writes, for reuse
         self._large_filled = 0
         self._large_header: tuple[int, int, int, int] | None = None
+        self._after_large = False  # the last request was a large write
         self._backlog = bytearray()
         self.closed = False
         dflag = proto.CMD_FLAG_DF if structured else 0
@@ -149,6 +154,9 @@ class TransmissionCodec:
                 n = self._end - self._start
                 self._buf[:n] = self._mv[self._start:self._end]
                 self._start, self._end = 0, n
+        if self._after_large:
+            self._after_large = False
+            return self._mv[self._end:self._end + HEAD_RECV]
         return self._mv[self._end:]
 
     def payload_due(self) -> int:
@@ -244,6 +252,7 @@ class TransmissionCodec:
         cookie, flags, offset, length = self._large_header
         data = self._large.toreadonly()  # the consumer's, for as long as it keeps it
         self._large = self._large_header = None
+        self._after_large = True
         return Request(cookie, proto.CMD_WRITE, flags, offset, length, data)
 
     def _payload_buffer(self, length: int) -> bytearray:

@@ -64,6 +64,10 @@ from vbp.reqid import current as current_rid
 log = logging.getLogger("vbp.replicator.transport")
 
 RECV_SIZE = 256 * 1024
+# After a large frame, the next receive takes at most this much: the next frame is likely
+# large too, and what of it lands in the receive buffer is copied twice (into the codec's
+# buffer, then into the frame's own), while the rest goes straight into the frame's buffer.
+HEAD_RECV = 16 * 1024
 SPIN_RECEIVES = 8  # receives without waiting before the reader yields anyway
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 256
@@ -128,6 +132,8 @@ class _Link:
         self.sending = False  # the writer task is in the middle of a send
         self.spins = 0  # receives in a row that did not wait
         self.rbuf = bytearray(RECV_SIZE)
+        self.rhead = memoryview(self.rbuf)[:HEAD_RECV]
+        self.after_large = False  # the last receive went into a large frame's buffer
         self.lowat = 1 if HAVE_LOWAT else 0  # SO_RCVLOWAT in force; 0: not available
 
     def queue(self, request_id: int, message) -> None:
@@ -213,10 +219,15 @@ class _Link:
                 self.codec.receive_data(b"")
                 return False
             self.codec.large_received(n)
+            self.after_large = True
             return True
         if self.lowat > 1:
             self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
-        n = await self._recv_into(self.rbuf)
+        if self.after_large:
+            self.after_large = False
+            n = await self._recv_into(self.rhead)
+        else:
+            n = await self._recv_into(self.rbuf)
         if n == 0:
             self.codec.receive_data(b"")
             return False

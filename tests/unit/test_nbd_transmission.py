@@ -141,6 +141,34 @@ def test_large_write_payload_is_read_only_and_kept_while_referred_to():
     assert bytes(fourth.data) == b"\x04" * 30000 and bytes(third.data) == b"\x03" * 30000
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([1, 4096, 20_000, 70_000, 150_000]), min_size=1, max_size=8),
+       st.integers(1, 100_000))
+def test_after_a_large_write_only_the_next_head_goes_through_the_receive_buffer(sizes, step):
+    """The next request after a large write is likely one too: get_buffer then offers at
+    most HEAD_RECV, so at most that much of its payload is copied (the rest is received
+    straight into its own buffer); then the whole buffer again. Whatever the mix, every
+    payload arrives intact, in order."""
+    from nbd_frontend.transmission import HEAD_RECV
+    c = codec(buffer_size=65536)  # HEAD_RECV below it; writes above it are large
+    payloads = [bytes([i]) * n for i, n in enumerate(sizes)]
+    data = b"".join(req(W, 0, len(p), data=p, cookie=i) for i, p in enumerate(payloads))
+    pos, got, last_large = 0, [], False
+    while pos < len(data):
+        buf = c.get_buffer()
+        if last_large:  # the first receive after it
+            assert len(buf) <= HEAD_RECV
+            last_large = False
+        n = min(len(buf), step, len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        c.commit(n)
+        pos += n
+        while (ev := c.next_event()) is not NEED_DATA:
+            got.append(bytes(ev.data))
+            last_large = ev.data.readonly  # a large write: received into its own buffer
+    assert got == payloads
+
+
 def test_small_write_payload_is_a_writable_view_of_the_receive_buffer():
     """Writable: the export must copy it to keep it (nbd_frontend.export)."""
     c = codec(buffer_size=8192)
