@@ -7,8 +7,9 @@ lock and `Histogram.observe` walks its buckets in Python. blockd's data path run
 thread, so the request families are plain per-(volume, op) counters instead: one dict lookup,
 three additions and one `bisect` (~0.5 µs; `python -m bench.metrics_bench` measures it),
 turned into counter and histogram families by a collector at scrape time, which runs in the
-same thread. Series of a closed or deleted volume are dropped with `forget_volume`, so
-label cardinality follows the live volumes.
+same thread. Series of a deleted volume are dropped with `forget_volume` (each garbage
+collection pass: Blockd.prune_metrics), so label cardinality follows the pool's volumes;
+those of a volume only closed here stay, as Prometheus counters should.
 
 Each `Metrics` owns its `CollectorRegistry` (never the process-global one): a test or a
 sandbox can create many, and nothing leaks between them.
@@ -145,8 +146,12 @@ class Metrics:
         s.sum += seconds
         s.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
+    def volumes(self) -> set[str]:
+        """The volumes that have request series."""
+        return {volume for volume, _ in self._stats}
+
     def forget_volume(self, volume: str) -> None:
-        """Drop a volume's series (it was closed on this host or deleted)."""
+        """Drop a volume's series (it was deleted)."""
         for key in [k for k in self._stats if k[0] == volume]:
             del self._stats[key]
 

@@ -737,7 +737,24 @@ class Blockd:
         async def step() -> None:
             await self.collect_garbage_once()
             await self.mover.collect_misplaced()
+            await self.prune_metrics()
         await self._every(self.cfg.gc_interval, "gc", step, first_wait=True)
+
+    async def prune_metrics(self) -> list[str]:
+        """Drop the request series of volumes deleted since they were served here (so
+        label cardinality follows the pool's volumes); returns their names. A volume
+        still open here keeps its series, and so does one that was only closed: a scrape
+        after a short connection still counts its requests."""
+        names = self.metrics.volumes()
+        if not names:
+            return []
+        live = {d["name"] for d in await self.registry.list_volumes()}
+        live.update(split_export_name(e)[0] for e in self.provider.gateways)
+        gone = sorted(names - live)
+        for name in gone:
+            self.metrics.forget_volume(name)
+            log.info("volume=%s event=metrics_dropped reason=deleted", name)
+        return gone
 
     async def collect_garbage_once(self) -> int:
         local: dict[tuple[str, int], list[int]] = {}

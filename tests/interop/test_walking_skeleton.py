@@ -182,7 +182,9 @@ def _running(pid: int) -> bool:
 
 
 def test_metrics_endpoint_counts_requests(tmp_path):
-    """blockd serves Prometheus metrics; a scrape shows the NBD requests of a volume."""
+    """blockd serves Prometheus metrics; a scrape shows the NBD requests of a volume, after
+    its client is gone too; once the volume is deleted its series go (the next garbage
+    collection pass), another volume's stay."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -192,24 +194,37 @@ def test_metrics_endpoint_counts_requests(tmp_path):
     sb = SandboxHandle(tmp_path / "sb", 1)
     mport = free_port_range(1)
     run_vbp("sandbox", "up", "--hosts", 1, "--dir", sb.dir, "--base-port", sb.base_port,
-            "--set", f"metrics=127.0.0.1:{mport}")
+            "--set", f"metrics=127.0.0.1:{mport}", "--set", "gc_interval=0.5")
     try:
         sb.info = json.loads(run_vbp("sandbox", "status", "--dir", sb.dir, "--json").stdout)
-        sb.vbp("volume", "create", "m", "--size", "8M", "--replicas", "1")
         import nbd
 
-        h = nbd.NBD()
-        h.connect_uri(sb.uri("m"))
-        for i in range(10):
-            h.pwrite(b"x" * 4096, i * 4096)
-        h.pread(8192, 0)
-        h.shutdown()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        for name in ("m", "keep"):
+            sb.vbp("volume", "create", name, "--size", "8M", "--replicas", "1")
+            h = nbd.NBD()
+            h.connect_uri(sb.uri(name))
+            for i in range(10):
+                h.pwrite(b"x" * 4096, i * 4096)
+            h.pread(8192, 0)
+            h.shutdown()
+
+        def scrape() -> dict:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+        time.sleep(1.5)  # garbage collection passes: a volume only closed keeps its series
+        samples = scrape()
         writes = samples.get(("vbp_nbd_requests_total", (("op", "write"), ("volume", "m"))))
         assert writes == 10, [k for k in samples if k[0].startswith("vbp_nbd")]
         assert samples[("vbp_nbd_bytes_total", (("op", "write"), ("volume", "m")))] == 40960
         assert samples[("vbp_up", ())] == 1
+        sb.vbp("volume", "delete", "m")
+        deadline = time.monotonic() + 30
+        while any(dict(labels).get("volume") == "m" for _, labels in samples):
+            assert time.monotonic() < deadline, "the deleted volume's series stayed"
+            time.sleep(0.2)
+            samples = scrape()
+        assert samples[("vbp_nbd_requests_total", (("op", "write"), ("volume", "keep")))] == 10
     finally:
         sb.down()
