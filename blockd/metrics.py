@@ -65,6 +65,13 @@ class _OpStats:
         self.sum = 0.0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
 
+    def add(self, nbytes: int, seconds: float) -> None:
+        """One request done: count it, its bytes and its latency."""
+        self.count += 1
+        self.bytes += nbytes
+        self.sum += seconds
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
 
 class _RequestCollector:
     """Turns the per-(volume, op) stats into the three request families at scrape time."""
@@ -138,13 +145,16 @@ class Metrics:
 
     def observe(self, volume: str, op: str, nbytes: int, seconds: float) -> None:
         """One NBD request done: count it, its bytes and its latency."""
+        self.stats(volume, op).add(nbytes, seconds)
+
+    def stats(self, volume: str, op: str) -> _OpStats:
+        """The counters of (volume, op), for a caller that bumps them itself (`add`) per
+        request: a gateway binds its own once, which saves the key and the lookup. They
+        are dropped with forget_volume, once the volume is deleted and closed here."""
         s = self._stats.get((volume, op))
         if s is None:
             s = self._stats[(volume, op)] = _OpStats()
-        s.count += 1
-        s.bytes += nbytes
-        s.sum += seconds
-        s.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        return s
 
     def volumes(self) -> set[str]:
         """The volumes that have request series."""

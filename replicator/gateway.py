@@ -211,6 +211,7 @@ class VolumeGateway:
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
         self.metrics = None  # blockd.metrics.Metrics, set by the service
+        self._op_stats: dict = {}  # NBD command -> its counters in metrics (observe)
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self.refresh_map = None  # async () -> None, set by the service
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
@@ -337,9 +338,13 @@ class VolumeGateway:
     # --- per-request hooks (metrics, QoS) ---------------------------------------------------
 
     def observe(self, command: int, nbytes: int, seconds: float, ok: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(self.view.volume.name, _OPS.get(command, "other"),
-                                 nbytes if command in (0, 1) else 0, seconds)
+        s = self._op_stats.get(command)
+        if s is None:  # first of its kind: bind the counters of (volume, operation)
+            if self.metrics is None:
+                return
+            s = self._op_stats[command] = self.metrics.stats(self.view.volume.name,
+                                                             _OPS.get(command, "other"))
+        s.add(nbytes if command < 2 else 0, seconds)  # bytes of reads and writes only
 
     async def _throttled(self, delay: float, op, *args):
         await trio.sleep(delay)
