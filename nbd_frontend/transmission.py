@@ -32,12 +32,12 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
 from __future__ import annotations
 
 import struct
-import sys
 from dataclasses import dataclass
 
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError
 from nbd_frontend.handshake import NEED_DATA
+from vbp.buffers import unshared
 
 DEFAULT_BUFFER = 256 * 1024
 SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
@@ -259,12 +259,9 @@ class TransmissionCodec:
         """A buffer of at least `length` bytes that nothing else refers to."""
         pool = self._pool
         for i in range(len(pool)):
-            buf = pool[i]
-            # references: the list's, `buf` and getrefcount's argument; a view of it that
-            # a consumer still holds (a write in flight) adds one
-            if sys.getrefcount(buf) <= 3:
-                if len(buf) >= length:
-                    return buf
+            if unshared(pool, i):  # no view of it alive: no write in flight holds it
+                if len(pool[i]) >= length:
+                    return pool[i]
                 del pool[i]  # free but too small: make room for a bigger one
                 break
         buf = bytearray(max(length, 1 << 20))

@@ -29,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
-import sys
 
 import msgpack
 
 from replicator import messages as m
 from replicator.errors import PeerProtocolError
+from vbp.buffers import unshared
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + 64 * 1024  # a whole 64 MiB chunk plus its header
 SPLIT_THRESHOLD = 32 * 1024  # bytes fields at least this big are sent as their own buffer
@@ -234,9 +234,10 @@ class PeerCodec:
         # and a WriteChunk's payload is then handed on as a view of it, never copied
         self._large: bytearray | None = None
         self._filled = 0
-        # the last large frame's buffer, reused once nothing refers to it any more (the
-        # message it carried is gone): a new one every time costs a page fault per 4 KiB
-        self._spare: bytearray | None = None
+        # [the last large frame's buffer], reused once nothing refers to it any more (the
+        # message it carried is gone; vbp.buffers): a new one every time costs a page
+        # fault per 4 KiB
+        self._spare: list = [None]
         self._eof = False
         self._error: PeerProtocolError | None = None
 
@@ -318,16 +319,15 @@ class PeerCodec:
         return self._decode(obj)
 
     def _frame_buffer(self, n: int) -> bytearray:
-        spare = self._spare
-        # references: the slot, the local and getrefcount's argument; a memoryview (a
-        # WriteChunk payload still in use) holds one more
-        if spare is not None and sys.getrefcount(spare) <= 3:
+        slot = self._spare
+        if slot[0] is not None and unshared(slot, 0):  # no WriteChunk payload of it in use
+            spare = slot[0]
             if len(spare) != n:
                 spare[n:] = b""
                 if len(spare) < n:
                     spare.extend(bytes(n - len(spare)))
             return spare
-        spare = self._spare = bytearray(n)
+        spare = slot[0] = bytearray(n)
         return spare
 
     def _next_large(self):

@@ -593,8 +593,11 @@ def test_a_large_frame_buffer_is_reused_only_once_its_payload_is_gone():
     held = feed_large(c, wire(1, a), 4096, True)[0][1]
     got = feed_large(c, wire(2, b), 4096, True)[0][1]
     assert held == a and got == b  # the held payload was not overwritten
+    assert got.data.obj is not held.data.obj
+    buffer = id(got.data.obj)  # (not the object: a reference to it would keep it busy)
     del held, got
-    assert feed_large(c, wire(3, a), 4096, True) == [(3, a)]
+    again = feed_large(c, wire(3, a), 4096, True)
+    assert again == [(3, a)] and id(again[0][1].data.obj) == buffer  # free again: reused
 
 
 @given(request_ids, messages)

@@ -1,0 +1,30 @@
+"""Reusing a receive buffer once nothing refers to it any more.
+
+The NBD and peer codecs receive large payloads into buffers of their own and hand them
+on as memoryviews, which a consumer may keep (a replicated write keeps its payload until
+every replica has answered). A memoryview, and every slice of it, holds a reference to
+the bytearray it views, so a buffer that nothing but its holder refers to has no view
+alive anywhere, and its bytes can be overwritten.
+
+What sys.getrefcount counts besides the holder's reference (the argument, a borrowed
+local) differs between interpreter versions, so the count of a buffer referred to by its
+holder alone is not a constant: it is measured once, at import, with the same code that
+checks it later.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _count(holder: list, i: int) -> int:
+    return sys.getrefcount(holder[i])
+
+
+_ALONE = _count([bytearray(1)], 0)
+
+
+def unshared(holder: list, i: int) -> bool:
+    """Whether `holder[i]` is referred to by `holder` alone: no view of it is alive.
+    The caller must hold no other reference to it (no local) while it asks."""
+    return _count(holder, i) <= _ALONE
