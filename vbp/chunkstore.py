@@ -121,11 +121,24 @@ FRESH = b"c"
 REF_MIN = 64 * 1024
 
 
-@functools.lru_cache(maxsize=64)
+# Page slices are kept for sizes up to this (64 sizes at most, ~1 MiB of slices in all);
+# larger ranges (a whole chunk of up to 64 MiB) are rare enough to make theirs each time.
+SLICES_KEPT_MAX = 1 << 20
+
+
 def _page_slices(n: int) -> tuple[slice, ...]:
     """The slices of the pages of `n` bytes (a whole number of pages). Writes and reads
     come in a few sizes (a page, 64 KiB, 1 MiB): kept, not made again per request."""
+    if n <= SLICES_KEPT_MAX:
+        return _kept_page_slices(n)
+    return _make_page_slices(n)
+
+
+def _make_page_slices(n: int) -> tuple[slice, ...]:
     return tuple(map(slice, range(0, n, PAGE_SIZE), range(PAGE_SIZE, n + PAGE_SIZE, PAGE_SIZE)))
+
+
+_kept_page_slices = functools.lru_cache(maxsize=64)(_make_page_slices)
 
 
 def _page_sums(buf, start: int = 0, end: int | None = None) -> list[int]:

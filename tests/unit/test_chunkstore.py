@@ -519,6 +519,17 @@ def test_page_sums_are_each_pages_checksum(raw, first, count, ranged):
     assert got == expected and 0 not in got
 
 
+def test_page_sums_of_a_whole_large_chunk_keep_no_slices():
+    """Slices are kept for the common sizes only: a 4 MiB range is hashed right without
+    leaving 1,024 slices behind."""
+    from vbp import chunkstore
+    buf = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    kept = chunkstore._kept_page_slices.cache_info().currsize
+    assert _page_sums(buf) == [page_checksum(buf[o:o + PAGE_SIZE])
+                               for o in range(0, len(buf), PAGE_SIZE)]
+    assert chunkstore._kept_page_slices.cache_info().currsize == kept
+
+
 def test_page_sums_map_a_hash_of_zero_to_one(monkeypatch):
     """0 marks a page never written: a page whose hash is 0 is stored as 1, as
     page_checksum does (no page with an xxh3 of 0 is known: the hash is replaced)."""
