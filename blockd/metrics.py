@@ -7,9 +7,9 @@ lock and `Histogram.observe` walks its buckets in Python. blockd's data path run
 thread, so the request families are plain per-(volume, op) counters instead: one dict lookup,
 three additions and one `bisect` (~0.5 µs; `python -m bench.metrics_bench` measures it),
 turned into counter and histogram families by a collector at scrape time, which runs in the
-same thread. Series of a deleted volume are dropped with `forget_volume` (each garbage
-collection pass: Blockd.prune_metrics), so label cardinality follows the pool's volumes;
-those of a volume only closed here stay, as Prometheus counters should.
+same thread. Series of a deleted volume are dropped with `forget_volume` (every
+gc_interval: Blockd.prune_metrics), so label cardinality follows the pool's volumes; those
+of a volume only closed here stay, as Prometheus counters should.
 
 Each `Metrics` owns its `CollectorRegistry` (never the process-global one): a test or a
 sandbox can create many, and nothing leaks between them.
@@ -156,9 +156,12 @@ class Metrics:
             s = self._stats[(volume, op)] = _OpStats()
         return s
 
-    def volumes(self) -> set[str]:
-        """The volumes that have request series."""
-        return {volume for volume, _ in self._stats}
+    def request_counts(self) -> dict[str, int]:
+        """Requests counted so far per volume that has series."""
+        out: dict[str, int] = {}
+        for (volume, _), s in self._stats.items():
+            out[volume] = out.get(volume, 0) + s.count
+        return out
 
     def forget_volume(self, volume: str) -> None:
         """Drop a volume's series (it was deleted)."""

@@ -524,6 +524,7 @@ class Blockd:
                 nursery.start_soon(self._watch_map)
                 nursery.start_soon(self._renew_leases)
                 nursery.start_soon(self._collect_garbage)
+                nursery.start_soon(self._prune_metrics)
                 nursery.start_soon(self._recover)
                 nursery.start_soon(self._move_data)
                 nursery.start_soon(self._refresh_stale)
@@ -737,20 +738,27 @@ class Blockd:
         async def step() -> None:
             await self.collect_garbage_once()
             await self.mover.collect_misplaced()
-            await self.prune_metrics()
         await self._every(self.cfg.gc_interval, "gc", step, first_wait=True)
+
+    async def _prune_metrics(self) -> None:
+        await self._every(self.cfg.gc_interval, "metrics_prune", self.prune_metrics,
+                          first_wait=True)
 
     async def prune_metrics(self) -> list[str]:
         """Drop the request series of volumes deleted since they were served here (so
         label cardinality follows the pool's volumes); returns their names. A volume
         still open here keeps its series, and so does one that was only closed: a scrape
-        after a short connection still counts its requests."""
-        names = self.metrics.volumes()
-        if not names:
+        after a short connection still counts its requests. A volume that counted
+        requests while the registry was read (deleted and made again under the same name
+        meanwhile, and served) keeps them too."""
+        counts = self.metrics.request_counts()
+        if not counts:
             return []
         live = {d["name"] for d in await self.registry.list_volumes()}
         live.update(split_export_name(e)[0] for e in self.provider.gateways)
-        gone = sorted(names - live)
+        now = self.metrics.request_counts()
+        gone = sorted(name for name, n in counts.items()
+                      if name not in live and now.get(name) == n)
         for name in gone:
             self.metrics.forget_volume(name)
             log.info("volume=%s event=metrics_dropped reason=deleted", name)
