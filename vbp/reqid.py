@@ -46,10 +46,6 @@ class RequestIds:
         self.prefix = f"{host_id}-{boot:06x}-"
         self._seq = 0
 
-    def next(self) -> str:
-        self._seq += 1
-        return self.text(self._seq)
-
     def next_ref(self) -> tuple:
         """The next id, unformatted: a value for `current` (see get())."""
         self._seq += 1

@@ -39,7 +39,7 @@ def test_kv_and_json_lines_carry_the_current_request_id():
 def test_a_frontend_request_id_is_formatted_when_a_line_is_logged():
     """The NBD frontend sets (RequestIds, counter), not the string (vbp.reqid)."""
     ids = reqid.RequestIds("h1", boot=0xABCD)
-    ids.next()
+    ids.next_ref()
     token = reqid.current.set(ids.next_ref())
     try:
         kv = KVFormatter("h1").format(record())
@@ -49,7 +49,7 @@ def test_a_frontend_request_id_is_formatted_when_a_line_is_logged():
     finally:
         reqid.current.reset(token)
     assert " rid=h1-00abcd-2 volume=v" in kv
-    assert reqid.get() == "" and ids.next() == "h1-00abcd-4"
+    assert reqid.get() == "" and ids.text(ids.next_ref()[1]) == "h1-00abcd-4"
 
 
 def test_an_explicit_request_id_wins():
@@ -63,7 +63,8 @@ def test_an_explicit_request_id_wins():
 
 def test_request_ids_are_short_and_distinct():
     ids = reqid.RequestIds("h1", boot=0x3FA9C2)
-    assert [ids.next() for _ in range(3)] == ["h1-3fa9c2-1", "h1-3fa9c2-2", "h1-3fa9c2-3"]
+    assert [ids.text(ids.next_ref()[1]) for _ in range(3)] == ["h1-3fa9c2-1", "h1-3fa9c2-2",
+                                                              "h1-3fa9c2-3"]
     # a restarted host draws another boot tag: its ids do not repeat the old ones
     assert reqid.RequestIds("h1").prefix.startswith("h1-")
     assert len({reqid.RequestIds("h1").prefix for _ in range(20)}) > 1
