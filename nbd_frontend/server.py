@@ -58,6 +58,7 @@ from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery,
                                     Ready, ServerHandshake)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
+from vbp.buffers import keepable
 from vbp.chunkstore_common import FileRange
 from vbp.errors import NotFound, VbpError
 from vbp.later import Later
@@ -335,9 +336,7 @@ class _Connection:
                 if cmd == proto.CMD_READ:
                     result = self.read(req.offset, req.length)
                 elif cmd == proto.CMD_WRITE:
-                    data = req.data
-                    if self.copy_writes and not data.readonly:
-                        data = bytes(data)
+                    data = keepable(req.data) if self.copy_writes else req.data
                     result = export.write(req.offset, data, bool(req.flags & proto.CMD_FLAG_FUA))
                 elif cmd == proto.CMD_FLUSH:
                     result = export.flush()

@@ -37,14 +37,10 @@ from dataclasses import dataclass
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError
 from nbd_frontend.handshake import NEED_DATA
-from vbp.buffers import unshared
+from vbp.buffers import HEAD_RECV, unshared
 
 DEFAULT_BUFFER = 256 * 1024
 SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
-# After a large write, get_buffer offers at most this much: the next request is likely a
-# large write too, and what of its payload lands in the receive buffer is copied into the
-# payload's own buffer, while the rest is received straight into it.
-HEAD_RECV = 16 * 1024
 POOL_BYTES = 16 * 1024 * 1024  # payload buffers kept for reuse per connection, in all
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 

@@ -59,6 +59,7 @@ from dataclasses import replace as dc_replace
 import trio
 
 from replicator import messages as m
+from vbp.buffers import keepable
 from vbp.cluster import HOST_UP, ClusterMap
 from vbp.errors import (
     BelowMinSize,
@@ -577,13 +578,13 @@ class VolumeGateway:
 
     def write(self, offset: int, data, fua: bool):
         if self.qos is not None and (d := self.qos.delay_for(len(data))):
-            return self._throttled(d, self._write, offset, _kept(data), fua)
+            return self._throttled(d, self._write, offset, keepable(data), fua)
         return self._write(offset, data, fua)
 
     def _write(self, offset: int, data, fua: bool):
         self._check_writable()
         if not self.token or self._hold is not None:
-            return self._leased(self._write, offset, _kept(data), fua)
+            return self._leased(self._write, offset, keepable(data), fua)
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         n = len(data)
@@ -604,7 +605,7 @@ class VolumeGateway:
                                        self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token)
                     self._note_unflushed(self.host_id, p.index)
                 return None
-        payload = _kept(data)
+        payload = keepable(data)
         rid = get_rid()
 
         def make(p):  # (the general path calls it when its task runs: epoch and token then)
@@ -1193,16 +1194,6 @@ class VolumeGateway:
         if self.on_close is not None:
             return self.on_close(self)
         return None
-
-
-def _kept(data):
-    """`data` as a buffer a write may keep after its call returns (until every replica has
-    answered): bytes and read-only views (the NBD server's large write payloads, see
-    nbd_frontend.export) as they are, anything else (a view of a receive buffer that the
-    next request overwrites) copied."""
-    if type(data) is bytes or (type(data) is memoryview and data.readonly):
-        return data
-    return bytes(data)
 
 
 def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:

@@ -56,6 +56,7 @@ from replicator.errors import (
     error_to_exception,
     exception_to_error,
 )
+from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
 from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, plain_socket, receive_wait, send_all, send_now,
                          set_rcvlowat, wait_for_rest)
@@ -64,10 +65,6 @@ from vbp.reqid import current as current_rid
 log = logging.getLogger("vbp.replicator.transport")
 
 RECV_SIZE = 256 * 1024
-# After a large frame, the next receive takes at most this much: the next frame is likely
-# large too, and what of it lands in the receive buffer is copied twice (into the codec's
-# buffer, then into the frame's own), while the rest goes straight into the frame's buffer.
-HEAD_RECV = 16 * 1024
 SPIN_RECEIVES = 8  # receives without waiting before the reader yields anyway
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 256
