@@ -1,11 +1,13 @@
 """blockd's Prometheus metrics and the tiny HTTP responder that serves them.
 
-Theory of operation. Every NBD request calls `Metrics.observe(volume, op, nbytes, seconds)`
-(DESIGN.md, Speed: well under 10 µs of server CPU per request). prometheus_client's own
-labelled children cost ~2.6 µs for that (`labels()` lookups aside): every `inc` takes a
-lock and `Histogram.observe` walks its buckets in Python. blockd's data path runs in one trio
-thread, so the request families are plain per-(volume, op) counters instead: one dict lookup,
-three additions and one `bisect` (~0.5 µs; `python -m bench.metrics_bench` measures it),
+Theory of operation. Every NBD request is counted in its (volume, op) counters: a gateway
+binds them once (`Metrics.stats`) and bumps them per request (`add`); `Metrics.observe`
+does both, for other callers (DESIGN.md, Speed: well under 10 µs of server CPU per
+request). prometheus_client's own labelled children cost ~2.6 µs for that (`labels()`
+lookups aside): every `inc` takes a lock and `Histogram.observe` walks its buckets in
+Python. blockd's data path runs in one trio thread, so the request families are plain
+counters instead: three additions and one `bisect` (~0.3 µs, ~0.5 with observe's lookup;
+`python -m bench.metrics_bench` measures both),
 turned into counter and histogram families by a collector at scrape time, which runs in the
 same thread. Series of a deleted volume are dropped with `forget_volume` (every
 gc_interval: Blockd.prune_metrics), so label cardinality follows the pool's volumes; those

@@ -96,4 +96,5 @@ def test_metrics_bench_runs():
     p = subprocess.run([sys.executable, "-m", "bench.metrics_bench", "--calls", "200"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "Metrics.observe:" in p.stdout and "a call doing nothing:" in p.stdout, p.stdout
+    assert ("bound counters" in p.stdout and "Metrics.observe:" in p.stdout
+            and "a call doing nothing:" in p.stdout), p.stdout
