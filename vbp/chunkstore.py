@@ -28,7 +28,12 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   of the chunks written since, clears the dirty marks of all but the HOT_MAX chunks written
   last, and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
-  journal, a database, fio with fsync) costs no synced commit per first write after a flush;
+  journal, a database, fio with fsync) costs no synced commit per first write after a flush.
+  A flush that clears no mark, frees no limbo and settles no copy-up needs no transaction
+  at all: it is one fdatasync (what a flush costs qemu-nbd), and the versions it
+  acknowledges stay unpersisted (`Chunk.saved` is the persisted one), which the recovery
+  rule below allows as long as no chunk runs VERSION_SLACK versions past its persisted
+  one; a flush that would let one do so commits;
 - at fua: fdatasync + msync of the chunk's sums + one transaction persisting its version.
 - copy-up (create with `base`): the new chunk is allocated PENDING, the base's data and
   sums are copied (not synced), then one transaction makes it READY and marks it dirty
@@ -53,7 +58,9 @@ one written since the last flush or one of the hot set kept marked through it): 
 are dropped, and FRESH ones after a reboot; limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
 match its bytes holds a write that was never acknowledged durable: it is re-hashed,
 accepting the bytes on disk (a hole page holding non-zero bytes becomes a real page). Its
-version becomes the last persisted one + 1 (never below what a flush or fua acknowledged).
+version becomes the last persisted one + VERSION_SLACK: never below what a flush or fua
+acknowledged, since a dirty chunk's version never runs that far past its persisted one
+without a commit (flush), and a version only ever grows.
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
 page raise ChecksumError. `recovered` lists the dirty chunks (and dropped FRESH ones) so
 replication can resync them.
@@ -93,7 +100,7 @@ from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, FileRange, StoreStats, check_chunk_size, check_key,
-    check_range, check_version, page_checksum, runs,
+    VERSION_SLACK, check_range, check_version, page_checksum, runs,
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
@@ -267,7 +274,7 @@ class ChunkStore:
                 sp.wipe(slot)
         for c in dirty:
             self._rehash(c)
-            c.version += 1
+            c.version += VERSION_SLACK
         for sp in self._spaces.values():
             sp.sync()
         db = self._db
@@ -283,6 +290,8 @@ class ChunkStore:
             self._free_limbo(txn)
             txn.put(b"clean", b"0", db=db["meta"])
             txn.put(b"boot", boot.encode(), db=db["meta"])
+        for c in dirty:
+            c.saved = c.version
 
     def _rehash(self, c: Chunk) -> None:
         """Accept the bytes on disk for every page of `c` whose checksum does not match."""
@@ -600,6 +609,7 @@ class ChunkStore:
             txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
             if c.fresh:
                 txn.put(enc_key(c.key), b"", db=self._db["dirty"])
+        c.saved = c.version
         if c.fresh:
             c.fresh = False
             del self._fresh[c.key]
@@ -807,14 +817,27 @@ class ChunkStore:
             if sp not in whole:
                 for c in cs:
                     sp.sync_sums(c.slot)
-        with self._txn() as txn:
+        # The data is durable. With no mark to clear, no limbo to free and no copy-up to
+        # settle, the versions need not be: every chunk written stays marked, and recovery
+        # gives it its persisted version + VERSION_SLACK, above any acknowledged here while
+        # none ran that far (the module's durability rules).
+        if not cold and not limbo and not self._fresh and all(
+                c.version - c.saved < VERSION_SLACK for c in written):
             for c in written:
+                c.touched = False
+            return
+        unsaved = [c for c in dirty.values() if c.version != c.saved]
+        with self._txn() as txn:
+            for c in unsaved:  # written since, or earlier by a flush that needed no commit
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
+            for c in written:
                 if c.fresh:  # synced above: an ordinary mark now (cold ones go below)
                     txn.put(enc_key(c.key), b"", db=db["dirty"])
             for c in cold:
                 txn.delete(enc_key(c.key), db=db["dirty"])
             freed = self._free_limbo(txn)
+        for c in unsaved:
+            c.saved = c.version
         for c in written:
             c.touched = c.fresh = False
         self._fresh.clear()

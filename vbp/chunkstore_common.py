@@ -113,6 +113,12 @@ def check_range(offset, length, chunk_size: int) -> None:
         )
 
 
+# How far a chunk's version may run past the one persisted in the index while it stays
+# marked dirty: recovery adds it to the persisted version of every dirty chunk, so what a
+# flush acknowledged without persisting it (ChunkStore.flush) is never gone back below.
+VERSION_SLACK = 1 << 20
+
+
 def check_version(version) -> None:
     if version is not None and (not isinstance(version, int) or version < 0
                                 or version >= 1 << 63):

@@ -234,8 +234,8 @@ class Space:
 
 
 class Chunk:
-    __slots__ = ("key", "space", "cs", "slot", "version", "state", "dirty", "touched", "fresh",
-                 "dbase", "sbase")
+    __slots__ = ("key", "space", "cs", "slot", "version", "saved", "state", "dirty", "touched",
+                 "fresh", "dbase", "sbase")
 
     def __init__(self, key: ChunkKey, space: Space, slot: int, version: int, state: int):
         self.key = key
@@ -243,6 +243,7 @@ class Chunk:
         self.cs = space.cs
         self.slot = slot
         self.version = version
+        self.saved = version  # the version in the index (a commit putting record() sets it)
         self.state = state
         self.dirty = False  # marked dirty in the index (ChunkStore._dirty holds it)
         self.touched = False  # written since the last flush (implies dirty)

@@ -4,7 +4,8 @@ For deterministic simulation (CONVENTIONS.md 7, 8): a dict of chunks, each a dic
 with their checksums. It also models the non-durable disk: `crash(rng)` returns the store a
 restart would find, where every chunk written since its last flush/fua keeps, page by page,
 either its durable or its newest bytes (chosen by `rng`), and its version becomes the durable
-one + 1, exactly what ChunkStore's recovery guarantees. `corrupt(key, page)` flips a byte
+one + VERSION_SLACK, what ChunkStore's recovery gives a chunk written since its last flush
+(whose version it may not have persisted). `corrupt(key, page)` flips a byte
 behind the checksum's back, as a failing disk would.
 """
 
@@ -16,7 +17,7 @@ from typing import Iterator, Sequence
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
-    check_range, check_version, page_checksum, runs,
+    VERSION_SLACK, check_range, check_version, page_checksum, runs,
 )
 from vbp.errors import ChecksumError, InvalidArgument, NoSpace, NotFound
 from vbp.layout import PAGE_SIZE, ChunkKey
@@ -263,7 +264,7 @@ class MemoryChunkStore:
                         d.pages.pop(p, None)
                     else:
                         d.pages[p] = pick
-                d.version += 1
+                d.version += VERSION_SLACK
             new._chunks[key] = d
             new._durable[key] = d.copy()
             new._gens.setdefault((key.lineage, key.index), set()).add(key.gen)

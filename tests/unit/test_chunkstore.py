@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore import ChunkStore, MemoryChunkStore, _page_sums
-from vbp.chunkstore_common import page_checksum
+from vbp.chunkstore_common import VERSION_SLACK, page_checksum
 from vbp.errors import ChecksumError, NoSpace
 from vbp.layout import PAGE_SIZE, ChunkKey
 
@@ -87,19 +87,19 @@ def test_no_index_transaction_per_request(store, monkeypatch):
         store.write(K, 7, b"partial", chunk_size=CS)
         store.zero(K, PAGE_SIZE, 2 * PAGE_SIZE, chunk_size=CS)
     assert txnid(store) == t
-    store.flush()
-    assert txnid(store) == t + 1
+    store.flush()  # K stays marked: a data sync, no transaction (its version can wait)
+    assert txnid(store) == t
     store.write(K, 0, b"b", chunk_size=CS)  # written since the flush before: still marked
     store.write(K, 0, b"c", chunk_size=CS)
-    assert txnid(store) == t + 1
+    assert txnid(store) == t
     store.flush()
     store.flush()  # nothing written since: nothing to do
-    assert txnid(store) == t + 2
+    assert txnid(store) == t
     store.write(ChunkKey("lin", 3, 1), 0, b"o", chunk_size=CS)  # allocation
-    store.flush()  # another chunk was written since K: K is clean now
-    assert txnid(store) == t + 4 and dirty_marks(store) == {ChunkKey("lin", 3, 1)}
+    store.flush()  # another chunk was written since K: K is clean now, its version persisted
+    assert txnid(store) == t + 2 and dirty_marks(store) == {ChunkKey("lin", 3, 1)}
     store.write(K, 0, b"d", chunk_size=CS)  # first write to a clean chunk: the dirty record
-    assert txnid(store) == t + 5 and dirty_marks(store) == {K, ChunkKey("lin", 3, 1)}
+    assert txnid(store) == t + 3 and dirty_marks(store) == {K, ChunkKey("lin", 3, 1)}
 
 
 def test_a_flush_makes_durable_only_what_it_must(store, monkeypatch):
@@ -156,7 +156,7 @@ def test_hot_chunks_keep_their_mark_and_a_crash_recovers_them(store, tmp_path, m
     assert txnid(store) == t
     store.flush()
     store.write(keys[0], 0, b"A", chunk_size=CS)  # cold: marked again first
-    assert txnid(store) == t + 2
+    assert txnid(store) == t + 1  # (the flush of hot keys[1] alone committed nothing)
     store.flush()  # keys[2] is the least recently written: out of the hot set
     assert dirty_marks(store) == {keys[0], keys[1]}
     v = store.info(keys[0]).version
@@ -166,7 +166,7 @@ def test_hot_chunks_keep_their_mark_and_a_crash_recovers_them(store, tmp_path, m
         assert s.recovered == {keys[0], keys[1]}
         for i, k in enumerate(keys):
             assert s.read(k, 0, PAGE_SIZE) == bytes([65 + i]) * PAGE_SIZE
-        assert s.info(keys[0]).version == v + 1  # above the flushed version
+        assert s.info(keys[0]).version == v + VERSION_SLACK  # above the flushed version
         assert s.fsck() == [] and s.stats().checksum_errors == 0
         s.write(keys[0], 0, b"z", chunk_size=CS)
         s.flush()
@@ -176,6 +176,103 @@ def test_hot_chunks_keep_their_mark_and_a_crash_recovers_them(store, tmp_path, m
     s = ChunkStore(tmp_path, 32 * CS)
     assert s.was_clean and s.recovered == frozenset()
     s.close()
+
+
+def test_a_flush_of_hot_chunks_is_one_data_sync_and_a_crash_stays_above_it(store, tmp_path,
+                                                                          monkeypatch):
+    """A flush that clears no mark (every chunk written stays in the hot set) syncs the data
+    and commits nothing: the versions it acknowledged are not in the index. A crash then
+    recovers each such chunk at its persisted version + VERSION_SLACK, above them; its
+    bytes are the flushed ones. The next flush that commits persists them all, and a clean
+    close leaves every version as it was."""
+    from vbp import chunkstore_files as files
+
+    calls = []
+    real = files.Space.sync_data
+    monkeypatch.setattr(files.Space, "sync_data", lambda sp: (calls.append(1), real(sp)))
+    keys = [ChunkKey("lin", i, 1) for i in range(3)]
+    for k in keys:
+        store.write(k, 0, b"a" * PAGE_SIZE, chunk_size=CS)
+    store.flush()  # the first flush of new chunks: their marks stay, nothing to commit
+    t = txnid(store)
+    saved = {k: store.info(k).version for k in keys}  # the index holds 0 (allocation)
+    for n in range(5):
+        for k in keys[:2]:
+            store.write(k, n * PAGE_SIZE, bytes([66 + n]) * PAGE_SIZE, chunk_size=CS)
+        calls.clear()
+        store.flush()
+        assert calls == [1] and txnid(store) == t  # one fdatasync, no index transaction
+    acked = {k: store.info(k).version for k in keys}
+    assert all(acked[k] == saved[k] + 5 for k in keys[:2])
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.recovered == set(keys)
+        for k in keys:
+            assert s.info(k).version >= acked[k]
+            assert s.info(k).version == VERSION_SLACK  # 0, as persisted, + the slack
+        for n in range(5):
+            assert s.read(keys[0], n * PAGE_SIZE, PAGE_SIZE) == bytes([66 + n]) * PAGE_SIZE
+        assert s.fsck() == [] and s.stats().checksum_errors == 0
+        s.write(keys[0], 0, b"z", chunk_size=CS)
+        s.flush()
+        v = {k: s.info(k).version for k in keys}
+    finally:
+        s.close()
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.was_clean and {k: s.info(k).version for k in keys} == v
+    finally:
+        s.close()
+
+
+def test_a_flush_commits_when_a_version_would_run_past_the_slack(store, tmp_path):
+    """No chunk's version runs VERSION_SLACK past its persisted one without a commit."""
+    store.write(K, 0, b"a", chunk_size=CS)
+    store.flush()
+    t = txnid(store)
+    store.write(K, 0, b"b", chunk_size=CS, version=store.info(K).version + VERSION_SLACK)
+    store.flush()
+    assert txnid(store) == t + 1
+    v = store.info(K).version
+    store.write(K, 0, b"c", chunk_size=CS)
+    store.flush()  # within the slack again: no commit
+    assert txnid(store) == t + 1
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.info(K).version == v + VERSION_SLACK  # the persisted v, + the slack
+    finally:
+        s.close()
+
+
+def test_clearing_a_mark_persists_the_version_a_flush_left_out(store, tmp_path, monkeypatch):
+    """A chunk flushed with no commit, then pushed out of the hot set by another one: the
+    flush that clears its mark writes its version to the index (nothing would raise it
+    at recovery any more)."""
+    from vbp import chunkstore
+
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
+    k2 = ChunkKey("lin", 1, 1)
+    store.write(K, 0, b"a", chunk_size=CS)
+    store.write(k2, 0, b"x", chunk_size=CS)
+    store.flush()  # K is cold (k2 written last): committed, k2's mark stays
+    store.write(k2, 0, b"y", chunk_size=CS)
+    store.flush()  # k2 hot again, no mark to clear: no commit
+    t = txnid(store)
+    store.write(K, 0, b"b", chunk_size=CS)  # marked again (a commit of its own)
+    store.write(K, 0, b"c", chunk_size=CS)
+    store.flush()  # K hot, k2 cold: k2's unpersisted version goes in with its mark cleared
+    assert txnid(store) == t + 2
+    v2 = store.info(k2).version
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.recovered == {K}
+        assert s.info(k2).version == v2
+        assert s.read(k2, 0, 1) == b"y" and s.read(K, 0, 1) == b"c"
+    finally:
+        s.close()
 
 
 def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
@@ -193,13 +290,14 @@ def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
         assert s.read(K, PAGE_SIZE, PAGE_SIZE) == b"c" * PAGE_SIZE
         assert s.read(K, 6 * PAGE_SIZE, 11) == b"d" * 10 + b"\0"
         assert s.read(K, 2 * PAGE_SIZE, PAGE_SIZE) == b"a" * PAGE_SIZE
-        assert s.info(K).version == 5  # above the flushed 4
+        # above the flushed 4: the index holds 0 (the allocation's), + VERSION_SLACK
+        assert s.info(K).version == VERSION_SLACK
         assert s.stats().checksum_errors == 0
         assert s.fsck() == []
     finally:
         s.close()
     s = ChunkStore(tmp_path, 32 * CS)
-    assert s.was_clean and s.recovered == frozenset() and s.info(K).version == 5
+    assert s.was_clean and s.recovered == frozenset() and s.info(K).version == VERSION_SLACK
     s.close()
 
 
@@ -405,8 +503,8 @@ def test_memory_crash_model():
     m.write(ChunkKey("lin", 1, 1), 0, b"f", chunk_size=CS, version=8, fua=True)
     after = m.crash(rng)
     assert after.recovered == {K, ChunkKey("lin", 1, 1)}
-    assert after.info(K).version == 4
-    assert after.info(ChunkKey("lin", 1, 1)).version == 9
+    assert after.info(K).version == 3 + VERSION_SLACK
+    assert after.info(ChunkKey("lin", 1, 1)).version == 8 + VERSION_SLACK
     assert after.read(ChunkKey("lin", 1, 1), 0, 1) == b"f"
     page_values = {after.read(K, p * PAGE_SIZE, 1) for p in range(PAGES)}
     assert page_values <= {b"a", b"b"}
