@@ -34,7 +34,10 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   acknowledges stay unpersisted (`Chunk.saved` is the persisted one), which the recovery
   rule below allows as long as no chunk runs VERSION_SLACK versions past its persisted
   one; a flush that would let one do so commits;
-- at fua: fdatasync + msync of the chunk's sums + one transaction persisting its version.
+- at fua: fdatasync; the chunk stays marked, so, as for a flush that clears no mark, its
+  version and checksums need not be durable. A copy-up (FRESH) or a version run
+  VERSION_SLACK past its persisted one also gets an msync of its checksums and one
+  transaction persisting its version (and turning FRESH into an ordinary mark).
 - copy-up (create with `base`): the new chunk is allocated PENDING, the base's data and
   sums are copied (not synced), then one transaction makes it READY and marks it dirty
   FRESH: its copy may not be durable yet. A copy-up holds nothing acknowledged durable
@@ -604,6 +607,8 @@ class ChunkStore:
 
     def _sync_chunk(self, c: Chunk) -> None:
         c.space.sync_data()
+        if not c.fresh and c.version - c.saved < VERSION_SLACK:
+            return  # marked dirty (every write marks it first): as a flush of a hot chunk
         c.space.sync_sums(c.slot)
         with self._txn() as txn:
             txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])

@@ -226,6 +226,32 @@ def test_a_flush_of_hot_chunks_is_one_data_sync_and_a_crash_stays_above_it(store
         s.close()
 
 
+def test_a_fua_write_to_a_marked_chunk_is_one_data_sync(store, tmp_path, monkeypatch):
+    """FUA on a chunk marked dirty (every write marks it first, and no copy-up is pending):
+    the data's fdatasync and nothing else; a crash keeps the bytes and recovers a version
+    above the one acknowledged."""
+    from vbp import chunkstore_files as files
+
+    calls = []
+    for name in ("sync", "sync_data", "sync_sums"):
+        def wrapped(sp, *args, _orig=getattr(files.Space, name), _name=name):
+            calls.append(_name)
+            return _orig(sp, *args)
+        monkeypatch.setattr(files.Space, name, wrapped)
+    store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
+    t = txnid(store)
+    calls.clear()
+    v = store.write(K, PAGE_SIZE, b"b" * PAGE_SIZE, chunk_size=CS, fua=True)
+    assert calls == ["sync_data"] and txnid(store) == t
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.read(K, PAGE_SIZE, PAGE_SIZE) == b"b" * PAGE_SIZE
+        assert s.info(K).version >= v
+    finally:
+        s.close()
+
+
 def test_a_flush_commits_when_a_version_would_run_past_the_slack(store, tmp_path):
     """No chunk's version runs VERSION_SLACK past its persisted one without a commit."""
     store.write(K, 0, b"a", chunk_size=CS)
