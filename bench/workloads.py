@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ MiB = 1 << 20
 class Workload:
     name: str
     title: str
-    tool: str = "fio"  # "fio" or "nbdcopy"
+    tool: str = "fio"  # "fio", "nbdcopy" or "fua" (bench.fua_client)
     fio: tuple[str, ...] = ()
     copy: str = ""  # nbdcopy direction: "out" (volume -> null:) or "in" (file -> volume)
     headline: str = "iops"  # the metric goals and plots use: "iops" or "mib_s"
@@ -40,6 +41,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("randwrite-4k-qd32", "4K random write QD32", fio=("--rw=randwrite", "--bs=4k", "--iodepth=32")),
     Workload("randwrite-4k-fsync", "4K random write + flush each (QD1)",
              fio=("--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1")),
+    Workload("fua-write-4k-qd1", "4K random write with FUA (QD1, libnbd)", tool="fua"),
     Workload("seqread-1m-qd8", "1M sequential read QD8", headline="mib_s",
              fio=("--rw=read", "--bs=1m", "--iodepth=8")),
     Workload("seqwrite-1m-qd8", "1M sequential write QD8", headline="mib_s",
@@ -143,8 +145,24 @@ def run_nbdcopy(w: Workload, target: Target, ctx: JobContext) -> dict:
             "seconds": seconds, "cpu_us_per_mib": cpu * 1e6 / (ctx.size / MiB)}
 
 
+def run_fua(w: Workload, target: Target, ctx: JobContext) -> dict:
+    cpu0 = cpu_seconds(target.pids())
+    p = subprocess.run([sys.executable, "-m", "bench.fua_client", target.uri, str(ctx.size),
+                        f"{ctx.runtime:g}"], capture_output=True, text=True,
+                       timeout=ctx.runtime * 4 + 60)
+    cpu = cpu_seconds(target.pids()) - cpu0
+    if p.returncode != 0:
+        raise RunError(f"{w.name} on {target.name} exited {p.returncode}: "
+                       f"{(p.stderr or p.stdout).strip()[-500:]}")
+    rec = json.loads(p.stdout)
+    rec["cpu_us_per_io"] = cpu * 1e6 / rec["ios"] if rec["ios"] else None
+    return rec
+
+
 def run(w: Workload, target: Target, ctx: JobContext) -> dict:
-    return run_nbdcopy(w, target, ctx) if w.tool == "nbdcopy" else run_fio(w, target, ctx)
+    if w.tool == "nbdcopy":
+        return run_nbdcopy(w, target, ctx)
+    return run_fua(w, target, ctx) if w.tool == "fua" else run_fio(w, target, ctx)
 
 
 def make_data_file(path: Path, size: int) -> Path:
