@@ -381,17 +381,28 @@ class VolumeProvider:
                     await self._release(item[1])
 
     async def renew_all(self) -> None:
+        """Renew every lease we hold. A registry call takes time, and meanwhile the lease
+        may go back (its last connection closed) or be replaced (a new gateway took a new
+        one): an answer about a lease that is no longer ours to renew is dropped, never
+        stored back nor turned against the gateway now serving the volume."""
         svc = self.service
         for export, lease in list(self.leases.items()):
             gw = self.gateways.get(export)
             try:
                 for _ in range(2):
                     t0 = trio.current_time()
-                    lease = self.leases[export] = await svc.registry.renew_lease(lease, svc.cfg.lease_ttl)
+                    renewed = await svc.registry.renew_lease(lease, svc.cfg.lease_ttl)
+                    if self.leases.get(export) is not lease:
+                        break
+                    lease = self.leases[export] = renewed
                     if self._deadline(t0) > trio.current_time():
                         break
                     # the answer came too late to count (a hung registry): once more at once
+                if self.leases.get(export) is not lease:
+                    continue
             except RegistryUnavailable as e:
+                if self.leases.get(export) is not lease:
+                    continue
                 log.warning("volume=%s event=lease_renew_failed error=%s", export, e)
                 if gw is not None and trio.current_time() >= gw.lease_deadline and export not in self.expired:
                     self.expired.add(export)
@@ -399,6 +410,8 @@ class VolumeProvider:
                                 "the registry confirms the lease", export, lease.token)
                 continue
             except VbpError as e:
+                if self.leases.get(export) is not lease:
+                    continue
                 if gw is not None:
                     gw._fence(e)
                 self.leases.pop(export, None)

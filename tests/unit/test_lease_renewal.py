@@ -1,0 +1,111 @@
+"""Lease renewal racing the end of a connection (blockd.service.VolumeProvider.renew_all),
+over the in-memory hosts of the simulation harness.
+
+A renewal is a registry call that takes time (a worker thread, a network round trip to
+etcd). Meanwhile the volume's last connection may close, which hands the lease back, and a
+new connection may open a new gateway. The answer to the old renewal must then be dropped:
+stored back, it would make the next renewal find the lease released and fence the new
+gateway, which drops its clients (a reader saw its connection reset this way)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from control import api
+from tests.sim.harness import Sim, call, extents_bytes
+from vbp.layout import MiB
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class SlowRenewal:
+    """The registry renews at once; its answer comes back only when `answer` is set."""
+
+    def __init__(self, sim: Sim):
+        self.sim = sim
+        self.real = sim.registry.renew_lease
+        self.asked = trio.Event()
+        self.answer = trio.Event()
+
+    async def __call__(self, lease, ttl):
+        new = await self.real(lease, ttl)
+        self.asked.set()
+        await self.answer.wait()
+        return new
+
+    def __enter__(self):
+        self.sim.registry.renew_lease = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.sim.registry.renew_lease  # the class's own method again
+
+
+async def released(sim: Sim, name: str) -> None:
+    while api._lease_live(sim.reg, name):
+        await trio.sleep(0.01)
+
+
+async def setup(nursery):
+    sim = Sim(1, hosts=3, zones=3)
+    await sim.start(nursery, loops=False)
+    sim.create_volume("v", MiB, replicas=3, min_size=2)
+    p = sim.hosts["h0"].provider
+    writer = await p.open_export("v")
+    await call(writer.write(0, b"\x01" * 4096, False))  # takes the lease
+    return sim, p, writer
+
+
+def test_a_renewal_answered_after_the_lease_went_back_leaves_the_next_gateway_alone():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, p, writer = await setup(nursery)
+            with SlowRenewal(sim) as slow:
+                nursery.start_soon(p.renew_all)
+                await slow.asked.wait()
+                writer.close()  # the last connection: the lease goes back
+                await released(sim, "v")
+                reader = await p.open_export("v")  # a new connection, reading only
+                slow.answer.set()
+                await trio.sleep(0.1)
+            assert "v" not in p.leases  # the late answer was not stored back
+            await p.renew_all()
+            assert not reader.fenced and not reader.dropped.is_set()
+            got = extents_bytes(await call(reader.read(0, 4096)), 0, 4096)
+            assert got == b"\x01" * 4096
+            await call(reader.write(4096, b"\x02" * 4096, False))  # a lease of its own
+            assert p.leases["v"].holder == "h0" and not reader.fenced
+            reader.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_renewal_answered_after_a_new_lease_was_taken_keeps_the_new_one():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, p, writer = await setup(nursery)
+            old = p.leases["v"]
+            with SlowRenewal(sim) as slow:
+                nursery.start_soon(p.renew_all)
+                await slow.asked.wait()
+                writer.close()
+                await released(sim, "v")
+                second = await p.open_export("v")
+                await call(second.write(4096, b"\x02" * 4096, False))  # a new lease
+                new = p.leases["v"]
+                assert new.token > old.token
+                slow.answer.set()
+                await trio.sleep(0.1)
+            assert p.leases["v"] is new  # not overwritten by the old lease's renewal
+            for _ in range(3):
+                await p.renew_all()
+            assert not second.fenced and p.leases["v"].token == new.token
+            await call(second.write(8192, b"\x03" * 4096, False))
+            second.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
