@@ -421,6 +421,14 @@ class Resync:
         _, local = self._local_sums(key, len(remote))
         self.stats.pages_compared += len(remote)
         copied = 0
+        if self.store.info(key) is None:
+            # The source holds this generation: absent here, reads would fall through to
+            # an older one. One of holes only (a copy-up whose written pages were all
+            # zeroed or trimmed since) has no run to copy below: it is made here, empty,
+            # and the next pass compares it again.
+            self._check_quiet(lineage, index)
+            self.store.zero(key, 0, chunk_size, chunk_size=chunk_size, version=st.version or None)
+            copied += 1
         for first, count, hole in diff_runs(local, remote, MAX_RUN // PAGE_SIZE):
             off, length = first * PAGE_SIZE, count * PAGE_SIZE
             data = None

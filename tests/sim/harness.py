@@ -66,9 +66,10 @@ class HostDown(Exception):
 
 
 class SimRegistry:
-    """blockd.service.AsyncRegistry without the worker thread: each call is one checkpoint
-    then the synchronous in-memory call, so scheduling stays deterministic. Leases are
-    given a virtual expiry that `Sim.lease_clock` enforces."""
+    """blockd.service.AsyncRegistry without the worker thread: each call is a checkpoint,
+    the synchronous in-memory call, and a checkpoint again (the real call runs in a thread
+    while other tasks go on, and its answer comes back later), so scheduling stays
+    deterministic. Leases are given a virtual expiry that `Sim.lease_clock` enforces."""
 
     def __init__(self, sim: "Sim", registry):
         self.sim = sim
@@ -79,7 +80,9 @@ class SimRegistry:
 
         async def call(*args, **kwargs):
             await trio.lowlevel.checkpoint()
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            await trio.lowlevel.checkpoint()
+            return out
 
         return call
 
@@ -87,12 +90,14 @@ class SimRegistry:
         await trio.lowlevel.checkpoint()
         lease = self.sync.acquire_lease(volume, holder, WALL_TTL)
         self.sim.lease_deadline[volume] = (lease.token, trio.current_time() + ttl)
+        await trio.lowlevel.checkpoint()
         return lease
 
     async def renew_lease(self, lease, ttl):
         await trio.lowlevel.checkpoint()
         new = self.sync.renew_lease(lease, WALL_TTL)
         self.sim.lease_deadline[lease.volume] = (lease.token, trio.current_time() + ttl)
+        await trio.lowlevel.checkpoint()
         return new
 
 
@@ -146,7 +151,6 @@ class SimHost:
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)
         self.resync.write_window = self.sim.peer_timeout + 1  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
-        self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
                          capacity=self.capacity, peer_rev=m.PEER_REV)
         self.cluster.set_map(reg.register_host(rec, WALL_TTL))
@@ -175,6 +179,12 @@ class SimHost:
     async def serve(self, loops: bool, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self._scope = scope
+            # as Blockd.run: the chunks a crash left dirty are recorded stale, and the
+            # host learns its stale copies, before it answers a peer (a resync elsewhere
+            # must never take one of them for a current source)
+            await self.resync.mark_recovered(self.recovered)
+            self.recovered = []
+            self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 if loops:
@@ -233,12 +243,8 @@ class SimHost:
             await self.provider.renew_all()
 
     async def _recover(self) -> None:
-        recovered, self.recovered = self.recovered, []
         while True:
             try:
-                if recovered:
-                    await self.resync.mark_recovered(recovered)
-                    recovered = []
                 await self.resync.run_once()
             except VbpError:
                 pass

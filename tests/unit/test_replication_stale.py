@@ -17,7 +17,7 @@ import trio.testing
 
 from replicator import messages as m
 from replicator.recovery import NEVER_CURRENT
-from tests.sim.harness import Sim, call
+from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import BelowMinSize, RegistryUnavailable
 from vbp.layout import MiB, ChunkKey
 
@@ -374,6 +374,50 @@ def test_a_generation_made_while_a_resync_clears_its_record_leaves_the_copy_stal
             for h in (a, b):
                 got = sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192]
                 assert got == b"\x02" * 4096 + b"\x03" * 4096, h
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_generation_of_holes_only_is_made_on_the_stale_copy_too():
+    """Sim seed 0 (once the simulated registry answered after a checkpoint, as a worker
+    thread does): after a snapshot, the new head's first request zeroed every written page
+    of a chunk while one copy was cut off. The current copy's new generation held holes
+    only, so the resync found no page to copy and never made that generation on the stale
+    copy, whose reads then fell through to the snapshot's generation: the acknowledged
+    zeros read back as the old bytes."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 8192, False))
+            provider = sim.hosts[gw.host_id].provider
+            async with trio.open_nursery() as n:
+                n.start_soon(sim.snapshot, "v", "s0")
+                while not sim.volume("v").snapshots:
+                    await provider.sync_records()
+                    await trio.sleep(0.05)
+            gw_faults = sim.hosts[gw.host_id].faults
+            gw_faults.partition([sim.hosts[a].addr])
+            await call(gw.write_zeroes(0, 8192, False, True, False))  # acknowledged by b alone
+            assert stale_hosts(sim, rec.lineage) == {a}
+            gw_faults.heal()
+            head = sim.volume("v")
+            new = ChunkKey(rec.lineage, 0, head.head)
+            assert not any(sim.hosts[b].store.page_checksums(new)[1])  # holes only
+            assert sim.hosts[a].store.info(new) is None
+            resync = sim.hosts[a].resync
+            for _ in range(3):
+                await trio.sleep(resync.write_window)  # the writes have settled
+                await resync.run_once()
+                if not stale_hosts(sim, rec.lineage):
+                    break
+            assert not stale_hosts(sim, rec.lineage)
+            snap = head.snapshots[0]
+            for h in (a, b):
+                assert sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192] == bytes(8192), h
+                assert sim.replica_bytes(sim.hosts[h], head, snap.chain, 0)[:8192] == b"\x01" * 8192, h
+            got = extents_bytes(await call(gw.read(0, 8192)), 0, 8192)
+            assert got == bytes(8192)
             nursery.cancel_scope.cancel()
 
     run(main)
