@@ -24,8 +24,9 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   a deleted chunk's bytes);
 - before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
 - at flush: fdatasync data files, msync the checksums of the chunks whose mark it clears
-  (those that stay marked are re-hashed by recovery), then one transaction persists the versions
-  of the chunks written since, clears the dirty marks of all but the HOT_MAX chunks written
+  (those that stay marked are re-hashed by recovery), then one transaction persists every
+  version not yet in the index (of the chunks written since, and of those an earlier flush
+  left unpersisted), clears the dirty marks of all but the HOT_MAX chunks written
   last, and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
   journal, a database, fio with fsync) costs no synced commit per first write after a flush.
@@ -61,9 +62,11 @@ one written since the last flush or one of the hot set kept marked through it): 
 are dropped, and FRESH ones after a reboot; limbo slots wiped and freed. In a dirty chunk a page whose checksum does not
 match its bytes holds a write that was never acknowledged durable: it is re-hashed,
 accepting the bytes on disk (a hole page holding non-zero bytes becomes a real page). Its
-version becomes the last persisted one + VERSION_SLACK: never below what a flush or fua
-acknowledged, since a dirty chunk's version never runs that far past its persisted one
-without a commit (flush), and a version only ever grows.
+version becomes the last persisted one + VERSION_SLACK: above every version a flush or fua
+acknowledged, since neither acknowledges a version VERSION_SLACK or more past the persisted
+one without committing it first. (A version given explicitly, by replication, may also be
+lower than the chunk's; the rule holds the same.) So the index's versions (read_index) may
+lag the chunks' own by less than VERSION_SLACK while a chunk is marked dirty.
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
 page raise ChecksumError. `recovered` lists the dirty chunks (and dropped FRESH ones) so
 replication can resync them.
@@ -898,7 +901,10 @@ class ChunkStore:
 
     def fsck(self) -> list[str]:
         """Problems found comparing the durable index with itself and with memory: every
-        slot below a size's high-water owned by exactly one of chunks/free/limbo."""
+        slot below a size's high-water owned by exactly one of chunks/free/limbo; each
+        chunk's persisted version the one memory says it is (`saved`), and its own version
+        when it is not marked dirty (only a marked chunk may run ahead: the recovery rule);
+        the dirty marks those of memory, FRESH ones those of copy-ups not yet settled."""
         problems: list[str] = []
         owners: dict[tuple[int, int], list[str]] = {}
         db = self._db
@@ -911,9 +917,20 @@ class ChunkStore:
                 c = self._chunks.get(dec_key(k))
                 if c is None or c.slot != slot or c.cs != cs:
                     problems.append(f"chunk {dec_key(k)} in the index differs from memory")
+                elif version != c.saved:
+                    problems.append(f"chunk {dec_key(k)}: index version {version}, memory "
+                                    f"says {c.saved} was persisted")
+                elif not c.dirty and c.version != version:
+                    problems.append(f"chunk {dec_key(k)} not marked dirty at version "
+                                    f"{c.version}, {version} persisted")
+            marks = {dec_key(k): v for k, v in txn.cursor(db=db["dirty"])}
             for name in ("free", "limbo"):
                 for k, _ in txn.cursor(db=db[name]):
                     owners.setdefault(SLOT.unpack(k), []).append(name)
+        marked = {k: FRESH if c.fresh else b"" for k, c in self._chunks.items() if c.dirty}
+        if marks != marked or set(self._dirty) != set(marked):
+            problems.append(f"dirty marks {sorted(marks.items())} differ from memory's "
+                            f"{sorted(marked.items())} (listed: {sorted(self._dirty)})")
         for (cs, slot), who in owners.items():
             if len(who) > 1:
                 problems.append(f"slot {slot} of size {cs} owned by {who}")
@@ -931,7 +948,8 @@ class ChunkStore:
 def read_index(path: str | os.PathLike) -> dict[ChunkKey, ChunkInfo]:
     """Where each chunk lives in the store at `path`, read from its index without opening the
     store (it may be open in a running blockd): for inspection and for tests that damage a
-    data file on purpose (`data-<size>.bin`, slot n at n * chunk_size)."""
+    data file on purpose (`data-<size>.bin`, slot n at n * chunk_size). The versions are the
+    persisted ones: a chunk marked dirty may be ahead of its by less than VERSION_SLACK."""
     env = lmdb.open(str(Path(path) / "index"), subdir=True, max_dbs=8, readonly=True)
     try:
         db = env.open_db(b"chunks", create=False)

@@ -3,9 +3,12 @@
 For deterministic simulation (CONVENTIONS.md 7, 8): a dict of chunks, each a dict of pages
 with their checksums. It also models the non-durable disk: `crash(rng)` returns the store a
 restart would find, where every chunk written since its last flush/fua keeps, page by page,
-either its durable or its newest bytes (chosen by `rng`), and its version becomes the durable
-one + VERSION_SLACK, what ChunkStore's recovery gives a chunk written since its last flush
-(whose version it may not have persisted). `corrupt(key, page)` flips a byte
+either its durable or its newest bytes (chosen by `rng`), and its version goes past the
+durable one (the last a flush or fua acknowledged) by 1 or by VERSION_SLACK (chosen by
+`rng`): ChunkStore's recovery gives such a chunk its persisted version + VERSION_SLACK, and
+the persisted one lags the acknowledged one by anything below VERSION_SLACK, so both ends
+happen. (ChunkStore also recovers the chunks it kept marked through a flush, written or
+not; the model recovers only those written since.) `corrupt(key, page)` flips a byte
 behind the checksum's back, as a failing disk would.
 """
 
@@ -264,7 +267,7 @@ class MemoryChunkStore:
                         d.pages.pop(p, None)
                     else:
                         d.pages[p] = pick
-                d.version += VERSION_SLACK
+                d.version += rng.choice((1, VERSION_SLACK))
             new._chunks[key] = d
             new._durable[key] = d.copy()
             new._gens.setdefault((key.lineage, key.index), set()).add(key.gen)
