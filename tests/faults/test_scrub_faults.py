@@ -100,6 +100,15 @@ def flip(sb: SandboxHandle, host: str, key: ChunkKey, page: int) -> None:
         os.close(fd)
 
 
+def warnings(sb: SandboxHandle) -> list[str]:
+    """The hosts' warnings and errors, for a failure's message."""
+    out = []
+    for i in (1, 2, 3):
+        log = (sb.dir / f"host{i}" / "blockd.log").read_text(errors="replace")
+        out += [line for line in log.splitlines() if "level=warning" in line or "level=error" in line]
+    return out[-40:]
+
+
 def metrics_port(sb: SandboxHandle, host: str) -> int:
     log = (sb.dir / host / "blockd.log").read_text()
     return int(re.findall(r"event=metrics_listening address=[\d.]+:(\d+)", log)[-1])
@@ -230,7 +239,7 @@ def test_scrub_repairs_flipped_bytes_and_a_divergent_copy_while_a_client_reads(t
 
         reader.stop.set()
         reader.join(120)
-        assert not reader.bad, reader.bad[:5]
+        assert not reader.bad, (reader.bad[:5], warnings(sb))
         assert reader.passes > 2
 
         assert scrape(sb)['vbp_scrub_errors_total{kind="divergent"}'] == 1
