@@ -208,6 +208,10 @@ class VolumeGateway:
         self._marking: dict[int, dict[str, int]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
+        # remote host -> PeerPool.breaks of its address before the first write since the
+        # last flush was sent there: a flush answered after a break may come from a process
+        # that restarted and lost what it took (see _flush_replicated)
+        self._since: dict[str, int] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -307,6 +311,21 @@ class VolumeGateway:
         if s is None:
             s = self._unflushed[host] = set()
         s.add(index)
+
+    def _note_sending(self, hosts) -> None:
+        """Before a write leaves for remote `hosts`: the first since the last flush notes
+        how many connections to each have ended so far (PeerPool.breaks)."""
+        since = self._since
+        for h in hosts:
+            if h not in since:
+                since[h] = self._breaks(h)
+
+    def _breaks(self, host: str) -> int:
+        """PeerPool.breaks of `host`'s address; -2 for a host no longer in the map."""
+        try:
+            return self.pool.breaks(self.cluster.address(host))
+        except KeyError:
+            return -2
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -755,6 +774,7 @@ class VolumeGateway:
                 later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed),
                             self._write_done)
 
+        self._note_sending(names)
         self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
         if local:  # after the frames: the peers start on them while this copy is written
             try:
@@ -1006,6 +1026,8 @@ class VolumeGateway:
             except VbpError as e:
                 failed[self.host_id] = e
         if remote:
+            if type(msg) is not m.Flush:
+                self._note_sending(remote)
             no_rid = self.cluster.no_rid
             if no_rid and msg.rid and not no_rid.isdisjoint(remote):
                 # decoders that predate request ids get the message without one
@@ -1069,13 +1091,15 @@ class VolumeGateway:
 
     def flush(self):
         hosts = self._unflushed
+        since = self._since
         self._unflushed = {}
+        self._since = {}
         if set(hosts) <= {self.host_id}:
             self.store.flush()
             return None
-        return self._flush_replicated(hosts)
+        return self._flush_replicated(hosts, since)
 
-    async def _flush_replicated(self, hosts: dict[str, set[int]]):
+    async def _flush_replicated(self, hosts: dict[str, set[int]], since: dict[str, int]):
         msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
         failed: dict[str, Exception] = {}
 
@@ -1089,6 +1113,17 @@ class VolumeGateway:
         async with trio.open_nursery() as nursery:
             for h in todo:
                 nursery.start_soon(one, h)
+        # A flush answered by a host whose connection broke since our first write there may
+        # come from a process that restarted meanwhile: the writes it took before then and
+        # had not synced are gone from it (its crash recovery records those chunks stale,
+        # but a resync may already have cleared that, or the other copies never had them:
+        # min_size 1, a copy that failed the write). It counts as a host that could not
+        # flush. A break without a restart (a network blip) costs a needless resync only.
+        for h in hosts:
+            if h != self.host_id and h not in failed and self._breaks(h) != since.get(h, -1):
+                failed[h] = PeerUnavailable(
+                    f"the connection to host {h} broke after it took writes of {self.name}: "
+                    f"it may have restarted and lost them")
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its

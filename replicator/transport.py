@@ -658,8 +658,10 @@ class _ClientConnection:
         for waiter in pending.values():
             _resolve(waiter, outcome.Error(self.new_error()))
         self.room.unpark_all()
-        if self.pool._conns.get(self.address) is self:
-            del self.pool._conns[self.address]
+        pool = self.pool
+        if pool._conns.get(self.address) is self:
+            del pool._conns[self.address]
+            pool._breaks[self.address] = pool._breaks.get(self.address, 0) + 1
 
     def new_error(self) -> PeerUnavailable:
         exc = self.error
@@ -709,6 +711,7 @@ class PeerPool:
         self.max_frame = max_frame
         self.faults = faults
         self._conns: dict[str, _ClientConnection] = {}
+        self._breaks: dict[str, int] = {}  # address -> connections to it that ended
         self._nursery: trio.Nursery | None = None
         self._nursery_cm = None
         self._next_sweep = math.inf
@@ -785,6 +788,13 @@ class PeerPool:
     def peer_host_id(self, address: str) -> str | None:
         conn = self._conns.get(address)
         return conn.peer_host_id if conn is not None and conn.ready.is_set() else None
+
+    def breaks(self, address: str) -> int:
+        """How many connections to `address` have ended (or failed to open) so far. A peer
+        process that restarted has broken the connection that carried its replies before
+        a new one can reach it, so an unchanged count between two replies means one
+        process gave both: what it took in between, it still holds (or synced)."""
+        return self._breaks.get(address, 0)
 
     async def call(self, address: str, message, timeout: float | None = None):
         """Send `message` to the peer at `address` ("host:port") and return its reply.
@@ -967,6 +977,7 @@ class MemoryNetwork:
 
     def __init__(self) -> None:
         self._hosts: dict[str, _MemoryHost] = {}
+        self._ends: dict[str, int] = {}  # address -> times its host stopped (PeerPool.breaks)
 
     def serve(self, address: str, handler: Handler, *, cluster: str, host_id: str) -> None:
         self._hosts[address] = _MemoryHost(handler, cluster, host_id)
@@ -974,6 +985,7 @@ class MemoryNetwork:
     def stop(self, address: str) -> None:
         host = self._hosts.pop(address, None)
         if host is not None:
+            self._ends[address] = self._ends.get(address, 0) + 1
             for scope in host.calls:
                 scope.cancel()
 
@@ -1005,6 +1017,10 @@ class MemoryPeerPool:
 
     async def __aenter__(self) -> "MemoryPeerPool":
         return self
+
+    def breaks(self, address: str) -> int:
+        """PeerPool.breaks: here a connection ends only when its host stops (a crash)."""
+        return self.network._ends.get(address, 0)
 
     async def __aexit__(self, *exc_info) -> bool:
         return False

@@ -421,3 +421,55 @@ def test_a_generation_of_holes_only_is_made_on_the_stale_copy_too():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_flush_answered_by_a_restarted_copy_counts_it_as_failed():
+    """Sim seed 167 (with takeovers): a write that only copy b took (a failed it and was
+    recorded stale; min_size 1) was acknowledged, then b crashed before any flush and came
+    back. The next flush went to b, whose new process answered it: the flush succeeded over
+    a write b no longer had. A flush answered over a connection that broke after the write
+    now counts as failed; with no other current copy that is below min_size, an error."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await a_missed_a_write(sim, rec, gw, a, 4096)  # b alone took the 2s
+            sim.crash(b)
+            await sim.restart(b)
+            sim.sync_maps()
+            with pytest.raises(BelowMinSize):
+                await call(gw.flush())
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_flush_holds_on_the_copy_that_did_not_restart():
+    """Both copies took the write; b restarted before the flush. The flush holds on a
+    (min_size 1), b stays stale for the chunk until resync brings it the write; flushes
+    with no restart in between record nothing."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            await call(gw.flush())
+            await call(gw.write(0, b"\x02" * 4096, False))
+            await call(gw.flush())
+            assert not stale_hosts(sim, rec.lineage)
+            await call(gw.write(0, b"\x03" * 4096, False))
+            sim.crash(b)
+            await sim.restart(b)
+            sim.sync_maps()
+            await call(gw.flush())
+            assert stale_hosts(sim, rec.lineage) == {b}
+            resync = sim.hosts[b].resync
+            for _ in range(3):
+                await trio.sleep(resync.write_window)
+                await resync.run_once()
+                if not stale_hosts(sim, rec.lineage):
+                    break
+            assert not stale_hosts(sim, rec.lineage)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert sim.hosts[b].store.read(key, 0, 4096) == b"\x03" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
