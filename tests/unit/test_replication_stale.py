@@ -284,15 +284,21 @@ class _AfterGens:
         return reply
 
 
-async def snapshot_then_write(sim, gw) -> None:
-    """Snapshot volume v (s0), then write 4 KiB of 3s at 4096 through `gw`: the new head's
-    first write, which copies the chunk up on its copies."""
+async def snapshot_v(sim, gw) -> None:
+    """Snapshot volume v (s0), completed by `gw`'s host, the lease holder (its record sync
+    is a background loop, off here: driven by hand)."""
     provider = sim.hosts[gw.host_id].provider
     async with trio.open_nursery() as n:
         n.start_soon(sim.snapshot, "v", "s0")
         while not sim.volume("v").snapshots:
             await provider.sync_records()
             await trio.sleep(0.05)
+
+
+async def snapshot_then_write(sim, gw) -> None:
+    """Snapshot volume v (s0), then write 4 KiB of 3s at 4096 through `gw`: the new head's
+    first write, which copies the chunk up on its copies."""
+    await snapshot_v(sim, gw)
     await call(gw.write(4096, b"\x03" * 4096, False))
 
 
@@ -390,12 +396,7 @@ def test_a_generation_of_holes_only_is_made_on_the_stale_copy_too():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 8192, False))
-            provider = sim.hosts[gw.host_id].provider
-            async with trio.open_nursery() as n:
-                n.start_soon(sim.snapshot, "v", "s0")
-                while not sim.volume("v").snapshots:
-                    await provider.sync_records()
-                    await trio.sleep(0.05)
+            await snapshot_v(sim, gw)
             gw_faults = sim.hosts[gw.host_id].faults
             gw_faults.partition([sim.hosts[a].addr])
             await call(gw.write_zeroes(0, 8192, False, True, False))  # acknowledged by b alone
