@@ -208,10 +208,11 @@ class VolumeGateway:
         self._marking: dict[int, dict[str, int]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
-        # remote host -> PeerPool.breaks of its address before the first write since the
-        # last flush was sent there: a flush answered after a break may come from a process
-        # that restarted and lost what it took (see _flush_replicated)
-        self._since: dict[str, int] = {}
+        # remote host -> PeerPool.breaks of its address when it held every write it had
+        # acknowledged to us: noted before the first write sent there, moved on by a
+        # flush that found a break. A flush answered after a break may come from a process
+        # that restarted and lost what it took (see _flush_replicated).
+        self._base: dict[str, int] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -313,12 +314,12 @@ class VolumeGateway:
         s.add(index)
 
     def _note_sending(self, hosts) -> None:
-        """Before a write leaves for remote `hosts`: the first since the last flush notes
-        how many connections to each have ended so far (PeerPool.breaks)."""
-        since = self._since
+        """Before a write leaves for remote `hosts`: the first one to a host notes how
+        many connections to it have ended so far (PeerPool.breaks)."""
+        base = self._base
         for h in hosts:
-            if h not in since:
-                since[h] = self._breaks(h)
+            if h not in base:
+                base[h] = self._breaks(h)
 
     def _breaks(self, host: str) -> int:
         """PeerPool.breaks of `host`'s address; -2 for a host no longer in the map."""
@@ -1091,15 +1092,16 @@ class VolumeGateway:
 
     def flush(self):
         hosts = self._unflushed
-        since = self._since
         self._unflushed = {}
-        self._since = {}
         if set(hosts) <= {self.host_id}:
             self.store.flush()
             return None
-        return self._flush_replicated(hosts, since)
+        # the breaks so far: the base of the writes answered from now on, should this
+        # flush find a break (a write answered over a connection is older than its end)
+        now = {h: self._breaks(h) for h in hosts if h != self.host_id}
+        return self._flush_replicated(hosts, now)
 
-    async def _flush_replicated(self, hosts: dict[str, set[int]], since: dict[str, int]):
+    async def _flush_replicated(self, hosts: dict[str, set[int]], now: dict[str, int]):
         msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
         failed: dict[str, Exception] = {}
 
@@ -1113,17 +1115,20 @@ class VolumeGateway:
         async with trio.open_nursery() as nursery:
             for h in todo:
                 nursery.start_soon(one, h)
-        # A flush answered by a host whose connection broke since our first write there may
-        # come from a process that restarted meanwhile: the writes it took before then and
-        # had not synced are gone from it (its crash recovery records those chunks stale,
-        # but a resync may already have cleared that, or the other copies never had them:
+        # A flush answered by a host whose connection broke since it took writes may come
+        # from a process that restarted meanwhile: what it took before then and had not
+        # synced is gone from it (its crash recovery records those chunks stale, but a
+        # resync may already have cleared that, or the other copies never had them:
         # min_size 1, a copy that failed the write). It counts as a host that could not
-        # flush. A break without a restart (a network blip) costs a needless resync only.
-        for h in hosts:
-            if h != self.host_id and h not in failed and self._breaks(h) != since.get(h, -1):
+        # flush, once: the writes answered after this flush began are measured from then.
+        # A break without a restart (a network blip) costs a needless resync only.
+        base = self._base
+        for h in now:
+            if h not in failed and self._breaks(h) != base.get(h, -1):
                 failed[h] = PeerUnavailable(
                     f"the connection to host {h} broke after it took writes of {self.name}: "
                     f"it may have restarted and lost them")
+                base[h] = now[h]
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its

@@ -474,3 +474,33 @@ def test_a_flush_holds_on_the_copy_that_did_not_restart():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_write_answered_after_a_flush_began_is_flushed_by_the_next_one_cleanly():
+    """Writes and flushes overlap (QD > 1): a write sent before a flush began and answered
+    after it belongs to the next flush, which must not take it for one taken before a
+    connection broke (nothing broke: no copy is recorded stale)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            await call(gw.flush())
+            faults = sim.hosts[gw.host_id].faults
+            faults.delay_probability, faults.max_delay = 1.0, 0.2
+            done = trio.Event()
+
+            async def write():
+                await call(gw.write(4096, b"\x02" * 4096, False))
+                done.set()
+
+            nursery.start_soon(write)
+            await trio.sleep(0.001)  # sent, its answer delayed
+            assert not done.is_set()
+            await call(gw.flush())  # began before the write was answered
+            await done.wait()
+            faults.delay_probability = 0.0
+            await call(gw.flush())
+            assert not stale_hosts(sim, rec.lineage)
+            nursery.cancel_scope.cancel()
+
+    run(main)
