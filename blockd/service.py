@@ -34,7 +34,7 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore
 from vbp.cluster import HostRecord
-from vbp.errors import Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
@@ -205,7 +205,7 @@ class VolumeProvider:
         # we took it must be completed before our first write (vbp.volume, snapshots).
         gw = self.gateways.get(export)
         if gw is not None:
-            await self.sync_record(gw, holder=True)
+            await self.sync_record(gw, lease)
         return lease.token
 
     async def _announce(self, volume: str, token: int) -> None:
@@ -231,19 +231,23 @@ class VolumeProvider:
                 if h.state != "down":
                     nursery.start_soon(one, h)
 
-    async def sync_record(self, gw: VolumeGateway, holder: bool) -> None:
-        """Adopt the volume's current record; the lease holder completes a pending snapshot."""
+    async def sync_record(self, gw: VolumeGateway, lease) -> None:
+        """Adopt the volume's current record; the holder of `lease` (None: not a holder)
+        completes a pending snapshot."""
         svc = self.service
         name = gw.view.volume.name
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
-        if rec.pending and holder:
+        if rec.pending and lease is not None:
             pending = rec.pending
 
             async def complete():
                 def finish(d):
                     r = VolumeRecord.from_dict(d)
                     return complete_snapshot(r).to_dict() if r.pending == pending else d
-                new = VolumeRecord.from_dict(await svc.registry.update_volume(name, finish))
+                # only while the lease is still ours (Fenced otherwise): a gateway whose
+                # lease was taken over, and that has not noticed yet, must not complete a
+                # snapshot while the new holder still writes to the old head
+                new = VolumeRecord.from_dict(await svc.registry.update_volume(name, finish, lease))
                 log.info("volume=%s event=snapshot_completed head=%d", name, new.head)
                 return view_of(new, None)
 
@@ -263,9 +267,11 @@ class VolumeProvider:
             if gw.read_only or gw.fenced:
                 continue
             try:
-                await self.sync_record(gw, holder=export in self.leases and bool(gw.token))
+                await self.sync_record(gw, self.leases.get(export) if gw.token else None)
             except NotFound:
                 gw._fence(NotFound(f"volume {gw.view.volume.name!r} was deleted"))
+            except Fenced as e:  # (completing a snapshot: the lease is no longer ours)
+                gw._fence(e)
             except VbpError as e:
                 log.warning("volume=%s event=record_sync_failed error=%s", export, e)
         if gone:

@@ -198,6 +198,29 @@ def test_lease_takeover_after_expiry_fences_old_holder(reg):
         reg.acquire_lease("v", "gw-a", 5)
 
 
+def test_a_volume_update_under_a_lease_holds_only_while_the_lease_does(reg):
+    """update_volume(..., lease): the lease holder changes the record, also once its lease
+    ran out if nobody took it over; after a takeover or a release the update is refused
+    (Fenced) and the record stays as it was. A snapshot is completed so."""
+    reg.create_volume("v", {"name": "v", "n": 0})
+    bump = lambda d: {**d, "n": d["n"] + 1}  # noqa: E731
+    a = reg.acquire_lease("v", "gw-a", 1)
+    assert reg.update_volume("v", bump, a)["n"] == 1
+    renewed = reg.renew_lease(a, 1)
+    assert reg.update_volume("v", bump, renewed)["n"] == 2  # a renewal is the same lease
+    time.sleep(1.2)
+    assert reg.update_volume("v", bump, a)["n"] == 3  # expired, not taken over: still ours
+    b = reg.acquire_lease("v", "gw-b", 30)
+    with pytest.raises(Fenced):
+        reg.update_volume("v", bump, a)
+    assert reg.get_volume("v")["n"] == 3
+    assert reg.update_volume("v", bump, b)["n"] == 4
+    reg.release_lease(b)
+    with pytest.raises(Fenced):
+        reg.update_volume("v", bump, b)
+    assert reg.update_volume("v", bump)["n"] == 5  # no lease asked for: as before
+
+
 def test_lease_renew_after_expiry_without_takeover(reg):
     a = reg.acquire_lease("v", "gw-a", 1)
     time.sleep(1.1)

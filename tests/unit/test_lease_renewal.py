@@ -1,5 +1,6 @@
-"""Lease renewal racing the end of a connection (blockd.service.VolumeProvider.renew_all),
-over the in-memory hosts of the simulation harness.
+"""Leases in blockd.service.VolumeProvider, over the in-memory hosts of the simulation
+harness: renewal racing the end of a connection (renew_all), and a snapshot completed only
+by the holder of the lease.
 
 A renewal is a registry call that takes time (a worker thread, a network round trip to
 etcd). Meanwhile the volume's last connection may close, which hands the lease back, and a
@@ -15,6 +16,7 @@ import trio.testing
 from control import api
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.layout import MiB
+from vbp.volume import VolumeRecord, request_snapshot
 
 
 def run(afn):
@@ -106,6 +108,44 @@ def test_a_renewal_answered_after_a_new_lease_was_taken_keeps_the_new_one():
             assert not second.fenced and p.leases["v"].token == new.token
             await call(second.write(8192, b"\x03" * 4096, False))
             second.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_gateway_whose_lease_was_taken_over_does_not_complete_a_snapshot():
+    """Sim seed 335 (with takeovers): a gateway cut off from the registry lost its lease
+    to a takeover and, before a renewal told it so, completed a pending snapshot. The new
+    holder, which had not read the record yet, went on writing to the old head, which had
+    just become the snapshot: an acknowledged write landed in it after it was taken. A
+    snapshot is completed only under a lease the registry still holds (update_volume with
+    the lease, compared in the same transaction)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, min_size=2)
+            old_p, new_p = sim.hosts["h0"].provider, sim.hosts["h1"].provider
+            old = await old_p.open_export("v")
+            await call(old.write(0, b"\x01" * 4096, False))  # its lease
+            sim.expire_lease("v")  # cut off, and it has not noticed yet
+            new = await new_p.open_export("v")
+            await call(new.write(4096, b"\x02" * 4096, False))  # takes the lease over
+            head = sim.reg.next_id(api.gen_counter(rec.lineage))
+            sim.reg.update_volume("v", lambda d: request_snapshot(
+                VolumeRecord.from_dict(d), "s0", head).to_dict())
+            await old_p.sync_records()
+            assert old.fenced  # refused: the lease is no longer its own
+            assert not sim.volume("v").snapshots  # still pending: for the holder
+            await call(new.write(0, b"\x03" * 4096, False))  # before the snapshot
+            await new_p.sync_records()  # the holder drains its writes and completes it
+            cur = sim.volume("v")
+            snap = cur.snapshots[0]
+            await call(new.write(0, b"\x04" * 4096, False))  # after it
+            for h in sim.hosts.values():
+                assert sim.replica_bytes(h, cur, snap.chain, 0)[:8192] == b"\x03" * 4096 + b"\x02" * 4096
+                assert sim.replica_bytes(h, cur, cur.chain, 0)[:4096] == b"\x04" * 4096
+            new.close()
             nursery.cancel_scope.cancel()
 
     run(main)

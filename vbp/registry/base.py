@@ -308,9 +308,24 @@ class Registry:
         items, _ = self.kv.range(P_VOL)
         return [_unpack(it.value) for it in items]
 
-    def update_volume(self, name: str, fn: Callable[[dict], dict]) -> dict:
+    def update_volume(self, name: str, fn: Callable[[dict], dict], lease: Lease | None = None) -> dict:
+        """Replace the volume's record by fn(record), atomically (compare and swap). With
+        `lease`, only while the volume's lease record is still that lease (same holder and
+        token, expired or not): the lease key is compared in the same transaction, so a
+        gateway that lost the lease to a takeover cannot change the record after it
+        (raises Fenced). A snapshot is completed this way by the gateway that drains the
+        writes to the old head: only the one that holds the lease writes."""
         key = P_VOL + _name("volume name", name)
+        lkey = P_LEASE + _name("volume name", name) if lease is not None else None
         for _ in range(CAS_ATTEMPTS):
+            cmps = []
+            if lkey is not None:
+                litem, _ = self.kv.get(lkey)
+                cur = self._lease_of(name, litem.value) if litem else None
+                if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
+                    raise Fenced(f"lease of volume {name} (token {lease.token}) is no longer held "
+                                 f"by {lease.holder}")
+                cmps.append(Cmp(lkey, "mod", litem.mod_rev))
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
@@ -318,7 +333,8 @@ class Registry:
             new = fn(rec)
             if new is None:  # fn changed the record in place
                 new = rec
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, _pack(new))])
+            cmps.append(Cmp(key, "mod", item.mod_rev))
+            ok, _ = self.kv.txn(cmps, [Put(key, _pack(new))])
             if ok:
                 return new
         raise self._contended(f"update volume {name}")
