@@ -208,11 +208,10 @@ class VolumeGateway:
         self._marking: dict[int, dict[str, int]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
-        # remote host -> PeerPool.breaks of its address when it held every write it had
-        # acknowledged to us: noted before the first write sent there, moved on by a
-        # flush that found a break. A flush answered after a break may come from a process
-        # that restarted and lost what it took (see _flush_replicated).
-        self._base: dict[str, int] = {}
+        # remote host -> PeerPool.breaks of its address when the earliest of those writes
+        # was sent: a flush answered after a later break may come from a process that
+        # restarted and lost them (see _flush_replicated)
+        self._sent_at: dict[str, int] = {}
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -307,19 +306,17 @@ class VolumeGateway:
                 self.cluster.write_set(self.lineage, index, 1) == (self.host_id,))
         return local
 
-    def _note_unflushed(self, host: str, index: int) -> None:
+    def _note_unflushed(self, host: str, index: int, sent: int | None = None) -> None:
+        """`host` took a write to chunk `index`; `sent`: PeerPool.breaks of a remote host
+        when the write left (_breaks), None for this host's own copy."""
         s = self._unflushed.get(host)
         if s is None:
             s = self._unflushed[host] = set()
         s.add(index)
-
-    def _note_sending(self, hosts) -> None:
-        """Before a write leaves for remote `hosts`: the first one to a host notes how
-        many connections to it have ended so far (PeerPool.breaks)."""
-        base = self._base
-        for h in hosts:
-            if h not in base:
-                base[h] = self._breaks(h)
+        if sent is not None:
+            b = self._sent_at.get(host)
+            if b is None or sent < b:
+                self._sent_at[host] = sent
 
     def _breaks(self, host: str) -> int:
         """PeerPool.breaks of `host`'s address; -2 for a host no longer in the map."""
@@ -719,8 +716,9 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
         epoch = cv.epoch
-        replies = await self._send_all(hosts, msg, failed)
-        await self._settle(p, hosts, complete, behind, epoch, replies, failed)
+        sent: dict[str, int] = {}
+        replies = await self._send_all(hosts, msg, failed, sent)
+        await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent)
 
     def _replicate_now(self, p, msg) -> Later | None:
         """_replicate_piece for the common case, with no task: a chunk whose replicas are
@@ -751,6 +749,7 @@ class VolumeGateway:
         later = Later()
         epoch = cv.epoch
         names = [h for h in hosts if h != self.host_id]
+        sent = [self._breaks(h) for h in names]
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
@@ -766,16 +765,18 @@ class VolumeGateway:
                     replies[h] = r
             if not failed and cv.epoch == epoch and not any(
                     getattr(r, "stale", False) for r in replies.values()):
-                for h in replies:
-                    self._note_unflushed(h, index)
+                for h, b in zip(names, sent):
+                    self._note_unflushed(h, index, b)
+                if local:
+                    self._note_unflushed(self.host_id, index)
                 self._write_done()
                 later.done(None)
             else:  # the full path's tail, in a task; if nothing will ever run it (the
                 # connection is gone), on_refused still ends the write's in-flight count
-                later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed),
+                later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed,
+                                               dict(zip(names, sent))),
                             self._write_done)
 
-        self._note_sending(names)
         self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
         if local:  # after the frames: the peers start on them while this copy is written
             try:
@@ -811,7 +812,7 @@ class VolumeGateway:
         if not self._inflight and self._drained is not None:
             self._drained.set()
 
-    async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed) -> None:
+    async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed, sent) -> None:
         """The rest of a _replicate_now write that did not succeed cleanly everywhere."""
         current_rid.set(msg.rid)  # this task's own context: its log lines carry the id
         try:
@@ -819,16 +820,16 @@ class VolumeGateway:
                 if not isinstance(e, VbpError):
                     raise e
             await self._retry_stale_epoch(msg, replies, failed)
-            await self._settle(p, hosts, complete, set(), epoch, replies, failed)
+            await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent)
         finally:
             self._write_done()
 
     async def _settle(self, p, hosts, complete, behind: set, epoch: int, replies: dict,
-                      failed: dict) -> None:
+                      failed: dict, sent: dict[str, int]) -> None:
         """Account for one piece's replies: what took it, what is behind, whether the write
-        stands (min_size), what to record stale. Raises when it is not acknowledged."""
+        stands (min_size), what to record stale. Raises when it is not acknowledged.
+        `sent`: PeerPool.breaks of each remote host when the write left (_send_all)."""
         cv = self.cluster
-        unflushed = self._unflushed
         if cv.epoch != epoch:
             # A StaleEpoch answer refreshed the map while the write was sent: hosts that
             # became copies of the chunk meanwhile did not get it. They count as failed
@@ -842,11 +843,8 @@ class VolumeGateway:
             complete = cv.replicas(self.lineage, p.index, self.n)
         reported = set()  # copies that say they are stale: their own word, not our map's
         for h, reply in replies.items():
-            s = unflushed.get(h)
-            if s is None:
-                unflushed[h] = {p.index}
-            else:
-                s.add(p.index)
+            # a remote host missing from `sent` (none is): -1, doubted at the flush
+            self._note_unflushed(h, p.index, None if h == self.host_id else sent.get(h, -1))
             if getattr(reply, "stale", False):
                 reported.add(h)
         behind |= reported
@@ -1005,7 +1003,8 @@ class VolumeGateway:
             if not marking and self._marking.get(index) is marking:
                 del self._marking[index]
 
-    async def _send_all(self, hosts, msg, failed: dict[str, Exception]) -> dict:
+    async def _send_all(self, hosts, msg, failed: dict[str, Exception],
+                        sent: dict[str, int] | None = None) -> dict:
         """Send `msg` to every host of `hosts`: the remote ones by one PeerPool.call_all
         (one encoding, one parked task for every reply), the local one by direct call
         while those frames wait for their connections' next batch; a down host fails at
@@ -1027,8 +1026,9 @@ class VolumeGateway:
             except VbpError as e:
                 failed[self.host_id] = e
         if remote:
-            if type(msg) is not m.Flush:
-                self._note_sending(remote)
+            if sent is not None:  # (_settle: when the write left, for the flush)
+                for h in remote:
+                    sent[h] = self._breaks(h)
             no_rid = self.cluster.no_rid
             if no_rid and msg.rid and not no_rid.isdisjoint(remote):
                 # decoders that predate request ids get the message without one
@@ -1091,17 +1091,14 @@ class VolumeGateway:
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
 
     def flush(self):
-        hosts = self._unflushed
-        self._unflushed = {}
+        hosts, sent_at = self._unflushed, self._sent_at
+        self._unflushed, self._sent_at = {}, {}
         if set(hosts) <= {self.host_id}:
             self.store.flush()
             return None
-        # the breaks so far: the base of the writes answered from now on, should this
-        # flush find a break (a write answered over a connection is older than its end)
-        now = {h: self._breaks(h) for h in hosts if h != self.host_id}
-        return self._flush_replicated(hosts, now)
+        return self._flush_replicated(hosts, sent_at)
 
-    async def _flush_replicated(self, hosts: dict[str, set[int]], now: dict[str, int]):
+    async def _flush_replicated(self, hosts: dict[str, set[int]], sent_at: dict[str, int]):
         msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
         failed: dict[str, Exception] = {}
 
@@ -1115,20 +1112,17 @@ class VolumeGateway:
         async with trio.open_nursery() as nursery:
             for h in todo:
                 nursery.start_soon(one, h)
-        # A flush answered by a host whose connection broke since it took writes may come
+        # A flush answered by a host whose connection broke after it took writes may come
         # from a process that restarted meanwhile: what it took before then and had not
         # synced is gone from it (its crash recovery records those chunks stale, but a
         # resync may already have cleared that, or the other copies never had them:
         # min_size 1, a copy that failed the write). It counts as a host that could not
-        # flush, once: the writes answered after this flush began are measured from then.
-        # A break without a restart (a network blip) costs a needless resync only.
-        base = self._base
-        for h in now:
-            if h not in failed and self._breaks(h) != base.get(h, -1):
+        # flush. A break without a restart (a network blip) costs a needless resync only.
+        for h in hosts:
+            if h != self.host_id and h not in failed and self._breaks(h) != sent_at.get(h, -1):
                 failed[h] = PeerUnavailable(
                     f"the connection to host {h} broke after it took writes of {self.name}: "
                     f"it may have restarted and lost them")
-                base[h] = now[h]
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its

@@ -504,3 +504,22 @@ def test_a_write_answered_after_a_flush_began_is_flushed_by_the_next_one_cleanly
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_writes_taken_after_a_restart_are_not_doubted_by_the_next_flush():
+    """b restarted with nothing unflushed; the writes after that went to its new process.
+    The next flush must not count b as failed: it would need the registry to record a
+    needless stale copy (tests/faults/test_etcd_pool.py flushes while etcd is paused)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            await call(gw.flush())
+            sim.crash(b, declare_down=False)
+            await sim.restart(b)
+            await call(gw.write(0, b"\x02" * 4096, False))  # over a new connection
+            await call(gw.flush())
+            assert not stale_hosts(sim, rec.lineage)
+            nursery.cancel_scope.cancel()
+
+    run(main)
