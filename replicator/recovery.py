@@ -18,7 +18,9 @@ by full copy"):
   bytes only if its local checksum is still the one the diff was made against (the check
   and the write run without an await between them, so nothing interleaves); a page that
   changed meanwhile is left for the next pass. The record is cleared only after a pass that
-  found nothing to copy, and only if no newer failure re-marked it (version check).
+  found nothing to copy, and only if no newer failure re-marked it (version check); the
+  store is flushed first, so what the resync copied survives a power loss once the copy
+  counts as current (no client flush covers it).
 - A write reaches the replicas of a chunk in parallel, so it may have landed here and
   still be on its way to the source (delayed, or about to time out and get the source
   recorded stale). Copying the source's older pages over it would undo a write the
@@ -265,6 +267,11 @@ class Resync:
         try:
             if not await self.resync_chunk(r.lineage, r.index, n, stale):
                 return False
+            # What the resync copied is durable before the copy counts as current again: a
+            # power loss after the clear would otherwise take bytes no flush of a client
+            # covers (the gateway flushes the writes it sent), and this copy, recorded stale
+            # again by its crash recovery, might be the one an all-stale election picks.
+            self.store.flush()
             if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
                 if rep is not None and key in rep.refused:
                     # a generation this resync never compared is missing here (the gateway's

@@ -523,3 +523,35 @@ def test_writes_taken_after_a_restart_are_not_doubted_by_the_next_flush():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_what_a_resync_copied_survives_a_power_loss_once_the_copy_is_current():
+    """Sim seed 632: a resync copied a chunk's pages and cleared the record without a sync;
+    the host lost power, came back with the pages unwritten, and, every copy of the chunk
+    being stale by then, was elected the copy the others resync from: acknowledged bytes
+    gone everywhere. The resync flushes the store before it clears the record."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 65536, False))
+            await call(gw.flush())
+            gw_faults = sim.hosts[gw.host_id].faults
+            gw_faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * 65536, False))  # b alone: a recorded stale
+            await call(gw.flush())
+            gw_faults.heal()
+            resync = sim.hosts[a].resync
+            for _ in range(3):
+                await trio.sleep(resync.write_window)
+                await resync.run_once()
+                if not stale_hosts(sim, rec.lineage):
+                    break
+            assert not stale_hosts(sim, rec.lineage)
+            sim.crash(a, declare_down=False)  # power loss: unsynced pages may go, one by one
+            await sim.restart(a)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert sim.hosts[a].store.read(key, 0, 65536) == b"\x02" * 65536
+            assert not stale_hosts(sim, rec.lineage)  # nothing was left to lose
+            nursery.cancel_scope.cancel()
+
+    run(main)
