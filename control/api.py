@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from vbp.errors import InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
+from vbp.errors import Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
@@ -139,7 +139,11 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
         r = VolumeRecord.from_dict(d)
         return complete_snapshot(r).to_dict() if r.pending == head else d
     try:
-        return VolumeRecord.from_dict(reg.update_volume(name, finish))
+        # under the lease: should this call stall past its TTL and a gateway take the
+        # lease over meanwhile, the snapshot is not completed behind its writes (Fenced)
+        return VolumeRecord.from_dict(reg.update_volume(name, finish, lease))
+    except Fenced:
+        return None
     finally:
         reg.release_lease(lease)
 

@@ -92,6 +92,17 @@ NBD_STATE_ZERO = 2
 SHORT_MAP_REFRESH = 1.0
 
 
+class _Flush:
+    """A flush under way (VolumeGateway.flush): the next one waits for it, and fails if it
+    failed, as it covers the same writes."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class ClusterView:
     """The cluster map as this host sees it, with per-epoch cached chunk placement.
 
@@ -208,10 +219,11 @@ class VolumeGateway:
         self._marking: dict[int, dict[str, int]] = {}
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
-        # remote host -> PeerPool.breaks of its address when the earliest of those writes
-        # was sent: a flush answered after a later break may come from a process that
-        # restarted and lost them (see _flush_replicated)
+        # remote host -> PeerPool.incarnation of it when the earliest of those writes was
+        # sent: a flush answered by a later one may come from a process that restarted
+        # and lost them (see _flush_replicated)
         self._sent_at: dict[str, int] = {}
+        self._flushing: _Flush | None = None  # the last flush, while it runs
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -307,8 +319,8 @@ class VolumeGateway:
         return local
 
     def _note_unflushed(self, host: str, index: int, sent: int | None = None) -> None:
-        """`host` took a write to chunk `index`; `sent`: PeerPool.breaks of a remote host
-        when the write left (_breaks), None for this host's own copy."""
+        """`host` took a write to chunk `index`; `sent`: PeerPool.incarnation of a remote
+        host when the write left, None for this host's own copy."""
         s = self._unflushed.get(host)
         if s is None:
             s = self._unflushed[host] = set()
@@ -318,12 +330,6 @@ class VolumeGateway:
             if b is None or sent < b:
                 self._sent_at[host] = sent
 
-    def _breaks(self, host: str) -> int:
-        """PeerPool.breaks of `host`'s address; -2 for a host no longer in the map."""
-        try:
-            return self.pool.breaks(self.cluster.address(host))
-        except KeyError:
-            return -2
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -749,7 +755,8 @@ class VolumeGateway:
         later = Later()
         epoch = cv.epoch
         names = [h for h in hosts if h != self.host_id]
-        sent = [self._breaks(h) for h in names]
+        incarnation = self.pool.incarnation
+        sent = [incarnation(h) for h in names]  # (_ready_peers: connected, no checkpoint)
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
@@ -828,7 +835,8 @@ class VolumeGateway:
                       failed: dict, sent: dict[str, int]) -> None:
         """Account for one piece's replies: what took it, what is behind, whether the write
         stands (min_size), what to record stale. Raises when it is not acknowledged.
-        `sent`: PeerPool.breaks of each remote host when the write left (_send_all)."""
+        `sent`: PeerPool.incarnation of each remote host when the write left, None when
+        it had no connection then (_send_all)."""
         cv = self.cluster
         if cv.epoch != epoch:
             # A StaleEpoch answer refreshed the map while the write was sent: hosts that
@@ -843,8 +851,13 @@ class VolumeGateway:
             complete = cv.replicas(self.lineage, p.index, self.n)
         reported = set()  # copies that say they are stale: their own word, not our map's
         for h, reply in replies.items():
-            # a remote host missing from `sent` (none is): -1, doubted at the flush
-            self._note_unflushed(h, p.index, None if h == self.host_id else sent.get(h, -1))
+            if h == self.host_id:
+                self._note_unflushed(h, p.index)
+            else:
+                # with no connection when the write left, the reply came over the one
+                # opened for it, still the newest: no restart can complete in between
+                b = sent.get(h)
+                self._note_unflushed(h, p.index, self.pool.incarnation(h) if b is None else b)
             if getattr(reply, "stale", False):
                 reported.add(h)
         behind |= reported
@@ -1026,9 +1039,11 @@ class VolumeGateway:
             except VbpError as e:
                 failed[self.host_id] = e
         if remote:
-            if sent is not None:  # (_settle: when the write left, for the flush)
+            if sent is not None:  # (_settle: the incarnation the write went to, for the flush)
+                pool = self.pool
                 for h in remote:
-                    sent[h] = self._breaks(h)
+                    if pool.connected(self.cluster.address(h)):
+                        sent[h] = pool.incarnation(h)
             no_rid = self.cluster.no_rid
             if no_rid and msg.rid and not no_rid.isdisjoint(remote):
                 # decoders that predate request ids get the message without one
@@ -1091,12 +1106,42 @@ class VolumeGateway:
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
 
     def flush(self):
+        """Every write answered before this call is durable when it returns (or its
+        awaitable completes). A flush takes the writes noted since the previous one; when
+        that one is still under way (a concurrent FLUSH, another connection with
+        multi-conn), it also waits for it and fails if it failed: the writes it covers
+        were answered before this flush was asked too."""
         hosts, sent_at = self._unflushed, self._sent_at
         self._unflushed, self._sent_at = {}, {}
-        if set(hosts) <= {self.host_id}:
+        prev = self._flushing
+        if prev is not None and prev.done.is_set():
+            prev = self._flushing = None
+        if set(hosts) <= {self.host_id} and prev is None:
             self.store.flush()
             return None
-        return self._flush_replicated(hosts, sent_at)
+        mine = self._flushing = _Flush()
+        return self._flush_after(prev, mine, hosts, sent_at)
+
+    async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at) -> None:
+        try:
+            if set(hosts) <= {self.host_id}:
+                self.store.flush()
+            else:
+                await self._flush_replicated(hosts, sent_at)
+            if prev is not None:
+                await prev.done.wait()
+                if prev.error is not None:
+                    err = VbpError(f"a flush of {self.name} under way when this one was asked "
+                                   f"failed: {prev.error}")
+                    err.errno = getattr(prev.error, "errno", err.errno)
+                    raise err
+        except BaseException as e:
+            mine.error = e
+            raise
+        finally:
+            mine.done.set()
+            if self._flushing is mine:
+                self._flushing = None
 
     async def _flush_replicated(self, hosts: dict[str, set[int]], sent_at: dict[str, int]):
         msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
@@ -1112,17 +1157,18 @@ class VolumeGateway:
         async with trio.open_nursery() as nursery:
             for h in todo:
                 nursery.start_soon(one, h)
-        # A flush answered by a host whose connection broke after it took writes may come
-        # from a process that restarted meanwhile: what it took before then and had not
-        # synced is gone from it (its crash recovery records those chunks stale, but a
-        # resync may already have cleared that, or the other copies never had them:
-        # min_size 1, a copy that failed the write). It counts as a host that could not
-        # flush. A break without a restart (a network blip) costs a needless resync only.
+        # A flush answered over a newer connection than the writes it covers may come from
+        # a process that restarted meanwhile: what it took before then and had not synced
+        # is gone from it (its crash recovery records those chunks stale, but a resync may
+        # already have cleared that, or the other copies never had them: min_size 1, a
+        # copy that failed the write). It counts as a host that could not flush. A new
+        # connection without a restart (a network blip) costs a needless resync only.
+        incarnation = self.pool.incarnation
         for h in hosts:
-            if h != self.host_id and h not in failed and self._breaks(h) != sent_at.get(h, -1):
+            if h != self.host_id and h not in failed and incarnation(h) != sent_at.get(h, -1):
                 failed[h] = PeerUnavailable(
-                    f"the connection to host {h} broke after it took writes of {self.name}: "
-                    f"it may have restarted and lost them")
+                    f"host {h} answered the flush of {self.name} over a newer connection than "
+                    f"its writes: it may have restarted and lost them")
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its

@@ -620,6 +620,7 @@ class _ClientConnection:
         if reply.version != m.PROTO_VERSION:
             raise VersionMismatch(f"{self.address} speaks protocol version {reply.version}")
         self.peer_host_id = reply.host_id
+        pool._hellos[reply.host_id] = pool._hellos.get(reply.host_id, 0) + 1
 
     async def read_loop(self) -> None:
         link = self.link
@@ -658,10 +659,8 @@ class _ClientConnection:
         for waiter in pending.values():
             _resolve(waiter, outcome.Error(self.new_error()))
         self.room.unpark_all()
-        pool = self.pool
-        if pool._conns.get(self.address) is self:
-            del pool._conns[self.address]
-            pool._breaks[self.address] = pool._breaks.get(self.address, 0) + 1
+        if self.pool._conns.get(self.address) is self:
+            del self.pool._conns[self.address]
 
     def new_error(self) -> PeerUnavailable:
         exc = self.error
@@ -711,7 +710,7 @@ class PeerPool:
         self.max_frame = max_frame
         self.faults = faults
         self._conns: dict[str, _ClientConnection] = {}
-        self._breaks: dict[str, int] = {}  # address -> connections to it that ended
+        self._hellos: dict[str, int] = {}  # peer host id -> handshakes completed with it
         self._nursery: trio.Nursery | None = None
         self._nursery_cm = None
         self._next_sweep = math.inf
@@ -789,12 +788,18 @@ class PeerPool:
         conn = self._conns.get(address)
         return conn.peer_host_id if conn is not None and conn.ready.is_set() else None
 
-    def breaks(self, address: str) -> int:
-        """How many connections to `address` have ended (or failed to open) so far. A peer
-        process that restarted has broken the connection that carried its replies before
-        a new one can reach it, so an unchanged count between two replies means one
-        process gave both: what it took in between, it still holds (or synced)."""
-        return self._breaks.get(address, 0)
+    def incarnation(self, host_id: str) -> int:
+        """How many connections to host `host_id` have completed their handshake, at any
+        address. A peer process that restarted is reached only through a new one, so an
+        unchanged count between two replies means one process gave both: what it took in
+        between, it still holds (or synced). The gateway's flush relies on it."""
+        return self._hellos.get(host_id, 0)
+
+    def connected(self, address: str) -> bool:
+        """Whether a call to `address` made now goes over an open, handshaken connection
+        (the one incarnation() counted last), rather than a new one."""
+        conn = self._conns.get(address)
+        return conn is not None and conn.error is None and conn.ready.is_set()
 
     async def call(self, address: str, message, timeout: float | None = None):
         """Send `message` to the peer at `address` ("host:port") and return its reply.
@@ -977,15 +982,15 @@ class MemoryNetwork:
 
     def __init__(self) -> None:
         self._hosts: dict[str, _MemoryHost] = {}
-        self._ends: dict[str, int] = {}  # address -> times its host stopped (PeerPool.breaks)
+        self._serves: dict[str, int] = {}  # host id -> times it was served (incarnation)
 
     def serve(self, address: str, handler: Handler, *, cluster: str, host_id: str) -> None:
         self._hosts[address] = _MemoryHost(handler, cluster, host_id)
+        self._serves[host_id] = self._serves.get(host_id, 0) + 1
 
     def stop(self, address: str) -> None:
         host = self._hosts.pop(address, None)
         if host is not None:
-            self._ends[address] = self._ends.get(address, 0) + 1
             for scope in host.calls:
                 scope.cancel()
 
@@ -1018,9 +1023,12 @@ class MemoryPeerPool:
     async def __aenter__(self) -> "MemoryPeerPool":
         return self
 
-    def breaks(self, address: str) -> int:
-        """PeerPool.breaks: here a connection ends only when its host stops (a crash)."""
-        return self.network._ends.get(address, 0)
+    def incarnation(self, host_id: str) -> int:
+        """PeerPool.incarnation: here every serve() of the host is a new one."""
+        return self.network._serves.get(host_id, 0)
+
+    def connected(self, address: str) -> bool:
+        return address in self.network._hosts
 
     async def __aexit__(self, *exc_info) -> bool:
         return False

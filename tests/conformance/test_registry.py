@@ -220,6 +220,19 @@ def test_a_volume_update_under_a_lease_holds_only_while_the_lease_does(reg):
         reg.update_volume("v", bump, b)
     assert reg.update_volume("v", bump)["n"] == 5  # no lease asked for: as before
 
+    c = reg.acquire_lease("v", "gw-c", 30)
+
+    def taken_over_meanwhile(d):  # between the lease's read and the record's write
+        if not taken:
+            taken.append(reg.release_lease(c))
+            taken.append(reg.acquire_lease("v", "gw-d", 30))
+        return bump(d)
+
+    taken: list = []
+    with pytest.raises(Fenced):
+        reg.update_volume("v", taken_over_meanwhile, c)
+    assert reg.get_volume("v")["n"] == 5 and taken  # the lease is compared in the write
+
 
 def test_lease_renew_after_expiry_without_takeover(reg):
     a = reg.acquire_lease("v", "gw-a", 1)

@@ -24,15 +24,21 @@ def run(afn):
 
 
 class SlowRenewal:
-    """The registry renews at once; its answer comes back only when `answer` is set."""
+    """The registry renews at once; its answer comes back only when `answer` is set. With
+    `late`, the request itself reaches the registry only then."""
 
-    def __init__(self, sim: Sim):
+    def __init__(self, sim: Sim, late: bool = False):
         self.sim = sim
+        self.late = late
         self.real = sim.registry.renew_lease
         self.asked = trio.Event()
         self.answer = trio.Event()
 
     async def __call__(self, lease, ttl):
+        if self.late:
+            self.asked.set()
+            await self.answer.wait()
+            return await self.real(lease, ttl)
         new = await self.real(lease, ttl)
         self.asked.set()
         await self.answer.wait()
@@ -146,6 +152,32 @@ def test_a_gateway_whose_lease_was_taken_over_does_not_complete_a_snapshot():
                 assert sim.replica_bytes(h, cur, snap.chain, 0)[:8192] == b"\x03" * 4096 + b"\x02" * 4096
                 assert sim.replica_bytes(h, cur, cur.chain, 0)[:4096] == b"\x04" * 4096
             new.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_renewal_refused_after_the_lease_went_back_leaves_the_new_lease_alone():
+    """The renewal reaches the registry only after the lease was released and a new one
+    taken: it is refused (Fenced). That refusal is about the old lease: the new one stays
+    held and its gateway unfenced."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, p, writer = await setup(nursery)
+            with SlowRenewal(sim, late=True) as slow:
+                nursery.start_soon(p.renew_all)
+                await slow.asked.wait()
+                writer.close()
+                await released(sim, "v")
+                second = await p.open_export("v")
+                await call(second.write(4096, b"\x02" * 4096, False))  # a new lease
+                new = p.leases["v"]
+                slow.answer.set()
+                await trio.sleep(0.1)
+            assert p.leases.get("v") is new and not second.fenced
+            await p.renew_all()
+            assert p.leases["v"].token == new.token and not second.fenced
+            second.close()
             nursery.cancel_scope.cancel()
 
     run(main)

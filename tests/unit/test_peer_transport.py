@@ -203,16 +203,18 @@ async def test_server_killed_mid_flight_fails_callers_promptly_then_reconnects()
             assert len(failures) == 10
             assert max(t for t, _ in failures) - killed_at < 1.0
 
-            assert pool.breaks(address) == 1  # the connection the killed server answered on
+            assert pool.incarnation("srv") == 1  # the killed server's connection
+            assert not pool.connected(address)
             with pytest.raises(PeerUnavailable):  # nothing listens now: refused at once
                 with trio.fail_after(2):
                     await pool.call(address, m.Ping(1))
-            assert pool.breaks(address) == 2  # a connection that never opened counts too
+            assert pool.incarnation("srv") == 1  # no handshake: not a new one
             async with server(port=port) as (again, _):
                 assert again == address
                 assert await pool.call(address, m.Ping(4)) == m.Pong("srv", 4)
                 assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)
-                assert pool.breaks(address) == 2  # one process answered both
+                assert pool.incarnation("srv") == 2 and pool.connected(address)
+                assert pool.incarnation("other") == 0
 
 
 async def test_connection_refused_is_peer_unavailable():
@@ -494,12 +496,12 @@ async def test_both_nets_fail_in_flight_calls_when_a_host_dies(net):
 
             nursery.start_soon(doomed)
             await entered.wait()
-            assert pool.breaks(address) == 0  # (the gateway's flush compares these)
+            assert pool.incarnation("srv") == 1 and pool.connected(address)  # (the gateway's flush)
             with trio.fail_after(2):
                 net.kill(address)
                 with pytest.raises(PeerUnavailable):
                     await pool.call(address, m.Ping(2))
-        assert pool.breaks(address) >= 1  # the host that answered is gone
+        assert not pool.connected(address)  # the host that answered is gone
 
 
 async def test_both_nets_obey_the_fault_policy(net):

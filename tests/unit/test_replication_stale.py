@@ -9,6 +9,7 @@ forever and the copy that missed an acknowledged write could serve it."""
 
 from __future__ import annotations
 
+import errno
 import functools
 
 import pytest
@@ -18,7 +19,7 @@ import trio.testing
 from replicator import messages as m
 from replicator.recovery import NEVER_CURRENT
 from tests.sim.harness import Sim, call, extents_bytes
-from vbp.errors import BelowMinSize, RegistryUnavailable
+from vbp.errors import BelowMinSize, RegistryUnavailable, VbpError
 from vbp.layout import MiB, ChunkKey
 
 
@@ -424,7 +425,8 @@ def test_a_generation_of_holes_only_is_made_on_the_stale_copy_too():
     run(main)
 
 
-def test_a_flush_answered_by_a_restarted_copy_counts_it_as_failed():
+@pytest.mark.parametrize("new_address", [False, True])
+def test_a_flush_answered_by_a_restarted_copy_counts_it_as_failed(new_address):
     """Sim seed 167 (with takeovers): a write that only copy b took (a failed it and was
     recorded stale; min_size 1) was acknowledged, then b crashed before any flush and came
     back. The next flush went to b, whose new process answered it: the flush succeeded over
@@ -435,6 +437,8 @@ def test_a_flush_answered_by_a_restarted_copy_counts_it_as_failed():
             sim, rec, gw, a, b = await two_replicas(nursery)
             await a_missed_a_write(sim, rec, gw, a, 4096)  # b alone took the 2s
             sim.crash(b)
+            if new_address:  # (a port picked at start, a new IP): any address counts
+                sim.hosts[b].addr = f"{b}:7001"
             await sim.restart(b)
             sim.sync_maps()
             with pytest.raises(BelowMinSize):
@@ -552,6 +556,47 @@ def test_what_a_resync_copied_survives_a_power_loss_once_the_copy_is_current():
             key = ChunkKey(rec.lineage, 0, rec.head)
             assert sim.hosts[a].store.read(key, 0, 65536) == b"\x02" * 65536
             assert not stale_hosts(sim, rec.lineage)  # nothing was left to lose
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_flush_asked_while_another_runs_waits_for_it_and_shares_its_failure():
+    """A second FLUSH (another connection, multi-conn) asked while the first still runs
+    covers the writes the first took: it was answered at once, before they were durable,
+    and even when the first failed. It now waits for the first and fails with it."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            # both succeed; the second ends after the first
+            await call(gw.write(0, b"\x01" * 4096, False))
+            faults = sim.hosts[gw.host_id].faults
+            faults.delay_probability, faults.max_delay = 1.0, 0.2
+            ended = []
+
+            async def flush(name, op):
+                await call(op)
+                ended.append(name)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(flush, "first", gw.flush())
+                second = gw.flush()
+                assert second is not None  # not answered at once
+                n.start_soon(flush, "second", second)
+            assert ended == ["first", "second"]
+            faults.delay_probability = 0.0
+            # the first fails (b, the only current copy, restarted): so does the second
+            await a_missed_a_write(sim, rec, gw, a, 4096)
+            sim.crash(b)
+            await sim.restart(b)
+            sim.sync_maps()
+            first, second = gw.flush(), gw.flush()
+            with pytest.raises(BelowMinSize):
+                await call(first)
+            with pytest.raises(VbpError) as info:
+                await call(second)
+            assert info.value.errno == errno.EIO
+            assert gw.flush() is None  # asked after both ended, with nothing to flush
             nursery.cancel_scope.cancel()
 
     run(main)
