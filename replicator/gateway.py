@@ -1182,14 +1182,19 @@ class VolumeGateway:
             for idx in hosts[h]:
                 lost.setdefault(idx, []).append(h)
         unrecorded = []
+        short = None  # a chunk left with fewer than min_size durable copies: the error
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
             behind = self.stale.get(idx, ())
             good = sum(1 for h in replicas if h not in bad and h not in behind)
             if good < self.min_size:
-                raise BelowMinSize(f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
+                short = short or BelowMinSize(
+                    f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
+                continue  # the others' failures are still recorded before it is raised
             if not await self._mark_stale(idx, bad, replicas):
                 unrecorded.append(idx)
+        if short is not None:
+            raise short
         if unrecorded:
             raise RegistryUnavailable(
                 f"flush of {self.name}: failures of chunks {unrecorded[:8]} could not be recorded "
