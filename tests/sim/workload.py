@@ -130,8 +130,19 @@ class Client:
 
     async def _mutate(self, kind, offset, length, args, ack) -> None:
         self.model.maybe(offset, length)  # in flight: may or may not land
+        start = trio.current_time()
         await self.op(kind, *args)
         ack()
+        # A write of the old gateway that still held the lease (Run.takeover) and ran at
+        # the same time over the same bytes may have landed before or after this one: a
+        # client reconnecting to the same host shares that gateway, and overlapping writes
+        # in flight together have no order (NBD). Those bytes stay unknown.
+        end = trio.current_time()
+        for name, o, n, s, e in self.run.zombie_writes:
+            if name == self.name and s <= end and e >= start:
+                lo, hi = max(o, offset), min(o + n, offset + length)
+                if lo < hi:
+                    self.model.maybe(lo, hi - lo)
 
     async def snapshot_or_clone(self) -> None:
         """Snapshot between two requests of the client (its gateway stays open and switches
@@ -156,6 +167,9 @@ class Run:
         self.clients: dict[str, Client] = {}
         self.nursery: trio.Nursery | None = None
         self.stop = trio.Event()
+        # (volume, offset, length, start, end) of the old gateway's writes that may have
+        # landed (Run.takeover): a client write at the same time over them has no order
+        self.zombie_writes: list[tuple[str, int, int, float, float]] = []
 
     def add_client(self, name: str, model: Model) -> Client:
         c = self.clients[name] = Client(self, name, model)
@@ -253,6 +267,7 @@ class Run:
                 break
             offset = rng.randrange(model.size - 8192)
             length = rng.randrange(1, 8192)
+            start = trio.current_time()
             try:
                 await old_host.run_on(lambda: call(old.write(offset, bytes([ZOMBIE_BYTE]) * length, False)))
             except (VbpError, HostDown):
@@ -266,6 +281,7 @@ class Run:
                     self.out.log.append(f"t={trio.current_time():.2f} zombie write failed, lease "
                                         f"still held {c.name} {offset}+{length}")
                     model.maybe(offset, length)
+                    self.zombie_writes.append((c.name, offset, length, start, trio.current_time()))
                 continue
             lease = sim.reg.kv.get(b"vbp/lease/" + c.name.encode())[0]
             self.out.log.append(f"t={trio.current_time():.2f} zombie write acked {c.name} {offset}+{length}")
@@ -273,6 +289,7 @@ class Run:
                 self.out.fail(f"t={trio.current_time():.2f} {c.name}: a gateway whose lease was taken "
                               f"over (token {old.token}) had a write acknowledged")
             model.maybe(offset, length)
+            self.zombie_writes.append((c.name, offset, length, start, trio.current_time()))
 
     def _holds_lease(self, name: str, gw) -> bool:
         """Whether `gw` holds the volume's lease: its token is the newest one granted."""
