@@ -57,6 +57,19 @@ async def released(sim: Sim, name: str) -> None:
         await trio.sleep(0.01)
 
 
+async def new_lease_while_renewing(nursery, sim, p, writer, slow):
+    """A renewal of the writer's lease under way (its answer held back by `slow`), the
+    writer's connection closes, the lease goes back, a new gateway takes a new one:
+    (that gateway, its lease)."""
+    nursery.start_soon(p.renew_all)
+    await slow.asked.wait()
+    writer.close()
+    await released(sim, "v")
+    second = await p.open_export("v")
+    await call(second.write(4096, b"\x02" * 4096, False))  # a new lease
+    return second, p.leases["v"]
+
+
 async def setup(nursery):
     sim = Sim(1, hosts=3, zones=3)
     await sim.start(nursery, loops=False)
@@ -98,13 +111,7 @@ def test_a_renewal_answered_after_a_new_lease_was_taken_keeps_the_new_one():
             sim, p, writer = await setup(nursery)
             old = p.leases["v"]
             with SlowRenewal(sim) as slow:
-                nursery.start_soon(p.renew_all)
-                await slow.asked.wait()
-                writer.close()
-                await released(sim, "v")
-                second = await p.open_export("v")
-                await call(second.write(4096, b"\x02" * 4096, False))  # a new lease
-                new = p.leases["v"]
+                second, new = await new_lease_while_renewing(nursery, sim, p, writer, slow)
                 assert new.token > old.token
                 slow.answer.set()
                 await trio.sleep(0.1)
@@ -165,13 +172,7 @@ def test_a_renewal_refused_after_the_lease_went_back_leaves_the_new_lease_alone(
         async with trio.open_nursery() as nursery:
             sim, p, writer = await setup(nursery)
             with SlowRenewal(sim, late=True) as slow:
-                nursery.start_soon(p.renew_all)
-                await slow.asked.wait()
-                writer.close()
-                await released(sim, "v")
-                second = await p.open_export("v")
-                await call(second.write(4096, b"\x02" * 4096, False))  # a new lease
-                new = p.leases["v"]
+                second, new = await new_lease_while_renewing(nursery, sim, p, writer, slow)
                 slow.answer.set()
                 await trio.sleep(0.1)
             assert p.leases.get("v") is new and not second.fenced

@@ -43,6 +43,18 @@ def stale_hosts(sim, lineage):
     return {r.host_id for r in sim.reg.list_stale(lineage)}
 
 
+async def resync_until_current(sim, rec, host: str) -> None:
+    """Run `host`'s resync passes, a write window apart, until no copy of the volume's
+    lineage is recorded stale (three at most)."""
+    resync = sim.hosts[host].resync
+    for _ in range(3):
+        await trio.sleep(resync.write_window)  # the writes have settled
+        await resync.run_once()
+        if not stale_hosts(sim, rec.lineage):
+            break
+    assert not stale_hosts(sim, rec.lineage)
+
+
 async def a_missed_a_write(sim, rec, gw, a, first: int):
     """Write `first` bytes of 1s to chunk 0, then 4 KiB of 2s while the gateway is cut from
     `a` (acknowledged by the other copy alone, `a` recorded stale); healed again. Returns
@@ -407,13 +419,7 @@ def test_a_generation_of_holes_only_is_made_on_the_stale_copy_too():
             new = ChunkKey(rec.lineage, 0, head.head)
             assert not any(sim.hosts[b].store.page_checksums(new)[1])  # holes only
             assert sim.hosts[a].store.info(new) is None
-            resync = sim.hosts[a].resync
-            for _ in range(3):
-                await trio.sleep(resync.write_window)  # the writes have settled
-                await resync.run_once()
-                if not stale_hosts(sim, rec.lineage):
-                    break
-            assert not stale_hosts(sim, rec.lineage)
+            await resync_until_current(sim, rec, a)
             snap = head.snapshots[0]
             for h in (a, b):
                 assert sim.replica_bytes(sim.hosts[h], head, head.chain, 0)[:8192] == bytes(8192), h
@@ -466,13 +472,7 @@ def test_a_flush_holds_on_the_copy_that_did_not_restart():
             sim.sync_maps()
             await call(gw.flush())
             assert stale_hosts(sim, rec.lineage) == {b}
-            resync = sim.hosts[b].resync
-            for _ in range(3):
-                await trio.sleep(resync.write_window)
-                await resync.run_once()
-                if not stale_hosts(sim, rec.lineage):
-                    break
-            assert not stale_hosts(sim, rec.lineage)
+            await resync_until_current(sim, rec, b)
             key = ChunkKey(rec.lineage, 0, rec.head)
             assert sim.hosts[b].store.read(key, 0, 4096) == b"\x03" * 4096
             nursery.cancel_scope.cancel()
@@ -544,13 +544,7 @@ def test_what_a_resync_copied_survives_a_power_loss_once_the_copy_is_current():
             await call(gw.write(0, b"\x02" * 65536, False))  # b alone: a recorded stale
             await call(gw.flush())
             gw_faults.heal()
-            resync = sim.hosts[a].resync
-            for _ in range(3):
-                await trio.sleep(resync.write_window)
-                await resync.run_once()
-                if not stale_hosts(sim, rec.lineage):
-                    break
-            assert not stale_hosts(sim, rec.lineage)
+            await resync_until_current(sim, rec, a)
             sim.crash(a, declare_down=False)  # power loss: unsynced pages may go, one by one
             await sim.restart(a)
             key = ChunkKey(rec.lineage, 0, rec.head)
