@@ -55,7 +55,9 @@ Reads check every page against its checksum. read_ref, for the NBD server's larg
 checks the pages in place through a read-only map of the data file and answers a FileRange
 that the server sends with os.sendfile (no copy through this process). While a range is
 out, slots its space frees stay in limbo: the bytes a slow client gets are the chunk's (or
-the zeros of a delete that overtook the send), never another chunk's.
+the zeros of a delete that overtook the send), never another chunk's. The check is made
+once, before the send: bytes that change in the file between the two (only something
+writing it behind blockd's back could) leave unchecked.
 
 Recovery at open (always run; after a clean close there is nothing to do; a dirty chunk is
 one written since the last flush or one of the hot set kept marked through it): PENDING chunks
