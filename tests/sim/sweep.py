@@ -30,11 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", choices=sorted(FAULT_SETS), action="append",
                         help="fault set (repeatable; default: both)")
     args = parser.parse_args(argv)
-    logging.disable(logging.CRITICAL)  # the hosts log every failure they inject
     sets = args.faults or sorted(FAULT_SETS)
+    logging.disable(logging.CRITICAL)  # the hosts log every failure they inject
+    try:
+        return _sweep(args.first, args.end, sets)
+    finally:
+        logging.disable(logging.NOTSET)  # (called from a test: the process goes on)
+
+
+def _sweep(first: int, end: int, sets: list[str]) -> int:
     failed = 0
     t0 = time.monotonic()
-    for seed in range(args.first, args.end):
+    for seed in range(first, end):
         for name in sets:
             try:
                 out = run_seed(seed, Config(faults=FAULT_SETS[name]))
@@ -46,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 failed += 1
                 print(f"{name} seed {seed}: {bad[0]}", flush=True)
-        if (seed - args.first) % 50 == 49:
+        if (seed - first) % 50 == 49:
             print(f"... seed {seed} ({time.monotonic() - t0:.0f} s)", flush=True)
-    print(f"{failed} failed of {(args.end - args.first) * len(sets)} runs", flush=True)
+    print(f"{failed} failed of {(end - first) * len(sets)} runs", flush=True)
     return 1 if failed else 0
 
 
