@@ -740,8 +740,11 @@ class VolumeGateway:
         index = p.index
         hosts = cv.write_set(self.lineage, index, self.n)
         complete = cv.replicas(self.lineage, index, self.n)
-        if (len(hosts) != len(complete) or len(complete) < self.min_size
+        if (len(hosts) != len(complete) or len(complete) < self.n
                 or self.stale.get(index)):
+            # (fewer copies than the volume wants: our map may lag hosts that joined, and
+            # the general path reads it again first; a write here would leave their copies
+            # behind with no stale record)
             return None
         remote = self._ready_peers(hosts)
         if remote is None:

@@ -97,3 +97,33 @@ async def test_a_map_short_of_copies_is_refreshed_before_a_failure_fails_the_wri
     seen = len(refreshes)
     await gw.write(4096, b"y" * 4096, False)
     assert len(refreshes) == seen
+
+
+async def test_a_map_short_of_copies_never_takes_the_fast_path():
+    """CI flake of tests/interop/test_service_lifecycle.py: a gateway whose map still
+    predated the third host's registration wrote a replicas=3 chunk through the fast path
+    (every copy of its map ready) to two hosts, and the third host's copy stayed behind
+    with no stale record, later served as current. The fast path leaves a chunk with fewer
+    copies than the volume wants to the general one, which reads the map again first."""
+    reg = open_registry(f"memory://gateway-short-{next(_POOLS)}")
+    hosts = tuple(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", peer_rev=1)
+                  for i in (1, 2, 3))
+    cluster = ClusterView(ClusterMap(1, hosts[:2]))  # h3 registered after this map
+    net = MemoryNetwork()
+    replicas = {h.id: Replica(MemoryChunkStore(None, 1 << 30), h.id, lambda: cluster.epoch)
+                for h in hosts}
+    for h in hosts[1:]:
+        net.serve(h.peer, replicas[h.id].handle, cluster="t", host_id=h.id)
+    api.create_volume(reg, "v", "4M", replicas=3, chunk_size="1M")
+    pool = net.pool("t", "h1")
+    pool.ready = lambda addresses: True  # as a real pool with its connections open
+    gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
+                       host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool, token=1)
+
+    async def refresh_map():
+        cluster.set_map(ClusterMap(2, hosts))
+
+    gw.refresh_map = refresh_map
+    await gw.write(0, b"x" * 4096, False)
+    for h in ("h1", "h2", "h3"):
+        assert replicas[h].read(gw.lineage, 0, (gw.gen,), 0, 4096)[1] == b"x" * 4096, h
