@@ -330,7 +330,6 @@ class VolumeGateway:
             if b is None or sent < b:
                 self._sent_at[host] = sent
 
-
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnly(f"{self.name} is a read-only snapshot")
@@ -838,8 +837,8 @@ class VolumeGateway:
                       failed: dict, sent: dict[str, int]) -> None:
         """Account for one piece's replies: what took it, what is behind, whether the write
         stands (min_size), what to record stale. Raises when it is not acknowledged.
-        `sent`: PeerPool.incarnation of each remote host when the write left, None when
-        it had no connection then (_send_all)."""
+        `sent`: PeerPool.incarnation of each remote host when the write left; a host
+        missing from it had no connection then (_send_all)."""
         cv = self.cluster
         if cv.epoch != epoch:
             # A StaleEpoch answer refreshed the map while the write was sent: hosts that
