@@ -64,8 +64,7 @@ from vbp.errors import NotFound, VbpError
 from vbp.later import Later
 from vbp.layout import parse_size
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, nbytes, plain_socket, receive_wait, send_now,
-                         set_rcvlowat, wait_for_rest)
+from vbp.sockets import nbytes, plain_socket, receive_wait, send_now
 
 log = logging.getLogger("vbp.nbd")
 
@@ -268,7 +267,6 @@ class _Connection:
         codec = self.codec
         raw = self.raw
         spins = 0
-        lowat = 1 if HAVE_LOWAT else 0  # 0: not available on this socket
         while True:
             while True:
                 event = codec.next_event()
@@ -291,17 +289,7 @@ class _Connection:
                 data = await self.stream.receive_some(len(buf))
                 n = len(data)
                 buf[:n] = data
-            elif lowat and (due := codec.payload_due()) >= LOWAT_MIN:
-                # the rest of a large write: one wakeup once the kernel holds all of it
-                lowat = await wait_for_rest(raw, lowat, due)
-                spins = 0
-                try:
-                    n = raw.recv_into(buf)
-                except BlockingIOError:
-                    n = await receive_wait(raw, buf)
             else:
-                if lowat > 1:
-                    lowat = set_rcvlowat(raw, lowat, 1)
                 try:
                     n = raw.recv_into(buf)
                 except BlockingIOError:

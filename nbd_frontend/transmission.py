@@ -155,10 +155,6 @@ class TransmissionCodec:
             return self._mv[self._end:self._end + HEAD_RECV]
         return self._mv[self._end:]
 
-    def payload_due(self) -> int:
-        """Bytes still to come of a large write's payload being received (0 if none)."""
-        return len(self._large) - self._large_filled if self._large is not None else 0
-
     def commit(self, n: int) -> None:
         if self._large is not None:
             self._large_filled += n

@@ -611,10 +611,9 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
 
 
 async def test_large_write_trickled_in_then_small_requests_are_served_at_once(port, provider):
-    """The rest of a large write is received once the kernel holds all of it
-    (SO_RCVLOWAT): a payload arriving in slow pieces is written whole, the mark goes back
-    down so a small read behind it is answered at once, and a client that hangs up inside a
-    large payload is dropped without disturbing the next one."""
+    """A large write's payload arriving in slow pieces is written whole, a small read
+    behind it is answered at once, and a client that hangs up inside a large payload is
+    dropped without disturbing the next one."""
     c = await Client.connect(port)
     payload = random.randbytes(MiB + 4096)
     frame = struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 7, 8192,
@@ -622,7 +621,7 @@ async def test_large_write_trickled_in_then_small_requests_are_served_at_once(po
     step = len(frame) // 8 + 1
     for i in range(0, len(frame), step):
         await c.send(frame[i:i + step])
-        await trio.sleep(0.1 if i == 3 * step else 0.02)  # once longer than LOWAT_WAIT
+        await trio.sleep(0.1 if i == 3 * step else 0.02)  # once a longer pause
     with trio.fail_after(5):
         assert await c.reply() == (7, 0, b"")
         for cookie in range(8, 11):
@@ -642,8 +641,8 @@ async def test_large_write_trickled_in_then_small_requests_are_served_at_once(po
        cuts=st.lists(st.integers(1, 400_000), min_size=1, max_size=30),
        seed=st.integers(0, 2**32 - 1))
 async def test_writes_in_any_pieces_arrive_whole(sizes, cuts, seed):
-    """Small and large writes (a large payload's rest received once the kernel holds it,
-    SO_RCVLOWAT) sent as one stream cut anywhere, the sender pausing between pieces, then a
+    """Small and large writes (a large payload received straight into a buffer of its
+    own) sent as one stream cut anywhere, the sender pausing between pieces, then a
     read: every write is answered and lands intact, and the connection keeps serving."""
     rng = random.Random(seed)
     provider = MemoryProvider()
