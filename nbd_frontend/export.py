@@ -37,7 +37,8 @@ class Export(Protocol):
 
     # Optional: read_ref(offset, length), read() that may answer a
     # vbp.chunkstore_common.FileRange instead of bytes; the server then sends the bytes
-    # from the file with os.sendfile and releases the range (replicator.gateway has it).
+    # from the file's map (FileRange.send) and releases the range (replicator.gateway
+    # has it).
 
     def write(self, offset: int, data: memoryview, fua: bool) -> Any:
         """A writable `data` is valid during the call only (it is the connection's receive

@@ -22,7 +22,7 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   are running or MAX_QUEUED reply bytes wait for the writer.
 - Large reads leave without a copy: an export with `read_ref` (replicator.gateway) may
   answer a read with a FileRange (bytes of its data file, checked), queued like any
-  buffer and sent with os.sendfile when its turn comes. The range pins the slots its file
+  buffer and sent from the map its pages were checked through when its turn comes. The range pins the slots its file
   frees meanwhile (vbp.chunkstore_common.FileRange); it is released once sent, or when
   the connection ends with it unsent.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import errno
 import inspect
-import os
 import socket
 from time import perf_counter
 import logging
@@ -501,7 +500,7 @@ def _release(buffers) -> None:
 def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
     """send_now for a queue that may hold FileRanges: the buffers between them go with
     sendmsg (MSG_MORE when a range follows, so a reply header shares its data's first
-    segment), each range with os.sendfile, released once all of it went."""
+    segment), each range with FileRange.send, released once all of it went."""
     i, end = 0, len(buffers)
     while i < end:
         j = i
@@ -515,14 +514,11 @@ def _send_mixed(raw: socket.socket, buffers: list, total: int = -1):
         if j == end:
             return None
         rng = buffers[j]
-        sock = raw.fileno()
         while rng.length:
             try:
-                n = os.sendfile(sock, rng.fd, rng.pos, rng.length)
+                n = rng.send(raw)
             except BlockingIOError:
                 return buffers[j:]
-            if not n:  # the file never shrinks while its store is open
-                raise OSError(errno.EIO, f"data file shorter than {rng!r}")
             rng.advance(n)
         rng.release()
         i = j + 1

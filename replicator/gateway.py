@@ -385,8 +385,8 @@ class VolumeGateway:
 
     def read_ref(self, offset: int, length: int):
         """read() for the NBD server, which queues the result at once: a local read inside
-        one chunk may answer a FileRange (ChunkStore.read_ref) that the server sends with
-        os.sendfile. Never after an await (a throttled read answers bytes). A read inside
+        one chunk may answer a FileRange (ChunkStore.read_ref) that the server sends from
+        the data file's map. Never after an await (a throttled read answers bytes). A read inside
         one chunk goes straight to _read_one: this runs per request."""
         if self.qos is None and self.gone is None:
             inner = offset & (self._cs - 1)

@@ -53,7 +53,7 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
 
 Reads check every page against its checksum. read_ref, for the NBD server's large reads,
 checks the pages in place through a read-only map of the data file and answers a FileRange
-that the server sends with os.sendfile (no copy through this process). While a range is
+that the server sends from that map (no copy into a buffer of this process). While a range is
 out, slots its space frees stay in limbo: the bytes a slow client gets are the chunk's (or
 the zeros of a delete that overtook the send), never another chunk's. The check is made
 once, before the send: bytes that change in the file between the two (only something
@@ -444,8 +444,8 @@ class ChunkStore:
     def read_ref(self, key: ChunkKey, offset: int, length: int):
         """read(), for a caller that sends the bytes before doing anything else (the NBD
         server): a range of REF_MIN bytes or more without a hole is checked in place,
-        through a read-only map of the data file, and returned as a FileRange for
-        os.sendfile, so the bytes are never copied into this process. Otherwise (small,
+        through a read-only map of the data file, and returned as a FileRange sent from
+        that map, so the bytes are never copied into a buffer of this process. Otherwise (small,
         holes, a file shorter than its slots after a lost ftruncate) what read() returns."""
         c = self._chunks.get(key)
         if c is None or length < REF_MIN:

@@ -7,6 +7,7 @@ page never looks like a hole (see vbp/chunkstore.py, theory of operation).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from xxhash import xxh3_64_intdigest
@@ -39,7 +40,8 @@ class StoreStats:
 
 class FileRange:
     """`length` bytes at `pos` of a data file, checked against their checksums, for a
-    caller that sends them with os.sendfile instead of copying them (ChunkStore.read_ref).
+    caller that sends them (send()) straight from the read-only map of the file the check
+    read them through, instead of copying them into a buffer first (ChunkStore.read_ref).
 
     The range pins its file's freed slots (`owner.ranges`): while it lives, a slot freed
     meanwhile is not given to another chunk, so the bytes sent are this chunk's, or zeros
@@ -67,6 +69,21 @@ class FileRange:
         """The first `n` bytes were sent."""
         self.pos += n
         self.length -= n
+
+    def send(self, sock) -> int:
+        """Send what is left of the range on `sock` from the read-only map of its file:
+        the bytes `sock.send` took (it raises BlockingIOError when the socket is full).
+
+        Not os.sendfile: on loopback, sending from the map (one copy, into the socket)
+        cost less than sendfile's page references. 1 MiB sequential reads of a replicas=1
+        volume went from 1,697 to 2,030 MiB/s, server CPU per MiB 586 -> 490 µs
+        (`python -m bench --workloads seqread-1m-qd8 --targets nbdkit,vbp-r1`, 3 rounds,
+        side by side)."""
+        view = self.owner.dview if self.owner is not None else None
+        if view is None:  # (the map covers the range for as long as its store is open)
+            raise OSError(errno.EBADF, f"{self!r}: its store is closed")
+        with view[self.pos:self.pos + self.length] as part:
+            return sock.send(part)
 
     def release(self) -> None:
         if self.owner is not None:

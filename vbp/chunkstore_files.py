@@ -163,10 +163,11 @@ class Space:
 
     def data_view(self, end: int) -> memoryview | None:
         """A read-only view of the data file's first `end` bytes or more (None if the file
-        is shorter), through a shared map, for checking pages in place before os.sendfile
-        sends them (ChunkStore.read_ref). The file never shrinks while the store is open,
-        so the map never reaches past its end; a media error under it is a SIGBUS, as for
-        the sums sidecar and the LMDB index, which are maps too."""
+        is shorter), through a shared map, for checking pages in place before the NBD
+        server sends them from it (ChunkStore.read_ref, FileRange.send). The file never
+        shrinks while the store is open, so the map never reaches past its end; a media
+        error under it is a SIGBUS, as for the sums sidecar and the LMDB index, which are
+        maps too."""
         if self.dview is not None and end <= len(self.dview):
             return self.dview
         size = os.fstat(self.fd).st_size

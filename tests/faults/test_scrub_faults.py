@@ -202,7 +202,7 @@ def test_scrub_repairs_flipped_bytes_and_a_divergent_copy_while_a_client_reads(t
         assert scrub(sb)["total"]["error_pages"] == 0  # a clean pool scrubs clean
 
         # bit rot on each host: host1's copy is the one the reader reads. Not during a read:
-        # a large read is checked in place, then sent with os.sendfile, and bytes that
+        # a large read is checked in place, then sent from the file's map, and bytes that
         # change on disk in between leave unchecked (blockd cannot take them back)
         with reader.lock:
             flip(sb, "host1", key(2), 7)

@@ -1,4 +1,5 @@
-"""Large reads leave by os.sendfile: ChunkStore.read_ref's FileRange through the NBD server.
+"""Large reads leave from the data file's map: ChunkStore.read_ref's FileRange through the
+NBD server (FileRange.send).
 
 A real chunk store on disk behind a minimal export, the real server, a byte-level client
 (tests/unit/test_nbd_server.py's). What must hold: the bytes are the chunk's, a range
@@ -99,20 +100,21 @@ def fill(store, chunks) -> dict[int, bytes]:
 
 
 def taken(r: FileRange) -> bytes:
-    """The bytes of a range, which is then released (what the server does by sendfile)."""
+    """The bytes of a range, which is then released (what the server does once sent)."""
     data = os.pread(r.fd, len(r), r.pos)
     r.release()
     return data
 
 
-def counting_sendfile(monkeypatch) -> list[int]:
+def counting_sends(monkeypatch) -> list[int]:
+    """The lengths FileRange.send was asked to send, call by call."""
     calls: list[int] = []
-    real = os.sendfile
+    real = FileRange.send
 
-    def sendfile(out, fd, pos, n):
-        calls.append(n)
-        return real(out, fd, pos, n)
-    monkeypatch.setattr(os, "sendfile", sendfile)
+    def send(self, sock):
+        calls.append(self.length)
+        return real(self, sock)
+    monkeypatch.setattr(FileRange, "send", send)
     return calls
 
 
@@ -133,7 +135,7 @@ async def reads_left_unread(port, store, n: int, structured: bool = False):
 async def test_large_reads_are_sent_from_the_file_and_match(served, monkeypatch, structured):
     port, store = served
     data = fill(store, range(4))
-    calls = counting_sendfile(monkeypatch)
+    calls = counting_sends(monkeypatch)
     c = await Client.connect(port, structured=structured)
     for off, n in ((0, CS), (CS + 4096, REF_MIN), (2 * CS + 123, 300_000), (3 * CS, 4096),
                    (3 * CS + 1000, 10)):
@@ -268,3 +270,24 @@ def test_read_ref_gives_the_bytes_read_gives(tmp_path_factory, holes, zeroed, of
             got = taken(got)
         assert got == want
         assert not s._spaces[cs].ranges
+
+
+def test_a_range_of_a_closed_store_is_an_error_not_bytes(tmp_path):
+    """A range still queued when its store closes (blockd stopping) fails to send with
+    EBADF; it never reads through a map that is gone."""
+    import errno
+    import socket
+
+    s = ChunkStore(tmp_path / "s", 4 * CS)
+    k = ChunkKey("lin", 0, 1)
+    s.write(k, 0, random.randbytes(CS), chunk_size=CS)
+    r = s.read_ref(k, 0, CS)
+    assert isinstance(r, FileRange)
+    a, b = socket.socketpair()
+    a.setblocking(False)  # as the server's
+    with a, b:
+        assert r.send(a) > 0  # open: it sends
+        s.close()
+        with pytest.raises(OSError) as err:
+            r.send(a)
+        assert err.value.errno == errno.EBADF
