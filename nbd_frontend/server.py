@@ -20,11 +20,12 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   and cancellation are never starved.
 - Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
   are running or MAX_QUEUED reply bytes wait for the writer.
-- Large reads leave without a copy: an export with `read_ref` (replicator.gateway) may
-  answer a read with a FileRange (bytes of its data file, checked), queued like any
-  buffer and sent from the map its pages were checked through when its turn comes. The range pins the slots its file
-  frees meanwhile (vbp.chunkstore_common.FileRange); it is released once sent, or when
-  the connection ends with it unsent.
+- Large reads leave without a copy into a buffer: an export with `read_ref`
+  (replicator.gateway) may answer a read with a FileRange (bytes of its data file,
+  checked), queued like any buffer and sent from the map its pages were checked through
+  when its turn comes. The range pins the slots its file frees meanwhile
+  (vbp.chunkstore_common.FileRange); it is released once sent, or when the connection
+  ends with it unsent.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
   completed by the export, which owns their durability.
 - Request ids (vbp.reqid): with a RequestIds, every request gets an id, set as the
@@ -40,7 +41,6 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
 from __future__ import annotations
 
 import argparse
-import errno
 import inspect
 import socket
 from time import perf_counter

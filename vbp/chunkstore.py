@@ -53,11 +53,11 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
 
 Reads check every page against its checksum. read_ref, for the NBD server's large reads,
 checks the pages in place through a read-only map of the data file and answers a FileRange
-that the server sends from that map (no copy into a buffer of this process). While a range is
-out, slots its space frees stay in limbo: the bytes a slow client gets are the chunk's (or
-the zeros of a delete that overtook the send), never another chunk's. The check is made
-once, before the send: bytes that change in the file between the two (only something
-writing it behind blockd's back could) leave unchecked.
+that the server sends from that map (no copy into a buffer of this process). While a
+range is out, slots its space frees stay in limbo: the bytes a slow client gets are the
+chunk's (or the zeros of a delete that overtook the send), never another chunk's. The
+check is made once, before the send: bytes that change in the file between the two (only
+something writing it behind blockd's back could) leave unchecked.
 
 Recovery at open (always run; after a clean close there is nothing to do; a dirty chunk is
 one written since the last flush or one of the hot set kept marked through it): PENDING chunks
@@ -445,8 +445,9 @@ class ChunkStore:
         """read(), for a caller that sends the bytes before doing anything else (the NBD
         server): a range of REF_MIN bytes or more without a hole is checked in place,
         through a read-only map of the data file, and returned as a FileRange sent from
-        that map, so the bytes are never copied into a buffer of this process. Otherwise (small,
-        holes, a file shorter than its slots after a lost ftruncate) what read() returns."""
+        that map, so the bytes are never copied into a buffer of this process. Otherwise
+        (small, holes, a file shorter than its slots after a lost ftruncate) what read()
+        returns."""
         c = self._chunks.get(key)
         if c is None or length < REF_MIN:
             return self.read(key, offset, length)
