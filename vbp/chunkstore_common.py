@@ -47,17 +47,13 @@ class FileRange:
     meanwhile is not given to another chunk, so the bytes sent are this chunk's, or zeros
     if it was deleted meanwhile. A write landing before the bytes leave is sent with them,
     as for any read that overlaps a write in flight. `release()` once sent or dropped
-    (garbage collection releases it too). A closed store's ranges read as EBADF."""
+    (garbage collection releases it too). A closed store's ranges fail to send with EBADF."""
 
     __slots__ = ("owner", "pos", "length", "__weakref__")
 
     def __init__(self, owner, pos: int, length: int):
         self.owner, self.pos, self.length = owner, pos, length
         owner.ranges.add(self)
-
-    @property
-    def fd(self) -> int:
-        return self.owner.fd if self.owner is not None else -1
 
     def __len__(self) -> int:
         return self.length

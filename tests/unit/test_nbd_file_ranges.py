@@ -10,8 +10,10 @@ data.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import socket
 
 import pytest
 import trio
@@ -101,7 +103,7 @@ def fill(store, chunks) -> dict[int, bytes]:
 
 def taken(r: FileRange) -> bytes:
     """The bytes of a range, which is then released (what the server does once sent)."""
-    data = os.pread(r.fd, len(r), r.pos)
+    data = os.pread(r.owner.fd, len(r), r.pos)
     r.release()
     return data
 
@@ -275,9 +277,6 @@ def test_read_ref_gives_the_bytes_read_gives(tmp_path_factory, holes, zeroed, of
 def test_a_range_of_a_closed_store_is_an_error_not_bytes(tmp_path):
     """A range still queued when its store closes (blockd stopping) fails to send with
     EBADF; it never reads through a map that is gone."""
-    import errno
-    import socket
-
     s = ChunkStore(tmp_path / "s", 4 * CS)
     k = ChunkKey("lin", 0, 1)
     s.write(k, 0, random.randbytes(CS), chunk_size=CS)
