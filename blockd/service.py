@@ -527,7 +527,7 @@ class Blockd:
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
-                    cluster=cfg.cluster, host_id=cfg.host_id))
+                    cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev))
                 self.nbd_port = await nursery.start(functools.partial(
                     serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id)))
                 if cfg.metrics:
@@ -565,6 +565,12 @@ class Blockd:
             if self.registry is not None:
                 self.registry.sync.close()
             log.info("event=stopped")
+
+    def _peer_rev(self, host_id: str) -> int:
+        """The peer revision host `host_id` advertises in the cluster map (0 if unknown):
+        what the peer server may send it."""
+        rec = self.cluster.map.host(host_id)
+        return rec.peer_rev if rec is not None else 0
 
     def _check_store(self, cmap) -> None:
         """A host back under its id with another chunk store (a replaced disk, a lost data

@@ -1164,7 +1164,9 @@ class VolumeGateway:
         # is gone from it (its crash recovery records those chunks stale, but a resync may
         # already have cleared that, or the other copies never had them: min_size 1, a
         # copy that failed the write). It counts as a host that could not flush. A new
-        # connection without a restart (a network blip) costs a needless resync only.
+        # connection to the same process (a network blip) keeps the incarnation: the
+        # server's boot id says so (PeerPool.incarnation; a host below PEER_REV 6 sends
+        # none, and then it costs a needless resync only).
         incarnation = self.pool.incarnation
         for h in hosts:
             if h != self.host_id and h not in failed and incarnation(h) != sent_at.get(h, -1):

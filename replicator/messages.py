@@ -35,8 +35,10 @@ PROTO_VERSION = 1
 # ChunkIndexes request (sent only to hosts of revision 3 or later). 4: no new field; the
 # host places chunks by the data set's weight factors (vbp.cluster.ClusterMap.weights), so
 # the controller reweights only once every host is at 4. 5: the DirtyChunks request (sent
-# only to hosts of revision 5 or later).
-PEER_REV = 5
+# only to hosts of revision 5 or later). 6: `boot` on HelloOk (sent only to hosts of
+# revision 6 or later).
+PEER_REV = 6
+BOOT_REV = 6  # HelloOk.boot
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -85,9 +87,16 @@ class Hello:
 @_message(2)
 @dataclass(frozen=True, slots=True)
 class HelloOk:
+    """The server's answer to Hello. `boot` names the server's process: a random id drawn
+    when it started serving, the same on every connection until it stops (PEER_REV 6; ""
+    from older hosts). A client that reconnects and meets the same boot id knows it talks
+    to the process that answered it before, which still holds what it took then: a network
+    blip is not a restart (PeerPool.incarnation)."""
+
     cluster: str
     host_id: str
     version: int
+    boot: str = ""
 
 
 @_message(3)

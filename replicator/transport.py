@@ -26,6 +26,8 @@ pool's nursery and shared by every caller; requests are multiplexed by request i
 connection dies every pending call fails at once with PeerUnavailable and the next call
 opens a new connection. Timeouts are per call. A `FaultPolicy` is consulted on every call:
 the one place tests and the simulation inject network faults (CONVENTIONS 8).
+`incarnation(host)` tells the processes of a peer apart: a reconnection to the server that
+answered before (same HelloOk.boot) is the same incarnation, a restarted one a new one.
 `call_all` sends one message to several peers (a replicated write): encoded once, framed
 per connection, and the caller parks once for all the replies, with no task per peer.
 `queue_all` is the same with a callback instead of a parked caller (the gateway's write
@@ -40,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import socket
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -269,9 +272,15 @@ async def serve_peers(
     host_id: str,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_frame: int = DEFAULT_MAX_FRAME,
+    peer_rev: Callable[[str], int] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve peer connections until cancelled; `task_status.started(bound_port)`."""
+    """Serve peer connections until cancelled; `task_status.started(bound_port)`.
+
+    Every connection's HelloOk carries one boot id, drawn here: this call is one
+    incarnation of the host. `peer_rev(host_id)` is the revision a client host advertises
+    (its registry record; default: every client is of this revision): older ones get a
+    HelloOk without the boot id, which they could not decode."""
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     if port == 0 and len(listeners) > 1:
         # a wildcard host binds IPv4 and IPv6 to different free ports: keep one
@@ -279,9 +288,11 @@ async def serve_peers(
             await extra.aclose()
         listeners = listeners[:1]
     bound_port = listeners[0].socket.getsockname()[1]
+    boot = secrets.token_hex(8)
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame)
+        session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
+                                 boot=boot, peer_rev=peer_rev)
         try:
             await session.run()
         except Exception:  # one connection's fault never takes the server down
@@ -296,7 +307,8 @@ async def serve_peers(
 
 
 class _ServerSession:
-    def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame):
+    def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
+                 boot: str = "", peer_rev: Callable[[str], int] | None = None):
         self.link = _Link(stream, max_frame)
         self.handler = handler
         self.cluster = cluster
@@ -306,6 +318,8 @@ class _ServerSession:
         self.room = ParkingLot()
         self.peer = "?"
         self.nursery: trio.Nursery | None = None
+        self.boot = boot  # HelloOk.boot (serve_peers)
+        self.peer_rev = peer_rev
 
     async def run(self) -> None:
         link = self.link
@@ -357,7 +371,9 @@ class _ServerSession:
                 m.CLUSTER, f"host {self.host_id} belongs to cluster {self.cluster!r}, "
                            f"not {hello.cluster!r}"))
             return False
-        self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION))
+        new = self.peer_rev is None or self.peer_rev(hello.host_id) >= m.BOOT_REV
+        self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
+                                              self.boot if new else ""))
         await self.link.flush()
         return True
 
@@ -620,7 +636,11 @@ class _ClientConnection:
         if reply.version != m.PROTO_VERSION:
             raise VersionMismatch(f"{self.address} speaks protocol version {reply.version}")
         self.peer_host_id = reply.host_id
-        pool._hellos[reply.host_id] = pool._hellos.get(reply.host_id, 0) + 1
+        # a host that sent no boot id (older, or not told we know the field) may have
+        # restarted at any reconnection: each one counts as a new incarnation
+        if not reply.boot or pool._boots.get(reply.host_id) != reply.boot:
+            pool._hellos[reply.host_id] = pool._hellos.get(reply.host_id, 0) + 1
+            pool._boots[reply.host_id] = reply.boot
 
     async def read_loop(self) -> None:
         link = self.link
@@ -710,7 +730,8 @@ class PeerPool:
         self.max_frame = max_frame
         self.faults = faults
         self._conns: dict[str, _ClientConnection] = {}
-        self._hellos: dict[str, int] = {}  # peer host id -> handshakes completed with it
+        self._hellos: dict[str, int] = {}  # peer host id -> its processes met (incarnation)
+        self._boots: dict[str, str] = {}  # peer host id -> HelloOk.boot of the last one met
         self._nursery: trio.Nursery | None = None
         self._nursery_cm = None
         self._next_sweep = math.inf
@@ -789,10 +810,12 @@ class PeerPool:
         return conn.peer_host_id if conn is not None and conn.ready.is_set() else None
 
     def incarnation(self, host_id: str) -> int:
-        """How many connections to host `host_id` have completed their handshake, at any
-        address. A peer process that restarted is reached only through a new one, so an
-        unchanged count between two replies means one process gave both: what it took in
-        between, it still holds (or synced). The gateway's flush relies on it."""
+        """How many processes of host `host_id` this pool has met, at any address: a
+        handshake counts when its HelloOk names another boot than the last one, or none. A
+        peer process that restarted is reached only through a new connection with a new
+        boot id, so an unchanged count between two replies means one process gave both:
+        what it took in between, it still holds (or synced). The gateway's flush relies on
+        it; a reconnection to the same process (a network blip) keeps the count."""
         return self._hellos.get(host_id, 0)
 
     def connected(self, address: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -79,6 +80,15 @@ def try_write(w: Writer, h, off: int) -> bool:
         return False
     w.acked[off] = w.seq
     return True
+
+
+def cut_connections_to(port: int) -> int:
+    """A network blip: destroy every TCP connection to 127.0.0.1:`port` (both ends see it
+    reset, neither process stops). The number of connections cut."""
+    p = subprocess.run(["ss", "-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stderr
+    return sum(1 for line in p.stdout.splitlines()[1:] if line.strip())
 
 
 def write_through(w: Writer, h, n: int, timeout: float = 60) -> None:
@@ -149,6 +159,12 @@ def test_pool_on_etcd_survives_host_loss_and_registry_outages(etcd_sandbox):
             if not try_write(w, h, off):
                 failed_at = off
         assert failed_at is not None, "writes were still acknowledged 60 s after the registry froze"
+        # a blip cuts the gateway's connections to both replicas since its last writes: the
+        # same processes answer the flush over new ones (their boot ids say so), so they
+        # are not doubted as restarted, which would need the registry to record stale copies
+        for peer in sb.info["hosts"][1:]:
+            assert cut_connections_to(peer["peer_port"]) >= 1
+        time.sleep(0.5)
         h.flush()  # what was acknowledged is made durable: flushing needs no lease
         w.verify(h)
         for i in range(3):

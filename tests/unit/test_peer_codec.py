@@ -49,6 +49,7 @@ request_ids = st.integers(min_value=0, max_value=2**64 - 1)
 EXAMPLES = [
     m.Hello("c1", "h1", m.PROTO_VERSION),
     m.HelloOk("c1", "h2", m.PROTO_VERSION),
+    m.HelloOk("c1", "h2", m.PROTO_VERSION, "9f3c0a1b2d4e5f60"),
     m.Error(m.FENCED, "token 3 < 4"),
     m.Ping(7),
     m.Pong("h2", 7),
@@ -424,13 +425,25 @@ EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
 
 def test_client_data_messages_carry_a_request_id():
     assert {cls.__name__ for cls in EVOLVED} == {
-        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok"}
+        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok", "HelloOk"}
     for cls in EVOLVED:
-        if cls is not m.Ok:
+        if cls not in (m.Ok, m.HelloOk):
             assert "rid" in [f.name for f in _wire_order(cls)]
     # revision 2 appended after revision 1's field
     assert [f.name for f in _wire_order(m.ReadChunk)][-2:] == ["rid", "allow_stale"]
     assert [f.name for f in _wire_order(m.Ok)] == ["version", "stale"]
+
+
+def test_a_hello_ok_without_a_boot_id_is_the_frame_older_hosts_send_and_expect():
+    """Revision 6 added HelloOk.boot: sent empty (to a host of an older revision), the
+    frame is byte for byte the old one; an old server's frame decodes with boot ""."""
+    old = frame(msgpack.packb([m.PROTO_VERSION, 2, 0, "c1", "h2", m.PROTO_VERSION]))
+    assert wire(0, m.HelloOk("c1", "h2", m.PROTO_VERSION)) == old
+    c = PeerCodec()
+    c.receive_data(old)
+    assert c.next_event() == (0, m.HelloOk("c1", "h2", m.PROTO_VERSION, boot=""))
+    assert wire(0, m.HelloOk("c1", "h2", m.PROTO_VERSION, "0a1b")) == frame(
+        msgpack.packb([m.PROTO_VERSION, 2, 0, "c1", "h2", m.PROTO_VERSION, "0a1b"]))
 
 
 def test_frame_without_the_optional_field_decodes_with_its_default():

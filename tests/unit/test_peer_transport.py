@@ -8,6 +8,7 @@ import socket
 import struct
 from contextlib import asynccontextmanager
 
+import msgpack
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -56,7 +57,8 @@ async def raw_client(address: str, hello: bool = True):
     codec = PeerCodec()
     if hello:
         await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
-        assert await next_reply(stream, codec) == (0, m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION))
+        rid, ok = await next_reply(stream, codec)
+        assert (rid, ok) == (0, m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION, ok.boot)) and ok.boot
     return stream, codec
 
 
@@ -80,6 +82,75 @@ async def test_handshake_names_both_hosts():
             assert await pool.call(address, m.Ping(7)) == m.Pong("srv", 7)
             assert pool.peer_host_id(address) == "srv"
     assert seen == ["cli"]
+
+
+async def test_every_connection_to_one_server_names_the_same_boot_but_a_restart_another():
+    async with server() as (address, _):
+        boots = set()
+        for _ in range(3):
+            stream, codec = await raw_client(address, hello=False)
+            await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+            boots.add((await next_reply(stream, codec))[1].boot)
+            await stream.aclose()
+        assert len(boots) == 1 and len(boots.pop()) == 16
+    port = int(address.rsplit(":", 1)[1])
+    async with server(port=port) as (again, _):
+        stream, codec = await raw_client(again, hello=False)
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+        assert (await next_reply(stream, codec))[1].boot not in ("", *boots)
+
+
+async def test_a_client_of_an_older_revision_gets_the_hello_ok_it_can_decode():
+    """A host below revision 6 (its registry record) would refuse a HelloOk with a field it
+    does not know: it gets the old frame, byte for byte."""
+    revs = {"old": m.BOOT_REV - 1, "new": m.BOOT_REV}
+    async with server(peer_rev=lambda h: revs.get(h, 0)) as (address, _):
+        for host, boot_sent in (("old", False), ("new", True), ("unknown", False)):
+            stream, codec = await raw_client(address, hello=False)
+            await stream.send_all(codec.encode(3, m.Hello(CLUSTER, host, m.PROTO_VERSION)))
+            with trio.fail_after(5):
+                raw = b""
+                while len(raw) < 4 or len(raw) < 4 + int.from_bytes(raw[:4], "big"):
+                    raw += await stream.receive_some(65536)
+            ok = msgpack.unpackb(raw[4:])
+            assert ok[:6] == [m.PROTO_VERSION, m.TYPE_IDS[m.HelloOk], 3, CLUSTER, "srv",
+                              m.PROTO_VERSION]
+            assert len(ok) == (7 if boot_sent else 6), (host, ok)
+            await stream.aclose()
+
+
+async def test_a_reconnection_to_the_same_process_is_not_a_new_incarnation():
+    """The gateway's flush doubts a host whose incarnation changed since its writes: a
+    network blip (here the pool drops the connection) must not look like a restart, or
+    the flush would record needless stale copies, and fail while the registry is away."""
+    async with server() as (address, kill):
+        port = int(address.rsplit(":", 1)[1])
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert await pool.call(address, m.Ping(1)) == m.Pong("srv", 1)
+            assert pool.incarnation("srv") == 1
+            for i in range(3):
+                pool.disconnect(address)
+                assert not pool.connected(address)
+                assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
+                assert pool.connected(address) and pool.incarnation("srv") == 1
+            kill.cancel()
+            with pytest.raises(PeerUnavailable):
+                with trio.fail_after(2):
+                    await pool.call(address, m.Ping(3))
+            async with server(port=port) as (again, _):  # restarted: a new process
+                assert await pool.call(again, m.Ping(4)) == m.Pong("srv", 4)
+                assert pool.incarnation("srv") == 2
+
+
+async def test_a_server_that_names_no_boot_is_a_new_incarnation_at_every_connection():
+    """An older host (or one that does not know our revision yet) sends no boot id: then
+    any reconnection may be a restart, and counts as one."""
+    async with server(peer_rev=lambda h: m.BOOT_REV - 1) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            await pool.call(address, m.Ping(1))
+            pool.disconnect(address)
+            await pool.call(address, m.Ping(2))
+            assert pool.incarnation("srv") == 2
 
 
 async def test_wrong_cluster_is_refused_and_closed():
