@@ -1159,20 +1159,21 @@ class VolumeGateway:
         async with trio.open_nursery() as nursery:
             for h in todo:
                 nursery.start_soon(one, h)
-        # A flush answered over a newer connection than the writes it covers may come from
-        # a process that restarted meanwhile: what it took before then and had not synced
-        # is gone from it (its crash recovery records those chunks stale, but a resync may
-        # already have cleared that, or the other copies never had them: min_size 1, a
-        # copy that failed the write). It counts as a host that could not flush. A new
-        # connection to the same process (a network blip) keeps the incarnation: the
-        # server's boot id says so (PeerPool.incarnation; a host below PEER_REV 6 sends
-        # none, and then it costs a needless resync only).
+        # A flush answered by another incarnation of a host than the writes it covers
+        # may come from a process that restarted meanwhile: what it took before then and
+        # had not synced is gone from it (its crash recovery records those chunks stale,
+        # but a resync may already have cleared that, or the other copies never had them:
+        # min_size 1, a copy that failed the write). It counts as a host that could not
+        # flush. A new connection to the same process (a network blip) keeps the
+        # incarnation: the server's boot id says so (PeerPool.incarnation). A server that
+        # sends none (below PEER_REV 6, or not yet aware of ours) makes every new
+        # connection a new incarnation, which costs a needless resync only.
         incarnation = self.pool.incarnation
         for h in hosts:
             if h != self.host_id and h not in failed and incarnation(h) != sent_at.get(h, -1):
                 failed[h] = PeerUnavailable(
-                    f"host {h} answered the flush of {self.name} over a newer connection than "
-                    f"its writes: it may have restarted and lost them")
+                    f"host {h} answered the flush of {self.name} from another process than "
+                    f"the one that took its writes: it may have restarted and lost them")
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its

@@ -272,15 +272,16 @@ async def serve_peers(
     host_id: str,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_frame: int = DEFAULT_MAX_FRAME,
-    peer_rev: Callable[[str], int] | None = None,
+    peer_rev: Callable[[str], int] = lambda host_id: 0,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`.
 
     Every connection's HelloOk carries one boot id, drawn here: this call is one
     incarnation of the host. `peer_rev(host_id)` is the revision a client host advertises
-    (its registry record; default: every client is of this revision): older ones get a
-    HelloOk without the boot id, which they could not decode."""
+    (its registry record); a client below BOOT_REV, or one the callback does not know
+    (the default: none), gets a HelloOk without the boot id, which an older host could
+    not decode."""
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     if port == 0 and len(listeners) > 1:
         # a wildcard host binds IPv4 and IPv6 to different free ports: keep one
@@ -308,7 +309,7 @@ async def serve_peers(
 
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
-                 boot: str = "", peer_rev: Callable[[str], int] | None = None):
+                 boot: str = "", peer_rev: Callable[[str], int] = lambda host_id: 0):
         self.link = _Link(stream, max_frame)
         self.handler = handler
         self.cluster = cluster
@@ -371,7 +372,7 @@ class _ServerSession:
                 m.CLUSTER, f"host {self.host_id} belongs to cluster {self.cluster!r}, "
                            f"not {hello.cluster!r}"))
             return False
-        new = self.peer_rev is None or self.peer_rev(hello.host_id) >= m.BOOT_REV
+        new = self.peer_rev(hello.host_id) >= m.BOOT_REV
         self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
                                               self.boot if new else ""))
         await self.link.flush()
@@ -820,7 +821,7 @@ class PeerPool:
 
     def connected(self, address: str) -> bool:
         """Whether a call to `address` made now goes over an open, handshaken connection
-        (the one incarnation() counted last), rather than a new one."""
+        (to the process incarnation() counted last), rather than a new one."""
         conn = self._conns.get(address)
         return conn is not None and conn.error is None and conn.ready.is_set()
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.conftest import SandboxHandle, run_vbp
+from tests.conftest import SandboxHandle, need, run_vbp
 from tests.etcd import EtcdProcess
 from tests.faults.test_replication_faults import (
     BLOCK, MiB, SETTINGS, Writer, compare_replicas, connect, payload, wait_no_stale,
@@ -82,13 +82,22 @@ def try_write(w: Writer, h, off: int) -> bool:
     return True
 
 
-def cut_connections_to(port: int) -> int:
-    """A network blip: destroy every TCP connection to 127.0.0.1:`port` (both ends see it
-    reset, neither process stops). The number of connections cut."""
-    p = subprocess.run(["ss", "-K", "-t", "-n", "dst", "127.0.0.1", "dport", "=", f":{port}"],
-                       capture_output=True, text=True, timeout=10)
-    assert p.returncode == 0, p.stderr
-    return sum(1 for line in p.stdout.splitlines()[1:] if line.strip())
+def cut_connections(pid: int, port: int) -> int:
+    """A network blip: destroy every established TCP connection that process `pid` has
+    to 127.0.0.1:`port` (both ends see it reset, neither process stops). How many it cut."""
+    ss = need("ss")
+    target = ["dst", "127.0.0.1", "dport", "=", f":{port}"]
+    listed = subprocess.run([ss, "-t", "-n", "-p", "-H", "state", "established", *target],
+                            capture_output=True, text=True, timeout=10, check=True).stdout
+    sports = [line.split()[2].rsplit(":", 1)[1] for line in listed.splitlines()
+              if f"pid={pid}," in line]
+    cut = 0
+    for sport in sports:
+        p = subprocess.run([ss, "-K", "-t", "-n", "-H", "state", "established", *target,
+                            "sport", "=", f":{sport}"],
+                           capture_output=True, text=True, timeout=10, check=True)
+        cut += sum(1 for line in p.stdout.splitlines() if line.strip())
+    return cut
 
 
 def write_through(w: Writer, h, n: int, timeout: float = 60) -> None:
@@ -162,8 +171,10 @@ def test_pool_on_etcd_survives_host_loss_and_registry_outages(etcd_sandbox):
         # a blip cuts the gateway's connections to both replicas since its last writes: the
         # same processes answer the flush over new ones (their boot ids say so), so they
         # are not doubted as restarted, which would need the registry to record stale copies
+        gateway = sb.pids()[0]
         for peer in sb.info["hosts"][1:]:
-            assert cut_connections_to(peer["peer_port"]) >= 1
+            cut = cut_connections(gateway, peer["peer_port"])
+            assert cut >= 1, f"the gateway had no connection to {peer['id']} to cut (ss -K)"
         time.sleep(0.5)
         h.flush()  # what was acknowledged is made durable: flushing needs no lease
         w.verify(h)

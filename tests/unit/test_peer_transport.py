@@ -41,14 +41,22 @@ def ok_handler(msg, peer):
 
 
 @asynccontextmanager
-async def server(handler=ok_handler, *, port=0, cluster=CLUSTER, host_id="srv", **kw):
-    """A running serve_peers; yields (address, cancel scope that kills it)."""
+async def server(handler=ok_handler, *, port=0, cluster=CLUSTER, host_id="srv",
+                 peer_rev=lambda host_id: m.PEER_REV, **kw):
+    """A running serve_peers; yields (address, cancel scope that kills it). The scope
+    covers the server alone, not the body of the `async with`: a test goes on after
+    killing it."""
+    kill = trio.CancelScope()
+
+    async def run(task_status):
+        with kill:
+            await serve_peers(handler, "127.0.0.1", port, cluster=cluster, host_id=host_id,
+                              peer_rev=peer_rev, task_status=task_status, **kw)
+
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(lambda task_status: serve_peers(
-            handler, "127.0.0.1", port, cluster=cluster, host_id=host_id,
-            task_status=task_status, **kw))
-        yield f"127.0.0.1:{bound}", nursery.cancel_scope
-        nursery.cancel_scope.cancel()
+        bound = await nursery.start(run)
+        yield f"127.0.0.1:{bound}", kill
+        kill.cancel()
 
 
 async def raw_client(address: str, hello: bool = True):
