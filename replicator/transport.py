@@ -309,7 +309,7 @@ async def serve_peers(
 
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
-                 boot: str = "", peer_rev: Callable[[str], int] = lambda host_id: 0):
+                 boot: str, peer_rev: Callable[[str], int]):
         self.link = _Link(stream, max_frame)
         self.handler = handler
         self.cluster = cluster

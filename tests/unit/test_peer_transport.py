@@ -64,10 +64,16 @@ async def raw_client(address: str, hello: bool = True):
     stream = await trio.open_tcp_stream(host, int(port))
     codec = PeerCodec()
     if hello:
-        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
-        rid, ok = await next_reply(stream, codec)
-        assert (rid, ok) == (0, m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION, ok.boot)) and ok.boot
+        await say_hello(stream, codec)
     return stream, codec
+
+
+async def say_hello(stream, codec) -> m.HelloOk:
+    """A raw client's handshake, as host "raw": the server's HelloOk, which names its boot."""
+    await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+    rid, ok = await next_reply(stream, codec)
+    assert (rid, ok) == (0, m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION, ok.boot)) and ok.boot
+    return ok
 
 
 async def next_reply(stream, codec):
@@ -97,15 +103,13 @@ async def test_every_connection_to_one_server_names_the_same_boot_but_a_restart_
         boots = set()
         for _ in range(3):
             stream, codec = await raw_client(address, hello=False)
-            await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
-            boots.add((await next_reply(stream, codec))[1].boot)
+            boots.add((await say_hello(stream, codec)).boot)
             await stream.aclose()
         assert len(boots) == 1 and len(boots.pop()) == 16
     port = int(address.rsplit(":", 1)[1])
     async with server(port=port) as (again, _):
         stream, codec = await raw_client(again, hello=False)
-        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
-        assert (await next_reply(stream, codec))[1].boot not in ("", *boots)
+        assert (await say_hello(stream, codec)).boot not in ("", *boots)
 
 
 async def test_a_client_of_an_older_revision_gets_the_hello_ok_it_can_decode():
