@@ -67,12 +67,12 @@ class _OpStats:
         self.sum = 0.0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
 
-    def add(self, nbytes: int, seconds: float) -> None:
-        """One request done: count it, its bytes and its latency."""
-        self.count += 1
+    def add(self, nbytes: int, seconds: float, count: int = 1) -> None:
+        """`count` requests done, `nbytes` in all, each in `seconds`: count them."""
+        self.count += count
         self.bytes += nbytes
-        self.sum += seconds
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds * count
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += count
 
 
 class _RequestCollector:

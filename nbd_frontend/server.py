@@ -28,10 +28,16 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   ends with it unsent.
 - FLUSH calls export.flush() when it is received: writes replied to before it were
   completed by the export, which owns their durability.
-- Request ids (vbp.reqid): with a RequestIds, every request gets an id, set as the
-  current one while the export handles it; the task an awaitable runs in inherits it
-  (trio copies the context at start_soon), so every log line about the request, on this
-  host and on the replicas its peer messages reach, carries it.
+- Request ids (vbp.reqid): with a RequestIds, every request gets an id, named in
+  `reqid.dispatching` while the export handles it (no context change per request); the
+  task an awaitable answer runs in gets it as `reqid.current` (trio copies the context at
+  start_soon), so every log line about the request, on this host and on the replicas its
+  peer messages reach, carries it.
+- Metrics: the export's `observe` hook counts the requests answered in a batch's dispatch
+  once per batch and command, with one latency: from the batch's receipt to its send (per
+  request it cost 0.7 µs of a 4K read's 9: two clock reads and a histogram update). A
+  request answered later (task, Later) is observed on its own, from its batch's receipt
+  to its answer.
 - NBD_CMD_DISC or end of input: stop reading, finish in-flight requests, send their
   replies, close. A protocol error (bad magic) is a hard disconnect. Nothing a client
   sends can take down another connection or the server: every connection's errors are
@@ -62,6 +68,7 @@ from vbp.chunkstore_common import FileRange
 from vbp.errors import NotFound, VbpError
 from vbp.later import Later
 from vbp.layout import parse_size
+from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
 from vbp.sockets import nbytes, plain_socket, receive_wait, send_now
 
@@ -72,6 +79,7 @@ MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
+_COMMANDS = max(proto.CMD_NAMES) + 1  # a dispatched request's command is below this
 _PLAIN = (type(None), bytes, bytearray, memoryview, list, FileRange)
 _REFUSALS = {  # the human-readable text of an error chunk for a refused request
     proto.EINVAL: "invalid request: unknown command or flag, misaligned, or beyond the export",
@@ -215,8 +223,14 @@ class _Connection:
         self.copy_writes = inspect.iscoroutinefunction(export.write)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None else None
         self.read = read_ref or export.read
-        # optional per-request hook of the export: observe(command, nbytes, seconds, ok)
+        # optional hook of the export: observe(command, nbytes, seconds, ok, count), for
+        # `count` requests of `command` that took `seconds` each, `nbytes` in all
         self.observe = getattr(export, "observe", None)
+        self.received_at = perf_counter()  # when the batch being dispatched came in
+        # requests answered in this batch's dispatch, per command, for observe_sent
+        self.sent_count = [0] * _COMMANDS
+        self.sent_bytes = [0] * _COMMANDS
+        self.to_observe = False
         self.out: list = []
         self.out_bytes = 0
         self.inflight = 0
@@ -266,6 +280,8 @@ class _Connection:
         codec = self.codec
         raw = self.raw
         spins = 0
+        if self.ids is not None:
+            self.ids.bind()
         while True:
             while True:
                 event = codec.next_event()
@@ -277,12 +293,18 @@ class _Connection:
                                                  _REFUSALS.get(event.errno, "refused")))
                 elif event is NEED_DATA:
                     break
-                else:  # Disconnect
+                else:  # Disconnect: what was answered goes with the writer
+                    if self.to_observe:
+                        self.observe_sent()
                     return
                 if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
                     self.push()
+                    if self.to_observe:
+                        self.observe_sent()
                     await self.wait_room()
             self.push()
+            if self.to_observe:
+                self.observe_sent()
             buf = codec.get_buffer()
             if raw is None:
                 data = await self.stream.receive_some(len(buf))
@@ -304,6 +326,7 @@ class _Connection:
             if not n:
                 return
             codec.commit(n)
+            self.received_at = perf_counter()
 
     async def wait_room(self) -> None:
         while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
@@ -311,14 +334,16 @@ class _Connection:
             await self.room.wait()
 
     def dispatch(self, req: Request) -> None:
-        """Hand `req` to the export, its request id set while the export handles it, and
+        """Hand `req` to the export, its request id named while the export handles it, and
         queue the answer, or arrange for it (a task, a Later). One function on purpose:
         this runs per request."""
-        token = current_rid.set(self.ids.next_ref()) if self.ids is not None else None
+        ids = self.ids
+        if ids is not None:  # vbp.reqid: no context change for the synchronous part
+            ids.seq += 1
+            reqid.dispatching = ids
         try:
             export, cmd = self.export, req.command
-            observe = self.observe
-            t0 = perf_counter() if observe is not None else 0.0
+            t0 = self.received_at
             try:
                 if cmd == proto.CMD_READ:
                     result = self.read(req.offset, req.length)
@@ -340,22 +365,40 @@ class _Connection:
                     result = export.block_status(req.offset, req.length)
             except Exception as exc:
                 self.fail(req, exc)
-                if observe is not None:
-                    observe(cmd, req.length, perf_counter() - t0, False)
+                if self.observe is not None:
+                    self.observe(cmd, req.length, perf_counter() - t0, False)
                 return
             if type(result) is Later:
                 self.inflight += 1
                 result.bind(partial(self.later_done, req, t0), partial(self.later_defer, req, t0))
             elif type(result) not in _PLAIN and inspect.isawaitable(result):
                 self.inflight += 1
-                self.nursery.start_soon(self.finish, req, result, t0)
+                token = current_rid.set((ids, ids.seq)) if ids is not None else None
+                try:  # the task copies the context now: it keeps the request's id
+                    self.nursery.start_soon(self.finish, req, result, t0)
+                finally:
+                    if token is not None:
+                        current_rid.reset(token)
             else:
                 self.complete(req, result)
-                if observe is not None:
-                    observe(cmd, req.length, perf_counter() - t0, True)
+                if self.observe is not None:  # counted with the batch's send (observe_sent)
+                    self.sent_count[cmd] += 1
+                    self.sent_bytes[cmd] += req.length
+                    self.to_observe = True
         finally:
-            if token is not None:
-                current_rid.reset(token)
+            if ids is not None:
+                reqid.dispatching = None
+
+    def observe_sent(self) -> None:
+        """The requests answered in the dispatch of the batch just sent, with one latency:
+        from the batch's receipt to its send."""
+        seconds = perf_counter() - self.received_at
+        count, nbytes = self.sent_count, self.sent_bytes
+        for cmd in range(len(count)):
+            if count[cmd]:
+                self.observe(cmd, nbytes[cmd], seconds, True, count[cmd])
+                count[cmd] = nbytes[cmd] = 0
+        self.to_observe = False
 
     async def finish(self, req: Request, awaitable, t0: float) -> None:
         ok = False

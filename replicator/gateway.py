@@ -360,14 +360,15 @@ class VolumeGateway:
 
     # --- per-request hooks (metrics, QoS) ---------------------------------------------------
 
-    def observe(self, command: int, nbytes: int, seconds: float, ok: bool) -> None:
+    def observe(self, command: int, nbytes: int, seconds: float, ok: bool,
+                count: int = 1) -> None:
         s = self._op_stats.get(command)
         if s is None:  # first of its kind: bind the counters of (volume, operation)
             if self.metrics is None:
                 return
             s = self._op_stats[command] = self.metrics.stats(self.view.volume.name,
                                                              _OPS.get(command, "other"))
-        s.add(nbytes if command < 2 else 0, seconds)  # bytes of reads and writes only
+        s.add(nbytes if command < 2 else 0, seconds, count)  # bytes of reads and writes only
 
     async def _throttled(self, delay: float, op, *args):
         await trio.sleep(delay)

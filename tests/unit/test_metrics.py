@@ -41,6 +41,23 @@ def busy_metrics() -> Metrics:
     return m
 
 
+def test_a_batch_of_requests_counts_like_the_same_requests_one_by_one():
+    """The NBD server observes the requests of one batch with one call (count=)."""
+    one, batch = Metrics(), Metrics()
+    for _ in range(5):
+        one.stats("v", "read").add(4096, 80e-6)
+    batch.stats("v", "read").add(5 * 4096, 80e-6, 5)
+    h = "vbp_nbd_request_seconds"
+    for m in (one, batch):
+        fams = families(m.exposition().decode())
+        assert sample(fams, "vbp_nbd_requests", "vbp_nbd_requests_total", volume="v", op="read") == 5
+        assert sample(fams, "vbp_nbd_bytes", "vbp_nbd_bytes_total", volume="v", op="read") == 5 * 4096
+        assert sample(fams, h, h + "_count", volume="v", op="read") == 5
+        assert sample(fams, h, h + "_sum", volume="v", op="read") == pytest.approx(400e-6)
+        assert sample(fams, h, h + "_bucket", volume="v", op="read", le="5e-05") == 0
+        assert sample(fams, h, h + "_bucket", volume="v", op="read", le="0.0001") == 5
+
+
 def test_every_family_is_exposed_with_its_values():
     fams = families(busy_metrics().exposition().decode())
     assert sample(fams, "vbp_nbd_requests", "vbp_nbd_requests_total", volume="disk1", op="read") == 3

@@ -610,6 +610,87 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
     assert reqid.current.get() == ""  # nothing leaks into the caller
 
 
+async def test_the_request_id_of_a_synchronous_dispatch_is_named_in_this_thread_only(
+        provider, nursery):
+    """A request answered in the dispatch has its id without a context change: get()
+    names it while the export runs, another thread (trio's workers log too) sees none,
+    and nothing is left named once the dispatch returned (vbp.reqid.dispatching)."""
+    import threading
+
+    from vbp import reqid
+
+    seen = []
+
+    class Traced(MemoryExport):
+        def read(self, offset, length):
+            other = []
+            t = threading.Thread(target=lambda: other.append(reqid.get()))
+            t.start()
+            t.join()
+            seen.append((reqid.get(), reqid.current.get(), other[0]))
+            return super().read(offset, length)
+
+        def flush(self):
+            async def later():
+                await trio.sleep(0)
+                seen.append(("flush", reqid.get()))
+            return later()
+
+    provider.exports["traced"] = Traced("traced", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=0xAB)))
+    c = await Client.connect(p, "traced")
+    await c.read(0, 10)
+    await c.read(10, 10, cookie=2)
+    await c.request(proto.CMD_FLUSH, cookie=3)
+    assert await c.reply() == (3, 0, b"")
+    assert seen == [("h9-0000ab-1", "", ""), ("h9-0000ab-2", "", ""), ("flush", "h9-0000ab-3")]
+    assert reqid.dispatching is None and reqid.get() == ""
+
+
+async def test_requests_answered_in_one_batch_are_observed_together(provider, nursery):
+    """The observe hook gets every request: those answered in a batch's dispatch once per
+    batch and command, with their count and bytes; one answered later (an awaitable) on
+    its own."""
+    calls = []
+
+    class Observed(MemoryExport):
+        def observe(self, command, nbytes, seconds, ok, count=1):
+            calls.append((command, nbytes, seconds, ok, count))
+
+        def flush(self):
+            async def later():
+                await trio.sleep(0.01)
+            return later()
+
+    provider.exports["obs"] = Observed("obs", MiB)
+    p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    c = await Client.connect(p, "obs")
+    frames = [struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i, i * 4096, 4096)
+              for i in range(20)]
+    frames += [struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 100 + i, 0, 512)
+               + bytes(512) for i in range(3)]
+    await c.send(b"".join(frames))  # one send: the server finds several requests at once
+    for _ in range(23):
+        await c.reply({i: 4096 for i in range(20)})
+    await c.request(proto.CMD_FLUSH, cookie=200)
+    assert await c.reply() == (200, 0, b"")
+    with trio.fail_after(5):
+        while not any(cmd == proto.CMD_FLUSH for cmd, *_ in calls):
+            await trio.sleep(0.01)
+    by_cmd = {}
+    for cmd, nbytes, seconds, ok, count in calls:
+        assert ok and 0 <= seconds < 5
+        n, b = by_cmd.get(cmd, (0, 0))
+        by_cmd[cmd] = (n + count, b + nbytes)
+    assert by_cmd == {proto.CMD_READ: (20, 20 * 4096), proto.CMD_WRITE: (3, 3 * 512),
+                      proto.CMD_FLUSH: (1, 0)}
+    reads = [call for call in calls if call[0] == proto.CMD_READ]
+    assert len(reads) < 20  # batched, not one call per read
+    flush = [call for call in calls if call[0] == proto.CMD_FLUSH]
+    assert flush[0][2] >= 0.01 and flush[0][4] == 1  # from its receipt to its answer
+
+
 async def test_large_write_trickled_in_then_small_requests_are_served_at_once(port, provider):
     """A large write's payload arriving in slow pieces is written whole, a small read
     behind it is answered at once, and a client that hangs up inside a large payload is
