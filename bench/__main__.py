@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="volume and reference file size (1G)")
     p.add_argument("--workloads", type=_list,
                    help=f"comma-separated, of: {', '.join(workloads.WORKLOADS)}")
-    p.add_argument("--targets", type=_list, help=f"comma-separated, of: {', '.join(harness.ALL_TARGETS)}")
+    p.add_argument("--targets", type=_list, help=f"comma-separated, of: {', '.join(harness.ALL_TARGETS)} "
+                   f"(the default) and {', '.join(harness.EXTRA_TARGETS)}")
     p.add_argument("--r1-hosts", type=int, choices=(1, 3),
                    help="hosts of the sandbox holding the replicas=1 volume (1: all local)")
     p.add_argument("--prefill", choices=("nbdcopy", "fio"),

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from bench import report, vbp_ops
 from bench import workloads as wl_mod
-from bench.targets import NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions
+from bench.targets import BarePython, BarePythonChecksums, NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions
 
 ALL_TARGETS = ("qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3")
+# on request only: the bare Python server (bench/bare_server.py), without and with checksums
+EXTRA_TARGETS = ("py-bare", "py-bare-xxh")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -114,12 +116,17 @@ def start_targets(cfg: Config, tmp: Path, stack: contextlib.ExitStack) -> dict[s
             targets[name] = stack.enter_context(QemuNbd(tmp, cfg.size)).start()
         elif name == "nbdkit":
             targets[name] = stack.enter_context(NbdkitFile(tmp, cfg.size)).start()
+        elif name == "py-bare":
+            targets[name] = stack.enter_context(BarePython(tmp, cfg.size)).start()
+        elif name == "py-bare-xxh":
+            targets[name] = stack.enter_context(BarePythonChecksums(tmp, cfg.size)).start()
         elif name == "vbp-r1":
             targets[name] = VbpTarget(name, sandbox(cfg.r1_hosts), "bench-r1", cfg.size, 1)
         elif name == "vbp-r3":
             targets[name] = VbpTarget(name, sandbox(3), "bench-r3", cfg.size, 3)
         else:
-            raise ValueError(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")
+            raise ValueError(f"unknown target {name!r} "
+                             f"(known: {', '.join(ALL_TARGETS + EXTRA_TARGETS)})")
         say(f"  {name}: {targets[name].uri}")
     return targets
 

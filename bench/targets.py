@@ -178,6 +178,24 @@ class NbdkitFile(ProcessTarget):
                 "file", str(image)]
 
 
+class BarePython(ProcessTarget):
+    """bench/bare_server.py: the fastest shape a Python server can take (DESIGN.md, Speed),
+    not a reference to beat but the ceiling a Python vbp can reach on this machine."""
+
+    name = "py-bare"
+    export = "disk"  # any export name
+    checksums = False
+
+    def command(self, port, image):
+        return [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port), str(image),
+                *(["--checksums"] if self.checksums else [])]
+
+
+class BarePythonChecksums(BarePython):
+    name = "py-bare-xxh"
+    checksums = True
+
+
 class VbpSandbox:
     """A `vbp sandbox` of `hosts` blockd processes under `directory`, driven by the CLI
     (the stable interface). Leaving stops it with `vbp sandbox down`."""

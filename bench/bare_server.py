@@ -1,0 +1,171 @@
+"""The bare Python NBD file server of DESIGN.md's Speed section: the ceiling of any Python
+server on this machine, run beside the references (`python -m bench --targets ...,py-bare`).
+
+What it does, and nothing more: the fixed newstyle handshake (NBD_OPT_GO, NBD_OPT_INFO and
+NBD_OPT_EXPORT_NAME; every other option gets NBD_REP_ERR_UNSUP), then per connection one
+thread that receives into one preallocated buffer, parses every request already received,
+does each pread / pwrite inline and sends all replies of the batch with one sendmsg.
+Simple replies only; READ, WRITE, FLUSH and DISC. No volume map, no checksums (unless
+--checksums: one xxh3_64 per 4 KiB page written or read, as vbp keeps), no replication, no
+scheduler. It is not part of vbp and must not be used as a server: it trusts its client
+(lengths are bounded by the buffer, not checked against the export's size).
+
+    python bench/bare_server.py --port 10809 FILE [--checksums]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+import sys
+import threading
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_INFO, OPT_GO, OPT_ABORT = 1, 6, 7, 2
+REP_ACK, REP_INFO, REP_ERR_UNSUP = 1, 3, (1 << 31) + 1
+INFO_EXPORT = 0
+TX_FLAGS = 1 | 4 | 8 | 256  # HAS_FLAGS, SEND_FLUSH, SEND_FUA, CAN_MULTI_CONN
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
+CMD_FLAG_FUA = 1
+PAGE = 4096
+
+REQ = struct.Struct(">IHHQQI")
+REPLY = struct.Struct(">IIQ")
+OPT = struct.Struct(">QII")
+OPT_REPLY = struct.Struct(">QIII")
+BUF = 64 << 20
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        b = sock.recv(n - len(out))
+        if not b:
+            raise ConnectionError("client went away")
+        out += b
+    return bytes(out)
+
+
+def handshake(sock: socket.socket, size: int) -> bool:
+    sock.sendall(NBDMAGIC + struct.pack(">QH", IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+    (cflags,) = struct.unpack(">I", recv_exact(sock, 4))
+    while True:
+        _, opt, length = OPT.unpack(recv_exact(sock, OPT.size))
+        recv_exact(sock, length)
+        if opt == OPT_EXPORT_NAME:
+            sock.sendall(struct.pack(">QH", size, TX_FLAGS)
+                         + (b"" if cflags & FLAG_NO_ZEROES else bytes(124)))
+            return True
+        if opt in (OPT_GO, OPT_INFO):
+            info = struct.pack(">HQH", INFO_EXPORT, size, TX_FLAGS)
+            sock.sendall(OPT_REPLY.pack(REPLY_MAGIC, opt, REP_INFO, len(info)) + info
+                         + OPT_REPLY.pack(REPLY_MAGIC, opt, REP_ACK, 0))
+            if opt == OPT_GO:
+                return True
+        elif opt == OPT_ABORT:
+            sock.sendall(OPT_REPLY.pack(REPLY_MAGIC, opt, REP_ACK, 0))
+            return False
+        else:
+            sock.sendall(OPT_REPLY.pack(REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
+
+
+def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
+    if checksums:
+        import xxhash
+        h = xxhash.xxh3_64_intdigest
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not handshake(sock, size):
+        return
+    buf = bytearray(BUF)
+    view = memoryview(buf)
+    have = 0
+    pread, pwrite, unpack_from, pack = os.pread, os.pwrite, REQ.unpack_from, REPLY.pack
+    while True:
+        n = sock.recv_into(view[have:])
+        if not n:
+            return
+        have += n
+        pos, out = 0, []
+        while have - pos >= REQ.size:
+            magic, flags, cmd, handle, offset, length = unpack_from(buf, pos)
+            if magic != REQUEST_MAGIC:
+                return
+            if cmd == CMD_WRITE:
+                if have - pos < REQ.size + length:
+                    break
+                data = view[pos + REQ.size:pos + REQ.size + length]
+                pwrite(fd, data, offset)
+                if checksums:
+                    sums = [h(data[i:i + PAGE]) for i in range(0, length, PAGE)]
+                if flags & CMD_FLAG_FUA:
+                    os.fdatasync(fd)
+                out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                pos += REQ.size + length
+                continue
+            pos += REQ.size
+            if cmd == CMD_READ:
+                data = pread(fd, length, offset)
+                if checksums:
+                    sums = [h(data[i:i + PAGE]) for i in range(0, length, PAGE)]
+                out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                out.append(data)
+            elif cmd == CMD_FLUSH:
+                os.fdatasync(fd)
+                out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+            elif cmd == CMD_DISC:
+                return
+            else:
+                out.append(pack(SIMPLE_REPLY_MAGIC, 22, handle))  # EINVAL
+        if out:
+            sock.sendmsg(out) if sum(map(len, out)) < (1 << 16) else _send_all(sock, out)
+        if pos:
+            rest = have - pos
+            if rest:
+                view[:rest] = view[pos:have]
+            have = rest
+        if have == BUF:
+            return  # a request larger than the buffer: not for this server
+
+
+def _send_all(sock: socket.socket, out: list) -> None:
+    views = [memoryview(b) for b in out]
+    while views:
+        sent = sock.sendmsg(views[:1024])
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--checksums", action="store_true")
+    p.add_argument("file")
+    a = p.parse_args(argv)
+    fd = os.open(a.file, os.O_RDWR)
+    size = os.fstat(fd).st_size
+    lsock = socket.create_server(("127.0.0.1", a.port), reuse_port=False)
+    while True:
+        conn, _ = lsock.accept()
+
+        def run(conn=conn):
+            with conn:
+                try:
+                    serve(conn, fd, size, a.checksums)
+                except (ConnectionError, OSError):
+                    pass
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
