@@ -380,7 +380,13 @@ class _Connection:
                     if token is not None:
                         current_rid.reset(token)
             else:
-                self.complete(req, result)
+                if (type(result) is bytes and cmd == proto.CMD_READ and result
+                        and len(result) == req.length):  # complete()'s common case, inline
+                    header = self.codec.read_header(req.cookie, req.offset, req.length)
+                    self.out += (header, result)
+                    self.out_bytes += len(header) + req.length
+                else:
+                    self.complete(req, result)
                 if self.observe is not None:  # counted with the batch's send (observe_sent)
                     self.sent_count[cmd] += 1
                     self.sent_bytes[cmd] += req.length

@@ -299,6 +299,14 @@ class TransmissionCodec:
                                   proto.REPLY_TYPE_ERROR, cookie, 6 + len(raw), errno,
                                   len(raw)) + raw]
 
+    def read_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The header of a successful read reply whose data (`length` bytes, not 0)
+        follows it as one piece: reply_read's common case, for the server's fast path."""
+        if not self.structured:
+            return _SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie)
+        return _DATA_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
+                                proto.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
+
     def reply_read(self, cookie: int, offset: int, length: int, result, flags: int = 0) -> list:
         """Encode an export's read result: bytes-like of `length`, or a list of
         (offset, length, data|None) extents covering the range in order."""
@@ -308,13 +316,9 @@ class TransmissionCodec:
             return self._read_extents(cookie, offset, length, result)
         if len(result) != length:
             return self.reply_error(cookie, proto.CMD_READ, proto.EIO, "short read")
-        if not self.structured:
-            return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie), result]
-        if length == 0:
+        if length == 0 and self.structured:
             return self.reply_ok(cookie, proto.CMD_READ)
-        return [_DATA_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
-                                 proto.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset),
-                result]
+        return [self.read_header(cookie, offset, length), result]
 
     def _read_flat(self, cookie: int, offset: int, length: int, extents: list) -> list:
         parts: list = []

@@ -49,6 +49,7 @@ class StaleCopy(PeerUnavailable):
     """This replica's copy is stale: ask another one (travels as 'unavailable')."""
 
 
+_new_key = tuple.__new__
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
@@ -83,12 +84,16 @@ class Replica:
         self.recent: dict[tuple[str, int], dict[int, float]] = {}
         self.recent_window = 60.0
 
-    @staticmethod
-    def now() -> float:
+    def now(self) -> float:
+        """The run's clock (trio.current_time), bound to the instance at the first call
+        inside a run: every client write asks for it (_note), and trio.current_time costs
+        three Python calls more. Outside a run (direct use in tests, tools): monotonic."""
         try:
-            return trio.current_time()
-        except RuntimeError:  # outside a trio run (direct use in tests, tools)
+            clock = trio.lowlevel.current_clock()
+        except RuntimeError:
             return time.monotonic()
+        self.now = clock.current_time  # a replica lives in the run it first wrote in
+        return self.now()
 
     def _note(self, lineage: str, index: int, offset: int, length: int, gen: int) -> None:
         now = self.now()
@@ -205,7 +210,7 @@ class Replica:
         if self.resyncing:
             self._check_creates(lineage, index, gen)
         self._note(lineage, index, offset, len(data), gen)
-        key = ChunkKey(lineage, index, gen)
+        key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         return self.store.write(
             key, offset, data, chunk_size=chunk_size, base=self._base(lineage, index, gen, chain),
             version=version or None, fua=fua,

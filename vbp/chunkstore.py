@@ -448,8 +448,10 @@ class ChunkStore:
         that map, so the bytes are never copied into a buffer of this process. Otherwise
         (small, holes, a file shorter than its slots after a lost ftruncate) what read()
         returns."""
+        if length < REF_MIN:  # (before the lookup: read() makes its own)
+            return self.read(key, offset, length)
         c = self._chunks.get(key)
-        if c is None or length < REF_MIN:
+        if c is None:
             return self.read(key, offset, length)
         check_range(offset, length, c.cs)
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT

@@ -648,6 +648,26 @@ async def test_the_request_id_of_a_synchronous_dispatch_is_named_in_this_thread_
     assert reqid.dispatching is None and reqid.get() == ""
 
 
+@pytest.mark.parametrize("structured", [False, True])
+async def test_a_read_answered_with_too_few_bytes_is_an_error_not_short_data(
+        provider, nursery, structured):
+    """The server's inline path for a read answered with bytes takes only bytes of the
+    asked length: fewer is EIO, and the connection goes on."""
+    class Short(MemoryExport):
+        def read(self, offset, length):
+            data = super().read(offset, length)
+            return data[:-1] if offset == 4096 else data
+
+    provider.exports["short"] = Short("short", MiB)
+    p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    c = await Client.connect(p, "short", structured=structured)
+    assert await c.write(0, b"x" * 8192) == 0
+    await c.request(proto.CMD_READ, 4096, 4096, cookie=5)
+    cookie, error, _ = await c.reply({5: 4096})
+    assert (cookie, error) == (5, proto.EIO)
+    assert await c.read(0, 4096, cookie=6) == b"x" * 4096
+
+
 async def test_requests_answered_in_one_batch_are_observed_together(provider, nursery):
     """The observe hook gets every request: those answered in a batch's dispatch once per
     batch and command, with their count and bytes; one answered later (an awaitable) on
