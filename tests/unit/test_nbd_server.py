@@ -581,7 +581,11 @@ async def test_export_can_drop_its_clients_and_closed_clients_end_cleanly():
 
 async def test_every_request_runs_with_its_own_request_id(provider, nursery):
     """With a RequestIds, the export sees the request's id in the synchronous call and in
-    the task an awaitable request runs in (vbp.reqid)."""
+    the task an awaitable request runs in (vbp.reqid). A request answered in the dispatch
+    has it without a context change: named in reqid.dispatching, which another thread
+    (trio's workers log too) does not see, and nothing is left named afterwards."""
+    import threading
+
     from vbp import reqid
 
     seen = []
@@ -590,6 +594,14 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
         def write(self, offset, data, fua):
             seen.append(("write", reqid.get()))
             return super().write(offset, data, fua)
+
+        def read(self, offset, length):
+            other = []
+            t = threading.Thread(target=lambda: other.append(reqid.get()))
+            t.start()
+            t.join()
+            seen.append(("read", reqid.get(), reqid.current.get(), other[0]))
+            return super().read(offset, length)
 
         def flush(self):
             async def later():
@@ -603,48 +615,12 @@ async def test_every_request_runs_with_its_own_request_id(provider, nursery):
     c = await Client.connect(p, "traced")
     assert await c.write(0, b"one") == 0
     assert await c.write(10, b"two", cookie=2) == 0
-    await c.request(proto.CMD_FLUSH, cookie=3)
-    assert await c.reply() == (3, 0, b"")
+    assert await c.read(0, 3, cookie=3) == b"one"
+    await c.request(proto.CMD_FLUSH, cookie=4)
+    assert await c.reply() == (4, 0, b"")
     assert seen == [("write", "h9-0000ab-1"), ("write", "h9-0000ab-2"),
-                    ("flush", "h9-0000ab-3")]
+                    ("read", "h9-0000ab-3", "", ""), ("flush", "h9-0000ab-4")]
     assert reqid.current.get() == ""  # nothing leaks into the caller
-
-
-async def test_the_request_id_of_a_synchronous_dispatch_is_named_in_this_thread_only(
-        provider, nursery):
-    """A request answered in the dispatch has its id without a context change: get()
-    names it while the export runs, another thread (trio's workers log too) sees none,
-    and nothing is left named once the dispatch returned (vbp.reqid.dispatching)."""
-    import threading
-
-    from vbp import reqid
-
-    seen = []
-
-    class Traced(MemoryExport):
-        def read(self, offset, length):
-            other = []
-            t = threading.Thread(target=lambda: other.append(reqid.get()))
-            t.start()
-            t.join()
-            seen.append((reqid.get(), reqid.current.get(), other[0]))
-            return super().read(offset, length)
-
-        def flush(self):
-            async def later():
-                await trio.sleep(0)
-                seen.append(("flush", reqid.get()))
-            return later()
-
-    provider.exports["traced"] = Traced("traced", MiB)
-    p = await nursery.start(functools.partial(
-        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=0xAB)))
-    c = await Client.connect(p, "traced")
-    await c.read(0, 10)
-    await c.read(10, 10, cookie=2)
-    await c.request(proto.CMD_FLUSH, cookie=3)
-    assert await c.reply() == (3, 0, b"")
-    assert seen == [("h9-0000ab-1", "", ""), ("h9-0000ab-2", "", ""), ("flush", "h9-0000ab-3")]
     assert reqid.dispatching is None and reqid.get() == ""
 
 
