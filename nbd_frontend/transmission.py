@@ -211,9 +211,11 @@ class TransmissionCodec:
         if cmd == proto.CMD_DISC:
             self.closed = True
             return Disconnect()
-        err = self._check(cmd, flags, offset, length)
-        if err:
-            return BadRequest(cookie, cmd, flags, offset, length, err)
+        if (cmd or flags or length > self.max_payload or offset + length > self.size
+                or self.min_block > 1):  # all but a plain read in range: _check decides
+            err = self._check(cmd, flags, offset, length)
+            if err:
+                return BadRequest(cookie, cmd, flags, offset, length, err)
         return Request(cookie, cmd, flags, offset, length)
 
     def _write(self, flags: int, cookie: int, offset: int, length: int):

@@ -416,3 +416,20 @@ def test_fuzz_yields_events_or_protocol_error(pieces, step, structured):
                 assert len(c._backlog) <= step
     except ProtocolError:
         assert c.closed
+
+
+@pytest.mark.parametrize("min_block", [1, 512])
+@pytest.mark.parametrize("structured", [False, True])
+def test_the_plain_read_shortcut_refuses_what_the_full_check_refuses(structured, min_block):
+    """_parse skips _check for a flagless read in range (the common request): every read
+    near the limits gets the verdict _check gives it."""
+    c = codec(structured=structured, min_block=min_block)
+    cases = [(off, n, flags)
+             for off in (0, 1, 512, SIZE - 512, SIZE - 1, SIZE, 2**64 - 1)
+             for n in (0, 1, 512, proto.MAX_PAYLOAD, proto.MAX_PAYLOAD + 1)
+             for flags in (0, proto.CMD_FLAG_FUA, proto.CMD_FLAG_DF, 1 << 15)]
+    data = b"".join(req(R, off, n, cookie=i, flags=flags)
+                    for i, (off, n, flags) in enumerate(cases))
+    want = [(i, c._check(R, flags, off, n)) for i, (off, n, flags) in enumerate(cases)]
+    assert bad(c, data) == want
+    assert any(e for _, e in want) and any(not e for _, e in want)
