@@ -124,7 +124,7 @@ def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
             else:
                 out.append(pack(SIMPLE_REPLY_MAGIC, 22, handle))  # EINVAL
         if out:
-            sock.sendmsg(out) if sum(map(len, out)) < (1 << 16) else _send_all(sock, out)
+            _send_all(sock, out)
         if pos:
             rest = have - pos
             if rest:
@@ -135,14 +135,18 @@ def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
 
 
 def _send_all(sock: socket.socket, out: list) -> None:
-    views = [memoryview(b) for b in out]
-    while views:
-        sent = sock.sendmsg(views[:1024])
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
+    """All of `out` with as few sendmsg calls as IOV_MAX allows (a blocking socket takes
+    all it is given, unless a signal cuts a call short)."""
+    while out:
+        batch = out[:1024]
+        sent = sock.sendmsg(batch)
+        i = 0
+        while i < len(batch) and sent >= len(batch[i]):
+            sent -= len(batch[i])
+            i += 1
+        out = out[i:]
         if sent:
-            views[0] = views[0][sent:]
+            out[0] = memoryview(out[0])[sent:]
 
 
 def main(argv=None) -> int:

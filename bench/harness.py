@@ -23,11 +23,14 @@ from pathlib import Path
 
 from bench import report, vbp_ops
 from bench import workloads as wl_mod
-from bench.targets import BarePython, BarePythonChecksums, NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions
+from bench.targets import (BarePython, BarePythonChecksums, NbdkitFile, QemuNbd, Target,
+                           VbpSandbox, VbpTarget, tool_versions)
 
 ALL_TARGETS = ("qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3")
 # on request only: the bare Python server (bench/bare_server.py), without and with checksums
 EXTRA_TARGETS = ("py-bare", "py-bare-xxh")
+# the targets that are one server process on a raw file, by name
+PROCESS_TARGETS = {t.name: t for t in (QemuNbd, NbdkitFile, BarePython, BarePythonChecksums)}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -112,14 +115,8 @@ def start_targets(cfg: Config, tmp: Path, stack: contextlib.ExitStack) -> dict[s
         return sandboxes[hosts]
 
     for name in cfg.targets:
-        if name == "qemu-nbd":
-            targets[name] = stack.enter_context(QemuNbd(tmp, cfg.size)).start()
-        elif name == "nbdkit":
-            targets[name] = stack.enter_context(NbdkitFile(tmp, cfg.size)).start()
-        elif name == "py-bare":
-            targets[name] = stack.enter_context(BarePython(tmp, cfg.size)).start()
-        elif name == "py-bare-xxh":
-            targets[name] = stack.enter_context(BarePythonChecksums(tmp, cfg.size)).start()
+        if name in PROCESS_TARGETS:
+            targets[name] = stack.enter_context(PROCESS_TARGETS[name](tmp, cfg.size)).start()
         elif name == "vbp-r1":
             targets[name] = VbpTarget(name, sandbox(cfg.r1_hosts), "bench-r1", cfg.size, 1)
         elif name == "vbp-r3":

@@ -187,8 +187,8 @@ class BarePython(ProcessTarget):
     checksums = False
 
     def command(self, port, image):
-        return [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port), str(image),
-                *(["--checksums"] if self.checksums else [])]
+        return [sys.executable, str(Path(__file__).with_name("bare_server.py")),
+                "--port", str(port), str(image), *(["--checksums"] if self.checksums else [])]
 
 
 class BarePythonChecksums(BarePython):
