@@ -139,5 +139,7 @@ def test_the_bare_server_serves_what_it_was_given(tmp_path, checksums):
     finally:
         proc.kill()
         proc.wait()
-    with socket.socket() as s:  # the port is free again: nothing left behind
+    with socket.socket() as s:  # no listener left on the port (a closed connection of
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # it may be in TIME_WAIT)
         s.bind(("127.0.0.1", port))
+        s.listen()
