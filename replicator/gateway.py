@@ -83,6 +83,9 @@ from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
 _new_key = tuple.__new__
+_UNPLANNED = object()  # read_ref: no plan made for the chunk yet
+_FULL_PATH = object()  # _plan: no plan, every read of the chunk goes by _read_one
+PLANS_MAX = 65536  # read plans kept per gateway (all dropped when full)
 
 NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
@@ -284,6 +287,11 @@ class VolumeGateway:
         self.chain = view.chain
         self.gen = view.gen
         self.cuts = view.cuts
+        # chunk index -> its read plan (_plan), made under the store's `layout` and the
+        # cluster map named here, and this chain
+        self._plans: dict = {}
+        self._plans_layout = -1
+        self._plans_map = None
 
     def chain_for(self, index: int) -> tuple[int, ...]:
         if not self.cuts:
@@ -387,13 +395,55 @@ class VolumeGateway:
     def read_ref(self, offset: int, length: int):
         """read() for the NBD server, which queues the result at once: a local read inside
         one chunk may answer a FileRange (ChunkStore.read_ref) that the server sends from
-        the data file's map. Never after an await (a throttled read answers bytes). A read inside
-        one chunk goes straight to _read_one: this runs per request."""
+        the data file's map. Never after an await (a throttled read answers bytes).
+
+        This runs per request. A read inside one chunk whose copy here is current goes
+        by the chunk's read plan (_plan: what _read_one looks up, kept); anything else
+        (not a replica here, a copy recorded stale, a resync or backfill under way on this
+        host) by _read_one, which asks everything again."""
         if self.qos is None and self.gone is None:
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
-                return self._read_one(offset, offset >> self._shift, inner, length, True)
+                index = offset >> self._shift
+                store = self.store
+                if store.layout != self._plans_layout or self.cluster.map is not self._plans_map:
+                    self._plans.clear()  # a chunk came or went, or placement changed
+                    self._plans_layout = store.layout
+                    self._plans_map = self.cluster.map
+                c = self._plans.get(index, _UNPLANNED)
+                if c is _UNPLANNED:
+                    c = self._plan(index)
+                rep = self.replica
+                if (c is not _FULL_PATH and self.host_id not in self.stale.get(index, ())
+                        and not rep.backfilling and not rep.stale_self):
+                    if c is None:
+                        return [(offset, length, None)]
+                    try:
+                        return store.read_at(c, inner, length, True)
+                    except ChecksumError as e:
+                        return self._bad_local(e, offset, index, inner, length)
+                return self._read_one(offset, index, inner, length, True)
         return self.read(offset, length, True)
+
+    def _plan(self, index: int):
+        """Chunk `index`'s read plan: the store's handle of the generation a read of it
+        resolves to here (ChunkStore.lookup), None when this host has none of the chain
+        (a hole), _FULL_PATH when this host holds no replica of it. Depends on placement,
+        the chunks in the store and the chain only: read_ref drops every plan when the
+        first two change, set_view when the chain does. Whether this host's copy is
+        current (stale records, resync) can change at any time: read_ref asks per read."""
+        lineage = self.lineage
+        c = _FULL_PATH
+        if self.host_id in self.cluster.replicas(lineage, index, self.n):
+            gen = self.store.resolve(lineage, index, self.chain_for(index))
+            if gen is None:
+                c = None
+            else:  # (a generation the store resolves to but cannot find: _read_one's error)
+                c = self.store.lookup(_new_key(ChunkKey, (lineage, index, gen))) or _FULL_PATH
+        if len(self._plans) >= PLANS_MAX:
+            self._plans.clear()
+        self._plans[index] = c
+        return c
 
     def _read(self, offset: int, length: int, ref: bool = False):
         if self.gone is not None:
@@ -441,13 +491,18 @@ class VolumeGateway:
                 key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
                 return store.read_ref(key, inner, length) if ref else store.read(key, inner, length)
             except ChecksumError as e:
-                log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
-                if self.metrics is not None:
-                    self.metrics.checksum_error()
-                if len(hosts) == 1:
-                    raise
-                return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0), True)])
+                return self._bad_local(e, offset, index, inner, length)
         return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0), False)])
+
+    def _bad_local(self, e: ChecksumError, offset: int, index: int, inner: int, length: int):
+        """This host's copy of chunk `index` failed its checksum reading `length` bytes at
+        `inner`: read them from a current copy elsewhere, which repairs ours (none: `e`)."""
+        log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
+        if self.metrics is not None:
+            self.metrics.checksum_error()
+        if len(self.cluster.replicas(self.lineage, index, self.n)) == 1:
+            raise e
+        return self._read_remote(offset, [None], [(0, Piece(index, inner, length, 0), True)])
 
     async def _read_remote(self, offset, extents, remote):
         for slot, p, repair in remote:

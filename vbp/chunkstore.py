@@ -195,6 +195,8 @@ class ChunkStore:
         self.verify_reads = verify_reads  # False only for benchmarks measuring the checksum cost
         self._chunks: dict[ChunkKey, Chunk] = {}
         self._gens: dict[tuple[str, int], set[int]] = {}
+        # bumped whenever a chunk comes or goes, or the store closes (lookup())
+        self.layout = 0
         self._dirty: dict[ChunkKey, Chunk] = {}
         self._fresh: dict[ChunkKey, Chunk] = {}  # copy-ups not synced since (Chunk.fresh)
         self._spaces: dict[int, Space] = {}
@@ -319,11 +321,13 @@ class ChunkStore:
                     sums[i] = page_checksum(page)
 
     def _remember(self, c: Chunk) -> None:
+        self.layout += 1
         self._chunks[c.key] = c
         self._gens.setdefault((c.key.lineage, c.key.index), set()).add(c.key.gen)
         self._used += c.cs
 
     def _forget(self, c: Chunk) -> None:
+        self.layout += 1
         del self._chunks[c.key]
         gens = self._gens[(c.key.lineage, c.key.index)]
         gens.discard(c.key.gen)
@@ -401,10 +405,21 @@ class ChunkStore:
 
     # --- read -----------------------------------------------------------------------------
 
+    def lookup(self, key: ChunkKey) -> Chunk | None:
+        """The chunk `key` names, as a handle for read_at(), or None when this host has
+        none. A handle stays good while `layout` is unchanged (a reader keeping handles
+        compares it before each use): no chunk came or went, so the chunk it names is
+        still `key`'s, in the same slot, and resolve() still answers the same."""
+        return self._chunks.get(key)
+
     def read(self, key: ChunkKey, offset: int, length: int) -> bytes:
         c = self._chunks.get(key)
         if c is None:
             raise NotFound(f"chunk {tuple(key)!r} is not on this host")
+        return self.read_at(c, offset, length)
+
+    def read_at(self, c: Chunk, offset: int, length: int, ref: bool = False):
+        """read() of the chunk behind a handle from lookup(); `ref`: read_ref() of it."""
         if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < c.cs:
             s = c.space.sums[c.sbase + (offset >> PAGE_SHIFT)]
             if not s:
@@ -416,6 +431,8 @@ class ChunkStore:
                 self._corrupt(c, offset >> PAGE_SHIFT)
             return buf
         check_range(offset, length, c.cs)
+        if ref and length >= REF_MIN:
+            return self._range_ref(c, offset, length)
         return self._read_range(c, offset, length) if length else b""
 
     def _read_range(self, c: Chunk, offset: int, length: int) -> bytes:
@@ -448,12 +465,12 @@ class ChunkStore:
         that map, so the bytes are never copied into a buffer of this process. Otherwise
         (small, holes, a file shorter than its slots after a lost ftruncate) what read()
         returns."""
-        if length < REF_MIN:  # (before the lookup: read() makes its own)
-            return self.read(key, offset, length)
         c = self._chunks.get(key)
         if c is None:
-            return self.read(key, offset, length)
-        check_range(offset, length, c.cs)
+            raise NotFound(f"chunk {tuple(key)!r} is not on this host")
+        return self.read_at(c, offset, length, True)
+
+    def _range_ref(self, c: Chunk, offset: int, length: int):
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         sp = c.space
         sums = sp.sums[c.sbase + first: c.sbase + last + 1].tolist()
@@ -869,6 +886,7 @@ class ChunkStore:
 
     def _close_files(self) -> None:
         self._closed = True
+        self.layout += 1  # handles name closed files now
         for sp in self._spaces.values():
             sp.close()
         self._spaces.clear()

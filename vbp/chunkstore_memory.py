@@ -49,6 +49,7 @@ class MemoryChunkStore:
         self._durable: dict[ChunkKey, _MemChunk] = {}
         self._dirty: set[ChunkKey] = set()
         self._gens: dict[tuple[str, int], set[int]] = {}
+        self.layout = 0  # bumped whenever a chunk comes or goes (ChunkStore.lookup)
         self._free: dict[int, list[int]] = {}
         self._nslots: dict[int, int] = {}
         self._used = 0
@@ -106,6 +107,13 @@ class MemoryChunkStore:
         return c
 
     # --- read -----------------------------------------------------------------------------
+
+    def lookup(self, key: ChunkKey):
+        """ChunkStore.lookup: here the handle is the key."""
+        return ChunkKey(*key) if key in self._chunks else None
+
+    def read_at(self, key: ChunkKey, offset: int, length: int, ref: bool = False) -> bytes:
+        return self.read(key, offset, length)
 
     def read(self, key: ChunkKey, offset: int, length: int) -> bytes:
         c = self._get(key)
@@ -195,6 +203,7 @@ class MemoryChunkStore:
             slot = self._nslots.get(cs, 0)
             self._nslots[cs] = slot + 1
         c = _MemChunk(cs, 0, dict(src.pages) if src is not None else {}, slot)
+        self.layout += 1
         self._chunks[key] = c
         self._durable[key] = c.copy()
         self._gens.setdefault((key.lineage, key.index), set()).add(key.gen)
@@ -226,6 +235,7 @@ class MemoryChunkStore:
     def delete(self, key: ChunkKey) -> None:
         c = self._get(key)
         key = ChunkKey(*key)
+        self.layout += 1
         del self._chunks[key]
         self._durable.pop(key, None)
         self._dirty.discard(key)

@@ -14,9 +14,21 @@ import pytest
 import trio
 import trio.testing
 
+from dataclasses import replace as dc_replace
+
+from control import api
+from replicator import gateway
+from replicator.gateway import ClusterView, VolumeGateway
+from replicator.replica import Replica
+from replicator.transport import MemoryNetwork
 from tests.sim.harness import Sim, call, extents_bytes
+from vbp.chunkstore import ChunkStore
+from vbp.chunkstore_common import FileRange
+from vbp.cluster import ClusterMap, HostRecord
 from vbp.errors import VbpError
 from vbp.layout import MiB, ChunkKey
+from vbp.registry import open_registry
+from vbp.volume import VolumeRecord, view_of
 
 
 def run(afn):
@@ -108,5 +120,129 @@ def test_read_repair_fixes_a_page_that_failed_its_checksum():
         await trio.sleep(0.01)  # the client gets the write's reply, then reads
         assert await read(gw, 4096, 4096) == b"\x01" * 4096
         assert store_a.read(key, 0, 8192) == b"\x01" * 8192  # no ChecksumError: repaired
+
+    in_pool(body)
+
+
+# --- read plans (VolumeGateway.read_ref keeps what it looked up per chunk) ----------------
+
+
+async def read_ref(gw, offset, length) -> bytes:
+    """What the NBD server's read gets (read_ref), as bytes."""
+    return extents_bytes(await call(gw.read_ref(offset, length)), offset, length)
+
+
+def test_a_read_plan_never_serves_the_local_copy_once_it_is_recorded_stale():
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 4096, False))
+        assert await read_ref(gw, 0, 4096) == b"\x01" * 4096  # planned: a's copy
+        assert 0 in gw._plans
+        key = ChunkKey(rec.lineage, 0, rec.head)
+        sim.hosts[b].store.write(key, 0, b"\x02" * 4096, chunk_size=MiB)  # a missed it
+        gw.stale[0] = frozenset({a})  # the gateway's own record of it
+        assert await read_ref(gw, 0, 4096) == b"\x02" * 4096
+        gw.stale.pop(0)
+        assert await read_ref(gw, 0, 4096) == b"\x01" * 4096  # (a's copy, by its plan again)
+        sim.reg.mark_stale(rec.lineage, 0, [a], 1)  # the registry's, held by a's replica
+        await sim.hosts[a].resync.refresh_stale_self()
+        assert await read_ref(gw, 0, 4096) == b"\x02" * 4096
+        sim.hosts[a].faults.partition([sim.hosts[b].addr])
+        with pytest.raises(VbpError):  # no current copy: an error, never a's
+            await read_ref(gw, 0, 4096)
+        sim.hosts[a].faults.heal()
+        sim.hosts[a].replica.stale_self.clear()
+        sim.hosts[a].replica.backfilling = True  # a new disk, not yet backfilled
+        assert await read_ref(gw, 0, 4096) == b"\x02" * 4096
+
+    in_pool(body)
+
+
+def test_read_plans_follow_a_snapshot_and_the_copy_up_after_it():
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 8192, False))
+        assert await read_ref(gw, 0, 8192) == b"\x01" * 8192
+        assert await read_ref(gw, MiB // 2, 4096) == bytes(4096)  # planned too
+        planned, planned_chain = dict(gw._plans), gw.chain
+        async with trio.open_nursery() as nursery:  # the lease holder completes it
+            nursery.start_soon(sim.snapshot, "v", "s1")
+            while gw.chain == planned_chain:
+                await sim.hosts[a].provider.sync_records()  # (switch_head, set_view)
+                await trio.sleep(0.05)
+        assert not gw._plans
+        await call(gw.write(4096, b"\x03" * 4096, False))  # copies chunk 0 up
+        assert await read_ref(gw, 0, 8192) == b"\x01" * 4096 + b"\x03" * 4096
+        assert gw._plans[0] != planned[0]  # the head's own generation now
+        old = await sim.hosts[a].provider.open_export("v@s1")
+        assert await read_ref(old, 0, 8192) == b"\x01" * 8192
+        assert await read_ref(old, MiB // 2, 4096) == bytes(4096)
+
+    in_pool(body)
+
+
+def test_a_read_plan_that_meets_a_bad_checksum_repairs_the_page_and_counts_it_once():
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 8192, False))
+        assert await read_ref(gw, 4096, 4096) == b"\x01" * 4096  # planned
+        key = ChunkKey(rec.lineage, 0, rec.head)
+        store_a = sim.hosts[a].store
+        store_a.corrupt(key, 1)
+        before = store_a.stats().checksum_errors
+        await trio.sleep(0.01)
+        assert await read_ref(gw, 4096, 4096) == b"\x01" * 4096
+        assert store_a.stats().checksum_errors == before + 1
+        assert store_a.read(key, 0, 8192) == b"\x01" * 8192  # repaired
+
+    in_pool(body)
+
+
+def test_read_plans_are_remade_for_a_new_cluster_map():
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 4096, False))
+        await read_ref(gw, 0, 4096)
+        first = gw._plans_map
+        cluster = sim.hosts[a].cluster
+        cluster.set_map(dc_replace(cluster.map, epoch=cluster.map.epoch + 1))
+        assert await read_ref(gw, 0, 4096) == b"\x01" * 4096
+        assert gw._plans_map is cluster.map is not first
+
+    in_pool(body)
+
+
+def test_read_plans_never_read_a_slot_that_another_chunk_took_over(tmp_path):
+    """Replicas=1 over a real ChunkStore: chunk 0 is deleted and chunk 1 takes its slot.
+    A read of chunk 0 by the plan made before must not return chunk 1's bytes."""
+    async def main():
+        reg = open_registry("memory://plans-slot")
+        cluster = ClusterView(ClusterMap(1, (HostRecord("h1", "h1:1", "h1:2", pod="p1", peer_rev=6),)))
+        with ChunkStore(tmp_path / "store", 64 * MiB) as store:
+            api.create_volume(reg, "v", 8 * MiB, replicas=1, chunk_size="1M")
+            gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
+                               host_id="h1", replica=Replica(store, "h1", lambda: 1),
+                               cluster=cluster, pool=MemoryNetwork().pool("t", "h1"), token=1)
+            await call(gw.write(0, b"\x01" * MiB, False))
+            assert await read_ref(gw, 4096, 4096) == b"\x01" * 4096
+            key0 = ChunkKey(gw.lineage, 0, gw.gen)
+            slot = store.info(key0).slot
+            store.delete(key0)
+            store.flush()  # the freed slot leaves limbo
+            await call(gw.write(MiB, b"\x02" * MiB, False))
+            assert store.info(ChunkKey(gw.lineage, 1, gw.gen)).slot == slot
+            assert await read_ref(gw, 4096, 4096) == bytes(4096)
+            got = await call(gw.read_ref(MiB, 256 * 1024))  # a FileRange, by chunk 1's plan
+            assert type(got) is FileRange and got.pos == slot * MiB
+            got.release()
+
+    trio.run(main)
+
+
+def test_read_plans_are_bounded(monkeypatch):
+    monkeypatch.setattr(gateway, "PLANS_MAX", 3)
+
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 4096, False))
+        for i in range(8):  # (1 MiB volume: one chunk, so plans of chunks past its end too)
+            gw._plan(i + 1)
+            assert len(gw._plans) <= 3
+        assert await read_ref(gw, 0, 4096) == b"\x01" * 4096
 
     in_pool(body)
