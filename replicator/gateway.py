@@ -660,8 +660,10 @@ class VolumeGateway:
         return self._write(offset, data, fua)
 
     def _write(self, offset: int, data, fua: bool):
-        self._check_writable()
-        if not self.token or self._hold is not None:
+        token = self.token
+        if self.read_only or self.fenced or token and self._now() >= self.lease_deadline:
+            self._check_writable()  # (its checks, with no call when they pass)
+        if not token or self._hold is not None:
             return self._leased(self._write, offset, keepable(data), fua)
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
@@ -669,9 +671,13 @@ class VolumeGateway:
         if inner + n <= self._cs:  # inside one chunk: its one piece, no generator
             if self._local_only(index):
                 self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
-                                   self.chain_for(index), inner, data, self._cs, 0, fua,
-                                   self.cluster.epoch, self.token)
-                self._note_unflushed(self.host_id, index)
+                                   self.chain_for(index) if self.cuts else self.chain, inner,
+                                   data, self._cs, 0, fua, self.cluster.map.epoch, token)
+                s = self._unflushed.get(self.host_id)
+                if s is None:
+                    self._note_unflushed(self.host_id, index)
+                else:
+                    s.add(index)
                 return None
             pieces = [Piece(index, inner, n, 0)]
         else:

@@ -206,13 +206,16 @@ class Replica:
               data, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         if token != self._tokens.get(volume):  # (the checks, with no call when they pass)
             self.check_token(volume, token)
-        self.check_epoch(epoch)
+        if epoch < self._epoch():
+            self.check_epoch(epoch)
         if self.resyncing:
             self._check_creates(lineage, index, gen)
         self._note(lineage, index, offset, len(data), gen)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
-        return self.store.write(
-            key, offset, data, chunk_size=chunk_size, base=self._base(lineage, index, gen, chain),
+        store = self.store
+        return store.write(  # (_base's answer is None when the chunk is here already)
+            key, offset, data, chunk_size=chunk_size,
+            base=None if store.lookup(key) is not None else self._base(lineage, index, gen, chain),
             version=version or None, fua=fua,
         )
 
