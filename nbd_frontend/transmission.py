@@ -180,6 +180,37 @@ class TransmissionCodec:
         return True
 
     # --- events ----------------------------------------------------------------------------
+    def take_reads(self, count: int, nbytes: int) -> list[tuple[int, int, int]]:
+        """The plain reads at the front of what was received, consumed, as (cookie,
+        offset, length): flagless NBD_CMD_READs in range and within max_payload, the
+        requests next_event would return as a Request without asking _check. At most
+        `count`, and none after the one whose lengths reach `nbytes` in all. Stops at the
+        first request of any other kind and at an incomplete one, which stay for
+        next_event (a bad magic too: next_event raises it).
+
+        One call per batch and one C loop parsing it: the server's path for pipelined
+        reads (a Request and a next_event call per read cost about a fifth of a 4K
+        read's CPU). When the first request is no read, [] at the cost of a glance."""
+        start = self._start
+        k = min((self._end - start) // 28, count)
+        if (k <= 0 or self._buf[start + 7]  # (a glance at the first's command: a read?)
+                or self.closed or self._large is not None or self._discard
+                or self.min_block > 1):
+            return []
+        out = []
+        size, limit = self.size, self.max_payload
+        for magic, flags, cmd, cookie, offset, length in _REQUEST.iter_unpack(
+                self._mv[start:start + 28 * k]):
+            if (magic != proto.REQUEST_MAGIC or flags or cmd != proto.CMD_READ
+                    or length > limit or offset + length > size):
+                break
+            out.append((cookie, offset, length))
+            nbytes -= length
+            if nbytes <= 0:
+                break
+        self._start = start + 28 * len(out)
+        return out
+
     def next_event(self):
         """Next Request, BadRequest or Disconnect; NEED_DATA; ProtocolError on bad magic."""
         while True:

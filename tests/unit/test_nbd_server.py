@@ -831,3 +831,77 @@ async def test_a_later_answer_after_disc_is_sent_and_the_connection_then_ends(po
         assert await c.reply() == (7, 0, b"")
         with pytest.raises(EOFError):  # and the server closes once it is sent
             await c.recv(1)
+
+
+async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, nursery):
+    """Past TAKE_READS_RUN reads in a row the reader takes the reads at the front of its
+    buffer in one call (TransmissionCodec.take_reads, _Connection.dispatch_reads). Each
+    still gets its own request id, its answer (bytes, an error raised, too few bytes, an
+    awaitable) and its count in the metrics; a refused read and a write in the middle of
+    the run are answered in their turn."""
+    from vbp import reqid
+
+    ids, observed = [], []
+
+    class Mixed(MemoryExport):
+        def read(self, offset, length):
+            ids.append((offset // 4096, reqid.get()))
+            if offset == 30 * 4096:
+                raise OSError(5, "a bad sector")
+            if offset == 31 * 4096:
+                return super().read(offset, length)[:-1]
+            if offset == 32 * 4096:
+                async def later():
+                    await trio.sleep(0.01)
+                    return super(Mixed, self).read(offset, length)
+                return later()
+            return super().read(offset, length)  # bytes: every page was written
+
+        def observe(self, command, nbytes, seconds, ok, count=1):
+            observed.append((command, ok, count, nbytes))
+
+    provider.exports["mixed"] = Mixed("mixed", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=1)))
+    c = await Client.connect(p, "mixed")
+    pages = {i: bytes([i]) * 4096 for i in range(40)}
+    assert await c.write(0, b"".join(pages.values()), cookie=999) == 0
+    ids.clear()
+    order = ([*range(12), 30, *range(12, 16), 31, *range(16, 20), 32, *range(20, 30),
+              "too far", *range(33, 36), "write", *range(36, 40)])
+    frames = []
+    for i in order:
+        if i == "too far":
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, 500, MiB, 4096))
+        elif i == "write":
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 501,
+                                      39 * 4096, 4096) + b"w" * 4096)
+        else:
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i,
+                                      i * 4096, 4096))
+    assert server.TAKE_READS_RUN < 12
+    await c.send(b"".join(frames))
+    got = {}
+    for _ in order:
+        cookie, error, data = await c.reply({i: 4096 for i in range(40)})
+        got[cookie] = (error, data)
+    assert got.pop(500) == (proto.EINVAL, b"")
+    assert got.pop(501) == (0, b"")
+    assert got.pop(30)[0] == got.pop(31)[0] == proto.EIO
+    assert got == {i: (0, b"w" * 4096 if i == 39 else pages[i])
+                   for i in range(40) if i not in (30, 31)}
+    reads = [i for i in order if type(i) is int]
+    assert [i for i, _ in ids] == reads  # in order, each once
+    n = iter(range(2, 100))  # the first write took id 1
+    want = [f"h9-000001-{next(n):x}" for i in order if i != "too far"]  # a refused read: none
+    assert [rid for _, rid in ids] == [w for w, i in zip(want, [i for i in order if i != "too far"])
+                                       if i != "write"]
+    with trio.fail_after(5):
+        while sum(count for cmd, ok, count, _ in observed if cmd == proto.CMD_READ) < 40:
+            await trio.sleep(0.01)
+    counts = {}
+    for cmd, ok, count, nbytes in observed:
+        n, b = counts.get((cmd, ok), (0, 0))
+        counts[cmd, ok] = (n + count, b + nbytes)
+    assert counts == {(proto.CMD_WRITE, True): (2, 41 * 4096),
+                      (proto.CMD_READ, True): (39, 39 * 4096), (proto.CMD_READ, False): (1, 4096)}

@@ -433,3 +433,96 @@ def test_the_plain_read_shortcut_refuses_what_the_full_check_refuses(structured,
     want = [(i, c._check(R, flags, off, n)) for i, (off, n, flags) in enumerate(cases)]
     assert bad(c, data) == want
     assert any(e for _, e in want) and any(not e for _, e in want)
+
+
+# --- take_reads: the plain reads at the front, in one call ---------------------------------
+
+
+def test_take_reads_takes_the_plain_reads_at_the_front_and_leaves_the_rest():
+    c = codec(max_payload=8192)
+    reads = [req(R, i * 4096, 4096, cookie=i) for i in range(5)]
+    rest = [req(W, 0, 512, cookie=50), req(R, 0, 10, cookie=51)]
+    c.receive_data(b"".join(reads + rest))
+    assert c.take_reads(100, 1 << 30) == [(i, i * 4096, 4096) for i in range(5)]
+    assert c.take_reads(100, 1 << 30) == []  # a write first: next_event's
+    ev = c.next_event()
+    assert (type(ev), ev.command, ev.cookie) == (Request, W, 50)
+    assert c.take_reads(100, 1 << 30) == [(51, 0, 10)]
+    assert c.take_reads(100, 1 << 30) == [] and c.next_event() is NEED_DATA
+
+
+def test_take_reads_stops_at_what_needs_a_check_and_at_its_limits():
+    c = codec(max_payload=8192)
+    for stop in (req(R, 0, 10, flags=proto.CMD_FLAG_DF), req(R, SIZE - 1, 2),
+                 req(R, 0, 8193), req(proto.CMD_FLUSH), req(R, 0, 10, magic=0x1234)):
+        c = codec(max_payload=8192)
+        c.receive_data(req(R, 0, 10, cookie=1) + stop + req(R, 0, 10, cookie=3))
+        assert c.take_reads(100, 1 << 30) == [(1, 0, 10)]
+        assert c.take_reads(100, 1 << 30) == []
+    c = codec(max_payload=8192)
+    c.receive_data(b"".join(req(R, 0, 100, cookie=i) for i in range(10)))
+    assert [r[0] for r in c.take_reads(3, 1 << 30)] == [0, 1, 2]  # `count`
+    assert [r[0] for r in c.take_reads(100, 150)] == [3, 4]  # the one reaching `nbytes` too
+    assert [r[0] for r in c.take_reads(100, 0)] == [5]
+    c.receive_data(req(R, 0, 100, cookie=10)[:20])  # an incomplete one stays
+    assert [r[0] for r in c.take_reads(100, 1 << 30)] == [6, 7, 8, 9]
+    assert c.take_reads(100, 1 << 30) == []
+    c.receive_data(req(R, 0, 100, cookie=10)[20:])
+    assert c.take_reads(100, 1 << 30) == [(10, 0, 100)]
+
+
+def test_take_reads_takes_nothing_while_next_event_has_work_of_its_own():
+    c = codec(min_block=512)  # reads then need _check's alignment verdict
+    c.receive_data(req(R, 0, 512))
+    assert c.take_reads(100, 1 << 30) == []
+    c = codec(read_only=True, max_payload=4096)  # a refused write's payload being skipped
+    c.receive_data(req(W, 0, 100, data=req(R, 0, 10) * 3 + bytes(16)) + req(R, 0, 10, cookie=9))
+    assert type(c.next_event()) is BadRequest
+    assert c.take_reads(100, 1 << 30) == []
+    assert c.next_event().cookie == 9
+    c = codec(buffer_size=8192, max_payload=1 << 20)  # a large write still coming in
+    c.receive_data(req(W, 0, 100_000, data=(req(R, 0, 10) * 300)[:5000]))
+    assert c.next_event() is NEED_DATA and c.take_reads(100, 1 << 30) == []
+    c = codec()
+    c.receive_data(req(proto.CMD_DISC) + req(R, 0, 10))
+    assert type(c.next_event()) is Disconnect and c.take_reads(100, 1 << 30) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(PIECE, st.builds(lambda off, n, cookie: req(R, off, n, cookie=cookie),
+                                           st.integers(0, SIZE), st.integers(0, 5000),
+                                           st.integers(0, 2**64 - 1))), max_size=20),
+       st.integers(1, 4000), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 20_000)),
+                                      min_size=1, max_size=8))
+def test_take_reads_then_next_event_sees_what_next_event_alone_sees(pieces, step, limits):
+    """Any byte stream, any limits: taking reads whenever asked changes nothing but how
+    the plain reads come out."""
+    def run(take: bool) -> list:
+        c = TransmissionCodec(size=SIZE, buffer_size=8192, max_payload=4096)
+        data, out, turn = b"".join(pieces), [], 0
+        try:
+            for i in range(0, len(data), step):
+                c.receive_data(data[i:i + step])
+                while True:
+                    if take:
+                        count, nbytes = limits[turn % len(limits)]
+                        turn += 1
+                        got = c.take_reads(count, nbytes)
+                        assert len(got) <= count
+                        assert sum(n for _, _, n in got[:-1]) < max(nbytes, 1) or not got
+                        out += [("R", cookie, off, n) for cookie, off, n in got]
+                        if got:
+                            continue
+                    ev = c.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if type(ev) is Request and ev.command == R and not ev.flags:
+                        out.append(("R", ev.cookie, ev.offset, ev.length))
+                    else:
+                        out.append((type(ev).__name__, getattr(ev, "cookie", None),
+                                    getattr(ev, "command", None), getattr(ev, "errno", None)))
+        except ProtocolError:
+            out.append("protocol error")
+        return out
+
+    assert run(True) == run(False)
