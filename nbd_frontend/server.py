@@ -9,11 +9,11 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   completed by the export's callback, with no task, or continues as an awaitable in a
   task if the export defers it. Replies may therefore leave out of order, as proto.md
   allows.
-- A run of reads (TAKE_READS_RUN in a row) is taken from the buffer in one call
-  (TransmissionCodec.take_reads: one C loop parsing them, no Request per read) and
-  dispatched in one loop (dispatch_reads); each read still gets its request id, its
-  metrics and the answer dispatch would give it. Reads mixed with other requests go one
-  by one: there a call finding no reads costs more than the short runs it finds save.
+- A run of reads or writes (TAKE_RUN in a row) is taken from the buffer in one call
+  (TransmissionCodec.take_reads, take_writes: no Request per request) and dispatched in
+  one loop (dispatch_reads, dispatch_writes); each request still gets its request id,
+  its metrics and the answer dispatch would give it. Reads mixed with writes go one by
+  one: there a call finding none costs more than the short runs it finds save.
 - Replies of one batch leave in one vectored send, made inline by the reader once the
   batch is dispatched (no task switch) while nothing else is being sent. What the socket
   does not take at once, and replies completed later (tasks, Later callbacks), go to ONE
@@ -84,10 +84,10 @@ MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
-# reads in a row after which the reader takes the reads at the front of its buffer in one
-# go (TransmissionCodec.take_reads): for reads mixed with other requests (a random
-# read/write mix) the calls finding none cost more than the runs they find save
-TAKE_READS_RUN = 8
+# reads (writes) in a row after which the reader takes the reads (writes) at the front of
+# its buffer in one go (TransmissionCodec.take_reads, take_writes): for reads mixed with
+# writes at random the calls finding none cost more than the short runs they find save
+TAKE_RUN = 8
 _COMMANDS = max(proto.CMD_NAMES) + 1  # a dispatched request's command is below this
 _PLAIN = (type(None), bytes, bytearray, memoryview, list, FileRange)
 _REFUSALS = {  # the human-readable text of an error chunk for a refused request
@@ -291,14 +291,20 @@ class _Connection:
         spins = 0
         if self.ids is not None:
             self.ids.bind()
-        take_reads = codec.take_reads
-        run = 0  # reads in a row: only a run of them pays for take_reads
+        run, last = 0, -1  # requests in a row of command `last`: only a run pays for taking
         while True:
             while True:
-                if run >= TAKE_READS_RUN:
-                    reads = take_reads(MAX_IN_FLIGHT - self.inflight, MAX_QUEUED - self.out_bytes)
-                    if reads:
-                        self.dispatch_reads(reads)
+                if run >= TAKE_RUN:
+                    if last == proto.CMD_READ:
+                        taken = codec.take_reads(MAX_IN_FLIGHT - self.inflight,
+                                                 MAX_QUEUED - self.out_bytes)
+                        if taken:
+                            self.dispatch_reads(taken)
+                    else:
+                        taken = codec.take_writes(MAX_IN_FLIGHT - self.inflight)
+                        if taken:
+                            self.dispatch_writes(taken)
+                    if taken:
                         if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
                             self.push()
                             if self.to_observe:
@@ -308,7 +314,13 @@ class _Connection:
                 event = codec.next_event()
                 kind = type(event)
                 if kind is Request:
-                    run = run + 1 if event.command == proto.CMD_READ else 0
+                    cmd = event.command
+                    if cmd == last:
+                        run += 1
+                    elif cmd <= proto.CMD_WRITE:  # (a read or a write starts a run)
+                        run, last = 1, cmd
+                    else:
+                        run = 0
                     self.dispatch(event)
                 elif kind is BadRequest:
                     self.queue(codec.reply_error(event.cookie, event.command, event.errno,
@@ -423,6 +435,42 @@ class _Connection:
             if answered and self.observe is not None:  # counted with the batch's send
                 self.sent_count[proto.CMD_READ] += answered
                 self.sent_bytes[proto.CMD_READ] += nbytes
+                self.to_observe = True
+
+    def dispatch_writes(self, writes: list) -> None:
+        """dispatch_reads for the (cookie, flags, offset, length, data) plain writes
+        TransmissionCodec.take_writes gave: no Request made for one the export completes
+        at once (returns None)."""
+        ids, write = self.ids, self.export.write
+        answered = nbytes = 0
+        try:
+            for cookie, flags, offset, length, data in writes:
+                if ids is not None:
+                    ids.seq += 1
+                    reqid.dispatching = ids
+                try:
+                    if self.copy_writes:
+                        data = keepable(data)
+                    try:
+                        result = write(offset, data, bool(flags & proto.CMD_FLAG_FUA))
+                    except Exception as exc:
+                        self._failed(Request(cookie, proto.CMD_WRITE, flags, offset, length, data), exc)
+                        continue
+                    if result is None:
+                        reply = self.codec.reply_ok(cookie, proto.CMD_WRITE)
+                        self.out += reply  # (not aliased: a Later's callback may push)
+                        self.out_bytes += len(reply[0])
+                        answered += 1
+                        nbytes += length
+                    else:
+                        self._answer(Request(cookie, proto.CMD_WRITE, flags, offset, length, data), result)
+                finally:
+                    if ids is not None:
+                        reqid.dispatching = None
+        finally:
+            if answered and self.observe is not None:  # counted with the batch's send
+                self.sent_count[proto.CMD_WRITE] += answered
+                self.sent_bytes[proto.CMD_WRITE] += nbytes
                 self.to_observe = True
 
     def _failed(self, req: Request, exc: Exception) -> None:

@@ -211,6 +211,36 @@ class TransmissionCodec:
         self._start = start + 28 * len(out)
         return out
 
+    def take_writes(self, count: int) -> list[tuple[int, int, int, int, memoryview]]:
+        """take_reads for writes: the plain writes at the front, consumed, as (cookie,
+        flags, offset, length, data): NBD_CMD_WRITEs whose _check verdict is 0 (no flag
+        but FUA, in range, within max_payload, a writable export, no alignment asked)
+        with their payload in the receive buffer whole; `data` is the view of it a
+        Request carries (valid until get_buffer). At most `count`. Stops at anything
+        else (a write whose payload is still coming or needs a buffer of its own too),
+        which stays for next_event."""
+        start, end = self._start, self._end
+        if (end - start < 28 or self._buf[start + 7] != proto.CMD_WRITE
+                or self.read_only or self.min_block > 1 or self.closed
+                or self._large is not None or self._discard):
+            return []
+        out = []
+        buf, mv, unpack = self._buf, self._mv, _REQUEST.unpack_from
+        size, limit = self.size, self.max_payload
+        refused = ~self._allowed[proto.CMD_WRITE]
+        while count > 0 and end - start >= 28:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, start)
+            if (magic != proto.REQUEST_MAGIC or cmd != proto.CMD_WRITE or flags & refused
+                    or length > limit or offset + length > size
+                    or end - start - 28 < length):  # (so no larger than the buffer either)
+                break
+            start += 28
+            out.append((cookie, flags, offset, length, mv[start:start + length]))
+            start += length
+            count -= 1
+        self._start = start
+        return out
+
     def next_event(self):
         """Next Request, BadRequest or Disconnect; NEED_DATA; ProtocolError on bad magic."""
         while True:

@@ -833,8 +833,22 @@ async def test_a_later_answer_after_disc_is_sent_and_the_connection_then_ends(po
             await c.recv(1)
 
 
-async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, nursery):
-    """Past TAKE_READS_RUN reads in a row the reader takes the reads at the front of its
+def count_taken(monkeypatch, name: str) -> list:
+    """The requests _Connection.<name> (dispatch_reads, dispatch_writes) is given."""
+    taken = []
+    real = getattr(server._Connection, name)
+
+    def counting(self, batch):
+        taken.extend(batch)
+        return real(self, batch)
+
+    monkeypatch.setattr(server._Connection, name, counting)
+    return taken
+
+
+async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, nursery,
+                                                                      monkeypatch):
+    """Past TAKE_RUN reads in a row the reader takes the reads at the front of its
     buffer in one call (TransmissionCodec.take_reads, _Connection.dispatch_reads). Each
     still gets its own request id, its answer (bytes, an error raised, too few bytes, an
     awaitable) and its count in the metrics; a refused read and a write in the middle of
@@ -860,6 +874,7 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
         def observe(self, command, nbytes, seconds, ok, count=1):
             observed.append((command, ok, count, nbytes))
 
+    taken = count_taken(monkeypatch, "dispatch_reads")
     provider.exports["mixed"] = Mixed("mixed", MiB)
     p = await nursery.start(functools.partial(
         serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=1)))
@@ -879,7 +894,7 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
         else:
             frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i,
                                       i * 4096, 4096))
-    assert server.TAKE_READS_RUN < 12
+    assert server.TAKE_RUN < 12
     await c.send(b"".join(frames))
     got = {}
     for _ in order:
@@ -892,6 +907,7 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
                    for i in range(40) if i not in (30, 31)}
     reads = [i for i in order if type(i) is int]
     assert [i for i, _ in ids] == reads  # in order, each once
+    assert len(taken) > 10  # (most of the run went the taken way)
     n = iter(range(2, 100))  # the first write took id 1
     want = [f"h9-000001-{next(n):x}" for i in order if i != "too far"]  # a refused read: none
     assert [rid for _, rid in ids] == [w for w, i in zip(want, [i for i in order if i != "too far"])
@@ -905,3 +921,83 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
         counts[cmd, ok] = (n + count, b + nbytes)
     assert counts == {(proto.CMD_WRITE, True): (2, 41 * 4096),
                       (proto.CMD_READ, True): (39, 39 * 4096), (proto.CMD_READ, False): (1, 4096)}
+
+
+async def test_a_long_run_of_writes_is_answered_like_writes_one_by_one(provider, nursery,
+                                                                        monkeypatch):
+    """take_reads' counterpart for writes (TransmissionCodec.take_writes,
+    _Connection.dispatch_writes): past TAKE_RUN writes in a row each still gets its
+    request id, its FUA flag, its answer (done at once, an error raised, an awaitable,
+    a Later) and its count in the metrics; a refused write and a read in the middle of
+    the run are answered in their turn."""
+    from vbp import reqid
+
+    seen, observed = [], []
+
+    class Mixed(MemoryExport):
+        def write(self, offset, data, fua):
+            i = offset // 512
+            seen.append((i, reqid.get(), fua))
+            if i == 20:
+                raise NoSpace("the pool is full")
+            if i == 21:
+                later = Later()
+                later.done(super().write(offset, data, fua))
+                return later
+            if i == 22:
+                data = bytes(data)  # (a task outlives the receive buffer)
+
+                async def later():
+                    await trio.sleep(0.01)
+                    return super(Mixed, self).write(offset, data, fua)
+                return later()
+            return super().write(offset, data, fua)
+
+        def observe(self, command, nbytes, seconds, ok, count=1):
+            observed.append((command, ok, count, nbytes))
+
+    taken = count_taken(monkeypatch, "dispatch_writes")
+    provider.exports["mixedw"] = Mixed("mixedw", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=2)))
+    c = await Client.connect(p, "mixedw")
+    order = [*range(12), 20, *range(12, 16), 21, 16, 17, 22, *range(18, 20), "too far",
+             23, 24, "read", *range(25, 30)]
+    frames = []
+    for i in order:
+        if i == "too far":
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 500,
+                                      MiB, 512) + bytes(512))
+        elif i == "read":
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, 501, 0, 512))
+        else:
+            flags = proto.CMD_FLAG_FUA if i % 3 == 0 else 0
+            frames.append(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, flags, proto.CMD_WRITE, i,
+                                      i * 512, 512) + bytes([i]) * 512)
+    assert server.TAKE_RUN < 12
+    await c.send(b"".join(frames))
+    got = {}
+    for _ in order:
+        cookie, error, data = await c.reply({501: 512})
+        got[cookie] = (error, data)
+    assert got.pop(500) == (proto.ENOSPC, b"")
+    assert got.pop(501) == (0, bytes([0]) * 512)
+    assert got.pop(20) == (proto.ENOSPC, b"")
+    assert got == {i: (0, b"") for i in range(30) if i != 20}
+    for i in range(30):
+        assert await c.read(i * 512, 512, cookie=1000 + i) == (bytes(512) if i == 20 else bytes([i]) * 512)
+    writes = [i for i in order if type(i) is int]
+    assert [(i, fua) for i, _, fua in seen] == [(i, i % 3 == 0) for i in writes]
+    assert len(taken) > 10  # (most of the run went the taken way)
+    n = iter(range(1, 100))
+    want = {i: f"h9-000002-{next(n):x}" for i in order if i != "too far"}  # refused: no id
+    assert [rid for _, rid, _ in seen] == [want[i] for i in writes]
+    with trio.fail_after(5):
+        while sum(count for cmd, ok, count, _ in observed if cmd == proto.CMD_WRITE) < 30:
+            await trio.sleep(0.01)
+    counts = {}
+    for cmd, ok, count, nbytes in observed:
+        if cmd == proto.CMD_WRITE:
+            k, b = counts.get(ok, (0, 0))
+            counts[ok] = (k + count, b + nbytes)
+    assert counts == {True: (29, 29 * 512), False: (1, 512)}

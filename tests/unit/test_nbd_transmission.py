@@ -488,17 +488,23 @@ def test_take_reads_takes_nothing_while_next_event_has_work_of_its_own():
     assert type(c.next_event()) is Disconnect and c.take_reads(100, 1 << 30) == []
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(PIECE, st.builds(lambda off, n, cookie: req(R, off, n, cookie=cookie),
-                                           st.integers(0, SIZE), st.integers(0, 5000),
-                                           st.integers(0, 2**64 - 1))), max_size=20),
+PLAIN_READ = st.builds(lambda off, n, cookie: req(R, off, n, cookie=cookie),
+                       st.integers(0, SIZE), st.integers(0, 5000), st.integers(0, 2**64 - 1))
+PLAIN_WRITE = st.builds(lambda off, data, fua, cookie: req(W, off, len(data), fua, cookie, data),
+                        st.integers(0, SIZE), st.binary(max_size=5000),
+                        st.sampled_from([0, proto.CMD_FLAG_FUA]), st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(PIECE, PLAIN_READ, PLAIN_WRITE), max_size=20),
        st.integers(1, 4000), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 20_000)),
-                                      min_size=1, max_size=8))
-def test_take_reads_then_next_event_sees_what_next_event_alone_sees(pieces, step, limits):
-    """Any byte stream, any limits: taking reads whenever asked changes nothing but how
-    the plain reads come out."""
+                                      min_size=1, max_size=8),
+       st.sampled_from([{}, {"read_only": True}, {"min_block": 512}]))
+def test_taking_runs_then_next_event_sees_what_next_event_alone_sees(pieces, step, limits, kw):
+    """Any byte stream, any limits: taking reads and writes whenever asked changes
+    nothing but how the plain ones come out."""
     def run(take: bool) -> list:
-        c = TransmissionCodec(size=SIZE, buffer_size=8192, max_payload=4096)
+        c = TransmissionCodec(size=SIZE, buffer_size=8192, max_payload=4096, **kw)
         data, out, turn = b"".join(pieces), [], 0
         try:
             for i in range(0, len(data), step):
@@ -510,14 +516,19 @@ def test_take_reads_then_next_event_sees_what_next_event_alone_sees(pieces, step
                         got = c.take_reads(count, nbytes)
                         assert len(got) <= count
                         assert sum(n for _, _, n in got[:-1]) < max(nbytes, 1) or not got
-                        out += [("R", cookie, off, n) for cookie, off, n in got]
-                        if got:
+                        out += [("R", cookie, 0, off, n, None) for cookie, off, n in got]
+                        wrote = c.take_writes(count)
+                        assert len(wrote) <= count
+                        out += [("W", cookie, flags, off, n, bytes(d))
+                                for cookie, flags, off, n, d in wrote]
+                        if got or wrote:
                             continue
                     ev = c.next_event()
                     if ev is NEED_DATA:
                         break
-                    if type(ev) is Request and ev.command == R and not ev.flags:
-                        out.append(("R", ev.cookie, ev.offset, ev.length))
+                    if type(ev) is Request and ev.command in (R, W):
+                        out.append(("R" if ev.command == R else "W", ev.cookie, ev.flags,
+                                    ev.offset, ev.length, None if ev.data is None else bytes(ev.data)))
                     else:
                         out.append((type(ev).__name__, getattr(ev, "cookie", None),
                                     getattr(ev, "command", None), getattr(ev, "errno", None)))
@@ -526,3 +537,47 @@ def test_take_reads_then_next_event_sees_what_next_event_alone_sees(pieces, step
         return out
 
     assert run(True) == run(False)
+
+
+def test_take_writes_takes_the_plain_writes_whole_at_the_front_and_leaves_the_rest():
+    c = codec(max_payload=3000, buffer_size=8192)
+    fua = proto.CMD_FLAG_FUA
+    writes = [req(W, 0, 100, cookie=1, data=b"a" * 100), req(W, 200, 50, fua, 2, b"b" * 50)]
+    for stop in (req(R, 0, 10), req(W, 0, 10, magic=0x1234, data=bytes(10)),
+                 req(W, 0, 10, proto.CMD_FLAG_DF, data=bytes(10)),  # a flag not for writes
+                 req(W, 0, 3001, data=bytes(3001)),  # over max_payload
+                 req(W, SIZE - 5, 10, data=bytes(10))):  # past the end
+        c = codec(max_payload=3000, buffer_size=8192)
+        c.receive_data(b"".join(writes) + stop + req(W, 0, 1, cookie=3, data=b"z"))
+        got = c.take_writes(100)
+        assert [(ck, f, off, n, bytes(d)) for ck, f, off, n, d in got] == [
+            (1, 0, 0, 100, b"a" * 100), (2, fua, 200, 50, b"b" * 50)]
+        assert c.take_writes(100) == []
+    c = codec(max_payload=1 << 20, buffer_size=8192)
+    c.receive_data(req(W, 0, 10, cookie=1, data=bytes(10)) + req(W, 0, 9000, cookie=2)[:5000])
+    assert [w[0] for w in c.take_writes(100)] == [1]
+    assert c.take_writes(100) == []  # larger than the buffer: a payload buffer of its own
+    c = codec(buffer_size=8192)
+    c.receive_data(b"".join(req(W, i, 10, cookie=i, data=bytes(10)) for i in range(5)))
+    assert [w[0] for w in c.take_writes(2)] == [0, 1]  # `count`
+    c.receive_data(req(W, 0, 100, cookie=9, data=bytes(100))[:60])  # one still coming in
+    assert [w[0] for w in c.take_writes(100)] == [2, 3, 4]
+    assert c.take_writes(100) == []
+    c.receive_data(bytes(68))
+    assert [w[0] for w in c.take_writes(100)] == [9]
+
+
+def test_take_writes_takes_nothing_where_next_event_has_work_of_its_own():
+    inner = req(W, 0, 10, cookie=2, data=bytes(10))  # what a skipped payload may look like
+    c = codec()
+    c.receive_data(req(W, 0, len(inner), proto.CMD_FLAG_DF, cookie=1, data=inner))
+    assert type(c.next_event()) is BadRequest  # refused: its payload is skipped
+    assert c.take_writes(100) == []
+    assert c.next_event() is NEED_DATA
+    for kw in ({"read_only": True}, {"min_block": 512}):
+        c = codec(**kw)  # _check would refuse, or ask for alignment
+        c.receive_data(req(W, 0, 512, data=bytes(512)))
+        assert c.take_writes(100) == []
+    c = codec()
+    c.receive_data(req(proto.CMD_DISC) + req(W, 0, 1, data=b"x"))
+    assert type(c.next_event()) is Disconnect and c.take_writes(100) == []
