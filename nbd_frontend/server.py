@@ -432,10 +432,7 @@ class _Connection:
                     if ids is not None:
                         reqid.dispatching = None
         finally:
-            if answered and self.observe is not None:  # counted with the batch's send
-                self.sent_count[proto.CMD_READ] += answered
-                self.sent_bytes[proto.CMD_READ] += nbytes
-                self.to_observe = True
+            self._count_sent(proto.CMD_READ, answered, nbytes)
 
     def dispatch_writes(self, writes: list) -> None:
         """dispatch_reads for the (cookie, flags, offset, length, data) plain writes
@@ -468,10 +465,15 @@ class _Connection:
                     if ids is not None:
                         reqid.dispatching = None
         finally:
-            if answered and self.observe is not None:  # counted with the batch's send
-                self.sent_count[proto.CMD_WRITE] += answered
-                self.sent_bytes[proto.CMD_WRITE] += nbytes
-                self.to_observe = True
+            self._count_sent(proto.CMD_WRITE, answered, nbytes)
+
+    def _count_sent(self, cmd: int, count: int, nbytes: int) -> None:
+        """`count` requests of `cmd`, `nbytes` in all, answered in this batch's dispatch:
+        observed with the batch's send (observe_sent)."""
+        if count and self.observe is not None:
+            self.sent_count[cmd] += count
+            self.sent_bytes[cmd] += nbytes
+            self.to_observe = True
 
     def _failed(self, req: Request, exc: Exception) -> None:
         """The export raised `exc` handling `req`."""

@@ -833,6 +833,28 @@ async def test_a_later_answer_after_disc_is_sent_and_the_connection_then_ends(po
             await c.recv(1)
 
 
+class Observed(MemoryExport):
+    """A MemoryExport keeping what the server's metrics hook tells it: (command, ok,
+    count, nbytes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.observed = []
+
+    def observe(self, command, nbytes, seconds, ok, count=1):
+        self.observed.append((command, ok, count, nbytes))
+
+
+async def serve_with_ids(provider, nursery, export, boot: int) -> Client:
+    """A client of `export`, served with request ids h9-<boot>-N."""
+    from vbp import reqid
+
+    provider.exports[export.name] = export
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=boot)))
+    return await Client.connect(p, export.name)
+
+
 def count_taken(monkeypatch, name: str) -> list:
     """The requests _Connection.<name> (dispatch_reads, dispatch_writes) is given."""
     taken = []
@@ -855,9 +877,9 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
     the run are answered in their turn."""
     from vbp import reqid
 
-    ids, observed = [], []
+    ids = []
 
-    class Mixed(MemoryExport):
+    class Mixed(Observed):
         def read(self, offset, length):
             ids.append((offset // 4096, reqid.get()))
             if offset == 30 * 4096:
@@ -871,14 +893,9 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
                 return later()
             return super().read(offset, length)  # bytes: every page was written
 
-        def observe(self, command, nbytes, seconds, ok, count=1):
-            observed.append((command, ok, count, nbytes))
-
     taken = count_taken(monkeypatch, "dispatch_reads")
-    provider.exports["mixed"] = Mixed("mixed", MiB)
-    p = await nursery.start(functools.partial(
-        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=1)))
-    c = await Client.connect(p, "mixed")
+    export = Mixed("mixed", MiB)
+    c = await serve_with_ids(provider, nursery, export, boot=1)
     pages = {i: bytes([i]) * 4096 for i in range(40)}
     assert await c.write(0, b"".join(pages.values()), cookie=999) == 0
     ids.clear()
@@ -913,10 +930,10 @@ async def test_a_long_run_of_reads_is_answered_like_reads_one_by_one(provider, n
     assert [rid for _, rid in ids] == [w for w, i in zip(want, [i for i in order if i != "too far"])
                                        if i != "write"]
     with trio.fail_after(5):
-        while sum(count for cmd, ok, count, _ in observed if cmd == proto.CMD_READ) < 40:
+        while sum(count for cmd, ok, count, _ in export.observed if cmd == proto.CMD_READ) < 40:
             await trio.sleep(0.01)
     counts = {}
-    for cmd, ok, count, nbytes in observed:
+    for cmd, ok, count, nbytes in export.observed:
         n, b = counts.get((cmd, ok), (0, 0))
         counts[cmd, ok] = (n + count, b + nbytes)
     assert counts == {(proto.CMD_WRITE, True): (2, 41 * 4096),
@@ -932,9 +949,9 @@ async def test_a_long_run_of_writes_is_answered_like_writes_one_by_one(provider,
     the run are answered in their turn."""
     from vbp import reqid
 
-    seen, observed = [], []
+    seen = []
 
-    class Mixed(MemoryExport):
+    class Mixed(Observed):
         def write(self, offset, data, fua):
             i = offset // 512
             seen.append((i, reqid.get(), fua))
@@ -953,14 +970,9 @@ async def test_a_long_run_of_writes_is_answered_like_writes_one_by_one(provider,
                 return later()
             return super().write(offset, data, fua)
 
-        def observe(self, command, nbytes, seconds, ok, count=1):
-            observed.append((command, ok, count, nbytes))
-
     taken = count_taken(monkeypatch, "dispatch_writes")
-    provider.exports["mixedw"] = Mixed("mixedw", MiB)
-    p = await nursery.start(functools.partial(
-        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=2)))
-    c = await Client.connect(p, "mixedw")
+    export = Mixed("mixedw", MiB)
+    c = await serve_with_ids(provider, nursery, export, boot=2)
     order = [*range(12), 20, *range(12, 16), 21, 16, 17, 22, *range(18, 20), "too far",
              23, 24, "read", *range(25, 30)]
     frames = []
@@ -993,10 +1005,10 @@ async def test_a_long_run_of_writes_is_answered_like_writes_one_by_one(provider,
     want = {i: f"h9-000002-{next(n):x}" for i in order if i != "too far"}  # refused: no id
     assert [rid for _, rid, _ in seen] == [want[i] for i in writes]
     with trio.fail_after(5):
-        while sum(count for cmd, ok, count, _ in observed if cmd == proto.CMD_WRITE) < 30:
+        while sum(count for cmd, ok, count, _ in export.observed if cmd == proto.CMD_WRITE) < 30:
             await trio.sleep(0.01)
     counts = {}
-    for cmd, ok, count, nbytes in observed:
+    for cmd, ok, count, nbytes in export.observed:
         if cmd == proto.CMD_WRITE:
             k, b = counts.get(ok, (0, 0))
             counts[ok] = (k + count, b + nbytes)
