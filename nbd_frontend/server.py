@@ -294,43 +294,27 @@ class _Connection:
         run, last = 0, -1  # requests in a row of command `last`: only a run pays for taking
         while True:
             while True:
-                if run >= TAKE_RUN:
-                    if last == proto.CMD_READ:
-                        taken = codec.take_reads(MAX_IN_FLIGHT - self.inflight,
-                                                 MAX_QUEUED - self.out_bytes)
-                        if taken:
-                            self.dispatch_reads(taken)
-                    else:
-                        taken = codec.take_writes(MAX_IN_FLIGHT - self.inflight)
-                        if taken:
-                            self.dispatch_writes(taken)
-                    if taken:
-                        if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
-                            self.push()
-                            if self.to_observe:
-                                self.observe_sent()
-                            await self.wait_room()
-                        continue
-                event = codec.next_event()
-                kind = type(event)
-                if kind is Request:
-                    cmd = event.command
-                    if cmd == last:
-                        run += 1
-                    elif cmd <= proto.CMD_WRITE:  # (a read or a write starts a run)
-                        run, last = 1, cmd
-                    else:
-                        run = 0
-                    self.dispatch(event)
-                elif kind is BadRequest:
-                    self.queue(codec.reply_error(event.cookie, event.command, event.errno,
-                                                 _REFUSALS.get(event.errno, "refused")))
-                elif event is NEED_DATA:
-                    break
-                else:  # Disconnect: what was answered goes with the writer
-                    if self.to_observe:
-                        self.observe_sent()
-                    return
+                if run < TAKE_RUN or not self.take_run(last):
+                    event = codec.next_event()
+                    kind = type(event)
+                    if kind is Request:
+                        cmd = event.command
+                        if cmd == last:
+                            run += 1
+                        elif cmd <= proto.CMD_WRITE:  # (a read or a write starts a run)
+                            run, last = 1, cmd
+                        else:
+                            run = 0
+                        self.dispatch(event)
+                    elif kind is BadRequest:
+                        self.queue(codec.reply_error(event.cookie, event.command, event.errno,
+                                                     _REFUSALS.get(event.errno, "refused")))
+                    elif event is NEED_DATA:
+                        break
+                    else:  # Disconnect: what was answered goes with the writer
+                        if self.to_observe:
+                            self.observe_sent()
+                        return
                 if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
                     self.push()
                     if self.to_observe:
@@ -366,6 +350,20 @@ class _Connection:
         while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
             self.room = trio.Event()
             await self.room.wait()
+
+    def take_run(self, cmd: int) -> bool:
+        """Take the reads (`cmd` CMD_READ) or the writes at the front of the buffer and
+        dispatch them: False when there are none there."""
+        codec = self.codec
+        if cmd == proto.CMD_READ:
+            taken = codec.take_reads(MAX_IN_FLIGHT - self.inflight, MAX_QUEUED - self.out_bytes)
+            if taken:
+                self.dispatch_reads(taken)
+        else:
+            taken = codec.take_writes(MAX_IN_FLIGHT - self.inflight)
+            if taken:
+                self.dispatch_writes(taken)
+        return bool(taken)
 
     def dispatch(self, req: Request) -> None:
         """Hand `req` to the export, its request id named while the export handles it, and
@@ -504,7 +502,7 @@ class _Connection:
                 self.out_bytes += len(header) + req.length
             else:
                 self.complete(req, result)
-            if self.observe is not None:  # counted with the batch's send (observe_sent)
+            if self.observe is not None:  # _count_sent(cmd, 1, ...), less a call per request
                 self.sent_count[cmd] += 1
                 self.sent_bytes[cmd] += req.length
                 self.to_observe = True
