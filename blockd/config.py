@@ -15,6 +15,7 @@ from pathlib import Path
 from replicator.migration import NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import parse_size
+from vbp.sockets import congestion_problem
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
 
@@ -56,6 +57,10 @@ class Config:
     scrub_interval: float = 86400.0  # seconds between background scrub passes; 0: off
     scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
+    # TCP congestion control of the peer links (vbp.sockets: BBR's pacing slows large
+    # replicated writes); "": the system's
+    peer_tcp_congestion: str = "cubic"
+    nbd_tcp_congestion: str = ""  # of the NBD connections; "": the system's
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -90,6 +95,10 @@ class Config:
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
             raise InvalidArgument(f"{source}: key 'log_format': must be kv or json")
+        for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
+            problem = congestion_problem(getattr(self, key))
+            if problem:
+                raise InvalidArgument(f"{source}: key {key!r}: {problem}")
         return self
 
 

@@ -512,7 +512,8 @@ class Blockd:
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
             async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout,
-                                connect_timeout=cfg.peer_timeout) as pool, \
+                                connect_timeout=cfg.peer_timeout,
+                                congestion=cfg.peer_tcp_congestion) as pool, \
                     trio.open_nursery() as nursery:
                 self.pool = pool
                 self.resync.pool = pool
@@ -527,9 +528,11 @@ class Blockd:
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
-                    cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev))
+                    cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev,
+                    congestion=cfg.peer_tcp_congestion))
                 self.nbd_port = await nursery.start(functools.partial(
-                    serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id)))
+                    serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
+                    congestion=cfg.nbd_tcp_congestion))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

@@ -75,7 +75,7 @@ from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import nbytes, plain_socket, receive_wait, send_now
+from vbp.sockets import nbytes, plain_socket, receive_wait, send_now, set_congestion
 
 log = logging.getLogger("vbp.nbd")
 
@@ -116,14 +116,17 @@ def export_info(export) -> ExportInfo:
 
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
-                    ids: RequestIds | None = None,
+                    ids: RequestIds | None = None, congestion: str = "",
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
-    `ids`: where request ids come from (none without it).
+    `ids`: where request ids come from (none without it). `congestion`: the TCP
+    congestion control of the connections ("": the system's; vbp.sockets.set_congestion).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     listeners = await trio.open_tcp_listeners(port, host=host)
+    for listener in listeners:  # (the connections it accepts inherit it)
+        set_congestion(listener.socket, congestion)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d", host, actual)
     task_status.started(actual)

@@ -62,6 +62,7 @@ from replicator.errors import (
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
 from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, plain_socket, receive_wait, send_all, send_now,
+                         set_congestion,
                          set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
@@ -273,9 +274,12 @@ async def serve_peers(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_frame: int = DEFAULT_MAX_FRAME,
     peer_rev: Callable[[str], int] = lambda host_id: 0,
+    congestion: str = "",
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`.
+    `congestion`: the TCP congestion control of the accepted connections ("": the
+    system's; vbp.sockets.set_congestion).
 
     Every connection's HelloOk carries one boot id, drawn here: this call is one
     incarnation of the host. `peer_rev(host_id)` is the revision a client host advertises
@@ -288,6 +292,8 @@ async def serve_peers(
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
+    for listener in listeners:  # (the connections it accepts inherit it)
+        set_congestion(listener.socket, congestion)
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
 
@@ -592,6 +598,7 @@ class _ClientConnection:
                 with trio.fail_after(self.pool.connect_timeout):
                     host, port = _split_address(self.address)
                     stream = await trio.open_tcp_stream(host, port)
+                    set_congestion(stream.socket, self.pool.congestion)
                     self.link = _Link(stream, self.pool.max_frame)
                     await self.handshake()
                 self.ready.set()
@@ -722,9 +729,11 @@ class PeerPool:
         max_in_flight: int = 1024,
         max_frame: int = DEFAULT_MAX_FRAME,
         faults: FaultPolicy | None = None,
+        congestion: str = "",
     ):
         self.cluster = cluster
         self.host_id = host_id
+        self.congestion = congestion  # TCP congestion control of its connections; "": the system's
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_in_flight = max_in_flight

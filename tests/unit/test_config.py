@@ -39,6 +39,8 @@ VALUES = {
     "scrub_interval": ("3600", 3600.0),
     "scrub_rate": ('"100M"', 100 * 1024**2),
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
+    "peer_tcp_congestion": ('"reno"', "reno"),
+    "nbd_tcp_congestion": ('"reno"', "reno"),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
@@ -87,7 +89,8 @@ def test_flags_override_the_file(tmp_path):
              "nbd": "127.0.0.1:2", "zone": "z9", "pod": "p9", "capacity": "3G", "cluster": "c9",
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
              "recovery_rate": "0", "full_ratio": 0.8, "nearfull_ratio": 0.7, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
-             "scrub_interval": 0, "scrub_rate": "1M"}
+             "scrub_interval": 0, "scrub_rate": "1M", "peer_tcp_congestion": "",
+             "nbd_tcp_congestion": "cubic"}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -97,6 +100,7 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
     assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
+    assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
@@ -196,6 +200,9 @@ BAD_VALUES = [
     ("nbd", '"127.0.0.1:99999"', r"out of range"),
     ("log_level", '"loud"', r"debug, info"),
     ("log_format", '"xml"', r"kv or json"),
+    ("peer_tcp_congestion", '"no_such_cc"', r"not available on this kernel"),
+    ("nbd_tcp_congestion", '"a b"', r"not a congestion control name"),
+    ("peer_tcp_congestion", "3", r"string"),
 ]
 
 

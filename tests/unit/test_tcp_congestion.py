@@ -1,0 +1,184 @@
+"""TCP congestion control of blockd's sockets (vbp.sockets.set_congestion): the peer links
+and the NBD connections get the configured one at both ends that blockd owns, as the
+kernel reports it (`ss`), and a name the kernel does not have is refused with the reason.
+
+"reno" is what the tests ask for: every Linux kernel has it and hardly any host uses it by
+default, so a socket left with the system's choice does not pass for a configured one."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+
+import pytest
+import trio
+
+from replicator import messages as m
+from replicator.transport import PeerPool
+from tests.conftest import SandboxHandle, need, run_vbp
+from tests.unit.test_peer_transport import CLUSTER, server
+from nbd_frontend.server import serve_nbd
+from vbp.sockets import congestion, congestion_problem, set_congestion
+
+pytestmark = pytest.mark.timeout(60)
+
+WANTED = "reno"
+
+
+def system_default() -> str:
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        return f.read().strip()
+
+
+def kernel_view(port: int) -> dict[tuple[int, int], str]:
+    """(local port, peer port) -> congestion control, for every established TCP socket
+    with `port` at either end, as `ss` prints them."""
+    out = subprocess.run([need("ss"), "-tinH", "state", "established",
+                          f"( sport = :{port} or dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    found, ends = {}, None
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            addrs = re.findall(r":(\d+)\s", line + " ")
+            ends = (int(addrs[-2]), int(addrs[-1]))
+        elif ends is not None:
+            found[ends] = line.split()[0]
+            ends = None
+    return found
+
+
+def ends_at(view: dict, port: int) -> tuple[list[str], list[str]]:
+    """The congestion controls of the sockets whose local port is `port` (the server's
+    ends), and of those connected to it (the clients' ends)."""
+    return ([cc for (local, _), cc in view.items() if local == port],
+            [cc for (local, peer), cc in view.items() if peer == port])
+
+
+# --- the helper --------------------------------------------------------------------------
+
+
+def test_set_congestion_sets_a_name_and_empty_keeps_the_system_choice():
+    with socket.socket() as s:
+        set_congestion(s, "")
+        assert congestion(s) == system_default()
+        set_congestion(s, WANTED)
+        assert congestion(s) == WANTED
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("no_such_cc", r"not available on this kernel \(.+; available: .*cubic"),
+    ("a b", r"not a congestion control name"),
+    ("x" * 16, r"not a congestion control name"),
+    ("bbr\0", r"not a congestion control name"),
+    (3, r"expected a string"),
+    (None, r"expected a string"),
+])
+def test_a_name_the_kernel_cannot_use_is_explained(name, reason):
+    problem = congestion_problem(name)
+    assert problem and re.search(reason, problem), problem
+
+
+@pytest.mark.parametrize("name", ["", "reno", "cubic"])
+def test_names_the_kernel_has_are_accepted(name):
+    assert congestion_problem(name) is None
+
+
+# --- peer links and NBD connections, in process ------------------------------------------
+
+
+async def test_peer_links_use_the_configured_congestion_control_at_both_ends():
+    async with server(congestion=WANTED) as (address, _):
+        port = int(address.rsplit(":", 1)[1])
+        async with PeerPool(CLUSTER, "cli", congestion=WANTED) as pool:
+            assert type(await pool.call(address, m.Ping(1))) is m.Pong
+            view = await trio.to_thread.run_sync(kernel_view, port)
+            servers, clients = ends_at(view, port)
+            assert servers == [WANTED] and clients == [WANTED], view
+
+
+async def test_peer_links_keep_the_system_choice_when_none_is_configured():
+    async with server() as (address, _):
+        port = int(address.rsplit(":", 1)[1])
+        async with PeerPool(CLUSTER, "cli") as pool:
+            await pool.call(address, m.Ping(1))
+            view = await trio.to_thread.run_sync(kernel_view, port)
+            assert ends_at(view, port) == ([system_default()], [system_default()]), view
+
+
+@pytest.mark.parametrize("configured", [WANTED, ""])
+async def test_nbd_connections_use_the_configured_congestion_control(configured):
+    from nbd_frontend.export import MemoryProvider
+
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_nbd(
+            provider, "127.0.0.1", 0, congestion=configured, task_status=task_status))
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await client.receive_some(8) == b"NBDMAGIC"  # accepted and served
+        view = await trio.to_thread.run_sync(kernel_view, port)
+        servers, clients = ends_at(view, port)
+        # the client's end is the client's business: only the server's end is blockd's
+        assert servers == [configured or system_default()], view
+        assert clients == [system_default()], view
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# --- blockd ------------------------------------------------------------------------------
+
+
+def test_blockd_links_and_nbd_connections_follow_its_config(tmp_path):
+    import nbd
+
+    sb = SandboxHandle(tmp_path / "sb", 2)
+    p = run_vbp("sandbox", "up", "--hosts", 2, "--dir", sb.dir, "--base-port", sb.base_port,
+                "--capacity", "1G", "--json", "--set", f"peer_tcp_congestion={WANTED}",
+                "--set", f"nbd_tcp_congestion={WANTED}", check=False)
+    try:
+        assert p.returncode == 0, p.stderr
+        sb.info = json.loads(p.stdout)
+        sb.vbp("volume", "create", "r2", "--size", "4M", "--replicas", "2", "--chunk-size", "1M")
+        h = nbd.NBD()
+        h.connect_uri(sb.uri("r2", 0))
+        h.pwrite(b"c" * 4096, 0)  # replicated: host1 -> host2 over a peer link
+        hosts = sb.info["hosts"]
+        peer = kernel_view(hosts[1]["peer_port"])
+        servers, clients = ends_at(peer, hosts[1]["peer_port"])
+        assert servers and set(servers) == {WANTED} and set(clients) == {WANTED}, peer
+        nbd_view = kernel_view(hosts[0]["nbd_port"])
+        servers, clients = ends_at(nbd_view, hosts[0]["nbd_port"])
+        assert servers == [WANTED] and clients == [system_default()], nbd_view
+        h.shutdown()
+    finally:
+        sb.down()
+
+
+def test_blockd_peer_links_use_cubic_by_default(sandbox):
+    import nbd
+
+    sandbox.vbp("volume", "create", "cc3", "--size", "4M", "--replicas", "3", "--chunk-size", "1M")
+    h = nbd.NBD()
+    h.connect_uri(sandbox.uri("cc3", 0))
+    h.pwrite(b"d" * 4096, 0)
+    for host in sandbox.info["hosts"][1:]:
+        view = kernel_view(host["peer_port"])
+        servers, clients = ends_at(view, host["peer_port"])
+        assert servers and set(servers) == {"cubic"} and set(clients) == {"cubic"}, view
+    view = kernel_view(sandbox.info["hosts"][0]["nbd_port"])
+    assert ends_at(view, sandbox.info["hosts"][0]["nbd_port"])[0] == [system_default()], view
+    h.shutdown()
+
+
+def test_blockd_refuses_a_congestion_control_the_kernel_lacks(tmp_path):
+    conf = tmp_path / "bad.toml"
+    conf.write_text(f'host_id = "h1"\ndata_dir = "{tmp_path}/d"\n'
+                    f'registry = "lmdb://{tmp_path}/r"\npeer_tcp_congestion = "no_such_cc"\n')
+    from tests.unit.test_config import run_blockd
+
+    p = run_blockd("--config", str(conf))
+    assert p.returncode == 2, p.stderr
+    line = p.stderr.strip()
+    assert "\n" not in line and "peer_tcp_congestion" in line and "not available" in line, line
