@@ -598,7 +598,11 @@ class _ClientConnection:
                 with trio.fail_after(self.pool.connect_timeout):
                     host, port = _split_address(self.address)
                     stream = await trio.open_tcp_stream(host, port)
-                    set_congestion(stream.socket, self.pool.congestion)
+                    try:
+                        set_congestion(stream.socket, self.pool.congestion)
+                    except OSError as exc:  # (checked at start) the link works without it
+                        log.warning("peer %s: congestion control %r not set: %s",
+                                    self.address, self.pool.congestion, exc)
                     self.link = _Link(stream, self.pool.max_frame)
                     await self.handshake()
                 self.ready.set()

@@ -107,6 +107,17 @@ async def test_peer_links_keep_the_system_choice_when_none_is_configured():
             assert ends_at(view, port) == ([system_default()], [system_default()]), view
 
 
+async def test_a_peer_link_whose_congestion_control_fails_still_carries_calls(caplog):
+    async with server() as (address, _):
+        port = int(address.rsplit(":", 1)[1])
+        async with PeerPool(CLUSTER, "cli", congestion="no_such_cc") as pool:
+            assert type(await pool.call(address, m.Ping(1))) is m.Pong
+            view = await trio.to_thread.run_sync(kernel_view, port)
+            assert ends_at(view, port)[1] == [system_default()], view
+    assert any("congestion control 'no_such_cc' not set" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 @pytest.mark.parametrize("configured", [WANTED, ""])
 async def test_nbd_connections_use_the_configured_congestion_control(configured):
     from nbd_frontend.export import MemoryProvider
