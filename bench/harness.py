@@ -92,6 +92,16 @@ def loadavg() -> str:
         return "?"
 
 
+def tcp_congestion() -> str:
+    """The host's TCP congestion control: every reference's connections and vbp's NBD
+    connections use it (blockd's default), and it moves large transfers a lot."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def interleaved(names: list[str]) -> list[str]:
     """References and vbp targets alternating: ref, vbp, ref, vbp..."""
     refs = [n for n in names if n in report.REFERENCES]
@@ -196,7 +206,7 @@ def run(cfg: Config) -> dict:
             "rounds": cfg.rounds, "runtime": cfg.runtime, "size": cfg.size,
             "workloads": cfg.workloads, "targets": interleaved(cfg.targets),
             "r1_hosts": cfg.r1_hosts, "nproc": os.cpu_count(), "loadavg_before": loadavg(),
-            "tools": tool_versions(),
+            "tcp_congestion": tcp_congestion(), "tools": tool_versions(),
             "uncommitted_changes": dirty_files(), "command": cfg.command or "python -m bench"}
     errors: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))

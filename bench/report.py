@@ -89,6 +89,17 @@ def headline(wl: str) -> str:
     return w.headline if w else "iops"
 
 
+def _congestion_note(meta: dict) -> str:
+    """The host's TCP congestion control, which every NBD connection uses (runs before it
+    was recorded say nothing). It moves large transfers a lot: nbdkit read 1 MiB requests
+    at 2,922 MiB/s under bbr and 4,463 under cubic on the same machine."""
+    cc = meta.get("tcp_congestion")
+    if not cc:
+        return ""
+    return (f" TCP congestion control of the host: {cc}, used by every NBD connection; vbp's "
+            "peer links use blockd's peer_tcp_congestion (cubic by default).")
+
+
 def markdown(result: dict) -> str:
     meta, med, rat = result["meta"], result["medians"], result["ratios"]
     targets = meta["targets"]
@@ -101,7 +112,7 @@ def markdown(result: dict) -> str:
              f"{meta['loadavg_before']} before, {meta['loadavg_after']} after (shared: noisy). "
              f"vbp-r1 runs on a {meta['r1_hosts']}-host sandbox, vbp-r3 on a 3-host sandbox, "
              "all over loopback. Ratios are vbp / reference: above 1 is better for IOPS and "
-             "MiB/s, below 1 is better for latency.", ""]
+             "MiB/s, below 1 is better for latency." + _congestion_note(meta), ""]
     if meta.get("uncommitted_changes"):
         lines += [f"Measured on the work tree of {meta['commit']} with uncommitted changes to: "
                   + ", ".join(meta["uncommitted_changes"]) + ".", ""]

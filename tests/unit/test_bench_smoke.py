@@ -77,6 +77,10 @@ def test_quick_run_writes_result_with_ratios(tmp_path):
     assert {g["status"] for g in result["goals"]} <= {"PASS", "SHORT", "n/a"}
     assert path.with_suffix(".md").exists()
     assert not (tmp_path / "latest.md").exists()
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        host_cc = f.read().strip()
+    assert result["meta"]["tcp_congestion"] == host_cc
+    assert f"TCP congestion control of the host: {host_cc}," in path.with_suffix(".md").read_text()
 
 
 def test_recovery_bench_tiny_run():
