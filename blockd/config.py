@@ -18,6 +18,7 @@ from vbp.layout import parse_size
 from vbp.sockets import congestion_problem
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
+PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -58,8 +59,9 @@ class Config:
     scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     # TCP congestion control of the peer links (vbp.sockets: BBR's pacing slows large
-    # replicated writes); "": the system's
-    peer_tcp_congestion: str = "cubic"
+    # replicated writes); "": the system's. Unset: cubic if this process may use it, else
+    # the system's
+    peer_tcp_congestion: str | None = None
     nbd_tcp_congestion: str = ""  # of the NBD connections; "": the system's
     log_level: str = "info"
     log_format: str = "kv"
@@ -95,6 +97,8 @@ class Config:
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
             raise InvalidArgument(f"{source}: key 'log_format': must be kv or json")
+        if self.peer_tcp_congestion is None:  # (a default that never stops a start)
+            self.peer_tcp_congestion = "" if congestion_problem(PEER_CONGESTION) else PEER_CONGESTION
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
             problem = congestion_problem(getattr(self, key))
             if problem:

@@ -126,7 +126,10 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     different free port per address, and only the first is reported."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:  # (the connections it accepts inherit it)
-        set_congestion(listener.socket, congestion)
+        try:
+            set_congestion(listener.socket, congestion)
+        except OSError as exc:  # (checked at start) the connections work without it
+            log.warning("nbd listener: congestion control %r not set: %s", congestion, exc)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d", host, actual)
     task_status.started(actual)

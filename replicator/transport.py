@@ -293,7 +293,10 @@ async def serve_peers(
             await extra.aclose()
         listeners = listeners[:1]
     for listener in listeners:  # (the connections it accepts inherit it)
-        set_congestion(listener.socket, congestion)
+        try:
+            set_congestion(listener.socket, congestion)
+        except OSError as exc:  # (checked at start) the links work without it
+            log.warning("peer listener: congestion control %r not set: %s", congestion, exc)
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
 

@@ -26,6 +26,7 @@ transmission in the server's process.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 
@@ -102,6 +103,7 @@ async def send_all(raw: socket.socket, buffers: list, total: int = -1) -> None:
 # the gateway's CPU per MiB 1,670 -> 1,160-1,250 µs; 4 KiB writes did not change.
 CONGESTION_NAME = re.compile(r"[A-Za-z0-9_]{1,15}")  # TCP_CA_NAME_MAX is 16, with the NUL
 AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+ALLOWED_CONGESTION = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 
 
 def set_congestion(sock, name: str) -> None:
@@ -119,7 +121,7 @@ def congestion(sock) -> str:
 
 
 def congestion_problem(name) -> str | None:
-    """None when this kernel can give a socket congestion control `name` ("": the
+    """None when this process can give a socket congestion control `name` ("": the
     system's, always), else why it cannot."""
     if not isinstance(name, str):
         return "expected a string"
@@ -133,14 +135,26 @@ def congestion_problem(name) -> str | None:
         try:
             set_congestion(s, name)
         except OSError as e:
-            try:
-                with open(AVAILABLE_CONGESTION) as f:
-                    available = ", ".join(f.read().split())
-            except OSError:
-                available = "unknown"
-            return (f"TCP congestion control {name!r} is not available on this kernel "
-                    f"({e.strerror}; available: {available})")
+            return congestion_refusal(name, e)
     return None
+
+
+def congestion_refusal(name: str, e: OSError) -> str:
+    """Why the kernel refused congestion control `name` with error `e`, in one line."""
+    if e.errno == errno.EPERM:  # a process without CAP_NET_ADMIN: the allowed ones only
+        return (f"TCP congestion control {name!r} is not allowed for this process (only "
+                f"net.ipv4.tcp_allowed_congestion_control: {_sysctl_words(ALLOWED_CONGESTION)}; "
+                "others need CAP_NET_ADMIN)")
+    return (f"TCP congestion control {name!r} is not available on this kernel ({e.strerror}; "
+            f"available: {_sysctl_words(AVAILABLE_CONGESTION)})")
+
+
+def _sysctl_words(path: str) -> str:
+    try:
+        with open(path) as f:
+            return ", ".join(f.read().split()) or "none"
+    except OSError:
+        return "unknown"
 
 
 def set_rcvlowat(sock, current: int, n: int) -> int:

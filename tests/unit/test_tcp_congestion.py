@@ -7,6 +7,7 @@ default, so a socket left with the system's choice does not pass for a configure
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import socket
@@ -20,11 +21,15 @@ from replicator.transport import PeerPool
 from tests.conftest import SandboxHandle, need, run_vbp
 from tests.unit.test_peer_transport import CLUSTER, server
 from nbd_frontend.server import serve_nbd
-from vbp.sockets import congestion, congestion_problem, set_congestion
+from vbp.sockets import congestion, congestion_problem, congestion_refusal, set_congestion
 
 pytestmark = pytest.mark.timeout(60)
 
 WANTED = "reno"
+
+
+with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+    AVAILABLE = set(f.read().split())
 
 
 def system_default() -> str:
@@ -43,8 +48,8 @@ def kernel_view(port: int) -> dict[tuple[int, int], str]:
         if not line.startswith((" ", "\t")):
             addrs = re.findall(r":(\d+)\s", line + " ")
             ends = (int(addrs[-2]), int(addrs[-1]))
-        elif ends is not None:
-            found[ends] = line.split()[0]
+        elif ends is not None:  # (the name is not always the line's first word: `ss -o`)
+            found[ends] = next(w for w in line.split() if w in AVAILABLE)
             ends = None
     return found
 
@@ -78,6 +83,25 @@ def test_set_congestion_sets_a_name_and_empty_keeps_the_system_choice():
 def test_a_name_the_kernel_cannot_use_is_explained(name, reason):
     problem = congestion_problem(name)
     assert problem and re.search(reason, problem), problem
+
+
+def test_a_name_this_process_may_not_use_is_explained_as_such():
+    # (the kernel's answer to a process without CAP_NET_ADMIN asking for a name outside
+    # net.ipv4.tcp_allowed_congestion_control; this suite runs as root, so it is built)
+    why = congestion_refusal("bbr", PermissionError(errno.EPERM, "Operation not permitted"))
+    assert "not allowed for this process" in why and "tcp_allowed_congestion_control" in why
+    assert "CAP_NET_ADMIN" in why and "\n" not in why
+    why = congestion_refusal("nosuch", FileNotFoundError(errno.ENOENT, "No such file"))
+    assert "not available on this kernel" in why and "reno" in why
+
+
+def test_the_peer_default_is_cubic_and_an_empty_setting_keeps_the_system_choice(tmp_path):
+    from blockd.config import load
+
+    need_keys = {"host_id": "h1", "data_dir": str(tmp_path), "registry": f"lmdb://{tmp_path}"}
+    assert load(None, need_keys).peer_tcp_congestion == "cubic"  # (root may use any)
+    cfg = load(None, need_keys | {"peer_tcp_congestion": ""})
+    assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "")
 
 
 @pytest.mark.parametrize("name", ["", "reno", "cubic"])
@@ -116,6 +140,26 @@ async def test_a_peer_link_whose_congestion_control_fails_still_carries_calls(ca
             assert ends_at(view, port)[1] == [system_default()], view
     assert any("congestion control 'no_such_cc' not set" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+async def test_listeners_whose_congestion_control_fails_still_serve(caplog):
+    from nbd_frontend.export import MemoryProvider
+
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    async with server(congestion="no_such_cc") as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            assert type(await pool.call(address, m.Ping(1))) is m.Pong
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_nbd(
+            provider, "127.0.0.1", 0, congestion="no_such_cc", task_status=task_status))
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await client.receive_some(8) == b"NBDMAGIC"
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records]
+    for who in ("peer listener", "nbd listener"):
+        assert any(f"{who}: congestion control 'no_such_cc' not set" in x for x in said), said
 
 
 @pytest.mark.parametrize("configured", [WANTED, ""])
