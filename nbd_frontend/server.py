@@ -75,7 +75,7 @@ from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import nbytes, plain_socket, receive_wait, send_now, set_congestion
+from vbp.sockets import apply_congestion, nbytes, plain_socket, receive_wait, send_now
 
 log = logging.getLogger("vbp.nbd")
 
@@ -126,10 +126,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     different free port per address, and only the first is reported."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:  # (the connections it accepts inherit it)
-        try:
-            set_congestion(listener.socket, congestion)
-        except OSError as exc:  # (checked at start) the connections work without it
-            log.warning("nbd listener: congestion control %r not set: %s", congestion, exc)
+        apply_congestion(listener.socket, congestion, "nbd listener")
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d", host, actual)
     task_status.started(actual)

@@ -61,9 +61,8 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
-from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, plain_socket, receive_wait, send_all, send_now,
-                         set_congestion,
-                         set_rcvlowat, wait_for_rest)
+from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, plain_socket, receive_wait,
+                         send_all, send_now, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -293,10 +292,7 @@ async def serve_peers(
             await extra.aclose()
         listeners = listeners[:1]
     for listener in listeners:  # (the connections it accepts inherit it)
-        try:
-            set_congestion(listener.socket, congestion)
-        except OSError as exc:  # (checked at start) the links work without it
-            log.warning("peer listener: congestion control %r not set: %s", congestion, exc)
+        apply_congestion(listener.socket, congestion, "peer listener")
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
 
@@ -601,11 +597,7 @@ class _ClientConnection:
                 with trio.fail_after(self.pool.connect_timeout):
                     host, port = _split_address(self.address)
                     stream = await trio.open_tcp_stream(host, port)
-                    try:
-                        set_congestion(stream.socket, self.pool.congestion)
-                    except OSError as exc:  # (checked at start) the link works without it
-                        log.warning("peer %s: congestion control %r not set: %s",
-                                    self.address, self.pool.congestion, exc)
+                    apply_congestion(stream.socket, self.pool.congestion, f"peer {self.address}")
                     self.link = _Link(stream, self.pool.max_frame)
                     await self.handshake()
                 self.ready.set()

@@ -27,6 +27,7 @@ transmission in the server's process.
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import socket
 
@@ -37,6 +38,8 @@ LOWAT_MAX = 4 * 1024 * 1024
 HAVE_LOWAT = hasattr(socket, "SO_RCVLOWAT")
 LOWAT_WAIT = 0.05  # seconds
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+
+log = logging.getLogger("vbp.sockets")
 
 
 def plain_socket(trio_socket) -> socket.socket | None:
@@ -114,10 +117,14 @@ def set_congestion(sock, name: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
 
 
-def congestion(sock) -> str:
-    """The congestion control `sock` uses."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-    return raw.split(b"\0", 1)[0].decode()
+def apply_congestion(sock, name: str, what: str) -> None:
+    """set_congestion of a name checked at start (congestion_problem): if the kernel
+    refuses it now (a module unloaded since), `what` (the socket, for the log) keeps the
+    system's choice and works all the same."""
+    try:
+        set_congestion(sock, name)
+    except OSError as exc:
+        log.warning("%s: congestion control %r not set: %s", what, name, exc)
 
 
 def congestion_problem(name) -> str | None:

@@ -21,7 +21,7 @@ from replicator.transport import PeerPool
 from tests.conftest import SandboxHandle, need, run_vbp
 from tests.unit.test_peer_transport import CLUSTER, server
 from nbd_frontend.server import serve_nbd
-from vbp.sockets import congestion, congestion_problem, congestion_refusal, set_congestion
+from vbp.sockets import congestion_problem, congestion_refusal, set_congestion
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,6 +30,12 @@ WANTED = "reno"
 
 with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
     AVAILABLE = set(f.read().split())
+
+
+def congestion(sock) -> str:
+    """The congestion control `sock` uses, as the kernel says."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+    return raw.split(b"\0", 1)[0].decode()
 
 
 def system_default() -> str:
