@@ -185,15 +185,25 @@ class BarePython(ProcessTarget):
     name = "py-bare"
     export = "disk"  # any export name
     checksums = False
+    threads = False
 
     def command(self, port, image):
         return [sys.executable, str(Path(__file__).with_name("bare_server.py")),
-                "--port", str(port), str(image), *(["--checksums"] if self.checksums else [])]
+                "--port", str(port), str(image), *(["--checksums"] if self.checksums else []),
+                *(["--threads"] if self.threads else [])]
 
 
 class BarePythonChecksums(BarePython):
     name = "py-bare-xxh"
     checksums = True
+
+
+class BarePythonThreads(BarePythonChecksums):
+    """--threads: the same work, with checksums, spread over three threads per connection
+    so that the system calls of one request overlap those of the next."""
+
+    name = "py-threads-xxh"
+    threads = True
 
 
 class VbpSandbox:

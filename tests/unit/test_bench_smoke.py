@@ -104,8 +104,8 @@ def test_metrics_bench_runs():
             and "a call doing nothing:" in p.stdout), p.stdout
 
 
-@pytest.mark.parametrize("checksums", [False, True])
-def test_the_bare_server_serves_what_it_was_given(tmp_path, checksums):
+@pytest.mark.parametrize("flags", [[], ["--checksums"], ["--checksums", "--threads"]])
+def test_the_bare_server_serves_what_it_was_given(tmp_path, flags):
     """bench/bare_server.py (the py-bare targets): libnbd writes and reads back, with
     many requests in flight, and the file holds what was written."""
     import random
@@ -119,7 +119,7 @@ def test_the_bare_server_serves_what_it_was_given(tmp_path, checksums):
     image.write_bytes(bytes(8 << 20))
     port = free_port_range(1)
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_server.py"), "--port",
-                             str(port), str(image), *(["--checksums"] if checksums else [])])
+                             str(port), str(image), *flags])
     try:
         wait_port(port, proc)
         h = nbd.NBD()
@@ -133,13 +133,21 @@ def test_the_bare_server_serves_what_it_was_given(tmp_path, checksums):
             h.poll(-1)
         big = random.randbytes(1 << 20)
         h.pwrite(big, 4 << 20)  # a large write too
+        bigger = random.randbytes(2 << 20)  # (more than a --threads pool buffer holds)
+        h.pwrite(bigger, 6 << 20, nbd.CMD_FLAG_FUA)
         h.flush()
-        for off, data in blocks.items():
-            assert h.pread(4096, off) == data
+        reads = {off: nbd.Buffer(4096) for off in blocks}  # reads in flight too
+        for off, buf in reads.items():
+            h.aio_pread(buf, off)
+        while h.aio_in_flight():
+            h.poll(-1)
+        assert all(buf.to_bytearray() == blocks[off] for off, buf in reads.items())
         assert h.pread(1 << 20, 4 << 20) == big
+        assert h.pread(2 << 20, 6 << 20) == bigger
         h.shutdown()
         raw = image.read_bytes()
         assert all(raw[off:off + 4096] == data for off, data in blocks.items())
+        assert raw[4 << 20:5 << 20] == big and raw[6 << 20:] == bigger
     finally:
         proc.kill()
         proc.wait()
