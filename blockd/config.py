@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from nbd_frontend.handshake import TLS_MODES
+from nbd_frontend.tls import TLSConfigError, server_context
 from replicator.migration import NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import parse_size
@@ -63,6 +65,13 @@ class Config:
     # the system's
     peer_tcp_congestion: str | None = None
     nbd_tcp_congestion: str = ""  # of the NBD connections; "": the system's
+    # TLS on the NBD port (NBD_OPT_STARTTLS): "off", "on" (clients choose) or "require";
+    # the server's PEM certificate chain and key, and a CA whose signature client
+    # certificates must carry ("": any client, no certificate asked)
+    nbd_tls: str = "off"
+    nbd_tls_cert: str = ""
+    nbd_tls_key: str = ""
+    nbd_tls_ca: str = ""
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -103,7 +112,26 @@ class Config:
             problem = congestion_problem(getattr(self, key))
             if problem:
                 raise InvalidArgument(f"{source}: key {key!r}: {problem}")
+        self.tls_context(source)  # (refused now, not at the first client)
         return self
+
+    def tls_context(self, source: str = "config"):
+        """The NBD port's ssl.SSLContext, None with nbd_tls off; InvalidArgument naming
+        the key when the settings do not go together or a file does not load."""
+        if self.nbd_tls not in TLS_MODES:
+            raise InvalidArgument(f"{source}: key 'nbd_tls': must be off, on or require, "
+                                  f"not {self.nbd_tls!r}")
+        if self.nbd_tls == "off":
+            for key in ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca"):
+                if getattr(self, key):  # (a certificate given and no TLS: not silently)
+                    raise InvalidArgument(f"{source}: key {key!r}: set, but nbd_tls is "
+                                          "off: set nbd_tls to on or require, or remove it")
+            return None
+        try:
+            return server_context(self.nbd_tls_cert, self.nbd_tls_key, self.nbd_tls_ca)
+        except TLSConfigError as e:
+            raise InvalidArgument(f"{source}: key 'nbd_tls_{e.which}': {e} "
+                                  f"(nbd_tls is {self.nbd_tls})") from None
 
 
 _TYPES = {f.name: f.type for f in fields(Config)}

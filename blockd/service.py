@@ -532,7 +532,8 @@ class Blockd:
                     congestion=cfg.peer_tcp_congestion))
                 self.nbd_port = await nursery.start(functools.partial(
                     serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
-                    congestion=cfg.nbd_tcp_congestion))
+                    congestion=cfg.nbd_tcp_congestion, tls=cfg.nbd_tls,
+                    tls_context=cfg.tls_context()))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

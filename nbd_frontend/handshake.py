@@ -14,6 +14,14 @@ entry raises `LocalProtocolError` naming the state and the event.
 
 No allocation is driven by the peer beyond `MAX_OPTION_DATA`: larger option payloads are
 read and discarded, then answered with an error (the connection stays usable).
+
+TLS (proto.md "TLS support"): `tls` is the server's mode. "off" is NOTLS (NBD_OPT_STARTTLS
+gets NBD_REP_ERR_POLICY); "on" is SELECTIVETLS with no TLS-only export (the client may
+upgrade, and need not); "require" is FORCEDTLS (before the upgrade every option but
+STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME ends the session).
+A STARTTLS the server takes is answered with NBD_REP_ACK and surfaces as `StartTLS`: the
+shell sends that reply, runs the TLS handshake, then calls `tls_started()` and feeds the
+decrypted bytes from there on. Nothing negotiated before the upgrade is kept.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class State(enum.Enum):
     AWAIT_OPTION = "AWAIT_OPTION"
     AWAIT_EXPORT = "AWAIT_EXPORT"
     AWAIT_LIST = "AWAIT_LIST"
+    AWAIT_TLS = "AWAIT_TLS"
     READY = "READY"
     CLOSED = "CLOSED"
     ERROR = "ERROR"
@@ -63,6 +72,9 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (S.AWAIT_OPTION, "export_query"): S.AWAIT_EXPORT,
     (S.AWAIT_OPTION, "list_query"): S.AWAIT_LIST,
     (S.AWAIT_OPTION, "abort"): S.CLOSED,
+    (S.AWAIT_OPTION, "starttls"): S.AWAIT_TLS,
+    (S.AWAIT_TLS, "tls_started"): S.AWAIT_OPTION,
+    (S.AWAIT_OPTION, "tls_refused"): S.CLOSED,
     (S.AWAIT_EXPORT, "export_info"): S.AWAIT_OPTION,
     (S.AWAIT_EXPORT, "export_unknown"): S.AWAIT_OPTION,
     (S.AWAIT_EXPORT, "export_go"): S.READY,
@@ -102,6 +114,12 @@ class ListQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: send data_to_send() in the clear, run the TLS
+    handshake as the server, then call tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     """Transmission begins. `trailing_data` on the handshake holds bytes already read
     past the handshake (requests a client pipelined)."""
@@ -122,10 +140,15 @@ class Aborted:
 
 _KINDS = {proto.OPT_EXPORT_NAME: "export_name", proto.OPT_INFO: "info", proto.OPT_GO: "go"}
 _ALLOCATION_ID = 1
+TLS_MODES = ("off", "on", "require")
 
 
 class ServerHandshake:
-    def __init__(self) -> None:
+    def __init__(self, tls: str = "off") -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False  # the upgrade took place
         self.state = State.AWAIT_CLIENT_FLAGS
         self._in = bytearray()
         self._out = bytearray()
@@ -189,7 +212,7 @@ class ServerHandshake:
                 if event is not None:
                     return event
             return self.next_event()
-        if self.state in (State.AWAIT_EXPORT, State.AWAIT_LIST, State.READY):
+        if self.state in (State.AWAIT_EXPORT, State.AWAIT_LIST, State.AWAIT_TLS, State.READY):
             return PAUSED
         if self.state is State.CLOSED:
             return PAUSED
@@ -233,7 +256,10 @@ class ServerHandshake:
             take = min(length, len(self._in))
             del self._in[:take]
             self._discard = length - take
-            self._skipped = (option, _oversize_reply(option))
+            rtype = _oversize_reply(option)
+            if self._tls_needed() and option != proto.OPT_STARTTLS:
+                rtype = proto.REP_ERR_TLS_REQD
+            self._skipped = (option, rtype)
             return None
         if len(self._in) < 16 + length:
             return NEED_DATA
@@ -241,13 +267,24 @@ class ServerHandshake:
         del self._in[:16 + length]
         return self._dispatch(option, data)
 
+    def _tls_needed(self) -> bool:
+        return self.tls == "require" and not self.tls_active
+
     def _dispatch(self, option: int, data: bytes):
-        if option in _KINDS:
-            return self._export_option(option, data)
         if option == proto.OPT_ABORT:
             self._reply(option, proto.REP_ACK)
             self._transition("abort")
             return Aborted("client sent NBD_OPT_ABORT")
+        if option == proto.OPT_STARTTLS:
+            return self._starttls(data)
+        if self._tls_needed():
+            if option == proto.OPT_EXPORT_NAME:  # (it cannot be refused: hang up)
+                self._transition("tls_refused")
+                return Aborted("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
+            return self._answer(option, proto.REP_ERR_TLS_REQD, "TLS is required: "
+                                "send NBD_OPT_STARTTLS first")
+        if option in _KINDS:
+            return self._export_option(option, data)
         if option == proto.OPT_LIST:
             if data:
                 return self._answer(option, proto.REP_ERR_INVALID, "LIST takes no data")
@@ -261,9 +298,30 @@ class ServerHandshake:
             return self._answer(option, proto.REP_ACK)
         if option in (proto.OPT_LIST_META_CONTEXT, proto.OPT_SET_META_CONTEXT):
             return self._meta_context(option, data)
-        if option == proto.OPT_STARTTLS:
-            return self._answer(option, proto.REP_ERR_POLICY, "TLS is not configured")
         return self._answer(option, proto.REP_ERR_UNSUP, f"option {option} unsupported")
+
+    def _starttls(self, data: bytes):
+        if self.tls == "off":
+            return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_POLICY,
+                                "TLS is not configured")
+        if data:  # (the payload limit of 0 sends a longer one through _skipped)
+            return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_INVALID, "takes no data")
+        if self.tls_active:
+            return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_INVALID,
+                                "TLS is already in use")
+        if self._in:  # the client must wait for the reply before its TLS handshake
+            raise self._fail("data after NBD_OPT_STARTTLS before its reply")
+        self._reply(proto.OPT_STARTTLS, proto.REP_ACK)
+        self._transition("starttls")
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: negotiate again, from nothing (proto.md: the server
+        MUST NOT preserve any negotiation state from before the upgrade)."""
+        self._transition("tls_started")
+        self.tls_active = True
+        self._structured = False
+        self._meta, self._meta_export = {}, None
 
     def _answer(self, option: int, rtype: int, message: str = ""):
         self._reply(option, rtype, message.encode())
@@ -430,4 +488,4 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
 
 
 __all__ = ["ServerHandshake", "ExportInfo", "ExportQuery", "ListQuery", "Ready", "Aborted",
-           "NEED_DATA", "PAUSED", "State", "MAX_OPTION_DATA"]
+           "StartTLS", "NEED_DATA", "PAUSED", "State", "MAX_OPTION_DATA", "TLS_MODES"]

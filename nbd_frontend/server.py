@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import socket
+import ssl
 from time import perf_counter
 import logging
 import sys
@@ -65,7 +66,8 @@ from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError, to_nbd_errno
 from nbd_frontend.export import ExportProvider, MemoryProvider
 from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery, ListQuery,
-                                    Ready, ServerHandshake)
+                                    Ready, ServerHandshake, StartTLS)
+from nbd_frontend.tls import TLSConfigError, peer_name, server_context
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.buffers import keepable
@@ -117,32 +119,41 @@ def export_info(export) -> ExportInfo:
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
+                    tls: str = "off", tls_context=None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
     `ids`: where request ids come from (none without it). `congestion`: the TCP
     congestion control of the connections ("": the system's; vbp.sockets.set_congestion).
+    `tls`: "off", "on" (clients may upgrade) or "require", with `tls_context` the server's
+    ssl.SSLContext (nbd_frontend.tls.server_context).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
+    if tls != "off" and tls_context is None:
+        raise ValueError(f"tls={tls!r} needs a tls_context")
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:  # (the connections it accepts inherit it)
         apply_congestion(listener.socket, congestion, "nbd listener")
     actual = listeners[0].socket.getsockname()[1]
-    log.info("nbd listening on %s:%d", host, actual)
+    log.info("nbd listening on %s:%d%s", host, actual, "" if tls == "off" else
+             f" (TLS {tls}, client certificates "
+             f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
-    await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids),
-                               listeners)
+    await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
+                                       tls_context=tls_context), listeners)
 
 
 async def handle_connection(stream, provider: ExportProvider,
-                            ids: RequestIds | None = None) -> None:
+                            ids: RequestIds | None = None, tls: str = "off",
+                            tls_context=None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends."""
     held: list = []  # the export opened for this connection, once there is one
     try:
-        result = await _handshake(stream, provider, held)
+        result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:
-            await _Connection(stream, held[0], *result, ids=ids).run()
+            channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
+            await _Connection(channel, held[0], ready, trailing, ids=ids).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except trio.TooSlowError:
@@ -183,11 +194,12 @@ async def _send_pending(stream, hs: ServerHandshake) -> None:
         await stream.send_all(out)
 
 
-async def _handshake(stream, provider, held: list):
-    """Negotiate; return (Ready, trailing bytes) with the export in held[0], or None when
-    the client left. Only waiting for the client is timed: opening an export may
-    legitimately take long (a write lease changing hands)."""
-    hs = ServerHandshake()
+async def _handshake(stream, provider, held: list, tls: str = "off", tls_context=None):
+    """Negotiate; return (stream, Ready, trailing bytes) with the export in held[0], or
+    None when the client left. The stream is the TLS one if the client upgraded. Only
+    waiting for the client is timed: opening an export may legitimately take long (a write
+    lease changing hands)."""
+    hs = ServerHandshake(tls)
     await stream.send_all(hs.initial_bytes())
     while True:
         event = hs.next_event()
@@ -208,15 +220,36 @@ async def _handshake(stream, provider, held: list):
                 await _close(export)
         elif isinstance(event, ListQuery):
             hs.provide_list(list(await _resolve(provider.list_exports())))
+        elif isinstance(event, StartTLS):
+            await _send_pending(stream, hs)  # (the ACK, in the clear)
+            stream = await _start_tls(stream, tls_context)
+            if stream is None:
+                return None
+            hs.tls_started()
         elif isinstance(event, Ready):
             await _send_pending(stream, hs)
-            return event, hs.trailing_data
+            return stream, event, hs.trailing_data
         elif isinstance(event, Aborted):
             await _send_pending(stream, hs)
             log.debug("nbd handshake ended: %s", event.reason)
             return None
         else:  # PAUSED cannot happen: every query is answered above
             raise RuntimeError(f"unexpected handshake event {event!r}")
+
+
+async def _start_tls(stream, context):
+    """The server side of the TLS handshake over `stream`: the TLS stream, or None (logged)
+    when the handshake failed, e.g. a client certificate the CA did not sign."""
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        log.warning("nbd TLS handshake failed, disconnecting: %s", exc.__cause__ or exc)
+        return None
+    log.debug("nbd connection upgraded to %s (client certificate: %s)", tls.version(),
+              peer_name(tls) or "none")
+    return tls
 
 
 class _Connection:
@@ -698,8 +731,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="append", default=[], metavar="NAME=SIZE[:ro]",
                         help="an in-memory export, e.g. disk=64M (repeatable)")
     parser.add_argument("--listen", default="127.0.0.1:10809", metavar="HOST:PORT")
+    parser.add_argument("--tls", choices=("off", "on", "require"), default="off")
+    parser.add_argument("--tls-cert", default="", metavar="PEM")
+    parser.add_argument("--tls-key", default="", metavar="PEM")
+    parser.add_argument("--tls-ca", default="", metavar="PEM",
+                        help="require client certificates signed by this CA")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    context = None
+    if args.tls != "off":
+        try:
+            context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        except TLSConfigError as e:
+            parser.error(f"--tls {args.tls}: {e}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     provider = MemoryProvider()
@@ -711,7 +755,8 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            actual = await nursery.start(serve_nbd, provider, host or "127.0.0.1", int(port))
+            actual = await nursery.start(partial(serve_nbd, tls=args.tls, tls_context=context),
+                                         provider, host or "127.0.0.1", int(port))
             print(f"nbd listening on {host}:{actual}", flush=True)
 
     try:

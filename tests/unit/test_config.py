@@ -3,20 +3,40 @@ the reason; and the real `blockd` process saying so in one line."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import trustme
 
 from blockd.config import Config, load
 from vbp.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = 'host_id = "h1"\ndata_dir = "/tmp/vbp-h1"\nregistry = "lmdb:///tmp/vbp-reg"\n'
+
+
+def _tls_files() -> Path:
+    """A CA, and a server certificate and key it signed, as PEM files (the TLS keys name
+    files that must load)."""
+    d = Path(tempfile.mkdtemp(prefix="vbp-config-tls-"))
+    atexit.register(shutil.rmtree, d, True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    cert.private_key_pem.write_to_path(str(d / "server.key"))
+    return d
+
+
+TLS = _tls_files()
 
 # one valid value per key, as TOML, with the value load() must produce
 VALUES = {
@@ -41,9 +61,24 @@ VALUES = {
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
     "peer_tcp_congestion": ('"reno"', "reno"),
     "nbd_tcp_congestion": ('"reno"', "reno"),
+    "nbd_tls": ('"require"', "require"),
+    "nbd_tls_cert": (f'"{TLS}/server.pem"', f"{TLS}/server.pem"),
+    "nbd_tls_key": (f'"{TLS}/server.key"', f"{TLS}/server.key"),
+    "nbd_tls_ca": (f'"{TLS}/ca.pem"', f"{TLS}/ca.pem"),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
+
+
+# keys that are only valid together: a test of one alone writes the others too
+TOGETHER = [("nbd_tls", "nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")]
+
+
+def companions(key: str) -> str:
+    for group in TOGETHER:
+        if key in group:
+            return "".join(f"{k} = {VALUES[k][0]}\n" for k in group if k != key)
+    return ""
 
 
 def write(tmp_path, text: str, name: str = "blockd.toml") -> str:
@@ -79,7 +114,8 @@ def test_every_key_is_read_from_the_file(tmp_path, dashes):
 @pytest.mark.parametrize("key", sorted(VALUES))
 def test_each_key_alone_with_dashes(tmp_path, key):
     text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key + " "))
-    cfg = load(write(tmp_path, f"{text}\n{key.replace('_', '-')} = {VALUES[key][0]}\n"), {})
+    cfg = load(write(tmp_path, f"{text}\n{companions(key)}{key.replace('_', '-')} = "
+                                f"{VALUES[key][0]}\n"), {})
     assert getattr(cfg, key) == VALUES[key][1]
 
 
@@ -90,7 +126,8 @@ def test_flags_override_the_file(tmp_path):
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
              "recovery_rate": "0", "full_ratio": 0.8, "nearfull_ratio": 0.7, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
              "scrub_interval": 0, "scrub_rate": "1M", "peer_tcp_congestion": "",
-             "nbd_tcp_congestion": "cubic"}
+             "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
+             "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": ""}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -101,6 +138,7 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
     assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
+    assert (cfg.nbd_tls, cfg.nbd_tls_ca) == ("on", "")
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
@@ -203,7 +241,58 @@ BAD_VALUES = [
     ("peer_tcp_congestion", '"no_such_cc"', r"not available on this kernel"),
     ("nbd_tcp_congestion", '"a b"', r"not a congestion control name"),
     ("peer_tcp_congestion", "3", r"string"),
+    ("nbd_tls", '"yes"', r"off, on or require"),
+    ("nbd_tls", '"require"', r"certificate is needed"),
+    ("nbd_tls_cert", f'"{TLS}/server.pem"', r"nbd_tls is off"),
+    ("nbd_tls_ca", f'"{TLS}/ca.pem"', r"nbd_tls is off"),
 ]
+
+
+def _tls_config(tmp_path, **over) -> str:
+    keys = {"nbd_tls": '"on"', "nbd_tls_cert": f'"{TLS}/server.pem"',
+            "nbd_tls_key": f'"{TLS}/server.key"', "nbd_tls_ca": f'"{TLS}/ca.pem"'}
+    keys.update(over)
+    return write(tmp_path, REQUIRED + "".join(f"{k} = {v}\n" for k, v in keys.items() if v))
+
+
+def test_tls_keys_build_the_context(tmp_path):
+    import ssl
+    cfg = load(_tls_config(tmp_path), {})
+    ctx = cfg.tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    cfg = load(_tls_config(tmp_path, nbd_tls_ca=None), {})
+    assert cfg.tls_context().verify_mode == ssl.CERT_NONE  # (no CA: no client certificate)
+    assert load(write(tmp_path, REQUIRED), {}).tls_context() is None
+
+
+@pytest.mark.parametrize("key, content, reason", [
+    ("nbd_tls_cert", b"not a certificate", r"holds no PEM certificate"),
+    ("nbd_tls_key", b"not a key", r"holds no PEM private key"),
+    ("nbd_tls_ca", b"not a CA", r"CA file .* holds no PEM certificate"),
+    ("nbd_tls_cert", b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+     r"do not load"),
+    ("nbd_tls_ca", b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+     r"CA file .* does not load"),
+    ("nbd_tls_cert", None, r"cannot read .*No such file"),
+    ("nbd_tls_key", None, r"cannot read .*No such file"),
+    ("nbd_tls_ca", None, r"cannot read .*No such file"),
+])
+def test_a_tls_file_that_does_not_load_is_refused_naming_key_and_file(tmp_path, key, content,
+                                                                      reason):
+    bad = tmp_path / "bad.pem"
+    if content is not None:
+        bad.write_bytes(content)
+    path = _tls_config(tmp_path, **{key: f'"{bad}"'})
+    msg = refused(path)
+    assert path in msg and names_key(msg, key) and str(bad) in msg, msg
+    assert re.search(reason, msg), msg
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(tmp_path):
+    other = trustme.CA().issue_cert("127.0.0.1")
+    other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    msg = refused(_tls_config(tmp_path, nbd_tls_key=f'"{tmp_path}/other.key"'))
+    assert names_key(msg, "nbd_tls_key") and "is not the one of the certificate" in msg, msg
 
 
 @pytest.mark.parametrize("key, value, reason", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])

@@ -12,7 +12,7 @@ from nbd_frontend import proto
 from nbd_frontend.errors import LocalProtocolError, ProtocolError
 from nbd_frontend.handshake import (MAX_OPTION_DATA, NEED_DATA, PAUSED, _TRANSITIONS, Aborted,
                                     ExportInfo, ExportQuery, ListQuery, Ready, ServerHandshake,
-                                    State)
+                                    StartTLS, State)
 
 EXPORTS = {
     "disk": ExportInfo("disk", 1 << 20, proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH,
@@ -61,17 +61,24 @@ def drain(hs: ServerHandshake, events: list) -> None:
             hs.provide_export(EXPORTS.get(ev.name))
         elif isinstance(ev, ListQuery):
             hs.provide_list([(n, i.description) for n, i in EXPORTS.items()])
+        elif isinstance(ev, StartTLS):  # (the shell's TLS handshake, taken as done)
+            hs.tls_started()
 
 
-def run(data: bytes, mode: str = "whole"):
-    """Feed `data` to a fresh handshake whole or one byte at a time; answer queries."""
-    hs = ServerHandshake()
+def run(data, mode: str = "whole", tls: str = "off"):
+    """Feed `data` to a fresh handshake whole or one byte at a time; answer queries.
+    `data` may be a list of parts, fed one after the other (a client waits for the reply
+    to NBD_OPT_STARTTLS before it sends more)."""
+    hs = ServerHandshake(tls)
     events: list = []
-    chunks = [data] if mode == "whole" else [data[i:i + 1] for i in range(len(data))]
+    parts = data if isinstance(data, list) else [data]
+    chunks = parts if mode == "whole" else [p[i:i + 1] for p in parts for i in range(len(p))]
+    out = bytearray()
     for chunk in chunks:
         hs.receive_data(chunk)
         drain(hs, events)
-    return hs, events, hs.data_to_send()
+        out += hs.data_to_send()
+    return hs, events, bytes(out)
 
 
 MODES = pytest.mark.parametrize("mode", ["whole", "bytewise"])
@@ -307,6 +314,107 @@ def test_client_without_fixed_newstyle_flag_is_served():
     assert isinstance(events[-1], Ready)
 
 
+# --- TLS (proto.md "TLS support") -------------------------------------------------------------
+
+def test_tls_mode_must_be_known():
+    with pytest.raises(ValueError, match="off, on, require"):
+        ServerHandshake("yes")
+
+
+@MODES
+def test_starttls_when_tls_is_on_then_go(mode):
+    hs, events, out = run([FLAGS + opt(proto.OPT_STARTTLS), opt(proto.OPT_GO, info_req("disk"))],
+                          mode, tls="on")
+    assert isinstance(events[0], StartTLS) and isinstance(events[-1], Ready)
+    assert hs.tls_active
+    assert replies(out)[0] == (proto.OPT_STARTTLS, proto.REP_ACK, b"")
+
+
+@MODES
+def test_tls_is_optional_when_on(mode):
+    hs, events, out = run(FLAGS + opt(proto.OPT_LIST) + opt(proto.OPT_GO, info_req("disk")),
+                          mode, tls="on")
+    assert isinstance(events[-1], Ready) and not hs.tls_active
+    assert proto.REP_ERR_TLS_REQD not in {r[1] for r in replies(out)}
+
+
+def test_starttls_forgets_what_was_negotiated_before():
+    hs, events, out = run([FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+                           + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))
+                           + opt(proto.OPT_STARTTLS), opt(proto.OPT_GO, info_req("disk"))],
+                          tls="on")
+    ready = events[-1]
+    assert isinstance(ready, Ready)
+    assert not ready.structured_replies and ready.meta_contexts == {}
+    assert not ready.flags & proto.FLAG_SEND_DF
+
+
+def test_starttls_renegotiated_after_the_upgrade():
+    _, events, _ = run([FLAGS + opt(proto.OPT_STARTTLS), opt(proto.OPT_STRUCTURED_REPLY)
+                        + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))
+                        + opt(proto.OPT_GO, info_req("disk"))], tls="require")
+    assert events[-1].structured_replies and events[-1].meta_contexts == {1: "base:allocation"}
+
+
+@pytest.mark.parametrize("tls", ["on", "require"])
+def test_second_starttls_is_invalid_and_the_connection_goes_on(tls):
+    hs, events, out = run([FLAGS + opt(proto.OPT_STARTTLS), opt(proto.OPT_STARTTLS)
+                           + opt(proto.OPT_GO, info_req("disk"))], tls=tls)
+    got = replies(out)
+    assert got[0][:2] == (proto.OPT_STARTTLS, proto.REP_ACK)
+    assert got[1][:2] == (proto.OPT_STARTTLS, proto.REP_ERR_INVALID)
+    assert [type(e) for e in events] == [StartTLS, ExportQuery, Ready]
+
+
+@pytest.mark.parametrize("tls", ["on", "require"])
+def test_starttls_with_data_is_invalid(tls):
+    hs, events, out = run(FLAGS + opt(proto.OPT_STARTTLS, b"x") + opt(proto.OPT_ABORT), tls=tls)
+    assert replies(out)[0][:2] == (proto.OPT_STARTTLS, proto.REP_ERR_INVALID)
+    assert not hs.tls_active and not any(isinstance(e, StartTLS) for e in events)
+
+
+def test_bytes_after_starttls_before_its_reply_are_a_protocol_error():
+    hs = ServerHandshake("on")
+    hs.receive_data(FLAGS + opt(proto.OPT_STARTTLS) + b"\x16\x03\x01")  # a pipelined hello
+    with pytest.raises(ProtocolError, match="STARTTLS"):
+        drain(hs, [])
+
+
+@pytest.mark.parametrize("option,data", [
+    (proto.OPT_LIST, b""), (proto.OPT_INFO, info_req("disk")), (proto.OPT_GO, info_req("disk")),
+    (proto.OPT_STRUCTURED_REPLY, b""), (proto.OPT_LIST_META_CONTEXT, meta_req("disk")),
+    (proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation")), (999, b"x"),
+])
+def test_require_refuses_every_option_before_the_upgrade(option, data):
+    hs, events, out = run([FLAGS + opt(option, data) + opt(proto.OPT_STARTTLS),
+                           opt(option, data) + opt(proto.OPT_ABORT)], tls="require")
+    got = replies(out)
+    assert got[0] == (option, proto.REP_ERR_TLS_REQD, got[0][2]) and b"TLS" in got[0][2]
+    assert got[1][:2] == (proto.OPT_STARTTLS, proto.REP_ACK)
+    assert proto.REP_ERR_TLS_REQD not in {r[1] for r in got[2:]}  # (never after it)
+    assert [type(e) for e in events][0] is StartTLS
+
+
+def test_require_refuses_an_oversize_option_with_tls_reqd():
+    hs = ServerHandshake("require")
+    hs.receive_data(FLAGS + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_GO, MAX_OPTION_DATA + 1)
+                    + bytes(MAX_OPTION_DATA + 1))
+    drain(hs, [])
+    assert replies(hs.data_to_send()) == [(proto.OPT_GO, proto.REP_ERR_TLS_REQD, b"")]
+
+
+def test_require_hangs_up_on_export_name_before_the_upgrade():
+    hs, events, out = run(FLAGS + opt(proto.OPT_EXPORT_NAME, b"disk"), tls="require")
+    assert [type(e) for e in events] == [Aborted] and "TLS" in events[0].reason
+    assert out == b"" and hs.state is State.CLOSED
+
+
+def test_require_still_takes_abort_before_the_upgrade():
+    _, events, out = run(FLAGS + opt(proto.OPT_ABORT), tls="require")
+    assert isinstance(events[-1], Aborted)
+    assert replies(out) == [(proto.OPT_ABORT, proto.REP_ACK, b"")]
+
+
 # --- the transition table -------------------------------------------------------------------
 
 def test_every_missing_transition_raises_naming_state_and_event():
@@ -334,13 +442,15 @@ def test_every_transition_is_reachable_from_bytes():
 
     ServerHandshake._transition = spy
     try:
-        for data in [
-            FLAGS + opt(proto.OPT_LIST) + opt(proto.OPT_STRUCTURED_REPLY)
-            + opt(proto.OPT_INFO, info_req("disk"))
-            + opt(proto.OPT_INFO, info_req("x")) + opt(proto.OPT_GO, info_req("disk")),
-            FLAGS + opt(proto.OPT_ABORT), FLAGS + opt(proto.OPT_EXPORT_NAME, b"x"),
+        for data, tls in [
+            (FLAGS + opt(proto.OPT_LIST) + opt(proto.OPT_STRUCTURED_REPLY)
+             + opt(proto.OPT_INFO, info_req("disk"))
+             + opt(proto.OPT_INFO, info_req("x")) + opt(proto.OPT_GO, info_req("disk")), "off"),
+            (FLAGS + opt(proto.OPT_ABORT), "off"), (FLAGS + opt(proto.OPT_EXPORT_NAME, b"x"), "off"),
+            ([FLAGS + opt(proto.OPT_STARTTLS), opt(proto.OPT_GO, info_req("disk"))], "on"),
+            (FLAGS + opt(proto.OPT_EXPORT_NAME, b"disk"), "require"),
         ]:
-            run(data)
+            run(data, tls=tls)
         for bad in [b"\xff" * 4, FLAGS + b"x" * 16]:
             with pytest.raises(ProtocolError):
                 run(bad)
@@ -379,19 +489,46 @@ PIECE = st.one_of(OPTION, HEADER, st.binary(max_size=40),
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from([FLAGS, FLAGS_NZ, b""]), st.lists(PIECE, max_size=12),
-       st.integers(1, 50))
-def test_fuzz_garbage_yields_events_or_protocol_error(prefix, pieces, step):
+       st.integers(1, 50), st.sampled_from(["off", "on", "require"]))
+def test_fuzz_garbage_yields_events_or_protocol_error(prefix, pieces, step, tls):
     data = prefix + b"".join(pieces)
-    hs = ServerHandshake()
+    hs = ServerHandshake(tls)
     events: list = []
+    sent = bytearray()
     try:
         for i in range(0, len(data), step):
             hs.receive_data(data[i:i + step])
             drain(hs, events)
             assert len(hs._in) <= 16 + MAX_OPTION_DATA + step
-            hs.data_to_send()
+            sent += hs.data_to_send()
     except ProtocolError:
         assert hs.state is State.ERROR
         return
     for ev in events:
-        assert isinstance(ev, (ExportQuery, ListQuery, Ready, Aborted))
+        assert isinstance(ev, (ExportQuery, ListQuery, Ready, Aborted, StartTLS))
+    if tls == "off":
+        assert not any(isinstance(ev, StartTLS) for ev in events)
+    if tls == "require" and not hs.tls_active:  # nothing got past the demand for TLS
+        assert not any(isinstance(ev, (ExportQuery, ListQuery, Ready)) for ev in events)
+    types = _reply_types(bytes(sent))
+    if tls != "require":
+        assert proto.REP_ERR_TLS_REQD not in {t for _, t in types}
+    else:  # before the upgrade: TLS_REQD, ABORT's ACK, or STARTTLS's own answers
+        for option, rtype in types:
+            if option == proto.OPT_STARTTLS and rtype == proto.REP_ACK:
+                break
+            assert (rtype == proto.REP_ERR_TLS_REQD or option == proto.OPT_ABORT
+                    or option == proto.OPT_STARTTLS and rtype == proto.REP_ERR_INVALID)
+
+
+def _reply_types(data: bytes) -> list[tuple[int, int]]:
+    """(option, reply type) of the option replies in `data`, up to the end of negotiation
+    (after NBD_OPT_EXPORT_NAME the server sends no option reply)."""
+    out, pos = [], 0
+    while pos + 20 <= len(data):
+        magic, option, rtype, length = struct.unpack_from(">QIII", data, pos)
+        if magic != proto.REPLY_MAGIC:
+            break
+        out.append((option, rtype))
+        pos += 20 + length
+    return out
