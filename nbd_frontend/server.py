@@ -67,7 +67,8 @@ from nbd_frontend.errors import ProtocolError, to_nbd_errno
 from nbd_frontend.export import ExportProvider, MemoryProvider
 from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery, ListQuery,
                                     Ready, ServerHandshake, StartTLS)
-from nbd_frontend.tls import TLSConfigError, peer_name, server_context
+from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, peer_name,
+                              server_context)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.buffers import keepable
@@ -239,16 +240,25 @@ async def _handshake(stream, provider, held: list, tls: str = "off", tls_context
 
 async def _start_tls(stream, context):
     """The server side of the TLS handshake over `stream`: the TLS stream, or None (logged)
-    when the handshake failed, e.g. a client certificate the CA did not sign."""
-    tls = trio.SSLStream(stream, context, server_side=True)
+    when the handshake failed, e.g. a client certificate the CA did not sign. On a socket
+    that is a TLSChannelStream, whose channel the connection's fast path uses; on another
+    transport (tests) a trio.SSLStream."""
+    sock = plain_socket(getattr(stream, "socket", None))
+    if sock is not None:
+        session = TLSChannel(sock, context)
+        tls, shake = TLSChannelStream(session), session.handshake
+    else:
+        tls = session = trio.SSLStream(stream, context, server_side=True)
+        shake = tls.do_handshake
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await tls.do_handshake()
-    except trio.BrokenResourceError as exc:
-        log.warning("nbd TLS handshake failed, disconnecting: %s", exc.__cause__ or exc)
+            await shake()
+    except (ssl.SSLError, trio.BrokenResourceError, OSError) as exc:
+        log.warning("nbd TLS handshake failed, disconnecting: %s",
+                    exc.__cause__ or exc if isinstance(exc, trio.BrokenResourceError) else exc)
         return None
-    log.debug("nbd connection upgraded to %s (client certificate: %s)", tls.version(),
-              peer_name(tls) or "none")
+    log.debug("nbd connection upgraded to %s (client certificate: %s)", session.version(),
+              peer_name(session) or "none")
     return tls
 
 
@@ -263,10 +273,14 @@ class _Connection:
             structured=ready.structured_replies, meta_contexts=ready.meta_contexts,
             min_block=getattr(export, "min_block", 1), initial_data=trailing)
         self.sock = getattr(stream, "socket", None)
-        # the plain socket under trio's wrapper, for calls that do not yield when they succeed
-        self.raw = plain_socket(self.sock)
+        # the plain socket under trio's wrapper, for calls that do not yield when they
+        # succeed; after STARTTLS, the TLS channel that makes the same calls
+        tls = getattr(stream, "channel", None)
+        self.raw = tls if tls is not None else plain_socket(self.sock)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
-        read_ref = getattr(export, "read_ref", None) if self.raw is not None else None
+        # (never with TLS: a FileRange goes from the page cache to the socket in the clear)
+        read_ref = getattr(export, "read_ref", None) if self.raw is not None and tls is None \
+            else None
         self.read = read_ref or export.read
         # optional hook of the export: observe(command, nbytes, seconds, ok, count), for
         # `count` requests of `command` that took `seconds` each, `nbytes` in all

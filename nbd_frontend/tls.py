@@ -1,14 +1,29 @@
-"""TLS for NBD connections: the server's SSL context, built from PEM files.
+"""TLS for NBD connections: the server's SSL context, built from PEM files, and the TLS
+channel a connection's fast path uses in place of its socket.
 
 NBD upgrades a connection in place (NBD_OPT_STARTTLS; nbd_frontend.handshake has the
-modes). This module only builds the context: TLS 1.2 or later (proto.md, "TLS versions"),
-the server's certificate chain and private key and, given a CA file, client certificates
-signed by that CA are required (qemu-nbd's verify-peer, nbdkit's --tls-verify-peer).
+modes). The context: TLS 1.2 or later (proto.md, "TLS versions"), the server's certificate
+chain and private key and, given a CA file, client certificates signed by that CA are
+required (qemu-nbd's verify-peer, nbdkit's --tls-verify-peer).
+
+The channel (`TLSChannel`) is the standard library's ssl.SSLObject over memory BIOs on the
+connection's non-blocking socket. It has the calls of the socket that the NBD server's
+fast path makes, with the socket's meaning: recv_into (BlockingIOError when nothing can be
+read now, 0 at the end), sendmsg (the plaintext bytes taken; BlockingIOError when there is
+no room), fileno for trio's waits. So the server parses requests from one buffer and sends
+a batch's replies in one call with TLS as without, with no task switch per call (which is
+what trio.SSLStream costs). Never a FileRange: a range sent from the page cache would go
+out in the clear, so a TLS connection reads into memory (nbd_frontend.server).
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
+
+import trio
+
+from vbp.sockets import nbytes, send_now
 
 
 class TLSConfigError(ValueError):
@@ -77,3 +92,167 @@ def peer_name(ssl_object) -> str:
                 return v
     alt = cert.get("subjectAltName", ())
     return alt[0][1] if alt else "(no name)"
+
+
+RECV_CHUNK = 256 * 1024  # ciphertext read from the socket per call
+RECORD = 16 * 1024  # TLS's largest record: small replies are joined up to it
+
+
+class TLSChannel:
+    """A server's TLS session over a non-blocking socket, used as the socket is used.
+
+    Ciphertext that the socket did not take at once is kept (`pending`) and goes out
+    first at the next sendmsg. So that the caller calls again, a sendmsg that leaves
+    ciphertext behind reports one byte fewer than it took: that byte is `owed`, already
+    encrypted, and is taken without being encrypted again when the caller offers it anew.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self._in, self._out, server_side=True)
+        self._pending = bytearray()  # ciphertext the socket did not take yet
+        self._owed = 0
+        self._rbuf = bytearray(RECV_CHUNK)
+        self._rview = memoryview(self._rbuf)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + self._out.pending
+
+    # --- the socket's calls --------------------------------------------------------------------
+    def recv_into(self, buf, nbytes_: int = 0, flags: int = 0) -> int:
+        """Plaintext into `buf`: what TLS has decrypted, and what the socket holds now."""
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        want = nbytes_ or len(view)
+        got = 0
+        while got < want:
+            try:
+                n = self.ssl.read(want - got, view[got:want])
+            except ssl.SSLWantReadError:
+                try:
+                    k = self.sock.recv_into(self._rbuf)
+                except BlockingIOError:
+                    if got:
+                        break
+                    raise
+                if not k:
+                    break  # the end (0 if nothing came before it)
+                self._in.write(self._rview[:k])
+                continue
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                break
+            if not n:
+                break
+            got += n
+        if self._out.pending:  # (a key update to answer: goes with the next send)
+            self._pending += self._out.read()
+        return got
+
+    def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None) -> int:
+        if not self.flush():
+            raise BlockingIOError("the socket is full")
+        write = self.ssl.write
+        total, skip, small = 0, self._owed, bytearray()
+        for b in buffers:
+            n = nbytes(b)
+            total += n
+            if skip:
+                if skip >= n:
+                    skip -= n
+                    continue
+                b, n, skip = memoryview(b).cast("B")[skip:], n - skip, 0
+            if n >= RECORD:
+                if small:
+                    write(small)
+                    small = bytearray()
+                write(b)
+            else:
+                small += b
+                if len(small) >= RECORD:
+                    write(small)
+                    small = bytearray()
+        if small:
+            write(small)
+        self._owed = 0
+        if self.flush() or not total:
+            return total
+        self._owed = 1
+        return total - 1
+
+    def flush(self) -> bool:
+        """Write the ciphertext waiting; True when none is left."""
+        if self._out.pending:
+            self._pending += self._out.read()
+        while self._pending:
+            try:
+                sent = self.sock.send(self._pending)
+            except BlockingIOError:
+                return False
+            del self._pending[:sent]
+        return True
+
+    # --- the TLS handshake -------------------------------------------------------------------
+    async def handshake(self) -> None:
+        """Run the server side of the TLS handshake; ssl.SSLError or trio.BrokenResourceError
+        (the client left) when it fails."""
+        while True:
+            try:
+                self.ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self.drain()
+                await self._fill()
+        await self.drain()
+
+    async def drain(self) -> None:
+        while not self.flush():
+            await trio.lowlevel.wait_writable(self.sock)
+
+    async def _fill(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(RECV_CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            if not data:
+                raise trio.BrokenResourceError("the client left during the TLS handshake")
+            self._in.write(data)
+            return
+
+    # --- for the logs ------------------------------------------------------------------------
+    def version(self) -> str:
+        return self.ssl.version() or "TLS"
+
+    def getpeercert(self):
+        return self.ssl.getpeercert()
+
+
+class TLSChannelStream:
+    """The stream interface (send_all, receive_some) over a TLSChannel, for the rest of the
+    option haggling; `channel` is what the connection's fast path uses."""
+
+    def __init__(self, channel: TLSChannel) -> None:
+        self.channel = channel
+
+    async def send_all(self, data) -> None:
+        rest = send_now(self.channel, [data], nbytes(data))
+        while rest is not None:
+            await trio.lowlevel.wait_writable(self.channel.sock)
+            rest = send_now(self.channel, rest, -1)
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        buf = bytearray(max_bytes)
+        while True:
+            try:
+                n = self.channel.recv_into(buf)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.channel.sock)
+                continue
+            await trio.lowlevel.checkpoint()
+            return bytes(buf[:n])

@@ -129,6 +129,35 @@ def test_libnbd_over_tls_with_a_client_certificate(runner, pki):
     assert "good-client@example.org" in runner.log_text()
 
 
+@pytest.mark.parametrize("runner", [("on", False)], indirect=True)
+def test_many_large_requests_in_flight_over_tls(runner, pki):
+    """16 MiB in 1 MiB and 4 KiB writes, 64 in flight, then read back the same way: more
+    than the socket holds at once, both ways (the TLS channel's partial sends)."""
+    h = client(runner.port, pki / "anon")
+    blocks = {}
+    for i in range(16):
+        blocks[i << 20] = random.randbytes(1 << 20)
+    for off in random.sample(range(0, 16 << 20, 4096), 200):
+        blocks.pop(off & ~((1 << 20) - 1), None)
+        blocks[off] = random.randbytes(4096)
+    for off, data in blocks.items():
+        while h.aio_in_flight() >= 64:
+            h.poll(-1)
+        h.aio_pwrite(data, off)
+    while h.aio_in_flight():
+        h.poll(-1)
+    bufs = {}
+    for off, data in blocks.items():
+        while h.aio_in_flight() >= 64:
+            h.poll(-1)
+        bufs[off] = nbd.Buffer(len(data))
+        h.aio_pread(bufs[off], off)
+    while h.aio_in_flight():
+        h.poll(-1)
+    assert all(bytes(bufs[off].to_bytearray()) == data for off, data in blocks.items())
+    h.shutdown()
+
+
 @REQUIRE_VERIFY
 def test_a_plaintext_client_is_refused_and_the_server_goes_on(runner, pki):
     with pytest.raises(nbd.Error, match="requires TLS"):

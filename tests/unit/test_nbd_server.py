@@ -486,6 +486,39 @@ async def test_memory_stream_transport():
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
+async def test_tls_over_a_stream_without_a_socket():
+    """STARTTLS where there is no socket under the stream (trio.testing): the server falls
+    back to trio.SSLStream, and the connection is served through it."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    provider = MemoryProvider()
+    provider.add("m", 4096)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(server.handle_connection, server_stream, provider,
+                                             tls="require", tls_context=server_ctx))
+        plain = Client(client_stream)
+        await plain.recv(18)
+        await plain.send(struct.pack(">I", 3) + struct.pack(">QII", proto.IHAVEOPT,
+                                                             proto.OPT_STARTTLS, 0))
+        assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
+        c = Client(trio.SSLStream(client_stream, client_ctx, server_hostname="localhost"))
+        await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 1) + b"m")
+        size, flags = struct.unpack(">QH", await c.recv(10))
+        assert size == 4096
+        assert await c.write(0, b"abc") == 0
+        assert await c.read(0, 3) == b"abc"
+        await c.request(proto.CMD_DISC)
+    assert bytes(provider.exports["m"].data[:3]) == b"abc"
+
+
 async def test_idle_handshake_times_out(port, monkeypatch):
     monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.2)
     c = Client(await trio.open_tcp_stream("127.0.0.1", port))
