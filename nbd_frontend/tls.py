@@ -50,6 +50,8 @@ def server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
         raise TLSConfigError(f"the CA file {ca} holds no PEM certificate", "ca")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # (a TLS 1.2 renegotiation would want answers while the connection has none to send)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(cert, key)
     except ssl.SSLError as e:
@@ -148,8 +150,8 @@ class TLSChannel:
             if not n:
                 break
             got += n
-        if self._out.pending:  # (a key update to answer: goes with the next send)
-            self._pending += self._out.read()
+        if self._out.pending:  # (a TLS 1.3 key update to answer: sent now if it fits)
+            self.flush()
         return got
 
     def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None) -> int:

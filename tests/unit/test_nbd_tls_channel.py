@@ -191,3 +191,4 @@ def test_server_context_loads_the_pair_and_asks_for_client_certificates_with_a_c
     ctx = server_context(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"), str(tmp_path / "ca.pem"))
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
