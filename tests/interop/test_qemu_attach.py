@@ -54,25 +54,22 @@ class QMP:
         return self.cmd("human-monitor-command", **{"command-line": line})
 
 
-def test_qemu_system_attaches_volume(sandbox, tmp_path):
-    qemu = need("qemu-system-x86_64")
-    sandbox.vbp("volume", "create", "vmdisk", "--size", "64M", "--replicas", "3")
-    qmp_path = str(tmp_path / "qmp.sock")
+def qemu_io(drive_args: list[str], qmp_path: str, lines, node: str = "d0", before=None) -> str:
+    """Start qemu-system-x86_64 (accel=tcg, stopped, no guest) with `drive_args`, call
+    `before(qmp)`, run each of `lines` through HMP `qemu-io` on `node` (QEMU's block layer;
+    a reply means an error), quit, and return what QEMU printed: qemu-io's output."""
     proc = subprocess.Popen(
-        [qemu, "-machine", "accel=tcg", "-nodefaults", "-display", "none", "-S", "-m", "64",
-         "-drive", f"file={sandbox.uri('vmdisk')},format=raw,if=none,id=d0,cache=none",
-         "-device", "virtio-blk-pci,drive=d0", "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+        [need("qemu-system-x86_64"), "-machine", "accel=tcg", "-nodefaults", "-display", "none",
+         "-S", "-m", "64", *drive_args, "-qmp", f"unix:{qmp_path},server=on,wait=off"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         q = QMP(qmp_path)
-        blocks = q.cmd("query-block")
-        d0 = [b for b in blocks if b["device"] == "d0"][0]
-        assert d0["inserted"]["image"]["virtual-size"] == 64 * MiB
-        # HMP qemu-io runs the command in QEMU's block layer and prints to QEMU's stdout
-        for line in ("write -P 0x42 1M 256k", "write -z 2M 64k", "flush", "read -P 0x42 1M 256k",
-                     "read -P 0 2M 64k"):
-            q.hmp(f'qemu-io d0 "{line}"')
+        if before is not None:
+            before(q)
+        for line in lines:
+            said = q.hmp(f'qemu-io {node} "{line}"')
+            assert not said.strip(), f"{line}: {said}"
         q.cmd("quit")
         out, err = proc.communicate(timeout=30)
     finally:
@@ -80,11 +77,25 @@ def test_qemu_system_attaches_volume(sandbox, tmp_path):
             proc.kill()
             proc.wait()
     out = out.decode(errors="replace")
-    assert "wrote 262144/262144 bytes at offset 1048576" in out, out + err.decode()
+    assert "verification failed" not in out, out + err.decode(errors="replace")
+    return out
+
+
+def test_qemu_system_attaches_volume(sandbox, tmp_path):
+    sandbox.vbp("volume", "create", "vmdisk", "--size", "64M", "--replicas", "3")
+
+    def sized(q):
+        d0 = [b for b in q.cmd("query-block") if b["device"] == "d0"][0]
+        assert d0["inserted"]["image"]["virtual-size"] == 64 * MiB
+
+    out = qemu_io(["-drive", f"file={sandbox.uri('vmdisk')},format=raw,if=none,id=d0,cache=none",
+                   "-device", "virtio-blk-pci,drive=d0"], str(tmp_path / "qmp.sock"),
+                  ("write -P 0x42 1M 256k", "write -z 2M 64k", "flush", "read -P 0x42 1M 256k",
+                   "read -P 0 2M 64k"), before=sized)
+    assert "wrote 262144/262144 bytes at offset 1048576" in out, out
     assert "wrote 65536/65536 bytes at offset 2097152" in out, out
     assert "read 262144/262144 bytes at offset 1048576" in out, out
     assert "read 65536/65536 bytes at offset 2097152" in out, out
-    assert "verification failed" not in out, out
     import nbd
 
     h = nbd.NBD()

@@ -467,6 +467,16 @@ async def test_async_provider(nursery):
         await Client.connect(p, "b")
 
 
+async def _use_m(c) -> None:
+    """Enter transmission on export "m" (4096 bytes), write, read back, disconnect."""
+    await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 1) + b"m")
+    size, flags = struct.unpack(">QH", await c.recv(10))
+    assert size == 4096
+    assert await c.write(0, b"abc") == 0
+    assert await c.read(0, 3) == b"abc"
+    await c.request(proto.CMD_DISC)
+
+
 async def test_memory_stream_transport():
     """handle_connection also runs over streams without a socket (trio.testing)."""
     provider = MemoryProvider()
@@ -477,12 +487,7 @@ async def test_memory_stream_transport():
         c = Client(client_stream)
         await c.recv(18)
         await c.send(struct.pack(">I", 3))
-        await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 1) + b"m")
-        size, flags = struct.unpack(">QH", await c.recv(10))
-        assert size == 4096
-        assert await c.write(0, b"abc") == 0
-        assert await c.read(0, 3) == b"abc"
-        await c.request(proto.CMD_DISC)
+        await _use_m(c)
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
@@ -510,12 +515,7 @@ async def test_tls_over_a_stream_without_a_socket():
                                                              proto.OPT_STARTTLS, 0))
         assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
         c = Client(trio.SSLStream(client_stream, client_ctx, server_hostname="localhost"))
-        await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 1) + b"m")
-        size, flags = struct.unpack(">QH", await c.recv(10))
-        assert size == 4096
-        assert await c.write(0, b"abc") == 0
-        assert await c.read(0, 3) == b"abc"
-        await c.request(proto.CMD_DISC)
+        await _use_m(c)
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
