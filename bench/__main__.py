@@ -8,7 +8,8 @@ bench/results/latest.md for the last committed run.
     python -m bench --profile randwrite-4k-qd32   # py-spy flame graph of the gateway blockd
 
 Other benchmarks here run on their own: bench.placement, bench.peer_bench,
-bench.chunkstore_bench, bench.metrics_bench.
+bench.chunkstore_bench, bench.metrics_bench, bench.tls_bench (NBD over TLS against the clear,
+beside nbdkit's).
 """
 
 from __future__ import annotations

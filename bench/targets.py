@@ -178,6 +178,22 @@ class NbdkitFile(ProcessTarget):
                 "file", str(image)]
 
 
+class NbdkitFileTLS(NbdkitFile):
+    """nbdkit's file plugin with TLS offered (--tls=on): nbds:// clients upgrade, nbd://
+    ones need not. `certificates`: a directory with ca-cert.pem, server-cert.pem and
+    server-key.pem (nbdkit's layout)."""
+
+    name = "nbdkit"
+
+    def __init__(self, workdir: Path, size: int, certificates: Path):
+        super().__init__(workdir, size)
+        self.certificates = certificates
+
+    def command(self, port, image):
+        return ["nbdkit", "-f", "--exit-with-parent", "-p", str(port), "-i", "127.0.0.1",
+                "--tls=on", f"--tls-certificates={self.certificates}", "file", str(image)]
+
+
 class BarePython(ProcessTarget):
     """bench/bare_server.py: the fastest shape a Python server can take (DESIGN.md, Speed),
     not a reference to beat but the ceiling a Python vbp can reach on this machine."""
@@ -210,10 +226,12 @@ class VbpSandbox:
     """A `vbp sandbox` of `hosts` blockd processes under `directory`, driven by the CLI
     (the stable interface). Leaving stops it with `vbp sandbox down`."""
 
-    def __init__(self, directory: Path, hosts: int, capacity: str = "64G"):
+    def __init__(self, directory: Path, hosts: int, capacity: str = "64G",
+                 settings: dict | None = None):
         self.root = directory
         self.hosts = hosts
         self.capacity = capacity  # thin: chunk slots are sparse, so this costs no disk
+        self.settings = settings or {}  # blockd settings of every host (`--set KEY=VALUE`)
         self.dir: Path | None = None
         self.info: dict = {}
 
@@ -232,8 +250,10 @@ class VbpSandbox:
             self.dir = self.root / f"sandbox{self.hosts}-{attempt}"
             base = free_port_range(2 * self.hosts)
             for _ in range(2):  # `up` is idempotent; a second call settles a slow start
+                sets = [a for k, v in self.settings.items() for a in ("--set", f"{k}={v}")]
                 r = self.vbp("sandbox", "up", "--hosts", str(self.hosts), "--dir", str(self.dir),
-                             "--base-port", str(base), "--capacity", self.capacity, "--json")
+                             "--base-port", str(base), "--capacity", self.capacity, "--json",
+                             *sets)
                 if r.returncode == 0:
                     self.info = json.loads(r.stdout)
                     return self

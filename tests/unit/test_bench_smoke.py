@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,20 @@ def test_recovery_bench_tiny_run():
     for r in rows:
         assert r["idle_iops"] > 0 and r["busy_iops"] > 0 and r["ratio"] is not None
         assert r["copied_bytes"] > 0  # the drain copied the drained host's chunks
+
+
+def test_tls_bench_runs():
+    """bench.tls_bench end to end, tiny: both servers, in the clear and over TLS, give a
+    number for each cell of the table."""
+    p = subprocess.run([sys.executable, "-m", "bench.tls_bench", "--size", "32M", "--runtime",
+                        "1", "--rounds", "1", "--workloads", "randread-4k-qd32"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = [line for line in p.stdout.splitlines() if line.startswith("| randread-4k-qd32")]
+    assert row, p.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert len(cells) == 9 and all(re.fullmatch(r"[\d,.]+x?", c) for c in cells[2:]), cells
+    assert "vbp-r1" in p.stdout and "nbdkit" in p.stdout
 
 
 def test_metrics_bench_runs():
