@@ -127,6 +127,10 @@ class Config:
                     raise InvalidArgument(f"{source}: key {key!r}: set, but nbd_tls is "
                                           "off: set nbd_tls to on or require, or remove it")
             return None
+        if self.nbd_tls_ca and self.nbd_tls != "require":
+            raise InvalidArgument(f"{source}: key 'nbd_tls_ca': client certificates are "
+                                  "checked only with nbd_tls = require (with TLS optional, a "
+                                  "client in the clear would be served without one)")
         try:
             return server_context(self.nbd_tls_cert, self.nbd_tls_key, self.nbd_tls_ca)
         except TLSConfigError as e:

@@ -226,6 +226,12 @@ class ServerHandshake:
         if flags & ~(proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES):
             raise self._fail(f"unknown client flags {flags:#x}")
         self._no_zeroes = bool(flags & proto.FLAG_C_NO_ZEROES)
+        if not flags & proto.FLAG_C_FIXED_NEWSTYLE and self.tls != "off":
+            # (proto.md: NOTLS unless both sides said fixed newstyle)
+            if self.tls == "require":
+                raise self._fail("TLS is required, and the client does not speak fixed "
+                                 "newstyle negotiation, which TLS needs")
+            self.tls = "off"
         self._transition("client_flags")
         return self.next_event()
 

@@ -65,8 +65,8 @@ import trio
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError, to_nbd_errno
 from nbd_frontend.export import ExportProvider, MemoryProvider
-from nbd_frontend.handshake import (NEED_DATA, Aborted, ExportInfo, ExportQuery, ListQuery,
-                                    Ready, ServerHandshake, StartTLS)
+from nbd_frontend.handshake import (NEED_DATA, TLS_MODES, Aborted, ExportInfo, ExportQuery,
+                                    ListQuery, Ready, ServerHandshake, StartTLS)
 from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, peer_name,
                               server_context)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
@@ -130,8 +130,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     ssl.SSLContext (nbd_frontend.tls.server_context).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
-    if tls != "off" and tls_context is None:
-        raise ValueError(f"tls={tls!r} needs a tls_context")
+    check_tls(tls, tls_context)
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:  # (the connections it accepts inherit it)
         apply_congestion(listener.socket, congestion, "nbd listener")
@@ -142,6 +141,19 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     task_status.started(actual)
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
                                        tls_context=tls_context), listeners)
+
+
+def check_tls(tls: str, context) -> None:
+    """ValueError unless `tls` and `context` go together: a mode of TLS_MODES, a context
+    unless off, and client certificates asked for only when TLS is required (with TLS
+    optional, a client that stays in the clear would be served without one)."""
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    if tls != "off" and context is None:
+        raise ValueError(f"tls={tls!r} needs a TLS context")
+    if tls == "on" and context.verify_mode == ssl.CERT_REQUIRED:
+        raise ValueError("client certificates are checked only when TLS is required: "
+                         "with TLS optional, a client in the clear would be served without one")
 
 
 async def handle_connection(stream, provider: ExportProvider,
@@ -157,6 +169,8 @@ async def handle_connection(stream, provider: ExportProvider,
             await _Connection(channel, held[0], ready, trailing, ids=ids).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
+    except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
+        log.warning("nbd TLS error, disconnecting: %s", exc)
     except trio.TooSlowError:
         log.info("nbd client idle during the handshake, disconnecting")
     except ProtocolError as exc:
@@ -756,8 +770,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.tls != "off":
         try:
             context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
-        except TLSConfigError as e:
+            check_tls(args.tls, context)
+        except (TLSConfigError, ValueError) as e:
             parser.error(f"--tls {args.tls}: {e}")
+    elif args.tls_cert or args.tls_key or args.tls_ca:
+        parser.error("--tls-cert, --tls-key and --tls-ca need --tls on or require")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     provider = MemoryProvider()

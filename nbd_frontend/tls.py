@@ -52,14 +52,20 @@ def server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # (a TLS 1.2 renegotiation would want answers while the connection has none to send)
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    def no_passphrase():  # (else OpenSSL would ask on the terminal, or fail obscurely)
+        raise TLSConfigError(f"the private key {key} is encrypted: blockd needs it without "
+                             "a passphrase (readable by blockd's user only)", "key")
+
     try:
-        ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as e:
+        ctx.load_cert_chain(cert, key, password=no_passphrase)
+    except TLSConfigError:
+        raise
+    except (ssl.SSLError, OSError) as e:
         if "KEY_VALUES_MISMATCH" in f"{e.reason} {e}":
             raise TLSConfigError(f"the private key {key} is not the one of the certificate "
                                  f"{cert}", "key") from None
         raise TLSConfigError(f"the certificate {cert} and private key {key} do not load "
-                             f"({e.reason or e})", "cert") from None
+                             f"({getattr(e, 'reason', None) or e})", "cert") from None
     if ca:
         try:
             ctx.load_verify_locations(cafile=ca)
@@ -98,6 +104,7 @@ def peer_name(ssl_object) -> str:
 
 RECV_CHUNK = 256 * 1024  # ciphertext read from the socket per call
 RECORD = 16 * 1024  # TLS's largest record: small replies are joined up to it
+SEND_MAX = 256 * 1024  # plaintext encrypted per sendmsg (about a millisecond of the loop)
 
 
 class TLSChannel:
@@ -155,18 +162,25 @@ class TLSChannel:
         return got
 
     def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None) -> int:
+        """Encrypt from `buffers` (at most SEND_MAX new bytes: the loop is not held up, and
+        the caller keeps the rest queued, under its own limits) and write what the socket
+        takes; returns the bytes of `buffers` taken."""
         if not self.flush():
             raise BlockingIOError("the socket is full")
         write = self.ssl.write
-        total, skip, small = 0, self._owed, bytearray()
+        taken, fresh, skip, small = 0, 0, self._owed, bytearray()
         for b in buffers:
             n = nbytes(b)
-            total += n
-            if skip:
+            if skip:  # (already encrypted and, now, sent)
                 if skip >= n:
                     skip -= n
+                    taken += n
                     continue
-                b, n, skip = memoryview(b).cast("B")[skip:], n - skip, 0
+                b, n, taken, skip = memoryview(b).cast("B")[skip:], n - skip, taken + skip, 0
+            last = fresh + n >= SEND_MAX
+            if last:
+                n = SEND_MAX - fresh
+                b = memoryview(b).cast("B")[:n]
             if n >= RECORD:
                 if small:
                     write(small)
@@ -177,13 +191,17 @@ class TLSChannel:
                 if len(small) >= RECORD:
                     write(small)
                     small = bytearray()
+            fresh += n
+            taken += n
+            if last:
+                break
         if small:
             write(small)
         self._owed = 0
-        if self.flush() or not total:
-            return total
+        if self.flush() or not taken:
+            return taken
         self._owed = 1
-        return total - 1
+        return taken - 1
 
     def flush(self) -> bool:
         """Write the ciphertext waiting; True when none is left."""
@@ -208,6 +226,9 @@ class TLSChannel:
             except ssl.SSLWantReadError:
                 await self.drain()
                 await self._fill()
+            except ssl.SSLError:
+                self.flush()  # (the alert saying why, if the socket takes it now)
+                raise
         await self.drain()
 
     async def drain(self) -> None:

@@ -243,6 +243,43 @@ def test_garbage_instead_of_a_tls_hello_is_dropped(runner, pki):
     round_trip(client(runner.port, pki / "good"))
 
 
+@REQUIRE_VERIFY
+def test_a_record_that_does_not_decrypt_ends_only_that_connection(runner, pki):
+    """After the upgrade, bytes that are not a record of the session: a warning, that
+    connection dropped, no traceback, the server goes on."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "good" / "client-cert.pem"), str(pki / "good" / "client-key.pem"))
+    with socket.create_connection(("127.0.0.1", runner.port), timeout=10) as s:
+        s.recv(18, socket.MSG_WAITALL)
+        s.sendall(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE)
+                  + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_STARTTLS, 0))
+        assert struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))[2] == proto.REP_ACK
+        tls = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+        raw = socket.socket(fileno=os.dup(tls.fileno()))  # (the same connection, unencrypted)
+        with raw:
+            raw.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))  # application data, forged
+            raw.settimeout(10)
+            while raw.recv(4096):  # (an alert, then the end)
+                pass
+    round_trip(client(runner.port, pki / "good"))
+    for _ in range(50):
+        if "nbd TLS error, disconnecting" in runner.log_text():
+            break
+        time.sleep(0.1)
+    log = runner.log_text()
+    assert "nbd TLS error, disconnecting" in log and "Traceback" not in log, log[-2000:]
+
+
+def test_the_runner_refuses_client_certificates_with_tls_optional(pki):
+    p = subprocess.run([sys.executable, "-m", "nbd_frontend.server", "--listen", "127.0.0.1:0",
+                        "--tls", "on", "--tls-cert", str(pki / "server.pem"), "--tls-key",
+                        str(pki / "server.key"), "--tls-ca", str(pki / "ca.pem")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "only when TLS is required" in p.stderr, p.stderr
+
+
 # --- blockd: the nbd_tls keys ----------------------------------------------------------------
 
 def vbp(*args, env=None, timeout=120):
@@ -266,6 +303,9 @@ def test_blockd_serves_a_volume_over_tls_from_its_config(pki, tmp_path):
         h = client(host["nbd_port"], pki / "good", export="v")
         assert h.get_tls_negotiated()
         round_trip(h)
+        big = random.randbytes(4 << 20)  # (large reads, which in the clear leave from the
+        h.pwrite(big, 8 << 20)           # page cache without a copy, are encrypted here)
+        assert h.pread(4 << 20, 8 << 20) == big
         h.flush()
         h.shutdown()
         qemu_writes_over_tls(pki, tmp_path, host["nbd_port"], "v")

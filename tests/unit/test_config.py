@@ -249,7 +249,7 @@ BAD_VALUES = [
 
 
 def _tls_config(tmp_path, **over) -> str:
-    keys = {"nbd_tls": '"on"', "nbd_tls_cert": f'"{TLS}/server.pem"',
+    keys = {"nbd_tls": '"require"', "nbd_tls_cert": f'"{TLS}/server.pem"',
             "nbd_tls_key": f'"{TLS}/server.key"', "nbd_tls_ca": f'"{TLS}/ca.pem"'}
     keys.update(over)
     return write(tmp_path, REQUIRED + "".join(f"{k} = {v}\n" for k, v in keys.items() if v))
@@ -286,6 +286,26 @@ def test_a_tls_file_that_does_not_load_is_refused_naming_key_and_file(tmp_path, 
     msg = refused(path)
     assert path in msg and names_key(msg, key) and str(bad) in msg, msg
     assert re.search(reason, msg), msg
+
+
+def test_client_certificates_need_tls_required(tmp_path):
+    """With TLS optional, a client in the clear would be served without a certificate."""
+    msg = refused(_tls_config(tmp_path, nbd_tls='"on"'))
+    assert names_key(msg, "nbd_tls_ca") and "require" in msg, msg
+
+
+def test_an_encrypted_private_key_is_refused_without_asking_for_a_passphrase(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+    (tmp_path / "enc.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    msg = refused(_tls_config(tmp_path, nbd_tls_cert=f'"{tmp_path}/c.pem"',
+                              nbd_tls_key=f'"{tmp_path}/enc.key"'))
+    assert names_key(msg, "nbd_tls_key") and "encrypted" in msg, msg
 
 
 def test_a_key_that_is_not_the_certificates_is_refused(tmp_path):

@@ -409,6 +409,18 @@ def test_require_hangs_up_on_export_name_before_the_upgrade():
     assert out == b"" and hs.state is State.CLOSED
 
 
+def test_no_tls_without_fixed_newstyle():
+    """proto.md: NOTLS unless both sides said fixed newstyle. Optional TLS is then off;
+    required TLS cannot be had, and the connection ends."""
+    hs, events, out = run(bytes(4) + opt(proto.OPT_STARTTLS) + opt(proto.OPT_ABORT), tls="on")
+    assert replies(out)[0][:2] == (proto.OPT_STARTTLS, proto.REP_ERR_POLICY)
+    assert not any(isinstance(e, StartTLS) for e in events)
+    hs = ServerHandshake("require")
+    hs.receive_data(bytes(4) + opt(proto.OPT_EXPORT_NAME, b"disk"))
+    with pytest.raises(ProtocolError, match="fixed newstyle"):
+        drain(hs, [])
+
+
 def test_require_still_takes_abort_before_the_upgrade():
     _, events, out = run(FLAGS + opt(proto.OPT_ABORT), tls="require")
     assert isinstance(events[-1], Aborted)

@@ -519,6 +519,23 @@ async def test_tls_over_a_stream_without_a_socket():
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
+def test_tls_settings_that_do_not_go_together_are_refused():
+    import ssl
+
+    optional = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    checked = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    checked.verify_mode = ssl.CERT_REQUIRED
+    with pytest.raises(ValueError, match="off, on, require"):
+        server.check_tls("yes", optional)
+    with pytest.raises(ValueError, match="needs a TLS context"):
+        server.check_tls("require", None)
+    with pytest.raises(ValueError, match="only when TLS is required"):
+        server.check_tls("on", checked)
+    server.check_tls("require", checked)
+    server.check_tls("on", optional)
+    server.check_tls("off", None)
+
+
 async def test_idle_handshake_times_out(port, monkeypatch):
     monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.2)
     c = Client(await trio.open_tcp_stream("127.0.0.1", port))
