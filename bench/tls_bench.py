@@ -1,7 +1,8 @@
 """NBD over TLS against the clear, side by side: `python -m bench.tls_bench`.
 
 One blockd serving a replicas=1 volume with `nbd_tls = "on"`, and nbdkit's file plugin with
-`--tls=on` on a raw file of the same size. fio's nbd engine (libnbd) runs each workload
+`--tls=on` on a raw file of the same size, both filled as `python -m bench` fills its
+targets (nbdcopy of the same data). fio's nbd engine (libnbd) runs each workload
 against each server in the clear (nbd://) and over TLS (nbds://), interleaved, for
 `--rounds` rounds; the report gives the medians, each server's TLS / clear ratio, and
 vbp's TLS figure against nbdkit's. The certificates are made for the run (trustme, a test
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench.targets import NbdkitFileTLS, VbpSandbox, VbpTarget, cpu_seconds
-from bench.workloads import WORKLOADS, fio_command, parse_fio
+from bench.workloads import WORKLOADS, fio_command, make_data_file, parse_fio, prefill
 from vbp.layout import parse_size
 
 DEFAULT_WORKLOADS = ["randread-4k-qd32", "randwrite-4k-qd32", "seqread-1m-qd8",
@@ -69,9 +70,9 @@ def run(size: int, runtime: float, rounds: int, workloads: list[str]) -> dict:
             "nbd_tls_key": server / "server-key.pem"}).start())
         vbp = VbpTarget("vbp-r1", sandbox, "tls", size, 1)
         targets = [nbdkit, vbp]
-        for t in targets:  # every byte written once, in the clear, before anything is timed
-            fio(["fio", "--name=fill", "--ioengine=nbd", f"--uri={t.uri}", "--rw=write",
-                 "--bs=1m", "--iodepth=8", f"--size={size}"], home, 600)
+        data = make_data_file(tmp / "data.raw", size)
+        for t in targets:  # as `python -m bench` does, in the clear, before anything is timed
+            prefill(t, data)
         for r in range(rounds):
             for name in workloads:
                 w = WORKLOADS[name]
