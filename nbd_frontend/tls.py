@@ -120,7 +120,7 @@ class TLSChannel:
         self.sock = sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self._in, self._out, server_side=True)
-        self._pending = bytearray()  # ciphertext the socket did not take yet
+        self._pending = memoryview(b"")  # ciphertext the socket did not take yet
         self._owed = 0
         self._rbuf = bytearray(RECV_CHUNK)
         self._rview = memoryview(self._rbuf)
@@ -204,16 +204,18 @@ class TLSChannel:
         return taken - 1
 
     def flush(self) -> bool:
-        """Write the ciphertext waiting; True when none is left."""
-        if self._out.pending:
-            self._pending += self._out.read()
-        while self._pending:
+        """Write the ciphertext waiting; True when none is left. (What OpenSSL made is sent
+        as it is, its rest kept as a view: no copy on this side.)"""
+        while True:
+            if not self._pending:
+                if not self._out.pending:
+                    return True
+                self._pending = memoryview(self._out.read())
             try:
                 sent = self.sock.send(self._pending)
             except BlockingIOError:
                 return False
-            del self._pending[:sent]
-        return True
+            self._pending = self._pending[sent:]
 
     # --- the TLS handshake -------------------------------------------------------------------
     async def handshake(self) -> None:
