@@ -74,6 +74,21 @@ async def receive_exactly(stream, n: int, pause: float = 0.0) -> bytes:
     return bytes(out)
 
 
+async def through(channel, client, buffers: list, n: int, pause: float = 0.0) -> bytes:
+    """send_everything(buffers) while the client reads `n` bytes and END: what it got."""
+    got = b""
+
+    async def read():
+        nonlocal got
+        got = await receive_exactly(client, n + len(END), pause)
+
+    with trio.fail_after(60):  # (a sender left with bytes nobody reads waits forever)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await send_everything(channel, buffers)
+    return got
+
+
 async def test_replies_arrive_whole_through_a_small_socket_buffer():
     channel, client = await pair(sndbuf=4096)
     # what the NBD server queues: headers, small and large payloads, memoryviews
@@ -85,14 +100,7 @@ async def test_replies_arrive_whole_through_a_small_socket_buffer():
             data = RNG.randbytes(size)
             buffers.append(memoryview(data) if i % 2 else data)
     want = b"".join(bytes(b) for b in buffers)
-    got = None
-    async with trio.open_nursery() as n:
-        async def read():
-            nonlocal got
-            got = await receive_exactly(client, len(want) + len(END), pause=0.0005)
-        n.start_soon(read)
-        await send_everything(channel, list(buffers))
-    assert got == want + END
+    assert await through(channel, client, list(buffers), len(want), pause=0.0005) == want + END
     assert channel.pending == 0
 
 
@@ -104,14 +112,7 @@ def test_any_batch_arrives_whole(sizes, sndbuf):
         channel, client = await pair(sndbuf=sndbuf)
         buffers = [RNG.randbytes(n) for n in sizes]
         want = b"".join(buffers)
-        got = b""
-        async with trio.open_nursery() as n:
-            async def read():
-                nonlocal got
-                got = await receive_exactly(client, len(want) + len(END))
-            n.start_soon(read)
-            await send_everything(channel, buffers)
-        assert got == want + END
+        assert await through(channel, client, buffers, len(want)) == want + END
     trio.run(main)
 
 
@@ -186,14 +187,8 @@ async def test_a_sendmsg_encrypts_a_bounded_amount_and_the_rest_follows():
     data = RNG.randbytes(4 << 20)
     first = channel.sendmsg([data])
     assert 0 < first <= SEND_MAX
-    got = b""
-    async with trio.open_nursery() as n:
-        async def read():
-            nonlocal got
-            got = await receive_exactly(client, len(data) + len(END))
-        n.start_soon(read)
-        await send_everything(channel, [memoryview(data)[first:]])
-    assert got == data + END
+    # (the client reads the first part too: it is on its way already)
+    assert await through(channel, client, [memoryview(data)[first:]], len(data)) == data + END
 
 
 async def test_the_stream_wrapper_carries_the_option_haggling():
