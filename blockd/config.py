@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nbd_frontend.handshake import TLS_MODES
-from nbd_frontend.tls import TLSConfigError, server_context
+from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import parse_size
@@ -127,15 +127,16 @@ class Config:
                     raise InvalidArgument(f"{source}: key {key!r}: set, but nbd_tls is "
                                           "off: set nbd_tls to on or require, or remove it")
             return None
-        if self.nbd_tls_ca and self.nbd_tls != "require":
-            raise InvalidArgument(f"{source}: key 'nbd_tls_ca': client certificates are "
-                                  "checked only with nbd_tls = require (with TLS optional, a "
-                                  "client in the clear would be served without one)")
         try:
-            return server_context(self.nbd_tls_cert, self.nbd_tls_key, self.nbd_tls_ca)
+            ctx = server_context(self.nbd_tls_cert, self.nbd_tls_key, self.nbd_tls_ca)
         except TLSConfigError as e:
             raise InvalidArgument(f"{source}: key 'nbd_tls_{e.which}': {e} "
                                   f"(nbd_tls is {self.nbd_tls})") from None
+        try:  # (the mode is known and there is a context: only a CA can be refused here)
+            check_tls(self.nbd_tls, ctx)
+        except ValueError as e:
+            raise InvalidArgument(f"{source}: key 'nbd_tls_ca': {e}") from None
+        return ctx
 
 
 _TYPES = {f.name: f.type for f in fields(Config)}

@@ -67,8 +67,8 @@ from nbd_frontend.errors import ProtocolError, to_nbd_errno
 from nbd_frontend.export import ExportProvider, MemoryProvider
 from nbd_frontend.handshake import (NEED_DATA, TLS_MODES, Aborted, ExportInfo, ExportQuery,
                                     ListQuery, Ready, ServerHandshake, StartTLS)
-from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, peer_name,
-                              server_context)
+from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, check_tls,
+                              peer_name, server_context)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.buffers import keepable
@@ -141,19 +141,6 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     task_status.started(actual)
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
                                        tls_context=tls_context), listeners)
-
-
-def check_tls(tls: str, context) -> None:
-    """ValueError unless `tls` and `context` go together: a mode of TLS_MODES, a context
-    unless off, and client certificates asked for only when TLS is required (with TLS
-    optional, a client that stays in the clear would be served without one)."""
-    if tls not in TLS_MODES:
-        raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
-    if tls != "off" and context is None:
-        raise ValueError(f"tls={tls!r} needs a TLS context")
-    if tls == "on" and context.verify_mode == ssl.CERT_REQUIRED:
-        raise ValueError("client certificates are checked only when TLS is required: "
-                         "with TLS optional, a client in the clear would be served without one")
 
 
 async def handle_connection(stream, provider: ExportProvider,
@@ -268,8 +255,7 @@ async def _start_tls(stream, context):
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await shake()
     except (ssl.SSLError, trio.BrokenResourceError, OSError) as exc:
-        log.warning("nbd TLS handshake failed, disconnecting: %s",
-                    exc.__cause__ or exc if isinstance(exc, trio.BrokenResourceError) else exc)
+        log.warning("nbd TLS handshake failed, disconnecting: %s", exc.__cause__ or exc)
         return None
     log.debug("nbd connection upgraded to %s (client certificate: %s)", session.version(),
               peer_name(session) or "none")
@@ -759,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="append", default=[], metavar="NAME=SIZE[:ro]",
                         help="an in-memory export, e.g. disk=64M (repeatable)")
     parser.add_argument("--listen", default="127.0.0.1:10809", metavar="HOST:PORT")
-    parser.add_argument("--tls", choices=("off", "on", "require"), default="off")
+    parser.add_argument("--tls", choices=TLS_MODES, default="off")
     parser.add_argument("--tls-cert", default="", metavar="PEM")
     parser.add_argument("--tls-key", default="", metavar="PEM")
     parser.add_argument("--tls-ca", default="", metavar="PEM",

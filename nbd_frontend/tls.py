@@ -23,7 +23,8 @@ import ssl
 
 import trio
 
-from vbp.sockets import nbytes, send_now
+from nbd_frontend.handshake import TLS_MODES
+from vbp.sockets import nbytes, receive_wait, send_all
 
 
 class TLSConfigError(ValueError):
@@ -74,6 +75,19 @@ def server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
                                  "ca") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def check_tls(tls: str, context) -> None:
+    """ValueError unless `tls` and `context` go together: a mode of TLS_MODES, a context
+    unless off, and client certificates asked for only when TLS is required (with TLS
+    optional, a client that stays in the clear would be served without one)."""
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    if tls != "off" and context is None:
+        raise ValueError(f"tls={tls!r} needs a TLS context")
+    if tls == "on" and context.verify_mode == ssl.CERT_REQUIRED:
+        raise ValueError("client certificates are checked only when TLS is required: "
+                         "with TLS optional, a client in the clear would be served without one")
 
 
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
@@ -238,16 +252,10 @@ class TLSChannel:
             await trio.lowlevel.wait_writable(self.sock)
 
     async def _fill(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(RECV_CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            if not data:
-                raise trio.BrokenResourceError("the client left during the TLS handshake")
-            self._in.write(data)
-            return
+        k = await receive_wait(self.sock, self._rbuf)
+        if not k:
+            raise trio.BrokenResourceError("the client left during the TLS handshake")
+        self._in.write(self._rview[:k])
 
     # --- for the logs ------------------------------------------------------------------------
     def version(self) -> str:
@@ -265,19 +273,14 @@ class TLSChannelStream:
         self.channel = channel
 
     async def send_all(self, data) -> None:
-        rest = send_now(self.channel, [data], nbytes(data))
-        while rest is not None:
-            await trio.lowlevel.wait_writable(self.channel.sock)
-            rest = send_now(self.channel, rest, -1)
+        await send_all(self.channel, [data], nbytes(data))
         await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         buf = bytearray(max_bytes)
-        while True:
-            try:
-                n = self.channel.recv_into(buf)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.channel.sock)
-                continue
-            await trio.lowlevel.checkpoint()
-            return bytes(buf[:n])
+        try:  # (what TLS decrypted already: the socket need not be readable for it)
+            n = self.channel.recv_into(buf)
+        except BlockingIOError:
+            n = await receive_wait(self.channel, buf)
+        await trio.lowlevel.checkpoint()
+        return bytes(buf[:n])

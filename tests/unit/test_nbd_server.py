@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nbd_frontend import proto, server
 from nbd_frontend.export import MemoryExport, MemoryProvider
 from nbd_frontend.server import serve_nbd
+from nbd_frontend.tls import check_tls
 from vbp.later import Later
 from tests.pieces import send_in_pieces
 from vbp.errors import LeaseHeld, NoSpace
@@ -526,14 +527,14 @@ def test_tls_settings_that_do_not_go_together_are_refused():
     checked = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     checked.verify_mode = ssl.CERT_REQUIRED
     with pytest.raises(ValueError, match="off, on, require"):
-        server.check_tls("yes", optional)
+        check_tls("yes", optional)
     with pytest.raises(ValueError, match="needs a TLS context"):
-        server.check_tls("require", None)
+        check_tls("require", None)
     with pytest.raises(ValueError, match="only when TLS is required"):
-        server.check_tls("on", checked)
-    server.check_tls("require", checked)
-    server.check_tls("on", optional)
-    server.check_tls("off", None)
+        check_tls("on", checked)
+    check_tls("require", checked)
+    check_tls("on", optional)
+    check_tls("off", None)
 
 
 async def test_idle_handshake_times_out(port, monkeypatch):
