@@ -84,13 +84,8 @@ def handshake(sock: socket.socket, size: int) -> bool:
             sock.sendall(OPT_REPLY.pack(REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
 
 
-def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
-    if checksums:
-        import xxhash
-        h = xxhash.xxh3_64_intdigest
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if not handshake(sock, size):
-        return
+def serve(sock: socket.socket, fd: int, h) -> None:
+    """Transmission, after the handshake; `h`: the page checksum, None without."""
     buf = bytearray(BUF)
     view = memoryview(buf)
     have = 0
@@ -110,7 +105,7 @@ def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
                     break
                 data = view[pos + REQ.size:pos + REQ.size + length]
                 pwrite(fd, data, offset)
-                if checksums:
+                if h is not None:
                     sums = [h(data[i:i + PAGE]) for i in range(0, length, PAGE)]
                 if flags & CMD_FLAG_FUA:
                     os.fdatasync(fd)
@@ -120,7 +115,7 @@ def serve(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
             pos += REQ.size
             if cmd == CMD_READ:
                 data = pread(fd, length, offset)
-                if checksums:
+                if h is not None:
                     sums = [h(data[i:i + PAGE]) for i in range(0, length, PAGE)]
                 out.append(pack(SIMPLE_REPLY_MAGIC, 0, handle))
                 out.append(data)
@@ -146,13 +141,8 @@ POOL_BUF, POOL_SIZE = 1 << 20, 32  # --threads: write payloads up to 1 MiB, 32 i
 STOP = None
 
 
-def serve_threads(sock: socket.socket, fd: int, size: int, checksums: bool) -> None:
-    if checksums:
-        import xxhash
-        h = xxhash.xxh3_64_intdigest
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if not handshake(sock, size):
-        return
+def serve_threads(sock: socket.socket, fd: int, h) -> None:
+    """Transmission, after the handshake; `h`: the page checksum, None without."""
     work, replies, pool = queue.SimpleQueue(), queue.SimpleQueue(), queue.SimpleQueue()
     for _ in range(POOL_SIZE):
         pool.put(bytearray(POOL_BUF))
@@ -170,7 +160,7 @@ def serve_threads(sock: socket.socket, fd: int, size: int, checksums: bool) -> N
             try:
                 if cmd == CMD_WRITE:
                     pwrite(fd, arg, offset)
-                    if checksums:
+                    if h is not None:
                         sums = [h(arg[i:i + PAGE]) for i in range(0, len(arg), PAGE)]
                     if flags & CMD_FLAG_FUA:
                         os.fdatasync(fd)
@@ -180,7 +170,7 @@ def serve_threads(sock: socket.socket, fd: int, size: int, checksums: bool) -> N
                         _send_all(sock, [pack(SIMPLE_REPLY_MAGIC, 0, handle)])
                 elif cmd == CMD_READ:
                     data = pread(fd, arg, offset)
-                    if checksums:
+                    if h is not None:
                         view = memoryview(data)
                         sums = [h(view[i:i + PAGE]) for i in range(0, arg, PAGE)]
                     replies.put([pack(SIMPLE_REPLY_MAGIC, 0, handle), data])
@@ -263,6 +253,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     fd = os.open(a.file, os.O_RDWR)
     size = os.fstat(fd).st_size
+    h = None
+    if a.checksums:
+        import xxhash
+        h = xxhash.xxh3_64_intdigest
     lsock = socket.create_server(("127.0.0.1", a.port), reuse_port=False)
     while True:
         conn, _ = lsock.accept()
@@ -270,7 +264,9 @@ def main(argv=None) -> int:
         def run(conn=conn):
             with conn:
                 try:
-                    (serve_threads if a.threads else serve)(conn, fd, size, a.checksums)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if handshake(conn, size):
+                        (serve_threads if a.threads else serve)(conn, fd, h)
                 except (ConnectionError, OSError):
                     pass
 
