@@ -282,7 +282,7 @@ class ServerHandshake:
             self._transition("abort")
             return Aborted("client sent NBD_OPT_ABORT")
         if option == proto.OPT_STARTTLS:
-            return self._starttls(data)
+            return self._starttls()
         if self._tls_needed():
             if option == proto.OPT_EXPORT_NAME:  # (it cannot be refused: hang up)
                 self._transition("tls_refused")
@@ -306,12 +306,11 @@ class ServerHandshake:
             return self._meta_context(option, data)
         return self._answer(option, proto.REP_ERR_UNSUP, f"option {option} unsupported")
 
-    def _starttls(self, data: bytes):
+    def _starttls(self):
+        # (no data: its payload limit of 0 sent a longer one through _skipped, ERR_INVALID)
         if self.tls == "off":
             return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_POLICY,
                                 "TLS is not configured")
-        if data:  # (the payload limit of 0 sends a longer one through _skipped)
-            return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_INVALID, "takes no data")
         if self.tls_active:
             return self._answer(proto.OPT_STARTTLS, proto.REP_ERR_INVALID,
                                 "TLS is already in use")
