@@ -95,8 +95,8 @@ def loadavg() -> str:
 
 
 def tcp_congestion() -> str:
-    """The host's TCP congestion control: every reference's connections and vbp's NBD
-    connections use it (blockd's default), and it moves large transfers a lot."""
+    """The host's TCP congestion control: every reference's connections use it, and it
+    moves large transfers a lot (vbp's NBD connections from this host use cubic)."""
     try:
         with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
             return f.read().strip()

@@ -90,14 +90,22 @@ def headline(wl: str) -> str:
 
 
 def _congestion_note(meta: dict) -> str:
-    """The host's TCP congestion control, which every NBD connection uses (runs before it
-    was recorded say nothing). It moves large transfers a lot: nbdkit read 1 MiB requests
-    at 2,922 MiB/s under bbr and 4,463 under cubic on the same machine."""
+    """The host's TCP congestion control, which the references' NBD connections use (runs
+    before it was recorded say nothing). It moves large transfers a lot: nbdkit read 1 MiB
+    requests at 2,922 MiB/s under bbr and 4,463 under cubic on the same machine. vbp's
+    connections from fio (on this host) get cubic, blockd's default for local clients: with
+    another host default, the ratios of large transfers compare unlike settings, and the
+    note says so."""
     cc = meta.get("tcp_congestion")
     if not cc:
         return ""
-    return (f" TCP congestion control of the host: {cc}, used by every NBD connection; vbp's "
-            "peer links use blockd's peer_tcp_congestion (cubic by default).")
+    note = (f" TCP congestion control of the host: {cc}, used by the references' NBD "
+            "connections; vbp's NBD connections from this host use cubic (blockd's default "
+            "for local clients) and its peer links peer_tcp_congestion (cubic by default).")
+    if cc != "cubic":
+        note += (f" So vbp's large transfers run under cubic and the references' under {cc}: "
+                 "set net.ipv4.tcp_congestion_control to cubic to compare like with like.")
+    return note
 
 
 def markdown(result: dict) -> str:

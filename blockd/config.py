@@ -20,6 +20,8 @@ from vbp.layout import parse_size
 from vbp.sockets import congestion_problem
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
+AUTO = "auto"  # nbd_tcp_congestion's default (Config.nbd_congestion)
+LOCAL_NBD_CONGESTION = "cubic"  # of NBD connections from this host unless the config says
 PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
 
 
@@ -64,7 +66,9 @@ class Config:
     # replicated writes); "": the system's. Unset: cubic if this process may use it, else
     # the system's
     peer_tcp_congestion: str | None = None
-    nbd_tcp_congestion: str = ""  # of the NBD connections; "": the system's
+    # of the NBD connections; "": the system's. "auto": the system's, except cubic (if this
+    # process may use it) for clients on this host (nbd_congestion)
+    nbd_tcp_congestion: str = AUTO
     # TLS on the NBD port (NBD_OPT_STARTTLS): "off", "on" (clients choose) or "require";
     # the server's PEM certificate chain and key, and a CA whose signature client
     # certificates must carry ("": any client, no certificate asked)
@@ -109,11 +113,24 @@ class Config:
         if self.peer_tcp_congestion is None:  # (a default that never stops a start)
             self.peer_tcp_congestion = "" if congestion_problem(PEER_CONGESTION) else PEER_CONGESTION
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
+            if getattr(self, key) == AUTO:  # (nbd_tcp_congestion's default: nbd_congestion)
+                continue
             problem = congestion_problem(getattr(self, key))
             if problem:
                 raise InvalidArgument(f"{source}: key {key!r}: {problem}")
         self.tls_context(source)  # (refused now, not at the first client)
         return self
+
+    def nbd_congestion(self) -> tuple[str, str]:
+        """(congestion control of the NBD connections, that of those from this host: "" when
+        no other). A name (or "") in nbd_tcp_congestion is both. With "auto", the default,
+        the connections keep the system's choice, but those from this host get cubic: a
+        hypervisor attaching to its own host has no network to share, and BBR, a common
+        default, paces every connection with timers (when the interface's qdisc is not fq),
+        which on loopback only costs CPU."""
+        if self.nbd_tcp_congestion != AUTO:
+            return self.nbd_tcp_congestion, ""
+        return "", "" if congestion_problem(LOCAL_NBD_CONGESTION) else LOCAL_NBD_CONGESTION
 
     def tls_context(self, source: str = "config"):
         """The NBD port's ssl.SSLContext, None with nbd_tls off; InvalidArgument naming

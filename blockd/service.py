@@ -530,9 +530,10 @@ class Blockd:
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev,
                     congestion=cfg.peer_tcp_congestion))
+                nbd_cc, nbd_local_cc = cfg.nbd_congestion()
                 self.nbd_port = await nursery.start(functools.partial(
                     serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
-                    congestion=cfg.nbd_tcp_congestion, tls=cfg.nbd_tls,
+                    congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
                     tls_context=cfg.tls_context()))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(

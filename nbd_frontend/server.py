@@ -78,7 +78,8 @@ from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import apply_congestion, nbytes, plain_socket, receive_wait, send_now
+from vbp.sockets import (apply_congestion, nbytes, plain_socket, receive_wait, same_host,
+                         send_now)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -120,12 +121,14 @@ def export_info(export) -> ExportInfo:
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
-                    tls: str = "off", tls_context=None,
+                    local_congestion: str = "", tls: str = "off", tls_context=None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
     `ids`: where request ids come from (none without it). `congestion`: the TCP
-    congestion control of the connections ("": the system's; vbp.sockets.set_congestion).
+    congestion control of the connections ("": the system's; vbp.sockets.set_congestion);
+    `local_congestion`, if set, that of the connections from this host (a hypervisor
+    attaching here: vbp.sockets.same_host) instead.
     `tls`: "off", "on" (clients may upgrade) or "require", with `tls_context` the server's
     ssl.SSLContext (nbd_frontend.tls.server_context).
     With port 0, give an IP address: a name resolving to several addresses would get a
@@ -140,15 +143,21 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
-                                       tls_context=tls_context), listeners)
+                                       tls_context=tls_context,
+                                       local_congestion=local_congestion), listeners)
 
 
 async def handle_connection(stream, provider: ExportProvider,
                             ids: RequestIds | None = None, tls: str = "off",
-                            tls_context=None) -> None:
+                            tls_context=None, local_congestion: str = "") -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
-    the client chose is closed when the connection ends, however it ends."""
+    the client chose is closed when the connection ends, however it ends.
+    `local_congestion`: serve_nbd's."""
     held: list = []  # the export opened for this connection, once there is one
+    if local_congestion:
+        sock = getattr(stream, "socket", None)
+        if sock is not None and same_host(sock):
+            apply_congestion(sock, local_congestion, "nbd connection from this host")
     try:
         result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:

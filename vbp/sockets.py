@@ -27,6 +27,7 @@ transmission in the server's process.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import re
 import socket
@@ -125,6 +126,26 @@ def apply_congestion(sock, name: str, what: str) -> None:
         set_congestion(sock, name)
     except OSError as exc:
         log.warning("%s: congestion control %r not set: %s", what, name, exc)
+
+
+def same_host(sock) -> bool:
+    """Whether the other end of connected TCP socket `sock` is on this host: a loopback
+    address, or the very address the connection came in on (Linux carries both over lo)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        peer = sock.getpeername()[0]
+        local = sock.getsockname()[0]
+    except OSError:  # (no longer connected)
+        return False
+    if peer == local:
+        return True
+    try:
+        addr = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
 
 
 def congestion_problem(name) -> str | None:

@@ -101,10 +101,11 @@ class Net:
             ip("link", "del", self.bridge, check=False)
         self.namespaces, self.veths, self.bridge_made = [], [], False
 
-    def connect(self, i: int, port: int, timeout: float = 30) -> socket.socket:
+    def connect(self, i: int, port: int, timeout: float = 30, to: str | None = None) -> socket.socket:
         """A TCP connection made from INSIDE host i's namespace to host i's address: a
         client on the same machine as the host, which a cut of the host's link leaves
-        connected (like a hypervisor's NBD client next to its gateway)."""
+        connected (like a hypervisor's NBD client next to its gateway). `to`: another
+        address instead (the root namespace's, root_addr: a client on another machine)."""
         out: dict = {}
 
         def run() -> None:
@@ -116,7 +117,7 @@ class Net:
                         raise OSError(ctypes.get_errno(), f"setns {self.ns(i)}")
                 finally:
                     os.close(fd)
-                out["sock"] = socket.create_connection((self.addr(i), port), timeout=timeout)
+                out["sock"] = socket.create_connection((to or self.addr(i), port), timeout=timeout)
             except BaseException as e:  # handed to the caller
                 out["error"] = e
 

@@ -105,9 +105,15 @@ def test_the_peer_default_is_cubic_and_an_empty_setting_keeps_the_system_choice(
     from blockd.config import load
 
     need_keys = {"host_id": "h1", "data_dir": str(tmp_path), "registry": f"lmdb://{tmp_path}"}
-    assert load(None, need_keys).peer_tcp_congestion == "cubic"  # (root may use any)
-    cfg = load(None, need_keys | {"peer_tcp_congestion": ""})
-    assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "")
+    cfg = load(None, need_keys)
+    assert cfg.peer_tcp_congestion == "cubic"  # (root may use any)
+    # NBD: the system's, but cubic for clients on this host
+    assert cfg.nbd_tcp_congestion == "auto" and cfg.nbd_congestion() == ("", "cubic")
+    assert load(None, need_keys | {"nbd_tcp_congestion": "auto"}).nbd_congestion() == ("", "cubic")
+    cfg = load(None, need_keys | {"peer_tcp_congestion": "", "nbd_tcp_congestion": ""})
+    assert (cfg.peer_tcp_congestion, cfg.nbd_congestion()) == ("", ("", ""))
+    cfg = load(None, need_keys | {"nbd_tcp_congestion": WANTED})  # every client alike
+    assert cfg.nbd_congestion() == (WANTED, "")
 
 
 @pytest.mark.parametrize("name", ["", "reno", "cubic"])
@@ -188,6 +194,90 @@ async def test_nbd_connections_use_the_configured_congestion_control(configured)
         nursery.cancel_scope.cancel()
 
 
+async def test_nbd_connections_from_this_host_get_the_local_congestion_control():
+    from nbd_frontend.export import MemoryProvider
+
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_nbd(
+            provider, "127.0.0.1", 0, local_congestion=WANTED, task_status=task_status))
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await client.receive_some(8) == b"NBDMAGIC"
+        view = await trio.to_thread.run_sync(kernel_view, port)
+        assert ends_at(view, port) == ([WANTED], [system_default()]), view
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_same_host_tells_a_local_client_from_a_remote_one():
+    """Over a real link (a network namespace joined by a veth pair, as in the partition
+    tests): a client in the other namespace is not on this host; one on loopback, or on
+    this host connecting to its own bridge address, is."""
+    from tests.faults.netns import Net
+
+    net = Net(1).up()
+    try:
+        with socket.socket() as listener:
+            listener.bind(("0.0.0.0", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            remote = net.connect(0, port, to=net.root_addr)
+            local = socket.create_connection(("127.0.0.1", port))
+            own = socket.create_connection((net.root_addr, port))
+            with remote, local, own:
+                ends = [listener.accept()[0] for _ in range(3)]
+                try:
+                    from vbp.sockets import same_host
+
+                    by_peer = {e.getpeername()[0]: same_host(e) for e in ends}
+                    assert by_peer == {net.addr(0): False, "127.0.0.1": True,
+                                       net.root_addr: True}, by_peer
+                finally:
+                    for e in ends:
+                        e.close()
+    finally:
+        net.close()
+    a, b = socket.socketpair()
+    with a, b:
+        from vbp.sockets import same_host
+
+        assert not same_host(a)  # (not an IP socket)
+
+
+def test_only_nbd_clients_on_this_host_get_the_local_congestion_control():
+    """serve_nbd with local_congestion, a client in another network namespace (another
+    machine, as far as the kernel can tell) and one on loopback: only the second's server
+    end gets it; the first keeps the system's."""
+    from nbd_frontend.export import MemoryProvider
+    from tests.faults.netns import Net
+
+    assert system_default() != WANTED  # (else a kept default would pass for a set one)
+    net = Net(1).up()
+    try:
+        async def main() -> None:
+            provider = MemoryProvider()
+            provider.add("disk", 1 << 20)
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(lambda task_status: serve_nbd(
+                    provider, "0.0.0.0", 0, local_congestion=WANTED, task_status=task_status))
+                remote = await trio.to_thread.run_sync(
+                    lambda: net.connect(0, port, to=net.root_addr))
+                local = socket.create_connection(("127.0.0.1", port))
+                with remote, local:
+                    for s in (remote, local):  # both served: the greeting arrived
+                        assert await trio.to_thread.run_sync(s.recv, 8) == b"NBDMAGIC"
+                    view = await trio.to_thread.run_sync(kernel_view, port)
+                    mine = {peer: cc for (lport, peer), cc in view.items() if lport == port}
+                    assert mine == {remote.getsockname()[1]: system_default(),
+                                    local.getsockname()[1]: WANTED}, view
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        net.close()
+
+
 # --- blockd ------------------------------------------------------------------------------
 
 
@@ -217,7 +307,7 @@ def test_blockd_links_and_nbd_connections_follow_its_config(tmp_path):
         sb.down()
 
 
-def test_blockd_peer_links_use_cubic_by_default(sandbox):
+def test_blockd_peer_links_and_local_nbd_clients_use_cubic_by_default(sandbox):
     import nbd
 
     sandbox.vbp("volume", "create", "cc3", "--size", "4M", "--replicas", "3", "--chunk-size", "1M")
@@ -228,8 +318,9 @@ def test_blockd_peer_links_use_cubic_by_default(sandbox):
         view = kernel_view(host["peer_port"])
         servers, clients = ends_at(view, host["peer_port"])
         assert servers and set(servers) == {"cubic"} and set(clients) == {"cubic"}, view
+    # libnbd connects over loopback: a client on this host, whose connection gets cubic
     view = kernel_view(sandbox.info["hosts"][0]["nbd_port"])
-    assert ends_at(view, sandbox.info["hosts"][0]["nbd_port"])[0] == [system_default()], view
+    assert ends_at(view, sandbox.info["hosts"][0]["nbd_port"])[0] == ["cubic"], view
     h.shutdown()
 
 
