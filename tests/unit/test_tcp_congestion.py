@@ -174,38 +174,26 @@ async def test_listeners_whose_congestion_control_fails_still_serve(caplog):
         assert any(f"{who}: congestion control 'no_such_cc' not set" in x for x in said), said
 
 
-@pytest.mark.parametrize("configured", [WANTED, ""])
-async def test_nbd_connections_use_the_configured_congestion_control(configured):
+@pytest.mark.parametrize("configured, local, expected", [
+    (WANTED, "", WANTED), ("", "", None), ("", WANTED, WANTED), ("cubic", WANTED, WANTED)])
+async def test_nbd_connections_use_the_configured_congestion_control(configured, local, expected):
+    """`local` (local_congestion), when set, wins for this loopback client over `configured`
+    (congestion, the listener's); None: the system's."""
     from nbd_frontend.export import MemoryProvider
 
     provider = MemoryProvider()
     provider.add("disk", 1 << 20)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(lambda task_status: serve_nbd(
-            provider, "127.0.0.1", 0, congestion=configured, task_status=task_status))
+            provider, "127.0.0.1", 0, congestion=configured, local_congestion=local,
+            task_status=task_status))
         client = await trio.open_tcp_stream("127.0.0.1", port)
         assert await client.receive_some(8) == b"NBDMAGIC"  # accepted and served
         view = await trio.to_thread.run_sync(kernel_view, port)
         servers, clients = ends_at(view, port)
         # the client's end is the client's business: only the server's end is blockd's
-        assert servers == [configured or system_default()], view
+        assert servers == [expected or system_default()], view
         assert clients == [system_default()], view
-        await client.aclose()
-        nursery.cancel_scope.cancel()
-
-
-async def test_nbd_connections_from_this_host_get_the_local_congestion_control():
-    from nbd_frontend.export import MemoryProvider
-
-    provider = MemoryProvider()
-    provider.add("disk", 1 << 20)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve_nbd(
-            provider, "127.0.0.1", 0, local_congestion=WANTED, task_status=task_status))
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        assert await client.receive_some(8) == b"NBDMAGIC"
-        view = await trio.to_thread.run_sync(kernel_view, port)
-        assert ends_at(view, port) == ([WANTED], [system_default()]), view
         await client.aclose()
         nursery.cancel_scope.cancel()
 
