@@ -154,11 +154,11 @@ async def handle_connection(stream, provider: ExportProvider,
     the client chose is closed when the connection ends, however it ends.
     `local_congestion`: serve_nbd's."""
     held: list = []  # the export opened for this connection, once there is one
-    if local_congestion:
-        sock = getattr(stream, "socket", None)
-        if sock is not None and same_host(sock):
-            apply_congestion(sock, local_congestion, "nbd connection from this host")
     try:
+        if local_congestion:
+            sock = getattr(stream, "socket", None)
+            if sock is not None and same_host(sock):
+                apply_congestion(sock, local_congestion, "nbd connection from this host")
         result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
