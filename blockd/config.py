@@ -113,8 +113,8 @@ class Config:
         if self.peer_tcp_congestion is None:  # (a default that never stops a start)
             self.peer_tcp_congestion = "" if congestion_problem(PEER_CONGESTION) else PEER_CONGESTION
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
-            if getattr(self, key) == AUTO:  # (nbd_tcp_congestion's default: nbd_congestion)
-                continue
+            if key == "nbd_tcp_congestion" and self.nbd_tcp_congestion == AUTO:
+                continue  # (its default, resolved by nbd_congestion; no name of the kernel's)
             problem = congestion_problem(getattr(self, key))
             if problem:
                 raise InvalidArgument(f"{source}: key {key!r}: {problem}")

@@ -241,6 +241,7 @@ BAD_VALUES = [
     ("peer_tcp_congestion", '"no_such_cc"', r"not available on this kernel"),
     ("nbd_tcp_congestion", '"a b"', r"not a congestion control name"),
     ("peer_tcp_congestion", "3", r"string"),
+    ("peer_tcp_congestion", '"auto"', r"not available on this kernel"),  # (nbd's word only)
     ("nbd_tls", '"yes"', r"off, on or require"),
     ("nbd_tls", '"require"', r"certificate is needed"),
     ("nbd_tls_cert", f'"{TLS}/server.pem"', r"nbd_tls is off"),
