@@ -111,7 +111,7 @@ class Config:
         if self.log_format not in ("kv", "json"):
             raise InvalidArgument(f"{source}: key 'log_format': must be kv or json")
         if self.peer_tcp_congestion is None:  # (a default that never stops a start)
-            self.peer_tcp_congestion = "" if congestion_problem(PEER_CONGESTION) else PEER_CONGESTION
+            self.peer_tcp_congestion = _usable_or_system(PEER_CONGESTION)
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
             if key == "nbd_tcp_congestion" and self.nbd_tcp_congestion == AUTO:
                 continue  # (its default, resolved by nbd_congestion; no name of the kernel's)
@@ -130,7 +130,7 @@ class Config:
         which on loopback only costs CPU."""
         if self.nbd_tcp_congestion != AUTO:
             return self.nbd_tcp_congestion, ""
-        return "", "" if congestion_problem(LOCAL_NBD_CONGESTION) else LOCAL_NBD_CONGESTION
+        return "", _usable_or_system(LOCAL_NBD_CONGESTION)
 
     def tls_context(self, source: str = "config"):
         """The NBD port's ssl.SSLContext, None with nbd_tls off; InvalidArgument naming
@@ -154,6 +154,12 @@ class Config:
         except ValueError as e:
             raise InvalidArgument(f"{source}: key 'nbd_tls_ca': {e}") from None
         return ctx
+
+
+def _usable_or_system(name: str) -> str:
+    """Congestion control `name` if this process may give it to a socket, else "" (the
+    system's): for defaults, which never stop a start."""
+    return "" if congestion_problem(name) else name
 
 
 _TYPES = {f.name: f.type for f in fields(Config)}
