@@ -2,7 +2,7 @@
 side in one run, with fio's nbd engine and nbdcopy. See bench/harness.py for the method and
 bench/results/latest.md for the last committed run.
 
-    python -m bench                          # the full run: 4 targets, 10 workloads, 3 rounds
+    python -m bench                          # the full run: 4 targets, 11 workloads, 3 rounds
     python -m bench --quick                  # a few seconds per target, 64 MiB volumes
     python -m bench --workloads randwrite-4k-qd32 --targets qemu-nbd,vbp-r1 --rounds 5
     python -m bench --profile randwrite-4k-qd32   # py-spy flame graph of the gateway blockd

@@ -152,6 +152,16 @@ def markdown(result: dict) -> str:
             lines.append(f"| {wl} | {t} | {_f(rec.get('iops'))} | {_f(rec.get('mib_s'), 1)} | "
                          f"{_f(rec.get('p50_us'), 1)} | {_f(rec.get('p99_us'), 1)} | {cpu_s} |")
     lines.append("")
+    beside = [(wl, t, rec) for wl, per in med.items() for t in targets
+              if (rec := per.get(t)) and rec.get("p999_us") is not None]
+    if beside:
+        lines += ["## A reader beside another connection's writes and flushes (medians)", "",
+                  "| workload | target | reader p99 µs | reader p99.9 µs | writer MiB/s | "
+                  "writer's flush p99 µs |", "|---|---|---|---|---|---|"]
+        for wl, t, rec in beside:
+            lines.append(f"| {wl} | {t} | {_f(rec.get('p99_us'), 1)} | {_f(rec.get('p999_us'), 1)} | "
+                         f"{_f(rec.get('beside_mib_s'), 1)} | {_f(rec.get('beside_sync_p99_us'), 1)} |")
+        lines.append("")
     if result.get("goals"):
         lines += ["## Goals (issue 10; reported, not asserted)", "",
                   "| goal | measured | status |", "|---|---|---|"]

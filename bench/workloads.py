@@ -7,7 +7,11 @@ against every target, and the parsing of their results into one flat record:
 Latencies are fio completion latencies (clat). For the mixed job they are the reads';
 the writes' are kept as "w_p50_us"/"w_p99_us". For the fsync job each write is followed by
 an NBD flush (fio `fsync=1`), so IOPS counts write+flush pairs and "sync_p99_us" is the
-flush latency.
+flush latency. A workload with a job `beside` runs it at the same time on a connection of
+its own to the same export; the record is the first job's (with its "p999_us"), and
+"beside_mib_s"/"beside_sync_p99_us" say what the other did: read-beside-flush measures
+how a large flush elsewhere holds up a reader (a server that syncs on its only thread
+stops answering it for the whole writeback).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Workload:
     fio: tuple[str, ...] = ()
     copy: str = ""  # nbdcopy direction: "out" (volume -> null:) or "in" (file -> volume)
     headline: str = "iops"  # the metric goals and plots use: "iops" or "mib_s"
+    beside: tuple[str, ...] = ()  # a second fio job, at the same time on its own connection
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -48,6 +53,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              fio=("--rw=write", "--bs=1m", "--iodepth=8")),
     Workload("randrw-4k-qd32", "4K random 70/30 read/write QD32",
              fio=("--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32")),
+    Workload("read-beside-flush", "4K random read QD8 beside 1M writes flushed every 64 MiB",
+             fio=("--rw=randread", "--bs=4k", "--iodepth=8"),
+             beside=("--rw=write", "--bs=1m", "--iodepth=1", "--fsync=64", "--rate=200m")),
     Workload("copy-out", "nbdcopy volume -> null:", tool="nbdcopy", copy="out", headline="mib_s"),
     Workload("copy-in", "nbdcopy file -> volume", tool="nbdcopy", copy="in", headline="mib_s"),
 ]}
@@ -73,9 +81,12 @@ class JobContext:
 
 
 def fio_command(w: Workload, uri: str, size: int, runtime: float, output: Path) -> list[str]:
-    return ["fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
-            "--time_based", f"--runtime={runtime:g}", "--randrepeat=0", "--norandommap",
-            "--output-format=json", f"--output={output}", *w.fio]
+    job = ["--ioengine=nbd", f"--uri={uri}", f"--size={size}", "--time_based",
+           f"--runtime={runtime:g}", "--randrepeat=0", "--norandommap"]
+    cmd = ["fio", "--output-format=json", f"--output={output}", f"--name={w.name}", *job, *w.fio]
+    if w.beside:
+        cmd += ["--name=beside", *job, *w.beside]
+    return cmd
 
 
 def _lat(side: dict, key: str, pct: str) -> float | None:
@@ -105,6 +116,13 @@ def parse_fio(doc: dict) -> dict:
     sync = job.get("sync", {})
     if sync.get("total_ios"):
         rec["sync_p99_us"] = _lat(sync, "lat_ns", "99.000000")
+    if len(doc["jobs"]) > 1:  # a job beside: its figures apart, the first job's tail
+        other = doc["jobs"][1]
+        if other.get("error"):
+            raise RunError(f"fio job {other.get('jobname')} failed with error {other['error']}")
+        rec["p999_us"] = _lat(main, "clat_ns", "99.900000")
+        rec["beside_mib_s"] = (other["read"]["bw_bytes"] + other["write"]["bw_bytes"]) / MiB
+        rec["beside_sync_p99_us"] = _lat(other.get("sync", {}), "lat_ns", "99.000000")
     return rec
 
 

@@ -32,7 +32,7 @@ from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
-from vbp.chunkstore import ChunkStore
+from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
 from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
@@ -316,15 +316,32 @@ class VolumeProvider:
         if gw.read_only:  # unpublish now rather than at the next heartbeat
             self.service.nursery.start_soon(self._republish)
         lease = self.leases.pop(export, None)
+        store = self.service.store
+        ahead = store.sync_ahead()
+        if ahead is not None:  # much to write back: not on the event loop
+            self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, ahead)
+            return None
         try:
-            self.service.store.flush()
+            store.flush()
         except Exception:  # the store flush failing is logged; the lease still goes
             log.exception("volume=%s event=close_flush_failed", export)
+        self._let_go(lease, gw)
+        return None
+
+    async def _flush_and_let_go(self, export: str, lease, gw: VolumeGateway, ahead) -> None:
+        # shielded as _release is: a shutdown closes the connections while cancelling
+        with trio.CancelScope(shield=True):
+            try:
+                await flush_store(self.service.store, ahead)
+            except Exception:
+                log.exception("volume=%s event=close_flush_failed", export)
+        self._let_go(lease, gw)
+
+    def _let_go(self, lease, gw: VolumeGateway) -> None:
         if lease is not None:
             self.service.nursery.start_soon(self._release, lease, gw)
         elif gw.suspects or gw.unrecorded:
             self.unsettled.append((gw, None))
-        return None
 
     async def _release(self, lease, gw: VolumeGateway | None = None) -> None:
         # shielded: on shutdown the connections close while the nursery is cancelled, and
@@ -687,7 +704,7 @@ class Blockd:
         with trio.move_on_after(timeout):
             while any(gw._inflight for gw in self.provider.gateways.values()):
                 await trio.sleep(0.01)
-        self.store.flush()
+        await flush_store(self.store)
 
     async def refresh_map(self) -> None:
         cmap = await self.registry.cluster_map()

@@ -60,6 +60,7 @@ import trio
 
 from replicator import messages as m
 from vbp.buffers import keepable
+from vbp.chunkstore import flush_store
 from vbp.cluster import HOST_UP, ClusterMap
 from vbp.errors import (
     BelowMinSize,
@@ -1157,8 +1158,15 @@ class VolumeGateway:
 
     async def _send_once(self, host: str, msg):
         if host == self.host_id:
-            return self.replica.handle(msg)
+            return await self._handle_here(msg)
         return await self._call(host, msg)
+
+    async def _handle_here(self, msg):
+        """The local replica's answer to `msg` (a Flush's may be an awaitable)."""
+        reply = self.replica.handle(msg)
+        if hasattr(reply, "__await__"):
+            reply = await reply
+        return reply
 
     async def _call(self, host: str, msg):
         """`msg` to a remote host, without the request id if its decoder predates it."""
@@ -1180,16 +1188,19 @@ class VolumeGateway:
         prev = self._flushing
         if prev is not None and prev.done.is_set():
             prev = self._flushing = None
-        if set(hosts) <= {self.host_id} and prev is None:
-            self.store.flush()
+        local = set(hosts) <= {self.host_id}
+        ahead = self.store.sync_ahead() if local else None
+        if local and prev is None and ahead is None:
+            self.store.flush()  # (little to write back: no thread, no task)
             return None
         mine = self._flushing = _Flush()
-        return self._flush_after(prev, mine, hosts, sent_at)
+        return self._flush_after(prev, mine, hosts, sent_at, ahead)
 
-    async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at) -> None:
+    async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at,
+                           ahead=None) -> None:
         try:
             if set(hosts) <= {self.host_id}:
-                self.store.flush()
+                await flush_store(self.store, ahead)
             else:
                 await self._flush_replicated(hosts, sent_at)
             if prev is not None:
@@ -1287,7 +1298,7 @@ class VolumeGateway:
         self.pool.queue_all(addresses, msg, on_replies, checked=True)  # (_ready_peers)
         again = []
         try:
-            self.replica.handle(msg)
+            await self._handle_here(msg)
         except StaleEpoch:
             again.append(self.host_id)
         except VbpError as e:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import trio
 
 from replicator import messages as m
+from vbp.chunkstore import flush_store
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
@@ -271,7 +272,7 @@ class Resync:
             # power loss after the clear would otherwise take bytes no flush of a client
             # covers (the gateway flushes the writes it sent), and this copy, recorded stale
             # again by its crash recovery, might be the one an all-stale election picks.
-            self.store.flush()
+            await flush_store(self.store)
             if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
                 if rep is not None and key in rep.refused:
                     # a generation this resync never compared is missing here (the gateway's

@@ -21,6 +21,10 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   the same write may still be on its way to another replica; resync must not overwrite
   those bytes here from that one until the write has landed there or failed
   (replicator/recovery.py, which also forgets entries older than its window).
+- A Flush with much to write back answers with an awaitable (the peer server runs it in
+  a task): the bulk of the writeback happens in a worker thread first (flush_store), so one
+  volume's flush does not stall this host's event loop, and with it every request of every
+  volume it serves. A small one is answered at once, one fdatasync on the loop.
 - Logs: a refused or failed client request is one line (warning; info for the transient
   refusals a gateway retries or routes around), an applied one a debug line; both carry the
   request's id (vbp.reqid) when set, so the gateway's line and the replica's line about one
@@ -40,6 +44,7 @@ import trio
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
 from vbp.errors import Fenced, PeerUnavailable, StaleEpoch, VbpError
+from vbp.chunkstore import flush_store
 from vbp.layout import ChunkKey
 
 log = logging.getLogger("vbp.replica")
@@ -233,9 +238,16 @@ class Replica:
             key, offset, length, chunk_size=chunk_size, base=base, version=version or None, fua=fua
         )
 
-    def flush(self, volume: str, epoch: int, token: int) -> None:
-        self.check_token(volume, token)
-        self.store.flush()
+    async def _flushed(self, msg: m.Flush, peer: str | None, ahead) -> m.Ok:
+        try:
+            await flush_store(self.store, ahead)
+        except VbpError as e:
+            self._refused(msg, e, peer)
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("volume=%s chunk=- op=flush event=applied gateway=%s", msg.volume,
+                      peer or self.host_id)
+        return m.Ok(0)
 
     def extents(self, lineage: str, index: int, chain, offset: int, length: int):
         gen = self.store.resolve(lineage, index, chain)
@@ -246,21 +258,31 @@ class Replica:
     # --- the peer protocol entry point --------------------------------------------------
 
     def handle(self, msg, peer: str | None = None):
-        """Answer one peer message (synchronously). Errors propagate and become Error replies."""
+        """Answer one peer message: the reply, or for a Flush with much to write back an
+        awaitable of it (its token checked here, the sync under way when awaited). Errors
+        propagate and become Error replies."""
         try:
+            if type(msg) is m.Flush:
+                self.check_token(msg.volume, msg.token)
+                ahead = self.store.sync_ahead()
+                if ahead is not None:
+                    return self._flushed(msg, peer, ahead)
             reply = self._handle(msg)
         except VbpError as e:
-            op = _OPS.get(type(msg))
-            if op is not None:
-                log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
-                        "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
-                        getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
-                        peer or self.host_id, type(e).__name__, e)
+            self._refused(msg, e, peer)
             raise
         if type(msg) in _OPS and log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s", getattr(msg, "volume", "-"),
                       getattr(msg, "index", "-"), _OPS[type(msg)], peer or self.host_id)
         return reply
+
+    def _refused(self, msg, e: VbpError, peer: str | None) -> None:
+        op = _OPS.get(type(msg))
+        if op is not None:
+            log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
+                    "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
+                    getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
+                    peer or self.host_id, type(e).__name__, e)
 
     def _handle(self, msg):
         if isinstance(msg, m.WriteChunk):
@@ -275,8 +297,8 @@ class Replica:
             v = self.zero(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
                           msg.length, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
             return m.new_ok(v, self.is_stale(msg.lineage, msg.index))
-        if isinstance(msg, m.Flush):
-            self.flush(msg.volume, msg.epoch, msg.token)
+        if isinstance(msg, m.Flush):  # (little to write back: handle checked the token)
+            self.store.flush()
             return m.Ok(0)
         if isinstance(msg, m.ChunkState):
             self._check_backfilled()

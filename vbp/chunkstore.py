@@ -35,6 +35,11 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   acknowledges stay unpersisted (`Chunk.saved` is the persisted one), which the recovery
   rule below allows as long as no chunk runs VERSION_SLACK versions past its persisted
   one; a flush that would let one do so commits;
+- before a flush with much to write back (SYNC_AHEAD_MIN), from a worker thread
+  (sync_ahead, flush_store): fdatasync of the same files through descriptors of their own,
+  so the writeback does not hold up the event loop. It promises nothing: the flush that
+  follows on the loop still syncs, through the store's descriptors (which a writeback
+  error reaches as well, errseq), before it claims anything durable;
 - at fua: fdatasync; the chunk stays marked, so, as for a flush that clears no mark, its
   version and checksums need not be durable. A copy-up (FRESH) or a version run
   VERSION_SLACK past its persisted one also gets an msync of its checksums and one
@@ -100,10 +105,11 @@ from array import array
 from itertools import repeat
 from operator import getitem
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lmdb
 import msgpack
+import trio
 from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore_common import (
@@ -112,7 +118,7 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
-    pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, WRITE_PIECE,
+    pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, sync_paths, WRITE_PIECE,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
@@ -127,6 +133,14 @@ HOT_MAX = 256
 # A flush makes the checksums of the chunks it marks clean durable one chunk at a time
 # (an msync of the chunk's part of the sidecar) up to this many per space, else all at once.
 SUMS_SYNC_EACH = 8
+
+# A flush syncs ahead in a worker thread (sync_ahead) once this many bytes were written
+# since the last one. Below it the writeback is short, and the hop to a thread and back
+# would cost more than it spares: a small flush (a guest's fsync, the fio job that flushes
+# after each 4 KiB write) stays one fdatasync on the loop, as fast as before.
+SYNC_AHEAD_MIN = 1 << 20
+# ... and again, for what was written meanwhile, at most this many times in all per flush
+AHEAD_ROUNDS = 3
 
 # The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
 FRESH = b"c"
@@ -171,6 +185,24 @@ def _page_sums(buf, start: int = 0, end: int | None = None) -> list[int]:
     return sums
 
 
+async def flush_store(store, ahead: Callable[[], None] | None = None) -> None:
+    """store.flush() without holding up the event loop for the writeback: the bulk of it
+    first in a worker thread (ChunkStore.sync_ahead; `ahead`, one the caller took
+    already), then the flush itself on the loop, which syncs what was written meanwhile
+    and keeps the store's books. While writes keep coming fast, what came during one
+    sync ahead is synced ahead again, up to AHEAD_ROUNDS times in all. Measured on one
+    blockd, the fdatasync of a data file after a 1 GiB prefill took 0.53 s: on the loop,
+    every volume this host serves stood still for it."""
+    if ahead is None:
+        ahead = store.sync_ahead()
+    rounds = 0
+    while ahead is not None:
+        await trio.to_thread.run_sync(ahead)
+        rounds += 1
+        ahead = store.sync_ahead() if rounds < AHEAD_ROUNDS else None
+    store.flush()
+
+
 class ChunkStore:
     """A host's chunks on its local disk.
 
@@ -199,6 +231,7 @@ class ChunkStore:
         self.layout = 0
         self._dirty: dict[ChunkKey, Chunk] = {}
         self._fresh: dict[ChunkKey, Chunk] = {}  # copy-ups not synced since (Chunk.fresh)
+        self._unsynced = 0  # about the bytes written since the last flush or sync_ahead
         self._spaces: dict[int, Space] = {}
         self._used = 0
         self._checksum_errors = 0
@@ -521,6 +554,7 @@ class ChunkStore:
         if not c.dirty:
             self._mark_dirty(c)
         c.touched = True
+        self._unsynced += n
         if n:
             try:
                 self._put(c, offset, data, n)
@@ -693,6 +727,7 @@ class ChunkStore:
         c.dirty = c.touched = c.fresh = True
         self._dirty[c.key] = c
         self._fresh[c.key] = c
+        self._unsynced += chunk_size
         return c
 
     def _copy_up(self, src: Chunk, dst: Chunk) -> None:
@@ -808,7 +843,29 @@ class ChunkStore:
 
     # --- durability -----------------------------------------------------------------------
 
+    def sync_ahead(self) -> Callable[[], None] | None:
+        """The slow half of the next flush, for a worker thread while the event loop goes
+        on serving: an fdatasync of the files that flush() would sync, through descriptors
+        of its own (sync_paths). flush() must still follow, on the loop as always: it syncs
+        what was written meanwhile (little: the bulk of the dirty pages went here), and
+        only it claims durability, commits and clears marks, in the order the module's
+        rules give. None when little was written since the last flush or sync ahead
+        (SYNC_AHEAD_MIN); a sync ahead counts from its start."""
+        if self._unsynced < SYNC_AHEAD_MIN:
+            return None
+        self._unsynced = 0
+        spaces = {c.space for c in self._dirty.values() if c.touched}
+        spaces.update(sp for sp in self._spaces.values() if sp.limbo)
+        # the sidecar too where the flush will sync checksums: slots to free, or marks to
+        # clear (a flush of hot chunks alone syncs no checksums: its pages would be
+        # written for nothing)
+        sums = len(self._dirty) > HOT_MAX
+        paths = [p for sp in spaces if sp.failed is None
+                 for p in (sp.paths if sums or sp.limbo else sp.paths[:1])]
+        return functools.partial(sync_paths, paths) if paths else None
+
     def flush(self, keep_hot: bool = True) -> None:
+        self._unsynced = 0
         limbo = any(sp.limbo for sp in self._spaces.values())
         written = [c for c in self._dirty.values() if c.touched]
         if not written and not limbo and (keep_hot or not self._dirty):

@@ -82,6 +82,27 @@ def pwrite_pieces(fd: int, buf, pos: int) -> None:
         pwrite_all(fd, mv[o:o + WRITE_PIECE], pos + o)
 
 
+def sync_paths(paths) -> None:
+    """fdatasync each file of `paths` through a descriptor of its own, opened here and
+    closed again: ChunkStore.sync_ahead's half of a flush, for a worker thread (the call
+    releases the GIL). Errors are left to the flush that follows, which syncs the same
+    files through the store's own descriptors: Linux reports a writeback error to every
+    open file description that was open when it happened (errseq), so that flush meets
+    it even if this call met it first. A file gone meanwhile (the store closed) is no
+    error either."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def pread_full(fd: int, n: int, pos: int) -> bytes:
     buf = os.pread(fd, n, pos)
     return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
@@ -130,13 +151,14 @@ class Space:
     """The data file and the checksum sidecar of one chunk size."""
 
     __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo",
-                 "failed", "dmm", "dview", "retired", "ranges")
+                 "failed", "dmm", "dview", "retired", "ranges", "paths")
 
     def __init__(self, root: Path, cs: int, nslots: int):
         self.cs = cs
         self.ppc = cs >> PAGE_SHIFT
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         data, sums = root / f"data-{size_name(cs)}.bin", root / f"sums-{size_name(cs)}.bin"
+        self.paths = (os.path.abspath(data), os.path.abspath(sums))  # (sync_paths, in a thread)
         created = not (data.exists() and sums.exists())
         self.fd = os.open(data, flags, 0o600)
         self.sfd = os.open(sums, flags, 0o600)

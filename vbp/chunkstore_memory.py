@@ -252,6 +252,10 @@ class MemoryChunkStore:
 
     # --- durability and faults --------------------------------------------------------------
 
+    def sync_ahead(self) -> None:
+        """Nothing to sync ahead of a flush here (ChunkStore.sync_ahead)."""
+        return None
+
     def flush(self) -> None:
         for key in self._dirty:
             self._durable[key] = self._chunks[key].copy()

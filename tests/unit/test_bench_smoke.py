@@ -54,6 +54,32 @@ def test_parse_fio_mixed_job():
     assert rec["p50_us"] == 1.0 and rec["w_p99_us"] == 6.0
 
 
+def test_parse_fio_job_beside():
+    """read-beside-flush: the record is the reader's, with its p99.9 and the writer's
+    throughput and flush latency apart (nothing of the writer mixed into the IOPS)."""
+    pct = lambda p50: {"50.000000": p50, "99.000000": 2 * p50, "99.900000": 9 * p50}  # noqa: E731
+    none = {"total_ios": 0, "iops": 0.0, "bw_bytes": 0}
+    reader = {"jobname": "read-beside-flush", "error": 0, "job_runtime": 5000,
+              "read": {"total_ios": 5000, "iops": 1000.0, "bw_bytes": 4096000,
+                       "clat_ns": {"percentile": pct(100_000)}}, "write": none}
+    writer = {"jobname": "beside", "error": 0, "job_runtime": 5000, "read": none,
+              "write": {"total_ios": 10, "iops": 2.0, "bw_bytes": 2 << 20,
+                        "clat_ns": {"percentile": pct(1_000_000)}},
+              "sync": {"total_ios": 1, "lat_ns": {"percentile": pct(30_000_000)}}}
+    rec = parse_fio({"jobs": [reader, writer]})
+    assert rec["iops"] == 1000.0 and rec["ios"] == 5000
+    assert rec["p99_us"] == 200.0 and rec["p999_us"] == 900.0
+    assert rec["beside_mib_s"] == 2.0 and rec["beside_sync_p99_us"] == 60_000.0
+    assert "sync_p99_us" not in rec
+    md = report.markdown({"meta": {"date": "d", "commit": "c", "rounds": 1, "runtime": 5,
+                                   "size": 1 << 30, "nproc": 2, "loadavg_before": "0",
+                                   "loadavg_after": "0", "r1_hosts": 1,
+                                   "targets": ["qemu-nbd", "vbp-r1"], "tools": {}, "command": "x"},
+                          "medians": {"read-beside-flush": {"qemu-nbd": rec, "vbp-r1": rec}},
+                          "ratios": {}})
+    assert "| read-beside-flush | vbp-r1 | 200.0 | 900.0 | 2.0 | 60000.0 |" in md
+
+
 def test_top_from_collapsed():
     own, incl, total = top_from_collapsed("main;a;b 3\nmain;a 1\nmain;c;b 2\n")
     assert total == 6

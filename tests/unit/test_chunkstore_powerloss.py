@@ -114,7 +114,16 @@ def disk(tmp_path, monkeypatch):
             raise PowerLoss
         return orig_exit(self, exc_type, exc, tb)
 
+    def sync_paths(paths):  # a flush's first half (sync_ahead), through descriptors of its own
+        d.maybe_die()
+        orig_sync_paths(paths)
+        for p in paths:
+            d.synced(os.path.basename(p))
+
     orig_sync, orig_sync_data, orig_sync_sums = space.sync, space.sync_data, space.sync_sums
+    orig_sync_paths = files.sync_paths
+    monkeypatch.setattr(chunkstore, "sync_paths", sync_paths)
+    monkeypatch.setattr(chunkstore, "SYNC_AHEAD_MIN", 0)  # every flush here syncs ahead
     monkeypatch.setattr(chunkstore, "boot_id", lambda: f"boot-{d.boot}")
     orig_exit = files.Txn.__exit__
     monkeypatch.setattr(space, "sync", sync)
@@ -175,9 +184,18 @@ def run_workload(store, model, rng, seq0):
         r = rng.random()
         key = ChunkKey("p", rng.randrange(4), rng.choice((0, 0, 1)))
         if r < 0.1:
+            if rng.random() < 0.5:  # as flush_store does: the writeback first, then the flush
+                ahead = store.sync_ahead()
+                if ahead is not None:
+                    ahead()
             store.flush()
             for k in list(model.cur):
                 model.durable(k)
+            continue
+        if r < 0.13:  # a flush's first half alone (the flush came later, or never): it
+            ahead = store.sync_ahead()  # makes bytes durable, and promises nothing
+            if ahead is not None:
+                ahead()
             continue
         if r < 0.16:
             if key in model.cur:
