@@ -45,6 +45,12 @@ class Export(Protocol):
         buffer): an export that keeps it, or returns an awaitable that uses it, copies it.
         A read-only one may be kept as it is (see the module's docstring)."""
 
+    # Optional: prepare_writes(offsets), called after each receive with a function that
+    # gives the offsets of the writes received and not yet handed to write(), so that the
+    # export can do once for a batch what each write would do (replicator.gateway marks
+    # their chunks dirty in one commit). What it raises is logged and ignored: each
+    # write() then meets it on its own.
+
     def flush(self) -> Any: ...
 
     def trim(self, offset: int, length: int, fua: bool) -> Any: ...

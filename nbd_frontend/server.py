@@ -287,6 +287,7 @@ class _Connection:
         tls = getattr(stream, "channel", None)
         self.raw = tls if tls is not None else plain_socket(self.sock)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
+        self.prepare_writes = getattr(export, "prepare_writes", None)  # (optional)
         # (never with TLS: a FileRange goes from the page cache to the socket in the clear)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None and tls is None \
             else None
@@ -404,6 +405,11 @@ class _Connection:
                 return
             codec.commit(n)
             self.received_at = perf_counter()
+            if self.prepare_writes is not None:
+                try:  # (the export asks for the offsets only when it has a use for them)
+                    self.prepare_writes(codec.write_offsets)
+                except Exception:  # a hint: each write meets the same failure and answers it
+                    log.debug("preparing the writes received failed", exc_info=True)
 
     async def wait_room(self) -> None:
         while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:

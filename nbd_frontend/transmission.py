@@ -211,6 +211,26 @@ class TransmissionCodec:
         self._start = start + 28 * len(out)
         return out
 
+    def write_offsets(self) -> list[int]:
+        """The offsets of the writes among the requests received and not yet taken, in
+        order, none consumed (the NBD server's prepare_writes hint): the scan stops at the
+        first header it cannot read whole, at a write whose payload is still coming (its
+        offset included), and at bad magic (left for next_event to refuse)."""
+        if self._large is not None or self._discard or self.read_only:
+            return []
+        out = []
+        buf, unpack = self._buf, _REQUEST.unpack_from
+        start, end = self._start, self._end
+        while end - start >= 28:
+            magic, _flags, cmd, _cookie, offset, length = unpack(buf, start)
+            if magic != proto.REQUEST_MAGIC:
+                break
+            start += 28
+            if cmd == proto.CMD_WRITE:
+                out.append(offset)
+                start += length
+        return out
+
     def take_writes(self, count: int) -> list[tuple[int, int, int, int, memoryview]]:
         """take_reads for writes: the plain writes at the front, consumed, as (cookie,
         flags, offset, length, data): NBD_CMD_WRITEs whose _check verdict is 0 (no flag

@@ -655,6 +655,22 @@ class VolumeGateway:
             result = await result
         return result
 
+    def prepare_writes(self, offsets) -> None:
+        """`offsets()`: those of writes about to come in one batch. The chunks of this host's
+        copies that they will write, where a flush marked them clean, are marked dirty
+        now in one index commit (ChunkStore.mark_dirty), where each write would commit
+        its own. A guest that writes all over a volume larger than the store's hot set
+        (HOT_MAX chunks) and flushes often otherwise pays a synced commit for most of its
+        writes. A hint: a write that crosses into a second chunk marks that one itself,
+        and chunks not on this host are not marked (the store has no such chunk)."""
+        store = self.store
+        if not store.has_clean():  # every chunk here is marked: nothing to do (the cost of
+            return  # this call in a benchmark that never flushes)
+        shift, lineage, gen = self._shift, self.lineage, self.gen
+        indexes = {o >> shift for o in offsets()}
+        if len(indexes) > 1:  # (one chunk: its write marks it as cheaply)
+            store.mark_dirty([_new_key(ChunkKey, (lineage, i, gen)) for i in indexes])
+
     def write(self, offset: int, data, fua: bool):
         if self.qos is not None and (d := self.qos.delay_for(len(data))):
             return self._throttled(d, self._write, offset, keepable(data), fua)

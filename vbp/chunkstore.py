@@ -23,11 +23,13 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   limbo -> free in the next flush, after that wipe is durable, so a reused slot never shows
   a deleted chunk's bytes);
 - before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
+  mark_dirty records many in one commit, for a batch of writes about to come (the NBD
+  server's, through VolumeGateway.prepare_writes);
 - at flush: fdatasync data files, msync the checksums of the chunks whose mark it clears
   (those that stay marked are re-hashed by recovery), then one transaction persists every
   version not yet in the index (of the chunks written since, and of those an earlier flush
   left unpersisted), clears the dirty marks of all but the HOT_MAX chunks written
-  last, and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
+  last (once HOT_MAX // 4 or more are past them: _cold_count), and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
   journal, a database, fio with fsync) costs no synced commit per first write after a flush.
   A flush that clears no mark, frees no limbo and settles no copy-up needs no transaction
@@ -653,6 +655,27 @@ class ChunkStore:
             if sums[i]:
                 sums[i] = page_checksum(pread_full(c.space.fd, PAGE_SIZE, c.dbase + off))
 
+    def has_clean(self) -> bool:
+        """Some chunk here is not marked dirty (mark_dirty has something to do)."""
+        return len(self._chunks) > len(self._dirty)
+
+    def mark_dirty(self, keys) -> None:
+        """Mark the chunks of `keys` that are here and not marked dirty, all in one synced
+        index commit: a batch of writes about to come (the NBD server hands its batches
+        to the volume's gateway first) pays one commit for the chunks a flush cleaned,
+        where write() would pay one for each. Marking a chunk that is then not written
+        costs its recovery a re-hash after a crash, nothing more."""
+        chunks = self._chunks
+        todo = [c for c in map(chunks.get, keys) if c is not None and not c.dirty]
+        if not todo:
+            return
+        with self._txn() as txn:
+            for c in todo:
+                txn.put(enc_key(c.key), b"", db=self._db["dirty"])
+        for c in todo:
+            c.dirty = True
+            self._dirty[c.key] = c
+
     def _mark_dirty(self, c: Chunk) -> None:
         with self._txn() as txn:
             txn.put(enc_key(c.key), b"", db=self._db["dirty"])
@@ -859,10 +882,23 @@ class ChunkStore:
         # the sidecar too where the flush will sync checksums: slots to free, or marks to
         # clear (a flush of hot chunks alone syncs no checksums: its pages would be
         # written for nothing)
-        sums = len(self._dirty) > HOT_MAX
+        sums = self._cold_count(True) > 0
         paths = [p for sp in spaces if sp.failed is None
                  for p in (sp.paths if sums or sp.limbo else sp.paths[:1])]
         return functools.partial(sync_paths, paths) if paths else None
+
+    def _cold_count(self, keep_hot: bool) -> int:
+        """How many of the chunks marked dirty, least recently written first, a flush
+        clears: none while fewer than HOT_MAX // 4 are past the hot set. A guest writing
+        all over a volume larger than the hot set marks a few new chunks between two
+        flushes; clearing as few at each flush would cost each flush an msync and a
+        commit more than its one fdatasync. Let a quarter of the hot set build up, then
+        clear it in one go (the bound of what a crash re-hashes is HOT_MAX * 1.25)."""
+        n = len(self._dirty)
+        if not keep_hot:
+            return n
+        excess = n - HOT_MAX
+        return excess if excess > 0 and excess >= HOT_MAX // 4 else 0
 
     def flush(self, keep_hot: bool = True) -> None:
         self._unsynced = 0
@@ -881,7 +917,7 @@ class ChunkStore:
         for c in written:
             del dirty[c.key]
             dirty[c.key] = c
-        cold = list(dirty.values())[:max(0, len(dirty) - (HOT_MAX if keep_hot else 0))]
+        cold = list(dirty.values())[:self._cold_count(keep_hot)]
         # Durable before the commit: the data written, and the checksums of the chunks
         # whose mark it clears. A chunk that stays marked needs no durable checksums (the
         # recovery re-hashes marked chunks from their durable bytes), so a flush of hot

@@ -252,6 +252,12 @@ class MemoryChunkStore:
 
     # --- durability and faults --------------------------------------------------------------
 
+    def has_clean(self) -> bool:
+        return False
+
+    def mark_dirty(self, keys) -> None:
+        """Nothing to mark ahead here (ChunkStore.mark_dirty): no index to commit."""
+
     def sync_ahead(self) -> None:
         """Nothing to sync ahead of a flush here (ChunkStore.sync_ahead)."""
         return None

@@ -197,7 +197,11 @@ def run_workload(store, model, rng, seq0):
             if ahead is not None:
                 ahead()
             continue
-        if r < 0.16:
+        if r < 0.16:  # marks ahead of a batch of writes (some never come)
+            store.mark_dirty([ChunkKey("p", rng.randrange(4), rng.choice((0, 1)))
+                              for _ in range(rng.randint(1, 3))])
+            continue
+        if r < 0.19:
             if key in model.cur:
                 model.inflight = key
                 store.delete(key)

@@ -581,3 +581,17 @@ def test_take_writes_takes_nothing_where_next_event_has_work_of_its_own():
     c = codec()
     c.receive_data(req(proto.CMD_DISC) + req(W, 0, 1, data=b"x"))
     assert type(c.next_event()) is Disconnect and c.take_writes(100) == []
+
+
+def test_write_offsets_lists_the_writes_received_without_taking_them():
+    c = codec()
+    c.receive_data(req(W, 4096, 4, data=b"abcd") + req(proto.CMD_READ, 0, 512)
+                   + req(W, 1 << 20, 4, data=b"ef"))  # its payload still coming
+    assert c.write_offsets() == [4096, 1 << 20]
+    assert c.write_offsets() == [4096, 1 << 20]  # nothing consumed
+    ev = c.next_event()
+    assert isinstance(ev, Request) and ev.offset == 4096 and bytes(ev.data) == b"abcd"
+    assert c.write_offsets() == [1 << 20]
+    c.receive_data(b"gh" + b"\xff" * 28)  # bad magic next: the scan stops there
+    assert c.write_offsets() == [1 << 20]
+    assert codec(read_only=True).write_offsets() == []
