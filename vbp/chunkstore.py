@@ -665,22 +665,17 @@ class ChunkStore:
         to the volume's gateway first) pays one commit for the chunks a flush cleaned,
         where write() would pay one for each. Marking a chunk that is then not written
         costs its recovery a re-hash after a crash, nothing more."""
-        chunks = self._chunks
-        todo = [c for c in map(chunks.get, keys) if c is not None and not c.dirty]
-        if not todo:
-            return
+        todo = [c for c in map(self._chunks.get, keys) if c is not None and not c.dirty]
+        if todo:
+            self._mark_dirty(*todo)
+
+    def _mark_dirty(self, *chunks: Chunk) -> None:
         with self._txn() as txn:
-            for c in todo:
+            for c in chunks:
                 txn.put(enc_key(c.key), b"", db=self._db["dirty"])
-        for c in todo:
+        for c in chunks:
             c.dirty = True
             self._dirty[c.key] = c
-
-    def _mark_dirty(self, c: Chunk) -> None:
-        with self._txn() as txn:
-            txn.put(enc_key(c.key), b"", db=self._db["dirty"])
-        c.dirty = True
-        self._dirty[c.key] = c
 
     def dirty_indexes(self, lineage: str, gen: int) -> list[int]:
         """Chunks of generation `gen` of `lineage` marked dirty: written since the last flush
