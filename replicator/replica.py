@@ -43,8 +43,8 @@ import trio
 
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
-from vbp.errors import Fenced, PeerUnavailable, StaleEpoch, VbpError
 from vbp.chunkstore import flush_store
+from vbp.errors import Fenced, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
 
 log = logging.getLogger("vbp.replica")

@@ -29,7 +29,8 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   (those that stay marked are re-hashed by recovery), then one transaction persists every
   version not yet in the index (of the chunks written since, and of those an earlier flush
   left unpersisted), clears the dirty marks of all but the HOT_MAX chunks written
-  last (once HOT_MAX // 4 or more are past them: _cold_count), and frees the limbo. Those stay marked (DRBD's activity log keeps its hot extents
+  last (once HOT_MAX // 4 or more are past them: _cold_count), and frees the limbo.
+  Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
   journal, a database, fio with fsync) costs no synced commit per first write after a flush.
   A flush that clears no mark, frees no limbo and settles no copy-up needs no transaction
