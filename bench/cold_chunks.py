@@ -6,6 +6,10 @@ ratio. The main run (`python -m bench`) uses 1 GiB volumes of 4 MiB chunks, all 
 the hot set, so it never shows this.
 
     python -m bench.cold_chunks [--size-gib 4] [--fsync 32] [--runtime 8] [--rounds 3]
+                                [--replicas 1,3]
+
+`--replicas 1,3` adds a replicas=3 volume on a 3-host sandbox (vbp-r3): there the
+replicas' marks count too, each of them on its own host.
 """
 
 from __future__ import annotations
@@ -33,14 +37,22 @@ def main() -> None:
     p.add_argument("--fsync", type=int, default=32, help="a flush every this many writes")
     p.add_argument("--runtime", type=float, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--replicas", default="1", help="comma-separated: 1, 3 or 1,3")
     a = p.parse_args()
+    replicas = sorted({int(r) for r in a.replicas.split(",")})
+    if not set(replicas) <= {1, 3}:
+        p.error("--replicas takes 1, 3 or 1,3")
     size = a.size_gib << 30
     tmp = Path(tempfile.mkdtemp(prefix="vbp-cold-"))
-    q = sb = None
+    q = None
+    sandboxes = []
     try:
         q = QemuNbd(tmp, size).start()
-        sb = VbpSandbox(tmp, 1).start()
-        uris = {"qemu-nbd": q.uri, "vbp-r1": sb.create_volume("v", size, 1)}
+        uris = {"qemu-nbd": q.uri}
+        for r in replicas:
+            sb = VbpSandbox(tmp, r).start()
+            sandboxes.append(sb)
+            uris[f"vbp-r{r}"] = sb.create_volume("v", size, r)
         for uri in uris.values():  # every chunk written: the writes below overwrite
             fio(uri, size, ["--rw=write", "--bs=1m", "--iodepth=8"])
         job = ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based",
@@ -55,9 +67,11 @@ def main() -> None:
                       f"{w['clat_ns']['percentile']['99.000000'] / 1000:6.0f} µs  flush p50 "
                       f"{sync['50.000000'] / 1000:6.0f} µs p99 {sync['99.000000'] / 1000:6.0f} µs",
                       flush=True)
-            print(f"round {rnd} vbp-r1 / qemu-nbd: {iops['vbp-r1'] / iops['qemu-nbd']:.2f}x", flush=True)
+            for r in replicas:
+                print(f"round {rnd} vbp-r{r} / qemu-nbd: "
+                      f"{iops[f'vbp-r{r}'] / iops['qemu-nbd']:.2f}x", flush=True)
     finally:
-        if sb is not None:
+        for sb in sandboxes:
             sb.down()
         if q is not None:
             q.close()

@@ -55,6 +55,7 @@ class StaleCopy(PeerUnavailable):
 
 
 _new_key = tuple.__new__
+_MARKED = (m.WriteChunk, m.ZeroChunk)  # the messages whose chunk Replica.prepare marks
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
@@ -256,6 +257,23 @@ class Replica:
         return self.store.extents(ChunkKey(lineage, index, gen), offset, length)
 
     # --- the peer protocol entry point --------------------------------------------------
+
+    def prepare(self, batch) -> None:
+        """`batch`: the (request id, message) pairs of frames received together, before
+        any is handled (serve_peers' `prepare`). The chunks its writes and zeroes go to,
+        where a flush marked them clean, are marked dirty now in one index commit
+        (ChunkStore.mark_dirty), where each write would commit its own: the replica's
+        half of what VolumeGateway.prepare_writes does for the gateway's own copy. A
+        hint, made before any check: a write refused after all (fenced, stale) leaves a
+        mark that costs its chunk a re-hash after a crash, nothing more; chunks not here
+        yet are left to the write that makes them."""
+        store = self.store
+        if not store.has_clean():  # every chunk here is marked already
+            return
+        keys = {(msg.lineage, msg.index, msg.gen) for _, msg in batch
+                if type(msg) in _MARKED}
+        if len(keys) > 1:  # (one chunk: its write marks it as cheaply)
+            store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
 
     def handle(self, msg, peer: str | None = None):
         """Answer one peer message: the reply, or for a Flush with much to write back an

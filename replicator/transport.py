@@ -19,7 +19,10 @@ up). A message on behalf of a client request (its `rid`, vbp.reqid) is handled, 
 failure logged, with that id as the current one. An exception from the handler becomes an
 `Error` reply (replicator.errors) and the connection lives on; only a protocol error or a broken socket closes it. At most
 `max_in_flight` awaitable requests run per connection: past that the reader stops reading
-and TCP pushes back on the sender.
+and TCP pushes back on the sender. An optional `prepare(batch)` sees the (request id,
+message) pairs of each batch before any of them is handled (the replica marks the chunks
+the batch writes dirty in one commit: Replica.prepare); a batch is what one receive
+completed.
 
 Client (`PeerPool`): one connection per address, opened and handshaken by a task of the
 pool's nursery and shared by every caller; requests are multiplexed by request id. When a
@@ -274,11 +277,12 @@ async def serve_peers(
     max_frame: int = DEFAULT_MAX_FRAME,
     peer_rev: Callable[[str], int] = lambda host_id: 0,
     congestion: str = "",
+    prepare: Callable[[list], None] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`.
     `congestion`: the TCP congestion control of the accepted connections ("": the
-    system's; vbp.sockets.set_congestion).
+    system's; vbp.sockets.set_congestion). `prepare`: see the module docstring.
 
     Every connection's HelloOk carries one boot id, drawn here: this call is one
     incarnation of the host. `peer_rev(host_id)` is the revision a client host advertises
@@ -298,7 +302,7 @@ async def serve_peers(
 
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
-                                 boot=boot, peer_rev=peer_rev)
+                                 boot=boot, peer_rev=peer_rev, prepare=prepare)
         try:
             await session.run()
         except Exception:  # one connection's fault never takes the server down
@@ -314,9 +318,11 @@ async def serve_peers(
 
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
-                 boot: str, peer_rev: Callable[[str], int]):
+                 boot: str, peer_rev: Callable[[str], int],
+                 prepare: Callable[[list], None] | None = None):
         self.link = _Link(stream, max_frame)
         self.handler = handler
+        self.prepare = prepare
         self.cluster = cluster
         self.host_id = host_id
         self.max_in_flight = max_in_flight
@@ -389,27 +395,48 @@ class _ServerSession:
         dispatch = self.dispatch
         while True:
             # frames pipelined behind the Hello are already in the codec: drain, then read
+            batch, end = self.take_batch(codec)
             link.held = True  # replies wait for the push after the batch
             try:
-                while True:
-                    if self.in_flight >= self.max_in_flight:  # frames wait in the codec
+                for event in batch:
+                    if self.in_flight >= self.max_in_flight:  # the rest waits its turn
                         link.held = False
                         link.push()
                         while self.in_flight >= self.max_in_flight:
                             await self.room.park()
                         link.held = True
-                    event = codec.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if event is CLOSED:
-                        return
                     dispatch(*event)
                     if len(link.out) >= REPLY_EARLY:  # the gateway can start on these
                         link.push()
             finally:
                 link.held = False
             link.push()
+            if end is CLOSED:
+                return
+            if end is not NEED_DATA:
+                raise end  # a bad frame, after the good ones before it were answered
             await link.receive()
+
+    def take_batch(self, codec: PeerCodec) -> tuple[list, Any]:
+        """Every complete frame received, decoded: ([(request id, message)], what ended
+        the batch: NEED_DATA, CLOSED or the PeerProtocolError of a bad frame). `prepare`
+        sees the batch first; it is a hint (of many frames, not of one), so its failure
+        is logged and nothing else."""
+        batch: list = []
+        try:
+            while True:
+                event = codec.next_event()
+                if type(event) is not tuple:
+                    break
+                batch.append(event)
+        except PeerProtocolError as exc:
+            event = exc
+        if self.prepare is not None and len(batch) > 1:
+            try:
+                self.prepare(batch)
+            except Exception:
+                log.debug("prepare failed for a batch from %s", self.peer, exc_info=True)
+        return batch, event
 
     def dispatch(self, request_id: int, message) -> None:
         rid = getattr(message, "rid", "")

@@ -24,7 +24,8 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   a deleted chunk's bytes);
 - before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
   mark_dirty records many in one commit, for a batch of writes about to come (the NBD
-  server's, through VolumeGateway.prepare_writes);
+  server's, through VolumeGateway.prepare_writes; a replica's peer frames, through
+  Replica.prepare);
 - at flush: fdatasync data files, msync the checksums of the chunks whose mark it clears
   (those that stay marked are re-hashed by recovery), then one transaction persists every
   version not yet in the index (of the chunks written since, and of those an earlier flush
@@ -663,9 +664,10 @@ class ChunkStore:
     def mark_dirty(self, keys) -> None:
         """Mark the chunks of `keys` that are here and not marked dirty, all in one synced
         index commit: a batch of writes about to come (the NBD server hands its batches
-        to the volume's gateway first) pays one commit for the chunks a flush cleaned,
-        where write() would pay one for each. Marking a chunk that is then not written
-        costs its recovery a re-hash after a crash, nothing more."""
+        to the volume's gateway first, the peer server its batches to the replica) pays
+        one commit for the chunks a flush cleaned, where write() would pay one for each.
+        Marking a chunk that is then not written costs its recovery a re-hash after a
+        crash, nothing more."""
         todo = [c for c in map(self._chunks.get, keys) if c is not None and not c.dirty]
         if todo:
             self._mark_dirty(*todo)

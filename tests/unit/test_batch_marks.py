@@ -1,7 +1,8 @@
 """Dirty marks in batches (vbp/chunkstore.py, "before the first write to a chunk after a
 flush: the chunk is recorded dirty, durably"): a batch of NBD writes to chunks a flush
 marked clean pays one synced index commit, not one per chunk (ChunkStore.mark_dirty,
-VolumeGateway.prepare_writes, the NBD server's batches); and a flush clears marks only
+VolumeGateway.prepare_writes, the NBD server's batches), and so does a batch of peer
+writes at a replica (Replica.prepare, serve_peers' batches); and a flush clears marks only
 once a quarter of the hot set has built up past it, so a flush of a guest writing all
 over a large volume stays one fdatasync.
 
@@ -19,8 +20,12 @@ import vbp.chunkstore as chunkstore
 import vbp.chunkstore_files as files
 from nbd_frontend import proto
 from nbd_frontend.server import serve_nbd
+from replicator import messages as m
+from replicator.codec import CLOSED
+from replicator.replica import Replica
 from tests.unit.test_gateway_local_writes import one_host
 from tests.unit.test_nbd_server import Client
+from tests.unit.test_peer_transport import next_reply, raw_client, server
 from vbp.chunkstore import ChunkStore
 from vbp.layout import MiB, ChunkKey
 
@@ -128,5 +133,88 @@ def test_a_batch_of_nbd_writes_to_clean_chunks_commits_once(tmp_path, commits, m
                     assert data == bytes([i + 1]) * 4096
                 await c.aclose()
                 nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def peer_write(index: int, offset: int, fill: int) -> m.WriteChunk:
+    return m.WriteChunk("vol", "lin", index, 0, (0,), offset, bytes([fill]) * 4096, CS, 0, False,
+                        1, 1)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_batch_of_peer_writes_to_clean_chunks_commits_once(tmp_path, commits, monkeypatch,
+                                                             prepared):
+    """The replica's side: WriteChunk frames that arrive together (one receive) are marked
+    in one commit (Replica.prepare, serve_peers' `prepare`); without the hint, each write
+    commits its own mark."""
+    monkeypatch.setattr(chunkstore, "HOT_MAX", 0)
+
+    async def main():
+        with ChunkStore(tmp_path, 64 * MiB) as store:
+            replica = Replica(store, "srv", lambda: 1)
+            kw = {"prepare": replica.prepare} if prepared else {}
+            async with server(replica.handle, **kw) as (address, _kill):
+                stream, codec = await raw_client(address)
+                for i in range(8):  # every chunk made, then marked clean by a flush
+                    await stream.send_all(codec.encode(i + 1, peer_write(i, 0, 1)))
+                    assert type((await next_reply(stream, codec))[1]) is m.Ok
+                await stream.send_all(codec.encode(50, m.Flush("vol", 1, 1)))
+                assert type((await next_reply(stream, codec))[1]) is m.Ok
+                assert store.dirty_indexes("lin", 0) == []
+                before = commits[0]
+                batch = b"".join(codec.encode(100 + i, peer_write(i, 8192, i + 2))
+                                 for i in range(8))
+                await stream.send_all(batch)  # one send: the server takes them as one batch
+                got = sorted([(await next_reply(stream, codec))[0] for _ in range(8)])
+                assert got == [100 + i for i in range(8)]
+                assert commits[0] == before + (1 if prepared else 8)
+                assert store.dirty_indexes("lin", 0) == list(range(8))
+                for i in range(8):
+                    assert store.read(key(i), 8192, 4096) == bytes([i + 2]) * 4096
+                await stream.aclose()
+
+    trio.run(main)
+
+
+def test_a_failing_prepare_leaves_the_writes_to_mark_themselves(tmp_path, commits):
+    async def main():
+        with ChunkStore(tmp_path, 64 * MiB) as store:
+            replica = Replica(store, "srv", lambda: 1)
+
+            def broken(batch):
+                raise RuntimeError("a bug in the hint")
+
+            async with server(replica.handle, prepare=broken) as (address, _kill):
+                stream, codec = await raw_client(address)
+                await stream.send_all(b"".join(codec.encode(1 + i, peer_write(i, 0, 7))
+                                               for i in range(4)))
+                got = sorted([(await next_reply(stream, codec))[0] for _ in range(4)])
+                assert got == [1, 2, 3, 4]
+                for i in range(4):
+                    assert store.read(key(i), 0, 4096) == b"\7" * 4096
+                await stream.aclose()
+
+    trio.run(main)
+
+
+def test_frames_before_a_bad_one_in_a_batch_are_answered(tmp_path):
+    """A batch is decoded before it is handled: a malformed frame behind good ones in one
+    receive still lets the good ones be written and answered before the connection is
+    closed with an Error."""
+    async def main():
+        with ChunkStore(tmp_path, 64 * MiB) as store:
+            replica = Replica(store, "srv", lambda: 1)
+            async with server(replica.handle, prepare=replica.prepare) as (address, _kill):
+                stream, codec = await raw_client(address)
+                good = b"".join(codec.encode(1 + i, peer_write(i, 0, 9)) for i in range(3))
+                await stream.send_all(good + struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+                replies = [await next_reply(stream, codec) for _ in range(4)]
+                assert [r[0] for r in replies[:3]] == [1, 2, 3]
+                assert all(type(r[1]) is m.Ok for r in replies[:3])
+                assert type(replies[3][1]) is m.Error and replies[3][1].code == m.INVALID
+                assert await next_reply(stream, codec) is CLOSED
+                for i in range(3):
+                    assert store.read(key(i), 0, 4096) == b"\x09" * 4096
 
     trio.run(main)
