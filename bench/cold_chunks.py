@@ -6,10 +6,11 @@ ratio. The main run (`python -m bench`) uses 1 GiB volumes of 4 MiB chunks, all 
 the hot set, so it never shows this.
 
     python -m bench.cold_chunks [--size-gib 4] [--fsync 32] [--runtime 8] [--rounds 3]
-                                [--replicas 1,3]
+                                [--replicas 1,3] [--set hot_chunks=1024]
 
 `--replicas 1,3` adds a replicas=3 volume on a 3-host sandbox (vbp-r3): there the
-replicas' marks count too, each of them on its own host.
+replicas' marks count too, each of them on its own host. `--set KEY=VALUE` gives every
+blockd a setting (repeatable): `hot_chunks=1024` makes the whole 4 GiB volume hot.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def main() -> None:
     p.add_argument("--runtime", type=float, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--replicas", default="1", help="comma-separated: 1, 3 or 1,3")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a blockd setting of every host (repeatable)")
     a = p.parse_args()
+    if not all("=" in kv for kv in a.settings):
+        p.error("--set takes KEY=VALUE")
+    settings = dict(kv.split("=", 1) for kv in a.settings)
     replicas = sorted({int(r) for r in a.replicas.split(",")})
     if not set(replicas) <= {1, 3}:
         p.error("--replicas takes 1, 3 or 1,3")
@@ -50,7 +56,7 @@ def main() -> None:
         q = QemuNbd(tmp, size).start()
         uris = {"qemu-nbd": q.uri}
         for r in replicas:
-            sb = VbpSandbox(tmp, r).start()
+            sb = VbpSandbox(tmp, r, settings=settings).start()
             sandboxes.append(sb)
             uris[f"vbp-r{r}"] = sb.create_volume("v", size, r)
         for uri in uris.values():  # every chunk written: the writes below overwrite

@@ -23,6 +23,7 @@ DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
 AUTO = "auto"  # nbd_tcp_congestion's default (Config.nbd_congestion)
 LOCAL_NBD_CONGESTION = "cubic"  # of NBD connections from this host unless the config says
 PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
+HOT_CHUNKS_MAX = 65536  # 256 GiB of 4 MiB chunks to re-hash after a crash: more is a typo
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -61,6 +62,10 @@ class Config:
     nearfull_ratio: float | None = None
     scrub_interval: float = 86400.0  # seconds between background scrub passes; 0: off
     scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
+    # chunks that keep their dirty mark through a flush (vbp.chunkstore.HOT_MAX; DRBD's
+    # al-extents): more spares more writes a synced index commit, and costs a crash more
+    # chunks to re-hash and resync
+    hot_chunks: int = 256
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     # TCP congestion control of the peer links (vbp.sockets: BBR's pacing slows large
     # replicated writes); "": the system's. Unset: cubic if this process may use it, else
@@ -106,6 +111,8 @@ class Config:
                                   f"full_ratio ({self.full_ratio})")
         if self.scrub_rate < 0:
             raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
+        if not 0 <= self.hot_chunks <= HOT_CHUNKS_MAX:
+            raise InvalidArgument(f"{source}: key 'hot_chunks': must be from 0 to {HOT_CHUNKS_MAX}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
@@ -180,6 +187,10 @@ def _coerce(key: str, value, source: str):
             return parse_size(value)
         except InvalidArgument as e:
             raise bad(str(e)) from None
+    if key == "hot_chunks":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= HOT_CHUNKS_MAX:
+            raise bad(f"expected a number of chunks from 0 to {HOT_CHUNKS_MAX}")
+        return value
     if key in ("full_ratio", "nearfull_ratio"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise bad("expected a fraction above 0 and at most 1, such as 0.95")

@@ -29,8 +29,8 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
 - at flush: fdatasync data files, msync the checksums of the chunks whose mark it clears
   (those that stay marked are re-hashed by recovery), then one transaction persists every
   version not yet in the index (of the chunks written since, and of those an earlier flush
-  left unpersisted), clears the dirty marks of all but the HOT_MAX chunks written
-  last (once HOT_MAX // 4 or more are past them: _cold_count), and frees the limbo.
+  left unpersisted), clears the dirty marks of all but the hot_max chunks written
+  last (once hot_max // 4 or more are past them: _cold_count), and frees the limbo.
   Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
   journal, a database, fio with fsync) costs no synced commit per first write after a flush.
@@ -130,7 +130,8 @@ from vbp.layout import PAGE_SIZE, ChunkKey
 
 __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 
-# Chunks kept marked dirty across a flush, at most (see flush). With 4 MiB chunks, 1 GiB of
+# Chunks kept marked dirty across a flush, at most, unless the store is given another
+# number (`hot_max`; blockd's hot_chunks setting; see flush). With 4 MiB chunks, 1 GiB of
 # hot data: what a crash re-hashes at the next open (and resyncs) beyond the unflushed chunks.
 HOT_MAX = 256
 
@@ -215,9 +216,14 @@ class ChunkStore:
     """
 
     def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True,
-                 index_map_size: int = MAP_SIZE):
+                 index_map_size: int = MAP_SIZE, hot_max: int | None = None):
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidArgument(f"capacity must be a non-negative byte count, not {capacity!r}")
+        if hot_max is None:
+            hot_max = HOT_MAX
+        if type(hot_max) is not int or hot_max < 0:
+            raise InvalidArgument(f"hot_max must be a non-negative chunk count, not {hot_max!r}")
+        self.hot_max = hot_max  # chunks kept marked dirty through a flush (HOT_MAX)
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -887,16 +893,16 @@ class ChunkStore:
 
     def _cold_count(self, keep_hot: bool) -> int:
         """How many of the chunks marked dirty, least recently written first, a flush
-        clears: none while fewer than HOT_MAX // 4 are past the hot set. A guest writing
+        clears: none while fewer than hot_max // 4 are past the hot set. A guest writing
         all over a volume larger than the hot set marks a few new chunks between two
         flushes; clearing as few at each flush would cost each flush an msync and a
         commit more than its one fdatasync. Let a quarter of the hot set build up, then
-        clear it in one go (the bound of what a crash re-hashes is HOT_MAX * 1.25)."""
+        clear it in one go (the bound of what a crash re-hashes is hot_max * 1.25)."""
         n = len(self._dirty)
         if not keep_hot:
             return n
-        excess = n - HOT_MAX
-        return excess if excess > 0 and excess >= HOT_MAX // 4 else 0
+        excess = n - self.hot_max
+        return excess if excess > 0 and excess >= self.hot_max // 4 else 0
 
     def flush(self, keep_hot: bool = True) -> None:
         self._unsynced = 0
@@ -905,7 +911,7 @@ class ChunkStore:
         if not written and not limbo and (keep_hot or not self._dirty):
             return
         db = self._db
-        # The HOT_MAX chunks written last keep their dirty mark through the flush: they
+        # The hot_max chunks written last keep their dirty mark through the flush: they
         # are likely written again soon, and their next write then needs no synced index
         # commit of its own. The others lose it (flushing made them clean). This is DRBD's
         # activity log: marks cover a hot set (least recently written out first), not only

@@ -27,6 +27,7 @@ from tests.unit.test_gateway_local_writes import one_host
 from tests.unit.test_nbd_server import Client
 from tests.unit.test_peer_transport import next_reply, raw_client, server
 from vbp.chunkstore import ChunkStore
+from vbp.errors import InvalidArgument
 from vbp.layout import MiB, ChunkKey
 
 pytestmark = pytest.mark.timeout(60)
@@ -218,3 +219,22 @@ def test_frames_before_a_bad_one_in_a_batch_are_answered(tmp_path):
                     assert store.read(key(i), 0, 4096) == b"\x09" * 4096
 
     trio.run(main)
+
+
+def test_the_hot_set_is_the_stores_own(tmp_path):
+    """hot_max (blockd's hot_chunks) sets the hot set of one store: the module default
+    stays as it was."""
+    with ChunkStore(tmp_path, 64 * MiB, hot_max=4) as store:
+        assert store.hot_max == 4 and chunkstore.HOT_MAX == 256
+        for i in range(6):
+            store.write(key(i), 0, b"\1" * 4096, chunk_size=CS)
+        store.flush()  # two past it, at least 4 // 4: both cleared, the 4 written last kept
+        assert store.dirty_indexes("lin", 0) == [2, 3, 4, 5]
+    with ChunkStore(tmp_path / "big", 64 * MiB, hot_max=16) as store:
+        for i in range(6):
+            store.write(key(i), 0, b"\1" * 4096, chunk_size=CS)
+        store.flush()
+        assert store.dirty_indexes("lin", 0) == list(range(6))
+    for bad in (-1, 2.0, "8", True):
+        with pytest.raises(InvalidArgument):
+            ChunkStore(tmp_path / "other", 64 * MiB, hot_max=bad)

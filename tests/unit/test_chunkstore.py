@@ -79,6 +79,7 @@ def test_no_index_transaction_per_request(store, monkeypatch):
     from vbp import chunkstore
 
     monkeypatch.setattr(chunkstore, "HOT_MAX", 1)  # one chunk stays marked through a flush
+    store.hot_max = 1  # (the fixture made it before)
     store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)  # allocation: transactions
     t = txnid(store)
     for i in range(50):
@@ -116,6 +117,7 @@ def test_a_flush_makes_durable_only_what_it_must(store, monkeypatch):
             return _orig(sp, *args)
         monkeypatch.setattr(files.Space, name, wrapped)
     monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
+    store.hot_max = 1  # (the fixture made it before)
     other = ChunkKey("lin", 3, 1)
     store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
     store.flush()
@@ -146,6 +148,7 @@ def test_hot_chunks_keep_their_mark_and_a_crash_recovers_them(store, tmp_path, m
     from vbp import chunkstore
 
     monkeypatch.setattr(chunkstore, "HOT_MAX", 2)
+    store.hot_max = 2  # (the fixture made it before)
     keys = [ChunkKey("lin", i, 1) for i in range(3)]
     for i, k in enumerate(keys):
         store.write(k, 0, bytes([65 + i]) * PAGE_SIZE, chunk_size=CS)
@@ -314,6 +317,7 @@ def test_clearing_a_mark_persists_the_version_a_flush_left_out(store, tmp_path, 
     from vbp import chunkstore
 
     monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
+    store.hot_max = 1  # (the fixture made it before)
     k2 = ChunkKey("lin", 1, 1)
     store.write(K, 0, b"a", chunk_size=CS)
     store.write(k2, 0, b"x", chunk_size=CS)
@@ -366,6 +370,7 @@ def test_corruption_outside_dirty_chunks_survives_recovery(store, tmp_path, monk
     from vbp import chunkstore
 
     monkeypatch.setattr(chunkstore, "HOT_MAX", 1)
+    store.hot_max = 1  # (the fixture made it before)
     other = ChunkKey("lin", 1, 1)
     store.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
     store.write(other, 0, b"o" * PAGE_SIZE, chunk_size=CS)

@@ -58,6 +58,7 @@ VALUES = {
     "nearfull_ratio": ("0.8", 0.8),
     "scrub_interval": ("3600", 3600.0),
     "scrub_rate": ('"100M"', 100 * 1024**2),
+    "hot_chunks": ("1024", 1024),
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
     "peer_tcp_congestion": ('"reno"', "reno"),
     "nbd_tcp_congestion": ('"reno"', "reno"),
@@ -125,7 +126,7 @@ def test_flags_override_the_file(tmp_path):
              "nbd": "127.0.0.1:2", "zone": "z9", "pod": "p9", "capacity": "3G", "cluster": "c9",
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
              "recovery_rate": "0", "full_ratio": 0.8, "nearfull_ratio": 0.7, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
-             "scrub_interval": 0, "scrub_rate": "1M", "peer_tcp_congestion": "",
+             "scrub_interval": 0, "scrub_rate": "1M", "hot_chunks": 0, "peer_tcp_congestion": "",
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
              "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": ""}
     assert set(flags) == set(VALUES)
@@ -136,7 +137,7 @@ def test_flags_override_the_file(tmp_path):
     assert cfg.nearfull_ratio == 0.7
     assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
-    assert (cfg.scrub_interval, cfg.scrub_rate) == (0.0, 1024**2)
+    assert (cfg.scrub_interval, cfg.scrub_rate, cfg.hot_chunks) == (0.0, 1024**2, 0)
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
     assert (cfg.nbd_tls, cfg.nbd_tls_ca) == ("on", "")
 
@@ -380,3 +381,11 @@ def test_scrub_interval_zero_turns_it_off_and_negative_values_are_refused(tmp_pa
                      "scrub_interval")
     assert names_key(refused(write(tmp_path, REQUIRED + 'scrub_rate = "fast"\n', "b.toml")),
                      "scrub_rate")
+
+
+def test_hot_chunks_is_a_count_of_chunks(tmp_path):
+    assert load(write(tmp_path, REQUIRED), {}).hot_chunks == 256
+    assert load(write(tmp_path, REQUIRED + "hot_chunks = 0\n"), {}).hot_chunks == 0
+    for i, bad in enumerate(("-1", '"1G"', "true", "2.5", "65537")):
+        path = write(tmp_path, REQUIRED + f"hot_chunks = {bad}\n", f"h{i}.toml")
+        assert names_key(refused(path), "hot_chunks"), bad
