@@ -767,16 +767,27 @@ async def test_frames_in_any_pieces_arrive_whole_over_a_real_socket(sizes, cuts,
     """Small and large frames (the large ones received straight into their own buffer,
     with SO_RCVLOWAT raised for their rest) sent as one byte stream cut anywhere, with the
     sender pausing between pieces: every payload arrives intact and in order, and every
-    request gets its reply."""
+    request gets its reply. The `prepare` hook sees each batch of several frames whole,
+    before any frame of it is handled."""
     rng = random.Random(seed)
     payloads = [rng.randbytes(n) for n in sizes]
     got = []
+    batches = []
 
     def handler(msg, peer):
         got.append(bytes(msg.data))
         return m.Ok(msg.version)
 
-    async with server(handler) as (address, _):
+    def prepare(batch):
+        assert len(batch) > 1
+        indexes = [msg.index for _, msg in batch]
+        assert indexes == list(range(indexes[0], indexes[0] + len(batch)))
+        assert len(got) == indexes[0], "a frame of the batch was handled before prepare"
+        assert [rid for rid, _ in batch] == [i + 1 for i in indexes]
+        assert [bytes(msg.data) for _, msg in batch] == payloads[indexes[0]:indexes[-1] + 1]
+        batches.append(indexes)
+
+    async with server(handler, prepare=prepare) as (address, _):
         stream, codec = await raw_client(address)
         frames = [codec.encode(i + 1, write(i, p)) for i, p in enumerate(payloads)]
         wire = b"".join(f if isinstance(f, bytes) else b"".join(f) for f in frames)
