@@ -288,6 +288,8 @@ class _Connection:
         self.raw = tls if tls is not None else plain_socket(self.sock)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
         self.prepare_writes = getattr(export, "prepare_writes", None)  # (optional)
+        self.begin_writes = getattr(export, "begin_writes", None)  # (optional, with end_writes)
+        self.end_writes = getattr(export, "end_writes", None)
         # (never with TLS: a FileRange goes from the page cache to the socket in the clear)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None and tls is None \
             else None
@@ -503,6 +505,9 @@ class _Connection:
         at once (returns None)."""
         ids, write = self.ids, self.export.write
         answered = nbytes = 0
+        end = self.end_writes
+        if end is not None:
+            self.begin_writes()
         try:
             for cookie, flags, offset, length, data in writes:
                 if ids is not None:
@@ -528,6 +533,8 @@ class _Connection:
                     if ids is not None:
                         reqid.dispatching = None
         finally:
+            if end is not None:
+                end()
             self._count_sent(proto.CMD_WRITE, answered, nbytes)
 
     def _count_sent(self, cmd: int, count: int, nbytes: int) -> None:

@@ -36,9 +36,11 @@ PROTO_VERSION = 1
 # host places chunks by the data set's weight factors (vbp.cluster.ClusterMap.weights), so
 # the controller reweights only once every host is at 4. 5: the DirtyChunks request (sent
 # only to hosts of revision 5 or later). 6: `boot` on HelloOk (sent only to hosts of
-# revision 6 or later).
-PEER_REV = 6
+# revision 6 or later). 7: the WriteBatch request (sent only to hosts of revision 7 or
+# later).
+PEER_REV = 7
 BOOT_REV = 6  # HelloOk.boot
+BATCH_REV = 7  # WriteBatch
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -357,10 +359,44 @@ class Repaired:
     version: int
 
 
+@_message(25)
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """Small writes to chunks of one volume, one frame for what would be one WriteChunk
+    each (PEER_REV 7): item i writes `data[sum(lengths[:i]):][:lengths[i]]` at
+    `offsets[i]` of chunk `indexes[i]`, in order, with the other fields of a WriteChunk
+    common to all of them. Reply: Written, or one Error for the whole batch (a replica
+    stops at the first item it refuses; the items before it are applied). `rid`: the
+    request ids of the items, space-separated, so one grep still finds each."""
+
+    volume: str
+    lineage: str
+    gen: int
+    chain: tuple[int, ...]
+    indexes: tuple[int, ...]
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    data: bytes
+    chunk_size: int
+    fua: bool
+    epoch: int
+    token: int
+    rid: str = ""
+
+
+@_message(26)
+@dataclass(frozen=True, slots=True)
+class Written:
+    """Reply to WriteBatch: every item was applied; `stale` lists the positions of the items
+    whose chunk's copy here is recorded stale (Ok.stale, item by item)."""
+
+    stale: tuple[int, ...] = ()
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
-    DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired,
+    DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired, WriteBatch, Written,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -369,6 +405,7 @@ REPLY_TYPES: dict[type, type] = {
     Ping: Pong,
     ReadChunk: Data,
     WriteChunk: Ok,
+    WriteBatch: Written,
     ZeroChunk: Ok,
     Flush: Ok,
     ChunkState: ChunkStateReply,
@@ -413,3 +450,4 @@ def maker(cls, order: tuple[str, ...] | None = None):
 
 new_write_chunk = maker(WriteChunk)
 new_ok = maker(Ok)  # every write's reply
+new_write_batch = maker(WriteBatch)

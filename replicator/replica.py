@@ -44,7 +44,7 @@ import trio
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
 from vbp.chunkstore import flush_store
-from vbp.errors import Fenced, PeerUnavailable, StaleEpoch, VbpError
+from vbp.errors import Fenced, InvalidArgument, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
 
 log = logging.getLogger("vbp.replica")
@@ -56,6 +56,7 @@ class StaleCopy(PeerUnavailable):
 
 _new_key = tuple.__new__
 _MARKED = (m.WriteChunk, m.ZeroChunk)  # the messages whose chunk Replica.prepare marks
+_WRITTEN = m.Written()  # a batch every item of which took its write on a current copy
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
@@ -270,8 +271,13 @@ class Replica:
         store = self.store
         if not store.has_clean():  # every chunk here is marked already
             return
-        keys = {(msg.lineage, msg.index, msg.gen) for _, msg in batch
-                if type(msg) in _MARKED}
+        keys = set()
+        for _, msg in batch:
+            t = type(msg)
+            if t in _MARKED:
+                keys.add((msg.lineage, msg.index, msg.gen))
+            elif t is m.WriteBatch:
+                keys.update((msg.lineage, i, msg.gen) for i in msg.indexes)
         if len(keys) > 1:  # (one chunk: its write marks it as cheaply)
             store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
 
@@ -302,7 +308,39 @@ class Replica:
                     getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
                     peer or self.host_id, type(e).__name__, e)
 
+    def write_batch(self, msg: m.WriteBatch) -> m.Written:
+        """Apply the items of a WriteBatch in order, each as its WriteChunk would be. The
+        first refusal ends the batch and propagates (one Error reply for all of it): the
+        items before it stay applied, and the gateway counts the whole batch as failed on
+        this host, which records the copies stale like any failed write would."""
+        volume, lineage, gen, chain = msg.volume, msg.lineage, msg.gen, msg.chain
+        indexes, offsets, lengths = msg.indexes, msg.offsets, msg.lengths
+        n = len(indexes)
+        if len(offsets) != n or len(lengths) != n or sum(lengths) != len(msg.data) \
+                or any(x < 0 for x in lengths):
+            raise InvalidArgument(f"a WriteBatch of {n} items with {len(offsets)} offsets, "
+                                  f"{len(lengths)} lengths and {len(msg.data)} bytes of data")
+        store = self.store
+        if n > 1 and store.has_clean():  # (a batch alone in its receive: no prepare call)
+            keys = {(lineage, i, gen) for i in indexes}
+            if len(keys) > 1:
+                store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
+        write, cs, fua, epoch, token = self.write, msg.chunk_size, msg.fua, msg.epoch, msg.token
+        stale = []
+        at = 0
+        data = memoryview(msg.data)  # (not released here: the store may keep a piece)
+        for k in range(n):
+            index, length = indexes[k], lengths[k]
+            write(volume, lineage, index, gen, chain, offsets[k], data[at:at + length], cs, 0,
+                  fua, epoch, token)
+            at += length
+            if self.is_stale(lineage, index):
+                stale.append(k)
+        return m.Written(tuple(stale)) if stale else _WRITTEN
+
     def _handle(self, msg):
+        if type(msg) is m.WriteBatch:
+            return self.write_batch(msg)
         if isinstance(msg, m.WriteChunk):
             v = self.write(msg.volume, msg.lineage, msg.index, msg.gen, msg.chain, msg.offset,
                            msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
@@ -346,13 +384,11 @@ class Replica:
             return repair_copy(self, msg)
         if isinstance(msg, m.Ping):
             return m.Pong(self.host_id, self._epoch())
-        from vbp.errors import InvalidArgument
-
         raise InvalidArgument(f"unexpected peer message {type(msg).__name__}")
 
 
 # the client-facing requests the replica logs (background work logs in its own modules)
-_OPS = {m.WriteChunk: "write", m.ZeroChunk: "zero", m.Flush: "flush", m.ReadChunk: "read",
+_OPS = {m.WriteChunk: "write", m.WriteBatch: "write_batch", m.ZeroChunk: "zero", m.Flush: "flush", m.ReadChunk: "read",
         m.ChunkExtents: "block_status"}
 # refusals the gateway handles by retrying (StaleEpoch) or asking another copy (StaleCopy)
 _TRANSIENT = (StaleEpoch, StaleCopy)

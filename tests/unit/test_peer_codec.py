@@ -62,6 +62,12 @@ EXAMPLES = [
     m.Flush("vol", 7, 2),
     m.Flush("vol", 7, 2, "h1-3fa9c2-1f"),
     m.WriteChunk("vol", "lin", 3, 5, (5,), 0, b"w" * 512, 4 << 20, 16, False, 7, 2, "h1-3fa9c2-20"),
+    m.WriteBatch("vol", "lin", 5, (1, 5), (3, 9, 3), (0, 4096, 8192), (4096, 512, 0),
+                 b"a" * 4096 + b"b" * 512, 4 << 20, False, 7, 2, "h1-3fa9c2-21 h1-3fa9c2-22 h1-3fa9c2-23"),
+    m.WriteBatch("vol", "lin", 5, (5,), (3,) * 16, tuple(range(0, 16 * 4096, 4096)), (4096,) * 16,
+                 b"c" * (16 * 4096), 4 << 20, True, 7, 2),  # (over LARGE_FRAME: its own buffer)
+    m.Written(),
+    m.Written((0, 3)),
     m.Ok(15),
     m.ChunkState("lin", 3, 5),
     m.ChunkStateReply(True, 15, (1, 2, 2**64 - 1)),
@@ -121,7 +127,8 @@ def test_type_ids_are_stable():
         "Hello": 1, "HelloOk": 2, "Error": 3, "Ping": 4, "Pong": 5, "ReadChunk": 10,
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
-        "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24, "ScrubChunk": 40, "ScrubState": 41,
+        "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24,
+        "WriteBatch": 25, "Written": 26, "ScrubChunk": 40, "ScrubState": 41,
         "RepairPages": 42, "Repaired": 43,
     }
 
@@ -425,9 +432,10 @@ EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
 
 def test_client_data_messages_carry_a_request_id():
     assert {cls.__name__ for cls in EVOLVED} == {
-        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok", "HelloOk"}
+        "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok", "HelloOk",
+        "WriteBatch", "Written"}
     for cls in EVOLVED:
-        if cls not in (m.Ok, m.HelloOk):
+        if cls not in (m.Ok, m.HelloOk, m.Written):
             assert "rid" in [f.name for f in _wire_order(cls)]
     # revision 2 appended after revision 1's field
     assert [f.name for f in _wire_order(m.ReadChunk)][-2:] == ["rid", "allow_stale"]

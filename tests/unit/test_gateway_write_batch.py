@@ -1,0 +1,214 @@
+"""WriteBatch: the small writes of one run the NBD server dispatches go to each replica as
+one frame (VolumeGateway.begin_writes / end_writes), over the real peer transport on
+loopback, and each write still settles as it would have on its own: a refused batch
+fails every item on that replica, a stale copy is reported item by item, an old peer or
+a large write goes one WriteChunk per write."""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from blockd.service import AsyncRegistry
+from control import api
+from replicator import messages as m
+from replicator.gateway import BATCH_ITEMS, ClusterView, VolumeGateway
+from replicator.replica import Replica
+from replicator.transport import PeerPool, serve_peers
+from vbp.chunkstore_memory import MemoryChunkStore
+from vbp.cluster import ClusterMap, HostRecord
+from vbp.errors import Fenced, InvalidArgument
+from vbp.later import Later
+from vbp.layout import ChunkKey
+from vbp.registry import open_registry
+from vbp.volume import VolumeRecord, view_of
+
+pytestmark = pytest.mark.timeout(60)
+CLUSTER = "batch"
+_POOLS = itertools.count()
+CHUNK = 1 << 20
+
+
+@asynccontextmanager
+async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV)):
+    """A gateway on h1 and replicas h1..h3, h2 and h3 served by real serve_peers; yields
+    (gateway, replicas, registry, {host: [types of the messages it handled]},
+    {host: cancel scope killing its server})."""
+    reg = open_registry(f"memory://write-batch-{next(_POOLS)}")
+    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
+    seen: dict[str, list] = {"h2": [], "h3": []}
+    async with trio.open_nursery() as nursery:
+        ports, kills = {}, {}
+        for h in ("h2", "h3"):
+            scope = trio.CancelScope()
+
+            def handler(msg, peer=None, h=h):
+                seen[h].append(msg)
+                return replicas[h].handle(msg, peer)
+
+            async def serve(h=h, scope=scope, handler=handler, task_status=trio.TASK_STATUS_IGNORED):
+                with scope:
+                    await serve_peers(handler, "127.0.0.1", 0, cluster=CLUSTER, host_id=h,
+                                      task_status=task_status)
+
+            ports[h] = await nursery.start(serve)
+            kills[h] = scope
+        hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
+                                 pod=f"p{h}", peer_rev=rev) for h, rev in zip(("h1", "h2", "h3"), revs))
+        cluster = ClusterView(ClusterMap(1, hosts))
+        api.create_volume(reg, "v", "8M", replicas=3, min_size=2, chunk_size="1M")
+        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
+            gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
+                               host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
+                               registry=AsyncRegistry(reg), token=1)
+            for i in range(8):  # connections up, every chunk made: the runs below are clean
+                await gw.write(i * CHUNK, b"\x01" * 4096, False)
+            for s in seen.values():
+                s.clear()
+            yield gw, replicas, reg, seen, kills
+        nursery.cancel_scope.cancel()
+
+
+def copy_of(replica: Replica, gw: VolumeGateway, index: int, offset: int, length: int) -> bytes:
+    store = replica.store
+    gen = store.resolve(gw.lineage, index, gw.chain_for(index))
+    return bytes(store.read(ChunkKey(gw.lineage, index, gen), offset, length))
+
+
+def run(gw: VolumeGateway, writes) -> list:
+    """What the NBD server does with a run of writes: their answers."""
+    gw.begin_writes()
+    try:
+        return [gw.write(offset, memoryview(bytearray(data)), False) for offset, data in writes]
+    finally:
+        gw.end_writes()
+
+
+async def settled(answers) -> list:
+    """Each answer's outcome: None, or the exception it failed with."""
+    out = []
+    with trio.fail_after(10):
+        for a in answers:
+            try:
+                out.append(await a if a is not None else None)
+            except Exception as e:
+                out.append(e)
+    return out
+
+
+def kinds(msgs) -> list[str]:
+    return [type(x).__name__ for x in msgs]
+
+
+def pattern(i: int) -> bytes:
+    return bytes([i + 1]) * 2048 + bytes([0xF0 | i % 16]) * 2048
+
+
+async def test_a_run_of_small_writes_is_one_write_batch_per_replica():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [((i % 8) * CHUNK + (i // 8) * 4096, pattern(i)) for i in range(12)]
+        answers = run(gw, writes)
+        assert all(type(a) is Later for a in answers)
+        assert await settled(answers) == [None] * 12
+        for h in ("h2", "h3"):
+            assert kinds(seen[h]) == ["WriteBatch"], h
+            assert seen[h][0].indexes == tuple(i % 8 for i in range(12))
+        for h, r in replicas.items():
+            for offset, data in writes:
+                assert copy_of(r, gw, offset // CHUNK, offset % CHUNK, 4096) == data, (h, offset)
+        assert all({i for i in range(8)} <= gw._unflushed[h] for h in ("h1", "h2", "h3"))
+        assert gw._inflight == 0
+        assert not reg.list_stale() and not gw.stale
+
+
+async def test_a_long_run_goes_in_batches_of_batch_items():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        n = BATCH_ITEMS * 2 + 3
+        writes = [(i * 4096, pattern(i)) for i in range(n)]
+        assert await settled(run(gw, writes)) == [None] * n
+        assert [len(x.indexes) for x in seen["h2"]] == [BATCH_ITEMS, BATCH_ITEMS, 3]
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 0, 0, n * 4096) == b"".join(d for _, d in writes), h
+
+
+async def test_writes_to_one_block_in_a_run_land_in_order_on_every_copy():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(8192, pattern(i)) for i in range(5)]
+        assert await settled(run(gw, writes)) == [None] * 5
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 0, 8192, 4096) == pattern(4), h
+
+
+async def test_large_writes_and_lone_writes_go_as_write_chunks():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        big = b"\x07" * (64 * 1024)
+        answers = run(gw, [(0, pattern(0)), (CHUNK, big), (4096, pattern(1))])
+        assert await settled(answers) == [None] * 3
+        assert sorted(kinds(seen["h2"])) == ["WriteBatch", "WriteChunk"]
+        assert await settled(run(gw, [(2 * CHUNK, pattern(2))])) == [None]
+        assert kinds(seen["h2"])[-1] == "WriteChunk"  # a batch of one is a plain write
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 1, 0, len(big)) == big, h
+            assert copy_of(r, gw, 2, 0, 4096) == pattern(2), h
+
+
+async def test_hosts_of_an_older_revision_get_write_chunks():
+    async with three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.BATCH_REV - 1)) as (gw, replicas, reg, seen, _):
+        writes = [(i * 4096, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4
+        assert kinds(seen["h3"]) == ["WriteChunk"] * 4
+        assert kinds(seen["h2"]) == ["WriteChunk"] * 4  # (one replica set, one way)
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 0, 0, 4 * 4096) == b"".join(d for _, d in writes), h
+
+
+async def test_a_batch_refused_by_a_newer_token_fences_every_write_of_it():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        replicas["h3"].learn_tokens({gw.view.volume.name: 5})  # another gateway took over
+        results = await settled(run(gw, [(i * CHUNK, pattern(i)) for i in range(4)]))
+        assert all(isinstance(r, Fenced) for r in results), results
+        assert gw.fenced and gw._inflight == 0
+        assert kinds(seen["h3"]) == ["WriteBatch"]
+        assert copy_of(replicas["h3"], gw, 0, 0, 4096) == b"\x01" * 4096  # refused: unchanged
+
+
+async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others():
+    async with three_hosts() as (gw, replicas, reg, seen, kills):
+        kills["h3"].cancel()  # takes effect at the next checkpoint: h3 still looks ready
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4
+        for i in range(4):
+            assert [r.host_id for r in reg.list_stale(gw.lineage, i)] == ["h3"], i
+            assert "h3" in gw.stale[i]
+        for h in ("h1", "h2"):
+            for offset, data in writes:
+                assert copy_of(replicas[h], gw, offset // CHUNK, 0, 4096) == data, h
+        assert gw._inflight == 0
+
+
+async def test_a_stale_copy_is_reported_for_its_own_items_only():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        replicas["h2"].stale_self = {(gw.lineage, 1)}  # h2's copy of chunk 1 is being resynced
+        writes = [(i * CHUNK, pattern(i)) for i in range(3)]
+        assert await settled(run(gw, writes)) == [None] * 3  # h1 and h3 make min_size
+        reply = replicas["h2"].write_batch(seen["h2"][0])
+        assert reply == m.Written((1,))
+        assert gw.stale.get(1) == frozenset({"h2"})
+        assert not gw.stale.get(0) and not gw.stale.get(2)
+
+
+def test_a_replica_refuses_a_batch_whose_items_do_not_add_up():
+    r = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
+    r.learn_tokens({"v": 1})
+    bad = m.WriteBatch("v", "lin", 1, (1,), (0, 1), (0, 0), (4096, 4096), b"x" * 4096,
+                       CHUNK, False, 1, 1)
+    with pytest.raises(InvalidArgument):
+        r.handle(bad)
+    assert r.store.lookup(ChunkKey("lin", 0, 1)) is None  # nothing of it was written
+    ok = m.WriteBatch("v", "lin", 1, (1,), (0, 1), (0, 0), (4096, 512), b"x" * 4096 + b"y" * 512,
+                      CHUNK, False, 1, 1)
+    assert r.handle(ok) == m.Written()
+    assert bytes(r.store.read(ChunkKey("lin", 1, 1), 0, 512)) == b"y" * 512
