@@ -14,7 +14,11 @@ Theory of operation (DESIGN.md, Data path):
   connections, no data-set change) needs no task at all (`_replicate_now`): the local copy
   is written, the frames are queued with PeerPool.queue_all, and the NBD answer is a
   vbp.later.Later that the callback seeing the last reply completes; any failure or
-  surprise there continues in a task exactly as the full path (`_settle`). The write
+  surprise there continues in a task exactly as the full path (`_settle`). While the NBD
+  server dispatches a run of writes (begin_writes .. end_writes), the small ones of that
+  case are put off and leave as one WriteBatch per replica set, their local copies
+  written once the frames are out; each write's callback then sees the replies it would
+  have had alone (`_send_batch`). The write
   is acknowledged when every reachable replica has it; replicas that failed are recorded
   stale for that chunk in the registry, and the write succeeds while at least min_size
   replicas took it. Below min_size it fails (EIO) and is not acknowledged. Which copies
@@ -935,39 +939,53 @@ class VolumeGateway:
         the first item it refuses: the items it took before are counted failed too, and
         recorded stale, like any failed write). A group of one goes as its WriteChunk."""
         first, callback, _, remote = group[0]
-        if len(group) > 1:
-            msg = m.new_write_batch(
-                first.volume, first.lineage, first.gen, first.chain,
-                tuple([w[0].index for w in group]), tuple([w[0].offset for w in group]),
-                tuple([len(w[0].data) for w in group]), b"".join([w[0].data for w in group]),
-                first.chunk_size, first.fua, first.epoch, first.token,
-                " ".join([w[0].rid for w in group]))
-            callbacks = [(w[1], w[3]) for w in group]
-            order = remote  # each write's callback wants the replies in its hosts' order
-
-            def on_replies(results: list) -> None:
-                by_address = None
-                for k, (cb, mine) in enumerate(callbacks):
-                    if mine == order:
-                        got = results
-                    else:
-                        if by_address is None:
-                            by_address = dict(zip(order, results))
-                        got = [by_address[a] for a in mine]
-                    try:
-                        cb([r if isinstance(r, Exception)
-                            else _OK_STALE if r.stale and k in r.stale else _OK for r in got])
-                    except Exception:  # (never leave the other writes unanswered)
-                        log.exception("volume=%s event=batch_reply_failed", self.name)
-
-            first, callback = msg, on_replies
         try:
-            self.pool.queue_all(remote, first, callback, now=True)
+            if len(group) > 1:
+                first, callback = self._batch_of(group), None
+            self.pool.queue_all(remote, first, callback or self._split_replies(group, remote),
+                                now=True)
         except Exception as e:  # (a message the codec refused: a bug; fail these writes)
             log.exception("volume=%s event=batch_send_failed", self.name)
-            callback([PeerUnavailable(f"sending to {a} failed: {e!r}") for a in remote])
+            for w in group:
+                try:
+                    w[1]([PeerUnavailable(f"sending to {a} failed: {e!r}") for a in w[3]])
+                except Exception:
+                    log.exception("volume=%s event=batch_reply_failed", self.name)
         for w in group:
             w[2]()  # the local copies, while the peers work on theirs
+
+    @staticmethod
+    def _batch_of(group: list) -> m.WriteBatch:
+        """The WriteBatch of `group`'s writes (_send_batch)."""
+        first = group[0][0]
+        return m.new_write_batch(
+            first.volume, first.lineage, first.gen, first.chain,
+            tuple([w[0].index for w in group]), tuple([w[0].offset for w in group]),
+            tuple([len(w[0].data) for w in group]), b"".join([w[0].data for w in group]),
+            first.chunk_size, first.fua, first.epoch, first.token,
+            " ".join([w[0].rid for w in group]))
+
+    def _split_replies(self, group: list, order: tuple):
+        """The callback of a WriteBatch sent to `order`: each write's own callback with the
+        replies it would have had alone, in the order of its replica set."""
+        callbacks = [(w[1], w[3]) for w in group]
+
+        def on_replies(results: list) -> None:
+            by_address = None
+            for k, (cb, mine) in enumerate(callbacks):
+                if mine == order:
+                    got = results
+                else:
+                    if by_address is None:
+                        by_address = dict(zip(order, results))
+                    got = [by_address[a] for a in mine]
+                try:
+                    cb([r if isinstance(r, Exception)
+                        else _OK_STALE if r.stale and k in r.stale else _OK for r in got])
+                except Exception:  # (never leave the other writes unanswered)
+                    log.exception("volume=%s event=batch_reply_failed", self.name)
+
+        return on_replies
 
     def _ready_peers(self, hosts) -> list[str] | None:
         """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all

@@ -7,6 +7,7 @@ a large write goes one WriteChunk per write."""
 from __future__ import annotations
 
 import itertools
+import logging
 from contextlib import asynccontextmanager
 
 import pytest
@@ -22,6 +23,7 @@ from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.errors import Fenced, InvalidArgument
 from vbp.later import Later
+from vbp import reqid
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.volume import VolumeRecord, view_of
@@ -212,3 +214,45 @@ def test_a_replica_refuses_a_batch_whose_items_do_not_add_up():
                       CHUNK, False, 1, 1)
     assert r.handle(ok) == m.Written()
     assert bytes(r.store.read(ChunkKey("lin", 1, 1), 0, 512)) == b"y" * 512
+
+
+class _Rids(logging.Handler):
+    """The request id in force (vbp.reqid) and the text of each line logged."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        self.lines.append((reqid.get(), record.getMessage()))
+
+
+@pytest.fixture
+def replica_log():
+    logger = logging.getLogger("vbp.replica")
+    handler, level = _Rids(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_each_item_is_logged_under_its_own_request_id(replica_log):
+    r = Replica(MemoryChunkStore(None, 1 << 30), "h2", lambda: 1)
+    r.learn_tokens({"v": 1})
+    batch = m.WriteBatch("v", "lin", 1, (1,), (0, 3), (0, 0), (512, 512), b"x" * 1024, CHUNK,
+                         False, 1, 1, "h1-ab-7 h1-ab-9")
+    r.handle(batch, "h1")
+    assert [(rid, line.split(" op=")[0]) for rid, line in replica_log] == [
+        ("h1-ab-7", "volume=v chunk=0"), ("h1-ab-9", "volume=v chunk=3")]
+    assert all("op=write event=applied gateway=h1" in line for _, line in replica_log)
+    replica_log.clear()
+    # the second item falls outside its chunk: the refusal is that item's, the first applied
+    bad = m.WriteBatch("v", "lin", 1, (1,), (0, 5), (512, CHUNK - 100), (512, 512), b"y" * 1024,
+                       CHUNK, False, 1, 1, "h1-ab-a h1-ab-b")
+    with pytest.raises(InvalidArgument):
+        r.handle(bad, "h1")
+    assert [(rid, line.split(" error=")[0]) for rid, line in replica_log] == [
+        ("h1-ab-b", "volume=v chunk=5 op=write event=refused gateway=h1")]
+    assert bytes(r.store.read(ChunkKey("lin", 0, 1), 512, 512)) == b"y" * 512
