@@ -848,11 +848,15 @@ class VolumeGateway:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, index,
                       type(msg).__name__, ",".join(hosts))
+        names = [h for h in hosts if h != self.host_id]
+        batch = self._batch
+        if (batch is not None and type(msg) is m.WriteChunk and len(msg.data) < BATCH_PIECE
+                and cv.no_batch.isdisjoint(names)):
+            return self._put_off(batch, p, msg, hosts, complete, tuple(remote), names, local)
         replies: dict = {}
         failed: dict[str, Exception] = {}
         later = Later()
         epoch = cv.epoch
-        names = [h for h in hosts if h != self.host_id]
         incarnation = self.pool.incarnation
         sent = [incarnation(h) for h in names]  # (_ready_peers: connected, no checkpoint)
         self._inflight += 1
@@ -882,35 +886,18 @@ class VolumeGateway:
                                                dict(zip(names, sent))),
                             self._write_done)
 
-        def write_here() -> None:
-            nonlocal early
-            if local:  # after the frames: the peers start on them while this copy is written
-                try:
-                    replies[self.host_id] = self.replica.handle(msg)
-                except VbpError as e:
-                    failed[self.host_id] = e
-                except Exception as e:  # the other copies are under way: this one failed
-                    log.exception("volume=%s chunk=%d event=local_write_failed", self.name, index)
-                    failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
-                got, early = early, None
-                if got:  # (a pool that called back at once: peers refused before sending)
-                    on_replies(got[0])
-
-        batch = self._batch
-        if (batch is not None and type(msg) is m.WriteChunk and len(msg.data) < BATCH_PIECE
-                and cv.no_batch.isdisjoint(names)):
-            remote = tuple(remote)
-            key = (tuple(sorted(remote)), msg.chain, msg.fua, msg.epoch, msg.token)
-            group = batch.get(key)
-            if group is None:
-                group = batch[key] = []
-            group.append((msg, on_replies, write_here, remote))
-            if len(group) >= BATCH_ITEMS:  # (a long batch goes out in parts: the peers
-                del batch[key]  # start on the first while this side goes on)
-                self._send_batch(group)
-            return later
         self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
-        write_here()
+        if local:  # after the frames: the peers start on them while this copy is written
+            try:
+                replies[self.host_id] = self.replica.handle(msg)
+            except VbpError as e:
+                failed[self.host_id] = e
+            except Exception as e:  # the other copies are under way: this one failed
+                log.exception("volume=%s chunk=%d event=local_write_failed", self.name, index)
+                failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
+            got, early = early, None
+            if got:  # (a pool that called back at once: peers refused before sending)
+                on_replies(got[0])
         return later
 
     def begin_writes(self) -> None:
@@ -930,29 +917,61 @@ class VolumeGateway:
             for group in batch.values():
                 self._send_batch(group)
 
+    def _put_off(self, batch: dict, p, msg, hosts, complete, remote: tuple, names: list,
+                 local: bool) -> Later:
+        """_replicate_now's write, put off until end_writes (or until its group is full)."""
+        key = (tuple(sorted(remote)), msg.chain, msg.fua, msg.epoch, msg.token)
+        group = batch.get(key)
+        if group is None:
+            group = batch[key] = []
+        later = Later()
+        self._inflight += 1
+        group.append((msg, later, p, hosts, complete, names, remote, local, self.cluster.epoch))
+        if len(group) >= BATCH_ITEMS:  # (a long run goes out in parts: the peers start on
+            del batch[key]  # the first while this side goes on)
+            self._send_batch(group)
+        return later
+
     def _send_batch(self, group: list) -> None:
-        """One WriteBatch of `group`'s writes (msg, callback, local write, remote
-        addresses: the same ones, in the order of each write's replica set) to those
-        peers, then their local copies. Each write's callback sees the replies it would
-        have had on its own: a Written stands for an Ok per item (stale where it says
-        so), an Error or a failed call for that failure on every item (a replica stops at
-        the first item it refuses: the items it took before are counted failed too, and
-        recorded stale, like any failed write). A group of one goes as its WriteChunk."""
-        first, callback, _, remote = group[0]
+        """Send `group`'s writes (_put_off's tuples: the same remote hosts, each write in
+        the order of its own replica set) as one WriteBatch, a group of one as its
+        WriteChunk, then write their local copies; the replies settle each write as
+        _replicate_now's callback would have (_batch_replied)."""
+        order = group[0][6]
+        incarnation = self.pool.incarnation
+        sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since _ready_peers)
+        early: list = []  # replies the pool gave before the local copies were written
+        then: list = []  # what takes them after
+
+        def on_replies(results: list) -> None:
+            if then:
+                then[0](results)
+            else:
+                early.append(results)
+
         try:
-            if len(group) > 1:
-                first, callback = self._batch_of(group), None
-            self.pool.queue_all(remote, first, callback or self._split_replies(group, remote),
-                                now=True)
+            msg = group[0][0] if len(group) == 1 else self._batch_of(group)
+            self.pool.queue_all(order, msg, on_replies, now=True)
         except Exception as e:  # (a message the codec refused: a bug; fail these writes)
             log.exception("volume=%s event=batch_send_failed", self.name)
-            for w in group:
-                try:
-                    w[1]([PeerUnavailable(f"sending to {a} failed: {e!r}") for a in w[3]])
-                except Exception:
-                    log.exception("volume=%s event=batch_reply_failed", self.name)
-        for w in group:
-            w[2]()  # the local copies, while the peers work on theirs
+            early[:] = [[PeerUnavailable(f"sending to {a} failed: {e!r}") for a in order]]
+        handle = self.replica.handle
+        here: list = []  # each write's local reply or failure (None: no local copy)
+        for w in group:  # the local copies, while the peers work on theirs
+            if not w[7]:
+                here.append(None)
+                continue
+            try:
+                here.append(handle(w[0]))
+            except VbpError as e:
+                here.append(e)
+            except Exception as e:  # the other copies are under way: this one failed
+                log.exception("volume=%s chunk=%d event=local_write_failed", self.name,
+                              w[2].index)
+                here.append(LocalFault(f"the local write failed: {e!r}"))
+        then.append(lambda results: self._batch_replied(group, here, sent, results))
+        if early:
+            then[0](early[0])
 
     @staticmethod
     def _batch_of(group: list) -> m.WriteBatch:
@@ -965,27 +984,65 @@ class VolumeGateway:
             first.chunk_size, first.fua, first.epoch, first.token,
             " ".join([w[0].rid for w in group]))
 
-    def _split_replies(self, group: list, order: tuple):
-        """The callback of a WriteBatch sent to `order`: each write's own callback with the
-        replies it would have had alone, in the order of its replica set."""
-        callbacks = [(w[1], w[3]) for w in group]
-
-        def on_replies(results: list) -> None:
-            by_address = None
-            for k, (cb, mine) in enumerate(callbacks):
-                if mine == order:
+    def _batch_replied(self, group: list, here: list, sent: dict, results: list) -> None:
+        """Settle each write of a group sent by _send_batch, given the replies of the
+        group's peers (Written, Ok for a group of one, or exceptions) in the group's order.
+        A write every copy of which took it cleanly is answered here; any other goes on
+        as _replicate_now's would (`_settle_later`, in a task)."""
+        cv = self.cluster
+        order = group[0][6]
+        batched = len(group) > 1
+        by_address = None
+        host_id = self.host_id
+        for k, (msg, later, p, hosts, complete, names, remote, local, epoch) in enumerate(group):
+            try:
+                if remote == order:
                     got = results
                 else:
                     if by_address is None:
                         by_address = dict(zip(order, results))
-                    got = [by_address[a] for a in mine]
-                try:
-                    cb([r if isinstance(r, Exception)
-                        else _OK_STALE if r.stale and k in r.stale else _OK for r in got])
-                except Exception:  # (never leave the other writes unanswered)
-                    log.exception("volume=%s event=batch_reply_failed", self.name)
-
-        return on_replies
+                    got = [by_address[a] for a in remote]
+                if batched:  # a Written stands for an Ok per item
+                    got = [r if isinstance(r, Exception)
+                           else _OK_STALE if r.stale and k in r.stale else _OK for r in got]
+                mine = here[k]
+                clean = cv.epoch == epoch and (not local or type(mine) is m.Ok and not mine.stale)
+                if clean:
+                    for r in got:
+                        if type(r) is not m.Ok or r.stale:
+                            clean = False
+                            break
+            except Exception as e:  # (a bug: this write fails, the others go on)
+                log.exception("volume=%s event=batch_reply_failed", self.name)
+                self._write_done()
+                later.fail(LocalFault(f"the write's replies could not be read: {e!r}"))
+                continue
+            index = p.index
+            if clean:
+                for h in names:
+                    self._note_unflushed(h, index, sent[h])
+                if local:
+                    self._note_unflushed(host_id, index)
+                self._write_done()
+                later.done(None)
+                continue
+            replies: dict = {}
+            failed: dict[str, Exception] = {}
+            for h, r in zip(names, got):
+                if isinstance(r, Exception):
+                    failed[h] = r
+                else:
+                    replies[h] = r
+            if local:
+                if isinstance(mine, Exception):
+                    failed[host_id] = mine
+                else:
+                    replies[host_id] = mine
+            # the full path's tail, in a task; if nothing will ever run it (the connection
+            # is gone), on_refused still ends the write's in-flight count
+            later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed,
+                                           {h: sent[h] for h in names}),
+                        self._write_done)
 
     def _ready_peers(self, hosts) -> list[str] | None:
         """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all
