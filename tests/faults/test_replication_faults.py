@@ -45,6 +45,33 @@ class Writer:
                 h.flush()
         h.flush()
 
+    def write_in_flight(self, h, n: int, depth: int = 32) -> None:
+        """`n` writes with `depth` of them in flight at once (libnbd's aio), as a guest's
+        queue sends them: the gateway gets them in runs, and its replicas get WriteBatch
+        frames. No two writes in flight share an offset, so each offset's newest
+        acknowledged write is the one it must hold. Any failure raises."""
+        import nbd
+
+        pending: dict[int, tuple[int, int, object]] = {}  # cookie -> (offset, seq, buffer)
+        busy: set[int] = set()
+        issued = 0
+        while issued < n or pending:
+            while issued < n and len(pending) < depth:
+                off = self.rng.randrange(self.region // BLOCK) * BLOCK
+                if off in busy:
+                    continue
+                self.seq += 1
+                issued += 1
+                buf = nbd.Buffer.from_bytearray(bytearray(payload(self.seq, off)))
+                pending[h.aio_pwrite(buf, off)] = (off, self.seq, buf)
+                busy.add(off)
+            h.poll(-1)
+            for cookie in [c for c in pending if h.aio_command_completed(c)]:
+                off, seq, _ = pending.pop(cookie)  # (aio_command_completed raised on error)
+                busy.discard(off)
+                self.acked[off] = seq
+        h.flush()
+
     def verify(self, h) -> None:
         for off, seq in sorted(self.acked.items()):
             got = h.pread(BLOCK, off)
@@ -145,6 +172,29 @@ def test_replica_killed_and_restarted_writer_never_fails(tmp_path):
         wait_no_stale(sb)
         log = sb.log(2)
         assert "event=resynced" in log
+        compare_replicas(sb, "r3", w)
+    finally:
+        sb.down()
+
+
+def test_replica_killed_under_writes_in_flight_no_write_fails_or_is_lost(tmp_path):
+    """Fault test 1 with a guest's queue depth: 32 writes in flight, so the replicas get
+    the writes in WriteBatch frames, while a replica is SIGKILLed and restarted."""
+    sb = start(tmp_path)
+    try:
+        sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
+               "--chunk-size", "1M")
+        w = Writer(32 * MiB, seed=4)
+        h = connect(sb.uri("r3", 0))  # gateway: host1
+        w.write_in_flight(h, 3000)
+        kill(sb, 1)  # host2, a replica of every chunk
+        w.write_in_flight(h, 3000)  # never an error: 2 of 3 replicas >= min_size
+        restart(sb)
+        w.write_in_flight(h, 3000)
+        w.verify(h)
+        h.shutdown()
+        wait_no_stale(sb)
+        assert "event=resynced" in sb.log(1)
         compare_replicas(sb, "r3", w)
     finally:
         sb.down()
