@@ -50,8 +50,8 @@ class Export(Protocol):
     # export can do once for a batch what each write would do (replicator.gateway marks
     # their chunks dirty in one commit). What it raises is logged and ignored: each
     # write() then meets it on its own.
-    # Optional, together: begin_writes() and end_writes(), called around each run of plain
-    # writes the server dispatches in one go (end_writes also when one of them raised), so
+    # Optional, together: begin_writes(count) and end_writes(), called around each run of
+    # `count` plain writes the server dispatches in one go (end_writes also when one raised), so
     # that the export can send what those writes need sent as one message
     # (replicator.gateway gathers the small writes of a run into a WriteBatch per group of
     # replicas). An answer may complete in end_writes; end_writes must not raise.

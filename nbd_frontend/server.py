@@ -507,7 +507,7 @@ class _Connection:
         answered = nbytes = 0
         end = self.end_writes
         if end is not None:
-            self.begin_writes()
+            self.begin_writes(len(writes))
         try:
             for cookie, flags, offset, length, data in writes:
                 if ids is not None:

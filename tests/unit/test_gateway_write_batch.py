@@ -16,7 +16,7 @@ import trio
 from blockd.service import AsyncRegistry
 from control import api
 from replicator import messages as m
-from replicator.gateway import BATCH_ITEMS, ClusterView, VolumeGateway
+from replicator.gateway import BATCH_ITEMS, BATCH_MIN, ClusterView, VolumeGateway
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore_memory import MemoryChunkStore
@@ -82,7 +82,7 @@ def copy_of(replica: Replica, gw: VolumeGateway, index: int, offset: int, length
 
 def run(gw: VolumeGateway, writes) -> list:
     """What the NBD server does with a run of writes: their answers."""
-    gw.begin_writes()
+    gw.begin_writes(len(writes))
     try:
         return [gw.write(offset, memoryview(bytearray(data)), False) for offset, data in writes]
     finally:
@@ -147,14 +147,24 @@ async def test_writes_to_one_block_in_a_run_land_in_order_on_every_copy():
 async def test_large_writes_and_lone_writes_go_as_write_chunks():
     async with three_hosts() as (gw, replicas, reg, seen, _):
         big = b"\x07" * (64 * 1024)
-        answers = run(gw, [(0, pattern(0)), (CHUNK, big), (4096, pattern(1))])
-        assert await settled(answers) == [None] * 3
+        answers = run(gw, [(0, pattern(0)), (CHUNK, big), (4096, pattern(1)), (8192, pattern(3))])
+        assert await settled(answers) == [None] * 4
         assert sorted(kinds(seen["h2"])) == ["WriteBatch", "WriteChunk"]
         assert await settled(run(gw, [(2 * CHUNK, pattern(2))])) == [None]
-        assert kinds(seen["h2"])[-1] == "WriteChunk"  # a batch of one is a plain write
+        assert kinds(seen["h2"])[-1] == "WriteChunk"  # a run of one is a plain write
         for h, r in replicas.items():
             assert copy_of(r, gw, 1, 0, len(big)) == big, h
             assert copy_of(r, gw, 2, 0, 4096) == pattern(2), h
+
+
+async def test_a_short_run_goes_one_write_chunk_each():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(i * 4096, pattern(i)) for i in range(BATCH_MIN - 1)]
+        assert await settled(run(gw, writes)) == [None] * len(writes)
+        assert kinds(seen["h2"]) == ["WriteChunk"] * len(writes)
+        writes = [(i * 4096, pattern(i + 8)) for i in range(BATCH_MIN)]
+        assert await settled(run(gw, writes)) == [None] * len(writes)
+        assert kinds(seen["h2"])[len(writes) - 1:] == ["WriteBatch"]
 
 
 async def test_hosts_of_an_older_revision_get_write_chunks():
@@ -194,12 +204,12 @@ async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others
 async def test_a_stale_copy_is_reported_for_its_own_items_only():
     async with three_hosts() as (gw, replicas, reg, seen, _):
         replicas["h2"].stale_self = {(gw.lineage, 1)}  # h2's copy of chunk 1 is being resynced
-        writes = [(i * CHUNK, pattern(i)) for i in range(3)]
-        assert await settled(run(gw, writes)) == [None] * 3  # h1 and h3 make min_size
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4  # h1 and h3 make min_size
         reply = replicas["h2"].write_batch(seen["h2"][0])
         assert reply == m.Written((1,))
         assert gw.stale.get(1) == frozenset({"h2"})
-        assert not gw.stale.get(0) and not gw.stale.get(2)
+        assert not gw.stale.get(0) and not gw.stale.get(2) and not gw.stale.get(3)
 
 
 def test_a_replica_refuses_a_batch_whose_items_do_not_add_up():
