@@ -288,8 +288,8 @@ class _Connection:
         self.raw = tls if tls is not None else plain_socket(self.sock)
         self.copy_writes = inspect.iscoroutinefunction(export.write)
         self.prepare_writes = getattr(export, "prepare_writes", None)  # (optional)
-        self.begin_writes = getattr(export, "begin_writes", None)  # (optional, with end_writes)
-        self.end_writes = getattr(export, "end_writes", None)
+        self.begin_writes = getattr(export, "begin_writes", None)  # (optional, together)
+        self.end_writes = getattr(export, "end_writes", None) if self.begin_writes else None
         # (never with TLS: a FileRange goes from the page cache to the socket in the clear)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None and tls is None \
             else None

@@ -103,12 +103,12 @@ SHORT_MAP_REFRESH = 1.0
 # buffer with no copy (replicator.codec.SPLIT_THRESHOLD)
 BATCH_PIECE = 32 * 1024
 BATCH_ITEMS = 16
-# Shorter runs go one WriteChunk each, joining the peer links' own batches as before. Short
-# runs are what a mixed load sends (4K random 70/30 read/write at QD32 averages runs of
-# one or two writes), and batching those cost more than it saved: at replicas=3 that load
-# fell from 18.5k-25.8k IOPS to 14.5k-18.4k, the replicas' CPU per I/O from 12-13 us to
-# 19-23 us; with runs under 4 left alone it ran at 17.4k-23.3k, and 4K random writes kept
-# their gain (fio nbd, 3 hosts on 2 cores, rounds alternated with the tree before WriteBatch)
+# Shorter runs go one WriteChunk each, joining the peer links' own batches: a run of one,
+# put off, would be sent on its own at once (a mixed load sends many: 4K random 70/30
+# read/write at QD32 averages runs of one or two writes). At replicas=3 that load ran at
+# 15.8k-20.8k IOPS with 4 here and 15.8k-20.9k with 2, against 18.8k-21.1k before
+# WriteBatch; 4K random writes QD32 11.1k-13.0k against 8.7k-10.6k (fio nbd, 3 hosts on 2
+# cores, rounds alternated)
 BATCH_MIN = 4
 _OK = m.Ok(0)  # what a Written stands for, item by item
 _OK_STALE = m.Ok(0, True)
@@ -925,6 +925,18 @@ class VolumeGateway:
             for group in batch.values():
                 self._send_batch(group)
 
+    def _send_batch(self, group: list) -> None:
+        """_send_group, and if it raises (a bug), each write of `group` it left
+        unanswered fails rather than waiting forever (a snapshot waits for them all)."""
+        try:
+            self._send_group(group)
+        except Exception as e:
+            log.exception("volume=%s event=batch_send_failed", self.name)
+            for w in group:
+                if w[1].pending:
+                    self._write_done()
+                    w[1].fail(LocalFault(f"the write could not be sent: {e!r}"))
+
     def _put_off(self, batch: dict, p, msg, hosts, complete, remote: tuple, names: list,
                  local: bool) -> Later:
         """_replicate_now's write, put off until end_writes (or until its group is full)."""
@@ -940,12 +952,19 @@ class VolumeGateway:
             self._send_batch(group)
         return later
 
-    def _send_batch(self, group: list) -> None:
+    def _send_group(self, group: list) -> None:
         """Send `group`'s writes (_put_off's tuples: the same remote hosts, each write in
         the order of its own replica set) as one WriteBatch, a group of one as its
         WriteChunk, then write their local copies; the replies settle each write as
         _replicate_now's callback would have (_batch_replied)."""
         order = group[0][6]
+        if not self.pool.ready(order):
+            # room ran out on a link since the writes were put off (its limit of requests
+            # in flight), or a connection was lost: each write takes the general path,
+            # which waits for room, rather than fail on a healthy replica
+            for msg, later, p, *_ in group:
+                later.defer(self._replicate_later(p, msg), self._write_done)
+            return
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since _ready_peers)
         early: list = []  # replies the pool gave before the local copies were written
@@ -959,7 +978,7 @@ class VolumeGateway:
 
         try:
             msg = group[0][0] if len(group) == 1 else self._batch_of(group)
-            self.pool.queue_all(order, msg, on_replies, now=True)
+            self.pool.queue_all(order, msg, on_replies, checked=True, at_once=True)  # (ready)
         except Exception as e:  # (a message the codec refused: a bug; fail these writes)
             log.exception("volume=%s event=batch_send_failed", self.name)
             early[:] = [[PeerUnavailable(f"sending to {a} failed: {e!r}") for a in order]]
@@ -980,6 +999,14 @@ class VolumeGateway:
         then.append(lambda results: self._batch_replied(group, here, sent, results))
         if early:
             then[0](early[0])
+
+    async def _replicate_later(self, p, msg) -> None:
+        """A put-off write that could not go in its batch, by the general path."""
+        current_rid.set(msg.rid)  # this task's own context: its log lines carry the id
+        try:
+            await self._replicate_piece(p, msg)
+        finally:
+            self._write_done()
 
     @staticmethod
     def _batch_of(group: list) -> m.WriteBatch:

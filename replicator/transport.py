@@ -947,14 +947,14 @@ class PeerPool:
         return True
 
     def queue_all(self, addresses, message, on_replies, *, checked: bool = False,
-                  now: bool = False) -> None:
+                  at_once: bool = False) -> None:
         """call_all without a task: queue `message` to every peer of `addresses` now;
         `on_replies(list)` is called once, from the task that sees the last reply (or the
         timeout), with the list call_all would return. It must not raise or block. Check
         ready() first: a peer that is not gets PeerUnavailable at once, through
         `on_replies` (before this returns). `checked`: the caller has just seen ready()
-        say so, with no checkpoint since (the check is then not made twice). `now`: send
-        the frame at once, not with the writer's next batch (a batch of writes already)."""
+        say so, with no checkpoint since (the check is then not made twice). `at_once`:
+        send the frame now, not with the writer's next batch (a batch of writes already)."""
         if not checked and not self.ready(addresses):
             on_replies([PeerUnavailable(f"peer {a}: no connection ready") for a in addresses])
             return
@@ -973,7 +973,7 @@ class PeerPool:
             request_id = conn.next_id
             conn.next_id += 1
             link = conn.link
-            if not now and (conn.pending or link.out) and len(link.out) < SEND_EARLY:
+            if not at_once and (conn.pending or link.out) and len(link.out) < SEND_EARLY:
                 link.queue_frame(frame(request_id, prepared))  # joins the writer's batch
             else:  # idle (QD1), or enough queued for the peer to start on: sent now
                 link.send_soon(frame(request_id, prepared))

@@ -33,6 +33,11 @@ class Later:
 
     # --- the export's side ------------------------------------------------------------
 
+    @property
+    def pending(self) -> bool:
+        """Neither done, failed nor deferred yet."""
+        return self._kind is _PENDING
+
     def done(self, value=None) -> None:
         self._settle("done", value)
 

@@ -266,3 +266,42 @@ def test_each_item_is_logged_under_its_own_request_id(replica_log):
     assert [(rid, line.split(" error=")[0]) for rid, line in replica_log] == [
         ("h1-ab-b", "volume=v chunk=5 op=write event=refused gateway=h1")]
     assert bytes(r.store.read(ChunkKey("lin", 0, 1), 512, 512)) == b"y" * 512
+
+
+async def test_writes_put_off_when_a_link_has_no_room_left_wait_for_it():
+    """A link that reached its limit of requests in flight between the writes and the end
+    of their run: the writes take the general path, which waits for room, and no healthy
+    replica is recorded stale."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        gw.begin_writes(len(writes))
+        answers = [gw.write(offset, memoryview(bytearray(data)), False) for offset, data in writes]
+        limit, gw.pool.max_in_flight = gw.pool.max_in_flight, 0  # every link full now
+        gw.end_writes()
+        gw.pool.max_in_flight = limit
+        assert await settled(answers) == [None] * 4
+        assert kinds(seen["h2"]) == ["WriteChunk"] * 4
+        assert not reg.list_stale() and not gw.stale
+        for h, r in replicas.items():
+            for offset, data in writes:
+                assert copy_of(r, gw, offset // CHUNK, 0, 4096) == data, h
+        assert gw._inflight == 0
+
+
+async def test_a_frame_joins_a_busy_link_s_batch_unless_sent_at_once():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        pool = gw.pool
+        address = next(iter(pool._conns))
+        link = pool._conns[address].link
+        msg = m.Ping(1)
+        got = []
+        pool.queue_all([address], msg, got.append)  # an idle link: sent now
+        assert link.out == []
+        pool.queue_all([address], msg, got.append)  # a request in flight: queued
+        assert len(link.out) == 1
+        pool.queue_all([address], msg, got.append, at_once=True)  # sent, with the queued one
+        assert link.out == []
+        with trio.fail_after(5):
+            while len(got) < 3:
+                await trio.sleep(0.01)
+        assert all(type(r[0]) is m.Pong for r in got)
