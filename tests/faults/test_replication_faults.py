@@ -155,49 +155,40 @@ def compare_replicas(sb: SandboxHandle, volume: str, writer: Writer) -> None:
             st.close()
 
 
-def test_replica_killed_and_restarted_writer_never_fails(tmp_path):
+def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int) -> None:
+    """Fault test 1: `burst(writer, handle)` writes through host1 (the gateway) before,
+    while and after `host` (a replica of every chunk) is SIGKILLed and restarted. No write
+    may fail (2 of 3 replicas >= min_size), and every acknowledged one reads back, through
+    the gateway and from every replica's own store."""
     sb = start(tmp_path)
     try:
         sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
                "--chunk-size", "1M")
-        w = Writer(32 * MiB, seed=1)
-        h = connect(sb.uri("r3", 0))  # gateway: host1
-        w.write(h, 300)
-        kill(sb, 2)  # host3, a replica of every chunk
-        w.write(h, 300)  # never an error: 2 of 3 replicas >= min_size
+        w = Writer(32 * MiB, seed=seed)
+        h = connect(sb.uri("r3", 0))
+        burst(w, h)
+        kill(sb, host)
+        burst(w, h)
         restart(sb)
-        w.write(h, 300)
+        burst(w, h)
         w.verify(h)
         h.shutdown()
         wait_no_stale(sb)
-        log = sb.log(2)
-        assert "event=resynced" in log
+        assert "event=resynced" in sb.log(host)
         compare_replicas(sb, "r3", w)
     finally:
         sb.down()
+
+
+def test_replica_killed_and_restarted_writer_never_fails(tmp_path):
+    replica_killed_and_restarted(tmp_path, lambda w, h: w.write(h, 300), seed=1, host=2)
 
 
 def test_replica_killed_under_writes_in_flight_no_write_fails_or_is_lost(tmp_path):
-    """Fault test 1 with a guest's queue depth: 32 writes in flight, so the replicas get
-    the writes in WriteBatch frames, while a replica is SIGKILLed and restarted."""
-    sb = start(tmp_path)
-    try:
-        sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
-               "--chunk-size", "1M")
-        w = Writer(32 * MiB, seed=4)
-        h = connect(sb.uri("r3", 0))  # gateway: host1
-        w.write_in_flight(h, 3000)
-        kill(sb, 1)  # host2, a replica of every chunk
-        w.write_in_flight(h, 3000)  # never an error: 2 of 3 replicas >= min_size
-        restart(sb)
-        w.write_in_flight(h, 3000)
-        w.verify(h)
-        h.shutdown()
-        wait_no_stale(sb)
-        assert "event=resynced" in sb.log(1)
-        compare_replicas(sb, "r3", w)
-    finally:
-        sb.down()
+    """With a guest's queue depth: 32 writes in flight, so the replicas get the writes in
+    WriteBatch frames."""
+    replica_killed_and_restarted(tmp_path, lambda w, h: w.write_in_flight(h, 3000), seed=4,
+                                 host=1)
 
 
 def test_gateway_killed_client_reconnects_elsewhere(tmp_path):
