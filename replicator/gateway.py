@@ -860,52 +860,73 @@ class VolumeGateway:
         if (batch is not None and type(msg) is m.WriteChunk and len(msg.data) < BATCH_PIECE
                 and cv.no_batch.isdisjoint(names)):
             return self._put_off(batch, p, msg, hosts, complete, tuple(remote), names, local)
-        replies: dict = {}
-        failed: dict[str, Exception] = {}
         later = Later()
         epoch = cv.epoch
         incarnation = self.pool.incarnation
-        sent = [incarnation(h) for h in names]  # (_ready_peers: connected, no checkpoint)
+        sent = {h: incarnation(h) for h in names}  # (_ready_peers: connected, no checkpoint)
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
+        mine = None  # the local copy's reply or failure
 
         def on_replies(results: list) -> None:
             if early is not None:
                 early.append(results)
-                return
-            for h, r in zip(names, results):
-                if isinstance(r, Exception):
-                    failed[h] = r
-                else:
-                    replies[h] = r
-            if not failed and cv.epoch == epoch and not any(
-                    getattr(r, "stale", False) for r in replies.values()):
-                for h, b in zip(names, sent):
-                    self._note_unflushed(h, index, b)
-                if local:
-                    self._note_unflushed(self.host_id, index)
-                self._write_done()
-                later.done(None)
-            else:  # the full path's tail, in a task; if nothing will ever run it (the
-                # connection is gone), on_refused still ends the write's in-flight count
-                later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed,
-                                               dict(zip(names, sent))),
-                            self._write_done)
+            else:
+                self._replied(later, p, msg, hosts, complete, epoch, names, sent, results, mine)
 
         self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
         if local:  # after the frames: the peers start on them while this copy is written
-            try:
-                replies[self.host_id] = self.replica.handle(msg)
-            except VbpError as e:
-                failed[self.host_id] = e
-            except Exception as e:  # the other copies are under way: this one failed
-                log.exception("volume=%s chunk=%d event=local_write_failed", self.name, index)
-                failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
+            mine = self._write_here(msg)
             got, early = early, None
             if got:  # (a pool that called back at once: peers refused before sending)
                 on_replies(got[0])
         return later
+
+    def _write_here(self, msg):
+        """This host's copy of a replicated write: its reply, or its failure as a value
+        (the other copies are under way: the write goes on without this one)."""
+        try:
+            return self.replica.handle(msg)
+        except VbpError as e:
+            return e
+        except Exception as e:
+            log.exception("volume=%s chunk=%d event=local_write_failed", self.name, msg.index)
+            return LocalFault(f"the local write failed: {e!r}")
+
+    def _replied(self, later: Later, p, msg, hosts, complete, epoch: int, names: list,
+                 sent: dict, got: list, mine) -> None:
+        """Settle a write sent without a task (_replicate_now, _send_group): `got` holds
+        the replies of the remote `names` in order (or their failures), `mine` the local
+        copy's (None: no local copy). A write every copy of which took it cleanly is
+        answered here; any other goes on as the full path would (`_settle_later`, in a
+        task; if nothing will ever run it, the connection being gone, on_refused still
+        ends the write's in-flight count)."""
+        clean = self.cluster.epoch == epoch
+        if clean:
+            for r in got if mine is None else (*got, mine):
+                if isinstance(r, Exception) or getattr(r, "stale", False):
+                    clean = False
+                    break
+        if clean:
+            index = p.index
+            for h in names:
+                self._note_unflushed(h, index, sent[h])
+            if mine is not None:
+                self._note_unflushed(self.host_id, index)
+            self._write_done()
+            later.done(None)
+            return
+        replies: dict = {}
+        failed: dict[str, Exception] = {}
+        pairs = zip(names, got)
+        for h, r in pairs if mine is None else (*pairs, (self.host_id, mine)):
+            if isinstance(r, Exception):
+                failed[h] = r
+            else:
+                replies[h] = r
+        later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed, sent),
+                    self._write_done)
 
     def begin_writes(self, count: int) -> None:
         """The NBD server is about to dispatch a run of `count` writes: if there are at
@@ -982,20 +1003,8 @@ class VolumeGateway:
         except Exception as e:  # (a message the codec refused: a bug; fail these writes)
             log.exception("volume=%s event=batch_send_failed", self.name)
             early[:] = [[PeerUnavailable(f"sending to {a} failed: {e!r}") for a in order]]
-        handle = self.replica.handle
-        here: list = []  # each write's local reply or failure (None: no local copy)
-        for w in group:  # the local copies, while the peers work on theirs
-            if not w[7]:
-                here.append(None)
-                continue
-            try:
-                here.append(handle(w[0]))
-            except VbpError as e:
-                here.append(e)
-            except Exception as e:  # the other copies are under way: this one failed
-                log.exception("volume=%s chunk=%d event=local_write_failed", self.name,
-                              w[2].index)
-                here.append(LocalFault(f"the local write failed: {e!r}"))
+        # the local copies, while the peers work on theirs (None: no local copy)
+        here = [self._write_here(w[0]) if w[7] else None for w in group]
         then.append(lambda results: self._batch_replied(group, here, sent, results))
         if early:
             then[0](early[0])
@@ -1020,15 +1029,12 @@ class VolumeGateway:
             " ".join([w[0].rid for w in group]))
 
     def _batch_replied(self, group: list, here: list, sent: dict, results: list) -> None:
-        """Settle each write of a group sent by _send_batch, given the replies of the
-        group's peers (Written, Ok for a group of one, or exceptions) in the group's order.
-        A write every copy of which took it cleanly is answered here; any other goes on
-        as _replicate_now's would (`_settle_later`, in a task)."""
-        cv = self.cluster
+        """Settle each write of a group sent by _send_group (`_replied`), given the replies
+        of the group's peers (Written, Ok for a group of one, or exceptions) in the
+        group's order, and `here`, the local copies' replies."""
         order = group[0][6]
         batched = len(group) > 1
         by_address = None
-        host_id = self.host_id
         for k, (msg, later, p, hosts, complete, names, remote, local, epoch) in enumerate(group):
             try:
                 if remote == order:
@@ -1040,44 +1046,12 @@ class VolumeGateway:
                 if batched:  # a Written stands for an Ok per item
                     got = [r if isinstance(r, Exception)
                            else _OK_STALE if r.stale and k in r.stale else _OK for r in got]
-                mine = here[k]
-                clean = cv.epoch == epoch and (not local or type(mine) is m.Ok and not mine.stale)
-                if clean:
-                    for r in got:
-                        if type(r) is not m.Ok or r.stale:
-                            clean = False
-                            break
             except Exception as e:  # (a bug: this write fails, the others go on)
                 log.exception("volume=%s event=batch_reply_failed", self.name)
                 self._write_done()
                 later.fail(LocalFault(f"the write's replies could not be read: {e!r}"))
                 continue
-            index = p.index
-            if clean:
-                for h in names:
-                    self._note_unflushed(h, index, sent[h])
-                if local:
-                    self._note_unflushed(host_id, index)
-                self._write_done()
-                later.done(None)
-                continue
-            replies: dict = {}
-            failed: dict[str, Exception] = {}
-            for h, r in zip(names, got):
-                if isinstance(r, Exception):
-                    failed[h] = r
-                else:
-                    replies[h] = r
-            if local:
-                if isinstance(mine, Exception):
-                    failed[host_id] = mine
-                else:
-                    replies[host_id] = mine
-            # the full path's tail, in a task; if nothing will ever run it (the connection
-            # is gone), on_refused still ends the write's in-flight count
-            later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed,
-                                           {h: sent[h] for h in names}),
-                        self._write_done)
+            self._replied(later, p, msg, hosts, complete, epoch, names, sent, got, here[k])
 
     def _ready_peers(self, hosts) -> list[str] | None:
         """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all

@@ -322,7 +322,8 @@ class Replica:
     def _refused(self, msg, e: VbpError, peer: str | None) -> None:
         if type(msg) is m.WriteBatch and isinstance(getattr(e, "batch_item", None), int):
             k = e.batch_item
-            self._as_item(msg, k, log.log, logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
+            level = logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING
+            self._as_item(msg, k, log.log, level,
                           "volume=%s chunk=%s op=write event=refused gateway=%s error=%s: %s",
                           msg.volume, msg.indexes[k], peer or self.host_id, type(e).__name__, e)
             return
@@ -417,7 +418,7 @@ class Replica:
 
 
 # the client-facing requests the replica logs (background work logs in its own modules)
-_OPS = {m.WriteChunk: "write", m.WriteBatch: "write_batch", m.ZeroChunk: "zero", m.Flush: "flush", m.ReadChunk: "read",
-        m.ChunkExtents: "block_status"}
+_OPS = {m.WriteChunk: "write", m.WriteBatch: "write_batch", m.ZeroChunk: "zero", m.Flush: "flush",
+        m.ReadChunk: "read", m.ChunkExtents: "block_status"}
 # refusals the gateway handles by retrying (StaleEpoch) or asking another copy (StaleCopy)
 _TRANSIENT = (StaleEpoch, StaleCopy)
