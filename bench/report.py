@@ -84,6 +84,14 @@ def _x(v):
     return "–" if v is None else f"{v:.2f}x"
 
 
+def _machine(rec: dict) -> str:
+    busy = rec.get("machine_us_per_io")
+    if busy is None:
+        return "–"
+    kernel = rec.get("kernel_us_per_io")
+    return _f(busy, 1) + ("" if kernel is None else f" ({_f(kernel, 1)})")
+
+
 def headline(wl: str) -> str:
     w = WORKLOADS.get(wl)
     return w.headline if w else "iops"
@@ -137,8 +145,13 @@ def markdown(result: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += ["## Absolute figures (medians)", "",
-              "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU µs/IO |",
-              "|---|---|---|---|---|---|---|"]
+              "Server CPU: the target's processes. Machine CPU: the whole machine's busy time "
+              "over the job (fio, the server, the kernel's loopback TCP, page cache and "
+              "writeback), and in brackets the kernel's part; on a machine a job saturates, "
+              "it bounds the speed (CPUs / machine CPU per IO).", "",
+              "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU µs/IO | "
+              "machine CPU µs/IO (kernel) |",
+              "|---|---|---|---|---|---|---|---|"]
     for wl, per in med.items():
         for t in targets:
             rec = per.get(t)
@@ -150,7 +163,8 @@ def markdown(result: dict) -> str:
             else:
                 cpu_s = _f(cpu, 1)
             lines.append(f"| {wl} | {t} | {_f(rec.get('iops'))} | {_f(rec.get('mib_s'), 1)} | "
-                         f"{_f(rec.get('p50_us'), 1)} | {_f(rec.get('p99_us'), 1)} | {cpu_s} |")
+                         f"{_f(rec.get('p50_us'), 1)} | {_f(rec.get('p99_us'), 1)} | {cpu_s} | "
+                         f"{_machine(rec)} |")
     lines.append("")
     beside = [(wl, t, rec) for wl, per in med.items() for t in targets
               if (rec := per.get(t)) and rec.get("p999_us") is not None]

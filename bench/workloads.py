@@ -2,7 +2,13 @@
 against every target, and the parsing of their results into one flat record:
 
     {"iops": float, "mib_s": float, "p50_us": float|None, "p99_us": float|None,
-     "seconds": float, "cpu_us_per_io": float|None}
+     "seconds": float, "cpu_us_per_io": float|None,
+     "machine_us_per_io": float|None, "kernel_us_per_io": float|None}
+
+cpu_us_per_io is the server's processes' CPU; machine_us_per_io the whole machine's busy
+time over the job (client, server, kernel threads), and kernel_us_per_io the kernel's part
+of it. On a machine the job saturates, throughput is about the CPUs over the machine time
+per IO: the ratio of two targets' machine times per IO bounds the ratio of their speeds.
 
 Latencies are fio completion latencies (clat). For the mixed job they are the reads';
 the writes' are kept as "w_p50_us"/"w_p99_us". For the fsync job each write is followed by
@@ -23,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.targets import Target, cpu_seconds
+from bench.targets import Target, cpu_seconds, machine_cpu
 
 MiB = 1 << 20
 
@@ -129,14 +135,26 @@ def parse_fio(doc: dict) -> dict:
 def run_fio(w: Workload, target: Target, ctx: JobContext) -> dict:
     out = ctx.workdir / f"fio-{target.name}-{w.name}.json"
     cmd = fio_command(w, target.uri, ctx.size, ctx.runtime, out)
-    cpu0 = cpu_seconds(target.pids())
+    cpu0, machine0 = cpu_seconds(target.pids()), machine_cpu()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.runtime * 4 + 60)
-    cpu = cpu_seconds(target.pids()) - cpu0
+    cpu, machine = cpu_seconds(target.pids()) - cpu0, _since(machine0)
     if p.returncode != 0:
         raise RunError(f"fio {w.name} on {target.name} exited {p.returncode}: "
                        f"{(p.stderr or p.stdout).strip()[-500:]}")
-    rec = parse_fio(json.loads(out.read_text()))
-    rec["cpu_us_per_io"] = cpu * 1e6 / rec["ios"] if rec["ios"] else None
+    return _per_io(parse_fio(json.loads(out.read_text())), cpu, machine)
+
+
+def _since(machine0: tuple[float, float]) -> tuple[float, float]:
+    busy, kernel = machine_cpu()
+    return busy - machine0[0], kernel - machine0[1]
+
+
+def _per_io(rec: dict, cpu: float, machine: tuple[float, float]) -> dict:
+    """`rec` with its CPU figures per IO (see the module's docstring)."""
+    ios = rec["ios"]
+    rec["cpu_us_per_io"] = cpu * 1e6 / ios if ios else None
+    rec["machine_us_per_io"] = machine[0] * 1e6 / ios if ios else None
+    rec["kernel_us_per_io"] = machine[1] * 1e6 / ios if ios else None
     return rec
 
 
@@ -164,17 +182,15 @@ def run_nbdcopy(w: Workload, target: Target, ctx: JobContext) -> dict:
 
 
 def run_fua(w: Workload, target: Target, ctx: JobContext) -> dict:
-    cpu0 = cpu_seconds(target.pids())
+    cpu0, machine0 = cpu_seconds(target.pids()), machine_cpu()
     p = subprocess.run([sys.executable, "-m", "bench.fua_client", target.uri, str(ctx.size),
                         f"{ctx.runtime:g}"], capture_output=True, text=True,
                        timeout=ctx.runtime * 4 + 60)
-    cpu = cpu_seconds(target.pids()) - cpu0
+    cpu, machine = cpu_seconds(target.pids()) - cpu0, _since(machine0)
     if p.returncode != 0:
         raise RunError(f"{w.name} on {target.name} exited {p.returncode}: "
                        f"{(p.stderr or p.stdout).strip()[-500:]}")
-    rec = json.loads(p.stdout)
-    rec["cpu_us_per_io"] = cpu * 1e6 / rec["ios"] if rec["ios"] else None
-    return rec
+    return _per_io(json.loads(p.stdout), cpu, machine)
 
 
 def run(w: Workload, target: Target, ctx: JobContext) -> dict:

@@ -101,6 +101,10 @@ def test_quick_run_writes_result_with_ratios(tmp_path):
     assert result["errors"] == []
     ratio = result["ratios"]["randread-4k-qd32"]["vbp-r1"]["qemu-nbd"]["iops"]
     assert isinstance(ratio, float) and ratio > 0
+    for t in ("qemu-nbd", "vbp-r1"):  # the whole machine's CPU per IO, and the kernel's part
+        rec = result["medians"]["randread-4k-qd32"][t]
+        assert 0 < rec["kernel_us_per_io"] < rec["machine_us_per_io"]
+    assert "machine CPU µs/IO (kernel)" in path.with_suffix(".md").read_text()
     assert {g["status"] for g in result["goals"]} <= {"PASS", "SHORT", "n/a"}
     assert path.with_suffix(".md").exists()
     assert not (tmp_path / "latest.md").exists()
