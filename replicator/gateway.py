@@ -138,6 +138,7 @@ class ClusterView:
         self._cache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._tcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._wcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self._rcache: dict[tuple[str, int, int, str], tuple | None] = {}
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
@@ -154,6 +155,7 @@ class ClusterView:
         self._cache.clear()
         self._tcache.clear()
         self._wcache.clear()
+        self._rcache.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
         # hosts whose decoder predates request ids (an upgrade under way): sent none
@@ -199,6 +201,34 @@ class ClusterView:
         if hosts is None:
             hosts = self._wcache[k] = self.replicas(lineage, index, n) + self.joining(lineage, index, n)
         return hosts
+
+    def route(self, lineage: str, index: int, n: int, me: str) -> tuple | None:
+        """What the map says of a write to the chunk from host `me`, for the gateway's
+        fast path (VolumeGateway._replicate_now): (write set, complete replicas, the other
+        hosts' peer addresses in order, their ids, whether `me` holds a copy, whether they
+        all take WriteBatch, the addresses sorted). None when the map alone rules the fast
+        path out: a data-set change under way (hosts joining), fewer than `n` copies, no
+        other host, another host down, a host of the pool without request ids. Cached with the placement:
+        the map decides it all, so a new map (set_map) clears it."""
+        k = (lineage, index, n, me)
+        try:
+            return self._rcache[k]
+        except KeyError:
+            pass
+        r = self._rcache[k] = self._route(lineage, index, n, me)
+        return r
+
+    def _route(self, lineage: str, index: int, n: int, me: str) -> tuple | None:
+        hosts = self.write_set(lineage, index, n)
+        complete = self.replicas(lineage, index, n)
+        if len(hosts) != len(complete) or len(complete) < n:
+            return None
+        names = [h for h in hosts if h != me]
+        if not names or self.no_rid or any(h not in self._up for h in names):
+            return None
+        remote = tuple(self._addr[h] for h in names)
+        return (hosts, complete, remote, names, len(names) < len(hosts),
+                self.no_batch.isdisjoint(names), tuple(sorted(remote)))
 
     def is_up(self, host_id: str) -> bool:
         return host_id in self._up
@@ -358,6 +388,17 @@ class VolumeGateway:
         if s is None:
             s = self._unflushed[host] = set()
         s.add(index)
+        if sent is not None:
+            b = self._sent_at.get(host)
+            if b is None or sent < b:
+                self._sent_at[host] = sent
+
+    def _note_all_unflushed(self, host: str, indexes, sent: int | None) -> None:
+        """_note_unflushed of each chunk of `indexes`, at once."""
+        s = self._unflushed.get(host)
+        if s is None:
+            s = self._unflushed[host] = set()
+        s.update(indexes)
         if sent is not None:
             b = self._sent_at.get(host)
             if b is None or sent < b:
@@ -840,30 +881,28 @@ class VolumeGateway:
             return None
         cv = self.cluster
         index = p.index
-        hosts = cv.write_set(self.lineage, index, self.n)
-        complete = cv.replicas(self.lineage, index, self.n)
-        if (len(hosts) != len(complete) or len(complete) < self.n
-                or self.stale.get(index)):
-            # (fewer copies than the volume wants: our map may lag hosts that joined, and
-            # the general path reads it again first; a write here would leave their copies
-            # behind with no stale record)
+        # (fewer copies than the volume wants: our map may lag hosts that joined, and the
+        # general path reads it again first; a write here would leave their copies behind
+        # with no stale record)
+        route = cv.route(self.lineage, index, self.n, self.host_id)
+        if route is None or self.stale.get(index):
             return None
-        remote = self._ready_peers(hosts)
-        if remote is None:
+        hosts, complete, remote, names, local, batchable, by_address = route
+        ready = getattr(self.pool, "ready", None)
+        if ready is None or not ready(remote):
             return None
-        local = self.host_id in hosts
         if log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, index,
                       type(msg).__name__, ",".join(hosts))
-        names = [h for h in hosts if h != self.host_id]
         batch = self._batch
-        if (batch is not None and type(msg) is m.WriteChunk and len(msg.data) < BATCH_PIECE
-                and cv.no_batch.isdisjoint(names)):
-            return self._put_off(batch, p, msg, hosts, complete, tuple(remote), names, local)
+        if (batch is not None and batchable and type(msg) is m.WriteChunk
+                and len(msg.data) < BATCH_PIECE):
+            return self._put_off(batch, p, msg, hosts, complete, remote, names, local,
+                                 by_address)
         later = Later()
         epoch = cv.epoch
         incarnation = self.pool.incarnation
-        sent = {h: incarnation(h) for h in names}  # (_ready_peers: connected, no checkpoint)
+        sent = {h: incarnation(h) for h in names}  # (ready: connected, no checkpoint)
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
@@ -875,7 +914,7 @@ class VolumeGateway:
             else:
                 self._replied(later, p, msg, hosts, complete, epoch, names, sent, results, mine)
 
-        self.pool.queue_all(remote, msg, on_replies, checked=True)  # (_ready_peers)
+        self.pool.queue_all(remote, msg, on_replies, checked=True)  # (ready)
         if local:  # after the frames: the peers start on them while this copy is written
             mine = self._write_here(msg)
             got, early = early, None
@@ -959,9 +998,10 @@ class VolumeGateway:
                     w[1].fail(LocalFault(f"the write could not be sent: {e!r}"))
 
     def _put_off(self, batch: dict, p, msg, hosts, complete, remote: tuple, names: list,
-                 local: bool) -> Later:
-        """_replicate_now's write, put off until end_writes (or until its group is full)."""
-        key = (tuple(sorted(remote)), msg.chain, msg.fua, msg.epoch, msg.token)
+                 local: bool, by_address: tuple) -> Later:
+        """_replicate_now's write, put off until end_writes (or until its group is full).
+        `by_address`: `remote` sorted, the same for every write to the same hosts."""
+        key = (by_address, msg.chain, msg.fua, msg.epoch, msg.token)
         group = batch.get(key)
         if group is None:
             group = batch[key] = []
@@ -987,7 +1027,7 @@ class VolumeGateway:
                 later.defer(self._replicate_later(p, msg), self._write_done)
             return
         incarnation = self.pool.incarnation
-        sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since _ready_peers)
+        sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since ready())
         early: list = []  # replies the pool gave before the local copies were written
         then: list = []  # what takes them after
 
@@ -1032,8 +1072,10 @@ class VolumeGateway:
         """Settle each write of a group sent by _send_group (`_replied`), given the replies
         of the group's peers (Written, Ok for a group of one, or exceptions) in the
         group's order, and `here`, the local copies' replies."""
-        order = group[0][6]
         batched = len(group) > 1
+        if batched and self._all_clean(group, here, sent, results):
+            return
+        order = group[0][6]
         by_address = None
         for k, (msg, later, p, hosts, complete, names, remote, local, epoch) in enumerate(group):
             try:
@@ -1052,6 +1094,30 @@ class VolumeGateway:
                 later.fail(LocalFault(f"the write's replies could not be read: {e!r}"))
                 continue
             self._replied(later, p, msg, hosts, complete, epoch, names, sent, got, here[k])
+
+    def _all_clean(self, group: list, here: list, sent: dict, results: list) -> bool:
+        """_batch_replied's common case, settled in one pass: every peer wrote every item
+        of the batch (a Written with nothing stale), every local copy too, and the epoch
+        is the one the writes left in. Each write is answered as _replied would answer it,
+        and the chunks' unflushed notes are taken once per host for the whole group.
+        False, with nothing done, in any other case."""
+        epoch = self.cluster.epoch
+        for r in results:
+            if type(r) is not m.Written or r.stale:
+                return False
+        for w, mine in zip(group, here):
+            if w[8] != epoch or (mine is not None and (type(mine) is not m.Ok or mine.stale)):
+                return False
+        indexes = {w[2].index for w in group}
+        for h in group[0][5]:  # (every write of a group goes to the same other hosts)
+            self._note_all_unflushed(h, indexes, sent[h])
+        local = [w[2].index for w, mine in zip(group, here) if mine is not None]
+        if local:
+            self._note_all_unflushed(self.host_id, local, None)
+        for w in group:
+            self._write_done()
+            w[1].done(None)
+        return True
 
     def _ready_peers(self, hosts) -> list[str] | None:
         """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all

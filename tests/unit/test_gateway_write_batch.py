@@ -7,6 +7,7 @@ a large write goes one WriteChunk per write."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace as dc_replace
 import logging
 from contextlib import asynccontextmanager
 
@@ -305,3 +306,48 @@ async def test_a_frame_joins_a_busy_link_s_batch_unless_sent_at_once():
             while len(got) < 3:
                 await trio.sleep(0.01)
         assert all(type(r[0]) is m.Pong for r in got)
+
+
+async def test_a_clean_batch_leaves_each_copy_to_the_next_flush():
+    """A run every copy took cleanly is settled in one pass (_all_clean): each write is
+    answered, none is left counted in flight, and every host's copy of every chunk of the
+    run is noted unflushed, so the next flush goes to every replica."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        f = gw.flush()
+        if f is not None:
+            await f
+        assert gw._unflushed == {}
+        for s in seen.values():
+            s.clear()
+        writes = [((i % 5) * CHUNK + (i // 5) * 4096, pattern(i)) for i in range(10)]
+        assert await settled(run(gw, writes)) == [None] * 10
+        assert gw._inflight == 0
+        for s in seen.values():
+            assert kinds(s) == ["WriteBatch"]
+            s.clear()
+        assert gw._unflushed == {h: set(range(5)) for h in ("h1", "h2", "h3")}
+        assert set(gw._sent_at) == {"h2", "h3"}
+        await gw.flush()
+        for h in ("h2", "h3"):
+            assert kinds(seen[h]) == ["Flush"], h
+
+
+def test_the_write_route_follows_the_map():
+    """ClusterView.route (the fast path's view of a chunk) is cached per map: a map with a
+    host down, or with a host of an older revision, gives the route that map implies."""
+    hosts = tuple(HostRecord(h, f"127.0.0.1:{p}", f"127.0.0.1:{p}", pod=f"p{h}", peer_rev=m.PEER_REV)
+                  for h, p in (("h1", 1), ("h2", 2), ("h3", 3)))
+    cv = ClusterView(ClusterMap(1, hosts))
+    r = cv.route("L", 0, 3, "h1")
+    assert r is cv.route("L", 0, 3, "h1")  # cached
+    all_hosts, complete, remote, names, local, batchable, by_address = r
+    assert set(all_hosts) == {"h1", "h2", "h3"} and complete == all_hosts and local
+    assert sorted(names) == ["h2", "h3"] and by_address == ("127.0.0.1:2", "127.0.0.1:3")
+    assert remote == tuple(f"127.0.0.1:{n[1]}" for n in names) and batchable
+    assert cv.route("L", 0, 4, "h1") is None  # fewer copies than wanted
+    down = tuple(dc_replace(h, state="down") if h.id == "h3" else h for h in hosts)
+    cv.set_map(ClusterMap(2, down))
+    assert cv.route("L", 0, 3, "h1") is None
+    old = tuple(dc_replace(h, peer_rev=m.BATCH_REV - 1) if h.id == "h2" else h for h in hosts)
+    cv.set_map(ClusterMap(3, old))
+    assert cv.route("L", 0, 3, "h1")[5] is False  # not batchable: h2 takes no WriteBatch
