@@ -110,6 +110,7 @@ BATCH_ITEMS = 16
 # WriteBatch; 4K random writes QD32 11.1k-13.0k against 8.7k-10.6k (fio nbd, 3 hosts on 2
 # cores, rounds alternated)
 BATCH_MIN = 4
+_NO_ROUTE = object()  # (ClusterView.route: not computed yet; None is a route's answer)
 _OK = m.Ok(0)  # what a Written stands for, item by item
 _OK_STALE = m.Ok(0, True)
 
@@ -139,6 +140,7 @@ class ClusterView:
         self._tcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._wcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._rcache: dict[tuple[str, int, int, str], tuple | None] = {}
+        self._routes: dict[tuple, tuple | None] = {}  # (route's sharing)
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
@@ -156,6 +158,7 @@ class ClusterView:
         self._tcache.clear()
         self._wcache.clear()
         self._rcache.clear()
+        self._routes.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
         # hosts whose decoder predates request ids (an upgrade under way): sent none
@@ -208,22 +211,30 @@ class ClusterView:
         hosts' peer addresses in order, their ids, whether `me` holds a copy, whether they
         all take WriteBatch, the addresses sorted). None when the map alone rules the fast
         path out: a data-set change under way (hosts joining), fewer than `n` copies, no
-        other host, another host down, a host of the pool without request ids. Cached with the placement:
-        the map decides it all, so a new map (set_map) clears it."""
+        other host, another host down, a host of the pool without request ids. Cached with
+        the placement (the map decides it all, so set_map clears it); the chunks placed on
+        the same hosts share one route, so the cache costs a key per chunk written."""
         k = (lineage, index, n, me)
         try:
             return self._rcache[k]
         except KeyError:
             pass
-        r = self._rcache[k] = self._route(lineage, index, n, me)
-        return r
-
-    def _route(self, lineage: str, index: int, n: int, me: str) -> tuple | None:
         hosts = self.write_set(lineage, index, n)
         complete = self.replicas(lineage, index, n)
+        shared = (hosts, complete, n, me)
+        r = self._routes.get(shared, _NO_ROUTE)
+        if r is _NO_ROUTE:
+            r = self._routes[shared] = self._route(hosts, complete, n, me)
+        self._rcache[k] = r
+        return r
+
+    def _route(self, hosts: tuple, complete: tuple, n: int, me: str) -> tuple | None:
         if len(hosts) != len(complete) or len(complete) < n:
+            # (fewer copies than the volume wants: our map may lag hosts that joined, and
+            # the general path reads it again first; a write here would leave their
+            # copies behind with no stale record)
             return None
-        names = [h for h in hosts if h != me]
+        names = tuple(h for h in hosts if h != me)
         if not names or self.no_rid or any(h not in self._up for h in names):
             return None
         remote = tuple(self._addr[h] for h in names)
@@ -881,9 +892,6 @@ class VolumeGateway:
             return None
         cv = self.cluster
         index = p.index
-        # (fewer copies than the volume wants: our map may lag hosts that joined, and the
-        # general path reads it again first; a write here would leave their copies behind
-        # with no stale record)
         route = cv.route(self.lineage, index, self.n, self.host_id)
         if route is None or self.stale.get(index):
             return None
