@@ -395,14 +395,7 @@ class VolumeGateway:
     def _note_unflushed(self, host: str, index: int, sent: int | None = None) -> None:
         """`host` took a write to chunk `index`; `sent`: PeerPool.incarnation of a remote
         host when the write left, None for this host's own copy."""
-        s = self._unflushed.get(host)
-        if s is None:
-            s = self._unflushed[host] = set()
-        s.add(index)
-        if sent is not None:
-            b = self._sent_at.get(host)
-            if b is None or sent < b:
-                self._sent_at[host] = sent
+        self._note_all_unflushed(host, (index,), sent)
 
     def _note_all_unflushed(self, host: str, indexes, sent: int | None) -> None:
         """_note_unflushed of each chunk of `indexes`, at once."""
