@@ -755,7 +755,7 @@ class VolumeGateway:
         inner = offset & (self._cs - 1)
         n = len(data)
         if inner + n <= self._cs:  # inside one chunk: its one piece, no generator
-            if not fua and self._local_only(index):
+            if self._local_only(index):
                 self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
                                    self.chain_for(index) if self.cuts else self.chain, inner,
                                    data, self._cs, 0, fua, self.cluster.map.epoch, token)
@@ -768,7 +768,7 @@ class VolumeGateway:
             pieces = [Piece(index, inner, n, 0)]
         else:
             pieces = list(self.geometry.pieces(offset, n))
-            if not fua and all(self._local_only(p.index) for p in pieces):
+            if all(self._local_only(p.index) for p in pieces):
                 for p in pieces:
                     self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                        p.offset, data[p.buf_offset:p.buf_offset + p.length],
@@ -795,7 +795,7 @@ class VolumeGateway:
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
-        if not fua and all(self._local_only(p.index) for p in pieces):
+        if all(self._local_only(p.index) for p in pieces):
             for p in pieces:
                 self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                   p.offset, p.length, self.geometry.chunk_size, 0, fua,
@@ -881,9 +881,7 @@ class VolumeGateway:
         that sees the last reply; anything but a clean success on every copy continues as
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
-        if self._hold is not None or msg.fua:
-            # (a FUA write's local copy may answer with an awaitable, its sync in a worker
-            # thread: Replica.handle; the general path awaits it beside the peers)
+        if self._hold is not None:
             return None
         cv = self.cluster
         index = p.index
@@ -1357,35 +1355,11 @@ class VolumeGateway:
                 remote.append(h)
             else:
                 failed[h] = PeerUnavailable(f"host {h} is down")
-        mine = None  # the local copy's answer when it is an awaitable (a FUA write's sync)
         if local:
             try:
-                reply = self.replica.handle(msg)
+                replies[self.host_id] = self.replica.handle(msg)
             except VbpError as e:
                 failed[self.host_id] = e
-            else:
-                if hasattr(reply, "__await__"):
-                    mine = reply
-                else:
-                    replies[self.host_id] = reply
-        if mine is None:
-            await self._send_remote(remote, msg, replies, failed, sent)
-        else:
-            async def here() -> None:
-                try:
-                    replies[self.host_id] = await mine
-                except VbpError as e:
-                    failed[self.host_id] = e
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(here)  # (the local sync in its thread beside the peers')
-                await self._send_remote(remote, msg, replies, failed, sent)
-        await self._retry_stale_epoch(msg, replies, failed)
-        return replies
-
-    async def _send_remote(self, remote: list, msg, replies: dict, failed: dict,
-                           sent: dict | None) -> None:
-        """_send_all's remote hosts (see there)."""
         if remote:
             if sent is not None:  # (_settle: the incarnation the write went to, for the flush)
                 pool = self.pool
@@ -1408,6 +1382,8 @@ class VolumeGateway:
                     raise r
                 else:
                     replies[h] = r
+        await self._retry_stale_epoch(msg, replies, failed)
+        return replies
 
     async def _retry_stale_epoch(self, msg, replies: dict, failed: dict) -> None:
         """Hosts that answered StaleEpoch are asked once more on a refreshed map."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from dataclasses import replace as dc_replace
 from operator import itemgetter
 from typing import Callable
 
@@ -58,7 +57,6 @@ class StaleCopy(PeerUnavailable):
 
 _new_key = tuple.__new__
 _MARKED = (m.WriteChunk, m.ZeroChunk)  # the messages whose chunk Replica.prepare marks
-_FUA = (m.WriteChunk, m.ZeroChunk, m.WriteBatch)  # the messages a FUA flag may come with
 _WRITTEN = m.Written()  # a batch every item of which took its write on a current copy
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
@@ -254,22 +252,6 @@ class Replica:
                       peer or self.host_id)
         return m.Ok(0)
 
-    async def _fua_synced(self, msg, peer: str | None, ahead, keys: list, reply):
-        """A FUA write's durability, applied already, when its data file has much to
-        write back: the writeback in a worker thread (the event loop serves every other
-        request meanwhile), then the chunks' own sync on the loop, then the reply. A FUA
-        write made each write wait for the file's whole writeback on the loop: after
-        large writes to any volume of the space, every volume of the host stood still."""
-        try:
-            await trio.to_thread.run_sync(ahead)
-            self.store.sync_chunks(keys)
-        except VbpError as e:
-            self._refused(msg, e, peer)
-            raise
-        if log.isEnabledFor(logging.DEBUG):
-            self._applied(msg, peer)
-        return reply
-
     def extents(self, lineage: str, index: int, chain, offset: int, length: int):
         gen = self.store.resolve(lineage, index, chain)
         if gen is None:
@@ -301,44 +283,29 @@ class Replica:
             store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
 
     def handle(self, msg, peer: str | None = None):
-        """Answer one peer message: the reply, or for a Flush or a FUA write with much to
-        write back an awaitable of it (the token checked and a write applied here, the
-        sync under way when awaited). Errors propagate and become Error replies."""
-        fua = None
+        """Answer one peer message: the reply, or for a Flush with much to write back an
+        awaitable of it (its token checked here, the sync under way when awaited). Errors
+        propagate and become Error replies."""
         try:
-            t = type(msg)
-            if t is m.Flush:
+            if type(msg) is m.Flush:
                 self.check_token(msg.volume, msg.token)
                 ahead = self.store.sync_ahead()
                 if ahead is not None:
                     return self._flushed(msg, peer, ahead)
-            elif t in _FUA and msg.fua:
-                fua, msg = msg, dc_replace(msg, fua=False)
             reply = self._handle(msg)
-            if fua is not None:
-                msg = fua
-                keys = [_new_key(ChunkKey, (msg.lineage, i, msg.gen))
-                        for i in (msg.indexes if t is m.WriteBatch else (msg.index,))]
-                ahead = self.store.sync_ahead()
-                if ahead is not None:
-                    return self._fua_synced(msg, peer, ahead, keys, reply)
-                self.store.sync_chunks(keys)  # (little to write back: one fdatasync here)
         except VbpError as e:
-            self._refused(fua or msg, e, peer)
+            self._refused(msg, e, peer)
             raise
-        if t in _OPS and log.isEnabledFor(logging.DEBUG):
-            self._applied(msg, peer)
+        if type(msg) in _OPS and log.isEnabledFor(logging.DEBUG):
+            if type(msg) is m.WriteBatch:
+                for k, index in enumerate(msg.indexes):
+                    self._as_item(msg, k, log.debug, "volume=%s chunk=%s op=write event=applied "
+                                  "gateway=%s", msg.volume, index, peer or self.host_id)
+            else:
+                log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s",
+                          getattr(msg, "volume", "-"), getattr(msg, "index", "-"), _OPS[type(msg)],
+                          peer or self.host_id)
         return reply
-
-    def _applied(self, msg, peer: str | None) -> None:
-        if type(msg) is m.WriteBatch:
-            for k, index in enumerate(msg.indexes):
-                self._as_item(msg, k, log.debug, "volume=%s chunk=%s op=write event=applied "
-                              "gateway=%s", msg.volume, index, peer or self.host_id)
-        else:
-            log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s",
-                      getattr(msg, "volume", "-"), getattr(msg, "index", "-"), _OPS[type(msg)],
-                      peer or self.host_id)
 
     @staticmethod
     def _as_item(msg: m.WriteBatch, k: int, emit, *args) -> None:

@@ -691,17 +691,6 @@ class ChunkStore:
         or among the hot set kept marked through it."""
         return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
 
-    def sync_chunks(self, keys) -> None:
-        """Make the chunks of `keys` that are here durable as write(..., fua=True) makes
-        its chunk: what a FUA write applied with fua=False needs once its writeback went
-        ahead in a worker thread (sync_ahead), so the event loop pays a short fdatasync,
-        not the file's whole writeback. Keys of chunks not here are skipped (a zeroing
-        that allocated nothing wrote nothing)."""
-        for key in keys:
-            c = self._chunks.get(key)
-            if c is not None:
-                self._sync_chunk(c)
-
     def _sync_chunk(self, c: Chunk) -> None:
         c.space.sync_data()
         if not c.fresh and c.version - c.saved < VERSION_SLACK:

@@ -226,12 +226,6 @@ class MemoryChunkStore:
             page = bytes(buf[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT])
             c.pages[p] = (page, page_checksum(page))
 
-    def sync_chunks(self, keys) -> None:
-        for key in keys:
-            c = self._chunks.get(ChunkKey(*key))
-            if c is not None:
-                self._durable[ChunkKey(*key)] = c.copy()
-
     def _finish(self, key, c: _MemChunk, version, fua: bool) -> int:
         c.version = c.version + 1 if version is None else version
         if fua:

@@ -355,24 +355,3 @@ def test_the_write_route_follows_the_map():
     same = [cv.route("L", i, 3, "h1") for i in range(64)]  # 64 chunks on the same 3 hosts
     # one route per order of the 3 hosts (at most 6), shared by the chunks placed so
     assert len({id(r) for r in same}) == len({r[0] for r in same}) <= 6
-
-
-async def test_fua_writes_go_one_by_one_and_durable_on_every_copy():
-    """A FUA write takes the general path (its local copy's sync may go to a worker
-    thread): never put off into a batch, answered once every copy is durable."""
-    async with three_hosts() as (gw, replicas, reg, seen, _):
-        writes = [((i % 4) * CHUNK + 8192, pattern(i)) for i in range(6)]
-        gw.begin_writes(len(writes))
-        try:
-            answers = [gw.write(o, memoryview(bytearray(d)), True) for o, d in writes]
-        finally:
-            gw.end_writes()
-        assert await settled(answers) == [None] * 6
-        for h in ("h2", "h3"):
-            assert kinds(seen[h]) == ["WriteChunk"] * 6 and all(x.fua for x in seen[h]), h
-        for r in replicas.values():
-            for i in range(4):
-                key = ChunkKey(gw.lineage, i, r.store.resolve(gw.lineage, i, gw.chain_for(i)))
-                durable, now = r.store._durable[key], r.store._chunks[key]
-                assert (durable.version, durable.pages) == (now.version, now.pages)
-        assert copy_of(replicas["h3"], gw, 1, 8192, 4096) == pattern(5)[:4096]
