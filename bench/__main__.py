@@ -9,7 +9,8 @@ bench/results/latest.md for the last committed run.
 
 Other benchmarks here run on their own: bench.placement, bench.peer_bench,
 bench.chunkstore_bench, bench.metrics_bench, bench.tls_bench (NBD over TLS against the clear,
-beside nbdkit's).
+beside nbdkit's), bench.fua_beside (a FUA write after large writes, and another volume's
+reads meanwhile).
 """
 
 from __future__ import annotations

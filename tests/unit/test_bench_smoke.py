@@ -200,3 +200,12 @@ def test_the_bare_server_serves_what_it_was_given(tmp_path, flags):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # it may be in TIME_WAIT)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_fua_beside_bench_runs():
+    """bench.fua_beside end to end, tiny: a FUA write and the reads beside it measured."""
+    p = subprocess.run([sys.executable, "-m", "bench.fua_beside", "--mib", "4", "--rounds", "1",
+                        "--json"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [r] = json.loads(p.stdout)
+    assert r["fua_ms"] > 0 and r["reads"] > 0 and r["longest_read_ms"] > 0
