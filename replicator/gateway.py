@@ -755,7 +755,7 @@ class VolumeGateway:
         inner = offset & (self._cs - 1)
         n = len(data)
         if inner + n <= self._cs:  # inside one chunk: its one piece, no generator
-            if self._local_only(index):
+            if (not fua or not self.store.writeback_due()) and self._local_only(index):
                 self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
                                    self.chain_for(index) if self.cuts else self.chain, inner,
                                    data, self._cs, 0, fua, self.cluster.map.epoch, token)
@@ -768,7 +768,8 @@ class VolumeGateway:
             pieces = [Piece(index, inner, n, 0)]
         else:
             pieces = list(self.geometry.pieces(offset, n))
-            if all(self._local_only(p.index) for p in pieces):
+            if ((not fua or not self.store.writeback_due())
+                    and all(self._local_only(p.index) for p in pieces)):
                 for p in pieces:
                     self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                        p.offset, data[p.buf_offset:p.buf_offset + p.length],
@@ -795,7 +796,8 @@ class VolumeGateway:
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
-        if all(self._local_only(p.index) for p in pieces):
+        if ((not fua or not self.store.writeback_due())
+                and all(self._local_only(p.index) for p in pieces)):
             for p in pieces:
                 self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                   p.offset, p.length, self.geometry.chunk_size, 0, fua,
@@ -881,7 +883,10 @@ class VolumeGateway:
         that sees the last reply; anything but a clean success on every copy continues as
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
-        if self._hold is not None:
+        if self._hold is not None or msg.fua and self.store.writeback_due():
+            # (with much to write back, a FUA write's local copy answers with an awaitable,
+            # its writeback in a worker thread: Replica.handle; the general path awaits it
+            # beside the peers)
             return None
         cv = self.cluster
         index = p.index
@@ -897,7 +902,7 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         batch = self._batch
         if (batch is not None and batchable and type(msg) is m.WriteChunk
-                and len(msg.data) < BATCH_PIECE):
+                and len(msg.data) < BATCH_PIECE and not msg.fua):
             return self._put_off(batch, p, msg, hosts, complete, remote, names, local,
                                  by_address)
         later = Later()
@@ -923,16 +928,24 @@ class VolumeGateway:
                 on_replies(got[0])
         return later
 
-    def _write_here(self, msg):
+    def _write_here(self, msg, later_ok: bool = False):
         """This host's copy of a replicated write: its reply, or its failure as a value
-        (the other copies are under way: the write goes on without this one)."""
+        (the other copies are under way: the write goes on without this one). A FUA
+        write's reply may be an awaitable (Replica.handle: its writeback in a worker
+        thread), for a caller that awaits it (`later_ok`: _send_all); the task-less paths
+        take a FUA write only while the store has little to write back, and should one
+        come back anyway, this copy counts as failed (recorded stale), never as synced."""
         try:
-            return self.replica.handle(msg)
+            reply = self.replica.handle(msg)
         except VbpError as e:
             return e
         except Exception as e:
             log.exception("volume=%s chunk=%d event=local_write_failed", self.name, msg.index)
             return LocalFault(f"the local write failed: {e!r}")
+        if not later_ok and hasattr(reply, "__await__"):
+            reply.close()
+            return LocalFault("the local FUA write's sync could not be awaited here")
+        return reply
 
     def _replied(self, later: Later, p, msg, hosts, complete, epoch: int, names: list,
                  sent: dict, got: list, mine) -> None:
@@ -1355,11 +1368,41 @@ class VolumeGateway:
                 remote.append(h)
             else:
                 failed[h] = PeerUnavailable(f"host {h} is down")
+        mine = None  # the local copy's answer when it is an awaitable (a FUA write's sync)
         if local:
+            reply = self._write_here(msg, True)
+            if isinstance(reply, Exception):
+                failed[self.host_id] = reply
+            elif hasattr(reply, "__await__"):
+                mine = reply
+            else:
+                replies[self.host_id] = reply
+        if mine is None:
+            await self._send_remote(remote, msg, replies, failed, sent)
+        else:
+            async def here() -> None:
+                try:
+                    replies[self.host_id] = await mine
+                except VbpError as e:
+                    failed[self.host_id] = e
+                except Exception as e:  # as _write_here: this copy failed, the write goes on
+                    log.exception("volume=%s event=local_write_failed", self.name)
+                    failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
+
             try:
-                replies[self.host_id] = self.replica.handle(msg)
-            except VbpError as e:
-                failed[self.host_id] = e
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(here)  # (the local sync in its thread beside the peers')
+                    await self._send_remote(remote, msg, replies, failed, sent)
+            except BaseExceptionGroup as group:  # (here() raises nothing: the peers' one)
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+        await self._retry_stale_epoch(msg, replies, failed)
+        return replies
+
+    async def _send_remote(self, remote: list, msg, replies: dict, failed: dict,
+                           sent: dict | None) -> None:
+        """_send_all's remote hosts (see there)."""
         if remote:
             if sent is not None:  # (_settle: the incarnation the write went to, for the flush)
                 pool = self.pool
@@ -1382,8 +1425,6 @@ class VolumeGateway:
                     raise r
                 else:
                     replies[h] = r
-        await self._retry_stale_epoch(msg, replies, failed)
-        return replies
 
     async def _retry_stale_epoch(self, msg, replies: dict, failed: dict) -> None:
         """Hosts that answered StaleEpoch are asked once more on a refreshed map."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from dataclasses import replace as dc_replace
 from operator import itemgetter
 from typing import Callable
 
@@ -43,7 +44,7 @@ import trio
 
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
-from vbp.chunkstore import flush_store
+from vbp.chunkstore import flush_store, fua_sync
 from vbp.errors import Fenced, InvalidArgument, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
 from vbp.reqid import current as current_rid
@@ -57,6 +58,7 @@ class StaleCopy(PeerUnavailable):
 
 _new_key = tuple.__new__
 _MARKED = (m.WriteChunk, m.ZeroChunk)  # the messages whose chunk Replica.prepare marks
+_FUA = (m.WriteChunk, m.ZeroChunk, m.WriteBatch)  # the messages a FUA flag may come with
 _WRITTEN = m.Written()  # a batch every item of which took its write on a current copy
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
@@ -252,6 +254,21 @@ class Replica:
                       peer or self.host_id)
         return m.Ok(0)
 
+    async def _fua_synced(self, msg, peer: str | None, keys: list, reply):
+        """A FUA write's durability, the write applied already, when the store has much to
+        write back (writeback_due): the writeback in a worker thread while the event loop
+        serves every other request, then the chunks' own sync on the loop, then the reply
+        (vbp.chunkstore.fua_sync). Synced inline, a FUA write after large writes to any
+        volume of its data file made every volume of the host wait for that writeback."""
+        try:
+            await fua_sync(self.store, keys)
+        except VbpError as e:
+            self._refused(msg, e, peer)
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            self._applied(msg, peer)
+        return reply
+
     def extents(self, lineage: str, index: int, chain, offset: int, length: int):
         gen = self.store.resolve(lineage, index, chain)
         if gen is None:
@@ -283,29 +300,41 @@ class Replica:
             store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
 
     def handle(self, msg, peer: str | None = None):
-        """Answer one peer message: the reply, or for a Flush with much to write back an
-        awaitable of it (its token checked here, the sync under way when awaited). Errors
-        propagate and become Error replies."""
+        """Answer one peer message: the reply, or for a Flush or a FUA write with much to
+        write back an awaitable of it (the token checked and a write applied here, the
+        sync under way when awaited). Errors propagate and become Error replies."""
+        fua = None
         try:
-            if type(msg) is m.Flush:
+            t = type(msg)
+            if t is m.Flush:
                 self.check_token(msg.volume, msg.token)
                 ahead = self.store.sync_ahead()
                 if ahead is not None:
                     return self._flushed(msg, peer, ahead)
+            elif t in _FUA and msg.fua and self.store.writeback_due():
+                fua, msg = msg, dc_replace(msg, fua=False)  # (synced by _fua_synced)
             reply = self._handle(msg)
+            if fua is not None:
+                msg = fua
+                keys = [_new_key(ChunkKey, (msg.lineage, i, msg.gen))
+                        for i in (msg.indexes if t is m.WriteBatch else (msg.index,))]
+                return self._fua_synced(msg, peer, keys, reply)
         except VbpError as e:
-            self._refused(msg, e, peer)
+            self._refused(fua or msg, e, peer)
             raise
-        if type(msg) in _OPS and log.isEnabledFor(logging.DEBUG):
-            if type(msg) is m.WriteBatch:
-                for k, index in enumerate(msg.indexes):
-                    self._as_item(msg, k, log.debug, "volume=%s chunk=%s op=write event=applied "
-                                  "gateway=%s", msg.volume, index, peer or self.host_id)
-            else:
-                log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s",
-                          getattr(msg, "volume", "-"), getattr(msg, "index", "-"), _OPS[type(msg)],
-                          peer or self.host_id)
+        if t in _OPS and log.isEnabledFor(logging.DEBUG):
+            self._applied(msg, peer)
         return reply
+
+    def _applied(self, msg, peer: str | None) -> None:
+        if type(msg) is m.WriteBatch:
+            for k, index in enumerate(msg.indexes):
+                self._as_item(msg, k, log.debug, "volume=%s chunk=%s op=write event=applied "
+                              "gateway=%s", msg.volume, index, peer or self.host_id)
+        else:
+            log.debug("volume=%s chunk=%s op=%s event=applied gateway=%s",
+                      getattr(msg, "volume", "-"), getattr(msg, "index", "-"), _OPS[type(msg)],
+                      peer or self.host_id)
 
     @staticmethod
     def _as_item(msg: m.WriteBatch, k: int, emit, *args) -> None:

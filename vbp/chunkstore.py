@@ -146,6 +146,10 @@ SUMS_SYNC_EACH = 8
 SYNC_AHEAD_MIN = 1 << 20
 # ... and again, for what was written meanwhile, at most this many times in all per flush
 AHEAD_ROUNDS = 3
+# Worker threads for writebacks ahead (flushes, FUA writes) at once, per store: their own,
+# so that FUA writes waiting in threads for a long writeback never hold up the threads
+# registry calls take (trio's default limiter, shared).
+WRITEBACK_THREADS = 8
 
 # The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
 FRESH = b"c"
@@ -200,12 +204,38 @@ async def flush_store(store, ahead: Callable[[], None] | None = None) -> None:
     every volume this host serves stood still for it."""
     if ahead is None:
         ahead = store.sync_ahead()
+    await _ahead(store, ahead)
+    store.flush()
+
+
+async def _ahead(store, ahead: Callable[[], None] | None) -> None:
+    """Run `ahead` (ChunkStore.sync_ahead's) in a worker thread, then what came meanwhile,
+    up to AHEAD_ROUNDS in all. A bulk writeback counts in store.aheads while under way:
+    syncs asked meanwhile go to threads too (writeback_due) rather than wait for it on
+    the loop. The threads are the store's own (WRITEBACK_THREADS), not the ones registry
+    calls (lease renewals) take."""
     rounds = 0
     while ahead is not None:
-        await trio.to_thread.run_sync(ahead)
+        limiter = store.writeback_limiter
+        if limiter is None:
+            limiter = store.writeback_limiter = trio.CapacityLimiter(WRITEBACK_THREADS)
+        bulk = getattr(ahead, "bulk", True)
+        store.aheads += bulk
+        try:
+            await trio.to_thread.run_sync(ahead, limiter=limiter)
+        finally:
+            store.aheads -= bulk
         rounds += 1
         ahead = store.sync_ahead() if rounds < AHEAD_ROUNDS else None
-    store.flush()
+
+
+async def fua_sync(store, keys) -> None:
+    """A FUA write's sync (ChunkStore.sync_chunks of its chunks, applied without the flag)
+    when writeback_due(): the writeback first in a worker thread, as a flush's (or, while
+    another is under way, a sync that waits for it there), then the chunks' own sync on
+    the loop, which finds little left."""
+    await _ahead(store, store.sync_ahead())
+    store.sync_chunks(keys)
 
 
 class ChunkStore:
@@ -242,6 +272,8 @@ class ChunkStore:
         self._dirty: dict[ChunkKey, Chunk] = {}
         self._fresh: dict[ChunkKey, Chunk] = {}  # copy-ups not synced since (Chunk.fresh)
         self._unsynced = 0  # about the bytes written since the last flush or sync_ahead
+        self.aheads = 0  # bulk writebacks ahead under way in worker threads (_ahead)
+        self.writeback_limiter: trio.CapacityLimiter | None = None  # (_ahead's threads)
         self._spaces: dict[int, Space] = {}
         self._used = 0
         self._checksum_errors = 0
@@ -691,8 +723,27 @@ class ChunkStore:
         or among the hot set kept marked through it."""
         return sorted(k.index for k in self._dirty if k.lineage == lineage and k.gen == gen)
 
+    def writeback_due(self) -> bool:
+        """Whether a sync now may have much to write back: much was written since the last
+        flush or sync ahead (SYNC_AHEAD_MIN), or a writeback ahead is under way (a sync
+        on the loop would wait for it). A FUA write then syncs by fua_sync."""
+        return self._unsynced >= SYNC_AHEAD_MIN or self.aheads > 0
+
+    def sync_chunks(self, keys) -> None:
+        """Make the chunks of `keys` that are here durable as write(..., fua=True) makes
+        its chunk: what a FUA write applied with fua=False needs once its writeback went
+        ahead in a worker thread (sync_ahead), so the event loop pays a short fdatasync,
+        not the file's whole writeback. Keys of chunks not here are skipped (a zeroing
+        that allocated nothing wrote nothing)."""
+        for key in keys:
+            c = self._chunks.get(key)
+            if c is not None:
+                self._sync_chunk(c)
+
     def _sync_chunk(self, c: Chunk) -> None:
         c.space.sync_data()
+        if len(self._spaces) == 1:  # that fdatasync covered everything written: nothing
+            self._unsynced = 0  # is left for a sync ahead (a stream of FUA writes alone)
         if not c.fresh and c.version - c.saved < VERSION_SLACK:
             return  # marked dirty (every write marks it first): as a flush of a hot chunk
         c.space.sync_sums(c.slot)
@@ -877,10 +928,15 @@ class ChunkStore:
         what was written meanwhile (little: the bulk of the dirty pages went here), and
         only it claims durability, commits and clears marks, in the order the module's
         rules give. None when little was written since the last flush or sync ahead
-        (SYNC_AHEAD_MIN); a sync ahead counts from its start."""
-        if self._unsynced < SYNC_AHEAD_MIN:
+        (SYNC_AHEAD_MIN) and no such writeback is under way; a sync ahead counts from its
+        start. The callable's `bulk` says which: the writeback of what was written (run
+        it counted in `aheads`, as _ahead does), or, while one is under way, a sync that
+        would wait for it and is better left to wait in a thread than on the loop."""
+        bulk = self._unsynced >= SYNC_AHEAD_MIN
+        if not bulk and not self.aheads:
             return None
-        self._unsynced = 0
+        if bulk:
+            self._unsynced = 0
         spaces = {c.space for c in self._dirty.values() if c.touched}
         spaces.update(sp for sp in self._spaces.values() if sp.limbo)
         # the sidecar too where the flush will sync checksums: slots to free, or marks to
@@ -889,7 +945,11 @@ class ChunkStore:
         sums = self._cold_count(True) > 0
         paths = [p for sp in spaces if sp.failed is None
                  for p in (sp.paths if sums or sp.limbo else sp.paths[:1])]
-        return functools.partial(sync_paths, paths) if paths else None
+        if not paths:
+            return None
+        ahead = functools.partial(sync_paths, paths)
+        ahead.bulk = bulk
+        return ahead
 
     def _cold_count(self, keep_hot: bool) -> int:
         """How many of the chunks marked dirty, least recently written first, a flush

@@ -226,6 +226,12 @@ class MemoryChunkStore:
             page = bytes(buf[i << PAGE_SHIFT: (i + 1) << PAGE_SHIFT])
             c.pages[p] = (page, page_checksum(page))
 
+    def sync_chunks(self, keys) -> None:
+        for key in keys:
+            c = self._chunks.get(ChunkKey(*key))
+            if c is not None:
+                self._durable[ChunkKey(*key)] = c.copy()
+
     def _finish(self, key, c: _MemChunk, version, fua: bool) -> int:
         c.version = c.version + 1 if version is None else version
         if fua:
@@ -258,9 +264,16 @@ class MemoryChunkStore:
     def mark_dirty(self, keys) -> None:
         """Nothing to mark ahead here (ChunkStore.mark_dirty): no index to commit."""
 
+    aheads = 0  # (ChunkStore.aheads, writeback_limiter)
+    writeback_limiter = None
+
     def sync_ahead(self) -> None:
         """Nothing to sync ahead of a flush here (ChunkStore.sync_ahead)."""
         return None
+
+    def writeback_due(self) -> bool:
+        return False
+
 
     def flush(self) -> None:
         for key in self._dirty:

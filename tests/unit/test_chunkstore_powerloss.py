@@ -248,9 +248,16 @@ def run_workload(store, model, rng, seq0):
             arg = b"".join(v for _, v in values)
         for p, v in values:
             model.propose(key, p, v)
-        v = call(key, first * PAGE_SIZE, arg, chunk_size=CS, base=base, fua=fua)
+        later = fua and rng.random() < 0.5  # as a replica answers a FUA write (Replica.handle):
+        v = call(key, first * PAGE_SIZE, arg, chunk_size=CS, base=base, fua=fua and not later)
         model.applied(key, values, v)
         model.inflight = None
+        if later:  # applied without the flag, the writeback ahead (when there is much to
+            if rng.random() < 0.5:  # write back), then the chunk's own sync
+                ahead = store.sync_ahead()
+                if ahead is not None:
+                    ahead()
+            store.sync_chunks([key])
         if fua:
             model.durable(key)
 

@@ -182,3 +182,124 @@ def test_what_came_during_a_sync_ahead_is_synced_ahead_again(tmp_path, monkeypat
             assert not [c for c in store._dirty.values() if c.touched]
 
     trio.run(main)
+
+
+def fua_msg(index: int, data: bytes, token: int = 1) -> m.WriteChunk:
+    return m.WriteChunk("vol", "lin", index, 1, (1,), 0, data, 4 * MiB, 0, True, 1, token)
+
+
+def test_a_fua_write_after_large_writes_leaves_the_gateway_serving(tmp_path, monkeypatch):
+    """A FUA write is a write and a sync of its chunk. After large writes, that sync meant
+    the data file's whole writeback on the loop: every volume of the host stood still.
+    The writeback now goes ahead in a worker thread, the write's own sync follows on the
+    loop, and only then is the write answered; other requests are served meanwhile."""
+    held = HeldSync(monkeypatch)
+
+    async def main():
+        store, replica, gw = one_host(tmp_path)
+        with store:
+            data = bytes(range(256)) * (BIG // 256)
+            assert gw.write(0, data, False) is None
+            done = trio.Event()
+
+            async def fua():
+                result = gw.write(BIG, b"\x07" * 4096, True)
+                assert hasattr(result, "__await__"), "a FUA write's sync must not run on the loop"
+                await result
+                done.set()
+
+            second = trio.Event()
+            synced = []  # ChunkStore.sync_chunks calls: whether the writeback had ended
+            real = store.sync_chunks
+            store.sync_chunks = lambda keys: (synced.append(held.release.is_set()), real(keys))
+
+            async def fua_again(answer):
+                await answer
+                second.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fua)
+                await held.wait_entered()
+                # a second FUA write while that writeback runs: not synced on the loop
+                # either (its fdatasync would wait for the writeback under way)
+                answer = gw.write(3 * BIG, b"\x08" * 4096, True)
+                assert hasattr(answer, "__await__")
+                nursery.start_soon(fua_again, answer)
+                # and a flush: to a thread as well, not a sync waiting on the loop
+                flushing = gw.flush()
+                assert flushing is not None
+                nursery.start_soon(lambda: flushing)
+                got = gw.read(0, 4096)
+                got = await got if hasattr(got, "__await__") else got
+                assert bytes(got) == data[:4096]
+                assert gw.write(2 * BIG, b"\x05" * 4096, False) is None
+                # the FUA write's bytes are in place already: a read sees them
+                got = gw.read(BIG, 4096)
+                got = await got if hasattr(got, "__await__") else got
+                assert bytes(got) == b"\x07" * 4096
+                await trio.sleep(0.05)
+                assert not done.is_set(), "the FUA write answered before its sync ended"
+                assert not second.is_set()
+                assert synced == []  # the chunks' own sync follows the writeback
+                held.release.set()
+            assert done.is_set() and second.is_set()
+            assert synced == [True, True]
+            assert any(p.endswith("data-1M.bin") for p in held.synced)
+            # with nothing left to write back, a FUA write is synced on the loop again
+            assert not store.writeback_due()
+            assert gw.write(0, b"\x09" * 4096, True) is None
+
+    trio.run(main)
+
+
+def test_a_replica_answers_other_requests_while_a_fua_write_syncs(tmp_path, monkeypatch):
+    """Over the peer transport: a FUA WriteChunk after a large write is answered after its
+    sync; a read sent behind it on the same connection is answered before that."""
+    held = HeldSync(monkeypatch)
+
+    async def main():
+        with ChunkStore(tmp_path / "store", 64 * MiB) as store:
+            replica = Replica(store, "srv", lambda: 1)
+            async with server(replica.handle) as (address, _kill):
+                async with PeerPool(CLUSTER, "cli", request_timeout=20) as pool:
+                    data = b"\x09" * (2 * MiB)
+                    assert type(await pool.call(address, write_msg(0, data))) is m.Ok
+                    written = trio.Event()
+
+                    async def fua():
+                        reply = await pool.call(address, fua_msg(1, b"\x0a" * 4096))
+                        assert type(reply) is m.Ok
+                        written.set()
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(fua)
+                        await held.wait_entered()
+                        got = await pool.call(address, m.ReadChunk("vol", "lin", 0, (1,), 4096, 4096, 1))
+                        assert got.data == data[:4096]
+                        assert not written.is_set()
+                        held.release.set()
+                    assert written.is_set()
+
+    trio.run(main)
+
+
+def test_a_small_fua_write_is_answered_at_once_by_a_replica(tmp_path, monkeypatch):
+    """Little to write back: the FUA write's sync stays one fdatasync on the loop, no
+    thread; a fenced FUA write is refused before anything is written or synced."""
+    held = HeldSync(monkeypatch)
+    with ChunkStore(tmp_path / "store", 64 * MiB) as store:
+        replica = Replica(store, "srv", lambda: 1)
+        assert type(replica.handle(fua_msg(0, b"\x01" * 4096, token=2))) is m.Ok
+        assert not held.entered.is_set()
+        with pytest.raises(Fenced):
+            replica.handle(fua_msg(1, b"\x02" * BIG, token=1))
+        assert store.info(ChunkKey("lin", 1, 1)) is None
+        assert not held.entered.is_set()
+        # after a large write, a FUA write's writeback goes ahead in a thread: its reply
+        held.release.set()  # is an awaitable
+        replica.write("vol", "lin", 2, 1, (1,), 0, b"\x04" * BIG, 4 * MiB, 0, False, 1, 2)
+        reply = replica.handle(fua_msg(1, b"\x03" * 4096, token=2))
+        assert hasattr(reply, "__await__")
+        assert type(trio.run(lambda: reply)) is m.Ok
+        assert held.entered.is_set()
+        assert store.sync_ahead() is None

@@ -20,6 +20,7 @@ from replicator import messages as m
 from replicator.gateway import BATCH_ITEMS, BATCH_MIN, ClusterView, VolumeGateway
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
+from vbp.chunkstore import SYNC_AHEAD_MIN, ChunkStore
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.errors import Fenced, InvalidArgument
@@ -36,12 +37,14 @@ CHUNK = 1 << 20
 
 
 @asynccontextmanager
-async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV)):
+async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV), h1_store=None):
     """A gateway on h1 and replicas h1..h3, h2 and h3 served by real serve_peers; yields
     (gateway, replicas, registry, {host: [types of the messages it handled]},
     {host: cancel scope killing its server})."""
     reg = open_registry(f"memory://write-batch-{next(_POOLS)}")
-    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
+    replicas = {h: Replica(h1_store if h == "h1" and h1_store is not None
+                           else MemoryChunkStore(None, 1 << 30), h, lambda: 1)
+                for h in ("h1", "h2", "h3")}
     seen: dict[str, list] = {"h2": [], "h3": []}
     async with trio.open_nursery() as nursery:
         ports, kills = {}, {}
@@ -355,3 +358,51 @@ def test_the_write_route_follows_the_map():
     same = [cv.route("L", i, 3, "h1") for i in range(64)]  # 64 chunks on the same 3 hosts
     # one route per order of the 3 hosts (at most 6), shared by the chunks placed so
     assert len({id(r) for r in same}) == len({r[0] for r in same}) <= 6
+
+
+async def test_fua_writes_go_one_by_one_and_durable_on_every_copy():
+    """A FUA write takes the general path (its local copy's sync may go to a worker
+    thread): never put off into a batch, answered once every copy is durable."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [((i % 4) * CHUNK + 8192, pattern(i)) for i in range(6)]
+        gw.begin_writes(len(writes))
+        try:
+            answers = [gw.write(o, memoryview(bytearray(d)), True) for o, d in writes]
+        finally:
+            gw.end_writes()
+        assert await settled(answers) == [None] * 6
+        for h in ("h2", "h3"):
+            assert kinds(seen[h]) == ["WriteChunk"] * 6 and all(x.fua for x in seen[h]), h
+        for r in replicas.values():
+            for i in range(4):
+                key = ChunkKey(gw.lineage, i, r.store.resolve(gw.lineage, i, gw.chain_for(i)))
+                durable, now = r.store._durable[key], r.store._chunks[key]
+                assert (durable.version, durable.pages) == (now.version, now.pages)
+        assert copy_of(replicas["h3"], gw, 1, 8192, 4096) == pattern(5)[:4096]
+
+
+async def test_a_fua_write_with_much_to_write_back_waits_for_every_copy(tmp_path):
+    """On a gateway whose own store has much to write back, a FUA write goes by the
+    general path: its local copy's writeback runs in a worker thread beside the peers'
+    writes, and the write is answered once every copy is synced."""
+    with ChunkStore(tmp_path / "h1", 64 * CHUNK) as store:
+        async with three_hosts(h1_store=store) as (gw, replicas, reg, seen, _):
+            big = bytes(range(256)) * (SYNC_AHEAD_MIN // 256 + 4096)
+            assert await settled([gw.write(0, big, False)]) == [None]
+            assert store.writeback_due()
+            for s in seen.values():
+                s.clear()
+            answer = gw.write(3 * CHUNK + 4096, memoryview(bytearray(pattern(7))), True)
+            assert hasattr(answer, "__await__")  # the general path, a task of its own
+            assert store.writeback_limiter is None
+            assert await settled([answer]) == [None]
+            assert store.writeback_limiter is not None  # a worker thread wrote back
+            assert not store.writeback_due()  # ... and that writeback ended
+            for h in ("h2", "h3"):
+                assert kinds(seen[h]) == ["WriteChunk"] and seen[h][0].fua, h
+                r = replicas[h]
+                key = ChunkKey(gw.lineage, 3, r.store.resolve(gw.lineage, 3, gw.chain_for(3)))
+                durable, now = r.store._durable[key], r.store._chunks[key]
+                assert (durable.version, durable.pages) == (now.version, now.pages)
+            for r in replicas.values():
+                assert copy_of(r, gw, 3, 4096, 4096) == pattern(7)[:4096]
