@@ -819,6 +819,11 @@ class VolumeGateway:
         return self.trim(offset, length, fua)
 
     async def _replicate(self, pieces, make_msg):
+        # (a task the NBD server starts after the write came: a snapshot may have begun
+        # switching the head meanwhile, without this write in flight to wait for; it
+        # goes to the new head, as any write that comes during the switch)
+        while self._hold is not None:
+            await self._hold.wait()
         self._inflight += 1
         try:
             if len(pieces) == 1:

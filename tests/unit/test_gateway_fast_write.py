@@ -130,6 +130,45 @@ async def test_a_snapshot_waits_for_writes_answered_by_callback():
         assert switched == [0]
 
 
+async def test_a_full_path_write_whose_task_starts_during_a_snapshot_waits_for_it():
+    """A write the general path takes is a task the NBD server starts later: when a
+    snapshot began switching the head in between, the snapshot had no write in flight to
+    wait for, so the write waits for the new head instead of writing the old one while
+    the switch completes."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        answer = gw.write(CHUNK - 4096, b"\x02" * 8192, False)  # two chunks: a task's work
+        assert hasattr(answer, "__await__") and type(answer) is not Later
+        release = trio.Event()
+
+        async def complete():
+            await release.wait()
+            return gw.view
+
+        def h2_has_chunk_1() -> bool:
+            return replicas["h2"].store.resolve(gw.lineage, 1, gw.chain_for(1)) is not None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw.switch_head, complete)
+            await trio.sleep(0.01)  # the switch holds new writes and waits for complete()
+
+            async def run():
+                await answer
+
+            nursery.start_soon(run)  # the write's task starts only now
+            await trio.sleep(0.2)
+            assert gw._inflight == 0 and not h2_has_chunk_1()
+            release.set()
+        assert h2_has_chunk_1()
+        assert copy_of_h2(replicas, gw) == b"\x02" * 4096
+
+
+def copy_of_h2(replicas, gw) -> bytes:
+    store = replicas["h2"].store
+    gen = store.resolve(gw.lineage, 1, gw.chain_for(1))
+    return bytes(store.read(ChunkKey(gw.lineage, 1, gen), 0, 4096))
+
+
 async def test_a_write_whose_connection_is_gone_when_it_needs_the_full_path_is_let_go():
     async with three_hosts() as (gw, replicas, reg, kills):
         await gw.write(0, b"\x01" * 4096, False)
