@@ -234,12 +234,26 @@ class ClusterView:
             # the general path reads it again first; a write here would leave their
             # copies behind with no stale record)
             return None
-        names = tuple(h for h in hosts if h != me)
-        if not names or self.no_rid or any(h not in self._up for h in names):
+        remote = self.peer_addresses(hosts, me)
+        if remote is None:
             return None
-        remote = tuple(self._addr[h] for h in names)
+        names = tuple(h for h in hosts if h != me)
         return (hosts, complete, remote, names, len(names) < len(hosts),
                 self.no_batch.isdisjoint(names), tuple(sorted(remote)))
+
+    def peer_addresses(self, hosts, me: str) -> tuple[str, ...] | None:
+        """The peer addresses of `hosts` other than `me`, in order, when a message can go
+        to each of them without a task (each up, no decoder in the pool that predates
+        request ids); else None, as when there is no other host."""
+        if self.no_rid:
+            return None
+        remote = []
+        for h in hosts:
+            if h != me:
+                if h not in self._up:
+                    return None
+                remote.append(self._addr[h])
+        return tuple(remote) if remote else None
 
     def is_up(self, host_id: str) -> bool:
         return host_id in self._up
@@ -755,7 +769,7 @@ class VolumeGateway:
         inner = offset & (self._cs - 1)
         n = len(data)
         if inner + n <= self._cs:  # inside one chunk: its one piece, no generator
-            if (not fua or not self.store.writeback_due()) and self._local_only(index):
+            if not self._fua_in_task(fua) and self._local_only(index):
                 self.replica.write(self.view.volume.name, self.lineage, index, self.gen,
                                    self.chain_for(index) if self.cuts else self.chain, inner,
                                    data, self._cs, 0, fua, self.cluster.map.epoch, token)
@@ -768,8 +782,7 @@ class VolumeGateway:
             pieces = [Piece(index, inner, n, 0)]
         else:
             pieces = list(self.geometry.pieces(offset, n))
-            if ((not fua or not self.store.writeback_due())
-                    and all(self._local_only(p.index) for p in pieces)):
+            if not self._fua_in_task(fua) and all(self._local_only(p.index) for p in pieces):
                 for p in pieces:
                     self.replica.write(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                        p.offset, data[p.buf_offset:p.buf_offset + p.length],
@@ -796,8 +809,7 @@ class VolumeGateway:
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
-        if ((not fua or not self.store.writeback_due())
-                and all(self._local_only(p.index) for p in pieces)):
+        if not self._fua_in_task(fua) and all(self._local_only(p.index) for p in pieces):
             for p in pieces:
                 self.replica.zero(self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index),
                                   p.offset, p.length, self.geometry.chunk_size, 0, fua,
@@ -888,10 +900,7 @@ class VolumeGateway:
         that sees the last reply; anything but a clean success on every copy continues as
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
-        if self._hold is not None or msg.fua and self.store.writeback_due():
-            # (with much to write back, a FUA write's local copy answers with an awaitable,
-            # its writeback in a worker thread: Replica.handle; the general path awaits it
-            # beside the peers)
+        if self._hold is not None or self._fua_in_task(msg.fua):
             return None
         cv = self.cluster
         index = p.index
@@ -932,6 +941,13 @@ class VolumeGateway:
             if got:  # (a pool that called back at once: peers refused before sending)
                 on_replies(got[0])
         return later
+
+    def _fua_in_task(self, fua: bool) -> bool:
+        """Whether a write goes by the general path for its FUA flag: with much to write
+        back (ChunkStore.writeback_due), this host's copy answers with an awaitable, its
+        writeback in a worker thread (Replica.handle, which decides the same on the same
+        store with no checkpoint between), and only a task can await it beside the peers."""
+        return fua and self.store.writeback_due()
 
     def _write_here(self, msg, later_ok: bool = False):
         """This host's copy of a replicated write: its reply, or its failure as a value
@@ -1138,21 +1154,15 @@ class VolumeGateway:
             w[1].done(None)
         return True
 
-    def _ready_peers(self, hosts) -> list[str] | None:
+    def _ready_peers(self, hosts) -> tuple[str, ...] | None:
         """The addresses of `hosts` other than this one, in order, when PeerPool.queue_all
         can send to every one of them now (each up, its connection ready, no decoder that
         predates request ids); else None, and the caller takes its general path."""
         ready = getattr(self.pool, "ready", None)
-        cv = self.cluster
-        if ready is None or cv.no_rid:
+        if ready is None:
             return None
-        remote = []
-        for h in hosts:
-            if h != self.host_id:
-                if not cv.is_up(h):
-                    return None
-                remote.append(cv.address(h))
-        return remote if remote and ready(remote) else None
+        remote = self.cluster.peer_addresses(hosts, self.host_id)
+        return remote if remote is not None and ready(remote) else None
 
     def _write_done(self) -> None:
         self._inflight -= 1
