@@ -243,25 +243,14 @@ class Replica:
             key, offset, length, chunk_size=chunk_size, base=base, version=version or None, fua=fua
         )
 
-    async def _flushed(self, msg: m.Flush, peer: str | None, ahead) -> m.Ok:
+    async def _synced(self, msg, peer: str | None, reply, sync, *args):
+        """`reply` to `msg` once `await sync(*args)` made it durable: a Flush's flush_store,
+        or a FUA write's fua_sync (the write applied already), each with its writeback in
+        a worker thread while the event loop serves every other request. Synced inline, a
+        sync after large writes to any volume of a data file made every volume of the host
+        wait for that file's writeback."""
         try:
-            await flush_store(self.store, ahead)
-        except VbpError as e:
-            self._refused(msg, e, peer)
-            raise
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("volume=%s chunk=- op=flush event=applied gateway=%s", msg.volume,
-                      peer or self.host_id)
-        return m.Ok(0)
-
-    async def _fua_synced(self, msg, peer: str | None, keys: list, reply):
-        """A FUA write's durability, the write applied already, when the store has much to
-        write back (writeback_due): the writeback in a worker thread while the event loop
-        serves every other request, then the chunks' own sync on the loop, then the reply
-        (vbp.chunkstore.fua_sync). Synced inline, a FUA write after large writes to any
-        volume of its data file made every volume of the host wait for that writeback."""
-        try:
-            await fua_sync(self.store, keys)
+            await sync(*args)
         except VbpError as e:
             self._refused(msg, e, peer)
             raise
@@ -310,15 +299,15 @@ class Replica:
                 self.check_token(msg.volume, msg.token)
                 ahead = self.store.sync_ahead()
                 if ahead is not None:
-                    return self._flushed(msg, peer, ahead)
+                    return self._synced(msg, peer, m.Ok(0), flush_store, self.store, ahead)
             elif t in _FUA and msg.fua and self.store.writeback_due():
-                fua, msg = msg, dc_replace(msg, fua=False)  # (synced by _fua_synced)
+                fua, msg = msg, dc_replace(msg, fua=False)  # (synced by fua_sync)
             reply = self._handle(msg)
             if fua is not None:
                 msg = fua
                 keys = [_new_key(ChunkKey, (msg.lineage, i, msg.gen))
                         for i in (msg.indexes if t is m.WriteBatch else (msg.index,))]
-                return self._fua_synced(msg, peer, keys, reply)
+                return self._synced(msg, peer, reply, fua_sync, self.store, keys)
         except VbpError as e:
             self._refused(fua or msg, e, peer)
             raise
