@@ -274,7 +274,6 @@ class MemoryChunkStore:
     def writeback_due(self) -> bool:
         return False
 
-
     def flush(self) -> None:
         for key in self._dirty:
             self._durable[key] = self._chunks[key].copy()

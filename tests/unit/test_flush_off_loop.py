@@ -110,10 +110,13 @@ def write_msg(index: int, data: bytes, token: int = 1) -> m.WriteChunk:
     return m.WriteChunk("vol", "lin", index, 1, (1,), 0, data, 4 * MiB, 0, False, 1, token)
 
 
-def test_a_replica_answers_other_requests_while_a_flush_syncs(tmp_path, monkeypatch):
-    """Over the peer transport: a Flush after a large write is answered only after its
-    sync; a read sent behind it on the same connection is answered before that."""
+@pytest.mark.parametrize("syncing", ["flush", "fua-write"])
+def test_a_replica_answers_other_requests_while_a_flush_syncs(tmp_path, monkeypatch, syncing):
+    """Over the peer transport: a Flush, or a FUA WriteChunk, after a large write is
+    answered only after its sync; a read sent behind it on the same connection is
+    answered before that."""
     held = HeldSync(monkeypatch)
+    msg = m.Flush("vol", 1, 1) if syncing == "flush" else fua_msg(1, b"\x0a" * 4096)
 
     async def main():
         with ChunkStore(tmp_path / "store", 64 * MiB) as store:
@@ -122,20 +125,20 @@ def test_a_replica_answers_other_requests_while_a_flush_syncs(tmp_path, monkeypa
                 async with PeerPool(CLUSTER, "cli", request_timeout=20) as pool:
                     data = b"\x09" * (2 * MiB)
                     assert type(await pool.call(address, write_msg(0, data))) is m.Ok
-                    flushed = trio.Event()
+                    synced = trio.Event()
 
-                    async def flush():
-                        assert type(await pool.call(address, m.Flush("vol", 1, 1))) is m.Ok
-                        flushed.set()
+                    async def sync():
+                        assert type(await pool.call(address, msg)) is m.Ok
+                        synced.set()
 
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(flush)
+                        nursery.start_soon(sync)
                         await held.wait_entered()
                         got = await pool.call(address, m.ReadChunk("vol", "lin", 0, (1,), 4096, 4096, 1))
                         assert got.data == data[:4096]
-                        assert not flushed.is_set()
+                        assert not synced.is_set()
                         held.release.set()
-                    assert flushed.is_set()
+                    assert synced.is_set()
                     assert store.sync_ahead() is None
 
     trio.run(main)
@@ -248,37 +251,6 @@ def test_a_fua_write_after_large_writes_leaves_the_gateway_serving(tmp_path, mon
             # with nothing left to write back, a FUA write is synced on the loop again
             assert not store.writeback_due()
             assert gw.write(0, b"\x09" * 4096, True) is None
-
-    trio.run(main)
-
-
-def test_a_replica_answers_other_requests_while_a_fua_write_syncs(tmp_path, monkeypatch):
-    """Over the peer transport: a FUA WriteChunk after a large write is answered after its
-    sync; a read sent behind it on the same connection is answered before that."""
-    held = HeldSync(monkeypatch)
-
-    async def main():
-        with ChunkStore(tmp_path / "store", 64 * MiB) as store:
-            replica = Replica(store, "srv", lambda: 1)
-            async with server(replica.handle) as (address, _kill):
-                async with PeerPool(CLUSTER, "cli", request_timeout=20) as pool:
-                    data = b"\x09" * (2 * MiB)
-                    assert type(await pool.call(address, write_msg(0, data))) is m.Ok
-                    written = trio.Event()
-
-                    async def fua():
-                        reply = await pool.call(address, fua_msg(1, b"\x0a" * 4096))
-                        assert type(reply) is m.Ok
-                        written.set()
-
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(fua)
-                        await held.wait_entered()
-                        got = await pool.call(address, m.ReadChunk("vol", "lin", 0, (1,), 4096, 4096, 1))
-                        assert got.data == data[:4096]
-                        assert not written.is_set()
-                        held.release.set()
-                    assert written.is_set()
 
     trio.run(main)
 
