@@ -1504,7 +1504,11 @@ class VolumeGateway:
         local = set(hosts) <= {self.host_id}
         ahead = self.store.sync_ahead() if local else None
         if local and prev is None and ahead is None:
-            self.store.flush()  # (little to write back: no thread, no task)
+            try:
+                self.store.flush()  # (little to write back: no thread, no task)
+            except BaseException:
+                self._unflushed_again(hosts, sent_at)
+                raise
             return None
         mine = self._flushing = _Flush()
         return self._flush_after(prev, mine, hosts, sent_at, ahead)
@@ -1525,11 +1529,24 @@ class VolumeGateway:
                     raise err
         except BaseException as e:
             mine.error = e
+            self._unflushed_again(hosts, sent_at)
             raise
         finally:
             mine.done.set()
             if self._flushing is mine:
                 self._flushing = None
+
+    def _unflushed_again(self, hosts: dict[str, set[int]], sent_at: dict[str, int]) -> None:
+        """A flush failed or was cancelled (its client went away): what it took and did
+        not settle goes back to the next flush, with the incarnations the writes went to.
+        Otherwise a FLUSH asked again (a client retrying, another connection with
+        multi-conn) would find nothing to do and succeed, though copies that took writes
+        answered before it were neither synced nor recorded stale. `hosts` holds what is
+        left: _flush_replicated takes out the hosts that flushed, the chunks it recorded
+        stale and the hosts that restarted (their loss is told by this flush's error)."""
+        for h, indexes in hosts.items():
+            if indexes:
+                self._note_all_unflushed(h, indexes, sent_at.get(h))
 
     async def _flush_replicated(self, hosts: dict[str, set[int]], sent_at: dict[str, int]):
         msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
@@ -1555,11 +1572,15 @@ class VolumeGateway:
         # sends none (below PEER_REV 6, or not yet aware of ours) makes every new
         # connection a new incarnation, which costs a needless resync only.
         incarnation = self.pool.incarnation
+        restarted = []
         for h in hosts:
             if h != self.host_id and h not in failed and incarnation(h) != sent_at.get(h, -1):
                 failed[h] = PeerUnavailable(
                     f"host {h} answered the flush of {self.name} from another process than "
                     f"the one that took its writes: it may have restarted and lost them")
+                restarted.append(h)
+        for h in [h for h in hosts if h not in failed]:
+            del hosts[h]  # durable: nothing of it for a later flush, should this one fail
         if not failed:
             return
         # A host that could not flush may have lost what it took since the last flush: its
@@ -1582,8 +1603,16 @@ class VolumeGateway:
                 short = short or BelowMinSize(
                     f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
                 continue  # the others' failures are still recorded before it is raised
-            if not await self._mark_stale(idx, bad, replicas):
+            if await self._mark_stale(idx, bad, replicas):
+                for h in bad:  # recorded: a resync makes the copy whole, not a flush
+                    hosts[h].discard(idx)
+            else:
                 unrecorded.append(idx)
+        for h in restarted:
+            # what a restarted host lost, no later flush brings back: this flush's outcome
+            # (its error, the stale records) tells it, once, as fsync reports a lost
+            # writeback; a host that did not answer is asked again by the next flush
+            del hosts[h]
         if short is not None:
             raise short
         if unrecorded:

@@ -17,7 +17,7 @@ from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import Fenced
+from vbp.errors import BelowMinSize, Fenced
 from vbp.later import Later
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
@@ -271,6 +271,72 @@ async def test_a_replica_lost_before_a_flush_is_recorded_stale_and_the_flush_hol
             await gw.flush()  # h3 cannot say it flushed: it may have lost that write
         assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
         assert "h3" in gw.stale[0]
+
+
+async def test_a_flush_asked_again_after_one_below_min_size_fails_again():
+    """A flush that failed keeps what it covered for the next one: asked again (a client
+    retrying its FLUSH), it does not find nothing to do and succeed while the copies that
+    took the writes can neither flush nor be recorded stale."""
+    async with three_hosts(min_size=2) as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        await gw.write(0, b"\x02" * 4096, False)  # on every copy, not yet durable
+        kills["h2"].cancel()
+        kills["h3"].cancel()
+        for attempt in range(2):
+            with trio.fail_after(10), pytest.raises(BelowMinSize):
+                await gw.flush()
+            assert not reg.list_stale(), attempt  # one durable copy: nothing recorded
+            assert gw._unflushed == {"h2": {0}, "h3": {0}}, attempt  # h1 flushed
+        assert gw._inflight == 0
+
+
+async def test_a_cancelled_flush_leaves_its_writes_to_the_next_one():
+    """The client that asked a FLUSH went away while it ran (its task cancelled): the
+    next FLUSH, from another connection with multi-conn or from the client reconnected,
+    still flushes every copy that took the writes answered before it."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        await gw.write(0, b"\x02" * 4096, False)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await gw.flush()  # (its frames may have left before the cancel: no matter)
+        pool, sent = gw.pool, []
+        queue_all, call = pool.queue_all, pool.call
+
+        def queue_spy(addresses, message, *args, **kwargs):
+            sent.extend((a, type(message).__name__) for a in addresses)
+            return queue_all(addresses, message, *args, **kwargs)
+
+        async def call_spy(address, message, *args, **kwargs):
+            sent.append((address, type(message).__name__))
+            return await call(address, message, *args, **kwargs)
+
+        pool.queue_all, pool.call = queue_spy, call_spy
+        with trio.fail_after(5):
+            await gw.flush()
+        peers = {gw.cluster.address(h) for h in ("h2", "h3")}
+        assert {a for a, kind in sent if kind == "Flush"} == peers
+        assert gw._unflushed == {}
+        sent.clear()
+        assert gw.flush() is None  # all settled: nothing left for a third
+        assert sent == []
+
+
+async def test_a_failed_flush_gives_back_only_what_it_did_not_settle():
+    """Of a flush that fails, the hosts that flushed and the chunks recorded stale are
+    settled; only the rest waits for the next flush. Chunk 1 has a copy known behind
+    (h2), so h3's failure leaves it one durable copy (the error); chunk 0 keeps two, and
+    h3's copy of it is recorded stale."""
+    async with three_hosts(min_size=2) as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        await gw.write(0, b"\x02" * 4096, False)
+        await gw.write(CHUNK, b"\x03" * 4096, False)
+        gw.stale[1] = frozenset({"h2"})
+        kills["h3"].cancel()
+        with trio.fail_after(10), pytest.raises(BelowMinSize, match="chunk 1 "):
+            await gw.flush()
+        assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
+        assert gw._unflushed == {"h3": {1}}
 
 
 async def test_a_writable_payload_is_copied_and_a_read_only_one_kept():
