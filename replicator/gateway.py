@@ -59,6 +59,7 @@ import logging
 import math
 import time
 from dataclasses import replace as dc_replace
+from functools import partial
 
 import trio
 
@@ -838,22 +839,27 @@ class VolumeGateway:
             await self._hold.wait()
         self._inflight += 1
         try:
-            if len(pieces) == 1:
-                await self._replicate_piece(pieces[0], make_msg(pieces[0]))
-                return
-            errors: list[VbpError] = []
+            # Once sent, a write is settled even if its client goes away (the connection's
+            # tasks cancelled): a copy that failed it is recorded stale, or the copies
+            # would disagree with no record of it. Peer requests and registry calls are
+            # bounded in time, so this is too.
+            with trio.CancelScope(shield=True):
+                if len(pieces) == 1:
+                    await self._replicate_piece(pieces[0], make_msg(pieces[0]))
+                    return
+                errors: list[VbpError] = []
 
-            async def piece(p) -> None:
-                try:
-                    await self._replicate_piece(p, make_msg(p))
-                except VbpError as e:  # collected: the client gets one plain error, not a group
-                    errors.append(e)
+                async def piece(p) -> None:
+                    try:
+                        await self._replicate_piece(p, make_msg(p))
+                    except VbpError as e:  # collected: the client gets one plain error
+                        errors.append(e)
 
-            async with trio.open_nursery() as nursery:
-                for p in pieces:
-                    nursery.start_soon(piece, p)
-            if errors:
-                raise min(errors, key=_error_rank)
+                async with trio.open_nursery() as nursery:
+                    for p in pieces:
+                        nursery.start_soon(piece, p)
+                if errors:
+                    raise min(errors, key=_error_rank)
         finally:
             self._write_done()
 
@@ -974,8 +980,8 @@ class VolumeGateway:
         the replies of the remote `names` in order (or their failures), `mine` the local
         copy's (None: no local copy). A write every copy of which took it cleanly is
         answered here; any other goes on as the full path would (`_settle_later`, in a
-        task; if nothing will ever run it, the connection being gone, on_refused still
-        ends the write's in-flight count)."""
+        task; if nothing will ever run it, the connection being gone, `_abandoned`
+        keeps its failures for the service and ends the write's in-flight count)."""
         clean = self.cluster.epoch == epoch
         if clean:
             for r in got if mine is None else (*got, mine):
@@ -1000,7 +1006,7 @@ class VolumeGateway:
             else:
                 replies[h] = r
         later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed, sent),
-                    self._write_done)
+                    partial(self._abandoned, p.index, complete, replies, failed))
 
     def begin_writes(self, count: int) -> None:
         """The NBD server is about to dispatch a run of `count` writes: if there are at
@@ -1176,8 +1182,26 @@ class VolumeGateway:
             for h, e in failed.items():
                 if not isinstance(e, VbpError):
                     raise e
-            await self._retry_stale_epoch(msg, replies, failed)
-            await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent)
+            with trio.CancelScope(shield=True):  # (as _replicate: settled, client or not)
+                await self._retry_stale_epoch(msg, replies, failed)
+                await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent)
+        finally:
+            self._write_done()
+
+    def _abandoned(self, index: int, complete, replies: dict, failed: dict) -> None:
+        """The rest of a _replicate_now write that did not succeed everywhere will never
+        run: its client's connection is gone. The copies that failed it are stale for
+        this gateway at once and wait in `unrecorded` for the service to record them (it
+        does when the volume's last connection closes), as a failure the registry could
+        not be told of; else the copies would disagree with no record of it."""
+        try:
+            missed = tuple(sorted(failed))
+            if missed:
+                took = tuple(h for h in complete if h in replies)
+                self.stale[index] = self.stale.get(index, frozenset()) | frozenset(missed)
+                self.unrecorded.append((index, took, missed))
+                log.warning("volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
+                            self.name, index, ",".join(missed))
         finally:
             self._write_done()
 

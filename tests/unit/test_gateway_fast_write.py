@@ -99,6 +99,47 @@ async def test_a_dead_replica_is_recorded_stale_and_the_write_stands():
             await result
 
 
+@pytest.mark.parametrize("connection", ["cancelled", "gone"])
+async def test_a_failed_write_is_settled_when_its_client_goes_away(connection):
+    """The rest of a write that failed on a copy (h3 dead) is handed to the connection as
+    its client goes away. "cancelled": it starts as the connection's tasks are cancelled,
+    and still records h3 stale. "gone": the connection's tasks are gone and nothing runs
+    it; h3 is stale for the gateway at once and waits in `unrecorded` for the service.
+    Either way the copies that disagree are on record."""
+    async with three_hosts() as (gw, replicas, reg, kills):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+        kills["h3"].cancel()
+        later = gw.write(0, b"\x03" * 4096, False)
+        assert type(later) is Later
+        answers = []
+        async with trio.open_nursery() as conn:  # the NBD server's, for one connection
+            def start(rest) -> bool:
+                if connection == "gone":
+                    return False
+
+                async def finish():
+                    await rest
+
+                conn.start_soon(finish)
+                conn.cancel_scope.cancel()
+                return True
+
+            later.bind(lambda value, exc: answers.append(exc), start)
+            with trio.fail_after(10):
+                while gw._inflight:
+                    await trio.sleep(0.01)
+        assert answers == []  # never answered: the client is gone
+        for h in ("h1", "h2"):
+            assert copy_of(replicas[h], gw, 0, 0, 4096) == b"\x03" * 4096
+        assert "h3" in gw.stale[0]
+        if connection == "cancelled":
+            assert [r.host_id for r in reg.list_stale(gw.lineage, 0)] == ["h3"]
+            assert gw.unrecorded == []
+        else:
+            assert [(i, set(took), missed) for i, took, missed in gw.unrecorded] == [
+                (0, {"h1", "h2"}, ("h3",))]
+
+
 async def test_a_newer_token_on_a_replica_fences_the_gateway():
     async with three_hosts() as (gw, replicas, reg, _):
         await gw.write(0, b"\x01" * 4096, False)

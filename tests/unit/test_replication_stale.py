@@ -20,6 +20,7 @@ from replicator import messages as m
 from replicator.recovery import NEVER_CURRENT
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import BelowMinSize, RegistryUnavailable, VbpError
+from vbp.later import Later
 from vbp.layout import MiB, ChunkKey
 
 
@@ -591,6 +592,41 @@ def test_a_flush_asked_while_another_runs_waits_for_it_and_shares_its_failure():
                 await call(second)
             assert info.value.errno == errno.EIO
             assert gw.flush() is None  # asked after both ended, with nothing to flush
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+
+def test_a_write_whose_client_goes_away_is_still_settled():
+    """A write's failures are recorded stale even when its client's connection ends while
+    the write waits for its copies (the connection's tasks cancelled): else the copy that
+    failed it would hold other bytes than the one that took it, with no record, and the
+    two would answer reads differently. The gateway's requests to `a` are lost (`a`
+    fails the write once they time out); the client goes away before that."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            lost = sim.hosts[a].addr
+            faults = sim.hosts[gw.host_id].faults
+            faults.on_call = lambda address, message: "drop" if address == lost else 0
+            async with trio.open_nursery() as conn:  # the NBD server's, for one connection
+                result = gw.write(0, b"\x02" * 4096, False)
+                assert not isinstance(result, Later)  # (a task: the general path)
+
+                async def finish():
+                    await result
+
+                conn.start_soon(finish)
+                await trio.sleep(0.5)  # the write waits for `a`
+                assert not stale_hosts(sim, rec.lineage)
+                conn.cancel_scope.cancel()
+            assert stale_hosts(sim, rec.lineage) == {a}
+            assert a in gw.stale[0]
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert sim.hosts[b].store.read(key, 0, 4096) == b"\x02" * 4096
+            assert gw._inflight == 0
             nursery.cancel_scope.cancel()
 
     run(main)
