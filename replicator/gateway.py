@@ -764,6 +764,10 @@ class VolumeGateway:
         token = self.token
         if self.read_only or self.fenced or token and self._now() >= self.lease_deadline:
             self._check_writable()  # (its checks, with no call when they pass)
+        if not len(data):
+            # nothing to write (NBD allows a zero-length WRITE, at the very end too): no
+            # chunk is made for it, not one past the volume's last
+            return None
         if not token or self._hold is not None:
             return self._leased(self._write, offset, keepable(data), fua)
         index = offset >> self._shift

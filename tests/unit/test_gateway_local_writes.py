@@ -86,3 +86,21 @@ def test_every_local_write_is_covered_by_the_next_flush(tmp_path):
             assert not any(store._chunks[k].touched for k in keys)  # each one synced
 
     trio.run(main)
+
+
+def test_a_zero_length_write_makes_no_chunk(tmp_path):
+    """A zero-length WRITE (the NBD codec lets one through at the very end of the
+    volume, offset == size) writes nothing: no chunk past the volume's last, and none
+    for a hole or copied up either. It is still refused where any write would be."""
+    async def main():
+        store, replica, gw = one_host(tmp_path)
+        with store:
+            for offset in (8 * MiB, 0, 3 * MiB + 4096):
+                assert gw.write(offset, b"", False) is None
+                assert gw.write(offset, memoryview(b""), True) is None
+            assert list(store.keys()) == []
+            gw.read_only = True
+            with pytest.raises(ReadOnly):
+                gw.write(8 * MiB, b"", False)
+
+    trio.run(main)
