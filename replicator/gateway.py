@@ -886,6 +886,7 @@ class VolumeGateway:
                 await self.refresh_map()
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
+        epoch = cv.epoch  # the map `hosts` came from: _settle sees if another came since
         if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:
             # A joining target holds only what reached it directly until it resyncs: it is
             # recorded stale before its first write, so no chunk written during the change
@@ -897,7 +898,6 @@ class VolumeGateway:
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
-        epoch = cv.epoch
         sent: dict[str, int] = {}
         replies = await self._send_all(hosts, msg, failed, sent)
         await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from dataclasses import replace as dc_replace
 
 import pytest
 import trio
@@ -627,6 +628,41 @@ def test_a_write_whose_client_goes_away_is_still_settled():
             key = ChunkKey(rec.lineage, 0, rec.head)
             assert sim.hosts[b].store.read(key, 0, 4096) == b"\x02" * 4096
             assert gw._inflight == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_map_change_while_joining_targets_are_marked_is_seen_by_the_write():
+    """A write to a chunk with a joining target first records that target stale (a
+    registry call). A new map that names another joining target may come meanwhile: the
+    write compares the epoch of the map it sent by, read before that call, so the target
+    it did not send to counts as failed and is recorded stale too. (Read after the call,
+    the epoch was the new one: that target got neither the write nor a record.)"""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
+            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            gw_id, c = (h for h in sim.hosts if h not in (a, b))
+            gw = await sim.hosts[gw_id].provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 4096, False))
+            cv = gw.cluster
+            joining = {cv.epoch: (c,), cv.epoch + 1: (gw_id,)}
+            cv.joining = lambda lineage, index, n: joining.get(cv.epoch, ())
+            cv.set_map(cv.map)  # (its write sets cached: made again with the targets)
+            mark_stale = gw._mark_stale
+
+            async def new_map_meanwhile(index, hosts, replicas=None):
+                result = await mark_stale(index, hosts, replicas)
+                if hosts == (c,):
+                    cv.set_map(dc_replace(cv.map, epoch=cv.epoch + 1))
+                return result
+
+            gw._mark_stale = new_map_meanwhile
+            await call(gw.write(0, b"\x02" * 4096, False))
+            assert stale_hosts(sim, rec.lineage) == {c, gw_id}
             nursery.cancel_scope.cancel()
 
     run(main)
