@@ -84,6 +84,11 @@ from vbp.sockets import (apply_congestion, nbytes, plain_socket, receive_wait, s
 log = logging.getLogger("vbp.nbd")
 
 MAX_IN_FLIGHT = 128
+# Bytes of READ and WRITE requests in flight (answered later): past this the reader takes
+# no more requests until some are answered. A WRITE's payload is held until answered, and
+# requests of up to the largest block size could otherwise hold MAX_IN_FLIGHT of them
+# (4 GiB) per connection.
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 HANDSHAKE_RECEIVE = 64 * 1024
@@ -305,6 +310,7 @@ class _Connection:
         self.out: list = []
         self.out_bytes = 0
         self.inflight = 0
+        self.inflight_bytes = 0  # of the READs and WRITEs among them (MAX_IN_FLIGHT_BYTES)
         self.closing = False
         self.writing = False  # the writer task is in the middle of a send
         self.files = False  # a FileRange may be queued: sends go through _send_mixed
@@ -377,7 +383,8 @@ class _Connection:
                         if self.to_observe:
                             self.observe_sent()
                         return
-                if self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
+                if (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED
+                        or self.inflight_bytes >= MAX_IN_FLIGHT_BYTES):
                     self.push()
                     if self.to_observe:
                         self.observe_sent()
@@ -414,7 +421,8 @@ class _Connection:
                     log.debug("preparing the writes received failed", exc_info=True)
 
     async def wait_room(self) -> None:
-        while self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED:
+        while (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED
+               or self.inflight_bytes >= MAX_IN_FLIGHT_BYTES):
             self.room = trio.Event()
             await self.room.wait()
 
@@ -556,9 +564,13 @@ class _Connection:
         cmd, t0 = req.command, self.received_at
         if type(result) is Later:
             self.inflight += 1
+            if cmd <= proto.CMD_WRITE:
+                self.inflight_bytes += req.length
             result.bind(partial(self.later_done, req, t0), partial(self.later_defer, req, t0))
         elif type(result) not in _PLAIN and inspect.isawaitable(result):
             self.inflight += 1
+            if cmd <= proto.CMD_WRITE:
+                self.inflight_bytes += req.length
             ids = self.ids
             token = current_rid.set((ids, ids.seq)) if ids is not None else None
             try:  # the task copies the context now: it keeps the request's id
@@ -602,7 +614,7 @@ class _Connection:
         finally:
             if self.observe is not None:
                 self.observe(req.command, req.length, perf_counter() - t0, ok)
-            self.inflight -= 1
+            self._answered(req)
             self.room.set()
             self.wake.set()  # the reader may be waiting for input: the writer sends this
 
@@ -618,7 +630,7 @@ class _Connection:
         except Exception:
             log.exception("completing nbd %s failed", proto.CMD_NAMES.get(req.command))
         finally:
-            self.inflight -= 1
+            self._answered(req)
             self.room.set()
             if self.inflight or self.closing or self.raw is None:
                 self.wake.set()
@@ -634,9 +646,15 @@ class _Connection:
         try:
             self.nursery.start_soon(self.finish, req, awaitable, t0)
         except RuntimeError:  # the nursery is closed: the connection ended
-            self.inflight -= 1
+            self._answered(req)
             return False
         return True
+
+    def _answered(self, req: Request) -> None:
+        """`req`, counted in flight by _answer, is no longer."""
+        self.inflight -= 1
+        if req.command <= proto.CMD_WRITE:
+            self.inflight_bytes -= req.length
 
     def complete(self, req: Request, result) -> None:
         codec, cmd = self.codec, req.command

@@ -433,6 +433,56 @@ async def test_in_flight_is_bounded(port, slow, monkeypatch):
     assert 1 < slow.max_active <= 16
 
 
+class GatedWrites(MemoryExport):
+    """Writes answered only once `gate` is set; how many waited at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = trio.Event()
+        self.active = self.max_active = 0
+
+    def write(self, offset, data, fua):
+        data = bytes(data)
+
+        async def later():
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            try:
+                await self.gate.wait()
+                MemoryExport.write(self, offset, data, fua)
+            finally:
+                self.active -= 1
+        return later()
+
+
+async def test_bytes_in_flight_are_bounded(port, provider, monkeypatch):
+    """Large writes held unanswered stop the reader at MAX_IN_FLIGHT_BYTES of them, long
+    before MAX_IN_FLIGHT requests: a client cannot make the server hold a payload of
+    up to the largest block size per request slot. Once answered, the rest follow."""
+    monkeypatch.setattr(server, "MAX_IN_FLIGHT_BYTES", 4 * MiB)
+    export = provider.exports["gated"] = GatedWrites("gated", 32 * MiB)
+    c = await Client.connect(port, "gated")
+    blocks = [bytes([i]) * MiB for i in range(16)]
+
+    async def send_all() -> None:
+        for i, b in enumerate(blocks):
+            await c.send(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i,
+                                     i * MiB, MiB) + b)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all)
+        with trio.fail_after(10):
+            while export.active < 4:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # the client has sent more: the server takes none of it
+        assert export.max_active == 4
+        export.gate.set()
+        with trio.fail_after(10):
+            got = sorted([await c.reply() for _ in blocks])
+    assert got == [(i, 0, b"") for i in range(16)]
+    assert bytes(export.data[:16 * MiB]) == b"".join(blocks)
+
+
 async def test_disc_finishes_in_flight_requests(port, slow):
     c = await Client.connect(port, "slow", structured=True)
     for i in range(5):
