@@ -944,7 +944,11 @@ class VolumeGateway:
             else:
                 self._replied(later, p, msg, hosts, complete, epoch, names, sent, results, mine)
 
-        self.pool.queue_all(remote, msg, on_replies, checked=True)  # (ready)
+        try:
+            self.pool.queue_all(remote, msg, on_replies, checked=True)  # (ready)
+        except BaseException:  # (a message the codec refused: a bug; not in flight, so a
+            self._write_done()  # snapshot's drain does not wait for it forever)
+            raise
         if local:  # after the frames: the peers start on them while this copy is written
             mine = self._write_here(msg)
             got, early = early, None

@@ -140,6 +140,21 @@ async def test_a_failed_write_is_settled_when_its_client_goes_away(connection):
                 (0, {"h1", "h2"}, ("h3",))]
 
 
+async def test_a_write_whose_frames_cannot_be_queued_is_not_left_in_flight():
+    """A message the pool refuses to queue (the codec raising: a bug) fails the write
+    and leaves no count in flight behind, which a snapshot's drain would wait on."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)  # connects
+
+        def refuse(*args, **kwargs):
+            raise TypeError("cannot encode")
+
+        gw.pool.queue_all = refuse
+        with pytest.raises(TypeError):
+            gw.write(0, b"\x02" * 4096, False)
+        assert gw._inflight == 0
+
+
 async def test_a_newer_token_on_a_replica_fences_the_gateway():
     async with three_hosts() as (gw, replicas, reg, _):
         await gw.write(0, b"\x01" * 4096, False)
