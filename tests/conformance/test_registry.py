@@ -402,11 +402,14 @@ def test_stale_records(reg):
         StaleRecord("lin", 3, "h1", 5), StaleRecord("lin", 3, "h2", 5), StaleRecord("lin", 10, "h1", 1)]
     assert len(reg.list_stale()) == 5
     reg.mark_stale("lin", 3, ["h1"], 7)  # a newer miss raises the version
-    reg.mark_stale("lin", 3, ["h1"], 6)  # a late, older mark does not lower it
     assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
     assert not reg.clear_stale("lin", 3, "h1", version=5)  # recovery copied v5, v7 is still missing
-    assert StaleRecord("lin", 3, "h1", 7) in reg.list_stale("lin")
-    assert reg.clear_stale("lin", 3, "h1", version=7)
+    # a mark from a host whose clock is behind still moves the record: a resync that read
+    # 7 before it must not clear it
+    reg.mark_stale("lin", 3, ["h1"], 6)
+    assert StaleRecord("lin", 3, "h1", 8) in reg.list_stale("lin")
+    assert not reg.clear_stale("lin", 3, "h1", version=7)
+    assert reg.clear_stale("lin", 3, "h1", version=8)
     assert reg.clear_stale("lin", 3, "h2")
     assert not reg.clear_stale("lin", 3, "h9")  # absent: no-op
     assert reg.list_stale("lin") == [StaleRecord("lin", 10, "h1", 1)]
@@ -579,9 +582,9 @@ def test_a_never_current_stale_record_keeps_its_flag_and_still_moves_up(reg):
     from vbp.registry.base import NEVER_CURRENT
 
     reg.mark_stale("lin", 1, ["h1"], NEVER_CURRENT | 100)
-    reg.mark_stale("lin", 1, ["h1"], 50)  # an older failure: nothing changes
-    assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 100
+    reg.mark_stale("lin", 1, ["h1"], 50)  # a failure by a clock behind: one up, flag kept
+    assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 101
     reg.mark_stale("lin", 1, ["h1"], 200)  # a newer failure raises it, the flag stays
     assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 200
-    assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 100) is False  # re-marked meanwhile
+    assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 101) is False  # re-marked meanwhile
     assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 200) is True

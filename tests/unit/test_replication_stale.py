@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import time
 from dataclasses import replace as dc_replace
 
 import pytest
@@ -663,6 +664,45 @@ def test_a_map_change_while_joining_targets_are_marked_is_seen_by_the_write():
             gw._mark_stale = new_map_meanwhile
             await call(gw.write(0, b"\x02" * 4096, False))
             assert stale_hosts(sim, rec.lineage) == {c, gw_id}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_failure_marked_by_a_clock_behind_still_stops_the_resync_clearing():
+    """Stale records are versioned by the marking host's clock (time_ns). A record last
+    marked by a host whose clock runs ahead, then a new failure marked by the gateway's
+    clock, behind it, between the resync's last comparison and its clear: the mark
+    still moves the record, so the clear by the version the resync read fails and the
+    copy that missed the new write stays stale (it was cleared, current without it)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 8192, False))
+            faults = sim.hosts[gw.host_id].faults
+            faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # a misses it: a stale
+            faults.heal()
+            sim.reg.mark_stale(rec.lineage, 0, [a], time.time_ns() + 5 * 10**9)  # clock ahead
+            resync = sim.hosts[a].resync
+            registry = resync.registry
+
+            class WriteBeforeClear:
+                def __getattr__(self, name):
+                    return getattr(registry, name)
+
+                async def clear_stale(self, lineage, index, host, version):
+                    faults.partition([sim.hosts[a].addr])
+                    await call(gw.write(0, b"\x03" * 4096, False))  # a misses this one too
+                    faults.heal()
+                    return await registry.clear_stale(lineage, index, host, version)
+
+            resync.registry = WriteBeforeClear()
+            await trio.sleep(resync.write_window)
+            await resync.run_once()
+            assert stale_hosts(sim, rec.lineage) == {a}
+            resync.registry = registry
+            await resync_to(sim, rec, a, b, b"\x03" * 4096)
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -472,10 +472,14 @@ class Registry:
         return head + (_name("host id", host_id) if host_id else b"")
 
     def mark_stale(self, lineage: str, index: int, host_ids: Iterable[str], version: int) -> None:
-        """Record that these replicas miss `version` of the chunk; a record only ever moves
-        to a higher version (a late mark with an older version changes nothing). The
-        NEVER_CURRENT bit of a version is a flag, not part of the order: once set it stays
-        (the copy was never current), and later failures still raise the version below it."""
+        """Record that these replicas miss `version` of the chunk. Every mark of a record
+        moves it higher: to `version`, or one past what it held if that is not lower.
+        So a resync that read the record before this mark cannot clear it (clear_stale
+        compares the version): it is asked again. The versions are hosts' clocks
+        (time_ns), which differ and may step back; a mark that left a record as it was,
+        because its clock was behind the one of an earlier mark, would be lost to a
+        resync clearing meanwhile. The NEVER_CURRENT bit of a version is a flag, not part
+        of the order: once set it stays (the copy was never current)."""
         for host_id in host_ids:
             key = self._stale_key(lineage, index, host_id)
             for _ in range(CAS_ATTEMPTS):
@@ -483,10 +487,8 @@ class Registry:
                 new = version
                 if item is not None:
                     old = _unpack(item.value)
-                    new = (max(old & ~NEVER_CURRENT, version & ~NEVER_CURRENT)
+                    new = (max((old & ~NEVER_CURRENT) + 1, version & ~NEVER_CURRENT)
                            | ((old | version) & NEVER_CURRENT))
-                    if new == old:
-                        break
                 ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)],
                                     [Put(key, _pack(new))])
                 if ok:
