@@ -323,8 +323,11 @@ class Resync:
                 raise ChunkBusy()
 
     async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
-        # complete copies first, then targets that joined and are current
-        hosts = self.cluster.write_set(lineage, index, n)
+        # Complete copies only. A target that joined in a data-set change has no record
+        # until the change's scan (or a gateway's first write) marks it, and until then it
+        # looks current while it holds nothing: as a source it would make this copy drop
+        # what it holds (_drop_divergent) and count as current.
+        hosts = self.cluster.replicas(lineage, index, n)
         sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
         if not sources:
             complete = self.cluster.replicas(lineage, index, n)
@@ -333,7 +336,8 @@ class Resync:
                 return await self._resync_all_stale(lineage, index, complete, stale)
         for src in sources:
             try:
-                if await self._sync_from(self.cluster.address(src), lineage, index):
+                if (await self._sync_from(self.cluster.address(src), lineage, index)
+                        and await self._still_current(lineage, index, src)):
                     self.stats.chunks += 1
                     log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
                     return True
@@ -341,6 +345,18 @@ class Resync:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)
         return False
+
+    async def _still_current(self, lineage: str, index: int, src: str) -> bool:
+        """Whether `src`, which this copy was just brought level with, still has no stale
+        record. Its holes and generations were taken on its word, and it may have become
+        stale since this pass listed the records: a restart that lost unsynced writes (its
+        crash recovery marks it before it serves again) or a failed write. Then this copy
+        stays stale too, and a later pass takes it from a copy that is current."""
+        if any(r.host_id == src for r in await self.registry.list_stale(lineage, index)):
+            log.warning("event=resync_source_stale lineage=%s chunk=%d source=%s", lineage,
+                        index, src)
+            return False
+        return True
 
     async def _resync_all_stale(self, lineage: str, index: int, complete, stale) -> bool:
         """Every copy of the chunk is recorded stale (failures through gateways of

@@ -706,3 +706,82 @@ def test_a_failure_marked_by_a_clock_behind_still_stops_the_resync_clearing():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_joining_target_with_no_record_yet_is_no_resync_source():
+    """A data-set change names a joining target for the chunk before its scan has marked
+    that target stale: it holds nothing and looks current. Resync takes only complete
+    copies as sources, so the stale copy, with its only complete source unreachable,
+    keeps what it holds and its record (as a source the target would have made it drop
+    its generations and count as current, holding nothing)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
+            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            gw_host = next(h for h in sim.hosts.values() if h.id not in (a, b))
+            gw = await gw_host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 8192, False))
+            gw_host.faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * 4096, False))  # b alone: a stale
+            gw_host.faults.heal()
+            host = sim.hosts[a]
+            cm = host.cluster.map
+            ids = tuple(h.id for h in cm.hosts)
+            host.cluster.set_map(dc_replace(cm, data=tuple(i for i in ids if i != b), prev=ids,
+                                            mgen=cm.mgen + 1))  # b leaves the data set
+            assert host.cluster.joining(rec.lineage, 0, 2)  # a target, with no record yet
+            host.faults.partition([sim.hosts[b].addr])
+            await trio.sleep(host.resync.write_window)
+            await host.resync.run_once()
+            assert stale_hosts(sim, rec.lineage) == {a}
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            assert host.store.read(key, 0, 8192) == b"\x01" * 8192
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_source_that_went_stale_during_the_pass_does_not_make_the_copy_current():
+    """The pass lists the records, then its source restarts having lost unsynced bytes
+    (page 4 back to a hole) and its crash recovery records it stale before it serves.
+    The copy brought level with it (page 4 zeroed on its word) does not count as current
+    on that: the source's record is read again before the clear, and another complete
+    copy is taken, which has page 4."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, min_size=2)
+            x, s, t = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+            gw_host = next(h for h in sim.hosts.values() if h.id not in (x, s, t))
+            gw = await gw_host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 8192, False))
+            await call(gw.write(16384, b"\x05" * 4096, False))  # page 4, on every copy
+            gw_host.faults.partition([sim.hosts[x].addr])
+            await call(gw.trim(0, 4096, False))  # x misses it: x stale
+            gw_host.faults.heal()
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            resync = sim.hosts[x].resync
+            registry = resync.registry
+
+            class SourceRestartsMeanwhile:
+                def __getattr__(self, name):
+                    return getattr(registry, name)
+
+                async def list_volumes(self):  # (right after the pass read the records)
+                    sim.hosts[s].store.zero(key, 16384, 4096, chunk_size=MiB)
+                    await sim.hosts[s].resync.mark_recovered([key])
+                    return await registry.list_volumes()
+
+            resync.registry = SourceRestartsMeanwhile()
+            await trio.sleep(resync.write_window)
+            await resync.run_once()
+            store = sim.hosts[x].store
+            assert store.read(key, 16384, 4096) == b"\x05" * 4096
+            assert store.read(key, 0, 4096) == bytes(4096)
+            assert stale_hosts(sim, rec.lineage) == {s}
+            nursery.cancel_scope.cancel()
+
+    run(main)
