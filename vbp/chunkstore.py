@@ -372,9 +372,10 @@ class ChunkStore:
             for c in dirty:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
                 txn.delete(enc_key(c.key), db=db["dirty"])
-            self._free_limbo(txn)
+            freed = self._free_limbo(txn)
             txn.put(b"clean", b"0", db=db["meta"])
             txn.put(b"boot", boot.encode(), db=db["meta"])
+        self._after_free_limbo(freed)  # (free in memory too, as in the index)
         for c in dirty:
             c.saved = c.version
 
@@ -674,8 +675,8 @@ class ChunkStore:
             elif os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
                 pwrite_all(sp.fd, buf, c.dbase + start)  # short: redo it whole (idempotent)
         except OSError as e:
+            self._settle_failed(c, start, buf)
             if e.errno in NOSPACE_ERRNOS:
-                self._settle_failed(c, start, len(buf))
                 raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
             raise
         sums = sp.sums
@@ -686,14 +687,29 @@ class ChunkStore:
         got = _page_sums(buf)
         sums[p: p + len(got)] = array("Q", got)
 
-    def _settle_failed(self, c: Chunk, start: int, n: int) -> None:
-        """After a failed pwrite: real pages take what reached the disk (an unacknowledged,
-        possibly torn write); holes stay holes, so no page fails its checksum later."""
-        sums = c.space.sums
-        for off in range(start, start + n, PAGE_SIZE):
-            i = c.sbase + (off >> PAGE_SHIFT)
-            if sums[i]:
-                sums[i] = page_checksum(pread_full(c.space.fd, PAGE_SIZE, c.dbase + off))
+    def _settle_failed(self, c: Chunk, start: int, buf) -> None:
+        """After a failed pwrite of `buf` (whole pages) at `start`: each page takes what
+        reached the disk, as the crash recovery would (_rehash), so a later crash changes
+        nothing a flush acknowledged meanwhile. A page the write reached holds its new
+        bytes: its checksum follows, and a hole it reached becomes a real page (left a
+        hole, its bytes would come back as data at the next crash recovery). A real page
+        holding neither its old bytes nor the new ones keeps its checksum: that is damage
+        from before, for reads to find and repair, never to be hidden by a new checksum.
+        (The write was not acknowledged: either outcome is allowed, and the gateway
+        records this copy stale for it.)"""
+        sums, sp = c.space.sums, c.space
+        mv = memoryview(buf)
+        for off in range(0, len(mv), PAGE_SIZE):
+            i = c.sbase + ((start + off) >> PAGE_SHIFT)
+            try:
+                disk = pread_full(sp.fd, PAGE_SIZE, c.dbase + start + off)
+            except OSError:  # (unreadable: the page keeps its checksum; reads will say so)
+                continue
+            if not sums[i]:
+                if disk != ZERO_PAGE:
+                    sums[i] = page_checksum(disk)
+            elif page_checksum(disk) != sums[i] and disk == mv[off: off + PAGE_SIZE]:
+                sums[i] = page_checksum(disk)
 
     def has_clean(self) -> bool:
         """Some chunk here is not marked dirty (mark_dirty has something to do)."""

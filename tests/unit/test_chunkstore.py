@@ -5,6 +5,7 @@ What both stores share is in tests/conformance/test_chunkstore_conformance.py.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore import ChunkStore, MemoryChunkStore, _page_sums
+from vbp.chunkstore_files import WRITE_PIECE
 from vbp.chunkstore_common import VERSION_SLACK, page_checksum
 from vbp.errors import ChecksumError, NoSpace
 from vbp.layout import PAGE_SIZE, ChunkKey
@@ -447,6 +449,28 @@ def test_delete_then_crash_frees_the_slot(store, tmp_path):
         s.close()
 
 
+def test_slots_freed_by_crash_recovery_are_free_in_memory_too(store, tmp_path, monkeypatch):
+    """A slot in limbo at a crash is freed by the recovery on open, in the index and in
+    the store's own lists alike: the first flush after it, with nothing written, has no
+    limbo to settle (no whole-file sync, no index commit)."""
+    store.write(K, 0, b"a" * CS, chunk_size=CS)
+    store.write(ChunkKey("lin", 1, 1), 0, b"keep", chunk_size=CS)
+    store.flush()
+    slot = store.info(K).slot
+    store.delete(K)
+    abandon(store)
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        sp = s._spaces[CS]
+        assert sp.limbo == [] and slot in sp.free
+        syncs = []
+        monkeypatch.setattr(type(sp), "sync", lambda self: syncs.append(self))
+        s.flush()
+        assert syncs == []
+    finally:
+        s.close()
+
+
 def test_deleted_slot_is_punched_on_disk(store, tmp_path):
     store.write(K, 0, b"s" * CS, chunk_size=CS)
     slot = store.info(K).slot
@@ -492,6 +516,69 @@ def test_nospace_leaves_store_usable(tmp_path):
         with pytest.raises(NoSpace):
             s.write(ChunkKey("d", 0, 0), 0, b"d", chunk_size=CS)
         assert s.stats().free == 0 and s.fsck() == []
+    finally:
+        s.close()
+
+
+def _failing_pwrite(monkeypatch, from_pos):
+    """os.pwrite failing with ENOSPC for writes at `from_pos` or beyond (None: none)."""
+    real = os.pwrite
+    at = {"pos": from_pos}
+
+    def pwrite(fd, buf, pos):
+        if at["pos"] is not None and pos >= at["pos"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, pos)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return at
+
+
+def test_a_failed_write_reads_the_same_after_a_crash(tmp_path, monkeypatch):
+    """A write that runs out of space half-way (its first 32 KiB piece on disk, holes
+    and real pages among what it reached) answers NoSpace; what the chunk reads then is
+    what it reads after a flush and a crash: a hole the write reached does not turn
+    into data at the crash recovery, after a flush acknowledged it as zeros."""
+    cs = 256 * 1024
+    s = ChunkStore(tmp_path, 16 * cs, hot_max=0)
+    k = ChunkKey("v", 0, 0)
+    s.write(k, 0, b"A" * 68 * 1024, chunk_size=cs)  # pages 0..16 real, 17.. holes
+    s.flush()
+    at = _failing_pwrite(monkeypatch, s.info(k).slot * cs + 64 * 1024 + WRITE_PIECE)
+    with pytest.raises(NoSpace):
+        s.write(k, 64 * 1024, b"B" * 64 * 1024, chunk_size=cs)
+    at["pos"] = None
+    before = s.read(k, 0, cs)
+    assert before[64 * 1024: 96 * 1024] == b"B" * 32 * 1024  # the piece that went
+    assert before[96 * 1024:] == bytes(cs - 96 * 1024)
+    s.flush()
+    s.write(k, 0, b"C" * PAGE_SIZE, chunk_size=cs)  # dirty again, then the process dies
+    abandon(s)
+    s = ChunkStore(tmp_path, 16 * cs, hot_max=0)
+    try:
+        assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
+        assert s.verify(k) == []
+    finally:
+        s.close()
+
+
+def test_a_failed_write_does_not_hide_damage_it_did_not_reach(tmp_path, monkeypatch):
+    """A real page that rotted on disk before a write that failed at once (nothing of it
+    reached the disk) keeps its checksum: the damage is still found, not given a new
+    checksum that matches the bad bytes."""
+    s = ChunkStore(tmp_path, 16 * CS)
+    try:
+        s.write(K, 0, b"A" * CS, chunk_size=CS)
+        s.flush()
+        os.pwrite(s._spaces[CS].fd, b"ROT", s.info(K).slot * CS + 10 * PAGE_SIZE + 7)
+        assert s.verify(K) == [10]
+        _failing_pwrite(monkeypatch, 0)
+        with pytest.raises(NoSpace):
+            s.write(K, 8 * PAGE_SIZE, b"B" * 4 * PAGE_SIZE, chunk_size=CS)
+        monkeypatch.undo()
+        assert s.verify(K) == [10]
+        with pytest.raises(ChecksumError):
+            s.read(K, 10 * PAGE_SIZE, PAGE_SIZE)
     finally:
         s.close()
 
