@@ -73,6 +73,7 @@ log = logging.getLogger("vbp.replicator.transport")
 RECV_SIZE = 256 * 1024
 SPIN_RECEIVES = 8  # receives without waiting before the reader yields anyway
 HANDSHAKE_TIMEOUT = 10.0
+HELLO_MAX_FRAME = 64 * 1024  # frames a peer may send before its Hello is checked
 DEFAULT_MAX_IN_FLIGHT = 256
 # Pipelining (see the module docstring): buffers queued on a busy link before they are sent
 # without waiting for the end of the batch, by a client (requests) and a server (replies)
@@ -336,10 +337,12 @@ class _ServerSession:
     async def run(self) -> None:
         link = self.link
         failure = None
+        max_frame, link.codec.max_frame = link.codec.max_frame, HELLO_MAX_FRAME
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if not await self.handshake():
                     return
+            link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(_guarded, link.writer, nursery.cancel_scope)
@@ -710,7 +713,14 @@ class _ClientConnection:
         self.cancel_scope.cancel()
         self.ready.set()
         pending, self.pending = self.pending, {}
-        for waiter in pending.values():
+        waiters = list(pending.values())
+        # emptied, not only replaced: the reader holds this dict, and it may still decode
+        # replies before its cancellation reaches it (woken in the same batch as this
+        # call, it has no checkpoint before it looks up their waiters). A reply it finds
+        # no waiter for is a late one, ignored; else a waiter failed here would be
+        # answered again (a gathered write counting a copy twice, a task rescheduled twice).
+        pending.clear()
+        for waiter in waiters:
             _resolve(waiter, outcome.Error(self.new_error()))
         self.room.unpark_all()
         if self.pool._conns.get(self.address) is self:

@@ -331,6 +331,52 @@ async def test_oversized_frame_closes_that_connection_only():
             assert await next_reply(stream, codec) == (8, m.Pong("srv", 3))
 
 
+async def test_a_large_frame_before_the_hello_is_refused_without_a_buffer_for_it():
+    """Before its Hello is checked, a peer may send frames of HELLO_MAX_FRAME at most: a
+    stranger declaring a 32 MiB frame gets no 32 MiB buffer held for the handshake
+    timeout, but the refusal at once. After the Hello the full size applies."""
+    async with server() as (address, _):
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(struct.pack(">I", 32 << 20) + b"\x00")
+        rid, reply = await next_reply(stream, codec)
+        assert reply.code == m.INVALID and "outside" in reply.message
+        assert await next_reply(stream, codec) is CLOSED
+        stream, codec = await raw_client(address)
+        encoded = codec.encode(5, write(1, b"y" * (8 << 20)))
+        await stream.send_all(encoded if type(encoded) is bytes else b"".join(encoded))
+        assert await next_reply(stream, codec) == (5, m.Ok(1))
+
+
+async def test_a_failed_connection_leaves_its_reader_no_waiter_to_answer():
+    """fail() answers every pending call with PeerUnavailable and empties the dict the
+    reader looks replies up in: a reply the reader decodes before its cancellation
+    reaches it (woken in the same batch) finds no waiter, instead of answering a call
+    a second time."""
+    gate = trio.Event()
+
+    async def held(msg, peer):
+        await gate.wait()
+        return m.Ok(1)
+
+    async with server(held) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            results = []
+
+            async def gathered():
+                results.append(await pool.call_all([address], write(1)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gathered)
+                with trio.fail_after(5):
+                    while not (conn := pool._conns.get(address)) or not conn.pending:
+                        await trio.sleep(0.01)
+                seen_by_reader = conn.pending
+                conn.fail("test")
+                assert seen_by_reader == {}
+            assert isinstance(results[0][0], PeerUnavailable)
+            gate.set()
+
+
 async def test_large_payloads_roundtrip():
     stored = {}
 
