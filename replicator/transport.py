@@ -64,8 +64,8 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
-from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, plain_socket, receive_wait,
-                         send_all, send_now, set_rcvlowat, wait_for_rest)
+from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, nbytes, plain_socket,
+                         receive_wait, send_all, send_now, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -79,6 +79,11 @@ DEFAULT_MAX_IN_FLIGHT = 256
 # without waiting for the end of the batch, by a client (requests) and a server (replies)
 SEND_EARLY = 16
 REPLY_EARLY = 8
+# Bytes of replies a server session may have queued and unsent (its peer not reading):
+# past this its reader waits for the writer to send them before it reads more requests,
+# so TCP pushes back on the peer. Requests answered at once (a ReadChunk of a chunk's
+# bytes) are not counted by max_in_flight.
+MAX_REPLY_BACKLOG = 64 * 1024 * 1024
 
 Handler = Callable[[Any, str], Any]
 
@@ -131,9 +136,11 @@ class _Link:
             raise TypeError(f"a peer link needs a socket, not {self.sock!r}")
         self.codec = PeerCodec(max_frame)
         self.out: list = []
+        self.out_bytes = 0  # of `out` (a server session's backlog: MAX_REPLY_BACKLOG)
         self.wakeup = _Wakeup()
         self.held = False  # the server's reader is dispatching a batch: it pushes
         self.sending = False  # the writer task is in the middle of a send
+        self.drained: trio.Event | None = None  # set by the writer once all is sent (drain)
         self.spins = 0  # receives in a row that did not wait
         self.rbuf = bytearray(RECV_SIZE)
         self.rhead = memoryview(self.rbuf)[:HEAD_RECV]
@@ -146,8 +153,10 @@ class _Link:
     def _add(self, frame) -> None:
         if type(frame) is bytes:
             self.out.append(frame)
+            self.out_bytes += len(frame)
         else:
             self.out.extend(frame)
+            self.out_bytes += sum(map(nbytes, frame))
 
     def queue_frame(self, frame) -> None:
         self._add(frame)
@@ -174,16 +183,22 @@ class _Link:
         rest = send_now(self.raw, self.out, -1)
         if rest is None:
             self.out = []
+            self.out_bytes = 0
         else:
             self.out = rest
+            self.out_bytes = sum(map(nbytes, rest))
             self.wakeup.set()
 
     async def writer(self) -> None:
         while True:
             if not self.out:
+                if self.drained is not None:
+                    self.drained.set()
+                    self.drained = None
                 await self.wakeup.wait()
                 continue
             bufs, self.out = self.out, []
+            self.out_bytes = 0
             self.sending = True
             try:
                 await send_all(self.raw, bufs)
@@ -192,7 +207,16 @@ class _Link:
 
     async def flush(self) -> None:
         bufs, self.out = self.out, []
+        self.out_bytes = 0
         await send_all(self.raw, bufs)
+
+    async def drain(self) -> None:
+        """Wait until the writer has sent all that is queued."""
+        while self.out or self.sending:
+            if self.drained is None:
+                self.drained = trio.Event()
+            self.wakeup.set()
+            await self.drained.wait()
 
     async def _recv_into(self, buf) -> int:
         raw = self.raw
@@ -360,6 +384,7 @@ class _ServerSession:
         with trio.move_on_after(1):
             try:
                 self.link.out.clear()
+                self.link.out_bytes = 0
                 self.link.queue(request_id, error)
                 await self.link.flush()
                 self.link.sock.shutdown(socket.SHUT_WR)
@@ -411,9 +436,15 @@ class _ServerSession:
                     dispatch(*event)
                     if len(link.out) >= REPLY_EARLY:  # the gateway can start on these
                         link.push()
+                        if link.out_bytes > MAX_REPLY_BACKLOG:  # (the socket is full)
+                            link.held = False
+                            await link.drain()
+                            link.held = True
             finally:
                 link.held = False
             link.push()
+            if link.out_bytes > MAX_REPLY_BACKLOG:
+                await link.drain()
             if end is CLOSED:
                 return
             if end is not NEED_DATA:

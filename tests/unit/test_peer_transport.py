@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator import messages as m
+from replicator import transport
 from replicator.codec import CLOSED, NEED_DATA, PeerCodec
 from replicator.errors import ClusterMismatch, PeerError
 from replicator.transport import (REPLY_EARLY, SEND_EARLY, FaultPolicy, MemoryNetwork, PeerPool,
@@ -375,6 +376,38 @@ async def test_a_failed_connection_leaves_its_reader_no_waiter_to_answer():
                 assert seen_by_reader == {}
             assert isinstance(results[0][0], PeerUnavailable)
             gate.set()
+
+
+async def test_a_peer_that_does_not_read_its_replies_is_pushed_back(monkeypatch):
+    """Replies given at once (ReadChunk) are not requests in flight: a peer that sends
+    many and reads none made the server queue every reply. Past MAX_REPLY_BACKLOG bytes
+    unsent the server reads no more requests until they are sent; once the peer reads,
+    every request is answered."""
+    monkeypatch.setattr(transport, "MAX_REPLY_BACKLOG", 4 << 20)
+    calls = []
+
+    def handler(msg, peer):
+        calls.append(msg.index)
+        return ok_handler(msg, peer)
+
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        n = 400
+        read = m.ReadChunk("vol", "lin", 0, (1,), 0, 1 << 20, 3)
+        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
+                                       for i in range(n)))
+        with trio.fail_after(5):
+            while len(calls) < 4:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        assert len(calls) < 100  # (the bound, plus what the sockets' buffers hold)
+        got = set()
+        with trio.fail_after(20):
+            while len(got) < n:
+                rid, reply = await next_reply(stream, codec)
+                assert reply.data == bytes([(rid - 1) % 256]) * (1 << 20)
+                got.add(rid)
+        assert len(calls) == n
 
 
 async def test_large_payloads_roundtrip():
