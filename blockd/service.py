@@ -317,6 +317,12 @@ class VolumeProvider:
             self.service.nursery.start_soon(self._republish)
         lease = self.leases.pop(export, None)
         store = self.service.store
+        if gw.inflight:
+            # writes of the gone connections still under way (a task-less write waits for
+            # no task of theirs): the lease is kept until they end, and what they could
+            # not record goes to the registry with it, before it is given back
+            self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, None)
+            return None
         ahead = store.sync_ahead()
         if ahead is not None:  # much to write back: not on the event loop
             self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, ahead)
@@ -331,6 +337,7 @@ class VolumeProvider:
     async def _flush_and_let_go(self, export: str, lease, gw: VolumeGateway, ahead) -> None:
         # shielded as _release is: a shutdown closes the connections while cancelling
         with trio.CancelScope(shield=True):
+            await gw.drain()  # (bounded: each write ends within its timeouts)
             try:
                 await flush_store(self.service.store, ahead)
             except Exception:

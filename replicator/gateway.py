@@ -384,14 +384,24 @@ class VolumeGateway:
         new View) and go on writing to the new head. Used for snapshots."""
         hold = self._hold = trio.Event()
         try:
-            if self._inflight:
-                self._drained = trio.Event()
-                await self._drained.wait()
+            await self.drain()
             self.set_view(await complete())
         finally:
             self._hold = None
-            self._drained = None
             hold.set()
+
+    @property
+    def inflight(self) -> int:
+        """Replicated writes under way."""
+        return self._inflight
+
+    async def drain(self) -> None:
+        """Wait until no write is in flight (each ends within the peers' request timeout
+        and the registry's: settled, recorded in `unrecorded`, or failed)."""
+        while self._inflight:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
     # --- helpers -----------------------------------------------------------------------
 
     def _local_only(self, index: int) -> bool:
@@ -1182,6 +1192,7 @@ class VolumeGateway:
         self._inflight -= 1
         if not self._inflight and self._drained is not None:
             self._drained.set()
+            self._drained = None  # (its waiters hold it; a later drain makes its own)
 
     async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed, sent) -> None:
         """The rest of a _replicate_now write that did not succeed cleanly everywhere."""
