@@ -718,10 +718,14 @@ class VolumeGateway:
             for h in copies:
                 if h in states:
                     groups.setdefault(states[h], []).append(h)
-            if len(groups) < 2:
+            # A copy that did not answer may hold a write of the old holder the others
+            # lack, with nobody to compare it later: it goes with the copies behind, once
+            # some copy answered (else nothing is known of any, and nothing is recorded).
+            unknown = [h for h in copies if h not in states]
+            if not groups or (len(groups) < 2 and not unknown):
                 continue
             keep = max(groups.values(), key=lambda g: (len(g), -copies.index(g[0])))
-            behind = [h for h in copies if h in states and h not in keep]
+            behind = [h for h in copies if h not in keep]
             log.warning("volume=%s chunk=%d event=takeover_divergent keep=%s behind=%s", self.name,
                         index, ",".join(keep), ",".join(behind))
             await self._mark_stale(index, behind)

@@ -71,3 +71,30 @@ def test_a_lease_released_cleanly_needs_no_reconcile():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_copy_that_does_not_answer_the_takeover_is_recorded_stale():
+    """The lone copy holding the old holder's last write is up but does not answer the
+    new holder while it reconciles (a stall, a one-way cut): the copies that answer
+    agree, and the silent one, which nobody can compare later, is recorded stale."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+            old = await sim.hosts["h0"].provider.open_export("v")
+            await call(old.write(0, b"\x01" * 8192, False))
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
+            new_host = next(h for h in ("h1", "h2") if h != lone)
+            sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
+            sim.expire_lease("v")
+            faults = sim.hosts[new_host].faults
+            faults.partition([sim.hosts[lone].addr])
+            gw = await sim.hosts[new_host].provider.open_export("v")  # takes it over
+            faults.heal()
+            await call(gw.write(MiB + 4096, b"\x06" * 4096, False))
+            assert stale_hosts(sim, rec.lineage, 0) == {lone}
+            nursery.cancel_scope.cancel()
+
+    run(main)
