@@ -772,7 +772,11 @@ class VolumeGateway:
     def write(self, offset: int, data, fua: bool):
         if self.qos is not None and (d := self.qos.delay_for(len(data))):
             return self._throttled(d, self._write, offset, keepable(data), fua)
-        return self._write(offset, data, fua)
+        try:
+            return self._write(offset, data, fua)
+        except Fenced as e:  # (the local copy's word, on the paths with no peer: as theirs)
+            self._fence(e)
+            raise
 
     def _write(self, offset: int, data, fua: bool):
         token = self.token
@@ -843,7 +847,11 @@ class VolumeGateway:
     def trim(self, offset: int, length: int, fua: bool):
         if self.qos is not None and (d := self.qos.delay_for(0)):
             return self._throttled(d, self._zero, offset, length, fua)
-        return self._zero(offset, length, fua)
+        try:
+            return self._zero(offset, length, fua)
+        except Fenced as e:  # (as write)
+            self._fence(e)
+            raise
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
         # Zeroing is always fast here: whole pages become holes, no data is written.

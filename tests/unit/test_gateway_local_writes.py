@@ -104,3 +104,23 @@ def test_a_zero_length_write_makes_no_chunk(tmp_path):
                 gw.write(8 * MiB, b"", False)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("op", ["write", "trim"])
+def test_a_local_copy_refusing_an_older_token_fences_the_gateway(tmp_path, op):
+    """replicas=1: the local copy has seen a newer gateway's token. Its refusal fences
+    this gateway (and drops its clients) as a peer's refusal would, rather than only
+    failing the request: with the registry unreachable, no renewal would ever tell."""
+    async def main():
+        store, replica, gw = one_host(tmp_path)
+        with store:
+            assert gw.write(0, DATA, False) is None
+            replica.learn_tokens({gw.view.volume.name: gw.token + 1})
+            with pytest.raises(Fenced):
+                if op == "write":
+                    gw.write(4096, DATA, False)
+                else:
+                    gw.trim(0, 4096, False)
+            assert gw.fenced and gw.dropped.is_set()
+
+    trio.run(main)
