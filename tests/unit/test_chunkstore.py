@@ -431,7 +431,9 @@ def test_interrupted_copy_up_leaves_no_chunk(tmp_path):
         s.close()
 
 
-def test_delete_then_crash_frees_the_slot(store, tmp_path):
+def test_delete_then_crash_frees_the_slot(store, tmp_path, monkeypatch):
+    """The slot in limbo at the crash is free after the recovery, in the index and in
+    memory alike: an empty flush then has no limbo to settle (no sync of the files)."""
     store.write(K, 0, b"a" * CS, chunk_size=CS)
     store.write(ChunkKey("lin", 1, 1), 0, b"keep", chunk_size=CS)
     store.flush()
@@ -441,32 +443,17 @@ def test_delete_then_crash_frees_the_slot(store, tmp_path):
     s = ChunkStore(tmp_path, 32 * CS)
     try:
         assert s.info(K) is None and s.fsck() == []
+        sp = s._spaces[CS]
+        assert sp.limbo == [] and slot in sp.free
+        syncs = []
+        with monkeypatch.context() as patch:
+            patch.setattr(type(sp), "sync", lambda self: syncs.append(self))
+            s.flush()
+        assert syncs == []
         s.write(ChunkKey("new", 0, 0), PAGE_SIZE, b"n", chunk_size=CS)
         assert s.info(ChunkKey("new", 0, 0)).slot == slot
         assert s.read(ChunkKey("new", 0, 0), 0, CS) == bytes(PAGE_SIZE) + b"n" + bytes(
             CS - PAGE_SIZE - 1)
-    finally:
-        s.close()
-
-
-def test_slots_freed_by_crash_recovery_are_free_in_memory_too(store, tmp_path, monkeypatch):
-    """A slot in limbo at a crash is freed by the recovery on open, in the index and in
-    the store's own lists alike: the first flush after it, with nothing written, has no
-    limbo to settle (no whole-file sync, no index commit)."""
-    store.write(K, 0, b"a" * CS, chunk_size=CS)
-    store.write(ChunkKey("lin", 1, 1), 0, b"keep", chunk_size=CS)
-    store.flush()
-    slot = store.info(K).slot
-    store.delete(K)
-    abandon(store)
-    s = ChunkStore(tmp_path, 32 * CS)
-    try:
-        sp = s._spaces[CS]
-        assert sp.limbo == [] and slot in sp.free
-        syncs = []
-        monkeypatch.setattr(type(sp), "sync", lambda self: syncs.append(self))
-        s.flush()
-        assert syncs == []
     finally:
         s.close()
 

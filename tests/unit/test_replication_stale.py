@@ -30,10 +30,10 @@ def run(afn):
     return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-async def two_replicas(nursery):
-    """A started 3-host sim and a 1 MiB volume with replicas=2, min_size=1, its gateway on
-    the host holding no copy (every write crosses the network)."""
-    sim = Sim(1, hosts=3, zones=3)
+async def two_replicas(nursery, hosts: int = 3):
+    """A started sim of `hosts` hosts and a 1 MiB volume with replicas=2, min_size=1, its
+    gateway on the first host holding no copy (every write crosses the network)."""
+    sim = Sim(1, hosts=hosts, zones=hosts)
     await sim.start(nursery, loops=False)
     rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
     a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
@@ -642,12 +642,9 @@ def test_a_map_change_while_joining_targets_are_marked_is_seen_by_the_write():
     the epoch was the new one: that target got neither the write nor a record.)"""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=4, zones=4)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
-            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-            gw_id, c = (h for h in sim.hosts if h not in (a, b))
-            gw = await sim.hosts[gw_id].provider.open_export("v")
+            sim, rec, gw, a, b = await two_replicas(nursery, hosts=4)
+            gw_id = gw.host_id
+            c = next(h for h in sim.hosts if h not in (a, b, gw_id))
             await call(gw.write(0, b"\x01" * 4096, False))
             cv = gw.cluster
             joining = {cv.epoch: (c,), cv.epoch + 1: (gw_id,)}
@@ -716,12 +713,8 @@ def test_a_joining_target_with_no_record_yet_is_no_resync_source():
     its generations and count as current, holding nothing)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=4, zones=4)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
-            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-            gw_host = next(h for h in sim.hosts.values() if h.id not in (a, b))
-            gw = await gw_host.provider.open_export("v")
+            sim, rec, gw, a, b = await two_replicas(nursery, hosts=4)
+            gw_host = sim.hosts[gw.host_id]
             await call(gw.write(0, b"\x01" * 8192, False))
             gw_host.faults.partition([sim.hosts[a].addr])
             await call(gw.write(0, b"\x02" * 4096, False))  # b alone: a stale
