@@ -99,6 +99,9 @@ NBD_STATE_ZERO = 2
 # seconds between registry reads of the map by a gateway whose map offers a chunk fewer
 # copies than the volume's replica count (_replicate_piece)
 SHORT_MAP_REFRESH = 1.0
+# A read repair waits out writes that landed here this recently (seconds), when the pool
+# names no request timeout of its own (_repair_local)
+REPAIR_QUIET = 30.0
 # writes smaller than this go to the replicas in WriteBatch frames (begin_writes), at most
 # BATCH_ITEMS to a frame; larger ones go as a WriteChunk each, their payload sent as its own
 # buffer with no copy (replicator.codec.SPLIT_THRESHOLD)
@@ -640,11 +643,17 @@ class VolumeGateway:
     def _repair_local(self, p, data, since: float) -> None:
         """Write good bytes from a peer over a local copy that failed its checksum, unless
         a write reached that range here after the peer was asked (`since`): the peer's
-        bytes may predate it, and the write is newer than the damage. (The caller does not
-        repair when writes were in flight as it asked: one may not have reached the peer.)
-        A page left unrepaired fails its checksum again on the next read or scrub."""
+        bytes may predate it, and the write is newer than the damage. This gateway's own
+        writes in flight stop the repair too (the caller). Without the lease (this
+        gateway only reads; every host serves every volume), another host's gateway may
+        be writing: its write can land here well before it reaches the peer, so one that
+        landed less than a request timeout (and a second) before the read began stops
+        the repair as well. A page left unrepaired fails its checksum again on the next
+        read or scrub."""
         if data is None or self.read_only:
             return
+        if not self.token or self.fenced:
+            since -= getattr(self.pool, "request_timeout", REPAIR_QUIET) + 1.0
         for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
             if t >= since and a < p.offset + p.length and p.offset < b:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
@@ -1735,8 +1744,11 @@ class VolumeGateway:
             msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
                                  self.cluster.epoch, get_rid())
             ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
+            stale = self.stale.get(p.index, ())
             for h in self.cluster.replicas(self.lineage, p.index, self.n):
-                if not self.cluster.is_up(h):
+                # (as reads: a copy recorded stale, which may not know it yet, may lack the
+                # chunk and would report a hole over written data)
+                if h in stale or not self.cluster.is_up(h):
                     continue
                 try:
                     reply = await self._call(h, msg)

@@ -18,6 +18,7 @@ from dataclasses import replace as dc_replace
 
 from control import api
 from replicator import gateway
+from replicator import messages as m
 from replicator.gateway import ClusterView, VolumeGateway
 from replicator.replica import Replica
 from replicator.transport import MemoryNetwork
@@ -25,7 +26,7 @@ from tests.sim.harness import Sim, call, extents_bytes
 from vbp.chunkstore import ChunkStore
 from vbp.chunkstore_common import FileRange
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import VbpError
+from vbp.errors import NoSpace, VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry import open_registry
 from vbp.volume import VolumeRecord, view_of
@@ -246,3 +247,65 @@ def test_read_plans_are_bounded(monkeypatch):
         assert await read_ref(gw, 0, 4096) == b"\x01" * 4096
 
     in_pool(body)
+
+
+def test_block_status_never_asks_a_copy_recorded_stale():
+    """This host's copy failed the write that made chunk 0 (b took it, min_size=1) and is
+    recorded stale, before its replica has heard so. Block status goes to the current
+    copy, as the read does: the stale one, lacking the chunk, would report a hole over
+    written data (and a client such as qemu-img convert would skip it)."""
+    async def body(sim, rec, gw, a, b):
+        replica = sim.hosts[a].replica
+        write = replica.write
+
+        def disk_full(*args, **kwargs):
+            raise NoSpace("the disk is full (test)")
+
+        replica.write = disk_full
+        await call(gw.write(0, b"\x07" * 4096, False))
+        replica.write = write
+        assert a in gw.stale[0] and not replica.stale_self
+        assert await read(gw, 0, 4096) == b"\x07" * 4096  # from b
+        assert await call(gw.block_status(0, 4096)) == [(4096, 0)]  # data, not a hole
+
+    in_pool(body)
+
+
+def test_a_repair_waits_out_a_write_of_another_gateway_still_on_its_way():
+    """A gateway that only reads the volume (another host's holds the lease) finds its
+    local page 0 damaged and repairs pages 0-1 from the other copy, which another
+    gateway's write to page 1 reaches a second after it reached here. The repair is
+    left for later: the other copy's page 1 may predate the write, which this copy
+    already holds and which is acknowledged once the other copy has it."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=2)
+            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            c = next(h for h in sim.hosts if h not in (a, b))
+            writer = await sim.hosts[c].provider.open_export("v")
+            await call(writer.write(0, b"\x01" * 8192, False))
+            reader = await sim.hosts[a].provider.open_export("v")  # no lease: it reads
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            sim.hosts[a].store.corrupt(key, 0)
+            faults = sim.hosts[c].faults
+            on_call, to_b = faults.on_call, sim.hosts[b].addr
+            faults.on_call = lambda address, message: (
+                1.0 if address == to_b and isinstance(message, m.WriteChunk)
+                else on_call(address, message))  # the write reaches b a second after a
+            got = {}
+
+            async def reads():
+                await trio.sleep(0.1)
+                got["read"] = extents_bytes(await call(reader.read(0, 8192)), 0, 8192)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(call, writer.write(4096, b"\x03" * 4096, False))
+                both.start_soon(reads)
+            for h in (a, b):
+                assert sim.hosts[h].store.read(key, 4096, 4096) == b"\x03" * 4096, h
+            assert got["read"][:4096] == b"\x01" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
