@@ -327,10 +327,10 @@ class Resync:
         # until the change's scan (or a gateway's first write) marks it, and until then it
         # looks current while it holds nothing: as a source it would make this copy drop
         # what it holds (_drop_divergent) and count as current.
-        hosts = self.cluster.replicas(lineage, index, n)
-        sources = [h for h in hosts if h != self.host_id and h not in stale and self.cluster.is_up(h)]
+        complete = self.cluster.replicas(lineage, index, n)
+        sources = [h for h in complete
+                   if h != self.host_id and h not in stale and self.cluster.is_up(h)]
         if not sources:
-            complete = self.cluster.replicas(lineage, index, n)
             if (self.host_id in complete and all(h in stale for h in complete)
                     and all(self.cluster.is_up(h) for h in complete)):
                 return await self._resync_all_stale(lineage, index, complete, stale)
