@@ -99,9 +99,6 @@ NBD_STATE_ZERO = 2
 # seconds between registry reads of the map by a gateway whose map offers a chunk fewer
 # copies than the volume's replica count (_replicate_piece)
 SHORT_MAP_REFRESH = 1.0
-# A read repair waits out writes that landed here this recently (seconds), when the pool
-# names no request timeout of its own (_repair_local)
-REPAIR_QUIET = 30.0
 # writes smaller than this go to the replicas in WriteBatch frames (begin_writes), at most
 # BATCH_ITEMS to a frame; larger ones go as a WriteChunk each, their payload sent as its own
 # buffer with no copy (replicator.codec.SPLIT_THRESHOLD)
@@ -653,7 +650,7 @@ class VolumeGateway:
         if data is None or self.read_only:
             return
         if not self.token or self.fenced:
-            since -= getattr(self.pool, "request_timeout", REPAIR_QUIET) + 1.0
+            since -= self.pool.request_timeout + 1.0
         for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
             if t >= since and a < p.offset + p.length and p.offset < b:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
