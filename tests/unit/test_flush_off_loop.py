@@ -17,6 +17,7 @@ import vbp.chunkstore as chunkstore
 from replicator import messages as m
 from replicator.replica import Replica
 from replicator.transport import PeerPool
+from tests.sim.harness import call
 from tests.unit.test_gateway_local_writes import one_host
 from tests.unit.test_peer_transport import CLUSTER, server
 from vbp.chunkstore import SYNC_AHEAD_MIN, ChunkStore
@@ -73,8 +74,7 @@ def test_a_large_flush_leaves_the_gateway_serving_while_it_syncs(tmp_path, monke
                 nursery.start_soon(flush)
                 await held.wait_entered()
                 # the writeback is under way in its thread; the loop answers meanwhile
-                got = gw.read(0, 4096)
-                got = await got if hasattr(got, "__await__") else got
+                got = await call(gw.read(0, 4096))
                 assert bytes(got) == data[:4096]
                 assert gw.write(BIG, b"\x05" * 4096, False) is None
                 await trio.sleep(0.05)
@@ -232,13 +232,11 @@ def test_a_fua_write_after_large_writes_leaves_the_gateway_serving(tmp_path, mon
                 flushing = gw.flush()
                 assert flushing is not None
                 nursery.start_soon(lambda: flushing)
-                got = gw.read(0, 4096)
-                got = await got if hasattr(got, "__await__") else got
+                got = await call(gw.read(0, 4096))
                 assert bytes(got) == data[:4096]
                 assert gw.write(2 * BIG, b"\x05" * 4096, False) is None
                 # the FUA write's bytes are in place already: a read sees them
-                got = gw.read(BIG, 4096)
-                got = await got if hasattr(got, "__await__") else got
+                got = await call(gw.read(BIG, 4096))
                 assert bytes(got) == b"\x07" * 4096
                 await trio.sleep(0.05)
                 assert not done.is_set(), "the FUA write answered before its sync ended"
