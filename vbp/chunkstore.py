@@ -705,10 +705,11 @@ class ChunkStore:
                 disk = pread_full(sp.fd, PAGE_SIZE, c.dbase + start + off)
             except OSError:  # (unreadable: the page keeps its checksum; reads will say so)
                 continue
-            if not sums[i]:
-                if disk != ZERO_PAGE:
-                    sums[i] = page_checksum(disk)
-            elif page_checksum(disk) != sums[i] and disk == mv[off: off + PAGE_SIZE]:
+            if sums[i]:
+                reached = disk == mv[off: off + PAGE_SIZE]  # else old bytes, or damage
+            else:
+                reached = disk != ZERO_PAGE  # a hole the write reached
+            if reached:
                 sums[i] = page_checksum(disk)
 
     def has_clean(self) -> bool:
