@@ -19,9 +19,9 @@ Layout of the store directory:
 Per request, no LMDB transaction: a 4 KiB write is one pwrite plus one u64 store into the
 mmap; a partial page first reads (and verifies) that page only. An LMDB write happens only:
 - at allocation (slot moves free/high-water -> chunks; the chunk is born dirty);
-- at delete (chunks -> limbo; the slot is punched and its sums zeroed, and it moves
-  limbo -> free in the next flush, after that wipe is durable, so a reused slot never shows
-  a deleted chunk's bytes);
+- at delete (chunks -> limbo; the slot is punched and its sums zeroed, at once or, while
+  FileRanges are out, at the first flush with none, and it moves limbo -> free in a flush
+  after that wipe is durable, so a reused slot never shows a deleted chunk's bytes);
 - before the first write to a chunk after a flush: the chunk is recorded dirty, durably;
   mark_dirty records many in one commit, for a batch of writes about to come (the NBD
   server's, through VolumeGateway.prepare_writes; a replica's peer frames, through
@@ -63,8 +63,8 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
 Reads check every page against its checksum. read_ref, for the NBD server's large reads,
 checks the pages in place through a read-only map of the data file and answers a FileRange
 that the server sends from that map (no copy into a buffer of this process). While a
-range is out, slots its space frees stay in limbo: the bytes a slow client gets are the
-chunk's (or the zeros of a delete that overtook the send), never another chunk's. The
+range is out, slots its space frees stay in limbo, unwiped: the bytes a slow client gets
+are the chunk's, even when a delete overtook the send, never another chunk's nor zeros. The
 check is made once, before the send: bytes that change in the file between the two (only
 something writing it behind blockd's back could) leave unchecked.
 
@@ -355,8 +355,8 @@ class ChunkStore:
             self._forget(c)
             c.space.limbo.append(c.slot)
         for sp in self._spaces.values():
-            for slot in sp.limbo:
-                sp.wipe(slot)
+            sp.unwiped.extend(sp.limbo)
+        self._wipe_deferred()
         for c in dirty:
             self._rehash(c)
             c.version += VERSION_SLACK
@@ -637,7 +637,13 @@ class ChunkStore:
                 sp = c.space
                 i, j = (c.sbase + (a >> PAGE_SHIFT)) * 8, (c.sbase + (b >> PAGE_SHIFT)) * 8
                 sp.mm[i:j] = bytes(j - i)
-                punch(sp.fd, c.dbase + a, b - a)
+                try:
+                    punch(sp.fd, c.dbase + a, b - a)
+                except OSError as e:  # (the punch fell back to writing zeros)
+                    self._settle_failed(c, a, memoryview(bytes(b - a)))
+                    if e.errno in NOSPACE_ERRNOS:
+                        raise NoSpace(f"the disk is full zeroing chunk {tuple(c.key)!r}") from e
+                    raise
         except NoSpace:
             if created:
                 self._drop(c)
@@ -906,15 +912,31 @@ class ChunkStore:
             txn.delete(enc_key(c.key), db=self._db["dirty"])
             txn.put(SLOT.pack(c.cs, c.slot), b"", db=self._db["limbo"])
         self._forget(c)
-        c.space.wipe(c.slot)
         c.space.limbo.append(c.slot)
+        c.space.unwiped.append(c.slot)
+        self._wipe_deferred()
+
+    def _wipe_deferred(self) -> None:
+        """Wipe the slots of limbo that wait for it (Space.unwiped): at once, unless
+        FileRanges are out in their space (read_ref). A range made before its chunk went
+        may still be sending the slot's bytes, which must not turn to zeros under it: the
+        chunk's data may live on in another generation (a copy-up, a resync). A wipe that
+        fails (the punch fell back to writing zeros, on a full disk) is tried again at
+        the next flush; until wiped, a slot stays in limbo (_free_limbo)."""
+        for sp in self._spaces.values():
+            try:
+                sp.wipe_deferred()
+            except OSError:
+                pass
 
     def _free_limbo(self, txn) -> list[Space]:
         """In `txn`, move limbo slots to free; their wipes must be durable already. The
         spaces whose limbo went, for _after_free_limbo: a space with FileRanges out
         (read_ref) keeps its limbo, since a range may still be sending a slot freed after
-        it was made."""
-        freed = [sp for sp in self._spaces.values() if sp.limbo and not sp.ranges]
+        it was made, and so does one with a slot not wiped yet: reused, it would give a
+        new chunk's holes the old bytes, which a crash recovery turns into data."""
+        freed = [sp for sp in self._spaces.values()
+                 if sp.limbo and not sp.ranges and not sp.unwiped]
         for sp in freed:
             for slot in sp.limbo:
                 txn.delete(SLOT.pack(sp.cs, slot), db=self._db["limbo"])
@@ -929,6 +951,7 @@ class ChunkStore:
             sp.limbo.clear()
 
     def _settle_limbo(self) -> None:
+        self._wipe_deferred()
         for sp in self._spaces.values():
             if sp.limbo and not sp.ranges:
                 sp.sync()
@@ -1005,6 +1028,7 @@ class ChunkStore:
         # chunks alone is one fdatasync, no msync. A space with slots in limbo syncs its
         # whole sidecar: the wipes' zeroed checksums must be durable before the slots are
         # freed.
+        self._wipe_deferred()
         whole = {sp for sp in self._spaces.values() if sp.limbo}
         by_space: dict = {}
         for c in cold:

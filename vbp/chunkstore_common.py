@@ -44,10 +44,12 @@ class FileRange:
     read them through, instead of copying them into a buffer first (ChunkStore.read_ref).
 
     The range pins its file's freed slots (`owner.ranges`): while it lives, a slot freed
-    meanwhile is not given to another chunk, so the bytes sent are this chunk's, or zeros
-    if it was deleted meanwhile. A write landing before the bytes leave is sent with them,
-    as for any read that overlaps a write in flight. `release()` once sent or dropped
-    (garbage collection releases it too). A closed store's ranges fail to send with EBADF."""
+    meanwhile is neither wiped nor given to another chunk, so the bytes sent are this
+    chunk's, even if it was deleted meanwhile (its data may live on in another generation:
+    zeros would be neither the old bytes nor new ones). A write landing before the bytes
+    leave is sent with them, as for any read that overlaps a write in flight. `release()`
+    once sent or dropped (garbage collection releases it too). A closed store's ranges
+    fail to send with EBADF."""
 
     __slots__ = ("owner", "pos", "length", "__weakref__")
 

@@ -151,7 +151,7 @@ class Space:
     """The data file and the checksum sidecar of one chunk size."""
 
     __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo",
-                 "failed", "dmm", "dview", "retired", "ranges", "paths")
+                 "failed", "dmm", "dview", "retired", "ranges", "paths", "unwiped")
 
     def __init__(self, root: Path, cs: int, nslots: int):
         self.cs = cs
@@ -160,10 +160,7 @@ class Space:
         data, sums = root / f"data-{size_name(cs)}.bin", root / f"sums-{size_name(cs)}.bin"
         self.paths = (os.path.abspath(data), os.path.abspath(sums))  # (sync_paths, in a thread)
         created = not (data.exists() and sums.exists())
-        self.fd = os.open(data, flags, 0o600)
-        self.sfd = os.open(sums, flags, 0o600)
-        if created:
-            sync_dir(root)  # else fdatasync of the files may not survive a power loss
+        self.fd = self.sfd = -1
         self.mm = self.sums = None
         self.dmm = self.dview = None  # read-only map of the data file, made by data_view
         self.retired: list = []  # older data maps a view still pointed into when replaced
@@ -172,8 +169,17 @@ class Space:
         self.nslots = 0
         self.free: list[int] = []  # a heap: reuse low slots first
         self.limbo: list[int] = []
+        self.unwiped: list[int] = []  # slots of limbo not wiped yet (wipe_deferred)
         self.failed: OSError | None = None
-        self.ensure(nslots)
+        try:
+            self.fd = os.open(data, flags, 0o600)
+            self.sfd = os.open(sums, flags, 0o600)
+            if created:
+                sync_dir(root)  # else fdatasync of the files may not survive a power loss
+            self.ensure(nslots)
+        except BaseException:
+            self.close()
+            raise
         self.nslots = nslots
 
     def ensure(self, nslots: int) -> None:
@@ -252,6 +258,13 @@ class Space:
         a = slot * self.ppc * 8
         self.mm[a: a + self.ppc * 8] = bytes(self.ppc * 8)
 
+    def wipe_deferred(self) -> None:
+        """Wipe the slots of limbo waiting for it (ChunkStore._wipe_deferred), unless
+        FileRanges are out. An OSError leaves the slot it met, and those after, waiting."""
+        while self.unwiped and not self.ranges:
+            self.wipe(self.unwiped[-1])
+            self.unwiped.pop()
+
     def _unmap(self) -> None:
         if self.sums is not None:
             self.sums.release()
@@ -262,9 +275,10 @@ class Space:
         self._unmap()
         self._unmap_data()
         self.retired.clear()  # whatever still points into them keeps them alive
-        os.close(self.fd)
-        self.fd = -1  # FileRanges still out fail with EBADF, never read another file
-        os.close(self.sfd)
+        for fd in (self.fd, self.sfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.sfd = -1  # FileRanges still out fail with EBADF, never read another file
 
 
 class Chunk:

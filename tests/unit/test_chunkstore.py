@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore import ChunkStore, MemoryChunkStore, _page_sums
+from vbp import chunkstore_files as cf
 from vbp.chunkstore_files import WRITE_PIECE
 from vbp.chunkstore_common import VERSION_SLACK, page_checksum
 from vbp.errors import ChecksumError, NoSpace
@@ -545,6 +546,94 @@ def test_a_failed_write_reads_the_same_after_a_crash(tmp_path, monkeypatch):
     try:
         assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
         assert s.verify(k) == []
+    finally:
+        s.close()
+
+
+def test_a_zero_that_runs_out_of_space_reads_the_same_after_a_crash(tmp_path, monkeypatch):
+    """Where the file system cannot punch holes, zeroing writes zeros: run out of space
+    half-way, it answers NoSpace (not a raw OSError), and each page reads what it reads
+    after a flush and a crash: the pages the zeros did not reach keep their old bytes as
+    real pages, not holes over old bytes that the recovery would turn back into data."""
+    cs = 4 << 20
+    monkeypatch.setattr(cf, "_fallocate", None)
+    s = ChunkStore(tmp_path, 4 * cs, hot_max=0)
+    k = ChunkKey("v", 0, 0)
+    s.write(k, 0, b"A" * cs, chunk_size=cs)
+    s.flush()
+    at = _failing_pwrite(monkeypatch, s.info(k).slot * cs + 2 * cf.COPY_STEP)
+    with pytest.raises(NoSpace):
+        s.zero(k, 0, cs, chunk_size=cs)
+    at["pos"] = None
+    before = s.read(k, 0, cs)
+    assert before == bytes(2 * cf.COPY_STEP) + b"A" * (cs - 2 * cf.COPY_STEP)
+    assert s.verify(k) == []
+    s.flush()
+    s.write(k, 0, b"C" * PAGE_SIZE, chunk_size=cs)  # dirty again, then the process dies
+    abandon(s)
+    s = ChunkStore(tmp_path, 4 * cs, hot_max=0)
+    try:
+        assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
+        assert s.verify(k) == []
+    finally:
+        s.close()
+
+
+def test_a_wipe_that_fails_keeps_the_slot_in_limbo(tmp_path, monkeypatch):
+    """A delete whose wipe fails (no punch, and the zeros meet a full disk) still
+    deletes: the slot stays in limbo, unwiped, given to no new chunk (whose holes would
+    show the old bytes, and a crash recovery make them data), until a flush wipes it."""
+    monkeypatch.setattr(cf, "_fallocate", None)
+    s = ChunkStore(tmp_path, 4 * CS)
+    try:
+        s.write(K, 0, b"s" * CS, chunk_size=CS)
+        s.flush()
+        slot = s.info(K).slot
+        real, failing = os.pwrite, [True]
+
+        def pwrite(fd, buf, pos):  # the zeros of the slot's wipe meet a full disk
+            if failing and slot * CS <= pos < (slot + 1) * CS:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, buf, pos)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        s.delete(K)
+        s.flush()
+        sp = s._spaces[CS]
+        assert sp.limbo == [slot] == sp.unwiped
+        k2 = ChunkKey("lin", 2, 1)
+        s.write(k2, PAGE_SIZE, b"n", chunk_size=CS)  # tries the wipe again, in vain
+        assert s.info(k2).slot != slot
+        failing.clear()
+        s.flush()  # wipes, then frees
+        assert sp.limbo == [] == sp.unwiped and slot in sp.free
+        assert os.pread(sp.fd, CS, slot * CS) == bytes(CS)
+        k3 = ChunkKey("lin", 3, 1)
+        s.write(k3, PAGE_SIZE, b"m", chunk_size=CS)
+        assert s.info(k3).slot == slot
+        assert s.read(k3, 0, CS) == bytes(PAGE_SIZE) + b"m" + bytes(CS - PAGE_SIZE - 1)
+        assert s.fsck() == []
+    finally:
+        s.close()
+
+
+def test_a_chunk_size_whose_files_cannot_grow_leaks_no_descriptor(tmp_path, monkeypatch):
+    s = ChunkStore(tmp_path, 64 * CS)
+    try:
+        s.write(K, 0, b"a", chunk_size=CS)
+        fds = len(os.listdir("/proc/self/fd"))
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "posix_fallocate", full)
+            for _ in range(3):
+                with pytest.raises(NoSpace):
+                    s.write(ChunkKey("big", 0, 0), 0, b"b", chunk_size=4 * CS)
+        assert len(os.listdir("/proc/self/fd")) == fds
+        s.write(ChunkKey("big", 0, 0), 0, b"b", chunk_size=4 * CS)
+        assert s.read(ChunkKey("big", 0, 0), 0, 1) == b"b"
     finally:
         s.close()
 
