@@ -839,8 +839,9 @@ class PeerPool:
                 self._sweep_scope = scope
                 await trio.sleep_forever()
             self._sweep_scope = None
+            # a call queued meanwhile (a failed call's callback may retry) lowers this
+            self._next_sweep = earliest = math.inf
             now = trio.current_time()
-            earliest = math.inf
             for conn in list(self._conns.values()):
                 silent = False
                 for request_id, waiter in list(conn.pending.items()):
@@ -856,7 +857,7 @@ class PeerPool:
                     conn.fail("silent for a whole request timeout")
                 elif conn.room:
                     conn.room.unpark_all()
-            self._next_sweep = earliest
+            self._next_sweep = min(self._next_sweep, earliest)
 
     async def __aexit__(self, *exc_info) -> bool:
         # The body's exception is not handed to the nursery: it would come out wrapped in an

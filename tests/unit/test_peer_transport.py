@@ -961,6 +961,32 @@ async def test_queue_all_calls_back_with_every_reply_or_failure_in_order():
             assert len(got) == 1 and all(isinstance(r, PeerUnavailable) for r in got[0])
 
 
+async def test_a_call_queued_by_a_timed_out_calls_callback_times_out_too():
+    """The sweeper fails an overdue call; that call's callback queues another (a retry):
+    the new call's deadline is kept, and it times out in its turn rather than never."""
+    async def handler(msg, peer):
+        if msg.index == 1:
+            await trio.sleep(30)
+        return m.Ok(msg.version)
+
+    async with server(handler) as (a, _):
+        async with PeerPool(CLUSTER, "cli", request_timeout=0.3) as pool:
+            await pool.call_all([a], write(0))
+            retried: list = []
+
+            def first(results):
+                assert isinstance(results[0], PeerUnavailable)
+                pool.queue_all([a], write(1), retried.append)
+
+            pool.queue_all([a], write(1), first)
+            await trio.sleep(0.1)
+            await pool.call_all([a], write(0))  # the peer answers others: not a hung one
+            with trio.fail_after(3):
+                while not retried:
+                    await trio.sleep(0.01)
+            assert isinstance(retried[0][0], PeerUnavailable)
+
+
 async def test_queue_all_is_not_ready_under_a_fault_policy_or_without_room():
     async with server() as (a, _):
         async with PeerPool(CLUSTER, "cli", faults=FaultPolicy()) as pool:
