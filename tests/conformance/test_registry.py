@@ -588,3 +588,33 @@ def test_a_never_current_stale_record_keeps_its_flag_and_still_moves_up(reg):
     assert reg.list_stale("lin")[0].version == NEVER_CURRENT | 200
     assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 101) is False  # re-marked meanwhile
     assert reg.clear_stale("lin", 1, "h1", NEVER_CURRENT | 200) is True
+
+
+def test_a_mark_of_several_copies_moves_them_in_one_transaction(reg):
+    """One failure's copies are marked together: a resync reading the records never sees
+    one copy's mark without the others' (it could take a copy that missed the write as
+    its source, copy its older bytes and clear). A mark that loses a race with another
+    (a record moved between the read and the transaction) is made again on the new
+    records, still in one piece."""
+    reg.mark_stale("lin", 4, ["h2"], 50)
+    kv = reg.kv
+    real_txn = kv.txn
+    txns: list = []
+    raced: list = []
+
+    def txn(compares, ops):
+        if not raced:  # another gateway's mark of h2 lands first
+            raced.append(True)
+            reg.mark_stale("lin", 4, ["h2"], 60)
+        ok, rev = real_txn(compares, ops)
+        txns.append((ok, len(ops)))
+        return ok, rev
+
+    kv.txn = txn
+    try:
+        reg.mark_stale("lin", 4, ["h1", "h2", "h3", "h1"], 55)
+    finally:
+        kv.txn = real_txn
+    versions = {r.host_id: r.version for r in reg.list_stale("lin", 4)}
+    assert versions == {"h1": 55, "h2": 61, "h3": 55}
+    assert txns[0] == (True, 1) and txns[1:] == [(False, 3), (True, 3)]

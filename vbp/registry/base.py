@@ -479,22 +479,34 @@ class Registry:
         (time_ns), which differ and may step back; a mark that left a record as it was,
         because its clock was behind the one of an earlier mark, would be lost to a
         resync clearing meanwhile. The NEVER_CURRENT bit of a version is a flag, not part
-        of the order: once set it stays (the copy was never current)."""
-        for host_id in host_ids:
-            key = self._stale_key(lineage, index, host_id)
-            for _ in range(CAS_ATTEMPTS):
-                item, _ = self.kv.get(key)
+        of the order: once set it stays (the copy was never current).
+
+        The records of all `host_ids` move in one transaction. A resync picks its source
+        among the copies no record names and clears its own record at the version it read
+        with them: marked one after another, a copy's record could move while a source
+        marked by the same failure still looked current, and a resync that read the two
+        in between would copy the source's older bytes and clear."""
+        hosts = list(dict.fromkeys(host_ids))
+        keys = [self._stale_key(lineage, index, h) for h in hosts]
+        if not keys:
+            return
+        for _ in range(CAS_ATTEMPTS):
+            items, _ = self.kv.range(self._stale_key(lineage, index))  # (the chunk's records)
+            held = {it.key: it for it in items}
+            cmps, puts = [], []
+            for key in keys:
+                item = held.get(key)
                 new = version
                 if item is not None:
                     old = _unpack(item.value)
                     new = (max((old & ~NEVER_CURRENT) + 1, version & ~NEVER_CURRENT)
                            | ((old | version) & NEVER_CURRENT))
-                ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)],
-                                    [Put(key, _pack(new))])
-                if ok:
-                    break
-            else:
-                raise self._contended(f"mark {lineage}/{index} stale on {host_id}")
+                cmps.append(Cmp(key, "mod", item.mod_rev if item else 0))
+                puts.append(Put(key, _pack(new)))
+            ok, _ = self.kv.txn(cmps, puts)
+            if ok:
+                return
+        raise self._contended(f"mark {lineage}/{index} stale on {','.join(hosts)}")
 
     def list_stale(self, lineage: str | None = None, index: int | None = None) -> list[StaleRecord]:
         """Stale records: all, one lineage's, or one chunk's (lineage and index)."""
