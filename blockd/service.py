@@ -26,7 +26,7 @@ from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import TokenBucket, VolumeQos
 from nbd_frontend.server import serve_nbd
 from replicator import messages as m
-from replicator.gateway import ClusterView, VolumeGateway
+from replicator.gateway import WRITE_GRACE, ClusterView, VolumeGateway
 from replicator.migration import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
@@ -521,14 +521,16 @@ class Blockd:
             self.resync = Resync(cfg.host_id, self.store, self.cluster, None, self.registry, self.replica)
             self.resync.on_progress = self.metrics.set_recovery
             self.resync.full_ratio = cfg.full_ratio
-            # a write may still be on its way to a resync source for a peer timeout
-            self.resync.write_window = cfg.peer_timeout + 1
+            # a write may still be on its way to a resync source for a peer timeout, and
+            # a failure to record stale for WRITE_GRACE more (VolumeGateway.write_window)
+            self.resync.write_window = cfg.peer_timeout + WRITE_GRACE
             if cfg.recovery_rate:
                 self.resync.limiter = TokenBucket(cfg.recovery_rate, cfg.recovery_rate / 4, trio.current_time)
-            # a pass waits longer than a peer timeout before judging a divergence
+            # a pass waits longer than a peer timeout before judging a divergence: as long
+            # as a gateway gives a failure to be recorded stale (VolumeGateway.write_window)
             self.scrubber = Scrubber(cfg.host_id, self.replica, self.cluster, None, self.registry,
                                      metrics=self.metrics, rate=cfg.scrub_rate,
-                                     settle=cfg.peer_timeout + 1)
+                                     settle=cfg.peer_timeout + WRITE_GRACE)
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)

@@ -99,6 +99,10 @@ NBD_STATE_ZERO = 2
 # seconds between registry reads of the map by a gateway whose map offers a chunk fewer
 # copies than the volume's replica count (_replicate_piece)
 SHORT_MAP_REFRESH = 1.0
+# A write's failures are recorded stale within its peers' request timeout and this many
+# seconds of its leaving, or it is not acknowledged (VolumeGateway.write_window); resync
+# leaves pages written that recently, and scrub waits as long before it judges.
+WRITE_GRACE = 1.0
 # writes smaller than this go to the replicas in WriteBatch frames (begin_writes), at most
 # BATCH_ITEMS to a frame; larger ones go as a WriteChunk each, their payload sent as its own
 # buffer with no copy (replicator.codec.SPLIT_THRESHOLD)
@@ -650,7 +654,7 @@ class VolumeGateway:
         if data is None or self.read_only:
             return
         if not self.token or self.fenced:
-            since -= self.pool.request_timeout + 1.0
+            since -= self.write_window
         for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
             if t >= since and a < p.offset + p.length and p.offset < b:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
@@ -927,8 +931,9 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
         sent: dict[str, int] = {}
+        t0 = trio.current_time()
         replies = await self._send_all(hosts, msg, failed, sent)
-        await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent)
+        await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent, t0)
 
     def _replicate_now(self, p, msg) -> Later | None:
         """_replicate_piece for the common case, with no task: a chunk whose replicas are
@@ -961,6 +966,7 @@ class VolumeGateway:
         epoch = cv.epoch
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in names}  # (ready: connected, no checkpoint)
+        t0 = trio.current_time()
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
@@ -970,7 +976,8 @@ class VolumeGateway:
             if early is not None:
                 early.append(results)
             else:
-                self._replied(later, p, msg, hosts, complete, epoch, names, sent, results, mine)
+                self._replied(later, p, msg, hosts, complete, epoch, names, sent, t0, results,
+                              mine)
 
         try:
             self.pool.queue_all(remote, msg, on_replies, checked=True)  # (ready)
@@ -1011,7 +1018,7 @@ class VolumeGateway:
         return reply
 
     def _replied(self, later: Later, p, msg, hosts, complete, epoch: int, names: list,
-                 sent: dict, got: list, mine) -> None:
+                 sent: dict, t0: float, got: list, mine) -> None:
         """Settle a write sent without a task (_replicate_now, _send_group): `got` holds
         the replies of the remote `names` in order (or their failures), `mine` the local
         copy's (None: no local copy). A write every copy of which took it cleanly is
@@ -1041,7 +1048,8 @@ class VolumeGateway:
                 failed[h] = r
             else:
                 replies[h] = r
-        later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed, sent),
+        later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed, sent,
+                                       t0),
                     partial(self._abandoned, p.index, complete, replies, failed))
 
     def begin_writes(self, count: int) -> None:
@@ -1105,6 +1113,7 @@ class VolumeGateway:
             return
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since ready())
+        t0 = trio.current_time()
         early: list = []  # replies the pool gave before the local copies were written
         then: list = []  # what takes them after
 
@@ -1122,7 +1131,7 @@ class VolumeGateway:
             early[:] = [[PeerUnavailable(f"sending to {a} failed: {e!r}") for a in order]]
         # the local copies, while the peers work on theirs (None: no local copy)
         here = [self._write_here(w[0]) if w[7] else None for w in group]
-        then.append(lambda results: self._batch_replied(group, here, sent, results))
+        then.append(lambda results: self._batch_replied(group, here, sent, t0, results))
         if early:
             then[0](early[0])
 
@@ -1145,7 +1154,8 @@ class VolumeGateway:
             first.chunk_size, first.fua, first.epoch, first.token,
             " ".join([w[0].rid for w in group]))
 
-    def _batch_replied(self, group: list, here: list, sent: dict, results: list) -> None:
+    def _batch_replied(self, group: list, here: list, sent: dict, t0: float,
+                       results: list) -> None:
         """Settle each write of a group sent by _send_group (`_replied`), given the replies
         of the group's peers (Written, Ok for a group of one, or exceptions) in the
         group's order, and `here`, the local copies' replies."""
@@ -1170,7 +1180,7 @@ class VolumeGateway:
                 self._write_done()
                 later.fail(LocalFault(f"the write's replies could not be read: {e!r}"))
                 continue
-            self._replied(later, p, msg, hosts, complete, epoch, names, sent, got, here[k])
+            self._replied(later, p, msg, hosts, complete, epoch, names, sent, t0, got, here[k])
 
     def _all_clean(self, group: list, here: list, sent: dict, results: list) -> bool:
         """_batch_replied's common case, settled in one pass: every peer wrote every item
@@ -1212,7 +1222,8 @@ class VolumeGateway:
             self._drained.set()
             self._drained = None  # (its waiters hold it; a later drain makes its own)
 
-    async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed, sent) -> None:
+    async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed, sent,
+                            t0: float) -> None:
         """The rest of a _replicate_now write that did not succeed cleanly everywhere."""
         current_rid.set(msg.rid)  # this task's own context: its log lines carry the id
         try:
@@ -1221,7 +1232,7 @@ class VolumeGateway:
                     raise e
             with trio.CancelScope(shield=True):  # (as _replicate: settled, client or not)
                 await self._retry_stale_epoch(msg, replies, failed)
-                await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent)
+                await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent, t0)
         finally:
             self._write_done()
 
@@ -1243,11 +1254,20 @@ class VolumeGateway:
             self._write_done()
 
     async def _settle(self, p, hosts, complete, behind: set, epoch: int, replies: dict,
-                      failed: dict, sent: dict[str, int]) -> None:
+                      failed: dict, sent: dict[str, int], t0: float) -> None:
         """Account for one piece's replies: what took it, what is behind, whether the write
         stands (min_size), what to record stale. Raises when it is not acknowledged.
         `sent`: PeerPool.incarnation of each remote host when the write left; a host
-        missing from it had no connection then (_send_all)."""
+        missing from it had no connection then (_send_all). `t0`: when it left.
+
+        A failure's stale marks must reach the registry within `write_window` of the
+        write leaving: resync and scrub count on it. A resync leaves a page that a write
+        reached less than that long ago (a copy that failed the write may look current
+        until its mark lands, and its older bytes must not be copied over the write),
+        and scrub looks again that long after finding copies that disagree, to leave out
+        those recorded stale meanwhile (else the copies that missed a write could outvote
+        those that took it). A write whose marks took longer is not acknowledged: the
+        client gets EIO, as when the registry cannot be told at all."""
         cv = self.cluster
         if cv.epoch != epoch:
             # A StaleEpoch answer refreshed the map while the write was sent: hosts that
@@ -1296,12 +1316,19 @@ class VolumeGateway:
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
-            recorded = await self._mark_stale(
-                p.index, self._falling_behind(failed, took, complete, behind), hosts)
+            marks = self._falling_behind(failed, took, complete, behind)
+            # The copies that took the write without counting (behind, joining) are marked
+            # again with the failed ones, in the same registry transaction: a resync of
+            # theirs that used a failed copy as its source, its mark not seen yet, and
+            # copied its older bytes over this write, cannot clear at the version it read
+            # (or is undone at once if it cleared first).
+            marks += [h for h in hosts if h in replies and h not in took and h not in marks]
+            recorded = await self._mark_stale(p.index, marks, hosts)
+            late = recorded and trio.current_time() - t0 > self.write_window
             if recorded and ok >= self.min_size:
                 ok = len(await self._current_after_failure(p.index, took))
         else:
-            recorded = True
+            recorded, late = True, False
         if ok < self.min_size:
             full = [e for e in failed.values() if isinstance(e, NoSpace)]
             if full:
@@ -1314,6 +1341,20 @@ class VolumeGateway:
             raise RegistryUnavailable(
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
+        if late:
+            log.warning("volume=%s chunk=%d event=stale_recorded_too_late hosts=%s seconds=%.1f",
+                        self.name, p.index, ",".join(sorted(failed)), trio.current_time() - t0)
+            raise RegistryUnavailable(
+                f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
+                f"were recorded more than {self.write_window:g} s after the write was sent "
+                f"(registry slow): the write is not acknowledged")
+
+    @property
+    def write_window(self) -> float:
+        """How long after a write leaves its failures' stale marks must have landed
+        (_settle): the peers' request timeout and WRITE_GRACE. blockd gives resync the
+        same window and scrub the same settling time."""
+        return self.pool.request_timeout + WRITE_GRACE
 
     async def _behind_by_registry(self, index: int, reported: set) -> set:
         """The copies of the chunk behind, by the registry's stale records read now rather

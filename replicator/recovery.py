@@ -30,7 +30,11 @@ by full copy"):
   that differ from the source are at stake, and a write that landed on both leaves its
   pages equal, so a busy chunk still converges. Past the window,
   the write has landed on the source, or the source failed it and is recorded stale in
-  the records the pass reads (it is then no source), or it was never acknowledged.
+  the records the pass reads (it is then no source), or it was never acknowledged (a
+  gateway does not acknowledge a write whose failures it recorded later than the window:
+  VolumeGateway.write_window). A failed write's copies that took it without counting,
+  this one among them, are recorded again in the transaction that records the failed
+  ones, so a pass that read the records before cannot clear.
 - A pass resyncs up to `parallel` chunks at once: a chunk's resync waits on round trips to
   its source, not on the disk. They share only what the pass read at its start (the
   records, the window's start); each works on its own (lineage, index), every generation

@@ -20,7 +20,9 @@ Theory of operation:
 - Writes keep arriving while we look: two copies may differ only because a write reached
   one of them and not yet the other. So nothing is judged on one look: a chunk that looks
   wrong is looked at again after `settle` seconds (longer than a peer timeout: a write still
-  undelivered by then has failed and its target was recorded stale, so it is excluded).
+  undelivered by then has failed and its target was recorded stale, so it is excluded; a
+  gateway does not acknowledge a write whose failures it recorded later than that,
+  VolumeGateway.write_window).
   Divergence is acted on only if no copy's version moved between the two looks; a checksum
   repair from a copy with the very same checksum needs no settling.
 - A repair (RepairPages) is applied by its target only if the pages' stored checksums and

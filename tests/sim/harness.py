@@ -32,7 +32,7 @@ import trio
 from blockd.service import Blockd, VolumeProvider
 from control import api
 from replicator import messages as m
-from replicator.gateway import ClusterView
+from replicator.gateway import WRITE_GRACE, ClusterView
 from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.transport import FaultPolicy, MemoryNetwork
@@ -149,7 +149,7 @@ class SimHost:
         self.pool = self.sim.net.pool(CLUSTER, self.id, request_timeout=self.sim.peer_timeout,
                                       faults=self.faults)
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)
-        self.resync.write_window = self.sim.peer_timeout + 1  # as Blockd.run sets it
+        self.resync.write_window = self.sim.peer_timeout + WRITE_GRACE  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
                          capacity=self.capacity, peer_rev=m.PEER_REV)

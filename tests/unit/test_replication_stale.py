@@ -19,7 +19,9 @@ import trio
 import trio.testing
 
 from replicator import messages as m
+from replicator.gateway import WRITE_GRACE
 from replicator.recovery import NEVER_CURRENT
+from replicator.scrub import Scrubber, ScrubReport
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import BelowMinSize, RegistryUnavailable, VbpError
 from vbp.later import Later
@@ -775,6 +777,135 @@ def test_a_source_that_went_stale_during_the_pass_does_not_make_the_copy_current
             assert store.read(key, 16384, 4096) == b"\x05" * 4096
             assert store.read(key, 0, 4096) == bytes(4096)
             assert stale_hosts(sim, rec.lineage) == {s}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class SlowMarks:
+    """A gateway's registry whose stale marks land `delay` seconds late (a slow etcd)."""
+
+    def __init__(self, registry, delay: float):
+        self.registry, self.delay = registry, delay
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def mark_stale(self, *args):
+        await trio.sleep(self.delay)
+        return await self.registry.mark_stale(*args)
+
+
+def test_a_write_whose_failure_is_recorded_too_late_for_resync_is_not_acknowledged():
+    """replicas=3, min_size=1. Copy x is stale; a write goes to x, t (current) and s
+    (current), and s fails it, its mark landing late. x's resync pass, past the write
+    window, still takes s as its source: it copies s's older bytes over the write and
+    clears. The write is not acknowledged (its mark came after the window), and x, which
+    took it without counting, is marked again with s in one transaction: the copies end
+    up agreeing (before, x was left current without the write t holds, no record)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, min_size=1)
+            reps = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+            x, s, t = reps[-1], reps[0], reps[1]
+            gw_host = next(h for h in sim.hosts.values() if h.id not in reps)
+            gw = await gw_host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 8192, False))
+            gw_host.faults.partition([sim.hosts[x].addr])
+            await call(gw.write(8192, b"\x09" * 4096, False))  # x misses it: x stale
+            gw_host.faults.heal()
+            await sim.hosts[x].resync.refresh_stale_self()
+            gw.registry = SlowMarks(gw.registry, 4.5)
+            gw_host.faults.partition([sim.hosts[s].addr])
+            outcome: list = []
+
+            async def write():
+                try:
+                    await call(gw.write(0, b"\x02" * 4096, False))  # x and t take it
+                    outcome.append("acknowledged")
+                except RegistryUnavailable:
+                    outcome.append("EIO")
+
+            nursery.start_soon(write)
+            resync = sim.hosts[x].resync
+            await trio.sleep(resync.write_window + 0.1)
+            assert s not in stale_hosts(sim, rec.lineage)  # its mark is on its way
+            await resync.run_once()
+            while not outcome:
+                await trio.sleep(0.1)
+            assert outcome == ["EIO"]
+            gw_host.faults.heal()
+            assert stale_hosts(sim, rec.lineage) == {s, x}
+            gw.registry = gw.registry.registry
+            for _ in range(4):
+                await trio.sleep(resync.write_window)
+                for h in (x, s):
+                    await sim.hosts[h].resync.run_once()
+            assert not stale_hosts(sim, rec.lineage)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            pages = {h: sim.hosts[h].store.read(key, 0, 4096) for h in reps}
+            assert len(set(pages.values())) == 1, pages
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_write_whose_failures_are_recorded_too_late_for_scrub_is_not_acknowledged():
+    """replicas=3, min_size=1: one copy takes a write, two fail it, their marks landing
+    late. A scrub finds the copies disagreeing and, on its second look (a settling time
+    later), the two that missed the write still look current: they outvote the one that
+    took it, which is repaired back to the old bytes. So the write must not be
+    acknowledged (before, it was, and the only copy of it was undone)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, min_size=1)
+            reps = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+            gw_host = next(h for h in sim.hosts.values() if h.id not in reps)
+            gw = await gw_host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 8192, False))
+            took, missed = reps[-1], reps[:-1]
+            gw.registry = SlowMarks(gw.registry, 4.5)
+            gw_host.faults.partition([sim.hosts[h].addr for h in missed])
+            outcome: list = []
+
+            async def write():
+                try:
+                    await call(gw.write(0, b"\x02" * 4096, False))
+                    outcome.append("acknowledged")
+                except RegistryUnavailable:
+                    outcome.append("EIO")
+
+            nursery.start_soon(write)
+            await trio.sleep(0.01)
+            first = sim.hosts[reps[0]]
+            scrubber = Scrubber(first.id, first.replica, first.cluster, first.pool, sim.registry,
+                                settle=sim.peer_timeout + WRITE_GRACE)
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            await scrubber.scrub_chunk(key, reps, set(), ScrubReport())
+            while not outcome:
+                await trio.sleep(0.1)
+            assert outcome == ["EIO"]
+            assert sim.hosts[took].store.read(key, 0, 4096) == b"\x01" * 4096  # outvoted
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_write_whose_failure_is_recorded_in_time_is_acknowledged():
+    """The bound is the write window: a mark that lands a little late, but within it,
+    leaves the write acknowledged (min_size met), the failed copy recorded stale."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            gw.registry = SlowMarks(gw.registry, WRITE_GRACE / 2)
+            sim.hosts[gw.host_id].faults.partition([sim.hosts[a].addr])  # a times out
+            await call(gw.write(0, b"\x02" * 4096, False))
+            assert stale_hosts(sim, rec.lineage) == {a}
             nursery.cancel_scope.cancel()
 
     run(main)
