@@ -39,7 +39,8 @@ from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
 from vbp.volume import (
-    Reader, VolumeRecord, complete_snapshot, needed_gens, readers, split_export_name, view_of,
+    Reader, VolumeRecord, complete_snapshot, needed_gens, readers, same_volume, split_export_name,
+    view_of,
 )
 
 log = logging.getLogger("vbp.blockd")
@@ -166,7 +167,7 @@ class VolumeProvider:
         name, snap = split_export_name(gw.name)
         try:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
-            if view_of(rec, snap).chain == gw.view.chain:
+            if same_volume(rec, gw.view.volume) and view_of(rec, snap).chain == gw.view.chain:
                 return False
         except NotFound:
             pass
@@ -237,6 +238,9 @@ class VolumeProvider:
         svc = self.service
         name = gw.view.volume.name
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
+        if not same_volume(rec, gw.view.volume):
+            # deleted and created again under its name between two syncs: another volume
+            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
         if rec.pending and lease is not None:
             pending = rec.pending
 

@@ -301,6 +301,13 @@ class View:
         return self.chain[-1]
 
 
+def same_volume(a: VolumeRecord, b: VolumeRecord) -> bool:
+    """Whether two records of a name are of one volume, not of a volume deleted and another
+    created under its name since: a new volume has a new lineage, and a clone (which keeps
+    its parent's lineage) the time it was made."""
+    return (a.lineage, a.created) == (b.lineage, b.created)
+
+
 def view_of(rec: VolumeRecord, snap: str | None) -> View:
     if snap is None:
         return View(rec.name, rec, rec.chain, False, rec.size, rec.cuts)
