@@ -51,6 +51,8 @@ log = logging.getLogger("vbp.blockd")
 # reweight (replicator.migration) and `vbp pool status` act on the published figure.
 SPACE_STEP = 1 / 32
 SPACE_POLL = 0.25
+# seconds between attempts to complete a snapshot whose completion got no answer
+COMPLETE_RETRY = 0.2
 
 
 class AsyncRegistry:
@@ -251,12 +253,37 @@ class VolumeProvider:
                 # only while the lease is still ours (Fenced otherwise): a gateway whose
                 # lease was taken over, and that has not noticed yet, must not complete a
                 # snapshot while the new holder still writes to the old head
-                new = VolumeRecord.from_dict(await svc.registry.update_volume(name, finish, lease))
+                while True:
+                    try:
+                        new = VolumeRecord.from_dict(
+                            await svc.registry.update_volume(name, finish, lease))
+                        break
+                    except RegistryUnavailable as e:
+                        # The update may have committed with its answer lost (etcd: an
+                        # unknown outcome): the old head may be the snapshot's now, and
+                        # no held write may go on to it. Asked again, `finish` settles it
+                        # (it completes only the snapshot pending here). Writes stay held
+                        # while our lease lasts; past it, the gateway is fenced.
+                        if trio.current_time() >= gw.lease_deadline:
+                            gw._fence(Fenced(f"completing the snapshot of {name!r}: {e}"))
+                            raise
+                        log.warning("volume=%s event=snapshot_complete_retry error=%s", name, e)
+                        await trio.sleep(COMPLETE_RETRY)
                 log.info("volume=%s event=snapshot_completed head=%d", name, new.head)
                 return view_of(new, None)
 
             await gw.switch_head(complete)
-        elif (rec.head, rec.size, rec.cuts) != (gw.gen, gw.size, gw.cuts):
+        elif rec.head != gw.gen:
+            # a new head made by another (a shrink; a snapshot completed without a lease):
+            # writes under way to the old head end first, or one landing late on a copy
+            # would miss the copy-up that a newer write to its chunk made there
+            view = view_of(rec, None)
+
+            async def adopt():
+                return view
+
+            await gw.switch_head(adopt)
+        elif (rec.size, rec.cuts) != (gw.size, gw.cuts):
             gw.set_view(view_of(rec, None))
         set_qos(gw, rec)
 
