@@ -165,11 +165,13 @@ class VolumeProvider:
             log.warning("event=stats_publish_failed error=%s", e)
 
     async def _snapshot_gone(self, gw: VolumeGateway) -> bool:
-        """True (and the export fails from now on) if its snapshot no longer exists."""
+        """True (and the export fails from now on) if its snapshot no longer exists; else
+        the export takes the volume's limits as they are now."""
         name, snap = split_export_name(gw.name)
         try:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
             if same_volume(rec, gw.view.volume) and view_of(rec, snap).chain == gw.view.chain:
+                set_qos(gw, rec)  # (the volume's limits, live, as for its head)
                 return False
         except NotFound:
             pass
@@ -498,11 +500,14 @@ def set_qos(gw: VolumeGateway, rec: VolumeRecord) -> None:
     """Apply the record's limits (live: `vbp volume set`); no limits means no bucket at all,
     so an unlimited volume pays nothing per request."""
     if not (rec.qos_iops or rec.qos_bps):
-        gw.qos = None
+        if gw.qos is not None:
+            gw.qos = None
+            gw.limits_changed()
     elif gw.qos is None:
         gw.qos = VolumeQos(rec.qos_iops, rec.qos_bps, clock=trio.current_time)
     elif gw.qos.limits != (rec.qos_iops, rec.qos_bps):
         gw.qos.set_limits(rec.qos_iops, rec.qos_bps)
+        gw.limits_changed()
 
 
 class Blockd:

@@ -314,6 +314,7 @@ class VolumeGateway:
         self.metrics = None  # blockd.metrics.Metrics, set by the service
         self._op_stats: dict = {}  # NBD command -> its counters in metrics (observe)
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
+        self._limits: trio.Event | None = None  # set when they change (limits_changed)
         self.refresh_map = None  # async () -> None, set by the service
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
@@ -477,8 +478,32 @@ class VolumeGateway:
                                                              _OPS.get(command, "other"))
         s.add(nbytes if command < 2 else 0, seconds, count)  # bytes of reads and writes only
 
+    def limits_changed(self) -> None:
+        """The volume's QoS limits changed or went (blockd's set_qos): requests waiting
+        for their turn (_throttled) wait what is left under the new limits."""
+        if self._limits is not None:
+            self._limits.set()
+            self._limits = None
+
     async def _throttled(self, delay: float, op, *args):
-        await trio.sleep(delay)
+        """`op(*args)` once `delay` (its booking, VolumeQos.delay_for) has passed. A
+        change of limits meanwhile rescales what is left of the wait by the ratio of the
+        old rates to the new ones, the way the bucket rescales its debt (a limit lifted:
+        at once). Else a request booked under a mistyped limit (a 32 MiB write at 1 KiB/s
+        is nine hours) would hold its connection, and with it the volume's lease, until
+        then, whatever the operator set since."""
+        end = trio.current_time() + delay
+        while True:
+            before = self.qos.limits if self.qos is not None else (0, 0)
+            if self._limits is None:
+                self._limits = trio.Event()
+            with trio.move_on_at(end):
+                await self._limits.wait()
+            now = trio.current_time()
+            if now >= end:
+                break
+            after = self.qos.limits if self.qos is not None else (0, 0)
+            end = now + (end - now) * _rescale(before, after)
         result = op(*args)
         if result is not None and hasattr(result, "__await__"):
             result = await result
@@ -1594,8 +1619,15 @@ class VolumeGateway:
 
     def flush(self):
         """Every write answered before this call is durable when it returns (or its
-        awaitable completes). A flush takes the writes noted since the previous one; when
-        that one is still under way (a concurrent FLUSH, another connection with
+        awaitable completes). A flush counts as one I/O against the volume's IOPS limit
+        (each costs a sync on every copy written since the last)."""
+        if self.qos is not None and (d := self.qos.delay_for(0)):
+            return self._throttled(d, self._flush)
+        return self._flush()
+
+    def _flush(self):
+        """flush(), its turn come. It takes the writes noted since the previous flush;
+        when that one is still under way (a concurrent FLUSH, another connection with
         multi-conn), it also waits for it and fails if it failed: the writes it covers
         were answered before this flush was asked too."""
         hosts, sent_at = self._unflushed, self._sent_at
@@ -1835,6 +1867,17 @@ def _error_kind(e: Exception) -> str:
     if getattr(e, "errno", None) == 28:
         return "no_space"
     return "io" if isinstance(e, VbpError) else "other"
+
+
+def _rescale(before: tuple, after: tuple) -> float:
+    """What is left of a QoS wait booked under the rates `before` (IOPS, bytes/s; 0 is
+    unlimited) becomes this share of itself under `after`: the largest ratio of an old
+    rate to its new one, over the limits the request was booked under (0 if lifted)."""
+    share = 0.0
+    for old, new in zip(before, after):
+        if old:
+            share = max(share, old / new if new else 0.0)
+    return share
 
 
 def _error_rank(e: Exception) -> int:

@@ -168,3 +168,63 @@ def test_a_snapshot_completion_whose_answer_is_lost_holds_the_writes_until_it_is
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_request_waiting_for_its_turn_follows_a_change_of_limits():
+    """A 4 MiB write booked under 64 KiB/s waits about a minute. The limit lifted, or
+    raised to plenty, it goes within a record sync, not a minute later (a request booked
+    under a mistyped limit would hold its connection and the volume's lease for hours)."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            sim.create_volume("v", 8 * MiB, replicas=3)
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            for new in (0, 1 << 30):
+                api.set_limits(sim.reg, "v", bps=64 * 1024)
+                await trio.sleep(0.5)  # a record sync
+                assert gw.qos is not None and gw.qos.limits == (0, 64 * 1024)
+                await h0.run_on(lambda: call(gw.write(0, b"x" * 65536, False)))  # the burst
+                done: list = []
+
+                async def big():
+                    await h0.run_on(lambda: call(gw.write(0, b"y" * (4 * MiB), False)))
+                    done.append(trio.current_time())
+
+                nursery.start_soon(big)
+                await trio.sleep(2)
+                assert not done
+                t0 = trio.current_time()
+                api.set_limits(sim.reg, "v", bps=new)
+                with trio.fail_after(2):
+                    while not done:
+                        await trio.sleep(0.05)
+                assert done[0] - t0 < 1.0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_snapshot_exports_take_limits_live_and_flushes_count_against_iops():
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            sim.create_volume("v", 2 * MiB, replicas=3)
+            h0 = sim.hosts["h0"]
+            await sim.snapshot("v", "s")
+            snap = await h0.run_on(h0.provider.open_export, "v@s")
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            assert snap.qos is None
+            api.set_limits(sim.reg, "v", iops=5)
+            await trio.sleep(0.5)  # record syncs
+            assert snap.qos is not None and snap.qos.limits == (5, 0)
+            await h0.run_on(lambda: call(gw.write(0, b"x" * 4096, False)))
+            t0 = trio.current_time()
+            for _ in range(20):  # 5 a second, a second's burst
+                await h0.run_on(lambda: call(gw.flush()))
+            assert trio.current_time() - t0 >= 2.5
+            nursery.cancel_scope.cancel()
+
+    run(main)
