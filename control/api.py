@@ -155,9 +155,16 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
     parent = get_volume(reg, name)
     parent.snapshot(snap)
     head = reg.next_id(gen_counter(parent.lineage))
-    rec = clone_from(parent, snap, new_name, head)
-    reg.create_volume(new_name, rec.to_dict())
-    return rec
+
+    def make(d: dict) -> dict:
+        now = VolumeRecord.from_dict(d)
+        if now.lineage != parent.lineage:  # deleted and created again meanwhile
+            raise NotFound(f"volume {name} was deleted")
+        return clone_from(now, snap, new_name, head).to_dict()
+
+    # in one transaction with a check that the parent's record is unchanged: a snapshot
+    # deleted meanwhile (and its chunks collected) would leave the clone reading zeros
+    return VolumeRecord.from_dict(reg.create_from(new_name, name, make))
 
 
 def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:

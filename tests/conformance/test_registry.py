@@ -618,3 +618,34 @@ def test_a_mark_of_several_copies_moves_them_in_one_transaction(reg):
     versions = {r.host_id: r.version for r in reg.list_stale("lin", 4)}
     assert versions == {"h1": 55, "h2": 61, "h3": 55}
     assert txns[0] == (True, 1) and txns[1:] == [(False, 3), (True, 3)]
+
+
+def test_a_volume_created_from_another_checks_it_in_the_same_transaction(reg):
+    """create_from (a clone): the new record is made from the parent's as read, and the
+    create fails over to a new read when the parent changed meanwhile."""
+    reg.create_volume("p", {"name": "p", "snaps": ["s"]})
+
+    def make(d):
+        if "s" not in d["snaps"]:
+            raise NotFound("snapshot s is gone")
+        return {"name": "c", "from": d["snaps"]}
+
+    assert reg.create_from("c", "p", make) == {"name": "c", "from": ["s"]}
+    assert reg.get_volume("c") == {"name": "c", "from": ["s"]}
+    with pytest.raises(AlreadyExists):
+        reg.create_from("c", "p", make)
+    with pytest.raises(NotFound):
+        reg.create_from("d", "nope", make)
+    seen: list = []
+
+    def changed_meanwhile(d):
+        if not seen:  # the parent changes between this read and the transaction
+            reg.update_volume("p", lambda r: {**r, "snaps": []})
+        seen.append(d["snaps"])
+        return make(d)
+
+    with pytest.raises(NotFound):
+        reg.create_from("d", "p", changed_meanwhile)
+    assert seen == [["s"], []]
+    with pytest.raises(NotFound):
+        reg.get_volume("d")

@@ -8,12 +8,12 @@ import msgpack
 import pytest
 
 from control import api
-from vbp.errors import Fenced
+from vbp.errors import AlreadyExists, Fenced, NotFound
 from vbp.layout import MiB
 from vbp.registry import open_registry
 from vbp.registry.base import P_LEASE
 from vbp.registry.kv import Put
-from vbp.volume import VolumeRecord, new_volume, request_snapshot
+from vbp.volume import VolumeRecord, complete_snapshot, new_volume, request_snapshot
 
 _n = itertools.count()
 
@@ -54,3 +54,42 @@ def test_a_snapshot_is_not_completed_here_while_a_gateway_holds_the_lease():
     reg, held, head = leased_volume_with_pending_snapshot()
     assert api.complete_unleased(reg, "v", head) is None
     assert reg.renew_lease(held, 60.0).token == held.token
+
+
+def test_a_clone_whose_snapshot_is_deleted_while_it_is_made_is_not_created():
+    """clone() reads the parent, then creates the clone. A delete of the snapshot (and a
+    garbage collection) landing in between left a clone naming freed generations, which
+    read as zeros. The create now checks the parent's record in the same transaction:
+    asked again, the snapshot is gone and the clone is refused."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", MiB, replicas=1)
+    reg.update_volume("v", lambda d: request_snapshot(
+        VolumeRecord.from_dict(d), "s", reg.next_id(api.gen_counter(d["lineage"]))).to_dict())
+    reg.update_volume("v", lambda d: complete_snapshot(VolumeRecord.from_dict(d)).to_dict())
+    assert [s.name for s in api.get_volume(reg, "v").snapshots] == ["s"]
+    kv = reg.kv
+    txn = kv.txn
+    raced: list = []
+
+    def delete_first(compares, ops):
+        if not raced and any(getattr(op, "key", b"").endswith(b"c") for op in ops):
+            raced.append(True)  # `vbp volume delete v@s` lands between read and create
+            reg.update_volume("v", lambda d: {**d, "snapshots": []})
+        return txn(compares, ops)
+
+    kv.txn = delete_first
+    try:
+        with pytest.raises(NotFound):
+            api.clone(reg, "v@s", "c")
+    finally:
+        kv.txn = txn
+    assert raced
+    assert [d["name"] for d in reg.list_volumes()] == ["v"]
+    # with the snapshot in place, the clone is made, and a name taken is refused
+    reg.update_volume("v", lambda d: request_snapshot(
+        VolumeRecord.from_dict(d), "s", reg.next_id(api.gen_counter(d["lineage"]))).to_dict())
+    reg.update_volume("v", lambda d: complete_snapshot(VolumeRecord.from_dict(d)).to_dict())
+    c = api.clone(reg, "v@s", "c")
+    assert c.parent == "v@s" and api.get_volume(reg, "c") == c
+    with pytest.raises(AlreadyExists):
+        api.clone(reg, "v@s", "c")

@@ -298,6 +298,27 @@ class Registry:
         if not ok:
             raise AlreadyExists(f"volume {name} already exists")
 
+    def create_from(self, name: str, parent: str, make: Callable[[dict], dict]) -> dict:
+        """Create volume `name` with the record `make(parent's record)`, in a transaction
+        that also checks the parent's record is unchanged (a clone): a snapshot deleted,
+        or the parent deleted, between the read and the create would leave the new record
+        naming generations that garbage collection frees. `make` raises if the parent's
+        record no longer offers what it needs; the record made is returned."""
+        key = P_VOL + _name("volume name", name)
+        pkey = P_VOL + _name("volume name", parent)
+        for _ in range(CAS_ATTEMPTS):
+            item, _ = self.kv.get(pkey)
+            if item is None:
+                raise NotFound(f"volume {parent} does not exist")
+            record = make(_unpack(item.value))
+            ok, _ = self.kv.txn([Cmp(key, "mod", 0), Cmp(pkey, "mod", item.mod_rev)],
+                                [Put(key, _pack(record))])
+            if ok:
+                return record
+            if self.kv.get(key)[0] is not None:
+                raise AlreadyExists(f"volume {name} already exists")
+        raise self._contended(f"create volume {name} from {parent}")
+
     def get_volume(self, name: str) -> dict:
         item, _ = self.kv.get(P_VOL + _name("volume name", name))
         if item is None:
