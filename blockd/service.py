@@ -39,8 +39,8 @@ from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
 from vbp.volume import (
-    Reader, VolumeRecord, complete_snapshot, needed_gens, readers, same_volume, split_export_name,
-    view_of,
+    Reader, VolumeRecord, cancel_snapshot, complete_snapshot, needed_gens, pending_abandoned,
+    readers, same_volume, split_export_name, view_of,
 )
 
 log = logging.getLogger("vbp.blockd")
@@ -245,6 +245,13 @@ class VolumeProvider:
         if not same_volume(rec, gw.view.volume):
             # deleted and created again under its name between two syncs: another volume
             raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        if rec.pending and lease is not None and pending_abandoned(rec):
+            # its requester gave up long ago: completed now, it would hold today's data
+            pending = rec.pending
+            rec = VolumeRecord.from_dict(await svc.registry.update_volume(
+                name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), pending).to_dict(),
+                lease))
+            log.warning("volume=%s event=abandoned_snapshot_cancelled head=%d", name, pending)
         if rec.pending and lease is not None:
             pending = rec.pending
 

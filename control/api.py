@@ -9,7 +9,7 @@ from vbp.errors import Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, VbpE
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
-    new_volume, replicas_by_lineage, request_snapshot, shrink,
+    new_volume, pending_abandoned, replicas_by_lineage, request_snapshot, shrink,
 )
 
 
@@ -96,7 +96,11 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
     one that stopped renewing its lease) this call completes it."""
     rec = get_volume(reg, name)
     head = reg.next_id(gen_counter(rec.lineage))
-    reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head).to_dict())
+    # abandoned if this call is gone well past its timeout without cancelling (killed):
+    # a later snapshot or shrink replaces it, and no gateway completes it then
+    until = time.time() + timeout + PENDING_GRACE
+    reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head,
+                                                       until).to_dict())
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -121,6 +125,9 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
 
 
 CONTROL_HOLDER = "control"
+# seconds past a snapshot call's timeout after which its pending snapshot counts as
+# abandoned (vbp.volume.pending_abandoned): a margin for clocks between hosts
+PENDING_GRACE = 30.0
 
 
 def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
@@ -182,9 +189,9 @@ def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
 
         def apply(d: dict) -> dict:
             r = VolumeRecord.from_dict(d)
-            if r.pending:
+            if r.pending and not pending_abandoned(r):
                 raise InvalidArgument(f"a snapshot of {name!r} is in progress; retry")
-            return shrink(r, new_size, head).to_dict()
+            return shrink(cancel_snapshot(r, r.pending), new_size, head).to_dict()
     else:
         def apply(d: dict) -> dict:
             d = dict(d)

@@ -103,6 +103,9 @@ class VolumeRecord:
     cuts: Cuts = ()
     pending: int = 0  # head generation of a snapshot in progress (0: none)
     pending_snap: str = ""
+    # unix time past which the snapshot in progress is abandoned: its requester gave up
+    # (killed, or cut off from the registry) without cancelling it (pending_abandoned)
+    pending_until: float = 0.0
     # (host, chunk count, unix time) per host whose disk was replaced while it held the only
     # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
     lost: tuple[tuple[str, int, float], ...] = ()
@@ -172,16 +175,27 @@ def new_volume(
     )
 
 
-def request_snapshot(rec: VolumeRecord, snap: str, new_head: int) -> VolumeRecord:
-    """Step one of a snapshot: record the pending head generation."""
+def request_snapshot(rec: VolumeRecord, snap: str, new_head: int, until: float = 0.0,
+                     now: float | None = None) -> VolumeRecord:
+    """Step one of a snapshot: record the pending head generation, abandoned if it is not
+    completed by `until` (unix time; 0: never). One abandoned before is replaced."""
     check_name(snap, "snapshot")
     if any(s.name == snap for s in rec.snapshots):
         raise AlreadyExists(f"volume {rec.name!r} already has a snapshot {snap!r}")
-    if rec.pending:
+    if rec.pending and not pending_abandoned(rec, now):
         raise InvalidArgument(f"a snapshot of {rec.name!r} ({rec.pending_snap}) is in progress")
     if new_head <= rec.head:
         raise InvalidArgument("a new head generation must be newer than the current one")
-    return replace(rec, pending=new_head, pending_snap=snap)
+    return replace(rec, pending=new_head, pending_snap=snap, pending_until=until)
+
+
+def pending_abandoned(rec: VolumeRecord, now: float | None = None) -> bool:
+    """The snapshot in progress is past its time: whoever asked for it gave up without
+    cancelling it (a killed `vbp volume snapshot`), or will have by now. It must not be
+    completed (it would hold what the volume holds whenever a gateway next comes, not
+    what it held when asked for), nor keep other snapshots and shrinks out."""
+    return bool(rec.pending and rec.pending_until
+                and (time.time() if now is None else now) > rec.pending_until)
 
 
 def complete_snapshot(rec: VolumeRecord, now: float | None = None) -> VolumeRecord:
@@ -192,12 +206,13 @@ def complete_snapshot(rec: VolumeRecord, now: float | None = None) -> VolumeReco
     frozen = Snapshot(rec.pending_snap, rec.head, rec.chain, time.time() if now is None else now,
                       rec.size, rec.cuts)
     return replace(rec, head=rec.pending, chain=rec.chain + (rec.pending,),
-                   snapshots=rec.snapshots + (frozen,), pending=0, pending_snap="")
+                   snapshots=rec.snapshots + (frozen,), pending=0, pending_snap="",
+                   pending_until=0.0)
 
 
 def cancel_snapshot(rec: VolumeRecord, new_head: int) -> VolumeRecord:
     if rec.pending == new_head:
-        return replace(rec, pending=0, pending_snap="")
+        return replace(rec, pending=0, pending_snap="", pending_until=0.0)
     return rec
 
 

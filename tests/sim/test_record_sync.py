@@ -4,6 +4,8 @@ flight. Sim hosts with their background loops on, on a virtual clock."""
 
 from __future__ import annotations
 
+import time
+
 import trio
 import trio.testing
 
@@ -12,6 +14,7 @@ from replicator import messages as m
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import RegistryUnavailable
 from vbp.layout import MiB
+from vbp.volume import VolumeRecord, request_snapshot
 
 
 def run(afn):
@@ -225,6 +228,29 @@ def test_snapshot_exports_take_limits_live_and_flushes_count_against_iops():
             for _ in range(20):  # 5 a second, a second's burst
                 await h0.run_on(lambda: call(gw.flush()))
             assert trio.current_time() - t0 >= 2.5
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_gateway_cancels_a_snapshot_whose_requester_gave_up_rather_than_complete_it():
+    """A pending snapshot past its time (its `vbp volume snapshot` killed) is cancelled
+    by the gateway that holds the lease: completed, it would hold what the volume holds
+    now, not what it held when it was asked for."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3)
+            head = sim.reg.next_id(api.gen_counter(rec.lineage))
+            sim.reg.update_volume("v", lambda d: request_snapshot(
+                VolumeRecord.from_dict(d), "old", head, time.time() - 1).to_dict())
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
+            await trio.sleep(1.0)  # record syncs
+            now = sim.volume("v")
+            assert not now.pending and not now.snapshots and gw.gen == now.head == rec.head
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import msgpack
 import pytest
 
 from control import api
-from vbp.errors import AlreadyExists, Fenced, NotFound
+from vbp.errors import AlreadyExists, Fenced, InvalidArgument, NotFound
 from vbp.layout import MiB
 from vbp.registry import open_registry
 from vbp.registry.base import P_LEASE
@@ -93,3 +94,28 @@ def test_a_clone_whose_snapshot_is_deleted_while_it_is_made_is_not_created():
     assert c.parent == "v@s" and api.get_volume(reg, "c") == c
     with pytest.raises(AlreadyExists):
         api.clone(reg, "v@s", "c")
+
+
+def test_a_snapshot_whose_requester_gave_up_keeps_nothing_out():
+    """`vbp volume snapshot` killed before it could cancel its pending snapshot (no
+    gateway to complete it): once past its time, a new snapshot replaces it and a
+    shrink goes ahead, where both were refused for ever ("in progress")."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+
+    def ask(name, until):
+        head = reg.next_id(api.gen_counter(api.get_volume(reg, "v").lineage))
+        reg.update_volume("v", lambda d: request_snapshot(
+            VolumeRecord.from_dict(d), name, head, until).to_dict())
+
+    ask("killed", time.time() + 60)  # its requester still has time: in progress
+    with pytest.raises(InvalidArgument, match="in progress"):
+        api.snapshot(reg, "v", "s", timeout=0.2)
+    with pytest.raises(InvalidArgument, match="in progress"):
+        api.resize(reg, "v", 2 * MiB, force=True)
+    reg.update_volume("v", lambda d: {**d, "pending_until": time.time() - 1})  # gave up
+    rec = api.snapshot(reg, "v", "s", timeout=5)
+    assert [s.name for s in rec.snapshots] == ["s"] and not rec.pending
+    ask("killed2", time.time() - 1)
+    rec = api.resize(reg, "v", 2 * MiB, force=True)
+    assert rec.size == 2 * MiB and not rec.pending and [s.name for s in rec.snapshots] == ["s"]
