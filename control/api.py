@@ -152,7 +152,9 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
     except Fenced:
         return None
     finally:
-        reg.release_lease(lease)
+        # taken over from a holder that stopped (crashed, cut off): the next gateway
+        # must still compare the copies its last writes reached (the snapshot froze them)
+        reg.release_lease(lease, reconciled=not lease.taken_over)
 
 
 def clone(reg, source: str, new_name: str) -> VolumeRecord:

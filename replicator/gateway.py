@@ -712,26 +712,31 @@ class VolumeGateway:
         recorded stale, so resync brings them to it. Unacknowledged bytes may so be kept
         or dropped, as after any crash; acknowledged ones are on every current copy.
         (DRBD resyncs its activity log's extents after a primary crash for this.)
-        Returns (chunks compared, copies recorded stale)."""
+        Every generation of the head's chain is asked about, not only the head: snapshots
+        completed since the old holder stopped (without a lease, by `vbp volume snapshot`)
+        froze the generation it wrote into. Returns (chunks compared, copies recorded
+        stale)."""
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
-        ask = m.DirtyChunks(self.lineage, self.gen)
-        dirty: set[int] = set()
+        dirty: set[tuple[int, int]] = set()  # (index, gen)
 
-        async def listed(h: str) -> None:
+        async def listed(h: str, gen: int) -> None:
             rec = cv.map.host(h)
             if rec is None or not cv.is_up(h) or (h != self.host_id and rec.peer_rev < 5):
                 return
             try:
-                dirty.update((await self._send_once(h, ask)).indexes)
+                got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
+                dirty.update((index, gen) for index in got.indexes)
             except VbpError as e:
-                log.info("volume=%s event=reconcile_list_failed host=%s error=%s", self.name, h, e)
+                log.info("volume=%s event=reconcile_list_failed host=%s gen=%d error=%s",
+                         self.name, h, gen, e)
 
         async with trio.open_nursery() as nursery:
-            for h in hosts:
-                nursery.start_soon(listed, h)
+            for gen in set(self.chain):
+                for h in hosts:
+                    nursery.start_soon(listed, h, gen)
         marked = 0
-        for index in sorted(dirty):
+        for index, gen in sorted(dirty):
             stale = set(self.stale.get(index, ()))
             copies = [h for h in cv.write_set(self.lineage, index, self.n)
                       if h not in stale and cv.is_up(h)]
@@ -741,7 +746,7 @@ class VolumeGateway:
 
             async def state(h: str) -> None:
                 try:
-                    r = await self._send_once(h, m.ChunkState(self.lineage, index, self.gen))
+                    r = await self._send_once(h, m.ChunkState(self.lineage, index, gen))
                     states[h] = (r.exists, tuple(r.checksums))
                 except VbpError:
                     pass
@@ -761,8 +766,8 @@ class VolumeGateway:
                 continue
             keep = max(groups.values(), key=lambda g: (len(g), -copies.index(g[0])))
             behind = [h for h in copies if h not in keep]
-            log.warning("volume=%s chunk=%d event=takeover_divergent keep=%s behind=%s", self.name,
-                        index, ",".join(keep), ",".join(behind))
+            log.warning("volume=%s chunk=%d gen=%d event=takeover_divergent keep=%s behind=%s",
+                        self.name, index, gen, ",".join(keep), ",".join(behind))
             await self._mark_stale(index, behind)
             marked += len(behind)
         log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",

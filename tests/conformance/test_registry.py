@@ -649,3 +649,22 @@ def test_a_volume_created_from_another_checks_it_in_the_same_transaction(reg):
     assert seen == [["s"], []]
     with pytest.raises(NotFound):
         reg.get_volume("d")
+
+
+def test_a_lease_handed_back_without_its_takeovers_reconcile_is_still_a_takeover(reg):
+    """`vbp volume snapshot` takes an orphaned lease to complete a snapshot and hands it
+    back without comparing the copies (it is no gateway): the next grant is a takeover
+    still, so the gateway that gets it reconciles. A lease handed back as usual is not."""
+    held = reg.acquire_lease("v", "gw1", 0.01)
+    time.sleep(0.02)
+    assert reg.lease_orphaned("v")
+    control = reg.acquire_lease("v", "control", 30)
+    assert control.taken_over
+    reg.release_lease(control, reconciled=False)
+    assert reg.lease_orphaned("v") and reg.get_lease("v") is None
+    gw2 = reg.acquire_lease("v", "gw2", 30)
+    assert gw2.taken_over and gw2.token > control.token > held.token
+    assert not reg.lease_orphaned("v")
+    reg.release_lease(gw2)
+    assert not reg.lease_orphaned("v")
+    assert not reg.acquire_lease("v", "gw3", 30).taken_over

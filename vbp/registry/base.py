@@ -106,6 +106,11 @@ def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _orphaned(item) -> bool:
+    """A released lease record that still owes a takeover's reconcile (release_lease)."""
+    return bool(_unpack(item.value).get("orphaned"))
+
+
 def _unpack(b: bytes):
     return msgpack.unpackb(b, raw=False, strict_map_key=False)
 
@@ -406,7 +411,7 @@ class Registry:
                     )
                 token = max(token, cur.token + 1)
             lease = Lease(volume, holder, token, now + ttl,
-                          taken_over=item is not None and cur.holder != "")
+                          taken_over=item is not None and (cur.holder != "" or _orphaned(item)))
             value = _pack({"holder": holder, "token": token, "expires": lease.expires})
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, value)])
             if ok:
@@ -434,10 +439,13 @@ class Registry:
                 return new
         raise self._contended(f"renew lease of {lease.volume}")
 
-    def release_lease(self, lease: Lease) -> None:
+    def release_lease(self, lease: Lease, reconciled: bool = True) -> None:
         """Give the lease up; a no-op if it is no longer ours. The record stays, with no
         holder and the last token: deleting it would let a grant that read the key before
-        this release still see "absent" and reuse an old token."""
+        this release still see "absent" and reuse an old token. `reconciled=False`: the
+        lease was taken over (Lease.taken_over) and handed back without the reconcile a
+        gateway runs after a takeover (`vbp volume snapshot` completing a snapshot): the
+        next grant is a takeover still, and lease_orphaned says so."""
         key = P_LEASE + _name("volume name", lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
@@ -446,8 +454,10 @@ class Registry:
             cur = self._lease_of(lease.volume, item.value)
             if (cur.holder, cur.token) != (lease.holder, lease.token):
                 return
-            value = _pack({"holder": "", "token": cur.token, "expires": 0.0})
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, value)])
+            released = {"holder": "", "token": cur.token, "expires": 0.0}
+            if not reconciled:
+                released["orphaned"] = True
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, _pack(released))])
             if ok:
                 return
         raise self._contended(f"release lease of {lease.volume}")
@@ -473,7 +483,8 @@ class Registry:
         if item is None:
             return False
         lease = self._lease_of(volume, item.value)
-        return bool(lease.holder) and lease.expires <= time.time()
+        return (bool(lease.holder) and lease.expires <= time.time()) or (
+            not lease.holder and _orphaned(item))
 
     # --- stale-replica (dirty) records -----------------------------------------------------
 
