@@ -15,6 +15,11 @@ entry raises `LocalProtocolError` naming the state and the event.
 No allocation is driven by the peer beyond `MAX_OPTION_DATA`: larger option payloads are
 read and discarded, then answered with an error (the connection stays usable).
 
+Every error message goes out through `_message`: proto.md ("Conventions") allows a string
+of at most 4096 bytes without NUL, and a client may refuse a longer one (libnbd aborts
+with "option error string too long"). An export name is echoed through `shown`, cut
+short: a name may be 4096 bytes and its repr four times that.
+
 TLS (proto.md "TLS support"): `tls` is the server's mode. "off" is NOTLS (NBD_OPT_STARTTLS
 gets NBD_REP_ERR_POLICY); "on" is SELECTIVETLS with no TLS-only export (the client may
 upgrade, and need not); "require" is FORCEDTLS (before the upgrade every option but
@@ -36,6 +41,7 @@ from nbd_frontend.errors import LocalProtocolError, ProtocolError
 MAX_OPTION_DATA = 64 * 1024
 MAX_OPTIONS = 4096  # more option requests than this on one connection is a DoS: hang up
 
+SHOWN_NAME = 64  # characters of an export name's repr a message or log line repeats
 _OPTION_HEADER = struct.Struct(">QII")
 _REPLY_HEADER = struct.Struct(">QIII")
 
@@ -329,7 +335,7 @@ class ServerHandshake:
         self._meta, self._meta_export = {}, None
 
     def _answer(self, option: int, rtype: int, message: str = ""):
-        self._reply(option, rtype, message.encode())
+        self._reply(option, rtype, _message(message))
         self._transition("option_answered")
         return None
 
@@ -378,9 +384,9 @@ class ServerHandshake:
         if info is None:
             if option == proto.OPT_EXPORT_NAME:
                 self._transition("export_refused")
-                self._final = Aborted(f"unknown export {name!r}")
+                self._final = Aborted(f"unknown export {shown(name)}")
                 return
-            self._reply(option, proto.REP_ERR_UNKNOWN, f"unknown export {name!r}".encode())
+            self._reply(option, proto.REP_ERR_UNKNOWN, _message(f"unknown export {shown(name)}"))
             self._transition("export_unknown")
             return
         flags = info.flags | proto.FLAG_HAS_FLAGS
@@ -425,6 +431,26 @@ class ServerHandshake:
         self._reply(proto.OPT_LIST, proto.REP_ACK)
         self._query = None
         self._transition("list_provided")
+
+
+def shown(name: str) -> str:
+    """`name` as a message or a log line repeats it: its repr (quoted, control characters
+    escaped), cut to SHOWN_NAME characters and then followed by the name's length, so that
+    what a client sent can neither make our message too long for the protocol nor flood
+    a log."""
+    text = repr(name[:SHOWN_NAME])
+    if len(text) <= SHOWN_NAME + 2 and len(name) <= SHOWN_NAME:  # (+2: the quotes)
+        return text
+    return f"{text[:SHOWN_NAME]}... ({len(name.encode())} bytes)"
+
+
+def _message(text: str) -> bytes:
+    """An error message as proto.md wants a string: UTF-8 without NUL, at most
+    MAX_STRING bytes, cut on a character boundary so that what is left still decodes."""
+    raw = text.replace("\0", "\\0").encode("utf-8", "backslashreplace")
+    if len(raw) > proto.MAX_STRING:
+        raw = raw[:proto.MAX_STRING].decode("utf-8", "ignore").encode()
+    return raw
 
 
 def _max_length(option: int) -> int:
@@ -493,4 +519,4 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
 
 
 __all__ = ["ServerHandshake", "ExportInfo", "ExportQuery", "ListQuery", "Ready", "Aborted",
-           "StartTLS", "NEED_DATA", "PAUSED", "State", "MAX_OPTION_DATA", "TLS_MODES"]
+           "StartTLS", "NEED_DATA", "PAUSED", "State", "MAX_OPTION_DATA", "TLS_MODES", "shown"]

@@ -66,7 +66,7 @@ from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError, to_nbd_errno
 from nbd_frontend.export import ExportProvider, MemoryProvider
 from nbd_frontend.handshake import (NEED_DATA, TLS_MODES, Aborted, ExportInfo, ExportQuery,
-                                    ListQuery, Ready, ServerHandshake, StartTLS)
+                                    ListQuery, Ready, ServerHandshake, StartTLS, shown)
 from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, check_tls,
                               peer_name, server_context)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
@@ -196,11 +196,11 @@ async def _open(provider, name: str):
     try:
         return await _resolve(provider.open_export(name))
     except NotFound:
-        log.info("nbd client asked for unknown export %r", name)
+        log.info("nbd client asked for unknown export %s", shown(name))
     except VbpError as exc:
-        log.warning("export %r not available: %s", name, exc)
+        log.warning("export %s not available: %s", shown(name), exc)
     except Exception:
-        log.exception("opening export %r failed", name)
+        log.exception("opening export %s failed", shown(name))
     return None
 
 

@@ -12,7 +12,7 @@ from nbd_frontend import proto
 from nbd_frontend.errors import LocalProtocolError, ProtocolError
 from nbd_frontend.handshake import (MAX_OPTION_DATA, NEED_DATA, PAUSED, _TRANSITIONS, Aborted,
                                     ExportInfo, ExportQuery, ListQuery, Ready, ServerHandshake,
-                                    StartTLS, State)
+                                    StartTLS, State, _message)
 
 EXPORTS = {
     "disk": ExportInfo("disk", 1 << 20, proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH,
@@ -143,6 +143,30 @@ def test_info_then_unknown_then_go(mode):
     assert ready.export_name == "" and ready.structured_replies
     assert ready.flags & proto.FLAG_SEND_DF
     assert [e.kind for e in events if isinstance(e, ExportQuery)] == ["info", "go", "go"]
+
+
+@pytest.mark.parametrize("name", ["a" * proto.MAX_STRING, "\x01" * 4000, "\x00é" * 1365])
+@pytest.mark.parametrize("option", [proto.OPT_INFO, proto.OPT_GO])
+def test_unknown_export_message_stays_a_protocol_string(name, option):
+    """proto.md caps a string at 4096 bytes; libnbd refuses a longer error message. The
+    message repeats the name cut short, escaped, and with no NUL."""
+    hs, events, out = run(FLAGS + opt(option, info_req(name)) + opt(proto.OPT_GO, info_req("disk")))
+    (_, rtype, message), *rest = replies(out)
+    assert rtype == proto.REP_ERR_UNKNOWN and [r[1] for r in rest][-1] == proto.REP_ACK
+    assert len(message) <= 256 and b"\0" not in message
+    assert message.decode().startswith("unknown export ")
+    assert isinstance(events[-1], Ready)
+
+
+@pytest.mark.parametrize("text", ["x" * 5000, "é" * 3000])
+def test_an_error_message_is_capped_on_a_character_boundary(text):
+    raw = _message(text)
+    assert proto.MAX_STRING - 2 <= len(raw) <= proto.MAX_STRING
+    assert text.startswith(raw.decode())
+
+
+def test_an_error_message_carries_no_nul():
+    assert _message("a\0b") == b"a\\0b"
 
 
 @pytest.mark.parametrize("payload", [
