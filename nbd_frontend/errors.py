@@ -1,4 +1,5 @@
-"""Errors of the NBD frontend, and the one place exceptions become NBD errnos."""
+"""Errors of the NBD frontend, and the one place exceptions become NBD errnos (and, in
+negotiation, option error replies)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,19 @@ def to_nbd_errno(exc: BaseException) -> int:
     if isinstance(code, int):
         return _LINUX_TO_NBD.get(code, proto.EIO)
     return proto.EIO
+
+
+def to_option_error(exc: BaseException) -> int:
+    """The option error reply (NBD_REP_ERR_*) a client is told when the export provider
+    could not answer its option (open an export, list them) because of `exc`.
+
+    An export that does not exist, or a name that cannot be one (ENOENT, EINVAL), is
+    NBD_REP_ERR_UNKNOWN. Anything else (the registry unreachable during a gateway
+    failover, the volume's lease held elsewhere, a bug) is NBD_REP_ERR_PLATFORM, with the
+    reason in the message: proto.md has no error for "not now", and NBD_REP_ERR_SHUTDOWN,
+    the other candidate, says the server is going away and obliges the client to
+    disconnect, where it may as well try again on the same connection."""
+    code = getattr(exc, "errno", None)
+    if code in (_errno.ENOENT, _errno.EINVAL):
+        return proto.REP_ERR_UNKNOWN
+    return proto.REP_ERR_PLATFORM

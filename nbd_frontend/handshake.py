@@ -8,8 +8,11 @@ A client sends no new option before the final reply to the previous one, so at m
 option is outstanding.
 
 Options that need knowledge of the exports surface as events the shell answers:
-`ExportQuery` -> `provide_export(info | None)`, `ListQuery` -> `provide_list(...)`.
-Everything else is answered here. All state changes go through `_TRANSITIONS`; a missing
+`ExportQuery` -> `provide_export(info | None)`, `ListQuery` -> `provide_list(...)`. When
+the shell could not find out (the provider failed: a registry outage during a gateway
+failover), it answers with `provide_error(reply type, message)` instead: the
+option gets that error and the client may go on negotiating, as proto.md wants of a
+server ("error inbound options" rather than disconnect). Everything else is answered here. All state changes go through `_TRANSITIONS`; a missing
 entry raises `LocalProtocolError` naming the state and the event.
 
 No allocation is driven by the peer beyond `MAX_OPTION_DATA`: larger option payloads are
@@ -82,10 +85,11 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (S.AWAIT_TLS, "tls_started"): S.AWAIT_OPTION,
     (S.AWAIT_OPTION, "tls_refused"): S.CLOSED,
     (S.AWAIT_EXPORT, "export_info"): S.AWAIT_OPTION,
-    (S.AWAIT_EXPORT, "export_unknown"): S.AWAIT_OPTION,
+    (S.AWAIT_EXPORT, "export_failed"): S.AWAIT_OPTION,
     (S.AWAIT_EXPORT, "export_go"): S.READY,
     (S.AWAIT_EXPORT, "export_refused"): S.CLOSED,
     (S.AWAIT_LIST, "list_provided"): S.AWAIT_OPTION,
+    (S.AWAIT_LIST, "list_failed"): S.AWAIT_OPTION,
     (S.AWAIT_CLIENT_FLAGS, "protocol_error"): S.ERROR,
     (S.AWAIT_OPTION, "protocol_error"): S.ERROR,
 }
@@ -108,7 +112,8 @@ class ExportInfo:
 
 @dataclass(frozen=True, slots=True)
 class ExportQuery:
-    """The client named an export. kind: "export_name", "info" or "go"."""
+    """The client named an export. kind: "export_name", "info" or "go". Answer with
+    provide_export(info | None) or provide_error(reply type, message)."""
 
     name: str
     kind: str
@@ -116,7 +121,8 @@ class ExportQuery:
 
 @dataclass(frozen=True, slots=True)
 class ListQuery:
-    """NBD_OPT_LIST: answer with provide_list([(name, description), ...])."""
+    """NBD_OPT_LIST: answer with provide_list([(name, description), ...]) or
+    provide_error(reply type, message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,15 +386,9 @@ class ServerHandshake:
         if self.state is not State.AWAIT_EXPORT or self._query is None:
             raise LocalProtocolError(f"provide_export not allowed in state {self.state.value}")
         option, name, requests = self._query
-        self._query = None
         if info is None:
-            if option == proto.OPT_EXPORT_NAME:
-                self._transition("export_refused")
-                self._final = Aborted(f"unknown export {shown(name)}")
-                return
-            self._reply(option, proto.REP_ERR_UNKNOWN, _message(f"unknown export {shown(name)}"))
-            self._transition("export_unknown")
-            return
+            return self.provide_error(proto.REP_ERR_UNKNOWN, f"unknown export {shown(name)}")
+        self._query = None
         flags = info.flags | proto.FLAG_HAS_FLAGS
         flags = flags | proto.FLAG_SEND_DF if self._structured else flags & ~proto.FLAG_SEND_DF
         if option == proto.OPT_EXPORT_NAME:
@@ -419,6 +419,28 @@ class ServerHandshake:
         self.trailing_data = bytes(self._in)
         self._in = bytearray()
         self._final = Ready(name, self._structured, dict(meta), self._no_zeroes, flags)
+
+    def provide_error(self, rtype: int, message: str) -> None:
+        """Answer the pending ExportQuery or ListQuery with the error reply `rtype` (an
+        NBD_REP_ERR_*) carrying `message`: the client may send further options. After
+        NBD_OPT_EXPORT_NAME, which has no error reply, the handshake ends (Aborted)."""
+        if not rtype & proto.REP_FLAG_ERROR:
+            raise ValueError(f"reply type {rtype:#x} is not an error")
+        if self.state is State.AWAIT_LIST:
+            self._query = None
+            self._reply(proto.OPT_LIST, rtype, _message(message))
+            self._transition("list_failed")
+            return
+        if self.state is not State.AWAIT_EXPORT or self._query is None:
+            raise LocalProtocolError(f"provide_error not allowed in state {self.state.value}")
+        option = self._query[0]
+        self._query = None
+        if option == proto.OPT_EXPORT_NAME:
+            self._transition("export_refused")
+            self._final = Aborted(message)
+            return
+        self._reply(option, rtype, _message(message))
+        self._transition("export_failed")
 
     def provide_list(self, exports: list[tuple[str, str]]) -> None:
         """Answer the pending ListQuery with (name, description) pairs."""

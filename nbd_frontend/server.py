@@ -63,7 +63,7 @@ from functools import partial
 import trio
 
 from nbd_frontend import proto
-from nbd_frontend.errors import ProtocolError, to_nbd_errno
+from nbd_frontend.errors import ProtocolError, to_nbd_errno, to_option_error
 from nbd_frontend.export import ExportProvider, MemoryProvider
 from nbd_frontend.handshake import (NEED_DATA, TLS_MODES, Aborted, ExportInfo, ExportQuery,
                                     ListQuery, Ready, ServerHandshake, StartTLS, shown)
@@ -73,7 +73,7 @@ from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
                                        transmission_flags)
 from vbp.buffers import keepable
 from vbp.chunkstore_common import FileRange
-from vbp.errors import NotFound, VbpError
+from vbp.errors import VbpError
 from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
@@ -192,16 +192,44 @@ async def _close(export) -> None:
         log.exception("closing export %r failed", getattr(export, "name", "?"))
 
 
-async def _open(provider, name: str):
+async def _answer_export(hs: ServerHandshake, provider, query: ExportQuery, held: list):
+    """Answer `query` with the export's info, or with the error opening it raised. An
+    export opened for NBD_OPT_INFO only is closed again at once."""
+    what = f"export {shown(query.name)}"
     try:
-        return await _resolve(provider.open_export(name))
-    except NotFound:
-        log.info("nbd client asked for unknown export %s", shown(name))
-    except VbpError as exc:
-        log.warning("export %s not available: %s", shown(name), exc)
-    except Exception:
-        log.exception("opening export %s failed", shown(name))
-    return None
+        export = await _resolve(provider.open_export(query.name))
+    except Exception as exc:
+        hs.provide_error(*_refusal(exc, what))
+        return
+    held.append(export)
+    hs.provide_export(export_info(export))
+    if query.kind == "info":
+        held.remove(export)
+        await _close(export)
+
+
+async def _answer_list(hs: ServerHandshake, provider) -> None:
+    try:
+        exports = list(await _resolve(provider.list_exports()))
+    except Exception as exc:
+        hs.provide_error(*_refusal(exc, "the list of exports"))
+        return
+    hs.provide_list(exports)
+
+
+def _refusal(exc: Exception, what: str) -> tuple[int, str]:
+    """The option error (reply type, message) the provider's failure about `what`
+    becomes, logged: a bug with its traceback (and no detail for the client), a vbp error
+    (a registry outage, a lease held elsewhere) in one line with its message."""
+    rtype = to_option_error(exc)
+    if not isinstance(exc, VbpError):
+        log.exception("nbd: %s failed", what)
+        return rtype, f"{what}: internal error"
+    if rtype == proto.REP_ERR_UNKNOWN:  # (not its message: it may repeat a long name whole)
+        log.info("nbd client asked for %s, which does not exist", what)
+        return rtype, f"{what} does not exist"
+    log.warning("nbd: %s not available: %s", what, exc)
+    return rtype, f"{what}: {exc}"
 
 
 async def _send_pending(stream, hs: ServerHandshake) -> None:
@@ -227,15 +255,9 @@ async def _handshake(stream, provider, held: list, tls: str = "off", tls_context
                 return None
             hs.receive_data(data)
         elif isinstance(event, ExportQuery):
-            export = await _open(provider, event.name)
-            if export is not None:
-                held.append(export)
-            hs.provide_export(None if export is None else export_info(export))
-            if event.kind == "info" and export is not None:
-                held.remove(export)
-                await _close(export)
+            await _answer_export(hs, provider, event, held)
         elif isinstance(event, ListQuery):
-            hs.provide_list(list(await _resolve(provider.list_exports())))
+            await _answer_list(hs, provider)
         elif isinstance(event, StartTLS):
             await _send_pending(stream, hs)  # (the ACK, in the clear)
             stream = await _start_tls(stream, tls_context)

@@ -191,6 +191,48 @@ def test_list(mode):
     assert events == [ListQuery()] and hs.state is State.AWAIT_OPTION
 
 
+@pytest.mark.parametrize("option", [proto.OPT_INFO, proto.OPT_GO])
+def test_a_provider_failure_errors_the_option_and_negotiation_goes_on(option):
+    """The provider could not answer (a registry outage): the option gets the error and
+    its message, and the client may go on (proto.md: error options, do not disconnect)."""
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + opt(option, info_req("disk")) + opt(proto.OPT_LIST))
+    assert hs.next_event() == ExportQuery("disk", "info" if option == proto.OPT_INFO else "go")
+    hs.provide_error(proto.REP_ERR_PLATFORM, "registry unreachable")
+    assert hs.state is State.AWAIT_OPTION
+    assert hs.next_event() == ListQuery()
+    hs.provide_error(proto.REP_ERR_PLATFORM, "é" * 3000)  # (capped like every message)
+    assert hs.next_event() is NEED_DATA
+    events: list = []
+    hs.receive_data(opt(proto.OPT_LIST) + opt(proto.OPT_GO, info_req("disk")))
+    drain(hs, events)
+    reps = replies(hs.data_to_send())
+    assert reps[:2] == [(option, proto.REP_ERR_PLATFORM, b"registry unreachable"),
+                        (proto.OPT_LIST, proto.REP_ERR_PLATFORM, "é".encode() * 2048)]
+    assert [r[1] for r in reps[2:]] == [proto.REP_SERVER, proto.REP_SERVER, proto.REP_ACK,
+                                        proto.REP_INFO, proto.REP_INFO, proto.REP_ACK]
+    assert events[0] == ListQuery() and isinstance(events[-1], Ready)
+
+
+def test_a_provider_failure_after_export_name_ends_the_handshake():
+    """NBD_OPT_EXPORT_NAME has no error reply: the server can only hang up."""
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + opt(proto.OPT_EXPORT_NAME, b"disk"))
+    assert hs.next_event() == ExportQuery("disk", "export_name")
+    hs.provide_error(proto.REP_ERR_PLATFORM, "registry unreachable")
+    assert hs.next_event() == Aborted("registry unreachable")
+    assert hs.state is State.CLOSED and hs.data_to_send() == b""
+
+
+def test_provide_error_takes_only_error_replies():
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + opt(proto.OPT_LIST))
+    assert hs.next_event() == ListQuery()
+    with pytest.raises(ValueError):
+        hs.provide_error(proto.REP_ACK, "fine")
+    assert hs.state is State.AWAIT_LIST
+
+
 @pytest.mark.parametrize("data", [b"", b"ignored"])
 def test_abort(data):
     hs, events, out = run(FLAGS + opt(proto.OPT_ABORT, data) + b"trailing")
@@ -490,6 +532,10 @@ def test_every_transition_is_reachable_from_bytes():
         for bad in [b"\xff" * 4, FLAGS + b"x" * 16]:
             with pytest.raises(ProtocolError):
                 run(bad)
+        hs = ServerHandshake()  # (the shell's answer when the provider fails)
+        hs.receive_data(FLAGS + opt(proto.OPT_LIST))
+        assert hs.next_event() == ListQuery()
+        hs.provide_error(proto.REP_ERR_PLATFORM, "registry unreachable")
     finally:
         ServerHandshake._transition = original
     assert seen == set(_TRANSITIONS)
@@ -509,6 +555,15 @@ def test_provide_list_outside_await_list(state):
     hs.state = state
     with pytest.raises(LocalProtocolError, match=state.value):
         hs.provide_list([])
+
+
+@pytest.mark.parametrize("state", [s for s in State
+                                   if s not in (State.AWAIT_EXPORT, State.AWAIT_LIST)])
+def test_provide_error_outside_a_query(state):
+    hs = ServerHandshake()
+    hs.state = state
+    with pytest.raises(LocalProtocolError, match=state.value):
+        hs.provide_error(proto.REP_ERR_PLATFORM, "no")
 
 
 # --- fuzz -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import random
@@ -18,7 +19,7 @@ from nbd_frontend.server import serve_nbd
 from nbd_frontend.tls import check_tls
 from vbp.later import Later
 from tests.pieces import send_in_pieces
-from vbp.errors import LeaseHeld, NoSpace
+from vbp.errors import LeaseHeld, NoSpace, RegistryUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -618,7 +619,7 @@ async def test_export_is_closed_when_the_connection_ends(nursery):
     port = await nursery.start(serve_nbd, p, "127.0.0.1", 0)
     with pytest.raises(LookupError) as info:
         await Client.connect(port, "busy")
-    assert info.value.args[0] == proto.REP_ERR_UNKNOWN
+    assert info.value.args[0] == proto.REP_ERR_PLATFORM
     c = Client(await trio.open_tcp_stream("127.0.0.1", port))
     await c.recv(18)
     await c.send(struct.pack(">I", 1))
@@ -1114,3 +1115,82 @@ async def test_a_long_run_of_writes_is_answered_like_writes_one_by_one(provider,
             k, b = counts.get(ok, (0, 0))
             counts[ok] = (k + count, b + nbytes)
     assert counts == {True: (29, 29 * 512), False: (1, 512)}
+
+
+class FailingProvider(MemoryProvider):
+    """The registry is unreachable (no list), volume "busy" is served by another host,
+    and opening "bug" hits a bug."""
+
+    def list_exports(self):
+        raise RegistryUnavailable("registry etcd://10.0.0.1:2379: connection refused")
+
+    def open_export(self, name):
+        if name == "busy":
+            raise LeaseHeld("volume 'busy' is served by another host")
+        if name == "bug":
+            raise RuntimeError("a bug")
+        return super().open_export(name)
+
+
+def _info_request(name: str) -> bytes:
+    return struct.pack(">I", len(name)) + name.encode() + b"\0\0"
+
+
+async def test_provider_failures_error_the_option_and_the_connection_goes_on(nursery, caplog):
+    """proto.md: a server errors the options it cannot serve rather than disconnect. A
+    registry outage during a gateway failover is not "unknown export"."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="vbp.nbd")
+    p = FailingProvider()
+    p.add("disk", 8192)
+    port = await nursery.start(serve_nbd, p, "127.0.0.1", 0)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    assert await c.option(proto.OPT_LIST) == [
+        (proto.REP_ERR_PLATFORM,
+         b"the list of exports: registry etcd://10.0.0.1:2379: connection refused")]
+    assert await c.option(proto.OPT_INFO, _info_request("busy")) == [
+        (proto.REP_ERR_PLATFORM, b"export 'busy': volume 'busy' is served by another host")]
+    assert await c.option(proto.OPT_GO, _info_request("bug")) == [
+        (proto.REP_ERR_PLATFORM, b"export 'bug': internal error")]
+    assert await c.option(proto.OPT_GO, _info_request("nosuch")) == [
+        (proto.REP_ERR_UNKNOWN, b"export 'nosuch' does not exist")]
+    reps = await c.option(proto.OPT_GO, _info_request("disk"))
+    assert reps[-1][0] == proto.REP_ACK
+    assert await c.read(0, 4) == bytes(4)
+    records = [r for r in caplog.records if r.name == "vbp.nbd"]
+    warnings = [r for r in records if r.levelname == "WARNING"]  # (the outage, the lease)
+    assert len(warnings) == 2 and not any(r.exc_info for r in warnings)
+    assert [r.exc_info[0] for r in records if r.exc_info] == [RuntimeError]  # (the bug)
+
+
+async def test_provider_failures_as_libnbd_sees_them(nursery):
+    nbd = pytest.importorskip("nbd")
+    p = FailingProvider()
+    p.add("disk", 8192)
+    port = await nursery.start(serve_nbd, p, "127.0.0.1", 0)
+
+    def client() -> list:
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        h.connect_tcp("127.0.0.1", str(port))
+        errors = []
+        for name, call in [("list", lambda: h.opt_list(lambda name, description: 0)),
+                           ("busy", lambda: (h.set_export_name("busy"), h.opt_info())),
+                           ("nosuch", lambda: (h.set_export_name("nosuch"), h.opt_go()))]:
+            try:
+                call()
+            except nbd.Error as exc:  # (errno: a name such as "ENOENT", or a number)
+                code = exc.errno
+                errors.append((name, errno.errorcode.get(code) if isinstance(code, int) else code))
+        h.set_export_name("disk")
+        h.opt_go()
+        try:
+            return errors + [h.get_size(), h.pread(4, 0)]
+        finally:
+            h.shutdown()
+
+    got = await trio.to_thread.run_sync(client)
+    assert got == [("list", "ENOTSUP"), ("busy", "ENOTSUP"), ("nosuch", "ENOENT"), 8192,
+                   bytes(4)]
