@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import socket
 import ssl
 from time import perf_counter
@@ -90,7 +91,7 @@ MAX_IN_FLIGHT = 128
 # (4 GiB) per connection.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_QUEUED = 64 * 1024 * 1024
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 HANDSHAKE_RECEIVE = 64 * 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
 # reads (writes) in a row after which the reader takes the reads (writes) at the front of
@@ -173,7 +174,7 @@ async def handle_connection(stream, provider: ExportProvider,
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
         log.warning("nbd TLS error, disconnecting: %s", exc)
     except trio.TooSlowError:
-        log.info("nbd client idle during the handshake, disconnecting")
+        log.info("nbd handshake not done within %g s, disconnecting", HANDSHAKE_TIMEOUT)
     except ProtocolError as exc:
         log.warning("nbd protocol error, disconnecting: %s", exc)
     except Exception:
@@ -192,20 +193,27 @@ async def _close(export) -> None:
         log.exception("closing export %r failed", getattr(export, "name", "?"))
 
 
-async def _answer_export(hs: ServerHandshake, provider, query: ExportQuery, held: list):
+async def _answer_export(hs: ServerHandshake, provider, query: ExportQuery, held: list,
+                         limit: trio.CancelScope):
     """Answer `query` with the export's info, or with the error opening it raised. An
-    export opened for NBD_OPT_INFO only is closed again at once."""
-    what = f"export {shown(query.name)}"
+    export opened for NBD_OPT_INFO only is closed again at once. The handshake's `limit`
+    stops meanwhile (it moves on by the time taken): the provider may legitimately take
+    long, and an export must not be left half opened or half closed by it."""
+    deadline, limit.deadline = limit.deadline, math.inf
+    started = trio.current_time()
     try:
-        export = await _resolve(provider.open_export(query.name))
-    except Exception as exc:
-        hs.provide_error(*_refusal(exc, what))
-        return
-    held.append(export)
-    hs.provide_export(export_info(export))
-    if query.kind == "info":
-        held.remove(export)
-        await _close(export)
+        try:
+            export = await _resolve(provider.open_export(query.name))
+        except Exception as exc:
+            hs.provide_error(*_refusal(exc, f"export {shown(query.name)}"))
+            return
+        held.append(export)
+        hs.provide_export(export_info(export))
+        if query.kind == "info":
+            held.remove(export)
+            await _close(export)
+    finally:
+        limit.deadline = deadline + (trio.current_time() - started)
 
 
 async def _answer_list(hs: ServerHandshake, provider) -> None:
@@ -240,22 +248,33 @@ async def _send_pending(stream, hs: ServerHandshake) -> None:
 
 async def _handshake(stream, provider, held: list, tls: str = "off", tls_context=None):
     """Negotiate; return (stream, Ready, trailing bytes) with the export in held[0], or
-    None when the client left. The stream is the TLS one if the client upgraded. Only
-    waiting for the client is timed: opening an export may legitimately take long (a write
-    lease changing hands)."""
+    None when the client left. The stream is the TLS one if the client upgraded.
+
+    The whole negotiation, from the greeting to the hand-over to transmission, sends and
+    the TLS handshake included, gets HANDSHAKE_TIMEOUT (then trio.TooSlowError): a client
+    trickling its options in, or sending them and never reading the replies, would
+    otherwise hold the connection (and an unauthenticated one its memory) forever; qemu
+    fixed the same in CVE-2024-7409. Only the provider opening an export stops the clock
+    (_answer_export): that may legitimately wait, for a write lease to change hands up to
+    a lease period, and the client cannot make it slower."""
+    with trio.fail_after(HANDSHAKE_TIMEOUT) as limit:
+        return await _negotiate(stream, provider, held, tls, tls_context, limit)
+
+
+async def _negotiate(stream, provider, held: list, tls: str, tls_context,
+                     limit: trio.CancelScope):
     hs = ServerHandshake(tls)
     await stream.send_all(hs.initial_bytes())
     while True:
         event = hs.next_event()
         if event is NEED_DATA:
             await _send_pending(stream, hs)
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                data = await stream.receive_some(HANDSHAKE_RECEIVE)
+            data = await stream.receive_some(HANDSHAKE_RECEIVE)
             if not data:
                 return None
             hs.receive_data(data)
         elif isinstance(event, ExportQuery):
-            await _answer_export(hs, provider, event, held)
+            await _answer_export(hs, provider, event, held, limit)
         elif isinstance(event, ListQuery):
             await _answer_list(hs, provider)
         elif isinstance(event, StartTLS):
@@ -287,9 +306,8 @@ async def _start_tls(stream, context):
     else:
         tls = session = trio.SSLStream(stream, context, server_side=True)
         shake = tls.do_handshake
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await shake()
+    try:  # (timed by the handshake's limit)
+        await shake()
     except (ssl.SSLError, trio.BrokenResourceError, OSError) as exc:
         log.warning("nbd TLS handshake failed, disconnecting: %s", exc.__cause__ or exc)
         return None

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import random
+import socket
 import struct
 
 import pytest
@@ -1194,3 +1195,124 @@ async def test_provider_failures_as_libnbd_sees_them(nursery):
     got = await trio.to_thread.run_sync(client)
     assert got == [("list", "ENOTSUP"), ("busy", "ENOTSUP"), ("nosuch", "ENOENT"), 8192,
                    bytes(4)]
+
+
+# --- the handshake's deadline and its output -------------------------------------------------
+
+
+async def observed_server(nursery, provider, *, sndbuf: int = 0, **kwargs):
+    """(port, ended): a server like serve_nbd's whose connections the test sees end, each
+    adding its end time to `ended`. `sndbuf`: the server side's send buffer; small, a
+    client that never reads blocks the server's sends soon."""
+    ended: list = []
+
+    async def connection(stream) -> None:
+        if sndbuf:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        try:
+            await server.handle_connection(stream, provider, **kwargs)
+        finally:
+            ended.append(trio.current_time())
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, connection, 0,
+                                                      host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1], ended
+
+
+async def small_window_client(port: int) -> Client:
+    """A client whose receive buffer is small: what it does not read stays with the
+    server soon."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return Client(trio.SocketStream(sock))
+
+
+def tls_server_context():
+    import ssl
+
+    import trustme
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA().issue_cert("localhost").configure_cert(context)
+    return context
+
+
+async def ended_within(ended: list, seconds: float) -> float:
+    """Wait for the server to end the connection; how long it took from now."""
+    t0 = trio.current_time()
+    with trio.fail_after(seconds):
+        while not ended:
+            await trio.sleep(0.02)
+    return ended[0] - t0
+
+
+async def test_a_trickling_client_is_cut_off_at_the_handshake_deadline(provider, nursery,
+                                                                       monkeypatch):
+    """One byte in less than the limit each time, never done: the limit is on the whole
+    negotiation, not on each receive (CVE-2024-7409 in qemu)."""
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    port, ended = await observed_server(nursery, provider)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    go = struct.pack(">QII", proto.IHAVEOPT, proto.OPT_GO, 100) + bytes(100)
+
+    async def trickle() -> None:
+        for i in range(len(go)):
+            await c.send(go[i:i + 1])
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(trickle)
+        assert await ended_within(ended, 3) < 1.0
+        inner.cancel_scope.cancel()
+    await c.aclose()
+
+
+@pytest.mark.parametrize("tls", ["off", "require"])
+async def test_a_client_that_never_reads_is_cut_off_at_the_handshake_deadline(nursery,
+                                                                              monkeypatch, tls):
+    """Options pipelined and the replies never read: the server's sends block, and the
+    deadline covers them (before STARTTLS too, where every option gets TLS_REQD)."""
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    provider = MemoryProvider()
+    for i in range(50):
+        provider.add(f"volume-{i:03d}", 4096, description="x" * 100)
+    port, ended = await observed_server(
+        nursery, provider, sndbuf=4096, tls=tls,
+        tls_context=tls_server_context() if tls == "require" else None)
+    c = await small_window_client(port)
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1) + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_LIST, 0)
+                 * 3000)
+    assert await ended_within(ended, 3) < 1.0
+    await c.aclose()
+
+
+async def test_the_deadline_spares_an_export_opening_and_ends_with_the_handshake(nursery,
+                                                                                monkeypatch):
+    """Opening an export may take longer than the limit (a lease changing hands), and
+    transmission, idle or not, is not timed."""
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+
+    class SlowProvider(MemoryProvider):
+        async def open_export(self, name):
+            await trio.sleep(0.8)
+            return super().open_export(name)
+
+    p = SlowProvider()
+    p.add("disk", 8192)
+    port, ended = await observed_server(nursery, p)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    reps = await c.option(proto.OPT_INFO, _info_request("disk"))  # (0.8 s)
+    assert reps[-1][0] == proto.REP_ACK
+    await trio.sleep(0.3)  # (of the 0.5 s, if the opening did not count)
+    reps = await c.option(proto.OPT_GO, _info_request("disk"))  # (another 0.8 s)
+    assert reps[-1][0] == proto.REP_ACK
+    await trio.sleep(1.0)
+    assert await c.write(0, b"late") == 0 and await c.read(0, 4) == b"late"
+    assert len(ended) == 0
+    await c.aclose()
