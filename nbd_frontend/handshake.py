@@ -4,8 +4,8 @@ Theory of operation (proto.md "Newstyle negotiation", "Fixed newstyle negotiatio
 "Option types", "Option reply types"): the server sends its greeting, reads 32 bits of
 client flags, then answers options one at a time until the client either enters
 transmission (NBD_OPT_EXPORT_NAME, or NBD_OPT_GO answered with NBD_REP_ACK) or aborts.
-A client sends no new option before the final reply to the previous one, so at most one
-option is outstanding.
+A client sends no new option before the final reply to the previous one; one that does
+anyway has its options answered in order, one at a time.
 
 Options that need knowledge of the exports surface as events the shell answers:
 `ExportQuery` -> `provide_export(info | None)`, `ListQuery` -> `provide_list(...)`. When
@@ -16,7 +16,11 @@ server ("error inbound options" rather than disconnect). Everything else is answ
 entry raises `LocalProtocolError` naming the state and the event.
 
 No allocation is driven by the peer beyond `MAX_OPTION_DATA`: larger option payloads are
-read and discarded, then answered with an error (the connection stays usable).
+read and discarded, then answered with an error (the connection stays usable). Nor do
+replies pile up: a client may pipeline options (one packet holds 4096 NBD_OPT_LIST),
+and each reply can be much larger than its option. Past MAX_PENDING_OUTPUT bytes not yet
+taken by data_to_send(), next_event answers no further option and returns SEND_DATA:
+the shell sends what is pending (waiting for the client to read it) and asks again.
 
 Every error message goes out through `_message`: proto.md ("Conventions") allows a string
 of at most 4096 bytes without NUL, and a client may refuse a longer one (libnbd aborts
@@ -43,6 +47,7 @@ from nbd_frontend.errors import LocalProtocolError, ProtocolError
 
 MAX_OPTION_DATA = 64 * 1024
 MAX_OPTIONS = 4096  # more option requests than this on one connection is a DoS: hang up
+MAX_PENDING_OUTPUT = 64 * 1024  # reply bytes held before SEND_DATA (one reply may pass it)
 
 SHOWN_NAME = 64  # characters of an export name's repr a message or log line repeats
 _OPTION_HEADER = struct.Struct(">QII")
@@ -59,6 +64,7 @@ class _Sentinel:
 
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes
 PAUSED = _Sentinel("PAUSED")  # waiting for the shell to answer a query
+SEND_DATA = _Sentinel("SEND_DATA")  # send data_to_send() before asking for the next event
 
 
 class State(enum.Enum):
@@ -211,8 +217,8 @@ class ServerHandshake:
 
     # --- events ----------------------------------------------------------------------------
     def next_event(self):
-        """Return the next event, NEED_DATA or PAUSED; raise ProtocolError when the client
-        broke the protocol badly enough that the connection must be dropped."""
+        """Return the next event, NEED_DATA, SEND_DATA or PAUSED; raise ProtocolError when
+        the client broke the protocol badly enough that the connection must be dropped."""
         if self._final is not None:
             event, self._final = self._final, None
             return event
@@ -220,6 +226,8 @@ class ServerHandshake:
             return self._client_flags()
         if self.state is State.AWAIT_OPTION:
             while self.state is State.AWAIT_OPTION:
+                if len(self._out) >= MAX_PENDING_OUTPUT:
+                    return SEND_DATA
                 event = self._option()
                 if event is not None:
                     return event
@@ -541,4 +549,5 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
 
 
 __all__ = ["ServerHandshake", "ExportInfo", "ExportQuery", "ListQuery", "Ready", "Aborted",
-           "StartTLS", "NEED_DATA", "PAUSED", "State", "MAX_OPTION_DATA", "TLS_MODES", "shown"]
+           "StartTLS", "NEED_DATA", "SEND_DATA", "PAUSED", "State", "MAX_OPTION_DATA",
+           "MAX_PENDING_OUTPUT", "TLS_MODES", "shown"]

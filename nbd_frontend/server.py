@@ -66,8 +66,9 @@ import trio
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError, to_nbd_errno, to_option_error
 from nbd_frontend.export import ExportProvider, MemoryProvider
-from nbd_frontend.handshake import (NEED_DATA, TLS_MODES, Aborted, ExportInfo, ExportQuery,
-                                    ListQuery, Ready, ServerHandshake, StartTLS, shown)
+from nbd_frontend.handshake import (NEED_DATA, SEND_DATA, TLS_MODES, Aborted, ExportInfo,
+                                    ExportQuery, ListQuery, Ready, ServerHandshake, StartTLS,
+                                    shown)
 from nbd_frontend.tls import (TLSChannel, TLSChannelStream, TLSConfigError, check_tls,
                               peer_name, server_context)
 from nbd_frontend.transmission import (BadRequest, Request, TransmissionCodec,
@@ -273,9 +274,16 @@ async def _negotiate(stream, provider, held: list, tls: str, tls_context,
             if not data:
                 return None
             hs.receive_data(data)
+        elif event is SEND_DATA:
+            await _send_pending(stream, hs)
         elif isinstance(event, ExportQuery):
+            await _send_pending(stream, hs)  # (see ListQuery)
             await _answer_export(hs, provider, event, held, limit)
         elif isinstance(event, ListQuery):
+            # The replies so far go first: a client pipelining options and reading
+            # nothing makes us ask the provider (blockd: the registry) no more than its
+            # socket takes replies.
+            await _send_pending(stream, hs)
             await _answer_list(hs, provider)
         elif isinstance(event, StartTLS):
             await _send_pending(stream, hs)  # (the ACK, in the clear)

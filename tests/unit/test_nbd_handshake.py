@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from nbd_frontend import proto
 from nbd_frontend.errors import LocalProtocolError, ProtocolError
-from nbd_frontend.handshake import (MAX_OPTION_DATA, NEED_DATA, PAUSED, _TRANSITIONS, Aborted,
-                                    ExportInfo, ExportQuery, ListQuery, Ready, ServerHandshake,
-                                    StartTLS, State, _message)
+from nbd_frontend.handshake import (MAX_OPTION_DATA, MAX_PENDING_OUTPUT, NEED_DATA, PAUSED,
+                                    SEND_DATA, _TRANSITIONS, Aborted, ExportInfo, ExportQuery,
+                                    ListQuery, Ready, ServerHandshake, StartTLS, State,
+                                    _message)
 
 EXPORTS = {
     "disk": ExportInfo("disk", 1 << 20, proto.FLAG_HAS_FLAGS | proto.FLAG_SEND_FLUSH,
@@ -51,11 +52,18 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def drain(hs: ServerHandshake, events: list) -> None:
+def drain(hs: ServerHandshake, events: list, sent: bytearray | None = None) -> None:
+    """Take events and answer queries until the codec needs data; what it asks to have
+    sent on the way (SEND_DATA) goes to `sent`."""
     while True:
         ev = hs.next_event()
         if ev is NEED_DATA or ev is PAUSED:
             return
+        if ev is SEND_DATA:
+            data = hs.data_to_send()
+            if sent is not None:
+                sent += data
+            continue
         events.append(ev)
         if isinstance(ev, ExportQuery):
             hs.provide_export(EXPORTS.get(ev.name))
@@ -76,7 +84,7 @@ def run(data, mode: str = "whole", tls: str = "off"):
     out = bytearray()
     for chunk in chunks:
         hs.receive_data(chunk)
-        drain(hs, events)
+        drain(hs, events, out)
         out += hs.data_to_send()
     return hs, events, bytes(out)
 
@@ -231,6 +239,43 @@ def test_provide_error_takes_only_error_replies():
     with pytest.raises(ValueError):
         hs.provide_error(proto.REP_ACK, "fine")
     assert hs.state is State.AWAIT_LIST
+
+
+def test_pipelined_options_wait_while_replies_are_pending():
+    """One packet holds 4096 NBD_OPT_LIST, and each reply may be far larger than its
+    option: past MAX_PENDING_OUTPUT the codec answers nothing more (SEND_DATA) until the
+    shell took what is pending, so the replies held stay bounded however many options
+    wait."""
+    exports = [(f"volume-{i:04d}", "vbp volume, 10737418240 bytes, 3 replicas")
+               for i in range(100)]
+    one = 20 + sum(20 + 4 + len(n) + len(d) for n, d in exports)  # one LIST's replies
+    hs = ServerHandshake()
+    hs.receive_data(FLAGS + opt(proto.OPT_LIST) * 4000)
+    lists = most = 0
+    sent = bytearray()
+    while (ev := hs.next_event()) is not NEED_DATA:
+        most = max(most, len(hs._out))
+        if isinstance(ev, ListQuery):
+            hs.provide_list(exports)
+            lists += 1
+        else:
+            assert ev is SEND_DATA
+            sent += hs.data_to_send()
+    sent += hs.data_to_send()
+    assert most <= MAX_PENDING_OUTPUT + one
+    assert lists == 4000 and len(sent) == 4000 * one
+    assert [r[1] for r in replies(bytes(sent[:2 * one]))] == (
+        [proto.REP_SERVER] * 100 + [proto.REP_ACK]) * 2
+
+
+def test_replies_the_codec_makes_itself_are_bounded_too():
+    hs = ServerHandshake("require")  # (every option but STARTTLS gets TLS_REQD)
+    hs.receive_data(FLAGS + opt(proto.OPT_LIST) * 4000)
+    sends = 0
+    while (ev := hs.next_event()) is SEND_DATA:
+        assert len(hs.data_to_send()) < MAX_PENDING_OUTPUT + 100
+        sends += 1
+    assert ev is NEED_DATA and sends > 1
 
 
 @pytest.mark.parametrize("data", [b"", b"ignored"])
@@ -589,7 +634,7 @@ def test_fuzz_garbage_yields_events_or_protocol_error(prefix, pieces, step, tls)
     try:
         for i in range(0, len(data), step):
             hs.receive_data(data[i:i + step])
-            drain(hs, events)
+            drain(hs, events, sent)
             assert len(hs._in) <= 16 + MAX_OPTION_DATA + step
             sent += hs.data_to_send()
     except ProtocolError:

@@ -1316,3 +1316,35 @@ async def test_the_deadline_spares_an_export_opening_and_ends_with_the_handshake
     assert await c.write(0, b"late") == 0 and await c.read(0, 4) == b"late"
     assert len(ended) == 0
     await c.aclose()
+
+
+async def test_pipelined_lists_ask_the_provider_only_as_fast_as_the_client_reads(nursery):
+    """300 NBD_OPT_LIST in one packet, replies unread: the provider (in blockd the
+    registry) is asked again only once the replies so far went out, so a client that does
+    not read costs a few calls, not 300 and their replies held in memory. Once it reads,
+    every option is answered, in order."""
+    class CountingProvider(MemoryProvider):
+        calls = 0
+
+        def list_exports(self):
+            CountingProvider.calls += 1
+            return super().list_exports()
+
+    p = CountingProvider()
+    for i in range(50):
+        p.add(f"volume-{i:03d}", 4096, description="x" * 100)
+    port, _ = await observed_server(nursery, p, sndbuf=4096)
+    c = await small_window_client(port)
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1) + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_LIST, 0)
+                 * 300)
+    await trio.sleep(0.5)
+    assert CountingProvider.calls < 30
+    for _ in range(300):
+        magic, option, rtype, length = struct.unpack(">QIII", await c.recv(20))
+        while rtype == proto.REP_SERVER:
+            await c.recv(length)
+            magic, option, rtype, length = struct.unpack(">QIII", await c.recv(20))
+        assert (option, rtype, length) == (proto.OPT_LIST, proto.REP_ACK, 0)
+    assert CountingProvider.calls == 300
+    await c.aclose()
