@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import time
@@ -34,7 +35,9 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
-from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import (
+    Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, Unpublished, VbpError,
+)
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
@@ -53,6 +56,9 @@ SPACE_STEP = 1 / 32
 SPACE_POLL = 0.25
 # seconds between attempts to complete a snapshot whose completion got no answer
 COMPLETE_RETRY = 0.2
+# share of heartbeat_ttl after the start of the last publication that went through past
+# which snapshot exports stop serving (Unpublished): before the registry drops it
+PUBLISH_LAPSE = 2 / 3
 
 
 class AsyncRegistry:
@@ -137,7 +143,7 @@ class VolumeProvider:
         """The snapshot exports open here, as readers that GC everywhere must keep."""
         out = []
         for export, gw in self.gateways.items():
-            if gw.read_only and gw.gone is None:
+            if gw.read_only and (gw.gone is None or isinstance(gw.gone, Unpublished)):
                 v = gw.view
                 out.append({"export": export, "lineage": gw.lineage, "chain": list(v.chain),
                             "cuts": [list(c) for c in v.cuts], "size": v.size,
@@ -172,9 +178,14 @@ class VolumeProvider:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
             if same_volume(rec, gw.view.volume) and view_of(rec, snap).chain == gw.view.chain:
                 set_qos(gw, rec)  # (the volume's limits, live, as for its head)
+                if isinstance(gw.gone, Unpublished):  # published again, and still there
+                    gw.gone = None
+                    log.info("volume=%s event=export_resumed", gw.name)
                 return False
         except NotFound:
             pass
+        if isinstance(gw.gone, Unpublished):
+            gw.gone = None
         gw.set_gone(Gone(f"snapshot {gw.name} was deleted while exported"))
         return True
 
@@ -298,8 +309,20 @@ class VolumeProvider:
 
     async def sync_records(self) -> None:
         gone = False
+        svc = self.service
+        lapsed = trio.current_time() >= svc.published_at + svc.cfg.heartbeat_ttl * PUBLISH_LAPSE
         for export, gw in list(self.gateways.items()):
-            if gw.read_only and gw.gone is None:
+            if gw.read_only and lapsed:
+                # Our list of open exports will soon be gone from the registry, and with
+                # it what keeps garbage collection elsewhere off this snapshot's chunks
+                # (a delete sees no user): serve nothing until it is published again.
+                if gw.gone is None:
+                    gw.gone = Unpublished(
+                        f"{export}: this host could not tell the registry the export is open "
+                        f"(registry unreachable): its requests fail until it can")
+                    log.warning("volume=%s event=export_suspended reason=unpublished", export)
+                continue
+            if gw.read_only and (gw.gone is None or isinstance(gw.gone, Unpublished)):
                 try:
                     gone = await self._snapshot_gone(gw) or gone
                 except VbpError as e:
@@ -533,6 +556,7 @@ class Blockd:
         self.nbd_port = 0
         self._stats_lock = trio.Lock()  # one publication at a time, each one current
         self._published_used = 0  # the usage in the last stats published
+        self.published_at = -math.inf  # trio time: the last publication that went through
         # the store id published in this host's record: the previous one while a new disk
         # is backfilled, so a crash meanwhile finds it again (see _check_store)
         self.store_id = ""
@@ -747,8 +771,15 @@ class Blockd:
         a lock and computed inside it: an older list never lands after a newer one."""
         async with self._stats_lock:
             st = self.stats()
+            t0 = trio.current_time()
             await self.registry.publish_stats(self.cfg.host_id, st, self.cfg.heartbeat_ttl)
-            self._published_used = st["used"]
+            self._published(t0, st)
+
+    def _published(self, t0: float, st: dict) -> None:
+        """Stats sent at `t0` went through: they last heartbeat_ttl from when the registry
+        took them, so from t0 at the earliest (VolumeProvider.sync_records)."""
+        self._published_used = st["used"]
+        self.published_at = max(self.published_at, t0)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful stop, step one: let replicated writes under way finish, then make
@@ -770,8 +801,9 @@ class Blockd:
             try:
                 async with self._stats_lock:  # stats ride on the heartbeat (one request)
                     st = self.stats()
+                    t0 = trio.current_time()
                     await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, st)
-                    self._published_used = st["used"]
+                    self._published(t0, st)
             except NotFound:
                 await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
             except RegistryUnavailable as e:

@@ -52,6 +52,13 @@ class Gone(VbpError):
     errno = _errno.EIO
 
 
+class Unpublished(Gone):
+    """A snapshot export whose host has not told the registry it is open for longer than
+    the publication lasts (the registry unreachable): garbage collection elsewhere may be
+    freeing its chunks (`vbp volume delete NAME@SNAP` sees no user), so its requests fail
+    until the host publishes again and finds the snapshot still there."""
+
+
 class OutOfRange(VbpError):
     errno = _errno.EINVAL
 

@@ -22,6 +22,7 @@ Theory of operation:
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -129,7 +130,10 @@ class SimHost:
         self.capacity = capacity
         self.addr = f"{host_id}:7000"
         self.cfg = SimpleNamespace(host_id=host_id, lease_ttl=sim.lease_ttl, gc_interval=5.0,
-                                   peer_timeout=sim.peer_timeout)
+                                   peer_timeout=sim.peer_timeout, heartbeat_ttl=6.0)
+        # the sim's stats never expire (WALL_TTL): its exports never lapse, unless a
+        # test moves this back (Blockd.published_at)
+        self.published_at = math.inf
         self.metrics = None
         self.registry = sim.registry
         self.store = MemoryChunkStore(None, capacity)

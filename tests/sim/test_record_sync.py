@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 import trio.testing
 
 from control import api
 from replicator import messages as m
 from tests.sim.harness import Sim, call, extents_bytes
-from vbp.errors import RegistryUnavailable
+from vbp.errors import Gone, RegistryUnavailable, Unpublished
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_snapshot
 
@@ -297,6 +298,48 @@ def test_a_snapshot_taken_after_a_gateway_crash_leaves_the_reconcile_to_the_next
             for chain in (rec.chain, rec.snapshot("s").chain):
                 pages = {h.id: sim.replica_bytes(h, rec, chain, 0)[:4096] for h in (h1, h2)}
                 assert pages["h1"] == pages["h2"], chain
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
+    """A host that could not publish its open exports for most of their lifetime in the
+    registry (cut off from it) serves nothing from its snapshot exports: a delete could
+    find no user and garbage collection free the chunks, which a read would then return
+    as zeros. Published again, the export serves on if its snapshot is still there, and
+    is gone if it was deleted meanwhile."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            sim.create_volume("v", 2 * MiB, replicas=3)
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await h0.run_on(lambda: call(gw.write(0, b"S" * 4096, False)))
+            await sim.snapshot("v", "s")
+            await sim.snapshot("v", "t")
+            s = await h0.run_on(h0.provider.open_export, "v@s")
+            t = await h0.run_on(h0.provider.open_export, "v@t")
+
+            async def read(export):
+                return extents_bytes(await h0.run_on(lambda: call(export.read(0, 4096))), 0, 4096)
+
+            assert await read(s) == b"S" * 4096
+            h0.published_at = trio.current_time() - h0.cfg.heartbeat_ttl  # cut off
+            await trio.sleep(0.5)  # a record sync
+            for export in (s, t):
+                with pytest.raises(Unpublished):
+                    await read(export)
+                assert export.name in {e["export"] for e in h0.provider.published()}
+            sim.reg.update_volume("v", lambda d: {
+                **d, "snapshots": [x for x in d["snapshots"] if x["name"] != "t"]})
+            h0.published_at = trio.current_time()  # published again
+            await trio.sleep(0.5)
+            assert await read(s) == b"S" * 4096
+            with pytest.raises(Gone) as e:
+                await read(t)
+            assert not isinstance(e.value, Unpublished)
             nursery.cancel_scope.cancel()
 
     run(main)
