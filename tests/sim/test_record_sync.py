@@ -22,6 +22,17 @@ def run(afn):
     return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+async def served(nursery, sim, first: bytes = b"A" * 4096, size: int = 2 * MiB, **volume):
+    """`sim` started, volume v (replicas=3) created and opened on h0, `first` written at
+    its start: (h0, h0's gateway of v)."""
+    await sim.start(nursery)
+    sim.create_volume("v", size, replicas=3, **volume)
+    h0 = sim.hosts["h0"]
+    gw = await h0.run_on(h0.provider.open_export, "v")
+    await h0.run_on(lambda: call(gw.write(0, first, False)))
+    return h0, gw
+
+
 def test_a_volume_deleted_and_created_again_under_its_name_fences_the_old_gateway():
     """Between two record syncs, `v` is deleted and a new `v` created (head 1 again, a
     new lineage). The old gateway must not go on serving the deleted volume's bytes as
@@ -30,11 +41,8 @@ def test_a_volume_deleted_and_created_again_under_its_name_fences_the_old_gatewa
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
+            h0, gw = await served(nursery, sim)
+            h1 = sim.hosts["h1"]
             old = sim.volume("v")
             api.delete_volume(sim.reg, "v", force=True)
             sim.create_volume("v", 2 * MiB, replicas=3)
@@ -83,11 +91,7 @@ def test_a_new_head_made_by_a_shrink_waits_for_the_writes_to_the_old_one():
     async def main():
         sim = Sim(2, hosts=3, peer_timeout=2.0)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 4 * MiB, replicas=3, min_size=2)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await h0.run_on(lambda: call(gw.write(0, b"0" * 8192, False)))
+            h0, gw = await served(nursery, sim, b"0" * 8192, 4 * MiB, min_size=2)
             late = sim.hosts["h2"].addr
             on_call = h0.faults.on_call
 
@@ -132,11 +136,7 @@ def test_a_snapshot_completion_whose_answer_is_lost_holds_the_writes_until_it_is
     async def main():
         sim = Sim(4, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
+            h0, gw = await served(nursery, sim)
             update = sim.reg.update_volume
             lost: list = []
 
@@ -181,10 +181,7 @@ def test_a_request_waiting_for_its_turn_follows_a_change_of_limits():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 8 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
+            h0, gw = await served(nursery, sim, size=8 * MiB)
             for new in (0, 1 << 30):
                 api.set_limits(sim.reg, "v", bps=64 * 1024)
                 await trio.sleep(0.5)  # a record sync
@@ -214,12 +211,9 @@ def test_snapshot_exports_take_limits_live_and_flushes_count_against_iops():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
+            h0, gw = await served(nursery, sim)
             await sim.snapshot("v", "s")
             snap = await h0.run_on(h0.provider.open_export, "v@s")
-            gw = await h0.run_on(h0.provider.open_export, "v")
             assert snap.qos is None
             api.set_limits(sim.reg, "v", iops=5)
             await trio.sleep(0.5)  # record syncs
@@ -266,11 +260,8 @@ def test_a_snapshot_taken_after_a_gateway_crash_leaves_the_reconcile_to_the_next
     async def main():
         sim = Sim(3, hosts=3, peer_timeout=2.0)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            h0, h1, h2 = (sim.hosts[f"h{i}"] for i in range(3))
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await h0.run_on(lambda: call(gw.write(0, b"0" * 4096, False)))
+            h0, gw = await served(nursery, sim, b"0" * 4096, min_size=2)
+            h1, h2 = sim.hosts["h1"], sim.hosts["h2"]
             await h0.run_on(lambda: call(gw.flush()))
             h0.pool.request_timeout = 10000  # the crashed gateway never settles its write
             on_call = h0.faults.on_call
@@ -312,11 +303,7 @@ def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await h0.run_on(lambda: call(gw.write(0, b"S" * 4096, False)))
+            h0, gw = await served(nursery, sim, b"S" * 4096)
             await sim.snapshot("v", "s")
             await sim.snapshot("v", "t")
             s = await h0.run_on(h0.provider.open_export, "v@s")

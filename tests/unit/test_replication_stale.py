@@ -782,6 +782,19 @@ def test_a_source_that_went_stale_during_the_pass_does_not_make_the_copy_current
     run(main)
 
 
+async def three_replicas_min_one(nursery):
+    """A started sim of 4 hosts and a 1 MiB volume with replicas=3, min_size=1, its gateway
+    on the host holding no copy, 8 KiB of 1s written: (sim, rec, gw, replicas in order)."""
+    sim = Sim(1, hosts=4, zones=4)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", MiB, replicas=3, min_size=1)
+    reps = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+    gw_host = next(h for h in sim.hosts.values() if h.id not in reps)
+    gw = await gw_host.provider.open_export("v")
+    await call(gw.write(0, b"\x01" * 8192, False))
+    return sim, rec, gw, reps
+
+
 class SlowMarks:
     """A gateway's registry whose stale marks land `delay` seconds late (a slow etcd)."""
 
@@ -805,14 +818,9 @@ def test_a_write_whose_failure_is_recorded_too_late_for_resync_is_not_acknowledg
     up agreeing (before, x was left current without the write t holds, no record)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=4, zones=4)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=1)
-            reps = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+            sim, rec, gw, reps = await three_replicas_min_one(nursery)
             x, s, t = reps[-1], reps[0], reps[1]
-            gw_host = next(h for h in sim.hosts.values() if h.id not in reps)
-            gw = await gw_host.provider.open_export("v")
-            await call(gw.write(0, b"\x01" * 8192, False))
+            gw_host = sim.hosts[gw.host_id]
             gw_host.faults.partition([sim.hosts[x].addr])
             await call(gw.write(8192, b"\x09" * 4096, False))  # x misses it: x stale
             gw_host.faults.heal()
@@ -860,13 +868,8 @@ def test_a_write_whose_failures_are_recorded_too_late_for_scrub_is_not_acknowled
     acknowledged (before, it was, and the only copy of it was undone)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=4, zones=4)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=1)
-            reps = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
-            gw_host = next(h for h in sim.hosts.values() if h.id not in reps)
-            gw = await gw_host.provider.open_export("v")
-            await call(gw.write(0, b"\x01" * 8192, False))
+            sim, rec, gw, reps = await three_replicas_min_one(nursery)
+            gw_host = sim.hosts[gw.host_id]
             took, missed = reps[-1], reps[:-1]
             gw.registry = SlowMarks(gw.registry, 4.5)
             gw_host.faults.partition([sim.hosts[h].addr for h in missed])
