@@ -1347,12 +1347,17 @@ class VolumeGateway:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
             marks = self._falling_behind(failed, took, complete, behind)
-            # The copies that took the write without counting (behind, joining) are marked
+            # When a copy that could be a resync source (current, by our map) failed, the
+            # copies that took the write without counting (behind, joining) are marked
             # again with the failed ones, in the same registry transaction: a resync of
-            # theirs that used a failed copy as its source, its mark not seen yet, and
+            # theirs that used the failed copy as its source, its mark not seen yet, and
             # copied its older bytes over this write, cannot clear at the version it read
-            # (or is undone at once if it cleared first).
-            marks += [h for h in hosts if h in replies and h not in took and h not in marks]
+            # (or is undone at once if it cleared first). Not for a failure of a copy
+            # known behind (a host down for long): re-marked at each such write, the
+            # others' resyncs would never end while the guest writes the chunk.
+            if any(h in complete and h not in behind for h in failed):
+                marks += [h for h in hosts
+                          if h in replies and h not in took and h not in marks]
             recorded = await self._mark_stale(p.index, marks, hosts)
             late = recorded and trio.current_time() - t0 > self.write_window
             if recorded and ok >= self.min_size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import time
 from dataclasses import replace as dc_replace
 
@@ -909,6 +910,52 @@ def test_a_write_whose_failure_is_recorded_in_time_is_acknowledged():
             sim.hosts[gw.host_id].faults.partition([sim.hosts[a].addr])  # a times out
             await call(gw.write(0, b"\x02" * 4096, False))
             assert stale_hosts(sim, rec.lineage) == {a}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_stale_copys_resync_ends_while_a_copy_known_down_fails_every_write():
+    """replicas=3, min_size=1: copy x is stale, copy c is down (recorded stale by every
+    write to the chunk, which it fails), and the guest keeps writing the chunk. The
+    writes x takes without counting are not marked on it again for c's failures (c was
+    no resync source): x's resync ends and its record stays cleared. (Marked again at
+    each write, x stayed stale for the whole outage, the chunk on one current copy.)"""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, reps = await three_replicas_min_one(nursery)
+            x, c = reps[-1], reps[0]
+            gw_host = sim.hosts[gw.host_id]
+            gw_host.faults.partition([sim.hosts[x].addr])
+            await call(gw.write(8192, b"\x09" * 4096, False))  # x misses it
+            gw_host.faults.heal()
+            sim.crash(c)
+            sim.sync_maps()
+
+            async def writer():
+                for i in itertools.count():
+                    await call(gw.write(32768, bytes([i % 250 + 1]) * 4096, False))
+                    await trio.sleep(0.25 + 0.5 * sim.rng.random())
+
+            async def refresh():  # as Blockd's lease renewal and _refresh_stale
+                while True:
+                    await trio.sleep(1)
+                    await gw_host.provider.renew_all()
+                    gw.adopt_stale(dict(gw.stale), await gw_host.stale_map(gw.lineage))
+
+            async def resync():
+                while True:
+                    await trio.sleep(1)
+                    await sim.hosts[x].resync.run_once()
+
+            for task in (writer, refresh, resync):
+                nursery.start_soon(task)
+            await trio.sleep(20)
+            samples = []
+            for _ in range(20):
+                await trio.sleep(0.5)
+                samples.append(x in stale_hosts(sim, rec.lineage))
+            assert sum(samples) <= 2, samples
             nursery.cancel_scope.cancel()
 
     run(main)
