@@ -35,9 +35,7 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
-from vbp.errors import (
-    Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, Unpublished, VbpError,
-)
+from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
@@ -56,8 +54,9 @@ SPACE_STEP = 1 / 32
 SPACE_POLL = 0.25
 # seconds between attempts to complete a snapshot whose completion got no answer
 COMPLETE_RETRY = 0.2
-# share of heartbeat_ttl after the start of the last publication that went through past
-# which snapshot exports stop serving (Unpublished): before the registry drops it
+# share of heartbeat_ttl after the start of the last publication that went through, and
+# was followed by a check that the snapshot is still there, past which a snapshot export
+# stops serving (Unpublished): before the registry drops the publication
 PUBLISH_LAPSE = 2 / 3
 
 
@@ -143,7 +142,7 @@ class VolumeProvider:
         """The snapshot exports open here, as readers that GC everywhere must keep."""
         out = []
         for export, gw in self.gateways.items():
-            if gw.read_only and (gw.gone is None or isinstance(gw.gone, Unpublished)):
+            if gw.read_only and gw.gone is None:
                 v = gw.view
                 out.append({"export": export, "lineage": gw.lineage, "chain": list(v.chain),
                             "cuts": [list(c) for c in v.cuts], "size": v.size,
@@ -178,14 +177,15 @@ class VolumeProvider:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
             if same_volume(rec, gw.view.volume) and view_of(rec, snap).chain == gw.view.chain:
                 set_qos(gw, rec)  # (the volume's limits, live, as for its head)
-                if isinstance(gw.gone, Unpublished):  # published again, and still there
-                    gw.gone = None
-                    log.info("volume=%s event=export_resumed", gw.name)
+                # Published before this check, and the snapshot still there: the export
+                # serves until that publication is about to lapse in the registry (after
+                # which a delete could see no user and garbage collection free its
+                # chunks), unless a later check moves this on (VolumeGateway.serve_until).
+                svc = self.service
+                gw.serve_until = svc.published_at + svc.cfg.heartbeat_ttl * PUBLISH_LAPSE
                 return False
         except NotFound:
             pass
-        if isinstance(gw.gone, Unpublished):
-            gw.gone = None
         gw.set_gone(Gone(f"snapshot {gw.name} was deleted while exported"))
         return True
 
@@ -309,20 +309,8 @@ class VolumeProvider:
 
     async def sync_records(self) -> None:
         gone = False
-        svc = self.service
-        lapsed = trio.current_time() >= svc.published_at + svc.cfg.heartbeat_ttl * PUBLISH_LAPSE
         for export, gw in list(self.gateways.items()):
-            if gw.read_only and lapsed:
-                # Our list of open exports will soon be gone from the registry, and with
-                # it what keeps garbage collection elsewhere off this snapshot's chunks
-                # (a delete sees no user): serve nothing until it is published again.
-                if gw.gone is None:
-                    gw.gone = Unpublished(
-                        f"{export}: this host could not tell the registry the export is open "
-                        f"(registry unreachable): its requests fail until it can")
-                    log.warning("volume=%s event=export_suspended reason=unpublished", export)
-                continue
-            if gw.read_only and (gw.gone is None or isinstance(gw.gone, Unpublished)):
+            if gw.read_only and gw.gone is None:
                 try:
                     gone = await self._snapshot_gone(gw) or gone
                 except VbpError as e:

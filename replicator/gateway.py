@@ -78,6 +78,7 @@ from vbp.errors import (
     ReadOnly,
     RegistryUnavailable,
     StaleEpoch,
+    Unpublished,
     VbpError,
 )
 from vbp.later import Later
@@ -337,6 +338,9 @@ class VolumeGateway:
         # set when the snapshot this read-only export serves was deleted (--force): every
         # later request fails with it, since its chunks may be freed and reused
         self.gone: Exception | None = None
+        # trio time past which a snapshot export serves nothing (Unpublished): its host's
+        # publication of it may have lapsed in the registry (blockd sets it; inf: never)
+        self.serve_until = math.inf
         # trio.current_time, less two calls: this run's clock, asked per write (a gateway
         # lives in the run it was made in: the service's)
         try:
@@ -525,7 +529,8 @@ class VolumeGateway:
         by the chunk's read plan (_plan: what _read_one looks up, kept); anything else
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
-        if self.qos is None and self.gone is None:
+        if self.qos is None and self.gone is None and (
+                self.serve_until == math.inf or trio.current_time() <= self.serve_until):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
                 index = offset >> self._shift
@@ -569,9 +574,18 @@ class VolumeGateway:
         self._plans[index] = c
         return c
 
-    def _read(self, offset: int, length: int, ref: bool = False):
+    def _check_served(self) -> None:
+        """Reads may be answered: the export is not gone, and (a snapshot export) its
+        host's publication of it has not lapsed (serve_until)."""
         if self.gone is not None:
             raise self.gone
+        if self.serve_until != math.inf and trio.current_time() > self.serve_until:
+            raise Unpublished(
+                f"{self.name}: this host could not tell the registry the export is open "
+                f"(registry unreachable): its requests fail until it can")
+
+    def _read(self, offset: int, length: int, ref: bool = False):
+        self._check_served()
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + length <= self._cs and length:
@@ -631,8 +645,7 @@ class VolumeGateway:
     async def _read_remote(self, offset, extents, remote):
         for slot, p, repair in remote:
             extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p, repair))
-        if self.gone is not None:  # a peer may have collected the chunks meanwhile
-            raise self.gone
+        self._check_served()  # (a peer may have collected the chunks meanwhile)
         return extents
 
     async def _read_piece(self, p, repair: bool = False):
@@ -1803,8 +1816,7 @@ class VolumeGateway:
         return None
 
     def block_status(self, offset: int, length: int):
-        if self.gone is not None:
-            raise self.gone
+        self._check_served()
         out: list = []
         remote = []
         for p in self.geometry.pieces(offset, length):
@@ -1838,8 +1850,7 @@ class VolumeGateway:
                 ext = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)] if reply.found else None
                 break
             out[slot] = ext
-        if self.gone is not None:
-            raise self.gone
+        self._check_served()
         return _merge_status(out, pieces)
 
     def close(self):

@@ -319,6 +319,8 @@ def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
                 with pytest.raises(Unpublished):
                     await read(export)
                 assert export.name in {e["export"] for e in h0.provider.published()}
+            again = await h0.run_on(h0.provider.open_export, "v@s")  # a new client
+            assert again is s  # (the same export: published again, every client is served)
             sim.reg.update_volume("v", lambda d: {
                 **d, "snapshots": [x for x in d["snapshots"] if x["name"] != "t"]})
             h0.published_at = trio.current_time()  # published again
@@ -327,6 +329,44 @@ def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
             with pytest.raises(Gone) as e:
                 await read(t)
             assert not isinstance(e.value, Unpublished)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class HungRegistry:
+    """A host's registry whose volume reads hang for an etcd request timeout, then fail."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def get_volume(self, name):
+        await trio.sleep(5.0)
+        raise RegistryUnavailable("etcd request timed out")
+
+
+def test_snapshot_exports_stop_serving_in_time_while_the_registry_hangs():
+    """The registry hangs right after a publication: each record sync is stuck in a
+    read of five seconds per export. The exports still stop serving before the registry
+    drops the publication (heartbeat_ttl after it), each read checking its own deadline,
+    not waiting for a sync to notice."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"S" * 4096)
+            await sim.snapshot("v", "s")
+            await sim.snapshot("v", "t")
+            exports = [await h0.run_on(h0.provider.open_export, e) for e in ("v@s", "v@t")]
+            h0.published_at = trio.current_time()  # the last publication that went through
+            await trio.sleep(0.5)  # a record sync after it
+            h0.registry = HungRegistry(h0.registry)
+            await trio.sleep(h0.cfg.heartbeat_ttl - 0.1)  # before the registry drops it
+            for export in exports:
+                with pytest.raises(Unpublished):
+                    await h0.run_on(lambda: call(export.read(0, 4096)))
             nursery.cancel_scope.cancel()
 
     run(main)
