@@ -494,7 +494,8 @@ def _progress_bar(state, description):
 
 @contextmanager
 def _count_bar(state, description):
-    """A progress bar counting work items down to zero (chunks to move), or None."""
+    """A progress bar counting work items down to zero (chunks to move), or None; yields
+    the `progress(left)` callable of api.wait_drained and api.wait_healthy."""
     if state.json or not sys.stderr.isatty():
         yield None
         return
@@ -847,7 +848,7 @@ def pool_scrub(state, volume, timeout):
 
     reg = state.registry()
     rid, hosts = api.request_scrub(reg, volume or "")
-    with _count_bar(state, f"scrub {volume or 'pool'}") as progress:
+    with _scrub_bar(state, f"scrub {volume or 'pool'}") as progress:
         results = api.wait_scrub(reg, rid, hosts, timeout=timeout, progress=progress)
     total = api.scrub_summary(results)
     data = {"id": rid, "volume": volume or "", "hosts": results, "total": total}
@@ -876,9 +877,10 @@ def _kinds(errors: dict) -> str:
 
 
 @contextmanager
-def _count_bar(state, description):
-    """A rich progress bar of chunk counts on stderr when it is a terminal (never with
-    --json); yields the progress callable, or None."""
+def _scrub_bar(state, description):
+    """A rich progress bar of chunks done out of a total on stderr when it is a terminal
+    (never with --json); yields the `progress(done, total)` callable of api.wait_scrub, or
+    None. (Not _count_bar, whose callable counts work left down to zero.)"""
     if state.json or not sys.stderr.isatty():
         yield None
         return

@@ -299,8 +299,9 @@ def test_top_level_help_shows_examples_and_groups(vbp):
 
 
 def real_vbp(*args, env=None):
-    exe = Path(sys.executable).parent / "vbp"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "control.cli"]
+    # `-m` from the checkout, not the venv's console script: that one imports the tree the
+    # venv was installed from, which need not be this one (a second git worktree)
+    cmd = [sys.executable, "-m", "control.cli"]
     e = {k: v for k, v in os.environ.items() if k != "VBP_REGISTRY"}
     e.update(env or {})
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=e, timeout=60,
@@ -335,6 +336,69 @@ def test_real_process_errors_are_one_line_without_traceback(reg_url, args, code)
 def test_real_process_registry_unreachable(tmp_path):
     p = real_vbp("volume", "list", env={"VBP_REGISTRY": f"lmdb://{tmp_path}/absent"})
     assert p.returncode == EXIT_REGISTRY and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def vbp_on_a_terminal(*args, env=None, timeout=30) -> tuple[int, str]:
+    """Run the real vbp with stderr on a pseudo-terminal, as an operator at a shell does,
+    so that the progress bars (drawn only on a terminal) run; (exit code, all of stderr)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    e = {k: v for k, v in os.environ.items() if k != "VBP_REGISTRY"}
+    e.update({"TERM": "xterm", **(env or {})})
+    p = subprocess.Popen([sys.executable, "-m", "control.cli", *map(str, args)], cwd=ROOT, env=e,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:  # read as it comes: a full terminal buffer would block the child
+            ready, _, _ = select.select([master], [], [], timeout)
+            assert ready, f"vbp {' '.join(map(str, args))}: no end after {timeout}s"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return p.wait(timeout), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.mark.parametrize("args, code, desc", [
+    (["pool", "status", "--wait"], 0, "healing"),
+    # (no blockd runs to move the data set: the drain times out)
+    (["host", "drain", "h1", "--wait", "--timeout", "1"], EXIT_ERROR, "drain h1"),
+    (["pool", "scrub", "--timeout", "0.5"], 5, "scrub pool"),
+])
+def test_wait_progress_bars_on_a_terminal(reg_url, args, code, desc):
+    """`host drain --wait` and `pool status --wait` draw a bar of chunks left, `pool scrub`
+    one of chunks done out of a total; each must get the callable of its own shape (a
+    second helper of the same name once replaced the first: a TypeError on every terminal)."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "127.0.0.1:1", "127.0.0.1:2"), 60)
+    rc, err = vbp_on_a_terminal(*args, env={"VBP_REGISTRY": reg_url})
+    assert "Traceback" not in err, err[-3000:]
+    assert rc == code, err
+    assert desc in err  # the bar was drawn
+
+
+def test_cli_module_defines_each_name_once():
+    """A second top-level def of a name silently replaces the first (see above)."""
+    import ast
+    from collections import Counter
+
+    import control.cli
+
+    tree = ast.parse(Path(control.cli.__file__).read_text())
+    names = Counter(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+    assert [n for n, c in names.items() if c > 1] == []
 
 
 def _closed_port() -> int:
