@@ -93,6 +93,11 @@ class Config:
                 parse_hostport(getattr(self, key), key)
             except InvalidArgument as e:
                 raise InvalidArgument(f"{source}: key {key!r}: {e}") from None
+        lmdb_dir = self.registry[len("lmdb://"):] if self.registry.startswith("lmdb://") else ""
+        for key, path in (("data_dir", self.data_dir), ("registry", lmdb_dir)):
+            blocker = _not_a_directory(path) if path else None
+            if blocker:
+                raise InvalidArgument(f"{source}: key {key!r}: {blocker} is not a directory")
         if self.capacity <= 0:
             raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero")
         for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval"):
@@ -161,6 +166,20 @@ class Config:
         except ValueError as e:
             raise InvalidArgument(f"{source}: key 'nbd_tls_ca': {e}") from None
         return ctx
+
+
+def _not_a_directory(path: str) -> str | None:
+    """The nearest of `path` and its parents that exists, if it is not a directory: then
+    blockd can neither create nor use `path`, and no restart changes that (say so at load,
+    as a bad setting, rather than as an error of the first file operation)."""
+    p = Path(path).absolute()
+    for q in (p, *p.parents):
+        try:
+            if q.exists():
+                return None if q.is_dir() else str(q)
+        except OSError:  # (unreadable: the start tells)
+            return None
+    return None
 
 
 def _usable_or_system(name: str) -> str:

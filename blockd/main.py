@@ -1,7 +1,15 @@
-"""The `blockd` command."""
+"""The `blockd` command.
+
+Exit codes: 0 stopped by a signal; 2 a setting that cannot work here (a bad value, a
+port another process holds or that is not this host's, a path that is not a directory or
+may not be written): restarting will not fix it, and the systemd unit
+(blockd/systemd/blockd@.service) does not restart on 2 (RestartPreventExitStatus);
+1 any other error, such as an unreachable registry, which may well come back.
+"""
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -10,7 +18,13 @@ import trio
 from blockd import config as config_mod
 from blockd import logs
 from blockd.memory import tune_gc, tune_malloc
-from vbp.errors import VbpError
+from vbp.errors import InvalidArgument, VbpError
+
+EXIT_ERROR, EXIT_CONFIG = 1, 2
+# errors of a setting: a listen address in use, not this host's or a privileged port; a
+# data directory under a file, unwritable or outside the unit's ReadWritePaths (EROFS)
+CONFIG_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM,
+                           errno.ENOTDIR, errno.EISDIR, errno.EROFS})
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +54,7 @@ def main(config_file, **flags):
         cfg = config_mod.load(config_file, flags)
     except VbpError as e:
         click.echo(f"blockd: {e}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     logs.setup(cfg.host_id, cfg.log_level, cfg.log_format)
     tune_malloc()
     tune_gc()
@@ -48,12 +62,41 @@ def main(config_file, **flags):
 
     try:
         trio.run(run_until_signal, cfg)
-    except VbpError as e:
-        click.echo(f"blockd: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:
-        click.echo(f"blockd: {e}", err=True)
-        sys.exit(1)
+    except BaseException as e:
+        errors = _operator_errors(e)
+        if errors is None:
+            raise  # a bug: its traceback is what helps
+        for line in dict.fromkeys(_describe(x) for x in errors):
+            click.echo(f"blockd: {line}", err=True)
+        sys.exit(_exit_code(errors[0]))
+
+
+def _operator_errors(e: BaseException) -> list[BaseException] | None:
+    """The errors inside `e` (trio's nurseries wrap them in exception groups, nested once
+    per nursery) if every one is for the operator to act on (VbpError, OSError), else None."""
+    if isinstance(e, BaseExceptionGroup):
+        out = []
+        for sub in e.exceptions:
+            inner = _operator_errors(sub)
+            if inner is None:
+                return None
+            out += inner
+        return out or None
+    return [e] if isinstance(e, (VbpError, OSError)) else None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, VbpError):
+        return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e.strerror or e)
+    return str(e)
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, InvalidArgument):
+        return EXIT_CONFIG
+    if isinstance(e, OSError) and e.errno in CONFIG_ERRNOS:
+        return EXIT_CONFIG
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 
+from vbp.sockets import open_listeners
+
 log = logging.getLogger("vbp.blockd.metrics")
 
 # 10 µs .. 1 s: a cached read from the local replica sits at the bottom, a replicated write
@@ -288,7 +290,7 @@ async def _handle(metrics: Metrics, stream: trio.abc.Stream) -> None:
 async def serve_metrics(metrics: Metrics, host: str, port: int, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve GET /metrics on host:port until cancelled; `task_status.started(bound_port)`."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(port, host, "metrics")
     bound = listeners[0].socket.getsockname()[1]
 
     async def handler(stream):

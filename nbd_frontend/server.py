@@ -80,8 +80,8 @@ from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import (apply_congestion, nbytes, plain_socket, receive_wait, same_host,
-                         send_now)
+from vbp.sockets import (apply_congestion, nbytes, open_listeners, plain_socket, receive_wait,
+                         same_host, send_now)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -141,7 +141,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(port, host, "NBD")
     for listener in listeners:  # (the connections it accepts inherit it)
         apply_congestion(listener.socket, congestion, "nbd listener")
     actual = listeners[0].socket.getsockname()[1]

@@ -64,8 +64,8 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
-from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, nbytes, plain_socket,
-                         receive_wait, send_all, send_now, set_rcvlowat, wait_for_rest)
+from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, nbytes, open_listeners,
+                         plain_socket, receive_wait, send_all, send_now, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -314,7 +314,7 @@ async def serve_peers(
     (its registry record); a client below BOOT_REV, or one the callback does not know
     (the default: none), gets a HelloOk without the boot id, which an older host could
     not decode."""
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    listeners = await open_listeners(port, host or None, "peer protocol")
     if port == 0 and len(listeners) > 1:
         # a wildcard host binds IPv4 and IPv6 to different free ports: keep one
         for extra in listeners[1:]:

@@ -43,6 +43,17 @@ IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 log = logging.getLogger("vbp.sockets")
 
 
+async def open_listeners(port: int, host: str | None, what: str) -> list:
+    """trio.open_tcp_listeners, with an error that names what could not listen where:
+    blockd opens three ports (peers, NBD, metrics), and "Address already in use" alone
+    does not say which setting to change."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host or '*'}:{port} ({what}): "
+                               f"{e.strerror or e}") from None
+
+
 def plain_socket(trio_socket) -> socket.socket | None:
     """The socket.socket under a trio socket, or None (a test double, another transport)."""
     raw = getattr(trio_socket, "_sock", None)

@@ -368,6 +368,79 @@ def test_blockd_process_refuses_a_missing_config_file(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "absent.toml" in p.stderr and "not found" in p.stderr
 
 
+def _held_port(stack) -> int:
+    """A loopback port another process (here: this one) listens on."""
+    import socket
+
+    s = stack.enter_context(socket.socket())
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case, code, expect", [
+    ("listen-in-use", 2, "cannot listen on 127.0.0.1:{port} (peer protocol): Address already in use"),
+    ("nbd-in-use", 2, "cannot listen on 127.0.0.1:{port} (NBD): Address already in use"),
+    ("metrics-in-use", 2, "cannot listen on 127.0.0.1:{port} (metrics): Address already in use"),
+    ("data-dir-under-a-file", 2, "key 'data_dir': {file} is not a directory"),
+    ("lmdb-registry-a-file", 2, "key 'registry': {file} is not a directory"),
+    ("registry-unreachable", 1, "registry etcd://127.0.0.1:{closed} is unreachable"),
+])
+def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
+    """An error at start (a port in use, a path that cannot be a directory, no registry)
+    is one `blockd: ` line, not the traceback of the exception groups trio's nurseries
+    wrap it in; 2 (no systemd restart) when the setting itself cannot work, 1 when it
+    may come back (blockd.main)."""
+    import contextlib
+
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    with contextlib.ExitStack() as stack:
+        port, closed = _held_port(stack), _closed_port()
+        args = {"--host-id": "h1", "--data-dir": str(tmp_path / "data"),
+                "--registry": f"lmdb://{tmp_path}/reg", "--listen": "127.0.0.1:0",
+                "--nbd": "127.0.0.1:0", "--log-level": "error"}
+        args.update({
+            "listen-in-use": {"--listen": f"127.0.0.1:{port}"},
+            "nbd-in-use": {"--nbd": f"127.0.0.1:{port}"},
+            "metrics-in-use": {"--metrics": f"127.0.0.1:{port}"},
+            "data-dir-under-a-file": {"--data-dir": str(file / "data")},
+            "lmdb-registry-a-file": {"--registry": f"lmdb://{file}"},
+            "registry-unreachable": {"--registry": f"etcd://127.0.0.1:{closed}"},
+        }[case])
+        p = run_blockd(*[x for kv in args.items() for x in kv])
+    expect = expect.format(port=port, closed=closed, file=file)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if not line.startswith("ts=")]  # (logs)
+    assert lines == [lines[0]] and lines[0].startswith("blockd: ") and expect in lines[0], p.stderr
+    assert p.returncode == code and p.stdout == "", p.stderr
+
+
+def test_only_errors_for_the_operator_are_cut_to_one_line():
+    """A bug anywhere in the group keeps its traceback (blockd.main re-raises)."""
+    import errno
+
+    from blockd.main import _exit_code, _operator_errors
+    from vbp.errors import RegistryUnavailable
+
+    busy = OSError(errno.EADDRINUSE, "in use")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [busy])])
+    assert _operator_errors(nested) == [busy] and _exit_code(busy) == 2
+    gone = RegistryUnavailable("no etcd")
+    assert _operator_errors(ExceptionGroup("g", [gone])) == [gone] and _exit_code(gone) == 1
+    assert _exit_code(OSError(errno.EIO, "I/O error")) == 1
+    assert _operator_errors(ExceptionGroup("g", [busy, KeyError("bug")])) is None
+    assert _operator_errors(TypeError("bug")) is None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_operator_guide_documents_every_key():
     guide = (ROOT / "docs" / "operator-guide.md").read_text()
     missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in guide]
