@@ -252,10 +252,35 @@ class Sandbox:
                 return
         raise SandboxError(f"no running sandbox host {host_id!r}")
 
+    def _blockds(self) -> dict[int, str]:
+        """pid -> host id of every running blockd whose data directory is in this sandbox,
+        found in /proc. A signal can interrupt `up` between starting a host and saving its
+        pid (inside subprocess.Popen even, which then forgets the child); the command line
+        still says whose it is."""
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not any(b"blockd" in a for a in argv) or b"--data-dir" not in argv[:-1]:
+                continue
+            args = [a.decode(errors="replace") for a in argv]
+            data_dir = Path(args[args.index("--data-dir") + 1])
+            host_id = args[args.index("--host-id") + 1] if "--host-id" in args[:-1] else "?"
+            if data_dir.parent.parent == self.dir and pid_alive(int(entry.name)):
+                out[int(entry.name)] = host_id
+        return out
+
     def down(self, timeout: float = 15.0) -> list[str]:
         state = self._load()
         stopped = []
         live = [h for h in state.get("hosts", []) if pid_alive(h.get("pid", 0))]
+        # and those whose pid never reached the state file (an interrupted `up`)
+        known = {h["pid"] for h in live}
+        live += [{"id": hid, "pid": pid} for pid, hid in self._blockds().items() if pid not in known]
         for h in live:
             try:
                 os.kill(h["pid"], signal.SIGTERM)

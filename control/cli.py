@@ -241,8 +241,12 @@ def sandbox_run(state, n, directory, base_port, volume, size, replicas):
     from vbp.registry import open_registry
 
     sb = Sandbox(directory)
-    hosts = sb.up(n, base_port)
+    # from the start: a Ctrl-C or SIGTERM while the hosts start must stop those started
+    # (they run in their own sessions: the terminal's SIGINT does not reach them)
+    handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
     try:
+        hosts = sb.up(n, base_port)
         reg = open_registry(sb.registry_url)
         try:
             rec = api.get_volume(reg, volume)
@@ -258,7 +262,6 @@ def sandbox_run(state, n, directory, base_port, volume, size, replicas):
         click.echo(f"  nbdcopy --progress /tmp/{volume}.raw {uri}")
         click.echo(f"  export VBP_REGISTRY={sb.registry_url}; .venv/bin/vbp volume list")
         click.echo("\nServing. Press Ctrl-C to stop.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             time.sleep(1)
             dead = [h.id for h in sb.hosts() if not h.alive]
@@ -268,8 +271,17 @@ def sandbox_run(state, n, directory, base_port, volume, size, replicas):
     except KeyboardInterrupt:
         click.echo("\nstopping")
     finally:
+        # a second Ctrl-C must not cut the stop short and leave hosts running
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopped = sb.down()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         click.echo(f"stopped {', '.join(stopped) or 'nothing'}")
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
 
 
 # --- volumes -------------------------------------------------------------------------

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import SandboxHandle, run_vbp
+from tests.conftest import ROOT, SandboxHandle, free_port_range, run_vbp
 
 MiB = 1024 * 1024
 
@@ -126,3 +129,51 @@ def test_sigterm_drains_releases_lease_and_restart_serves_again(tmp_path):
         h3.shutdown()
     finally:
         sb.down()
+
+
+def _blockd_pids_of(directory) -> list[int]:
+    """The blockd processes whose command line names `directory` (a sandbox's hosts)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"blockd.main" in cmd and str(directory).encode() in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("started", [1, 3])
+def test_sandbox_run_interrupted_while_starting_leaves_no_host_running(tmp_path, sig, started):
+    """`make run` (vbp sandbox run) stopped by Ctrl-C or SIGTERM while its hosts start:
+    the hosts already started stop too (they run in their own sessions, so the signal
+    does not reach them by itself)."""
+    d = tmp_path / "sb"
+    env = {k: v for k, v in os.environ.items() if k != "VBP_REGISTRY"}
+    p = subprocess.Popen([sys.executable, "-m", "control.cli", "sandbox", "run", "--hosts", "3",
+                          "--dir", str(d), "--base-port", str(free_port_range(6))],
+                         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_blockd_pids_of(d)) < started:  # hosts on their way up: startup under way
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()
+            time.sleep(0.01)
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=60)
+        assert "Serving" not in out, "the signal came too late to test a start"
+        assert "Traceback" not in out, out
+        deadline = time.monotonic() + 5
+        while _blockd_pids_of(d) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _blockd_pids_of(d) == [], out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _blockd_pids_of(d):
+            os.kill(pid, signal.SIGKILL)

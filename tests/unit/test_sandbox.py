@@ -182,3 +182,27 @@ def test_log_tail_and_kill_of_unknown_host(tmp_path):
     assert sb.log_tail("host1", 3) == "line 37\nline 38\nline 39"
     with pytest.raises(SandboxError, match="host9"):
         sb.kill("host9")
+
+
+def test_down_stops_a_host_whose_pid_was_never_saved(tmp_path):
+    """An interrupted `up` may have started a host without saving its pid: `down` finds it
+    by its data directory, and leaves alone a blockd of another sandbox."""
+    def fake_blockd(directory, host_id):
+        # (argv as _spawn gives it; pid_alive wants "blockd" in it)
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "blockd.main",
+                                 "--host-id", host_id, "--data-dir", str(directory / host_id / "data")])
+
+    sb = Sandbox(tmp_path / "sb")
+    sb.dir.mkdir()
+    ours, other = fake_blockd(sb.dir, "host2"), fake_blockd(tmp_path / "other", "host2")
+    try:
+        deadline = time.monotonic() + 10
+        while not (pid_alive(ours.pid) and pid_alive(other.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sb.down(timeout=5) == ["host2"]
+        assert ours.wait(5) == -signal.SIGTERM
+        assert other.poll() is None
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()
