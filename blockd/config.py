@@ -16,7 +16,7 @@ from nbd_frontend.handshake import TLS_MODES
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import NEARFULL_RATIO
 from vbp.errors import InvalidArgument
-from vbp.layout import parse_size
+from vbp.layout import VOLUME_SIZE_MAX, format_size, parse_size
 from vbp.sockets import congestion_problem
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
@@ -24,6 +24,8 @@ AUTO = "auto"  # nbd_tcp_congestion's default (Config.nbd_congestion)
 LOCAL_NBD_CONGESTION = "cubic"  # of NBD connections from this host unless the config says
 PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
 HOT_CHUNKS_MAX = 65536  # 256 GiB of 4 MiB chunks to re-hash after a crash: more is a typo
+# far above any disk; a host's capacity is summed with others' and published in its stats
+CAPACITY_MAX = VOLUME_SIZE_MAX
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -98,8 +100,9 @@ class Config:
             blocker = _not_a_directory(path) if path else None
             if blocker:
                 raise InvalidArgument(f"{source}: key {key!r}: {blocker} is not a directory")
-        if self.capacity <= 0:
-            raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero")
+        if not 0 < self.capacity <= CAPACITY_MAX:
+            raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero and at "
+                                  f"most {format_size(CAPACITY_MAX)}")
         for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval"):
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
@@ -247,7 +250,9 @@ def load(path: str | None, overrides: dict) -> Config:
             data = tomllib.loads(Path(file).read_text())
         except FileNotFoundError:
             raise InvalidArgument(f"{file}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # (ValueError, of which both are kinds: tomllib raises it bare for an integer of
+        # more digits than int() takes)
+        except ValueError as e:
             raise InvalidArgument(f"{file}: not valid TOML: {e}") from None
         except OSError as e:
             raise InvalidArgument(f"{file}: cannot read: {e.strerror}") from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from vbp.errors import Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
-from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, parse_size
+from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
     new_volume, pending_abandoned, replicas_by_lineage, request_snapshot, shrink,
@@ -204,8 +204,8 @@ def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
 
 def set_limits(reg, name: str, *, iops: int | None = None, bps=None) -> VolumeRecord:
     """Per-volume QoS limits (0 = unlimited); gateways apply them live."""
-    if iops is not None and iops < 0:
-        raise InvalidArgument("--iops must not be negative")
+    if iops is not None and not 0 <= iops <= SIZE_MAX:  # (bps: parse_size bounds it)
+        raise InvalidArgument(f"--iops must be from 0 (unlimited) to {SIZE_MAX}, not {iops}")
     nbps = None if bps is None else parse_size(bps)
 
     def apply(d: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from vbp.errors import InUse, NotFound, RegistryUnavailable, VbpError
-from vbp.layout import format_size
+from vbp.layout import SIZE_MAX, format_size
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE, EXIT_IN_USE = 1, 2, 3, 4, 5, 6
 
@@ -466,7 +466,8 @@ def volume_resize(state, name, size, force):
 
 @volume.command("set")
 @click.argument("name")
-@click.option("--iops", type=click.IntRange(0), help="I/O operations per second (0: unlimited).")
+@click.option("--iops", type=click.IntRange(0, SIZE_MAX),
+              help="I/O operations per second (0: unlimited).")
 @click.option("--bps", metavar="SIZE", help="Bytes per second, e.g. 50M (0: unlimited).")
 @json_flag
 @click.pass_obj

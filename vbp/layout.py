@@ -25,6 +25,9 @@ CHUNK_SIZE_MIN = 1 * MiB
 CHUNK_SIZE_MAX = 64 * MiB
 CHUNK_SIZE_DEFAULT = 4 * MiB
 VOLUME_SIZE_MAX = 1 << 60  # far above anything real; keeps offsets inside u64 arithmetic
+# the largest size parse_size returns: a signed 64-bit integer, so that any size, rate or
+# limit fits every encoding it meets (msgpack, struct "q", LMDB values)
+SIZE_MAX = (1 << 63) - 1
 
 _UNITS = {
     "": 1, "b": 1,
@@ -34,7 +37,10 @@ _UNITS = {
     "t": TiB, "tb": TiB, "tib": TiB,
     "p": 1024 * TiB, "pb": 1024 * TiB, "pib": 1024 * TiB,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*([a-zA-Z]*)\s*$")
+# (digits bounded: int() of thousands of digits is slow, and refused past 4300 of them;
+# a number of up to 40 digits is read, to be refused as too large by its value)
+_SIZE_TEXT_MAX = 64
+_SIZE_RE = re.compile(r"^\s*(\d{1,40})(?:\.(\d{1,20}))?\s*([a-zA-Z]{0,3})\s*$")
 
 
 def parse_size(text: str | int) -> int:
@@ -44,15 +50,21 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise InvalidArgument(f"size must not be negative: {text}")
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m or m.group(3).lower() not in _UNITS:
-        raise InvalidArgument(f"not a size: {text!r} (examples: 512K, 4M, 1G, 2T)")
-    whole, frac, unit = m.groups()
-    mult = _UNITS[unit.lower()]
-    value = int(whole) * mult
-    if frac:
-        value += int(frac) * mult // (10 ** len(frac))
+        value = text
+    else:
+        m = _SIZE_RE.match(text) if len(text) <= _SIZE_TEXT_MAX else None
+        if not m or m.group(3).lower() not in _UNITS:
+            shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+            raise InvalidArgument(f"not a size: {shown} (examples: 512K, 4M, 1G, 2T)")
+        whole, frac, unit = m.groups()
+        mult = _UNITS[unit.lower()]
+        value = int(whole) * mult
+        if frac:
+            value += int(frac) * mult // (10 ** len(frac))
+    if value > SIZE_MAX:
+        # (str() of a huge int raises ValueError itself)
+        shown = text if isinstance(text, str) or text.bit_length() < 128 else f"{text.bit_length()} bits"
+        raise InvalidArgument(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB)")
     return value
 
 

@@ -119,3 +119,14 @@ def test_a_snapshot_whose_requester_gave_up_keeps_nothing_out():
     ask("killed2", time.time() - 1)
     rec = api.resize(reg, "v", 2 * MiB, force=True)
     assert rec.size == 2 * MiB and not rec.pending and [s.name for s in rec.snapshots] == ["s"]
+
+
+def test_limits_past_64_bits_are_refused_before_the_record_is_touched():
+    reg = open_registry(f"memory://api-{next(_n)}")
+    reg.create_volume("v", new_volume("v", MiB, replicas=1, lineage="l0", head=1, now=0.0).to_dict())
+    for kw in ({"iops": 2**63}, {"iops": -1}, {"bps": "99999999999999999999999P"}, {"bps": 2**64}):
+        with pytest.raises(InvalidArgument):
+            api.set_limits(reg, "v", **kw)
+    v = api.set_limits(reg, "v", iops=2**63 - 1, bps=2**63 - 1)
+    assert (v.qos_iops, v.qos_bps) == (2**63 - 1, 2**63 - 1)
+    assert api.get_volume(reg, "v").qos_bps == 2**63 - 1

@@ -159,7 +159,12 @@ def test_long_names_are_printed_whole(vbp):
     (["volume", "resize", "a", "0"], EXIT_ERROR, "greater than zero"),
     (["volume", "resize", "a", "2000P"], EXIT_ERROR, "size"),
     (["volume", "resize", "a", "1000000P"], EXIT_ERROR, "size"),
-], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+    # (sizes and limits past 64 bits, and numbers of more digits than int() takes)
+    (["volume", "set", "a", "--bps", "99999999999999999999999P"], EXIT_ERROR, "too large"),
+    (["volume", "create", "b", "--size", "9" * 5000], EXIT_ERROR, "not a size"),
+    (["volume", "resize", "a", "9" * 5000], EXIT_ERROR, "not a size"),
+    (["volume", "create", "b", "--size", "1G", "--chunk-size", "9" * 5000], EXIT_ERROR, "not a size"),
+], ids=lambda x: " ".join(x)[:60] if isinstance(x, list) else None)
 def test_errors_are_one_line_with_their_exit_code(vbp, args, code, fragment):
     vbp("volume", "create", "a", "--size", "1G")
     vbp("volume", "snapshot", "a", "s1")
@@ -252,6 +257,7 @@ def test_malformed_registry_url_is_one_line(vbp):
 @pytest.mark.parametrize("args", [
     ["volume", "bogus"], ["volume", "create", "x"], ["volume", "create", "x", "--size", "1G", "--replicas", "0"],
     ["volume", "show"], ["--no-such-flag"], ["volume", "resize", "a"],
+    ["volume", "set", "a", "--iops", "99999999999999999999999"],
 ])
 def test_usage_errors_are_exit_2(vbp, args):
     r = vbp(*args, code=EXIT_USAGE)
@@ -323,6 +329,7 @@ def test_real_process_json_round_trip(reg_url):
     (["volume", "show", "ghost"], EXIT_NOT_FOUND),
     (["volume", "create", "x", "--size", "huge"], EXIT_ERROR),
     (["volume", "resize", "x", "1000000P"], EXIT_ERROR),
+    (["volume", "set", "x", "--bps", "99999999999999999999999P"], EXIT_ERROR),
 ])
 def test_real_process_errors_are_one_line_without_traceback(reg_url, args, code):
     env = {"VBP_REGISTRY": reg_url}

@@ -219,6 +219,12 @@ BAD_VALUES = [
     ("capacity", "0", r"greater than zero"),
     ("capacity", '"-1G"', r"size|negative"),
     ("capacity", "true", r"size|type|bool"),
+    ("capacity", '"99999999999999P"', r"too large"),  # (more than 8 EiB)
+    ("capacity", '"2048P"', r"at most 1024 PiB"),
+    ("capacity", "9" * 4000, r"too large"),
+    ("capacity", '"' + "9" * 5000 + '"', r"not a size"),
+    ("recovery_rate", '"99999999999999999999999P"', r"too large"),
+    ("scrub_rate", str(2**63), r"too large"),
     ("lease_ttl", '"x"', r"float|number"),
     ("lease_ttl", "true", r"number|type|bool"),
     ("heartbeat_ttl", "-1", r"positive"),
@@ -317,7 +323,7 @@ def test_a_key_that_is_not_the_certificates_is_refused(tmp_path):
     assert names_key(msg, "nbd_tls_key") and "is not the one of the certificate" in msg, msg
 
 
-@pytest.mark.parametrize("key, value, reason", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+@pytest.mark.parametrize("key, value, reason", BAD_VALUES, ids=[f"{k}={v[:30]}" for k, v, _ in BAD_VALUES])
 def test_bad_value_is_refused_with_file_key_and_reason(tmp_path, key, value, reason):
     text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key + " "))
     path = write(tmp_path, f"{text}\n{key} = {value}\n")
@@ -330,6 +336,7 @@ def test_bad_value_is_refused_with_file_key_and_reason(tmp_path, key, value, rea
 
 @pytest.mark.parametrize("key, value, reason", [
     ("capacity", "lots", r"not a size"),
+    ("capacity", "99999999999999P", r"too large"),
     ("heartbeat_ttl", "soon", r"float|number"),
     ("listen", "nope", r"HOST:PORT"),
 ])
@@ -351,7 +358,9 @@ def run_blockd(*args, timeout=60):
     (REQUIRED + 'colour = "blue"\n', "unknown key 'colour'"),
     ('data_dir = "/tmp/x"\nregistry = "lmdb:///tmp/r"\n', "host-id is required"),
     (REQUIRED + 'capacity = "lots"\n', "not a size"),
-], ids=["invalid-toml", "unknown-key", "missing-key", "bad-value"])
+    (REQUIRED + 'capacity = "99999999999999P"\n', "too large"),
+    (REQUIRED + "capacity = " + "9" * 5000 + "\n", "not valid TOML"),
+], ids=["invalid-toml", "unknown-key", "missing-key", "bad-value", "huge-capacity", "huge-integer"])
 def test_blockd_process_refuses_bad_config_in_one_line(tmp_path, text, expect):
     path = write(tmp_path, text, "bad.toml")
     p = run_blockd("--config", path)
