@@ -241,26 +241,37 @@ def _coerce(key: str, value, source: str):
 
 def load(path: str | None, overrides: dict) -> Config:
     """Read the TOML file (if any), apply non-None overrides, validate."""
-    cfg = Config()
-    source = "flags"
     file = path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    if file:
-        source = file
-        try:
-            data = tomllib.loads(Path(file).read_text())
-        except FileNotFoundError:
-            raise InvalidArgument(f"{file}: config file not found") from None
-        # (ValueError, of which both are kinds: tomllib raises it bare for an integer of
-        # more digits than int() takes)
-        except ValueError as e:
-            raise InvalidArgument(f"{file}: not valid TOML: {e}") from None
-        except OSError as e:
-            raise InvalidArgument(f"{file}: cannot read: {e.strerror}") from None
-        for raw_key, value in data.items():
-            key = raw_key.replace("-", "_")
-            if key not in _TYPES:
-                raise InvalidArgument(f"{file}: unknown key {raw_key!r}")
-            setattr(cfg, key, _coerce(key, value, file))
+    if not file:
+        return from_settings({}, overrides, "flags")
+    try:
+        data = tomllib.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"{file}: config file not found") from None
+    # (ValueError, of which both are kinds: tomllib raises it bare for an integer of
+    # more digits than int() takes)
+    except ValueError as e:
+        raise InvalidArgument(f"{file}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise InvalidArgument(f"{file}: cannot read: {e.strerror}") from None
+    return from_settings(data, overrides, file)
+
+
+def coerce_setting(raw_key: str, value, source: str):
+    """One setting as the TOML file gives it (from `source`), checked on its own (not
+    against the others: Config.validate does that); its value in Config."""
+    key = raw_key.replace("-", "_")
+    if key not in _TYPES:
+        raise InvalidArgument(f"{source}: unknown key {raw_key!r}")
+    return _coerce(key, value, source)
+
+
+def from_settings(data: dict, overrides: dict, source: str) -> Config:
+    """The config of the settings `data` (keys and values as in the TOML file, read from
+    `source`) with the non-None `overrides` (flags) over them, validated."""
+    cfg = Config()
+    for raw_key, value in data.items():
+        setattr(cfg, raw_key.replace("-", "_"), coerce_setting(raw_key, value, source))
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, _coerce(key, value, "flag --" + key.replace("_", "-")))

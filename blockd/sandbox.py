@@ -18,18 +18,29 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from blockd.config import coerce_setting, from_settings
 from vbp.errors import InvalidArgument, VbpError
 
 STATE_FILE = "sandbox.json"
+# blockd settings each host gets from the sandbox as flags (Sandbox._flags), which win over
+# its blockd.toml: a --set of one would be silently ignored
+SPAWN_KEYS = ("host_id", "data_dir", "registry", "listen", "nbd", "capacity", "zone", "pod")
 DEFAULT_BASE_PORT = 10809
 DEFAULT_CAPACITY = "8G"
 
 
 class SandboxError(VbpError):
     pass
+
+
+def _config_text(settings: dict) -> str:
+    """A host's blockd.toml: JSON values are TOML values for strings, numbers, booleans
+    and lists (null, NaN and objects are not: _check_settings refuses them)."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(settings.items()))
 
 
 @dataclass
@@ -154,6 +165,7 @@ class Sandbox:
                     f"hosts of this sandbox run on registry {old}; stop them (vbp sandbox down) "
                     f"before moving the sandbox to {registry}")
         state["registry"] = registry or old
+        saved = state.get("settings", {})
         if settings:
             state["settings"] = {**state.get("settings", {}), **settings}
         hosts = []
@@ -163,6 +175,9 @@ class Sandbox:
             hosts.append(h)
         extra = [h for hid, h in known.items() if hid not in {x["id"] for x in hosts}]
         state["hosts"] = hosts + extra
+        # before anything is saved or started: a bad value kept in the state would fail
+        # every later `up` the same way
+        self._check_settings(saved, settings or {}, hosts[0], capacity, state["registry"])
         started = []
         for h in hosts:
             if pid_alive(h.get("pid", 0)):
@@ -201,20 +216,46 @@ class Sandbox:
                                        f"(data set: {', '.join(m.data_set)})")
                 time.sleep(0.1)
 
+    def _check_settings(self, saved: dict, new: dict, h: dict, capacity: str,
+                        registry: str) -> None:
+        """Refuse settings that blockd would refuse, or never see, naming where they come
+        from (`new`: --set; `saved`: the state file), the key and the reason. They are
+        checked as host `h` reads them: its blockd.toml (_config_text) under its flags."""
+        file = f"{self.dir / STATE_FILE} settings"
+        merged = {**saved, **new}
+        for key, value in merged.items():
+            source = "--set" if key in new else file
+            if key.replace("-", "_") in SPAWN_KEYS:
+                flag = {"capacity": "; use --capacity", "registry": "; use --registry"}.get(key, "")
+                raise InvalidArgument(f"{source}: key {key!r}: the sandbox sets it for each "
+                                      f"host{flag}")
+            try:
+                (parsed,) = tomllib.loads(_config_text({key: value})).values()
+            except ValueError:
+                raise InvalidArgument(f"{source}: key {key!r}: bad value {json.dumps(value)} "
+                                      f"(not a TOML value)") from None
+            coerce_setting(key, parsed, source)
+        # and together (nearfull_ratio at most full_ratio, TLS keys), with the flags
+        from_settings(tomllib.loads(_config_text(merged)), self._flags(h, capacity, registry),
+                      "--set" if new else file)
+
+    def _flags(self, h: dict, capacity: str, registry: str) -> dict[str, str]:
+        """The settings host `h` gets as blockd flags (SPAWN_KEYS)."""
+        return {"host_id": h["id"], "data_dir": str(self.dir / h["id"] / "data"),
+                "registry": registry, "listen": f"127.0.0.1:{h['peer_port']}",
+                "nbd": f"127.0.0.1:{h['nbd_port']}", "capacity": capacity, "zone": "zone0",
+                "pod": f"pod{h['id'][4:]}"}
+
     def _spawn(self, h: dict, capacity: str, settings: dict, registry: str) -> int:
         hdir = self.dir / h["id"]
         hdir.mkdir(parents=True, exist_ok=True)
         conf = hdir / "blockd.toml"
-        conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(settings.items())))
+        conf.write_text(_config_text(settings))
         log = open(hdir / "blockd.log", "ab")
-        cmd = [
-            sys.executable, "-m", "blockd.main",
-            "--host-id", h["id"], "--data-dir", str(hdir / "data"),
-            "--registry", registry,
-            "--listen", f"127.0.0.1:{h['peer_port']}", "--nbd", f"127.0.0.1:{h['nbd_port']}",
-            "--capacity", capacity, "--zone", "zone0", "--pod", f"pod{h['id'][4:]}",
-            "--config", str(conf),
-        ]
+        cmd = [sys.executable, "-m", "blockd.main"]
+        for key, value in self._flags(h, capacity, registry).items():
+            cmd += ["--" + key.replace("_", "-"), value]
+        cmd += ["--config", str(conf)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
         log.close()

@@ -174,6 +174,40 @@ def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, listener):
     assert sb.hosts() == [] and not (tmp_path / STATE_FILE).exists()
 
 
+@pytest.mark.parametrize("setting, reason", [
+    ("lease_ttl=-1", "key 'lease_ttl': bad value -1 (must be a positive"),
+    ("lease_ttl=soon", "key 'lease_ttl'"),
+    ("nearfull_ratio=0.97", "at most full_ratio"),  # (checked against the others too)
+    ("nbd_tls=null", "key 'nbd_tls': bad value null (not a TOML value)"),
+    ("lease_ttl=NaN", "not a TOML value"),
+    ("log_level={\"a\": 1}", "not a TOML value"),
+    ("zone=null", "key 'zone': the sandbox sets it for each host"),
+    ("pod=p1", "key 'pod': the sandbox sets it"),
+    ("listen=127.0.0.1:1", "key 'listen': the sandbox sets it"),
+    ("capacity=1G", "use --capacity"),
+], ids=lambda x: x if "=" in x else None)
+def test_up_refuses_bad_settings_before_saving_or_starting(tmp_path, setting, reason):
+    """A --set that blockd would refuse (or never read: the sandbox gives each host those
+    keys as flags) is refused at once, and not saved for every later `up` to fail on."""
+    r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--hosts", "1", "--dir", str(tmp_path),
+                                      "--base-port", str(free_port()), "--set", setting], prog_name="vbp")
+    assert r.exit_code == EXIT_ERROR, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: --set: ") and reason in r.stderr
+    assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
+
+
+def test_settings_saved_before_are_checked_with_the_new_ones(tmp_path):
+    sb = Sandbox(tmp_path)
+    h = {"id": "host1", "nbd_port": 20000, "peer_port": 20001}
+    # a value an older vbp saved unchecked is named with the file it is in
+    with pytest.raises(InvalidArgument, match=f"{STATE_FILE} settings: key 'lease_ttl'"):
+        sb._check_settings({"lease_ttl": -1}, {"gc_interval": 1}, h, "8G", "lmdb:///x")
+    # a new value judged with those saved, not alone: full_ratio 0.99 allows nearfull 0.97
+    sb._check_settings({"full_ratio": 0.99}, {"nearfull_ratio": 0.97}, h, "8G", "lmdb:///x")
+    with pytest.raises(InvalidArgument, match="--set: key 'nearfull_ratio'"):
+        sb._check_settings({"full_ratio": 0.9}, {"nearfull_ratio": 0.97}, h, "8G", "lmdb:///x")
+
+
 def test_log_tail_and_kill_of_unknown_host(tmp_path):
     sb = Sandbox(tmp_path)
     assert sb.log_tail("host1") == "(no log)"
