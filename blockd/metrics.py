@@ -54,6 +54,9 @@ ERROR_KINDS = ("timeout", "connection", "stale_epoch", "fenced", "io", "checksum
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8192  # bytes of request line + headers we accept before answering 400
 READ_TIMEOUT = 5.0  # seconds a scraper may take to send its request
+# connections served at once: each holds a file descriptor, which blockd shares with NBD
+# clients, peers and the chunk store (_Slots)
+MAX_CONNECTIONS = 64
 LINGER_TIMEOUT, LINGER_MAX = 2.0, 1 << 20  # after the reply: drain at most this long / much
 
 
@@ -266,10 +269,40 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _handle(metrics: Metrics, stream: trio.abc.Stream) -> None:
+class _Slots:
+    """The connections served, at most `limit`. When all are taken, a new connection
+    takes the slot of the oldest one still waiting for its request, else it is closed at
+    once. A scraper sends its request as it connects, so what fills the slots is clients
+    that send theirs slowly or never; without a bound, each held a descriptor for up to
+    READ_TIMEOUT, and thousands of them could starve blockd of descriptors."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self.reading: dict[trio.CancelScope, None] = {}  # (ordered: oldest first)
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            if not self.reading:
+                return False
+            oldest = next(iter(self.reading))
+            del self.reading[oldest]
+            oldest.cancel()  # (its slot is free once its task has closed the connection)
+        self.taken += 1
+        return True
+
+
+async def _handle(metrics: Metrics, stream: trio.abc.Stream, slots: _Slots) -> None:
+    if not slots.take():
+        await trio.aclose_forcefully(stream)
+        return
     try:
         with trio.move_on_after(READ_TIMEOUT) as scope:
-            request = await _read_request(stream)
+            slots.reading[scope] = None
+            try:
+                request = await _read_request(stream)
+            finally:
+                slots.reading.pop(scope, None)
         if scope.cancelled_caught:
             return
         if request is None:
@@ -284,17 +317,21 @@ async def _handle(metrics: Metrics, stream: trio.abc.Stream) -> None:
     except Exception:  # one bad connection must never stop the listener
         log.exception("event=metrics_request_failed")
     finally:
+        slots.taken -= 1
         await trio.aclose_forcefully(stream)
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, *,
+                        max_connections: int = MAX_CONNECTIONS,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve GET /metrics on host:port until cancelled; `task_status.started(bound_port)`."""
+    """Serve GET /metrics on host:port until cancelled; `task_status.started(bound_port)`.
+    At most `max_connections` connections are held at once (_Slots)."""
     listeners = await open_listeners(port, host, "metrics")
     bound = listeners[0].socket.getsockname()[1]
+    slots = _Slots(max_connections)
 
     async def handler(stream):
-        await _handle(metrics, stream)
+        await _handle(metrics, stream, slots)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+import socket
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from blockd.metrics import LATENCY_BUCKETS, Metrics, respond, serve_metrics
+from blockd.metrics import LATENCY_BUCKETS, READ_TIMEOUT, Metrics, respond, serve_metrics
 
 
 def families(text: str) -> dict:
@@ -198,6 +200,35 @@ async def test_many_scrapes_at_once(nursery):
         for _ in range(20):
             n.start_soon(one)
     assert len(replies) == 20 and all(r.startswith(b"HTTP/1.0 200") for r in replies)
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent
+    except ConnectionResetError:
+        return True
+
+
+async def test_connections_that_send_no_request_are_bounded_and_scrapes_still_work(nursery):
+    """Clients that connect and send nothing (or half a request) hold at most
+    max_connections descriptors, not one each for READ_TIMEOUT: the oldest of them gives
+    its slot to a new connection, and a scrape is answered at once."""
+    port = await nursery.start(functools.partial(serve_metrics, busy_metrics(), "127.0.0.1", 0,
+                                                 max_connections=8))
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        idle[-1].sendall(b"GET /metr")
+        with trio.fail_after(READ_TIMEOUT / 2):  # (not by their timing out)
+            reply = await http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.0 200 OK")
+            while sum(map(_closed_by_server, idle)) < len(idle) - 8:
+                await trio.sleep(0.02)
+        assert not all(map(_closed_by_server, idle))  # (up to the bound, they are served)
+    finally:
+        for s in idle:
+            s.close()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
