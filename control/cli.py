@@ -305,6 +305,8 @@ def _show_volume(v):
         ("lineage", v.lineage), ("parent", v.parent or "-"),
         ("snapshots", ", ".join(s.name for s in v.snapshots) or "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))),
+        ("qos_iops", v.qos_iops or "unlimited"),
+        ("qos_bps", f"{format_size(v.qos_bps)}/s" if v.qos_bps else "unlimited"),
     ]
     table(["FIELD", "VALUE"], rows)
     for line in _lost_lines(v.name, v.lost):

@@ -103,6 +103,16 @@ def test_volume_lifecycle_json(vbp, where):
     assert j("volume", "list") == []
 
 
+def test_volume_show_gives_the_qos_limits(vbp):
+    vbp("volume", "create", "noisy", "--size", "1G")
+    rows = dict(line.strip().split(None, 1) for line in vbp("volume", "show", "noisy").stdout.splitlines())
+    assert rows["qos_iops"] == "unlimited" and rows["qos_bps"] == "unlimited"
+    assert "iops 500, bandwidth 20 MiB/s" in vbp("volume", "set", "noisy", "--iops", 500, "--bps", "20M").stdout
+    rows = dict(line.strip().split(None, 1) for line in vbp("volume", "show", "noisy").stdout.splitlines())
+    assert rows["qos_iops"] == "500" and rows["qos_bps"] == "20 MiB/s"
+    assert js(vbp("volume", "show", "noisy", "--json"))["qos_bps"] == 20 * 1024**2
+
+
 def test_volume_create_defaults_and_min_size(vbp):
     v = js(vbp("volume", "create", "a", "--size", "1G", "--json"))
     assert (v["replicas"], v["min_size"], v["chunk_size"]) == (3, 2, 4 << 20)
