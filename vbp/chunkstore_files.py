@@ -189,9 +189,9 @@ class Space:
             try:
                 os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
             except OSError as e:
-                if e.errno not in NOSPACE_ERRNOS or want == nslots:
+                if e.errno not in NOSPACE_ERRNOS or want <= max(nslots, 1):
                     raise
-                want = nslots
+                want = max(nslots, 1)  # (a length of 0 is EINVAL, not the ENOSPC it is)
                 os.posix_fallocate(self.sfd, 0, want * self.ppc * 8)
             self._unmap()
             self.mm = mmap.mmap(self.sfd, want * self.ppc * 8)
