@@ -293,7 +293,7 @@ class VolumeProvider:
                 return view_of(new, None)
 
             await gw.switch_head(complete)
-        elif rec.head != gw.gen:
+        elif rec.head > gw.gen:
             # a new head made by another (a shrink; a snapshot completed without a lease):
             # writes under way to the old head end first, or one landing late on a copy
             # would miss the copy-up that a newer write to its chunk made there

@@ -329,6 +329,7 @@ class VolumeGateway:
         self._local: dict[int, bool] = {}  # chunk index -> written here only (for _local_map)
         self._local_map = None
         self._hold: trio.Event | None = None  # set while the head generation switches
+        self._switching = trio.Lock()  # (switch_head)
         self._inflight = 0  # replicated writes under way
         # while the NBD server dispatches a batch of writes (begin_writes .. end_writes):
         # (remote addresses, chain, fua, epoch, token) -> the writes _replicate_now put
@@ -390,14 +391,19 @@ class VolumeGateway:
 
     async def switch_head(self, complete) -> None:
         """Hold new writes, let in-flight ones finish, then `complete()` (async, returns the
-        new View) and go on writing to the new head. Used for snapshots."""
-        hold = self._hold = trio.Event()
-        try:
-            await self.drain()
-            self.set_view(await complete())
-        finally:
-            self._hold = None
-            hold.set()
+        new View) and go on writing to the new head. Used for snapshots, and for a head
+        another made (a shrink). One switch at a time (two record syncs may find the same
+        new head); a view older than the one adopted meanwhile is left (heads only grow)."""
+        async with self._switching:
+            hold = self._hold = trio.Event()
+            try:
+                await self.drain()
+                view = await complete()
+                if view.gen >= self.gen:
+                    self.set_view(view)
+            finally:
+                self._hold = None
+                hold.set()
 
     @property
     def inflight(self) -> int:

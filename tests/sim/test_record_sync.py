@@ -5,6 +5,7 @@ flight. Sim hosts with their background loops on, on a virtual clock."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace as dc_replace
 
 import pytest
 import trio
@@ -15,7 +16,7 @@ from replicator import messages as m
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import Gone, RegistryUnavailable, Unpublished
 from vbp.layout import MiB
-from vbp.volume import VolumeRecord, request_snapshot
+from vbp.volume import VolumeRecord, request_snapshot, view_of
 
 
 def run(afn):
@@ -367,6 +368,40 @@ def test_snapshot_exports_stop_serving_in_time_while_the_registry_hangs():
             for export in exports:
                 with pytest.raises(Unpublished):
                     await h0.run_on(lambda: call(export.read(0, 4096)))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_two_head_switches_at_once_end_on_the_newer_head():
+    """Two record syncs may switch the head at once (the periodic one, and the one after
+    taking the lease). One waits for the other, and a view older than the head adopted
+    meanwhile is left: the gateway never goes back to an older head."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim)
+            rec = sim.volume("v")
+
+            def head(g):
+                return view_of(dc_replace(rec, head=g, chain=rec.chain + (g,)), None)
+
+            go = trio.Event()
+
+            async def older():
+                await go.wait()
+                return head(rec.head + 1)
+
+            async def newer():
+                return head(rec.head + 2)
+
+            nursery.start_soon(gw.switch_head, older)
+            await trio.sleep(0.01)
+            nursery.start_soon(gw.switch_head, newer)
+            await trio.sleep(0.01)
+            go.set()
+            await trio.sleep(0.1)
+            assert gw.gen == rec.head + 2 and gw._hold is None
             nursery.cancel_scope.cancel()
 
     run(main)
