@@ -216,7 +216,21 @@ class VolumeProvider:
                  lease.taken_over)
         await self._announce(export, lease.token)
         if lease.taken_over and gw is not None:
-            await gw.reconcile_after_takeover()
+            try:
+                await gw.reconcile_after_takeover()
+            except BaseException:
+                # Not reconciled (the registry unreachable for its marks, say): the lease
+                # goes back still marked a takeover, so that whoever takes it next, this
+                # gateway at its next write included, compares the copies again. Kept,
+                # it would be handed back later as reconciled (the client gone, say).
+                if self.leases.get(export) is lease:
+                    del self.leases[export]
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.service.registry.release_lease(lease, reconciled=False)
+                    except VbpError as e:  # it expires, unreleased: a takeover still
+                        log.warning("volume=%s event=lease_release_failed error=%s", export, e)
+                raise
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
         gw = self.gateways.get(export)

@@ -13,6 +13,7 @@ import trio.testing
 
 from control import api
 from replicator import messages as m
+from replicator.gateway import VolumeGateway
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.errors import Gone, RegistryUnavailable, Unpublished
 from vbp.layout import MiB
@@ -402,6 +403,38 @@ def test_two_head_switches_at_once_end_on_the_newer_head():
             go.set()
             await trio.sleep(0.1)
             assert gw.gen == rec.head + 2 and gw._hold is None
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_takeover_whose_reconcile_failed_leaves_the_lease_a_takeover(monkeypatch):
+    """The gateway that takes an orphaned lease over (at its open) fails to reconcile
+    (its marks find the registry unreachable): the lease goes back still marked a
+    takeover, so its first write (or the next gateway) reconciles, even if its client
+    leaves in between. (Kept, it was handed back as reconciled when the client left.)"""
+    async def main():
+        sim = Sim(3, hosts=3, peer_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, min_size=2)
+            sim.crash("h0")
+            sim.expire_lease("v")
+            sim.sync_maps()
+            reconcile = VolumeGateway.reconcile_after_takeover
+            calls: list = []
+
+            async def failing(self):
+                calls.append(True)
+                if len(calls) == 1:
+                    raise RegistryUnavailable("etcd request timed out")
+                return await reconcile(self)
+
+            monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing)
+            h1 = sim.hosts["h1"]
+            gw1 = await h1.run_on(h1.provider.open_export, "v")  # takes the lease over
+            assert calls and sim.reg.lease_orphaned("v") and "v" not in h1.provider.leases
+            await h1.run_on(lambda: call(gw1.write(0, b"B" * 4096, False)))
+            assert len(calls) == 2 and not sim.reg.lease_orphaned("v")
             nursery.cancel_scope.cancel()
 
     run(main)
