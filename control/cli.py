@@ -476,6 +476,10 @@ def volume_resize(state, name, size, force):
 def volume_set(state, name, iops, bps):
     """Set a volume's QoS limits; serving hosts apply them within a second.
 
+    Each serving host applies them to what it serves of the volume: writes go through
+    the one host holding its lease, but a client reading through several hosts at once
+    (or a NAME@SNAP export on another host) gets the limits on each.
+
     \b
     Example:
       vbp volume set noisy --iops 500 --bps 20M
