@@ -9,9 +9,14 @@ already a dependency. It is the same API, version for version, as the gRPC one.
 
 Failover: requests go to the last endpoint that answered; on a connection failure (or an
 "unavailable" answer) the next endpoint is tried, and once all have failed the caller gets
-RegistryUnavailable naming the URL and each endpoint's error. A write whose outcome is
-unknown (the request was sent, no answer came) is not resent to another endpoint: the
-registry's CAS loops re-read and decide, and the caller gets RegistryUnavailable.
+RegistryUnavailable naming the URL and each endpoint's error. A write (txn) whose outcome is
+unknown is never resent: the caller gets RegistryUnavailable saying so. Unknown means sent
+with no etcd answer back, an answer that is not etcd's (a proxy's error page), or an
+"unavailable" answer other than "no leader": etcd also answers "unavailable" for a leader
+change or a timeout after the proposal went in, and a resent txn would then be applied a
+second time (its compare fails on its own first copy, and a CAS loop applies its change
+again to the changed record). Only "no leader" says the request was never proposed; the
+same rule as etcd's own client for writes.
 
 TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit; etcd
 also enforces a minimum TTL derived from its election timeout). Expired keys are deleted by
@@ -33,6 +38,7 @@ from vbp.registry.kv import Cmp, Delete, Item, Op, Put, prefix_end
 CONNECT_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 5.0
 GRPC_UNAVAILABLE = 14
+NO_LEADER = "etcdserver: no leader"  # the one "unavailable" that says: not proposed
 
 
 def _b64(b: bytes) -> str:
@@ -83,13 +89,21 @@ class EtcdKV:
             try:
                 data = r.json()
             except (json.JSONDecodeError, ValueError):
-                errors.append(f"{ep}: HTTP {r.status_code}, not an etcd answer: {r.text[:200]!r}")
-                continue
+                what = f"HTTP {r.status_code}, not an etcd answer: {r.text[:200]!r}"
+                if idempotent:
+                    errors.append(f"{ep}: {what}")
+                    continue
+                raise RegistryUnavailable(
+                    f"registry {self.url}: {path} to {ep} failed with an unknown outcome ({what})")
             if r.status_code != 200 or "error" in data:
                 msg = data.get("message") or data.get("error") or r.text[:200]
                 if data.get("code") == GRPC_UNAVAILABLE:
-                    errors.append(f"{ep}: unavailable: {msg}")
-                    continue
+                    if idempotent or NO_LEADER in str(msg):  # (never proposed: try elsewhere)
+                        errors.append(f"{ep}: unavailable: {msg}")
+                        continue
+                    raise RegistryUnavailable(
+                        f"registry {self.url}: {path} to {ep} failed with an unknown outcome "
+                        f"(unavailable: {msg})")
                 raise RegistryUnavailable(f"registry {self.url}: etcd {ep} refused {path}: {msg}")
             self._cur = idx
             return data
