@@ -99,10 +99,12 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
     # abandoned if this call is gone well past its timeout without cancelling (killed):
     # a later snapshot or shrink replaces it, and no gateway completes it then
     until = time.time() + timeout + PENDING_GRACE
-    reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head,
-                                                       until).to_dict())
     deadline = time.monotonic() + timeout
     try:
+        # (inside the try: a request whose answer was lost may have gone in, and is
+        # cancelled then like one that timed out; cancelling only ever cancels `head`)
+        reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap,
+                                                           head, until).to_dict())
         while True:
             cur = get_volume(reg, name)
             if cur.pending != head:

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from control import api
-from vbp.errors import AlreadyExists, Fenced, InvalidArgument, NotFound
+from vbp.errors import AlreadyExists, Fenced, InvalidArgument, NotFound, RegistryUnavailable
 from vbp.layout import MiB
 from vbp.registry import open_registry
 from vbp.registry.base import P_LEASE
@@ -130,3 +130,27 @@ def test_limits_past_64_bits_are_refused_before_the_record_is_touched():
     v = api.set_limits(reg, "v", iops=2**63 - 1, bps=2**63 - 1)
     assert (v.qos_iops, v.qos_bps) == (2**63 - 1, 2**63 - 1)
     assert api.get_volume(reg, "v").qos_bps == 2**63 - 1
+
+
+def test_a_snapshot_request_whose_answer_is_lost_is_cancelled():
+    """The registry commits the snapshot's request and the answer is lost (etcd: an
+    unknown outcome): the call fails, and cancels its request rather than leave it
+    pending (every later snapshot refused until it is abandoned, or a gateway completing
+    a snapshot the user was told failed)."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", MiB, replicas=1)
+    update = reg.update_volume
+    lost: list = []
+
+    def answer_lost(name, fn, lease=None):
+        out = update(name, fn, lease)
+        if not lost:
+            lost.append(True)
+            raise RegistryUnavailable("kv/txn failed with an unknown outcome")
+        return out
+
+    reg.update_volume = answer_lost
+    with pytest.raises(RegistryUnavailable):
+        api.snapshot(reg, "v", "s", timeout=1)
+    assert lost and not api.get_volume(reg, "v").pending
+    assert [s.name for s in api.snapshot(reg, "v", "s", timeout=5).snapshots] == ["s"]
