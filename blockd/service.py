@@ -34,7 +34,7 @@ from replicator.replica import Replica
 from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
-from vbp.cluster import HostRecord
+from vbp.cluster import HOST_DOWN, HostRecord
 from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
@@ -54,6 +54,9 @@ SPACE_STEP = 1 / 32
 SPACE_POLL = 0.25
 # seconds between attempts to complete a snapshot whose completion got no answer
 COMPLETE_RETRY = 0.2
+# seconds between two compactions of the registry's history by the controller; the
+# history of one period is kept (watches that far behind read again)
+COMPACT_PERIOD = 600.0
 # share of heartbeat_ttl after the start of the last publication that went through, and
 # was followed by a check that the snapshot is still there, past which a snapshot export
 # stops serving (Unpublished): before the registry drops the publication
@@ -528,6 +531,21 @@ class VolumeProvider:
         self.leases.clear()
 
 
+async def compact_registry_once(registry, cmap, host_id: str, kept: int | None) -> int | None:
+    """One step of the registry's compaction, every COMPACT_PERIOD: on the controller (the
+    up host with the lowest id, as for changes of data set), drop the history from before
+    the revision noted at the previous step, and note the revision now. Returns the
+    revision to compact to at the next step (None on other hosts)."""
+    up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
+    if not up or up[0] != host_id:
+        return None
+    now = await registry.revision()
+    if kept is not None:
+        await registry.compact_history(kept)
+        log.info("event=registry_compacted revision=%d", kept)
+    return now
+
+
 def set_qos(gw: VolumeGateway, rec: VolumeRecord) -> None:
     """Apply the record's limits (live: `vbp volume set`); no limits means no bucket at all,
     so an unlimited volume pays nothing per request."""
@@ -646,6 +664,7 @@ class Blockd:
                 nursery.start_soon(self._prune_metrics)
                 nursery.start_soon(self._recover)
                 nursery.start_soon(self._move_data)
+                nursery.start_soon(self._compact_registry)
                 nursery.start_soon(self._refresh_stale)
                 nursery.start_soon(self._watch_volumes)
                 nursery.start_soon(self.scrubber.run_loop, cfg.scrub_interval)
@@ -736,6 +755,16 @@ class Blockd:
                 log.exception("event=%s_failed", what)
             if not first_wait:
                 await trio.sleep(period)
+
+    async def _compact_registry(self) -> None:
+        """The controller drops the registry's history older than COMPACT_PERIOD (etcd
+        keeps it all otherwise, and refuses every write once its database is full)."""
+        kept: list = [None]
+
+        async def step() -> None:
+            kept[0] = await compact_registry_once(self.registry, self.cluster.map,
+                                                  self.cfg.host_id, kept[0])
+        await self._every(COMPACT_PERIOD, "registry_compaction", step, first_wait=True)
 
     async def _recover(self) -> None:
         """Resync loop: bring this host's stale chunk copies current."""

@@ -476,6 +476,14 @@ class Registry:
         lease = self._lease_of(volume, item.value)
         return lease if lease.holder and lease.expires > time.time() else None
 
+    def revision(self) -> int:
+        """The store's revision now (what compact_history takes)."""
+        return self.kv.get(K_SCRUB)[1]
+
+    def compact_history(self, revision: int) -> None:
+        """Drop the store's history from before `revision` (etcd; the others keep none)."""
+        self.kv.compact(revision)
+
     def lease_orphaned(self, volume: str) -> bool:
         """The volume's lease ran out without being released: its holder crashed or was
         cut off, maybe with writes in flight (see Lease.taken_over)."""

@@ -177,5 +177,17 @@ class EtcdKV:
             # The caller re-reads through _call, which fails over or reports the outage.
             self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
 
+    def compact(self, revision: int) -> None:
+        """etcd keeps every value every key had since it was last compacted, and refuses
+        all writes once its database reaches its quota (2 GiB by default; each heartbeat
+        rewrites a host's keys, about 25 MB a day a host). A revision compacted already
+        is no error. The space is reused, not given back to the file system: that takes
+        `etcdctl defrag` (docs/operator-guide.md)."""
+        try:
+            self._call("kv/compaction", {"revision": str(revision)})
+        except RegistryUnavailable as e:
+            if "compacted" not in str(e):  # (etcd: "required revision has been compacted")
+                raise
+
     def close(self) -> None:
         self._client.close()

@@ -69,6 +69,10 @@ class KV(Protocol):
     def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
         """Return when a key under prefix may have changed after after_rev, or on timeout."""
 
+    def compact(self, revision: int) -> None:
+        """Drop the history of values older than `revision` (a store that keeps none: a
+        no-op). Watches from before it end at once; their callers read again."""
+
     def close(self) -> None: ...
 
 

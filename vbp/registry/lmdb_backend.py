@@ -120,6 +120,9 @@ class LmdbKV:
                 return
             time.sleep(0.05)
 
+    def compact(self, revision: int) -> None:
+        """LMDB keeps the current values only: nothing to drop."""
+
     def _rev(self) -> int:
         self._check()
         try:

@@ -54,5 +54,8 @@ class MemoryKV:
             if local.read_rev(self._store.data.get) <= after_rev:
                 self._store.cond.wait(min(timeout, 0.25))
 
+    def compact(self, revision: int) -> None:
+        """Current values only: nothing to drop."""
+
     def close(self) -> None:
         pass
