@@ -708,11 +708,23 @@ class Blockd:
             self.replica.backfilling = True
 
     async def _backfill(self) -> None:
-        marked = await self.resync.backfill()
+        marked = await self.resync.backfill()  # (retries until it knows)
         self.replica.backfilling = False
         self.store_id = self.store.store_id
-        await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
+        while not await self._register_again():
+            await trio.sleep(1)
         log.info("event=backfill_done stale_chunks=%d", marked)
+
+    async def _register_again(self) -> bool:
+        """Register this host's record anew; False (logged) if the registry cannot be
+        told now. These run in tasks of the daemon's root nursery: an error escaping them
+        would stop blockd."""
+        try:
+            await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
+            return True
+        except VbpError as e:
+            log.warning("event=register_failed error=%s", e)
+            return False
 
     async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
         out: dict[int, set[str]] = {}
@@ -835,8 +847,8 @@ class Blockd:
                     t0 = trio.current_time()
                     await self.registry.heartbeat(self.cfg.host_id, self.cfg.heartbeat_ttl, st)
                     self._published(t0, st)
-            except NotFound:
-                await self.registry.register_host(self.host_record(), self.cfg.heartbeat_ttl)
+            except NotFound:  # our record is gone (`vbp host remove`, a restored etcd)
+                await self._register_again()
             except RegistryUnavailable as e:
                 log.warning("event=heartbeat_failed error=%s", e)
             st = self.store.stats()

@@ -1,0 +1,86 @@
+"""blockd's loops over the registry: compaction of its history (compact_registry_once):
+only the controller compacts, and always to the revision it noted one period before, so
+one period of history is kept for watches that lag; the heartbeat, which registers the
+host again when its record is gone."""
+
+from __future__ import annotations
+
+import trio
+
+from blockd.service import compact_registry_once
+from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, HostRecord
+
+
+class Recorder:
+    def __init__(self):
+        self.rev, self.compacted = 10, []
+
+    async def revision(self) -> int:
+        return self.rev
+
+    async def compact_history(self, revision: int) -> None:
+        self.compacted.append(revision)
+
+
+def cmap(*hosts) -> ClusterMap:
+    return ClusterMap(epoch=1, hosts=tuple(
+        HostRecord(id=h, peer=f"127.0.0.1:{7000 + i}", nbd=f"127.0.0.1:{10800 + i}",
+                   capacity=1, state=state) for i, (h, state) in enumerate(hosts)))
+
+
+def test_the_controller_compacts_to_what_it_noted_a_period_before():
+    async def main():
+        reg = Recorder()
+        m = cmap(("h1", HOST_UP), ("h2", HOST_UP))
+        kept = await compact_registry_once(reg, m, "h1", None)
+        assert kept == 10 and reg.compacted == []  # the first step only notes
+        reg.rev = 25
+        kept = await compact_registry_once(reg, m, "h1", kept)
+        assert kept == 25 and reg.compacted == [10]
+        # another host does nothing, until the lower ones are down
+        assert await compact_registry_once(reg, m, "h2", 99) is None
+        assert reg.compacted == [10]
+        down = cmap(("h1", HOST_DOWN), ("h2", HOST_UP))
+        assert await compact_registry_once(reg, down, "h2", None) == 25
+        assert await compact_registry_once(reg, down, "h2", 25) == 25
+        assert reg.compacted == [10, 25]
+
+    trio.run(main)
+
+
+def test_a_heartbeat_whose_record_is_gone_and_cannot_register_again_keeps_beating():
+    """The host's record is gone (`vbp host remove`, a restored etcd) and registering
+    again meets an unreachable registry: the heartbeat loop logs it and tries again at
+    the next beat. (The error escaped into the daemon's root nursery and stopped blockd.)"""
+    from types import SimpleNamespace
+
+    import trio.testing
+
+    from blockd.service import Blockd
+    from vbp.errors import NotFound, RegistryUnavailable
+
+    tries: list = []
+
+    class Gone:
+        async def heartbeat(self, *args):
+            raise NotFound("host h1 is not registered")
+
+        async def register_host(self, *args):
+            tries.append(trio.current_time())
+            raise RegistryUnavailable("etcd request timed out")
+
+    b = Blockd.__new__(Blockd)
+    b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1")
+    b.registry = Gone()
+    b._stats_lock = trio.Lock()
+    b.stats = lambda: {"used": 0}
+    b.host_record = lambda: None
+    b.store = SimpleNamespace(stats=lambda: SimpleNamespace(capacity=1, used=0))
+    b.metrics = SimpleNamespace(set_space=lambda capacity, used: None)
+
+    async def main():
+        with trio.move_on_after(10):
+            await b._heartbeat()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert tries == [2.0, 4.0, 6.0, 8.0]  # a beat every 2 s, each one trying again
