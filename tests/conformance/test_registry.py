@@ -688,3 +688,17 @@ def test_history_is_compacted_and_current_values_stay(reg, url):
         with pytest.raises(RegistryUnavailable, match="compacted"):
             reg.kv._call("kv/range", {"key": key, "revision": str(rev - 1)})
         reg.kv._call("kv/range", {"key": key, "revision": str(rev)})
+
+
+def test_a_scrub_request_clears_the_results_of_a_large_pool(reg):
+    """A request drops the earlier request's results, one per host: with 130 hosts that
+    is more operations than etcd takes in one transaction (128), and every request after
+    was refused for good."""
+    hosts = [f"h{i}" for i in range(130)]
+    first = reg.request_scrub(hosts)
+    for h in hosts:
+        reg.put_scrub_result(first, h, {"state": "done"})
+    assert len(reg.scrub_results(first)) == 130
+    second = reg.request_scrub(hosts)
+    assert reg.scrub_request()["id"] == second > first
+    assert reg.scrub_results(first) == {} and reg.scrub_results(second) == {}

@@ -70,6 +70,7 @@ K_SCRUB = b"vbp/scrub/request"
 P_SCRUB_RESULT = b"vbp/scrub/result/"  # per-host usage, published with the heartbeat (not part of the map)
 
 CAS_ATTEMPTS = 1000
+TXN_OPS_MAX = 100  # operations in one transaction at most (etcd's default limit is 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,11 +584,14 @@ class Registry:
         """Ask `hosts` to scrub now (one volume, or everything); returns the request id.
         Results of earlier requests are dropped: only the last request is kept."""
         rid = self.next_id("scrub")
+        # Results are kept under their request's id, so the old ones need not go in the
+        # request's transaction: in pieces, as etcd takes at most 128 operations in one
+        # (--max-txn-ops) and a pool of as many hosts has as many results.
         items, _ = self.kv.range(P_SCRUB_RESULT)
-        ops = [Delete(it.key) for it in items]
-        ops.append(Put(K_SCRUB, _pack({"id": rid, "volume": volume, "hosts": sorted(hosts),
-                                       "time": time.time()})))
-        self.kv.txn([], ops)
+        for i in range(0, len(items), TXN_OPS_MAX):
+            self.kv.txn([], [Delete(it.key) for it in items[i:i + TXN_OPS_MAX]])
+        self.kv.txn([], [Put(K_SCRUB, _pack({"id": rid, "volume": volume,
+                                             "hosts": sorted(hosts), "time": time.time()}))])
         return rid
 
     def scrub_request(self) -> dict | None:
