@@ -175,6 +175,12 @@ def new_volume(
     )
 
 
+# Snapshots a volume may have at once. Each keeps its chain in the volume's record, so the
+# record grows with the square of their count (256 KB at 500; at about 1,100 etcd refuses
+# it as too large, and every gateway serving the volume reads it five times a second).
+MAX_SNAPSHOTS = 256
+
+
 def request_snapshot(rec: VolumeRecord, snap: str, new_head: int, until: float = 0.0,
                      now: float | None = None) -> VolumeRecord:
     """Step one of a snapshot: record the pending head generation, abandoned if it is not
@@ -182,6 +188,10 @@ def request_snapshot(rec: VolumeRecord, snap: str, new_head: int, until: float =
     check_name(snap, "snapshot")
     if any(s.name == snap for s in rec.snapshots):
         raise AlreadyExists(f"volume {rec.name!r} already has a snapshot {snap!r}")
+    if len(rec.snapshots) >= MAX_SNAPSHOTS:
+        raise InvalidArgument(
+            f"volume {rec.name!r} has {len(rec.snapshots)} snapshots, the most a volume may "
+            f"have: delete some first")
     if rec.pending and not pending_abandoned(rec, now):
         raise InvalidArgument(f"a snapshot of {rec.name!r} ({rec.pending_snap}) is in progress")
     if new_head <= rec.head:

@@ -154,3 +154,28 @@ def test_a_snapshot_request_whose_answer_is_lost_is_cancelled():
         api.snapshot(reg, "v", "s", timeout=1)
     assert lost and not api.get_volume(reg, "v").pending
     assert [s.name for s in api.snapshot(reg, "v", "s", timeout=5).snapshots] == ["s"]
+
+
+def test_a_volume_has_at_most_max_snapshots():
+    """A record keeps each snapshot's chain: past a few hundred it grows too large to
+    read five times a second, and at about 1,100 etcd refuses it (the completion then
+    failed until its gateway was fenced). The snapshot past the cap is refused, clearly;
+    deleting one makes room."""
+    from vbp.volume import MAX_SNAPSHOTS, delete_snapshot, take_snapshot
+
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec = api.create_volume(reg, "v", MiB, replicas=1)
+    heads = [reg.next_id(api.gen_counter(rec.lineage)) for _ in range(MAX_SNAPSHOTS)]
+
+    def fill(d):
+        r = VolumeRecord.from_dict(d)
+        for i, head in enumerate(heads):
+            r = take_snapshot(r, f"s{i}", head)
+        return r.to_dict()
+
+    reg.update_volume("v", fill)
+    with pytest.raises(InvalidArgument, match="snapshots, the most"):
+        api.snapshot(reg, "v", "one-more", timeout=5)
+    assert not api.get_volume(reg, "v").pending
+    reg.update_volume("v", lambda d: delete_snapshot(VolumeRecord.from_dict(d), "s0").to_dict())
+    api.snapshot(reg, "v", "one-more", timeout=5)
