@@ -536,7 +536,7 @@ class VolumeGateway:
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
         if self.qos is None and self.gone is None and (
-                self.serve_until == math.inf or trio.current_time() <= self.serve_until):
+                self.serve_until == math.inf or self._now() <= self.serve_until):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
                 index = offset >> self._shift
@@ -585,7 +585,7 @@ class VolumeGateway:
         host's publication of it has not lapsed (serve_until)."""
         if self.gone is not None:
             raise self.gone
-        if self.serve_until != math.inf and trio.current_time() > self.serve_until:
+        if self.serve_until != math.inf and self._now() > self.serve_until:
             raise Unpublished(
                 f"{self.name}: this host could not tell the registry the export is open "
                 f"(registry unreachable): its requests fail until it can")
@@ -980,7 +980,7 @@ class VolumeGateway:
                       type(msg).__name__, ",".join(hosts))
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
         sent: dict[str, int] = {}
-        t0 = trio.current_time()
+        t0 = self._now()
         replies = await self._send_all(hosts, msg, failed, sent)
         await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent, t0)
 
@@ -1015,7 +1015,7 @@ class VolumeGateway:
         epoch = cv.epoch
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in names}  # (ready: connected, no checkpoint)
-        t0 = trio.current_time()
+        t0 = self._now()
         self._inflight += 1
 
         early: list | None = [] if local else None  # replies back before the local write
@@ -1162,7 +1162,7 @@ class VolumeGateway:
             return
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since ready())
-        t0 = trio.current_time()
+        t0 = self._now()
         early: list = []  # replies the pool gave before the local copies were written
         then: list = []  # what takes them after
 
@@ -1378,7 +1378,7 @@ class VolumeGateway:
                 marks += [h for h in hosts
                           if h in replies and h not in took and h not in marks]
             recorded = await self._mark_stale(p.index, marks, hosts)
-            late = recorded and trio.current_time() - t0 > self.write_window
+            late = recorded and self._now() - t0 > self.write_window
             if recorded and ok >= self.min_size:
                 ok = len(await self._current_after_failure(p.index, took))
         else:
