@@ -820,7 +820,7 @@ class Blockd:
 
     def _published(self, t0: float, st: dict) -> None:
         """Stats sent at `t0` went through: they last heartbeat_ttl from when the registry
-        took them, so from t0 at the earliest (VolumeProvider.sync_records)."""
+        took them, so from t0 at the earliest (VolumeProvider._snapshot_gone)."""
         self._published_used = st["used"]
         self.published_at = max(self.published_at, t0)
 
