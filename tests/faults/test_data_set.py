@@ -484,6 +484,10 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
                 time.sleep(0.5)
             assert min(factors) < 1.0, f"host4 never reweighted: {factors}, used {look()[1]}"
             h.flush()
+            # The weights seen while writing. Once the writer stops and the moves bring host4
+            # well below the threshold, the controller may raise it again (the hysteresis'
+            # climb back, by design), which a loaded run reaches before the pool has settled.
+            writing = list(factors)
 
             def settled() -> bool:
                 m, _ = look()
@@ -501,7 +505,7 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
         # the controller's steps can lag a fast writer and host4 fills between two of them
         # (ENOSPC there: recorded stale, resynced, never lost; issue 8's note). Reported:
         print(f"chunks with writes to host4 that failed (recorded stale): {len(stale_on_4)}")
-        assert factors == sorted(factors, reverse=True), f"weight flapped: {factors}"
+        assert writing == sorted(writing, reverse=True), f"weight flapped: {factors}"
         status = sb.vbp("pool", "status").stdout
         assert f"host4 placement weight {factors[-1]:.2f}" in status, status
         assert "REWEIGHT" in sb.vbp("host", "list").stdout
