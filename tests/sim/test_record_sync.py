@@ -296,6 +296,15 @@ def test_a_snapshot_taken_after_a_gateway_crash_leaves_the_reconcile_to_the_next
     run(main)
 
 
+async def two_snapshot_exports(nursery, sim):
+    """v served by h0 (4 KiB of S written), snapshots s and t, both open on h0:
+    (h0, [v@s, v@t])."""
+    h0, _ = await served(nursery, sim, b"S" * 4096)
+    await sim.snapshot("v", "s")
+    await sim.snapshot("v", "t")
+    return h0, [await h0.run_on(h0.provider.open_export, e) for e in ("v@s", "v@t")]
+
+
 def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
     """A host that could not publish its open exports for most of their lifetime in the
     registry (cut off from it) serves nothing from its snapshot exports: a delete could
@@ -305,11 +314,7 @@ def test_a_snapshot_export_stops_serving_while_its_host_cannot_publish_it():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            h0, gw = await served(nursery, sim, b"S" * 4096)
-            await sim.snapshot("v", "s")
-            await sim.snapshot("v", "t")
-            s = await h0.run_on(h0.provider.open_export, "v@s")
-            t = await h0.run_on(h0.provider.open_export, "v@t")
+            h0, (s, t) = await two_snapshot_exports(nursery, sim)
 
             async def read(export):
                 return extents_bytes(await h0.run_on(lambda: call(export.read(0, 4096))), 0, 4096)
@@ -358,10 +363,7 @@ def test_snapshot_exports_stop_serving_in_time_while_the_registry_hangs():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            h0, gw = await served(nursery, sim, b"S" * 4096)
-            await sim.snapshot("v", "s")
-            await sim.snapshot("v", "t")
-            exports = [await h0.run_on(h0.provider.open_export, e) for e in ("v@s", "v@t")]
+            h0, exports = await two_snapshot_exports(nursery, sim)
             h0.published_at = trio.current_time()  # the last publication that went through
             await trio.sleep(0.5)  # a record sync after it
             h0.registry = HungRegistry(h0.registry)
