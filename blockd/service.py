@@ -225,14 +225,11 @@ class VolumeProvider:
                 # Not reconciled (the registry unreachable for its marks, say): the lease
                 # goes back still marked a takeover, so that whoever takes it next, this
                 # gateway at its next write included, compares the copies again. Kept,
-                # it would be handed back later as reconciled (the client gone, say).
+                # it would be handed back later as reconciled (the client gone, say). Not
+                # released (registry unreachable), it expires: a takeover still.
                 if self.leases.get(export) is lease:
                     del self.leases[export]
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    try:
-                        await self.service.registry.release_lease(lease, reconciled=False)
-                    except VbpError as e:  # it expires, unreleased: a takeover still
-                        log.warning("volume=%s event=lease_release_failed error=%s", export, e)
+                await self._release(lease, reconciled=False)
                 raise
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
@@ -418,14 +415,15 @@ class VolumeProvider:
         elif gw.suspects or gw.unrecorded:
             self.unsettled.append((gw, None))
 
-    async def _release(self, lease, gw: VolumeGateway | None = None) -> None:
+    async def _release(self, lease, gw: VolumeGateway | None = None, *,
+                       reconciled: bool = True) -> None:
         # shielded: on shutdown the connections close while the nursery is cancelled, and
         # a lease handed back now spares the next gateway a whole lease period
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
                 if gw is not None and not await self.settle(gw, lease):
                     raise RegistryUnavailable("what the gateway could not record is still pending")
-                await self.service.registry.release_lease(lease)
+                await self.service.registry.release_lease(lease, reconciled=reconciled)
                 log.info("volume=%s event=lease_released token=%d", lease.volume, lease.token)
             except VbpError as e:
                 log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)
