@@ -19,19 +19,29 @@ def stale_hosts(sim, lineage, index):
     return {r.host_id for r in sim.reg.list_stale(lineage, index)}
 
 
+async def lone_write_left(nursery):
+    """A started sim of 3 hosts, volume v (replicas=3, min_size=2) written through h0's
+    gateway (8 KiB of 1s at 0), then a write of that holder in flight that reached one
+    replica of chunk 0 only (the third in placement order: 4 KiB of 0xee at 0). Returns
+    (sim, rec, the old gateway, chunk 0's key, that lone replica); the caller ends the old
+    holder (sim.expire_lease)."""
+    sim = Sim(1, hosts=3, zones=3)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+    old = await sim.hosts["h0"].provider.open_export("v")
+    await call(old.write(0, b"\x01" * 8192, False))
+    key = ChunkKey(rec.lineage, 0, rec.head)
+    lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
+    sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
+    return sim, rec, old, key, lone
+
+
 def test_a_write_the_old_holder_left_on_one_replica_is_reconciled_before_the_first_write():
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            old = await sim.hosts["h0"].provider.open_export("v")
-            await call(old.write(0, b"\x01" * 8192, False))
-            await call(old.write(MiB, b"\x05" * 4096, False))
-            key = ChunkKey(rec.lineage, 0, rec.head)
             # the old holder dies with a write in flight that reached one replica only
-            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
-            sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
+            sim, rec, old, key, lone = await lone_write_left(nursery)
+            await call(old.write(MiB, b"\x05" * 4096, False))  # (chunk 1: all agree)
             sim.expire_lease("v")  # never released: its holder stopped renewing
             new_host = next(h for h in ("h1", "h2") if h != "h0")
             gw = await sim.hosts[new_host].provider.open_export("v")
@@ -79,15 +89,8 @@ def test_a_copy_that_does_not_answer_the_takeover_is_recorded_stale():
     agree, and the silent one, which nobody can compare later, is recorded stale."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            old = await sim.hosts["h0"].provider.open_export("v")
-            await call(old.write(0, b"\x01" * 8192, False))
-            key = ChunkKey(rec.lineage, 0, rec.head)
-            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
+            sim, rec, _, _, lone = await lone_write_left(nursery)
             new_host = next(h for h in ("h1", "h2") if h != lone)
-            sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
             sim.expire_lease("v")
             faults = sim.hosts[new_host].faults
             faults.partition([sim.hosts[lone].addr])
