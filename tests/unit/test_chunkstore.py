@@ -522,6 +522,22 @@ def _failing_pwrite(monkeypatch, from_pos):
     return at
 
 
+def _same_after_a_flush_and_a_crash(s, tmp_path, capacity: int, k, before: bytes) -> None:
+    """`s` flushed, chunk `k` dirtied again by a write to its first page, then the process
+    dies: reopened (its recovery re-hashes `k`), the rest of `k` reads as `before` did and
+    every page verifies."""
+    cs = len(before)
+    s.flush()
+    s.write(k, 0, b"C" * PAGE_SIZE, chunk_size=cs)
+    abandon(s)
+    s = ChunkStore(tmp_path, capacity, hot_max=0)
+    try:
+        assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
+        assert s.verify(k) == []
+    finally:
+        s.close()
+
+
 def test_a_failed_write_reads_the_same_after_a_crash(tmp_path, monkeypatch):
     """A write that runs out of space half-way (its first 32 KiB piece on disk, holes
     and real pages among what it reached) answers NoSpace; what the chunk reads then is
@@ -539,15 +555,7 @@ def test_a_failed_write_reads_the_same_after_a_crash(tmp_path, monkeypatch):
     before = s.read(k, 0, cs)
     assert before[64 * 1024: 96 * 1024] == b"B" * 32 * 1024  # the piece that went
     assert before[96 * 1024:] == bytes(cs - 96 * 1024)
-    s.flush()
-    s.write(k, 0, b"C" * PAGE_SIZE, chunk_size=cs)  # dirty again, then the process dies
-    abandon(s)
-    s = ChunkStore(tmp_path, 16 * cs, hot_max=0)
-    try:
-        assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
-        assert s.verify(k) == []
-    finally:
-        s.close()
+    _same_after_a_flush_and_a_crash(s, tmp_path, 16 * cs, k, before)
 
 
 def test_a_zero_that_runs_out_of_space_reads_the_same_after_a_crash(tmp_path, monkeypatch):
@@ -568,15 +576,7 @@ def test_a_zero_that_runs_out_of_space_reads_the_same_after_a_crash(tmp_path, mo
     before = s.read(k, 0, cs)
     assert before == bytes(2 * cf.COPY_STEP) + b"A" * (cs - 2 * cf.COPY_STEP)
     assert s.verify(k) == []
-    s.flush()
-    s.write(k, 0, b"C" * PAGE_SIZE, chunk_size=cs)  # dirty again, then the process dies
-    abandon(s)
-    s = ChunkStore(tmp_path, 4 * cs, hot_max=0)
-    try:
-        assert s.read(k, PAGE_SIZE, cs - PAGE_SIZE) == before[PAGE_SIZE:]
-        assert s.verify(k) == []
-    finally:
-        s.close()
+    _same_after_a_flush_and_a_crash(s, tmp_path, 4 * cs, k, before)
 
 
 def test_a_wipe_that_fails_keeps_the_slot_in_limbo(tmp_path, monkeypatch):
