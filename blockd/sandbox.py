@@ -167,7 +167,7 @@ class Sandbox:
         state["registry"] = registry or old
         saved = state.get("settings", {})
         if settings:
-            state["settings"] = {**state.get("settings", {}), **settings}
+            state["settings"] = {**saved, **settings}
         hosts = []
         for i in range(1, n + 1):
             hid = f"host{i}"
