@@ -514,9 +514,13 @@ class VolumeGateway:
                 break
             after = self.qos.limits if self.qos is not None else (0, 0)
             end = now + (end - now) * _rescale(before, after)
-        result = op(*args)
-        if result is not None and hasattr(result, "__await__"):
-            result = await result
+        try:
+            result = op(*args)
+            if result is not None and hasattr(result, "__await__"):
+                result = await result
+        except Fenced as e:  # (as write() and trim() on their unthrottled path)
+            self._fence(e)
+            raise
         return result
 
     # --- READ --------------------------------------------------------------------------

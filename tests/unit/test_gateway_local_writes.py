@@ -8,7 +8,9 @@ import itertools
 
 import pytest
 import trio
+import trio.testing
 
+from blockd.qos import VolumeQos
 from control import api
 from replicator.gateway import ClusterView, VolumeGateway
 from replicator.replica import Replica
@@ -106,21 +108,25 @@ def test_a_zero_length_write_makes_no_chunk(tmp_path):
     trio.run(main)
 
 
+@pytest.mark.parametrize("throttled", [False, True])
 @pytest.mark.parametrize("op", ["write", "trim"])
-def test_a_local_copy_refusing_an_older_token_fences_the_gateway(tmp_path, op):
+def test_a_local_copy_refusing_an_older_token_fences_the_gateway(tmp_path, op, throttled):
     """replicas=1: the local copy has seen a newer gateway's token. Its refusal fences
     this gateway (and drops its clients) as a peer's refusal would, rather than only
-    failing the request: with the registry unreachable, no renewal would ever tell."""
+    failing the request: with the registry unreachable, no renewal would ever tell. The
+    same for a request that waited for its turn under the volume's IOPS limit."""
     async def main():
         store, replica, gw = one_host(tmp_path)
         with store:
             assert gw.write(0, DATA, False) is None
+            if throttled:
+                gw.qos = VolumeQos(1, 0, clock=trio.current_time)  # the burst: 1 request
+                assert gw.write(0, DATA, False) is None
             replica.learn_tokens({gw.view.volume.name: gw.token + 1})
             with pytest.raises(Fenced):
-                if op == "write":
-                    gw.write(4096, DATA, False)
-                else:
-                    gw.trim(0, 4096, False)
+                result = gw.write(4096, DATA, False) if op == "write" else gw.trim(0, 4096, False)
+                assert throttled and hasattr(result, "__await__")
+                await result
             assert gw.fenced and gw.dropped.is_set()
 
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
