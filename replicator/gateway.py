@@ -331,6 +331,16 @@ class VolumeGateway:
         self._hold: trio.Event | None = None  # set while the head generation switches
         self._switching = trio.Lock()  # (switch_head)
         self._inflight = 0  # replicated writes under way
+        # Replicated writes not yet settled, by chunk index: the pieces, in the order their
+        # writes came (_fly, at dispatch). A write that overlaps one of them is sent only
+        # once that one is settled (_overlapped, _after_overlapped), so overlapping writes
+        # reach every copy in one order: a write sent again to some copies (StaleEpoch), or
+        # sent to each copy at its own time (the general path waiting for room on one
+        # link), would otherwise land after a later write on those copies only, and the
+        # copies would disagree on acknowledged bytes. DRBD waits for conflicting local
+        # requests the same way.
+        self._flying: dict[int, list] = {}
+        self._landed: dict[int, trio.Event] = {}  # id(piece) -> set when it is settled
         # while the NBD server dispatches a batch of writes (begin_writes .. end_writes):
         # (remote addresses, chain, fua, epoch, token) -> the writes _replicate_now put
         # off, sent as one WriteBatch per group at the end; else None
@@ -888,7 +898,7 @@ class VolumeGateway:
             later = self._replicate_now(pieces[0], make(pieces[0]))
             if later is not None:
                 return later
-        return self._replicate(pieces, make)
+        return self._general(pieces, make)
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
@@ -903,7 +913,7 @@ class VolumeGateway:
                 self._note_unflushed(self.host_id, p.index)
             return None
         rid = get_rid()
-        return self._replicate(pieces, lambda p: m.ZeroChunk(
+        return self._general(pieces, lambda p: m.ZeroChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
             self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid))
 
@@ -920,7 +930,23 @@ class VolumeGateway:
         # Zeroing is always fast here: whole pages become holes, no data is written.
         return self.trim(offset, length, fua)
 
+    def _general(self, pieces, make_msg):
+        """_replicate, its pieces noted in flight now, in the order the writes came, not
+        when the server's task for it runs (_flying). Whoever gets the coroutine runs it
+        (the NBD server starts a task at once; a task cancelled before its first step
+        still runs it into the cancellation): its end is what lets later writes go on."""
+        for p in pieces:
+            self._fly(p)
+        return self._replicate(pieces, make_msg)
+
     async def _replicate(self, pieces, make_msg):
+        try:
+            await self._after_overlapped(pieces)
+            await self._replicate_held(pieces, make_msg)
+        finally:
+            self._land_all(pieces)
+
+    async def _replicate_held(self, pieces, make_msg):
         # (a task the NBD server starts after the write came: a snapshot may have begun
         # switching the head meanwhile, without this write in flight to wait for; it
         # goes to the new head, as any write that comes during the switch)
@@ -996,7 +1022,8 @@ class VolumeGateway:
         that sees the last reply; anything but a clean success on every copy continues as
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
-        if self._hold is not None or self._fua_in_task(msg.fua):
+        if (self._hold is not None or self._fua_in_task(msg.fua)
+                or self._flying and self._overlapped(p)):
             return None
         cv = self.cluster
         index = p.index
@@ -1021,6 +1048,7 @@ class VolumeGateway:
         sent = {h: incarnation(h) for h in names}  # (ready: connected, no checkpoint)
         t0 = self._now()
         self._inflight += 1
+        self._fly(p)
 
         early: list | None = [] if local else None  # replies back before the local write
         mine = None  # the local copy's reply or failure
@@ -1035,7 +1063,7 @@ class VolumeGateway:
         try:
             self.pool.queue_all(remote, msg, on_replies, checked=True)  # (ready)
         except BaseException:  # (a message the codec refused: a bug; not in flight, so a
-            self._write_done()  # snapshot's drain does not wait for it forever)
+            self._write_done(p)  # snapshot's drain does not wait for it forever)
             raise
         if local:  # after the frames: the peers start on them while this copy is written
             mine = self._write_here(msg)
@@ -1090,7 +1118,7 @@ class VolumeGateway:
                 self._note_unflushed(h, index, sent[h])
             if mine is not None:
                 self._note_unflushed(self.host_id, index)
-            self._write_done()
+            self._write_done(p)
             later.done(None)
             return
         replies: dict = {}
@@ -1103,7 +1131,7 @@ class VolumeGateway:
                 replies[h] = r
         later.defer(self._settle_later(p, msg, hosts, complete, epoch, replies, failed, sent,
                                        t0),
-                    partial(self._abandoned, p.index, complete, replies, failed))
+                    partial(self._abandoned, p, complete, replies, failed))
 
     def begin_writes(self, count: int) -> None:
         """The NBD server is about to dispatch a run of `count` writes: if there are at
@@ -1132,7 +1160,7 @@ class VolumeGateway:
             log.exception("volume=%s event=batch_send_failed", self.name)
             for w in group:
                 if w[1].pending:
-                    self._write_done()
+                    self._write_done(w[2])
                     w[1].fail(LocalFault(f"the write could not be sent: {e!r}"))
 
     def _put_off(self, batch: dict, p, msg, hosts, complete, remote: tuple, names: list,
@@ -1145,6 +1173,7 @@ class VolumeGateway:
             group = batch[key] = []
         later = Later()
         self._inflight += 1
+        self._fly(p)
         group.append((msg, later, p, hosts, complete, names, remote, local, self.cluster.epoch))
         if len(group) >= BATCH_ITEMS:  # (a long run goes out in parts: the peers start on
             del batch[key]  # the first while this side goes on)
@@ -1162,7 +1191,7 @@ class VolumeGateway:
             # in flight), or a connection was lost: each write takes the general path,
             # which waits for room, rather than fail on a healthy replica
             for msg, later, p, *_ in group:
-                later.defer(self._replicate_later(p, msg), self._write_done)
+                later.defer(self._replicate_later(p, msg), partial(self._write_done, p))
             return
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in group[0][5]}  # (no checkpoint since ready())
@@ -1194,7 +1223,7 @@ class VolumeGateway:
         try:
             await self._replicate_piece(p, msg)
         finally:
-            self._write_done()
+            self._write_done(p)
 
     @staticmethod
     def _batch_of(group: list) -> m.WriteBatch:
@@ -1230,7 +1259,7 @@ class VolumeGateway:
                            else _OK_STALE if r.stale and k in r.stale else _OK for r in got]
             except Exception as e:  # (a bug: this write fails, the others go on)
                 log.exception("volume=%s event=batch_reply_failed", self.name)
-                self._write_done()
+                self._write_done(p)
                 later.fail(LocalFault(f"the write's replies could not be read: {e!r}"))
                 continue
             self._replied(later, p, msg, hosts, complete, epoch, names, sent, t0, got, here[k])
@@ -1255,7 +1284,7 @@ class VolumeGateway:
         if local:
             self._note_all_unflushed(self.host_id, local, None)
         for w in group:
-            self._write_done()
+            self._write_done(w[2])
             w[1].done(None)
         return True
 
@@ -1269,11 +1298,69 @@ class VolumeGateway:
         remote = self.cluster.peer_addresses(hosts, self.host_id)
         return remote if remote is not None and ready(remote) else None
 
-    def _write_done(self) -> None:
+    def _write_done(self, p=None) -> None:
+        """A replicated write is over (`p`: its piece, noted in flight by _fly)."""
         self._inflight -= 1
         if not self._inflight and self._drained is not None:
             self._drained.set()
             self._drained = None  # (its waiters hold it; a later drain makes its own)
+        if p is not None:
+            self._land(p)
+
+    # --- overlapping writes in flight (_flying) ----------------------------------------
+
+    def _overlapped(self, p) -> bool:
+        """Whether a replicated write in flight has bytes in common with piece `p`."""
+        start, end = p.offset, p.offset + p.length
+        for q in self._flying.get(p.index, ()):
+            if q.offset < end and start < q.offset + q.length:
+                return True
+        return False
+
+    def _fly(self, p) -> None:
+        flying = self._flying.get(p.index)
+        if flying is None:
+            self._flying[p.index] = [p]
+        else:
+            flying.append(p)
+
+    def _land(self, p) -> None:
+        """Piece `p`'s write is settled: the writes that wait for it go on."""
+        flying = self._flying.get(p.index)
+        if flying is not None:
+            for i, q in enumerate(flying):
+                if q is p:  # (by identity: two writes of the same bytes are equal pieces)
+                    del flying[i]
+                    break
+            if not flying:
+                del self._flying[p.index]
+        if self._landed:
+            event = self._landed.pop(id(p), None)
+            if event is not None:
+                event.set()
+
+    def _land_all(self, pieces) -> None:
+        for p in pieces:
+            self._land(p)
+
+    async def _after_overlapped(self, pieces) -> None:
+        """Wait until no write noted in flight before these pieces (_fly) overlaps them."""
+        for p in pieces:
+            start, end = p.offset, p.offset + p.length
+            while True:
+                earlier = None
+                for q in self._flying.get(p.index, ()):
+                    if q is p:
+                        break
+                    if q.offset < end and start < q.offset + q.length:
+                        earlier = q
+                        break
+                if earlier is None:
+                    break
+                event = self._landed.get(id(earlier))
+                if event is None:
+                    event = self._landed[id(earlier)] = trio.Event()
+                await event.wait()
 
     async def _settle_later(self, p, msg, hosts, complete, epoch, replies, failed, sent,
                             t0: float) -> None:
@@ -1287,14 +1374,15 @@ class VolumeGateway:
                 await self._retry_stale_epoch(msg, replies, failed)
                 await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent, t0)
         finally:
-            self._write_done()
+            self._write_done(p)
 
-    def _abandoned(self, index: int, complete, replies: dict, failed: dict) -> None:
+    def _abandoned(self, p, complete, replies: dict, failed: dict) -> None:
         """The rest of a _replicate_now write that did not succeed everywhere will never
         run: its client's connection is gone. The copies that failed it are stale for
         this gateway at once and wait in `unrecorded` for the service to record them (it
         does when the volume's last connection closes), as a failure the registry could
         not be told of; else the copies would disagree with no record of it."""
+        index = p.index
         try:
             missed = tuple(sorted(failed))
             if missed:
@@ -1304,7 +1392,7 @@ class VolumeGateway:
                 log.warning("volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
                             self.name, index, ",".join(missed))
         finally:
-            self._write_done()
+            self._write_done(p)
 
     async def _settle(self, p, hosts, complete, behind: set, epoch: int, replies: dict,
                       failed: dict, sent: dict[str, int], t0: float) -> None:

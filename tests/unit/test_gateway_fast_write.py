@@ -414,3 +414,43 @@ async def test_a_writable_payload_is_copied_and_a_read_only_one_kept():
             for h, r in replicas.items():
                 assert copy_of(r, gw, 0, CHUNK - 4096, 4096) == expected, (h, readonly)
                 assert copy_of(r, gw, 1, 0, 4096) == expected, (h, readonly)
+
+
+async def test_a_write_overlapping_one_in_flight_waits_for_it_so_every_copy_ends_alike():
+    """W1 leaves on the fast path; h2, on a newer map already, refuses it (StaleEpoch),
+    and W1 will be sent to h2 again on a fresh map. Meanwhile the gateway learns that map
+    and the client writes W2 over the same bytes. Sent at once, W2 would reach h2 before
+    W1's second sending: h2 would end with W1 and the other copies with W2, both writes
+    acknowledged. W2 waits for W1 to be settled instead (the general path)."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x00" * 4096, False)  # connects
+        cluster = gw.cluster
+        hosts = cluster.map.hosts
+        replicas["h2"]._epoch = lambda: 2  # h2 has seen the next map
+
+        async def refresh_map():
+            cluster.set_map(ClusterMap(2, hosts))
+
+        gw.refresh_map = refresh_map
+        first = gw.write(0, b"\x01" * 4096, False)
+        assert type(first) is Later
+        cluster.set_map(ClusterMap(2, hosts))  # (the service's map watcher)
+        second = gw.write(2048, b"\x02" * 4096, False)
+        assert type(second) is not Later  # it overlaps a write in flight: it waits
+
+        async def settle(answer):
+            await answer
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(settle, first)
+                nursery.start_soon(settle, second)
+        want = b"\x01" * 2048 + b"\x02" * 4096
+        for h, r in replicas.items():
+            assert copy_of(r, gw, 0, 0, 6144) == want, h
+        assert gw._inflight == 0 and not gw._flying and not gw._landed
+        # a write beside it, with no bytes in common, never waited
+        later = gw.write(8192, b"\x03" * 4096, False)
+        assert type(later) is Later
+        with trio.fail_after(5):
+            await later
