@@ -702,3 +702,48 @@ def test_a_scrub_request_clears_the_results_of_a_large_pool(reg):
     second = reg.request_scrub(hosts)
     assert reg.scrub_request()["id"] == second > first
     assert reg.scrub_results(first) == {} and reg.scrub_results(second) == {}
+
+
+def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server):
+    """Every host's heartbeat refreshes its liveness key under the cluster prefix; each
+    woke every host's map watcher into two reads of the cluster (N hosts: N² reads a
+    period). A refresh changes no map: the watcher reads again only at its own pace (its
+    1 s re-check) or for a real change, which still ends the wait at once."""
+    etcd_server.wipe()
+    reg = open_registry(etcd_server.url)
+    beats = open_registry(etcd_server.url)
+    stop = threading.Event()
+    t = None
+    try:
+        reg.register_host(host(1), 30)
+        m = reg.register_host(host(2), 30)
+        reads = []
+        real_range = reg.kv.range
+
+        def counting_range(prefix):
+            reads.append(prefix)
+            return real_range(prefix)
+
+        reg.kv.range = counting_range
+
+        def heartbeat():
+            while not stop.is_set():
+                beats.heartbeat("h1", 30)
+                beats.heartbeat("h2", 30)
+                time.sleep(0.02)
+
+        t = threading.Thread(target=heartbeat)
+        t.start()
+        assert reg.wait_map_change(m.epoch, 2.0).epoch == m.epoch
+        # about one read a second of waiting (the 1 s re-check), not one per heartbeat
+        assert 1 <= len(reads) <= 6, len(reads)
+        # a real change ends the wait before its timeout
+        threading.Timer(0.3, lambda: beats.register_host(host(3), 30)).start()
+        got = reg.wait_map_change(m.epoch, 30.0)
+        assert got.epoch > m.epoch and got.host("h3") is not None
+    finally:
+        stop.set()
+        if t is not None:
+            t.join()
+        reg.close()
+        beats.close()

@@ -294,7 +294,8 @@ class Registry:
             if m.epoch > epoch or left <= 0:
                 return m
             # Liveness expiry needs no write on LMDB, so never wait long without a re-check.
-            self.kv.wait(P_CLUSTER, rev, min(left, 1.0))
+            # (a heartbeat's refresh of a live host's mark changes no map: not waited for)
+            self.kv.wait(P_CLUSTER, rev, min(left, 1.0), refreshes=P_ALIVE)
 
     # --- volumes -------------------------------------------------------------------------
 

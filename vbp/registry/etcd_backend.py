@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from typing import Sequence
 
 import httpx
@@ -157,19 +158,32 @@ class EtcdKV:
         d = self._call("kv/txn", {"compare": body_cmp, "success": body_ops}, idempotent=False)
         return bool(d.get("succeeded")), int(d["header"]["revision"])
 
-    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
-        """One watch stream from after_rev + 1; returns at the first event or on timeout."""
+    def wait(self, prefix: bytes, after_rev: int, timeout: float,
+             refreshes: bytes | None = None) -> None:
+        """One watch stream from after_rev + 1; returns at the first event or on timeout.
+        Events that only refresh a key under `refreshes` (a put of a key that exists
+        already, under a prefix whose keys hold nothing but a liveness mark) do not end
+        the wait: every host's heartbeat is one, and each woke every host's map watcher
+        into two reads of the cluster (N hosts: N² reads a heartbeat period). The wait
+        may then outlast `timeout` by up to one read timeout (`timeout` itself)."""
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                                    "start_revision": str(after_rev + 1)}}
         t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
         ep = self.endpoints[self._cur]
+        deadline = time.monotonic() + timeout
         try:
             with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
                 for line in r.iter_lines():
                     if not line.strip():
                         continue
                     result = json.loads(line).get("result", {})
-                    if result.get("events") or result.get("compact_revision") or result.get("canceled"):
+                    if result.get("compact_revision") or result.get("canceled"):
+                        return
+                    events = result.get("events")
+                    if events and not (refreshes is not None
+                                       and all(_refresh(e, refreshes) for e in events)):
+                        return
+                    if events and time.monotonic() >= deadline:
                         return
         except httpx.ReadTimeout:
             return
@@ -191,3 +205,12 @@ class EtcdKV:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _refresh(event: dict, prefix: bytes) -> bool:
+    """Whether a watch event is a put of a key under `prefix` that existed before it (its
+    version past 1): a liveness mark made again (etcd leaves the type out for a put)."""
+    if event.get("type", "PUT") != "PUT":
+        return False
+    kv = event.get("kv", {})
+    return int(kv.get("version", 1)) > 1 and base64.b64decode(kv.get("key", "")).startswith(prefix)

@@ -66,8 +66,11 @@ class KV(Protocol):
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         """Apply ops iff every compare holds. Returns (succeeded, revision)."""
 
-    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
-        """Return when a key under prefix may have changed after after_rev, or on timeout."""
+    def wait(self, prefix: bytes, after_rev: int, timeout: float,
+             refreshes: bytes | None = None) -> None:
+        """Return when a key under prefix may have changed after after_rev, or on timeout.
+        `refreshes`: a prefix of keys holding only a liveness mark; a put of one that exists
+        already need not end the wait (a hint: a store may wake for it all the same)."""
 
     def compact(self, revision: int) -> None:
         """Drop the history of values older than `revision` (a store that keeps none: a

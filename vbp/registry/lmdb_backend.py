@@ -112,7 +112,8 @@ class LmdbKV:
         except lmdb.Error as e:
             raise self._fail("write", e) from None
 
-    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+    def wait(self, prefix: bytes, after_rev: int, timeout: float,
+             refreshes: bytes | None = None) -> None:
         # LMDB has no change notification: poll the revision briefly.
         deadline = time.monotonic() + min(timeout, 0.25)
         while time.monotonic() < deadline:

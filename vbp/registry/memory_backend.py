@@ -49,7 +49,8 @@ class MemoryKV:
                 self._store.cond.notify_all()
             return ok, rev
 
-    def wait(self, prefix: bytes, after_rev: int, timeout: float) -> None:
+    def wait(self, prefix: bytes, after_rev: int, timeout: float,
+             refreshes: bytes | None = None) -> None:
         with self._store.cond:
             if local.read_rev(self._store.data.get) <= after_rev:
                 self._store.cond.wait(min(timeout, 0.25))
