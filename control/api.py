@@ -4,8 +4,11 @@ opens nothing but the registry it is given."""
 from __future__ import annotations
 
 import time
+import uuid
 
-from vbp.errors import Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, VbpError
+from vbp.errors import (
+    Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
+)
 from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
@@ -139,10 +142,15 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
     otherwise renew it afterwards, nobody having taken it over, and write the generation
     that just became the snapshot before it adopts the new head; with the newer token its
     renewal is refused (Fenced) and it stops for good."""
+    # a name of its own: a grant whose answer is lost is found by it and given back
+    holder = f"{CONTROL_HOLDER}-{uuid.uuid4().hex[:12]}"
     try:
-        lease = reg.acquire_lease(name, CONTROL_HOLDER, 30.0)
+        lease = reg.acquire_lease(name, holder, 30.0)
     except LeaseHeld:
         return None
+    except RegistryUnavailable:
+        _give_back_lost_grant(reg, name, holder)
+        raise
 
     def finish(d):
         r = VolumeRecord.from_dict(d)
@@ -156,7 +164,43 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
     finally:
         # taken over from a holder that stopped (crashed, cut off): the next gateway
         # must still compare the copies its last writes reached (the snapshot froze them)
-        reg.release_lease(lease, reconciled=not lease.taken_over)
+        _release(reg, lease, reconciled=not lease.taken_over)
+
+
+# A lease the control plane took and could not give back holds the volume's writers for
+# its whole TTL (30 s: they wait, then fail with EIO): giving it back is tried this often.
+GIVE_BACK_ATTEMPTS = 3
+
+
+def _release(reg, lease, reconciled: bool) -> None:
+    """release_lease, again after an unknown outcome (etcd: the answer lost), up to
+    GIVE_BACK_ATTEMPTS times: a release reads the record and changes it only while the
+    lease is still ours, so one that went through makes the next a no-op."""
+    for attempt in range(GIVE_BACK_ATTEMPTS):
+        try:
+            reg.release_lease(lease, reconciled=reconciled)
+            return
+        except RegistryUnavailable:
+            if attempt == GIVE_BACK_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _give_back_lost_grant(reg, name: str, holder: str) -> None:
+    """A grant of the lease to `holder` whose answer was lost may have gone through: if
+    the record names `holder`, give it back, as not reconciled (whether the grant took
+    the lease over from a holder that stopped is unknown: the next gateway compares the
+    copies, which costs it only that). Best effort: the caller raises the first error."""
+    for attempt in range(GIVE_BACK_ATTEMPTS):
+        try:
+            lease = reg.get_lease(name)
+            if lease is not None and lease.holder == holder:
+                reg.release_lease(lease, reconciled=False)
+            return
+        except RegistryUnavailable:
+            time.sleep(0.2 * (attempt + 1))
+        except VbpError:
+            return
 
 
 def clone(reg, source: str, new_name: str) -> VolumeRecord:

@@ -179,3 +179,35 @@ def test_a_volume_has_at_most_max_snapshots():
     assert not api.get_volume(reg, "v").pending
     reg.update_volume("v", lambda d: delete_snapshot(VolumeRecord.from_dict(d), "s0").to_dict())
     api.snapshot(reg, "v", "one-more", timeout=5)
+
+
+@pytest.mark.parametrize("lost", ["grant", "release"])
+def test_a_control_lease_whose_answer_is_lost_is_given_back(lost):
+    """Completing a snapshot with no gateway, the control plane takes the volume's lease
+    and gives it back. An answer lost (etcd: an unknown outcome) on the grant, or on the
+    give-back, left the lease held for its 30 s: the volume's writers waited, then failed.
+    Now a lost grant is looked for under the call's own holder name and given back, and
+    a lost give-back is made again. Either way no lease is left held, and the next
+    gateway still reconciles (a takeover)."""
+    reg, held, head = leased_volume_with_pending_snapshot()
+    expire(reg, "v")
+    calls: list = []
+    name = "acquire_lease" if lost == "grant" else "release_lease"
+    real = getattr(reg, name)
+
+    def answer_lost(*args, **kw):
+        out = real(*args, **kw)
+        if not calls:
+            calls.append(args)
+            raise RegistryUnavailable("kv/txn failed with an unknown outcome")
+        return out
+
+    setattr(reg, name, answer_lost)
+    if lost == "grant":
+        with pytest.raises(RegistryUnavailable):
+            api.complete_unleased(reg, "v", head)
+    else:
+        assert api.complete_unleased(reg, "v", head) is not None
+    assert calls and reg.get_lease("v") is None
+    assert reg.lease_orphaned("v")
+    assert reg.acquire_lease("v", "h2", 60.0).taken_over
