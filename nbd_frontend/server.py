@@ -93,6 +93,10 @@ MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_QUEUED = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
+# Export opens of one negotiation during which its clock stops (_answer_export); later
+# ones count against HANDSHAKE_TIMEOUT: a client asking NBD_OPT_INFO again and again of an
+# export slow to open would otherwise hold its connection for thousands of opens.
+UNTIMED_OPENS = 4
 HANDSHAKE_RECEIVE = 64 * 1024
 SPIN_BATCHES = 8  # batches read without blocking before the reader yields anyway
 # reads (writes) in a row after which the reader takes the reads (writes) at the front of
@@ -195,26 +199,36 @@ async def _close(export) -> None:
 
 
 async def _answer_export(hs: ServerHandshake, provider, query: ExportQuery, held: list,
-                         limit: trio.CancelScope):
+                         limit: trio.CancelScope | None):
     """Answer `query` with the export's info, or with the error opening it raised. An
     export opened for NBD_OPT_INFO only is closed again at once. The handshake's `limit`
     stops meanwhile (it moves on by the time taken): the provider may legitimately take
-    long, and an export must not be left half opened or half closed by it."""
+    long, and an export must not be left half opened or half closed by it. None: the
+    clock runs (past UNTIMED_OPENS opens), and the open is shielded from it instead; the
+    limit then ends the negotiation as soon as the open is over."""
+    if limit is None:
+        with trio.CancelScope(shield=True):
+            await _open_for(hs, provider, query, held)
+        return
     deadline, limit.deadline = limit.deadline, math.inf
     started = trio.current_time()
     try:
-        try:
-            export = await _resolve(provider.open_export(query.name))
-        except Exception as exc:
-            hs.provide_error(*_refusal(exc, f"export {shown(query.name)}"))
-            return
-        held.append(export)
-        hs.provide_export(export_info(export))
-        if query.kind == "info":
-            held.remove(export)
-            await _close(export)
+        await _open_for(hs, provider, query, held)
     finally:
         limit.deadline = deadline + (trio.current_time() - started)
+
+
+async def _open_for(hs: ServerHandshake, provider, query: ExportQuery, held: list) -> None:
+    try:
+        export = await _resolve(provider.open_export(query.name))
+    except Exception as exc:
+        hs.provide_error(*_refusal(exc, f"export {shown(query.name)}"))
+        return
+    held.append(export)
+    hs.provide_export(export_info(export))
+    if query.kind == "info":
+        held.remove(export)
+        await _close(export)
 
 
 async def _answer_list(hs: ServerHandshake, provider) -> None:
@@ -266,6 +280,7 @@ async def _negotiate(stream, provider, held: list, tls: str, tls_context,
                      limit: trio.CancelScope):
     hs = ServerHandshake(tls)
     await stream.send_all(hs.initial_bytes())
+    opens = 0
     while True:
         event = hs.next_event()
         if event is NEED_DATA:
@@ -278,7 +293,9 @@ async def _negotiate(stream, provider, held: list, tls: str, tls_context,
             await _send_pending(stream, hs)
         elif isinstance(event, ExportQuery):
             await _send_pending(stream, hs)  # (see ListQuery)
-            await _answer_export(hs, provider, event, held, limit)
+            opens += 1
+            await _answer_export(hs, provider, event, held,
+                                 limit if opens <= UNTIMED_OPENS else None)
         elif isinstance(event, ListQuery):
             # The replies so far go first: a client pipelining options and reading
             # nothing makes us ask the provider (blockd: the registry) no more than its

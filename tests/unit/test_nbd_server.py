@@ -1318,6 +1318,34 @@ async def test_the_deadline_spares_an_export_opening_and_ends_with_the_handshake
     await c.aclose()
 
 
+async def test_a_client_asking_info_again_and_again_of_a_slow_export_is_cut_off(nursery,
+                                                                               monkeypatch):
+    """The clock stops for the first few export opens only: a client asking NBD_OPT_INFO
+    over and over of an export slow to open (each open bounded, in blockd a lease change
+    or a registry outage) would hold its connection for up to 4096 opens."""
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    opens = []
+
+    class SlowProvider(MemoryProvider):
+        async def open_export(self, name):
+            opens.append(name)
+            await trio.sleep(0.2)
+            return super().open_export(name)
+
+    p = SlowProvider()
+    p.add("disk", 8192)
+    port, ended = await observed_server(nursery, p)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", 1))
+    ask = (struct.pack(">QII", proto.IHAVEOPT, proto.OPT_INFO, len(_info_request("disk")))
+           + _info_request("disk"))
+    await c.send(ask * 100)  # 20 s of opens if none counted
+    await ended_within(ended, 5)
+    assert server.UNTIMED_OPENS < len(opens) <= server.UNTIMED_OPENS + 4, len(opens)
+    await c.aclose()
+
+
 async def test_pipelined_lists_ask_the_provider_only_as_fast_as_the_client_reads(nursery):
     """300 NBD_OPT_LIST in one packet, replies unread: the provider (in blockd the
     registry) is asked again only once the replies so far went out, so a client that does
