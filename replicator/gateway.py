@@ -771,9 +771,14 @@ class VolumeGateway:
         marked = 0
         for index, gen in sorted(dirty):
             stale = set(self.stale.get(index, ()))
-            copies = [h for h in cv.write_set(self.lineage, index, self.n)
-                      if h not in stale and cv.is_up(h)]
-            if len(copies) < 2:
+            placed = [h for h in cv.write_set(self.lineage, index, self.n) if h not in stale]
+            copies = [h for h in placed if cv.is_up(h)]
+            # A copy down now (cut off, its process maybe alive: no dirty marks of its own
+            # for a restart to find) may hold a write of the old holder the others lack,
+            # and nobody compares it once it is back: it goes with the copies behind, as
+            # one that does not answer.
+            down = [h for h in placed if h not in copies]
+            if len(copies) < 2 and not (copies and down):
                 continue
             states: dict[str, tuple] = {}
 
@@ -794,11 +799,11 @@ class VolumeGateway:
             # A copy that did not answer may hold a write of the old holder the others
             # lack, with nobody to compare it later: it goes with the copies behind, once
             # some copy answered (else nothing is known of any, and nothing is recorded).
-            unknown = [h for h in copies if h not in states]
+            unknown = [h for h in copies if h not in states] + down
             if not groups or (len(groups) < 2 and not unknown):
                 continue
             keep = max(groups.values(), key=lambda g: (len(g), -copies.index(g[0])))
-            behind = [h for h in copies if h not in keep]
+            behind = [h for h in copies if h not in keep] + down
             log.warning("volume=%s chunk=%d gen=%d event=takeover_divergent keep=%s behind=%s",
                         self.name, index, gen, ",".join(keep), ",".join(behind))
             await self._mark_stale(index, behind)

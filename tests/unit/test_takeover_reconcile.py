@@ -9,6 +9,8 @@ import trio.testing
 
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.layout import MiB, ChunkKey
+from vbp.registry.base import P_ALIVE
+from vbp.registry.kv import Delete
 
 
 def run(afn):
@@ -98,6 +100,34 @@ def test_a_copy_that_does_not_answer_the_takeover_is_recorded_stale():
             faults.heal()
             await call(gw.write(MiB + 4096, b"\x06" * 4096, False))
             assert stale_hosts(sim, rec.lineage, 0) == {lone}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_copy_down_at_the_takeover_is_recorded_stale_for_the_chunks_found_dirty():
+    """The lone copy holding the old holder's last write is cut off (its heartbeat lapsed,
+    its process alive: a partition, not a crash, so it keeps no dirty marks of its own
+    for a restart to find) when the new holder reconciles. The up copies agree, but the
+    cut-off one, which nobody compares later, may hold what they lack: for the chunks
+    found dirty it is recorded stale, or once back it would answer reads of them with
+    bytes the other copies never had."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, _, key, lone = await lone_write_left(nursery)
+            new_host = next(h for h in ("h1", "h2") if h != lone)
+            sim.expire_lease("v")
+            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
+            sim.sync_maps()
+            sim.hosts[new_host].faults.partition([sim.hosts[lone].addr])
+            gw = await sim.hosts[new_host].provider.open_export("v")
+            await call(gw.write(MiB + 4096, b"\x06" * 4096, False))  # takes the lease over
+            assert stale_hosts(sim, rec.lineage, 0) == {lone}
+            sim.hosts[new_host].faults.heal()
+            sim.reg.heartbeat(lone, 30)  # back
+            sim.sync_maps()
+            assert sim.hosts[lone].store.read(key, 0, 4096) == b"\xee" * 4096
+            assert stale_hosts(sim, rec.lineage, 0) == {lone}  # not current: resync repairs it
             nursery.cancel_scope.cancel()
 
     run(main)
