@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from vbp.cluster import live_places
 from vbp.errors import (
     Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
@@ -279,7 +280,8 @@ def data_set_status(reg) -> dict:
            # placement weight factors below 1 (reweighted nearly full hosts) and those of
            # the set being left
            "weights": cmap.factors, "leaving_weights": None if cmap.prev is None else cmap.prev_factors,
-           "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": []}
+           "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": [],
+           "placement": placement_changes(cmap)}
     if cmap.prev is not None:
         vols = reg.list_volumes()
         n_of = replicas_by_lineage(vols)
@@ -294,6 +296,19 @@ def data_set_status(reg) -> dict:
             for h, need in sorted(left["by_host"].items())
             if h in stats and stats[h].get("free") is not None and stats[h]["free"] < need]
     return out
+
+
+def placement_changes(cmap) -> list[dict]:
+    """Hosts whose capacity, zone or pod as placement weighs them changes: the change of
+    data set under way takes up their new ones, or (`pending`) their live record differs
+    from what the settled data set recorded and the controller is about to change it."""
+    if cmap.prev is not None:
+        old, new, pending = cmap.placed(leaving=True), cmap.placed(), False
+    else:
+        old, new, pending = cmap.placed(), live_places(cmap, cmap.drifted()), True
+    keys = ("capacity", "zone", "pod")
+    return [{"host": h, "from": dict(zip(keys, old[h])), "to": dict(zip(keys, p)), "pending": pending}
+            for h, p in sorted(new.items()) if h in old and old[h] != p]
 
 
 def placed_on(reg, host_id: str) -> bool:

@@ -808,11 +808,20 @@ def pool_status(state, wait, timeout):
 
 
 def _space_notes(hosts: list[dict], ds: dict) -> None:
-    """Lowered placement weights, and hosts above their nearfull threshold."""
+    """Hosts whose placement inputs change, lowered placement weights, and hosts above
+    their nearfull threshold."""
     def pct(x) -> str:
         return f"{(x['used'] or 0) * 100 // max(1, x['capacity'] or 1)}% used"
 
     inset = [x for x in hosts if x["id"] in ds["hosts"]]
+    for c in ds.get("placement", ()):
+        was, now = c["from"], c["to"]
+        what = ", ".join(f"{k} {format_size(was[k]) if k == 'capacity' else was[k]} -> "
+                         f"{format_size(now[k]) if k == 'capacity' else now[k]}"
+                         for k in ("capacity", "zone", "pod") if was[k] != now[k])
+        click.echo(f"{c['host']} placed by {what}: "
+                   + ("a change of data set starts to move its chunks" if c["pending"] else
+                      "chunks move as the data set changes"))
     for x in hosts:
         if x["reweight"] < 1:
             click.echo(f"{x['id']} placement weight {x['reweight']:.2f} (lowered: above its nearfull "

@@ -66,7 +66,7 @@ import trio
 from replicator import messages as m
 from vbp.buffers import keepable
 from vbp.chunkstore import flush_store
-from vbp.cluster import HOST_UP, ClusterMap
+from vbp.cluster import ClusterMap
 from vbp.errors import (
     BelowMinSize,
     ChecksumError,
@@ -136,8 +136,9 @@ class ClusterView:
     """The cluster map as this host sees it, with per-epoch cached chunk placement.
 
     Placement runs over the data set (vbp.cluster.ClusterMap.data_set, with its weight
-    factors), in which a down host keeps its chunks until the data set leaves it
-    (replicator.migration). While the data set changes, a chunk has two placements: `replicas`, over the set being left, whose
+    factors and the capacity, zone and pod recorded with it), in which a down host keeps
+    its chunks until the data set leaves it (replicator.migration). While the data set
+    changes, a chunk has two placements: `replicas`, over the set being left, whose
     copies are complete (reads, min_size), and `targets`, over the new set; writes go to
     both (`write_set`). Without a change the two are the same."""
 
@@ -151,15 +152,13 @@ class ClusterView:
 
     def set_map(self, cmap: ClusterMap) -> None:
         self.map = cmap
-        by_id = {h.id: h for h in cmap.hosts}
-
-        def placement(ids, factors) -> Placement:
-            return Placement(ClusterMap(cmap.epoch, tuple(
-                dc_replace(by_id[i], state=HOST_UP) for i in ids if i in by_id)), factors)
-
-        self._target = placement(cmap.data_set, cmap.factors)
-        self._placement = (placement(cmap.prev, cmap.prev_factors) if cmap.prev is not None
-                           else self._target)
+        # the hosts with the capacity, zone and pod recorded with the data set, not those of
+        # their live records: a host registered again with others moves nothing until the
+        # controller records a change of data set (vbp.cluster.ClusterMap.placed)
+        self._target = Placement(ClusterMap(cmap.epoch, cmap.placed_hosts()), cmap.factors)
+        self._placement = (Placement(ClusterMap(cmap.epoch, cmap.placed_hosts(leaving=True)),
+                                     cmap.prev_factors)
+                           if cmap.prev is not None else self._target)
         self._cache.clear()
         self._tcache.clear()
         self._wcache.clear()

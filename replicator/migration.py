@@ -26,6 +26,15 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
   factors; same scan, resync and completion) and moves only the chunks whose ranking the
   factor changes: chunks leave that host, and no other chunk moves (vbp.placement). See
   `wanted_weights` for the thresholds and the hysteresis.
+- Placement weighs each host by the capacity, zone and pod recorded with the data set
+  (ClusterMap.places), not by its live record: a host registered again with another
+  --capacity, --zone or --pod (an operator grew its disk) would otherwise move chunks to
+  hosts that hold nothing, with no scan and no stale record, and the collector would
+  then free the only complete copies. The controller sees the live record differ
+  (ClusterMap.drifted) and records a change of data set to the new inputs, prev keeping
+  the old ones: the same scan, resync and completion as a change of hosts or weights. A
+  record of older code has no inputs (its hosts were placed by their live records): the
+  controller records the live ones as they are, which moves nothing.
 - After the change, copies on hosts outside the new placement are garbage: a host frees
   one only when every host of the chunk's placement holds the chunk's generations with no
   stale record, and only after a grace period in which gateways still on the old map may
@@ -58,12 +67,19 @@ import time
 import trio
 
 from replicator import messages as m
-from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, weight_pairs
+from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, live_places, weight_pairs
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
 from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
+
+
+def _replaced(old: dict, new: dict) -> str:
+    """The hosts whose placement inputs a change takes up, for the log."""
+    moved = [f"{h}:{'/'.join(map(str, old[h]))}->{'/'.join(map(str, p))}"
+             for h, p in sorted(new.items()) if h in old and old[h] != p]
+    return f" placement={','.join(moved)}" if moved else ""
 
 
 def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
@@ -123,7 +139,7 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
     view = ClusterView(ClusterMap(cmap.epoch, cmap.hosts, cmap.data_set, None, cmap.mgen,
-                                  weight_pairs(factors, cmap.data_set)))
+                                  weight_pairs(factors, cmap.data_set), (), cmap.places))
     chunks: dict[str, tuple[int, int]] = {}
     for v in volumes:
         n, c = chunks.get(v["lineage"], (0, 0))
@@ -262,30 +278,41 @@ class DataSetMover:
         if not want:
             return cmap
         weights = dict(weight_pairs(cmap.factors, want))  # a host that leaves takes its factor along
+        places = live_places(cmap, want)  # placement takes up the hosts' records as they are now
         set_ds = self.registry.set_data_set
         if cmap.prev is None:
-            if (cmap.data is None and want == cmap.data_set) or (not vols and want != cmap.data):
+            placed = cmap.placed()
+            if (cmap.data is None and want == cmap.data_set) or (
+                    not vols and (want != cmap.data or places != placed)):
                 # the first record, or a pool without volumes: no chunk to move
-                return await set_ds(cmap.mgen, want, None, weights)
-            if want != cmap.data_set:
-                log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
-                         ",".join(cmap.data_set), ",".join(want))
-                return await set_ds(cmap.mgen, want, cmap.data_set, weights, cmap.factors)
+                return await set_ds(cmap.mgen, want, None, weights, None, places)
+            if want != cmap.data_set or places != placed:
+                log.info("event=data_set_change gen=%d from=%s to=%s%s", cmap.mgen + 1,
+                         ",".join(cmap.data_set), ",".join(want), _replaced(placed, places))
+                return await set_ds(cmap.mgen, want, cmap.data_set, weights, cmap.factors,
+                                    places, placed)
+            if not cmap.places_recorded:
+                # a record of older code, which placed by the live records: the same inputs
+                # recorded, so nothing moves (see ClusterMap.places)
+                log.info("event=data_set_places_recorded gen=%d", cmap.mgen + 1)
+                return await set_ds(cmap.mgen, want, None, weights, None, places)
             await self._clear_moot(cmap, vols)
             return await self._reweight(cmap, vols)
-        if want == cmap.prev and weights == cmap.prev_factors:
+        leaving = cmap.placed(leaving=True)
+        if want == cmap.prev and weights == cmap.prev_factors and places == leaving:
             # back where it started (a host returned): nothing to move
             log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
-            return await set_ds(cmap.mgen, want, None, weights)
-        if want != cmap.data:
-            log.info("event=data_set_change gen=%d from=%s to=%s", cmap.mgen + 1,
-                     ",".join(cmap.prev), ",".join(want))
-            return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors)
+            return await set_ds(cmap.mgen, want, None, weights, None, places)
+        if want != cmap.data or places != cmap.placed():
+            log.info("event=data_set_change gen=%d from=%s to=%s%s", cmap.mgen + 1,
+                     ",".join(cmap.prev), ",".join(want), _replaced(leaving, places))
+            return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors,
+                                places, leaving)
         left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols),
                         await self.registry.scanned())
         if not left["unscanned"] and not left["chunks"]:
             log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
-            return await set_ds(cmap.mgen, cmap.data, None, cmap.factors)
+            return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
         return cmap
 
     async def _reweight(self, cmap: ClusterMap, vols: list[dict]) -> ClusterMap:
@@ -317,8 +344,9 @@ class DataSetMover:
                 st = stats.get(h) or {}
                 log.info("event=reweight gen=%d host=%s weight=%s from=%s used=%s capacity=%s",
                          cmap.mgen + 1, h, new, old, st.get("used"), st.get("capacity"))
+        placed = cmap.placed()
         return await self.registry.set_data_set(cmap.mgen, cmap.data_set, cmap.data_set, want,
-                                                cmap.factors)
+                                                cmap.factors, placed, placed)
 
     async def _growth(self, cmap: ClusterMap, vols: list[dict], raised: dict[str, float]) -> dict[str, float]:
         """Host -> how many times its placed chunks grow at the raised factor (placed_count,

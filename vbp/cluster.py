@@ -14,6 +14,8 @@ HOST_DOWN = "down"
 HOST_DRAINING = "draining"
 HOST_STATES = (HOST_UP, HOST_DOWN, HOST_DRAINING)
 
+Place = tuple[str, int, str, str]  # (host id, capacity, zone, pod): what placement weighs
+
 
 @dataclass(frozen=True, slots=True)
 class HostRecord:
@@ -60,7 +62,15 @@ class ClusterMap:
     factor in (0, 1), for the hosts whose placement weight (capacity) the controller lowered
     because they are nearly full (replicator.migration); a host not listed has factor 1.
     `prev_weights` are those of `prev`. A change of weights is a change of data set like a
-    change of hosts: same generation, prev, scan and resync."""
+    change of hosts: same generation, prev, scan and resync.
+
+    `places` are the placement inputs of the data set's hosts as recorded with it: (host,
+    capacity, zone, pod), sorted; `prev_places` those of `prev`. Placement weighs a host by
+    these, never by its live record, so a host registered again with another capacity,
+    zone or pod (an operator's restart with a new --capacity) moves no chunk by itself: the
+    controller sees the difference (`drifted`) and changes the data set to the new inputs
+    through the same prev, scan and resync. A host without a recorded entry (a record
+    written by older code, which placed by the live records) is placed by its live record."""
 
     epoch: int
     hosts: tuple[HostRecord, ...] = field(default_factory=tuple)
@@ -69,6 +79,8 @@ class ClusterMap:
     mgen: int = 0
     weights: tuple[tuple[str, float], ...] = ()
     prev_weights: tuple[tuple[str, float], ...] = ()
+    places: tuple[Place, ...] = ()
+    prev_places: tuple[Place, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hosts", tuple(sorted(self.hosts, key=lambda h: h.id)))
@@ -86,6 +98,38 @@ class ClusterMap:
     def prev_factors(self) -> dict[str, float]:
         return dict(self.prev_weights)
 
+    def placed(self, leaving: bool = False) -> dict[str, tuple[int, str, str]]:
+        """Host id -> (capacity, zone, pod) that placement weighs for each host of the data
+        set (`leaving`: of the set being left, which must exist): as recorded with the set,
+        else (older records) as the host's live record says."""
+        ids, rec = (self.prev, self.prev_places) if leaving else (self.data_set, self.places)
+        got = {p[0]: tuple(p[1:]) for p in rec}
+        live = live_places(self, ids)
+        return {h: got.get(h, live[h]) for h in ids if h in got or h in live}
+
+    def placed_hosts(self, leaving: bool = False) -> tuple[HostRecord, ...]:
+        """The hosts of the data set (`leaving`: of prev) as placement sees them: their
+        records with the recorded capacity, zone and pod (`placed`), all up (a down host
+        keeps its chunks until the data set leaves it). Hosts without a record are left
+        out (placement has no address for them)."""
+        by_id = {h.id: h for h in self.hosts}
+        return tuple(replace(by_id[h], state=HOST_UP, capacity=cap, zone=zone, pod=pod)
+                     for h, (cap, zone, pod) in self.placed(leaving).items() if h in by_id)
+
+    @property
+    def places_recorded(self) -> bool:
+        """Whether the record of the data set (and of prev) holds every host's placement
+        inputs (False for a record written by older code)."""
+        have = {p[0] for p in self.places}
+        prev = {p[0] for p in self.prev_places}
+        return set(self.data_set) <= have and set(self.prev or ()) <= prev
+
+    def drifted(self) -> tuple[str, ...]:
+        """Hosts of the data set whose live record no longer has the capacity, zone or pod
+        their chunks are placed by: the data set should change to the live inputs."""
+        live = live_places(self, self.data_set)
+        return tuple(h for h, p in self.placed().items() if live.get(h, p) != p)
+
     @property
     def migrating(self) -> bool:
         return self.prev is not None
@@ -102,6 +146,20 @@ class ClusterMap:
     @classmethod
     def build(cls, epoch: int, hosts: Iterable[HostRecord]) -> "ClusterMap":
         return cls(epoch, tuple(hosts))
+
+
+def live_places(cmap: ClusterMap, ids: Iterable[str]) -> dict[str, tuple[int, str, str]]:
+    """Host id -> (capacity, zone, pod) of the hosts' live records (those in the map)."""
+    by_id = {h.id: h for h in cmap.hosts}
+    return {i: (h.capacity, h.zone, h.pod) for i in ids if (h := by_id.get(i)) is not None}
+
+
+def place_tuples(places, hosts: Iterable[str]) -> tuple[Place, ...]:
+    """The canonical form of placement inputs for a set of `hosts`: sorted (host,
+    capacity, zone, pod) of those hosts, from {host: (capacity, zone, pod)}."""
+    keep = set(hosts)
+    return tuple(sorted((h, int(p[0]), str(p[1]), str(p[2]))
+                        for h, p in dict(places or {}).items() if h in keep))
 
 
 def weight_pairs(factors, hosts: Iterable[str]) -> tuple[tuple[str, float], ...]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import multiprocessing
 import threading
 import time
 import uuid
 
+import msgpack
 import pytest
 
 from vbp.cluster import HostRecord
@@ -20,6 +22,8 @@ from vbp.errors import (
     RegistryUnavailable,
 )
 from vbp.registry import Lease, StaleRecord, open_registry
+from vbp.registry.base import K_DATASET
+from vbp.registry.kv import Put
 
 from .conftest import free_port
 
@@ -540,6 +544,34 @@ def test_data_set_weight_factors(reg):
     m4 = reg.set_data_set(3, ["h1", "h2"], None, {"h2": 0.25})
     assert (m4.factors, m4.prev_weights) == ({"h2": 0.25}, ())
     assert reg.set_data_set(3, ["h1"], None) == m4  # lost race
+
+
+def test_data_set_records_what_placement_weighs(reg):
+    """The data set record keeps each host's capacity, zone and pod as placement weighs
+    them: a host registered again with others changes its record (and the epoch), not
+    what its chunks are placed by; a record of older code has none (hosts placed by their
+    live records)."""
+    for i in (1, 2, 3):
+        reg.register_host(host(i), 30)
+    m1 = reg.set_data_set(0, ["h1", "h2", "h3"], None)
+    live = {h.id: (h.capacity, h.zone, h.pod) for h in m1.hosts}
+    assert m1.places_recorded and m1.placed() == live and m1.drifted() == ()
+    grown = dataclasses.replace(host(3), capacity=4 * host(3).capacity, zone="z9")
+    m2 = reg.register_host(grown, 30)
+    assert m2.epoch > m1.epoch and m2.mgen == m1.mgen and m2.host("h3").capacity == grown.capacity
+    assert m2.placed() == live and m2.drifted() == ("h3",)
+    assert {h.id: (h.capacity, h.zone) for h in m2.placed_hosts()}["h3"] == live["h3"][:2]
+    # a change to the new inputs: prev keeps the old ones (explicit), the target takes the live
+    m3 = reg.set_data_set(1, ["h1", "h2"], ["h1", "h2", "h3"], places=None, prev_places=live)
+    assert m3.placed(leaving=True)["h3"] == live["h3"] and m3.placed()["h1"] == live["h1"]
+    assert m3.places_recorded and reg.cluster_map() == m3
+    m4 = reg.set_data_set(2, ["h1", "h2", "h3"], None, places={"h3": (7, "z7", "p7")})
+    assert m4.placed()["h3"] == (7, "z7", "p7") and m4.placed()["h2"] == live["h2"]
+    # a record written before the inputs were recorded
+    reg.kv.txn([], [Put(K_DATASET, msgpack.packb({"hosts": ["h1", "h2", "h3"], "prev": None, "gen": 4}))])
+    old = reg.cluster_map()
+    assert old.places == () and not old.places_recorded and old.drifted() == ()
+    assert old.placed()["h3"] == (grown.capacity, "z9", grown.pod)
 
 
 def test_scrub_request_and_results(reg):

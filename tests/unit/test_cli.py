@@ -520,3 +520,24 @@ def test_every_command_help_has_an_example():
         if "Example" not in res.output or "vbp " + " ".join(path) not in res.output:
             missing.append(" ".join(path))
     assert not missing, f"--help without an example of the command itself: {missing}"
+
+
+def test_a_host_registered_with_a_new_capacity_is_shown_until_the_data_set_takes_it_up(vbp, reg_url):
+    from vbp.cluster import HostRecord
+
+    reg = open_registry(reg_url)
+    for i in (1, 2, 3):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 60)
+    reg.set_data_set(0, ["h1", "h2", "h3"], None)
+    assert js(vbp("pool", "status", "--json"))["data_set"]["placement"] == []
+    reg.register_host(HostRecord("h3", "a:1", "a:2", pod="p3", capacity=4 * GiB), 60)
+    change = js(vbp("pool", "status", "--json"))["data_set"]["placement"]
+    assert change == [{"host": "h3", "from": {"capacity": GiB, "zone": "zone0", "pod": "p3"},
+                       "to": {"capacity": 4 * GiB, "zone": "zone0", "pod": "p3"}, "pending": True}]
+    assert "h3 placed by capacity 1 GiB -> 4 GiB: a change of data set starts" in vbp("pool", "status").stdout
+    cmap = reg.cluster_map()
+    reg.set_data_set(1, ["h1", "h2", "h3"], ["h1", "h2", "h3"], None, None, None, cmap.placed())
+    change = js(vbp("pool", "status", "--json"))["data_set"]["placement"]
+    assert [(c["host"], c["to"]["capacity"], c["pending"]) for c in change] == [("h3", 4 * GiB, False)]
+    assert "h3 placed by capacity 1 GiB -> 4 GiB: chunks move" in vbp("pool", "status").stdout
+    reg.close()

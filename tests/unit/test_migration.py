@@ -3,6 +3,7 @@ the hosts' stats (reweight of nearly full hosts), and the data-set changes it re
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -394,3 +395,56 @@ def test_controller_does_not_raise_a_host_whose_placed_chunks_would_grow_too_muc
     for i in mine:
         reg.clear_stale("g89", i, "h4")
     assert trio.run(m.control_once).factors == {"h4": 0.75}  # 0.53 * 1.38 = 0.73: raised
+
+
+# --- placement inputs recorded with the data set (ClusterMap.places) -----------------------
+
+
+def registered_again(reg, host_id: str, **change):
+    """The host restarted with another --capacity, --zone or --pod."""
+    h = reg.cluster_map().host(host_id)
+    return reg.register_host(dataclasses.replace(h, **change), 60)
+
+
+def test_a_host_registered_with_another_zone_changes_the_data_set_not_the_placement():
+    reg = pool(0.3)
+    before = reg.cluster_map()
+    after = registered_again(reg, "h4", zone="z9", pod="p9")
+    assert after.epoch > before.epoch and after.drifted() == ("h4",)
+    old, now = ClusterView(before), ClusterView(after)
+    assert all(now.replicas("l0", i, 3) == old.replicas("l0", i, 3) for i in range(200))
+    m = mover(reg, Clock(), hold=0.0)
+    got = trio.run(m.control_once)
+    assert got.migrating and got.data == got.prev == before.data and got.mgen == before.mgen + 1
+    assert got.placed(leaving=True) == before.placed()
+    assert got.placed()["h4"] == (GiB, "z9", "p9") and not got.drifted()
+    assert ClusterView(got).replicas("l0", 0, 3) == old.replicas("l0", 0, 3)  # reads: prev
+    for h in ("h1", "h2", "h3", "h4"):
+        reg.mark_scanned(h, got.mgen)
+    done = trio.run(m.control_once)
+    assert not done.migrating and done.placed()["h4"] == (GiB, "z9", "p9")
+
+
+def test_a_new_capacity_during_a_change_restarts_it_from_the_same_prev():
+    reg = pool(0.3)
+    before = reg.cluster_map()
+    m = mover(reg, Clock(), hold=0.0)
+    reg.set_host_state("h2", "draining")
+    drain = trio.run(m.control_once)
+    assert drain.data == ("h1", "h3", "h4") and drain.prev == before.data
+    registered_again(reg, "h4", capacity=2 * GiB)
+    again = trio.run(m.control_once)
+    assert again.mgen == drain.mgen + 1 and again.prev == before.data and again.data == drain.data
+    assert again.placed(leaving=True) == before.placed()  # the complete copies: where they were
+    assert again.placed()["h4"][0] == 2 * GiB
+
+
+def test_a_capacity_put_back_cancels_its_change():
+    reg = pool(0.3)
+    before = reg.cluster_map()
+    m = mover(reg, Clock(), hold=0.0)
+    registered_again(reg, "h3", capacity=3 * GiB)
+    assert trio.run(m.control_once).migrating
+    registered_again(reg, "h3", capacity=GiB)
+    back = trio.run(m.control_once)
+    assert not back.migrating and back.placed() == before.placed()

@@ -6,8 +6,10 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/cluster/host/<id>    HostRecord (stored state is "up" or "draining", never "down")
     vbp/cluster/alive/<id>   liveness, a key with a TTL refreshed by heartbeat()
     vbp/cluster/map          {"epoch", "digest"}: the last published map
-    vbp/cluster/dataset      {"hosts", "prev", "gen", "weights", "prev_weights"}: the data set
-                             and the one it leaves; weights: {host: factor} below 1
+    vbp/cluster/dataset      {"hosts", "prev", "gen", "weights", "prev_weights", "places",
+                             "prev_places"}: the data set and the one it leaves; weights:
+                             {host: factor} below 1; places: {host: [capacity, zone, pod]}
+                             as placement weighs them (vbp.cluster.ClusterMap.places)
     vbp/scanned/<host>       the data-set generation whose scan the host finished
     vbp/vol/<name>           a volume record (a msgpack-able dict owned by vbp.volume)
     vbp/ctr/<name>           an id counter
@@ -18,7 +20,9 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
 
 Epoch rule: cluster_map() reads vbp/cluster/ in one snapshot, derives each host's
 effective state (a host whose alive key is gone is "down" unless in maintenance) and hashes
-the effective records. If the digest differs from the published one, it publishes
+the effective records (not the data set's recorded places: they change only with its
+generation, which is hashed, and hosts of older code, which do not know them, must hash
+the same map to the same digest). If the digest differs from the published one, it publishes
 epoch + 1 by compare-and-set on vbp/cluster/map (retrying on a lost race), so every reader
 agrees on one epoch per distinct map and the epoch strictly grows on every change of
 membership, state, domain, capacity or address.
@@ -44,7 +48,9 @@ from typing import Callable, Iterable
 import msgpack
 import xxhash
 
-from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord, weight_pairs
+from vbp.cluster import (
+    HOST_DOWN, HOST_DRAINING, HOST_UP, ClusterMap, HostRecord, live_places, place_tuples, weight_pairs,
+)
 from vbp.errors import (
     AlreadyExists,
     Fenced,
@@ -59,7 +65,7 @@ P_CLUSTER = b"vbp/cluster/"
 P_HOST = b"vbp/cluster/host/"
 P_ALIVE = b"vbp/cluster/alive/"
 K_MAP = b"vbp/cluster/map"
-K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen", "weights", "prev_weights"} (vbp.migration)
+K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen", "weights", ..., "places"} (vbp.migration)
 P_SCANNED = b"vbp/scanned/"  # <host> -> the data-set generation whose scan it finished
 P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
@@ -194,6 +200,8 @@ class Registry:
             mgen = ds.get("gen", 0)
             weights = weight_pairs(ds.get("weights"), data or ())
             prev_weights = weight_pairs(ds.get("prev_weights"), prev or ())
+            places = place_tuples(ds.get("places"), data or ())
+            prev_places = place_tuples(ds.get("prev_places"), prev or ())
             digest = xxhash.xxh3_128_digest(_pack([[h.to_dict() for h in eff], data, prev, mgen]
                                                   + ([weights, prev_weights] if weights or prev_weights else [])))
             if published is None:
@@ -202,13 +210,15 @@ class Registry:
                 m = _unpack(published.value)
                 epoch, old_digest = m["epoch"], m["digest"]
             if digest == old_digest:
-                return ClusterMap(epoch, tuple(eff), data, prev, mgen, weights, prev_weights)
+                return ClusterMap(epoch, tuple(eff), data, prev, mgen, weights, prev_weights,
+                                  places, prev_places)
             ok, _ = self.kv.txn(
                 [Cmp(K_MAP, "mod", published.mod_rev if published else 0)],
                 [Put(K_MAP, _pack({"epoch": epoch + 1, "digest": digest}))],
             )
             if ok:
-                return ClusterMap(epoch + 1, tuple(eff), data, prev, mgen, weights, prev_weights)
+                return ClusterMap(epoch + 1, tuple(eff), data, prev, mgen, weights, prev_weights,
+                                  places, prev_places)
         raise self._contended("publish cluster map")
 
     def _update_host(self, host_id: str, change: Callable[[HostRecord], HostRecord]) -> ClusterMap:
@@ -256,12 +266,15 @@ class Registry:
                 return self.cluster_map()
         raise self._contended(f"remove host {host_id}")
 
-    def set_data_set(self, gen: int, hosts, prev, weights=None, prev_weights=None) -> ClusterMap:
+    def set_data_set(self, gen: int, hosts, prev, weights=None, prev_weights=None,
+                     places=None, prev_places=None) -> ClusterMap:
         """Replace the data set if its generation is still `gen` (compare-and-set; the new
         one has generation gen + 1). `weights` and `prev_weights` ({host: factor}) are the
         placement weight factors of `hosts` and `prev`; factors of 1 and of hosts outside
-        the set are left out. Returns the map either way: a caller that lost the race sees
-        the winner's data set in it."""
+        the set are left out. `places` and `prev_places` ({host: (capacity, zone, pod)})
+        are what placement weighs for the hosts of each set; None (or a host left out):
+        the host's record as it is now. Returns the map either way: a caller that lost
+        the race sees the winner's data set in it."""
         item, _ = self.kv.get(K_DATASET)
         cur = _unpack(item.value)["gen"] if item else 0
         if cur == gen:
@@ -273,6 +286,13 @@ class Registry:
                 record["weights"] = dict(w)
             if pw:
                 record["prev_weights"] = dict(pw)
+            live = {}
+            if not (set(hosts) <= set(places or {}) and set(prev or ()) <= set(prev_places or {})):
+                live = live_places(self.cluster_map(), set(hosts) | set(prev or ()))
+            record["places"] = {h: list(p) for h, *p in place_tuples({**live, **(places or {})}, hosts)}
+            if prev is not None:
+                record["prev_places"] = {h: list(p) for h, *p in
+                                         place_tuples({**live, **(prev_places or {})}, prev)}
             value = _pack(record)
             self.kv.txn([Cmp(K_DATASET, "mod", item.mod_rev if item else 0)], [Put(K_DATASET, value)])
         return self.cluster_map()
