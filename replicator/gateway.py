@@ -148,9 +148,16 @@ class ClusterView:
         self._wcache: dict[tuple[str, int, int], tuple[str, ...]] = {}
         self._rcache: dict[tuple[str, int, int, str], tuple | None] = {}
         self._routes: dict[tuple, tuple | None] = {}  # (route's sharing)
+        # chunks (lineage, index) whose joining targets a gateway of this host recorded
+        # stale in the current change of data set (VolumeGateway._replicate_piece); set_map
+        # forgets them when the data-set generation moves, so they never outlive it
+        self.joining_marked: set[tuple[str, int]] = set()
+        self.map = None
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
+        if self.map is None or self.map.mgen != cmap.mgen:
+            self.joining_marked = set()
         self.map = cmap
         # the hosts with the capacity, zone and pod recorded with the data set, not those of
         # their live records: a host registered again with others moves nothing until the
@@ -322,7 +329,6 @@ class VolumeGateway:
         # (index, hosts) that took writes after we were fenced; the service records them
         # stale in the registry as soon as it can reach it
         self.suspects: list[tuple[int, tuple[str, ...]]] = []
-        self._joining_marked: set[tuple[int, int]] = set()  # (data-set gen, index) recorded
         # (index, took, missed) of replica failures the registry could not be told about
         self.unrecorded: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = []
         self._local: dict[int, bool] = {}  # chunk index -> written here only (for _local_map)
@@ -1002,12 +1008,15 @@ class VolumeGateway:
         hosts = cv.write_set(self.lineage, p.index, self.n)
         complete = cv.replicas(self.lineage, p.index, self.n)
         epoch = cv.epoch  # the map `hosts` came from: _settle sees if another came since
-        if len(hosts) > len(complete) and (cv.map.mgen, p.index) not in self._joining_marked:
+        if len(hosts) > len(complete) and (self.lineage, p.index) not in cv.joining_marked:
             # A joining target holds only what reached it directly until it resyncs: it is
             # recorded stale before its first write, so no chunk written during the change
             # of data set escapes the resync (the scan covers the chunks that existed).
+            # Once per chunk and change: the record is the chunk's, whichever volume of the
+            # lineage writes it.
+            marked = cv.joining_marked  # (this change's: set_map replaces it on the next)
             await self._mark_stale(p.index, hosts[len(complete):])
-            self._joining_marked.add((cv.map.mgen, p.index))
+            marked.add((self.lineage, p.index))
         failed: dict[str, Exception] = {}
         if log.isEnabledFor(logging.DEBUG):
             log.debug("volume=%s chunk=%d event=replicate op=%s hosts=%s", self.name, p.index,

@@ -164,3 +164,51 @@ def test_a_data_set_record_of_older_code_is_placed_by_the_live_records_then_reco
         assert bad == []
 
     run(main)
+
+
+def test_joining_marks_are_kept_for_the_current_change_only():
+    """Before its first write to a chunk during a change of data set, a gateway records
+    the chunk's joining targets stale, once per chunk and change. What it remembers of
+    that goes when the data-set generation moves: nothing is left of finished changes
+    (a long-lived gateway of a large volume kept an entry per chunk written per change),
+    and a later change that places a chunk on the same host again records it again."""
+    async def main():
+        sim = Sim(7, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            reg = sim.reg
+            reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+            sim.sync_maps()
+            rec = sim.create_volume("v", CHUNKS * MiB, replicas=2)
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            mv = movers(sim)
+            sizes, missed = [], []
+            for state in ("up", "draining", "up"):  # h3 joins, is drained, returns
+                reg.set_host_state("h3", state)
+                cmap = await mv["h0"].control_once()  # the controller records the change
+                assert cmap.prev is not None
+                sim.sync_maps()
+                cv = h0.cluster
+                for i in range(CHUNKS):
+                    await h0.run_on(lambda i=i: call(gw.write(i * MiB, b"x" * 4096, False)))
+                joining = {i: set(cv.joining(rec.lineage, i, 2)) for i in range(CHUNKS)}
+                stale: dict[int, set[str]] = {}
+                for r in reg.list_stale(rec.lineage):
+                    stale.setdefault(r.index, set()).add(r.host_id)
+                missed += [i for i, js in joining.items() if not js <= stale.get(i, set())]
+                sizes.append((len(cv.joining_marked), sum(1 for js in joining.values() if js)))
+                for _ in range(10):
+                    cmap = await step_all(sim, mv)
+                    if cmap.prev is None:
+                        break
+                    for h in sim.hosts.values():
+                        await h.run_on(h.resync.run_once)
+                assert cmap.prev is None
+            left = set(h0.cluster.joining_marked)
+            nursery.cancel_scope.cancel()
+        assert missed == []  # every chunk written reached its joining targets' resync
+        assert all(n == moving > 0 for n, moving in sizes)  # this change's chunks only
+        assert left == set()
+
+    run(main)
