@@ -272,7 +272,7 @@ def set_limits(reg, name: str, *, iops: int | None = None, bps=None) -> VolumeRe
 
 def data_set_status(reg) -> dict:
     """Where chunks are placed and what a change of data set still has to move."""
-    from replicator.migration import blocking
+    from replicator.migration import blocking, down_unscanned, sole_holders
 
     cmap = reg.cluster_map()
     out = {"generation": cmap.mgen, "hosts": list(cmap.data_set),
@@ -280,14 +280,18 @@ def data_set_status(reg) -> dict:
            # placement weight factors below 1 (reweighted nearly full hosts) and those of
            # the set being left
            "weights": cmap.factors, "leaving_weights": None if cmap.prev is None else cmap.prev_factors,
-           "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "short_of_space": [],
+           "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "down": [], "short_of_space": [],
            "placement": placement_changes(cmap)}
     if cmap.prev is not None:
         vols = reg.list_volumes()
         n_of = replicas_by_lineage(vols)
         sizes = {d["lineage"]: d["chunk_size"] for d in vols}
-        left = blocking(cmap, reg.list_stale(), n_of, reg.scanned(), sizes)
+        scanned = reg.scanned()
+        # down hosts the change waits for: they alone may hold chunks that move
+        waiting = sole_holders(cmap, vols, down_unscanned(cmap, scanned))
+        left = blocking(cmap, reg.list_stale(), n_of, scanned, sizes, waiting)
         out["moving_chunks"], out["unscanned"] = left["chunks"], left["unscanned"]
+        out["down"] = left["down"]
         out["moving_bytes"] = left["bytes"]
         # a target that cannot take what it must receive keeps the change from completing
         stats = reg.host_stats()

@@ -786,10 +786,15 @@ def pool_status(state, wait, timeout):
         click.echo(f"\n{data['volumes']} volumes; {format_size(used)} used of {format_size(total)}; "
                    f"{len(degraded)} degraded chunks ({len(stale)} stale replicas); epoch {cmap.epoch}")
         if ds["leaving"] is not None:
+            scanning = [h for h in ds["unscanned"] if h not in ds.get("down", ())]
             click.echo(f"data set changing (generation {ds['generation']}): "
                        f"{','.join(ds['leaving'])} -> {','.join(ds['hosts'])}; "
                        f"{ds['moving_chunks']} chunks to move (at most {format_size(ds['moving_bytes'])})"
-                       + (f"; waiting for {','.join(ds['unscanned'])} to scan" if ds["unscanned"] else ""))
+                       + (f"; waiting for {','.join(scanning)} to scan" if scanning else ""))
+            for h in ds.get("down", ()):
+                click.echo(f"warning: {h} is down and alone holds chunks that move: they are "
+                           f"unreadable, and the change waits, until it is back (or back on a new "
+                           f"disk: its copies are then given up as lost)")
             for x in ds["short_of_space"]:
                 click.echo(f"warning: {x['host']} must receive up to {format_size(x['needs'])} but has "
                            f"{format_size(x['free'])} free: the change cannot complete until space is "

@@ -12,13 +12,21 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
   copies), write to both placements, and count min_size over prev (replicator.gateway).
 - Each host that holds chunks and is in prev scans its store once per change: for every
   chunk it holds under prev's placement, the targets that are not replicas yet are
-  recorded stale in the registry. Gateways record such a target stale themselves before
-  its first write during the change. A stale record is what the resync loop of that host
-  works from (replicator.recovery): page-by-page copies from a current copy, safe against
+  recorded stale in the registry; and so for every chunk it is recorded stale for, though
+  it may hold nothing of it (it missed the chunk's first writes: their only copy may be
+  on a host that is down and never scans), the target then marked never current.
+  Gateways record such a target stale themselves before its first write during the
+  change. A stale record is what the resync loop of that host works from
+  (replicator.recovery): page-by-page copies from a current copy, safe against
   concurrent writes. So after every up holder has scanned, a chunk reaches a target
   either by resync or by being written there while recorded stale.
 - The change completes (prev cleared) when every up host of prev has scanned this
-  generation and no target holds a stale record for a chunk it joins. If the wanted set
+  generation, no target holds a stale record for a chunk it joins, and no down host of
+  prev that has not scanned holds, alone or with other such hosts, every complete copy of
+  a chunk that moves (sole_holders: a replicas=1 volume, or all of a chunk's copies down):
+  nothing else would record its target stale, and it would count as current with
+  nothing. Such a chunk reads EIO until the host is back (or back on a new disk: blockd's
+  backfill, which reports a replicas=1 volume's chunks lost). If the wanted set
   changes meanwhile (another host lost), the change restarts from the same prev.
 - A nearly full host gets a lower placement weight (reweight, like Ceph's
   `reweight-by-utilization`): a factor below 1 on its capacity, kept in the data set
@@ -70,6 +78,7 @@ from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, live_places, weight_pairs
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
+from vbp.registry.base import NEVER_CURRENT
 from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
@@ -216,18 +225,52 @@ def owed_by_host(records, volumes: list[dict]) -> dict[str, int]:
     return out
 
 
+def down_unscanned(cmap: ClusterMap, scanned: dict[str, int]) -> frozenset[str]:
+    """Hosts of prev that are down and have not scanned this change."""
+    return frozenset(h for h in cmap.prev or () if (rec := cmap.host(h)) is not None
+                     and rec.state == HOST_DOWN and scanned.get(h) != cmap.mgen)
+
+
+def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) -> list[str]:
+    """The hosts of `down` (down_unscanned) that, alone or with others of `down`, are every
+    complete copy of a chunk some target joins: no scan of an up host records that
+    target stale, so only theirs (once back) can say the chunk has data. Every chunk
+    index of each lineage up to its largest volume is placed, but only for lineages with
+    no more replicas than `down` has hosts (one host down: replicas=1 volumes only)."""
+    from replicator.gateway import ClusterView  # a view of this map, not the host's
+
+    chunks: dict[str, tuple[int, int]] = {}
+    for v in volumes:
+        n, c = chunks.get(v["lineage"], (0, 0))
+        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    view = ClusterView(cmap)
+    found: set[str] = set()
+    for lineage, (n, c) in sorted(chunks.items()):
+        if min(n, len(cmap.prev or ())) > len(down):
+            continue  # (every chunk has a copy on a host outside `down`)
+        for i in range(c):
+            old = view.replicas(lineage, i, n)
+            if down.issuperset(old) and view.joining(lineage, i, n):
+                found.update(old)
+                if found == down:
+                    return sorted(found)
+    return sorted(found)
+
+
 def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int],
-             chunk_sizes: dict[str, int] | None = None) -> dict:
+             chunk_sizes: dict[str, int] | None = None, waiting=()) -> dict:
     """What keeps the current change of data set from completing: hosts of prev that are
-    up and have not scanned, and stale records of joining targets (copies not made yet;
-    `bytes` counts them whole, an upper bound: a resync copies only pages that differ)."""
+    up and have not scanned, the down ones of `waiting` (sole_holders: they alone may hold
+    chunks that move; also listed as `down`), and stale records of joining
+    targets (copies not made yet; `bytes` counts them whole, an upper bound: a resync
+    copies only pages that differ)."""
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
     if cmap.prev is None:
-        return {"unscanned": [], "chunks": 0, "bytes": 0, "by_host": {}}
+        return {"unscanned": [], "chunks": 0, "bytes": 0, "by_host": {}, "down": []}
     view = ClusterView(cmap)
-    unscanned = sorted(h for h in cmap.prev if (rec := cmap.host(h)) is not None
-                       and rec.state != HOST_DOWN and scanned.get(h) != cmap.mgen)
+    unscanned = sorted({*waiting, *(h for h in cmap.prev if (rec := cmap.host(h)) is not None
+                                    and rec.state != HOST_DOWN and scanned.get(h) != cmap.mgen)})
     moving = [r for r in records if r.lineage in n_of
               and r.host_id in view.joining(r.lineage, r.index, n_of[r.lineage])]
     sizes = chunk_sizes or {}
@@ -235,7 +278,7 @@ def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str,
     for r in moving:
         by_host[r.host_id] = by_host.get(r.host_id, 0) + sizes.get(r.lineage, 0)
     return {"unscanned": unscanned, "chunks": len(moving), "bytes": sum(by_host.values()),
-            "by_host": by_host}
+            "by_host": by_host, "down": sorted(waiting)}
 
 
 class DataSetMover:
@@ -262,6 +305,7 @@ class DataSetMover:
         self._settled: tuple[int, float] | None = None  # (data-set gen, when first seen settled)
         self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
         self._growths: dict = {}  # _growth's answers for one data set and set of volumes
+        self._waiting: tuple | None = None  # (signature, _sole_holders' answer)
         self.clock = time.monotonic
 
     async def n_of(self) -> dict[str, int]:
@@ -308,12 +352,32 @@ class DataSetMover:
                      ",".join(cmap.prev), ",".join(want), _replaced(leaving, places))
             return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors,
                                 places, leaving)
-        left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols),
-                        await self.registry.scanned())
-        if not left["unscanned"] and not left["chunks"]:
-            log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
-            return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
-        return cmap
+        scanned = await self.registry.scanned()
+        left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols), scanned)
+        if left["unscanned"] or left["chunks"]:
+            return cmap
+        waiting = await self._sole_holders(cmap, vols, down_unscanned(cmap, scanned))
+        if waiting:
+            return cmap  # (until they return and scan, or come back on a new disk)
+        log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
+        return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
+
+    async def _sole_holders(self, cmap: ClusterMap, vols: list[dict], down: frozenset[str]) -> list[str]:
+        """sole_holders, in a worker thread (it places every chunk of the volumes it looks
+        at), once per map, volumes and set of down hosts; logged when it first waits."""
+        if not down:
+            return []
+        sig = (cmap.epoch, cmap.mgen, down,
+               tuple(sorted((v["lineage"], v["size"], v["chunk_size"], v["replicas"]) for v in vols)))
+        if self._waiting is None or self._waiting[0] != sig:
+            got = await trio.to_thread.run_sync(sole_holders, cmap, vols, down)
+            self._waiting = (sig, got)
+            if got:
+                log.warning("event=data_set_waiting gen=%d hosts=%s: down and not scanned, they "
+                            "alone hold chunks that move; the change completes once they are "
+                            "back (or back on a new disk: their data is then given up as lost)",
+                            cmap.mgen, ",".join(got))
+        return self._waiting[1]
 
     async def _reweight(self, cmap: ClusterMap, vols: list[dict]) -> ClusterMap:
         """Change the weight factors of a settled data set (wanted_weights) once every
@@ -378,7 +442,11 @@ class DataSetMover:
                 log.info("event=moot_stale_cleared lineage=%s chunk=%d host=%s", r.lineage, r.index, r.host_id)
 
     async def scan_once(self) -> int:
-        """Record this host's chunks' joining targets stale, once per change."""
+        """Record the joining targets stale, once per change, of the chunks this host
+        holds and of those it is recorded stale for: such a copy may hold nothing of a
+        chunk whose current copies are all on hosts that are down (and do not scan), and
+        the target must not count as current with nothing once the change completes. Its
+        record says the target was never current: it waits for a real source."""
         cv = self.cluster
         cmap = cv.map
         if cmap.prev is None or self.scanned_gen == cmap.mgen:
@@ -386,16 +454,20 @@ class DataSetMover:
         n_of = await self.n_of()
         marked = 0
         seen: set[tuple[str, int]] = set()
-        for k in self.store.keys():
-            if (k.lineage, k.index) in seen or k.lineage not in n_of:
+        now = time.time_ns()
+        held = [(k.lineage, k.index, now) for k in self.store.keys()]
+        stale = [(r.lineage, r.index, NEVER_CURRENT | now)
+                 for r in await self.registry.list_stale() if r.host_id == self.host_id]
+        for lineage, index, version in held + stale:
+            if (lineage, index) in seen or lineage not in n_of:
                 continue
-            seen.add((k.lineage, k.index))
-            n = n_of[k.lineage]
-            if self.host_id not in cv.replicas(k.lineage, k.index, n):
+            seen.add((lineage, index))
+            n = n_of[lineage]
+            if self.host_id not in cv.replicas(lineage, index, n):
                 continue  # a misplaced copy: another host's scan covers the chunk
-            joining = cv.joining(k.lineage, k.index, n)
+            joining = cv.joining(lineage, index, n)
             if joining:
-                await self.registry.mark_stale(k.lineage, k.index, joining, time.time_ns())
+                await self.registry.mark_stale(lineage, index, joining, version)
                 marked += 1
         if cv.map.mgen == cmap.mgen:
             await self.registry.mark_scanned(self.host_id, cmap.mgen)

@@ -11,12 +11,14 @@ import trio
 
 from replicator.gateway import ClusterView
 from replicator.migration import (
-    REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, wanted_weights,
+    REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, sole_holders, wanted_weights,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.layout import ChunkKey, MiB
 from vbp.registry import open_registry
+from vbp.registry.base import P_ALIVE
+from vbp.registry.kv import Delete
 from vbp.volume import new_volume
 
 GiB = 1 << 30
@@ -448,3 +450,45 @@ def test_a_capacity_put_back_cancels_its_change():
     registered_again(reg, "h3", capacity=GiB)
     back = trio.run(m.control_once)
     assert not back.migrating and back.placed() == before.placed()
+
+
+# --- down hosts a change waits for (sole_holders) -----------------------------------------
+
+
+def vol(replicas: int, lineage: str) -> dict:
+    return {"lineage": lineage, "replicas": replicas, "size": 256 * MiB, "chunk_size": MiB}
+
+
+def test_a_change_waits_for_a_down_host_only_when_it_alone_holds_a_chunk_that_moves():
+    """h5 joins h1-h4 while h2 is down and has not scanned. Its replicas=1 chunks that move
+    to h5 have no other copy, so no up host's scan records h5 stale for them: the change
+    waits for h2. A replicas=2 chunk has its other copy on an up host, whose scan does;
+    only with both its copies down does it wait. A drain of h4 moves none of h2's
+    chunks: it does not wait."""
+    join = cmap(n=5, prev=("h1", "h2", "h3", "h4"))
+    assert sole_holders(join, [vol(1, "a")], frozenset({"h2"})) == ["h2"]
+    assert sole_holders(join, [vol(2, "b")], frozenset({"h2"})) == []
+    assert sole_holders(join, [vol(2, "b")], frozenset({"h2", "h3"})) == ["h2", "h3"]
+    assert sole_holders(join, [vol(3, "c")], frozenset({"h2", "h3"})) == []
+    assert sole_holders(join, [vol(1, "a")], frozenset()) == []
+    drain = ClusterMap(1, join.hosts, ("h1", "h2", "h3"), ("h1", "h2", "h3", "h4"), 1)
+    assert sole_holders(drain, [vol(1, "a")], frozenset({"h2"})) == []
+
+
+def test_the_controller_does_not_complete_a_change_a_down_sole_holder_has_not_scanned():
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for i in range(1, 5):
+        reg.register_host(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}", capacity=GiB), 60)
+    reg.set_data_set(0, ["h1", "h2", "h3"], None)
+    reg.create_volume("v", new_volume("v", 64 * MiB, replicas=1, lineage="l0", head=1, now=0.0).to_dict())
+    reg.kv.txn([], [Delete(P_ALIVE + b"h3")])  # h3 is down
+    m = mover(reg, Clock())
+    got = trio.run(m.control_once)
+    assert got.prev == ("h1", "h2", "h3") and got.data == ("h1", "h2", "h3", "h4")
+    for h in ("h1", "h2", "h4"):
+        reg.mark_scanned(h, got.mgen)
+    assert trio.run(m.control_once).migrating  # h3 alone holds chunks that move to h4
+    reg.register_host(HostRecord("h3", "h3:1", "h3:2", pod="p3", capacity=GiB), 60)
+    assert trio.run(m.control_once).migrating  # back, not scanned yet
+    reg.mark_scanned("h3", got.mgen)
+    assert not trio.run(m.control_once).migrating

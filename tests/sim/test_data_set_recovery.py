@@ -1,0 +1,170 @@
+"""Changes of data set (replicator.migration) and recovery (replicator.recovery) while the
+only current copy of a chunk is out of reach, over the sim hosts (tests/sim/harness.py)
+with a DataSetMover per host stepped by hand (the sim does not run blockd's _move_data).
+
+What they pin down: a chunk whose acknowledged bytes are only on a host that is down, or
+were only on a disk that was replaced, never reads as zeros, nor becomes the source of
+another copy's resync; it is unreadable (EIO) until a copy that holds them returns."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from control import api
+from replicator.gateway import ClusterView
+from replicator.migration import DataSetMover
+from tests.sim.harness import Sim, call, extents_bytes
+from vbp.cluster import ClusterMap
+from vbp.errors import VbpError
+from vbp.layout import MiB
+from vbp.registry.base import NEVER_CURRENT
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    logging.getLogger("vbp").setLevel(logging.ERROR)
+    yield
+    logging.getLogger("vbp").setLevel(logging.NOTSET)
+
+
+def movers(sim: Sim) -> dict[str, DataSetMover]:
+    return {hid: DataSetMover(hid, h.store, h.cluster, sim.registry, h.pool, grace=0.0)
+            for hid, h in sim.hosts.items()}
+
+
+async def step_all(sim: Sim, mv: dict[str, DataSetMover], times: int = 1) -> ClusterMap:
+    """`times` rounds, a second apart, of one _move_data step on every up host (the
+    controller step, then the scan)."""
+    for _ in range(times):
+        for hid, h in sim.hosts.items():
+            if h.up:
+                mover = mv[hid]
+                mover.store, mover.cluster = h.store, h.cluster  # (a restart makes new ones)
+                got = await mover.control_once()
+                if got.epoch > h.cluster.epoch:
+                    h.cluster.set_map(got)
+                await mover.scan_once()
+        sim.sync_maps()
+        await trio.sleep(1.0)
+    return sim.reg.cluster_map()
+
+
+async def read4k(host, gw, offset: int) -> bytes | VbpError:
+    try:
+        return extents_bytes(await host.run_on(lambda: call(gw.read(offset, 4096))), offset, 4096)
+    except VbpError as e:
+        return e
+
+
+async def write_missed_by(sim: Sim, gw, q: str, x: int) -> None:
+    """Write chunk `x` for the first time while `q` restarts (quickly: never declared
+    down): the other copy takes it, `q` is recorded stale for it and holds nothing of it."""
+    h0 = sim.hosts["h0"]
+    sim.crash(q, declare_down=False)
+    await h0.run_on(lambda: call(gw.write(x * MiB, b"W" * 4096, False)))
+    await h0.run_on(lambda: call(gw.flush()))
+    rec = sim.volume("v")
+    assert {r.host_id for r in sim.reg.list_stale(rec.lineage, x)} == {q}
+
+
+def test_a_change_waits_for_the_down_only_holder_of_a_chunk_that_moves():
+    """replicas=1 on h0-h2; h3 joins. The holder of chunk X (which moves to h3) is down
+    when the change starts, so its scan never records h3 stale for X and no other host
+    holds X. The change does not complete (else h3 would count as current with nothing
+    and X read as zeros): X is unreadable meanwhile; once the holder is back it scans,
+    h3 resyncs X from it and the change completes."""
+    async def main():
+        sim = Sim(7, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+            sim.sync_maps()
+            rec = sim.create_volume("v", 64 * MiB, replicas=1, min_size=1)
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            for i in range(64):
+                await h0.run_on(lambda i=i: call(gw.write(i * MiB, bytes([65 + i]) * 4096, False)))
+            await h0.run_on(lambda: call(gw.flush()))
+            old = ClusterView(first)
+            new = ClusterView(ClusterMap(first.epoch, first.hosts, ("h0", "h1", "h2", "h3"), None, 0))
+            x = next(i for i in range(64) if old.replicas(rec.lineage, i, 1)[0] in ("h1", "h2")
+                     and new.replicas(rec.lineage, i, 1) == ("h3",))
+            holder = old.replicas(rec.lineage, x, 1)[0]
+            sim.crash(holder)  # down (its heartbeat expired) before the change starts
+            mv = movers(sim)
+            cmap = await step_all(sim, mv, 6)
+            assert cmap.prev is not None and "h3" in cmap.data  # started, not completed
+            status = api.data_set_status(reg)
+            assert status["down"] == [holder] and status["unscanned"] == [holder]
+            assert isinstance(await read4k(h0, gw, x * MiB), VbpError)
+
+            await sim.restart(holder)
+            for _ in range(10):
+                cmap = await step_all(sim, mv)
+                if cmap.prev is None:
+                    break
+            assert cmap.prev is None and "h3" in cmap.data
+            assert sim.hosts["h3"].store.keys(rec.lineage)  # X (and others) came over
+            gw2 = await h0.run_on(h0.provider.open_export, "v")
+            assert await read4k(h0, gw2, x * MiB) == bytes([65 + x]) * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_change_waits_when_the_only_current_copy_is_down_and_the_other_is_stale_and_empty():
+    """replicas=2, min_size=1. X on P and Q; Q restarted while X was first written, so it
+    is recorded stale and holds nothing of X. P dies before Q resynced X, and the
+    controller takes P out of the data set. Q's scan records X's new target stale (as
+    never current) though Q holds none of X: the change waits, X stays unreadable rather
+    than read as zeros (or give Q holes to resync from), and when P returns the change
+    is undone, Q resyncs X from P and X reads back."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2", "h3"], None)
+            sim.sync_maps()
+            rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
+            x = next(i for i in range(64) if "h0" not in ClusterView(first).replicas(rec.lineage, i, 2))
+            p, q = ClusterView(first).replicas(rec.lineage, x, 2)
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await write_missed_by(sim, gw, q, x)
+            sim.crash(p)  # p dies (heartbeat expired) before q resynced X from it
+            await sim.restart(q)
+            await trio.sleep(2.0)
+            assert isinstance(await read4k(h0, gw, x * MiB), VbpError)  # no current copy
+
+            mv = movers(sim)
+            cmap = await step_all(sim, mv, 6)
+            assert cmap.prev is not None and p not in cmap.data  # started, not completed
+            (target,) = ClusterView(cmap).joining(rec.lineage, x, 2)
+            recs = {r.host_id: r for r in reg.list_stale(rec.lineage, x)}
+            assert recs[target].version & NEVER_CURRENT
+            await trio.sleep(3.0)  # resync passes: neither has a source
+            assert isinstance(await read4k(h0, gw, x * MiB), VbpError)
+
+            await sim.restart(p)
+            for _ in range(10):
+                cmap = await step_all(sim, mv)
+                if cmap.prev is None and not reg.list_stale(rec.lineage, x):
+                    break
+            assert cmap.prev is None and p in cmap.data  # back where it started
+            await trio.sleep(3.0)
+            gw2 = await h0.run_on(h0.provider.open_export, "v")
+            assert await read4k(h0, gw2, x * MiB) == b"W" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
