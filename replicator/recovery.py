@@ -119,6 +119,7 @@ class Resync:
         # disk, so one at a time makes the recovery of many stale chunks latency bound
         self.parallel = 8
         self._quiet_since = -math.inf  # writes after this are within the window
+        self._unrecoverable: set[tuple[str, int]] = set()  # logged by _resync_all_stale
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         vols = await self.registry.list_volumes()
@@ -149,12 +150,14 @@ class Resync:
 
     async def backfill(self, retry: float = 2.0) -> int:
         """This host came back under its id with a new, empty store (blockd: a replaced
-        disk): learn from every other host of the data set which chunks it holds, record
-        this host stale for each of them placed here, then serve as usual: resync brings
-        them over. Until then Replica.backfilling makes every copy here count as stale.
-        Waits (retrying) while a host that may hold chunks is down or too old to answer:
-        its chunks cannot be known, and a copy missing here must never read as a hole.
-        Returns the number of copies recorded stale."""
+        disk): learn from every other host of the data set which chunks it holds, and
+        from the registry which chunks have another copy recorded stale (that copy may
+        hold nothing of a chunk whose current copy was here), record this host stale for
+        each of them placed here, then serve as usual: resync brings them over. Until
+        then Replica.backfilling makes every copy here count as stale. Waits (retrying)
+        while a host that may hold chunks is down or too old to answer: its chunks cannot
+        be known, and a copy missing here must never read as a hole. Returns the number
+        of copies recorded stale."""
         while True:
             try:
                 marked = await self._backfill_once()
@@ -181,6 +184,12 @@ class Resync:
             for lineage in sorted(n_of):
                 reply = await self.pool.call(self.cluster.address(h), m.ChunkIndexes(lineage))
                 found.update((lineage, i) for i in reply.indexes)
+        # A chunk another copy of is recorded stale may have data that copy does not hold
+        # (it missed the chunk's first writes): this one may have been its current copy.
+        for r in await self.registry.list_stale():
+            n = n_of.get(r.lineage)
+            if n and r.host_id != self.host_id and r.host_id in self.cluster.replicas(r.lineage, r.index, n):
+                found.add((r.lineage, r.index))
         marked = 0
         for lineage, index in sorted(found):
             if self.host_id in self.cluster.write_set(lineage, index, n_of[lineage]):
@@ -232,9 +241,9 @@ class Resync:
             return 0
         stale_hosts: dict[tuple[str, int], dict[str, int]] = {}
         for r in records:
-            # a copy recorded stale by a backfill was never current: never the one elected
+            # a copy recorded stale by a backfill was never current (see _resync_all_stale)
             stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = (
-                -1 if r.version & NEVER_CURRENT else r.since)
+                ~r.since if r.version & NEVER_CURRENT else r.since)
         n_of = await self.replicas_by_lineage()
         cleared = 0
         st = self.store.stats()
@@ -308,7 +317,8 @@ class Resync:
             self.on_progress(len(mine), sum(self.chunk_sizes.get(r.lineage, 0) for r in mine))
 
     async def resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
-        """`stale`: the hosts recorded stale for the chunk -> when their record was made."""
+        """`stale`: the hosts recorded stale for the chunk -> when their record was made
+        (`since`; ~since, below 0, for a copy that was never current)."""
         try:
             return await self._resync_chunk(lineage, index, n, stale)
         except ChunkBusy:
@@ -374,10 +384,23 @@ class Resync:
         keeps taking writes that then fail below min_size, so the copy that missed an
         acknowledged write may be the one with the most writes. Generations that copy
         lacks hold only unacknowledged writes here and go. Only while every copy is up
-        and answers, so that every stale host elects the same one."""
-        best = max(complete, key=lambda h: (stale.get(h, 0), -complete.index(h)))
+        and answers, so that every stale host elects the same one.
+        A copy a backfill recorded (a new, empty disk) is never elected. If its record is
+        the newest, that copy was current when its disk was lost, and with it the only
+        copy of writes the others missed: no copy left holds them, and the chunk stays
+        unreadable (EIO) rather than be brought to an older one, or to holes."""
+        def since(h: str) -> int:
+            s = stale.get(h, 0)
+            return ~s if s < 0 else s
+
+        best = max(complete, key=lambda h: (since(h), -complete.index(h)))
         if stale.get(best, 0) < 0:
-            return False  # only copies that were never current (backfill): no source left
+            if (lineage, index) in self._unrecoverable:
+                return False
+            self._unrecoverable.add((lineage, index))
+            log.error("event=chunk_unrecoverable lineage=%s chunk=%d last_current=%s: every copy "
+                      "is stale and the newest was on a replaced disk", lineage, index, best)
+            return False
         if best == self.host_id:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)

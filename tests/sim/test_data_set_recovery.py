@@ -18,6 +18,7 @@ from control import api
 from replicator.gateway import ClusterView
 from replicator.migration import DataSetMover
 from tests.sim.harness import Sim, call, extents_bytes
+from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap
 from vbp.errors import VbpError
 from vbp.layout import MiB
@@ -168,3 +169,49 @@ def test_a_change_waits_when_the_only_current_copy_is_down_and_the_other_is_stal
 
     run(main)
 
+
+def test_backfill_records_a_chunk_whose_other_copy_is_stale_and_empty():
+    """replicas=2, min_size=1. X on P and Q; Q restarted while X was first written (P took
+    it, Q recorded stale, holding nothing) and has not resynced it (it cannot reach P)
+    when P's disk is replaced. Q does not list X, but its stale record does: P's backfill
+    records P stale for X too. P was X's last current copy and its bytes went with the
+    disk: neither copy is elected (not Q, which would serve holes, nor P), X stays
+    unreadable, and the records stay."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2", "h3"], None)
+            sim.sync_maps()
+            rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
+            x = next(i for i in range(64) if "h0" not in ClusterView(first).replicas(rec.lineage, i, 2))
+            p, q = ClusterView(first).replicas(rec.lineage, x, 2)
+            P, Q = sim.hosts[p], sim.hosts[q]
+            h0 = sim.hosts["h0"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await write_missed_by(sim, gw, q, x)
+            Q.faults.partition([P.addr])  # q's resync of X cannot start yet
+            await sim.restart(q)
+            await trio.sleep(2.0)
+            # p's disk is replaced: same id, empty store; blockd backfills before serving
+            sim.crash(p, declare_down=False)
+            P.store = MemoryChunkStore(None, P.capacity)
+            boot = P.boot
+
+            def boot_backfilling():
+                boot()
+                P.replica.backfilling = True
+            P.boot = boot_backfilling
+            await sim.restart(p)
+            await P.run_on(P.resync.backfill)
+            P.replica.backfilling = False
+            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+            Q.faults.heal()
+            await trio.sleep(4.0)  # resync passes
+            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+            gw2 = await h0.run_on(h0.provider.open_export, "v")
+            assert isinstance(await read4k(h0, gw2, x * MiB), VbpError)
+            nursery.cancel_scope.cancel()
+
+    run(main)
