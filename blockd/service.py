@@ -906,7 +906,10 @@ class Blockd:
         volumes and snapshots, overwritten snapshot data, chunks cut off by a shrink.
         Local keys are listed BEFORE the registry is read: a generation that exists here
         then belongs to a record that exists when the registry is read, or to one that was
-        deleted (generation numbers are never reused), so a newer one is never freed."""
+        deleted (generation numbers are never reused), so a newer one is never freed.
+        Which of them are still here is looked at again after the registry, with no await
+        until the deletes: that step is atomic against a resync dropping generations, so
+        the two need no lock per chunk."""
         async def step() -> None:
             await self.collect_garbage_once()
             await self.mover.collect_misplaced()
@@ -951,8 +954,16 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
+        # Presence again, with no await until the deletes: a resync may have dropped a
+        # listed generation meanwhile (_drop_divergent), and the one left is then the
+        # one readers resolve to. Only generations listed before the records were read
+        # and still here count (one made since may belong to a newer record).
+        now: dict[tuple[str, int], set[int]] = {}
+        for k in self.store.keys():
+            now.setdefault((k.lineage, k.index), set()).add(k.gen)
         freed = 0
-        for (lineage, index), gens in local.items():
+        for (lineage, index), listed in local.items():
+            gens = [g for g in listed if g in now.get((lineage, index), ())]
             keep = needed_gens(by_lineage.get(lineage, ()), index, gens)
             for g in gens:
                 if g not in keep:

@@ -1,0 +1,91 @@
+"""Garbage collection (blockd.service.Blockd.collect_garbage_once) against the other users
+of a host's chunk store: a resync that drops generations while GC waits on the registry.
+Sim hosts on a virtual clock, their background loops off so each step is the test's."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import trio
+import trio.testing
+
+from blockd.service import Blockd
+from control import api
+from tests.sim.harness import Sim, call, extents_bytes
+from vbp.layout import MiB
+from vbp.volume import VolumeRecord, take_snapshot
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class HeldListing:
+    """A host's registry whose list_volumes answers only once `gate` is set (a slow
+    etcd answer); `entered` is set when GC asks."""
+
+    def __init__(self, inner):
+        self.inner, self.gate, self.entered = inner, trio.Event(), trio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def list_volumes(self):
+        self.entered.set()
+        await self.gate.wait()
+        return await self.inner.list_volumes()
+
+
+def test_gc_keeps_the_generation_a_resync_left_as_the_only_one():
+    """Chunk 0 of v holds g1 on every copy (acknowledged), and on b also g2: a copy-up
+    by an unacknowledged write after a snapshot, b recorded stale. The snapshot is
+    deleted (g1 stays as v's base). GC on b lists {g1, g2} and waits on the registry;
+    meanwhile b's resync drops g2 (its source lacks it) and clears b's record. GC must
+    judge by what is still there: g1 is now what v reads on b, and stays."""
+    async def main():
+        sim = Sim(11, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, chunk_size=MiB)
+            lin, g1 = rec.lineage, rec.head
+            a, b, c = next(iter(sim.hosts.values())).cluster.replicas(lin, 0, 3)
+            good = b"G" * 4096
+            for h in (a, b, c):
+                host = sim.hosts[h]
+                host.replica.write("v", lin, 0, g1, (g1,), 0, good, MiB, 0, False,
+                                   host.cluster.epoch, 1)
+            g2 = sim.reg.next_id(api.gen_counter(lin))
+            sim.reg.update_volume(
+                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            hb = sim.hosts[b]
+            hb.replica.write("v", lin, 0, g2, (g1, g2), 0, b"X" * 4096, MiB, 0, False,
+                             hb.cluster.epoch, 1)
+            sim.reg.mark_stale(lin, 0, [b], time.time_ns())
+            api.delete_volume(sim.reg, "v@s", force=True)
+            assert sorted(k.gen for k in hb.store.keys(lin)) == [g1, g2]
+            await trio.sleep(10)  # past the resync's write window
+
+            registry = HeldListing(sim.registry)
+            gc_host = SimpleNamespace(store=hb.store, registry=registry, provider=hb.provider)
+            freed = []
+            async with trio.open_nursery() as gc:
+                gc.start_soon(lambda: _append(freed, Blockd.collect_garbage_once(gc_host)))
+                await registry.entered.wait()  # GC listed {g1, g2}
+                await hb.resync.run_once()
+                assert not sim.reg.list_stale(lin)
+                assert sorted(k.gen for k in hb.store.keys(lin)) == [g1]
+                registry.gate.set()
+
+            assert freed == [0]
+            assert sorted(k.gen for k in hb.store.keys(lin)) == [g1]
+            gw = await hb.run_on(hb.provider.open_export, "v")
+            got = extents_bytes(await hb.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
+            gw.close()
+            assert got == good
+            nursery.cancel_scope.cancel()
+    run(main)
+
+
+async def _append(out: list, aw) -> None:
+    out.append(await aw)
