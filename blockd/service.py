@@ -61,6 +61,10 @@ COMPACT_PERIOD = 600.0
 # was followed by a check that the snapshot is still there, past which a snapshot export
 # stops serving (Unpublished): before the registry drops the publication
 PUBLISH_LAPSE = 2 / 3
+# the same share after the start of the last read of its record that went through, past
+# which a head export holding no lease stops serving (Unsynced): another host may have
+# made a new head, and GC freed what its old chain reads (a reader is in no record)
+RECORD_LAPSE = PUBLISH_LAPSE
 
 
 class AsyncRegistry:
@@ -194,12 +198,14 @@ class VolumeProvider:
 
     async def _open(self, export: str, name: str, snap: str | None) -> VolumeGateway:
         svc = self.service
+        t0 = trio.current_time()
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
         view = view_of(rec, snap)
         gw = VolumeGateway(view, host_id=svc.cfg.host_id, replica=svc.replica, cluster=svc.cluster,
                            pool=svc.pool, registry=svc.registry)
         if not view.read_only:
             gw.take_lease = functools.partial(self._take_lease, export)
+            gw.serve_until = t0 + svc.cfg.heartbeat_ttl * RECORD_LAPSE
         gw.refresh_map = svc.refresh_map
         gw.metrics = svc.metrics
         set_qos(gw, rec)
@@ -263,9 +269,11 @@ class VolumeProvider:
 
     async def sync_record(self, gw: VolumeGateway, lease) -> None:
         """Adopt the volume's current record; the holder of `lease` (None: not a holder)
-        completes a pending snapshot."""
+        completes a pending snapshot. Once it has, the gateway's chain is as current as the
+        start of this call: serve_until moves on (a reader's lapse, VolumeGateway)."""
         svc = self.service
         name = gw.view.volume.name
+        t0 = trio.current_time()
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
         if not same_volume(rec, gw.view.volume):
             # deleted and created again under its name between two syncs: another volume
@@ -320,6 +328,7 @@ class VolumeProvider:
         elif (rec.size, rec.cuts) != (gw.size, gw.cuts):
             gw.set_view(view_of(rec, None))
         set_qos(gw, rec)
+        gw.serve_until = max(gw.serve_until, t0 + svc.cfg.heartbeat_ttl * RECORD_LAPSE)
 
     async def sync_records(self) -> None:
         gone = False

@@ -79,6 +79,7 @@ from vbp.errors import (
     RegistryUnavailable,
     StaleEpoch,
     Unpublished,
+    Unsynced,
     VbpError,
 )
 from vbp.later import Later
@@ -354,8 +355,10 @@ class VolumeGateway:
         # set when the snapshot this read-only export serves was deleted (--force): every
         # later request fails with it, since its chunks may be freed and reused
         self.gone: Exception | None = None
-        # trio time past which a snapshot export serves nothing (Unpublished): its host's
-        # publication of it may have lapsed in the registry (blockd sets it; inf: never)
+        # trio time past which the export serves nothing (blockd sets it; inf: never): a
+        # snapshot export's publication may have lapsed in the registry (Unpublished); a
+        # head export's chain may be out of date, its record unread for too long
+        # (Unsynced), which matters only while it holds no lease (_check_served)
         self.serve_until = math.inf
         # trio.current_time, less two calls: this run's clock, asked per write (a gateway
         # lives in the run it was made in: the service's)
@@ -555,7 +558,7 @@ class VolumeGateway:
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
         if self.qos is None and self.gone is None and (
-                self.serve_until == math.inf or self._now() <= self.serve_until):
+                self.token and not self.fenced or self._now() <= self.serve_until):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
                 index = offset >> self._shift
@@ -600,14 +603,20 @@ class VolumeGateway:
         return c
 
     def _check_served(self) -> None:
-        """Reads may be answered: the export is not gone, and (a snapshot export) its
-        host's publication of it has not lapsed (serve_until)."""
+        """Reads may be answered: the export is not gone, and its serve_until has not
+        passed: a snapshot export's publication, a head export's last record read. A head
+        holding the write lease is exempt: no other host makes a new head under it (a
+        takeover or a snapshot completed elsewhere takes the lease first)."""
         if self.gone is not None:
             raise self.gone
-        if self.serve_until != math.inf and self._now() > self.serve_until:
-            raise Unpublished(
-                f"{self.name}: this host could not tell the registry the export is open "
-                f"(registry unreachable): its requests fail until it can")
+        if self._now() > self.serve_until and not (self.token and not self.fenced):
+            if self.read_only:
+                raise Unpublished(
+                    f"{self.name}: this host could not tell the registry the export is open "
+                    f"(registry unreachable): its requests fail until it can")
+            raise Unsynced(
+                f"{self.name}: this host could not read the volume's record (registry "
+                f"unreachable) and holds no write lease: its reads fail until it can")
 
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()

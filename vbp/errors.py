@@ -59,6 +59,13 @@ class Unpublished(Gone):
     until the host publishes again and finds the snapshot still there."""
 
 
+class Unsynced(Gone):
+    """A volume export holding no write lease (a reader) whose host has not read the
+    volume's record for longer than the bound (the registry unreachable from it): another
+    host may have made a new head meanwhile and garbage collection freed what the export's
+    old chain reads, so its requests fail until a record read goes through again."""
+
+
 class OutOfRange(VbpError):
     errno = _errno.EINVAL
 

@@ -14,8 +14,9 @@ import trio.testing
 from control import api
 from replicator import messages as m
 from replicator.gateway import VolumeGateway
+from blockd.service import RECORD_LAPSE
 from tests.sim.harness import Sim, call, extents_bytes
-from vbp.errors import Gone, RegistryUnavailable, Unpublished
+from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_snapshot, view_of
 
@@ -371,6 +372,67 @@ def test_snapshot_exports_stop_serving_in_time_while_the_registry_hangs():
             for export in exports:
                 with pytest.raises(Unpublished):
                     await h0.run_on(lambda: call(export.read(0, 4096)))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class CutOff:
+    """A host's registry whose volume reads fail at once (etcd cut off from this host
+    only: the other hosts go on)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def get_volume(self, name):
+        await trio.lowlevel.checkpoint()
+        raise RegistryUnavailable("registry unreachable from this host")
+
+
+def test_a_reader_stops_serving_while_it_cannot_read_the_volume_record():
+    """A head export holding no lease (a reader: a backup, `vbp volume export` of a live
+    volume) reads by its own copy of the chain, which nothing but its record syncs keeps
+    current, and GC counts no reader that is in no record. Cut off from the registry,
+    it must not serve the old chain for ever: a snapshot, a write past it and the
+    snapshot's delete later, GC has freed what that chain reads, and a read would
+    answer zeros for acknowledged bytes. So past the lapse its reads and block status
+    fail (Unsynced: EIO), and once a record read goes through they answer the current
+    bytes. The writer, cut off the same way, serves on under its lease."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+
+            async def read(host, gw):
+                return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
+
+            assert await read(h1, r) == b"A" * 4096
+            for h in (h0, h1):
+                h.registry = CutOff(h.registry)
+            await trio.sleep(h1.cfg.heartbeat_ttl * RECORD_LAPSE - 0.5)
+            assert await read(h1, r) == b"A" * 4096  # (within the bound)
+            await trio.sleep(1.0)
+            for op in (r.read, r.block_status):
+                with pytest.raises(Unsynced):
+                    await h1.run_on(lambda: call(op(0, 4096)))
+            assert await read(h0, w) == b"A" * 4096  # the lease holder
+            h0.registry = h0.registry.registry
+            await sim.snapshot("v", "s")
+            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
+            api.delete_volume(sim.reg, "v@s", force=True)
+            for h in sim.hosts.values():
+                await h.collect_garbage()
+            with pytest.raises(Unsynced):  # not the zeros GC left under the old chain
+                await read(h1, r)
+            h1.registry = h1.registry.registry
+            await trio.sleep(0.5)  # a record sync goes through
+            assert r.chain == sim.volume("v").chain
+            assert await read(h1, r) == b"B" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)

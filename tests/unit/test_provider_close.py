@@ -64,7 +64,8 @@ async def test_the_lease_waits_for_writes_under_way_and_takes_their_failures_alo
 
             service = SimpleNamespace(
                 registry=registry, replica=replicas["h1"], cluster=cluster, pool=pool,
-                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0),
+                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
+                                   heartbeat_ttl=6.0),
                 refresh_map=refresh_map, metrics=None, stale_map=stale_map,
                 store=replicas["h1"].store, nursery=nursery)
             provider = VolumeProvider(service)
