@@ -142,6 +142,9 @@ class Metrics:
                                      namespace=ns, registry=r)
         self.scrub_unrepairable = Counter("scrub_unrepairable", "Damaged pages scrub found no "
                                           "good copy for.", namespace=ns, registry=r)
+        self.scrub_missing = Counter("scrub_missing", "Chunk copies scrub found missing a "
+                                     "generation on a current replica, recorded stale for "
+                                     "resync.", namespace=ns, registry=r)
         for kind in ("checksum", "divergent"):
             self.scrub_errors.labels(kind)
         self.capacity = Gauge("capacity_bytes", "Chunk space this host offers.", namespace=ns, registry=r)
@@ -199,6 +202,9 @@ class Metrics:
 
     def scrub_unrepairable(self, pages: int) -> None:
         self.scrub_unrepairable.inc(pages)
+
+    def scrub_missing_copies(self, copies: int) -> None:
+        self.scrub_missing.inc(copies)
 
     def set_recovery(self, chunks: int, nbytes: int) -> None:
         self.recovery_chunks.set(chunks)

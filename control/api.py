@@ -397,7 +397,8 @@ def wait_scrub(reg, rid: int, hosts, *, timeout: float = 0, poll: float = 0.5,
 def scrub_summary(results: dict[str, dict]) -> dict:
     """Totals over the hosts' results; `ok` when every host finished and every damaged
     page was repaired."""
-    keys = ("chunks", "pages", "bytes", "repaired", "unrepairable", "busy", "unreachable")
+    keys = ("chunks", "pages", "bytes", "repaired", "unrepairable", "busy", "unreachable",
+            "missing")
     total = {k: sum(r.get(k, 0) for r in results.values()) for k in keys}
     errors: dict[str, int] = {}
     for r in results.values():

@@ -868,7 +868,8 @@ def pool_scrub(state, volume, timeout):
 
     Every host that is up rereads the chunks it is the first replica of, checks each 4 KiB
     page against its checksum, compares versions and checksums with the other replicas,
-    and rewrites a rotten or divergent copy from the agreeing good ones. Blockd does the
+    and rewrites a rotten or divergent copy from the agreeing good ones; a copy missing on
+    a current replica is recorded stale, for resync to copy back. Blockd does the
     same in the background every `scrub_interval` seconds. Counts are in pages. Exits with
     status 5 if a damaged page could not be repaired or a host did not finish.
 
@@ -896,6 +897,8 @@ def pool_scrub(state, volume, timeout):
             click.echo(f"failed on {line}", err=True)
         click.echo(f"\n{total['chunks']} chunks checked, {total['error_pages']} damaged pages found, "
                    f"{total['repaired']} repaired, {total['unrepaired']} not repaired"
+                   + (f", {total['missing']} missing copies recorded stale for resync"
+                      if total["missing"] else "")
                    + ("" if total["ok"] else " -- NOT CLEAN"))
 
     out(state, data, human)

@@ -419,7 +419,7 @@ class Replica:
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
         if isinstance(msg, m.ChunkGens):
             self._check_backfilled()
-            return m.Gens(tuple(sorted(k.gen for k in self.store.keys(msg.lineage) if k.index == msg.index)))
+            return m.Gens(tuple(self.store.gens(msg.lineage, msg.index)))
         if isinstance(msg, m.ChunkIndexes):
             self._check_backfilled()
             return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))

@@ -2,8 +2,19 @@
 
 Theory of operation:
 - Each host scrubs the chunks for which it is the first up replica in placement, so one
-  pass of every host covers every chunk once. Chunks are listed from the local store: a
-  chunk this host does not hold at all is recovery's business, not scrub's.
+  pass of every host covers every chunk once. Chunks are listed from the local store.
+- Presence first (check_presence): a copy missing on a current replica (a lost index
+  entry, a generation freed under a reader) is recorded stale, and resync brings it back;
+  nothing else would notice, as recovery acts on stale records only. Every up replica asks
+  the others which generations of each chunk it holds they hold (ChunkGens), and the
+  first of them that holds any judges, so a chunk the first replica lost is judged too; a
+  chunk no replica holds is unwritten, not missing. A copy is missing a generation when a
+  reader (a volume or snapshot record) resolves on it to an older one of its chain than
+  on another current copy (vbp.volume.lacking). Generations only some hosts' GC freed so
+  far are no such case: GC frees only what no reader resolves to, and the judgement uses
+  records read after the copies were listed. A copy-up under way reaches every copy within
+  `settle` or its failures are recorded, so a copy is recorded only if it missed the same
+  generation on two looks `settle` apart.
 - For each generation of such a chunk every up replica verifies its copy (ScrubChunk): it
   rereads every page, checks it against the stored checksum and answers its version, its
   stored checksums and the pages that failed. The local copy goes through the same handler
@@ -16,7 +27,8 @@ Theory of operation:
     of at least two agreeing copies; without one the page is "unrepairable" (reported,
     never guessed). Same for a rotten page no copy can restore.
   Copies known stale (a registry record, or the host says so) are neither judged nor used
-  as a source: resync brings them current. Down hosts and missing copies are skipped.
+  as a source: resync brings them current. Down hosts are skipped, and so are missing
+  copies here (presence handled them).
 - Writes keep arriving while we look: two copies may differ only because a write reached
   one of them and not yet the other. So nothing is judged on one look: a chunk that looks
   wrong is looked at again after `settle` seconds (longer than a peer timeout: a write still
@@ -53,7 +65,7 @@ from replicator.recovery import MAX_RUN, write_pages_if_unchanged
 from vbp.chunkstore_common import page_checksum
 from vbp.errors import InvalidArgument, RegistryUnavailable, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
-from vbp.volume import replicas_by_lineage
+from vbp.volume import VolumeRecord, lacking, readers, replicas_by_lineage
 
 log = logging.getLogger("vbp.scrub")
 
@@ -243,6 +255,7 @@ class ScrubReport:
     unrepairable: int = 0
     busy: int = 0
     unreachable: int = 0  # copies that could not be asked
+    missing: int = 0  # copies missing a generation on a current replica, recorded stale
 
     @property
     def error_pages(self) -> int:
@@ -253,6 +266,10 @@ class ScrubReport:
 
 
 # --- the driver -------------------------------------------------------------------------------
+
+
+def _current(held: dict[str, frozenset[int]], stale: set[str]) -> dict[str, frozenset[int]]:
+    return {h: gens for h, gens in held.items() if h not in stale}
 
 
 class Scrubber:
@@ -292,6 +309,17 @@ class Scrubber:
         work = self._work(n_of, wanted_gens)
         report = ScrubReport(chunks_total=len(work))
         stale = await self._stale_hosts()
+        by_lineage = readers(VolumeRecord.from_dict(d) for d in recs)
+        for lineage, index, hosts in self._held(n_of):
+            try:
+                await self.check_presence(lineage, index, hosts,
+                                          stale.get((lineage, index), set()),
+                                          by_lineage.get(lineage, ()), report)
+            except (RegistryUnavailable, trio.Cancelled):
+                raise
+            except Exception:  # as a chunk's scrub below
+                log.exception("event=scrub_presence_failed lineage=%s chunk=%d", lineage, index)
+                report.busy += 1
         last = trio.current_time()
         for key, hosts in work:
             try:
@@ -308,8 +336,9 @@ class Scrubber:
                 await progress(report)
         self.last = {**report.to_dict(), "volume": volume, "finished": time.time()}
         log.info("event=scrub_pass_done volume=%s chunks=%d pages=%d errors=%d repaired=%d "
-                 "unrepairable=%d busy=%d", volume or "-", report.chunks, report.pages,
-                 report.error_pages, report.repaired, report.unrepairable, report.busy)
+                 "unrepairable=%d busy=%d missing=%d", volume or "-", report.chunks, report.pages,
+                 report.error_pages, report.repaired, report.unrepairable, report.busy,
+                 report.missing)
         return report
 
     def _work(self, n_of: dict[str, int], gens) -> list[tuple[ChunkKey, tuple[str, ...]]]:
@@ -324,10 +353,78 @@ class Scrubber:
                 out.append((key, tuple(up)))
         return out
 
+    def _held(self, n_of: dict[str, int]) -> list[tuple[str, int, tuple[str, ...]]]:
+        """The chunks this host holds a generation of and is an up replica of: (lineage,
+        index, the up replicas in placement order)."""
+        out = []
+        for lineage, index in sorted({(k.lineage, k.index) for k in self.store.keys()}):
+            n = n_of.get(lineage)
+            if n is None:
+                continue
+            up = tuple(h for h in self.cluster.replicas(lineage, index, n) if self.cluster.is_up(h))
+            if self.host_id in up:
+                out.append((lineage, index, up))
+        return out
+
     async def _stale_hosts(self, lineage: str | None = None) -> dict[tuple[str, int], set[str]]:
         out: dict[tuple[str, int], set[str]] = {}
         for r in await self.registry.list_stale(lineage):
             out.setdefault((r.lineage, r.index), set()).add(r.host_id)
+        return out
+
+    # --- presence of a chunk's generations on every copy --------------------------------------
+
+    async def check_presence(self, lineage: str, index: int, hosts, stale: set[str],
+                             rs, report: ScrubReport) -> None:
+        """Record stale each current copy of the chunk that misses a generation a reader
+        resolves to on another current copy (theory of operation). `hosts`: its up
+        replicas; `rs`: the lineage's readers as the pass began, only to pick the chunks
+        worth a second look."""
+        first = await self._gens(lineage, index, hosts)
+        for h in hosts:  # the first up replica that holds any generation judges
+            if h not in first:
+                return  # (unanswered: it may hold some; the next pass)
+            if first[h] or h == self.host_id:
+                break
+        if h != self.host_id or not lacking(rs, index, _current(first, stale)):
+            return
+        await trio.sleep(self.settle)
+        stale = stale | (await self._stale_hosts(lineage)).get((lineage, index), set())
+        second = await self._gens(lineage, index, hosts)
+        # the records after the looks: a generation GC freed then was freed by records as
+        # old or older, under which no reader resolved to it either
+        rs = readers(VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()
+                     if d["lineage"] == lineage).get(lineage, ())
+        before = lacking(rs, index, _current(first, stale))
+        now = lacking(rs, index, _current(second, stale))
+        for h, gens in sorted(now.items()):
+            gens &= before.get(h, set())
+            if not gens:
+                continue
+            await self.registry.mark_stale(lineage, index, [h], time.time_ns())
+            report.missing += 1
+            log.warning("event=scrub_missing lineage=%s chunk=%d host=%s gens=%s: a current "
+                        "copy misses what readers resolve to; recorded stale for resync",
+                        lineage, index, h, ",".join(map(str, sorted(gens))))
+            if self.metrics is not None:
+                self.metrics.scrub_missing_copies(1)
+
+    async def _gens(self, lineage: str, index: int, hosts) -> dict[str, frozenset[int]]:
+        """The generations of the chunk each host holds, of those that answered (a host
+        that says its copy is stale, backfilling, answers nothing)."""
+        msg = m.ChunkGens(lineage, index)
+        out: dict[str, frozenset[int]] = {}
+
+        async def one(h: str) -> None:
+            try:
+                out[h] = frozenset((await self._call(h, msg)).gens)
+            except VbpError as e:
+                log.info("event=scrub_gens_failed lineage=%s chunk=%d host=%s error=%s",
+                         lineage, index, h, e)
+
+        async with trio.open_nursery() as nursery:
+            for h in hosts:
+                nursery.start_soon(one, h)
         return out
 
     # --- one chunk generation -------------------------------------------------------------

@@ -72,6 +72,11 @@ class MemoryChunkStore:
                     return gen
         return None
 
+    def gens(self, lineage: str, index: int) -> list[int]:
+        """The generations of chunk (lineage, index) held here, oldest first: without a
+        walk over every key (a peer asks for each chunk scrub looks at)."""
+        return sorted(self._gens.get((lineage, index), ()))
+
     def keys(self, lineage: str | None = None) -> Iterator[ChunkKey]:
         return iter([k for k in self._chunks if lineage is None or k.lineage == lineage])
 

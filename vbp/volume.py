@@ -292,6 +292,26 @@ def needed_gens(readers_of_lineage, index: int, present) -> set[int]:
     return needed
 
 
+def lacking(readers_of_lineage, index: int, held) -> dict[str, set[int]]:
+    """Copies of chunk `index` that miss a generation some reader resolves to on another
+    copy: host -> those generations. `held`: host -> the generations it holds. A copy
+    misses one when a reader resolves there to an older generation of its chain (or to
+    none) than on another copy. Generations freed by only some hosts' GC so far make no
+    difference here: GC frees only what no reader resolves to (needed_gens)."""
+    out: dict[str, set[int]] = {}
+    for r in readers_of_lineage:
+        if index * r.chunk_size >= r.size:
+            continue
+        chain = visible_chain(r.chain, r.cuts, index)
+        at = {g: i for i, g in enumerate(chain)}
+        resolved = {h: max((at[g] for g in gens if g in at), default=-1) for h, gens in held.items()}
+        top = max(resolved.values(), default=-1)
+        for h, i in resolved.items():
+            if i < top:
+                out.setdefault(h, set()).add(chain[top])
+    return out
+
+
 def clone_from(parent: VolumeRecord, snap: str, name: str, new_head: int, now: float | None = None) -> VolumeRecord:
     s = parent.snapshot(snap)
     check_name(name)

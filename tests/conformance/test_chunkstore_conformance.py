@@ -317,6 +317,7 @@ def test_keys_and_resolve(store):
     assert store.resolve("a", 0, []) is None
     assert store.resolve("a", 1, [2]) is None
     assert store.resolve("c", 0, [1]) is None
+    assert (store.gens("a", 0), store.gens("a", 1), store.gens("a", 2)) == ([1, 3], [1], [])
     for k in list(store.keys("a")):
         store.delete(k)
     assert list(store.keys()) == [ChunkKey("b", 0, 2)]

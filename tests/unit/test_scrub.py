@@ -21,6 +21,7 @@ from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.layout import PAGE_SIZE, ChunkKey
 from vbp.registry import open_registry
+from vbp.volume import Reader, VolumeRecord, lacking, take_snapshot
 
 # --- diagnose: the pure core ---------------------------------------------------------------
 
@@ -119,6 +120,17 @@ def test_fixes_only_copy_agreed_content_and_repeated_passes_converge(raw):
         raise AssertionError("passes did not converge")
     # what is left is exactly what no agreeing majority can decide
     assert all(f.host for f in d.unrepairable) and not d.fixes
+
+
+def test_lacking_names_only_copies_a_reader_resolves_older_on():
+    head, snap = Reader((1, 2, 3), (), 4, 1), Reader((1, 2), (), 4, 1)
+    # b freed 1 (hidden by 2 for every reader): GC lag, no finding; c lost 3, d everything
+    held = {"a": {1, 2, 3}, "b": {2, 3}, "c": {1, 2}, "d": set()}
+    assert lacking([head, snap], 0, held) == {"c": {3}, "d": {3, 2}}
+    assert lacking([head, snap], 0, {"a": {1}, "b": {1}}) == {}
+    assert lacking([head], 4, {"a": {3}, "b": set()}) == {}  # past the end: no reader
+    cut = Reader((1, 2, 3), ((2, 0),), 4, 1)  # a shrink at chunk 0 hid 1 and 2
+    assert lacking([cut], 0, {"a": {1, 2}, "b": set()}) == {}
 
 
 # --- a pool of three in-memory hosts ---------------------------------------------------------
@@ -319,3 +331,102 @@ async def test_scrub_of_an_unknown_volume_fails_the_request(pool, autojump_clock
     await pool.scrubber("h1").run_requested(pool.reg.scrub_request())
     r = pool.reg.scrub_results(rid)["h1"]
     assert r["state"] == "failed" and "nope" in r["error"]
+
+
+# --- presence: a copy missing on a current replica --------------------------------------------
+
+
+def snapshot(pool: Pool, name: str) -> int:
+    """Snapshot `name` of v, completed at once; v's new head generation."""
+    head = pool.reg.next_id(api.gen_counter(pool.vol.lineage))
+    pool.reg.update_volume("v", lambda d: take_snapshot(VolumeRecord.from_dict(d), name, head).to_dict())
+    pool.vol = api.get_volume(pool.reg, "v")
+    return head
+
+
+async def scrub_all(pool: Pool) -> int:
+    """A pass of every host; the copies they found missing."""
+    return sum([(await pool.scrubber(h).run_pass()).missing for h in pool.stores])
+
+
+def stale_hosts(pool: Pool, index: int = 0) -> set[str]:
+    return {r.host_id for r in pool.reg.list_stale(pool.vol.lineage) if r.index == index}
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["first", "second", "third"])
+async def test_a_chunk_lost_by_a_current_replica_is_recorded_stale(pool, autojump_clock, which):
+    """Whichever up replica lost its copy, the first up replica that holds one judges
+    the chunk, and only the copy that lost it is recorded stale (resync brings it back)."""
+    pool.write(0, 0, page(1))
+    victim = pool.hosts(0)[which]
+    pool.stores[victim].delete(pool.key(0))
+    assert await scrub_all(pool) == 1
+    assert stale_hosts(pool) == {victim}
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["first", "second"])
+async def test_a_generation_lost_under_a_snapshot_is_recorded_stale(pool, autojump_clock, which):
+    """A copy that kept the snapshot's generation but lost the head's copy-up reads the
+    snapshot's bytes through the head: missing too, wherever it is."""
+    pool.write(0, 0, page(1))
+    g1 = pool.vol.head
+    g2 = snapshot(pool, "s")
+    pool.write(0, 0, page(2))  # the copy-up, on every replica
+    victim = pool.hosts(0)[which]
+    pool.stores[victim].delete(ChunkKey(pool.vol.lineage, 0, g2))
+    assert pool.stores[victim].gens(pool.vol.lineage, 0) == [g1]
+    assert await scrub_all(pool) == 1
+    assert stale_hosts(pool) == {victim}
+
+
+async def test_generations_only_some_hosts_freed_are_not_missing(pool, autojump_clock):
+    """GC frees on each host in its own time: a snapshot deleted, one host freed its
+    generation (hidden by the head's copy-up), the others not yet; and another host freed
+    it after the pass read the records (which still named the snapshot). Neither is a
+    copy missing anything. Nor is a chunk nobody wrote."""
+    pool.write(0, 0, page(1))
+    g1 = pool.vol.head
+    snapshot(pool, "s")
+    pool.write(0, 0, page(2))
+    api.delete_volume(pool.reg, "v@s")
+    a, b, c = pool.hosts(0)
+    pool.stores[b].delete(ChunkKey(pool.vol.lineage, 0, g1))
+    assert await scrub_all(pool) == 0
+
+    snapshot(pool, "t")  # again, the records read at the pass's start naming t
+    pool.write(0, 0, page(3))
+    g2 = pool.vol.chain[-2]
+    pool.stores[c].delete(ChunkKey(pool.vol.lineage, 0, g2))  # t gone, freed on c only
+    old = pool.reg.list_volumes()
+    api.delete_volume(pool.reg, "v@t")
+    registry = pool.registry
+    answers = iter([old])
+
+    async def list_volumes():  # the pass's start: before the delete
+        await trio.lowlevel.checkpoint()
+        return next(answers, None) or pool.reg.list_volumes()
+
+    pool.registry = type("Later", (), {"__getattr__": lambda s, n: getattr(registry, n),
+                                       "list_volumes": staticmethod(list_volumes)})()
+    t0 = trio.current_time()
+    report = await pool.scrubber(a).run_pass()
+    assert trio.current_time() - t0 >= 10  # (c looked like missing t's generation: a second look)
+    assert report.missing == 0 and not stale_hosts(pool)
+
+
+async def test_a_copy_up_under_way_is_not_missing(pool, autojump_clock):
+    """The first write after a snapshot reached two copies before the first look and
+    reaches the third during the settle time: nothing is recorded."""
+    pool.write(0, 0, page(1))
+    snapshot(pool, "s")
+    first, second, third = pool.hosts(0)
+    pool.write(0, 0, page(2), hosts=[first, second])
+
+    async def rest_of_the_write():
+        await trio.sleep(1)
+        pool.write(0, 0, page(2), hosts=[third])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rest_of_the_write)
+        report = await pool.scrubber(first).run_pass()
+    assert report.missing == 0 and not stale_hosts(pool)
