@@ -3,7 +3,7 @@
 Theory of operation:
 - Each host scrubs the chunks for which it is the first up replica in placement, so one
   pass of every host covers every chunk once. Chunks are listed from the local store.
-- Presence first (check_presence): a copy missing on a current replica (a lost index
+- Presence first (first_look, second_look): a copy missing on a current replica (a lost index
   entry, a generation freed under a reader) is recorded stale, and resync brings it back;
   nothing else would notice, as recovery acts on stale records only. Every up replica asks
   the others which generations of each chunk it holds they hold (ChunkGens), and the
@@ -14,7 +14,8 @@ Theory of operation:
   far are no such case: GC frees only what no reader resolves to, and the judgement uses
   records read after the copies were listed. A copy-up under way reaches every copy within
   `settle` or its failures are recorded, so a copy is recorded only if it missed the same
-  generation on two looks `settle` apart.
+  generation on two looks `settle` apart; the chunks that look so wait out one `settle`
+  together, not one each (a replica that lost its store: every chunk of it).
 - For each generation of such a chunk every up replica verifies its copy (ScrubChunk): it
   rereads every page, checks it against the stored checksum and answers its version, its
   stored checksums and the pages that failed. The local copy goes through the same handler
@@ -310,16 +311,22 @@ class Scrubber:
         report = ScrubReport(chunks_total=len(work))
         stale = await self._stale_hosts()
         by_lineage = readers(VolumeRecord.from_dict(d) for d in recs)
+        suspects = []
         for lineage, index, hosts in self._held(n_of):
             try:
-                await self.check_presence(lineage, index, hosts,
-                                          stale.get((lineage, index), set()),
-                                          by_lineage.get(lineage, ()), report)
+                first = await self.first_look(lineage, index, hosts,
+                                              stale.get((lineage, index), set()),
+                                              by_lineage.get(lineage, ()))
             except (RegistryUnavailable, trio.Cancelled):
                 raise
             except Exception:  # as a chunk's scrub below
                 log.exception("event=scrub_presence_failed lineage=%s chunk=%d", lineage, index)
                 report.busy += 1
+                continue
+            if first is not None:
+                suspects.append((lineage, index, hosts, first))
+        if suspects:  # one settling time for all of them, not one each
+            await self.second_look(suspects, report)
         last = trio.current_time()
         for key, hosts in work:
             try:
@@ -374,40 +381,50 @@ class Scrubber:
 
     # --- presence of a chunk's generations on every copy --------------------------------------
 
-    async def check_presence(self, lineage: str, index: int, hosts, stale: set[str],
-                             rs, report: ScrubReport) -> None:
-        """Record stale each current copy of the chunk that misses a generation a reader
-        resolves to on another current copy (theory of operation). `hosts`: its up
-        replicas; `rs`: the lineage's readers as the pass began, only to pick the chunks
-        worth a second look."""
+    async def first_look(self, lineage: str, index: int, hosts, stale: set[str],
+                         rs) -> dict[str, frozenset[int]] | None:
+        """The generations each of the chunk's up replicas (`hosts`) holds, when this host
+        judges the chunk (the first of them holding any) and a current copy seems to miss
+        one a reader resolves to on another (`rs`: the lineage's readers as the pass
+        began); else None. Nothing is recorded on one look (second_look)."""
         first = await self._gens(lineage, index, hosts)
         for h in hosts:  # the first up replica that holds any generation judges
             if h not in first:
-                return  # (unanswered: it may hold some; the next pass)
+                return None  # (unanswered: it may hold some; the next pass)
             if first[h] or h == self.host_id:
                 break
         if h != self.host_id or not lacking(rs, index, _current(first, stale)):
-            return
+            return None
+        return first
+
+    async def second_look(self, suspects: list, report: ScrubReport) -> None:
+        """Record stale each current copy of the `suspects` (first_look's chunks: (lineage,
+        index, hosts, first look)) that misses, `settle` seconds later, a generation it
+        missed then too and that a reader resolves to on another current copy."""
         await trio.sleep(self.settle)
-        stale = stale | (await self._stale_hosts(lineage)).get((lineage, index), set())
-        second = await self._gens(lineage, index, hosts)
+        stale = await self._stale_hosts()
+        seconds = []
+        for lineage, index, hosts, first in suspects:
+            seconds.append(await self._gens(lineage, index, hosts))
         # the records after the looks: a generation GC freed then was freed by records as
         # old or older, under which no reader resolved to it either
-        rs = readers(VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()
-                     if d["lineage"] == lineage).get(lineage, ())
-        before = lacking(rs, index, _current(first, stale))
-        now = lacking(rs, index, _current(second, stale))
-        for h, gens in sorted(now.items()):
-            gens &= before.get(h, set())
-            if not gens:
-                continue
-            await self.registry.mark_stale(lineage, index, [h], time.time_ns())
-            report.missing += 1
-            log.warning("event=scrub_missing lineage=%s chunk=%d host=%s gens=%s: a current "
-                        "copy misses what readers resolve to; recorded stale for resync",
-                        lineage, index, h, ",".join(map(str, sorted(gens))))
-            if self.metrics is not None:
-                self.metrics.scrub_missing_copies(1)
+        by_lineage = readers(VolumeRecord.from_dict(d) for d in await self.registry.list_volumes())
+        for (lineage, index, hosts, first), second in zip(suspects, seconds):
+            rs = by_lineage.get(lineage, ())
+            gone = stale.get((lineage, index), set())
+            before = lacking(rs, index, _current(first, gone))
+            now = lacking(rs, index, _current(second, gone))
+            for h, gens in sorted(now.items()):
+                gens &= before.get(h, set())
+                if not gens:
+                    continue
+                await self.registry.mark_stale(lineage, index, [h], time.time_ns())
+                report.missing += 1
+                log.warning("event=scrub_missing lineage=%s chunk=%d host=%s gens=%s: a "
+                            "current copy misses what readers resolve to; recorded stale for "
+                            "resync", lineage, index, h, ",".join(map(str, sorted(gens))))
+                if self.metrics is not None:
+                    self.metrics.scrub_missing_copies(1)
 
     async def _gens(self, lineage: str, index: int, hosts) -> dict[str, frozenset[int]]:
         """The generations of the chunk each host holds, of those that answered (a host

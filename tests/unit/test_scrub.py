@@ -156,7 +156,7 @@ _POOLS = itertools.count()
 
 
 class Pool:
-    def __init__(self, replicas: int = 3):
+    def __init__(self, replicas: int = 3, size: str = "4M"):
         self.reg = open_registry(f"memory://scrub-{next(_POOLS)}")
         hosts = tuple(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", pod=f"p{i}") for i in (1, 2, 3))
         self.cluster = ClusterView(ClusterMap(1, hosts))
@@ -165,7 +165,7 @@ class Pool:
         self.replicas = {h: Replica(s, h, lambda: 1) for h, s in self.stores.items()}
         for h, r in self.replicas.items():
             self.net.serve(f"{h}:1", r.handle, cluster="t", host_id=h)
-        self.vol = api.create_volume(self.reg, "v", "4M", replicas=replicas, chunk_size="1M")
+        self.vol = api.create_volume(self.reg, "v", size, replicas=replicas, chunk_size="1M")
         self.registry = InlineRegistry(self.reg)
 
     def hosts(self, index: int) -> tuple[str, ...]:
@@ -430,3 +430,21 @@ async def test_a_copy_up_under_way_is_not_missing(pool, autojump_clock):
         nursery.start_soon(rest_of_the_write)
         report = await pool.scrubber(first).run_pass()
     assert report.missing == 0 and not stale_hosts(pool)
+
+
+async def test_copies_missing_in_many_chunks_wait_one_settling_time_together(autojump_clock):
+    """Each chunk that looks like a copy misses something is looked at again `settle`
+    seconds later: for many such chunks (a replica that lost its store) once for all of
+    them, not once each (ten chunks at 10 s each were 100 s of a pass)."""
+    pool = Pool(size="16M")
+    for i in range(10):
+        pool.write(i, 0, page(i + 1))
+    victims = {}
+    for i in range(10):
+        victims[i] = pool.hosts(i)[1]
+        pool.stores[victims[i]].delete(pool.key(i))
+    t0 = trio.current_time()
+    assert await scrub_all(pool) == 10
+    assert trio.current_time() - t0 < 4 * 10  # (a settling time per pass, of 3 passes)
+    for i in range(10):
+        assert stale_hosts(pool, i) == {victims[i]}
