@@ -538,16 +538,28 @@ def _transfer_summary(verb, stats):
             f"{format_size(stats.bytes_zero + stats.bytes_holes)} holes or zeroes")
 
 
+def _timeout_option(f):
+    from control.transfer import TIMEOUT
+
+    return click.option(
+        "--timeout", type=click.FloatRange(min=0, min_open=True), default=TIMEOUT,
+        show_default=True, metavar="SECONDS",
+        help="Fail when the host gives no reply for this long (hung or stopped).")(f)
+
+
 @volume.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("name")
 @click.option("--host", metavar="ID", help="Write through this host (default: the first one up).")
+@_timeout_option
 @json_flag
 @click.pass_obj
-def volume_import(state, file, name, host):
+def volume_import(state, file, name, host, timeout):
     """Copy the raw image FILE into volume NAME; holes stay holes.
 
     NAME must be at least as big as FILE; afterwards it reads as FILE followed by zeroes.
+    A host that stops answering fails the import after --timeout seconds; import again
+    (through another host with --host) to finish it.
 
     \b
     Example:
@@ -557,7 +569,7 @@ def volume_import(state, file, name, host):
 
     uri = transfer.volume_uri(state.registry(), name, host=host)
     with _progress_bar(state, f"import {file.name}") as progress:
-        stats = transfer.import_file(file, uri, progress=progress)
+        stats = transfer.import_file(file, uri, progress=progress, timeout=timeout)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"imported {file} into {name}:", stats)))
 
@@ -567,10 +579,13 @@ def volume_import(state, file, name, host):
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")
+@_timeout_option
 @json_flag
 @click.pass_obj
-def volume_export(state, name, file, force, host):
+def volume_export(state, name, file, force, host, timeout):
     """Copy volume or snapshot NAME[@SNAP] into the raw image FILE, a sparse file.
+
+    A host that stops answering fails the export after --timeout seconds.
 
     \b
     Example:
@@ -580,7 +595,8 @@ def volume_export(state, name, file, force, host):
 
     uri = transfer.volume_uri(state.registry(), name, host=host)
     with _progress_bar(state, f"export {name}") as progress:
-        stats = transfer.export_volume(uri, file, progress=progress, overwrite=force)
+        stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,
+                                       timeout=timeout)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"exported {name} to {file}:", stats)))
 

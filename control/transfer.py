@@ -32,10 +32,16 @@ loop (the buffers go straight from `preadv` to `aio_pwrite` and from `aio_pread`
 MiB/s with nbdcopy; export ~1.0-1.5 s here (including the fsync of the output) vs 0.8 s
 with nbdcopy (which does not fsync).
 
+Every wait on the server is bounded: the connection, and each request once the server has
+gone `timeout` seconds (60 by default) without answering any (a blockd hung, stopped or cut
+off), fail with a TransferError naming the host; a server that answers slowly (a volume
+throttled by its QoS limits) is no error as long as replies keep coming. The handle is then
+dropped, not shut down: `nbd_shutdown` would wait for the replies that never come.
+
 Errors are `VbpError` subclasses with one-line messages: `NotFound` (no such file, volume
 or snapshot), `InvalidArgument` (volume too small, read-only target, not a file),
 `AlreadyExists` (output exists without `overwrite=True`) and `TransferError` (I/O failures,
-connection failures, server errors during the copy).
+connection failures, a server that stops answering, server errors during the copy).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
 
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound, VbpError
 
@@ -55,6 +62,8 @@ BLOCK = 2 * MiB  # bytes per READ/WRITE request (the server's maximum is 32 MiB)
 GRAIN = 64 * 1024  # zero detection granularity inside a block
 DEPTH = 16  # requests in flight
 ZERO_MAX = 256 * MiB  # bytes per WRITE_ZEROES request
+TIMEOUT = 60.0  # seconds without a reply from the server before a transfer fails
+POLL_SLICE = 1.0  # seconds per poll: a Ctrl-C is handled between two
 
 STATE_HOLE = 1  # NBD base:allocation flags
 STATE_ZERO = 2
@@ -126,13 +135,35 @@ def _nbd():
     return nbd
 
 
-def _connect(uri: str):
+def _server(uri: str) -> str:
+    """The server of an NBD URI as errors name it: HOST:PORT, or the socket's path."""
+    parts = urlsplit(uri)
+    if parts.netloc:
+        return parts.netloc
+    return parse_qs(parts.query).get("socket", [uri])[0]
+
+
+def _silent(uri: str, timeout: float) -> TransferError:
+    return TransferError(f"no reply from {_server(uri)} in {timeout:g} s "
+                         f"(is blockd there hung or stopped?)")
+
+
+def _connect(uri: str, timeout: float = TIMEOUT):
+    """A handle connected to `uri`, its handshake done within `timeout` seconds (a stopped
+    blockd still accepts TCP connections: the kernel does, and no handshake follows)."""
     nbd = _nbd()
     h = nbd.NBD()
     h.set_handle_name("vbp-transfer")
     h.add_meta_context("base:allocation")
     try:
-        h.connect_uri(uri)
+        h.aio_connect_uri(uri)
+        deadline = time.monotonic() + timeout
+        while h.aio_is_connecting():
+            if not h.poll(_poll_ms(deadline - time.monotonic())) and \
+                    time.monotonic() >= deadline:
+                raise _silent(uri, timeout)
+        if not h.aio_is_ready():
+            raise TransferError(f"cannot connect to {uri}: the server closed the connection")
     except nbd.Error as e:
         if e.errno == "ENOENT":
             raise NotFound(f"{uri}: no such volume or snapshot") from None
@@ -140,6 +171,10 @@ def _connect(uri: str):
             raise TransferError(f"{uri}: connection refused (is blockd running there?)") from None
         raise TransferError(f"cannot connect to {uri}: {_reason(e)}") from None
     return h
+
+
+def _poll_ms(left: float) -> int:
+    return max(1, int(min(left, POLL_SLICE) * 1000))
 
 
 def _reason(e) -> str:
@@ -153,8 +188,14 @@ def _reason(e) -> str:
 
 
 def _close(h) -> None:
+    """Disconnect politely from a server that answered everything, within a second; else
+    just drop the connection (nbd_shutdown waits for replies a hung server never sends)."""
     try:
-        h.shutdown()
+        if h.aio_is_ready() and h.aio_in_flight() == 0:
+            h.aio_disconnect(0)
+            deadline = time.monotonic() + 1.0
+            while not (h.aio_is_closed() or h.aio_is_dead()) and time.monotonic() < deadline:
+                h.poll(100)
     except Exception:
         pass
     close = getattr(h, "close", None)  # libnbd >= 1.16; older ones close on collection
@@ -162,8 +203,9 @@ def _close(h) -> None:
         close()
 
 
-def _extents(h, size: int) -> list[tuple[int, int, int]]:
+def _extents(pipe: "_Pipeline", size: int) -> list[tuple[int, int, int]]:
     """The volume's base:allocation map as (start, end, flags), covering [0, size)."""
+    h = pipe.h
     if not h.can_meta_context("base:allocation"):
         return [(0, size, 0)]
     out: list[tuple[int, int, int]] = []
@@ -179,7 +221,8 @@ def _extents(h, size: int) -> list[tuple[int, int, int]]:
                     pos += entries[i]
             return 0
 
-        h.block_status(min(size - off, 1 << 30), off, cb)
+        n = min(size - off, 1 << 30)
+        pipe.wait(pipe.submit(lambda n=n, off=off, cb=cb: h.aio_block_status(n, off, cb)))
         end = off
         for s, e, f in got:
             s, e = max(s, off), min(e, size)
@@ -222,39 +265,61 @@ class _ZeroMap:
 
 
 class _Pipeline:
-    """Up to DEPTH aio commands in flight on one handle; `done(nbytes, ctx)` runs, in this
-    thread, as each completes. A failed command raises its nbd.Error from submit/drain."""
+    """Up to `depth` aio commands in flight on one handle, each with an optional `done()`
+    run in this thread when it completes. A failed command raises its nbd.Error from
+    submit/wait/drain.
 
-    def __init__(self, h, done: Callable[[int, object], None], depth: int = DEPTH):
-        self.h, self.done, self.depth = h, done, depth
-        self.inflight: dict[int, tuple[int, object]] = {}
+    A server that answers none of them for `timeout` seconds fails the transfer
+    (TransferError). The clock runs from the later of the last reply and the oldest
+    command's submission, so a command queued behind others at a server that answers
+    slowly but steadily (a volume under QoS limits) is not late; and a timeout is declared
+    only after a poll that found nothing, so time this thread spent elsewhere (reading a
+    slow source file) is not blamed on the server."""
 
-    def submit(self, issue: Callable[[], int], nbytes: int, ctx: object = None) -> None:
+    def __init__(self, h, uri: str, timeout: float = TIMEOUT, depth: int = DEPTH):
+        self.h, self.uri, self.timeout, self.depth = h, uri, timeout, depth
+        self.inflight: dict[int, tuple[float, Callable[[], None] | None]] = {}
+        self.last_reply = time.monotonic()
+
+    def submit(self, issue: Callable[[], int], done: Callable[[], None] | None = None) -> int:
         while len(self.inflight) >= self.depth:
             self._reap(block=True)
-        self.inflight[issue()] = (nbytes, ctx)
+        cookie = issue()
+        self.inflight[cookie] = (time.monotonic(), done)
+        return cookie
 
-    def _reap(self, block: bool) -> None:
-        """Retire completed commands; with `block`, wait until at least one completes."""
-        while True:
-            reaped = 0
-            for cookie in list(self.inflight):
-                try:
-                    finished = self.h.aio_command_completed(cookie)
-                except BaseException:
-                    self.inflight.pop(cookie, None)
-                    raise
-                if finished:
-                    nbytes, ctx = self.inflight.pop(cookie)
-                    self.done(nbytes, ctx)
-                    reaped += 1
-            if reaped or not block or not self.inflight:
-                return
-            self.h.poll(-1)
+    def wait(self, cookie: int) -> None:
+        while cookie in self.inflight:
+            self._reap(block=True)
 
     def drain(self) -> None:
         while self.inflight:
             self._reap(block=True)
+
+    def _reap(self, block: bool) -> None:
+        """Retire completed commands; with `block`, wait until at least one completes."""
+        while True:
+            finished = []
+            for cookie in list(self.inflight):
+                try:
+                    if self.h.aio_command_completed(cookie):
+                        finished.append(self.inflight.pop(cookie)[1])
+                except BaseException:
+                    self.inflight.pop(cookie, None)
+                    raise
+            if finished:
+                self.last_reply = time.monotonic()
+                for done in finished:
+                    if done is not None:
+                        done()
+                return
+            if not block or not self.inflight:
+                return
+            oldest = next(iter(self.inflight.values()))[0]
+            deadline = max(self.last_reply, oldest) + self.timeout
+            if not self.h.poll(_poll_ms(deadline - time.monotonic())) and \
+                    time.monotonic() >= deadline:
+                raise _silent(self.uri, self.timeout)
 
 
 def _zero_runs(buf, length: int, base: int) -> Iterator[tuple[int, int, bool]]:
@@ -330,9 +395,11 @@ def _reporter(progress: Progress | None, total: int):
 # --- import -------------------------------------------------------------------------------
 
 
-def import_file(path, uri: str, *, progress: Progress | None = None) -> TransferStats:
+def import_file(path, uri: str, *, progress: Progress | None = None,
+                timeout: float = TIMEOUT) -> TransferStats:
     """Copy the raw image `path` into the volume at NBD `uri`: afterwards the volume reads as
-    the file followed by zeroes. Holes and zero runs of the file cost no data transfer."""
+    the file followed by zeroes. Holes and zero runs of the file cost no data transfer.
+    Fails if the server leaves the transfer `timeout` seconds without a reply."""
     nbd = _nbd()
     t0 = time.monotonic()
     path = os.fspath(path)
@@ -350,9 +417,9 @@ def import_file(path, uri: str, *, progress: Progress | None = None) -> Transfer
             fsize = os.lseek(fd, 0, os.SEEK_END)
         else:
             raise InvalidArgument(f"{path}: not a regular file or block device")
-        h = _connect(uri)
+        h = _connect(uri, timeout)
         try:
-            return _import(nbd, h, fd, path, fsize, uri, progress, t0)
+            return _import(nbd, _Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
         except nbd.Error as e:
             raise TransferError(f"import of {path} into {uri} failed: {_reason(e)}") from None
         except OSError as e:
@@ -363,7 +430,8 @@ def import_file(path, uri: str, *, progress: Progress | None = None) -> Transfer
         os.close(fd)
 
 
-def _import(nbd, h, fd, path, fsize, uri, progress, t0) -> TransferStats:
+def _import(nbd, pipe, fd, path, fsize, uri, progress, t0) -> TransferStats:
+    h = pipe.h
     vsize = h.get_size()
     if h.is_read_only():
         raise InvalidArgument(f"{uri} is read-only (a snapshot?); import into a volume")
@@ -371,12 +439,11 @@ def _import(nbd, h, fd, path, fsize, uri, progress, t0) -> TransferStats:
         raise InvalidArgument(
             f"{path} is {fsize} bytes, larger than the volume ({vsize} bytes); "
             f"grow it with `vbp volume resize` or create a bigger one")
-    zmap = _ZeroMap(_extents(h, vsize))
+    zmap = _ZeroMap(_extents(pipe, vsize))
     tail = list(zmap.needs_zero(fsize, vsize))
     stats = TransferStats(bytes_total=fsize, bytes_tail_zeroed=sum(e - s for s, e in tail))
     total = fsize + stats.bytes_tail_zeroed
     advance = _reporter(progress, total)
-    pipe = _Pipeline(h, lambda n, _ctx: advance(n))
     can_zero = h.can_zero()
     zero_buf = None
 
@@ -390,12 +457,13 @@ def _import(nbd, h, fd, path, fsize, uri, progress, t0) -> TransferStats:
             for off in range(s, e, ZERO_MAX if can_zero else BLOCK):
                 n = min(e - off, ZERO_MAX if can_zero else BLOCK)
                 if can_zero:
-                    pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), n)
+                    pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), lambda n=n: advance(n))
                 else:
                     if zero_buf is None:
                         zero_buf = nbd.Buffer.from_bytearray(bytearray(BLOCK))
                     sub = nbd.Buffer.from_buffer(memoryview(zero_buf.to_buffer())[:n])
-                    pipe.submit(lambda off=off, sub=sub: h.aio_pwrite(sub, off), n, sub)
+                    pipe.submit(lambda off=off, sub=sub: h.aio_pwrite(sub, off),
+                                lambda n=n, sub=sub: advance(n))
                 if a < fsize:
                     stats.bytes_zero += n
         advance(b - done)
@@ -422,14 +490,15 @@ def _import(nbd, h, fd, path, fsize, uri, progress, t0) -> TransferStats:
                     zero(off + s, off + e)
                 else:
                     sub = buf if (s, e) == (0, n) else nbd.Buffer.from_buffer(view[s:e])
-                    pipe.submit(lambda sub=sub, o=off + s: h.aio_pwrite(sub, o), e - s, sub)
+                    pipe.submit(lambda sub=sub, o=off + s: h.aio_pwrite(sub, o),
+                                lambda n=e - s, sub=sub: advance(n))
                     stats.bytes_data += e - s
             off += n
     for s, e in tail:
         zero(s, e)
-    pipe.drain()
     if h.can_flush():
-        h.flush()
+        pipe.submit(h.aio_flush)
+    pipe.drain()
     advance(0, force=True)
     stats.seconds = time.monotonic() - t0
     return stats
@@ -439,10 +508,11 @@ def _import(nbd, h, fd, path, fsize, uri, progress, t0) -> TransferStats:
 
 
 def export_volume(uri: str, path, *, progress: Progress | None = None,
-                  overwrite: bool = False) -> TransferStats:
+                  overwrite: bool = False, timeout: float = TIMEOUT) -> TransferStats:
     """Copy the volume or snapshot at NBD `uri` into the raw image file `path`, which comes
     out sparse: holes and zero runs of the volume are not written. An existing `path` is
-    refused unless `overwrite`; a half-written new file is removed on failure."""
+    refused unless `overwrite`; a half-written new file is removed on failure, as when the
+    server leaves the transfer `timeout` seconds without a reply."""
     nbd = _nbd()
     t0 = time.monotonic()
     path = os.fspath(path)
@@ -450,7 +520,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         raise InvalidArgument(f"{path}: is a directory")
     if os.path.lexists(path) and not overwrite:
         raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
-    h = _connect(uri)
+    h = _connect(uri, timeout)
     fresh, created = not os.path.lexists(path), False
     fd = -1
     try:
@@ -469,7 +539,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         except OSError as e:
             raise _os_error(e, path, "cannot create") from None
         try:
-            stats = _export(nbd, h, fd, path, vsize, progress, t0)
+            stats = _export(nbd, _Pipeline(h, uri, timeout), fd, path, vsize, progress, t0)
             os.fsync(fd)
         except nbd.Error as e:
             raise TransferError(f"export of {uri} to {path} failed: {_reason(e)}") from None
@@ -490,12 +560,12 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         _close(h)
 
 
-def _export(nbd, h, fd, path, vsize, progress, t0) -> TransferStats:
+def _export(nbd, pipe, fd, path, vsize, progress, t0) -> TransferStats:
+    h = pipe.h
     stats = TransferStats(bytes_total=vsize)
     advance = _reporter(progress, vsize)
 
-    def done(n: int, ctx) -> None:
-        buf, off = ctx
+    def done(buf, off: int, n: int) -> None:
         view = memoryview(buf.to_buffer())
         for s, e, is_zero in _zero_runs(buf, n, off):
             if is_zero:
@@ -507,8 +577,7 @@ def _export(nbd, h, fd, path, vsize, progress, t0) -> TransferStats:
             stats.bytes_data += e - s
         advance(n)
 
-    pipe = _Pipeline(h, done)
-    for start, end, flags in _extents(h, vsize):
+    for start, end, flags in _extents(pipe, vsize):
         if flags & STATE_ZERO:
             stats.bytes_holes += end - start
             advance(end - start)
@@ -517,7 +586,8 @@ def _export(nbd, h, fd, path, vsize, progress, t0) -> TransferStats:
         while off < end:
             n = min(end, (off // BLOCK + 1) * BLOCK) - off
             buf = nbd.Buffer(n)
-            pipe.submit(lambda buf=buf, off=off: h.aio_pread(buf, off), n, (buf, off))
+            pipe.submit(lambda buf=buf, off=off: h.aio_pread(buf, off),
+                        lambda buf=buf, off=off, n=n: done(buf, off, n))
             off += n
     pipe.drain()
     advance(0, force=True)

@@ -1,13 +1,19 @@
 """`vbp volume import` / `export` (control.transfer) against a real 3-host sandbox: holes stay
 holes both ways, the round trip is byte-identical, a used volume is overwritten exactly,
-snapshots export, and every misuse is one clear VbpError."""
+snapshots export, and every misuse is one clear VbpError. Against nbdkit (its filters make
+the servers blockd should never be, on purpose): a server that stops answering fails the
+transfer after its timeout, one slow but steady does not."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
+import time
+from contextlib import contextmanager
 
 import nbd  # python3-libnbd: make test installs it
 import pytest
@@ -220,3 +226,88 @@ def test_errors(sandbox, image, tmp_path):
         volume_uri(reg, "tiny@nope")
     with pytest.raises(NotFound, match="no host"):
         volume_uri(reg, "tiny", host="host9")
+
+
+# --- a server that stops answering ----------------------------------------------------------
+
+
+@contextmanager
+def nbdkit(tmp_path, *args):
+    """nbdkit serving `args` (filters, plugin, parameters) on a unix socket; yields its URI."""
+    sock = tmp_path / "nbdkit.sock"
+    p = subprocess.Popen([need("nbdkit"), "-f", "-U", str(sock), *args], stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists() or p.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert sock.exists(), p.stderr.read() if p.poll() is not None else "nbdkit did not listen"
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_export_from_a_server_that_stops_answering_fails_after_the_timeout(tmp_path):
+    """The server takes the READs and never answers (a blockd SIGSTOPped or hung after the
+    handshake): the export fails after its timeout and leaves no file."""
+    out = tmp_path / "out.img"
+    with nbdkit(tmp_path, "--filter=delay", "pattern", "size=8M", "delay-read=3600") as uri:
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match=r"no reply from .*nbdkit\.sock in 1 s"):
+            export_volume(uri, out, timeout=1)
+        assert time.monotonic() - t0 < 10
+    assert not out.exists()
+
+
+def test_import_into_a_server_that_stops_answering_fails_after_the_timeout(tmp_path):
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(3).randbytes(4 * MiB))
+    with nbdkit(tmp_path, "--filter=delay", "memory", "8M", "delay-write=3600") as uri:
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match=r"no reply from .* in 1\.5 s"):
+            import_file(src, uri, timeout=1.5)
+        assert time.monotonic() - t0 < 10
+
+
+def test_a_server_that_never_answers_the_handshake_fails_after_the_timeout(tmp_path):
+    """A stopped blockd's kernel still accepts the TCP connection; no handshake follows."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match=rf"no reply from 127\.0\.0\.1:{port} in 1 s"):
+            export_volume(f"nbd://127.0.0.1:{port}/vol", tmp_path / "x.img", timeout=1)
+        assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "x.img").exists()
+
+
+def test_a_slow_but_steady_server_is_no_timeout(tmp_path):
+    """One request at a time, 0.2 s each: the last of 16 in flight waits 3.2 s, beyond the
+    1 s timeout, but a reply comes every 0.2 s (a volume under QoS limits)."""
+    out = tmp_path / "out.img"
+    with nbdkit(tmp_path, "--filter=noparallel", "--filter=delay", "pattern", "size=40M",
+                "delay-read=200ms") as uri:
+        stats = export_volume(uri, out, timeout=1)
+    assert stats.bytes_data == 40 * MiB
+    data = out.read_bytes()
+    for off in (0, 8, 17 * MiB, 40 * MiB - 8):  # pattern: each 8 bytes hold their offset
+        assert int.from_bytes(data[off:off + 8], "big") == off
+
+
+def test_cli_export_through_a_stopped_host_fails_after_timeout(sandbox, imported, tmp_path):
+    out = tmp_path / "out.img"
+    pid = sandbox.pids()[1]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        p = sandbox.vbp("volume", "export", "imp", out, "--host", "host2", "--timeout", "1.5",
+                        check=False, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert p.returncode == 1, p.stderr
+    assert "no reply from 127.0.0.1:" in p.stderr and "in 1.5 s" in p.stderr, p.stderr
+    assert took < 20
+    assert not out.exists()
