@@ -577,7 +577,8 @@ def volume_import(state, file, name, host, timeout):
 @volume.command("export")
 @click.argument("name", metavar="NAME[@SNAP]")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace FILE if it exists (once the copy is complete).")
 @click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")
 @_timeout_option
 @json_flag
@@ -585,7 +586,9 @@ def volume_import(state, file, name, host, timeout):
 def volume_export(state, name, file, force, host, timeout):
     """Copy volume or snapshot NAME[@SNAP] into the raw image FILE, a sparse file.
 
-    A host that stops answering fails the export after --timeout seconds.
+    The copy is written beside FILE and takes its name once complete and synced: a failed
+    or interrupted export leaves no partial FILE, and an existing one (--force) whole. A
+    host that stops answering fails the export after --timeout seconds.
 
     \b
     Example:

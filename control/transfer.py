@@ -17,8 +17,10 @@ driven from this thread with `aio_*` + `poll`:
 - export: block status gives the volume's data extents; only those are read (with the holes
   between two closer than `GAP`, so a volume fragmented page by page is read in `BLOCK`s,
   not pages), and only the non-zero `GRAIN`s of its data extents are written to the output,
-  which is first truncated to the volume size, so every hole and zero run stays a hole in
-  the (sparse) output.
+  a new file sized to the volume first, so every hole and zero run stays a hole in the
+  (sparse) output. That file is made beside the target and takes its name only once
+  complete and synced: a failed `--force` export leaves the old file whole, and no export
+  leaves a partial file under the target's name.
 
 Memory does not grow with the volume: block status is asked for and consumed a `WINDOW` at
 a time as the copy moves on (blockd answers per 4 KiB page: a whole map held at once took
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 import time
 from dataclasses import asdict, dataclass
@@ -578,31 +581,22 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
                   overwrite: bool = False, timeout: float = TIMEOUT) -> TransferStats:
     """Copy the volume or snapshot at NBD `uri` into the raw image file `path`, which comes
     out sparse: holes and zero runs of the volume are not written. An existing `path` is
-    refused unless `overwrite`; a half-written new file is removed on failure, as when the
-    server leaves the transfer `timeout` seconds without a reply."""
+    refused unless `overwrite`, and replaced only once the copy is complete and durable:
+    the copy goes to a temporary file beside it, removed on any failure (or Ctrl-C), as
+    when the server leaves the transfer `timeout` seconds without a reply."""
     nbd = _nbd()
     t0 = time.monotonic()
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise InvalidArgument(f"{path}: is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
+    target, old = _target(path, overwrite)
     h = _connect(uri, timeout)
-    fresh, created = not os.path.lexists(path), False
-    fd = -1
+    fd, tmp = -1, None
     try:
         vsize = h.get_size()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
         try:
-            fd = os.open(path, flags, 0o666)
-            created = fresh
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidArgument(f"{path}: not a regular file")
-            os.ftruncate(fd, 0)
+            fd, tmp = _temp_beside(target)
+            if old is not None:  # the replacement keeps the permissions of the file it replaces
+                os.fchmod(fd, stat.S_IMODE(old.st_mode))
             os.ftruncate(fd, vsize)
-        except FileExistsError:
-            raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it") from None
         except OSError as e:
             raise _os_error(e, path, "cannot create") from None
         try:
@@ -612,19 +606,84 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
             raise TransferError(f"export of {uri} to {path} failed: {_reason(e)}") from None
         except OSError as e:
             raise _os_error(e, path, "cannot write") from None
+        try:
+            _publish(tmp, target, overwrite)
+        except FileExistsError:
+            raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it") from None
+        except OSError as e:
+            raise _os_error(e, path, "cannot create") from None
+        tmp = None
         stats.seconds = time.monotonic() - t0
         return stats
-    except BaseException:
-        if created:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        raise
     finally:
         if fd >= 0:
             os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         _close(h)
+
+
+def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
+    """The file an export of `path` writes and what is there now (None: nothing). Through
+    a symbolic link, as an open() would: the link stays, its target is replaced."""
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path}: is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        return target, None
+    except OSError as e:
+        raise _os_error(e, path, "cannot replace") from None
+    if not stat.S_ISREG(old.st_mode):
+        raise InvalidArgument(f"{path}: not a regular file")
+    return target, old
+
+
+def _temp_beside(path: str) -> tuple[int, str]:
+    """A new empty file `.NAME.XXXXXXXX.part` in the directory of `path` (so a rename can
+    put it in place), with the mode a new `path` would get."""
+    head, name = os.path.split(path)
+    while True:
+        tmp = os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the complete, synced file `tmp` the name `path`, durably. Without `overwrite`
+    a file that appeared at `path` meanwhile is kept (FileExistsError): a hard link cannot
+    replace one; where the file system has no hard links, a rename after a last check."""
+    if overwrite:
+        os.rename(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "exists", path) from None
+            os.rename(tmp, path)
+        else:
+            os.unlink(tmp)
+    try:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # a file system that cannot sync a directory: the rename is as durable as it gets
+    finally:
+        os.close(dfd)
 
 
 def _export(nbd, pipe, fd, path, vsize, progress, t0) -> TransferStats:

@@ -3,7 +3,8 @@ holes both ways, the round trip is byte-identical, a used volume is overwritten 
 snapshots export, a volume fragmented page by page copies both ways, and every misuse is one
 clear VbpError. Against nbdkit (its filters make the servers blockd should never be, on
 purpose): a server that stops answering fails the transfer after its timeout, one slow but
-steady does not; a fragmented map costs bounded memory and few requests."""
+steady does not; a fragmented map costs bounded memory and few requests; a failed or
+interrupted export leaves no partial file and the file it was to replace whole."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ import pytest
 from control import transfer
 from control.transfer import (TransferError, TransferStats, export_volume, import_file,
                               volume_uri)
-from tests.conftest import need
+from tests.conftest import ROOT, need
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 
 pytestmark = pytest.mark.timeout(120)
@@ -446,3 +448,64 @@ def test_memory_stays_bounded_by_the_requests_in_flight(tmp_path):
     assert peak_in < 48 * MiB and peak_out < 48 * MiB, (peak_in / MiB, peak_out / MiB)
     with open(src, "rb") as a, open(out, "rb") as b:
         assert b.read(96 * MiB) == a.read() and b.read() == bytes(4 * MiB)
+
+
+# --- an export that fails leaves what was there -------------------------------------------
+
+
+def names(directory) -> set[str]:
+    return {p.name for p in directory.iterdir() if not p.name.startswith("nbdkit")}
+
+
+def test_a_failed_forced_export_leaves_the_old_file_whole(tmp_path):
+    out = tmp_path / "out.img"
+    out.write_bytes(b"yesterday's backup" * 1000)
+    with nbdkit(tmp_path, "--filter=error", "pattern", "size=8M", "error-pread=EIO",
+                "error-pread-rate=100%") as uri:
+        with pytest.raises(TransferError, match="Input/output error"):
+            export_volume(uri, out, overwrite=True)
+        with pytest.raises(TransferError):
+            export_volume(uri, tmp_path / "new.img")
+    assert out.read_bytes() == b"yesterday's backup" * 1000
+    assert names(tmp_path) == {"out.img"}  # no partial new.img, no temporary file
+
+
+def test_ctrl_c_during_a_forced_export_leaves_the_old_file_whole(tmp_path):
+    """vbp's export interrupted while the server sits on its reads: the temporary file
+    goes, the file it was to replace stays."""
+    out = tmp_path / "out.img"
+    out.write_bytes(b"yesterday's backup" * 1000)
+    log = tmp_path / "nbdkit.log"
+    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
+                "delay-read=3600", f"logfile={log}") as uri:
+        code = ("from control.transfer import export_volume; "
+                f"export_volume({uri!r}, {str(out)!r}, overwrite=True)")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            for _ in range(200):  # until the copy is under way: the server has a READ
+                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None and " Read " in log.read_text()
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=10)
+        finally:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and "KeyboardInterrupt" in err, err
+    assert out.read_bytes() == b"yesterday's backup" * 1000
+    assert names(tmp_path) == {"out.img"}
+
+
+def test_a_forced_export_replaces_through_a_link_and_keeps_the_mode(tmp_path):
+    real, link = tmp_path / "real.img", tmp_path / "link.img"
+    real.write_bytes(b"old" * 100)
+    real.chmod(0o640)
+    link.symlink_to(real)
+    with nbdkit(tmp_path, "pattern", "size=1M") as uri:
+        export_volume(uri, link, overwrite=True)
+    assert link.is_symlink() and real.stat().st_size == MiB
+    assert int.from_bytes(real.read_bytes()[4096:4104], "big") == 4096
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert names(tmp_path) == {"real.img", "link.img"}
