@@ -136,7 +136,17 @@ def volume_uri(reg, name: str, host: str | None = None) -> str:
                 [h for h in hosts if h.state == HOST_UP]
         if not hosts:
             raise TransferError("no host of the pool is up to serve the volume")
-    return f"nbd://{hosts[0].nbd}/{name}"
+    return f"nbd://{_authority(hosts[0].nbd)}/{name}"
+
+
+def _authority(hostport: str) -> str:
+    """A host record's HOST:PORT as a URI's: an IPv6 address in brackets (blockd's record
+    holds `::1:10809`, the brackets of its --nbd address stripped; `nbd://::1:10809/v` is
+    no URI)."""
+    host, _, port = hostport.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _nbd():

@@ -26,7 +26,7 @@ import pytest
 from control import transfer
 from control.transfer import (TransferError, TransferStats, export_volume, import_file,
                               volume_uri)
-from tests.conftest import ROOT, need
+from tests.conftest import ROOT, need, run_vbp
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 
 pytestmark = pytest.mark.timeout(120)
@@ -509,3 +509,44 @@ def test_a_forced_export_replaces_through_a_link_and_keeps_the_mode(tmp_path):
     assert int.from_bytes(real.read_bytes()[4096:4104], "big") == 4096
     assert real.stat().st_mode & 0o777 == 0o640
     assert names(tmp_path) == {"real.img", "link.img"}
+
+
+# --- a host on IPv6 -----------------------------------------------------------------------
+
+
+def test_import_and_export_through_a_host_listening_on_ipv6(tmp_path):
+    """A blockd whose --nbd is `[::1]:PORT` publishes `::1:PORT`: the URI the CLI makes of
+    it brackets the address (before: `nbd://::1:PORT/v6`, which no client parses)."""
+    reg = f"lmdb://{tmp_path / 'registry'}"
+    blockd = subprocess.Popen(
+        [sys.executable, "-m", "blockd.main", "--host-id", "h1", "--data-dir", str(tmp_path / "data"),
+         "--registry", reg, "--listen", "[::1]:0", "--nbd", "[::1]:0", "--capacity", "1G",
+         "--log-level", "error"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            p = run_vbp("--registry", reg, "host", "list", "--json", check=False)
+            if p.returncode == 0 and [h["state"] for h in json.loads(p.stdout)["hosts"]] == ["up"]:
+                break
+            assert blockd.poll() is None, blockd.stderr.read()
+            time.sleep(0.1)
+        nbd_addr = json.loads(p.stdout)["hosts"][0]["nbd"]
+        assert nbd_addr.startswith("::1:")
+
+        from vbp.registry import open_registry
+
+        run_vbp("--registry", reg, "volume", "create", "v6", "--size", "8M", "--replicas", "1",
+                "--min-size", "1")
+        assert volume_uri(open_registry(reg), "v6") == f"nbd://[::1]:{nbd_addr[4:]}/v6"
+        src, out = tmp_path / "src.img", tmp_path / "out.img"
+        src.write_bytes(random.Random(6).randbytes(MiB + 5))
+        run_vbp("--registry", reg, "volume", "import", src, "v6")
+        run_vbp("--registry", reg, "volume", "export", "v6", out)
+        assert out.read_bytes() == src.read_bytes() + bytes(7 * MiB - 5)
+    finally:
+        blockd.terminate()
+        try:
+            blockd.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            blockd.kill()
+            blockd.wait()
