@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nbd_frontend.handshake import TLS_MODES
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
-from replicator.migration import NEARFULL_RATIO
+from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import VOLUME_SIZE_MAX, format_size, parse_size
 from vbp.sockets import congestion_problem
@@ -63,6 +63,9 @@ class Config:
     # if that is lower (lowering full_ratio alone is not a mistake)
     nearfull_ratio: float | None = None
     scrub_interval: float = 86400.0  # seconds between background scrub passes; 0: off
+    # seconds a down host stays in the data set, its chunks degraded, before the controller
+    # (if this host is it) takes it out and recovery copies them elsewhere; 0: at once
+    down_out_interval: float = DOWN_OUT_INTERVAL
     scrub_rate: int = 32 * 1024**2  # bytes per second scrub may verify; 0: unlimited
     # chunks that keep their dirty mark through a flush (vbp.chunkstore.HOT_MAX; DRBD's
     # al-extents): more spares more writes a synced index commit, and costs a crash more
@@ -107,9 +110,11 @@ class Config:
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
-        if not math.isfinite(self.scrub_interval) or self.scrub_interval < 0:
-            raise InvalidArgument(f"{source}: key 'scrub_interval': must be a finite number of "
-                                  "seconds, 0 (off) or more")
+        for key, zero in (("scrub_interval", "off"), ("down_out_interval", "at once")):
+            v = getattr(self, key)
+            if not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"{source}: key {key!r}: must be a finite number of "
+                                      f"seconds, 0 ({zero}) or more")
         if not 0 < self.full_ratio <= 1:
             raise InvalidArgument(f"{source}: key 'full_ratio': must be above 0 and at most 1")
         if self.nearfull_ratio is None:
@@ -224,8 +229,8 @@ def _coerce(key: str, value, source: str):
             f = float(value)
         except (TypeError, ValueError):
             raise bad("expected a number of seconds") from None
-        if key == "scrub_interval" and f == 0:
-            return f  # off
+        if key in ("scrub_interval", "down_out_interval") and f == 0:
+            return f  # off; at once
         if not math.isfinite(f) or f <= 0:
             raise bad("must be a positive finite number of seconds")
         return f

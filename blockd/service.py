@@ -643,7 +643,8 @@ class Blockd:
                 # collector's next pass) and the stats show it (one heartbeat)
                 self.mover = DataSetMover(cfg.host_id, self.store, self.cluster, self.registry, pool,
                                           grace=grace,
-                                          reweight_hold=grace + cfg.gc_interval + cfg.heartbeat_ttl)
+                                          reweight_hold=grace + cfg.gc_interval + cfg.heartbeat_ttl,
+                                          down_out_interval=cfg.down_out_interval)
                 self.scrubber.pool = pool
                 self.nursery = nursery
                 self.peer_port = await nursery.start(functools.partial(
@@ -812,6 +813,8 @@ class Blockd:
             "nearfull_ratio": self.cfg.nearfull_ratio,
             # copies the settled data set places elsewhere, not freed yet (pending_free)
             "misplaced": self.mover.misplaced, "misplaced_gen": self.mover.misplaced_gen,
+            # on the controller: when it first saw each down host down, and its interval
+            "down_out": self.mover.down_out(),
             "scrub": self.scrubber.last,
             "exports": self.provider.published(),
         }

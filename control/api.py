@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from vbp.cluster import live_places
+from vbp.cluster import HOST_DOWN, live_places
 from vbp.errors import (
     Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
@@ -281,9 +281,13 @@ def data_set_status(reg) -> dict:
            # the set being left
            "weights": cmap.factors, "leaving_weights": None if cmap.prev is None else cmap.prev_factors,
            "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "down": [], "short_of_space": [],
-           "placement": placement_changes(cmap)}
-    if cmap.prev is not None:
+           "placement": placement_changes(cmap), "down_in": []}
+    vols = None
+    if any(h.state == HOST_DOWN for h in cmap.hosts if h.id in cmap.data_set):
         vols = reg.list_volumes()
+        out["down_in"] = down_in_data_set(reg, cmap, vols)
+    if cmap.prev is not None:
+        vols = reg.list_volumes() if vols is None else vols
         n_of = replicas_by_lineage(vols)
         sizes = {d["lineage"]: d["chunk_size"] for d in vols}
         scanned = reg.scanned()
@@ -299,6 +303,32 @@ def data_set_status(reg) -> dict:
             {"host": h, "needs": need, "free": stats[h]["free"]}
             for h, need in sorted(left["by_host"].items())
             if h in stats and stats[h].get("free") is not None and stats[h]["free"] < need]
+    return out
+
+
+def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:
+    """The down hosts still in the data set (their chunks degraded), and when they go out:
+    `out_in`, the seconds left of the controller's down_out_interval (from what it
+    publishes with its stats: None when it has not yet, or runs older code), `kept` when
+    the pool keeps the host whatever the interval (too few other hosts for a volume's
+    replicas, or a volume of one replica), `drained` when the operator drained it (out at
+    the controller's next step)."""
+    from replicator.migration import wanted_data_set
+
+    up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
+    timer = (reg.host_stats().get(up[0]) or {}).get("down_out") if up else None
+    kept = set(wanted_data_set(cmap, vols))  # (with no host spared by the interval)
+    drained = reg.draining()
+    now = time.time()
+    out = []
+    for h in cmap.hosts:
+        if h.state != HOST_DOWN or h.id not in cmap.data_set:
+            continue
+        since = (timer or {}).get("since", {}).get(h.id)
+        left = None if since is None else max(0.0, since + timer["interval"] - now)
+        out.append({"host": h.id, "kept": h.id in kept, "drained": h.id in drained,
+                    "interval": None if timer is None else timer["interval"],
+                    "down_since": since, "out_in": left})
     return out
 
 

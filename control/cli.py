@@ -670,7 +670,9 @@ def host_drain(state, host_id, wait, timeout):
 
     Each chunk is copied to the host that placement picks without this one, and stays
     readable and fully replicated throughout. When the host shows DATA "out" in
-    `vbp host list`, `vbp host remove ID` forgets it.
+    `vbp host list`, `vbp host remove ID` forgets it. A host that is down leaves the data
+    set at once too, without waiting out its down_out_interval: its chunks are copied
+    from the other replicas.
 
     \b
     Example:
@@ -713,7 +715,8 @@ def host_undrain(state, host_id):
 @click.pass_obj
 def host_remove(state, host_id):
     """Forget a host. Refused while chunks are placed on it: drain it first (a host that
-    stays down is drained by recovery once enough other hosts are up).
+    stays down past the down_out_interval is drained by recovery once enough other hosts
+    are up).
 
     \b
     Example:
@@ -818,6 +821,7 @@ def pool_status(state, wait, timeout):
                 click.echo(f"warning: {x['host']} must receive up to {format_size(x['needs'])} but has "
                            f"{format_size(x['free'])} free: the change cannot complete until space is "
                            f"freed or a host is added")
+        _down_notes(ds)
         _space_notes(hosts, ds)
         for v in vols:
             for line in _lost_lines(v["name"], v.get("lost", ())):
@@ -829,6 +833,29 @@ def pool_status(state, wait, timeout):
                            f"{x['recovery_held_full']} chunk copies wait for space")
 
     out(state, data, human)
+
+
+def _down_notes(ds: dict) -> None:
+    """Down hosts still in the data set: their chunks run degraded until they return or
+    the controller takes them out (after its down_out_interval, or at once if drained)."""
+    for x in ds.get("down_in", ()):
+        h = x["host"]
+        if x["kept"]:
+            click.echo(f"warning: {h} is down and stays in the data set: too few other hosts for "
+                       f"the replica count, or a volume with one replica may have its only copy "
+                       f"there; its chunks run degraded until it returns")
+        elif x["drained"]:
+            click.echo(f"warning: {h} is down and drained: it leaves the data set at the "
+                       f"controller's next step")
+        elif x["out_in"] is not None:
+            left = round(x["out_in"])
+            click.echo(f"warning: {h} is down, still in the data set: its chunks run degraded; "
+                       f"they move elsewhere in {left // 60}m{left % 60:02d}s unless it returns "
+                       f"(down_out_interval {x['interval']:g} s; `vbp host drain {h}`: now)")
+        else:
+            click.echo(f"warning: {h} is down, still in the data set: its chunks run degraded; "
+                       f"they move elsewhere once it has been down for the controller's "
+                       f"down_out_interval unless it returns (`vbp host drain {h}`: now)")
 
 
 def _space_notes(hosts: list[dict], ds: dict) -> None:

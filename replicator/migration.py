@@ -4,9 +4,23 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
 - The data set is the list of hosts chunks are placed on (vbp.cluster.ClusterMap.data_set,
   kept in the registry with a generation). One host, the controller (the up host with the
   lowest id; every step is a compare-and-set, so two controllers are harmless), computes
-  the wanted set from the map: up hosts, less draining ones, less hosts down longer than
-  the heartbeat grace -- unless leaving them out would put fewer hosts in the set than a
-  volume has replicas, or a volume with one replica could have its only copy there.
+  the wanted set from the map: up hosts, less draining ones, less hosts down for longer
+  than down_out_interval -- unless leaving them out would put fewer hosts in the set than
+  a volume has replicas, or a volume with one replica could have its only copy there.
+- Down is not out (Ceph's mon_osd_down_out_interval, Longhorn's replica replenishment
+  wait). A host is down once its alive key expires (heartbeat_ttl, seconds); a crash that
+  systemd restarts, or a reboot, is back within a minute or two. Taking it out at once
+  would start a change of data set for every chunk it holds (a stale record per chunk and
+  target, whole chunks copied, writes to both placements), cancelled when it returns, its
+  records then cleared one by one: with a million chunks on a host that saturates the
+  registry, and slow stale marks fail guest writes. So a down host stays in the wanted
+  set until the controller has seen it down for down_out_interval seconds (monotonic
+  clock, counted from when this controller first saw it down: a new controller starts the
+  count again, which only delays; up again resets it). Meanwhile its chunks run degraded
+  and the writes it misses are recorded stale by the gateways, so once back it resyncs
+  only those. A host the operator drains is out at once, down or not (a drain is an
+  explicit request: the registry's stored state says so, the map shows a down host as
+  down); 0 takes every down host out at once.
 - When the wanted set differs, the registry records a change: the set being left (prev)
   and the target (data). Gateways then read from the placement over prev (complete
   copies), write to both placements, and count min_size over prev (replicator.gateway).
@@ -71,6 +85,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 
 import trio
 
@@ -83,6 +98,14 @@ from vbp.volume import replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
 
+# default of blockd's down_out_interval: seconds a down host stays in the data set (its
+# chunks degraded) before the controller takes it out; Ceph's and Longhorn's default too
+DOWN_OUT_INTERVAL = 600.0
+# a controller that has not looked at the map for this long (cut off from the registry,
+# or another host controlled meanwhile) may have missed a down host's return: it counts
+# again (which only delays)
+DOWN_LOOK_GAP = 30.0
+
 
 def _replaced(old: dict, new: dict) -> str:
     """The hosts whose placement inputs a change takes up, for the log."""
@@ -91,8 +114,11 @@ def _replaced(old: dict, new: dict) -> str:
     return f" placement={','.join(moved)}" if moved else ""
 
 
-def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
-    """The data set the pool should have under `cmap` (see the module docstring)."""
+def wanted_data_set(cmap: ClusterMap, volumes: list[dict],
+                    not_out: Collection[str] = ()) -> tuple[str, ...]:
+    """The data set the pool should have under `cmap` (see the module docstring).
+    `not_out`: down hosts that stay in it if they are in it now (down for less than the
+    controller's down_out_interval: DataSetMover.not_out)."""
     cur = {h for h in cmap.data_set if cmap.host(h) is not None}
     most = max((v["replicas"] for v in volumes), default=1)
     want = {h.id for h in cmap.hosts if h.state == HOST_UP}
@@ -101,6 +127,8 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict]) -> tuple[str, ...]:
         want |= down  # the only copy of a chunk may be there: wait for it to return
     if len(want) < most:
         want |= cur  # fewer hosts than replicas: keep every copy where it is
+    # (after the count: a down host takes no copy, so it does not make up the numbers)
+    want |= down & set(not_out)  # degraded meanwhile: its missed writes are recorded stale
     return tuple(sorted(want))
 
 
@@ -285,7 +313,7 @@ class DataSetMover:
     """One host's part: the controller step, the scan, and freeing misplaced copies."""
 
     def __init__(self, host_id: str, store, cluster, registry, pool=None, *, grace: float = 10.0,
-                 reweight_hold: float | None = None):
+                 reweight_hold: float | None = None, down_out_interval: float = DOWN_OUT_INTERVAL):
         self.host_id = host_id
         self.store = store
         self.cluster = cluster  # replicator.gateway.ClusterView, kept current by the service
@@ -306,6 +334,12 @@ class DataSetMover:
         self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
         self._growths: dict = {}  # _growth's answers for one data set and set of volumes
         self._waiting: tuple | None = None  # (signature, _sole_holders' answer)
+        # seconds a down host stays in the data set before the controller takes it out
+        self.down_out_interval = down_out_interval
+        self.controlling = False  # whether the last control_once found this host the controller
+        self._down_since: dict[str, float] = {}  # down host -> clock() when the controller first saw it down
+        self._out: set[str] = set()  # down hosts whose interval has run out (logged once)
+        self._looked = -math.inf  # clock() of the controller's last look at the down hosts
         self.clock = time.monotonic
 
     async def n_of(self) -> dict[str, int]:
@@ -316,9 +350,11 @@ class DataSetMover:
         cmap = await self.registry.cluster_map()
         up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
         if not up or up[0] != self.host_id:
+            self.controlling, self._down_since, self._out = False, {}, set()
             return cmap
+        self.controlling = True
         vols = await self.registry.list_volumes()
-        want = wanted_data_set(cmap, vols)
+        want = wanted_data_set(cmap, vols, await self.not_out(cmap))
         if not want:
             return cmap
         weights = dict(weight_pairs(cmap.factors, want))  # a host that leaves takes its factor along
@@ -361,6 +397,44 @@ class DataSetMover:
             return cmap  # (until they return and scan, or come back on a new disk)
         log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
         return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
+
+    async def not_out(self, cmap: ClusterMap) -> frozenset[str]:
+        """The down hosts of the data set that stay in it for now: this controller has seen
+        them down for less than down_out_interval, and the operator has not drained them.
+        The count starts at the first map that shows a host down and stops when one shows
+        it up (module docstring, "Down is not out")."""
+        now = self.clock()
+        if now - self._looked > DOWN_LOOK_GAP:
+            self._down_since, self._out = {}, set()
+        self._looked = now
+        since = {}
+        for h in cmap.hosts:
+            if h.state != HOST_DOWN:
+                continue
+            since[h.id] = self._down_since.get(h.id, now)
+            if h.id not in self._down_since and h.id in cmap.data_set and self.down_out_interval > 0:
+                log.info("event=host_down host=%s out_in=%g: stays in the data set, its chunks "
+                         "degraded, until down that long", h.id, self.down_out_interval)
+        self._down_since = since
+        keep = {h for h, t in since.items() if h in cmap.data_set and now - t < self.down_out_interval}
+        if keep:
+            keep -= await self.registry.draining()
+        for h in sorted(set(since) - keep - self._out):
+            if h in cmap.data_set and self.down_out_interval > 0:
+                log.info("event=down_out host=%s down_for=%.0f: out of the wanted data set "
+                         "(drained, or down past down_out_interval)", h, now - since[h])
+        self._out = set(since) - keep
+        return frozenset(keep)
+
+    def down_out(self) -> dict | None:
+        """What the controller publishes with its stats for `vbp pool status`: its
+        down_out_interval and, per down host, the wall-clock time it first saw it down
+        (None on other hosts)."""
+        if not self.controlling:
+            return None
+        now, wall = self.clock(), time.time()
+        return {"interval": self.down_out_interval,
+                "since": {h: wall - (now - t) for h, t in sorted(self._down_since.items())}}
 
     async def _sole_holders(self, cmap: ClusterMap, vols: list[dict], down: frozenset[str]) -> list[str]:
         """sole_holders, in a worker thread (it places every chunk of the volumes it looks

@@ -358,6 +358,23 @@ def test_draining_and_maintenance(reg):
     assert m6.host("h1").state == "up" and not m6.host("h1").maintenance
 
 
+def test_draining_lists_drained_hosts_down_or_not(reg):
+    """The map shows a drained host whose heartbeat stopped as down; the data-set controller
+    still needs to know it was drained (it then takes it out at once)."""
+    reg.register_host(host(1), 30)
+    reg.register_host(host(2), 1)
+    assert reg.draining() == frozenset()
+    reg.set_host_state("h1", "draining")
+    reg.set_host_state("h2", "draining")
+    reg.set_host_state("h1", "up")
+    assert reg.draining() == {"h2"}
+    deadline = time.monotonic() + 5
+    while reg.cluster_map().host("h2").state != "down":
+        assert time.monotonic() < deadline, "h2 not down after its ttl"
+        time.sleep(0.2)
+    assert reg.draining() == {"h2"}
+
+
 def test_wait_map_change(reg):
     m = reg.register_host(host(1), 30)
     t0 = time.monotonic()

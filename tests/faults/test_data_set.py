@@ -18,11 +18,14 @@ from vbp.layout import ChunkKey
 
 MiB = 1024 * 1024
 GRACE = ["--set", "gc_interval=1"]
+# a host that is down leaves the data set at once (down_out_interval: 600 s by default)
+OUT_AT_ONCE = ["--set", "down_out_interval=0"]
 
 
-def start(sb: SandboxHandle, n: int) -> None:
+def start(sb: SandboxHandle, n: int, *settings: str) -> None:
+    """Start the missing hosts; `settings` (--set KEY=VALUE) are kept for later starts."""
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", "2G", "--json", *SETTINGS, *GRACE, check=False)
+                "--capacity", "2G", "--json", *SETTINGS, *GRACE, *settings, check=False)
     if p.returncode != 0:
         sb.down()
         raise AssertionError(f"sandbox up failed:\n{p.stderr}")
@@ -161,7 +164,7 @@ def test_drain_moves_every_chunk_off_then_remove(tmp_path):
 
 def test_lost_host_is_replaced_by_recovery(tmp_path):
     sb = SandboxHandle(tmp_path / "sb", 4)
-    start(sb, 4)
+    start(sb, 4, *OUT_AT_ONCE)
     try:
         new_volume(sb)
         w = Writer(48 * MiB, seed=12)
@@ -220,7 +223,7 @@ def test_lost_host_returns_after_recovery(tmp_path):
     again and takes its chunks back by resync from the current copies (its old copies
     make that incremental), and the copies made meanwhile are freed."""
     sb = SandboxHandle(tmp_path / "sb", 4)
-    start(sb, 4)
+    start(sb, 4, *OUT_AT_ONCE)
     try:
         new_volume(sb)
         w = Writer(48 * MiB, seed=14)
@@ -256,7 +259,9 @@ def test_thrash(tmp_path):
     print(f"thrash seed {seed} (replay: THRASH_SEED={seed})")
     rng = random.Random(seed)
     sb = SandboxHandle(tmp_path / "sb", 5)
-    start(sb, 4)
+    # a host killed is out 3 s after it is declared down: some kills are restarted before
+    # (they resync what they missed), others after (their chunks move)
+    start(sb, 4, "--set", "down_out_interval=3")
     hosts = 4
     try:
         new_volume(sb)
@@ -336,6 +341,55 @@ def test_maintenance_restart_moves_nothing(tmp_path):
         sb.vbp("host", "maintenance", "host3", "off")
         sb.vbp("pool", "status", "--wait", "--timeout", "120")
         assert cluster_map(sb).mgen == before.mgen  # the data set never changed
+        w.verify(h)
+        h.shutdown()
+        check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+    finally:
+        sb.down()
+
+
+def test_host_restarted_within_the_down_out_interval_moves_nothing(tmp_path):
+    """4 hosts, replicas 3, the default down_out_interval (600 s): host3 killed and started
+    again a while after it was declared down stays in the data set throughout (no change
+    of data set: the generation never moves), `vbp pool status` says how long it has
+    before its chunks move, and once back it resyncs only the writes it missed."""
+    sb = SandboxHandle(tmp_path / "sb", 4)
+    start(sb, 4)
+    try:
+        new_volume(sb)
+        w = Writer(48 * MiB, seed=18)
+        h = connect(sb.uri("r3", 0))
+        w.write(h, 300)
+        before = cluster_map(sb)
+        assert before.prev is None and "host3" in before.data
+        kill(sb, 2)
+        first_missed = w.seq + 1
+        write_until(h, w, lambda: cluster_map(sb).host("host3").state == "down", 30, "host3 down")
+
+        deadline = time.monotonic() + 8  # long enough for a change to start, before
+        while time.monotonic() < deadline:
+            w.write(h, 10)
+            m = cluster_map(sb)
+            assert m.mgen == before.mgen and m.prev is None and m.data == before.data, m
+
+        def timer_shown() -> bool:  # the controller publishes its count with its stats
+            [x] = pool_status(sb)["data_set"]["down_in"]
+            return x["host"] == "host3" and x["out_in"] is not None
+        write_until(h, w, timer_shown, 30, "host3's time left shown")
+        [x] = pool_status(sb)["data_set"]["down_in"]
+        assert x["interval"] == 600 and 550 < x["out_in"] < 595 and not x["kept"], x
+        assert "host3 is down, still in the data set" in sb.vbp("pool", "status").stdout
+        missed = w.seq - first_missed + 1
+        start(sb, 4)
+        deadline = time.monotonic() + 120
+        while pool_status(sb)["degraded_chunks"]:  # (no write meanwhile: what it copies is what it missed)
+            assert time.monotonic() < deadline, "host3 not resynced after 120s"
+            time.sleep(0.5)
+        time.sleep(2.5)  # the heartbeat publishes the final counters
+        st = pool_status(sb)
+        assert st["data_set"]["generation"] == before.mgen and st["data_set"]["down_in"] == []
+        copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host3"]
+        assert 0 < copied <= missed * BLOCK, (copied, missed)  # the pages it missed, not whole chunks
         w.verify(h)
         h.shutdown()
         check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)

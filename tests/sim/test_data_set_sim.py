@@ -34,7 +34,8 @@ def quiet():
 
 
 def movers(sim: Sim) -> dict[str, DataSetMover]:
-    return {hid: DataSetMover(hid, h.store, h.cluster, sim.registry, h.pool, grace=0.0)
+    return {hid: DataSetMover(hid, h.store, h.cluster, sim.registry, h.pool, grace=0.0,
+                              down_out_interval=0.0)
             for hid, h in sim.hosts.items()}
 
 

@@ -233,6 +233,42 @@ def test_reweighted_and_nearly_full_hosts_are_shown(vbp, reg_url):
     reg.close()
 
 
+def test_pool_status_shows_a_down_host_waiting_out_the_controllers_interval(vbp, reg_url):
+    import time
+
+    from vbp.cluster import HostRecord
+    from vbp.registry.base import P_ALIVE
+    from vbp.registry.kv import Delete
+
+    reg = open_registry(reg_url)
+    for i in (1, 2, 3, 4):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 60)
+    reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None)
+    vbp("volume", "create", "a", "--size", "1G", "--replicas", "3")
+    reg.kv.txn([], [Delete(P_ALIVE + b"h3")])
+    # a controller of older code (or one that has not published since): no timer to show
+    st = js(vbp("pool", "status", "--json"))["data_set"]
+    assert st["down_in"] == [{"host": "h3", "kept": False, "drained": False, "interval": None,
+                              "down_since": None, "out_in": None}]
+    assert "h3 is down, still in the data set" in vbp("pool", "status").stdout
+    # h1, the controller, saw it down 90 s ago; h2's stale idea of it does not count
+    reg.publish_stats("h1", {"down_out": {"interval": 600.0, "since": {"h3": time.time() - 90}}}, 60)
+    reg.publish_stats("h2", {"down_out": {"interval": 5.0, "since": {"h3": 0.0}}}, 60)
+    st = js(vbp("pool", "status", "--json"))["data_set"]
+    [x] = st["down_in"]
+    assert x["interval"] == 600.0 and 505 < x["out_in"] <= 510
+    text = vbp("pool", "status").stdout
+    assert "h3 is down, still in the data set" in text and "in 8m" in text and "vbp host drain h3" in text
+    reg.set_host_state("h3", "draining")
+    assert js(vbp("pool", "status", "--json"))["data_set"]["down_in"][0]["drained"]
+    assert "h3 is down and drained" in vbp("pool", "status").stdout
+    reg.set_host_state("h3", "up")
+    reg.kv.txn([], [Delete(P_ALIVE + b"h4")])  # two down of four, replicas 3: both kept
+    assert [x["kept"] for x in js(vbp("pool", "status", "--json"))["data_set"]["down_in"]] == [True, True]
+    assert "h4 is down and stays in the data set" in vbp("pool", "status").stdout
+    reg.close()
+
+
 @pytest.mark.parametrize("args", [["host", "drain", "h9"], ["host", "undrain", "h9"], ["host", "remove", "h9"],
                                   ["host", "maintenance", "h9", "on"]])
 def test_host_commands_on_an_unknown_host_are_not_found(vbp, args):

@@ -57,6 +57,7 @@ VALUES = {
     "full_ratio": ("0.9", 0.9),
     "nearfull_ratio": ("0.8", 0.8),
     "scrub_interval": ("3600", 3600.0),
+    "down_out_interval": ("120", 120.0),
     "scrub_rate": ('"100M"', 100 * 1024**2),
     "hot_chunks": ("1024", 1024),
     "metrics": ('"127.0.0.1:9810"', "127.0.0.1:9810"),
@@ -127,6 +128,7 @@ def test_flags_override_the_file(tmp_path):
              "heartbeat_ttl": "4", "lease_ttl": 8, "peer_timeout": "1.5", "gc_interval": 60,
              "recovery_rate": "0", "full_ratio": 0.8, "nearfull_ratio": 0.7, "log_level": "error", "log_format": "kv", "metrics": "127.0.0.1:3",
              "scrub_interval": 0, "scrub_rate": "1M", "hot_chunks": 0, "peer_tcp_congestion": "",
+             "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
              "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": ""}
     assert set(flags) == set(VALUES)
@@ -138,6 +140,7 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.heartbeat_ttl, cfg.lease_ttl, cfg.peer_timeout, cfg.gc_interval) == (4.0, 8.0, 1.5, 60.0)
     assert (cfg.log_level, cfg.log_format, cfg.metrics) == ("error", "kv", "127.0.0.1:3")
     assert (cfg.scrub_interval, cfg.scrub_rate, cfg.hot_chunks) == (0.0, 1024**2, 0)
+    assert cfg.down_out_interval == 0.0
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
     assert (cfg.nbd_tls, cfg.nbd_tls_ca) == ("on", "")
 
@@ -463,6 +466,14 @@ def test_scrub_interval_zero_turns_it_off_and_negative_values_are_refused(tmp_pa
                      "scrub_interval")
     assert names_key(refused(write(tmp_path, REQUIRED + 'scrub_rate = "fast"\n', "b.toml")),
                      "scrub_rate")
+
+
+def test_down_out_interval_defaults_to_ten_minutes_and_zero_means_at_once(tmp_path):
+    assert load(write(tmp_path, REQUIRED), {}).down_out_interval == 600.0
+    assert load(write(tmp_path, REQUIRED + "down_out_interval = 0\n"), {}).down_out_interval == 0
+    for bad in ("-1", "nan", "inf", '"soon"', "true"):
+        msg = refused(write(tmp_path, REQUIRED + f"down_out_interval = {bad}\n", "a.toml"))
+        assert names_key(msg, "down_out_interval"), msg
 
 
 def test_hot_chunks_is_a_count_of_chunks(tmp_path):

@@ -11,7 +11,7 @@ import trio
 
 from replicator.gateway import ClusterView
 from replicator.migration import (
-    REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, sole_holders, wanted_weights,
+    DOWN_LOOK_GAP, REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, sole_holders, wanted_weights,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
@@ -492,3 +492,138 @@ def test_the_controller_does_not_complete_a_change_a_down_sole_holder_has_not_sc
     assert trio.run(m.control_once).migrating  # back, not scanned yet
     reg.mark_scanned("h3", got.mgen)
     assert not trio.run(m.control_once).migrating
+
+
+# --- down is not out (down_out_interval) --------------------------------------------------
+
+
+def down(reg, host: str) -> None:
+    reg.kv.txn([], [Delete(P_ALIVE + host.encode())])  # its alive key expired
+
+
+def back(reg, host: str) -> None:
+    reg.register_host(HostRecord(host, f"{host}:1", f"{host}:2", pod=f"p{host[1:]}", capacity=GiB,
+                                 peer_rev=WEIGHTS_REV), 60)
+
+
+def five_hosts():
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for i in range(1, 6):
+        back(reg, f"h{i}")
+    reg.set_data_set(0, [f"h{i}" for i in range(1, 6)], None)
+    reg.create_volume("v", new_volume("v", 64 * MiB, replicas=3, lineage="l0", head=1, now=0.0).to_dict())
+    return reg
+
+
+def controller(reg, clock, interval: float, host: str = "h1") -> DataSetMover:
+    m = DataSetMover(host, None, None, Async(reg), grace=5.0, reweight_hold=10.0,
+                     down_out_interval=interval)
+    m.clock = clock
+    return m
+
+
+def step(m: DataSetMover, clock: Clock, t: float) -> ClusterMap:
+    """The controller's steps until time `t`, 10 s apart at most (blockd takes one a second;
+    a controller that has not looked for longer than DOWN_LOOK_GAP counts again)."""
+    while clock.t + 10.0 < t:
+        clock.t += 10.0
+        trio.run(m.control_once)
+    clock.t = t
+    return trio.run(m.control_once)
+
+
+def test_a_down_host_stays_in_the_data_set_until_down_for_the_interval():
+    """4 hosts, replicas 3: before, h3 went out of the data set as soon as it was down."""
+    reg = pool(0.3)
+    before = reg.cluster_map()
+    clock = Clock()
+    m = controller(reg, clock, 60.0)
+    down(reg, "h3")
+    for t in (0.0, 1.0, 30.0, 59.9):
+        got = step(m, clock, t)
+        assert got.mgen == before.mgen and not got.migrating and "h3" in got.data, t
+    assert m.down_out()["interval"] == 60.0 and set(m.down_out()["since"]) == {"h3"}
+    out = step(m, clock, 60.0)
+    assert out.migrating and out.data == ("h1", "h2", "h4") and out.prev == before.data
+
+
+def test_a_host_back_within_the_interval_moves_nothing_and_starts_its_count_again():
+    reg = pool(0.3)
+    before = reg.cluster_map()
+    clock = Clock()
+    m = controller(reg, clock, 60.0)
+    down(reg, "h3")
+    step(m, clock, 0.0)
+    back(reg, "h3")
+    assert step(m, clock, 50.0).mgen == before.mgen
+    assert m.down_out()["since"] == {}
+    down(reg, "h3")  # down again: counted from now, not from t=0
+    assert step(m, clock, 55.0).mgen == before.mgen
+    assert not step(m, clock, 114.9).migrating
+    assert step(m, clock, 115.0).data == ("h1", "h2", "h4")
+
+
+def test_a_drained_down_host_leaves_at_once():
+    """The map shows a drained host that is down as down: the drain still counts."""
+    reg = pool(0.3)
+    clock = Clock()
+    m = controller(reg, clock, 600.0)
+    down(reg, "h3")
+    assert not step(m, clock, 0.0).migrating
+    reg.set_host_state("h3", "draining")
+    assert reg.cluster_map().host("h3").state == "down" and reg.draining() == {"h3"}
+    got = step(m, clock, 1.0)
+    assert got.migrating and got.data == ("h1", "h2", "h4")
+
+
+def test_interval_zero_takes_a_down_host_out_at_once():
+    reg = pool(0.3)
+    clock = Clock()
+    m = controller(reg, clock, 0.0)
+    down(reg, "h3")
+    assert step(m, clock, 0.0).data == ("h1", "h2", "h4")
+
+
+def test_the_replica_rules_keep_a_down_host_whatever_the_interval():
+    """replicas=1: its only copy may be there; 3 hosts for replicas 3: nowhere else."""
+    reg = pool(0.3)
+    reg.create_volume("one", new_volume("one", 64 * MiB, replicas=1, lineage="l1", head=1, now=0.0).to_dict())
+    clock = Clock()
+    m = controller(reg, clock, 10.0)
+    down(reg, "h3")
+    assert not step(m, clock, 0.0).migrating
+    assert not step(m, clock, 100.0).migrating
+    reg.delete_volume("one")
+    down(reg, "h4")  # now two down of four, replicas 3
+    assert not step(m, clock, 200.0).migrating
+
+
+def test_a_new_controller_counts_again():
+    """h1 counts h4 down from t=0, then goes down itself; h2, the new controller, counts
+    both from when it first saw them down."""
+    reg = five_hosts()
+    before = reg.cluster_map()
+    clock = Clock()
+    m1, m2 = controller(reg, clock, 60.0), controller(reg, clock, 60.0, "h2")
+    down(reg, "h4")
+    step(m1, clock, 0.0)
+    assert step(m2, clock, 0.0).mgen == before.mgen and m2.down_out() is None  # not the controller
+    down(reg, "h1")
+    clock.t = 30.0  # h2's first look at a map without h1
+    assert trio.run(m2.control_once).mgen == before.mgen
+    assert step(m2, clock, 89.9).mgen == before.mgen  # h1's count of h4 would have ended at 60
+    got = step(m2, clock, 90.0)
+    assert got.migrating and got.data == ("h2", "h3", "h5")
+
+
+def test_a_controller_that_did_not_look_for_a_while_counts_again():
+    reg = pool(0.3)
+    clock = Clock()
+    m = controller(reg, clock, 60.0)
+    down(reg, "h3")
+    step(m, clock, 0.0)
+    # cut off from the registry from t=1 to t=55: h3 may have come back and gone again
+    clock.t = 40.0
+    assert DOWN_LOOK_GAP < 40.0 and not trio.run(m.control_once).migrating
+    assert not step(m, clock, 99.9).migrating
+    assert step(m, clock, 100.0).migrating

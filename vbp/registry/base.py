@@ -238,6 +238,14 @@ class Registry:
             raise InvalidArgument(f"host state must be 'up' or 'draining', not {state!r}")
         return self._update_host(host_id, lambda h: h.with_state(state))
 
+    def draining(self) -> frozenset[str]:
+        """Ids of the hosts stored as draining, up or down: the map shows a host whose
+        alive key is gone as down whatever its stored state, and a drain of a down host
+        is the operator's word that it is out now (replicator.migration)."""
+        items, _rev = self.kv.range(P_HOST)
+        return frozenset(r.id for it in items
+                         if (r := HostRecord.from_dict(_unpack(it.value))).state == HOST_DRAINING)
+
     def set_maintenance(self, host_id: str, on: bool) -> ClusterMap:
         return self._update_host(host_id, lambda h: HostRecord.from_dict({**h.to_dict(), "maintenance": bool(on)}))
 
