@@ -332,6 +332,89 @@ def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:
     return out
 
 
+# --- chunks whose last current copy was lost (replicator.loss.unrecoverable) -------
+
+
+def unrecoverable_chunks(reg) -> list[dict]:
+    """The chunks that read EIO because their last current copy was lost (every copy is
+    recorded stale and the newest never current): replicator.loss.unrecoverable_chunks
+    over the registry's records."""
+    from replicator.loss import unrecoverable_chunks as find
+
+    return find(reg.cluster_map(), reg.list_stale(), reg.list_volumes())
+
+
+def loss_plan(reg, name: str, chunks=None) -> tuple[VolumeRecord, list[dict]]:
+    """The unrecoverable chunks of volume `name` (its lineage's, within its size) that
+    accept_loss would give up: those of `chunks` (indexes), or all of them (None). A named
+    chunk that is not unrecoverable (or past the end) is refused: nothing is given up
+    then, not even the others."""
+    rec = get_volume(reg, name)
+    count = -(-rec.size // rec.chunk_size)
+    found = {c["index"]: c for c in unrecoverable_chunks(reg)
+             if c["lineage"] == rec.lineage and c["index"] < count}
+    if chunks is None:
+        return rec, [found[i] for i in sorted(found)]
+    wanted = sorted(set(chunks))
+    past = [i for i in wanted if not 0 <= i < count]
+    if past:
+        raise InvalidArgument(f"volume {name} has chunks 0 to {count - 1}, not "
+                              f"{', '.join(map(str, past))}")
+    fine = [i for i in wanted if i not in found]
+    if fine:
+        raise InvalidArgument(
+            f"chunk{'s' if len(fine) > 1 else ''} {', '.join(map(str, fine))} of volume {name} "
+            f"{'are' if len(fine) > 1 else 'is'} not unrecoverable (a copy that holds every "
+            f"acknowledged write is left, or may come back): nothing to accept"
+            + (f"; unrecoverable: {', '.join(map(str, sorted(found)))}" if found else ""))
+    return rec, [found[i] for i in wanted]
+
+
+def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dict:
+    """Give up the lost last copy of unrecoverable chunks of volume `name` (loss_plan),
+    as Ceph's `mark_unfound_lost revert`. For each, in one registry transaction that
+    re-checks the chunk's stale records, the data set and the lineage's volume records
+    (Registry.clear_stale_unless_changed): the newest copy that was current once
+    (revert_source) has its record removed, so it counts as current and the others
+    resync from it: the chunk goes back to bytes older than those acknowledged. With no
+    such copy the first one is kept, which holds nothing acknowledged: the chunk is lost
+    and reads as holes. Each volume of the lineage the chunk lies in records it
+    (accepted_losses, one entry per call). A chunk that stopped being unrecoverable
+    meanwhile (a copy came back, a change of data set moved it) is left alone and
+    listed under `skipped`."""
+    from replicator.gateway import ClusterView
+    from replicator.loss import last_current, revert_source, stale_by_chunk, unrecoverable
+    from vbp.volume import note_accepted
+
+    rec, plan = loss_plan(reg, name, chunks)
+    when = time.time() if now is None else now
+    out = {"volume": name, "lineage": rec.lineage, "time": when, "reverted": [], "zeroed": [],
+           "skipped": []}
+    for c in plan:
+        index = c["index"]
+
+        def decide(records, cmap, vols, index=index):
+            n = replicas_by_lineage(vols).get(rec.lineage)
+            if not n:
+                return None  # the lineage is gone
+            complete = ClusterView(cmap).replicas(rec.lineage, index, n)
+            stale = stale_by_chunk(records).get((rec.lineage, index), {})
+            if not unrecoverable(complete, stale):
+                return None
+            host, reverts = revert_source(complete, stale)
+            changes = {d["name"]: note_accepted(d, when, index, host, reverts) for d in vols
+                       if index * d["chunk_size"] < d["size"]}
+            return host, changes, {"index": index, "source": host, "reverts": reverts,
+                                   "last_current": last_current(complete, stale)}
+
+        done = reg.clear_stale_unless_changed(rec.lineage, index, decide)
+        if done is None:
+            out["skipped"].append(index)
+        else:
+            out["reverted" if done["reverts"] else "zeroed"].append(done)
+    return out
+
+
 def placement_changes(cmap) -> list[dict]:
     """Hosts whose capacity, zone or pod as placement weighs them changes: the change of
     data set under way takes up their new ones, or (`pending`) their live record differs

@@ -309,7 +309,7 @@ def _show_volume(v):
         ("qos_bps", f"{format_size(v.qos_bps)}/s" if v.qos_bps else "unlimited"),
     ]
     table(["FIELD", "VALUE"], rows)
-    for line in _lost_lines(v.name, v.lost):
+    for line in _lost_lines(v.name, v.lost) + _accepted_lines(v.name, v.accepted_losses):
         click.echo(line)
 
 
@@ -318,6 +318,100 @@ def _lost_lines(name: str, lost) -> list[str]:
     return [f"warning: volume {name} lost up to {n} chunks with host {host}'s replaced disk "
             f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}; replicas=1, no other "
             f"copy): they read as zeros" for host, n, when in lost]
+
+
+def _indexes(chunks) -> str:
+    return ", ".join(str(i) for i, _host in chunks)
+
+
+def _accepted_lines(name: str, accepted) -> list[str]:
+    """Warnings for chunks whose loss an operator accepted (vbp volume accept-loss)."""
+    out = []
+    for a in accepted:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.time))
+        parts = []
+        if a.reverted:
+            parts.append(f"{len(a.reverted)} reverted to an older copy (chunks {_indexes(a.reverted)})")
+        if a.zeroed:
+            parts.append(f"{len(a.zeroed)} lost, reading as zeros (chunks {_indexes(a.zeroed)})")
+        out.append(f"warning: volume {name}: the loss of {len(a.reverted) + len(a.zeroed)} chunks "
+                   f"was accepted {when}: {'; '.join(parts)}")
+    return out
+
+
+def _unrecoverable_lines(chunks: list[dict], most: int = 10) -> list[str]:
+    """Warnings for chunks that read EIO since their last current copy was lost."""
+    if not chunks:
+        return []
+    out = [f"warning: {len(chunks)} chunks are unrecoverable: every copy is stale and the newest "
+           f"was lost with a replaced disk; they read as I/O errors until the loss is accepted "
+           f"(vbp volume accept-loss NAME --chunk N --yes)"]
+    for c in chunks[:most]:
+        vols = ",".join(c["volumes"]) or f"lineage {c['lineage']}"
+        keep = (f"would revert to {c['source']}'s older copy" if c["reverts"] else
+                "no copy was ever current: would read as zeros")
+        out.append(f"  {vols} chunk {c['index']}: lost with {c['last_current']}; {keep}")
+    if len(chunks) > most:
+        out.append(f"  ... and {len(chunks) - most} more (vbp pool status --json)")
+    return out
+
+
+@volume.command("accept-loss")
+@click.argument("name")
+@click.option("--chunk", "chunks", type=click.IntRange(0), multiple=True, metavar="N",
+              help="An unrecoverable chunk of NAME to give up (repeatable).")
+@click.option("--all", "all_", is_flag=True, help="Every unrecoverable chunk of NAME.")
+@click.option("--yes", is_flag=True, help="Do it: the lost bytes cannot be brought back.")
+@json_flag
+@click.pass_obj
+def volume_accept_loss(state, name, chunks, all_, yes):
+    """Give up the lost last copy of unrecoverable chunks of NAME, so they serve again.
+
+    A chunk is unrecoverable when every copy is recorded stale and the newest was lost
+    (a replaced disk held the only copy of writes the others missed): it reads and
+    writes as I/O errors (`vbp pool status` lists it). This reverts it to the newest copy
+    left that was current once, older than the writes acknowledged last, from which the
+    other copies resync; with none (no copy was ever current) the chunk is lost and reads
+    as zeros. Every volume of the lineage records it (`vbp volume show`), and the hosts
+    log it (event=loss_accepted). Refused for a chunk that is not unrecoverable.
+    Without --yes nothing changes.
+
+    \b
+    Examples:
+      vbp pool status                                  # lists unrecoverable chunks
+      vbp volume accept-loss disk1 --chunk 7 --yes
+      vbp volume accept-loss disk1 --all --yes --json
+    """
+    from control import api
+
+    if bool(chunks) == all_:
+        raise click.UsageError("give the chunks to accept the loss of: --chunk N (repeatable) or --all")
+    reg = state.registry()
+    _rec, plan = api.loss_plan(reg, name, None if all_ else list(chunks))
+    if not plan:
+        out(state, {"volume": name, "reverted": [], "zeroed": [], "skipped": []},
+            lambda: click.echo(f"volume {name} has no unrecoverable chunk: nothing to accept"))
+        return
+    if not yes:
+        what = "; ".join(f"{c['index']}: " + (f"revert to {c['source']}'s older copy" if c["reverts"]
+                                              else "lost, reads as zeros") for c in plan)
+        fail(f"accepting the loss of {len(plan)} chunks of {name} ({what}) cannot be undone: "
+             f"run again with --yes")
+    got = api.accept_loss(reg, name, None if all_ else list(chunks))
+
+    def human():
+        for c in got["reverted"]:
+            click.echo(f"chunk {c['index']}: reverted to the copy on {c['source']} (older than the "
+                       f"writes acknowledged last, lost with {c['last_current']})")
+        for c in got["zeroed"]:
+            click.echo(f"chunk {c['index']}: lost (no copy was ever current): reads as zeros")
+        for i in got["skipped"]:
+            click.echo(f"chunk {i}: no longer unrecoverable, left as it is")
+        n = len(got["reverted"]) + len(got["zeroed"])
+        click.echo(f"accepted the loss of {n} chunks of volume {name}; the other copies resync "
+                   f"from the ones kept")
+
+    out(state, got, human)
 
 
 @volume.command("create")
@@ -795,7 +889,9 @@ def pool_status(state, wait, timeout):
             "degraded_chunks": len(degraded), "stale_replicas": len(stale),
             "volumes": len(vols), "data_set": ds,
             "lost": [{"volume": v["name"], "host": h, "chunks": n, "time": t}
-                     for v in vols for h, n, t in v.get("lost", ())]}
+                     for v in vols for h, n, t in v.get("lost", ())],
+            # chunks that read EIO: their last current copy was lost (vbp volume accept-loss)
+            "unrecoverable": api.unrecoverable_chunks(reg)}
 
     def human():
         table(["HOST", "STATE", "CAPACITY", "USED", "FREE", "CHUNKS", "RESYNCED"],
@@ -826,6 +922,8 @@ def pool_status(state, wait, timeout):
         for v in vols:
             for line in _lost_lines(v["name"], v.get("lost", ())):
                 click.echo(line)
+        for line in _unrecoverable_lines(data["unrecoverable"]):
+            click.echo(line)
         for x in hosts:
             if x["recovery_held_full"]:
                 click.echo(f"warning: {x['id']} is above its full threshold "

@@ -41,6 +41,10 @@ by full copy"):
   of it, and its own record. A cleared record makes the copy current here at once
   (`_current_again`); the stale map is listed again once, at the end of the pass.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
+- A chunk every copy of which is stale, the newest never current, has lost its last
+  current copy (replicator.loss.unrecoverable): no copy is elected, it reads EIO, until
+  an operator's `vbp volume accept-loss` removes the record of the copy to keep; the
+  copies still stale resync from it as from any source, and log it (event=loss_accepted).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from replicator import messages as m
 from vbp.chunkstore import flush_store
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
+from replicator.loss import accepted_by_chunk, last_current, stale_by_chunk, unrecoverable
 from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
 from vbp.volume import replicas_by_lineage
 
@@ -120,11 +125,34 @@ class Resync:
         self.parallel = 8
         self._quiet_since = -math.inf  # writes after this are within the window
         self._unrecoverable: set[tuple[str, int]] = set()  # logged by _resync_all_stale
+        # (lineage, index) -> (time, volume, host kept, reverted) of its newest accepted
+        # loss (the volume records' accepted_losses), and those logged here already
+        self._accepted: dict[tuple[str, int], tuple[float, str, str, bool]] = {}
+        self._accepted_logged: set = set()
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         vols = await self.registry.list_volumes()
         self.chunk_sizes = {d["lineage"]: d["chunk_size"] for d in vols}
+        self._accepted = accepted_by_chunk(vols)
         return replicas_by_lineage(vols)
+
+    def _note_accepted(self, mine) -> None:
+        """Log, once per chunk and process, an accepted loss (vbp volume accept-loss) of a
+        chunk this copy is still stale for: it is brought to the copy the operator's
+        command kept, older than what was acknowledged, or to holes."""
+        for r in mine:
+            key = (r.lineage, r.index)
+            got = self._accepted.get(key)
+            if got is None or (key, got[0]) in self._accepted_logged:
+                continue
+            self._accepted_logged.add((key, got[0]))
+            when, volume, host, reverts = got
+            log.warning("volume=%s event=loss_accepted lineage=%s chunk=%d source=%s action=%s "
+                        "accepted_at=%s: the operator gave up the chunk's lost last copy; it %s",
+                        volume, r.lineage, r.index, host, "reverted" if reverts else "zeroed",
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+                        "goes back to the newest copy left, older than the acknowledged writes"
+                        if reverts else "reads as holes: no copy of it was ever current")
 
     async def mark_recovered(self, keys) -> None:
         """After a crash, chunks that were dirty may miss writes the others have. Done
@@ -239,12 +267,10 @@ class Resync:
         self._progress(mine)
         if not mine:
             return 0
-        stale_hosts: dict[tuple[str, int], dict[str, int]] = {}
-        for r in records:
-            # a copy recorded stale by a backfill was never current (see _resync_all_stale)
-            stale_hosts.setdefault((r.lineage, r.index), {})[r.host_id] = (
-                ~r.since if r.version & NEVER_CURRENT else r.since)
+        # a copy recorded stale by a backfill was never current (see _resync_all_stale)
+        stale_hosts = stale_by_chunk(records)
         n_of = await self.replicas_by_lineage()
+        self._note_accepted(mine)
         cleared = 0
         st = self.store.stats()
         held: set[tuple[str, int]] = set()
@@ -389,18 +415,16 @@ class Resync:
         the newest, that copy was current when its disk was lost, and with it the only
         copy of writes the others missed: no copy left holds them, and the chunk stays
         unreadable (EIO) rather than be brought to an older one, or to holes."""
-        def since(h: str) -> int:
-            s = stale.get(h, 0)
-            return ~s if s < 0 else s
-
-        best = max(complete, key=lambda h: (since(h), -complete.index(h)))
-        if stale.get(best, 0) < 0:
+        best = last_current(complete, stale)
+        if unrecoverable(complete, stale):
             if (lineage, index) in self._unrecoverable:
                 return False
             self._unrecoverable.add((lineage, index))
             log.error("event=chunk_unrecoverable lineage=%s chunk=%d last_current=%s: every copy "
-                      "is stale and the newest was on a replaced disk", lineage, index, best)
+                      "is stale and the newest was on a replaced disk (`vbp volume accept-loss` "
+                      "gives it up)", lineage, index, best)
             return False
+        self._unrecoverable.discard((lineage, index))
         if best == self.host_id:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)

@@ -86,6 +86,47 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptedLoss:
+    """One `vbp volume accept-loss`: chunks whose last current copy was lost (every copy
+    stale, the newest never current: replicator.loss.unrecoverable), given up at
+    `time`. `reverted`: (index, host) brought to the newest copy that was current once,
+    on that host: older than the acknowledged bytes. `zeroed`: (index, host) no copy of
+    which was ever current: lost, they read as holes. Kept in its own list, not in
+    `lost`, whose entries older code unpacks into exactly three values."""
+
+    time: float
+    reverted: tuple[tuple[int, str], ...] = ()
+    zeroed: tuple[tuple[int, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"time": self.time, "reverted": [list(x) for x in self.reverted],
+                "zeroed": [list(x) for x in self.zeroed]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AcceptedLoss":
+        return cls(float(d["time"]), tuple((int(i), str(h)) for i, h in d.get("reverted", ())),
+                   tuple((int(i), str(h)) for i, h in d.get("zeroed", ())))
+
+    def with_chunk(self, index: int, host: str, reverts: bool) -> "AcceptedLoss":
+        if reverts:
+            return replace(self, reverted=self.reverted + ((index, host),))
+        return replace(self, zeroed=self.zeroed + ((index, host),))
+
+
+def note_accepted(d: dict, when: float, index: int, host: str, reverts: bool) -> dict:
+    """The volume record dict `d` with chunk `index` added to its accepted loss made at
+    `when` (one per `vbp volume accept-loss`, grown a chunk at a time); other keys kept
+    as they are, known to this code or not."""
+    entries = [AcceptedLoss.from_dict(e) for e in d.get("accepted_losses", ())]
+    at = next((i for i, e in enumerate(entries) if e.time == when), None)
+    if at is None:
+        entries.append(AcceptedLoss(when).with_chunk(index, host, reverts))
+    else:
+        entries[at] = entries[at].with_chunk(index, host, reverts)
+    return {**d, "accepted_losses": [e.to_dict() for e in entries]}
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeRecord:
     name: str
     size: int
@@ -109,6 +150,8 @@ class VolumeRecord:
     # (host, chunk count, unix time) per host whose disk was replaced while it held the only
     # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
     lost: tuple[tuple[str, int, float], ...] = ()
+    # chunks of the lineage an operator gave up (vbp volume accept-loss), newest last
+    accepted_losses: tuple[AcceptedLoss, ...] = ()
 
     @property
     def geometry(self) -> Geometry:
@@ -126,6 +169,7 @@ class VolumeRecord:
         d["snapshots"] = [s.to_dict() for s in self.snapshots]
         d["cuts"] = [list(c) for c in self.cuts]
         d["lost"] = [list(x) for x in self.lost]
+        d["accepted_losses"] = [x.to_dict() for x in self.accepted_losses]
         return d
 
     @classmethod
@@ -136,6 +180,7 @@ class VolumeRecord:
         kw["snapshots"] = tuple(Snapshot.from_dict(s) for s in kw.get("snapshots", ()))
         kw["cuts"] = tuple(tuple(c) for c in kw.get("cuts", ()))
         kw["lost"] = tuple(tuple(x) for x in kw.get("lost", ()))
+        kw["accepted_losses"] = tuple(AcceptedLoss.from_dict(x) for x in kw.get("accepted_losses", ()))
         return cls(**kw)
 
 

@@ -796,3 +796,33 @@ def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server)
             t.join()
         reg.close()
         beats.close()
+
+
+def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
+    """clear_stale_unless_changed (vbp volume accept-loss): one transaction removes the
+    record and rewrites the lineage's volumes; a record of the chunk moved, a volume of
+    the lineage changed or the data set changed since the read make it decide again."""
+    reg.create_volume("v", {"name": "v", "lineage": "lin", "n": 0})
+    reg.create_volume("o", {"name": "o", "lineage": "other", "n": 0})
+    reg.mark_stale("lin", 2, ["h1"], 5)
+    reg.mark_stale("lin", 2, ["h2"], 6)
+    reg.mark_stale("lin", 3, ["h2"], 6)
+    seen: list = []
+    meanwhile = [lambda: reg.mark_stale("lin", 2, ["h1"], 9),
+                 lambda: reg.update_volume("v", lambda d: {**d, "n": 1}),
+                 lambda: reg.set_data_set(reg.cluster_map().mgen, ["h1", "h2"], None)]
+
+    def decide(records, cmap, vols):
+        seen.append((sorted((r.host_id, r.version) for r in records), [d["name"] for d in vols]))
+        if meanwhile:
+            meanwhile.pop(0)()
+        return "h2", {"v": {**vols[0], "n": vols[0]["n"] + 10}}, "done"
+
+    assert reg.clear_stale_unless_changed("lin", 2, decide) == "done"
+    assert len(seen) == 4 and seen[-1] == ([("h1", 9), ("h2", 6)], ["v"])
+    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h1"), (3, "h2")]
+    assert reg.get_volume("v")["n"] == 11 and reg.get_volume("o")["n"] == 0
+    assert reg.clear_stale_unless_changed("lin", 2, lambda *_: None) is None
+    with pytest.raises(InvalidArgument):  # the record to remove must be there
+        reg.clear_stale_unless_changed("lin", 2, lambda *_: ("h2", {}, "x"))
+    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h1"), (3, "h2")]

@@ -9,6 +9,7 @@ another copy's resync; it is unreadable (EIO) until a copy that holds them retur
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import trio
@@ -20,7 +21,7 @@ from replicator.migration import DataSetMover
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap
-from vbp.errors import VbpError
+from vbp.errors import InvalidArgument, VbpError
 from vbp.layout import MiB
 from vbp.registry.base import NEVER_CURRENT
 
@@ -171,6 +172,44 @@ def test_a_change_waits_when_the_only_current_copy_is_down_and_the_other_is_stal
     run(main)
 
 
+async def lose_last_copy(sim: Sim, older: bytes | None = None) -> tuple:
+    """replicas=2, min_size=1, on a started sim. X on P and Q (`older` written to both
+    first, if given); Q restarted while X was written (P took it, Q recorded stale) and
+    has not resynced it (it cannot reach P) when P's disk is replaced. P's backfill
+    records P stale (never current) for X too. Returns (volume record, X, P, Q, a
+    gateway of h0) with Q still cut off from P."""
+    reg = sim.reg
+    first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2", "h3"], None)
+    sim.sync_maps()
+    rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
+    x = next(i for i in range(64) if "h0" not in ClusterView(first).replicas(rec.lineage, i, 2))
+    p, q = ClusterView(first).replicas(rec.lineage, x, 2)
+    P, Q = sim.hosts[p], sim.hosts[q]
+    h0 = sim.hosts["h0"]
+    gw = await h0.run_on(h0.provider.open_export, "v")
+    if older is not None:
+        await h0.run_on(lambda: call(gw.write(x * MiB, older, False)))
+        await h0.run_on(lambda: call(gw.flush()))
+    await write_missed_by(sim, gw, q, x)
+    Q.faults.partition([P.addr])  # q's resync of X cannot start yet
+    await sim.restart(q)
+    await trio.sleep(2.0)
+    # p's disk is replaced: same id, empty store; blockd backfills before serving
+    sim.crash(p, declare_down=False)
+    P.store = MemoryChunkStore(None, P.capacity)
+    boot = P.boot
+
+    def boot_backfilling():
+        boot()
+        P.replica.backfilling = True
+    P.boot = boot_backfilling
+    await sim.restart(p)
+    await P.run_on(P.resync.backfill)
+    P.replica.backfilling = False
+    assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+    return rec, x, p, q, gw
+
+
 def test_backfill_records_a_chunk_whose_other_copy_is_stale_and_empty():
     """replicas=2, min_size=1. X on P and Q; Q restarted while X was first written (P took
     it, Q recorded stale, holding nothing) and has not resynced it (it cannot reach P)
@@ -183,36 +222,98 @@ def test_backfill_records_a_chunk_whose_other_copy_is_stale_and_empty():
         async with trio.open_nursery() as nursery:
             await sim.start(nursery)
             reg = sim.reg
-            first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2", "h3"], None)
-            sim.sync_maps()
-            rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
-            x = next(i for i in range(64) if "h0" not in ClusterView(first).replicas(rec.lineage, i, 2))
-            p, q = ClusterView(first).replicas(rec.lineage, x, 2)
-            P, Q = sim.hosts[p], sim.hosts[q]
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            await write_missed_by(sim, gw, q, x)
-            Q.faults.partition([P.addr])  # q's resync of X cannot start yet
-            await sim.restart(q)
-            await trio.sleep(2.0)
-            # p's disk is replaced: same id, empty store; blockd backfills before serving
-            sim.crash(p, declare_down=False)
-            P.store = MemoryChunkStore(None, P.capacity)
-            boot = P.boot
-
-            def boot_backfilling():
-                boot()
-                P.replica.backfilling = True
-            P.boot = boot_backfilling
-            await sim.restart(p)
-            await P.run_on(P.resync.backfill)
-            P.replica.backfilling = False
-            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
-            Q.faults.heal()
+            rec, x, p, q, _gw = await lose_last_copy(sim)
+            sim.hosts[q].faults.heal()
             await trio.sleep(4.0)  # resync passes
             assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+            h0 = sim.hosts["h0"]
             gw2 = await h0.run_on(h0.provider.open_export, "v")
             assert isinstance(await read4k(h0, gw2, x * MiB), VbpError)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_accept_loss_reverts_an_unrecoverable_chunk_to_the_older_copy(caplog):
+    """The chunk of lose_last_copy, written with O on both copies before Q missed W: it
+    reads EIO and `vbp pool status` (api.unrecoverable_chunks) lists it, to be reverted
+    to Q. accept_loss refuses a chunk that is not unrecoverable and changes nothing then;
+    for X it removes Q's record: X reads O (older than the acknowledged W) and takes
+    writes again, P resyncs from Q, the volume records the loss, P logs it, and nothing
+    is unrecoverable any more."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            rec, x, p, q, gw = await lose_last_copy(sim, older=b"O" * 4096)
+            sim.hosts[q].faults.heal()
+            await trio.sleep(3.0)
+            h0 = sim.hosts["h0"]
+            assert isinstance(await read4k(h0, gw, x * MiB), VbpError)
+            [lost] = api.unrecoverable_chunks(reg)
+            assert (lost["lineage"], lost["index"], lost["volumes"]) == (rec.lineage, x, ["v"])
+            assert (lost["last_current"], lost["source"], lost["reverts"]) == (p, q, True)
+            other = (x + 1) % 64
+            with pytest.raises(InvalidArgument, match="not unrecoverable"):
+                api.accept_loss(reg, "v", [x, other])
+            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+            assert api.get_volume(reg, "v").accepted_losses == ()
+
+            with caplog.at_level(logging.WARNING, logger="vbp.recovery"):
+                got = api.accept_loss(reg, "v", [x])
+                assert [(c["index"], c["source"], c["last_current"]) for c in got["reverted"]] == [(x, q, p)]
+                assert got["zeroed"] == [] and got["skipped"] == []
+                assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p}
+                await trio.sleep(3.0)  # the gateway's stale map, P's resync from Q
+            assert reg.list_stale(rec.lineage, x) == []
+            assert api.unrecoverable_chunks(reg) == []
+            logged = [r.getMessage() for r in caplog.records if "event=loss_accepted" in r.getMessage()]
+            assert logged and f"chunk={x} " in logged[0] and f"source={q}" in logged[0]
+            assert all(r.levelno == logging.WARNING for r in caplog.records
+                       if "event=loss_accepted" in r.getMessage())
+            assert await read4k(h0, gw, x * MiB) == b"O" * 4096
+            await h0.run_on(lambda: call(gw.write(x * MiB, b"N" * 4096, False)))
+            await h0.run_on(lambda: call(gw.flush()))
+            assert await read4k(h0, gw, x * MiB) == b"N" * 4096
+            [a] = api.get_volume(reg, "v").accepted_losses
+            assert a.reverted == ((x, q),) and a.zeroed == ()
+            # a second accept finds nothing left to give up
+            with pytest.raises(InvalidArgument, match="not unrecoverable"):
+                api.accept_loss(reg, "v", [x])
+            assert api.accept_loss(reg, "v")["reverted"] == []
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_accept_loss_of_a_chunk_no_copy_of_was_ever_current_reads_zeros():
+    """As lose_last_copy, then Q's disk is lost too (its record says never current, as its
+    backfill would): no copy holds anything acknowledged. accept_loss declares X lost: it
+    reads as zeros and takes writes again, and the volume says so."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            rec, x, p, q, gw = await lose_last_copy(sim)
+            reg.mark_stale(rec.lineage, x, [q], NEVER_CURRENT | time.time_ns())
+            sim.hosts[q].faults.heal()
+            await trio.sleep(3.0)
+            h0 = sim.hosts["h0"]
+            assert isinstance(await read4k(h0, gw, x * MiB), VbpError)
+            [lost] = api.unrecoverable_chunks(reg)
+            assert lost["reverts"] is False
+            got = api.accept_loss(reg, "v", [x])
+            first = lost["copies"][0]
+            assert [(c["index"], c["source"]) for c in got["zeroed"]] == [(x, first)]
+            await trio.sleep(3.0)
+            assert reg.list_stale(rec.lineage, x) == []
+            assert await read4k(h0, gw, x * MiB) == bytes(4096)
+            await h0.run_on(lambda: call(gw.write(x * MiB, b"N" * 4096, False)))
+            assert await read4k(h0, gw, x * MiB) == b"N" * 4096
+            [a] = api.get_volume(reg, "v").accepted_losses
+            assert a.zeroed == ((x, first),) and a.reverted == ()
             nursery.cancel_scope.cancel()
 
     run(main)

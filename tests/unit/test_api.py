@@ -211,3 +211,133 @@ def test_a_control_lease_whose_answer_is_lost_is_given_back(lost):
     assert calls and reg.get_lease("v") is None
     assert reg.lease_orphaned("v")
     assert reg.acquire_lease("v", "h2", 60.0).taken_over
+
+
+# --- unrecoverable chunks and accept_loss ------------------------------------------------
+
+
+def lost_last_copy(reg, name: str = "v", index: int = 3) -> tuple[VolumeRecord, str, str]:
+    """Hosts h0-h2 in the data set; volume `name` (replicas 2, min_size 1, eight 1 MiB
+    chunks) whose chunk `index` has the records a replaced disk's backfill leaves: Q
+    stale (it missed writes), then P, the copy that had them, stale and never current.
+    Returns (the volume, P, Q)."""
+    from replicator.gateway import ClusterView
+    from vbp.cluster import HostRecord
+    from vbp.registry.base import NEVER_CURRENT
+
+    if not reg.cluster_map().hosts:
+        for i in range(3):
+            reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=1 << 30), 60)
+        reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+    rec = new_volume(name, 8 * MiB, replicas=2, min_size=1, chunk_size=MiB, lineage=f"lin-{name}",
+                     head=1, now=0.0)
+    reg.create_volume(name, rec.to_dict())
+    p, q = ClusterView(reg.cluster_map()).replicas(rec.lineage, index, 2)
+    reg.mark_stale(rec.lineage, index, [q], time.time_ns())
+    reg.mark_stale(rec.lineage, index, [p], NEVER_CURRENT | time.time_ns())
+    return rec, p, q
+
+
+def test_an_unrecoverable_chunk_is_found_from_the_records_alone():
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.mark_stale(rec.lineage, 5, [q], time.time_ns())  # merely degraded: p is current
+    [c] = api.unrecoverable_chunks(reg)
+    assert (c["lineage"], c["index"], c["volumes"], c["last_current"], c["source"], c["reverts"]) == (
+        rec.lineage, 3, ["v"], p, q, True)
+    # a clone shares the lineage, and the chunk
+    reg.create_volume("w", {**rec.to_dict(), "name": "w", "created": 1.0})
+    assert api.unrecoverable_chunks(reg)[0]["volumes"] == ["v", "w"]
+    # the lost copy's record older than the other's: the other went stale last and has
+    # every acknowledged write (resync elects it): not unrecoverable
+    reg2 = open_registry(f"memory://api-{next(_n)}")
+    rec2, p2, q2 = lost_last_copy(reg2)
+    reg2.clear_stale(rec2.lineage, 3, q2)
+    reg2.mark_stale(rec2.lineage, 3, [q2], time.time_ns())
+    assert api.unrecoverable_chunks(reg2) == []
+
+
+def test_accept_loss_refuses_chunks_that_are_not_unrecoverable_and_changes_nothing():
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.mark_stale(rec.lineage, 5, [q], time.time_ns())
+    before = reg.list_stale()
+    with pytest.raises(InvalidArgument, match=r"chunk 5 of volume v is not unrecoverable.*unrecoverable: 3"):
+        api.accept_loss(reg, "v", [3, 5])
+    with pytest.raises(InvalidArgument, match="chunks 0 to 7, not 8"):
+        api.accept_loss(reg, "v", [8])
+    with pytest.raises(NotFound):
+        api.accept_loss(reg, "nope", [3])
+    assert reg.list_stale() == before and api.get_volume(reg, "v").accepted_losses == ()
+
+
+def test_accept_loss_reverts_records_the_volumes_and_keeps_older_code_reading_them():
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.create_volume("w", {**rec.to_dict(), "name": "w", "created": 1.0, "size": 2 * MiB})  # a clone
+    lost_last_copy(reg, "x")  # another lineage: untouched
+    reg.update_volume("v", lambda d: {**d, "lost": [["h9", 2, 5.0]]})  # a replicas=1 era loss
+    got = api.accept_loss(reg, "v", now=100.0)
+    assert [(c["index"], c["source"], c["last_current"]) for c in got["reverted"]] == [(3, q, p)]
+    assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}  # resyncs from q
+    v = api.get_volume(reg, "v")
+    assert [(a.time, a.reverted, a.zeroed) for a in v.accepted_losses] == [(100.0, ((3, q),), ())]
+    assert v.lost == (("h9", 2, 5.0),)
+    assert api.get_volume(reg, "w").accepted_losses == ()  # chunk 3 lies past its end
+    assert len(reg.list_stale("lin-x")) == 2
+    # older code unpacks each `lost` entry into (host, count, time) and skips keys it
+    # does not know: the accepted loss is in a key of its own
+    d = reg.get_volume("v")
+    assert [(h, n, t) for h, n, t in d["lost"]] == [("h9", 2, 5.0)]
+    assert d["accepted_losses"] == [{"time": 100.0, "reverted": [[3, q]], "zeroed": []}]
+    # a second call of the same second adds to the same entry; nothing left now
+    assert api.accept_loss(reg, "v", now=100.0)["reverted"] == []
+
+
+def test_accept_loss_with_no_copy_ever_current_keeps_the_first_and_calls_it_lost():
+    from vbp.registry.base import NEVER_CURRENT
+
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.mark_stale(rec.lineage, 3, [q], NEVER_CURRENT | time.time_ns())  # q's disk replaced too
+    [c] = api.unrecoverable_chunks(reg)
+    assert not c["reverts"] and c["source"] == c["copies"][0]
+    got = api.accept_loss(reg, "v", [3], now=7.0)
+    assert got["reverted"] == [] and [x["source"] for x in got["zeroed"]] == [c["copies"][0]]
+    assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == set(c["copies"]) - {c["copies"][0]}
+    [a] = api.get_volume(reg, "v").accepted_losses
+    assert a.zeroed == ((3, c["copies"][0]),) and a.reverted == ()
+
+
+@pytest.mark.parametrize("race", ["lost copy back", "copy marked again", "data set changed"])
+def test_accept_loss_judges_again_what_changed_before_its_transaction(race):
+    """Between accept_loss's read and its transaction: the lost copy's record goes (its
+    host came back with the bytes and resynced: the chunk is no longer unrecoverable,
+    and is skipped, untouched), or a failure marks a copy again, or the data set changes
+    (the chunk judged again on the new records: still unrecoverable, it is accepted)."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    real_txn = reg.kv.txn
+    raced: list = []
+
+    def txn(compares, ops):
+        if not raced and any(getattr(o, "key", b"").startswith(b"vbp/stale/") for o in ops):
+            raced.append(True)
+            if race == "lost copy back":
+                reg.clear_stale(rec.lineage, 3, p)
+            elif race == "copy marked again":
+                reg.mark_stale(rec.lineage, 3, [q], time.time_ns())
+            else:
+                reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+        return real_txn(compares, ops)
+
+    reg.kv.txn = txn
+    got = api.accept_loss(reg, "v", [3])
+    assert raced
+    if race == "lost copy back":
+        assert got["skipped"] == [3] and got["reverted"] == []
+        assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {q}
+        assert api.get_volume(reg, "v").accepted_losses == ()
+    else:
+        assert [c["source"] for c in got["reverted"]] == [q]
+        assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}

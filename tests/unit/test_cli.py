@@ -577,3 +577,62 @@ def test_a_host_registered_with_a_new_capacity_is_shown_until_the_data_set_takes
     assert [(c["host"], c["to"]["capacity"], c["pending"]) for c in change] == [("h3", 4 * GiB, False)]
     assert "h3 placed by capacity 1 GiB -> 4 GiB: chunks move" in vbp("pool", "status").stdout
     reg.close()
+
+
+# --- unrecoverable chunks and accept-loss ---------------------------------------------------
+
+
+def test_accept_loss_arguments_plan_output_and_report(vbp, reg_url):
+    from tests.unit.test_api import lost_last_copy
+
+    reg = open_registry(reg_url)
+    rec, p, q = lost_last_copy(reg)
+    reg.mark_stale(rec.lineage, 5, [q], 1)  # only degraded
+    st = js(vbp("pool", "status", "--json"))
+    assert [(c["volumes"], c["index"], c["source"], c["reverts"]) for c in st["unrecoverable"]] == [
+        (["v"], 3, q, True)]
+    text = vbp("pool", "status").stdout
+    assert "warning: 1 chunks are unrecoverable" in text
+    assert f"v chunk 3: lost with {p}; would revert to {q}'s older copy" in text
+
+    assert "--chunk N (repeatable) or --all" in vbp("volume", "accept-loss", "v", "--yes",
+                                                    code=EXIT_USAGE).stderr
+    vbp("volume", "accept-loss", "v", "--chunk", "3", "--all", "--yes", code=EXIT_USAGE)
+    vbp("volume", "accept-loss", "v", "--chunk", "-1", "--yes", code=EXIT_USAGE)
+    one_error_line(vbp("volume", "accept-loss", "nope", "--all", "--yes", code=EXIT_NOT_FOUND), "nope")
+    one_error_line(vbp("volume", "accept-loss", "v", "--chunk", "5", "--yes", code=EXIT_ERROR),
+                   "chunk 5 of volume v is not unrecoverable", "unrecoverable: 3")
+    one_error_line(vbp("volume", "accept-loss", "v", "--chunk", "8", "--yes", code=EXIT_ERROR),
+                   "chunks 0 to 7, not 8")
+    # without --yes: what it would do, and nothing done
+    one_error_line(vbp("volume", "accept-loss", "v", "--chunk", "3", code=EXIT_ERROR),
+                   f"3: revert to {q}'s older copy", "--yes")
+    assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p, q}
+
+    r = vbp("volume", "accept-loss", "v", "--chunk", "3", "--yes")
+    assert f"chunk 3: reverted to the copy on {q} (older than the writes acknowledged last, lost with {p})" in r.stdout
+    assert "accepted the loss of 1 chunks of volume v" in r.stdout
+    assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}
+    assert "warning: volume v: the loss of 1 chunks was accepted" in vbp("volume", "show", "v").stdout
+    assert "1 reverted to an older copy (chunks 3)" in vbp("volume", "show", "v").stdout
+    [a] = js(vbp("volume", "show", "v", "--json"))["accepted_losses"]
+    assert a["reverted"] == [[3, q]] and a["zeroed"] == []
+    assert js(vbp("pool", "status", "--json"))["unrecoverable"] == []
+    assert "unrecoverable" not in vbp("pool", "status").stdout
+    assert "nothing to accept" in vbp("volume", "accept-loss", "v", "--all", "--yes").stdout
+    reg.close()
+
+
+def test_accept_loss_json_of_a_chunk_lost_on_every_copy(vbp, reg_url):
+    from tests.unit.test_api import lost_last_copy
+    from vbp.registry.base import NEVER_CURRENT
+
+    reg = open_registry(reg_url)
+    rec, p, q = lost_last_copy(reg)
+    reg.mark_stale(rec.lineage, 3, [q], NEVER_CURRENT | 1)
+    one_error_line(vbp("volume", "accept-loss", "v", "--all", code=EXIT_ERROR), "3: lost, reads as zeros")
+    got = js(vbp("volume", "accept-loss", "v", "--all", "--yes", "--json"))
+    assert got["volume"] == "v" and got["reverted"] == [] and got["skipped"] == []
+    assert [c["index"] for c in got["zeroed"]] == [3]
+    assert "1 lost, reading as zeros (chunks 3)" in vbp("volume", "show", "v").stdout
+    reg.close()

@@ -607,6 +607,45 @@ class Registry:
                 return True
         raise self._contended(f"clear stale {lineage}/{index} on {host_id}")
 
+    def clear_stale_unless_changed(self, lineage: str, index: int,
+                                   decide: Callable[[list[StaleRecord], ClusterMap, list[dict]], tuple | None]):
+        """Remove one stale record of the chunk, and rewrite volume records, in one
+        transaction, only while nothing `decide` judged by has changed since it was read:
+        the chunk's stale records, the data set (placement) and the volume records of the
+        chunk's lineage. `decide(records, cluster map, volume dicts)` returns None (nothing
+        to do) or (host whose record goes, {volume name: new record dict}, result); a
+        change meanwhile (a copy marked or cleared, a backfill, a change of data set, a
+        volume resized) makes it read and decide again. Returns the result, or None.
+        (vbp volume accept-loss: the copy kept becomes current, and the volumes say so.)"""
+        prefix = self._stale_key(lineage, index)
+        for _ in range(CAS_ATTEMPTS):
+            ds, _ = self.kv.get(K_DATASET)
+            cmap = self.cluster_map()
+            items, _ = self.kv.range(prefix)
+            vols, _ = self.kv.range(P_VOL)
+            records = [StaleRecord(lineage, index, it.key[len(prefix):].decode(), _unpack(it.value),
+                                   it.create_rev) for it in items]
+            mine = [(it, d) for it in vols if (d := _unpack(it.value)).get("lineage") == lineage]
+            verdict = decide(records, cmap, [d for _, d in mine])
+            if verdict is None:
+                return None
+            host, changes, result = verdict
+            key = self._stale_key(lineage, index, host)
+            if not any(it.key == key for it in items):
+                raise InvalidArgument(f"{lineage}/{index} has no stale record on {host}")
+            cmps = [Cmp(K_DATASET, "mod", ds.mod_rev if ds else 0)]
+            cmps += [Cmp(it.key, "mod", it.mod_rev) for it in items]
+            cmps += [Cmp(it.key, "mod", it.mod_rev) for it, _ in mine]
+            ops: list = [Delete(key)]
+            ops += [Put(it.key, _pack(changes[d["name"]])) for it, d in mine if d["name"] in changes]
+            if len(cmps) + len(ops) > TXN_OPS_MAX:
+                raise InvalidArgument(f"{lineage}/{index}: too many copies and volumes for one "
+                                      f"transaction ({len(cmps) + len(ops)} operations)")
+            ok, _ = self.kv.txn(cmps, ops)
+            if ok:
+                return result
+        raise self._contended(f"clear stale {lineage}/{index}")
+
     # --- scrub requests (replicator/scrub.py) ---------------------------------------------
 
     def request_scrub(self, hosts: Iterable[str], volume: str = "") -> int:
