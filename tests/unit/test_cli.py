@@ -469,7 +469,7 @@ def vbp_commands_in(text: str):
 
     out, offset = [], 0
     for i, part in enumerate(text.split("```")):  # odd parts are fenced code blocks
-        pattern = r"(?m)^\s*vbp (\w+) (\w+)" if i % 2 else r"`vbp (\w+) (\w+)"
+        pattern = r"(?m)^\s*vbp (\w+) (\w[\w-]*)" if i % 2 else r"`vbp (\w+) (\w[\w-]*)"
         out += [(offset + m.start(), offset + m.end(), *m.groups()) for m in re.finditer(pattern, part)]
         offset += len(part) + 3
     return out
