@@ -139,11 +139,14 @@ class Sandbox:
             out.append(host)
         return out
 
-    def up(self, n: int, base_port: int | None = None, capacity: str = DEFAULT_CAPACITY,
+    def up(self, n: int, base_port: int | None = None, capacity: str | None = None,
            timeout: float = 30.0, settings: dict | None = None,
            registry: str | None = None) -> list[SandboxHost]:
         """Start the hosts that are not running. `settings` (blockd config keys, e.g.
         {"lease_ttl": 4}) go into each host's blockd.toml and stay for later `up`s.
+        `capacity`: of the hosts started now, remembered for each; None: a host started
+        before keeps the one it had (a host back with another capacity is a change of
+        data set, which moves chunks), a new one gets DEFAULT_CAPACITY.
         `registry` (a registry URL) replaces the embedded one; it cannot change while
         hosts of the sandbox run on another."""
         if not 1 <= n <= 64:
@@ -177,7 +180,8 @@ class Sandbox:
         state["hosts"] = hosts + extra
         # before anything is saved or started: a bad value kept in the state would fail
         # every later `up` the same way
-        self._check_settings(saved, settings or {}, hosts[0], capacity, state["registry"])
+        self._check_settings(saved, settings or {}, hosts[0], capacity or DEFAULT_CAPACITY,
+                             state["registry"])
         started = []
         for h in hosts:
             if pid_alive(h.get("pid", 0)):
@@ -187,7 +191,8 @@ class Sandbox:
                     f"ports {h['nbd_port']}/{h['peer_port']} for {h['id']} are in use; "
                     f"choose another --base-port"
                 )
-            h["pid"] = self._spawn(h, capacity, state.get("settings", {}), state["registry"])
+            h["capacity"] = capacity or h.get("capacity") or DEFAULT_CAPACITY
+            h["pid"] = self._spawn(h, h["capacity"], state.get("settings", {}), state["registry"])
             started.append(h)
         self._save(state)
         deadline = time.monotonic() + timeout

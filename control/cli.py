@@ -141,7 +141,9 @@ def _print_hosts(hosts):
 @click.option("--hosts", "n", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False))
 @click.option("--base-port", type=click.IntRange(1, 65000), help="First port (default 10809).")
-@click.option("--capacity", default="8G", show_default=True, help="Capacity of each host.")
+@click.option("--capacity", help="Capacity of each host started (default: the one it had, "
+                                 "else 8G). A host back with another moves chunks: a change "
+                                 "of data set.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A blockd setting for every host, e.g. --set lease_ttl=4 (repeatable).")
 @click.option("--registry", "sandbox_registry", metavar="URL",
@@ -160,7 +162,8 @@ def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_regis
     from blockd.sandbox import Sandbox
     from vbp.layout import parse_size
 
-    parse_size(capacity)
+    if capacity is not None:
+        parse_size(capacity)
     sb = Sandbox(directory)
     hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings),
                   registry=sandbox_registry)

@@ -68,6 +68,7 @@ class SandboxHandle:
         self.n = hosts
         self.base_port = free_port_range(2 * hosts)
         self.info: dict = {}
+        self.capacity = "4G"  # of each host, at every `up` (another one would move chunks)
 
     @property
     def registry(self) -> str:
@@ -78,7 +79,7 @@ class SandboxHandle:
 
     def up(self):
         p = run_vbp("sandbox", "up", "--hosts", self.n, "--dir", self.dir,
-                    "--base-port", self.base_port, "--capacity", "4G", "--json",
+                    "--base-port", self.base_port, "--capacity", self.capacity, "--json",
                     "--set", "gc_interval=1")
         self.info = json.loads(p.stdout)
         return self.info

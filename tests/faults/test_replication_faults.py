@@ -88,11 +88,12 @@ def connect(uri):
 
 def start(tmp_path, n=3) -> SandboxHandle:
     sb = SandboxHandle(tmp_path / "sb", n)
+    sb.capacity = "2G"  # (restart: sb.up, with the same)
     from tests.conftest import run_vbp
     import json
 
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", "2G", "--json", *SETTINGS, check=False)
+                "--capacity", sb.capacity, "--json", *SETTINGS, check=False)
     if p.returncode != 0:
         sb.down()  # stop whatever did start
         raise AssertionError(f"sandbox up failed:\n{p.stderr}")

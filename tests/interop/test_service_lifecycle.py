@@ -27,6 +27,7 @@ def connect(uri):
 
 def small_pool(tmp_path, n=1, capacity="8M") -> SandboxHandle:
     sb = SandboxHandle(tmp_path / "sb", n)
+    sb.capacity = capacity  # (sb.up restarts hosts with the same)
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
                 "--capacity", capacity, "--json", "--set", "gc_interval=0.5", check=False)
     if p.returncode:
@@ -177,3 +178,23 @@ def test_sandbox_run_interrupted_while_starting_leaves_no_host_running(tmp_path,
             p.kill()
         for pid in _blockd_pids_of(d):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_sandbox_up_again_keeps_each_hosts_capacity(tmp_path):
+    """Placement weighs the capacity recorded with the data set: a host back with another
+    capacity starts a change of data set that moves chunks. `vbp sandbox up` without
+    --capacity started every host with the default again, so restarting a sandbox made
+    with --capacity 2G moved chunks; each host now keeps the capacity it had."""
+    d = tmp_path / "sb"
+    base = free_port_range(2)
+    env = {"VBP_REGISTRY": f"lmdb://{d / 'registry'}"}
+    try:
+        run_vbp("sandbox", "up", "--hosts", 1, "--dir", d, "--base-port", base, "--capacity", "2G")
+        gen = json.loads(run_vbp("pool", "status", "--json", env=env).stdout)["data_set"]["generation"]
+        run_vbp("sandbox", "down", "--dir", d)
+        run_vbp("sandbox", "up", "--hosts", 1, "--dir", d)
+        st = json.loads(run_vbp("pool", "status", "--json", env=env).stdout)
+        assert [h["capacity"] for h in st["hosts"]] == [2 * 1024**3]
+        assert st["data_set"]["generation"] == gen and not st["data_set"]["placement"]
+    finally:
+        run_vbp("sandbox", "down", "--dir", d, check=False)
