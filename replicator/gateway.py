@@ -1243,7 +1243,8 @@ class VolumeGateway:
         """A put-off write that could not go in its batch, by the general path."""
         current_rid.set(msg.rid)  # this task's own context: its log lines carry the id
         try:
-            await self._replicate_piece(p, msg)
+            with trio.CancelScope(shield=True):  # (as _replicate: settled, client or not)
+                await self._replicate_piece(p, msg)
         finally:
             self._write_done(p)
 

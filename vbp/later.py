@@ -100,7 +100,14 @@ class Later:
     async def _wait(self):
         if self._kind is _PENDING:
             self._event = trio.Event()
-            await self._event.wait()
+            try:
+                await self._event.wait()
+            except BaseException:
+                if self._kind is _PENDING:  # nobody will run what comes: refuse it
+                    self.bind(lambda value, exc: None, lambda awaitable: False)
+                elif self._kind == "defer":
+                    self._refused(self._value)
+                raise
         else:
             await trio.lowlevel.checkpoint()
         kind, value = self._kind, self._value
