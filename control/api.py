@@ -397,9 +397,10 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
             n = replicas_by_lineage(vols).get(rec.lineage)
             if not n:
                 return None  # the lineage is gone
-            complete = ClusterView(cmap).replicas(rec.lineage, index, n)
+            view = ClusterView(cmap)
+            complete = view.replicas(rec.lineage, index, n)
             stale = stale_by_chunk(records).get((rec.lineage, index), {})
-            if not unrecoverable(complete, stale):
+            if not unrecoverable(complete, stale, view.joining(rec.lineage, index, n)):
                 return None
             host, reverts = revert_source(complete, stale)
             changes = {d["name"]: note_accepted(d, when, index, host, reverts) for d in vols

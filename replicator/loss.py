@@ -49,14 +49,23 @@ def last_current(complete, stale: dict[str, int]) -> str:
     return max(complete, key=lambda h: (since(h), -complete.index(h)))
 
 
-def unrecoverable(complete, stale: dict[str, int]) -> bool:
+def newest_lost(complete, stale: dict[str, int]) -> bool:
     """Every complete copy of the chunk is recorded stale and the newest record is of a
-    copy that was never current (a replaced disk's backfill): the last current copy went
-    with its disk, no copy left holds every acknowledged write, and resync elects none.
-    The chunk reads EIO until an operator accepts the loss (control.api.accept_loss).
-    The one rule of it, for resync, `vbp pool status` and `vbp volume accept-loss`."""
+    copy that was never current (a replaced disk's backfill): resync elects none of them
+    (the newest of the others misses acknowledged writes)."""
     return (bool(complete) and all(h in stale for h in complete)
             and stale[last_current(complete, stale)] < 0)
+
+
+def unrecoverable(complete, stale: dict[str, int], joining=()) -> bool:
+    """newest_lost, and no joining target (a change of data set under way) is without a
+    record: such a target resynced from a current copy (its record cleared) and took
+    every write since, so it holds every acknowledged write; the chunk reads EIO only
+    until the change completes and reads go to it. Otherwise the last current copy went
+    with its disk, no copy left holds every acknowledged write, and the chunk reads EIO
+    until an operator accepts the loss (control.api.accept_loss). The one rule of it,
+    for resync, `vbp pool status` and `vbp volume accept-loss`."""
+    return newest_lost(complete, stale) and all(h in stale for h in joining)
 
 
 def revert_source(complete, stale: dict[str, int]) -> tuple[str, bool]:
@@ -102,7 +111,7 @@ def unrecoverable_chunks(cmap, records, volumes: list[dict]) -> list[dict]:
         if not n:
             continue
         complete = view.replicas(lineage, index, n)
-        if not unrecoverable(complete, stale):
+        if not unrecoverable(complete, stale, view.joining(lineage, index, n)):
             continue
         source, reverts = revert_source(complete, stale)
         out.append({"lineage": lineage, "index": index,

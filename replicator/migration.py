@@ -525,6 +525,15 @@ class DataSetMover:
         cmap = cv.map
         if cmap.prev is None or self.scanned_gen == cmap.mgen:
             return 0
+        scanned = await self.registry.scanned()
+        if scanned.get(self.host_id) == cmap.mgen:
+            # scanned by this host's process before this one (a restart in the change):
+            # done. Again, it would record targets stale that resynced since, and from
+            # its records (below) as never current: with the copies it was stale with
+            # lost meanwhile, a target holding every acknowledged write could no longer
+            # become current (a review found it).
+            self.scanned_gen = cmap.mgen
+            return 0
         n_of = await self.n_of()
         marked = 0
         seen: set[tuple[str, int]] = set()
@@ -537,8 +546,16 @@ class DataSetMover:
                 continue
             seen.add((lineage, index))
             n = n_of[lineage]
-            if self.host_id not in cv.replicas(lineage, index, n):
+            replicas = cv.replicas(lineage, index, n)
+            if self.host_id not in replicas:
                 continue  # a misplaced copy: another host's scan covers the chunk
+            if version & NEVER_CURRENT and any(
+                    scanned.get(h) == cmap.mgen for h in replicas if h != self.host_id):
+                # a copy stale here and not held: another of its copies scanned this change
+                # and recorded the targets then; they may have resynced since and hold
+                # every acknowledged write (recorded never current now, nothing could
+                # make them current again)
+                continue
             joining = cv.joining(lineage, index, n)
             if joining:
                 await self.registry.mark_stale(lineage, index, joining, version)

@@ -60,7 +60,9 @@ from replicator import messages as m
 from vbp.chunkstore import flush_store
 from vbp.errors import NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
-from replicator.loss import accepted_by_chunk, last_current, stale_by_chunk, unrecoverable
+from replicator.loss import (
+    accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
+)
 from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
 from vbp.volume import replicas_by_lineage
 
@@ -373,7 +375,8 @@ class Resync:
         if not sources:
             if (self.host_id in complete and all(h in stale for h in complete)
                     and all(self.cluster.is_up(h) for h in complete)):
-                return await self._resync_all_stale(lineage, index, complete, stale)
+                return await self._resync_all_stale(lineage, index, complete, stale,
+                                                    self.cluster.joining(lineage, index, n))
         for src in sources:
             try:
                 if (await self._sync_from(self.cluster.address(src), lineage, index)
@@ -398,7 +401,8 @@ class Resync:
             return False
         return True
 
-    async def _resync_all_stale(self, lineage: str, index: int, complete, stale) -> bool:
+    async def _resync_all_stale(self, lineage: str, index: int, complete, stale,
+                                joining=()) -> bool:
         """Every copy of the chunk is recorded stale (failures through gateways of
         different volumes of the lineage, a crash, a write no current copy took), so no
         copy is a plain source. The chunk is brought to the copy that went stale last
@@ -416,7 +420,9 @@ class Resync:
         copy of writes the others missed: no copy left holds them, and the chunk stays
         unreadable (EIO) rather than be brought to an older one, or to holes."""
         best = last_current(complete, stale)
-        if unrecoverable(complete, stale):
+        if newest_lost(complete, stale):
+            if not unrecoverable(complete, stale, joining):
+                return False  # a joining target holds it: reads go there once the change completes
             if (lineage, index) in self._unrecoverable:
                 return False
             self._unrecoverable.add((lineage, index))

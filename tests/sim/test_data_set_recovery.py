@@ -317,3 +317,119 @@ def test_accept_loss_of_a_chunk_no_copy_of_was_ever_current_reads_zeros():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+async def joined_then_lost(sim):
+    """h0-h2, replicas 2 / min_size 1; X on P, Q (h1, h2). O written to both; W (offset 0)
+    missed by Q (restarted, then cut off from P: no resync). h3 joins: the scans record it
+    stale for X, it resyncs X from P and its record goes. N (offset 4096) reaches P, Q and
+    h3. Then P's disk is replaced (backfill: P stale, never current). Acknowledged: W, N;
+    h3 holds both."""
+    reg = sim.reg
+    first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+    sim.sync_maps()
+    rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
+    chg = ClusterView(ClusterMap(first.epoch, first.hosts, ("h0", "h1", "h2", "h3"),
+                                 ("h0", "h1", "h2"), first.mgen + 1))
+    x = next(i for i in range(64) if "h0" not in chg.replicas(rec.lineage, i, 2)
+             and chg.joining(rec.lineage, i, 2) == ("h3",))
+    p, q = chg.replicas(rec.lineage, x, 2)
+    P, Q, T, h0 = sim.hosts[p], sim.hosts[q], sim.hosts["h3"], sim.hosts["h0"]
+    gw = await h0.run_on(h0.provider.open_export, "v")
+    await h0.run_on(lambda: call(gw.write(x * MiB, b"O" * 8192, False)))
+    await h0.run_on(lambda: call(gw.flush()))
+    await write_missed_by(sim, gw, q, x)  # W at offset 0, Q stale
+    Q.faults.partition([P.addr])
+    await sim.restart(q)
+    await trio.sleep(2.0)
+
+    cmap = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2", "h3"], ["h0", "h1", "h2"])
+    sim.sync_maps()
+    assert ClusterView(cmap).joining(rec.lineage, x, 2) == ("h3",)
+    mv = movers(sim)
+    for hid, h in sim.hosts.items():
+        mv[hid].store, mv[hid].cluster = h.store, h.cluster
+        await mv[hid].scan_once()
+    # (the gateway records h3 stale again before its first write of X in the change)
+    await h0.run_on(lambda: call(gw.write(x * MiB + 4096, b"N" * 4096, False)))
+    await h0.run_on(lambda: call(gw.flush()))
+    for _ in range(10):
+        await trio.sleep(1.0)
+        if {r.host_id for r in reg.list_stale(rec.lineage, x)} == {q}:
+            break
+    assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {q}  # h3 resynced from P
+    await h0.run_on(lambda: call(gw.write(x * MiB + 4096, b"N" * 4096, False)))
+    await h0.run_on(lambda: call(gw.flush()))
+    assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {q}
+    got = sim.replica_bytes(T, rec, rec.chain, x)[:8192]
+    assert got == b"W" * 4096 + b"N" * 4096
+
+    # P's disk is replaced, as in tests/sim/test_data_set_recovery.lose_last_copy
+    sim.crash(p, declare_down=False)
+    P.store = MemoryChunkStore(None, P.capacity)
+    boot = P.boot
+
+    def boot_backfilling():
+        boot()
+        P.replica.backfilling = True
+    P.boot = boot_backfilling
+    await sim.restart(p)
+    await P.run_on(P.resync.backfill)
+    P.replica.backfilling = False
+    assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+    Q.faults.heal()
+    return rec, x, p, q, gw
+
+
+def test_a_chunk_a_joining_target_holds_is_not_given_up_and_reads_it_once_the_change_completes():
+    """X's complete copies are stale, the newest never current (P's disk replaced), but
+    the joining target h3 resynced X from P before and took the writes since: it holds
+    every acknowledged byte. X is not unrecoverable (accept-loss reverted it to Q's older
+    bytes, h3 and Q then disagreeing with no record): it is refused, and once the change
+    completes every copy comes to h3's bytes."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec, x, p, q, gw = await joined_then_lost(sim)
+            assert api.unrecoverable_chunks(sim.reg) == []
+            with pytest.raises(InvalidArgument, match="not unrecoverable"):
+                api.accept_loss(sim.reg, "v", [x])
+            mv = movers(sim)
+            await step_all(sim, mv, times=3)
+            assert not sim.reg.cluster_map().migrating
+            for _ in range(20):
+                await trio.sleep(1.0)
+                if not sim.reg.list_stale(rec.lineage, x):
+                    break
+            assert not sim.reg.list_stale(rec.lineage, x)
+            want = b"W" * 4096 + b"N" * 4096
+            for h in ClusterView(sim.reg.cluster_map()).replicas(rec.lineage, x, 2):
+                assert sim.replica_bytes(sim.hosts[h], rec, rec.chain, x)[:8192] == want, h
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_holder_restarted_during_a_change_records_no_current_target_never_current():
+    """blockd makes a new DataSetMover at start: P, back on its new disk, scanned the
+    change again and recorded h3 (which holds W and N) stale, never current, for X.
+    Nothing could bring h3 current again but accept_loss, which then copied Q's older
+    bytes over h3's: W was gone from every copy. A scan the registry says this host made
+    is not made again, and a copy stale and not held records no target another copy's
+    scan recorded."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec, x, p, q, gw = await joined_then_lost(sim)
+            P = sim.hosts[p]
+            fresh = DataSetMover(p, P.store, P.cluster, sim.registry, P.pool, grace=0.0,
+                                 down_out_interval=0.0)
+            await fresh.scan_once()
+            assert {r.host_id for r in sim.reg.list_stale(rec.lineage, x)} == {p, q}
+            T = sim.hosts["h3"]
+            assert sim.replica_bytes(T, rec, rec.chain, x)[:4096] == b"W" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)

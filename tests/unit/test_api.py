@@ -9,10 +9,12 @@ import msgpack
 import pytest
 
 from control import api
+from replicator.gateway import ClusterView
+from vbp.cluster import HostRecord
 from vbp.errors import AlreadyExists, Fenced, InvalidArgument, NotFound, RegistryUnavailable
 from vbp.layout import MiB
 from vbp.registry import open_registry
-from vbp.registry.base import P_LEASE
+from vbp.registry.base import NEVER_CURRENT, P_LEASE
 from vbp.registry.kv import Put
 from vbp.volume import VolumeRecord, complete_snapshot, new_volume, request_snapshot
 
@@ -341,3 +343,29 @@ def test_accept_loss_judges_again_what_changed_before_its_transaction(race):
     else:
         assert [c["source"] for c in got["reverted"]] == [q]
         assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}
+
+
+def test_a_chunk_a_joining_target_holds_current_is_not_unrecoverable():
+    """During a change of data set: X's complete copies (prev placement) P and Q are both
+    stale, P's newest and never current (P's disk replaced), but the joining target T
+    resynced X from P before P's disk went and took every later write: it has no stale
+    record and holds every acknowledged byte. The chunk is not lost (it reads EIO until
+    the change completes and reads go to T): not listed, and accept_loss refuses it
+    (it reverted X to Q's older bytes, T and Q then disagreeing with no record)."""
+    reg = open_registry(f"memory://api-loss-{next(_n)}")
+    for i in range(4):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=1 << 30), 60)
+    first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+    rec = new_volume("v", 64 * MiB, replicas=2, min_size=1, chunk_size=MiB, lineage="lin",
+                     head=1, now=0.0)
+    reg.create_volume("v", rec.to_dict())
+    change = reg.set_data_set(first.mgen, ["h0", "h1", "h2", "h3"], ["h0", "h1", "h2"])
+    view = ClusterView(change)
+    x = next(i for i in range(64) if view.joining("lin", i, 2) == ("h3",))
+    p, q = view.replicas("lin", x, 2)
+    # (T=h3 was marked by the scan, resynced from P and cleared: no record)
+    reg.mark_stale("lin", x, [q], time.time_ns())
+    reg.mark_stale("lin", x, [p], NEVER_CURRENT | time.time_ns())
+    assert api.unrecoverable_chunks(reg) == [], "h3 holds X current: not unrecoverable"
+    with pytest.raises(InvalidArgument, match="not unrecoverable"):
+        api.accept_loss(reg, "v", [x])
