@@ -347,14 +347,25 @@ class DataSetMover:
 
     async def control_once(self) -> ClusterMap:
         """The controller step; does nothing on hosts other than the controller."""
+        try:
+            return await self._control_step()
+        finally:
+            if self.controlling:
+                # a step's own length is no gap in looking (not_out): a long one (a large
+                # pool's sole_holders) would otherwise start every down host's count again
+                # at every step, and none would ever go out
+                self._looked = self.clock()
+
+    async def _control_step(self) -> ClusterMap:
         cmap = await self.registry.cluster_map()
+        seen = self.clock()  # (when this map was looked at: not_out)
         up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
         if not up or up[0] != self.host_id:
             self.controlling, self._down_since, self._out = False, {}, set()
             return cmap
         self.controlling = True
         vols = await self.registry.list_volumes()
-        want = wanted_data_set(cmap, vols, await self.not_out(cmap))
+        want = wanted_data_set(cmap, vols, await self.not_out(cmap, seen))
         if not want:
             return cmap
         weights = dict(weight_pairs(cmap.factors, want))  # a host that leaves takes its factor along
@@ -398,12 +409,12 @@ class DataSetMover:
         log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
         return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
 
-    async def not_out(self, cmap: ClusterMap) -> frozenset[str]:
+    async def not_out(self, cmap: ClusterMap, seen: float | None = None) -> frozenset[str]:
         """The down hosts of the data set that stay in it for now: this controller has seen
         them down for less than down_out_interval, and the operator has not drained them.
         The count starts at the first map that shows a host down and stops when one shows
-        it up (module docstring, "Down is not out")."""
-        now = self.clock()
+        it up (module docstring, "Down is not out"). `seen`: when `cmap` was read."""
+        now = self.clock() if seen is None else seen
         if now - self._looked > DOWN_LOOK_GAP:
             self._down_since, self._out = {}, set()
         self._looked = now

@@ -627,3 +627,30 @@ def test_a_controller_that_did_not_look_for_a_while_counts_again():
     assert DOWN_LOOK_GAP < 40.0 and not trio.run(m.control_once).migrating
     assert not step(m, clock, 99.9).migrating
     assert step(m, clock, 100.0).migrating
+
+
+def test_a_controller_whose_steps_are_long_still_takes_a_down_host_out():
+    """A step of a large pool takes long (sole_holders places every chunk of the volumes
+    it looks at): the time between one step's look at the map and the next step's was
+    taken for a gap in looking (DOWN_LOOK_GAP), every down host's count started again at
+    every step, and none ever went out."""
+    reg = pool(0.3)
+    clock = Clock()
+    m = controller(reg, clock, 60.0)
+    slow = m.registry
+
+    class SlowStep:
+        def __getattr__(self, name):
+            return getattr(slow, name)
+
+        async def list_volumes(self):  # (after the map is read: the rest of the step)
+            clock.t += DOWN_LOOK_GAP + 5.0
+            return await slow.list_volumes()
+
+    m.registry = SlowStep()
+    down(reg, "h3")
+    outs = []
+    for _ in range(4):
+        clock.t += 1.0
+        outs.append(trio.run(m.control_once).migrating)
+    assert outs[-1], outs  # down for 4 steps of 36 s: past the 60 s interval
