@@ -373,17 +373,19 @@ def loss_plan(reg, name: str, chunks=None) -> tuple[VolumeRecord, list[dict]]:
 def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dict:
     """Give up the lost last copy of unrecoverable chunks of volume `name` (loss_plan),
     as Ceph's `mark_unfound_lost revert`. For each, in one registry transaction that
-    re-checks the chunk's stale records, the data set and the lineage's volume records
-    (Registry.clear_stale_unless_changed): the newest copy that was current once
-    (revert_source) has its record removed, so it counts as current and the others
-    resync from it: the chunk goes back to bytes older than those acknowledged. With no
-    such copy the first one is kept, which holds nothing acknowledged: the chunk is lost
-    and reads as holes. Each volume of the lineage the chunk lies in records it
-    (accepted_losses, one entry per call). A chunk that stopped being unrecoverable
-    meanwhile (a copy came back, a change of data set moved it) is left alone and
-    listed under `skipped`."""
+    re-checks the chunk's stale records, the data set, the volume's record and the
+    lineage's loss record (Registry.clear_stale_unless_changed): the newest copy that was
+    current once (revert_source) has its record removed, so it counts as current and the
+    others resync from it: the chunk goes back to bytes older than those acknowledged.
+    With no such copy the first one is kept, which holds nothing acknowledged: the chunk
+    is lost and reads as holes. The lineage's loss record keeps it (one entry per call,
+    vbp.volume.note_accepted), whatever the number of its clones. A chunk that stopped
+    being unrecoverable meanwhile (a copy came back, a change of data set moved it), or
+    that the volume no longer reaches (deleted, shrunk), is left alone and listed under
+    `skipped`."""
     from replicator.gateway import ClusterView
     from replicator.loss import last_current, revert_source, stale_by_chunk, unrecoverable
+    from vbp.registry.base import LossVerdict
     from vbp.volume import note_accepted
 
     rec, plan = loss_plan(reg, name, chunks)
@@ -393,26 +395,52 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
     for c in plan:
         index = c["index"]
 
-        def decide(records, cmap, vols, index=index):
-            n = replicas_by_lineage(vols).get(rec.lineage)
-            if not n:
-                return None  # the lineage is gone
+        def decide(records, cmap, vol, losses, index=index):
+            if (vol is None or vol["lineage"] != rec.lineage
+                    or index * vol["chunk_size"] >= vol["size"]):
+                return None  # deleted, made again in another lineage, or shrunk past the chunk
+            n = vol["replicas"]  # the lineage's (replicas_by_lineage): a clone takes its parent's
             view = ClusterView(cmap)
             complete = view.replicas(rec.lineage, index, n)
             stale = stale_by_chunk(records).get((rec.lineage, index), {})
             if not unrecoverable(complete, stale, view.joining(rec.lineage, index, n)):
                 return None
             host, reverts = revert_source(complete, stale)
-            changes = {d["name"]: note_accepted(d, when, index, host, reverts) for d in vols
-                       if index * d["chunk_size"] < d["size"]}
-            return host, changes, {"index": index, "source": host, "reverts": reverts,
-                                   "last_current": last_current(complete, stale)}
+            return LossVerdict(host, note_accepted(losses, when, name, index, host, reverts),
+                               {"index": index, "source": host, "reverts": reverts,
+                                "last_current": last_current(complete, stale)},
+                               view.write_set(rec.lineage, index, n))
 
-        done = reg.clear_stale_unless_changed(rec.lineage, index, decide)
+        done = reg.clear_stale_unless_changed(rec.lineage, index, name, decide)
         if done is None:
             out["skipped"].append(index)
         else:
             out["reverted" if done["reverts"] else "zeroed"].append(done)
+    return out
+
+
+def accepted_losses(reg, rec: VolumeRecord) -> list:
+    """The accepted losses (vbp.volume.AcceptedLoss) of the volume's lineage that may
+    reach the volume (a chunk given up lies within its size), oldest first."""
+    from vbp.volume import accepted_losses as of
+
+    count = -(-rec.size // rec.chunk_size)
+    return [a for a in of(reg.get_losses(rec.lineage)) if a.reaches(count)]
+
+
+def accepted_losses_by_lineage(reg, vols: list[dict]) -> list[dict]:
+    """Every accepted loss of a lineage that still has volumes (`vbp pool status`): the
+    loss (AcceptedLoss.to_dict) with its lineage and the volumes of it it may reach."""
+    from vbp.volume import accepted_losses as of
+
+    out = []
+    for lineage, d in sorted(reg.list_losses().items()):
+        mine = [v for v in vols if v["lineage"] == lineage]
+        if not mine:
+            continue  # every volume of it deleted
+        for a in of(d):
+            out.append({**a.to_dict(), "lineage": lineage, "volumes": sorted(
+                v["name"] for v in mine if a.reaches(-(-v["size"] // v["chunk_size"])))})
     return out
 
 

@@ -301,7 +301,7 @@ def _vol_dict(v):
     return d
 
 
-def _show_volume(v):
+def _show_volume(v, accepted=()):
     rows = [
         ("name", v.name), ("size", f"{format_size(v.size)} ({v.size} bytes)"),
         ("replicas", v.replicas), ("min_size", v.min_size), ("chunk_size", format_size(v.chunk_size)),
@@ -312,7 +312,7 @@ def _show_volume(v):
         ("qos_bps", f"{format_size(v.qos_bps)}/s" if v.qos_bps else "unlimited"),
     ]
     table(["FIELD", "VALUE"], rows)
-    for line in _lost_lines(v.name, v.lost) + _accepted_lines(v.name, v.accepted_losses):
+    for line in _lost_lines(v.name, v.lost) + _accepted_lines(f"volume {v.name}", accepted):
         click.echo(line)
 
 
@@ -323,22 +323,27 @@ def _lost_lines(name: str, lost) -> list[str]:
             f"copy): they read as zeros" for host, n, when in lost]
 
 
-def _indexes(chunks) -> str:
-    return ", ".join(str(i) for i, _host in chunks)
+def _indexes(chunks, reverts: bool, more: int) -> str:
+    listed = [str(i) for i, _host, r in chunks if r == reverts]
+    return ", ".join(listed + (["..."] if more > len(listed) else []))
 
 
-def _accepted_lines(name: str, accepted) -> list[str]:
-    """Warnings for chunks whose loss an operator accepted (vbp volume accept-loss)."""
+def _accepted_lines(what: str, accepted) -> list[str]:
+    """Warnings for chunks whose loss an operator accepted (vbp volume accept-loss), from
+    the lineage's loss record (vbp.volume.AcceptedLoss: counts, the lowest chunks listed)."""
     out = []
     for a in accepted:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.time))
+        if a.since != a.time:
+            when = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a.since))} to {when}"
         parts = []
         if a.reverted:
-            parts.append(f"{len(a.reverted)} reverted to an older copy (chunks {_indexes(a.reverted)})")
+            parts.append(f"{a.reverted} reverted to an older copy (chunks "
+                         f"{_indexes(a.chunks, True, a.reverted)})")
         if a.zeroed:
-            parts.append(f"{len(a.zeroed)} lost, reading as zeros (chunks {_indexes(a.zeroed)})")
-        out.append(f"warning: volume {name}: the loss of {len(a.reverted) + len(a.zeroed)} chunks "
-                   f"was accepted {when}: {'; '.join(parts)}")
+            parts.append(f"{a.zeroed} lost, reading as zeros (chunks {_indexes(a.chunks, False, a.zeroed)})")
+        out.append(f"warning: {what}: the loss of {a.count} chunks was accepted {when} "
+                   f"(vbp volume accept-loss {a.volume}): {'; '.join(parts)}")
     return out
 
 
@@ -375,9 +380,9 @@ def volume_accept_loss(state, name, chunks, all_, yes):
     writes as I/O errors (`vbp pool status` lists it). This reverts it to the newest copy
     left that was current once, older than the writes acknowledged last, from which the
     other copies resync; with none (no copy was ever current) the chunk is lost and reads
-    as zeros. Every volume of the lineage records it (`vbp volume show`), and the hosts
-    log it (event=loss_accepted). Refused for a chunk that is not unrecoverable.
-    Without --yes nothing changes.
+    as zeros. The lineage records it (`vbp volume show` of its volumes, `vbp pool
+    status`), and the hosts log it (event=loss_accepted). Refused for a chunk that is
+    not unrecoverable. Without --yes nothing changes.
 
     \b
     Examples:
@@ -409,7 +414,7 @@ def volume_accept_loss(state, name, chunks, all_, yes):
         for c in got["zeroed"]:
             click.echo(f"chunk {c['index']}: lost (no copy was ever current): reads as zeros")
         for i in got["skipped"]:
-            click.echo(f"chunk {i}: no longer unrecoverable, left as it is")
+            click.echo(f"chunk {i}: no longer unrecoverable (or past the end of {name}), left as it is")
         n = len(got["reverted"]) + len(got["zeroed"])
         click.echo(f"accepted the loss of {n} chunks of volume {name}; the other copies resync "
                    f"from the ones kept")
@@ -477,8 +482,11 @@ def volume_show(state, name):
     """
     from control import api
 
-    v = api.get_volume(state.registry(), name)
-    out(state, _vol_dict(v), lambda: _show_volume(v))
+    reg = state.registry()
+    v = api.get_volume(reg, name)
+    accepted = api.accepted_losses(reg, v)
+    out(state, {**_vol_dict(v), "accepted_losses": [a.to_dict() for a in accepted]},
+        lambda: _show_volume(v, accepted))
 
 
 @volume.command("delete")
@@ -894,7 +902,9 @@ def pool_status(state, wait, timeout):
             "lost": [{"volume": v["name"], "host": h, "chunks": n, "time": t}
                      for v in vols for h, n, t in v.get("lost", ())],
             # chunks that read EIO: their last current copy was lost (vbp volume accept-loss)
-            "unrecoverable": api.unrecoverable_chunks(reg)}
+            "unrecoverable": api.unrecoverable_chunks(reg),
+            # chunks given up by vbp volume accept-loss, per lineage (its loss record)
+            "accepted_losses": api.accepted_losses_by_lineage(reg, vols)}
 
     def human():
         table(["HOST", "STATE", "CAPACITY", "USED", "FREE", "CHUNKS", "RESYNCED"],
@@ -924,6 +934,12 @@ def pool_status(state, wait, timeout):
         _space_notes(hosts, ds)
         for v in vols:
             for line in _lost_lines(v["name"], v.get("lost", ())):
+                click.echo(line)
+        from vbp.volume import AcceptedLoss
+
+        for a in data["accepted_losses"]:
+            vs = ",".join(a["volumes"]) or f"lineage {a['lineage']}"
+            for line in _accepted_lines(f"volumes {vs}", [AcceptedLoss.from_dict(a)]):
                 click.echo(line)
         for line in _unrecoverable_lines(data["unrecoverable"]):
             click.echo(line)

@@ -13,7 +13,7 @@ Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
 - The operator's way out (control.api.accept_loss) keeps one copy: the newest that was
   current once (the chunk goes back to older bytes), else the first in placement order
   (it holds nothing acknowledged: the chunk is lost, it reads as holes). Its record is
-  removed, the others resync from it. The volume records keep what was given up
+  removed, the others resync from it. The lineage's loss record keeps what was given up
   (vbp.volume.AcceptedLoss); hosts whose copies resync from it log it.
 - Everything here is a pure function of registry contents (stale records, the cluster
   map, volume record dicts): `stale` maps are {host: since_of(record)}.
@@ -22,7 +22,7 @@ Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
 from __future__ import annotations
 
 from vbp.registry.base import NEVER_CURRENT
-from vbp.volume import AcceptedLoss, replicas_by_lineage
+from vbp.volume import accepted_losses, replicas_by_lineage
 
 
 def since_of(r) -> int:
@@ -80,18 +80,17 @@ def revert_source(complete, stale: dict[str, int]) -> tuple[str, bool]:
     return complete[0], False
 
 
-def accepted_by_chunk(volumes: list[dict]) -> dict[tuple[str, int], tuple[float, str, str, bool]]:
+def accepted_by_chunk(losses: dict[str, dict]) -> dict[tuple[str, int], tuple[float, str, str, bool]]:
     """(lineage, index) -> (time, volume, host kept, reverted) of the newest accepted loss
-    of the chunk in the volume records (dicts); one volume of the lineage is named."""
+    that lists the chunk, over the lineages' loss records (Registry.list_losses; a record
+    lists the lowest chunks of each loss, and counts the others)."""
     out: dict[tuple[str, int], tuple[float, str, str, bool]] = {}
-    for d in volumes:
-        for e in d.get("accepted_losses", ()):
-            a = AcceptedLoss.from_dict(e)
-            for chunks, reverts in ((a.reverted, True), (a.zeroed, False)):
-                for index, host in chunks:
-                    key = (d["lineage"], index)
-                    if key not in out or out[key][0] < a.time:
-                        out[key] = (a.time, d["name"], host, reverts)
+    for lineage, d in losses.items():
+        for a in accepted_losses(d):
+            for index, host, reverts in a.chunks:
+                key = (lineage, index)
+                if key not in out or out[key][0] < a.time:
+                    out[key] = (a.time, a.volume, host, reverts)
     return out
 
 

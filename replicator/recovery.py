@@ -64,7 +64,7 @@ from replicator.loss import (
     accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
 )
 from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
-from vbp.volume import replicas_by_lineage
+from vbp.volume import accepted_losses, replicas_by_lineage
 
 log = logging.getLogger("vbp.recovery")
 
@@ -128,24 +128,38 @@ class Resync:
         self._quiet_since = -math.inf  # writes after this are within the window
         self._unrecoverable: set[tuple[str, int]] = set()  # logged by _resync_all_stale
         # (lineage, index) -> (time, volume, host kept, reverted) of its newest accepted
-        # loss (the volume records' accepted_losses), and those logged here already
+        # loss (the lineages' loss records list the lowest chunks of each), the losses
+        # with chunks past those listed, per lineage, and those logged here already
         self._accepted: dict[tuple[str, int], tuple[float, str, str, bool]] = {}
+        self._unlisted: dict[str, list] = {}
         self._accepted_logged: set = set()
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         vols = await self.registry.list_volumes()
         self.chunk_sizes = {d["lineage"]: d["chunk_size"] for d in vols}
-        self._accepted = accepted_by_chunk(vols)
         return replicas_by_lineage(vols)
+
+    async def _read_accepted(self) -> None:
+        losses = await self.registry.list_losses()
+        self._accepted = accepted_by_chunk(losses)
+        self._unlisted = {}
+        for lineage, d in losses.items():
+            for a in accepted_losses(d):
+                if a.count > len(a.chunks):
+                    self._unlisted.setdefault(lineage, []).append(a)
 
     def _note_accepted(self, mine) -> None:
         """Log, once per chunk and process, an accepted loss (vbp volume accept-loss) of a
         chunk this copy is still stale for: it is brought to the copy the operator's
-        command kept, older than what was acknowledged, or to holes."""
+        command kept, older than what was acknowledged, or to holes. A loss of more chunks
+        than its record lists is logged once, by the hosts stale for a chunk in its range."""
         for r in mine:
             key = (r.lineage, r.index)
             got = self._accepted.get(key)
-            if got is None or (key, got[0]) in self._accepted_logged:
+            if got is None:
+                self._note_unlisted(r)
+                continue
+            if (key, got[0]) in self._accepted_logged:
                 continue
             self._accepted_logged.add((key, got[0]))
             when, volume, host, reverts = got
@@ -155,6 +169,16 @@ class Resync:
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
                         "goes back to the newest copy left, older than the acknowledged writes"
                         if reverts else "reads as holes: no copy of it was ever current")
+
+    def _note_unlisted(self, r) -> None:
+        for a in self._unlisted.get(r.lineage, ()):
+            if a.low <= r.index <= a.high and (r.lineage, a.time) not in self._accepted_logged:
+                self._accepted_logged.add((r.lineage, a.time))
+                log.warning("volume=%s event=loss_accepted lineage=%s chunks=%d reverted=%d "
+                            "zeroed=%d accepted_at=%s: the operator gave up the lost last copy of "
+                            "chunks %d to %d (some); this host's stale copies of them resync from "
+                            "the copies kept", a.volume, r.lineage, a.count, a.reverted, a.zeroed,
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.time)), a.low, a.high)
 
     async def mark_recovered(self, keys) -> None:
         """After a crash, chunks that were dirty may miss writes the others have. Done
@@ -272,6 +296,7 @@ class Resync:
         # a copy recorded stale by a backfill was never current (see _resync_all_stale)
         stale_hosts = stale_by_chunk(records)
         n_of = await self.replicas_by_lineage()
+        await self._read_accepted()
         self._note_accepted(mine)
         cleared = 0
         st = self.store.stats()

@@ -85,45 +85,95 @@ class Snapshot:
                    int(d.get("size", 0)), tuple(tuple(c) for c in d.get("cuts", ())))
 
 
+# chunks an accepted loss lists by index and copy kept (the lowest; the others are only
+# counted), and the accepted losses a lineage's record keeps (older ones fold into one):
+# the record stays a few KiB however many chunks are given up, and so does each
+# transaction of `vbp volume accept-loss` that rewrites it
+CHUNKS_LISTED = 32
+LOSSES_KEPT = 16
+
+
 @dataclass(frozen=True, slots=True)
 class AcceptedLoss:
-    """One `vbp volume accept-loss`: chunks whose last current copy was lost (every copy
-    stale, the newest never current: replicator.loss.unrecoverable), given up at
-    `time`. `reverted`: (index, host) brought to the newest copy that was current once,
-    on that host: older than the acknowledged bytes. `zeroed`: (index, host) no copy of
-    which was ever current: lost, they read as holes. Kept in its own list, not in
-    `lost`, whose entries older code unpacks into exactly three values."""
+    """Chunks of a lineage whose last current copy was lost (every copy stale, the newest
+    never current: replicator.loss.unrecoverable), given up by one `vbp volume
+    accept-loss` of `volume` at `time` (or by several, folded, from `since` on).
+    `reverted` chunks were brought to the newest copy that was current once: older than
+    the acknowledged bytes; `zeroed` ones had no copy ever current: lost, they read as
+    holes. `low`..`high`: the indexes given up lie there; `chunks`: (index, copy kept,
+    reverted) of the CHUNKS_LISTED lowest. Kept in the lineage's own registry key
+    (Registry.get_losses), not in the volume records: those of a template with many
+    clones would each grow by it, and older code rewriting one drops a key it does not
+    know."""
 
     time: float
-    reverted: tuple[tuple[int, str], ...] = ()
-    zeroed: tuple[tuple[int, str], ...] = ()
+    volume: str = ""
+    reverted: int = 0
+    zeroed: int = 0
+    low: int = 0
+    high: int = -1
+    chunks: tuple[tuple[int, str, bool], ...] = ()
+    since: float | None = None  # the first call's time (folded ones); None: `time`
+
+    def __post_init__(self) -> None:
+        if self.since is None:
+            object.__setattr__(self, "since", self.time)
+
+    @property
+    def count(self) -> int:
+        return self.reverted + self.zeroed
+
+    def reaches(self, chunk_count: int) -> bool:
+        """Some chunk given up may lie within a volume of `chunk_count` chunks."""
+        return self.count > 0 and self.low < chunk_count
+
+    def with_chunk(self, index: int, host: str, reverts: bool) -> "AcceptedLoss":
+        listed = tuple(sorted(self.chunks + ((index, host, reverts),)))[:CHUNKS_LISTED]
+        first = self.count == 0
+        return replace(self, reverted=self.reverted + reverts, zeroed=self.zeroed + (not reverts),
+                       low=index if first else min(self.low, index),
+                       high=index if first else max(self.high, index), chunks=listed)
+
+    def folded(self, newer: "AcceptedLoss") -> "AcceptedLoss":
+        """This loss and a newer one as one entry: counts summed, the lowest chunks listed."""
+        return AcceptedLoss(newer.time, newer.volume, self.reverted + newer.reverted,
+                            self.zeroed + newer.zeroed, min(self.low, newer.low),
+                            max(self.high, newer.high),
+                            tuple(sorted(self.chunks + newer.chunks))[:CHUNKS_LISTED],
+                            min(self.since, newer.since))
 
     def to_dict(self) -> dict:
-        return {"time": self.time, "reverted": [list(x) for x in self.reverted],
-                "zeroed": [list(x) for x in self.zeroed]}
+        return {"time": self.time, "volume": self.volume, "reverted": self.reverted,
+                "zeroed": self.zeroed, "low": self.low, "high": self.high,
+                "chunks": [list(c) for c in self.chunks], "since": self.since}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AcceptedLoss":
-        return cls(float(d["time"]), tuple((int(i), str(h)) for i, h in d.get("reverted", ())),
-                   tuple((int(i), str(h)) for i, h in d.get("zeroed", ())))
-
-    def with_chunk(self, index: int, host: str, reverts: bool) -> "AcceptedLoss":
-        if reverts:
-            return replace(self, reverted=self.reverted + ((index, host),))
-        return replace(self, zeroed=self.zeroed + ((index, host),))
+        return cls(float(d["time"]), str(d.get("volume", "")), int(d.get("reverted", 0)),
+                   int(d.get("zeroed", 0)), int(d.get("low", 0)), int(d.get("high", -1)),
+                   tuple((int(i), str(h), bool(r)) for i, h, r in d.get("chunks", ())),
+                   float(d.get("since", d["time"])))
 
 
-def note_accepted(d: dict, when: float, index: int, host: str, reverts: bool) -> dict:
-    """The volume record dict `d` with chunk `index` added to its accepted loss made at
-    `when` (one per `vbp volume accept-loss`, grown a chunk at a time); other keys kept
-    as they are, known to this code or not."""
-    entries = [AcceptedLoss.from_dict(e) for e in d.get("accepted_losses", ())]
-    at = next((i for i, e in enumerate(entries) if e.time == when), None)
+def accepted_losses(d: dict | None) -> tuple[AcceptedLoss, ...]:
+    """The accepted losses of a lineage's loss record (Registry.get_losses), oldest first."""
+    return tuple(AcceptedLoss.from_dict(e) for e in (d or {}).get("losses", ()))
+
+
+def note_accepted(d: dict | None, when: float, volume: str, index: int, host: str,
+                  reverts: bool) -> dict:
+    """The lineage's loss record `d` (None: it has none yet) with chunk `index` added to
+    the accepted loss made at `when` (one per `vbp volume accept-loss`, grown a chunk at
+    a time); past LOSSES_KEPT the two oldest fold into one. Other keys kept as they are."""
+    entries = list(accepted_losses(d))
+    at = next((i for i, e in enumerate(entries) if e.time == when and e.volume == volume), None)
     if at is None:
-        entries.append(AcceptedLoss(when).with_chunk(index, host, reverts))
+        entries.append(AcceptedLoss(when, volume).with_chunk(index, host, reverts))
     else:
         entries[at] = entries[at].with_chunk(index, host, reverts)
-    return {**d, "accepted_losses": [e.to_dict() for e in entries]}
+    while len(entries) > LOSSES_KEPT:
+        entries[:2] = [entries[0].folded(entries[1])]
+    return {**(d or {}), "losses": [e.to_dict() for e in entries]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +200,6 @@ class VolumeRecord:
     # (host, chunk count, unix time) per host whose disk was replaced while it held the only
     # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
     lost: tuple[tuple[str, int, float], ...] = ()
-    # chunks of the lineage an operator gave up (vbp volume accept-loss), newest last
-    accepted_losses: tuple[AcceptedLoss, ...] = ()
 
     @property
     def geometry(self) -> Geometry:
@@ -169,7 +217,6 @@ class VolumeRecord:
         d["snapshots"] = [s.to_dict() for s in self.snapshots]
         d["cuts"] = [list(c) for c in self.cuts]
         d["lost"] = [list(x) for x in self.lost]
-        d["accepted_losses"] = [x.to_dict() for x in self.accepted_losses]
         return d
 
     @classmethod
@@ -180,7 +227,6 @@ class VolumeRecord:
         kw["snapshots"] = tuple(Snapshot.from_dict(s) for s in kw.get("snapshots", ()))
         kw["cuts"] = tuple(tuple(c) for c in kw.get("cuts", ()))
         kw["lost"] = tuple(tuple(x) for x in kw.get("lost", ()))
-        kw["accepted_losses"] = tuple(AcceptedLoss.from_dict(x) for x in kw.get("accepted_losses", ()))
         return cls(**kw)
 
 

@@ -800,29 +800,59 @@ def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server)
 
 def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
     """clear_stale_unless_changed (vbp volume accept-loss): one transaction removes the
-    record and rewrites the lineage's volumes; a record of the chunk moved, a volume of
-    the lineage changed or the data set changed since the read make it decide again."""
+    record and rewrites the lineage's loss record (vbp/loss/<lineage>); a record of the
+    chunk moved, a record made for a copy judged without one, the volume's record, the
+    loss record or the data set changed since the read make it decide again. Another
+    volume of the lineage (a clone) changing does not: the transaction compares a
+    bounded set of keys, however many volumes the lineage has."""
+    from vbp.registry.base import LossVerdict
+
     reg.create_volume("v", {"name": "v", "lineage": "lin", "n": 0})
-    reg.create_volume("o", {"name": "o", "lineage": "other", "n": 0})
+    reg.create_volume("c", {"name": "c", "lineage": "lin", "n": 0})
     reg.mark_stale("lin", 2, ["h1"], 5)
     reg.mark_stale("lin", 2, ["h2"], 6)
     reg.mark_stale("lin", 3, ["h2"], 6)
+    assert reg.get_losses("lin") is None and reg.list_losses() == {}
     seen: list = []
     meanwhile = [lambda: reg.mark_stale("lin", 2, ["h1"], 9),
+                 lambda: reg.mark_stale("lin", 2, ["h3"], 7),  # judged, had no record
                  lambda: reg.update_volume("v", lambda d: {**d, "n": 1}),
-                 lambda: reg.set_data_set(reg.cluster_map().mgen, ["h1", "h2"], None)]
+                 lambda: reg.set_data_set(reg.cluster_map().mgen, ["h1", "h2"], None),
+                 lambda: reg.update_volume("c", lambda d: {**d, "n": 1})]  # not compared
 
-    def decide(records, cmap, vols):
-        seen.append((sorted((r.host_id, r.version) for r in records), [d["name"] for d in vols]))
+    def decide(records, cmap, vol, losses):
+        seen.append((sorted((r.host_id, r.version) for r in records), vol["n"], losses))
         if meanwhile:
             meanwhile.pop(0)()
-        return "h2", {"v": {**vols[0], "n": vols[0]["n"] + 10}}, "done"
+        return LossVerdict("h2", {"losses": [len(seen)]}, "done", judged=("h1", "h2", "h3", "h4"))
 
-    assert reg.clear_stale_unless_changed("lin", 2, decide) == "done"
-    assert len(seen) == 4 and seen[-1] == ([("h1", 9), ("h2", 6)], ["v"])
-    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h1"), (3, "h2")]
-    assert reg.get_volume("v")["n"] == 11 and reg.get_volume("o")["n"] == 0
-    assert reg.clear_stale_unless_changed("lin", 2, lambda *_: None) is None
+    assert reg.clear_stale_unless_changed("lin", 2, "v", decide) == "done"
+    # one decision more per change that matters; the clone's changed under the last
+    assert len(seen) == 5 and seen[-1] == ([("h1", 9), ("h2", 6), ("h3", 7)], 1, None)
+    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h1"), (2, "h3"), (3, "h2")]
+    assert reg.get_losses("lin") == {"losses": [5]} and reg.list_losses() == {"lin": {"losses": [5]}}
+    assert reg.get_volume("v")["n"] == 1 and reg.get_volume("c")["n"] == 1
+
+    # the loss record changed meanwhile (another accept-loss of the lineage): again
+    reg.mark_stale("lin", 3, ["h1"], 6)
+    calls: list = []
+
+    def decide2(records, cmap, vol, losses):
+        calls.append(losses)
+        if len(calls) == 1:
+            reg.clear_stale_unless_changed("lin", 2, "v", lambda *a: LossVerdict(
+                "h1", {"losses": ["other"]}, "other"))
+        return LossVerdict("h2", {"losses": (losses or {}).get("losses", []) + ["mine"]}, "ok")
+
+    assert reg.clear_stale_unless_changed("lin", 3, "v", decide2) == "ok"
+    assert calls == [{"losses": [5]}, {"losses": ["other"]}]
+    assert reg.get_losses("lin") == {"losses": ["other", "mine"]}
+    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h3"), (3, "h1")]
+
+    seen_vol: list = []
+    assert reg.clear_stale_unless_changed("lin", 2, "gone", lambda r, m, v, l: seen_vol.append(v)) is None
+    assert seen_vol == [None]
     with pytest.raises(InvalidArgument):  # the record to remove must be there
-        reg.clear_stale_unless_changed("lin", 2, lambda *_: ("h2", {}, "x"))
-    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h1"), (3, "h2")]
+        reg.clear_stale_unless_changed("lin", 2, "v", lambda *_: LossVerdict("h2", {}, "x"))
+    assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h3"), (3, "h1")]
+    assert reg.get_losses("lin") == {"losses": ["other", "mine"]}

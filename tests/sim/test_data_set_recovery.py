@@ -258,7 +258,7 @@ def test_accept_loss_reverts_an_unrecoverable_chunk_to_the_older_copy(caplog):
             with pytest.raises(InvalidArgument, match="not unrecoverable"):
                 api.accept_loss(reg, "v", [x, other])
             assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
-            assert api.get_volume(reg, "v").accepted_losses == ()
+            assert reg.get_losses(rec.lineage) is None
 
             with caplog.at_level(logging.WARNING, logger="vbp.recovery"):
                 got = api.accept_loss(reg, "v", [x])
@@ -276,8 +276,8 @@ def test_accept_loss_reverts_an_unrecoverable_chunk_to_the_older_copy(caplog):
             await h0.run_on(lambda: call(gw.write(x * MiB, b"N" * 4096, False)))
             await h0.run_on(lambda: call(gw.flush()))
             assert await read4k(h0, gw, x * MiB) == b"N" * 4096
-            [a] = api.get_volume(reg, "v").accepted_losses
-            assert a.reverted == ((x, q),) and a.zeroed == ()
+            [a] = api.accepted_losses(reg, api.get_volume(reg, "v"))
+            assert (a.reverted, a.zeroed, a.chunks) == (1, 0, ((x, q, True),))
             # a second accept finds nothing left to give up
             with pytest.raises(InvalidArgument, match="not unrecoverable"):
                 api.accept_loss(reg, "v", [x])
@@ -312,8 +312,8 @@ def test_accept_loss_of_a_chunk_no_copy_of_was_ever_current_reads_zeros():
             assert await read4k(h0, gw, x * MiB) == bytes(4096)
             await h0.run_on(lambda: call(gw.write(x * MiB, b"N" * 4096, False)))
             assert await read4k(h0, gw, x * MiB) == b"N" * 4096
-            [a] = api.get_volume(reg, "v").accepted_losses
-            assert a.zeroed == ((x, first),) and a.reverted == ()
+            [a] = api.accepted_losses(reg, api.get_volume(reg, "v"))
+            assert (a.zeroed, a.reverted, a.chunks) == (1, 0, ((x, first, False),))
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -270,29 +270,29 @@ def test_accept_loss_refuses_chunks_that_are_not_unrecoverable_and_changes_nothi
         api.accept_loss(reg, "v", [8])
     with pytest.raises(NotFound):
         api.accept_loss(reg, "nope", [3])
-    assert reg.list_stale() == before and api.get_volume(reg, "v").accepted_losses == ()
+    assert reg.list_stale() == before and reg.get_losses(rec.lineage) is None
 
 
-def test_accept_loss_reverts_records_the_volumes_and_keeps_older_code_reading_them():
+def test_accept_loss_reverts_and_records_the_lineage_leaving_the_volume_records_alone():
     reg = open_registry(f"memory://api-{next(_n)}")
     rec, p, q = lost_last_copy(reg)
     reg.create_volume("w", {**rec.to_dict(), "name": "w", "created": 1.0, "size": 2 * MiB})  # a clone
     lost_last_copy(reg, "x")  # another lineage: untouched
     reg.update_volume("v", lambda d: {**d, "lost": [["h9", 2, 5.0]]})  # a replicas=1 era loss
+    before = {d["name"]: d for d in reg.list_volumes()}
     got = api.accept_loss(reg, "v", now=100.0)
     assert [(c["index"], c["source"], c["last_current"]) for c in got["reverted"]] == [(3, q, p)]
     assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}  # resyncs from q
-    v = api.get_volume(reg, "v")
-    assert [(a.time, a.reverted, a.zeroed) for a in v.accepted_losses] == [(100.0, ((3, q),), ())]
-    assert v.lost == (("h9", 2, 5.0),)
-    assert api.get_volume(reg, "w").accepted_losses == ()  # chunk 3 lies past its end
-    assert len(reg.list_stale("lin-x")) == 2
-    # older code unpacks each `lost` entry into (host, count, time) and skips keys it
-    # does not know: the accepted loss is in a key of its own
-    d = reg.get_volume("v")
-    assert [(h, n, t) for h, n, t in d["lost"]] == [("h9", 2, 5.0)]
-    assert d["accepted_losses"] == [{"time": 100.0, "reverted": [[3, q]], "zeroed": []}]
-    # a second call of the same second adds to the same entry; nothing left now
+    [a] = api.accepted_losses(reg, api.get_volume(reg, "v"))
+    assert (a.time, a.volume, a.reverted, a.zeroed, a.low, a.high, a.chunks) == (
+        100.0, "v", 1, 0, 3, 3, ((3, q, True),))
+    assert api.accepted_losses(reg, api.get_volume(reg, "w")) == []  # chunk 3 lies past its end
+    assert len(reg.list_stale("lin-x")) == 2 and reg.get_losses("lin-x") is None
+    # the loss is the lineage's own key: no volume record changed (older code rewriting
+    # one would drop a key it does not know; a template's clones would each grow)
+    assert {d["name"]: d for d in reg.list_volumes()} == before
+    assert list(reg.list_losses()) == [rec.lineage]
+    # nothing left now
     assert api.accept_loss(reg, "v", now=100.0)["reverted"] == []
 
 
@@ -307,16 +307,19 @@ def test_accept_loss_with_no_copy_ever_current_keeps_the_first_and_calls_it_lost
     got = api.accept_loss(reg, "v", [3], now=7.0)
     assert got["reverted"] == [] and [x["source"] for x in got["zeroed"]] == [c["copies"][0]]
     assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == set(c["copies"]) - {c["copies"][0]}
-    [a] = api.get_volume(reg, "v").accepted_losses
-    assert a.zeroed == ((3, c["copies"][0]),) and a.reverted == ()
+    [a] = api.accepted_losses(reg, api.get_volume(reg, "v"))
+    assert (a.zeroed, a.reverted, a.chunks) == (1, 0, ((3, c["copies"][0], False),))
 
 
-@pytest.mark.parametrize("race", ["lost copy back", "copy marked again", "data set changed"])
+@pytest.mark.parametrize("race", ["lost copy back", "copy marked again", "data set changed",
+                                  "volume shrunk", "volume deleted", "snapshot taken"])
 def test_accept_loss_judges_again_what_changed_before_its_transaction(race):
     """Between accept_loss's read and its transaction: the lost copy's record goes (its
     host came back with the bytes and resynced: the chunk is no longer unrecoverable,
-    and is skipped, untouched), or a failure marks a copy again, or the data set changes
-    (the chunk judged again on the new records: still unrecoverable, it is accepted)."""
+    and is skipped, untouched), or the volume no longer reaches the chunk (shrunk,
+    deleted: skipped too), or a failure marks a copy again, the data set changes or the
+    volume's record changes otherwise (the chunk judged again on the new records: still
+    unrecoverable, it is accepted)."""
     reg = open_registry(f"memory://api-{next(_n)}")
     rec, p, q = lost_last_copy(reg)
     real_txn = reg.kv.txn
@@ -329,17 +332,24 @@ def test_accept_loss_judges_again_what_changed_before_its_transaction(race):
                 reg.clear_stale(rec.lineage, 3, p)
             elif race == "copy marked again":
                 reg.mark_stale(rec.lineage, 3, [q], time.time_ns())
-            else:
+            elif race == "data set changed":
                 reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+            elif race == "volume shrunk":
+                reg.update_volume("v", lambda d: {**d, "size": 2 * MiB})
+            elif race == "volume deleted":
+                reg.delete_volume("v")
+            else:
+                reg.update_volume("v", lambda d: {**d, "snapshots": [{
+                    "name": "s", "gen": 1, "chain": [1], "created": 1.0}], "head": 2, "chain": [1, 2]})
         return real_txn(compares, ops)
 
     reg.kv.txn = txn
     got = api.accept_loss(reg, "v", [3])
     assert raced
-    if race == "lost copy back":
+    if race in ("lost copy back", "volume shrunk", "volume deleted"):
         assert got["skipped"] == [3] and got["reverted"] == []
-        assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {q}
-        assert api.get_volume(reg, "v").accepted_losses == ()
+        assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == ({q} if race == "lost copy back" else {p, q})
+        assert reg.get_losses(rec.lineage) is None
     else:
         assert [c["source"] for c in got["reverted"]] == [q]
         assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}
@@ -369,3 +379,73 @@ def test_a_chunk_a_joining_target_holds_current_is_not_unrecoverable():
     assert api.unrecoverable_chunks(reg) == [], "h3 holds X current: not unrecoverable"
     with pytest.raises(InvalidArgument, match="not unrecoverable"):
         api.accept_loss(reg, "v", [x])
+
+
+def test_accept_loss_works_for_a_template_with_many_clones():
+    """A lineage is a template and everything cloned from it (DESIGN.md): with 60 clones
+    the transaction compared and rewrote every volume record of the lineage, past the
+    registry's operations per transaction, and the chunk could never be given up. It
+    compares one volume's record now, and writes the lineage's loss record only."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    for k in range(60):
+        reg.create_volume(f"c{k}", {**rec.to_dict(), "name": f"c{k}", "created": 1.0 + k})
+    assert [c["index"] for c in api.unrecoverable_chunks(reg)] == [3]
+    ops: list = []
+    real_txn = reg.kv.txn
+    reg.kv.txn = lambda compares, o: ops.append(len(compares) + len(o)) or real_txn(compares, o)
+    got = api.accept_loss(reg, "v", [3], now=5.0)
+    assert [c["source"] for c in got["reverted"]] == [q]
+    assert ops and max(ops) <= 10
+    assert {r.host_id for r in reg.list_stale(rec.lineage, 3)} == {p}
+    for name in ("v", "c0", "c59"):  # every volume of the lineage shows it
+        [a] = api.accepted_losses(reg, api.get_volume(reg, name))
+        assert (a.time, a.volume, a.chunks) == (5.0, "v", ((3, q, True),))
+
+
+def test_the_loss_record_stays_bounded_and_the_volume_records_do_not_grow():
+    """`--all` after a large loss: each chunk's transaction wrote one more entry into
+    every volume record of the lineage (past etcd's value limit for 100k chunks, and
+    O(n^2) bytes rewritten). The lineage's loss record counts the chunks, lists the
+    lowest CHUNKS_LISTED and keeps LOSSES_KEPT calls: a few KiB, whatever the loss."""
+    from replicator.gateway import ClusterView
+    from vbp.registry.base import NEVER_CURRENT
+
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.update_volume("v", lambda d: {**d, "size": 400 * MiB})
+    view = ClusterView(reg.cluster_map())
+    for i in range(400):
+        a, b = view.replicas(rec.lineage, i, 2)
+        reg.mark_stale(rec.lineage, i, [b], NEVER_CURRENT * (i % 3 == 0) | time.time_ns())
+        reg.mark_stale(rec.lineage, i, [a], NEVER_CURRENT | time.time_ns())
+    before = len(msgpack.packb(reg.get_volume("v")))
+    sizes: list = []
+    real_txn = reg.kv.txn
+
+    def txn(compares, ops):
+        sizes.append(sum(len(o.value) for o in ops if isinstance(o, Put)))
+        return real_txn(compares, ops)
+
+    reg.kv.txn = txn
+    got = api.accept_loss(reg, "v", now=7.0)
+    assert len(got["reverted"]) + len(got["zeroed"]) == 400 and len(got["zeroed"]) == 134
+    assert len(msgpack.packb(reg.get_volume("v"))) == before
+    assert len(sizes) == 400 and max(sizes) < 2048
+    from vbp.volume import CHUNKS_LISTED, LOSSES_KEPT
+
+    [a] = api.accepted_losses(reg, api.get_volume(reg, "v"))
+    assert (a.reverted, a.zeroed, a.low, a.high) == (266, 134, 0, 399)
+    assert [c[0] for c in a.chunks] == list(range(CHUNKS_LISTED))
+    assert all(r == (i % 3 != 0) for i, _h, r in a.chunks)
+    # many calls: the oldest fold into one, the counts kept
+    reg.update_volume("v", lambda d: {**d, "size": 600 * MiB})
+    for k in range(LOSSES_KEPT + 5):
+        a, b = view.replicas(rec.lineage, 500 + k, 2)
+        reg.mark_stale(rec.lineage, 500 + k, [b], time.time_ns())
+        reg.mark_stale(rec.lineage, 500 + k, [a], NEVER_CURRENT | time.time_ns())
+        api.accept_loss(reg, "v", [500 + k], now=10.0 + k)
+    got = api.accepted_losses(reg, api.get_volume(reg, "v"))
+    assert len(got) == LOSSES_KEPT and sum(a.count for a in got) == 400 + LOSSES_KEPT + 5
+    assert got[0].since == 7.0 and got[0].time == 10.0 + 5 and got[-1].time == 10.0 + LOSSES_KEPT + 4
+    assert len(msgpack.packb(reg.get_losses(rec.lineage))) < 8192

@@ -90,7 +90,8 @@ def test_volume_lifecycle_json(vbp, where):
     assert (v["name"], v["size"], v["replicas"], v["min_size"], v["chunk_size"]) == ("disk1", GiB, 2, 1, 8 << 20)
     assert v["snapshots"] == [] and v["parent"] is None
     assert j("volume", "list") == [v]
-    assert j("volume", "show", "disk1") == v
+    # show adds the accepted losses of the volume's lineage (its own registry key)
+    assert j("volume", "show", "disk1") == {**v, "accepted_losses": []}
     s = j("volume", "snapshot", "disk1", "s1")
     assert s["snapshots"] == ["s1"] and s["lineage"] == v["lineage"] and s["head"] > v["head"]
     c = j("volume", "clone", "disk1@s1", "disk2")
@@ -616,9 +617,14 @@ def test_accept_loss_arguments_plan_output_and_report(vbp, reg_url):
     assert "warning: volume v: the loss of 1 chunks was accepted" in vbp("volume", "show", "v").stdout
     assert "1 reverted to an older copy (chunks 3)" in vbp("volume", "show", "v").stdout
     [a] = js(vbp("volume", "show", "v", "--json"))["accepted_losses"]
-    assert a["reverted"] == [[3, q]] and a["zeroed"] == []
-    assert js(vbp("pool", "status", "--json"))["unrecoverable"] == []
-    assert "unrecoverable" not in vbp("pool", "status").stdout
+    assert (a["volume"], a["reverted"], a["zeroed"], a["chunks"]) == ("v", 1, 0, [[3, q, True]])
+    st = js(vbp("pool", "status", "--json"))
+    assert st["unrecoverable"] == []
+    assert [(x["lineage"], x["volumes"], x["reverted"]) for x in st["accepted_losses"]] == [
+        (rec.lineage, ["v"], 1)]
+    text = vbp("pool", "status").stdout
+    assert "unrecoverable" not in text
+    assert "warning: volumes v: the loss of 1 chunks was accepted" in text
     assert "nothing to accept" in vbp("volume", "accept-loss", "v", "--all", "--yes").stdout
     reg.close()
 
@@ -635,4 +641,34 @@ def test_accept_loss_json_of_a_chunk_lost_on_every_copy(vbp, reg_url):
     assert got["volume"] == "v" and got["reverted"] == [] and got["skipped"] == []
     assert [c["index"] for c in got["zeroed"]] == [3]
     assert "1 lost, reading as zeros (chunks 3)" in vbp("volume", "show", "v").stdout
+    reg.close()
+
+
+def test_a_loss_past_the_listed_chunks_is_counted_and_shown_on_every_clone(vbp, reg_url):
+    """The lineage's loss record lists the lowest chunks and counts the others: `vbp
+    volume show` of the volume and of a clone says how many, with the listed ones and
+    an ellipsis."""
+    from replicator.gateway import ClusterView
+    from tests.unit.test_api import lost_last_copy
+    from vbp.layout import MiB
+    from vbp.registry.base import NEVER_CURRENT
+    from vbp.volume import CHUNKS_LISTED
+
+    reg = open_registry(reg_url)
+    rec, p, q = lost_last_copy(reg)
+    reg.update_volume("v", lambda d: {**d, "size": 40 * MiB})
+    reg.create_volume("w", {**reg.get_volume("v"), "name": "w", "created": 1.0})
+    view = ClusterView(reg.cluster_map())
+    for i in range(40):
+        a, b = view.replicas(rec.lineage, i, 2)
+        reg.mark_stale(rec.lineage, i, [b], 1)
+        reg.mark_stale(rec.lineage, i, [a], NEVER_CURRENT | 2)
+    assert "accepted the loss of 40 chunks" in vbp("volume", "accept-loss", "v", "--all", "--yes").stdout
+    for name in ("v", "w"):
+        text = vbp("volume", "show", name).stdout
+        assert "the loss of 40 chunks was accepted" in text and "(vbp volume accept-loss v)" in text
+        listed = ", ".join(map(str, range(CHUNKS_LISTED)))
+        assert f"40 reverted to an older copy (chunks {listed}, ...)" in text
+    [a] = js(vbp("volume", "show", "w", "--json"))["accepted_losses"]
+    assert (a["reverted"], a["low"], a["high"], len(a["chunks"])) == (40, 0, 39, CHUNKS_LISTED)
     reg.close()

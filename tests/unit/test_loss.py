@@ -51,3 +51,67 @@ def test_against_a_naive_reading_on_random_cases():
             host, reverts = revert_source(complete, stale)
             assert reverts == bool(once)
             assert host == (max(once, key=lambda h: made[h]) if once else complete[0])
+
+
+def test_a_lineage_loss_record_against_a_naive_one_on_random_cases():
+    """vbp.volume.note_accepted (the lineage's loss record accept-loss writes) against the
+    naive record, every chunk of every call: the counts, the range and the calls are all
+    kept; it lists the lowest CHUNKS_LISTED chunks of each entry and holds LOSSES_KEPT
+    entries, the oldest folded, so its size is bounded whatever the loss."""
+    import msgpack
+
+    from vbp.volume import CHUNKS_LISTED, LOSSES_KEPT, accepted_losses, note_accepted
+
+    rng = random.Random(7)
+    for _ in range(40):
+        d, naive = None, []  # naive: (time, [(index, host, reverts)]) per call
+        for call in range(rng.randint(1, 2 * LOSSES_KEPT)):
+            chunks = sorted(rng.sample(range(5000), rng.randint(1, 3 * CHUNKS_LISTED)))
+            got = [(i, f"h{rng.randint(0, 9)}", rng.random() < 0.7) for i in chunks]
+            naive.append((float(call), got))
+            for i, h, r in got:
+                d = note_accepted(d, float(call), "v", i, h, r)
+        entries = accepted_losses(d)
+        assert len(entries) == min(len(naive), LOSSES_KEPT)
+        assert [e.time for e in entries] == [t for t, _ in naive][len(naive) - len(entries):]
+        folded = naive[:len(naive) - len(entries) + 1]
+        for e, group in zip(entries, [folded] + [[c] for c in naive[len(folded):]]):
+            every = sorted(c for _t, cs in group for c in cs)
+            assert (e.since, e.time) == (group[0][0], group[-1][0])
+            assert (e.reverted, e.zeroed) == (sum(r for *_, r in every), sum(not r for *_, r in every))
+            assert (e.low, e.high) == (every[0][0], every[-1][0])
+            assert list(e.chunks) == every[:CHUNKS_LISTED]
+        assert len(msgpack.packb(d)) < LOSSES_KEPT * CHUNKS_LISTED * 16
+
+
+def test_a_host_logs_the_accepted_losses_of_its_stale_copies_once(caplog):
+    """Resync logs event=loss_accepted per chunk the lineage's loss record lists, with the
+    copy kept, and once per loss for chunks past those listed (counts and range only)."""
+    import logging
+
+    import trio
+
+    from replicator.recovery import Resync
+    from vbp.volume import CHUNKS_LISTED, note_accepted
+
+    d = None
+    for i in range(CHUNKS_LISTED + 8):
+        d = note_accepted(d, 50.0, "v", i, "h2", i % 2 == 0)
+
+    class Registry:
+        async def list_losses(self):
+            return {"lin": d}
+
+    rs = Resync("h1", None, None, None, Registry())
+    mine = [StaleRecord("lin", i, "h1", 1) for i in (0, 1, CHUNKS_LISTED + 2, CHUNKS_LISTED + 3, 999)]
+    mine.append(StaleRecord("other", 0, "h1", 1))
+    with caplog.at_level(logging.WARNING, logger="vbp.recovery"):
+        for _ in range(2):
+            trio.run(rs._read_accepted)
+            rs._note_accepted(mine)
+    got = [r.getMessage() for r in caplog.records if "event=loss_accepted" in r.getMessage()]
+    assert len(got) == 3
+    assert "chunk=0 source=h2 action=reverted" in got[0] and "chunk=1 source=h2 action=zeroed" in got[1]
+    n = CHUNKS_LISTED + 8
+    assert f"chunks={n} reverted={(n + 1) // 2} zeroed={n // 2}" in got[2]
+    assert f"chunks 0 to {CHUNKS_LISTED + 7}" in got[2]

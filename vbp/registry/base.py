@@ -15,6 +15,8 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/ctr/<name>           an id counter
     vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
     vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
+    vbp/loss/<lineage>       {"losses": [...]}: chunks of the lineage an operator gave up
+                             (vbp volume accept-loss; vbp.volume.AcceptedLoss), bounded
     vbp/scrub/request        {"id", "volume", "hosts", "time"}: the last `vbp pool scrub`
     vbp/scrub/result/<id:016x>/<host>   that host's progress, then its result
 
@@ -71,6 +73,7 @@ P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
+P_LOSS = b"vbp/loss/"  # <lineage> -> its accepted losses (vbp.volume.note_accepted)
 P_STATS = b"vbp/stats/"
 K_SCRUB = b"vbp/scrub/request"
 P_SCRUB_RESULT = b"vbp/scrub/result/"  # per-host usage, published with the heartbeat (not part of the map)
@@ -101,6 +104,19 @@ class StaleRecord:
     # (later failures raise `version`, not this). Orders the copies of a chunk that are all
     # stale: the one that went stale last holds every acknowledged write (recovery.py).
     since: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LossVerdict:
+    """What clear_stale_unless_changed's `decide` judged: the copy whose stale record goes
+    (`keep`: it counts as current again), the lineage's loss record to write, what to
+    return, and the chunk's copies it judged (`judged`): one without a record then must
+    still have none at the commit."""
+
+    keep: str
+    losses: dict
+    result: object = None
+    judged: tuple[str, ...] = ()
 
 
 # Flag bit of a stale record's version (see mark_stale): set by a host that came back with
@@ -607,44 +623,64 @@ class Registry:
                 return True
         raise self._contended(f"clear stale {lineage}/{index} on {host_id}")
 
-    def clear_stale_unless_changed(self, lineage: str, index: int,
-                                   decide: Callable[[list[StaleRecord], ClusterMap, list[dict]], tuple | None]):
-        """Remove one stale record of the chunk, and rewrite volume records, in one
-        transaction, only while nothing `decide` judged by has changed since it was read:
-        the chunk's stale records, the data set (placement) and the volume records of the
-        chunk's lineage. `decide(records, cluster map, volume dicts)` returns None (nothing
-        to do) or (host whose record goes, {volume name: new record dict}, result); a
-        change meanwhile (a copy marked or cleared, a backfill, a change of data set, a
-        volume resized) makes it read and decide again. Returns the result, or None.
-        (vbp volume accept-loss: the copy kept becomes current, and the volumes say so.)"""
+    def clear_stale_unless_changed(
+            self, lineage: str, index: int, volume: str,
+            decide: Callable[[list[StaleRecord], ClusterMap, dict | None, dict | None], LossVerdict | None]):
+        """Remove one stale record of the chunk and rewrite the lineage's loss record
+        (vbp/loss/<lineage>) in one transaction, only while nothing `decide` judged by has
+        changed since it was read: the chunk's stale records (and the absence of one for
+        each copy it judged), the data set (placement), the record of `volume` (deleted,
+        resized, made again in another lineage) and the loss record.
+        `decide(records, cluster map, volume record dict or None, loss record dict or
+        None)` returns None (nothing to do) or a LossVerdict; a change meanwhile makes it
+        read and decide again. Returns the verdict's result, or None. The transaction
+        compares a bounded number of keys, whatever the number of volumes in the lineage:
+        one volume stands for it (its volumes share one replica count).
+        (vbp volume accept-loss: the copy kept becomes current, the lineage says so.)"""
         prefix = self._stale_key(lineage, index)
+        vkey = P_VOL + _name("volume name", volume)
+        lkey = P_LOSS + _name("lineage", lineage)
         for _ in range(CAS_ATTEMPTS):
             ds, _ = self.kv.get(K_DATASET)
             cmap = self.cluster_map()
             items, _ = self.kv.range(prefix)
-            vols, _ = self.kv.range(P_VOL)
+            vol, _ = self.kv.get(vkey)
+            loss, _ = self.kv.get(lkey)
             records = [StaleRecord(lineage, index, it.key[len(prefix):].decode(), _unpack(it.value),
                                    it.create_rev) for it in items]
-            mine = [(it, d) for it in vols if (d := _unpack(it.value)).get("lineage") == lineage]
-            verdict = decide(records, cmap, [d for _, d in mine])
+            verdict = decide(records, cmap, _unpack(vol.value) if vol else None,
+                             _unpack(loss.value) if loss else None)
             if verdict is None:
                 return None
-            host, changes, result = verdict
-            key = self._stale_key(lineage, index, host)
+            key = self._stale_key(lineage, index, verdict.keep)
             if not any(it.key == key for it in items):
-                raise InvalidArgument(f"{lineage}/{index} has no stale record on {host}")
-            cmps = [Cmp(K_DATASET, "mod", ds.mod_rev if ds else 0)]
+                raise InvalidArgument(f"{lineage}/{index} has no stale record on {verdict.keep}")
+            held = {r.host_id for r in records}
+            cmps = [Cmp(K_DATASET, "mod", ds.mod_rev if ds else 0),
+                    Cmp(vkey, "mod", vol.mod_rev if vol else 0),
+                    Cmp(lkey, "mod", loss.mod_rev if loss else 0)]
             cmps += [Cmp(it.key, "mod", it.mod_rev) for it in items]
-            cmps += [Cmp(it.key, "mod", it.mod_rev) for it, _ in mine]
-            ops: list = [Delete(key)]
-            ops += [Put(it.key, _pack(changes[d["name"]])) for it, d in mine if d["name"] in changes]
+            cmps += [Cmp(self._stale_key(lineage, index, h), "mod", 0)
+                     for h in dict.fromkeys(verdict.judged) if h not in held]
+            ops = [Delete(key), Put(lkey, _pack(verdict.losses))]
             if len(cmps) + len(ops) > TXN_OPS_MAX:
-                raise InvalidArgument(f"{lineage}/{index}: too many copies and volumes for one "
-                                      f"transaction ({len(cmps) + len(ops)} operations)")
+                raise InvalidArgument(f"{lineage}/{index}: too many copies for one transaction "
+                                      f"({len(cmps) + len(ops)} operations)")
             ok, _ = self.kv.txn(cmps, ops)
             if ok:
-                return result
+                return verdict.result
         raise self._contended(f"clear stale {lineage}/{index}")
+
+    def get_losses(self, lineage: str) -> dict | None:
+        """The lineage's loss record (vbp.volume.accepted_losses reads it), or None."""
+        item, _ = self.kv.get(P_LOSS + _name("lineage", lineage))
+        return _unpack(item.value) if item else None
+
+    def list_losses(self) -> dict[str, dict]:
+        """Lineage -> its loss record, for every lineage that has one (also one whose
+        volumes are all deleted: readers go by the volumes)."""
+        items, _ = self.kv.range(P_LOSS)
+        return {it.key[len(P_LOSS):].decode(): _unpack(it.value) for it in items}
 
     # --- scrub requests (replicator/scrub.py) ---------------------------------------------
 
