@@ -40,7 +40,7 @@ from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
 from vbp.volume import (
-    Reader, VolumeRecord, cancel_snapshot, complete_snapshot, needed_gens, pending_abandoned,
+    Reader, View, VolumeRecord, cancel_snapshot, complete_snapshot, needed_gens, pending_abandoned,
     readers, same_volume, split_export_name, view_of,
 )
 
@@ -61,9 +61,10 @@ COMPACT_PERIOD = 600.0
 # was followed by a check that the snapshot is still there, past which a snapshot export
 # stops serving (Unpublished): before the registry drops the publication
 PUBLISH_LAPSE = 2 / 3
-# the same share after the start of the last read of its record that went through, past
-# which a head export holding no lease stops serving (Unsynced): another host may have
-# made a new head, and GC freed what its old chain reads (a reader is in no record)
+# the same share after the start of the last publication that went through with the
+# chain a head export holding no lease reads by, and was followed by a read of the volume's
+# record that still shows that chain, past which the export stops serving (Unsynced):
+# another host may have made a new head, and GC freed what the old chain reads
 RECORD_LAPSE = PUBLISH_LAPSE
 
 
@@ -91,6 +92,16 @@ class VolumeProvider:
         self.refs: dict[str, int] = {}
         self.leases: dict[str, object] = {}
         self.expired: set[str] = set()  # exports whose lease ran out unrenewed (logged once)
+        # Head readers' publication (see "Head exports without the lease" below): the
+        # number of the last list of exports made for a publication, of the last one that
+        # went through, and for each reader entry published, the first list of the run of
+        # lists that has had it ever since
+        self.pub_seq = 0
+        self.pub_through = 0
+        self._pub_since: dict[tuple, int] = {}
+        self._next: dict[str, View] = {}  # export -> the newer view it adopts once published
+        self._retiring: dict[str, list[tuple[dict, float]]] = {}  # export -> (entry, until)
+        self._follow_pub_at = -math.inf  # (_follow: no sooner than this, another publication)
         # closed gateways with failures or suspect copies the registry has not heard of yet
         self.unsettled: list[tuple[VolumeGateway, object]] = []
         self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
@@ -110,12 +121,16 @@ class VolumeProvider:
         async with self._lock:
             gw = self.gateways.get(export)
             if gw is None or gw.fenced or gw.gone is not None:
+                if gw is not None:  # no longer published: its clients are served no more
+                    gw.serve_until = -math.inf
+                    self._forget(export)
                 gw = await self._open(export, name, snap)
                 self.gateways[export] = gw
                 self.refs[export] = 0
                 if gw.read_only:
                     await self._hold_snapshot(export, gw)
                 else:
+                    await self._hold_head(export, gw)
                     await self._settle_orphaned_lease(export, gw)
             self.refs[export] += 1
         return gw
@@ -146,15 +161,127 @@ class VolumeProvider:
     # `vbp volume delete NAME@SNAP` refuses a published snapshot unless --force.
 
     def published(self) -> list[dict]:
-        """The snapshot exports open here, as readers that GC everywhere must keep."""
-        out = []
-        for export, gw in self.gateways.items():
-            if gw.read_only and gw.gone is None:
-                v = gw.view
-                out.append({"export": export, "lineage": gw.lineage, "chain": list(v.chain),
-                            "cuts": [list(c) for c in v.cuts], "size": v.size,
-                            "chunk_size": v.volume.chunk_size})
+        """The exports open here that GC everywhere must keep as readers: the snapshot
+        exports, and the chains of the head exports that hold no lease (one entry per
+        chain)."""
+        out = [_entry(export, gw.lineage, gw.view) for export, gw in self.gateways.items()
+               if gw.read_only and gw.gone is None]
+        seen = {_key(e) for e in out}
+        for e in self._head_entries():
+            if _key(e) not in seen:
+                seen.add(_key(e))
+                out.append(e)
         return out
+
+    def to_publish(self) -> list[dict]:
+        """published(), for a publication numbered pub_seq (went_through: it is in the
+        registry). A head reader's entry counts as published from the first list of the
+        run of lists that has had it ever since (_confirm)."""
+        out = self.published()
+        self.pub_seq += 1
+        self._pub_since = {k: self._pub_since.get(k, self.pub_seq) for k in map(_key, out)}
+        return out
+
+    def went_through(self, seq: int) -> None:
+        self.pub_through = max(self.pub_through, seq)
+
+    # Head exports without the lease (readers: a backup, `vbp volume export` of a live
+    # volume through another host than its gateway's). A reader reads by the chain of
+    # the record it last adopted; once another host made a new head (a snapshot), wrote
+    # past it and deleted the snapshot, that chain is in no record, and GC would free
+    # what it reads. So a reader is published as a snapshot export is, and serves only
+    # while it may count on it (serve_until): RECORD_LAPSE past the start of a
+    # publication with its chain that went through before a read of the record that
+    # showed the chain still there (the head, or a snapshot's). A GC pass that missed
+    # the publication read the records before it went through, so before that read,
+    # and the chain was in them then (a chain is in a record from when it is the head
+    # until its snapshot is deleted). A newer view (a snapshot, a resize) is published
+    # alongside before the reader adopts it, which a later read of the record then
+    # shows still current, and the chain left stays published while a remote read by
+    # it may be under way. A lease holder is not published: no other host makes a new
+    # head under it; once it is fenced, or its lease runs out unrenewed, it is.
+
+    def _head_entries(self):
+        now = trio.current_time()
+        for export, gw in self.gateways.items():
+            if gw.read_only or gw.gone is not None or self._holds(gw, now):
+                continue
+            if gw.fenced and now > gw.serve_until:  # (never serves again: no record sync)
+                continue
+            yield _entry(export, gw.lineage, gw.view)
+            if export in self._next:
+                yield _entry(export, gw.lineage, self._next[export])
+            left = [(e, t) for e, t in self._retiring.get(export, ()) if t >= now]
+            self._retiring[export] = left
+            yield from (e for e, _ in left)
+
+    @staticmethod
+    def _holds(gw: VolumeGateway, now: float) -> bool:
+        return bool(gw.token) and not gw.fenced and now < gw.lease_deadline
+
+    def _forget(self, export: str) -> None:
+        self._next.pop(export, None)
+        self._retiring.pop(export, None)
+
+    async def _hold_head(self, export: str, gw: VolumeGateway) -> None:
+        """Publish a head export's chain, then read its record (sync_record), which lets
+        it serve (serve_until) if the chain is still there. Failing (the registry
+        unreachable, the volume deleted), the export is not opened."""
+        try:
+            await self.service.publish_stats()
+            await self.sync_record(gw, None)
+        except BaseException:
+            del self.gateways[export], self.refs[export]
+            self._forget(export)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self._republish()
+            raise
+
+    async def _follow(self, export: str, gw: VolumeGateway, rec: VolumeRecord,
+                      through: int) -> None:
+        """A reader's step of sync_record: adopt the record's view once a publication
+        with it went through before this read of the record (`through`), else publish
+        it now and keep the chain it has."""
+        view = view_of(rec, None)
+        if _view_key(gw.lineage, view) == _view_key(gw.lineage, gw.view):
+            self._next.pop(export, None)
+            return
+        nxt = self._next.get(export)
+        key = _view_key(gw.lineage, view)
+        if nxt is None or _view_key(gw.lineage, nxt) != key:
+            self._next[export] = view
+        if self._pub_since.get(key, math.inf) > through:
+            # not published yet: publish now (again, if the last try failed a while ago;
+            # the heartbeat publishes too)
+            now = trio.current_time()
+            if now >= self._follow_pub_at:
+                self._follow_pub_at = now + 1.0
+                self.service.nursery.start_soon(self._republish)
+            return
+        old = _entry(export, gw.lineage, gw.view)
+        if view.gen > gw.gen:
+            async def adopt():
+                return view
+            await gw.switch_head(adopt)
+        else:
+            gw.set_view(view)
+        # a remote read under way still reads by the old chain: each host it tries takes
+        # at most a request timeout
+        until = trio.current_time() + self.service.cfg.peer_timeout * max(gw.n, 1) + 1
+        self._retiring.setdefault(export, []).append((old, until))
+        self._next.pop(export, None)
+
+    def _confirm(self, gw: VolumeGateway, rec: VolumeRecord, t0: float, through: int,
+                 published_at: float) -> None:
+        """A read of the record started at `t0`, after the publications up to `through`
+        (the last at `published_at`) went through: the gateway may serve RECORD_LAPSE
+        past the start of that publication (or of the read, if earlier) if its chain was
+        in it and is still in the record."""
+        since = self._pub_since.get(_view_key(gw.lineage, gw.view))
+        if since is None or since > through or not _in_record(rec, gw.view):
+            return
+        bound = min(published_at, t0) + self.service.cfg.heartbeat_ttl * RECORD_LAPSE
+        gw.serve_until = max(gw.serve_until, bound)
 
     async def _hold_snapshot(self, export: str, gw: VolumeGateway) -> None:
         try:
@@ -198,14 +325,13 @@ class VolumeProvider:
 
     async def _open(self, export: str, name: str, snap: str | None) -> VolumeGateway:
         svc = self.service
-        t0 = trio.current_time()
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
         view = view_of(rec, snap)
         gw = VolumeGateway(view, host_id=svc.cfg.host_id, replica=svc.replica, cluster=svc.cluster,
                            pool=svc.pool, registry=svc.registry)
         if not view.read_only:
             gw.take_lease = functools.partial(self._take_lease, export)
-            gw.serve_until = t0 + svc.cfg.heartbeat_ttl * RECORD_LAPSE
+            gw.serve_until = -math.inf  # until published and read again (_hold_head)
         gw.refresh_map = svc.refresh_map
         gw.metrics = svc.metrics
         set_qos(gw, rec)
@@ -269,15 +395,22 @@ class VolumeProvider:
 
     async def sync_record(self, gw: VolumeGateway, lease) -> None:
         """Adopt the volume's current record; the holder of `lease` (None: not a holder)
-        completes a pending snapshot. Once it has, the gateway's chain is as current as the
-        start of this call: serve_until moves on (a reader's lapse, VolumeGateway)."""
+        completes a pending snapshot, a reader adopts it once published (_follow). The
+        record read, a published chain still in it lets the gateway serve on (_confirm)."""
         svc = self.service
         name = gw.view.volume.name
         t0 = trio.current_time()
+        through, published_at = self.pub_through, svc.published_at
         rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
         if not same_volume(rec, gw.view.volume):
             # deleted and created again under its name between two syncs: another volume
             raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        if lease is None:  # a reader: its chain must be published before it reads by it
+            if self.gateways.get(gw.name) is gw:
+                await self._follow(gw.name, gw, rec, through)
+            set_qos(gw, rec)
+            self._confirm(gw, rec, t0, through, published_at)
+            return
         if rec.pending and lease is not None and pending_abandoned(rec):
             # its requester gave up long ago: completed now, it would hold today's data
             pending = rec.pending
@@ -328,7 +461,7 @@ class VolumeProvider:
         elif (rec.size, rec.cuts) != (gw.size, gw.cuts):
             gw.set_view(view_of(rec, None))
         set_qos(gw, rec)
-        gw.serve_until = max(gw.serve_until, t0 + svc.cfg.heartbeat_ttl * RECORD_LAPSE)
+        self._confirm(gw, rec, t0, through, published_at)  # (a lease holder past its lease)
 
     async def sync_records(self) -> None:
         gone = False
@@ -387,8 +520,9 @@ class VolumeProvider:
         if self.refs[export] > 0:
             return None
         del self.gateways[export], self.refs[export]
-        if gw.read_only:  # unpublish now rather than at the next heartbeat
-            self.service.nursery.start_soon(self._republish)
+        self._forget(export)
+        if gw.read_only or not self._holds(gw, trio.current_time()):
+            self.service.nursery.start_soon(self._republish)  # unpublished now
         lease = self.leases.pop(export, None)
         store = self.service.store
         if gw.inflight:
@@ -551,6 +685,28 @@ async def compact_registry_once(registry, cmap, host_id: str, kept: int | None) 
         await registry.compact_history(kept)
         log.info("event=registry_compacted revision=%d", kept)
     return now
+
+
+def _entry(export: str, lineage: str, view: View) -> dict:
+    """A published reader (Blockd.collect_garbage_once counts it as one)."""
+    return {"export": export, "lineage": lineage, "chain": list(view.chain),
+            "cuts": [list(c) for c in view.cuts], "size": view.size,
+            "chunk_size": view.volume.chunk_size}
+
+
+def _key(e: dict) -> tuple:
+    return (e["lineage"], tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"])
+
+
+def _view_key(lineage: str, view: View) -> tuple:
+    return (lineage, tuple(view.chain), tuple(tuple(c) for c in view.cuts), view.size)
+
+
+def _in_record(rec: VolumeRecord, view: View) -> bool:
+    """Whether a reader of the record (its head, pending head or a snapshot: GC's
+    readers) reads all that `view` reads."""
+    return any(r.chain == tuple(view.chain) and r.cuts == tuple(view.cuts) and r.size >= view.size
+               for r in readers([rec]).get(rec.lineage, ()))
 
 
 def set_qos(gw: VolumeGateway, rec: VolumeRecord) -> None:
@@ -816,11 +972,11 @@ class Blockd:
             # on the controller: when it first saw each down host down, and its interval
             "down_out": self.mover.down_out(),
             "scrub": self.scrubber.last,
-            "exports": self.provider.published(),
+            "exports": self.provider.to_publish(),
         }
 
     async def publish_stats(self) -> None:
-        """Publish stats(), including the open snapshot exports that GC must respect. Under
+        """Publish stats(), including the open exports that GC must respect. Under
         a lock and computed inside it: an older list never lands after a newer one."""
         async with self._stats_lock:
             st = self.stats()
@@ -830,9 +986,12 @@ class Blockd:
 
     def _published(self, t0: float, st: dict) -> None:
         """Stats sent at `t0` went through: they last heartbeat_ttl from when the registry
-        took them, so from t0 at the earliest (VolumeProvider._snapshot_gone)."""
+        took them, so from t0 at the earliest (VolumeProvider._snapshot_gone, _confirm).
+        Under _stats_lock, as stats() was: the exports in them are the provider's last
+        list (pub_seq)."""
         self._published_used = st["used"]
         self.published_at = max(self.published_at, t0)
+        self.provider.went_through(self.provider.pub_seq)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful stop, step one: let replicated writes under way finish, then make
@@ -959,7 +1118,8 @@ class Blockd:
             return 0
         recs = [VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()]
         by_lineage = readers(recs)
-        # after the records: open snapshot exports keep their chunks (VolumeProvider)
+        # after the records: open snapshot exports and head readers keep their chunks
+        # (VolumeProvider)
         exports = [e for st in (await self.registry.host_stats()).values()
                    for e in st.get("exports", ())]
         for e in exports + self.provider.published():

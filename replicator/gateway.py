@@ -357,8 +357,8 @@ class VolumeGateway:
         self.gone: Exception | None = None
         # trio time past which the export serves nothing (blockd sets it; inf: never): a
         # snapshot export's publication may have lapsed in the registry (Unpublished); a
-        # head export's chain may be out of date, its record unread for too long
-        # (Unsynced), which matters only while it holds no lease (_check_served)
+        # head export's chain may be out of date, its record unread or its publication
+        # lapsed (Unsynced), which matters only while it holds no lease (_check_served)
         self.serve_until = math.inf
         # trio.current_time, less two calls: this run's clock, asked per write (a gateway
         # lives in the run it was made in: the service's)
@@ -615,8 +615,9 @@ class VolumeGateway:
                     f"{self.name}: this host could not tell the registry the export is open "
                     f"(registry unreachable): its requests fail until it can")
             raise Unsynced(
-                f"{self.name}: this host could not read the volume's record (registry "
-                f"unreachable) and holds no write lease: its reads fail until it can")
+                f"{self.name}: this host could not read the volume's record or publish "
+                f"that it reads it (registry unreachable), and holds no write lease: its "
+                f"reads fail until it can")
 
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()

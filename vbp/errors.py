@@ -60,10 +60,11 @@ class Unpublished(Gone):
 
 
 class Unsynced(Gone):
-    """A volume export holding no write lease (a reader) whose host has not read the
-    volume's record for longer than the bound (the registry unreachable from it): another
-    host may have made a new head meanwhile and garbage collection freed what the export's
-    old chain reads, so its requests fail until a record read goes through again."""
+    """A volume export holding no write lease (a reader) whose host has not both published
+    its chain and read the volume's record since for longer than the bound (the registry
+    unreachable from it): another host may have made a new head meanwhile and garbage
+    collection freed what the export's old chain reads, so its requests fail until a
+    publication and a record read go through again."""
 
 
 class OutOfRange(VbpError):

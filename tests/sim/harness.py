@@ -164,8 +164,11 @@ class SimHost:
 
     # what VolumeProvider calls on its service
     async def publish_stats(self) -> None:
-        """Blockd.publish_stats: the open snapshot exports, which GC on every host keeps."""
-        await self.registry.publish_stats(self.id, {"exports": self.provider.published()}, WALL_TTL)
+        """Blockd.publish_stats: the open snapshot exports and head readers, which GC on
+        every host keeps."""
+        exports, seq = self.provider.to_publish(), self.provider.pub_seq
+        await self.registry.publish_stats(self.id, {"exports": exports}, WALL_TTL)
+        self.provider.went_through(seq)
 
     async def stale_map(self, lineage: str) -> dict[int, frozenset[str]]:
         out: dict[int, set[str]] = {}

@@ -505,3 +505,145 @@ def test_a_takeover_whose_reconcile_failed_leaves_the_lease_a_takeover(monkeypat
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+class NoPublish:
+    """A host's registry that takes none of its publications (its volume reads go on)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def publish_stats(self, *args):
+        await trio.lowlevel.checkpoint()
+        raise RegistryUnavailable("registry unreachable from this host")
+
+
+def published_chains(sim, host: str) -> list[tuple]:
+    return [tuple(e["chain"]) for e in sim.reg.host_stats()[host].get("exports", ())]
+
+
+async def read_4k(host, gw) -> bytes:
+    return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
+
+
+def test_a_reader_cut_off_within_its_lapse_never_reads_what_gc_freed():
+    """A reader's host cut off from the volume's record: a snapshot, a write past it
+    and the snapshot's delete later, GC has run on every host, the reader still within
+    its lapse. GC counted no reader that is in no record and freed what its chain reads:
+    it answered zeros. Now the reader's chain is published with its host's stats, as a
+    snapshot export's is, and GC everywhere keeps it. The writer, holding the lease, is
+    not published: its chain is the record's head."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            assert await read_4k(h1, r) == b"A" * 4096
+            h1.registry = CutOff(h1.registry)
+            await trio.sleep(0.5)
+            await sim.snapshot("v", "s")
+            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
+            api.delete_volume(sim.reg, "v@s", force=True)
+            for h in sim.hosts.values():
+                await h.collect_garbage()
+            assert trio.current_time() < r.serve_until  # within the lapse
+            assert await read_4k(h1, r) == b"A" * 4096
+            assert published_chains(sim, "h1") == [r.chain]
+            assert not h0.provider.published()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_on_a_host_with_no_copy_within_its_lapse_never_reads_zeros():
+    """As above, four hosts and replicas=3: the reader's host holds no copy of chunk 0
+    and reads it from a replica, whose GC must keep what the reader's chain reads."""
+    async def main():
+        sim = Sim(13, hosts=4)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            holders = h0.cluster.replicas(w.lineage, 0, 3)
+            hr = next(h for i, h in sim.hosts.items() if i not in holders)
+            r = await hr.run_on(hr.provider.open_export, "v")
+            assert await read_4k(hr, r) == b"A" * 4096
+            hr.registry = CutOff(hr.registry)
+            await trio.sleep(0.5)
+            await sim.snapshot("v", "s")
+            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
+            api.delete_volume(sim.reg, "v@s", force=True)
+            for h in sim.hosts.values():
+                if h is not hr:
+                    await h.collect_garbage()
+            assert trio.current_time() < r.serve_until  # within the lapse
+            assert await read_4k(hr, r) == b"A" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_adopts_a_new_head_only_once_it_is_published():
+    """A reader whose host cannot publish follows a snapshot of the volume. Adopted at
+    once, the new head was in no publication: a second snapshot, a write and the delete
+    of both snapshots later, GC freed what both chains read, and the reader answered
+    zeros. Now the reader keeps the chain it has published (still the first snapshot's,
+    then kept by its publication) until the new one is published, then adopts it; the
+    chain it leaves stays published while a remote read by it may be under way, and no
+    more: one entry per chain, the current one."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            first = r.chain
+            h1.registry = NoPublish(h1.registry)
+            await sim.snapshot("v", "s")
+            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
+            await trio.sleep(0.5)  # record syncs
+            await sim.snapshot("v", "t")
+            await h0.run_on(lambda: call(w.write(0, b"C" * 4096, False)))
+            api.delete_volume(sim.reg, "v@s", force=True)
+            api.delete_volume(sim.reg, "v@t", force=True)
+            for h in sim.hosts.values():
+                await h.collect_garbage()
+            assert trio.current_time() < r.serve_until
+            assert await read_4k(h1, r) == b"A" * 4096
+            assert r.chain == first
+            assert len(h1.provider.published()) == 2  # the chain served, the one to adopt
+            h1.registry = h1.registry.registry
+            await trio.sleep(1.0)  # published, then adopted
+            assert r.chain == sim.volume("v").chain and await read_4k(h1, r) == b"C" * 4096
+            assert r.chain in published_chains(sim, "h1")
+            await trio.sleep(sim.peer_timeout * 3 + 1.5)  # no remote read by the old chain left
+            await h1.run_on(h1.publish_stats)
+            assert published_chains(sim, "h1") == [r.chain]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_stops_serving_while_its_host_cannot_publish_it():
+    """A reader whose record reads go through but whose host's publications do not
+    (its stats lapse in the registry): GC elsewhere may no longer see its chain, so past
+    the lapse after the last publication it fails (Unsynced), and serves again once a
+    publication and a record read after it went through."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            h1.published_at = trio.current_time() - h1.cfg.heartbeat_ttl  # cut off
+            await trio.sleep(h1.cfg.heartbeat_ttl * RECORD_LAPSE + 0.5)  # record syncs
+            with pytest.raises(Unsynced):
+                await read_4k(h1, r)
+            h1.published_at = trio.current_time()  # published again
+            await trio.sleep(0.5)
+            assert await read_4k(h1, r) == b"A" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)

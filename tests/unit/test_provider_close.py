@@ -5,6 +5,7 @@ and what it could not record reaches the registry before the lease is given back
 from __future__ import annotations
 
 import itertools
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -62,12 +63,16 @@ async def test_the_lease_waits_for_writes_under_way_and_takes_their_failures_alo
             async def refresh_map():
                 pass
 
+            async def publish_stats():
+                pass
+
             service = SimpleNamespace(
                 registry=registry, replica=replicas["h1"], cluster=cluster, pool=pool,
                 cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
                                    heartbeat_ttl=6.0),
                 refresh_map=refresh_map, metrics=None, stale_map=stale_map,
-                store=replicas["h1"].store, nursery=nursery)
+                store=replicas["h1"].store, nursery=nursery, publish_stats=publish_stats,
+                published_at=math.inf)
             provider = VolumeProvider(service)
             gw = await provider.open_export("v")
             await gw.write(0, b"\x01" * 4096, False)  # takes the lease, connects
