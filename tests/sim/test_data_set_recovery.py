@@ -26,36 +26,15 @@ from vbp.layout import MiB
 from vbp.registry.base import NEVER_CURRENT
 
 
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    logging.getLogger("vbp").setLevel(logging.ERROR)
-    yield
-    logging.getLogger("vbp").setLevel(logging.NOTSET)
-
-
-def movers(sim: Sim) -> dict[str, DataSetMover]:
-    return {hid: DataSetMover(hid, h.store, h.cluster, sim.registry, h.pool, grace=0.0,
-                              down_out_interval=0.0)
-            for hid, h in sim.hosts.items()}
+from tests.sim.test_data_set_sim import movers, quiet, run  # noqa: F401 (quiet: a fixture)
+from tests.sim.test_data_set_sim import step_all as one_step
 
 
 async def step_all(sim: Sim, mv: dict[str, DataSetMover], times: int = 1) -> ClusterMap:
     """`times` rounds, a second apart, of one _move_data step on every up host (the
     controller step, then the scan)."""
     for _ in range(times):
-        for hid, h in sim.hosts.items():
-            if h.up:
-                mover = mv[hid]
-                mover.store, mover.cluster = h.store, h.cluster  # (a restart makes new ones)
-                got = await mover.control_once()
-                if got.epoch > h.cluster.epoch:
-                    h.cluster.set_map(got)
-                await mover.scan_once()
-        sim.sync_maps()
+        await one_step(sim, mv)
         await trio.sleep(1.0)
     return sim.reg.cluster_map()
 
@@ -172,6 +151,23 @@ def test_a_change_waits_when_the_only_current_copy_is_down_and_the_other_is_stal
     run(main)
 
 
+async def replace_disk(sim: Sim, p: str) -> None:
+    """Host `p`'s disk is replaced: same id, an empty store; blockd backfills before it
+    serves."""
+    P = sim.hosts[p]
+    sim.crash(p, declare_down=False)
+    P.store = MemoryChunkStore(None, P.capacity)
+    boot = P.boot
+
+    def boot_backfilling():
+        boot()
+        P.replica.backfilling = True
+    P.boot = boot_backfilling
+    await sim.restart(p)
+    await P.run_on(P.resync.backfill)
+    P.replica.backfilling = False
+
+
 async def lose_last_copy(sim: Sim, older: bytes | None = None) -> tuple:
     """replicas=2, min_size=1, on a started sim. X on P and Q (`older` written to both
     first, if given); Q restarted while X was written (P took it, Q recorded stale) and
@@ -195,17 +191,7 @@ async def lose_last_copy(sim: Sim, older: bytes | None = None) -> tuple:
     await sim.restart(q)
     await trio.sleep(2.0)
     # p's disk is replaced: same id, empty store; blockd backfills before serving
-    sim.crash(p, declare_down=False)
-    P.store = MemoryChunkStore(None, P.capacity)
-    boot = P.boot
-
-    def boot_backfilling():
-        boot()
-        P.replica.backfilling = True
-    P.boot = boot_backfilling
-    await sim.restart(p)
-    await P.run_on(P.resync.backfill)
-    P.replica.backfilling = False
+    await replace_disk(sim, p)
     assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
     return rec, x, p, q, gw
 
@@ -364,18 +350,8 @@ async def joined_then_lost(sim):
     got = sim.replica_bytes(T, rec, rec.chain, x)[:8192]
     assert got == b"W" * 4096 + b"N" * 4096
 
-    # P's disk is replaced, as in tests/sim/test_data_set_recovery.lose_last_copy
-    sim.crash(p, declare_down=False)
-    P.store = MemoryChunkStore(None, P.capacity)
-    boot = P.boot
-
-    def boot_backfilling():
-        boot()
-        P.replica.backfilling = True
-    P.boot = boot_backfilling
-    await sim.restart(p)
-    await P.run_on(P.resync.backfill)
-    P.replica.backfilling = False
+    # P's disk is replaced
+    await replace_disk(sim, p)
     assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
     Q.faults.heal()
     return rec, x, p, q, gw

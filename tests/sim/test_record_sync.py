@@ -529,6 +529,21 @@ async def read_4k(host, gw) -> bytes:
     return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
 
 
+async def moved_on_under(sim, h0, w, hr, r, gc_there: bool = True) -> None:
+    """Host `hr`, reading through `r` (no lease), is cut off from the record; meanwhile a
+    snapshot of v is taken, h0's writer writes past it, the snapshot is deleted and GC
+    runs (on `hr` too, `gc_there`). All within `r`'s lapse."""
+    hr.registry = CutOff(hr.registry)
+    await trio.sleep(0.5)
+    await sim.snapshot("v", "s")
+    await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
+    api.delete_volume(sim.reg, "v@s", force=True)
+    for h in sim.hosts.values():
+        if gc_there or h is not hr:
+            await h.collect_garbage()
+    assert trio.current_time() < r.serve_until  # within the lapse
+
+
 def test_a_reader_cut_off_within_its_lapse_never_reads_what_gc_freed():
     """A reader's host cut off from the volume's record: a snapshot, a write past it
     and the snapshot's delete later, GC has run on every host, the reader still within
@@ -543,14 +558,7 @@ def test_a_reader_cut_off_within_its_lapse_never_reads_what_gc_freed():
             h1 = sim.hosts["h1"]
             r = await h1.run_on(h1.provider.open_export, "v")
             assert await read_4k(h1, r) == b"A" * 4096
-            h1.registry = CutOff(h1.registry)
-            await trio.sleep(0.5)
-            await sim.snapshot("v", "s")
-            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
-            api.delete_volume(sim.reg, "v@s", force=True)
-            for h in sim.hosts.values():
-                await h.collect_garbage()
-            assert trio.current_time() < r.serve_until  # within the lapse
+            await moved_on_under(sim, h0, w, h1, r)
             assert await read_4k(h1, r) == b"A" * 4096
             assert published_chains(sim, "h1") == [r.chain]
             assert not h0.provider.published()
@@ -570,15 +578,7 @@ def test_a_reader_on_a_host_with_no_copy_within_its_lapse_never_reads_zeros():
             hr = next(h for i, h in sim.hosts.items() if i not in holders)
             r = await hr.run_on(hr.provider.open_export, "v")
             assert await read_4k(hr, r) == b"A" * 4096
-            hr.registry = CutOff(hr.registry)
-            await trio.sleep(0.5)
-            await sim.snapshot("v", "s")
-            await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
-            api.delete_volume(sim.reg, "v@s", force=True)
-            for h in sim.hosts.values():
-                if h is not hr:
-                    await h.collect_garbage()
-            assert trio.current_time() < r.serve_until  # within the lapse
+            await moved_on_under(sim, h0, w, hr, r, gc_there=False)
             assert await read_4k(hr, r) == b"A" * 4096
             nursery.cancel_scope.cancel()
 
