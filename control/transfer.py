@@ -3,8 +3,8 @@ volume (or snapshot) into a raw image file over NBD, keeping holes as holes.
 
 How
 ---
-One libnbd handle, several requests in flight (`DEPTH` commands of at most `BLOCK` bytes),
-driven from this thread with `aio_*` + `poll`:
+One NBD connection, several requests in flight (control/nbd_client.py: the requests with
+their timeouts, the buffers, the block status read a window at a time):
 
 - import: the file's data extents come from `lseek(SEEK_DATA/SEEK_HOLE)`; the volume's
   current allocation from NBD block status (`base:allocation`). Data extents are read in
@@ -22,10 +22,9 @@ driven from this thread with `aio_*` + `poll`:
   complete and synced: a failed `--force` export leaves the old file whole, and no export
   leaves a partial file under the target's name.
 
-Memory does not grow with the volume: block status is asked for and consumed a `WINDOW` at
-a time as the copy moves on (blockd answers per 4 KiB page: a whole map held at once took
-~45 MiB per GiB of fragmented volume), and the buffers are the `DEPTH` in flight, reused
-(see _Slot: the binding never frees a buffer given to an aio call).
+Memory does not grow with the volume: block status is asked for a `WINDOW` at a time and
+consumed as the copy moves on, and the buffers are those of the requests in flight, reused
+(control/nbd_client.py says why both matter).
 
 Why libnbd and not `nbdcopy` as a subprocess: nbdcopy (1.14) also keeps holes
 (`--sparse`), but (1) its `--progress=FD` reports whole percents, not bytes, (2) it zeroes
@@ -42,11 +41,9 @@ runs; zero detection is libnbd's C `Buffer.is_zero`). Measured on a
 MiB/s with nbdcopy; export ~1.0-1.5 s here (including the fsync of the output) vs 0.8 s
 with nbdcopy (which does not fsync).
 
-Every wait on the server is bounded: the connection, and each request once the server has
-gone `timeout` seconds (60 by default) without answering any (a blockd hung, stopped or cut
-off), fail with a TransferError naming the host; a server that answers slowly (a volume
-throttled by its QoS limits) is no error as long as replies keep coming. The handle is then
-dropped, not shut down: `nbd_shutdown` would wait for the replies that never come.
+Every wait on the server is bounded: a server that leaves the transfer `timeout` seconds (60
+by default) without a reply fails it with a TransferError naming the host; one that answers
+slowly but steadily (QoS limits) does not (control/nbd_client.py).
 
 Errors are `VbpError` subclasses with one-line messages: `NotFound` (no such file, volume
 or snapshot), `InvalidArgument` (volume too small, read-only target, not a file),
@@ -63,30 +60,20 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
-from urllib.parse import parse_qs, urlsplit
 
+from control.nbd_client import (
+    BLOCK, STATE_ZERO, TIMEOUT, Pipeline, Slot, TransferError, allocation, connect, disconnect,
+    give_slot, load_binding, reason, take_slot,
+)
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound, VbpError
+from vbp.layout import MiB
 
-MiB = 1 << 20
-BLOCK = 2 * MiB  # bytes per READ/WRITE request (the server's maximum is 32 MiB)
 GRAIN = 64 * 1024  # zero detection granularity inside a block
-DEPTH = 16  # requests in flight
 ZERO_MAX = 256 * MiB  # bytes per WRITE_ZEROES request
 WINDOW = 128 * MiB  # bytes of block status asked at once: <= 32768 extents of 4 KiB, ~6 MiB
 GAP = 64 * 1024  # data extents closer than this are read as one request, the gap with them
-TIMEOUT = 60.0  # seconds without a reply from the server before a transfer fails
-POLL_SLICE = 1.0  # seconds per poll: a Ctrl-C is handled between two
-
-STATE_HOLE = 1  # NBD base:allocation flags
-STATE_ZERO = 2
 
 Progress = Callable[[int, int], None]
-
-
-class TransferError(VbpError):
-    """An import or export failed part way (I/O error, connection lost, server error)."""
-
-    errno = errno.EIO
 
 
 @dataclass
@@ -112,7 +99,7 @@ class TransferStats:
         return asdict(self)
 
 
-# --- NBD connections ---------------------------------------------------------------------
+# --- volumes -----------------------------------------------------------------------------
 
 
 def volume_uri(reg, name: str, host: str | None = None) -> str:
@@ -149,128 +136,13 @@ def _authority(hostport: str) -> str:
     return f"{host}:{port}"
 
 
-def _nbd():
-    try:
-        import nbd
-    except ImportError as e:  # pragma: no cover - make run / make test install it
-        raise TransferError("the libnbd Python binding is missing (Debian: python3-libnbd)") from e
-    return nbd
-
-
-def _server(uri: str) -> str:
-    """The server of an NBD URI as errors name it: HOST:PORT, or the socket's path."""
-    parts = urlsplit(uri)
-    if parts.netloc:
-        return parts.netloc
-    return parse_qs(parts.query).get("socket", [uri])[0]
-
-
-def _silent(uri: str, timeout: float) -> TransferError:
-    return TransferError(f"no reply from {_server(uri)} in {timeout:g} s "
-                         f"(is blockd there hung or stopped?)")
-
-
-def _connect(uri: str, timeout: float = TIMEOUT):
-    """A handle connected to `uri`, its handshake done within `timeout` seconds (a stopped
-    blockd still accepts TCP connections: the kernel does, and no handshake follows)."""
-    nbd = _nbd()
-    h = nbd.NBD()
-    h.set_handle_name("vbp-transfer")
-    h.add_meta_context("base:allocation")
-    try:
-        h.aio_connect_uri(uri)
-        deadline = time.monotonic() + timeout
-        while h.aio_is_connecting():
-            if not h.poll(_poll_ms(deadline - time.monotonic())) and \
-                    time.monotonic() >= deadline:
-                raise _silent(uri, timeout)
-        if not h.aio_is_ready():
-            raise TransferError(f"cannot connect to {uri}: the server closed the connection")
-    except nbd.Error as e:
-        if e.errno == "ENOENT":
-            raise NotFound(f"{uri}: no such volume or snapshot") from None
-        if e.errno == "ECONNREFUSED":
-            raise TransferError(f"{uri}: connection refused (is blockd running there?)") from None
-        raise TransferError(f"cannot connect to {uri}: {_reason(e)}") from None
-    return h
-
-
-def _poll_ms(left: float) -> int:
-    return max(1, int(min(left, POLL_SLICE) * 1000))
-
-
-def _reason(e) -> str:
-    """libnbd's message without the 'nbd_xxx: state: ' prefixes."""
-    text = getattr(e, "string", None) or str(e)
-    if text.startswith("nbd_") and ": " in text:
-        text = text.split(": ", 1)[1]
-    for state in ("connect: ", "handshake: "):
-        text = text.removeprefix(state)
-    return text
-
-
-def _close(h) -> None:
-    """Disconnect politely from a server that answered everything, within a second; else
-    just drop the connection (nbd_shutdown waits for replies a hung server never sends)."""
-    try:
-        if h.aio_is_ready() and h.aio_in_flight() == 0:
-            h.aio_disconnect(0)
-            deadline = time.monotonic() + 1.0
-            while not (h.aio_is_closed() or h.aio_is_dead()) and time.monotonic() < deadline:
-                h.poll(100)
-    except Exception:
-        pass
-    close = getattr(h, "close", None)  # libnbd >= 1.16; older ones close on collection
-    if close is not None:
-        close()
-
-
-def _allocation(pipe: "_Pipeline", start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """The target's base:allocation map over [start, end) as (start, end, flags) in order,
-    adjacent extents of the same flags merged, asked for WINDOW bytes at a time: blockd
-    answers per 4 KiB page, so memory must not grow with the volume (a whole fragmented
-    4 GiB map took 179 MiB of Python objects, a 1 TiB one would take 45 GiB)."""
-    h = pipe.h
-    if not h.can_meta_context("base:allocation"):
-        yield start, end, 0
-        return
-    run: tuple[int, int, int] | None = None
-    off = start
-    while off < end:
-        got: list[tuple[int, int, int]] = []
-
-        def cb(context, offset, entries, err, got=got):
-            if context == "base:allocation":
-                pos = offset
-                for i in range(0, len(entries) - 1, 2):
-                    got.append((pos, pos + entries[i], entries[i + 1]))
-                    pos += entries[i]
-            return 0
-
-        n = min(end - off, WINDOW)
-        pipe.wait(pipe.submit(lambda n=n, off=off, cb=cb: h.aio_block_status(n, off, cb)))
-        pos = off
-        for s, e, f in got:
-            s, e = max(s, pos), min(e, end)
-            if e <= s or s != pos:
-                continue
-            if run is not None and run[2] == f and run[1] == s:
-                run = (run[0], e, f)
-            else:
-                if run is not None:
-                    yield run
-                run = (s, e, f)
-            pos = e
-        if pos == off:
-            raise TransferError(f"block status made no progress at offset {off}")
-        off = pos
-    if run is not None:
-        yield run
+# --- zeroes -------------------------------------------------------------------------------
 
 
 class _ZeroMap:
     """Where the target already reads as zero, from its allocation streamed in order (see
-    _allocation): asked about ranges in increasing order, it holds one extent at a time."""
+    nbd_client.allocation): asked about ranges in increasing order, it holds one extent at
+    a time."""
 
     def __init__(self, extents: Iterator[tuple[int, int, int]]):
         self.extents = extents
@@ -296,64 +168,6 @@ class _ZeroMap:
             yield run, b
 
 
-class _Pipeline:
-    """Up to `depth` aio commands in flight on one handle, each with an optional `done()`
-    run in this thread when it completes. A failed command raises its nbd.Error from
-    submit/wait/drain.
-
-    A server that answers none of them for `timeout` seconds fails the transfer
-    (TransferError). The clock runs from the later of the last reply and the oldest
-    command's submission, so a command queued behind others at a server that answers
-    slowly but steadily (a volume under QoS limits) is not late; and a timeout is declared
-    only after a poll that found nothing, so time this thread spent elsewhere (reading a
-    slow source file) is not blamed on the server."""
-
-    def __init__(self, h, uri: str, timeout: float = TIMEOUT, depth: int = DEPTH):
-        self.h, self.uri, self.timeout, self.depth = h, uri, timeout, depth
-        self.inflight: dict[int, tuple[float, Callable[[], None] | None]] = {}
-        self.last_reply = time.monotonic()
-
-    def submit(self, issue: Callable[[], int], done: Callable[[], None] | None = None) -> int:
-        while len(self.inflight) >= self.depth:
-            self._reap(block=True)
-        cookie = issue()
-        self.inflight[cookie] = (time.monotonic(), done)
-        return cookie
-
-    def wait(self, cookie: int) -> None:
-        while cookie in self.inflight:
-            self._reap(block=True)
-
-    def drain(self) -> None:
-        while self.inflight:
-            self._reap(block=True)
-
-    def _reap(self, block: bool) -> None:
-        """Retire completed commands; with `block`, wait until at least one completes."""
-        while True:
-            finished = []
-            for cookie in list(self.inflight):
-                try:
-                    if self.h.aio_command_completed(cookie):
-                        finished.append(self.inflight.pop(cookie)[1])
-                except BaseException:
-                    self.inflight.pop(cookie, None)
-                    raise
-            if finished:
-                self.last_reply = time.monotonic()
-                for done in finished:
-                    if done is not None:
-                        done()
-                return
-            if not block or not self.inflight:
-                return
-            oldest = next(iter(self.inflight.values()))[0]
-            deadline = max(self.last_reply, oldest) + self.timeout
-            if not self.h.poll(_poll_ms(deadline - time.monotonic())) and \
-                    time.monotonic() >= deadline:
-                raise _silent(self.uri, self.timeout)
-
-
 def _zero_runs(buf, base: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """(start, end, is_zero) runs of buf[start:end], buf holding bytes from offset `base`,
     in GRAINs aligned to the device (so zero runs come out aligned for the server)."""
@@ -368,39 +182,6 @@ def _zero_runs(buf, base: int, start: int, end: int) -> Iterator[tuple[int, int,
         pos += n
     if run_zero is not None:
         yield run_start, end, run_zero
-
-
-class _Slot:
-    """BLOCK bytes for aio requests, reused for the whole transfer. libnbd 1.14's Python
-    binding (Debian 12's) keeps a reference to every buffer given to aio_pread or
-    aio_pwrite: a buffer per request is never freed, and a transfer held every byte it
-    moved (1 GiB read, 1 GiB kept). So a slot makes one nbd.Buffer per request length it
-    serves, a view of its first bytes; a request takes a free slot and gives it back when
-    done, and the next transfer of the process reuses the slots of the last."""
-
-    def __init__(self, nbd):
-        self.nbd = nbd
-        self.mem = memoryview(bytearray(BLOCK))
-        self.buf = nbd.Buffer.from_buffer(self.mem)  # the whole slot, for is_zero
-        self.sized: dict[int, object] = {}
-
-    def first(self, n: int):
-        """An nbd.Buffer of the slot's first `n` bytes."""
-        b = self.sized.get(n)
-        if b is None:
-            b = self.sized[n] = self.nbd.Buffer.from_buffer(self.mem[:n])
-        return b
-
-
-_free_slots: list[_Slot] = []  # shared by the transfers of this process: never freed anyway
-
-
-def _take_slot(nbd) -> _Slot:
-    return _free_slots.pop() if _free_slots else _Slot(nbd)
-
-
-def _give_slot(slot: _Slot) -> None:
-    _free_slots.append(slot)
 
 
 # --- files --------------------------------------------------------------------------------
@@ -465,7 +246,7 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
     """Copy the raw image `path` into the volume at NBD `uri`: afterwards the volume reads as
     the file followed by zeroes. Holes and zero runs of the file cost no data transfer.
     Fails if the server leaves the transfer `timeout` seconds without a reply."""
-    nbd = _nbd()
+    nbd = load_binding()
     t0 = time.monotonic()
     path = os.fspath(path)
     try:
@@ -482,15 +263,15 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
             fsize = os.lseek(fd, 0, os.SEEK_END)
         else:
             raise InvalidArgument(f"{path}: not a regular file or block device")
-        h = _connect(uri, timeout)
+        h = connect(uri, timeout)
         try:
-            return _import(nbd, _Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
+            return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
         except nbd.Error as e:
-            raise TransferError(f"import of {path} into {uri} failed: {_reason(e)}") from None
+            raise TransferError(f"import of {path} into {uri} failed: {reason(e)}") from None
         except OSError as e:
             raise _os_error(e, path, "cannot read") from None
         finally:
-            _close(h)
+            disconnect(h)
     finally:
         os.close(fd)
 
@@ -505,83 +286,115 @@ def _import(nbd, pipe, fd, path, fsize, uri, progress, t0) -> TransferStats:
             f"{path} is {fsize} bytes, larger than the volume ({vsize} bytes); "
             f"grow it with `vbp volume resize` or create a bigger one")
     # the tail's zeroing counts in the progress total: one pass over its map to size it
-    tail_zeroes = _ZeroMap(_allocation(pipe, fsize, vsize)).needs_zero(fsize, vsize)
+    tail_zeroes = _ZeroMap(allocation(pipe, fsize, vsize, WINDOW)).needs_zero(fsize, vsize)
     advance = _reporter(progress, fsize + sum(e - s for s, e in tail_zeroes))
-    zmap = _ZeroMap(_allocation(pipe, 0, vsize))
-    stats = TransferStats(bytes_total=fsize)
-    can_zero = h.can_zero()
-    zeroes = None  # a slot of zeroes, for a server that cannot WRITE_ZEROES
-
-    def zero(a: int, b: int) -> None:
-        """Make [a, b) read as zero, sending requests only where it does not yet."""
-        nonlocal zeroes
-        done, needed, tail = a, 0, a >= fsize  # the tail's progress counts only its zeroing
-        for s, e in zmap.needs_zero(a, b):
-            if not tail:
-                advance(s - done)
-            done = e
-            needed += e - s
-            for off in range(s, e, ZERO_MAX if can_zero else BLOCK):
-                n = min(e - off, ZERO_MAX if can_zero else BLOCK)
-                if can_zero:
-                    pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), lambda n=n: advance(n))
-                else:
-                    if zeroes is None:
-                        zeroes = _take_slot(nbd)
-                        zeroes.mem[:] = bytes(BLOCK)
-                    pipe.submit(lambda off=off, n=n: h.aio_pwrite(zeroes.first(n), off),
-                                lambda n=n: advance(n))
-        if tail:
-            stats.bytes_tail_zeroed += needed
-        else:
-            advance(b - done)
-            stats.bytes_zero += needed
-            stats.bytes_holes += (b - a) - needed
-
-    def write(slot: _Slot, n: int, off: int) -> None:
-        def done() -> None:
-            _give_slot(slot)
-            advance(n)
-        pipe.submit(lambda: h.aio_pwrite(slot.first(n), off), done)
-        stats.bytes_data += n
-
+    copy = _Import(nbd, pipe, fd, path, fsize,
+                   _ZeroMap(allocation(pipe, 0, vsize, WINDOW)), advance)
     for start, end, is_data in _file_extents(fd, fsize):
-        if not is_data:
-            zero(start, end)
-            continue
+        if is_data:
+            copy.data(start, end)
+        else:
+            copy.zero(start, end)
+    if vsize > fsize:
+        copy.zero(fsize, vsize)
+    stats = copy.finish()
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+class _Import:
+    """The requests of one import, in file order: the file's data, and zeroes where the
+    volume must read as zero and does not yet (`zmap`), with the progress and stats."""
+
+    def __init__(self, nbd, pipe, fd, path, fsize, zmap: _ZeroMap, advance):
+        self.nbd, self.pipe, self.h = nbd, pipe, pipe.h
+        self.fd, self.path, self.fsize = fd, path, fsize
+        self.zmap, self.advance = zmap, advance
+        self.stats = TransferStats(bytes_total=fsize)
+        self.can_zero = self.h.can_zero()
+        self.zeroes: Slot | None = None  # a slot of zeroes, for a server that cannot WRITE_ZEROES
+
+    def data(self, start: int, end: int) -> None:
+        """Send the file's data extent [start, end) in BLOCK pieces, a piece's zero runs
+        as zeroes."""
         off = start
         while off < end:
             n = min(end, (off // BLOCK + 1) * BLOCK) - off
-            slot = _take_slot(nbd)
-            got = 0
-            while got < n:
-                r = os.preadv(fd, [slot.mem[got:n]], off + got)
-                if r == 0:
-                    raise TransferError(f"{path} shrank while being imported (at offset {off + got})")
-                got += r
+            slot = self._read(n, off)
             runs = list(_zero_runs(slot.buf, off, 0, n))
             if runs == [(0, n, False)]:
-                write(slot, n, off)
+                self._write(slot, n, off)
             else:
                 for s, e, is_zero in runs:
                     if is_zero:
-                        zero(off + s, off + e)
+                        self.zero(off + s, off + e)
                     else:  # copied to a slot's start: a view of this one's middle would
-                        sub = _take_slot(nbd)  # be one more buffer per write, never freed
+                        sub = take_slot(self.nbd)  # be one more buffer per write, never freed
                         sub.mem[:e - s] = slot.mem[s:e]
-                        write(sub, e - s, off + s)
-                _give_slot(slot)
+                        self._write(sub, e - s, off + s)
+                give_slot(slot)
             off += n
-    if vsize > fsize:
-        zero(fsize, vsize)
-    if h.can_flush():
-        pipe.submit(h.aio_flush)
-    pipe.drain()
-    if zeroes is not None:
-        _give_slot(zeroes)
-    advance(0, force=True)
-    stats.seconds = time.monotonic() - t0
-    return stats
+
+    def zero(self, a: int, b: int) -> None:
+        """Make [a, b) read as zero, sending requests only where it does not yet."""
+        done, needed, tail = a, 0, a >= self.fsize  # the tail's progress counts only its zeroing
+        for s, e in self.zmap.needs_zero(a, b):
+            if not tail:
+                self.advance(s - done)
+            done = e
+            needed += e - s
+            self._send_zeroes(s, e)
+        if tail:
+            self.stats.bytes_tail_zeroed += needed
+        else:
+            self.advance(b - done)
+            self.stats.bytes_zero += needed
+            self.stats.bytes_holes += (b - a) - needed
+
+    def finish(self) -> TransferStats:
+        """Flush, wait for every reply and give back the slots."""
+        h = self.h
+        if h.can_flush():
+            self.pipe.submit(h.aio_flush)
+        self.pipe.drain()
+        if self.zeroes is not None:
+            give_slot(self.zeroes)
+        self.advance(0, force=True)
+        return self.stats
+
+    def _read(self, n: int, off: int) -> Slot:
+        """A slot holding the file's `n` bytes at `off`."""
+        slot = take_slot(self.nbd)
+        got = 0
+        while got < n:
+            r = os.preadv(self.fd, [slot.mem[got:n]], off + got)
+            if r == 0:
+                raise TransferError(
+                    f"{self.path} shrank while being imported (at offset {off + got})")
+            got += r
+        return slot
+
+    def _write(self, slot: Slot, n: int, off: int) -> None:
+        def done() -> None:
+            give_slot(slot)
+            self.advance(n)
+        self.pipe.submit(lambda: self.h.aio_pwrite(slot.first(n), off), done)
+        self.stats.bytes_data += n
+
+    def _send_zeroes(self, s: int, e: int) -> None:
+        h, advance = self.h, self.advance
+        step = ZERO_MAX if self.can_zero else BLOCK
+        for off in range(s, e, step):
+            n = min(e - off, step)
+            if self.can_zero:
+                self.pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), lambda n=n: advance(n))
+            else:
+                if self.zeroes is None:
+                    self.zeroes = take_slot(self.nbd)
+                    self.zeroes.mem[:] = bytes(BLOCK)
+                zeroes = self.zeroes
+                self.pipe.submit(lambda off=off, n=n: h.aio_pwrite(zeroes.first(n), off),
+                                 lambda n=n: advance(n))
 
 
 # --- export -------------------------------------------------------------------------------
@@ -594,11 +407,11 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
     refused unless `overwrite`, and replaced only once the copy is complete and durable:
     the copy goes to a temporary file beside it, removed on any failure (or Ctrl-C), as
     when the server leaves the transfer `timeout` seconds without a reply."""
-    nbd = _nbd()
+    nbd = load_binding()
     t0 = time.monotonic()
     path = os.fspath(path)
     target, old = _target(path, overwrite)
-    h = _connect(uri, timeout)
+    h = connect(uri, timeout)
     fd, tmp = -1, None
     try:
         vsize = h.get_size()
@@ -610,10 +423,10 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         except OSError as e:
             raise _os_error(e, path, "cannot create") from None
         try:
-            stats = _export(nbd, _Pipeline(h, uri, timeout), fd, path, vsize, progress, t0)
+            stats = _export(nbd, Pipeline(h, uri, timeout), fd, path, vsize, progress, t0)
             os.fsync(fd)
         except nbd.Error as e:
-            raise TransferError(f"export of {uri} to {path} failed: {_reason(e)}") from None
+            raise TransferError(f"export of {uri} to {path} failed: {reason(e)}") from None
         except OSError as e:
             raise _os_error(e, path, "cannot write") from None
         try:
@@ -633,7 +446,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
                 os.unlink(tmp)
             except OSError:
                 pass
-        _close(h)
+        disconnect(h)
 
 
 def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
@@ -704,7 +517,7 @@ def _export(nbd, pipe, fd, path, vsize, progress, t0) -> TransferStats:
     stats = TransferStats(bytes_total=vsize)
     advance = _reporter(progress, vsize)
 
-    def done(slot: _Slot, base: int, parts: list[tuple[int, int]]) -> None:
+    def done(slot: Slot, base: int, parts: list[tuple[int, int]]) -> None:
         view = slot.mem
         for a, b in parts:
             for s, e, is_zero in _zero_runs(slot.buf, base, a - base, b - base):
@@ -716,18 +529,18 @@ def _export(nbd, pipe, fd, path, vsize, progress, t0) -> TransferStats:
                     pos += os.pwrite(fd, view[pos:e], base + pos)
                 stats.bytes_data += e - s
             advance(b - a)
-        _give_slot(slot)
+        give_slot(slot)
 
     parts: list[tuple[int, int]] = []  # data extents of the next read, inside one BLOCK
 
     def read() -> None:
         nonlocal parts
         todo, parts = parts, []
-        base, slot = todo[0][0], _take_slot(nbd)
+        base, slot = todo[0][0], take_slot(nbd)
         n = todo[-1][1] - base
         pipe.submit(lambda: h.aio_pread(slot.first(n), base), lambda: done(slot, base, todo))
 
-    for start, end, flags in _allocation(pipe, 0, vsize):
+    for start, end, flags in allocation(pipe, 0, vsize, WINDOW):
         if flags & STATE_ZERO:
             stats.bytes_holes += end - start
             advance(end - start)
