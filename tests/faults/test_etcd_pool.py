@@ -104,14 +104,15 @@ def write_through(w: Writer, h, n: int, timeout: float = 60) -> None:
     """n acknowledged writes; right after a registry outage a write may still fail (EIO):
     when etcd resumes it expires the liveness keys whose TTL passed while it was frozen, so
     hosts look down until their next heartbeat. Such a write is not acknowledged (and its
-    failure is recorded); the writer goes on until n are acknowledged."""
+    failure is recorded); the writer writes that offset again until it is. (A write that
+    failed leaves its blocks undefined, old bytes or new: the copies that took it may be
+    the ones the others resync from. Moving on to another offset left that one expected
+    to hold the older acknowledged block, and a run where the failed write had landed
+    failed the check.)"""
     deadline = time.monotonic() + timeout
-    done = 0
-    while done < n:
+    for _ in range(n):
         off = w.rng.randrange(w.region // BLOCK) * BLOCK
-        if try_write(w, h, off):
-            done += 1
-        else:
+        while not try_write(w, h, off):
             assert time.monotonic() < deadline, f"writes still fail {timeout}s after the outage"
             time.sleep(0.2)
     h.flush()
