@@ -1046,7 +1046,7 @@ class VolumeGateway:
         _replicate_piece would (`_settle`, in a task). None when the case does not apply:
         the caller takes _replicate."""
         if (self._hold is not None or self._fua_in_task(msg.fua)
-                or self._flying and self._overlapped(p)):
+                or self._flying and self._overlapped(p) is not None):
             return None
         cv = self.cluster
         index = p.index
@@ -1333,13 +1333,16 @@ class VolumeGateway:
 
     # --- overlapping writes in flight (_flying) ----------------------------------------
 
-    def _overlapped(self, p) -> bool:
-        """Whether a replicated write in flight has bytes in common with piece `p`."""
+    def _overlapped(self, p):
+        """The first replicated write in flight, noted before piece `p` (all of them if
+        `p` is not noted), that has bytes in common with it; else None."""
         start, end = p.offset, p.offset + p.length
         for q in self._flying.get(p.index, ()):
+            if q is p:
+                return None
             if q.offset < end and start < q.offset + q.length:
-                return True
-        return False
+                return q
+        return None
 
     def _fly(self, p) -> None:
         flying = self._flying.get(p.index)
@@ -1370,17 +1373,7 @@ class VolumeGateway:
     async def _after_overlapped(self, pieces) -> None:
         """Wait until no write noted in flight before these pieces (_fly) overlaps them."""
         for p in pieces:
-            start, end = p.offset, p.offset + p.length
-            while True:
-                earlier = None
-                for q in self._flying.get(p.index, ()):
-                    if q is p:
-                        break
-                    if q.offset < end and start < q.offset + q.length:
-                        earlier = q
-                        break
-                if earlier is None:
-                    break
+            while (earlier := self._overlapped(p)) is not None:
                 event = self._landed.get(id(earlier))
                 if event is None:
                     event = self._landed[id(earlier)] = trio.Event()
