@@ -169,6 +169,16 @@ def stats_current(cmap: ClusterMap, stats: dict[str, dict]) -> bool:
     return all(stats[h].get("misplaced_gen") == cmap.mgen for h in cmap.data_set if h in stats)
 
 
+def lineage_chunks(volumes: list[dict]) -> dict[str, tuple[int, int]]:
+    """Lineage -> (copies its chunks keep, chunk indexes it spans: those of its largest
+    volume), of the volume record dicts `volumes`."""
+    chunks: dict[str, tuple[int, int]] = {}
+    for v in volumes:
+        n, c = chunks.get(v["lineage"], (0, 0))
+        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    return chunks
+
+
 def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict[str, float]) -> int:
     """How many of the pool's chunks the data set of `cmap` with weight `factors` places on
     `host`: every chunk index of each lineage up to its largest volume, or, past
@@ -177,10 +187,7 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
 
     view = ClusterView(ClusterMap(cmap.epoch, cmap.hosts, cmap.data_set, None, cmap.mgen,
                                   weight_pairs(factors, cmap.data_set), (), cmap.places))
-    chunks: dict[str, tuple[int, int]] = {}
-    for v in volumes:
-        n, c = chunks.get(v["lineage"], (0, 0))
-        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    chunks = lineage_chunks(volumes)
     stride = max(1, -(-sum(c for _, c in chunks.values()) // RAISE_SAMPLE))
     return sum(host in view.replicas(lineage, i, n)
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
@@ -267,10 +274,7 @@ def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) ->
     no more replicas than `down` has hosts (one host down: replicas=1 volumes only)."""
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
-    chunks: dict[str, tuple[int, int]] = {}
-    for v in volumes:
-        n, c = chunks.get(v["lineage"], (0, 0))
-        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+    chunks = lineage_chunks(volumes)
     view = ClusterView(cmap)
     found: set[str] = set()
     for lineage, (n, c) in sorted(chunks.items()):
