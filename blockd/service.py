@@ -34,7 +34,7 @@ from replicator.replica import Replica
 from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
-from vbp.cluster import HOST_DOWN, HostRecord
+from vbp.cluster import HostRecord
 from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
@@ -677,8 +677,7 @@ async def compact_registry_once(registry, cmap, host_id: str, kept: int | None) 
     up host with the lowest id, as for changes of data set), drop the history from before
     the revision noted at the previous step, and note the revision now. Returns the
     revision to compact to at the next step (None on other hosts)."""
-    up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
-    if not up or up[0] != host_id:
+    if cmap.controller() != host_id:
         return None
     now = await registry.revision()
     if kept is not None:
@@ -699,7 +698,7 @@ def _key(e: dict) -> tuple:
 
 
 def _view_key(lineage: str, view: View) -> tuple:
-    return (lineage, tuple(view.chain), tuple(tuple(c) for c in view.cuts), view.size)
+    return _key(_entry("", lineage, view))
 
 
 def _in_record(rec: VolumeRecord, view: View) -> bool:

@@ -315,8 +315,8 @@ def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:
     the controller's next step)."""
     from replicator.migration import wanted_data_set
 
-    up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
-    timer = (reg.host_stats().get(up[0]) or {}).get("down_out") if up else None
+    controller = cmap.controller()
+    timer = (reg.host_stats().get(controller) or {}).get("down_out") if controller else None
     kept = set(wanted_data_set(cmap, vols))  # (with no host spared by the interval)
     drained = reg.draining()
     now = time.time()

@@ -363,8 +363,7 @@ class DataSetMover:
     async def _control_step(self) -> ClusterMap:
         cmap = await self.registry.cluster_map()
         seen = self.clock()  # (when this map was looked at: not_out)
-        up = sorted(h.id for h in cmap.hosts if h.state != HOST_DOWN)
-        if not up or up[0] != self.host_id:
+        if cmap.controller() != self.host_id:
             self.controlling, self._down_since, self._out = False, {}, set()
             return cmap
         self.controlling = True

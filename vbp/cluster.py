@@ -143,6 +143,11 @@ class ClusterMap:
     def up_hosts(self) -> tuple[HostRecord, ...]:
         return tuple(h for h in self.hosts if h.state != HOST_DOWN)
 
+    def controller(self) -> str | None:
+        """The controller: the up host with the lowest id (replicator.migration; every
+        step of it is a compare-and-set, so two controllers are harmless). None: no host up."""
+        return min((h.id for h in self.up_hosts()), default=None)
+
     @classmethod
     def build(cls, epoch: int, hosts: Iterable[HostRecord]) -> "ClusterMap":
         return cls(epoch, tuple(hosts))
