@@ -4,64 +4,39 @@ drain waits for it) and so does their note in flight (later overlapping writes w
 
 from __future__ import annotations
 
-import itertools
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
-from blockd.service import AsyncRegistry
-from control import api
-from replicator.gateway import ClusterView, VolumeGateway
-from replicator.replica import Replica
-from replicator.transport import PeerPool, serve_peers
-from vbp.chunkstore_memory import MemoryChunkStore
-from vbp.cluster import ClusterMap, HostRecord
+from tests.unit.test_gateway_fast_write import three_hosts
 from vbp.later import Later
-from vbp.registry import open_registry
-from vbp.volume import VolumeRecord, view_of
 
 pytestmark = pytest.mark.timeout(60)
-CLUSTER = "gone"
-_POOLS = itertools.count()
 
 
 @asynccontextmanager
 async def gated_three_hosts():
-    reg = open_registry(f"memory://client-gone-{next(_POOLS)}")
-    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
+    """three_hosts, h2 answering each request only once gates["h2"] (an Event, when one is
+    set there) lets it, by whatever handle its replica has then."""
     gates = {"h2": None}
 
-    async def h2_handle(msg, peer=None):
-        g = gates["h2"]
-        if g is not None:
-            await g.wait()
-        r = replicas["h2"].handle(msg, peer)
-        if hasattr(r, "__await__"):
-            r = await r
-        return r
+    def wrap(h, replica):
+        if h != "h2":
+            return replica.handle
 
-    async with trio.open_nursery() as nursery:
-        ports = {}
-        for h in ("h2", "h3"):
-            handler = h2_handle if h == "h2" else replicas[h].handle
+        async def gated(msg, peer=None):
+            if gates["h2"] is not None:
+                await gates["h2"].wait()
+            r = replica.handle(msg, peer)
+            if hasattr(r, "__await__"):
+                r = await r
+            return r
+        return gated
 
-            async def serve(handler=handler, h=h, task_status=trio.TASK_STATUS_IGNORED):
-                await serve_peers(handler, "127.0.0.1", 0, cluster=CLUSTER, host_id=h,
-                                  task_status=task_status)
-
-            ports[h] = await nursery.start(serve)
-        hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
-                                 pod=f"p{h}", peer_rev=1) for h in ("h1", "h2", "h3"))
-        cluster = ClusterView(ClusterMap(1, hosts))
-        api.create_volume(reg, "v", "8M", replicas=3, min_size=2, chunk_size="1M")
-        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
-            gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
-                               host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
-                               registry=AsyncRegistry(reg), token=1)
-            yield gw, replicas, reg, gates
-        nursery.cancel_scope.cancel()
+    async with three_hosts(wrap=wrap) as (gw, replicas, reg, _):
+        yield gw, replicas, reg, gates
 
 
 async def test_a_fast_write_awaited_by_leased_whose_client_goes_away_is_still_settled():

@@ -30,9 +30,10 @@ CHUNK = 1 << 20
 
 
 @asynccontextmanager
-async def three_hosts(min_size: int = 2):
+async def three_hosts(min_size: int = 2, wrap=None):
     """A gateway on h1 and replicas h1..h3, h2 and h3 served by real serve_peers; yields
-    (gateway, replicas, registry, {host: cancel scope killing its server})."""
+    (gateway, replicas, registry, {host: cancel scope killing its server}). `wrap(host,
+    replica)`: the handler h2 or h3 serves with (default: the replica's own)."""
     reg = open_registry(f"memory://fast-write-{next(_POOLS)}")
     replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
     async with trio.open_nursery() as nursery:
@@ -40,9 +41,12 @@ async def three_hosts(min_size: int = 2):
         for h in ("h2", "h3"):
             scope = trio.CancelScope()
 
-            async def serve(h=h, scope=scope, task_status=trio.TASK_STATUS_IGNORED):
+            handler = replicas[h].handle if wrap is None else wrap(h, replicas[h])
+
+            async def serve(h=h, scope=scope, handler=handler,
+                            task_status=trio.TASK_STATUS_IGNORED):
                 with scope:
-                    await serve_peers(replicas[h].handle, "127.0.0.1", 0, cluster=CLUSTER,
+                    await serve_peers(handler, "127.0.0.1", 0, cluster=CLUSTER,
                                       host_id=h, task_status=task_status)
 
             ports[h] = await nursery.start(serve)
