@@ -195,6 +195,11 @@ class ClusterView:
             hosts = self._cache[k] = tuple(self._placement.place(lineage, index, n))
         return hosts
 
+    def first_in(self, lineage: str, index: int, among: frozenset[str]) -> bool:
+        """Whether the chunk's first replica is one of `among` (vbp.placement.Placement.first_in):
+        a necessary condition for all of `replicas` to be, at a few hashes a chunk."""
+        return self._placement.first_in(lineage, index, among)
+
     def targets(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
         """The hosts the chunk is placed on by the new data set."""
         if self._placement is self._target:

@@ -271,7 +271,9 @@ def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) ->
     complete copy of a chunk some target joins: no scan of an up host records that
     target stale, so only theirs (once back) can say the chunk has data. Every chunk
     index of each lineage up to its largest volume is placed, but only for lineages with
-    no more replicas than `down` has hosts (one host down: replicas=1 volumes only)."""
+    no more replicas than `down` has hosts (one host down: replicas=1 volumes only), and
+    placed whole only when its first replica is one of `down` (ClusterView.first_in: a few
+    hashes a chunk, where a whole placement hashes every host of the pool)."""
     from replicator.gateway import ClusterView  # a view of this map, not the host's
 
     chunks = lineage_chunks(volumes)
@@ -281,6 +283,8 @@ def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) ->
         if min(n, len(cmap.prev or ())) > len(down):
             continue  # (every chunk has a copy on a host outside `down`)
         for i in range(c):
+            if not view.first_in(lineage, i, down):
+                continue
             old = view.replicas(lineage, i, n)
             if down.issuperset(old) and view.joining(lineage, i, n):
                 found.update(old)

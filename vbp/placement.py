@@ -136,6 +136,7 @@ class Placement:
             for z in range(len(self._zone_spans)))
         self._by_class = len(classes) * 3 <= len(hosts)  # worth it with 3+ hosts per class
         self._memo: dict[tuple[str, int, int], tuple[str, ...]] = {}
+        self._split: dict[frozenset[str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     @property
     def eligible_hosts(self) -> int:
@@ -158,6 +159,34 @@ class Placement:
                 self._memo.clear()
             self._memo[key] = got
         return got
+
+    def first_in(self, lineage: str, index: int, among: frozenset[str]) -> bool:
+        """Whether the chunk's first replica is one of the hosts `among`: the lowest key of
+        all eligible hosts, exact ties to the first in domain order (as `place` chooses at
+        every n). The hosts of `among` are hashed, then the others only until one beats
+        the best of those: for a few hosts of a large pool a handful of hashes, not one per
+        host (a chunk of the few is beaten early unless it is theirs). No zone or pod rule
+        comes into a first choice, so none comes in here."""
+        split = self._split.get(among)
+        if split is None:
+            inside = tuple(i for i, h in enumerate(self._ids) if h in among)
+            split = (inside, tuple(i for i in range(len(self._ids)) if i not in set(inside)))
+            if len(self._split) >= 64:
+                self._split.clear()
+            self._split[among] = split
+        inside, outside = split
+        if not inside:
+            return False
+        ckey = chunk_key(lineage, index)
+        kids = self._kids
+        best, first = min((-_log(((_xxh64(ckey, kids[i][0]) >> 11) + 0.5) * _TWO_M53) * kids[i][1], i)
+                          for i in inside)
+        for i in outside:
+            seed, inv_w = kids[i]
+            k = -_log(((_xxh64(ckey, seed) >> 11) + 0.5) * _TWO_M53) * inv_w
+            if k < best or (k == best and i < first):
+                return False
+        return True
 
     def keys(self, ckey: bytes) -> list[float]:
         """Every eligible host's key for this chunk, in domain order."""

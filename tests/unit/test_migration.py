@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 
 import pytest
 import trio
@@ -473,6 +474,32 @@ def test_a_change_waits_for_a_down_host_only_when_it_alone_holds_a_chunk_that_mo
     assert sole_holders(join, [vol(1, "a")], frozenset()) == []
     drain = ClusterMap(1, join.hosts, ("h1", "h2", "h3"), ("h1", "h2", "h3", "h4"), 1)
     assert sole_holders(drain, [vol(1, "a")], frozenset({"h2"})) == []
+
+
+def test_sole_holders_agrees_with_placing_every_chunk():
+    """sole_holders skips chunks whose first replica is outside `down` (Placement.first_in);
+    its answer is that of placing every chunk whole, for joins, drains and reweights with
+    one or more hosts down, zones or not."""
+    rnd = random.Random(7)
+    for case in range(400):  # (small volumes: one chunk more or less changes the answer)
+        n_hosts = rnd.randint(3, 9)
+        hosts = tuple(HostRecord(f"h{i}", "127.0.0.1:1", "127.0.0.1:2", zone=f"z{i % rnd.choice((1, 3))}",
+                                 capacity=rnd.choice((1, 2, 4)) << 30) for i in range(n_hosts))
+        ids = [h.id for h in hosts]
+        prev = tuple(sorted(rnd.sample(ids, rnd.randint(2, n_hosts))))
+        data = tuple(sorted(rnd.sample(ids, rnd.randint(2, n_hosts))))
+        m = ClusterMap(1, hosts, data, prev, 1)
+        down = frozenset(rnd.sample(prev, rnd.randint(1, min(3, len(prev)))))
+        vols = [{"lineage": f"lin{case}-{j}", "replicas": rnd.randint(1, 3),
+                 "size": rnd.randint(1, 6) * MiB, "chunk_size": MiB} for j in range(2)]
+        view = ClusterView(m)
+        want: set[str] = set()
+        for v in vols:
+            for i in range(v["size"] // MiB):
+                old = view.replicas(v["lineage"], i, v["replicas"])
+                if down.issuperset(old) and view.joining(v["lineage"], i, v["replicas"]):
+                    want.update(old)
+        assert sole_holders(m, vols, down) == sorted(want), (case, m, down)
 
 
 def test_the_controller_does_not_complete_a_change_a_down_sole_holder_has_not_scanned():

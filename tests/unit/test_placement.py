@@ -51,6 +51,21 @@ def test_agrees_with_naive(cmap, n, keys):
         assert p.place(lin, idx, n) == place_naive(lin, idx, cmap, n)
 
 
+@settings(max_examples=150, deadline=None)
+@given(cluster_maps(), chunks, st.data())
+def test_first_in_agrees_with_the_first_replica(cmap, keys, data):
+    """first_in(among) is whether place's first choice is one of `among`, whatever n and
+    whatever hosts `among` names (eligible, not, or unknown)."""
+    f = {h.id: data.draw(st.sampled_from([0.1, 0.5, 1.0])) for h in cmap.hosts}
+    p = Placement(cmap, f)
+    ids = [h.id for h in cmap.hosts]
+    among = frozenset(data.draw(st.lists(st.sampled_from(ids + ["elsewhere"]), max_size=len(ids) + 1)))
+    for lin, idx in [*keys, *(("lin-c", i) for i in range(200))]:
+        for n in (1, 3):
+            got = p.place(lin, idx, n)
+            assert p.first_in(lin, idx, among) == (bool(got) and got[0] in among)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 3), st.integers(6, 10), st.sampled_from([(1,), (1, 4), (0, 2)]),
        replicas, chunks, st.data())
