@@ -307,12 +307,13 @@ class Scrubber:
             wanted_gens = set(rec["chain"]) | {g for s in rec.get("snapshots", ()) for g in s["chain"]}
             if rec.get("pending"):
                 wanted_gens.add(rec["pending"])
-        work = self._work(n_of, wanted_gens)
+        keys = sorted(self.store.keys())  # (one listing for presence and verification)
+        work = self._work(keys, n_of, wanted_gens)
         report = ScrubReport(chunks_total=len(work))
         stale = await self._stale_hosts()
         by_lineage = readers(VolumeRecord.from_dict(d) for d in recs)
         suspects = []
-        for lineage, index, hosts in self._held(n_of):
+        for lineage, index, hosts in self._held(keys, n_of):
             try:
                 first = await self.first_look(lineage, index, hosts,
                                               stale.get((lineage, index), set()),
@@ -348,9 +349,10 @@ class Scrubber:
                  report.missing)
         return report
 
-    def _work(self, n_of: dict[str, int], gens) -> list[tuple[ChunkKey, tuple[str, ...]]]:
+    def _work(self, keys: list[ChunkKey], n_of: dict[str, int],
+              gens) -> list[tuple[ChunkKey, tuple[str, ...]]]:
         out = []
-        for key in sorted(self.store.keys()):
+        for key in keys:
             n = n_of.get(key.lineage)
             if n is None or (gens is not None and key.gen not in gens):
                 continue
@@ -360,11 +362,11 @@ class Scrubber:
                 out.append((key, tuple(up)))
         return out
 
-    def _held(self, n_of: dict[str, int]) -> list[tuple[str, int, tuple[str, ...]]]:
-        """The chunks this host holds a generation of and is an up replica of: (lineage,
+    def _held(self, keys: list[ChunkKey], n_of: dict[str, int]) -> list[tuple[str, int, tuple[str, ...]]]:
+        """The chunks of `keys` (the store's) this host is an up replica of: (lineage,
         index, the up replicas in placement order)."""
         out = []
-        for lineage, index in sorted({(k.lineage, k.index) for k in self.store.keys()}):
+        for lineage, index in sorted({(k.lineage, k.index) for k in keys}):
             n = n_of.get(lineage)
             if n is None:
                 continue
