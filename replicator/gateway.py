@@ -1039,7 +1039,7 @@ class VolumeGateway:
         behind: set[str] = set(self.stale.get(p.index, ()))  # copies that missed writes
         sent: dict[str, int] = {}
         t0 = self._now()
-        replies = await self._send_all(hosts, msg, failed, sent)
+        replies = await self._send_all(hosts, msg, failed, sent, t0)
         await self._settle(p, hosts, complete, behind, epoch, replies, failed, sent, t0)
 
     def _replicate_now(self, p, msg) -> Later | None:
@@ -1393,7 +1393,7 @@ class VolumeGateway:
                 if not isinstance(e, VbpError):
                     raise e
             with trio.CancelScope(shield=True):  # (as _replicate: settled, client or not)
-                await self._retry_stale_epoch(msg, replies, failed)
+                await self._retry_stale_epoch(msg, replies, failed, t0)
                 await self._settle(p, hosts, complete, set(), epoch, replies, failed, sent, t0)
         finally:
             self._write_done(p)
@@ -1637,12 +1637,13 @@ class VolumeGateway:
                 del self._marking[index]
 
     async def _send_all(self, hosts, msg, failed: dict[str, Exception],
-                        sent: dict[str, int] | None = None) -> dict:
+                        sent: dict[str, int] | None, t0: float) -> dict:
         """Send `msg` to every host of `hosts`: the remote ones by one PeerPool.call_all
         (one encoding, one parked task for every reply), the local one by direct call
         while those frames wait for their connections' next batch; a down host fails at
         once. The replies by host; the failures go into `failed`. A StaleEpoch answer
-        refreshes the map (once) and those hosts are asked once more."""
+        refreshes the map (once) and those hosts are asked once more, within the request
+        timeout of `t0`, when the write left (_retry_stale_epoch)."""
         replies: dict = {}
         remote = []
         local = False
@@ -1682,7 +1683,7 @@ class VolumeGateway:
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
-        await self._retry_stale_epoch(msg, replies, failed)
+        await self._retry_stale_epoch(msg, replies, failed, t0)
         return replies
 
     async def _send_remote(self, remote: list, msg, replies: dict, failed: dict,
@@ -1711,18 +1712,33 @@ class VolumeGateway:
                 else:
                     replies[h] = r
 
-    async def _retry_stale_epoch(self, msg, replies: dict, failed: dict) -> None:
-        """Hosts that answered StaleEpoch are asked once more on a refreshed map."""
+    async def _retry_stale_epoch(self, msg, replies: dict, failed: dict, t0: float) -> None:
+        """Hosts that answered StaleEpoch are asked once more on a refreshed map, all at
+        once, within the request timeout of the write's first sending (`t0`): a retry that
+        fails is then recorded stale within `write_window` of the write leaving, like any
+        copy's failure (_settle). Given a timeout of its own, a retry that got no answer
+        made the write fail though min_size copies took it."""
         stale = [h for h, e in failed.items() if isinstance(e, StaleEpoch)]
-        if stale and self.refresh_map is not None:
-            await self.refresh_map()
-            msg = dc_replace(msg, epoch=self.cluster.epoch)
+        if not stale or self.refresh_map is None:
+            return
+        await self.refresh_map()
+        msg = dc_replace(msg, epoch=self.cluster.epoch)
+        deadline = t0 + self.pool.request_timeout
+
+        async def again(h: str) -> None:
+            try:
+                left = deadline - self._now()
+                if left <= 0:
+                    raise PeerUnavailable(f"host {h}: no time left to send the write again "
+                                          f"on a fresh map")
+                replies[h] = await self._send_once(h, msg, left)
+                del failed[h]
+            except VbpError as e:
+                failed[h] = e
+
+        async with trio.open_nursery() as nursery:
             for h in stale:
-                try:
-                    replies[h] = await self._send_once(h, msg)
-                    del failed[h]
-                except VbpError as e:
-                    failed[h] = e
+                nursery.start_soon(again, h)
 
     async def _call_all(self, hosts: list[str], msg) -> dict:
         if not hosts:
@@ -1739,10 +1755,10 @@ class VolumeGateway:
             await self.refresh_map()
             return await self._send_once(host, dc_replace(msg, epoch=self.cluster.epoch))
 
-    async def _send_once(self, host: str, msg):
+    async def _send_once(self, host: str, msg, timeout: float | None = None):
         if host == self.host_id:
             return await self._handle_here(msg)
-        return await self._call(host, msg)
+        return await self._call(host, msg, timeout)
 
     async def _handle_here(self, msg):
         """The local replica's answer to `msg` (a Flush's may be an awaitable)."""
@@ -1751,12 +1767,15 @@ class VolumeGateway:
             reply = await reply
         return reply
 
-    async def _call(self, host: str, msg):
-        """`msg` to a remote host, without the request id if its decoder predates it."""
+    async def _call(self, host: str, msg, timeout: float | None = None):
+        """`msg` to a remote host, without the request id if its decoder predates it;
+        `timeout`: instead of the pool's request timeout."""
         no_rid = self.cluster.no_rid
         if no_rid and host in no_rid and msg.rid:
             msg = dc_replace(msg, rid="")
-        return await self.pool.call(self.cluster.address(host), msg)
+        if timeout is None:
+            return await self.pool.call(self.cluster.address(host), msg)
+        return await self.pool.call(self.cluster.address(host), msg, timeout)
 
     # --- FLUSH / CACHE / BLOCK_STATUS ----------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""Failures in the replicated write path (replicator/gateway.py): a copy that fails a write,
+on any path (a retry after StaleEpoch, one chunk of several, a FUA write, a flush), is
+recorded stale and the write stands while min_size copies took it; below that, or when the
+record cannot be made, the client gets an error and nothing is acknowledged. Over the
+in-memory hosts of the simulation harness (tests/sim) with its background loops off, on a
+virtual clock."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from replicator import messages as m
+from replicator.transport import FaultPolicy
+from tests.sim.harness import Sim, call
+from vbp.layout import MiB
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def two_replicas(nursery, hosts: int = 4, min_size: int = 1):
+    """A started sim of `hosts` hosts and a 2 MiB volume (two 1 MiB chunks) with replicas=2,
+    its gateway on a host holding no copy of chunk 0: (sim, rec, gw, a, b), a and b the
+    copies of chunk 0."""
+    sim = Sim(1, hosts=hosts, zones=hosts)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", 2 * MiB, replicas=2, min_size=min_size)
+    a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+    gw_host = next(h for h in sim.hosts.values() if h.id not in (a, b))
+    gw = await gw_host.provider.open_export("v")
+    return sim, rec, gw, a, b
+
+
+def stale_hosts(sim, lineage, index=None):
+    return {r.host_id for r in sim.reg.list_stale(lineage) if index is None or r.index == index}
+
+
+class Per(FaultPolicy):
+    """A fault policy deciding per call: `decide(address, message)` -> what on_call answers
+    (None: deliver normally)."""
+
+    def __init__(self, decide):
+        super().__init__()
+        self.decide = decide
+
+    def on_call(self, address, message):
+        got = self.decide(address, message)
+        return 0 if got is None else got
+
+
+def test_a_write_whose_retry_after_stale_epoch_times_out_stands_on_the_other_copy():
+    """Copy b is on a newer map: it refuses the write (StaleEpoch) after a while (a busy
+    host), the gateway reads the map again and sends it once more, and that retry gets no
+    answer. b failed the write like any copy that times out: it is recorded stale, and the
+    write stands on a (min_size 1)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            other = next(h for h in sim.hosts if h not in (a, b, gw.host_id))
+            sim.crash(other)  # the epoch moves on
+            sim.hosts[b].cluster.set_map(sim.reg.cluster_map())  # b knows, the gateway not
+            old = gw.cluster.epoch
+            b_addr = sim.hosts[b].addr
+
+            def decide(address, message):
+                if address == b_addr and type(message) is m.WriteChunk:
+                    return 1.5 if message.epoch == old else "drop"
+                return None
+
+            gw.pool.faults = Per(decide)
+            await call(gw.write(0, b"\x02" * 4096, False))
+            assert gw.cluster.epoch > old  # the map was read again
+            assert stale_hosts(sim, rec.lineage) == {b}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_retry_after_stale_epoch_that_gets_no_answer_holds_back_no_other_copys_retry():
+    """replicas=3, min_size=2: copies b and c are on a newer map and refuse the write
+    (StaleEpoch) after a while; b's retry gets no answer, c's is answered. The retries go together: c
+    takes the write in time, and it stands on a and c with b recorded stale (one after the
+    other, c's waited out b's timeout, its write late or never sent, and the write failed)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=5, zones=5)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+            a, b, c = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+            gw_host, other = [h for h in sim.hosts.values() if h.id not in (a, b, c)]
+            gw = await gw_host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 4096, False))
+            sim.crash(other.id)  # the epoch moves on
+            for h in (b, c):
+                sim.hosts[h].cluster.set_map(sim.reg.cluster_map())
+            old = gw.cluster.epoch
+            b_addr, c_addr = sim.hosts[b].addr, sim.hosts[c].addr
+
+            def decide(address, message):
+                if address in (b_addr, c_addr) and type(message) is m.WriteChunk:
+                    if message.epoch == old:
+                        return 1.5  # refused after a while (busy hosts)
+                    if address == b_addr:
+                        return "drop"
+                return None
+
+            gw.pool.faults = Per(decide)
+            await call(gw.write(0, b"\x02" * 4096, False))
+            assert stale_hosts(sim, rec.lineage) == {b}
+            nursery.cancel_scope.cancel()
+
+    run(main)
