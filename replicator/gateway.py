@@ -1721,7 +1721,14 @@ class VolumeGateway:
         stale = [h for h, e in failed.items() if isinstance(e, StaleEpoch)]
         if not stale or self.refresh_map is None:
             return
-        await self.refresh_map()
+        try:
+            await self.refresh_map()
+        except RegistryUnavailable as e:
+            # no retry: those copies failed the write, recorded as any failure (_settle);
+            # raised here, the copies that took it would differ from them with no record
+            log.warning("volume=%s chunk=%d event=map_refresh_failed hosts=%s error=%s",
+                        self.name, msg.index, ",".join(stale), e)
+            return
         msg = dc_replace(msg, epoch=self.cluster.epoch)
         deadline = t0 + self.pool.request_timeout
 

@@ -7,12 +7,14 @@ virtual clock."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from replicator import messages as m
 from replicator.transport import FaultPolicy
 from tests.sim.harness import Sim, call
+from vbp.errors import RegistryUnavailable
 from vbp.layout import MiB
 
 
@@ -110,6 +112,54 @@ def test_a_retry_after_stale_epoch_that_gets_no_answer_holds_back_no_other_copys
             gw.pool.faults = Per(decide)
             await call(gw.write(0, b"\x02" * 4096, False))
             assert stale_hosts(sim, rec.lineage) == {b}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class Unreachable:
+    """A registry whose calls named in `down` fail as an unreachable one's do."""
+
+    def __init__(self, registry, down):
+        self.registry, self.down = registry, down
+
+    def __getattr__(self, name):
+        fn = getattr(self.registry, name)
+        if name not in self.down:
+            return fn
+
+        async def fail(*args, **kwargs):
+            await trio.lowlevel.checkpoint()
+            raise RegistryUnavailable(f"registry: {name} failed (unreachable)")
+
+        return fail
+
+
+@pytest.mark.parametrize("down", [("cluster_map",), ("cluster_map", "mark_stale")])
+def test_a_write_whose_map_cannot_be_read_again_after_stale_epoch_is_settled(down):
+    """Copy b is on a newer map and refuses the write (StaleEpoch); a took it. The gateway
+    cannot read the map again (registry unreachable) to retry. b failed the write like any
+    copy: recorded stale and the write stands on a (min_size 1), or, with the registry
+    unreachable for the mark too, the write fails and b waits in `unrecorded` (before, the
+    write failed with no record anywhere, a and b differing on its bytes)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            other = next(h for h in sim.hosts if h not in (a, b, gw.host_id))
+            sim.crash(other)  # the epoch moves on
+            sim.hosts[b].cluster.set_map(sim.reg.cluster_map())  # b knows, the gateway not
+            gw_host = sim.hosts[gw.host_id]
+            gw_host.registry = gw.registry = Unreachable(gw.registry, down)
+            if "mark_stale" in down:
+                with pytest.raises(RegistryUnavailable):
+                    await call(gw.write(0, b"\x02" * 4096, False))
+                assert [(i, missed) for i, _took, missed in gw.unrecorded] == [(0, (b,))]
+                assert not stale_hosts(sim, rec.lineage)
+            else:
+                await call(gw.write(0, b"\x02" * 4096, False))
+                assert stale_hosts(sim, rec.lineage) == {b}
+            assert b in gw.stale[0]
             nursery.cancel_scope.cancel()
 
     run(main)
