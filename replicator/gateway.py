@@ -126,11 +126,13 @@ class _Flush:
     """A flush under way (VolumeGateway.flush): the next one waits for it, and fails if it
     failed, as it covers the same writes."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "prev")
 
     def __init__(self):
         self.done = trio.Event()
         self.error: BaseException | None = None
+        # when cancelled (its client went away): the flush it still had to wait for
+        self.prev: _Flush | None = None
 
 
 class ClusterView:
@@ -1798,7 +1800,8 @@ class VolumeGateway:
         """flush(), its turn come. It takes the writes noted since the previous flush;
         when that one is still under way (a concurrent FLUSH, another connection with
         multi-conn), it also waits for it and fails if it failed: the writes it covers
-        were answered before this flush was asked too."""
+        were answered before this flush was asked too. One cancelled (its client went
+        away) fails nothing: this one flushes what it left (_flush_after)."""
         hosts, sent_at = self._unflushed, self._sent_at
         self._unflushed, self._sent_at = {}, {}
         prev = self._flushing
@@ -1819,25 +1822,40 @@ class VolumeGateway:
     async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at,
                            ahead=None) -> None:
         try:
-            if set(hosts) <= {self.host_id}:
-                await flush_store(self.store, ahead)
-            else:
-                await self._flush_replicated(hosts, sent_at)
-            if prev is not None:
+            await self._flush_hosts(hosts, sent_at, ahead)
+            while prev is not None:
                 await prev.done.wait()
-                if prev.error is not None:
+                if prev.error is None:
+                    break
+                if not _cancelled(prev.error):
                     err = VbpError(f"a flush of {self.name} under way when this one was asked "
                                    f"failed: {prev.error}")
                     err.errno = getattr(prev.error, "errno", err.errno)
                     raise err
+                # Its client went away: it told nobody anything, and what it had not settled
+                # went back to _unflushed (_unflushed_again). This flush covers those writes
+                # too, so it makes them durable itself, and goes on to the flush that one
+                # waited for.
+                hosts, sent_at = self._unflushed, self._sent_at
+                self._unflushed, self._sent_at = {}, {}
+                await self._flush_hosts(hosts, sent_at)
+                prev = prev.prev
         except BaseException as e:
             mine.error = e
+            if _cancelled(e):
+                mine.prev = prev  # (for a flush waiting for this one: see above)
             self._unflushed_again(hosts, sent_at)
             raise
         finally:
             mine.done.set()
             if self._flushing is mine:
                 self._flushing = None
+
+    async def _flush_hosts(self, hosts, sent_at, ahead=None) -> None:
+        if set(hosts) <= {self.host_id}:
+            await flush_store(self.store, ahead)
+        else:
+            await self._flush_replicated(hosts, sent_at)
 
     def _unflushed_again(self, hosts: dict[str, set[int]], sent_at: dict[str, int]) -> None:
         """A flush failed or was cancelled (its client went away): what it took and did
@@ -2045,6 +2063,13 @@ def _rescale(before: tuple, after: tuple) -> float:
         if old:
             share = max(share, old / new if new else 0.0)
     return share
+
+
+def _cancelled(e: BaseException) -> bool:
+    """Whether `e` is a cancellation only (a nursery's group of them too)."""
+    if isinstance(e, BaseExceptionGroup):
+        return all(_cancelled(x) for x in e.exceptions)
+    return isinstance(e, trio.Cancelled)
 
 
 def _error_rank(e: Exception) -> int:

@@ -163,3 +163,33 @@ def test_a_write_whose_map_cannot_be_read_again_after_stale_epoch_is_settled(dow
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_flush_whose_client_goes_away_fails_no_flush_asked_meanwhile():
+    """FLUSH F1 (one connection) is under way when F2 (another, multi-conn) is asked; F1's
+    client goes away and its task is cancelled. F2 covers the writes F1 took: it makes them
+    durable itself and succeeds, every copy healthy (before, it failed with EIO, "a flush
+    under way failed: Cancelled"). Then nothing is left for a later flush."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            await call(gw.write(MiB, b"\x01" * 4096, False))
+
+            def decide(address, message):
+                return 0.5 if type(message) is m.Flush else None  # flushes take a while
+
+            gw.pool.faults = Per(decide)
+            with trio.CancelScope() as conn1:
+                first = gw.flush()
+                nursery.start_soon(call, gw.flush())  # (F2 started: waits for F1)
+                second = gw._flushing
+                conn1.deadline = trio.current_time() + 0.1  # F1's client goes away
+                await call(first)
+            assert conn1.cancelled_caught
+            await second.done.wait()
+            assert second.error is None, second.error
+            assert not gw._unflushed
+            nursery.cancel_scope.cancel()
+
+    run(main)
