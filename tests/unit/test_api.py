@@ -449,3 +449,27 @@ def test_the_loss_record_stays_bounded_and_the_volume_records_do_not_grow():
     assert len(got) == LOSSES_KEPT and sum(a.count for a in got) == 400 + LOSSES_KEPT + 5
     assert got[0].since == 7.0 and got[0].time == 10.0 + 5 and got[-1].time == 10.0 + LOSSES_KEPT + 4
     assert len(msgpack.packb(reg.get_losses(rec.lineage))) < 8192
+
+
+def test_the_loss_record_goes_with_the_last_volume_of_its_lineage():
+    """A lineage's loss record (vbp/loss/<lineage>, written by accept-loss) stayed in the
+    registry for good once every volume of the lineage was deleted: nothing reads it any
+    more (readers go by the volumes), and no volume can join the lineage again (a clone
+    needs a parent of it). It goes when the last volume does, as the lineage's stale
+    records do; another lineage's record stays."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec, p, q = lost_last_copy(reg)
+    reg.create_volume("w", {**rec.to_dict(), "name": "w", "created": 1.0})  # a clone
+    other, _, _ = lost_last_copy(reg, "x")
+    api.accept_loss(reg, "v", [3], now=5.0)
+    api.accept_loss(reg, "x", [3], now=6.0)
+    assert sorted(reg.list_losses()) == sorted([rec.lineage, other.lineage])
+    api.delete_volume(reg, "v")
+    assert reg.get_losses(rec.lineage) is not None  # w still reads the lineage
+    [a] = api.accepted_losses(reg, api.get_volume(reg, "w"))
+    assert a.volume == "v"
+    api.delete_volume(reg, "w")
+    assert reg.get_losses(rec.lineage) is None
+    assert list(reg.list_losses()) == [other.lineage]
+    api.delete_volume(reg, "x")
+    assert reg.list_losses() == {}

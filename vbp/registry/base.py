@@ -16,7 +16,8 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
     vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
     vbp/loss/<lineage>       {"losses": [...]}: chunks of the lineage an operator gave up
-                             (vbp volume accept-loss; vbp.volume.AcceptedLoss), bounded
+                             (vbp volume accept-loss; vbp.volume.AcceptedLoss), bounded;
+                             removed with the lineage's last volume (delete_volume)
     vbp/scrub/request        {"id", "volume", "hosts", "time"}: the last `vbp pool scrub`
     vbp/scrub/result/<id:016x>/<host>   that host's progress, then its result
 
@@ -412,6 +413,8 @@ class Registry:
         raise self._contended(f"update volume {name}")
 
     def delete_volume(self, name: str) -> None:
+        """Delete the volume's record; the loss record of a lineage left with no volume
+        goes too (_forget_lineages)."""
         key = P_VOL + _name("volume name", name)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
@@ -419,8 +422,24 @@ class Registry:
                 raise NotFound(f"volume {name} does not exist")
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
             if ok:
+                self._forget_lineages()
                 return
         raise self._contended(f"delete volume {name}")
+
+    def _forget_lineages(self) -> None:
+        """Remove the loss records of lineages no volume is left in. Read after the
+        delete, that is final: nothing can join such a lineage again (a clone is made
+        only while its parent's record is there, create_from), and accept-loss writes a
+        lineage's record only while the volume it names is unchanged. Every lineage
+        without volumes, not only the one just left: one whose last delete stopped
+        before this step goes at the next delete."""
+        items, _ = self.kv.range(P_LOSS)
+        if not items:
+            return
+        live = {_unpack(it.value).get("lineage") for it in self.kv.range(P_VOL)[0]}
+        for it in items:
+            if it.key[len(P_LOSS):].decode() not in live:
+                self.kv.txn([Cmp(it.key, "mod", it.mod_rev)], [Delete(it.key)])
 
     def next_id(self, counter: str) -> int:
         key = P_CTR + _name("counter name", counter)
@@ -677,8 +696,8 @@ class Registry:
         return _unpack(item.value) if item else None
 
     def list_losses(self) -> dict[str, dict]:
-        """Lineage -> its loss record, for every lineage that has one (also one whose
-        volumes are all deleted: readers go by the volumes)."""
+        """Lineage -> its loss record, for every lineage that has one (one whose last
+        volume was deleted has none: delete_volume)."""
         items, _ = self.kv.range(P_LOSS)
         return {it.key[len(P_LOSS):].decode(): _unpack(it.value) for it in items}
 
