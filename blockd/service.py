@@ -1116,6 +1116,15 @@ class Blockd:
         if not local:
             return 0
         recs = [VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()]
+        # After the records: a live lease of a volume they do not have is held by a
+        # gateway that may still serve the deleted volume's chain (its reads need no
+        # registry, and a holder is not published) until its next record sync fences it.
+        # Which chain, no record says any more: nothing is freed until it ran out.
+        held = await self.registry.leases_of_deleted()
+        if held:
+            log.info("event=gc_held reason=deleted_volume_leased volumes=%s",
+                     ",".join(sorted(lease.volume for lease in held)))
+            return 0
         by_lineage = readers(recs)
         # after the records: open snapshot exports and head readers keep their chunks
         # (VolumeProvider)

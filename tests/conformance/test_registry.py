@@ -856,3 +856,26 @@ def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
         reg.clear_stale_unless_changed("lin", 2, "v", lambda *_: LossVerdict("h2", {}, "x"))
     assert [(r.index, r.host_id) for r in reg.list_stale("lin")] == [(2, "h3"), (3, "h1")]
     assert reg.get_losses("lin") == {"losses": ["other", "mine"]}
+
+
+def test_leases_of_deleted_volumes(reg):
+    """A live lease whose volume's record is gone, or whose record was made again under
+    the name after the grant, is listed (GC holds off while its holder may still serve
+    the deleted chain); a lease of the record there, or released, is not."""
+    reg.create_volume("a", {"name": "a"})
+    reg.create_volume("b", {"name": "b"})
+    reg.create_volume("c", {"name": "c"})
+    la = reg.acquire_lease("a", "h1", 30.0)
+    lb = reg.acquire_lease("b", "h1", 30.0)
+    lc = reg.acquire_lease("c", "h1", 30.0)
+    assert reg.leases_of_deleted() == []
+    reg.delete_volume("a")
+    reg.delete_volume("b")
+    reg.create_volume("b", {"name": "b"})  # another volume under the name
+    reg.release_lease(lc)
+    reg.delete_volume("c")
+    assert sorted(lease.volume for lease in reg.leases_of_deleted()) == ["a", "b"]
+    reg.release_lease(la)
+    reg.release_lease(lb)
+    assert reg.acquire_lease("b", "h2", 30.0).token > lb.token
+    assert reg.leases_of_deleted() == []

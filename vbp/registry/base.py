@@ -534,6 +534,23 @@ class Registry:
         items, _ = self.kv.range(P_LEASE)
         return {it.key[len(P_LEASE):].decode(): _unpack(it.value)["token"] for it in items}
 
+    def leases_of_deleted(self) -> list[Lease]:
+        """Live leases of volumes whose record is gone: deleted, or deleted and made again
+        under the name since the grant (a token is the store's revision at its grant, so
+        it is not above the revision that created a later record). Their holders may
+        serve the deleted chains until they notice (Blockd.collect_garbage_once)."""
+        vols, _ = self.kv.range(P_VOL)
+        created = {it.key[len(P_VOL):].decode(): it.create_rev for it in vols}
+        items, _ = self.kv.range(P_LEASE)
+        now = time.time()
+        out = []
+        for it in items:
+            lease = self._lease_of(it.key[len(P_LEASE):].decode(), it.value)
+            rev = created.get(lease.volume)
+            if lease.holder and lease.expires > now and (rev is None or lease.token <= rev):
+                out.append(lease)
+        return out
+
     def get_lease(self, volume: str) -> Lease | None:
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
