@@ -41,41 +41,53 @@ def list_volumes(reg) -> list[VolumeRecord]:
     return sorted((VolumeRecord.from_dict(d) for d in reg.list_volumes()), key=lambda v: v.name)
 
 
-def open_snapshot_exports(reg, volume: str, snap: str | None = None) -> list[tuple[str, str]]:
+def open_exports(reg, volume: str, snap: str | None = None, *,
+                          head: bool = False) -> list[tuple[str, str]]:
     """(host, export) of every open NBD export of a snapshot of `volume` (of `snap` only
     when given), as the hosts publish them (blockd: published while open, and before the
-    first read is served)."""
+    first read is served); with `head`, also the volume's own exports that read it
+    without its write lease (a backup through another host: published alike)."""
     out = []
     for host, st in sorted(reg.host_stats().items()):
         for e in st.get("exports", ()):
             export = e.get("export", "") if isinstance(e, dict) else ""
             vol, _, s = export.partition("@")
-            if vol == volume and s and (snap is None or s == snap):
+            if vol == volume and (s and (snap is None or s == snap) or head and not s):
                 out.append((host, export))
     return out
 
 
-def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float) -> None:
-    """Like `rbd rm` with watchers: no deleting what a client reads. A client that just
-    disconnected is unpublished within moments, so wait a little before refusing."""
+def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
+                   head: bool = False) -> None:
+    """Like `rbd rm` with watchers: no deleting what a client reads (the snapshot exports
+    of `vol`, of `snap` only when given), nor (`head`) a volume a client has open: its
+    exports without the write lease, and the lease (its host holds it from the first
+    writing client's open to the last one's close). A client that just disconnected is
+    unpublished, and its lease given back, within moments, so wait a little before
+    refusing."""
     deadline = time.monotonic() + wait
     while True:
-        users = open_snapshot_exports(reg, vol, snap)
+        users = [f"{e} on {h}" for h, e in open_exports(reg, vol, snap, head=head)]
+        if head:
+            lease = reg.get_lease(vol)
+            if lease is not None and lease.holder and (left := lease.expires - time.time()) > 0:
+                users.insert(0, f"{vol} on {lease.holder}, its write lease held for {left:.0f} s "
+                                "more unless renewed")
         if not users:
             return
         if time.monotonic() > deadline:
-            where = ", ".join(f"{e} on {h}" for h, e in users)
-            what = f"snapshot {name}" if snap else f"volume {name}: its snapshot export"
-            raise InUse(f"{what} is open by NBD clients ({where}); disconnect them, or use "
-                        "--force (their reads then fail with EIO)")
+            what = f"snapshot {name}" if snap else f"volume {name}"
+            raise InUse(f"{what} is open by NBD clients ({'; '.join(users)}); disconnect them, or "
+                        "use --force (their requests then fail with EIO)")
         time.sleep(0.1)
 
 
 def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> None:
     """Delete a volume, or a snapshot when `name` is NAME@SNAP. Hosts free the chunks no
     reader needs any more in the background (vbp.volume.needed_gens). A snapshot that is
-    exported over NBD somewhere is refused with InUse unless `force`; forced, the open
-    exports fail every request with EIO (blockd keeps the chunks until they noticed)."""
+    exported over NBD somewhere, or a volume that is (its write lease live, or exported
+    by a host without it) or whose snapshots are, is refused with InUse unless `force`; forced, the open exports
+    fail every request with EIO (blockd keeps the chunks until they noticed)."""
     vol, sep, snap = name.partition("@")
     if sep:
         get_volume(reg, vol).snapshot(snap)
@@ -84,8 +96,8 @@ def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> 
         reg.update_volume(vol, lambda d: delete_snapshot(VolumeRecord.from_dict(d), snap).to_dict())
         return
     rec = get_volume(reg, name)
-    if not force and rec.snapshots:
-        _refuse_in_use(reg, name, vol, None, wait)
+    if not force:
+        _refuse_in_use(reg, name, vol, None, wait, head=True)
     reg.delete_volume(rec.name)
 
 

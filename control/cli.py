@@ -492,7 +492,7 @@ def volume_show(state, name):
 @volume.command("delete")
 @click.argument("name", metavar="NAME|NAME@SNAP")
 @click.option("--force", is_flag=True,
-              help="Delete a snapshot even while NBD clients have it open (they get I/O errors).")
+              help="Delete even while NBD clients have it open (their requests then fail).")
 @json_flag
 @click.pass_obj
 def volume_delete(state, name, force):
@@ -501,7 +501,8 @@ def volume_delete(state, name, force):
 
     A snapshot that an NBD client has open (export NAME@SNAP on any host) is not deleted
     (exit code 6) unless --force; then that client's requests fail with EIO from then on.
-    The same holds for a volume whose snapshots are open.
+    The same holds for a volume a client has open (its host holds the volume's write
+    lease: forced, it drops the client), or whose snapshots are open.
 
     \b
     Examples:

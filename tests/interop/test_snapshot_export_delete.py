@@ -124,3 +124,40 @@ def test_snapshot_delete_after_the_client_left_needs_no_force(sandbox):
     assert h.pread(MiB, 0) == b"L" * MiB
     h.shutdown()
     sandbox.vbp("volume", "delete", "sl")
+
+
+def test_delete_of_a_volume_a_client_has_open_is_refused_then_forced_gives_eio(sandbox):
+    """Like `rbd rm` refusing an image with watchers: the host serving a client holds the
+    volume's write lease from its open to its close, and a delete meanwhile is refused
+    naming that host; forced, the host drops the client as it does when fenced (its
+    requests fail, never read freed bytes). Once the client has disconnected, no force is
+    needed."""
+    import nbd
+
+    for name in ("vo", "vc"):
+        sandbox.vbp("volume", "create", name, "--size", "2M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("vo", 1))  # served by host2
+    h.pwrite(b"O" * MiB, 0)
+    p = sandbox.vbp("volume", "delete", "vo", check=False)
+    assert p.returncode == EXIT_IN_USE, p.stderr
+    assert "vo on host2" in p.stderr and "--force" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert h.pread(MiB, 0) == b"O" * MiB  # nothing happened
+
+    sandbox.vbp("volume", "delete", "vo", "--force")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            got = h.pread(MiB, 0)
+        except nbd.Error as e:
+            assert e.errno in ("EIO", "ENOTCONN"), e
+            break
+        assert got == b"O" * MiB
+        assert time.monotonic() < deadline, "the export of a deleted volume still serves"
+        time.sleep(0.1)
+
+    h = connect(sandbox.uri("vc", 0))
+    h.pwrite(b"C" * MiB, 0)
+    h.flush()
+    h.shutdown()  # its host gives the lease back at once
+    assert "deleted volume vc" in sandbox.vbp("volume", "delete", "vc").stdout
