@@ -31,6 +31,7 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class TransmissionCodec:
         self._end = 0
         self._discard = 0
         self._large: memoryview | None = None
-        self._pool: list[bytearray] = []  # payload buffers of large writes, for reuse
+        self._pool: list = []  # payload buffers of large writes, for reuse
         self._large_filled = 0
         self._large_header: tuple[int, int, int, int] | None = None
         self._after_large = False  # the last request was a large write
@@ -330,7 +331,7 @@ class TransmissionCodec:
         self._after_large = True
         return Request(cookie, proto.CMD_WRITE, flags, offset, length, data)
 
-    def _payload_buffer(self, length: int) -> bytearray:
+    def _payload_buffer(self, length: int):
         """A buffer of at least `length` bytes that nothing else refers to."""
         pool = self._pool
         for i in range(len(pool)):
@@ -339,7 +340,10 @@ class TransmissionCodec:
                     return pool[i]
                 del pool[i]  # free but too small: make room for a bigger one
                 break
-        buf = bytearray(max(length, 1 << 20))
+        # (an anonymous mapping, not a bytearray, which zeroes all of itself at once: its
+        # pages become memory only as the payload arrives, so a client that sends the
+        # header of a 32 MiB write and stalls costs what it sent, not 32 MiB)
+        buf = mmap.mmap(-1, max(length, 1 << 20))
         if len(buf) <= SPARE_MAX and sum(map(len, pool)) + len(buf) <= POOL_BYTES:
             pool.append(buf)
         return buf

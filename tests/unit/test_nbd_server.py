@@ -1376,3 +1376,33 @@ async def test_pipelined_lists_ask_the_provider_only_as_fast_as_the_client_reads
         assert (option, rtype, length) == (proto.OPT_LIST, proto.REP_ACK, 0)
     assert CountingProvider.calls == 300
     await c.aclose()
+
+
+def _resident() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_stalled_large_write_headers_hold_no_memory_they_did_not_send(port, provider):
+    """Clients that each send the header of a 32 MiB write and a few bytes of its payload,
+    then stall, make the server hold about what they sent, not 32 MiB each: a handful of
+    28-byte headers must not cost the host gigabytes. Once a payload completes, the write
+    lands whole."""
+    provider.add("big", 64 * MiB)
+    clients = []
+    before = _resident()
+    for i in range(8):
+        c = await Client.connect(port, "big")
+        await c.request(proto.CMD_WRITE, 0, 32 * MiB, b"\xab" * 4096, cookie=i)
+        clients.append(c)
+    await trio.sleep(0.3)  # (the server reads the headers and the first bytes)
+    grown = _resident() - before
+    assert grown < 64 * MiB, f"{grown / MiB:.0f} MiB resident for 8 stalled headers"
+    c = clients[0]
+    await c.send(b"\xab" * (32 * MiB - 4096))
+    with trio.fail_after(10):
+        assert await c.reply() == (0, 0, b"")
+    assert provider.exports["big"].data[:32 * MiB] == b"\xab" * (32 * MiB)
+    for c in clients:
+        await c.aclose()
