@@ -127,7 +127,15 @@ def export_info(export) -> ExportInfo:
                                  multi_conn=bool(getattr(export, "multi_conn", True))),
         min_block=getattr(export, "min_block", proto.MIN_BLOCK),
         preferred_block=getattr(export, "preferred_block", proto.PREFERRED_BLOCK),
-        max_block=getattr(export, "max_block", proto.MAX_PAYLOAD))
+        max_block=max_payload(export))
+
+
+def max_payload(export) -> int:
+    """The largest READ or WRITE payload taken for `export`: what it says it takes, but no
+    more than proto.MAX_PAYLOAD, which the receive path is sized for. The handshake
+    advertises it and the codec refuses longer requests (EINVAL): proto.md wants the two
+    to agree, a client abiding by the advertised size being held to no other."""
+    return min(getattr(export, "max_block", proto.MAX_PAYLOAD), proto.MAX_PAYLOAD)
 
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
@@ -350,7 +358,8 @@ class _Connection:
         self.codec = TransmissionCodec(
             size=export.size, read_only=bool(export.read_only),
             structured=ready.structured_replies, meta_contexts=ready.meta_contexts,
-            min_block=getattr(export, "min_block", 1), initial_data=trailing)
+            min_block=getattr(export, "min_block", 1), max_payload=max_payload(export),
+            initial_data=trailing)
         self.sock = getattr(stream, "socket", None)
         # the plain socket under trio's wrapper, for calls that do not yield when they
         # succeed; after STARTTLS, the TLS channel that makes the same calls

@@ -1406,3 +1406,31 @@ async def test_stalled_large_write_headers_hold_no_memory_they_did_not_send(port
     assert provider.exports["big"].data[:32 * MiB] == b"\xab" * (32 * MiB)
     for c in clients:
         await c.aclose()
+
+
+@pytest.mark.parametrize("max_block", [64 * 1024, 64 * MiB])
+async def test_the_maximum_payload_a_client_is_told_is_the_one_its_requests_are_held_to(
+        port, provider, max_block):
+    """proto.md "Size constraints": a client that asked for NBD_INFO_BLOCK_SIZE MUST abide
+    by it, and a server enforcing its constraints errors what falls outside them. A write
+    of the advertised maximum payload is served (an export's 64 MiB is more than the
+    server takes: it advertises what it takes), and one byte more is refused with EINVAL
+    without reaching the export (which said it takes no more)."""
+    provider.add("e", 80 * MiB, max_block=max_block)
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.recv(18)
+    await c.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES))
+    reps = await c.option(proto.OPT_GO, struct.pack(">I", 1) + b"e"
+                          + struct.pack(">HH", 1, proto.INFO_BLOCK_SIZE))
+    assert reps[-1][0] == proto.REP_ACK
+    sizes = [struct.unpack(">HIII", d) for t, d in reps
+             if t == proto.REP_INFO and d[:2] == struct.pack(">H", proto.INFO_BLOCK_SIZE)]
+    assert len(sizes) == 1
+    advertised = sizes[0][3]
+    assert advertised <= max_block
+    with trio.fail_after(20):
+        assert await c.write(0, b"\x5a" * advertised, cookie=1) == 0
+        assert await c.write(0, b"\x00" * (advertised + 1), cookie=2) == proto.EINVAL
+        assert await c.write(0, b"ok", cookie=3) == 0
+    assert provider.exports["e"].data[2:advertised] == b"\x5a" * (advertised - 2)
+    await c.aclose()
