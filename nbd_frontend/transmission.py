@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError
-from nbd_frontend.handshake import NEED_DATA
+from nbd_frontend.handshake import NEED_DATA, _message
 from vbp.buffers import HEAD_RECV, unshared
 
 DEFAULT_BUFFER = 256 * 1024
@@ -381,7 +381,7 @@ class TransmissionCodec:
             errno = proto.EINVAL if errno == 0 else proto.EIO
         if not self.structured:
             return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, errno, cookie)]
-        raw = message.encode()[:proto.MAX_STRING]
+        raw = _message(message)  # (a protocol string: UTF-8, no NUL, capped whole)
         return [_ERROR_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
                                   proto.REPLY_TYPE_ERROR, cookie, 6 + len(raw), errno,
                                   len(raw)) + raw]

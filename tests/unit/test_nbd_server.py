@@ -1434,3 +1434,39 @@ async def test_the_maximum_payload_a_client_is_told_is_the_one_its_requests_are_
         assert await c.write(0, b"ok", cookie=3) == 0
     assert provider.exports["e"].data[2:advertised] == b"\x5a" * (advertised - 2)
     await c.aclose()
+
+
+class FailingReads(MemoryExport):
+    """Reads fail with an error whose text is `message`."""
+
+    message = ""
+
+    def read(self, offset, length):
+        raise OSError(errno.EIO, self.message)
+
+
+@pytest.mark.parametrize("message", ["a" + "é" * 3000, "nul\0 and a lone surrogate \udcff"])
+async def test_an_error_chunk_carries_a_protocol_string_whatever_the_error_says(
+        port, provider, message):
+    """proto.md "Conventions": an error message is UTF-8 without NUL, at most 4096 bytes.
+    An export's error text that is longer (cut inside a character), holds a NUL or a
+    lone surrogate (a path decoded with surrogateescape) still becomes one, and the
+    connection goes on."""
+    export = provider.exports["bad"] = FailingReads("bad", MiB)
+    export.message = message
+    c = await Client.connect(port, "bad", structured=True)
+    await c.request(proto.CMD_READ, 0, 4096, cookie=5)
+    with trio.fail_after(5):
+        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", await c.recv(20))
+        payload = await c.recv(length)
+    assert (magic, rtype, cookie) == (proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_TYPE_ERROR, 5)
+    assert flags & proto.REPLY_FLAG_DONE
+    error, n = struct.unpack_from(">IH", payload)
+    text = payload[6:]
+    assert error == proto.EIO and n == len(text) == length - 6
+    assert len(text) <= proto.MAX_STRING and b"\0" not in text
+    text.decode("utf-8")  # (raises if cut inside a character)
+    with trio.fail_after(5):
+        await c.request(proto.CMD_FLUSH, cookie=6)
+        assert await c.reply() == (6, 0, b"")
+    await c.aclose()
