@@ -283,6 +283,8 @@ class ServerHandshake:
             del self._in[:take]
             self._discard = length - take
             rtype = _oversize_reply(option)
+            if option == proto.OPT_SET_META_CONTEXT:  # (it replaces them even failing)
+                self._meta, self._meta_export = {}, None
             if self._tls_needed() and option != proto.OPT_STARTTLS:
                 rtype = proto.REP_ERR_TLS_REQD
             self._skipped = (option, rtype)

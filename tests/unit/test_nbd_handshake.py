@@ -359,6 +359,20 @@ def test_failed_set_meta_context_clears_previous():
     assert events[-1].meta_contexts == {}
 
 
+def test_set_meta_context_too_big_to_read_clears_previous_too():
+    """proto.md: NBD_OPT_SET_META_CONTEXT replaces the contexts set before "including
+    when this command fails", also when it fails for being too long to be read."""
+    big = meta_req("disk", *["base:allocation"] * 4000)  # (past MAX_OPTION_DATA)
+    assert len(big) > MAX_OPTION_DATA
+    data = (FLAGS + opt(proto.OPT_STRUCTURED_REPLY)
+            + opt(proto.OPT_SET_META_CONTEXT, meta_req("disk", "base:allocation"))
+            + opt(proto.OPT_SET_META_CONTEXT, big)
+            + opt(proto.OPT_GO, info_req("disk")))
+    hs, events, out = run(data)
+    assert replies(out)[3][1] == proto.REP_ERR_TOO_BIG
+    assert events[-1].meta_contexts == {}
+
+
 @pytest.mark.parametrize("payload", [
     meta_req("disk", "nocolon"), meta_req("disk")[:-1], meta_req("disk", "base:") + b"x",
     b"\x00\x00\x00\x10disk",
