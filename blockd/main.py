@@ -10,6 +10,7 @@ may not be written): restarting will not fix it, and the systemd unit
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 
 import click
@@ -50,6 +51,10 @@ def main(config_file, **flags):
       blockd --host-id h1 --data-dir /var/lib/vbp --registry lmdb:///var/lib/vbp/registry \\
              --listen 127.0.0.1:7800 --nbd 127.0.0.1:10809
     """
+    # A signal mask is inherited across exec: a blockd started by a process that held its
+    # stop signals back meanwhile (vbp sandbox, blockd.sandbox.Sandbox._spawn) must still
+    # stop on them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
         cfg = config_mod.load(config_file, flags)
     except VbpError as e:

@@ -37,6 +37,9 @@ class SandboxError(VbpError):
     pass
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 def _config_text(settings: dict) -> str:
     """A host's blockd.toml: JSON values are TOML values for strings, numbers, booleans
     and lists (null, NaN and objects are not: _check_settings refuses them)."""
@@ -261,10 +264,18 @@ class Sandbox:
         for key, value in self._flags(h, capacity, registry).items():
             cmd += ["--" + key.replace("_", "-"), value]
         cmd += ["--config", str(conf)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True)
-        log.close()
-        self._procs[proc.pid] = proc
+        # Ctrl-C and SIGTERM wait until the child is blockd: one landing while Popen waits
+        # for the exec makes Popen forget the child, and `down` (looking in /proc for
+        # blockd command lines) would miss it for the moment it was not blockd yet. The
+        # child inherits the mask through the exec; blockd.main unblocks it.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True)
+            self._procs[proc.pid] = proc
+        finally:
+            log.close()
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return proc.pid
 
     def _wait_ready(self, hosts: list[dict], timeout: float) -> None:

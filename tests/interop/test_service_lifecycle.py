@@ -180,6 +180,63 @@ def test_sandbox_run_interrupted_while_starting_leaves_no_host_running(tmp_path,
             os.kill(pid, signal.SIGKILL)
 
 
+# A sandbox `up` whose hosts take a while between fork and exec (here 1 s, in the child
+# before it execs blockd), then a stop: the race a loaded machine gives a signal that lands
+# while subprocess.Popen waits for the exec.
+_SLOW_EXEC = """
+import subprocess, sys, time
+from blockd.sandbox import Sandbox
+
+real = subprocess.Popen
+
+
+class SlowExec(real):
+    def __init__(self, *args, **kwargs):
+        kwargs["preexec_fn"] = lambda: time.sleep(1.0)
+        super().__init__(*args, **kwargs)
+
+
+subprocess.Popen = SlowExec
+sb = Sandbox(sys.argv[1])
+try:
+    print("starting", flush=True)
+    sb.up(1, int(sys.argv[2]))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+finally:
+    print("stopped", sb.down(), flush=True)
+"""
+
+
+def test_a_stop_while_a_host_is_between_fork_and_exec_leaves_it_not_running(tmp_path):
+    """Ctrl-C landing while `up` waits for a new host's exec (inside subprocess.Popen,
+    which then forgets the child; the child is not blockd yet, so no scan of /proc finds
+    it): the sandbox held the signal back until the host was blockd, and `down` stops it.
+    (CI's run of the whole suite left a host of `vbp sandbox run` running so.)"""
+    d = tmp_path / "sb"
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_EXEC, str(d), str(free_port_range(2))],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline() == "starting\n"
+        deadline = time.monotonic() + 20
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        while not children.read_text().split():  # forked, in the child's 1 s before exec
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        assert _blockd_pids_of(d) == []
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+        assert "interrupted" in out and "Traceback" not in out, out
+        time.sleep(1.5)  # past the child's exec, had it been left behind
+        assert _blockd_pids_of(d) == [], out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _blockd_pids_of(d):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_sandbox_up_again_keeps_each_hosts_capacity(tmp_path):
     """Placement weighs the capacity recorded with the data set: a host back with another
     capacity starts a change of data set that moves chunks. `vbp sandbox up` without
