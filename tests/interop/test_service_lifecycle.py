@@ -148,6 +148,14 @@ def _blockd_pids_of(directory) -> list[int]:
     return pids
 
 
+def _kill_all(p: subprocess.Popen, directory) -> None:
+    """SIGKILL to `p` and to the blockd processes of the sandbox in `directory`."""
+    if p.poll() is None:
+        p.kill()
+    for pid in _blockd_pids_of(directory):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("started", [1, 3])
 def test_sandbox_run_interrupted_while_starting_leaves_no_host_running(tmp_path, sig, started):
@@ -174,10 +182,7 @@ def test_sandbox_run_interrupted_while_starting_leaves_no_host_running(tmp_path,
             time.sleep(0.1)
         assert _blockd_pids_of(d) == [], out
     finally:
-        if p.poll() is None:
-            p.kill()
-        for pid in _blockd_pids_of(d):
-            os.kill(pid, signal.SIGKILL)
+        _kill_all(p, d)
 
 
 # A sandbox `up` whose hosts take a while between fork and exec (here 1 s, in the child
@@ -231,10 +236,7 @@ def test_a_stop_while_a_host_is_between_fork_and_exec_leaves_it_not_running(tmp_
         time.sleep(1.5)  # past the child's exec, had it been left behind
         assert _blockd_pids_of(d) == [], out
     finally:
-        if p.poll() is None:
-            p.kill()
-        for pid in _blockd_pids_of(d):
-            os.kill(pid, signal.SIGKILL)
+        _kill_all(p, d)
 
 
 def test_sandbox_up_again_keeps_each_hosts_capacity(tmp_path):

@@ -35,6 +35,15 @@ async def two_replicas(nursery, hosts: int = 4, min_size: int = 1):
     return sim, rec, gw, a, b
 
 
+async def b_on_a_newer_map(sim, gw, a, b) -> None:
+    """After a first write: a host of neither copy crashes (the epoch moves on) and b
+    learns the new map, the gateway not (b refuses its next write: StaleEpoch)."""
+    await call(gw.write(0, b"\x01" * 4096, False))
+    other = next(h for h in sim.hosts if h not in (a, b, gw.host_id))
+    sim.crash(other)
+    sim.hosts[b].cluster.set_map(sim.reg.cluster_map())
+
+
 def stale_hosts(sim, lineage, index=None):
     return {r.host_id for r in sim.reg.list_stale(lineage) if index is None or r.index == index}
 
@@ -60,10 +69,7 @@ def test_a_write_whose_retry_after_stale_epoch_times_out_stands_on_the_other_cop
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
-            await call(gw.write(0, b"\x01" * 4096, False))
-            other = next(h for h in sim.hosts if h not in (a, b, gw.host_id))
-            sim.crash(other)  # the epoch moves on
-            sim.hosts[b].cluster.set_map(sim.reg.cluster_map())  # b knows, the gateway not
+            await b_on_a_newer_map(sim, gw, a, b)
             old = gw.cluster.epoch
             b_addr = sim.hosts[b].addr
 
@@ -145,10 +151,7 @@ def test_a_write_whose_map_cannot_be_read_again_after_stale_epoch_is_settled(dow
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
-            await call(gw.write(0, b"\x01" * 4096, False))
-            other = next(h for h in sim.hosts if h not in (a, b, gw.host_id))
-            sim.crash(other)  # the epoch moves on
-            sim.hosts[b].cluster.set_map(sim.reg.cluster_map())  # b knows, the gateway not
+            await b_on_a_newer_map(sim, gw, a, b)
             gw_host = sim.hosts[gw.host_id]
             gw_host.registry = gw.registry = Unreachable(gw.registry, down)
             if "mark_stale" in down:
