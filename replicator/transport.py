@@ -74,6 +74,10 @@ RECV_SIZE = 256 * 1024
 SPIN_RECEIVES = 8  # receives without waiting before the reader yields anyway
 HANDSHAKE_TIMEOUT = 10.0
 HELLO_MAX_FRAME = 64 * 1024  # frames a peer may send before its Hello is checked
+# A server session's receive buffer until the Hello is checked: a connection that never
+# says Hello (a scan, a flood of half-open ones) holds this for the handshake timeout,
+# not RECV_SIZE; a Hello is a few dozen bytes, a larger frame comes in several receives
+HELLO_RECV = 4 * 1024
 DEFAULT_MAX_IN_FLIGHT = 256
 # Pipelining (see the module docstring): buffers queued on a busy link before they are sent
 # without waiting for the end of the batch, by a client (requests) and a server (replies)
@@ -128,7 +132,7 @@ class _Link:
     requests, the client's requests) queuing wakes the writer task, which sends all that
     is queued at its turn. Only one of the two sends at a time (`sending`)."""
 
-    def __init__(self, stream: trio.SocketStream, max_frame: int):
+    def __init__(self, stream: trio.SocketStream, max_frame: int, recv_size: int = RECV_SIZE):
         self.stream = stream
         self.sock = stream.socket
         self.raw = plain_socket(self.sock)  # links are TCP streams: there always is one
@@ -142,10 +146,14 @@ class _Link:
         self.sending = False  # the writer task is in the middle of a send
         self.drained: trio.Event | None = None  # set by the writer once all is sent (drain)
         self.spins = 0  # receives in a row that did not wait
-        self.rbuf = bytearray(RECV_SIZE)
-        self.rhead = memoryview(self.rbuf)[:HEAD_RECV]
+        self.set_recv_size(recv_size)
         self.after_large = False  # the last receive went into a large frame's buffer
         self.lowat = 1 if HAVE_LOWAT else 0  # SO_RCVLOWAT in force; 0: not available
+
+    def set_recv_size(self, n: int) -> None:
+        """Receive into a buffer of `n` bytes from now on (the codec keeps no view of it)."""
+        self.rbuf = bytearray(n)
+        self.rhead = memoryview(self.rbuf)[:HEAD_RECV]
 
     def queue(self, request_id: int, message) -> None:
         self.queue_frame(self.codec.encode(request_id, message))
@@ -345,7 +353,7 @@ class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
                  prepare: Callable[[list], None] | None = None):
-        self.link = _Link(stream, max_frame)
+        self.link = _Link(stream, max_frame, HELLO_RECV)
         self.handler = handler
         self.prepare = prepare
         self.cluster = cluster
@@ -367,6 +375,7 @@ class _ServerSession:
                 if not await self.handshake():
                     return
             link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
+            link.set_recv_size(RECV_SIZE)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(_guarded, link.writer, nursery.cancel_scope)

@@ -348,6 +348,35 @@ async def test_a_large_frame_before_the_hello_is_refused_without_a_buffer_for_it
         assert await next_reply(stream, codec) == (5, m.Ok(1))
 
 
+async def test_connections_that_never_say_hello_hold_no_receive_buffer():
+    """A connection that has sent nothing (a port scan, a half-open flood) is kept for the
+    handshake timeout; its memory until its Hello is checked must stay small, or a few
+    thousand of them take gigabytes (a 256 KiB receive buffer each)."""
+    import gc
+    import tracemalloc
+
+    n = 100
+    async with server() as (address, _):
+        host, port = address.rsplit(":", 1)
+        await (await raw_client(address))[0].aclose()  # the server warmed up
+        await trio.sleep(0.1)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            socks = [socket.create_connection((host, int(port))) for _ in range(n)]
+            await trio.sleep(0.5)  # every one accepted, its session waiting for a Hello
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        for s in socks:
+            s.close()
+        assert grown / n < 64 * 1024, f"{grown / n:.0f} bytes per silent connection"
+        stream, codec = await raw_client(address)  # a real peer still gets served
+        await stream.send_all(codec.encode(3, m.Ping(4)))
+        assert await next_reply(stream, codec) == (3, m.Pong("srv", 4))
+
+
 async def test_a_failed_connection_leaves_its_reader_no_waiter_to_answer():
     """fail() answers every pending call with PeerUnavailable and empties the dict the
     reader looks replies up in: a reply the reader decodes before its cancellation
