@@ -45,6 +45,7 @@ import trio
 from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
 from vbp.chunkstore import flush_store, fua_sync
+from vbp.chunkstore_common import check_chunk_size, check_key, check_range
 from vbp.errors import Fenced, InvalidArgument, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
 from vbp.reqid import current as current_rid
@@ -233,6 +234,11 @@ class Replica:
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         self.check_token(volume, token)
         self.check_epoch(epoch)
+        # the store checks these too, but only where it has the chunk: a zeroing of one not
+        # here yet is answered below without it, and must be refused as the copies that
+        # hold it refuse it (nor noted: a takeover would compare a chunk nobody wrote)
+        check_key((lineage, index, gen))
+        check_range(offset, length, check_chunk_size(chunk_size))
         self._check_creates(lineage, index, gen)
         self._note(lineage, index, offset, length, gen)
         base = self._base(lineage, index, gen, chain)
