@@ -788,7 +788,8 @@ class Blockd:
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
             async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout,
                                 connect_timeout=cfg.peer_timeout,
-                                congestion=cfg.peer_tcp_congestion) as pool, \
+                                congestion=cfg.peer_tcp_congestion,
+                                host_at=self.cluster.host_at) as pool, \
                     trio.open_nursery() as nursery:
                 self.pool = pool
                 self.resync.pool = pool

@@ -176,6 +176,10 @@ class ClusterView:
         self._routes.clear()
         self._up = {h.id for h in cmap.hosts if h.state != "down"}
         self._addr = {h.id: h.peer for h in cmap.hosts}
+        at: dict[str, str | None] = {}
+        for h in cmap.hosts:  # (an address two records share names neither)
+            at[h.peer] = h.id if h.peer not in at else None
+        self._host_at = at
         # hosts whose decoder predates request ids (an upgrade under way): sent none
         self.no_rid = frozenset(h.id for h in cmap.hosts if h.peer_rev < 1)
         # hosts that do not take WriteBatch: their writes go one WriteChunk each
@@ -280,6 +284,11 @@ class ClusterView:
 
     def address(self, host_id: str) -> str:
         return self._addr[host_id]
+
+    def host_at(self, address: str) -> str | None:
+        """The host the map has listening at peer `address`, None when none or several
+        (PeerPool's check of the host a connection reaches)."""
+        return self._host_at.get(address)
 
 
 class VolumeGateway:

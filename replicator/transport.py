@@ -712,6 +712,12 @@ class _ClientConnection:
                 f"{self.address} is in cluster {reply.cluster!r}, not {pool.cluster!r}")
         if reply.version != m.PROTO_VERSION:
             raise VersionMismatch(f"{self.address} speaks protocol version {reply.version}")
+        # another host at the address the map gives (it moved and another took the port, or
+        # the map is behind): what we send there for the host we mean must not count as it
+        want = pool.host_at(self.address) if pool.host_at is not None else None
+        if want is not None and reply.host_id != want:
+            raise PeerUnavailable(f"{self.address} is host {reply.host_id!r}, not {want!r} "
+                                  f"as the cluster map says")
         self.peer_host_id = reply.host_id
         # a host that sent no boot id (older, or not told we know the field) may have
         # restarted at any reconnection: each one counts as a new incarnation
@@ -806,8 +812,12 @@ class PeerPool:
         max_frame: int = DEFAULT_MAX_FRAME,
         faults: FaultPolicy | None = None,
         congestion: str = "",
+        host_at: Callable[[str], str | None] | None = None,
     ):
         self.cluster = cluster
+        # the host id the cluster map names at an address (None: unknown, no check): a
+        # server whose HelloOk names another host is refused (_ClientConnection.handshake)
+        self.host_at = host_at
         self.host_id = host_id
         self.congestion = congestion  # TCP congestion control of its connections; "": the system's
         self.connect_timeout = connect_timeout

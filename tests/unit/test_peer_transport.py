@@ -187,6 +187,38 @@ async def test_wrong_cluster_is_refused_and_closed():
     assert called == []
 
 
+async def test_a_server_that_is_not_the_host_the_address_belongs_to_is_refused():
+    """The map says h2 listens at the address, and h3 answers there (h2 moved and h3 got
+    its port, or a map not refreshed yet): a write counted as h2's copy would be on h3,
+    and h2's copy, missing it, would be taken for current. The HelloOk names the host:
+    the pool refuses the connection (PeerUnavailable, the copy fails as if down)."""
+    async with server(host_id="h3") as (address, _):
+        expected = {address: "h2"}
+        async with PeerPool(CLUSTER, "cli", host_at=expected.get) as pool:
+            with pytest.raises(PeerUnavailable, match="'h3', not 'h2'"):
+                await pool.call(address, m.Ping(1))
+            assert pool.incarnation("h3") == 0 and not pool.connected(address)
+            expected[address] = "h3"  # the map caught up: the next call connects
+            assert await pool.call(address, m.Ping(2)) == m.Pong("srv", 2)
+            assert pool.peer_host_id(address) == "h3"
+            expected.clear()  # an address the map does not know (a tool's): no check
+            pool.disconnect(address)
+            assert await pool.call(address, m.Ping(3)) == m.Pong("srv", 3)
+
+
+def test_the_cluster_view_names_the_host_at_an_address_unless_two_share_it():
+    from replicator.gateway import ClusterView
+    from vbp.cluster import ClusterMap, HostRecord
+
+    view = ClusterView(ClusterMap(1, (HostRecord("h1", "a:1", "a:9", pod="p1"),
+                                      HostRecord("h2", "b:1", "b:9", pod="p2"),
+                                      HostRecord("h3", "b:1", "b:9", pod="p3"))))
+    assert view.host_at("a:1") == "h1"
+    assert view.host_at("b:1") is None and view.host_at("c:1") is None
+    view.set_map(ClusterMap(2, (HostRecord("h2", "a:1", "a:9", pod="p2"),)))
+    assert view.host_at("a:1") == "h2" and view.host_at("b:1") is None
+
+
 async def test_request_before_hello_is_refused():
     async with server() as (address, _):
         stream, codec = await raw_client(address, hello=False)
