@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from control.cli import EXIT_IN_USE
 from tests.conftest import SandboxHandle, run_vbp
 
 MiB = 1024 * 1024
@@ -273,7 +274,13 @@ class KillLoop:
         if len(self.vols) < 3:
             return self.op_create()
         self.stop_writers([v])  # a clean close: the gateway flushes and hands its lease back
-        self.vbp("volume", "delete", v.name)
+        # ... unless the kill took its gateway: the lease then stays until it runs out
+        # (lease_ttl), and a delete meanwhile is refused as for a volume still open
+        deadline = time.monotonic() + 15
+        while (p := self.sb.vbp("volume", "delete", v.name, check=False)).returncode:
+            assert (p.returncode == EXIT_IN_USE and "write lease" in p.stderr
+                    and self.killed.is_set() and time.monotonic() < deadline), p.stderr
+            time.sleep(0.5)
         del self.vols[v.name]
 
     def random_op(self) -> None:
