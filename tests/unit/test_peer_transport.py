@@ -509,7 +509,10 @@ async def test_server_bounds_requests_in_flight_per_connection():
             async with trio.open_nursery() as nursery:
                 for i in range(20):
                     nursery.start_soon(pool.call, address, write(i))
-                await trio.sleep(0.3)
+                with trio.fail_after(10):  # (a loaded machine takes its time to get there)
+                    while most < 4:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.3)  # time for a fifth to start, were the bound not kept
                 assert most == 4
                 release.set()
     assert most == 4 and running == 0
