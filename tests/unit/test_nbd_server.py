@@ -396,7 +396,9 @@ async def test_out_of_order_replies(port, slow):
     n = 20
     for i in range(n):
         await c.request(proto.CMD_READ, i * 100, 100, cookie=i)
-    await trio.sleep(0.05)
+    with trio.fail_after(10):  # every read under way at once (on a loaded machine: later)
+        while slow.active < n:
+            await trio.sleep(0.01)
     assert slow.active == n
     order = []
     for i in reversed(range(n)):
