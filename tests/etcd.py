@@ -19,9 +19,20 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: all bound at once, so the kernel cannot give the
+    same one twice (one at a time, two picks coincided about once in 9,000)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class EtcdProcess:
@@ -29,8 +40,7 @@ class EtcdProcess:
         self.data_dir = data_dir
         self.host = host
         self.netns = netns  # run inside this network namespace (`ip netns exec`)
-        self.client_port = free_port() if netns is None else 2379
-        self.peer_port = free_port() if netns is None else 2380
+        self.client_port, self.peer_port = free_ports(2) if netns is None else (2379, 2380)
         self.proc: subprocess.Popen | None = None
 
     @property
