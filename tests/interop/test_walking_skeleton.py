@@ -192,7 +192,10 @@ def test_metrics_endpoint_counts_requests(tmp_path):
     from tests.conftest import SandboxHandle, free_port_range
 
     sb = SandboxHandle(tmp_path / "sb", 1)
-    mport = free_port_range(1)
+    # the metrics port with the host's two, from one free range: picked apart, it could be
+    # one of them
+    sb.base_port = free_port_range(3)
+    mport = sb.base_port + 2
     run_vbp("sandbox", "up", "--hosts", 1, "--dir", sb.dir, "--base-port", sb.base_port,
             "--set", f"metrics=127.0.0.1:{mport}", "--set", "gc_interval=0.5")
     try:
