@@ -11,6 +11,7 @@ from vbp.errors import (
     Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
 from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
+from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
     VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
     new_volume, pending_abandoned, replicas_by_lineage, request_snapshot, shrink,
@@ -119,8 +120,7 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
     try:
         # (inside the try: a request whose answer was lost may have gone in, and is
         # cancelled then like one that timed out; cancelling only ever cancels `head`)
-        reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap,
-                                                           head, until).to_dict())
+        reg.update_volume(name, lambda d: _request_snapshot(name, d, snap, head, until))
         while True:
             cur = get_volume(reg, name)
             if cur.pending != head:
@@ -140,6 +140,16 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
         except (VbpError, NotFound):
             pass
         raise
+
+
+def _request_snapshot(name: str, d: dict, snap: str, head: int, until: float) -> dict:
+    """The record with the snapshot pending, refused (InvalidArgument) if the record it
+    completes into would be too large for the registry: refused only at its completion,
+    the gateway holding the volume's writes for it would retry it until this call's
+    timeout."""
+    r = request_snapshot(VolumeRecord.from_dict(d), snap, head, until)
+    sized(f"volume {name} record", complete_snapshot(r).to_dict(), SNAPSHOTS_HINT)
+    return r.to_dict()
 
 
 CONTROL_HOLDER = "control"

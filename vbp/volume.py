@@ -269,6 +269,8 @@ def new_volume(
 # Snapshots a volume may have at once. Each keeps its chain in the volume's record, so the
 # record grows with the square of their count (256 KB at 500; at about 1,100 etcd refuses
 # it as too large, and every gateway serving the volume reads it five times a second).
+# The chain also gains a generation at every snapshot taken, deleted or not: kept under
+# this count, the record still grows, until the registry refuses it (base.VALUE_MAX).
 MAX_SNAPSHOTS = 256
 
 

@@ -879,3 +879,43 @@ def test_leases_of_deleted_volumes(reg):
     reg.release_lease(lb)
     assert reg.acquire_lease("b", "h2", 30.0).token > lb.token
     assert reg.leases_of_deleted() == []
+
+
+def _rolling_record(name: str, taken: int, kept: int) -> dict:
+    """The record of a volume that took `taken` snapshots and kept the last `kept` (hourly
+    snapshots kept a week: 168). Each snapshot carries the chain it froze, and the chain
+    gains a generation at every snapshot ever taken: the record grows with taken * kept."""
+    from vbp.volume import Snapshot, new_volume
+
+    rec = new_volume(name, 1 << 30, head=taken + 1, now=1.7e9)
+    snaps = tuple(Snapshot(f"s{i}", i, tuple(range(1, i + 1)), 1.7e9 + i, 1 << 30)
+                  for i in range(taken - kept + 1, taken + 1))
+    return dataclasses.replace(rec, chain=tuple(range(1, taken + 2)), snapshots=snaps).to_dict()
+
+
+def test_a_volume_record_too_large_for_the_registry_is_refused_naming_it(reg):
+    """Deleting old snapshots does not stop a volume's record from growing: hourly
+    snapshots kept a week pass etcd's 1.5 MiB request limit after about 3,100 taken.
+    etcd then refused every update that grew it as "registry unavailable" (request is too
+    large), and a snapshot got as far as a pending head, leaving its completion (by a
+    gateway, writes held meanwhile) to fail again and again until the request timed out;
+    the other backends stored it, to be refused once the pool moved to etcd. A record is
+    refused before it is written, with the limit and the record named, and it stays
+    usable: a snapshot deleted makes room."""
+    from control import api
+
+    d = _rolling_record("v", 3280, 168)  # 1,566,782 bytes: etcd takes it, not one snapshot more
+    assert 1_560_000 < len(msgpack.packb(d, use_bin_type=True)) < 1_572_864 - 4_000
+    reg.kv.txn([], [Put(b"vbp/vol/v", msgpack.packb(d, use_bin_type=True)),  # grown so far
+                    Put(f"vbp/ctr/gen/{d['lineage']}".encode(), msgpack.packb(d["head"]))])
+    with pytest.raises(InvalidArgument, match=r"volume v .*limit of \d+ bytes"):
+        api.snapshot(reg, "v", "next", timeout=5)
+    assert reg.get_volume("v") == d  # nothing pending: no gateway holds writes for it
+    with pytest.raises(InvalidArgument, match=r"volume v .*limit of \d+ bytes"):
+        reg.update_volume("v", lambda r: {**r, "note": b"x" * 100_000})
+    api.delete_volume(reg, "v@s3113", wait=0)  # a record over the limit may still shrink
+    assert len(reg.get_volume("v")["snapshots"]) == 167
+    with pytest.raises(InvalidArgument, match=r"volume w .*limit of \d+ bytes"):
+        reg.create_volume("w", {**d, "name": "w", "note": b"x" * 100_000})
+    with pytest.raises(NotFound):
+        reg.get_volume("w")

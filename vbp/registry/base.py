@@ -81,6 +81,12 @@ P_SCRUB_RESULT = b"vbp/scrub/result/"  # per-host usage, published with the hear
 
 CAS_ATTEMPTS = 1000
 TXN_OPS_MAX = 100  # operations in one transaction at most (etcd's default limit is 128)
+# The largest value written for a record that grows with use (a volume's: every snapshot
+# carries the chain of generations it froze, and the chain gains one at every snapshot
+# ever taken, deleted or not). etcd refuses a request over its --max-request-bytes, 1.5 MiB
+# by default; 32 KiB are left for the rest of a transaction (keys, compares).
+VALUE_MAX = 1_572_864 - 32_768
+SNAPSHOTS_HINT = "each snapshot keeps the chain of generations it froze: delete snapshots to make room"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +139,18 @@ def _pack(obj) -> bytes:
 def _orphaned(item) -> bool:
     """A released lease record that still owes a takeover's reconcile (release_lease)."""
     return bool(_unpack(item.value).get("orphaned"))
+
+
+def sized(what: str, record, hint: str = "", old: bytes | None = None) -> bytes:
+    """The record packed, unless that is over VALUE_MAX and larger than `old` (a record
+    grown past it before may still shrink or change in place): InvalidArgument then,
+    naming the record and the limit, before any store refuses it."""
+    value = _pack(record)
+    if len(value) > VALUE_MAX and (old is None or len(value) > len(old)):
+        raise InvalidArgument(
+            f"{what} would take {len(value)} bytes, over the registry's limit of {VALUE_MAX} "
+            f"bytes for one record (etcd refuses a request over 1.5 MiB)" + (f"; {hint}" if hint else ""))
+    return value
 
 
 def _unpack(b: bytes):
@@ -346,7 +364,8 @@ class Registry:
 
     def create_volume(self, name: str, record: dict) -> None:
         key = P_VOL + _name("volume name", name)
-        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, _pack(record))])
+        value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
+        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value)])
         if not ok:
             raise AlreadyExists(f"volume {name} already exists")
 
@@ -363,8 +382,9 @@ class Registry:
             if item is None:
                 raise NotFound(f"volume {parent} does not exist")
             record = make(_unpack(item.value))
+            value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
             ok, _ = self.kv.txn([Cmp(key, "mod", 0), Cmp(pkey, "mod", item.mod_rev)],
-                                [Put(key, _pack(record))])
+                                [Put(key, value)])
             if ok:
                 return record
             if self.kv.get(key)[0] is not None:
@@ -407,7 +427,8 @@ class Registry:
             if new is None:  # fn changed the record in place
                 new = rec
             cmps.append(Cmp(key, "mod", item.mod_rev))
-            ok, _ = self.kv.txn(cmps, [Put(key, _pack(new))])
+            value = sized(f"volume {name} record", new, SNAPSHOTS_HINT, old=item.value)
+            ok, _ = self.kv.txn(cmps, [Put(key, value)])
             if ok:
                 return new
         raise self._contended(f"update volume {name}")
