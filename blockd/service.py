@@ -35,7 +35,7 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
-from vbp.errors import Fenced, Gone, LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import Fenced, Gone, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
@@ -1020,6 +1020,8 @@ class Blockd:
                 await self._register_again()
             except RegistryUnavailable as e:
                 log.warning("event=heartbeat_failed error=%s", e)
+            except InvalidArgument as e:  # the stats only: the liveness went through
+                log.error("event=stats_too_large error=%s", e)
             st = self.store.stats()
             self.metrics.set_space(st.capacity, st.used)
 

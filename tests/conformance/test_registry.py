@@ -919,3 +919,28 @@ def test_a_volume_record_too_large_for_the_registry_is_refused_naming_it(reg):
         reg.create_volume("w", {**d, "name": "w", "note": b"x" * 100_000})
     with pytest.raises(NotFound):
         reg.get_volume("w")
+
+
+def test_stats_too_large_for_the_registry_do_not_take_the_host_down(reg):
+    """A host's stats list every open export it must keep readable, each with its chain
+    of generations: 520 snapshot exports of volumes 1,000 snapshots old are 1.6 MB, over
+    etcd's 1.5 MiB request limit. The heartbeat carries the stats in the transaction that
+    refreshes the host's liveness, so etcd refused both, and the host was reported down
+    while it served. The liveness is refreshed all the same; the stats are refused with
+    the limit named (the exports they would publish stop serving before the last
+    published ones lapse)."""
+    entry = {"export": "vol@snap", "lineage": "0123456789abcdef", "chain": list(range(1000, 2000)),
+             "cuts": [], "size": 1 << 30, "chunk_size": 4 << 20}
+    big = {"used": 1, "exports": [entry] * 520}
+    assert len(msgpack.packb(big, use_bin_type=True)) > 1_572_864
+    reg.register_host(host(1), 2)
+    reg.heartbeat("h1", 2, {"used": 0})
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        with pytest.raises(InvalidArgument, match=r"stats of host h1 .*limit of \d+ bytes"):
+            reg.heartbeat("h1", 2, big)
+        time.sleep(0.3)
+    assert reg.cluster_map().host("h1").state == "up"
+    with pytest.raises(InvalidArgument, match=r"stats of host h1 .*limit of \d+ bytes"):
+        reg.publish_stats("h1", big, 2)
+    assert reg.host_stats().get("h1", {}).get("used") != 1

@@ -84,3 +84,38 @@ def test_a_heartbeat_whose_record_is_gone_and_cannot_register_again_keeps_beatin
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert tries == [2.0, 4.0, 6.0, 8.0]  # a beat every 2 s, each one trying again
+
+
+def test_a_heartbeat_whose_stats_are_too_large_keeps_beating():
+    """The registry refuses stats too large for it (InvalidArgument) after refreshing the
+    host's liveness: the heartbeat loop logs it and beats on; the stats do not count as
+    published (the exports in them stop serving before the last published ones lapse)."""
+    from types import SimpleNamespace
+
+    import trio.testing
+
+    from blockd.service import Blockd
+    from vbp.errors import InvalidArgument
+
+    beats: list = []
+
+    class TooLarge:
+        async def heartbeat(self, *args):
+            beats.append(trio.current_time())
+            raise InvalidArgument("stats of host h1 would take 1603000 bytes, over the limit")
+
+    b = Blockd.__new__(Blockd)
+    b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1")
+    b.registry = TooLarge()
+    b._stats_lock = trio.Lock()
+    b.stats = lambda: {"used": 0}
+    b._published = lambda t0, st: beats.append("published")
+    b.store = SimpleNamespace(stats=lambda: SimpleNamespace(capacity=1, used=0))
+    b.metrics = SimpleNamespace(set_space=lambda capacity, used: None)
+
+    async def main():
+        with trio.move_on_after(7):
+            await b._heartbeat()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert beats == [2.0, 4.0, 6.0]

@@ -153,6 +153,11 @@ def sized(what: str, record, hint: str = "", old: bytes | None = None) -> bytes:
     return value
 
 
+def _stats_value(host_id: str, stats: dict) -> bytes:
+    # (each open export a host must keep readable is listed with its chain of generations)
+    return sized(f"stats of host {host_id}", stats, "too many exports open on it")
+
+
 def _unpack(b: bytes):
     return msgpack.unpackb(b, raw=False, strict_map_key=False)
 
@@ -206,14 +211,22 @@ class Registry:
 
     def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
         """Refresh the host's liveness key (and its published stats) in one transaction
-        guarded by the host record's existence: on etcd one lease grant and one txn."""
+        guarded by the host record's existence: on etcd one lease grant and one txn.
+        Stats too large for the registry (InvalidArgument) are left out after the
+        liveness is refreshed: the host is up, its last stats lapse."""
         key = P_HOST + _name("host id", host_id)
         ops = [Put(P_ALIVE + host_id.encode(), b"1", ttl)]
+        too_large = None
         if stats is not None:
-            ops.append(Put(P_STATS + host_id.encode(), _pack(stats), ttl))
+            try:
+                ops.append(Put(P_STATS + host_id.encode(), _stats_value(host_id, stats), ttl))
+            except InvalidArgument as e:
+                too_large = e
         ok, _ = self.kv.txn([Cmp(key, "exists", 0)], ops)
         if not ok:
             raise NotFound(f"host {host_id} is not registered")
+        if too_large is not None:
+            raise too_large
 
     def cluster_map(self) -> ClusterMap:
         for _ in range(CAS_ATTEMPTS):
@@ -601,7 +614,7 @@ class Registry:
 
     def publish_stats(self, host_id: str, stats: dict, ttl: float) -> None:
         """A host's usage figures (capacity, used, chunks, ...), kept while it heartbeats."""
-        self.kv.txn([], [Put(P_STATS + _name("host id", host_id), _pack(stats), ttl)])
+        self.kv.txn([], [Put(P_STATS + _name("host id", host_id), _stats_value(host_id, stats), ttl)])
 
     def host_stats(self) -> dict[str, dict]:
         items, _ = self.kv.range(P_STATS)
