@@ -393,7 +393,9 @@ class Sim:
         return api.clone(self.reg, source, new_name)
 
     def delete(self, name: str) -> None:
-        api.delete_volume(self.reg, name)
+        # a volume forced: the hosts' gateways may still serve it (a live lease, a published
+        # reader), which `vbp volume delete` refuses without --force; the model checks that
+        api.delete_volume(self.reg, name, force="@" not in name)
 
     def volume(self, name: str) -> VolumeRecord:
         return api.get_volume(self.reg, name)

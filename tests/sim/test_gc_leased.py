@@ -39,7 +39,7 @@ def test_gc_keeps_a_deleted_volume_while_its_lease_holder_may_still_serve_it():
             await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
             await h0.run_on(h0.publish_stats)  # (the heartbeat: a holder is not in it)
             assert sim.reg.host_stats()["h0"]["exports"] == []
-            api.delete_volume(sim.reg, "v")
+            api.delete_volume(sim.reg, "v", force=True)  # (refused without: h0 holds the lease)
             for h in sim.hosts.values():
                 await h.collect_garbage()
             try:
