@@ -352,7 +352,7 @@ class VolumeProvider:
         await self._announce(export, lease.token)
         if lease.taken_over and gw is not None:
             try:
-                await gw.reconcile_after_takeover()
+                await gw.reconcile_after_takeover(lease.token)
             except BaseException:
                 # Not reconciled (the registry unreachable for its marks, say): the lease
                 # goes back still marked a takeover, so that whoever takes it next, this

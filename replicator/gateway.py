@@ -763,7 +763,7 @@ class VolumeGateway:
 
     # --- after a takeover ------------------------------------------------------------
 
-    async def reconcile_after_takeover(self) -> tuple[int, int]:
+    async def reconcile_after_takeover(self, token: int) -> tuple[int, int]:
         """Run once this gateway took the lease over from a holder that never released it,
         after the new token was announced (so nothing of the old holder lands any more) and
         before our first write. A write the old holder had in flight may have reached only
@@ -778,32 +778,38 @@ class VolumeGateway:
         (DRBD resyncs its activity log's extents after a primary crash for this.)
         Every generation of the head's chain is asked about, not only the head: snapshots
         completed since the old holder stopped (without a lease, by `vbp volume snapshot`)
-        froze the generation it wrote into. Returns (chunks compared, copies recorded
-        stale)."""
+        froze the generation it wrote into. `token`: our lease's (not ours to write with
+        until this returns). Returns (chunks compared, copies recorded stale)."""
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
         dirty: set[tuple[int, int]] = set()  # (index, gen)
+        unheard: set[str] = set()  # up hosts that did not learn our token or list their chunks
 
-        async def listed(h: str, gen: int) -> None:
+        async def listed(h: str) -> None:
             rec = cv.map.host(h)
             if rec is None or not cv.is_up(h) or (h != self.host_id and rec.peer_rev < 5):
                 return
             try:
-                got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
-                dirty.update((index, gen) for index in got.indexes)
+                # Our token first, even if the service announced it: an announcement that
+                # failed is only logged, and a copy compared while it still takes the old
+                # holder's token may take that holder's write still on its way afterwards.
+                await self._send_once(h, m.Flush(self.view.volume.name, cv.epoch, token))
+                for gen in sorted(set(self.chain)):
+                    got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
+                    dirty.update((index, gen) for index in got.indexes)
             except VbpError as e:
-                log.info("volume=%s event=reconcile_list_failed host=%s gen=%d error=%s",
-                         self.name, h, gen, e)
+                unheard.add(h)
+                log.info("volume=%s event=reconcile_list_failed host=%s error=%s",
+                         self.name, h, e)
 
         async with trio.open_nursery() as nursery:
-            for gen in set(self.chain):
-                for h in hosts:
-                    nursery.start_soon(listed, h, gen)
+            for h in hosts:
+                nursery.start_soon(listed, h)
         marked = 0
         for index, gen in sorted(dirty):
             stale = set(self.stale.get(index, ()))
             placed = [h for h in cv.write_set(self.lineage, index, self.n) if h not in stale]
-            copies = [h for h in placed if cv.is_up(h)]
+            copies = [h for h in placed if cv.is_up(h) and h not in unheard]
             # A copy down now (cut off, its process maybe alive: no dirty marks of its own
             # for a restart to find) may hold a write of the old holder the others lack,
             # and nobody compares it once it is back: it goes with the copies behind, as

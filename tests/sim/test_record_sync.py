@@ -490,11 +490,11 @@ def test_a_takeover_whose_reconcile_failed_leaves_the_lease_a_takeover(monkeypat
             reconcile = VolumeGateway.reconcile_after_takeover
             calls: list = []
 
-            async def failing(self):
+            async def failing(self, token):
                 calls.append(True)
                 if len(calls) == 1:
                     raise RegistryUnavailable("etcd request timed out")
-                return await reconcile(self)
+                return await reconcile(self, token)
 
             monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing)
             h1 = sim.hosts["h1"]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from tests.sim.harness import Sim, call, extents_bytes
+from replicator import messages as m
+from tests.sim.harness import Sim, SimFaults, call, extents_bytes
+from vbp.errors import Fenced
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import P_ALIVE
 from vbp.registry.kv import Delete
@@ -128,6 +130,54 @@ def test_a_copy_down_at_the_takeover_is_recorded_stale_for_the_chunks_found_dirt
             sim.sync_maps()
             assert sim.hosts[lone].store.read(key, 0, 4096) == b"\xee" * 4096
             assert stale_hosts(sim, rec.lineage, 0) == {lone}  # not current: resync repairs it
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class _LoseFirstFlushTo(SimFaults):
+    """The first call to `address` carrying a Flush (the new holder's announcement of its
+    token) fails, all else passes: a link that lost that one request."""
+
+    def __init__(self, address: str):
+        super().__init__(0)
+        self.address = address
+
+    def on_call(self, address, message):
+        if address == self.address and isinstance(message, m.Flush) and self.address:
+            self.address = ""
+            return "partition"
+        return super().on_call(address, message)
+
+
+def test_a_copy_the_takeover_compares_refuses_the_old_holders_late_write():
+    """The new holder's announcement of its token did not reach a replica (lost once: it is
+    logged and passed over), and the reconcile then listed and compared that replica's copies: a write
+    of the old holder still on its way lands there after the comparison, and the copies
+    disagree with no record. Every copy the reconcile counts current must have learned the
+    new token before it was compared (or be recorded stale)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+            old = await sim.hosts["h0"].provider.open_export("v")
+            await call(old.write(0, b"\x01" * 8192, False))
+            sim.expire_lease("v")
+            late, new_host = "h2", "h1"
+            sim.hosts[new_host].faults = _LoseFirstFlushTo(sim.hosts[late].addr)
+            sim.hosts[new_host].pool.faults = sim.hosts[new_host].faults
+            gw = await sim.hosts[new_host].provider.open_export("v")  # takes the lease over
+            assert gw.token > old.token
+            # the old holder's write that was on the network all along reaches `late` now
+            msg = m.WriteChunk("v", rec.lineage, 0, rec.head, (rec.head,), 0, b"\xee" * 4096,
+                               MiB, 0, False, sim.hosts[late].cluster.epoch, old.token)
+            try:
+                sim.hosts[late].replica.handle(msg)
+            except Fenced:
+                pass
+            else:  # taken: then the reconcile must not have counted that copy current
+                assert late in stale_hosts(sim, rec.lineage, 0)
             nursery.cancel_scope.cancel()
 
     run(main)
