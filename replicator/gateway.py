@@ -778,8 +778,11 @@ class VolumeGateway:
         (DRBD resyncs its activity log's extents after a primary crash for this.)
         Every generation of the head's chain is asked about, not only the head: snapshots
         completed since the old holder stopped (without a lease, by `vbp volume snapshot`)
-        froze the generation it wrote into. `token`: our lease's (not ours to write with
-        until this returns). Returns (chunks compared, copies recorded stale)."""
+        froze the generation it wrote into. A host up in the map that cannot be asked
+        fails the reconcile (PeerUnavailable), once the copies found dirty are recorded:
+        a host down is not waited for (a failover must go on without it). `token`: our
+        lease's (not ours to write with until this returns). Returns (chunks compared,
+        copies recorded stale)."""
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
         dirty: set[tuple[int, int]] = set()  # (index, gen)
@@ -845,6 +848,19 @@ class VolumeGateway:
                         self.name, index, gen, ",".join(keep), ",".join(behind))
             await self._mark_stale(index, behind)
             marked += len(behind)
+        if unheard and self.refresh_map is not None:
+            try:  # a host that died since our map was read (its copies went behind above)
+                await self.refresh_map()
+            except RegistryUnavailable as e:
+                log.info("volume=%s event=map_refresh_failed error=%s", self.name, e)
+            unheard = {h for h in unheard if cv.is_up(h)}
+        if unheard:
+            # Up, maybe holding the old holder's last write in a chunk no other copy was
+            # written in, which nobody compares then: not reconciled (the service hands
+            # the lease back still owing it, and the write that took it fails).
+            raise PeerUnavailable(
+                f"{self.name}: the takeover could not ask {', '.join(sorted(unheard))} which "
+                f"chunks the previous holder wrote there: not reconciled")
         log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",
                  self.name, len(dirty), marked)
         return len(dirty), marked

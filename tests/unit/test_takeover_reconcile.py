@@ -9,7 +9,7 @@ import trio.testing
 
 from replicator import messages as m
 from tests.sim.harness import Sim, SimFaults, call, extents_bytes
-from vbp.errors import Fenced
+from vbp.errors import Fenced, VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import P_ALIVE
 from vbp.registry.kv import Delete
@@ -178,6 +178,45 @@ def test_a_copy_the_takeover_compares_refuses_the_old_holders_late_write():
                 pass
             else:  # taken: then the reconcile must not have counted that copy current
                 assert late in stale_hosts(sim, rec.lineage, 0)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_copy_the_takeover_cannot_list_leaves_the_lease_not_reconciled():
+    """A replica up in the map does not answer the new holder's question of which chunks
+    it wrote lately (a one-way cut). It may hold the old holder's last write in a chunk no
+    other copy was written in: nobody compares that chunk, so the takeover is not
+    reconciled, and the lease must not be handed back as if it were."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+            old = await sim.hosts["h0"].provider.open_export("v")
+            await call(old.write(0, b"\x01" * 4096, False))
+            # the old holder's last write, to chunk 1, reached one replica only
+            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3)[2]
+            new_host = next(h for h in ("h1", "h2") if h != lone)
+            sim.hosts[lone].replica.handle(m.WriteChunk(
+                "v", rec.lineage, 1, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB, 0, False,
+                sim.hosts[lone].cluster.epoch, old.token))
+            sim.expire_lease("v")
+            sim.hosts[new_host].faults.partition([sim.hosts[lone].addr])
+            gw = await sim.hosts[new_host].provider.open_export("v")
+            sim.hosts[new_host].faults.heal()
+            try:
+                await call(gw.write(0, b"\x06" * 4096, False))
+            except VbpError:
+                pass
+            # either the chunk was compared (the lone copy recorded stale), or the lease is
+            # still owed a reconcile once handed back: whoever takes it next compares them
+            if lone not in stale_hosts(sim, rec.lineage, 1):
+                if sim.reg.get_lease("v") is not None:
+                    gw.on_close(gw)  # the client goes: the lease is handed back
+                    await trio.sleep(1)
+                assert sim.reg.get_lease("v") is None
+                assert sim.reg.lease_orphaned("v")
             nursery.cancel_scope.cancel()
 
     run(main)
