@@ -105,6 +105,7 @@ class VolumeProvider:
         # closed gateways with failures or suspect copies the registry has not heard of yet
         self.unsettled: list[tuple[VolumeGateway, object]] = []
         self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
+        self.reconciling: set[int] = set()  # tokens of leases taken over, not reconciled yet
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -351,9 +352,14 @@ class VolumeProvider:
                  lease.taken_over)
         await self._announce(export, lease.token)
         if lease.taken_over and gw is not None:
+            # until it is done, any release of this lease (the last client leaving
+            # meanwhile, say) hands it back still owing the reconcile (_release)
+            self.reconciling.add(lease.token)
             try:
                 await gw.reconcile_after_takeover(lease.token)
+                self.reconciling.discard(lease.token)
             except BaseException:
+                self.reconciling.discard(lease.token)
                 # Not reconciled (the registry unreachable for its marks, say): the lease
                 # goes back still marked a takeover, so that whoever takes it next, this
                 # gateway at its next write included, compares the copies again. Kept,
@@ -566,6 +572,7 @@ class VolumeProvider:
             try:
                 if gw is not None and not await self.settle(gw, lease):
                     raise RegistryUnavailable("what the gateway could not record is still pending")
+                reconciled = reconciled and lease.token not in self.reconciling
                 await self.service.registry.release_lease(lease, reconciled=reconciled)
                 log.info("volume=%s event=lease_released token=%d", lease.volume, lease.token)
             except VbpError as e:

@@ -290,3 +290,47 @@ def test_a_takeover_long_after_the_holder_died_still_finds_its_last_writes():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+class _SlowList(SimFaults):
+    """DirtyChunks requests take `delay` seconds to leave: a reconcile that takes a while."""
+
+    def __init__(self, delay: float):
+        super().__init__(0)
+        self.slow = delay
+
+    def on_call(self, address, message):
+        if isinstance(message, m.DirtyChunks):
+            return self.slow
+        return super().on_call(address, message)
+
+
+def test_a_client_gone_while_its_write_reconciles_leaves_the_lease_owing_the_reconcile():
+    """The takeover happens at a client's first write (the old lease had not run out when
+    it connected); the client goes while the reconcile runs, its write cancelled. The lease
+    must not be handed back as reconciled: nothing was compared."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old, key, lone = await lone_write_left(nursery)
+            new_host = next(h for h in ("h1", "h2") if h != lone)
+            host = sim.hosts[new_host]
+            gw = await host.provider.open_export("v")  # the old lease still runs: no takeover
+            assert sim.reg.get_lease("v") is not None
+            sim.expire_lease("v")  # never released: its holder stopped renewing
+            host.faults = host.pool.faults = _SlowList(1.0)
+            write = trio.CancelScope()
+
+            async def client():
+                with write:
+                    await call(gw.write(MiB, b"\x06" * 4096, False))  # takes the lease over
+            nursery.start_soon(client)
+            await trio.sleep(0.5)  # the reconcile is asking which chunks were written
+            gw.on_close(gw)  # the client leaves: its connection ends, its write is cancelled
+            write.cancel()
+            await trio.sleep(5)
+            if lone not in stale_hosts(sim, rec.lineage, 0):
+                assert sim.reg.get_lease("v") is None
+                assert sim.reg.lease_orphaned("v")  # the next holder compares the copies
+            nursery.cancel_scope.cancel()
+
+    run(main)
