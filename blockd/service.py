@@ -105,7 +105,8 @@ class VolumeProvider:
         # closed gateways with failures or suspect copies the registry has not heard of yet
         self.unsettled: list[tuple[VolumeGateway, object]] = []
         self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
-        self.reconciling: set[int] = set()  # tokens of leases taken over, not reconciled yet
+        # tokens of leases taken over, not reconciled yet (or not with every up host)
+        self.reconciling: set[int] = set()
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -357,7 +358,8 @@ class VolumeProvider:
             self.reconciling.add(lease.token)
             try:
                 await gw.reconcile_after_takeover(lease.token)
-                self.reconciling.discard(lease.token)
+                if not gw.takeover_unheard:  # (else handed back owing it: see there)
+                    self.reconciling.discard(lease.token)
             except BaseException:
                 self.reconciling.discard(lease.token)
                 # Not reconciled (the registry unreachable for its marks, say): the lease
@@ -574,6 +576,7 @@ class VolumeProvider:
                     raise RegistryUnavailable("what the gateway could not record is still pending")
                 reconciled = reconciled and lease.token not in self.reconciling
                 await self.service.registry.release_lease(lease, reconciled=reconciled)
+                self.reconciling.discard(lease.token)
                 log.info("volume=%s event=lease_released token=%d", lease.volume, lease.token)
             except VbpError as e:
                 log.warning("volume=%s event=lease_release_failed error=%s", lease.volume, e)

@@ -318,6 +318,8 @@ class VolumeGateway:
         self.registry = registry
         self.token = token
         self.lease_deadline = math.inf  # trio time; set by the service with each grant/renewal
+        # up hosts the last takeover's reconcile could not ask (reconcile_after_takeover)
+        self.takeover_unheard: frozenset[str] = frozenset()
         self.fenced = False
         # chunk index -> hosts whose copy is stale (registry StaleRecords, refreshed by the
         # service); reads avoid them while a current copy is reachable
@@ -779,10 +781,11 @@ class VolumeGateway:
         Every generation of the head's chain is asked about, not only the head: snapshots
         completed since the old holder stopped (without a lease, by `vbp volume snapshot`)
         froze the generation it wrote into. A host up in the map that cannot be asked
-        fails the reconcile (PeerUnavailable), once the copies found dirty are recorded:
-        a host down is not waited for (a failover must go on without it). `token`: our
-        lease's (not ours to write with until this returns). Returns (chunks compared,
-        copies recorded stale)."""
+        (after a map refresh) is left in `takeover_unheard`: the writes go on (a partial
+        cut must not stop the volume), but the lease owes the reconcile when handed back
+        (blockd: VolumeProvider._take_lease), so the next holder compares again. `token`:
+        our lease's (not ours to write with until this returns). Returns (chunks
+        compared, copies recorded stale)."""
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
         dirty: set[tuple[int, int]] = set()  # (index, gen)
@@ -854,13 +857,13 @@ class VolumeGateway:
             except RegistryUnavailable as e:
                 log.info("volume=%s event=map_refresh_failed error=%s", self.name, e)
             unheard = {h for h in unheard if cv.is_up(h)}
+        self.takeover_unheard = frozenset(unheard)
         if unheard:
             # Up, maybe holding the old holder's last write in a chunk no other copy was
-            # written in, which nobody compares then: not reconciled (the service hands
-            # the lease back still owing it, and the write that took it fails).
-            raise PeerUnavailable(
-                f"{self.name}: the takeover could not ask {', '.join(sorted(unheard))} which "
-                f"chunks the previous holder wrote there: not reconciled")
+            # written in, which nobody compared then: not reconciled, though we write on
+            log.warning("volume=%s event=takeover_unheard hosts=%s: could not ask them which "
+                        "chunks the previous holder wrote there; the lease owes the "
+                        "reconcile to whoever holds it next", self.name, ",".join(sorted(unheard)))
         log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",
                  self.name, len(dirty), marked)
         return len(dirty), marked
