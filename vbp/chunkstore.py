@@ -818,18 +818,27 @@ class ChunkStore:
         c = self._allocate(key, chunk_size, PENDING)
         try:
             self._copy_up(src, c)
+            c.state = READY
+            with self._txn() as txn:
+                txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
+                txn.put(enc_key(c.key), FRESH, db=self._db["dirty"])
         except Exception as e:
-            self._drop(c)
+            # The index still says PENDING: no chunk may stay behind in memory, where a
+            # write would be acknowledged to it (and lost when the next open drops it),
+            # nor a half copy read in place of its base.
+            c.state = PENDING
+            try:
+                self._drop(c)
+            except Exception:  # (its slot's commit too met a full disk)
+                if self._chunks.get(c.key) is c:
+                    self._forget(c)  # the recovery at the next open drops the PENDING record
             if isinstance(e, OSError) and e.errno in NOSPACE_ERRNOS:
                 raise NoSpace(f"the disk is full copying up chunk {tuple(key)!r}") from e
             raise
         except BaseException:
+            c.state = PENDING
             self._forget(c)  # interrupted: recovery at the next open drops the PENDING record
             raise
-        c.state = READY
-        with self._txn() as txn:
-            txn.put(enc_key(c.key), c.record(), db=self._db["chunks"])
-            txn.put(enc_key(c.key), FRESH, db=self._db["dirty"])
         c.dirty = c.touched = c.fresh = True
         self._dirty[c.key] = c
         self._fresh[c.key] = c

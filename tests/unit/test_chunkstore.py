@@ -870,3 +870,76 @@ def test_page_sums_map_a_hash_of_zero_to_one(monkeypatch):
     monkeypatch.setattr(chunkstore, "xxh3_64_intdigest",
                         lambda page: 0 if bytes(page[:1]) == b"\0" else 5)
     assert chunkstore._page_sums(b"\1" * PAGE_SIZE + b"\0" * PAGE_SIZE + b"\2" * PAGE_SIZE) == [5, 1, 5]
+
+
+class _IndexFullAfterCopy(ChunkStore):
+    """The copy of the next copy-up ends (`copy_fails`: on a full disk), and then the
+    next `index_fails` index commits meet a full disk as well."""
+
+    copy_fails = False
+    index_fails = 0
+    fails_after_copy = 0
+
+    def _copy_up(self, src, dst):
+        self.index_fails, self.fails_after_copy = self.fails_after_copy, 0
+        if self.copy_fails:
+            os.pwrite(dst.space.fd, b"h" * PAGE_SIZE, dst.dbase)  # the half that got copied
+            dst.space.sums[dst.sbase] = page_checksum(b"h" * PAGE_SIZE)
+            self.copy_fails = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._copy_up(src, dst)
+
+    def _txn(self):
+        if self.index_fails:
+            self.index_fails -= 1
+            return _FullTxn(self._env)
+        return super()._txn()
+
+
+class _FullTxn(cf.Txn):
+    def __exit__(self, exc_type, exc, tb):
+        self.txn.abort()
+        if exc_type is not None:
+            return False
+        raise NoSpace("the disk is full writing the chunk index: injected")
+
+
+def test_a_copy_up_whose_commit_fails_leaves_no_chunk_behind(tmp_path):
+    """The copy is made, but the commit making it READY meets a full disk: the write
+    fails, and no chunk is left that the index still holds PENDING (the recovery at the
+    next open would drop it, and every write acknowledged to it since with it)."""
+    k2 = ChunkKey("lin", 0, 2)
+    s = _IndexFullAfterCopy(tmp_path, 32 * CS)
+    s.write(K, 0, b"p" * CS, chunk_size=CS)
+    s.flush()
+    s.fails_after_copy = 1
+    with pytest.raises(NoSpace):
+        s.write(k2, 0, b"child", chunk_size=CS, base=1)
+    s.write(k2, 0, b"child", chunk_size=CS, base=1, fua=True)  # the disk has room again
+    abandon(s)  # acknowledged durable: the process dies
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.resolve("lin", 0, [1, 2]) == 2
+        assert s.read(k2, 0, 8) == b"childppp"
+        assert s.fsck() == [] and s.check() == []
+    finally:
+        s.close()
+
+
+def test_a_copy_up_that_fails_on_a_full_disk_never_shows_its_half_copy(tmp_path):
+    """The copy meets a full disk half-way, and so does the commit that would put its
+    slot in limbo: the half copy (its other pages zeros) must not become the chunk that
+    reads of the new generation find, in place of its base's bytes."""
+    k2 = ChunkKey("lin", 0, 2)
+    s = _IndexFullAfterCopy(tmp_path, 32 * CS)
+    try:
+        s.write(K, 0, b"p" * CS, chunk_size=CS)
+        s.flush()
+        s.copy_fails, s.fails_after_copy = True, 1
+        with pytest.raises(NoSpace):
+            s.write(k2, 0, b"child", chunk_size=CS, base=1)
+        assert s.info(k2) is None and s.resolve("lin", 0, [1, 2]) == 1
+        s.write(k2, 0, b"child", chunk_size=CS, base=1)
+        assert s.read(k2, 0, CS) == b"child" + b"p" * (CS - 5)
+    finally:
+        s.close()
