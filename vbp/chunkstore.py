@@ -60,9 +60,11 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   that would shadow the base's acknowledged data with zeros; after a reboot (power loss)
   a FRESH chunk is dropped like a PENDING one and reads fall back to its base.
 
-Reads check every page against its checksum. read_ref, for the NBD server's large reads,
-checks the pages in place through a read-only map of the data file and answers a FileRange
-that the server sends from that map (no copy into a buffer of this process). While a
+Reads check every page against its checksum; a page the disk cannot read (EIO) is damage
+like a page failing it (ChecksumError, listed by verify), for the layer above to repair.
+read_ref, for the NBD server's large reads, checks the pages in place through a read-only
+map of the data file and answers a FileRange that the server sends from that map (no copy
+into a buffer of this process). While a
 range is out, slots its space frees stay in limbo, unwiped: the bytes a slow client gets
 are the chunk's, even when a delete overtook the send, never another chunk's nor zeros. The
 check is made once, before the send: bytes that change in the file between the two (only
@@ -100,6 +102,7 @@ hypothesis model and a power-loss model), tests/faults/test_chunkstore_crash.py 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import heapq
@@ -469,11 +472,23 @@ class ChunkStore:
         sums, bad = c.space.sums, []
         for start in range(0, c.cs, COPY_STEP):
             n = min(COPY_STEP, c.cs - start)
-            mv = memoryview(pread_full(c.space.fd, n, c.dbase + start))
+            try:
+                mv, unread = memoryview(pread_full(c.space.fd, n, c.dbase + start)), ()
+            except OSError as e:  # pages the disk cannot read are bad pages (_pread)
+                if e.errno != errno.EIO:
+                    raise
+                mv, unread = None, set(self._unreadable(c, start, n))
             for off in range(0, n, PAGE_SIZE):
                 p = (start + off) >> PAGE_SHIFT
                 s = sums[c.sbase + p]
-                if s and page_checksum(mv[off: off + PAGE_SIZE]) != s:
+                if not s:
+                    continue
+                if off in unread:
+                    bad.append(p)
+                    continue
+                page = (mv[off: off + PAGE_SIZE] if mv is not None
+                        else pread_full(c.space.fd, PAGE_SIZE, c.dbase + start + off))
+                if page_checksum(page) != s:
                     bad.append(p)
         self._checksum_errors += len(bad)
         return bad
@@ -505,9 +520,7 @@ class ChunkStore:
             s = c.space.sums[c.sbase + (offset >> PAGE_SHIFT)]
             if not s:
                 return ZERO_PAGE
-            buf = os.pread(c.space.fd, PAGE_SIZE, c.dbase + offset)
-            if len(buf) != PAGE_SIZE:
-                buf = buf.ljust(PAGE_SIZE, b"\0")
+            buf = self._pread(c, PAGE_SIZE, offset)
             if self.verify_reads and (xxh3_64_intdigest(buf) or 1) != s:
                 self._corrupt(c, offset >> PAGE_SHIFT)
             return buf
@@ -522,7 +535,7 @@ class ChunkStore:
         if not any(sums):
             return bytes(length)
         start = first << PAGE_SHIFT
-        buf = pread_full(c.space.fd, (last - first + 1) << PAGE_SHIFT, c.dbase + start)
+        buf = self._pread(c, (last - first + 1) << PAGE_SHIFT, start)
         holes = 0 in sums
         if self.verify_reads:
             got = _page_sums(buf)
@@ -574,10 +587,37 @@ class ChunkStore:
         s = c.space.sums[c.sbase + page]
         if not s:
             return ZERO_PAGE
-        buf = pread_full(c.space.fd, PAGE_SIZE, c.dbase + (page << PAGE_SHIFT))
+        buf = self._pread(c, PAGE_SIZE, page << PAGE_SHIFT)
         if page_checksum(buf) != s:
             self._corrupt(c, page)
         return buf
+
+    def _pread(self, c: Chunk, n: int, offset: int) -> bytes:
+        """`n` bytes at `offset` (whole pages) of `c` as stored. A page the disk cannot
+        read (EIO) is damage like a page failing its checksum: ChecksumError naming it,
+        which the gateway repairs from a good replica, where an OSError would fail the
+        client's request."""
+        try:
+            return pread_full(c.space.fd, n, c.dbase + offset)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            bad = self._unreadable(c, offset, n) or [0]
+            self._corrupt(c, (offset + bad[0]) >> PAGE_SHIFT)
+
+    @staticmethod
+    def _unreadable(c: Chunk, offset: int, n: int) -> list[int]:
+        """The offsets (in the range) of the pages of `n` bytes at `offset` of `c` that
+        the disk cannot read, page by page (slow: for when a read of them all failed)."""
+        bad = []
+        for off in range(0, n, PAGE_SIZE):
+            try:
+                os.pread(c.space.fd, PAGE_SIZE, c.dbase + offset + off)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                bad.append(off)
+        return bad
 
     def _corrupt(self, c: Chunk, page: int):
         self._checksum_errors += 1

@@ -943,3 +943,31 @@ def test_a_copy_up_that_fails_on_a_full_disk_never_shows_its_half_copy(tmp_path)
         assert s.read(k2, 0, CS) == b"child" + b"p" * (CS - 5)
     finally:
         s.close()
+
+
+def test_a_page_the_disk_cannot_read_is_a_checksum_error(store, monkeypatch):
+    """EIO reading a page is damage, as a page failing its checksum is: ChecksumError
+    naming the page (the gateway repairs it from a good replica; an OSError failed the
+    client's read), and verify() lists it for scrub. (tests/faults/test_chunkstore_eio.py:
+    the same on a disk that really fails, where a read through the map is a SIGBUS.)"""
+    store.write(K, 0, b"a" * CS, chunk_size=CS)
+    bad = store.info(K).slot * CS + 5 * PAGE_SIZE
+    real = os.pread
+
+    def pread(fd, n, pos):
+        if pos <= bad < pos + n:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, n, pos)
+
+    monkeypatch.setattr(os, "pread", pread)
+    for offset, length in ((5 * PAGE_SIZE, PAGE_SIZE), (0, 8 * PAGE_SIZE), (100, 6 * PAGE_SIZE)):
+        with pytest.raises(ChecksumError) as e:
+            store.read(K, offset, length)
+        assert e.value.page == 5 and e.value.key == K
+    with pytest.raises(ChecksumError):  # a partial-page write merging into it
+        store.write(K, 5 * PAGE_SIZE + 1, b"b", chunk_size=CS)
+    assert store.read(K, 6 * PAGE_SIZE, PAGE_SIZE) == b"a" * PAGE_SIZE
+    assert store.verify(K) == [5]
+    store.write(K, 5 * PAGE_SIZE, b"r" * PAGE_SIZE, chunk_size=CS)  # a repair rewrites it
+    monkeypatch.undo()
+    assert store.read(K, 5 * PAGE_SIZE, 2) == b"rr" and store.verify(K) == []
