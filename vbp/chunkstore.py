@@ -64,7 +64,8 @@ Reads check every page against its checksum; a page the disk cannot read (EIO) i
 like a page failing it (ChecksumError, listed by verify), for the layer above to repair.
 read_ref, for the NBD server's large reads, checks the pages in place through a read-only
 map of the data file and answers a FileRange that the server sends from that map (no copy
-into a buffer of this process). While a
+into a buffer of this process); only pages the page cache holds (mincore), since a read
+error in a map is a SIGBUS that ends the process: others are read as read() does. While a
 range is out, slots its space frees stay in limbo, unwiped: the bytes a slow client gets
 are the chunk's, even when a delete overtook the send, never another chunk's nor zeros. The
 check is made once, before the send: bytes that change in the file between the two (only
@@ -571,7 +572,7 @@ class ChunkStore:
         start = c.dbase + (first << PAGE_SHIFT)
         end = c.dbase + ((last + 1) << PAGE_SHIFT)
         view = sp.data_view(end) if 0 not in sums else None
-        if view is None:
+        if view is None or not sp.cached(start, end):  # (read from disk: a pread's EIO)
             return self._read_range(c, offset, length)
         if self.verify_reads:
             got = _page_sums(view, start, end)

@@ -33,6 +33,31 @@ if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     _fallocate.restype = ctypes.c_int
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_mincore = getattr(_libc, "mincore", None)
+if _mincore is not None:
+    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _mincore.restype = ctypes.c_int
+_RESIDENT = bytes(i & 1 for i in range(256))  # (mincore: only the low bit is defined)
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object),
+                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p)]
+
+
+def map_address(mm) -> int:
+    """The address of a (read-only) mmap: ctypes' from_buffer wants a writable one."""
+    view = _PyBuffer()
+    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(mm), ctypes.byref(view), 0):
+        raise OSError(errno.EINVAL, "no buffer")
+    try:
+        return view.buf
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
 
 
 def punch(fd: int, offset: int, length: int) -> None:
@@ -151,7 +176,8 @@ class Space:
     """The data file and the checksum sidecar of one chunk size."""
 
     __slots__ = ("cs", "ppc", "fd", "sfd", "mm", "sums", "nslots", "mapped", "free", "limbo",
-                 "failed", "dmm", "dview", "retired", "ranges", "paths", "unwiped")
+                 "failed", "dmm", "dview", "daddr", "vec", "retired", "ranges", "paths",
+                 "unwiped")
 
     def __init__(self, root: Path, cs: int, nslots: int):
         self.cs = cs
@@ -163,6 +189,8 @@ class Space:
         self.fd = self.sfd = -1
         self.mm = self.sums = None
         self.dmm = self.dview = None  # read-only map of the data file, made by data_view
+        self.daddr = 0  # its address (cached)
+        self.vec = ctypes.create_string_buffer(self.ppc + 2)  # (cached: mincore's answer)
         self.retired: list = []  # older data maps a view still pointed into when replaced
         self.ranges: weakref.WeakSet = weakref.WeakSet()  # FileRanges out: limbo stays limbo
         self.mapped = 0
@@ -205,8 +233,8 @@ class Space:
         is shorter), through a shared map, for checking pages in place before the NBD
         server sends them from it (ChunkStore.read_ref, FileRange.send). The file never
         shrinks while the store is open, so the map never reaches past its end; a media
-        error under it is a SIGBUS, as for the sums sidecar and the LMDB index, which are
-        maps too."""
+        error under it is a SIGBUS (so only pages cached() are read through it), as for
+        the sums sidecar and the LMDB index, which are maps too."""
         if self.dview is not None and end <= len(self.dview):
             return self.dview
         size = os.fstat(self.fd).st_size
@@ -215,7 +243,22 @@ class Space:
         self._unmap_data()
         self.dmm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         self.dview = memoryview(self.dmm)
+        self.daddr = map_address(self.dmm) if _mincore is not None else 0
         return self.dview
+
+    def cached(self, start: int, end: int) -> bool:
+        """Every page of the data file's [start, end) (mapped by data_view) is in the page
+        cache, read whole (mincore): reading them through the map reads nothing from the
+        disk, so meets no I/O error, which in a map is a SIGBUS, the end of the process.
+        (A page evicted between this and the read still can; a send from the map meets
+        EFAULT instead, in the kernel.)"""
+        if not self.daddr:
+            return False
+        a = start - start % mmap.PAGESIZE
+        n = -(-(end - a) // mmap.PAGESIZE)
+        if _mincore(self.daddr + a, end - a, self.vec) != 0:
+            return False
+        return b"\0" not in ctypes.string_at(self.vec, n).translate(_RESIDENT)
 
     def _unmap_data(self) -> None:
         if self.dview is None:
@@ -226,6 +269,7 @@ class Space:
         except BufferError:  # a view into it is still alive: closed with the space
             self.retired.append((self.dmm, self.dview))
         self.dmm = self.dview = None
+        self.daddr = 0
 
     # A failed fsync may have dropped dirty pages while a later one "succeeds" (Linux marks
     # them clean): after one failure this space refuses to claim durability ever again.
