@@ -346,6 +346,11 @@ class VolumeProvider:
     async def _take_lease(self, export: str) -> int:
         lease, deadline = await self._acquire(export)
         self.leases[export] = lease
+        if lease.taken_over:
+            # from now until the reconcile is done (the announcement below awaits too),
+            # any release of this lease (the last client leaving meanwhile, say) hands
+            # it back still owing the reconcile (_release)
+            self.reconciling.add(lease.token)
         gw = self.gateways.get(export)
         if gw is not None:
             gw.lease_deadline = deadline
@@ -353,9 +358,6 @@ class VolumeProvider:
                  lease.taken_over)
         await self._announce(export, lease.token)
         if lease.taken_over and gw is not None:
-            # until it is done, any release of this lease (the last client leaving
-            # meanwhile, say) hands it back still owing the reconcile (_release)
-            self.reconciling.add(lease.token)
             try:
                 await gw.reconcile_after_takeover(lease.token)
                 if not gw.takeover_unheard:  # (else handed back owing it: see there)

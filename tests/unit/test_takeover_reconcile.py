@@ -364,3 +364,48 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+class _SlowAnnounce(SimFaults):
+    """Flush requests (a new holder's announcement of its token) take `delay` seconds to
+    leave: a takeover whose announcement takes a while."""
+
+    def __init__(self, delay: float):
+        super().__init__(0)
+        self.slow = delay
+
+    def on_call(self, address, message):
+        if isinstance(message, m.Flush):
+            return self.slow
+        return super().on_call(address, message)
+
+
+def test_a_client_gone_while_its_takeover_announces_the_token_leaves_the_lease_owing_the_reconcile():
+    """As above, the client gone a step earlier: while the new holder tells the hosts its
+    token, before the reconcile starts. The lease is already ours (the last client's close
+    hands it back), and nothing was compared: it must go back owing the reconcile."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old, key, lone = await lone_write_left(nursery)
+            new_host = next(h for h in ("h1", "h2") if h != lone)
+            host = sim.hosts[new_host]
+            gw = await host.provider.open_export("v")  # the old lease still runs: no takeover
+            sim.expire_lease("v")  # never released: its holder stopped renewing
+            host.faults = host.pool.faults = _SlowAnnounce(1.0)
+            write = trio.CancelScope()
+
+            async def client():
+                with write:
+                    await call(gw.write(MiB, b"\x06" * 4096, False))  # takes the lease over
+            nursery.start_soon(client)
+            await trio.sleep(0.5)  # the new holder is announcing its token
+            assert sim.reg.get_lease("v").holder == new_host
+            gw.on_close(gw)  # the client leaves: its connection ends, its write is cancelled
+            write.cancel()
+            await trio.sleep(5)
+            assert lone not in stale_hosts(sim, rec.lineage, 0)  # nothing was compared
+            assert sim.reg.get_lease("v") is None
+            assert sim.reg.lease_orphaned("v")  # the next holder compares the copies
+            nursery.cancel_scope.cancel()
+
+    run(main)
