@@ -58,7 +58,7 @@ import trio
 
 from replicator import messages as m
 from vbp.chunkstore import flush_store
-from vbp.errors import NotFound, VbpError
+from vbp.errors import InvalidArgument, NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from replicator.loss import (
     accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
@@ -280,6 +280,10 @@ class Resync:
                     d["name"], lambda v: {**v, "lost": [*v.get("lost", ()), entry]})
             except NotFound:  # deleted meanwhile: nothing left to warn about
                 pass
+            except InvalidArgument as e:
+                # the record too large to grow (vbp.registry.base.VALUE_MAX): the log
+                # says it; retrying would hold the whole backfill back for good
+                log.error("volume=%s event=data_lost_not_recorded error=%s", d["name"], e)
 
     async def run_once(self) -> int:
         """One pass over this host's stale records; returns how many were cleared."""

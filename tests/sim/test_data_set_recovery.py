@@ -409,3 +409,35 @@ def test_a_holder_restarted_during_a_change_records_no_current_target_never_curr
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_replaced_disk_backfills_past_a_volume_record_too_large_to_grow(caplog):
+    """P's disk is replaced and two replicas=1 volumes had chunks placed on it: each
+    record gets a `lost` entry. One record is past the registry's limit for a record
+    (base.VALUE_MAX: a long snapshot history, stored before the limit was checked, as
+    LMDB took any size): growing it is refused (InvalidArgument). That refusal failed the
+    whole backfill, retried for ever: P never served again. It is logged, the backfill
+    ends, and the other volume's loss is recorded."""
+    import msgpack
+
+    from vbp.registry.base import P_VOL, VALUE_MAX
+    from vbp.registry.kv import Put
+
+    async def main():
+        sim = Sim(11, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            sim.create_volume("big", 64 * MiB, replicas=1)
+            sim.create_volume("small", 64 * MiB, replicas=1)
+            d = {**reg.get_volume("big"), "note": b"x" * VALUE_MAX}  # grown so far
+            reg.kv.txn([], [Put(P_VOL + b"big", msgpack.packb(d, use_bin_type=True))])
+            with trio.move_on_after(60):
+                await replace_disk(sim, "h1")
+            assert not sim.hosts["h1"].replica.backfilling, "the backfill never ended"
+            assert [e[0] for e in reg.get_volume("small")["lost"]] == ["h1"]
+            assert not reg.get_volume("big")["lost"]
+            assert "volume=big event=data_lost_not_recorded" in caplog.text
+            nursery.cancel_scope.cancel()
+
+    run(main)
