@@ -126,13 +126,15 @@ class _Flush:
     """A flush under way (VolumeGateway.flush): the next one waits for it, and fails if it
     failed, as it covers the same writes."""
 
-    __slots__ = ("done", "error", "prev")
+    __slots__ = ("done", "error", "prev", "left")
 
     def __init__(self):
         self.done = trio.Event()
         self.error: BaseException | None = None
-        # when cancelled (its client went away): the flush it still had to wait for
+        # when cancelled (its client went away): the flush it still had to wait for, and
+        # what it had not settled, (hosts, sent_at), for the flush that comes after it
         self.prev: _Flush | None = None
+        self.left: tuple[dict, dict] | None = None
 
 
 class ClusterView:
@@ -1839,8 +1841,8 @@ class VolumeGateway:
         hosts, sent_at = self._unflushed, self._sent_at
         self._unflushed, self._sent_at = {}, {}
         prev = self._flushing
-        if prev is not None and prev.done.is_set():
-            prev = self._flushing = None
+        if prev is not None and prev.done.is_set() and prev.left is None:
+            prev = self._flushing = None  # (one cancelled still owes what it left: kept)
         local = set(hosts) <= {self.host_id}
         ahead = self.store.sync_ahead() if local else None
         if local and prev is None and ahead is None:
@@ -1857,32 +1859,36 @@ class VolumeGateway:
                            ahead=None) -> None:
         try:
             await self._flush_hosts(hosts, sent_at, ahead)
+            hosts, sent_at = {}, {}  # (durable)
             while prev is not None:
                 await prev.done.wait()
                 if prev.error is None:
                     break
-                if not _cancelled(prev.error):
+                if prev.left is None:
                     err = VbpError(f"a flush of {self.name} under way when this one was asked "
                                    f"failed: {prev.error}")
                     err.errno = getattr(prev.error, "errno", err.errno)
                     raise err
-                # Its client went away: it told nobody anything, and what it had not settled
-                # went back to _unflushed (_unflushed_again). This flush covers those writes
-                # too, so it makes them durable itself, and goes on to the flush that one
-                # waited for.
-                hosts, sent_at = self._unflushed, self._sent_at
-                self._unflushed, self._sent_at = {}, {}
-                await self._flush_hosts(hosts, sent_at)
+                # Its client went away: it told nobody anything and kept what it had not
+                # settled for the flush after it. This flush covers those writes too, so it
+                # makes them durable itself, and goes on to the flush that one waited for.
+                # (Not through _unflushed: a flush asked later could take them there, and
+                # this one would succeed before they are durable.)
+                (hosts, sent_at), prev.left = prev.left, ({}, {})
                 prev = prev.prev
+                await self._flush_hosts(hosts, sent_at)
+                hosts, sent_at = {}, {}
         except BaseException as e:
             mine.error = e
             if _cancelled(e):
-                mine.prev = prev  # (for a flush waiting for this one: see above)
-            self._unflushed_again(hosts, sent_at)
+                # for the flush after this one (see above), which takes it over
+                mine.prev, mine.left = prev, (hosts, sent_at)
+            else:
+                self._unflushed_again(hosts, sent_at)
             raise
         finally:
             mine.done.set()
-            if self._flushing is mine:
+            if self._flushing is mine and mine.left is None:
                 self._flushing = None
 
     async def _flush_hosts(self, hosts, sent_at, ahead=None) -> None:
@@ -1892,8 +1898,8 @@ class VolumeGateway:
             await self._flush_replicated(hosts, sent_at)
 
     def _unflushed_again(self, hosts: dict[str, set[int]], sent_at: dict[str, int]) -> None:
-        """A flush failed or was cancelled (its client went away): what it took and did
-        not settle goes back to the next flush, with the incarnations the writes went to.
+        """A flush failed: what it took and did not settle goes back to the next flush (one
+        cancelled keeps it for the flush after it: _flush_after), with the incarnations the writes went to.
         Otherwise a FLUSH asked again (a client retrying, another connection with
         multi-conn) would find nothing to do and succeed, though copies that took writes
         answered before it were neither synced nor recorded stale. `hosts` holds what is

@@ -196,3 +196,72 @@ def test_a_flush_whose_client_goes_away_fails_no_flush_asked_meanwhile():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_flush_waiting_for_a_cancelled_one_waits_for_the_flush_that_took_its_writes():
+    """F1 (its writes to chunk 0) is under way, F2 asked after it (a write to chunk 1
+    since, its frames slow). F1's client goes away, and F3 is asked before F2 is done with
+    its own hosts, its frames slower still. F2 must not succeed before F1's writes are
+    durable: they were answered before F2 was asked (before, F1 put them back in
+    _unflushed, F3 took them there, and F2, finding nothing left, succeeded with them
+    still on their way to a and b)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            delay = [0.5]
+
+            def decide(address, message):
+                return delay[0] if type(message) is m.Flush else None
+
+            gw.pool.faults = Per(decide)
+            with trio.CancelScope() as conn1:
+                first = gw.flush()  # F1: chunk 0's copies, 0.5 s
+                await call(gw.write(MiB, b"\x01" * 4096, False))
+                delay[0] = 1.0
+                nursery.start_soon(call, gw.flush())  # F2: chunk 1's copies, 1 s
+                second = gw._flushing
+                conn1.deadline = trio.current_time() + 0.1  # F1's client goes away
+                await call(first)
+            assert conn1.cancelled_caught
+            delay[0] = 10.0
+            nursery.start_soon(call, gw.flush())  # F3 (may take F1's writes), 10 s
+            await second.done.wait()
+            assert second.error is None, second.error
+            for h in (a, b):  # F1's writes, answered before F2 was asked, are durable
+                assert not sim.hosts[h].store._dirty, f"{h}: F2 succeeded before F1's writes were durable"
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_flush_cancelled_while_waiting_keeps_the_next_one_waiting_too():
+    """F0 (chunk 0) is under way, slow; F1 (chunk 1 written since) waits for it, and its
+    client goes away. A flush asked next covers F0's writes too: it must not succeed
+    before they are durable (before, F1 cleared the gateway's last flush on its way out,
+    and the next one waited for nothing)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await call(gw.write(0, b"\x01" * 4096, False))
+            delay = [5.0]
+
+            def decide(address, message):
+                return delay[0] if type(message) is m.Flush else None
+
+            gw.pool.faults = Per(decide)
+            nursery.start_soon(call, gw.flush())  # F0: chunk 0's copies, 5 s
+            await trio.sleep(0.01)
+            await call(gw.write(MiB, b"\x01" * 4096, False))
+            delay[0] = 0.5
+            with trio.CancelScope() as conn1:
+                first = gw.flush()  # F1: chunk 1's copies, then F0
+                conn1.deadline = trio.current_time() + 1  # its client goes away
+                await call(first)
+            assert conn1.cancelled_caught
+            await call(gw.flush())
+            for h in (a, b):  # F0's writes, answered before this flush was asked
+                assert not sim.hosts[h].store._dirty, f"{h}: the flush succeeded before F0's writes were durable"
+            nursery.cancel_scope.cancel()
+
+    run(main)
