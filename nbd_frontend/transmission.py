@@ -12,8 +12,9 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
   writes into that buffer again while anything refers to it, so a consumer may keep the
   view instead of copying the payload (a replicated write keeps it until every replica
   has answered). Payload buffers are pooled (up to POOL_BYTES of them, each at most
-  SPARE_MAX; larger ones are used once): one no longer referred to is reused, so a stream
-  of 1 MiB writes costs no allocation, zeroing or page faults per write.
+  SPARE_MAX; others among the thread's spares, up to SPARES_BYTES): one no longer
+  referred to is reused, so a stream of 1 MiB writes costs no allocation, zeroing or page
+  faults per write.
 - A bad request magic is a protocol error (hard disconnect). A request the server refuses
   yields `BadRequest` carrying the NBD errno to reply with; a refused WRITE's payload is
   skipped without allocating it, so the connection stays in sync:
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 
 from nbd_frontend import proto
@@ -43,6 +45,12 @@ from vbp.buffers import HEAD_RECV, unshared
 DEFAULT_BUFFER = 256 * 1024
 SPARE_MAX = 4 * 1024 * 1024  # largest WRITE payload buffer kept for reuse
 POOL_BYTES = 16 * 1024 * 1024  # payload buffers kept for reuse per connection, in all
+# Payload buffers beyond a connection's pool (more writes in flight than it holds, or
+# above SPARE_MAX), kept for any connection of the thread to take once released, up to
+# SPARES_BYTES in all: a fresh anonymous mapping faults each page in as the payload fills
+# it, several times the cost of the write (the bytearray before gave back warm memory)
+SPARES_BYTES = 128 * 1024 * 1024  # (QD32 of 4 MiB writes)
+_here = threading.local()
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -343,9 +351,17 @@ class TransmissionCodec:
         # (an anonymous mapping, not a bytearray, which zeroes all of itself at once: its
         # pages become memory only as the payload arrives, so a client that sends the
         # header of a 32 MiB write and stalls costs what it sent, not 32 MiB)
+        spares = getattr(_here, "spares", None)
+        if spares is None:
+            spares = _here.spares = []
+        for i in range(len(spares)):
+            if len(spares[i]) >= length and unshared(spares, i):
+                return spares[i]
         buf = mmap.mmap(-1, max(length, 1 << 20))
         if len(buf) <= SPARE_MAX and sum(map(len, pool)) + len(buf) <= POOL_BYTES:
             pool.append(buf)
+        elif sum(map(len, spares)) + len(buf) <= SPARES_BYTES:
+            spares.append(buf)
         return buf
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
