@@ -285,7 +285,13 @@ class ClusterView:
         return host_id in self._up
 
     def address(self, host_id: str) -> str:
-        return self._addr[host_id]
+        """The peer address of `host_id`; PeerUnavailable for a host the map no longer has
+        (removed while a request to it was under way: a retry on a fresh map, say), which
+        every caller takes as that peer failing."""
+        try:
+            return self._addr[host_id]
+        except KeyError:
+            raise PeerUnavailable(f"host {host_id} is not in the cluster map") from None
 
     def host_at(self, address: str) -> str | None:
         """The host the map has listening at peer `address`, None when none or several

@@ -265,3 +265,26 @@ def test_a_flush_cancelled_while_waiting_keeps_the_next_one_waiting_too():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_retry_after_stale_epoch_to_a_host_the_fresh_map_no_longer_has_fails_that_copy_only():
+    """Copy b refuses the write (StaleEpoch); the map read again no longer has b at all (a
+    host drained and removed meanwhile). Its retry fails like any copy that cannot be
+    reached, and the write stands on a (min_size 1); before, the lookup of b's address
+    raised KeyError out of the write."""
+    import dataclasses
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, a, b = await two_replicas(nursery)
+            await b_on_a_newer_map(sim, gw, a, b)
+
+            async def refresh_without_b():
+                m = sim.reg.cluster_map()
+                gw.cluster.set_map(dataclasses.replace(
+                    m, epoch=m.epoch + 1, hosts=tuple(h for h in m.hosts if h.id != b)))
+            gw.refresh_map = refresh_without_b
+            await call(gw.write(0, b"\x02" * 4096, False))
+            nursery.cancel_scope.cancel()
+
+    run(main)
