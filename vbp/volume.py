@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass, field, replace
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, check_chunk_size
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # (fullmatch: `$` lets a final newline in)
 MAX_REPLICAS = 7
 
 
 def check_name(name: str, what: str = "volume") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -672,3 +672,56 @@ def test_a_loss_past_the_listed_chunks_is_counted_and_shown_on_every_clone(vbp, 
     [a] = js(vbp("volume", "show", "w", "--json"))["accepted_losses"]
     assert (a["reverted"], a["low"], a["high"], len(a["chunks"])) == (40, 0, 39, CHUNKS_LISTED)
     reg.close()
+
+
+# --- names: exactly the documented characters ----------------------------------------------
+
+NAME_CHARS = "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+@pytest.mark.parametrize("args, what", [
+    (["volume", "create", "disk1\n", "--size", "1G"], "volume"),
+    (["volume", "snapshot", "a", "s2\n"], "snapshot"),
+    (["volume", "clone", "a@s1", "c1\n"], "volume"),
+], ids=["create", "snapshot", "clone"])
+def test_a_name_ending_in_a_newline_is_refused_and_nothing_is_created(vbp, args, what):
+    """A regex `$` matches before a final newline: `disk1\\n` was stored as a volume (a
+    snapshot, a clone) that no export name, table or script can name."""
+    vbp("volume", "create", "a", "--size", "1G")
+    vbp("volume", "snapshot", "a", "s1")
+    one_error_line(vbp(*args, code=EXIT_ERROR), f"invalid {what} name")
+    vols = js(vbp("volume", "list", "--json"))
+    assert [v["name"] for v in vols] == ["a"] and vols[0]["snapshots"] == ["s1"]
+
+
+def test_any_name_is_refused_in_one_line_or_stored_as_given(reg_url):
+    """Hypothesis: whatever text a name is, `volume create` stores it as given and only if
+    it is made of the documented characters; else one error line, exit 1, nothing made."""
+    import re
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    runner = CliRunner()
+    env = {"VBP_REGISTRY": reg_url}
+    names = st.one_of(st.text(min_size=1, max_size=140).filter(lambda s: "\x00" not in s),
+                      st.from_regex(NAME_CHARS, fullmatch=True).map(lambda s: s + "\n"),
+                      st.from_regex(NAME_CHARS, fullmatch=True))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(names)
+    def check(name):
+        if name.startswith("-"):
+            return  # (an option to click)
+        r = runner.invoke(main, ["volume", "create", name, "--size", "1M"], env=env)
+        assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+        made = [v["name"] for v in json.loads(runner.invoke(main, ["volume", "list", "--json"],
+                                                            env=env).stdout)]
+        if re.fullmatch(NAME_CHARS, name):
+            assert r.exit_code == 0 and name in made, r.stderr
+            runner.invoke(main, ["volume", "delete", name], env=env)
+        else:
+            assert r.exit_code == EXIT_ERROR and name not in made, (name, r.stdout)
+            assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: "), r.stderr
+
+    check()
