@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -42,6 +43,19 @@ class State:
 
             self._reg = open_registry(url)
         return self._reg
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds in range; NaN passes FloatRange (no comparison is true of
+    it) and makes a deadline that never comes."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if math.isnan(v):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return v
 
 
 def fail(message: str, code: int = EXIT_ERROR):
@@ -648,7 +662,7 @@ def _timeout_option(f):
     from control.transfer import TIMEOUT
 
     return click.option(
-        "--timeout", type=click.FloatRange(min=0, min_open=True), default=TIMEOUT,
+        "--timeout", type=Seconds(min=0, min_open=True), default=TIMEOUT,
         show_default=True, metavar="SECONDS",
         help="Fail when the host gives no reply for this long (hung or stopped).")(f)
 
@@ -768,7 +782,7 @@ def _host_command(state, host_id, fn, done: str):
 @host.command("drain")
 @click.argument("host_id")
 @click.option("--wait", "wait", is_flag=True, help="Wait until no chunk is placed on the host.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--timeout", type=Seconds(0), default=3600.0, show_default=True, help="Seconds --wait waits.")
 @json_flag
 @click.pass_obj
 def host_drain(state, host_id, wait, timeout):
@@ -856,7 +870,7 @@ def pool():
 @pool.command("status")
 @click.option("--wait", "wait", is_flag=True,
               help="First wait (with a progress bar) until no chunk is degraded or moving.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--timeout", type=Seconds(0), default=3600.0, show_default=True, help="Seconds --wait waits.")
 @json_flag
 @click.pass_obj
 def pool_status(state, wait, timeout):
@@ -1023,7 +1037,7 @@ def completion(shell):
 
 @pool.command("scrub")
 @click.option("--volume", metavar="NAME", help="Scrub only this volume (and its snapshots).")
-@click.option("--timeout", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--timeout", type=Seconds(0), default=0, show_default=True,
               help="Seconds to wait for the hosts; 0: until they finish.")
 @json_flag
 @click.pass_obj

@@ -725,3 +725,32 @@ def test_any_name_is_refused_in_one_line_or_stored_as_given(reg_url):
             assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: "), r.stderr
 
     check()
+
+
+@pytest.mark.parametrize("args", [
+    ["pool", "status", "--wait", "--timeout", "nan"],
+    ["pool", "status", "--wait", "--timeout", "-5"],
+    ["host", "drain", "h1", "--wait", "--timeout", "nan"],
+    ["host", "drain", "h1", "--wait", "--timeout", "-1"],
+    ["pool", "scrub", "--timeout", "nan"],
+    ["volume", "import", "/etc/hostname", "a", "--timeout", "nan"],
+    ["volume", "export", "a", "/tmp/never-written.raw", "--timeout", "nan"],
+], ids=lambda a: " ".join(a))
+def test_a_timeout_that_is_not_a_number_of_seconds_is_a_usage_error(vbp, args):
+    """`--timeout nan` passed every check: a deadline of now + nan is never passed, so
+    `--wait` and scrub waited for good, and a transfer's poll took int(nan) (ValueError,
+    a traceback); a negative --timeout gave up after the first look."""
+    vbp("volume", "create", "a", "--size", "1G")
+    r = vbp(*args, code=EXIT_USAGE)
+    assert "--timeout" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_pool_status_wait_with_a_nan_timeout_does_not_wait_for_ever(reg_url):
+    """The wait the test above refuses: a pool that is not healthy and `--timeout nan`."""
+    reg = open_registry(reg_url)
+    reg.mark_stale("l1", 0, ["h1"], 1)
+    reg.close()
+    p = subprocess.run([sys.executable, "-m", "control.cli", "pool", "status", "--wait",
+                        "--timeout", "nan"], capture_output=True, text=True, timeout=30,
+                       cwd=ROOT, stdin=subprocess.DEVNULL, env={**os.environ, "VBP_REGISTRY": reg_url})
+    assert p.returncode == EXIT_USAGE and "Traceback" not in p.stderr, p.stderr
