@@ -229,6 +229,8 @@ def _coerce(key: str, value, source: str):
             f = float(value)
         except (TypeError, ValueError):
             raise bad("expected a number of seconds") from None
+        except OverflowError:  # (a TOML integer has any number of digits)
+            raise bad("must be a positive finite number of seconds") from None
         if key in ("scrub_interval", "down_out_interval") and f == 0:
             return f  # off; at once
         if not math.isfinite(f) or f <= 0:

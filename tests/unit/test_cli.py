@@ -754,3 +754,10 @@ def test_pool_status_wait_with_a_nan_timeout_does_not_wait_for_ever(reg_url):
                         "--timeout", "nan"], capture_output=True, text=True, timeout=30,
                        cwd=ROOT, stdin=subprocess.DEVNULL, env={**os.environ, "VBP_REGISTRY": reg_url})
     assert p.returncode == EXIT_USAGE and "Traceback" not in p.stderr, p.stderr
+
+
+def test_sandbox_up_refuses_a_setting_too_large_for_a_float_in_one_line(vbp, tmp_path):
+    r = vbp("sandbox", "up", "--dir", tmp_path / "sb", "--hosts", "1",
+            "--set", f"gc_interval=1{'0' * 400}", code=EXIT_ERROR)
+    one_error_line(r, "gc_interval")
+    assert not (tmp_path / "sb" / "host1").exists()

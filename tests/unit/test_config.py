@@ -482,3 +482,19 @@ def test_hot_chunks_is_a_count_of_chunks(tmp_path):
     for i, bad in enumerate(("-1", '"1G"', "true", "2.5", "65537")):
         path = write(tmp_path, REQUIRED + f"hot_chunks = {bad}\n", f"h{i}.toml")
         assert names_key(refused(path), "hot_chunks"), bad
+
+
+@pytest.mark.parametrize("key", ["heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",
+                                 "scrub_interval", "down_out_interval"])
+def test_a_number_of_seconds_too_large_for_a_float_is_refused(tmp_path, key):
+    """TOML integers have any number of digits; float() of one past 1.8e308 raised
+    OverflowError out of load (a traceback from blockd)."""
+    msg = refused(write(tmp_path, f"{REQUIRED}{key} = 1{'0' * 400}\n"))
+    assert names_key(msg, key) and "seconds" in msg, msg
+
+
+def test_blockd_process_refuses_seconds_too_large_for_a_float_in_one_line(tmp_path):
+    path = write(tmp_path, f"{REQUIRED}gc_interval = 1{'0' * 400}\n", "big.toml")
+    p = run_blockd("--config", path)
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "gc_interval" in p.stderr, p.stderr
