@@ -238,6 +238,8 @@ def _coerce(key: str, value, source: str):
         return f
     if kind == "str" and not isinstance(value, str):
         raise bad("expected a string")
+    if isinstance(value, str) and "\x00" in value:  # (TOML's \u0000: no path or address holds one)
+        raise bad("contains a NUL character")
     if key in ("listen", "nbd", "metrics") and value:
         try:
             parse_hostport(value, key)

@@ -498,3 +498,34 @@ def test_blockd_process_refuses_seconds_too_large_for_a_float_in_one_line(tmp_pa
     p = run_blockd("--config", path)
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "gc_interval" in p.stderr, p.stderr
+
+
+NUL_VALUES = {
+    "data_dir": '"/tmp/vbp\\u0000h1"',
+    "registry": '"lmdb:///tmp/vbp\\u0000reg"',
+    "listen": '"127.0.0.1\\u0000:7800"',
+    "nbd": '"127.0.0.1\\u0000:10809"',
+    "metrics": '"127.0.0.1\\u0000:9100"',
+    "nbd_tls_cert": '"/tmp/cert\\u0000.pem"',
+}
+
+
+@pytest.mark.parametrize("key", sorted(NUL_VALUES))
+def test_a_string_with_a_nul_is_refused(tmp_path, key):
+    """TOML strings may hold \\u0000, which no path or address can: a data_dir or lmdb
+    registry with one passed load, and blockd died at its first mkdir with ValueError (a
+    traceback); a listen address with one was bound cut at the NUL, and published whole
+    to the peers."""
+    text = "\n".join(line for line in REQUIRED.splitlines() if not line.startswith(key + " "))
+    extra = 'nbd_tls = "on"\nnbd_tls_key = "/tmp/k.pem"\n' if key == "nbd_tls_cert" else ""
+    msg = refused(write(tmp_path, f"{text}\n{extra}{key} = {NUL_VALUES[key]}\n"))
+    assert names_key(msg, key) and "NUL" in msg, msg
+
+
+def test_blockd_process_refuses_a_data_dir_with_a_nul_in_one_line(tmp_path):
+    path = write(tmp_path, f'host_id = "h1"\nregistry = "lmdb://{tmp_path}/reg"\n'
+                           f'data_dir = "{tmp_path}/d\\u0000x"\nlisten = "127.0.0.1:0"\n'
+                           f'nbd = "127.0.0.1:0"\n', "nul.toml")
+    p = run_blockd("--config", path, timeout=30)
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "data_dir" in p.stderr, p.stderr
