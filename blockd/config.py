@@ -17,6 +17,7 @@ from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
 from vbp.layout import VOLUME_SIZE_MAX, format_size, parse_size
+from vbp.registry import refuse_in_process
 from vbp.sockets import congestion_problem
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
@@ -98,6 +99,10 @@ class Config:
                 parse_hostport(getattr(self, key), key)
             except InvalidArgument as e:
                 raise InvalidArgument(f"{source}: key {key!r}: {e}") from None
+        try:
+            refuse_in_process(self.registry)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{source}: key 'registry': {e}") from None
         lmdb_dir = self.registry[len("lmdb://"):] if self.registry.startswith("lmdb://") else ""
         for key, path in (("data_dir", self.data_dir), ("registry", lmdb_dir)):
             blocker = _not_a_directory(path) if path else None

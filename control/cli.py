@@ -39,8 +39,9 @@ class State:
                 )
             if url.startswith("lmdb://") and not Path(url[len("lmdb://"):]).is_dir():
                 raise RegistryUnavailable(f"registry {url}: no such directory (is the pool set up?)")
-            from vbp.registry import open_registry
+            from vbp.registry import open_registry, refuse_in_process
 
+            refuse_in_process(url)
             self._reg = open_registry(url)
         return self._reg
 

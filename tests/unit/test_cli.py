@@ -761,3 +761,10 @@ def test_sandbox_up_refuses_a_setting_too_large_for_a_float_in_one_line(vbp, tmp
             "--set", f"gc_interval=1{'0' * 400}", code=EXIT_ERROR)
     one_error_line(r, "gc_interval")
     assert not (tmp_path / "sb" / "host1").exists()
+
+
+def test_an_in_process_memory_registry_is_refused(vbp):
+    """memory:// (the tests' in-process registry) lives as long as one vbp command: a
+    volume created there "succeeded" and was gone at once."""
+    r = vbp("volume", "create", "a", "--size", "1G", code=EXIT_ERROR, env={"VBP_REGISTRY": "memory://x"})
+    one_error_line(r, "memory://x")

@@ -529,3 +529,10 @@ def test_blockd_process_refuses_a_data_dir_with_a_nul_in_one_line(tmp_path):
     p = run_blockd("--config", path, timeout=30)
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "data_dir" in p.stderr, p.stderr
+
+
+def test_an_in_process_memory_registry_is_refused(tmp_path):
+    """blockd on memory:// ran a pool of its own that no other host or vbp can see."""
+    text = REQUIRED.replace('"lmdb:///tmp/vbp-reg"', '"memory://pool"')
+    msg = refused(write(tmp_path, text))
+    assert names_key(msg, "registry") and "memory://" in msg, msg

@@ -20,6 +20,14 @@ __all__ = ["open_registry", "Registry", "Lease", "StaleRecord"]
 _ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
+def refuse_in_process(url: str) -> None:
+    """memory:// lives and dies with one process: a blockd or a vbp command on it shares
+    its pool with nobody (InvalidArgument)."""
+    if isinstance(url, str) and url.startswith("memory://"):
+        raise InvalidArgument(f"registry {url!r} is in-process only (simulations and tests): "
+                              "use lmdb://DIR or etcd://HOST:PORT[,HOST:PORT...]")
+
+
 def open_registry(url: str) -> Registry:
     """Open the registry at `url`; InvalidArgument if the URL is malformed."""
     if not isinstance(url, str) or "://" not in url:
