@@ -63,7 +63,9 @@ def parse_size(text: str | int) -> int:
             value += int(frac) * mult // (10 ** len(frac))
     if value > SIZE_MAX:
         # (str() of a huge int raises ValueError itself)
-        shown = text if isinstance(text, str) or text.bit_length() < 128 else f"{text.bit_length()} bits"
+        # (white space, line breaks included, may surround the number and the unit: one line)
+        shown = (" ".join(text.split()) if isinstance(text, str) else
+                 text if text.bit_length() < 128 else f"{text.bit_length()} bits")
         raise InvalidArgument(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB)")
     return value
 

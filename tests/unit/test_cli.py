@@ -768,3 +768,16 @@ def test_an_in_process_memory_registry_is_refused(vbp):
     volume created there "succeeded" and was gone at once."""
     r = vbp("volume", "create", "a", "--size", "1G", code=EXIT_ERROR, env={"VBP_REGISTRY": "memory://x"})
     one_error_line(r, "memory://x")
+
+
+@pytest.mark.parametrize("args", [
+    ["volume", "create", "b", "--size", "99999999999999999999\nP"],
+    ["volume", "resize", "a", "\n99999999999999999999P\n"],
+    ["volume", "set", "a", "--bps", "99999999999999999999 \r\nP"],
+], ids=["create", "resize", "set"])
+def test_a_size_too_large_with_line_breaks_around_its_unit_is_one_error_line(vbp, args):
+    """A size may have white space around its number and unit, line breaks included; the
+    "too large" error printed it as given: an error of several lines."""
+    vbp("volume", "create", "a", "--size", "1G")
+    one_error_line(vbp(*args, code=EXIT_ERROR), "too large")
+    assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB
