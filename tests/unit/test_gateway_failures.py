@@ -44,6 +44,14 @@ async def b_on_a_newer_map(sim, gw, a, b) -> None:
     sim.hosts[b].cluster.set_map(sim.reg.cluster_map())
 
 
+def slow_flushes(gw, seconds: float) -> list[float]:
+    """The gateway's Flush frames leave `seconds` late; returns the one-item list holding
+    that delay, for the test to change as it goes."""
+    delay = [seconds]
+    gw.pool.faults = Per(lambda address, message: delay[0] if type(message) is m.Flush else None)
+    return delay
+
+
 def stale_hosts(sim, lineage, index=None):
     return {r.host_id for r in sim.reg.list_stale(lineage) if index is None or r.index == index}
 
@@ -209,12 +217,7 @@ def test_a_flush_waiting_for_a_cancelled_one_waits_for_the_flush_that_took_its_w
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 4096, False))
-            delay = [0.5]
-
-            def decide(address, message):
-                return delay[0] if type(message) is m.Flush else None
-
-            gw.pool.faults = Per(decide)
+            delay = slow_flushes(gw, 0.5)
             with trio.CancelScope() as conn1:
                 first = gw.flush()  # F1: chunk 0's copies, 0.5 s
                 await call(gw.write(MiB, b"\x01" * 4096, False))
@@ -244,12 +247,7 @@ def test_a_flush_cancelled_while_waiting_keeps_the_next_one_waiting_too():
         async with trio.open_nursery() as nursery:
             sim, rec, gw, a, b = await two_replicas(nursery)
             await call(gw.write(0, b"\x01" * 4096, False))
-            delay = [5.0]
-
-            def decide(address, message):
-                return delay[0] if type(message) is m.Flush else None
-
-            gw.pool.faults = Per(decide)
+            delay = slow_flushes(gw, 5.0)
             nursery.start_soon(call, gw.flush())  # F0: chunk 0's copies, 5 s
             await trio.sleep(0.01)
             await call(gw.write(MiB, b"\x01" * 4096, False))

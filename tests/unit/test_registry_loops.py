@@ -52,11 +52,6 @@ def test_a_heartbeat_whose_record_is_gone_and_cannot_register_again_keeps_beatin
     """The host's record is gone (`vbp host remove`, a restored etcd) and registering
     again meets an unreachable registry: the heartbeat loop logs it and tries again at
     the next beat. (The error escaped into the daemon's root nursery and stopped blockd.)"""
-    from types import SimpleNamespace
-
-    import trio.testing
-
-    from blockd.service import Blockd
     from vbp.errors import NotFound, RegistryUnavailable
 
     tries: list = []
@@ -69,20 +64,9 @@ def test_a_heartbeat_whose_record_is_gone_and_cannot_register_again_keeps_beatin
             tries.append(trio.current_time())
             raise RegistryUnavailable("etcd request timed out")
 
-    b = Blockd.__new__(Blockd)
-    b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1")
-    b.registry = Gone()
-    b._stats_lock = trio.Lock()
-    b.stats = lambda: {"used": 0}
+    b = _beating(Gone())
     b.host_record = lambda: None
-    b.store = SimpleNamespace(stats=lambda: SimpleNamespace(capacity=1, used=0))
-    b.metrics = SimpleNamespace(set_space=lambda capacity, used: None)
-
-    async def main():
-        with trio.move_on_after(10):
-            await b._heartbeat()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    _beat_for(b, 10)
     assert tries == [2.0, 4.0, 6.0, 8.0]  # a beat every 2 s, each one trying again
 
 
@@ -90,11 +74,6 @@ def test_a_heartbeat_whose_stats_are_too_large_keeps_beating():
     """The registry refuses stats too large for it (InvalidArgument) after refreshing the
     host's liveness: the heartbeat loop logs it and beats on; the stats do not count as
     published (the exports in them stop serving before the last published ones lapse)."""
-    from types import SimpleNamespace
-
-    import trio.testing
-
-    from blockd.service import Blockd
     from vbp.errors import InvalidArgument
 
     beats: list = []
@@ -104,18 +83,35 @@ def test_a_heartbeat_whose_stats_are_too_large_keeps_beating():
             beats.append(trio.current_time())
             raise InvalidArgument("stats of host h1 would take 1603000 bytes, over the limit")
 
+    b = _beating(TooLarge())
+    b._published = lambda t0, st: beats.append("published")
+    _beat_for(b, 7)
+    assert beats == [2.0, 4.0, 6.0]
+
+
+def _beating(registry):
+    """A Blockd with just what its heartbeat loop uses (host h1, heartbeat_ttl 6 s: a beat
+    every 2 s) over `registry`."""
+    from types import SimpleNamespace
+
+    from blockd.service import Blockd
+
     b = Blockd.__new__(Blockd)
     b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1")
-    b.registry = TooLarge()
+    b.registry = registry
     b._stats_lock = trio.Lock()
     b.stats = lambda: {"used": 0}
-    b._published = lambda t0, st: beats.append("published")
     b.store = SimpleNamespace(stats=lambda: SimpleNamespace(capacity=1, used=0))
     b.metrics = SimpleNamespace(set_space=lambda capacity, used: None)
+    return b
+
+
+def _beat_for(b, seconds: float) -> None:
+    """Run b's heartbeat loop for `seconds` of a virtual clock."""
+    import trio.testing
 
     async def main():
-        with trio.move_on_after(7):
+        with trio.move_on_after(seconds):
             await b._heartbeat()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert beats == [2.0, 4.0, 6.0]

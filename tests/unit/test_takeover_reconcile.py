@@ -24,17 +24,24 @@ def stale_hosts(sim, lineage, index):
     return {r.host_id for r in sim.reg.list_stale(lineage, index)}
 
 
+async def written_by_h0(nursery, nbytes: int = 4096):
+    """A started sim of 3 hosts and volume v (replicas=3, min_size=2) whose gateway on h0
+    (returned: its holder) wrote `nbytes` of 1s at offset 0. Returns (sim, rec, gateway)."""
+    sim = Sim(1, hosts=3, zones=3)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
+    old = await sim.hosts["h0"].provider.open_export("v")
+    await call(old.write(0, b"\x01" * nbytes, False))
+    return sim, rec, old
+
+
 async def lone_write_left(nursery):
     """A started sim of 3 hosts, volume v (replicas=3, min_size=2) written through h0's
     gateway (8 KiB of 1s at 0), then a write of that holder in flight that reached one
     replica of chunk 0 only (the third in placement order: 4 KiB of 0xee at 0). Returns
     (sim, rec, the old gateway, chunk 0's key, that lone replica); the caller ends the old
     holder (sim.expire_lease)."""
-    sim = Sim(1, hosts=3, zones=3)
-    await sim.start(nursery, loops=False)
-    rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-    old = await sim.hosts["h0"].provider.open_export("v")
-    await call(old.write(0, b"\x01" * 8192, False))
+    sim, rec, old = await written_by_h0(nursery, 8192)
     key = ChunkKey(rec.lineage, 0, rec.head)
     lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)[2]
     sim.hosts[lone].store.write(key, 0, b"\xee" * 4096, chunk_size=MiB)
@@ -159,11 +166,7 @@ def test_a_copy_the_takeover_compares_refuses_the_old_holders_late_write():
     new token before it was compared (or be recorded stale)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            old = await sim.hosts["h0"].provider.open_export("v")
-            await call(old.write(0, b"\x01" * 8192, False))
+            sim, rec, old = await written_by_h0(nursery, 8192)
             sim.expire_lease("v")
             late, new_host = "h2", "h1"
             sim.hosts[new_host].faults = _LoseFirstFlushTo(sim.hosts[late].addr)
@@ -192,17 +195,7 @@ def test_a_copy_the_takeover_cannot_list_leaves_the_lease_not_reconciled():
     meanwhile: a partial cut must not stop the volume."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            old = await sim.hosts["h0"].provider.open_export("v")
-            await call(old.write(0, b"\x01" * 4096, False))
-            # the old holder's last write, to chunk 1, reached one replica only
-            lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3)[2]
-            new_host = next(h for h in ("h1", "h2") if h != lone)
-            sim.hosts[lone].replica.handle(m.WriteChunk(
-                "v", rec.lineage, 1, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB, 0, False,
-                sim.hosts[lone].cluster.epoch, old.token))
+            sim, rec, lone, new_host = await lone_first_write(nursery)
             sim.expire_lease("v")
             sim.hosts[new_host].faults.partition([sim.hosts[lone].addr])
             gw = await sim.hosts[new_host].provider.open_export("v")
@@ -225,11 +218,7 @@ async def lone_first_write(nursery):
     """A started sim (3 hosts, volume v: replicas=3, min_size=2) whose holder on h0 wrote
     chunk 0 on every copy, then a first write to chunk 1 (4 KiB of 0xee) that reached one
     replica only and was never acknowledged. Returns (sim, rec, lone, the new host)."""
-    sim = Sim(1, hosts=3, zones=3)
-    await sim.start(nursery, loops=False)
-    rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-    old = await sim.hosts["h0"].provider.open_export("v")
-    await call(old.write(0, b"\x01" * 4096, False))
+    sim, rec, old = await written_by_h0(nursery)
     lone = sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3)[2]
     sim.hosts[lone].replica.handle(m.WriteChunk(
         "v", rec.lineage, 1, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB, 0, False,
@@ -290,23 +279,27 @@ def test_a_takeover_long_after_the_holder_died_still_finds_its_last_writes():
     run(main)
 
 
-class _SlowList(SimFaults):
-    """DirtyChunks requests take `delay` seconds to leave: a reconcile that takes a while."""
+class _Slow(SimFaults):
+    """Requests of type `kind` take `delay` seconds to leave: a takeover whose token
+    announcement (Flush) or reconcile (DirtyChunks) takes a while."""
 
-    def __init__(self, delay: float):
+    def __init__(self, kind: type, delay: float):
         super().__init__(0)
-        self.slow = delay
+        self.kind, self.slow = kind, delay
 
     def on_call(self, address, message):
-        if isinstance(message, m.DirtyChunks):
+        if isinstance(message, self.kind):
             return self.slow
         return super().on_call(address, message)
 
 
-def test_a_client_gone_while_its_write_reconciles_leaves_the_lease_owing_the_reconcile():
+@pytest.mark.parametrize("step", [m.Flush, m.DirtyChunks], ids=["announcing", "reconciling"])
+def test_a_client_gone_while_its_write_takes_the_lease_over_leaves_it_owing_the_reconcile(step):
     """The takeover happens at a client's first write (the old lease had not run out when
-    it connected); the client goes while the reconcile runs, its write cancelled. The lease
-    must not be handed back as reconciled: nothing was compared."""
+    it connected); the client goes while the new holder tells the hosts its token, or
+    while the reconcile runs, its write cancelled. The lease is already ours (the last
+    client's close hands it back); nothing was compared: it must go back owing the
+    reconcile."""
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, old, key, lone = await lone_write_left(nursery)
@@ -315,20 +308,21 @@ def test_a_client_gone_while_its_write_reconciles_leaves_the_lease_owing_the_rec
             gw = await host.provider.open_export("v")  # the old lease still runs: no takeover
             assert sim.reg.get_lease("v") is not None
             sim.expire_lease("v")  # never released: its holder stopped renewing
-            host.faults = host.pool.faults = _SlowList(1.0)
+            host.faults = host.pool.faults = _Slow(step, 1.0)
             write = trio.CancelScope()
 
             async def client():
                 with write:
                     await call(gw.write(MiB, b"\x06" * 4096, False))  # takes the lease over
             nursery.start_soon(client)
-            await trio.sleep(0.5)  # the reconcile is asking which chunks were written
+            await trio.sleep(0.5)  # in the step that is slow
+            assert sim.reg.get_lease("v").holder == new_host
             gw.on_close(gw)  # the client leaves: its connection ends, its write is cancelled
             write.cancel()
             await trio.sleep(5)
-            if lone not in stale_hosts(sim, rec.lineage, 0):
-                assert sim.reg.get_lease("v") is None
-                assert sim.reg.lease_orphaned("v")  # the next holder compares the copies
+            assert lone not in stale_hosts(sim, rec.lineage, 0)  # nothing was compared
+            assert sim.reg.get_lease("v") is None
+            assert sim.reg.lease_orphaned("v")  # the next holder compares the copies
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -343,11 +337,7 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
     same read, with no write to it, answers otherwise."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", 2 * MiB, replicas=3, min_size=2)
-            old = await sim.hosts["h0"].provider.open_export("v")
-            await call(old.write(0, b"\x01" * 4096, False))
+            sim, rec, old = await written_by_h0(nursery)
             order = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
             new_host = order[0]
             for h in order[1:]:
@@ -366,46 +356,3 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
     run(main)
 
 
-class _SlowAnnounce(SimFaults):
-    """Flush requests (a new holder's announcement of its token) take `delay` seconds to
-    leave: a takeover whose announcement takes a while."""
-
-    def __init__(self, delay: float):
-        super().__init__(0)
-        self.slow = delay
-
-    def on_call(self, address, message):
-        if isinstance(message, m.Flush):
-            return self.slow
-        return super().on_call(address, message)
-
-
-def test_a_client_gone_while_its_takeover_announces_the_token_leaves_the_lease_owing_the_reconcile():
-    """As above, the client gone a step earlier: while the new holder tells the hosts its
-    token, before the reconcile starts. The lease is already ours (the last client's close
-    hands it back), and nothing was compared: it must go back owing the reconcile."""
-    async def main():
-        async with trio.open_nursery() as nursery:
-            sim, rec, old, key, lone = await lone_write_left(nursery)
-            new_host = next(h for h in ("h1", "h2") if h != lone)
-            host = sim.hosts[new_host]
-            gw = await host.provider.open_export("v")  # the old lease still runs: no takeover
-            sim.expire_lease("v")  # never released: its holder stopped renewing
-            host.faults = host.pool.faults = _SlowAnnounce(1.0)
-            write = trio.CancelScope()
-
-            async def client():
-                with write:
-                    await call(gw.write(MiB, b"\x06" * 4096, False))  # takes the lease over
-            nursery.start_soon(client)
-            await trio.sleep(0.5)  # the new holder is announcing its token
-            assert sim.reg.get_lease("v").holder == new_host
-            gw.on_close(gw)  # the client leaves: its connection ends, its write is cancelled
-            write.cancel()
-            await trio.sleep(5)
-            assert lone not in stale_hosts(sim, rec.lineage, 0)  # nothing was compared
-            assert sim.reg.get_lease("v") is None
-            assert sim.reg.lease_orphaned("v")  # the next holder compares the copies
-            nursery.cancel_scope.cancel()
-
-    run(main)
