@@ -191,14 +191,17 @@ def test_payload_pool_is_bounded():
     assert sum(map(len, c._pool)) <= transmission.POOL_BYTES
 
 
-def test_payload_buffers_beyond_the_pool_are_used_again_once_released():
+def test_payload_buffers_beyond_the_pool_are_used_again_once_released(monkeypatch):
     """More large writes in flight than the pool holds (QD32 of 1 MiB: 16 pooled): each
     of the others got a fresh anonymous mapping, used once, whose every page faulted as
     its payload arrived (4x the time per 1 MiB write, 6x per 4 MiB, of the bytearray it
     replaced, which the allocator gave back warm). Released, they are taken again."""
+    import threading
     import weakref
 
     from nbd_frontend import transmission
+    # the thread's spares as a new thread has them (other tests of this process left some)
+    monkeypatch.setattr(transmission, "_here", threading.local())
     c = codec(size=1 << 30, buffer_size=8192)
     n = transmission.POOL_BYTES // (1 << 20) + 8
     held = [large_write(c, i, 1 << 20) for i in range(n)]
