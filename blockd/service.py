@@ -695,6 +695,11 @@ async def compact_registry_once(registry, cmap, host_id: str, kept: int | None) 
     if kept is not None:
         await registry.compact_history(kept)
         log.info("event=registry_compacted revision=%d", kept)
+    # the lease records of deleted volumes, once no holder can be serving them (a lease
+    # that ran out a compaction period ago: its holder has long stopped renewing it)
+    gone = await registry.forget_leases_of_deleted(COMPACT_PERIOD)
+    if gone:
+        log.info("event=leases_forgotten count=%d", gone)
     return now
 
 

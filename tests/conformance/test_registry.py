@@ -881,6 +881,28 @@ def test_leases_of_deleted_volumes(reg):
     assert reg.leases_of_deleted() == []
 
 
+def test_the_lease_records_of_deleted_volumes_are_forgotten(reg):
+    """A deleted volume's lease record goes once handed back, or run out longer ago than
+    asked; a live one, or one whose volume is there, stays; a new volume of the name gets
+    a greater token all the same."""
+    for n in "abcd":
+        reg.create_volume(n, {"name": n})
+    la = reg.acquire_lease("a", "h1", 30.0)
+    reg.release_lease(la)  # handed back
+    reg.acquire_lease("b", "h1", 0.05)  # runs out
+    reg.acquire_lease("c", "h1", 30.0)  # held on
+    reg.release_lease(reg.acquire_lease("d", "h1", 30.0))  # its volume stays
+    for n in "abc":
+        reg.delete_volume(n)
+    time.sleep(0.1)
+    assert reg.forget_leases_of_deleted(60.0) == 1  # a; b ran out 0.05 s ago
+    assert set(reg.lease_tokens()) == {"b", "c", "d"}
+    assert reg.forget_leases_of_deleted(0.0) == 1  # b
+    assert set(reg.lease_tokens()) == {"c", "d"}
+    reg.create_volume("a", {"name": "a"})
+    assert reg.acquire_lease("a", "h2", 30.0).token > la.token
+
+
 def _rolling_record(name: str, taken: int, kept: int) -> dict:
     """The record of a volume that took `taken` snapshots and kept the last `kept` (hourly
     snapshots kept a week: 168). Each snapshot carries the chain it froze, and the chain

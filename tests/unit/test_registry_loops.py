@@ -13,13 +13,17 @@ from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, HostRecord
 
 class Recorder:
     def __init__(self):
-        self.rev, self.compacted = 10, []
+        self.rev, self.compacted, self.forgot = 10, [], []
 
     async def revision(self) -> int:
         return self.rev
 
     async def compact_history(self, revision: int) -> None:
         self.compacted.append(revision)
+
+    async def forget_leases_of_deleted(self, older_than: float) -> int:
+        self.forgot.append(older_than)
+        return 0
 
 
 def cmap(*hosts) -> ClusterMap:
@@ -44,6 +48,8 @@ def test_the_controller_compacts_to_what_it_noted_a_period_before():
         assert await compact_registry_once(reg, down, "h2", None) == 25
         assert await compact_registry_once(reg, down, "h2", 25) == 25
         assert reg.compacted == [10, 25]
+        # the controller's every step forgets the lease records of deleted volumes
+        assert reg.forgot == [600.0] * 4
 
     trio.run(main)
 

@@ -589,6 +589,27 @@ class Registry:
                 out.append(lease)
         return out
 
+    def forget_leases_of_deleted(self, older_than: float) -> int:
+        """Remove the lease records of volumes that no longer exist, handed back or run out
+        more than `older_than` seconds ago: each name ever leased kept one, read by every
+        GC pass (leases_of_deleted) and every starting replica (lease_tokens). Safe to
+        drop: a later volume of the name gets a greater token at its first grant (a token
+        is the store's revision), which is all a replica checks. Each removal compares the
+        lease record and the volume's absence. Returns how many went."""
+        vols, _ = self.kv.range(P_VOL)
+        names = {it.key[len(P_VOL):].decode() for it in vols}
+        items, _ = self.kv.range(P_LEASE)
+        cutoff = time.time() - older_than
+        gone = 0
+        for it in items:
+            name = it.key[len(P_LEASE):]
+            if name.decode() in names or _unpack(it.value).get("expires", 0.0) > cutoff:
+                continue  # (a handed back lease says 0.0)
+            ok, _ = self.kv.txn([Cmp(it.key, "mod", it.mod_rev), Cmp(P_VOL + name, "mod", 0)],
+                                [Delete(it.key)])
+            gone += ok
+        return gone
+
     def get_lease(self, volume: str) -> Lease | None:
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
