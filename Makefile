@@ -9,7 +9,8 @@ SANDBOX_DIR ?= var/sandbox
 
 # Debian packages: runtime (make run) and test-only (make test).
 APT_RUN := python3-venv qemu-utils libnbd-bin
-APT_TEST := $(APT_RUN) python3-libnbd nbdkit fio etcd-server qemu-system-x86 iproute2
+APT_TEST := $(APT_RUN) python3-libnbd nbdkit fio etcd-server qemu-system-x86 iproute2 \
+            e2fsprogs mount
 
 .PHONY: run test deps-run deps-test venv bench clean
 
