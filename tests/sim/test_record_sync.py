@@ -410,20 +410,16 @@ def test_a_reader_stops_serving_while_it_cannot_read_the_volume_record():
             h0, w = await served(nursery, sim, b"A" * 4096)
             h1 = sim.hosts["h1"]
             r = await h1.run_on(h1.provider.open_export, "v")
-
-            async def read(host, gw):
-                return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
-
-            assert await read(h1, r) == b"A" * 4096
+            assert await read_4k(h1, r) == b"A" * 4096
             for h in (h0, h1):
                 h.registry = CutOff(h.registry)
             await trio.sleep(h1.cfg.heartbeat_ttl * RECORD_LAPSE - 0.5)
-            assert await read(h1, r) == b"A" * 4096  # (within the bound)
+            assert await read_4k(h1, r) == b"A" * 4096  # (within the bound)
             await trio.sleep(1.0)
             for op in (r.read, r.block_status):
                 with pytest.raises(Unsynced):
                     await h1.run_on(lambda: call(op(0, 4096)))
-            assert await read(h0, w) == b"A" * 4096  # the lease holder
+            assert await read_4k(h0, w) == b"A" * 4096  # the lease holder
             h0.registry = h0.registry.registry
             await sim.snapshot("v", "s")
             await h0.run_on(lambda: call(w.write(0, b"B" * 4096, False)))
@@ -431,11 +427,11 @@ def test_a_reader_stops_serving_while_it_cannot_read_the_volume_record():
             for h in sim.hosts.values():
                 await h.collect_garbage()
             with pytest.raises(Unsynced):  # not the zeros GC left under the old chain
-                await read(h1, r)
+                await read_4k(h1, r)
             h1.registry = h1.registry.registry
             await trio.sleep(0.5)  # a record sync goes through
             assert r.chain == sim.volume("v").chain
-            assert await read(h1, r) == b"B" * 4096
+            assert await read_4k(h1, r) == b"B" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)
