@@ -779,8 +779,8 @@ class Blockd:
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
-            # a dead gateway's last writes are still remembered when its lease has run out
-            # and another host takes it over (on open or first write)
+            # a write is settled (on every copy, or recorded stale) once its gateway lived
+            # this long past it: only then does a replica forget it for takeovers
             self.replica.recent_window = 3 * cfg.lease_ttl + 2 * cfg.peer_timeout
             # fencing survives a restart: the tokens granted so far, before serving a peer
             self.replica.learn_tokens(await self.registry.lease_tokens())

@@ -779,9 +779,10 @@ class VolumeGateway:
         before our first write. A write the old holder had in flight may have reached only
         some replicas of its chunk; nobody recorded the others stale, so replicas would
         answer a read differently forever. Every up replica names the chunks of our
-        generation it took writes in since its last flush or in the last moments (a
-        window that outlasts a lease: DirtyChunks, Replica.recently_written); for each, the
-        current copies are compared (ChunkState: page checksums) and the copies that
+        generation it took writes in since its last flush or not known settled (their
+        holder did not live a window past them: DirtyChunks, Replica.recently_written;
+        however late the takeover comes); for each, the current copies are compared
+        (ChunkState: page checksums) and the copies that
         differ from the largest agreeing group (ties: the first in placement order) are
         recorded stale, so resync brings them to it. Unacknowledged bytes may so be kept
         or dropped, as after any crash; acknowledged ones are on every current copy.

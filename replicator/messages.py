@@ -292,7 +292,8 @@ class Indexes:
 @dataclass(frozen=True, slots=True)
 class DirtyChunks:
     """Which chunks of generation `gen` of `lineage` took writes here since the last flush,
-    or in the last moments (Replica.recently_written)?
+    or writes not known settled (Replica.recently_written: the holder died or was taken
+    over before it showed they were)?
     Asked by a gateway that took over a volume's lease from a holder that never released
     it, to find the chunks that holder may have left divergent (PEER_REV 5). Reply: Indexes."""
 

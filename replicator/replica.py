@@ -64,13 +64,6 @@ _WRITTEN = m.Written()  # a batch every item of which took its write on a curren
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
-def _forget_before(r: dict[int, float], since: float) -> dict[int, float]:
-    """Drop the chunks of `r` last written before `since`; `r` itself is returned."""
-    for i in [i for i, t in r.items() if t < since]:
-        del r[i]
-    return r
-
-
 class Replica:
     def __init__(self, store, host_id: str, epoch: Callable[[], int]):
         self.store = store
@@ -89,10 +82,18 @@ class Replica:
         self.refused: set[tuple[str, int]] = set()
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
-        # (lineage, gen) -> {chunk index: when last written}: the chunks a gateway that
-        # took a lease over reconciles (see recently_written); blockd sets the window to
-        # outlast a lease and its takeover
-        self.recent: dict[tuple[str, int], dict[int, float]] = {}
+        # volume -> {(lineage, gen, chunk index): when last written} under the volume's newest
+        # token here: the chunks a gateway that took the lease over reconciles (see
+        # recently_written). A mark is dropped once the holder showed it lived on a window
+        # past it (a later write here): its write was settled by then, on every copy or
+        # recorded stale. A holder that died (or was cut off) never shows it: its marks
+        # stay, however late the takeover. blockd sets the window to outlast a write's
+        # time in flight (peer timeouts) and a lease.
+        self.recent: dict[str, dict[tuple[str, int, int], float]] = {}
+        # volume -> (when its newest token first came here, the marks of the tokens before
+        # it): kept until the newest token's holder lived a window past its first message
+        # (its takeover, when it was one, had compared them by then)
+        self.recent_before: dict[str, tuple[float, dict[tuple[str, int, int], float]]] = {}
         self.recent_window = 60.0
 
     def now(self) -> float:
@@ -106,26 +107,27 @@ class Replica:
         self.now = clock.current_time  # a replica lives in the run it first wrote in
         return self.now()
 
-    def _note(self, lineage: str, index: int, offset: int, length: int, gen: int) -> None:
+    def _note(self, volume: str, lineage: str, index: int, offset: int, length: int,
+              gen: int) -> None:
         now = self.now()
         w = self.written.get((lineage, index))
         if w is None:
             w = self.written[(lineage, index)] = []
         w.append((now, offset, offset + length))
-        r = self.recent.get((lineage, gen))
+        r = self.recent.get(volume)
         if r is None:
-            r = self.recent[(lineage, gen)] = {}
-        r[index] = now
+            r = self.recent[volume] = {}
+        r[(lineage, gen, index)] = now
 
     def recently_written(self, lineage: str, gen: int) -> list[int]:
-        """Chunks of generation `gen` of `lineage` written here in the last `recent_window`
-        seconds (and forget older ones): what a gateway that took a lease over asks for,
-        to find the chunks its predecessor's last writes may have left divergent."""
-        r = self.recent.get((lineage, gen))
-        if not r:
-            return []
-        _forget_before(r, self.now() - self.recent_window)
-        return sorted(r)
+        """Chunks of generation `gen` of `lineage` whose last writes here are not known
+        settled (see `recent`): what a gateway that took a lease over asks for, to find the
+        chunks its predecessor's last writes may have left divergent."""
+        self.forget_recent()
+        found = set()
+        for marks in (*self.recent.values(), *(b for _, b in self.recent_before.values())):
+            found.update(i for (lin, g, i) in marks if g == gen and lin == lineage)
+        return sorted(found)
 
     def forget_written(self, since: float) -> None:
         """Drop the notes of writes applied at `since` or earlier (resync's window passed
@@ -136,11 +138,26 @@ class Replica:
                 del self.written[k]
 
     def forget_recent(self) -> None:
-        """Drop what the window passed, for every generation (called now and then)."""
-        since = self.now() - self.recent_window
-        for k, r in list(self.recent.items()):
-            if not _forget_before(r, since):
-                del self.recent[k]
+        """Drop the marks of writes known settled (see `recent`; called now and then)."""
+        window = self.recent_window
+        for volume, r in list(self.recent.items()):
+            alive = max(r.values())  # the holder's last write here (kept: nothing is past it)
+            for k in [k for k, t in r.items() if t + window <= alive]:
+                del r[k]
+            before = self.recent_before.get(volume)
+            if before is not None and alive >= before[0] + window:
+                del self.recent_before[volume]
+
+    def _new_holder(self, volume: str) -> None:
+        """A newer token for `volume` came: the marks so far are its predecessors'."""
+        marks = self.recent.pop(volume, None)
+        before = self.recent_before.get(volume)
+        if before is not None:
+            if marks:
+                before[1].update(marks)
+            self.recent_before[volume] = (self.now(), before[1])
+        elif marks:
+            self.recent_before[volume] = (self.now(), marks)
 
     def is_stale(self, lineage: str, index: int) -> bool:
         return self.backfilling or (bool(self.stale_self) and (lineage, index) in self.stale_self)
@@ -167,6 +184,8 @@ class Replica:
             )
         if token > newest:
             self._tokens[volume] = token
+            if volume in self.recent or volume in self.recent_before:
+                self._new_holder(volume)
 
     def check_epoch(self, epoch: int) -> None:
         mine = self._epoch()
@@ -179,6 +198,8 @@ class Replica:
         for volume, token in tokens.items():
             if token > self._tokens.get(volume, 0):
                 self._tokens[volume] = token
+                if volume in self.recent or volume in self.recent_before:
+                    self._new_holder(volume)
 
     def newest_token(self, volume: str) -> int:
         return self._tokens.get(volume, 0)
@@ -221,7 +242,7 @@ class Replica:
             self.check_epoch(epoch)
         if self.resyncing:
             self._check_creates(lineage, index, gen)
-        self._note(lineage, index, offset, len(data), gen)
+        self._note(volume, lineage, index, offset, len(data), gen)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
         return store.write(  # (_base's answer is None when the chunk is here already)
@@ -240,7 +261,7 @@ class Replica:
         check_key((lineage, index, gen))
         check_range(offset, length, check_chunk_size(chunk_size))
         self._check_creates(lineage, index, gen)
-        self._note(lineage, index, offset, length, gen)
+        self._note(volume, lineage, index, offset, length, gen)
         base = self._base(lineage, index, gen, chain)
         if base is None and self.store.resolve(lineage, index, (gen,)) is None:
             return 0  # nothing in the chain: already reads as zeros, allocate nothing

@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from replicator import messages as m
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
-from vbp.chunkstore import ChunkStore
+from vbp.chunkstore import ChunkStore, MemoryChunkStore
 from vbp.errors import InvalidArgument
 
 pytestmark = pytest.mark.timeout(30)
@@ -62,3 +63,56 @@ async def test_a_zero_out_of_range_is_refused_whether_or_not_the_chunk_is_here(
         # nothing was noted for it either: no takeover is sent after a chunk not written
         assert replica.recently_written("lin", 1) == [0]
         assert await pool.call(address, zero(1, 0, 4096)) == m.Ok(0)  # a good one still is
+
+
+def _write(index: int, token: int, volume: str = "v") -> m.WriteChunk:
+    return m.WriteChunk(volume, "lin", index, 1, (1,), 0, b"x" * 4096, CHUNK, 0, False, 1, token)
+
+
+def _marks_run(afn):
+    trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_live_holders_marks_go_once_it_wrote_a_window_later():
+    """The chunks a takeover would compare are kept until the holder showed, by a later
+    write, that it lived a window past them (their writes settled by then), not for a
+    time: a holder that died keeps its last marks however late the takeover comes."""
+    async def main():
+        replica = Replica(MemoryChunkStore(None, 1 << 30), "h2", lambda: 1)
+        replica.recent_window = 10
+        replica.handle(_write(0, 1))
+        replica.handle(_write(1, 1))
+        await trio.sleep(600)  # the holder died: nothing shows its writes settled
+        replica.forget_recent()
+        assert replica.recently_written("lin", 1) == [0, 1]
+        replica.handle(_write(2, 1))  # it lives: what it wrote a window before is settled
+        replica.forget_recent()
+        assert replica.recently_written("lin", 1) == [2]
+        await trio.sleep(5)
+        replica.handle(_write(3, 1))  # (half a window after 2: both kept)
+        assert replica.recently_written("lin", 1) == [2, 3]
+        assert replica.recently_written("lin", 2) == []
+
+    _marks_run(main)
+
+
+def test_a_new_holder_keeps_its_predecessors_marks_until_it_lived_a_window():
+    """Token 2 takes the volume over: token 1's marks stay (a takeover compares them)
+    until token 2's holder wrote a window past its first message here."""
+    async def main():
+        replica = Replica(MemoryChunkStore(None, 1 << 30), "h2", lambda: 1)
+        replica.recent_window = 10
+        replica.handle(_write(0, 1))
+        replica.handle(_write(5, 1, volume="other"))  # another volume's marks are its own
+        await trio.sleep(600)
+        replica.handle(m.Flush("v", 1, 2))  # the new holder's token
+        replica.handle(_write(1, 2))
+        await trio.sleep(5)
+        replica.handle(_write(2, 2))
+        assert replica.recently_written("lin", 1) == [0, 1, 2, 5]
+        await trio.sleep(6)
+        replica.handle(_write(3, 2))
+        assert replica.recently_written("lin", 1) == [2, 3, 5]
+        assert set(replica.recent_before) == set()
+
+    _marks_run(main)

@@ -259,7 +259,6 @@ def test_a_copy_cut_off_at_the_takeover_holding_the_only_trace_of_a_write_is_rec
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a replica forgets its recent writes by time")
 def test_a_takeover_long_after_the_holder_died_still_finds_its_last_writes():
     """The old holder dies with its first write to chunk 1 on one replica only; that
     replica's store is flushed since (another volume's flush cleans every chunk), and the
