@@ -678,6 +678,19 @@ class VolumeProvider:
                 except RegistryUnavailable as e:
                     log.warning("volume=%s event=stale_record_failed error=%s", export, e)
 
+    async def reconcile_late(self) -> None:
+        """Ask the hosts a takeover's reconcile could not ask (cut off, silent), once they
+        are up (VolumeGateway.reconcile_unheard); when none is left, the lease is
+        reconciled: handed back cleanly from then on."""
+        for export, lease in list(self.leases.items()):
+            gw = self.gateways.get(export)
+            if gw is None or not gw.takeover_unheard or lease.token not in self.reconciling:
+                continue
+            left = await gw.reconcile_unheard(lease.token)
+            if not left and self.leases.get(export) is lease:
+                self.reconciling.discard(lease.token)
+                log.info("volume=%s event=takeover_reconciled_late token=%d", export, lease.token)
+
     async def release_all(self) -> None:
         for export, lease in list(self.leases.items()):
             await self._release(lease, self.gateways.get(export))
@@ -844,6 +857,7 @@ class Blockd:
                 nursery.start_soon(self._collect_garbage)
                 nursery.start_soon(self._prune_metrics)
                 nursery.start_soon(self._recover)
+                nursery.start_soon(self._reconcile_late)
                 nursery.start_soon(self._move_data)
                 nursery.start_soon(self._compact_registry)
                 nursery.start_soon(self._refresh_stale)
@@ -962,6 +976,9 @@ class Blockd:
     async def _recover(self) -> None:
         """Resync loop: bring this host's stale chunk copies current."""
         await self._every(1, "resync", self.resync.run_once)
+
+    async def _reconcile_late(self) -> None:
+        await self._every(1, "reconcile_late", self.provider.reconcile_late, first_wait=True)
 
     async def _move_data(self) -> None:
         """Changes of data set (replicator.migration): the controller step and this host's

@@ -723,6 +723,8 @@ class VolumeGateway:
         started = self.replica.now()
         # a write of ours still on its way to the peer we read may be missing from its reply
         repair = repair and not self._inflight
+        if self.takeover_unheard:  # (their copies may hold a write nobody compared yet)
+            hosts = sorted(hosts, key=self.takeover_unheard.__contains__)
         for h in hosts:
             if h == self.host_id or h in stale or not self.cluster.is_up(h):
                 continue
@@ -797,12 +799,17 @@ class VolumeGateway:
         compared, copies recorded stale)."""
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
+        self.takeover_unheard = frozenset()
         dirty: set[tuple[int, int]] = set()  # (index, gen)
         unheard: set[str] = set()  # up hosts that did not learn our token or list their chunks
+        away: set[str] = set()  # hosts down in the map: asked once back (reconcile_unheard)
 
         async def listed(h: str) -> None:
             rec = cv.map.host(h)
-            if rec is None or not cv.is_up(h) or (h != self.host_id and rec.peer_rev < 5):
+            if rec is None or (h != self.host_id and rec.peer_rev < 5):
+                return
+            if not cv.is_up(h):
+                away.add(h)
                 return
             try:
                 # Our token first, even if the service announced it: an announcement that
@@ -865,17 +872,88 @@ class VolumeGateway:
                 await self.refresh_map()
             except RegistryUnavailable as e:
                 log.info("volume=%s event=map_refresh_failed error=%s", self.name, e)
-            unheard = {h for h in unheard if cv.is_up(h)}
-        self.takeover_unheard = frozenset(unheard)
-        if unheard:
-            # Up, maybe holding the old holder's last write in a chunk no other copy was
-            # written in, which nobody compared then: not reconciled, though we write on
+        self.takeover_unheard = frozenset(unheard | away)
+        if self.takeover_unheard:
+            # Cut off or silent, maybe holding the old holder's last write in a chunk no
+            # other copy was written in, which nobody compared then: not reconciled,
+            # though we write on; asked once back (reconcile_unheard)
             log.warning("volume=%s event=takeover_unheard hosts=%s: could not ask them which "
-                        "chunks the previous holder wrote there; the lease owes the "
-                        "reconcile to whoever holds it next", self.name, ",".join(sorted(unheard)))
+                        "chunks the previous holder wrote there; asked once they answer, and "
+                        "until then the lease owes the reconcile to whoever holds it next",
+                        self.name, ",".join(sorted(self.takeover_unheard)))
         log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",
                  self.name, len(dirty), marked)
         return len(dirty), marked
+
+    async def reconcile_unheard(self, token: int) -> frozenset[str]:
+        """The takeover's reconcile, late, with the hosts it could not ask then
+        (`takeover_unheard`: cut off and down in the map, or silent), each once it is up:
+        it learns our token and names the chunks it took writes in that are not known
+        settled (DirtyChunks); where its copy of one differs from every other current copy
+        that answers, it holds a write of the old holder the others lack (never
+        acknowledged: min_size copies take every acknowledged write) or misses one of ours,
+        and it is recorded stale, so resync brings it to the others. Until asked, its
+        copies are read last (_read_piece). A host gone from the map is forgotten (its
+        copies count no more). Returns the hosts still unheard; none: the takeover is
+        reconciled. `token`: the lease's we took over with."""
+        cv = self.cluster
+        left = set(self.takeover_unheard)
+        for h in sorted(left):
+            if cv.map.host(h) is None:
+                left.discard(h)
+                continue
+            if not cv.is_up(h):
+                continue
+            try:
+                await self._send_once(h, m.Flush(self.view.volume.name, cv.epoch, token))
+                listed: set[tuple[int, int]] = set()
+                for gen in sorted(set(self.chain)):
+                    got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
+                    listed.update((index, gen) for index in got.indexes)
+                for index, gen in sorted(listed):
+                    if not await self._late_copy_agrees(h, index, gen, left):
+                        await self._mark_stale(index, [h])
+            except VbpError as e:
+                log.info("volume=%s event=reconcile_list_failed host=%s error=%s",
+                         self.name, h, e)
+                continue
+            left.discard(h)
+            log.info("volume=%s event=takeover_reconciled_late host=%s chunks=%d",
+                     self.name, h, len(listed))
+        self.takeover_unheard = frozenset(left)
+        return self.takeover_unheard
+
+    async def _late_copy_agrees(self, h: str, index: int, gen: int, unheard) -> bool:
+        """Whether `h`'s copy of chunk `index` (generation `gen`) holds what another current
+        copy holds (True also when it is recorded stale already, is no copy of the chunk,
+        or no other copy answers: nothing to judge it by, nothing recorded)."""
+        cv = self.cluster
+        stale = self.stale.get(index, ())
+        placed = cv.write_set(self.lineage, index, self.n)
+        if h in stale or h not in placed:
+            return True
+        others = [o for o in placed if o != h and o not in stale and o not in unheard
+                  and cv.is_up(o)]
+        states: dict[str, tuple] = {}
+
+        async def state(o: str) -> None:
+            try:
+                r = await self._send_once(o, m.ChunkState(self.lineage, index, gen))
+                states[o] = (r.exists, tuple(r.checksums))
+            except VbpError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for o in [h, *others]:
+                nursery.start_soon(state, o)
+        if h not in states:
+            raise PeerUnavailable(f"{h} did not say what its copy of chunk {index} holds")
+        seen = [states[o] for o in others if o in states]
+        if not seen or states[h] in seen:
+            return True
+        log.warning("volume=%s chunk=%d gen=%d event=takeover_divergent keep=%s behind=%s",
+                    self.name, index, gen, ",".join(o for o in others if o in states), h)
+        return False
 
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 

@@ -198,6 +198,7 @@ class SimHost:
                     nursery.start_soon(self._watch_map)
                     nursery.start_soon(self._renew_leases)
                     nursery.start_soon(self._recover)
+                    nursery.start_soon(self._reconcile_late)
                     nursery.start_soon(self._refresh_stale)
                     nursery.start_soon(self._watch_volumes)
                 task_status.started()
@@ -256,6 +257,14 @@ class SimHost:
             except VbpError:
                 pass
             await trio.sleep(1)
+
+    async def _reconcile_late(self) -> None:
+        while True:
+            await trio.sleep(1)
+            try:
+                await self.provider.reconcile_late()
+            except VbpError:
+                pass
 
     async def _refresh_stale(self) -> None:
         while True:
