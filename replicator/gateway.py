@@ -735,23 +735,27 @@ class VolumeGateway:
                 continue
             data = reply.data if reply.gen >= 0 else None
             if repair:
-                self._repair_local(p, data, started)
+                self._repair_local(p, data, started, reply.gen)
             return data
         if last is None and any(h != self.host_id and h in stale for h in hosts):
             last = PeerUnavailable(f"chunk {p.index} of {self.name}: every current copy is down "
                                    f"and this host's copy is stale")
         raise last or PeerUnavailable(f"no current replica of chunk {p.index} of {self.name} is reachable")
 
-    def _repair_local(self, p, data, since: float) -> None:
-        """Write good bytes from a peer over a local copy that failed its checksum, unless
-        a write reached that range here after the peer was asked (`since`): the peer's
-        bytes may predate it, and the write is newer than the damage. This gateway's own
+    def _repair_local(self, p, data, since: float, gen: int) -> None:
+        """Write good bytes from a peer (of its generation `gen`) over a local copy that
+        failed its checksum, unless a write reached that range here after the peer was
+        asked (`since`): the peer's bytes may predate it, and the write is newer than the
+        damage. This gateway's own
         writes in flight stop the repair too (the caller). Without the lease (this
         gateway only reads; every host serves every volume), another host's gateway may
         be writing: its write can land here well before it reaches the peer, so one that
         landed less than a request timeout (and a second) before the read began stops
         the repair as well. A page left unrepaired fails its checksum again on the next
-        read or scrub."""
+        read or scrub. Only over the same generation: a copy that lost one of the chain
+        (scrub records it stale) answers from another, whose bytes, written over ours,
+        would pass every checksum from then on (a snapshot's under the head's, or the
+        head's into a snapshot)."""
         if data is None or self.read_only:
             return
         if not self.token or self.fenced:
@@ -761,15 +765,17 @@ class VolumeGateway:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
                 return
         try:
-            gen = self.store.resolve(self.lineage, p.index, self.chain_for(p.index))
-            if gen is not None:
-                info = self.store.info(ChunkKey(self.lineage, p.index, gen))
-                self.store.write(ChunkKey(self.lineage, p.index, gen), p.offset, data,
-                                 chunk_size=self.geometry.chunk_size,
-                                 version=info.version if info else None)
-                log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index, len(data))
-                if self.metrics is not None:
-                    self.metrics.repaired()
+            if self.store.resolve(self.lineage, p.index, self.chain_for(p.index)) != gen:
+                log.info("volume=%s chunk=%d event=repair_skipped reason=other_generation "
+                         "peer_gen=%d", self.name, p.index, gen)
+                return
+            info = self.store.info(ChunkKey(self.lineage, p.index, gen))
+            self.store.write(ChunkKey(self.lineage, p.index, gen), p.offset, data,
+                             chunk_size=self.geometry.chunk_size,
+                             version=info.version if info else None)
+            log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index, len(data))
+            if self.metrics is not None:
+                self.metrics.repaired()
         except VbpError as e:
             log.warning("volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
 

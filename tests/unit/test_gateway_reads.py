@@ -309,3 +309,36 @@ def test_a_repair_waits_out_a_write_of_another_gateway_still_on_its_way():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_read_repair_never_writes_a_peer_generation_over_another_local_one():
+    """Chunk 0 of the head was copied up (after snapshot s1) on both copies; b lost the
+    head's generation (a lost index entry, which scrub records stale), and a's copy of it
+    fails its checksum on page 1. The read goes to b, which answers from the snapshot's
+    generation: those bytes predate the write to the head and must not be written over
+    a's head generation as a repair, where they would pass every checksum from then on
+    and the other copies could no longer outvote them."""
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 8192, False))
+        chain = gw.chain
+        async with trio.open_nursery() as nursery:  # the lease holder completes it
+            nursery.start_soon(sim.snapshot, "v", "s1")
+            while gw.chain == chain:
+                await sim.hosts[a].provider.sync_records()
+                await trio.sleep(0.05)
+        head = gw.gen
+        assert head != rec.head
+        await call(gw.write(4096, b"\x03" * 4096, False))  # copies chunk 0 up on a and b
+        key = ChunkKey(rec.lineage, 0, head)
+        sim.hosts[b].store.delete(key)
+        store_a = sim.hosts[a].store
+        store_a.corrupt(key, 1)
+        await trio.sleep(0.01)
+        await read(gw, 4096, 4096)
+        try:
+            kept = store_a.read(key, 4096, 4096)
+        except VbpError:
+            return  # left for scrub: still damaged, not laundered
+        assert kept == b"\x03" * 4096, "the snapshot's page was written over the head's"
+
+    in_pool(body)
