@@ -107,6 +107,7 @@ class VolumeProvider:
         self._lock = trio.Lock()  # one open/close at a time; never on the I/O path
         # tokens of leases taken over, not reconciled yet (or not with every up host)
         self.reconciling: set[int] = set()
+        self.closing = 0  # closed gateways whose writes under way are awaited (_flush_and_let_go)
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -539,10 +540,12 @@ class VolumeProvider:
             # writes of the gone connections still under way (a task-less write waits for
             # no task of theirs): the lease is kept until they end, and what they could
             # not record goes to the registry with it, before it is given back
+            self.closing += 1  # (until its task ends: counted from now, for drain)
             self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, None)
             return None
         ahead = store.sync_ahead()
         if ahead is not None:  # much to write back: not on the event loop
+            self.closing += 1
             self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, ahead)
             return None
         try:
@@ -554,12 +557,15 @@ class VolumeProvider:
 
     async def _flush_and_let_go(self, export: str, lease, gw: VolumeGateway, ahead) -> None:
         # shielded as _release is: a shutdown closes the connections while cancelling
-        with trio.CancelScope(shield=True):
-            await gw.drain()  # (bounded: each write ends within its timeouts)
-            try:
-                await flush_store(self.service.store, ahead)
-            except Exception:
-                log.exception("volume=%s event=close_flush_failed", export)
+        try:
+            with trio.CancelScope(shield=True):
+                await gw.drain()  # (bounded: each write ends within its timeouts)
+                try:
+                    await flush_store(self.service.store, ahead)
+                except Exception:
+                    log.exception("volume=%s event=close_flush_failed", export)
+        finally:
+            self.closing -= 1
         self._let_go(lease, gw)
 
     def _let_go(self, lease, gw: VolumeGateway) -> None:
@@ -772,6 +778,8 @@ class Blockd:
         # the store id published in this host's record: the previous one while a new disk
         # is backfilled, so a crash meanwhile finds it again (see _check_store)
         self.store_id = ""
+        self._nbd_scope = trio.CancelScope()  # the NBD frontend's, stopped first (drain)
+        self._nbd_stopped = trio.Event()
 
     def host_record(self) -> HostRecord:
         peer_host, _ = parse_hostport(self.cfg.listen, "listen")
@@ -839,7 +847,7 @@ class Blockd:
                     congestion=cfg.peer_tcp_congestion, prepare=self.replica.prepare))
                 nbd_cc, nbd_local_cc = cfg.nbd_congestion()
                 self.nbd_port = await nursery.start(functools.partial(
-                    serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
+                    self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
                     tls_context=cfg.tls_context()))
                 if cfg.metrics:
@@ -879,6 +887,14 @@ class Blockd:
             if self.registry is not None:
                 self.registry.sync.close()
             log.info("event=stopped")
+
+    async def _serve_nbd(self, *args, task_status=trio.TASK_STATUS_IGNORED, **kwargs) -> None:
+        """serve_nbd, until the NBD frontend alone is stopped (drain)."""
+        try:
+            with self._nbd_scope:
+                await serve_nbd(*args, task_status=task_status, **kwargs)
+        finally:
+            self._nbd_stopped.set()
 
     def _peer_rev(self, host_id: str) -> int:
         """The peer revision host `host_id` advertises in the cluster map (0 if unknown):
@@ -1028,10 +1044,18 @@ class Blockd:
         self.provider.went_through(self.provider.pub_seq)
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Graceful stop, step one: let replicated writes under way finish, then make
-        everything durable. (Synchronous local writes are never in flight.)"""
+        """Graceful stop, step one: stop the NBD frontend (no request is taken any more;
+        the connections close, and what they had not been answered is not acknowledged),
+        let the replicated writes under way finish while the peer links are still up, then
+        make everything durable. A write cut off by the stop of the peer links would have
+        the other copies recorded stale, and this host, about to be down, the only current
+        one: its chunks unreadable until it is back. (Synchronous local writes are never
+        in flight.)"""
         with trio.move_on_after(timeout):
-            while any(gw._inflight for gw in self.provider.gateways.values()):
+            self._nbd_scope.cancel()
+            await self._nbd_stopped.wait()
+            while self.provider.closing or any(
+                    gw.inflight for gw in self.provider.gateways.values()):
                 await trio.sleep(0.01)
         await flush_store(self.store)
 

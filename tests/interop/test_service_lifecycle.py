@@ -132,6 +132,67 @@ def test_sigterm_drains_releases_lease_and_restart_serves_again(tmp_path):
         sb.down()
 
 
+def _wait_stopped(pid: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "blockd did not stop on SIGTERM"
+        time.sleep(0.05)
+
+
+def test_sigterm_under_writes_leaves_the_other_copies_current(tmp_path):
+    """A gateway stopped by SIGTERM while its client keeps 32 writes in flight: the
+    writes under way end on every copy before the peer links close. The stop used to
+    cut them off there (the NBD server kept taking requests until the nursery was
+    cancelled), which recorded the other copies of their chunk stale and left the
+    stopping host the only current one: the chunk's reads failed (EIO) through every
+    other host until it came back."""
+    import nbd
+
+    sb = small_pool(tmp_path, n=3, capacity="1G")
+    try:
+        sb.vbp("volume", "create", "busy", "--size", "16M", "--replicas", "3")
+        h = connect(sb.uri("busy", 0))
+        pid = sb.info["hosts"][0]["pid"]
+        acked: dict[int, int] = {}  # block -> its last acknowledged write (numbered)
+        issued, keep = 0, []
+
+        def done(block, i, err):
+            if not err.value:
+                acked[block] = max(acked.get(block, -1), i)
+            return 1
+
+        t0, stopped = time.monotonic(), None
+        try:
+            while stopped is None or time.monotonic() - stopped < 20:
+                while h.aio_in_flight() < 32:
+                    block = issued % 256
+                    buf = nbd.Buffer.from_bytearray(bytearray([issued % 250 + 1]) * 65536)
+                    keep.append(buf)
+                    h.aio_pwrite(buf, block * 65536,
+                                 completion=lambda err, b=block, i=issued: done(b, i, err))
+                    issued += 1
+                h.poll(1)
+                if stopped is None and time.monotonic() - t0 > 1.0:
+                    os.kill(pid, signal.SIGTERM)
+                    stopped = time.monotonic()
+        except nbd.Error:
+            pass  # the connection ends: what was not answered was not acknowledged
+        assert stopped is not None and issued > 64
+        _wait_stopped(pid, 15)
+        assert "event=stopped" in sb.log(0) and "Traceback" not in sb.log(0)
+        st = json.loads(sb.vbp("pool", "status", "--json").stdout)
+        assert st["degraded_chunks"] == 0, st
+        h2 = connect(sb.uri("busy", 1))  # host1 is down: every chunk reads elsewhere
+        for block in range(256):
+            got = h2.pread(65536, block * 65536)
+            if block in acked:  # its last acknowledged write, or a later one sent
+                later = {i % 250 + 1 for i in range(acked[block], issued, 256)}
+                assert got[0] in later and got == bytes([got[0]]) * 65536, block
+        h2.shutdown()
+    finally:
+        sb.down()
+
+
 def _blockd_pids_of(directory) -> list[int]:
     """The blockd processes whose command line names `directory` (a sandbox's hosts)."""
     pids = []
