@@ -126,7 +126,8 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
-    pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, sync_paths, WRITE_PIECE,
+    _nospace, pread_full, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, sync_paths,
+    WRITE_PIECE,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
@@ -242,6 +243,16 @@ async def fua_sync(store, keys) -> None:
     store.sync_chunks(keys)
 
 
+
+def _open_error(path: Path, e: lmdb.Error) -> LocalFault:
+    """What opening the store's index failed with, for its operator: NoSpace for a full
+    disk, else LocalFault naming the store (LMDB's errors are no VbpError nor OSError,
+    and blockd would show their traceback)."""
+    full = _nospace(e)
+    if isinstance(full, NoSpace):
+        return NoSpace(f"chunk store {path}: {full}")
+    return LocalFault(f"chunk store {path}: cannot open its index: {e}")
+
 class ChunkStore:
     """A host's chunks on its local disk.
 
@@ -285,12 +296,18 @@ class ChunkStore:
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
                                   map_size=index_map_size)
-        except BaseException:
+            try:
+                self._db = {name: self._env.open_db(name.encode()) for name in
+                            ("chunks", "free", "limbo", "dirty", "meta")}
+                self._psize = self._env.stat()["psize"]
+            except BaseException:
+                self._env.close()
+                raise
+        except BaseException as e:
             os.close(self._lock_fd)
+            if isinstance(e, lmdb.Error):  # (a disk full or damaged: the operator's to see)
+                raise _open_error(self.path, e) from None
             raise
-        self._db = {name: self._env.open_db(name.encode()) for name in
-                    ("chunks", "free", "limbo", "dirty", "meta")}
-        self._psize = self._env.stat()["psize"]
         sync_dir(self.path)  # LMDB's files and our lock are named durably
         sync_dir(self.path.parent)
         self._map_size = self._env.info()["map_size"]

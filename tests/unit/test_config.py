@@ -397,6 +397,7 @@ def _held_port(stack) -> int:
     ("data-dir-under-a-file", 2, "key 'data_dir': {file} is not a directory"),
     ("lmdb-registry-a-file", 2, "key 'registry': {file} is not a directory"),
     ("registry-unreachable", 1, "registry etcd://127.0.0.1:{closed} is unreachable"),
+    ("index-not-lmdb", 1, "chunk store {data}/chunks: cannot open its index: "),
 ])
 def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
     """An error at start (a port in use, a path that cannot be a directory, no registry)
@@ -407,6 +408,9 @@ def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
 
     file = tmp_path / "file"
     file.write_text("not a directory")
+    if case == "index-not-lmdb":  # (a damaged disk: LMDB refuses the file at open)
+        (tmp_path / "data" / "chunks" / "index").mkdir(parents=True)
+        (tmp_path / "data" / "chunks" / "index" / "data.mdb").write_bytes(b"\x5a" * 65536)
     with contextlib.ExitStack() as stack:
         port, closed = _held_port(stack), _closed_port()
         args = {"--host-id": "h1", "--data-dir": str(tmp_path / "data"),
@@ -419,9 +423,10 @@ def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
             "data-dir-under-a-file": {"--data-dir": str(file / "data")},
             "lmdb-registry-a-file": {"--registry": f"lmdb://{file}"},
             "registry-unreachable": {"--registry": f"etcd://127.0.0.1:{closed}"},
+            "index-not-lmdb": {},
         }[case])
         p = run_blockd(*[x for kv in args.items() for x in kv])
-    expect = expect.format(port=port, closed=closed, file=file)
+    expect = expect.format(port=port, closed=closed, file=file, data=tmp_path / "data")
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     lines = [line for line in p.stderr.splitlines() if not line.startswith("ts=")]  # (logs)
     assert lines == [lines[0]] and lines[0].startswith("blockd: ") and expect in lines[0], p.stderr
