@@ -277,22 +277,27 @@ async def _linger(stream: trio.abc.Stream) -> None:
 
 class _Slots:
     """The connections served, at most `limit`. When all are taken, a new connection
-    takes the slot of the oldest one still waiting for its request, else it is closed at
-    once. A scraper sends its request as it connects, so what fills the slots is clients
-    that send theirs slowly or never; without a bound, each held a descriptor for up to
-    READ_TIMEOUT, and thousands of them could starve blockd of descriptors."""
+    takes the slot of the oldest one still waiting for its request, else of the oldest
+    one answered (sending its reply or lingering after it), else it is closed at once. A
+    scraper sends its request as it connects and reads its reply, so what fills the
+    slots is clients that send theirs slowly or never, or never read the reply nor
+    close; without a bound, each held a descriptor for up to READ_TIMEOUT, and thousands
+    of them could starve blockd of descriptors; with one that only the silent gave up,
+    a few that never read locked every scrape out."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
         self.reading: dict[trio.CancelScope, None] = {}  # (ordered: oldest first)
+        self.replying: dict[trio.CancelScope, None] = {}  # (the same)
 
     def take(self) -> bool:
         if self.taken >= self.limit:
-            if not self.reading:
+            waiting = self.reading or self.replying
+            if not waiting:
                 return False
-            oldest = next(iter(self.reading))
-            del self.reading[oldest]
+            oldest = next(iter(waiting))
+            del waiting[oldest]
             oldest.cancel()  # (its slot is free once its task has closed the connection)
         self.taken += 1
         return True
@@ -315,9 +320,13 @@ async def _handle(metrics: Metrics, stream: trio.abc.Stream, slots: _Slots) -> N
             reply = _response("400 Bad Request", b"request too large\n")
         else:
             reply = respond(metrics, request)
-        with trio.move_on_after(READ_TIMEOUT):
-            await stream.send_all(reply)
-            await _linger(stream)
+        with trio.move_on_after(READ_TIMEOUT) as scope:
+            slots.replying[scope] = None
+            try:
+                await stream.send_all(reply)
+                await _linger(stream)
+            finally:
+                slots.replying.pop(scope, None)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the scraper went away; nothing to tell it
     except Exception:  # one bad connection must never stop the listener

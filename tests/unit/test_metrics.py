@@ -242,3 +242,27 @@ async def test_scrape_with_curl(nursery):
     p = await trio.run_process(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                 f"http://127.0.0.1:{port}/other"], capture_stdout=True, check=False)
     assert p.stdout == b"404"
+
+
+async def test_clients_that_never_read_their_reply_do_not_lock_scrapes_out(nursery):
+    """Clients that send a request and then neither read the reply nor close hold their
+    connection for the linger after the reply (LINGER_TIMEOUT): once max_connections of
+    them did, every scrape was closed unanswered, and a client could keep it so by
+    renewing them. Their slots go to new connections as those of silent clients do."""
+    from blockd.metrics import LINGER_TIMEOUT
+
+    port = await nursery.start(functools.partial(serve_metrics, busy_metrics(), "127.0.0.1", 0,
+                                                 max_connections=8))
+    mute = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            mute.append(s)
+        await trio.sleep(0.2)  # (answered: each lingers now)
+        with trio.fail_after(LINGER_TIMEOUT / 2):
+            reply = await http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.0 200 OK"), reply[:80]
+    finally:
+        for s in mute:
+            s.close()
