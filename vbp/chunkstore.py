@@ -243,7 +243,6 @@ async def fua_sync(store, keys) -> None:
     store.sync_chunks(keys)
 
 
-
 def _open_error(path: Path, e: lmdb.Error) -> LocalFault:
     """What opening the store's index failed with, for its operator: NoSpace for a full
     disk, else LocalFault naming the store (LMDB's errors are no VbpError nor OSError,
@@ -252,6 +251,7 @@ def _open_error(path: Path, e: lmdb.Error) -> LocalFault:
     if isinstance(full, NoSpace):
         return NoSpace(f"chunk store {path}: {full}")
     return LocalFault(f"chunk store {path}: cannot open its index: {e}")
+
 
 class ChunkStore:
     """A host's chunks on its local disk.
