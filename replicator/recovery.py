@@ -39,7 +39,9 @@ by full copy"):
   its source, not on the disk. They share only what the pass read at its start (the
   records, the window's start); each works on its own (lineage, index), every generation
   of it, and its own record. A cleared record makes the copy current here at once
-  (`_current_again`); the stale map is listed again once, at the end of the pass.
+  (`_current_again`); the stale map is listed again once, at the end of the pass. A pass
+  starts no chunk past `pass_time`: the `written` notes it leans on are forgotten only
+  between passes, and a throttled pass over much data would keep every write's for hours.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
 - A chunk every copy of which is stale, the newest never current, has lost its last
   current copy (replicator.loss.unrecoverable): no copy is elected, it reads EIO, until
@@ -125,6 +127,10 @@ class Resync:
         # chunks resynced at once: each waits on round trips to its source, not on the
         # disk, so one at a time makes the recovery of many stale chunks latency bound
         self.parallel = 8
+        # seconds after a pass began past which it starts no chunk (run_once), and the
+        # chunk it started last (the next pass begins after it)
+        self.pass_time = 30.0
+        self._after: tuple[str, int] | None = None
         self._quiet_since = -math.inf  # writes after this are within the window
         self._unrecoverable: set[tuple[str, int]] = set()  # logged by _resync_all_stale
         # (lineage, index) -> (time, volume, host kept, reverted) of its newest accepted
@@ -313,16 +319,27 @@ class Resync:
                             st.used, st.capacity, len(held))
         self.held_full = len(held)
         limit = trio.CapacityLimiter(self.parallel)
+        # No chunk starts past pass_time: the notes of every write this host takes, to any
+        # chunk, are kept from the window's start until the next pass (a throttled pass
+        # over much data would keep them for hours). That pass begins after the last
+        # chunk started here, so no record waits behind ones that keep failing.
+        until = trio.current_time() + self.pass_time
+        after = self._after
 
         async def one(r) -> None:
             nonlocal cleared
             async with limit:
+                if trio.current_time() > until:
+                    return
+                self._after = (r.lineage, r.index)
                 cleared += await self._resync_record(r, n_of.get(r.lineage), stale_hosts[(r.lineage, r.index)])
 
+        todo = [r for r in mine if (r.lineage, r.index) not in held]
+        if after is not None:
+            todo.sort(key=lambda r: ((r.lineage, r.index) <= after, r.lineage, r.index))
         async with trio.open_nursery() as nursery:
-            for r in mine:
-                if (r.lineage, r.index) not in held:
-                    nursery.start_soon(one, r)
+            for r in todo:
+                nursery.start_soon(one, r)
         self._progress(await self.refresh_stale_self())
         return cleared
 

@@ -1,0 +1,68 @@
+"""Resync (replicator/recovery.py) over the in-memory hosts of the simulation harness
+(tests/sim) with its background loops off, on a virtual clock: each step is driven by hand.
+tests/unit/test_replication_stale.py covers its interplay with the write path."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from blockd.qos import TokenBucket
+from tests.sim.harness import Sim, call
+from vbp.layout import MiB
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def notes_of(host) -> int:
+    return sum(len(w) for w in host.replica.written.values())
+
+
+def test_a_long_throttled_recovery_keeps_no_note_of_writes_the_window_passed():
+    """A host back from a long outage resyncs much, throttled by recovery_rate: one pass
+    over its records took hours. Every client write the host took meanwhile, to any chunk,
+    left a note in Replica.written that only the start of the next pass forgets, so the
+    notes (and each _check_quiet's scan of them) grew with the pass: with guests writing
+    at thousands of IOPS, gigabytes. A pass starts no chunk past `pass_time`: the next one
+    lists the records again and forgets what the window passed."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=2, zones=2)
+            await sim.start(nursery, loops=False)
+            sim.create_volume("v", 128 * MiB, replicas=2, min_size=1)
+            gw = await sim.hosts["h0"].provider.open_export("v")
+            faults = sim.hosts["h0"].faults
+            faults.partition([sim.hosts["h1"].addr])
+            for i in range(64):  # 64 MiB that h1 misses
+                await call(gw.write(i * MiB, b"\x01" * MiB, False))
+            faults.heal()
+            h1 = sim.hosts["h1"]
+            resync = h1.resync
+            resync.limiter = TokenBucket(256 * 1024, 64 * 1024, trio.current_time)  # ~256 s
+
+            async def recover():  # as Blockd._recover
+                while True:
+                    await resync.run_once()
+                    await trio.sleep(1)
+
+            async def renew():  # as Blockd._renew_leases
+                while True:
+                    await trio.sleep(sim.lease_ttl / 3)
+                    await sim.hosts["h0"].provider.renew_all()
+
+            nursery.start_soon(recover)
+            nursery.start_soon(renew)
+            most = 0
+            for _ in range(240):  # a guest writing a chunk h1 is current for, once a second
+                await call(gw.write(100 * MiB, b"\x02" * 4096, False))
+                most = max(most, notes_of(h1))
+                await trio.sleep(1)
+            assert resync.stats.chunks < 64  # the recovery is still under way
+            # the writes of the last pass_time, write window and a chunk's copy, at most
+            bound = 30 + resync.write_window + 8 * 4 + 10  # (pass_time: 30 s)
+            assert most <= bound, f"{most} notes kept, {bound} expected at most"
+            nursery.cancel_scope.cancel()
+
+    run(main)
