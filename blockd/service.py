@@ -794,7 +794,8 @@ class Blockd:
         cfg = self.cfg
         data = Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.store = ChunkStore(data / "chunks", cfg.capacity, hot_max=cfg.hot_chunks)
+        self.store = ChunkStore(data / "chunks", cfg.capacity, hot_max=cfg.hot_chunks,
+                                keep_recovered=True)
         try:
             self.registry = AsyncRegistry(await trio.to_thread.run_sync(open_registry, cfg.registry))
             cmap = await self.registry.cluster_map()

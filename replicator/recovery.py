@@ -197,6 +197,9 @@ class Resync:
                 await self.registry.mark_stale(k.lineage, k.index, [self.host_id], time.time_ns())
         if done:
             log.info("event=crash_recovery stale_chunks=%d", len(done))
+        # the store lists them at every open until now (blockd opens it keep_recovered): a
+        # start that failed before this point, or a crash, must not lose them
+        self.store.forget_recovered()
         await self.refresh_stale_self()
 
     async def refresh_stale_self(self, records=None) -> list:

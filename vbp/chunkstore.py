@@ -83,7 +83,8 @@ lower than the chunk's; the rule holds the same.) So the index's versions (read_
 lag the chunks' own by less than VERSION_SLACK while a chunk is marked dirty.
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
 page raise ChecksumError. `recovered` lists the dirty chunks (and dropped FRESH ones) so
-replication can resync them.
+replication can resync them; opened `keep_recovered`, every open lists them again (they
+are kept in the index with the recovery) until forget_recovered says they are recorded.
 
 Failure rules:
 - A failed fdatasync/msync poisons that chunk size's files: every later sync raises
@@ -261,7 +262,8 @@ class ChunkStore:
     """
 
     def __init__(self, path: str | os.PathLike, capacity: int, *, verify_reads: bool = True,
-                 index_map_size: int = MAP_SIZE, hot_max: int | None = None):
+                 index_map_size: int = MAP_SIZE, hot_max: int | None = None,
+                 keep_recovered: bool = False):
         if not isinstance(capacity, int) or capacity < 0:
             raise InvalidArgument(f"capacity must be a non-negative byte count, not {capacity!r}")
         if hot_max is None:
@@ -269,6 +271,9 @@ class ChunkStore:
         if type(hot_max) is not int or hot_max < 0:
             raise InvalidArgument(f"hot_max must be a non-negative chunk count, not {hot_max!r}")
         self.hot_max = hot_max  # chunks kept marked dirty through a flush (HOT_MAX)
+        # `recovered` is listed again at every open until forget_recovered (blockd: once the
+        # registry has it), not once: an open that fails before it is recorded loses nothing
+        self.keep_recovered = keep_recovered
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -359,17 +364,20 @@ class ChunkStore:
                 c = self._chunks.get(dec_key(k))
                 if c is not None:
                     (fresh if v == FRESH else dirty).append(c)
+            kept = txn.get(b"recovered", db=db["meta"])
+        kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
         now = boot_id()
         if now and boot == now.encode():  # the page cache holds the copies whole: as dirty
             dirty += fresh
             fresh = []
-        self._recover(pending, dirty, fresh, now)
-        return clean, frozenset(c.key for c in dirty + fresh)
+        recovered = kept | frozenset(c.key for c in dirty + fresh)
+        self._recover(pending, dirty, fresh, now, recovered if self.keep_recovered else kept)
+        return clean, recovered
 
     def _recover(self, pending: list[Chunk], dirty: list[Chunk], lost: list[Chunk],
-                 boot: str) -> None:
+                 boot: str, keep: frozenset[ChunkKey] = frozenset()) -> None:
         for c in pending:
             c.space.limbo.append(c.slot)
         for c in lost:  # copy-ups never synced, after a reboot: dropped like PENDING ones
@@ -396,6 +404,9 @@ class ChunkStore:
             freed = self._free_limbo(txn)
             txn.put(b"clean", b"0", db=db["meta"])
             txn.put(b"boot", boot.encode(), db=db["meta"])
+            if keep:  # (in the transaction that clears their dirty marks)
+                txn.put(b"recovered", msgpack.packb(sorted(enc_key(k) for k in keep)),
+                        db=db["meta"])
         self._after_free_limbo(freed)  # (free in memory too, as in the index)
         for c in dirty:
             c.saved = c.version
@@ -1145,6 +1156,13 @@ class ChunkStore:
             c.dirty = False
             del dirty[c.key]
         self._after_free_limbo(freed)
+
+    def forget_recovered(self) -> None:
+        """The chunks `recovered` lists are taken care of (keep_recovered): the next open
+        lists only those a crash leaves then."""
+        with self._txn() as txn:
+            txn.delete(b"recovered", db=self._db["meta"])
+        self.recovered = frozenset()
 
     def close(self) -> None:
         if self._closed:

@@ -284,6 +284,10 @@ class MemoryChunkStore:
             self._durable[key] = self._chunks[key].copy()
         self._dirty.clear()
 
+    def forget_recovered(self) -> None:
+        """ChunkStore.forget_recovered."""
+        self.recovered = frozenset()
+
     def close(self) -> None:
         self.flush()
 

@@ -66,3 +66,49 @@ def test_a_long_throttled_recovery_keeps_no_note_of_writes_the_window_passed():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_crash_left_unsynced_is_recorded_stale_even_after_a_start_that_failed(tmp_path):
+    """blockd records the chunks its crash left unsynced stale before it serves
+    (Resync.mark_recovered): they may miss writes the other copies took. The store's
+    recovery at open lists them once, and a clean close forgets them. A first start after
+    the crash that could not reach the registry (etcd back later than the host, after a
+    power loss) failed, closed the store cleanly on its way out, and the next start found
+    nothing to record: the copy counted as current while missing writes."""
+    from blockd.config import Config
+    from blockd.service import Blockd
+    from vbp.chunkstore import ChunkStore
+    from vbp.layout import ChunkKey
+    from vbp.registry import open_registry
+    from vbp.volume import new_volume
+
+    reg_url = f"lmdb://{tmp_path / 'registry'}"
+    reg = open_registry(reg_url)
+    rec = new_volume("v", 4 * MiB, replicas=2, min_size=1, chunk_size=MiB, lineage="l0",
+                     head=1, now=0.0)
+    reg.create_volume("v", rec.to_dict())
+    data = tmp_path / "h1"
+    store = ChunkStore(data / "chunks", 64 * MiB)
+    store.write(ChunkKey("l0", 0, 1), 0, b"\x01" * 4096, chunk_size=MiB)
+    store._close_files()  # killed before a flush: the chunk is dirty
+
+    def cfg(registry: str) -> Config:
+        return Config(host_id="h1", data_dir=str(data), registry=registry,
+                      listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=64 * MiB)
+
+    async def start(registry: str) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Blockd(cfg(registry)).run)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(start, "etcd://127.0.0.1:9")  # nothing listens there
+    except Exception as e:  # (in the nursery's ExceptionGroup)
+        assert "unreachable" in repr(e)
+    else:
+        raise AssertionError("blockd started without its registry")
+    trio.run(start, reg_url)
+    assert [(r.lineage, r.index, r.host_id) for r in reg.list_stale()] == [("l0", 0, "h1")]
+    reg.clear_stale("l0", 0, "h1")  # resynced; recorded once, the store lists it no more
+    trio.run(start, reg_url)
+    assert reg.list_stale() == []
