@@ -845,18 +845,7 @@ class VolumeGateway:
             down = [h for h in placed if h not in copies]
             if len(copies) < 2 and not (copies and down):
                 continue
-            states: dict[str, tuple] = {}
-
-            async def state(h: str) -> None:
-                try:
-                    r = await self._send_once(h, m.ChunkState(self.lineage, index, gen))
-                    states[h] = (r.exists, tuple(r.checksums))
-                except VbpError:
-                    pass
-
-            async with trio.open_nursery() as nursery:
-                for h in copies:
-                    nursery.start_soon(state, h)
+            states = await self._chunk_states(copies, index, gen)
             groups: dict[tuple, list[str]] = {}
             for h in copies:
                 if h in states:
@@ -940,18 +929,7 @@ class VolumeGateway:
             return True
         others = [o for o in placed if o != h and o not in stale and o not in unheard
                   and cv.is_up(o)]
-        states: dict[str, tuple] = {}
-
-        async def state(o: str) -> None:
-            try:
-                r = await self._send_once(o, m.ChunkState(self.lineage, index, gen))
-                states[o] = (r.exists, tuple(r.checksums))
-            except VbpError:
-                pass
-
-        async with trio.open_nursery() as nursery:
-            for o in [h, *others]:
-                nursery.start_soon(state, o)
+        states = await self._chunk_states([h, *others], index, gen)
         if h not in states:
             raise PeerUnavailable(f"{h} did not say what its copy of chunk {index} holds")
         seen = [states[o] for o in others if o in states]
@@ -960,6 +938,23 @@ class VolumeGateway:
         log.warning("volume=%s chunk=%d gen=%d event=takeover_divergent keep=%s behind=%s",
                     self.name, index, gen, ",".join(o for o in others if o in states), h)
         return False
+
+    async def _chunk_states(self, hosts, index: int, gen: int) -> dict[str, tuple]:
+        """(exists, page checksums) of each copy of chunk `index` (generation `gen`) on
+        `hosts`, asked at once; a host that does not answer is left out."""
+        states: dict[str, tuple] = {}
+
+        async def state(h: str) -> None:
+            try:
+                r = await self._send_once(h, m.ChunkState(self.lineage, index, gen))
+                states[h] = (r.exists, tuple(r.checksums))
+            except VbpError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for h in hosts:
+                nursery.start_soon(state, h)
+        return states
 
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
 
