@@ -352,11 +352,12 @@ class _Import:
             self.stats.bytes_holes += (b - a) - needed
 
     def finish(self) -> TransferStats:
-        """Flush, wait for every reply and give back the slots."""
+        """Wait for every reply, then flush, and give back the slots. (A FLUSH covers the
+        writes answered before it, not those in flight with it: proto.md.)"""
         h = self.h
-        if h.can_flush():
-            self.pipe.submit(h.aio_flush)
         self.pipe.drain()
+        if h.can_flush():
+            self.pipe.wait(self.pipe.submit(h.aio_flush))
         if self.zeroes is not None:
             give_slot(self.zeroes)
         self.advance(0, force=True)

@@ -306,6 +306,40 @@ def test_a_slow_but_steady_server_is_no_timeout(tmp_path):
         assert int.from_bytes(data[off:off + 8], "big") == off
 
 
+# --- durability ----------------------------------------------------------------------------
+
+
+def test_the_import_flushes_only_once_every_write_is_answered(tmp_path):
+    """proto.md: a FLUSH makes durable the writes answered before it, not those still in
+    flight with it (blockd's gateway: "every write answered before this call"). So the
+    import's flush goes out once every write and zero it sent is answered: sent with them,
+    it may cover none of them, and a crash right after an import reported as done loses its
+    last 32 MiB. The log filter shows the order the server saw (writes take 100 ms)."""
+    disk, src, log = tmp_path / "disk.img", tmp_path / "src.img", tmp_path / "nbdkit.log"
+    disk.write_bytes(b"")
+    os.truncate(disk, 16 * MiB)
+    rng = random.Random(8)
+    src.write_bytes(rng.randbytes(3 * MiB) + bytes(2 * MiB) + rng.randbytes(3 * MiB + 5))
+    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "file", str(disk),
+                f"logfile={log}", "delay-write=100ms", "delay-zero=100ms") as uri:
+        stats = import_file(src, uri)
+    assert stats.bytes_data == 6 * MiB + 5
+    assert disk.read_bytes()[:8 * MiB + 5] == src.read_bytes()
+    sent, answered, flushes = set(), set(), []
+    for line in log.read_text().splitlines():
+        m = re.search(r"connection=\d+ (\.\.\.)?(Write|Zero|Flush) id=(\d+)", line)
+        if m is None:
+            continue
+        reply, kind, rid = bool(m.group(1)), m.group(2), int(m.group(3))
+        if kind == "Flush" and not reply:
+            flushes.append(sent - answered)
+        elif kind != "Flush":
+            (answered if reply else sent).add(rid)
+    assert sent and sent == answered
+    assert flushes and flushes[-1] == set(), \
+        f"the flush went out with {len(flushes[-1])} of {len(sent)} writes unanswered"
+
+
 def test_cli_export_through_a_stopped_host_fails_after_timeout(sandbox, imported, tmp_path):
     out = tmp_path / "out.img"
     pid = sandbox.pids()[1]
