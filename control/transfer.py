@@ -249,8 +249,8 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
     nbd = load_binding()
     t0 = time.monotonic()
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # (O_NONBLOCK: the open of a named pipe would wait for a writer; refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise _os_error(e, path, "cannot open") from None
     try:
@@ -263,6 +263,7 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
             fsize = os.lseek(fd, 0, os.SEEK_END)
         else:
             raise InvalidArgument(f"{path}: not a regular file or block device")
+        os.set_blocking(fd, True)
         h = connect(uri, timeout)
         try:
             return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)

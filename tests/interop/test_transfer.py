@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -232,6 +233,30 @@ def test_errors(sandbox, image, tmp_path):
         volume_uri(reg, "tiny@nope")
     with pytest.raises(NotFound, match="no host"):
         volume_uri(reg, "tiny", host="host9")
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    """A FIFO is no image (neither a regular file nor a block device): refused at once, not
+    after an open() that waits for a writer who may never come (`vbp volume import` hung)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+
+    def run():
+        try:
+            import_file(fifo, "nbd://127.0.0.1:1/never")
+        except Exception as e:
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # (a writer comes and goes: the open returns, the thread ends)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("import_file waited in open() for a writer of the named pipe")
+    assert len(got) == 1 and isinstance(got[0], InvalidArgument), got
+    assert "not a regular file or block device" in str(got[0])
 
 
 # --- a server that stops answering ----------------------------------------------------------
