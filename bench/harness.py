@@ -23,16 +23,16 @@ from pathlib import Path
 
 from bench import report, vbp_ops
 from bench import workloads as wl_mod
-from bench.targets import (BarePython, BarePythonChecksums, BarePythonThreads, NbdkitFile,
-                           QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions)
+from bench.targets import (BarePython, BarePythonChecksums, BarePythonSplice, BarePythonThreads,
+                           NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions)
 
 ALL_TARGETS = ("qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3")
 # on request only: the bare Python server (bench/bare_server.py), without and with checksums,
-# and with checksums on three threads per connection
-EXTRA_TARGETS = ("py-bare", "py-bare-xxh", "py-threads-xxh")
+# with checksums on three threads per connection, and with writes spliced to the file
+EXTRA_TARGETS = ("py-bare", "py-bare-xxh", "py-threads-xxh", "py-splice-xxh")
 # the targets that are one server process on a raw file, by name
 PROCESS_TARGETS = {t.name: t for t in (QemuNbd, NbdkitFile, BarePython, BarePythonChecksums,
-                                       BarePythonThreads)}
+                                       BarePythonThreads, BarePythonSplice)}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB, GiB = 1 << 20, 1 << 30
 

@@ -214,11 +214,12 @@ class BarePython(ProcessTarget):
     export = "disk"  # any export name
     checksums = False
     threads = False
+    splice = False
 
     def command(self, port, image):
         return [sys.executable, str(Path(__file__).with_name("bare_server.py")),
                 "--port", str(port), str(image), *(["--checksums"] if self.checksums else []),
-                *(["--threads"] if self.threads else [])]
+                *(["--threads"] if self.threads else []), *(["--splice"] if self.splice else [])]
 
 
 class BarePythonChecksums(BarePython):
@@ -232,6 +233,14 @@ class BarePythonThreads(BarePythonChecksums):
 
     name = "py-threads-xxh"
     threads = True
+
+
+class BarePythonSplice(BarePythonChecksums):
+    """--splice: a write's payload goes from the socket to the file by splice(2) through a
+    pipe, never into the process; checksums from the page cache. One request at a time."""
+
+    name = "py-splice-xxh"
+    splice = True
 
 
 class VbpSandbox:

@@ -149,7 +149,8 @@ def test_metrics_bench_runs():
             and "a call doing nothing:" in p.stdout), p.stdout
 
 
-@pytest.mark.parametrize("flags", [[], ["--checksums"], ["--checksums", "--threads"]])
+@pytest.mark.parametrize("flags", [[], ["--checksums"], ["--checksums", "--threads"],
+                                   ["--checksums", "--splice"]])
 def test_the_bare_server_serves_what_it_was_given(tmp_path, flags):
     """bench/bare_server.py (the py-bare targets): libnbd writes and reads back, with
     many requests in flight, and the file holds what was written."""
