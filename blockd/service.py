@@ -780,6 +780,7 @@ class Blockd:
         self.store_id = ""
         self._nbd_scope = trio.CancelScope()  # the NBD frontend's, stopped first (drain)
         self._nbd_stopped = trio.Event()
+        self._nbd_stopping = trio.Event()  # set: its connections end gracefully (drain)
 
     def host_record(self) -> HostRecord:
         peer_host, _ = parse_hostport(self.cfg.listen, "listen")
@@ -850,7 +851,7 @@ class Blockd:
                 self.nbd_port = await nursery.start(functools.partial(
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
-                    tls_context=cfg.tls_context()))
+                    tls_context=cfg.tls_context(), stopping=self._nbd_stopping))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))
@@ -1045,14 +1046,20 @@ class Blockd:
         self.provider.went_through(self.provider.pub_seq)
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Graceful stop, step one: stop the NBD frontend (no request is taken any more;
-        the connections close, and what they had not been answered is not acknowledged),
-        let the replicated writes under way finish while the peer links are still up, then
-        make everything durable. A write cut off by the stop of the peer links would have
-        the other copies recorded stale, and this host, about to be down, the only current
-        one: its chunks unreadable until it is back. (Synchronous local writes are never
-        in flight.)"""
-        with trio.move_on_after(timeout):
+        """Graceful stop, step one: the NBD connections read no more requests, answer the
+        ones they took and close (what a client sent and was not answered is not
+        acknowledged; a client that does not read its answers is cut off when the time
+        left is short); then the NBD frontend stops, the replicated writes still under
+        way finish while the peer links are up, and everything is made durable. A write
+        cut off by the stop of the peer links would have the other copies recorded stale,
+        and this host, about to be down, the only current one: its chunks unreadable
+        until it is back. (Synchronous local writes are never in flight.)"""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline - min(2.0, timeout / 4)):
+            self._nbd_stopping.set()
+            while self.provider.gateways:  # (each export's last connection closes it)
+                await trio.sleep(0.01)
+        with trio.move_on_at(deadline):
             self._nbd_scope.cancel()
             await self._nbd_stopped.wait()
             while self.provider.closing or any(

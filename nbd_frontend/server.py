@@ -141,6 +141,7 @@ def max_payload(export) -> int:
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
                     local_congestion: str = "", tls: str = "off", tls_context=None,
+                    stopping: trio.Event | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
@@ -150,6 +151,9 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     attaching here: vbp.sockets.same_host) instead.
     `tls`: "off", "on" (clients may upgrade) or "require", with `tls_context` the server's
     ssl.SSLContext (nbd_frontend.tls.server_context).
+    `stopping`, once set, stops the connections gracefully: no request is read any more,
+    those taken are answered, then the connection closes (a connection made since is
+    closed at once); the caller cancels this once they are gone.
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -162,18 +166,21 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
-                                       tls_context=tls_context,
-                                       local_congestion=local_congestion), listeners)
+                                       tls_context=tls_context, local_congestion=local_congestion,
+                                       stopping=stopping), listeners)
 
 
 async def handle_connection(stream, provider: ExportProvider,
                             ids: RequestIds | None = None, tls: str = "off",
-                            tls_context=None, local_congestion: str = "") -> None:
+                            tls_context=None, local_congestion: str = "",
+                            stopping: trio.Event | None = None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends.
-    `local_congestion`: serve_nbd's."""
+    `local_congestion`, `stopping`: serve_nbd's."""
     held: list = []  # the export opened for this connection, once there is one
     try:
+        if stopping is not None and stopping.is_set():
+            return
         if local_congestion:
             sock = getattr(stream, "socket", None)
             if sock is not None and same_host(sock):
@@ -181,7 +188,7 @@ async def handle_connection(stream, provider: ExportProvider,
         result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
-            await _Connection(channel, held[0], ready, trailing, ids=ids).run()
+            await _Connection(channel, held[0], ready, trailing, ids=ids, stopping=stopping).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
@@ -351,8 +358,9 @@ async def _start_tls(stream, context):
 
 class _Connection:
     def __init__(self, stream, export, ready: Ready, trailing: bytes,
-                 ids: RequestIds | None = None) -> None:
+                 ids: RequestIds | None = None, stopping: trio.Event | None = None) -> None:
         self.stream = stream
+        self.stopping = stopping  # serve_nbd's: set, the reader stops (stop_reading)
         self.ids = ids
         self.export = export
         self.codec = TransmissionCodec(
@@ -401,8 +409,12 @@ class _Connection:
                 watch = trio.CancelScope()
                 if dropped is not None:  # the export can end its connections (e.g. fenced)
                     nursery.start_soon(self._drop_when, dropped, nursery.cancel_scope, watch)
+                reading, watch_stop = trio.CancelScope(), trio.CancelScope()
+                if self.stopping is not None:
+                    nursery.start_soon(self._stop_reading, reading, watch_stop)
                 try:
-                    await self.reader()
+                    with reading:  # (a graceful stop: the requests taken are answered)
+                        await self.reader()
                 except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
                     log.warning("nbd protocol error, disconnecting: %s", exc)
                     nursery.cancel_scope.cancel()
@@ -415,10 +427,18 @@ class _Connection:
                     nursery.cancel_scope.cancel()
                     raise
                 watch.cancel()  # the client is gone: stop watching the export
+                watch_stop.cancel()
                 self.closing = True
                 self.wake.set()
         finally:
             _release(self.out)  # what an ended connection never sent
+
+    async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
+        """Once serve_nbd is stopping, read no more requests: the reader ends as when the
+        client disconnects, and the writer sends the answers of those taken, then ends."""
+        with watch:
+            await self.stopping.wait()
+            reading.cancel()
 
     async def _drop_when(self, event, scope, watch) -> None:
         with watch:

@@ -193,6 +193,48 @@ def test_sigterm_under_writes_leaves_the_other_copies_current(tmp_path):
         sb.down()
 
 
+def test_sigterm_answers_the_requests_the_gateway_took(tmp_path):
+    """A graceful stop answers what its NBD clients sent before it: 32 writes wait on a
+    peer that stopped answering (SIGSTOP: they complete after the peer timeout, that copy
+    recorded stale) when the gateway's host gets SIGTERM. Every one is answered, and
+    succeeds; the stop used to close the connection with them unanswered."""
+    import nbd
+
+    sb = small_pool(tmp_path, n=3, capacity="1G")
+    peer = sb.info["hosts"][1]["pid"]
+    try:
+        sb.vbp("volume", "create", "slow", "--size", "16M", "--replicas", "3")
+        h = connect(sb.uri("slow", 0))
+        h.pwrite(b"\0" * 4096, 0)  # the lease taken, the connections to the peers made
+        os.kill(peer, signal.SIGSTOP)
+        results: dict[int, int] = {}
+
+        def done(i, err):
+            results[i] = err.value
+            return 1
+
+        bufs = [nbd.Buffer.from_bytearray(bytearray([i + 1]) * 65536) for i in range(32)]
+        for i, buf in enumerate(bufs):
+            h.aio_pwrite(buf, i * 65536, completion=lambda err, i=i: done(i, err))
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # every request sent, all waiting on the peer
+            h.poll(100)
+        assert h.aio_in_flight() == 32 and not results
+        pid = sb.info["hosts"][0]["pid"]
+        os.kill(pid, signal.SIGTERM)
+        try:
+            while h.aio_in_flight():
+                h.poll(1000)
+        except nbd.Error:
+            pass  # the connection ends after the answers
+        _wait_stopped(pid, 15)
+        assert results == {i: 0 for i in range(32)}, results
+        assert "event=stopped" in sb.log(0) and "Traceback" not in sb.log(0)
+    finally:
+        os.kill(peer, signal.SIGCONT)
+        sb.down()
+
+
 def _blockd_pids_of(directory) -> list[int]:
     """The blockd processes whose command line names `directory` (a sandbox's hosts)."""
     pids = []
