@@ -528,7 +528,15 @@ class DataSetMover:
 
         n_of = replicas_by_lineage(vols)
         view = ClusterView(cmap)
-        for r in await self.registry.list_stale():
+        records = await self.registry.list_stale()
+        if (await self.registry.cluster_map()).mgen != cmap.mgen:
+            # A change of data set was recorded since `cmap` was read (another controller):
+            # a record its scan or a gateway made names a joining target, not a moot copy,
+            # and cleared by the old placement, the target would count as complete holding
+            # nothing. A record listed before the change and marked after it has moved
+            # version, so clear_stale below leaves it.
+            return
+        for r in records:
             if r.lineage in n_of and r.host_id not in view.replicas(r.lineage, r.index, n_of[r.lineage]):
                 await self.registry.clear_stale(r.lineage, r.index, r.host_id, r.version)
                 log.info("event=moot_stale_cleared lineage=%s chunk=%d host=%s", r.lineage, r.index, r.host_id)

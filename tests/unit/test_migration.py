@@ -681,3 +681,48 @@ def test_a_controller_whose_steps_are_long_still_takes_a_down_host_out():
         clock.t += 1.0
         outs.append(trio.run(m.control_once).migrating)
     assert outs[-1], outs  # down for 4 steps of 36 s: past the 60 s interval
+
+
+# --- stale records a settled data set finds moot (_clear_moot) -----------------------------
+
+
+def test_moot_records_are_not_cleared_with_a_map_a_new_change_replaced():
+    """h2 controls a settled data set h2-h4 and lists the stale records to clear those the
+    placement no longer names. Meanwhile h1 returns, takes the controller role over and
+    records a change h2-h4 -> h1-h4, and a holder's scan records h1 stale for a chunk it
+    joins. h2 judged that record by its old map (h1 places nothing there) and cleared it:
+    with no record left, the change completed and h1 counted as a complete copy holding
+    nothing of the chunk."""
+    reg = open_registry(f"memory://migration-{next(_n)}")
+    for h in ("h2", "h3", "h4"):
+        back(reg, h)
+    reg.set_data_set(0, ["h2", "h3", "h4"], None)
+    reg.create_volume("v", new_volume("v", 64 * MiB, replicas=2, lineage="l0", head=1, now=0.0).to_dict())
+    m2 = controller(reg, Clock(), 600.0, "h2")
+    m1 = controller(reg, Clock(), 600.0, "h1")
+    plain = m2.registry
+    marked = []
+
+    class Meanwhile:
+        def __getattr__(self, name):
+            return getattr(plain, name)
+
+        async def list_stale(self, *a, **k):
+            if not marked:  # (h2's _clear_moot, its map read already)
+                back(reg, "h1")
+                change = await m1.control_once()
+                assert change.migrating and change.data == ("h1", "h2", "h3", "h4")
+                view = ClusterView(change)
+                i = next(i for i in range(64) if "h1" in view.joining("l0", i, 2))
+                reg.mark_stale("l0", i, ["h1"], 12345)  # a holder's scan of the new change
+                marked.append(i)
+            return await plain.list_stale(*a, **k)
+
+    m2.registry = Meanwhile()
+    trio.run(m2.control_once)
+    assert marked
+    assert [(r.index, r.host_id) for r in reg.list_stale()] == [(marked[0], "h1")]
+    change = reg.cluster_map()
+    for h in change.prev:
+        reg.mark_scanned(h, change.mgen)
+    assert trio.run(m1.control_once).migrating  # h1 still owes the chunk its copy
