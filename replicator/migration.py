@@ -333,6 +333,7 @@ class DataSetMover:
         # copies the last change moved to be freed and for the hosts' stats to show it
         self.reweight_hold = grace + 5.0 if reweight_hold is None else reweight_hold
         self.scanned_gen = -1
+        self._scanned_map: ClusterMap | None = None  # the map of this process's last scan
         self.marked = 0
         # published with the stats (pending_free): bytes of this host's copies that the
         # settled data set of generation misplaced_gen places elsewhere, not freed yet
@@ -561,6 +562,20 @@ class DataSetMover:
             self.scanned_gen = cmap.mgen
             return 0
         n_of = await self.n_of()
+        # The change restarted from the same prev (generation one past the one this process
+        # scanned: another host lost, a new factor): the targets that joined a chunk then
+        # too were recorded by that scan (or by a gateway before its first write) and have
+        # been in its write set since; one that resynced holds every acknowledged write.
+        # Recorded again, with the last current copy of prev lost before it resynced once
+        # more, the chunk was taken for unrecoverable and accept-loss reverted it over the
+        # target's bytes. Only targets new to this generation are recorded.
+        before = self._scanned_map
+        carried = None
+        if (before is not None and before.mgen == cmap.mgen - 1 and before.prev == cmap.prev
+                and before.prev_factors == cmap.prev_factors
+                and before.placed(leaving=True) == cmap.placed(leaving=True)):
+            from replicator.gateway import ClusterView  # a view of that map, not the host's
+            carried = ClusterView(before)
         marked = 0
         seen: set[tuple[str, int]] = set()
         now = time.time_ns()
@@ -583,12 +598,15 @@ class DataSetMover:
                 # make them current again)
                 continue
             joining = cv.joining(lineage, index, n)
+            if carried is not None:
+                joining = tuple(h for h in joining if h not in carried.joining(lineage, index, n))
             if joining:
                 await self.registry.mark_stale(lineage, index, joining, version)
                 marked += 1
         if cv.map.mgen == cmap.mgen:
             await self.registry.mark_scanned(self.host_id, cmap.mgen)
             self.scanned_gen = cmap.mgen
+            self._scanned_map = cmap
             self.marked += marked
             log.info("event=data_set_scanned gen=%d chunks_to_move=%d", cmap.mgen, marked)
         return marked

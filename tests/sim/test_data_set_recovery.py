@@ -305,20 +305,28 @@ def test_accept_loss_of_a_chunk_no_copy_of_was_ever_current_reads_zeros():
     run(main)
 
 
-async def joined_then_lost(sim):
+RESTART_WEIGHTS = {"h0": 0.5}  # (a restart of the change: another factor for h0)
+
+
+async def joined_then_lost(sim, restart: bool = False):
     """h0-h2, replicas 2 / min_size 1; X on P, Q (h1, h2). O written to both; W (offset 0)
     missed by Q (restarted, then cut off from P: no resync). h3 joins: the scans record it
     stale for X, it resyncs X from P and its record goes. N (offset 4096) reaches P, Q and
-    h3. Then P's disk is replaced (backfill: P stale, never current). Acknowledged: W, N;
+    h3. With `restart`, the change then restarts from the same prev under a new
+    generation (another factor for h0; h3 still joins X) and every holder scans it.
+    Then P's disk is replaced (backfill: P stale, never current). Acknowledged: W, N;
     h3 holds both."""
     reg = sim.reg
     first = reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
     sim.sync_maps()
     rec = sim.create_volume("v", 64 * MiB, replicas=2, min_size=1)
-    chg = ClusterView(ClusterMap(first.epoch, first.hosts, ("h0", "h1", "h2", "h3"),
-                                 ("h0", "h1", "h2"), first.mgen + 1))
+    hosts4 = ("h0", "h1", "h2", "h3")
+    chg = ClusterView(ClusterMap(first.epoch, first.hosts, hosts4, ("h0", "h1", "h2"), first.mgen + 1))
+    again = ClusterView(ClusterMap(first.epoch, first.hosts, hosts4, ("h0", "h1", "h2"),
+                                   first.mgen + 2, tuple(RESTART_WEIGHTS.items())))
     x = next(i for i in range(64) if "h0" not in chg.replicas(rec.lineage, i, 2)
-             and chg.joining(rec.lineage, i, 2) == ("h3",))
+             and chg.joining(rec.lineage, i, 2) == ("h3",)
+             and again.joining(rec.lineage, i, 2) == ("h3",))
     p, q = chg.replicas(rec.lineage, x, 2)
     P, Q, T, h0 = sim.hosts[p], sim.hosts[q], sim.hosts["h3"], sim.hosts["h0"]
     gw = await h0.run_on(h0.provider.open_export, "v")
@@ -350,9 +358,19 @@ async def joined_then_lost(sim):
     got = sim.replica_bytes(T, rec, rec.chain, x)[:8192]
     assert got == b"W" * 4096 + b"N" * 4096
 
+    if restart:
+        cmap = reg.set_data_set(cmap.mgen, hosts4, ["h0", "h1", "h2"], RESTART_WEIGHTS)
+        sim.sync_maps()
+        assert ClusterView(cmap).joining(rec.lineage, x, 2) == ("h3",)
+        for hid, h in sim.hosts.items():
+            mv[hid].store, mv[hid].cluster = h.store, h.cluster
+            await mv[hid].scan_once()
+        assert all(m.scanned_gen == cmap.mgen for m in mv.values())
+
     # P's disk is replaced
     await replace_disk(sim, p)
-    assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
+    if not restart:
+        assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {p, q}
     Q.faults.heal()
     return rec, x, p, q, gw
 
@@ -382,6 +400,27 @@ def test_a_chunk_a_joining_target_holds_is_not_given_up_and_reads_it_once_the_ch
             want = b"W" * 4096 + b"N" * 4096
             for h in ClusterView(sim.reg.cluster_map()).replicas(rec.lineage, x, 2):
                 assert sim.replica_bytes(sim.hosts[h], rec, rec.chain, x)[:8192] == want, h
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_change_restarted_from_the_same_prev_does_not_record_a_resynced_target_again():
+    """As joined_then_lost, with the change restarted under a new generation (same prev)
+    after h3 resynced X: the holders' scans of it recorded h3 stale for X again (P and Q
+    hold X; a copy stale and holding none of it would record h3 never current), though
+    h3 had been written with every write since its resync. Once P's disk was replaced X
+    was taken for unrecoverable, and accept-loss reverted it to Q's older bytes: W was
+    gone from every copy."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec, x, p, q, gw = await joined_then_lost(sim, restart=True)
+            assert {r.host_id for r in sim.reg.list_stale(rec.lineage, x)} == {p, q}
+            assert api.unrecoverable_chunks(sim.reg) == []
+            with pytest.raises(InvalidArgument, match="not unrecoverable"):
+                api.accept_loss(sim.reg, "v", [x])
             nursery.cancel_scope.cancel()
 
     run(main)
