@@ -157,11 +157,20 @@ class ClusterView:
         # stale in the current change of data set (VolumeGateway._replicate_piece); set_map
         # forgets them when the data-set generation moves, so they never outlive it
         self.joining_marked: set[tuple[str, int]] = set()
+        # (a view of the generation before, the chunks marked in it) when this one restarts
+        # its change from the same prev (joining_to_mark)
+        self._carried: tuple[ClusterView, frozenset] | None = None
         self.map = None
         self.set_map(cmap)
 
     def set_map(self, cmap: ClusterMap) -> None:
-        if self.map is None or self.map.mgen != cmap.mgen:
+        old = self.map
+        if old is None or old.mgen != cmap.mgen:
+            self._carried = None
+            if (self.joining_marked and cmap.mgen == old.mgen + 1 and old.prev is not None
+                    and cmap.prev == old.prev and cmap.prev_factors == old.prev_factors
+                    and cmap.placed(leaving=True) == old.placed(leaving=True)):
+                self._carried = (ClusterView(old), frozenset(self.joining_marked))
             self.joining_marked = set()
         self.map = cmap
         # the hosts with the capacity, zone and pod recorded with the data set, not those of
@@ -222,6 +231,20 @@ class ClusterView:
         """Targets that are not yet replicas: they get the chunk by resync."""
         old = self.replicas(lineage, index, n)
         return tuple(h for h in self.targets(lineage, index, n) if h not in old)
+
+    def joining_to_mark(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
+        """The joining targets a gateway records stale before its first write of the chunk
+        in this change: all, less those it recorded in the generation right before when
+        the change restarted from the same prev. Those have been in the chunk's write set
+        since (a resync brought them current, or their record is still there): recorded
+        again, a target holding every acknowledged write would count as missing them, and
+        with prev's last current copy lost the chunk would be given up (replicator.loss)."""
+        joining = self.joining(lineage, index, n)
+        carried = self._carried
+        if carried is not None and (lineage, index) in carried[1]:
+            before = carried[0].joining(lineage, index, n)
+            joining = tuple(h for h in joining if h not in before)
+        return joining
 
     def write_set(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
         """The replicas, then the joining targets."""
@@ -1154,7 +1177,9 @@ class VolumeGateway:
             # Once per chunk and change: the record is the chunk's, whichever volume of the
             # lineage writes it.
             marked = cv.joining_marked  # (this change's: set_map replaces it on the next)
-            await self._mark_stale(p.index, hosts[len(complete):])
+            new = cv.joining_to_mark(self.lineage, p.index, self.n)
+            if new:
+                await self._mark_stale(p.index, new)
             marked.add((self.lineage, p.index))
         failed: dict[str, Exception] = {}
         if log.isEnabledFor(logging.DEBUG):

@@ -366,6 +366,9 @@ async def joined_then_lost(sim, restart: bool = False):
             mv[hid].store, mv[hid].cluster = h.store, h.cluster
             await mv[hid].scan_once()
         assert all(m.scanned_gen == cmap.mgen for m in mv.values())
+        # a write of X under the restarted change (the gateway records new targets first)
+        await h0.run_on(lambda: call(gw.write(x * MiB + 4096, b"N" * 4096, False)))
+        await h0.run_on(lambda: call(gw.flush()))
 
     # P's disk is replaced
     await replace_disk(sim, p)
