@@ -74,6 +74,7 @@ from vbp.errors import (
     LeaseExpired,
     LocalFault,
     NoSpace,
+    PastEnd,
     PeerUnavailable,
     ReadOnly,
     RegistryUnavailable,
@@ -1031,6 +1032,8 @@ class VolumeGateway:
             # nothing to write (NBD allows a zero-length WRITE, at the very end too): no
             # chunk is made for it, not one past the volume's last
             return None
+        if offset + len(data) > self.size:
+            self._past_end(offset, len(data))
         if not token or self._hold is not None:
             return self._leased(self._write, offset, keepable(data), fua)
         index = offset >> self._shift
@@ -1074,6 +1077,8 @@ class VolumeGateway:
 
     def _zero(self, offset: int, length: int, fua: bool):
         self._check_writable()
+        if offset + length > self.size:
+            self._past_end(offset, length)
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua)
         pieces = list(self.geometry.pieces(offset, length))
@@ -1097,6 +1102,13 @@ class VolumeGateway:
         except Fenced as e:  # (as write)
             self._fence(e)
             raise
+
+    def _past_end(self, offset: int, length: int) -> None:
+        # the NBD codec checks the size the client connected at; a shrink since (adopted
+        # by the record sync, or by a write held for it) leaves past the end chunks that
+        # no reader of the volume has: a write there would be acknowledged and then lost
+        raise PastEnd(f"{self.name}: range {offset}+{length} is past the end of the volume "
+                      f"(shrunk to {self.size} bytes since this client connected)")
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
         # Zeroing is always fast here: whole pages become holes, no data is written.

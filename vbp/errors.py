@@ -71,6 +71,14 @@ class OutOfRange(VbpError):
     errno = _errno.EINVAL
 
 
+class PastEnd(OutOfRange):
+    """A write past the end of a volume shrunk while its client had it open: the client
+    still knows the size it connected at (NBD tells no resize). ENOSPC, as for any
+    write past an export's end (proto.md)."""
+
+    errno = _errno.ENOSPC
+
+
 # --- local faults ----------------------------------------------------------------------
 
 

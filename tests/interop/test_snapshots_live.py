@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import threading
 import time
+
+import pytest
 
 from tests.conftest import run_vbp
 
@@ -157,6 +160,42 @@ def test_shrink_then_grow_reads_zeros(sandbox):
     h.pwrite(b"n" * 4096, 20 * MiB)
     h.flush()
     assert h.pread(8192, 20 * MiB) == b"n" * 4096 + bytes(4096)
+    h.shutdown()
+
+
+def test_shrink_under_an_open_client_refuses_its_writes_past_the_new_end(sandbox):
+    """A client connected before a shrink still knows the old size (NBD tells no resize):
+    once its gateway has the new record, a write or trim past the new end is refused
+    (ENOSPC, as past any export's end), never acknowledged into chunks the volume no
+    longer has (garbage collection frees them; growing again reads zeros)."""
+    import nbd
+
+    sandbox.vbp("volume", "create", "rsl", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("rsl"))
+    h.pwrite(b"A" * (8 * MiB), 0)
+    h.flush()
+    sandbox.vbp("volume", "resize", "rsl", "4M", "--force")
+    deadline = time.monotonic() + 10
+    refused = None
+    while refused is None and time.monotonic() < deadline:
+        try:  # (acknowledged before the gateway's record sync: into the old head, hidden)
+            h.pwrite(b"X" * BLOCK, 6 * MiB)
+            h.flush()
+        except nbd.Error as e:
+            refused = e
+        time.sleep(0.1)
+    assert refused is not None, "a write past the new end was still acknowledged 10 s after the shrink"
+    assert refused.errno in (errno.ENOSPC, "ENOSPC"), refused
+    with pytest.raises(nbd.Error):
+        h.trim(BLOCK, 7 * MiB)
+    h.pwrite(b"Y" * BLOCK, 4 * MiB - BLOCK)  # up to the new end: served as ever
+    h.flush()
+    assert h.pread(BLOCK, 4 * MiB - BLOCK) == b"Y" * BLOCK
+    sandbox.vbp("volume", "resize", "rsl", "8M")
+    c = connect(sandbox.uri("rsl", 1))
+    assert c.pread(BLOCK, 6 * MiB) == bytes(BLOCK)
+    assert c.pread(BLOCK, 3 * MiB) == b"A" * BLOCK
+    c.shutdown()
     h.shutdown()
 
 
