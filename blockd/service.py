@@ -123,6 +123,8 @@ class VolumeProvider:
         name, snap = split_export_name(export)
         async with self._lock:
             gw = self.gateways.get(export)
+            if gw is not None and not gw.fenced and gw.gone is None:
+                await self._check_same(gw, name)
             if gw is None or gw.fenced or gw.gone is not None:
                 if gw is not None:  # no longer published: its clients are served no more
                     gw.serve_until = -math.inf
@@ -137,6 +139,24 @@ class VolumeProvider:
                     await self._settle_orphaned_lease(export, gw)
             self.refs[export] += 1
         return gw
+
+    async def _check_same(self, gw: VolumeGateway, name: str) -> None:
+        """Before a new client joins `gw`: a volume deleted and created again under its
+        name since gw opened is another volume (another lineage, or a clone made at
+        another time), which the record sync notices only within its period. Found
+        first here, gw is fenced (a head) or gone (a snapshot), as that sync would do,
+        and the client gets a gateway of its own; read by gw's chain, it would read the
+        deleted volume's bytes and write where no reader of the new one looks."""
+        try:
+            rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
+            if same_volume(rec, gw.view.volume):
+                return
+        except NotFound:
+            pass
+        if gw.read_only:
+            gw.set_gone(Gone(f"snapshot {gw.name} was deleted while exported"))
+        else:
+            gw._fence(NotFound(f"volume {name!r} was deleted (a new volume has its name)"))
 
     async def _settle_orphaned_lease(self, export: str, gw: VolumeGateway) -> None:
         """A lease that ran out without being released (its holder crashed or was cut
