@@ -713,7 +713,8 @@ class VolumeProvider:
             if gw is None or not gw.takeover_unheard or lease.token not in self.reconciling:
                 continue
             left = await gw.reconcile_unheard(lease.token)
-            if not left and self.leases.get(export) is lease:
+            now = self.leases.get(export)  # (renewed meanwhile: another object, same token)
+            if not left and now is not None and now.token == lease.token:
                 self.reconciling.discard(lease.token)
                 log.info("volume=%s event=takeover_reconciled_late token=%d", export, lease.token)
 

@@ -399,3 +399,39 @@ def test_a_copy_not_asked_at_the_takeover_is_read_last_until_it_is():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_late_reconcile_during_a_lease_renewal_still_settles_the_lease():
+    """The renewal loop replaces the lease object of an export (same token, a later
+    expiry) while the late reconcile asks the host the takeover could not ask. That host
+    answered, so the takeover is reconciled: the lease must no longer owe the reconcile,
+    and go back clean (not orphaned) when its last client leaves."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, lone, new_host = await lone_first_write(nursery)
+            sim.expire_lease("v")
+            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
+            sim.sync_maps()
+            host = sim.hosts[new_host]
+            gw = await host.provider.open_export("v")
+            await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
+            assert gw.takeover_unheard == {lone}
+            sim.reg.heartbeat(lone, 30)  # back
+            sim.sync_maps()
+            provider = host.provider
+            token = provider.leases["v"].token
+            host.faults = host.pool.faults = _Slow(m.DirtyChunks, 1.0)
+            nursery.start_soon(provider.reconcile_late)
+            await trio.sleep(0.5)  # the late reconcile waits on the lone host's answer
+            await provider.renew_all()
+            assert provider.leases["v"].token == token
+            await trio.sleep(2)
+            assert not gw.takeover_unheard
+            assert token not in provider.reconciling
+            gw.on_close(gw)  # the client goes: the lease is handed back
+            await trio.sleep(1)
+            assert sim.reg.get_lease("v") is None
+            assert not sim.reg.lease_orphaned("v")
+            nursery.cancel_scope.cancel()
+
+    run(main)
