@@ -296,7 +296,8 @@ class MemoryChunkStore:
         new = MemoryChunkStore(None, self.capacity)
         new.was_clean = False
         new.store_id = self.store_id  # the same disk
-        new.recovered = frozenset(self._dirty)
+        # listed until forgotten (ChunkStore keep_recovered): a crash before then keeps them
+        new.recovered = self.recovered | frozenset(self._dirty)
         new._free = {cs: list(v) for cs, v in self._free.items()}
         new._nslots = dict(self._nslots)
         for key, c in self._chunks.items():

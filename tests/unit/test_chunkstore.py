@@ -745,6 +745,21 @@ def test_memory_crash_model():
     assert seen == {1, VERSION_SLACK}  # both ends of what ChunkStore's recovery may give
 
 
+def test_memory_crash_model_lists_the_recovered_until_forgotten():
+    """As ChunkStore opened keep_recovered (blockd's store, the one the simulation
+    stands for): a crash before the list is recorded (forget_recovered) lists it again
+    at the next start, however many crashes come between; once forgotten, it does not."""
+    rng = random.Random(1)
+    m = MemoryChunkStore(None, 8 * CS)
+    m.write(K, 0, b"a" * CS, chunk_size=CS)
+    after = m.crash(rng)
+    assert after.recovered == {K}
+    again = after.crash(rng)  # crashed again before mark_recovered got through
+    assert again.recovered == {K}
+    again.forget_recovered()
+    assert again.crash(rng).recovered == frozenset()
+
+
 def test_lmdb_records_are_readable_by_tools(store, tmp_path):
     """The index is plain LMDB: an operator can inspect it with the lmdb package."""
     store.write(K, 0, b"x", chunk_size=CS)
