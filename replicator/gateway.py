@@ -352,6 +352,7 @@ class VolumeGateway:
         self.lease_deadline = math.inf  # trio time; set by the service with each grant/renewal
         # up hosts the last takeover's reconcile could not ask (reconcile_after_takeover)
         self.takeover_unheard: frozenset[str] = frozenset()
+        self._takeover_at = -math.inf  # when the last takeover's reconcile began
         self.fenced = False
         # chunk index -> hosts whose copy is stale (registry StaleRecords, refreshed by the
         # service); reads avoid them while a current copy is reachable
@@ -830,6 +831,7 @@ class VolumeGateway:
         cv = self.cluster
         hosts = sorted((set(cv.map.data_set) | set(cv.map.prev or ())))
         self.takeover_unheard = frozenset()
+        self._takeover_at = self.replica.now()
         dirty: set[tuple[int, int]] = set()  # (index, gen)
         unheard: set[str] = set()  # up hosts that did not learn our token or list their chunks
         away: set[str] = set()  # hosts down in the map: asked once back (reconcile_unheard)
@@ -929,6 +931,14 @@ class VolumeGateway:
                 for gen in sorted(set(self.chain)):
                     got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
                     listed.update((index, gen) for index in got.indexes)
+                if self.replica.now() - self._takeover_at >= self.replica.recent_window:
+                    # Our token may have reached it a window ago (a Flush or writes of ours
+                    # answered, its DirtyChunks not): our writes since then made it forget
+                    # the old holder's marks (Replica.recent_before), so every chunk it
+                    # holds is compared. (Its window is ours: blockd sets both alike.)
+                    got = await self._send_once(h, m.ChunkIndexes(self.lineage))
+                    listed.update((index, gen) for index in got.indexes
+                                  for gen in set(self.chain))
                 for index, gen in sorted(listed):
                     if not await self._late_copy_agrees(h, index, gen, left):
                         await self._mark_stale(index, [h])

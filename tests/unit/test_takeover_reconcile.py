@@ -435,3 +435,43 @@ def test_a_late_reconcile_during_a_lease_renewal_still_settles_the_lease():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+class _SilentTo(SimFaults):
+    """Requests of type `kind` to `address` are lost (they time out)."""
+
+    def __init__(self, address: str, kind: type):
+        super().__init__(0)
+        self.address, self.kind = address, kind
+
+    def on_call(self, address, message):
+        if address == self.address and isinstance(message, self.kind):
+            return "drop"
+        return super().on_call(address, message)
+
+
+def test_a_host_that_took_the_token_but_not_the_reconcile_keeps_the_old_holders_marks():
+    """The lone copy of the old holder's first write to chunk 1 learns the new holder's
+    token (its Flush) but does not answer the takeover's DirtyChunks (slow, silent): it is
+    left to the late reconcile. The new holder's writes reach it meanwhile, for longer
+    than the replica's window. When it answers at last, it must still name chunk 1: the
+    old holder's marks are what the late reconcile compares."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, lone, new_host = await lone_first_write(nursery)
+            sim.expire_lease("v")
+            host = sim.hosts[new_host]
+            host.faults = host.pool.faults = _SilentTo(sim.hosts[lone].addr, m.DirtyChunks)
+            gw = await host.provider.open_export("v")
+            await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
+            assert gw.takeover_unheard == {lone}
+            await trio.sleep(sim.hosts[lone].replica.recent_window + 1)
+            await host.provider.renew_all()
+            await call(gw.write(0, b"\x07" * 4096, False))  # reaches the lone copy too
+            host.faults = host.pool.faults = SimFaults(0)  # it answers again
+            await host.provider.reconcile_late()
+            assert not gw.takeover_unheard
+            agree_or_recorded(sim, rec, 1)
+            nursery.cancel_scope.cancel()
+
+    run(main)
