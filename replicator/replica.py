@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 from dataclasses import replace as dc_replace
 from operator import itemgetter
@@ -138,15 +139,30 @@ class Replica:
                 del self.written[k]
 
     def forget_recent(self) -> None:
-        """Drop the marks of writes known settled (see `recent`; called now and then)."""
+        """Drop the marks of writes known settled (see `recent`; called now and then), and
+        those of chunks no longer here (a volume deleted, its chunks collected; a copy
+        moved away): no copy here to compare."""
         window = self.recent_window
-        for volume, r in list(self.recent.items()):
-            alive = max(r.values())  # the holder's last write here (kept: nothing is past it)
-            for k in [k for k, t in r.items() if t + window <= alive]:
-                del r[k]
+        gone = self._gone
+        for volume in set(self.recent) | set(self.recent_before):
+            r = self.recent.get(volume)
+            alive = max(r.values()) if r else -math.inf  # the holder's last write here
+            if r:
+                for k in [k for k, t in r.items() if t + window <= alive or gone(k)]:
+                    del r[k]
+                if not r:
+                    del self.recent[volume]
             before = self.recent_before.get(volume)
-            if before is not None and alive >= before[0] + window:
-                del self.recent_before[volume]
+            if before is not None:
+                for k in [k for k in before[1] if gone(k)]:
+                    del before[1][k]
+                if alive >= before[0] + window or not before[1]:
+                    del self.recent_before[volume]
+
+    def _gone(self, mark: tuple[str, int, int]) -> bool:
+        """The chunk of a mark (lineage, gen, index) is no longer in the store."""
+        lineage, gen, index = mark
+        return self.store.lookup(ChunkKey(lineage, index, gen)) is None
 
     def _new_holder(self, volume: str) -> None:
         """A newer token for `volume` came: the marks so far are its predecessors'."""

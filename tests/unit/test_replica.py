@@ -14,6 +14,7 @@ from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, MemoryChunkStore
 from vbp.errors import InvalidArgument
+from vbp.layout import ChunkKey
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -114,5 +115,29 @@ def test_a_new_holder_keeps_its_predecessors_marks_until_it_lived_a_window():
         replica.handle(_write(3, 2))
         assert replica.recently_written("lin", 1) == [2, 3, 5]
         assert set(replica.recent_before) == set()
+
+    _marks_run(main)
+
+
+def test_the_marks_of_chunks_no_longer_here_are_forgotten():
+    """A dead holder's marks stay for a takeover however late, but not once their chunks
+    left the store (the volume deleted and its chunks collected, a copy moved away):
+    nothing here to compare, and a host serving many volumes in turn would keep them all."""
+    async def main():
+        replica = Replica(MemoryChunkStore(None, 1 << 30), "h2", lambda: 1)
+        replica.recent_window = 10
+        replica.handle(_write(0, 1))
+        replica.handle(_write(1, 1))
+        replica.handle(_write(2, 1, volume="gone"))
+        replica.handle(m.Flush("v", 1, 2))  # (a newer holder: marks of the one before)
+        await trio.sleep(600)
+        replica.store.delete(ChunkKey("lin", 1, 1))
+        replica.store.delete(ChunkKey("lin", 2, 1))
+        replica.forget_recent()
+        assert replica.recently_written("lin", 1) == [0]
+        assert "gone" not in replica.recent and "gone" not in replica.recent_before
+        replica.store.delete(ChunkKey("lin", 0, 1))
+        replica.forget_recent()
+        assert not replica.recent and not replica.recent_before
 
     _marks_run(main)
