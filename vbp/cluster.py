@@ -105,7 +105,8 @@ class ClusterMap:
         ids, rec = (self.prev, self.prev_places) if leaving else (self.data_set, self.places)
         got = {p[0]: tuple(p[1:]) for p in rec}
         live = live_places(self, ids)
-        return {h: got.get(h, live[h]) for h in ids if h in got or h in live}
+        # (a host of the set may be gone from the map: a remove racing the controller)
+        return {h: got[h] if h in got else live[h] for h in ids if h in got or h in live}
 
     def placed_hosts(self, leaving: bool = False) -> tuple[HostRecord, ...]:
         """The hosts of the data set (`leaving`: of prev) as placement sees them: their

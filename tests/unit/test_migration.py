@@ -726,3 +726,37 @@ def test_moot_records_are_not_cleared_with_a_map_a_new_change_replaced():
     for h in change.prev:
         reg.mark_scanned(h, change.mgen)
     assert trio.run(m1.control_once).migrating  # h1 still owes the chunk its copy
+
+
+def test_a_host_removed_while_the_controller_adds_it_leaves_every_map_readable():
+    """`vbp host remove` of a host that just registered (not in the data set yet: the
+    remove is allowed) between the controller's read of the map and its recording of the
+    data set that takes the host in: the record then names, with its placement inputs, a
+    host no longer in the map. Every host builds its view of that map (placement over the
+    recorded inputs of the hosts it has an address for); a KeyError there stopped every
+    blockd's map refresh and `vbp pool status`. The next step takes the host out again."""
+    reg = pool(0.3)
+    reg.register_host(HostRecord("h5", "h5:1", "h5:2", pod="p5", capacity=GiB, peer_rev=WEIGHTS_REV), 60)
+
+    class RemovedAfterRead(Async):
+        async def cluster_map_then_remove(self):
+            got = self.sync.cluster_map()
+            if got.host("h5") is not None and "h5" not in got.data_set:
+                self.sync.remove_host("h5")  # the operator's remove, racing the step
+            return got
+
+        def __getattr__(self, name):
+            if name == "cluster_map":
+                return self.cluster_map_then_remove
+            return super().__getattr__(name)
+
+    m = DataSetMover("h1", None, None, RemovedAfterRead(reg), grace=5.0, reweight_hold=10.0)
+    m.clock = Clock()
+    got = trio.run(m.control_once)
+    assert "h5" in got.data and got.host("h5") is None  # the race as it happens
+    assert got.placed(leaving=True) == reg.cluster_map().placed(leaving=True)
+    assert [h.id for h in got.placed_hosts()] == ["h1", "h2", "h3", "h4"]  # h5: no address
+    view = ClusterView(got)
+    assert all("h5" not in view.write_set("l0", i, 3) for i in range(64))
+    again = trio.run(mover(reg, Clock(), hold=0.0).control_once)
+    assert again.data == ("h1", "h2", "h3", "h4") and not again.migrating  # cancelled
