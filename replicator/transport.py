@@ -646,7 +646,8 @@ class _ClientConnection:
         self.link: _Link | None = None
         self.ready = trio.Event()
         self.error: PeerUnavailable | None = None  # set once the connection is dead
-        # request id -> (task or _Gather, deadline, sent at, slot in the _Gather)
+        # request id -> (task or _Gather, deadline, since, slot in the _Gather); `since`:
+        # when the call began waiting for room to send it (the sweep's silence test)
         self.pending: dict[int, tuple] = {}
         self.last_receive = -math.inf
         self.goodbye: m.Error | None = None  # why the peer closed the connection, if it said
@@ -778,6 +779,7 @@ class _ClientConnection:
 
     async def request(self, message, deadline: float, drop: bool):
         """Send and wait for the reply, until `deadline` (see PeerPool._sweep_timeouts)."""
+        since = trio.current_time()
         while len(self.pending) >= self.pool.max_in_flight and not self.dead:
             await self.room.park()
         if self.dead:
@@ -786,7 +788,7 @@ class _ClientConnection:
         self.next_id += 1
         if not drop:
             self.link.queue(request_id, message)
-        self.pending[request_id] = waiter = (current_task(), deadline, trio.current_time(), 0)
+        self.pending[request_id] = waiter = (current_task(), deadline, since, 0)
         self.pool._timeout_at(deadline)
 
         def abort(_):
@@ -844,7 +846,9 @@ class PeerPool:
     # fails whatever is overdue. With one timeout for every call, deadlines only grow and a
     # new call never has to wake the sweeper. A peer that sent nothing at all during a whole
     # timeout of a call is hung (stopped, wedged, half-open TCP): its connection is dropped,
-    # or new calls would queue behind a send that never ends.
+    # or new calls would queue behind a send that never ends. A call's wait for room
+    # (max_in_flight) counts in that: sent late, it may time out soon after, and a live
+    # peer that answered while it waited has not been silent.
 
     def _timeout_at(self, deadline: float) -> None:
         if deadline < self._next_sweep:
@@ -864,12 +868,12 @@ class PeerPool:
             for conn in list(self._conns.values()):
                 silent = False
                 for request_id, waiter in list(conn.pending.items()):
-                    _, deadline, sent, _ = waiter
+                    _, deadline, since, _ = waiter
                     if deadline <= now:
                         del conn.pending[request_id]
                         _resolve(waiter, outcome.Error(PeerUnavailable(
                             f"peer {conn.address}: no reply in time")))
-                        silent = silent or conn.last_receive < sent
+                        silent = silent or conn.last_receive < since
                     elif deadline < earliest:
                         earliest = deadline
                 if silent:
@@ -956,6 +960,7 @@ class PeerPool:
         deadline = trio.current_time() + (self.request_timeout if timeout is None else timeout)
         queued: list[tuple[_ClientConnection, int]] = []
         for slot, address in enumerate(addresses):
+            since = trio.current_time()
             try:
                 drop = await _apply_fault(self.faults, address, message)
                 conn = self._conns.get(address)
@@ -972,7 +977,7 @@ class PeerPool:
             conn.next_id += 1
             if not drop:
                 conn.link.queue_frame(frame(request_id, prepared))
-            conn.pending[request_id] = (gather, deadline, trio.current_time(), slot)
+            conn.pending[request_id] = (gather, deadline, since, slot)
             queued.append((conn, request_id))
         if queued:
             self._timeout_at(deadline)

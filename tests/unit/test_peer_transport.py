@@ -560,6 +560,34 @@ async def test_a_silent_peer_loses_its_connection():
             assert await pool.call(address, m.Ping(5)) == m.Pong("srv", 5)  # reconnects
 
 
+async def test_a_call_that_waited_for_room_does_not_make_a_live_peer_silent():
+    """Past max_in_flight a call waits for room before it is sent. A peer that answers
+    steadily but slower than the calls come can leave a call too little of its timeout
+    once it is sent: it times out, but the peer was not silent for a whole timeout (it
+    answered during it), so its connection stays, and the other calls on it go on."""
+    async def slow(msg, peer):
+        await trio.sleep(0.15)
+        return m.Pong("srv", msg.epoch)
+
+    async with server(slow) as (address, _):
+        async with PeerPool(CLUSTER, "cli", request_timeout=0.5, max_in_flight=2) as pool:
+            assert await pool.call(address, m.Ping(0)) == m.Pong("srv", 0)
+            conn = pool._conns[address]
+            failures = []
+
+            async def one(i):
+                try:
+                    assert await pool.call(address, m.Ping(i)) == m.Pong("srv", i)
+                except PeerUnavailable as exc:
+                    failures.append(str(exc))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(1, 11):
+                    nursery.start_soon(one, i)
+            assert failures and all("in time" in f for f in failures), failures
+            assert pool._conns.get(address) is conn and not conn.dead
+
+
 async def test_fault_policy_partition_drop_delay():
     faults = FaultPolicy(seed=1)
     async with server(host_id="srv") as (a, _), server(host_id="srv") as (b, _):
