@@ -141,6 +141,8 @@ class _Link:
         self.codec = PeerCodec(max_frame)
         self.out: list = []
         self.out_bytes = 0  # of `out` (a server session's backlog: MAX_REPLY_BACKLOG)
+        self.queued = 0  # bytes ever queued: a frame's end is this after its _add
+        self.in_send = 0  # bytes of the writer's send under way (not all taken yet)
         self.wakeup = _Wakeup()
         self.held = False  # the server's reader is dispatching a batch: it pushes
         self.sending = False  # the writer task is in the middle of a send
@@ -161,10 +163,17 @@ class _Link:
     def _add(self, frame) -> None:
         if type(frame) is bytes:
             self.out.append(frame)
-            self.out_bytes += len(frame)
+            n = len(frame)
         else:
             self.out.extend(frame)
-            self.out_bytes += sum(map(nbytes, frame))
+            n = sum(map(nbytes, frame))
+        self.out_bytes += n
+        self.queued += n
+
+    def taken(self) -> int:
+        """How many of the bytes ever queued the socket has surely taken (a frame ending
+        at or before this has left; one in a send under way counts as not yet)."""
+        return self.queued - self.out_bytes - self.in_send
 
     def queue_frame(self, frame) -> None:
         self._add(frame)
@@ -206,12 +215,13 @@ class _Link:
                 await self.wakeup.wait()
                 continue
             bufs, self.out = self.out, []
-            self.out_bytes = 0
+            self.in_send, self.out_bytes = self.out_bytes, 0
             self.sending = True
             try:
                 await send_all(self.raw, bufs)
             finally:
                 self.sending = False
+                self.in_send = 0
 
     async def flush(self) -> None:
         bufs, self.out = self.out, []
@@ -646,10 +656,13 @@ class _ClientConnection:
         self.link: _Link | None = None
         self.ready = trio.Event()
         self.error: PeerUnavailable | None = None  # set once the connection is dead
-        # request id -> (task or _Gather, deadline, since, slot in the _Gather); `since`:
-        # when the call began waiting for room to send it (the sweep's silence test)
+        # request id -> (task or _Gather, deadline, since, slot in the _Gather, end);
+        # `since`: when the call began waiting for room to send it; `end`: link.queued
+        # once its frame was queued (the sweep's tests of a silent or not reading peer)
         self.pending: dict[int, tuple] = {}
         self.last_receive = -math.inf
+        # (end, when): a timed-out call's frame, unsent when it timed out (the sweep)
+        self.abandoned: tuple[int, float] | None = None
         self.goodbye: m.Error | None = None  # why the peer closed the connection, if it said
         self.next_id = 1
         self.room = ParkingLot()
@@ -788,7 +801,8 @@ class _ClientConnection:
         self.next_id += 1
         if not drop:
             self.link.queue(request_id, message)
-        self.pending[request_id] = waiter = (current_task(), deadline, since, 0)
+        self.pending[request_id] = waiter = (current_task(), deadline, since, 0,
+                                             self.link.queued)
         self.pool._timeout_at(deadline)
 
         def abort(_):
@@ -848,7 +862,11 @@ class PeerPool:
     # timeout of a call is hung (stopped, wedged, half-open TCP): its connection is dropped,
     # or new calls would queue behind a send that never ends. A call's wait for room
     # (max_in_flight) counts in that: sent late, it may time out soon after, and a live
-    # peer that answered while it waited has not been silent.
+    # peer that answered while it waited has not been silent. A peer that answers, late,
+    # but takes our frames slower than they come is not keeping up either: a timed-out
+    # call frees its room for another, and its frame, unsent, stays queued, so the queue
+    # grows without bound. A frame of a call given up on that is still unsent a whole
+    # request timeout later drops the connection.
 
     def _timeout_at(self, deadline: float) -> None:
         if deadline < self._next_sweep:
@@ -867,18 +885,32 @@ class PeerPool:
             now = trio.current_time()
             for conn in list(self._conns.values()):
                 silent = False
+                unsent = 0  # the furthest end of a timed-out call's frame
                 for request_id, waiter in list(conn.pending.items()):
-                    _, deadline, since, _ = waiter
+                    _, deadline, since, _, end = waiter
                     if deadline <= now:
                         del conn.pending[request_id]
                         _resolve(waiter, outcome.Error(PeerUnavailable(
                             f"peer {conn.address}: no reply in time")))
                         silent = silent or conn.last_receive < since
+                        unsent = max(unsent, end)
                     elif deadline < earliest:
                         earliest = deadline
                 if silent:
                     conn.fail("silent for a whole request timeout")
-                elif conn.room:
+                    continue
+                if conn.abandoned is not None and conn.link.taken() >= conn.abandoned[0]:
+                    conn.abandoned = None
+                if conn.abandoned is not None:
+                    if now - conn.abandoned[1] >= self.request_timeout:
+                        conn.fail("not reading: the frame of a timed-out request still "
+                                  "unsent a request timeout later")
+                        continue
+                    earliest = min(earliest, conn.abandoned[1] + self.request_timeout)
+                elif unsent and unsent > conn.link.taken():
+                    conn.abandoned = (unsent, now)
+                    earliest = min(earliest, now + self.request_timeout)
+                if conn.room:
                     conn.room.unpark_all()
             self._next_sweep = min(self._next_sweep, earliest)
 
@@ -977,7 +1009,7 @@ class PeerPool:
             conn.next_id += 1
             if not drop:
                 conn.link.queue_frame(frame(request_id, prepared))
-            conn.pending[request_id] = (gather, deadline, since, slot)
+            conn.pending[request_id] = (gather, deadline, since, slot, conn.link.queued)
             queued.append((conn, request_id))
         if queued:
             self._timeout_at(deadline)
@@ -1043,7 +1075,7 @@ class PeerPool:
                 link.queue_frame(frame(request_id, prepared))  # joins the writer's batch
             else:  # idle (QD1), or enough queued for the peer to start on: sent now
                 link.send_soon(frame(request_id, prepared))
-            conn.pending[request_id] = (gather, deadline, now, slot)
+            conn.pending[request_id] = (gather, deadline, now, slot, link.queued)
         if conns:
             self._timeout_at(deadline)
         else:

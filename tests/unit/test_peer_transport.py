@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import socket
@@ -588,6 +589,69 @@ async def test_a_call_that_waited_for_room_does_not_make_a_live_peer_silent():
             assert pool._conns.get(address) is conn and not conn.dead
 
 
+@asynccontextmanager
+async def slow_reader(nbytes: int, every: float):
+    """A peer that takes at most `nbytes` of requests every `every` seconds (a small
+    receive buffer, so TCP pushes back at once) and answers each one it reads: replies
+    keep coming, late, while its socket stays full. Yields its address."""
+    listener = trio.socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    async def one(sock):
+        codec = PeerCodec()
+        with sock:
+            try:
+                while data := await sock.recv(nbytes):
+                    codec.receive_data(data)
+                    while (event := codec.next_event()) is not NEED_DATA:
+                        rid, msg = event
+                        reply = (m.HelloOk(CLUSTER, "srv", m.PROTO_VERSION, "b")
+                                 if type(msg) is m.Hello else m.Ok(1))
+                        await sock.send(codec.encode(rid, reply))
+                    await trio.sleep(every)
+            except OSError:
+                pass
+
+    async with trio.open_nursery() as nursery:
+        async def accept():
+            while True:
+                nursery.start_soon(one, (await listener.accept())[0])
+
+        nursery.start_soon(accept)
+        yield "127.0.0.1:%d" % listener.getsockname()[1]
+        nursery.cancel_scope.cancel()
+    listener.close()
+
+
+async def test_frames_of_timed_out_calls_do_not_pile_up_behind_a_peer_that_reads_slowly():
+    """A peer that answers (late) but takes our frames slower than they come: calls time
+    out and free their room for more, and their frames, still unsent, stayed queued
+    on the link: its backlog grew without bound (and the peer got writes long after
+    their callers gave up). A call whose frame did not even leave within its timeout
+    shows a peer that is not reading: the connection is dropped, its queue with it."""
+    size = 64 * 1024
+    async with slow_reader(size, 0.05) as address:
+        async with PeerPool(CLUSTER, "cli", request_timeout=0.2, max_in_flight=16) as pool:
+            async def caller():
+                while True:
+                    with contextlib.suppress(PeerUnavailable):
+                        await pool.call(address, write(1, b"y" * size))
+
+            most = 0
+            async with trio.open_nursery() as nursery:
+                for _ in range(32):
+                    nursery.start_soon(caller)
+                for _ in range(60):
+                    await trio.sleep(0.05)
+                    conn = pool._conns.get(address)
+                    if conn is not None and conn.link is not None:
+                        most = max(most, conn.link.out_bytes)
+                nursery.cancel_scope.cancel()
+    assert most <= 4 * 16 * size, f"{most >> 20} MiB queued on one link"
+
+
 async def test_fault_policy_partition_drop_delay():
     faults = FaultPolicy(seed=1)
     async with server(host_id="srv") as (a, _), server(host_id="srv") as (b, _):
@@ -1088,7 +1152,7 @@ async def test_queue_all_is_not_ready_under_a_fault_policy_or_without_room():
             await pool.call(a, m.Ping(1))
             assert pool.ready([a])
             conn = pool._conns[a]
-            conn.pending[1000] = conn.pending[1001] = (None, 0, 0, 0)  # two parked calls
+            conn.pending[1000] = conn.pending[1001] = (None, 0, 0, 0, 0)  # two parked calls
             assert not pool.ready([a])
             conn.pending.clear()
 
