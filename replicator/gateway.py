@@ -860,6 +860,7 @@ class VolumeGateway:
             for h in hosts:
                 nursery.start_soon(listed, h)
         marked = 0
+        short: dict[int, list[str]] = {}  # chunks left below min_size: copies resyncing
         for index, gen in sorted(dirty):
             stale = set(self.stale.get(index, ()))
             placed = [h for h in cv.write_set(self.lineage, index, self.n) if h not in stale]
@@ -888,6 +889,11 @@ class VolumeGateway:
                         self.name, index, gen, ",".join(keep), ",".join(behind))
             await self._mark_stale(index, behind)
             marked += len(behind)
+            answered = [h for h in copies if h in states and h not in keep]
+            if len(keep) < self.min_size <= len(keep) + len(answered):
+                short[index] = answered
+        if short:
+            await self._await_takeover_resync(short)
         if unheard and self.refresh_map is not None:
             try:  # a host that died since our map was read (its copies went behind above)
                 await self.refresh_map()
@@ -905,6 +911,34 @@ class VolumeGateway:
         log.info("volume=%s event=takeover_reconciled chunks=%d copies_marked_stale=%d",
                  self.name, len(dirty), marked)
         return len(dirty), marked
+
+    async def _await_takeover_resync(self, short: dict[int, list[str]]) -> None:
+        """Wait, bounded, until the copies the takeover recorded stale in `short` (chunk ->
+        up copies that answered) are current again, for the chunks it left with fewer
+        current copies than min_size. Those copies differ from the kept one only in bytes
+        the old holder never acknowledged, and their hosts resync them at once; without the
+        wait, our first writes there would fail below min_size (EIO to a client that only
+        moved to another host, as after any gateway failover with writes in flight: two
+        up copies that disagree leave one current). A resync that does not end within a
+        write window and two passes is not waited for further: the writes there then fail
+        as before, until it ends."""
+        if self.registry is None:
+            return
+        deadline = self._now() + self.write_window + 2.0
+        left = dict(short)
+        while left and self._now() < deadline:
+            await trio.sleep(0.1)
+            for index in sorted(left):
+                try:
+                    named = {r.host_id for r in await self.registry.list_stale(self.lineage, index)}
+                except RegistryUnavailable:
+                    return
+                if not named & set(left[index]):
+                    await self._behind_by_registry(index, set())
+                    del left[index]
+        if left:
+            log.warning("volume=%s event=takeover_resync_slow chunks=%d: writes there fail "
+                        "below min_size until their copies are resynced", self.name, len(left))
 
     async def reconcile_unheard(self, token: int) -> frozenset[str]:
         """The takeover's reconcile, late, with the hosts it could not ask then
