@@ -274,10 +274,16 @@ def test_gateway_killed_mid_import_client_finishes_through_another_host(tmp_path
         src = tmp_path / "image"
         src.write_bytes(os.urandom(size))
         copy = ["nbdcopy", "--connections", "4", "--requests", "64", str(src)]
-        first = subprocess.Popen([*copy, sb.uri("imp", 0)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(0.6)
-        kill(sb, 0)  # the gateway dies in the middle of the import
+        rd, wr = os.pipe()  # nbdcopy --progress=FD: "N/100" lines as the copy goes
+        first = subprocess.Popen([*copy[:1], f"--progress={wr}", *copy[1:], sb.uri("imp", 0)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 pass_fds=(wr,))
+        os.close(wr)
+        with os.fdopen(rd) as progress:
+            for line in progress:  # the gateway dies in the middle of the import
+                if int(line.split("/")[0]) >= 10:
+                    kill(sb, 0)
+                    break
         first.communicate(timeout=120)
         assert first.returncode != 0, "the import ended before its gateway was killed"
         again = subprocess.run([*copy, sb.uri("imp", 1)], capture_output=True, text=True,
