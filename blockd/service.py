@@ -124,7 +124,7 @@ class VolumeProvider:
         async with self._lock:
             gw = self.gateways.get(export)
             if gw is not None and not gw.fenced and gw.gone is None:
-                await self._check_same(gw, name)
+                await self._check_same(gw, name, snap)
             if gw is None or gw.fenced or gw.gone is not None:
                 if gw is not None:  # no longer published: its clients are served no more
                     gw.serve_until = -math.inf
@@ -140,16 +140,19 @@ class VolumeProvider:
             self.refs[export] += 1
         return gw
 
-    async def _check_same(self, gw: VolumeGateway, name: str) -> None:
+    async def _check_same(self, gw: VolumeGateway, name: str, snap: str | None) -> None:
         """Before a new client joins `gw`: a volume deleted and created again under its
         name since gw opened is another volume (another lineage, or a clone made at
-        another time), which the record sync notices only within its period. Found
-        first here, gw is fenced (a head) or gone (a snapshot), as that sync would do,
-        and the client gets a gateway of its own; read by gw's chain, it would read the
-        deleted volume's bytes and write where no reader of the new one looks."""
+        another time), and a snapshot deleted and taken again under its name another
+        snapshot (another chain), which the record sync notices only within its period.
+        Found first here, gw is fenced (a head) or gone (a snapshot), as that sync would
+        do, and the client gets a gateway of its own; read by gw's chain, it would read
+        the deleted volume's (snapshot's) bytes and write where no reader of the new one
+        looks."""
         try:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
-            if same_volume(rec, gw.view.volume):
+            if same_volume(rec, gw.view.volume) and (
+                    snap is None or view_of(rec, snap).chain == gw.view.chain):
                 return
         except NotFound:
             pass
