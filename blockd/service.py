@@ -66,6 +66,10 @@ PUBLISH_LAPSE = 2 / 3
 # record that still shows that chain, past which the export stops serving (Unsynced):
 # another host may have made a new head, and GC freed what the old chain reads
 RECORD_LAPSE = PUBLISH_LAPSE
+# seconds between two takeovers by a reader of a lease its record sync finds orphaned
+# (VolumeProvider._settle_if_orphaned): one that failed (the reconcile's marks found the
+# registry unreachable, say) leaves the lease orphaned, and is tried again no sooner
+SETTLE_RETRY = 1.0
 
 
 class AsyncRegistry:
@@ -108,6 +112,10 @@ class VolumeProvider:
         # tokens of leases taken over, not reconciled yet (or not with every up host)
         self.reconciling: set[int] = set()
         self.closing = 0  # closed gateways whose writes under way are awaited (_flush_and_let_go)
+        # export -> the token of an orphaned lease its reader took over and handed back
+        # owing the reconcile (hosts it could not ask): not taken over again for it
+        self._settled: dict[str, int] = {}
+        self._settle_at: dict[str, float] = {}  # export -> no reader takeover before then
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -165,14 +173,69 @@ class VolumeProvider:
         """A lease that ran out without being released (its holder crashed or was cut
         off) may have left writes on some replicas only: take it over now, which
         reconciles them (VolumeGateway.reconcile_after_takeover), rather than at our
-        first write, so that reads before it answer what the pool settles on. Not
-        possible right now (registry unreachable, someone else took it): the first write
-        does it."""
+        first write, so that reads before it answer what the pool settles on; then hand
+        it back (_settle). Not possible right now (registry unreachable, someone else
+        took it): the next record sync tries again (_settle_if_orphaned), or the first
+        write does it."""
         try:
-            if await self.service.registry.lease_orphaned(export):
-                await gw.ensure_lease()
+            token = await self.service.registry.orphaned_token(export)
         except VbpError as e:
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+            return
+        if token:
+            await self._settle(export, gw)
+
+    async def _settle_if_orphaned(self, export: str, gw: VolumeGateway) -> None:
+        """A reader's step of the record sync: the lease found orphaned since (its holder
+        died after we opened), it is taken over and handed back as at open, in a task of
+        its own (the reconcile may take peer timeouts); the export's reads wait for it
+        (VolumeGateway.settling). Reads before this step found it answer from this host's
+        copy still, as while the holder lived: a write it had in flight may yet land."""
+        now = trio.current_time()
+        if gw.settling is not None or now < self._settle_at.get(export, -math.inf):
+            return
+        token = await self.service.registry.orphaned_token(export)
+        if (not token or token == self._settled.get(export) or gw.token or gw.fenced
+                or self.gateways.get(export) is not gw):
+            return
+        self._settle_at[export] = now + SETTLE_RETRY
+        done = gw.settling = trio.Event()
+
+        async def settle() -> None:
+            try:
+                await self._settle(export, gw)
+            except Exception:  # (a background task's: never the daemon's end)
+                log.exception("volume=%s event=orphaned_lease_settle_failed", export)
+            finally:
+                gw.settling = None
+                done.set()
+        self.service.nursery.start_soon(settle)
+
+    async def _settle(self, export: str, gw: VolumeGateway) -> None:
+        """Take the orphaned lease over, which reconciles the copies, and hand it back
+        unless a client of ours is writing (VolumeGateway.settle_takeover): kept, a reader
+        (a backup, an export) would hold it for its connection's life, and the VM
+        restarted on another host would wait a lease period for it and fail its write. A
+        lease held by another since (the real writer) is not waited for: its holder
+        reconciles."""
+        try:
+            await gw.settle_takeover(functools.partial(self._take_lease, export, wait=False),
+                                     functools.partial(self._hand_back, export, gw))
+        except VbpError as e:
+            log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+
+    async def _hand_back(self, export: str, gw: VolumeGateway, token: int) -> None:
+        """Give back the lease `gw` took over (token `token`) only to reconcile: no write
+        carried its token. Still owing the reconcile (hosts it could not ask), it stays
+        orphaned: the next writer compares again, and this export does not take it over
+        again for it."""
+        lease = self.leases.get(export)
+        if lease is None or lease.token != token:
+            return  # (its last client left meanwhile: released then, _closed)
+        del self.leases[export]
+        await self._release(lease, gw)
+        self._settled[export] = token
+        log.info("volume=%s event=orphaned_lease_handed_back token=%d", export, token)
 
     # Snapshot exports and garbage collection (issue 5: a deleted snapshot's chunks are
     # freed and reused; an export still open must never serve them). Every host publishes
@@ -248,6 +311,8 @@ class VolumeProvider:
     def _forget(self, export: str) -> None:
         self._next.pop(export, None)
         self._retiring.pop(export, None)
+        self._settled.pop(export, None)
+        self._settle_at.pop(export, None)
 
     async def _hold_head(self, export: str, gw: VolumeGateway) -> None:
         """Publish a head export's chain, then read its record (sync_record), which lets
@@ -367,8 +432,8 @@ class VolumeProvider:
         log.info("volume=%s event=open read_only=%s", export, view.read_only)
         return gw
 
-    async def _take_lease(self, export: str) -> int:
-        lease, deadline = await self._acquire(export)
+    async def _take_lease(self, export: str, *, wait: bool = True) -> int:
+        lease, deadline = await self._acquire(export, wait=wait)
         self.leases[export] = lease
         if lease.taken_over:
             # from now until the reconcile is done (the announcement below awaits too),
@@ -509,6 +574,8 @@ class VolumeProvider:
                 continue
             try:
                 await self.sync_record(gw, self.leases.get(export) if gw.token else None)
+                if not gw.token and gw.take_lease is not None:
+                    await self._settle_if_orphaned(export, gw)
             except NotFound:
                 gw._fence(NotFound(f"volume {gw.view.volume.name!r} was deleted"))
             except Fenced as e:  # (completing a snapshot: the lease is no longer ours)
@@ -518,10 +585,11 @@ class VolumeProvider:
         if gone:
             await self._republish()
 
-    async def _acquire(self, name: str):
+    async def _acquire(self, name: str, *, wait: bool = True):
         """Take the volume's write lease. A lease still held elsewhere is waited for up to
         one lease period: its holder either hands it back (clean close) or stops renewing
-        (crash) and it expires; this is the gateway failover path."""
+        (crash) and it expires; this is the gateway failover path. `wait=False`: LeaseHeld
+        at once."""
         svc = self.service
         deadline = trio.current_time() + svc.cfg.lease_ttl + 2
         while True:
@@ -530,7 +598,7 @@ class VolumeProvider:
                 lease = await svc.registry.acquire_lease(name, svc.cfg.host_id, svc.cfg.lease_ttl)
                 return lease, self._deadline(t0)
             except LeaseHeld as e:
-                if trio.current_time() > deadline:
+                if not wait or trio.current_time() > deadline:
                     raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
                 await trio.sleep(0.2)
 

@@ -377,6 +377,10 @@ class VolumeGateway:
         self.refresh_map = None  # async () -> None, set by the service
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
+        self._wanting = 0  # writes waiting for the lease (_leased): a client is writing
+        # set by the service while it settles a lease found orphaned (settle_takeover):
+        # reads wait for it, which may record this host's copies stale
+        self.settling: trio.Event | None = None
         self.dropped = trio.Event()  # set when fenced: the NBD server ends our connections
         # (index, hosts) that took writes after we were fenced; the service records them
         # stale in the registry as soon as it can reach it
@@ -595,6 +599,8 @@ class VolumeGateway:
     # --- READ --------------------------------------------------------------------------
 
     def read(self, offset: int, length: int, ref: bool = False):
+        if self.settling is not None:
+            return self._read_settled(offset, length)
         if self.qos is not None and (d := self.qos.delay_for(length)):
             return self._throttled(d, self._read, offset, length)
         return self._read(offset, length, ref)
@@ -608,7 +614,7 @@ class VolumeGateway:
         by the chunk's read plan (_plan: what _read_one looks up, kept); anything else
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
-        if self.qos is None and self.gone is None and (
+        if self.qos is None and self.gone is None and self.settling is None and (
                 self.token and not self.fenced or self._now() <= self.serve_until):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
@@ -632,6 +638,17 @@ class VolumeGateway:
                         return self._bad_local(e, offset, index, inner, length)
                 return self._read_one(offset, index, inner, length, True)
         return self.read(offset, length, True)
+
+    async def _read_settled(self, offset: int, length: int):
+        """read(), once the takeover of an orphaned lease under way has reconciled the
+        copies (settle_takeover): answered before, from a copy it then records stale, the
+        same read would answer otherwise afterwards, with no write in between."""
+        while self.settling is not None:
+            await self.settling.wait()
+        result = self.read(offset, length)
+        if result is not None and hasattr(result, "__await__"):
+            result = await result
+        return result
 
     def _plan(self, index: int):
         """Chunk `index`'s read plan: the store's handle of the generation a read of it
@@ -1030,14 +1047,40 @@ class VolumeGateway:
         """Hold the write lease now (taking it if needed) rather than at the first write."""
         await self._leased(lambda: None)
 
-    async def _leased(self, op, *args):
-        while self._hold is not None:
-            await self._hold.wait()
+    async def settle_takeover(self, take, give_back) -> None:
+        """A reader (no token) found the lease orphaned: its last holder may have left
+        writes on some copies only, and reads answered now from this host's copy could
+        answer otherwise once a takeover reconciles them. `take()` (async -> token) takes
+        the lease over, which reconciles; then, unless a write of ours waits for the lease
+        (a client is writing: it keeps it), `give_back(token)` (async) hands it back, so a
+        writer elsewhere (the VM restarted on another host) is not kept waiting. The token
+        is never ours to write with until kept: no write carries it, and this gateway
+        stays a reader (published, serving by serve_until) throughout. Reads wait while
+        the service has `settling` set."""
         async with self._lease_lock:
+            if self.token or self.fenced:
+                return
+            token = await take()
+            if self._wanting and not self.fenced:
+                self.token = token  # (as _leased would have: the waiting write goes on)
+                return
+            await give_back(token)
+
+    async def _leased(self, op, *args):
+        self._wanting += 1
+        try:
+            while self._hold is not None:
+                await self._hold.wait()
+            await self._lease_lock.acquire()
+        finally:
+            self._wanting -= 1
+        try:
             if not self.token:
                 if self.take_lease is None:
                     raise Fenced(f"{self.name}: no write lease can be taken here")
                 self.token = await self.take_lease()
+        finally:
+            self._lease_lock.release()
         result = op(*args)
         if result is not None and hasattr(result, "__await__"):
             result = await result

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockd.service import SETTLE_RETRY
 from replicator import messages as m
 from tests.sim.harness import Sim, SimFaults, call, extents_bytes
 from vbp.errors import Fenced
@@ -171,8 +172,8 @@ def test_a_copy_the_takeover_compares_refuses_the_old_holders_late_write():
             late, new_host = "h2", "h1"
             sim.hosts[new_host].faults = _LoseFirstFlushTo(sim.hosts[late].addr)
             sim.hosts[new_host].pool.faults = sim.hosts[new_host].faults
-            gw = await sim.hosts[new_host].provider.open_export("v")  # takes the lease over
-            assert gw.token > old.token
+            await sim.hosts[new_host].provider.open_export("v")  # takes the lease over
+            assert sim.reg.lease_tokens()["v"] > old.token  # (and hands it back)
             # the old holder's write that was on the network all along reaches `late` now
             msg = m.WriteChunk("v", rec.lineage, 0, rec.head, (rec.head,), 0, b"\xee" * 4096,
                                MiB, 0, False, sim.hosts[late].cluster.epoch, old.token)
@@ -335,13 +336,13 @@ def test_a_client_gone_while_its_write_takes_the_lease_over_leaves_it_owing_the_
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a reader takes no orphaned lease over")
 def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
     """A client connected while the old holder's lease still ran (no takeover at open),
     and the holder is gone for good: its last write reached two copies, not this host's.
-    Reads go on after the lease ran out, unreleased, from this host's copy; the first
-    write then takes the lease over and the reconcile keeps the two copies' bytes: the
-    same read, with no write to it, answers otherwise."""
+    Reads went on after the lease ran out, unreleased, from this host's copy; the first
+    write then took the lease over and the reconcile kept the two copies' bytes: the
+    same read, with no write to it, answered otherwise. The record sync that finds the
+    lease orphaned (blockd's, every 0.2 s) takes it over first, and reads wait for it."""
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, old = await written_by_h0(nursery)
@@ -354,6 +355,7 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
             gw = await sim.hosts[new_host].provider.open_export("v")  # the old lease runs
             sim.expire_lease("v")  # never released
             await trio.sleep(2)
+            await sim.hosts[new_host].provider.sync_records()  # (blockd's loop: every 0.2 s)
             first = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
             await call(gw.write(MiB, b"\x06" * 4096, False))  # takes the lease over
             second = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
@@ -363,6 +365,97 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
     run(main)
 
 
+
+
+async def reader_of_a_dead_holder(nursery, *, crash: bool):
+    """A started sim (3 hosts, volume v: replicas=3, min_size=2) whose holder on h0 wrote
+    4 KiB of 1s at 0; a reader opened v on h1 while that lease ran, then the lease ran out
+    unreleased (`crash`: h0 died for good, down in the map). Returns (sim, reader)."""
+    sim, rec, old = await written_by_h0(nursery)
+    reader = await sim.hosts["h1"].provider.open_export("v")  # the old lease runs
+    assert not reader.token
+    if crash:
+        sim.crash("h0")
+        sim.sync_maps()
+    sim.expire_lease("v")  # never released
+    return sim, reader
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["holder_up", "holder_down"])
+def test_a_reader_hands_the_orphaned_lease_back_and_another_host_writes_at_once(crash):
+    """The reader's record sync takes the orphaned lease over (reconciling the copies)
+    and hands it back, its client writing nothing: a VM restarted on another host writes
+    at once, where a kept lease made its write wait a lease period and fail. The reader
+    reads on meanwhile (published, serve_until valid), and sees that host's write. With
+    the dead holder down in the map (not asked: the reconcile is owed), the lease goes
+    back still orphaned, and the reader does not take it over again for it."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, reader = await reader_of_a_dead_holder(nursery, crash=crash)
+            provider = sim.hosts["h1"].provider
+            await provider.sync_records()
+            assert reader.settling is not None  # reads wait for it
+            got = extents_bytes(await call(reader.read(0, 4096)), 0, 4096)
+            assert got == b"\x01" * 4096 and reader.settling is None
+            assert not reader.token and "v" not in provider.leases
+            assert sim.reg.get_lease("v") is None  # handed back
+            token = sim.reg.lease_tokens()["v"]
+            assert sim.reg.orphaned_token("v") == (token if crash else 0)
+            await trio.sleep(SETTLE_RETRY + 0.5)
+            await provider.sync_records()
+            assert reader.settling is None and sim.reg.lease_tokens()["v"] == token
+            writer = await sim.hosts["h2"].provider.open_export("v")
+            t0 = trio.current_time()
+            await call(writer.write(0, b"\x06" * 4096, False))
+            assert trio.current_time() - t0 < 1.0  # no lease to wait for
+            assert sim.reg.get_lease("v").holder == "h2"
+            await provider.sync_records()
+            got = extents_bytes(await call(reader.read(0, 4096)), 0, 4096)
+            assert got == b"\x06" * 4096 and not reader.token
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_whose_client_writes_while_it_settles_keeps_the_lease():
+    """A write comes while the reader's takeover of the orphaned lease reconciles: the
+    lease is kept for it (handed back, the write would take it again at once), and the
+    write goes on under it."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, reader = await reader_of_a_dead_holder(nursery, crash=False)
+            host = sim.hosts["h1"]
+            host.faults = host.pool.faults = _Slow(m.DirtyChunks, 1.0)
+            await host.provider.sync_records()
+            assert reader.settling is not None
+            await call(reader.write(MiB, b"\x06" * 4096, False))  # waits for the settle
+            assert reader.settling is None and reader.token
+            assert host.provider.leases["v"].token == reader.token
+            assert sim.reg.get_lease("v").holder == "h1"
+            got = extents_bytes(await call(reader.read(MiB, 4096)), MiB, 4096)
+            assert got == b"\x06" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_opening_on_an_orphaned_lease_hands_it_back():
+    """As at a record sync: a reader that opens the volume while its lease is orphaned
+    takes it over (the reconcile) and hands it back; it did not keep it for its
+    connection's life."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            sim.expire_lease("v")
+            gw = await sim.hosts["h1"].provider.open_export("v")
+            assert sim.reg.lease_tokens()["v"] > old.token  # taken over
+            assert not gw.token and sim.reg.get_lease("v") is None
+            assert not sim.reg.lease_orphaned("v")  # every host asked: reconciled
+            got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
+            assert got == b"\x01" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
 
 
 def test_a_copy_not_asked_at_the_takeover_is_read_last_until_it_is():

@@ -628,12 +628,19 @@ class Registry:
     def lease_orphaned(self, volume: str) -> bool:
         """The volume's lease ran out without being released: its holder crashed or was
         cut off, maybe with writes in flight (see Lease.taken_over)."""
+        return bool(self.orphaned_token(volume))
+
+    def orphaned_token(self, volume: str) -> int:
+        """The token of the volume's lease if it is orphaned (lease_orphaned), else 0: a
+        host that took it over and handed it back owing the reconcile knows it by it."""
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
-            return False
+            return 0
         lease = self._lease_of(volume, item.value)
-        return (bool(lease.holder) and lease.expires <= time.time()) or (
-            not lease.holder and _orphaned(item))
+        if (bool(lease.holder) and lease.expires <= time.time()) or (
+                not lease.holder and _orphaned(item)):
+            return lease.token
+        return 0
 
     # --- stale-replica (dirty) records -----------------------------------------------------
 
