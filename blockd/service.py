@@ -112,10 +112,13 @@ class VolumeProvider:
         # tokens of leases taken over, not reconciled yet (or not with every up host)
         self.reconciling: set[int] = set()
         self.closing = 0  # closed gateways whose writes under way are awaited (_flush_and_let_go)
-        # export -> the token of an orphaned lease its reader took over and handed back
-        # owing the reconcile (hosts it could not ask): not taken over again for it
+        # A reader's takeovers of an orphaned lease (_settle_if_orphaned): export -> the
+        # token of the last one it handed back (if that release is lost, the lease runs
+        # out with it: not taken over again for it), no takeover before a time, and the
+        # exports whose takeover failed (its lease handed back owing the reconcile)
         self._settled: dict[str, int] = {}
-        self._settle_at: dict[str, float] = {}  # export -> no reader takeover before then
+        self._settle_at: dict[str, float] = {}
+        self._unsettled_readers: set[str] = set()
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -178,24 +181,32 @@ class VolumeProvider:
         took it): the next record sync tries again (_settle_if_orphaned), or the first
         write does it."""
         try:
-            token = await self.service.registry.orphaned_token(export)
+            orphaned = await self.service.registry.lease_orphaned(export)
         except VbpError as e:
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
             return
-        if token:
+        if orphaned:
             await self._settle(export, gw)
 
     async def _settle_if_orphaned(self, export: str, gw: VolumeGateway) -> None:
-        """A reader's step of the record sync: the lease found orphaned since (its holder
-        died after we opened), it is taken over and handed back as at open, in a task of
-        its own (the reconcile may take peer timeouts); the export's reads wait for it
-        (VolumeGateway.settling). Reads before this step found it answer from this host's
-        copy still, as while the holder lived: a write it had in flight may yet land."""
+        """A reader's step of the record sync: the lease found run out unreleased since
+        (its holder died after we opened), it is taken over and handed back as at open,
+        in a task of its own (the reconcile may take peer timeouts); the export's reads
+        wait for it (VolumeGateway.settling). Reads before this step found it answer
+        from this host's copy still, as while the holder lived: a write it had in flight
+        may yet land. A lease handed back owing the reconcile (by a reader, here or
+        elsewhere, or a writer, whose takeover could not ask some host) is taken over
+        again only by a reader whose own takeover failed: readers on two hosts would
+        otherwise take it from each other forever while a host stays down."""
         now = trio.current_time()
         if gw.settling is not None or now < self._settle_at.get(export, -math.inf):
             return
-        token = await self.service.registry.orphaned_token(export)
-        if (not token or token == self._settled.get(export) or gw.token or gw.fenced
+        lease = await self.service.registry.orphaned_lease(export)
+        if lease is None or (lease.holder and lease.token == self._settled.get(export)):
+            return
+        if not lease.holder and export not in self._unsettled_readers:
+            return
+        if (gw.settling is not None or gw.token or gw.fenced
                 or self.gateways.get(export) is not gw):
             return
         self._settle_at[export] = now + SETTLE_RETRY
@@ -221,8 +232,14 @@ class VolumeProvider:
         try:
             await gw.settle_takeover(functools.partial(self._take_lease, export, wait=False),
                                      functools.partial(self._hand_back, export, gw))
-        except VbpError as e:
+        except LeaseHeld as e:
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+        except VbpError as e:  # (taken, not reconciled: handed back owing it, _take_lease)
+            if self.gateways.get(export) is gw:
+                self._unsettled_readers.add(export)
+            log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+        else:
+            self._unsettled_readers.discard(export)
 
     async def _hand_back(self, export: str, gw: VolumeGateway, token: int) -> None:
         """Give back the lease `gw` took over (token `token`) only to reconcile: no write
@@ -313,6 +330,7 @@ class VolumeProvider:
         self._retiring.pop(export, None)
         self._settled.pop(export, None)
         self._settle_at.pop(export, None)
+        self._unsettled_readers.discard(export)
 
     async def _hold_head(self, export: str, gw: VolumeGateway) -> None:
         """Publish a head export's chain, then read its record (sync_record), which lets

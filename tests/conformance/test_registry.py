@@ -621,16 +621,16 @@ def test_a_lease_that_ran_out_unreleased_is_orphaned(reg):
     assert not reg.lease_orphaned("v")  # held
     reg.release_lease(lease)
     assert not reg.lease_orphaned("v")  # released
-    assert not reg.orphaned_token("v")
+    assert reg.orphaned_lease("v") is None
     ran_out = reg.acquire_lease("v", "gw1", 0.001)
     time.sleep(0.01)
     assert reg.lease_orphaned("v")  # ran out: its holder stopped renewing
-    assert reg.orphaned_token("v") == ran_out.token
+    assert (reg.orphaned_lease("v").holder, reg.orphaned_lease("v").token) == ("gw1", ran_out.token)
     taken = reg.acquire_lease("v", "gw2", 30)
     assert taken.taken_over
-    assert not reg.lease_orphaned("v") and not reg.orphaned_token("v")
+    assert not reg.lease_orphaned("v") and reg.orphaned_lease("v") is None
     reg.release_lease(taken, reconciled=False)  # handed back owing the reconcile
-    assert reg.orphaned_token("v") == taken.token
+    assert (reg.orphaned_lease("v").holder, reg.orphaned_lease("v").token) == ("", taken.token)
 
 
 def test_a_never_current_stale_record_keeps_its_flag_and_still_moves_up(reg):

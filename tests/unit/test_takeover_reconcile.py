@@ -10,8 +10,9 @@ import trio.testing
 
 from blockd.service import SETTLE_RETRY
 from replicator import messages as m
+from replicator.gateway import VolumeGateway
 from tests.sim.harness import Sim, SimFaults, call, extents_bytes
-from vbp.errors import Fenced
+from vbp.errors import Fenced, RegistryUnavailable
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import P_ALIVE
 from vbp.registry.kv import Delete
@@ -400,7 +401,8 @@ def test_a_reader_hands_the_orphaned_lease_back_and_another_host_writes_at_once(
             assert not reader.token and "v" not in provider.leases
             assert sim.reg.get_lease("v") is None  # handed back
             token = sim.reg.lease_tokens()["v"]
-            assert sim.reg.orphaned_token("v") == (token if crash else 0)
+            orphaned = sim.reg.orphaned_lease("v")  # (owing the reconcile: h0 not asked)
+            assert (orphaned.holder, orphaned.token) == ("", token) if crash else orphaned is None
             await trio.sleep(SETTLE_RETRY + 0.5)
             await provider.sync_records()
             assert reader.settling is None and sim.reg.lease_tokens()["v"] == token
@@ -412,6 +414,71 @@ def test_a_reader_hands_the_orphaned_lease_back_and_another_host_writes_at_once(
             await provider.sync_records()
             got = extents_bytes(await call(reader.read(0, 4096)), 0, 4096)
             assert got == b"\x06" * 4096 and not reader.token
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_readers_on_two_hosts_do_not_take_a_lease_owing_the_reconcile_from_each_other():
+    """The dead holder is down in the map: every takeover's reconcile leaves it unheard,
+    and the lease goes back owing the reconcile, orphaned. Readers of the volume on two
+    hosts each take it over once at most; taking it over again from each other, each
+    hand-back a new orphaned lease to the other, they would reconcile (and hold their
+    reads) every second for as long as the host stays down."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            readers = {h: await sim.hosts[h].provider.open_export("v") for h in ("h1", "h2")}
+            sim.crash("h0")
+            sim.sync_maps()
+            sim.expire_lease("v")  # never released
+
+            async def rounds(n: int) -> None:
+                for _ in range(n):
+                    await trio.sleep(SETTLE_RETRY + 0.1)
+                    for h, gw in readers.items():
+                        await sim.hosts[h].provider.sync_records()
+                        got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
+                        assert got == b"\x01" * 4096
+            await rounds(3)
+            token = sim.reg.lease_tokens()["v"]
+            assert token > old.token and sim.reg.lease_orphaned("v")  # still owed
+            await rounds(5)
+            assert sim.reg.lease_tokens()["v"] == token
+            assert not any(gw.token for gw in readers.values())
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_reader_whose_takeover_failed_takes_the_lease_over_again(monkeypatch):
+    """The reader's takeover of the orphaned lease fails to reconcile (the registry did
+    not take its marks): the lease goes back owing the reconcile, no holder named, and
+    the reader's next record sync past SETTLE_RETRY takes it over again."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, reader = await reader_of_a_dead_holder(nursery, crash=False)
+            reconcile = VolumeGateway.reconcile_after_takeover
+            calls: list = []
+
+            async def failing_once(self, token):
+                calls.append(token)
+                if len(calls) == 1:
+                    raise RegistryUnavailable("etcd request timed out")
+                return await reconcile(self, token)
+
+            monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing_once)
+            provider = sim.hosts["h1"].provider
+            await provider.sync_records()
+            await call(reader.read(0, 4096))  # (waits for the takeover)
+            assert len(calls) == 1 and sim.reg.orphaned_lease("v").holder == ""
+            await provider.sync_records()  # too soon: not again yet
+            assert reader.settling is None and len(calls) == 1
+            await trio.sleep(SETTLE_RETRY)
+            await provider.sync_records()
+            await call(reader.read(0, 4096))
+            assert len(calls) == 2 and not sim.reg.lease_orphaned("v")
+            assert sim.reg.get_lease("v") is None and not reader.token
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -628,19 +628,20 @@ class Registry:
     def lease_orphaned(self, volume: str) -> bool:
         """The volume's lease ran out without being released: its holder crashed or was
         cut off, maybe with writes in flight (see Lease.taken_over)."""
-        return bool(self.orphaned_token(volume))
+        return self.orphaned_lease(volume) is not None
 
-    def orphaned_token(self, volume: str) -> int:
-        """The token of the volume's lease if it is orphaned (lease_orphaned), else 0: a
-        host that took it over and handed it back owing the reconcile knows it by it."""
+    def orphaned_lease(self, volume: str) -> Lease | None:
+        """The volume's lease record if it is orphaned (lease_orphaned), else None: one
+        that ran out while held (its holder named), or one handed back still owing a
+        takeover's reconcile (release_lease with reconciled=False: no holder)."""
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
-            return 0
+            return None
         lease = self._lease_of(volume, item.value)
         if (bool(lease.holder) and lease.expires <= time.time()) or (
                 not lease.holder and _orphaned(item)):
-            return lease.token
-        return 0
+            return lease
+        return None
 
     # --- stale-replica (dirty) records -----------------------------------------------------
 
