@@ -128,9 +128,7 @@ def test_a_copy_down_at_the_takeover_is_recorded_stale_for_the_chunks_found_dirt
         async with trio.open_nursery() as nursery:
             sim, rec, _, key, lone = await lone_write_left(nursery)
             new_host = next(h for h in ("h1", "h2") if h != lone)
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
-            sim.sync_maps()
+            lapse(sim, lone)
             sim.hosts[new_host].faults.partition([sim.hosts[lone].addr])
             gw = await sim.hosts[new_host].provider.open_export("v")
             await call(gw.write(MiB + 4096, b"\x06" * 4096, False))  # takes the lease over
@@ -228,6 +226,14 @@ async def lone_first_write(nursery):
     return sim, rec, lone, next(h for h in ("h1", "h2") if h != lone)
 
 
+def lapse(sim, lone: str) -> None:
+    """The old holder's lease runs out (never released), and `lone`'s heartbeat lapses: it
+    is cut off (down in the map), its process alive."""
+    sim.expire_lease("v")
+    sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])
+    sim.sync_maps()
+
+
 def agree_or_recorded(sim, rec, index):
     """Every copy of chunk `index` holds the same bytes, or those that differ from the
     new holder's view are recorded stale."""
@@ -246,9 +252,7 @@ def test_a_copy_cut_off_at_the_takeover_holding_the_only_trace_of_a_write_is_rec
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, lone, new_host = await lone_first_write(nursery)
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
-            sim.sync_maps()
+            lapse(sim, lone)
             sim.hosts[new_host].faults.partition([sim.hosts[lone].addr])
             gw = await sim.hosts[new_host].provider.open_export("v")
             await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
@@ -544,9 +548,7 @@ def test_a_copy_not_asked_at_the_takeover_is_read_last_until_it_is():
             sim.hosts[lone].replica.handle(m.WriteChunk(
                 "v", rec.lineage, index, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB, 0,
                 False, sim.hosts[lone].cluster.epoch, old.token))
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
-            sim.sync_maps()
+            lapse(sim, lone)
             gw = await sim.hosts[new_host].provider.open_export("v")
             await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
             assert lone in gw.takeover_unheard
@@ -569,9 +571,7 @@ def test_a_late_reconcile_during_a_lease_renewal_still_settles_the_lease():
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, lone, new_host = await lone_first_write(nursery)
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_ALIVE + lone.encode())])  # its heartbeat lapsed
-            sim.sync_maps()
+            lapse(sim, lone)
             host = sim.hosts[new_host]
             gw = await host.provider.open_export("v")
             await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
