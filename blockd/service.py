@@ -179,14 +179,17 @@ class VolumeProvider:
         first write, so that reads before it answer what the pool settles on; then hand
         it back (_settle). Not possible right now (registry unreachable, someone else
         took it): the next record sync tries again (_settle_if_orphaned), or the first
-        write does it."""
+        write does it. In a task of its own, as there: the reconcile may take peer
+        timeouts and wait for resyncs, and under the provider's lock every other open on
+        this host (VMs failing over here together) would wait for it; the export's reads
+        wait for it (VolumeGateway.settling), its writes for the lease it takes."""
         try:
             orphaned = await self.service.registry.lease_orphaned(export)
         except VbpError as e:
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
             return
         if orphaned:
-            await self._settle(export, gw)
+            self._settle_soon(export, gw)
 
     async def _settle_if_orphaned(self, export: str, gw: VolumeGateway) -> None:
         """A reader's step of the record sync: the lease found run out unreleased since
@@ -209,7 +212,11 @@ class VolumeProvider:
         if (gw.settling is not None or gw.token or gw.fenced
                 or self.gateways.get(export) is not gw):
             return
-        self._settle_at[export] = now + SETTLE_RETRY
+        self._settle_soon(export, gw)
+
+    def _settle_soon(self, export: str, gw: VolumeGateway) -> None:
+        """_settle in a task of its own; the export's reads wait for it (settling)."""
+        self._settle_at[export] = trio.current_time() + SETTLE_RETRY
         done = gw.settling = trio.Event()
 
         async def settle() -> None:

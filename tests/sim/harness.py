@@ -421,6 +421,13 @@ class Sim:
         return host.store.read(ChunkKey(rec.lineage, index, gen), 0, n)
 
 
+async def settled(gw) -> None:
+    """Once the takeover of an orphaned lease that `gw`'s open or record sync started in
+    the background (VolumeProvider._settle_soon) has ended."""
+    while gw.settling is not None:
+        await gw.settling.wait()
+
+
 async def call(gw_op):
     """A gateway method's result: None, a value, or an awaitable of either. An
     ExceptionGroup of vbp errors (the gateway's nurseries wrap them) becomes its first

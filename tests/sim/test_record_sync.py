@@ -15,7 +15,7 @@ from control import api
 from replicator import messages as m
 from replicator.gateway import VolumeGateway
 from blockd.service import RECORD_LAPSE
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, call, extents_bytes, settled
 from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_snapshot, view_of
@@ -495,6 +495,7 @@ def test_a_takeover_whose_reconcile_failed_leaves_the_lease_a_takeover(monkeypat
             monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing)
             h1 = sim.hosts["h1"]
             gw1 = await h1.run_on(h1.provider.open_export, "v")  # takes the lease over
+            await settled(gw1)  # (in the background)
             assert calls and sim.reg.lease_orphaned("v") and "v" not in h1.provider.leases
             await h1.run_on(lambda: call(gw1.write(0, b"B" * 4096, False)))
             assert len(calls) == 2 and not sim.reg.lease_orphaned("v")

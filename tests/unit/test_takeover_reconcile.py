@@ -11,7 +11,7 @@ import trio.testing
 from blockd.service import SETTLE_RETRY
 from replicator import messages as m
 from replicator.gateway import VolumeGateway
-from tests.sim.harness import Sim, SimFaults, call, extents_bytes
+from tests.sim.harness import Sim, SimFaults, call, extents_bytes, settled
 from vbp.errors import Fenced, RegistryUnavailable
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import P_ALIVE
@@ -171,7 +171,7 @@ def test_a_copy_the_takeover_compares_refuses_the_old_holders_late_write():
             late, new_host = "h2", "h1"
             sim.hosts[new_host].faults = _LoseFirstFlushTo(sim.hosts[late].addr)
             sim.hosts[new_host].pool.faults = sim.hosts[new_host].faults
-            await sim.hosts[new_host].provider.open_export("v")  # takes the lease over
+            await settled(await sim.hosts[new_host].provider.open_export("v"))  # takes it over
             assert sim.reg.lease_tokens()["v"] > old.token  # (and hands it back)
             # the old holder's write that was on the network all along reaches `late` now
             msg = m.WriteChunk("v", rec.lineage, 0, rec.head, (rec.head,), 0, b"\xee" * 4096,
@@ -519,6 +519,7 @@ def test_a_reader_opening_on_an_orphaned_lease_hands_it_back():
             sim, rec, old = await written_by_h0(nursery)
             sim.expire_lease("v")
             gw = await sim.hosts["h1"].provider.open_export("v")
+            await settled(gw)  # (in the background)
             assert sim.reg.lease_tokens()["v"] > old.token  # taken over
             assert not gw.token and sim.reg.get_lease("v") is None
             assert not sim.reg.lease_orphaned("v")  # every host asked: reconciled
@@ -632,6 +633,42 @@ def test_a_host_that_took_the_token_but_not_the_reconcile_keeps_the_old_holders_
             await host.provider.reconcile_late()
             assert not gw.takeover_unheard
             agree_or_recorded(sim, rec, 1)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_slow_takeover_at_open_holds_up_no_other_open(monkeypatch):
+    """Opening a volume whose lease is orphaned takes it over (reconcile, maybe a wait for
+    resyncs) in the background: VMs failing over to one host together must not open one
+    after another behind each takeover (the provider's lock is held across an open)."""
+    reconcile = VolumeGateway.reconcile_after_takeover
+
+    async def slow(self, token):
+        await trio.sleep(5)
+        return await reconcile(self, token)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            sim.create_volume("w", MiB, replicas=3, min_size=2)
+            sim.expire_lease("v")  # never released
+            monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", slow)
+            provider = sim.hosts["h1"].provider
+            opened = {}
+
+            async def open_(name):
+                opened[name] = await provider.open_export(name)
+
+            nursery.start_soon(open_, "v")
+            await trio.sleep(0.1)
+            t0 = trio.current_time()
+            await open_("w")
+            assert trio.current_time() - t0 < 1
+            gw = opened["v"]
+            got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)  # waits for it
+            assert trio.current_time() - t0 >= 4 and got == b"\x01" * 4096
+            assert sim.reg.lease_tokens()["v"] > old.token
             nursery.cancel_scope.cancel()
 
     run(main)
