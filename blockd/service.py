@@ -135,7 +135,7 @@ class VolumeProvider:
         async with self._lock:
             gw = self.gateways.get(export)
             if gw is not None and not gw.fenced and gw.gone is None:
-                await self._check_same(gw, name, snap)
+                await self._check_same(gw, name)
             if gw is None or gw.fenced or gw.gone is not None:
                 if gw is not None:  # no longer published: its clients are served no more
                     gw.serve_until = -math.inf
@@ -151,7 +151,7 @@ class VolumeProvider:
             self.refs[export] += 1
         return gw
 
-    async def _check_same(self, gw: VolumeGateway, name: str, snap: str | None) -> None:
+    async def _check_same(self, gw: VolumeGateway, name: str) -> None:
         """Before a new client joins `gw`: a volume deleted and created again under its
         name since gw opened is another volume (another lineage, or a clone made at
         another time), and a snapshot deleted and taken again under its name another
@@ -160,17 +160,16 @@ class VolumeProvider:
         do, and the client gets a gateway of its own; read by gw's chain, it would read
         the deleted volume's (snapshot's) bytes and write where no reader of the new one
         looks."""
+        if gw.read_only:
+            await self._snapshot_gone(gw)  # (the record sync's own check of it)
+            return
         try:
             rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
-            if same_volume(rec, gw.view.volume) and (
-                    snap is None or view_of(rec, snap).chain == gw.view.chain):
+            if same_volume(rec, gw.view.volume):
                 return
         except NotFound:
             pass
-        if gw.read_only:
-            gw.set_gone(Gone(f"snapshot {gw.name} was deleted while exported"))
-        else:
-            gw._fence(NotFound(f"volume {name!r} was deleted (a new volume has its name)"))
+        gw._fence(NotFound(f"volume {name!r} was deleted (a new volume has its name)"))
 
     async def _settle_orphaned_lease(self, export: str, gw: VolumeGateway) -> None:
         """A lease that ran out without being released (its holder crashed or was cut

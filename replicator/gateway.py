@@ -861,13 +861,7 @@ class VolumeGateway:
                 away.add(h)
                 return
             try:
-                # Our token first, even if the service announced it: an announcement that
-                # failed is only logged, and a copy compared while it still takes the old
-                # holder's token may take that holder's write still on its way afterwards.
-                await self._send_once(h, m.Flush(self.view.volume.name, cv.epoch, token))
-                for gen in sorted(set(self.chain)):
-                    got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
-                    dirty.update((index, gen) for index in got.indexes)
+                await self._list_dirty(h, token, dirty)
             except VbpError as e:
                 unheard.add(h)
                 log.info("volume=%s event=reconcile_list_failed host=%s error=%s",
@@ -929,6 +923,17 @@ class VolumeGateway:
                  self.name, len(dirty), marked)
         return len(dirty), marked
 
+    async def _list_dirty(self, h: str, token: int, into: set) -> None:
+        """Tell host `h` our lease's `token`, then add to `into` the (index, gen) of the
+        chunks of every generation of our chain that it names as taking writes not known
+        settled (DirtyChunks). The token first, even if the service announced it: an
+        announcement that failed is only logged, and a copy compared while it still takes
+        the old holder's token may take that holder's write still on its way afterwards."""
+        await self._send_once(h, m.Flush(self.view.volume.name, self.cluster.epoch, token))
+        for gen in sorted(set(self.chain)):
+            got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
+            into.update((index, gen) for index in got.indexes)
+
     async def _await_takeover_resync(self, short: dict[int, list[str]]) -> None:
         """Wait, bounded, until the copies the takeover recorded stale in `short` (chunk ->
         up copies that answered) are current again, for the chunks it left with fewer
@@ -945,12 +950,12 @@ class VolumeGateway:
         left = dict(short)
         while left and self._now() < deadline:
             await trio.sleep(0.1)
+            try:  # (one listing of the lineage's records a poll, not one per chunk)
+                named = {(r.index, r.host_id) for r in await self.registry.list_stale(self.lineage)}
+            except RegistryUnavailable:
+                return
             for index in sorted(left):
-                try:
-                    named = {r.host_id for r in await self.registry.list_stale(self.lineage, index)}
-                except RegistryUnavailable:
-                    return
-                if not named & set(left[index]):
+                if not any((index, h) in named for h in left[index]):
                     await self._behind_by_registry(index, set())
                     del left[index]
         if left:
@@ -977,11 +982,8 @@ class VolumeGateway:
             if not cv.is_up(h):
                 continue
             try:
-                await self._send_once(h, m.Flush(self.view.volume.name, cv.epoch, token))
                 listed: set[tuple[int, int]] = set()
-                for gen in sorted(set(self.chain)):
-                    got = await self._send_once(h, m.DirtyChunks(self.lineage, gen))
-                    listed.update((index, gen) for index in got.indexes)
+                await self._list_dirty(h, token, listed)
                 if self.replica.now() - self._takeover_at >= self.replica.recent_window:
                     # Our token may have reached it a window ago (a Flush or writes of ours
                     # answered, its DirtyChunks not): our writes since then made it forget
@@ -1042,10 +1044,6 @@ class VolumeGateway:
         return states
 
     # --- WRITE / TRIM / WRITE_ZEROES ---------------------------------------------------
-
-    async def ensure_lease(self) -> None:
-        """Hold the write lease now (taking it if needed) rather than at the first write."""
-        await self._leased(lambda: None)
 
     async def settle_takeover(self, take, give_back) -> None:
         """A reader (no token) found the lease orphaned: its last holder may have left
