@@ -39,7 +39,7 @@ from replicator.replica import Replica
 from replicator.transport import FaultPolicy, MemoryNetwork
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import HostRecord
-from vbp.errors import VbpError
+from vbp.errors import RegistryUnavailable, VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry import open_registry
 from vbp.registry.base import P_ALIVE, P_LEASE
@@ -419,6 +419,24 @@ class Sim:
         if gen is None:
             return bytes(n)
         return host.store.read(ChunkKey(rec.lineage, index, gen), 0, n)
+
+
+def reconcile_failing_once(monkeypatch) -> list:
+    """Make the first takeover reconcile of any gateway fail (its marks find the registry
+    unreachable), the next ones run; returns the list of the tokens each was called with."""
+    from replicator.gateway import VolumeGateway
+
+    reconcile = VolumeGateway.reconcile_after_takeover
+    calls: list = []
+
+    async def failing_once(self, token):
+        calls.append(token)
+        if len(calls) == 1:
+            raise RegistryUnavailable("etcd request timed out")
+        return await reconcile(self, token)
+
+    monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing_once)
+    return calls
 
 
 async def settled(gw) -> None:

@@ -13,9 +13,8 @@ import trio.testing
 
 from control import api
 from replicator import messages as m
-from replicator.gateway import VolumeGateway
 from blockd.service import RECORD_LAPSE
-from tests.sim.harness import Sim, call, extents_bytes, settled
+from tests.sim.harness import Sim, call, extents_bytes, reconcile_failing_once, settled
 from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_snapshot, view_of
@@ -483,16 +482,7 @@ def test_a_takeover_whose_reconcile_failed_leaves_the_lease_a_takeover(monkeypat
             sim.crash("h0")
             sim.expire_lease("v")
             sim.sync_maps()
-            reconcile = VolumeGateway.reconcile_after_takeover
-            calls: list = []
-
-            async def failing(self, token):
-                calls.append(True)
-                if len(calls) == 1:
-                    raise RegistryUnavailable("etcd request timed out")
-                return await reconcile(self, token)
-
-            monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing)
+            calls = reconcile_failing_once(monkeypatch)
             h1 = sim.hosts["h1"]
             gw1 = await h1.run_on(h1.provider.open_export, "v")  # takes the lease over
             await settled(gw1)  # (in the background)

@@ -11,8 +11,8 @@ import trio.testing
 from blockd.service import SETTLE_RETRY
 from replicator import messages as m
 from replicator.gateway import VolumeGateway
-from tests.sim.harness import Sim, SimFaults, call, extents_bytes, settled
-from vbp.errors import Fenced, RegistryUnavailable
+from tests.sim.harness import Sim, SimFaults, call, extents_bytes, reconcile_failing_once, settled
+from vbp.errors import Fenced
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import P_ALIVE
 from vbp.registry.kv import Delete
@@ -462,16 +462,7 @@ def test_a_reader_whose_takeover_failed_takes_the_lease_over_again(monkeypatch):
     async def main():
         async with trio.open_nursery() as nursery:
             sim, reader = await reader_of_a_dead_holder(nursery, crash=False)
-            reconcile = VolumeGateway.reconcile_after_takeover
-            calls: list = []
-
-            async def failing_once(self, token):
-                calls.append(token)
-                if len(calls) == 1:
-                    raise RegistryUnavailable("etcd request timed out")
-                return await reconcile(self, token)
-
-            monkeypatch.setattr(VolumeGateway, "reconcile_after_takeover", failing_once)
+            calls = reconcile_failing_once(monkeypatch)
             provider = sim.hosts["h1"].provider
             await provider.sync_records()
             await call(reader.read(0, 4096))  # (waits for the takeover)
