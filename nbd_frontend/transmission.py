@@ -36,6 +36,7 @@ import mmap
 import struct
 import threading
 from dataclasses import dataclass
+from itertools import islice
 
 from nbd_frontend import proto
 from nbd_frontend.errors import ProtocolError
@@ -459,20 +460,21 @@ class TransmissionCodec:
     def reply_block_status(self, cookie: int, offset: int, length: int, extents, flags: int = 0):
         """Encode base:allocation extents [(length, flags), ...] starting at `offset`:
         clipped to the request (and to one extent with REQ_ONE), one chunk per context."""
-        out = bytearray()
+        flat: list[int] = []  # length, flags, length, ...: packed in one call
         covered = 0
         limit = min(length, self.size - offset)
         max_n = 1 if flags & proto.CMD_FLAG_REQ_ONE else MAX_EXTENTS
-        n = 0
-        for ext_len, ext_flags in extents:
-            ext_len = min(ext_len, limit - covered)
+        for ext_len, ext_flags in islice(extents, max_n):
+            if covered + ext_len >= limit:
+                if limit > covered:
+                    flat += (limit - covered, ext_flags & 0xFFFFFFFF)
+                break
             if ext_len <= 0:
                 break
-            out += struct.pack(">II", ext_len, ext_flags & 0xFFFFFFFF)
+            flat += (ext_len, ext_flags & 0xFFFFFFFF)
             covered += ext_len
-            n += 1
-            if n >= max_n or covered >= limit:
-                break
+        n = len(flat) >> 1
+        out = struct.pack(f">{len(flat)}I", *flat)
         if n == 0:
             return self.reply_error(cookie, proto.CMD_BLOCK_STATUS, proto.EIO, "no extents")
         ids = sorted(self.meta_contexts)

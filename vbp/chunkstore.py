@@ -123,7 +123,7 @@ from xxhash import xxh3_64_intdigest
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, FileRange, StoreStats, check_chunk_size, check_key,
-    VERSION_SLACK, check_range, check_version, page_checksum, runs,
+    VERSION_SLACK, check_range, check_version, page_checksum, sum_runs,
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
@@ -491,8 +491,9 @@ class ChunkStore:
         if not length:
             return []
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
-        sums = c.space.sums[c.sbase + first: c.sbase + last + 1].tolist()
-        return runs([s == 0 for s in sums], first, offset, length)
+        sums = array("Q")
+        sums.frombytes(c.space.sums[c.sbase + first: c.sbase + last + 1].cast("B"))
+        return sum_runs(sums, first, offset, length)
 
     def verify(self, key: ChunkKey) -> list[int]:
         """Pages of `key` whose bytes do not match their checksum (counted), for scrub:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from itertools import cycle, groupby
+from operator import not_
 
 from xxhash import xxh3_64_intdigest
 
@@ -138,6 +140,22 @@ def check_version(version) -> None:
     if version is not None and (not isinstance(version, int) or version < 0
                                 or version >= 1 << 63):
         raise InvalidArgument(f"not a version: {version!r}")
+
+
+def sum_runs(sums, first_page: int, offset: int, length: int) -> list[tuple[int, bool]]:
+    """runs() of the holes of `sums`, the page checksums of pages first_page... (0: a
+    hole), at the speed of C loops over the pages: a chunk all data or all holes (the
+    common cases) costs one count, and a mixed one a Python step per run, not per page.
+    The per-page loop of runs() took 86 ms of the event loop for a BLOCK_STATUS of 1 GiB
+    of written data (every other client of the host waiting)."""
+    holes = sums.count(0)
+    if not holes or holes == len(sums):
+        return [(length, bool(holes))] if length else []
+    # runs alternate: their page counts and the first one's kind say it all
+    sizes = [len(list(group)) << PAGE_SHIFT for _, group in groupby(map(not_, sums))]
+    sizes[0] -= offset - (first_page << PAGE_SHIFT)  # (the range's first page, partly)
+    sizes[-1] -= ((first_page + len(sums)) << PAGE_SHIFT) - (offset + length)  # its last
+    return list(zip(sizes, cycle((True, False) if not sums[0] else (False, True))))
 
 
 def runs(flags, first_page: int, offset: int, length: int) -> list[tuple[int, bool]]:

@@ -108,6 +108,28 @@ def test_allocation_map_shows_holes(sandbox):
     assert data_seen
 
 
+def test_allocation_map_of_a_fragmented_volume_is_whole(sandbox):
+    """Every other page written over 80 MiB: 40960 runs, more than one BLOCK_STATUS
+    reply carries (gateway.STATUS_RUNS). nbdinfo asks again from where each reply ends
+    and gets the whole map, from the host with the copy and from one without."""
+    need("nbdinfo")
+    sandbox.vbp("volume", "create", "frag", "--size", "80M", "--replicas", "1")
+    h = connect(sandbox.uri("frag"))
+    page = b"\x5a" * 4096
+    for off in range(0, 80 * MiB, 8192):
+        h.aio_pwrite(page, off)
+        while h.aio_in_flight() >= 64:
+            h.poll(-1)
+    while h.aio_in_flight():
+        h.poll(-1)
+    h.flush()
+    h.shutdown()
+    want = [(off + k * 4096, 4096, 3 * k) for off in range(0, 80 * MiB, 8192) for k in (0, 1)]
+    for host in range(3):
+        ext = json.loads(sh("nbdinfo", "--map", "--json", sandbox.uri("frag", host)).stdout)
+        assert [(e["offset"], e["length"], e["type"]) for e in ext] == want
+
+
 def test_trim_and_write_zeroes_read_back_zero(sandbox):
     sandbox.vbp("volume", "create", "z", "--size", "16M", "--replicas", "3")
     h = connect(sandbox.uri("z"))

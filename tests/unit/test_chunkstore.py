@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import struct
+from array import array
 
 import lmdb
 import pytest
@@ -19,7 +20,7 @@ from xxhash import xxh3_64_intdigest
 from vbp.chunkstore import ChunkStore, MemoryChunkStore, _page_sums
 from vbp import chunkstore_files as cf
 from vbp.chunkstore_files import WRITE_PIECE
-from vbp.chunkstore_common import VERSION_SLACK, page_checksum
+from vbp.chunkstore_common import VERSION_SLACK, page_checksum, runs, sum_runs
 from vbp.errors import ChecksumError, NoSpace
 from vbp.layout import PAGE_SIZE, ChunkKey
 
@@ -986,3 +987,19 @@ def test_a_page_the_disk_cannot_read_is_a_checksum_error(store, monkeypatch):
     store.write(K, 5 * PAGE_SIZE, b"r" * PAGE_SIZE, chunk_size=CS)  # a repair rewrites it
     monkeypatch.undo()
     assert store.read(K, 5 * PAGE_SIZE, 2) == b"rr" and store.verify(K) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 7, 2**64 - 1]), min_size=1, max_size=40),
+       st.integers(0, 1000), st.integers(0, PAGE_SIZE - 1), st.integers(0, PAGE_SIZE - 1))
+def test_sum_runs_are_the_runs_of_the_holes_page_by_page(sums, first, head, tail):
+    """sum_runs (the chunk store's extents: C loops over the pages) says what the plain
+    per-page runs() says of the same sums, for any range of whole or partial pages."""
+    base = first * PAGE_SIZE
+    offset = base + head
+    end = base + len(sums) * PAGE_SIZE - tail
+    if end <= offset:
+        return
+    want = runs([s == 0 for s in sums], first, offset, end - offset)
+    assert sum_runs(array("Q", sums), first, offset, end - offset) == want
+    assert sum(n for n, _ in want) == end - offset
