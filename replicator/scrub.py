@@ -64,7 +64,7 @@ import trio
 from replicator import messages as m
 from replicator.recovery import MAX_RUN, write_pages_if_unchanged
 from vbp.chunkstore_common import page_checksum
-from vbp.errors import InvalidArgument, RegistryUnavailable, VbpError
+from vbp.errors import InvalidArgument, NotFound, RegistryUnavailable, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from vbp.volume import VolumeRecord, lacking, readers, replicas_by_lineage
 
@@ -79,13 +79,37 @@ PROGRESS_PERIOD = 1.0  # seconds between progress records of a requested pass
 # --- the peer side: verify and repair one local copy ----------------------------------------
 
 
-def verify_copy(replica, msg: m.ScrubChunk) -> m.ScrubState:
+def verify_copy(replica, msg: m.ScrubChunk):
+    """This host's copy as ScrubChunk asks: its state, or an awaitable of it where the
+    store reads the chunk with the event loop free (ChunkStore.verify_soon)."""
     store = replica.store
     key = ChunkKey(msg.lineage, msg.index, msg.gen)
     if store.info(key) is None:
-        return m.ScrubState(False, False, 0, (), ())
-    bad = store.verify(key)
-    version, sums = store.page_checksums(key)
+        return _absent()
+    verify_soon = getattr(store, "verify_soon", None)
+    if verify_soon is None:
+        return _copy_state(replica, msg, key, store.verify(key))
+    return _verified(replica, msg, key, verify_soon)
+
+
+async def _verified(replica, msg: m.ScrubChunk, key: ChunkKey, verify_soon) -> m.ScrubState:
+    try:
+        bad = await verify_soon(key)
+    except NotFound:  # (dropped while it was read)
+        return _absent()
+    if replica.store.info(key) is None:
+        return _absent()
+    return _copy_state(replica, msg, key, bad)
+
+
+def _absent() -> m.ScrubState:
+    return m.ScrubState(False, False, 0, (), ())
+
+
+def _copy_state(replica, msg: m.ScrubChunk, key: ChunkKey, bad: list[int]) -> m.ScrubState:
+    """The state of the copy `key` just verified, `bad` its failing pages (the checksums
+    and version read now, with no checkpoint since the verify's last step)."""
+    version, sums = replica.store.page_checksums(key)
     return m.ScrubState(True, replica.is_stale(msg.lineage, msg.index), version, tuple(sums),
                         tuple(bad))
 
@@ -577,6 +601,8 @@ class Scrubber:
     async def _call(self, host: str, msg):
         if host == self.host_id:
             reply = self.replica.handle(msg)
+            if hasattr(reply, "__await__"):  # (a verify reading with the loop free)
+                return await reply
             await trio.lowlevel.checkpoint()
             return reply
         return await self.pool.call(self.cluster.address(host), msg)

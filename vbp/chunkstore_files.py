@@ -133,6 +133,17 @@ def pread_full(fd: int, n: int, pos: int) -> bytes:
     return buf if len(buf) == n else buf.ljust(n, b"\0")  # past EOF after a lost ftruncate
 
 
+def pread_path(path: str, n: int, pos: int) -> bytes:
+    """pread_full of the file at `path`, through a descriptor of its own, opened here and
+    closed again: for a worker thread (as sync_paths), which a store closing meanwhile
+    cannot leave reading a descriptor number reused for another file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return pread_full(fd, n, pos)
+    finally:
+        os.close(fd)
+
+
 def boot_id() -> str:
     """This boot of the kernel: a page cache that survived a process crash belongs to the
     same one ("" if unknown, which counts as another boot)."""
