@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nbd_frontend.handshake import TLS_MODES
+from nbd_frontend.server import SEND_TIMEOUT
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
@@ -87,6 +88,9 @@ class Config:
     nbd_tls_cert: str = ""
     nbd_tls_key: str = ""
     nbd_tls_ca: str = ""
+    # seconds an NBD client may take none of its replies before it is disconnected and
+    # what was queued for it freed (nbd_frontend.server.SEND_TIMEOUT)
+    nbd_send_timeout: float = SEND_TIMEOUT
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -111,7 +115,8 @@ class Config:
         if not 0 < self.capacity <= CAPACITY_MAX:
             raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero and at "
                                   f"most {format_size(CAPACITY_MAX)}")
-        for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval"):
+        for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",
+                    "nbd_send_timeout"):
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")

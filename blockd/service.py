@@ -967,7 +967,8 @@ class Blockd:
                 self.nbd_port = await nursery.start(functools.partial(
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
-                    tls_context=cfg.tls_context(), stopping=self._nbd_stopping))
+                    tls_context=cfg.tls_context(), stopping=self._nbd_stopping,
+                    send_timeout=cfg.nbd_send_timeout))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

@@ -24,7 +24,11 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   It still checkpoints every few batches when data keeps arriving, so other connections
   and cancellation are never starved.
 - Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
-  are running or MAX_QUEUED reply bytes wait for the writer.
+  are running or MAX_QUEUED reply bytes wait for the writer. A client that takes none of
+  its replies for `send_timeout` (SEND_TIMEOUT; blockd: nbd_send_timeout) is disconnected
+  and what was queued for it freed: the writer's wait for room in the socket is timed,
+  each wait anew (only a send that blocks pays for the timer), so a slow client that
+  takes some of its replies now and then is not cut off, one that reads none is.
 - Large reads leave without a copy into a buffer: an export with `read_ref`
   (replicator.gateway) may answer a read with a FileRange (bytes of its data file,
   checked), queued like any buffer and sent from the map its pages were checked through
@@ -92,6 +96,10 @@ MAX_IN_FLIGHT = 128
 # (4 GiB) per connection.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_QUEUED = 64 * 1024 * 1024
+# Seconds a connection's writer waits for its client to take any of its replies (room in
+# the socket) before it disconnects it: a client that sends requests and never reads the
+# replies would otherwise hold MAX_QUEUED and more of them for as long as it likes.
+SEND_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 # Export opens of one negotiation during which its clock stops (_answer_export); later
 # ones count against HANDSHAKE_TIMEOUT: a client asking NBD_OPT_INFO again and again of an
@@ -141,7 +149,7 @@ def max_payload(export) -> int:
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
                     local_congestion: str = "", tls: str = "off", tls_context=None,
-                    stopping: trio.Event | None = None,
+                    stopping: trio.Event | None = None, send_timeout: float = SEND_TIMEOUT,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
@@ -154,6 +162,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     `stopping`, once set, stops the connections gracefully: no request is read any more,
     those taken are answered, then the connection closes (a connection made since is
     closed at once); the caller cancels this once they are gone.
+    `send_timeout`: seconds a client may take none of its replies before it is
+    disconnected (SEND_TIMEOUT).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -167,16 +177,18 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     task_status.started(actual)
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
                                        tls_context=tls_context, local_congestion=local_congestion,
-                                       stopping=stopping), listeners)
+                                       stopping=stopping, send_timeout=send_timeout),
+                              listeners)
 
 
 async def handle_connection(stream, provider: ExportProvider,
                             ids: RequestIds | None = None, tls: str = "off",
                             tls_context=None, local_congestion: str = "",
-                            stopping: trio.Event | None = None) -> None:
+                            stopping: trio.Event | None = None,
+                            send_timeout: float = SEND_TIMEOUT) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends.
-    `local_congestion`, `stopping`: serve_nbd's."""
+    `local_congestion`, `stopping`, `send_timeout`: serve_nbd's."""
     held: list = []  # the export opened for this connection, once there is one
     try:
         if stopping is not None and stopping.is_set():
@@ -188,7 +200,8 @@ async def handle_connection(stream, provider: ExportProvider,
         result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
-            await _Connection(channel, held[0], ready, trailing, ids=ids, stopping=stopping).run()
+            await _Connection(channel, held[0], ready, trailing, ids=ids, stopping=stopping,
+                              send_timeout=send_timeout).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
@@ -358,8 +371,10 @@ async def _start_tls(stream, context):
 
 class _Connection:
     def __init__(self, stream, export, ready: Ready, trailing: bytes,
-                 ids: RequestIds | None = None, stopping: trio.Event | None = None) -> None:
+                 ids: RequestIds | None = None, stopping: trio.Event | None = None,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.stream = stream
+        self.send_timeout = send_timeout
         self.stopping = stopping  # serve_nbd's: set, the reader stops (stop_reading)
         self.ids = ids
         self.export = export
@@ -820,16 +835,24 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("nbd client went away: %r", exc)
             self.nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            log.warning("nbd client took none of its replies for %g s, disconnecting",
+                        self.send_timeout)
+            self.nursery.cancel_scope.cancel()
 
     async def send(self, buffers: list, total: int) -> None:
-        if self.raw is None:
-            await self.stream.send_all(b"".join(buffers))
+        """Send `buffers` (`total` bytes); trio.TooSlowError when the client takes none of
+        them for send_timeout."""
+        if self.raw is None:  # (a stream without a socket: the whole send is timed)
+            with trio.fail_after(self.send_timeout):
+                await self.stream.send_all(b"".join(buffers))
             return
         sender = _send_mixed if self.files else send_now
         rest = sender(self.raw, buffers, total)
         try:
             while rest is not None:
-                await trio.lowlevel.wait_writable(self.raw)
+                with trio.fail_after(self.send_timeout):
+                    await trio.lowlevel.wait_writable(self.raw)
                 rest = sender(self.raw, rest, -1)
         except BaseException:
             _release(rest)

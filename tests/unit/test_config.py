@@ -67,6 +67,7 @@ VALUES = {
     "nbd_tls_cert": (f'"{TLS}/server.pem"', f"{TLS}/server.pem"),
     "nbd_tls_key": (f'"{TLS}/server.key"', f"{TLS}/server.key"),
     "nbd_tls_ca": (f'"{TLS}/ca.pem"', f"{TLS}/ca.pem"),
+    "nbd_send_timeout": ("20", 20.0),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
@@ -130,7 +131,7 @@ def test_flags_override_the_file(tmp_path):
              "scrub_interval": 0, "scrub_rate": "1M", "hot_chunks": 0, "peer_tcp_congestion": "",
              "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
-             "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": ""}
+             "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7"}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -142,7 +143,7 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.scrub_interval, cfg.scrub_rate, cfg.hot_chunks) == (0.0, 1024**2, 0)
     assert cfg.down_out_interval == 0.0
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
-    assert (cfg.nbd_tls, cfg.nbd_tls_ca) == ("on", "")
+    assert (cfg.nbd_tls, cfg.nbd_tls_ca, cfg.nbd_send_timeout) == ("on", "", 7.0)
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):

@@ -38,8 +38,14 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int, name: str = "disk", *, structured: bool = False,
-                      meta: bool = False) -> "Client":
-        c = cls(await trio.open_tcp_stream("127.0.0.1", port))
+                      meta: bool = False, rcvbuf: int = 0) -> "Client":
+        if rcvbuf:  # (small: what the client does not read stays with the server soon)
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            await sock.connect(("127.0.0.1", port))
+            c = cls(trio.SocketStream(sock))
+        else:
+            c = cls(await trio.open_tcp_stream("127.0.0.1", port))
         greeting = await c.recv(18)
         assert greeting[:16] == b"NBDMAGICIHAVEOPT"
         await c.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES))
@@ -1290,6 +1296,38 @@ async def test_a_client_that_never_reads_is_cut_off_at_the_handshake_deadline(nu
                  * 3000)
     assert await ended_within(ended, 3) < 1.0
     await c.aclose()
+
+
+async def test_a_client_that_never_reads_its_replies_is_disconnected_and_freed(provider,
+                                                                            nursery):
+    """Reads sent and their replies never read: the server's sends block, and it held
+    what it had queued (up to MAX_QUEUED, and as much again in the send under way) with
+    no limit in time, so a thousand such clients held 64 GB. Past send_timeout without
+    taking a byte the client is disconnected; another client is served throughout, and a
+    slow one that takes its replies in a trickle is not cut off."""
+    provider.add("big", 64 * MiB)
+    port, ended = await observed_server(nursery, provider, sndbuf=4096, send_timeout=0.5)
+    stuck = await Client.connect(port, "big", rcvbuf=4096)
+    for i in range(16):
+        await stuck.request(proto.CMD_READ, i * MiB, MiB, cookie=i)
+    slow = await Client.connect(port, "big", rcvbuf=4096)
+    for i in range(4):
+        await slow.request(proto.CMD_READ, 0, 256 * 1024, cookie=i)
+    other = await Client.connect(port)
+    t0 = trio.current_time()
+    with trio.fail_after(5):
+        for i in range(4):  # 256 KiB a second at most: the replies leave in 4 s or so
+            assert await slow.reply({i: 256 * 1024}) == (i, 0, bytes(256 * 1024))
+            await trio.sleep(0.25)
+            if i == 1:  # (it took some, and had more than 0.5 s to take it)
+                assert await other.write(0, b"ok") == 0 and await other.read(0, 2) == b"ok"
+    assert len(ended) == 1 and ended[0] - t0 < 2, "the client that never read is still served"
+    with pytest.raises((EOFError, trio.BrokenResourceError)):
+        with trio.fail_after(5):
+            while True:
+                await stuck.recv(MiB)
+    for c in (stuck, slow, other):
+        await c.aclose()
 
 
 async def test_the_deadline_spares_an_export_opening_and_ends_with_the_handshake(nursery,
