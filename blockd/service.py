@@ -962,7 +962,8 @@ class Blockd:
                 self.peer_port = await nursery.start(functools.partial(
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev,
-                    congestion=cfg.peer_tcp_congestion, prepare=self.replica.prepare))
+                    congestion=cfg.peer_tcp_congestion, prepare=self.replica.prepare,
+                    send_timeout=cfg.peer_timeout))
                 nbd_cc, nbd_local_cc = cfg.nbd_congestion()
                 self.nbd_port = await nursery.start(functools.partial(
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),

@@ -19,10 +19,11 @@ up). A message on behalf of a client request (its `rid`, vbp.reqid) is handled, 
 failure logged, with that id as the current one. An exception from the handler becomes an
 `Error` reply (replicator.errors) and the connection lives on; only a protocol error or a broken socket closes it. At most
 `max_in_flight` awaitable requests run per connection: past that the reader stops reading
-and TCP pushes back on the sender. An optional `prepare(batch)` sees the (request id,
-message) pairs of each batch before any of them is handled (the replica marks the chunks
-the batch writes dirty in one commit: Replica.prepare); a batch is what one receive
-completed.
+and TCP pushes back on the sender; so it does past MAX_REPLY_BACKLOG bytes of replies
+unsent, and a peer that takes none of them for `send_timeout` loses its connection. An
+optional `prepare(batch)` sees the (request id, message) pairs of each batch before any
+of them is handled (the replica marks the chunks the batch writes dirty in one commit:
+Replica.prepare); a batch is what one receive completed.
 
 Client (`PeerPool`): one connection per address, opened and handshaken by a task of the
 pool's nursery and shared by every caller; requests are multiplexed by request id. When a
@@ -88,6 +89,10 @@ REPLY_EARLY = 8
 # so TCP pushes back on the peer. Requests answered at once (a ReadChunk of a chunk's
 # bytes) are not counted by max_in_flight.
 MAX_REPLY_BACKLOG = 64 * 1024 * 1024
+# Seconds a server session's peer may take none of its replies before the session ends
+# (serve_peers' send_timeout; blockd: peer_timeout): the backlog above would otherwise be
+# held for as long as the peer likes.
+SEND_TIMEOUT = 30.0
 
 Handler = Callable[[Any, str], Any]
 
@@ -151,6 +156,10 @@ class _Link:
         self.set_recv_size(recv_size)
         self.after_large = False  # the last receive went into a large frame's buffer
         self.lowat = 1 if HAVE_LOWAT else 0  # SO_RCVLOWAT in force; 0: not available
+        # seconds the writer waits for the peer to take any of a send before it gives up
+        # (trio.TooSlowError); a server session's peer is timed (SEND_TIMEOUT), a
+        # client's calls time out on their own
+        self.send_timeout = math.inf
 
     def set_recv_size(self, n: int) -> None:
         """Receive into a buffer of `n` bytes from now on (the codec keeps no view of it)."""
@@ -218,7 +227,7 @@ class _Link:
             self.in_send, self.out_bytes = self.out_bytes, 0
             self.sending = True
             try:
-                await send_all(self.raw, bufs)
+                await send_all(self.raw, bufs, -1, self.send_timeout)
             finally:
                 self.sending = False
                 self.in_send = 0
@@ -321,11 +330,14 @@ async def serve_peers(
     peer_rev: Callable[[str], int] = lambda host_id: 0,
     congestion: str = "",
     prepare: Callable[[list], None] | None = None,
+    send_timeout: float = SEND_TIMEOUT,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`.
     `congestion`: the TCP congestion control of the accepted connections ("": the
     system's; vbp.sockets.set_congestion). `prepare`: see the module docstring.
+    `send_timeout`: seconds a peer may take none of its replies (its socket full) before
+    its connection is closed and the replies queued for it are dropped.
 
     Every connection's HelloOk carries one boot id, drawn here: this call is one
     incarnation of the host. `peer_rev(host_id)` is the revision a client host advertises
@@ -346,6 +358,7 @@ async def serve_peers(
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
                                  boot=boot, peer_rev=peer_rev, prepare=prepare)
+        session.link.send_timeout = send_timeout
         try:
             await session.run()
         except Exception:  # one connection's fault never takes the server down
@@ -388,13 +401,20 @@ class _ServerSession:
             link.set_recv_size(RECV_SIZE)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                nursery.start_soon(_guarded, link.writer, nursery.cancel_scope)
+                nursery.start_soon(_guarded, self.write_loop, nursery.cancel_scope)
                 failure = await _guarded(self.read_loop, nursery.cancel_scope)
         except (trio.TooSlowError, *_LINK_ERRORS) as exc:
             failure = exc
         if isinstance(failure, PeerProtocolError):
             log.warning("closing connection from %s: %s", self.peer, failure)
             await self.refuse(0, m.Error(failure.code, str(failure)))
+
+    async def write_loop(self) -> None:
+        try:
+            await self.link.writer()
+        except trio.TooSlowError:  # (the reader is cancelled with it: _guarded)
+            log.warning("closing connection from %s: it took none of its replies for %g s",
+                        self.peer, self.link.send_timeout)
 
     async def refuse(self, request_id: int, error: m.Error) -> None:
         """Best effort: tell the peer why before closing. Then shut our side and discard

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import re
 import socket
 
@@ -102,11 +103,18 @@ def send_now(raw: socket.socket, buffers: list, total: int, flags: int = 0):
         buffers, total = rest, -1
 
 
-async def send_all(raw: socket.socket, buffers: list, total: int = -1) -> None:
-    """send_now, waiting for room as long as needed."""
+async def send_all(raw: socket.socket, buffers: list, total: int = -1,
+                   stall: float = math.inf) -> None:
+    """send_now, waiting for room as long as needed; trio.TooSlowError when the socket
+    takes none of it for `stall` seconds (each wait is timed anew: a slow reader is not
+    one that stopped)."""
     rest = send_now(raw, buffers, total)
     while rest is not None:
-        await trio.lowlevel.wait_writable(raw)
+        if stall == math.inf:
+            await trio.lowlevel.wait_writable(raw)
+        else:
+            with trio.fail_after(stall):
+                await trio.lowlevel.wait_writable(raw)
         rest = send_now(raw, rest, -1)
 
 

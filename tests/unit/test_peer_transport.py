@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from replicator import messages as m
 from replicator import transport
 from replicator.codec import CLOSED, NEED_DATA, PeerCodec
-from replicator.errors import ClusterMismatch, PeerError
+from replicator.errors import ClusterMismatch, PeerError, PeerProtocolError
 from replicator.transport import (REPLY_EARLY, SEND_EARLY, FaultPolicy, MemoryNetwork, PeerPool,
                                   serve_peers)
 from tests.pieces import send_in_pieces
@@ -470,6 +470,43 @@ async def test_a_peer_that_does_not_read_its_replies_is_pushed_back(monkeypatch)
                 assert reply.data == bytes([(rid - 1) % 256]) * (1 << 20)
                 got.add(rid)
         assert len(calls) == n
+
+
+async def test_a_peer_that_never_reads_its_replies_is_disconnected(monkeypatch):
+    """Pushed back (above), a peer that reads none of its replies still held the server's
+    backlog (MAX_REPLY_BACKLOG, and the send under way) for as long as it liked. Past
+    send_timeout without taking a byte its connection is closed, the backlog with it,
+    and the server reads none of its requests any more; another peer is served
+    throughout."""
+    monkeypatch.setattr(transport, "MAX_REPLY_BACKLOG", 4 << 20)
+    calls = []
+
+    def handler(msg, peer):
+        if type(msg) is m.ReadChunk:
+            calls.append(msg.index)
+        return ok_handler(msg, peer)
+
+    async with server(handler, send_timeout=0.5) as (address, _):
+        stream, codec = await raw_client(address)
+        n = 400
+        read = m.ReadChunk("vol", "lin", 0, (1,), 0, 1 << 20, 3)
+        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
+                                       for i in range(n)))
+        other, other_codec = await raw_client(address)
+        for i in range(3):
+            await trio.sleep(0.4)
+            await other.send_all(other_codec.encode(7, m.Ping(i)))
+            assert await next_reply(other, other_codec) == (7, m.Pong("srv", i))
+        taken = len(calls)
+        assert taken < 100
+        got = 0
+        with trio.fail_after(5):  # what was sent before the close, then the end
+            with contextlib.suppress(trio.BrokenResourceError, PeerProtocolError):
+                while await next_reply(stream, codec) is not CLOSED:
+                    got += 1
+        assert got < 100 and len(calls) == taken
+        await stream.aclose()
+        await other.aclose()
 
 
 async def test_large_payloads_roundtrip():
