@@ -93,6 +93,11 @@ MAX_REPLY_BACKLOG = 64 * 1024 * 1024
 # (serve_peers' send_timeout; blockd: peer_timeout): the backlog above would otherwise be
 # held for as long as the peer likes.
 SEND_TIMEOUT = 30.0
+# Connections past their Hello a server keeps from one remote address (IP): a peer holds
+# one per PeerPool (blockd has one), a few hosts may share an address (a sandbox), and
+# each connection may hold its receive buffer, MAX_REPLY_BACKLOG and max_in_flight
+# requests; a peer (or whatever passes the Hello) opening more is refused.
+CONNECTIONS_PER_ADDRESS = 64
 
 Handler = Callable[[Any, str], Any]
 
@@ -354,10 +359,12 @@ async def serve_peers(
         apply_congestion(listener.socket, congestion, "peer listener")
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
+    admission = _Admission()
 
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
-                                 boot=boot, peer_rev=peer_rev, prepare=prepare)
+                                 boot=boot, peer_rev=peer_rev, prepare=prepare,
+                                 admission=admission)
         session.link.send_timeout = send_timeout
         try:
             await session.run()
@@ -372,11 +379,50 @@ async def serve_peers(
         task_status.started(bound_port)
 
 
+class _Admission:
+    """The connections past their Hello of one server, per remote address: at most
+    CONNECTIONS_PER_ADDRESS each."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.refusing: set[str] = set()  # addresses told about in the log since at the cap
+
+    def take(self, address: str, peer: str) -> bool:
+        n = self.count.get(address, 0)
+        if n >= CONNECTIONS_PER_ADDRESS:
+            if address not in self.refusing:  # (once per spell at the cap, not per refusal)
+                self.refusing.add(address)
+                log.warning("refusing peer connections from %s (host %s says): %d open, "
+                            "the most one address may have", address, peer, n)
+            return False
+        self.count[address] = n + 1
+        return True
+
+    def give(self, address: str) -> None:
+        n = self.count[address] - 1
+        if n:
+            self.count[address] = n
+        else:
+            del self.count[address]
+        self.refusing.discard(address)
+
+
+def _remote_address(sock) -> str:
+    """The IP a connection comes from ("?" if the socket no longer knows)."""
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
-                 prepare: Callable[[list], None] | None = None):
+                 prepare: Callable[[list], None] | None = None,
+                 admission: _Admission | None = None):
         self.link = _Link(stream, max_frame, HELLO_RECV)
+        self.admission = admission if admission is not None else _Admission()
+        self.address = ""  # the peer's IP, once admitted (CONNECTIONS_PER_ADDRESS)
         self.handler = handler
         self.prepare = prepare
         self.cluster = cluster
@@ -390,6 +436,13 @@ class _ServerSession:
         self.peer_rev = peer_rev
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.address:  # (admitted by the handshake)
+                self.admission.give(self.address)
+
+    async def _run(self) -> None:
         link = self.link
         failure = None
         max_frame, link.codec.max_frame = link.codec.max_frame, HELLO_MAX_FRAME
@@ -450,6 +503,12 @@ class _ServerSession:
                 m.CLUSTER, f"host {self.host_id} belongs to cluster {self.cluster!r}, "
                            f"not {hello.cluster!r}"))
             return False
+        address = _remote_address(self.link.sock)
+        if not self.admission.take(address, hello.host_id):
+            await self.refuse(request_id, m.Error(
+                m.UNAVAILABLE, f"host {self.host_id} has too many connections from {address}"))
+            return False
+        self.address = address
         new = self.peer_rev(hello.host_id) >= m.BOOT_REV
         self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
                                               self.boot if new else ""))

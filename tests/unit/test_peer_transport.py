@@ -509,6 +509,40 @@ async def test_a_peer_that_never_reads_its_replies_is_disconnected(monkeypatch):
         await other.aclose()
 
 
+async def test_connections_past_the_hello_from_one_address_are_capped(monkeypatch, caplog):
+    """Whatever passes the Hello (a peer of the cluster, or anything knowing its name)
+    could open connections without bound, each with its receive buffer and its backlog.
+    Past CONNECTIONS_PER_ADDRESS from one address the Hello is refused (UNAVAILABLE, one
+    warning) and the connection closed; once one of them closes, a new one is taken."""
+    monkeypatch.setattr(transport, "CONNECTIONS_PER_ADDRESS", 4)
+    async with server() as (address, _):
+        held = [await raw_client(address) for _ in range(4)]
+        refusals = []
+        for _ in range(3):
+            stream, codec = await raw_client(address, hello=False)
+            await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+            refusals.append(await next_reply(stream, codec))
+            assert await next_reply(stream, codec) is CLOSED
+            await stream.aclose()
+        assert [(rid, type(r), r.code) for rid, r in refusals] == [(0, m.Error, m.UNAVAILABLE)] * 3
+        assert len([r for r in caplog.records if "refusing peer connections" in r.message]) == 1
+        stream, codec = held.pop()  # the others are still served
+        await stream.send_all(codec.encode(3, m.Ping(4)))
+        assert await next_reply(stream, codec) == (3, m.Pong("srv", 4))
+        await stream.aclose()
+        with trio.fail_after(5):  # (once the server saw that one end)
+            while True:
+                stream, codec = await raw_client(address, hello=False)
+                await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION)))
+                if type((await next_reply(stream, codec))[1]) is m.HelloOk:
+                    break
+                await stream.aclose()
+        await stream.send_all(codec.encode(5, m.Ping(6)))
+        assert await next_reply(stream, codec) == (5, m.Pong("srv", 6))
+        for s, _ in [*held, (stream, codec)]:
+            await s.aclose()
+
+
 async def test_large_payloads_roundtrip():
     stored = {}
 
