@@ -82,6 +82,7 @@ from vbp.errors import (
     Unpublished,
     Unsynced,
     VbpError,
+    WritePastEnd,
 )
 from vbp.later import Later
 from vbp.layout import ChunkKey, Geometry, MiB, Piece
@@ -621,7 +622,8 @@ class VolumeGateway:
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
         if self.qos is None and self.gone is None and self.settling is None and (
-                self.token and not self.fenced or self._now() <= self.serve_until):
+                self.token and not self.fenced or self._now() <= self.serve_until) and (
+                offset + length <= self.size):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
                 index = offset >> self._shift
@@ -695,6 +697,8 @@ class VolumeGateway:
 
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()
+        if offset + length > self.size:
+            self._past_end(offset, length, PastEnd)
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + length <= self._cs and length:
@@ -755,6 +759,9 @@ class VolumeGateway:
         for slot, p, repair in remote:
             extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p, repair))
         self._check_served()  # (a peer may have collected the chunks meanwhile)
+        last = extents[-1]
+        if last[0] + last[1] > self.size:  # (a shrink adopted meanwhile: the same)
+            self._past_end(offset, last[0] + last[1] - offset, PastEnd)
         return extents
 
     async def _read_piece(self, p, repair: bool = False):
@@ -1166,12 +1173,12 @@ class VolumeGateway:
                 return later
         return self._general(pieces, make)
 
-    def _zero(self, offset: int, length: int, fua: bool):
+    def _zero(self, offset: int, length: int, fua: bool, trim: bool = False):
         self._check_writable()
-        if offset + length > self.size:
-            self._past_end(offset, length)
+        if offset + length > self.size:  # (a TRIM past an export's end is EINVAL)
+            self._past_end(offset, length, PastEnd if trim else WritePastEnd)
         if not self.token or self._hold is not None:
-            return self._leased(self._zero, offset, length, fua)
+            return self._leased(self._zero, offset, length, fua, trim)
         pieces = list(self.geometry.pieces(offset, length))
         if not self._fua_in_task(fua) and all(self._local_only(p.index) for p in pieces):
             for p in pieces:
@@ -1186,24 +1193,28 @@ class VolumeGateway:
             self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid))
 
     def trim(self, offset: int, length: int, fua: bool):
+        return self._zeroing(offset, length, fua, True)
+
+    def _zeroing(self, offset: int, length: int, fua: bool, trim: bool):
         if self.qos is not None and (d := self.qos.delay_for(0)):
-            return self._throttled(d, self._zero, offset, length, fua)
+            return self._throttled(d, self._zero, offset, length, fua, trim)
         try:
-            return self._zero(offset, length, fua)
+            return self._zero(offset, length, fua, trim)
         except Fenced as e:  # (as write)
             self._fence(e)
             raise
 
-    def _past_end(self, offset: int, length: int) -> None:
+    def _past_end(self, offset: int, length: int, kind: type[PastEnd] = WritePastEnd) -> None:
         # the NBD codec checks the size the client connected at; a shrink since (adopted
         # by the record sync, or by a write held for it) leaves past the end chunks that
-        # no reader of the volume has: a write there would be acknowledged and then lost
-        raise PastEnd(f"{self.name}: range {offset}+{length} is past the end of the volume "
-                      f"(shrunk to {self.size} bytes since this client connected)")
+        # no reader of the volume has: a write there would be acknowledged and then lost,
+        # a read would answer what is left of them (or zeros) for the discarded bytes
+        raise kind(f"{self.name}: range {offset}+{length} is past the end of the volume "
+                   f"(shrunk to {self.size} bytes since this client connected)")
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
         # Zeroing is always fast here: whole pages become holes, no data is written.
-        return self.trim(offset, length, fua)
+        return self._zeroing(offset, length, fua, False)
 
     def _general(self, pieces, make_msg):
         """_replicate, its pieces noted in flight now, in the order the writes came, not
@@ -2231,6 +2242,8 @@ class VolumeGateway:
         return again
 
     def cache(self, offset: int, length: int):
+        if offset + length > self.size:
+            self._past_end(offset, length, PastEnd)
         return None
 
     def block_status(self, offset: int, length: int):
@@ -2239,6 +2252,8 @@ class VolumeGateway:
         request; clients ask again from where it ends), so one request costs the event
         loop a bounded time however fragmented the range and however long (up to 4 GiB)."""
         self._check_served()
+        if offset + length > self.size:
+            self._past_end(offset, length, PastEnd)
         out: list = []
         remote = []
         pieces = []
@@ -2282,6 +2297,10 @@ class VolumeGateway:
                 break
             out[slot] = ext
         self._check_served()
+        start = pieces[0].index * self._cs + pieces[0].offset
+        length = pieces[-1].buf_offset + pieces[-1].length
+        if start + length > self.size:  # (a shrink adopted meanwhile: as block_status)
+            self._past_end(start, length, PastEnd)
         return _merge_status(out, pieces)
 
     def close(self):

@@ -72,9 +72,15 @@ class OutOfRange(VbpError):
 
 
 class PastEnd(OutOfRange):
-    """A write past the end of a volume shrunk while its client had it open: the client
-    still knows the size it connected at (NBD tells no resize). ENOSPC, as for any
-    write past an export's end (proto.md)."""
+    """A request past the end of a volume shrunk while its client had it open: the client
+    still knows the size it connected at (NBD tells no resize). EINVAL, as for a read,
+    trim, block status or cache request past any export's end (proto.md, "Error values"):
+    never the bytes the shrink discarded, nor zeros a client could take for content."""
+
+
+class WritePastEnd(PastEnd):
+    """A write or write-zeroes past the end of a shrunk volume (PastEnd). ENOSPC, as for
+    any write past an export's end (proto.md, "Error values" and NBD_CMD_WRITE_ZEROES)."""
 
     errno = _errno.ENOSPC
 

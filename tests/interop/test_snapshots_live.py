@@ -165,8 +165,8 @@ def test_shrink_then_grow_reads_zeros(sandbox):
 
 def test_shrink_under_an_open_client_refuses_its_writes_past_the_new_end(sandbox):
     """A client connected before a shrink still knows the old size (NBD tells no resize):
-    once its gateway has the new record, a write or trim past the new end is refused
-    (ENOSPC, as past any export's end), never acknowledged into chunks the volume no
+    once its gateway has the new record, a write (ENOSPC) or trim (EINVAL) past the new
+    end is refused, as past any export's end, never acknowledged into chunks the volume no
     longer has (garbage collection frees them; growing again reads zeros)."""
     import nbd
 
@@ -210,3 +210,65 @@ def test_pool_status_and_host_commands(sandbox):
     sandbox.vbp("host", "maintenance", "host2", "off")
     p = sandbox.vbp("host", "drain", "nohost", check=False)
     assert p.returncode == 3 and "nohost" in p.stderr
+
+
+def _errno_of(op) -> object:
+    import nbd
+
+    try:
+        op()
+    except nbd.Error as e:
+        return e.errno
+    return None
+
+
+def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
+    """Clients connected before a shrink (the gateway holding the lease, and a reader on
+    another host) still know the old size. Once their hosts have the new record, every
+    request past the new end is refused as past any export's end (proto.md, "Error
+    values"): READ, TRIM, BLOCK_STATUS and CACHE with EINVAL, WRITE and WRITE_ZEROES with
+    ENOSPC. A read there never answers the bytes the shrink discarded, nor zeros (a
+    client could take them for the volume's content), however long the chunks have been
+    freed; inside the new end everything is served as before."""
+    import nbd
+
+    def connect_with_status(uri):
+        c = nbd.NBD()
+        c.add_meta_context("base:allocation")
+        c.connect_uri(uri)
+        return c
+
+    sandbox.vbp("volume", "create", "rsr", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect_with_status(sandbox.uri("rsr"))
+    h.pwrite(b"A" * (8 * MiB), 0)
+    h.flush()
+    reader = connect_with_status(sandbox.uri("rsr", 1))  # (no lease: a reader on another host)
+    assert reader.pread(BLOCK, 6 * MiB) == b"A" * BLOCK
+    sandbox.vbp("volume", "resize", "rsr", "4M", "--force")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # (both hosts adopt the record within a sync)
+        if _errno_of(lambda: h.pwrite(b"X" * BLOCK, 6 * MiB)) \
+                and _errno_of(lambda: reader.pread(BLOCK, 6 * MiB)):
+            break
+        time.sleep(0.1)
+    time.sleep(2.5)  # garbage collection (every second here) has freed the chunks cut off
+    EINVAL, ENOSPC = (errno.EINVAL, "EINVAL"), (errno.ENOSPC, "ENOSPC")
+    for c in (h, reader):
+        for length, offset in ((BLOCK, 6 * MiB), (MiB, 5 * MiB), (2 * BLOCK, 4 * MiB - BLOCK),
+                               (3 * MiB, 2 * MiB), (BLOCK, 8 * MiB - BLOCK)):
+            assert _errno_of(lambda: c.pread(length, offset)) in EINVAL, (c, length, offset)
+            assert _errno_of(lambda: c.block_status(length, offset, lambda *a: 0)) in EINVAL
+            assert _errno_of(lambda: c.cache(length, offset)) in EINVAL
+        assert c.pread(BLOCK, 4 * MiB - BLOCK) == b"A" * BLOCK  # up to the new end: served
+        assert c.pread(2 * MiB, 2 * MiB) == b"A" * (2 * MiB)
+        c.cache(BLOCK, 4 * MiB - BLOCK)
+        seen = []
+        c.block_status(BLOCK, 4 * MiB - BLOCK, lambda ctx, off, entries, err: seen.extend(entries))
+        assert seen and seen[0] >= BLOCK
+    assert _errno_of(lambda: h.trim(BLOCK, 7 * MiB)) in EINVAL
+    assert _errno_of(lambda: h.zero(BLOCK, 7 * MiB)) in ENOSPC
+    assert _errno_of(lambda: h.pwrite(b"X" * BLOCK, 7 * MiB)) in ENOSPC
+    assert _errno_of(lambda: h.zero(2 * BLOCK, 4 * MiB - BLOCK)) in ENOSPC
+    assert h.pread(BLOCK, 4 * MiB - BLOCK) == b"A" * BLOCK  # (nothing of it done)
+    reader.shutdown()
+    h.shutdown()
