@@ -40,8 +40,8 @@ from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
 from vbp.volume import (
-    Reader, View, VolumeRecord, cancel_snapshot, complete_snapshot, needed_gens, pending_abandoned,
-    readers, same_volume, split_export_name, view_of,
+    Reader, View, VolumeRecord, cancel_pending, complete_pending, needed_gens, pending_abandoned,
+    pending_head, readers, same_volume, split_export_name, view_of,
 )
 
 log = logging.getLogger("vbp.blockd")
@@ -534,20 +534,25 @@ class VolumeProvider:
             set_qos(gw, rec)
             self._confirm(gw, rec, t0, through, published_at)
             return
-        if rec.pending and lease is not None and pending_abandoned(rec):
-            # its requester gave up long ago: completed now, it would hold today's data
-            pending = rec.pending
+        if pending_head(rec) and pending_abandoned(rec):
+            # its requester gave up long ago: completed now, a snapshot would hold today's
+            # data, a shrink discard what was written since
+            pending, what = pending_head(rec), "snapshot" if rec.pending else "shrink"
             rec = VolumeRecord.from_dict(await svc.registry.update_volume(
-                name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), pending).to_dict(),
+                name, lambda d: cancel_pending(VolumeRecord.from_dict(d), pending).to_dict(),
                 lease))
-            log.warning("volume=%s event=abandoned_snapshot_cancelled head=%d", name, pending)
-        if rec.pending and lease is not None:
-            pending = rec.pending
+            log.warning("volume=%s event=abandoned_%s_cancelled head=%d", name, what, pending)
+        if pending_head(rec):
+            # a snapshot, or a shrink: the writes under way to the old head end first
+            # (switch_head); a shrink's new size refuses writes past its end from then on,
+            # so none is acknowledged into the old head, to be lost, once it completed
+            pending, what = pending_head(rec), "snapshot" if rec.pending else "shrink"
 
             async def complete():
                 def finish(d):
                     r = VolumeRecord.from_dict(d)
-                    return complete_snapshot(r).to_dict() if r.pending == pending else d
+                    return complete_pending(r, pending).to_dict() \
+                        if pending in (r.pending, r.shrink_head) else d
                 # only while the lease is still ours (Fenced otherwise): a gateway whose
                 # lease was taken over, and that has not noticed yet, must not complete a
                 # snapshot while the new holder still writes to the old head
@@ -558,21 +563,21 @@ class VolumeProvider:
                         break
                     except RegistryUnavailable as e:
                         # The update may have committed with its answer lost (etcd: an
-                        # unknown outcome): the old head may be the snapshot's now, and
-                        # no held write may go on to it. Asked again, `finish` settles it
-                        # (it completes only the snapshot pending here). Writes stay held
+                        # unknown outcome): the old head may be the snapshot's now (or the
+                        # volume shrunk), and no held write may go on to it. Asked again,
+                        # `finish` settles it (it completes only the change pending here). Writes stay held
                         # while our lease lasts; past it, the gateway is fenced.
                         if trio.current_time() >= gw.lease_deadline:
-                            gw._fence(Fenced(f"completing the snapshot of {name!r}: {e}"))
+                            gw._fence(Fenced(f"completing the {what} of {name!r}: {e}"))
                             raise
-                        log.warning("volume=%s event=snapshot_complete_retry error=%s", name, e)
+                        log.warning("volume=%s event=%s_complete_retry error=%s", name, what, e)
                         await trio.sleep(COMPLETE_RETRY)
-                log.info("volume=%s event=snapshot_completed head=%d", name, new.head)
+                log.info("volume=%s event=%s_completed head=%d", name, what, new.head)
                 return view_of(new, None)
 
             await gw.switch_head(complete)
         elif rec.head > gw.gen:
-            # a new head made by another (a shrink; a snapshot completed without a lease):
+            # a new head made by another (a shrink or a snapshot completed without a lease):
             # writes under way to the old head end first, or one landing late on a copy
             # would miss the copy-up that a newer write to its chunk made there
             view = view_of(rec, None)

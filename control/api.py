@@ -13,8 +13,8 @@ from vbp.errors import (
 from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
 from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
-    VolumeRecord, cancel_snapshot, check_name, clone_from, complete_snapshot, delete_snapshot,
-    new_volume, pending_abandoned, replicas_by_lineage, request_snapshot, shrink,
+    VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
+    delete_snapshot, new_volume, replicas_by_lineage, request_shrink, request_snapshot,
 )
 
 
@@ -110,6 +110,14 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
     """Take a consistent snapshot. With a gateway writing the volume, it completes the
     snapshot itself after holding new writes and draining in-flight ones; with none (or
     one that stopped renewing its lease) this call completes it."""
+    return _two_steps(reg, name, lambda d, head, until: _request_snapshot(name, d, snap, head, until),
+                      f"snapshot {name}@{snap}", timeout, poll)
+
+
+def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) -> VolumeRecord:
+    """A snapshot or a shrink: `request(record dict, head, until)` records it in progress
+    with the new head generation; the gateway holding the lease completes it once the
+    writes under way have ended (blockd's record sync), or, with none, this call does."""
     rec = get_volume(reg, name)
     head = reg.next_id(gen_counter(rec.lineage))
     # abandoned if this call is gone well past its timeout without cancelling (killed):
@@ -119,23 +127,23 @@ def snapshot(reg, name: str, snap: str, *, timeout: float = 30.0, poll: float = 
     try:
         # (inside the try: a request whose answer was lost may have gone in, and is
         # cancelled then like one that timed out; cancelling only ever cancels `head`)
-        reg.update_volume(name, lambda d: _request_snapshot(name, d, snap, head, until))
+        reg.update_volume(name, lambda d: request(d, head, until))
         while True:
             cur = get_volume(reg, name)
-            if cur.pending != head:
-                if cur.pending == 0 and any(s.name == snap for s in cur.snapshots):
+            if head not in (cur.pending, cur.shrink_head):
+                if head in cur.chain:
                     return cur
-                raise VbpError(f"snapshot {name}@{snap} was cancelled")
+                raise VbpError(f"{what} was cancelled")
             if not _lease_live(reg, name):
                 done = complete_unleased(reg, name, head)
                 if done is not None:
                     return done
             if time.monotonic() > deadline:
-                raise VbpError(f"snapshot {name}@{snap}: the gateway did not complete it in {timeout:.0f}s")
+                raise VbpError(f"{what}: the gateway did not complete it in {timeout:.0f}s")
             time.sleep(poll)
     except BaseException:
         try:
-            reg.update_volume(name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), head).to_dict())
+            reg.update_volume(name, lambda d: cancel_pending(VolumeRecord.from_dict(d), head).to_dict())
         except (VbpError, NotFound):
             pass
         raise
@@ -158,8 +166,8 @@ PENDING_GRACE = 30.0
 
 
 def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
-    """Complete the pending snapshot `head` while no gateway holds the volume's lease, or
-    None if one took it meanwhile. The lease is taken for it (a new, greater token) and
+    """Complete the pending snapshot or shrink `head` while no gateway holds the volume's
+    lease, or None if one took it meanwhile. The lease is taken for it (a new, greater token) and
     handed back: a holder whose lease only expired (cut off from the registry) could
     otherwise renew it afterwards, nobody having taken it over, and write the generation
     that just became the snapshot before it adopts the new head; with the newer token its
@@ -176,7 +184,7 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
 
     def finish(d):
         r = VolumeRecord.from_dict(d)
-        return complete_snapshot(r).to_dict() if r.pending == head else d
+        return complete_pending(r, head).to_dict() if head in (r.pending, r.shrink_head) else d
     try:
         # under the lease: should this call stall past its TTL and a gateway take the
         # lease over meanwhile, the snapshot is not completed behind its writes (Fenced)
@@ -244,7 +252,13 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
     return VolumeRecord.from_dict(reg.create_from(new_name, name, make))
 
 
-def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
+def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
+           poll: float = 0.05) -> VolumeRecord:
+    """Grow a volume, or (`force`) shrink it. A shrink is taken in two steps as a
+    snapshot is: the gateway writing the volume lets the writes under way end and
+    refuses those past the new end before it completes the shrink, so that no write
+    past the new end succeeds once this call returns (one acknowledged into the old
+    head after a one-step shrink was lost)."""
     new_size = parse_size(size)
     rec = get_volume(reg, name)
     Geometry(new_size, rec.chunk_size)  # refuses sizes out of range
@@ -255,18 +269,14 @@ def resize(reg, name: str, size, *, force: bool = False) -> VolumeRecord:
             raise InvalidArgument(
                 f"shrinking {name!r} from {rec.size} to {new_size} bytes discards data; use --force"
             )
-        head = reg.next_id(gen_counter(rec.lineage))
+        return _two_steps(reg, name, lambda d, head, until: request_shrink(
+            VolumeRecord.from_dict(d), new_size, head, until).to_dict(),
+            f"shrink of {name} to {new_size} bytes", timeout, poll)
 
-        def apply(d: dict) -> dict:
-            r = VolumeRecord.from_dict(d)
-            if r.pending and not pending_abandoned(r):
-                raise InvalidArgument(f"a snapshot of {name!r} is in progress; retry")
-            return shrink(cancel_snapshot(r, r.pending), new_size, head).to_dict()
-    else:
-        def apply(d: dict) -> dict:
-            d = dict(d)
-            d["size"] = new_size
-            return d
+    def apply(d: dict) -> dict:
+        d = dict(d)
+        d["size"] = new_size
+        return d
     return VolumeRecord.from_dict(reg.update_volume(name, apply))
 
 

@@ -471,8 +471,9 @@ class VolumeGateway:
 
     async def switch_head(self, complete) -> None:
         """Hold new writes, let in-flight ones finish, then `complete()` (async, returns the
-        new View) and go on writing to the new head. Used for snapshots, and for a head
-        another made (a shrink). One switch at a time (two record syncs may find the same
+        new View) and go on writing to the new head. Used for snapshots and shrinks (the
+        new size refuses the held writes past its end), and for a head another made (either,
+        completed without a lease). One switch at a time (two record syncs may find the same
         new head); a view older than the one adopted meanwhile is left (heads only grow)."""
         async with self._switching:
             hold = self._hold = trio.Event()
@@ -1238,6 +1239,14 @@ class VolumeGateway:
         # goes to the new head, as any write that comes during the switch)
         while self._hold is not None:
             await self._hold.wait()
+        last = pieces[-1]
+        if (last.index << self._shift) + last.offset + last.length > self.size:
+            # a shrink completed since the write came (it waited for the hold, or behind
+            # an overlapping write): past the new end, acknowledged into the new head
+            # it would be lost (no reader has the chunk)
+            first = pieces[0]
+            start = (first.index << self._shift) + first.offset
+            self._past_end(start, last.buf_offset + last.length)
         self._inflight += 1
         try:
             # Once sent, a write is settled even if its client goes away (the connection's

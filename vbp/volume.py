@@ -22,7 +22,10 @@ Theory of operation (DESIGN.md, Words):
   ones are not; nothing changes in it afterwards.
 - Shrinking (chunk-aligned) starts a fresh head and records a cut: for chunk indexes past
   the new end, generations up to the old head are invisible (`visible_chain`), so growing
-  again reads zeros there, never old bytes.
+  again reads zeros there, never old bytes. It is taken in two steps as a snapshot is
+  (`request_shrink`, `complete_pending`): the gateway holding the lease lets the writes
+  under way end (a write past the new end acknowledged after the record changed would be
+  lost) and refuses those past the new end from then on, before the shrink completes.
 - Garbage collection is one rule (`needed_gens`): a local generation of chunk i is kept
   while it is the newest generation holding chunk i in the visible chain of some reader
   (a volume head or a snapshot of the lineage). Deleted volumes, deleted snapshots,
@@ -197,6 +200,11 @@ class VolumeRecord:
     # unix time past which the snapshot in progress is abandoned: its requester gave up
     # (killed, or cut off from the registry) without cancelling it (pending_abandoned)
     pending_until: float = 0.0
+    # a shrink in progress (request_shrink): the size, the head generation it makes, and
+    # the unix time past which it is abandoned, as a snapshot's (pending_abandoned)
+    shrink_to: int = 0
+    shrink_head: int = 0
+    shrink_until: float = 0.0
     # (host, chunk count, unix time) per host whose disk was replaced while it held the only
     # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
     lost: tuple[tuple[str, int, float], ...] = ()
@@ -285,20 +293,67 @@ def request_snapshot(rec: VolumeRecord, snap: str, new_head: int, until: float =
         raise InvalidArgument(
             f"volume {rec.name!r} has {len(rec.snapshots)} snapshots, the most a volume may "
             f"have: delete some first")
-    if rec.pending and not pending_abandoned(rec, now):
-        raise InvalidArgument(f"a snapshot of {rec.name!r} ({rec.pending_snap}) is in progress")
-    if new_head <= rec.head:
-        raise InvalidArgument("a new head generation must be newer than the current one")
+    rec = _none_pending(rec, new_head, now)
     return replace(rec, pending=new_head, pending_snap=snap, pending_until=until)
 
 
+def request_shrink(rec: VolumeRecord, new_size: int, new_head: int, until: float = 0.0,
+                   now: float | None = None) -> VolumeRecord:
+    """Step one of a shrink: record the size and the head generation it makes, abandoned
+    if it is not completed by `until` (unix time; 0: never). The gateway holding the lease
+    completes it (complete_pending) once the writes under way to the old head have ended;
+    with no lease holder, whoever asked for it does."""
+    if new_size % rec.chunk_size:
+        raise InvalidArgument(
+            f"shrink to a multiple of the chunk size ({rec.chunk_size} bytes), not {new_size}"
+        )
+    rec = _none_pending(rec, new_head, now)
+    return replace(rec, shrink_to=new_size, shrink_head=new_head, shrink_until=until)
+
+
+def _none_pending(rec: VolumeRecord, new_head: int, now: float | None) -> VolumeRecord:
+    """`rec` with no change in progress (one abandoned is cancelled), for a new one to
+    `new_head`; InvalidArgument if one is still in progress."""
+    if pending_head(rec):
+        if not pending_abandoned(rec, now):
+            what = f"a snapshot ({rec.pending_snap})" if rec.pending else "a shrink"
+            raise InvalidArgument(f"{what} of {rec.name!r} is in progress")
+        rec = cancel_pending(rec, pending_head(rec))
+    if new_head <= rec.head:
+        raise InvalidArgument("a new head generation must be newer than the current one")
+    return rec
+
+
+def pending_head(rec: VolumeRecord) -> int:
+    """The head generation of the snapshot or shrink in progress (0: none)."""
+    return rec.pending or rec.shrink_head
+
+
 def pending_abandoned(rec: VolumeRecord, now: float | None = None) -> bool:
-    """The snapshot in progress is past its time: whoever asked for it gave up without
-    cancelling it (a killed `vbp volume snapshot`), or will have by now. It must not be
-    completed (it would hold what the volume holds whenever a gateway next comes, not
-    what it held when asked for), nor keep other snapshots and shrinks out."""
-    return bool(rec.pending and rec.pending_until
-                and (time.time() if now is None else now) > rec.pending_until)
+    """The snapshot or shrink in progress is past its time: whoever asked for it gave up
+    without cancelling it (a killed `vbp volume snapshot` or `resize`), or will have by
+    now. It must not be completed (a snapshot would hold what the volume holds whenever a
+    gateway next comes, not what it held when asked for; a shrink would discard what was
+    written since), nor keep other snapshots and shrinks out."""
+    until = rec.pending_until if rec.pending else rec.shrink_until if rec.shrink_head else 0
+    return bool(until and (time.time() if now is None else now) > until)
+
+
+def complete_pending(rec: VolumeRecord, head: int, now: float | None = None) -> VolumeRecord:
+    """Step two of the snapshot or shrink in progress that makes head `head`; `rec` as
+    it is if none does (completed or cancelled meanwhile)."""
+    if rec.pending == head:
+        return complete_snapshot(rec, now)
+    if rec.shrink_head == head:
+        return shrink(cancel_pending(rec, head), rec.shrink_to, head)
+    return rec
+
+
+def cancel_pending(rec: VolumeRecord, head: int) -> VolumeRecord:
+    """`rec` without the snapshot or shrink in progress that makes head `head`."""
+    if rec.shrink_head == head:
+        return replace(rec, shrink_to=0, shrink_head=0, shrink_until=0.0)
+    return cancel_snapshot(rec, head)
 
 
 def complete_snapshot(rec: VolumeRecord, now: float | None = None) -> VolumeRecord:

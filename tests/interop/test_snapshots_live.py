@@ -272,3 +272,48 @@ def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
     assert h.pread(BLOCK, 4 * MiB - BLOCK) == b"A" * BLOCK  # (nothing of it done)
     reader.shutdown()
     h.shutdown()
+
+
+def test_no_write_past_the_new_end_succeeds_once_a_shrink_has_returned(sandbox):
+    """A writer hammers the tail of a volume through its gateway while another process
+    shrinks it. Writes past the new end that the shrink overtakes may be acknowledged
+    (they come before it, and it discards them), but none that starts after `vbp volume
+    resize` returned: the volume no longer has those blocks, and a write acknowledged
+    there would be lost, the client told success."""
+    import nbd
+
+    sandbox.vbp("volume", "create", "rsw", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("rsw"))
+    h.pwrite(b"A" * (8 * MiB), 0)
+    h.flush()
+    log: list[tuple[float, int, bool]] = []  # (start, offset, acknowledged)
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            offset = 4 * MiB + (i * 7919 % 1024) * BLOCK  # past the new end (4M)
+            t0 = time.monotonic()
+            try:
+                h.pwrite(b"W" * BLOCK, offset)
+                log.append((t0, offset, True))
+            except nbd.Error:
+                log.append((t0, offset, False))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        sandbox.vbp("volume", "resize", "rsw", "4M", "--force")
+        returned = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    after = [(s, o) for s, o, ok in log if s > returned]
+    assert after, "the writer must go on past the shrink"
+    late = [(round(s - returned, 3), o) for s, o, ok in log if s > returned and ok]
+    assert not late, f"writes past the new end acknowledged after the shrink returned: {late[:5]}"
+    assert any(ok for s, o, ok in log if s < returned)  # (before it: served as ever)
+    h.shutdown()

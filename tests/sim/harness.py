@@ -45,7 +45,7 @@ from vbp.registry import open_registry
 from vbp.registry.base import P_ALIVE, P_LEASE
 from vbp.registry.kv import Delete, Put
 from vbp.volume import (
-    VolumeRecord, cancel_snapshot, complete_snapshot, new_volume, request_snapshot,
+    VolumeRecord, cancel_pending, new_volume, request_shrink, request_snapshot,
 )
 
 CLUSTER = "sim"
@@ -375,27 +375,36 @@ class Sim:
         """control.api.snapshot in virtual time (the API polls with time.sleep and a
         wall-clock deadline): request, then wait for the lease holder to complete it, or
         complete it here, under a lease of its own, when no lease is live."""
+        return await self._two_steps(name, lambda r, head: request_snapshot(r, snap, head),
+                                     f"snapshot {name}@{snap}", timeout)
+
+    async def shrink(self, name: str, size: int, timeout: float = 30.0) -> VolumeRecord:
+        """control.api.resize of a shrink (--force) in virtual time, as snapshot()."""
+        return await self._two_steps(name, lambda r, head: request_shrink(r, size, head),
+                                     f"shrink of {name}", timeout)
+
+    async def _two_steps(self, name: str, request, what: str, timeout: float) -> VolumeRecord:
         reg = self.reg
         rec = api.get_volume(reg, name)
         head = reg.next_id(api.gen_counter(rec.lineage))
-        reg.update_volume(name, lambda d: request_snapshot(VolumeRecord.from_dict(d), snap, head).to_dict())
+        reg.update_volume(name, lambda d: request(VolumeRecord.from_dict(d), head).to_dict())
         deadline = trio.current_time() + timeout
         try:
             while True:
                 cur = api.get_volume(reg, name)
-                if cur.pending != head:
-                    if cur.pending == 0 and any(s.name == snap for s in cur.snapshots):
+                if head not in (cur.pending, cur.shrink_head):
+                    if head in cur.chain:
                         return cur
-                    raise VbpError(f"snapshot {name}@{snap} was cancelled")
+                    raise VbpError(f"{what} was cancelled")
                 if not api._lease_live(reg, name):
                     done = api.complete_unleased(reg, name, head)
                     if done is not None:
                         return done
                 if trio.current_time() > deadline:
-                    raise VbpError(f"snapshot {name}@{snap}: not completed in {timeout:.0f}s")
+                    raise VbpError(f"{what}: not completed in {timeout:.0f}s")
                 await trio.sleep(0.05)
         except BaseException:
-            reg.update_volume(name, lambda d: cancel_snapshot(VolumeRecord.from_dict(d), head).to_dict())
+            reg.update_volume(name, lambda d: cancel_pending(VolumeRecord.from_dict(d), head).to_dict())
             raise
 
     def clone(self, source: str, new_name: str) -> VolumeRecord:

@@ -15,7 +15,7 @@ from control import api
 from replicator import messages as m
 from blockd.service import RECORD_LAPSE
 from tests.sim.harness import Sim, call, extents_bytes, reconcile_failing_once, settled
-from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced
+from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced, VbpError
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_snapshot, view_of
 
@@ -113,7 +113,7 @@ def test_a_new_head_made_by_a_shrink_waits_for_the_writes_to_the_old_one():
             nursery.start_soon(first)
             await trio.sleep(0.01)
             old_head = gw.gen
-            api.resize(sim.reg, "v", 2 * MiB, force=True)  # the shrink: a new head
+            nursery.start_soon(sim.shrink, "v", 2 * MiB)  # the shrink: a new head
             await trio.sleep(0.3)  # a record sync
             await h0.run_on(lambda: call(gw.write(4096, b"B" * 4096, False)))
             assert gw.gen != old_head
@@ -124,6 +124,49 @@ def test_a_new_head_made_by_a_shrink_waits_for_the_writes_to_the_old_one():
             for h in sim.hosts.values():
                 got = sim.replica_bytes(h, rec, rec.chain, 0)
                 assert got[:8192] == b"A" * 4096 + b"B" * 4096, h.id
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_write_past_the_new_end_waiting_behind_another_is_refused_once_the_shrink_completes():
+    """Two writes to one block past the end a shrink is about to make: the first on its
+    way to one copy (half a second late), the second waiting for it (overlapping writes
+    reach every copy in one order). The shrink, in progress, holds new writes and waits
+    for the first; once it completed, the second must not go on to the new head past
+    its end, acknowledged and then lost (no reader has that chunk: GC frees it). It is
+    refused as past the end (ENOSPC)."""
+    async def main():
+        sim = Sim(2, hosts=3, peer_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"0" * 8192, 4 * MiB, min_size=2)
+            late = sim.hosts["h2"].addr
+            on_call = h0.faults.on_call
+
+            def delay_first(address, message):
+                if (address == late and type(message) is m.WriteChunk
+                        and message.data[:1] == b"A"):
+                    return 0.5
+                return on_call(address, message)
+
+            h0.faults.on_call = delay_first
+            results: dict = {}
+
+            async def write(byte: bytes):
+                try:
+                    await h0.run_on(lambda: call(gw.write(3 * MiB, byte * 4096, False)))
+                    results[byte] = "acknowledged"
+                except VbpError as e:
+                    results[byte] = type(e).__name__
+
+            nursery.start_soon(write, b"A")
+            await trio.sleep(0.01)
+            nursery.start_soon(write, b"B")
+            await trio.sleep(0.01)
+            rec = await sim.shrink("v", 2 * MiB)
+            assert rec.size == 2 * MiB and gw.size == 2 * MiB
+            await trio.sleep(1.0)
+            assert results == {b"A": "acknowledged", b"B": "WritePastEnd"}
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import msgpack
@@ -11,12 +12,16 @@ import pytest
 from control import api
 from replicator.gateway import ClusterView
 from vbp.cluster import HostRecord
-from vbp.errors import AlreadyExists, Fenced, InvalidArgument, NotFound, RegistryUnavailable
+from vbp.errors import (
+    AlreadyExists, Fenced, InvalidArgument, NotFound, RegistryUnavailable, VbpError,
+)
 from vbp.layout import MiB
 from vbp.registry import open_registry
 from vbp.registry.base import NEVER_CURRENT, P_LEASE
 from vbp.registry.kv import Put
-from vbp.volume import VolumeRecord, complete_snapshot, new_volume, request_snapshot
+from vbp.volume import (
+    VolumeRecord, complete_pending, complete_snapshot, new_volume, request_shrink, request_snapshot,
+)
 
 _n = itertools.count()
 
@@ -121,6 +126,59 @@ def test_a_snapshot_whose_requester_gave_up_keeps_nothing_out():
     ask("killed2", time.time() - 1)
     rec = api.resize(reg, "v", 2 * MiB, force=True)
     assert rec.size == 2 * MiB and not rec.pending and [s.name for s in rec.snapshots] == ["s"]
+
+
+def test_a_shrink_of_a_leased_volume_is_completed_by_its_lease_holder():
+    """A shrink, like a snapshot, goes through the gateway holding the lease: the call
+    records it in progress and waits; the holder completes it once its writes to the old
+    head have ended (blockd's record sync). A holder that never does: the call fails at
+    its timeout and the record is left as it was, no shrink in progress."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    reg.acquire_lease("v", "h1", 60.0)
+    with pytest.raises(VbpError, match="did not complete"):
+        api.resize(reg, "v", 2 * MiB, force=True, timeout=0.2)
+    rec = api.get_volume(reg, "v")
+    assert rec.size == 4 * MiB and not rec.shrink_head and not rec.cuts
+    seen = []
+
+    def holder():  # (the record sync of the gateway: it completes what it finds pending)
+        while not seen:
+            r = api.get_volume(reg, "v")
+            if r.shrink_head:
+                seen.append(r)
+                lease = reg.get_lease("v")
+                reg.update_volume("v", lambda d: complete_pending(
+                    VolumeRecord.from_dict(d), r.shrink_head).to_dict(), lease)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    rec = api.resize(reg, "v", 2 * MiB, force=True, timeout=10)
+    t.join()
+    assert seen[0].size == 4 * MiB  # (not shrunk until the holder completes it)
+    assert rec.size == 2 * MiB and rec.head == seen[0].shrink_head and not rec.shrink_head
+    assert rec.cuts == ((seen[0].head, 2),)
+    with pytest.raises(InvalidArgument, match="in progress"):  # (one change at a time)
+        reg.update_volume("v", lambda d: request_shrink(
+            request_shrink(VolumeRecord.from_dict(d), MiB, rec.head + 1), MiB, rec.head + 2).to_dict())
+
+
+def test_an_abandoned_shrink_keeps_nothing_out():
+    """`vbp volume resize --force` killed while the gateway had not completed its shrink:
+    once past its time, a snapshot or another shrink replaces it; the lease holder never
+    completes it (it would discard what was written since)."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    head = reg.next_id(api.gen_counter(api.get_volume(reg, "v").lineage))
+    reg.update_volume("v", lambda d: request_shrink(
+        VolumeRecord.from_dict(d), MiB, head, time.time() + 60).to_dict())
+    with pytest.raises(InvalidArgument, match="shrink of 'v' is in progress"):
+        api.snapshot(reg, "v", "s", timeout=0.2)
+    reg.update_volume("v", lambda d: {**d, "shrink_until": time.time() - 1})  # gave up
+    rec = api.snapshot(reg, "v", "s", timeout=5)
+    assert rec.size == 4 * MiB and not rec.shrink_head and [s.name for s in rec.snapshots] == ["s"]
+    assert complete_pending(rec, head) == rec
 
 
 def test_limits_past_64_bits_are_refused_before_the_record_is_touched():
