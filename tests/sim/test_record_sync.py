@@ -83,6 +83,19 @@ def test_a_snapshot_export_of_a_volume_deleted_and_created_again_is_gone():
     run(main)
 
 
+def delay_writes_of_a(sim, h0, late_host: str, seconds: float = 0.5) -> None:
+    """h0's WriteChunks of b"A..." reach `late_host` `seconds` late; the rest as before."""
+    late = sim.hosts[late_host].addr
+    on_call = h0.faults.on_call
+
+    def delay(address, message):
+        if address == late and type(message) is m.WriteChunk and message.data[:1] == b"A":
+            return seconds
+        return on_call(address, message)
+
+    h0.faults.on_call = delay
+
+
 def test_a_new_head_made_by_a_shrink_waits_for_the_writes_to_the_old_one():
     """A write to chunk 0 is on its way to one copy (half a second late) when a shrink
     gives the volume a new head. A write to the same chunk after the gateway adopts the
@@ -94,16 +107,7 @@ def test_a_new_head_made_by_a_shrink_waits_for_the_writes_to_the_old_one():
         sim = Sim(2, hosts=3, peer_timeout=2.0)
         async with trio.open_nursery() as nursery:
             h0, gw = await served(nursery, sim, b"0" * 8192, 4 * MiB, min_size=2)
-            late = sim.hosts["h2"].addr
-            on_call = h0.faults.on_call
-
-            def delay_first(address, message):
-                if (address == late and type(message) is m.WriteChunk
-                        and message.data[:1] == b"A"):
-                    return 0.5
-                return on_call(address, message)
-
-            h0.faults.on_call = delay_first
+            delay_writes_of_a(sim, h0, "h2")
             acked: list = []
 
             async def first():
@@ -140,16 +144,7 @@ def test_a_write_past_the_new_end_waiting_behind_another_is_refused_once_the_shr
         sim = Sim(2, hosts=3, peer_timeout=2.0)
         async with trio.open_nursery() as nursery:
             h0, gw = await served(nursery, sim, b"0" * 8192, 4 * MiB, min_size=2)
-            late = sim.hosts["h2"].addr
-            on_call = h0.faults.on_call
-
-            def delay_first(address, message):
-                if (address == late and type(message) is m.WriteChunk
-                        and message.data[:1] == b"A"):
-                    return 0.5
-                return on_call(address, message)
-
-            h0.faults.on_call = delay_first
+            delay_writes_of_a(sim, h0, "h2")
             results: dict = {}
 
             async def write(byte: bytes):
