@@ -1191,7 +1191,8 @@ class VolumeGateway:
         rid = get_rid()
         return self._general(pieces, lambda p: m.ZeroChunk(
             self.view.volume.name, self.lineage, p.index, self.gen, self.chain_for(p.index), p.offset, p.length,
-            self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid))
+            self.geometry.chunk_size, 0, fua, self.cluster.epoch, self.token, rid),
+            PastEnd if trim else WritePastEnd)
 
     def trim(self, offset: int, length: int, fua: bool):
         return self._zeroing(offset, length, fua, True)
@@ -1217,23 +1218,23 @@ class VolumeGateway:
         # Zeroing is always fast here: whole pages become holes, no data is written.
         return self._zeroing(offset, length, fua, False)
 
-    def _general(self, pieces, make_msg):
+    def _general(self, pieces, make_msg, past_end: type[PastEnd] = WritePastEnd):
         """_replicate, its pieces noted in flight now, in the order the writes came, not
         when the server's task for it runs (_flying). Whoever gets the coroutine runs it
         (the NBD server starts a task at once; a task cancelled before its first step
         still runs it into the cancellation): its end is what lets later writes go on."""
         for p in pieces:
             self._fly(p)
-        return self._replicate(pieces, make_msg)
+        return self._replicate(pieces, make_msg, past_end)
 
-    async def _replicate(self, pieces, make_msg):
+    async def _replicate(self, pieces, make_msg, past_end: type[PastEnd] = WritePastEnd):
         try:
             await self._after_overlapped(pieces)
-            await self._replicate_held(pieces, make_msg)
+            await self._replicate_held(pieces, make_msg, past_end)
         finally:
             self._land_all(pieces)
 
-    async def _replicate_held(self, pieces, make_msg):
+    async def _replicate_held(self, pieces, make_msg, past_end: type[PastEnd] = WritePastEnd):
         # (a task the NBD server starts after the write came: a snapshot may have begun
         # switching the head meanwhile, without this write in flight to wait for; it
         # goes to the new head, as any write that comes during the switch)
@@ -1246,7 +1247,7 @@ class VolumeGateway:
             # it would be lost (no reader has the chunk)
             first = pieces[0]
             start = (first.index << self._shift) + first.offset
-            self._past_end(start, last.buf_offset + last.length)
+            self._past_end(start, last.buf_offset + last.length, past_end)  # (a TRIM: EINVAL)
         self._inflight += 1
         try:
             # Once sent, a write is settled even if its client goes away (the connection's

@@ -167,6 +167,45 @@ def test_a_write_past_the_new_end_waiting_behind_another_is_refused_once_the_shr
     run(main)
 
 
+def test_a_trim_past_the_new_end_waiting_behind_a_write_is_refused_as_past_the_end():
+    """As above, the second request a TRIM: once the shrink completed it is refused as
+    any TRIM past an export's end is, EINVAL (PastEnd), not ENOSPC (WritePastEnd, a
+    write's answer)."""
+    async def main():
+        sim = Sim(2, hosts=3, peer_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"0" * 8192, 4 * MiB, min_size=2)
+            late = sim.hosts["h2"].addr
+            on_call = h0.faults.on_call
+
+            def delay_first(address, message):
+                if address == late and type(message) is m.WriteChunk:
+                    return 0.5
+                return on_call(address, message)
+
+            h0.faults.on_call = delay_first
+            results: dict = {}
+
+            async def request(what: str, op):
+                try:
+                    await h0.run_on(lambda: call(op()))
+                    results[what] = "acknowledged"
+                except VbpError as e:
+                    results[what] = type(e).__name__
+
+            nursery.start_soon(request, "write", lambda: gw.write(3 * MiB, b"A" * 4096, False))
+            await trio.sleep(0.01)
+            nursery.start_soon(request, "trim", lambda: gw.trim(3 * MiB, 4096, False))
+            await trio.sleep(0.01)
+            rec = await sim.shrink("v", 2 * MiB)
+            assert rec.size == 2 * MiB and gw.size == 2 * MiB
+            await trio.sleep(1.0)
+            assert results == {"write": "acknowledged", "trim": "PastEnd"}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_snapshot_completion_whose_answer_is_lost_holds_the_writes_until_it_is_known():
     """The gateway completes a snapshot; the registry commits it and the answer is lost
     (etcd: an unknown outcome). Released then, the held writes went on to the old head,
