@@ -141,11 +141,16 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
             if time.monotonic() > deadline:
                 raise VbpError(f"{what}: the gateway did not complete it in {timeout:.0f}s")
             time.sleep(poll)
-    except BaseException:
+    except BaseException as exc:
         try:
-            reg.update_volume(name, lambda d: cancel_pending(VolumeRecord.from_dict(d), head).to_dict())
+            after = reg.update_volume(
+                name, lambda d: cancel_pending(VolumeRecord.from_dict(d), head).to_dict())
         except (VbpError, NotFound):
-            pass
+            after = None
+        if isinstance(exc, Exception) and after is not None and head in after["chain"]:
+            # completed meanwhile (the gateway's record sync; the request's answer lost):
+            # the cancel changed nothing, and a shrink has discarded what lay past its end
+            return VolumeRecord.from_dict(after)
         raise
 
 

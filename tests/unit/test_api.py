@@ -164,6 +164,54 @@ def test_a_shrink_of_a_leased_volume_is_completed_by_its_lease_holder():
             request_shrink(VolumeRecord.from_dict(d), MiB, rec.head + 1), MiB, rec.head + 2).to_dict())
 
 
+@pytest.mark.parametrize("how", ["answer_lost", "timeout"])
+def test_a_shrink_its_lease_holder_completed_is_not_reported_failed(how):
+    """The call fails on its way (the request's answer lost: etcd's unknown outcome; or
+    its timeout, reached as the holder completes it) and cancels what it asked for; but
+    the lease holder's record sync had completed the shrink meanwhile (it does five
+    times a second): the cancel changes nothing, the volume is shrunk, what lay past
+    the new end is gone. The call must say so, not fail as if it had not happened."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    lease = reg.acquire_lease("v", "h1", 60.0)
+    update = reg.update_volume
+
+    def holder_completes():  # (the gateway's record sync, run meanwhile)
+        r = api.get_volume(reg, "v")
+        if r.shrink_head:
+            update("v", lambda d: complete_pending(
+                VolumeRecord.from_dict(d), r.shrink_head).to_dict(), lease)
+        return r.shrink_head
+
+    if how == "answer_lost":
+        lost: list = []
+
+        def answer_lost(name, fn, lease=None):
+            out = update(name, fn, lease)
+            if not lost:
+                lost.append(holder_completes())
+                raise RegistryUnavailable("kv/txn failed with an unknown outcome")
+            return out
+
+        reg.update_volume = answer_lost
+        timeout = 10.0
+    else:
+        get_lease = reg.get_lease
+        lost = []
+
+        def completed_meanwhile(name):
+            if not lost:
+                lost.append(holder_completes())
+            return get_lease(name)
+
+        reg.get_lease = completed_meanwhile
+        timeout = 0.0
+    rec = api.resize(reg, "v", 2 * MiB, force=True, timeout=timeout)
+    assert lost[0]  # (the holder did complete it)
+    assert rec.size == 2 * MiB and rec.head == lost[0]
+    assert api.get_volume(reg, "v").size == 2 * MiB
+
+
 def test_an_abandoned_shrink_keeps_nothing_out():
     """`vbp volume resize --force` killed while the gateway had not completed its shrink:
     once past its time, a snapshot or another shrink replaces it; the lease holder never
