@@ -279,6 +279,12 @@ def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
             f"shrink of {name} to {new_size} bytes", timeout, poll)
 
     def apply(d: dict) -> dict:
+        if d["size"] > new_size:  # grown by another call since it was read
+            # (written over, it would shrink the volume in one step, with no cut and
+            # not through its lease holder: writes acknowledged past the end lost)
+            raise InvalidArgument(
+                f"{name!r} was resized to {d['size']} bytes meanwhile: not shrunk to "
+                f"{new_size} without --force; retry")
         d = dict(d)
         d["size"] = new_size
         return d

@@ -212,6 +212,31 @@ def test_a_shrink_its_lease_holder_completed_is_not_reported_failed(how):
     assert api.get_volume(reg, "v").size == 2 * MiB
 
 
+def test_a_grow_racing_a_larger_grow_does_not_shrink_the_volume():
+    """Two grows at once: 8 MiB to 12 MiB and, read at 8 MiB, to 10 MiB. The second
+    wrote its size over the first's: the volume went from 12 MiB to 10 MiB in one step,
+    with no cut and not through the lease holder (a shrink nobody asked for, --force or
+    not): what its gateway had acknowledged past 10 MiB meanwhile was out of the volume,
+    and garbage collection freed it. A grow never makes a volume smaller: the second is
+    refused, the record left at 12 MiB."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 8 * MiB, replicas=1, chunk_size=MiB)
+    update = reg.update_volume
+    raced: list = []
+
+    def other_grow_first(name, fn, lease=None):
+        if not raced:  # (the other call's grow lands between this call's read and write)
+            raced.append(None)
+            raced[0] = api.resize(reg, "v", 12 * MiB)
+        return update(name, fn, lease)
+
+    reg.update_volume = other_grow_first
+    with pytest.raises(InvalidArgument):
+        api.resize(reg, "v", 10 * MiB)
+    rec = api.get_volume(reg, "v")
+    assert raced[0].size == 12 * MiB and rec.size == 12 * MiB and not rec.cuts
+
+
 def test_an_abandoned_shrink_keeps_nothing_out():
     """`vbp volume resize --force` killed while the gateway had not completed its shrink:
     once past its time, a snapshot or another shrink replaces it; the lease holder never
