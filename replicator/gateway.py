@@ -2260,7 +2260,12 @@ class VolumeGateway:
         """The base:allocation runs of a prefix of the range: the chunks are looked at in
         order until they gave STATUS_RUNS runs (proto.md lets a reply cover less than the
         request; clients ask again from where it ends), so one request costs the event
-        loop a bounded time however fragmented the range and however long (up to 4 GiB)."""
+        loop a bounded time however fragmented the range and however long (up to 4 GiB).
+        While a takeover reconciles the copies (settling), it waits for it as reads do:
+        this host's copy may lack a write the reconcile keeps, and a hole reported there
+        would have a client copying by block status skip what its reads return."""
+        if self.settling is not None:
+            return self._block_status_settled(offset, length)
         self._check_served()
         if offset + length > self.size:
             self._past_end(offset, length, PastEnd)
@@ -2286,6 +2291,15 @@ class VolumeGateway:
         if remote:
             return self._block_status_remote(out, remote, pieces)
         return _merge_status(out, pieces)
+
+    async def _block_status_settled(self, offset: int, length: int):
+        """block_status(), once the takeover under way has settled (as _read_settled)."""
+        while self.settling is not None:
+            await self.settling.wait()
+        result = self.block_status(offset, length)
+        if result is not None and hasattr(result, "__await__"):
+            result = await result
+        return result
 
     async def _block_status_remote(self, out, remote, pieces):
         for slot, p in remote:

@@ -370,6 +370,37 @@ def test_a_read_before_the_takeover_answers_what_the_pool_settles_on():
     run(main)
 
 
+def test_block_status_during_the_takeover_answers_what_the_pool_settles_on():
+    """As reads: the holder is gone, its last write (chunk 1, which this host's copy
+    never got) reached the two other copies, and the record sync is taking the orphaned
+    lease over. NBD_CMD_BLOCK_STATUS asked meanwhile waits for it too: answered from this
+    host's copy it reported a hole (zeros) where the read after it returns the write's
+    bytes, and a client copying the volume by its block status (qemu-img convert,
+    nbdcopy) skipped them."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            order = sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3)
+            reader = next(h for h in order if h != "h0")
+            for h in order:
+                if h != reader:
+                    sim.hosts[h].replica.handle(m.WriteChunk(
+                        "v", rec.lineage, 1, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB,
+                        0, False, sim.hosts[h].cluster.epoch, old.token))
+            gw = await sim.hosts[reader].provider.open_export("v")  # the old lease runs
+            sim.expire_lease("v")  # never released
+            await trio.sleep(2)
+            await sim.hosts[reader].provider.sync_records()
+            assert gw.settling is not None
+            status = await call(gw.block_status(MiB, 4096))
+            got = extents_bytes(await call(gw.read(MiB, 4096)), MiB, 4096)
+            assert got == b"\xee" * 4096
+            assert status == [(4096, 0)]  # data, not a hole
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 
 
 async def reader_of_a_dead_holder(nursery, *, crash: bool):
