@@ -101,6 +101,7 @@ MAX_QUEUED = 64 * 1024 * 1024
 # replies would otherwise hold MAX_QUEUED and more of them for as long as it likes.
 SEND_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
+TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
 # Export opens of one negotiation during which its clock stops (_answer_export); later
 # ones count against HANDSHAKE_TIMEOUT: a client asking NBD_OPT_INFO again and again of an
 # export slow to open would otherwise hold its connection for thousands of opens.
@@ -200,8 +201,10 @@ async def handle_connection(stream, provider: ExportProvider,
         result = await _handshake(stream, provider, held, tls, tls_context)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
-            await _Connection(channel, held[0], ready, trailing, ids=ids, stopping=stopping,
-                              send_timeout=send_timeout).run()
+            clean = await _Connection(channel, held[0], ready, trailing, ids=ids,
+                                      stopping=stopping, send_timeout=send_timeout).run()
+            if clean and channel is not stream:
+                await _end_tls(channel)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
@@ -217,6 +220,15 @@ async def handle_connection(stream, provider: ExportProvider,
             for export in held:
                 await _close(export)
             await trio.aclose_forcefully(stream)
+
+
+async def _end_tls(channel) -> None:
+    """The clean end of a TLS session (proto.md, NBD_CMD_DISC: the server "shut[s] down
+    the TLS session ... and close[s] the TCP session"): close_notify sent, the client's
+    not awaited. Without it a client cannot tell the end from a truncation (Python's ssl
+    raises, libnbd reports a session "non-properly terminated")."""
+    with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+        await channel.aclose()
 
 
 async def _close(export) -> None:
@@ -415,7 +427,9 @@ class _Connection:
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """Serve the connection to its end: True when it ended cleanly (NBD_CMD_DISC, the
+        client's end of input, a graceful stop) with every answer sent."""
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -445,6 +459,7 @@ class _Connection:
                 watch_stop.cancel()
                 self.closing = True
                 self.wake.set()
+            return not nursery.cancel_scope.cancel_called
         finally:
             _release(self.out)  # what an ended connection never sent
 

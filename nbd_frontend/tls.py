@@ -257,6 +257,14 @@ class TLSChannel:
             raise trio.BrokenResourceError("the client left during the TLS handshake")
         self._in.write(self._rview[:k])
 
+    def close_notify(self) -> None:
+        """Queue TLS's close_notify (the session's clean end; drain() sends it). The
+        client's own is not waited for: the connection closes next."""
+        try:
+            self.ssl.unwrap()
+        except ssl.SSLWantReadError:  # (ours is queued; the client's has not come)
+            pass
+
     # --- for the logs ------------------------------------------------------------------------
     def version(self) -> str:
         return self.ssl.version() or "TLS"
@@ -275,6 +283,11 @@ class TLSChannelStream:
     async def send_all(self, data) -> None:
         await send_all(self.channel, [data], nbytes(data))
         await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """End the TLS session cleanly (close_notify sent); the socket is the caller's."""
+        self.channel.close_notify()
+        await self.channel.drain()
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         buf = bytearray(max_bytes)

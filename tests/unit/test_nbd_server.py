@@ -580,6 +580,43 @@ async def test_tls_over_a_stream_without_a_socket():
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
+@pytest.mark.parametrize("socketless", [False, True], ids=["socket", "stream"])
+async def test_disc_over_tls_shuts_the_tls_session_down(provider, nursery, socketless):
+    """proto.md, NBD_CMD_DISC: the server answers what is outstanding, "shut[s] down the
+    TLS session (if one is running), and close[s] the TCP session". The client then reads
+    TLS's close_notify, not a TCP close it must take for a truncation attack (the
+    standard library raises, libnbd reports the session "non-properly terminated")."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    provider.add("m", 4096)
+    if socketless:
+        stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(functools.partial(server.handle_connection, server_stream,
+                                             provider, tls="require", tls_context=server_ctx))
+    else:
+        port = await nursery.start(functools.partial(serve_nbd, tls="require",
+                                                     tls_context=server_ctx),
+                                   provider, "127.0.0.1", 0)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    plain = Client(stream)
+    await plain.recv(18)
+    await plain.send(struct.pack(">I", 3) + struct.pack(">QII", proto.IHAVEOPT,
+                                                         proto.OPT_STARTTLS, 0))
+    assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
+    tls = trio.SSLStream(stream, client_ctx, server_hostname="localhost")
+    await _use_m(Client(tls))
+    with trio.fail_after(5):
+        assert await tls.receive_some(100) == b""  # close_notify: the clean end
+    assert bytes(provider.exports["m"].data[:3]) == b"abc"
+
+
 def test_tls_settings_that_do_not_go_together_are_refused():
     import ssl
 
