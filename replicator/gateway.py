@@ -1176,6 +1176,8 @@ class VolumeGateway:
 
     def _zero(self, offset: int, length: int, fua: bool, trim: bool = False):
         self._check_writable()
+        if not length:  # nothing to zero (as a zero-length write): no lease taken for it
+            return None
         if offset + length > self.size:  # (a TRIM past an export's end is EINVAL)
             self._past_end(offset, length, PastEnd if trim else WritePastEnd)
         if not self.token or self._hold is not None:

@@ -130,3 +130,39 @@ def test_a_local_copy_refusing_an_older_token_fences_the_gateway(tmp_path, op, t
             assert gw.fenced and gw.dropped.is_set()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("op", ["write", "trim", "write_zeroes"])
+def test_a_zero_length_request_writes_nothing_and_takes_no_lease(tmp_path, op):
+    """A zero-length WRITE, TRIM or WRITE_ZEROES (NBD lets one through, at the very end
+    of the volume too) changes nothing: answered at once, on a gateway holding no lease
+    as well. Taking the lease for it, a reader host's client waited a lease period for
+    the holder elsewhere and got an error, or moved the lease here, for nothing."""
+    async def main():
+        store, replica, gw = one_host(tmp_path)
+        gw.token = 0  # a reader: the lease is held elsewhere, or by nobody
+        asked = []
+
+        async def take_lease():
+            asked.append(1)
+            await trio.sleep(60)  # (the holder elsewhere keeps it)
+            raise Fenced("v is served by another host")
+
+        gw.take_lease = take_lease
+        with store:
+            for offset in (8 * MiB, 0, 3 * MiB + 4096):
+                if op == "write":
+                    result = gw.write(offset, b"", False)
+                elif op == "trim":
+                    result = gw.trim(offset, 0, False)
+                else:
+                    result = gw.write_zeroes(offset, 0, False, True, False)
+                if result is not None:
+                    result = await result
+                assert result is None
+            assert not asked and list(store.keys()) == []
+            gw.read_only = True
+            with pytest.raises(ReadOnly):
+                gw.trim(8 * MiB, 0, False)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
