@@ -84,8 +84,8 @@ from vbp.later import Later
 from vbp.layout import parse_size
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
-from vbp.sockets import (apply_congestion, nbytes, open_listeners, plain_socket, receive_wait,
-                         same_host, send_now)
+from vbp.sockets import (KEEPALIVE, apply_congestion, nbytes, open_listeners, plain_socket,
+                         receive_wait, same_host, send_now, set_keepalive)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -169,8 +169,9 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
     listeners = await open_listeners(port, host, "NBD")
-    for listener in listeners:  # (the connections it accepts inherit it)
+    for listener in listeners:  # (the connections it accepts inherit both)
         apply_congestion(listener.socket, congestion, "nbd listener")
+        set_keepalive(listener.socket, *KEEPALIVE)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d%s", host, actual, "" if tls == "off" else
              f" (TLS {tls}, client certificates "

@@ -65,8 +65,9 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
-from vbp.sockets import (HAVE_LOWAT, LOWAT_MIN, apply_congestion, nbytes, open_listeners,
-                         plain_socket, receive_wait, send_all, send_now, set_rcvlowat, wait_for_rest)
+from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
+                         open_listeners, plain_socket, receive_wait, send_all, send_now,
+                         set_keepalive, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -355,8 +356,9 @@ async def serve_peers(
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    for listener in listeners:  # (the connections it accepts inherit it)
+    for listener in listeners:  # (the connections it accepts inherit both)
         apply_congestion(listener.socket, congestion, "peer listener")
+        set_keepalive(listener.socket, *KEEPALIVE)
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
     admission = _Admission()

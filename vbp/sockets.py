@@ -129,6 +129,24 @@ AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 ALLOWED_CONGESTION = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 
 
+# TCP keepalive of the connections blockd accepts (peers, NBD clients): seconds idle before
+# the first probe, seconds between probes, probes unanswered before the connection is
+# dropped. A peer or client host that crashed or was cut off leaves its connections open
+# here, idle, for good otherwise: each holding its buffers, an NBD export, and a place
+# among a peer address's connections (transport.CONNECTIONS_PER_ADDRESS). The kernel
+# answers probes for a process that is merely slow or stopped: only dead ends go.
+KEEPALIVE = (30, 10, 3)
+
+
+def set_keepalive(sock, idle: int, interval: int, count: int) -> None:
+    """Turn TCP keepalive on for `sock` (a socket or a trio socket; a listening socket
+    passes it on to the connections it accepts) with these timings (see KEEPALIVE)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
 def set_congestion(sock, name: str) -> None:
     """Give TCP socket `sock` (a socket or a trio socket) the congestion control `name`;
     "" keeps the system's (net.ipv4.tcp_congestion_control). A listening socket passes

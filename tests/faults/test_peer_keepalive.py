@@ -1,0 +1,118 @@
+"""A peer host or an NBD client's host cut off without a word (crashed, or its network
+gone) leaves its connections open on the hosts it was connected to: only TCP keepalive
+ends them. Real network namespaces (tests/faults/netns.py): the link of the namespace the
+connection came from is cut, nothing is answered from there any more."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+import trio
+
+from nbd_frontend import proto
+from nbd_frontend import server as nbd_server
+from nbd_frontend.export import MemoryProvider
+from replicator import messages as m
+from replicator import transport
+from replicator.codec import NEED_DATA, PeerCodec
+from replicator.transport import serve_peers
+from tests.faults.netns import Net
+
+pytestmark = pytest.mark.timeout(60)
+
+CLUSTER = "c1"
+
+
+def pong(msg, peer):
+    return m.Pong("srv", msg.epoch)
+
+
+async def hello(net: Net, port: int):
+    """A peer connection from inside host 0's namespace to the server on the bridge,
+    handshaken: (stream, codec, the server's answer)."""
+    sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    codec = PeerCodec()
+    await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "h1", m.PROTO_VERSION)))
+    with trio.fail_after(10):
+        while (event := codec.next_event()) is NEED_DATA:
+            codec.receive_data(await stream.receive_some(65536))
+    return stream, codec, event[1]
+
+
+async def test_a_peer_cut_off_without_a_word_does_not_keep_its_place(monkeypatch, caplog):
+    """Host h1's connection is cut (its link down: no FIN, no RST, nothing) while idle.
+    TCP keepalive ends the session on the server, so when h1 comes back its new
+    connection is taken: it had the one place its address may hold
+    (CONNECTIONS_PER_ADDRESS, 1 here). Without keepalive the dead session kept the
+    place for good, and h1 was refused (UNAVAILABLE) by every host it had been connected
+    to when it was cut off, until they restarted."""
+    monkeypatch.setattr(transport, "CONNECTIONS_PER_ADDRESS", 1)
+    monkeypatch.setattr(transport, "KEEPALIVE", (1, 1, 2))
+    caplog.set_level(logging.INFO)
+    net = Net(1).up()
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(lambda task_status: serve_peers(
+                pong, net.root_addr, 0, cluster=CLUSTER, host_id="srv",
+                peer_rev=lambda host_id: m.PEER_REV, task_status=task_status))
+            old, _, ok = await hello(net, port)
+            assert type(ok) is m.HelloOk
+            await trio.sleep(0.5)  # (h1's ack of it out: keepalive times an idle link)
+            net.cut(0)
+            await trio.sleep(6)  # keepalive: 1 s idle, then 2 probes 1 s apart, unanswered
+            net.heal(0)
+            stream, codec, ok = await hello(net, port)
+            assert type(ok) is m.HelloOk, ok
+            await stream.send_all(codec.encode(1, m.Ping(7)))
+            with trio.fail_after(10):
+                while (event := codec.next_event()) is NEED_DATA:
+                    codec.receive_data(await stream.receive_some(65536))
+            assert event == (1, m.Pong("srv", 7))
+            await stream.aclose()
+            await old.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        net.close()
+
+
+async def test_an_nbd_client_cut_off_without_a_word_leaves_its_export(monkeypatch):
+    """An NBD client's host is cut off (its link down) while the client is connected and
+    idle: TCP keepalive ends the connection, and the export it held is closed (in
+    blockd: the volume's gateway and its write lease let go). Without keepalive the
+    connection, and the export, stayed open for good."""
+    monkeypatch.setattr(nbd_server, "KEEPALIVE", (1, 1, 2))
+    provider = MemoryProvider()
+    export = provider.add("disk", 1 << 20)
+    net = Net(1).up()
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
+                provider, net.root_addr, 0, task_status=task_status))
+            sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            got = b""
+            with trio.fail_after(10):
+                while len(got) < 18:  # NBDMAGIC, IHAVEOPT, handshake flags
+                    got += await stream.receive_some(18 - len(got))
+                assert struct.unpack(">QQH", got)[:2] == (proto.NBDMAGIC, proto.IHAVEOPT)
+                await stream.send_all(struct.pack(
+                    ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
+                    proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
+                got = b""
+                while len(got) < 10:  # size, transmission flags (no zeroes)
+                    got += await stream.receive_some(10 - len(got))
+            assert struct.unpack(">QH", got)[0] == 1 << 20
+            assert not getattr(export, "closed", False)
+            await trio.sleep(0.5)  # (the client's ack of it out: keepalive times an idle link)
+            net.cut(0)
+            with trio.fail_after(15):  # keepalive: 1 s idle, 2 probes 1 s apart
+                while not getattr(export, "closed", False):
+                    await trio.sleep(0.2)
+            net.heal(0)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        net.close()
