@@ -1242,6 +1242,11 @@ class VolumeGateway:
         # goes to the new head, as any write that comes during the switch)
         while self._hold is not None:
             await self._hold.wait()
+        if self.fenced or self.token and self._now() >= self.lease_deadline:
+            # the switch gave up (a snapshot's completion past the lease: fenced, the
+            # old head perhaps the snapshot's already), or the lease ran out meanwhile:
+            # sent now, with the old token to the old head, the replicas may take it
+            self._check_writable()
         last = pieces[-1]
         if (last.index << self._shift) + last.offset + last.length > self.size:
             # a shrink completed since the write came (it waited for the hold, or behind

@@ -253,6 +253,76 @@ def test_a_snapshot_completion_whose_answer_is_lost_holds_the_writes_until_it_is
     run(main)
 
 
+class LostThenCutOff:
+    """A host's registry that commits its first leased update of a volume record and
+    loses the answer, then is cut off from this host: that update's retries and the
+    lease renewals fail (the other hosts and the control plane go on)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.cut = False
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def update_volume(self, name, fn, lease=None):
+        if lease is not None and not self.cut:
+            await self.registry.update_volume(name, fn, lease)
+            self.cut = True
+        await trio.lowlevel.checkpoint()
+        raise RegistryUnavailable("kv/txn failed with an unknown outcome")
+
+    async def renew_lease(self, lease, ttl):
+        if not self.cut:
+            return await self.registry.renew_lease(lease, ttl)
+        await trio.lowlevel.checkpoint()
+        raise RegistryUnavailable("registry unreachable from this host")
+
+
+def test_a_write_held_through_a_snapshot_whose_gateway_is_fenced_never_reaches_the_snapshot():
+    """A write to chunk 0 waits behind another (half a second late to one copy) when the
+    gateway starts completing a snapshot: it is held. The registry commits the snapshot
+    and the answer is lost; the host is then cut off, and at its lease deadline the
+    gateway gives up and is fenced. The held write then went on with the old token into
+    the old head, the snapshot's generation (no newer token on the replicas: nobody took
+    the lease yet), and was acknowledged: the snapshot changed after it was taken. Now a
+    held write fails once its gateway was fenced during the hold."""
+    async def main():
+        sim = Sim(2, hosts=3, peer_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"0" * 8192, min_size=2)
+            delay_writes_of_a(sim, h0, "h2")
+            h0.registry = LostThenCutOff(h0.registry)
+            results: dict = {}
+
+            async def write(byte: bytes):
+                try:
+                    await h0.run_on(lambda: call(gw.write(0, byte * 4096, False)))
+                    results[byte] = "acknowledged"
+                except VbpError as e:
+                    results[byte] = type(e).__name__
+
+            nursery.start_soon(write, b"A")
+            await trio.sleep(0.01)
+            nursery.start_soon(write, b"B")  # behind A
+            await trio.sleep(0.01)
+            rec = await sim.snapshot("v", "s")  # committed (the gateway does not know)
+            taken = {h.id: sim.replica_bytes(h, rec, rec.snapshot("s").chain, 0)[:4096]
+                     for h in sim.hosts.values()}
+            assert set(taken.values()) == {b"A" * 4096} and b"B" not in results
+            with trio.fail_after(sim.lease_ttl + 5):
+                while b"B" not in results:
+                    await trio.sleep(0.1)
+            assert gw.fenced
+            now = {h.id: sim.replica_bytes(h, rec, rec.snapshot("s").chain, 0)[:4096]
+                   for h in sim.hosts.values()}
+            assert now == taken, "the snapshot changed after it was taken"
+            assert results == {b"A": "acknowledged", b"B": "Fenced"}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_request_waiting_for_its_turn_follows_a_change_of_limits():
     """A 4 MiB write booked under 64 KiB/s waits about a minute. The limit lifted, or
     raised to plenty, it goes within a record sync, not a minute later (a request booked
