@@ -608,7 +608,7 @@ class VolumeGateway:
 
     def read(self, offset: int, length: int, ref: bool = False):
         if self.settling is not None:
-            return self._read_settled(offset, length)
+            return self._settled(self.read, offset, length)
         if self.qos is not None and (d := self.qos.delay_for(length)):
             return self._throttled(d, self._read, offset, length)
         return self._read(offset, length, ref)
@@ -648,13 +648,14 @@ class VolumeGateway:
                 return self._read_one(offset, index, inner, length, True)
         return self.read(offset, length, True)
 
-    async def _read_settled(self, offset: int, length: int):
-        """read(), once the takeover of an orphaned lease under way has reconciled the
-        copies (settle_takeover): answered before, from a copy it then records stale, the
-        same read would answer otherwise afterwards, with no write in between."""
+    async def _settled(self, op, *args):
+        """op(*args) (read, block_status), once the takeover of an orphaned lease under
+        way has reconciled the copies (settle_takeover): answered before, from a copy it
+        then records stale, the same request would answer otherwise afterwards, with no
+        write in between."""
         while self.settling is not None:
             await self.settling.wait()
-        result = self.read(offset, length)
+        result = op(*args)
         if result is not None and hasattr(result, "__await__"):
             result = await result
         return result
@@ -1216,6 +1217,15 @@ class VolumeGateway:
         raise kind(f"{self.name}: range {offset}+{length} is past the end of the volume "
                    f"(shrunk to {self.size} bytes since this client connected)")
 
+    def _check_pieces_in(self, pieces, kind: type[PastEnd]) -> None:
+        """_past_end (`kind`) unless the range of `pieces` (in order, from one request)
+        ends within the volume's size as adopted now."""
+        first, last = pieces[0], pieces[-1]
+        start = (first.index << self._shift) + first.offset
+        length = last.buf_offset + last.length
+        if start + length > self.size:
+            self._past_end(start, length, kind)
+
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
         # Zeroing is always fast here: whole pages become holes, no data is written.
         return self._zeroing(offset, length, fua, False)
@@ -1242,19 +1252,14 @@ class VolumeGateway:
         # goes to the new head, as any write that comes during the switch)
         while self._hold is not None:
             await self._hold.wait()
-        if self.fenced or self.token and self._now() >= self.lease_deadline:
-            # the switch gave up (a snapshot's completion past the lease: fenced, the
-            # old head perhaps the snapshot's already), or the lease ran out meanwhile:
-            # sent now, with the old token to the old head, the replicas may take it
-            self._check_writable()
-        last = pieces[-1]
-        if (last.index << self._shift) + last.offset + last.length > self.size:
-            # a shrink completed since the write came (it waited for the hold, or behind
-            # an overlapping write): past the new end, acknowledged into the new head
-            # it would be lost (no reader has the chunk)
-            first = pieces[0]
-            start = (first.index << self._shift) + first.offset
-            self._past_end(start, last.buf_offset + last.length, past_end)  # (a TRIM: EINVAL)
+        # The switch may have given up (a snapshot's completion past the lease: fenced,
+        # the old head perhaps the snapshot's already), or the lease run out meanwhile:
+        # sent now, with the old token to the old head, the replicas may take it.
+        self._check_writable()
+        # A shrink may have completed since the write came (it waited for the hold, or
+        # behind an overlapping write): past the new end, acknowledged into the new head
+        # it would be lost (no reader has the chunk). (A TRIM: EINVAL.)
+        self._check_pieces_in(pieces, past_end)
         self._inflight += 1
         try:
             # Once sent, a write is settled even if its client goes away (the connection's
@@ -2272,7 +2277,7 @@ class VolumeGateway:
         this host's copy may lack a write the reconcile keeps, and a hole reported there
         would have a client copying by block status skip what its reads return."""
         if self.settling is not None:
-            return self._block_status_settled(offset, length)
+            return self._settled(self.block_status, offset, length)
         self._check_served()
         if offset + length > self.size:
             self._past_end(offset, length, PastEnd)
@@ -2299,15 +2304,6 @@ class VolumeGateway:
             return self._block_status_remote(out, remote, pieces)
         return _merge_status(out, pieces)
 
-    async def _block_status_settled(self, offset: int, length: int):
-        """block_status(), once the takeover under way has settled (as _read_settled)."""
-        while self.settling is not None:
-            await self.settling.wait()
-        result = self.block_status(offset, length)
-        if result is not None and hasattr(result, "__await__"):
-            result = await result
-        return result
-
     async def _block_status_remote(self, out, remote, pieces):
         for slot, p in remote:
             msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
@@ -2328,10 +2324,7 @@ class VolumeGateway:
                 break
             out[slot] = ext
         self._check_served()
-        start = pieces[0].index * self._cs + pieces[0].offset
-        length = pieces[-1].buf_offset + pieces[-1].length
-        if start + length > self.size:  # (a shrink adopted meanwhile: as block_status)
-            self._past_end(start, length, PastEnd)
+        self._check_pieces_in(pieces, PastEnd)  # (a shrink adopted meanwhile: as block_status)
         return _merge_status(out, pieces)
 
     def close(self):
@@ -2352,8 +2345,7 @@ def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:
         if not runs:
             continue
         if merged and merged[-1][1] == runs[0][1]:
-            merged[-1] = (merged[-1][0] + runs[0][0], runs[0][1])
-            runs[0] = merged.pop()
+            runs[0] = (merged.pop()[0] + runs[0][0], runs[0][1])
         merged += runs
     if len(merged) > STATUS_RUNS:  # (remote chunks' runs are counted once they came)
         del merged[STATUS_RUNS:]
