@@ -97,8 +97,6 @@ async def _verified(replica, msg: m.ScrubChunk, key: ChunkKey, verify_soon) -> m
         bad = await verify_soon(key)
     except NotFound:  # (dropped while it was read)
         return _absent()
-    if replica.store.info(key) is None:
-        return _absent()
     return _copy_state(replica, msg, key, bad)
 
 

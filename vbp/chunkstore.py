@@ -499,29 +499,17 @@ class ChunkStore:
         """Pages of `key` whose bytes do not match their checksum (counted), for scrub:
         page_checksums() alone can't see local rot, replicas hold the same stored sums."""
         c = self._get(key)
-        sums, bad = c.space.sums, []
+        suspects = []
         for start in range(0, c.cs, COPY_STEP):
             n = min(COPY_STEP, c.cs - start)
             try:
-                mv, unread = memoryview(pread_full(c.space.fd, n, c.dbase + start)), ()
-            except OSError as e:  # pages the disk cannot read are bad pages (_pread)
+                buf = pread_full(c.space.fd, n, c.dbase + start)
+            except OSError as e:  # (pages the disk cannot read are bad pages: _page_bad)
                 if e.errno != errno.EIO:
                     raise
-                mv, unread = None, set(self._unreadable(c, start, n))
-            for off in range(0, n, PAGE_SIZE):
-                p = (start + off) >> PAGE_SHIFT
-                s = sums[c.sbase + p]
-                if not s:
-                    continue
-                if off in unread:
-                    bad.append(p)
-                    continue
-                page = (mv[off: off + PAGE_SIZE] if mv is not None
-                        else pread_full(c.space.fd, PAGE_SIZE, c.dbase + start + off))
-                if page_checksum(page) != s:
-                    bad.append(p)
-        self._checksum_errors += len(bad)
-        return bad
+                buf = None
+            suspects += self._suspects(c, start, n, buf)
+        return self._confirmed(c, suspects)
 
     async def verify_soon(self, key: ChunkKey) -> list[int]:
         """verify(), with the event loop free while the disk is read. Each step's bytes are
@@ -531,7 +519,7 @@ class ChunkStore:
         verify()'s had it run at the end. On the loop, verify() of a chunk not in the
         page cache held every client of the host for the chunk's disk reads."""
         c = self._get(key)
-        path, sums, suspects = c.space.paths[0], c.space.sums, []
+        path, suspects = c.space.paths[0], []
         for start in range(0, c.cs, COPY_STEP):
             n = min(COPY_STEP, c.cs - start)
             try:
@@ -542,11 +530,21 @@ class ChunkStore:
                 raise LocalFault("the chunk store closed during a verify")
             if self._chunks.get(key) is not c:  # (dropped meanwhile: maybe made anew)
                 return self.verify(key)
-            first = c.sbase + (start >> PAGE_SHIFT)
-            want = sums[first: first + (n >> PAGE_SHIFT)].tolist()
-            got = _page_sums(buf) if buf is not None else [None] * len(want)
-            suspects += [(start >> PAGE_SHIFT) + i for i, (g, s) in enumerate(zip(got, want))
-                         if s and g != s]
+            suspects += self._suspects(c, start, n, buf)
+        return self._confirmed(c, suspects)
+
+    @staticmethod
+    def _suspects(c: Chunk, start: int, n: int, buf) -> list[int]:
+        """The pages of the `n` bytes at `start` of `c` (a verify's step) that `buf`, those
+        bytes as read (None: unreadable), shows failing their checksum; holes never."""
+        first = c.sbase + (start >> PAGE_SHIFT)
+        want = c.space.sums[first: first + (n >> PAGE_SHIFT)].tolist()
+        got = _page_sums(buf) if buf is not None else [None] * len(want)
+        return [(start >> PAGE_SHIFT) + i for i, (g, s) in enumerate(zip(got, want))
+                if s and g != s]
+
+    def _confirmed(self, c: Chunk, suspects: list[int]) -> list[int]:
+        """The pages of `suspects` that fail their checksum read again now (counted)."""
         bad = [p for p in suspects if self._page_bad(c, p)]
         self._checksum_errors += len(bad)
         return bad
