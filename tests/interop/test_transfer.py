@@ -28,6 +28,7 @@ from control import transfer
 from control.transfer import (TransferError, TransferStats, export_volume, import_file,
                               volume_uri)
 from tests.conftest import ROOT, need, run_vbp
+from tests.interop.fragment import fragment
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 
 pytestmark = pytest.mark.timeout(120)
@@ -382,23 +383,7 @@ def test_cli_export_through_a_stopped_host_fails_after_timeout(sandbox, imported
     assert not out.exists()
 
 
-# --- a volume fragmented page by page -------------------------------------------------------
-
-
-def fragment(uri: str, size: int, seed: int) -> None:
-    """Write random bytes to every other 4 KiB page of the volume at `uri` (holes between:
-    blockd's map is then one extent per page, a guest image after fstrim)."""
-    rng = random.Random(seed)
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    for off in range(0, size, 2 * PAGE):
-        h.aio_pwrite(rng.randbytes(PAGE), off)
-        while h.aio_in_flight() >= 32:
-            h.poll(-1)
-    while h.aio_in_flight():
-        h.poll(-1)
-    h.flush()
-    h.shutdown()
+# --- a volume fragmented page by page (tests/interop/fragment.py) -----------------------------
 
 
 def test_fragmented_volume_round_trip(sandbox, tmp_path, monkeypatch):

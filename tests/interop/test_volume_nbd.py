@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.conftest import need
+from tests.interop.fragment import fragment
 
 MiB = 1024 * 1024
 
@@ -114,16 +115,7 @@ def test_allocation_map_of_a_fragmented_volume_is_whole(sandbox):
     and gets the whole map, from the host with the copy and from one without."""
     need("nbdinfo")
     sandbox.vbp("volume", "create", "frag", "--size", "80M", "--replicas", "1")
-    h = connect(sandbox.uri("frag"))
-    page = b"\x5a" * 4096
-    for off in range(0, 80 * MiB, 8192):
-        h.aio_pwrite(page, off)
-        while h.aio_in_flight() >= 64:
-            h.poll(-1)
-    while h.aio_in_flight():
-        h.poll(-1)
-    h.flush()
-    h.shutdown()
+    fragment(sandbox.uri("frag"), 80 * MiB, seed=5)
     want = [(off + k * 4096, 4096, 3 * k) for off in range(0, 80 * MiB, 8192) for k in (0, 1)]
     for host in range(3):
         ext = json.loads(sh("nbdinfo", "--map", "--json", sandbox.uri("frag", host)).stdout)
