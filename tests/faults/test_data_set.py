@@ -470,21 +470,18 @@ def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
 
 
 def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
-    """host4 has a fifth of the others' capacity but, with 3 replicas on 4 hosts, holds
-    about a third of the chunks: it fills much faster than the pool. The writer writes
+    """host4 has a quarter of the others' capacity but, with 3 replicas on 4 hosts, holds
+    about a third of the chunks: it fills 1.5 times faster than the pool. The writer writes
     as many chunks as put 69 copies on its 64 slots by placement before any reweighting
     (about 200; counted from the volume's lineage, which is random: a fixed count put as
-    few as 51 there, below the threshold). The pool as a whole stays well below nearfull
-    (3 copies of 200-250 chunks in 1024 MiB, 60-75%; with the others at 256M, a lineage
-    that needed 236 chunks put the pool's mean at 0.85, where no reweight can bring a host
-    below the threshold without pushing the others over it). Once it is above its
+    few as 51 there, below the threshold). Once it is above its
     nearfull threshold (0.85, the default) the controller lowers its weight: some of its
     chunks move off, fewer new ones land there, the pool ends healthy with host4 below
     nearfull, and every acknowledged write is on every replica. (On a loaded machine the
     controller's steps can lag the writer and host4 can fill between two: its refused
     writes are recorded stale and resynced, counted and printed, not asserted away.)"""
     sb = SandboxHandle(tmp_path / "sb", 4)
-    for n, cap in ((3, "320M"), (4, "64M")):
+    for n, cap in ((3, "256M"), (4, "64M")):
         p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
                     "--capacity", cap, "--json", *SETTINGS, *GRACE, check=False)
         if p.returncode != 0:
