@@ -196,14 +196,9 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
 
 def _usage(cmap: ClusterMap, stats: dict[str, dict]) -> dict[str, tuple[float, float, float, float]]:
     """Host of the data set with stats -> (used less pending_free, capacity, nearfull_ratio,
-    full_ratio), from its published stats. A host placement no longer knows (removed from
-    the map, racing the controller: ClusterMap.placed) is left out: it takes no chunk, so
-    it is neither lowered nor counted on for room."""
+    full_ratio), from its published stats."""
     usage = {}
-    placed = cmap.placed()
     for h in cmap.data_set:
-        if h not in placed:
-            continue
         st = stats.get(h) or {}
         cap, used = st.get("capacity") or 0, st.get("used")
         if cap > 0 and used is not None:

@@ -862,16 +862,3 @@ def test_a_host_removed_while_the_controller_adds_it_leaves_every_map_readable()
     assert all("h5" not in view.write_set("l0", i, 3) for i in range(64))
     again = trio.run(mover(reg, Clock(), hold=0.0).control_once)
     assert again.data == ("h1", "h2", "h3", "h4") and not again.migrating  # cancelled
-
-
-def test_a_host_gone_from_the_map_is_neither_lowered_nor_counted():
-    """A host of the data set removed from the map (a remove racing the controller) with
-    its last stats still published, above nearfull: placement no longer knows it, so the
-    reweight leaves it out, where it raised KeyError (projected)."""
-    m = cmap(n=4)
-    m = dataclasses.replace(m, data=(*m.data_set, "h5"))
-    assert "h5" not in m.placed()
-    got = wanted_weights(m, stats({"h1": 0.5, "h2": 0.5, "h3": 0.5, "h4": 0.5, "h5": 0.95}), 3)
-    assert got == {}
-    got = wanted_weights(m, stats({"h1": 0.5, "h2": 0.5, "h3": 0.5, "h4": 0.9, "h5": 0.95}), 3)
-    assert set(got) == {"h4"}
