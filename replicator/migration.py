@@ -140,9 +140,8 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict],
 # freed only a grace period later. At full_ratio recovery already takes no new copy there
 # and new chunks soon fail with ENOSPC (degraded writes).
 NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
-FULL_RATIO = 0.95  # default of blockd's full_ratio (a host that does not publish one)
 REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
-WEIGHT_STEP = 0.8  # a lowering takes at least this off (not when aiming at the mean); a raise 1/it back
+WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
 WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
 WEIGHT_MIN = 0.05
 WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
@@ -194,120 +193,18 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
 
 
-def _usage(cmap: ClusterMap, stats: dict[str, dict]) -> dict[str, tuple[float, float, float, float]]:
-    """Host of the data set with stats -> (used less pending_free, capacity, nearfull_ratio,
-    full_ratio), from its published stats."""
-    usage = {}
-    for h in cmap.data_set:
-        st = stats.get(h) or {}
-        cap, used = st.get("capacity") or 0, st.get("used")
-        if cap > 0 and used is not None:
-            used = max(0, used - pending_free(st, cmap.mgen))
-            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO),
-                        float(st.get("full_ratio") or FULL_RATIO))
-    return usage
-
-
-def projected(cmap: ClusterMap, usage: dict, plan: dict[str, float]) -> dict[str, float]:
-    """What each host of `usage` would hold if the factors of `plan` replaced those of the
-    data set: a lowered host keeps the part of its usage its new factor keeps of the old
-    (the share it would have if its usage followed its weight), and what it sheds lands
-    on every other host of the data set in proportion to its new weight (capacity times
-    factor) -- placement knows nothing of room, so a host near its threshold takes its
-    share like any other (hosts without stats take theirs too, unchecked)."""
-    cur = cmap.factors
-    placed = cmap.placed()
-    w = {h: (placed[h][0] or 1) * plan.get(h, cur.get(h, 1.0)) for h in cmap.data_set if h in placed}
-    total = sum(w.values())
-    shed = {h: usage[h][0] * (1 - f / cur.get(h, 1.0)) for h, f in plan.items()}
-    # a chunk leaving h goes to one of the others: h's own weight is out of the draw
-    per_weight = {h: s / (total - w[h]) for h, s in shed.items() if total > w.get(h, 0)}
-    spread = sum(per_weight.values())
-    return {h: used - shed.get(h, 0.0) + w.get(h, 0.0) * (spread - per_weight.get(h, 0.0))
-            for h, (used, *_) in usage.items()}
-
-
-def _acceptable(cmap: ClusterMap, usage: dict, plan: dict[str, float]) -> bool:
-    """Whether the lowerings of `plan` may be taken together (wanted_weights)."""
-    after = projected(cmap, usage, plan)
-    rest = [h for h in usage if h not in plan]
-    room = sum(max(0.0, nf * cap - used) for h in rest for used, cap, nf, _ in [usage[h]])
-    if not rest or sum(after[h] - usage[h][0] for h in rest) > room:
-        return False  # the others lack the room below their thresholds
-    fullest = max(usage[h][0] / usage[h][1] for h in plan)
-    for h, (used, cap, nf, full) in usage.items():
-        if h in plan and after[h] >= used:
-            return False  # refilled by the others' chunks: no better off, and they move
-        pushed = after[h] > nf * cap and after[h] / cap >= fullest
-        if after[h] > used and (after[h] > full * cap or pushed):
-            return False  # past full, or past nearfull and as full as a host it relieves
-    return True
-
-
-def _lowered(cmap: ClusterMap, usage: dict, aims: dict[str, float]) -> dict[str, float]:
-    """New factors for the hosts of `aims` (host -> usage to bring it to), lowered
-    together: each by what would bring its usage to its aim if the others' moves did not
-    reach it; then, a few rounds, one WEIGHT_QUANTUM more for each that what the others
-    shed (`projected`) would leave no less full than it is."""
-    cur = cmap.factors
-    plan = {h: _quantize(cur.get(h, 1.0) * aim / usage[h][0], up=False) for h, aim in aims.items()}
-    plan = {h: f for h, f in plan.items() if f < cur.get(h, 1.0)}
-    for _ in range(4):
-        after = projected(cmap, usage, plan)
-        more = {h: _quantize(f - WEIGHT_QUANTUM, up=False) for h, f in plan.items()
-                if after[h] >= usage[h][0] and f > WEIGHT_MIN}
-        if not more:
-            break
-        plan.update(more)
-    return plan
-
-
-def _lowerings(cmap: ClusterMap, usage: dict) -> dict[str, float]:
-    """The hosts above their nearfull threshold to lower, and their new factors (see
-    wanted_weights): all of them, less the least full ones while that is not _acceptable
-    (those left out keep their factor)."""
-    over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
-                  key=lambda h: -usage[h][0] / usage[h][1])
-    mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values()) if usage else 0.0
-    aims = {}
-    for h in over:
-        used, cap, nf, _ = usage[h]
-        aims[h] = max(min(WEIGHT_STEP * used, (nf - REWEIGHT_MARGIN) * cap),
-                      min((1 - WEIGHT_QUANTUM) * used, mean * cap))
-    for n in range(len(over), 0, -1):
-        plan = _lowered(cmap, usage, {h: aims[h] for h in over[:n]})
-        if plan and _acceptable(cmap, usage, plan):
-            return plan
-    return {}
-
-
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                    growth: dict[str, float] | None = None,
                    owed: dict[str, int] | None = None) -> dict[str, float]:
     """The weight factors the data set should have, from the hosts' published usage: what
     each host holds less its copies the data set places elsewhere (`pending_free`), so
-    copies a step moved off count as gone before they are freed. (`relative` then keeps
-    the largest factor above one half.)
+    copies a step moved off count as gone before they are freed.
 
-    - The hosts of the data set above their nearfull threshold have their factors lowered
-      by at least WEIGHT_STEP, to what would bring each REWEIGHT_MARGIN below its
-      threshold if its share of chunks followed its weight -- but aiming no lower than
-      the pool's mean usage (used over capacity of the hosts with stats), taking then at
-      least WEIGHT_QUANTUM off: in a pool that full the margin cannot be had everywhere,
-      and a host taken below the mean only puts others above their thresholds (Ceph's
-      reweight-by-utilization aims at the average too). What a lowered host sheds lands
-      on every other host in proportion to its weight (`projected`), those near their
-      threshold too, so the lowerings are judged together (_lowerings; a lowered host
-      that the others' moves would leave no less full is lowered further), the least full
-      left out until: some host is not lowered and what lands on those fits in their room
-      below their own thresholds (a pool that is full everywhere keeps its placement, and
-      writes needing a new chunk get ENOSPC); every lowered host ends less full; no host
-      ends past its full_ratio (there recovery takes no new copy, and the change would not
-      complete); and a host pushed past its nearfull threshold ends less full than the
-      fullest lowered host was. So each step brings the fullest hosts down, and no cascade
-      starts (each lowering pushing the next host over, in a pool too full for any to go
-      back up: every factor went down to WEIGHT_MIN, change after change, pushing hosts
-      past full on the way -- a review found it).
+    - A host of the data set above its nearfull threshold has its factor lowered by at
+      least WEIGHT_STEP, to what would bring it REWEIGHT_MARGIN below the threshold if its
+      share of chunks followed its weight -- unless the other hosts lack the room below
+      their own thresholds for what would move (then nothing moves: a pool that is full
+      everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
     - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
       factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
       usage grows with its weight -- or, if more, as its count of placed chunks grows
@@ -324,28 +221,32 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
     out = dict(cur)
     if len(cmap.data_set) <= most:
         return out
-    usage = _usage(cmap, stats)
-    out.update(_lowerings(cmap, usage))
+    usage = {}
+    for h in cmap.data_set:
+        st = stats.get(h) or {}
+        cap, used = st.get("capacity") or 0, st.get("used")
+        if cap > 0 and used is not None:
+            used = max(0, used - pending_free(st, cmap.mgen))
+            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO))
+    over = sorted((h for h, (used, cap, nf) in usage.items() if used > nf * cap),
+                  key=lambda h: -usage[h][0] / usage[h][1])
+    room = sum(max(0.0, nf * cap - used) for h, (used, cap, nf) in usage.items() if h not in over)
+    for h in over:
+        used, cap, nf = usage[h]
+        f = cur.get(h, 1.0)
+        new = _quantize(f * min(WEIGHT_STEP, (nf - REWEIGHT_MARGIN) * cap / used), up=False)
+        moves = used * (1 - new / f)
+        if new >= f or moves > room:
+            continue
+        room -= moves
+        out[h] = new
     for h, f in cur.items():
-        if h in usage and usage[h][0] <= usage[h][2] * usage[h][1]:
-            used, cap, nf, _ = usage[h]
+        if h in usage and h not in over:
+            used, cap, nf = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
             grows = max(new / f, (growth or {}).get(h, 0.0))
             if (used + (owed or {}).get(h, 0)) * grows < (nf - REWEIGHT_MARGIN) * cap:
                 out[h] = new
-    return {h: f for h, f in out.items() if f < 1.0}
-
-
-def relative(factors: dict[str, float], data_set: Collection[str]) -> dict[str, float]:
-    """`factors` (wanted_weights) doubled, all of them, while every host of `data_set` has
-    one of at most one half. Placement weighs hosts only against each other (every key
-    scaled alike ranks alike; doubling a multiple of WEIGHT_QUANTUM is exact), so this
-    moves no chunk; but factors only lowered would creep down to WEIGHT_MIN, where the
-    steps are coarse and a host can no longer be lowered at all. Ceph's reweights stay
-    relative likewise, the largest near 1."""
-    out = {h: f for h, f in factors.items() if h in data_set}
-    while data_set and len(out) == len(set(data_set)) and max(out.values()) <= 0.5:
-        out = {h: f * 2 for h, f in out.items()}
     return {h: f for h, f in out.items() if f < 1.0}
 
 
@@ -594,7 +495,6 @@ class DataSetMover:
                                   owed_by_host(await self.registry.list_stale(), vols))
         if want == cmap.factors:
             return cmap
-        want = relative(want, cmap.data_set)  # (with a change anyway: it moves nothing itself)
         for h in sorted(set(want) | set(cmap.factors)):
             old, new = cmap.factors.get(h, 1.0), want.get(h, 1.0)
             if old != new:
