@@ -119,6 +119,11 @@ class VolumeProvider:
         self._settled: dict[str, int] = {}
         self._settle_at: dict[str, float] = {}
         self._unsettled_readers: set[str] = set()
+        # passes of sync_records begun and ended, and an event set at the end of each
+        # (next_sync)
+        self._syncs_begun = 0
+        self._syncs_ended = 0
+        self._sync_ended = trio.Event()
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -448,6 +453,7 @@ class VolumeProvider:
             gw.take_lease = functools.partial(self._take_lease, export)
             gw.serve_until = -math.inf  # until published and read again (_hold_head)
         gw.refresh_map = svc.refresh_map
+        gw.next_sync = self.next_sync
         gw.metrics = svc.metrics
         set_qos(gw, rec)
         gw.stale = await svc.stale_map(rec.lineage)
@@ -591,7 +597,24 @@ class VolumeProvider:
         set_qos(gw, rec)
         self._confirm(gw, rec, t0, through, published_at)  # (a lease holder past its lease)
 
+    async def next_sync(self) -> None:
+        """Return once a pass of sync_records begun after this call has ended: every open
+        head export has read its volume's record (or failed to) since the call."""
+        want = self._syncs_begun + 1
+        while self._syncs_ended < want:
+            await self._sync_ended.wait()
+
     async def sync_records(self) -> None:
+        self._syncs_begun += 1
+        n = self._syncs_begun
+        try:
+            await self._sync_records()
+        finally:
+            self._syncs_ended = max(self._syncs_ended, n)
+            ended, self._sync_ended = self._sync_ended, trio.Event()
+            ended.set()
+
+    async def _sync_records(self) -> None:
         gone = False
         for export, gw in list(self.gateways.items()):
             if gw.read_only and gw.gone is None:

@@ -125,6 +125,9 @@ BATCH_MIN = 4
 # 20 ms; a client mapping a range that fragmented asks again for the rest. (qemu-nbd stops
 # at 131072 descriptors, nbdkit at 1048576, proto.md's limit.)
 STATUS_RUNS = 16384
+# Record syncs a request past the adopted end waits for before it is refused: the volume
+# may have grown again since a shrink (_unless_grown)
+RECHECK_SYNCS = 2
 _NO_ROUTE = object()  # (ClusterView.route: not computed yet; None is a route's answer)
 _OK = m.Ok(0)  # what a Written stands for, item by item
 _OK_STALE = m.Ok(0, True)
@@ -382,6 +385,9 @@ class VolumeGateway:
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self._limits: trio.Event | None = None  # set when they change (limits_changed)
         self.refresh_map = None  # async () -> None, set by the service
+        # async () -> None, set by the service: returns once the volume's record has
+        # been read again (_unless_grown)
+        self.next_sync = None
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
         self._wanting = 0  # writes waiting for the lease (_leased): a client is writing
@@ -699,8 +705,8 @@ class VolumeGateway:
 
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()
-        if offset + length > self.size:
-            self._past_end(offset, length, PastEnd)
+        if offset + length > self.size:  # (read again, by bytes: after an await)
+            return self._past_end(offset, length, PastEnd, (self._read, offset, length))
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + length <= self._cs and length:
@@ -1133,7 +1139,8 @@ class VolumeGateway:
             # chunk is made for it, not one past the volume's last
             return None
         if offset + len(data) > self.size:
-            self._past_end(offset, len(data))
+            return self._past_end(offset, len(data), WritePastEnd,
+                                  (self._write, offset, keepable(data), fua))
         if not token or self._hold is not None:
             return self._leased(self._write, offset, keepable(data), fua)
         index = offset >> self._shift
@@ -1180,7 +1187,8 @@ class VolumeGateway:
         if not length:  # nothing to zero (as a zero-length write): no lease taken for it
             return None
         if offset + length > self.size:  # (a TRIM past an export's end is EINVAL)
-            self._past_end(offset, length, PastEnd if trim else WritePastEnd)
+            return self._past_end(offset, length, PastEnd if trim else WritePastEnd,
+                                  (self._zero, offset, length, fua, trim))
         if not self.token or self._hold is not None:
             return self._leased(self._zero, offset, length, fua, trim)
         pieces = list(self.geometry.pieces(offset, length))
@@ -1209,20 +1217,47 @@ class VolumeGateway:
             self._fence(e)
             raise
 
-    def _past_end(self, offset: int, length: int, kind: type[PastEnd] = WritePastEnd) -> None:
+    def _past_end(self, offset: int, length: int, kind: type[PastEnd] = WritePastEnd,
+                  again: tuple | None = None):
+        """Refuse a request past the volume's end as this gateway adopted it (`kind`),
+        raised at once, or with `again` (the request's op and its arguments) the
+        coroutine of _unless_grown."""
         # the NBD codec checks the size the client connected at; a shrink since (adopted
         # by the record sync, or by a write held for it) leaves past the end chunks that
         # no reader of the volume has: a write there would be acknowledged and then lost,
         # a read would answer what is left of them (or zeros) for the discarded bytes
-        raise kind(f"{self.name}: range {offset}+{length} is past the end of the volume "
+        exc = kind(f"{self.name}: range {offset}+{length} is past the end of the volume "
                    f"(shrunk to {self.size} bytes since this client connected)")
+        if again is None or self.next_sync is None:
+            raise exc
+        return self._unless_grown(exc, offset + length, *again)
+
+    async def _unless_grown(self, exc: PastEnd, end: int, op, *args):
+        """`op(*args)`, a request ending at `end`, past the size this gateway adopted,
+        once a read of the volume's record shows it within the volume; `exc` if
+        RECHECK_SYNCS record syncs did not. Grown again since a shrink (its client
+        connected at a larger size), with the grow not adopted yet, the volume takes
+        the request: refused, a write `vbp volume resize` had made room for before it
+        was sent would fail. (Two syncs: a gateway without the lease adopts a record at
+        the first one after it published it.)"""
+        for _ in range(RECHECK_SYNCS):
+            await self.next_sync()
+            if end <= self.size:  # (op checks it again, with no await in between)
+                result = op(*args)
+                if result is not None and hasattr(result, "__await__"):
+                    result = await result
+                return result
+        raise exc
+
+    def _pieces_end(self, pieces) -> tuple[int, int]:
+        """(start, length) of the range of `pieces` (in order, from one request)."""
+        first, last = pieces[0], pieces[-1]
+        return (first.index << self._shift) + first.offset, last.buf_offset + last.length
 
     def _check_pieces_in(self, pieces, kind: type[PastEnd]) -> None:
-        """_past_end (`kind`) unless the range of `pieces` (in order, from one request)
-        ends within the volume's size as adopted now."""
-        first, last = pieces[0], pieces[-1]
-        start = (first.index << self._shift) + first.offset
-        length = last.buf_offset + last.length
+        """_past_end (`kind`) unless the range of `pieces` ends within the volume's size
+        as adopted now."""
+        start, length = self._pieces_end(pieces)
         if start + length > self.size:
             self._past_end(start, length, kind)
 
@@ -1250,12 +1285,21 @@ class VolumeGateway:
         # (a task the NBD server starts after the write came: a snapshot may have begun
         # switching the head meanwhile, without this write in flight to wait for; it
         # goes to the new head, as any write that comes during the switch)
-        while self._hold is not None:
-            await self._hold.wait()
-        # The switch may have given up (a snapshot's completion past the lease: fenced,
-        # the old head perhaps the snapshot's already), or the lease run out meanwhile:
-        # sent now, with the old token to the old head, the replicas may take it.
-        self._check_writable()
+        syncs = 0
+        while True:
+            while self._hold is not None:
+                await self._hold.wait()
+            # The switch may have given up (a snapshot's completion past the lease:
+            # fenced, the old head perhaps the snapshot's already), or the lease run out
+            # meanwhile: sent now, with the old token to the old head, the replicas may
+            # take it.
+            self._check_writable()
+            start, length = self._pieces_end(pieces)
+            if start + length <= self.size or syncs == RECHECK_SYNCS or self.next_sync is None:
+                break
+            # past the end as adopted now: grown again since, perhaps (_unless_grown)
+            await self.next_sync()
+            syncs += 1
         # A shrink may have completed since the write came (it waited for the hold, or
         # behind an overlapping write): past the new end, acknowledged into the new head
         # it would be lost (no reader has the chunk). (A TRIM: EINVAL.)
@@ -2265,7 +2309,7 @@ class VolumeGateway:
 
     def cache(self, offset: int, length: int):
         if offset + length > self.size:
-            self._past_end(offset, length, PastEnd)
+            return self._past_end(offset, length, PastEnd, (self.cache, offset, length))
         return None
 
     def block_status(self, offset: int, length: int):
@@ -2280,7 +2324,7 @@ class VolumeGateway:
             return self._settled(self.block_status, offset, length)
         self._check_served()
         if offset + length > self.size:
-            self._past_end(offset, length, PastEnd)
+            return self._past_end(offset, length, PastEnd, (self.block_status, offset, length))
         out: list = []
         remote = []
         pieces = []

@@ -206,7 +206,7 @@ class KillLoop:
                 v.thread = None
             if v.error is not None:
                 raise AssertionError(f"seed {self.seed}: writer of {v.name} failed with no "
-                                     f"host killed: {v.error!r}") from v.error
+                                     f"host killed: {v.error!r}\nhistory: {self.log[-12:]}") from v.error
 
     # --- operations through the CLI -------------------------------------------------
 
@@ -260,6 +260,7 @@ class KillLoop:
             if chunks > 2 and self.rng.random() < 0.5:
                 new = self.rng.randrange(2, chunks) * CHUNK
                 self.vbp("volume", "resize", v.name, str(new), "--force")
+                self.log.append(f"  shrunk {v.name} {v.size} -> {new}")
                 for off in [o for o in v.state if o >= new]:
                     v.state[off] = 0
                     v.uids.pop(off, None)
@@ -268,6 +269,7 @@ class KillLoop:
             else:
                 new = min(12, chunks + self.rng.randint(1, 3)) * CHUNK
                 self.vbp("volume", "resize", v.name, str(new))
+                self.log.append(f"  grew {v.name} {v.size} -> {new}")
             v.size = new
 
     def op_delete_volume(self, v: Vol) -> None:

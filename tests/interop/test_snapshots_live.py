@@ -274,6 +274,51 @@ def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
     h.shutdown()
 
 
+def test_a_volume_grown_again_after_a_shrink_takes_its_open_clients_requests_at_once(sandbox):
+    """Clients connected before a shrink (the gateway holding the lease, and a reader on
+    another host) still know the old size; refused past the shrunk end, they are served
+    there again as soon as `vbp volume resize` has grown the volume back, with no wait
+    for their gateways' next read of the record: the write `resize` made room for is
+    taken (not ENOSPC), and reads, block status and cache there answer the new zeros
+    (not EINVAL)."""
+    import nbd
+
+    def connect_with_status(uri):
+        c = nbd.NBD()
+        c.add_meta_context("base:allocation")
+        c.connect_uri(uri)
+        return c
+
+    sandbox.vbp("volume", "create", "rsg", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect_with_status(sandbox.uri("rsg"))
+    h.pwrite(b"A" * (8 * MiB), 0)
+    h.flush()
+    reader = connect_with_status(sandbox.uri("rsg", 1))
+    assert reader.pread(BLOCK, 6 * MiB) == b"A" * BLOCK
+    for _ in range(3):
+        sandbox.vbp("volume", "resize", "rsg", "4M", "--force")
+        deadline = time.monotonic() + 10
+        while not (_errno_of(lambda: h.pwrite(b"X" * BLOCK, 6 * MiB))
+                   and _errno_of(lambda: reader.pread(BLOCK, 6 * MiB))):
+            assert time.monotonic() < deadline, "requests past the new end still served"
+            time.sleep(0.1)
+        sandbox.vbp("volume", "resize", "rsg", "8M")
+        h.pwrite(b"G" * BLOCK, 6 * MiB)  # at once: no ENOSPC
+        h.zero(BLOCK, 7 * MiB)
+        h.flush()
+        assert h.pread(2 * BLOCK, 6 * MiB) == b"G" * BLOCK + bytes(BLOCK)
+        # the reader's host adopts the grow at a record sync: as at once
+        assert reader.pread(BLOCK, 5 * MiB) == bytes(BLOCK)
+        assert reader.pread(BLOCK, 6 * MiB) == b"G" * BLOCK
+        reader.cache(BLOCK, 5 * MiB)
+        seen = []
+        reader.block_status(BLOCK, 5 * MiB, lambda ctx, off, entries, err: seen.extend(entries))
+        assert seen and seen[0] >= BLOCK
+    assert _errno_of(lambda: h.trim(BLOCK, 7 * MiB)) is None
+    reader.shutdown()
+    h.shutdown()
+
+
 def test_no_write_past_the_new_end_succeeds_once_a_shrink_has_returned(sandbox):
     """A writer hammers the tail of a volume through its gateway while another process
     shrinks it. Writes past the new end that the shrink overtakes may be acknowledged
