@@ -29,6 +29,11 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   and what was queued for it freed: the writer's wait for room in the socket is timed,
   each wait anew (only a send that blocks pays for the timer), so a slow client that
   takes some of its replies now and then is not cut off, one that reads none is.
+- A budget for the server as a whole (HeldBytes, HELD_LIMIT): the bytes its connections
+  hold (requests in flight, replies queued and being sent) are added up at each batch and
+  send; while the total is past the limit, a connection takes no more requests once it
+  holds FAIR_SHARE, until the total is back under (Ceph's osd_client_message_size_cap).
+  A client with little in flight is never held back by others.
 - Large reads leave without a copy into a buffer: an export with `read_ref`
   (replicator.gateway) may answer a read with a FileRange (bytes of its data file,
   checked), queued like any buffer and sent from the map its pages were checked through
@@ -100,6 +105,15 @@ MAX_QUEUED = 64 * 1024 * 1024
 # the socket) before it disconnects it: a client that sends requests and never reads the
 # replies would otherwise hold MAX_QUEUED and more of them for as long as it likes.
 SEND_TIMEOUT = 60.0
+# Bytes of requests in flight and of replies queued or being sent, of all the connections
+# of one server together (HeldBytes). Each connection holds at most MAX_IN_FLIGHT_BYTES
+# and MAX_QUEUED (and the send under way), about 160 MiB: without a bound for the whole,
+# a few hundred clients that stop reading, or a slow volume under many, held it all at
+# once. Past it, a connection holding FAIR_SHARE or more takes no new request until the
+# total is back under: the total stays within HELD_LIMIT, the batch that crosses it, and
+# FAIR_SHARE per connection.
+HELD_LIMIT = 1024 * 1024 * 1024
+FAIR_SHARE = 4 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
 # Export opens of one negotiation during which its clock stops (_answer_export); later
@@ -147,10 +161,26 @@ def max_payload(export) -> int:
     return min(getattr(export, "max_block", proto.MAX_PAYLOAD), proto.MAX_PAYLOAD)
 
 
+class HeldBytes:
+    """What the connections of one server hold (requests in flight, replies queued and
+    being sent), added up: each connection reports its own at each batch it reads and
+    each send (_Connection.recharge). Past `limit`, connections holding FAIR_SHARE or more
+    take no new request (their caps drop to it) until it is back under."""
+
+    def __init__(self, limit: int = HELD_LIMIT) -> None:
+        self.limit = limit
+        self.total = 0
+        self.most = 0  # the largest total seen (for tests and metrics)
+
+    def over(self) -> bool:
+        return self.total > self.limit
+
+
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
                     local_congestion: str = "", tls: str = "off", tls_context=None,
                     stopping: trio.Event | None = None, send_timeout: float = SEND_TIMEOUT,
+                    held: HeldBytes | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
@@ -165,6 +195,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     closed at once); the caller cancels this once they are gone.
     `send_timeout`: seconds a client may take none of its replies before it is
     disconnected (SEND_TIMEOUT).
+    `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
+    not given).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -177,9 +209,10 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f" (TLS {tls}, client certificates "
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
+    held = HeldBytes() if held is None else held
     await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
                                        tls_context=tls_context, local_congestion=local_congestion,
-                                       stopping=stopping, send_timeout=send_timeout),
+                                       stopping=stopping, send_timeout=send_timeout, held=held),
                               listeners)
 
 
@@ -187,11 +220,13 @@ async def handle_connection(stream, provider: ExportProvider,
                             ids: RequestIds | None = None, tls: str = "off",
                             tls_context=None, local_congestion: str = "",
                             stopping: trio.Event | None = None,
-                            send_timeout: float = SEND_TIMEOUT) -> None:
+                            send_timeout: float = SEND_TIMEOUT,
+                            held: HeldBytes | None = None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends.
-    `local_congestion`, `stopping`, `send_timeout`: serve_nbd's."""
-    held: list = []  # the export opened for this connection, once there is one
+    `local_congestion`, `stopping`, `send_timeout`, `held`: serve_nbd's (no budget for
+    the whole without `held`)."""
+    opened: list = []  # the export opened for this connection, once there is one
     try:
         if stopping is not None and stopping.is_set():
             return
@@ -199,11 +234,12 @@ async def handle_connection(stream, provider: ExportProvider,
             sock = getattr(stream, "socket", None)
             if sock is not None and same_host(sock):
                 apply_congestion(sock, local_congestion, "nbd connection from this host")
-        result = await _handshake(stream, provider, held, tls, tls_context)
+        result = await _handshake(stream, provider, opened, tls, tls_context)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
-            clean = await _Connection(channel, held[0], ready, trailing, ids=ids,
-                                      stopping=stopping, send_timeout=send_timeout).run()
+            clean = await _Connection(channel, opened[0], ready, trailing, ids=ids,
+                                      stopping=stopping, send_timeout=send_timeout,
+                                      held=held).run()
             if clean and channel is not stream:
                 await _end_tls(channel)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
@@ -218,7 +254,7 @@ async def handle_connection(stream, provider: ExportProvider,
         log.exception("nbd connection failed")
     finally:
         with trio.CancelScope(shield=True):
-            for export in held:
+            for export in opened:
                 await _close(export)
             await trio.aclose_forcefully(stream)
 
@@ -385,7 +421,7 @@ async def _start_tls(stream, context):
 class _Connection:
     def __init__(self, stream, export, ready: Ready, trailing: bytes,
                  ids: RequestIds | None = None, stopping: trio.Event | None = None,
-                 send_timeout: float = SEND_TIMEOUT) -> None:
+                 send_timeout: float = SEND_TIMEOUT, held: HeldBytes | None = None) -> None:
         self.stream = stream
         self.send_timeout = send_timeout
         self.stopping = stopping  # serve_nbd's: set, the reader stops (stop_reading)
@@ -421,6 +457,13 @@ class _Connection:
         self.out_bytes = 0
         self.inflight = 0
         self.inflight_bytes = 0  # of the READs and WRITEs among them (MAX_IN_FLIGHT_BYTES)
+        self.sending = 0  # bytes of the writer's send under way
+        # the server's budget (HeldBytes), what this connection last reported to it, and
+        # its caps now: MAX_IN_FLIGHT_BYTES and MAX_QUEUED, FAIR_SHARE while over budget
+        self.held = held
+        self.charged = 0
+        self.max_bytes = MAX_IN_FLIGHT_BYTES
+        self.max_queued = MAX_QUEUED
         self.closing = False
         self.writing = False  # the writer task is in the middle of a send
         self.files = False  # a FileRange may be queued: sends go through _send_mixed
@@ -463,6 +506,9 @@ class _Connection:
             return not nursery.cancel_scope.cancel_called
         finally:
             _release(self.out)  # what an ended connection never sent
+            if self.held is not None:
+                self.held.total -= self.charged
+                self.charged = 0
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the
@@ -508,8 +554,8 @@ class _Connection:
                         if self.to_observe:
                             self.observe_sent()
                         return
-                if (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED
-                        or self.inflight_bytes >= MAX_IN_FLIGHT_BYTES):
+                if (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > self.max_queued
+                        or self.inflight_bytes >= self.max_bytes):
                     self.push()
                     if self.to_observe:
                         self.observe_sent()
@@ -517,6 +563,10 @@ class _Connection:
             self.push()
             if self.to_observe:
                 self.observe_sent()
+            if self.held is not None:
+                self.recharge()
+                if self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE:
+                    await self.wait_room()
             buf = codec.get_buffer()
             if raw is None:
                 data = await self.stream.receive_some(len(buf))
@@ -539,6 +589,12 @@ class _Connection:
                 return
             codec.commit(n)
             self.received_at = perf_counter()
+            held = self.held
+            if held is not None:  # (the caps for this batch, by the budget as it is now)
+                if held.total > held.limit:
+                    self.max_bytes = self.max_queued = FAIR_SHARE
+                elif self.max_bytes == FAIR_SHARE:
+                    self.max_bytes, self.max_queued = MAX_IN_FLIGHT_BYTES, MAX_QUEUED
             if self.prepare_writes is not None:
                 try:  # (the export asks for the offsets only when it has a use for them)
                     self.prepare_writes(codec.write_offsets)
@@ -546,17 +602,37 @@ class _Connection:
                     log.debug("preparing the writes received failed", exc_info=True)
 
     async def wait_room(self) -> None:
-        while (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > MAX_QUEUED
-               or self.inflight_bytes >= MAX_IN_FLIGHT_BYTES):
+        while (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > self.max_queued
+               or self.inflight_bytes >= self.max_bytes
+               or self.max_bytes == FAIR_SHARE
+               and self.inflight_bytes + self.out_bytes + self.sending >= FAIR_SHARE):
             self.room = trio.Event()
             await self.room.wait()
+            if self.held is not None:
+                self.recharge()
+
+    def recharge(self) -> None:
+        """Report what this connection holds to the server's budget, and set its caps:
+        FAIR_SHARE while the budget is over (a connection holding less may still take
+        requests up to it), else MAX_IN_FLIGHT_BYTES and MAX_QUEUED."""
+        held = self.held
+        mine = self.inflight_bytes + self.out_bytes + self.sending
+        if mine != self.charged:
+            held.total += mine - self.charged
+            self.charged = mine
+            if held.total > held.most:
+                held.most = held.total
+        if held.total > held.limit:
+            self.max_bytes = self.max_queued = FAIR_SHARE
+        else:
+            self.max_bytes, self.max_queued = MAX_IN_FLIGHT_BYTES, MAX_QUEUED
 
     def take_run(self, cmd: int) -> bool:
         """Take the reads (`cmd` CMD_READ) or the writes at the front of the buffer and
         dispatch them: False when there are none there."""
         codec = self.codec
         if cmd == proto.CMD_READ:
-            taken = codec.take_reads(MAX_IN_FLIGHT - self.inflight, MAX_QUEUED - self.out_bytes)
+            taken = codec.take_reads(MAX_IN_FLIGHT - self.inflight, self.max_queued - self.out_bytes)
             if taken:
                 self.dispatch_reads(taken)
         else:
@@ -839,12 +915,17 @@ class _Connection:
                 while self.out:
                     buffers, self.out = self.out, []
                     total, self.out_bytes = self.out_bytes, 0
+                    self.sending = total
                     self.room.set()
                     self.writing = True
                     try:
                         await self.send(buffers, total)
                     finally:
                         self.writing = False
+                        self.sending = 0
+                        if self.held is not None:  # (a reader held back by the budget
+                            self.recharge()  # looks again)
+                            self.room.set()
                 self.files = False  # all sent, nothing queued
                 if self.closing and self.inflight == 0:
                     return

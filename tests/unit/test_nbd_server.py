@@ -1547,3 +1547,44 @@ async def test_an_error_chunk_carries_a_protocol_string_whatever_the_error_says(
         await c.request(proto.CMD_FLUSH, cookie=6)
         assert await c.reply() == (6, 0, b"")
     await c.aclose()
+
+
+@pytest.mark.parametrize("limit", [4 * MiB, 1 << 40], ids=["budget", "no-budget"])
+async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(provider, nursery,
+                                                                          monkeypatch, limit):
+    """Clients that send reads and take none of the replies: each connection may hold
+    MAX_QUEUED of replies and more (about 160 MiB), so a few hundred of them held tens of
+    GiB at once. With the server's budget (HeldBytes) past its limit, a connection takes
+    no more requests once it holds FAIR_SHARE: eight such clients of 16 MiB of reads each
+    hold about what the first took before the limit was crossed, and FAIR_SHARE and a
+    request each, not 128 MiB (the control without a budget shows it), while a client
+    with little in flight is served throughout."""
+    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
+    provider.add("big", 64 * MiB)
+    held = server.HeldBytes(limit)
+    port, ended = await observed_server(nursery, provider, sndbuf=4096, held=held)
+    stuck = []
+    for _ in range(8):
+        c = await Client.connect(port, "big", rcvbuf=4096)
+        for i in range(16):
+            await c.request(proto.CMD_READ, i * MiB, MiB, cookie=i)
+        stuck.append(c)
+        await trio.sleep(0.05)
+    other = await Client.connect(port)
+    with trio.fail_after(5):
+        for i in range(20):
+            assert await other.write(i * 4096, b"ok") == 0 and await other.read(i * 4096, 2) == b"ok"
+    await trio.sleep(0.3)
+    print(f"held at most {held.most / MiB:.1f} MiB")
+    if limit == 4 * MiB:
+        # the first connection's 16 MiB, then at most FAIR_SHARE and one 1 MiB read more
+        # each (and the small client's few bytes)
+        assert held.most <= 4 * MiB + 16 * MiB + 8 * 2 * MiB + MiB, held.most / MiB
+    else:
+        assert held.most >= 8 * 15 * MiB, held.most / MiB  # (nearly) every reply held at once
+    for c in stuck + [other]:
+        await c.aclose()
+    with trio.fail_after(5):
+        while len(ended) < 9:
+            await trio.sleep(0.02)
+    assert held.total == 0  # every connection gave back what it held
