@@ -30,7 +30,8 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   each wait anew (only a send that blocks pays for the timer), so a slow client that
   takes some of its replies now and then is not cut off, one that reads none is.
 - A budget for the server as a whole (HeldBytes, HELD_LIMIT): the bytes its connections
-  hold (requests in flight, replies queued and being sent) are added up at each batch and
+  hold (requests in flight, replies queued and being sent, a large write's payload
+  arriving) are added up at each batch and
   send; while the total is past the limit, a connection takes no more requests once it
   holds FAIR_SHARE, until the total is back under (Ceph's osd_client_message_size_cap).
   A client with little in flight is never held back by others.
@@ -165,15 +166,21 @@ class HeldBytes:
     """What the connections of one server hold (requests in flight, replies queued and
     being sent), added up: each connection reports its own at each batch it reads and
     each send (_Connection.recharge). Past `limit`, connections holding FAIR_SHARE or more
-    take no new request (their caps drop to it) until it is back under."""
+    take no new request (their caps drop to it) until it is back under. One in the middle
+    of a large write's payload reads it to its end: connections over the limit by their
+    payloads alone would otherwise wait for each other forever."""
 
     def __init__(self, limit: int = HELD_LIMIT) -> None:
         self.limit = limit
         self.total = 0
         self.most = 0  # the largest total seen (for tests and metrics)
+        self.waiting: set = set()  # connections held back (_Connection.wait_room)
 
-    def over(self) -> bool:
-        return self.total > self.limit
+    def back_under(self) -> None:
+        """The total went back under the limit: the connections held back look again."""
+        for c in self.waiting:
+            c.room.set()
+        self.waiting.clear()
 
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
@@ -506,9 +513,14 @@ class _Connection:
             return not nursery.cancel_scope.cancel_called
         finally:
             _release(self.out)  # what an ended connection never sent
-            if self.held is not None:
-                self.held.total -= self.charged
+            held = self.held
+            if held is not None:  # what it held, given back (waking those held back)
+                held.waiting.discard(self)
+                was = held.total
+                held.total -= self.charged
                 self.charged = 0
+                if was > held.limit >= held.total:
+                    held.back_under()
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the
@@ -565,7 +577,8 @@ class _Connection:
                 self.observe_sent()
             if self.held is not None:
                 self.recharge()
-                if self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE:
+                if (self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
+                        and not codec.receiving):
                     await self.wait_room()
             buf = codec.get_buffer()
             if raw is None:
@@ -602,26 +615,37 @@ class _Connection:
                     log.debug("preparing the writes received failed", exc_info=True)
 
     async def wait_room(self) -> None:
+        held = self.held
+        if held is not None:
+            self.recharge()
         while (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > self.max_queued
                or self.inflight_bytes >= self.max_bytes
-               or self.max_bytes == FAIR_SHARE
-               and self.inflight_bytes + self.out_bytes + self.sending >= FAIR_SHARE):
+               or self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
+               and not self.codec.receiving):
             self.room = trio.Event()
-            await self.room.wait()
-            if self.held is not None:
-                self.recharge()
+            if held is not None:  # (woken too when the budget is back under: recharge)
+                held.waiting.add(self)
+            try:
+                await self.room.wait()
+            finally:
+                if held is not None:
+                    held.waiting.discard(self)
+                    self.recharge()
 
     def recharge(self) -> None:
         """Report what this connection holds to the server's budget, and set its caps:
         FAIR_SHARE while the budget is over (a connection holding less may still take
         requests up to it), else MAX_IN_FLIGHT_BYTES and MAX_QUEUED."""
         held = self.held
-        mine = self.inflight_bytes + self.out_bytes + self.sending
+        mine = self.inflight_bytes + self.out_bytes + self.sending + self.codec.receiving
         if mine != self.charged:
+            was = held.total
             held.total += mine - self.charged
             self.charged = mine
             if held.total > held.most:
                 held.most = held.total
+            elif was > held.limit >= held.total:
+                held.back_under()
         if held.total > held.limit:
             self.max_bytes = self.max_queued = FAIR_SHARE
         else:

@@ -149,6 +149,11 @@ class TransmissionCodec:
             self.receive_data(initial_data)
 
     # --- input -----------------------------------------------------------------------------
+    @property
+    def receiving(self) -> int:
+        """Bytes received of a large write's payload not complete yet (its own buffer)."""
+        return self._large_filled if self._large is not None else 0
+
     def get_buffer(self) -> memoryview:
         """Where the next bytes go (for recv_into). Invalidates earlier Request.data."""
         if self._large is not None:

@@ -1588,3 +1588,33 @@ async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(pro
         while len(ended) < 9:
             await trio.sleep(0.02)
     assert held.total == 0  # every connection gave back what it held
+
+
+async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_end(provider,
+                                                                                nursery,
+                                                                                monkeypatch):
+    """A client that sent the header of a 2 MiB write and 1.5 MiB of its payload, then
+    stalls, holds that much: it counts in the server's budget (past its limit here,
+    others are capped). The rest of the payload is still read, over the limit or not,
+    and the write completes: connections over the limit by their payloads alone, each
+    held back until the total is under, would wait for each other forever."""
+    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
+    provider.add("big", 64 * MiB)
+    held = server.HeldBytes(MiB)
+    port, ended = await observed_server(nursery, provider, held=held)
+    writer = await Client.connect(port, "big")
+    data = bytes(range(256)) * (8 * 1024)  # 2 MiB
+    await writer.request(proto.CMD_WRITE, 0, len(data), data[:3 * MiB // 2], cookie=7)
+    with trio.fail_after(5):
+        while held.total < 3 * MiB // 2:
+            await trio.sleep(0.02)
+    assert held.total > held.limit
+    await writer.send(data[3 * MiB // 2:])
+    with trio.fail_after(5):
+        assert await writer.reply() == (7, 0, b"")
+    assert await writer.read(MiB, 4096, cookie=8) == data[MiB:MiB + 4096]
+    await writer.aclose()
+    with trio.fail_after(5):
+        while ended == []:
+            await trio.sleep(0.02)
+    assert held.total == 0 and not held.waiting
