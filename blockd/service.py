@@ -368,13 +368,16 @@ class VolumeProvider:
             return
         nxt = self._next.get(export)
         key = _view_key(gw.lineage, view)
-        if nxt is None or _view_key(gw.lineage, nxt) != key:
+        new = nxt is None or _view_key(gw.lineage, nxt) != key
+        if new:
             self._next[export] = view
         if self._pub_since.get(key, math.inf) > through:
             # not published yet: publish now (again, if the last try failed a while ago;
-            # the heartbeat publishes too)
+            # the heartbeat publishes too). A view new to follow goes at once, whenever
+            # the last went: a request past a shrunk end waits two record syncs for the
+            # grown view (VolumeGateway._unless_grown)
             now = trio.current_time()
-            if now >= self._follow_pub_at:
+            if new or now >= self._follow_pub_at:
                 self._follow_pub_at = now + 1.0
                 self.service.nursery.start_soon(self._republish)
             return

@@ -781,3 +781,29 @@ def test_a_reader_stops_serving_while_its_host_cannot_publish_it():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_reader_serves_a_read_past_a_shrunk_end_once_the_volume_is_grown_back():
+    """Review: a reader (h1, no lease) adopted a shrink of v, a view it published first;
+    the volume is grown back right after. A read past the shrunk end waits for up to two
+    record syncs (VolumeGateway._unless_grown), the reader publishing the grown view at
+    the first and adopting it at the second. But its publications of a view to follow
+    were spaced a second apart, a new view's as a retry's: the grown view, published
+    a second after the shrunk one, was adopted too late and the read was refused
+    (EINVAL) with the volume grown. A new view is published at once now."""
+    async def main():
+        sim = Sim(3, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096, 4 * MiB)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            await sim.shrink("v", 2 * MiB)
+            while r.size != 2 * MiB:  # record syncs: published, then adopted
+                await trio.sleep(0.01)
+            api.resize(sim.reg, "v", 4 * MiB)
+            got = await h1.run_on(lambda: call(r.read(3 * MiB, 4096)))
+            assert extents_bytes(got, 3 * MiB, 4096) == bytes(4096)
+            assert r.size == 4 * MiB
+            nursery.cancel_scope.cancel()
+
+    run(main)
