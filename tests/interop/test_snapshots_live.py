@@ -222,6 +222,16 @@ def _errno_of(op) -> object:
     return None
 
 
+def connect_with_status(uri):
+    """A libnbd handle asking for base:allocation (block status)."""
+    import nbd
+
+    c = nbd.NBD()
+    c.add_meta_context("base:allocation")
+    c.connect_uri(uri)
+    return c
+
+
 def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
     """Clients connected before a shrink (the gateway holding the lease, and a reader on
     another host) still know the old size. Once their hosts have the new record, every
@@ -230,14 +240,6 @@ def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
     ENOSPC. A read there never answers the bytes the shrink discarded, nor zeros (a
     client could take them for the volume's content), however long the chunks have been
     freed; inside the new end everything is served as before."""
-    import nbd
-
-    def connect_with_status(uri):
-        c = nbd.NBD()
-        c.add_meta_context("base:allocation")
-        c.connect_uri(uri)
-        return c
-
     sandbox.vbp("volume", "create", "rsr", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
     h = connect_with_status(sandbox.uri("rsr"))
     h.pwrite(b"A" * (8 * MiB), 0)
@@ -281,14 +283,6 @@ def test_a_volume_grown_again_after_a_shrink_takes_its_open_clients_requests_at_
     for their gateways' next read of the record: the write `resize` made room for is
     taken (not ENOSPC), and reads, block status and cache there answer the new zeros
     (not EINVAL)."""
-    import nbd
-
-    def connect_with_status(uri):
-        c = nbd.NBD()
-        c.add_meta_context("base:allocation")
-        c.connect_uri(uri)
-        return c
-
     sandbox.vbp("volume", "create", "rsg", "--size", "8M", "--replicas", "3", "--chunk-size", "1M")
     h = connect_with_status(sandbox.uri("rsg"))
     h.pwrite(b"A" * (8 * MiB), 0)
