@@ -150,6 +150,9 @@ class Metrics:
         self.capacity = Gauge("capacity_bytes", "Chunk space this host offers.", namespace=ns, registry=r)
         self.used = Gauge("used_bytes", "Chunk space in use on this host.", namespace=ns, registry=r)
         self.up = Gauge("up", "1 while blockd serves, 0 while it starts or stops.", namespace=ns, registry=r)
+        self.nbd_held = Gauge("nbd_held_bytes", "Bytes the NBD connections hold together: requests "
+                              "in flight, replies queued or being sent, write payloads arriving "
+                              "(bounded by nbd_frontend.server.HELD_LIMIT).", namespace=ns, registry=r)
 
     # --- the per-request hook --------------------------------------------------------
 
@@ -209,6 +212,10 @@ class Metrics:
     def set_recovery(self, chunks: int, nbytes: int) -> None:
         self.recovery_chunks.set(chunks)
         self.recovery_bytes.set(nbytes)
+
+    def watch_nbd_held(self, held) -> None:
+        """nbd_held_bytes reads `held` (a nbd_frontend.server.HeldBytes) at each scrape."""
+        self.nbd_held.set_function(lambda: held.total)
 
     def set_space(self, capacity: int, used: int) -> None:
         self.capacity.set(capacity)

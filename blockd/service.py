@@ -25,7 +25,7 @@ from blockd.config import Config, parse_hostport
 from blockd.memory import freeze_startup_objects
 from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import TokenBucket, VolumeQos
-from nbd_frontend.server import serve_nbd
+from nbd_frontend.server import HeldBytes, serve_nbd
 from replicator import messages as m
 from replicator.gateway import WRITE_GRACE, ClusterView, VolumeGateway
 from replicator.migration import DataSetMover
@@ -909,6 +909,8 @@ class Blockd:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.metrics = Metrics()
+        self.nbd_held = HeldBytes()  # what the NBD connections hold together (serve_nbd)
+        self.metrics.watch_nbd_held(self.nbd_held)
         self.metrics_port = 0
         self.store = None
         self.registry = None
@@ -1000,7 +1002,7 @@ class Blockd:
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
                     tls_context=cfg.tls_context(), stopping=self._nbd_stopping,
-                    send_timeout=cfg.nbd_send_timeout))
+                    send_timeout=cfg.nbd_send_timeout, held=self.nbd_held))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

@@ -221,6 +221,11 @@ def test_metrics_endpoint_counts_requests(tmp_path):
         assert writes == 10, [k for k in samples if k[0].startswith("vbp_nbd")]
         assert samples[("vbp_nbd_bytes_total", (("op", "write"), ("volume", "m")))] == 40960
         assert samples[("vbp_up", ())] == 1
+        deadline = time.monotonic() + 10  # (the clients gone: their connections hold nothing)
+        while samples[("vbp_nbd_held_bytes", ())] != 0:
+            assert time.monotonic() < deadline, samples[("vbp_nbd_held_bytes", ())]
+            time.sleep(0.2)
+            samples = scrape()
         sb.vbp("volume", "delete", "m")
         deadline = time.monotonic() + 30
         while any(dict(labels).get("volume") == "m" for _, labels in samples):

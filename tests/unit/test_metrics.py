@@ -85,6 +85,18 @@ def test_every_family_is_exposed_with_its_values():
     assert sample(fams, "vbp_capacity_bytes", "vbp_capacity_bytes") == 100 << 30
     assert sample(fams, "vbp_used_bytes", "vbp_used_bytes") == 3 << 30
     assert sample(fams, "vbp_up", "vbp_up") == 1
+    assert sample(fams, "vbp_nbd_held_bytes", "vbp_nbd_held_bytes") == 0
+
+
+def test_nbd_held_bytes_reads_the_servers_budget_at_each_scrape():
+    from nbd_frontend.server import HeldBytes
+
+    m, held = Metrics(), HeldBytes()
+    m.watch_nbd_held(held)
+    held.total = 5 << 20
+    assert sample(families(m.exposition().decode()), "vbp_nbd_held_bytes", "vbp_nbd_held_bytes") == 5 << 20
+    held.total = 0
+    assert sample(families(m.exposition().decode()), "vbp_nbd_held_bytes", "vbp_nbd_held_bytes") == 0
 
 
 def test_histogram_buckets_span_10us_to_1s_and_are_cumulative():
