@@ -210,7 +210,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     listeners = await open_listeners(port, host, "NBD")
     for listener in listeners:  # (the connections it accepts inherit both)
         apply_congestion(listener.socket, congestion, "nbd listener")
-        set_keepalive(listener.socket, *KEEPALIVE)
+        set_keepalive(listener.socket, *KEEPALIVE, send_timeout)
     actual = listeners[0].socket.getsockname()[1]
     log.info("nbd listening on %s:%d%s", host, actual, "" if tls == "off" else
              f" (TLS {tls}, client certificates "

@@ -358,7 +358,7 @@ async def serve_peers(
         listeners = listeners[:1]
     for listener in listeners:  # (the connections it accepts inherit both)
         apply_congestion(listener.socket, congestion, "peer listener")
-        set_keepalive(listener.socket, *KEEPALIVE)
+        set_keepalive(listener.socket, *KEEPALIVE, send_timeout)
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
     admission = _Admission()

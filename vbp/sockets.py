@@ -135,16 +135,31 @@ ALLOWED_CONGESTION = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 # here, idle, for good otherwise: each holding its buffers, an NBD export, and a place
 # among a peer address's connections (transport.CONNECTIONS_PER_ADDRESS). The kernel
 # answers probes for a process that is merely slow or stopped: only dead ends go.
+# Keepalive probes only an idle connection: one with data sent and not acknowledged (a
+# reply under way when the client's host died) waits for TCP's retransmissions to give
+# up, about 15 minutes (net.ipv4.tcp_retries2), holding the export, and in blockd the
+# volume's write lease, from the host a failed-over VM reconnects to. So the connection
+# is also dropped once data has gone unacknowledged for as long as the probes take, or
+# the server's own send timeout if longer (TCP_USER_TIMEOUT). Linux counts a closed
+# window too (a live client that reads nothing, its probes answered): that is what the
+# send timeout cuts off anyway, so the user timeout is never shorter than it. With
+# keepalive on, it also rules when an idle connection whose probes go unanswered is
+# dropped: about the same time.
 KEEPALIVE = (30, 10, 3)
 
 
-def set_keepalive(sock, idle: int, interval: int, count: int) -> None:
+def set_keepalive(sock, idle: int, interval: int, count: int, send_timeout: float = 0) -> None:
     """Turn TCP keepalive on for `sock` (a socket or a trio socket; a listening socket
-    passes it on to the connections it accepts) with these timings (see KEEPALIVE)."""
+    passes it on to the connections it accepts) with these timings (see KEEPALIVE), and
+    TCP_USER_TIMEOUT to the time they take, or `send_timeout` (seconds a peer may take
+    none of the data sent to it) if longer."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    ms = max(idle + interval * count, send_timeout) * 1000  # (an infinite send timeout:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,  # the most the kernel takes)
+                    int(ms) if ms < 2**31 else 2**31 - 1)
 
 
 def set_congestion(sock, name: str) -> None:

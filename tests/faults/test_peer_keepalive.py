@@ -6,6 +6,7 @@ connection came from is cut, nothing is answered from there any more."""
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 
 import pytest
@@ -55,9 +56,11 @@ async def test_a_peer_cut_off_without_a_word_does_not_keep_its_place(monkeypatch
     net = Net(1).up()
     try:
         async with trio.open_nursery() as nursery:
+            # (send_timeout under keepalive's 3 s, as blockd's peer_timeout is under its
+            # 60 s: the user timeout, which then rules the drop too, is keepalive's)
             port = await nursery.start(lambda task_status: serve_peers(
                 pong, net.root_addr, 0, cluster=CLUSTER, host_id="srv",
-                peer_rev=lambda host_id: m.PEER_REV, task_status=task_status))
+                peer_rev=lambda host_id: m.PEER_REV, send_timeout=2, task_status=task_status))
             old, _, ok = await hello(net, port)
             assert type(ok) is m.HelloOk
             await trio.sleep(0.5)  # (h1's ack of it out: keepalive times an idle link)
@@ -89,8 +92,9 @@ async def test_an_nbd_client_cut_off_without_a_word_leaves_its_export(monkeypatc
     net = Net(1).up()
     try:
         async with trio.open_nursery() as nursery:
+            # (a send timeout under keepalive's time: blockd's 60 s is keepalive's too)
             port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
-                provider, net.root_addr, 0, task_status=task_status))
+                provider, net.root_addr, 0, send_timeout=2, task_status=task_status))
             sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             got = b""
@@ -116,3 +120,95 @@ async def test_an_nbd_client_cut_off_without_a_word_leaves_its_export(monkeypatc
             nursery.cancel_scope.cancel()
     finally:
         net.close()
+
+
+async def test_an_nbd_client_cut_off_with_a_reply_unacknowledged_leaves_its_export(monkeypatch):
+    """The client's host is cut off while a reply is on its way: the reply is never
+    acknowledged, and keepalive probes only an idle connection, so TCP retransmitted it
+    for about 15 minutes (net.ipv4.tcp_retries2) while the export -- in blockd the
+    volume's write lease, which a failed-over VM's new host needs -- stayed open. With
+    TCP_USER_TIMEOUT at keepalive's time (or the send timeout, if longer: 3 s here) the
+    connection ends as soon."""
+    monkeypatch.setattr(nbd_server, "KEEPALIVE", (1, 1, 2))
+    provider = MemoryProvider()
+    export = provider.add("disk", 1 << 20)
+    plain_read = export.read
+
+    async def slow_read(offset, length, *args):  # the reply leaves after the cut
+        await trio.sleep(0.6)
+        return plain_read(offset, length, *args)
+    export.read = slow_read
+    net = Net(1).up()
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
+                provider, net.root_addr, 0, send_timeout=3, task_status=task_status))
+            sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            got = b""
+            with trio.fail_after(10):
+                while len(got) < 18:
+                    got += await stream.receive_some(18 - len(got))
+                await stream.send_all(struct.pack(
+                    ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
+                    proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
+                got = b""
+                while len(got) < 10:
+                    got += await stream.receive_some(10 - len(got))
+            await stream.send_all(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ,
+                                              1, 0, 65536))
+            await trio.sleep(0.2)  # (the request in, acknowledged; its reply not sent yet)
+            net.cut(0)
+            t0 = trio.current_time()
+            with trio.fail_after(20):  # (without it: retransmissions for about 15 minutes)
+                while not getattr(export, "closed", False):
+                    await trio.sleep(0.2)
+            assert trio.current_time() - t0 < 10
+            net.heal(0)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        net.close()
+
+
+async def test_an_nbd_client_that_reads_nothing_for_a_while_is_not_cut_off(monkeypatch):
+    """Linux counts a closed window against TCP_USER_TIMEOUT too (a live client that
+    takes none of its replies, the server's probes of it answered): so the user timeout
+    is never shorter than the send timeout, and a client that reads nothing for longer
+    than keepalive's time but less than the send timeout keeps its connection, and gets
+    every byte once it reads again. (With the user timeout at keepalive's 3 s alone it
+    was reset.)"""
+    monkeypatch.setattr(nbd_server, "KEEPALIVE", (1, 1, 2))  # (3 s; the send timeout 10 s)
+    provider = MemoryProvider()
+    export = provider.add("disk", 8 << 20)
+    export.write(0, bytes(range(256)) * (32 << 10), False)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
+            provider, "127.0.0.1", 0, send_timeout=10, task_status=task_status))
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        got = b""
+        with trio.fail_after(10):
+            while len(got) < 18:
+                got += await stream.receive_some(18 - len(got))
+            await stream.send_all(struct.pack(
+                ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
+                proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
+            got = b""
+            while len(got) < 10:
+                got += await stream.receive_some(10 - len(got))
+        await stream.send_all(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ,
+                                          1, 0, 8 << 20))
+        await trio.sleep(5)  # reading nothing: the window closed, past the user timeout
+        got = b""
+        with trio.fail_after(20):
+            while len(got) < 16 + (8 << 20):
+                data = await stream.receive_some(1 << 20)
+                assert data, "the server cut the connection off"
+                got += data
+        assert got[16:] == bytes(range(256)) * (32 << 10)
+        assert not getattr(export, "closed", False)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
