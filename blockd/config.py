@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from nbd_frontend.handshake import TLS_MODES
-from nbd_frontend.server import SEND_TIMEOUT
+from nbd_frontend.server import MAX_CONNECTIONS, SEND_TIMEOUT
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
@@ -26,6 +26,7 @@ AUTO = "auto"  # nbd_tcp_congestion's default (Config.nbd_congestion)
 LOCAL_NBD_CONGESTION = "cubic"  # of NBD connections from this host unless the config says
 PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
 HOT_CHUNKS_MAX = 65536  # 256 GiB of 4 MiB chunks to re-hash after a crash: more is a typo
+NBD_CONNECTIONS_MAX = 1_000_000  # (each a file descriptor: more is a typo)
 # far above any disk; a host's capacity is summed with others' and published in its stats
 CAPACITY_MAX = VOLUME_SIZE_MAX
 
@@ -91,6 +92,9 @@ class Config:
     # seconds an NBD client may take none of its replies before it is disconnected and
     # what was queued for it freed (nbd_frontend.server.SEND_TIMEOUT)
     nbd_send_timeout: float = SEND_TIMEOUT
+    # NBD connections served at once; one more is closed at once
+    # (nbd_frontend.server.MAX_CONNECTIONS)
+    nbd_max_connections: int = MAX_CONNECTIONS
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -136,6 +140,9 @@ class Config:
             raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
         if not 0 <= self.hot_chunks <= HOT_CHUNKS_MAX:
             raise InvalidArgument(f"{source}: key 'hot_chunks': must be from 0 to {HOT_CHUNKS_MAX}")
+        if not 1 <= self.nbd_max_connections <= NBD_CONNECTIONS_MAX:
+            raise InvalidArgument(f"{source}: key 'nbd_max_connections': must be from 1 to "
+                                  f"{NBD_CONNECTIONS_MAX}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
@@ -227,6 +234,13 @@ def _coerce(key: str, value, source: str):
     if key == "hot_chunks":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= HOT_CHUNKS_MAX:
             raise bad(f"expected a number of chunks from 0 to {HOT_CHUNKS_MAX}")
+        return value
+    if key == "nbd_max_connections":
+        if isinstance(value, str) and value.isdigit():  # (from a flag)
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 1 <= value <= NBD_CONNECTIONS_MAX:
+            raise bad(f"expected a number of connections from 1 to {NBD_CONNECTIONS_MAX}")
         return value
     if key in ("full_ratio", "nearfull_ratio"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

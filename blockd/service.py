@@ -1002,7 +1002,8 @@ class Blockd:
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
                     tls_context=cfg.tls_context(), stopping=self._nbd_stopping,
-                    send_timeout=cfg.nbd_send_timeout, held=self.nbd_held))
+                    send_timeout=cfg.nbd_send_timeout, held=self.nbd_held,
+                    max_connections=cfg.nbd_max_connections))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

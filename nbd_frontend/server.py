@@ -115,6 +115,12 @@ SEND_TIMEOUT = 60.0
 # FAIR_SHARE per connection.
 HELD_LIMIT = 1024 * 1024 * 1024
 FAIR_SHARE = 4 * 1024 * 1024
+# Connections of one server at once (blockd: nbd_max_connections); one more is closed as
+# soon as it is accepted, before the greeting. With HELD_LIMIT it bounds the memory of
+# the whole: each connection may hold FAIR_SHARE and a request past the budget, and a
+# file descriptor.
+MAX_CONNECTIONS = 1024
+REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
 # Export opens of one negotiation during which its clock stops (_answer_export); later
@@ -187,7 +193,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     ids: RequestIds | None = None, congestion: str = "",
                     local_congestion: str = "", tls: str = "off", tls_context=None,
                     stopping: trio.Event | None = None, send_timeout: float = SEND_TIMEOUT,
-                    held: HeldBytes | None = None,
+                    held: HeldBytes | None = None, max_connections: int = MAX_CONNECTIONS,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
@@ -203,7 +209,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     `send_timeout`: seconds a client may take none of its replies before it is
     disconnected (SEND_TIMEOUT).
     `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
-    not given).
+    not given). `max_connections`: connections served at once; one more is closed at
+    once (MAX_CONNECTIONS).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -217,10 +224,41 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
     held = HeldBytes() if held is None else held
-    await trio.serve_listeners(partial(handle_connection, provider=provider, ids=ids, tls=tls,
-                                       tls_context=tls_context, local_congestion=local_congestion,
-                                       stopping=stopping, send_timeout=send_timeout, held=held),
-                              listeners)
+    handle = partial(handle_connection, provider=provider, ids=ids, tls=tls,
+                     tls_context=tls_context, local_congestion=local_congestion,
+                     stopping=stopping, send_timeout=send_timeout, held=held)
+    await trio.serve_listeners(partial(_admit, handle, _Slots(max_connections)), listeners)
+
+
+class _Slots:
+    """The connections a server serves at once, at most `limit` (_admit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self.refused = 0  # since the last warning
+        self.warned_at = -math.inf
+
+
+async def _admit(handle, slots: _Slots, stream) -> None:
+    """handle(stream), unless `slots` are all taken: then the connection is closed at
+    once (the client sees it end before the greeting), and a warning says so, at most
+    every REFUSED_LOG_EVERY seconds."""
+    if slots.taken >= slots.limit:
+        slots.refused += 1
+        now = trio.current_time()
+        if now - slots.warned_at >= REFUSED_LOG_EVERY:
+            log.warning("nbd connections refused: %d connections open, the most allowed "
+                        "(nbd_max_connections); %d refused since the last warning",
+                        slots.taken, slots.refused)
+            slots.warned_at, slots.refused = now, 0
+        await trio.aclose_forcefully(stream)
+        return
+    slots.taken += 1
+    try:
+        await handle(stream)
+    finally:
+        slots.taken -= 1
 
 
 async def handle_connection(stream, provider: ExportProvider,

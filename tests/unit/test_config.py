@@ -68,6 +68,7 @@ VALUES = {
     "nbd_tls_key": (f'"{TLS}/server.key"', f"{TLS}/server.key"),
     "nbd_tls_ca": (f'"{TLS}/ca.pem"', f"{TLS}/ca.pem"),
     "nbd_send_timeout": ("20", 20.0),
+    "nbd_max_connections": ("64", 64),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
@@ -131,7 +132,8 @@ def test_flags_override_the_file(tmp_path):
              "scrub_interval": 0, "scrub_rate": "1M", "hot_chunks": 0, "peer_tcp_congestion": "",
              "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
-             "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7"}
+             "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7",
+             "nbd_max_connections": "9"}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -144,6 +146,7 @@ def test_flags_override_the_file(tmp_path):
     assert cfg.down_out_interval == 0.0
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
     assert (cfg.nbd_tls, cfg.nbd_tls_ca, cfg.nbd_send_timeout) == ("on", "", 7.0)
+    assert cfg.nbd_max_connections == 9
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
@@ -488,6 +491,14 @@ def test_hot_chunks_is_a_count_of_chunks(tmp_path):
     for i, bad in enumerate(("-1", '"1G"', "true", "2.5", "65537")):
         path = write(tmp_path, REQUIRED + f"hot_chunks = {bad}\n", f"h{i}.toml")
         assert names_key(refused(path), "hot_chunks"), bad
+
+
+def test_nbd_max_connections_is_a_count_of_connections(tmp_path):
+    assert load(write(tmp_path, REQUIRED), {}).nbd_max_connections == 1024
+    assert load(write(tmp_path, REQUIRED + "nbd_max_connections = 1\n"), {}).nbd_max_connections == 1
+    for i, bad in enumerate(("0", "-1", '"many"', "true", "2.5", "1000001")):
+        path = write(tmp_path, REQUIRED + f"nbd_max_connections = {bad}\n", f"n{i}.toml")
+        assert names_key(refused(path), "nbd_max_connections"), bad
 
 
 @pytest.mark.parametrize("key", ["heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",

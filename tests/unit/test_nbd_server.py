@@ -1618,3 +1618,29 @@ async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_en
         while ended == []:
             await trio.sleep(0.02)
     assert held.total == 0 and not held.waiting
+
+
+async def test_connections_past_max_connections_are_closed_at_once(provider, nursery, caplog):
+    """Past `max_connections` (blockd: nbd_max_connections) a new connection is closed as
+    soon as it is accepted, before the greeting, and a warning says so; those open are
+    served as ever, and once one ends a new one is taken. Without a cap, each connection
+    may hold FAIR_SHARE and a request past the budget: the count bounds the whole."""
+    port = await nursery.start(functools.partial(server.serve_nbd, provider, "127.0.0.1", 0,
+                                                 max_connections=2))
+    a, b = await Client.connect(port), await Client.connect(port)
+    extra = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+        await extra.recv(18)
+    assert "nbd connections refused" in caplog.text
+    assert await a.write(0, b"ok") == 0 and await b.read(0, 2) == b"ok"
+    await a.aclose()
+    with trio.fail_after(5):
+        while True:  # (the server sees a's end a moment later)
+            try:
+                c = await Client.connect(port)
+                break
+            except (EOFError, trio.BrokenResourceError):
+                await trio.sleep(0.05)
+    assert await c.read(0, 2) == b"ok"
+    for x in (b, c, extra):
+        await x.aclose()
