@@ -43,6 +43,34 @@ async def hello(net: Net, port: int):
     return stream, codec, event[1]
 
 
+async def export_name(stream, name: bytes = b"disk") -> int:
+    """The shortest negotiation: greeting, NBD_OPT_EXPORT_NAME; the export's
+    size."""
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < 18:  # NBDMAGIC, IHAVEOPT, handshake flags
+            got += await stream.receive_some(18 - len(got))
+        assert struct.unpack(">QQH", got)[:2] == (proto.NBDMAGIC, proto.IHAVEOPT)
+        await stream.send_all(struct.pack(
+            ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
+            proto.IHAVEOPT, proto.OPT_EXPORT_NAME, len(name)) + name)
+        got = b""
+        while len(got) < 10:  # size, transmission flags (no zeroes)
+            got += await stream.receive_some(10 - len(got))
+    return struct.unpack(">QH", got)[0]
+
+
+async def nbd_from_namespace(nursery, net: Net, provider, send_timeout: float):
+    """An NBD server on the bridge (serve_nbd, `send_timeout`) and a connection to it from
+    inside host 0's namespace, negotiated: the client's stream."""
+    port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
+        provider, net.root_addr, 0, send_timeout=send_timeout, task_status=task_status))
+    sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await export_name(stream)
+    return stream
+
+
 async def test_a_peer_cut_off_without_a_word_does_not_keep_its_place(monkeypatch, caplog):
     """Host h1's connection is cut (its link down: no FIN, no RST, nothing) while idle.
     TCP keepalive ends the session on the server, so when h1 comes back its new
@@ -93,22 +121,7 @@ async def test_an_nbd_client_cut_off_without_a_word_leaves_its_export(monkeypatc
     try:
         async with trio.open_nursery() as nursery:
             # (a send timeout under keepalive's time: blockd's 60 s is keepalive's too)
-            port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
-                provider, net.root_addr, 0, send_timeout=2, task_status=task_status))
-            sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            got = b""
-            with trio.fail_after(10):
-                while len(got) < 18:  # NBDMAGIC, IHAVEOPT, handshake flags
-                    got += await stream.receive_some(18 - len(got))
-                assert struct.unpack(">QQH", got)[:2] == (proto.NBDMAGIC, proto.IHAVEOPT)
-                await stream.send_all(struct.pack(
-                    ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
-                    proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
-                got = b""
-                while len(got) < 10:  # size, transmission flags (no zeroes)
-                    got += await stream.receive_some(10 - len(got))
-            assert struct.unpack(">QH", got)[0] == 1 << 20
+            stream = await nbd_from_namespace(nursery, net, provider, 2)
             assert not getattr(export, "closed", False)
             await trio.sleep(0.5)  # (the client's ack of it out: keepalive times an idle link)
             net.cut(0)
@@ -141,20 +154,7 @@ async def test_an_nbd_client_cut_off_with_a_reply_unacknowledged_leaves_its_expo
     net = Net(1).up()
     try:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(lambda task_status: nbd_server.serve_nbd(
-                provider, net.root_addr, 0, send_timeout=3, task_status=task_status))
-            sock = await trio.to_thread.run_sync(lambda: net.connect(0, port, to=net.root_addr))
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            got = b""
-            with trio.fail_after(10):
-                while len(got) < 18:
-                    got += await stream.receive_some(18 - len(got))
-                await stream.send_all(struct.pack(
-                    ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
-                    proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
-                got = b""
-                while len(got) < 10:
-                    got += await stream.receive_some(10 - len(got))
+            stream = await nbd_from_namespace(nursery, net, provider, 3)
             await stream.send_all(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ,
                                               1, 0, 65536))
             await trio.sleep(0.2)  # (the request in, acknowledged; its reply not sent yet)
@@ -189,16 +189,7 @@ async def test_an_nbd_client_that_reads_nothing_for_a_while_is_not_cut_off(monke
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect(("127.0.0.1", port))
         stream = trio.SocketStream(sock)
-        got = b""
-        with trio.fail_after(10):
-            while len(got) < 18:
-                got += await stream.receive_some(18 - len(got))
-            await stream.send_all(struct.pack(
-                ">IQII", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES,
-                proto.IHAVEOPT, proto.OPT_EXPORT_NAME, 4) + b"disk")
-            got = b""
-            while len(got) < 10:
-                got += await stream.receive_some(10 - len(got))
+        await export_name(stream)
         await stream.send_all(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ,
                                           1, 0, 8 << 20))
         await trio.sleep(5)  # reading nothing: the window closed, past the user timeout
