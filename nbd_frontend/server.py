@@ -557,6 +557,7 @@ class _Connection:
                 was = held.total
                 held.total -= self.charged
                 self.charged = 0
+                self.held = None  # (a Later completing after the end charges nothing)
                 if was > held.limit >= held.total:
                     held.back_under()
 
@@ -902,6 +903,8 @@ class _Connection:
                     self.push()
                 except OSError:  # the client is gone: the writer finds out and ends it
                     self.wake.set()
+                if self.held is not None:  # (sent without the writer: given back here)
+                    self.recharge()
 
     def later_defer(self, req: Request, t0: float, awaitable) -> bool:
         """A Later answer continues as an awaitable: run it like one. False when the

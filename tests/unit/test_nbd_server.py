@@ -1644,3 +1644,56 @@ async def test_connections_past_max_connections_are_closed_at_once(provider, nur
     assert await c.read(0, 2) == b"ok"
     for x in (b, c, extra):
         await x.aclose()
+
+
+async def test_a_later_answer_sent_at_once_gives_back_what_its_write_held(provider, nursery):
+    """A write answered by a Later, the only request in flight (QD1), is answered from the
+    Later's callback with an inline send, not the writer: what it held in the server's
+    budget is given back then too, not left charged while the client is idle (with a few
+    idle connections so charged, the budget stays over its limit and every connection is
+    capped at FAIR_SHARE for good)."""
+    export = LaterExport("later", 4 * MiB)
+    provider.exports["later"] = export
+    held = server.HeldBytes(MiB)
+    port, ended = await observed_server(nursery, provider, held=held)
+    c = await Client.connect(port, "later")
+    data = b"\x07" * (2 * MiB)
+    await c.request(proto.CMD_WRITE, 0, len(data), data, cookie=5)
+    with trio.fail_after(5):
+        while 0 not in export.pending:
+            await trio.sleep(0.01)
+    assert held.total == 2 * MiB
+    export.pending[0].done()
+    with trio.fail_after(5):
+        assert await c.reply() == (5, 0, b"")
+    await trio.sleep(0.2)  # the client idle: the connection reads nothing more
+    assert held.total == 0, held.total / MiB
+    await c.aclose()
+    with trio.fail_after(5):
+        while ended == []:
+            await trio.sleep(0.02)
+    assert held.total == 0
+
+
+async def test_a_later_answer_completed_after_its_connection_ended_charges_nothing(provider,
+                                                                                  nursery):
+    """A Later completed after its connection ended (here: a protocol error) sends
+    nothing and charges nothing: the budget is back to 0 and stays there."""
+    export = LaterExport("later", 4 * MiB)
+    provider.exports["later"] = export
+    held = server.HeldBytes(MiB)
+    port, ended = await observed_server(nursery, provider, held=held)
+    c = await Client.connect(port, "later")
+    await c.request(proto.CMD_WRITE, 0, MiB, b"\x01" * MiB, cookie=1)
+    with trio.fail_after(5):
+        while 0 not in export.pending:
+            await trio.sleep(0.01)
+    await c.send(b"\0" * 28)  # bad magic: the connection ends, its write still pending
+    with trio.fail_after(5):
+        while ended == []:
+            await trio.sleep(0.02)
+    assert held.total == 0
+    export.pending[0].done()
+    await trio.sleep(0.05)
+    assert held.total == 0, held.total
+    await c.aclose()
