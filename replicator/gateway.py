@@ -602,13 +602,10 @@ class VolumeGateway:
             after = self.qos.limits if self.qos is not None else (0, 0)
             end = now + (end - now) * _rescale(before, after)
         try:
-            result = op(*args)
-            if result is not None and hasattr(result, "__await__"):
-                result = await result
+            return await _called(op, *args)
         except Fenced as e:  # (as write() and trim() on their unthrottled path)
             self._fence(e)
             raise
-        return result
 
     # --- READ --------------------------------------------------------------------------
 
@@ -661,10 +658,7 @@ class VolumeGateway:
         write in between."""
         while self.settling is not None:
             await self.settling.wait()
-        result = op(*args)
-        if result is not None and hasattr(result, "__await__"):
-            result = await result
-        return result
+        return await _called(op, *args)
 
     def _plan(self, index: int):
         """Chunk `index`'s read plan: the store's handle of the generation a read of it
@@ -1100,10 +1094,7 @@ class VolumeGateway:
                 self.token = await self.take_lease()
         finally:
             self._lease_lock.release()
-        result = op(*args)
-        if result is not None and hasattr(result, "__await__"):
-            result = await result
-        return result
+        return await _called(op, *args)
 
     def prepare_writes(self, offsets) -> None:
         """`offsets()`: those of writes about to come in one batch. The chunks of this host's
@@ -1243,10 +1234,7 @@ class VolumeGateway:
         for _ in range(RECHECK_SYNCS):
             await self.next_sync()
             if end <= self.size:  # (op checks it again, with no await in between)
-                result = op(*args)
-                if result is not None and hasattr(result, "__await__"):
-                    result = await result
-                return result
+                return await _called(op, *args)
         raise exc
 
     def _pieces_end(self, pieces) -> tuple[int, int]:
@@ -2375,6 +2363,15 @@ class VolumeGateway:
         if self.on_close is not None:
             return self.on_close(self)
         return None
+
+
+async def _called(op, *args):
+    """op(*args), awaited if it answered an awaitable: the gateway's request methods
+    answer at once (a value, None) or with a coroutine or Later to await."""
+    result = op(*args)
+    if result is not None and hasattr(result, "__await__"):
+        result = await result
+    return result
 
 
 def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:
