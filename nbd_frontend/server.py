@@ -182,11 +182,17 @@ class HeldBytes:
         self.most = 0  # the largest total seen (for tests and metrics)
         self.waiting: set = set()  # connections held back (_Connection.wait_room)
 
-    def back_under(self) -> None:
-        """The total went back under the limit: the connections held back look again."""
-        for c in self.waiting:
-            c.room.set()
-        self.waiting.clear()
+    def add(self, delta: int) -> None:
+        """A connection holds `delta` bytes more (less, if negative). Back under the limit,
+        the connections held back look again."""
+        was = self.total
+        self.total = total = was + delta
+        if total > self.most:
+            self.most = total
+        elif was > self.limit >= total:
+            for c in self.waiting:
+                c.room.set()
+            self.waiting.clear()
 
 
 async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
@@ -554,12 +560,9 @@ class _Connection:
             held = self.held
             if held is not None:  # what it held, given back (waking those held back)
                 held.waiting.discard(self)
-                was = held.total
-                held.total -= self.charged
+                held.add(-self.charged)
                 self.charged = 0
                 self.held = None  # (a Later completing after the end charges nothing)
-                if was > held.limit >= held.total:
-                    held.back_under()
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the
@@ -678,13 +681,8 @@ class _Connection:
         held = self.held
         mine = self.inflight_bytes + self.out_bytes + self.sending + self.codec.receiving
         if mine != self.charged:
-            was = held.total
-            held.total += mine - self.charged
+            held.add(mine - self.charged)
             self.charged = mine
-            if held.total > held.most:
-                held.most = held.total
-            elif was > held.limit >= held.total:
-                held.back_under()
         if held.total > held.limit:
             self.max_bytes = self.max_queued = FAIR_SHARE
         else:
