@@ -27,6 +27,9 @@ LOCAL_NBD_CONGESTION = "cubic"  # of NBD connections from this host unless the c
 PEER_CONGESTION = "cubic"  # the peer links' TCP congestion control unless the config says
 HOT_CHUNKS_MAX = 65536  # 256 GiB of 4 MiB chunks to re-hash after a crash: more is a typo
 NBD_CONNECTIONS_MAX = 1_000_000  # (each a file descriptor: more is a typo)
+# the keys that are counts: (least, most, of what)
+COUNTS = {"hot_chunks": (0, HOT_CHUNKS_MAX, "chunks"),
+          "nbd_max_connections": (1, NBD_CONNECTIONS_MAX, "connections")}
 # far above any disk; a host's capacity is summed with others' and published in its stats
 CAPACITY_MAX = VOLUME_SIZE_MAX
 
@@ -138,11 +141,9 @@ class Config:
                                   f"full_ratio ({self.full_ratio})")
         if self.scrub_rate < 0:
             raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
-        if not 0 <= self.hot_chunks <= HOT_CHUNKS_MAX:
-            raise InvalidArgument(f"{source}: key 'hot_chunks': must be from 0 to {HOT_CHUNKS_MAX}")
-        if not 1 <= self.nbd_max_connections <= NBD_CONNECTIONS_MAX:
-            raise InvalidArgument(f"{source}: key 'nbd_max_connections': must be from 1 to "
-                                  f"{NBD_CONNECTIONS_MAX}")
+        for key, (low, high, _) in COUNTS.items():
+            if not low <= getattr(self, key) <= high:
+                raise InvalidArgument(f"{source}: key {key!r}: must be from {low} to {high}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
@@ -231,16 +232,10 @@ def _coerce(key: str, value, source: str):
             return parse_size(value)
         except InvalidArgument as e:
             raise bad(str(e)) from None
-    if key == "hot_chunks":
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= HOT_CHUNKS_MAX:
-            raise bad(f"expected a number of chunks from 0 to {HOT_CHUNKS_MAX}")
-        return value
-    if key == "nbd_max_connections":
-        if isinstance(value, str) and value.isdigit():  # (from a flag)
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or \
-                not 1 <= value <= NBD_CONNECTIONS_MAX:
-            raise bad(f"expected a number of connections from 1 to {NBD_CONNECTIONS_MAX}")
+    if key in COUNTS:
+        low, high, what = COUNTS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad(f"expected a number of {what} from {low} to {high}")
         return value
     if key in ("full_ratio", "nearfull_ratio"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

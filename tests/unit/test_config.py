@@ -133,7 +133,7 @@ def test_flags_override_the_file(tmp_path):
              "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
              "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7",
-             "nbd_max_connections": "9"}
+             "nbd_max_connections": 9}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
