@@ -82,11 +82,9 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Collection
 
 import trio
@@ -95,7 +93,6 @@ from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, live_places, weight_pairs
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
-from vbp.placement import Placement
 from vbp.registry.base import NEVER_CURRENT
 from vbp.volume import replicas_by_lineage
 
@@ -152,11 +149,6 @@ WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, reada
 WEIGHT_MIN = 0.05
 WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
 RAISE_SAMPLE = 20000  # chunks whose placement a raise is judged on, at most
-# synthetic chunks (of a lineage no volume has) whose placement a lowering is judged on
-# (_Projection): on 10 hosts a wanted_weights call takes about 40 ms with one host over,
-# 0.2 s when it tries a plan for each of 9 (in a worker thread: _reweight)
-PROJECT_SAMPLE = 4096
-PROJECT_LINEAGE = "reweight-sample"
 
 
 def _quantize(f: float, up: bool) -> float:
@@ -204,51 +196,20 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
 
 
-class _Projection:
-    """What each host would hold under lowered factors, projected from the real placement
-    (vbp.placement) of PROJECT_SAMPLE synthetic chunks of `most` copies: a host's usage
-    times its count of those chunks under the plan over its count now (a host with none
-    now: unchanged). Placement decides where a shed copy can go -- only to a domain that
-    holds no other copy of the chunk, so with few zones a host's shed may reach one or
-    two hosts only -- and no estimate by weight saw that. Lowering factors only takes the
-    lowered hosts out of chunks and moves no other chunk (vbp.placement, Stability): a
-    plan places again only the sample chunks a lowered host holds now. The placement
-    under the current factors is sampled once, on the first plan."""
-
-    def __init__(self, cmap: ClusterMap, cur: dict[str, float], most: int):
-        self._hosts = ClusterMap(cmap.epoch, cmap.placed_hosts())
-        self._cur = cur
-        self._most = most
-
-    @functools.cached_property
-    def _now(self) -> tuple[list[tuple[str, ...]], Counter, dict[str, list[int]]]:
-        now = Placement(self._hosts, self._cur)
-        placed = [now.place(PROJECT_LINEAGE, i, self._most) for i in range(PROJECT_SAMPLE)]
-        held: dict[str, list[int]] = {}
-        for i, hosts in enumerate(placed):
-            for h in hosts:
-                held.setdefault(h, []).append(i)
-        return placed, Counter(h for hosts in placed for h in hosts), held
-
-    def after(self, usage: dict, lowered: dict[str, float]) -> dict[str, float]:
-        """Host of `usage` -> bytes it would hold with the factors of `lowered` (each below
-        its current one), once every moved copy is freed."""
-        placed, now, held = self._now
-        plan = Placement(self._hosts, {**self._cur, **lowered})
-        count = Counter(now)
-        for i in sorted({i for h in lowered for i in held.get(h, ())}):
-            count.subtract(placed[i])
-            count.update(plan.place(PROJECT_LINEAGE, i, self._most))
-        return {x: used * count[x] / now[x] if now[x] else float(used) for x, (used, *_) in usage.items()}
-
-
-def _lowerings(cur: dict[str, float], usage: dict, over: list[str], projection: _Projection) -> dict[str, float]:
+def _lowerings(cur: dict[str, float], usage: dict, over: list[str], domain: dict,
+               most: int) -> dict[str, float]:
     """New factors for hosts of `over` (above nearfull, the fullest first), lowered
     together (wanted_weights): the fullest `n` of those fuller than the pool's mean by
-    ABOVE_MEAN, for the largest `n` whose lowering, with what each host would hold after
-    it projected from the placement (_Projection), leaves no host past its full ratio
-    that was not, every lowered host less full, and what lands on the others within their
-    room below nearfull."""
+    ABOVE_MEAN, for the largest `n` whose lowering, with what each host sheds landing on
+    the others by weight, leaves no host past its full ratio that was not, every lowered
+    host less full, and what lands on the others within their room below nearfull.
+
+    `domain`: host -> the failure domain placement spreads a chunk's copies over (_domains).
+    A copy a host sheds goes to a host of a domain that holds no other copy of the chunk:
+    its own domain's, and another's only when there are more domains than `most`
+    copies (then with the odds that the chunk left that domain out). With no more
+    domains than copies, every domain holds a copy of every chunk: what a host sheds
+    stays in its domain, and a host alone in its domain sheds nothing."""
     if not over:
         return {}
     mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values())
@@ -263,17 +224,30 @@ def _lowerings(cur: dict[str, float], usage: dict, over: list[str], projection: 
         new = _quantize(f * aim / used, up=False)
         if new < f:
             plan[h] = new
+    weight = {h: cap * cur.get(h, 1.0) for h, (_, cap, *_) in usage.items()}
+    domains = len(set(domain.values()))
+    across = max(0.0, (domains - most) / (domains - 1)) if domains > 1 else 1.0
     hosts = list(plan)
     for n in range(len(hosts), 0, -1):
         lowered = {h: plan[h] for h in hosts[:n]}
-        after = projection.after(usage, lowered)
+        after = {x: float(used) for x, (used, *_) in usage.items()}
+        for h, f in lowered.items():
+            # what h sheds goes to the others that may take its copies, by weight
+            takers = {x: weight[x] * (1.0 if d == domain.get(h) else across)
+                      for x, d in domain.items() if x != h and h in domain}
+            out = sum(takers.values())
+            if out <= 0:
+                continue  # nowhere its copies can go: it keeps them
+            shed = usage[h][0] * (1 - f / cur.get(h, 1.0))
+            after[h] -= shed
+            for x, w in takers.items():
+                after[x] += shed * w / out
         rest = [x for x in usage if x not in lowered]
         room = sum(max(0.0, usage[x][2] * usage[x][1] - usage[x][0]) for x in rest)
         if not rest or sum(after[x] - usage[x][0] for x in rest) > room:
             continue  # the others lack the room below their thresholds
         if any(after[x] >= usage[x][0] for x in lowered):
-            continue  # refilled by the others' chunks, or its copies have nowhere to go
-            # (every domain holds one): no better off, and they move
+            continue  # refilled by the others' chunks: no better off, and they move
         fullest = max(usage[x][0] / usage[x][1] for x in lowered)
         if any(after[x] > used and (after[x] > full * cap or after[x] > nf * cap
                                     and after[x] / cap >= fullest)
@@ -282,6 +256,17 @@ def _lowerings(cur: dict[str, float], usage: dict, over: list[str], projection: 
             # a host it relieves
         return lowered
     return {}
+
+
+def _domains(cmap: ClusterMap, hosts) -> dict[str, tuple]:
+    """Host of `hosts` -> the failure domain placement spreads copies over first: its zone,
+    or in a pool of one zone its pod. Hosts placement does not know (gone from the map)
+    are left out: they take no copy."""
+    placed = cmap.placed()
+    places = {h: placed[h][1:] for h in hosts if h in placed}
+    if len({zone for zone, _ in places.values()}) > 1:
+        return {h: (zone,) for h, (zone, _) in places.items()}
+    return places
 
 
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
@@ -298,11 +283,9 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
       lower than the pool's mean: in a pool that full the margin cannot be had
       everywhere, and a host taken below the mean only puts others over (Ceph's
       reweight-by-utilization aims at the average too, and acts only on what is well
-      above it). What a lowered host sheds lands on the hosts placement gives its
-      copies to (only those of domains without a copy of the chunk: with few zones, one
-      or two hosts), those near their thresholds too, so the lowerings are judged
-      together on what each host would hold, projected from the placement of sample
-      chunks (_lowerings, _Projection), the
+      above it). What a lowered host sheds lands on the other hosts by weight (in its
+      own zone when every zone holds a copy of each chunk), those near their thresholds
+      too, so the lowerings are judged together (_lowerings), the
       least full left out until: what lands on the hosts not lowered fits in their room
       below their thresholds (a pool that is full everywhere keeps its placement, and
       writes needing a new chunk get ENOSPC); every lowered host ends less full; and no
@@ -337,7 +320,7 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                         float(st.get("full_ratio") or FULL_RATIO))
     over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
-    out.update(_lowerings(cur, usage, over, _Projection(cmap, cur, most)))
+    out.update(_lowerings(cur, usage, over, _domains(cmap, usage), most))
     for h, f in cur.items():
         if h in usage and h not in over:
             used, cap, nf, _ = usage[h]
@@ -585,14 +568,12 @@ class DataSetMover:
         if now - self._calm[1] < self.reweight_hold and not stats_current(cmap, stats):
             return cmap
         most = max(v["replicas"] for v in vols)
-        # (in a worker thread: a lowering is judged on placing thousands of chunks, _Projection)
-        want = await trio.to_thread.run_sync(wanted_weights, cmap, stats, most)
+        want = wanted_weights(cmap, stats, most)
         raised = {h: f for h, f in want.items() if f > cmap.factors.get(h, 1.0)}
         raised.update((h, 1.0) for h in cmap.factors if h in cmap.data_set and h not in want)
         if raised:  # judged again on the chunks the raise would place there, and owed
-            growth = await self._growth(cmap, vols, raised)
-            owed = owed_by_host(await self.registry.list_stale(), vols)
-            want = await trio.to_thread.run_sync(wanted_weights, cmap, stats, most, growth, owed)
+            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised),
+                                  owed_by_host(await self.registry.list_stale(), vols))
         if want == cmap.factors:
             return cmap
         for h in sorted(set(want) | set(cmap.factors)):
