@@ -196,20 +196,12 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
 
 
-def _lowerings(cur: dict[str, float], usage: dict, over: list[str], domain: dict,
-               most: int) -> dict[str, float]:
+def _lowerings(cur: dict[str, float], usage: dict, over: list[str]) -> dict[str, float]:
     """New factors for hosts of `over` (above nearfull, the fullest first), lowered
     together (wanted_weights): the fullest `n` of those fuller than the pool's mean by
     ABOVE_MEAN, for the largest `n` whose lowering, with what each host sheds landing on
-    the others by weight, leaves no host past its full ratio that was not, every lowered
-    host less full, and what lands on the others within their room below nearfull.
-
-    `domain`: host -> the failure domain placement spreads a chunk's copies over (_domains).
-    A copy a host sheds goes to a host of a domain that holds no other copy of the chunk:
-    its own domain's, and another's only when there are more domains than `most`
-    copies (then with the odds that the chunk left that domain out). With no more
-    domains than copies, every domain holds a copy of every chunk: what a host sheds
-    stays in its domain, and a host alone in its domain sheds nothing."""
+    every other by weight, leaves no host past its full ratio that was not, every lowered
+    host less full, and what lands on the others within their room below nearfull."""
     if not over:
         return {}
     mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values())
@@ -225,23 +217,16 @@ def _lowerings(cur: dict[str, float], usage: dict, over: list[str], domain: dict
         if new < f:
             plan[h] = new
     weight = {h: cap * cur.get(h, 1.0) for h, (_, cap, *_) in usage.items()}
-    domains = len(set(domain.values()))
-    across = max(0.0, (domains - most) / (domains - 1)) if domains > 1 else 1.0
+    total = sum(weight.values())
     hosts = list(plan)
     for n in range(len(hosts), 0, -1):
         lowered = {h: plan[h] for h in hosts[:n]}
-        after = {x: float(used) for x, (used, *_) in usage.items()}
-        for h, f in lowered.items():
-            # what h sheds goes to the others that may take its copies, by weight
-            takers = {x: weight[x] * (1.0 if d == domain.get(h) else across)
-                      for x, d in domain.items() if x != h and h in domain}
-            out = sum(takers.values())
-            if out <= 0:
-                continue  # nowhere its copies can go: it keeps them
-            shed = usage[h][0] * (1 - f / cur.get(h, 1.0))
-            after[h] -= shed
-            for x, w in takers.items():
-                after[x] += shed * w / out
+        shed = {h: usage[h][0] * (1 - f / cur.get(h, 1.0)) for h, f in lowered.items()}
+        # what h sheds goes to the others, by weight (its own is out of the draw)
+        per_weight = sum(s / (total - weight[h]) for h, s in shed.items() if total > weight[h])
+        after = {x: used - shed.get(x, 0.0) + weight[x] * (
+                    per_weight - (shed[x] / (total - weight[x]) if x in shed and total > weight[x] else 0.0))
+                 for x, (used, *_) in usage.items()}
         rest = [x for x in usage if x not in lowered]
         room = sum(max(0.0, usage[x][2] * usage[x][1] - usage[x][0]) for x in rest)
         if not rest or sum(after[x] - usage[x][0] for x in rest) > room:
@@ -258,17 +243,6 @@ def _lowerings(cur: dict[str, float], usage: dict, over: list[str], domain: dict
     return {}
 
 
-def _domains(cmap: ClusterMap, hosts) -> dict[str, tuple]:
-    """Host of `hosts` -> the failure domain placement spreads copies over first: its zone,
-    or in a pool of one zone its pod. Hosts placement does not know (gone from the map)
-    are left out: they take no copy."""
-    placed = cmap.placed()
-    places = {h: placed[h][1:] for h in hosts if h in placed}
-    if len({zone for zone, _ in places.values()}) > 1:
-        return {h: (zone,) for h, (zone, _) in places.items()}
-    return places
-
-
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                    growth: dict[str, float] | None = None,
                    owed: dict[str, int] | None = None) -> dict[str, float]:
@@ -283,9 +257,8 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
       lower than the pool's mean: in a pool that full the margin cannot be had
       everywhere, and a host taken below the mean only puts others over (Ceph's
       reweight-by-utilization aims at the average too, and acts only on what is well
-      above it). What a lowered host sheds lands on the other hosts by weight (in its
-      own zone when every zone holds a copy of each chunk), those near their thresholds
-      too, so the lowerings are judged together (_lowerings), the
+      above it). What a lowered host sheds lands on every other host by weight, those
+      near their thresholds too, so the lowerings are judged together (_lowerings), the
       least full left out until: what lands on the hosts not lowered fits in their room
       below their thresholds (a pool that is full everywhere keeps its placement, and
       writes needing a new chunk get ENOSPC); every lowered host ends less full; and no
@@ -320,7 +293,7 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                         float(st.get("full_ratio") or FULL_RATIO))
     over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
-    out.update(_lowerings(cur, usage, over, _domains(cmap, usage), most))
+    out.update(_lowerings(cur, usage, over))
     for h, f in cur.items():
         if h in usage and h not in over:
             used, cap, nf, _ = usage[h]
