@@ -264,9 +264,9 @@ def controller_steps(n: int, replicas: int, fill: float, slots: int, rounds: int
     return seen
 
 
-@pytest.mark.parametrize("fill", [0.7, 0.78, 0.81, 0.84, 0.88])
-@pytest.mark.parametrize("hosts,replicas", [(5, 1), (5, 3), (8, 1), (8, 2), (10, 3)])
-def test_a_pool_nearly_full_on_average_settles_without_pushing_a_host_past_full(hosts, replicas, fill):
+@pytest.mark.parametrize("fill", [0.78, 0.81, 0.84])
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_pool_nearly_full_on_average_settles_without_pushing_a_host_past_full(replicas, fill):
     """Review: 8 hosts, the pool about 80% full, placement putting a few of them past
     nearfull (0.85). Lowering one spread what it shed over every host by weight, those
     near nearfull too, which were lowered in turn; nothing goes back up in a pool that
@@ -274,7 +274,7 @@ def test_a_pool_nearly_full_on_average_settles_without_pushing_a_host_past_full(
     the floor over tens of changes of data set, all those moves for nothing, and on the
     way hosts were pushed past full_ratio (0.95). Now: a few changes, no host that was
     below full_ratio goes past it, and the fullest ends no fuller."""
-    seen = controller_steps(hosts, replicas, fill, 400, 30)
+    seen = controller_steps(8, replicas, fill, 400, 30)
     first = seen[0][1]
     for step, (factors, used) in enumerate(seen[1:], 1):
         past = {h: u for h, u in used.items() if u > 0.95 and u > first[h]}
