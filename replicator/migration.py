@@ -140,9 +140,6 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict],
 # freed only a grace period later. At full_ratio recovery already takes no new copy there
 # and new chunks soon fail with ENOSPC (degraded writes).
 NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
-FULL_RATIO = 0.95  # default of blockd's full_ratio (a host that publishes none)
-# a host above nearfull is lowered only if this much fuller than the pool on average
-ABOVE_MEAN = 0.05
 REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
 WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
 WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
@@ -196,53 +193,6 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
 
 
-def _lowerings(cur: dict[str, float], usage: dict, over: list[str]) -> dict[str, float]:
-    """New factors for hosts of `over` (above nearfull, the fullest first), lowered
-    together (wanted_weights): the fullest `n` of those fuller than the pool's mean by
-    ABOVE_MEAN, for the largest `n` whose lowering, with what each host sheds landing on
-    every other by weight, leaves no host past its full ratio that was not, every lowered
-    host less full, and what lands on the others within their room below nearfull."""
-    if not over:
-        return {}
-    mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values())
-    plan = {}
-    for h in over:
-        used, cap, nf, _ = usage[h]
-        if used / cap <= mean + ABOVE_MEAN:
-            continue  # about as full as the pool: its chunks would only fill the others
-        f = cur.get(h, 1.0)
-        # aimed no lower than the mean: below it, it only pushes others over
-        aim = max(min(WEIGHT_STEP * used, (nf - REWEIGHT_MARGIN) * cap), mean * cap)
-        new = _quantize(f * aim / used, up=False)
-        if new < f:
-            plan[h] = new
-    weight = {h: cap * cur.get(h, 1.0) for h, (_, cap, *_) in usage.items()}
-    total = sum(weight.values())
-    hosts = list(plan)
-    for n in range(len(hosts), 0, -1):
-        lowered = {h: plan[h] for h in hosts[:n]}
-        shed = {h: usage[h][0] * (1 - f / cur.get(h, 1.0)) for h, f in lowered.items()}
-        # what h sheds goes to the others, by weight (its own is out of the draw)
-        per_weight = sum(s / (total - weight[h]) for h, s in shed.items() if total > weight[h])
-        after = {x: used - shed.get(x, 0.0) + weight[x] * (
-                    per_weight - (shed[x] / (total - weight[x]) if x in shed and total > weight[x] else 0.0))
-                 for x, (used, *_) in usage.items()}
-        rest = [x for x in usage if x not in lowered]
-        room = sum(max(0.0, usage[x][2] * usage[x][1] - usage[x][0]) for x in rest)
-        if not rest or sum(after[x] - usage[x][0] for x in rest) > room:
-            continue  # the others lack the room below their thresholds
-        if any(after[x] >= usage[x][0] for x in lowered):
-            continue  # refilled by the others' chunks: no better off, and they move
-        fullest = max(usage[x][0] / usage[x][1] for x in lowered)
-        if any(after[x] > used and (after[x] > full * cap or after[x] > nf * cap
-                                    and after[x] / cap >= fullest)
-               for x, (used, cap, nf, full) in usage.items()):
-            continue  # a host pushed past its full ratio, or past nearfull to as full as
-            # a host it relieves
-        return lowered
-    return {}
-
-
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                    growth: dict[str, float] | None = None,
                    owed: dict[str, int] | None = None) -> dict[str, float]:
@@ -250,23 +200,11 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
     each host holds less its copies the data set places elsewhere (`pending_free`), so
     copies a step moved off count as gone before they are freed.
 
-    - The hosts of the data set above their nearfull threshold and fuller than the pool
-      on average (used over capacity of the hosts with stats) by ABOVE_MEAN have their
-      factors lowered by at least WEIGHT_STEP, to what would bring each REWEIGHT_MARGIN
-      below its threshold if its share of chunks followed its weight -- but aiming no
-      lower than the pool's mean: in a pool that full the margin cannot be had
-      everywhere, and a host taken below the mean only puts others over (Ceph's
-      reweight-by-utilization aims at the average too, and acts only on what is well
-      above it). What a lowered host sheds lands on every other host by weight, those
-      near their thresholds too, so the lowerings are judged together (_lowerings), the
-      least full left out until: what lands on the hosts not lowered fits in their room
-      below their thresholds (a pool that is full everywhere keeps its placement, and
-      writes needing a new chunk get ENOSPC); every lowered host ends less full; and no
-      host is pushed past its full_ratio, nor past its nearfull threshold to as full as
-      the fullest host lowered. Lowering each host over on its own, against the total
-      room, put a pool about 80% full into a cascade: each lowering pushed the next host
-      over, nothing went back up (a raise needs a host well below nearfull), every
-      factor ran down change after change, and hosts went past full on the way.
+    - A host of the data set above its nearfull threshold has its factor lowered by at
+      least WEIGHT_STEP, to what would bring it REWEIGHT_MARGIN below the threshold if its
+      share of chunks followed its weight -- unless the other hosts lack the room below
+      their own thresholds for what would move (then nothing moves: a pool that is full
+      everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
     - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
       factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
       usage grows with its weight -- or, if more, as its count of placed chunks grows
@@ -289,14 +227,22 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
         cap, used = st.get("capacity") or 0, st.get("used")
         if cap > 0 and used is not None:
             used = max(0, used - pending_free(st, cmap.mgen))
-            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO),
-                        float(st.get("full_ratio") or FULL_RATIO))
-    over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
+            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO))
+    over = sorted((h for h, (used, cap, nf) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
-    out.update(_lowerings(cur, usage, over))
+    room = sum(max(0.0, nf * cap - used) for h, (used, cap, nf) in usage.items() if h not in over)
+    for h in over:
+        used, cap, nf = usage[h]
+        f = cur.get(h, 1.0)
+        new = _quantize(f * min(WEIGHT_STEP, (nf - REWEIGHT_MARGIN) * cap / used), up=False)
+        moves = used * (1 - new / f)
+        if new >= f or moves > room:
+            continue
+        room -= moves
+        out[h] = new
     for h, f in cur.items():
         if h in usage and h not in over:
-            used, cap, nf, _ = usage[h]
+            used, cap, nf = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
             grows = max(new / f, (growth or {}).get(h, 0.0))
             if (used + (owed or {}).get(h, 0)) * grows < (nf - REWEIGHT_MARGIN) * cap:
