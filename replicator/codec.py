@@ -39,6 +39,11 @@ from vbp.buffers import unshared
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + 64 * 1024  # a whole 64 MiB chunk plus its header
 SPLIT_THRESHOLD = 32 * 1024  # bytes fields at least this big are sent as their own buffer
 LARGE_FRAME = 64 * 1024  # frames at least this big are received into their own buffer
+# Large frame buffers a codec keeps for reuse, in all. A replica takes every frame already
+# received as one batch and answers them together, so each write of the batch holds its
+# frame's buffer until then: with a single spare, every frame but one of a batch had a new
+# buffer, and a new bytearray is zeroed whole (memset) and faults its pages in.
+POOL_BYTES = 16 * 1024 * 1024
 
 
 class _Sentinel:
@@ -218,7 +223,7 @@ class PeerCodec:
     """One connection's codec. `receive_data` then `next_event` until NEED_DATA; `encode`
     for each message to send (stateless: any number of tasks may call it)."""
 
-    __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_filled", "_spare")
+    __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_filled", "_pool")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         if max_frame < 16:
@@ -234,10 +239,10 @@ class PeerCodec:
         # and a WriteChunk's payload is then handed on as a view of it, never copied
         self._large: bytearray | None = None
         self._filled = 0
-        # [the last large frame's buffer], reused once nothing refers to it any more (the
-        # message it carried is gone; vbp.buffers): a new one every time costs a page
-        # fault per 4 KiB
-        self._spare: list = [None]
+        # large frames' buffers, each reused once nothing refers to it any more (the
+        # message it carried is gone; vbp.buffers): a new one every time is zeroed and
+        # costs a page fault per 4 KiB (POOL_BYTES)
+        self._pool: list = []
         self._eof = False
         self._error: PeerProtocolError | None = None
 
@@ -319,15 +324,22 @@ class PeerCodec:
         return self._decode(obj)
 
     def _frame_buffer(self, n: int) -> bytearray:
-        slot = self._spare
-        if slot[0] is not None and unshared(slot, 0):  # no WriteChunk payload of it in use
-            spare = slot[0]
-            if len(spare) != n:
-                spare[n:] = b""
-                if len(spare) < n:
-                    spare.extend(bytes(n - len(spare)))
-            return spare
-        spare = slot[0] = bytearray(n)
+        """A buffer of `n` bytes that nothing refers to: one of the pool's that no
+        WriteChunk payload uses any more, resized, else a new one (kept in the pool while
+        it holds less than POOL_BYTES)."""
+        pool = self._pool
+        for i in range(len(pool)):
+            if unshared(pool, i):
+                spare = pool[i]
+                if len(spare) != n:
+                    if len(spare) > n:
+                        del spare[n:]
+                    else:
+                        spare.extend(bytes(n - len(spare)))
+                return spare
+        spare = bytearray(n)
+        if sum(map(len, pool)) + n <= POOL_BYTES:
+            pool.append(spare)
         return spare
 
     def _next_large(self):

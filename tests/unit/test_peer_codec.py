@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator import messages as m
-from replicator.codec import CLOSED, NEED_DATA, SPLIT_THRESHOLD, PeerCodec, prepare
+from replicator.codec import (CLOSED, LARGE_FRAME, NEED_DATA, POOL_BYTES, SPLIT_THRESHOLD, PeerCodec,
+                             prepare)
 from replicator.codec import _wire_values
 from replicator.codec import frame as prepared_frame
 from replicator.errors import (
@@ -615,10 +616,39 @@ def test_a_large_frame_buffer_is_reused_only_once_its_payload_is_gone():
     got = feed_large(c, wire(2, b), 4096, True)[0][1]
     assert held == a and got == b  # the held payload was not overwritten
     assert got.data.obj is not held.data.obj
-    buffer = id(got.data.obj)  # (not the object: a reference to it would keep it busy)
+    # (ids, not the objects: a reference to one would keep it busy)
+    buffers = {id(got.data.obj), id(held.data.obj)}
     del held, got
     again = feed_large(c, wire(3, a), 4096, True)
-    assert again == [(3, a)] and id(again[0][1].data.obj) == buffer  # free again: reused
+    assert again == [(3, a)] and id(again[0][1].data.obj) in buffers  # free again: reused
+
+
+def test_a_batch_of_large_frames_takes_buffers_from_the_pool_once_its_payloads_are_gone():
+    """A replica holds every write of a batch until it answers them all: the next batch's
+    frames reuse those buffers, none is allocated anew (a new bytearray is zeroed whole)."""
+    a = m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG, 1 << 22, 3, False, 4, 5)
+    c = PeerCodec()
+    first = [feed_large(c, wire(i, a), 4096, True)[0][1] for i in range(4)]
+    buffers = {id(w.data.obj) for w in first}
+    assert len(buffers) == 4  # all held at once: four buffers
+    del first
+    again = [feed_large(c, wire(i, a), 4096, True)[0][1] for i in range(4)]
+    assert all(w == a for w in again)
+    assert {id(w.data.obj) for w in again} == buffers
+
+
+def test_the_large_frame_pool_is_bounded_and_a_reused_buffer_fits_its_frame():
+    small = m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG[:LARGE_FRAME], 1 << 22, 3, False, 4, 5)
+    a = m.WriteChunk("v", "l", 1, 2, (1,), 0, BIG, 1 << 22, 3, False, 4, 5)
+    c = PeerCodec()
+    held = [feed_large(c, wire(i, a), 4096, True)[0][1] for i in range(POOL_BYTES // len(BIG) + 3)]
+    assert sum(len(b) for b in c._pool) <= POOL_BYTES < sum(len(w.data.obj) for w in held)
+    del held
+    # a smaller frame in a larger pooled buffer, then a larger one again
+    for msg in (small, a, small):
+        got = feed_large(c, wire(7, msg), 4096, True)
+        assert got == [(7, msg)] and len(got[0][1].data.obj) == len(wire(7, msg)) - 4
+        del got
 
 
 @given(request_ids, messages)
