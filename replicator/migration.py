@@ -82,9 +82,11 @@ Theory of operation (DESIGN.md, Failures; Ceph's "up set" and "acting set" are t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Collection
 
 import trio
@@ -93,6 +95,7 @@ from replicator import messages as m
 from vbp.cluster import HOST_DOWN, HOST_UP, ClusterMap, live_places, weight_pairs
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
+from vbp.placement import Placement
 from vbp.registry.base import NEVER_CURRENT
 from vbp.volume import replicas_by_lineage
 
@@ -140,12 +143,20 @@ def wanted_data_set(cmap: ClusterMap, volumes: list[dict],
 # freed only a grace period later. At full_ratio recovery already takes no new copy there
 # and new chunks soon fail with ENOSPC (degraded writes).
 NEARFULL_RATIO = 0.85  # default of blockd's nearfull_ratio
+FULL_RATIO = 0.95  # default of blockd's full_ratio (a host that publishes none)
+# a host above nearfull is lowered only if this much fuller than the pool on average
+ABOVE_MEAN = 0.05
 REWEIGHT_MARGIN = 0.10  # hysteresis: a factor goes up only if the host stays this far below nearfull
 WEIGHT_STEP = 0.8  # a lowering takes at least this factor off; a raise gives at most 1/it back
 WEIGHT_QUANTUM = 0.05  # factors are multiples of it: few distinct values, readable
 WEIGHT_MIN = 0.05
 WEIGHTS_REV = 4  # hosts of an older peer revision place chunks without weight factors
 RAISE_SAMPLE = 20000  # chunks whose placement a raise is judged on, at most
+# synthetic chunks (of a lineage no volume has) whose placement a lowering is judged on
+# (_Projection): on 10 hosts a wanted_weights call takes about 40 ms with one host over,
+# 0.2 s when it tries a plan for each of 9 (in a worker thread: _reweight)
+PROJECT_SAMPLE = 4096
+PROJECT_LINEAGE = "reweight-sample"
 
 
 def _quantize(f: float, up: bool) -> float:
@@ -193,6 +204,86 @@ def placed_count(cmap: ClusterMap, volumes: list[dict], host: str, factors: dict
                for lineage, (n, c) in sorted(chunks.items()) for i in range(0, c, stride))
 
 
+class _Projection:
+    """What each host would hold under lowered factors, projected from the real placement
+    (vbp.placement) of PROJECT_SAMPLE synthetic chunks of `most` copies: a host's usage
+    times its count of those chunks under the plan over its count now (a host with none
+    now: unchanged). Placement decides where a shed copy can go -- only to a domain that
+    holds no other copy of the chunk, so with few zones a host's shed may reach one or
+    two hosts only -- and no estimate by weight saw that. Lowering factors only takes the
+    lowered hosts out of chunks and moves no other chunk (vbp.placement, Stability): a
+    plan places again only the sample chunks a lowered host holds now. The placement
+    under the current factors is sampled once, on the first plan."""
+
+    def __init__(self, cmap: ClusterMap, cur: dict[str, float], most: int):
+        self._hosts = ClusterMap(cmap.epoch, cmap.placed_hosts())
+        self._cur = cur
+        self._most = most
+
+    @functools.cached_property
+    def _now(self) -> tuple[list[tuple[str, ...]], Counter, dict[str, list[int]]]:
+        now = Placement(self._hosts, self._cur)
+        placed = [now.place(PROJECT_LINEAGE, i, self._most) for i in range(PROJECT_SAMPLE)]
+        held: dict[str, list[int]] = {}
+        for i, hosts in enumerate(placed):
+            for h in hosts:
+                held.setdefault(h, []).append(i)
+        return placed, Counter(h for hosts in placed for h in hosts), held
+
+    def after(self, usage: dict, lowered: dict[str, float]) -> dict[str, float]:
+        """Host of `usage` -> bytes it would hold with the factors of `lowered` (each below
+        its current one), once every moved copy is freed."""
+        placed, now, held = self._now
+        plan = Placement(self._hosts, {**self._cur, **lowered})
+        count = Counter(now)
+        for i in sorted({i for h in lowered for i in held.get(h, ())}):
+            count.subtract(placed[i])
+            count.update(plan.place(PROJECT_LINEAGE, i, self._most))
+        return {x: used * count[x] / now[x] if now[x] else float(used) for x, (used, *_) in usage.items()}
+
+
+def _lowerings(cur: dict[str, float], usage: dict, over: list[str], projection: _Projection) -> dict[str, float]:
+    """New factors for hosts of `over` (above nearfull, the fullest first), lowered
+    together (wanted_weights): the fullest `n` of those fuller than the pool's mean by
+    ABOVE_MEAN, for the largest `n` whose lowering, with what each host would hold after
+    it projected from the placement (_Projection), leaves no host past its full ratio
+    that was not, every lowered host less full, and what lands on the others within their
+    room below nearfull."""
+    if not over:
+        return {}
+    mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values())
+    plan = {}
+    for h in over:
+        used, cap, nf, _ = usage[h]
+        if used / cap <= mean + ABOVE_MEAN:
+            continue  # about as full as the pool: its chunks would only fill the others
+        f = cur.get(h, 1.0)
+        # aimed no lower than the mean: below it, it only pushes others over
+        aim = max(min(WEIGHT_STEP * used, (nf - REWEIGHT_MARGIN) * cap), mean * cap)
+        new = _quantize(f * aim / used, up=False)
+        if new < f:
+            plan[h] = new
+    hosts = list(plan)
+    for n in range(len(hosts), 0, -1):
+        lowered = {h: plan[h] for h in hosts[:n]}
+        after = projection.after(usage, lowered)
+        rest = [x for x in usage if x not in lowered]
+        room = sum(max(0.0, usage[x][2] * usage[x][1] - usage[x][0]) for x in rest)
+        if not rest or sum(after[x] - usage[x][0] for x in rest) > room:
+            continue  # the others lack the room below their thresholds
+        if any(after[x] >= usage[x][0] for x in lowered):
+            continue  # refilled by the others' chunks, or its copies have nowhere to go
+            # (every domain holds one): no better off, and they move
+        fullest = max(usage[x][0] / usage[x][1] for x in lowered)
+        if any(after[x] > used and (after[x] > full * cap or after[x] > nf * cap
+                                    and after[x] / cap >= fullest)
+               for x, (used, cap, nf, full) in usage.items()):
+            continue  # a host pushed past its full ratio, or past nearfull to as full as
+            # a host it relieves
+        return lowered
+    return {}
+
+
 def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                    growth: dict[str, float] | None = None,
                    owed: dict[str, int] | None = None) -> dict[str, float]:
@@ -200,11 +291,26 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
     each host holds less its copies the data set places elsewhere (`pending_free`), so
     copies a step moved off count as gone before they are freed.
 
-    - A host of the data set above its nearfull threshold has its factor lowered by at
-      least WEIGHT_STEP, to what would bring it REWEIGHT_MARGIN below the threshold if its
-      share of chunks followed its weight -- unless the other hosts lack the room below
-      their own thresholds for what would move (then nothing moves: a pool that is full
-      everywhere keeps its placement, and writes needing a new chunk get ENOSPC).
+    - The hosts of the data set above their nearfull threshold and fuller than the pool
+      on average (used over capacity of the hosts with stats) by ABOVE_MEAN have their
+      factors lowered by at least WEIGHT_STEP, to what would bring each REWEIGHT_MARGIN
+      below its threshold if its share of chunks followed its weight -- but aiming no
+      lower than the pool's mean: in a pool that full the margin cannot be had
+      everywhere, and a host taken below the mean only puts others over (Ceph's
+      reweight-by-utilization aims at the average too, and acts only on what is well
+      above it). What a lowered host sheds lands on the hosts placement gives its
+      copies to (only those of domains without a copy of the chunk: with few zones, one
+      or two hosts), those near their thresholds too, so the lowerings are judged
+      together on what each host would hold, projected from the placement of sample
+      chunks (_lowerings, _Projection), the
+      least full left out until: what lands on the hosts not lowered fits in their room
+      below their thresholds (a pool that is full everywhere keeps its placement, and
+      writes needing a new chunk get ENOSPC); every lowered host ends less full; and no
+      host is pushed past its full_ratio, nor past its nearfull threshold to as full as
+      the fullest host lowered. Lowering each host over on its own, against the total
+      room, put a pool about 80% full into a cascade: each lowering pushed the next host
+      over, nothing went back up (a raise needs a host well below nearfull), every
+      factor ran down change after change, and hosts went past full on the way.
     - A lowered host goes up one step (1 / WEIGHT_STEP, at most to 1) only if at the new
       factor it would still be REWEIGHT_MARGIN below its threshold, reckoning that its
       usage grows with its weight -- or, if more, as its count of placed chunks grows
@@ -215,6 +321,11 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
       (`owed[host]`: bytes of the copies recorded stale on it, which its resync may still
       allocate): a host that refused writes when it was full holds less than its share
       until those resync, and a raise judged on that would be taken back once they did.
+      Nor is it raised if, so grown, it would be fuller than the pool on average: the
+      lowering aims a host at that average, so a raise above it would only put the host
+      back where it was lowered from as the pool fills (a writer filling the pool: 0.8,
+      0.6, raised to 0.75, lowered to 0.6 again); Ceph's reweight-by-utilization too
+      raises only what is below the average.
     - Hosts without stats (down) keep their factor. With no more hosts than a volume has
       replicas every host holds every chunk: weights would move nothing, so none change."""
     cur = {h: f for h, f in cmap.factors.items() if h in cmap.data_set}
@@ -227,25 +338,19 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
         cap, used = st.get("capacity") or 0, st.get("used")
         if cap > 0 and used is not None:
             used = max(0, used - pending_free(st, cmap.mgen))
-            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO))
-    over = sorted((h for h, (used, cap, nf) in usage.items() if used > nf * cap),
+            usage[h] = (used, cap, float(st.get("nearfull_ratio") or NEARFULL_RATIO),
+                        float(st.get("full_ratio") or FULL_RATIO))
+    over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
-    room = sum(max(0.0, nf * cap - used) for h, (used, cap, nf) in usage.items() if h not in over)
-    for h in over:
-        used, cap, nf = usage[h]
-        f = cur.get(h, 1.0)
-        new = _quantize(f * min(WEIGHT_STEP, (nf - REWEIGHT_MARGIN) * cap / used), up=False)
-        moves = used * (1 - new / f)
-        if new >= f or moves > room:
-            continue
-        room -= moves
-        out[h] = new
+    out.update(_lowerings(cur, usage, over, _Projection(cmap, cur, most)))
+    mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values()) if usage else 0.0
     for h, f in cur.items():
         if h in usage and h not in over:
-            used, cap, nf = usage[h]
+            used, cap, nf, _ = usage[h]
             new = _quantize(f / WEIGHT_STEP, up=True)
             grows = max(new / f, (growth or {}).get(h, 0.0))
-            if (used + (owed or {}).get(h, 0)) * grows < (nf - REWEIGHT_MARGIN) * cap:
+            # below its threshold by the margin, and no fuller than the pool on average
+            if (used + (owed or {}).get(h, 0)) * grows < min(nf - REWEIGHT_MARGIN, mean) * cap:
                 out[h] = new
     return {h: f for h, f in out.items() if f < 1.0}
 
@@ -487,12 +592,14 @@ class DataSetMover:
         if now - self._calm[1] < self.reweight_hold and not stats_current(cmap, stats):
             return cmap
         most = max(v["replicas"] for v in vols)
-        want = wanted_weights(cmap, stats, most)
+        # (in a worker thread: a lowering is judged on placing thousands of chunks, _Projection)
+        want = await trio.to_thread.run_sync(wanted_weights, cmap, stats, most)
         raised = {h: f for h, f in want.items() if f > cmap.factors.get(h, 1.0)}
         raised.update((h, 1.0) for h in cmap.factors if h in cmap.data_set and h not in want)
         if raised:  # judged again on the chunks the raise would place there, and owed
-            want = wanted_weights(cmap, stats, most, await self._growth(cmap, vols, raised),
-                                  owed_by_host(await self.registry.list_stale(), vols))
+            growth = await self._growth(cmap, vols, raised)
+            owed = owed_by_host(await self.registry.list_stale(), vols)
+            want = await trio.to_thread.run_sync(wanted_weights, cmap, stats, most, growth, owed)
         if want == cmap.factors:
             return cmap
         for h in sorted(set(want) | set(cmap.factors)):
