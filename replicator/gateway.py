@@ -55,6 +55,7 @@ Theory of operation (DESIGN.md, Data path):
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -128,6 +129,10 @@ STATUS_RUNS = 16384
 # Record syncs a request past the adopted end waits for before it is refused: the volume
 # may have grown again since a shrink (_unless_grown)
 RECHECK_SYNCS = 2
+# WRITE_ZEROES with NO_HOLE writes zeros as data, in requests of at most this many bytes
+# (views of one buffer of zeros: a calloc'd object, whose pages nothing ever writes)
+ZEROS_STEP = 4 * MiB
+_ZEROS = memoryview(bytes(ZEROS_STEP))
 _NO_ROUTE = object()  # (ClusterView.route: not computed yet; None is a route's answer)
 _OK = m.Ok(0)  # what a Written stands for, item by item
 _OK_STALE = m.Ok(0, True)
@@ -1250,8 +1255,30 @@ class VolumeGateway:
             self._past_end(start, length, kind)
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool):
-        # Zeroing is always fast here: whole pages become holes, no data is written.
-        return self._zeroing(offset, length, fua, False)
+        if may_trim:
+            # Zeroing is fast here: whole pages become holes, no data is written.
+            return self._zeroing(offset, length, fua, False)
+        # NBD_CMD_FLAG_NO_HOLE: the area must be fully provisioned, so that later writes
+        # there cannot fail for want of space (proto.md, NBD_CMD_WRITE_ZEROES). A zeroed
+        # page is a hole in its chunk's data file, taking no disk space: the zeros are
+        # written as data instead, a write like any other, and so not fast (a client
+        # asking for a fast zero is told so at once, changing nothing).
+        if fast:
+            if self.read_only:
+                self._check_writable()
+            raise OSError(errno.ENOTSUP, "zeroing without holes is no faster than writing")
+        if length <= ZEROS_STEP - offset % ZEROS_STEP:
+            return self.write(offset, _ZEROS[:length], fua)
+        return self._write_zeros(offset, length, fua)
+
+    async def _write_zeros(self, offset: int, length: int, fua: bool) -> None:
+        """write_zeroes with NO_HOLE over more than one ZEROS_STEP: its steps one after
+        the other (a request may be as large as 4 GiB; no buffer of that many zeros)."""
+        end = offset + length
+        while offset < end:
+            n = min(ZEROS_STEP - offset % ZEROS_STEP, end - offset)
+            await _called(self.write, offset, _ZEROS[:n], fua)
+            offset += n
 
     def _general(self, pieces, make_msg, past_end: type[PastEnd] = WritePastEnd):
         """_replicate, its pieces noted in flight now, in the order the writes came, not

@@ -3,6 +3,7 @@ zeroing, replicated volumes under qemu-io and fio verify."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -133,6 +134,46 @@ def test_trim_and_write_zeroes_read_back_zero(sandbox):
     assert h.pread(1 * MiB, 1 * MiB) == b"\xff" * MiB
     assert h.pread(8192 + 200, 2 * MiB) == b"\xff" * 100 + bytes(8192) + b"\xff" * 100
     h.shutdown()
+
+
+def test_write_zeroes_without_holes_is_provisioned_data(sandbox):
+    """NBD_CMD_FLAG_NO_HOLE: the area must be fully provisioned (proto.md), so it is not
+    a hole afterwards: its zeros are data, on every replica, while a zeroing without the
+    flag leaves holes. A fast zero without holes is refused with ENOTSUP, changing
+    nothing. Over several steps (ZEROS_STEP) and unaligned at both ends."""
+    import nbd
+
+    sandbox.vbp("volume", "create", "nh", "--size", "24M", "--replicas", "3", "--chunk-size", "1M")
+    h = connect(sandbox.uri("nh"))
+    h.pwrite(b"\xff" * (16 * MiB), 0)
+    h.zero(MiB // 2, 0)  # holes
+    h.zero(9 * MiB + 200, MiB - 100, nbd.CMD_FLAG_NO_HOLE)  # 1 MiB - 100 .. 10 MiB + 100
+    h.zero(8192, 20 * MiB, nbd.CMD_FLAG_NO_HOLE)  # an unwritten chunk: provisioned too
+    with pytest.raises(nbd.Error) as e:
+        h.zero(8192, 12 * MiB, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
+    assert e.value.errnum == errno.ENOTSUP
+    h.flush()
+    assert h.pread(MiB // 2, 0) == bytes(MiB // 2)
+    assert h.pread(200, MiB // 2 - 100) == bytes(100) + b"\xff" * 100
+    assert h.pread(200, MiB - 200) == b"\xff" * 100 + bytes(100)
+    assert h.pread(9 * MiB, MiB) == bytes(9 * MiB)
+    assert h.pread(200, 10 * MiB) == bytes(100) + b"\xff" * 100
+    assert h.pread(8192, 12 * MiB) == b"\xff" * 8192  # the fast zero changed nothing
+    assert h.pread(8192, 20 * MiB) == bytes(8192)
+    h.shutdown()
+    for host in range(3):  # every host: each holds a copy (3 replicas on 3 hosts)
+        c = connect(sandbox.uri("nh", host))
+        extents = []
+        c.block_status(24 * MiB, 0, lambda ctx, off, e, err: extents.append(e) or 0)
+        c.shutdown()
+        runs, at = [], 0
+        for entries in extents:
+            for n, flags in zip(entries[::2], entries[1::2]):
+                runs.append((at, n, flags & 1))
+                at += n
+        hole = [(o, n) for o, n, is_hole in runs if is_hole]
+        # the zeroing with holes, and what was never written: holes; the rest data
+        assert hole == [(0, MiB // 2), (16 * MiB, 4 * MiB), (20 * MiB + 8192, 4 * MiB - 8192)], runs
 
 
 @pytest.mark.parametrize("replicas", [1, 3])
