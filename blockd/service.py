@@ -135,6 +135,19 @@ class VolumeProvider:
                 out.append((f"{rec.name}@{s.name}", f"read-only snapshot of {rec.name}"))
         return out
 
+    async def export_info(self, export: str):
+        """What NBD_OPT_INFO tells of `export`, without opening it: the gateway open here,
+        else its facts read from the volume's record (VolumeGateway.info_of). Opening it
+        would publish the export, and for a head whose lease its holder left behind
+        (crashed, cut off) take that lease over and reconcile the volume, for a client
+        that only asked; NotFound as open_export."""
+        gw = self.gateways.get(export)
+        if gw is not None and not gw.fenced and gw.gone is None:
+            return gw
+        name, snap = split_export_name(export)
+        rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
+        return VolumeGateway.info_of(view_of(rec, snap))
+
     async def open_export(self, export: str):
         name, snap = split_export_name(export)
         async with self._lock:

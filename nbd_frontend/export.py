@@ -81,6 +81,10 @@ class ExportProvider(Protocol):
     def open_export(self, name: str) -> Any:
         """An Export or an awaitable of one; raises vbp.errors.NotFound if unknown."""
 
+    # Optional: export_info(name) -> an object with an Export's name, size, read_only
+    # (and description, multi_conn, block sizes) or an awaitable of one, for
+    # NBD_OPT_INFO; without it, the server opens the export and closes it again.
+
 
 PAGE = 4096
 _HOLE = proto.STATE_HOLE | proto.STATE_ZERO

@@ -347,6 +347,16 @@ async def _answer_export(hs: ServerHandshake, provider, query: ExportQuery, held
 
 
 async def _open_for(hs: ServerHandshake, provider, query: ExportQuery, held: list) -> None:
+    if query.kind == "info" and hasattr(provider, "export_info"):
+        # a provider that can tell an export's facts without opening it (opening may
+        # take a lease, publish, reconcile: not for a client that only asks)
+        try:
+            facts = await _resolve(provider.export_info(query.name))
+        except Exception as exc:
+            hs.provide_error(*_refusal(exc, f"export {shown(query.name)}"))
+            return
+        hs.provide_export(export_info(facts))
+        return
     try:
         export = await _resolve(provider.open_export(query.name))
     except Exception as exc:

@@ -55,6 +55,7 @@ Theory of operation (DESIGN.md, Data path):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -338,6 +339,20 @@ class ClusterView:
         return self._host_at.get(address)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportFacts:
+    """An export's attributes the NBD handshake tells (nbd_frontend.server.export_info)."""
+
+    name: str
+    size: int
+    read_only: bool
+    description: str
+    multi_conn: bool
+    min_block: int
+    preferred_block: int
+    max_block: int
+
+
 class VolumeGateway:
     """Serves one view (a volume head or a snapshot) of a volume; shared by all NBD
     connections to it on this host. Implements nbd_frontend.export.Export."""
@@ -347,11 +362,22 @@ class VolumeGateway:
     max_block = 32 * MiB
     multi_conn = True
 
+    @staticmethod
+    def describe(view: View) -> str:
+        """The export's NBD description."""
+        return f"vbp volume {view.volume.name}" + (" (snapshot)" if view.read_only else "")
+
+    @classmethod
+    def info_of(cls, view: View) -> ExportFacts:
+        """What a gateway of `view` tells NBD_OPT_INFO and NBD_OPT_GO, without one."""
+        return ExportFacts(view.export, view.size, view.read_only, cls.describe(view),
+                           cls.multi_conn, cls.min_block, cls.preferred_block, cls.max_block)
+
     def __init__(self, view: View, *, host_id: str, replica, cluster: ClusterView, pool,
                  registry=None, token: int = 0):
         vol = view.volume
         self.name = view.export
-        self.description = f"vbp volume {vol.name}" + (" (snapshot)" if view.read_only else "")
+        self.description = self.describe(view)
         self.read_only = view.read_only
         self.lineage = vol.lineage
         self.set_view(view)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -174,6 +175,47 @@ def test_write_zeroes_without_holes_is_provisioned_data(sandbox):
         hole = [(o, n) for o, n, is_hole in runs if is_hole]
         # the zeroing with holes, and what was never written: holes; the rest data
         assert hole == [(0, MiB // 2), (16 * MiB, 4 * MiB), (20 * MiB + 8192, 4 * MiB - 8192)], runs
+
+
+def test_nbd_opt_info_tells_without_opening_the_export(sandbox):
+    """NBD_OPT_INFO answers a volume's and a snapshot's size and flags as NBD_OPT_GO does,
+    and an unknown export's error, without opening the export on the host asked: opening
+    publishes it and, for a head whose lease was left behind, takes that lease over."""
+    import nbd
+
+    sandbox.vbp("volume", "create", "oi", "--size", "6M", "--replicas", "1")
+    h = connect(sandbox.uri("oi", 2))
+    h.pwrite(b"\x01" * 4096, 0)
+    h.shutdown()
+    sandbox.vbp("volume", "snapshot", "oi", "s1")
+    sandbox.vbp("volume", "resize", "oi", "8M")
+
+    def info(export: str):
+        c = nbd.NBD()
+        c.set_opt_mode(True)
+        c.connect_uri(sandbox.uri("oi", 1).rsplit("/", 1)[0] + "/")
+        c.set_export_name(export)
+        try:
+            c.opt_info()
+            return c.get_size(), c.is_read_only(), c.can_multi_conn()
+        except nbd.Error as e:
+            return e.errnum
+        finally:
+            c.opt_abort()
+
+    before = sandbox.log(1)
+    assert info("oi") == (8 * MiB, False, True)
+    assert info("oi@s1") == (6 * MiB, True, True)
+    assert info("nope") == errno.ENOENT
+    assert info("oi@nope") == errno.ENOENT
+    time.sleep(0.5)
+    opened = [line for line in sandbox.log(1)[len(before):].splitlines() if "event=open" in line]
+    assert opened == [], opened
+    # and NBD_OPT_GO on the same host agrees
+    for export, want in (("oi", (8 * MiB, False)), ("oi@s1", (6 * MiB, True))):
+        c = connect(sandbox.uri(export, 1))
+        assert (c.get_size(), c.is_read_only()) == want
+        c.shutdown()
 
 
 @pytest.mark.parametrize("replicas", [1, 3])
