@@ -326,11 +326,16 @@ class PeerCodec:
     def _frame_buffer(self, n: int) -> bytearray:
         """A buffer of `n` bytes that nothing refers to: one of the pool's that no
         WriteChunk payload uses any more, resized, else a new one (kept in the pool while
-        it holds less than POOL_BYTES)."""
+        it holds less than POOL_BYTES). A pooled buffer that would take the pool past
+        POOL_BYTES by growing leaves it instead: grown in place, the pool would keep as
+        many buffers as it ever had of the largest frames since (up to max_frame each)."""
         pool = self._pool
         for i in range(len(pool)):
             if unshared(pool, i):
                 spare = pool[i]
+                if len(spare) < n and sum(map(len, pool)) + n - len(spare) > POOL_BYTES:
+                    del pool[i]
+                    break
                 if len(spare) != n:
                     if len(spare) > n:
                         del spare[n:]

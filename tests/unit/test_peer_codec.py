@@ -651,6 +651,23 @@ def test_the_large_frame_pool_is_bounded_and_a_reused_buffer_fits_its_frame():
         del got
 
 
+def test_the_large_frame_pool_stays_bounded_when_its_buffers_grow_for_larger_frames():
+    """Buffers pooled for frames just over LARGE_FRAME, reused for far larger ones: the
+    pool gives up what would take it past POOL_BYTES, not keep every buffer at its largest
+    (up to POOL_BYTES // LARGE_FRAME frames of max_frame each, for as long as the
+    connection lives)."""
+    small = m.WriteChunk("v", "l", 1, 2, (1,), 0, bytes(LARGE_FRAME), 1 << 22, 3, False, 4, 5)
+    big = m.WriteChunk("v", "l", 1, 2, (1,), 0, bytes(1 << 20), 1 << 22, 3, False, 4, 5)
+    c = PeerCodec()
+    held = [feed_large(c, wire(i, small), 4096, True)[0][1] for i in range(POOL_BYTES // LARGE_FRAME)]
+    assert len(c._pool) > 32
+    del held
+    held = [feed_large(c, wire(i, big), 4096, True)[0][1] for i in range(32)]
+    assert all(w == big for w in held)
+    del held
+    assert sum(len(b) for b in c._pool) <= POOL_BYTES
+
+
 @given(request_ids, messages)
 def test_encode_gives_the_frame_prepare_gives(request_id, message):
     """encode() packs small messages in one go; call_all frames prepare()'s encoding per
