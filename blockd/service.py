@@ -140,11 +140,15 @@ class VolumeProvider:
         else its facts read from the volume's record (VolumeGateway.info_of). Opening it
         would publish the export, and for a head whose lease its holder left behind
         (crashed, cut off) take that lease over and reconcile the volume, for a client
-        that only asked; NotFound as open_export."""
+        that only asked; NotFound as open_export. The gateway open here only if it is still
+        the export an open would join (_check_same, as open_export): a snapshot deleted
+        since, or a volume deleted and made again, is told as the record has it now."""
+        name, snap = split_export_name(export)
         gw = self.gateways.get(export)
         if gw is not None and not gw.fenced and gw.gone is None:
-            return gw
-        name, snap = split_export_name(export)
+            await self._check_same(gw, name)
+            if not gw.fenced and gw.gone is None:
+                return gw
         rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
         return VolumeGateway.info_of(view_of(rec, snap))
 

@@ -19,6 +19,7 @@ from replicator.gateway import ClusterView
 from replicator.replica import Replica
 from replicator.transport import PeerPool
 from vbp.chunkstore_memory import MemoryChunkStore
+from vbp.errors import NotFound
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.registry import open_registry
 
@@ -75,4 +76,58 @@ async def test_a_snapshot_made_again_under_its_name_is_not_served_by_the_old_gat
             new = await provider.open_export("v@s1")
             assert await _resolve(new.read(0, 4096)) == b"B" * 4096, \
                 "the snapshot made again reads the deleted one's bytes"
+        nursery.cancel_scope.cancel()
+
+
+async def test_info_of_an_open_export_deleted_since_answers_what_an_open_would():
+    """NBD_OPT_INFO (export_info) of an export with a gateway open here answers that
+    gateway's facts, but only while it is still the export GO would join (_check_same):
+    a snapshot deleted (forced, a client still reading it) is unknown, and a volume
+    deleted and created again under its name tells the new volume's size, as an open
+    does, not the deleted one's, before the record sync noticed."""
+    reg = open_registry(f"memory://open-{next(_REGS)}")
+    replica = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
+    host = HostRecord("h1", "127.0.0.1:1", "127.0.0.1:1", peer_rev=m.PEER_REV)
+    async with trio.open_nursery() as nursery:
+        api.create_volume(reg, "v", "2M", replicas=1, min_size=1, chunk_size="1M")
+        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
+
+            async def stale_map(lineage):
+                return {}
+
+            async def noop():
+                pass
+
+            service = SimpleNamespace(
+                registry=AsyncRegistry(reg), replica=replica,
+                cluster=ClusterView(ClusterMap(1, (host,))), pool=pool,
+                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
+                                   heartbeat_ttl=6.0),
+                refresh_map=noop, metrics=None, stale_map=stale_map, store=replica.store,
+                nursery=nursery, publish_stats=noop, published_at=math.inf)
+            provider = VolumeProvider(service)
+            await _write_head(provider, reg, b"A")
+            api.snapshot(reg, "v", "s1")
+            snap = await provider.open_export("v@s1")
+            head = await provider.open_export("v")
+            assert (await provider.export_info("v@s1")).size == 2 * 1024 * 1024
+            # no record sync runs here: as if all this came within one of its periods
+            api.delete_volume(reg, "v@s1", force=True)
+            with pytest.raises(NotFound):
+                await provider.export_info("v@s1")
+            with pytest.raises(NotFound):
+                await provider.open_export("v@s1")
+            head.close()
+            with trio.fail_after(10):
+                while (lease := reg.get_lease("v")) is not None and lease.holder:
+                    await trio.sleep(0.05)
+            head = await provider.open_export("v")  # a client keeps the old volume's gateway
+            api.delete_volume(reg, "v", force=True)
+            api.create_volume(reg, "v", "4M", replicas=1, min_size=1, chunk_size="1M")
+            info = await provider.export_info("v")
+            opened = await provider.open_export("v")
+            assert opened.size == 4 * 1024 * 1024
+            assert info.size == opened.size, "INFO told the deleted volume's size"
+            snap.close()
+            opened.close()
         nursery.cancel_scope.cancel()
