@@ -350,7 +350,9 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
             new = _quantize(f / WEIGHT_STEP, up=True)
             grows = max(new / f, (growth or {}).get(h, 0.0))
             # below its threshold by the margin, and no fuller than the pool on average
-            if (used + (owed or {}).get(h, 0)) * grows < min(nf - REWEIGHT_MARGIN, mean) * cap:
+            # (no more than: a pool empty everywhere gets its factors back)
+            after = (used + (owed or {}).get(h, 0)) * grows
+            if after < (nf - REWEIGHT_MARGIN) * cap and after <= mean * cap:
                 out[h] = new
     return {h: f for h, f in out.items() if f < 1.0}
 

@@ -474,7 +474,8 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
     about a third of the chunks: it fills 1.5 times faster than the pool. The writer writes
     as many chunks as put 69 copies on its 64 slots by placement before any reweighting
     (about 200; counted from the volume's lineage, which is random: a fixed count put as
-    few as 51 there, below the threshold). Once it is above its
+    few as 51 there, below the threshold; a lineage needing more than 210 is passed over,
+    see below). Once it is above its
     nearfull threshold (0.85, the default) the controller lowers its weight: some of its
     chunks move off, fewer new ones land there, the pool ends healthy with host4 below
     nearfull, and every acknowledged write is on every replica. (On a loaded machine the
@@ -494,20 +495,29 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
 
     cap4 = 64 * MiB
     try:
-        sb.vbp("volume", "create", "r3", "--size", "320M", "--replicas", "3", "--min-size", "2",
-               "--chunk-size", "1M")
         # host4 just joined the data set: a pool in steady state (the copies that change
         # moved freed after grace + gc_interval, 8 + 1 s here, and the stats showing it)
         time.sleep(13)
-        with open_registry(sb.registry) as reg:
-            view, lineage = ClusterView(reg.cluster_map()), reg.get_volume("r3")["lineage"]
-        chunks, on4 = 0, 0
-        while on4 < 69:  # 200 chunks on average; 320 in the volume, out of reach
-            on4 += "host4" in view.replicas(lineage, chunks, 3)
-            chunks += 1
-        assert chunks <= 320, chunks
+        # A lineage that puts 69 copies on host4 within 210 chunks (200 on average): more,
+        # and the pool itself ends nearly full on average (243 chunks: 0.88 of all the
+        # hosts' capacity), where host4, no fuller than the others, is rightly not lowered
+        # (weights move chunks from host to host; they cannot make room) and stays above
+        # its threshold, which this test is not about. Each try is a new volume (a new
+        # random lineage); the volumes not taken stay empty.
+        for vol in ("r3", "r3b", "r3c", "r3d", "r3e", "r3f", "r3g", "r3h"):
+            sb.vbp("volume", "create", vol, "--size", "320M", "--replicas", "3", "--min-size",
+                   "2", "--chunk-size", "1M")
+            with open_registry(sb.registry) as reg:
+                view, lineage = ClusterView(reg.cluster_map()), reg.get_volume(vol)["lineage"]
+            chunks, on4 = 0, 0
+            while on4 < 69 and chunks <= 320:  # 320 in the volume
+                on4 += "host4" in view.replicas(lineage, chunks, 3)
+                chunks += 1
+            if chunks <= 210:
+                break
+        assert chunks <= 210, chunks
         w = Writer(MiB, seed=21)
-        h = connect(sb.uri("r3", 0))
+        h = connect(sb.uri(vol, 0))
         stale_on_4: set = set()  # chunks with a write refused by host4
         factors: list[float] = []
         with open_registry(sb.registry) as reg:
@@ -563,7 +573,7 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
                 assert time.monotonic() < deadline, f"not settled: factors {factors}, {pool_status(sb)}"
                 time.sleep(0.5)
             final = reg.cluster_map()
-            lineage = reg.get_volume("r3")["lineage"]
+            lineage = reg.get_volume(vol)["lineage"]
         # Not asserted: no write to host4 ever fails. Under load (the CI run of the whole suite)
         # the controller's steps can lag a fast writer and host4 fills between two of them
         # (ENOSPC there: recorded stale, resynced, never lost; issue 8's note). Reported:
@@ -581,7 +591,7 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
         assert on4 < on4_unweighted and on4 <= 0.85 * 64, (on4, on4_unweighted)
         w.verify(h)
         h.shutdown()
-        placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
+        placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], vol, w)
         assert sum("host4" in hs for hs in placed.values()) == on4
         # host4 may have refused writes for want of a slot (counted above); the big hosts never
         for i in range(3):

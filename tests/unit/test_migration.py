@@ -170,6 +170,8 @@ def test_a_lowered_host_fuller_than_the_pool_is_not_raised():
     assert wanted_weights(cmap({"h4": 0.6}), stats({**fuller, "h4": 0.5}), 3) == {"h4": 0.75}
     # an empty pool but h4: it stays lowered, it is the fullest
     assert wanted_weights(cmap({"h4": 0.6}), stats({"h1": 0.0, "h2": 0.0, "h3": 0.0, "h4": 0.1}), 3) == {"h4": 0.6}
+    # a pool empty everywhere: the factors climb back
+    assert wanted_weights(cmap({"h4": 0.6}), stats(dict.fromkeys(("h1", "h2", "h3", "h4"), 0.0)), 3) == {"h4": 0.75}
 
 
 def test_a_host_is_raised_on_what_it_holds_and_what_its_stale_copies_may_still_take():
