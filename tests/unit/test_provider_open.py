@@ -4,6 +4,7 @@ one the gateway serves (open_export, _check_same)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from types import SimpleNamespace
@@ -28,6 +29,27 @@ CLUSTER = "open"
 _REGS = itertools.count()
 
 
+def _provider(reg, pool, nursery) -> VolumeProvider:
+    """The provider of a one-host blockd on `reg` with a memory store, no record sync."""
+    replica = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
+    host = HostRecord("h1", "127.0.0.1:1", "127.0.0.1:1", peer_rev=m.PEER_REV)
+
+    async def stale_map(lineage):
+        return {}
+
+    async def noop():
+        pass
+
+    service = SimpleNamespace(
+        registry=AsyncRegistry(reg), replica=replica,
+        cluster=ClusterView(ClusterMap(1, (host,))), pool=pool,
+        cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
+                           heartbeat_ttl=6.0),
+        refresh_map=noop, metrics=None, stale_map=stale_map, store=replica.store,
+        nursery=nursery, publish_stats=noop, published_at=math.inf)
+    return VolumeProvider(service)
+
+
 async def _write_head(provider, reg, byte: bytes) -> None:
     """Write the head's first page through a connection of its own, then close it and
     wait until its lease is given back (a snapshot is then completed by the caller)."""
@@ -40,43 +62,35 @@ async def _write_head(provider, reg, byte: bytes) -> None:
             await trio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def _one_host():
+    """(registry, provider) of one host with volume v (2M, 1M chunks) whose first page
+    holds b"A", snapshot s1 of it taken."""
+    reg = open_registry(f"memory://open-{next(_REGS)}")
+    async with trio.open_nursery() as nursery:
+        api.create_volume(reg, "v", "2M", replicas=1, min_size=1, chunk_size="1M")
+        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
+            provider = _provider(reg, pool, nursery)
+            await _write_head(provider, reg, b"A")
+            api.snapshot(reg, "v", "s1")
+            yield reg, provider
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_snapshot_made_again_under_its_name_is_not_served_by_the_old_gateway():
     """NAME@SNAP deleted (forced, a client still reading it) and taken again under its
     name is another snapshot, of other bytes: a client opening it before the record sync
     noticed the delete reads the new snapshot, never the deleted one's bytes."""
-    reg = open_registry(f"memory://open-{next(_REGS)}")
-    replica = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
-    host = HostRecord("h1", "127.0.0.1:1", "127.0.0.1:1", peer_rev=m.PEER_REV)
-    async with trio.open_nursery() as nursery:
-        api.create_volume(reg, "v", "2M", replicas=1, min_size=1, chunk_size="1M")
-        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
-
-            async def stale_map(lineage):
-                return {}
-
-            async def noop():
-                pass
-
-            service = SimpleNamespace(
-                registry=AsyncRegistry(reg), replica=replica,
-                cluster=ClusterView(ClusterMap(1, (host,))), pool=pool,
-                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
-                                   heartbeat_ttl=6.0),
-                refresh_map=noop, metrics=None, stale_map=stale_map, store=replica.store,
-                nursery=nursery, publish_stats=noop, published_at=math.inf)
-            provider = VolumeProvider(service)
-            await _write_head(provider, reg, b"A")
-            api.snapshot(reg, "v", "s1")
-            old = await provider.open_export("v@s1")
-            assert await _resolve(old.read(0, 4096)) == b"A" * 4096
-            await _write_head(provider, reg, b"B")
-            # no record sync runs here: as if all this came within one of its periods
-            api.delete_volume(reg, "v@s1", force=True)
-            api.snapshot(reg, "v", "s1")
-            new = await provider.open_export("v@s1")
-            assert await _resolve(new.read(0, 4096)) == b"B" * 4096, \
-                "the snapshot made again reads the deleted one's bytes"
-        nursery.cancel_scope.cancel()
+    async with _one_host() as (reg, provider):
+        old = await provider.open_export("v@s1")
+        assert await _resolve(old.read(0, 4096)) == b"A" * 4096
+        await _write_head(provider, reg, b"B")
+        # no record sync runs here: as if all this came within one of its periods
+        api.delete_volume(reg, "v@s1", force=True)
+        api.snapshot(reg, "v", "s1")
+        new = await provider.open_export("v@s1")
+        assert await _resolve(new.read(0, 4096)) == b"B" * 4096, \
+            "the snapshot made again reads the deleted one's bytes"
 
 
 async def test_info_of_an_open_export_deleted_since_answers_what_an_open_would():
@@ -85,49 +99,26 @@ async def test_info_of_an_open_export_deleted_since_answers_what_an_open_would()
     a snapshot deleted (forced, a client still reading it) is unknown, and a volume
     deleted and created again under its name tells the new volume's size, as an open
     does, not the deleted one's, before the record sync noticed."""
-    reg = open_registry(f"memory://open-{next(_REGS)}")
-    replica = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
-    host = HostRecord("h1", "127.0.0.1:1", "127.0.0.1:1", peer_rev=m.PEER_REV)
-    async with trio.open_nursery() as nursery:
-        api.create_volume(reg, "v", "2M", replicas=1, min_size=1, chunk_size="1M")
-        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
-
-            async def stale_map(lineage):
-                return {}
-
-            async def noop():
-                pass
-
-            service = SimpleNamespace(
-                registry=AsyncRegistry(reg), replica=replica,
-                cluster=ClusterView(ClusterMap(1, (host,))), pool=pool,
-                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
-                                   heartbeat_ttl=6.0),
-                refresh_map=noop, metrics=None, stale_map=stale_map, store=replica.store,
-                nursery=nursery, publish_stats=noop, published_at=math.inf)
-            provider = VolumeProvider(service)
-            await _write_head(provider, reg, b"A")
-            api.snapshot(reg, "v", "s1")
-            snap = await provider.open_export("v@s1")
-            head = await provider.open_export("v")
-            assert (await provider.export_info("v@s1")).size == 2 * 1024 * 1024
-            # no record sync runs here: as if all this came within one of its periods
-            api.delete_volume(reg, "v@s1", force=True)
-            with pytest.raises(NotFound):
-                await provider.export_info("v@s1")
-            with pytest.raises(NotFound):
-                await provider.open_export("v@s1")
-            head.close()
-            with trio.fail_after(10):
-                while (lease := reg.get_lease("v")) is not None and lease.holder:
-                    await trio.sleep(0.05)
-            head = await provider.open_export("v")  # a client keeps the old volume's gateway
-            api.delete_volume(reg, "v", force=True)
-            api.create_volume(reg, "v", "4M", replicas=1, min_size=1, chunk_size="1M")
-            info = await provider.export_info("v")
-            opened = await provider.open_export("v")
-            assert opened.size == 4 * 1024 * 1024
-            assert info.size == opened.size, "INFO told the deleted volume's size"
-            snap.close()
-            opened.close()
-        nursery.cancel_scope.cancel()
+    async with _one_host() as (reg, provider):
+        snap = await provider.open_export("v@s1")
+        head = await provider.open_export("v")
+        assert (await provider.export_info("v@s1")).size == 2 * 1024 * 1024
+        # no record sync runs here: as if all this came within one of its periods
+        api.delete_volume(reg, "v@s1", force=True)
+        with pytest.raises(NotFound):
+            await provider.export_info("v@s1")
+        with pytest.raises(NotFound):
+            await provider.open_export("v@s1")
+        head.close()
+        with trio.fail_after(10):
+            while (lease := reg.get_lease("v")) is not None and lease.holder:
+                await trio.sleep(0.05)
+        head = await provider.open_export("v")  # a client keeps the old volume's gateway
+        api.delete_volume(reg, "v", force=True)
+        api.create_volume(reg, "v", "4M", replicas=1, min_size=1, chunk_size="1M")
+        info = await provider.export_info("v")
+        opened = await provider.open_export("v")
+        assert opened.size == 4 * 1024 * 1024
+        assert info.size == opened.size, "INFO told the deleted volume's size"
+        snap.close()
+        opened.close()
