@@ -1293,6 +1293,12 @@ class VolumeGateway:
             if self.read_only:
                 self._check_writable()
             raise OSError(errno.ENOTSUP, "zeroing without holes is no faster than writing")
+        if offset + length > self.size:
+            # refused whole, as a WRITE of the range: its steps would zero what is below
+            # the end before the one past it is refused
+            self._check_writable()
+            return self._past_end(offset, length, WritePastEnd,
+                                  (self.write_zeroes, offset, length, fua, False, False))
         if length <= ZEROS_STEP - offset % ZEROS_STEP:
             return self.write(offset, _ZEROS[:length], fua)
         return self._write_zeros(offset, length, fua)

@@ -4,6 +4,7 @@ flight. Sim hosts with their background loops on, on a virtual clock."""
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import replace as dc_replace
 
@@ -804,6 +805,43 @@ def test_a_reader_serves_a_read_past_a_shrunk_end_once_the_volume_is_grown_back(
             got = await h1.run_on(lambda: call(r.read(3 * MiB, 4096)))
             assert extents_bytes(got, 3 * MiB, 4096) == bytes(4096)
             assert r.size == 4 * MiB
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_no_hole_zeroing_across_a_shrunk_end_is_refused_whole():
+    """Review: a client connected before a shrink zeroes, with NO_HOLE, a range across
+    the new end (3 MiB to 5 MiB of v shrunk from 8 to 4 MiB), in two steps (one per
+    4 MiB of zeros written as data). It was refused (ENOSPC) only at the step past the
+    end, the step before it done: the zeros were written below the end by a request
+    that failed, where a WRITE or a zeroing with holes of the same range is refused
+    whole, changing nothing, as any request past an export's end is. Once v is grown
+    back the same request zeroes the whole range."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"A" * (8 * MiB), 8 * MiB)
+            await sim.shrink("v", 4 * MiB)
+            assert gw.size == 4 * MiB
+
+            async def zero():
+                return await h0.run_on(
+                    lambda: call(gw.write_zeroes(3 * MiB, 2 * MiB, False, False, False)))
+
+            async def read(offset, length):
+                got = await h0.run_on(lambda: call(gw.read(offset, length)))
+                return extents_bytes(got, offset, length)
+
+            with pytest.raises(VbpError) as e:
+                await zero()
+            assert e.value.errno == errno.ENOSPC
+            assert await read(3 * MiB, MiB) == b"A" * MiB  # nothing zeroed
+            assert "3145728+2097152" in str(e.value)  # the request's range
+            api.resize(sim.reg, "v", 8 * MiB)
+            await zero()
+            assert await read(3 * MiB - 4096, 2 * MiB + 8192) == (
+                b"A" * 4096 + bytes(2 * MiB) + bytes(4096))
             nursery.cancel_scope.cancel()
 
     run(main)
