@@ -730,8 +730,10 @@ class VolumeGateway:
 
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()
-        if offset + length > self.size:  # (read again, by bytes: after an await)
-            return self._past_end(offset, length, PastEnd, (self._read, offset, length))
+        if offset + length > self.size:  # (read again, by bytes, after the takeover under
+            # way if any, as read() would have waited for it: after an await)
+            return self._past_end(offset, length, PastEnd,
+                                  (self._settled, self._read, offset, length))
         index = offset >> self._shift
         inner = offset & (self._cs - 1)
         if inner + length <= self._cs and length:

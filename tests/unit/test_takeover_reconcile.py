@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from blockd.service import SETTLE_RETRY
+from control import api
 from replicator import messages as m
 from replicator.gateway import VolumeGateway
 from tests.sim.harness import Sim, SimFaults, call, extents_bytes, reconcile_failing_once, settled
@@ -691,6 +692,71 @@ def test_a_slow_takeover_at_open_holds_up_no_other_open(monkeypatch):
             got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)  # waits for it
             assert trio.current_time() - t0 >= 4 and got == b"\x01" * 4096
             assert sim.reg.lease_tokens()["v"] > old.token
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_read_past_a_shrunk_end_served_once_grown_back_waits_for_the_takeover():
+    """Review: a reader (h1) adopted a shrink of v to 1 MiB; v is grown back to 2 MiB,
+    its holder (h0) wrote chunk 1 on the two other copies only and its lease ran out
+    unreleased. A read at 1 MiB, past the reader's end, waits for record syncs
+    (VolumeGateway._unless_grown): the first finds the lease orphaned and starts its
+    takeover (reads wait for it: VolumeGateway.settling), the second adopts the grow.
+    The read then ran at once, from this host's copy (a hole: zeros), the takeover
+    still under way; once it had reconciled the copies, the same read answered the
+    holder's write. It waits for the takeover now, as any read does."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
+            reader = await h1.provider.open_export("v")  # the old lease runs
+            shrunk: list = []
+
+            async def shrink():
+                shrunk.append(await sim.shrink("v", MiB))
+
+            nursery.start_soon(shrink)
+            while not shrunk:  # (the holder completes it at its record sync)
+                await h0.provider.sync_records()
+                await trio.sleep(0.05)
+            for _ in range(2):  # the reader publishes the shrunk view, then adopts it
+                await h1.provider.sync_records()
+                await trio.sleep(0.01)
+            assert reader.size == MiB
+            grown = api.resize(sim.reg, "v", 2 * MiB)
+            # the holder's last write, on chunk 1's copies other than the reader's host
+            head = grown.head
+            for h in sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3):
+                if h != "h1":
+                    sim.hosts[h].replica.handle(m.WriteChunk(
+                        "v", rec.lineage, 1, head, (head,), 0, b"\xee" * 4096, MiB, 0,
+                        False, sim.hosts[h].cluster.epoch, old.token))
+            sim.expire_lease("v")  # never released
+            await trio.sleep(2)
+            # the takeover's announcement of its token to h2 is slow
+            slow = sim.hosts["h2"].addr
+
+            def on_call(address, message):
+                return 1.0 if address == slow and type(message) is m.Flush else 0
+            h1.faults.on_call = on_call
+            got: list = []
+
+            async def read():
+                got.append(extents_bytes(await call(reader.read(MiB, 4096)), MiB, 4096))
+
+            nursery.start_soon(read)
+            await trio.sleep(0.01)
+            await h1.provider.sync_records()  # publishes the grown view; takes the lease over
+            assert reader.settling is not None
+            await trio.sleep(0.01)
+            await h1.provider.sync_records()  # adopts the grown view
+            await settled(reader)
+            await trio.sleep(0.01)
+            assert reader.size == 2 * MiB
+            again = extents_bytes(await call(reader.read(MiB, 4096)), MiB, 4096)
+            assert again == b"\xee" * 4096
+            assert got == [again]
             nursery.cancel_scope.cancel()
 
     run(main)
