@@ -644,7 +644,8 @@ class VolumeGateway:
         if self.settling is not None:
             return self._settled(self.read, offset, length)
         if self.qos is not None and (d := self.qos.delay_for(length)):
-            return self._throttled(d, self._read, offset, length)
+            # (its turn come, after a takeover begun meanwhile, as one that came during it)
+            return self._throttled(d, self._settled, self._read, offset, length)
         return self._read(offset, length, ref)
 
     def read_ref(self, offset: int, length: int):

@@ -760,3 +760,51 @@ def test_a_read_past_a_shrunk_end_served_once_grown_back_waits_for_the_takeover(
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_read_waiting_for_its_turn_waits_for_the_takeover_begun_meanwhile():
+    """Review: a reader (h1) of v, limited to 1 IOPS; the holder (h0) wrote chunk 1 on
+    the two other copies only and its lease ran out unreleased. A read at 1 MiB waits
+    for its turn (a second, VolumeGateway._throttled); meanwhile the record sync finds
+    the lease orphaned and starts its takeover (reads wait for it: settling). Its turn
+    come, the read ran at once, from this host's copy (a hole: zeros), the takeover
+    still under way; once it had reconciled the copies, the same read answered the
+    holder's write. It waits for the takeover now, as a read that came during it does."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old = await written_by_h0(nursery)
+            h1 = sim.hosts["h1"]
+            reader = await h1.provider.open_export("v")  # the old lease runs
+            api.set_limits(sim.reg, "v", iops=1)
+            await h1.provider.sync_records()  # (the limits taken live)
+            assert reader.qos is not None
+            for h in sim.hosts["h0"].cluster.replicas(rec.lineage, 1, 3):
+                if h != "h1":
+                    sim.hosts[h].replica.handle(m.WriteChunk(
+                        "v", rec.lineage, 1, rec.head, (rec.head,), 0, b"\xee" * 4096, MiB,
+                        0, False, sim.hosts[h].cluster.epoch, old.token))
+            sim.expire_lease("v")  # never released
+            await trio.sleep(2)
+            await call(reader.read(0, 4096))  # the one request of this second
+            # the takeover's announcement of its token to h2 is slow
+            slow = sim.hosts["h2"].addr
+            h1.faults.on_call = lambda address, message: (
+                3.0 if address == slow and type(message) is m.Flush else 0)
+            got: list = []
+
+            async def read():
+                got.append(extents_bytes(await call(reader.read(MiB, 4096)), MiB, 4096))
+
+            nursery.start_soon(read)
+            await trio.sleep(0.01)
+            assert not got  # waiting for its turn
+            await h1.provider.sync_records()  # finds the lease orphaned: the takeover
+            assert reader.settling is not None
+            await settled(reader)
+            await trio.sleep(1.0)
+            again = extents_bytes(await call(reader.read(MiB, 4096)), MiB, 4096)
+            assert again == b"\xee" * 4096
+            assert got == [again]
+            nursery.cancel_scope.cancel()
+
+    run(main)
