@@ -383,6 +383,11 @@ class VolumeProvider:
         if _view_key(gw.lineage, view) == _view_key(gw.lineage, gw.view):
             self._next.pop(export, None)
             return
+        if view.gen < gw.gen:
+            # a record read before the gateway adopted a newer head (its client's first
+            # write took the lease, whose own read completed a snapshot or a shrink):
+            # adopted, the older head would take writes, into a snapshot or past the end
+            return
         nxt = self._next.get(export)
         key = _view_key(gw.lineage, view)
         new = nxt is None or _view_key(gw.lineage, nxt) != key

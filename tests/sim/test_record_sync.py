@@ -18,7 +18,7 @@ from blockd.service import RECORD_LAPSE
 from tests.sim.harness import Sim, call, extents_bytes, reconcile_failing_once, settled
 from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced, VbpError
 from vbp.layout import MiB
-from vbp.volume import VolumeRecord, request_snapshot, view_of
+from vbp.volume import VolumeRecord, request_shrink, request_snapshot, view_of
 
 
 def run(afn):
@@ -842,6 +842,109 @@ def test_a_no_hole_zeroing_across_a_shrunk_end_is_refused_whole():
             await zero()
             assert await read(3 * MiB - 4096, 2 * MiB + 8192) == (
                 b"A" * 4096 + bytes(2 * MiB) + bytes(4096))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class LateRecordAnswer:
+    """A host's registry whose next volume read is answered `delay` seconds late: the
+    record as it was when read (an etcd answer slow on its way back)."""
+
+    def __init__(self, registry, delay: float):
+        self.registry = registry
+        self.delay = delay
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def get_volume(self, name):
+        d = await self.registry.get_volume(name)
+        delay, self.delay = self.delay, 0.0
+        await trio.sleep(delay)
+        return d
+
+
+def test_a_record_read_before_the_lease_was_taken_never_takes_the_gateway_back_to_the_old_head():
+    """Review: h1 serves v to a client that has not written yet (a reader); a shrink of
+    v to 2 MiB is in progress, not completed (its requester about to complete it, no
+    lease being live). A record sync on h1 reads the record (the shrink in progress),
+    its answer late. Meanwhile the client's first write takes the lease, whose record
+    read completes the shrink: the gateway adopts the new head and size. Then the late
+    answer came back to the record sync, which had begun as a reader's and adopted the
+    view of that older record as a resize (same size check, `set_view`): the old head
+    and the old size again. A write at 3 MiB, past the new end, was then acknowledged
+    into the old head, and read back as zeros once the volume was grown back: lost. A
+    record older than the view adopted is left now."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=3)
+            h1 = sim.hosts["h1"]
+            gw = await h1.provider.open_export("v")
+            assert not gw.token and gw.size == 8 * MiB
+            head = sim.reg.next_id(api.gen_counter(rec.lineage))
+            sim.reg.update_volume("v", lambda d: request_shrink(
+                VolumeRecord.from_dict(d), 2 * MiB, head, time.time() + 60).to_dict())
+            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            nursery.start_soon(h1.provider.sync_records)  # its read answered late
+            await trio.sleep(0.1)
+            await call(gw.write(0, b"F" * 4096, False))  # the first: takes the lease
+            assert gw.token and gw.gen == head and gw.size == 2 * MiB
+            await trio.sleep(1.0)  # the late answer in
+            assert sim.volume("v").head == head
+            acked: list = []
+
+            async def write_past_the_end():
+                try:
+                    await call(gw.write(3 * MiB, b"B" * 4096, False))
+                    acked.append(True)
+                except VbpError:
+                    acked.append(False)
+
+            nursery.start_soon(write_past_the_end)
+            for _ in range(2):  # record syncs (blockd's loop), which it may wait for
+                await trio.sleep(0.01)
+                await h1.provider.sync_records()
+            await trio.sleep(0.01)
+            api.resize(sim.reg, "v", 8 * MiB)
+            await h1.provider.sync_records()
+            got = extents_bytes(await call(gw.read(3 * MiB, 4096)), 3 * MiB, 4096)
+            assert (acked, got) == ([False], bytes(4096))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_record_read_before_the_lease_was_taken_never_has_the_gateway_write_a_snapshot():
+    """As above, with a snapshot in progress instead of a shrink: the first write's lease
+    completes it, and the late record would have taken the gateway back to the old
+    head, now the snapshot's generation. The next write went into the snapshot."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=3)
+            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
+            first = await h0.provider.open_export("v")
+            await call(first.write(0, b"A" * 4096, False))
+            first.close()  # (its lease handed back in the background)
+            await trio.sleep(1.0)
+            gw = await h1.provider.open_export("v")
+            head = sim.reg.next_id(api.gen_counter(rec.lineage))
+            sim.reg.update_volume("v", lambda d: request_snapshot(
+                VolumeRecord.from_dict(d), "s", head, time.time() + 60).to_dict())
+            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            nursery.start_soon(h1.provider.sync_records)  # its read answered late
+            await trio.sleep(0.1)
+            await call(gw.write(MiB, b"F" * 4096, False))  # the first: takes the lease
+            assert gw.gen == head and sim.volume("v").snapshot("s") is not None
+            await trio.sleep(1.0)  # the late answer in
+            await call(gw.write(0, b"B" * 4096, False))
+            snap = await h0.provider.open_export("v@s")
+            got = extents_bytes(await call(snap.read(0, 4096)), 0, 4096)
+            assert got == b"A" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)
