@@ -96,6 +96,7 @@ class Sandbox:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory).absolute()
         self._procs: dict[int, subprocess.Popen] = {}  # the processes this object started
+        self._ids: dict[int, str] = {}  # pid -> host id of those
 
     @property
     def registry_url(self) -> str:
@@ -273,6 +274,7 @@ class Sandbox:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, close_fds=True)
             self._procs[proc.pid] = proc
+            self._ids[proc.pid] = h["id"]
         finally:
             log.close()
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -331,30 +333,42 @@ class Sandbox:
                 out[int(entry.name)] = host_id
         return out
 
+    def _alive(self, pid: int) -> bool:
+        """pid_alive, or for a process this object started, whether it has not exited (its
+        command line may not read as blockd yet; unreaped, its pid is not reused)."""
+        proc = self._procs.get(pid)
+        return proc.poll() is None if proc is not None else pid_alive(pid)
+
     def down(self, timeout: float = 15.0) -> list[str]:
         state = self._load()
         stopped = []
-        live = [h for h in state.get("hosts", []) if pid_alive(h.get("pid", 0))]
+        live = [h for h in state.get("hosts", []) if self._alive(h.get("pid", 0))]
         # and those whose pid never reached the state file (an interrupted `up`)
         known = {h["pid"] for h in live}
         live += [{"id": hid, "pid": pid} for pid, hid in self._blockds().items() if pid not in known]
+        # and the hosts this object started that /proc does not show as blockd: a process
+        # whose exec has begun (Popen has returned) reads an empty command line until the
+        # kernel has set up its arguments, and an interrupted `up` stops right then
+        known = {h["pid"] for h in live}
+        live += [{"id": self._ids[pid], "pid": pid} for pid, proc in self._procs.items()
+                 if pid not in known and proc.poll() is None]
         for h in live:
             try:
                 os.kill(h["pid"], signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout
-        while any(pid_alive(h["pid"]) for h in live) and time.monotonic() < deadline:
+        while any(self._alive(h["pid"]) for h in live) and time.monotonic() < deadline:
             time.sleep(0.1)
         for h in live:
-            if pid_alive(h["pid"]):
+            if self._alive(h["pid"]):
                 try:
                     os.kill(h["pid"], signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             stopped.append(h["id"])
         deadline = time.monotonic() + 5
-        while any(pid_alive(h["pid"]) for h in live) and time.monotonic() < deadline:
+        while any(self._alive(h["pid"]) for h in live) and time.monotonic() < deadline:
             time.sleep(0.05)
         for h in state.get("hosts", []):
             h["pid"] = 0
