@@ -242,16 +242,16 @@ class _Projection:
         return {x: used * count[x] / now[x] if now[x] else float(used) for x, (used, *_) in usage.items()}
 
 
-def _lowerings(cur: dict[str, float], usage: dict, over: list[str], projection: _Projection) -> dict[str, float]:
+def _lowerings(cur: dict[str, float], usage: dict, over: list[str], mean: float,
+               projection: _Projection) -> dict[str, float]:
     """New factors for hosts of `over` (above nearfull, the fullest first), lowered
-    together (wanted_weights): the fullest `n` of those fuller than the pool's mean by
+    together (wanted_weights): the fullest `n` of those fuller than the pool's `mean` by
     ABOVE_MEAN, for the largest `n` whose lowering, with what each host would hold after
     it projected from the placement (_Projection), leaves no host past its full ratio
     that was not, every lowered host less full, and what lands on the others within their
     room below nearfull."""
     if not over:
         return {}
-    mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values())
     plan = {}
     for h in over:
         used, cap, nf, _ = usage[h]
@@ -342,8 +342,9 @@ def wanted_weights(cmap: ClusterMap, stats: dict[str, dict], most: int,
                         float(st.get("full_ratio") or FULL_RATIO))
     over = sorted((h for h, (used, cap, nf, _) in usage.items() if used > nf * cap),
                   key=lambda h: -usage[h][0] / usage[h][1])
-    out.update(_lowerings(cur, usage, over, _Projection(cmap, cur, most)))
+    # the pool's mean usage: used over capacity of the hosts with stats
     mean = sum(u[0] for u in usage.values()) / sum(u[1] for u in usage.values()) if usage else 0.0
+    out.update(_lowerings(cur, usage, over, mean, _Projection(cmap, cur, most)))
     for h, f in cur.items():
         if h in usage and h not in over:
             used, cap, nf, _ = usage[h]
