@@ -1396,6 +1396,13 @@ class Blockd:
                         continue
                     freed += 1
                     log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
+        # lineages nothing reads any more (their volumes deleted): a chunk of one missing
+        # here is gone, not a hole, for a gateway that reads on without having heard of
+        # the delete (cut off from the registry past its lease): it gets an error, not zeros
+        dead = {lineage for lineage, _ in local if lineage not in by_lineage}
+        if dead:
+            self.store.mark_collected(dead)
+            log.info("event=gc_lineages_collected lineages=%s", ",".join(sorted(dead)))
         return freed
 
 

@@ -703,8 +703,8 @@ class VolumeGateway:
         c = _FULL_PATH
         if self.host_id in self.cluster.replicas(lineage, index, self.n):
             gen = self.store.resolve(lineage, index, self.chain_for(index))
-            if gen is None:
-                c = None
+            if gen is None:  # a hole, unless collected (_read_one's error)
+                c = _FULL_PATH if self.store.is_collected(lineage) else None
             else:  # (a generation the store resolves to but cannot find: _read_one's error)
                 c = self.store.lookup(_new_key(ChunkKey, (lineage, index, gen))) or _FULL_PATH
         if len(self._plans) >= PLANS_MAX:
@@ -773,6 +773,7 @@ class VolumeGateway:
             store = self.store  # Replica.read, less the version it looks up for peers
             gen = store.resolve(lineage, index, self.chain_for(index) if self.cuts else self.chain)
             if gen is None:
+                self.replica.check_not_collected(lineage, index)
                 return [(offset, length, None)]
             try:
                 key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__

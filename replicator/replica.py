@@ -47,7 +47,7 @@ from replicator import messages as m
 from replicator.scrub import repair_copy, verify_copy
 from vbp.chunkstore import flush_store, fua_sync
 from vbp.chunkstore_common import check_chunk_size, check_key, check_range
-from vbp.errors import Fenced, InvalidArgument, PeerUnavailable, StaleEpoch, VbpError
+from vbp.errors import Fenced, InvalidArgument, NotFound, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
 from vbp.reqid import current as current_rid
 
@@ -231,11 +231,21 @@ class Replica:
             raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced")
         gen = self.store.resolve(lineage, index, chain)
         if gen is None:
+            self.check_not_collected(lineage, index)
             return -1, None, 0
         key = ChunkKey(lineage, index, gen)
         data = self.store.read(key, offset, length)
         info = self.store.info(key)
         return gen, data, info.version if info else 0
+
+    def check_not_collected(self, lineage: str, index: int) -> None:
+        """A chunk not here is a hole (never written), unless garbage collection freed its
+        lineage here (ChunkStore.mark_collected): its volume was deleted, and a reader
+        still at it (a gateway cut off from the registry) gets NotFound, never zeros
+        where data was."""
+        if self.store.is_collected(lineage):
+            raise NotFound(f"chunk {index} of lineage {lineage} is gone: its volume was "
+                           f"deleted and garbage collection freed its chunks here")
 
     def _base(self, lineage: str, index: int, gen: int, chain) -> int | None:
         if self.store.resolve(lineage, index, (gen,)) is not None:
@@ -304,6 +314,7 @@ class Replica:
     def extents(self, lineage: str, index: int, chain, offset: int, length: int):
         gen = self.store.resolve(lineage, index, chain)
         if gen is None:
+            self.check_not_collected(lineage, index)
             return None
         return self.store.extents(ChunkKey(lineage, index, gen), offset, length)
 

@@ -109,6 +109,7 @@ import fcntl
 import functools
 import heapq
 import os
+import time
 import uuid
 from array import array
 from itertools import repeat
@@ -159,6 +160,10 @@ WRITEBACK_THREADS = 8
 
 # The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
 FRESH = b"c"
+
+# How long a lineage stays marked collected (mark_collected): longer than a gateway cut off
+# from the registry can be expected to go on reading a volume deleted meanwhile.
+COLLECTED_KEEP = 30 * 24 * 3600
 
 # read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
 # costs less than the extra send call).
@@ -298,12 +303,13 @@ class ChunkStore:
         self._used = 0
         self._checksum_errors = 0
         self._closed = False
+        self._collected: dict[str, int] = {}  # lineage -> when it was marked (mark_collected)
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
                                   map_size=index_map_size)
             try:
                 self._db = {name: self._env.open_db(name.encode()) for name in
-                            ("chunks", "free", "limbo", "dirty", "meta")}
+                            ("chunks", "free", "limbo", "dirty", "meta", "collected")}
                 self._psize = self._env.stat()["psize"]
             except BaseException:
                 self._env.close()
@@ -365,6 +371,8 @@ class ChunkStore:
                 if c is not None:
                     (fresh if v == FRESH else dirty).append(c)
             kept = txn.get(b"recovered", db=db["meta"])
+            collected = {k.decode(): int(v) for k, v in txn.cursor(db=db["collected"])}
+        self._load_collected(collected)
         kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
@@ -452,6 +460,41 @@ class ChunkStore:
         with self._env.begin() as txn:
             stats = [txn.stat(db) for db in self._db.values()] + [txn.stat()]
         return sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
+
+    def _load_collected(self, collected: dict[str, int]) -> None:
+        """The lineages marked collected, less those marked COLLECTED_KEEP ago (forgotten
+        in the index too)."""
+        old = time.time() - COLLECTED_KEEP
+        expired = [lineage for lineage, t in collected.items() if t < old]
+        if expired:
+            with self._txn() as txn:
+                for lineage in expired:
+                    txn.delete(lineage.encode(), db=self._db["collected"])
+                    del collected[lineage]
+        self._collected = collected
+
+    # --- collected lineages ---------------------------------------------------------------
+
+    def mark_collected(self, lineages) -> None:
+        """Garbage collection freed every chunk of these lineages here because no record,
+        export or lease reads them any more (their volumes were deleted): a chunk of one
+        that is not here is no longer a hole, never written, but gone (is_collected), so
+        that a gateway still reading such a volume (cut off from the registry, it never
+        heard of the delete) is answered an error, never zeros where it wrote data. Kept
+        in the index, for COLLECTED_KEEP."""
+        new = [lineage for lineage in lineages if lineage not in self._collected]
+        if not new:
+            return
+        now = int(time.time())
+        with self._txn() as txn:
+            for lineage in new:
+                txn.put(lineage.encode(), b"%d" % now, db=self._db["collected"])
+        for lineage in new:
+            self._collected[lineage] = now
+
+    def is_collected(self, lineage: str) -> bool:
+        """Whether garbage collection freed `lineage` here as no longer read (mark_collected)."""
+        return lineage in self._collected
 
     # --- queries --------------------------------------------------------------------------
 

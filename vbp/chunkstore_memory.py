@@ -57,6 +57,15 @@ class MemoryChunkStore:
         self.was_clean = True
         self.recovered: frozenset[ChunkKey] = frozenset()
         self.store_id = uuid.uuid4().hex
+        self._collected: set[str] = set()
+
+    # --- collected lineages (ChunkStore.mark_collected) ------------------------------------
+
+    def mark_collected(self, lineages) -> None:
+        self._collected.update(lineages)
+
+    def is_collected(self, lineage: str) -> bool:
+        return lineage in self._collected
 
     # --- queries --------------------------------------------------------------------------
 

@@ -433,3 +433,21 @@ def test_flush_and_fua_are_callable_any_time(store):
     store.flush()
     store.zero(K, 0, CS, chunk_size=CS, fua=True)
     assert store.read(K, 0, 1) == b"\0"
+
+
+def test_collected_lineages_are_marked_once_and_kept_across_a_reopen(factory):
+    """mark_collected: garbage collection freed these lineages here (their volumes were
+    deleted). The mark names the lineage only: others, and the chunks still here, are
+    untouched; the disk store keeps it through a reopen (the memory store has none)."""
+    store = factory.make()
+    store.write(ChunkKey("live", 0, 1), 0, b"kept", chunk_size=CS)
+    assert not store.is_collected("dead")
+    store.mark_collected(["dead", "dead2"])
+    store.mark_collected({"dead"})  # (again: nothing changes)
+    assert store.is_collected("dead") and store.is_collected("dead2")
+    assert not store.is_collected("live") and not store.is_collected("dea")
+    assert store.read(ChunkKey("live", 0, 1), 0, 4) == b"kept"
+    if factory.name == "disk":
+        store = factory.reopen(store)
+        assert store.is_collected("dead") and store.is_collected("dead2")
+        assert not store.is_collected("live")

@@ -9,7 +9,8 @@ import trio.testing
 
 from control import api
 from tests.sim.harness import Sim, call, extents_bytes
-from vbp.errors import VbpError
+from vbp.errors import NotFound, VbpError
+from vbp.layout import ChunkKey
 from vbp.layout import MiB
 from vbp.registry.base import P_STATS
 from vbp.registry.kv import Delete
@@ -36,7 +37,8 @@ def test_gc_keeps_a_deleted_volume_while_its_lease_holder_may_still_serve_it():
         sim = Sim(13, hosts=3)
         async with trio.open_nursery() as nursery:
             await sim.start(nursery, loops=False)
-            sim.create_volume("v", 2 * MiB, replicas=3)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3)
+            live = sim.create_volume("w", 2 * MiB, replicas=3)
             h0 = sim.hosts["h0"]
             gw = await h0.run_on(h0.provider.open_export, "v")
             await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
@@ -59,20 +61,23 @@ def test_gc_keeps_a_deleted_volume_while_its_lease_holder_may_still_serve_it():
             for h in sim.hosts.values():
                 freed += await h.collect_garbage()
             assert freed == 3 and not any(list(h.store.keys()) for h in sim.hosts.values())
+            # v's lineage is marked collected where its chunks were, w's (never written
+            # yet: no chunk anywhere) is not
+            for h in sim.hosts.values():
+                assert h.store.is_collected(rec.lineage) and not h.store.is_collected(live.lineage)
             nursery.cancel_scope.cancel()
 
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a holder past its lease reads on (registry "
-                   "outages keep reads going, tests/faults/test_etcd_pool.py), GC elsewhere not")
 def test_a_lease_holder_cut_off_from_the_registry_stops_reading_when_its_lease_runs_out():
     """As above, h0 cut off from the registry from the delete on (its record syncs and
     renewals fail: it never learns of the delete). GC holds off while the lease is live;
-    once it ran out unrenewed GC frees the chunks, and h0, past its lease, must no longer
-    answer reads by a chain no record or publication keeps: it answers zeros for the "A"
-    it acknowledged, with no error (a lease holder's reads are exempt from serve_until
-    for as long as it is not fenced, expired lease or not)."""
+    once it ran out unrenewed GC frees the chunks. h0, past its lease, reads on (a lease
+    holder's reads are exempt from serve_until for as long as it is not fenced, so that
+    a registry outage does not stop them), but the host that freed the chunk marked its
+    lineage collected: h0's read fails, where it used to answer zeros for the "A" it
+    acknowledged, with no error."""
     async def main():
         sim = Sim(13, hosts=3)
         async with trio.open_nursery() as nursery:
@@ -96,7 +101,37 @@ def test_a_lease_holder_cut_off_from_the_registry_stops_reading_when_its_lease_r
                                     x * MiB, 4096)
             except VbpError:
                 got = None
-            assert got in (b"A" * 4096, None)
+            assert got is None  # (the chunk is gone: an error, never "A" or zeros)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_gateway_reads_a_chunk_its_own_host_collected_as_gone():
+    """The same on the gateway's own host: a chunk of v not in h0's store reads as a hole
+    (zeros) until h0 marks v's lineage collected; from then on every read path of the
+    gateway (the NBD server's read_ref with its read plans, read) fails with NotFound,
+    and a hole it had planned before is planned again (the collection that marks a
+    lineage deletes its chunks here: the store's layout changes)."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=1)
+            h0 = sim.hosts["h0"]
+            mine = [i for i in range(8) if "h0" in h0.cluster.replicas(rec.lineage, i, 1)]
+            assert len(mine) >= 2
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            planned, fresh = mine[0] * MiB, mine[1] * MiB
+            assert extents_bytes(gw.read_ref(planned, 4096), planned, 4096) == bytes(4096)
+            # (a chunk of another lineage comes and goes: the layout changes, as GC's)
+            h0.store.write(ChunkKey("other", 0, 1), 0, b"o", chunk_size=MiB)
+            h0.store.delete(ChunkKey("other", 0, 1))
+            h0.store.mark_collected([rec.lineage])
+            for op in (lambda: gw.read_ref(planned, 4096), lambda: gw.read_ref(fresh, 4096),
+                       lambda: call(gw.read(fresh, 4096))):
+                with pytest.raises(NotFound):
+                    await h0.run_on(lambda: call(op()))
             nursery.cancel_scope.cancel()
 
     run(main)

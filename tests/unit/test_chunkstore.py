@@ -1063,3 +1063,23 @@ def test_verify_soon_does_not_blame_a_write_that_came_during_its_read(tmp_path, 
 
 async def _collect(out: list, awaitable) -> None:
     out.append(await awaitable)
+
+
+def test_collected_lineages_are_forgotten_after_collected_keep(tmp_path, monkeypatch):
+    """A lineage marked collected stays so for COLLECTED_KEEP, then is forgotten at the
+    next open, in the index too (the marks do not pile up forever)."""
+    from vbp import chunkstore as cs_mod
+    s = ChunkStore(tmp_path, 32 * CS)
+    now = 1_800_000_000.0
+    monkeypatch.setattr(cs_mod.time, "time", lambda: now)
+    s.mark_collected(["old"])
+    now += cs_mod.COLLECTED_KEEP / 2
+    s.mark_collected(["young"])
+    s.close()
+    now += cs_mod.COLLECTED_KEEP / 2 + 1  # "old" was marked more than COLLECTED_KEEP ago
+    s = ChunkStore(tmp_path, 32 * CS)
+    assert not s.is_collected("old") and s.is_collected("young")
+    s.close()
+    with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8, readonly=True) as env:
+        with env.begin() as txn:
+            assert [k for k, _ in txn.cursor(db=env.open_db(b"collected", txn=txn))] == [b"young"]

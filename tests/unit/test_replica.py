@@ -13,7 +13,7 @@ from replicator import messages as m
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, MemoryChunkStore
-from vbp.errors import InvalidArgument
+from vbp.errors import InvalidArgument, NotFound
 from vbp.layout import ChunkKey
 
 pytestmark = pytest.mark.timeout(30)
@@ -141,3 +141,31 @@ def test_the_marks_of_chunks_no_longer_here_are_forgotten():
         assert not replica.recent and not replica.recent_before
 
     _marks_run(main)
+
+
+async def test_a_chunk_of_a_collected_lineage_is_gone_not_a_hole(tmp_path):
+    """After garbage collection freed a lineage here (ChunkStore.mark_collected: its
+    volume was deleted), a read or an allocation query of one of its chunks is refused
+    with NotFound, never answered as a hole (zeros, "unallocated") that a gateway still
+    reading the deleted volume would serve over data it wrote. Other lineages' missing
+    chunks are holes as before, and a chunk of the collected lineage that is here (written
+    since) still reads."""
+    async with replica_server(tmp_path) as (replica, pool, address):
+        def read(lineage, index):
+            return m.ReadChunk("v", lineage, index, (1,), 0, 4096, 1)
+
+        def extents(lineage, index):
+            return m.ChunkExtents(lineage, index, (1,), 0, 4096, 1)
+
+        assert (await pool.call(address, read("lin", 3))).gen == -1
+        assert (await pool.call(address, extents("lin", 3))).found is False
+        w = m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, CHUNK, 0, False, 1, 1)
+        assert type(await pool.call(address, w)) is m.Ok
+        replica.store.mark_collected(["lin"])
+        for msg in (read("lin", 3), extents("lin", 3)):
+            with pytest.raises(NotFound, match="gone"):
+                await pool.call(address, msg)
+        with pytest.raises(NotFound):
+            replica.read("lin", 3, (1,), 0, 4096)
+        assert (await pool.call(address, read("lin", 0))).data == b"x" * 4096
+        assert (await pool.call(address, read("other", 3))).gen == -1
