@@ -383,10 +383,13 @@ class VolumeProvider:
         if _view_key(gw.lineage, view) == _view_key(gw.lineage, gw.view):
             self._next.pop(export, None)
             return
-        if view.gen < gw.gen:
+        if view.gen < gw.gen or view.gen == gw.gen and view.size < gw.size:
             # a record read before the gateway adopted a newer head (its client's first
             # write took the lease, whose own read completed a snapshot or a shrink):
-            # adopted, the older head would take writes, into a snapshot or past the end
+            # adopted, the older head would take writes, into a snapshot or past the end;
+            # or before it adopted a grow (within a generation the size only grows: a
+            # shrink makes a new head): adopted, the older size would refuse requests
+            # between the two ends until the next record sync
             return
         nxt = self._next.get(export)
         key = _view_key(gw.lineage, view)
@@ -617,7 +620,9 @@ class VolumeProvider:
                 return view
 
             await gw.switch_head(adopt)
-        elif (rec.size, rec.cuts) != (gw.size, gw.cuts):
+        elif rec.head == gw.gen and rec.size > gw.size:
+            # a grow (a record of an older head, or of a smaller size of this one, was read
+            # before the gateway adopted a newer one: _follow's check)
             gw.set_view(view_of(rec, None))
         set_qos(gw, rec)
         self._confirm(gw, rec, t0, through, published_at)  # (a lease holder past its lease)

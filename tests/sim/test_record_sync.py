@@ -948,3 +948,70 @@ def test_a_record_read_before_the_lease_was_taken_never_has_the_gateway_write_a_
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_record_read_before_a_grow_was_adopted_never_shrinks_the_gateway_back():
+    """Review: h1 serves v (8 MiB) to a client that has not written yet (a reader). A
+    record sync on h1 reads v's record, its answer late; v is grown to 16 MiB meanwhile,
+    and the client's first write takes the lease, whose record read adopts the grow.
+    The late answer then came back to the record sync, begun as a reader's, which took
+    the 8 MiB record for a resize: the gateway was back at 8 MiB until the next sync,
+    refusing requests between the two ends. Within a generation the size only grows (a
+    shrink makes a new head): a smaller record of the same head is older, and left."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            sim.create_volume("v", 8 * MiB, replicas=3)
+            h1 = sim.hosts["h1"]
+            gw = await h1.provider.open_export("v")
+            assert not gw.token and gw.size == 8 * MiB
+            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            nursery.start_soon(h1.provider.sync_records)  # reads 8 MiB, answered late
+            await trio.sleep(0.1)
+            api.resize(sim.reg, "v", 16 * MiB)
+            await call(gw.write(0, b"F" * 4096, False))  # the first: takes the lease
+            assert gw.token and gw.size == 16 * MiB
+            await trio.sleep(1.0)  # the late answer in
+            assert gw.size == 16 * MiB
+            await call(gw.write(12 * MiB, b"G" * 4096, False))  # between the two ends
+            got = extents_bytes(await call(gw.read(12 * MiB, 4096)), 12 * MiB, 4096)
+            assert got == b"G" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_record_the_lease_read_before_a_grow_was_adopted_never_shrinks_the_gateway_back():
+    """The same with the late answer the lease's own record read (the client's first
+    write): meanwhile the reader's record syncs adopted the grow to 16 MiB, and the
+    holder's sync took the older 8 MiB record for a resize."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            sim.create_volume("v", 8 * MiB, replicas=3)
+            h1 = sim.hosts["h1"]
+            gw = await h1.provider.open_export("v")
+            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            written = trio.Event()
+
+            async def first_write():  # takes the lease; its record read answered late
+                await call(gw.write(0, b"F" * 4096, False))
+                written.set()
+
+            nursery.start_soon(first_write)
+            await trio.sleep(0.1)
+            api.resize(sim.reg, "v", 16 * MiB)
+            for _ in range(2):  # the reader's syncs: publish the grown view, then adopt it
+                await h1.provider.sync_records()
+                await trio.sleep(0.1)
+            assert not gw.token and gw.size == 16 * MiB
+            await written.wait()  # the late answer in
+            assert gw.token and gw.size == 16 * MiB
+            await call(gw.write(12 * MiB, b"G" * 4096, False))
+            got = extents_bytes(await call(gw.read(12 * MiB, 4096)), 12 * MiB, 4096)
+            assert got == b"G" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
