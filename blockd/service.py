@@ -1382,6 +1382,15 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
+        # lineages nothing reads any more (their volumes deleted): a chunk of one missing
+        # here is gone, not a hole, for a gateway that reads on without having heard of
+        # the delete (cut off from the registry past its lease): it gets an error, not zeros.
+        # Marked before any of their chunks goes: a delete that fails ends the pass, and
+        # a lineage whose chunks it had freed would have none here left to be marked by.
+        dead = {lineage for lineage, _ in local if lineage not in by_lineage}
+        if dead:
+            self.store.mark_collected(dead)
+            log.info("event=gc_lineages_collected lineages=%s", ",".join(sorted(dead)))
         # Presence again, with no await until the deletes: a resync may have dropped a
         # listed generation meanwhile (_drop_divergent), and the one left is then the
         # one readers resolve to. Only generations listed before the records were read
@@ -1401,13 +1410,6 @@ class Blockd:
                         continue
                     freed += 1
                     log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
-        # lineages nothing reads any more (their volumes deleted): a chunk of one missing
-        # here is gone, not a hole, for a gateway that reads on without having heard of
-        # the delete (cut off from the registry past its lease): it gets an error, not zeros
-        dead = {lineage for lineage, _ in local if lineage not in by_lineage}
-        if dead:
-            self.store.mark_collected(dead)
-            log.info("event=gc_lineages_collected lineages=%s", ",".join(sorted(dead)))
         return freed
 
 

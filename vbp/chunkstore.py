@@ -491,6 +491,7 @@ class ChunkStore:
                 txn.put(lineage.encode(), b"%d" % now, db=self._db["collected"])
         for lineage in new:
             self._collected[lineage] = now
+        self.layout += 1  # (a gateway's read plans of their holes are holes no more)
 
     def is_collected(self, lineage: str) -> bool:
         """Whether garbage collection freed `lineage` here as no longer read (mark_collected)."""

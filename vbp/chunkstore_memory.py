@@ -63,6 +63,7 @@ class MemoryChunkStore:
 
     def mark_collected(self, lineages) -> None:
         self._collected.update(lineages)
+        self.layout += 1  # (ChunkStore.mark_collected)
 
     def is_collected(self, lineage: str) -> bool:
         return lineage in self._collected

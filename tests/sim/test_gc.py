@@ -90,3 +90,44 @@ def test_gc_keeps_the_generation_a_resync_left_as_the_only_one():
 
 async def _append(out: list, aw) -> None:
     out.append(await aw)
+
+
+def test_a_lineage_gc_freed_is_marked_even_if_a_later_delete_of_the_pass_fails():
+    """Review finding: GC marks the dead lineages only after every delete of the pass. A
+    delete that fails (LocalFault: the index full, a disk error) ends the pass with the
+    lineages whose chunks it had freed so far unmarked; the next pass sees none of their
+    chunks here, so they are never marked, and their chunks read as holes (zeros) here."""
+    from vbp.errors import LocalFault
+    from vbp.layout import ChunkKey
+
+    async def main():
+        sim = Sim(11, hosts=1)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            (h,) = sim.hosts.values()
+            recs = [sim.create_volume(n, MiB, replicas=1, chunk_size=MiB) for n in ("v1", "v2")]
+            for r in recs:
+                h.replica.write(r.name, r.lineage, 0, r.head, (r.head,), 0, b"D" * 4096, MiB,
+                                0, False, h.cluster.epoch, 1)
+                api.delete_volume(sim.reg, r.name, force=True)
+            real, calls = h.store.delete, []
+
+            def failing(key):
+                calls.append(key)
+                if len(calls) == 2:
+                    raise LocalFault("index full")
+                return real(key)
+
+            h.store.delete = failing
+            try:
+                await h.collect_garbage()
+            except LocalFault:
+                pass
+            h.store.delete = real
+            await h.collect_garbage()
+            assert not list(h.store.keys())
+            for r in recs:  # both freed here: both gone, not holes
+                assert h.store.is_collected(r.lineage), r.name
+            nursery.cancel_scope.cancel()
+
+    run(main)

@@ -96,12 +96,8 @@ def test_a_lease_holder_cut_off_from_the_registry_stops_reading_when_its_lease_r
             assert not gw.fenced  # h0 did not hear of the delete
             for h in sim.hosts.values():
                 await h.collect_garbage()
-            try:
-                got = extents_bytes(await h0.run_on(lambda: call(gw.read(x * MiB, 4096))),
-                                    x * MiB, 4096)
-            except VbpError:
-                got = None
-            assert got is None  # (the chunk is gone: an error, never "A" or zeros)
+            with pytest.raises(NotFound):  # (the chunk is gone: an error, never "A" or zeros)
+                await h0.run_on(lambda: call(gw.read(x * MiB, 4096)))
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -124,14 +120,61 @@ def test_a_gateway_reads_a_chunk_its_own_host_collected_as_gone():
             gw = await h0.run_on(h0.provider.open_export, "v")
             planned, fresh = mine[0] * MiB, mine[1] * MiB
             assert extents_bytes(gw.read_ref(planned, 4096), planned, 4096) == bytes(4096)
-            # (a chunk of another lineage comes and goes: the layout changes, as GC's)
-            h0.store.write(ChunkKey("other", 0, 1), 0, b"o", chunk_size=MiB)
-            h0.store.delete(ChunkKey("other", 0, 1))
+            # (no other change of the store: the mark alone must drop the hole planned)
             h0.store.mark_collected([rec.lineage])
             for op in (lambda: gw.read_ref(planned, 4096), lambda: gw.read_ref(fresh, 4096),
                        lambda: call(gw.read(fresh, 4096))):
                 with pytest.raises(NotFound):
                     await h0.run_on(lambda: call(op()))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: the mark is per lineage, and a clone keeps "
+                   "the lineage read; needs GC to note freed generations per chunk")
+@pytest.mark.parametrize("before", [None, b"O" * 4096])
+def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_zeros(before):
+    """Review finding: the variant of the test above where a clone of v@s keeps v's lineage
+    alive. v is deleted while h0, cut off, holds its lease and had written "A" to chunk x
+    after the snapshot (generation g2). GC frees g2 (the clone reads only g1), but the
+    lineage has a reader (the clone), so it is never marked collected: h0's read resolves
+    on the other host to g1 (the snapshot's bytes) or to nothing (zeros), with no error,
+    where it acknowledged "A"."""
+    from vbp.volume import VolumeRecord, take_snapshot
+
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=1)
+            lin, g1 = rec.lineage, rec.head
+            h0 = sim.hosts["h0"]
+            x = next(i for i in range(8) if "h0" not in h0.cluster.replicas(lin, i, 1))
+            if before is not None:
+                (b,) = h0.cluster.replicas(lin, x, 1)
+                hb = sim.hosts[b]
+                hb.replica.write("v", lin, x, g1, (g1,), 0, before, MiB, 0, False,
+                                 hb.cluster.epoch, 1)
+            g2 = sim.reg.next_id(api.gen_counter(lin))
+            sim.reg.update_volume(
+                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await h0.run_on(lambda: call(gw.write(x * MiB, b"A" * 4096, False)))
+            sim.clone("v@s", "c")  # same lineage: v's chunks up to s stay read
+            api.delete_volume(sim.reg, "v", force=True)
+            await trio.sleep(h0.cfg.lease_ttl + 1)  # h0 renews nothing: cut off
+            sim.expire_lease("v")
+            sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])  # its last publication lapsed
+            assert not gw.fenced
+            for h in sim.hosts.values():
+                await h.collect_garbage()
+            try:
+                got = extents_bytes(await h0.run_on(lambda: call(gw.read(x * MiB, 4096))),
+                                    x * MiB, 4096)
+            except VbpError:
+                got = None
+            assert got in (b"A" * 4096, None), got[:8]
             nursery.cancel_scope.cancel()
 
     run(main)
