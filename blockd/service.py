@@ -1382,15 +1382,26 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
-        # lineages nothing reads any more (their volumes deleted): a chunk of one missing
-        # here is gone, not a hole, for a gateway that reads on without having heard of
-        # the delete (cut off from the registry past its lease): it gets an error, not zeros.
-        # Marked before any of their chunks goes: a delete that fails ends the pass, and
-        # a lineage whose chunks it had freed would have none here left to be marked by.
-        dead = {lineage for lineage, _ in local if lineage not in by_lineage}
+        # generations no reader's chain holds any more (their volume or snapshot deleted;
+        # a clone keeps its snapshot's): a chain that holds one is a gateway's that reads
+        # on without having heard of the delete (cut off from the registry past its
+        # lease), and a chunk it resolves to nothing or to an older generation here is
+        # gone: it gets an error, not zeros or older bytes (ChunkStore.mark_collected).
+        # Marked before any chunk goes: a delete that fails ends the pass, and one of
+        # them whose chunks it had freed would have none here left to be marked by.
+        read: dict[str, set[int]] = {}
+        dead: dict[str, set[int]] = {}
+        for (lineage, _), gens in local.items():
+            live = read.get(lineage)
+            if live is None:
+                live = read[lineage] = {g for r in by_lineage.get(lineage, ()) for g in r.chain}
+            gone = set(gens) - live
+            if gone:
+                dead.setdefault(lineage, set()).update(gone)
         if dead:
             self.store.mark_collected(dead)
-            log.info("event=gc_lineages_collected lineages=%s", ",".join(sorted(dead)))
+            log.info("event=gc_generations_collected %s", " ".join(
+                f"{lineage}={','.join(map(str, sorted(g)))}" for lineage, g in sorted(dead.items())))
         # Presence again, with no await until the deletes: a resync may have dropped a
         # listed generation meanwhile (_drop_divergent), and the one left is then the
         # one readers resolve to. Only generations listed before the records were read

@@ -66,6 +66,7 @@ from functools import partial
 import trio
 
 from replicator import messages as m
+from replicator.replica import gone_below
 from vbp.buffers import keepable
 from vbp.chunkstore import flush_store
 from vbp.cluster import ClusterMap
@@ -702,9 +703,12 @@ class VolumeGateway:
         lineage = self.lineage
         c = _FULL_PATH
         if self.host_id in self.cluster.replicas(lineage, index, self.n):
-            gen = self.store.resolve(lineage, index, self.chain_for(index))
-            if gen is None:  # a hole, unless collected (_read_one's error)
-                c = _FULL_PATH if self.store.is_collected(lineage) else None
+            chain = self.chain_for(index)
+            gen = self.store.resolve(lineage, index, chain)
+            if gone_below(self.store.collected_gens.get(lineage), chain, gen):
+                c = _FULL_PATH  # (_read_one's error)
+            elif gen is None:
+                c = None
             else:  # (a generation the store resolves to but cannot find: _read_one's error)
                 c = self.store.lookup(_new_key(ChunkKey, (lineage, index, gen))) or _FULL_PATH
         if len(self._plans) >= PLANS_MAX:
@@ -771,9 +775,11 @@ class VolumeGateway:
         if (self.host_id in hosts and self.host_id not in self.stale.get(index, ())
                 and not self.replica.is_stale(lineage, index)):
             store = self.store  # Replica.read, less the version it looks up for peers
-            gen = store.resolve(lineage, index, self.chain_for(index) if self.cuts else self.chain)
+            chain = self.chain_for(index) if self.cuts else self.chain
+            gen = store.resolve(lineage, index, chain)
+            if lineage in store.collected_gens:
+                self.replica.check_not_collected(lineage, index, chain, gen)
             if gen is None:
-                self.replica.check_not_collected(lineage, index)
                 return [(offset, length, None)]
             try:
                 key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__

@@ -65,6 +65,20 @@ _WRITTEN = m.Written()  # a batch every item of which took its write on a curren
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
+
+def gone_below(collected, chain, gen: int | None) -> bool:
+    """Whether a read by `chain` that resolves a chunk to generation `gen` here (None:
+    none) misses what it wrote: a generation of its chain newer than `gen` is among the
+    `collected` ones (ChunkStore.collected_gens of the lineage, or None), freed by garbage
+    collection because no record, export or publication reads it any more. A live reader
+    never has one in its chain (garbage collection keeps every generation a reader's
+    chain holds from being marked), so only a reader of a deleted volume or snapshot can."""
+    if collected:
+        for g in chain:
+            if g in collected and (gen is None or g > gen):
+                return True
+    return False
+
 class Replica:
     def __init__(self, store, host_id: str, epoch: Callable[[], int]):
         self.store = store
@@ -229,23 +243,27 @@ class Replica:
         has no current copy left and accepts it."""
         if not allow_stale and self.is_stale(lineage, index):
             raise StaleCopy(f"this host's copy of chunk {index} of {lineage} is being resynced")
-        gen = self.store.resolve(lineage, index, chain)
+        store = self.store
+        gen = store.resolve(lineage, index, chain)
+        if lineage in store.collected_gens:
+            self.check_not_collected(lineage, index, chain, gen)
         if gen is None:
-            self.check_not_collected(lineage, index)
             return -1, None, 0
         key = ChunkKey(lineage, index, gen)
         data = self.store.read(key, offset, length)
         info = self.store.info(key)
         return gen, data, info.version if info else 0
 
-    def check_not_collected(self, lineage: str, index: int) -> None:
-        """A chunk not here is a hole (never written), unless garbage collection freed its
-        lineage here (ChunkStore.mark_collected): its volume was deleted, and a reader
-        still at it (a gateway cut off from the registry) gets NotFound, never zeros
-        where data was."""
-        if self.store.is_collected(lineage):
-            raise NotFound(f"chunk {index} of lineage {lineage} is gone: its volume was "
-                           f"deleted and garbage collection freed its chunks here")
+    def check_not_collected(self, lineage: str, index: int, chain, gen: int | None) -> None:
+        """`gen`: the generation a read by `chain` resolves chunk `index` to here (None:
+        none, a hole). Unless garbage collection freed a generation of `chain` newer than
+        that here (gone_below), when the reader is one whose volume or snapshot was
+        deleted (a gateway cut off from the registry): NotFound, never zeros or older
+        bytes where it wrote data."""
+        if gone_below(self.store.collected_gens.get(lineage), chain, gen):
+            raise NotFound(f"chunk {index} of lineage {lineage} is gone: the volume or "
+                           f"snapshot reading it was deleted and garbage collection freed "
+                           f"its chunks here")
 
     def _base(self, lineage: str, index: int, gen: int, chain) -> int | None:
         if self.store.resolve(lineage, index, (gen,)) is not None:
@@ -313,8 +331,9 @@ class Replica:
 
     def extents(self, lineage: str, index: int, chain, offset: int, length: int):
         gen = self.store.resolve(lineage, index, chain)
+        if lineage in self.store.collected_gens:
+            self.check_not_collected(lineage, index, chain, gen)
         if gen is None:
-            self.check_not_collected(lineage, index)
             return None
         return self.store.extents(ChunkKey(lineage, index, gen), offset, length)
 

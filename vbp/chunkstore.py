@@ -161,8 +161,8 @@ WRITEBACK_THREADS = 8
 # The dirty mark of a copy-up whose copied bytes may not be durable yet (see _create).
 FRESH = b"c"
 
-# How long a lineage stays marked collected (mark_collected): longer than a gateway cut off
-# from the registry can be expected to go on reading a volume deleted meanwhile.
+# How long a generation stays marked collected (mark_collected): longer than a gateway cut
+# off from the registry can be expected to go on reading a volume deleted meanwhile.
 COLLECTED_KEEP = 30 * 24 * 3600
 
 # read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
@@ -303,7 +303,10 @@ class ChunkStore:
         self._used = 0
         self._checksum_errors = 0
         self._closed = False
-        self._collected: dict[str, int] = {}  # lineage -> when it was marked (mark_collected)
+        # lineage -> the generations of it collected here (mark_collected), and when the
+        # last were marked
+        self.collected_gens: dict[str, frozenset[int]] = {}
+        self._collected_at: dict[str, int] = {}
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
                                   map_size=index_map_size)
@@ -371,7 +374,7 @@ class ChunkStore:
                 if c is not None:
                     (fresh if v == FRESH else dirty).append(c)
             kept = txn.get(b"recovered", db=db["meta"])
-            collected = {k.decode(): int(v) for k, v in txn.cursor(db=db["collected"])}
+            collected = {k.decode(): msgpack.unpackb(v) for k, v in txn.cursor(db=db["collected"])}
         self._load_collected(collected)
         kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
         for sp in self._spaces.values():
@@ -461,41 +464,47 @@ class ChunkStore:
             stats = [txn.stat(db) for db in self._db.values()] + [txn.stat()]
         return sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
 
-    def _load_collected(self, collected: dict[str, int]) -> None:
-        """The lineages marked collected, less those marked COLLECTED_KEEP ago (forgotten
-        in the index too)."""
+    def _load_collected(self, collected: dict[str, list]) -> None:
+        """The generations marked collected ({lineage: [when, [gen, ...]]}), less the
+        lineages last marked COLLECTED_KEEP ago (forgotten in the index too)."""
         old = time.time() - COLLECTED_KEEP
-        expired = [lineage for lineage, t in collected.items() if t < old]
+        expired = [lineage for lineage, (t, _) in collected.items() if t < old]
         if expired:
             with self._txn() as txn:
                 for lineage in expired:
                     txn.delete(lineage.encode(), db=self._db["collected"])
                     del collected[lineage]
-        self._collected = collected
+        self.collected_gens = {lineage: frozenset(gens) for lineage, (_, gens) in collected.items()}
+        self._collected_at = {lineage: t for lineage, (t, _) in collected.items()}
 
-    # --- collected lineages ---------------------------------------------------------------
+    # --- collected generations ------------------------------------------------------------
 
-    def mark_collected(self, lineages) -> None:
-        """Garbage collection freed every chunk of these lineages here because no record,
-        export or lease reads them any more (their volumes were deleted): a chunk of one
-        that is not here is no longer a hole, never written, but gone (is_collected), so
-        that a gateway still reading such a volume (cut off from the registry, it never
-        heard of the delete) is answered an error, never zeros where it wrote data. Kept
-        in the index, for COLLECTED_KEEP."""
-        new = [lineage for lineage in lineages if lineage not in self._collected]
+    def mark_collected(self, marks: dict[str, set[int]]) -> None:
+        """Garbage collection is freeing these generations of these lineages here (`marks`:
+        {lineage: generations}) because no record, export or publication reads them any
+        more: a volume or snapshot deleted. A reader whose chain holds one of them is a
+        gateway that reads on without having heard of the delete (cut off from the
+        registry past its lease): a chunk it resolves to nothing here, or to an older
+        generation than one of those, is gone, not a hole or the older bytes
+        (replicator.replica.gone_below), so it is answered an error, never zeros where it
+        wrote data. Kept in the index (`collected_gens` in memory) for COLLECTED_KEEP
+        after the lineage's last mark."""
+        new = {}
+        for lineage, gens in marks.items():
+            had = self.collected_gens.get(lineage, frozenset())
+            if not set(gens) <= had:
+                new[lineage] = had | frozenset(gens)
         if not new:
             return
         now = int(time.time())
         with self._txn() as txn:
-            for lineage in new:
-                txn.put(lineage.encode(), b"%d" % now, db=self._db["collected"])
-        for lineage in new:
-            self._collected[lineage] = now
-        self.layout += 1  # (a gateway's read plans of their holes are holes no more)
-
-    def is_collected(self, lineage: str) -> bool:
-        """Whether garbage collection freed `lineage` here as no longer read (mark_collected)."""
-        return lineage in self._collected
+            for lineage, gens in new.items():
+                txn.put(lineage.encode(), msgpack.packb([now, sorted(gens)]),
+                        db=self._db["collected"])
+        for lineage, gens in new.items():
+            self.collected_gens[lineage] = gens
+            self._collected_at[lineage] = now
+        self.layout += 1  # (a gateway's read plans made before the marks are dropped)
 
     # --- queries --------------------------------------------------------------------------
 

@@ -57,16 +57,14 @@ class MemoryChunkStore:
         self.was_clean = True
         self.recovered: frozenset[ChunkKey] = frozenset()
         self.store_id = uuid.uuid4().hex
-        self._collected: set[str] = set()
+        self.collected_gens: dict[str, frozenset[int]] = {}  # (ChunkStore.mark_collected)
 
-    # --- collected lineages (ChunkStore.mark_collected) ------------------------------------
+    # --- collected generations (ChunkStore.mark_collected) --------------------------------
 
-    def mark_collected(self, lineages) -> None:
-        self._collected.update(lineages)
+    def mark_collected(self, marks: dict[str, set[int]]) -> None:
+        for lineage, gens in marks.items():
+            self.collected_gens[lineage] = self.collected_gens.get(lineage, frozenset()) | set(gens)
         self.layout += 1  # (ChunkStore.mark_collected)
-
-    def is_collected(self, lineage: str) -> bool:
-        return lineage in self._collected
 
     # --- queries --------------------------------------------------------------------------
 

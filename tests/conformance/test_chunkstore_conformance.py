@@ -435,19 +435,20 @@ def test_flush_and_fua_are_callable_any_time(store):
     assert store.read(K, 0, 1) == b"\0"
 
 
-def test_collected_lineages_are_marked_once_and_kept_across_a_reopen(factory):
-    """mark_collected: garbage collection freed these lineages here (their volumes were
-    deleted). The mark names the lineage only: others, and the chunks still here, are
-    untouched; the disk store keeps it through a reopen (the memory store has none)."""
+def test_collected_generations_are_merged_and_kept_across_a_reopen(factory):
+    """mark_collected: garbage collection freed these generations here (their volume or
+    snapshot was deleted). The marks add up per lineage; the chunks still here and other
+    lineages are untouched; the disk store keeps them through a reopen (the memory store
+    has none)."""
     store = factory.make()
     store.write(ChunkKey("live", 0, 1), 0, b"kept", chunk_size=CS)
-    assert not store.is_collected("dead")
-    store.mark_collected(["dead", "dead2"])
-    store.mark_collected({"dead"})  # (again: nothing changes)
-    assert store.is_collected("dead") and store.is_collected("dead2")
-    assert not store.is_collected("live") and not store.is_collected("dea")
+    assert store.collected_gens == {}
+    before = store.layout
+    store.mark_collected({"dead": {3, 4}, "dead2": {1}})
+    assert store.layout != before  # (a gateway's read plans are made again)
+    store.mark_collected({"dead": {5}})
+    assert store.collected_gens == {"dead": {3, 4, 5}, "dead2": {1}}
     assert store.read(ChunkKey("live", 0, 1), 0, 4) == b"kept"
     if factory.name == "disk":
         store = factory.reopen(store)
-        assert store.is_collected("dead") and store.is_collected("dead2")
-        assert not store.is_collected("live")
+        assert store.collected_gens == {"dead": {3, 4, 5}, "dead2": {1}}

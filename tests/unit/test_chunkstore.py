@@ -1065,21 +1065,23 @@ async def _collect(out: list, awaitable) -> None:
     out.append(await awaitable)
 
 
-def test_collected_lineages_are_forgotten_after_collected_keep(tmp_path, monkeypatch):
-    """A lineage marked collected stays so for COLLECTED_KEEP, then is forgotten at the
-    next open, in the index too (the marks do not pile up forever)."""
+def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monkeypatch):
+    """A lineage's collected generations stay marked for COLLECTED_KEEP after its last
+    mark, then are forgotten at the next open, in the index too (the marks do not pile up
+    forever)."""
     from vbp import chunkstore as cs_mod
     s = ChunkStore(tmp_path, 32 * CS)
     now = 1_800_000_000.0
     monkeypatch.setattr(cs_mod.time, "time", lambda: now)
-    s.mark_collected(["old"])
+    s.mark_collected({"old": {1}, "renewed": {1}})
     now += cs_mod.COLLECTED_KEEP / 2
-    s.mark_collected(["young"])
+    s.mark_collected({"young": {2}, "renewed": {2}})
     s.close()
     now += cs_mod.COLLECTED_KEEP / 2 + 1  # "old" was marked more than COLLECTED_KEEP ago
     s = ChunkStore(tmp_path, 32 * CS)
-    assert not s.is_collected("old") and s.is_collected("young")
+    assert s.collected_gens == {"young": {2}, "renewed": {1, 2}}
     s.close()
     with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8, readonly=True) as env:
         with env.begin() as txn:
-            assert [k for k, _ in txn.cursor(db=env.open_db(b"collected", txn=txn))] == [b"young"]
+            names = [k for k, _ in txn.cursor(db=env.open_db(b"collected", txn=txn))]
+    assert names == [b"renewed", b"young"]

@@ -143,29 +143,36 @@ def test_the_marks_of_chunks_no_longer_here_are_forgotten():
     _marks_run(main)
 
 
-async def test_a_chunk_of_a_collected_lineage_is_gone_not_a_hole(tmp_path):
-    """After garbage collection freed a lineage here (ChunkStore.mark_collected: its
-    volume was deleted), a read or an allocation query of one of its chunks is refused
-    with NotFound, never answered as a hole (zeros, "unallocated") that a gateway still
-    reading the deleted volume would serve over data it wrote. Other lineages' missing
-    chunks are holes as before, and a chunk of the collected lineage that is here (written
-    since) still reads."""
+async def test_a_chunk_read_by_a_chain_with_a_collected_generation_is_gone(tmp_path):
+    """After garbage collection freed generation 2 of lineage "lin" here (mark_collected:
+    the volume reading it was deleted), a read or an allocation query by a chain holding
+    generation 2 that resolves a chunk to nothing, or to the older generation 1, is
+    refused with NotFound, never answered as a hole (zeros, "unallocated") or with the
+    older bytes, which a gateway still reading the deleted volume would serve over data
+    it wrote. A chain without generation 2 (a clone of a snapshot at generation 1) reads
+    as before; so does a chunk that resolves to a generation newer than 2, and other
+    lineages' holes."""
     async with replica_server(tmp_path) as (replica, pool, address):
-        def read(lineage, index):
-            return m.ReadChunk("v", lineage, index, (1,), 0, 4096, 1)
+        def read(index, chain, lineage="lin"):
+            return m.ReadChunk("v", lineage, index, chain, 0, 4096, 1)
 
-        def extents(lineage, index):
-            return m.ChunkExtents(lineage, index, (1,), 0, 4096, 1)
+        def extents(index, chain):
+            return m.ChunkExtents("lin", index, chain, 0, 4096, 1)
 
-        assert (await pool.call(address, read("lin", 3))).gen == -1
-        assert (await pool.call(address, extents("lin", 3))).found is False
-        w = m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, CHUNK, 0, False, 1, 1)
-        assert type(await pool.call(address, w)) is m.Ok
-        replica.store.mark_collected(["lin"])
-        for msg in (read("lin", 3), extents("lin", 3)):
+        def write(index, gen, chain, data):
+            return m.WriteChunk("v", "lin", index, gen, chain, 0, data, CHUNK, 0, False, 1, 1)
+
+        assert (await pool.call(address, read(3, (1, 2)))).gen == -1
+        assert (await pool.call(address, extents(3, (1, 2)))).found is False
+        assert type(await pool.call(address, write(0, 1, (1,), b"o" * 4096))) is m.Ok
+        assert type(await pool.call(address, write(1, 3, (1, 2, 3), b"n" * 4096))) is m.Ok
+        replica.store.mark_collected({"lin": {2}})
+        for msg in (read(3, (1, 2)), extents(3, (1, 2)), read(0, (1, 2)), extents(0, (1, 2))):
             with pytest.raises(NotFound, match="gone"):
                 await pool.call(address, msg)
         with pytest.raises(NotFound):
-            replica.read("lin", 3, (1,), 0, 4096)
-        assert (await pool.call(address, read("lin", 0))).data == b"x" * 4096
-        assert (await pool.call(address, read("other", 3))).gen == -1
+            replica.read("lin", 3, (1, 2), 0, 4096)
+        assert (await pool.call(address, read(0, (1, 4)))).data == b"o" * 4096  # (a clone)
+        assert (await pool.call(address, read(3, (1, 4)))).gen == -1
+        assert (await pool.call(address, read(1, (1, 2, 3)))).data == b"n" * 4096
+        assert (await pool.call(address, read(3, (1, 2), "other"))).gen == -1
