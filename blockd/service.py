@@ -191,7 +191,7 @@ class VolumeProvider:
                 return
         except NotFound:
             pass
-        gw._fence(NotFound(f"volume {name!r} was deleted (a new volume has its name)"))
+        self._fence_deleted(gw, f"volume {name!r} was deleted (a new volume has its name)")
 
     async def _settle_orphaned_lease(self, export: str, gw: VolumeGateway) -> None:
         """A lease that ran out without being released (its holder crashed or was cut
@@ -659,7 +659,7 @@ class VolumeProvider:
                 if not gw.token and gw.take_lease is not None:
                     await self._settle_if_orphaned(export, gw)
             except NotFound:
-                gw._fence(NotFound(f"volume {gw.view.volume.name!r} was deleted"))
+                self._fence_deleted(gw, f"volume {gw.view.volume.name!r} was deleted")
             except Fenced as e:  # (completing a snapshot: the lease is no longer ours)
                 gw._fence(e)
             except VbpError as e:
@@ -689,6 +689,27 @@ class VolumeProvider:
         gone: the registry computed its expiry after t0, and a margin covers the clocks."""
         ttl = self.service.cfg.lease_ttl
         return t0 + ttl - min(1.0, ttl / 10)
+
+    def _fence_deleted(self, gw: VolumeGateway, why: str) -> None:
+        """`gw`'s volume was deleted (a new one may have its name): fenced (NotFound), and
+        the write lease it holds given back now, so that the first write of a volume
+        created again under the name does not wait for it to run out (lease_ttl): a
+        fenced gateway takes no write any more. Not given back (the registry unreachable),
+        it runs out."""
+        lease = self.leases.get(gw.name) if self.gateways.get(gw.name) is gw else None
+        gw._fence(NotFound(why))
+        if lease is not None:
+            self.service.nursery.start_soon(self._give_back, lease)
+
+    async def _give_back(self, lease) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.service.registry.release_lease(lease)
+                log.info("volume=%s event=lease_released reason=volume_deleted token=%d",
+                         lease.volume, lease.token)
+            except VbpError as e:
+                log.warning("volume=%s event=lease_release_failed reason=volume_deleted "
+                            "error=%s", lease.volume, e)
 
     def _on_fenced(self, gw: VolumeGateway) -> None:
         if self.gateways.get(gw.name) is gw:

@@ -1015,3 +1015,28 @@ def test_a_record_the_lease_read_before_a_grow_was_adopted_never_shrinks_the_gat
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_the_lease_of_a_volume_deleted_under_its_gateway_is_given_back_for_the_new_one():
+    """`v` is deleted (forced) under its gateway on h0, which holds the write lease, and
+    created again. Once h0's record sync finds out, its gateway is fenced and gives the
+    lease back: the new `v`'s first write, on h1, takes it at once, where it waited for
+    the old lease to run out (lease_ttl, 9 s here)."""
+    async def main():
+        sim = Sim(1, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim)
+            assert gw.token
+            h1 = sim.hosts["h1"]
+            api.delete_volume(sim.reg, "v", force=True)
+            sim.create_volume("v", 2 * MiB, replicas=3)
+            await trio.sleep(1.0)  # record syncs
+            assert gw.fenced
+            gw2 = await h1.run_on(h1.provider.open_export, "v")
+            t0 = trio.current_time()
+            await h1.run_on(lambda: call(gw2.write(4096, b"C" * 4096, False)))
+            assert trio.current_time() - t0 < 1.0 < sim.lease_ttl
+            assert sim.reg.get_lease("v").holder == "h1"
+            nursery.cancel_scope.cancel()
+
+    run(main)
