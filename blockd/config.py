@@ -32,6 +32,10 @@ COUNTS = {"hot_chunks": (0, HOT_CHUNKS_MAX, "chunks"),
           "nbd_max_connections": (1, NBD_CONNECTIONS_MAX, "connections")}
 # far above any disk; a host's capacity is summed with others' and published in its stats
 CAPACITY_MAX = VOLUME_SIZE_MAX
+# The longest heartbeat and lease TTL, timeout and GC period: a host heard of once a day
+# is not one a failover can wait for, and etcd refuses lease TTLs past 9e9 s (blockd
+# exited 1 at its first heartbeat).
+PERIOD_MAX = 86400.0
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -127,6 +131,9 @@ class Config:
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
+            if v > PERIOD_MAX:
+                raise InvalidArgument(f"{source}: key {key!r}: must be at most {PERIOD_MAX:.0f} "
+                                      f"seconds (a day)")
         for key, zero in (("scrub_interval", "off"), ("down_out_interval", "at once")):
             v = getattr(self, key)
             if not math.isfinite(v) or v < 0:
