@@ -950,6 +950,19 @@ def test_a_record_read_before_the_lease_was_taken_never_has_the_gateway_write_a_
     run(main)
 
 
+async def late_reader_of_v(nursery, sim):
+    """`sim` started with no loops, v (8 MiB, replicas=3) created and opened on h1 by a
+    client that has not written yet (a reader), h1's next record read answered 1 s
+    late: (h1, its gateway of v)."""
+    await sim.start(nursery, loops=False)
+    sim.create_volume("v", 8 * MiB, replicas=3)
+    h1 = sim.hosts["h1"]
+    gw = await h1.provider.open_export("v")
+    assert not gw.token and gw.size == 8 * MiB
+    h1.registry = LateRecordAnswer(h1.registry, 1.0)
+    return h1, gw
+
+
 def test_a_record_read_before_a_grow_was_adopted_never_shrinks_the_gateway_back():
     """Review: h1 serves v (8 MiB) to a client that has not written yet (a reader). A
     record sync on h1 reads v's record, its answer late; v is grown to 16 MiB meanwhile,
@@ -961,12 +974,7 @@ def test_a_record_read_before_a_grow_was_adopted_never_shrinks_the_gateway_back(
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            sim.create_volume("v", 8 * MiB, replicas=3)
-            h1 = sim.hosts["h1"]
-            gw = await h1.provider.open_export("v")
-            assert not gw.token and gw.size == 8 * MiB
-            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            h1, gw = await late_reader_of_v(nursery, sim)
             nursery.start_soon(h1.provider.sync_records)  # reads 8 MiB, answered late
             await trio.sleep(0.1)
             api.resize(sim.reg, "v", 16 * MiB)
@@ -989,11 +997,7 @@ def test_a_record_the_lease_read_before_a_grow_was_adopted_never_shrinks_the_gat
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            sim.create_volume("v", 8 * MiB, replicas=3)
-            h1 = sim.hosts["h1"]
-            gw = await h1.provider.open_export("v")
-            h1.registry = LateRecordAnswer(h1.registry, 1.0)
+            h1, gw = await late_reader_of_v(nursery, sim)
             written = trio.Event()
 
             async def first_write():  # takes the lease; its record read answered late
