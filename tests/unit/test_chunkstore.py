@@ -1085,3 +1085,27 @@ def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monk
         with env.begin() as txn:
             names = [k for k, _ in txn.cursor(db=env.open_db(b"collected", txn=txn))]
     assert names == [b"renewed", b"young"]
+
+
+@pytest.mark.xfail(strict=True, reason="review of b8b97e3: the 3f9a1e4 mark format "
+                   "(b\"<time>\") makes msgpack.unpackb raise ExtraData at open")
+def test_a_store_with_lineage_marks_of_the_first_format_still_opens(tmp_path):
+    """Review of b8b97e3: 3f9a1e4 (on main for two commits) kept a lineage's mark as
+    b"<unix time>" in the same "collected" table; b8b97e3 reads every value as msgpack
+    [when, gens], and msgpack.unpackb(b"1765000000") raises ExtraData: a host whose
+    store was marked by 3f9a1e4/5ee690a cannot open its store (blockd does not start).
+    An entry of the old format names no generations: the store must open, and keep no
+    generation mark for it (nor fail on the next mark of that lineage)."""
+    s = ChunkStore(tmp_path, 32 * CS)
+    s.write(ChunkKey("live", 0, 1), 0, b"kept", chunk_size=CS)
+    s.close()
+    with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8) as env:
+        with env.begin(write=True) as txn:
+            txn.put(b"dead", b"%d" % 1_765_000_000, db=env.open_db(b"collected", txn=txn))
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.read(ChunkKey("live", 0, 1), 0, 4) == b"kept"
+        s.mark_collected({"dead": {3}})
+        assert s.collected_gens.get("dead") == {3}
+    finally:
+        s.close()
