@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import pytest
 import trio
 import trio.testing
 
@@ -129,6 +130,55 @@ def test_a_generation_gc_freed_is_marked_even_if_a_later_delete_of_the_pass_fail
             assert not list(h.store.keys())
             # both freed here: both gone, not holes
             assert h.store.collected_gens == {r.lineage: {r.head} for r in recs}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="review of b8b97e3: ReadChunk by (gen,) of a generation "
+                   "collected meanwhile is NotFound, not gen -1, and resync fails the source")
+def test_a_resync_racing_gc_of_a_deleted_generation_takes_it_as_gone_not_as_a_failed_source():
+    """Review of b8b97e3: resync (_sync_gen) and scrub read one generation of a chunk by
+    the chain (gen,). When the source's GC frees that generation between the resync's
+    ChunkState and its ReadChunk (a deleted volume's head, in a lineage a clone keeps),
+    the source marks it collected first, and ReadChunk by (gen,) now answers NotFound
+    instead of gen -1: the resync of the (live) chunk fails from that source
+    (resync_source_failed) instead of taking the generation as gone and passing again."""
+    from vbp.layout import ChunkKey
+    from vbp.volume import VolumeRecord, take_snapshot
+    from replicator import messages as m
+
+    async def main():
+        sim = Sim(5, hosts=2)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, chunk_size=MiB)
+            lin, g1 = rec.lineage, rec.head
+            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
+            g2 = sim.reg.next_id(api.gen_counter(lin))
+            sim.reg.update_volume(
+                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            sim.clone("v@s", "c")  # keeps the lineage (and g1) read
+            # v's head g2 holds chunk 0 on h0 only (h1 missed it: stale there)
+            h0.replica.write("v", lin, 0, g2, (g1, g2), 0, b"A" * 4096, MiB, 0, False,
+                             h0.cluster.epoch, 1)
+            api.delete_volume(sim.reg, "v", force=True)
+            real = h1.resync.pool
+
+            class GcBetween:  # h0's GC runs between the resync's ChunkState and ReadChunk
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                async def call(self, addr, msg, *a, **kw):
+                    reply = await real.call(addr, msg, *a, **kw)
+                    if isinstance(msg, m.ChunkState) and msg.gen == g2:
+                        h0.store.mark_collected({lin: {g2}})
+                        h0.store.delete(ChunkKey(lin, 0, g2))
+                    return reply
+
+            h1.resync.pool = GcBetween()
+            # (the source lost the generation meanwhile: not an error, the next pass sees it gone)
+            assert await h1.resync._sync_from(h0.addr, lin, 0)
             nursery.cancel_scope.cancel()
 
     run(main)
