@@ -565,9 +565,13 @@ class Resync:
             if not hole:
                 if self.limiter is not None and (d := self.limiter.delay_for(length)):
                     await trio.sleep(d)
-                reply = await self.pool.call(addr, m.ReadChunk("", lineage, index, (gen,), off, length,
-                                                              self.cluster.epoch, allow_stale=allow_stale))
-                if reply.gen != gen:
+                try:
+                    reply = await self.pool.call(addr, m.ReadChunk(
+                        "", lineage, index, (gen,), off, length, self.cluster.epoch,
+                        allow_stale=allow_stale))
+                except NotFound:  # (its GC collected the generation: gone, as below)
+                    reply = None
+                if reply is None or reply.gen != gen:
                     copied += count  # the source lost this generation meanwhile: not clean
                     continue
                 data = reply.data

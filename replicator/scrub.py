@@ -585,8 +585,11 @@ class Scrubber:
         """The fix's pages from its source, checked against the wanted checksums (None: the
         source changed meanwhile)."""
         off, length = fix.first * PAGE_SIZE, len(fix.want) * PAGE_SIZE
-        reply = await self._call(fix.source, m.ReadChunk(
-            "", key.lineage, key.index, (key.gen,), off, length, self.cluster.epoch))
+        try:
+            reply = await self._call(fix.source, m.ReadChunk(
+                "", key.lineage, key.index, (key.gen,), off, length, self.cluster.epoch))
+        except NotFound:  # (its GC collected the generation meanwhile: changed, as below)
+            return None
         if reply.gen != key.gen or len(reply.data) != length:
             return None
         mv = memoryview(reply.data)

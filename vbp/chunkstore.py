@@ -108,6 +108,7 @@ import errno
 import fcntl
 import functools
 import heapq
+import logging
 import os
 import time
 import uuid
@@ -134,6 +135,8 @@ from vbp.chunkstore_files import (
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
 from vbp.layout import PAGE_SIZE, ChunkKey
+
+log = logging.getLogger("vbp.chunkstore")
 
 __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
 
@@ -303,10 +306,10 @@ class ChunkStore:
         self._used = 0
         self._checksum_errors = 0
         self._closed = False
-        # lineage -> the generations of it collected here (mark_collected), and when the
-        # last were marked
+        # lineage -> the generations of it collected here (mark_collected), and when each
+        # was marked
         self.collected_gens: dict[str, frozenset[int]] = {}
-        self._collected_at: dict[str, int] = {}
+        self._collected_at: dict[str, dict[int, int]] = {}
         try:
             self._env = lmdb.open(str(self.path / "index"), subdir=True, max_dbs=8,
                                   map_size=index_map_size)
@@ -374,7 +377,7 @@ class ChunkStore:
                 if c is not None:
                     (fresh if v == FRESH else dirty).append(c)
             kept = txn.get(b"recovered", db=db["meta"])
-            collected = {k.decode(): msgpack.unpackb(v) for k, v in txn.cursor(db=db["collected"])}
+            collected = {bytes(k): bytes(v) for k, v in txn.cursor(db=db["collected"])}
         self._load_collected(collected)
         kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
         for sp in self._spaces.values():
@@ -464,18 +467,38 @@ class ChunkStore:
             stats = [txn.stat(db) for db in self._db.values()] + [txn.stat()]
         return sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
 
-    def _load_collected(self, collected: dict[str, list]) -> None:
-        """The generations marked collected ({lineage: [when, [gen, ...]]}), less the
-        lineages last marked COLLECTED_KEEP ago (forgotten in the index too)."""
+    def _load_collected(self, stored: dict[bytes, bytes]) -> None:
+        """The generations marked collected (per lineage, msgpack {gen: when marked}), less
+        those marked COLLECTED_KEEP ago; an entry that does not read so (damaged) is
+        dropped with them, from the index too: it names nothing a read could rely on."""
         old = time.time() - COLLECTED_KEEP
-        expired = [lineage for lineage, (t, _) in collected.items() if t < old]
-        if expired:
+        at: dict[str, dict[int, int]] = {}
+        changed: dict[bytes, dict[int, int] | None] = {}
+        for key, value in stored.items():
+            try:
+                marks = msgpack.unpackb(value, strict_map_key=False)
+                lineage = key.decode()
+                if not (isinstance(marks, dict) and all(
+                        type(g) is int and type(t) is int for g, t in marks.items())):
+                    raise ValueError(f"not a map of generations: {marks!r}")
+            except (ValueError, msgpack.UnpackException) as e:
+                log.warning("event=collected_mark_dropped lineage=%r error=%s", key, e)
+                changed[key] = None
+                continue
+            kept = {g: t for g, t in marks.items() if t >= old}
+            if len(kept) != len(marks):
+                changed[key] = kept or None
+            if kept:
+                at[lineage] = kept
+        if changed:
             with self._txn() as txn:
-                for lineage in expired:
-                    txn.delete(lineage.encode(), db=self._db["collected"])
-                    del collected[lineage]
-        self.collected_gens = {lineage: frozenset(gens) for lineage, (_, gens) in collected.items()}
-        self._collected_at = {lineage: t for lineage, (t, _) in collected.items()}
+                for key, kept in changed.items():
+                    if kept is None:
+                        txn.delete(key, db=self._db["collected"])
+                    else:
+                        txn.put(key, msgpack.packb(kept), db=self._db["collected"])
+        self._collected_at = at
+        self.collected_gens = {lineage: frozenset(marks) for lineage, marks in at.items()}
 
     # --- collected generations ------------------------------------------------------------
 
@@ -488,22 +511,22 @@ class ChunkStore:
         generation than one of those, is gone, not a hole or the older bytes
         (replicator.replica.gone_below), so it is answered an error, never zeros where it
         wrote data. Kept in the index (`collected_gens` in memory) for COLLECTED_KEEP
-        after the lineage's last mark."""
+        after each generation's mark."""
+        now = int(time.time())
         new = {}
         for lineage, gens in marks.items():
-            had = self.collected_gens.get(lineage, frozenset())
-            if not set(gens) <= had:
-                new[lineage] = had | frozenset(gens)
+            had = self._collected_at.get(lineage, {})
+            fresh = [g for g in gens if g not in had]
+            if fresh:
+                new[lineage] = {**had, **dict.fromkeys(fresh, now)}
         if not new:
             return
-        now = int(time.time())
         with self._txn() as txn:
-            for lineage, gens in new.items():
-                txn.put(lineage.encode(), msgpack.packb([now, sorted(gens)]),
-                        db=self._db["collected"])
-        for lineage, gens in new.items():
-            self.collected_gens[lineage] = gens
-            self._collected_at[lineage] = now
+            for lineage, at in new.items():
+                txn.put(lineage.encode(), msgpack.packb(at), db=self._db["collected"])
+        for lineage, at in new.items():
+            self._collected_at[lineage] = at
+            self.collected_gens[lineage] = frozenset(at)
         self.layout += 1  # (a gateway's read plans made before the marks are dropped)
 
     # --- queries --------------------------------------------------------------------------

@@ -62,9 +62,14 @@ class MemoryChunkStore:
     # --- collected generations (ChunkStore.mark_collected) --------------------------------
 
     def mark_collected(self, marks: dict[str, set[int]]) -> None:
+        new = False
         for lineage, gens in marks.items():
-            self.collected_gens[lineage] = self.collected_gens.get(lineage, frozenset()) | set(gens)
-        self.layout += 1  # (ChunkStore.mark_collected)
+            had = self.collected_gens.get(lineage, frozenset())
+            if not had.issuperset(gens):
+                self.collected_gens[lineage] = had | set(gens)
+                new = True
+        if new:
+            self.layout += 1  # (ChunkStore.mark_collected)
 
     # --- queries --------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-import pytest
 import trio
 import trio.testing
 
@@ -135,15 +134,13 @@ def test_a_generation_gc_freed_is_marked_even_if_a_later_delete_of_the_pass_fail
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="review of b8b97e3: ReadChunk by (gen,) of a generation "
-                   "collected meanwhile is NotFound, not gen -1, and resync fails the source")
 def test_a_resync_racing_gc_of_a_deleted_generation_takes_it_as_gone_not_as_a_failed_source():
     """Review of b8b97e3: resync (_sync_gen) and scrub read one generation of a chunk by
     the chain (gen,). When the source's GC frees that generation between the resync's
     ChunkState and its ReadChunk (a deleted volume's head, in a lineage a clone keeps),
-    the source marks it collected first, and ReadChunk by (gen,) now answers NotFound
-    instead of gen -1: the resync of the (live) chunk fails from that source
-    (resync_source_failed) instead of taking the generation as gone and passing again."""
+    the source marks it collected first, and ReadChunk by (gen,) answers NotFound, not
+    gen -1: the resync of the (live) chunk failed from that source (resync_source_failed)
+    where it takes the generation as gone and passes again."""
     from vbp.layout import ChunkKey
     from vbp.volume import VolumeRecord, take_snapshot
     from replicator import messages as m

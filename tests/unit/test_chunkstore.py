@@ -1066,20 +1066,23 @@ async def _collect(out: list, awaitable) -> None:
 
 
 def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monkeypatch):
-    """A lineage's collected generations stay marked for COLLECTED_KEEP after its last
-    mark, then are forgotten at the next open, in the index too (the marks do not pile up
-    forever)."""
+    """A collected generation stays marked for COLLECTED_KEEP after its mark, then is
+    forgotten at the next open, in the index too (the marks do not pile up forever, not
+    even those of a lineage marked again and again)."""
     from vbp import chunkstore as cs_mod
     s = ChunkStore(tmp_path, 32 * CS)
     now = 1_800_000_000.0
     monkeypatch.setattr(cs_mod.time, "time", lambda: now)
     s.mark_collected({"old": {1}, "renewed": {1}})
     now += cs_mod.COLLECTED_KEEP / 2
-    s.mark_collected({"young": {2}, "renewed": {2}})
+    s.mark_collected({"young": {2}, "renewed": {1, 2}})  # (1 again: still its first mark)
     s.close()
-    now += cs_mod.COLLECTED_KEEP / 2 + 1  # "old" was marked more than COLLECTED_KEEP ago
+    now += cs_mod.COLLECTED_KEEP / 2 + 1  # the first marks are older than COLLECTED_KEEP
     s = ChunkStore(tmp_path, 32 * CS)
-    assert s.collected_gens == {"young": {2}, "renewed": {1, 2}}
+    assert s.collected_gens == {"young": {2}, "renewed": {2}}
+    s.close()
+    s = ChunkStore(tmp_path, 32 * CS)  # (what the open forgot is gone from the index)
+    assert s.collected_gens == {"young": {2}, "renewed": {2}}
     s.close()
     with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8, readonly=True) as env:
         with env.begin() as txn:
@@ -1087,21 +1090,19 @@ def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monk
     assert names == [b"renewed", b"young"]
 
 
-@pytest.mark.xfail(strict=True, reason="review of b8b97e3: the 3f9a1e4 mark format "
-                   "(b\"<time>\") makes msgpack.unpackb raise ExtraData at open")
-def test_a_store_with_lineage_marks_of_the_first_format_still_opens(tmp_path):
-    """Review of b8b97e3: 3f9a1e4 (on main for two commits) kept a lineage's mark as
-    b"<unix time>" in the same "collected" table; b8b97e3 reads every value as msgpack
-    [when, gens], and msgpack.unpackb(b"1765000000") raises ExtraData: a host whose
-    store was marked by 3f9a1e4/5ee690a cannot open its store (blockd does not start).
-    An entry of the old format names no generations: the store must open, and keep no
-    generation mark for it (nor fail on the next mark of that lineage)."""
+@pytest.mark.parametrize("value", [b"%d" % 1_765_000_000, b"\x92\x01\x90", b"\xc1"])
+def test_a_store_with_a_damaged_collected_mark_still_opens(tmp_path, value):
+    """Review of b8b97e3: 3f9a1e4 kept a lineage's mark as b"<unix time>" in the same
+    "collected" table, and msgpack.unpackb(b"1765000000") raises ExtraData: a host whose
+    store was marked so could not open its store (blockd did not start). Any entry that
+    does not read as {gen: when} (that one, a list, bytes msgpack refuses) names no
+    generation: the store opens, drops it, and takes the next mark of that lineage."""
     s = ChunkStore(tmp_path, 32 * CS)
     s.write(ChunkKey("live", 0, 1), 0, b"kept", chunk_size=CS)
     s.close()
     with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8) as env:
         with env.begin(write=True) as txn:
-            txn.put(b"dead", b"%d" % 1_765_000_000, db=env.open_db(b"collected", txn=txn))
+            txn.put(b"dead", value, db=env.open_db(b"collected", txn=txn))
     s = ChunkStore(tmp_path, 32 * CS)
     try:
         assert s.read(ChunkKey("live", 0, 1), 0, 4) == b"kept"

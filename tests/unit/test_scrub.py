@@ -15,7 +15,7 @@ from control import api
 from replicator import messages as m
 from replicator.gateway import ClusterView
 from replicator.replica import Replica, StaleCopy
-from replicator.scrub import CHECKSUM, DIVERGENT, Copy, Scrubber, diagnose, repair_copy
+from replicator.scrub import CHECKSUM, DIVERGENT, Copy, Fix, Scrubber, diagnose, repair_copy
 from replicator.transport import MemoryNetwork
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
@@ -448,3 +448,21 @@ async def test_copies_missing_in_many_chunks_wait_one_settling_time_together(aut
     assert trio.current_time() - t0 < 4 * 10  # (a settling time per pass, of 3 passes)
     for i in range(10):
         assert stale_hosts(pool, i) == {victims[i]}
+
+
+async def test_a_repair_source_whose_gc_collected_the_generation_meanwhile_is_changed(pool):
+    """Review of b8b97e3: a repair reads its pages from the source by the chain (gen,).
+    The source's GC collected that generation meanwhile (its volume deleted, the lineage
+    kept by a clone): its ReadChunk answers NotFound, not gen -1, which failed the repair
+    (scrub_repair_failed) where it is "the source changed meanwhile" (None, looked at
+    again by the next pass)."""
+    pool.write(0, 0, page(7))
+    target, source = pool.hosts(0)[:2]
+    key = pool.key(0)
+    want = pool.stores[source].page_checksums(key)[1][:1]
+    fix = Fix(target, source, "divergent", 0, tuple(want), tuple(want), 1, False)
+    scrubber = pool.scrubber(target)
+    assert await scrubber._read(key, fix) == page(7)
+    pool.stores[source].mark_collected({key.lineage: {key.gen}})
+    pool.stores[source].delete(key)
+    assert await scrubber._read(key, fix) is None
