@@ -1,0 +1,63 @@
+"""Review of replicator/recovery.py (branch rev-rec): resync against garbage collection's
+collected-generation marks and the `written` notes. Sim hosts on a virtual clock, their
+background loops off: each step is the test's."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from control import api
+from vbp.errors import NotFound
+from vbp.layout import MiB
+from vbp.volume import VolumeRecord, take_snapshot
+from tests.sim.harness import Sim
+
+
+def run(afn):
+    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review rev-rec: _drop_divergent deletes a generation its source's GC collected without "
+    "marking it (ChunkStore.mark_collected), so a current copy answers a reader whose chain "
+    "holds that generation with the older generation's bytes where the source answers NotFound"))
+def test_a_generation_resync_drops_as_collected_on_its_source_is_marked_here_too():
+    async def main():
+        sim = Sim(7, hosts=2)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, chunk_size=MiB)
+            lin, g1 = rec.lineage, rec.head
+            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
+            old, new = b"A" * 4096, b"B" * 4096
+            for h in (h0, h1):
+                h.replica.write("v", lin, 0, g1, (g1,), 0, old, MiB, 0, False, h.cluster.epoch, 1)
+            g2 = sim.reg.next_id(api.gen_counter(lin))
+            sim.reg.update_volume(
+                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            for h in (h0, h1):
+                h.replica.write("v", lin, 0, g2, (g1, g2), 0, new, MiB, 0, False,
+                                h.cluster.epoch, 1)
+            sim.clone("v@s", "c")  # keeps the lineage and g1 read
+            # h1 misses some later write of the clone's chunk: recorded stale (any reason)
+            sim.reg.mark_stale(lin, 0, ["h1"], time.time_ns())
+            api.delete_volume(sim.reg, "v", force=True)  # g2: v's head, read by nobody now
+            assert await h0.collect_garbage() == 1  # h0 marks g2 collected and frees it
+            assert g2 in h0.store.collected_gens[lin]
+            await trio.sleep(10)  # past the resync's write window
+            await h1.resync.run_once()  # drops g2 (its source lacks it) and clears
+            assert not sim.reg.list_stale(lin)
+            assert sorted(k.gen for k in h1.store.keys(lin)) == [g1]
+            # a gateway that reads v on, not having heard of the delete: h0 says gone
+            with pytest.raises(NotFound):
+                h0.replica.read(lin, 0, (g1, g2), 0, 4096)
+            # h1, as current as h0, must answer the same, not v's snapshot-time bytes
+            with pytest.raises(NotFound):
+                h1.replica.read(lin, 0, (g1, g2), 0, 4096)
+            nursery.cancel_scope.cancel()
+
+    run(main)
