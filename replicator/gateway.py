@@ -858,6 +858,12 @@ class VolumeGateway:
             return
         if not self.token or self.fenced:
             since -= self.write_window
+        if since <= self.replica.forgotten_until:
+            # a resync pass forgot notes of writes applied since (Replica.forget_written):
+            # one that landed here may be missing below, and the peer's bytes predate it
+            log.info("volume=%s chunk=%d event=repair_skipped reason=notes_forgotten",
+                     self.name, p.index)
+            return
         for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
             if t >= since and a < p.offset + p.length and p.offset < b:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)

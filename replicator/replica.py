@@ -97,6 +97,7 @@ class Replica:
         self.refused: set[tuple[str, int]] = set()
         # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
         self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
+        self.forgotten_until = -math.inf  # notes applied up to then are gone (forget_written)
         # volume -> {(lineage, gen, chunk index): when last written} under the volume's newest
         # token here: the chunks a gateway that took the lease over reconciles (see
         # recently_written). A mark is dropped once the holder showed it lived on a window
@@ -146,7 +147,12 @@ class Replica:
 
     def forget_written(self, since: float) -> None:
         """Drop the notes of writes applied at `since` or earlier (resync's window passed
-        them). Each chunk's notes are in time order (appended as applied): cut, not scan."""
+        them). Each chunk's notes are in time order (appended as applied): cut, not scan.
+        `forgotten_until` keeps the newest such `since`: a user of the notes that wants
+        those from some time on (a read repair, from the start of its read) finds them
+        all only if that time is past it."""
+        if since > self.forgotten_until:
+            self.forgotten_until = since
         for k, w in list(self.written.items()):
             del w[:bisect.bisect_right(w, since, key=_when)]
             if not w:
