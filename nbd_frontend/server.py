@@ -285,7 +285,7 @@ async def handle_connection(stream, provider: ExportProvider,
             sock = getattr(stream, "socket", None)
             if sock is not None and same_host(sock):
                 apply_congestion(sock, local_congestion, "nbd connection from this host")
-        result = await _handshake(stream, provider, opened, tls, tls_context)
+        result = await _handshake(stream, provider, opened, tls, tls_context, stopping)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
             clean = await _Connection(channel, opened[0], ready, trailing, ids=ids,
@@ -399,7 +399,8 @@ async def _send_pending(stream, hs: ServerHandshake) -> None:
         await stream.send_all(out)
 
 
-async def _handshake(stream, provider, held: list, tls: str = "off", tls_context=None):
+async def _handshake(stream, provider, held: list, tls: str = "off", tls_context=None,
+                     stopping: trio.Event | None = None):
     """Negotiate; return (stream, Ready, trailing bytes) with the export in held[0], or
     None when the client left. The stream is the TLS one if the client upgraded.
 
@@ -409,13 +410,18 @@ async def _handshake(stream, provider, held: list, tls: str = "off", tls_context
     otherwise hold the connection (and an unauthenticated one its memory) forever; qemu
     fixed the same in CVE-2024-7409. Only the provider opening an export stops the clock
     (_answer_export): that may legitimately wait, for a write lease to change hands up to
-    a lease period, and the client cannot make it slower."""
+    a lease period, and the client cannot make it slower.
+
+    Once `stopping` (serve_nbd's) is set, an export or list asked for is refused with
+    NBD_REP_ERR_SHUTDOWN (proto.md: a server being shut down SHOULD error further
+    options so), never opened: in blockd an open publishes the export or takes a
+    head's lease while the stop waits for the gateways to close."""
     with trio.fail_after(HANDSHAKE_TIMEOUT) as limit:
-        return await _negotiate(stream, provider, held, tls, tls_context, limit)
+        return await _negotiate(stream, provider, held, tls, tls_context, limit, stopping)
 
 
 async def _negotiate(stream, provider, held: list, tls: str, tls_context,
-                     limit: trio.CancelScope):
+                     limit: trio.CancelScope, stopping: trio.Event | None = None):
     hs = ServerHandshake(tls)
     await stream.send_all(hs.initial_bytes())
     opens = 0
@@ -429,6 +435,9 @@ async def _negotiate(stream, provider, held: list, tls: str, tls_context,
             hs.receive_data(data)
         elif event is SEND_DATA:
             await _send_pending(stream, hs)
+        elif (isinstance(event, (ExportQuery, ListQuery)) and stopping is not None
+              and stopping.is_set()):
+            hs.provide_error(proto.REP_ERR_SHUTDOWN, "the server is shutting down")
         elif isinstance(event, ExportQuery):
             await _send_pending(stream, hs)  # (see ListQuery)
             opens += 1

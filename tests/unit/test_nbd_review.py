@@ -1,5 +1,4 @@
-"""Review findings on the NBD frontend (branch rev-nbd): behaviour proto.md asks for that
-the server does not have yet. Each test is a strict xfail naming the defect."""
+"""Review findings on the NBD frontend (branch rev-nbd): behaviour proto.md asks for."""
 
 from __future__ import annotations
 
@@ -26,13 +25,12 @@ class _CountingProvider(MemoryProvider):
         return super().open_export(name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proto.md 'Termination of the session during option haggling': a server being shut "
-    "down SHOULD error further options (other than NBD_OPT_ABORT) with "
-    "NBD_REP_ERR_SHUTDOWN. vbp's negotiation ignores `stopping`: NBD_OPT_GO opens the "
-    "export (blockd: publishes it / takes a head's lease during drain), ACKs, and the "
-    "connection is then closed after its first batch of requests."))
 async def test_options_during_a_graceful_stop_get_err_shutdown(nursery):
+    """proto.md, "Termination of the session during option haggling": a server being
+    shut down SHOULD error further options (other than NBD_OPT_ABORT) with
+    NBD_REP_ERR_SHUTDOWN. The negotiation ignored `stopping`: NBD_OPT_GO opened the
+    export (blockd: publishes it, or takes a head's lease, during the drain), ACKed it,
+    and the connection was closed after its first batch of requests."""
     provider = _CountingProvider()
     provider.add("disk", 1 << 20)
     stopping = trio.Event()
@@ -48,6 +46,7 @@ async def test_options_during_a_graceful_stop_get_err_shutdown(nursery):
     reps = await c.option(proto.OPT_GO, struct.pack(">I", 4) + b"disk" + b"\0\0")
     try:
         assert reps[-1][0] == proto.REP_ERR_SHUTDOWN
+        assert [r[0] for r in await c.option(proto.OPT_LIST)] == [proto.REP_ERR_SHUTDOWN]
         assert provider.opens == 0
     finally:
         await c.aclose()
