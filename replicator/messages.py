@@ -37,10 +37,11 @@ PROTO_VERSION = 1
 # the controller reweights only once every host is at 4. 5: the DirtyChunks request (sent
 # only to hosts of revision 5 or later). 6: `boot` on HelloOk (sent only to hosts of
 # revision 6 or later). 7: the WriteBatch request (sent only to hosts of revision 7 or
-# later).
-PEER_REV = 7
+# later). 8: the CollectedGens request (sent only to hosts of revision 8 or later).
+PEER_REV = 8
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
+COLLECTED_REV = 8  # CollectedGens
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -394,10 +395,21 @@ class Written:
     stale: tuple[int, ...] = ()
 
 
+@_message(27)
+@dataclass(frozen=True, slots=True)
+class CollectedGens:
+    """Which generations of `lineage` did the host's garbage collection free as read by
+    no volume, snapshot or clone any more (ChunkStore.collected_gens)? Asked by a resync
+    about to drop generations its source lacks (PEER_REV 8). Reply: Gens."""
+
+    lineage: str
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
     DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired, WriteBatch, Written,
+    CollectedGens,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -412,6 +424,7 @@ REPLY_TYPES: dict[type, type] = {
     ChunkState: ChunkStateReply,
     ChunkExtents: Extents,
     ChunkGens: Gens,
+    CollectedGens: Gens,
     ChunkIndexes: Indexes,
     DirtyChunks: Indexes,
     ScrubChunk: ScrubState,

@@ -519,6 +519,12 @@ class Resync:
             return 0
         before = {k: self._local_sums(k, 0) for k in local}
         again = set((await self.pool.call(addr, m.ChunkGens(lineage, index))).gens)
+        # a generation the source's GC collected (read by no volume, snapshot or clone any
+        # more) is marked here too before it goes: a reader still at its deleted volume
+        # gets the same error from this copy as from the source, not older bytes
+        collected = await self._collected_on(addr, lineage)
+        if collected:
+            self.store.mark_collected({lineage: set(collected)})
         changed = 0
         for k in local:
             if self.store.info(k) is None:
@@ -531,6 +537,14 @@ class Resync:
             changed += 1
             log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
         return changed
+
+    async def _collected_on(self, addr: str, lineage: str) -> tuple[int, ...]:
+        """The generations of `lineage` the host at `addr` marked collected (CollectedGens);
+        none from a host below COLLECTED_REV."""
+        rec = next((h for h in self.cluster.map.hosts if h.peer == addr), None)
+        if rec is None or rec.peer_rev < m.COLLECTED_REV:
+            return ()
+        return (await self.pool.call(addr, m.CollectedGens(lineage))).gens
 
     def _local_sums(self, key: ChunkKey, pages: int) -> tuple[int, list[int]]:
         try:

@@ -499,6 +499,8 @@ class Replica:
         if isinstance(msg, m.ChunkGens):
             self._check_backfilled()
             return m.Gens(tuple(self.store.gens(msg.lineage, msg.index)))
+        if type(msg) is m.CollectedGens:
+            return m.Gens(tuple(sorted(self.store.collected_gens.get(msg.lineage, ()))))
         if isinstance(msg, m.ChunkIndexes):
             self._check_backfilled()
             return m.Indexes(tuple(sorted({k.index for k in self.store.keys(msg.lineage)})))

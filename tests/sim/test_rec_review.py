@@ -21,11 +21,11 @@ def run(afn):
     return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review rev-rec: _drop_divergent deletes a generation its source's GC collected without "
-    "marking it (ChunkStore.mark_collected), so a current copy answers a reader whose chain "
-    "holds that generation with the older generation's bytes where the source answers NotFound"))
 def test_a_generation_resync_drops_as_collected_on_its_source_is_marked_here_too():
+    """Review (rev-rec): _drop_divergent deleted a generation its source's GC collected
+    without marking it (ChunkStore.mark_collected), so a current copy answered a reader
+    whose chain holds that generation with the older generation's bytes where the source
+    answers NotFound. The resync now takes the source's marks (CollectedGens) first."""
     async def main():
         sim = Sim(7, hosts=2)
         async with trio.open_nursery() as nursery:
@@ -118,3 +118,33 @@ def test_a_read_repair_never_undoes_a_write_whose_note_a_resync_pass_forgot():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_source_below_the_collected_revision_is_not_asked_for_its_marks():
+    """CollectedGens goes only to hosts of PEER_REV 8 or later (COLLECTED_REV): an older
+    host would refuse the frame, failing the resync; from it no marks come."""
+    from types import SimpleNamespace
+
+    from replicator import messages as m
+    from replicator.recovery import Resync
+    from vbp.cluster import HostRecord
+
+    asked = []
+
+    class Pool:
+        async def call(self, addr, msg):
+            asked.append((addr, msg))
+            return m.Gens((4,))
+
+    def resync(rev):
+        hosts = [HostRecord("h0", "h0:1", "h0:2", peer_rev=rev)]
+        return SimpleNamespace(cluster=SimpleNamespace(map=SimpleNamespace(hosts=hosts)),
+                               pool=Pool())
+
+    async def main():
+        assert await Resync._collected_on(resync(m.COLLECTED_REV - 1), "h0:1", "lin") == ()
+        assert asked == []
+        assert await Resync._collected_on(resync(m.COLLECTED_REV), "h0:1", "lin") == (4,)
+        assert asked == [("h0:1", m.CollectedGens("lin"))]
+
+    trio.run(main)

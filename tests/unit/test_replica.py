@@ -176,3 +176,6 @@ async def test_a_chunk_read_by_a_chain_with_a_collected_generation_is_gone(tmp_p
         assert (await pool.call(address, read(3, (1, 4)))).gen == -1
         assert (await pool.call(address, read(1, (1, 2, 3)))).data == b"n" * 4096
         assert (await pool.call(address, read(3, (1, 2), "other"))).gen == -1
+        # the marks, for a resync about to drop a generation (CollectedGens)
+        assert await pool.call(address, m.CollectedGens("lin")) == m.Gens((2,))
+        assert await pool.call(address, m.CollectedGens("other")) == m.Gens(())
