@@ -15,6 +15,7 @@ from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
     VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
     delete_snapshot, new_volume, replicas_by_lineage, request_shrink, request_snapshot,
+    same_volume,
 )
 
 
@@ -124,18 +125,29 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
     # a later snapshot or shrink replaces it, and no gateway completes it then
     until = time.time() + timeout + PENDING_GRACE
     deadline = time.monotonic() + timeout
+
+    def same(d: dict) -> VolumeRecord:
+        """The record `d` of the name, if it is still the volume read above: deleted and
+        made again meanwhile, another volume has the name, whose lineage `head` was not
+        drawn from (its own counter would hand the number out again) and whose pending
+        change is another caller's (NotFound)."""
+        r = VolumeRecord.from_dict(d)
+        if not same_volume(r, rec):
+            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        return r
+
     try:
         # (inside the try: a request whose answer was lost may have gone in, and is
         # cancelled then like one that timed out; cancelling only ever cancels `head`)
-        reg.update_volume(name, lambda d: request(d, head, until))
+        reg.update_volume(name, lambda d: request(same(d).to_dict(), head, until))
         while True:
-            cur = get_volume(reg, name)
+            cur = same(reg.get_volume(name))
             if head not in (cur.pending, cur.shrink_head):
                 if head in cur.chain:
                     return cur
                 raise VbpError(f"{what} was cancelled")
             if not _lease_live(reg, name):
-                done = complete_unleased(reg, name, head)
+                done = complete_unleased(reg, name, head, rec)
                 if done is not None:
                     return done
             if time.monotonic() > deadline:
@@ -144,7 +156,7 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
     except BaseException as exc:
         try:
             after = reg.update_volume(
-                name, lambda d: cancel_pending(VolumeRecord.from_dict(d), head).to_dict())
+                name, lambda d: cancel_pending(same(d), head).to_dict())
         except (VbpError, NotFound):
             after = None
         if isinstance(exc, Exception) and after is not None and head in after["chain"]:
@@ -170,7 +182,8 @@ CONTROL_HOLDER = "control"
 PENDING_GRACE = 30.0
 
 
-def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
+def complete_unleased(reg, name: str, head: int,
+                      of: VolumeRecord | None = None) -> VolumeRecord | None:
     """Complete the pending snapshot or shrink `head` while no gateway holds the volume's
     lease, or None if one took it meanwhile. The lease is taken for it (a new, greater token) and
     handed back: a holder whose lease only expired (cut off from the registry) could
@@ -189,6 +202,8 @@ def complete_unleased(reg, name: str, head: int) -> VolumeRecord | None:
 
     def finish(d):
         r = VolumeRecord.from_dict(d)
+        if of is not None and not same_volume(r, of):  # (another volume has the name now)
+            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
         return complete_pending(r, head).to_dict() if head in (r.pending, r.shrink_head) else d
     try:
         # under the lease: should this call stall past its TTL and a gateway take the
