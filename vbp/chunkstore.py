@@ -481,7 +481,7 @@ class ChunkStore:
                 if not (isinstance(marks, dict) and all(
                         type(g) is int and type(t) is int for g, t in marks.items())):
                     raise ValueError(f"not a map of generations: {marks!r}")
-            except (ValueError, msgpack.UnpackException) as e:
+            except Exception as e:  # (anything: a map key msgpack makes unhashable, ...)
                 log.warning("event=collected_mark_dropped lineage=%r error=%s", key, e)
                 changed[key] = None
                 continue

@@ -1090,12 +1090,14 @@ def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monk
     assert names == [b"renewed", b"young"]
 
 
-@pytest.mark.parametrize("value", [b"%d" % 1_765_000_000, b"\x92\x01\x90", b"\xc1"])
+@pytest.mark.parametrize("value", [b"%d" % 1_765_000_000, b"\x92\x01\x90", b"\xc1",
+                                   b"\x81\x91\x01\x01", b"\x81\x80\x01"])
 def test_a_store_with_a_damaged_collected_mark_still_opens(tmp_path, value):
     """Review of b8b97e3: 3f9a1e4 kept a lineage's mark as b"<unix time>" in the same
     "collected" table, and msgpack.unpackb(b"1765000000") raises ExtraData: a host whose
     store was marked so could not open its store (blockd did not start). Any entry that
-    does not read as {gen: when} (that one, a list, bytes msgpack refuses) names no
+    does not read as {gen: when} (that one, a list, bytes msgpack refuses, a map whose
+    key msgpack makes a list or a map: TypeError, found by a later review) names no
     generation: the store opens, drops it, and takes the next mark of that lineage."""
     s = ChunkStore(tmp_path, 32 * CS)
     s.write(ChunkKey("live", 0, 1), 0, b"kept", chunk_size=CS)
