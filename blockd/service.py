@@ -524,7 +524,18 @@ class VolumeProvider:
         # we took it must be completed before our first write (vbp.volume, snapshots).
         gw = self.gateways.get(export)
         if gw is not None:
-            await self.sync_record(gw, lease)
+            try:
+                await self.sync_record(gw, lease)
+            except BaseException:
+                # the write that wanted the lease fails and the gateway keeps no token:
+                # kept, the lease would be renewed for as long as the client stays, by a
+                # gateway whose record syncs (a reader's, with no token) never complete a
+                # snapshot or a shrink, which then time out. Given back; the next write
+                # takes it again.
+                if self.leases.get(export) is lease:
+                    del self.leases[export]
+                await self._release(lease)
+                raise
         return lease.token
 
     async def _announce(self, volume: str, token: int) -> None:

@@ -106,11 +106,6 @@ class FailNextRead:
         return await self.registry.get_volume(name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review rev-snap: VolumeProvider._take_lease keeps the lease in provider.leases when "
-    "its closing sync_record fails (the gateway's token stays 0): renew_all renews it for "
-    "ever, the record syncs run as a reader's and never complete a snapshot or shrink, "
-    "and `vbp volume snapshot` / `resize` time out until the client writes again"))
 def test_a_lease_taken_whose_record_read_failed_does_not_keep_snapshots_out():
     """h0 serves v to a client that has not written yet. Its first write takes the lease;
     the record read that follows (VolumeProvider._take_lease: sync_record) fails once, so
@@ -118,8 +113,7 @@ def test_a_lease_taken_whose_record_read_failed_does_not_keep_snapshots_out():
     renewed by renew_all, while the record syncs treat the gateway as a reader (no token)
     and never complete a snapshot: `vbp volume snapshot` waits for a holder that never
     completes it and times out (a guest that remounted read-only after the failed write
-    never writes again). The lease must be given back (or the gateway go on as the
-    holder)."""
+    never writes again). The lease is given back now (review rev-snap)."""
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
