@@ -213,6 +213,9 @@ class ClusterView:
         self.no_rid = frozenset(h.id for h in cmap.hosts if h.peer_rev < 1)
         # hosts that do not take WriteBatch: their writes go one WriteChunk each
         self.no_batch = frozenset(h.id for h in cmap.hosts if h.peer_rev < m.BATCH_REV)
+        # hosts that do not take ReadChunk.token: a holder's reads go to them without it
+        self.no_read_token = frozenset(h.id for h in cmap.hosts
+                                       if h.peer_rev < m.READ_TOKEN_REV)
 
     @property
     def epoch(self) -> int:
@@ -814,8 +817,12 @@ class VolumeGateway:
         node with an Outdated disk and no peer fails it. `repair`: the local copy failed its
         checksum; the good bytes are written back over it."""
         hosts = self.cluster.replicas(self.lineage, p.index, self.n)
+        # a holder's reads carry its token: a copy that has seen a newer one (another
+        # gateway took the lease over, made new heads, and GC may have freed what this
+        # one's chain reads) refuses them, and this gateway is fenced
+        token = self.token if not self.fenced else 0
         msg = m.ReadChunk(self.view.volume.name, self.lineage, p.index, self.chain_for(p.index),
-                          p.offset, p.length, self.cluster.epoch, get_rid())
+                          p.offset, p.length, self.cluster.epoch, get_rid(), False, token)
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
         started = self.replica.now()
@@ -827,7 +834,11 @@ class VolumeGateway:
             if h == self.host_id or h in stale or not self.cluster.is_up(h):
                 continue
             try:
-                reply = await self._call(h, msg)
+                reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
+                                         else dc_replace(msg, token=0))
+            except Fenced as e:  # (deposed: no copy answers it any more; nor do we)
+                self._fence(e)
+                raise
             except VbpError as e:
                 last = e
                 continue

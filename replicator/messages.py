@@ -37,11 +37,13 @@ PROTO_VERSION = 1
 # the controller reweights only once every host is at 4. 5: the DirtyChunks request (sent
 # only to hosts of revision 5 or later). 6: `boot` on HelloOk (sent only to hosts of
 # revision 6 or later). 7: the WriteBatch request (sent only to hosts of revision 7 or
-# later). 8: the CollectedGens request (sent only to hosts of revision 8 or later).
+# later). 8: the CollectedGens request, and ReadChunk.token (both sent only to hosts of
+# revision 8 or later).
 PEER_REV = 8
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
 COLLECTED_REV = 8  # CollectedGens
+READ_TOKEN_REV = 8  # ReadChunk.token
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -145,6 +147,10 @@ class ReadChunk:
     rid: str = ""
     # a resync electing the freshest of copies that are all stale reads a stale copy
     allow_stale: bool = False
+    # the reading gateway's fencing token when it holds the volume's write lease (0: not
+    # a holder, or a host below READ_TOKEN_REV): a replica that has seen a newer one for
+    # the volume refuses the read (Fenced), as it refuses the writes of a deposed holder
+    token: int = 0
 
 
 @_message(11)

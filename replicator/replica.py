@@ -473,6 +473,8 @@ class Replica:
                            msg.data, msg.chunk_size, msg.version, msg.fua, msg.epoch, msg.token)
             return m.new_ok(v, self.is_stale(msg.lineage, msg.index))
         if isinstance(msg, m.ReadChunk):
+            if msg.token and msg.token < self._tokens.get(msg.volume, 0):
+                self.check_token(msg.volume, msg.token)  # (Fenced: a holder deposed since)
             gen, data, version = self.read(msg.lineage, msg.index, msg.chain, msg.offset, msg.length,
                                            allow_stale=msg.allow_stale)
             return m.Data(data if data is not None else b"", version, gen)

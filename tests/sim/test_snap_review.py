@@ -9,7 +9,7 @@ import trio.testing
 
 from control import api
 from tests.sim.harness import Sim, call, extents_bytes
-from vbp.errors import RegistryUnavailable, VbpError
+from vbp.errors import Fenced, RegistryUnavailable, VbpError
 from vbp.layout import MiB
 
 
@@ -38,20 +38,15 @@ async def read_4k(host, gw) -> bytes:
     return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review rev-snap: a write-lease holder whose lease ran out unrenewed (registry cut "
-    "off) is exempt from serve_until (VolumeGateway._check_served, read_ref: token and "
-    "not fenced) and reads on by its old chain; a snapshot completed without it, a write "
-    "past it and the snapshot's delete later, GC freed that chain's chunk: it answers "
-    "zeros for acknowledged bytes"))
 def test_a_holder_whose_lease_ran_out_never_reads_what_gc_freed():
     """hw (no copy of chunk 0) holds v's lease and wrote "A"; cut off from the registry,
     its lease runs out. `vbp volume snapshot` completes without a holder (new head), a
     gateway elsewhere takes the lease and writes "B", the snapshot is deleted (--force:
     hw publishes nothing, it cannot reach the registry) and GC runs. hw, past its lease
     and never fenced, still reads by the old chain: the replicas' chunk 0 of that
-    generation is gone, and it answers zeros. It must fail (EIO) as a reader past its
-    lapse does, or answer "B"."""
+    generation is gone, and it answered zeros (review rev-snap). Its reads carry its
+    token now (ReadChunk.token): the replicas, told the newer token by the gateway that
+    took the lease over, refuse them (Fenced), and hw is fenced."""
     async def main():
         sim = Sim(13, hosts=4)
         async with trio.open_nursery() as nursery:
@@ -78,11 +73,9 @@ def test_a_holder_whose_lease_ran_out_never_reads_what_gc_freed():
                 if h is not hw:
                     await h.collect_garbage()
             assert not w.fenced and w.token and trio.current_time() > w.lease_deadline
-            try:
-                got = await read_4k(hw, w)
-            except VbpError as e:
-                got = e
-            assert isinstance(got, VbpError) or got == b"B" * 4096
+            with pytest.raises(Fenced):
+                await read_4k(hw, w)
+            assert w.fenced
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -27,6 +27,7 @@ from vbp.errors import Fenced, InvalidArgument
 from vbp.later import Later
 from vbp import reqid
 from vbp.layout import ChunkKey
+from tests.sim.harness import extents_bytes
 from vbp.registry import open_registry
 from vbp.volume import VolumeRecord, view_of
 
@@ -406,3 +407,22 @@ async def test_a_fua_write_with_much_to_write_back_waits_for_every_copy(tmp_path
                 assert (durable.version, durable.pages) == (now.version, now.pages)
             for r in replicas.values():
                 assert copy_of(r, gw, 3, 4096, 4096) == pattern(7)[:4096]
+
+
+@pytest.mark.parametrize("rev", [m.PEER_REV, m.READ_TOKEN_REV - 1])
+async def test_a_holders_remote_read_carries_its_token_only_to_hosts_that_take_it(rev):
+    """ReadChunk.token goes to hosts of READ_TOKEN_REV or later (an older decoder would
+    refuse the frame: one field too many); the copies that took it refuse the reads of
+    a holder deposed since (Fenced), and the gateway is fenced."""
+    async with three_hosts(revs=(m.PEER_REV, rev, rev)) as (gw, replicas, reg, seen, _):
+        gw.stale[0] = {"h1"}  # (this host's copy is not read: the read goes to h2 or h3)
+        got = await gw.read(0, 4096)
+        assert extents_bytes(got, 0, 4096) == b"\x01" * 4096
+        (msg,) = [x for s in seen.values() for x in s if type(x) is m.ReadChunk]
+        assert msg.token == (gw.token if rev >= m.READ_TOKEN_REV else 0)
+        if rev >= m.READ_TOKEN_REV:
+            for r in replicas.values():
+                r.learn_tokens({gw.view.volume.name: gw.token + 1})  # (a takeover)
+            with pytest.raises(Fenced):
+                await gw.read(0, 4096)
+            assert gw.fenced

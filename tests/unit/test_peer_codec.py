@@ -439,8 +439,8 @@ def test_client_data_messages_carry_a_request_id():
     for cls in EVOLVED:
         if cls not in (m.Ok, m.HelloOk, m.Written):
             assert "rid" in [f.name for f in _wire_order(cls)]
-    # revision 2 appended after revision 1's field
-    assert [f.name for f in _wire_order(m.ReadChunk)][-2:] == ["rid", "allow_stale"]
+    # revision 2 appended after revision 1's field, revision 8 after revision 2's
+    assert [f.name for f in _wire_order(m.ReadChunk)][-3:] == ["rid", "allow_stale", "token"]
     assert [f.name for f in _wire_order(m.Ok)] == ["version", "stale"]
 
 

@@ -179,3 +179,28 @@ async def test_a_chunk_read_by_a_chain_with_a_collected_generation_is_gone(tmp_p
         # the marks, for a resync about to drop a generation (CollectedGens)
         assert await pool.call(address, m.CollectedGens("lin")) == m.Gens((2,))
         assert await pool.call(address, m.CollectedGens("other")) == m.Gens(())
+
+
+async def test_a_read_with_a_token_older_than_the_newest_seen_is_fenced(tmp_path):
+    """ReadChunk.token (PEER_REV 8): a lease holder's reads carry its fencing token, and a
+    replica that has seen a newer token for the volume (another gateway took the lease
+    over and announced it) refuses them with Fenced, as it refuses that holder's writes.
+    A read without a token (a reader, resync, scrub) or with the newest one is served."""
+    from vbp.errors import Fenced
+
+    async with replica_server(tmp_path) as (replica, pool, address):
+        w = m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, CHUNK, 0, False, 1, 5)
+        assert type(await pool.call(address, w)) is m.Ok
+
+        def read(token):
+            return m.ReadChunk("v", "lin", 0, (1,), 0, 4096, 1, "", False, token)
+
+        assert (await pool.call(address, read(5))).data == b"x" * 4096
+        replica.learn_tokens({"v": 7})  # (a takeover's announcement)
+        with pytest.raises(Fenced):
+            await pool.call(address, read(5))
+        for token in (0, 7):
+            assert (await pool.call(address, read(token))).data == b"x" * 4096
+        # (the token names the volume: another volume's reads are not fenced by v's)
+        other = m.ReadChunk("w", "lin", 0, (1,), 0, 4096, 1, "", False, 5)
+        assert (await pool.call(address, other)).data == b"x" * 4096
