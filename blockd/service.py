@@ -1390,6 +1390,7 @@ class Blockd:
         return gone
 
     async def collect_garbage_once(self) -> int:
+        self.store.expire_collected()
         local: dict[tuple[str, int], list[int]] = {}
         for k in self.store.keys():
             local.setdefault((k.lineage, k.index), []).append(k.gen)

@@ -502,6 +502,33 @@ class ChunkStore:
 
     # --- collected generations ------------------------------------------------------------
 
+    def expire_collected(self) -> int:
+        """Forget the marks made COLLECTED_KEEP ago or earlier, in the index too (garbage
+        collection calls it every pass: a host that runs for months does not keep them
+        all); the number forgotten."""
+        old = time.time() - COLLECTED_KEEP
+        changed = {}
+        for lineage, at in self._collected_at.items():
+            if min(at.values()) < old:
+                changed[lineage] = {g: t for g, t in at.items() if t >= old}
+        if not changed:
+            return 0
+        with self._txn() as txn:
+            for lineage, kept in changed.items():
+                if kept:
+                    txn.put(lineage.encode(), msgpack.packb(kept), db=self._db["collected"])
+                else:
+                    txn.delete(lineage.encode(), db=self._db["collected"])
+        forgotten = 0
+        for lineage, kept in changed.items():
+            forgotten += len(self._collected_at[lineage]) - len(kept)
+            if kept:
+                self._collected_at[lineage] = kept
+                self.collected_gens[lineage] = frozenset(kept)
+            else:
+                del self._collected_at[lineage], self.collected_gens[lineage]
+        return forgotten
+
     def mark_collected(self, marks: dict[str, set[int]]) -> None:
         """Garbage collection is freeing these generations of these lineages here (`marks`:
         {lineage: generations}) because no record, export or publication reads them any

@@ -61,6 +61,9 @@ class MemoryChunkStore:
 
     # --- collected generations (ChunkStore.mark_collected) --------------------------------
 
+    def expire_collected(self) -> int:
+        return 0  # (kept for the run: a simulation is shorter than COLLECTED_KEEP)
+
     def mark_collected(self, marks: dict[str, set[int]]) -> None:
         new = False
         for lineage, gens in marks.items():

@@ -1083,11 +1083,20 @@ def test_collected_generations_are_forgotten_after_collected_keep(tmp_path, monk
     s.close()
     s = ChunkStore(tmp_path, 32 * CS)  # (what the open forgot is gone from the index)
     assert s.collected_gens == {"young": {2}, "renewed": {2}}
+    # an open store forgets them too, when garbage collection asks (expire_collected)
+    assert s.expire_collected() == 0
+    now += cs_mod.COLLECTED_KEEP / 2  # "young" and "renewed" 2: marked KEEP + 1 s ago
+    s.mark_collected({"renewed": {3}})
+    assert s.expire_collected() == 2
+    assert s.collected_gens == {"renewed": {3}}
+    s.close()
+    s = ChunkStore(tmp_path, 32 * CS)
+    assert s.collected_gens == {"renewed": {3}}
     s.close()
     with lmdb.open(str(tmp_path / "index"), subdir=True, max_dbs=8, readonly=True) as env:
         with env.begin() as txn:
             names = [k for k, _ in txn.cursor(db=env.open_db(b"collected", txn=txn))]
-    assert names == [b"renewed", b"young"]
+    assert names == [b"renewed"]
 
 
 @pytest.mark.parametrize("value", [b"%d" % 1_765_000_000, b"\x92\x01\x90", b"\xc1",

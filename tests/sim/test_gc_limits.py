@@ -1,5 +1,8 @@
-"""Review (branch rev-final) of 287f4e4..789f5fe: collected marks against a clone that
-keeps the deleted volume's lineage read. Sim hosts on a virtual clock."""
+"""A known limit of GC's collected-generation marks (found by a review): a host marks only
+the generations it held some chunk of, so a clone that keeps the deleted volume's
+lineage read can leave a cut-off holder of the volume reading zeros there. A strict
+xfail until a delete leaves the deleted chain for every host to mark (a tombstone in
+the registry). Sim hosts on a virtual clock."""
 
 from __future__ import annotations
 
