@@ -1415,6 +1415,9 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
+        # what volumes deleted lately read (registry.deleted_gens): marked below too,
+        # whether or not this host held a chunk of them
+        deleted = await self.registry.deleted_gens()
         # generations no reader's chain holds any more (their volume or snapshot deleted;
         # a clone keeps its snapshot's): a chain that holds one is a gateway's that reads
         # on without having heard of the delete (cut off from the registry past its
@@ -1424,7 +1427,7 @@ class Blockd:
         # them whose chunks it had freed would have none here left to be marked by.
         read: dict[str, set[int]] = {}
         dead: dict[str, set[int]] = {}
-        for (lineage, _), gens in local.items():
+        for lineage, gens in (*((lin, g) for (lin, _), g in local.items()), *deleted.items()):
             live = read.get(lineage)
             if live is None:
                 live = read[lineage] = {g for r in by_lineage.get(lineage, ()) for g in r.chain}

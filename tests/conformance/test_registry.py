@@ -106,6 +106,32 @@ def test_volume_crud(reg):
     assert reg.get_volume("a")["size"] == 7
 
 
+def test_a_deleted_volume_leaves_its_generations_for_a_while(reg, monkeypatch):
+    """delete_volume keeps the generations the record named (head chain, pending head,
+    snapshots) under its lineage, in the delete's transaction, for GONE_KEEP: every
+    host's GC marks those no reader holds (blockd.service.collect_garbage_once). Older
+    entries are dropped when read; records without a lineage leave none."""
+    from vbp.registry import base
+
+    reg.create_volume("v", {"name": "v", "lineage": "L1", "chain": [1, 4], "pending": 6,
+                            "shrink_head": 0,
+                            "snapshots": [{"name": "s", "chain": [1, 2]}]})
+    reg.create_volume("c", {"name": "c", "lineage": "L1", "chain": [1, 2, 5]})
+    reg.create_volume("bare", {"name": "bare"})
+    assert reg.deleted_gens() == {}
+    now = time.time()
+    monkeypatch.setattr(base.time, "time", lambda: now)
+    reg.delete_volume("v")
+    reg.delete_volume("bare")
+    assert reg.deleted_gens() == {"L1": {1, 2, 4, 6}}
+    now += base.GONE_KEEP / 2
+    reg.delete_volume("c")
+    assert reg.deleted_gens() == {"L1": {1, 2, 4, 5, 6}}
+    now += base.GONE_KEEP / 2 + 1  # v's entry is older than GONE_KEEP now
+    assert reg.deleted_gens() == {"L1": {1, 2, 5}}
+    assert [it.key for it in reg.kv.range(base.P_GONE)[0]] == [base.P_GONE + b"L1/c"]
+
+
 def test_update_volume_fn_error_aborts(reg):
     reg.create_volume("v", {"n": 1})
 

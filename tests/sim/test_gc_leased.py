@@ -180,3 +180,55 @@ def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_read_zeros():
+    """Review (rev-final): v wrote "A" at g1 before its snapshot; the clone c (chain g1,
+    g3) overwrote chunk x, so GC on x's host b frees g1 of x (no reader needs it) while
+    g1 stays in c's chain, and v's head g2 never had a chunk on b: marking only what a
+    host held, b marked nothing, and the cut-off holder of the deleted v read zeros at x
+    with no error. A volume's delete now leaves its generations in the registry for a
+    while (deleted_gens), and every host's GC marks those no reader holds: b marks g2,
+    and the read fails."""
+    from vbp.volume import VolumeRecord, take_snapshot
+
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=1)
+            lin, g1 = rec.lineage, rec.head
+            h0 = sim.hosts["h0"]
+            x = next(i for i in range(8) if "h0" not in h0.cluster.replicas(lin, i, 1))
+            y = next(i for i in range(8) if "h0" in h0.cluster.replicas(lin, i, 1))
+            (b,) = h0.cluster.replicas(lin, x, 1)
+            hb = sim.hosts[b]
+            hb.replica.write("v", lin, x, g1, (g1,), 0, b"A" * 4096, MiB, 0, False,
+                             hb.cluster.epoch, 1)  # v's data, before its snapshot
+            g2 = sim.reg.next_id(api.gen_counter(lin))
+            sim.reg.update_volume(
+                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            # the lease, by a write to a chunk of h0's own (no g2 chunk on b)
+            await h0.run_on(lambda: call(gw.write(y * MiB, b"Y" * 4096, False)))
+            sim.clone("v@s", "c")  # same lineage, chain (g1, g3)
+            cgw = await h0.run_on(h0.provider.open_export, "c")
+            await h0.run_on(lambda: call(cgw.write(x * MiB, b"C" * 4096, False)))
+            api.delete_volume(sim.reg, "v", force=True)
+            await trio.sleep(h0.cfg.lease_ttl + 1)  # h0 renews nothing: cut off
+            sim.expire_lease("v")
+            sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])  # its last publication lapsed
+            assert not gw.fenced
+            for h in sim.hosts.values():
+                await h.collect_garbage()
+            assert sorted(k.gen for k in hb.store.keys(lin) if k.index == x) != [g1]
+            assert g2 in hb.store.collected_gens[lin] and g1 not in hb.store.collected_gens[lin]
+            with pytest.raises(NotFound):
+                await h0.run_on(lambda: call(gw.read(x * MiB, 4096)))
+            # the clone reads what it wrote, as before
+            got = extents_bytes(await h0.run_on(lambda: call(cgw.read(x * MiB, 4096))),
+                                x * MiB, 4096)
+            assert got == b"C" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)

@@ -75,6 +75,10 @@ P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
 P_LOSS = b"vbp/loss/"  # <lineage> -> its accepted losses (vbp.volume.note_accepted)
+# <lineage>/<volume name> -> {"gens": the generations its record named, "at": when}: what
+# a volume deleted lately read (deleted_gens); kept GONE_KEEP
+P_GONE = b"vbp/gone/"
+GONE_KEEP = 30 * 24 * 3600  # (as vbp.chunkstore.COLLECTED_KEEP)
 P_STATS = b"vbp/stats/"
 K_SCRUB = b"vbp/scrub/request"
 P_SCRUB_RESULT = b"vbp/scrub/result/"  # per-host usage, published with the heartbeat (not part of the map)
@@ -455,7 +459,8 @@ class Registry:
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Delete(key)])
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
+                                [Delete(key), *self._gone(key, _unpack(item.value))])
             if ok:
                 try:
                     self._forget_lineages()
@@ -463,6 +468,41 @@ class Registry:
                     pass  # the volume is deleted all the same; the next delete sweeps
                 return
         raise self._contended(f"delete volume {name}")
+
+    @staticmethod
+    def _gone(key: bytes, d) -> list:
+        """The Put of deleted_gens' entry for the record `d` deleted at `key` (none for a
+        record with no lineage: tests store bare dicts)."""
+        lineage = d.get("lineage") if isinstance(d, dict) else None
+        if not isinstance(lineage, str) or not lineage or "/" in lineage or "\0" in lineage:
+            return []
+        gens = set(d.get("chain", ())) | {d.get("pending", 0), d.get("shrink_head", 0)}
+        for snap in d.get("snapshots", ()):
+            gens.update(snap.get("chain", ()))
+        gens.discard(0)
+        gone = P_GONE + lineage.encode() + b"/" + key[len(P_VOL):]
+        return [Put(gone, _pack({"gens": sorted(gens), "at": time.time()}))]
+
+    def deleted_gens(self) -> dict[str, set[int]]:
+        """lineage -> the generations the records of its volumes deleted in the last
+        GONE_KEEP named (delete_volume). Garbage collection marks those no reader's chain
+        holds on every host (ChunkStore.mark_collected), whether or not it held a chunk
+        of them: a gateway still reading a deleted volume (cut off from the registry)
+        gets an error there too, not zeros. Older entries are removed (best effort)."""
+        items, _ = self.kv.range(P_GONE)
+        old = time.time() - GONE_KEEP
+        out: dict[str, set[int]] = {}
+        for it in items:
+            d = _unpack(it.value)
+            if d.get("at", 0) < old:
+                try:
+                    self.kv.txn([Cmp(it.key, "mod", it.mod_rev)], [Delete(it.key)])
+                except RegistryUnavailable:
+                    pass
+                continue
+            lineage = it.key[len(P_GONE):].split(b"/", 1)[0].decode()
+            out.setdefault(lineage, set()).update(d.get("gens", ()))
+        return out
 
     def _forget_lineages(self) -> None:
         """Remove the loss records of lineages no volume is left in. Read after the
