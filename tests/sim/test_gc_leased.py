@@ -14,10 +14,31 @@ from vbp.layout import ChunkKey
 from vbp.layout import MiB
 from vbp.registry.base import P_STATS
 from vbp.registry.kv import Delete
+from vbp.volume import VolumeRecord, take_snapshot
 
 
 def run(afn):
     return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def cut_off_and_collected(sim, h0, gw) -> None:
+    """h0, cut off from the registry from now on, renews nothing: its lease of v runs
+    out and its last publication lapses, it does not hear of v's delete (gw is not
+    fenced), and GC runs on every host."""
+    await trio.sleep(h0.cfg.lease_ttl + 1)
+    sim.expire_lease("v")
+    sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])
+    assert not gw.fenced
+    for h in sim.hosts.values():
+        await h.collect_garbage()
+
+
+def snapshot_v(sim, lineage: str) -> int:
+    """`v@s` taken at once (no gateway involved): the new head generation."""
+    g = sim.reg.next_id(api.gen_counter(lineage))
+    sim.reg.update_volume(
+        "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g).to_dict())
+    return g
 
 
 async def read_4k(host, gw) -> bytes:
@@ -90,12 +111,7 @@ def test_a_lease_holder_cut_off_from_the_registry_stops_reading_when_its_lease_r
             gw = await h0.run_on(h0.provider.open_export, "v")
             await h0.run_on(lambda: call(gw.write(x * MiB, b"A" * 4096, False)))
             api.delete_volume(sim.reg, "v", force=True)
-            await trio.sleep(h0.cfg.lease_ttl + 1)  # h0 renews nothing: cut off
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])  # its last publication lapsed
-            assert not gw.fenced  # h0 did not hear of the delete
-            for h in sim.hosts.values():
-                await h.collect_garbage()
+            await cut_off_and_collected(sim, h0, gw)  # (h0 did not hear of the delete)
             with pytest.raises(NotFound):  # (the chunk is gone: an error, never "A" or zeros)
                 await h0.run_on(lambda: call(gw.read(x * MiB, 4096)))
             nursery.cancel_scope.cancel()
@@ -140,8 +156,6 @@ def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_
     read resolved on the other host to g1 (the snapshot's bytes) or to nothing (zeros),
     with no error, where it acknowledged "A". Marked per generation, g2 is (no reader's
     chain holds it), and the read by v's chain, which holds it, fails."""
-    from vbp.volume import VolumeRecord, take_snapshot
-
     async def main():
         sim = Sim(13, hosts=3)
         async with trio.open_nursery() as nursery:
@@ -155,19 +169,12 @@ def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_
                 hb = sim.hosts[b]
                 hb.replica.write("v", lin, x, g1, (g1,), 0, before, MiB, 0, False,
                                  hb.cluster.epoch, 1)
-            g2 = sim.reg.next_id(api.gen_counter(lin))
-            sim.reg.update_volume(
-                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            g2 = snapshot_v(sim, lin)
             gw = await h0.run_on(h0.provider.open_export, "v")
             await h0.run_on(lambda: call(gw.write(x * MiB, b"A" * 4096, False)))
             sim.clone("v@s", "c")  # same lineage: v's chunks up to s stay read
             api.delete_volume(sim.reg, "v", force=True)
-            await trio.sleep(h0.cfg.lease_ttl + 1)  # h0 renews nothing: cut off
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])  # its last publication lapsed
-            assert not gw.fenced
-            for h in sim.hosts.values():
-                await h.collect_garbage()
+            await cut_off_and_collected(sim, h0, gw)
             (b,) = h0.cluster.replicas(lin, x, 1)
             assert sim.hosts[b].store.collected_gens == {lin: {g2}}
             with pytest.raises(NotFound):
@@ -190,8 +197,6 @@ def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_rea
     with no error. A volume's delete now leaves its generations in the registry for a
     while (deleted_gens), and every host's GC marks those no reader holds: b marks g2,
     and the read fails."""
-    from vbp.volume import VolumeRecord, take_snapshot
-
     async def main():
         sim = Sim(13, hosts=3)
         async with trio.open_nursery() as nursery:
@@ -205,9 +210,7 @@ def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_rea
             hb = sim.hosts[b]
             hb.replica.write("v", lin, x, g1, (g1,), 0, b"A" * 4096, MiB, 0, False,
                              hb.cluster.epoch, 1)  # v's data, before its snapshot
-            g2 = sim.reg.next_id(api.gen_counter(lin))
-            sim.reg.update_volume(
-                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            g2 = snapshot_v(sim, lin)
             gw = await h0.run_on(h0.provider.open_export, "v")
             # the lease, by a write to a chunk of h0's own (no g2 chunk on b)
             await h0.run_on(lambda: call(gw.write(y * MiB, b"Y" * 4096, False)))
@@ -215,12 +218,7 @@ def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_rea
             cgw = await h0.run_on(h0.provider.open_export, "c")
             await h0.run_on(lambda: call(cgw.write(x * MiB, b"C" * 4096, False)))
             api.delete_volume(sim.reg, "v", force=True)
-            await trio.sleep(h0.cfg.lease_ttl + 1)  # h0 renews nothing: cut off
-            sim.expire_lease("v")
-            sim.reg.kv.txn([], [Delete(P_STATS + b"h0")])  # its last publication lapsed
-            assert not gw.fenced
-            for h in sim.hosts.values():
-                await h.collect_garbage()
+            await cut_off_and_collected(sim, h0, gw)
             assert sorted(k.gen for k in hb.store.keys(lin) if k.index == x) != [g1]
             assert g2 in hb.store.collected_gens[lin] and g1 not in hb.store.collected_gens[lin]
             with pytest.raises(NotFound):
