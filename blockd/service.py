@@ -516,9 +516,7 @@ class VolumeProvider:
                 # gateway at its next write included, compares the copies again. Kept,
                 # it would be handed back later as reconciled (the client gone, say). Not
                 # released (registry unreachable), it expires: a takeover still.
-                if self.leases.get(export) is lease:
-                    del self.leases[export]
-                await self._release(lease, reconciled=False)
+                await self._release(self._drop_lease(export, lease), reconciled=False)
                 raise
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
@@ -532,11 +530,20 @@ class VolumeProvider:
                 # gateway whose record syncs (a reader's, with no token) never complete a
                 # snapshot or a shrink, which then time out. Given back; the next write
                 # takes it again.
-                if self.leases.get(export) is lease:
-                    del self.leases[export]
-                await self._release(lease)
+                await self._release(self._drop_lease(export, lease))
                 raise
         return lease.token
+
+    def _drop_lease(self, export: str, lease):
+        """Forget `lease` of `export` (the one kept in `leases` if it is the same grant:
+        a renewal meanwhile keeps another object of the same token there, which would
+        be renewed after the release and refused, fencing the gateway); the object to
+        release."""
+        cur = self.leases.get(export)
+        if cur is not None and (cur.holder, cur.token) == (lease.holder, lease.token):
+            del self.leases[export]
+            return cur
+        return lease
 
     async def _announce(self, volume: str, token: int) -> None:
         """Tell every reachable host the new fencing token before our first write, so a
@@ -721,6 +728,17 @@ class VolumeProvider:
             except VbpError as e:
                 log.warning("volume=%s event=lease_release_failed reason=volume_deleted "
                             "error=%s", lease.volume, e)
+
+    def token_seen(self, volume: str, token: int) -> None:
+        """A newer fencing token for `volume` reached this host's replica (another
+        gateway's announcement, or its writes): a gateway here holding an older one is
+        deposed and fenced at once. Its reads of this host's copies, which carry no
+        token, would otherwise go on by a chain the new holder moves past (its remote
+        reads are refused by the copies that saw the token: ReadChunk.token)."""
+        gw = self.gateways.get(volume)
+        if gw is not None and gw.token and not gw.fenced and gw.token < token:
+            gw._fence(Fenced(f"volume {volume!r}: another gateway holds the write lease "
+                             f"(token {token}, newer than this gateway's {gw.token})"))
 
     def _on_fenced(self, gw: VolumeGateway) -> None:
         if self.gateways.get(gw.name) is gw:
@@ -1010,6 +1028,7 @@ class Blockd:
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
+            self.replica.on_token = self.provider.token_seen
             # a write is settled (on every copy, or recorded stale) once its gateway lived
             # this long past it: only then does a replica forget it for takeovers
             self.replica.recent_window = 3 * cfg.lease_ttl + 2 * cfg.peer_timeout

@@ -190,6 +190,9 @@ def complete_unleased(reg, name: str, head: int,
     otherwise renew it afterwards, nobody having taken it over, and write the generation
     that just became the snapshot before it adopts the new head; with the newer token its
     renewal is refused (Fenced) and it stops for good."""
+    if of is not None and not same_volume(VolumeRecord.from_dict(reg.get_volume(name)), of):
+        # (before the lease: taken, its newer token would depose the new volume's holder)
+        raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
     # a name of its own: a grant whose answer is lost is found by it and given back
     holder = f"{CONTROL_HOLDER}-{uuid.uuid4().hex[:12]}"
     try:

@@ -85,6 +85,9 @@ class Replica:
         self.host_id = host_id
         self._epoch = epoch
         self._tokens: dict[str, int] = {}
+        # called (volume, token) when a newer token for a volume arrives (blockd: a gateway
+        # here holding an older one is deposed, VolumeProvider.token_seen)
+        self.on_token: Callable[[str, int], None] | None = None
         # (lineage, index) of this host's copies known stale (registry records naming this
         # host, and chunks dirty at a crash): never served as current data
         self.stale_self: set[tuple[str, int]] = set()
@@ -222,6 +225,8 @@ class Replica:
             self._tokens[volume] = token
             if volume in self.recent or volume in self.recent_before:
                 self._new_holder(volume)
+            if self.on_token is not None:
+                self.on_token(volume, token)
 
     def check_epoch(self, epoch: int) -> None:
         mine = self._epoch()
@@ -236,6 +241,8 @@ class Replica:
                 self._tokens[volume] = token
                 if volume in self.recent or volume in self.recent_before:
                     self._new_holder(volume)
+                if self.on_token is not None:
+                    self.on_token(volume, token)
 
     def newest_token(self, volume: str) -> int:
         return self._tokens.get(volume, 0)

@@ -155,6 +155,7 @@ class SimHost:
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)
         self.resync.write_window = self.sim.peer_timeout + WRITE_GRACE  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
+        self.replica.on_token = self.provider.token_seen  # as Blockd.run
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
                          capacity=self.capacity, peer_rev=m.PEER_REV)
         self.cluster.set_map(reg.register_host(rec, WALL_TTL))

@@ -75,8 +75,8 @@ P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
 P_LOSS = b"vbp/loss/"  # <lineage> -> its accepted losses (vbp.volume.note_accepted)
-# <lineage>/<volume name> -> {"gens": the generations its record named, "at": when}: what
-# a volume deleted lately read (deleted_gens); kept GONE_KEEP
+# <lineage>/<volume name>/<record revision> -> {"gens": the generations its record named,
+# "at": when}: what a volume deleted lately read (deleted_gens); kept GONE_KEEP
 P_GONE = b"vbp/gone/"
 GONE_KEEP = 30 * 24 * 3600  # (as vbp.chunkstore.COLLECTED_KEEP)
 P_STATS = b"vbp/stats/"
@@ -460,7 +460,7 @@ class Registry:
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
-                                [Delete(key), *self._gone(key, _unpack(item.value))])
+                                [Delete(key), *self._gone(key, _unpack(item.value), item.mod_rev)])
             if ok:
                 try:
                     self._forget_lineages()
@@ -470,9 +470,11 @@ class Registry:
         raise self._contended(f"delete volume {name}")
 
     @staticmethod
-    def _gone(key: bytes, d) -> list:
-        """The Put of deleted_gens' entry for the record `d` deleted at `key` (none for a
-        record with no lineage: tests store bare dicts)."""
+    def _gone(key: bytes, d, rev: int) -> list:
+        """The Put of deleted_gens' entry for the record `d` deleted at `key` (its
+        revision `rev` in the key: a name deleted again in the same lineage, a clone
+        made under it meanwhile, keeps the first delete's entry); none for a record with
+        no lineage (tests store bare dicts)."""
         lineage = d.get("lineage") if isinstance(d, dict) else None
         if not isinstance(lineage, str) or not lineage or "/" in lineage or "\0" in lineage:
             return []
@@ -480,7 +482,7 @@ class Registry:
         for snap in d.get("snapshots", ()):
             gens.update(snap.get("chain", ()))
         gens.discard(0)
-        gone = P_GONE + lineage.encode() + b"/" + key[len(P_VOL):]
+        gone = P_GONE + lineage.encode() + b"/" + key[len(P_VOL):] + b"/%d" % rev
         return [Put(gone, _pack({"gens": sorted(gens), "at": time.time()}))]
 
     def deleted_gens(self) -> dict[str, set[int]]:
