@@ -717,17 +717,7 @@ class VolumeProvider:
         lease = self.leases.get(gw.name) if self.gateways.get(gw.name) is gw else None
         gw._fence(NotFound(why))
         if lease is not None:
-            self.service.nursery.start_soon(self._give_back, lease)
-
-    async def _give_back(self, lease) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await self.service.registry.release_lease(lease)
-                log.info("volume=%s event=lease_released reason=volume_deleted token=%d",
-                         lease.volume, lease.token)
-            except VbpError as e:
-                log.warning("volume=%s event=lease_release_failed reason=volume_deleted "
-                            "error=%s", lease.volume, e)
+            self.service.nursery.start_soon(self._release, lease)
 
     def token_seen(self, volume: str, token: int) -> None:
         """A newer fencing token for `volume` reached this host's replica (another
@@ -1444,15 +1434,14 @@ class Blockd:
         # gone: it gets an error, not zeros or older bytes (ChunkStore.mark_collected).
         # Marked before any chunk goes: a delete that fails ends the pass, and one of
         # them whose chunks it had freed would have none here left to be marked by.
-        read: dict[str, set[int]] = {}
+        known: dict[str, set[int]] = {lineage: set(gens) for lineage, gens in deleted.items()}
+        for (lineage, _), gens in local.items():
+            known.setdefault(lineage, set()).update(gens)
         dead: dict[str, set[int]] = {}
-        for lineage, gens in (*((lin, g) for (lin, _), g in local.items()), *deleted.items()):
-            live = read.get(lineage)
-            if live is None:
-                live = read[lineage] = {g for r in by_lineage.get(lineage, ()) for g in r.chain}
-            gone = set(gens) - live
+        for lineage, gens in known.items():
+            gone = gens - {g for r in by_lineage.get(lineage, ()) for g in r.chain}
             if gone:
-                dead.setdefault(lineage, set()).update(gone)
+                dead[lineage] = gone
         if dead:
             self.store.mark_collected(dead)
             log.info("event=gc_generations_collected %s", " ".join(

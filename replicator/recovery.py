@@ -541,7 +541,8 @@ class Resync:
     async def _collected_on(self, addr: str, lineage: str) -> tuple[int, ...]:
         """The generations of `lineage` the host at `addr` marked collected (CollectedGens);
         none from a host below COLLECTED_REV."""
-        rec = next((h for h in self.cluster.map.hosts if h.peer == addr), None)
+        h = self.cluster.host_at(addr)
+        rec = self.cluster.map.host(h) if h is not None else None
         if rec is None or rec.peer_rev < m.COLLECTED_REV:
             return ()
         return (await self.pool.call(addr, m.CollectedGens(lineage))).gens

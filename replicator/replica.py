@@ -65,7 +65,6 @@ _WRITTEN = m.Written()  # a batch every item of which took its write on a curren
 _when = itemgetter(0)  # of a `written` note: (time, start, end)
 
 
-
 def gone_below(collected, chain, gen: int | None) -> bool:
     """Whether a read by `chain` that resolves a chunk to generation `gen` here (None:
     none) misses what it wrote: a generation of its chain newer than `gen` is among the
@@ -78,6 +77,7 @@ def gone_below(collected, chain, gen: int | None) -> bool:
             if g in collected and (gen is None or g > gen):
                 return True
     return False
+
 
 class Replica:
     def __init__(self, store, host_id: str, epoch: Callable[[], int]):

@@ -468,12 +468,12 @@ class ChunkStore:
         return sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
 
     def _load_collected(self, stored: dict[bytes, bytes]) -> None:
-        """The generations marked collected (per lineage, msgpack {gen: when marked}), less
-        those marked COLLECTED_KEEP ago; an entry that does not read so (damaged) is
-        dropped with them, from the index too: it names nothing a read could rely on."""
-        old = time.time() - COLLECTED_KEEP
+        """The generations marked collected (per lineage, msgpack {gen: when marked}); an
+        entry that does not read so (damaged) is dropped, from the index too: it names
+        nothing a read could rely on. Those marked COLLECTED_KEEP ago are then forgotten
+        (expire_collected)."""
         at: dict[str, dict[int, int]] = {}
-        changed: dict[bytes, dict[int, int] | None] = {}
+        damaged = []
         for key, value in stored.items():
             try:
                 marks = msgpack.unpackb(value, strict_map_key=False)
@@ -483,22 +483,17 @@ class ChunkStore:
                     raise ValueError(f"not a map of generations: {marks!r}")
             except Exception as e:  # (anything: a map key msgpack makes unhashable, ...)
                 log.warning("event=collected_mark_dropped lineage=%r error=%s", key, e)
-                changed[key] = None
+                damaged.append(key)
                 continue
-            kept = {g: t for g, t in marks.items() if t >= old}
-            if len(kept) != len(marks):
-                changed[key] = kept or None
-            if kept:
-                at[lineage] = kept
-        if changed:
+            if marks:
+                at[lineage] = marks
+        if damaged:
             with self._txn() as txn:
-                for key, kept in changed.items():
-                    if kept is None:
-                        txn.delete(key, db=self._db["collected"])
-                    else:
-                        txn.put(key, msgpack.packb(kept), db=self._db["collected"])
+                for key in damaged:
+                    txn.delete(key, db=self._db["collected"])
         self._collected_at = at
         self.collected_gens = {lineage: frozenset(marks) for lineage, marks in at.items()}
+        self.expire_collected()
 
     # --- collected generations ------------------------------------------------------------
 

@@ -126,8 +126,9 @@ def test_a_source_below_the_collected_revision_is_not_asked_for_its_marks():
     from types import SimpleNamespace
 
     from replicator import messages as m
+    from replicator.gateway import ClusterView
     from replicator.recovery import Resync
-    from vbp.cluster import HostRecord
+    from vbp.cluster import ClusterMap, HostRecord
 
     asked = []
 
@@ -137,9 +138,8 @@ def test_a_source_below_the_collected_revision_is_not_asked_for_its_marks():
             return m.Gens((4,))
 
     def resync(rev):
-        hosts = [HostRecord("h0", "h0:1", "h0:2", peer_rev=rev)]
-        return SimpleNamespace(cluster=SimpleNamespace(map=SimpleNamespace(hosts=hosts)),
-                               pool=Pool())
+        hosts = (HostRecord("h0", "h0:1", "h0:2", peer_rev=rev),)
+        return SimpleNamespace(cluster=ClusterView(ClusterMap(1, hosts)), pool=Pool())
 
     async def main():
         assert await Resync._collected_on(resync(m.COLLECTED_REV - 1), "h0:1", "lin") == ()

@@ -103,6 +103,30 @@ class FailNextRead:
         return await self.registry.get_volume(name)
 
 
+async def first_write_whose_record_read_fails(nursery, sim, meanwhile=None):
+    """`sim` started, v (replicas=3) created and opened on h0; the client's first write
+    takes the lease, announces its token, then (after `meanwhile(h0)`, awaited) the
+    record read that follows fails once: the write fails. (h0, its gateway of v)."""
+    await sim.start(nursery)
+    sim.create_volume("v", 2 * MiB, replicas=3)
+    h0 = sim.hosts["h0"]
+    gw = await h0.run_on(h0.provider.open_export, "v")
+    h0.registry = reg = FailNextRead(h0.registry)
+    announce = h0.provider._announce
+
+    async def announce_then_fail(volume, token):
+        await announce(volume, token)
+        if meanwhile is not None:
+            await meanwhile(h0)
+        reg.armed = True  # the record read right after the announcement fails
+
+    h0.provider._announce = announce_then_fail
+    with pytest.raises(VbpError):
+        await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
+    h0.provider._announce = announce
+    return h0, gw
+
+
 def test_a_lease_taken_whose_record_read_failed_does_not_keep_snapshots_out():
     """h0 serves v to a client that has not written yet. Its first write takes the lease;
     the record read that follows (VolumeProvider._take_lease: sync_record) fails once, so
@@ -114,21 +138,7 @@ def test_a_lease_taken_whose_record_read_failed_does_not_keep_snapshots_out():
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            h0.registry = reg = FailNextRead(h0.registry)
-            announce = h0.provider._announce
-
-            async def announce_then_fail(volume, token):
-                await announce(volume, token)
-                reg.armed = True  # the record read right after the announcement fails
-
-            h0.provider._announce = announce_then_fail
-            with pytest.raises(VbpError):
-                await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
-            h0.provider._announce = announce
+            await first_write_whose_record_read_fails(nursery, sim)
             await trio.sleep(sim.lease_ttl * 2)  # renewals, record syncs
             rec = await sim.snapshot("v", "s", timeout=10.0)
             assert [s.name for s in rec.snapshots] == ["s"]
@@ -146,22 +156,8 @@ def test_a_lease_renewed_during_the_failed_record_read_is_forgotten_with_its_rel
     async def main():
         sim = Sim(1, hosts=3)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery)
-            sim.create_volume("v", 2 * MiB, replicas=3)
-            h0 = sim.hosts["h0"]
-            gw = await h0.run_on(h0.provider.open_export, "v")
-            h0.registry = reg = FailNextRead(h0.registry)
-            announce = h0.provider._announce
-
-            async def announce_renew_then_fail(volume, token):
-                await announce(volume, token)
-                await h0.provider.renew_all()  # (the renewal loop fires meanwhile)
-                reg.armed = True
-
-            h0.provider._announce = announce_renew_then_fail
-            with pytest.raises(VbpError):
-                await h0.run_on(lambda: call(gw.write(0, b"A" * 4096, False)))
-            h0.provider._announce = announce
+            h0, gw = await first_write_whose_record_read_fails(
+                nursery, sim, meanwhile=lambda h: h.provider.renew_all())  # (the loop fires)
             assert "v" not in h0.provider.leases
             await trio.sleep(sim.lease_ttl * 2)  # renewals, record syncs
             assert not gw.fenced
