@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SANDBOX_DIR ?= var/sandbox
 
-# Debian packages: runtime (make run) and test-only (make test).
-APT_RUN := python3-venv qemu-utils libnbd-bin
+# Debian packages: runtime (make run) and test-only (make test). gcc, the headers and
+# libxxhash-dev build vbp's C extension (vbp/_pagesums.c) when the venv installs vbp.
+APT_RUN := python3-venv python3-dev gcc libc6-dev libxxhash-dev qemu-utils libnbd-bin
 APT_TEST := $(APT_RUN) python3-libnbd nbdkit fio etcd-server qemu-system-x86 iproute2 \
             e2fsprogs mount
 
@@ -35,7 +36,7 @@ deps-test:
 # (the PyPI package named `nbd` is unrelated and must never be installed).
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml vbp/_pagesums.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -123,6 +123,8 @@ import msgpack
 import trio
 from xxhash import xxh3_64_intdigest
 
+from vbp import pagesums
+
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, FileRange, StoreStats, check_chunk_size, check_key,
     VERSION_SLACK, check_range, check_version, page_checksum, sum_runs,
@@ -706,11 +708,9 @@ class ChunkStore:
         buf = self._pread(c, (last - first + 1) << PAGE_SHIFT, start)
         holes = 0 in sums
         if self.verify_reads:
-            got = _page_sums(buf)
-            if holes:
-                got = [g if s else 0 for g, s in zip(got, sums)]
-            if got != sums:
-                self._mismatch(c, first, got, sums)
+            bad = pagesums.check(buf, c.space.sums, c.sbase + first)
+            if bad >= 0:
+                self._corrupt(c, first + bad)
         if holes:
             buf = bytearray(buf)
             for i, s in enumerate(sums):
@@ -742,13 +742,10 @@ class ChunkStore:
         if view is None or not sp.cached(start, end):  # (read from disk: a pread's EIO)
             return self._read_range(c, offset, length)
         if self.verify_reads:
-            got = _page_sums(view, start, end)
-            if got != sums:
-                self._mismatch(c, first, got, sums)
+            bad = pagesums.check(view[start:end], sp.sums, c.sbase + first)
+            if bad >= 0:
+                self._corrupt(c, first + bad)
         return FileRange(sp, c.dbase + offset, length)
-
-    def _mismatch(self, c: Chunk, first: int, got: list[int], sums: list[int]):
-        self._corrupt(c, first + next(i for i, (g, s) in enumerate(zip(got, sums)) if g != s))
 
     def _page(self, c: Chunk, page: int) -> bytes:
         """One page as stored, verified (used to merge partial-page writes)."""
@@ -903,8 +900,7 @@ class ChunkStore:
         if len(buf) == PAGE_SIZE:
             sums[p] = xxh3_64_intdigest(buf) or 1
             return
-        got = _page_sums(buf)
-        sums[p: p + len(got)] = array("Q", got)
+        pagesums.fill(buf, sums, p)
 
     def _settle_failed(self, c: Chunk, start: int, buf) -> None:
         """After a failed pwrite of `buf` (whole pages) at `start`: each page takes what

@@ -1,0 +1,118 @@
+"""vbp.pagesums: page checksums of whole ranges in one call (the C extension, and the
+Python functions that stand in where it is not built), and the chunk store's reads and
+writes through them: every page's checksum is page_checksum's, a damaged page anywhere in
+a large range is named, holes are never checked, bad arguments are errors."""
+
+from __future__ import annotations
+
+import os
+import random
+from array import array
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from vbp import pagesums
+from vbp.chunkstore import ChunkStore
+from vbp.chunkstore_common import FileRange, page_checksum
+from vbp.errors import ChecksumError
+from vbp.layout import PAGE_SIZE, ChunkKey
+
+IMPLS = [pytest.param((pagesums.fill, pagesums.check), id="native"),
+         pytest.param((pagesums.py_fill, pagesums.py_check), id="python")]
+CS = 1 << 20
+K = ChunkKey("lin", 0, 1)
+
+
+def test_the_extension_is_built():
+    """The suite runs on the C extension (the Python functions only stand in where it is
+    not built): a failed build must not pass unnoticed as slower code."""
+    assert pagesums.NATIVE
+    assert type(pagesums.check).__name__ == "builtin_function_or_method"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=80, deadline=None)
+@given(pages=st.lists(st.sampled_from([b"", b"\0", b"\xa5", b"x" * 17]) | st.binary(max_size=64),
+                      max_size=12),
+       first=st.integers(0, 5), extra=st.integers(0, 3))
+def test_fill_writes_each_pages_checksum(impl, pages, first, extra):
+    fill, _ = impl
+    data = b"".join(p.ljust(PAGE_SIZE, p[-1:] or b"\0") for p in pages)
+    table = array("Q", [7]) * (first + len(pages) + extra)
+    fill(data, table, first)
+    want = [page_checksum(data[o:o + PAGE_SIZE]) for o in range(0, len(data), PAGE_SIZE)]
+    assert table.tolist() == [7] * first + want + [7] * extra
+    assert 0 not in want
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 40), holes=st.sets(st.integers(0, 39)),
+       damaged=st.sets(st.integers(0, 39), max_size=3), first=st.integers(0, 3))
+def test_check_names_the_first_damaged_page_and_skips_holes(impl, seed, n, holes, damaged,
+                                                            first):
+    fill, check = impl
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(n * PAGE_SIZE))
+    table = array("Q", [0]) * (first + n)
+    fill(data, table, first)
+    for h in holes & set(range(n)):
+        table[first + h] = 0  # a hole: whatever the bytes, never checked
+    for d in damaged & set(range(n)):
+        data[d * PAGE_SIZE + rng.randrange(PAGE_SIZE)] ^= 1 << rng.randrange(8)
+    bad = sorted((damaged - holes) & set(range(n)))
+    assert check(bytes(data), table, first) == (bad[0] if bad else -1)
+    assert check(memoryview(data), memoryview(table), first) == (bad[0] if bad else -1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_arguments_are_errors(impl):
+    fill, check = impl
+    page, table = bytes(PAGE_SIZE), array("Q", [0, 0])
+    for fn in (fill, check):
+        with pytest.raises(ValueError):
+            fn(page + b"x", table, 0)  # not whole pages
+        for first in (-1, 2, 1 << 62):
+            with pytest.raises(ValueError):
+                fn(page, table, first)  # outside the table
+        with pytest.raises(ValueError):
+            fn(page * 3, table, 0)  # more pages than entries
+        with pytest.raises(ValueError):
+            fn(page, bytearray(12), 0)  # not a table of uint64s
+        with pytest.raises(TypeError):
+            fn(page, table)
+        with pytest.raises(TypeError):
+            fn("text", table, 0)
+    with pytest.raises((TypeError, BufferError)):
+        fill(page, bytes(16), 0)  # a read-only table
+    fill(b"", table, 2)  # nothing to do, at the end of the table
+    assert check(b"", table, 2) == -1 and table.tolist() == [0, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(damaged=st.integers(0, CS // PAGE_SIZE - 1), hole=st.integers(0, CS // PAGE_SIZE - 1),
+       ref=st.booleans())
+def test_a_damaged_page_in_a_large_read_is_named(tmp_path_factory, damaged, hole, ref):
+    """A 1 MiB read (a FileRange checked through the map, or a copy when the range has a
+    hole) names the damaged page, wherever it is; the hole reads as zeros and is never
+    taken for damage."""
+    with ChunkStore(tmp_path_factory.mktemp("s"), 4 * CS) as s:
+        body = bytearray(random.randbytes(CS))
+        s.write(K, 0, body, chunk_size=CS)
+        if hole != damaged:
+            s.zero(K, hole * PAGE_SIZE, PAGE_SIZE, chunk_size=CS)
+            body[hole * PAGE_SIZE:(hole + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+        s.flush()
+        got = s.read_ref(K, 0, CS) if ref else s.read(K, 0, CS)
+        if isinstance(got, FileRange):
+            got.release()
+        else:
+            assert got == body
+        where = s.info(K).slot * CS + damaged * PAGE_SIZE + 99
+        os.pwrite(s._spaces[CS].fd, bytes([body[damaged * PAGE_SIZE + 99] ^ 0x40]), where)
+        with pytest.raises(ChecksumError) as e:
+            s.read_ref(K, 0, CS) if ref else s.read(K, 0, CS)
+        assert e.value.page == damaged and e.value.key == K
+        assert s.stats().checksum_errors == 1
+        assert not s._spaces[CS].ranges

@@ -1,0 +1,79 @@
+"""Page checksums of a whole range in one call, straight to or from a checksum table.
+
+    fill(data, sums, first)          sums[first + i] = page_checksum(page i of data)
+    check(data, sums, first) -> int  the first page i of data whose checksum is not
+                                     sums[first + i] (a hole there, 0, is not checked),
+                                     or -1
+
+`data` is whole pages (any buffer); `sums` a table of uint64, one per page (the chunk
+store's sidecar map, an array("Q")). Both are the C extension vbp._pagesums, built when
+vbp is installed (it links Debian's libxxhash): a hash call per page from Python costs
+about a third as much again as hashing the page, and for 1 MiB reads and writes of a
+replicas=1 volume the C loop gave 10 % more MiB/s. Where the extension is not built,
+the same functions in Python stand in (NATIVE tells which; the test suite requires the
+extension, so CI cannot run on the stand-ins by accident).
+"""
+
+from __future__ import annotations
+
+from itertools import compress, count, repeat
+from operator import getitem
+
+from xxhash import xxh3_64_intdigest
+
+from vbp.layout import PAGE_SIZE
+
+__all__ = ["NATIVE", "check", "fill", "py_check", "py_fill"]
+
+
+def _pages(data) -> tuple[memoryview, int]:
+    mv = memoryview(data).cast("B")
+    if len(mv) % PAGE_SIZE:
+        raise ValueError(f"{len(mv)} bytes are not whole pages")
+    return mv, len(mv) // PAGE_SIZE
+
+
+def _entries(sums, first: int, n: int) -> memoryview:
+    table = memoryview(sums).cast("B")
+    if len(table) % 8:
+        raise ValueError(f"a table of {len(table)} bytes is not of uint64s")
+    table = table.cast("Q")
+    if first < 0 or first > len(table) - n:
+        raise ValueError(f"entries {first}..{first + n} are outside the table of {len(table)}")
+    return table[first:first + n]
+
+
+def _hashes(mv: memoryview, n: int):
+    """page_checksum of each of the `n` pages of `mv` (a hash of 0 stored as 1)."""
+    starts = range(0, n * PAGE_SIZE, PAGE_SIZE)
+    views = map(getitem, repeat(mv, n), map(slice, starts, count(PAGE_SIZE, PAGE_SIZE)))
+    return (h or 1 for h in map(xxh3_64_intdigest, views))
+
+
+def py_fill(data, sums, first: int) -> None:
+    """fill() in Python."""
+    mv, n = _pages(data)
+    want = _entries(sums, first, n)
+    for i, h in enumerate(_hashes(mv, n)):
+        want[i] = h
+
+
+def py_check(data, sums, first: int) -> int:
+    """check() in Python."""
+    mv, n = _pages(data)
+    want = _entries(sums, first, n).tolist()
+    real = list(compress(range(n), want))
+    views = (mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in real)
+    for i, h in zip(real, map(xxh3_64_intdigest, views)):
+        if (h or 1) != want[i]:
+            return i
+    return -1
+
+
+try:
+    from vbp._pagesums import check, fill
+except ImportError:  # (not built: see the module's docstring)
+    NATIVE = False
+    check, fill = py_check, py_fill
+else:
+    NATIVE = True
