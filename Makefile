@@ -36,7 +36,7 @@ deps-test:
 # (the PyPI package named `nbd` is unrelated and must never be installed).
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml vbp/_pagesums.c
+$(VENV)/.installed: pyproject.toml setup.py vbp/_pagesums.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
