@@ -113,8 +113,6 @@ import os
 import time
 import uuid
 from array import array
-from itertools import repeat
-from operator import getitem
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -173,41 +171,6 @@ COLLECTED_KEEP = 30 * 24 * 3600
 # read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
 # costs less than the extra send call).
 REF_MIN = 64 * 1024
-
-
-# Page slices are kept for sizes up to this (64 sizes at most, ~1 MiB of slices in all);
-# larger ranges (a whole chunk of up to 64 MiB) are rare enough to make theirs each time.
-SLICES_KEPT_MAX = 1 << 20
-
-
-def _page_slices(n: int) -> tuple[slice, ...]:
-    """The slices of the pages of `n` bytes (a whole number of pages). Writes and reads
-    come in a few sizes (a page, 64 KiB, 1 MiB): kept, not made again per request."""
-    if n <= SLICES_KEPT_MAX:
-        return _kept_page_slices(n)
-    return _make_page_slices(n)
-
-
-def _make_page_slices(n: int) -> tuple[slice, ...]:
-    return tuple(map(slice, range(0, n, PAGE_SIZE), range(PAGE_SIZE, n + PAGE_SIZE, PAGE_SIZE)))
-
-
-_kept_page_slices = functools.lru_cache(maxsize=64)(_make_page_slices)
-
-
-def _page_sums(buf, start: int = 0, end: int | None = None) -> list[int]:
-    """page_checksum of every page of `buf[start:end]` (a whole number of pages), in one
-    pass of C calls: a hash call per page costs about as much as hashing its 4 KiB, and a
-    Python loop around it (a comprehension making the page views, another mapping a
-    hash of 0 to 1) as much again."""
-    mv = memoryview(buf)
-    if start or end is not None:
-        mv = mv[start:end]
-    pages = _page_slices(len(mv))
-    sums = list(map(xxh3_64_intdigest, map(getitem, repeat(mv, len(pages)), pages)))
-    if 0 in sums:  # as page_checksum: 0 is kept for "never written"
-        return [s or 1 for s in sums]
-    return sums
 
 
 async def flush_store(store, ahead: Callable[[], None] | None = None) -> None:
@@ -637,11 +600,15 @@ class ChunkStore:
     def _suspects(c: Chunk, start: int, n: int, buf) -> list[int]:
         """The pages of the `n` bytes at `start` of `c` (a verify's step) that `buf`, those
         bytes as read (None: unreadable), shows failing their checksum; holes never."""
-        first = c.sbase + (start >> PAGE_SHIFT)
-        want = c.space.sums[first: first + (n >> PAGE_SHIFT)].tolist()
-        got = _page_sums(buf) if buf is not None else [None] * len(want)
-        return [(start >> PAGE_SHIFT) + i for i, (g, s) in enumerate(zip(got, want))
-                if s and g != s]
+        first, pages = start >> PAGE_SHIFT, n >> PAGE_SHIFT
+        sums, at = c.space.sums, c.sbase + first
+        if buf is None:
+            return [first + i for i in range(pages) if sums[at + i]]
+        found, i, mv = [], 0, memoryview(buf)
+        while (bad := pagesums.check(mv[i << PAGE_SHIFT:n], sums, at + i)) >= 0:
+            found.append(first + i + bad)
+            i += bad + 1
+        return found
 
     def _confirmed(self, c: Chunk, suspects: list[int]) -> list[int]:
         """The pages of `suspects` that fail their checksum read again now (counted)."""

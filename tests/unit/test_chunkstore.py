@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
-from vbp.chunkstore import ChunkStore, MemoryChunkStore, _page_sums
+from vbp.chunkstore import ChunkStore, MemoryChunkStore
 from vbp import chunkstore_files as cf
 from vbp.chunkstore_files import WRITE_PIECE
 from vbp.chunkstore_common import VERSION_SLACK, page_checksum, runs, sum_runs
@@ -853,41 +853,6 @@ def test_large_writes_go_to_the_file_in_pieces_that_add_up(tmp_path, monkeypatch
             assert max(calls) <= cf.WRITE_PIECE
     finally:
         os.close(fd)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.binary(min_size=0, max_size=8 * PAGE_SIZE), st.integers(0, 8), st.integers(0, 8),
-       st.booleans())
-def test_page_sums_are_each_pages_checksum(raw, first, count, ranged):
-    """_page_sums, the one pass over a write's or a read's pages, agrees with hashing page
-    by page, over a whole buffer and over a range of it (a map of the data file)."""
-    buf = bytearray(raw.ljust(16 * PAGE_SIZE, b"\xa5"))
-    buf[PAGE_SIZE:2 * PAGE_SIZE] = bytes(PAGE_SIZE)  # a page of zeros hashes to non-zero too
-    start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-    pages = [buf[o:o + PAGE_SIZE] for o in range(start, end, PAGE_SIZE)]
-    expected = [page_checksum(p) for p in pages]
-    got = _page_sums(buf, start, end) if ranged else _page_sums(bytes(buf[start:end]))
-    assert got == expected and 0 not in got
-
-
-def test_page_sums_of_a_whole_large_chunk_keep_no_slices():
-    """Slices are kept for the common sizes only: a 4 MiB range is hashed right without
-    leaving 1,024 slices behind."""
-    from vbp import chunkstore
-    buf = bytes(range(256)) * (16 * 1024)  # 4 MiB
-    kept = chunkstore._kept_page_slices.cache_info().currsize
-    assert _page_sums(buf) == [page_checksum(buf[o:o + PAGE_SIZE])
-                               for o in range(0, len(buf), PAGE_SIZE)]
-    assert chunkstore._kept_page_slices.cache_info().currsize == kept
-
-
-def test_page_sums_map_a_hash_of_zero_to_one(monkeypatch):
-    """0 marks a page never written: a page whose hash is 0 is stored as 1, as
-    page_checksum does (no page with an xxh3 of 0 is known: the hash is replaced)."""
-    from vbp import chunkstore
-    monkeypatch.setattr(chunkstore, "xxh3_64_intdigest",
-                        lambda page: 0 if bytes(page[:1]) == b"\0" else 5)
-    assert chunkstore._page_sums(b"\1" * PAGE_SIZE + b"\0" * PAGE_SIZE + b"\2" * PAGE_SIZE) == [5, 1, 5]
 
 
 class _IndexFullAfterCopy(ChunkStore):
