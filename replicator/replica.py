@@ -222,11 +222,7 @@ class Replica:
                 f"write to {volume!r} with fencing token {token} refused: token {newest} is newer"
             )
         if token > newest:
-            self._tokens[volume] = token
-            if volume in self.recent or volume in self.recent_before:
-                self._new_holder(volume)
-            if self.on_token is not None:
-                self.on_token(volume, token)
+            self._adopt_token(volume, token)
 
     def check_epoch(self, epoch: int) -> None:
         mine = self._epoch()
@@ -238,11 +234,16 @@ class Replica:
         writes with an older one are refused from the first request on."""
         for volume, token in tokens.items():
             if token > self._tokens.get(volume, 0):
-                self._tokens[volume] = token
-                if volume in self.recent or volume in self.recent_before:
-                    self._new_holder(volume)
-                if self.on_token is not None:
-                    self.on_token(volume, token)
+                self._adopt_token(volume, token)
+
+    def _adopt_token(self, volume: str, token: int) -> None:
+        """`token`, newer than any seen for `volume`, is the newest now: a new holder (its
+        predecessor's recent writes are kept for its reconcile), and on_token told."""
+        self._tokens[volume] = token
+        if volume in self.recent or volume in self.recent_before:
+            self._new_holder(volume)
+        if self.on_token is not None:
+            self.on_token(volume, token)
 
     def newest_token(self, volume: str) -> int:
         return self._tokens.get(volume, 0)
