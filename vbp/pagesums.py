@@ -16,8 +16,7 @@ extension, so CI cannot run on the stand-ins by accident).
 
 from __future__ import annotations
 
-from itertools import compress, count, repeat
-from operator import getitem
+from itertools import compress
 
 from xxhash import xxh3_64_intdigest
 
@@ -43,18 +42,16 @@ def _entries(sums, first: int, n: int) -> memoryview:
     return table[first:first + n]
 
 
-def _hashes(mv: memoryview, n: int):
-    """page_checksum of each of the `n` pages of `mv` (a hash of 0 stored as 1)."""
-    starts = range(0, n * PAGE_SIZE, PAGE_SIZE)
-    views = map(getitem, repeat(mv, n), map(slice, starts, count(PAGE_SIZE, PAGE_SIZE)))
-    return (h or 1 for h in map(xxh3_64_intdigest, views))
+def _hashes(mv: memoryview, pages):
+    """page_checksum of each page of `mv` numbered in `pages` (a hash of 0 stored as 1)."""
+    return ((xxh3_64_intdigest(mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) or 1) for i in pages)
 
 
 def py_fill(data, sums, first: int) -> None:
     """fill() in Python."""
     mv, n = _pages(data)
     want = _entries(sums, first, n)
-    for i, h in enumerate(_hashes(mv, n)):
+    for i, h in enumerate(_hashes(mv, range(n))):
         want[i] = h
 
 
@@ -62,10 +59,9 @@ def py_check(data, sums, first: int) -> int:
     """check() in Python."""
     mv, n = _pages(data)
     want = _entries(sums, first, n).tolist()
-    real = list(compress(range(n), want))
-    views = (mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in real)
-    for i, h in zip(real, map(xxh3_64_intdigest, views)):
-        if (h or 1) != want[i]:
+    real = list(compress(range(n), want))  # (holes, 0, are not checked)
+    for i, h in zip(real, _hashes(mv, real)):
+        if h != want[i]:
             return i
     return -1
 
