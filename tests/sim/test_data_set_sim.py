@@ -9,21 +9,16 @@ import logging
 import msgpack
 import pytest
 import trio
-import trio.testing
 
 from replicator.gateway import ClusterView
 from replicator.migration import DataSetMover
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, call, extents_bytes, run
 from vbp.cluster import ClusterMap
 from vbp.layout import ChunkKey, MiB
 from vbp.registry.base import K_DATASET
 from vbp.registry.kv import Put
 
 CHUNKS = 64
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 @pytest.fixture(autouse=True)

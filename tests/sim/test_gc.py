@@ -8,17 +8,11 @@ import time
 from types import SimpleNamespace
 
 import trio
-import trio.testing
 
 from blockd.service import Blockd
 from control import api
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, call, extents_bytes, run
 from vbp.layout import MiB
-from vbp.volume import VolumeRecord, take_snapshot
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 class HeldListing:
@@ -55,9 +49,7 @@ def test_gc_keeps_the_generation_a_resync_left_as_the_only_one():
                 host = sim.hosts[h]
                 host.replica.write("v", lin, 0, g1, (g1,), 0, good, MiB, 0, False,
                                    host.cluster.epoch, 1)
-            g2 = sim.reg.next_id(api.gen_counter(lin))
-            sim.reg.update_volume(
-                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            g2 = sim.snapshot_now("v", "s")
             hb = sim.hosts[b]
             hb.replica.write("v", lin, 0, g2, (g1, g2), 0, b"X" * 4096, MiB, 0, False,
                              hb.cluster.epoch, 1)
@@ -142,7 +134,6 @@ def test_a_resync_racing_gc_of_a_deleted_generation_takes_it_as_gone_not_as_a_fa
     gen -1: the resync of the (live) chunk failed from that source (resync_source_failed)
     where it takes the generation as gone and passes again."""
     from vbp.layout import ChunkKey
-    from vbp.volume import VolumeRecord, take_snapshot
     from replicator import messages as m
 
     async def main():
@@ -152,9 +143,7 @@ def test_a_resync_racing_gc_of_a_deleted_generation_takes_it_as_gone_not_as_a_fa
             rec = sim.create_volume("v", MiB, replicas=2, chunk_size=MiB)
             lin, g1 = rec.lineage, rec.head
             h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
-            g2 = sim.reg.next_id(api.gen_counter(lin))
-            sim.reg.update_volume(
-                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            g2 = sim.snapshot_now("v", "s")
             sim.clone("v@s", "c")  # keeps the lineage (and g1) read
             # v's head g2 holds chunk 0 on h0 only (h1 missed it: stale there)
             h0.replica.write("v", lin, 0, g2, (g1, g2), 0, b"A" * 4096, MiB, 0, False,

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trio.testing
 
 from control import api
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, call, extents_bytes, run
 from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
 from vbp.layout import MiB
 from vbp.registry.base import P_STATS
 from vbp.registry.kv import Delete
-from vbp.volume import VolumeRecord, take_snapshot
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def cut_off_and_collected(sim, h0, gw) -> None:
@@ -33,16 +27,8 @@ async def cut_off_and_collected(sim, h0, gw) -> None:
         await h.collect_garbage()
 
 
-def snapshot_v(sim, lineage: str) -> int:
-    """`v@s` taken at once (no gateway involved): the new head generation."""
-    g = sim.reg.next_id(api.gen_counter(lineage))
-    sim.reg.update_volume(
-        "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g).to_dict())
-    return g
-
-
-async def read_4k(host, gw) -> bytes:
-    return extents_bytes(await host.run_on(lambda: call(gw.read(0, 4096))), 0, 4096)
+async def read_4k(host, gw, offset: int = 0) -> bytes:
+    return extents_bytes(await host.run_on(lambda: call(gw.read(offset, 4096))), offset, 4096)
 
 
 def test_gc_keeps_a_deleted_volume_while_its_lease_holder_may_still_serve_it():
@@ -169,7 +155,7 @@ def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_
                 hb = sim.hosts[b]
                 hb.replica.write("v", lin, x, g1, (g1,), 0, before, MiB, 0, False,
                                  hb.cluster.epoch, 1)
-            g2 = snapshot_v(sim, lin)
+            g2 = sim.snapshot_now("v", "s")
             gw = await h0.run_on(h0.provider.open_export, "v")
             await h0.run_on(lambda: call(gw.write(x * MiB, b"A" * 4096, False)))
             sim.clone("v@s", "c")  # same lineage: v's chunks up to s stay read
@@ -181,9 +167,7 @@ def test_a_cut_off_lease_holder_of_a_volume_deleted_under_a_clone_does_not_read_
                 await h0.run_on(lambda: call(gw.read(x * MiB, 4096)))
             # the clone reads the snapshot's bytes as before (g1 is not marked)
             cgw = await h0.run_on(h0.provider.open_export, "c")
-            got = extents_bytes(await h0.run_on(lambda: call(cgw.read(x * MiB, 4096))),
-                                x * MiB, 4096)
-            assert got == (before or bytes(4096))
+            assert await read_4k(h0, cgw, x * MiB) == (before or bytes(4096))
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -210,7 +194,7 @@ def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_rea
             hb = sim.hosts[b]
             hb.replica.write("v", lin, x, g1, (g1,), 0, b"A" * 4096, MiB, 0, False,
                              hb.cluster.epoch, 1)  # v's data, before its snapshot
-            g2 = snapshot_v(sim, lin)
+            g2 = sim.snapshot_now("v", "s")
             gw = await h0.run_on(h0.provider.open_export, "v")
             # the lease, by a write to a chunk of h0's own (no g2 chunk on b)
             await h0.run_on(lambda: call(gw.write(y * MiB, b"Y" * 4096, False)))
@@ -224,9 +208,7 @@ def test_a_cut_off_holder_whose_pre_snapshot_data_a_clone_overwrote_does_not_rea
             with pytest.raises(NotFound):
                 await h0.run_on(lambda: call(gw.read(x * MiB, 4096)))
             # the clone reads what it wrote, as before
-            got = extents_bytes(await h0.run_on(lambda: call(cgw.read(x * MiB, 4096))),
-                                x * MiB, 4096)
-            assert got == b"C" * 4096
+            assert await read_4k(h0, cgw, x * MiB) == b"C" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)

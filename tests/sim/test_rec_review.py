@@ -8,17 +8,11 @@ import time
 
 import pytest
 import trio
-import trio.testing
 
 from control import api
 from vbp.errors import NotFound
 from vbp.layout import MiB
-from vbp.volume import VolumeRecord, take_snapshot
-from tests.sim.harness import Sim
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
+from tests.sim.harness import Sim, run
 
 
 def test_a_generation_resync_drops_as_collected_on_its_source_is_marked_here_too():
@@ -36,9 +30,7 @@ def test_a_generation_resync_drops_as_collected_on_its_source_is_marked_here_too
             old, new = b"A" * 4096, b"B" * 4096
             for h in (h0, h1):
                 h.replica.write("v", lin, 0, g1, (g1,), 0, old, MiB, 0, False, h.cluster.epoch, 1)
-            g2 = sim.reg.next_id(api.gen_counter(lin))
-            sim.reg.update_volume(
-                "v", lambda d: take_snapshot(VolumeRecord.from_dict(d), "s", g2).to_dict())
+            g2 = sim.snapshot_now("v", "s")
             for h in (h0, h1):
                 h.replica.write("v", lin, 0, g2, (g1, g2), 0, new, MiB, 0, False,
                                 h.cluster.epoch, 1)

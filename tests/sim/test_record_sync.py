@@ -10,19 +10,14 @@ from dataclasses import replace as dc_replace
 
 import pytest
 import trio
-import trio.testing
 
 from control import api
 from replicator import messages as m
 from blockd.service import RECORD_LAPSE
-from tests.sim.harness import Sim, call, extents_bytes, reconcile_failing_once, settled
+from tests.sim.harness import Sim, call, extents_bytes, reconcile_failing_once, run, settled
 from vbp.errors import Gone, RegistryUnavailable, Unpublished, Unsynced, VbpError
 from vbp.layout import MiB
 from vbp.volume import VolumeRecord, request_shrink, request_snapshot, view_of
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def served(nursery, sim, first: bytes = b"A" * 4096, size: int = 2 * MiB, **volume):

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trio.testing
 
 from control import api
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, call, extents_bytes, run
 from vbp.errors import Fenced, RegistryUnavailable, VbpError
 from vbp.layout import MiB
-
-
-def run(afn):
-    return trio.run(afn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 class Unreachable:

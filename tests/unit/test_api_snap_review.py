@@ -14,7 +14,7 @@ from vbp.registry import open_registry
 _n = itertools.count()
 
 
-def test_a_snapshot_of_a_volume_made_again_meanwhile_never_reuses_a_generation():
+def test_a_snapshot_of_a_volume_made_again_meanwhile_never_reuses_a_generation(monkeypatch):
     """`vbp volume snapshot v s` reads v (lineage L1, its counter at 5) and draws head 6
     from L1's counter; meanwhile v is deleted and created again (lineage L2, head 1). The
     request lands in the new v, which gets head 6 from L1's counter. L2's counter later
@@ -36,16 +36,15 @@ def test_a_snapshot_of_a_volume_made_again_meanwhile_never_reuses_a_generation()
             made.append(api.create_volume(reg, "v", MiB, replicas=1))
         return n
 
-    reg.next_id = racing
-    try:
-        with pytest.raises(NotFound):
-            api.snapshot(reg, "v", "s", timeout=5)
-    finally:
-        reg.next_id = next_id
+    monkeypatch.setattr(reg, "next_id", racing)
+    with pytest.raises(NotFound):
+        api.snapshot(reg, "v", "s", timeout=5)
+    monkeypatch.undo()
     assert api.get_volume(reg, "v") == made[0]  # (no pending change, no snapshot)
 
 
-def test_a_snapshot_whose_volume_is_made_again_while_it_waits_leaves_the_new_one_alone():
+def test_a_snapshot_whose_volume_is_made_again_while_it_waits_leaves_the_new_one_alone(
+        monkeypatch):
     """The request went in; v is deleted and made again before the call sees it
     completed, and the new v has a change pending under the same generation number (its
     own counter, another caller): the call neither completes nor cancels it (the poll,
@@ -67,12 +66,10 @@ def test_a_snapshot_whose_volume_is_made_again_while_it_waits_leaves_the_new_one
             return get_volume(name)
         return d
 
-    reg.get_volume = racing
-    try:
-        with pytest.raises(NotFound):
-            api.snapshot(reg, "v", "s", timeout=5)
-    finally:
-        reg.get_volume = get_volume
+    monkeypatch.setattr(reg, "get_volume", racing)
+    with pytest.raises(NotFound):
+        api.snapshot(reg, "v", "s", timeout=5)
+    monkeypatch.undo()
     now = api.get_volume(reg, "v")
     assert now.lineage == made[0].lineage and now.pending_snap == "theirs" and now.pending
     assert now.chain == made[0].chain
