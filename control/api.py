@@ -127,14 +127,10 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
     deadline = time.monotonic() + timeout
 
     def same(d: dict) -> VolumeRecord:
-        """The record `d` of the name, if it is still the volume read above: deleted and
-        made again meanwhile, another volume has the name, whose lineage `head` was not
-        drawn from (its own counter would hand the number out again) and whose pending
-        change is another caller's (NotFound)."""
-        r = VolumeRecord.from_dict(d)
-        if not same_volume(r, rec):
-            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
-        return r
+        # deleted and made again meanwhile, another volume has the name, whose lineage
+        # `head` was not drawn from (its own counter would hand the number out again) and
+        # whose pending change is another caller's
+        return _still(name, d, rec)
 
     try:
         # (inside the try: a request whose answer was lost may have gone in, and is
@@ -182,6 +178,15 @@ CONTROL_HOLDER = "control"
 PENDING_GRACE = 30.0
 
 
+def _still(name: str, d: dict, of: VolumeRecord) -> VolumeRecord:
+    """The record `d` of `name`, if it is still the volume `of` (vbp.volume.same_volume);
+    NotFound if another volume has the name now (`of` deleted, one made again)."""
+    r = VolumeRecord.from_dict(d)
+    if not same_volume(r, of):
+        raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+    return r
+
+
 def complete_unleased(reg, name: str, head: int,
                       of: VolumeRecord | None = None) -> VolumeRecord | None:
     """Complete the pending snapshot or shrink `head` while no gateway holds the volume's
@@ -190,9 +195,9 @@ def complete_unleased(reg, name: str, head: int,
     otherwise renew it afterwards, nobody having taken it over, and write the generation
     that just became the snapshot before it adopts the new head; with the newer token its
     renewal is refused (Fenced) and it stops for good."""
-    if of is not None and not same_volume(VolumeRecord.from_dict(reg.get_volume(name)), of):
+    if of is not None:
         # (before the lease: taken, its newer token would depose the new volume's holder)
-        raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        _still(name, reg.get_volume(name), of)
     # a name of its own: a grant whose answer is lost is found by it and given back
     holder = f"{CONTROL_HOLDER}-{uuid.uuid4().hex[:12]}"
     try:
@@ -204,9 +209,7 @@ def complete_unleased(reg, name: str, head: int,
         raise
 
     def finish(d):
-        r = VolumeRecord.from_dict(d)
-        if of is not None and not same_volume(r, of):  # (another volume has the name now)
-            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        r = VolumeRecord.from_dict(d) if of is None else _still(name, d, of)
         return complete_pending(r, head).to_dict() if head in (r.pending, r.shrink_head) else d
     try:
         # under the lease: should this call stall past its TTL and a gateway take the
