@@ -668,14 +668,24 @@ def _timeout_option(f):
         help="Fail when the host gives no reply for this long (hung or stopped).")(f)
 
 
+def _tls_option(f):
+    return click.option(
+        "--tls-certificates", "tls", metavar="DIR", envvar="VBP_TLS_CERTIFICATES",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Connect with TLS (hosts with nbd_tls on or require), the client's files in "
+             "DIR: ca-cert.pem, and client-cert.pem and client-key.pem if the hosts ask "
+             "for a client certificate. Env: VBP_TLS_CERTIFICATES.")(f)
+
+
 @volume.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("name")
 @click.option("--host", metavar="ID", help="Write through this host (default: the first one up).")
 @_timeout_option
+@_tls_option
 @json_flag
 @click.pass_obj
-def volume_import(state, file, name, host, timeout):
+def volume_import(state, file, name, host, timeout, tls):
     """Copy the raw image FILE into volume NAME; holes stay holes.
 
     NAME must be at least as big as FILE; afterwards it reads as FILE followed by zeroes.
@@ -688,9 +698,10 @@ def volume_import(state, file, name, host, timeout):
     """
     from control import transfer
 
-    uri = transfer.volume_uri(state.registry(), name, host=host)
+    uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     with _progress_bar(state, f"import {file.name}") as progress:
-        stats = transfer.import_file(file, uri, progress=progress, timeout=timeout)
+        stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
+                                     tls_certificates=tls)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"imported {file} into {name}:", stats)))
 
@@ -702,9 +713,10 @@ def volume_import(state, file, name, host, timeout):
               help="Replace FILE if it exists (once the copy is complete).")
 @click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")
 @_timeout_option
+@_tls_option
 @json_flag
 @click.pass_obj
-def volume_export(state, name, file, force, host, timeout):
+def volume_export(state, name, file, force, host, timeout, tls):
     """Copy volume or snapshot NAME[@SNAP] into the raw image FILE, a sparse file.
 
     The copy is written beside FILE and takes its name once complete and synced: a failed
@@ -717,10 +729,10 @@ def volume_export(state, name, file, force, host, timeout):
     """
     from control import transfer
 
-    uri = transfer.volume_uri(state.registry(), name, host=host)
+    uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     with _progress_bar(state, f"export {name}") as progress:
         stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,
-                                       timeout=timeout)
+                                       timeout=timeout, tls_certificates=tls)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"exported {name} to {file}:", stats)))
 

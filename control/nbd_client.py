@@ -59,13 +59,18 @@ def load_binding():
     return nbd
 
 
-def connect(uri: str, timeout: float = TIMEOUT):
+def connect(uri: str, timeout: float = TIMEOUT, tls_certificates=None):
     """A handle connected to `uri`, its handshake done within `timeout` seconds (a stopped
-    blockd still accepts TCP connections: the kernel does, and no handshake follows)."""
+    blockd still accepts TCP connections: the kernel does, and no handshake follows).
+    `tls_certificates`: the directory of the TLS client's files (ca-cert.pem, and
+    client-cert.pem and client-key.pem when the hosts ask for a client certificate), for
+    an `nbds://` URI."""
     nbd = load_binding()
     h = nbd.NBD()
     h.set_handle_name("vbp-transfer")
     h.add_meta_context("base:allocation")
+    if tls_certificates is not None:
+        h.set_tls_certificates(str(tls_certificates))
     try:
         h.aio_connect_uri(uri)
         deadline = time.monotonic() + timeout
@@ -80,8 +85,22 @@ def connect(uri: str, timeout: float = TIMEOUT):
             raise NotFound(f"{uri}: no such volume or snapshot") from None
         if e.errno == "ECONNREFUSED":
             raise TransferError(f"{uri}: connection refused (is blockd running there?)") from None
-        raise TransferError(f"cannot connect to {uri}: {reason(e)}") from None
+        raise TransferError(f"cannot connect to {uri}: {reason(e)}{_tls_hint(e, uri)}") from None
     return h
+
+
+def _tls_hint(e, uri: str) -> str:
+    """What to do about a connection that failed over TLS, or for the want of it."""
+    text = getattr(e, "string", None) or str(e)
+    if "requires TLS" in text:
+        return " (give --tls-certificates DIR: the hosts require TLS)"
+    if "refused TLS" in text:
+        return " (the host does not offer TLS: leave out --tls-certificates)"
+    if uri.startswith("nbds") and ("gnutls" in text or "certificate" in text.lower()):
+        return (" (the TLS handshake failed: check the --tls-certificates directory: "
+                "ca-cert.pem for the CA that signed the host's certificate, and "
+                "client-cert.pem and client-key.pem if the hosts ask for one)")
+    return ""
 
 
 def disconnect(h) -> None:

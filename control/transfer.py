@@ -102,10 +102,11 @@ class TransferStats:
 # --- volumes -----------------------------------------------------------------------------
 
 
-def volume_uri(reg, name: str, host: str | None = None) -> str:
+def volume_uri(reg, name: str, host: str | None = None, tls: bool = False) -> str:
     """nbd://HOST:PORT/NAME for volume or snapshot `name` (NAME or NAME@SNAP), served by
-    `host` (an id) or by the first host that is up and not in maintenance. Checks that the
-    volume (and snapshot) exist, so a typo is NotFound before any connection."""
+    `host` (an id) or by the first host that is up and not in maintenance; nbds:// with
+    `tls` (TLS required). Checks that the volume (and snapshot) exist, so a typo is
+    NotFound before any connection."""
     from control import api
     from vbp.cluster import HOST_UP
 
@@ -123,7 +124,7 @@ def volume_uri(reg, name: str, host: str | None = None) -> str:
                 [h for h in hosts if h.state == HOST_UP]
         if not hosts:
             raise TransferError("no host of the pool is up to serve the volume")
-    return f"nbd://{_authority(hosts[0].nbd)}/{name}"
+    return f"{'nbds' if tls else 'nbd'}://{_authority(hosts[0].nbd)}/{name}"
 
 
 def _authority(hostport: str) -> str:
@@ -242,10 +243,11 @@ def _reporter(progress: Progress | None, total: int):
 
 
 def import_file(path, uri: str, *, progress: Progress | None = None,
-                timeout: float = TIMEOUT) -> TransferStats:
+                timeout: float = TIMEOUT, tls_certificates=None) -> TransferStats:
     """Copy the raw image `path` into the volume at NBD `uri`: afterwards the volume reads as
     the file followed by zeroes. Holes and zero runs of the file cost no data transfer.
-    Fails if the server leaves the transfer `timeout` seconds without a reply."""
+    Fails if the server leaves the transfer `timeout` seconds without a reply.
+    `tls_certificates`: the TLS client's directory, for an `nbds://` URI (connect)."""
     nbd = load_binding()
     t0 = time.monotonic()
     path = os.fspath(path)
@@ -264,7 +266,7 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
         else:
             raise InvalidArgument(f"{path}: not a regular file or block device")
         os.set_blocking(fd, True)
-        h = connect(uri, timeout)
+        h = connect(uri, timeout, tls_certificates)
         try:
             return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
         except nbd.Error as e:
@@ -403,17 +405,19 @@ class _Import:
 
 
 def export_volume(uri: str, path, *, progress: Progress | None = None,
-                  overwrite: bool = False, timeout: float = TIMEOUT) -> TransferStats:
+                  overwrite: bool = False, timeout: float = TIMEOUT,
+                  tls_certificates=None) -> TransferStats:
     """Copy the volume or snapshot at NBD `uri` into the raw image file `path`, which comes
     out sparse: holes and zero runs of the volume are not written. An existing `path` is
     refused unless `overwrite`, and replaced only once the copy is complete and durable:
     the copy goes to a temporary file beside it, removed on any failure (or Ctrl-C), as
-    when the server leaves the transfer `timeout` seconds without a reply."""
+    when the server leaves the transfer `timeout` seconds without a reply.
+    `tls_certificates`: the TLS client's directory, for an `nbds://` URI (connect)."""
     nbd = load_binding()
     t0 = time.monotonic()
     path = os.fspath(path)
     target, old = _target(path, overwrite)
-    h = connect(uri, timeout)
+    h = connect(uri, timeout, tls_certificates)
     fd, tmp = -1, None
     try:
         vsize = h.get_size()

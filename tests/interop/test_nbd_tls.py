@@ -62,8 +62,9 @@ class Runner:
 def start_runner(pki, tmp_path, mode: str, verify: bool) -> Runner:
     log = tmp_path / f"runner-{mode}.log"
     args = [sys.executable, "-m", "nbd_frontend.server", "--listen", "127.0.0.1:0",
-            "--memory", f"disk={SIZE}", "--tls", mode, "--tls-cert", str(pki / "server.pem"),
-            "--tls-key", str(pki / "server.key"), "-v"]
+            "--memory", f"disk={SIZE}", "--tls", mode, "-v"]
+    if mode != "off":
+        args += ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]
     if verify:
         args += ["--tls-ca", str(pki / "ca.pem")]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"),
@@ -312,8 +313,56 @@ def test_blockd_serves_a_volume_over_tls_from_its_config(pki, tmp_path):
         h = client(host["nbd_port"], pki / "good", export="v")
         assert h.pread(256 << 10, 4 << 20) == b"\x42" * (256 << 10)  # what QEMU wrote
         h.shutdown()
+        import_and_export_over_tls(pki, tmp_path, env)
     finally:
         vbp("sandbox", "down", "--dir", str(d))
+
+
+def import_and_export_over_tls(pki, tmp_path, env) -> None:
+    """`vbp volume import` and `export` through hosts that require TLS: with
+    --tls-certificates (or VBP_TLS_CERTIFICATES) the copy goes over TLS; without, the
+    refusal says what to give."""
+    image = tmp_path / "image.raw"
+    data = random.randbytes(3 << 20)
+    with open(image, "wb") as f:
+        f.write(data)
+        f.seek(40 << 20)  # (a hole, then data again)
+        f.write(data[:4096])
+    refused = vbp("volume", "import", str(image), "v", env=env)
+    assert refused.returncode != 0
+    assert "requires TLS" in refused.stderr and "--tls-certificates" in refused.stderr, \
+        refused.stderr
+    done = vbp("volume", "import", str(image), "v", "--tls-certificates", str(pki / "good"),
+               "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["uri"].startswith("nbds://")
+    out = tmp_path / "out.raw"
+    done = vbp("volume", "export", "v", str(out), "--json",
+               env={**env, "VBP_TLS_CERTIFICATES": str(pki / "good")})
+    assert done.returncode == 0, done.stderr
+    got = out.read_bytes()
+    assert len(got) == 64 << 20
+    assert got[:3 << 20] == data and got[40 << 20:(40 << 20) + 4096] == data[:4096]
+    assert got[3 << 20:40 << 20].count(0) == (37 << 20)
+    # a client certificate the hosts' CA did not sign: refused, and the message says
+    # where to look
+    rogue = vbp("volume", "export", "v", str(tmp_path / "rogue.raw"),
+                "--tls-certificates", str(pki / "rogue"), env=env)
+    assert rogue.returncode != 0 and "TLS handshake failed" in rogue.stderr, rogue.stderr
+    assert not (tmp_path / "rogue.raw").exists()
+
+
+@pytest.mark.parametrize("runner", [("off", False)], indirect=True)
+def test_a_transfer_asking_tls_of_a_server_without_it_says_so(runner, pki):
+    from control.nbd_client import TransferError, connect
+    with pytest.raises(TransferError, match="does not offer TLS: leave out --tls-certificates"):
+        connect(f"nbds://127.0.0.1:{runner.port}/disk", 10, pki / "good")
+
+
+def test_tls_certificates_must_name_a_directory(tmp_path):
+    p = vbp("volume", "export", "v", str(tmp_path / "o.raw"), "--tls-certificates",
+            str(tmp_path / "missing"), env={**os.environ, "VBP_REGISTRY": "memory://"})
+    assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr
 
 
 def qemu_writes_over_tls(pki, tmp_path, port: int, export: str) -> None:
