@@ -20,16 +20,20 @@ def run(afn):
                    "chunk was cleared by a flush forgets the dead holder's last write there")
 def test_a_replica_restarted_before_the_takeover_still_names_the_dead_holders_last_write():
     """The old holder dies with its first write to chunk 1 on one replica only (never
-    acknowledged). That replica's store is flushed since (another volume's flush clears
-    every chunk's dirty mark past the hot set), and then its blockd restarts (an upgrade,
-    a crash of the process): nothing dirty, nothing for crash recovery to record. The
-    takeover that follows must still compare chunk 1, or the copies disagree with no
+    acknowledged). Before the client comes back through another host, that replica's
+    blockd restarts: a clean stop (an upgrade: ChunkStore.close flushes with
+    keep_hot=False, clearing every dirty mark), or a crash after another volume's flush
+    pushed the chunk out of the hot set. Nothing is dirty, crash recovery records
+    nothing, and Replica.recent (in memory only) is empty: DirtyChunks names nothing.
+    The takeover that follows must still compare chunk 1, or the copies disagree with no
     record (reads answer 0xee or zeros depending on the copy asked)."""
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, lone, new_host = await lone_first_write(nursery)
-            sim.hosts[lone].store.flush()  # its dirty mark cleared
-            sim.crash(lone, declare_down=False)  # (a process restart: the disk keeps it all)
+            # a clean restart: the store's close flushes every dirty mark away, then the
+            # process goes (the sim's crash of a flushed store keeps every byte)
+            sim.hosts[lone].store.flush()
+            sim.crash(lone, declare_down=False)
             await sim.restart(lone)
             sim.sync_maps()
             sim.expire_lease("v")
