@@ -122,3 +122,24 @@ async def test_info_of_an_open_export_deleted_since_answers_what_an_open_would()
         assert info.size == opened.size, "INFO told the deleted volume's size"
         snap.close()
         opened.close()
+
+
+@pytest.mark.xfail(strict=True, reason="NBD_OPT_LIST describes an export otherwise than "
+                   "NBD_INFO_DESCRIPTION does")
+async def test_the_list_and_info_describe_an_export_alike():
+    """proto.md, NBD_INFO_DESCRIPTION: "This information type represents the same
+    optional description that may appear after the name portion of an NBD_REP_SERVER in
+    response to NBD_OPT_LIST." The list said "vbp volume, 2097152 bytes, 1 replicas" and
+    "read-only snapshot of v" where NBD_OPT_INFO and NBD_OPT_GO said "vbp volume v" and
+    "vbp volume v (snapshot)": `nbdinfo --list` and `nbdinfo URI` showed one export two
+    descriptions."""
+    async with _one_host() as (reg, provider):
+        listed = dict(await provider.list_exports())
+        assert set(listed) == {"v", "v@s1"}
+        for name in listed:
+            info = await provider.export_info(name)
+            opened = await provider.open_export(name)
+            try:
+                assert listed[name] == info.description == opened.description, name
+            finally:
+                opened.close()
