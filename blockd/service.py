@@ -129,10 +129,11 @@ class VolumeProvider:
         vols = await self.service.registry.list_volumes()
         out = []
         for d in vols:
+            # (the description NBD_INFO_DESCRIPTION gives, which proto.md calls "the
+            # same" as the list's: VolumeGateway.describe)
             rec = VolumeRecord.from_dict(d)
-            out.append((rec.name, f"vbp volume, {rec.size} bytes, {rec.replicas} replicas"))
-            for s in rec.snapshots:
-                out.append((f"{rec.name}@{s.name}", f"read-only snapshot of {rec.name}"))
+            for view in (view_of(rec, None), *(view_of(rec, s.name) for s in rec.snapshots)):
+                out.append((view.export, VolumeGateway.describe(view)))
         return out
 
     async def export_info(self, export: str):

@@ -124,8 +124,6 @@ async def test_info_of_an_open_export_deleted_since_answers_what_an_open_would()
         opened.close()
 
 
-@pytest.mark.xfail(strict=True, reason="NBD_OPT_LIST describes an export otherwise than "
-                   "NBD_INFO_DESCRIPTION does")
 async def test_the_list_and_info_describe_an_export_alike():
     """proto.md, NBD_INFO_DESCRIPTION: "This information type represents the same
     optional description that may appear after the name portion of an NBD_REP_SERVER in
