@@ -88,7 +88,7 @@ from vbp.errors import (
     WritePastEnd,
 )
 from vbp.later import Later
-from vbp.layout import ChunkKey, Geometry, MiB, Piece
+from vbp.layout import ChunkKey, Geometry, MiB, Piece, format_size
 from vbp.placement import Placement
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
@@ -368,8 +368,12 @@ class VolumeGateway:
 
     @staticmethod
     def describe(view: View) -> str:
-        """The export's NBD description."""
-        return f"vbp volume {view.volume.name}" + (" (snapshot)" if view.read_only else "")
+        """The export's NBD description: NBD_INFO_DESCRIPTION's, and NBD_OPT_LIST's, which
+        proto.md calls the same."""
+        vol = view.volume
+        what = (f"vbp snapshot of volume {vol.name}, read-only" if view.read_only
+                else f"vbp volume {vol.name}")
+        return f"{what}, {format_size(view.size)}, {vol.replicas} replicas"
 
     @classmethod
     def info_of(cls, view: View) -> ExportFacts:

@@ -139,5 +139,7 @@ async def test_the_list_and_info_describe_an_export_alike():
             opened = await provider.open_export(name)
             try:
                 assert listed[name] == info.description == opened.description, name
+                assert listed[name] == ("vbp volume v, 2 MiB, 1 replicas" if name == "v" else
+                                        "vbp snapshot of volume v, read-only, 2 MiB, 1 replicas")
             finally:
                 opened.close()
