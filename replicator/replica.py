@@ -114,6 +114,10 @@ class Replica:
         # (its takeover, when it was one, had compared them by then)
         self.recent_before: dict[str, tuple[float, dict[tuple[str, int, int], float]]] = {}
         self.recent_window = 60.0
+        # the marks of the chunks a flush cleared while they were marked come back from the
+        # store after a restart (ChunkStore._marks_kept), as its dirty marks do
+        self._restore_marks(store.kept_marks)
+        store.recent_marks = self.marks
 
     def now(self) -> float:
         """The run's clock (trio.current_time), bound to the instance at the first call
@@ -160,6 +164,32 @@ class Replica:
             del w[:bisect.bisect_right(w, since, key=_when)]
             if not w:
                 del self.written[k]
+
+    def marks(self) -> dict[ChunkKey, str]:
+        """Every chunk a mark names (`recent`, `recent_before`), with its volume: what the
+        store keeps through a flush that clears the chunk's dirty mark."""
+        out = {}
+        for volume, r in self.recent.items():
+            for lineage, gen, index in r:
+                out[_new_key(ChunkKey, (lineage, index, gen))] = volume
+        for volume, (_, before) in self.recent_before.items():
+            for lineage, gen, index in before:
+                out[_new_key(ChunkKey, (lineage, index, gen))] = volume
+        return out
+
+    def _restore_marks(self, kept: dict[ChunkKey, str]) -> None:
+        """The marks the store kept through a restart (its `kept_marks`), as marks of
+        earlier holders (`recent_before`), from now: whichever holder wrote them, its
+        successor's takeover compares them, and the volume's holder now forgets them once
+        it lived a window past the restart (forget_recent)."""
+        if not kept:
+            return
+        now = self.now()
+        by_volume: dict[str, dict[tuple[str, int, int], float]] = {}
+        for key, volume in kept.items():
+            by_volume.setdefault(volume, {})[(key.lineage, key.gen, key.index)] = now
+        for volume, marks in by_volume.items():
+            self.recent_before[volume] = (now, marks)
 
     def forget_recent(self) -> None:
         """Drop the marks of writes known settled (see `recent`; called now and then), and

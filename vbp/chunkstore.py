@@ -30,7 +30,9 @@ mmap; a partial page first reads (and verifies) that page only. An LMDB write ha
   (those that stay marked are re-hashed by recovery), then one transaction persists every
   version not yet in the index (of the chunks written since, and of those an earlier flush
   left unpersisted), clears the dirty marks of all but the hot_max chunks written
-  last (once hot_max // 4 or more are past them: _cold_count), and frees the limbo.
+  last (once hot_max // 4 or more are past them: _cold_count), keeps the replica's
+  takeover marks of the chunks whose dirty mark it clears (the "marks" table:
+  _marks_kept), and frees the limbo.
   Those stay marked (DRBD's activity log keeps its hot extents
   the same way), so a workload that keeps writing and flushing the same chunks (a guest's
   journal, a database, fio with fsync) costs no synced commit per first write after a flush.
@@ -263,6 +265,11 @@ class ChunkStore:
         # bumped whenever a chunk comes or goes, or the store closes (lookup())
         self.layout = 0
         self._dirty: dict[ChunkKey, Chunk] = {}
+        # the replica's takeover marks (replicator.replica.Replica.recent: chunk -> volume)
+        # of chunks whose dirty mark a flush cleared while they were marked, as the
+        # "marks" table holds them; read at open as `kept_marks` (see flush)
+        self._marks: dict[ChunkKey, str] = {}
+        self.recent_marks: Callable[[], dict[ChunkKey, str]] | None = None  # (the replica's)
         self._fresh: dict[ChunkKey, Chunk] = {}  # copy-ups not synced since (Chunk.fresh)
         self._unsynced = 0  # about the bytes written since the last flush or sync_ahead
         self.aheads = 0  # bulk writebacks ahead under way in worker threads (_ahead)
@@ -280,7 +287,8 @@ class ChunkStore:
                                   map_size=index_map_size)
             try:
                 self._db = {name: self._env.open_db(name.encode()) for name in
-                            ("chunks", "free", "limbo", "dirty", "meta", "collected")}
+                            ("chunks", "free", "limbo", "dirty", "meta", "collected",
+                             "marks")}
                 self._psize = self._env.stat()["psize"]
             except BaseException:
                 self._env.close()
@@ -343,6 +351,11 @@ class ChunkStore:
                     (fresh if v == FRESH else dirty).append(c)
             kept = txn.get(b"recovered", db=db["meta"])
             collected = {bytes(k): bytes(v) for k, v in txn.cursor(db=db["collected"])}
+            for k, v in txn.cursor(db=db["marks"]):
+                key = dec_key(k)
+                if key in self._chunks:  # (a chunk deleted since: nothing to compare)
+                    self._marks[key] = bytes(v).decode()
+        self.kept_marks = dict(self._marks)
         self._load_collected(collected)
         kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
         for sp in self._spaces.values():
@@ -1095,7 +1108,10 @@ class ChunkStore:
         with self._txn() as txn:
             txn.delete(enc_key(c.key), db=self._db["chunks"])
             txn.delete(enc_key(c.key), db=self._db["dirty"])
+            if c.key in self._marks:
+                txn.delete(enc_key(c.key), db=self._db["marks"])
             txn.put(SLOT.pack(c.cs, c.slot), b"", db=self._db["limbo"])
+        self._marks.pop(c.key, None)
         self._forget(c)
         c.space.limbo.append(c.slot)
         c.space.unwiped.append(c.slot)
@@ -1240,6 +1256,7 @@ class ChunkStore:
                 c.touched = False
             return
         unsaved = [c for c in dirty.values() if c.version != c.saved]
+        put, gone = self._marks_kept(cold)
         with self._txn() as txn:
             for c in unsaved:  # written since, or earlier by a flush that needed no commit
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
@@ -1248,7 +1265,14 @@ class ChunkStore:
                     txn.put(enc_key(c.key), b"", db=db["dirty"])
             for c in cold:
                 txn.delete(enc_key(c.key), db=db["dirty"])
+            for key, volume in put.items():
+                txn.put(enc_key(key), volume.encode(), db=db["marks"])
+            for key in gone:
+                txn.delete(enc_key(key), db=db["marks"])
             freed = self._free_limbo(txn)
+        self._marks.update(put)
+        for key in gone:
+            del self._marks[key]
         for c in unsaved:
             c.saved = c.version
         for c in written:
@@ -1258,6 +1282,27 @@ class ChunkStore:
             c.dirty = False
             del dirty[c.key]
         self._after_free_limbo(freed)
+
+    def _marks_kept(self, cold: list[Chunk]) -> tuple[dict[ChunkKey, str], list[ChunkKey]]:
+        """What a flush clearing the dirty marks of `cold` changes in the "marks" table:
+        (entries to put, keys to delete).
+
+        A takeover compares the chunks a replica names in its DirtyChunks answer: those
+        marked dirty here, and those its replica noted written by a lease holder not yet
+        known settled (Replica.recent), which live in memory. A chunk's dirty mark covers
+        those notes through a restart only until a flush clears it (every clearing flush,
+        and the close of a clean stop, which clears them all). So the notes of a chunk
+        whose mark is cleared are kept here instead, and the next open hands them back
+        (`kept_marks`): restarted, the replica still names a dead holder's last writes,
+        however late the takeover. Notes dropped since (their holder lived on: settled)
+        leave the table at the next flush that clears marks."""
+        if not cold or self.recent_marks is None:
+            return {}, []
+        marks = self.recent_marks()
+        put = {c.key: marks[c.key] for c in cold
+               if c.key in marks and self._marks.get(c.key) != marks[c.key]}
+        gone = [k for k in self._marks if k not in marks]
+        return put, gone
 
     def forget_recovered(self) -> None:
         """The chunks `recovered` lists are taken care of (keep_recovered): the next open

@@ -48,6 +48,10 @@ class MemoryChunkStore:
         self._chunks: dict[ChunkKey, _MemChunk] = {}
         self._durable: dict[ChunkKey, _MemChunk] = {}
         self._dirty: set[ChunkKey] = set()
+        # ChunkStore's takeover marks kept through a flush: chunk -> volume (_marks_kept)
+        self._marks: dict[ChunkKey, str] = {}
+        self.kept_marks: dict[ChunkKey, str] = {}
+        self.recent_marks = None  # (the replica's, as ChunkStore.recent_marks)
         self._gens: dict[tuple[str, int], set[int]] = {}
         self.layout = 0  # bumped whenever a chunk comes or goes (ChunkStore.lookup)
         self._free: dict[int, list[int]] = {}
@@ -266,6 +270,7 @@ class MemoryChunkStore:
         del self._chunks[key]
         self._durable.pop(key, None)
         self._dirty.discard(key)
+        self._marks.pop(key, None)
         gens = self._gens[(key.lineage, key.index)]
         gens.discard(key.gen)
         if not gens:
@@ -298,6 +303,10 @@ class MemoryChunkStore:
     def flush(self) -> None:
         for key in self._dirty:
             self._durable[key] = self._chunks[key].copy()
+        if self._dirty and self.recent_marks is not None:  # (ChunkStore._marks_kept)
+            marks = self.recent_marks()
+            self._marks = {k: v for k, v in self._marks.items() if k in marks}
+            self._marks.update((k, marks[k]) for k in self._dirty if k in marks)
         self._dirty.clear()
 
     def forget_recovered(self) -> None:
@@ -314,6 +323,8 @@ class MemoryChunkStore:
         new.store_id = self.store_id  # the same disk
         # listed until forgotten (ChunkStore keep_recovered): a crash before then keeps them
         new.recovered = self.recovered | frozenset(self._dirty)
+        new._marks = dict(self._marks)
+        new.kept_marks = dict(self._marks)
         new._free = {cs: list(v) for cs, v in self._free.items()}
         new._nslots = dict(self._nslots)
         for key, c in self._chunks.items():

@@ -204,3 +204,60 @@ async def test_a_read_with_a_token_older_than_the_newest_seen_is_fenced(tmp_path
         # (the token names the volume: another volume's reads are not fenced by v's)
         other = m.ReadChunk("w", "lin", 0, (1,), 0, 4096, 1, "", False, 5)
         assert (await pool.call(address, other)).data == b"x" * 4096
+
+
+# --- takeover marks kept through a restart (ChunkStore._marks_kept) ------------------------
+
+def _marked_write(replica: Replica, volume: str, index: int, token: int = 7) -> None:
+    replica.write(volume, "lin-" + volume, index, 1, (1,), 0, b"\x5a" * 4096, CHUNK, 0, False,
+                  1, token)
+
+
+def test_a_restarted_replica_still_names_the_chunks_a_flush_cleared_while_marked(tmp_path):
+    """A clean stop clears every dirty mark (close flushes with keep_hot=False); the marks
+    of the chunks still awaiting a takeover's compare come back from the store, for the
+    volume they were written to, and a chunk deleted meanwhile comes back with none."""
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    replica = Replica(store, "h2", lambda: 1)
+    for index in (0, 3):
+        _marked_write(replica, "v", index)
+    _marked_write(replica, "w", 5)
+    store.close()  # (a clean stop: no dirty mark left)
+
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    assert not store.dirty_indexes("lin-v", 1)
+    assert store.kept_marks == {ChunkKey("lin-v", 0, 1): "v", ChunkKey("lin-v", 3, 1): "v",
+                                ChunkKey("lin-w", 5, 1): "w"}
+    replica = Replica(store, "h2", lambda: 1)
+    assert replica.recently_written("lin-v", 1) == [0, 3]
+    assert replica.recently_written("lin-w", 1) == [5]
+    store.delete(ChunkKey("lin-v", 3, 1))
+    store.close()
+
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    assert store.kept_marks == {ChunkKey("lin-v", 0, 1): "v", ChunkKey("lin-w", 5, 1): "w"}
+    store.close()
+
+
+def test_marks_forgotten_leave_the_store_at_the_next_flush_that_clears_marks(tmp_path):
+    """A holder that lived a window past its writes settled them: their marks go from
+    memory (forget_recent), and from the store at its next flush that clears dirty
+    marks, so a later restart does not bring them back."""
+    store = ChunkStore(tmp_path / "chunks", 64 << 20, hot_max=0)
+    replica = Replica(store, "h2", lambda: 1)
+    replica.recent_window = 10.0
+    clock = [100.0]
+    replica.now = lambda: clock[0]
+    _marked_write(replica, "v", 0)
+    store.flush()  # (hot_max 0: every flush clears every mark; the mark is kept)
+    assert store.kept_marks == {}  # (what the open found: nothing yet)
+    clock[0] = 200.0
+    _marked_write(replica, "v", 1)  # the holder lives on, a window past its first write
+    replica.forget_recent()
+    assert replica.recently_written("lin-v", 1) == [1]
+    store.flush()
+    store.close()
+
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    assert store.kept_marks == {ChunkKey("lin-v", 1, 1): "v"}
+    store.close()

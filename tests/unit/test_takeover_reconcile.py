@@ -808,3 +808,31 @@ def test_a_read_waiting_for_its_turn_waits_for_the_takeover_begun_meanwhile():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_replica_restarted_before_the_takeover_still_names_the_dead_holders_last_write():
+    """The old holder dies with its first write to chunk 1 on one replica only (never
+    acknowledged). Before the client comes back through another host, that replica's
+    blockd restarts: a clean stop (an upgrade: ChunkStore.close flushes with
+    keep_hot=False, clearing every dirty mark), or a crash after another volume's flush
+    pushed the chunk out of the hot set. Nothing is dirty, so crash recovery records
+    nothing, and Replica.recent, in memory, starts empty: the store must hand back the
+    marks its flush kept (ChunkStore._marks_kept, kept_marks), or the takeover that
+    follows never compares chunk 1 and the copies disagree with no record (reads answer
+    0xee or zeros depending on the copy asked)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, lone, new_host = await lone_first_write(nursery)
+            # a clean restart: the store's close flushes every dirty mark away, then the
+            # process goes (the sim's crash of a flushed store keeps every byte)
+            sim.hosts[lone].store.flush()
+            sim.crash(lone, declare_down=False)
+            await sim.restart(lone)
+            sim.sync_maps()
+            sim.expire_lease("v")
+            gw = await sim.hosts[new_host].provider.open_export("v")
+            await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
+            agree_or_recorded(sim, rec, 1)
+            nursery.cancel_scope.cancel()
+
+    run(main)
