@@ -279,11 +279,20 @@ def test_a_takeover_long_after_the_holder_died_still_finds_its_last_writes():
     replica's store is flushed since (another volume's flush cleans every chunk), and the
     client comes back through another host only after the replica's window of recent
     writes passed (a VM restarted minutes later). The takeover must still compare it."""
+    async def later(sim, lone):
+        sim.hosts[lone].store.flush()
+        await trio.sleep(sim.hosts[lone].replica.recent_window + 1)
+
+    taken_over_after(later)
+
+
+def taken_over_after(between) -> None:
+    """lone_first_write, then `await between(sim, lone)`, then a write through another
+    host takes the lease over: the copies of chunk 1 agree or are recorded stale."""
     async def main():
         async with trio.open_nursery() as nursery:
             sim, rec, lone, new_host = await lone_first_write(nursery)
-            sim.hosts[lone].store.flush()
-            await trio.sleep(sim.hosts[lone].replica.recent_window + 1)
+            await between(sim, lone)
             sim.expire_lease("v")
             gw = await sim.hosts[new_host].provider.open_export("v")
             await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
@@ -820,19 +829,12 @@ def test_a_replica_restarted_before_the_takeover_still_names_the_dead_holders_la
     marks its flush kept (ChunkStore._marks_kept, kept_marks), or the takeover that
     follows never compares chunk 1 and the copies disagree with no record (reads answer
     0xee or zeros depending on the copy asked)."""
-    async def main():
-        async with trio.open_nursery() as nursery:
-            sim, rec, lone, new_host = await lone_first_write(nursery)
-            # a clean restart: the store's close flushes every dirty mark away, then the
-            # process goes (the sim's crash of a flushed store keeps every byte)
-            sim.hosts[lone].store.flush()
-            sim.crash(lone, declare_down=False)
-            await sim.restart(lone)
-            sim.sync_maps()
-            sim.expire_lease("v")
-            gw = await sim.hosts[new_host].provider.open_export("v")
-            await call(gw.write(0, b"\x06" * 4096, False))  # takes the lease over
-            agree_or_recorded(sim, rec, 1)
-            nursery.cancel_scope.cancel()
+    async def restarted(sim, lone):
+        # a clean restart: the store's close flushes every dirty mark away, then the
+        # process goes (the sim's crash of a flushed store keeps every byte)
+        sim.hosts[lone].store.flush()
+        sim.crash(lone, declare_down=False)
+        await sim.restart(lone)
+        sim.sync_maps()
 
-    run(main)
+    taken_over_after(restarted)
