@@ -826,10 +826,15 @@ class ChunkStore:
                     self._put(c, b, bytes(end - b), end - b)
                 sp = c.space
                 i, j = (c.sbase + (a >> PAGE_SHIFT)) * 8, (c.sbase + (b >> PAGE_SHIFT)) * 8
+                old = sp.mm[i:j]
                 sp.mm[i:j] = bytes(j - i)
                 try:
                     punch(sp.fd, c.dbase + a, b - a)
                 except OSError as e:  # (the punch fell back to writing zeros)
+                    # the pages' own checksums back first, as before a failed write: a
+                    # real page the zeros did not reach keeps its checksum (its old bytes,
+                    # or damage from before, never re-hashed), one they reached takes theirs
+                    sp.mm[i:j] = old
                     self._settle_failed(c, a, memoryview(bytes(b - a)))
                     if e.errno in NOSPACE_ERRNOS:
                         raise NoSpace(f"the disk is full zeroing chunk {tuple(c.key)!r}") from e

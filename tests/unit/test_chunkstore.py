@@ -1088,9 +1088,6 @@ def test_a_store_with_a_damaged_collected_mark_still_opens(tmp_path, value):
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="zero() clears the checksums before the punch; when "
-                   "the punch fails, _settle_failed takes every page for a hole the zeros "
-                   "reached and re-hashes the rotten bytes")
 def test_a_failed_zero_does_not_hide_damage_it_did_not_reach(tmp_path, monkeypatch):
     """As for a failed write: a real page that rotted on disk before a zeroing that failed
     at once (no punch, and the zeros met a full disk before any reached it) keeps its
