@@ -298,7 +298,8 @@ class ChunkStore:
             if isinstance(e, lmdb.Error):  # (a disk full or damaged: the operator's to see)
                 raise _open_error(self.path, e) from None
             raise
-        sync_dir(self.path)  # LMDB's files and our lock are named durably
+        sync_dir(self.path / "index")  # LMDB's files are named durably
+        sync_dir(self.path)  # ... and so are their directory and our lock
         sync_dir(self.path.parent)
         self._map_size = self._env.info()["map_size"]
         try:

@@ -1143,8 +1143,6 @@ def test_a_page_the_disk_cannot_read_does_not_stop_the_recovery(tmp_path, monkey
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the index directory (LMDB's data.mdb) is never "
-                   "fsync'd: a new store's index can hang off a name a power loss drops")
 def test_the_index_files_are_named_durably(tmp_path, monkeypatch):
     """New files get their directory fsync'd (the module's failure rules): LMDB's
     data.mdb, made in index/ at the first open, too, or a power loss can lose the name of
