@@ -409,12 +409,30 @@ class ChunkStore:
         sp, sums = c.space, c.space.sums
         for start in range(0, c.cs, COPY_STEP):
             n = min(COPY_STEP, c.cs - start)
-            buf = pread_full(sp.fd, n, c.dbase + start)
-            mv = memoryview(buf)
+            try:
+                buf = pread_full(sp.fd, n, c.dbase + start)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                buf = None  # page by page below: the pages the disk can read
+            mv = memoryview(buf) if buf is not None else None
             for off in range(0, n, PAGE_SIZE):
                 i = c.sbase + ((start + off) >> PAGE_SHIFT)
-                page = mv[off: off + PAGE_SIZE]
                 s = sums[i]
+                if mv is not None:
+                    page = mv[off: off + PAGE_SIZE]
+                else:
+                    try:
+                        page = pread_full(sp.fd, PAGE_SIZE, c.dbase + start + off)
+                    except OSError as e:
+                        if e.errno != errno.EIO:
+                            raise
+                        # damage, for reads to report and the layer above to repair (a
+                        # hole too: it may hold an acknowledged write, never to read as
+                        # zeros; 1 is a checksum no bytes are likely to match)
+                        if s == 0:
+                            sums[i] = 1
+                        continue
                 if s == 0:
                     if page != ZERO_PAGE:
                         sums[i] = page_checksum(page)

@@ -1110,8 +1110,6 @@ def test_a_failed_zero_does_not_hide_damage_it_did_not_reach(tmp_path, monkeypat
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="_rehash lets the EIO of a dirty chunk's page "
-                   "escape: the store cannot open at all")
 def test_a_page_the_disk_cannot_read_does_not_stop_the_recovery(tmp_path, monkeypatch):
     """A dirty chunk with a page the disk cannot read (EIO): the recovery at open re-hashes
     the pages it can read and leaves that one damaged (a ChecksumError for the gateway to
