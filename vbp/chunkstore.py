@@ -1098,7 +1098,14 @@ class ChunkStore:
                 raise self._oserror(e) from e
         c = Chunk(key, sp, slot, 0, state)
         db = self._db
+        orphan = None
         with self._txn() as txn:
+            old = txn.get(enc_key(key), db=db["chunks"])
+            if old is not None:  # a copy-up whose cleanup met a full disk left it PENDING
+                oslot, ocs, _, ostate = msgpack.unpackb(old)  # (_create): to limbo, as the
+                if ostate == PENDING:  # next open would put it, not overwritten and lost
+                    orphan = (self._spaces[ocs], oslot)
+                    txn.put(SLOT.pack(ocs, oslot), b"", db=db["limbo"])
             if grow:
                 txn.put(b"nslots:%d" % cs, b"%d" % (slot + 1), db=db["meta"])
             else:
@@ -1110,6 +1117,9 @@ class ChunkStore:
             sp.nslots = slot + 1
         else:
             heapq.heappop(sp.free)
+        if orphan is not None:  # (wiped before it is freed: _wipe_deferred, _free_limbo)
+            orphan[0].limbo.append(orphan[1])
+            orphan[0].unwiped.append(orphan[1])
         self._remember(c)
         if state == READY:
             c.dirty = c.touched = True

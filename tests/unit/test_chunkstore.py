@@ -1158,8 +1158,6 @@ def test_the_index_files_are_named_durably(tmp_path, monkeypatch):
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the failed copy-up's PENDING record is overwritten "
-                   "by the next allocation of the same key: its slot is owned by nothing")
 def test_a_copy_up_made_again_after_a_full_disk_leaks_no_slot(tmp_path):
     """The copy and the commit putting its slot in limbo both meet a full disk (the
     index keeps the chunk PENDING, for the next open to drop); the same copy-up made
