@@ -386,11 +386,10 @@ class ChunkStore:
             sp.sync()
         db = self._db
         with self._txn() as txn:
-            for c in pending:
-                txn.delete(enc_key(c.key), db=db["chunks"])
-            for c in lost:
-                txn.delete(enc_key(c.key), db=db["chunks"])
+            for c in pending + lost:  # (their slots to limbo, as in memory: freed below
+                txn.delete(enc_key(c.key), db=db["chunks"])  # once wiped, else later)
                 txn.delete(enc_key(c.key), db=db["dirty"])
+                txn.put(SLOT.pack(c.cs, c.slot), b"", db=db["limbo"])
             for c in dirty:
                 txn.put(enc_key(c.key), c.record(), db=db["chunks"])
                 txn.delete(enc_key(c.key), db=db["dirty"])

@@ -1182,8 +1182,6 @@ def test_a_copy_up_made_again_after_a_full_disk_leaks_no_slot(tmp_path):
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="_recover deletes a PENDING chunk's record without "
-                   "putting its slot in limbo: when the wipe fails the slot has no owner")
 def test_a_pending_slot_whose_wipe_fails_at_open_stays_in_limbo(tmp_path, monkeypatch):
     """The recovery drops a PENDING chunk (a copy-up the process died in) and wipes its
     slot; when that wipe fails (no punch, and the zeros meet a full disk) the slot must
