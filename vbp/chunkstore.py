@@ -353,9 +353,15 @@ class ChunkStore:
             kept = txn.get(b"recovered", db=db["meta"])
             collected = {bytes(k): bytes(v) for k, v in txn.cursor(db=db["collected"])}
             for k, v in txn.cursor(db=db["marks"]):
-                key = dec_key(k)
+                try:
+                    key = dec_key(k)
+                except Exception as e:  # (damaged: it names no chunk to compare)
+                    log.warning("event=takeover_mark_dropped key=%r error=%s", bytes(k), e)
+                    continue
                 if key in self._chunks:  # (a chunk deleted since: nothing to compare)
-                    self._marks[key] = bytes(v).decode()
+                    # (a damaged volume name still names the chunk, compared at every
+                    # takeover of its lineage until the chunk goes: better than never)
+                    self._marks[key] = bytes(v).decode("utf-8", "replace")
         self.kept_marks = dict(self._marks)
         self._load_collected(collected)
         kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()

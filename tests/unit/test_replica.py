@@ -261,3 +261,28 @@ def test_marks_forgotten_leave_the_store_at_the_next_flush_that_clears_marks(tmp
     store = ChunkStore(tmp_path / "chunks", 64 << 20)
     assert store.kept_marks == {ChunkKey("lin-v", 1, 1): "v"}
     store.close()
+
+
+def test_a_damaged_takeover_mark_does_not_stop_the_store_opening(tmp_path):
+    """Entries of the "marks" table that do not read (disk damage): the store opens; a
+    key that names no chunk is dropped, a chunk whose volume name does not decode is
+    still named for its lineage's takeovers."""
+    import lmdb
+
+    from vbp.chunkstore_files import enc_key
+
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    replica = Replica(store, "h2", lambda: 1)
+    _marked_write(replica, "v", 2)
+    store.close()
+    with lmdb.open(str(tmp_path / "chunks" / "index"), subdir=True, max_dbs=8) as env:
+        marks = env.open_db(b"marks")
+        with env.begin(write=True) as txn:
+            txn.put(enc_key(ChunkKey("lin-v", 2, 1)), b"\xff\xfe", db=marks)
+            txn.put(b"\x01", b"v", db=marks)
+    store = ChunkStore(tmp_path / "chunks", 64 << 20)
+    try:
+        assert list(store.kept_marks) == [ChunkKey("lin-v", 2, 1)]
+        assert Replica(store, "h2", lambda: 1).recently_written("lin-v", 1) == [2]
+    finally:
+        store.close()
