@@ -1406,6 +1406,12 @@ class Blockd:
             local.setdefault((k.lineage, k.index), []).append(k.gen)
         if not local:
             return 0
+        # what volumes deleted lately read (registry.deleted_gens): marked below too,
+        # whether or not this host held a chunk of them. Read BEFORE the records: a
+        # generation a delete named is then in every record of the pass that reads it
+        # (a clone made since, of a snapshot of a head made since, reads generations no
+        # record read here names; read after, a delete made since would have them marked)
+        deleted = await self.registry.deleted_gens()
         recs = [VolumeRecord.from_dict(d) for d in await self.registry.list_volumes()]
         # After the records: a live lease of a volume they do not have is held by a
         # gateway that may still serve the deleted volume's chain (its reads need no
@@ -1425,9 +1431,6 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
-        # what volumes deleted lately read (registry.deleted_gens): marked below too,
-        # whether or not this host held a chunk of them
-        deleted = await self.registry.deleted_gens()
         # generations no reader's chain holds any more (their volume or snapshot deleted;
         # a clone keeps its snapshot's): a chain that holds one is a gateway's that reads
         # on without having heard of the delete (cut off from the registry past its

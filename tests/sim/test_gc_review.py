@@ -39,9 +39,6 @@ async def _append(out: list, aw) -> None:
     out.append(await aw)
 
 
-@pytest.mark.xfail(strict=True, reason="GC reads deleted_gens after list_volumes: the "
-                   "generations of a volume deleted during the pass that a clone made "
-                   "during the pass reads are marked collected; the clone reads EIO")
 def test_gc_does_not_mark_what_a_clone_made_during_the_pass_reads():
     """v has chunk 0 written in g1 on every copy. A GC pass on a host reads the records
     (v: chain (g1,)) and waits on the registry. Meanwhile: v@s1 (head g2), v@s2 (head g3),
