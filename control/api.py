@@ -268,9 +268,15 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
     head = reg.next_id(gen_counter(parent.lineage))
 
     def make(d: dict) -> dict:
+        nonlocal head
         now = VolumeRecord.from_dict(d)
         if now.lineage != parent.lineage:  # deleted and created again meanwhile
             raise NotFound(f"volume {name} was deleted")
+        if max(now.snapshot(snap).chain) >= head:
+            # the snapshot was deleted and taken again under its name since the head was
+            # drawn: its chain holds newer generations, which the clone's head must come
+            # after (a shrink's cut hides the generations up to the head by number)
+            head = reg.next_id(gen_counter(parent.lineage))
         return clone_from(now, snap, new_name, head).to_dict()
 
     # in one transaction with a check that the parent's record is unchanged: a snapshot

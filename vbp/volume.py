@@ -463,6 +463,9 @@ def lacking(readers_of_lineage, index: int, held) -> dict[str, set[int]]:
 def clone_from(parent: VolumeRecord, snap: str, name: str, new_head: int, now: float | None = None) -> VolumeRecord:
     s = parent.snapshot(snap)
     check_name(name)
+    if new_head <= max(s.chain):
+        # (chains go oldest first: a shrink's cut hides generations by number)
+        raise InvalidArgument("a clone's head generation must be newer than its snapshot's")
     return VolumeRecord(
         name=name,
         size=s.size or parent.size,
