@@ -391,7 +391,9 @@ def shrink(rec: VolumeRecord, new_size: int, new_head: int) -> VolumeRecord:
         raise InvalidArgument(
             f"shrink to a multiple of the chunk size ({rec.chunk_size} bytes), not {new_size}"
         )
-    cut = (rec.head, new_size // rec.chunk_size)
+    # (the newest of the chain: its head, but for a clone older code made of a snapshot
+    # taken again during its creation, whose chain holds a newer generation)
+    cut = (max(rec.chain), new_size // rec.chunk_size)
     return replace(rec, size=new_size, head=new_head, chain=rec.chain + (new_head,),
                    cuts=rec.cuts + (cut,))
 

@@ -130,3 +130,14 @@ def test_a_shrunk_and_grown_clone_of_a_snapshot_taken_again_reads_zeros():
             assert got == bytes(4096)
             nursery.cancel_scope.cancel()
     run(main)
+
+
+def test_a_shrink_of_a_clone_made_before_its_head_was_checked_hides_its_whole_chain():
+    """A clone made by older code may hold a generation newer than its head in its chain
+    (the interleaving above): its shrink's cut must hide that one too."""
+    from vbp.volume import new_volume, shrink, visible_chain
+    from dataclasses import replace
+
+    rec = replace(new_volume("c", 2 * MiB, chunk_size=MiB, head=3), chain=(1, 2, 4, 3))
+    rec = shrink(rec, MiB, 6)
+    assert visible_chain(rec.chain, rec.cuts, 1) == (6,)
