@@ -516,6 +516,9 @@ class DataSetMover:
             return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors,
                                 places, leaving)
         scanned = await self.registry.scanned()
+        # (read before the records: a joining target recorded stale after the listing keeps
+        # the completion below from going through, set_data_set)
+        seq = await self.registry.stale_seq()
         left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols), scanned)
         if left["unscanned"] or left["chunks"]:
             return cmap
@@ -523,7 +526,8 @@ class DataSetMover:
         if waiting:
             return cmap  # (until they return and scan, or come back on a new disk)
         log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
-        return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed())
+        return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed(),
+                            stale_seq=seq)
 
     async def not_out(self, cmap: ClusterMap, seen: float | None = None) -> frozenset[str]:
         """The down hosts of the data set that stay in it for now: this controller has seen

@@ -33,10 +33,6 @@ class ListHook:
         return out
 
 
-@pytest.mark.xfail(strict=True, reason="the controller completes a change on a stale listing "
-                   "of the stale records: a joining target recorded stale after the listing (a "
-                   "write it failed, acknowledged by the set being left) becomes the chunk's "
-                   "complete copy without that write")
 def test_a_target_recorded_stale_after_the_completion_check_keeps_the_write_it_missed():
     """replicas=1: chunk X moves from P to h3 (h3 joins the data set). h3 resyncs X, its
     record goes. The controller's completion step lists the stale records (none for a

@@ -74,6 +74,9 @@ P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
+# put by every mark_stale that creates a record: a change of data set completes only if its
+# mod revision is still the one read before the records were listed (set_data_set)
+K_STALE_SEQ = b"vbp/stale_seq"
 P_LOSS = b"vbp/loss/"  # <lineage> -> its accepted losses (vbp.volume.note_accepted)
 # <lineage>/<volume name>/<record revision> -> {"gens": the generations its record named,
 # "at": when}: what a volume deleted lately read (deleted_gens); kept GONE_KEEP
@@ -327,14 +330,17 @@ class Registry:
         raise self._contended(f"remove host {host_id}")
 
     def set_data_set(self, gen: int, hosts, prev, weights=None, prev_weights=None,
-                     places=None, prev_places=None) -> ClusterMap:
+                     places=None, prev_places=None, stale_seq: int | None = None) -> ClusterMap:
         """Replace the data set if its generation is still `gen` (compare-and-set; the new
         one has generation gen + 1). `weights` and `prev_weights` ({host: factor}) are the
         placement weight factors of `hosts` and `prev`; factors of 1 and of hosts outside
         the set are left out. `places` and `prev_places` ({host: (capacity, zone, pod)})
         are what placement weighs for the hosts of each set; None (or a host left out):
         the host's record as it is now. Returns the map either way: a caller that lost
-        the race sees the winner's data set in it."""
+        the race sees the winner's data set in it. `stale_seq` (stale_seq(), read before
+        the stale records a completion was judged by were listed): only if no stale record
+        was created since (a joining target recorded stale after the listing must keep the
+        change from completing: it would count as a complete copy missing a write)."""
         item, _ = self.kv.get(K_DATASET)
         cur = _unpack(item.value)["gen"] if item else 0
         if cur == gen:
@@ -354,8 +360,17 @@ class Registry:
                 record["prev_places"] = {h: list(p) for h, *p in
                                          place_tuples({**live, **(prev_places or {})}, prev)}
             value = _pack(record)
-            self.kv.txn([Cmp(K_DATASET, "mod", item.mod_rev if item else 0)], [Put(K_DATASET, value)])
+            cmps = [Cmp(K_DATASET, "mod", item.mod_rev if item else 0)]
+            if stale_seq is not None:
+                cmps.append(Cmp(K_STALE_SEQ, "mod", stale_seq))
+            self.kv.txn(cmps, [Put(K_DATASET, value)])
         return self.cluster_map()
+
+    def stale_seq(self) -> int:
+        """The mod revision of the key every creation of a stale record puts (0: none yet),
+        for set_data_set's `stale_seq`."""
+        item, _ = self.kv.get(K_STALE_SEQ)
+        return item.mod_rev if item else 0
 
     def mark_scanned(self, host_id: str, gen: int) -> None:
         self.kv.txn([], [Put(P_SCANNED + _name("host id", host_id), _pack(gen))])
@@ -734,6 +749,8 @@ class Registry:
                            | ((old | version) & NEVER_CURRENT))
                 cmps.append(Cmp(key, "mod", item.mod_rev if item else 0))
                 puts.append(Put(key, _pack(new)))
+            if any(held.get(key) is None for key in keys):
+                puts.append(Put(K_STALE_SEQ, b""))  # (a record created: set_data_set)
             ok, _ = self.kv.txn(cmps, puts)
             if ok:
                 return
