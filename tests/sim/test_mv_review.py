@@ -96,3 +96,61 @@ def test_a_target_recorded_stale_after_the_completion_check_keeps_the_write_it_m
         assert got == b"W" * 4096
 
     run(main)
+
+
+class VolumesHook(ListHook):
+    """The controller's registry, with `hook` run once right after list_volumes returned."""
+
+    async def list_volumes(self, *args, **kwargs):
+        out = await self.inner.list_volumes(*args, **kwargs)
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            await hook()
+        return out
+
+
+@pytest.mark.xfail(strict=True, reason="with no volume listed the controller switches the data "
+                   "set at once (no prev, no scan): a volume created and written meanwhile has "
+                   "its chunks placed on a host that holds nothing of them")
+def test_a_volume_written_while_the_controller_found_none_keeps_its_bytes():
+    """The pool has no volume when the controller's step lists them; h3 has just joined.
+    Before its set_data_set, `v` is created and written through h0 (placement over
+    h0-h2). The controller then records the new data set with no change under way (no
+    prev: "a pool without volumes: no chunk to move"): the chunks placement now puts on
+    h3 have no copy there and no stale record, and read as zeros."""
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            reg = sim.reg
+            reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+            sim.sync_maps()
+            mv = movers(sim)
+            hooked = VolumesHook(mv["h0"].registry)
+            mv["h0"].registry = hooked
+
+            async def create_and_write():
+                sim.create_volume("v", CHUNKS * MiB, replicas=2, min_size=1)
+                await write_all(sim, "v")
+
+            hooked.hook = create_and_write
+            for _ in range(5):
+                await step_all(sim, mv)
+                for h in sim.hosts.values():
+                    await h.run_on(h.resync.run_once)
+            assert reg.cluster_map().data == ("h0", "h1", "h2", "h3")
+            h2 = sim.hosts["h2"]
+            reader = await h2.run_on(h2.provider.open_export, "v")
+            bad = []
+            for i in range(CHUNKS):
+                try:
+                    got = extents_bytes(await h2.run_on(lambda i=i: call(reader.read(i * MiB, 4096))),
+                                        i * MiB, 4096)
+                except VbpError as e:
+                    got = e
+                if got != bytes([65 + i % 26]) * 4096:
+                    bad.append((i, got if isinstance(got, VbpError) else got[:1]))
+            nursery.cancel_scope.cancel()
+        assert bad == []
+
+    run(main)
