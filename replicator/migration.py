@@ -489,9 +489,10 @@ class DataSetMover:
         set_ds = self.registry.set_data_set
         if cmap.prev is None:
             placed = cmap.placed()
-            if (cmap.data is None and want == cmap.data_set) or (
-                    not vols and (want != cmap.data or places != placed)):
-                # the first record, or a pool without volumes: no chunk to move
+            if cmap.data is None and want == cmap.data_set:
+                # the first record: no chunk to move. (Not so for a pool that listed no
+                # volume: one created and written before the set_data_set below has its
+                # chunks on the set being left; a change, with its scan, moves them.)
                 return await set_ds(cmap.mgen, want, None, weights, None, places)
             if want != cmap.data_set or places != placed:
                 log.info("event=data_set_change gen=%d from=%s to=%s%s", cmap.mgen + 1,

@@ -109,9 +109,6 @@ class VolumesHook(ListHook):
         return out
 
 
-@pytest.mark.xfail(strict=True, reason="with no volume listed the controller switches the data "
-                   "set at once (no prev, no scan): a volume created and written meanwhile has "
-                   "its chunks placed on a host that holds nothing of them")
 def test_a_volume_written_while_the_controller_found_none_keeps_its_bytes():
     """The pool has no volume when the controller's step lists them; h3 has just joined.
     Before its set_data_set, `v` is created and written through h0 (placement over
