@@ -480,6 +480,10 @@ class DataSetMover:
             self.controlling, self._down_since, self._out = False, {}, set()
             return cmap
         self.controlling = True
+        # Read before the volumes and the stale records a completion is judged by: a record
+        # created after it keeps the completion from going through (set_data_set), and one
+        # created before it is of a volume listed below (blocking ignores other lineages).
+        seq = await self.registry.stale_seq() if cmap.prev is not None else None
         vols = await self.registry.list_volumes()
         want = wanted_data_set(cmap, vols, await self.not_out(cmap, seen))
         if not want:
@@ -517,9 +521,6 @@ class DataSetMover:
             return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors,
                                 places, leaving)
         scanned = await self.registry.scanned()
-        # (read before the records: a joining target recorded stale after the listing keeps
-        # the completion below from going through, set_data_set)
-        seq = await self.registry.stale_seq()
         left = blocking(cmap, await self.registry.list_stale(), replicas_by_lineage(vols), scanned)
         if left["unscanned"] or left["chunks"]:
             return cmap
