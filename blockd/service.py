@@ -27,7 +27,7 @@ from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import TokenBucket, VolumeQos
 from nbd_frontend.server import HeldBytes, serve_nbd
 from replicator import messages as m
-from replicator.gateway import WRITE_GRACE, ClusterView, VolumeGateway
+from replicator.gateway import WRITE_GRACE, ClusterView, PendingFlush, VolumeGateway
 from replicator.migration import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
@@ -112,6 +112,9 @@ class VolumeProvider:
         # tokens of leases taken over, not reconciled yet (or not with every up host)
         self.reconciling: set[int] = set()
         self.closing = 0  # closed gateways whose writes under way are awaited (_flush_and_let_go)
+        # export -> (lineage, the flush its gateway ran when its last connection closed):
+        # under way, or failed and not yet reported to a FLUSH (VolumeGateway.after_close)
+        self.close_flushes: dict[str, tuple[str, PendingFlush]] = {}
         # A reader's takeovers of an orphaned lease (_settle_if_orphaned): export -> the
         # token of the last one it handed back (if that release is lost, the lease runs
         # out with it: not taken over again for it), no takeover before a time, and the
@@ -166,6 +169,9 @@ class VolumeProvider:
                 gw = await self._open(export, name, snap)
                 self.gateways[export] = gw
                 self.refs[export] = 0
+                prior = self.close_flushes.pop(export, None)
+                if prior is not None and prior[0] == gw.lineage:  # (not a volume made again)
+                    gw.after_close(prior[1])
                 if gw.read_only:
                     await self._hold_snapshot(export, gw)
                 else:
@@ -750,12 +756,17 @@ class VolumeProvider:
             self.service.nursery.start_soon(self._republish)  # unpublished now
         lease = self.leases.pop(export, None)
         store = self.service.store
-        if gw.inflight:
+        if gw.owes_flush():
             # writes of the gone connections still under way (a task-less write waits for
-            # no task of theirs): the lease is kept until they end, and what they could
+            # no task of theirs), or answered and not yet durable on other hosts: the
+            # lease is kept until they end and every copy is flushed (a FLUSH on a
+            # connection made meanwhile waits for that: after_close), and what they could
             # not record goes to the registry with it, before it is given back
             self.closing += 1  # (until its task ends: counted from now, for drain)
-            self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, None)
+            flushed = PendingFlush()
+            self.close_flushes[export] = (gw.lineage, flushed)
+            self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, None,
+                                            flushed)
             return None
         ahead = store.sync_ahead()
         if ahead is not None:  # much to write back: not on the event loop
@@ -769,17 +780,31 @@ class VolumeProvider:
         self._let_go(lease, gw)
         return None
 
-    async def _flush_and_let_go(self, export: str, lease, gw: VolumeGateway, ahead) -> None:
+    async def _flush_and_let_go(self, export: str, lease, gw: VolumeGateway, ahead,
+                                flushed: PendingFlush | None = None) -> None:
+        """Give `gw`'s lease back once its writes under way ended and what it answered is
+        durable: on every copy (`flushed`: the flush the export's next gateway here waits
+        for, given its error), or in this host's store."""
         # shielded as _release is: a shutdown closes the connections while cancelling
         try:
             with trio.CancelScope(shield=True):
                 await gw.drain()  # (bounded: each write ends within its timeouts)
                 try:
-                    await flush_store(self.service.store, ahead)
-                except Exception:
+                    if flushed is not None:
+                        await gw.flush_now()  # (every copy)
+                    else:
+                        await flush_store(self.service.store, ahead)
+                except Exception as e:
                     log.exception("volume=%s event=close_flush_failed", export)
+                    if flushed is not None:
+                        flushed.error = e
         finally:
             self.closing -= 1
+            if flushed is not None:
+                flushed.done.set()
+                kept = self.close_flushes.get(export)
+                if flushed.error is None and kept is not None and kept[1] is flushed:
+                    del self.close_flushes[export]  # (a failure stays for the next FLUSH)
         self._let_go(lease, gw)
 
     def _let_go(self, lease, gw: VolumeGateway) -> None:

@@ -155,6 +155,10 @@ class _Flush:
         self.left: tuple[dict, dict] | None = None
 
 
+# what a closing gateway hands to the next one of its export (VolumeGateway.after_close)
+PendingFlush = _Flush
+
+
 class ClusterView:
     """The cluster map as this host sees it, with per-epoch cached chunk placement.
 
@@ -416,6 +420,9 @@ class VolumeGateway:
         # and lost them (see _flush_replicated)
         self._sent_at: dict[str, int] = {}
         self._flushing: _Flush | None = None  # the last flush, while it runs
+        # the close flush of the gateway of this export before this one on this host, for
+        # this one's first flush to wait for and fail with if it failed (after_close)
+        self._prior: _Flush | None = None
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -2206,15 +2213,18 @@ class VolumeGateway:
         when that one is still under way (a concurrent FLUSH, another connection with
         multi-conn), it also waits for it and fails if it failed: the writes it covers
         were answered before this flush was asked too. One cancelled (its client went
-        away) fails nothing: this one flushes what it left (_flush_after)."""
+        away) fails nothing: this one flushes what it left (_flush_after). The first
+        flush of a gateway opened after the export's last connection here closed with
+        writes not yet durable everywhere waits for that close flush too (after_close)."""
         hosts, sent_at = self._unflushed, self._sent_at
         self._unflushed, self._sent_at = {}, {}
         prev = self._flushing
         if prev is not None and prev.done.is_set() and prev.left is None:
             prev = self._flushing = None  # (one cancelled still owes what it left: kept)
+        prior, self._prior = self._prior, None
         local = set(hosts) <= {self.host_id}
         ahead = self.store.sync_ahead() if local else None
-        if local and prev is None and ahead is None:
+        if local and prev is None and ahead is None and prior is None:
             try:
                 self.store.flush()  # (little to write back: no thread, no task)
             except BaseException:
@@ -2222,13 +2232,41 @@ class VolumeGateway:
                 raise
             return None
         mine = self._flushing = _Flush()
-        return self._flush_after(prev, mine, hosts, sent_at, ahead)
+        return self._flush_after(prev, mine, hosts, sent_at, ahead, prior)
+
+    def after_close(self, prior: _Flush) -> None:
+        """`prior`: the flush a gateway of this export ran when its last connection on this
+        host closed (blockd: VolumeProvider._closed), covering writes it answered. A
+        FLUSH on a connection made since must cover them too (proto.md: every write
+        replied to before the flush was received), and this gateway knows nothing of
+        them: its first flush waits for `prior`, and fails if it failed (once, as fsync
+        reports a failed writeback)."""
+        self._prior = prior
+
+    async def flush_now(self) -> None:
+        """flush(), with no wait for a QoS turn: the flush of a gateway whose last
+        connection on this host closed (blockd: VolumeProvider._closed)."""
+        await _called(self._flush)
+
+    def owes_flush(self) -> bool:
+        """Something answered here may not be durable on every copy yet beyond this host's
+        own store: writes in flight, writes to other hosts since the last flush, a flush
+        under way or one whose client went away (what a close must flush: after_close)."""
+        return bool(self._inflight or self._flushing is not None
+                    or any(h != self.host_id for h in self._unflushed))
 
     async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at,
-                           ahead=None) -> None:
+                           ahead=None, prior: _Flush | None = None) -> None:
         try:
             await self._flush_hosts(hosts, sent_at, ahead)
             hosts, sent_at = {}, {}  # (durable)
+            if prior is not None:
+                await prior.done.wait()
+                if prior.error is not None:
+                    err = VbpError(f"the flush of {self.name} when its last connection here "
+                                   f"closed failed: {prior.error}")
+                    err.errno = getattr(prior.error, "errno", err.errno)
+                    raise err
             while prev is not None:
                 await prev.done.wait()
                 if prev.error is None:

@@ -1,11 +1,14 @@
 """The volume provider (blockd.service.VolumeProvider) when a volume's last connection
-closes with a task-less write still under way: the lease is kept until that write ends,
-and what it could not record reaches the registry before the lease is given back."""
+closes: with a task-less write still under way, the lease is kept until that write ends,
+and what it could not record reaches the registry before the lease is given back; with
+writes answered and not yet durable on the other copies, they are flushed there, and a
+FLUSH on a connection made since covers them (proto.md)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +22,7 @@ from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
+from vbp.errors import LocalFault, VbpError
 from vbp.later import Later
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
@@ -28,14 +32,61 @@ CLUSTER = "close"
 _REGS = itertools.count()
 
 
+@asynccontextmanager
+async def three_hosts(handlers=None):
+    """A VolumeProvider on h1 over a volume v (replicas 3, min_size 2) whose other copies
+    are h2 and h3 behind real peer servers; `handlers`: {host: handle(msg, peer)} in place
+    of a replica's own. Yields (registry, replicas, provider)."""
+    reg = open_registry(f"memory://close-{next(_REGS)}")
+    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
+    handlers = {h: replicas[h].handle for h in ("h2", "h3")} | (handlers or {})
+    async with trio.open_nursery() as nursery:
+        ports = {}
+        for h, handler in handlers.items():
+            ports[h] = await nursery.start(lambda task_status, h=h, handler=handler: serve_peers(
+                handler, "127.0.0.1", 0, cluster=CLUSTER, host_id=h, task_status=task_status))
+        hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
+                                 pod=f"p{h}", peer_rev=m.PEER_REV) for h in ("h1", "h2", "h3"))
+        cluster = ClusterView(ClusterMap(1, hosts))
+        api.create_volume(reg, "v", "8M", replicas=3, min_size=2, chunk_size="1M")
+        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
+            async def nothing(*args):
+                return {} if args else None  # (stale_map: no records)
+
+            service = SimpleNamespace(
+                registry=AsyncRegistry(reg), replica=replicas["h1"], cluster=cluster, pool=pool,
+                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
+                                   heartbeat_ttl=6.0),
+                refresh_map=nothing, metrics=None, stale_map=nothing,
+                store=replicas["h1"].store, nursery=nursery, publish_stats=nothing,
+                published_at=math.inf)
+            yield reg, replicas, VolumeProvider(service)
+        nursery.cancel_scope.cancel()
+
+
+async def lease_given_back(reg) -> None:
+    with trio.fail_after(10):
+        while (lease := reg.get_lease("v")) is not None and lease.holder:
+            await trio.sleep(0.05)
+
+
+def unsynced(replicas) -> dict[str, bool]:
+    return {h: bool(r.store._dirty) for h, r in replicas.items()}
+
+
+async def flushed(gw) -> None:
+    res = gw.flush()
+    if res is not None:
+        await res
+
+
 async def test_the_lease_waits_for_writes_under_way_and_takes_their_failures_along():
     """h3 does not answer a write within the request timeout; the client's connection is
     gone (its tasks cancelled, the write's rest refused) and the volume's last connection
     closes meanwhile. The lease is given back only after the write ended, with h3
     recorded stale: the copies that disagree are on record for the next holder."""
-    reg = open_registry(f"memory://close-{next(_REGS)}")
-    replicas = {h: Replica(MemoryChunkStore(None, 1 << 30), h, lambda: 1) for h in ("h1", "h2", "h3")}
     slow = False
+    replicas = {}
 
     def h3_handle(msg, peer=None):
         if slow and type(msg) is m.WriteChunk:
@@ -45,52 +96,111 @@ async def test_the_lease_waits_for_writes_under_way_and_takes_their_failures_alo
             return late()
         return replicas["h3"].handle(msg, peer)
 
-    async with trio.open_nursery() as nursery:
-        ports = {}
-        for h, handler in (("h2", replicas["h2"].handle), ("h3", h3_handle)):
-            ports[h] = await nursery.start(lambda task_status, h=h, handler=handler: serve_peers(
-                handler, "127.0.0.1", 0, cluster=CLUSTER, host_id=h, task_status=task_status))
-        hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
-                                 pod=f"p{h}", peer_rev=m.PEER_REV) for h in ("h1", "h2", "h3"))
-        cluster = ClusterView(ClusterMap(1, hosts))
-        api.create_volume(reg, "v", "8M", replicas=3, min_size=2, chunk_size="1M")
-        async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
-            registry = AsyncRegistry(reg)
+    async with three_hosts({"h3": h3_handle}) as (reg, found, provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)  # takes the lease, connects
+        assert reg.get_lease("v").holder == "h1"
+        slow = True
+        later = gw.write(0, b"\x03" * 4096, False)
+        assert type(later) is Later
+        later.bind(lambda value, exc: None, lambda rest: False)  # the connection is gone
+        gw.close()  # its last connection closes
+        await trio.sleep(0.5)
+        assert gw.inflight == 1
+        assert reg.get_lease("v").holder == "h1"  # kept while the write is under way
+        await lease_given_back(reg)
+        assert [(r.index, r.host_id) for r in reg.list_stale(gw.lineage)] == [(0, "h3")]
+        assert gw.unrecorded == []
+        store = replicas["h3"].store
+        key = ChunkKey(gw.lineage, 0, store.resolve(gw.lineage, 0, gw.chain_for(0)))
+        assert bytes(store.read(key, 0, 4)) == b"\x01" * 4  # the copy that missed it
 
-            async def stale_map(lineage):
-                return {}
 
-            async def refresh_map():
-                pass
+async def test_a_flush_after_a_reconnect_covers_writes_answered_before_it():
+    """A client writes (answered), its connection drops, it reconnects (qemu's
+    reconnect-delay, nbdcopy reopening) and sends NBD_CMD_FLUSH. proto.md: "All write
+    commands ... that the server completes (i.e. replies to) prior to processing a
+    NBD_CMD_FLUSH MUST be written to non-volatile storage prior to replying to that
+    NBD_CMD_FLUSH". The new gateway knows nothing of the old one's writes: the close
+    flushes every copy before the lease goes. (Found by a review.)"""
+    async with three_hosts() as (reg, replicas, provider):
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)  # answered: on every copy
+        assert unsynced(replicas) == {"h1": True, "h2": True, "h3": True}
+        gw.close()  # the connection drops: the volume's last
+        await lease_given_back(reg)
+        assert unsynced(replicas) == {"h1": False, "h2": False, "h3": False}
+        again = await provider.open_export("v")  # the client reconnects
+        with trio.fail_after(10):
+            await flushed(again)
 
-            async def publish_stats():
-                pass
 
-            service = SimpleNamespace(
-                registry=registry, replica=replicas["h1"], cluster=cluster, pool=pool,
-                cfg=SimpleNamespace(host_id="h1", lease_ttl=10.0, peer_timeout=2.0,
-                                   heartbeat_ttl=6.0),
-                refresh_map=refresh_map, metrics=None, stale_map=stale_map,
-                store=replicas["h1"].store, nursery=nursery, publish_stats=publish_stats,
-                published_at=math.inf)
-            provider = VolumeProvider(service)
-            gw = await provider.open_export("v")
-            await gw.write(0, b"\x01" * 4096, False)  # takes the lease, connects
-            assert reg.get_lease("v").holder == "h1"
-            slow = True
-            later = gw.write(0, b"\x03" * 4096, False)
-            assert type(later) is Later
-            later.bind(lambda value, exc: None, lambda rest: False)  # the connection is gone
-            gw.close()  # its last connection closes
+async def test_a_flush_on_a_connection_made_during_the_close_flush_waits_for_it():
+    """The client reconnects at once, while the close's flush is still under way (h2 is
+    slow to sync): the new connection's FLUSH is answered only once h2 synced."""
+    replicas = {}
+    release = trio.Event()
+
+    def h2_handle(msg, peer=None):
+        if type(msg) is m.Flush:
+            async def slow():
+                await release.wait()
+                return await _result(replicas["h2"].handle(msg, peer))
+            return slow()
+        return replicas["h2"].handle(msg, peer)
+
+    async with three_hosts({"h2": h2_handle}) as (reg, found, provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()
+        again = await provider.open_export("v")  # the close flush waits for h2
+        done = trio.Event()
+
+        async def flush_again():
+            await flushed(again)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush_again)
             await trio.sleep(0.5)
-            assert gw.inflight == 1
-            assert reg.get_lease("v").holder == "h1"  # kept while the write is under way
+            assert not done.is_set()  # not answered while h2 has not synced
+            assert unsynced(replicas)["h2"]
+            release.set()
             with trio.fail_after(10):
-                while (lease := reg.get_lease("v")) is not None and lease.holder:
-                    await trio.sleep(0.1)
-            assert [(r.index, r.host_id) for r in reg.list_stale(gw.lineage)] == [(0, "h3")]
-            assert gw.unrecorded == []
-            store = replicas["h3"].store
-            key = ChunkKey(gw.lineage, 0, store.resolve(gw.lineage, 0, gw.chain_for(0)))
-            assert bytes(store.read(key, 0, 4)) == b"\x01" * 4  # the copy that missed it
-        nursery.cancel_scope.cancel()
+                await done.wait()
+        assert unsynced(replicas) == {"h1": False, "h2": False, "h3": False}
+
+
+async def test_a_close_flush_that_failed_fails_the_next_flush_once():
+    """h2 and h3 cannot sync when the last connection closes: the written chunk is durable
+    on h1 alone, below min_size. No client is left to tell; the first FLUSH of a
+    connection made since fails (as fsync reports a failed writeback), the next succeeds."""
+    replicas = {}
+    failing = True
+
+    def refusing(h):
+        def handle(msg, peer=None):
+            if failing and type(msg) is m.Flush:
+                raise LocalFault(f"{h} cannot sync")
+            return replicas[h].handle(msg, peer)
+        return handle
+
+    async with three_hosts({"h2": refusing("h2"), "h3": refusing("h3")}) as (reg, found,
+                                                                             provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()
+        await lease_given_back(reg)
+        failing = False
+        again = await provider.open_export("v")
+        with trio.fail_after(10), pytest.raises(VbpError, match="last connection here closed"):
+            await flushed(again)
+        with trio.fail_after(10):
+            await flushed(again)
+
+
+async def _result(value):
+    return await value if hasattr(value, "__await__") else value
