@@ -33,6 +33,28 @@ class ListHook:
         return out
 
 
+async def finish_and_read(sim, mv, done, T, x: int):
+    """Step the change to its end, T resyncing, then collect the misplaced copies: what
+    chunk x of v reads through h2 (bytes, or the VbpError it raised)."""
+    for _ in range(10):
+        if done.prev is None:
+            break
+        await T.run_on(T.resync.run_once)
+        done = await step_all(sim, mv)
+    assert done.prev is None
+    for _ in range(3):
+        await T.run_on(T.resync.run_once)
+    for hid, h in sim.hosts.items():
+        await h.run_on(mv[hid].collect_misplaced)
+    h2 = sim.hosts["h2"]
+    reader = await h2.run_on(h2.provider.open_export, "v")
+    try:
+        return extents_bytes(await h2.run_on(lambda: call(reader.read(x * MiB, 4096))),
+                             x * MiB, 4096)
+    except VbpError as e:
+        return e
+
+
 def test_a_target_recorded_stale_after_the_completion_check_keeps_the_write_it_missed():
     """replicas=1: chunk X moves from P to h3 (h3 joins the data set). h3 resyncs X, its
     record goes. The controller's completion step lists the stale records (none for a
@@ -75,23 +97,7 @@ def test_a_target_recorded_stale_after_the_completion_check_keeps_the_write_it_m
             hooked.hook = write_meanwhile
             done = await step_all(sim, mv)
             assert acked  # W acknowledged
-            for _ in range(10):  # then on to the end of the change, resync running
-                if done.prev is None:
-                    break
-                await T.run_on(T.resync.run_once)
-                done = await step_all(sim, mv)
-            assert done.prev is None
-            for _ in range(3):
-                await T.run_on(T.resync.run_once)
-            for hid, h in sim.hosts.items():
-                await h.run_on(mv[hid].collect_misplaced)
-            h2 = sim.hosts["h2"]
-            reader = await h2.run_on(h2.provider.open_export, "v")
-            try:
-                got = extents_bytes(await h2.run_on(lambda: call(reader.read(x * MiB, 4096))),
-                                    x * MiB, 4096)
-            except VbpError as e:
-                got = e
+            got = await finish_and_read(sim, mv, done, T, x)  # then on to the end
             nursery.cancel_scope.cancel()
         assert got == b"W" * 4096
 
@@ -192,24 +198,7 @@ def test_a_target_a_volume_made_during_the_completion_step_recorded_stale_keeps_
             hooked.hook = create_and_write
             done = await step_all(sim, mv)
             assert box.get("acked")
-            for _ in range(10):
-                if done.prev is None:
-                    break
-                await T.run_on(T.resync.run_once)
-                done = await step_all(sim, mv)
-            assert done.prev is None
-            for _ in range(3):
-                await T.run_on(T.resync.run_once)
-            for hid, h in sim.hosts.items():
-                await h.run_on(mv[hid].collect_misplaced)
-            x = box["x"]
-            h2 = sim.hosts["h2"]
-            reader = await h2.run_on(h2.provider.open_export, "v")
-            try:
-                got = extents_bytes(await h2.run_on(lambda: call(reader.read(x * MiB, 4096))),
-                                    x * MiB, 4096)
-            except VbpError as e:
-                got = e
+            got = await finish_and_read(sim, mv, done, T, box["x"])
             nursery.cancel_scope.cancel()
         assert got == b"W" * 4096
 
