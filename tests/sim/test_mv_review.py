@@ -33,6 +33,15 @@ class ListHook:
         return out
 
 
+async def h3_out(nursery) -> Sim:
+    """A 4-host sim whose data set is h0-h2: stepping the controllers brings h3 in."""
+    sim = Sim(11, hosts=4)
+    await sim.start(nursery, loops=False)
+    sim.reg.set_data_set(sim.reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
+    sim.sync_maps()
+    return sim
+
+
 async def finish_and_read(sim, mv, done, T, x: int):
     """Step the change to its end, T resyncing, then collect the misplaced copies: what
     chunk x of v reads through h2 (bytes, or the VbpError it raised)."""
@@ -64,12 +73,9 @@ def test_a_target_recorded_stale_after_the_completion_check_keeps_the_write_it_m
     h3, stale and without W, is X's only copy; its resync elects it (every copy stale, it
     went stale last) and clears; P's copy is misplaced and collected. W is gone."""
     async def main():
-        sim = Sim(11, hosts=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
+            sim = await h3_out(nursery)
             reg = sim.reg
-            reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
-            sim.sync_maps()
             rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
             await write_all(sim, "v")
             mv = movers(sim)
@@ -122,12 +128,9 @@ def test_a_volume_written_while_the_controller_found_none_keeps_its_bytes():
     prev: "a pool without volumes: no chunk to move"): the chunks placement now puts on
     h3 have no copy there and no stale record, and read as zeros."""
     async def main():
-        sim = Sim(11, hosts=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
+            sim = await h3_out(nursery)
             reg = sim.reg
-            reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
-            sim.sync_maps()
             mv = movers(sim)
             hooked = VolumesHook(mv["h0"].registry)
             mv["h0"].registry = hooked
@@ -164,12 +167,9 @@ def test_a_target_a_volume_made_during_the_completion_step_recorded_stale_keeps_
     volumes: its records are of a lineage the step does not know (blocking leaves them
     out), so the stale records' sequence is read before the volumes are."""
     async def main():
-        sim = Sim(11, hosts=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
+            sim = await h3_out(nursery)
             reg = sim.reg
-            reg.set_data_set(reg.cluster_map().mgen, ["h0", "h1", "h2"], None)
-            sim.sync_maps()
             sim.create_volume("old", CHUNKS * MiB, replicas=1, min_size=1)
             await write_all(sim, "old")
             mv = movers(sim)

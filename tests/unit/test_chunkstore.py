@@ -919,7 +919,10 @@ def test_a_copy_up_whose_commit_fails_leaves_no_chunk_behind(tmp_path):
 def test_a_copy_up_that_fails_on_a_full_disk_never_shows_its_half_copy(tmp_path):
     """The copy meets a full disk half-way, and so does the commit that would put its
     slot in limbo: the half copy (its other pages zeros) must not become the chunk that
-    reads of the new generation find, in place of its base's bytes."""
+    reads of the new generation find, in place of its base's bytes. Nor may the same
+    copy-up made again once there is room overwrite the PENDING record the index keeps
+    of the first (for the next open to drop): that slot would belong to neither chunks,
+    free nor limbo, never to be used again (fsck, now and after a reopen)."""
     k2 = ChunkKey("lin", 0, 2)
     s = _IndexFullAfterCopy(tmp_path, 32 * CS)
     try:
@@ -931,8 +934,27 @@ def test_a_copy_up_that_fails_on_a_full_disk_never_shows_its_half_copy(tmp_path)
         assert s.info(k2) is None and s.resolve("lin", 0, [1, 2]) == 1
         s.write(k2, 0, b"child", chunk_size=CS, base=1)
         assert s.read(k2, 0, CS) == b"child" + b"p" * (CS - 5)
+        assert s.fsck() == []
     finally:
         s.close()
+    s = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert s.fsck() == []
+    finally:
+        s.close()
+
+
+def _eio_at(monkeypatch, bad: int) -> None:
+    """os.pread fails with EIO for any read reaching data-file offset `bad`."""
+    real = os.pread
+
+    def pread(fd, n, pos):
+        if pos <= bad < pos + n:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, n, pos)
+
+    monkeypatch.setattr(os, "pread", pread)
+
 
 
 def test_a_page_the_disk_cannot_read_is_a_checksum_error(store, monkeypatch):
@@ -942,14 +964,7 @@ def test_a_page_the_disk_cannot_read_is_a_checksum_error(store, monkeypatch):
     the same on a disk that really fails, where a read through the map is a SIGBUS.)"""
     store.write(K, 0, b"a" * CS, chunk_size=CS)
     bad = store.info(K).slot * CS + 5 * PAGE_SIZE
-    real = os.pread
-
-    def pread(fd, n, pos):
-        if pos <= bad < pos + n:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd, n, pos)
-
-    monkeypatch.setattr(os, "pread", pread)
+    _eio_at(monkeypatch, bad)
     for offset, length in ((5 * PAGE_SIZE, PAGE_SIZE), (0, 8 * PAGE_SIZE), (100, 6 * PAGE_SIZE)):
         with pytest.raises(ChecksumError) as e:
             store.read(K, offset, length)
@@ -1105,14 +1120,7 @@ def test_a_page_the_disk_cannot_read_does_not_stop_the_recovery(tmp_path, monkey
     s.write(K, 0, b"b" * PAGE_SIZE, chunk_size=CS)  # K is dirty
     bad = s.info(K).slot * CS + 5 * PAGE_SIZE
     abandon(s)
-    real = os.pread
-
-    def pread(fd, n, pos):
-        if pos <= bad < pos + n:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd, n, pos)
-
-    monkeypatch.setattr(os, "pread", pread)
+    _eio_at(monkeypatch, bad)
     s = ChunkStore(tmp_path, 16 * CS)
     try:
         assert s.recovered == {K}
@@ -1139,30 +1147,6 @@ def test_the_index_files_are_named_durably(tmp_path, monkeypatch):
     try:
         assert (tmp_path / "store" / "index" / "data.mdb").exists()
         assert str(tmp_path / "store" / "index") in synced
-    finally:
-        s.close()
-
-
-def test_a_copy_up_made_again_after_a_full_disk_leaks_no_slot(tmp_path):
-    """The copy and the commit putting its slot in limbo both meet a full disk (the
-    index keeps the chunk PENDING, for the next open to drop); the same copy-up made
-    again once there is room must not overwrite that record with its own: the first
-    slot would belong to neither chunks, free nor limbo, never to be used again."""
-    k2 = ChunkKey("lin", 0, 2)
-    s = _IndexFullAfterCopy(tmp_path, 32 * CS)
-    try:
-        s.write(K, 0, b"p" * CS, chunk_size=CS)
-        s.flush()
-        s.copy_fails, s.fails_after_copy = True, 1
-        with pytest.raises(NoSpace):
-            s.write(k2, 0, b"child", chunk_size=CS, base=1)
-        s.write(k2, 0, b"child", chunk_size=CS, base=1)
-        assert s.fsck() == []
-    finally:
-        s.close()
-    s = ChunkStore(tmp_path, 32 * CS)
-    try:
-        assert s.fsck() == []
     finally:
         s.close()
 
