@@ -484,6 +484,9 @@ class DataSetMover:
         # created after it keeps the completion from going through (set_data_set), and one
         # created before it is of a volume listed below (blocking ignores other lineages).
         seq = await self.registry.stale_seq() if cmap.prev is not None else None
+        # (and for a pool that lists no volume: one created after it keeps the switch
+        # below from going through, so it is found at the next step)
+        vseq = await self.registry.vol_seq() if cmap.prev is None else None
         vols = await self.registry.list_volumes()
         want = wanted_data_set(cmap, vols, await self.not_out(cmap, seen))
         if not want:
@@ -493,11 +496,14 @@ class DataSetMover:
         set_ds = self.registry.set_data_set
         if cmap.prev is None:
             placed = cmap.placed()
-            if cmap.data is None and want == cmap.data_set:
-                # the first record: no chunk to move. (Not so for a pool that listed no
-                # volume: one created and written before the set_data_set below has its
-                # chunks on the set being left; a change, with its scan, moves them.)
-                return await set_ds(cmap.mgen, want, None, weights, None, places)
+            if (cmap.data is None and want == cmap.data_set) or (
+                    not vols and (want != cmap.data or places != placed)):
+                # the first record, or a pool without volumes: no chunk to move. (A volume
+                # created since the listing, and written on the set being left, keeps the
+                # switch from going through: vol_seq. The next step finds it and makes a
+                # change, with its scan.)
+                return await set_ds(cmap.mgen, want, None, weights, None, places,
+                                    vol_seq=vseq)
             if want != cmap.data_set or places != placed:
                 log.info("event=data_set_change gen=%d from=%s to=%s%s", cmap.mgen + 1,
                          ",".join(cmap.data_set), ",".join(want), _replaced(placed, places))

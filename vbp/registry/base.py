@@ -77,6 +77,9 @@ P_STALE = b"vbp/stale/"
 # put by every mark_stale that creates a record: a change of data set completes only if its
 # mod revision is still the one read before the records were listed (set_data_set)
 K_STALE_SEQ = b"vbp/stale_seq"
+# put by every creation of a volume record: a pool that listed no volume switches its data
+# set at once only if its mod revision is still the one read before the listing
+K_VOL_SEQ = b"vbp/vol_seq"
 P_LOSS = b"vbp/loss/"  # <lineage> -> its accepted losses (vbp.volume.note_accepted)
 # <lineage>/<volume name>/<record revision> -> {"gens": the generations its record named,
 # "at": when}: what a volume deleted lately read (deleted_gens); kept GONE_KEEP
@@ -330,7 +333,8 @@ class Registry:
         raise self._contended(f"remove host {host_id}")
 
     def set_data_set(self, gen: int, hosts, prev, weights=None, prev_weights=None,
-                     places=None, prev_places=None, stale_seq: int | None = None) -> ClusterMap:
+                     places=None, prev_places=None, stale_seq: int | None = None,
+                     vol_seq: int | None = None) -> ClusterMap:
         """Replace the data set if its generation is still `gen` (compare-and-set; the new
         one has generation gen + 1). `weights` and `prev_weights` ({host: factor}) are the
         placement weight factors of `hosts` and `prev`; factors of 1 and of hosts outside
@@ -340,7 +344,10 @@ class Registry:
         the race sees the winner's data set in it. `stale_seq` (stale_seq(), read before
         the stale records a completion was judged by were listed): only if no stale record
         was created since (a joining target recorded stale after the listing must keep the
-        change from completing: it would count as a complete copy missing a write)."""
+        change from completing: it would count as a complete copy missing a write).
+        `vol_seq` (vol_seq(), read before the volumes were listed): only if no volume was
+        created since (a pool that listed none switches with nothing to move only while
+        that holds: a volume created meanwhile may have chunks on the set being left)."""
         item, _ = self.kv.get(K_DATASET)
         cur = _unpack(item.value)["gen"] if item else 0
         if cur == gen:
@@ -363,6 +370,8 @@ class Registry:
             cmps = [Cmp(K_DATASET, "mod", item.mod_rev if item else 0)]
             if stale_seq is not None:
                 cmps.append(Cmp(K_STALE_SEQ, "mod", stale_seq))
+            if vol_seq is not None:
+                cmps.append(Cmp(K_VOL_SEQ, "mod", vol_seq))
             self.kv.txn(cmps, [Put(K_DATASET, value)])
         return self.cluster_map()
 
@@ -370,6 +379,12 @@ class Registry:
         """The mod revision of the key every creation of a stale record puts (0: none yet),
         for set_data_set's `stale_seq`."""
         item, _ = self.kv.get(K_STALE_SEQ)
+        return item.mod_rev if item else 0
+
+    def vol_seq(self) -> int:
+        """The mod revision of the key every creation of a volume record puts (0: none
+        yet), for set_data_set's `vol_seq`."""
+        item, _ = self.kv.get(K_VOL_SEQ)
         return item.mod_rev if item else 0
 
     def mark_scanned(self, host_id: str, gen: int) -> None:
@@ -397,7 +412,7 @@ class Registry:
     def create_volume(self, name: str, record: dict) -> None:
         key = P_VOL + _name("volume name", name)
         value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
-        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value)])
+        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value), Put(K_VOL_SEQ, b"")])
         if not ok:
             raise AlreadyExists(f"volume {name} already exists")
 
@@ -416,7 +431,7 @@ class Registry:
             record = make(_unpack(item.value))
             value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
             ok, _ = self.kv.txn([Cmp(key, "mod", 0), Cmp(pkey, "mod", item.mod_rev)],
-                                [Put(key, value)])
+                                [Put(key, value), Put(K_VOL_SEQ, b"")])
             if ok:
                 return record
             if self.kv.get(key)[0] is not None:
