@@ -765,3 +765,28 @@ def test_the_fast_maker_fills_defaults_like_the_constructor():
     args = ("vol", "lin", 3, 1, (1,), 4096, b"x", 4 << 20, 0, False, 1, 1)
     assert m.new_write_chunk(*args) == m.WriteChunk(*args)
     assert m.new_write_chunk(*args).rid == ""
+
+
+# --- review of the peer protocol (rev-peer) --------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="the in-place WriteChunk decoder's 4 KiB head peek "
+                   "raises ValueError (max_array_len) for a chain of more than 4096 "
+                   "generations, instead of falling back to the ordinary decoder: a valid "
+                   "large write is refused as 'not msgpack' and its connection closed")
+def test_a_large_write_with_a_long_chain_decodes_as_it_does_whole():
+    """A volume's chain gains a generation at every snapshot taken, deleted or not
+    (vbp.volume, MAX_SNAPSHOTS counts live ones only): a volume snapshotted and pruned
+    on a schedule passes 4096 generations. Its large writes must decode whichever way
+    their frame arrives, as its small ones do."""
+    chain = tuple(range(1, 4200))
+    w = m.WriteChunk("v", "l", 1, chain[-1], chain, 0, BIG, 1 << 22, 3, False, 4, 5)
+    raw = wire(9, w)
+    whole = PeerCodec()
+    whole.receive_data(raw)
+    assert whole.next_event() == (9, w)  # all of it in one receive: the ordinary decoder
+    c = PeerCodec()
+    c.receive_data(raw[:100])  # the frame's start, then the rest: its own buffer
+    assert c.next_event() is NEED_DATA and c.large_buffer() is not None
+    c.receive_data(raw[100:])
+    assert c.next_event() == (9, w)
