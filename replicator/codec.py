@@ -456,8 +456,12 @@ def _decode_write_in_place(frame: bytearray):
             return None
         # version, type id, request id and the required fields before the payload
         head = tuple(unpacker.unpack() for _ in range(2 + nreq))
-    except msgpack.OutOfData:
-        return None  # a long head: the ordinary decoder handles it
+    except (msgpack.OutOfData, ValueError):
+        # a long head: the ordinary decoder handles it. (ValueError: an array or string
+        # longer than the peek, which the Unpacker's limits, derived from what it is fed,
+        # refuse from its header before it runs out of data: a chain of over 4096
+        # generations. A malformed head is refused there too.)
+        return None
     at = unpacker.tell()
     size = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(frame[at]) if at < len(frame) else None
     if size is None:

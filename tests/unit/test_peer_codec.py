@@ -770,10 +770,6 @@ def test_the_fast_maker_fills_defaults_like_the_constructor():
 # --- review of the peer protocol (rev-peer) --------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the in-place WriteChunk decoder's 4 KiB head peek "
-                   "raises ValueError (max_array_len) for a chain of more than 4096 "
-                   "generations, instead of falling back to the ordinary decoder: a valid "
-                   "large write is refused as 'not msgpack' and its connection closed")
 def test_a_large_write_with_a_long_chain_decodes_as_it_does_whole():
     """A volume's chain gains a generation at every snapshot taken, deleted or not
     (vbp.volume, MAX_SNAPSHOTS counts live ones only): a volume snapshotted and pruned
