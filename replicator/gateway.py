@@ -116,6 +116,7 @@ WRITE_GRACE = 1.0
 # buffer with no copy (replicator.codec.SPLIT_THRESHOLD)
 BATCH_PIECE = 32 * 1024
 BATCH_ITEMS = 16
+assert BATCH_ITEMS <= m.BATCH_ITEMS_MAX  # (what a replica takes in one WriteBatch)
 # Shorter runs go one WriteChunk each, joining the peer links' own batches: a run of one,
 # put off, would be sent on its own at once (a mixed load sends many: 4K random 70/30
 # read/write at QD32 averages runs of one or two writes). At replicas=3 that load ran at

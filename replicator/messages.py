@@ -42,6 +42,10 @@ PROTO_VERSION = 1
 PEER_REV = 8
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
+# Items a replica takes in one WriteBatch (the gateway sends gateway.BATCH_ITEMS at most):
+# each costs the replica's event loop a few µs and its sender 3 bytes, so a frame of
+# millions of them would hold every other peer up for seconds. More is refused whole.
+BATCH_ITEMS_MAX = 1024
 COLLECTED_REV = 8  # CollectedGens
 READ_TOKEN_REV = 8  # ReadChunk.token
 

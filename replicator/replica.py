@@ -400,7 +400,7 @@ class Replica:
             t = type(msg)
             if t in _MARKED:
                 keys.add((msg.lineage, msg.index, msg.gen))
-            elif t is m.WriteBatch:
+            elif t is m.WriteBatch and len(msg.indexes) <= m.BATCH_ITEMS_MAX:  # (else refused)
                 keys.update((msg.lineage, i, msg.gen) for i in msg.indexes)
         if len(keys) > 1:  # (one chunk: its write marks it as cheaply)
             store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
@@ -477,6 +477,8 @@ class Replica:
         volume, lineage, gen, chain = msg.volume, msg.lineage, msg.gen, msg.chain
         indexes, offsets, lengths = msg.indexes, msg.offsets, msg.lengths
         n = len(indexes)
+        if n > m.BATCH_ITEMS_MAX:
+            raise InvalidArgument(f"a WriteBatch of {n} items: {m.BATCH_ITEMS_MAX} at most")
         if len(offsets) != n or len(lengths) != n or sum(lengths) != len(msg.data) \
                 or any(x < 0 for x in lengths):
             raise InvalidArgument(f"a WriteBatch of {n} items with {len(offsets)} offsets, "

@@ -291,10 +291,6 @@ def test_a_damaged_takeover_mark_does_not_stop_the_store_opening(tmp_path):
 # --- review of the peer protocol (rev-peer) --------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a WriteBatch takes any number of items: one 0.9 MB "
-                   "frame of 300,000 empty items holds the event loop about 0.6 s (every "
-                   "other peer and NBD client waiting) and leaves 300,000 notes in "
-                   "Replica.written; a 64 MiB frame, about 22 million items: ~45 s and ~2 GB")
 async def test_a_write_batch_of_absurdly_many_items_is_refused(tmp_path):
     """A gateway sends at most gateway.BATCH_ITEMS (16) writes in a WriteBatch; each item
     costs the replica's event loop about 2 µs and a note, and costs the sender 3 bytes.
