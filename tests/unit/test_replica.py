@@ -306,3 +306,21 @@ async def test_a_write_batch_of_absurdly_many_items_is_refused(tmp_path):
             await pool.call(address, batch)
         assert len(replica.written[("lin", 0)]) == 1  # nothing of the batch noted
         assert await pool.call(address, m.Ping(1)) == m.Pong("h2", 1)
+
+
+@pytest.mark.xfail(strict=True, reason="Replica.write notes a write (written, recent) before the "
+                   "store checks it: a refused write is noted as applied, and resync defers "
+                   "the chunk (ChunkBusy) as if a client write were on its way")
+async def test_a_write_out_of_range_is_not_noted(tmp_path):
+    """As for a zeroing (above): a write no chunk could take is refused, and nothing is
+    noted for it, whether or not the chunk is here."""
+    async with replica_server(tmp_path) as (replica, pool, address):
+        w = m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, CHUNK, 0, False, 1, 1)
+        assert type(await pool.call(address, w)) is m.Ok
+        notes = {k: list(v) for k, v in replica.written.items()}
+        for i in (0, 1):  # (chunk 0 held, 1 not)
+            bad = m.WriteChunk("v", "lin", i, 1, (1,), CHUNK - 4096, b"y" * 8192, CHUNK, 0,
+                               False, 1, 1)
+            with pytest.raises(InvalidArgument):
+                await pool.call(address, bad)
+        assert replica.written == notes
