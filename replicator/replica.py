@@ -330,14 +330,16 @@ class Replica:
             self.check_epoch(epoch)
         if self.resyncing:
             self._check_creates(lineage, index, gen)
-        self._note(volume, lineage, index, offset, len(data), gen)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
-        return store.write(  # (_base's answer is None when the chunk is here already)
+        v = store.write(  # (_base's answer is None when the chunk is here already)
             key, offset, data, chunk_size=chunk_size,
             base=None if store.lookup(key) is not None else self._base(lineage, index, gen, chain),
             version=version or None, fua=fua,
         )
+        # noted once applied (no checkpoint between): a write the store refuses is not
+        self._note(volume, lineage, index, offset, len(data), gen)
+        return v
 
     def zero(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:

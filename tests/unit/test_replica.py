@@ -308,9 +308,6 @@ async def test_a_write_batch_of_absurdly_many_items_is_refused(tmp_path):
         assert await pool.call(address, m.Ping(1)) == m.Pong("h2", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="Replica.write notes a write (written, recent) before the "
-                   "store checks it: a refused write is noted as applied, and resync defers "
-                   "the chunk (ChunkBusy) as if a client write were on its way")
 async def test_a_write_out_of_range_is_not_noted(tmp_path):
     """As for a zeroing (above): a write no chunk could take is refused, and nothing is
     noted for it, whether or not the chunk is here."""
