@@ -13,8 +13,6 @@ from vbp.registry import open_registry
 _n = itertools.count()
 
 
-@pytest.mark.xfail(strict=True, reason="delete_volume's transaction does not compare the lease "
-                   "record _refuse_in_use judged: a lease taken after the check is deleted under")
 def test_a_volume_leased_after_the_in_use_check_is_not_deleted_without_force():
     """`vbp volume delete` (no --force) refuses a volume whose write lease is live. The
     check reads the lease, then delete_volume's transaction compares the volume record

@@ -57,6 +57,7 @@ from vbp.cluster import (
 from vbp.errors import (
     AlreadyExists,
     Fenced,
+    InUse,
     InvalidArgument,
     LeaseHeld,
     NotFound,
@@ -480,16 +481,28 @@ class Registry:
                 return new
         raise self._contended(f"update volume {name}")
 
-    def delete_volume(self, name: str) -> None:
+    def delete_volume(self, name: str, unless_leased: bool = False) -> None:
         """Delete the volume's record; the loss record of a lineage left with no volume
         goes too (_forget_lineages), or, the registry failing for that step, at a later
-        delete."""
+        delete. `unless_leased`: InUse while its write lease is live, judged in the same
+        transaction (the lease record compared), so a lease taken after a caller's own
+        check cannot be deleted under."""
         key = P_VOL + _name("volume name", name)
+        lkey = P_LEASE + _name("volume name", name)
         for _ in range(CAS_ATTEMPTS):
+            cmps = []
+            if unless_leased:
+                litem, _ = self.kv.get(lkey)
+                lease = self._lease_of(name, litem.value) if litem else None
+                if lease is not None and lease.holder and lease.expires > time.time():
+                    raise InUse(f"volume {name} is open by NBD clients ({name} on {lease.holder}, "
+                                f"its write lease held); disconnect them, or use --force "
+                                f"(their requests then fail with EIO)")
+                cmps.append(Cmp(lkey, "mod", litem.mod_rev if litem else 0))
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
+            ok, _ = self.kv.txn([*cmps, Cmp(key, "mod", item.mod_rev)],
                                 [Delete(key), *self._gone(key, _unpack(item.value), item.mod_rev)])
             if ok:
                 try:
