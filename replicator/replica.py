@@ -332,11 +332,18 @@ class Replica:
             self._check_creates(lineage, index, gen)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
-        v = store.write(  # (_base's answer is None when the chunk is here already)
-            key, offset, data, chunk_size=chunk_size,
-            base=None if store.lookup(key) is not None else self._base(lineage, index, gen, chain),
-            version=version or None, fua=fua,
-        )
+        try:
+            v = store.write(  # (_base's answer is None when the chunk is here already)
+                key, offset, data, chunk_size=chunk_size,
+                base=None if store.lookup(key) is not None else self._base(lineage, index, gen, chain),
+                version=version or None, fua=fua,
+            )
+        except (InvalidArgument, NotFound):
+            raise  # refused before anything was written: nothing to note
+        except BaseException:
+            # (a failure part-way, a full disk or an I/O error: some of it may be there)
+            self._note(volume, lineage, index, offset, len(data), gen)
+            raise
         # noted once applied (no checkpoint between): a write the store refuses is not
         self._note(volume, lineage, index, offset, len(data), gen)
         return v

@@ -13,7 +13,7 @@ from replicator import messages as m
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, MemoryChunkStore
-from vbp.errors import InvalidArgument, NotFound
+from vbp.errors import InvalidArgument, NoSpace, NotFound
 from vbp.layout import ChunkKey
 
 pytestmark = pytest.mark.timeout(30)
@@ -321,3 +321,21 @@ async def test_a_write_out_of_range_is_not_noted(tmp_path):
             with pytest.raises(InvalidArgument):
                 await pool.call(address, bad)
         assert replica.written == notes
+
+
+def test_a_write_that_failed_part_way_is_noted(monkeypatch):
+    """A write the store took and failed part-way (a full disk): some of it may be on the
+    copy, so it is noted as any write is, for resync's window and a takeover's compare."""
+    replica = Replica(MemoryChunkStore(None, 1 << 30), "h2", lambda: 1)
+    _marked_write(replica, "v", 0)
+    replica.written.clear()
+    replica.recent.clear()
+
+    def full(*args, **kwargs):
+        raise NoSpace("the disk is full")
+
+    monkeypatch.setattr(replica.store, "write", full)
+    with pytest.raises(NoSpace):
+        _marked_write(replica, "v", 0)
+    assert list(replica.written) == [("lin-v", 0)]
+    assert replica.recently_written("lin-v", 1) == [0]
