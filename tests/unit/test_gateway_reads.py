@@ -380,3 +380,91 @@ def test_block_status_of_a_fragmented_range_answers_a_prefix(monkeypatch, where)
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="read repair answers the client from a peer that "
+                   "lacks the generation the local copy holds: pre-write bytes of an "
+                   "acknowledged write")
+def test_read_repair_never_answers_from_a_peer_missing_the_local_generation():
+    """As above: b lost the head's generation of chunk 0, a's copy of it fails its checksum
+    on page 1. a knows the read resolves to the head here; b answers from the snapshot's
+    generation, which predates the acknowledged write of page 1. The client must get the
+    write or an error, never the snapshot's bytes."""
+    async def body(sim, rec, gw, a, b):
+        await call(gw.write(0, b"\x01" * 8192, False))
+        chain = gw.chain
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sim.snapshot, "v", "s1")
+            while gw.chain == chain:
+                await sim.hosts[a].provider.sync_records()
+                await trio.sleep(0.05)
+        head = gw.gen
+        await call(gw.write(4096, b"\x03" * 4096, False))
+        key = ChunkKey(rec.lineage, 0, head)
+        sim.hosts[b].store.delete(key)
+        sim.hosts[a].store.corrupt(key, 1)
+        await trio.sleep(0.01)
+        try:
+            got = await read(gw, 4096, 4096)
+        except VbpError:
+            return
+        assert got == b"\x03" * 4096, "the snapshot's bytes answered a read of the head"
+
+    in_pool(body)
+
+
+class _SlowMarks:
+    """A registry whose stale marks take `delay` seconds to land (a slow registry)."""
+
+    def __init__(self, reg, delay: float):
+        self.reg, self.delay = reg, delay
+
+    def __getattr__(self, name):
+        return getattr(self.reg, name)
+
+    async def mark_stale(self, *args, **kwargs):
+        await trio.sleep(self.delay)
+        return await self.reg.mark_stale(*args, **kwargs)
+
+
+@pytest.mark.xfail(strict=True, reason="read repair writes a stale peer's older bytes over "
+                   "the only current copy of an acknowledged write")
+def test_read_repair_never_writes_a_stale_peers_bytes_over_an_acknowledged_write():
+    """c's gateway writes page 0; b misses it and the record of b's staleness lands late
+    (within write_window: the write is acknowledged). a's copy, the only current one
+    holding the write, then fails its checksum on page 0 in a read by a's gateway (no
+    lease) more than write_window after the write, before that gateway's 1 s stale
+    refresh and b's resync pass listed the record. b answers its older bytes; written
+    over a's page they pass every checksum and the acknowledged write is gone from
+    every copy. A repair must only restore what a's stored checksum says."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            window = sim.peer_timeout + gateway.WRITE_GRACE
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
+            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            c = next(h for h in sim.hosts if h not in (a, b))
+            writer = await sim.hosts[c].provider.open_export("v")
+            await call(writer.write(0, b"\x01" * 8192, False))
+            reader = await sim.hosts[a].provider.open_export("v")  # no lease: it reads
+            key = ChunkKey(rec.lineage, 0, rec.head)
+            writer.registry = _SlowMarks(writer.registry, window - 0.5)
+            sim.hosts[c].faults.partition([sim.hosts[b].addr])
+            t0 = trio.current_time()
+            await call(writer.write(0, b"\x03" * 4096, False))  # acknowledged: a has it
+            assert [r.host_id for r in sim.reg.list_stale(rec.lineage)] == [b]
+            await trio.sleep_until(t0 + window + 0.1)
+            sim.hosts[a].store.corrupt(key, 0)
+            try:
+                await read(reader, 0, 4096)
+            except VbpError:
+                pass
+            try:
+                kept = sim.hosts[a].store.read(key, 0, 4096)
+            except VbpError:
+                kept = None  # left damaged, for scrub: not laundered
+            assert kept in (None, b"\x03" * 4096), "b's older page was written over a's"
+            nursery.cancel_scope.cancel()
+
+    run(main)
