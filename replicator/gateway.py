@@ -88,7 +88,8 @@ from vbp.errors import (
     WritePastEnd,
 )
 from vbp.later import Later
-from vbp.layout import ChunkKey, Geometry, MiB, Piece, format_size
+from vbp.chunkstore_common import page_checksum
+from vbp.layout import PAGE_SIZE, ChunkKey, Geometry, MiB, Piece, format_size
 from vbp.placement import Placement
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
@@ -896,11 +897,33 @@ class VolumeGateway:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=other_generation "
                          "peer_gen=%d", self.name, p.index, gen)
                 return
-            info = self.store.info(ChunkKey(self.lineage, p.index, gen))
-            self.store.write(ChunkKey(self.lineage, p.index, gen), p.offset, data,
-                             chunk_size=self.geometry.chunk_size,
-                             version=info.version if info else None)
-            log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index, len(data))
+            # Only the whole pages whose peer bytes are what this copy's stored checksum
+            # says: exactly the bytes it should hold, whatever the peer's state (a copy
+            # gone stale that no map here shows yet answers older bytes, which would pass
+            # every checksum from then on). The rest is left to the next read or scrub.
+            key = ChunkKey(self.lineage, p.index, gen)
+            version, sums = self.store.page_checksums(key)
+            mv = memoryview(data)
+            first = (p.offset + PAGE_SIZE - 1) // PAGE_SIZE
+            runs: list[list[int]] = []
+            for page in range(first, (p.offset + p.length) // PAGE_SIZE):
+                at = page * PAGE_SIZE - p.offset
+                s = sums[page]
+                if s and page_checksum(mv[at:at + PAGE_SIZE]) == s:
+                    if runs and runs[-1][1] == page:
+                        runs[-1][1] = page + 1
+                    else:
+                        runs.append([page, page + 1])
+            if not runs:
+                log.info("volume=%s chunk=%d event=repair_skipped reason=peer_differs",
+                         self.name, p.index)
+                return
+            for a, b in runs:
+                at = a * PAGE_SIZE - p.offset
+                self.store.write(key, a * PAGE_SIZE, mv[at:at + (b - a) * PAGE_SIZE],
+                                 chunk_size=self.geometry.chunk_size, version=version)
+            log.info("volume=%s chunk=%d event=repaired bytes=%d", self.name, p.index,
+                     sum(b - a for a, b in runs) * PAGE_SIZE)
             if self.metrics is not None:
                 self.metrics.repaired()
         except VbpError as e:

@@ -427,8 +427,6 @@ class _SlowMarks:
         return await self.reg.mark_stale(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="read repair writes a stale peer's older bytes over "
-                   "the only current copy of an acknowledged write")
 def test_read_repair_never_writes_a_stale_peers_bytes_over_an_acknowledged_write():
     """c's gateway writes page 0; b misses it and the record of b's staleness lands late
     (within write_window: the write is acknowledged). a's copy, the only current one
