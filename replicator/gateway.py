@@ -839,6 +839,7 @@ class VolumeGateway:
         last: Exception | None = None
         stale = self.stale.get(p.index, ())
         started = self.replica.now()
+        damaged = repair  # (the local copy holds the chunk: it failed a checksum)
         # a write of ours still on its way to the peer we read may be missing from its reply
         repair = repair and not self._inflight
         if self.takeover_unheard:  # (their copies may hold a write nobody compared yet)
@@ -855,6 +856,15 @@ class VolumeGateway:
             except VbpError as e:
                 last = e
                 continue
+            if damaged:
+                mine = self.store.resolve(self.lineage, p.index, msg.chain)
+                if mine is not None and reply.gen < mine:
+                    # the peer lacks a generation of the read's chain this copy holds (a
+                    # lost copy, which scrub records stale): its bytes predate it
+                    last = PeerUnavailable(
+                        f"chunk {p.index} of {self.name}: {h} lacks generation {mine}, which "
+                        f"this host's copy (failing its checksum) holds")
+                    continue
             data = reply.data if reply.gen >= 0 else None
             if repair:
                 self._repair_local(p, data, started, reply.gen)

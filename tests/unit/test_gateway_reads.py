@@ -334,7 +334,10 @@ def test_read_repair_never_writes_a_peer_generation_over_another_local_one():
         store_a = sim.hosts[a].store
         store_a.corrupt(key, 1)
         await trio.sleep(0.01)
-        await read(gw, 4096, 4096)
+        try:
+            await read(gw, 4096, 4096)
+        except VbpError:
+            pass  # (b's older bytes are no answer either: the next test)
         try:
             kept = store_a.read(key, 4096, 4096)
         except VbpError:
@@ -382,9 +385,6 @@ def test_block_status_of_a_fragmented_range_answers_a_prefix(monkeypatch, where)
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="read repair answers the client from a peer that "
-                   "lacks the generation the local copy holds: pre-write bytes of an "
-                   "acknowledged write")
 def test_read_repair_never_answers_from_a_peer_missing_the_local_generation():
     """As above: b lost the head's generation of chunk 0, a's copy of it fails its checksum
     on page 1. a knows the read resolves to the head here; b answers from the snapshot's
