@@ -557,3 +557,23 @@ def test_an_in_process_memory_registry_is_refused(tmp_path):
     text = REQUIRED.replace('"lmdb:///tmp/vbp-reg"', '"memory://pool"')
     msg = refused(write(tmp_path, text))
     assert names_key(msg, "registry") and "memory://" in msg, msg
+
+
+@pytest.mark.xfail(strict=True, reason="Config.validate names the config file for a bad value "
+                   "that a flag gave (--capacity 0, a --data-dir under a file)")
+@pytest.mark.parametrize("flag, value, expect", [
+    ("capacity", "0", "flag --capacity: key 'capacity': must be greater than zero"),
+    ("data_dir", "{file}/data", "flag --data-dir: key 'data_dir': {file} is not a directory"),
+    ("registry", "lmdb://{file}/reg", "flag --registry: key 'registry': {file} is not a directory"),
+])
+def test_a_bad_flag_value_checked_with_the_others_names_the_flag_not_the_file(
+        tmp_path, flag, value, expect):
+    """The file does not hold the key: the operator must be sent to the flag (a unit's
+    ExecStart, `vbp sandbox up --capacity`), not to a file that never mentions it."""
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    path = write(tmp_path, REQUIRED + 'zone = "z1"\n')
+    with pytest.raises(InvalidArgument) as e:
+        load(path, {flag: value.format(file=file)})
+    assert str(e.value).startswith(expect.format(file=file)), str(e.value)
+    assert path not in str(e.value)
