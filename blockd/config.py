@@ -105,7 +105,12 @@ class Config:
     log_level: str = "info"
     log_format: str = "kv"
 
-    def validate(self, source: str = "flags") -> "Config":
+    def validate(self, source: str = "flags", flagged=frozenset()) -> "Config":
+        """Check the settings together; a value a flag gave (a key in `flagged`) is named
+        as that flag's, the others as `source`'s (the file)."""
+        def where(key: str) -> str:
+            return "flag --" + key.replace("_", "-") if key in flagged else source
+
         for key in ("host_id", "data_dir", "registry"):
             if not getattr(self, key):
                 raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
@@ -113,18 +118,18 @@ class Config:
             try:
                 parse_hostport(getattr(self, key), key)
             except InvalidArgument as e:
-                raise InvalidArgument(f"{source}: key {key!r}: {e}") from None
+                raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
         try:
             refuse_in_process(self.registry)
         except InvalidArgument as e:
-            raise InvalidArgument(f"{source}: key 'registry': {e}") from None
+            raise InvalidArgument(f"{where('registry')}: key 'registry': {e}") from None
         lmdb_dir = self.registry[len("lmdb://"):] if self.registry.startswith("lmdb://") else ""
         for key, path in (("data_dir", self.data_dir), ("registry", lmdb_dir)):
             blocker = _not_a_directory(path) if path else None
             if blocker:
-                raise InvalidArgument(f"{source}: key {key!r}: {blocker} is not a directory")
+                raise InvalidArgument(f"{where(key)}: key {key!r}: {blocker} is not a directory")
         if not 0 < self.capacity <= CAPACITY_MAX:
-            raise InvalidArgument(f"{source}: key 'capacity': must be greater than zero and at "
+            raise InvalidArgument(f"{where('capacity')}: key 'capacity': must be greater than zero and at "
                                   f"most {format_size(CAPACITY_MAX)}")
         for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",
                     "nbd_send_timeout"):
@@ -152,9 +157,9 @@ class Config:
             if not low <= getattr(self, key) <= high:
                 raise InvalidArgument(f"{source}: key {key!r}: must be from {low} to {high}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise InvalidArgument(f"{source}: key 'log_level': must be debug, info, warning or error")
+            raise InvalidArgument(f"{where('log_level')}: key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
-            raise InvalidArgument(f"{source}: key 'log_format': must be kv or json")
+            raise InvalidArgument(f"{where('log_format')}: key 'log_format': must be kv or json")
         if self.peer_tcp_congestion is None:  # (a default that never stops a start)
             self.peer_tcp_congestion = _usable_or_system(PEER_CONGESTION)
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
@@ -307,7 +312,9 @@ def from_settings(data: dict, overrides: dict, source: str) -> Config:
     cfg = Config()
     for raw_key, value in data.items():
         setattr(cfg, raw_key.replace("-", "_"), coerce_setting(raw_key, value, source))
+    flagged = set()
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, _coerce(key, value, "flag --" + key.replace("_", "-")))
-    return cfg.validate(source)
+            flagged.add(key)
+    return cfg.validate(source, frozenset(flagged))

@@ -559,8 +559,6 @@ def test_an_in_process_memory_registry_is_refused(tmp_path):
     assert names_key(msg, "registry") and "memory://" in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="Config.validate names the config file for a bad value "
-                   "that a flag gave (--capacity 0, a --data-dir under a file)")
 @pytest.mark.parametrize("flag, value, expect", [
     ("capacity", "0", "flag --capacity: key 'capacity': must be greater than zero"),
     ("data_dir", "{file}/data", "flag --data-dir: key 'data_dir': {file} is not a directory"),
