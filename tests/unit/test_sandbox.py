@@ -263,3 +263,25 @@ def test_down_stops_a_host_whose_pid_was_never_saved(tmp_path):
         for p in (ours, other):
             p.kill()
             p.wait()
+
+
+@pytest.mark.xfail(strict=True, reason="--set metrics=HOST:PORT gives every host the same "
+                   "metrics port: the second host of `up --hosts 2` cannot start, and the "
+                   "setting, saved, fails every later `up` the same way")
+def test_a_metrics_address_for_every_host_does_not_leave_a_host_that_cannot_start(tmp_path):
+    """One --set is every host's setting: a fixed metrics port cannot be every host's. It
+    must be refused before anything is saved or started (as other settings blockd would
+    refuse are), or every host must serve."""
+    port = free_port()
+    sb = Sandbox(tmp_path)
+    try:
+        r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--hosts", "2", "--dir", str(tmp_path),
+                                          "--base-port", str(free_port()), "--set",
+                                          f"metrics=127.0.0.1:{port}"], prog_name="vbp")
+        if r.exit_code == 0:
+            assert all(h.alive for h in sb.hosts()), sb.hosts()
+        else:
+            assert "--set: key 'metrics'" in r.stderr, r.stderr
+            assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
+    finally:
+        sb.down()
