@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blockd.config import coerce_setting, from_settings
+from blockd.config import coerce_setting, from_settings, parse_hostport
 from vbp.errors import InvalidArgument, VbpError
 
 STATE_FILE = "sandbox.json"
@@ -185,7 +185,7 @@ class Sandbox:
         # before anything is saved or started: a bad value kept in the state would fail
         # every later `up` the same way
         self._check_settings(saved, settings or {}, hosts[0], capacity or DEFAULT_CAPACITY,
-                             state["registry"])
+                             state["registry"], len(hosts))
         started = []
         for h in hosts:
             if pid_alive(h.get("pid", 0)):
@@ -226,7 +226,7 @@ class Sandbox:
                 time.sleep(0.1)
 
     def _check_settings(self, saved: dict, new: dict, h: dict, capacity: str,
-                        registry: str) -> None:
+                        registry: str, n: int = 1) -> None:
         """Refuse settings that blockd would refuse, or never see, naming where they come
         from (`new`: --set; `saved`: the state file), the key and the reason. They are
         checked as host `h` reads them: its blockd.toml (_config_text) under its flags."""
@@ -244,6 +244,12 @@ class Sandbox:
                 raise InvalidArgument(f"{source}: key {key!r}: bad value {json.dumps(value)} "
                                       f"(not a TOML value)") from None
             coerce_setting(key, parsed, source)
+            if key.replace("-", "_") == "metrics" and parsed and n > 1 \
+                    and parse_hostport(parsed, "metrics")[1] != 0:
+                # every host gets the setting: one port cannot be every host's
+                raise InvalidArgument(f"{source}: key {key!r}: {parsed} would be the metrics "
+                                      f"address of each of the {n} hosts; give port 0 (each "
+                                      f"host picks one) or run one host")
         # and together (nearfull_ratio at most full_ratio, TLS keys), with the flags
         from_settings(tomllib.loads(_config_text(merged)), self._flags(h, capacity, registry),
                       "--set" if new else file)

@@ -265,9 +265,6 @@ def test_down_stops_a_host_whose_pid_was_never_saved(tmp_path):
             p.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="--set metrics=HOST:PORT gives every host the same "
-                   "metrics port: the second host of `up --hosts 2` cannot start, and the "
-                   "setting, saved, fails every later `up` the same way")
 def test_a_metrics_address_for_every_host_does_not_leave_a_host_that_cannot_start(tmp_path):
     """One --set is every host's setting: a fixed metrics port cannot be every host's. It
     must be refused before anything is saved or started (as other settings blockd would
