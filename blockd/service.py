@@ -35,7 +35,9 @@ from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
-from vbp.errors import Fenced, Gone, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import (
+    Fenced, Gone, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
+)
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
@@ -1066,6 +1068,8 @@ class Blockd:
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)
+            await self._wait_host_id_free()
+            cmap = await self.registry.cluster_map()  # (as it is after the wait)
             self._check_store(cmap)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
@@ -1101,7 +1105,8 @@ class Blockd:
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))
-                cmap = await self.registry.register_host(self.host_record(), cfg.heartbeat_ttl)
+                cmap = await self.registry.register_host(
+                    self.host_record(), cfg.heartbeat_ttl, exclusive=self.store.store_id)
                 self.cluster.set_map(cmap)
                 await self.publish_stats()
                 nursery.start_soon(self._heartbeat)
@@ -1173,6 +1178,23 @@ class Blockd:
         while not await self._register_again():
             await trio.sleep(1)
         log.info("event=backfill_done stale_chunks=%d", marked)
+
+    async def _wait_host_id_free(self) -> None:
+        """Before serving anything: InUse while another blockd with this host id and
+        another disk is alive (its peers would be sent here, and its own disk would count
+        as a replaced one at its restart). A process of that id that just died (a disk
+        replaced after a crash) leaves its liveness for up to heartbeat_ttl: waited for,
+        a second more, before the refusal stops this one. Nothing is served meanwhile: a
+        peer's write to a new disk before its backfill began would be taken for a copy."""
+        cfg = self.cfg
+        deadline = trio.current_time() + cfg.heartbeat_ttl + 1.0
+        while True:
+            try:
+                return await self.registry.check_host_free(cfg.host_id, self.store.store_id)
+            except InUse:
+                if trio.current_time() >= deadline:
+                    raise
+                await trio.sleep(0.5)
 
     async def _register_again(self) -> bool:
         """Register this host's record anew; False (logged) if the registry cannot be

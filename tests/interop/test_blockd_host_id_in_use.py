@@ -34,8 +34,6 @@ def _stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="register_host overwrites the record of a live host: a "
-                   "second blockd with the same host id takes its place (peer address, store id)")
 def test_a_second_blockd_with_a_running_hosts_id_is_refused(tmp_path):
     from vbp.registry import open_registry
 

@@ -173,6 +173,12 @@ def _unpack(b: bytes):
     return msgpack.unpackb(b, raw=False, strict_map_key=False)
 
 
+def _host_in_use(old: HostRecord) -> InUse:
+    return InUse(f"host id {old.id} is in use by a running blockd with another disk (peer "
+                 f"{old.peer}, store {old.store_id}): give this one another --host-id, or "
+                 f"stop that one")
+
+
 def _name(kind: str, s: str) -> bytes:
     if not isinstance(s, str) or not s or "\x00" in s:
         raise InvalidArgument(f"invalid {kind}: {s!r} (a non-empty string without NUL)")
@@ -201,13 +207,22 @@ class Registry:
 
     # --- hosts and the cluster map -----------------------------------------------------
 
-    def register_host(self, rec: HostRecord, ttl: float) -> ClusterMap:
+    def register_host(self, rec: HostRecord, ttl: float, exclusive: str = "") -> ClusterMap:
+        """Record this host (its addresses, store id) and mark it alive for `ttl` seconds.
+        `exclusive` (a blockd starting: the id of the store it opened, which the record
+        it registers may not name yet while it backfills a new disk): InUse while the
+        record names another store and its liveness key is still there, that is, another
+        blockd of the same host id with another disk runs (or ran less than its ttl ago):
+        taking its place would send its peers to this one, and make that one's disk count
+        as a replaced one at its restart."""
         key = P_HOST + _name("host id", rec.id)
         for _ in range(CAS_ATTEMPTS):
             item, _rev = self.kv.get(key)
             new = rec
             if item is not None:
                 old = HostRecord.from_dict(_unpack(item.value))
+                if exclusive and self.other_process(rec.id, exclusive) is not None:
+                    raise _host_in_use(old)
                 new = HostRecord.from_dict({**rec.to_dict(), "state": old.state,
                                             "maintenance": old.maintenance})
             elif new.state not in (HOST_UP, HOST_DRAINING):
@@ -219,6 +234,24 @@ class Registry:
             if ok:
                 return self.cluster_map()
         raise self._contended(f"register host {rec.id}")
+
+    def check_host_free(self, host_id: str, store_id: str) -> None:
+        """InUse (naming it) while other_process finds another blockd of `host_id`."""
+        old = self.other_process(host_id, store_id)
+        if old is not None:
+            raise _host_in_use(old)
+
+    def other_process(self, host_id: str, store_id: str) -> HostRecord | None:
+        """The record of `host_id` while it names another store than `store_id` and its
+        liveness key is still there: another blockd of this id, with another disk, runs
+        (or ran less than its ttl ago). None otherwise (register_host's `exclusive`)."""
+        item, _ = self.kv.get(P_HOST + _name("host id", host_id))
+        if item is None:
+            return None
+        old = HostRecord.from_dict(_unpack(item.value))
+        if not old.store_id or old.store_id == store_id:
+            return None
+        return old if self.kv.get(P_ALIVE + host_id.encode())[0] is not None else None
 
     def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
         """Refresh the host's liveness key (and its published stats) in one transaction
