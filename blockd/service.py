@@ -1043,6 +1043,7 @@ class Blockd:
                                 keep_recovered=True)
         try:
             self.registry = AsyncRegistry(await trio.to_thread.run_sync(open_registry, cfg.registry))
+            await self._wait_host_id_free()
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
@@ -1068,8 +1069,6 @@ class Blockd:
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
             await self.resync.mark_recovered(self.store.recovered)
-            await self._wait_host_id_free()
-            cmap = await self.registry.cluster_map()  # (as it is after the wait)
             self._check_store(cmap)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")

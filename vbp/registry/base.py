@@ -221,7 +221,7 @@ class Registry:
             new = rec
             if item is not None:
                 old = HostRecord.from_dict(_unpack(item.value))
-                if exclusive and self.other_process(rec.id, exclusive) is not None:
+                if exclusive and self._alive_elsewhere(old, exclusive):
                     raise _host_in_use(old)
                 new = HostRecord.from_dict({**rec.to_dict(), "state": old.state,
                                             "maintenance": old.maintenance})
@@ -236,22 +236,19 @@ class Registry:
         raise self._contended(f"register host {rec.id}")
 
     def check_host_free(self, host_id: str, store_id: str) -> None:
-        """InUse (naming it) while other_process finds another blockd of `host_id`."""
-        old = self.other_process(host_id, store_id)
-        if old is not None:
-            raise _host_in_use(old)
-
-    def other_process(self, host_id: str, store_id: str) -> HostRecord | None:
-        """The record of `host_id` while it names another store than `store_id` and its
-        liveness key is still there: another blockd of this id, with another disk, runs
-        (or ran less than its ttl ago). None otherwise (register_host's `exclusive`)."""
+        """InUse (naming it) while another blockd of `host_id` runs (_alive_elsewhere)."""
         item, _ = self.kv.get(P_HOST + _name("host id", host_id))
-        if item is None:
-            return None
-        old = HostRecord.from_dict(_unpack(item.value))
-        if not old.store_id or old.store_id == store_id:
-            return None
-        return old if self.kv.get(P_ALIVE + host_id.encode())[0] is not None else None
+        if item is not None:
+            old = HostRecord.from_dict(_unpack(item.value))
+            if self._alive_elsewhere(old, store_id):
+                raise _host_in_use(old)
+
+    def _alive_elsewhere(self, old: HostRecord, store_id: str) -> bool:
+        """Host record `old` names another store than `store_id` and its liveness key is
+        still there: another blockd of this id, with another disk, runs (or ran less than
+        its ttl ago)."""
+        return (bool(old.store_id) and old.store_id != store_id
+                and self.kv.get(P_ALIVE + old.id.encode())[0] is not None)
 
     def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
         """Refresh the host's liveness key (and its published stats) in one transaction
@@ -526,8 +523,8 @@ class Registry:
             cmps = []
             if unless_leased:
                 litem, _ = self.kv.get(lkey)
-                lease = self._lease_of(name, litem.value) if litem else None
-                if lease is not None and lease.holder and lease.expires > time.time():
+                lease = self._live_lease(name, litem)
+                if lease is not None:
                     raise InUse(f"volume {name} is open by NBD clients ({name} on {lease.holder}, "
                                 f"its write lease held); disconnect them, or use --force "
                                 f"(their requests then fail with EIO)")
@@ -730,6 +727,10 @@ class Registry:
 
     def get_lease(self, volume: str) -> Lease | None:
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
+        return self._live_lease(volume, item)
+
+    def _live_lease(self, volume: str, item) -> Lease | None:
+        """The lease a lease record (`item`, None: none) holds, if held and not run out."""
         if item is None:
             return None
         lease = self._lease_of(volume, item.value)
