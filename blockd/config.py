@@ -109,7 +109,7 @@ class Config:
         """Check the settings together; a value a flag gave (a key in `flagged`) is named
         as that flag's, the others as `source`'s (the file)."""
         def where(key: str) -> str:
-            return "flag --" + key.replace("_", "-") if key in flagged else source
+            return _flag(key) if key in flagged else source
 
         for key in ("host_id", "data_dir", "registry"):
             if not getattr(self, key):
@@ -306,6 +306,11 @@ def coerce_setting(raw_key: str, value, source: str):
     return _coerce(key, value, source)
 
 
+def _flag(key: str) -> str:
+    """A setting's flag, as errors name it: flag --data-dir."""
+    return "flag --" + key.replace("_", "-")
+
+
 def from_settings(data: dict, overrides: dict, source: str) -> Config:
     """The config of the settings `data` (keys and values as in the TOML file, read from
     `source`) with the non-None `overrides` (flags) over them, validated."""
@@ -315,6 +320,6 @@ def from_settings(data: dict, overrides: dict, source: str) -> Config:
     flagged = set()
     for key, value in overrides.items():
         if value is not None:
-            setattr(cfg, key, _coerce(key, value, "flag --" + key.replace("_", "-")))
+            setattr(cfg, key, _coerce(key, value, _flag(key)))
             flagged.add(key)
     return cfg.validate(source, frozenset(flagged))

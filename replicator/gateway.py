@@ -2297,19 +2297,15 @@ class VolumeGateway:
             if prior is not None:
                 await prior.done.wait()
                 if prior.error is not None:
-                    err = VbpError(f"the flush of {self.name} when its last connection here "
-                                   f"closed failed: {prior.error}")
-                    err.errno = getattr(prior.error, "errno", err.errno)
-                    raise err
+                    raise _flush_failed(f"the flush of {self.name} when its last connection "
+                                        f"here closed", prior.error)
             while prev is not None:
                 await prev.done.wait()
                 if prev.error is None:
                     break
                 if prev.left is None:
-                    err = VbpError(f"a flush of {self.name} under way when this one was asked "
-                                   f"failed: {prev.error}")
-                    err.errno = getattr(prev.error, "errno", err.errno)
-                    raise err
+                    raise _flush_failed(f"a flush of {self.name} under way when this one "
+                                        f"was asked", prev.error)
                 # Its client went away: it told nobody anything and kept what it had not
                 # settled for the flush after it. This flush covers those writes too, so it
                 # makes them durable itself, and goes on to the flush that one waited for.
@@ -2534,6 +2530,13 @@ async def _called(op, *args):
     if result is not None and hasattr(result, "__await__"):
         result = await result
     return result
+
+
+def _flush_failed(which: str, error: BaseException) -> VbpError:
+    """A flush's error for the failure of another one it covers (`which`), with its errno."""
+    err = VbpError(f"{which} failed: {error}")
+    err.errno = getattr(error, "errno", err.errno)
+    return err
 
 
 def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:

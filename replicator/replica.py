@@ -169,11 +169,9 @@ class Replica:
         """Every chunk a mark names (`recent`, `recent_before`), with its volume: what the
         store keeps through a flush that clears the chunk's dirty mark."""
         out = {}
-        for volume, r in self.recent.items():
-            for lineage, gen, index in r:
-                out[_new_key(ChunkKey, (lineage, index, gen))] = volume
-        for volume, (_, before) in self.recent_before.items():
-            for lineage, gen, index in before:
+        for volume, marks in (*self.recent.items(),
+                              *((v, before) for v, (_, before) in self.recent_before.items())):
+            for lineage, gen, index in marks:
                 out[_new_key(ChunkKey, (lineage, index, gen))] = volume
         return out
 
@@ -332,21 +330,21 @@ class Replica:
             self._check_creates(lineage, index, gen)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
+        # noted once the store took it (no checkpoint between), or failed part-way (a full
+        # disk, an I/O error: some of it may be there); not when refused before writing
+        applied = True
         try:
-            v = store.write(  # (_base's answer is None when the chunk is here already)
+            return store.write(  # (_base's answer is None when the chunk is here already)
                 key, offset, data, chunk_size=chunk_size,
                 base=None if store.lookup(key) is not None else self._base(lineage, index, gen, chain),
                 version=version or None, fua=fua,
             )
         except (InvalidArgument, NotFound):
-            raise  # refused before anything was written: nothing to note
-        except BaseException:
-            # (a failure part-way, a full disk or an I/O error: some of it may be there)
-            self._note(volume, lineage, index, offset, len(data), gen)
+            applied = False
             raise
-        # noted once applied (no checkpoint between): a write the store refuses is not
-        self._note(volume, lineage, index, offset, len(data), gen)
-        return v
+        finally:
+            if applied:
+                self._note(volume, lineage, index, offset, len(data), gen)
 
     def zero(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:

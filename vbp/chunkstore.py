@@ -127,7 +127,7 @@ from vbp import pagesums
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, FileRange, StoreStats, check_chunk_size, check_key,
-    VERSION_SLACK, check_range, check_version, page_checksum, sum_runs,
+    VERSION_SLACK, check_range, check_version, marks_kept, page_checksum, sum_runs,
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
@@ -1337,11 +1337,7 @@ class ChunkStore:
         leave the table at the next flush that clears marks."""
         if not cold or self.recent_marks is None:
             return {}, []
-        marks = self.recent_marks()
-        put = {c.key: marks[c.key] for c in cold
-               if c.key in marks and self._marks.get(c.key) != marks[c.key]}
-        gone = [k for k in self._marks if k not in marks]
-        return put, gone
+        return marks_kept(self._marks, (c.key for c in cold), self.recent_marks())
 
     def forget_recovered(self) -> None:
         """The chunks `recovered` lists are taken care of (keep_recovered): the next open

@@ -91,6 +91,17 @@ class FileRange:
             self.owner = None
 
 
+def marks_kept(kept: dict, cleared, marks: dict) -> tuple[dict, list]:
+    """What a flush clearing the dirty marks of the chunks `cleared` changes in `kept`, a
+    store's takeover marks kept through restarts (chunk -> volume; ChunkStore._marks_kept
+    says why), given the replica's marks now (`marks`, Replica.marks): (entries to put,
+    keys to drop). A cleared chunk still marked is kept; a kept one no longer marked (its
+    holder lived on: settled) goes."""
+    put = {k: marks[k] for k in cleared if k in marks and kept.get(k) != marks[k]}
+    gone = [k for k in kept if k not in marks]
+    return put, gone
+
+
 def page_checksum(page) -> int:
     """Checksum of one real (non-hole) page: never 0."""
     return xxh3_64_intdigest(page) or 1

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
-    VERSION_SLACK, check_range, check_version, page_checksum, runs,
+    VERSION_SLACK, check_range, check_version, marks_kept, page_checksum, runs,
 )
 from vbp.errors import ChecksumError, InvalidArgument, NoSpace, NotFound
 from vbp.layout import PAGE_SIZE, ChunkKey
@@ -304,9 +304,10 @@ class MemoryChunkStore:
         for key in self._dirty:
             self._durable[key] = self._chunks[key].copy()
         if self._dirty and self.recent_marks is not None:  # (ChunkStore._marks_kept)
-            marks = self.recent_marks()
-            self._marks = {k: v for k, v in self._marks.items() if k in marks}
-            self._marks.update((k, marks[k]) for k in self._dirty if k in marks)
+            put, gone = marks_kept(self._marks, self._dirty, self.recent_marks())
+            for k in gone:
+                del self._marks[k]
+            self._marks.update(put)
         self._dirty.clear()
 
     def forget_recovered(self) -> None:
