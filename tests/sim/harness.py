@@ -418,6 +418,15 @@ class Sim:
             name, lambda d: take_snapshot(VolumeRecord.from_dict(d), snap, g).to_dict())
         return g
 
+    def write_copies(self, name: str, data: bytes, chain: tuple[int, ...]) -> None:
+        """`data` at offset 0 of chunk 0 of volume `name`, in generation chain[-1] of its
+        lineage, written straight into every host's copy (token 1), as a write every copy
+        took would leave them."""
+        rec = self.volume(name)
+        for h in self.hosts.values():
+            h.replica.write(name, rec.lineage, 0, chain[-1], chain, 0, data, rec.chunk_size,
+                            0, False, h.cluster.epoch, 1)
+
     def clone(self, source: str, new_name: str) -> VolumeRecord:
         return api.clone(self.reg, source, new_name)
 

@@ -45,10 +45,7 @@ def test_gc_keeps_the_generation_a_resync_left_as_the_only_one():
             lin, g1 = rec.lineage, rec.head
             a, b, c = next(iter(sim.hosts.values())).cluster.replicas(lin, 0, 3)
             good = b"G" * 4096
-            for h in (a, b, c):
-                host = sim.hosts[h]
-                host.replica.write("v", lin, 0, g1, (g1,), 0, good, MiB, 0, False,
-                                   host.cluster.epoch, 1)
+            sim.write_copies("v", good, (g1,))  # (a, b and c: every host)
             g2 = sim.snapshot_now("v", "s")
             hb = sim.hosts[b]
             hb.replica.write("v", lin, 0, g2, (g1, g2), 0, b"X" * 4096, MiB, 0, False,

@@ -53,9 +53,7 @@ def test_gc_does_not_mark_what_a_clone_made_during_the_pass_reads():
             rec = sim.create_volume("v", MiB, replicas=3, chunk_size=MiB)
             lin, g1 = rec.lineage, rec.head
             good = b"G" * 4096
-            for host in sim.hosts.values():
-                host.replica.write("v", lin, 0, g1, (g1,), 0, good, MiB, 0, False,
-                                   host.cluster.epoch, 1)
+            sim.write_copies("v", good, (g1,))
             h = sim.hosts["h0"]
             registry = HeldAt(sim.registry, "leases_of_deleted")
             gc_host = SimpleNamespace(store=h.store, registry=registry, provider=h.provider)

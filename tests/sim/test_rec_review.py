@@ -28,12 +28,9 @@ def test_a_generation_resync_drops_as_collected_on_its_source_is_marked_here_too
             lin, g1 = rec.lineage, rec.head
             h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
             old, new = b"A" * 4096, b"B" * 4096
-            for h in (h0, h1):
-                h.replica.write("v", lin, 0, g1, (g1,), 0, old, MiB, 0, False, h.cluster.epoch, 1)
+            sim.write_copies("v", old, (g1,))
             g2 = sim.snapshot_now("v", "s")
-            for h in (h0, h1):
-                h.replica.write("v", lin, 0, g2, (g1, g2), 0, new, MiB, 0, False,
-                                h.cluster.epoch, 1)
+            sim.write_copies("v", new, (g1, g2))
             sim.clone("v@s", "c")  # keeps the lineage and g1 read
             # h1 misses some later write of the clone's chunk: recorded stale (any reason)
             sim.reg.mark_stale(lin, 0, ["h1"], time.time_ns())

@@ -416,13 +416,19 @@ class _CrashInCopyUp(ChunkStore):
         raise KeyboardInterrupt  # the process dies in the middle of the copy
 
 
-def test_interrupted_copy_up_leaves_no_chunk(tmp_path):
+def _died_in_copy_up(tmp_path) -> None:
+    """A store at `tmp_path` whose process died in the middle of copying K's generation 1
+    up to generation 2 (left PENDING in the index)."""
     s = _CrashInCopyUp(tmp_path, 32 * CS)
     s.write(K, 0, b"parent" * 1000, chunk_size=CS)
     s.flush()
     with pytest.raises(KeyboardInterrupt):
         s.write(ChunkKey("lin", 0, 2), 0, b"child", chunk_size=CS, base=1)
     abandon(s)
+
+
+def test_interrupted_copy_up_leaves_no_chunk(tmp_path):
+    _died_in_copy_up(tmp_path)
     s = ChunkStore(tmp_path, 32 * CS)
     try:
         assert s.info(ChunkKey("lin", 0, 2)) is None
@@ -1155,12 +1161,7 @@ def test_a_pending_slot_whose_wipe_fails_at_open_stays_in_limbo(tmp_path, monkey
     """The recovery drops a PENDING chunk (a copy-up the process died in) and wipes its
     slot; when that wipe fails (no punch, and the zeros meet a full disk) the slot must
     stay in limbo in the index, to be wiped later, not belong to nothing."""
-    s = _CrashInCopyUp(tmp_path, 32 * CS)
-    s.write(K, 0, b"parent" * 1000, chunk_size=CS)
-    s.flush()
-    with pytest.raises(KeyboardInterrupt):
-        s.write(ChunkKey("lin", 0, 2), 0, b"child", chunk_size=CS, base=1)
-    abandon(s)
+    _died_in_copy_up(tmp_path)
     monkeypatch.setattr(cf, "_fallocate", None)
     _failing_pwrite(monkeypatch, 0)
     s = ChunkStore(tmp_path, 32 * CS)

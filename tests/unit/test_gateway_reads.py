@@ -270,6 +270,21 @@ def test_block_status_never_asks_a_copy_recorded_stale():
 
     in_pool(body)
 
+async def written_elsewhere(nursery, min_size: int):
+    """A 3-host sim, volume v (replicas 2, `min_size`) with copies on a and b; a gateway
+    on c (the lease holder) wrote pages 0-1 of chunk 0, and a gateway on a only reads
+    (no lease). Returns (sim, record, (a, b, c), writer, reader)."""
+    sim = Sim(1, hosts=3, zones=3)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", MiB, replicas=2, min_size=min_size)
+    a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+    c = next(h for h in sim.hosts if h not in (a, b))
+    writer = await sim.hosts[c].provider.open_export("v")
+    await call(writer.write(0, b"\x01" * 8192, False))
+    reader = await sim.hosts[a].provider.open_export("v")  # no lease: it reads
+    return sim, rec, (a, b, c), writer, reader
+
+
 
 def test_a_repair_waits_out_a_write_of_another_gateway_still_on_its_way():
     """A gateway that only reads the volume (another host's holds the lease) finds its
@@ -279,14 +294,7 @@ def test_a_repair_waits_out_a_write_of_another_gateway_still_on_its_way():
     already holds and which is acknowledged once the other copy has it."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=2, min_size=2)
-            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-            c = next(h for h in sim.hosts if h not in (a, b))
-            writer = await sim.hosts[c].provider.open_export("v")
-            await call(writer.write(0, b"\x01" * 8192, False))
-            reader = await sim.hosts[a].provider.open_export("v")  # no lease: it reads
+            sim, rec, (a, b, c), writer, reader = await written_elsewhere(nursery, 2)
             key = ChunkKey(rec.lineage, 0, rec.head)
             sim.hosts[a].store.corrupt(key, 0)
             faults = sim.hosts[c].faults
@@ -437,15 +445,8 @@ def test_read_repair_never_writes_a_stale_peers_bytes_over_an_acknowledged_write
     every copy. A repair must only restore what a's stored checksum says."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(1, hosts=3, zones=3)
-            await sim.start(nursery, loops=False)
+            sim, rec, (a, b, c), writer, reader = await written_elsewhere(nursery, 1)
             window = sim.peer_timeout + gateway.WRITE_GRACE
-            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
-            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-            c = next(h for h in sim.hosts if h not in (a, b))
-            writer = await sim.hosts[c].provider.open_export("v")
-            await call(writer.write(0, b"\x01" * 8192, False))
-            reader = await sim.hosts[a].provider.open_export("v")  # no lease: it reads
             key = ChunkKey(rec.lineage, 0, rec.head)
             writer.registry = _SlowMarks(writer.registry, window - 0.5)
             sim.hosts[c].faults.partition([sim.hosts[b].addr])
