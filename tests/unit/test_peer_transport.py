@@ -1315,3 +1315,33 @@ async def test_a_long_batch_of_requests_starts_leaving_before_its_end():
                 waiting = _frames_waiting(raw) - 1
                 assert waiting >= batch - SEND_EARLY, waiting
                 nursery.cancel_scope.cancel()
+
+
+# --- review of the peer protocol (rev-peer) --------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="a large frame's buffer is allocated whole (and zeroed) "
+                   "from its 4 length bytes (PeerCodec._frame_buffer), before any of its body "
+                   "came, and held with no deadline while the peer stalls: 64 connections of "
+                   "one address declaring 64 MiB frames pin 4 GiB for a few hundred bytes")
+async def test_a_declared_frame_length_gets_no_buffer_before_its_bytes_come():
+    """Past its Hello, a peer declares a 48 MiB frame, sends 10 bytes of it, and stalls.
+    The server's memory for that connection must follow what arrived, not the claim."""
+    import gc
+    import tracemalloc
+
+    async with server() as (address, _):
+        stream, codec = await raw_client(address)
+        await stream.send_all(codec.encode(1, m.Ping(1)))  # the session past its Hello,
+        assert await next_reply(stream, codec) == (1, m.Pong("srv", 1))  # warmed up
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await stream.send_all(struct.pack(">I", 48 << 20) + b"\x9f\x01\x0c" + b"\x00" * 7)
+            await trio.sleep(0.3)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        await stream.aclose()
+    assert grown < 4 << 20, f"{grown >> 20} MiB held for 10 bytes received"
