@@ -44,6 +44,11 @@ LARGE_FRAME = 64 * 1024  # frames at least this big are received into their own 
 # frame's buffer until then: with a single spare, every frame but one of a batch had a new
 # buffer, and a new bytearray is zeroed whole (memset) and faults its pages in.
 POOL_BYTES = 16 * 1024 * 1024
+# A large frame's buffer grows with what has come of it, never to its declared length
+# before its bytes: it starts at what came or LARGE_STEP, whichever is more, and doubles
+# (realloc: no copy at these sizes) while more comes. A peer that declares 64 MiB frames
+# and stalls holds LARGE_STEP per connection, not 64 MiB.
+LARGE_STEP = 2 * 1024 * 1024
 
 
 class _Sentinel:
@@ -223,7 +228,8 @@ class PeerCodec:
     """One connection's codec. `receive_data` then `next_event` until NEED_DATA; `encode`
     for each message to send (stateless: any number of tasks may call it)."""
 
-    __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_filled", "_pool")
+    __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_want", "_filled",
+                 "_pool")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         if max_frame < 16:
@@ -238,6 +244,7 @@ class PeerCodec:
         # the transport receives the rest straight into it (large_buffer / large_received),
         # and a WriteChunk's payload is then handed on as a view of it, never copied
         self._large: bytearray | None = None
+        self._want = 0  # the large frame's length (_large grows to it: LARGE_STEP)
         self._filled = 0
         # large frames' buffers, each reused once nothing refers to it any more (the
         # message it carried is gone; vbp.buffers): a new one every time is zeroed and
@@ -254,14 +261,26 @@ class PeerCodec:
     def large_buffer(self) -> memoryview | None:
         """Where the rest of a large frame goes, when one is being received (else None):
         receive into it and call large_received(n) instead of receive_data."""
-        if self._large is None:
+        large = self._large
+        if large is None:
             return None
-        return memoryview(self._large)[self._filled:]
+        if self._filled == len(large):
+            self._grow(self._filled + 1)
+        return memoryview(large)[self._filled:]
 
     def large_received(self, n: int) -> None:
         if not 0 < n <= len(self._large) - self._filled:
             raise ValueError(f"large_received({n}): {len(self._large) - self._filled} bytes expected")
         self._filled += n
+
+    def _grow(self, least: int) -> None:
+        """Grow the large frame's buffer to hold at least `least` bytes, doubling (up to
+        the frame's length)."""
+        large = self._large
+        have = len(large)
+        new = min(self._want, max(least, 2 * have, have + LARGE_STEP))
+        if new > have:
+            large.extend(bytes(new - have))
 
     def receive_data(self, data) -> None:
         """Feed bytes from the peer; b"" means the peer closed its side."""
@@ -271,7 +290,9 @@ class PeerCodec:
         if self._eof:
             raise RuntimeError("receive_data after end of stream")
         if self._large is not None:  # fill the large frame first, then buffer the rest
-            take = min(len(data), len(self._large) - self._filled)
+            take = min(len(data), self._want - self._filled)
+            if self._filled + take > len(self._large):
+                self._grow(self._filled + take)
             self._large[self._filled:self._filled + take] = data[:take]
             self._filled += take
             data = data[take:]
@@ -299,7 +320,8 @@ class PeerCodec:
         if have < 4 + n:
             if n >= LARGE_FRAME and not self._eof:
                 # the rest of it goes straight into its own buffer
-                large = self._large = self._frame_buffer(n)
+                large = self._large = self._frame_buffer(n, have - 4)
+                self._want = n
                 large[:have - 4] = memoryview(buf)[pos + 4:]
                 self._filled = have - 4
                 del buf[:]
@@ -323,12 +345,14 @@ class PeerCodec:
             self._pos = end
         return self._decode(obj)
 
-    def _frame_buffer(self, n: int) -> bytearray:
-        """A buffer of `n` bytes that nothing refers to: one of the pool's that no
-        WriteChunk payload uses any more, resized, else a new one (kept in the pool while
-        it holds less than POOL_BYTES). A pooled buffer that would take the pool past
-        POOL_BYTES by growing leaves it instead: grown in place, the pool would keep as
-        many buffers as it ever had of the largest frames since (up to max_frame each)."""
+    def _frame_buffer(self, n: int, came: int) -> bytearray:
+        """A buffer for a frame of `n` bytes, `came` of them here already, that nothing
+        refers to: one of the pool's that no WriteChunk payload uses any more, else a new
+        one (kept in the pool while it holds less than POOL_BYTES). It holds at most `n`
+        bytes, and at least `came` or LARGE_STEP: it grows as the rest comes (_grow). A
+        pooled buffer that would take the pool past POOL_BYTES by growing leaves it
+        instead: grown in place, the pool would keep as many buffers as it ever had of the
+        largest frames since (up to max_frame each)."""
         pool = self._pool
         for i in range(len(pool)):
             if unshared(pool, i):
@@ -336,23 +360,23 @@ class PeerCodec:
                 if len(spare) < n and sum(map(len, pool)) + n - len(spare) > POOL_BYTES:
                     del pool[i]
                     break
-                if len(spare) != n:
-                    if len(spare) > n:
-                        del spare[n:]
-                    else:
-                        spare.extend(bytes(n - len(spare)))
+                size = min(n, max(len(spare), came, LARGE_STEP))
+                if len(spare) > size:
+                    del spare[size:]
+                elif len(spare) < size:
+                    spare.extend(bytes(size - len(spare)))
                 return spare
-        spare = bytearray(n)
+        spare = bytearray(min(n, max(came, LARGE_STEP)))
         if sum(map(len, pool)) + n <= POOL_BYTES:
             pool.append(spare)
         return spare
 
     def _next_large(self):
         large = self._large
-        if self._filled < len(large):
+        if self._filled < self._want:
             if self._eof:
                 return self._fail(f"connection closed inside a frame "
-                                  f"({self._filled + 4} bytes of {len(large) + 4})")
+                                  f"({self._filled + 4} bytes of {self._want + 4})")
             return NEED_DATA
         self._large = None
         self._filled = 0

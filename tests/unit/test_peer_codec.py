@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator import messages as m
-from replicator.codec import (CLOSED, LARGE_FRAME, NEED_DATA, POOL_BYTES, SPLIT_THRESHOLD, PeerCodec,
+from replicator.codec import (CLOSED, LARGE_FRAME, LARGE_STEP, NEED_DATA, POOL_BYTES, SPLIT_THRESHOLD, PeerCodec,
                              prepare)
 from replicator.codec import _wire_values
 from replicator.codec import frame as prepared_frame
@@ -667,6 +667,43 @@ def test_the_large_frame_pool_stays_bounded_when_its_buffers_grow_for_larger_fra
     assert all(w == big for w in held)
     del held
     assert sum(len(b) for b in c._pool) <= POOL_BYTES
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_large_frame_buffer_grows_with_what_came_not_with_its_declared_length(direct):
+    """A frame of several LARGE_STEPs, fed in uneven pieces: its buffer never holds much
+    more than came (twice what came, or LARGE_STEP), and it decodes as it does whole."""
+    payload = bytes(range(251)) * ((5 * LARGE_STEP) // 251)
+    w = m.WriteChunk("v", "l", 1, 2, (1,), 0, payload, 1 << 26, 3, False, 4, 5)
+    raw = wire(9, w) + wire(10, m.Ping(2))
+    c = PeerCodec()
+    events, at, step = [], 0, 1
+    while at < len(raw):
+        target = c.large_buffer() if direct else None
+        if target is not None:
+            n = min(step, len(target), len(raw) - at)
+            target[:n] = raw[at:at + n]
+            target.release()
+            c.large_received(n)
+        else:
+            n = min(step, len(raw) - at)
+            c.receive_data(raw[at:at + n])
+        at += n
+        if c._large is not None:
+            assert len(c._large) <= max(2 * c._filled, c._filled + LARGE_STEP), (at, len(c._large))
+        events += drain(c)
+        step = step * 3 + 7
+    assert events == [(9, w), (10, m.Ping(2))] and c.buffered == 0
+
+
+def test_a_stalled_large_frame_holds_one_step_whatever_it_declared():
+    c = PeerCodec()
+    c.receive_data(struct.pack(">I", 60 << 20) + b"\x9f\x01\x0c")
+    assert c.next_event() is NEED_DATA
+    assert len(c._large) == LARGE_STEP and len(c.large_buffer()) == LARGE_STEP - 3
+    c.receive_data(b"")
+    with pytest.raises(PeerProtocolError, match="inside a frame"):
+        c.next_event()
 
 
 @given(request_ids, messages)

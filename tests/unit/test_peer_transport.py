@@ -1320,10 +1320,6 @@ async def test_a_long_batch_of_requests_starts_leaving_before_its_end():
 # --- review of the peer protocol (rev-peer) --------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a large frame's buffer is allocated whole (and zeroed) "
-                   "from its 4 length bytes (PeerCodec._frame_buffer), before any of its body "
-                   "came, and held with no deadline while the peer stalls: 64 connections of "
-                   "one address declaring 64 MiB frames pin 4 GiB for a few hundred bytes")
 async def test_a_declared_frame_length_gets_no_buffer_before_its_bytes_come():
     """Past its Hello, a peer declares a 48 MiB frame, sends 10 bytes of it, and stalls.
     The server's memory for that connection must follow what arrived, not the claim."""
