@@ -636,7 +636,7 @@ class VolumeProvider:
                 log.info("volume=%s event=%s_completed head=%d", name, what, new.head)
                 return view_of(new, None)
 
-            await gw.switch_head(complete)
+            await gw.switch_head(complete, None if rec.pending else rec.shrink_to)
         elif rec.head > gw.gen:
             # a new head made by another (a shrink or a snapshot completed without a lease):
             # writes under way to the old head end first, or one landing late on a copy

@@ -523,20 +523,30 @@ class VolumeGateway:
             return self.chain
         return visible_chain(self.chain, self.cuts, index)
 
-    async def switch_head(self, complete) -> None:
+    async def switch_head(self, complete, cut_to: int | None = None) -> None:
         """Hold new writes, let in-flight ones finish, then `complete()` (async, returns the
         new View) and go on writing to the new head. Used for snapshots and shrinks (the
         new size refuses the held writes past its end), and for a head another made (either,
         completed without a lease). One switch at a time (two record syncs may find the same
-        new head); a view older than the one adopted meanwhile is left (heads only grow)."""
+        new head); a view older than the one adopted meanwhile is left (heads only grow).
+
+        `cut_to`: the size a shrink this completes leaves. Requests past it are refused
+        from the start (_past_end, which waits for the switch's outcome): the completion
+        may commit with its answer lost and be asked again for a while (the service's
+        COMPLETE_RETRY), and `vbp volume resize` returns once the record shows it. Read by
+        the old view meanwhile, the range cut would answer its old bytes, or zeros once
+        GC freed them, after the command returned."""
         async with self._switching:
             hold = self._hold = trio.Event()
+            if cut_to is not None and cut_to < self.size:
+                self.size = cut_to
             try:
                 await self.drain()
                 view = await complete()
                 if view.gen >= self.gen:
                     self.set_view(view)
             finally:
+                self.size = self.view.size  # (the cut undone if the switch failed)
                 self._hold = None
                 hold.set()
 

@@ -15,9 +15,10 @@ from control import api
 from replicator.gateway import ClusterView, VolumeGateway
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
+from tests.sim.harness import call, extents_bytes
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import BelowMinSize, Fenced
+from vbp.errors import BelowMinSize, Fenced, PastEnd, RegistryUnavailable
 from vbp.later import Later
 from vbp.layout import ChunkKey
 from vbp.registry import open_registry
@@ -221,6 +222,35 @@ async def test_a_full_path_write_whose_task_starts_during_a_snapshot_waits_for_i
             release.set()
         assert h2_has_chunk_1()
         assert copy_of_h2(replicas, gw) == b"\x02" * 4096
+
+
+async def test_a_shrink_switch_refuses_past_its_cut_from_its_start_and_undoes_it_if_it_fails():
+    """switch_head(cut_to): requests past the size a shrink leaves are refused while its
+    completion is under way (its answer may be lost and asked again), those within go
+    on; a completion that fails leaves the size as it was."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        size = gw.size
+        await gw.write(CHUNK, b"\x03" * 4096, False)
+        release = trio.Event()
+
+        async def complete():
+            await release.wait()
+            raise RegistryUnavailable("kv/txn failed with an unknown outcome")
+
+        async def switch():
+            with pytest.raises(RegistryUnavailable):
+                await gw.switch_head(complete, CHUNK)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(switch)
+            await trio.sleep(0.01)
+            assert gw.size == CHUNK
+            with pytest.raises(PastEnd):
+                await call(gw.read(CHUNK, 4096))
+            assert extents_bytes(await call(gw.read(0, 4096)), 0, 4096) == bytes(4096)
+            release.set()
+        assert gw.size == size == gw.view.size
+        assert extents_bytes(await call(gw.read(CHUNK, 4096)), CHUNK, 4096) == b"\x03" * 4096
 
 
 def copy_of_h2(replicas, gw) -> bytes:
