@@ -1347,12 +1347,17 @@ class ChunkStore:
         self.recovered = frozenset()
 
     def close(self) -> None:
+        """Flush, mark the store clean, and close it. A flush that fails (a poisoned
+        store: LocalFault) raises with the store closed all the same, not marked clean:
+        its files and the flock are let go, so the next open (recovery) is not refused."""
         if self._closed:
             return
-        self.flush(keep_hot=False)
-        with self._txn() as txn:
-            txn.put(b"clean", b"1", db=self._db["meta"])
-        self._close_files()
+        try:
+            self.flush(keep_hot=False)
+            with self._txn() as txn:
+                txn.put(b"clean", b"1", db=self._db["meta"])
+        finally:
+            self._close_files()
 
     def _close_files(self) -> None:
         self._closed = True

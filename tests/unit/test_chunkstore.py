@@ -23,7 +23,7 @@ from vbp.chunkstore import ChunkStore, MemoryChunkStore
 from vbp import chunkstore_files as cf
 from vbp.chunkstore_files import WRITE_PIECE
 from vbp.chunkstore_common import VERSION_SLACK, page_checksum, runs, sum_runs
-from vbp.errors import ChecksumError, NoSpace
+from vbp.errors import ChecksumError, LocalFault, NoSpace
 from vbp.layout import PAGE_SIZE, ChunkKey
 
 CS = 64 * 1024
@@ -344,6 +344,24 @@ def test_clearing_a_mark_persists_the_version_a_flush_left_out(store, tmp_path, 
         assert s.read(k2, 0, 1) == b"y" and s.read(K, 0, 1) == b"c"
     finally:
         s.close()
+
+
+def test_a_close_whose_flush_fails_lets_the_store_go_unmarked(tmp_path):
+    """A store whose sync failed (poisoned) refuses the flush of its close: the close
+    raises, yet closes the files and lets the flock go, without the clean mark, so the
+    next open in this process is not refused and runs recovery."""
+    s = ChunkStore(tmp_path, 32 * CS)
+    s.write(K, 0, b"a" * PAGE_SIZE, chunk_size=CS)
+    (sp,) = s._spaces.values()
+    sp.failed = OSError(errno.EIO, "Input/output error")  # (an earlier sync failed)
+    with pytest.raises(LocalFault):
+        s.close()
+    assert s._closed
+    again = ChunkStore(tmp_path, 32 * CS)
+    try:
+        assert K in again.recovered
+    finally:
+        again.close()
 
 
 def test_unacknowledged_write_is_accepted_after_crash(store, tmp_path):
