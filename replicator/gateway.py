@@ -542,7 +542,11 @@ class VolumeGateway:
                 self.size = cut_to
             try:
                 await self.drain()
-                view = await complete()
+                try:
+                    view = await complete()
+                except Fenced as e:  # (the lease was taken over): fenced before the hold
+                    self._fence(e)  # goes, so no held write leaves with our old token
+                    raise
                 if view.gen >= self.gen:
                     self.set_view(view)
             finally:

@@ -253,10 +253,43 @@ async def test_a_shrink_switch_refuses_past_its_cut_from_its_start_and_undoes_it
         assert extents_bytes(await call(gw.read(CHUNK, 4096)), CHUNK, 4096) == b"\x03" * 4096
 
 
-def copy_of_h2(replicas, gw) -> bytes:
+async def test_a_switch_whose_completion_is_fenced_lets_no_held_write_go_on():
+    """The lease was taken over while a snapshot completed (Fenced from the registry):
+    the writes the switch held must not leave with the old token once it lets go."""
+    async with three_hosts() as (gw, replicas, reg, _):
+        await gw.write(0, b"\x01" * 4096, False)
+        release = trio.Event()
+        outcome = []
+
+        async def complete():
+            await release.wait()
+            raise Fenced("the lease of v was taken over")
+
+        async def switch():
+            with pytest.raises(Fenced):
+                await gw.switch_head(complete)
+
+        async def held_write():
+            try:
+                outcome.append(await call(gw.write(0, b"\x07" * 4096, False)))
+            except Fenced as e:
+                outcome.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(switch)
+            await trio.sleep(0.01)
+            nursery.start_soon(held_write)
+            await trio.sleep(0.01)
+            assert outcome == []  # held
+            release.set()
+        assert gw.fenced and len(outcome) == 1 and isinstance(outcome[0], Fenced)
+        assert copy_of_h2(replicas, gw, 0) == b"\x01" * 4096
+
+
+def copy_of_h2(replicas, gw, index: int = 1) -> bytes:
     store = replicas["h2"].store
-    gen = store.resolve(gw.lineage, 1, gw.chain_for(1))
-    return bytes(store.read(ChunkKey(gw.lineage, 1, gen), 0, 4096))
+    gen = store.resolve(gw.lineage, index, gw.chain_for(index))
+    return bytes(store.read(ChunkKey(gw.lineage, index, gen), 0, 4096))
 
 
 async def test_a_write_whose_connection_is_gone_when_it_needs_the_full_path_is_let_go():
