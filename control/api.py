@@ -151,15 +151,25 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
                 raise VbpError(f"{what}: the gateway did not complete it in {timeout:.0f}s")
             time.sleep(poll)
     except BaseException as exc:
+        unknown = None
         try:
             after = reg.update_volume(
                 name, lambda d: cancel_pending(same(d), head).to_dict())
-        except (VbpError, NotFound):
+        except NotFound:
             after = None
+        except VbpError as e:  # the registry unreachable: the change stays pending
+            after, unknown = None, e
         if isinstance(exc, Exception) and after is not None and head in after["chain"]:
             # completed meanwhile (the gateway's record sync; the request's answer lost):
             # the cancel changed nothing, and a shrink has discarded what lay past its end
             return VolumeRecord.from_dict(after)
+        if unknown is not None and isinstance(exc, VbpError) and exc.args:
+            # the gateway may still complete it until it counts as abandoned
+            # (pending_abandoned): the caller must not take the error for "not done"
+            left = max(0, round(until - time.time()))
+            exc.args = (f"{exc}; cancelling it failed too ({unknown}), so it may still "
+                        f"complete within {left}s: `vbp volume show {name}` tells whether "
+                        f"it did",) + exc.args[1:]
         raise
 
 

@@ -45,6 +45,37 @@ def leased_volume_with_pending_snapshot():
     return reg, held, head
 
 
+@pytest.mark.parametrize("change", ["snapshot", "shrink"])
+def test_a_change_whose_cancel_fails_says_it_may_still_complete(change):
+    """The holder does not complete the change in time and the cancel cannot be recorded
+    (the registry gone meanwhile): the error says the change may still complete, and
+    the holder does complete it afterwards."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    held = reg.acquire_lease("v", "h1", 60.0)
+    update = reg.update_volume
+
+    def cancel_unreachable(name, fn, lease=None):
+        d = reg.get_volume(name)
+        if lease is None and (d.get("pending") or d.get("shrink_head")):
+            raise RegistryUnavailable("registry unreachable")  # (the cancel)
+        return update(name, fn, lease)
+
+    reg.update_volume = cancel_unreachable
+    with pytest.raises(VbpError, match=r"did not complete.*cancelling it failed too.*may still "
+                                       r"complete within \d+s: `vbp volume show v`"):
+        if change == "snapshot":
+            api.snapshot(reg, "v", "s", timeout=0.2)
+        else:
+            api.resize(reg, "v", 2 * MiB, force=True, timeout=0.2)
+    rec = VolumeRecord.from_dict(reg.get_volume("v"))
+    head = rec.pending or rec.shrink_head
+    assert head  # still pending: the holder may complete it
+    done = VolumeRecord.from_dict(update("v", lambda d: complete_pending(
+        VolumeRecord.from_dict(d), head).to_dict(), held))
+    assert head in done.chain
+
+
 def test_a_snapshot_completed_without_a_live_lease_fences_the_holder_whose_lease_expired():
     """Sim seed 10: the control plane completed a pending snapshot while the holder's
     lease had expired; the holder, back in touch with the registry, could renew it (nobody
