@@ -33,6 +33,7 @@ from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.scrub import Scrubber
 from replicator.transport import PeerPool, serve_peers
+from vbp import pagesums
 from vbp.chunkstore import ChunkStore, flush_store
 from vbp.cluster import HostRecord
 from vbp.errors import (
@@ -1123,6 +1124,11 @@ class Blockd:
                 nursery.start_soon(self._refresh_stale)
                 nursery.start_soon(self._watch_volumes)
                 nursery.start_soon(self.scrubber.run_loop, cfg.scrub_interval)
+                if not pagesums.NATIVE:
+                    log.warning("event=checksums_in_python: vbp's C extension (vbp._pagesums) "
+                                "is not built, so page checksums are computed in Python, "
+                                "slower for large requests: install vbp again with gcc and "
+                                "libxxhash-dev present")
                 log.info("event=ready peer=%s:%d nbd=%s:%d epoch=%d", peer_host, self.peer_port,
                          nbd_host, self.nbd_port, self.cluster.epoch)
                 nursery.start_soon(self._watchdog)

@@ -31,6 +31,31 @@ def test_the_extension_is_built():
     assert type(pagesums.check).__name__ == "builtin_function_or_method"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_blockd_says_when_checksums_run_in_python(tmp_path, monkeypatch, caplog, native):
+    """Where the extension is not built blockd still runs, on the stand-ins, and says so
+    once at its start (an operator would otherwise see only slower large requests)."""
+    import trio
+
+    from blockd.config import Config
+    from blockd.service import Blockd
+
+    monkeypatch.setattr(pagesums, "NATIVE", native)
+    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"),
+                 registry=f"lmdb://{tmp_path / 'registry'}", listen="127.0.0.1:0",
+                 nbd="127.0.0.1:0", capacity=64 << 20)
+
+    async def start():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Blockd(cfg).run)
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level("WARNING", logger="vbp.blockd"):
+        trio.run(start)
+    said = [r.getMessage() for r in caplog.records if "event=checksums_in_python" in r.getMessage()]
+    assert len(said) == (0 if native else 1), said
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=80, deadline=None)
 @given(pages=st.lists(st.sampled_from([b"", b"\0", b"\xa5", b"x" * 17]) | st.binary(max_size=64),
