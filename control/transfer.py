@@ -460,17 +460,18 @@ def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
     a symbolic link, as an open() would: the link stays, its target is replaced."""
     if os.path.isdir(path):
         raise InvalidArgument(f"{path}: is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         old = os.stat(target)
     except FileNotFoundError:
-        return target, None
+        old = None
     except OSError as e:
         raise _os_error(e, path, "cannot replace") from None
-    if not stat.S_ISREG(old.st_mode):
-        raise InvalidArgument(f"{path}: not a regular file")
+    # (before the exists check: --force would not help a device, a fifo or a socket)
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        raise InvalidArgument(f"{path}: not a regular file (an export writes a new image file)")
+    if os.path.lexists(path) and not overwrite:
+        raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
     return target, old
 
 

@@ -599,7 +599,6 @@ def test_import_and_export_through_a_host_listening_on_ipv6(tmp_path):
 # --- what an export is asked to write -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a device target is told to pass --force, which then refuses it")
 def test_an_export_to_a_device_is_refused_as_such_with_or_without_force(tmp_path):
     """/dev/null exists, and is no regular file: the refusal must say so at once, not send
     the operator to --force, which is refused in turn ("not a regular file")."""
