@@ -477,8 +477,10 @@ def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
 
 def _temp_beside(path: str) -> tuple[int, str]:
     """A new empty file `.NAME.XXXXXXXX.part` in the directory of `path` (so a rename can
-    put it in place), with the mode a new `path` would get."""
+    put it in place), with the mode a new `path` would get. NAME cut to 200 bytes: the
+    temporary name must fit the file system's limit (255) whenever `path`'s does."""
     head, name = os.path.split(path)
+    name = os.fsdecode(os.fsencode(name)[:200])
     while True:
         tmp = os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
         try:

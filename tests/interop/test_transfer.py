@@ -607,7 +607,6 @@ def test_an_export_to_a_device_is_refused_as_such_with_or_without_force(tmp_path
             export_volume("nbd://127.0.0.1:1/never", "/dev/null", overwrite=overwrite)
 
 
-@pytest.mark.xfail(strict=True, reason="the temporary name beside a long FILE name is too long")
 def test_an_export_to_a_name_of_255_bytes_works(tmp_path):
     """The copy is written to `.NAME.XXXXXXXX.part` beside FILE: for a NAME near the file
     system's limit (255 bytes) that name is too long, and a file name that is fine
