@@ -616,3 +616,76 @@ def test_an_export_to_a_name_of_255_bytes_works(tmp_path):
         export_volume(uri, out)
     assert int.from_bytes(out.read_bytes()[4096:4104], "big") == 4096
     assert names(tmp_path) == {out.name}
+
+
+# --- the CLI stopped by a signal --------------------------------------------------------------
+
+
+@contextmanager
+def pool_on_nbdkit(tmp_path, *args):
+    """A registry whose one host serves NBD with nbdkit (`args`: its filters, plugin and
+    parameters, on a TCP port) and holds a volume `v` of 8 MiB; yields the registry URL.
+    (nbdkit serves any export name: `vbp volume export v` reads what it serves.)"""
+    from control import api
+    from tests.conftest import free_port_range
+    from vbp.cluster import HostRecord
+    from vbp.registry import open_registry
+
+    port = free_port_range(1)
+    url = f"lmdb://{tmp_path / 'registry'}"
+    reg = open_registry(url)
+    reg.register_host(HostRecord("h1", "127.0.0.1:1", f"127.0.0.1:{port}", capacity=1 << 30), 600)
+    api.create_volume(reg, "v", "8M", replicas=1)
+    reg.close()
+    p = subprocess.Popen([need("nbdkit"), "-f", "-i", "127.0.0.1", "-p", str(port), *args],
+                         stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert p.poll() is None, p.stderr.read()
+                time.sleep(0.05)
+        yield url
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.xfail(strict=True, reason="SIGTERM or SIGHUP kills vbp with its temporary file left behind")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig):
+    """`timeout 1h vbp volume export ...`, a backup job's unit stopped, the terminal of the
+    session closed: the export ends as after a Ctrl-C, its temporary file (a sparse file
+    the size of the volume, with what was copied) removed and the old FILE whole. Killed
+    by the signal, it left `.FILE.XXXXXXXX.part` behind, one more for every stopped run."""
+    out_dir = tmp_path / "backups"
+    out_dir.mkdir()
+    out = out_dir / "v.raw"
+    out.write_bytes(b"yesterday's backup" * 1000)
+    log = tmp_path / "nbdkit.log"
+    with pool_on_nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
+                        "delay-read=3600", f"logfile={log}") as url:
+        p = subprocess.Popen([sys.executable, "-m", "control.cli", "--registry", url, "volume",
+                              "export", "v", str(out), "--force"], cwd=ROOT,
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(200):  # until the copy is under way: the server has a READ
+                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None and " Read " in log.read_text()
+            assert len(list(out_dir.iterdir())) == 2  # FILE and the copy beside it
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=10)
+        finally:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert out.read_bytes() == b"yesterday's backup" * 1000
+    assert [x.name for x in out_dir.iterdir()] == ["v.raw"]
