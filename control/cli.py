@@ -653,6 +653,19 @@ def _count_bar(state, description):
         yield update
 
 
+@contextmanager
+def _stoppable():
+    """SIGTERM and SIGHUP end a transfer as Ctrl-C does (KeyboardInterrupt), so that its
+    cleanup runs: an export's temporary file goes (killed by the signal's default action,
+    vbp left it beside FILE: a timeout, a stopped unit, a closed session)."""
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 def _transfer_summary(verb, stats):
     return (f"{verb} {format_size(stats.bytes_total)} in {stats.seconds:.1f}s: "
             f"{format_size(stats.bytes_data)} data, "
@@ -699,7 +712,7 @@ def volume_import(state, file, name, host, timeout, tls):
     from control import transfer
 
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
-    with _progress_bar(state, f"import {file.name}") as progress:
+    with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
         stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
                                      tls_certificates=tls)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
@@ -730,7 +743,7 @@ def volume_export(state, name, file, force, host, timeout, tls):
     from control import transfer
 
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
-    with _progress_bar(state, f"export {name}") as progress:
+    with _stoppable(), _progress_bar(state, f"export {name}") as progress:
         stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,
                                        timeout=timeout, tls_certificates=tls)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},

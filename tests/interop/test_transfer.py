@@ -657,7 +657,6 @@ def pool_on_nbdkit(tmp_path, *args):
             p.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="SIGTERM or SIGHUP kills vbp with its temporary file left behind")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig):
     """`timeout 1h vbp volume export ...`, a backup job's unit stopped, the terminal of the
