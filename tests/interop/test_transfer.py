@@ -688,3 +688,23 @@ def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig
     assert p.returncode != 0 and "Traceback" not in err, err
     assert out.read_bytes() == b"yesterday's backup" * 1000
     assert [x.name for x in out_dir.iterdir()] == ["v.raw"]
+
+
+@pytest.mark.xfail(strict=True, reason="export to '-' writes a file named '-'")
+def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path):
+    """`rbd export NAME -` writes to standard output, and so do many tools: `vbp volume
+    export v - | gzip > v.gz` made a file named `-` the volume's size (and v.gz of
+    nothing) and said it exported v to -. Refused as bad usage (./- names that file)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    with pool_on_nbdkit(tmp_path, "pattern", "size=8M") as url:
+        p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", url, "volume",
+                            "export", "v", "-"], cwd=work, capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 2 and "standard output" in p.stderr, (p.returncode, p.stderr)
+        assert p.stdout == "" and list(work.iterdir()) == []
+        p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", url, "volume",
+                            "export", "v", "./-"], cwd=work, capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 0, p.stderr
+        assert (work / "-").stat().st_size == 8 * MiB
