@@ -721,7 +721,7 @@ def volume_import(state, file, name, host, timeout, tls):
 
 @volume.command("export")
 @click.argument("name", metavar="NAME[@SNAP]")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False))  # (a str: a Path makes ./- of -)
 @click.option("--force", is_flag=True,
               help="Replace FILE if it exists (once the copy is complete).")
 @click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")
@@ -742,6 +742,9 @@ def volume_export(state, name, file, force, host, timeout, tls):
     """
     from control import transfer
 
+    if file == "-":  # (rbd export's standard output: never a file named "-")
+        raise click.BadParameter("writing the image to standard output is not supported: give "
+                                 "a file name (./- for a file named -)", param_hint="FILE")
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     with _stoppable(), _progress_bar(state, f"export {name}") as progress:
         stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,

@@ -690,7 +690,6 @@ def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig
     assert [x.name for x in out_dir.iterdir()] == ["v.raw"]
 
 
-@pytest.mark.xfail(strict=True, reason="export to '-' writes a file named '-'")
 def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path):
     """`rbd export NAME -` writes to standard output, and so do many tools: `vbp volume
     export v - | gzip > v.gz` made a file named `-` the volume's size (and v.gz of
