@@ -60,16 +60,19 @@ def open_exports(reg, volume: str, snap: str | None = None, *,
 
 
 def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
-                   head: bool = False) -> None:
+                   head: bool = False, snapshots: bool = True,
+                   forced: str = "their requests then fail with EIO") -> None:
     """Like `rbd rm` with watchers: no deleting what a client reads (the snapshot exports
     of `vol`, of `snap` only when given), nor (`head`) a volume a client has open: its
     exports without the write lease, and the lease (its host holds it from the first
     writing client's open to the last one's close). A client that just disconnected is
     unpublished, and its lease given back, within moments, so wait a little before
-    refusing."""
+    refusing. Without `snapshots`, only the volume's own users count. `forced`: what
+    --force does to them, for the message."""
     deadline = time.monotonic() + wait
     while True:
-        users = [f"{e} on {h}" for h, e in open_exports(reg, vol, snap, head=head)]
+        users = [f"{e} on {h}" for h, e in open_exports(reg, vol, snap, head=head)
+                 if snapshots or "@" not in e]
         if head:
             lease = reg.get_lease(vol)  # (a live one only)
             if lease is not None:
@@ -80,7 +83,7 @@ def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
         if time.monotonic() > deadline:
             what = f"snapshot {name}" if snap else f"volume {name}"
             raise InUse(f"{what} is open by NBD clients ({'; '.join(users)}); disconnect them, or "
-                        "use --force (their requests then fail with EIO)")
+                        f"use --force ({forced})")
         time.sleep(0.1)
 
 
@@ -102,6 +105,18 @@ def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> 
         _refuse_in_use(reg, name, vol, None, wait, head=True)
     # (the lease judged again in the delete's transaction: one taken since refuses it too)
     reg.delete_volume(rec.name, unless_leased=not force)
+
+
+def refuse_import_in_use(reg, name: str, *, wait: float = 3.0) -> None:
+    """InUse while NBD clients have volume `name` itself open (its write lease held for
+    one, or it is read through a host without the lease): an import over it would change
+    the disk under them, a running VM's (its snapshots' readers do not count: an import
+    leaves them alone). A NAME@SNAP is left to the import, which refuses it as read-only."""
+    if "@" in name:
+        return
+    get_volume(reg, name)
+    _refuse_in_use(reg, name, name, None, wait, head=True, snapshots=False,
+                   forced="the import then writes under them")
 
 
 def _lease_live(reg, name: str) -> bool:

@@ -693,25 +693,30 @@ def _tls_option(f):
 @volume.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Import even while NBD clients have NAME open (it changes under them).")
 @click.option("--host", metavar="ID", help="Write through this host (default: the first one up).")
 @_timeout_option
 @_tls_option
 @json_flag
 @click.pass_obj
-def volume_import(state, file, name, host, timeout, tls):
+def volume_import(state, file, name, force, host, timeout, tls):
     """Copy the raw image FILE into volume NAME; holes stay holes.
 
     NAME must be at least as big as FILE; afterwards it reads as FILE followed by zeroes.
-    A host that stops answering fails the import after --timeout seconds; import again
-    (through another host with --host) to finish it.
+    A volume that NBD clients have open (a running VM's disk) is refused (exit code 6)
+    unless --force. A host that stops answering fails the import after --timeout
+    seconds; import again (through another host with --host) to finish it.
 
     \b
     Example:
       vbp volume create web1 --size 20G && vbp volume import debian.raw web1
     """
-    from control import transfer
+    from control import api, transfer
 
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
+    if not force:
+        api.refuse_import_in_use(state.registry(), name)
     with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
         stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
                                      tls_certificates=tls)

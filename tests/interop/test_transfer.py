@@ -712,7 +712,6 @@ def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path)
 # --- a volume in use ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="import writes over a volume an NBD client has open")
 def test_an_import_into_a_volume_a_client_has_open_is_refused_unless_forced(sandbox, tmp_path):
     """A VM has volume `busy` open and writes it through host 1. `vbp volume delete busy`
     refuses (exit 6: in use); `vbp volume import` went ahead, through host 1 replacing
