@@ -717,6 +717,11 @@ def volume_import(state, file, name, force, host, timeout, tls):
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     if not force:
         api.refuse_import_in_use(state.registry(), name)
+    kind = transfer.image_format(file)
+    if kind is not None:
+        click.echo(f"vbp: warning: {file} starts with a {kind} header: import copies raw "
+                   f"bytes, so the volume gets the {kind} container, not the disk in it "
+                   f"(convert it first: qemu-img convert -O raw {file} {file}.raw)", err=True)
     with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
         stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
                                      tls_certificates=tls)

@@ -242,6 +242,28 @@ def _reporter(progress: Progress | None, total: int):
 # --- import -------------------------------------------------------------------------------
 
 
+# Headers of the image formats QEMU users meet, by where they sit: an image in one of
+# them holds its disk in a container, which a raw import would copy as it is.
+_FORMAT_MAGIC = ((0, b"QFI\xfb", "qcow2"), (0, b"QED\x00", "qed"), (0, b"KDMV", "vmdk"),
+                 (0, b"vhdxfile", "vhdx"), (0, b"conectix", "vpc (vhd)"),
+                 (64, b"\x7f\x10\xda\xbe", "vdi"))
+
+
+def image_format(path) -> str | None:
+    """The name of the image format whose header `path` starts with, or None (raw, as far
+    as its first bytes tell, or unreadable: the import itself says why). A raw disk may
+    start with such bytes (a qcow2 image stored on a block device): a hint, not a rule."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        return None
+    for at, magic, name in _FORMAT_MAGIC:
+        if head[at:at + len(magic)] == magic:
+            return name
+    return None
+
+
 def import_file(path, uri: str, *, progress: Progress | None = None,
                 timeout: float = TIMEOUT, tls_certificates=None) -> TransferStats:
     """Copy the raw image `path` into the volume at NBD `uri`: afterwards the volume reads as

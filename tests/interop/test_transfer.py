@@ -740,3 +740,32 @@ def test_an_import_into_a_volume_a_client_has_open_is_refused_unless_forced(sand
         h.shutdown()
     sandbox.vbp("volume", "import", src, "busy")  # the client gone: no refusal
     assert read_volume(sandbox.uri("busy", 1))[:MiB] == src.read_bytes()
+
+
+@pytest.mark.parametrize("fmt,name", [("qcow2", "qcow2"), ("qed", "qed"), ("vmdk", "vmdk"),
+                                      ("vhdx", "vhdx"), ("vpc", "vpc (vhd)"), ("vdi", "vdi"),
+                                      ("raw", None)])
+def test_image_format_names_the_container_qemu_img_made(tmp_path, fmt, name):
+    need("qemu-img")
+    path = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), "8M"], check=True)
+    if fmt == "raw":
+        path.write_bytes(random.Random(3).randbytes(MiB))
+    assert transfer.image_format(path) == name
+    assert transfer.image_format(tmp_path / "missing") is None
+
+
+def test_importing_a_qcow2_image_warns_that_its_bytes_go_as_they_are(sandbox, tmp_path):
+    """`vbp volume import` copies raw bytes (as `rbd import` does): a qcow2 file given to
+    it fills the volume with the container, not the disk. The import goes on (a raw disk
+    may start with those bytes) and says so, with the conversion to run."""
+    need("qemu-img")
+    src = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "8M"], check=True)
+    sandbox.vbp("volume", "create", "qc", "--size", "8M", "--replicas", "1")
+    p = sandbox.vbp("volume", "import", src, "qc")
+    assert f"{src} starts with a qcow2 header" in p.stderr and "qemu-img convert -O raw" in p.stderr
+    assert read_volume(sandbox.uri("qc", 0))[:4] == b"QFI\xfb"
+    raw = tmp_path / "vm.raw"
+    raw.write_bytes(b"\x01" * MiB)
+    assert "warning" not in sandbox.vbp("volume", "import", raw, "qc").stderr
