@@ -60,7 +60,11 @@ def parse_size(text: str | int) -> int:
         mult = _UNITS[unit.lower()]
         value = int(whole) * mult
         if frac:
-            value += int(frac) * mult // (10 ** len(frac))
+            part, rest = divmod(int(frac) * mult, 10 ** len(frac))
+            if rest:  # ("1.5" bytes, "1.3K": 1331.2 bytes): never cut silently
+                raise InvalidArgument(f"not a whole number of bytes: {' '.join(text.split())} "
+                                      f"(examples: 1.5G, 4M, 512K)")
+            value += part
     if value > SIZE_MAX:
         # (str() of a huge int raises ValueError itself)
         # (white space, line breaks included, may surround the number and the unit: one line)

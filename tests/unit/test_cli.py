@@ -781,3 +781,16 @@ def test_a_size_too_large_with_line_breaks_around_its_unit_is_one_error_line(vbp
     vbp("volume", "create", "a", "--size", "1G")
     one_error_line(vbp(*args, code=EXIT_ERROR), "too large")
     assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB
+
+
+@pytest.mark.parametrize("size", ["1.5", "1.3K", "0.1M"])
+def test_a_size_that_is_no_whole_number_of_bytes_is_refused_not_cut(vbp, size):
+    """`--size 1.5` made a volume of 1 byte, and `resize a 1.3K` offered 1331 bytes: the
+    fraction of a byte was dropped without a word. Refused; 1.5G and 0.5K stay sizes."""
+    one_error_line(vbp("volume", "create", "b", "--size", size, code=EXIT_ERROR),
+                   "not a whole number of bytes")
+    vbp("volume", "create", "a", "--size", "1.5G")
+    one_error_line(vbp("volume", "resize", "a", size, code=EXIT_ERROR), "not a whole number of bytes")
+    assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB + GiB // 2
+    vbp("volume", "create", "c", "--size", "0.5K")
+    assert js(vbp("volume", "show", "c", "--json"))["size"] == 512
