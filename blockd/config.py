@@ -6,6 +6,7 @@ An invalid file or value is refused at start with the file, the key and the reas
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -49,6 +50,20 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     if not 0 <= p <= 65535:
         raise InvalidArgument(f"{what}: port {p} is out of range")
     return host.strip("[]"), p
+
+
+def _advertised(host: str, what: str) -> None:
+    """`listen` and `nbd` are also the addresses the host record gives other hosts and
+    clients (HostRecord.peer, .nbd): an unspecified one (0.0.0.0, ::) would send every
+    peer to itself and every client to its own machine."""
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # (a host name)
+        return
+    if unspecified:
+        raise InvalidArgument(
+            f"{host} is no address another host or a client can reach, and {what} is also "
+            f"the address this host gives them: give this host's own address")
 
 
 @dataclass(slots=True)
@@ -116,7 +131,8 @@ class Config:
                 raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
         for key in ("listen", "nbd"):
             try:
-                parse_hostport(getattr(self, key), key)
+                host, _ = parse_hostport(getattr(self, key), key)
+                _advertised(host, key)
             except InvalidArgument as e:
                 raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
         try:

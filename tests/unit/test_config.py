@@ -254,6 +254,10 @@ BAD_VALUES = [
     ("listen", '"nope"', r"HOST:PORT"),
     ("listen", '"127.0.0.1:x"', r"HOST:PORT"),
     ("nbd", '"127.0.0.1:99999"', r"out of range"),
+    # (also the addresses other hosts and clients are given: an unspecified one sends
+    # every peer to itself)
+    ("listen", '"0.0.0.0:7800"', r"no address another host or a client can reach"),
+    ("nbd", '"[::]:10809"', r"give this host's own address"),
     ("log_level", '"loud"', r"debug, info"),
     ("log_format", '"xml"', r"kv or json"),
     ("peer_tcp_congestion", '"no_such_cc"', r"not available on this kernel"),
@@ -350,6 +354,7 @@ def test_bad_value_is_refused_with_file_key_and_reason(tmp_path, key, value, rea
     ("capacity", "99999999999999P", r"too large"),
     ("heartbeat_ttl", "soon", r"float|number"),
     ("listen", "nope", r"HOST:PORT"),
+    ("nbd", "0.0.0.0:10809", r"this host's own address"),
 ])
 def test_bad_flag_is_refused_naming_the_flag(tmp_path, key, value, reason):
     msg = refused(write(tmp_path, REQUIRED), {key: value})
