@@ -95,7 +95,8 @@ def _tls_hint(e, uri: str) -> str:
     if "requires TLS" in text:
         return " (give --tls-certificates DIR: the hosts require TLS)"
     if "refused TLS" in text:
-        return " (the host does not offer TLS: leave out --tls-certificates)"
+        return (" (the host does not offer TLS: leave out --tls-certificates and "
+                "VBP_TLS_CERTIFICATES)")
     if uri.startswith("nbds") and ("gnutls" in text or "certificate" in text.lower()):
         return (" (the TLS handshake failed: check the --tls-certificates directory: "
                 "ca-cert.pem for the CA that signed the host's certificate, and "
