@@ -24,11 +24,13 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   It still checkpoints every few batches when data keeps arriving, so other connections
   and cancellation are never starved.
 - Backpressure: the reader stops dispatching while MAX_IN_FLIGHT awaitable operations
-  are running or MAX_QUEUED reply bytes wait for the writer. A client that takes none of
-  its replies for `send_timeout` (SEND_TIMEOUT; blockd: nbd_send_timeout) is disconnected
-  and what was queued for it freed: the writer's wait for room in the socket is timed,
-  each wait anew (only a send that blocks pays for the timer), so a slow client that
-  takes some of its replies now and then is not cut off, one that reads none is.
+  are running or MAX_QUEUED reply bytes wait for the writer (each buffer counted
+  QUEUED_ITEM bytes more: many small replies hold more than their bytes). A client that
+  takes none of its replies for `send_timeout` (SEND_TIMEOUT; blockd: nbd_send_timeout)
+  is disconnected and what was queued for it freed: the writer's wait for room in the
+  socket is timed, each wait anew (only a send that blocks pays for the timer), so a
+  slow client that takes some of its replies now and then is not cut off, one that
+  reads none is.
 - A budget for the server as a whole (HeldBytes, HELD_LIMIT): the bytes its connections
   hold (requests in flight, replies queued and being sent, a large write's payload
   arriving) are added up at each batch and
@@ -102,6 +104,12 @@ MAX_IN_FLIGHT = 128
 # (4 GiB) per connection.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_QUEUED = 64 * 1024 * 1024
+# What a queued reply buffer holds beyond its bytes, counted with them against MAX_QUEUED
+# and the server's budget: a memoryview object is 184 bytes, a bytes object's header 33,
+# and each takes a slot of the queue. Counted by their bytes alone, the replies of a
+# client pipelining 1-byte reads of a hole and taking none held some 250 bytes per 17
+# counted: 64 MiB of them about 1 GiB.
+QUEUED_ITEM = 192
 # Seconds a connection's writer waits for its client to take any of its replies (room in
 # the socket) before it disconnects it: a client that sends requests and never reads the
 # replies would otherwise hold MAX_QUEUED and more of them for as long as it likes.
@@ -641,6 +649,8 @@ class _Connection:
                 if (self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
                         and not codec.receiving):
                     await self.wait_room()
+            if self.out_bytes + len(self.out) * QUEUED_ITEM > self.max_queued:
+                await self.wait_room()  # (many small replies: checked once a batch)
             buf = codec.get_buffer()
             if raw is None:
                 data = await self.stream.receive_some(len(buf))
@@ -679,7 +689,8 @@ class _Connection:
         held = self.held
         if held is not None:
             self.recharge()
-        while (self.inflight >= MAX_IN_FLIGHT or self.out_bytes > self.max_queued
+        while (self.inflight >= MAX_IN_FLIGHT
+               or self.out_bytes + len(self.out) * QUEUED_ITEM > self.max_queued
                or self.inflight_bytes >= self.max_bytes
                or self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
                and not self.codec.receiving):
@@ -698,7 +709,8 @@ class _Connection:
         FAIR_SHARE while the budget is over (a connection holding less may still take
         requests up to it), else MAX_IN_FLIGHT_BYTES and MAX_QUEUED."""
         held = self.held
-        mine = self.inflight_bytes + self.out_bytes + self.sending + self.codec.receiving
+        mine = (self.inflight_bytes + self.out_bytes + len(self.out) * QUEUED_ITEM
+                + self.sending + self.codec.receiving)
         if mine != self.charged:
             held.add(mine - self.charged)
             self.charged = mine
@@ -997,7 +1009,7 @@ class _Connection:
                 while self.out:
                     buffers, self.out = self.out, []
                     total, self.out_bytes = self.out_bytes, 0
-                    self.sending = total
+                    self.sending = total + len(buffers) * QUEUED_ITEM
                     self.room.set()
                     self.writing = True
                     try:

@@ -1699,8 +1699,6 @@ async def test_a_later_answer_completed_after_its_connection_ended_charges_nothi
     await c.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="queued replies are counted by their bytes only: "
-                   "tiny replies hold many times MAX_QUEUED")
 async def test_replies_queued_for_a_client_that_reads_none_hold_about_max_queued(provider,
                                                                               monkeypatch):
     """A client that pipelines 1-byte reads of a hole and takes none of the replies: each
