@@ -490,6 +490,16 @@ def test_docs_describe_only_commands_that_exist_or_say_planned():
             assert "planned" in window, f"{doc.name}: `vbp {group} {cmd}` does not exist and is not marked planned"
 
 
+def test_operator_guide_names_every_command():
+    """Every `vbp GROUP COMMAND` that exists is named in docs/operator-guide.md."""
+    import re
+
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    missing = [f"vbp {name} {cmd}" for name, g in main.commands.items() if isinstance(g, click.Group)
+               for cmd in g.commands if not re.search(rf"\bvbp {name} {cmd}\b", guide)]
+    assert not missing, f"docs/operator-guide.md does not name {missing}"
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_script_and_completion(shell):
     from tests.conftest import run_vbp
