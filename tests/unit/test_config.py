@@ -494,6 +494,17 @@ def test_down_out_interval_defaults_to_ten_minutes_and_zero_means_at_once(tmp_pa
         assert names_key(msg, "down_out_interval"), msg
 
 
+@pytest.mark.xfail(strict=True, reason="a negative down_out_interval or scrub_interval is refused "
+                   "as not 'a positive finite number of seconds', though 0 is taken")
+@pytest.mark.parametrize("key,zero", [("down_out_interval", "at once"), ("scrub_interval", "off")])
+def test_a_negative_interval_is_refused_saying_that_zero_is_taken(tmp_path, key, zero):
+    """Both keys take 0 (the operator guide: `0`: at once; `0` turns the background scrub
+    off): the refusal of a negative value must not tell the operator it must be positive."""
+    for i, bad in enumerate(("-1", "-0.5", "nan")):
+        msg = refused(write(tmp_path, f"{REQUIRED}{key} = {bad}\n", f"n{i}.toml"))
+        assert names_key(msg, key) and "positive" not in msg and f"0 ({zero})" in msg, msg
+
+
 def test_hot_chunks_is_a_count_of_chunks(tmp_path):
     assert load(write(tmp_path, REQUIRED), {}).hot_chunks == 256
     assert load(write(tmp_path, REQUIRED + "hot_chunks = 0\n"), {}).hot_chunks == 0
