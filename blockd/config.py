@@ -37,6 +37,8 @@ CAPACITY_MAX = VOLUME_SIZE_MAX
 # is not one a failover can wait for, and etcd refuses lease TTLs past 9e9 s (blockd
 # exited 1 at its first heartbeat).
 PERIOD_MAX = 86400.0
+# the keys of seconds that take 0 too, and what 0 means
+ZERO_MEANS = {"scrub_interval": "off", "down_out_interval": "at once"}
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -155,7 +157,7 @@ class Config:
             if v > PERIOD_MAX:
                 raise InvalidArgument(f"{source}: key {key!r}: must be at most {PERIOD_MAX:.0f} "
                                       f"seconds (a day)")
-        for key, zero in (("scrub_interval", "off"), ("down_out_interval", "at once")):
+        for key, zero in ZERO_MEANS.items():
             v = getattr(self, key)
             if not math.isfinite(v) or v < 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a finite number of "
@@ -278,10 +280,12 @@ def _coerce(key: str, value, source: str):
             raise bad("expected a number of seconds") from None
         except OverflowError:  # (a TOML integer has any number of digits)
             raise bad("must be a positive finite number of seconds") from None
-        if key in ("scrub_interval", "down_out_interval") and f == 0:
+        zero = ZERO_MEANS.get(key)
+        if zero and f == 0:
             return f  # off; at once
         if not math.isfinite(f) or f <= 0:
-            raise bad("must be a positive finite number of seconds")
+            raise bad(f"must be a finite number of seconds, 0 ({zero}) or more" if zero
+                      else "must be a positive finite number of seconds")
         return f
     if kind == "str" and not isinstance(value, str):
         raise bad("expected a string")
