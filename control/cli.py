@@ -829,13 +829,14 @@ def host_drain(state, host_id, wait, timeout):
 
     Each chunk is copied to the host that placement picks without this one, and stays
     readable and fully replicated throughout. When the host shows DATA "out" in
-    `vbp host list`, `vbp host remove ID` forgets it. A host that is down leaves the data
-    set at once too, without waiting out its down_out_interval: its chunks are copied
-    from the other replicas.
+    `vbp host list`, stop its blockd, then `vbp host remove ID` forgets it. A host that is
+    down leaves the data set at once too, without waiting out its down_out_interval: its
+    chunks are copied from the other replicas.
 
     \b
     Example:
-      vbp host drain host3 --wait && vbp host remove host3
+      vbp host drain host3 --wait     # then stop blockd on host3, and:
+      vbp host remove host3
     """
     if not wait:
         _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"),
@@ -875,11 +876,13 @@ def host_undrain(state, host_id):
 def host_remove(state, host_id):
     """Forget a host. Refused while chunks are placed on it: drain it first (a host that
     stays down past the down_out_interval is drained by recovery once enough other hosts
-    are up).
+    are up). Stop its blockd before: one still running registers again at its next
+    heartbeat, as a new host that is up and not draining, and takes chunks again.
 
     \b
     Example:
-      vbp host drain host3 --wait && vbp host remove host3
+      vbp host drain host3 --wait     # then stop blockd on host3, and:
+      vbp host remove host3
     """
     _host_command(state, host_id, lambda r: r.remove_host(host_id), f"host {host_id} removed")
 
