@@ -644,25 +644,31 @@ class VolumeGateway:
             self._limits.set()
             self._limits = None
 
-    async def _throttled(self, delay: float, op, *args):
+    def _throttled(self, delay: float, op, *args):
         """`op(*args)` once `delay` (its booking, VolumeQos.delay_for) has passed. A
         change of limits meanwhile rescales what is left of the wait by the ratio of the
         old rates to the new ones, the way the bucket rescales its debt (a limit lifted:
         at once). Else a request booked under a mistyped limit (a 32 MiB write at 1 KiB/s
         is nine hours) would hold its connection, and with it the volume's lease, until
-        then, whatever the operator set since."""
-        end = trio.current_time() + delay
+        then, whatever the operator set since. The limits it was booked under and its
+        end are taken now: the task that runs the coroutine starts later, maybe after a
+        change of limits it must not miss."""
+        return self._wait_turn(trio.current_time() + delay, self.qos.limits, op, args)
+
+    async def _wait_turn(self, end: float, before: tuple, op, args):
+        """(_throttled's wait: `before`, the limits the request was booked under.)"""
         while True:
-            before = self.qos.limits if self.qos is not None else (0, 0)
+            after = self.qos.limits if self.qos is not None else (0, 0)
+            if after != before:  # changed before this task's first step, or meanwhile
+                now = trio.current_time()
+                end = now + max(0.0, end - now) * _rescale(before, after)
+                before = after
             if self._limits is None:
                 self._limits = trio.Event()
             with trio.move_on_at(end):
                 await self._limits.wait()
-            now = trio.current_time()
-            if now >= end:
+            if trio.current_time() >= end:
                 break
-            after = self.qos.limits if self.qos is not None else (0, 0)
-            end = now + (end - now) * _rescale(before, after)
         try:
             return await _called(op, *args)
         except Fenced as e:  # (as write() and trim() on their unthrottled path)

@@ -29,8 +29,6 @@ async def done_at(result) -> float:
     return trio.current_time()
 
 
-@pytest.mark.xfail(strict=True, reason="a limit lifted before the throttled request's task "
-                   "took its first step is never seen by it")
 def test_a_limit_lifted_before_the_waiting_task_starts_releases_it(tmp_path):
     """The NBD server runs a throttled request's coroutine in a task of its own, which
     takes its first step some time after the request was booked. A limit lifted in
