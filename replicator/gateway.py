@@ -646,22 +646,27 @@ class VolumeGateway:
 
     def _throttled(self, delay: float, op, *args):
         """`op(*args)` once `delay` (its booking, VolumeQos.delay_for) has passed. A
-        change of limits meanwhile rescales what is left of the wait by the ratio of the
-        old rates to the new ones, the way the bucket rescales its debt (a limit lifted:
-        at once). Else a request booked under a mistyped limit (a 32 MiB write at 1 KiB/s
-        is nine hours) would hold its connection, and with it the volume's lease, until
-        then, whatever the operator set since. The limits it was booked under and its
-        end are taken now: the task that runs the coroutine starts later, maybe after a
-        change of limits it must not miss."""
-        return self._wait_turn(trio.current_time() + delay, self.qos.limits, op, args)
+        change of limits meanwhile rescales what is left of the wait the way the buckets
+        rescale their debt (VolumeQos.rescaled; all limits lifted: at once). Else a request
+        booked under a mistyped limit (a 32 MiB write at 1 KiB/s is nine hours) would
+        hold its connection, and with it the volume's lease, until then, whatever the
+        operator set since. The limits it was booked under and its end are taken now:
+        the task that runs the coroutine starts later, maybe after a change of limits
+        it must not miss."""
+        qos = self.qos
+        now = trio.current_time()
+        ahead = now - qos.clock()  # (qos.waits are times of its clock)
+        return self._wait_turn(qos, now + delay, qos.limits,
+                               tuple(w + ahead for w in qos.waits), op, args)
 
-    async def _wait_turn(self, end: float, before: tuple, op, args):
-        """(_throttled's wait: `before`, the limits the request was booked under.)"""
+    async def _wait_turn(self, qos, end: float, before: tuple, waits: tuple, op, args):
+        """(_throttled's wait: `before`, the limits the request was booked under by
+        `qos`; `waits`, when each of its buckets alone would let it pass.)"""
         while True:
-            after = self.qos.limits if self.qos is not None else (0, 0)
+            # (another VolumeQos: the limits were lifted, and maybe set again, since)
+            after = qos.limits if self.qos is qos else (0, 0)
             if after != before:  # changed before this task's first step, or meanwhile
-                now = trio.current_time()
-                end = now + max(0.0, end - now) * _rescale(before, after)
+                end, waits = qos.rescaled(end, waits, before, after, trio.current_time())
                 before = after
             if self._limits is None:
                 self._limits = trio.Event()
@@ -2593,17 +2598,6 @@ def _error_kind(e: Exception) -> str:
     if getattr(e, "errno", None) == 28:
         return "no_space"
     return "io" if isinstance(e, VbpError) else "other"
-
-
-def _rescale(before: tuple, after: tuple) -> float:
-    """What is left of a QoS wait booked under the rates `before` (IOPS, bytes/s; 0 is
-    unlimited) becomes this share of itself under `after`: the largest ratio of an old
-    rate to its new one, over the limits the request was booked under (0 if lifted)."""
-    share = 0.0
-    for old, new in zip(before, after):
-        if old:
-            share = max(share, old / new if new else 0.0)
-    return share
 
 
 def _cancelled(e: BaseException) -> bool:
