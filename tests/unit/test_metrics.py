@@ -360,3 +360,22 @@ async def test_scrapes_asked_together_share_a_rendering(nursery):
         fams = families(reply.partition(b"\r\n\r\n")[2].decode())
         assert sample(fams, "vbp_nbd_requests", "vbp_nbd_requests_total",
                       volume="vm-0199.disk0", op="cache") == 1
+
+
+@pytest.mark.xfail(strict=True, reason="a failed request's bytes count as read or written")
+def test_a_failed_request_counts_no_bytes(tmp_path):
+    """The NBD server reports a failed request to its export's hook with ok=False (an EIO
+    read, a write refused by a read-only export): it counts as a request, with its
+    latency, but moved no bytes, so nbd_bytes does not count them."""
+    from tests.unit.test_gateway_local_writes import one_host
+
+    store, _, gw = one_host(tmp_path)
+    with store:
+        gw.metrics = m = Metrics()
+        gw.observe(0, 4096, 1e-4, True)
+        gw.observe(0, 65536, 1e-4, False)
+        gw.observe(1, 4096, 2e-4, False)
+        fams = families(m.exposition().decode())
+    for op, requests, nbytes in (("read", 2, 4096), ("write", 1, 0)):
+        assert sample(fams, "vbp_nbd_requests", "vbp_nbd_requests_total", volume="v", op=op) == requests
+        assert sample(fams, "vbp_nbd_bytes", "vbp_nbd_bytes_total", volume="v", op=op) == nbytes
