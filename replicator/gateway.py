@@ -635,7 +635,8 @@ class VolumeGateway:
                 return
             s = self._op_stats[command] = self.metrics.stats(self.view.volume.name,
                                                              _OPS.get(command, "other"))
-        s.add(nbytes if command < 2 else 0, seconds, count)  # bytes of reads and writes only
+        # bytes of reads and writes only, and of those done (a failed one moved none)
+        s.add(nbytes if command < 2 and ok else 0, seconds, count)
 
     def limits_changed(self) -> None:
         """The volume's QoS limits changed or went (blockd's set_qos): requests waiting

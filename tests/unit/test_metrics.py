@@ -362,7 +362,6 @@ async def test_scrapes_asked_together_share_a_rendering(nursery):
                       volume="vm-0199.disk0", op="cache") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a failed request's bytes count as read or written")
 def test_a_failed_request_counts_no_bytes(tmp_path):
     """The NBD server reports a failed request to its export's hook with ok=False (an EIO
     read, a write refused by a read-only export): it counts as a request, with its
