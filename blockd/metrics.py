@@ -351,9 +351,12 @@ class _Renders:
                 return parts
             self.begun = number = self.begun + 1
             parts = []
-            for part in self.metrics.parts():
-                parts.append(part)
-                await trio.sleep(0)
+            # (shielded: the scrapes waiting for it get it though the one that began it
+            # is cut off, its slot taken by a newer connection (_Slots) or timed out)
+            with trio.CancelScope(shield=True):
+                for part in self.metrics.parts():
+                    parts.append(part)
+                    await trio.sleep(0)
             self.last = (number, parts)
             return parts
 

@@ -378,3 +378,33 @@ def test_a_failed_request_counts_no_bytes(tmp_path):
     for op, requests, nbytes in (("read", 2, 4096), ("write", 1, 0)):
         assert sample(fams, "vbp_nbd_requests", "vbp_nbd_requests_total", volume="v", op=op) == requests
         assert sample(fams, "vbp_nbd_bytes", "vbp_nbd_bytes_total", volume="v", op=op) == nbytes
+
+
+async def test_a_rendering_whose_scrape_is_cut_off_still_answers_those_waiting_for_it():
+    """A scrape cut off while it renders (its slot given to a newer connection, or timed
+    out) leaves the rendering to finish for the scrapes waiting for it: under a stream of
+    connections taking each other's slots, renderings begun again and again would answer
+    nobody."""
+    from blockd.metrics import _Renders
+
+    m, ticks = many_series(20)
+    renders = _Renders(m)
+    got = {}
+
+    async def scrape(name, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            got[name] = await renders.parts()
+
+    async with trio.open_nursery() as n:
+        await n.start(scrape, "a")
+        while renders.begun < 1:
+            await trio.sleep(0)
+        assert not renders.last[0]  # a renders; b and c ask meanwhile, for the next one
+        cut = await n.start(scrape, "b")
+        await n.start(scrape, "c")
+        while renders.begun < 2:
+            await trio.sleep(0)
+        cut.cancel()  # b, rendering the second
+    assert renders.begun == len(ticks.reads) == 2  # (the gauge: read once per rendering done)
+    assert b"".join(got["c"]) == m.exposition()
