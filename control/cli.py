@@ -876,15 +876,17 @@ def host_undrain(state, host_id):
 def host_remove(state, host_id):
     """Forget a host. Refused while chunks are placed on it: drain it first (a host that
     stays down past the down_out_interval is drained by recovery once enough other hosts
-    are up). Stop its blockd before: one still running registers again at its next
-    heartbeat, as a new host that is up and not draining, and takes chunks again.
+    are up). Refused too while its blockd runs (exit code 6): one still running would
+    register again at its next heartbeat, as a new host that is up and not draining, and
+    take chunks again. Stop it first; it counts as stopped once its heartbeat_ttl passed.
 
     \b
     Example:
       vbp host drain host3 --wait     # then stop blockd on host3, and:
       vbp host remove host3
     """
-    _host_command(state, host_id, lambda r: r.remove_host(host_id), f"host {host_id} removed")
+    _host_command(state, host_id, lambda r: r.remove_host(host_id, unless_alive=True),
+                  f"host {host_id} removed")
 
 
 @host.command("maintenance")

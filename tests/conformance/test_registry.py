@@ -16,6 +16,7 @@ from vbp.cluster import HostRecord
 from vbp.errors import (
     AlreadyExists,
     Fenced,
+    InUse,
     InvalidArgument,
     LeaseHeld,
     NotFound,
@@ -324,6 +325,28 @@ def test_register_and_map(reg):
     assert m5.epoch > m4.epoch and [h.id for h in m5.hosts] == ["h2"]
     with pytest.raises(NotFound):
         reg.remove_host("h1")
+
+
+def test_remove_unless_alive_waits_for_the_hosts_liveness_to_lapse(reg):
+    """`vbp host remove`: a host whose blockd runs is not forgotten (it would register
+    again at its next heartbeat and take chunks), whatever its maintenance says; once
+    its liveness lapsed it is. Without unless_alive the registry removes it all the same."""
+    reg.register_host(host(1), 1)
+    reg.register_host(host(2), 30)
+    reg.register_host(host(3), 30)
+    reg.set_data_set(0, ["h3"], None)
+    reg.set_maintenance("h1", True)
+    assert reg.host_alive("h1") and reg.host_alive("h2")
+    for h in ("h1", "h2"):
+        with pytest.raises(InUse, match=f"host {h} is up: stop its blockd first"):
+            reg.remove_host(h, unless_alive=True)
+    assert {x.id for x in reg.cluster_map().hosts} == {"h1", "h2", "h3"}
+    deadline = time.monotonic() + 5  # (etcd deletes an expired key up to ~0.5 s late)
+    while reg.host_alive("h1"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert [x.id for x in reg.remove_host("h1", unless_alive=True).hosts] == ["h2", "h3"]
+    assert [x.id for x in reg.remove_host("h2").hosts] == ["h3"]
 
 
 def test_heartbeat_carries_stats_and_needs_a_registered_host(reg):

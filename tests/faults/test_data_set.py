@@ -155,7 +155,15 @@ def test_drain_moves_every_chunk_off_then_remove(tmp_path):
 
         write_until(h, w, host_empty(sb, "host4"), 90, "host4 empty")
         h.shutdown()
-        sb.vbp("host", "remove", "host4")
+        # refused while host4's blockd runs: it would register again, undrained
+        p = sb.vbp("host", "remove", "host4", check=False)
+        assert p.returncode == 6 and "stop its blockd first" in p.stderr, (p.returncode, p.stderr)
+        kill(sb, 3)
+        deadline = time.monotonic() + 60  # (its liveness lapses within heartbeat_ttl)
+        while sb.vbp("host", "remove", "host4", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "host4 still counted up a minute after its kill"
+            time.sleep(0.5)
+        assert "host4" not in {x["id"] for x in json.loads(sb.vbp("host", "list", "--json").stdout)["hosts"]}
         placed = check_placed_copies(sb, ["host1", "host2", "host3", "host4"], "r3", w)
         assert placed and all("host4" not in hs for hs in placed.values())
     finally:

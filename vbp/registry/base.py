@@ -338,15 +338,32 @@ class Registry:
     def set_maintenance(self, host_id: str, on: bool) -> ClusterMap:
         return self._update_host(host_id, lambda h: HostRecord.from_dict({**h.to_dict(), "maintenance": bool(on)}))
 
-    def remove_host(self, host_id: str) -> ClusterMap:
+    def host_alive(self, host_id: str) -> bool:
+        """The host's liveness key is there: its blockd runs, or stopped less than its
+        heartbeat ttl ago."""
+        return self.kv.get(P_ALIVE + _name("host id", host_id))[0] is not None
+
+    def remove_host(self, host_id: str, *, unless_alive: bool = False) -> ClusterMap:
         """Forget a host. Refused while chunks are placed on it (it is in the data set, or in
         the set a change of data set leaves): its copies would vanish from placement before
-        others hold them. Draining it (or its being down) takes it out first."""
+        others hold them. Draining it (or its being down) takes it out first. With
+        `unless_alive`, refused (InUse) while its blockd runs (host_alive, judged again in
+        the removal's transaction): a running blockd registers again at its next
+        heartbeat, as a new host, up and not draining, and takes chunks again."""
         key = P_HOST + _name("host id", host_id)
+        alive = P_ALIVE + host_id.encode()
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"host {host_id} is not registered")
+            guard = []
+            if unless_alive:
+                live, _ = self.kv.get(alive)
+                if live is not None:
+                    raise InUse(f"host {host_id} is up: stop its blockd first (a running one "
+                                f"registers again at its next heartbeat and takes chunks "
+                                f"again), then remove it")
+                guard = [Cmp(alive, "mod", 0)]
             ds, _ = self.kv.get(K_DATASET)
             if ds is None:
                 holds = True
@@ -357,8 +374,8 @@ class Registry:
                 raise InvalidArgument(
                     f"host {host_id} still holds placed chunks: drain it (vbp host drain "
                     f"{host_id} --wait) and remove it when the drain is complete")
-            ok, _ = self.kv.txn([Cmp(K_DATASET, "mod", ds.mod_rev)],
-                                [Delete(key), Delete(P_ALIVE + host_id.encode())])
+            ok, _ = self.kv.txn([Cmp(K_DATASET, "mod", ds.mod_rev), *guard],
+                                [Delete(key), Delete(alive)])
             if ok:
                 return self.cluster_map()
         raise self._contended(f"remove host {host_id}")
