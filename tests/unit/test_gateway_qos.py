@@ -30,6 +30,18 @@ async def done_at(result) -> float:
     return trio.current_time()
 
 
+def ends_of(nursery, result) -> list:
+    """A list that gets the trio time `result` (a gateway answer) is done at, awaited in
+    a task of `nursery`."""
+    ends: list = []
+
+    async def wait():
+        ends.append(await done_at(result))
+
+    nursery.start_soon(wait)
+    return ends
+
+
 def test_a_limit_lifted_before_the_waiting_task_starts_releases_it(tmp_path):
     """The NBD server runs a throttled request's coroutine in a task of its own, which
     takes its first step some time after the request was booked. A limit lifted in
@@ -60,12 +72,7 @@ def test_a_limit_lifted_while_waiting_releases_the_request(tmp_path):
             t0 = trio.current_time()
             result = gw.write(0, b"\x01" * (1024 * KiB), False)
             async with trio.open_nursery() as nursery:
-                ends = []
-
-                async def wait():
-                    ends.append(await done_at(result))
-
-                nursery.start_soon(wait)
+                ends = ends_of(nursery, result)
                 await trio.sleep(5)
                 set_qos(gw, dataclasses.replace(rec, qos_bps=0))
             assert ends[0] - t0 == pytest.approx(5, abs=0.01)
@@ -86,12 +93,7 @@ def test_lowering_the_iops_limit_does_not_stretch_a_bandwidth_wait(tmp_path):
             t0 = trio.current_time()
             first = gw.write(0, b"\x01" * (64 * KiB), False)
             async with trio.open_nursery() as nursery:
-                ends = []
-
-                async def wait(result):
-                    ends.append(await done_at(result))
-
-                nursery.start_soon(wait, first)
+                ends = ends_of(nursery, first)
                 await trio.sleep(1)
                 set_qos(gw, dataclasses.replace(rec, qos_iops=1))
                 await trio.sleep(1)
@@ -114,12 +116,7 @@ def test_raising_the_binding_limit_shortens_the_wait(tmp_path):
             t0 = trio.current_time()
             result = gw.write(0, b"\x01" * (64 * KiB), False)
             async with trio.open_nursery() as nursery:
-                ends = []
-
-                async def wait():
-                    ends.append(await done_at(result))
-
-                nursery.start_soon(wait)
+                ends = ends_of(nursery, result)
                 await trio.sleep(1)
                 set_qos(gw, dataclasses.replace(rec, qos_bps=2 * KiB))
             assert ends[0] - t0 == pytest.approx(1 + 31, abs=0.01)
