@@ -96,7 +96,11 @@ Failure rules:
 - Disk full: the sidecar is allocated before a slot is taken; a pwrite hitting ENOSPC
   re-hashes the real pages it may have touched (a failed write may be torn, like on any
   disk) and leaves holes holes; a chunk created by that request is deleted again. The index
-  refuses new chunks past 40% of its map, so flush, fua and delete can always commit.
+  refuses new chunks past 40% of its map, so flush, fua and delete can always commit; and
+  its file keeps INDEX_RESERVE bytes of disk (at most a sixteenth of the filesystem)
+  allocated past its end (fallocate, size unchanged), taken again before a new chunk is
+  (no room for them: NoSpace, no new chunk), so those commits, and the recovery's at open,
+  find blocks on a disk full to the last byte.
 - Partial-page writes verify the page they merge into: a ChecksumError there is raised
   rather than re-hashing (laundering) the damage. Whole-page writes overwrite it.
 
@@ -131,7 +135,8 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
-    _nospace, pread_full, pread_path, punch, pwrite_all, pwrite_pieces, Space, Txn, sync_dir, sync_paths,
+    _nospace, pread_full, pread_path, punch, pwrite_all, pwrite_pieces, reserve, Space, Txn, sync_dir,
+    sync_paths,
     WRITE_PIECE,
 )
 from vbp.chunkstore_memory import MemoryChunkStore
@@ -169,6 +174,11 @@ FRESH = b"c"
 # How long a generation stays marked collected (mark_collected): longer than a gateway cut
 # off from the registry can be expected to go on reading a volume deleted meanwhile.
 COLLECTED_KEEP = 30 * 24 * 3600
+
+# Disk space kept allocated past the end of the index's file (_reserve_index), for the
+# commits a full disk must not refuse: recovery at open, flush, fua, delete. Taken again
+# once the index grew into half of it. At most a sixteenth of the filesystem (a tiny one).
+INDEX_RESERVE = 4 << 20
 
 # read_ref answers ranges of at least this many bytes with a FileRange (below it, a copy
 # costs less than the extra send call).
@@ -302,7 +312,14 @@ class ChunkStore:
         sync_dir(self.path)  # ... and so are their directory and our lock
         sync_dir(self.path.parent)
         self._map_size = self._env.info()["map_size"]
+        self._index_fd = -1
+        self._index_reserved = 0  # bytes of the index's file with disk blocks kept
         try:
+            self._index_fd = os.open(self.path / "index" / "data.mdb",
+                                     os.O_RDWR | os.O_CLOEXEC)
+            fs = os.fstatvfs(self._index_fd)
+            self._index_keep = min(INDEX_RESERVE, fs.f_blocks * fs.f_frsize // 16)
+            self._reserve_index()  # (a disk full already: the reserve kept before, if any)
             self.was_clean, self.recovered = self._load()
             self.store_id = self._store_id()
         except BaseException:
@@ -463,6 +480,24 @@ class ChunkStore:
 
     def _txn(self):
         return Txn(self._env)
+
+    def _reserve_index(self) -> bool:
+        """_index_keep bytes (INDEX_RESERVE, or less on a tiny filesystem) of disk kept
+        allocated past the index's last page, taken again once the index grew into half
+        of them; False if the disk has no room for them."""
+        end = (self._env.info()["last_pgno"] + 1) * self._psize
+        if end + self._index_keep // 2 <= self._index_reserved:
+            return True
+        try:
+            if not reserve(self._index_fd, end + self._index_keep):
+                self._index_reserved = 1 << 62  # (a filesystem without: nothing to keep)
+                return True
+        except OSError as e:
+            if e.errno in NOSPACE_ERRNOS:
+                return False
+            raise
+        self._index_reserved = end + self._index_keep
+        return True
 
     def _index_pages(self) -> int:
         with self._env.begin() as txn:
@@ -1086,6 +1121,8 @@ class ChunkStore:
         if self._index_pages() * self._psize > 0.4 * self._map_size:
             # a flush may rewrite every page (copy-on-write): keep room for it to commit
             raise NoSpace("the chunk index is nearly full: no new chunks")
+        if not self._reserve_index():
+            raise NoSpace("the disk is full: no room kept for the chunk index, no new chunks")
         sp = self._spaces.get(cs)
         if sp is None:
             try:
@@ -1366,6 +1403,9 @@ class ChunkStore:
             sp.close()
         self._spaces.clear()
         self._env.close()
+        if self._index_fd >= 0:
+            os.close(self._index_fd)
+            self._index_fd = -1
         os.close(self._lock_fd)  # releases the flock
 
     def __enter__(self) -> ChunkStore:

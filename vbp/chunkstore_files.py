@@ -70,6 +70,21 @@ def punch(fd: int, offset: int, length: int) -> None:
         offset += os.pwrite(fd, zeros[: end - offset], offset)
 
 
+def reserve(fd: int, length: int) -> bool:
+    """Disk blocks for the first `length` bytes of the file, past its end too, its size
+    unchanged (FALLOC_FL_KEEP_SIZE): writes there later need no free block. False if the
+    filesystem cannot keep blocks that way (nothing kept); OSError(ENOSPC) if the disk
+    has not that many free."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, 0x01, 0, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 def pwrite_all(fd: int, buf, pos: int) -> None:
     n = os.pwrite(fd, buf, pos)
     if n != len(buf):

@@ -92,8 +92,6 @@ mount -t tmpfs -o size=16m tmpfs "$mnt" || exit 90
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the index commit at open needs disk blocks the full "
-                   "disk does not have: NoSpace (or LMDB's EIO of a short write) fails the open")
 def test_a_store_reopens_on_a_disk_with_no_byte_free(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
