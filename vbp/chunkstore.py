@@ -322,8 +322,12 @@ class ChunkStore:
             self._reserve_index()  # (a disk full already: the reserve kept before, if any)
             self.was_clean, self.recovered = self._load()
             self.store_id = self._store_id()
-        except BaseException:
+        except BaseException as e:
             self._close_files()
+            if isinstance(e, NoSpace):  # (the index's commit: name the store)
+                raise NoSpace(f"chunk store {self.path}: {e}") from e
+            if isinstance(e, lmdb.Error):
+                raise _open_error(self.path, e) from e
             raise
 
     def _store_id(self) -> str:

@@ -397,15 +397,29 @@ class Txn:
         try:
             self.txn.commit()
         except lmdb.Error as e:
-            raise _nospace(e) from e
+            raise _nospace(e, self.env.path()) from e
         return False
 
 
-def _nospace(e: lmdb.Error) -> Exception:
-    """NoSpace for the index running out of room (its map or the disk), else `e` itself."""
+# LMDB's write of its pages cut short (the disk filled up in the middle of it) is an EIO;
+# with less than this free on the index's filesystem it is taken for the full disk it is
+FULL_BELOW = 1 << 20
+
+
+def _nospace(e: lmdb.Error, path: str | None = None) -> Exception:
+    """NoSpace for the index running out of room (its map or the disk), else `e` itself.
+    `path`: the index's directory, for telling LMDB's EIO of a short write on a full disk."""
     if isinstance(e, lmdb.MapFullError):
         return NoSpace(f"the chunk index is full: {e}")
     text = str(e)
     if "No space" in text or "ENOSPC" in text or "Disk quota" in text:
         return NoSpace(f"the disk is full writing the chunk index: {e}")
+    if path is not None and "Input/output error" in text:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return e
+        if st.f_bavail * st.f_frsize < FULL_BELOW:
+            return NoSpace(f"the disk is full writing the chunk index: {e} "
+                           f"({st.f_bavail * st.f_frsize} bytes free)")
     return e

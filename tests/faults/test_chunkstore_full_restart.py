@@ -137,8 +137,6 @@ def test_a_store_reopens_on_a_disk_with_no_byte_free(tmp_path):
                                                                    out.stderr[-3000:])
 
 
-@pytest.mark.xfail(strict=True, reason="LMDB's short write on the full disk is an EIO: an "
-                   "lmdb.Error, no NoSpace, and blockd prints its traceback")
 def test_a_store_without_its_reserve_reports_the_full_disk_at_open(tmp_path):
     out = run(tmp_path, "-noreserve")
     assert out.returncode == 0 and out.stdout.startswith("OK "), (out.stdout,
