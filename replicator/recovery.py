@@ -60,7 +60,7 @@ import trio
 
 from replicator import messages as m
 from vbp.chunkstore import flush_store
-from vbp.errors import InvalidArgument, NotFound, VbpError
+from vbp.errors import InvalidArgument, NoSpace, NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from replicator.loss import (
     accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
@@ -433,6 +433,10 @@ class Resync:
                     self.stats.chunks += 1
                     log.info("event=resynced lineage=%s chunk=%d source=%s", lineage, index, src)
                     return True
+            except NoSpace as e:  # this host's disk: no other source would do better
+                log.warning("event=resync_no_space lineage=%s chunk=%d source=%s error=%s",
+                            lineage, index, src, e)
+                return False
             except VbpError as e:
                 log.warning("event=resync_source_failed lineage=%s chunk=%d source=%s error=%s",
                             lineage, index, src, e)

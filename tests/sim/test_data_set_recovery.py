@@ -21,8 +21,8 @@ from replicator.migration import DataSetMover
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap
-from vbp.errors import InvalidArgument, VbpError
-from vbp.layout import MiB
+from vbp.errors import InvalidArgument, NoSpace, VbpError
+from vbp.layout import ChunkKey, MiB
 from vbp.registry.base import NEVER_CURRENT
 
 
@@ -480,6 +480,42 @@ def test_a_replaced_disk_backfills_past_a_volume_record_too_large_to_grow(caplog
             assert [e[0] for e in reg.get_volume("small")["lost"]] == ["h1"]
             assert not reg.get_volume("big")["lost"]
             assert "volume=big event=data_lost_not_recorded" in caplog.text
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_resync_onto_a_full_disk_tries_no_other_source(caplog):
+    """h2's copy of chunk 0 is stale and h2's disk is full: every write of its resync
+    fails with NoSpace. That is this host's disk, not the source's: the resync gives the
+    chunk up for this pass at the first such failure, rather than blaming and trying
+    every other source (resync_source_failed, once per source per pass)."""
+    async def main():
+        sim = Sim(5, hosts=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec = sim.create_volume("v", 2 * MiB, replicas=3)
+            h0, h2 = sim.hosts["h0"], sim.hosts["h2"]
+            gw = await h0.run_on(h0.provider.open_export, "v")
+            await h0.run_on(lambda: call(gw.write(0, b"W" * 4096, False)))
+            await h0.run_on(lambda: call(gw.flush()))
+
+            # h2 missed a write (its copy differs: the resync has pages to copy)
+            h2.store.write(ChunkKey(rec.lineage, 0, rec.head), 4096, b"X" * 4096,
+                           chunk_size=rec.chunk_size)
+
+            def full(*args, **kwargs):
+                raise NoSpace("the disk is full writing chunk (test)")
+
+            for op in ("write", "zero"):
+                setattr(h2.store, op, full)
+            sim.reg.mark_stale(rec.lineage, 0, ["h2"], time.time_ns())
+            with caplog.at_level(logging.WARNING, logger="vbp.recovery"):
+                await trio.sleep(6.0)  # resync passes
+            said = [r.getMessage() for r in caplog.records]
+            assert any("event=resync_no_space" in m for m in said), said[-20:]
+            assert not any("event=resync_source_failed" in m for m in said), said[-20:]
+            assert {r.host_id for r in sim.reg.list_stale(rec.lineage, 0)} == {"h2"}
             nursery.cancel_scope.cancel()
 
     run(main)
