@@ -194,6 +194,9 @@ class Metrics:
             self.scrub_errors.labels(kind)
         self.capacity = Gauge("capacity_bytes", "Chunk space this host offers.", namespace=ns, registry=r)
         self.used = Gauge("used_bytes", "Chunk space in use on this host.", namespace=ns, registry=r)
+        self.disk_free = Gauge("disk_free_bytes", "Bytes free on the filesystem of this host's "
+                               "data directory (the capacity may promise more).",
+                               namespace=ns, registry=r)
         self.up = Gauge("up", "1 while blockd serves, 0 while it starts or stops.", namespace=ns, registry=r)
         self.nbd_held = Gauge("nbd_held_bytes", "Bytes the NBD connections hold together: requests "
                               "in flight, replies queued or being sent, write payloads arriving "
@@ -262,9 +265,11 @@ class Metrics:
         """nbd_held_bytes reads `held` (a nbd_frontend.server.HeldBytes) at each scrape."""
         self.nbd_held.set_function(lambda: held.total)
 
-    def set_space(self, capacity: int, used: int) -> None:
+    def set_space(self, capacity: int, used: int, disk_free: int | None = None) -> None:
         self.capacity.set(capacity)
         self.used.set(used)
+        if disk_free is not None:
+            self.disk_free.set(disk_free)
 
     def set_up(self, up: bool) -> None:
         self.up.set(1 if up else 0)

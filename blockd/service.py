@@ -1283,11 +1283,22 @@ class Blockd:
                 await self.publish_stats()  # the controller's next reweight waits for it
         await self._every(1, "data_set_step", step)
 
+    def disk_free(self) -> int | None:
+        """Bytes the data directory's filesystem has free (for an unprivileged user), or
+        None if it cannot be asked. The store's capacity is the operator's word; the disk
+        may hold less (set above it, or filled by something else)."""
+        try:
+            fs = os.statvfs(self.cfg.data_dir)
+        except OSError:
+            return None
+        return fs.f_bavail * fs.f_frsize
+
     def stats(self) -> dict:
         st = self.store.stats()
         rs = self.resync.stats
         return {
             "capacity": st.capacity, "used": st.used, "free": st.free, "chunks": st.chunks,
+            "disk_free": self.disk_free(),
             "checksum_errors": st.checksum_errors, "resynced_chunks": rs.chunks,
             "resync_bytes": rs.bytes_copied, "time": time.time(),
             "recovery_held_full": self.resync.held_full, "full_ratio": self.cfg.full_ratio,
@@ -1362,12 +1373,13 @@ class Blockd:
             except InvalidArgument as e:  # the stats only: the liveness went through
                 log.error("event=stats_too_large error=%s", e)
             st = self.store.stats()
-            self.metrics.set_space(st.capacity, st.used)
+            self.metrics.set_space(st.capacity, st.used, self.disk_free())
 
     async def _watch_space(self) -> None:
         """Publish the stats early when usage moved by SPACE_STEP of capacity; log when it
-        crosses the nearfull threshold (the controller then lowers the host's weight)."""
-        above = False
+        crosses the nearfull threshold (the controller then lowers the host's weight), and
+        when the disk comes to have less room than the capacity leaves (disk_short)."""
+        above = short = False
         while True:
             await trio.sleep(SPACE_POLL)
             st = self.store.stats()
@@ -1377,6 +1389,16 @@ class Blockd:
                         "event=%s used=%d capacity=%d nearfull_ratio=%s",
                         "nearfull" if above else "below_nearfull", st.used, st.capacity,
                         self.cfg.nearfull_ratio)
+            disk = self.disk_free()
+            if disk is not None and (disk < st.free) != short:
+                short = not short
+                if short:
+                    log.warning("event=disk_short disk_free=%d free=%d capacity=%d: the disk "
+                                "has less room than the capacity leaves; writes may fail with "
+                                "ENOSPC before the pool counts this host full (lower capacity, "
+                                "or free the disk)", disk, st.free, st.capacity)
+                else:
+                    log.info("event=disk_room disk_free=%d free=%d", disk, st.free)
             if not st.capacity or abs(st.used - self._published_used) < SPACE_STEP * st.capacity:
                 continue
             try:

@@ -942,7 +942,8 @@ def pool_status(state, wait, timeout):
         st = stats.get(h.id, {})
         hosts.append({"id": h.id, "state": h.state, "maintenance": h.maintenance,
                       "capacity": st.get("capacity", h.capacity), "used": st.get("used"),
-                      "free": st.get("free"), "chunks": st.get("chunks"),
+                      "free": st.get("free"), "disk_free": st.get("disk_free"),
+                      "chunks": st.get("chunks"),
                       "checksum_errors": st.get("checksum_errors"),
                       "resync_bytes": st.get("resync_bytes"),
                       "recovery_held_full": st.get("recovery_held_full") or 0,
@@ -1058,6 +1059,12 @@ def _space_notes(hosts: list[dict], ds: dict) -> None:
     for x in nearfull:
         click.echo(f"warning: {x['id']} is above its nearfull threshold ({pct(x)}, "
                    f"threshold {round(x['nearfull_ratio'] * 100)}%)")
+    for x in hosts:
+        if x.get("disk_free") is not None and x["free"] is not None and x["disk_free"] < x["free"]:
+            click.echo(f"warning: {x['id']}'s disk has {format_size(x['disk_free'])} free, less "
+                       f"than the {format_size(x['free'])} its capacity leaves: writes there may "
+                       f"fail with ENOSPC before the pool counts it full (lower its capacity, or "
+                       f"free the disk)")
     if nearfull and len(nearfull) == len(inset):
         click.echo("warning: every host is nearly full: no host has room to take chunks off the "
                    "others; add hosts or capacity")

@@ -19,6 +19,7 @@ from vbp.registry import open_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1024**3
+MiB = 1024**2
 
 
 @pytest.fixture
@@ -231,6 +232,29 @@ def test_reweighted_and_nearly_full_hosts_are_shown(vbp, reg_url):
         reg.publish_stats(h, {"capacity": GiB, "used": int(0.9 * GiB), "nearfull_ratio": 0.85}, 60)
     assert vbp("host", "list").stdout.splitlines()[4].split()[3] == "0.80"
     assert "every host is nearly full" in vbp("pool", "status").stdout
+    reg.close()
+
+
+def test_pool_status_warns_of_a_disk_with_less_room_than_the_capacity_leaves(vbp, reg_url):
+    """A host's capacity is the operator's word: set above its disk (or the disk filled
+    by something else), the pool counted room the disk does not have, and its writes
+    failed with ENOSPC while `vbp pool status` showed it mostly free. Each host publishes
+    its data directory's free space; less than its capacity leaves is a warning."""
+    from vbp.cluster import HostRecord
+
+    reg = open_registry(reg_url)
+    for i in (1, 2):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 60)
+    reg.set_data_set(0, ["h1", "h2"], None)
+    for h, disk in (("h1", 12 * MiB), ("h2", 5 * GiB)):
+        reg.publish_stats(h, {"capacity": GiB, "used": 52 * MiB, "free": GiB - 52 * MiB,
+                              "disk_free": disk, "chunks": 13, "nearfull_ratio": 0.85}, 60)
+    st = js(vbp("pool", "status", "--json"))
+    assert {h["id"]: h["disk_free"] for h in st["hosts"]} == {"h1": 12 * MiB, "h2": 5 * GiB}
+    text = vbp("pool", "status").stdout
+    assert ("warning: h1's disk has 12 MiB free, less than the 972 MiB its capacity "
+            "leaves") in text, text
+    assert "h2's disk" not in text
     reg.close()
 
 
