@@ -94,8 +94,6 @@ def cluster(tmp_path):
     c.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="a member without a leader holds a txn until the client's "
-                   "timeout, which then reports an unknown outcome")
 def test_a_member_without_a_leader_refuses_at_once_and_says_nothing_was_applied(cluster):
     """A member cut off from the rest of its cluster (here: the others frozen) has no
     leader. etcd holds a request there until it times out, and the client, timing out

@@ -16,7 +16,10 @@ with no etcd answer back, an answer that is not etcd's (a proxy's error page), o
 change or a timeout after the proposal went in, and a resent txn would then be applied a
 second time (its compare fails on its own first copy, and a CAS loop applies its change
 again to the changed record). Only "no leader" says the request was never proposed; the
-same rule as etcd's own client for writes.
+same rule as etcd's own client for writes. Every request asks etcd to require a leader
+(the gateway passes the header REQUIRE_LEADER on as gRPC metadata, what etcd's own client
+sends for a context made with clientv3.WithRequireLeader): a member cut off from its cluster then answers "no leader" at once, where it
+would hold the request until the client's timeout, a txn's outcome then unknown.
 
 TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit; etcd
 also enforces a minimum TTL derived from its election timeout). Expired keys are deleted by
@@ -40,6 +43,9 @@ CONNECT_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 5.0
 GRPC_UNAVAILABLE = 14
 NO_LEADER = "etcdserver: no leader"  # the one "unavailable" that says: not proposed
+# gRPC metadata "hasleader: true" (etcd's rpctypes.MetadataRequireLeaderKey): a member with
+# no leader refuses at once with NO_LEADER, before proposing anything
+REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 
 
 def _b64(b: bytes) -> str:
@@ -64,7 +70,8 @@ class EtcdKV:
         self.url = url
         self.endpoints = endpoints
         self._cur = 0
-        self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
+        self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+                                    headers=REQUIRE_LEADER)
 
     # --- transport ------------------------------------------------------------------------
 
