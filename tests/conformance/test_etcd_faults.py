@@ -143,8 +143,6 @@ def _lose_txn_answers(reg):
     client.post = post_and_lose
 
 
-@pytest.mark.xfail(strict=True, reason="a create whose answer is lost is reported failed, and "
-                   "asked again says the volume already exists")
 def test_a_volume_create_whose_answer_was_lost_is_checked_not_reported_failed(etcd_server):
     """`vbp volume create` whose transaction committed with its answer lost said the
     registry was unavailable, and asked again, that the volume already exists: the create

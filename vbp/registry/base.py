@@ -460,7 +460,19 @@ class Registry:
     def create_volume(self, name: str, record: dict) -> None:
         key = P_VOL + _name("volume name", name)
         value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
-        ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value), Put(K_VOL_SEQ, b"")])
+        try:
+            ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value), Put(K_VOL_SEQ, b"")])
+        except RegistryUnavailable:
+            # The outcome may be unknown (etcd: committed, its answer lost). A record is
+            # made once (a new lineage), so the very record stored there is this create's;
+            # another is someone else's; none (or no read) leaves it unknown.
+            try:
+                item, _ = self.kv.get(key)
+            except RegistryUnavailable:
+                item = None
+            if item is None:
+                raise
+            ok = item.value == value
         if not ok:
             raise AlreadyExists(f"volume {name} already exists")
 
