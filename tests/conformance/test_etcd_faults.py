@@ -162,8 +162,6 @@ def test_a_volume_create_whose_answer_was_lost_is_checked_not_reported_failed(et
         other.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a clone or a delete whose answer is lost is reported "
-                   "failed, and asked again says the volume exists / does not exist")
 def test_a_clone_or_delete_whose_answer_was_lost_is_checked_not_reported_failed(etcd_server):
     """As a create (above): `vbp volume clone` and `vbp volume delete` whose transaction
     committed with its answer lost said the registry was unavailable, and asked again,

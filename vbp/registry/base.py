@@ -462,19 +462,23 @@ class Registry:
         value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
         try:
             ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value), Put(K_VOL_SEQ, b"")])
-        except RegistryUnavailable:
-            # The outcome may be unknown (etcd: committed, its answer lost). A record is
-            # made once (a new lineage), so the very record stored there is this create's;
-            # another is someone else's; none (or no read) leaves it unknown.
-            try:
-                item, _ = self.kv.get(key)
-            except RegistryUnavailable:
-                item = None
-            if item is None:
-                raise
-            ok = item.value == value
+        except RegistryUnavailable as e:
+            ok = self._made_by_us(key, value, e)
         if not ok:
             raise AlreadyExists(f"volume {name} already exists")
+
+    def _made_by_us(self, key: bytes, value: bytes, failure: RegistryUnavailable) -> bool:
+        """After a create's txn failed, maybe with an unknown outcome (etcd: committed,
+        its answer lost): True if `key` holds the very record `value` (a volume record is
+        made once: a new lineage, or a clone's new head), False if another record;
+        `failure` raised again if none is there or it cannot be read (still unknown)."""
+        try:
+            item, _ = self.kv.get(key)
+        except RegistryUnavailable:
+            item = None
+        if item is None:
+            raise failure
+        return item.value == value
 
     def create_from(self, name: str, parent: str, make: Callable[[dict], dict]) -> dict:
         """Create volume `name` with the record `make(parent's record)`, in a transaction
@@ -490,8 +494,13 @@ class Registry:
                 raise NotFound(f"volume {parent} does not exist")
             record = make(_unpack(item.value))
             value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
-            ok, _ = self.kv.txn([Cmp(key, "mod", 0), Cmp(pkey, "mod", item.mod_rev)],
-                                [Put(key, value), Put(K_VOL_SEQ, b"")])
+            try:
+                ok, _ = self.kv.txn([Cmp(key, "mod", 0), Cmp(pkey, "mod", item.mod_rev)],
+                                    [Put(key, value), Put(K_VOL_SEQ, b"")])
+            except RegistryUnavailable as e:
+                if self._made_by_us(key, value, e):
+                    return record
+                raise AlreadyExists(f"volume {name} already exists") from None
             if ok:
                 return record
             if self.kv.get(key)[0] is not None:
@@ -561,8 +570,19 @@ class Registry:
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
-            ok, _ = self.kv.txn([*cmps, Cmp(key, "mod", item.mod_rev)],
-                                [Delete(key), *self._gone(key, _unpack(item.value), item.mod_rev)])
+            gone = self._gone(key, _unpack(item.value), item.mod_rev)
+            try:
+                ok, _ = self.kv.txn([*cmps, Cmp(key, "mod", item.mod_rev)], [Delete(key), *gone])
+            except RegistryUnavailable:
+                # maybe an unknown outcome (etcd: committed, its answer lost): the entry
+                # the delete writes names the record's revision, so it is there only if
+                # this record was deleted (none to look for, or no read: still unknown)
+                try:
+                    ok = bool(gone) and self.kv.get(gone[0].key)[0] is not None
+                except RegistryUnavailable:
+                    ok = False
+                if not ok:
+                    raise
             if ok:
                 try:
                     self._forget_lineages()
