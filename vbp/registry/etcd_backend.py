@@ -46,6 +46,8 @@ NO_LEADER = "etcdserver: no leader"  # the one "unavailable" that says: not prop
 # gRPC metadata "hasleader: true" (etcd's rpctypes.MetadataRequireLeaderKey): a member with
 # no leader refuses at once with NO_LEADER, before proposing anything
 REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+# keys in one range request at most (a range reads them in pages: EtcdKV.range)
+RANGE_PAGE = 5000
 
 
 def _b64(b: bytes) -> str:
@@ -126,8 +128,32 @@ class EtcdKV:
         return (_item(kvs[0]) if kvs else None), int(d["header"]["revision"])
 
     def range(self, prefix: bytes) -> tuple[list[Item], int]:
-        d = self._call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
-        return [_item(kv) for kv in d.get("kvs") or []], int(d["header"]["revision"])
+        """In pages of RANGE_PAGE keys, each read at the revision of the first (one
+        snapshot): etcd answers a range only once it has encoded all of it, and 700,000
+        keys took longer than REQUEST_TIMEOUT, every listing then failing. A page's
+        revision compacted meanwhile (a read slower than the compaction period) starts
+        it again."""
+        end = _b64(prefix_end(prefix))
+        restarts = 0
+        while True:
+            out: list[Item] = []
+            start, rev = prefix, 0
+            try:
+                while True:
+                    body = {"key": _b64(start), "range_end": end, "limit": str(RANGE_PAGE)}
+                    if rev:
+                        body["revision"] = str(rev)
+                    d = self._call("kv/range", body)
+                    rev = rev or int(d["header"]["revision"])
+                    kvs = d.get("kvs") or []
+                    out.extend(_item(kv) for kv in kvs)
+                    if not d.get("more") or not kvs:
+                        return out, rev
+                    start = out[-1].key + b"\x00"  # (the next key after the last one read)
+            except RegistryUnavailable as e:
+                restarts += 1
+                if not rev or "compacted" not in str(e) or restarts > 2:
+                    raise
 
     def _grant(self, ttl: float) -> str:
         # a grant resent after a lost answer only leaves an unused lease that expires
