@@ -18,8 +18,9 @@ second time (its compare fails on its own first copy, and a CAS loop applies its
 again to the changed record). Only "no leader" says the request was never proposed; the
 same rule as etcd's own client for writes. Every request asks etcd to require a leader
 (the gateway passes the header REQUIRE_LEADER on as gRPC metadata, what etcd's own client
-sends for a context made with clientv3.WithRequireLeader): a member cut off from its cluster then answers "no leader" at once, where it
-would hold the request until the client's timeout, a txn's outcome then unknown.
+sends for a context made with clientv3.WithRequireLeader): a member cut off from its
+cluster then answers "no leader" at once, where it would hold the request until the
+client's timeout, a txn's outcome then unknown.
 
 TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit; etcd
 also enforces a minimum TTL derived from its election timeout). Expired keys are deleted by
