@@ -103,12 +103,12 @@ def _beating(registry):
     from blockd.service import Blockd
 
     b = Blockd.__new__(Blockd)
-    b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1")
+    b.cfg = SimpleNamespace(heartbeat_ttl=6.0, host_id="h1", data_dir="/")
     b.registry = registry
     b._stats_lock = trio.Lock()
     b.stats = lambda: {"used": 0}
     b.store = SimpleNamespace(stats=lambda: SimpleNamespace(capacity=1, used=0))
-    b.metrics = SimpleNamespace(set_space=lambda capacity, used: None)
+    b.metrics = SimpleNamespace(set_space=lambda capacity, used, disk_free=None: None)
     return b
 
 
