@@ -513,6 +513,13 @@ def view_of(rec: VolumeRecord, snap: str | None) -> View:
     return View(f"{rec.name}@{snap}", rec, s.chain, True, s.size or rec.size, s.cuts)
 
 
+def read_size(d: dict) -> int:
+    """The bytes of its lineage some reader of a volume record (dict) reaches: its head,
+    or a snapshot taken before a shrink, which still reads past the head's end."""
+    size = d["size"]
+    return max([size] + [s.get("size") or size for s in d.get("snapshots", ())])
+
+
 def replicas_by_lineage(records) -> dict[str, int]:
     """Lineage -> copies its chunks keep: the most any volume of the lineage (a volume and
     its clones share one) asks for. `records` are volume record dicts (registry)."""

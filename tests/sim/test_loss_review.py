@@ -14,8 +14,6 @@ from vbp.errors import VbpError
 from vbp.layout import MiB
 
 
-@pytest.mark.xfail(strict=True, reason="accept-loss and pool status weigh a volume's head size only, "
-                   "not its snapshots': a chunk only a snapshot reads stays EIO for good")
 def test_accept_loss_reaches_a_chunk_only_a_snapshot_still_reads():
     """The unrecoverable chunk X of lose_last_copy (O on both copies, W missed by Q) is
     snapshotted (v@s), then v is shrunk below X: only v@s reads X, and it reads EIO.
