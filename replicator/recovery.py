@@ -139,6 +139,10 @@ class Resync:
         self._accepted: dict[tuple[str, int], tuple[float, str, str, bool]] = {}
         self._unlisted: dict[str, list] = {}
         self._accepted_logged: set = set()
+        # volume name -> the `lost` entry this process's backfill writes into its record
+        # (_record_lost): the same one when a retried backfill writes it again, so that
+        # the record holds it once
+        self._lost_entries: dict[str, list] = {}
 
     async def replicas_by_lineage(self) -> dict[str, int]:
         vols = await self.registry.list_volumes()
@@ -281,12 +285,20 @@ class Resync:
                     await trio.sleep(0)  # a large volume: let the daemon serve meanwhile
             if not placed:
                 continue
-            log.error("volume=%s event=data_lost chunks_placed_here=%d: replicas=1, their only "
-                      "copies were on the replaced disk; they read as zeros now", d["name"], placed)
-            entry = [self.host_id, placed, time.time()]
+            entry = self._lost_entries.get(d["name"])
+            if entry is None:
+                log.error("volume=%s event=data_lost chunks_placed_here=%d: replicas=1, their "
+                          "only copies were on the replaced disk; they read as zeros now",
+                          d["name"], placed)
+                entry = self._lost_entries[d["name"]] = [self.host_id, placed, time.time()]
+
+            def note(v, entry=entry):
+                # (a backfill retried after this was written, or whose write's answer was
+                # lost, writes it again: once is enough)
+                had = [list(x) for x in v.get("lost", ())]
+                return v if entry in had else {**v, "lost": [*had, entry]}
             try:
-                await self.registry.update_volume(
-                    d["name"], lambda v: {**v, "lost": [*v.get("lost", ()), entry]})
+                await self.registry.update_volume(d["name"], note)
             except NotFound:  # deleted meanwhile: nothing left to warn about
                 pass
             except InvalidArgument as e:

@@ -48,8 +48,6 @@ def test_accept_loss_reaches_a_chunk_only_a_snapshot_still_reads():
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="a backfill retried after recording some volumes' loss "
-                   "records it on them again: pool status reports the loss twice")
 def test_a_backfill_retried_midway_records_each_volume_loss_once():
     """h1's disk is replaced and two replicas=1 volumes, a and b, had chunks placed on it.
     Recording b's loss finds the registry unreachable once, after a's was recorded: the
