@@ -79,3 +79,44 @@ def test_a_backfill_retried_midway_records_each_volume_loss_once():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="a change cancelled while a down joining target alone holds "
+                   "a chunk leaves it unrecoverable: accept-loss reverts it to older bytes")
+def test_a_chunk_a_down_joining_target_alone_holds_is_not_given_up_when_the_change_is_cancelled():
+    """joined_then_lost: X's complete copies are stale, the newest never current (P's disk
+    replaced), and the joining target h3 alone holds every acknowledged byte (W, N). Then
+    h3 goes down, long enough to be out of the wanted data set, which is the set being
+    left again. Cancelling the change then would take h3 out of X's placement: X would
+    count as unrecoverable and accept-loss would revert it to Q's older bytes while h3,
+    merely down, holds W. X is not given up; once h3 is back it reads W and N."""
+    from tests.sim.test_data_set_recovery import joined_then_lost, step_all
+    from tests.sim.test_data_set_sim import movers
+    from vbp.errors import InvalidArgument
+
+    async def main():
+        sim = Sim(11, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            reg = sim.reg
+            rec, x, p, q, gw = await joined_then_lost(sim)
+            assert api.unrecoverable_chunks(reg) == []
+            sim.crash("h3")
+            mv = movers(sim)
+            await step_all(sim, mv, times=3)
+            assert api.unrecoverable_chunks(reg) == []
+            with pytest.raises(InvalidArgument, match="not unrecoverable"):
+                api.accept_loss(reg, "v", [x])
+            await sim.restart("h3")
+            for _ in range(20):
+                await step_all(sim, mv)
+                if not reg.cluster_map().migrating and not reg.list_stale(rec.lineage, x):
+                    break
+            assert not reg.list_stale(rec.lineage, x)
+            h0 = sim.hosts["h0"]
+            gw2 = await h0.run_on(h0.provider.open_export, "v")
+            assert await read4k(h0, gw2, x * MiB) == b"W" * 4096
+            assert await read4k(h0, gw2, x * MiB + 4096) == b"N" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
