@@ -401,6 +401,31 @@ def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) ->
     return sorted(found)
 
 
+def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int]) -> dict[str, int]:
+    """Joining targets of the change under way that alone hold every acknowledged write of
+    some chunk (host -> how many such chunks): every complete copy of it is recorded
+    stale, the newest never current (replicator.loss.newest_lost: the last current copy
+    went with a replaced disk), and the target has no record (it resynced from that copy
+    and took every write since). A data set that leaves such a target out of the chunk's
+    placement leaves the chunk unrecoverable while the target holds it, for
+    `vbp volume accept-loss` to revert it to older bytes."""
+    from replicator.gateway import ClusterView  # a view of this map, not the host's
+    from replicator.loss import newest_lost, stale_by_chunk
+
+    if cmap.prev is None:
+        return {}
+    view = ClusterView(cmap)
+    out: dict[str, int] = {}
+    for (lineage, index), stale in stale_by_chunk(records).items():
+        n = n_of.get(lineage)
+        if not n or not newest_lost(view.replicas(lineage, index, n), stale):
+            continue
+        for h in view.joining(lineage, index, n):
+            if h not in stale:
+                out[h] = out.get(h, 0) + 1
+    return out
+
+
 def blocking(cmap: ClusterMap, records, n_of: dict[str, int], scanned: dict[str, int],
              chunk_sizes: dict[str, int] | None = None, waiting=()) -> dict:
     """What keeps the current change of data set from completing: hosts of prev that are
@@ -451,6 +476,7 @@ class DataSetMover:
         self._calm: tuple[int, float] | None = None  # the same, for the controller's reweight
         self._growths: dict = {}  # _growth's answers for one data set and set of volumes
         self._waiting: tuple | None = None  # (signature, _sole_holders' answer)
+        self._held_logged: tuple | None = None  # (gen, hosts) _holders_left_out last logged
         # seconds a down host stays in the data set before the controller takes it out
         self.down_out_interval = down_out_interval
         self.controlling = False  # whether the last control_once found this host the controller
@@ -517,6 +543,8 @@ class DataSetMover:
             await self._clear_moot(cmap, vols)
             return await self._reweight(cmap, vols)
         leaving = cmap.placed(leaving=True)
+        if await self._holders_left_out(cmap, vols, want):
+            return cmap  # (until they are back, drained, or back on a new disk)
         if want == cmap.prev and weights == cmap.prev_factors and places == leaving:
             # back where it started (a host returned): nothing to move
             log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
@@ -536,6 +564,27 @@ class DataSetMover:
         log.info("event=data_set_settled gen=%d hosts=%s", cmap.mgen + 1, ",".join(cmap.data))
         return await set_ds(cmap.mgen, cmap.data, None, cmap.factors, None, cmap.placed(),
                             stale_seq=seq)
+
+    async def _holders_left_out(self, cmap: ClusterMap, vols: list[dict], want) -> list[str]:
+        """The joining targets (joining_holders) that alone hold chunks and that `want`
+        leaves out, unless the operator drained them: a change away from the one under
+        way (cancelled back to prev, or to another set) waits for them, as the chunks
+        they hold would count as unrecoverable. One back on a new disk is recorded stale
+        by its backfill and holds nothing any more; drained, it is the operator's word
+        that it is gone. Logged when it first waits."""
+        held = joining_holders(cmap, await self.registry.list_stale(), replicas_by_lineage(vols))
+        out = sorted(set(held) - set(want))
+        if out:
+            out = sorted(set(out) - await self.registry.draining())
+        sig = (cmap.mgen, tuple(out))
+        if out and self._held_logged != sig:
+            log.warning("event=data_set_waiting gen=%d hosts=%s chunks=%d: out of the wanted "
+                        "data set, they alone hold chunks whose last current copy in the set "
+                        "being left was lost; the change stays until they are back (or "
+                        "drained, or back on a new disk: the chunks are then unrecoverable)",
+                        cmap.mgen, ",".join(out), sum(held[h] for h in out))
+        self._held_logged = sig
+        return out
 
     async def not_out(self, cmap: ClusterMap, seen: float | None = None) -> frozenset[str]:
         """The down hosts of the data set that stay in it for now: this controller has seen

@@ -81,8 +81,6 @@ def test_a_backfill_retried_midway_records_each_volume_loss_once():
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="a change cancelled while a down joining target alone holds "
-                   "a chunk leaves it unrecoverable: accept-loss reverts it to older bytes")
 def test_a_chunk_a_down_joining_target_alone_holds_is_not_given_up_when_the_change_is_cancelled():
     """joined_then_lost: X's complete copies are stale, the newest never current (P's disk
     replaced), and the joining target h3 alone holds every acknowledged byte (W, N). Then
