@@ -543,13 +543,15 @@ class DataSetMover:
             await self._clear_moot(cmap, vols)
             return await self._reweight(cmap, vols)
         leaving = cmap.placed(leaving=True)
-        if await self._holders_left_out(cmap, vols, want):
+        back = want == cmap.prev and weights == cmap.prev_factors and places == leaving
+        other = want != cmap.data or places != cmap.placed()
+        if (back or other) and await self._holders_left_out(cmap, vols, want):
             return cmap  # (until they are back, drained, or back on a new disk)
-        if want == cmap.prev and weights == cmap.prev_factors and places == leaving:
+        if back:
             # back where it started (a host returned): nothing to move
             log.info("event=data_set_change_cancelled gen=%d", cmap.mgen)
             return await set_ds(cmap.mgen, want, None, weights, None, places)
-        if want != cmap.data or places != cmap.placed():
+        if other:
             log.info("event=data_set_change gen=%d from=%s to=%s%s", cmap.mgen + 1,
                      ",".join(cmap.prev), ",".join(want), _replaced(leaving, places))
             return await set_ds(cmap.mgen, want, cmap.prev, weights, cmap.prev_factors,
