@@ -13,6 +13,17 @@ import time
 from vbp import reqid
 
 
+# Characters a kv line shows escaped: the C0 and C1 controls and DEL, and the line and
+# paragraph separators. A value logged may come from outside (a volume name or request id in
+# a peer's message, an error a peer or the registry sent): a newline in it would end the
+# event early and start a line that reads as another one.
+_ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029)}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_ESCAPES) if not text.isprintable() else text
+
+
 def _rid(record: logging.LogRecord) -> str:
     return getattr(record, "rid", None) or reqid.get()
 
@@ -27,7 +38,7 @@ class KVFormatter(logging.Formatter):
         rid = _rid(record)
         line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
                 f"host={self.host_id} logger={record.name} "
-                f"{f'rid={rid} ' if rid else ''}{record.getMessage()}")
+                f"{f'rid={_one_line(rid)} ' if rid else ''}{_one_line(record.getMessage())}")
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))
         return line
