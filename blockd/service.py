@@ -1566,10 +1566,17 @@ def sd_notify(state: str) -> None:
 async def run_until_signal(cfg: Config) -> None:
     svc = Blockd(cfg)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # SIGHUP too: the signal operators send for a reload (and a closing terminal's),
+        # which would otherwise kill blockd at once, undrained (and systemd does not
+        # restart a service that died of it)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             await nursery.start(svc.run)
             freeze_startup_objects()
             async for sig in signals:
+                if sig == signal.SIGHUP:
+                    log.info("event=signal signal=SIGHUP: ignored, blockd reads its settings "
+                             "only when it starts (restart it to apply a change)")
+                    continue
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
                 await svc.drain()
                 nursery.cancel_scope.cancel()

@@ -39,8 +39,6 @@ def wait_for(proc, err, text: str, timeout: float = 60.0) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="SIGHUP has its default action: blockd dies at once, "
-                   "with no drain, flush or lease hand-back, and systemd counts it a clean exit")
 def test_sighup_does_not_stop_blockd_and_sigterm_still_stops_it_cleanly(tmp_path):
     """SIGHUP is the signal operators send to make a daemon reload its config (and the
     one a closing terminal sends). blockd has nothing to reload: it says so and serves
