@@ -55,6 +55,7 @@ log = logging.getLogger("vbp.blockd")
 # reweight (replicator.migration) and `vbp pool status` act on the published figure.
 SPACE_STEP = 1 / 32
 SPACE_POLL = 0.25
+GC_YIELD_EVERY = 64  # chunks garbage collection frees between task switches
 # seconds between attempts to complete a snapshot whose completion got no answer
 COMPLETE_RETRY = 0.2
 # seconds between two compactions of the registry's history by the controller; the
@@ -1441,9 +1442,9 @@ class Blockd:
         Local keys are listed BEFORE the registry is read: a generation that exists here
         then belongs to a record that exists when the registry is read, or to one that was
         deleted (generation numbers are never reused), so a newer one is never freed.
-        Which of them are still here is looked at again after the registry, with no await
-        until the deletes: that step is atomic against a resync dropping generations, so
-        the two need no lock per chunk."""
+        Which of them are still here is looked at again after the registry, for each chunk
+        with no await until its deletes: that step is atomic against a resync dropping
+        generations, so the two need no lock per chunk."""
         async def step() -> None:
             await self.collect_garbage_once()
             await self.mover.collect_misplaced()
@@ -1524,16 +1525,19 @@ class Blockd:
             self.store.mark_collected(dead)
             log.info("event=gc_generations_collected %s", " ".join(
                 f"{lineage}={','.join(map(str, sorted(g)))}" for lineage, g in sorted(dead.items())))
-        # Presence again, with no await until the deletes: a resync may have dropped a
-        # listed generation meanwhile (_drop_divergent), and the one left is then the
-        # one readers resolve to. Only generations listed before the records were read
-        # and still here count (one made since may belong to a newer record).
-        now: dict[tuple[str, int], set[int]] = {}
-        for k in self.store.keys():
-            now.setdefault((k.lineage, k.index), set()).add(k.gen)
+        # Presence again, for each chunk with no await until its deletes: a resync may
+        # have dropped a listed generation meanwhile (_drop_divergent), and the one left
+        # is then the one readers resolve to. Only generations listed before the records
+        # were read and still here count (one made since may belong to a newer record).
+        # Other tasks run every GC_YIELD_EVERY chunks: a delete costs an index transaction
+        # and a punched hole, and a deleted volume may be tens of thousands of chunks here
+        # (the watchdog, the heartbeat and the NBD clients would wait for them all).
         freed = 0
-        for (lineage, index), listed in local.items():
-            gens = [g for g in listed if g in now.get((lineage, index), ())]
+        for n, ((lineage, index), listed) in enumerate(local.items()):
+            if n and n % GC_YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            here = self.store.gens(lineage, index)
+            gens = [g for g in listed if g in here]
             keep = needed_gens(by_lineage.get(lineage, ()), index, gens)
             for g in gens:
                 if g not in keep:
