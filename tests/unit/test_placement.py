@@ -304,3 +304,16 @@ def test_edge_cases():
     assert place("l", 0, one, 0) == ()
     down = ClusterMap(2, (HostRecord("a", "x:1", "x:2", state=HOST_DOWN),))
     assert place("l", 0, down, 3) == ()
+
+
+@pytest.mark.xfail(strict=True, reason="a map takes two records of one host id, and placement then "
+                                       "puts two replicas of a chunk on that one host")
+def test_a_map_with_two_records_of_one_host_id_is_refused():
+    """Replicas are distinct hosts: a map that names one host id twice (in two zones, or
+    twice the same record) would have placement give that host two of a chunk's copies,
+    so it is refused when built."""
+    a0, a1 = HostRecord("a", "x:1", "x:2", "z0"), HostRecord("a", "x:1", "x:2", "z1")
+    b = HostRecord("b", "x:1", "x:2", "z2")
+    for hosts in ((a0, a1, b), (a0, a0)):
+        with pytest.raises(ValueError, match="host id .a."):
+            ClusterMap(1, hosts)
