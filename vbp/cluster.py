@@ -83,7 +83,11 @@ class ClusterMap:
     prev_places: tuple[Place, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hosts", tuple(sorted(self.hosts, key=lambda h: h.id)))
+        hosts = tuple(sorted(self.hosts, key=lambda h: h.id))
+        for a, b in zip(hosts, hosts[1:]):
+            if a.id == b.id:  # (placement would count it twice: two copies on one host)
+                raise ValueError(f"cluster map: host id {a.id!r} has two records")
+        object.__setattr__(self, "hosts", hosts)
 
     @property
     def data_set(self) -> tuple[str, ...]:

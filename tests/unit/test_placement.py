@@ -306,8 +306,6 @@ def test_edge_cases():
     assert place("l", 0, down, 3) == ()
 
 
-@pytest.mark.xfail(strict=True, reason="a map takes two records of one host id, and placement then "
-                                       "puts two replicas of a chunk on that one host")
 def test_a_map_with_two_records_of_one_host_id_is_refused():
     """Replicas are distinct hosts: a map that names one host id twice (in two zones, or
     twice the same record) would have placement give that host two of a chunk's copies,
