@@ -90,7 +90,7 @@ from vbp.errors import (
 from vbp.later import Later
 from vbp.chunkstore_common import page_checksum
 from vbp.layout import PAGE_SIZE, ChunkKey, Geometry, MiB, Piece, format_size
-from vbp.placement import Placement
+from vbp.placement import MEMO_SIZE, Placement
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
 from vbp.volume import View, visible_chain
@@ -138,6 +138,9 @@ RECHECK_SYNCS = 2
 ZEROS_STEP = 4 * MiB
 _ZEROS = memoryview(bytes(ZEROS_STEP))
 _NO_ROUTE = object()  # (ClusterView.route: not computed yet; None is a route's answer)
+# chunks each of a ClusterView's caches keeps (all dropped when full): a view lives until
+# the next map, and scrub, recovery and the gateways ask it about every chunk they touch
+VIEW_CACHE_SIZE = MEMO_SIZE
 _OK = m.Ok(0)  # what a Written stands for, item by item
 _OK_STALE = m.Ok(0, True)
 
@@ -236,6 +239,8 @@ class ClusterView:
         k = (lineage, index, n)
         hosts = self._cache.get(k)
         if hosts is None:
+            if len(self._cache) >= VIEW_CACHE_SIZE:
+                self._cache.clear()
             hosts = self._cache[k] = tuple(self._placement.place(lineage, index, n))
         return hosts
 
@@ -251,6 +256,8 @@ class ClusterView:
         k = (lineage, index, n)
         hosts = self._tcache.get(k)
         if hosts is None:
+            if len(self._tcache) >= VIEW_CACHE_SIZE:
+                self._tcache.clear()
             hosts = self._tcache[k] = tuple(self._target.place(lineage, index, n))
         return hosts
 
@@ -278,6 +285,8 @@ class ClusterView:
         k = (lineage, index, n)
         hosts = self._wcache.get(k)
         if hosts is None:
+            if len(self._wcache) >= VIEW_CACHE_SIZE:
+                self._wcache.clear()
             hosts = self._wcache[k] = self.replicas(lineage, index, n) + self.joining(lineage, index, n)
         return hosts
 
@@ -295,6 +304,9 @@ class ClusterView:
             return self._rcache[k]
         except KeyError:
             pass
+        if len(self._rcache) >= VIEW_CACHE_SIZE:
+            self._rcache.clear()
+            self._routes.clear()  # (a route a chunk's entry there shares: no more of them)
         hosts = self.write_set(lineage, index, n)
         complete = self.replicas(lineage, index, n)
         shared = (hosts, complete, n, me)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from replicator import gateway
 from replicator.gateway import ClusterView
 from vbp.cluster import ClusterMap, HostRecord
@@ -18,14 +16,12 @@ def _changing_map() -> ClusterMap:
     return ClusterMap(3, hosts, data=tuple(h.id for h in hosts), prev=("h0", "h1", "h2", "h3"), mgen=2)
 
 
-@pytest.mark.xfail(strict=True, reason="ClusterView keeps every chunk it was asked about until the "
-                                       "next map: memory grows with the chunks a host touches")
 def test_caches_stay_bounded_and_give_the_same_answers(monkeypatch):
     """A host's view lives for a whole epoch (days, without a change of membership), and
     the gateways, scrub and recovery ask it about every chunk they touch: its caches are
     bounded like the placement's memo (about 420 MiB per million chunks otherwise), and an
     answer after a cache is cleared is the one from before."""
-    monkeypatch.setattr(gateway, "VIEW_CACHE_SIZE", 500, raising=False)
+    monkeypatch.setattr(gateway, "VIEW_CACHE_SIZE", 500)
     cmap = _changing_map()
     view, fresh = ClusterView(cmap), ClusterView(cmap)
     for i in range(3000):
