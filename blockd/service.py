@@ -166,6 +166,10 @@ class VolumeProvider:
             gw = self.gateways.get(export)
             if gw is not None and not gw.fenced and gw.gone is None:
                 await self._check_same(gw, name)
+                if self.gateways.get(export) is not gw:
+                    # its last connection closed during the check: given up (_closed),
+                    # its lease on its way back; a gateway of our own
+                    gw = None
             if gw is None or gw.fenced or gw.gone is not None:
                 if gw is not None:  # no longer published: its clients are served no more
                     gw.serve_until = -math.inf

@@ -45,8 +45,6 @@ def gated(provider) -> Gates:
     return gates
 
 
-@pytest.mark.xfail(strict=True, reason="the open counts a ref of a gateway given up meanwhile "
-                   "(KeyError)")
 @pytest.mark.parametrize("export", ["v", "v@s1"])
 async def test_an_open_joining_an_export_whose_last_connection_closes_meanwhile(export):
     """A client opens an export while its one other client is connected: the open checks
