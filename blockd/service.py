@@ -177,13 +177,15 @@ class VolumeProvider:
                 gw = await self._open(export, name, snap)
                 self.gateways[export] = gw
                 self.refs[export] = 0
-                prior = self.close_flushes.pop(export, None)
-                if prior is not None and prior[0] == gw.lineage:  # (not a volume made again)
-                    gw.after_close(prior[1])
                 if gw.read_only:
                     await self._hold_snapshot(export, gw)
                 else:
                     await self._hold_head(export, gw)
+                # taken once the open can no longer fail: a failed open would drop it
+                prior = self.close_flushes.pop(export, None)
+                if prior is not None and prior[0] == gw.lineage:  # (not a volume made again)
+                    gw.after_close(prior[1])
+                if not gw.read_only:
                     await self._settle_orphaned_lease(export, gw)
             self.refs[export] += 1
         return gw

@@ -83,8 +83,6 @@ async def test_an_open_joining_an_export_whose_last_connection_closes_meanwhile(
                 await trio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="an open that fails drops the failed close flush "
-                   "the next gateway was to report")
 async def test_a_close_flush_that_failed_is_reported_after_an_open_that_failed():
     """The last connection's close flush fails (h2 and h3 cannot sync: the written chunk
     is on h1 alone, below min_size). The client reconnects, and that open fails (the
