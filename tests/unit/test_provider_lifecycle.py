@@ -6,6 +6,7 @@ the lease)."""
 from __future__ import annotations
 
 import pytest
+import trio.testing
 import trio
 
 from nbd_frontend.server import _resolve
@@ -122,3 +123,91 @@ async def test_a_close_flush_that_failed_is_reported_after_an_open_that_failed()
         with trio.fail_after(10):
             await flushed(again)
         again.close()
+
+
+async def _client(provider, nursery, name: str, leave: str, gates: Gates | None = None):
+    """One NBD connection (handle_connection over a memory stream) asking for `name` with
+    NBD_OPT_GO; `leave`: "mid-open" (the client goes while the open waits on the
+    registry: `gates` holds its first get_volume), "after-go" (it goes without reading the
+    answer), or "use" (it writes and reads a page of its own, then disconnects)."""
+    import random
+    import struct
+
+    from nbd_frontend import proto, server
+    from tests.unit.test_nbd_server import Client
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def serve():
+        try:
+            await server.handle_connection(server_stream, provider)
+        finally:
+            done.set()
+
+    nursery.start_soon(serve)
+    c = Client(client_stream)
+    await c.recv(18)
+    await c.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES))
+    raw = name.encode()
+    go = struct.pack(">QII", proto.IHAVEOPT, proto.OPT_GO, len(raw) + 6) + \
+        struct.pack(">I", len(raw)) + raw + b"\0\0"
+    if leave == "mid-open":
+        entered, release = gates.hold("get_volume")
+        await c.send(go)
+        await entered.wait()
+        await client_stream.aclose()
+        release.set()
+    elif leave == "after-go":
+        await c.send(go)
+        await trio.sleep(random.random() * 0.01)
+        await client_stream.aclose()
+    else:
+        await c.send(go)
+        reps = []
+        while True:
+            head = await c.recv(20)
+            _, _, rtype, n = struct.unpack(">QIII", head)
+            body = await c.recv(n) if n else b""
+            reps.append(rtype)
+            if rtype != proto.REP_INFO:
+                break
+        assert (reps[-1] == proto.REP_ACK) == (name in ("v", "v@s1")), (name, reps)
+        if name == "v":
+            page = random.randrange(16) * 4096
+            assert await c.write(page, b"\x07" * 4096) == 0
+            assert await c.read(page, 4096) == b"\x07" * 4096
+        await client_stream.aclose()
+    with trio.fail_after(30):
+        await done.wait()
+
+
+async def test_many_clients_come_and_go_and_leave_nothing_behind():
+    """Hundreds of NBD connections to one volume and its snapshot, with names that do not
+    exist among them: clients that leave while their open waits on the registry, that
+    leave right after NBD_OPT_GO without reading its answer, and that write and read.
+    Once all are gone the provider holds no gateway, no ref, no lease; the volume's lease
+    is given back; and a new client gets a working gateway."""
+    import random
+
+    async with _one_host() as (reg, provider):
+        gates = gated(provider)
+        async with trio.open_nursery() as nursery:
+            async def one(i):
+                name = random.choice(["v", "v", "v", "v@s1", "nope", "v@nope"])
+                await _client(provider, nursery, name, random.choice(["after-go", "use"]))
+            async with trio.open_nursery() as clients:
+                for i in range(300):
+                    clients.start_soon(one, i)
+                    if i % 50 == 0:
+                        await trio.sleep(0)
+            for name in ("v", "v@s1"):  # (one at a time: the gate holds the next call)
+                await _client(provider, nursery, name, "mid-open", gates)
+        assert provider.gateways == {} and provider.refs == {}
+        assert provider.leases == {} and provider.close_flushes == {}
+        await lease_given_back(reg)
+        gw = await provider.open_export("v")
+        await _resolve(gw.write(0, b"D" * 4096, False))
+        assert await _resolve(gw.read(0, 4096)) == b"D" * 4096
+        gw.close()
+        await lease_given_back(reg)
