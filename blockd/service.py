@@ -520,7 +520,17 @@ class VolumeProvider:
             gw.lease_deadline = deadline
         log.info("volume=%s event=lease_taken token=%d taken_over=%s", export, lease.token,
                  lease.taken_over)
-        await self._announce(export, lease.token)
+        try:
+            await self._announce(export, lease.token)
+        except BaseException:
+            # cancelled (the write that wanted the lease went with its connection): the
+            # gateway keeps no token, and the lease kept would be renewed for as long as
+            # any other client of the volume stays here. Given back (owing the reconcile
+            # if taken over: not begun); the next write takes it again.
+            self.reconciling.discard(lease.token)
+            await self._release(self._drop_lease(export, lease),
+                                reconciled=not lease.taken_over)
+            raise
         if lease.taken_over and gw is not None:
             try:
                 await gw.reconcile_after_takeover(lease.token)

@@ -238,8 +238,6 @@ class HeldInThread:
         return call
 
 
-@pytest.mark.xfail(strict=True, reason="a lease taken for a write cancelled during its "
-                   "announcement is kept, with no gateway token, while any reader stays")
 async def test_a_write_cancelled_while_its_lease_is_taken_does_not_keep_the_lease():
     """Two clients have v open on h1; one writes (the first write: it takes the lease)
     and its connection breaks while the lease is being granted, which cancels the write
