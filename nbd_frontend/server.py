@@ -649,7 +649,7 @@ class _Connection:
                 if (self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
                         and not codec.receiving):
                     await self.wait_room()
-            if self.out_bytes + len(self.out) * QUEUED_ITEM > self.max_queued:
+            if self.queued() > self.max_queued:
                 await self.wait_room()  # (many small replies: checked once a batch)
             buf = codec.get_buffer()
             if raw is None:
@@ -690,7 +690,7 @@ class _Connection:
         if held is not None:
             self.recharge()
         while (self.inflight >= MAX_IN_FLIGHT
-               or self.out_bytes + len(self.out) * QUEUED_ITEM > self.max_queued
+               or self.queued() > self.max_queued
                or self.inflight_bytes >= self.max_bytes
                or self.max_bytes == FAIR_SHARE and self.charged >= FAIR_SHARE
                and not self.codec.receiving):
@@ -704,13 +704,17 @@ class _Connection:
                     held.waiting.discard(self)
                     self.recharge()
 
+    def queued(self) -> int:
+        """What the replies queued for the writer hold: their bytes, and QUEUED_ITEM more
+        for each buffer."""
+        return self.out_bytes + len(self.out) * QUEUED_ITEM
+
     def recharge(self) -> None:
         """Report what this connection holds to the server's budget, and set its caps:
         FAIR_SHARE while the budget is over (a connection holding less may still take
         requests up to it), else MAX_IN_FLIGHT_BYTES and MAX_QUEUED."""
         held = self.held
-        mine = (self.inflight_bytes + self.out_bytes + len(self.out) * QUEUED_ITEM
-                + self.sending + self.codec.receiving)
+        mine = self.inflight_bytes + self.queued() + self.sending + self.codec.receiving
         if mine != self.charged:
             held.add(mine - self.charged)
             self.charged = mine
