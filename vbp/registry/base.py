@@ -247,8 +247,7 @@ class Registry:
         """Host record `old` names another store than `store_id` and its liveness key is
         still there: another blockd of this id, with another disk, runs (or ran less than
         its ttl ago)."""
-        return (bool(old.store_id) and old.store_id != store_id
-                and self.kv.get(P_ALIVE + old.id.encode())[0] is not None)
+        return bool(old.store_id) and old.store_id != store_id and self.host_alive(old.id)
 
     def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
         """Refresh the host's liveness key (and its published stats) in one transaction
@@ -358,8 +357,7 @@ class Registry:
                 raise NotFound(f"host {host_id} is not registered")
             guard = []
             if unless_alive:
-                live, _ = self.kv.get(alive)
-                if live is not None:
+                if self.host_alive(host_id):
                     raise InUse(f"host {host_id} is up: stop its blockd first (a running one "
                                 f"registers again at its next heartbeat and takes chunks "
                                 f"again), then remove it")
