@@ -108,7 +108,8 @@ class _RequestCollector:
         return list(self._families())
 
     def collect(self):
-        return [self._family(i, self.snapshot()) for i in range(3)]
+        series = self.snapshot()
+        return [self._family(i, series) for i in range(3)]
 
     def snapshot(self) -> list:
         """The counters as they are now, in label order: (labels, count, bytes, sum, buckets)."""
