@@ -441,14 +441,13 @@ def unrecoverable_chunks(reg) -> list[dict]:
 
 def loss_plan(reg, name: str, chunks=None) -> tuple[VolumeRecord, list[dict]]:
     """The unrecoverable chunks of volume `name` (its lineage's, within its size or a
-    snapshot's: vbp.volume.read_size) that accept_loss would give up: those of `chunks`
-    (indexes), or all of them (None). A named
-    chunk that is not unrecoverable (or past the end) is refused: nothing is given up
-    then, not even the others."""
-    from vbp.volume import read_size
+    snapshot's: vbp.volume.read_chunks) that accept_loss would give up: those of `chunks`
+    (indexes), or all of them (None). A named chunk that is not unrecoverable (or past
+    the end) is refused: nothing is given up then, not even the others."""
+    from vbp.volume import read_chunks
 
     rec = get_volume(reg, name)
-    count = -(-read_size(rec.to_dict()) // rec.chunk_size)  # (a snapshot may read past the head)
+    count = read_chunks(rec.to_dict())  # (a snapshot may read past the head)
     found = {c["index"]: c for c in unrecoverable_chunks(reg)
              if c["lineage"] == rec.lineage and c["index"] < count}
     if chunks is None:
@@ -484,7 +483,7 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
     from replicator.gateway import ClusterView
     from replicator.loss import last_current, revert_source, stale_by_chunk, unrecoverable
     from vbp.registry.base import LossVerdict
-    from vbp.volume import note_accepted, read_size
+    from vbp.volume import note_accepted, read_chunks
 
     rec, plan = loss_plan(reg, name, chunks)
     when = time.time() if now is None else now
@@ -495,7 +494,7 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
 
         def decide(records, cmap, vol, losses, index=index):
             if (vol is None or vol["lineage"] != rec.lineage
-                    or index * vol["chunk_size"] >= read_size(vol)):
+                    or index >= read_chunks(vol)):
                 return None  # deleted, made again in another lineage, or shrunk past the chunk
             n = vol["replicas"]  # the lineage's (replicas_by_lineage): a clone takes its parent's
             view = ClusterView(cmap)
@@ -520,16 +519,16 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
 def accepted_losses(reg, rec: VolumeRecord) -> list:
     """The accepted losses (vbp.volume.AcceptedLoss) of the volume's lineage that may
     reach the volume (a chunk given up lies within its size or a snapshot's), oldest first."""
-    from vbp.volume import accepted_losses as of, read_size
+    from vbp.volume import accepted_losses as of, read_chunks
 
-    count = -(-read_size(rec.to_dict()) // rec.chunk_size)
+    count = read_chunks(rec.to_dict())
     return [a for a in of(reg.get_losses(rec.lineage)) if a.reaches(count)]
 
 
 def accepted_losses_by_lineage(reg, vols: list[dict]) -> list[dict]:
     """Every accepted loss of a lineage that still has volumes (`vbp pool status`): the
     loss (AcceptedLoss.to_dict) with its lineage and the volumes of it it may reach."""
-    from vbp.volume import accepted_losses as of, read_size
+    from vbp.volume import accepted_losses as of, read_chunks
 
     out = []
     for lineage, d in sorted(reg.list_losses().items()):
@@ -538,7 +537,7 @@ def accepted_losses_by_lineage(reg, vols: list[dict]) -> list[dict]:
             continue  # every volume of it deleted
         for a in of(d):
             out.append({**a.to_dict(), "lineage": lineage, "volumes": sorted(
-                v["name"] for v in mine if a.reaches(-(-read_size(v) // v["chunk_size"])))})
+                v["name"] for v in mine if a.reaches(read_chunks(v)))})
     return out
 
 

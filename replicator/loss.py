@@ -22,7 +22,7 @@ Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
 from __future__ import annotations
 
 from vbp.registry.base import NEVER_CURRENT
-from vbp.volume import accepted_losses, read_size, replicas_by_lineage
+from vbp.volume import accepted_losses, read_chunks, replicas_by_lineage
 
 
 def since_of(r) -> int:
@@ -115,7 +115,7 @@ def unrecoverable_chunks(cmap, records, volumes: list[dict]) -> list[dict]:
         source, reverts = revert_source(complete, stale)
         out.append({"lineage": lineage, "index": index,
                     "volumes": sorted(d["name"] for d in volumes if d["lineage"] == lineage
-                                      and index * d["chunk_size"] < read_size(d)),
+                                      and index < read_chunks(d)),
                     "copies": list(complete), "last_current": last_current(complete, stale),
                     "source": source, "reverts": reverts})
     return out

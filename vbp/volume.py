@@ -520,6 +520,12 @@ def read_size(d: dict) -> int:
     return max([size] + [s.get("size") or size for s in d.get("snapshots", ())])
 
 
+def read_chunks(d: dict) -> int:
+    """The chunks of its lineage some reader of a volume record (dict) reaches: those
+    below read_size."""
+    return -(-read_size(d) // d["chunk_size"])
+
+
 def replicas_by_lineage(records) -> dict[str, int]:
     """Lineage -> copies its chunks keep: the most any volume of the lineage (a volume and
     its clones share one) asks for. `records` are volume record dicts (registry)."""
