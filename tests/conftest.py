@@ -49,6 +49,16 @@ def free_port_range(n: int) -> int:
     raise RuntimeError("no free port range on loopback")
 
 
+def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if `p` has not ended within `timeout` seconds; reaped."""
+    p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def run_vbp(*args, check=True, env=None, input=None, timeout=120) -> subprocess.CompletedProcess:
     """Run the real `vbp` command (the venv's console script)."""
     cmd = [sys.executable, "-m", "control.cli", *map(str, args)]

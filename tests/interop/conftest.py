@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # name -> size; every test uses its own export so tests stay independent.
@@ -45,10 +47,5 @@ def nbd_server():
         yield runner
     finally:
         alive = proc.poll() is None
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         assert alive, f"the NBD runner died: {proc.stderr.read()[-2000:]}"

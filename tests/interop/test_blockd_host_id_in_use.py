@@ -4,14 +4,13 @@ copied config, a typo) must not take that host's place in the pool."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_process
 
 
 def _blockd(tmp_path, data: str, log: str) -> subprocess.Popen:
@@ -22,16 +21,6 @@ def _blockd(tmp_path, data: str, log: str) -> subprocess.Popen:
          "--log-level", "info"],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / log, "wb"))
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def test_a_second_blockd_with_a_running_hosts_id_is_refused(tmp_path):
@@ -61,5 +50,5 @@ def test_a_second_blockd_with_a_running_hosts_id_is_refused(tmp_path):
         assert "Traceback" not in err and "h1" in err
     finally:
         if b is not None:
-            _stop(b)
-        _stop(a)
+            stop_process(b, 15)
+        stop_process(a, 15)

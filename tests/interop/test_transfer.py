@@ -27,7 +27,7 @@ import pytest
 from control import transfer
 from control.transfer import (TransferError, TransferStats, export_volume, import_file,
                               volume_uri)
-from tests.conftest import ROOT, need, run_vbp
+from tests.conftest import ROOT, need, run_vbp, stop_process
 from tests.interop.fragment import fragment
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -276,12 +276,7 @@ def nbdkit(tmp_path, *args):
         assert sock.exists(), p.stderr.read() if p.poll() is not None else "nbdkit did not listen"
         yield f"nbd+unix:///?socket={sock}"
     finally:
-        p.terminate()  # SIGTERM: the stats filter writes its file
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)  # (SIGTERM: the stats filter writes its file)
 
 
 def test_export_from_a_server_that_stops_answering_fails_after_the_timeout(tmp_path):
@@ -588,12 +583,7 @@ def test_import_and_export_through_a_host_listening_on_ipv6(tmp_path):
         run_vbp("--registry", reg, "volume", "export", "v6", out)
         assert out.read_bytes() == src.read_bytes() + bytes(7 * MiB - 5)
     finally:
-        blockd.terminate()
-        try:
-            blockd.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            blockd.kill()
-            blockd.wait()
+        stop_process(blockd, 20)
 
 
 # --- what an export is asked to write -------------------------------------------------------
@@ -649,12 +639,7 @@ def pool_on_nbdkit(tmp_path, *args):
                 time.sleep(0.05)
         yield url
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
