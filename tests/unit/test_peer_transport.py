@@ -1341,3 +1341,26 @@ async def test_a_declared_frame_length_gets_no_buffer_before_its_bytes_come():
             tracemalloc.stop()
         await stream.aclose()
     assert grown < 4 << 20, f"{grown >> 20} MiB held for 10 bytes received"
+
+
+@pytest.mark.xfail(strict=True, reason="every failed request logs its own traceback")
+async def test_a_handler_failing_every_request_does_not_log_a_traceback_per_request(caplog):
+    """A replica's disk that fails (EIO on every write) fails each request with an
+    unexpected error: an error line with a traceback per request was thousands of lines
+    a second from a busy gateway. The first few are logged, then the rest of a period
+    are counted."""
+    import errno
+    import logging
+
+    def handler(msg, peer):
+        raise OSError(errno.EIO, "Input/output error")
+
+    caplog.set_level(logging.INFO, logger="vbp.replicator.transport")
+    async with server(handler) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            for i in range(300):
+                with pytest.raises(PeerError, match="Input/output error"):
+                    await pool.call(address, write(i))
+    lines = [r for r in caplog.records if "request from cli failed" in r.getMessage()]
+    assert lines and lines[0].exc_info
+    assert len(lines) <= 20, len(lines)

@@ -3,6 +3,7 @@ should never send (replicator/replica.py)."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 import pytest
@@ -339,3 +340,27 @@ def test_a_write_that_failed_part_way_is_noted(monkeypatch):
         _marked_write(replica, "v", 0)
     assert list(replica.written) == [("lin-v", 0)]
     assert replica.recently_written("lin-v", 1) == [0]
+
+
+@pytest.mark.xfail(strict=True, reason="every refused write logs its own warning")
+async def test_a_full_disk_does_not_log_a_line_per_refused_write(tmp_path, caplog):
+    """A replica whose disk is full refuses every write that needs a new chunk (NoSpace):
+    a warning per refusal was a line per client write, thousands a second. The first
+    few are logged, then the rest of a period are counted."""
+    caplog.set_level(logging.INFO, logger="vbp.replica")
+    async with replica_server(tmp_path) as (replica, pool, address):
+        index = 0
+        while True:  # fill the store (64 MiB, 1 MiB chunks)
+            try:
+                await pool.call(address, _write(index, 1))
+            except NoSpace:
+                break
+            index += 1
+        caplog.clear()
+        for i in range(300):
+            with pytest.raises(NoSpace):
+                await pool.call(address, _write(index + i, 1))
+    lines = [r.getMessage() for r in caplog.records if r.name == "vbp.replica"
+             and r.levelno >= logging.WARNING]
+    assert lines and "error=NoSpace" in lines[0]
+    assert len(lines) <= 20, len(lines)
