@@ -90,6 +90,7 @@ from vbp.chunkstore_common import FileRange
 from vbp.errors import VbpError
 from vbp.later import Later
 from vbp.layout import parse_size
+from vbp.loglimit import LogLimit
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
 from vbp.sockets import (KEEPALIVE, apply_congestion, nbytes, open_listeners, plain_socket,
@@ -238,9 +239,13 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
     held = HeldBytes() if held is None else held
+    # the warnings of failed requests, per export and command: a failing disk fails them
+    # all (vbp.loglimit)
+    failures = LogLimit()
     handle = partial(handle_connection, provider=provider, ids=ids, tls=tls,
                      tls_context=tls_context, local_congestion=local_congestion,
-                     stopping=stopping, send_timeout=send_timeout, held=held)
+                     stopping=stopping, send_timeout=send_timeout, held=held,
+                     failures=failures)
     await trio.serve_listeners(partial(_admit, handle, _Slots(max_connections)), listeners)
 
 
@@ -280,11 +285,13 @@ async def handle_connection(stream, provider: ExportProvider,
                             tls_context=None, local_congestion: str = "",
                             stopping: trio.Event | None = None,
                             send_timeout: float = SEND_TIMEOUT,
-                            held: HeldBytes | None = None) -> None:
+                            held: HeldBytes | None = None,
+                            failures: LogLimit | None = None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends.
     `local_congestion`, `stopping`, `send_timeout`, `held`: serve_nbd's (no budget for
-    the whole without `held`)."""
+    the whole without `held`). `failures`: the limit of the warnings of failed requests
+    that the connections of a server share (one of its own without it)."""
     opened: list = []  # the export opened for this connection, once there is one
     try:
         if stopping is not None and stopping.is_set():
@@ -298,7 +305,7 @@ async def handle_connection(stream, provider: ExportProvider,
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
             clean = await _Connection(channel, opened[0], ready, trailing, ids=ids,
                                       stopping=stopping, send_timeout=send_timeout,
-                                      held=held).run()
+                                      held=held, failures=failures).run()
             if clean and channel is not stream:
                 await _end_tls(channel)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
@@ -499,8 +506,10 @@ async def _start_tls(stream, context):
 class _Connection:
     def __init__(self, stream, export, ready: Ready, trailing: bytes,
                  ids: RequestIds | None = None, stopping: trio.Event | None = None,
-                 send_timeout: float = SEND_TIMEOUT, held: HeldBytes | None = None) -> None:
+                 send_timeout: float = SEND_TIMEOUT, held: HeldBytes | None = None,
+                 failures: LogLimit | None = None) -> None:
         self.stream = stream
+        self.failures = LogLimit() if failures is None else failures
         self.send_timeout = send_timeout
         self.stopping = stopping  # serve_nbd's: set, the reader stops (stop_reading)
         self.ids = ids
@@ -976,7 +985,10 @@ class _Connection:
     def fail(self, req: Request, exc: Exception) -> None:
         errno = to_nbd_errno(exc)
         if errno == proto.EIO:
-            log.warning("nbd %s failed: %r", proto.CMD_NAMES.get(req.command), exc)
+            name = getattr(self.export, "name", "?")
+            self.failures.log(log, logging.WARNING, (name, req.command),
+                              "nbd %s of %s failed: %r", proto.CMD_NAMES.get(req.command),
+                              name, exc)
         self.queue(self.codec.reply_error(req.cookie, req.command, errno, str(exc)))
 
     def queue(self, buffers: list) -> None:

@@ -90,12 +90,14 @@ from vbp.errors import (
 from vbp.later import Later
 from vbp.chunkstore_common import page_checksum
 from vbp.layout import PAGE_SIZE, ChunkKey, Geometry, MiB, Piece, format_size
+from vbp.loglimit import LogLimit
 from vbp.placement import MEMO_SIZE, Placement
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
 from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
+_WARNING, _INFO = logging.WARNING, logging.INFO
 _new_key = tuple.__new__
 _UNPLANNED = object()  # read_ref: no plan made for the chunk yet
 _FULL_PATH = object()  # _plan: no plan, every read of the chunk goes by _read_one
@@ -441,6 +443,9 @@ class VolumeGateway:
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
         self.metrics = None  # blockd.metrics.Metrics, set by the service
+        # the lines a failing disk, a dead peer or an unreachable registry would write per
+        # request or chunk written, by event: at most a few a period (vbp.loglimit)
+        self._loglimit = LogLimit()
         self._op_stats: dict = {}  # NBD command -> its counters in metrics (observe)
         self.qos = None  # blockd.qos.VolumeQos when the volume has limits
         self._limits: trio.Event | None = None  # set when they change (limits_changed)
@@ -808,7 +813,9 @@ class VolumeGateway:
                     extents.append((offset + p.buf_offset, p.length, data))
                     continue
                 except ChecksumError as e:
-                    log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, p.index, e.page)
+                    self._loglimit.log(log, _WARNING, "checksum_error",
+                               "volume=%s chunk=%d event=checksum_error page=%s", self.name,
+                               p.index, e.page)
                     if self.metrics is not None:
                         self.metrics.checksum_error()
                     if len(hosts) == 1:
@@ -845,7 +852,8 @@ class VolumeGateway:
     def _bad_local(self, e: ChecksumError, offset: int, index: int, inner: int, length: int):
         """This host's copy of chunk `index` failed its checksum reading `length` bytes at
         `inner`: read them from a current copy elsewhere, which repairs ours (none: `e`)."""
-        log.warning("volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
+        self._loglimit.log(log, _WARNING, "checksum_error",
+                   "volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
         if self.metrics is not None:
             self.metrics.checksum_error()
         if len(self.cluster.replicas(self.lineage, index, self.n)) == 1:
@@ -975,7 +983,8 @@ class VolumeGateway:
             if self.metrics is not None:
                 self.metrics.repaired()
         except VbpError as e:
-            log.warning("volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
+            self._loglimit.log(log, _WARNING, "repair_failed",
+                       "volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
 
     # --- after a takeover ------------------------------------------------------------
 
@@ -1605,7 +1614,9 @@ class VolumeGateway:
         except VbpError as e:
             return e
         except Exception as e:
-            log.exception("volume=%s chunk=%d event=local_write_failed", self.name, msg.index)
+            self._loglimit.log(log, logging.ERROR, "local_write_failed",
+                       "volume=%s chunk=%d event=local_write_failed", self.name, msg.index,
+                       exc_info=True)
             return LocalFault(f"the local write failed: {e!r}")
         if not later_ok and hasattr(reply, "__await__"):
             reply.close()
@@ -1897,8 +1908,9 @@ class VolumeGateway:
                 took = tuple(h for h in complete if h in replies)
                 self.stale[index] = self.stale.get(index, frozenset()) | frozenset(missed)
                 self.unrecorded.append((index, took, missed))
-                log.warning("volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
-                            self.name, index, ",".join(missed))
+                self._loglimit.log(log, _WARNING, "abandoned_write_failed",
+                           "volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
+                           self.name, index, ",".join(missed))
         finally:
             self._write_done(p)
 
@@ -1960,8 +1972,10 @@ class VolumeGateway:
             took = [h for h in complete if h not in failed and h not in behind]
         ok = len(took)
         if failed:
-            log.warning("volume=%s chunk=%d event=replica_failed hosts=%s", self.name, p.index,
-                        ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
+            if log.isEnabledFor(_WARNING):
+                self._loglimit.log(log, _WARNING, "replica_failed",
+                           "volume=%s chunk=%d event=replica_failed hosts=%s", self.name,
+                           p.index, ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
@@ -1996,7 +2010,8 @@ class VolumeGateway:
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
         if late:
-            log.warning("volume=%s chunk=%d event=stale_recorded_too_late hosts=%s seconds=%.1f",
+            self._loglimit.log(log, _WARNING, "stale_recorded_too_late",
+                       "volume=%s chunk=%d event=stale_recorded_too_late hosts=%s seconds=%.1f",
                         self.name, p.index, ",".join(sorted(failed)), trio.current_time() - t0)
             raise RegistryUnavailable(
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
@@ -2031,7 +2046,8 @@ class VolumeGateway:
         try:
             records = await self.registry.list_stale(self.lineage, index)
         except RegistryUnavailable as e:
-            log.warning("volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
+            self._loglimit.log(log, _WARNING, "stale_check_failed",
+                       "volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
             return set(self.stale.get(index, ())) | before | reported
         named = {r.host_id for r in records} | reported | pending
         for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
@@ -2092,8 +2108,10 @@ class VolumeGateway:
         """Record `hosts` stale for the chunk. If the registry cannot be told: with the
         chunk's `replicas` (a write's outcome), False, and the outcome waits in `unrecorded`
         for the service to settle it; without (nothing written yet), RegistryUnavailable."""
-        log.info("volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
-                 ",".join(sorted(hosts)))
+        if log.isEnabledFor(_INFO):
+            self._loglimit.log(log, _INFO, "marked_stale",
+                       "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
+                       ",".join(sorted(hosts)))
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
         if self.registry is None:
             return True
@@ -2110,8 +2128,9 @@ class VolumeGateway:
                 raise
             took = tuple(h for h in replicas if h not in hosts)
             self.unrecorded.append((index, took, tuple(sorted(hosts))))
-            log.warning("volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
-                        self.name, index, ",".join(sorted(hosts)), e)
+            self._loglimit.log(log, _WARNING, "stale_not_recorded",
+                       "volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
+                       self.name, index, ",".join(sorted(hosts)), e)
             return False
         finally:  # recorded, or in `unrecorded`, or the write is abandoned (cancelled)
             for h in hosts:
@@ -2158,7 +2177,8 @@ class VolumeGateway:
                 except VbpError as e:
                     failed[self.host_id] = e
                 except Exception as e:  # as _write_here: this copy failed, the write goes on
-                    log.exception("volume=%s event=local_write_failed", self.name)
+                    self._loglimit.log(log, logging.ERROR, "local_write_failed",
+                               "volume=%s event=local_write_failed", self.name, exc_info=True)
                     failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
 
             try:
@@ -2212,8 +2232,9 @@ class VolumeGateway:
         except RegistryUnavailable as e:
             # no retry: those copies failed the write, recorded as any failure (_settle);
             # raised here, the copies that took it would differ from them with no record
-            log.warning("volume=%s chunk=%d event=map_refresh_failed hosts=%s error=%s",
-                        self.name, msg.index, ",".join(stale), e)
+            self._loglimit.log(log, _WARNING, "map_refresh_failed",
+                       "volume=%s chunk=%d event=map_refresh_failed hosts=%s error=%s",
+                       self.name, msg.index, ",".join(stale), e)
             return
         msg = dc_replace(msg, epoch=self.cluster.epoch)
         deadline = t0 + self.pool.request_timeout

@@ -26,9 +26,10 @@ Theory of operation (DESIGN.md, Data path; Words: lease / fencing token, epoch):
   volume's flush does not stall this host's event loop, and with it every request of every
   volume it serves. A small one is answered at once, one fdatasync on the loop.
 - Logs: a refused or failed client request is one line (warning; info for the transient
-  refusals a gateway retries or routes around), an applied one a debug line; both carry the
-  request's id (vbp.reqid) when set, so the gateway's line and the replica's line about one
-  write share it.
+  refusals a gateway retries or routes around), at most a few a period per volume and
+  error (vbp.loglimit: a full disk refuses every write), an applied one a debug line; both
+  carry the request's id (vbp.reqid) when set, so the gateway's line and the replica's line
+  about one write share it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from vbp.chunkstore import flush_store, fua_sync
 from vbp.chunkstore_common import check_chunk_size, check_key, check_range
 from vbp.errors import Fenced, InvalidArgument, NotFound, PeerUnavailable, StaleEpoch, VbpError
 from vbp.layout import ChunkKey
+from vbp.loglimit import LogLimit
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replica")
@@ -85,6 +87,9 @@ class Replica:
         self.host_id = host_id
         self._epoch = epoch
         self._tokens: dict[str, int] = {}
+        # refusals' lines, per volume and error: a full disk refuses write after write
+        # (vbp.loglimit)
+        self._refusals = LogLimit()
         # called (volume, token) when a newer token for a volume arrives (blockd: a gateway
         # here holding an older one is deposed, VolumeProvider.token_seen)
         self.on_token: Callable[[str, int], None] | None = None
@@ -465,16 +470,18 @@ class Replica:
         if type(msg) is m.WriteBatch and isinstance(getattr(e, "batch_item", None), int):
             k = e.batch_item
             level = logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING
-            self._as_item(msg, k, log.log, level,
+            self._as_item(msg, k, self._refusals.log, log, level, (msg.volume, type(e)),
                           "volume=%s chunk=%s op=write event=refused gateway=%s error=%s: %s",
                           msg.volume, msg.indexes[k], peer or self.host_id, type(e).__name__, e)
             return
         op = _OPS.get(type(msg))
         if op is not None:
-            log.log(logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
-                    "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
-                    getattr(msg, "volume", "-"), getattr(msg, "index", "-"), op,
-                    peer or self.host_id, type(e).__name__, e)
+            volume = getattr(msg, "volume", "-")
+            self._refusals.log(log, logging.INFO if isinstance(e, _TRANSIENT) else logging.WARNING,
+                         (volume, type(e)),
+                         "volume=%s chunk=%s op=%s event=refused gateway=%s error=%s: %s",
+                         volume, getattr(msg, "index", "-"), op, peer or self.host_id,
+                         type(e).__name__, e)
 
     def write_batch(self, msg: m.WriteBatch) -> m.Written:
         """Apply the items of a WriteBatch in order, each as its WriteChunk would be. The

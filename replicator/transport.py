@@ -65,6 +65,7 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
+from vbp.loglimit import LogLimit
 from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
                          open_listeners, plain_socket, receive_wait, send_all, send_now,
                          set_keepalive, set_rcvlowat, wait_for_rest)
@@ -362,11 +363,14 @@ async def serve_peers(
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
     admission = _Admission()
+    # the lines of requests failed unexpectedly, per peer: a failing disk fails every one
+    # (vbp.loglimit)
+    failures = LogLimit()
 
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
                                  boot=boot, peer_rev=peer_rev, prepare=prepare,
-                                 admission=admission)
+                                 admission=admission, failures=failures)
         session.link.send_timeout = send_timeout
         try:
             await session.run()
@@ -421,9 +425,10 @@ class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
                  prepare: Callable[[list], None] | None = None,
-                 admission: _Admission | None = None):
+                 admission: _Admission | None = None, failures: LogLimit | None = None):
         self.link = _Link(stream, max_frame, HELLO_RECV)
         self.admission = admission if admission is not None else _Admission()
+        self.failures = failures if failures is not None else LogLimit()
         self.address = ""  # the peer's IP, once admitted (CONNECTIONS_PER_ADDRESS)
         self.handler = handler
         self.prepare = prepare
@@ -623,7 +628,8 @@ class _ServerSession:
     def error_for(self, exc: Exception) -> m.Error:
         error = exception_to_error(exc)
         if error.code == m.INTERNAL:
-            log.error("request from %s failed", self.peer, exc_info=exc)
+            self.failures.log(log, logging.ERROR, self.peer, "request from %s failed",
+                              self.peer, exc_info=exc)
         return error
 
 

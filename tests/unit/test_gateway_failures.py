@@ -290,7 +290,6 @@ def test_a_retry_after_stale_epoch_to_a_host_the_fresh_map_no_longer_has_fails_t
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="every write to a chunk with a dead copy logs two lines")
 def test_writes_to_chunks_with_a_dead_copy_do_not_log_lines_per_write(caplog):
     """A dead peer fails every write to the chunks it holds a copy of, for as long as it
     stays in the data set: a replica_failed warning and a marked_stale line per write

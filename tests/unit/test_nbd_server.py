@@ -1735,7 +1735,6 @@ async def test_replies_queued_for_a_client_that_reads_none_hold_about_max_queued
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="every failed request logs its own warning")
 async def test_a_failing_export_does_not_log_a_line_per_failed_request(port, provider, caplog):
     """A disk that fails fails every request that reaches it: at 100k IOPS a warning per
     request is 100k lines a second, which fills the journal and buries the first lines

@@ -1343,7 +1343,6 @@ async def test_a_declared_frame_length_gets_no_buffer_before_its_bytes_come():
     assert grown < 4 << 20, f"{grown >> 20} MiB held for 10 bytes received"
 
 
-@pytest.mark.xfail(strict=True, reason="every failed request logs its own traceback")
 async def test_a_handler_failing_every_request_does_not_log_a_traceback_per_request(caplog):
     """A replica's disk that fails (EIO on every write) fails each request with an
     unexpected error: an error line with a traceback per request was thousands of lines

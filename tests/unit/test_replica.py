@@ -342,7 +342,6 @@ def test_a_write_that_failed_part_way_is_noted(monkeypatch):
     assert replica.recently_written("lin-v", 1) == [0]
 
 
-@pytest.mark.xfail(strict=True, reason="every refused write logs its own warning")
 async def test_a_full_disk_does_not_log_a_line_per_refused_write(tmp_path, caplog):
     """A replica whose disk is full refuses every write that needs a new chunk (NoSpace):
     a warning per refusal was a line per client write, thousands a second. The first
