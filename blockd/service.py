@@ -371,6 +371,8 @@ class VolumeProvider:
         return bool(gw.token) and not gw.fenced and now < gw.lease_deadline
 
     def _forget(self, export: str) -> None:
+        """Drop what was kept about `export`'s gateway, now given up."""
+        self.expired.discard(export)  # (its lease is no longer renewed: the next one's is)
         self._next.pop(export, None)
         self._retiring.pop(export, None)
         self._settled.pop(export, None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import trio
 import trio.testing
 
@@ -211,8 +210,6 @@ class RegistryDown:
             delattr(self.sim.registry, name)  # the class's own method again
 
 
-@pytest.mark.xfail(strict=True, reason="an export closed while its lease had run out stays "
-                   "in `expired` and its next expiry is not logged")
 def test_a_lease_that_runs_out_again_after_its_export_closed_and_opened_is_logged_again(caplog):
     """A gateway's lease runs out during a registry outage (event=lease_expired: writes
     are refused), and its client disconnects before the registry is back. The export was
