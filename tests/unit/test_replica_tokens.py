@@ -43,3 +43,45 @@ def test_notes_of_writes_are_forgotten_once_the_window_passed_them():
     assert r.written == {("l", 0): [(3.0, 8192, 12288)]}
     r.forget_written(3.0)
     assert r.written == {}
+
+
+@pytest.mark.xfail(strict=True, reason="a replica keeps the token of every volume ever written")
+def test_the_tokens_of_deleted_volumes_are_forgotten():
+    """A replica keeps the newest fencing token of each volume written through it, so a
+    deposed gateway's writes are refused. Nothing dropped the tokens of deleted volumes:
+    a long-running blockd kept one per volume name it ever served, however many were
+    created and deleted since. Once the registry forgot a deleted volume's lease record
+    (forget_leases_of_deleted: no holder can still serve it; a later volume of the name
+    gets a greater token), each host forgets its token too (Blockd.prune_tokens, run
+    with the metrics' pruning every gc_interval); the live volumes' stay."""
+    import trio
+
+    from blockd.service import Blockd
+    from control import api
+    from tests.sim.harness import Sim, call, run
+    from vbp.layout import MiB
+
+    async def main():
+        sim = Sim(3, hosts=3, zones=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            provider = sim.hosts["h0"].provider
+            for i in range(40):
+                sim.create_volume(f"v{i}", MiB, replicas=3, min_size=2)
+                gw = await provider.open_export(f"v{i}")
+                await call(gw.write(0, b"\x01" * 4096, False))  # a lease, its token
+                gw.close()
+                while api._lease_live(sim.reg, f"v{i}"):  # (handed back)
+                    await trio.sleep(0.01)
+                if i:  # (v0 stays)
+                    api.delete_volume(sim.reg, f"v{i}", force=True)
+            assert sim.reg.forget_leases_of_deleted(0) == 39
+            for h in sim.hosts.values():  # (every copy saw each volume's token)
+                assert all(h.replica.newest_token(f"v{i}") for i in range(40))
+            for h in sim.hosts.values():
+                await Blockd.prune_tokens(h)
+                assert h.replica.newest_token("v0") > 0
+                assert [f"v{i}" for i in range(40) if h.replica.newest_token(f"v{i}")] == ["v0"]
+            nursery.cancel_scope.cancel()
+
+    run(main)
