@@ -1469,8 +1469,24 @@ class Blockd:
         await self._every(self.cfg.gc_interval, "gc", step, first_wait=True)
 
     async def _prune_metrics(self) -> None:
-        await self._every(self.cfg.gc_interval, "metrics_prune", self.prune_metrics,
-                          first_wait=True)
+        async def step() -> None:
+            await self.prune_metrics()
+            await self.prune_tokens()
+        await self._every(self.cfg.gc_interval, "metrics_prune", step, first_wait=True)
+
+    async def prune_tokens(self) -> int:
+        """Make the replica forget the fencing tokens of volumes whose lease record the
+        registry forgot (compact_registry_once: deleted volumes, their leases run out long
+        ago), as it kept one per volume name it ever served; returns how many went. Safe
+        for the reason the registry's forgetting is: a later volume of the name gets a
+        greater token at its first grant, which is all a replica checks. A token the
+        replica learns while the registry is read (a first grant of a name made again)
+        is kept (Replica.forget_tokens)."""
+        known = self.replica.tokens()
+        if not known:
+            return 0
+        granted = await self.registry.lease_tokens()
+        return self.replica.forget_tokens({v: t for v, t in known.items() if v not in granted})
 
     async def prune_metrics(self) -> list[str]:
         """Drop the request series of volumes deleted since they were served here (so

@@ -281,6 +281,23 @@ class Replica:
     def newest_token(self, volume: str) -> int:
         return self._tokens.get(volume, 0)
 
+    def tokens(self) -> dict[str, int]:
+        """The newest token of each volume seen (a copy)."""
+        return dict(self._tokens)
+
+    def forget_tokens(self, gone: dict[str, int]) -> int:
+        """Forget the tokens of the volumes of `gone` (volume -> the token it had when the
+        caller looked: blockd.service.Blockd.prune_tokens), unless a newer one came since;
+        returns how many went. A volume with takeover marks still here keeps its token
+        until they go (forget_recent)."""
+        n = 0
+        for volume, token in gone.items():
+            if (self._tokens.get(volume) == token and volume not in self.recent
+                    and volume not in self.recent_before):
+                del self._tokens[volume]
+                n += 1
+        return n
+
     # --- operations (synchronous: the store is local) -----------------------------------
 
     def read(self, lineage: str, index: int, chain, offset: int, length: int, *,
