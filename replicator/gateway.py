@@ -814,8 +814,8 @@ class VolumeGateway:
                     continue
                 except ChecksumError as e:
                     self._loglimit.log(log, _WARNING, "checksum_error",
-                               "volume=%s chunk=%d event=checksum_error page=%s", self.name,
-                               p.index, e.page)
+                                       "volume=%s chunk=%d event=checksum_error page=%s", self.name,
+                                       p.index, e.page)
                     if self.metrics is not None:
                         self.metrics.checksum_error()
                     if len(hosts) == 1:
@@ -853,7 +853,8 @@ class VolumeGateway:
         """This host's copy of chunk `index` failed its checksum reading `length` bytes at
         `inner`: read them from a current copy elsewhere, which repairs ours (none: `e`)."""
         self._loglimit.log(log, _WARNING, "checksum_error",
-                   "volume=%s chunk=%d event=checksum_error page=%s", self.name, index, e.page)
+                           "volume=%s chunk=%d event=checksum_error page=%s", self.name, index,
+                           e.page)
         if self.metrics is not None:
             self.metrics.checksum_error()
         if len(self.cluster.replicas(self.lineage, index, self.n)) == 1:
@@ -984,7 +985,8 @@ class VolumeGateway:
                 self.metrics.repaired()
         except VbpError as e:
             self._loglimit.log(log, _WARNING, "repair_failed",
-                       "volume=%s chunk=%d event=repair_failed error=%s", self.name, p.index, e)
+                               "volume=%s chunk=%d event=repair_failed error=%s", self.name,
+                               p.index, e)
 
     # --- after a takeover ------------------------------------------------------------
 
@@ -1615,8 +1617,8 @@ class VolumeGateway:
             return e
         except Exception as e:
             self._loglimit.log(log, logging.ERROR, "local_write_failed",
-                       "volume=%s chunk=%d event=local_write_failed", self.name, msg.index,
-                       exc_info=True)
+                               "volume=%s chunk=%d event=local_write_failed", self.name, msg.index,
+                               exc_info=True)
             return LocalFault(f"the local write failed: {e!r}")
         if not later_ok and hasattr(reply, "__await__"):
             reply.close()
@@ -1909,8 +1911,8 @@ class VolumeGateway:
                 self.stale[index] = self.stale.get(index, frozenset()) | frozenset(missed)
                 self.unrecorded.append((index, took, missed))
                 self._loglimit.log(log, _WARNING, "abandoned_write_failed",
-                           "volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
-                           self.name, index, ",".join(missed))
+                                   "volume=%s chunk=%d event=abandoned_write_failed hosts=%s",
+                                   self.name, index, ",".join(missed))
         finally:
             self._write_done(p)
 
@@ -1974,8 +1976,9 @@ class VolumeGateway:
         if failed:
             if log.isEnabledFor(_WARNING):
                 self._loglimit.log(log, _WARNING, "replica_failed",
-                           "volume=%s chunk=%d event=replica_failed hosts=%s", self.name,
-                           p.index, ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
+                                   "volume=%s chunk=%d event=replica_failed hosts=%s", self.name,
+                                   p.index,
+                                   ",".join(f"{h}:{type(e).__name__}" for h, e in failed.items()))
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
@@ -2011,8 +2014,9 @@ class VolumeGateway:
                 f"could not be recorded (registry unreachable): the write is not acknowledged")
         if late:
             self._loglimit.log(log, _WARNING, "stale_recorded_too_late",
-                       "volume=%s chunk=%d event=stale_recorded_too_late hosts=%s seconds=%.1f",
-                        self.name, p.index, ",".join(sorted(failed)), trio.current_time() - t0)
+                               "volume=%s chunk=%d event=stale_recorded_too_late hosts=%s "
+                               "seconds=%.1f", self.name, p.index, ",".join(sorted(failed)),
+                               trio.current_time() - t0)
             raise RegistryUnavailable(
                 f"chunk {p.index} of {self.name}: replica failures on {','.join(sorted(failed))} "
                 f"were recorded more than {self.write_window:g} s after the write was sent "
@@ -2047,7 +2051,8 @@ class VolumeGateway:
             records = await self.registry.list_stale(self.lineage, index)
         except RegistryUnavailable as e:
             self._loglimit.log(log, _WARNING, "stale_check_failed",
-                       "volume=%s chunk=%d event=stale_check_failed error=%s", self.name, index, e)
+                               "volume=%s chunk=%d event=stale_check_failed error=%s", self.name,
+                               index, e)
             return set(self.stale.get(index, ())) | before | reported
         named = {r.host_id for r in records} | reported | pending
         for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
@@ -2110,8 +2115,8 @@ class VolumeGateway:
         for the service to settle it; without (nothing written yet), RegistryUnavailable."""
         if log.isEnabledFor(_INFO):
             self._loglimit.log(log, _INFO, "marked_stale",
-                       "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
-                       ",".join(sorted(hosts)))
+                               "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
+                               ",".join(sorted(hosts)))
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
         if self.registry is None:
             return True
@@ -2129,8 +2134,8 @@ class VolumeGateway:
             took = tuple(h for h in replicas if h not in hosts)
             self.unrecorded.append((index, took, tuple(sorted(hosts))))
             self._loglimit.log(log, _WARNING, "stale_not_recorded",
-                       "volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
-                       self.name, index, ",".join(sorted(hosts)), e)
+                               "volume=%s chunk=%d event=stale_not_recorded hosts=%s error=%s",
+                               self.name, index, ",".join(sorted(hosts)), e)
             return False
         finally:  # recorded, or in `unrecorded`, or the write is abandoned (cancelled)
             for h in hosts:
@@ -2178,7 +2183,8 @@ class VolumeGateway:
                     failed[self.host_id] = e
                 except Exception as e:  # as _write_here: this copy failed, the write goes on
                     self._loglimit.log(log, logging.ERROR, "local_write_failed",
-                               "volume=%s event=local_write_failed", self.name, exc_info=True)
+                                       "volume=%s event=local_write_failed", self.name,
+                                       exc_info=True)
                     failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")
 
             try:
@@ -2233,8 +2239,8 @@ class VolumeGateway:
             # no retry: those copies failed the write, recorded as any failure (_settle);
             # raised here, the copies that took it would differ from them with no record
             self._loglimit.log(log, _WARNING, "map_refresh_failed",
-                       "volume=%s chunk=%d event=map_refresh_failed hosts=%s error=%s",
-                       self.name, msg.index, ",".join(stale), e)
+                               "volume=%s chunk=%d event=map_refresh_failed hosts=%s error=%s",
+                               self.name, msg.index, ",".join(stale), e)
             return
         msg = dc_replace(msg, epoch=self.cluster.epoch)
         deadline = t0 + self.pool.request_timeout
