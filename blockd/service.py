@@ -1207,11 +1207,18 @@ class Blockd:
         """Before serving anything: InUse while another blockd with this host id and
         another disk is alive (its peers would be sent here, and its own disk would count
         as a replaced one at its restart). A process of that id that just died (a disk
-        replaced after a crash) leaves its liveness for up to heartbeat_ttl: waited for,
-        a second more, before the refusal stops this one. Nothing is served meanwhile: a
+        replaced after a crash) leaves its liveness for up to heartbeat_ttl (or the
+        registry's minimum, Registry.liveness_ttl): waited for, a second more, before the
+        refusal stops this one. Nothing is served meanwhile: a
         peer's write to a new disk before its backfill began would be taken for a copy."""
         cfg = self.cfg
-        deadline = trio.current_time() + cfg.heartbeat_ttl + 1.0
+        ttl = await self.registry.liveness_ttl(cfg.heartbeat_ttl)
+        if ttl > cfg.heartbeat_ttl:
+            log.warning("event=heartbeat_ttl_raised heartbeat_ttl=%g registry_minimum=%g: the "
+                        "registry keeps a host's liveness at least %g s after its last "
+                        "heartbeat (etcd: 1.5 election timeouts); a dead host is marked down "
+                        "that much later", cfg.heartbeat_ttl, ttl, ttl)
+        deadline = trio.current_time() + ttl + 1.0
         while True:
             try:
                 return await self.registry.check_host_free(cfg.host_id, self.store.store_id)

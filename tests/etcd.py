@@ -36,8 +36,10 @@ def free_ports(n: int) -> list[int]:
 
 
 class EtcdProcess:
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", netns: str | None = None) -> None:
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", netns: str | None = None,
+                 election_ms: int = 100) -> None:
         self.data_dir = data_dir
+        self.election_ms = election_ms  # (heartbeats every tenth of it)
         self.host = host
         self.netns = netns  # run inside this network namespace (`ip netns exec`)
         self.client_port, self.peer_port = free_ports(2) if netns is None else (2379, 2380)
@@ -61,7 +63,8 @@ class EtcdProcess:
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"vbp-test={peer}", "--initial-cluster-state", "new",
-             "--heartbeat-interval", "10", "--election-timeout", "100",
+             "--heartbeat-interval", str(self.election_ms // 10),
+             "--election-timeout", str(self.election_ms),
              "--log-level", "error"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )

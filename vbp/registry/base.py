@@ -337,6 +337,11 @@ class Registry:
     def set_maintenance(self, host_id: str, on: bool) -> ClusterMap:
         return self._update_host(host_id, lambda h: HostRecord.from_dict({**h.to_dict(), "maintenance": bool(on)}))
 
+    def liveness_ttl(self, ttl: float) -> float:
+        """How long a liveness key put with `ttl` may outlast its last refresh: `ttl`, or
+        the store's floor when it keeps keys longer (KV.ttl_floor: etcd's minimum)."""
+        return max(ttl, self.kv.ttl_floor())
+
     def host_alive(self, host_id: str) -> bool:
         """The host's liveness key is there: its blockd runs, or stopped less than its
         heartbeat ttl ago."""

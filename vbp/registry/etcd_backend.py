@@ -22,9 +22,11 @@ sends for a context made with clientv3.WithRequireLeader): a member cut off from
 cluster then answers "no leader" at once, where it would hold the request until the
 client's timeout, a txn's outcome then unknown.
 
-TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit; etcd
-also enforces a minimum TTL derived from its election timeout). Expired keys are deleted by
-etcd's leader, which shows up as an ordinary change to watchers.
+TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit). etcd
+raises a lease's TTL to a minimum, 1.5 election timeouts rounded up to a second (2 s with
+its defaults, 8 s with --election-timeout=5000): ttl_floor() says what it is, so that what
+waits for a key to lapse waits long enough. Expired keys are deleted by etcd's leader,
+which shows up as an ordinary change to watchers.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class EtcdKV:
         self.url = url
         self.endpoints = endpoints
         self._cur = 0
+        self._floor: int | None = None  # etcd's minimum lease TTL, once known (ttl_floor)
         self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                                     headers=REQUIRE_LEADER)
 
@@ -158,8 +161,26 @@ class EtcdKV:
 
     def _grant(self, ttl: float) -> str:
         # a grant resent after a lost answer only leaves an unused lease that expires
-        d = self._call("lease/grant", {"TTL": str(max(1, math.ceil(ttl)))})
+        asked = max(1, math.ceil(ttl))
+        d = self._call("lease/grant", {"TTL": str(asked)})
+        granted = int(d.get("TTL", asked))
+        if granted > asked:  # (raised to etcd's minimum: that is its floor)
+            self._floor = granted
         return d["ID"]
+
+    def ttl_floor(self) -> float:
+        """etcd's minimum lease TTL: learned from a grant it raised, else from a grant of
+        one second made (and revoked) to ask."""
+        if self._floor is None:
+            d = self._call("lease/grant", {"TTL": "1"})
+            floor = int(d.get("TTL", 1))
+            try:
+                self._call("lease/revoke", {"ID": d["ID"]})
+            except RegistryUnavailable:
+                pass  # (it lapses by itself)
+            if self._floor is None:
+                self._floor = floor if floor > 1 else 0
+        return float(self._floor)
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         body_cmp = []

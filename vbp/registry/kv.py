@@ -72,6 +72,10 @@ class KV(Protocol):
         `refreshes`: a prefix of keys holding only a liveness mark; a put of one that exists
         already need not end the wait (a hint: a store may wake for it all the same)."""
 
+    def ttl_floor(self) -> float:
+        """The shortest time-to-live the store keeps a key for, whatever was asked (etcd
+        raises a lease to a minimum derived from its election timeout); 0 for none."""
+
     def compact(self, revision: int) -> None:
         """Drop the history of values older than `revision` (a store that keeps none: a
         no-op). Watches from before it end at once; their callers read again."""

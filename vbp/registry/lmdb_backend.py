@@ -132,6 +132,9 @@ class LmdbKV:
         except lmdb.Error as e:
             raise self._fail("read", e) from None
 
+    def ttl_floor(self) -> float:
+        return 0.0  # (a key's ttl is the one asked)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -58,5 +58,8 @@ class MemoryKV:
     def compact(self, revision: int) -> None:
         """Current values only: nothing to drop."""
 
+    def ttl_floor(self) -> float:
+        return 0.0  # (a key's ttl is the one asked)
+
     def close(self) -> None:
         pass
