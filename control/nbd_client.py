@@ -25,6 +25,7 @@ command raises its `nbd.Error`, for the caller to name.
 from __future__ import annotations
 
 import errno
+import sys
 import time
 from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -71,6 +72,7 @@ def connect(uri: str, timeout: float = TIMEOUT, tls_certificates=None):
     h.add_meta_context("base:allocation")
     if tls_certificates is not None:
         h.set_tls_certificates(str(tls_certificates))
+    said = _ServerMessages(h)
     try:
         h.aio_connect_uri(uri)
         deadline = time.monotonic() + timeout
@@ -85,8 +87,47 @@ def connect(uri: str, timeout: float = TIMEOUT, tls_certificates=None):
             raise NotFound(f"{uri}: no such volume or snapshot") from None
         if e.errno == "ECONNREFUSED":
             raise TransferError(f"{uri}: connection refused (is blockd running there?)") from None
-        raise TransferError(f"cannot connect to {uri}: {reason(e)}{_tls_hint(e, uri)}") from None
+        hint = _tls_hint(e, uri)
+        text = getattr(e, "string", None) or str(e)
+        if said.last and not hint and "opt_go" in text.lower():
+            raise TransferError(f"{uri}: the server refused the export: {said.last}") from None
+        raise TransferError(f"cannot connect to {uri}: {reason(e)}{hint}") from None
+    finally:
+        said.stop()
     return h
+
+
+class _ServerMessages:
+    """The messages a server sent with its option errors (NBD_REP_ERR_*) during the
+    handshake of `h`, the last in `last`. They say why an export was refused (blockd: the
+    registry unreachable while it opened the volume), but libnbd (1.14) reports only
+    "server policy prevents NBD_OPT_GO" and passes the server's words to its debug log
+    alone: so the log is on, into this, for the handshake only (the debug messages of
+    every request after it would cost), and lines go on to stderr as libnbd's would if
+    the user turned its debugging on (LIBNBD_DEBUG=1)."""
+
+    PREFIX = "handshake: server error message: "
+
+    def __init__(self, h):
+        self.h, self.last = h, ""
+        self.user_debug = h.get_debug()
+        h.set_debug_callback(self._debug)
+        h.set_debug(True)
+
+    def _debug(self, context, msg) -> None:
+        if self.user_debug:
+            print(f"libnbd: debug: vbp-transfer: {context}: {msg}", file=sys.stderr)
+        if msg.startswith(self.PREFIX):  # (from the server: no control characters shown)
+            text = "".join(c if c.isprintable() else " " for c in msg[len(self.PREFIX):])
+            self.last = text.strip()[:500]
+        elif msg.endswith("-> NEWSTYLE.OPT_GO.START"):
+            self.last = ""  # (a message before is about another option: STARTTLS, say)
+
+    def stop(self) -> None:
+        if not self.user_debug:
+            self.h.set_debug(False)
+            self.h.clear_debug_callback()
+        self.h = None  # (kept as the callback, this would hold its handle in a cycle)
 
 
 def _tls_hint(e, uri: str) -> str:

@@ -56,7 +56,6 @@ def refusing_server():
         stop_process(p)
 
 
-@pytest.mark.xfail(strict=True, reason="the server's message of an option error is dropped")
 def test_a_refused_export_says_the_servers_reason(tmp_path):
     src = tmp_path / "src.img"
     src.write_bytes(b"x" * 4096)
