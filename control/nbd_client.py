@@ -18,13 +18,16 @@ sends it, and reads the target's allocation.
   binding never frees a buffer given to an aio call).
 
 Errors: `NotFound` (no such volume or snapshot at connection), `TransferError` (connection
-failures, a server that stops answering, block status that makes no progress); a failed
-command raises its `nbd.Error`, for the caller to name.
+failures, a server that stops answering, block status that makes no progress); a command
+the server failed raises `CommandFailed`, which names it ("write of 2097152 bytes at
+offset 4194304: Input/output error"): of the thousands a large image takes, the user
+learns which one (where the volume is damaged, or how far an import went).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from typing import Callable, Iterator
@@ -46,6 +49,32 @@ class TransferError(VbpError):
     """An import or export failed part way (I/O error, connection lost, server error)."""
 
     errno = errno.EIO
+
+
+class CommandFailed(TransferError):
+    """A command (`what`: its verb, length and offset) failed: the server's error, or
+    the connection's loss while it was in flight (`error`: libnbd's)."""
+
+    def __init__(self, what: tuple[str, int, int] | None, error):
+        self.what, self.error = what, error
+        super().__init__(f"{describe(what)}: {_cause(error)}")
+
+
+def describe(what: tuple[str, int, int] | None) -> str:
+    if what is None:
+        return "request"
+    verb, n, off = what
+    return f"{verb} of {n} bytes at offset {off}" if n else verb
+
+
+def _cause(e) -> str:
+    """The server's error as the errno's text ("Input/output error"), else libnbd's
+    message (a connection lost: "recv: Connection reset by peer")."""
+    text = reason(e)
+    code = getattr(e, "errnum", None)
+    if code and "command failed" in text:  # ("write: command failed: ...")
+        return os.strerror(code)
+    return text
 
 
 # --- connections --------------------------------------------------------------------------
@@ -193,8 +222,10 @@ def _poll_ms(left: float) -> int:
 
 class Pipeline:
     """Up to `depth` aio commands in flight on one handle, each with an optional `done()`
-    run in this thread when it completes. A failed command raises its nbd.Error from
-    submit/wait/drain.
+    run in this thread when it completes, and what it is (verb, length, offset) for its
+    error. A failed command raises CommandFailed from submit/wait/drain, and the others
+    are forgotten: the transfer is over, and their callbacks (holding the handle) would
+    keep its connection open for as long as the error is referenced.
 
     A server that answers none of them for `timeout` seconds fails the transfer
     (TransferError). The clock runs from the later of the last reply and the oldest
@@ -205,14 +236,18 @@ class Pipeline:
 
     def __init__(self, h, uri: str, timeout: float = TIMEOUT, depth: int = DEPTH):
         self.h, self.uri, self.timeout, self.depth = h, uri, timeout, depth
-        self.inflight: dict[int, tuple[float, Callable[[], None] | None]] = {}
+        self.inflight: dict[int, tuple[float, Callable[[], None] | None,
+                                       tuple[str, int, int] | None]] = {}
         self.last_reply = time.monotonic()
+        self.error = load_binding().Error
 
-    def submit(self, issue: Callable[[], int], done: Callable[[], None] | None = None) -> int:
+    def submit(self, issue: Callable[[], int], done: Callable[[], None] | None = None,
+               what: tuple[str, int, int] | None = None) -> int:
+        """Send the command `issue()` sends, `what` it is: (verb, length, offset)."""
         while len(self.inflight) >= self.depth:
             self._reap(block=True)
         cookie = issue()
-        self.inflight[cookie] = (time.monotonic(), done)
+        self.inflight[cookie] = (time.monotonic(), done, what)
         return cookie
 
     def wait(self, cookie: int) -> None:
@@ -231,8 +266,12 @@ class Pipeline:
                 try:
                     if self.h.aio_command_completed(cookie):
                         finished.append(self.inflight.pop(cookie)[1])
+                except self.error as e:
+                    what = self.inflight[cookie][2]
+                    self.inflight.clear()
+                    raise CommandFailed(what, e) from None
                 except BaseException:
-                    self.inflight.pop(cookie, None)
+                    self.inflight.clear()
                     raise
             if finished:
                 self.last_reply = time.monotonic()
@@ -273,7 +312,8 @@ def allocation(pipe: Pipeline, start: int, end: int,
             return 0
 
         n = min(end - off, window)
-        pipe.wait(pipe.submit(lambda n=n, off=off, cb=cb: h.aio_block_status(n, off, cb)))
+        pipe.wait(pipe.submit(lambda n=n, off=off, cb=cb: h.aio_block_status(n, off, cb),
+                              what=("block status", n, off)))
         pos = off
         for s, e, f in got:
             s, e = max(s, pos), min(e, end)

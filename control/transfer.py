@@ -62,8 +62,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from control.nbd_client import (
-    BLOCK, STATE_ZERO, TIMEOUT, Pipeline, Slot, TransferError, allocation, connect, disconnect,
-    give_slot, load_binding, reason, take_slot,
+    BLOCK, STATE_ZERO, TIMEOUT, CommandFailed, Pipeline, Slot, TransferError, allocation,
+    connect, disconnect, give_slot, load_binding, reason, take_slot,
 )
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound, VbpError
 from vbp.layout import MiB
@@ -291,6 +291,8 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
         h = connect(uri, timeout, tls_certificates)
         try:
             return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
+        except CommandFailed as e:
+            raise TransferError(f"import of {path} into {uri} failed: {e}") from None
         except nbd.Error as e:
             raise TransferError(f"import of {path} into {uri} failed: {reason(e)}") from None
         except OSError as e:
@@ -382,7 +384,7 @@ class _Import:
         h = self.h
         self.pipe.drain()
         if h.can_flush():
-            self.pipe.wait(self.pipe.submit(h.aio_flush))
+            self.pipe.wait(self.pipe.submit(h.aio_flush, what=("flush", 0, 0)))
         if self.zeroes is not None:
             give_slot(self.zeroes)
         self.advance(0, force=True)
@@ -404,7 +406,7 @@ class _Import:
         def done() -> None:
             give_slot(slot)
             self.advance(n)
-        self.pipe.submit(lambda: self.h.aio_pwrite(slot.first(n), off), done)
+        self.pipe.submit(lambda: self.h.aio_pwrite(slot.first(n), off), done, ("write", n, off))
         self.stats.bytes_data += n
 
     def _send_zeroes(self, s: int, e: int) -> None:
@@ -413,14 +415,15 @@ class _Import:
         for off in range(s, e, step):
             n = min(e - off, step)
             if self.can_zero:
-                self.pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), lambda n=n: advance(n))
+                self.pipe.submit(lambda off=off, n=n: h.aio_zero(n, off), lambda n=n: advance(n),
+                                 ("write zeroes", n, off))
             else:
                 if self.zeroes is None:
                     self.zeroes = take_slot(self.nbd)
                     self.zeroes.mem[:] = bytes(BLOCK)
                 zeroes = self.zeroes
                 self.pipe.submit(lambda off=off, n=n: h.aio_pwrite(zeroes.first(n), off),
-                                 lambda n=n: advance(n))
+                                 lambda n=n: advance(n), ("write", n, off))
 
 
 # --- export -------------------------------------------------------------------------------
@@ -453,6 +456,8 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         try:
             stats = _export(nbd, Pipeline(h, uri, timeout), fd, path, vsize, progress, t0)
             os.fsync(fd)
+        except CommandFailed as e:
+            raise TransferError(f"export of {uri} to {path} failed: {e}") from None
         except nbd.Error as e:
             raise TransferError(f"export of {uri} to {path} failed: {reason(e)}") from None
         except OSError as e:
@@ -569,7 +574,8 @@ def _export(nbd, pipe, fd, path, vsize, progress, t0) -> TransferStats:
         todo, parts = parts, []
         base, slot = todo[0][0], take_slot(nbd)
         n = todo[-1][1] - base
-        pipe.submit(lambda: h.aio_pread(slot.first(n), base), lambda: done(slot, base, todo))
+        pipe.submit(lambda: h.aio_pread(slot.first(n), base), lambda: done(slot, base, todo),
+                    ("read", n, base))
 
     for start, end, flags in allocation(pipe, 0, vsize, WINDOW):
         if flags & STATE_ZERO:
