@@ -190,6 +190,31 @@ def test_a_clone_or_delete_whose_answer_was_lost_is_checked_not_reported_failed(
         other.close()
 
 
+def test_an_update_whose_answer_was_lost_is_checked_not_reported_failed(etcd_server):
+    """As a create (above): `vbp volume resize`, `snapshot` or `set` whose transaction
+    committed with its answer lost said the registry was unavailable, though the change
+    was made. The record found holding the very value written is the update's; another
+    value there leaves the outcome unknown."""
+    etcd_server.wipe()
+    reg = open_registry(etcd_server.url)
+    other = open_registry(etcd_server.url)
+    try:
+        other.create_volume("v", {"lineage": "l1", "chain": [1]})
+        _lose_txn_answers(reg)
+        made = reg.update_volume("v", lambda d: {**d, "chain": [1, 2]})
+        assert made == {"lineage": "l1", "chain": [1, 2]} == other.get_volume("v")
+
+        def and_meanwhile(d):  # another change lands between the read and the txn
+            other.update_volume("v", lambda d: {**d, "n": 7})
+            return {**d, "chain": [1, 2, 3]}
+        with pytest.raises(RegistryUnavailable, match="unknown outcome"):
+            reg.update_volume("v", and_meanwhile)
+        assert other.get_volume("v") == {"lineage": "l1", "chain": [1, 2], "n": 7}
+    finally:
+        reg.close()
+        other.close()
+
+
 def test_a_long_range_is_read_in_pages_of_one_snapshot(etcd_server):
     """A range was one request, answered only once etcd had encoded every key of it: 400,000
     stale records took 3.4 s to the first byte on the machine this was found on, and past

@@ -547,7 +547,16 @@ class Registry:
                 new = rec
             cmps.append(Cmp(key, "mod", item.mod_rev))
             value = sized(f"volume {name} record", new, SNAPSHOTS_HINT, old=item.value)
-            ok, _ = self.kv.txn(cmps, [Put(key, value)])
+            try:
+                ok, _ = self.kv.txn(cmps, [Put(key, value)])
+            except RegistryUnavailable as e:
+                # its outcome maybe unknown (etcd: committed, its answer lost): the record
+                # found holding this very value is this update's, or one that made the
+                # same change (a snapshot's new generation is new; a resize or a setting
+                # to what is there already changes nothing)
+                if self._made_by_us(key, value, e):
+                    return new
+                raise
             if ok:
                 return new
         raise self._contended(f"update volume {name}")
