@@ -690,8 +690,16 @@ def _tls_option(f):
              "for a client certificate. Env: VBP_TLS_CERTIFICATES.")(f)
 
 
+def _file_named(ctx, param, value: str) -> str:
+    """FILE of import/export: an empty one (a variable not set in a script) read as the
+    current directory, or named no file at all."""
+    if value == "":
+        raise click.BadParameter("empty: give a file name", ctx=ctx, param=param)
+    return value
+
+
 @volume.command("import")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(dir_okay=False), callback=_file_named)
 @click.argument("name")
 @click.option("--force", is_flag=True,
               help="Import even while NBD clients have NAME open (it changes under them).")
@@ -714,6 +722,7 @@ def volume_import(state, file, name, force, host, timeout, tls):
     """
     from control import api, transfer
 
+    file = Path(file)
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     if not force:
         api.refuse_import_in_use(state.registry(), name)
@@ -731,7 +740,8 @@ def volume_import(state, file, name, force, host, timeout, tls):
 
 @volume.command("export")
 @click.argument("name", metavar="NAME[@SNAP]")
-@click.argument("file", type=click.Path(dir_okay=False))  # (a str: a Path makes ./- of -)
+@click.argument("file", type=click.Path(dir_okay=False), callback=_file_named)  # (a str:
+# a Path makes ./- of -)
 @click.option("--force", is_flag=True,
               help="Replace FILE if it exists (once the copy is complete).")
 @click.option("--host", metavar="ID", help="Read through this host (default: the first one up).")

@@ -694,6 +694,21 @@ def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path)
         assert (work / "-").stat().st_size == 8 * MiB
 
 
+def test_an_empty_file_argument_is_refused_as_bad_usage(tmp_path):
+    """FILE given as "" (a shell variable not set): import read it as the current
+    directory (".: is a directory"), export as no file (": no such file or directory").
+    Both are bad usage, said so, and nothing is read or written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    with pool_on_nbdkit(tmp_path, "pattern", "size=8M") as url:
+        for args in (["import", "", "v"], ["export", "v", ""]):
+            p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", url,
+                                "volume", *args], cwd=work, capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert p.returncode == 2 and "'FILE': empty" in p.stderr, (args, p.stderr)
+            assert list(work.iterdir()) == []
+
+
 # --- a volume in use ------------------------------------------------------------------------
 
 
