@@ -541,6 +541,12 @@ def accepted_losses_by_lineage(reg, vols: list[dict]) -> list[dict]:
     return out
 
 
+def placement_hosts(reg) -> int:
+    """How many hosts chunks are placed on now (the data set): a chunk's copies go to as
+    many distinct hosts at most."""
+    return len(reg.cluster_map().data_set)
+
+
 def placement_changes(cmap) -> list[dict]:
     """Hosts whose capacity, zone or pod as placement weighs them changes: the change of
     data set under way takes up their new ones, or (`pending`) their live record differs

@@ -458,9 +458,28 @@ def volume_create(state, name, size, replicas, min_size, chunk_size):
 
     v = api.create_volume(state.registry(), name, size, replicas=replicas, min_size=min_size,
                           chunk_size=chunk_size)
+    _warn_short_of_hosts(state, v)
     out(state, _vol_dict(v), lambda: click.echo(
         f"created volume {v.name}: {format_size(v.size)}, {v.replicas} replicas (min {v.min_size}), "
         f"chunk {format_size(v.chunk_size)}"))
+
+
+def _warn_short_of_hosts(state, v) -> None:
+    """Warn when the pool places chunks on fewer hosts than volume `v` keeps copies (each
+    copy on another host): below min_size every write fails. Not with no host yet (a pool
+    being set up)."""
+    from control import api
+
+    k = api.placement_hosts(state.registry())
+    hosts = f"{k} host{'s' if k != 1 else ''}"
+    if 0 < k < v.min_size:
+        click.echo(f"vbp: warning: the pool places chunks on {hosts}; {v.name} needs "
+                   f"{v.min_size} copies on distinct hosts to take a write (min size): its "
+                   f"writes fail (EIO) until {v.min_size} hosts hold chunks", err=True)
+    elif 0 < k < v.replicas:
+        copies = f"{k} cop{'ies' if k != 1 else 'y'}"
+        click.echo(f"vbp: warning: the pool places chunks on {hosts}: {v.name}'s chunks get "
+                   f"{copies}, not {v.replicas}, until more hosts join (degraded)", err=True)
 
 
 @volume.command("list")
@@ -564,6 +583,7 @@ def volume_clone(state, source, new):
     from control import api
 
     v = api.clone(state.registry(), source, new)
+    _warn_short_of_hosts(state, v)
     out(state, _vol_dict(v), lambda: click.echo(f"created clone {v.name} of {source}"))
 
 

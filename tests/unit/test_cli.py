@@ -828,3 +828,29 @@ def test_a_size_that_is_no_whole_number_of_bytes_is_refused_not_cut(vbp, size):
     assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB + GiB // 2
     vbp("volume", "create", "c", "--size", "0.5K")
     assert js(vbp("volume", "show", "c", "--json"))["size"] == 512
+
+
+def test_a_volume_with_more_copies_than_the_pool_has_hosts_is_made_with_a_warning(vbp, reg_url):
+    """`vbp volume create` (replicas 3, min 2 by default) in a pool of one host said
+    "created" and nothing else: every write to it then failed with EIO (below min size).
+    It still creates the volume (hosts may join later, as a Ceph pool may be undersized),
+    and says what will happen: writes fail below min size, or chunks get fewer copies."""
+    from vbp.cluster import HostRecord
+
+    # (no host yet: a pool being set up)
+    assert vbp("volume", "create", "early", "--size", "1G").stderr == ""
+    reg = open_registry(reg_url)
+    reg.register_host(HostRecord("h1", "127.0.0.1:1", "127.0.0.1:2"), 60)
+    r = vbp("volume", "create", "v", "--size", "1G")
+    assert "created volume v" in r.stdout
+    assert "v needs 2 copies on distinct hosts to take a write" in r.stderr
+    assert "writes fail (EIO) until 2 hosts hold chunks" in r.stderr
+    reg.register_host(HostRecord("h2", "127.0.0.1:3", "127.0.0.1:4"), 60)
+    r = vbp("volume", "create", "w", "--size", "1G", "--json")
+    assert js(r)["name"] == "w"
+    assert "w's chunks get 2 copies, not 3, until more hosts join" in r.stderr
+    vbp("volume", "snapshot", "w", "s")
+    assert "c's chunks get 2 copies, not 3" in vbp("volume", "clone", "w@s", "c").stderr
+    reg.register_host(HostRecord("h3", "127.0.0.1:5", "127.0.0.1:6"), 60)
+    assert vbp("volume", "create", "z", "--size", "1G").stderr == ""
+    reg.close()
