@@ -116,9 +116,10 @@ class VolumeProvider:
         # tokens of leases taken over, not reconciled yet (or not with every up host)
         self.reconciling: set[int] = set()
         self.closing = 0  # closed gateways whose writes under way are awaited (_flush_and_let_go)
-        # export -> (lineage, the flush its gateway ran when its last connection closed):
-        # under way, or failed and not yet reported to a FLUSH (VolumeGateway.after_close)
-        self.close_flushes: dict[str, tuple[str, PendingFlush]] = {}
+        # export -> (the volume's record, the flush its gateway ran when its last connection
+        # closed): under way, or failed and not yet reported to a FLUSH
+        # (VolumeGateway.after_close); only for a gateway of that very volume (same_volume)
+        self.close_flushes: dict[str, tuple[VolumeRecord, PendingFlush]] = {}
         # A reader's takeovers of an orphaned lease (_settle_if_orphaned): export -> the
         # token of the last one it handed back (if that release is lost, the lease runs
         # out with it: not taken over again for it), no takeover before a time, and the
@@ -183,7 +184,9 @@ class VolumeProvider:
                     await self._hold_head(export, gw)
                 # taken once the open can no longer fail: a failed open would drop it
                 prior = self.close_flushes.pop(export, None)
-                if prior is not None and prior[0] == gw.lineage:  # (not a volume made again)
+                # (not for a volume made again under the name since: a clone of the
+                # same snapshot has the deleted one's lineage, and none of its writes)
+                if prior is not None and same_volume(prior[0], gw.view.volume):
                     gw.after_close(prior[1])
                 if not gw.read_only:
                     await self._settle_orphaned_lease(export, gw)
@@ -786,7 +789,7 @@ class VolumeProvider:
             # not record goes to the registry with it, before it is given back
             self.closing += 1  # (until its task ends: counted from now, for drain)
             flushed = PendingFlush()
-            self.close_flushes[export] = (gw.lineage, flushed)
+            self.close_flushes[export] = (gw.view.volume, flushed)
             self.service.nursery.start_soon(self._flush_and_let_go, export, lease, gw, None,
                                             flushed)
             return None

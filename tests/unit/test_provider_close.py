@@ -219,7 +219,6 @@ async def _result(value):
     return await value if hasattr(value, "__await__") else value
 
 
-@pytest.mark.xfail(strict=True, reason="a clone made again under the name takes the old one's failed close flush")
 async def test_a_close_flush_that_failed_is_not_reported_to_a_clone_made_again_under_its_name():
     """Clone c of v@s is written through h1 and its last connection closes while h2 and
     h3 cannot sync: its close flush fails. c is deleted and cloned again from v@s (the
