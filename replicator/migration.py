@@ -697,7 +697,8 @@ class DataSetMover:
     async def _clear_moot(self, cmap: ClusterMap, vols: list[dict]) -> None:
         """Stale records of hosts a settled data set no longer places the chunk on name
         nothing to bring current (a lost host's missed writes): they go. If the host
-        returns, a new change of data set records what it must resync."""
+        returns, a new change of data set records what it must resync. So do the records
+        of lineages no volume is left in (deleted volumes)."""
         from replicator.gateway import ClusterView
 
         n_of = replicas_by_lineage(vols)
@@ -714,6 +715,20 @@ class DataSetMover:
             if r.lineage in n_of and r.host_id not in view.replicas(r.lineage, r.index, n_of[r.lineage]):
                 await self.registry.clear_stale(r.lineage, r.index, r.host_id, r.version)
                 log.info("event=moot_stale_cleared lineage=%s chunk=%d host=%s", r.lineage, r.index, r.host_id)
+        if any(r.lineage not in n_of for r in records):
+            # Records of lineages whose every volume was deleted: nothing reads them, and
+            # the host they name clears them only if it returns (a host that left for good
+            # never does). Judged by the volumes listed again after the records: `vols`
+            # was read before them, so a volume created since (a new lineage) may have
+            # records among them; a lineage no volume has once the records were read
+            # never gets one again (a new volume takes a new lineage, and a clone is made
+            # only while its parent's record is there).
+            live = {d["lineage"] for d in await self.registry.list_volumes()}
+            for r in records:
+                if r.lineage not in n_of and r.lineage not in live:
+                    await self.registry.clear_stale(r.lineage, r.index, r.host_id, r.version)
+                    log.info("event=moot_stale_cleared lineage=%s chunk=%d host=%s reason=deleted",
+                             r.lineage, r.index, r.host_id)
 
     async def scan_once(self) -> int:
         """Record the joining targets stale, once per change, of the chunks this host

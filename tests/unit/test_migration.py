@@ -969,7 +969,6 @@ def test_a_host_removed_while_the_controller_adds_it_leaves_every_map_readable()
     assert again.data == ("h1", "h2", "h3", "h4") and not again.migrating  # cancelled
 
 
-@pytest.mark.xfail(strict=True, reason="stale records of a deleted volume's lineage outlive its hosts")
 def test_the_stale_records_of_a_deleted_volume_go_with_a_host_that_left_for_good():
     """h4 dies; writes to v and w meanwhile leave h4's copies of some of their chunks
     recorded stale; the operator deletes w (made again later under its name, in a new
@@ -1000,3 +999,31 @@ def test_the_stale_records_of_a_deleted_volume_go_with_a_host_that_left_for_good
     step(m, clock, 2.0)  # (the settled data set's step: moot records go)
     assert reg.list_stale() == []
     api.wait_healthy(reg, timeout=0.0)
+
+
+def test_the_records_of_a_volume_created_during_the_sweep_are_kept():
+    """The settled data set's step read the volumes before the stale records; a volume
+    created in between (a new lineage, not in that listing) whose first write already
+    left a copy recorded stale is no deleted volume: its record stays."""
+    reg = pool(0.3)
+    clock = Clock()
+    m = controller(reg, clock, 600.0)
+    step(m, clock, 0.0)
+    plain = m.registry
+    made = []
+
+    class Meanwhile:
+        def __getattr__(self, name):
+            return getattr(plain, name)
+
+        async def list_stale(self, *a, **k):
+            if not made:  # (after the step listed the volumes)
+                reg.create_volume("x", new_volume("x", 64 * MiB, replicas=3, lineage="l3",
+                                                  head=1, now=0.0).to_dict())
+                reg.mark_stale("l3", 0, [ClusterView(reg.cluster_map()).replicas("l3", 0, 3)[0]], 1000)
+                made.append(1)
+            return await plain.list_stale(*a, **k)
+
+    m.registry = Meanwhile()
+    step(m, clock, 1.0)
+    assert made and [(r.lineage, r.index) for r in reg.list_stale()] == [("l3", 0)]
