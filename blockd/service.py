@@ -608,10 +608,19 @@ class VolumeProvider:
         name = gw.view.volume.name
         t0 = trio.current_time()
         through, published_at = self.pub_through, svc.published_at
-        rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
-        if not same_volume(rec, gw.view.volume):
-            # deleted and created again under its name between two syncs: another volume
-            raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+        mine = gw.view.volume
+
+        def ours(d: dict) -> VolumeRecord:
+            # deleted and created again under its name between two syncs (or since the
+            # read below, for the updates made under the lease: the lease is the name's,
+            # and the new volume's pending change may have the same head number, each
+            # lineage counting its own): another volume, never changed nor adopted here
+            r = VolumeRecord.from_dict(d)
+            if not same_volume(r, mine):
+                raise NotFound(f"volume {name!r} was deleted (a new volume has its name)")
+            return r
+
+        rec = ours(await svc.registry.get_volume(name))
         if lease is None:  # a reader: its chain must be published before it reads by it
             if self.gateways.get(gw.name) is gw:
                 await self._follow(gw.name, gw, rec, through)
@@ -623,8 +632,7 @@ class VolumeProvider:
             # data, a shrink discard what was written since
             pending, what = pending_head(rec), "snapshot" if rec.pending else "shrink"
             rec = VolumeRecord.from_dict(await svc.registry.update_volume(
-                name, lambda d: cancel_pending(VolumeRecord.from_dict(d), pending).to_dict(),
-                lease))
+                name, lambda d: cancel_pending(ours(d), pending).to_dict(), lease))
             log.warning("volume=%s event=abandoned_%s_cancelled head=%d", name, what, pending)
         if pending_head(rec):
             # a snapshot, or a shrink: the writes under way to the old head end first
@@ -634,7 +642,7 @@ class VolumeProvider:
 
             async def complete():
                 def finish(d):
-                    r = VolumeRecord.from_dict(d)
+                    r = ours(d)
                     return complete_pending(r, pending).to_dict() \
                         if pending in (r.pending, r.shrink_head) else d
                 # only while the lease is still ours (Fenced otherwise): a gateway whose

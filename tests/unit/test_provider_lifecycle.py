@@ -254,7 +254,6 @@ async def test_a_write_cancelled_while_its_lease_is_taken_does_not_keep_the_leas
         reader.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the old gateway completes the new volume's snapshot and adopts its record")
 async def test_a_gateway_of_a_deleted_volume_does_not_complete_the_snapshot_of_the_new_one():
     """h1 serves v to a writing VM (its lease held) and a snapshot of v is asked for:
     the record sync holds the writes and completes it under the lease. Meanwhile v is
