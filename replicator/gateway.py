@@ -36,8 +36,10 @@ Theory of operation (DESIGN.md, Data path):
 - Self-fencing: `lease_deadline` (trio time) is when the lease the service last took or
   renewed runs out, counted from before the registry call, so never later than the expiry
   the registry stores. Past it no write is sent (LeaseExpired): another host may take the
-  lease from then on, and it must find no write of ours still arriving. A renewal that
-  succeeds (nobody took the lease meanwhile) moves the deadline and writes resume.
+  lease from then on, and it must find no write of ours still arriving. Nor are this
+  host's own copies read past it (_own_current): the new holder's writes may have missed
+  them. A renewal that succeeds (nobody took the lease meanwhile) moves the deadline and
+  writes and local reads resume.
 - A replica failure that cannot be recorded (registry unreachable) fails the write, and
   the outcome waits in `unrecorded` as (chunk, hosts that took it, hosts that missed it).
   The service settles it once the registry answers: if our lease is still the newest, the
@@ -718,7 +720,8 @@ class VolumeGateway:
         (not a replica here, a copy recorded stale, a resync or backfill under way on this
         host) by _read_one, which asks everything again."""
         if self.qos is None and self.gone is None and self.settling is None and (
-                self.token and not self.fenced or self._now() <= self.serve_until) and (
+                (now := self._now()) <= self.serve_until
+                or self.token and not self.fenced and now < self.lease_deadline) and (
                 offset + length <= self.size):
             inner = offset & (self._cs - 1)
             if inner + length <= self._cs and length:
@@ -792,6 +795,22 @@ class VolumeGateway:
                 f"that it reads it (registry unreachable), and holds no write lease: its "
                 f"reads fail until it can")
 
+    def _own_current(self) -> bool:
+        """Whether this host's copies may answer reads as current as far as the lease
+        goes. A holder's reads are exempt from serve_until (_check_served), but past its
+        lease_deadline another gateway may have taken the lease over and written, this
+        host cut off from it (a partition, a stall: the new holder's announcement and
+        writes never came here) and from the registry that records our copies stale: our
+        copies may hold the old bytes of acknowledged writes. Then reads go to the other
+        copies (_read_piece), whose replicas refuse our token once they saw a newer one
+        (and fence us); with none reachable they fail. Within serve_until (the volume's
+        record read and our chain published lately) our stale map is as fresh as a
+        reader's, and our copies count as a reader's do."""
+        if not self.token or self.fenced:
+            return True
+        now = self._now()
+        return now < self.lease_deadline or now <= self.serve_until
+
     def _read(self, offset: int, length: int, ref: bool = False):
         self._check_served()
         if offset + length > self.size:  # (read again, by bytes, after the takeover under
@@ -807,7 +826,7 @@ class VolumeGateway:
         for p in self.geometry.pieces(offset, length):
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
             if (self.host_id in hosts and self.host_id not in self.stale.get(p.index, ())
-                    and not self.replica.is_stale(self.lineage, p.index)):
+                    and not self.replica.is_stale(self.lineage, p.index) and self._own_current()):
                 try:
                     gen, data, _ = self.replica.read(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length)
                     extents.append((offset + p.buf_offset, p.length, data))
@@ -834,7 +853,7 @@ class VolumeGateway:
         lineage = self.lineage
         hosts = self.cluster.replicas(lineage, index, self.n)
         if (self.host_id in hosts and self.host_id not in self.stale.get(index, ())
-                and not self.replica.is_stale(lineage, index)):
+                and not self.replica.is_stale(lineage, index) and self._own_current()):
             store = self.store  # Replica.read, less the version it looks up for peers
             chain = self.chain_for(index) if self.cuts else self.chain
             gen = store.resolve(lineage, index, chain)
@@ -919,6 +938,11 @@ class VolumeGateway:
         if last is None and any(h != self.host_id and h in stale for h in hosts):
             last = PeerUnavailable(f"chunk {p.index} of {self.name}: every current copy is down "
                                    f"and this host's copy is stale")
+        if last is None and self.host_id in hosts and not self._own_current():
+            last = PeerUnavailable(
+                f"chunk {p.index} of {self.name}: no other copy is reachable, and this host's "
+                f"is not read: the write lease ran out unrenewed (registry unreachable), and "
+                f"another host may have taken it over and written")
         raise last or PeerUnavailable(f"no current replica of chunk {p.index} of {self.name} is reachable")
 
     def _repair_local(self, p, data, since: float, gen: int) -> None:
@@ -2544,7 +2568,8 @@ class VolumeGateway:
             pieces.append(p)
             hosts = self.cluster.replicas(self.lineage, p.index, self.n)
             if (self.host_id in hosts and self.host_id not in self.stale.get(p.index, ())
-                    and not self.replica.is_stale(self.lineage, p.index)):
+                    and not self.replica.is_stale(self.lineage, p.index)
+                    and self._own_current()):
                 ext = self.replica.extents(self.lineage, p.index, self.chain_for(p.index),
                                            p.offset, p.length)
                 out.append(ext)

@@ -235,7 +235,6 @@ def compare_stores(pool: Pool, rec, expected: bytes, failed: dict[int, int]) -> 
             st.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a gateway past its lease serves reads of its own copies")
 def test_a_cut_off_gateway_past_its_lease_serves_no_reads(partition_pool):
     """host1 holds the lease of p3 and is cut off from everything (peers and registry)
     while its client stays connected (a hypervisor next to it whose storage network
