@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import trio
 import trio.testing
 
@@ -240,7 +239,6 @@ def test_a_lease_that_runs_out_again_after_its_export_closed_and_opened_is_logge
     assert len(expired) == 2, [r.getMessage() for r in expired]
 
 
-@pytest.mark.xfail(strict=True, reason="renew_all renews one lease after the other")
 def test_renewals_of_many_leases_do_not_add_up_past_a_lease():
     """A host holds the leases of many volumes (the VMs it runs) and every renewal takes a
     while (etcd under disk pressure answers a txn in hundreds of milliseconds; a member
