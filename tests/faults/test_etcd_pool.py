@@ -214,3 +214,31 @@ def test_pool_on_etcd_survives_host_loss_and_registry_outages(etcd_sandbox):
         assert alive(pid)
     wait_no_stale(sb)
     compare_replicas(sb, "e3", w)
+
+
+@pytest.mark.xfail(strict=True, reason="joining an open export asks the registry, and fails")
+def test_a_second_connection_joins_a_served_volume_while_etcd_is_down(etcd_sandbox):
+    """A volume is served by host1, which holds its lease; etcd goes away. The gateway
+    goes on serving the connection it has (reads need no registry; writes while the
+    lease is provably its own). A second connection to the same export on the same
+    host (a multi-conn client such as nbdcopy, or a client reconnecting after a network
+    blip) must join that gateway the same way: it was refused, because the join first
+    read the volume's record (to notice a volume deleted and created again under its
+    name) and the registry could not be reached."""
+    import nbd
+
+    sb = etcd_sandbox
+    sb.vbp("volume", "create", "e1", "--size", "8M", "--replicas", "3", "--min-size", "2",
+           "--chunk-size", "1M")
+    first = connect(sb.uri("e1", 0))
+    first.pwrite(payload(1, 0), 0)  # host1 takes the lease
+    first.flush()
+    sb.etcd.kill()
+    assert first.pread(BLOCK, 0) == payload(1, 0)  # the connection it has: served
+    try:
+        second = connect(sb.uri("e1", 0))
+    except nbd.Error as e:
+        raise AssertionError(f"a second connection to e1 was refused: {e}") from None
+    assert second.pread(BLOCK, 0) == payload(1, 0)
+    second.shutdown()
+    first.shutdown()
