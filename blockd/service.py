@@ -206,16 +206,24 @@ class VolumeProvider:
         Found first here, gw is fenced (a head) or gone (a snapshot), as that sync would
         do, and the client gets a gateway of its own; read by gw's chain, it would read
         the deleted volume's (snapshot's) bytes and write where no reader of the new one
-        looks."""
-        if gw.read_only:
-            await self._snapshot_gone(gw)  # (the record sync's own check of it)
-            return
+        looks. With the registry unreachable the client joins gw as it is, as its
+        connections open already go on: gw serves within its own bounds (the lease, or
+        serve_until), which a record sync that cannot read the record does not move
+        either; refused, a second connection (multi-conn, a client reconnecting after a
+        network blip) to a volume served here would fail while the first one works."""
         try:
-            rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
-            if same_volume(rec, gw.view.volume):
+            if gw.read_only:
+                await self._snapshot_gone(gw)  # (the record sync's own check of it)
                 return
-        except NotFound:
-            pass
+            try:
+                rec = VolumeRecord.from_dict(await self.service.registry.get_volume(name))
+                if same_volume(rec, gw.view.volume):
+                    return
+            except NotFound:
+                pass
+        except RegistryUnavailable as e:
+            log.info("volume=%s event=join_unchecked error=%s", gw.name, e)
+            return
         self._fence_deleted(gw, f"volume {name!r} was deleted (a new volume has its name)")
 
     async def _settle_orphaned_lease(self, export: str, gw: VolumeGateway) -> None:

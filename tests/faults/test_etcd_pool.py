@@ -216,7 +216,6 @@ def test_pool_on_etcd_survives_host_loss_and_registry_outages(etcd_sandbox):
     compare_replicas(sb, "e3", w)
 
 
-@pytest.mark.xfail(strict=True, reason="joining an open export asks the registry, and fails")
 def test_a_second_connection_joins_a_served_volume_while_etcd_is_down(etcd_sandbox):
     """A volume is served by host1, which holds its lease; etcd goes away. The gateway
     goes on serving the connection it has (reads need no registry; writes while the
