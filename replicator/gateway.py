@@ -94,6 +94,7 @@ from vbp.chunkstore_common import page_checksum
 from vbp.layout import PAGE_SIZE, ChunkKey, Geometry, MiB, Piece, format_size
 from vbp.loglimit import LogLimit
 from vbp.placement import MEMO_SIZE, Placement
+from vbp.registry.base import Lease
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
 from vbp.volume import View, visible_chain
@@ -2018,7 +2019,14 @@ class VolumeGateway:
             if any(h in complete and h not in behind for h in failed):
                 marks += [h for h in hosts
                           if h in replies and h not in took and h not in marks]
-            recorded = await self._mark_stale(p.index, marks, hosts)
+            try:
+                recorded = await self._mark_stale(p.index, marks, hosts)
+            except Fenced:
+                # the lease went to another gateway while this write was out (a stall
+                # past it): as for a Fenced reply above, the copies that took it hold
+                # bytes the new holder never saw
+                self._suspect(p.index, [h for h in hosts if h not in failed])
+                raise
             late = recorded and self._now() - t0 > self.write_window
             if recorded and ok >= self.min_size:
                 ok = len(await self._current_after_failure(p.index, took))
@@ -2136,7 +2144,11 @@ class VolumeGateway:
     async def _mark_stale(self, index: int, hosts, replicas=None) -> bool:
         """Record `hosts` stale for the chunk. If the registry cannot be told: with the
         chunk's `replicas` (a write's outcome), False, and the outcome waits in `unrecorded`
-        for the service to settle it; without (nothing written yet), RegistryUnavailable."""
+        for the service to settle it; without (nothing written yet), RegistryUnavailable.
+        A holder's marks go under its lease (the registry compares it in the same
+        transaction): lost to a takeover meanwhile (this host stalled past it), they are
+        refused, the gateway is fenced and Fenced raised. The copies its write missed may
+        be the new holder's current ones, which then must not go stale."""
         if log.isEnabledFor(_INFO):
             self._loglimit.log(log, _INFO, "marked_stale",
                                "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
@@ -2150,8 +2162,19 @@ class VolumeGateway:
         try:
             # the version orders failures: a resync clears a record only if no newer
             # failure re-marked it
-            await self.registry.mark_stale(self.lineage, index, sorted(hosts), time.time_ns())
+            if self.token:
+                lease = Lease(self.view.volume.name, self.host_id, self.token, 0.0)
+                await self.registry.mark_stale(self.lineage, index, sorted(hosts),
+                                               time.time_ns(), lease=lease)
+            else:
+                await self.registry.mark_stale(self.lineage, index, sorted(hosts),
+                                               time.time_ns())
             return True
+        except Fenced as e:
+            log.warning("volume=%s chunk=%d event=stale_refused hosts=%s error=%s", self.name,
+                        index, ",".join(sorted(hosts)), e)
+            self._fence(e)
+            raise
         except RegistryUnavailable as e:
             if replicas is None:
                 raise

@@ -272,6 +272,29 @@ def test_a_volume_update_under_a_lease_holds_only_while_the_lease_does(reg):
     assert reg.get_volume("v")["n"] == 5 and taken  # the lease is compared in the write
 
 
+def test_stale_marks_under_a_lease_hold_only_while_the_lease_does(reg):
+    """mark_stale(..., lease=): a gateway's marks of its writes' failures land while its
+    lease is the volume's (expired and not taken over too); after a takeover or a release
+    they are refused (Fenced) and no record is made. A gateway that stalled past its lease
+    must not record the new holder's copies stale."""
+    stale = lambda: sorted(r.host_id for r in reg.list_stale("lin", 3))  # noqa: E731
+    a = reg.acquire_lease("v", "gw-a", 1)
+    reg.mark_stale("lin", 3, ["h1"], 10, lease=a)
+    time.sleep(1.2)
+    reg.mark_stale("lin", 3, ["h2"], 11, lease=a)  # expired, not taken over: still ours
+    assert stale() == ["h1", "h2"]
+    b = reg.acquire_lease("v", "gw-b", 30)
+    with pytest.raises(Fenced):
+        reg.mark_stale("lin", 3, ["h3"], 12, lease=a)
+    assert stale() == ["h1", "h2"]
+    reg.mark_stale("lin", 3, ["h3"], 12, lease=b)
+    reg.release_lease(b)
+    with pytest.raises(Fenced):
+        reg.mark_stale("lin", 3, ["h4"], 13, lease=b)
+    reg.mark_stale("lin", 3, ["h4"], 13)  # no lease asked for: as before
+    assert stale() == ["h1", "h2", "h3", "h4"]
+
+
 def test_lease_renew_after_expiry_without_takeover(reg):
     a = reg.acquire_lease("v", "gw-a", 1)
     time.sleep(1.1)

@@ -7,7 +7,6 @@ another host took the lease over and wrote."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from tests.sim.harness import Sim, call, extents_bytes, run
@@ -15,7 +14,6 @@ from vbp.errors import VbpError
 from vbp.layout import MiB
 
 
-@pytest.mark.xfail(strict=True, reason="a deposed gateway records the new holder's copies stale")
 def test_a_gateway_deposed_during_a_stall_does_not_record_the_new_holders_copies_stale():
     """h0 holds v's lease; a write of its leaves for h1 and h2 and h0 stalls: its frames
     are not answered within the peer timeout (they are lost here), its lease runs out, and

@@ -59,7 +59,8 @@ async def three_hosts(min_size: int = 2, wrap=None):
         async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
             gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
                                host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
-                               registry=AsyncRegistry(reg), token=1)
+                               registry=AsyncRegistry(reg),
+                               token=reg.acquire_lease("v", "h1", 3600).token)
             yield gw, replicas, reg, kills
         nursery.cancel_scope.cancel()
 
@@ -163,7 +164,7 @@ async def test_a_write_whose_frames_cannot_be_queued_is_not_left_in_flight():
 async def test_a_newer_token_on_a_replica_fences_the_gateway():
     async with three_hosts() as (gw, replicas, reg, _):
         await gw.write(0, b"\x01" * 4096, False)
-        replicas["h2"].learn_tokens({gw.view.volume.name: 5})  # another gateway took over
+        replicas["h2"].learn_tokens({gw.view.volume.name: gw.token + 1})  # another gateway took over
         later = gw.write(0, b"\x05" * 4096, False)
         assert type(later) is Later
         with pytest.raises(Fenced), trio.fail_after(5):

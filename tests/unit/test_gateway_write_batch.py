@@ -70,7 +70,8 @@ async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV), h1_store=None):
         async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
             gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
                                host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
-                               registry=AsyncRegistry(reg), token=1)
+                               registry=AsyncRegistry(reg),
+                               token=reg.acquire_lease("v", "h1", 3600).token)
             for i in range(8):  # connections up, every chunk made: the runs below are clean
                 await gw.write(i * CHUNK, b"\x01" * 4096, False)
             for s in seen.values():
@@ -184,7 +185,7 @@ async def test_hosts_of_an_older_revision_get_write_chunks():
 
 async def test_a_batch_refused_by_a_newer_token_fences_every_write_of_it():
     async with three_hosts() as (gw, replicas, reg, seen, _):
-        replicas["h3"].learn_tokens({gw.view.volume.name: 5})  # another gateway took over
+        replicas["h3"].learn_tokens({gw.view.volume.name: gw.token + 1})  # another gateway took over
         results = await settled(run(gw, [(i * CHUNK, pattern(i)) for i in range(4)]))
         assert all(isinstance(r, Fenced) for r in results), results
         assert gw.fenced and gw._inflight == 0

@@ -805,9 +805,9 @@ class SlowMarks:
     def __getattr__(self, name):
         return getattr(self.registry, name)
 
-    async def mark_stale(self, *args):
+    async def mark_stale(self, *args, **kwargs):
         await trio.sleep(self.delay)
-        return await self.registry.mark_stale(*args)
+        return await self.registry.mark_stale(*args, **kwargs)
 
 
 def test_a_write_whose_failure_is_recorded_too_late_for_resync_is_not_acknowledged():

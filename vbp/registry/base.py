@@ -840,7 +840,8 @@ class Registry:
         head = P_STALE + _name("lineage", lineage) + b"\x00" + b"%016x" % index + b"\x00"
         return head + (_name("host id", host_id) if host_id else b"")
 
-    def mark_stale(self, lineage: str, index: int, host_ids: Iterable[str], version: int) -> None:
+    def mark_stale(self, lineage: str, index: int, host_ids: Iterable[str], version: int,
+                   lease: Lease | None = None) -> None:
         """Record that these replicas miss `version` of the chunk. Every mark of a record
         moves it higher: to `version`, or one past what it held if that is not lower.
         So a resync that read the record before this mark cannot clear it (clear_stale
@@ -854,15 +855,31 @@ class Registry:
         among the copies no record names and clears its own record at the version it read
         with them: marked one after another, a copy's record could move while a source
         marked by the same failure still looked current, and a resync that read the two
-        in between would copy the source's older bytes and clear."""
+        in between would copy the source's older bytes and clear.
+
+        With `lease` (a gateway's marks of its writes' failures), only while the volume's
+        lease record is still that lease (same holder and token, expired or not), compared
+        in the same transaction as update_volume does; else Fenced. A gateway that stalled
+        past its lease and lost it to a takeover would otherwise, resuming, record the
+        copies that missed its last writes stale: the copies the new holder writes, every
+        copy of a chunk stale at once, and the new holder's I/O to it failing."""
         hosts = list(dict.fromkeys(host_ids))
         keys = [self._stale_key(lineage, index, h) for h in hosts]
         if not keys:
             return
+        lkey = P_LEASE + _name("volume name", lease.volume) if lease is not None else None
         for _ in range(CAS_ATTEMPTS):
+            cmps, puts = [], []
+            if lkey is not None:
+                litem, _ = self.kv.get(lkey)
+                cur = self._lease_of(lease.volume, litem.value) if litem else None
+                if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
+                    raise Fenced(f"lease of volume {lease.volume} (token {lease.token}) is no "
+                                 f"longer held by {lease.holder}: copies of {lineage}/{index} "
+                                 f"not recorded stale")
+                cmps.append(Cmp(lkey, "mod", litem.mod_rev))
             items, _ = self.kv.range(self._stale_key(lineage, index))  # (the chunk's records)
             held = {it.key: it for it in items}
-            cmps, puts = [], []
             for key in keys:
                 item = held.get(key)
                 new = version
