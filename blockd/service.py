@@ -195,6 +195,8 @@ class VolumeProvider:
                     gw.after_close(prior[1])
                 if not gw.read_only:
                     await self._settle_orphaned_lease(export, gw)
+                else:
+                    await self._settle_under_snapshot(export, name, gw)
             self.refs[export] += 1
         return gw
 
@@ -301,6 +303,74 @@ class VolumeProvider:
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
         else:
             self._unsettled_readers.discard(export)
+
+    async def _settle_under_snapshot(self, export: str, name: str, gw: VolumeGateway) -> None:
+        """A snapshot export opened while its volume's lease is orphaned: the snapshot may
+        have been completed without a holder (`vbp volume snapshot` after the writer died,
+        control.api.complete_unleased), freezing a generation its last writes reached on
+        some copies only. Until a takeover compares them, each host's copy answers the
+        snapshot's reads its own way, and after it one of them changes. So the lease is
+        taken over now, the copies of every generation of the volume's chain compared
+        (VolumeGateway.reconcile_after_takeover, by a gateway of the head made for it)
+        and the lease handed back, in a task of its own as a head reader's settle is;
+        the export's reads wait for it (VolumeGateway.settling). Not possible now (the
+        registry unreachable, a writer took the lease: its takeover compares them), it
+        is left."""
+        try:
+            if not await self.service.registry.lease_orphaned(name):
+                return
+        except VbpError as e:
+            log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+            return
+        done = gw.settling = trio.Event()
+
+        async def settle() -> None:
+            try:
+                await self._reconcile_orphaned(name, gw)
+            except Exception:  # (a background task's: never the daemon's end)
+                log.exception("volume=%s event=orphaned_lease_settle_failed", export)
+            finally:
+                gw.settling = None
+                done.set()
+        self.service.nursery.start_soon(settle)
+
+    async def _reconcile_orphaned(self, name: str, reader: VolumeGateway) -> None:
+        """Take volume `name`'s orphaned lease over with no writer of ours, reconcile its
+        copies (a head gateway made for it, never serving a client) and hand the lease
+        back, still owing the reconcile if some host could not be asked. The copies it
+        records stale are `reader`'s too from then on (its stale map, until the next
+        refresh, would still read them)."""
+        svc = self.service
+        head = self.gateways.get(name)
+        if head is not None and head.settling is not None:  # (a head reader here settles it)
+            await head.settling.wait()
+            reader.adopt_stale({}, head.stale)
+            return
+        try:
+            rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
+            if not same_volume(rec, reader.view.volume):
+                return
+            gw = VolumeGateway(view_of(rec, None), host_id=svc.cfg.host_id, replica=svc.replica,
+                               cluster=svc.cluster, pool=svc.pool, registry=svc.registry)
+            gw.refresh_map = svc.refresh_map
+            gw.stale = await svc.stale_map(rec.lineage)
+            lease, _ = await self._acquire(name, wait=False)
+        except VbpError as e:  # (LeaseHeld: its holder compares them)
+            log.info("volume=%s event=orphaned_lease_not_taken error=%s", name, e)
+            return
+        reconciled = False
+        try:
+            await self._announce(name, lease.token)
+            if lease.taken_over:
+                await gw.reconcile_after_takeover(lease.token)
+            reconciled = not gw.takeover_unheard
+        except VbpError as e:
+            log.info("volume=%s event=orphaned_lease_not_reconciled error=%s", name, e)
+        finally:
+            reader.adopt_stale({}, gw.stale)
+            await self._release(lease, gw, reconciled=reconciled)
+        log.info("volume=%s event=orphaned_lease_handed_back token=%d reconciled=%s", name,
+                 lease.token, reconciled)
 
     async def _hand_back(self, export: str, gw: VolumeGateway, token: int) -> None:
         """Give back the lease `gw` took over (token `token`) only to reconcile: no write

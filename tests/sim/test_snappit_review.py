@@ -3,7 +3,6 @@ Sim hosts with their background loops on, on a virtual clock."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from tests.sim.harness import Sim, call, extents_bytes, run
@@ -28,7 +27,6 @@ async def snapshot_reads(sim, hosts, export: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="a snapshot export serves each host's copy before the orphaned lease's reconcile")
 def test_a_snapshot_taken_after_its_writer_crashed_reads_alike_everywhere_and_for_good():
     """hw holds v's lease; its write "A" was acknowledged; its last write "B" reached one
     copy of chunk 0 only (x) when hw crashed: never acknowledged. `vbp volume snapshot
