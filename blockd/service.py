@@ -78,6 +78,9 @@ SETTLE_RETRY = 1.0
 # worker thread, and the other registry calls (a write's stale marks among them) share
 # those threads
 RENEW_PARALLEL = 16
+# volumes up a clone's line of parents whose orphaned leases opening it settles
+# (VolumeProvider._settle_under_snapshot): the snapshot's own, its parent's, ...
+SETTLE_ANCESTORS = 8
 
 
 class AsyncRegistry:
@@ -195,8 +198,7 @@ class VolumeProvider:
                     gw.after_close(prior[1])
                 if not gw.read_only:
                     await self._settle_orphaned_lease(export, gw)
-                else:
-                    await self._settle_under_snapshot(export, name, gw)
+                await self._settle_under_snapshot(export, gw)
             self.refs[export] += 1
         return gw
 
@@ -281,7 +283,8 @@ class VolumeProvider:
             except Exception:  # (a background task's: never the daemon's end)
                 log.exception("volume=%s event=orphaned_lease_settle_failed", export)
             finally:
-                gw.settling = None
+                if gw.settling is done:  # (else another settle of its reads follows)
+                    gw.settling = None
                 done.set()
         self.service.nursery.start_soon(settle)
 
@@ -304,33 +307,55 @@ class VolumeProvider:
         else:
             self._unsettled_readers.discard(export)
 
-    async def _settle_under_snapshot(self, export: str, name: str, gw: VolumeGateway) -> None:
-        """A snapshot export opened while its volume's lease is orphaned: the snapshot may
-        have been completed without a holder (`vbp volume snapshot` after the writer died,
-        control.api.complete_unleased), freezing a generation its last writes reached on
-        some copies only. Until a takeover compares them, each host's copy answers the
-        snapshot's reads its own way, and after it one of them changes. So the lease is
-        taken over now, the copies of every generation of the volume's chain compared
-        (VolumeGateway.reconcile_after_takeover, by a gateway of the head made for it)
-        and the lease handed back, in a task of its own as a head reader's settle is;
-        the export's reads wait for it (VolumeGateway.settling). Not possible now (the
-        registry unreachable, a writer took the lease: its takeover compares them), it
-        is left."""
+    async def _settle_under_snapshot(self, export: str, gw: VolumeGateway) -> None:
+        """An export that reads a snapshot's generations (the snapshot's own, or a clone's,
+        at any depth) opened while the lease of the volume they were written through is
+        orphaned: the snapshot may have been completed without a holder (`vbp volume
+        snapshot` after the writer died, control.api.complete_unleased), freezing a
+        generation its last writes reached on some copies only. Until a takeover compares
+        them, each host's copy answers the reads its own way (and a clone's copy-up copies
+        it), and after it one of them changes. So each such lease is taken over now, the
+        copies of every generation of its volume's chain compared
+        (VolumeGateway.reconcile_after_takeover, by a gateway of that head made for it) and
+        the lease handed back, in a task of its own as a head reader's settle is; the
+        export's reads wait for it (VolumeGateway.settling), after the settle of its own
+        lease if one runs. Not possible now (the registry unreachable, a writer took the
+        lease: its takeover compares them), it is left."""
+        reg = self.service.registry
+        orphaned = []
         try:
-            if not await self.service.registry.lease_orphaned(name):
-                return
-        except VbpError as e:
-            log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+            name, snap = split_export_name(export)
+            parent = gw.view.volume.parent
+            if snap is None:
+                name = None if parent is None else parent.partition("@")[0]
+            for _ in range(SETTLE_ANCESTORS):
+                if name is None:
+                    break
+                rec = VolumeRecord.from_dict(await reg.get_volume(name))
+                if rec.lineage != gw.lineage:  # (deleted, another volume has the name)
+                    break
+                if await reg.lease_orphaned(name):
+                    orphaned.append(name)
+                name = None if rec.parent is None else rec.parent.partition("@")[0]
+        except VbpError as e:  # (NotFound: an ancestor deleted; its generations stay its lineage's)
+            if not isinstance(e, NotFound):
+                log.info("volume=%s event=orphaned_lease_not_taken error=%s", export, e)
+        if not orphaned:
             return
+        prior = gw.settling
         done = gw.settling = trio.Event()
 
         async def settle() -> None:
             try:
-                await self._reconcile_orphaned(name, gw)
+                if prior is not None:
+                    await prior.wait()
+                for name in orphaned:
+                    await self._reconcile_orphaned(name, gw)
             except Exception:  # (a background task's: never the daemon's end)
                 log.exception("volume=%s event=orphaned_lease_settle_failed", export)
             finally:
-                gw.settling = None
+                if gw.settling is done:
+                    gw.settling = None
                 done.set()
         self.service.nursery.start_soon(settle)
 
@@ -348,7 +373,7 @@ class VolumeProvider:
             return
         try:
             rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
-            if not same_volume(rec, reader.view.volume):
+            if rec.lineage != reader.lineage:  # (deleted, another volume has the name)
                 return
             gw = VolumeGateway(view_of(rec, None), host_id=svc.cfg.host_id, replica=svc.replica,
                                cluster=svc.cluster, pool=svc.pool, registry=svc.registry)

@@ -3,7 +3,6 @@ Sim hosts with their background loops on, on a virtual clock."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from tests.sim.harness import Sim, call, extents_bytes, run
@@ -66,7 +65,6 @@ def test_a_snapshot_taken_after_its_writer_crashed_reads_alike_everywhere_and_fo
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="a clone's open does not settle its parent's orphaned lease")
 def test_a_clone_of_a_snapshot_taken_after_its_writer_crashed_reads_alike_everywhere():
     """As above, with a clone of v@s (and a clone of that clone) read instead of the
     snapshot: it opens as a head of its own, whose lease was never orphaned, so nothing
