@@ -530,7 +530,8 @@ class Resync:
         now is never removed. Returns the generations dropped, plus those the source gained
         since `gens` was listed or a write changed meanwhile: this pass compared none of
         them, so it is not the last."""
-        local = [k for k in self.store.keys(lineage) if k.index == index and k.gen not in gens]
+        local = [ChunkKey(lineage, index, g) for g in self.store.gens(lineage, index)
+                 if g not in gens]  # (the chunk's own: no walk over every key held)
         if not local:
             return 0
         before = {k: self._local_sums(k, 0) for k in local}
