@@ -81,6 +81,8 @@ RENEW_PARALLEL = 16
 # volumes up a clone's line of parents whose orphaned leases opening it settles
 # (VolumeProvider._settle_under_snapshot): the snapshot's own, its parent's, ...
 SETTLE_ANCESTORS = 8
+# seconds between two asks of a lease's holder for it (WantLease) by a write waiting for it
+LEASE_ASK_PERIOD = 1.0
 
 
 class AsyncRegistry:
@@ -840,6 +842,7 @@ class VolumeProvider:
         at once."""
         svc = self.service
         deadline = trio.current_time() + svc.cfg.lease_ttl + 2
+        ask_at = -math.inf
         while True:
             try:
                 t0 = trio.current_time()
@@ -848,7 +851,65 @@ class VolumeProvider:
             except LeaseHeld as e:
                 if not wait or trio.current_time() > deadline:
                     raise LeaseHeld(f"volume {name!r} is served by another host: {e}") from None
+                if trio.current_time() >= ask_at:  # (again now and then: it may be busy)
+                    ask_at = trio.current_time() + LEASE_ASK_PERIOD
+                    await self._want_lease(name)
+                    await trio.sleep(0.05)  # (handed over in a registry call or two)
+                    continue
                 await trio.sleep(0.2)
+
+    async def _want_lease(self, name: str) -> None:
+        """Ask the host holding `name`'s write lease for it (WantLease): handed over if
+        its gateway is idle (lease_wanted). A holder gone silent is not waited for here:
+        its lease runs out."""
+        svc = self.service
+        try:
+            held = await svc.registry.get_lease(name)
+            if held is None or held.holder in ("", svc.cfg.host_id):
+                return
+            h = svc.cluster.map.host(held.holder)
+            if h is None or h.state == "down" or h.peer_rev < m.WANT_LEASE_REV:
+                return
+            with trio.move_on_after(svc.cfg.peer_timeout):
+                await svc.pool.call(h.peer, m.WantLease(name, held.token))
+        except VbpError as e:
+            log.info("volume=%s event=lease_not_asked error=%s", name, e)
+
+    def lease_wanted(self, volume: str, token: int) -> None:
+        """Another host waits for the write lease of `volume` this host holds with
+        `token` (WantLease). A gateway holding it idle (VolumeGateway.drop_idle_lease)
+        hands it over, as RBD's exclusive lock passes on request: a live-migrated VM's
+        destination writes at once, where it failed after a lease period while the
+        source VM, paused for good, stayed connected here. A gateway that is writing,
+        or owes a flush, a record or a reconcile, keeps it; the asker asks again."""
+        lease = self.leases.get(volume)
+        gw = self.gateways.get(volume)
+        if (lease is None or lease.token != token or gw is None or gw.token != token
+                or token in self.reconciling or volume in self.expired
+                or volume in self.close_flushes or not gw.drop_idle_lease()):
+            return
+        del self.leases[volume]
+        # its reads wait until it serves as a reader: published, its record read again
+        gw.settling = trio.Event()
+        self.service.nursery.start_soon(self._hand_over, volume, lease, gw)
+
+    async def _hand_over(self, export: str, lease, gw: VolumeGateway) -> None:
+        done = gw.settling
+        try:
+            log.info("volume=%s event=lease_handed_over token=%d", export, lease.token)
+            await self._release(lease, gw)
+            if self.gateways.get(export) is gw and not gw.token and not gw.fenced:
+                with trio.move_on_after(self.service.cfg.peer_timeout):
+                    await self.service.publish_stats()
+                    if not gw.token:  # (its client wrote meanwhile and took it back)
+                        await self.sync_record(gw, None)
+        except NotFound:
+            self._fence_deleted(gw, f"volume {gw.view.volume.name!r} was deleted")
+        except VbpError as e:  # (its reads fail Unsynced until a record sync succeeds)
+            log.warning("volume=%s event=record_sync_failed error=%s", export, e)
+        finally:
+            gw.settling = None
+            done.set()
 
     def _deadline(self, t0: float) -> float:
         """When a lease granted or renewed by a call started at `t0` must be treated as
@@ -1199,6 +1260,7 @@ class Blockd:
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)
             self.replica.on_token = self.provider.token_seen
+            self.replica.on_lease_wanted = self.provider.lease_wanted
             # a write is settled (on every copy, or recorded stale) once its gateway lived
             # this long past it: only then does a replica forget it for takeovers
             self.replica.recent_window = 3 * cfg.lease_ttl + 2 * cfg.peer_timeout

@@ -38,8 +38,9 @@ PROTO_VERSION = 1
 # only to hosts of revision 5 or later). 6: `boot` on HelloOk (sent only to hosts of
 # revision 6 or later). 7: the WriteBatch request (sent only to hosts of revision 7 or
 # later). 8: the CollectedGens request, and ReadChunk.token (both sent only to hosts of
-# revision 8 or later).
-PEER_REV = 8
+# revision 8 or later). 9: the WantLease request (sent only to hosts of revision 9 or
+# later).
+PEER_REV = 9
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
 # Items a replica takes in one WriteBatch (the gateway sends gateway.BATCH_ITEMS at most):
@@ -48,6 +49,7 @@ BATCH_REV = 7  # WriteBatch
 BATCH_ITEMS_MAX = 1024
 COLLECTED_REV = 8  # CollectedGens
 READ_TOKEN_REV = 8  # ReadChunk.token
+WANT_LEASE_REV = 9  # WantLease
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -415,11 +417,24 @@ class CollectedGens:
     lineage: str
 
 
+@_message(28)
+@dataclass(frozen=True, slots=True)
+class WantLease:
+    """The sender waits for the write lease of `volume`, which the registry shows held by
+    the receiver with `token` (PEER_REV 9): a gateway there holding it idle (nothing in
+    flight, everything flushed: a live-migrated VM's source) hands it back, as RBD's
+    exclusive lock is passed on request. Reply: Ok(0), at once; the sender sees the lease
+    free at its next try."""
+
+    volume: str
+    token: int
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
     DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired, WriteBatch, Written,
-    CollectedGens,
+    CollectedGens, WantLease,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -435,6 +450,7 @@ REPLY_TYPES: dict[type, type] = {
     ChunkExtents: Extents,
     ChunkGens: Gens,
     CollectedGens: Gens,
+    WantLease: Ok,
     ChunkIndexes: Indexes,
     DirtyChunks: Indexes,
     ScrubChunk: ScrubState,

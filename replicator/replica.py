@@ -93,6 +93,9 @@ class Replica:
         # called (volume, token) when a newer token for a volume arrives (blockd: a gateway
         # here holding an older one is deposed, VolumeProvider.token_seen)
         self.on_token: Callable[[str, int], None] | None = None
+        # called (volume, token) when another host waits for the write lease this host
+        # holds with `token` (WantLease; blockd: VolumeProvider.lease_wanted)
+        self.on_lease_wanted: Callable[[str, int], None] | None = None
         # (lineage, index) of this host's copies known stale (registry records naming this
         # host, and chunks dirty at a crash): never served as current data
         self.stale_self: set[tuple[str, int]] = set()
@@ -572,6 +575,10 @@ class Replica:
         if isinstance(msg, m.ChunkGens):
             self._check_backfilled()
             return m.Gens(tuple(self.store.gens(msg.lineage, msg.index)))
+        if type(msg) is m.WantLease:
+            if self.on_lease_wanted is not None:
+                self.on_lease_wanted(msg.volume, msg.token)
+            return m.Ok(0)
         if type(msg) is m.CollectedGens:
             return m.Gens(tuple(sorted(self.store.collected_gens.get(msg.lineage, ()))))
         if isinstance(msg, m.ChunkIndexes):

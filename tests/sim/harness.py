@@ -157,6 +157,7 @@ class SimHost:
         self.resync.write_window = self.sim.peer_timeout + WRITE_GRACE  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
         self.replica.on_token = self.provider.token_seen  # as Blockd.run
+        self.replica.on_lease_wanted = self.provider.lease_wanted
         rec = HostRecord(id=self.id, peer=self.addr, nbd=f"{self.id}:10809", zone=self.zone,
                          capacity=self.capacity, peer_rev=m.PEER_REV)
         self.cluster.set_map(reg.register_host(rec, WALL_TTL))

@@ -78,6 +78,7 @@ EXAMPLES = [
     m.ChunkGens("lin", 3),
     m.Gens((1, 4, 9)),
     m.CollectedGens("lin"),
+    m.WantLease("vol", 7),
     m.ChunkIndexes("lin"),
     m.Indexes((0, 2, 7)),
     m.DirtyChunks("lin", 4),
@@ -130,7 +131,8 @@ def test_type_ids_are_stable():
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
         "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24,
-        "WriteBatch": 25, "Written": 26, "CollectedGens": 27, "ScrubChunk": 40, "ScrubState": 41,
+        "WriteBatch": 25, "Written": 26, "CollectedGens": 27, "WantLease": 28,
+        "ScrubChunk": 40, "ScrubState": 41,
         "RepairPages": 42, "Repaired": 43,
     }
 
