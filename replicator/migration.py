@@ -157,6 +157,10 @@ RAISE_SAMPLE = 20000  # chunks whose placement a raise is judged on, at most
 # 0.2 s when it tries a plan for each of 9 (in a worker thread: _reweight)
 PROJECT_SAMPLE = 4096
 PROJECT_LINEAGE = "reweight-sample"
+# A scan or a measure of this host's copies places each chunk it holds (ClusterView.replicas:
+# some microseconds, its cache holding 65,536): it lets the other tasks run every LIST_STEP
+# chunks, so that a host of a million chunks still answers its clients and peers meanwhile.
+LIST_STEP = 256
 
 
 def _quantize(f: float, up: bool) -> float:
@@ -477,6 +481,7 @@ class DataSetMover:
         self._growths: dict = {}  # _growth's answers for one data set and set of volumes
         self._waiting: tuple | None = None  # (signature, _sole_holders' answer)
         self._held_logged: tuple | None = None  # (gen, hosts) _holders_left_out last logged
+        self._measured: tuple | None = None  # (what it depends on, _measure's misplaced copies)
         # seconds a down host stays in the data set before the controller takes it out
         self.down_out_interval = down_out_interval
         self.controlling = False  # whether the last control_once found this host the controller
@@ -770,7 +775,9 @@ class DataSetMover:
         held = [(k.lineage, k.index, now) for k in self.store.keys()]
         stale = [(r.lineage, r.index, NEVER_CURRENT | now)
                  for r in await self.registry.list_stale() if r.host_id == self.host_id]
-        for lineage, index, version in held + stale:
+        for i, (lineage, index, version) in enumerate(held + stale):
+            if not i % LIST_STEP:
+                await trio.lowlevel.checkpoint()
             if (lineage, index) in seen or lineage not in n_of:
                 continue
             seen.add((lineage, index))
@@ -803,15 +810,31 @@ class DataSetMover:
         """This host's copies that the settled data set `cmap` places elsewhere, recorded
         as `misplaced` bytes of generation cmap.mgen: ({(lineage, index): gens}, replicas
         by lineage), or None if the map changed meanwhile."""
-        local: dict[tuple[str, int], list[int]] = {}
-        for k in self.store.keys():
-            local.setdefault((k.lineage, k.index), []).append(k.gen)
+        layout = getattr(self.store, "layout", None)  # (before the listing: see _measured)
         n_of = await self.n_of()
         cv = self.cluster
         if cv.map.mgen != cmap.mgen or cv.map.prev is not None:
             return None
-        misplaced = {c: g for c, g in local.items()
-                     if c[0] in n_of and self.host_id not in cv.replicas(c[0], c[1], n_of[c[0]])}
+        # kept while nothing it depends on changed: the map and data set, the chunks held
+        # (ChunkStore.layout moves when one comes or goes), the volumes' replica counts
+        key = (cmap.epoch, cmap.mgen, layout, tuple(sorted(n_of.items())))
+        if layout is not None and self._measured is not None and self._measured[0] == key:
+            misplaced = self._measured[1]
+        else:
+            local: dict[tuple[str, int], list[int]] = {}
+            for i, k in enumerate(self.store.keys()):
+                if not i % (16 * LIST_STEP):
+                    await trio.lowlevel.checkpoint()
+                local.setdefault((k.lineage, k.index), []).append(k.gen)
+            misplaced = {}
+            for i, (c, g) in enumerate(local.items()):
+                if not i % LIST_STEP:
+                    await trio.lowlevel.checkpoint()
+                    if cv.map.mgen != cmap.mgen or cv.map.prev is not None:
+                        return None
+                if c[0] in n_of and self.host_id not in cv.replicas(c[0], c[1], n_of[c[0]]):
+                    misplaced[c] = g
+            self._measured = (key, misplaced)
         size = 0
         for (lineage, index), gens in misplaced.items():
             for g in gens:
