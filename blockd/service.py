@@ -1220,6 +1220,7 @@ class Blockd:
         self.metrics.watch_nbd_held(self.nbd_held)
         self.metrics_port = 0
         self.store = None
+        self._gc_memo: tuple | None = None  # collect_garbage_once's last complete pass
         self.registry = None
         self.cluster: ClusterView | None = None
         self.replica: Replica | None = None
@@ -1709,10 +1710,22 @@ class Blockd:
         return gone
 
     async def collect_garbage_once(self) -> int:
-        self.store.expire_collected()
-        local: dict[tuple[str, int], list[int]] = {}
-        for k in self.store.keys():
-            local.setdefault((k.lineage, k.index), []).append(k.gen)
+        expired = self.store.expire_collected()
+        # A pass whose inputs are those of the last complete one (_gc_memo: the chunks held,
+        # by ChunkStore.layout, which moves when one comes or goes or is marked collected;
+        # the deleted generations; every lineage's readers) frees and marks nothing: it is
+        # skipped, and the listing of the chunks is kept while they stay the same. Else a
+        # pass went over every chunk held every gc_interval, to free nothing.
+        layout = self.store.layout
+        memo = self._gc_memo
+        if memo is not None and memo[0] == layout:
+            local = memo[1]
+        else:
+            local: dict[tuple[str, int], list[int]] = {}
+            for n, k in enumerate(self.store.keys()):
+                if n and n % (16 * GC_YIELD_EVERY) == 0:
+                    await trio.lowlevel.checkpoint()
+                local.setdefault((k.lineage, k.index), []).append(k.gen)
         if not local:
             return 0
         # what volumes deleted lately read (registry.deleted_gens): marked below too,
@@ -1740,6 +1753,10 @@ class Blockd:
             by_lineage.setdefault(e["lineage"], []).append(
                 Reader(tuple(e["chain"]), tuple(tuple(c) for c in e["cuts"]), e["size"],
                        e["chunk_size"]))
+        inputs = (layout, frozenset((lin, frozenset(g)) for lin, g in deleted.items()),
+                  frozenset((lin, frozenset(rs)) for lin, rs in by_lineage.items()))
+        if not expired and memo is not None and memo[2] == inputs:
+            return 0
         # generations no reader's chain holds any more (their volume or snapshot deleted;
         # a clone keeps its snapshot's): a chain that holds one is a gateway's that reads
         # on without having heard of the delete (cut off from the registry past its
@@ -1748,7 +1765,9 @@ class Blockd:
         # Marked before any chunk goes: a delete that fails ends the pass, and one of
         # them whose chunks it had freed would have none here left to be marked by.
         known: dict[str, set[int]] = {lineage: set(gens) for lineage, gens in deleted.items()}
-        for (lineage, _), gens in local.items():
+        for n, ((lineage, _), gens) in enumerate(local.items()):
+            if n and n % (16 * GC_YIELD_EVERY) == 0:
+                await trio.lowlevel.checkpoint()
             known.setdefault(lineage, set()).update(gens)
         dead: dict[str, set[int]] = {}
         for lineage, gens in known.items():
@@ -1781,6 +1800,7 @@ class Blockd:
                         continue
                     freed += 1
                     log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
+        self._gc_memo = (layout, local, inputs)  # (complete: a failed delete raised)
         return freed
 
 

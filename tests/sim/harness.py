@@ -138,6 +138,7 @@ class SimHost:
         self.metrics = None
         self.registry = sim.registry
         self.store = MemoryChunkStore(None, capacity)
+        self._gc_memo = None  # (Blockd.collect_garbage_once's)
         self.faults = SimFaults(sim.rng.randrange(2**32))
         self.up = False
         self.nursery: trio.Nursery | None = None

@@ -52,7 +52,7 @@ async def test_gc_lets_other_tasks_run_while_it_frees_many_chunks(tmp_path):
 
         store.delete = counted
         host = SimpleNamespace(store=store, registry=DeletedLineage(),
-                               provider=SimpleNamespace(published=lambda: []))
+                               provider=SimpleNamespace(published=lambda: []), _gc_memo=None)
 
         async def other_task():  # (the watchdog, a heartbeat, an NBD connection)
             while True:
