@@ -1257,14 +1257,17 @@ class VolumeGateway:
             await give_back(token)
 
     def drop_idle_lease(self) -> int:
-        """Give up the write lease's token if the lease is idle here: no write of ours in
-        flight, waiting or unflushed on any copy, no flush under way, nothing left to
+        """Give up the write lease's token if the lease is idle here: no write of ours
+        taken in, in flight, waiting or unflushed on any copy, no flush under way, nothing left to
         record, no takeover to finish. Returns the token dropped (the service hands the
         lease back), 0 if the lease is not idle. From then on this gateway is a reader:
         its next write takes the lease again (_leased). A live-migrated VM's source is
         idle once it flushed at the switchover (blockd: VolumeProvider.lease_wanted)."""
         token = self.token
-        if (not token or self.fenced or self._wanting or self._hold is not None
+        # (_flying: a write taken in whose task has not run yet, not counted in flight
+        # until it does: sent then with the token as it is, 0 once dropped, the replicas
+        # would refuse it and fence this gateway)
+        if (not token or self.fenced or self._wanting or self._hold is not None or self._flying
                 or self.settling is not None or self._lease_lock.locked() or self.owes_flush()
                 or self._unflushed or self.unrecorded or self.suspects or self.takeover_unheard):
             return 0

@@ -40,8 +40,6 @@ async def idle_holder(sim, nursery):
     return h0, h1, gw0, gw1
 
 
-@pytest.mark.xfail(strict=True, reason="a write taken in but not yet sent is not counted: "
-                   "handed over, it is sent with token 0 and the gateway is fenced")
 def test_a_write_of_the_holder_taken_in_before_a_wantlease_keeps_the_lease():
     """A write the holder's NBD server took in (its pieces noted in flight: _general,
     whose task has not run yet) when a WantLease comes is a write under way: the lease
