@@ -142,6 +142,9 @@ class VolumeProvider:
         self._syncs_begun = 0
         self._syncs_ended = 0
         self._sync_ended = trio.Event()
+        # export -> record syncs under way with its lease (sync_record): the lease is not
+        # handed over meanwhile (lease_wanted), or their update under it comes back Fenced
+        self._leased_syncs: dict[str, int] = {}
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -714,6 +717,21 @@ class VolumeProvider:
         """Adopt the volume's current record; the holder of `lease` (None: not a holder)
         completes a pending snapshot, a reader adopts it once published (_follow). The
         record read, a published chain still in it lets the gateway serve on (_confirm)."""
+        if lease is None:
+            await self._sync_record(gw, None)
+            return
+        # (counted before the first await: the caller read `lease` with no checkpoint since)
+        self._leased_syncs[gw.name] = self._leased_syncs.get(gw.name, 0) + 1
+        try:
+            await self._sync_record(gw, lease)
+        finally:
+            left = self._leased_syncs[gw.name] - 1
+            if left:
+                self._leased_syncs[gw.name] = left
+            else:
+                del self._leased_syncs[gw.name]
+
+    async def _sync_record(self, gw: VolumeGateway, lease) -> None:
         svc = self.service
         name = gw.view.volume.name
         t0 = trio.current_time()
@@ -881,12 +899,16 @@ class VolumeProvider:
         hands it over, as RBD's exclusive lock passes on request: a live-migrated VM's
         destination writes at once, where it failed after a lease period while the
         source VM, paused for good, stayed connected here. A gateway that is writing,
-        or owes a flush, a record or a reconcile, keeps it; the asker asks again."""
+        or owes a flush, a record or a reconcile, keeps it; the asker asks again. So does
+        one whose record sync is under way with the lease: a snapshot or a shrink it
+        read pending is completed under the lease, which comes back Fenced once the
+        lease went, and fences the gateway for good."""
         lease = self.leases.get(volume)
         gw = self.gateways.get(volume)
         if (lease is None or lease.token != token or gw is None or gw.token != token
                 or token in self.reconciling or volume in self.expired
-                or volume in self.close_flushes or not gw.drop_idle_lease()):
+                or volume in self.close_flushes or self._leased_syncs.get(volume)
+                or not gw.drop_idle_lease()):
             return
         del self.leases[volume]
         # its reads wait until it serves as a reader: published, its record read again

@@ -86,8 +86,6 @@ class SlowRecordReads:
         return d
 
 
-@pytest.mark.xfail(strict=True, reason="handed over during the record read, the completion "
-                   "under the lease comes back Fenced and fences the former holder")
 @pytest.mark.parametrize("change", ["snapshot", "shrink"])
 def test_a_wantlease_during_the_holders_record_sync_completing_a_change(change):
     """The holder's record sync reads the record (a snapshot or a shrink pending), then
