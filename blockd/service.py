@@ -665,9 +665,16 @@ class VolumeProvider:
                 raise
         # Read the record again now that we hold the lease: a snapshot requested before
         # we took it must be completed before our first write (vbp.volume, snapshots).
+        # And the stale records: the last holder recorded every copy its writes missed
+        # before it gave the lease up (_release settles them first), and our map, read
+        # up to a second ago (a lease handed over and back: lease_wanted), may not have
+        # them yet; by it, a read would answer this host's copy without the last
+        # holder's acknowledged writes.
         gw = self.gateways.get(export)
         if gw is not None:
             try:
+                before = dict(gw.stale)
+                gw.adopt_stale(before, await self.service.stale_map(gw.lineage))
                 await self.sync_record(gw, lease)
             except BaseException:
                 # the write that wanted the lease fails and the gateway keeps no token:

@@ -219,8 +219,6 @@ def test_the_lease_ping_pongs_between_two_writers_and_no_acknowledged_write_is_l
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="the lease taken back, the gateway reads its own copy "
-                   "by a stale map from before the hand-over")
 def test_a_holder_taking_the_lease_back_reads_what_the_other_wrote_past_its_own_copy():
     """h0 hands the lease to h1; h1's client writes chunk 2, which h0's copy misses (cut
     off from h1 a moment): h1 records h0's copy stale and acknowledges the write. Then
