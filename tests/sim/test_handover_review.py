@@ -252,3 +252,45 @@ def test_a_holder_taking_the_lease_back_reads_what_the_other_wrote_past_its_own_
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="a remote read carrying the dropped token is refused "
+                   "once the new holder announced its own, and the gateway is fenced")
+def test_a_remote_read_under_way_when_the_lease_is_handed_over():
+    """The holder's client reads a chunk this host holds no copy of: the read goes to a
+    peer carrying the holder's token (ReadChunk.token), slowly (a busy link). The lease
+    is handed over meanwhile and the new holder announces its token everywhere; the read
+    then reached a copy that had seen the newer token, was refused (Fenced), and the
+    former holder's gateway was fenced for good, its client's read failing and its
+    connection dropped. A read is no write: it goes on as the reader's it now is."""
+    async def main():
+        sim = Sim(14, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery)
+            rec = sim.create_volume("v", 8 * MiB, replicas=2, min_size=1)
+            h0, h1 = sim.hosts["h0"], sim.hosts["h1"]
+            index = next(i for i in range(8)
+                         if "h0" not in h0.cluster.replicas(rec.lineage, i, 2))
+            gw0 = await h0.run_on(h0.provider.open_export, "v")
+            gw1 = await h1.run_on(h1.provider.open_export, "v")
+            await h0.run_on(lambda: call(gw0.write(index * MiB, b"A" * K4, False)))
+            await h0.run_on(lambda: call(gw0.flush()))
+            assert gw0.token
+            h0.faults.delay = 0.5  # (h0's peer requests take half a second to go)
+            got = []
+
+            async def read0():
+                got.append(await read(h0, gw0, index * MiB, K4))
+
+            nursery.start_soon(read0)
+            await trio.sleep(0.1)
+            with trio.fail_after(2.0):
+                await h1.run_on(lambda: call(gw1.write(7 * MiB + K4, b"B" * K4, False)))
+            with trio.fail_after(3.0):
+                while not got:
+                    await trio.sleep(0.05)
+            assert got == [b"A" * K4]
+            assert not gw0.fenced and gw1.token
+            nursery.cancel_scope.cancel()
+
+    run(main)
