@@ -915,8 +915,19 @@ class VolumeGateway:
             if h == self.host_id or h in stale or not self.cluster.is_up(h):
                 continue
             try:
-                reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
-                                         else dc_replace(msg, token=0))
+                try:
+                    reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
+                                             else dc_replace(msg, token=0))
+                except Fenced:
+                    if not token or self.token == token or self.fenced:
+                        raise
+                    # Not deposed: the lease was handed over meanwhile (VolumeProvider.
+                    # lease_wanted; taken back since, perhaps), and the new holder's token
+                    # reached that copy first. Asked again as this gateway is now.
+                    token = self.token
+                    msg = dc_replace(msg, token=token)
+                    reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
+                                             else dc_replace(msg, token=0))
             except Fenced as e:  # (deposed: no copy answers it any more; nor do we)
                 self._fence(e)
                 raise

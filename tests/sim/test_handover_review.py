@@ -254,8 +254,6 @@ def test_a_holder_taking_the_lease_back_reads_what_the_other_wrote_past_its_own_
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="a remote read carrying the dropped token is refused "
-                   "once the new holder announced its own, and the gateway is fenced")
 def test_a_remote_read_under_way_when_the_lease_is_handed_over():
     """The holder's client reads a chunk this host holds no copy of: the read goes to a
     peer carrying the holder's token (ReadChunk.token), slowly (a busy link). The lease
