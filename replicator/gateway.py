@@ -884,6 +884,11 @@ class VolumeGateway:
     async def _read_remote(self, offset, extents, remote):
         for slot, p, repair in remote:
             extents[slot] = (offset + p.buf_offset, p.length, await self._read_piece(p, repair))
+        while self.settling is not None:
+            # a lease handed over meanwhile (begun as the holder's, exempt from
+            # serve_until, this read ends a reader's): served once the gateway is
+            # published and has read its record again, as a read that comes now is
+            await self.settling.wait()
         self._check_served()  # (a peer may have collected the chunks meanwhile)
         last = extents[-1]
         if last[0] + last[1] > self.size:  # (a shrink adopted meanwhile: the same)

@@ -309,8 +309,6 @@ def published_as_blockd(host) -> None:
     host.publish_stats = publish_stats
 
 
-@pytest.mark.xfail(strict=True, reason="a remote read ending during the hand-over is checked "
-                   "against the serve_until of the reader the gateway was before the lease")
 def test_a_remote_read_ending_while_the_former_holder_settles_as_a_reader():
     """A holder's reads are exempt from serve_until, which is left as it was when the
     gateway last served as a reader. A remote read under way when the lease is handed
