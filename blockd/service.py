@@ -369,21 +369,24 @@ class VolumeProvider:
         copies (a head gateway made for it, never serving a client) and hand the lease
         back, still owing the reconcile if some host could not be asked. The copies it
         records stale are `reader`'s too from then on (its stale map, until the next
-        refresh, would still read them)."""
+        refresh, would still read them).
+        A gateway of `name` open here settles it instead: a lease this host holds (a
+        writer whose renewal is late, the registry out past a lease period; a gateway
+        closing) is not orphaned but ours, and taken again by this host under a newer
+        token it would depose our own writer (token_seen); a head reader here takes it
+        over itself (_settle_soon), so that the two never take it from each other."""
         svc = self.service
-        head = self.gateways.get(name)
-        if head is not None and head.settling is not None:  # (a head reader here settles it)
-            await head.settling.wait()
-            reader.adopt_stale({}, head.stale)
-            return
         try:
             rec = VolumeRecord.from_dict(await svc.registry.get_volume(name))
             if rec.lineage != reader.lineage:  # (deleted, another volume has the name)
                 return
+            stale = await svc.stale_map(rec.lineage)
+            if await self._settled_here(name, reader):
+                return
             gw = VolumeGateway(view_of(rec, None), host_id=svc.cfg.host_id, replica=svc.replica,
                                cluster=svc.cluster, pool=svc.pool, registry=svc.registry)
             gw.refresh_map = svc.refresh_map
-            gw.stale = await svc.stale_map(rec.lineage)
+            gw.stale = stale
             lease, _ = await self._acquire(name, wait=False)
         except VbpError as e:  # (LeaseHeld: its holder compares them)
             log.info("volume=%s event=orphaned_lease_not_taken error=%s", name, e)
@@ -401,6 +404,24 @@ class VolumeProvider:
             await self._release(lease, gw, reconciled=reconciled)
         log.info("volume=%s event=orphaned_lease_handed_back token=%d reconciled=%s", name,
                  lease.token, reconciled)
+
+    async def _settled_here(self, name: str, reader: VolumeGateway) -> bool:
+        """_reconcile_orphaned's step: True if the lease of volume `name` is not for it to
+        take over, as this host holds it (its renewal decides whether it stays ours) or a
+        head reader of `name` open here settles it (waited for, its stale map adopted)."""
+        if name in self.leases:
+            return True
+        head = self.gateways.get(name)
+        if head is None or head.fenced or head.gone is not None:
+            return False
+        if head.token:
+            return True
+        if head.settling is None:
+            self._settle_soon(name, head)
+        while head.settling is not None:
+            await head.settling.wait()
+        reader.adopt_stale({}, head.stale)
+        return True
 
     async def _hand_back(self, export: str, gw: VolumeGateway, token: int) -> None:
         """Give back the lease `gw` took over (token `token`) only to reconcile: no write
