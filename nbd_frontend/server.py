@@ -90,7 +90,7 @@ from vbp.chunkstore_common import FileRange
 from vbp.errors import VbpError
 from vbp.later import Later
 from vbp.layout import parse_size
-from vbp.loglimit import LogLimit
+from vbp.loglimit import LogLimit, failure_kind
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
 from vbp.sockets import (KEEPALIVE, apply_congestion, nbytes, open_listeners, plain_socket,
@@ -239,8 +239,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
              f"{'required' if tls_context.verify_mode == ssl.CERT_REQUIRED else 'not asked'})")
     task_status.started(actual)
     held = HeldBytes() if held is None else held
-    # the warnings of failed requests, per export and command: a failing disk fails them
-    # all (vbp.loglimit)
+    # the warnings of failed requests, per export, command and failure: a failing disk
+    # fails them all (vbp.loglimit)
     failures = LogLimit()
     handle = partial(handle_connection, provider=provider, ids=ids, tls=tls,
                      tls_context=tls_context, local_congestion=local_congestion,
@@ -986,7 +986,7 @@ class _Connection:
         errno = to_nbd_errno(exc)
         if errno == proto.EIO:
             name = getattr(self.export, "name", "?")
-            self.failures.log(log, logging.WARNING, (name, req.command),
+            self.failures.log(log, logging.WARNING, (name, req.command, failure_kind(exc)),
                               "nbd %s of %s failed: %r", proto.CMD_NAMES.get(req.command),
                               name, exc)
         self.queue(self.codec.reply_error(req.cookie, req.command, errno, str(exc)))

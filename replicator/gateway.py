@@ -92,7 +92,7 @@ from vbp.errors import (
 from vbp.later import Later
 from vbp.chunkstore_common import page_checksum
 from vbp.layout import PAGE_SIZE, ChunkKey, Geometry, MiB, Piece, format_size
-from vbp.loglimit import LogLimit
+from vbp.loglimit import LogLimit, failure_kind
 from vbp.placement import MEMO_SIZE, Placement
 from vbp.registry.base import Lease
 from vbp.reqid import current as current_rid
@@ -1675,7 +1675,7 @@ class VolumeGateway:
         except VbpError as e:
             return e
         except Exception as e:
-            self._loglimit.log(log, logging.ERROR, "local_write_failed",
+            self._loglimit.log(log, logging.ERROR, ("local_write_failed", failure_kind(e)),
                                "volume=%s chunk=%d event=local_write_failed", self.name, msg.index,
                                exc_info=True)
             return LocalFault(f"the local write failed: {e!r}")
@@ -2263,7 +2263,8 @@ class VolumeGateway:
                 except VbpError as e:
                     failed[self.host_id] = e
                 except Exception as e:  # as _write_here: this copy failed, the write goes on
-                    self._loglimit.log(log, logging.ERROR, "local_write_failed",
+                    self._loglimit.log(log, logging.ERROR,
+                                       ("local_write_failed", failure_kind(e)),
                                        "volume=%s event=local_write_failed", self.name,
                                        exc_info=True)
                     failed[self.host_id] = LocalFault(f"the local write failed: {e!r}")

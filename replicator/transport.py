@@ -65,7 +65,7 @@ from replicator.errors import (
 )
 from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
-from vbp.loglimit import LogLimit
+from vbp.loglimit import LogLimit, failure_kind
 from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
                          open_listeners, plain_socket, receive_wait, send_all, send_now,
                          set_keepalive, set_rcvlowat, wait_for_rest)
@@ -363,8 +363,8 @@ async def serve_peers(
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
     admission = _Admission()
-    # the lines of requests failed unexpectedly, per peer: a failing disk fails every one
-    # (vbp.loglimit)
+    # the lines of requests failed unexpectedly, per peer and failure: a failing disk
+    # fails every one (vbp.loglimit)
     failures = LogLimit()
 
     async def serve_one(stream: trio.SocketStream) -> None:
@@ -628,8 +628,8 @@ class _ServerSession:
     def error_for(self, exc: Exception) -> m.Error:
         error = exception_to_error(exc)
         if error.code == m.INTERNAL:
-            self.failures.log(log, logging.ERROR, self.peer, "request from %s failed",
-                              self.peer, exc_info=exc)
+            self.failures.log(log, logging.ERROR, (self.peer, failure_kind(exc)),
+                              "request from %s failed", self.peer, exc_info=exc)
         return error
 
 

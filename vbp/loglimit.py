@@ -9,6 +9,11 @@ counted, and the next line of that key logged says how many were left out (`supp
 as the kernel's printk_ratelimit does. The first line of every period keeps its request id
 (vbp.reqid), so one failing request can still be followed through every host's log.
 
+A key names the failure too (failure_kind: its type and errno), not only what fails: a
+second failure that comes while a first one floods is what the operator needs to read,
+and under the flood's key it would only be counted, never logged, for as long as the
+flood fills the first lines of every period.
+
 The keys kept are bounded (KEYS_MAX; all dropped when full, which at worst lets a few more
 lines through), so keys naming volumes or peers that come and go cost nothing lasting.
 """
@@ -73,3 +78,10 @@ class LogLimit:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def failure_kind(exc: BaseException) -> tuple:
+    """What tells one failure from another in a LogLimit key: the exception's type and
+    its errno (a disk's EIO and its ENOSPC are both OSError), never its text, which
+    names the request (a chunk, an offset) and would make a key per request."""
+    return type(exc), getattr(exc, "errno", None)

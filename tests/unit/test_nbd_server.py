@@ -1768,8 +1768,6 @@ class TwoFailures(MemoryExport):
         raise OSError(errno.EIO, "Input/output error")
 
 
-@pytest.mark.xfail(strict=True, reason="the limit's key is the export and command alone: "
-                   "another failure is counted among the first one's lines, never logged")
 async def test_another_failure_of_the_same_export_is_logged_while_one_repeats(
         port, provider, caplog):
     """Reads of an export fail request after request for one reason (a line per request,

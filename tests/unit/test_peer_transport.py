@@ -1365,8 +1365,6 @@ async def test_a_handler_failing_every_request_does_not_log_a_traceback_per_requ
     assert len(lines) <= 20, len(lines)
 
 
-@pytest.mark.xfail(strict=True, reason="the limit's key is the peer alone: a second failure "
-                   "is counted among the first one's lines, never logged")
 async def test_a_second_failure_is_logged_while_a_first_one_repeats(caplog):
     """A replica's disk fails every write (EIO, a line per request, limited), and then one
     request meets another unexpected failure (here the disk full): its line is the only
