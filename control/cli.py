@@ -469,8 +469,12 @@ def _warn_short_of_hosts(state, v) -> None:
     copy on another host): below min_size every write fails. Not with no host yet (a pool
     being set up)."""
     from control import api
+    from vbp.errors import VbpError
 
-    k = api.placement_hosts(state.registry())
+    try:
+        k = api.placement_hosts(state.registry())
+    except VbpError:  # (the volume is made: a warning lost is no reason to say it failed)
+        return
     hosts = f"{k} host{'s' if k != 1 else ''}"
     if 0 < k < v.min_size:
         click.echo(f"vbp: warning: the pool places chunks on {hosts}; {v.name} needs "
