@@ -1098,9 +1098,11 @@ class VolumeProvider:
                     gw._fence(e)
                 await self._record_missed(gw)
             while gw.suspects:
-                index, hosts = gw.suspects[0]
+                item = gw.suspects[0]
+                index, hosts = item
                 await reg.mark_stale(gw.lineage, index, hosts, time.time_ns())
-                gw.suspects.pop(0)
+                if not _drop_entry(gw.suspects, item):
+                    continue  # (recorded by another settle at once)
                 log.warning("volume=%s chunk=%d event=unacknowledged_copies_stale hosts=%s",
                             gw.name, index, ",".join(hosts))
         except RegistryUnavailable as e:
@@ -1112,9 +1114,11 @@ class VolumeProvider:
         """Our lease is still the newest: failures we could not record are recorded now,
         exactly as they would have been at the time (the hosts that missed a write)."""
         while gw.unrecorded:
-            index, _took, missed = gw.unrecorded[0]
+            item = gw.unrecorded[0]
+            index, _took, missed = item
             await self.service.registry.mark_stale(gw.lineage, index, missed, time.time_ns())
-            gw.unrecorded.pop(0)
+            if not _drop_entry(gw.unrecorded, item):
+                continue  # (recorded by another call at once: a renewal's and a release's)
             log.info("volume=%s chunk=%d event=stale_recorded_late hosts=%s", gw.name, index,
                      ",".join(missed))
 
@@ -1852,6 +1856,18 @@ class Blockd:
                     log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
         self._gc_memo = (layout, local, inputs)  # (complete: a failed delete raised)
         return freed
+
+
+def _drop_entry(entries: list, entry) -> bool:
+    """Remove `entry` itself (not an equal one) from `entries`; False if it is gone. Two
+    tasks recording a gateway's failures at once (VolumeProvider._record_missed, settle)
+    each take the first entry and await its mark: a pop of the first entry after it would
+    drop another, never recorded."""
+    for i, e in enumerate(entries):
+        if e is entry:
+            del entries[i]
+            return True
+    return False
 
 
 def sd_notify(state: str) -> None:
