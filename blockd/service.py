@@ -40,6 +40,7 @@ from vbp.errors import (
     Fenced, Gone, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
 from vbp.layout import ChunkKey
+from vbp.loglimit import LogLimit
 from vbp.registry import open_registry
 from vbp.reqid import RequestIds
 from vbp.volume import (
@@ -145,6 +146,7 @@ class VolumeProvider:
         # export -> record syncs under way with its lease (sync_record): the lease is not
         # handed over meanwhile (lease_wanted), or their update under it comes back Fenced
         self._leased_syncs: dict[str, int] = {}
+        self._kept = LogLimit()  # lease_wanted's lines, per volume
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -914,12 +916,17 @@ class VolumeProvider:
             if held is None or held.holder in ("", svc.cfg.host_id):
                 return
             h = svc.cluster.map.host(held.holder)
-            if h is None or h.state == "down" or h.peer_rev < m.WANT_LEASE_REV:
-                return
-            with trio.move_on_after(svc.cfg.peer_timeout):
-                await svc.pool.call(h.peer, m.WantLease(name, held.token))
+            why = ("not in the map" if h is None else "down" if h.state == "down"
+                   else "older blockd" if h.peer_rev < m.WANT_LEASE_REV else "")
+            if not why:
+                with trio.move_on_after(svc.cfg.peer_timeout):
+                    await svc.pool.call(h.peer, m.WantLease(name, held.token))
+                    return
+                why = "no answer"
         except VbpError as e:
-            log.info("volume=%s event=lease_not_asked error=%s", name, e)
+            why = f"error={e}"
+        self._kept.log(log, logging.INFO, (name, "ask"), "volume=%s event=lease_not_asked "
+                       "reason=%s", name, why)
 
     def lease_wanted(self, volume: str, token: int) -> None:
         """Another host waits for the write lease of `volume` this host holds with
@@ -933,10 +940,17 @@ class VolumeProvider:
         lease went, and fences the gateway for good."""
         lease = self.leases.get(volume)
         gw = self.gateways.get(volume)
-        if (lease is None or lease.token != token or gw is None or gw.token != token
-                or token in self.reconciling or volume in self.expired
-                or volume in self.close_flushes or self._leased_syncs.get(volume)
-                or not gw.drop_idle_lease()):
+        if lease is None or lease.token != token or gw is None or gw.token != token:
+            return  # (not ours now: the asker reads the registry again)
+        kept = ("takeover reconcile under way" if token in self.reconciling
+                else "lease expired" if volume in self.expired
+                else "close flush under way" if volume in self.close_flushes
+                else "record sync under way" if self._leased_syncs.get(volume)
+                else gw.lease_busy())
+        if kept or not gw.drop_idle_lease():
+            # (the asker asks every LEASE_ASK_PERIOD while it waits: a few lines a period)
+            self._kept.log(log, logging.INFO, volume, "volume=%s event=lease_kept token=%d "
+                           "reason=%s", volume, token, kept or "busy")
             return
         del self.leases[volume]
         # its reads wait until it serves as a reader: published, its record read again

@@ -1273,22 +1273,39 @@ class VolumeGateway:
             await give_back(token)
 
     def drop_idle_lease(self) -> int:
-        """Give up the write lease's token if the lease is idle here: no write of ours
-        taken in, in flight, waiting or unflushed on any copy, no flush under way, nothing left to
-        record, no takeover to finish. Returns the token dropped (the service hands the
-        lease back), 0 if the lease is not idle. From then on this gateway is a reader:
-        its next write takes the lease again (_leased). A live-migrated VM's source is
-        idle once it flushed at the switchover (blockd: VolumeProvider.lease_wanted)."""
+        """Give up the write lease's token if the lease is idle here (lease_busy says
+        nothing): no write of ours taken in, in flight, waiting or unflushed on any copy,
+        no flush under way, nothing left to record, no takeover to finish. Returns the
+        token dropped (the service hands the lease back), 0 if the lease is not idle. From
+        then on this gateway is a reader: its next write takes the lease again (_leased).
+        A live-migrated VM's source is idle once it flushed at the switchover (blockd:
+        VolumeProvider.lease_wanted)."""
         token = self.token
-        # (_flying: a write taken in whose task has not run yet, not counted in flight
-        # until it does: sent then with the token as it is, 0 once dropped, the replicas
-        # would refuse it and fence this gateway)
-        if (not token or self.fenced or self._wanting or self._hold is not None or self._flying
-                or self.settling is not None or self._lease_lock.locked() or self.owes_flush()
-                or self._unflushed or self.unrecorded or self.suspects or self.takeover_unheard):
+        if self.lease_busy():
             return 0
         self.token = 0
         return token
+
+    def lease_busy(self) -> str:
+        """What keeps the write lease here, in a few words; "" when it is idle."""
+        if not self.token:
+            return "no lease"
+        if self.fenced:
+            return "fenced"
+        # (_flying: a write taken in whose task has not run yet, not counted in flight
+        # until it does: sent then with the token as it is, 0 once dropped, the replicas
+        # would refuse it and fence this gateway)
+        if self._wanting or self._hold is not None or self._flying or self._lease_lock.locked():
+            return "writes under way"
+        if self.settling is not None:
+            return "reads waiting for a settle"
+        if self.owes_flush() or self._unflushed:
+            return "writes not flushed"
+        if self.unrecorded or self.suspects:
+            return "failures not recorded"
+        if self.takeover_unheard:
+            return "takeover not reconciled"
+        return ""
 
     async def _leased(self, op, *args):
         self._wanting += 1
