@@ -147,6 +147,7 @@ class VolumeProvider:
         # handed over meanwhile (lease_wanted), or their update under it comes back Fenced
         self._leased_syncs: dict[str, int] = {}
         self._kept = LogLimit()  # lease_wanted's lines, per volume
+        self._flushing_for: set[str] = set()  # exports flushed for a host asking (lease_wanted)
 
     async def list_exports(self):
         vols = await self.service.registry.list_volumes()
@@ -934,7 +935,8 @@ class VolumeProvider:
         hands it over, as RBD's exclusive lock passes on request: a live-migrated VM's
         destination writes at once, where it failed after a lease period while the
         source VM, paused for good, stayed connected here. A gateway that is writing,
-        or owes a flush, a record or a reconcile, keeps it; the asker asks again. So does
+        or owes a record or a reconcile, keeps it; the asker asks again. One that owes
+        only a flush is flushed for it (_flush_for_asker), and the next ask finds it idle. So does
         one whose record sync is under way with the lease: a snapshot or a shrink it
         read pending is completed under the lease, which comes back Fenced once the
         lease went, and fences the gateway for good."""
@@ -951,11 +953,29 @@ class VolumeProvider:
             # (the asker asks every LEASE_ASK_PERIOD while it waits: a few lines a period)
             self._kept.log(log, logging.INFO, volume, "volume=%s event=lease_kept token=%d "
                            "reason=%s", volume, token, kept or "busy")
+            if kept == "writes not flushed" and volume not in self._flushing_for:
+                # nothing else keeps it: flushed now, so the next ask finds it idle
+                self._flushing_for.add(volume)
+                self.service.nursery.start_soon(self._flush_for_asker, volume, gw)
             return
         del self.leases[volume]
         # its reads wait until it serves as a reader: published, its record read again
         gw.settling = trio.Event()
         self.service.nursery.start_soon(self._hand_over, volume, lease, gw)
+
+    async def _flush_for_asker(self, volume: str, gw: VolumeGateway) -> None:
+        """Another host waits for the lease, which only writes not flushed keep here: a
+        flush makes them durable (more than the client asked for, never less), as RBD's
+        exclusive lock flushes before it passes. A live-migrated VM's source may have
+        written after its switchover flush (a monitor's qemu-io, a device's late write)
+        and never flushes again: the destination's writes would fail a lease period
+        later. A flush that fails leaves the lease here; the asker waits it out."""
+        try:
+            await gw.flush_now()
+        except VbpError as e:
+            log.info("volume=%s event=lease_flush_failed error=%s", volume, e)
+        finally:
+            self._flushing_for.discard(volume)
 
     async def _hand_over(self, export: str, lease, gw: VolumeGateway) -> None:
         done = gw.settling

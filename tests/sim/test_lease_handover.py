@@ -37,23 +37,15 @@ def test_the_lease_passes_to_and_fro_between_idle_holders():
             with trio.fail_after(1.0):  # and back
                 await h0.run_on(lambda: call(gw0.write(2 * K4, b"C" * K4, False)))
             assert gw1.token == 0 and not gw1.fenced and gw0.token
-            # a holder with a write not flushed keeps the lease until its flush
+            # a holder whose only debt is a write not flushed flushes it for the asker
+            # and hands the lease over (as RBD's exclusive lock flushes before it passes):
+            # a source QEMU may write after its switchover flush and never flush again
             await h0.run_on(lambda: call(gw0.write(3 * K4, b"D" * K4, False)))
-            got = []
-
-            async def write_e():
+            asked = trio.current_time()
+            with trio.fail_after(2.5):  # (asked, flushed, asked again: not a lease period)
                 await h1.run_on(lambda: call(gw1.write(4 * K4, b"E" * K4, False)))
-                got.append(trio.current_time())
-
-            nursery.start_soon(write_e)
-            await trio.sleep(3.0)  # (asked three times)
-            assert not got and gw0.token
-            flushed = trio.current_time()
-            await h0.run_on(lambda: call(gw0.flush()))
-            with trio.fail_after(2.0):
-                while not got:
-                    await trio.sleep(0.05)
-            assert got[0] - flushed < 1.5
+            assert trio.current_time() - asked < 2.5
+            assert gw0.token == 0 and not gw0.fenced and gw1.token
             await h1.run_on(lambda: call(gw1.flush()))
             gw2 = await h2.run_on(h2.provider.open_export, "v")
             want = b"".join(bytes([c]) * K4 for c in b"ABCDE")
