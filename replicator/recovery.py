@@ -333,7 +333,6 @@ class Resync:
                 log.warning("event=recovery_held reason=full used=%d capacity=%d chunks=%d",
                             st.used, st.capacity, len(held))
         self.held_full = len(held)
-        limit = trio.CapacityLimiter(self.parallel)
         # No chunk starts past pass_time: the notes of every write this host takes, to any
         # chunk, are kept from the window's start until the next pass (a throttled pass
         # over much data would keep them for hours). That pass begins after the last
@@ -341,20 +340,25 @@ class Resync:
         until = trio.current_time() + self.pass_time
         after = self._after
 
-        async def one(r) -> None:
+        todo = [r for r in mine if (r.lineage, r.index) not in held]
+        if after is not None:
+            todo.sort(key=lambda r: ((r.lineage, r.index) <= after, r.lineage, r.index))
+        # `parallel` workers take the records in turn: a task per record, spawned at
+        # once, cost a host stale for tens of thousands of chunks (one joining the pool)
+        # that many tasks every pass, on the event loop
+        queue = iter(todo)
+
+        async def worker() -> None:
             nonlocal cleared
-            async with limit:
+            for r in queue:
                 if trio.current_time() > until:
                     return
                 self._after = (r.lineage, r.index)
                 cleared += await self._resync_record(r, n_of.get(r.lineage), stale_hosts[(r.lineage, r.index)])
 
-        todo = [r for r in mine if (r.lineage, r.index) not in held]
-        if after is not None:
-            todo.sort(key=lambda r: ((r.lineage, r.index) <= after, r.lineage, r.index))
         async with trio.open_nursery() as nursery:
-            for r in todo:
-                nursery.start_soon(one, r)
+            for _ in range(min(max(1, self.parallel), len(todo))):
+                nursery.start_soon(worker)
         self._progress(await self.refresh_stale_self())
         return cleared
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import trio
 import trio.abc
 
@@ -28,7 +27,6 @@ class _Spawns(trio.abc.Instrument):
         self.count += 1
 
 
-@pytest.mark.xfail(strict=True, reason="a pass spawns one task per stale record")
 def test_a_resync_pass_spawns_a_bounded_number_of_tasks_for_many_stale_records():
     async def main():
         sim = Sim(5, hosts=2, capacity=64 * MiB)
