@@ -122,6 +122,7 @@ class Replica:
         # (its takeover, when it was one, had compared them by then)
         self.recent_before: dict[str, tuple[float, dict[tuple[str, int, int], float]]] = {}
         self.recent_window = 60.0
+        self._marks_layout = None  # the store's layout when forget_recent last looked
         # the marks of the chunks a flush cleared while they were marked come back from the
         # store after a restart (ChunkStore._marks_kept), as its dirty marks do
         self._restore_marks(store.kept_marks)
@@ -148,7 +149,9 @@ class Replica:
         r = self.recent.get(volume)
         if r is None:
             r = self.recent[volume] = {}
-        r[(lineage, gen, index)] = now
+        k = (lineage, gen, index)
+        r.pop(k, None)  # (moved to the end: the marks stay in time order, forget_recent)
+        r[k] = now
 
     def recently_written(self, lineage: str, gen: int) -> list[int]:
         """Chunks of generation `gen` of `lineage` whose last writes here are not known
@@ -203,20 +206,37 @@ class Replica:
         moved away): no copy here to compare."""
         window = self.recent_window
         gone = self._gone
+        # Each call used to look every mark up in the store and scan them all for the
+        # window: once a second (resync), with a mark per chunk written in the last
+        # minute, most of the event loop's time for a volume written over many chunks.
+        # A mark's chunk can only have gone if a chunk went, which moves the store's
+        # layout; and `recent` is in time order (_note), so the window cuts a prefix.
+        layout = getattr(self.store, "layout", None)
+        check = layout is None or layout != self._marks_layout
         for volume in set(self.recent) | set(self.recent_before):
             r = self.recent.get(volume)
-            alive = max(r.values()) if r else -math.inf  # the holder's last write here
+            alive = r[next(reversed(r))] if r else -math.inf  # the holder's last write here
             if r:
-                for k in [k for k, t in r.items() if t + window <= alive or gone(k)]:
+                settled = []
+                for k, t in r.items():
+                    if t + window > alive:
+                        break
+                    settled.append(k)
+                for k in settled:
                     del r[k]
+                if check:
+                    for k in [k for k in r if gone(k)]:
+                        del r[k]
                 if not r:
                     del self.recent[volume]
             before = self.recent_before.get(volume)
             if before is not None:
-                for k in [k for k in before[1] if gone(k)]:
-                    del before[1][k]
+                if check:
+                    for k in [k for k in before[1] if gone(k)]:
+                        del before[1][k]
                 if alive >= before[0] + window or not before[1]:
                     del self.recent_before[volume]
+        self._marks_layout = layout
 
     def _gone(self, mark: tuple[str, int, int]) -> bool:
         """The chunk of a mark (lineage, gen, index) is no longer in the store."""

@@ -10,7 +10,6 @@ passed."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from vbp.layout import MiB
@@ -20,7 +19,6 @@ CHUNKS = 3000
 PASSES = 10
 
 
-@pytest.mark.xfail(strict=True, reason="every pass looks every mark up in the store")
 def test_forgetting_settled_marks_does_not_look_up_every_mark_every_pass():
     async def main():
         sim = Sim(7, hosts=1, capacity=2 * CHUNKS * MiB)
