@@ -6,9 +6,11 @@ waiting the lease out takes lease_ttl."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tests.sim.harness import Sim, call, extents_bytes, run
+from vbp.errors import BelowMinSize
 from vbp.layout import MiB
 
 K4 = 4096
@@ -51,6 +53,42 @@ def test_the_lease_passes_to_and_fro_between_idle_holders():
             want = b"".join(bytes([c]) * K4 for c in b"ABCDE")
             assert await read(h2, gw2, 0, 5 * K4) == want
             assert await read(h0, gw0, 0, 5 * K4) == want
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="a flush made for a host asking for the lease swallows "
+                   "its failure: the client's next FLUSH succeeds")
+def test_a_flush_made_for_the_asker_leaves_its_failure_to_the_clients_next_flush():
+    """A holder that owes only a flush flushes for the host asking for the lease
+    (VolumeProvider._flush_for_asker). Its failure must reach the client's next FLUSH, as
+    fsync reports a failed writeback once: a copy that restarted before the flush lost
+    the write it took, and that flush's error is the only one that tells it. Swallowed
+    there (logged event=lease_flush_failed), the client's next FLUSH found nothing to
+    flush and succeeded over a write kept by no copy."""
+    async def main():
+        sim = Sim(1, hosts=3, zones=3)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=1)
+            a, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            host = next(h for h in sim.hosts.values() if h.id not in (a, b))
+            gw = await host.provider.open_export("v")
+            await call(gw.write(0, b"\x01" * K4, False))
+            faults = host.faults
+            faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x02" * K4, False))  # acknowledged by b alone
+            faults.heal()
+            sim.crash(b)  # before any flush: its new process lacks the write
+            await sim.restart(b)
+            sim.sync_maps()
+            assert gw.lease_busy() == "writes not flushed"
+            host.provider.lease_wanted("v", gw.token)  # (a WantLease from another host)
+            while "v" in host.provider._flushing_for:
+                await trio.sleep(0.01)
+            with pytest.raises(BelowMinSize):
+                await call(gw.flush())
             nursery.cancel_scope.cancel()
 
     run(main)
