@@ -969,9 +969,10 @@ class VolumeProvider:
         exclusive lock flushes before it passes. A live-migrated VM's source may have
         written after its switchover flush (a monitor's qemu-io, a device's late write)
         and never flushes again: the destination's writes would fail a lease period
-        later. A flush that fails leaves the lease here; the asker waits it out."""
+        later. A flush that fails leaves the lease here; the asker waits it out. Its
+        failure goes to the client's next FLUSH (VolumeGateway.flush_unasked)."""
         try:
-            await gw.flush_now()
+            await gw.flush_unasked()
         except VbpError as e:
             log.info("volume=%s event=lease_flush_failed error=%s", volume, e)
         finally:

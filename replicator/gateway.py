@@ -442,6 +442,8 @@ class VolumeGateway:
         # the close flush of the gateway of this export before this one on this host, for
         # this one's first flush to wait for and fail with if it failed (after_close)
         self._prior: _Flush | None = None
+        # the failure of a flush no client asked for (flush_unasked), for the next FLUSH
+        self._untold: BaseException | None = None
         self.on_fenced = None  # callback set by the service: drop this gateway's clients
         self.on_close = None  # callback set by the service: one connection ended
         self.take_lease = None  # async () -> token, set by the service for writable views
@@ -2401,7 +2403,12 @@ class VolumeGateway:
     def flush(self):
         """Every write answered before this call is durable when it returns (or its
         awaitable completes). A flush counts as one I/O against the volume's IOPS limit
-        (each costs a sync on every copy written since the last)."""
+        (each costs a sync on every copy written since the last). A flush no client asked
+        for that failed (flush_unasked) fails the next one, before it takes anything: its
+        retry flushes that."""
+        untold, self._untold = self._untold, None
+        if untold is not None:
+            raise untold
         if self.qos is not None and (d := self.qos.delay_for(0)):
             return self._throttled(d, self._flush)
         return self._flush()
@@ -2443,8 +2450,27 @@ class VolumeGateway:
 
     async def flush_now(self) -> None:
         """flush(), with no wait for a QoS turn: the flush of a gateway whose last
-        connection on this host closed (blockd: VolumeProvider._closed)."""
+        connection on this host closed (blockd: VolumeProvider._closed). Everything
+        flushed, it fails with a failure flush_unasked kept (the next gateway's client is
+        told: after_close)."""
         await _called(self._flush)
+        untold, self._untold = self._untold, None
+        if untold is not None:
+            raise untold
+
+    async def flush_unasked(self) -> None:
+        """flush_now for no client's FLUSH (blockd: VolumeProvider._flush_for_asker, for
+        a host asking for the lease). Its failure is kept for the client's next FLUSH,
+        which raises it, once, as fsync reports a failed writeback: what a copy that
+        restarted lost, or a close flush's failure (after_close), this flush took from
+        the ones after it, and no later flush would find again. (A flush asked while it
+        ran waited for it and failed with it: told already.)"""
+        try:
+            await _called(self._flush)
+        except BaseException as e:
+            if not _cancelled(e):
+                self._untold = e
+            raise
 
     def owes_flush(self) -> bool:
         """Something answered here may not be durable on every copy yet beyond this host's
@@ -2468,6 +2494,8 @@ class VolumeGateway:
                 if prev.error is None:
                     break
                 if prev.left is None:
+                    if self._untold is prev.error:  # (flush_unasked's: told here)
+                        self._untold = None
                     raise _flush_failed(f"a flush of {self.name} under way when this one "
                                         f"was asked", prev.error)
                 # Its client went away: it told nobody anything and kept what it had not
