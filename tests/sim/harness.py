@@ -215,6 +215,7 @@ class SimHost:
         if self._scope is not None:
             self._scope.cancel()
         self.store = self.store.crash(self.sim.rng)
+        self._gc_memo = None  # (of the store before: its layout count starts again)
         self.up = False
         self.nursery = None
 
