@@ -697,8 +697,7 @@ class VolumeProvider:
         gw = self.gateways.get(export)
         if gw is not None:
             try:
-                before = dict(gw.stale)
-                gw.adopt_stale(before, await self.service.stale_map(gw.lineage))
+                await gw.refresh_stale(self.service.stale_map)
                 await self.sync_record(gw, lease)
             except BaseException:
                 # the write that wanted the lease fails and the gateway keeps no token:
@@ -1535,8 +1534,7 @@ class Blockd:
             await self.provider.settle_all()
             for gw in list(self.provider.gateways.values()):
                 try:
-                    before = dict(gw.stale)
-                    gw.adopt_stale(before, await self.stale_map(gw.lineage))
+                    await gw.refresh_stale(self.stale_map)
                 except RegistryUnavailable as e:
                     log.warning("event=stale_refresh_failed error=%s", e)
                     break

@@ -505,6 +505,12 @@ class VolumeGateway:
         except RuntimeError:  # made outside a run: whichever run it is used in
             self._now = trio.current_time
 
+    async def refresh_stale(self, read) -> None:
+        """Our stale map from the registry's records, `await read(lineage)` now: the map
+        as it is before the read, and adopt_stale."""
+        before = dict(self.stale)
+        self.adopt_stale(before, await read(self.lineage))
+
     def adopt_stale(self, before: dict, fresh: dict) -> None:
         """Take `fresh`, the registry's stale records read while our map was `before` (a
         copy taken before the read), as our map: what this gateway added to it meanwhile
@@ -923,8 +929,7 @@ class VolumeGateway:
                 continue
             try:
                 try:
-                    reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
-                                             else dc_replace(msg, token=0))
+                    reply = await self._call(h, self._read_sent(h, msg))
                 except Fenced:
                     if not token or self.token == token or self.fenced:
                         raise
@@ -933,8 +938,7 @@ class VolumeGateway:
                     # reached that copy first. Asked again as this gateway is now.
                     token = self.token
                     msg = dc_replace(msg, token=token)
-                    reply = await self._call(h, msg if not token or h not in self.cluster.no_read_token
-                                             else dc_replace(msg, token=0))
+                    reply = await self._call(h, self._read_sent(h, msg))
             except Fenced as e:  # (deposed: no copy answers it any more; nor do we)
                 self._fence(e)
                 raise
@@ -963,6 +967,11 @@ class VolumeGateway:
                 f"is not read: the write lease ran out unrenewed (registry unreachable), and "
                 f"another host may have taken it over and written")
         raise last or PeerUnavailable(f"no current replica of chunk {p.index} of {self.name} is reachable")
+
+    def _read_sent(self, h: str, msg):
+        """ReadChunk `msg` as sent to host `h`: without its token to a host that does not
+        take one (ClusterView.no_read_token)."""
+        return msg if not msg.token or h not in self.cluster.no_read_token else dc_replace(msg, token=0)
 
     def _repair_local(self, p, data, since: float, gen: int) -> None:
         """Write good bytes from a peer (of its generation `gen`) over a local copy that

@@ -275,8 +275,7 @@ class SimHost:
         while True:
             await trio.sleep(1)
             for gw in list(self.provider.gateways.values()):
-                before = dict(gw.stale)
-                gw.adopt_stale(before, await self.stale_map(gw.lineage))
+                await gw.refresh_stale(self.stale_map)
 
     async def _watch_volumes(self) -> None:
         while True:

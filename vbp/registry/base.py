@@ -520,6 +520,17 @@ class Registry:
         items, _ = self.kv.range(P_VOL)
         return [_unpack(it.value) for it in items]
 
+    def _still_held(self, volume: str, lkey: bytes, lease: Lease, what: str = "") -> Cmp:
+        """The compare that keeps a transaction to while `volume`'s lease record (at
+        `lkey`) is still `lease` (same holder and token, expired or not); Fenced, `what`
+        ending its message, if it is not now (update_volume, mark_stale)."""
+        litem, _ = self.kv.get(lkey)
+        cur = self._lease_of(volume, litem.value) if litem else None
+        if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
+            raise Fenced(f"lease of volume {volume} (token {lease.token}) is no longer "
+                         f"held by {lease.holder}{what}")
+        return Cmp(lkey, "mod", litem.mod_rev)
+
     def update_volume(self, name: str, fn: Callable[[dict], dict], lease: Lease | None = None) -> dict:
         """Replace the volume's record by fn(record), atomically (compare and swap). With
         `lease`, only while the volume's lease record is still that lease (same holder and
@@ -532,12 +543,7 @@ class Registry:
         for _ in range(CAS_ATTEMPTS):
             cmps = []
             if lkey is not None:
-                litem, _ = self.kv.get(lkey)
-                cur = self._lease_of(name, litem.value) if litem else None
-                if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
-                    raise Fenced(f"lease of volume {name} (token {lease.token}) is no longer held "
-                                 f"by {lease.holder}")
-                cmps.append(Cmp(lkey, "mod", litem.mod_rev))
+                cmps.append(self._still_held(name, lkey, lease))
             item, _ = self.kv.get(key)
             if item is None:
                 raise NotFound(f"volume {name} does not exist")
@@ -871,13 +877,8 @@ class Registry:
         for _ in range(CAS_ATTEMPTS):
             cmps, puts = [], []
             if lkey is not None:
-                litem, _ = self.kv.get(lkey)
-                cur = self._lease_of(lease.volume, litem.value) if litem else None
-                if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
-                    raise Fenced(f"lease of volume {lease.volume} (token {lease.token}) is no "
-                                 f"longer held by {lease.holder}: copies of {lineage}/{index} "
-                                 f"not recorded stale")
-                cmps.append(Cmp(lkey, "mod", litem.mod_rev))
+                cmps.append(self._still_held(lease.volume, lkey, lease, f": copies of "
+                                             f"{lineage}/{index} not recorded stale"))
             items, _ = self.kv.range(self._stale_key(lineage, index))  # (the chunk's records)
             held = {it.key: it for it in items}
             for key in keys:
