@@ -249,7 +249,6 @@ def test_read_plans_are_bounded(monkeypatch):
     in_pool(body)
 
 
-@pytest.mark.xfail(strict=True, reason="plans dropped all at once past 65,536 chunks")
 def test_reads_all_over_a_volume_of_many_chunks_plan_each_chunk_once():
     """A volume of more chunks than the 65,536 plans a gateway used to keep (all dropped
     when full): read all over, nearly every read remade its chunk's plan, placement
@@ -271,6 +270,36 @@ def test_reads_all_over_a_volume_of_many_chunks_plan_each_chunk_once():
                     assert gw.read_ref(i * cs, 4096) == [(i * cs, 4096, None)]  # a hole
             assert sorted(made) == list(range(chunks))
             assert len(gw._plans) == chunks
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_what_a_gateway_keeps_per_chunk_for_writes_is_bounded(monkeypatch):
+    """The routes of replicated writes and the local-only verdicts of replicas=1 writes,
+    kept per chunk like the read plans, stay under PLANS_MAX too, and are made again for
+    a new cluster map."""
+    monkeypatch.setattr(gateway, "PLANS_MAX", 3)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            for name, n in (("r1", 1), ("r3", 3)):
+                sim.create_volume(name, 16 * MiB, replicas=n)
+                gw = await sim.hosts["h0"].provider.open_export(name)
+                for i in range(16):
+                    await call(gw.write(i * MiB, bytes([i + 1]) * 4096, False))
+                    assert len(gw._local) <= 3 and len(gw._routes) <= 3
+                assert (n == 1) == bool(gw._local) and (n == 1 or gw._routes)
+                for i in range(16):
+                    assert await read(gw, i * MiB, 4096) == bytes([i + 1]) * 4096
+                cluster = sim.hosts["h0"].cluster
+                cluster.set_map(dc_replace(cluster.map, epoch=cluster.map.epoch + 1))
+                await call(gw.write(0, b"\xff" * 4096, False))
+                assert gw._local_map is cluster.map
+                assert len(gw._local) <= 1 and len(gw._routes) <= 1
+                assert await read(gw, 0, 4096) == b"\xff" * 4096
             nursery.cancel_scope.cancel()
 
     run(main)
