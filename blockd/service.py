@@ -84,6 +84,25 @@ RENEW_PARALLEL = 16
 SETTLE_ANCESTORS = 8
 # seconds between two asks of a lease's holder for it (WantLease) by a write waiting for it
 LEASE_ASK_PERIOD = 1.0
+# Seconds between two reads of its volume's record by every open export without the
+# lease, at most (_watch_volumes); by every export, RECORD_SYNC_MAX. A change of a record
+# (a snapshot asked, a resize, a delete) reaches the exports of its volume at once in
+# between, through a watch of the records: the periods bound how late a change a failed
+# watch missed is seen, and a head export without the lease serves only while these
+# reads confirm its chain (VolumeProvider._confirm: within RECORD_LAPSE of heartbeat_ttl
+# of a publication, 4 s by default), so its period is well under that. Every export read
+# its record every 0.2 s before: 5 registry reads a second for each open volume (with
+# etcd, 20 idle open volumes kept blockd at 15 % of a core and etcd at 11 %).
+RECORD_SYNC_PERIOD = 1.0
+RECORD_SYNC_MAX = 5.0
+# at most one watch of the records begun a RECORD_SYNC_GAP: a pool whose records change
+# all the time costs a host what the polling every 0.2 s did, not more
+RECORD_SYNC_GAP = 0.2
+# The gateways of a lineage whose stale records changed refresh their stale maps within
+# STALE_REFRESH_PERIOD (a watch of the records tells which); every open gateway does
+# every STALE_REFRESH_MAX seconds, and a new one at the first period (_refresh_stale).
+STALE_REFRESH_PERIOD = 1.0
+STALE_REFRESH_MAX = 5.0
 
 
 class AsyncRegistry:
@@ -143,6 +162,10 @@ class VolumeProvider:
         self._syncs_begun = 0
         self._syncs_ended = 0
         self._sync_ended = trio.Event()
+        # a full pass asked for (next_sync), and the wait of Blockd._watch_volumes to end
+        # for it at once
+        self.sync_wanted = False
+        self.wake_sync: trio.CancelScope | None = None
         # export -> record syncs under way with its lease (sync_record): the lease is not
         # handed over meanwhile (lease_wanted), or their update under it comes back Fenced
         self._leased_syncs: dict[str, int] = {}
@@ -845,12 +868,24 @@ class VolumeProvider:
 
     async def next_sync(self) -> None:
         """Return once a pass of sync_records begun after this call has ended: every open
-        head export has read its volume's record (or failed to) since the call."""
+        head export has read its volume's record (or failed to) since the call. The
+        pass is asked for now (Blockd._watch_volumes)."""
         want = self._syncs_begun + 1
+        self.sync_wanted = True
+        if self.wake_sync is not None:
+            self.wake_sync.cancel()
         while self._syncs_ended < want:
             await self._sync_ended.wait()
 
-    async def sync_records(self) -> None:
+    async def sync_records(self, volumes: set[str] | None = None, readers: bool = False) -> None:
+        """Every open export reads its volume's record and adopts it (sync_record); with
+        `volumes` (names whose records changed) or `readers` (the exports without the
+        lease: their reads keep them serving, _confirm), only those (no pass for
+        next_sync)."""
+        if volumes is not None or readers:
+            await self._sync_records(volumes or set(), readers)
+            return
+        self.sync_wanted = False
         self._syncs_begun += 1
         n = self._syncs_begun
         try:
@@ -860,9 +895,12 @@ class VolumeProvider:
             ended, self._sync_ended = self._sync_ended, trio.Event()
             ended.set()
 
-    async def _sync_records(self) -> None:
+    async def _sync_records(self, volumes: set[str] | None = None, readers: bool = False) -> None:
         gone = False
         for export, gw in list(self.gateways.items()):
+            if volumes is not None and gw.view.volume.name not in volumes and not (
+                    readers and not gw.token):
+                continue
             if gw.read_only and gw.gone is None:
                 try:
                     gone = await self._snapshot_gone(gw) or gone
@@ -1526,24 +1564,97 @@ class Blockd:
             out.setdefault(r.index, set()).add(r.host_id)
         return {i: frozenset(h) for i, h in out.items()}
 
+    async def _revision(self) -> int:
+        """Registry.revision, -1 when the registry does not answer."""
+        try:
+            return await self.registry.revision()
+        except RegistryUnavailable:
+            return -1
+
+    async def _changes(self, call, after_rev: int, until: float, wake: bool = False):
+        """`call(after_rev, timeout)` (Registry.volume_changes, stale_changes) in a worker
+        thread, left to itself should this task be cancelled; at `until` (and with
+        `wake`, as soon as the provider wants a pass of every record: next_sync), what
+        it told by then: nothing, (set(), after_rev). Without a revision to start from
+        (after_rev -1) or with the registry not answering, it waits until then too and
+        tells nothing known: (None, -1)."""
+        provider = self.provider
+        with trio.move_on_at(until) as scope:
+            if wake:
+                if provider.sync_wanted:
+                    scope.cancel()
+                provider.wake_sync = scope
+            try:
+                if after_rev >= 0:
+                    try:
+                        return await trio.to_thread.run_sync(
+                            functools.partial(call, after_rev,
+                                              max(until - trio.current_time(), 0.0)),
+                            abandon_on_cancel=True)
+                    except RegistryUnavailable:
+                        after_rev = -1  # (the reads after it say so)
+                await trio.sleep_forever()
+            finally:
+                if wake:
+                    provider.wake_sync = None
+        return (set(), after_rev) if after_rev >= 0 else (None, -1)
+
     async def _refresh_stale(self) -> None:
         """Open gateways learn which copies became current again (or went stale through
-        another gateway's failure)."""
+        another gateway's failure): each period, the gateways of the lineages whose stale
+        records changed meanwhile (a watch of them says which), every gateway opened since
+        the last period, and every STALE_REFRESH_MAX seconds all of them."""
+        rev, full_at = -1, -math.inf
+        refreshed: set[VolumeGateway] = set()  # the gateways open at the last period
         while True:
-            await trio.sleep(1)
+            t0 = trio.current_time()
+            if rev < 0:  # (read before the refreshes that follow the changes after it)
+                rev = await self._revision()
+            changed, rev = await self._changes(self.registry.sync.stale_changes, rev,
+                                               t0 + STALE_REFRESH_PERIOD)
+            await trio.sleep_until(t0 + STALE_REFRESH_PERIOD)  # (a period at least)
             await self.provider.settle_all()
-            for gw in list(self.provider.gateways.values()):
+            gateways = list(self.provider.gateways.values())
+            if changed is None or trio.current_time() >= full_at:
+                full_at = trio.current_time() + STALE_REFRESH_MAX
+                due = gateways
+            else:
+                due = [gw for gw in gateways if gw.lineage in changed or gw not in refreshed]
+            refreshed = set(gateways)
+            for gw in due:
                 try:
                     await gw.refresh_stale(self.stale_map)
                 except RegistryUnavailable as e:
                     log.warning("event=stale_refresh_failed error=%s", e)
+                    rev, full_at = -1, -math.inf  # (all again once it answers)
                     break
 
     async def _watch_volumes(self) -> None:
-        """Snapshots and resizes reach open gateways within one period."""
+        """Snapshots, resizes and deletions reach the open exports of their volume as soon
+        as the registry has them (a watch of the volume records says which changed); the
+        exports without the lease read their volume's record every RECORD_SYNC_PERIOD
+        regardless, all of them every RECORD_SYNC_MAX, or at once when a gateway waits
+        for that (next_sync)."""
+        provider = self.provider
+        rev, full_at, readers_at = -1, -math.inf, -math.inf
+        changed: set[str] | None = None
+        waited = -math.inf
         while True:
-            await trio.sleep(0.2)
-            await self.provider.sync_records()
+            await trio.sleep_until(waited + RECORD_SYNC_GAP)
+            now = trio.current_time()
+            if changed is None or now >= full_at or provider.sync_wanted:
+                full_at, readers_at = now + RECORD_SYNC_MAX, now + RECORD_SYNC_PERIOD
+                if rev < 0:  # (read before the records: a change after it is told)
+                    rev = await self._revision()
+                await provider.sync_records()
+            elif changed or now >= readers_at:
+                readers = now >= readers_at
+                if readers:
+                    readers_at = now + RECORD_SYNC_PERIOD
+                await provider.sync_records(changed, readers=readers)
+            waited = trio.current_time()
+            changed, rev = await self._changes(self.registry.sync.volume_changes, rev,
+                                               min(full_at, readers_at), wake=True)
 
     @staticmethod
     async def _every(period: float, what: str, step, *, first_wait: bool = False) -> None:

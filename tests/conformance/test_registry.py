@@ -467,6 +467,55 @@ def test_wait_map_change(reg):
     assert time.monotonic() - t0 < 3
 
 
+def test_volume_and_stale_changes_tell_what_changed_since_a_revision(reg, url):
+    """What blockd's record watch and stale-map refresh ask instead of reading every open
+    volume's records each period: the changes after a revision. etcd names the volumes
+    (lineages) and tells every change exactly once over successive calls; LMDB and the
+    memory store cannot tell which keys changed and say so (None). With no change, a
+    call waits out its timeout and tells nothing."""
+    reg.create_volume("a", {"x": 1})
+    reg.create_volume("b", {"x": 1})
+    rev = reg.revision()
+    t0 = time.monotonic()
+    assert reg.volume_changes(rev, 0.3) == (set(), rev)
+    assert reg.stale_changes(rev, 0.3) == (set(), rev)
+    assert time.monotonic() - t0 >= 0.55
+    timer = threading.Timer(0.3, lambda: reg.update_volume("b", lambda d: {**d, "x": 2}))
+    timer.start()
+    t0 = time.monotonic()
+    names, rev2 = reg.volume_changes(rev, 10)
+    timer.join()
+    assert time.monotonic() - t0 < 5 and rev2 > rev
+    exact = url.startswith("etcd")
+    assert names == ({"b"} if exact else None)
+    reg.mark_stale("L1", 3, ["h1"], 5)
+    reg.mark_stale("L2", 0, ["h1", "h2"], 5)
+    reg.delete_volume("a")
+
+    def all_told(call, since):
+        """Every change after `since`, call after call (etcd may tell them in parts:
+        none twice, none left out); None if the registry cannot tell."""
+        told: set[str] = set()
+        while True:
+            got, rev = call(since, 0.5)
+            if got is None:
+                return None
+            if not got:
+                return told
+            assert rev > since
+            told |= got
+            since = rev
+
+    if exact:
+        assert all_told(reg.stale_changes, rev2) == {"L1", "L2"}
+        assert all_told(reg.volume_changes, rev) == {"a", "b"}
+    else:
+        assert all_told(reg.stale_changes, rev2) is None
+        assert all_told(reg.volume_changes, rev) is None
+    after = reg.revision()
+    assert reg.volume_changes(after, 0.2) == (set(), after)
+
+
 def test_epochs_strictly_increase_on_every_change(reg):
     seen = [reg.cluster_map()]
     ops = [

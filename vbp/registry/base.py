@@ -458,6 +458,55 @@ class Registry:
             # (a heartbeat's refresh of a live host's mark changes no map: not waited for)
             self.kv.wait(P_CLUSTER, rev, min(left, 1.0), refreshes=P_ALIVE)
 
+    def revision(self) -> int:
+        """The registry's revision now: the `after_rev` of a wait for what changes next
+        (wait_volumes, wait_stale), read before the reads the wait follows up."""
+        _, rev = self.kv.get(K_VOL_SEQ)
+        return rev
+
+    def wait_volumes(self, after_rev: int, timeout: float) -> set[str] | None:
+        """The names of the volumes whose records changed after `after_rev` (made,
+        changed, deleted), once one did or `timeout` passed (then the empty set); None
+        when the registry cannot tell which (LMDB and memory: something changed)."""
+        keys = self.kv.wait(P_VOL, after_rev, timeout)
+        if keys is None:
+            return None
+        return {k[len(P_VOL):].decode(errors="replace") for k in keys if k.startswith(P_VOL)}
+
+    def wait_stale(self, after_rev: int, timeout: float) -> set[str] | None:
+        """wait_volumes for the stale records: the lineages whose records changed."""
+        keys = self.kv.wait(P_STALE, after_rev, timeout)
+        if keys is None:
+            return None
+        return {k[len(P_STALE):].split(b"\x00", 1)[0].decode(errors="replace")
+                for k in keys if k.startswith(P_STALE)}
+
+    def revision(self) -> int:
+        """The registry's revision now: what a watch of changes (volume_changes,
+        stale_changes) starts after, read before the reads it follows up."""
+        _, rev = self.kv.get(K_VOL_SEQ)
+        return rev
+
+    def volume_changes(self, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
+        """The names of the volumes whose records changed (made, changed, deleted) after
+        `after_rev`, and the revision they are told up to (the next call's `after_rev`),
+        as soon as one did; (empty set, after_rev) once `timeout` passed with none.
+        (None, rev) when the registry cannot tell which (LMDB, memory: something changed
+        somewhere; etcd: the watch failed): read every record again, at `rev` or later
+        (-1: read revision() first)."""
+        keys, rev = self.kv.changes(P_VOL, after_rev, timeout)
+        if keys is None:
+            return None, rev
+        return {k[len(P_VOL):].decode(errors="replace") for k in keys if k.startswith(P_VOL)}, rev
+
+    def stale_changes(self, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
+        """volume_changes for the stale records: the lineages whose records changed."""
+        keys, rev = self.kv.changes(P_STALE, after_rev, timeout)
+        if keys is None:
+            return None, rev
+        return {k[len(P_STALE):].split(b"\x00", 1)[0].decode(errors="replace")
+                for k in keys if k.startswith(P_STALE)}, rev
+
     # --- volumes -------------------------------------------------------------------------
 
     def create_volume(self, name: str, record: dict) -> None:

@@ -246,6 +246,34 @@ class EtcdKV:
             # The caller re-reads through _call, which fails over or reports the outage.
             self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
 
+    def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
+        """One watch stream from after_rev + 1, as wait(); at its first events, their keys
+        and the revision of the last (etcd never splits one revision's events between two
+        answers of a stream, and sends them in order: every change up to it is told)."""
+        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+                                   "start_revision": str(after_rev + 1)}}
+        t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
+        ep = self.endpoints[self._cur]
+        try:
+            with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
+                for line in r.iter_lines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("compact_revision") or result.get("canceled"):
+                        return None, -1
+                    events = result.get("events")
+                    if events:
+                        kvs = [e.get("kv", {}) for e in events]
+                        return ([base64.b64decode(kv.get("key", "")) for kv in kvs],
+                                max(int(kv.get("mod_revision", 0)) for kv in kvs))
+        except httpx.ReadTimeout:
+            return [], after_rev
+        except (httpx.HTTPError, json.JSONDecodeError):
+            # read again through _call, which fails over or reports the outage
+            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
+        return None, -1
+
     def compact(self, revision: int) -> None:
         """etcd keeps every value every key had since it was last compacted, and refuses
         all writes once its database reaches its quota (2 GiB by default; each heartbeat

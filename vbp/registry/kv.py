@@ -72,6 +72,13 @@ class KV(Protocol):
         `refreshes`: a prefix of keys holding only a liveness mark; a put of one that exists
         already need not end the wait (a hint: a store may wake for it all the same)."""
 
+    def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
+        """wait() that says what changed: (the keys under prefix changed after after_rev,
+        the revision they are told up to) once some did, ([], after_rev) once `timeout`
+        passed with none; (None, rev) when the store cannot tell which keys changed: any
+        may have, read them all again (after a read of `rev`, if it is -1). A store with
+        one revision for all keys (LMDB, memory) answers None for a change anywhere."""
+
     def ttl_floor(self) -> float:
         """The shortest time-to-live the store keeps a key for, whatever was asked (etcd
         raises a lease to a minimum derived from its election timeout); 0 for none."""

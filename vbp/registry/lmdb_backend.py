@@ -121,6 +121,17 @@ class LmdbKV:
                 return
             time.sleep(0.05)
 
+    def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
+        """Polled as wait() is; one revision for all keys: a change anywhere is None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rev = self._rev()
+            if rev > after_rev:
+                return None, rev
+            if time.monotonic() >= deadline:
+                return [], after_rev
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+
     def compact(self, revision: int) -> None:
         """LMDB keeps the current values only: nothing to drop."""
 

@@ -55,6 +55,19 @@ class MemoryKV:
             if local.read_rev(self._store.data.get) <= after_rev:
                 self._store.cond.wait(min(timeout, 0.25))
 
+    def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
+        """As LmdbKV.changes: one revision for all keys."""
+        deadline = time.monotonic() + timeout
+        with self._store.cond:
+            while True:
+                rev = local.read_rev(self._store.data.get)
+                if rev > after_rev:
+                    return None, rev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return [], after_rev
+                self._store.cond.wait(left)
+
     def compact(self, revision: int) -> None:
         """Current values only: nothing to drop."""
 
