@@ -458,35 +458,6 @@ class Registry:
             # (a heartbeat's refresh of a live host's mark changes no map: not waited for)
             self.kv.wait(P_CLUSTER, rev, min(left, 1.0), refreshes=P_ALIVE)
 
-    def revision(self) -> int:
-        """The registry's revision now: the `after_rev` of a wait for what changes next
-        (wait_volumes, wait_stale), read before the reads the wait follows up."""
-        _, rev = self.kv.get(K_VOL_SEQ)
-        return rev
-
-    def wait_volumes(self, after_rev: int, timeout: float) -> set[str] | None:
-        """The names of the volumes whose records changed after `after_rev` (made,
-        changed, deleted), once one did or `timeout` passed (then the empty set); None
-        when the registry cannot tell which (LMDB and memory: something changed)."""
-        keys = self.kv.wait(P_VOL, after_rev, timeout)
-        if keys is None:
-            return None
-        return {k[len(P_VOL):].decode(errors="replace") for k in keys if k.startswith(P_VOL)}
-
-    def wait_stale(self, after_rev: int, timeout: float) -> set[str] | None:
-        """wait_volumes for the stale records: the lineages whose records changed."""
-        keys = self.kv.wait(P_STALE, after_rev, timeout)
-        if keys is None:
-            return None
-        return {k[len(P_STALE):].split(b"\x00", 1)[0].decode(errors="replace")
-                for k in keys if k.startswith(P_STALE)}
-
-    def revision(self) -> int:
-        """The registry's revision now: what a watch of changes (volume_changes,
-        stale_changes) starts after, read before the reads it follows up."""
-        _, rev = self.kv.get(K_VOL_SEQ)
-        return rev
-
     def volume_changes(self, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
         """The names of the volumes whose records changed (made, changed, deleted) after
         `after_rev`, and the revision they are told up to (the next call's `after_rev`),
@@ -853,7 +824,8 @@ class Registry:
         return lease if lease.holder and lease.expires > time.time() else None
 
     def revision(self) -> int:
-        """The store's revision now (what compact_history takes)."""
+        """The store's revision now (what compact_history takes, and what volume_changes
+        and stale_changes tell the changes after: read before the reads they follow up)."""
         return self.kv.get(K_SCRUB)[1]
 
     def compact_history(self, revision: int) -> None:
