@@ -4,6 +4,7 @@ tests/unit/test_replication_stale.py covers its interplay with the write path.""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -112,3 +113,42 @@ def test_a_crash_left_unsynced_is_recorded_stale_even_after_a_start_that_failed(
     reg.clear_stale("l0", 0, "h1")  # resynced; recorded once, the store lists it no more
     trio.run(start, reg_url)
     assert reg.list_stale() == []
+
+
+@pytest.mark.xfail(strict=True, reason="every pass lists the pool's stale records")
+def test_a_host_with_nothing_to_resync_lists_no_stale_records_while_none_is_made():
+    """Every host's resync pass listed every stale record of the pool each second, also
+    with none of its own: a host down for an hour leaves a record for each chunk it holds
+    that was written meanwhile, and every other host read them all again every second.
+    A pass that found none of this host's lists again only once a record was made since
+    (the registry's stale_seq, put by every creation), and then finds a new one of ours."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=3, zones=3)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 8 * MiB, replicas=2, min_size=1)
+            placed = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            other = next(h for h in sim.hosts if h not in placed)  # holds no copy of chunk 0
+            stale_host = placed[1]
+            for i in range(4):
+                sim.reg.mark_stale(rec.lineage, i + 4, [other], 1)  # someone else's records
+            resync = sim.hosts[stale_host].resync
+            lists = []
+            real = sim.hosts[stale_host].registry.list_stale
+
+            async def counting(*args):
+                lists.append(args)
+                return await real(*args)
+
+            sim.hosts[stale_host].registry.list_stale = counting
+            for _ in range(5):
+                assert await resync.run_once() == 0
+            assert len([a for a in lists if not a]) == 1  # one listing, then none
+            sim.reg.mark_stale(rec.lineage, 0, [stale_host], 1)  # now one of its own
+            await resync.run_once()
+            assert (rec.lineage, 0) in sim.hosts[stale_host].replica.stale_self or \
+                not sim.reg.list_stale(rec.lineage, 0)  # (learnt, or resynced already)
+            assert len([a for a in lists if not a]) >= 2
+            nursery.cancel_scope.cancel()
+
+    run(main)
