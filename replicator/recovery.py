@@ -131,6 +131,9 @@ class Resync:
         # chunk it started last (the next pass begins after it)
         self.pass_time = 30.0
         self._after: tuple[str, int] | None = None
+        # the registry's stale_seq when a pass last found no record of this host's (None:
+        # it found some): no record made since, no pass need list them again
+        self._quiet_seq: int | None = None
         self._quiet_since = -math.inf  # writes after this are within the window
         self._unrecoverable: set[tuple[str, int]] = set()  # logged by _resync_all_stale
         # (lineage, index) -> (time, volume, host kept, reverted) of its newest accepted
@@ -313,9 +316,17 @@ class Resync:
             self._quiet_since = now - self.write_window
             self.replica.forget_written(self._quiet_since)  # what the window passed
             self.replica.forget_recent()
+        # Every creation of a stale record puts stale_seq: read before the listing, so a
+        # record made after it moves it again. With none of ours listed at that seq and
+        # no record made since, none of ours exists (the pool's may be many: a host down
+        # for long leaves one for each chunk of its written meanwhile).
+        seq = await self.registry.stale_seq()
+        if seq == self._quiet_seq and self.replica is not None and not self.replica.stale_self:
+            return 0
         records = await self.registry.list_stale()
         mine = await self.refresh_stale_self(records)
         self._progress(mine)
+        self._quiet_seq = None if mine else seq
         if not mine:
             return 0
         # a copy recorded stale by a backfill was never current (see _resync_all_stale)

@@ -4,7 +4,6 @@ tests/unit/test_replication_stale.py covers its interplay with the write path.""
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
@@ -115,7 +114,6 @@ def test_a_crash_left_unsynced_is_recorded_stale_even_after_a_start_that_failed(
     assert reg.list_stale() == []
 
 
-@pytest.mark.xfail(strict=True, reason="every pass lists the pool's stale records")
 def test_a_host_with_nothing_to_resync_lists_no_stale_records_while_none_is_made():
     """Every host's resync pass listed every stale record of the pool each second, also
     with none of its own: a host down for an hour leaves a record for each chunk it holds
