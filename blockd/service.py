@@ -84,6 +84,10 @@ RENEW_PARALLEL = 16
 SETTLE_ANCESTORS = 8
 # seconds between two asks of a lease's holder for it (WantLease) by a write waiting for it
 LEASE_ASK_PERIOD = 1.0
+# Seconds a wait for a new cluster map lasts at most (_watch_map). It ends at once for a
+# change: on etcd, the map is read again only then (Registry.wait_map_change), so a longer
+# wait costs the registry nothing more; on LMDB, it is read every second anyway.
+MAP_WAIT = 10.0
 # Seconds between two reads of its volume's record by every open export without the
 # lease, at most (_watch_volumes); by every export, RECORD_SYNC_MAX. A change of a record
 # (a snapshot asked, a resize, a delete) reaches the exports of its volume at once in
@@ -1834,7 +1838,8 @@ class Blockd:
         while True:
             try:
                 cmap = await trio.to_thread.run_sync(
-                    functools.partial(self.registry.sync.wait_map_change, self.cluster.epoch, 2.0),
+                    functools.partial(self.registry.sync.wait_map_change, self.cluster.epoch,
+                                      MAP_WAIT),
                     abandon_on_cancel=True,
                 )
             except RegistryUnavailable as e:

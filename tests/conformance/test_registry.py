@@ -887,7 +887,6 @@ def test_a_scrub_request_clears_the_results_of_a_large_pool(reg):
     assert reg.scrub_results(first) == {} and reg.scrub_results(second) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="the map watcher reads the cluster every second")
 def test_a_map_watcher_on_etcd_reads_the_cluster_only_when_it_changed(etcd_server):
     """blockd's map watcher read every host's record and liveness key once a second on
     every host, changed or not: N hosts, N² records a second (1,000 hosts: 2 million).

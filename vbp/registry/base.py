@@ -448,15 +448,18 @@ class Registry:
     def wait_map_change(self, epoch: int, timeout: float) -> ClusterMap:
         """The first map with an epoch above `epoch`, or the current map after `timeout`."""
         deadline = time.monotonic() + timeout
+        changed = True
         while True:
-            _, rev = self.kv.get(K_MAP)
-            m = self.cluster_map()
+            if changed:  # (etcd: only for an event; every host reading every second cost
+                # the registry N² records a second)
+                _, rev = self.kv.get(K_MAP)
+                m = self.cluster_map()
             left = deadline - time.monotonic()
             if m.epoch > epoch or left <= 0:
                 return m
             # Liveness expiry needs no write on LMDB, so never wait long without a re-check.
             # (a heartbeat's refresh of a live host's mark changes no map: not waited for)
-            self.kv.wait(P_CLUSTER, rev, min(left, 1.0), refreshes=P_ALIVE)
+            changed = self.kv.wait(P_CLUSTER, rev, min(left, 1.0), refreshes=P_ALIVE)
 
     def volume_changes(self, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
         """The names of the volumes whose records changed (made, changed, deleted) after

@@ -214,7 +214,7 @@ class EtcdKV:
         return bool(d.get("succeeded")), int(d["header"]["revision"])
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
-             refreshes: bytes | None = None) -> None:
+             refreshes: bytes | None = None) -> bool:
         """One watch stream from after_rev + 1; returns at the first event or on timeout.
         Events that only refresh a key under `refreshes` (a put of a key that exists
         already, under a prefix whose keys hold nothing but a liveness mark) do not end
@@ -233,18 +233,19 @@ class EtcdKV:
                         continue
                     result = json.loads(line).get("result", {})
                     if result.get("compact_revision") or result.get("canceled"):
-                        return
+                        return True
                     events = result.get("events")
                     if events and not (refreshes is not None
                                        and all(_refresh(e, refreshes) for e in events)):
-                        return
+                        return True
                     if events and time.monotonic() >= deadline:
-                        return
+                        return False  # (refreshes only)
         except httpx.ReadTimeout:
-            return
+            return False
         except (httpx.HTTPError, json.JSONDecodeError):
             # The caller re-reads through _call, which fails over or reports the outage.
             self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
+        return True
 
     def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
         """One watch stream from after_rev + 1, as wait(); at its first events, their keys

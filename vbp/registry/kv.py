@@ -67,10 +67,13 @@ class KV(Protocol):
         """Apply ops iff every compare holds. Returns (succeeded, revision)."""
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
-             refreshes: bytes | None = None) -> None:
+             refreshes: bytes | None = None) -> bool:
         """Return when a key under prefix may have changed after after_rev, or on timeout.
         `refreshes`: a prefix of keys holding only a liveness mark; a put of one that exists
-        already need not end the wait (a hint: a store may wake for it all the same)."""
+        already need not end the wait (a hint: a store may wake for it all the same).
+        False only when the store knows nothing changed but refreshes (etcd: its watch
+        told no other event; a key whose time-to-live ran out is deleted, an event), True
+        otherwise (LMDB and memory: keys lapse with no change told, so always)."""
 
     def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
         """wait() that says what changed: (the keys under prefix changed after after_rev,

@@ -113,13 +113,15 @@ class LmdbKV:
             raise self._fail("write", e) from None
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
-             refreshes: bytes | None = None) -> None:
-        # LMDB has no change notification: poll the revision briefly.
+             refreshes: bytes | None = None) -> bool:
+        # LMDB has no change notification: poll the revision briefly. (True: keys lapse
+        # with no write, so a change cannot be ruled out.)
         deadline = time.monotonic() + min(timeout, 0.25)
         while time.monotonic() < deadline:
             if self._rev() > after_rev:
-                return
+                return True
             time.sleep(0.05)
+        return True
 
     def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
         """Polled as wait() is; one revision for all keys: a change anywhere is None."""

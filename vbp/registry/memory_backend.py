@@ -50,10 +50,11 @@ class MemoryKV:
             return ok, rev
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
-             refreshes: bytes | None = None) -> None:
+             refreshes: bytes | None = None) -> bool:
         with self._store.cond:
             if local.read_rev(self._store.data.get) <= after_rev:
                 self._store.cond.wait(min(timeout, 0.25))
+        return True  # (keys lapse with no change told: see LmdbKV.wait)
 
     def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
         """As LmdbKV.changes: one revision for all keys."""
