@@ -887,95 +887,80 @@ def test_a_scrub_request_clears_the_results_of_a_large_pool(reg):
     assert reg.scrub_results(first) == {} and reg.scrub_results(second) == {}
 
 
+class _Beating:
+    """Two registries on a wiped etcd with hosts h1 (liveness for 30 s) and h2 (for
+    `h2_ttl`): `reg`, whose cluster reads (kv.range) are counted in `reads`, and another
+    that renews both hosts' liveness every `every` seconds until `stop()`."""
+
+    def __init__(self, etcd_server, every: float, h2_ttl: float = 30) -> None:
+        etcd_server.wipe()
+        self.reg = open_registry(etcd_server.url)
+        self.beats = open_registry(etcd_server.url)
+        self.reg.register_host(host(1), 30)
+        self.map = self.reg.register_host(host(2), h2_ttl)
+        self.reads: list = []
+        real_range = self.reg.kv.range
+
+        def counting_range(prefix):
+            self.reads.append(prefix)
+            return real_range(prefix)
+
+        self.reg.kv.range = counting_range
+        self._stop = threading.Event()
+
+        def heartbeat():
+            while not self._stop.is_set():
+                self.beats.heartbeat("h1", 30)
+                self.beats.heartbeat("h2", h2_ttl)
+                time.sleep(every)
+
+        self._thread = threading.Thread(target=heartbeat)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
+        self.reg.close()
+        self.beats.close()
+
+
 def test_a_map_watcher_on_etcd_reads_the_cluster_only_when_it_changed(etcd_server):
     """blockd's map watcher read every host's record and liveness key once a second on
     every host, changed or not: N hosts, N² records a second (1,000 hosts: 2 million).
     etcd tells every change that matters by an event (a record written, a liveness key
     expired: a delete), so a watcher reads the cluster once, then only for such an event.
     (LMDB and the memory store tell no expiry: they read again every second, as before.)"""
-    etcd_server.wipe()
-    reg = open_registry(etcd_server.url)
-    beats = open_registry(etcd_server.url)
-    stop = threading.Event()
-    t = None
+    b = _Beating(etcd_server, every=0.05, h2_ttl=2)
     try:
-        reg.register_host(host(1), 30)
-        m = reg.register_host(host(2), 2)  # (its liveness lapses unless renewed)
-        reads = []
-        real_range = reg.kv.range
-
-        def counting_range(prefix):
-            reads.append(prefix)
-            return real_range(prefix)
-
-        reg.kv.range = counting_range
-
-        def heartbeat():
-            while not stop.is_set():
-                beats.heartbeat("h1", 30)
-                beats.heartbeat("h2", 2)
-                time.sleep(0.05)
-
-        t = threading.Thread(target=heartbeat)
-        t.start()
-        assert reg.wait_map_change(m.epoch, 3.5).epoch == m.epoch
-        assert len(reads) == 1, reads
-        stop.set()
-        t.join()
-        t = None
-        got = reg.wait_map_change(m.epoch, 30.0)  # h2 stops: its liveness key expires
+        m = b.map
+        assert b.reg.wait_map_change(m.epoch, 3.5).epoch == m.epoch
+        assert len(b.reads) == 1, b.reads
+        b.stop()
+        got = b.reg.wait_map_change(m.epoch, 30.0)  # h2 stops: its liveness key expires
         assert got.epoch > m.epoch and got.host("h2").state == "down"
     finally:
-        stop.set()
-        if t is not None:
-            t.join()
-        reg.close()
-        beats.close()
+        b.close()
 
 
 def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server):
     """Every host's heartbeat refreshes its liveness key under the cluster prefix; each
     woke every host's map watcher into two reads of the cluster (N hosts: N² reads a
-    period). A refresh changes no map: the watcher reads again only at its own pace (its
-    1 s re-check) or for a real change, which still ends the wait at once."""
-    etcd_server.wipe()
-    reg = open_registry(etcd_server.url)
-    beats = open_registry(etcd_server.url)
-    stop = threading.Event()
-    t = None
+    period). A refresh changes no map: the watcher reads again only for a real change,
+    which still ends the wait at once."""
+    b = _Beating(etcd_server, every=0.02)
     try:
-        reg.register_host(host(1), 30)
-        m = reg.register_host(host(2), 30)
-        reads = []
-        real_range = reg.kv.range
-
-        def counting_range(prefix):
-            reads.append(prefix)
-            return real_range(prefix)
-
-        reg.kv.range = counting_range
-
-        def heartbeat():
-            while not stop.is_set():
-                beats.heartbeat("h1", 30)
-                beats.heartbeat("h2", 30)
-                time.sleep(0.02)
-
-        t = threading.Thread(target=heartbeat)
-        t.start()
-        assert reg.wait_map_change(m.epoch, 2.0).epoch == m.epoch
-        # about one read a second of waiting (the 1 s re-check), not one per heartbeat
-        assert 1 <= len(reads) <= 6, len(reads)
+        m = b.map
+        assert b.reg.wait_map_change(m.epoch, 2.0).epoch == m.epoch
+        assert 1 <= len(b.reads) <= 6, len(b.reads)  # not one per heartbeat
         # a real change ends the wait before its timeout
-        threading.Timer(0.3, lambda: beats.register_host(host(3), 30)).start()
-        got = reg.wait_map_change(m.epoch, 30.0)
+        threading.Timer(0.3, lambda: b.beats.register_host(host(3), 30)).start()
+        got = b.reg.wait_map_change(m.epoch, 30.0)
         assert got.epoch > m.epoch and got.host("h3") is not None
     finally:
-        stop.set()
-        if t is not None:
-            t.join()
-        reg.close()
-        beats.close()
+        b.close()
 
 
 def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):

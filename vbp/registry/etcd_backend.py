@@ -213,6 +213,33 @@ class EtcdKV:
         d = self._call("kv/txn", {"compare": body_cmp, "success": body_ops}, idempotent=False)
         return bool(d.get("succeeded")), int(d["header"]["revision"])
 
+    def _watch(self, prefix: bytes, after_rev: int, timeout: float):
+        """The answers (`result`s) of one watch stream from after_rev + 1, as they come,
+        until a read timeout (`timeout` with nothing more); a last None for a stream that
+        ended or broke (then the registry answered a read: else RegistryUnavailable), or
+        a compacted or cancelled watch: what came after is not known."""
+        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+                                   "start_revision": str(after_rev + 1)}}
+        t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
+        ep = self.endpoints[self._cur]
+        try:
+            with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
+                for line in r.iter_lines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("compact_revision") or result.get("canceled"):
+                        yield None
+                        return
+                    yield result
+            yield None  # (the stream ended: nothing says what came after)
+        except httpx.ReadTimeout:
+            return
+        except (httpx.HTTPError, json.JSONDecodeError):
+            # read again through _call, which fails over or reports the outage
+            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
+            yield None
+
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
              refreshes: bytes | None = None) -> bool:
         """One watch stream from after_rev + 1; returns at the first event or on timeout.
@@ -221,59 +248,31 @@ class EtcdKV:
         the wait: every host's heartbeat is one, and each woke every host's map watcher
         into two reads of the cluster (N hosts: N² reads a heartbeat period). The wait
         may then outlast `timeout` by up to one read timeout (`timeout` itself)."""
-        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
-                                   "start_revision": str(after_rev + 1)}}
-        t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
-        ep = self.endpoints[self._cur]
         deadline = time.monotonic() + timeout
-        try:
-            with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
-                for line in r.iter_lines():
-                    if not line.strip():
-                        continue
-                    result = json.loads(line).get("result", {})
-                    if result.get("compact_revision") or result.get("canceled"):
-                        return True
-                    events = result.get("events")
-                    if events and not (refreshes is not None
-                                       and all(_refresh(e, refreshes) for e in events)):
-                        return True
-                    if events and time.monotonic() >= deadline:
-                        return False  # (refreshes only)
-        except httpx.ReadTimeout:
-            return False
-        except (httpx.HTTPError, json.JSONDecodeError):
-            # The caller re-reads through _call, which fails over or reports the outage.
-            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
-        return True
+        for result in self._watch(prefix, after_rev, timeout):
+            if result is None:
+                return True
+            events = result.get("events")
+            if events and not (refreshes is not None
+                               and all(_refresh(e, refreshes) for e in events)):
+                return True
+            if events and time.monotonic() >= deadline:
+                return False  # (refreshes only)
+        return False
 
     def changes(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[list[bytes] | None, int]:
         """One watch stream from after_rev + 1, as wait(); at its first events, their keys
         and the revision of the last (etcd never splits one revision's events between two
         answers of a stream, and sends them in order: every change up to it is told)."""
-        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
-                                   "start_revision": str(after_rev + 1)}}
-        t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
-        ep = self.endpoints[self._cur]
-        try:
-            with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
-                for line in r.iter_lines():
-                    if not line.strip():
-                        continue
-                    result = json.loads(line).get("result", {})
-                    if result.get("compact_revision") or result.get("canceled"):
-                        return None, -1
-                    events = result.get("events")
-                    if events:
-                        kvs = [e.get("kv", {}) for e in events]
-                        return ([base64.b64decode(kv.get("key", "")) for kv in kvs],
-                                max(int(kv.get("mod_revision", 0)) for kv in kvs))
-        except httpx.ReadTimeout:
-            return [], after_rev
-        except (httpx.HTTPError, json.JSONDecodeError):
-            # read again through _call, which fails over or reports the outage
-            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
-        return None, -1
+        for result in self._watch(prefix, after_rev, timeout):
+            if result is None:
+                return None, -1
+            events = result.get("events")
+            if events:
+                kvs = [e.get("kv", {}) for e in events]
+                return ([base64.b64decode(kv.get("key", "")) for kv in kvs],
+                        max(int(kv.get("mod_revision", 0)) for kv in kvs))
+        return [], after_rev
 
     def compact(self, revision: int) -> None:
         """etcd keeps every value every key had since it was last compacted, and refuses
