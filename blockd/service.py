@@ -1621,6 +1621,10 @@ class Blockd:
             gateways = list(self.provider.gateways.values())
             if changed is None or trio.current_time() >= full_at:
                 full_at = trio.current_time() + STALE_REFRESH_MAX
+                # (read before the refreshes, which cover every change before it: the
+                # next watch starts from a recent revision, as _watch_volumes' does)
+                rev = await self._revision()
+                gateways = list(self.provider.gateways.values())
                 due = gateways
             else:
                 due = [gw for gw in gateways if gw.lineage in changed or gw not in refreshed]
@@ -1648,8 +1652,12 @@ class Blockd:
             now = trio.current_time()
             if changed is None or now >= full_at or provider.sync_wanted:
                 full_at, readers_at = now + RECORD_SYNC_MAX, now + RECORD_SYNC_PERIOD
-                if rev < 0:  # (read before the records: a change after it is told)
-                    rev = await self._revision()
+                # read before the records: a change after it is told. Read again at every
+                # full pass, not only when unknown: in an idle pool no record changes for
+                # hours while heartbeats and renewals move the revision on, and a watch
+                # from an old one makes etcd read every revision since (of every key) to
+                # find nothing; from one of the last pass, 5 s of them at most
+                rev = await self._revision()
                 await provider.sync_records()
             elif changed or now >= readers_at:
                 readers = now >= readers_at

@@ -111,8 +111,6 @@ def test_idle_open_volumes_cost_the_registry_little(etcd, tmp_path):
         stop_process(proc, 15)
 
 
-@pytest.mark.xfail(strict=True, reason="the watches start after the revision of the last "
-                   "change of their keys, however old: etcd replays all history since")
 def test_idle_watches_start_from_a_recent_revision(etcd, tmp_path):
     """An idle pool changes no volume or stale record for hours, while heartbeats, stats
     and lease renewals move etcd's revision on all the time. A watch begun after an old
