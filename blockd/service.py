@@ -1606,7 +1606,7 @@ class Blockd:
     async def _refresh_stale(self) -> None:
         """Open gateways learn which copies became current again (or went stale through
         another gateway's failure): each period, the gateways of the lineages whose stale
-        records changed meanwhile (a watch of them says which), every gateway opened since
+        records changed in it (a watch of them says which), every gateway opened since
         the last period, and every STALE_REFRESH_MAX seconds all of them."""
         rev, full_at = -1, -math.inf
         refreshed: set[VolumeGateway] = set()  # the gateways open at the last period
@@ -1614,9 +1614,18 @@ class Blockd:
             t0 = trio.current_time()
             if rev < 0:  # (read before the refreshes that follow the changes after it)
                 rev = await self._revision()
-            changed, rev = await self._changes(self.registry.sync.stale_changes, rev,
-                                               t0 + STALE_REFRESH_PERIOD)
-            await trio.sleep_until(t0 + STALE_REFRESH_PERIOD)  # (a period at least)
+            # Every lineage told until the period ends, not only those of the first
+            # changes told: one whose records changed a moment after another's would
+            # wait a period more, its gateways reading their own copies by a map that
+            # does not name them stale. At most one watch begun a RECORD_SYNC_GAP.
+            end = t0 + STALE_REFRESH_PERIOD
+            changed: set[str] | None = set()
+            while changed is not None and trio.current_time() < end:
+                begun = trio.current_time()
+                told, rev = await self._changes(self.registry.sync.stale_changes, rev, end)
+                changed = None if told is None else changed | told
+                await trio.sleep_until(min(begun + RECORD_SYNC_GAP, end))
+            await trio.sleep_until(end)  # (a period at least)
             await self.provider.settle_all()
             gateways = list(self.provider.gateways.values())
             if changed is None or trio.current_time() >= full_at:

@@ -152,8 +152,6 @@ def test_idle_watches_start_from_a_recent_revision(etcd, tmp_path):
         assert revs and revs[-1] >= out["moved_to"], (what, revs, out)
 
 
-@pytest.mark.xfail(strict=True, reason="a lineage whose stale records change after another's "
-                   "in the same period is refreshed a period later")
 def test_stale_marks_of_two_lineages_reach_their_gateways_at_the_same_refresh(etcd, tmp_path):
     """Open gateways of two volumes (two lineages). A copy of each is recorded stale, one
     right after the other, well before a refresh: that refresh must refresh both
