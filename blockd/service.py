@@ -881,34 +881,39 @@ class VolumeProvider:
         while self._syncs_ended < want:
             await self._sync_ended.wait()
 
-    async def sync_records(self, volumes: set[str] | None = None, readers: bool = False) -> None:
+    async def sync_records(self, volumes: set[str] | None = None,
+                           readers: bool = False) -> set[str]:
         """Every open export reads its volume's record and adopts it (sync_record); with
         `volumes` (names whose records changed) or `readers` (the exports without the
-        lease: their reads keep them serving, _confirm), only those (no pass for
-        next_sync)."""
+        lease, and those whose lease runs out before the next pass of all: their reads
+        keep them serving, _confirm), only those (no pass for next_sync). Returns the
+        volumes whose read failed (Blockd._watch_volumes asks again for them)."""
         if volumes is not None or readers:
-            await self._sync_records(volumes or set(), readers)
-            return
+            return await self._sync_records(volumes or set(), readers)
         self.sync_wanted = False
         self._syncs_begun += 1
         n = self._syncs_begun
         try:
-            await self._sync_records()
+            return await self._sync_records()
         finally:
             self._syncs_ended = max(self._syncs_ended, n)
             ended, self._sync_ended = self._sync_ended, trio.Event()
             ended.set()
 
-    async def _sync_records(self, volumes: set[str] | None = None, readers: bool = False) -> None:
+    async def _sync_records(self, volumes: set[str] | None = None,
+                            readers: bool = False) -> set[str]:
         gone = False
+        failed: set[str] = set()
+        soon = trio.current_time() + RECORD_SYNC_MAX  # (a lease running out before it)
         for export, gw in list(self.gateways.items()):
             if volumes is not None and gw.view.volume.name not in volumes and not (
-                    readers and not gw.token):
+                    readers and (not gw.token or gw.lease_deadline <= soon)):
                 continue
             if gw.read_only and gw.gone is None:
                 try:
                     gone = await self._snapshot_gone(gw) or gone
                 except VbpError as e:
+                    failed.add(gw.view.volume.name)
                     log.warning("volume=%s event=record_sync_failed error=%s", export, e)
             if gw.read_only or gw.fenced:
                 continue
@@ -921,9 +926,11 @@ class VolumeProvider:
             except Fenced as e:  # (completing a snapshot: the lease is no longer ours)
                 gw._fence(e)
             except VbpError as e:
+                failed.add(gw.view.volume.name)
                 log.warning("volume=%s event=record_sync_failed error=%s", export, e)
         if gone:
             await self._republish()
+        return failed
 
     async def _acquire(self, name: str, *, wait: bool = True):
         """Take the volume's write lease. A lease still held elsewhere is waited for up to
@@ -1667,15 +1674,19 @@ class Blockd:
                 # from an old one makes etcd read every revision since (of every key) to
                 # find nothing; from one of the last pass, 5 s of them at most
                 rev = await self._revision()
-                await provider.sync_records()
+                failed = await provider.sync_records()
             elif changed or now >= readers_at:
                 readers = now >= readers_at
                 if readers:
                     readers_at = now + RECORD_SYNC_PERIOD
-                await provider.sync_records(changed, readers=readers)
+                failed = await provider.sync_records(changed, readers=readers)
+            else:
+                failed = set()
             waited = trio.current_time()
             changed, rev = await self._changes(self.registry.sync.volume_changes, rev,
                                                min(full_at, readers_at), wake=True)
+            if changed is not None:  # (a change told, its read failed: asked again, not
+                changed |= failed  # left to the next pass of all)
 
     @staticmethod
     async def _every(period: float, what: str, step, *, first_wait: bool = False) -> None:

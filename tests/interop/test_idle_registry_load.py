@@ -22,6 +22,7 @@ from blockd.service import RECORD_SYNC_MAX, STALE_REFRESH_MAX, Blockd
 from control import api
 from tests.conftest import ROOT, stop_process
 from tests.etcd import EtcdProcess
+from vbp.errors import RegistryUnavailable
 from vbp.registry import open_registry
 from vbp.registry.kv import Put
 
@@ -203,3 +204,118 @@ def test_stale_marks_of_two_lineages_reach_their_gateways_at_the_same_refresh(et
     judged = [v for v in verdicts if v[0] >= 0.3]
     assert len(judged) >= 2, verdicts
     assert all(db is not None and abs(db) < 0.1 for _, db in judged), verdicts
+
+
+def _after_a_full_pass(b):
+    """Record the service's record passes: [(time, volumes or None for all, readers)]."""
+    calls: list = []
+    real = b.provider.sync_records
+
+    async def record(volumes=None, readers=False):
+        calls.append((trio.current_time(), None if volumes is None else set(volumes), readers))
+        return await real(volumes, readers)
+    b.provider.sync_records = record
+    return calls
+
+
+async def _full_pass_begun(calls) -> None:
+    n = len(calls)
+    with trio.fail_after(RECORD_SYNC_MAX + 5):
+        while not any(v is None for _, v, _r in calls[n:]):
+            await trio.sleep(0.01)
+
+
+def test_a_change_whose_read_failed_is_read_again_before_the_next_pass_of_all(etcd, tmp_path):
+    """The watch names a changed volume and its export reads the record; that read
+    failing (the registry blinked), the change waited for the next pass of every export
+    (RECORD_SYNC_MAX, 5 s) on a host holding the lease: a snapshot asked of it, a QoS
+    change, a forced delete's fencing. It is read again at the next wake (a second)."""
+    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
+                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    seen: list = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            b = await nursery.start(Blockd(cfg).run)
+            reg = b.registry.sync
+            await trio.to_thread.run_sync(
+                lambda: api.create_volume(reg, "fv", 8 << 20, replicas=1, chunk_size="1M"))
+            gw = await b.provider.open_export("fv")
+            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None and gw.token
+            calls = _after_a_full_pass(b)
+            real_get = reg.get_volume
+            armed = []
+
+            def get_volume(name):
+                if name == "fv" and armed:
+                    armed.clear()
+                    raise RegistryUnavailable("etcd blinked (test)")
+                return real_get(name)
+            reg.get_volume = get_volume
+            await _full_pass_begun(calls)
+            await trio.sleep(0.3)
+            armed.append(True)
+            n = len(calls)
+            await trio.to_thread.run_sync(lambda: api.resize(open_registry(etcd.url), "fv", 16 << 20))
+            with trio.fail_after(RECORD_SYNC_MAX + 5):
+                while gw.size != 16 << 20:
+                    await trio.sleep(0.01)
+            assert not armed  # (the read failed once)
+            seen.extend(v for _, v, _r in calls[n:])
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    covering = [v for v in seen if v is None or "fv" in v]
+    # the failed read, then a read of that volume again before any pass of all
+    assert len(covering) >= 2 and covering[1] is not None, seen
+
+
+def test_a_holder_whose_lease_runs_out_soon_reads_its_record_every_second(etcd, tmp_path):
+    """A lease holder reads by its own copies past its lease deadline only while record
+    reads keep its serve_until ahead (VolumeProvider._confirm: 4 s past a publication).
+    Holders read their record at the passes of all (5 s) only: one whose renewals lag
+    would let serve_until lapse in between, and answer from the other copies or fail
+    (replicas=1). A holder whose lease runs out before the next pass of all is read with
+    the exports without the lease, each second."""
+    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
+                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    got: list = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            b = await nursery.start(Blockd(cfg).run)
+            reg = b.registry.sync
+            await trio.to_thread.run_sync(
+                lambda: api.create_volume(reg, "lv", 8 << 20, replicas=1, chunk_size="1M"))
+            gw = await b.provider.open_export("lv")
+            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None and gw.token
+            reads = []
+            real = b.provider.sync_record
+
+            async def sync_record(g, lease):
+                if g is gw:
+                    reads.append(trio.current_time())
+                return await real(g, lease)
+            b.provider.sync_record = sync_record
+            calls = _after_a_full_pass(b)
+            await _full_pass_begun(calls)
+            await trio.sleep(0.2)
+            b.provider.renew_all = _no_renewals  # (renewals lagging)
+            gw.lease_deadline = trio.current_time() + 3.0
+            t0 = trio.current_time()
+            await trio.sleep(2.5)
+            got.extend(t - t0 for t in reads if t > t0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got and got[0] < 1.5, got
+
+
+async def _no_renewals() -> None:
+    return None
+
+
+async def _call(result):
+    if result is not None and hasattr(result, "__await__"):
+        return await result
+    return result
