@@ -321,7 +321,6 @@ async def _call(result):
     return result
 
 
-@pytest.mark.xfail(strict=True, reason="every GC pass reads every volume record and host stats")
 def test_garbage_collection_reads_the_pool_only_when_something_changed(etcd, tmp_path):
     """Each garbage collection pass (gc_interval, 5 s) read every volume record, every
     lease and every host's stats from the registry, on every host, changed or not: 1,000
