@@ -1674,19 +1674,30 @@ class Blockd:
         for that (next_sync)."""
         provider = self.provider
         rev, full_at, readers_at = -1, -math.inf, -math.inf
+        ahead = -1  # the revision read before the last watch that was to end at full_at
         changed: set[str] | None = None
         waited = -math.inf
         while True:
             await trio.sleep_until(waited + RECORD_SYNC_GAP)
             now = trio.current_time()
             if changed is None or now >= full_at or provider.sync_wanted:
+                ran_out = now >= full_at  # (the last watch ran to its end)
                 full_at, readers_at = now + RECORD_SYNC_MAX, now + RECORD_SYNC_PERIOD
-                # read before the records: a change after it is told. Read again at every
-                # full pass, not only when unknown: in an idle pool no record changes for
-                # hours while heartbeats and renewals move the revision on, and a watch
-                # from an old one makes etcd read every revision since (of every key) to
-                # find nothing; from one of the last pass, 5 s of them at most
-                rev = await self._revision()
+                # read before the records: a change after it is told. Read again for
+                # every full pass, not only when unknown: in an idle pool no record
+                # changes for hours while heartbeats and renewals move the revision on,
+                # and a watch from an old one makes etcd read every revision since (of
+                # every key) to find nothing; from one of the last pass, 5 s at most. It
+                # is read before the last watch ahead of the pass began (`ahead`), not
+                # here: a change after that watch ended and before a read here would be
+                # told to no watch (garbage collection passes again only for a told one).
+                # (woken for a pass of all, the watch's answer is dropped: it goes on from
+                # where it began)
+                if changed is None or rev < 0:
+                    rev = await self._revision()
+                elif ran_out:
+                    rev = max(rev, ahead)
+                ahead = -1
                 failed = await provider.sync_records()
             elif changed or now >= readers_at:
                 readers = now >= readers_at
@@ -1696,6 +1707,8 @@ class Blockd:
             else:
                 failed = set()
             waited = trio.current_time()
+            if full_at <= readers_at and rev >= 0:  # (the last watch before a full pass)
+                ahead = await self._revision()
             changed, rev = await self._changes(self.registry.sync.volume_changes, rev,
                                                min(full_at, readers_at), wake=True)
             if changed is None or changed:

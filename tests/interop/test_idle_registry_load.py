@@ -363,8 +363,6 @@ def test_garbage_collection_reads_the_pool_only_when_something_changed(etcd, tmp
     assert counts["idle"] <= 2, counts
 
 
-@pytest.mark.xfail(strict=True, reason="a record change made just before a full record pass "
-                   "is told to no watch: garbage collection skips it for GC_FULL_PERIOD")
 def test_a_snapshot_deleted_just_before_a_full_record_pass_is_collected_soon(etcd, tmp_path):
     """A full pass of the record watch (every RECORD_SYNC_MAX) reads the registry's
     revision again and watches from it: a record changed after the last watch ended and
