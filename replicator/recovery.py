@@ -328,6 +328,7 @@ class Resync:
         self._progress(mine)
         self._quiet_seq = None if mine else seq
         if not mine:
+            self.held_full = 0  # (none left to hold back: `vbp pool status` says so)
             return 0
         # a copy recorded stale by a backfill was never current (see _resync_all_stale)
         stale_hosts = stale_by_chunk(records)

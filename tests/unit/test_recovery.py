@@ -150,3 +150,21 @@ def test_a_host_with_nothing_to_resync_lists_no_stale_records_while_none_is_made
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_the_count_of_copies_held_back_for_space_drops_once_none_is_left():
+    """`vbp pool status` says "N chunk copies wait for space" from the last resync pass's
+    count. A pass that found none of this host's stale records left the count as it was:
+    once the held-back records went another way (accept-loss, the volume deleted), the
+    host said copies waited for space that did not exist."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=2, zones=2)
+            await sim.start(nursery, loops=False)
+            resync = sim.hosts["h1"].resync
+            resync.held_full = 7  # (a pass held 7 back, their records since gone)
+            assert await resync.run_once() == 0
+            assert resync.held_full == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
