@@ -18,10 +18,11 @@ import pytest
 import trio
 
 from blockd.config import Config
-from blockd.service import RECORD_SYNC_MAX, STALE_REFRESH_MAX, Blockd
+from blockd.service import GC_FULL_PERIOD, RECORD_SYNC_MAX, STALE_REFRESH_MAX, Blockd
 from control import api
 from tests.conftest import ROOT, stop_process
 from tests.etcd import EtcdProcess
+from tests.sim.harness import call
 from vbp.errors import RegistryUnavailable
 from vbp.registry import open_registry
 from vbp.registry.kv import Put
@@ -119,8 +120,7 @@ def test_idle_watches_start_from_a_recent_revision(etcd, tmp_path):
     periods, 20 min), to find none under its prefix: each host begins two a second.
     Measured, 20,000 revisions behind: 24 ms of etcd CPU a watch, where one from now
     costs 7. The watches must start from a revision at most a full pass old."""
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    cfg = _config(etcd, tmp_path)
     seen: dict[str, list[int]] = {"volume_changes": [], "stale_changes": []}
     out: dict = {}
 
@@ -161,8 +161,7 @@ def test_stale_marks_of_two_lineages_reach_their_gateways_at_the_same_refresh(et
     acknowledged writes (a live-migrated VM's destination reads by its map before its
     first write). (The marks name a host of no placement, which the data-set step soon
     clears as moot: another change of both lineages, refreshed later.)"""
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    cfg = _config(etcd, tmp_path)
     verdicts: list[tuple[float, float | None]] = []
 
     async def main():
@@ -230,18 +229,14 @@ def test_a_change_whose_read_failed_is_read_again_before_the_next_pass_of_all(et
     failing (the registry blinked), the change waited for the next pass of every export
     (RECORD_SYNC_MAX, 5 s) on a host holding the lease: a snapshot asked of it, a QoS
     change, a forced delete's fencing. It is read again at the next wake (a second)."""
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    cfg = _config(etcd, tmp_path)
     seen: list = []
 
     async def main():
         async with trio.open_nursery() as nursery:
             b = await nursery.start(Blockd(cfg).run)
             reg = b.registry.sync
-            await trio.to_thread.run_sync(
-                lambda: api.create_volume(reg, "fv", 8 << 20, replicas=1, chunk_size="1M"))
-            gw = await b.provider.open_export("fv")
-            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None and gw.token
+            gw = await _written(b, "fv")
             calls = _after_a_full_pass(b)
             real_get = reg.get_volume
             armed = []
@@ -277,18 +272,13 @@ def test_a_holder_whose_lease_runs_out_soon_reads_its_record_every_second(etcd, 
     would let serve_until lapse in between, and answer from the other copies or fail
     (replicas=1). A holder whose lease runs out before the next pass of all is read with
     the exports without the lease, each second."""
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30).validate()
+    cfg = _config(etcd, tmp_path)
     got: list = []
 
     async def main():
         async with trio.open_nursery() as nursery:
             b = await nursery.start(Blockd(cfg).run)
-            reg = b.registry.sync
-            await trio.to_thread.run_sync(
-                lambda: api.create_volume(reg, "lv", 8 << 20, replicas=1, chunk_size="1M"))
-            gw = await b.provider.open_export("lv")
-            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None and gw.token
+            gw = await _written(b, "lv")
             reads = []
             real = b.provider.sync_record
 
@@ -315,10 +305,22 @@ async def _no_renewals() -> None:
     return None
 
 
-async def _call(result):
-    if result is not None and hasattr(result, "__await__"):
-        return await result
-    return result
+def _config(etcd, tmp_path, **settings) -> Config:
+    """An in-process blockd's settings: host h1 on the test's etcd, ports of its own."""
+    return Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
+                  listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30,
+                  **settings).validate()
+
+
+async def _written(b, name: str):
+    """The gateway of a new 8 MiB replicas=1 volume `name`, opened on blockd `b`, which
+    holds its lease and a chunk of it (4 KiB of 0x01 written at 0)."""
+    reg = b.registry.sync
+    await trio.to_thread.run_sync(
+        lambda: api.create_volume(reg, name, 8 << 20, replicas=1, chunk_size="1M"))
+    gw = await b.provider.open_export(name)
+    assert await call(gw.write(0, b"\x01" * 4096, False)) is None and gw.token
+    return gw
 
 
 def test_garbage_collection_reads_the_pool_only_when_something_changed(etcd, tmp_path):
@@ -328,19 +330,14 @@ def test_garbage_collection_reads_the_pool_only_when_something_changed(etcd, tmp
     chunks here and no volume record changed since the last (the record watch tells)
     frees nothing the last did not: the registry is read again only every GC_FULL_PERIOD
     (what only the host stats tell, a snapshot export closed, waits that long)."""
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30,
-                 gc_interval=0.25).validate()
+    cfg = _config(etcd, tmp_path, gc_interval=0.25)
     counts: dict = {}
 
     async def main():
         async with trio.open_nursery() as nursery:
             b = await nursery.start(Blockd(cfg).run)
             reg = b.registry.sync
-            await trio.to_thread.run_sync(
-                lambda: api.create_volume(reg, "gv", 8 << 20, replicas=1, chunk_size="1M"))
-            gw = await b.provider.open_export("gv")
-            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None  # (a chunk here)
+            gw = await _written(b, "gv")
             real = reg.deleted_gens  # (read by garbage collection only, first of its reads)
             calls = []
 
@@ -369,25 +366,15 @@ def test_a_snapshot_deleted_just_before_a_full_record_pass_is_collected_soon(etc
     before that read is told to no watch, so garbage collection, which passes again only
     for a told change (or every GC_FULL_PERIOD), kept a deleted snapshot's chunks for up
     to 30 s instead of a few."""
-    import sys as _sys
-
-    from blockd.service import GC_FULL_PERIOD
-
-    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"), registry=etcd.url,
-                 listen="127.0.0.1:0", nbd="127.0.0.1:0", capacity=1 << 30,
-                 gc_interval=0.25).validate()
+    cfg = _config(etcd, tmp_path, gc_interval=0.25)
     got: dict = {}
 
     async def main():
         async with trio.open_nursery() as nursery:
             b = await nursery.start(Blockd(cfg).run)
-            reg = b.registry.sync
-            await trio.to_thread.run_sync(
-                lambda: api.create_volume(reg, "gv", 8 << 20, replicas=1, chunk_size="1M"))
-            gw = await b.provider.open_export("gv")
-            assert await _call(gw.write(0, b"\x01" * 4096, False)) is None
+            gw = await _written(b, "gv")
             await trio.to_thread.run_sync(lambda: api.snapshot(open_registry(etcd.url), "gv", "s"))
-            assert await _call(gw.write(0, b"\x02" * 4096, False)) is None  # (a new generation)
+            assert await call(gw.write(0, b"\x02" * 4096, False)) is None  # (a new generation)
             lineage = gw.lineage
             assert len(b.store.gens(lineage, 0)) == 2
             await trio.sleep(2.0)  # (the passes for the writes over)
@@ -396,7 +383,7 @@ def test_a_snapshot_deleted_just_before_a_full_record_pass_is_collected_soon(etc
 
             async def revision():
                 # the full pass of the record watch: the snapshot deleted just before it
-                if armed and _sys._getframe(1).f_code.co_name == "_watch_volumes":
+                if armed and sys._getframe(1).f_code.co_name == "_watch_volumes":
                     armed.clear()
                     await trio.to_thread.run_sync(
                         lambda: api.delete_volume(open_registry(etcd.url), "gv@s"))

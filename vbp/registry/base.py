@@ -468,18 +468,20 @@ class Registry:
         (None, rev) when the registry cannot tell which (LMDB, memory: something changed
         somewhere; etcd: the watch failed): read every record again, at `rev` or later
         (-1: read revision() first)."""
-        keys, rev = self.kv.changes(P_VOL, after_rev, timeout)
-        if keys is None:
-            return None, rev
-        return {k[len(P_VOL):].decode(errors="replace") for k in keys if k.startswith(P_VOL)}, rev
+        return self._changed(P_VOL, after_rev, timeout)
 
     def stale_changes(self, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
         """volume_changes for the stale records: the lineages whose records changed."""
-        keys, rev = self.kv.changes(P_STALE, after_rev, timeout)
+        return self._changed(P_STALE, after_rev, timeout)
+
+    def _changed(self, prefix: bytes, after_rev: int, timeout: float) -> tuple[set[str] | None, int]:
+        """KV.changes under `prefix`, each key told as the name it begins with (up to its
+        first NUL: a volume's name, a stale record's lineage)."""
+        keys, rev = self.kv.changes(prefix, after_rev, timeout)
         if keys is None:
             return None, rev
-        return {k[len(P_STALE):].split(b"\x00", 1)[0].decode(errors="replace")
-                for k in keys if k.startswith(P_STALE)}, rev
+        return {k[len(prefix):].split(b"\x00", 1)[0].decode(errors="replace")
+                for k in keys if k.startswith(prefix)}, rev
 
     # --- volumes -------------------------------------------------------------------------
 
