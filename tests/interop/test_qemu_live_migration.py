@@ -83,12 +83,18 @@ def migrate(src: Vm, dst: Vm, addr: str, during=None, bandwidth: int | None = No
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth})
     t0 = time.monotonic()
     src.qmp.cmd("migrate", uri=addr)
+    continued = False
     while True:
         st = src.status()
         if st.get("status") == "completed":
             return time.monotonic() - t0
         if st.get("status") == "pre-switchover":
-            src.qmp.cmd("migrate-continue", state="pre-switchover")
+            # once: the status may still say so a moment after, when a second continue
+            # fails ("Migration not in expected state: device")
+            if not continued:
+                src.qmp.cmd("migrate-continue", state="pre-switchover")
+                continued = True
+            time.sleep(0.02)
         else:
             assert st.get("status") in ("setup", "active", "device"), st
             if during is not None and st.get("status") == "active":
