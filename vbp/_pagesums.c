@@ -10,12 +10,17 @@
  * widest vector unit the CPU has: AVX-512, AVX2 or SSE2, chosen at run time, as the
  * xxhash Python binding does). The Python binding offers no call for many buffers.
  *
- * The GIL is held: the callers run on the event loop and wait for the result anyway.
+ * fill and check hold the GIL: the callers run on the event loop and wait for the result
+ * anyway. put (a large write: its pwrites, then its checksums) lets it go around its
+ * system calls, as os.pwrite does around each.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <limits.h>
 #include <stdint.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #if defined(__x86_64__) && XXH_VERSION_NUMBER >= 800
@@ -75,6 +80,18 @@ give_back(struct call *c)
     PyBuffer_Release(&c->data);
 }
 
+/* sums[first + i] = the checksum of page i of data, for every page of the call's data */
+static void
+hash_pages(struct call *c)
+{
+    const unsigned char *page = c->data.buf;
+    uint64_t *sums = (uint64_t *)c->sums.buf + c->first;
+    for (Py_ssize_t i = 0; i < c->pages; i++, page += PAGE_SIZE) {
+        uint64_t h = PAGE_HASH(page, PAGE_SIZE);
+        sums[i] = h ? h : 1;
+    }
+}
+
 PyDoc_STRVAR(fill_doc,
 "fill(data, sums, first)\n\n"
 "sums[first + i] = the checksum of page i of data, for every page of data.");
@@ -85,12 +102,7 @@ fill(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     struct call c;
     if (take(&c, args, nargs, 1, "fill") < 0)
         return NULL;
-    const unsigned char *page = c.data.buf;
-    uint64_t *sums = (uint64_t *)c.sums.buf + c.first;
-    for (Py_ssize_t i = 0; i < c.pages; i++, page += PAGE_SIZE) {
-        uint64_t h = PAGE_HASH(page, PAGE_SIZE);
-        sums[i] = h ? h : 1;
-    }
+    hash_pages(&c);
     give_back(&c);
     Py_RETURN_NONE;
 }
@@ -122,9 +134,76 @@ check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(bad);
 }
 
+PyDoc_STRVAR(put_doc,
+"put(fd, data, pos, piece, sums, first)\n\n"
+"pwrite all of data (whole pages) at pos of fd, in pieces of at most piece bytes, then\n"
+"fill(data, sums, first). A failed pwrite raises OSError and fills nothing; an\n"
+"interrupted one is taken up again (after the signal handlers, as os.pwrite does).");
+
+static PyObject *
+put(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct call c;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "put(fd, data, pos, piece, sums, first) takes 6 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    long long pos = PyLong_AsLongLong(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t piece = PyLong_AsSsize_t(args[3]);
+    if (piece == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX || pos < 0 || piece <= 0) {
+        PyErr_Format(PyExc_ValueError, "put: fd %ld, pos %lld and piece %zd", fd, pos, piece);
+        return NULL;
+    }
+    PyObject *rest[3] = {args[1], args[4], args[5]};
+    if (take(&c, rest, 3, 1, "put") < 0)
+        return NULL;
+    const char *buf = c.data.buf;
+    Py_ssize_t len = c.data.len, done = 0;
+    int err = 0;
+    while (done < len) {
+        Py_ssize_t want = len - done < piece ? len - done : piece;
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = pwrite((int)fd, buf + done, (size_t)want, (off_t)(pos + done));
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0) {
+                    give_back(&c);
+                    return NULL;
+                }
+                continue;
+            }
+            err = errno;
+            break;
+        }
+        if (n == 0) {  /* (nothing written and no error: a file that takes no more) */
+            err = EIO;
+            break;
+        }
+        done += n;
+    }
+    if (err) {
+        give_back(&c);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    hash_pages(&c);
+    give_back(&c);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fill", (PyCFunction)(void (*)(void))fill, METH_FASTCALL, fill_doc},
     {"check", (PyCFunction)(void (*)(void))check, METH_FASTCALL, check_doc},
+    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL, put_doc},
     {NULL, NULL, 0, NULL},
 };
 

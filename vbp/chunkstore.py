@@ -135,7 +135,7 @@ from vbp.chunkstore_common import (
 )
 from vbp.chunkstore_files import (
     COPY_STEP, MAP_SIZE, NOSPACE_ERRNOS, PENDING, READY, SLOT, Chunk, boot_id, dec_key, enc_key,
-    _nospace, pread_full, pread_path, punch, pwrite_all, pwrite_pieces, reserve, Space, Txn, sync_dir,
+    _nospace, pread_full, pread_path, punch, pwrite_all, reserve, Space, Txn, sync_dir,
     sync_paths,
     WRITE_PIECE,
 )
@@ -933,18 +933,19 @@ class ChunkStore:
             if end & PAGE_MASK and (last << PAGE_SHIFT > start or not offset & PAGE_MASK):
                 buf[-PAGE_SIZE:] = self._page(c, last)
             buf[offset - start: end - start] = data
+        sums = sp.sums
+        p = c.sbase + (start >> PAGE_SHIFT)
         try:
-            if len(buf) > WRITE_PIECE:
-                pwrite_pieces(sp.fd, buf, c.dbase + start)
-            elif os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
+            if len(buf) > WRITE_PIECE:  # (the pieces and the checksums in one C call)
+                pagesums.put(sp.fd, buf, c.dbase + start, WRITE_PIECE, sums, p)
+                return
+            if os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
                 pwrite_all(sp.fd, buf, c.dbase + start)  # short: redo it whole (idempotent)
         except OSError as e:
             self._settle_failed(c, start, buf)
             if e.errno in NOSPACE_ERRNOS:
                 raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
             raise
-        sums = sp.sums
-        p = c.sbase + (start >> PAGE_SHIFT)
         if len(buf) == PAGE_SIZE:
             sums[p] = xxh3_64_intdigest(buf) or 1
             return

@@ -108,18 +108,10 @@ def pwrite_all(fd: int, buf, pos: int) -> None:
 # and with the references in one run (`python -m bench --workloads randwrite-4k-qd32,
 # seqwrite-1m-qd8 --targets nbdkit,vbp-r1`): 4K randwrite 0.85x nbdkit at 128K, 0.95-1.0x
 # at 32K, 1.04x at 16K; 1M seqwrite 0.60x, 0.56x, 0.50x. 32K is the knee: most of the
-# small-write gain for 5-10% of sequential write speed.
+# small-write gain for 5-10% of sequential write speed. (The pieces of one write, and then
+# its checksums, are one call of the C extension, vbp.pagesums.put: the loop in Python cost
+# a 1 MiB write about 25 us more.)
 WRITE_PIECE = 32 * 1024
-
-
-def pwrite_pieces(fd: int, buf, pos: int) -> None:
-    """pwrite_all of `buf` at `pos`, in pieces of at most WRITE_PIECE bytes."""
-    if len(buf) <= WRITE_PIECE:
-        pwrite_all(fd, buf, pos)
-        return
-    mv = memoryview(buf)
-    for o in range(0, len(mv), WRITE_PIECE):
-        pwrite_all(fd, mv[o:o + WRITE_PIECE], pos + o)
 
 
 def sync_paths(paths) -> None:

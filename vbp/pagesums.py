@@ -4,9 +4,14 @@
     check(data, sums, first) -> int  the first page i of data whose checksum is not
                                      sums[first + i] (a hole there, 0, is not checked),
                                      or -1
+    put(fd, data, pos, piece, sums, first)
+                                     a large write: data pwritten at pos of fd in pieces
+                                     of at most `piece` bytes, then fill(data, sums,
+                                     first); a failed pwrite raises its OSError before
+                                     any checksum changes
 
 `data` is whole pages (any buffer); `sums` a table of uint64, one per page (the chunk
-store's sidecar map, an array("Q")). Both are the C extension vbp._pagesums, built when
+store's sidecar map, an array("Q")). All three are the C extension vbp._pagesums, built when
 vbp is installed (it links Debian's libxxhash): a hash call per page from Python costs
 about a third as much again as hashing the page, and for 1 MiB reads and writes of a
 replicas=1 volume the C loop gave 10 % more MiB/s. Where the extension is not built,
@@ -16,13 +21,15 @@ extension, so CI cannot run on the stand-ins by accident).
 
 from __future__ import annotations
 
+import errno
+import os
 from itertools import compress
 
 from xxhash import xxh3_64_intdigest
 
 from vbp.layout import PAGE_SIZE
 
-__all__ = ["NATIVE", "check", "fill", "py_check", "py_fill"]
+__all__ = ["NATIVE", "check", "fill", "put", "py_check", "py_fill", "py_put"]
 
 
 def _pages(data) -> tuple[memoryview, int]:
@@ -66,10 +73,27 @@ def py_check(data, sums, first: int) -> int:
     return -1
 
 
+def py_put(fd: int, data, pos: int, piece: int, sums, first: int) -> None:
+    """put() in Python."""
+    mv, n = _pages(data)
+    _entries(sums, first, n)  # (its checks, before anything is written, as put's)
+    if piece <= 0 or pos < 0:
+        raise ValueError(f"put: pos {pos} and piece {piece}")
+    at = 0
+    while at < len(mv):
+        end = min(at + piece, len(mv))
+        while at < end:  # (a short pwrite: the rest of the piece again)
+            done = os.pwrite(fd, mv[at:end], pos + at)
+            if not done:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            at += done
+    py_fill(mv, sums, first)
+
+
 try:
-    from vbp._pagesums import check, fill
+    from vbp._pagesums import check, fill, put
 except ImportError:  # (not built: see the module's docstring)
     NATIVE = False
-    check, fill = py_check, py_fill
+    check, fill, put = py_check, py_fill, py_put
 else:
     NATIVE = True

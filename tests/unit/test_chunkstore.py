@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
+from vbp import pagesums
 from vbp.chunkstore import ChunkStore, MemoryChunkStore
 from vbp import chunkstore_files as cf
 from vbp.chunkstore_files import WRITE_PIECE
@@ -536,8 +537,10 @@ def test_nospace_leaves_store_usable(tmp_path):
 
 
 def _failing_pwrite(monkeypatch, from_pos):
-    """os.pwrite failing with ENOSPC for writes at `from_pos` or beyond (None: none)."""
+    """os.pwrite failing with ENOSPC for writes at `from_pos` or beyond (None: none); large
+    writes go through pagesums.put's Python stand-in, which calls it."""
     real = os.pwrite
+    monkeypatch.setattr(pagesums, "put", pagesums.py_put)
     at = {"pos": from_pos}
 
     def pwrite(fd, buf, pos):
@@ -861,29 +864,29 @@ def test_failed_sync_is_never_forgotten(store, tmp_path):
     s.close()
 
 
-def test_large_writes_go_to_the_file_in_pieces_that_add_up(tmp_path, monkeypatch):
-    """pwrite_pieces: every byte lands once, in order, however the length divides, and
-    short pwrites are completed."""
-    from vbp import chunkstore_files as cf
-
+def test_large_writes_go_to_the_file_in_pieces(tmp_path, monkeypatch):
+    """A write larger than WRITE_PIECE goes to the data file in pieces of at most that
+    (vbp/chunkstore_files.py says why), every byte once, each page's checksum after."""
     calls = []
-    real = os.pwrite
+    real = pagesums.put
 
-    def short_pwrite(fd, buf, pos):  # the kernel may take less than asked
-        calls.append(len(buf))
-        return real(fd, bytes(buf)[: max(1, len(buf) // 2)], pos)
+    def put(fd, data, pos, piece, sums, first):
+        calls.append((len(data), piece))
+        return real(fd, data, pos, piece, sums, first)
 
-    monkeypatch.setattr(cf.os, "pwrite", short_pwrite)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
-    try:
-        for n in (1, cf.WRITE_PIECE, cf.WRITE_PIECE + 1, 2 * cf.WRITE_PIECE + 4096 + 7):
+    monkeypatch.setattr(pagesums, "put", put)
+    cs = 1 << 20
+    with ChunkStore(tmp_path, 4 * cs) as s:
+        k = ChunkKey("v", 0, 0)
+        for n in (PAGE_SIZE, WRITE_PIECE, WRITE_PIECE + PAGE_SIZE, 3 * WRITE_PIECE + 4096 + 7):
             data = os.urandom(n)
-            calls.clear()
-            cf.pwrite_pieces(fd, data, 12345)
-            assert os.pread(fd, n, 12345) == data
-            assert max(calls) <= cf.WRITE_PIECE
-    finally:
-        os.close(fd)
+            s.write(k, 8192 + 5, data, chunk_size=cs)
+            assert s.read(k, 8192 + 5, n) == data
+        assert s.verify(k) == []
+    spanned = [((8197 + n - 1) // PAGE_SIZE - 1) * PAGE_SIZE  # (pages 2 to the last)
+               for n in (PAGE_SIZE, WRITE_PIECE, WRITE_PIECE + PAGE_SIZE, 3 * WRITE_PIECE + 4103)]
+    assert calls == [(n, WRITE_PIECE) for n in spanned if n > WRITE_PIECE]
+    assert len(calls) == 3
 
 
 class _IndexFullAfterCopy(ChunkStore):

@@ -5,6 +5,7 @@ a large range is named, holes are never checked, bad arguments are errors."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from array import array
@@ -113,6 +114,104 @@ def test_bad_arguments_are_errors(impl):
         fill(page, bytes(16), 0)  # a read-only table
     fill(b"", table, 2)  # nothing to do, at the end of the table
     assert check(b"", table, 2) == -1 and table.tolist() == [0, 0]
+
+
+PUTS = [pytest.param(pagesums.put, id="native"), pytest.param(pagesums.py_put, id="python")]
+
+
+@pytest.mark.parametrize("put", PUTS)
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 40), piece=st.integers(1, 12),
+       first=st.integers(0, 3), at=st.integers(0, 9))
+def test_put_writes_every_byte_in_place_then_each_pages_checksum(tmp_path_factory, put, seed,
+                                                                 n, piece, first, at):
+    """put: the data lands at its offset, the bytes around it untouched, whatever the
+    pieces (whole pages or not); then the table holds fill's checksums for its pages."""
+    rng = random.Random(seed)
+    data = rng.randbytes(n * PAGE_SIZE)
+    path = tmp_path_factory.mktemp("p") / "f"
+    path.write_bytes(b"\x77" * ((at + n + 2) * PAGE_SIZE))
+    table, want = array("Q", [7]) * (first + n + 1), array("Q", [7]) * (first + n + 1)
+    pagesums.fill(data, want, first)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        put(fd, data, at * PAGE_SIZE, piece * 1000, table, first)
+    finally:
+        os.close(fd)
+    after = path.read_bytes()
+    assert after[at * PAGE_SIZE:(at + n) * PAGE_SIZE] == data
+    assert after[:at * PAGE_SIZE] + after[(at + n) * PAGE_SIZE:] == b"\x77" * (2 * PAGE_SIZE + at * PAGE_SIZE)
+    assert table == want
+
+
+def test_put_takes_up_short_pwrites_until_each_piece_is_whole(tmp_path, monkeypatch):
+    """The kernel may take less than a pwrite asks: the stand-in writes the rest (the
+    extension's loop is the same, on the system call itself)."""
+    calls = []
+    real = os.pwrite
+
+    def short_pwrite(fd, buf, pos):
+        calls.append(len(buf))
+        return real(fd, bytes(buf)[: max(1, len(buf) // 3)], pos)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    data = random.randbytes(5 * PAGE_SIZE)
+    table = array("Q", [0]) * 5
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        pagesums.py_put(fd, data, 12288, 2 * PAGE_SIZE, table, 0)
+        assert os.pread(fd, len(data), 12288) == data
+    finally:
+        os.close(fd)
+    assert max(calls) <= 2 * PAGE_SIZE and len(calls) > 3
+    assert 0 not in table
+
+
+@pytest.mark.parametrize("put", PUTS)
+def test_a_put_that_fails_raises_the_system_error_and_leaves_the_checksums(tmp_path, put):
+    """A full disk (/dev/full: every write is ENOSPC) and a descriptor not open for writing
+    (EBADF) are the OSError of the pwrite, and no checksum is changed: the chunk store
+    then settles the pages from what reached the disk."""
+    data = random.randbytes(3 * PAGE_SIZE)
+    table = array("Q", [5, 5, 5, 5])
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            put(full, data, 0, PAGE_SIZE, table, 1)
+    finally:
+        os.close(full)
+    assert e.value.errno == errno.ENOSPC
+    (tmp_path / "ro").write_bytes(b"")
+    ro = os.open(tmp_path / "ro", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            put(ro, data, 0, PAGE_SIZE, table, 0)
+    finally:
+        os.close(ro)
+    assert e.value.errno == errno.EBADF
+    assert table.tolist() == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("put", PUTS)
+def test_put_refuses_bad_arguments_before_writing(tmp_path, put):
+    page, table = b"\x01" * PAGE_SIZE, array("Q", [0, 0])
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for args in ((fd, page + b"x", 0, 4096, table, 0),  # not whole pages
+                     (fd, page, 0, 4096, table, 2),  # outside the table
+                     (fd, page * 3, 0, 4096, table, 0),  # more pages than entries
+                     (fd, page, 0, 0, table, 0),  # no piece
+                     (fd, page, -4096, 4096, table, 0),  # before the file
+                     (-1, page, 0, 4096, table, 0)):  # no descriptor
+            with pytest.raises((ValueError, OSError)):
+                put(*args)
+        with pytest.raises(TypeError):
+            put(fd, page, 0, 4096, table)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"" and table.tolist() == [0, 0]
 
 
 @settings(max_examples=30, deadline=None)
