@@ -62,6 +62,7 @@ import errno
 import logging
 import math
 import time
+import weakref
 from dataclasses import replace as dc_replace
 from functools import partial
 
@@ -114,6 +115,15 @@ _FULL_PATH = object()  # _plan: no plan, every read of the chunk goes by _read_o
 # CPU against 4.0-4.5 over 1 GiB). The cluster view's caches keep 65,536 chunks of all
 # volumes together (ClusterView), which these make a first touch's cost only.
 PLANS_MAX = 1 << 20
+# What the gateways of one blockd keep in these memos together: each time one of a
+# gateway's memos has grown by MEMO_STEP chunks, the entries of all of them are counted
+# (_bound_memos), and past HOST_MEMOS the largest memos of any gateway are emptied until
+# the total is back under. About 300 MB at 72 bytes an entry: a host serving several
+# volumes of more chunks than that, each read all over, keeps what it can (without this,
+# 220 MB for each one of them).
+HOST_MEMOS = 1 << 22
+MEMO_STEP = 1 << 16
+_gateways: weakref.WeakSet = weakref.WeakSet()  # every VolumeGateway of the process
 
 NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
@@ -516,6 +526,7 @@ class VolumeGateway:
             self._now = trio.lowlevel.current_clock().current_time
         except RuntimeError:  # made outside a run: whichever run it is used in
             self._now = trio.current_time
+        _gateways.add(self)  # (its memos counted with every other's: _bound_memos)
 
     async def refresh_stale(self, read) -> None:
         """Our stale map from the registry's records, `await read(lineage)` now: the map
@@ -609,15 +620,15 @@ class VolumeGateway:
     # --- helpers -----------------------------------------------------------------------
 
     def _by_map(self, memo: dict) -> dict:
-        """`memo` (_local or _routes), emptied for a new cluster map (epoch, data set) and
-        when it holds PLANS_MAX chunks: what the map alone decides per chunk."""
+        """`memo` (_local or _routes), emptied for a new cluster map (epoch, data set), with
+        room for a chunk more (_room): what the map alone decides per chunk."""
         cmap = self.cluster.map
         if cmap is not self._local_map:
             self._local.clear()
             self._routes.clear()
             self._local_map = cmap
-        elif len(memo) >= PLANS_MAX:
-            memo.clear()
+        else:
+            _room(memo)
         return memo
 
     def _local_only(self, index: int) -> bool:
@@ -802,8 +813,7 @@ class VolumeGateway:
                 c = None
             else:  # (a generation the store resolves to but cannot find: _read_one's error)
                 c = self.store.lookup(_new_key(ChunkKey, (lineage, index, gen))) or _FULL_PATH
-        if len(self._plans) >= PLANS_MAX:
-            self._plans.clear()
+        _room(self._plans)
         self._plans[index] = c
         return c
 
@@ -2746,6 +2756,32 @@ class VolumeGateway:
         if self.on_close is not None:
             return self.on_close(self)
         return None
+
+
+def _room(memo: dict) -> None:
+    """Before a chunk's entry goes into `memo`, one of a gateway's per-chunk memos: emptied
+    when it holds PLANS_MAX, and the memos of every gateway bounded together at each
+    MEMO_STEP more (_bound_memos)."""
+    n = len(memo)
+    if n >= PLANS_MAX:
+        memo.clear()
+    elif n and not n % MEMO_STEP:
+        _bound_memos()
+
+
+def _bound_memos() -> None:
+    """Past HOST_MEMOS entries in the memos of all the gateways of the process, empty the
+    largest until the total is back under (they are caches: what is emptied is made again
+    when next asked)."""
+    memos = [memo for g in list(_gateways) for memo in (g._plans, g._routes, g._local)]
+    total = sum(map(len, memos))
+    if total <= HOST_MEMOS:
+        return
+    for memo in sorted(memos, key=len, reverse=True):
+        total -= len(memo)
+        memo.clear()
+        if total <= HOST_MEMOS:
+            break
 
 
 async def _called(op, *args):

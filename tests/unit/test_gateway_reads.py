@@ -10,6 +10,8 @@ Two ways a read could hand out or leave behind bytes that miss an acknowledged w
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import trio
 import trio.testing
@@ -270,6 +272,39 @@ def test_reads_all_over_a_volume_of_many_chunks_plan_each_chunk_once():
                     assert gw.read_ref(i * cs, 4096) == [(i * cs, 4096, None)]  # a hole
             assert sorted(made) == list(range(chunks))
             assert len(gw._plans) == chunks
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_memos_of_all_the_gateways_of_a_host_are_bounded_together(monkeypatch):
+    """Each gateway may keep PLANS_MAX chunks in each memo (220 MB for a volume read all
+    over); the gateways of a host together keep about HOST_MEMOS: counted at each
+    MEMO_STEP more in one memo, past it the largest memos, whichever gateway's, are
+    emptied, and what they held is made again when next asked."""
+    monkeypatch.setattr(gateway, "HOST_MEMOS", 10)
+    monkeypatch.setattr(gateway, "MEMO_STEP", 4)
+    monkeypatch.setattr(gateway, "_gateways", weakref.WeakSet())  # (not the suite's others)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=1, zones=1)
+            await sim.start(nursery, loops=False)
+            for name in ("a", "b"):
+                sim.create_volume(name, 16 * MiB, replicas=1, chunk_size=MiB)
+            ga = await sim.hosts["h0"].provider.open_export("a")
+            gb = await sim.hosts["h0"].provider.open_export("b")
+            await call(ga.write(0, b"\x01" * 4096, False))  # (its local-only verdict: 1)
+            for i in range(9):
+                await read_ref(ga, i * MiB, 4096)
+            assert len(ga._plans) == 9 and len(ga._local) == 1  # 10 in all: not past
+            for i in range(4):
+                await read_ref(gb, i * MiB, 4096)
+            assert len(ga._plans) == 9 and len(gb._plans) == 4  # (counted at 4 more)
+            await read_ref(gb, 4 * MiB, 4096)  # 14 in all: a's plans, the largest, go
+            assert len(ga._plans) == 0 and len(ga._local) == 1 and len(gb._plans) == 5
+            assert await read_ref(ga, 0, 4096) == b"\x01" * 4096  # (planned again)
+            assert len(ga._plans) == 1
             nursery.cancel_scope.cancel()
 
     run(main)
