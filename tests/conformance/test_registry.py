@@ -382,6 +382,30 @@ def test_heartbeat_carries_stats_and_needs_a_registered_host(reg):
     assert [h.id for h in reg.cluster_map().hosts] == ["h1"]
 
 
+def test_keep_alive_gives_a_key_more_time_with_no_new_revision(reg):
+    """KV.keep_alive: a time-to-live key lives on past its first time while kept alive,
+    its value and revisions and the store's revision unchanged (nothing for a watcher to
+    be told); once no longer kept it lapses, and there is nothing left to keep. A key
+    absent or without a time-to-live is not kept (False: put it again)."""
+    kv = reg.kv
+    ttl = max(1.0, kv.ttl_floor())
+    kv.txn([], [Put(b"vbp/t/alive", b"1", ttl), Put(b"vbp/t/forever", b"2")])
+    first, rev = kv.get(b"vbp/t/alive")
+    assert not kv.keep_alive(b"vbp/t/forever", ttl) and not kv.keep_alive(b"vbp/t/none", ttl)
+    deadline = time.monotonic() + 2.5 * ttl
+    while time.monotonic() < deadline:
+        assert kv.keep_alive(b"vbp/t/alive", ttl)
+        time.sleep(ttl / 4)
+    item, now_rev = kv.get(b"vbp/t/alive")
+    assert item == first and now_rev == rev  # alive past its time, nothing written
+    assert kv.changes(b"vbp/t/", rev, 0.2) == ([], rev)
+    deadline = time.monotonic() + ttl + 10
+    while kv.get(b"vbp/t/alive")[0] is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kv.get(b"vbp/t/alive")[0] is None
+    assert not kv.keep_alive(b"vbp/t/alive", ttl)
+
+
 def test_host_ttl_expiry_marks_down_and_bumps_epoch(url, reg):
     reg.register_host(host(1), 1)
     m = reg.register_host(host(2), 60)
@@ -963,6 +987,66 @@ def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server)
         b.close()
 
 
+def test_heartbeats_keep_the_liveness_key_alive_with_no_event_on_etcd(etcd_server):
+    """A heartbeat wrote the host's liveness key: on etcd an event to every watcher of the
+    cluster prefix, every host's map watcher (N hosts: N² a period, each filtered out by
+    the watcher itself), and a lease granted each time. Its lease is kept alive now:
+    heartbeats past the key's first time-to-live leave it as written at registration,
+    and a watch of the liveness keys is told nothing. Stats are still published; a key
+    that lapsed is written again by the next heartbeat, an event (the host is back)."""
+    etcd_server.wipe()
+    reg = open_registry(etcd_server.url)
+    try:
+        ttl = max(2.0, reg.kv.ttl_floor())
+        reg.register_host(host(1), ttl)
+        first, rev = reg.kv.get(b"vbp/cluster/alive/h1")
+        deadline = time.monotonic() + 2 * ttl
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            reg.heartbeat("h1", ttl, {"used": n})
+            time.sleep(ttl / 4)
+        assert reg.kv.get(b"vbp/cluster/alive/h1")[0] == first
+        assert reg.kv.changes(b"vbp/cluster/alive/", rev, 0.5) == ([], rev)
+        assert reg.cluster_map().host("h1").state == "up"
+        assert reg.host_stats()["h1"] == {"used": n}
+        reg.kv.txn([], [Put(b"vbp/cluster/alive/h1", b"1")])  # (now without a lease)
+        _, before = reg.kv.get(b"vbp/cluster/alive/h1")
+        reg.heartbeat("h1", ttl)  # nothing to keep alive: written again, with a lease
+        again, _ = reg.kv.get(b"vbp/cluster/alive/h1")
+        assert again.mod_rev > before
+        assert reg.kv.keep_alive(b"vbp/cluster/alive/h1", ttl)
+    finally:
+        reg.close()
+
+
+def test_stats_join_the_kept_lease_and_a_lease_gone_is_granted_again_on_etcd(etcd_server):
+    """The stats a heartbeat publishes join the lease its liveness key is kept alive on
+    (a grant of its own each time, and its expiry, were two raft proposals a host and
+    heartbeat). Should that lease be gone by then (revoked here, or run out while the
+    host was away), etcd refuses the put whole, and the heartbeat is written again on a
+    lease granted for it: the host stays up with its stats."""
+    etcd_server.wipe()
+    reg = open_registry(etcd_server.url)
+    try:
+        ttl = max(2.0, reg.kv.ttl_floor())
+        reg.register_host(host(1), ttl)
+        reg.heartbeat("h1", ttl, {"used": 1})
+        lease = base64.b64encode(b"vbp/cluster/alive/h1").decode()
+        alive = reg.kv._call("kv/range", {"key": lease})["kvs"][0]["lease"]
+        stats = reg.kv._call("kv/range", {"key": base64.b64encode(b"vbp/stats/h1").decode()})
+        assert stats["kvs"][0]["lease"] == alive  # (joined: no grant of its own)
+        reg.kv._call("lease/revoke", {"ID": alive})  # (its keys go with it)
+        assert reg.kv.get(b"vbp/cluster/alive/h1")[0] is None
+        reg.heartbeat("h1", ttl, {"used": 2})
+        assert reg.cluster_map().host("h1").state == "up"
+        assert reg.host_stats()["h1"] == {"used": 2}
+        now = reg.kv._call("kv/range", {"key": lease})["kvs"][0]["lease"]
+        assert now != alive
+    finally:
+        reg.close()
+
+
 def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
     """clear_stale_unless_changed (vbp volume accept-loss): one transaction removes the
     record and rewrites the lineage's loss record (vbp/loss/<lineage>); a record of the
@@ -1128,6 +1212,7 @@ def test_stats_too_large_for_the_registry_do_not_take_the_host_down(reg):
             reg.heartbeat("h1", 2, big)
         time.sleep(0.3)
     assert reg.cluster_map().host("h1").state == "up"
+    assert "h1" not in reg.host_stats()  # the last ones lapsed (not kept alive with it)
     with pytest.raises(InvalidArgument, match=r"stats of host h1 .*limit of \d+ bytes"):
         reg.publish_stats("h1", big, 2)
     assert reg.host_stats().get("h1", {}).get("used") != 1

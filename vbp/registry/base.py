@@ -250,19 +250,35 @@ class Registry:
         return bool(old.store_id) and old.store_id != store_id and self.host_alive(old.id)
 
     def heartbeat(self, host_id: str, ttl: float, stats: dict | None = None) -> None:
-        """Refresh the host's liveness key (and its published stats) in one transaction
-        guarded by the host record's existence: on etcd one lease grant and one txn.
-        Stats too large for the registry (InvalidArgument) are left out after the
-        liveness is refreshed: the host is up, its last stats lapse."""
+        """Refresh the host's liveness key and publish its stats, guarded by the host
+        record's existence. With stats to publish, the liveness key is kept alive
+        (KV.keep_alive) rather than written, and the stats join its lease (etcd): a write
+        of it was an event to every host's map watcher, N hosts sending N² a period for
+        nothing that changes a map, and a lease granted and expired, two raft proposals
+        more. Put again only when it is not there to keep (expired: the host was down),
+        or when there are no stats to publish (none given, or too large): the liveness
+        key then takes a lease of its own, so the last stats, on the lease kept alive
+        until now, lapse `ttl` after they were published. Stats too large for the
+        registry (InvalidArgument) are raised after the liveness is refreshed."""
         key = P_HOST + _name("host id", host_id)
-        ops = [Put(P_ALIVE + host_id.encode(), b"1", ttl)]
-        too_large = None
+        alive = P_ALIVE + host_id.encode()
+        value = too_large = None
         if stats is not None:
             try:
-                ops.append(Put(P_STATS + host_id.encode(), _stats_value(host_id, stats), ttl))
+                value = _stats_value(host_id, stats)
             except InvalidArgument as e:
                 too_large = e
-        ok, _ = self.kv.txn([Cmp(key, "exists", 0)], ops)
+        guard = [Cmp(key, "exists", 0)]
+        ok = False
+        if value is not None and self.kv.keep_alive(alive, ttl):
+            # (gone since? The host removed, or its key lapsed right after: as below)
+            ok, _ = self.kv.txn(guard + [Cmp(alive, "exists", 0)],
+                                [Put(P_STATS + host_id.encode(), value, ttl, lease_of=alive)])
+        if not ok:
+            ops = [Put(alive, b"1", ttl)]
+            if value is not None:
+                ops.append(Put(P_STATS + host_id.encode(), value, ttl))
+            ok, _ = self.kv.txn(guard, ops)
         if not ok:
             raise NotFound(f"host {host_id} is not registered")
         if too_large is not None:

@@ -22,7 +22,8 @@ sends for a context made with clientv3.WithRequireLeader): a member cut off from
 cluster then answers "no leader" at once, where it would hold the request until the
 client's timeout, a txn's outcome then unknown.
 
-TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit). etcd
+TTL keys are attached to an etcd lease granted for ceil(ttl) seconds (etcd's unit), which
+keep_alive renews with no change to the key (a heartbeat's liveness key: no event). etcd
 raises a lease's TTL to a minimum, 1.5 election timeouts rounded up to a second (2 s with
 its defaults, 8 s with --election-timeout=5000): ttl_floor() says what it is, so that what
 waits for a key to lapse waits long enough. Expired keys are deleted by etcd's leader,
@@ -49,6 +50,7 @@ NO_LEADER = "etcdserver: no leader"  # the one "unavailable" that says: not prop
 # gRPC metadata "hasleader: true" (etcd's rpctypes.MetadataRequireLeaderKey): a member with
 # no leader refuses at once with NO_LEADER, before proposing anything
 REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+LEASE_NOT_FOUND = "requested lease not found"  # a put on a lease that ran out: refused
 # keys in one range request at most (a range reads them in pages: EtcdKV.range)
 RANGE_PAGE = 5000
 
@@ -76,6 +78,9 @@ class EtcdKV:
         self.endpoints = endpoints
         self._cur = 0
         self._floor: int | None = None  # etcd's minimum lease TTL, once known (ttl_floor)
+        # key -> (TTL asked, its lease) as keep_alive last kept it alive: what a Put with
+        # lease_of joins
+        self._kept: dict[bytes, tuple[int, str]] = {}
         self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                                     headers=REQUIRE_LEADER)
 
@@ -182,6 +187,26 @@ class EtcdKV:
                 self._floor = floor if floor > 1 else 0
         return float(self._floor)
 
+    def keep_alive(self, key: bytes, ttl: float) -> bool:
+        """The lease of `key` kept alive (one LeaseKeepAlive through the gateway, after a
+        read of the key that names its lease): no revision, no event, no raft proposal,
+        where a put of the key was all three and an event to every watcher of its prefix.
+        False when the key is absent, has no lease, or its lease is gone or of another
+        TTL than a grant for `ttl` would be (a keep-alive renews the lease's own TTL)."""
+        d = self._call("kv/range", {"key": _b64(key)})
+        kvs = d.get("kvs") or []
+        lease = kvs[0].get("lease") if kvs else None
+        if not lease or lease == "0":
+            return False
+        r = self._call("lease/keepalive", {"ID": lease})
+        granted = int((r.get("result") or r).get("TTL") or 0)
+        asked = max(1, math.ceil(ttl))
+        if granted > 0 and (granted == asked or granted == self._floor and asked < granted):
+            self._kept[key] = (asked, lease)
+            return True
+        self._kept.pop(key, None)
+        return False
+
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         body_cmp = []
         for c in compares:
@@ -198,10 +223,16 @@ class EtcdKV:
                 raise ValueError(f"unknown compare target {c.target!r}")
         body_ops = []
         leases: dict[float, str] = {}
+        joined = []  # (the kept keys whose leases puts join)
         for op in ops:
             if isinstance(op, Put):
                 put = {"key": _b64(op.key), "value": _b64(op.value)}
-                if op.ttl is not None:
+                kept = self._kept.get(op.lease_of) if op.lease_of is not None else None
+                if op.ttl is not None and kept is not None \
+                        and kept[0] == max(1, math.ceil(op.ttl)):
+                    put["lease"] = kept[1]
+                    joined.append(op.lease_of)
+                elif op.ttl is not None:
                     if op.ttl not in leases:
                         leases[op.ttl] = self._grant(op.ttl)
                     put["lease"] = leases[op.ttl]
@@ -210,7 +241,16 @@ class EtcdKV:
                 body_ops.append({"request_delete_range": {"key": _b64(op.key)}})
             else:
                 raise ValueError(f"unknown op {op!r}")
-        d = self._call("kv/txn", {"compare": body_cmp, "success": body_ops}, idempotent=False)
+        try:
+            d = self._call("kv/txn", {"compare": body_cmp, "success": body_ops}, idempotent=False)
+        except RegistryUnavailable as e:
+            if not joined or LEASE_NOT_FOUND not in str(e):
+                raise
+            # a kept lease ran out since (the host was away a while): refused whole,
+            # nothing applied; again with leases of its own
+            for key in joined:
+                self._kept.pop(key, None)
+            return self.txn(compares, ops)
         return bool(d.get("succeeded")), int(d["header"]["revision"])
 
     def _watch(self, prefix: bytes, after_rev: int, timeout: float):

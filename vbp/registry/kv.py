@@ -8,7 +8,9 @@ which is the common ground of etcd v3 and an embedded LMDB store:
 - `txn` is an atomic compare-and-set: all compares hold -> all ops applied at one new
   revision, else nothing changes. Comparing `mod_rev == 0` means "the key is absent";
 - `put(..., ttl=)` writes a key that disappears by itself after `ttl` seconds unless
-  written again (etcd: a lease; LMDB: a stored expiry, expired keys read as absent);
+  written again or kept alive (etcd: a lease; LMDB: a stored expiry, expired keys read as
+  absent); `keep_alive` gives it `ttl` seconds more with no new revision, so no watcher
+  is told of it (etcd: the lease kept alive);
 - `wait` blocks until something under a prefix changes after a revision, or a timeout.
 
 Keys and values are bytes. Backends raise vbp.errors.RegistryUnavailable for every failure
@@ -41,9 +43,15 @@ class Cmp:
 
 @dataclass(frozen=True, slots=True)
 class Put:
+    """`ttl`: see the module's docstring. `lease_of`: a key this client kept alive (with
+    the same ttl): on etcd the put joins that key's lease rather than be granted one (a
+    grant and its expiry are two raft proposals); elsewhere it changes nothing. The key
+    put then lives as long as that lease is kept alive, not `ttl` after the put."""
+
     key: bytes
     value: bytes
     ttl: float | None = None
+    lease_of: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,12 @@ class KV(Protocol):
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         """Apply ops iff every compare holds. Returns (succeeded, revision)."""
+
+    def keep_alive(self, key: bytes, ttl: float) -> bool:
+        """Let the time-to-live key `key` live `ttl` seconds more from now, its value and
+        revisions unchanged (no watcher is told). False when there is nothing to keep:
+        absent, expired, stored without a time-to-live, or on etcd held by a lease of
+        another time-to-live; then put it again."""
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
              refreshes: bytes | None = None) -> bool:

@@ -112,6 +112,14 @@ class LmdbKV:
         except lmdb.Error as e:
             raise self._fail("write", e) from None
 
+    def keep_alive(self, key: bytes, ttl: float) -> bool:
+        self._check()
+        try:
+            with self._env.begin(write=True) as t:  # (no revision: watchers see nothing)
+                return local.keep_alive(t.get, t.put, key, ttl)
+        except lmdb.Error as e:
+            raise self._fail("write", e) from None
+
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
              refreshes: bytes | None = None) -> bool:
         # LMDB has no change notification: poll the revision briefly. (True: keys lapse

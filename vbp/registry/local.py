@@ -72,3 +72,17 @@ def apply_txn(get: Getter, put: Setter, delete: Deleter,
             raise ValueError(f"unknown op {op!r}")
     put(REV_KEY, b"%d" % rev)
     return True, rev
+
+
+def keep_alive(get: Getter, put: Setter, key: bytes, ttl: float) -> bool:
+    """KV.keep_alive inside the backend's own write transaction: the entry's expiry moved
+    to `ttl` seconds from now, its value and revisions (and the store's) unchanged."""
+    raw = get(key)
+    if raw is None:
+        return False
+    now = time.time()
+    value, create_rev, mod_rev, expires = msgpack.unpackb(raw, raw=False)
+    if not expires or expires <= now:
+        return False
+    put(key, encode(value, create_rev, mod_rev, now + ttl))
+    return True

@@ -49,6 +49,11 @@ class MemoryKV:
                 self._store.cond.notify_all()
             return ok, rev
 
+    def keep_alive(self, key: bytes, ttl: float) -> bool:
+        with self._store.cond:  # (no revision, no one woken: nothing changed)
+            d = self._store.data
+            return local.keep_alive(d.get, d.__setitem__, key, ttl)
+
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
              refreshes: bytes | None = None) -> bool:
         with self._store.cond:
