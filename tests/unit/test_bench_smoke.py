@@ -140,6 +140,17 @@ def test_tls_bench_runs():
     assert "vbp-r1" in p.stdout and "nbdkit" in p.stdout
 
 
+def test_registry_load_bench_runs():
+    """bench.registry_load end to end on a private etcd, two hosts for a second: the
+    figures printed, and a heartbeat's requests counted (no speed asserted)."""
+    p = subprocess.run([sys.executable, "-m", "bench.registry_load", "--hosts", "2",
+                        "--period", "0.2", "--seconds", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r"2 hosts, .* events/s on a watch .* raft proposals/s; requests a "
+                     r"heartbeat: .*kv/txn 1\.00", p.stdout), p.stdout
+
+
 def test_metrics_bench_runs():
     """bench.metrics_bench end to end with few calls: both figures printed."""
     p = subprocess.run([sys.executable, "-m", "bench.metrics_bench", "--calls", "200"],
