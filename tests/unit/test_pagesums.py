@@ -174,21 +174,16 @@ def test_a_put_that_fails_raises_the_system_error_and_leaves_the_checksums(tmp_p
     then settles the pages from what reached the disk."""
     data = random.randbytes(3 * PAGE_SIZE)
     table = array("Q", [5, 5, 5, 5])
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        with pytest.raises(OSError) as e:
-            put(full, data, 0, PAGE_SIZE, table, 1)
-    finally:
-        os.close(full)
-    assert e.value.errno == errno.ENOSPC
     (tmp_path / "ro").write_bytes(b"")
-    ro = os.open(tmp_path / "ro", os.O_RDONLY)
-    try:
-        with pytest.raises(OSError) as e:
-            put(ro, data, 0, PAGE_SIZE, table, 0)
-    finally:
-        os.close(ro)
-    assert e.value.errno == errno.EBADF
+    for path, flags, first, err in (("/dev/full", os.O_WRONLY, 1, errno.ENOSPC),
+                                    (tmp_path / "ro", os.O_RDONLY, 0, errno.EBADF)):
+        fd = os.open(path, flags)
+        try:
+            with pytest.raises(OSError) as e:
+                put(fd, data, 0, PAGE_SIZE, table, first)
+        finally:
+            os.close(fd)
+        assert e.value.errno == err
     assert table.tolist() == [5, 5, 5, 5]
 
 
