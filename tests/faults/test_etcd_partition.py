@@ -102,7 +102,6 @@ def test_writes_land_on_the_members_with_a_leader_when_the_first_is_cut_off(etcd
         reg.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a keep-alive's streamed error is taken for a refusal")
 def test_a_keep_alive_to_a_member_cut_off_goes_to_the_next(etcd_in_namespaces):
     """A heartbeat keeps its liveness key's lease alive through the gateway's streaming
     /v3/lease/keepalive, whose errors come wrapped ({"error": {"grpc_code", "message",

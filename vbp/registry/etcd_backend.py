@@ -115,8 +115,14 @@ class EtcdKV:
                 raise RegistryUnavailable(
                     f"registry {self.url}: {path} to {ep} failed with an unknown outcome ({what})")
             if r.status_code != 200 or "error" in data:
-                msg = data.get("message") or data.get("error") or r.text[:200]
-                if data.get("code") == GRPC_UNAVAILABLE:
+                code, msg = data.get("code"), data.get("message") or data.get("error") or r.text[:200]
+                if isinstance(data.get("error"), dict):
+                    # a streaming call's (lease/keepalive): {"error": {"grpc_code" (etcd
+                    # 3.4, 3.5; "code" with 3.6's gateway), "message", ...}}
+                    err = data["error"]
+                    code = err.get("grpc_code", err.get("code"))
+                    msg = err.get("message") or str(err)
+                if code == GRPC_UNAVAILABLE:
                     if idempotent or NO_LEADER in str(msg):  # (never proposed: try elsewhere)
                         errors.append(f"{ep}: unavailable: {msg}")
                         continue
