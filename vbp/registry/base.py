@@ -261,7 +261,7 @@ class Registry:
         until now, lapse `ttl` after they were published. Stats too large for the
         registry (InvalidArgument) are raised after the liveness is refreshed."""
         key = P_HOST + _name("host id", host_id)
-        alive = P_ALIVE + host_id.encode()
+        alive, stats_key = P_ALIVE + host_id.encode(), P_STATS + host_id.encode()
         value = too_large = None
         if stats is not None:
             try:
@@ -273,11 +273,11 @@ class Registry:
         if value is not None and self.kv.keep_alive(alive, ttl):
             # (gone since? The host removed, or its key lapsed right after: as below)
             ok, _ = self.kv.txn(guard + [Cmp(alive, "exists", 0)],
-                                [Put(P_STATS + host_id.encode(), value, ttl, lease_of=alive)])
+                                [Put(stats_key, value, ttl, lease_of=alive)])
         if not ok:
             ops = [Put(alive, b"1", ttl)]
             if value is not None:
-                ops.append(Put(P_STATS + host_id.encode(), value, ttl))
+                ops.append(Put(stats_key, value, ttl))
             ok, _ = self.kv.txn(guard, ops)
         if not ok:
             raise NotFound(f"host {host_id} is not registered")

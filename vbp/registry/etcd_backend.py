@@ -63,6 +63,11 @@ def _unb64(s: str | None) -> bytes:
     return base64.b64decode(s) if s else b""
 
 
+def _lease_ttl(ttl: float) -> int:
+    """The TTL a lease for a key of `ttl` seconds is asked for: whole seconds, etcd's unit."""
+    return max(1, math.ceil(ttl))
+
+
 def _item(kv: dict) -> Item:
     return Item(_unb64(kv.get("key")), _unb64(kv.get("value")),
                 int(kv.get("create_revision", 0)), int(kv.get("mod_revision", 0)))
@@ -172,7 +177,7 @@ class EtcdKV:
 
     def _grant(self, ttl: float) -> str:
         # a grant resent after a lost answer only leaves an unused lease that expires
-        asked = max(1, math.ceil(ttl))
+        asked = _lease_ttl(ttl)
         d = self._call("lease/grant", {"TTL": str(asked)})
         granted = int(d.get("TTL", asked))
         if granted > asked:  # (raised to etcd's minimum: that is its floor)
@@ -206,7 +211,7 @@ class EtcdKV:
             return False
         r = self._call("lease/keepalive", {"ID": lease})
         granted = int((r.get("result") or r).get("TTL") or 0)
-        asked = max(1, math.ceil(ttl))
+        asked = _lease_ttl(ttl)
         if granted > 0 and (granted == asked or granted == self._floor and asked < granted):
             self._kept[key] = (asked, lease)
             return True
@@ -233,9 +238,8 @@ class EtcdKV:
         for op in ops:
             if isinstance(op, Put):
                 put = {"key": _b64(op.key), "value": _b64(op.value)}
-                kept = self._kept.get(op.lease_of) if op.lease_of is not None else None
-                if op.ttl is not None and kept is not None \
-                        and kept[0] == max(1, math.ceil(op.ttl)):
+                kept = self._kept.get(op.lease_of)
+                if op.ttl is not None and kept is not None and kept[0] == _lease_ttl(op.ttl):
                     put["lease"] = kept[1]
                     joined.append(op.lease_of)
                 elif op.ttl is not None:
