@@ -170,9 +170,25 @@ class TransmissionCodec:
             return self._mv[self._end:self._end + HEAD_RECV]
         return self._mv[self._end:]
 
+    def head_after(self) -> memoryview | None:
+        """With a large write's payload under way (get_buffer then its rest), where the
+        bytes after it go: the start of the shared buffer, HEAD_RECV of it. One
+        recvmsg_into both takes the payload's rest and the next request's header, where
+        a recv for each took two calls, and each call's window update had the client's
+        queued bytes sent through the loop's thread (loopback). commit() after such a
+        call puts what went past the payload there."""
+        if self._large is None:
+            return None
+        return self._mv[self._end:self._end + HEAD_RECV]
+
     def commit(self, n: int) -> None:
         if self._large is not None:
-            self._large_filled += n
+            rest = len(self._large) - self._large_filled
+            if n <= rest:
+                self._large_filled += n
+            else:  # (a recvmsg_into of get_buffer() and head_after(): past the payload)
+                self._large_filled += rest
+                self._end += n - rest
         else:
             self._end += n
 

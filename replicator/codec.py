@@ -268,6 +268,11 @@ class PeerCodec:
             self._grow(self._filled + 1)
         return memoryview(large)[self._filled:]
 
+    def large_to_end(self) -> bool:
+        """Whether large_buffer() reaches the large frame's end (it grows in steps): bytes
+        received past it are the next frames'."""
+        return self._large is not None and len(self._large) == self._want
+
     def large_received(self, n: int) -> None:
         if not 0 < n <= len(self._large) - self._filled:
             raise ValueError(f"large_received({n}): {len(self._large) - self._filled} bytes expected")

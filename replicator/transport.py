@@ -67,7 +67,7 @@ from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
 from vbp.loglimit import LogLimit, failure_kind
 from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
-                         open_listeners, plain_socket, receive_wait, send_all, send_now,
+                         open_listeners, plain_socket, receive_wait, receive_wait_into, send_all, send_now,
                          set_keepalive, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
@@ -253,12 +253,14 @@ class _Link:
             await self.drained.wait()
 
     async def _recv_into(self, buf) -> int:
+        """recv_into `buf`, or recvmsg_into when `buf` is a tuple of buffers."""
         raw = self.raw
         try:
-            n = raw.recv_into(buf)
+            n = raw.recv_into(buf) if type(buf) is not tuple else raw.recvmsg_into(buf)[0]
         except BlockingIOError:
             self.spins = 0
-            return await receive_wait(raw, buf)
+            return await (receive_wait(raw, buf) if type(buf) is not tuple
+                          else receive_wait_into(raw, buf))
         self.spins += 1
         if self.spins >= SPIN_RECEIVES:
             self.spins = 0
@@ -276,11 +278,18 @@ class _Link:
                     self.lowat = await wait_for_rest(self.sock, self.lowat, len(large))
                 elif self.lowat > 1:  # a short rest: a mark set for more would never be met
                     self.lowat = set_rcvlowat(self.sock, self.lowat, 1)
-                n = await self._recv_into(large)
+                rest = len(large)
+                if not self.codec.large_to_end():
+                    n = await self._recv_into(large)
+                else:  # the rest, and the next frames' start behind it: one call (the NBD
+                    n = await self._recv_into((large, self.rhead))  # reader's head_after)
             if n == 0:
                 self.codec.receive_data(b"")
                 return False
-            self.codec.large_received(n)
+            self.codec.large_received(min(n, rest))
+            if n > rest:
+                with self.rhead[:n - rest] as after:
+                    self.codec.receive_data(after)
             self.after_large = True
             return True
         if self.lowat > 1:

@@ -75,6 +75,16 @@ async def receive_wait(raw: socket.socket, buf) -> int:
             pass
 
 
+async def receive_wait_into(raw: socket.socket, buffers) -> int:
+    """recvmsg_into `buffers` once the socket is readable (as receive_wait)."""
+    while True:
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            return raw.recvmsg_into(buffers)[0]
+        except BlockingIOError:
+            pass
+
+
 def send_now(raw: socket.socket, buffers: list, total: int, flags: int = 0):
     """Send `buffers` (`total` bytes, or -1: unknown) with as few sendmsg calls as the
     socket allows without waiting. None when all went, else what is left (views)."""

@@ -8,6 +8,7 @@ import logging
 import random
 import socket
 import struct
+import time
 
 import pytest
 import trio
@@ -859,6 +860,69 @@ async def test_large_write_trickled_in_then_small_requests_are_served_at_once(po
     c2 = await Client.connect(port)
     with trio.fail_after(5):
         assert await c2.read(8192, 4096) == payload[:4096]
+
+
+class SlowWrites(MemoryExport):
+    """Writes that take 5 ms each (blocking, as a local copy's pwrite): the bytes of the
+    requests behind one are all in the socket by the time it is done. Each batch's
+    answers are observed as they leave (observe_sent): with their count."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.observed: list[tuple[int, int]] = []
+
+    def write(self, offset, data, fua):
+        time.sleep(0.005)
+        return super().write(offset, data, fua)
+
+    def observe(self, command, nbytes, seconds, ok, count=1):
+        self.observed.append((command, count))
+
+
+async def test_answers_of_pipelined_large_writes_leave_two_at_a_time(provider, nursery):
+    """A large write's answer waits for the next batch when the next large write's payload
+    is arriving (the client is sending: deferrable): the two answers leave in one send,
+    observed together, never more than two. A real client (libnbd, in a thread: it sends
+    while the server writes) with 8 writes in flight gets every answer, and every write
+    lands."""
+    import nbd
+    export = provider.exports["slow"] = SlowWrites("slow", 16 * MiB)
+    p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    payloads = [random.randbytes(MiB) for _ in range(8)]
+
+    def client() -> None:
+        h = nbd.NBD()
+        h.set_export_name("slow")
+        h.connect_tcp("127.0.0.1", str(p))
+        for i, d in enumerate(payloads):
+            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), i * MiB)
+        while h.aio_in_flight():
+            h.poll(-1)
+        h.shutdown()
+
+    with trio.fail_after(20):
+        await trio.to_thread.run_sync(client)
+    assert bytes(export.data[:8 * MiB]) == b"".join(payloads)
+    writes = [count for cmd, count in export.observed if cmd == proto.CMD_WRITE]
+    assert sum(writes) == 8 and max(writes) == 2, writes
+
+
+async def test_a_held_answer_leaves_when_the_client_sends_no_more(provider, nursery):
+    """A client that sends a large write and part of the next, then waits for the first
+    answer before it sends the rest (a client may), gets it: an answer held for the
+    next batch goes as soon as a receive finds nothing more."""
+    export = provider.exports["slow"] = SlowWrites("slow", 4 * MiB)
+    p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    c = await Client.connect(p, "slow")
+    first, second = random.randbytes(MiB), random.randbytes(MiB)
+    await c.request(proto.CMD_WRITE, 0, MiB, first, cookie=1)
+    await c.request(proto.CMD_WRITE, MiB, MiB, second[:300_000], cookie=2)
+    with trio.fail_after(5):
+        assert await c.reply() == (1, 0, b"")
+    await c.send(second[300_000:])
+    with trio.fail_after(5):
+        assert await c.reply() == (2, 0, b"")
+    assert bytes(export.data[:2 * MiB]) == first + second
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -167,6 +168,58 @@ def test_after_a_large_write_only_the_next_head_goes_through_the_receive_buffer(
             got.append(bytes(ev.data))
             last_large = ev.data.readonly  # a large write: received into its own buffer
     assert got == payloads
+
+
+def scatter(bufs, data: bytes, n: int) -> None:
+    """What recvmsg_into does with `n` bytes of `data`: fill `bufs` in order."""
+    for b in bufs:
+        take = min(len(b), n)
+        b[:take] = data[:take]
+        data, n = data[take:], n - take
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 4096, 20_000, 70_000, 150_000]), min_size=1, max_size=8),
+       st.integers(1, 200_000))
+def test_a_large_writes_rest_and_the_requests_behind_it_in_one_receive(sizes, step):
+    """As the server reads while a large write's payload is under way: one recvmsg_into
+    into get_buffer() (the payload's rest) and head_after(). What lands past the payload
+    is the next requests' (reads, small and large writes): every request comes out
+    whole, in order, and the next large payload is received straight into its own."""
+    from nbd_frontend.transmission import HEAD_RECV
+    c = codec(buffer_size=65536)
+    payloads = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    data = b"".join(req(W, 0, len(p), data=p, cookie=i) if p else req(R, 0, 512, cookie=i)
+                    for i, p in enumerate(payloads))
+    pos, got = 0, []
+    while pos < len(data):
+        bufs = [c.get_buffer()]
+        head = c.head_after()
+        if head is not None:
+            assert len(head) == HEAD_RECV
+            bufs.append(head)
+        n = min(sum(map(len, bufs)), step, len(data) - pos)
+        scatter(bufs, data[pos:], n)
+        c.commit(n)
+        pos += n
+        while (ev := c.next_event()) is not NEED_DATA:
+            got.append(bytes(ev.data) if ev.command == W else b"")
+    assert got == payloads
+
+
+def test_the_request_behind_a_large_payload_comes_from_the_same_receive():
+    c = codec(buffer_size=8192)
+    payload = random.randbytes(30000)
+    data = req(W, 0, len(payload), data=payload, cookie=1) + req(R, 0, 512, cookie=2)
+    c.receive_data(data[:5000])
+    assert c.next_event() is NEED_DATA and c.head_after() is not None
+    rest, head = c.get_buffer(), c.head_after()
+    scatter([rest, head], data[5000:], len(data) - 5000)  # (all of it: one recvmsg_into)
+    c.commit(len(data) - 5000)
+    first, second = c.next_event(), c.next_event()
+    assert (first.cookie, bytes(first.data)) == (1, payload)
+    assert (second.cookie, second.command, second.length) == (2, R, 512)
+    assert c.next_event() is NEED_DATA and c.head_after() is None
 
 
 def test_small_write_payload_is_a_writable_view_of_the_receive_buffer():

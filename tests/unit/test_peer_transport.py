@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from replicator import messages as m
 from replicator import transport
-from replicator.codec import CLOSED, NEED_DATA, PeerCodec
+from replicator.codec import CLOSED, LARGE_FRAME, NEED_DATA, PeerCodec
 from replicator.errors import ClusterMismatch, PeerError, PeerProtocolError
 from replicator.transport import (REPLY_EARLY, SEND_EARLY, FaultPolicy, MemoryNetwork, PeerPool,
                                   serve_peers)
@@ -1390,3 +1390,32 @@ async def test_a_second_failure_is_logged_while_a_first_one_repeats(caplog):
     assert any(r.exc_info and isinstance(r.exc_info[1], OSError)
                and r.exc_info[1].errno == errno.ENOSPC for r in lines), \
         "the disk-full failure was never logged"
+
+
+async def test_the_frames_behind_a_large_one_come_with_its_rest_in_one_receive():
+    """A large frame's rest is received together with the start of what follows it (one
+    recvmsg_into into the frame's buffer and the head of the receive buffer): the frame
+    behind it is decoded with no receive more, and both are whole."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    link = transport._Link(await listeners[0].accept(), 1 << 22, recv_size=4096)
+    codec = PeerCodec()
+    data = random.randbytes(LARGE_FRAME + 5000)  # (a large frame; all of it fits the socket)
+    frame = codec.encode(1, write(0, data))
+    wire = (frame if isinstance(frame, bytes) else b"".join(frame)) + codec.encode(2, m.Ping(2))
+    await client.send_all(wire)
+    with trio.fail_after(5):
+        while plain_socket(link.sock).recv(len(wire), socket.MSG_PEEK | socket.MSG_DONTWAIT) \
+                != wire:  # (all of it in the server's socket)
+            await trio.sleep(0.01)
+        receives = 0
+        while (ev := link.codec.next_event()) is NEED_DATA:
+            assert await link.receive()
+            receives += 1
+    assert ev[0] == 1 and bytes(ev[1].data) == data
+    assert link.codec.next_event() == (2, m.Ping(2))
+    assert receives == 2  # the first 4 KiB, then the rest with the Ping behind it
+    await client.aclose()
+    await link.stream.aclose()
+    await listeners[0].aclose()
