@@ -175,6 +175,23 @@ class TLSChannel:
             self.flush()
         return got
 
+    def recvmsg_into(self, buffers, ancbufsize: int = 0, flags: int = 0):
+        """As socket.recvmsg_into (the NBD reader's call while a large write's payload is
+        under way: its rest, then the head of the shared buffer): plaintext into
+        `buffers` in order, the next one only once one is full."""
+        got = 0
+        for b in buffers:
+            try:
+                n = self.recv_into(b)
+            except BlockingIOError:
+                if got:
+                    break
+                raise
+            got += n
+            if n < nbytes(b):
+                break
+        return got, [], 0, None
+
     def sendmsg(self, buffers, ancdata=(), flags: int = 0, address=None) -> int:
         """Encrypt from `buffers` (at most SEND_MAX new bytes: the loop is not held up, and
         the caller keeps the rest queued, under its own limits) and write what the socket

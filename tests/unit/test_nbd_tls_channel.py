@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd_frontend.tls import TLSChannel, TLSChannelStream, server_context
-from vbp.sockets import nbytes, receive_wait, send_now
+from vbp.sockets import nbytes, receive_wait, receive_wait_into, send_now
 
 CA = trustme.CA()
 CERT = CA.issue_cert("localhost")
@@ -134,6 +134,31 @@ async def test_recv_into_returns_the_client_stream_in_any_buffer_size():
             assert k > 0
             got += buf[:k]
     assert bytes(got) == data
+
+
+async def test_recvmsg_into_fills_its_buffers_in_order_with_the_client_stream():
+    """As the NBD reader reads while a large write's payload is under way (a payload's
+    rest and the head of its shared buffer, then the whole of that buffer)."""
+    channel, client = await pair()
+    data = RNG.randbytes(3 << 20)
+    got = bytearray()
+    async with trio.open_nursery() as n:
+        async def write():
+            for i in range(0, len(data), 100_000):
+                await client.send_all(data[i:i + 100_000])
+        n.start_soon(write)
+        while len(got) < len(data):
+            bufs = (bytearray(RNG.choice([28, 4096, 50_000, 1 << 20])),
+                    memoryview(bytearray(RNG.choice([1, 16384]))))
+            try:
+                k = channel.recvmsg_into(bufs)[0]
+            except BlockingIOError:
+                k = await receive_wait_into(channel, bufs)
+            assert k > 0
+            got += bytes(bufs[0][:k]) + bytes(bufs[1][:max(0, k - len(bufs[0]))])
+    assert bytes(got) == data
+    with pytest.raises(BlockingIOError):
+        channel.recvmsg_into((bytearray(10), bytearray(10)))
 
 
 async def test_recv_into_is_zero_at_the_clients_close_notify_and_at_a_plain_close():
