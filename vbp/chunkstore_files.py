@@ -86,11 +86,16 @@ def reserve(fd: int, length: int) -> bool:
 
 
 def pwrite_all(fd: int, buf, pos: int) -> None:
+    """All of `buf` at `pos`: a short pwrite is followed by one for the rest; one that
+    writes nothing is EIO (as pagesums.put's), where looping would never end."""
     n = os.pwrite(fd, buf, pos)
     if n != len(buf):
         mv = memoryview(buf)
         while n < len(mv):
-            n += os.pwrite(fd, mv[n:], pos + n)
+            done = os.pwrite(fd, mv[n:], pos + n)
+            if not done:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            n += done
 
 
 # Large writes go to the data file in pieces of at most this many bytes. The page cache

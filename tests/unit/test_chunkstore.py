@@ -1197,3 +1197,28 @@ def test_a_pending_slot_whose_wipe_fails_at_open_stays_in_limbo(tmp_path, monkey
         assert s.fsck() == []
     finally:
         s.close()
+
+
+def test_pwrite_all_takes_up_short_writes_and_fails_one_that_writes_nothing(tmp_path, monkeypatch):
+    """A short pwrite is followed by one for the rest; one that writes nothing is EIO (it
+    looped forever before)."""
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    real, calls = os.pwrite, []
+
+    def short(f, data, pos):  # at most 1000 bytes a call
+        calls.append(pos)
+        return real(f, memoryview(data)[:1000], pos)
+
+    data = random.randbytes(4096)
+    monkeypatch.setattr(cf.os, "pwrite", short)
+    cf.pwrite_all(fd, data, 100)
+    assert os.pread(fd, 4096, 100) == data and calls == [100, 1100, 2100, 3100, 4100]
+
+    def stuck(f, d, pos):  # some bytes, then none
+        return real(f, memoryview(d)[:1000], pos) if pos == 0 else 0
+
+    monkeypatch.setattr(cf.os, "pwrite", stuck)
+    with pytest.raises(OSError) as e:
+        cf.pwrite_all(fd, data, 0)
+    assert e.value.errno == errno.EIO
+    os.close(fd)
