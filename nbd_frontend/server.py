@@ -713,13 +713,13 @@ class _Connection:
         request is a large write whose payload is arriving (the client has sent it; no
         client waits for an answer to send the rest of a request), and they are few
         (DEFER_MAX: the reader's waits for room, which would wait for them to leave,
-        are for more than that; the one for the budget's fair share is not for a
-        reader receiving a payload). Sent with the next batch's, in one sendmsg, or as
-        soon as a receive finds nothing more. On loopback the sendmsg of an answer delivers it,
+        are for more than that; the one for the budget's fair share is not for a reader
+        receiving a payload). Sent with the next batch's, in one sendmsg, or as soon as
+        a receive finds nothing more. On loopback the sendmsg of an answer delivers it,
         and the client's queued bytes its ACK lets go, in this thread: sending half as
         many took a 1 MiB sequential write QD8 from about 2,300 to 2,440 MiB/s on one
-        blockd (fio nbd engine). At most one batch: a write's answer waits for the
-        next write's payload, about 0.4 ms at 1 MiB, never longer."""
+        blockd (fio nbd engine). At most one batch: a write's answer waits for the next
+        write's payload, about 0.4 ms at 1 MiB, never longer."""
         return self.raw is not None and self.codec.receiving > 0 and self.queued() <= DEFER_MAX
 
     async def wait_room(self) -> None:
