@@ -94,7 +94,7 @@ from vbp.loglimit import LogLimit, failure_kind
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
 from vbp.sockets import (KEEPALIVE, apply_congestion, nbytes, open_listeners, plain_socket,
-                         receive_wait, receive_wait_into, same_host, send_now, set_keepalive)
+                         receive_wait, same_host, send_now, set_keepalive)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -682,8 +682,7 @@ class _Connection:
                         deferred = False
                         if self.to_observe:
                             self.observe_sent()
-                    n = (await receive_wait(raw, buf) if head is None
-                         else await receive_wait_into(raw, (buf, head)))
+                    n = await receive_wait(raw, buf if head is None else (buf, head))
                 else:
                     spins += 1
                     if spins >= SPIN_BATCHES or self.inflight:

@@ -67,8 +67,8 @@ from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
 from vbp.loglimit import LogLimit, failure_kind
 from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
-                         open_listeners, plain_socket, receive_wait, receive_wait_into, send_all,
-                         send_now, set_keepalive, set_rcvlowat, wait_for_rest)
+                         open_listeners, plain_socket, receive_wait, send_all, send_now,
+                         set_keepalive, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -259,8 +259,7 @@ class _Link:
             n = raw.recv_into(buf) if type(buf) is not tuple else raw.recvmsg_into(buf)[0]
         except BlockingIOError:
             self.spins = 0
-            return await (receive_wait(raw, buf) if type(buf) is not tuple
-                          else receive_wait_into(raw, buf))
+            return await receive_wait(raw, buf)
         self.spins += 1
         if self.spins >= SPIN_RECEIVES:
             self.spins = 0

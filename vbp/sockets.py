@@ -66,21 +66,12 @@ def nbytes(b) -> int:
 
 
 async def receive_wait(raw: socket.socket, buf) -> int:
-    """recv_into `buf` once the socket is readable (the first try said it would block)."""
+    """recv_into `buf` once the socket is readable (the first try said it would block);
+    recvmsg_into when `buf` is a tuple of buffers (filled in order)."""
     while True:
         await trio.lowlevel.wait_readable(raw)
         try:
-            return raw.recv_into(buf)
-        except BlockingIOError:
-            pass
-
-
-async def receive_wait_into(raw: socket.socket, buffers) -> int:
-    """recvmsg_into `buffers` once the socket is readable (as receive_wait)."""
-    while True:
-        await trio.lowlevel.wait_readable(raw)
-        try:
-            return raw.recvmsg_into(buffers)[0]
+            return raw.recv_into(buf) if type(buf) is not tuple else raw.recvmsg_into(buf)[0]
         except BlockingIOError:
             pass
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd_frontend.tls import TLSChannel, TLSChannelStream, server_context
-from vbp.sockets import nbytes, receive_wait, receive_wait_into, send_now
+from vbp.sockets import nbytes, receive_wait, send_now
 
 CA = trustme.CA()
 CERT = CA.issue_cert("localhost")
@@ -116,30 +116,10 @@ def test_any_batch_arrives_whole(sizes, sndbuf):
     trio.run(main)
 
 
-async def test_recv_into_returns_the_client_stream_in_any_buffer_size():
-    channel, client = await pair()
-    data = RNG.randbytes(3 << 20)
-    got = bytearray()
-    async with trio.open_nursery() as n:
-        async def write():
-            for i in range(0, len(data), 100_000):
-                await client.send_all(data[i:i + 100_000])
-        n.start_soon(write)
-        while len(got) < len(data):  # (as the NBD reader reads: the wait only when the
-            buf = bytearray(RNG.choice([28, 4096, 50_000, 1 << 20]))  # channel has nothing)
-            try:
-                k = channel.recv_into(buf)
-            except BlockingIOError:
-                k = await receive_wait(channel, buf)
-            assert k > 0
-            got += buf[:k]
-    assert bytes(got) == data
-
-
-async def test_recvmsg_into_fills_its_buffers_in_order_with_the_client_stream():
-    """As the NBD reader reads while a large write's payload is under way (a payload's
-    rest and the head of its shared buffer, then the whole of that buffer)."""
-    channel, client = await pair()
+async def stream_through(channel: TLSChannel, client, receive) -> None:
+    """The client sends 3 MiB in pieces while `receive()` returns the next plaintext the
+    channel gives, as the NBD reader reads (the wait only when the channel has nothing):
+    the stream comes out whole and in order."""
     data = RNG.randbytes(3 << 20)
     got = bytearray()
     async with trio.open_nursery() as n:
@@ -148,15 +128,41 @@ async def test_recvmsg_into_fills_its_buffers_in_order_with_the_client_stream():
                 await client.send_all(data[i:i + 100_000])
         n.start_soon(write)
         while len(got) < len(data):
-            bufs = (bytearray(RNG.choice([28, 4096, 50_000, 1 << 20])),
-                    memoryview(bytearray(RNG.choice([1, 16384]))))
-            try:
-                k = channel.recvmsg_into(bufs)[0]
-            except BlockingIOError:
-                k = await receive_wait_into(channel, bufs)
-            assert k > 0
-            got += bytes(bufs[0][:k]) + bytes(bufs[1][:max(0, k - len(bufs[0]))])
+            got += await receive()
     assert bytes(got) == data
+
+
+async def test_recv_into_returns_the_client_stream_in_any_buffer_size():
+    channel, client = await pair()
+
+    async def receive() -> bytes:
+        buf = bytearray(RNG.choice([28, 4096, 50_000, 1 << 20]))
+        try:
+            k = channel.recv_into(buf)
+        except BlockingIOError:
+            k = await receive_wait(channel, buf)
+        assert k > 0
+        return buf[:k]
+
+    await stream_through(channel, client, receive)
+
+
+async def test_recvmsg_into_fills_its_buffers_in_order_with_the_client_stream():
+    """As the NBD reader reads while a large write's payload is under way (a payload's
+    rest and the head of its shared buffer, then the whole of that buffer)."""
+    channel, client = await pair()
+
+    async def receive() -> bytes:
+        bufs = (bytearray(RNG.choice([28, 4096, 50_000, 1 << 20])),
+                memoryview(bytearray(RNG.choice([1, 16384]))))
+        try:
+            k = channel.recvmsg_into(bufs)[0]
+        except BlockingIOError:
+            k = await receive_wait(channel, bufs)
+        assert k > 0
+        return bytes(bufs[0][:k]) + bytes(bufs[1][:max(0, k - len(bufs[0]))])
+
+    await stream_through(channel, client, receive)
     with pytest.raises(BlockingIOError):
         channel.recvmsg_into((bytearray(10), bytearray(10)))
 
