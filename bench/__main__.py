@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
                         "replicas=3 takes many minutes)")
     p.add_argument("--snap-chunk-size", help="chunk size of the snapshot volume (1M)")
     p.add_argument("--cow-chunks", type=int, help="chunks written once each after a clone (64)")
+    p.add_argument("--congestion", metavar="NAME",
+                   help="set the host's TCP congestion control (net.ipv4.tcp_congestion_control) "
+                        "to NAME for the run, and back after (root); the references' "
+                        "connections take the host's, vbp's local ones cubic: with cubic, "
+                        "all compare under the same algorithm")
     p.add_argument("--out", type=Path, help="results directory (bench/results)")
     p.add_argument("--no-latest", action="store_true", help="do not overwrite latest.md")
     p.add_argument("--profile", metavar="WORKLOAD", help="profile one workload on vbp instead")
@@ -66,7 +71,7 @@ def config(args, argv) -> harness.Config:
     if args.quick and args.out is None:
         cfg.latest = False
     for name in ("rounds", "runtime", "workloads", "targets", "r1_hosts", "snap_chunks", "snap_targets",
-                 "cow_chunks", "prefill"):
+                 "cow_chunks", "prefill", "congestion"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.size:

@@ -54,6 +54,7 @@ class Config:
     sandbox_capacity: str = "64G"
     latest: bool = True
     prefill: str = "nbdcopy"  # or "fio": one connection, sequential 1 MiB writes
+    congestion: str | None = None  # the host's TCP congestion control for the run (host_congestion)
     command: str = ""
 
     @classmethod
@@ -94,14 +95,48 @@ def loadavg() -> str:
         return "?"
 
 
+CONGESTION = Path("/proc/sys/net/ipv4/tcp_congestion_control")
+
+
 def tcp_congestion() -> str:
     """The host's TCP congestion control: every reference's connections use it, and it
     moves large transfers a lot (vbp's NBD connections from this host use cubic)."""
     try:
-        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
-            return f.read().strip()
+        return CONGESTION.read_text().strip()
     except OSError:
         return "?"
+
+
+@contextlib.contextmanager
+def host_congestion(name: str | None, path: Path = CONGESTION):
+    """The host's TCP congestion control set to `name` for the run, and set back after,
+    however the run ends (None: left as it is). The references' connections (and fio's)
+    take the host's; vbp's from this host take cubic (blockd's default for local
+    clients): `--congestion cubic` compares the references with vbp under the same
+    algorithm. Root only; an algorithm the kernel lacks is refused before anything runs."""
+    if name is None:
+        yield
+        return
+    try:
+        before = path.read_text().strip()
+    except OSError as e:
+        raise RuntimeError(f"cannot read the host's TCP congestion control ({path}): "
+                           f"{e.strerror}") from None
+    if name != before:
+        try:
+            path.write_text(name + "\n")
+        except OSError as e:
+            try:
+                offered = (path.parent / "tcp_available_congestion_control").read_text().strip()
+            except OSError:
+                offered = "?"
+            raise RuntimeError(f"cannot set the host's TCP congestion control to {name!r} "
+                               f"({path}: {e.strerror}; available: {offered})") from None
+    try:
+        yield
+    finally:
+        if name != before:
+            path.write_text(before + "\n")
 
 
 def interleaved(names: list[str]) -> list[str]:
@@ -214,6 +249,8 @@ def run(cfg: Config) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(host_congestion(cfg.congestion))
+            meta["tcp_congestion"] = tcp_congestion()
             say(f"work directory {tmp}; writing {cfg.size >> 20} MiB of test data")
             data = wl_mod.make_data_file(tmp / "data.raw", cfg.size)
             targets = start_targets(cfg, tmp, stack)
