@@ -251,7 +251,10 @@ class PeerCodec:
         # costs a page fault per 4 KiB (POOL_BYTES)
         self._pool: list = []
         self._eof = False
-        self._error: PeerProtocolError | None = None
+        # what failed, (message, code), raised anew by each next_event after it: the
+        # exception itself, kept, would hold the frame that raised it and so the codec
+        # and its buffers (a cycle only the cycle collector frees)
+        self._error: tuple[str, str] | None = None
 
     @property
     def buffered(self) -> int:
@@ -311,7 +314,7 @@ class PeerCodec:
     def next_event(self):
         """`(request_id, message)`, NEED_DATA, or CLOSED after end of stream."""
         if self._error is not None:
-            raise self._error
+            raise PeerProtocolError(self._error[0], code=self._error[1])
         if self._large is not None:
             return self._next_large()
         buf = self._buf
@@ -392,7 +395,7 @@ class PeerCodec:
             with memoryview(large) as payload:
                 obj = _unpackb(payload, raw=False, use_list=False)
         except PeerProtocolError as exc:
-            self._error = exc
+            self._failed(str(exc), exc.code)
             raise
         except Exception as exc:
             return self._fail(f"frame is not msgpack: {type(exc).__name__}: {exc}")
@@ -406,8 +409,19 @@ class PeerCodec:
         return CLOSED
 
     def _fail(self, why: str, code: str = m.INVALID):
-        self._error = PeerProtocolError(why, code=code)
-        raise self._error
+        self._failed(why, code)
+        raise PeerProtocolError(why, code=code)
+
+    def _failed(self, why: str, code: str) -> None:
+        """The stream is broken for good: noted, and the buffers let go at once (a peer
+        that breaks its connections as fast as it makes them, with most of a large frame
+        sent each time, must not leave them behind: up to max_frame each)."""
+        self._error = (why, code)
+        self._buf = bytearray()
+        self._pos = 0
+        self._large = None
+        self._filled = 0
+        self._pool = []
 
     def _decode(self, obj):
         # Ok, every write's reply, by hand: the same checks and result as below, cheaper

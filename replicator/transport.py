@@ -320,11 +320,14 @@ _LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, Pee
 async def _guarded(fn, scope: trio.CancelScope):
     """Run a connection's reader or writer; when it ends, for whatever reason, end its
     sibling too. A broken link is returned, not raised, so that it never reaches the
-    nursery (which would wrap it in an ExceptionGroup)."""
+    nursery (which would wrap it in an ExceptionGroup). It is returned without its
+    traceback: its frames hold it (a local of the reader's, as it raised it) and the
+    connection's objects, a cycle that would keep them until the cycle collector ran; its
+    message is all that is told of it."""
     try:
         await fn()
     except _LINK_ERRORS as exc:
-        return exc
+        return exc.with_traceback(None)
     finally:
         scope.cancel()
     return None
@@ -462,20 +465,28 @@ class _ServerSession:
         failure = None
         max_frame, link.codec.max_frame = link.codec.max_frame, HELLO_MAX_FRAME
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                if not await self.handshake():
-                    return
-            link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
-            link.set_recv_size(RECV_SIZE)
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(_guarded, self.write_loop, nursery.cancel_scope)
-                failure = await _guarded(self.read_loop, nursery.cancel_scope)
-        except (trio.TooSlowError, *_LINK_ERRORS) as exc:
-            failure = exc
-        if isinstance(failure, PeerProtocolError):
-            log.warning("closing connection from %s: %s", self.peer, failure)
-            await self.refuse(0, m.Error(failure.code, str(failure)))
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    if not await self.handshake():
+                        return
+                link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
+                link.set_recv_size(RECV_SIZE)
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(_guarded, self.write_loop, nursery.cancel_scope)
+                    failure = await _guarded(self.read_loop, nursery.cancel_scope)
+            except (trio.TooSlowError, *_LINK_ERRORS) as exc:
+                failure = exc.with_traceback(None)  # (as _guarded's)
+            if isinstance(failure, PeerProtocolError):
+                # (a few lines a period per address: whoever reaches the port can make
+                # connections that fail as fast as it likes)
+                address = self.address or _remote_address(link.sock)
+                self.failures.log(log, logging.WARNING, ("protocol_error", address),
+                                  "closing connection from %s (host %s says): %s", address,
+                                  self.peer, failure)
+                await self.refuse(0, m.Error(failure.code, str(failure)))
+        finally:
+            failure = None  # (nothing of the session outlives it: see _guarded)
 
     async def write_loop(self) -> None:
         try:
@@ -577,7 +588,7 @@ class _ServerSession:
                     break
                 batch.append(event)
         except PeerProtocolError as exc:
-            event = exc
+            event = exc.with_traceback(None)  # (kept here, its traceback holds this frame)
         if self.prepare is not None and len(batch) > 1:
             try:
                 self.prepare(batch)

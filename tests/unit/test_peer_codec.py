@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import sys
 
 import msgpack
 import pytest
@@ -592,6 +593,14 @@ def test_large_frame_cut_by_end_of_stream_or_malformed_is_an_error():
     c.receive_data(b"")
     with pytest.raises(PeerProtocolError, match="closed inside a frame"):
         c.next_event()
+    # dead: it says so again, and lets go of its buffers at once (not kept with the
+    # failure, until the cycle collector happened to run)
+    assert c.buffered == 0 and c.large_buffer() is None and not c._buf and not c._pool
+    with pytest.raises(PeerProtocolError, match="closed inside a frame") as again:
+        c.next_event()
+    assert again.value.code == m.INVALID
+    del again
+    assert sys.getrefcount(c) == 2  # nothing holds a failed codec but its owner (and the call)
     # a WriteChunk whose fields are of the wrong type, its payload split as usual
     head = msgpack.packb([m.PROTO_VERSION, 12, 1, "v", "l", "one", 2, (1,), 0, 1 << 22, 3,
                           False, 4, 5])

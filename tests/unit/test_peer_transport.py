@@ -410,6 +410,67 @@ async def test_connections_that_never_say_hello_hold_no_receive_buffer():
         assert await next_reply(stream, codec) == (3, m.Pong("srv", 4))
 
 
+async def test_connections_that_fail_let_go_of_their_buffers_at_once():
+    """A peer that breaks its connections, with most of a large frame sent each time or
+    garbage before its Hello, must not leave their buffers behind until the cycle
+    collector happens to run (rarely: blockd.memory): the failure kept by the codec and
+    the session held the frame that raised it, and so the session, its receive buffer and
+    the frame's buffer. Measured with the cycle collector off."""
+    import gc
+    import tracemalloc
+
+    from replicator.transport import _ServerSession
+
+    def sessions() -> int:
+        return sum(type(o) is _ServerSession for o in gc.get_objects())
+
+    n = 20
+    async with server() as (address, _):
+        await (await raw_client(address))[0].aclose()  # the server warmed up
+        await trio.sleep(0.1)
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                stream, codec = await raw_client(address, hello=i % 2 == 0)
+                if i % 2 == 0:  # an 8 MiB frame, 1 MiB of it, then the end
+                    await stream.send_all(struct.pack(">I", 8 << 20) + b"\x9f" + bytes(1 << 20))
+                else:  # garbage before any Hello
+                    await stream.send_all(b"\x00\x00\x00\x02\xc1\xc1")
+                await stream.aclose()
+            with trio.move_on_after(5):
+                while sessions():
+                    await trio.sleep(0.05)
+            left = sessions()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+        assert left == 0, f"{left} of {n} failed sessions still held"
+        assert grown / n < 64 * 1024, f"{grown / n:.0f} bytes left per failed connection"
+
+
+async def test_lines_about_failed_connections_are_limited_per_address(caplog):
+    """Whoever reaches the peer port can make connections that fail as fast as it likes:
+    a few lines a period tell of them (vbp.loglimit), not one each."""
+    from vbp.loglimit import BURST
+
+    async with server() as (address, _):
+        for _ in range(3 * BURST):
+            stream, codec = await raw_client(address, hello=False)
+            await stream.send_all(b"\x00\x00\x00\x00")  # a frame of length 0
+            assert (await next_reply(stream, codec))[1].code == m.INVALID
+            await stream.aclose()
+        lines = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
+        assert len(lines) == BURST, lines
+        assert lines[0].startswith("closing connection from 127.0.0.1 (host ? says): frame length 0")
+        stream, codec = await raw_client(address)  # a real peer still gets served
+        await stream.send_all(codec.encode(3, m.Ping(4)))
+        assert await next_reply(stream, codec) == (3, m.Pong("srv", 4))
+
+
 async def test_a_failed_connection_leaves_its_reader_no_waiter_to_answer():
     """fail() answers every pending call with PeerUnavailable and empties the dict the
     reader looks replies up in: a reply the reader decodes before its cancellation
