@@ -312,11 +312,11 @@ async def handle_connection(stream, provider: ExportProvider,
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
-        log.warning("nbd TLS error, disconnecting: %s", exc)
+        _bad_client(failures, stream, "nbd TLS error, disconnecting", exc)
     except trio.TooSlowError:
         log.info("nbd handshake not done within %g s, disconnecting", HANDSHAKE_TIMEOUT)
     except ProtocolError as exc:
-        log.warning("nbd protocol error, disconnecting: %s", exc)
+        _bad_client(failures, stream, "nbd protocol error, disconnecting", exc)
     except Exception:
         log.exception("nbd connection failed")
     finally:
@@ -324,6 +324,23 @@ async def handle_connection(stream, provider: ExportProvider,
             for export in opened:
                 await _close(export)
             await trio.aclose_forcefully(stream)
+
+
+def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException) -> None:
+    """Warn of a client that broke the protocol: a few lines a period per address
+    (`failures`, the server's LogLimit), as anyone who reaches the port can make
+    connections that fail as fast as it likes."""
+    # (the socket of a plain stream, or under the TLS channel of an upgraded one)
+    sock = getattr(stream, "socket", None) or getattr(getattr(stream, "channel", None), "sock", None)
+    try:
+        address = str(sock.getpeername()[0]) if sock is not None else "?"
+    except (OSError, IndexError, TypeError):
+        address = "?"
+    if failures is None:
+        log.warning("%s: %s (client %s)", what, exc, address)
+    else:
+        failures.log(log, logging.WARNING, ("bad_client", address), "%s: %s (client %s)",
+                     what, exc, address)
 
 
 async def _end_tls(channel) -> None:
@@ -577,7 +594,8 @@ class _Connection:
                     with reading:  # (a graceful stop: the requests taken are answered)
                         await self.reader()
                 except ProtocolError as exc:  # handled here: the nursery would wrap it in a group
-                    log.warning("nbd protocol error, disconnecting: %s", exc)
+                    _bad_client(self.failures, self.stream, "nbd protocol error, disconnecting",
+                                exc)
                     nursery.cancel_scope.cancel()
                     return
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

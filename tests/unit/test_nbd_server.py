@@ -693,6 +693,18 @@ async def test_protocol_error_is_logged_plainly(port, caplog):
     records = [r for r in caplog.records if r.name == "vbp.nbd" and r.levelname != "DEBUG"]
     assert any("protocol error" in r.getMessage() for r in records)
     assert not any(r.exc_info for r in records)
+    # anyone who reaches the port can make connections that fail as fast as it likes: a
+    # few lines a period per address tell of them (vbp.loglimit), not one each
+    from vbp.loglimit import BURST
+    for _ in range(3 * BURST):
+        c = await Client.connect(port)
+        await c.send(b"\x00" * 28)
+        with pytest.raises(EOFError):
+            await c.recv(1)
+    await trio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
+    assert len(lines) == BURST, lines
+    assert lines[0].endswith("(client 127.0.0.1)"), lines[0]
 
 
 class DroppableExport(MemoryExport):
