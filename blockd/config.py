@@ -21,6 +21,7 @@ from vbp.errors import InvalidArgument
 from vbp.layout import VOLUME_SIZE_MAX, format_size, parse_size
 from vbp.registry import refuse_in_process
 from vbp.sockets import congestion_problem
+from vbp.volume import check_name
 
 DEFAULT_CONFIG = "/etc/vbp/blockd.toml"
 AUTO = "auto"  # nbd_tcp_congestion's default (Config.nbd_congestion)
@@ -131,6 +132,13 @@ class Config:
         for key in ("host_id", "data_dir", "registry"):
             if not getattr(self, key):
                 raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
+        # names that go into registry keys, failure domains (zone/pod/host), log lines and
+        # tables: the rule of volume names (a newline in one forged a log line)
+        for key in ("host_id", "zone", "pod", "cluster"):
+            try:
+                check_name(getattr(self, key), key.removesuffix("_id"))
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
         for key in ("listen", "nbd"):
             try:
                 host, _ = parse_hostport(getattr(self, key), key)

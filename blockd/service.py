@@ -1407,6 +1407,7 @@ class Blockd:
         try:
             self.registry = AsyncRegistry(await trio.to_thread.run_sync(open_registry, cfg.registry))
             await self._wait_host_id_free()
+            self.store.claim(cfg.host_id)  # (after the registry's word: a store from before)
             cmap = await self.registry.cluster_map()
             self.cluster = ClusterView(cmap)
             self.replica = Replica(self.store, cfg.host_id, lambda: self.cluster.epoch)

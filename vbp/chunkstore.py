@@ -343,6 +343,24 @@ class ChunkStore:
             txn.put(b"store_id", new.encode(), db=self._db["meta"])
         return new
 
+    def claim(self, host_id: str) -> None:
+        """This store is host `host_id`'s: recorded in its index the first time, and
+        InvalidArgument from then on when another host id claims it. A blockd started with
+        another host's data directory (a copied configuration, a typo in host_id) would
+        otherwise join as a new host holding the chunks placed on the other one, whose
+        copies would then count as lost."""
+        with self._env.begin() as txn:
+            v = txn.get(b"host_id", db=self._db["meta"])
+        if v is None:
+            with self._txn() as txn:
+                txn.put(b"host_id", host_id.encode(), db=self._db["meta"])
+            return
+        owner = v.decode()
+        if owner != host_id:
+            raise InvalidArgument(
+                f"the chunk store {self.path} is host {owner}'s, not host {host_id}'s: set "
+                f"host_id to {owner}, or give host {host_id} a data directory of its own")
+
     # --- open and recovery ----------------------------------------------------------------
 
     def _load(self) -> tuple[bool, frozenset[ChunkKey]]:

@@ -1222,3 +1222,21 @@ def test_pwrite_all_takes_up_short_writes_and_fails_one_that_writes_nothing(tmp_
         cf.pwrite_all(fd, data, 0)
     assert e.value.errno == errno.EIO
     os.close(fd)
+
+
+def test_a_store_is_claimed_by_one_host(tmp_path):
+    """The first host to claim a store is recorded in its index, across reopenings; any
+    other is refused, naming the owner (blockd exits 2 on it: a setting)."""
+    from vbp.errors import InvalidArgument
+
+    s = ChunkStore(tmp_path / "s", 1 << 30)
+    s.claim("h1")
+    s.claim("h1")
+    s.close()
+    s = ChunkStore(tmp_path / "s", 1 << 30)
+    try:
+        with pytest.raises(InvalidArgument, match="is host h1's, not host h2's: set host_id to h1"):
+            s.claim("h2")
+        s.claim("h1")
+    finally:
+        s.close()

@@ -236,12 +236,22 @@ class Registry:
         raise self._contended(f"register host {rec.id}")
 
     def check_host_free(self, host_id: str, store_id: str) -> None:
-        """InUse (naming it) while another blockd of `host_id` runs (_alive_elsewhere)."""
-        item, _ = self.kv.get(P_HOST + _name("host id", host_id))
-        if item is not None:
-            old = HostRecord.from_dict(_unpack(item.value))
-            if self._alive_elsewhere(old, store_id):
-                raise _host_in_use(old)
+        """InUse (naming it) while another blockd of `host_id` runs (_alive_elsewhere).
+        InvalidArgument when store `store_id` is another host's (its record names it): a
+        blockd given another host's data directory (ChunkStore.claim, for a store that
+        predates its record of its host)."""
+        key = P_HOST + _name("host id", host_id)
+        items, _ = self.kv.range(P_HOST)
+        for item in items:
+            rec = HostRecord.from_dict(_unpack(item.value))
+            if item.key == key:
+                if self._alive_elsewhere(rec, store_id):
+                    raise _host_in_use(rec)
+            elif store_id and rec.store_id == store_id:
+                raise InvalidArgument(
+                    f"the chunk store {store_id} is host {rec.id}'s (its record in the "
+                    f"registry names it), not host {host_id}'s: set host_id to {rec.id}, "
+                    f"or give host {host_id} a data directory of its own")
 
     def _alive_elsewhere(self, old: HostRecord, store_id: str) -> bool:
         """Host record `old` names another store than `store_id` and its liveness key is
