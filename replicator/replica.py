@@ -272,13 +272,19 @@ class Replica:
     # --- checks ------------------------------------------------------------------------
 
     def check_token(self, volume: str, token: int) -> None:
+        if self._newer_token(volume, token):
+            self._adopt_token(volume, token)
+
+    def _newer_token(self, volume: str, token: int) -> bool:
+        """Fenced if `token` is older than the newest seen for `volume`; whether it is
+        newer (for the caller to adopt once its request is known good: a request refused
+        changes nothing here, its token included)."""
         newest = self._tokens.get(volume, 0)
         if token < newest:
             raise Fenced(
                 f"write to {volume!r} with fencing token {token} refused: token {newest} is newer"
             )
-        if token > newest:
-            self._adopt_token(volume, token)
+        return token > newest
 
     def check_epoch(self, epoch: int) -> None:
         mine = self._epoch()
@@ -367,12 +373,17 @@ class Replica:
 
     def write(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
               data, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
+        newer = False
         if token != self._tokens.get(volume):  # (the checks, with no call when they pass)
-            self.check_token(volume, token)
+            newer = self._newer_token(volume, token)
         if epoch < self._epoch():
             self.check_epoch(epoch)
         if self.resyncing:
             self._check_creates(lineage, index, gen)
+        if newer:  # a new holder: known once its write is known good (the store's checks)
+            check_key((lineage, index, gen))
+            check_range(offset, len(data), check_chunk_size(chunk_size))
+            self._adopt_token(volume, token)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
         # noted once the store took it (no checkpoint between), or failed part-way (a full
@@ -393,7 +404,7 @@ class Replica:
 
     def zero(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
-        self.check_token(volume, token)
+        newer = self._newer_token(volume, token)
         self.check_epoch(epoch)
         # the store checks these too, but only where it has the chunk: a zeroing of one not
         # here yet is answered below without it, and must be refused as the copies that
@@ -401,6 +412,8 @@ class Replica:
         check_key((lineage, index, gen))
         check_range(offset, length, check_chunk_size(chunk_size))
         self._check_creates(lineage, index, gen)
+        if newer:  # (as write's)
+            self._adopt_token(volume, token)
         self._note(volume, lineage, index, offset, length, gen)
         base = self._base(lineage, index, gen, chain)
         if base is None and self.store.resolve(lineage, index, (gen,)) is None:

@@ -89,3 +89,37 @@ def test_the_tokens_of_deleted_volumes_are_forgotten():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_request_refused_leaves_the_newest_token_as_it_was():
+    """A write or a zeroing refused (an old epoch, a bad range or chunk size) changes
+    nothing on the replica, its fencing token included: adopted, a token from a request
+    nothing would apply fenced every later write of the volume's holder. A good one with
+    the newer token is a new holder."""
+    from vbp.errors import InvalidArgument, StaleEpoch
+
+    seen = []
+    r = Replica(MemoryChunkStore(None, 64 << 20), "h1", lambda: 5)
+    r.on_token = lambda volume, token: seen.append((volume, token))
+    r.handle(m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, 1 << 20, 0, False, 5, 7))
+    big = 2**63 - 1
+    refused = [
+        (StaleEpoch, m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"y" * 4096, 1 << 20, 0, False, 0, big)),
+        (InvalidArgument, m.WriteChunk("v", "lin", 0, 1, (1,), (1 << 20) - 100, b"y" * 4096,
+                                       1 << 20, 0, False, 5, big)),
+        (InvalidArgument, m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"y" * 4096, 3 << 20, 0, False,
+                                       5, big)),
+        (StaleEpoch, m.ZeroChunk("v", "lin", 0, 1, (1,), 0, 4096, 1 << 20, 0, False, 0, big)),
+        (InvalidArgument, m.ZeroChunk("v", "lin", 0, 1, (1,), 1 << 20, 4096, 1 << 20, 0, False, 5,
+                                      big)),
+        (StaleEpoch, m.WriteBatch("v", "lin", 1, (1,), (0,), (0,), (4096,), b"y" * 4096, 1 << 20,
+                                  False, 0, big)),
+    ]
+    for error, msg in refused:
+        with pytest.raises(error):
+            r.handle(msg)
+        assert r.newest_token("v") == 7 and seen == [("v", 7)], msg
+    r.handle(m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"z" * 4096, 1 << 20, 0, False, 5, 9))
+    assert r.newest_token("v") == 9 and seen == [("v", 7), ("v", 9)]
+    with pytest.raises(Fenced):
+        r.handle(write(7))
