@@ -37,8 +37,16 @@ class State:
                     "no registry: pass --registry URL or set VBP_REGISTRY "
                     "(for the sandbox: lmdb://DIR/registry, printed by `vbp sandbox up`)"
                 )
-            if url.startswith("lmdb://") and not Path(url[len("lmdb://"):]).is_dir():
-                raise RegistryUnavailable(f"registry {url}: no such directory (is the pool set up?)")
+            if url.startswith("lmdb://"):
+                where = Path(url[len("lmdb://"):])
+                if not where.is_dir():
+                    raise RegistryUnavailable(f"registry {url}: no such directory (is the pool set up?)")
+                # (opened, an LMDB environment would be made there: a mistyped directory,
+                # a sandbox's instead of its registry's, would become an empty pool)
+                if not (where / "data.mdb").is_file():
+                    raise RegistryUnavailable(
+                        f"registry {url}: no registry in {where} (is the pool set up? a "
+                        f"sandbox's is DIR/registry, as `vbp sandbox up` prints)")
             from vbp.registry import open_registry, refuse_in_process
 
             refuse_in_process(url)

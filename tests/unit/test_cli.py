@@ -310,6 +310,13 @@ def test_resize_refused_leaves_the_volume_alone(vbp):
 def test_registry_unreachable_is_exit_4(vbp, tmp_path):
     r = vbp("volume", "list", code=EXIT_REGISTRY, env={"VBP_REGISTRY": f"lmdb://{tmp_path}/absent"})
     one_error_line(r, "absent")
+    # a directory with no registry in it (a sandbox's own, where its registry is
+    # DIR/registry): refused, and left as it was, not made an empty pool
+    (tmp_path / "sb").mkdir()
+    for args in (("volume", "list"), ("volume", "create", "v", "--size", "1G")):
+        r = vbp(*args, code=EXIT_REGISTRY, env={"VBP_REGISTRY": f"lmdb://{tmp_path}/sb"})
+        one_error_line(r, "no registry in")
+    assert list((tmp_path / "sb").iterdir()) == []
     port = _closed_port()
     r = vbp("volume", "list", code=EXIT_REGISTRY, env={"VBP_REGISTRY": f"etcd://127.0.0.1:{port}"})
     one_error_line(r, f"127.0.0.1:{port}")
