@@ -18,7 +18,7 @@ from nbd_frontend.server import MAX_CONNECTIONS, SEND_TIMEOUT
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
-from vbp.layout import VOLUME_SIZE_MAX, format_size, parse_size
+from vbp.layout import CHUNK_SIZE_MIN, VOLUME_SIZE_MAX, format_size, parse_size
 from vbp.registry import refuse_in_process
 from vbp.sockets import congestion_problem
 from vbp.volume import check_name
@@ -145,6 +145,10 @@ class Config:
                 _advertised(host, key)
             except InvalidArgument as e:
                 raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
+        if self.listen == self.nbd and not self.listen.endswith(":0"):
+            raise InvalidArgument(f"{where('nbd')}: keys 'listen' and 'nbd' are the same "
+                                  f"address, {self.nbd}: the peer protocol and NBD need a "
+                                  "port each")
         try:
             refuse_in_process(self.registry)
         except InvalidArgument as e:
@@ -157,6 +161,10 @@ class Config:
         if not 0 < self.capacity <= CAPACITY_MAX:
             raise InvalidArgument(f"{where('capacity')}: key 'capacity': must be greater than zero and at "
                                   f"most {format_size(CAPACITY_MAX)}")
+        if self.capacity < CHUNK_SIZE_MIN:  # (a TOML integer is bytes: capacity = 5 is 5 bytes)
+            raise InvalidArgument(f"{where('capacity')}: key 'capacity': {self.capacity} bytes "
+                                  f"is less than the smallest chunk, "
+                                  f"{format_size(CHUNK_SIZE_MIN)} (a size: \"100G\")")
         for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",
                     "nbd_send_timeout"):
             v = getattr(self, key)
@@ -343,8 +351,13 @@ def from_settings(data: dict, overrides: dict, source: str) -> Config:
     """The config of the settings `data` (keys and values as in the TOML file, read from
     `source`) with the non-None `overrides` (flags) over them, validated."""
     cfg = Config()
+    given: dict[str, str] = {}
     for raw_key, value in data.items():
-        setattr(cfg, raw_key.replace("-", "_"), coerce_setting(raw_key, value, source))
+        key = raw_key.replace("-", "_")
+        if key in given:  # (TOML refuses a key twice, but not its two spellings)
+            raise InvalidArgument(f"{source}: key {raw_key!r} is key {given[key]!r} again")
+        given[key] = raw_key
+        setattr(cfg, key, coerce_setting(raw_key, value, source))
     flagged = set()
     for key, value in overrides.items():
         if value is not None:

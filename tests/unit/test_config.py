@@ -195,6 +195,18 @@ def test_unknown_key_is_refused(tmp_path, key):
     assert path in msg and f"unknown key {key!r}" in msg
 
 
+def test_a_key_in_both_spellings_is_refused(tmp_path):
+    path = write(tmp_path, REQUIRED + "\nlease-ttl = 3\nlease_ttl = 4\n")
+    msg = refused(path)
+    assert path in msg and "'lease_ttl' is key 'lease-ttl' again" in msg
+
+
+def test_python_m_blockd_is_the_blockd_command():
+    p = subprocess.run([sys.executable, "-m", "blockd", "--help"], capture_output=True,
+                       text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0 and "Serve this host's disk" in p.stdout, p.stderr
+
+
 def test_a_table_is_refused(tmp_path):
     path = write(tmp_path, REQUIRED + "[nbd]\nport = 1\n")
     msg = refused(path)
@@ -233,6 +245,8 @@ BAD_VALUES = [
     ("cluster", '"vbp prod"', r"invalid cluster name"),
     ("capacity", '"abc"', r"not a size"),
     ("capacity", "0", r"greater than zero"),
+    ("capacity", "5", r"5 bytes is less than the smallest chunk, 1 MiB"),  # (an integer is bytes)
+    ("listen", '"127.0.0.1:10809"', r"'listen' and 'nbd' are the same address"),
     ("capacity", '"-1G"', r"size|negative"),
     ("capacity", "true", r"size|type|bool"),
     ("capacity", '"99999999999999P"', r"too large"),  # (more than 8 EiB)

@@ -1,0 +1,5 @@
+"""`python -m blockd`, as the `blockd` command (blockd.main)."""
+
+from blockd.main import main
+
+main()
