@@ -15,7 +15,7 @@ from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
     VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
     delete_snapshot, new_volume, replicas_by_lineage, request_shrink, request_snapshot,
-    same_volume,
+    same_volume, split_export_name,
 )
 
 
@@ -93,8 +93,8 @@ def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> 
     exported over NBD somewhere, or a volume that is (its write lease live, or exported
     by a host without it) or whose snapshots are, is refused with InUse unless `force`; forced, the open exports
     fail every request with EIO (blockd keeps the chunks until they noticed)."""
-    vol, sep, snap = name.partition("@")
-    if sep:
+    vol, snap = split_export_name(name)  # (InvalidArgument for "v@" and "v@s@x")
+    if snap is not None:
         get_volume(reg, vol).snapshot(snap)
         if not force:
             _refuse_in_use(reg, name, vol, snap, wait)
@@ -289,6 +289,7 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
     name, sep, snap = source.partition("@")
     if not sep or not snap:
         raise InvalidArgument(f"clone source must be NAME@SNAPSHOT, not {source!r}")
+    split_export_name(source)  # (names as they must be: "v@s@x" is none)
     parent = get_volume(reg, name)
     parent.snapshot(snap)
     head = reg.next_id(gen_counter(parent.lineage))

@@ -36,11 +36,13 @@ _UNITS = {
     "g": GiB, "gb": GiB, "gib": GiB,
     "t": TiB, "tb": TiB, "tib": TiB,
     "p": 1024 * TiB, "pb": 1024 * TiB, "pib": 1024 * TiB,
+    "e": 1 << 60, "eb": 1 << 60, "eib": 1 << 60,  # (what the limits below are told in)
 }
 # (digits bounded: int() of thousands of digits is slow, and refused past 4300 of them;
 # a number of up to 40 digits is read, to be refused as too large by its value)
 _SIZE_TEXT_MAX = 64
-_SIZE_RE = re.compile(r"^\s*(\d{1,40})(?:\.(\d{1,20}))?\s*([a-zA-Z]{0,3})\s*$")
+# (ASCII digits only: \d takes any script's, "１G" among them)
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,40})(?:\.([0-9]{1,20}))?\s*([a-zA-Z]{0,3})\s*$")
 
 
 def parse_size(text: str | int) -> int:
@@ -70,7 +72,7 @@ def parse_size(text: str | int) -> int:
         # (white space, line breaks included, may surround the number and the unit: one line)
         shown = (" ".join(text.split()) if isinstance(text, str) else
                  text if text.bit_length() < 128 else f"{text.bit_length()} bits")
-        raise InvalidArgument(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB)")
+        raise InvalidArgument(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB less one)")
     return value
 
 
@@ -116,7 +118,8 @@ class Geometry:
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
         if self.size < 0 or self.size > VOLUME_SIZE_MAX:
-            raise InvalidArgument(f"volume size out of range: {self.size}")
+            raise InvalidArgument(f"volume size out of range: {self.size} bytes (at most "
+                                  f"{VOLUME_SIZE_MAX}, 1024 PiB)")
 
     @property
     def chunk_count(self) -> int:

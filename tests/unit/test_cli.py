@@ -169,7 +169,12 @@ def test_long_names_are_printed_whole(vbp):
     (["volume", "clone", "a@s1", "a"], EXIT_ERROR, "already exists"),
     (["volume", "resize", "a", "512M"], EXIT_ERROR, "--force"),
     (["volume", "resize", "a", "0"], EXIT_ERROR, "greater than zero"),
-    (["volume", "resize", "a", "2000P"], EXIT_ERROR, "size"),
+    (["volume", "resize", "a", "2000P"], EXIT_ERROR, "at most 1152921504606846976, 1024 PiB"),
+    (["volume", "create", "b", "--size", "\uff11G"], EXIT_ERROR, "not a size"),  # (a full-width 1)
+    (["volume", "create", "b", "--size", "9E"], EXIT_ERROR, "8 EiB less one"),
+    (["volume", "delete", "a@"], EXIT_ERROR, "invalid snapshot name"),
+    (["volume", "delete", "a@s1@x"], EXIT_ERROR, "invalid snapshot name"),
+    (["volume", "clone", "a@s1@x", "c"], EXIT_ERROR, "invalid snapshot name"),
     (["volume", "resize", "a", "1000000P"], EXIT_ERROR, "size"),
     # (sizes and limits past 64 bits, and numbers of more digits than int() takes)
     (["volume", "set", "a", "--bps", "99999999999999999999999P"], EXIT_ERROR, "too large"),
