@@ -1401,7 +1401,10 @@ class Blockd:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         data = Path(cfg.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (a setting: /proc/x, a path under a file, a read-only mount)
+            raise InvalidArgument(f"data_dir {data}: cannot be made: {e.strerror or e}") from None
         self.store = ChunkStore(data / "chunks", cfg.capacity, hot_max=cfg.hot_chunks,
                                 keep_recovered=True)
         try:

@@ -434,6 +434,10 @@ def _held_port(stack) -> int:
     ("lmdb-registry-a-file", 2, "key 'registry': {file} is not a directory"),
     ("registry-unreachable", 1, "registry etcd://127.0.0.1:{closed} is unreachable"),
     ("index-not-lmdb", 1, "chunk store {data}/chunks: cannot open its index: "),
+    # (a path nothing can make: /proc takes no directory, ENOENT; said once)
+    ("data-dir-not-makeable", 2, "data_dir /proc/vbp-test: cannot be made: No such file or directory"),
+    ("lmdb-registry-not-makeable", 1,
+     "cannot open LMDB at /proc/vbp-test: No such file or directory"),
 ])
 def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
     """An error at start (a port in use, a path that cannot be a directory, no registry)
@@ -460,6 +464,8 @@ def test_blockd_process_start_errors_are_one_line(tmp_path, case, code, expect):
             "lmdb-registry-a-file": {"--registry": f"lmdb://{file}"},
             "registry-unreachable": {"--registry": f"etcd://127.0.0.1:{closed}"},
             "index-not-lmdb": {},
+            "data-dir-not-makeable": {"--data-dir": "/proc/vbp-test"},
+            "lmdb-registry-not-makeable": {"--registry": "lmdb:///proc/vbp-test"},
         }[case])
         p = run_blockd(*[x for kv in args.items() for x in kv])
     expect = expect.format(port=port, closed=closed, file=file, data=tmp_path / "data")

@@ -68,7 +68,8 @@ class LmdbKV:
         try:
             self._env = _open_env(self.path)
         except (lmdb.Error, OSError) as e:
-            raise RegistryUnavailable(f"registry {url}: cannot open LMDB at {self.path}: {e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e  # (not the path again)
+            raise RegistryUnavailable(f"registry {url}: cannot open LMDB at {self.path}: {why}") from None
         self._closed = False
 
     def _fail(self, what: str, e: Exception) -> RegistryUnavailable:
