@@ -452,6 +452,11 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
                 os.fchmod(fd, stat.S_IMODE(old.st_mode))
             os.ftruncate(fd, vsize)
         except OSError as e:
+            if tmp is None and os.path.isdir(os.path.dirname(target) or "."):
+                # (the directory is there: the file the copy goes to first could not be
+                # made in it, which is not that `path` is missing: /proc takes no file)
+                raise TransferError(f"cannot create {path}: a new file in "
+                                    f"{os.path.dirname(target) or '.'}: {e.strerror or e}") from None
             raise _os_error(e, path, "cannot create") from None
         try:
             stats = _export(nbd, Pipeline(h, uri, timeout), fd, path, vsize, progress, t0)
@@ -465,7 +470,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         try:
             _publish(tmp, target, overwrite)
         except FileExistsError:
-            raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it") from None
+            raise AlreadyExists(f"{path} exists (--force replaces it)") from None
         except OSError as e:
             raise _os_error(e, path, "cannot create") from None
         tmp = None
@@ -498,7 +503,7 @@ def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
     if old is not None and not stat.S_ISREG(old.st_mode):
         raise InvalidArgument(f"{path}: not a regular file (an export writes a new image file)")
     if os.path.lexists(path) and not overwrite:
-        raise AlreadyExists(f"{path} exists; pass overwrite (--force) to replace it")
+        raise AlreadyExists(f"{path} exists (--force replaces it)")
     return target, old
 
 

@@ -221,6 +221,11 @@ def test_errors(sandbox, image, tmp_path):
     assert not (tmp_path / "x.img").exists()
     with pytest.raises(NotFound, match="no such file or directory"):
         export_volume(sandbox.uri("tiny", 0), tmp_path / "nodir" / "x.img")
+    # a directory where no file can be made (/proc): not "no such file", which it is not
+    with pytest.raises(TransferError, match=r"cannot create /proc/version: a new file in /proc: "):
+        export_volume(sandbox.uri("tiny", 0), "/proc/version", overwrite=True)
+    with pytest.raises(AlreadyExists, match=r"exists \(--force replaces it\)"):
+        export_volume(sandbox.uri("tiny", 0), path)
     with pytest.raises(TransferError, match="connection refused"):
         export_volume("nbd://127.0.0.1:1/tiny", tmp_path / "y.img")
     assert not (tmp_path / "y.img").exists()
