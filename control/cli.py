@@ -324,11 +324,24 @@ def _vol_dict(v):
     return d
 
 
-def _show_volume(v, accepted=()):
+def _parent(v, volumes: dict) -> str:
+    """A clone's parent as the tables show it: "(deleted)" after it when that snapshot is
+    gone, and when the volume of that name now is another (deleted and made again: not
+    of the clone's lineage), so the name does not point at an unrelated volume."""
+    if not v.parent:
+        return "-"
+    name, _, snap = v.parent.partition("@")
+    p = volumes.get(name)
+    if p is None or p.lineage != v.lineage or snap not in {s.name for s in p.snapshots}:
+        return f"{v.parent} (deleted)"
+    return v.parent
+
+
+def _show_volume(v, accepted=(), parent: str = "-"):
     rows = [
         ("name", v.name), ("size", f"{format_size(v.size)} ({v.size} bytes)"),
         ("replicas", v.replicas), ("min_size", v.min_size), ("chunk_size", format_size(v.chunk_size)),
-        ("lineage", v.lineage), ("parent", v.parent or "-"),
+        ("lineage", v.lineage), ("parent", parent),
         ("snapshots", ", ".join(s.name for s in v.snapshots) or "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))),
         ("qos_iops", v.qos_iops or "unlimited"),
@@ -508,10 +521,11 @@ def volume_list(state):
     from control import api
 
     vols = api.list_volumes(state.registry())
+    by_name = {v.name: v for v in vols}
     out(state, [_vol_dict(v) for v in vols], lambda: table(
         ["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"],
         [(v.name, format_size(v.size), v.replicas, v.min_size, format_size(v.chunk_size),
-          len(v.snapshots), v.parent or "-") for v in vols]) if vols else click.echo("no volumes"))
+          len(v.snapshots), _parent(v, by_name)) for v in vols]) if vols else click.echo("no volumes"))
 
 
 @volume.command("show")
@@ -531,8 +545,18 @@ def volume_show(state, name):
     reg = state.registry()
     v = api.get_volume(reg, name)
     accepted = api.accepted_losses(reg, v)
-    out(state, {**_vol_dict(v), "accepted_losses": [a.to_dict() for a in accepted]},
-        lambda: _show_volume(v, accepted))
+
+    def show():
+        volumes = {}
+        if v.parent:
+            try:
+                p = api.get_volume(reg, v.parent.partition("@")[0])
+                volumes[p.name] = p
+            except NotFound:
+                pass
+        _show_volume(v, accepted, _parent(v, volumes))
+
+    out(state, {**_vol_dict(v), "accepted_losses": [a.to_dict() for a in accepted]}, show)
 
 
 @volume.command("delete")

@@ -138,6 +138,33 @@ def test_registry_flag_wins_over_environment(vbp, reg_url, tmp_path):
     assert [v["name"] for v in js(vbp("volume", "list", "--json", env={"VBP_REGISTRY": other}))] == ["only-here"]
 
 
+def test_a_clones_parent_gone_or_made_again_is_shown_deleted(vbp):
+    """The tables name a clone's parent as "(deleted)" once that snapshot is gone, also
+    when a volume of the parent's name is made again (another lineage): the name alone
+    would point at an unrelated volume. The JSON keeps the record's field."""
+    vbp("volume", "create", "base", "--size", "1G")
+    vbp("volume", "snapshot", "base", "s1")
+    vbp("volume", "clone", "base@s1", "child")
+
+    def shown() -> tuple[str, str]:
+        row = next(line for line in vbp("volume", "list").stdout.splitlines()
+                   if line.startswith("child "))
+        field = next(line for line in vbp("volume", "show", "child").stdout.splitlines()
+                     if line.startswith("parent"))
+        return row.rstrip(), field.split(None, 1)[1].strip()
+
+    row, field = shown()
+    assert row.endswith(" base@s1") and field == "base@s1"
+    vbp("volume", "delete", "base")
+    row, field = shown()
+    assert row.endswith(" base@s1 (deleted)") and field == "base@s1 (deleted)"
+    vbp("volume", "create", "base", "--size", "1G")
+    vbp("volume", "snapshot", "base", "s1")  # (the same names, an unrelated volume)
+    row, field = shown()
+    assert row.endswith(" base@s1 (deleted)") and field == "base@s1 (deleted)"
+    assert js(vbp("volume", "show", "child", "--json"))["parent"] == "base@s1"
+
+
 def test_long_names_are_printed_whole(vbp):
     """A name up to 128 characters is printed in full by `list` and `show`, so it can be
     copied from the output even when it is piped (no terminal width)."""
