@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from vbp.errors import InUse, NotFound, RegistryUnavailable, VbpError
+from vbp.sockets import authority
 from vbp.layout import SIZE_MAX, format_size
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE, EXIT_IN_USE = 1, 2, 3, 4, 5, 6
@@ -854,7 +855,8 @@ def host_list(state):
                                                for h in cmap.hosts]}, lambda: table(
         ["HOST", "STATE", "DATA", "REWEIGHT", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
         [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), _data_role(cmap, h.id),
-          _reweight(cmap, h.id), h.zone, h.pod, format_size(h.capacity), h.nbd, h.peer)
+          _reweight(cmap, h.id), h.zone, h.pod, format_size(h.capacity), authority(h.nbd),
+          authority(h.peer))  # (an IPv6 address in brackets: ::1:10809 reads as an address)
          for h in cmap.hosts]))
 
 

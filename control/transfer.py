@@ -67,6 +67,7 @@ from control.nbd_client import (
 )
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound, VbpError
 from vbp.layout import MiB
+from vbp.sockets import authority
 
 GRAIN = 64 * 1024  # zero detection granularity inside a block
 ZERO_MAX = 256 * MiB  # bytes per WRITE_ZEROES request
@@ -124,17 +125,7 @@ def volume_uri(reg, name: str, host: str | None = None, tls: bool = False) -> st
                 [h for h in hosts if h.state == HOST_UP]
         if not hosts:
             raise TransferError("no host of the pool is up to serve the volume")
-    return f"{'nbds' if tls else 'nbd'}://{_authority(hosts[0].nbd)}/{name}"
-
-
-def _authority(hostport: str) -> str:
-    """A host record's HOST:PORT as a URI's: an IPv6 address in brackets (blockd's record
-    holds `::1:10809`, the brackets of its --nbd address stripped; `nbd://::1:10809/v` is
-    no URI)."""
-    host, _, port = hostport.rpartition(":")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    return f"{'nbds' if tls else 'nbd'}://{authority(hosts[0].nbd)}/{name}"
 
 
 # --- zeroes -------------------------------------------------------------------------------

@@ -261,3 +261,13 @@ async def wait_for_rest(sock, current: int, due: int) -> int:
         if waited.cancelled_caught:
             lowat = set_rcvlowat(sock, lowat, 1)
     return lowat
+
+
+def authority(hostport: str) -> str:
+    """A host record's HOST:PORT as a URI and a reader take it: an IPv6 address in
+    brackets (blockd's record holds `::1:10809`, the brackets of its --nbd address
+    stripped; `nbd://::1:10809/v` is no URI)."""
+    host, _, port = hostport.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

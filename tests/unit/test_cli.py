@@ -165,6 +165,15 @@ def test_a_clones_parent_gone_or_made_again_is_shown_deleted(vbp):
     assert js(vbp("volume", "show", "child", "--json"))["parent"] == "base@s1"
 
 
+def test_host_list_puts_an_ipv6_address_in_brackets(vbp, reg_url):
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h6", "::1:7800", "::1:10809"), 60)
+    row = next(line for line in vbp("host", "list").stdout.splitlines() if line.startswith("h6"))
+    assert row.split()[-2:] == ["[::1]:10809", "[::1]:7800"]
+
+
 def test_long_names_are_printed_whole(vbp):
     """A name up to 128 characters is printed in full by `list` and `show`, so it can be
     copied from the output even when it is piped (no terminal width)."""
