@@ -909,6 +909,7 @@ def host_drain(state, host_id, wait, timeout):
     if not wait:
         _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"),
                       f"host {host_id} is draining")
+        _nowhere_to_drain(state, host_id)
         return
     from control import api
 
@@ -916,11 +917,25 @@ def host_drain(state, host_id, wait, timeout):
     if reg.cluster_map().host(host_id) is None:
         raise NotFound(f"no host {host_id!r} in the pool")
     reg.set_host_state(host_id, "draining")
-    with _count_bar(state, f"drain {host_id}") as progress:
-        st = api.wait_drained(reg, host_id, timeout=timeout, progress=progress)
+    _nowhere_to_drain(state, host_id)
+    try:
+        with _count_bar(state, f"drain {host_id}") as progress:
+            st = api.wait_drained(reg, host_id, timeout=timeout, progress=progress)
+    except KeyboardInterrupt:  # (click's "Aborted!" would not say the drain goes on)
+        fail(f"interrupted: host {host_id} stays draining, its chunks moving off as before "
+             f"(`vbp host undrain {host_id}` stops that)", 130)
     cmap = reg.cluster_map()
     out(state, {"epoch": cmap.epoch, "host": cmap.host(host_id).to_dict(), "data_set": st},
         lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
+
+
+def _nowhere_to_drain(state, host_id: str) -> None:
+    """A note (stderr) when no other host is up to take a draining host's chunks."""
+    others = [h for h in state.registry().cluster_map().hosts
+              if h.id != host_id and h.state == "up"]
+    if not others:
+        click.echo(f"note: no other host is up: host {host_id}'s chunks stay on it until "
+                   "one is", err=True)
 
 
 @host.command("undrain")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -902,3 +903,36 @@ def test_a_volume_with_more_copies_than_the_pool_has_hosts_is_made_with_a_warnin
     reg.register_host(HostRecord("h3", "127.0.0.1:5", "127.0.0.1:6"), 60)
     assert vbp("volume", "create", "z", "--size", "1G").stderr == ""
     reg.close()
+
+
+def test_drain_notes_when_no_other_host_is_up_and_ctrl_c_says_it_goes_on(reg_url, vbp):
+    """Draining the only host up is taken, with a note that its chunks stay until another
+    host is up; Ctrl-C on `drain --wait` says the drain goes on (not click's "Aborted!")."""
+    import signal
+
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "a:1", "a:2"), 600)
+    r = vbp("host", "drain", "h1")
+    assert "no other host is up" in r.stderr and "host h1 is draining" in r.stdout
+    vbp("host", "undrain", "h1")
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h2", "b:1", "b:2"), 600)
+    assert "no other host" not in vbp("host", "drain", "h1").stderr
+    # (no blockd runs: nothing moves, the wait goes on until interrupted)
+    cmd = [sys.executable, "-m", "control.cli", "host", "drain", "h2", "--wait", "--timeout", "60"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "VBP_REGISTRY": reg_url},
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        time.sleep(2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "vbp: error: interrupted: host h2 stays draining, its chunks moving off as before "
+        "(`vbp host undrain h2` stops that)"), err
