@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,6 +70,9 @@ def _advertised(host: str, what: str) -> None:
             f"the address this host gives them: give this host's own address")
 
 
+PEER_SECRET_MIN, PEER_SECRET_MAX = 16, 4096  # bytes of a peer secret (peer_secret_file)
+
+
 @dataclass(slots=True)
 class Config:
     host_id: str = ""
@@ -120,6 +124,10 @@ class Config:
     # NBD connections served at once; one more is closed at once
     # (nbd_frontend.server.MAX_CONNECTIONS)
     nbd_max_connections: int = MAX_CONNECTIONS
+    # a file holding the pool's peer secret, the same on every host: peers then prove to
+    # each other that they know it before anything is served (replicator.transport, peer
+    # authentication); "": none, any client that names the cluster is a peer
+    peer_secret_file: str = ""
     log_level: str = "info"
     log_format: str = "kv"
 
@@ -203,7 +211,36 @@ class Config:
             if problem:
                 raise InvalidArgument(f"{source}: key {key!r}: {problem}")
         self.tls_context(source)  # (refused now, not at the first client)
+        self.peer_secret(where("peer_secret_file"))  # (likewise)
         return self
+
+    def peer_secret(self, source: str = "config") -> bytes:
+        """The pool's peer secret from peer_secret_file (b"" when unset): its bytes, a
+        final line break left out. InvalidArgument naming the key when the file cannot
+        be read, holds fewer than PEER_SECRET_MIN bytes, or may be read by other users
+        (it lets whoever holds it into the pool)."""
+        path = self.peer_secret_file
+        if not path:
+            return b""
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                secret = f.read(PEER_SECRET_MAX + 1)
+        except OSError as e:
+            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: "
+                                  f"{e.strerror or e}") from None
+        if stat.S_ISDIR(mode) or not stat.S_ISREG(mode):
+            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: not a file")
+        if mode & 0o077:
+            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path} may be read by "
+                                  f"other users (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+        secret = secret.rstrip(b"\r\n")
+        if not PEER_SECRET_MIN <= len(secret) <= PEER_SECRET_MAX:
+            raise InvalidArgument(
+                f"{source}: key 'peer_secret_file': {path} holds {len(secret)} bytes; a "
+                f"secret takes {PEER_SECRET_MIN} to {PEER_SECRET_MAX} (e.g. `head -c 32 "
+                f"/dev/urandom | base64 > {path}`)")
+        return secret
 
     def nbd_congestion(self) -> tuple[str, str]:
         """(congestion control of the NBD connections, that of those from this host: "" when

@@ -1440,10 +1440,11 @@ class Blockd:
             self._check_store(cmap)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")
+            secret = cfg.peer_secret()  # (checked at load: read once more, as it is now)
             async with PeerPool(cfg.cluster, cfg.host_id, request_timeout=cfg.peer_timeout,
                                 connect_timeout=cfg.peer_timeout,
                                 congestion=cfg.peer_tcp_congestion,
-                                host_at=self.cluster.host_at) as pool, \
+                                host_at=self.cluster.host_at, secret=secret) as pool, \
                     trio.open_nursery() as nursery:
                 self.pool = pool
                 self.resync.pool = pool
@@ -1461,7 +1462,7 @@ class Blockd:
                     serve_peers, self.replica.handle, peer_host, peer_port,
                     cluster=cfg.cluster, host_id=cfg.host_id, peer_rev=self._peer_rev,
                     congestion=cfg.peer_tcp_congestion, prepare=self.replica.prepare,
-                    send_timeout=cfg.peer_timeout))
+                    send_timeout=cfg.peer_timeout, secret=secret))
                 nbd_cc, nbd_local_cc = cfg.nbd_congestion()
                 self.nbd_port = await nursery.start(functools.partial(
                     self._serve_nbd, self.provider, nbd_host, nbd_port, ids=RequestIds(cfg.host_id),

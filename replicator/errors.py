@@ -27,6 +27,11 @@ class ClusterMismatch(e.PeerUnavailable):
     """The peer belongs to another cluster: never usable, whatever we retry."""
 
 
+class AuthFailed(e.PeerUnavailable):
+    """Peer authentication was refused or failed (a missing or different peer secret):
+    never usable, whatever we retry, until the configuration is made the same."""
+
+
 class VersionMismatch(e.PeerUnavailable):
     """The peer speaks another protocol version."""
 
@@ -44,6 +49,7 @@ _TO_CODE: tuple[tuple[type[BaseException], str], ...] = (
     (e.NoSpace, m.NO_SPACE),
     (e.ChecksumError, m.CHECKSUM),
     (ClusterMismatch, m.CLUSTER),
+    (AuthFailed, m.AUTH),
     (VersionMismatch, m.VERSION),
     (e.InvalidArgument, m.INVALID),
     (e.OutOfRange, m.INVALID),
@@ -63,6 +69,7 @@ _FROM_CODE: dict[str, type[Exception]] = {
     m.INTERNAL: PeerError,
     m.VERSION: VersionMismatch,
     m.CLUSTER: ClusterMismatch,
+    m.AUTH: AuthFailed,
     m.UNAVAILABLE: e.PeerUnavailable,
 }
 

@@ -39,8 +39,10 @@ PROTO_VERSION = 1
 # revision 6 or later). 7: the WriteBatch request (sent only to hosts of revision 7 or
 # later). 8: the CollectedGens request, and ReadChunk.token (both sent only to hosts of
 # revision 8 or later). 9: the WantLease request (sent only to hosts of revision 9 or
-# later).
-PEER_REV = 9
+# later). 10: peer authentication, `nonce` on Hello, `nonce` and `proof` on HelloOk, the
+# Auth message (sent only by hosts given a peer secret, which every host of such a pool
+# must have: a host of an older revision cannot take part).
+PEER_REV = 10
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
 # Items a replica takes in one WriteBatch (the gateway sends gateway.BATCH_ITEMS at most):
@@ -50,6 +52,7 @@ BATCH_ITEMS_MAX = 1024
 COLLECTED_REV = 8  # CollectedGens
 READ_TOKEN_REV = 8  # ReadChunk.token
 WANT_LEASE_REV = 9  # WantLease
+AUTH_REV = 10  # Hello.nonce, HelloOk.nonce and .proof, Auth
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -62,9 +65,10 @@ INTERNAL = "internal"
 VERSION = "version"
 CLUSTER = "cluster"
 UNAVAILABLE = "unavailable"
+AUTH = "auth"  # peer authentication refused or failed (PEER_REV 10)
 ERROR_CODES = frozenset(
     {FENCED, STALE_EPOCH, NOT_FOUND, NO_SPACE, CHECKSUM, INVALID, INTERNAL, VERSION, CLUSTER,
-     UNAVAILABLE}
+     UNAVAILABLE, AUTH}
 )
 
 MESSAGE_TYPES: dict[int, type] = {}  # type id -> class
@@ -88,11 +92,15 @@ def _message(type_id: int):
 @_message(1)
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """First message of a connection, client to server."""
+    """First message of a connection, client to server. `nonce`: with a peer secret
+    (PEER_REV 10), the client's challenge, 16 random bytes in hex: the server proves it
+    knows the secret in its HelloOk, then the client in an Auth (replicator.transport,
+    peer authentication)."""
 
     cluster: str
     host_id: str
     version: int
+    nonce: str = ""
 
 
 @_message(2)
@@ -108,6 +116,8 @@ class HelloOk:
     host_id: str
     version: int
     boot: str = ""
+    nonce: str = ""  # with a peer secret: the server's challenge (PEER_REV 10), in hex
+    proof: str = ""  # and its answer to the client's (an HMAC-SHA256, in hex)
 
 
 @_message(3)
@@ -430,11 +440,21 @@ class WantLease:
     token: int
 
 
+@_message(29)
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """With a peer secret (PEER_REV 10), the client's answer to the server's challenge
+    (HelloOk.nonce), its first frame after the HelloOk; nothing else is served before it.
+    No reply: a wrong one gets an Error and the end of the connection."""
+
+    proof: str
+
+
 Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
     DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired, WriteBatch, Written,
-    CollectedGens, WantLease,
+    CollectedGens, WantLease, Auth,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)

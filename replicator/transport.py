@@ -39,9 +39,24 @@ path: no task per write either), for peers that are `ready()`.
 
 Sockets are used through the plain socket under trio's (vbp.sockets, see _Link): a call
 that succeeds returns without a trip through the scheduler.
+
+Peer authentication (PEER_REV 10), when the hosts are given a peer secret (blockd's
+peer_secret_file: the same on every host, as DRBD's shared-secret): the client's Hello
+carries a random nonce; the server's HelloOk carries one too and its proof, an HMAC-SHA256
+under the secret of both nonces, the cluster and its host id; the client checks it (it
+talks to a host of the pool, not to whoever took the address) and answers with an Auth,
+its own proof the other way round. The server serves nothing before a good Auth, and one
+side with a secret refuses the other without. Without it, any client that names the
+cluster is a peer: the peer port then belongs on a private network (the operator guide).
+The frames are neither signed nor encrypted: the secret keeps strangers out, not someone
+who can change the bytes on the wire.
 """
 
 from __future__ import annotations
+
+import hashlib
+import hmac
+import os
 
 import logging
 import math
@@ -57,6 +72,7 @@ from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task
 from replicator import messages as m
 from replicator.codec import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec, frame, prepare
 from replicator.errors import (
+    AuthFailed,
     ClusterMismatch,
     PeerProtocolError,
     VersionMismatch,
@@ -349,6 +365,7 @@ async def serve_peers(
     congestion: str = "",
     prepare: Callable[[list], None] | None = None,
     send_timeout: float = SEND_TIMEOUT,
+    secret: bytes = b"",
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve peer connections until cancelled; `task_status.started(bound_port)`.
@@ -381,7 +398,7 @@ async def serve_peers(
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
                                  boot=boot, peer_rev=peer_rev, prepare=prepare,
-                                 admission=admission, failures=failures)
+                                 admission=admission, failures=failures, secret=secret)
         session.link.send_timeout = send_timeout
         try:
             await session.run()
@@ -424,6 +441,19 @@ class _Admission:
         self.refusing.discard(address)
 
 
+NONCE_BYTES = 16  # a Hello's and a HelloOk's challenge (peer authentication)
+
+
+def _proof(secret: bytes, role: bytes, cluster: str, host_id: str, theirs: str,
+           mine: str) -> str:
+    """Peer authentication: `role` ("server", "client") `host_id` of `cluster` knows
+    `secret`, answering challenge `theirs` with its own `mine` (both nonces, so neither
+    side's proof can be replayed to the other, nor an old one to either)."""
+    msg = b"\0".join((b"vbp-peer", role, cluster.encode(), host_id.encode(), theirs.encode(),
+                      mine.encode()))
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
 def _remote_address(sock) -> str:
     """The IP a connection comes from ("?" if the socket no longer knows)."""
     try:
@@ -436,8 +466,10 @@ class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
                  prepare: Callable[[list], None] | None = None,
-                 admission: _Admission | None = None, failures: LogLimit | None = None):
+                 admission: _Admission | None = None, failures: LogLimit | None = None,
+                 secret: bytes = b""):
         self.link = _Link(stream, max_frame, HELLO_RECV)
+        self.secret = secret
         self.admission = admission if admission is not None else _Admission()
         self.failures = failures if failures is not None else LogLimit()
         self.address = ""  # the peer's IP, once admitted (CONNECTIONS_PER_ADDRESS)
@@ -529,17 +561,57 @@ class _ServerSession:
                 m.CLUSTER, f"host {self.host_id} belongs to cluster {self.cluster!r}, "
                            f"not {hello.cluster!r}"))
             return False
+        new = self.peer_rev(hello.host_id) >= m.BOOT_REV
+        if self.secret or hello.nonce:
+            if not await self.authenticate(request_id, hello, self.boot if new else ""):
+                return False
         address = _remote_address(self.link.sock)
         if not self.admission.take(address, hello.host_id):
             await self.refuse(request_id, m.Error(
                 m.UNAVAILABLE, f"host {self.host_id} has too many connections from {address}"))
             return False
         self.address = address
-        new = self.peer_rev(hello.host_id) >= m.BOOT_REV
-        self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
-                                              self.boot if new else ""))
-        await self.link.flush()
+        if not self.secret:  # (else the HelloOk went with the challenge)
+            self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
+                                                  self.boot if new else ""))
+            await self.link.flush()
         return True
+
+    async def authenticate(self, request_id: int, hello: m.Hello, boot: str) -> bool:
+        """Peer authentication, the server's side (module docstring): the HelloOk with this
+        host's challenge and proof, then the client's Auth. False, refused and logged
+        (a few lines a period per address), unless both know the secret."""
+        address = _remote_address(self.link.sock)
+        why = None
+        if not self.secret:
+            why = (f"host {self.host_id} has no peer secret: give every host of the pool the "
+                   f"same peer_secret_file, or none")
+        elif len(hello.nonce) != 2 * NONCE_BYTES:
+            why = (f"host {self.host_id} requires peer authentication: give host "
+                   f"{hello.host_id} the pool's peer_secret_file")
+        if why is None:
+            nonce = os.urandom(NONCE_BYTES).hex()
+            proof = _proof(self.secret, b"server", self.cluster, self.host_id, hello.nonce, nonce)
+            self.link.queue(request_id, m.HelloOk(self.cluster, self.host_id, m.PROTO_VERSION,
+                                                  boot, nonce, proof))
+            await self.link.flush()
+            event = await self.link.next_message()
+            if event is None:
+                return False
+            request_id, auth = event
+            want = _proof(self.secret, b"client", self.cluster, hello.host_id, nonce, hello.nonce)
+            if type(auth) is not m.Auth:
+                why = f"expected Auth, got {type(auth).__name__}"
+            elif not hmac.compare_digest(auth.proof, want):
+                why = (f"peer authentication failed: host {hello.host_id} does not have this "
+                       f"host's peer secret")
+            else:
+                return True
+        self.failures.log(log, logging.WARNING, ("auth", address),
+                          "refusing peer connection from %s (host %s says): %s", address,
+                          hello.host_id, why)
+        await self.refuse(request_id, m.Error(m.AUTH, why))
+        return False
 
     async def read_loop(self) -> None:
         link = self.link
@@ -814,7 +886,8 @@ class _ClientConnection:
 
     async def handshake(self) -> None:
         pool = self.pool
-        self.link.queue(0, m.Hello(pool.cluster, pool.host_id, m.PROTO_VERSION))
+        nonce = os.urandom(NONCE_BYTES).hex() if pool.secret else ""
+        self.link.queue(0, m.Hello(pool.cluster, pool.host_id, m.PROTO_VERSION, nonce))
         await self.link.flush()
         event = await self.link.next_message()
         if event is None:
@@ -838,6 +911,17 @@ class _ClientConnection:
         if want is not None and reply.host_id != want:
             raise PeerUnavailable(f"{self.address} is host {reply.host_id!r}, not {want!r} "
                                   f"as the cluster map says")
+        if pool.secret or reply.proof:
+            if not pool.secret:  # (a server with a secret refuses a Hello without: not here)
+                raise AuthFailed(f"{self.address} authenticates peers: give this host the "
+                                 f"pool's peer_secret_file")
+            want = _proof(pool.secret, b"server", pool.cluster, reply.host_id, nonce, reply.nonce)
+            if len(reply.nonce) != 2 * NONCE_BYTES or not hmac.compare_digest(reply.proof, want):
+                raise AuthFailed(f"{self.address} (host {reply.host_id!r}) failed peer "
+                                 f"authentication: it does not have this host's peer secret")
+            self.link.queue(0, m.Auth(_proof(pool.secret, b"client", pool.cluster, pool.host_id,
+                                             reply.nonce, nonce)))
+            await self.link.flush()
         self.peer_host_id = reply.host_id
         # a host that sent no boot id (older, or not told we know the field) may have
         # restarted at any reconnection: each one counts as a new incarnation
@@ -935,11 +1019,13 @@ class PeerPool:
         faults: FaultPolicy | None = None,
         congestion: str = "",
         host_at: Callable[[str], str | None] | None = None,
+        secret: bytes = b"",
     ):
         self.cluster = cluster
         # the host id the cluster map names at an address (None: unknown, no check): a
         # server whose HelloOk names another host is refused (_ClientConnection.handshake)
         self.host_at = host_at
+        self.secret = secret  # the pool's peer secret (peer authentication), or none
         self.host_id = host_id
         self.congestion = congestion  # TCP congestion control of its connections; "": the system's
         self.connect_timeout = connect_timeout

@@ -37,6 +37,9 @@ def _tls_files() -> Path:
 
 
 TLS = _tls_files()
+SECRET = TLS / "peer.secret"  # (the peer secret beside them, mode 600)
+SECRET.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+SECRET.chmod(0o600)
 
 # one valid value per key, as TOML, with the value load() must produce
 VALUES = {
@@ -69,6 +72,7 @@ VALUES = {
     "nbd_tls_ca": (f'"{TLS}/ca.pem"', f"{TLS}/ca.pem"),
     "nbd_send_timeout": ("20", 20.0),
     "nbd_max_connections": ("64", 64),
+    "peer_secret_file": (f'"{SECRET}"', str(SECRET)),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
@@ -133,7 +137,7 @@ def test_flags_override_the_file(tmp_path):
              "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
              "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7",
-             "nbd_max_connections": 9}
+             "nbd_max_connections": 9, "peer_secret_file": ""}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -146,7 +150,7 @@ def test_flags_override_the_file(tmp_path):
     assert cfg.down_out_interval == 0.0
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
     assert (cfg.nbd_tls, cfg.nbd_tls_ca, cfg.nbd_send_timeout) == ("on", "", 7.0)
-    assert cfg.nbd_max_connections == 9
+    assert cfg.nbd_max_connections == 9 and cfg.peer_secret_file == ""
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
@@ -205,6 +209,25 @@ def test_python_m_blockd_is_the_blockd_command():
     p = subprocess.run([sys.executable, "-m", "blockd", "--help"], capture_output=True,
                        text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 0 and "Serve this host's disk" in p.stdout, p.stderr
+
+
+def test_the_peer_secret_is_read_from_its_file_and_bad_ones_are_refused(tmp_path):
+    """peer_secret_file: the secret is the file's bytes less a final line break; a file
+    that is missing, too short, or readable by others (the secret lets whoever holds it
+    into the pool) is refused at load, naming the key."""
+    cfg = load(write(tmp_path, REQUIRED + f'peer_secret_file = "{SECRET}"\n'), {})
+    assert cfg.peer_secret() == b"0123456789abcdef0123456789abcdef"
+    assert load(write(tmp_path, REQUIRED), {}).peer_secret() == b""
+    short, loose = tmp_path / "short", tmp_path / "loose"
+    short.write_bytes(b"tiny\n")
+    short.chmod(0o600)
+    loose.write_bytes(b"0123456789abcdef0123456789abcdef")
+    loose.chmod(0o644)
+    for path, reason in ((tmp_path / "missing", "No such file"), (short, "holds 4 bytes"),
+                         (loose, "may be read by other users .mode 644.: chmod 600"),
+                         (tmp_path, "not a file|Is a directory")):
+        msg = refused(write(tmp_path, REQUIRED + f'peer_secret_file = "{path}"\n'))
+        assert names_key(msg, "peer_secret_file") and re.search(reason, msg), msg
 
 
 def test_a_table_is_refused(tmp_path):

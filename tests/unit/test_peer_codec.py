@@ -80,6 +80,9 @@ EXAMPLES = [
     m.Gens((1, 4, 9)),
     m.CollectedGens("lin"),
     m.WantLease("vol", 7),
+    m.Auth("ab" * 32),
+    m.Hello("cluster-a", "host-1", 1, "0f" * 16),
+    m.HelloOk("cluster-a", "host-2", 1, "b00t", "1e" * 16, "ab" * 32),
     m.ChunkIndexes("lin"),
     m.Indexes((0, 2, 7)),
     m.DirtyChunks("lin", 4),
@@ -132,7 +135,7 @@ def test_type_ids_are_stable():
         "Data": 11, "WriteChunk": 12, "ZeroChunk": 13, "Flush": 14, "Ok": 15,
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
         "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24,
-        "WriteBatch": 25, "Written": 26, "CollectedGens": 27, "WantLease": 28,
+        "WriteBatch": 25, "Written": 26, "CollectedGens": 27, "WantLease": 28, "Auth": 29,
         "ScrubChunk": 40, "ScrubState": 41,
         "RepairPages": 42, "Repaired": 43,
     }
@@ -438,9 +441,9 @@ EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
 def test_client_data_messages_carry_a_request_id():
     assert {cls.__name__ for cls in EVOLVED} == {
         "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok", "HelloOk",
-        "WriteBatch", "Written"}
+        "WriteBatch", "Written", "Hello"}
     for cls in EVOLVED:
-        if cls not in (m.Ok, m.HelloOk, m.Written):
+        if cls not in (m.Ok, m.HelloOk, m.Written, m.Hello):
             assert "rid" in [f.name for f in _wire_order(cls)]
     # revision 2 appended after revision 1's field, revision 8 after revision 2's
     assert [f.name for f in _wire_order(m.ReadChunk)][-3:] == ["rid", "allow_stale", "token"]

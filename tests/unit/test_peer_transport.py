@@ -188,6 +188,69 @@ async def test_wrong_cluster_is_refused_and_closed():
     assert called == []
 
 
+SECRET = b"s3cret-of-the-pool-32-bytes-long"
+
+
+async def test_peers_with_the_pools_secret_authenticate_each_other():
+    """With a peer secret, a client and a server prove to each other that they know it
+    (HMAC of both challenges: peer authentication) before anything is served; calls then
+    work as without one, on the same connection."""
+    async with server(secret=SECRET) as (address, _):
+        async with PeerPool(CLUSTER, "cli", secret=SECRET) as pool:
+            assert await pool.call(address, m.Ping(1)) == m.Pong("srv", 1)
+            assert await pool.call(address, write(1, b"x" * 70000)) == m.Ok(1)
+
+
+async def test_without_the_secret_nothing_is_served(caplog):
+    """A client without the secret, or with another, is refused with an `auth` Error and
+    the connection closed, and none of its requests is handled: not one sent behind its
+    Hello (a write with a forged fencing token, say), nor one in place of the Auth. A
+    server without a secret refuses a client that has one, and a client with a secret
+    refuses a server without one or with another: the configuration is made the same."""
+    from replicator.errors import AuthFailed
+
+    called = []
+
+    def handler(msg, peer):
+        called.append(msg)
+        return m.Ok(1)
+
+    async with server(handler, secret=SECRET) as (address, _):
+        async with PeerPool(CLUSTER, "cli") as pool:
+            with pytest.raises(AuthFailed, match="requires peer authentication"):
+                await pool.call(address, m.Ping(1))
+        async with PeerPool(CLUSTER, "cli", secret=b"another-secret-of-32-bytes-long!") as pool:
+            with pytest.raises(AuthFailed, match="does not have this host's peer secret"):
+                await pool.call(address, m.Ping(1))
+        # raw: a Hello with a challenge, then a write where the Auth should be
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION,
+                                                      "00" * 16)))
+        rid, ok = await next_reply(stream, codec)
+        assert type(ok) is m.HelloOk and len(ok.nonce) == 32 and len(ok.proof) == 64
+        await stream.send_all(codec.encode(1, write(1, b"y" * 4096)))
+        assert (await next_reply(stream, codec))[1].code == m.AUTH
+        assert await next_reply(stream, codec) is CLOSED
+        # raw: no challenge, and requests pipelined behind the Hello
+        stream, codec = await raw_client(address, hello=False)
+        await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION))
+                              + codec.encode(1, write(1, b"z" * 4096)))
+        assert (await next_reply(stream, codec))[1].code == m.AUTH
+        assert await next_reply(stream, codec) is CLOSED
+    assert called == []
+    lines = [r.getMessage() for r in caplog.records if "refusing peer connection" in r.getMessage()]
+    assert lines and all("127.0.0.1" in x for x in lines)
+    async with server(handler) as (address, _):  # no secret here
+        async with PeerPool(CLUSTER, "cli", secret=SECRET) as pool:
+            with pytest.raises(AuthFailed, match="has no peer secret"):
+                await pool.call(address, m.Ping(1))
+    async with server(handler, secret=b"another-secret-of-32-bytes-long!") as (address, _):
+        async with PeerPool(CLUSTER, "cli", secret=SECRET) as pool:
+            with pytest.raises(AuthFailed):
+                await pool.call(address, m.Ping(1))
+    assert called == []
+
+
 async def test_a_server_that_is_not_the_host_the_address_belongs_to_is_refused():
     """The map says h2 listens at the address, and h3 answers there (h2 moved and h3 got
     its port, or a map not refreshed yet): a write counted as h2's copy would be on h3,
