@@ -158,6 +158,13 @@ class Sandbox:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load()
         known = {h["id"]: h for h in state.get("hosts", [])}
+        if base_port and known and state.get("base_port", base_port) != base_port:
+            # (its hosts keep the ports they were given: the new base would be recorded
+            # and do nothing for them)
+            raise InvalidArgument(
+                f"--base-port {base_port}: the hosts of the sandbox in {self.dir} have their "
+                f"ports from {state['base_port']}, which they keep; leave it out, or use "
+                f"another --dir")
         base = base_port or state.get("base_port") or DEFAULT_BASE_PORT
         if not 1 <= base <= 65535 - 2 * n:
             raise InvalidArgument(f"--base-port {base} leaves no room for {n} hosts")

@@ -190,6 +190,18 @@ def test_up_refuses_a_base_port_without_room(tmp_path):
         Sandbox(tmp_path).up(3, 65534)
 
 
+def test_up_refuses_another_base_port_for_hosts_that_keep_theirs(tmp_path):
+    """The hosts of a sandbox keep the ports they were given: another --base-port would be
+    recorded and do nothing for them, so it is refused, and nothing changes."""
+    sb = Sandbox(tmp_path)
+    state = {"base_port": 20000, "hosts": [{"id": "host1", "nbd_port": 20000,
+                                            "peer_port": 20001, "pid": 0}]}
+    sb._save(state)
+    with pytest.raises(InvalidArgument, match="have their ports from 20000, which they keep"):
+        sb.up(1, 30000)
+    assert sb._load() == state
+
+
 def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, listener):
     sb = Sandbox(tmp_path)
     with pytest.raises(SandboxError, match=f"{listener}.*in use"):
