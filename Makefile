@@ -18,8 +18,17 @@ APT_TEST := $(APT_RUN) python3-libnbd nbdkit fio etcd-server qemu-system-x86 ipr
 run: deps-run venv
 	$(VENV)/bin/vbp sandbox run --hosts 3 --dir $(SANDBOX_DIR) --volume demo --size 1G
 
+# The tests of one process and the simulation (tests/unit, tests/sim, tests/conformance)
+# run on PYTEST_WORKERS workers (pytest-xdist, one file per worker at a time); then the
+# fault and interop tests of real processes (tests/faults, tests/interop) one at a time:
+# they time leases and heartbeats on the machine's clock, and share network namespaces
+# and host settings. Both parts run, whatever the first gave. PYTEST_ARGS go to both.
+PYTEST_WORKERS ?= 2
 test: deps-test venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests/unit tests/sim tests/conformance \
+	    $(PYTEST_ARGS); one=$$?; \
+	$(PY) -m pytest tests/faults tests/interop $(PYTEST_ARGS); two=$$?; \
+	test $$one -eq 0 && test $$two -eq 0
 
 bench: deps-test venv
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -28,7 +28,8 @@ def test_own_pid_is_alive_only_if_it_runs_blockd():
     assert pid_alive(os.getpid()) is runs_blockd  # pytest is not a blockd: a recycled pid is not one
 
 
-@pytest.mark.parametrize("pid", [0, -1, -os.getpid(), 2**22 + 12345, 2**31, 10**30])
+@pytest.mark.parametrize("pid", [0, -1, -os.getpid(), 2**22 + 12345, 2**31, 10**30],
+                         ids=["0", "-1", "minus-own-pid", "past-pid-max", "2**31", "10**30"])
 def test_garbage_pids_are_not_alive(pid):
     assert pid_alive(pid) is False
 
