@@ -401,8 +401,9 @@ class Registry:
                 holds = host_id in d["hosts"] or host_id in (d.get("prev") or ())
             if holds:
                 raise InvalidArgument(
-                    f"host {host_id} still holds placed chunks: drain it (vbp host drain "
-                    f"{host_id} --wait) and remove it when the drain is complete")
+                    f"host {host_id} is in the data set (chunks are placed on it, whether "
+                    f"its disk holds them yet or not): drain it (vbp host drain {host_id} "
+                    f"--wait) and remove it when the drain is complete")
             ok, _ = self.kv.txn([Cmp(K_DATASET, "mod", ds.mod_rev), *guard],
                                 [Delete(key), Delete(alive)])
             if ok:
