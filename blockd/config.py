@@ -229,7 +229,7 @@ class Config:
         except OSError as e:
             raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: "
                                   f"{e.strerror or e}") from None
-        if stat.S_ISDIR(mode) or not stat.S_ISREG(mode):
+        if not stat.S_ISREG(mode):
             raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: not a file")
         if mode & 0o077:
             raise InvalidArgument(f"{source}: key 'peer_secret_file': {path} may be read by "

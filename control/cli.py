@@ -884,6 +884,7 @@ def _host_command(state, host_id, fn, done: str):
     h = cmap.host(host_id)
     out(state, {"epoch": cmap.epoch, "host": h.to_dict() if h else None},
         lambda: click.echo(f"{done} (epoch {cmap.epoch})"))
+    return cmap
 
 
 @host.command("drain")
@@ -907,17 +908,16 @@ def host_drain(state, host_id, wait, timeout):
       vbp host remove host3
     """
     if not wait:
-        _host_command(state, host_id, lambda r: r.set_host_state(host_id, "draining"),
-                      f"host {host_id} is draining")
-        _nowhere_to_drain(state, host_id)
+        _nowhere_to_drain(_host_command(state, host_id,
+                                        lambda r: r.set_host_state(host_id, "draining"),
+                                        f"host {host_id} is draining"), host_id)
         return
     from control import api
 
     reg = state.registry()
     if reg.cluster_map().host(host_id) is None:
         raise NotFound(f"no host {host_id!r} in the pool")
-    reg.set_host_state(host_id, "draining")
-    _nowhere_to_drain(state, host_id)
+    _nowhere_to_drain(reg.set_host_state(host_id, "draining"), host_id)
     try:
         with _count_bar(state, f"drain {host_id}") as progress:
             st = api.wait_drained(reg, host_id, timeout=timeout, progress=progress)
@@ -929,10 +929,9 @@ def host_drain(state, host_id, wait, timeout):
         lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
 
 
-def _nowhere_to_drain(state, host_id: str) -> None:
-    """A note (stderr) when no other host is up to take a draining host's chunks."""
-    others = [h for h in state.registry().cluster_map().hosts
-              if h.id != host_id and h.state == "up"]
+def _nowhere_to_drain(cmap, host_id: str) -> None:
+    """A note (stderr) when no other host of `cmap` is up to take a draining host's chunks."""
+    others = [h for h in cmap.hosts if h.id != host_id and h.state == "up"]
     if not others:
         click.echo(f"note: no other host is up: host {host_id}'s chunks stay on it until "
                    "one is", err=True)

@@ -94,7 +94,7 @@ from vbp.loglimit import LogLimit, failure_kind
 from vbp import reqid
 from vbp.reqid import RequestIds, current as current_rid
 from vbp.sockets import (KEEPALIVE, apply_congestion, nbytes, open_listeners, plain_socket,
-                         receive_wait, same_host, send_now, set_keepalive)
+                         receive_wait, remote_address, same_host, send_now, set_keepalive)
 
 log = logging.getLogger("vbp.nbd")
 
@@ -331,11 +331,8 @@ def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException
     (`failures`, the server's LogLimit), as anyone who reaches the port can make
     connections that fail as fast as it likes."""
     # (the socket of a plain stream, or under the TLS channel of an upgraded one)
-    sock = getattr(stream, "socket", None) or getattr(getattr(stream, "channel", None), "sock", None)
-    try:
-        address = str(sock.getpeername()[0]) if sock is not None else "?"
-    except (OSError, IndexError, TypeError):
-        address = "?"
+    address = remote_address(getattr(stream, "socket", None)
+                             or getattr(getattr(stream, "channel", None), "sock", None))
     if failures is None:
         log.warning("%s: %s (client %s)", what, exc, address)
     else:

@@ -56,10 +56,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-
 import logging
 import math
+import os
 import random
 import secrets
 import socket
@@ -83,8 +82,8 @@ from vbp.buffers import HEAD_RECV
 from vbp.errors import PeerUnavailable
 from vbp.loglimit import LogLimit, failure_kind
 from vbp.sockets import (HAVE_LOWAT, KEEPALIVE, LOWAT_MIN, apply_congestion, nbytes,
-                         open_listeners, plain_socket, receive_wait, send_all, send_now,
-                         set_keepalive, set_rcvlowat, wait_for_rest)
+                         open_listeners, plain_socket, receive_wait, remote_address, send_all,
+                         send_now, set_keepalive, set_rcvlowat, wait_for_rest)
 from vbp.reqid import current as current_rid
 
 log = logging.getLogger("vbp.replicator.transport")
@@ -454,14 +453,6 @@ def _proof(secret: bytes, role: bytes, cluster: str, host_id: str, theirs: str,
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
-def _remote_address(sock) -> str:
-    """The IP a connection comes from ("?" if the socket no longer knows)."""
-    try:
-        return str(sock.getpeername()[0])
-    except (OSError, IndexError, TypeError):
-        return "?"
-
-
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
@@ -497,28 +488,25 @@ class _ServerSession:
         failure = None
         max_frame, link.codec.max_frame = link.codec.max_frame, HELLO_MAX_FRAME
         try:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    if not await self.handshake():
-                        return
-                link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
-                link.set_recv_size(RECV_SIZE)
-                async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    nursery.start_soon(_guarded, self.write_loop, nursery.cancel_scope)
-                    failure = await _guarded(self.read_loop, nursery.cancel_scope)
-            except (trio.TooSlowError, *_LINK_ERRORS) as exc:
-                failure = exc.with_traceback(None)  # (as _guarded's)
-            if isinstance(failure, PeerProtocolError):
-                # (a few lines a period per address: whoever reaches the port can make
-                # connections that fail as fast as it likes)
-                address = self.address or _remote_address(link.sock)
-                self.failures.log(log, logging.WARNING, ("protocol_error", address),
-                                  "closing connection from %s (host %s says): %s", address,
-                                  self.peer, failure)
-                await self.refuse(0, m.Error(failure.code, str(failure)))
-        finally:
-            failure = None  # (nothing of the session outlives it: see _guarded)
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if not await self.handshake():
+                    return
+            link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
+            link.set_recv_size(RECV_SIZE)
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(_guarded, self.write_loop, nursery.cancel_scope)
+                failure = await _guarded(self.read_loop, nursery.cancel_scope)
+        except (trio.TooSlowError, *_LINK_ERRORS) as exc:
+            failure = exc.with_traceback(None)  # (as _guarded's: kept, it would hold this frame)
+        if isinstance(failure, PeerProtocolError):
+            # (a few lines a period per address: whoever reaches the port can make
+            # connections that fail as fast as it likes)
+            address = self.address or remote_address(link.sock)
+            self.failures.log(log, logging.WARNING, ("protocol_error", address),
+                              "closing connection from %s (host %s says): %s", address,
+                              self.peer, failure)
+            await self.refuse(0, m.Error(failure.code, str(failure)))
 
     async def write_loop(self) -> None:
         try:
@@ -562,10 +550,10 @@ class _ServerSession:
                            f"not {hello.cluster!r}"))
             return False
         new = self.peer_rev(hello.host_id) >= m.BOOT_REV
+        address = remote_address(self.link.sock)
         if self.secret or hello.nonce:
-            if not await self.authenticate(request_id, hello, self.boot if new else ""):
+            if not await self.authenticate(request_id, hello, self.boot if new else "", address):
                 return False
-        address = _remote_address(self.link.sock)
         if not self.admission.take(address, hello.host_id):
             await self.refuse(request_id, m.Error(
                 m.UNAVAILABLE, f"host {self.host_id} has too many connections from {address}"))
@@ -577,11 +565,11 @@ class _ServerSession:
             await self.link.flush()
         return True
 
-    async def authenticate(self, request_id: int, hello: m.Hello, boot: str) -> bool:
+    async def authenticate(self, request_id: int, hello: m.Hello, boot: str,
+                           address: str) -> bool:
         """Peer authentication, the server's side (module docstring): the HelloOk with this
         host's challenge and proof, then the client's Auth. False, refused and logged
-        (a few lines a period per address), unless both know the secret."""
-        address = _remote_address(self.link.sock)
+        (a few lines a period per `address`), unless both know the secret."""
         why = None
         if not self.secret:
             why = (f"host {self.host_id} has no peer secret: give every host of the pool the "

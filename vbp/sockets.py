@@ -263,6 +263,14 @@ async def wait_for_rest(sock, current: int, due: int) -> int:
     return lowat
 
 
+def remote_address(sock) -> str:
+    """The IP a connection comes from ("?" if the socket no longer knows)."""
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError, TypeError, AttributeError):
+        return "?"
+
+
 def authority(hostport: str) -> str:
     """A host record's HOST:PORT as a URI and a reader take it: an IPv6 address in
     brackets (blockd's record holds `::1:10809`, the brackets of its --nbd address
