@@ -55,6 +55,14 @@ class Export(Protocol):
     # that the export can send what those writes need sent as one message
     # (replicator.gateway gathers the small writes of a run into a WriteBatch per group of
     # replicas). An answer may complete in end_writes; end_writes must not raise.
+    # Optional: write_run(writes), given such a run as (cookie, flags, offset, length, data)
+    # before write() sees any of it (flags: proto.CMD_FLAG_FUA or none; data as write()'s):
+    # how many of them, from the first, it wrote at once, each as write() would have and
+    # returned None. The server answers those with success and hands the rest to write()
+    # one by one, from the first not taken (replicator.gateway takes a replicas=1 volume's
+    # writes to this host's chunks: their checks once for the run, not per write). A write
+    # whose failure it meets is one it did not take: write() meets the failure again and
+    # answers it. Not used for an export whose write() is a coroutine function.
 
     def flush(self) -> Any: ...
 

@@ -543,6 +543,8 @@ class _Connection:
         self.prepare_writes = getattr(export, "prepare_writes", None)  # (optional)
         self.begin_writes = getattr(export, "begin_writes", None)  # (optional, together)
         self.end_writes = getattr(export, "end_writes", None) if self.begin_writes else None
+        # (optional; not for an export that copies what it keeps: write() is async there)
+        self.write_run = None if self.copy_writes else getattr(export, "write_run", None)
         # (never with TLS: a FileRange goes from the page cache to the socket in the clear)
         read_ref = getattr(export, "read_ref", None) if self.raw is not None and tls is None \
             else None
@@ -865,6 +867,17 @@ class _Connection:
         if end is not None:
             self.begin_writes(len(writes))
         try:
+            if self.write_run is not None:
+                answered = self.write_run(writes)
+                if answered:  # (written: answered as write() returning None would be)
+                    pack, out = self.codec.reply_ok_simple, self.out
+                    for k in range(answered):
+                        out.append(pack(writes[k][0]))
+                        nbytes += writes[k][3]
+                    self.out_bytes += answered * len(out[-1])
+                    if ids is not None:
+                        ids.seq += answered  # (their ids, unused: nothing was logged)
+                    writes = writes[answered:] if answered < len(writes) else ()
             for cookie, flags, offset, length, data in writes:
                 if ids is not None:
                     ids.seq += 1

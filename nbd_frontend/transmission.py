@@ -32,6 +32,7 @@ Theory of operation (proto.md "Transmission", "Request message", "Request types"
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 import threading
@@ -413,6 +414,9 @@ class TransmissionCodec:
             return [_CHUNK.pack(proto.STRUCTURED_REPLY_MAGIC, proto.REPLY_FLAG_DONE,
                                 proto.REPLY_TYPE_NONE, cookie, 0)]
         return [_SIMPLE.pack(proto.SIMPLE_REPLY_MAGIC, 0, cookie)]
+
+    # reply_ok of a write, as bytes: reply_ok_simple(cookie) (a C call: no Python frame)
+    reply_ok_simple = staticmethod(functools.partial(_SIMPLE.pack, proto.SIMPLE_REPLY_MAGIC, 0))
 
     def reply_error(self, cookie: int, command: int, errno: int, message: str = "") -> list:
         if errno not in proto.ERRNOS:

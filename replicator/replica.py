@@ -402,6 +402,58 @@ class Replica:
             if applied:
                 self._note(volume, lineage, index, offset, len(data), gen)
 
+    def write_items(self, volume: str, lineage: str, gen: int, chain, chunk_size: int,
+                    fua: bool, epoch: int, token: int, items) -> None:
+        """write() of each (index, offset, data) of `items` in order, all with the same
+        volume, lineage, generation, chain, chunk size, FUA flag, epoch and token: a
+        WriteBatch's items, a gateway's run of local writes. When the token is the
+        volume's newest here, the epoch current and no resync under way, those checks
+        are made once for all, and the items' notes (_note) take one reading of the clock
+        (nothing in between yields to the run); else each item goes through write(). The
+        first refusal or failure propagates, its `batch_item` the index in `items` of
+        the item it ended: the items before it are applied (and noted), as write() of
+        each one after the other would leave them."""
+        k = 0
+        try:
+            if token != self._tokens.get(volume) or epoch < self._epoch() or self.resyncing:
+                write = self.write
+                for index, offset, data in items:
+                    write(volume, lineage, index, gen, chain, offset, data, chunk_size, 0, fua,
+                          epoch, token)
+                    k += 1
+                return
+            store = self.store
+            lookup, store_write = store.lookup, store.write
+            now = self.now()
+            written = self.written
+            recent = self.recent.get(volume)
+            if recent is None:
+                recent = self.recent[volume] = {}
+            for index, offset, data in items:
+                key = _new_key(ChunkKey, (lineage, index, gen))  # (as write's)
+                applied = True
+                try:
+                    store_write(key, offset, data, chunk_size=chunk_size,
+                                base=None if lookup(key) is not None
+                                else self._base(lineage, index, gen, chain),
+                                version=None, fua=fua)
+                except (InvalidArgument, NotFound):
+                    applied = False
+                    raise
+                finally:
+                    if applied:  # (_note's, with the run's one clock reading)
+                        w = written.get((lineage, index))
+                        if w is None:
+                            w = written[(lineage, index)] = []
+                        w.append((now, offset, offset + len(data)))
+                        mark = (lineage, gen, index)
+                        recent.pop(mark, None)
+                        recent[mark] = now
+                k += 1
+        except Exception as e:
+            e.batch_item = k  # (its refusal is logged as that item's: _refused)
+            raise
+
     def zero(self, volume: str, lineage: str, index: int, gen: int, chain, offset: int,
              length: int, chunk_size: int, version: int, fua: bool, epoch: int, token: int) -> int:
         newer = self._newer_token(volume, token)
@@ -555,22 +607,19 @@ class Replica:
             keys = {(lineage, i, gen) for i in indexes}
             if len(keys) > 1:
                 store.mark_dirty([_new_key(ChunkKey, k) for k in keys])
-        write, cs, fua, epoch, token = self.write, msg.chunk_size, msg.fua, msg.epoch, msg.token
-        stale = []
+        items = []
         at = 0
         data = memoryview(msg.data)  # (not released here: the store may keep a piece)
         for k in range(n):
-            index, length = indexes[k], lengths[k]
-            try:
-                write(volume, lineage, index, gen, chain, offsets[k], data[at:at + length], cs,
-                      0, fua, epoch, token)
-            except VbpError as e:
-                e.batch_item = k  # (its refusal is logged as that item's: _refused)
-                raise
+            length = lengths[k]
+            items.append((indexes[k], offsets[k], data[at:at + length]))
             at += length
-            if self.is_stale(lineage, index):
-                stale.append(k)
-        return m.Written(tuple(stale)) if stale else _WRITTEN
+        self.write_items(volume, lineage, gen, chain, msg.chunk_size, msg.fua, msg.epoch,
+                         msg.token, items)
+        if not (self.backfilling or self.stale_self):  # (is_stale of every item: False)
+            return _WRITTEN
+        stale = tuple(k for k in range(n) if self.is_stale(lineage, indexes[k]))
+        return m.Written(stale) if stale else _WRITTEN
 
     def _handle(self, msg):
         if type(msg) is m.WriteBatch:

@@ -1864,3 +1864,47 @@ async def test_another_failure_of_the_same_export_is_logged_while_one_repeats(
              and r.levelno >= logging.WARNING and "failed" in r.getMessage()]
     assert len(lines) <= 20, len(lines)
     assert any("no current replica" in x for x in lines), lines
+
+
+async def test_a_run_of_writes_the_export_takes_at_once_is_answered_in_order(provider, nursery):
+    """An export with write_run takes the writes of a run it can, from the first, and
+    write() gets the rest, in order: every write is answered, with its own cookie, and
+    the request ids of those write() sees follow the ones the run took."""
+    from vbp import reqid
+
+    calls = []
+
+    class Runs(MemoryExport):
+        def write_run(self, writes):
+            taken = 0
+            for cookie, flags, offset, length, data in writes:
+                if flags & proto.CMD_FLAG_FUA:
+                    break
+                super().write(offset, data, False)
+                taken += 1
+            calls.append(("run", [w[0] for w in writes], taken))
+            return taken
+
+        def write(self, offset, data, fua):
+            calls.append(("write", offset, fua, reqid.get()))
+            return super().write(offset, data, fua)
+
+    provider.exports["runs"] = Runs("runs", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=0xAB)))
+    c = await Client.connect(p, "runs")
+    # one send: TAKE_RUN writes dispatched one by one, then the rest taken as one run
+    flags = [0] * server.TAKE_RUN + [0, 0, 0, proto.CMD_FLAG_FUA, 0]
+    await c.send(b"".join(
+        struct.pack(">IHHQQI", proto.REQUEST_MAGIC, f, proto.CMD_WRITE, 10 + i, i * 4096, 4096)
+        + bytes([i + 1]) * 4096 for i, f in enumerate(flags)))
+    n = len(flags)
+    assert sorted([await c.reply() for _ in flags]) == [(10 + i, 0, b"") for i in range(n)]
+    first = server.TAKE_RUN
+    assert calls[first:] == [
+        ("run", [10 + i for i in range(first, n)], 3),
+        ("write", (n - 2) * 4096, True, f"h9-0000ab-{n - 1:x}"),
+        ("write", (n - 1) * 4096, False, f"h9-0000ab-{n:x}")]
+    assert [call[0] for call in calls[:first]] == ["write"] * first
+    assert await c.read(0, n * 4096, cookie=99) == b"".join(bytes([i + 1]) * 4096
+                                                            for i in range(n))
