@@ -89,8 +89,8 @@ class _Spec:
     """What the codec knows of one message class, computed once at import."""
 
     __slots__ = (
-        "cls", "type_id", "names", "wire_names", "kinds", "exact", "tuples", "get", "build",
-        "bytes_pos", "nfields", "nrequired", "defaults",
+        "cls", "type_id", "names", "wire_names", "kinds", "exact", "exact_sending", "tuples",
+        "get", "build", "bytes_pos", "nfields", "nrequired", "defaults",
     )
 
     def __init__(self, cls: type, type_id: int):
@@ -137,6 +137,12 @@ class _Spec:
                 exacts = [e + (k,) for e in exacts]
         allowed.update(exacts)
         self.exact = frozenset(allowed)
+        # sending, a bytes field may be a bytearray or a memoryview too (a WriteChunk's
+        # payload, here and decoded in place at the replica): the fast check for those
+        at = self.kinds.index(bytes) if bytes in self.kinds else None
+        self.exact_sending = self.exact if at is None else self.exact | frozenset(
+            e[:at] + (t,) + e[at + 1:] for e in allowed if len(e) > at
+            for t in (bytearray, memoryview))
         self.tuples = tuple(i for i, k in enumerate(self.kinds) if k == "int_tuple")
         if len(self.wire_names) == 1:
             name = self.wire_names[0]
@@ -153,7 +159,7 @@ class _Spec:
             expected = (f"{self.nfields}" if self.nrequired == self.nfields
                         else f"{self.nrequired} to {self.nfields}")
             return f"{self.cls.__name__}: {n} fields, expected {expected}"
-        if tuple(map(type, values)) in self.exact:
+        if tuple(map(type, values)) in (self.exact_sending if sending else self.exact):
             for i in self.tuples:
                 if i < n:
                     for x in values[i]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from replicator import messages as m
 from replicator.codec import (CLOSED, LARGE_FRAME, LARGE_STEP, NEED_DATA, POOL_BYTES, SPLIT_THRESHOLD, PeerCodec,
                              prepare)
-from replicator.codec import _wire_values
+from replicator.codec import _SPECS, _wire_values
 from replicator.codec import frame as prepared_frame
 from replicator.errors import (
     ClusterMismatch,
@@ -837,3 +837,22 @@ def test_a_large_write_with_a_long_chain_decodes_as_it_does_whole():
     assert c.next_event() is NEED_DATA and c.large_buffer() is not None
     c.receive_data(raw[100:])
     assert c.next_event() == (9, w)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_the_fast_check_takes_a_payload_of_any_buffer_type_only_when_sending(kind):
+    """A WriteChunk's payload is a memoryview sending from the NBD buffer and decoded in
+    place at the replica: the fast check (exact types) takes it as the field-by-field
+    check does, and only when sending (received, a payload is bytes)."""
+    spec = _SPECS[m.WriteChunk]
+    msg = m.WriteChunk("v", "L", 1, 2, (1, 2), 0, kind(b"x" * 4096), 1 << 20, 0, False, 1, 1)
+    values = spec.get(msg)
+    assert tuple(map(type, values)) in spec.exact_sending
+    assert spec.check(values, sending=True) is None
+    refused = spec.check(values, sending=False)
+    assert (refused is None) == (kind is bytes)
+    for n in range(len(values)):  # (a payload type elsewhere is no exact match)
+        if n != spec.wire_names.index("data"):
+            wrong = values[:n] + (memoryview(b"x"),) + values[n + 1:]
+            assert tuple(map(type, wrong)) not in spec.exact_sending
+            assert spec.check(wrong, sending=True) is not None
