@@ -868,7 +868,11 @@ class _Connection:
             self.begin_writes(len(writes))
         try:
             if self.write_run is not None:
-                answered = self.write_run(writes)
+                try:
+                    answered = self.write_run(writes)
+                except Exception:  # (each write meets it in write(), one by one, and answers)
+                    log.debug("a run of writes failed: they go one by one", exc_info=True)
+                    answered = 0
                 if answered:  # (written: answered as write() returning None would be)
                     pack, out = self.codec.reply_ok_simple, self.out
                     for k in range(answered):

@@ -1453,8 +1453,9 @@ class VolumeGateway:
         start: nothing yields to the run until it ends), their local writes as one call
         of the replica (Replica.write_items). What is left goes to write(), from the
         first write not taken; a failure there too, which write() meets again, and
-        answers. At 4K random writes on one host, the calls saved are about a fifth of
-        the server's time per write."""
+        answers under the write's request id (a line logged inside the run names none).
+        At 4K random writes QD32 on one host it took the server's CPU per write from
+        19.8 to 14.2-17.7 us (python -m bench, like with like)."""
         token = self.token
         if (self.n != 1 or self.qos is not None or not token or self._hold is not None
                 or self.cuts or self.read_only or self.fenced

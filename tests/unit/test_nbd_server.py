@@ -1908,3 +1908,22 @@ async def test_a_run_of_writes_the_export_takes_at_once_is_answered_in_order(pro
     assert [call[0] for call in calls[:first]] == ["write"] * first
     assert await c.read(0, n * 4096, cookie=99) == b"".join(bytes([i + 1]) * 4096
                                                             for i in range(n))
+
+
+async def test_a_run_that_raises_leaves_every_write_to_write(provider, nursery):
+    """write_run raising (a bug) costs the run its speed, not its answers: each write goes
+    to write() and is answered, and the connection goes on."""
+    class Broken(MemoryExport):
+        def write_run(self, writes):
+            raise RuntimeError("a bug")
+
+    provider.exports["broken"] = Broken("broken", MiB)
+    p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    c = await Client.connect(p, "broken")
+    n = server.TAKE_RUN + 4
+    await c.send(b"".join(
+        struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i, i * 4096, 4096)
+        + bytes([i + 1]) * 4096 for i in range(n)))
+    assert sorted([await c.reply() for _ in range(n)]) == [(i, 0, b"") for i in range(n)]
+    assert await c.read(0, n * 4096, cookie=99) == b"".join(bytes([i + 1]) * 4096
+                                                            for i in range(n))
