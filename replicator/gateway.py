@@ -101,6 +101,7 @@ from vbp.reqid import get as get_rid
 from vbp.volume import View, visible_chain
 
 log = logging.getLogger("vbp.gateway")
+_replica_log = logging.getLogger("vbp.replica")  # (at DEBUG, each local write logs a line)
 _WARNING, _INFO = logging.WARNING, logging.INFO
 _new_key = tuple.__new__
 _UNPLANNED = object()  # read_ref, _replicate_now: no plan or route made for the chunk yet
@@ -1904,10 +1905,41 @@ class VolumeGateway:
             log.exception("volume=%s event=batch_send_failed", self.name)
             early[:] = [[PeerUnavailable(f"sending to {a} failed: {e!r}") for a in order]]
         # the local copies, while the peers work on theirs (None: no local copy)
-        here = [self._write_here(w[0]) if w[7] else None for w in group]
+        here = self._write_here_all(group)
         then.append(lambda results: self._batch_replied(group, here, sent, t0, results))
         if early:
             then[0](early[0])
+
+    def _write_here_all(self, group: list) -> list:
+        """The local copies' replies of `group` (_send_group): _write_here of each write
+        that has one (None for one that has not). When all have one and none is FUA,
+        they are one call of the replica (Replica.write_items: a group shares volume,
+        lineage, generation, chain, epoch and token), each answered Ok, or Ok(stale) on
+        a stale copy, as Replica.handle would; a write that fails there is redone by
+        _write_here for its reply (its refusal logged as before), and those after it go
+        on the same way. (Per write, one replica call instead of about ten at 4K.)"""
+        first = group[0][0]
+        if first.fua or not all(w[7] for w in group) or _replica_log.isEnabledFor(logging.DEBUG):
+            return [self._write_here(w[0]) if w[7] else None for w in group]
+        replica = self.replica
+        lineage = first.lineage
+        here: list = []
+        k = 0
+        while k < len(group):
+            items = [(w[0].index, w[0].offset, w[0].data) for w in group[k:]]
+            try:
+                replica.write_items(first.volume, lineage, first.gen, first.chain,
+                                    first.chunk_size, False, first.epoch, first.token, items)
+                done = len(items)
+            except Exception as e:  # (_write_here redoes it, for its reply)
+                done = getattr(e, "batch_item", 0)
+            for item in items[:done]:
+                here.append(_OK_STALE if replica.is_stale(lineage, item[0]) else _OK)
+            k += done
+            if k < len(group):
+                here.append(self._write_here(group[k][0]))
+                k += 1
+        return here
 
     async def _replicate_later(self, p, msg) -> None:
         """A put-off write that could not go in its batch, by the general path."""

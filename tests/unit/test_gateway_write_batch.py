@@ -218,6 +218,41 @@ async def test_a_stale_copy_is_reported_for_its_own_items_only():
         assert not gw.stale.get(0) and not gw.stale.get(2) and not gw.stale.get(3)
 
 
+async def test_a_stale_local_copy_is_reported_for_its_own_items_only():
+    """The gateway's own copies of a batch are written in one call of its replica: a stale
+    one is still reported item by item, as a peer's."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        replicas["h1"].stale_self = {(gw.lineage, 2)}
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4
+        assert gw.stale.get(2) == frozenset({"h1"})
+        assert not gw.stale.get(0) and not gw.stale.get(1) and not gw.stale.get(3)
+        for offset, data in writes:  # (a stale copy still takes the write)
+            assert copy_of(replicas["h1"], gw, offset // CHUNK, 0, 4096) == data
+
+
+async def test_a_local_copy_refused_in_the_middle_of_a_batch_fails_alone():
+    """One local copy of a batch refused (a resync under way here keeps its chunk from
+    a new generation): that write stands on the peers with the local copy recorded
+    stale, and the local copies after it are written all the same."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        h1 = replicas["h1"]
+        h1.resyncing.add((gw.lineage, 1))
+        gen_before = h1.store.resolve(gw.lineage, 1, gw.chain)
+        gw.gen += 1  # a new generation (as after a snapshot): each write copies up
+        gw.chain = (*gw.chain, gw.gen)
+        for r in replicas.values():
+            r.learn_tokens({gw.view.volume.name: gw.token})
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4  # h2 and h3 make min_size
+        assert gw.stale.get(1) == frozenset({"h1"})
+        assert not gw.stale.get(0) and not gw.stale.get(2) and not gw.stale.get(3)
+        assert h1.store.resolve(gw.lineage, 1, (gw.gen,)) is None  # refused: not made
+        assert h1.store.resolve(gw.lineage, 1, gw.chain) == gen_before
+        for i in (0, 2, 3):
+            assert copy_of(h1, gw, i, 0, 4096) == pattern(i)[:4096]
+
+
 def test_a_replica_refuses_a_batch_whose_items_do_not_add_up():
     r = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
     r.learn_tokens({"v": 1})
