@@ -403,7 +403,7 @@ class Replica:
                 self._note(volume, lineage, index, offset, len(data), gen)
 
     def write_items(self, volume: str, lineage: str, gen: int, chain, chunk_size: int,
-                    fua: bool, epoch: int, token: int, items) -> None:
+                    fua: bool, epoch: int, token: int, items, until=None) -> int:
         """write() of each (index, offset, data) of `items` in order, all with the same
         volume, lineage, generation, chain, chunk size, FUA flag, epoch and token: a
         WriteBatch's items, a gateway's run of local writes. When the token is the
@@ -412,24 +412,29 @@ class Replica:
         (nothing in between yields to the run); else each item goes through write(). The
         first refusal or failure propagates, its `batch_item` the index in `items` of
         the item it ended: the items before it are applied (and noted), as write() of
-        each one after the other would leave them."""
+        each one after the other would leave them. `until`: None, or (clock, deadline):
+        no item is written once clock() reached the deadline (a gateway's lease, read
+        before each item as its write() would); the count of the items written, all of
+        them when nothing stopped it."""
         k = 0
         try:
             if token != self._tokens.get(volume) or epoch < self._epoch() or self.resyncing:
                 write = self.write
                 for index, offset, data in items:
+                    if until is not None and until[0]() >= until[1]:
+                        return k
                     write(volume, lineage, index, gen, chain, offset, data, chunk_size, 0, fua,
                           epoch, token)
                     k += 1
-                return
+                return k
             store = self.store
             lookup, store_write = store.lookup, store.write
             now = self.now()
             written = self.written
-            recent = self.recent.get(volume)
-            if recent is None:
-                recent = self.recent[volume] = {}
+            recent = self.recent.get(volume)  # (made with its first mark)
             for index, offset, data in items:
+                if until is not None and until[0]() >= until[1]:
+                    return k
                 key = _new_key(ChunkKey, (lineage, index, gen))  # (as write's)
                 applied = True
                 try:
@@ -447,9 +452,13 @@ class Replica:
                             w = written[(lineage, index)] = []
                         w.append((now, offset, offset + len(data)))
                         mark = (lineage, gen, index)
-                        recent.pop(mark, None)
+                        if recent is None:
+                            recent = self.recent[volume] = {}
+                        else:
+                            recent.pop(mark, None)
                         recent[mark] = now
                 k += 1
+            return k
         except Exception as e:
             e.batch_item = k  # (its refusal is logged as that item's: _refused)
             raise

@@ -20,7 +20,7 @@ from replicator.replica import Replica, StaleCopy
 from replicator.transport import MemoryNetwork
 from vbp.chunkstore import ChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import Fenced, NoSpace, StaleEpoch
+from vbp.errors import Fenced, InvalidArgument, LeaseExpired, NoSpace, StaleEpoch
 from vbp.layout import ChunkKey, MiB
 from vbp.registry import open_registry
 from vbp.volume import VolumeRecord, view_of
@@ -220,5 +220,55 @@ def test_write_items_checks_each_item_as_write_where_it_cannot_check_once(tmp_pa
             assert e.value.batch_item == 1  # item 0 made its generation 2; item 1 may not
             assert store.read(ChunkKey("L", 0, 2), 0, 4096) == b"c" * 4096
             assert store.resolve("L", 1, (2,)) is None
+
+    trio.run(main)
+
+
+def test_a_run_writes_nothing_once_the_lease_deadline_passed(tmp_path):
+    """Time passes while a run is written (the store's writes): the lease's deadline is
+    read before each write, as write() reads it, and what comes after it is left to
+    write(), which refuses it. (Here each look at the clock sees a second pass.)"""
+    async def main():
+        store, replica, gw = one_host(tmp_path)
+        with store:
+            t = [0.0]
+
+            def now():
+                t[0] += 1.0
+                return t[0]
+
+            gw._now = now
+            gw.lease_deadline = 3.5
+            writes = [plain(i, i * 4096, 4096) for i in range(6)]
+            done = gw.write_run(writes)
+            assert 0 < done < 6
+            for _cookie, _flags, offset, _length, data in writes[done:]:
+                with pytest.raises(LeaseExpired):
+                    gw.write(offset, data, False)
+            key = ChunkKey(gw.lineage, 0, gw.gen)
+            for i in range(6):
+                want = bytes([i + 1]) * 4096 if i < done else bytes(4096)
+                assert store.read(key, i * 4096, 4096) == want, i
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("items", ["refused", "none"])
+def test_write_items_marks_nothing_for_what_it_did_not_write(tmp_path, items):
+    """A first item refused (crossing its chunk's end) or no item at all: no mark, not
+    even an empty set of them, which would keep the volume's token from being forgotten."""
+    async def main():
+        store = ChunkStore(tmp_path / "s", 64 * MiB)
+        replica = Replica(store, "h1", lambda: 1)
+        replica.learn_tokens({"v": 5})
+        with store:
+            if items == "refused":
+                with pytest.raises(InvalidArgument):
+                    replica.write_items("v", "L", 1, (1,), MiB, False, 1, 5,
+                                        [(0, MiB - 10, b"x" * 4096)])
+            else:
+                assert replica.write_items("v", "L", 1, (1,), MiB, False, 1, 5, []) == 0
+            assert "v" not in replica.recent
+            assert replica.forget_tokens({"v": 5}) == 1
 
     trio.run(main)
