@@ -141,8 +141,7 @@ class _Spec:
         # payload, here and decoded in place at the replica): the fast check for those
         at = self.kinds.index(bytes) if bytes in self.kinds else None
         self.exact_sending = self.exact if at is None else self.exact | frozenset(
-            e[:at] + (t,) + e[at + 1:] for e in allowed if len(e) > at
-            for t in (bytearray, memoryview))
+            e[:at] + (t,) + e[at + 1:] for e in allowed for t in (bytearray, memoryview))
         self.tuples = tuple(i for i, k in enumerate(self.kinds) if k == "int_tuple")
         if len(self.wire_names) == 1:
             name = self.wire_names[0]

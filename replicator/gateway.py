@@ -1930,9 +1930,9 @@ class VolumeGateway:
         while k < len(group):
             items = [(w[0].index, w[0].offset, w[0].data) for w in group[k:]]
             try:
-                replica.write_items(first.volume, lineage, first.gen, first.chain,
-                                    first.chunk_size, False, first.epoch, first.token, items)
-                done = len(items)
+                done = replica.write_items(first.volume, lineage, first.gen, first.chain,
+                                           first.chunk_size, False, first.epoch, first.token,
+                                           items)
             except Exception as e:  # (_write_here redoes it, for its reply)
                 done = getattr(e, "batch_item", 0)
             for item in items[:done]:

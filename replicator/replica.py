@@ -140,8 +140,10 @@ class Replica:
         return self.now()
 
     def _note(self, volume: str, lineage: str, index: int, offset: int, length: int,
-              gen: int) -> None:
-        now = self.now()
+              gen: int, now: float | None = None) -> None:
+        """A client write or zero applied here, at `now` (None: read the clock)."""
+        if now is None:
+            now = self.now()
         w = self.written.get((lineage, index))
         if w is None:
             w = self.written[(lineage, index)] = []
@@ -408,7 +410,7 @@ class Replica:
         volume, lineage, generation, chain, chunk size, FUA flag, epoch and token: a
         WriteBatch's items, a gateway's run of local writes. When the token is the
         volume's newest here, the epoch current and no resync under way, those checks
-        are made once for all, and the items' notes (_note) take one reading of the clock
+        are made once for all, and the items' notes (_note) share one reading of the clock
         (nothing in between yields to the run); else each item goes through write(). The
         first refusal or failure propagates, its `batch_item` the index in `items` of
         the item it ended: the items before it are applied (and noted), as write() of
@@ -428,10 +430,8 @@ class Replica:
                     k += 1
                 return k
             store = self.store
-            lookup, store_write = store.lookup, store.write
+            lookup, store_write, note = store.lookup, store.write, self._note
             now = self.now()
-            written = self.written
-            recent = self.recent.get(volume)  # (made with its first mark)
             for index, offset, data in items:
                 if until is not None and until[0]() >= until[1]:
                     return k
@@ -446,17 +446,8 @@ class Replica:
                     applied = False
                     raise
                 finally:
-                    if applied:  # (_note's, with the run's one clock reading)
-                        w = written.get((lineage, index))
-                        if w is None:
-                            w = written[(lineage, index)] = []
-                        w.append((now, offset, offset + len(data)))
-                        mark = (lineage, gen, index)
-                        if recent is None:
-                            recent = self.recent[volume] = {}
-                        else:
-                            recent.pop(mark, None)
-                        recent[mark] = now
+                    if applied:
+                        note(volume, lineage, index, offset, len(data), gen, now)
                 k += 1
             return k
         except Exception as e:
