@@ -55,13 +55,19 @@ class Export(Protocol):
     # that the export can send what those writes need sent as one message
     # (replicator.gateway gathers the small writes of a run into a WriteBatch per group of
     # replicas). An answer may complete in end_writes; end_writes must not raise.
-    # Optional: write_run(writes), given such a run as (cookie, flags, offset, length, data)
-    # before write() sees any of it (flags: proto.CMD_FLAG_FUA or none; data as write()'s):
-    # how many of them, from the first, it wrote at once, each as write() would have and
-    # returned None. The server answers those with success and hands the rest to write()
-    # one by one, from the first not taken (replicator.gateway takes a replicas=1 volume's
-    # writes to this host's chunks: their checks once for the run, not per write). A write
-    # whose failure it meets is one it did not take: write() meets the failure again and
+    # Optional: write_run(writes, ids), given such a run as (cookie, flags, offset, length,
+    # data) before write() sees any of it (flags: proto.CMD_FLAG_FUA or none; data as
+    # write()'s; ids: the vbp.reqid.RequestIds whose next ids, in order, are the run's, or
+    # None): the writes it took, from the first, each as write() would have. Either their
+    # count, all written at once, each as write() returning None, which the server answers
+    # with success; or (count, a vbp.later.Later), the writes under way, the Later's value
+    # a list of their outcomes in order when they are over: None for written, an
+    # exception for failed, or the write's own Later, answered when it completes. The
+    # server hands the rest to write() one by one, from the first not taken
+    # (replicator.gateway: a replicas=1 volume's writes to this host's chunks are written
+    # at once, a replicated volume's small writes go to their peers as WriteBatch frames,
+    # with their checks once for the run, not per write). A write whose failure it meets
+    # while taking the run is one it did not take: write() meets the failure again and
     # answers it. Not used for an export whose write() is a coroutine function.
 
     def flush(self) -> Any: ...

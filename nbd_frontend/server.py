@@ -869,11 +869,18 @@ class _Connection:
         try:
             if self.write_run is not None:
                 try:
-                    answered = self.write_run(writes)
+                    answered = self.write_run(writes, ids)
                 except Exception:  # (each write meets it in write(), one by one, and answers)
                     log.debug("a run of writes failed: they go one by one", exc_info=True)
                     answered = 0
-                if answered:  # (written: answered as write() returning None would be)
+                if type(answered) is tuple:  # taken, under way: answered by run_done
+                    taken, later = answered
+                    answered = 0
+                    self._run_taken(writes, taken, later)
+                    if ids is not None:
+                        ids.seq += taken  # (their ids, in the run's WriteBatch frames)
+                    writes = writes[taken:] if taken < len(writes) else ()
+                elif answered:  # (written: answered as write() returning None would be)
                     pack, out = self.codec.reply_ok_simple, self.out
                     for k in range(answered):
                         out.append(pack(writes[k][0]))
@@ -909,6 +916,58 @@ class _Connection:
             if end is not None:
                 end()
             self._count_sent(proto.CMD_WRITE, answered, nbytes)
+
+    def _run_taken(self, writes: list, taken: int, later) -> None:
+        """The first `taken` of `writes` are under way, their outcomes the value of Later
+        `later` (write_run): in flight until run_done answers them."""
+        run = [(cookie, flags, offset, length)
+               for cookie, flags, offset, length, _data in writes[:taken]]
+        self.inflight += taken
+        self.inflight_bytes += sum([w[3] for w in run])
+        later.bind(partial(self.run_done, run, self.received_at), self._run_deferred)
+
+    def _run_deferred(self, awaitable) -> bool:
+        """A run's Later never continues as an awaitable (each write's own does): a bug."""
+        log.error("a run of writes was deferred: its writes are never answered")
+        return False
+
+    def run_done(self, run: list, t0: float, outcomes, exc) -> None:
+        """The run of writes `run` ((cookie, flags, offset, length) each) that write_run
+        took is over (from another task's callback: never raises): `outcomes` holds each
+        write's, None for written (answered here, as later_done would answer it), an
+        exception for failed, or the write's own Later, answered when it completes (and
+        in flight until then)."""
+        try:
+            if exc is not None:  # (the run itself failed: each of its writes with it)
+                outcomes = [exc] * len(run)
+            pack, out = self.codec.reply_ok_simple, self.out
+            ok = nbytes = 0
+            rest = []
+            for w, outcome in zip(run, outcomes):
+                if outcome is None:
+                    out.append(pack(w[0]))
+                    ok += 1
+                    nbytes += w[3]
+                else:
+                    rest.append((w, outcome))
+            if ok:
+                self.out_bytes += ok * len(out[-1])
+                self.inflight -= ok
+                self.inflight_bytes -= nbytes
+                if self.observe is not None:
+                    self.observe(proto.CMD_WRITE, nbytes, perf_counter() - t0, True, ok)
+            for (cookie, flags, offset, length), outcome in rest:
+                req = Request(cookie, proto.CMD_WRITE, flags, offset, length)
+                if type(outcome) is Later:
+                    outcome.bind(partial(self.later_done, req, t0),
+                                 partial(self.later_defer, req, t0))
+                else:
+                    self._answered(req)
+                    self._failed(req, outcome)
+        except Exception:
+            log.exception("completing a run of nbd writes failed")
+        finally:
+            self._after_answers()
 
     def _count_sent(self, cmd: int, count: int, nbytes: int) -> None:
         """`count` requests of `cmd`, `nbytes` in all, answered in this batch's dispatch:
@@ -996,16 +1055,22 @@ class _Connection:
             log.exception("completing nbd %s failed", proto.CMD_NAMES.get(req.command))
         finally:
             self._answered(req)
-            self.room.set()
-            if self.inflight or self.closing or self.raw is None:
+            self._after_answers()
+
+    def _after_answers(self) -> None:
+        """Answers were queued from a callback (later_done, run_done): the reader may read
+        again, and the writer sends them, or they are sent now when nothing else is in
+        flight (QD1: no writer task switch)."""
+        self.room.set()
+        if self.inflight or self.closing or self.raw is None:
+            self.wake.set()
+        else:
+            try:
+                self.push()
+            except OSError:  # the client is gone: the writer finds out and ends it
                 self.wake.set()
-            else:  # the only answer outstanding (QD1): send it now, no writer task switch
-                try:
-                    self.push()
-                except OSError:  # the client is gone: the writer finds out and ends it
-                    self.wake.set()
-                if self.held is not None:  # (sent without the writer: given back here)
-                    self.recharge()
+            if self.held is not None:  # (sent without the writer: given back here)
+                self.recharge()
 
     def later_defer(self, req: Request, t0: float, awaitable) -> bool:
         """A Later answer continues as an awaitable: run it like one. False when the

@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blockd.service import AsyncRegistry
 from control import api
 from replicator import messages as m
-from replicator.gateway import BATCH_ITEMS, BATCH_MIN, ClusterView, VolumeGateway
+from replicator.gateway import BATCH_ITEMS, BATCH_MIN, BATCH_PIECE, ClusterView, VolumeGateway
 from replicator.replica import Replica
 from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import SYNC_AHEAD_MIN, ChunkStore
@@ -86,24 +88,82 @@ def copy_of(replica: Replica, gw: VolumeGateway, index: int, offset: int, length
     return bytes(store.read(ChunkKey(gw.lineage, index, gen), offset, length))
 
 
+# the NBD server's request ids, as write_run sees them (the ids after seq are the run's)
+IDS = reqid.RequestIds("h1", 0xAB)
+# run() hands its writes to write_run first (the mode fixture); "taken": how many it took
+MODE = {"run": False, "taken": 0}
+
+
+def took(mode: str, count: int) -> int:
+    """How many of a run's writes write_run takes in `mode`: `count`, or none at all."""
+    return count if mode == "write_run" else 0
+
+
+@pytest.fixture(params=["write", "write_run"])
+def mode(request):
+    """The tests that take it run twice: their writes go to write() one by one, as the
+    NBD server hands them over when the export has no write_run, then to write_run
+    first and write() for the rest, as it does with one."""
+    MODE["run"] = request.param == "write_run"
+    yield request.param
+    MODE["run"] = False
+
+
+class Taken:
+    """The writes write_run took, under way: `later`'s value is their outcomes."""
+
+    def __init__(self, later: Later, count: int):
+        self.later, self.count = later, count
+
+
 def run(gw: VolumeGateway, writes) -> list:
-    """What the NBD server does with a run of writes: their answers."""
+    """What the NBD server does with a run of writes: their answers (a Taken for those
+    write_run took). Their buffers are overwritten once the run is dispatched, as the
+    server's receive buffer is: nothing may keep them."""
+    bufs = [memoryview(bytearray(data)) for _, data in writes]
+    answers: list = []
+    taken = 0
     gw.begin_writes(len(writes))
     try:
-        return [gw.write(offset, memoryview(bytearray(data)), False) for offset, data in writes]
+        if MODE["run"]:
+            got = gw.write_run([(k, 0, offset, len(data), buf) for k, ((offset, data), buf)
+                                in enumerate(zip(writes, bufs))], IDS)
+            if got:
+                taken, later = got
+                IDS.seq += taken
+                answers.append(Taken(later, taken))
+        MODE["taken"] = taken
+        answers += [gw.write(offset, buf, False)
+                    for (offset, _), buf in zip(writes[taken:], bufs[taken:])]
     finally:
         gw.end_writes()
+    for buf in bufs:
+        buf[:] = b"\xee" * len(buf)
+    return answers
 
 
 async def settled(answers) -> list:
-    """Each answer's outcome: None, or the exception it failed with."""
+    """Each write's outcome, in order: None, or the exception it failed with."""
     out = []
+
+    async def outcome(a):
+        try:
+            out.append(await a if a is not None else None)
+        except Exception as e:
+            out.append(e)
+
     with trio.fail_after(10):
         for a in answers:
-            try:
-                out.append(await a if a is not None else None)
-            except Exception as e:
-                out.append(e)
+            if type(a) is Taken:
+                outcomes = await a.later
+                assert len(outcomes) == a.count
+                for o in outcomes:
+                    assert o is None or type(o) is Later, o
+                    await outcome(o)
+            elif isinstance(a, Exception):  # (one that write() raised)
+                out.append(a)
+            else:
+                await outcome(a)
     return out
 
 
@@ -115,11 +175,12 @@ def pattern(i: int) -> bytes:
     return bytes([i + 1]) * 2048 + bytes([0xF0 | i % 16]) * 2048
 
 
-async def test_a_run_of_small_writes_is_one_write_batch_per_replica():
+async def test_a_run_of_small_writes_is_one_write_batch_per_replica(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         writes = [((i % 8) * CHUNK + (i // 8) * 4096, pattern(i)) for i in range(12)]
         answers = run(gw, writes)
-        assert all(type(a) is Later for a in answers)
+        assert MODE["taken"] == took(mode, 12)
+        assert all(type(a) in (Later, Taken) for a in answers)
         assert await settled(answers) == [None] * 12
         for h in ("h2", "h3"):
             assert kinds(seen[h]) == ["WriteBatch"], h
@@ -132,17 +193,18 @@ async def test_a_run_of_small_writes_is_one_write_batch_per_replica():
         assert not reg.list_stale() and not gw.stale
 
 
-async def test_a_long_run_goes_in_batches_of_batch_items():
+async def test_a_long_run_goes_in_batches_of_batch_items(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         n = BATCH_ITEMS * 2 + 3
         writes = [(i * 4096, pattern(i)) for i in range(n)]
         assert await settled(run(gw, writes)) == [None] * n
+        assert MODE["taken"] == took(mode, 35)
         assert [len(x.indexes) for x in seen["h2"]] == [BATCH_ITEMS, BATCH_ITEMS, 3]
         for h, r in replicas.items():
             assert copy_of(r, gw, 0, 0, n * 4096) == b"".join(d for _, d in writes), h
 
 
-async def test_writes_to_one_block_in_a_run_land_in_order_on_every_copy():
+async def test_writes_to_one_block_in_a_run_land_in_order_on_every_copy(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         writes = [(8192, pattern(i)) for i in range(5)]
         assert await settled(run(gw, writes)) == [None] * 5
@@ -150,7 +212,7 @@ async def test_writes_to_one_block_in_a_run_land_in_order_on_every_copy():
             assert copy_of(r, gw, 0, 8192, 4096) == pattern(4), h
 
 
-async def test_large_writes_and_lone_writes_go_as_write_chunks():
+async def test_large_writes_and_lone_writes_go_as_write_chunks(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         big = b"\x07" * (64 * 1024)
         answers = run(gw, [(0, pattern(0)), (CHUNK, big), (4096, pattern(1)), (8192, pattern(3))])
@@ -163,7 +225,7 @@ async def test_large_writes_and_lone_writes_go_as_write_chunks():
             assert copy_of(r, gw, 2, 0, 4096) == pattern(2), h
 
 
-async def test_a_short_run_goes_one_write_chunk_each():
+async def test_a_short_run_goes_one_write_chunk_each(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         writes = [(i * 4096, pattern(i)) for i in range(BATCH_MIN - 1)]
         assert await settled(run(gw, writes)) == [None] * len(writes)
@@ -173,31 +235,34 @@ async def test_a_short_run_goes_one_write_chunk_each():
         assert kinds(seen["h2"])[len(writes) - 1:] == ["WriteBatch"]
 
 
-async def test_hosts_of_an_older_revision_get_write_chunks():
+async def test_hosts_of_an_older_revision_get_write_chunks(mode):
     async with three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.BATCH_REV - 1)) as (gw, replicas, reg, seen, _):
         writes = [(i * 4096, pattern(i)) for i in range(4)]
         assert await settled(run(gw, writes)) == [None] * 4
+        assert MODE["taken"] == 0  # (not batchable: write_run takes none)
         assert kinds(seen["h3"]) == ["WriteChunk"] * 4
         assert kinds(seen["h2"]) == ["WriteChunk"] * 4  # (one replica set, one way)
         for h, r in replicas.items():
             assert copy_of(r, gw, 0, 0, 4 * 4096) == b"".join(d for _, d in writes), h
 
 
-async def test_a_batch_refused_by_a_newer_token_fences_every_write_of_it():
+async def test_a_batch_refused_by_a_newer_token_fences_every_write_of_it(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         replicas["h3"].learn_tokens({gw.view.volume.name: gw.token + 1})  # another gateway took over
         results = await settled(run(gw, [(i * CHUNK, pattern(i)) for i in range(4)]))
+        assert MODE["taken"] == took(mode, 4)
         assert all(isinstance(r, Fenced) for r in results), results
         assert gw.fenced and gw._inflight == 0
         assert kinds(seen["h3"]) == ["WriteBatch"]
         assert copy_of(replicas["h3"], gw, 0, 0, 4096) == b"\x01" * 4096  # refused: unchanged
 
 
-async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others():
+async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others(mode):
     async with three_hosts() as (gw, replicas, reg, seen, kills):
         kills["h3"].cancel()  # takes effect at the next checkpoint: h3 still looks ready
         writes = [(i * CHUNK, pattern(i)) for i in range(4)]
         assert await settled(run(gw, writes)) == [None] * 4
+        assert MODE["taken"] == took(mode, 4)
         for i in range(4):
             assert [r.host_id for r in reg.list_stale(gw.lineage, i)] == ["h3"], i
             assert "h3" in gw.stale[i]
@@ -207,31 +272,33 @@ async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others
         assert gw._inflight == 0
 
 
-async def test_a_stale_copy_is_reported_for_its_own_items_only():
+async def test_a_stale_copy_is_reported_for_its_own_items_only(mode):
     async with three_hosts() as (gw, replicas, reg, seen, _):
         replicas["h2"].stale_self = {(gw.lineage, 1)}  # h2's copy of chunk 1 is being resynced
         writes = [(i * CHUNK, pattern(i)) for i in range(4)]
         assert await settled(run(gw, writes)) == [None] * 4  # h1 and h3 make min_size
+        assert MODE["taken"] == took(mode, 4)
         reply = replicas["h2"].write_batch(seen["h2"][0])
         assert reply == m.Written((1,))
         assert gw.stale.get(1) == frozenset({"h2"})
         assert not gw.stale.get(0) and not gw.stale.get(2) and not gw.stale.get(3)
 
 
-async def test_a_stale_local_copy_is_reported_for_its_own_items_only():
+async def test_a_stale_local_copy_is_reported_for_its_own_items_only(mode):
     """The gateway's own copies of a batch are written in one call of its replica: a stale
     one is still reported item by item, as a peer's."""
     async with three_hosts() as (gw, replicas, reg, seen, _):
         replicas["h1"].stale_self = {(gw.lineage, 2)}
         writes = [(i * CHUNK, pattern(i)) for i in range(4)]
         assert await settled(run(gw, writes)) == [None] * 4
+        assert MODE["taken"] == took(mode, 4)
         assert gw.stale.get(2) == frozenset({"h1"})
         assert not gw.stale.get(0) and not gw.stale.get(1) and not gw.stale.get(3)
         for offset, data in writes:  # (a stale copy still takes the write)
             assert copy_of(replicas["h1"], gw, offset // CHUNK, 0, 4096) == data
 
 
-async def test_a_local_copy_refused_in_the_middle_of_a_batch_fails_alone():
+async def test_a_local_copy_refused_in_the_middle_of_a_batch_fails_alone(mode):
     """One local copy of a batch refused (a resync under way here keeps its chunk from
     a new generation): that write stands on the peers with the local copy recorded
     stale, and the local copies after it are written all the same."""
@@ -245,6 +312,7 @@ async def test_a_local_copy_refused_in_the_middle_of_a_batch_fails_alone():
             r.learn_tokens({gw.view.volume.name: gw.token})
         writes = [(i * CHUNK, pattern(i)) for i in range(4)]
         assert await settled(run(gw, writes)) == [None] * 4  # h2 and h3 make min_size
+        assert MODE["taken"] == took(mode, 4)
         assert gw.stale.get(1) == frozenset({"h1"})
         assert not gw.stale.get(0) and not gw.stale.get(2) and not gw.stale.get(3)
         assert h1.store.resolve(gw.lineage, 1, (gw.gen,)) is None  # refused: not made
@@ -348,7 +416,7 @@ async def test_a_frame_joins_a_busy_link_s_batch_unless_sent_at_once():
         assert all(type(r[0]) is m.Pong for r in got)
 
 
-async def test_a_clean_batch_leaves_each_copy_to_the_next_flush():
+async def test_a_clean_batch_leaves_each_copy_to_the_next_flush(mode):
     """A run every copy took cleanly is settled in one pass (_all_clean): each write is
     answered, none is left counted in flight, and every host's copy of every chunk of the
     run is noted unflushed, so the next flush goes to every replica."""
@@ -361,6 +429,7 @@ async def test_a_clean_batch_leaves_each_copy_to_the_next_flush():
             s.clear()
         writes = [((i % 5) * CHUNK + (i // 5) * 4096, pattern(i)) for i in range(10)]
         assert await settled(run(gw, writes)) == [None] * 10
+        assert MODE["taken"] == took(mode, 10)
         assert gw._inflight == 0
         for s in seen.values():
             assert kinds(s) == ["WriteBatch"]
@@ -462,3 +531,183 @@ async def test_a_holders_remote_read_carries_its_token_only_to_hosts_that_take_i
             with pytest.raises(Fenced):
                 await gw.read(0, 4096)
             assert gw.fenced
+
+
+# --- write_run: the run's writes taken at once (replicated) ----------------------------
+
+_FUA = 1  # NBD_CMD_FLAG_FUA
+
+
+def nbd_writes(writes, fua=()) -> list:
+    """`writes` ((offset, data) each) as the NBD server hands them to write_run; `fua`:
+    the positions of the FUA ones."""
+    return [(k, _FUA if k in fua else 0, offset, len(data), memoryview(bytearray(data)))
+            for k, (offset, data) in enumerate(writes)]
+
+
+async def outcomes_of(got) -> list:
+    """The outcomes of what write_run took (`got`: its (count, Later)), each settled:
+    None for written, else the exception the write failed with."""
+    taken, later = got
+    return (await settled([Taken(later, taken)]))
+
+
+async def test_write_run_takes_the_writes_a_batch_would_take_and_stops_at_the_first_other():
+    """The run stops at the first write that write() would not put off into a batch, or
+    that overlaps one taken before it; the writes before it are under way, the rest are
+    write()'s. Nothing is left counted in flight once they are over."""
+    big = b"\x07" * BATCH_PIECE
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        base = [(i * CHUNK + 4096, pattern(i)) for i in range(4)]
+        gw.stale[6] = frozenset({"h3"})  # (a copy of chunk 6 missed a write)
+        stops = {
+            "fua": (base + [(5 * CHUNK, pattern(5))], (4,)),
+            "large": (base + [(5 * CHUNK, big)], ()),
+            "crossing a chunk": (base + [(CHUNK - 2048, pattern(5))], ()),
+            "overlapping one taken": (base + [(4096 + 2048, pattern(5))], ()),
+            "to a chunk with a stale copy": (base + [(6 * CHUNK, pattern(5))], ()),
+            "empty": (base + [(5 * CHUNK, b"")], ()),
+            "past the end": (base + [(8 * CHUNK, pattern(5))], ()),
+        }
+        for why, (writes, fua) in stops.items():
+            got = gw.write_run(nbd_writes(writes, fua), None)
+            assert type(got) is tuple and got[0] == 4, why
+            assert await outcomes_of(got) == [None] * 4, why
+            assert gw._inflight == 0 and not gw._flying, why
+            for h, r in replicas.items():
+                for offset, data in writes[:4]:
+                    assert copy_of(r, gw, offset // CHUNK, offset % CHUNK, 4096) == data, (why, h)
+        assert not reg.list_stale()
+
+
+async def test_write_run_takes_none_where_write_would_go_another_way():
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(i * CHUNK, pattern(i)) for i in range(6)]
+
+        def takes_none(why, run=writes, fua=()):
+            assert gw.write_run(nbd_writes(run, fua), None) == 0, why
+            assert gw._inflight == 0 and not gw._flying, why
+
+        takes_none("fewer than BATCH_MIN", writes[:BATCH_MIN - 1])
+        takes_none("fewer than BATCH_MIN before a stop", writes, (BATCH_MIN - 1,))
+        takes_none("the first is FUA", writes, (0,))
+        for attr, value in (("token", 0), ("fenced", True), ("read_only", True),
+                            ("qos", object()), ("cuts", {3: 1}), ("_hold", trio.Event())):
+            before = getattr(gw, attr)
+            setattr(gw, attr, value)
+            try:
+                takes_none(attr)
+            finally:
+                setattr(gw, attr, before)
+        limit, gw.pool.max_in_flight = gw.pool.max_in_flight, 0  # no room on the links
+        try:
+            takes_none("no room")
+        finally:
+            gw.pool.max_in_flight = limit
+        for name in ("vbp.gateway", "vbp.replica"):  # (each write, or each local copy, logs
+            logger = logging.getLogger(name)  # a line at DEBUG: write() makes them)
+            level = logger.level
+            logger.setLevel(logging.DEBUG)
+            try:
+                takes_none(f"DEBUG of {name}")
+            finally:
+                logger.setLevel(level)
+        got = gw.write_run(nbd_writes(writes), None)  # and with nothing in the way, all
+        assert got[0] == 6 and await outcomes_of(got) == [None] * 6
+        assert all(kinds(seen[h]) == ["WriteBatch"] for h in ("h2", "h3"))
+
+
+async def test_write_run_carries_each_write_s_request_id():
+    """The run's WriteBatch names each write by the id the server gave it: the ids after
+    `ids.seq`, in the run's order; with no ids, none."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        ids = reqid.RequestIds("h1", 0xCD)
+        ids.seq = 0x41
+        writes = [(i * CHUNK, pattern(i)) for i in range(5)]
+        got = gw.write_run(nbd_writes(writes), ids)
+        assert await outcomes_of(got) == [None] * 5
+        assert seen["h2"][-1].rid == " ".join(f"h1-0000cd-{s:x}" for s in range(0x42, 0x47))
+        got = gw.write_run(nbd_writes(writes), None)
+        assert await outcomes_of(got) == [None] * 5
+        assert seen["h2"][-1].rid == ""
+
+
+async def test_a_run_group_that_finds_no_room_left_goes_by_the_general_path():
+    """A run's second WriteBatch to a link that the first filled (its limit of requests
+    in flight): its writes go one by one by the general path, which waits for room, and
+    every write stands on every copy with no copy recorded stale."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        n = BATCH_ITEMS + 5
+        writes = [((i % 8) * CHUNK + (i // 8) * 4096, pattern(i)) for i in range(n)]
+        limit, gw.pool.max_in_flight = gw.pool.max_in_flight, 1
+        try:
+            got = gw.write_run(nbd_writes(writes), None)
+            assert got[0] == n
+            assert await outcomes_of(got) == [None] * n
+        finally:
+            gw.pool.max_in_flight = limit
+        for h in ("h2", "h3"):
+            assert kinds(seen[h]) == ["WriteBatch"] + ["WriteChunk"] * 5, h
+        assert not reg.list_stale() and not gw.stale and gw._inflight == 0
+        for h, r in replicas.items():
+            for offset, data in writes:
+                assert copy_of(r, gw, offset // CHUNK, offset % CHUNK, 4096) == data, h
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.lists(st.tuples(st.integers(0, 8 * CHUNK // 512 - 1),
+                                   st.sampled_from([512, 4096, 4096, 4096, 8192, 40960]),
+                                   st.integers(0, 15).map(lambda x: x == 0)),  # FUA
+                          min_size=1, max_size=40),
+                min_size=1, max_size=3))
+def test_runs_leave_every_copy_as_the_writes_in_order_would(runs):
+    """Random runs (unaligned, overlapping, crossing chunks, large, FUA, past the end),
+    each through write_run and then write() for the rest as the NBD server does: every
+    write is answered as write() alone would answer it, and every copy holds what the
+    writes applied in order hold."""
+    async def main():
+        async with three_hosts() as (gw, replicas, reg, seen, _):
+            model = bytearray(8 * CHUNK)
+            for i in range(8):
+                model[i * CHUNK:i * CHUNK + 4096] = b"\x01" * 4096  # (three_hosts' writes)
+            stamp = 0
+            for run_ in runs:
+                writes, fua, expect = [], set(), []
+                for k, (sector, length, f) in enumerate(run_):
+                    stamp += 1
+                    offset = sector * 512
+                    writes.append((offset, bytes([stamp % 251 + 1]) * length))
+                    if f:
+                        fua.add(k)
+                    past = offset + length > len(model)
+                    expect.append(past)
+                    if not past:
+                        model[offset:offset + length] = writes[-1][1]
+                items = nbd_writes(writes, fua)
+                answers: list = []
+                taken = 0
+                gw.begin_writes(len(items))
+                try:
+                    got = gw.write_run(items, None)
+                    if got:
+                        taken = got[0]
+                        answers.append(Taken(got[1], taken))
+                    for _cookie, f, o, _n, d in items[taken:]:
+                        try:
+                            answers.append(gw.write(o, d, f & _FUA != 0))
+                        except Exception as e:  # (a write past the end: refused at once)
+                            answers.append(e)
+                finally:
+                    gw.end_writes()
+                for w in items:
+                    w[4][:] = b"\xee" * w[3]  # (the server's buffer, reused)
+                results = await settled(answers)
+                assert [r is not None for r in results] == expect, results
+            assert gw._inflight == 0 and not gw._flying
+            assert not reg.list_stale()
+            for h, r in replicas.items():
+                for i in range(8):
+                    assert copy_of(r, gw, i, 0, CHUNK) == model[i * CHUNK:(i + 1) * CHUNK], (h, i)
+
+    trio.run(main)

@@ -1875,7 +1875,7 @@ async def test_a_run_of_writes_the_export_takes_at_once_is_answered_in_order(pro
     calls = []
 
     class Runs(MemoryExport):
-        def write_run(self, writes):
+        def write_run(self, writes, ids=None):
             taken = 0
             for cookie, flags, offset, length, data in writes:
                 if flags & proto.CMD_FLAG_FUA:
@@ -1914,7 +1914,7 @@ async def test_a_run_that_raises_leaves_every_write_to_write(provider, nursery):
     """write_run raising (a bug) costs the run its speed, not its answers: each write goes
     to write() and is answered, and the connection goes on."""
     class Broken(MemoryExport):
-        def write_run(self, writes):
+        def write_run(self, writes, ids=None):
             raise RuntimeError("a bug")
 
     provider.exports["broken"] = Broken("broken", MiB)
@@ -1927,3 +1927,55 @@ async def test_a_run_that_raises_leaves_every_write_to_write(provider, nursery):
     assert sorted([await c.reply() for _ in range(n)]) == [(i, 0, b"") for i in range(n)]
     assert await c.read(0, n * 4096, cookie=99) == b"".join(bytes([i + 1]) * 4096
                                                             for i in range(n))
+
+
+async def test_a_run_of_writes_under_way_is_answered_when_its_outcomes_come(provider, nursery):
+    """write_run may take a run's writes as under way: (count, Later). They are answered
+    when the Later gives their outcomes, each as its outcome says (written, failed, or
+    its own Later, answered when that completes), while the writes after the run go to
+    write() with the ids that follow the run's, and are answered at once."""
+    from vbp import reqid
+
+    runs, ids_seen, calls = [], [], []
+
+    class Pending(MemoryExport):
+        def write_run(self, writes, ids=None):
+            ids_seen.append(ids.seq)
+            for _cookie, _flags, offset, _length, data in writes[:5]:
+                super().write(offset, data, False)  # (data is valid during the call only)
+            runs.append(Later())
+            return 5, runs[-1]
+
+        def write(self, offset, data, fua):
+            calls.append((offset, reqid.get()))
+            return super().write(offset, data, fua)
+
+    provider.exports["pending"] = Pending("pending", MiB)
+    p = await nursery.start(functools.partial(
+        serve_nbd, provider, "127.0.0.1", 0, ids=reqid.RequestIds("h9", boot=0xAB)))
+    c = await Client.connect(p, "pending")
+    first = server.TAKE_RUN
+    n = first + 6  # TAKE_RUN one by one, then a run of 6: 5 taken, 1 left to write()
+    await c.send(b"".join(
+        struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, 10 + i, i * 4096, 4096)
+        + bytes([i + 1]) * 4096 for i in range(n)))
+    early = [await c.reply() for _ in range(first + 1)]
+    assert sorted(early) == [(10 + i, 0, b"") for i in [*range(first), n - 1]]
+    assert ids_seen == [first]  # the run's ids are first + 1 .. first + 5
+    assert calls[-1] == ((n - 1) * 4096, f"h9-0000ab-{n:x}")
+    with trio.move_on_after(0.2):  # nothing of the run is answered before its outcomes
+        await c.reply()
+        raise AssertionError("a write of the run was answered before its outcome came")
+    own, failing = Later(), Later()
+    runs[0].done([None, own, failing, OSError(errno.EIO, "Input/output error"), None])
+    got = sorted([await c.reply() for _ in range(3)])
+    assert got == [(10 + first, 0, b""), (10 + first + 3, proto.EIO, b""), (10 + first + 4, 0, b"")]
+    failing.fail(OSError(errno.EIO, "Input/output error"))
+    own.done(None)
+    got = sorted([await c.reply() for _ in range(2)])
+    assert got == [(10 + first + 1, 0, b""), (10 + first + 2, proto.EIO, b"")]
+    assert await c.read(0, n * 4096, cookie=99) == b"".join(bytes([i + 1]) * 4096
+                                                            for i in range(n))
+    await c.request(proto.CMD_DISC)  # (it waits for nothing: none is left counted in flight)
+    with trio.fail_after(5), pytest.raises(EOFError):
+        await c.recv(1)
