@@ -431,8 +431,26 @@ class Replica:
                 return k
             store = self.store
             lookup, store_write, note = store.lookup, store.write, self._note
+            # whole pages of chunks here, many in one call (ChunkStore.write_pages)
+            pages = None if fua or until is not None else getattr(store, "write_pages", None)
             now = self.now()
-            for index, offset, data in items:
+            n = len(items)
+            while k < n:
+                if pages is not None:
+                    try:
+                        j = pages(lineage, gen, items, k, chunk_size)
+                    except Exception as e:  # (the item it failed is noted, as below)
+                        j = getattr(e, "item", k)
+                        for index, offset, data in items[k:j + 1]:
+                            note(volume, lineage, index, offset, len(data), gen, now)
+                        k = j
+                        raise
+                    for index, offset, data in items[k:j] if k or j < n else items:
+                        note(volume, lineage, index, offset, len(data), gen, now)
+                    k = j
+                    if k == n:
+                        break
+                index, offset, data = items[k]
                 if until is not None and until[0]() >= until[1]:
                     return k
                 key = _new_key(ChunkKey, (lineage, index, gen))  # (as write's)

@@ -143,6 +143,8 @@ from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.errors import ChecksumError, InvalidArgument, LocalFault, NoSpace, NotFound
 from vbp.layout import PAGE_SIZE, ChunkKey
 
+_new_key = tuple.__new__  # ChunkKey(...) less its __new__, on the write_pages path
+
 log = logging.getLogger("vbp.chunkstore")
 
 __all__ = ["ChunkInfo", "ChunkStore", "MemoryChunkStore", "StoreStats"]
@@ -880,6 +882,49 @@ class ChunkStore:
         if fua:
             self._sync_chunk(c)
         return c.version
+
+    def write_pages(self, lineage: str, gen: int, items, start: int, chunk_size: int) -> int:
+        """write() of each item of items[start:] ((index, offset, data) each, to the chunk
+        (lineage, index, gen) of size `chunk_size`), in order, with no base, version or
+        FUA, for as long as each is one whole page of a chunk here (bytes, or a memoryview
+        of bytes): the index of the first item it did not write, len(items) when it wrote
+        them all. The caller writes that one by write() (a chunk to make, a part of a
+        page, ...) and may call again for the rest. A failure propagates as write()'s,
+        the items before it written, and `item` set on it: the index of the item it
+        failed (which may have reached the disk, as a write() that fails in its pwrite).
+        The small writes of a WriteBatch, or of a gateway's run, come here one after the
+        other: this is write() and _put() for one page, with no call of either."""
+        chunks = self._chunks
+        end = len(items)
+        k = start
+        try:
+            while k < end:
+                index, offset, data = items[k]
+                c = chunks.get(_new_key(ChunkKey, (lineage, index, gen)))
+                if (c is None or len(data) != PAGE_SIZE or offset & PAGE_MASK
+                        or not 0 <= offset < chunk_size or c.cs != chunk_size
+                        or type(data) is memoryview and data.format != "B"):
+                    return k
+                if not c.dirty:
+                    self._mark_dirty(c)
+                c.touched = True
+                self._unsynced += PAGE_SIZE
+                sp = c.space
+                try:  # (as _put's, for one page)
+                    if os.pwrite(sp.fd, data, c.dbase + offset) != PAGE_SIZE:
+                        pwrite_all(sp.fd, data, c.dbase + offset)
+                except OSError as e:
+                    self._settle_failed(c, offset, data)
+                    if e.errno in NOSPACE_ERRNOS:
+                        raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
+                    raise
+                sp.sums[c.sbase + (offset >> PAGE_SHIFT)] = xxh3_64_intdigest(data) or 1
+                c.version += 1
+                k += 1
+            return k
+        except Exception as e:
+            e.item = k
+            raise
 
     def zero(self, key: ChunkKey, offset: int, length: int, *, chunk_size: int,
              base: int | None = None, version: int | None = None, fua: bool = False) -> int:

@@ -272,3 +272,96 @@ def test_write_items_marks_nothing_for_what_it_did_not_write(tmp_path, items):
             assert replica.forget_tokens({"v": 5}) == 1
 
     trio.run(main)
+
+
+def _items(raw):
+    """(index, offset, data) items from hypothesis' raw tuples: mostly whole pages of
+    chunks, some parts of one, as bytes or as memoryviews (of bytes, or of uint64s)."""
+    items = []
+    for i, (index, page, part, kind) in enumerate(raw):
+        data = bytes([i % 251 + 1]) * (512 if part else 4096)
+        offset = page * 4096 + (512 if part else 0)
+        items.append((index, offset, data if kind == 0 else memoryview(data) if kind == 1
+                      else memoryview(data).cast("Q")))
+    return items
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 255), st.booleans(),
+                              st.sampled_from([0, 1, 1, 2])), min_size=1, max_size=24),
+       made=st.sets(st.integers(0, 3)))
+def test_write_items_leaves_what_write_of_each_would(tmp_path_factory, raw, made):
+    """Replica.write_items, whose whole pages of chunks here go many at once
+    (ChunkStore.write_pages), against write() of each item: the same bytes, checksums,
+    versions, chunks marked dirty, notes and marks. Some chunks are made (and flushed)
+    before, the others by their first item; some items are parts of a page, or views of
+    uint64s."""
+    items = _items(raw)
+
+    async def main():
+        got = []
+        for many in (False, True):
+            store = ChunkStore(tmp_path_factory.mktemp("s"), 64 * MiB, hot_max=0)
+            replica = Replica(store, "h1", lambda: 1)
+            replica.learn_tokens({"v": 5})
+            with store:
+                for index in sorted(made):
+                    replica.write("v", "L", index, 1, (1,), 0, b"\x01" * 4096, MiB, 0, False, 1, 5)
+                store.flush()  # (none is marked dirty now: the writes below mark theirs)
+                if many:
+                    assert replica.write_items("v", "L", 1, (1,), MiB, False, 1, 5, items) \
+                        == len(items)
+                else:
+                    for index, offset, data in items:
+                        replica.write("v", "L", index, 1, (1,), offset, data, MiB, 0, False, 1, 5)
+                keys = sorted(store.keys())
+                assert all(store.verify(key) == [] for key in keys)
+                got.append((
+                    {(k.index, k.gen): (store.read(k, 0, MiB), store.info(k).version) for k in keys},
+                    sorted(k.index for k in store._dirty),
+                    {index: [(a, b) for _, a, b in v] for (_, index), v in replica.written.items()},
+                    {v: list(marks) for v, marks in replica.recent.items()}))
+        assert got[0] == got[1]
+
+    trio.run(main)
+
+
+def test_write_items_notes_the_page_that_failed_and_names_it(tmp_path, monkeypatch):
+    """A full disk at the third whole page of a run: the two before it are written and
+    noted, the third is noted too (its pwrite may have reached the disk, as write()
+    notes one that fails in the store), and the failure names it."""
+    import errno
+    import os
+
+    async def main():
+        store = ChunkStore(tmp_path / "s", 64 * MiB)
+        replica = Replica(store, "h1", lambda: 1)
+        replica.learn_tokens({"v": 5})
+        with store:
+            for index in range(3):
+                replica.write("v", "L", index, 1, (1,), 0, b"\x01" * 4096, MiB, 0, False, 1, 5)
+            slot = store.info(ChunkKey("L", 2, 1)).slot
+            real = os.pwrite
+
+            def pwrite(fd, buf, pos):
+                if slot * MiB <= pos < (slot + 1) * MiB:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(fd, buf, pos)
+
+            monkeypatch.setattr(os, "pwrite", pwrite)
+            items = [(0, 4096, b"a" * 4096), (1, 4096, b"b" * 4096), (2, 4096, b"c" * 4096),
+                     (0, 8192, b"d" * 4096)]
+            with pytest.raises(NoSpace) as e:
+                replica.write_items("v", "L", 1, (1,), MiB, False, 1, 5, items)
+            monkeypatch.setattr(os, "pwrite", real)
+            assert e.value.batch_item == 2
+            assert store.read(ChunkKey("L", 0, 1), 4096, 4096) == b"a" * 4096
+            assert store.read(ChunkKey("L", 1, 1), 4096, 4096) == b"b" * 4096
+            assert store.read(ChunkKey("L", 0, 1), 8192, 4096) == bytes(4096)  # not reached
+            assert {index: [(a, b) for _, a, b in v][1:]
+                    for (_, index), v in replica.written.items()} == {
+                0: [(4096, 8192)], 1: [(4096, 8192)], 2: [(4096, 8192)]}
+            assert all(store.verify(k) == [] for k in store.keys())
+
+    trio.run(main)
