@@ -60,9 +60,11 @@ class Export(Protocol):
     # write()'s; ids: the vbp.reqid.RequestIds whose next ids, in order, are the run's, or
     # None): the writes it took, from the first, each as write() would have. Either their
     # count, all written at once, each as write() returning None, which the server answers
-    # with success; or (count, a vbp.later.Later), the writes under way, the Later's value
-    # a list of their outcomes in order when they are over: None for written, an
-    # exception for failed, or the write's own Later, answered when it completes. The
+    # with success; or (count, parts), the writes under way: each part (places, Later),
+    # the Later's value the outcomes of the writes at `places` (their indexes in the run)
+    # in order when they are over: None for written, an exception for failed, or the
+    # write's own vbp.later.Later, answered when it completes. Every write taken is in
+    # one part, and each part is answered as soon as its Later completes. The
     # server hands the rest to write() one by one, from the first not taken
     # (replicator.gateway: a replicas=1 volume's writes to this host's chunks are written
     # at once, a replicated volume's small writes go to their peers as WriteBatch frames,

@@ -874,9 +874,9 @@ class _Connection:
                     log.debug("a run of writes failed: they go one by one", exc_info=True)
                     answered = 0
                 if type(answered) is tuple:  # taken, under way: answered by run_done
-                    taken, later = answered
+                    taken, parts = answered
                     answered = 0
-                    self._run_taken(writes, taken, later)
+                    self._run_taken(writes, taken, parts)
                     if ids is not None:
                         ids.seq += taken  # (their ids, in the run's WriteBatch frames)
                     writes = writes[taken:] if taken < len(writes) else ()
@@ -917,14 +917,15 @@ class _Connection:
                 end()
             self._count_sent(proto.CMD_WRITE, answered, nbytes)
 
-    def _run_taken(self, writes: list, taken: int, later) -> None:
-        """The first `taken` of `writes` are under way, their outcomes the value of Later
-        `later` (write_run): in flight until run_done answers them."""
-        run = [(cookie, flags, offset, length)
-               for cookie, flags, offset, length, _data in writes[:taken]]
+    def _run_taken(self, writes: list, taken: int, parts) -> None:
+        """The first `taken` of `writes` are under way in `parts` ((places, Later) each:
+        write_run): in flight until run_done answers each part's."""
         self.inflight += taken
-        self.inflight_bytes += sum([w[3] for w in run])
-        later.bind(partial(self.run_done, run, self.received_at), self._run_deferred)
+        self.inflight_bytes += sum([w[3] for w in writes[:taken]])
+        t0 = self.received_at
+        for places, later in parts:
+            run = [writes[k][:4] for k in places]  # (cookie, flags, offset, length: no data)
+            later.bind(partial(self.run_done, run, t0), self._run_deferred)
 
     def _run_deferred(self, awaitable) -> bool:
         """A run's Later never continues as an awaitable (each write's own does): a bug."""
@@ -932,8 +933,9 @@ class _Connection:
         return False
 
     def run_done(self, run: list, t0: float, outcomes, exc) -> None:
-        """The run of writes `run` ((cookie, flags, offset, length) each) that write_run
-        took is over (from another task's callback: never raises): `outcomes` holds each
+        """The writes `run` ((cookie, flags, offset, length) each) of a part of a run that
+        write_run took are over (from another task's callback: never raises): `outcomes`
+        holds each
         write's, None for written (answered here, as later_done would answer it), an
         exception for failed, or the write's own Later, answered when it completes (and
         in flight until then)."""
@@ -963,7 +965,9 @@ class _Connection:
                                  partial(self.later_defer, req, t0))
                 else:
                     self._answered(req)
-                    self._failed(req, outcome)
+                    self.fail(req, outcome)
+                    if self.observe is not None:
+                        self.observe(proto.CMD_WRITE, length, perf_counter() - t0, False)
         except Exception:
             log.exception("completing a run of nbd writes failed")
         finally:

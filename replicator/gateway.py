@@ -172,16 +172,12 @@ _OK_STALE = m.Ok(0, True)
 
 
 class _Run:
-    """A run of writes under way (VolumeGateway.write_run, replicated): the Later the
-    server waits on, each write's outcome (None: written on every copy, else its own
-    Later), and how many of its groups (one WriteBatch each) are not settled yet."""
+    """The request ids of a run of writes under way (VolumeGateway.write_run,
+    replicated): `ids`' next ids are its writes'."""
 
-    __slots__ = ("later", "outcomes", "groups", "ids", "first")
+    __slots__ = ("ids", "first")
 
-    def __init__(self, count: int, ids, groups: int):
-        self.later = Later()
-        self.outcomes: list = [None] * count
-        self.groups = groups
+    def __init__(self, ids):
         self.ids = ids  # vbp.reqid.RequestIds, or None: the writes have no ids
         self.first = ids.seq + 1 if ids is not None else 0  # the first write's id
 
@@ -195,12 +191,6 @@ class _Run:
             return ""
         text, first = self.ids.text, self.first
         return " ".join([text(first + k) for k in places])
-
-    def settled(self) -> None:
-        """One more of its groups is settled: after the last, the Later completes."""
-        self.groups -= 1
-        if not self.groups:
-            self.later.done(self.outcomes)
 
 
 class _Flush:
@@ -1481,9 +1471,8 @@ class VolumeGateway:
         length, data) each, flags holding NBD_CMD_FLAG_FUA at most) that the server is
         about to hand to write() one by one, taken here at once, from the first: each as
         write() would take it, in order. At replicas=1 (_write_run_here): how many were
-        written. Replicated (_write_run_copies): (how many were taken, a Later of their
-        outcomes), or 0. `ids`: the RequestIds whose next ids are the run's writes, or
-        None."""
+        written. Replicated (_write_run_copies): (how many were taken, their parts under
+        way), or 0. `ids`: the RequestIds whose next ids are the run's writes, or None."""
         if self.n == 1:
             return self._write_run_here(writes)
         return self._write_run_copies(writes, ids)
@@ -1534,27 +1523,30 @@ class VolumeGateway:
 
     def _write_run_copies(self, writes, ids):
         """write_run of a replicated volume: (how many of `writes` were taken, from the
-        first, a Later whose value is their outcomes in order), or 0 for none. An outcome
-        is None for a write that every copy took cleanly, else the write's own Later (its
-        answer, as write() would have returned it).
+        first, their parts), or 0 for none. A part is (the places in the run of its
+        writes, a Later whose value is their outcomes, in order), one per WriteBatch: an
+        outcome is None for a write that every copy took cleanly, else the write's own
+        Later (its answer, as write() would have returned it). A part is answered when
+        its own replies are in, not when the whole run's are.
 
         It takes the small writes that write() would put off into a WriteBatch
         (_replicate_now, _put_off): no FUA, each inside one chunk and under BATCH_PIECE,
         to chunks whose copies are all current and whose peers are ready, none
         overlapping a write in flight or one taken before it, while the lease is held and
         no QoS limit, cut, switch or DEBUG log (of each write, or of each local copy) is
-        in the way; at least BATCH_MIN of them,
-        or none (write() puts fewer off with the writes after them, or sends a short run
-        one WriteChunk each to join the peer links' own batches).
+        in the way; at least BATCH_MIN of them, or none (write() puts fewer off with the
+        writes after them, or sends a short run one WriteChunk each to join the peer
+        links' own batches). What raises while the run is taken leaves none taken: the
+        writes go to write(), which meets it again.
+
         The checks of the run are made once. Its writes go to their peers as one
         WriteBatch per group of peers (BATCH_ITEMS at most), built from the run directly
         (no WriteChunk, request id string or Later made per write), and its local copies
         as one call of the replica per group (_write_here_items). A group every copy of
-        which took every write cleanly is settled in one pass (_settle_clean), and the
-        Later completes with the last group; any other write of a group is settled as
-        _batch_replied settles it, through a Later of its own. The rest of the run goes
-        to write(), from the first write not taken. Per write, about a third of the
-        gateway's Python calls of the put-off path."""
+        which took every write cleanly is settled in one pass (_settle_clean); any other
+        write of a group is settled as _batch_replied settles it, through a Later of its
+        own. The rest of the run goes to write(), from the first write not taken. Per
+        write, about half of the gateway's Python calls of the put-off path."""
         token = self.token
         ready = getattr(self.pool, "ready", None)
         if (len(writes) < BATCH_MIN or ready is None or not token or self.qos is not None
@@ -1572,49 +1564,58 @@ class VolumeGateway:
         groups: dict = {}  # the routes' sorted addresses -> (route, items, datas)
         full: list = []  # the groups closed at BATCH_ITEMS
         taken = 0
-        for _cookie, flags, offset, length, data in writes:
-            index = offset >> shift
-            inner = offset & mask
-            if (flags & _NBD_FUA or not length or inner + length > cs or offset + length > size
-                    or length >= BATCH_PIECE):
-                break
-            route = routes.get(index, _UNPLANNED)
-            if route is _UNPLANNED:
-                route = self._by_map(routes)[index] = cv.route(lineage, index, n, me)
-            if route is None or not route[5] or stale.get(index):
-                break
-            p = Piece(index, inner, length, 0)
-            if flying and self._overlapped(p) is not None:
-                break
-            key = route[6]
-            group = groups.get(key)
-            if group is None:
-                if not ready(route[2]):
+        try:
+            for _cookie, flags, offset, length, data in writes:
+                index = offset >> shift
+                inner = offset & mask
+                if (flags & _NBD_FUA or not length or inner + length > cs
+                        or offset + length > size or length >= BATCH_PIECE):
                     break
-                group = groups[key] = (route, [], [])
-            self._fly(p)
-            group[1].append((p, route, taken))
-            group[2].append(data)
-            taken += 1
-            if len(group[1]) >= BATCH_ITEMS:
-                full.append(group)
-                del groups[key]
-        if taken < BATCH_MIN:  # (too few to batch apart: write() puts them off with the rest)
-            for _route, items, _datas in groups.values():
-                for item in items:
-                    self._land(item[0])
+                route = routes.get(index, _UNPLANNED)
+                if route is _UNPLANNED:
+                    route = self._by_map(routes)[index] = cv.route(lineage, index, n, me)
+                if route is None or not route[5] or stale.get(index):
+                    break
+                p = Piece(index, inner, length, 0)
+                if flying and self._overlapped(p) is not None:
+                    break
+                key = route[6]
+                group = groups.get(key)
+                if group is None:
+                    if not ready(route[2]):
+                        break
+                    group = groups[key] = (route, [], [])
+                self._fly(p)
+                group[1].append((p, route, taken))
+                group[2].append(data)
+                taken += 1
+                if len(group[1]) >= BATCH_ITEMS:
+                    full.append(group)
+                    del groups[key]
+        except BaseException:  # (none taken: the writes flown so far land, for write())
+            taken = 0
+            raise
+        finally:
+            if taken < BATCH_MIN:  # (too few to batch apart: write() puts them off with the
+                for _route, items, _datas in (*full, *groups.values()):  # rest)
+                    for item in items:
+                        self._land(item[0])
+        if taken < BATCH_MIN:
             return 0
         self._inflight += taken
-        run = _Run(taken, ids, len(full) + len(groups))
+        run = _Run(ids)
         epoch = cv.epoch
+        parts = []
         for route, items, datas in (*full, *groups.values()):
+            later, outcomes = Later(), [None] * len(items)
+            parts.append(([item[2] for item in items], later))
             try:
-                self._send_run_group(run, route, items, datas, epoch, token)
+                self._send_run_group(run, later, outcomes, route, items, datas, epoch, token)
             except Exception as e:  # (a bug: these writes fail, the others go on)
                 log.exception("volume=%s event=batch_send_failed", self.name)
-                self._fail_run_items(run, items, e)
-                run.settled()
-        return taken, run.later
+                self._fail_run_items(outcomes, items, e)
+                later.done(outcomes)
+        return taken, parts
 
     def _run_msg(self, p, data, epoch: int, token: int, rid: str):
         """The WriteChunk of a write taken by write_run, for the paths that settle a write
@@ -1623,20 +1624,21 @@ class VolumeGateway:
                                  self.chain, p.offset, data, self._cs, 0, False, epoch, token,
                                  rid)
 
-    def _send_run_group(self, run: _Run, route: tuple, items: list, datas: list, epoch: int,
-                        token: int) -> None:
+    def _send_run_group(self, run: _Run, later: Later, outcomes: list, route: tuple,
+                        items: list, datas: list, epoch: int, token: int) -> None:
         """Send the writes `items` ((piece, route, place in the run) each, `datas` their
         payloads, valid during this call only) of a run taken by write_run, to the peers
         of `route` (theirs too, in some order) as one WriteBatch, then write their local
-        copies; the replies settle them (_run_replied). A link with no room left since
-        the run was taken: each write goes by the general path (_replicate_later)."""
+        copies; the replies settle them (_run_replied), and `later` then completes with
+        their `outcomes`. A link with no room left since the run was taken: each write
+        goes by the general path at once (_replicate_later), its outcome its own Later."""
         hosts, complete, remote, names, local, _batchable, _by_address = route
         if not self.pool.ready(remote):
-            for (p, _route, k), data in zip(items, datas):
+            for j, ((p, _route, k), data) in enumerate(zip(items, datas)):
                 msg = self._run_msg(p, keepable(data), epoch, token, run.rid(k))
-                later = run.outcomes[k] = Later()
-                later.defer(self._replicate_later(p, msg), partial(self._write_done, p))
-            run.settled()
+                own = outcomes[j] = Later()
+                own.defer(self._replicate_later(p, msg), partial(self._write_done, p))
+            later.done(outcomes)
             return
         pieces = [item[0] for item in items]
         batch = m.new_write_batch(
@@ -1655,7 +1657,7 @@ class VolumeGateway:
         else:
             here = None
         self._queue_then_here(remote, batch, here, partial(
-            self._run_replied, run, items, batch, sent, t0, epoch))
+            self._run_replied, later, outcomes, items, batch, sent, t0, epoch))
 
     @staticmethod
     def _batch_item_msg(batch, k: int):
@@ -1669,39 +1671,41 @@ class VolumeGateway:
             batch.chunk_size, 0, batch.fua, batch.epoch, batch.token,
             rids[k] if k < len(rids) else "")
 
-    def _run_replied(self, run: _Run, items: list, batch, sent: dict, t0: float, epoch: int,
-                     here: list | None, results: list) -> None:
+    def _run_replied(self, later: Later, outcomes: list, items: list, batch, sent: dict,
+                     t0: float, epoch: int, here: list | None, results: list) -> None:
         """Settle the writes `items` of a run (_send_run_group), given the replies of their
         peers (a Written each, or exceptions) and `here`, the local copies' replies (None:
         no local copy): in one pass when every copy took every write cleanly, else each
-        with a Later of its own (_batch_replied)."""
+        with a Later of its own (_batch_replied), its outcome; then `later` completes with
+        their `outcomes`."""
         try:
             if self._settle_clean([item[0] for item in items], items[0][1][3], epoch, here,
                                   sent, results):
                 return
             group = []
-            for k, (p, route, place) in enumerate(items):
-                later = run.outcomes[place] = Later()
-                group.append((self._batch_item_msg(batch, k), later, p, route[0], route[1],
+            for j, (p, route, _place) in enumerate(items):
+                own = outcomes[j] = Later()
+                group.append((self._batch_item_msg(batch, j), own, p, route[0], route[1],
                               route[3], route[2], route[4], epoch))
             self._batch_replied(group, here or [None] * len(group), sent, t0, results,
                                 batched=True)
-        except Exception as e:  # (a bug: the writes not yet settled fail, the run ends)
+        except Exception as e:  # (a bug: the writes not yet settled fail)
             log.exception("volume=%s event=batch_reply_failed", self.name)
-            self._fail_run_items(run, items, e)
+            self._fail_run_items(outcomes, items, e)
         finally:
-            run.settled()
+            later.done(outcomes)
 
-    def _fail_run_items(self, run: _Run, items: list, e: Exception) -> None:
-        """The writes `items` of a run that nothing settled fail (a bug met while sending or
-        settling them): those with no outcome yet, or a Later not yet handed on."""
-        for p, _route, k in items:
-            later = run.outcomes[k]
-            if later is None or later.pending:
-                if later is None:
-                    later = run.outcomes[k] = Later()
+    def _fail_run_items(self, outcomes: list, items: list, e: Exception) -> None:
+        """The writes `items` of a run (`outcomes` theirs) that nothing settled fail (a bug
+        met while sending or settling them): those with no outcome yet, or a Later not
+        yet handed on."""
+        for j, (p, _route, _place) in enumerate(items):
+            own = outcomes[j]
+            if own is None or own.pending:
+                if own is None:
+                    own = outcomes[j] = Later()
                 self._write_done(p)
-                later.fail(LocalFault(f"the write could not be replicated: {e!r}"))
+                own.fail(LocalFault(f"the write could not be replicated: {e!r}"))
 
     def _zero(self, offset: int, length: int, fua: bool, trim: bool = False):
         self._check_writable()

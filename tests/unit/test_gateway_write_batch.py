@@ -110,10 +110,23 @@ def mode(request):
 
 
 class Taken:
-    """The writes write_run took, under way: `later`'s value is their outcomes."""
+    """The writes write_run took, under way: `parts` ((places, Later) each) say how."""
 
-    def __init__(self, later: Later, count: int):
-        self.later, self.count = later, count
+    def __init__(self, parts: list, count: int):
+        self.parts, self.count = parts, count
+
+    async def outcomes(self) -> list:
+        """Each write's outcome, in the run's order, once its part's Later completes:
+        every write taken is in exactly one part."""
+        got: list = [Ellipsis] * self.count
+        for places, later in self.parts:
+            outcomes = await later
+            assert len(outcomes) == len(places)
+            for k, o in zip(places, outcomes):
+                assert got[k] is Ellipsis, k
+                got[k] = o
+        assert Ellipsis not in got
+        return got
 
 
 def run(gw: VolumeGateway, writes) -> list:
@@ -129,9 +142,9 @@ def run(gw: VolumeGateway, writes) -> list:
             got = gw.write_run([(k, 0, offset, len(data), buf) for k, ((offset, data), buf)
                                 in enumerate(zip(writes, bufs))], IDS)
             if got:
-                taken, later = got
+                taken, parts = got
                 IDS.seq += taken
-                answers.append(Taken(later, taken))
+                answers.append(Taken(parts, taken))
         MODE["taken"] = taken
         answers += [gw.write(offset, buf, False)
                     for (offset, _), buf in zip(writes[taken:], bufs[taken:])]
@@ -155,9 +168,7 @@ async def settled(answers) -> list:
     with trio.fail_after(10):
         for a in answers:
             if type(a) is Taken:
-                outcomes = await a.later
-                assert len(outcomes) == a.count
-                for o in outcomes:
+                for o in await a.outcomes():
                     assert o is None or type(o) is Later, o
                     await outcome(o)
             elif isinstance(a, Exception):  # (one that write() raised)
@@ -548,8 +559,8 @@ def nbd_writes(writes, fua=()) -> list:
 async def outcomes_of(got) -> list:
     """The outcomes of what write_run took (`got`: its (count, Later)), each settled:
     None for written, else the exception the write failed with."""
-    taken, later = got
-    return (await settled([Taken(later, taken)]))
+    taken, parts = got
+    return (await settled([Taken(parts, taken)]))
 
 
 async def test_write_run_takes_the_writes_a_batch_would_take_and_stops_at_the_first_other():
@@ -711,3 +722,65 @@ def test_runs_leave_every_copy_as_the_writes_in_order_would(runs):
                     assert copy_of(r, gw, i, 0, CHUNK) == model[i * CHUNK:(i + 1) * CHUNK], (h, i)
 
     trio.run(main)
+
+
+async def test_write_run_that_raises_while_taking_leaves_nothing_in_flight():
+    """Something raising while write_run takes its run (here the route of a chunk): none
+    is taken, no piece is left noted in flight, and write() then takes each write and
+    answers it (a piece left behind would keep the writes that overlap it waiting for
+    ever)."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(i * CHUNK, pattern(i)) for i in range(6)]
+        gw._routes.pop(3, None)
+        route, calls = gw.cluster.route, []
+
+        def flaky(lineage, index, n, me):
+            if index == 3 and not calls:
+                calls.append(index)
+                raise RuntimeError("a bug planning chunk 3")
+            return route(lineage, index, n, me)
+
+        gw.cluster.route = flaky
+        items = nbd_writes(writes)
+        gw.begin_writes(len(items))
+        try:
+            with pytest.raises(RuntimeError):
+                gw.write_run(items, None)  # (the server: none taken, all go to write())
+            assert not gw._flying and gw._inflight == 0
+            answers = [gw.write(o, d, False) for _c, _f, o, _n, d in items]
+        finally:
+            gw.end_writes()
+        assert await settled(answers) == [None] * 6
+        assert gw._inflight == 0 and not gw._flying
+
+
+async def test_a_write_is_answered_without_waiting_for_another_batch_s_replies(mode):
+    """A run long enough for two WriteBatch frames, the second slow on one replica: the
+    writes of the first are answered once their own replies are in."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        n = BATCH_ITEMS + 4
+        writes = [((i % 8) * CHUNK + (i // 8 + 1) * 4096, pattern(i)) for i in range(n)]
+        handle, batches = replicas["h3"].handle, []
+
+        def slow_second_batch(msg, peer=None):
+            if type(msg) is m.WriteBatch:
+                batches.append(msg)
+                if len(batches) == 2:
+                    async def later():
+                        await trio.sleep(1.0)
+                        return handle(msg, peer)
+                    return later()
+            return handle(msg, peer)
+
+        replicas["h3"].handle = slow_second_batch
+        answers = run(gw, writes)
+        assert MODE["taken"] == took(mode, n)
+        with trio.fail_after(0.6):  # (the second batch's replies take a second)
+            a = answers[0]
+            if type(a) is Taken:
+                places, later = a.parts[0]
+                assert 0 in places
+                assert await later == [None] * len(places)
+            else:
+                assert await a is None
+        assert await settled(answers) == [None] * n
