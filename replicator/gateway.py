@@ -1536,11 +1536,12 @@ class VolumeGateway:
         no QoS limit, cut, switch or DEBUG log (of each write, or of each local copy) is
         in the way; at least BATCH_MIN of them, or none (write() puts fewer off with the
         writes after them, or sends a short run one WriteChunk each to join the peer
-        links' own batches). What raises while the run is taken leaves none taken: the
-        writes go to write(), which meets it again.
+        links' own batches). What raises while a write is taken stops the run before it:
+        write() meets it again.
 
         The checks of the run are made once. Its writes go to their peers as one
-        WriteBatch per group of peers (BATCH_ITEMS at most), built from the run directly
+        WriteBatch per group of peers (BATCH_ITEMS at most: a full one goes at once, and
+        the peers start on it while the rest is taken), built from the run directly
         (no WriteChunk, request id string or Later made per write), and its local copies
         as one call of the replica per group (_write_here_items). A group every copy of
         which took every write cleanly is settled in one pass (_settle_clean); any other
@@ -1562,7 +1563,9 @@ class VolumeGateway:
                                            self.n, self.host_id)
         mask = cs - 1
         groups: dict = {}  # the routes' sorted addresses -> (route, items, datas)
-        full: list = []  # the groups closed at BATCH_ITEMS
+        parts: list = []  # (places, Later) of each group sent
+        run = _Run(ids)
+        epoch = cv.epoch
         taken = 0
         try:
             for _cookie, flags, offset, length, data in writes:
@@ -1589,33 +1592,35 @@ class VolumeGateway:
                 group[1].append((p, route, taken))
                 group[2].append(data)
                 taken += 1
-                if len(group[1]) >= BATCH_ITEMS:
-                    full.append(group)
-                    del groups[key]
-        except BaseException:  # (none taken: the writes flown so far land, for write())
-            taken = 0
-            raise
-        finally:
-            if taken < BATCH_MIN:  # (too few to batch apart: write() puts them off with the
-                for _route, items, _datas in (*full, *groups.values()):  # rest)
-                    for item in items:
-                        self._land(item[0])
-        if taken < BATCH_MIN:
+                if len(group[1]) >= BATCH_ITEMS:  # (sent at once: the peers start on it
+                    del groups[key]  # while the rest is taken)
+                    self._send_part(run, parts, group, epoch, token)
+                    if self._now() >= self.lease_deadline:  # (as write() reads it, after
+                        break  # the local copies just written)
+        except Exception:  # (write() meets it again, from that write on, and answers it)
+            log.debug("volume=%s event=run_stopped", self.name, exc_info=True)
+        if taken < BATCH_MIN:  # (too few to batch apart, none sent: write() puts them off
+            for _route, items, _datas in groups.values():  # with the rest)
+                for item in items:
+                    self._land(item[0])
             return 0
-        self._inflight += taken
-        run = _Run(ids)
-        epoch = cv.epoch
-        parts = []
-        for route, items, datas in (*full, *groups.values()):
-            later, outcomes = Later(), [None] * len(items)
-            parts.append(([item[2] for item in items], later))
-            try:
-                self._send_run_group(run, later, outcomes, route, items, datas, epoch, token)
-            except Exception as e:  # (a bug: these writes fail, the others go on)
-                log.exception("volume=%s event=batch_send_failed", self.name)
-                self._fail_run_items(outcomes, items, e)
-                later.done(outcomes)
+        for group in groups.values():
+            self._send_part(run, parts, group, epoch, token)
         return taken, parts
+
+    def _send_part(self, run: _Run, parts: list, group: tuple, epoch: int, token: int) -> None:
+        """Send `group` ((route, items, datas): _write_run_copies) of a run as one part of
+        it, added to `parts`; counted in flight first (it may settle at once)."""
+        route, items, datas = group
+        self._inflight += len(items)
+        later, outcomes = Later(), [None] * len(items)
+        parts.append(([item[2] for item in items], later))
+        try:
+            self._send_run_group(run, later, outcomes, route, items, datas, epoch, token)
+        except Exception as e:  # (a bug: these writes fail, the others go on)
+            log.exception("volume=%s event=batch_send_failed", self.name)
+            self._fail_run_items(outcomes, items, e)
+            later.done(outcomes)
 
     def _run_msg(self, p, data, epoch: int, token: int, rid: str):
         """The WriteChunk of a write taken by write_run, for the paths that settle a write

@@ -155,6 +155,15 @@ def run(gw: VolumeGateway, writes) -> list:
     return answers
 
 
+def run_with_write_run(gw: VolumeGateway, writes) -> list:
+    """run() as with the write_run mode."""
+    before, MODE["run"] = MODE["run"], True
+    try:
+        return run(gw, writes)
+    finally:
+        MODE["run"] = before
+
+
 async def settled(answers) -> list:
     """Each write's outcome, in order: None, or the exception it failed with."""
     out = []
@@ -643,26 +652,52 @@ async def test_write_run_carries_each_write_s_request_id():
         assert seen["h2"][-1].rid == ""
 
 
-async def test_a_run_group_that_finds_no_room_left_goes_by_the_general_path():
-    """A run's second WriteBatch to a link that the first filled (its limit of requests
-    in flight): its writes go one by one by the general path, which waits for room, and
-    every write stands on every copy with no copy recorded stale."""
+async def test_a_run_stops_where_a_link_has_no_room_left():
+    """A run's first WriteBatch fills a link (its limit of requests in flight): the run
+    stops there, and write() takes the rest, which waits for room; every write stands
+    on every copy, no copy recorded stale."""
     async with three_hosts() as (gw, replicas, reg, seen, _):
         n = BATCH_ITEMS + 5
         writes = [((i % 8) * CHUNK + (i // 8) * 4096, pattern(i)) for i in range(n)]
         limit, gw.pool.max_in_flight = gw.pool.max_in_flight, 1
         try:
-            got = gw.write_run(nbd_writes(writes), None)
-            assert got[0] == n
-            assert await outcomes_of(got) == [None] * n
+            answers = run_with_write_run(gw, writes)
+            assert MODE["taken"] == BATCH_ITEMS
+            assert await settled(answers) == [None] * n
         finally:
             gw.pool.max_in_flight = limit
-        for h in ("h2", "h3"):
-            assert kinds(seen[h]) == ["WriteBatch"] + ["WriteChunk"] * 5, h
+        assert kinds(seen["h2"])[0] == "WriteBatch" and len(seen["h2"][0].indexes) == BATCH_ITEMS
         assert not reg.list_stale() and not gw.stale and gw._inflight == 0
         for h, r in replicas.items():
             for offset, data in writes:
                 assert copy_of(r, gw, offset // CHUNK, offset % CHUNK, 4096) == data, h
+
+
+async def test_a_run_group_that_finds_no_room_left_goes_by_the_general_path():
+    """A group taken while its link had room, and sent once it has none (another group's
+    frame filled it): its writes go one by one by the general path at once, which waits
+    for room, and every write stands on every copy with no copy recorded stale."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        writes = [(i * CHUNK, pattern(i)) for i in range(6)]
+        ready, calls = gw.pool.ready, []
+
+        def room_while_taking(addresses):  # (the run's checks see room, its send none)
+            calls.append(addresses)
+            return len(calls) == 1 and ready(addresses)
+
+        gw.pool.ready = room_while_taking
+        try:
+            got = gw.write_run(nbd_writes(writes), None)
+        finally:
+            gw.pool.ready = ready
+        assert got[0] == 6 and len(calls) == 2
+        assert await outcomes_of(got) == [None] * 6
+        for h in ("h2", "h3"):
+            assert kinds(seen[h]) == ["WriteChunk"] * 6, h
+        assert not reg.list_stale() and not gw.stale and gw._inflight == 0
+        for h, r in replicas.items():
+            for offset, data in writes:
+                assert copy_of(r, gw, offset // CHUNK, 0, 4096) == data, h
 
 
 @settings(max_examples=15, deadline=None,
@@ -724,34 +759,43 @@ def test_runs_leave_every_copy_as_the_writes_in_order_would(runs):
     trio.run(main)
 
 
-async def test_write_run_that_raises_while_taking_leaves_nothing_in_flight():
-    """Something raising while write_run takes its run (here the route of a chunk): none
-    is taken, no piece is left noted in flight, and write() then takes each write and
-    answers it (a piece left behind would keep the writes that overlap it waiting for
-    ever)."""
+@pytest.mark.parametrize("at", [3, 5])
+async def test_write_run_that_meets_a_failure_stops_before_that_write(at):
+    """Something raising while write_run takes a write (here the route of its chunk):
+    the run stops before it, and write() takes it and the rest, and answers them. With
+    fewer than BATCH_MIN before it, none is taken, and no piece is left noted in flight
+    (one left behind would keep the writes that overlap it waiting for ever)."""
     async with three_hosts() as (gw, replicas, reg, seen, _):
-        writes = [(i * CHUNK, pattern(i)) for i in range(6)]
-        gw._routes.pop(3, None)
+        writes = [(i * CHUNK, pattern(i)) for i in range(7)]
+        gw._routes.pop(at, None)
         route, calls = gw.cluster.route, []
 
         def flaky(lineage, index, n, me):
-            if index == 3 and not calls:
+            if index == at and not calls:
                 calls.append(index)
-                raise RuntimeError("a bug planning chunk 3")
+                raise RuntimeError(f"a bug planning chunk {at}")
             return route(lineage, index, n, me)
 
         gw.cluster.route = flaky
         items = nbd_writes(writes)
+        answers: list = []
         gw.begin_writes(len(items))
         try:
-            with pytest.raises(RuntimeError):
-                gw.write_run(items, None)  # (the server: none taken, all go to write())
-            assert not gw._flying and gw._inflight == 0
-            answers = [gw.write(o, d, False) for _c, _f, o, _n, d in items]
+            got = gw.write_run(items, None)
+            taken = got[0] if got else 0
+            assert taken == (at if at >= BATCH_MIN else 0) and calls == [at]
+            if got:
+                answers.append(Taken(got[1], taken))
+            else:
+                assert not gw._flying and gw._inflight == 0
+            answers += [gw.write(o, d, False) for _c, _f, o, _n, d in items[taken:]]
         finally:
             gw.end_writes()
-        assert await settled(answers) == [None] * 6
+        assert await settled(answers) == [None] * 7
         assert gw._inflight == 0 and not gw._flying
+        for h, r in replicas.items():
+            for offset, data in writes:
+                assert copy_of(r, gw, offset // CHUNK, 0, 4096) == data, h
 
 
 async def test_a_write_is_answered_without_waiting_for_another_batch_s_replies(mode):
