@@ -2123,8 +2123,9 @@ class VolumeGateway:
         the local copies while the peers work on theirs (`here()`, their replies; None:
         no local copy), then `settle(here's replies or None, the peers' replies in order)`
         once the last reply is in; a pool that called back before the local copies were
-        written is answered after them. Raises nothing once it queued: `settle` is
-        called exactly once (a message the codec refused, a bug, fails on every peer)."""
+        written is answered after them. Raises nothing once it queued, `here()` raising
+        nothing (_write_here_items): `settle` is called exactly once (a message the codec
+        refused, a bug, fails on every peer)."""
         early: list = []  # replies the pool gave before the local copies were written
         then: list = []  # what takes them after
 
@@ -2165,25 +2166,32 @@ class VolumeGateway:
         (Replica.write_items), each answered Ok, or Ok(stale) on a stale copy, as
         Replica.handle would; a write that fails there is redone by _write_here with its
         message (`msg_of(k)` for item k) for its reply, its refusal logged as before, and
-        those after it go on the same way."""
+        those after it go on the same way. Raises nothing (its callers have queued the
+        writes to the peers already): should anything else fail (a bug), the copies not
+        answered yet count as failed, recorded stale as any failed copy, and the writes
+        stand or fall on the others."""
         replica = self.replica
         lineage = first.lineage
         here: list = []
         k = 0
-        while k < len(items):
-            rest = items[k:] if k else items
-            try:
-                done = replica.write_items(first.volume, lineage, first.gen, first.chain,
-                                           first.chunk_size, False, first.epoch, first.token,
-                                           rest)
-            except Exception as e:  # (_write_here redoes it, for its reply)
-                done = getattr(e, "batch_item", 0)
-            for item in rest[:done]:
-                here.append(_OK_STALE if replica.is_stale(lineage, item[0]) else _OK)
-            k += done
-            if k < len(items):
-                here.append(self._write_here(msg_of(k)))
-                k += 1
+        try:
+            while k < len(items):
+                rest = items[k:] if k else items
+                try:
+                    done = replica.write_items(first.volume, lineage, first.gen, first.chain,
+                                               first.chunk_size, False, first.epoch,
+                                               first.token, rest)
+                except Exception as e:  # (_write_here redoes it, for its reply)
+                    done = getattr(e, "batch_item", 0)
+                for item in rest[:done]:
+                    here.append(_OK_STALE if replica.is_stale(lineage, item[0]) else _OK)
+                k += done
+                if k < len(items):
+                    here.append(self._write_here(msg_of(k)))
+                    k += 1
+        except Exception as e:
+            log.exception("volume=%s event=local_batch_failed", self.name)
+            here += [LocalFault(f"the local write failed: {e!r}")] * (len(items) - len(here))
         return here
 
     async def _replicate_later(self, p, msg) -> None:

@@ -828,3 +828,32 @@ async def test_a_write_is_answered_without_waiting_for_another_batch_s_replies(m
             else:
                 assert await a is None
         assert await settled(answers) == [None] * n
+
+
+async def test_a_local_batch_that_meets_a_bug_fails_its_copies_not_its_writes(mode):
+    """Something failing in the local copies of a batch after its frames left (a bug:
+    here the replica's stale check): the copies not answered count as failed, recorded
+    stale as any failed copy, and the writes stand on the peers (min_size 2)."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        h1 = replicas["h1"]
+        real, calls = h1.is_stale, []
+
+        def is_stale(lineage, index):
+            calls.append(index)
+            if len(calls) == 2:
+                raise RuntimeError("a bug")
+            return real(lineage, index)
+
+        h1.is_stale = is_stale
+        writes = [(i * CHUNK, pattern(i)) for i in range(4)]
+        assert await settled(run(gw, writes)) == [None] * 4
+        assert MODE["taken"] == took(mode, 4)
+        h1.is_stale = real
+        assert not gw.stale.get(0)
+        for i in (1, 2, 3):
+            assert gw.stale.get(i) == frozenset({"h1"}), i
+            assert [r.host_id for r in reg.list_stale(gw.lineage, i)] == ["h1"], i
+        assert gw._inflight == 0 and not gw._flying
+        for h in ("h2", "h3"):
+            for offset, data in writes:
+                assert copy_of(replicas[h], gw, offset // CHUNK, 0, 4096) == data, h
