@@ -935,10 +935,9 @@ class _Connection:
     def run_done(self, run: list, t0: float, outcomes, exc) -> None:
         """The writes `run` ((cookie, flags, offset, length) each) of a part of a run that
         write_run took are over (from another task's callback: never raises): `outcomes`
-        holds each
-        write's, None for written (answered here, as later_done would answer it), an
-        exception for failed, or the write's own Later, answered when it completes (and
-        in flight until then)."""
+        holds each write's, None for written (answered here, as later_done would answer
+        it), an exception for failed, or the write's own Later, answered when it
+        completes (and in flight until then)."""
         try:
             if exc is not None:  # (the run itself failed: each of its writes with it)
                 outcomes = [exc] * len(run)

@@ -181,10 +181,6 @@ class _Run:
         self.ids = ids  # vbp.reqid.RequestIds, or None: the writes have no ids
         self.first = ids.seq + 1 if ids is not None else 0  # the first write's id
 
-    def rid(self, k: int) -> str:
-        """The request id of the run's write `k`."""
-        return self.ids.text(self.first + k) if self.ids is not None else ""
-
     def rids(self, places) -> str:
         """The request ids of the run's writes `places`, for a WriteBatch's `rid`."""
         if self.ids is None:
@@ -1622,13 +1618,6 @@ class VolumeGateway:
             self._fail_run_items(outcomes, items, e)
             later.done(outcomes)
 
-    def _run_msg(self, p, data, epoch: int, token: int, rid: str):
-        """The WriteChunk of a write taken by write_run, for the paths that settle a write
-        on its own."""
-        return m.new_write_chunk(self.view.volume.name, self.lineage, p.index, self.gen,
-                                 self.chain, p.offset, data, self._cs, 0, False, epoch, token,
-                                 rid)
-
     def _send_run_group(self, run: _Run, later: Later, outcomes: list, route: tuple,
                         items: list, datas: list, epoch: int, token: int) -> None:
         """Send the writes `items` ((piece, route, place in the run) each, `datas` their
@@ -1638,19 +1627,19 @@ class VolumeGateway:
         their `outcomes`. A link with no room left since the run was taken: each write
         goes by the general path at once (_replicate_later), its outcome its own Later."""
         hosts, complete, remote, names, local, _batchable, _by_address = route
-        if not self.pool.ready(remote):
-            for j, ((p, _route, k), data) in enumerate(zip(items, datas)):
-                msg = self._run_msg(p, keepable(data), epoch, token, run.rid(k))
-                own = outcomes[j] = Later()
-                own.defer(self._replicate_later(p, msg), partial(self._write_done, p))
-            later.done(outcomes)
-            return
         pieces = [item[0] for item in items]
-        batch = m.new_write_batch(
+        batch = m.new_write_batch(  # (its payload a copy: kept after this call)
             self.view.volume.name, self.lineage, self.gen, self.chain,
             tuple([p.index for p in pieces]), tuple([p.offset for p in pieces]),
             tuple([p.length for p in pieces]), b"".join(datas), self._cs, False, epoch, token,
             run.rids([item[2] for item in items]))
+        if not self.pool.ready(remote):
+            for j, p in enumerate(pieces):
+                own = outcomes[j] = Later()
+                own.defer(self._replicate_later(p, self._batch_item_msg(batch, j)),
+                          partial(self._write_done, p))
+            later.done(outcomes)
+            return
         incarnation = self.pool.incarnation
         sent = {h: incarnation(h) for h in names}  # (no checkpoint since ready())
         t0 = self._now()

@@ -914,10 +914,7 @@ class ChunkStore:
                     if os.pwrite(sp.fd, data, c.dbase + offset) != PAGE_SIZE:
                         pwrite_all(sp.fd, data, c.dbase + offset)
                 except OSError as e:
-                    self._settle_failed(c, offset, data)
-                    if e.errno in NOSPACE_ERRNOS:
-                        raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
-                    raise
+                    self._write_failed(c, offset, data, e)
                 sp.sums[c.sbase + (offset >> PAGE_SHIFT)] = xxh3_64_intdigest(data) or 1
                 c.version += 1
                 k += 1
@@ -961,10 +958,7 @@ class ChunkStore:
                     # real page the zeros did not reach keeps its checksum (its old bytes,
                     # or damage from before, never re-hashed), one they reached takes theirs
                     sp.mm[i:j] = old
-                    self._settle_failed(c, a, memoryview(bytes(b - a)))
-                    if e.errno in NOSPACE_ERRNOS:
-                        raise NoSpace(f"the disk is full zeroing chunk {tuple(c.key)!r}") from e
-                    raise
+                    self._write_failed(c, a, memoryview(bytes(b - a)), e, "zeroing")
         except NoSpace:
             if created:
                 self._drop(c)
@@ -1005,14 +999,19 @@ class ChunkStore:
             if os.pwrite(sp.fd, buf, c.dbase + start) != len(buf):
                 pwrite_all(sp.fd, buf, c.dbase + start)  # short: redo it whole (idempotent)
         except OSError as e:
-            self._settle_failed(c, start, buf)
-            if e.errno in NOSPACE_ERRNOS:
-                raise NoSpace(f"the disk is full writing chunk {tuple(c.key)!r}") from e
-            raise
+            self._write_failed(c, start, buf, e)
         if len(buf) == PAGE_SIZE:
             sums[p] = xxh3_64_intdigest(buf) or 1
             return
         pagesums.fill(buf, sums, p)
+
+    def _write_failed(self, c: Chunk, start: int, buf, e: OSError, doing: str = "writing"):
+        """A pwrite of `buf` (whole pages) at `start` of `c` failed with `e`: each page
+        settled (_settle_failed), then NoSpace raised for a full disk, else `e` again."""
+        self._settle_failed(c, start, buf)
+        if e.errno in NOSPACE_ERRNOS:
+            raise NoSpace(f"the disk is full {doing} chunk {tuple(c.key)!r}") from e
+        raise e
 
     def _settle_failed(self, c: Chunk, start: int, buf) -> None:
         """After a failed pwrite of `buf` (whole pages) at `start`: each page takes what
