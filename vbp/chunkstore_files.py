@@ -116,6 +116,15 @@ def pwrite_all(fd: int, buf, pos: int) -> None:
 # small-write gain for 5-10% of sequential write speed. (The pieces of one write, and then
 # its checksums, are one call of the C extension, vbp.pagesums.put: the loop in Python cost
 # a 1 MiB write about 25 us more.)
+# The pieces matter only where the page cache has no folio yet: an overwrite of pages
+# that are cached keeps their folios, whatever the size of the pwrite. So put asks the
+# kernel first (cachestat, Linux 6.5) and writes a range whose every page is cached in
+# one pwrite; that saves the 1 MiB overwrite its 31 other calls. Measured with two
+# 1-host sandboxes alternated (fio nbd engine, 1M seqwrite QD8, 5 s, five rounds, the
+# volume first filled through nbdcopy): 2,040-2,450 MiB/s against 1,916-1,987 in pieces,
+# blockd's CPU 394-464 us a write against 482-505. (A page evicted between the question
+# and the pwrite gets a folio as large as the write: a cost for later small writes there,
+# never a fault.)
 WRITE_PIECE = 32 * 1024
 
 

@@ -4,11 +4,13 @@
     check(data, sums, first) -> int  the first page i of data whose checksum is not
                                      sums[first + i] (a hole there, 0, is not checked),
                                      or -1
-    put(fd, data, pos, piece, sums, first)
+    put(fd, data, pos, piece, sums, first) -> int
                                      a large write: data pwritten at pos of fd in pieces
-                                     of at most `piece` bytes, then fill(data, sums,
-                                     first); a failed pwrite raises its OSError before
-                                     any checksum changes
+                                     of at most `piece` bytes, or in one when every page
+                                     of the range is in the page cache already, then
+                                     fill(data, sums, first); returns the piece taken; a
+                                     failed pwrite raises its OSError before any
+                                     checksum changes
 
 `data` is whole pages (any buffer); `sums` a table of uint64, one per page (the chunk
 store's sidecar map, an array("Q")). All three are the C extension vbp._pagesums, built when
@@ -73,8 +75,9 @@ def py_check(data, sums, first: int) -> int:
     return -1
 
 
-def py_put(fd: int, data, pos: int, piece: int, sums, first: int) -> None:
-    """put() in Python."""
+def py_put(fd: int, data, pos: int, piece: int, sums, first: int) -> int:
+    """put() in Python, always in pieces: it does not ask the page cache (cachestat(2)
+    has no Python call)."""
     mv, n = _pages(data)
     _entries(sums, first, n)  # (its checks, before anything is written, as put's)
     if piece <= 0 or pos < 0:
@@ -88,6 +91,7 @@ def py_put(fd: int, data, pos: int, piece: int, sums, first: int) -> None:
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             at += done
     py_fill(mv, sums, first)
+    return piece
 
 
 try:

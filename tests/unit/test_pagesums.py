@@ -5,6 +5,7 @@ a large range is named, holes are never checked, bad arguments are errors."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -119,29 +120,82 @@ def test_bad_arguments_are_errors(impl):
 PUTS = [pytest.param(pagesums.put, id="native"), pytest.param(pagesums.py_put, id="python")]
 
 
+def _kernel_has_cachestat() -> bool:
+    """Whether this kernel has cachestat(2) (Linux 6.5; the same number everywhere), which
+    the extension's put asks before a write in pieces."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng, stats = (ctypes.c_uint64 * 2)(0, PAGE_SIZE), (ctypes.c_uint64 * 5)()
+    fd = os.open("/proc/self/exe", os.O_RDONLY)
+    try:
+        return libc.syscall(451, fd, rng, stats, 0) == 0 or ctypes.get_errno() != errno.ENOSYS
+    finally:
+        os.close(fd)
+
+
+CACHESTAT = _kernel_has_cachestat()
+
+
 @pytest.mark.parametrize("put", PUTS)
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 40), piece=st.integers(1, 12),
-       first=st.integers(0, 3), at=st.integers(0, 9))
+       first=st.integers(0, 3), at=st.integers(0, 9), cached=st.booleans())
 def test_put_writes_every_byte_in_place_then_each_pages_checksum(tmp_path_factory, put, seed,
-                                                                 n, piece, first, at):
+                                                                 n, piece, first, at, cached):
     """put: the data lands at its offset, the bytes around it untouched, whatever the
-    pieces (whole pages or not); then the table holds fill's checksums for its pages."""
+    pieces (whole pages or not); then the table holds fill's checksums for its pages. The
+    range is either in the page cache already (the file written all over first: the
+    extension writes it in one piece) or a hole never read (in pieces)."""
     rng = random.Random(seed)
     data = rng.randbytes(n * PAGE_SIZE)
     path = tmp_path_factory.mktemp("p") / "f"
-    path.write_bytes(b"\x77" * ((at + n + 2) * PAGE_SIZE))
+    size = (at + n + 2) * PAGE_SIZE
+    if cached:
+        path.write_bytes(b"\x77" * size)
+    else:  # (the bytes around the range only: the range is a hole, no page of it cached)
+        with open(path, "wb") as f:
+            f.write(b"\x77" * (at * PAGE_SIZE))
+            f.truncate((at + n) * PAGE_SIZE)
+            f.seek(0, os.SEEK_END)
+            f.write(b"\x77" * (2 * PAGE_SIZE))
     table, want = array("Q", [7]) * (first + n + 1), array("Q", [7]) * (first + n + 1)
     pagesums.fill(data, want, first)
     fd = os.open(path, os.O_RDWR)
     try:
-        put(fd, data, at * PAGE_SIZE, piece * 1000, table, first)
+        took = put(fd, data, at * PAGE_SIZE, piece * 1000, table, first)
     finally:
         os.close(fd)
+    whole = put is pagesums.put and cached and CACHESTAT and len(data) > piece * 1000
+    assert took == (len(data) if whole else piece * 1000)
     after = path.read_bytes()
     assert after[at * PAGE_SIZE:(at + n) * PAGE_SIZE] == data
     assert after[:at * PAGE_SIZE] + after[(at + n) * PAGE_SIZE:] == b"\x77" * (2 * PAGE_SIZE + at * PAGE_SIZE)
     assert table == want
+
+
+def test_put_goes_in_one_piece_only_where_every_page_is_cached(tmp_path):
+    """The pieces set only the size of the page cache's new folios (vbp/chunkstore_files.py
+    says why): a range whose every page is cached already goes in one pwrite, one with a
+    page not cached yet in pieces, and the data and checksums are the same either way.
+    Without cachestat(2) in the kernel, always in pieces."""
+    piece = 4 * PAGE_SIZE
+    data = random.randbytes(16 * PAGE_SIZE)
+    table, want = array("Q", [0]) * 64, array("Q", [0]) * 64
+    image = bytearray(64 * PAGE_SIZE)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 64 * PAGE_SIZE)  # (a hole: no page of it cached)
+        took = []
+        for page in (8, 8, 9, 8, 40, 40):  # (9: one page past the cached ones)
+            took.append(pagesums.put(fd, data, page * PAGE_SIZE, piece, table, page))
+            pagesums.fill(data, want, page)
+            image[page * PAGE_SIZE:(page + 16) * PAGE_SIZE] = data
+        assert os.pread(fd, len(image), 0) == image  # (read last: reading caches pages)
+        assert table == want
+    finally:
+        os.close(fd)
+    whole = len(data) if CACHESTAT else piece
+    assert took == [piece, whole, piece, whole, piece, whole]
+    assert pagesums.py_put is not pagesums.put
 
 
 def test_put_takes_up_short_pwrites_until_each_piece_is_whole(tmp_path, monkeypatch):
