@@ -293,7 +293,7 @@ def test_a_damaged_takeover_mark_does_not_stop_the_store_opening(tmp_path):
 
 
 async def test_a_write_batch_of_absurdly_many_items_is_refused(tmp_path):
-    """A gateway sends at most gateway.BATCH_ITEMS (16) writes in a WriteBatch; each item
+    """A gateway sends at most gateway.BATCH_ITEMS (64) writes in a WriteBatch; each item
     costs the replica's event loop about 2 µs and a note, and costs the sender 3 bytes.
     A batch of far more items than any gateway sends is bad input: refused whole
     (InvalidArgument), before any item is applied or noted."""
