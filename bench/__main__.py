@@ -6,6 +6,8 @@ bench/results/latest.md for the last committed run.
     python -m bench --quick                  # a few seconds per target, 64 MiB volumes
     python -m bench --workloads randwrite-4k-qd32 --targets qemu-nbd,vbp-r1 --rounds 5
     python -m bench --profile randwrite-4k-qd32   # py-spy flame graph of the gateway blockd
+    python -m bench --workloads randwrite-4k-qd32 --targets vbp-r3 --against HEAD~1
+                                             # this code and HEAD~1's, alternated in each round
 
 Other benchmarks here run on their own: bench.placement, bench.peer_bench,
 bench.chunkstore_bench, bench.metrics_bench, bench.tls_bench (NBD over TLS against the clear,
@@ -57,6 +59,11 @@ def parser() -> argparse.ArgumentParser:
                         "to NAME for the run, and back after (root); the references' "
                         "connections take the host's, vbp's local ones cubic: with cubic, "
                         "all compare under the same algorithm")
+    p.add_argument("--against", metavar="REV",
+                   help="run every vbp target also from the code of commit REV, alternated "
+                        "with this code in each round, and report the ratios of the two "
+                        "(bench/against.py): a change smaller than the machine's noise "
+                        "between two runs shows there")
     p.add_argument("--out", type=Path, help="results directory (bench/results)")
     p.add_argument("--no-latest", action="store_true", help="do not overwrite latest.md")
     p.add_argument("--profile", metavar="WORKLOAD", help="profile one workload on vbp instead")
@@ -71,7 +78,7 @@ def config(args, argv) -> harness.Config:
     if args.quick and args.out is None:
         cfg.latest = False
     for name in ("rounds", "runtime", "workloads", "targets", "r1_hosts", "snap_chunks", "snap_targets",
-                 "cow_chunks", "prefill", "congestion"):
+                 "cow_chunks", "prefill", "congestion", "against"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.size:

@@ -1,7 +1,8 @@
 """One benchmark run: start the references and the vbp sandboxes side by side, prefill each
 with the same data, run every workload against every target interleaved (qemu-nbd, vbp-r1,
 nbdkit, vbp-r3, rotated each round so no target always runs first), take medians, add the
-vbp-only snapshot and copy-up figures, and write the report (bench/report.py).
+vbp-only snapshot and copy-up figures, and write the report (bench/report.py). With
+--against REV, each vbp target runs again from REV's code right beside it (bench/against.py).
 
 Everything started here lives in one ExitStack and one temporary directory, both undone on
 success, error, Ctrl-C and SIGTERM (bench/__main__.py turns SIGTERM into SystemExit).
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import report, vbp_ops
+from bench import against, report, vbp_ops
 from bench import workloads as wl_mod
 from bench.targets import (BarePython, BarePythonChecksums, BarePythonSplice, BarePythonThreads,
                            NbdkitFile, QemuNbd, Target, VbpSandbox, VbpTarget, tool_versions)
@@ -33,6 +34,8 @@ EXTRA_TARGETS = ("py-bare", "py-bare-xxh", "py-threads-xxh", "py-splice-xxh")
 # the targets that are one server process on a raw file, by name
 PROCESS_TARGETS = {t.name: t for t in (QemuNbd, NbdkitFile, BarePython, BarePythonChecksums,
                                        BarePythonThreads, BarePythonSplice)}
+# the vbp targets: (volume, replicas); vbp-r1's sandbox has --r1-hosts hosts, vbp-r3's 3
+VBP_VOLUMES = {"vbp-r1": ("bench-r1", 1), "vbp-r3": ("bench-r3", 3)}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -55,6 +58,7 @@ class Config:
     latest: bool = True
     prefill: str = "nbdcopy"  # or "fio": one connection, sequential 1 MiB writes
     congestion: str | None = None  # the host's TCP congestion control for the run (host_congestion)
+    against: str | None = None  # a commit whose code runs every vbp target again (bench/against.py)
     command: str = ""
 
     @classmethod
@@ -140,38 +144,64 @@ def host_congestion(name: str | None, path: Path = CONGESTION):
 
 
 def interleaved(names: list[str]) -> list[str]:
-    """References and vbp targets alternating: ref, vbp, ref, vbp..."""
-    refs = [n for n in names if n in report.REFERENCES]
-    vbps = [n for n in names if n not in report.REFERENCES]
+    """References and vbp targets alternating: ref, vbp, ref, vbp... (a vbp target's twin
+    from --against right after it)."""
+    return [n for unit in interleaved_units(names) for n in unit]
+
+
+def interleaved_units(names: list[str]) -> list[list[str]]:
+    refs = [[n] for n in names if n in report.REFERENCES]
+    vbps = against.units([n for n in names if n not in report.REFERENCES])
     out = []
     for i in range(max(len(refs), len(vbps))):
         out += refs[i:i + 1] + vbps[i:i + 1]
     return out
 
 
-def start_targets(cfg: Config, tmp: Path, stack: contextlib.ExitStack) -> dict[str, Target]:
-    targets: dict[str, Target] = {}
-    sandboxes: dict[int, VbpSandbox] = {}
+def round_order(units: list[list[str]], rnd: int) -> list[str]:
+    """The targets of round `rnd` (from 0): the units rotated by the round, so no target
+    always runs first, and each unit of a target and its twin in the order of the round
+    (reversed every other round)."""
+    k = rnd % len(units) if units else 0
+    return [n for u in units[k:] + units[:k] for n in (u[::-1] if rnd % 2 else u)]
 
-    def sandbox(hosts: int) -> VbpSandbox:
-        if hosts not in sandboxes:
-            say(f"starting a {hosts}-host vbp sandbox")
-            sb = VbpSandbox(tmp, hosts, capacity=cfg.sandbox_capacity)
+
+def start_targets(cfg: Config, tmp: Path, stack: contextlib.ExitStack,
+                  code: tuple[Path, str] | None = None) -> dict[str, Target]:
+    """The targets of `cfg`, started; with `code` ((tree, label): another commit's code,
+    bench/against.py), each vbp target again from that code, named TARGET@label."""
+    for name in cfg.targets:
+        if name not in PROCESS_TARGETS and name not in VBP_VOLUMES:
+            raise ValueError(f"unknown target {name!r} "
+                             f"(known: {', '.join(ALL_TARGETS + EXTRA_TARGETS)})")
+    targets: dict[str, Target] = {}
+    sandboxes: dict[tuple, VbpSandbox] = {}
+
+    def sandbox(hosts: int, tree: Path | None) -> VbpSandbox:
+        if (hosts, tree) not in sandboxes:
+            say(f"starting a {hosts}-host vbp sandbox"
+                + ("" if tree is None else f" from the code of {code[1]}"))
+            sb = VbpSandbox(tmp, hosts, capacity=cfg.sandbox_capacity, code=tree)
             stack.enter_context(sb)
-            sandboxes[hosts] = sb.start()
-        return sandboxes[hosts]
+            sandboxes[hosts, tree] = sb.start()
+        return sandboxes[hosts, tree]
+
+    def vbp_target(name: str, tree: Path | None, label: str) -> VbpTarget:
+        volume, replicas = VBP_VOLUMES[name]
+        hosts = cfg.r1_hosts if replicas == 1 else 3
+        return VbpTarget(label, sandbox(hosts, tree), volume, cfg.size, replicas)
 
     for name in cfg.targets:
         if name in PROCESS_TARGETS:
             targets[name] = stack.enter_context(PROCESS_TARGETS[name](tmp, cfg.size)).start()
-        elif name == "vbp-r1":
-            targets[name] = VbpTarget(name, sandbox(cfg.r1_hosts), "bench-r1", cfg.size, 1)
-        elif name == "vbp-r3":
-            targets[name] = VbpTarget(name, sandbox(3), "bench-r3", cfg.size, 3)
         else:
-            raise ValueError(f"unknown target {name!r} "
-                             f"(known: {', '.join(ALL_TARGETS + EXTRA_TARGETS)})")
+            targets[name] = vbp_target(name, None, name)
         say(f"  {name}: {targets[name].uri}")
+    if code is not None:
+        for name in [n for n in cfg.targets if n in VBP_VOLUMES]:
+            label = against.twin(name, code[1])
+            targets[label] = vbp_target(name, code[0], label)
+            say(f"  {label}: {targets[label].uri}")
     return targets
 
 
@@ -188,11 +218,11 @@ def summary(rec: dict) -> str:
 def run_rounds(cfg: Config, targets: dict[str, Target], ctx: wl_mod.JobContext,
                errors: list[str]) -> dict:
     """{workload: {target: [record per round]}}"""
-    order = interleaved(list(targets))
-    raw: dict = {w: {t: [] for t in order} for w in cfg.workloads}
+    units = interleaved_units(list(targets))
+    raw: dict = {w: {t: [] for u in units for t in u} for w in cfg.workloads}
     stalled = set(ctx.stalled)  # targets where an nbdcopy never ended: skip their copies
     for rnd in range(cfg.rounds):
-        rot = order[rnd % len(order):] + order[:rnd % len(order)]
+        rot = round_order(units, rnd)
         for wname in cfg.workloads:
             w = wl_mod.WORKLOADS[wname]
             for t in rot:
@@ -246,14 +276,23 @@ def run(cfg: Config) -> dict:
             "tcp_congestion": tcp_congestion(), "tools": tool_versions(),
             "uncommitted_changes": dirty_files(), "command": cfg.command or "python -m bench"}
     errors: list[str] = []
+    if cfg.against:  # (before anything starts: a bad revision is a usage error)
+        commit = against.resolve(cfg.against)
+        meta["against"] = {"rev": cfg.against, "commit": commit, "label": against.short(commit)}
     tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))
     try:
         with contextlib.ExitStack() as stack:
+            code = None
+            if cfg.against:
+                label = meta["against"]["label"]
+                say(f"the code of {label} (git archive, its C extension built)")
+                code = (against.checkout(meta["against"]["commit"], tmp), label)
             stack.enter_context(host_congestion(cfg.congestion))
             meta["tcp_congestion"] = tcp_congestion()
             say(f"work directory {tmp}; writing {cfg.size >> 20} MiB of test data")
             data = wl_mod.make_data_file(tmp / "data.raw", cfg.size)
-            targets = start_targets(cfg, tmp, stack)
+            targets = start_targets(cfg, tmp, stack, code)
+            meta["targets"] = interleaved(list(targets))
             meta["prefill_seconds"], meta["prefill"] = {}, cfg.prefill
             stalled: list[str] = []
             for name, t in targets.items():
@@ -276,6 +315,8 @@ def run(cfg: Config) -> dict:
                for w, per in raw.items()}
     result = {"meta": meta, "medians": medians, "ratios": report.ratios(medians),
               "goals": report.goals(medians), "vbp_ops": ops, "rounds": raw, "errors": errors}
+    if cfg.against:
+        result["against"] = report.against_ratios(medians, meta["against"]["label"])
     paths = report.write(result, cfg.out_dir, f"{meta['date']}-{meta['commit']}", cfg.latest)
     return {"result": result, "paths": paths}
 

@@ -72,6 +72,22 @@ def goals(medians: dict) -> list[dict]:
     return out
 
 
+def against_ratios(medians: dict, label: str) -> dict:
+    """--against (bench/against.py): {workload: {vbp target: {metric: this code's median /
+    that of the code of `label`}}} for the headline metric, the latencies and the server's
+    CPU per IO (or per MiB), each target beside its twin TARGET@label."""
+    out = {}
+    for wl, per in medians.items():
+        for t, rec in per.items():
+            old = per.get(f"{t}@{label}")
+            if "@" in t or old is None:
+                continue
+            out.setdefault(wl, {})[t] = {
+                m: _ratio(rec.get(m), old.get(m))
+                for m in (*METRICS, "cpu_us_per_io", "cpu_us_per_mib", "machine_us_per_io")}
+    return out
+
+
 def _f(v, digits=0):
     if v is None:
         return "–"
@@ -176,6 +192,26 @@ def markdown(result: dict) -> str:
         for wl, t, rec in beside:
             lines.append(f"| {wl} | {t} | {_f(rec.get('p99_us'), 1)} | {_f(rec.get('p999_us'), 1)} | "
                          f"{_f(rec.get('beside_mib_s'), 1)} | {_f(rec.get('beside_sync_p99_us'), 1)} |")
+        lines.append("")
+    if result.get("against"):
+        label = meta["against"]["label"]
+        lines += [f"## This code ({meta['commit']}) against {label} "
+                  f"(`--against {meta['against']['rev']}`)", "",
+                  f"The vbp targets ran twice in each round, from this code and from the code "
+                  f"of {label} (TARGET@{label}), one right after the other, each first every "
+                  "other round. Ratios are this code / that code, of the medians: above 1 is "
+                  "better for IOPS and MiB/s, below 1 for latency and CPU.", "",
+                  "| workload | target | metric | this | " + label + " | ratio | p99 ratio | "
+                  "server CPU ratio |", "|---|---|---|---|---|---|---|---|"]
+        for wl, per in result["against"].items():
+            m = headline(wl)
+            for t, r in per.items():
+                mine, old = med[wl][t], med[wl][f"{t}@{label}"]
+                cpu = r.get("cpu_us_per_io") or r.get("cpu_us_per_mib")
+                lines.append(f"| {wl} | {t} | {'IOPS' if m == 'iops' else 'MiB/s'} | "
+                             f"{_f(mine.get(m), 0 if m == 'iops' else 1)} | "
+                             f"{_f(old.get(m), 0 if m == 'iops' else 1)} | {_x(r.get(m))} | "
+                             f"{_x(r.get('p99_us'))} | {_x(cpu)} |")
         lines.append("")
     if result.get("goals"):
         cc = meta.get("tcp_congestion")

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import against
+
 VENV_BIN = Path(sys.executable).parent
 PR_SET_PDEATHSIG = 1
 
@@ -248,11 +250,12 @@ class VbpSandbox:
     (the stable interface). Leaving stops it with `vbp sandbox down`."""
 
     def __init__(self, directory: Path, hosts: int, capacity: str = "64G",
-                 settings: dict | None = None):
+                 settings: dict | None = None, code: Path | None = None):
         self.root = directory
         self.hosts = hosts
         self.capacity = capacity  # thin: chunk slots are sparse, so this costs no disk
         self.settings = settings or {}  # blockd settings of every host (`--set KEY=VALUE`)
+        self.code = code  # another commit's tree to run from (bench/against.py), or None
         self.dir: Path | None = None
         self.info: dict = {}
 
@@ -261,14 +264,17 @@ class VbpSandbox:
         return f"lmdb://{self.dir / 'registry'}"
 
     def vbp(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        env = dict(os.environ, VBP_REGISTRY=self.registry) if self.dir else None
+        env = dict(os.environ) if self.code is None else against.environment(self.code)
+        if self.dir:
+            env["VBP_REGISTRY"] = self.registry
         return subprocess.run([str(VENV_BIN / "vbp"), *args], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+                              env=env, timeout=timeout, cwd=self.code)
 
     def start(self) -> "VbpSandbox":
         last = ""
         for attempt in range(4):
-            self.dir = self.root / f"sandbox{self.hosts}-{attempt}"
+            code = "" if self.code is None else f"-{self.code.name}"
+            self.dir = self.root / f"sandbox{self.hosts}{code}-{attempt}"
             base = free_port_range(2 * self.hosts)
             for _ in range(2):  # `up` is idempotent; a second call settles a slow start
                 sets = [a for k, v in self.settings.items() for a in ("--set", f"{k}={v}")]

@@ -246,3 +246,88 @@ def test_fua_beside_bench_runs():
     assert p.returncode == 0, p.stderr[-2000:]
     [r] = json.loads(p.stdout)
     assert r["fua_ms"] > 0 and r["reads"] > 0 and r["longest_read_ms"] > 0
+
+
+def test_round_order_keeps_each_target_beside_its_twin_and_alternates_them():
+    """--against: a vbp target and its twin from the other code run one right after the
+    other, each first every other round; the rotation moves whole units, and without twins
+    the order is the plain rotation it always was."""
+    names = ["qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3", "vbp-r1@abc", "vbp-r3@abc"]
+    units = harness.interleaved_units(names)
+    assert units == [["qemu-nbd"], ["vbp-r1", "vbp-r1@abc"], ["nbdkit"], ["vbp-r3", "vbp-r3@abc"]]
+    assert harness.interleaved(names) == [n for u in units for n in u]
+    assert harness.round_order(units, 0) == ["qemu-nbd", "vbp-r1", "vbp-r1@abc", "nbdkit",
+                                             "vbp-r3", "vbp-r3@abc"]
+    assert harness.round_order(units, 1) == ["vbp-r1@abc", "vbp-r1", "nbdkit", "vbp-r3@abc",
+                                             "vbp-r3", "qemu-nbd"]
+    plain = harness.interleaved_units(["qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3"])
+    order = [u[0] for u in plain]
+    for rnd in range(5):
+        k = rnd % len(order)
+        assert harness.round_order(plain, rnd) == order[k:] + order[:k]
+    assert harness.interleaved_units(["vbp-r3@abc"]) == [["vbp-r3@abc"]]
+
+
+def test_against_ratios_and_their_report_section():
+    med = {"randwrite-4k-qd32": {
+        "qemu-nbd": {"iops": 100.0, "mib_s": 0.4, "p50_us": 10.0, "p99_us": 40.0},
+        "vbp-r3": {"iops": 110.0, "mib_s": 0.44, "p50_us": 9.0, "p99_us": 30.0,
+                   "cpu_us_per_io": 90.0},
+        "vbp-r3@abc": {"iops": 100.0, "mib_s": 0.4, "p50_us": 10.0, "p99_us": 40.0,
+                       "cpu_us_per_io": 100.0}}}
+    rat = report.against_ratios(med, "abc")
+    assert list(rat["randwrite-4k-qd32"]) == ["vbp-r3"]
+    r = rat["randwrite-4k-qd32"]["vbp-r3"]
+    assert r["iops"] == pytest.approx(1.1) and r["p99_us"] == 0.75
+    assert r["cpu_us_per_io"] == 0.9 and r["cpu_us_per_mib"] is None
+    result = {"meta": {"date": "d", "commit": "new", "rounds": 1, "runtime": 1, "size": 1 << 20,
+                       "nproc": 2, "loadavg_before": "", "loadavg_after": "", "r1_hosts": 1,
+                       "targets": ["qemu-nbd", "vbp-r3", "vbp-r3@abc"], "tools": {},
+                       "command": "c", "against": {"rev": "HEAD~1", "commit": "abc0",
+                                                   "label": "abc"}},
+              "medians": med, "ratios": report.ratios(med), "goals": [], "against": rat}
+    md = report.markdown(result)
+    assert "## This code (new) against abc (`--against HEAD~1`)" in md
+    assert "| randwrite-4k-qd32 | vbp-r3 | IOPS | 110 | 100 | 1.10x | 0.75x | 0.90x |" in md
+
+
+def test_against_runs_the_sandbox_from_the_other_commits_code(tmp_path):
+    """The twin's sandbox runs the code of the commit named, not this work tree's: its
+    blockd runs in that tree and has that tree's C extension loaded (built there)."""
+    from bench import against
+    from bench.targets import VbpSandbox
+
+    with pytest.raises(ValueError, match="no such commit"):
+        against.resolve("no-such-revision-here")
+    commit = against.resolve("HEAD")
+    src = against.checkout(commit, tmp_path)
+    [ext] = (src / "vbp").glob("_pagesums*.so")
+    assert (src / "blockd" / "main.py").exists() and not (src / ".git").exists()
+    with VbpSandbox(tmp_path, 1, capacity="1G", code=src) as sb:
+        sb.start()
+        [pid] = sb.pids()
+        assert Path(f"/proc/{pid}/cwd").resolve() == src.resolve()
+        assert str(ext.resolve()) in Path(f"/proc/{pid}/maps").read_text()
+        uri = sb.create_volume("v", 1 << 20, 1)
+    assert uri.endswith("/v")
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("fio", "nbdcopy")),
+                    reason="needs fio and nbdcopy (make deps-test)")
+def test_quick_run_against_a_commit_reports_both_codes(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--targets", "vbp-r1", "--workloads",
+           "randwrite-4k-qd32", "--runtime", "1", "--rounds", "2", "--out", str(tmp_path),
+           "--no-latest", "--prefill", "fio", "--against", "HEAD"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    label = result["meta"]["against"]["label"]
+    assert result["errors"] == [] and result["meta"]["targets"] == ["vbp-r1", f"vbp-r1@{label}"]
+    assert [len(result["rounds"]["randwrite-4k-qd32"][t]) for t in result["meta"]["targets"]] == [2, 2]
+    ratio = result["against"]["randwrite-4k-qd32"]["vbp-r1"]["iops"]
+    assert isinstance(ratio, float) and ratio > 0
+    assert f"against {label} (`--against HEAD`)" in path.with_suffix(".md").read_text()
+    bad = subprocess.run([*cmd[:-1], "no-such-revision-here"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "no such commit" in bad.stderr
