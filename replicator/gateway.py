@@ -146,9 +146,11 @@ BATCH_PIECE = 32 * 1024
 # while the rest is taken (_write_run_copies). At 16, the runs of 4K random writes QD32
 # (about 17 writes on average at replicas=3) went as a frame of 16 and one of a write or
 # two: a frame, a reply and their bookkeeping more at each peer. At 64 a run of QD32 is
-# one frame. replicas=3, 3 hosts, fio nbd 4K randwrite QD32, two sandboxes alternated in
-# eight pairs of 6 s: 11.0k-13.7k IOPS against 9.7k-12.2k, blockd's CPU 98-116 µs a write
-# against 111-139.
+# one frame. A small gain, within the machine's noise: replicas=3, 3 hosts, fio nbd 4K
+# randwrite QD32, two sandboxes alternated, ahead in 6 of 8 pairs (1.06x the IOPS, the
+# median pair); `python -m bench --workloads randwrite-4k-qd32 --targets vbp-r3
+# --against 8d5ea9e` (BATCH_ITEMS 16), ahead in 4 of 5 rounds but 0.98x of the medians,
+# the server's CPU 0.94x.
 BATCH_ITEMS = 64
 assert BATCH_ITEMS <= m.BATCH_ITEMS_MAX  # (what a replica takes in one WriteBatch)
 # Shorter runs go one WriteChunk each, joining the peer links' own batches: a run of one,

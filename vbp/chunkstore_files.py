@@ -119,12 +119,13 @@ def pwrite_all(fd: int, buf, pos: int) -> None:
 # The pieces matter only where the page cache has no folio yet: an overwrite of pages
 # that are cached keeps their folios, whatever the size of the pwrite. So put asks the
 # kernel first (cachestat, Linux 6.5) and writes a range whose every page is cached in
-# one pwrite; that saves the 1 MiB overwrite its 31 other calls. Measured with two
-# 1-host sandboxes alternated (fio nbd engine, 1M seqwrite QD8, 5 s, five rounds, the
-# volume first filled through nbdcopy): 2,040-2,450 MiB/s against 1,916-1,987 in pieces,
-# blockd's CPU 394-464 us a write against 482-505. (A page evicted between the question
-# and the pwrite gets a folio as large as the write: a cost for later small writes there,
-# never a fault.)
+# one pwrite; that saves the 1 MiB overwrite its 31 other calls. Its pwrite took 138 us
+# of CPU against 184 in pieces (perf, the volume first filled through nbdcopy). Whole
+# runs move less, the machine being busy with the client and the writeback too:
+# `python -m bench --workloads seqwrite-1m-qd8 --targets vbp-r1 --against 8d5ea9e` (the
+# code before), 1.08x the MiB/s at 0.88x the server's CPU in five rounds, 1.01x at 0.97x
+# in four. (A page evicted between the question and the pwrite gets a folio as large as the
+# write: a cost for later small writes there, never a fault.)
 WRITE_PIECE = 32 * 1024
 
 
