@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                    help="run every vbp target also from the code of commit REV, alternated "
                         "with this code in each round, and report the ratios of the two "
                         "(bench/against.py): a change smaller than the machine's noise "
-                        "between two runs shows there")
+                        "between two runs shows there; an even --rounds puts each code "
+                        "first equally often")
     p.add_argument("--out", type=Path, help="results directory (bench/results)")
     p.add_argument("--no-latest", action="store_true", help="do not overwrite latest.md")
     p.add_argument("--profile", metavar="WORKLOAD", help="profile one workload on vbp instead")
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     try:
         if args.profile:
+            if args.against:
+                raise ValueError("--against does not apply to --profile")
             from bench.profiling import run_profile
 
             out = run_profile(cfg, args.profile, args.profile_target, args.profiler)

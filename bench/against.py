@@ -60,12 +60,15 @@ def checkout(commit: str, into: Path, repo: Path = ROOT) -> Path:
 
 
 def build_extension(src: Path) -> None:
-    """vbp/_pagesums.c of `src` built in place, as setup.py's Extension builds it (gcc, the
-    Python headers and libxxhash, -O2 -Wall -Werror)."""
-    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    out = f"vbp/_pagesums{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = [*cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror",
-           f"-I{sysconfig.get_paths()['include']}", "vbp/_pagesums.c", "-lxxhash", "-o", out]
+    """vbp/_pagesums.c of `src` built in place, as setuptools builds setup.py's Extension:
+    the interpreter's compiler, CFLAGS and CCSHARED, then setup.py's extra arguments
+    (-O2 -Wall -Werror), the Python headers, libxxhash."""
+    var = sysconfig.get_config_var
+    out = f"vbp/_pagesums{var('EXT_SUFFIX')}"
+    cmd = [*shlex.split(var("CC") or "cc"), *shlex.split(var("CFLAGS") or ""),
+           *shlex.split(var("CCSHARED") or "-fPIC"), "-O2", "-Wall", "-Werror",
+           f"-I{sysconfig.get_paths()['include']}", "-shared", "vbp/_pagesums.c", "-lxxhash",
+           "-o", out]
     r = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"building {src / 'vbp/_pagesums.c'} failed: "
@@ -85,6 +88,12 @@ def twin(name: str, label: str) -> str:
 def base(name: str) -> str:
     """The target a twin stands beside ("vbp-r3@1a2b3c4" -> "vbp-r3")."""
     return name.split(SEP, 1)[0]
+
+
+def first_rounds(rounds: int) -> int:
+    """Of `rounds`, those in which this code runs before its twin (harness.round_order:
+    the even ones, from 0): half for an even count, one more for an odd one."""
+    return (rounds + 1) // 2
 
 
 def units(names: list[str]) -> list[list[str]]:

@@ -244,8 +244,8 @@ def run_rounds(cfg: Config, targets: dict[str, Target], ctx: wl_mod.JobContext,
 def run_vbp_ops(cfg: Config, targets: dict[str, Target]) -> dict:
     out = {}
     for name, t in targets.items():
-        if not isinstance(t, VbpTarget):
-            continue
+        if not isinstance(t, VbpTarget) or against.SEP in name:
+            continue  # (not a twin from --against: this code's CLI and API on its cluster)
         o = out.setdefault(name, {})
         try:
             if name in cfg.snap_targets:
@@ -277,6 +277,8 @@ def run(cfg: Config) -> dict:
             "uncommitted_changes": dirty_files(), "command": cfg.command or "python -m bench"}
     errors: list[str] = []
     if cfg.against:  # (before anything starts: a bad revision is a usage error)
+        if not any(t in VBP_VOLUMES for t in cfg.targets):
+            raise ValueError(f"--against needs a vbp target ({', '.join(VBP_VOLUMES)})")
         commit = against.resolve(cfg.against)
         meta["against"] = {"rev": cfg.against, "commit": commit, "label": against.short(commit)}
     tmp = Path(tempfile.mkdtemp(prefix="vbp-bench-"))

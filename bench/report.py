@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.against import first_rounds
 from bench.workloads import WORKLOADS
 
 REFERENCES = ("qemu-nbd", "nbdkit")
@@ -199,8 +200,9 @@ def markdown(result: dict) -> str:
                   f"(`--against {meta['against']['rev']}`)", "",
                   f"The vbp targets ran twice in each round, from this code and from the code "
                   f"of {label} (TARGET@{label}), one right after the other, each first every "
-                  "other round. Ratios are this code / that code, of the medians: above 1 is "
-                  "better for IOPS and MiB/s, below 1 for latency and CPU.", "",
+                  f"other round (this code first in {first_rounds(meta['rounds'])} of "
+                  f"{meta['rounds']}). Ratios are this code / that code, of the medians: above "
+                  "1 is better for IOPS and MiB/s, below 1 for latency and CPU.", "",
                   "| workload | target | metric | this | " + label + " | ratio | p99 ratio | "
                   "server CPU ratio |", "|---|---|---|---|---|---|---|---|"]
         for wl, per in result["against"].items():

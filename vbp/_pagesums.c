@@ -136,16 +136,19 @@ check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(bad);
 }
 
-/* cachestat(2), Linux 6.5: how many pages of a range of a file are in the page cache. The
- * number is the same on every architecture; Debian 12's kernel headers predate it. */
-#if defined(__linux__) && !defined(__NR_cachestat)
+/* cachestat(2), Linux 6.5: how many pages of a range of a file are in the page cache.
+ * Debian 12's kernel headers predate it; its number is 451 in the common system call
+ * table (x86-64, arm64 and most others; alpha and mips have their own numbers, and there
+ * the extension never asks). */
+#if defined(__linux__) && !defined(__NR_cachestat) && (defined(__x86_64__) || defined(__aarch64__))
 #define __NR_cachestat 451
 #endif
 
 struct range_of_file { uint64_t off, len; };
 struct cache_stats { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
 
-static int no_cachestat;  /* the kernel said ENOSYS: not asked again */
+static int no_cachestat;  /* the kernel has none (ENOSYS), or a filter refuses it (EPERM):
+                           * not asked again */
 
 /* 1 when every page of len bytes at pos of fd is in the page cache; 0 when one is not,
  * or the kernel cannot say */
@@ -155,14 +158,17 @@ all_cached(int fd, long long pos, Py_ssize_t len)
 #ifdef __NR_cachestat
     struct range_of_file r = {(uint64_t)pos, (uint64_t)len};
     struct cache_stats st;
-    if (no_cachestat || len <= 0)
+    if (no_cachestat || len <= 0 || pos < 0)
         return 0;
     if (syscall(__NR_cachestat, fd, &r, &st, 0) < 0) {
-        if (errno == ENOSYS)
+        if (errno == ENOSYS || errno == EPERM)
             no_cachestat = 1;
         return 0;
     }
-    return st.nr_cache >= (uint64_t)((len + PAGE_SIZE - 1) / PAGE_SIZE);
+    /* the pages the range touches, from the one pos is in to the one its last byte is in
+     * (as the kernel counts them); a kernel of larger pages counts fewer, never passes */
+    uint64_t pages = (((uint64_t)pos + (uint64_t)len - 1) / PAGE_SIZE) - ((uint64_t)pos / PAGE_SIZE) + 1;
+    return st.nr_cache >= pages;
 #else
     return 0;
 #endif

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness, report
+from bench import against, harness, report
 from bench.profiling import top_from_collapsed
 from bench.workloads import parse_fio
 
@@ -288,7 +288,32 @@ def test_against_ratios_and_their_report_section():
               "medians": med, "ratios": report.ratios(med), "goals": [], "against": rat}
     md = report.markdown(result)
     assert "## This code (new) against abc (`--against HEAD~1`)" in md
+    assert "(this code first in 1 of 1)" in md
+    assert [against.first_rounds(n) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
     assert "| randwrite-4k-qd32 | vbp-r3 | IOPS | 110 | 100 | 1.10x | 0.75x | 0.90x |" in md
+
+
+def test_against_refuses_runs_it_cannot_compare_and_leaves_twins_out_of_vbp_ops(monkeypatch):
+    """--against with no vbp target, or with --profile, is a usage error before anything
+    starts; the snapshot and copy-up figures are this code's only (a twin's cluster runs
+    the other code, and this code's CLI and API would drive it)."""
+    with pytest.raises(ValueError, match="needs a vbp target"):
+        harness.run(harness.Config(targets=["qemu-nbd"], workloads=["randread-4k-qd32"],
+                                   against="HEAD"))
+    p = subprocess.run([sys.executable, "-m", "bench", "--profile", "randwrite-4k-qd32",
+                        "--against", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and "--against does not apply to --profile" in p.stderr
+    seen = []
+    monkeypatch.setattr(harness.vbp_ops, "copyup_bench",
+                        lambda t, chunks, rounds: seen.append(t.name) or {})
+    targets = {}
+    for name in ("vbp-r1", "vbp-r1@abc"):
+        t = object.__new__(harness.VbpTarget)
+        t.name = name
+        targets[name] = t
+    out = harness.run_vbp_ops(harness.Config(snap_targets=[]), targets)
+    assert seen == ["vbp-r1"] and list(out) == ["vbp-r1"]
 
 
 def test_against_runs_the_sandbox_from_the_other_commits_code(tmp_path):
