@@ -149,8 +149,8 @@ BATCH_PIECE = 32 * 1024
 # one frame. A small gain, within the machine's noise: replicas=3, 3 hosts, fio nbd 4K
 # randwrite QD32, two sandboxes alternated, ahead in 6 of 8 pairs (1.06x the IOPS, the
 # median pair); `python -m bench --workloads randwrite-4k-qd32 --targets vbp-r3
-# --against 8d5ea9e` (BATCH_ITEMS 16), ahead in 4 of 5 rounds but 0.98x of the medians,
-# the server's CPU 0.94x.
+# --against 8d5ea9e` (BATCH_ITEMS 16): ahead in 4 of 5 rounds but 0.98x of the medians
+# (the server's CPU 0.94x), then ahead in 5 of 6 and 1.11x (0.86x).
 BATCH_ITEMS = 64
 assert BATCH_ITEMS <= m.BATCH_ITEMS_MAX  # (what a replica takes in one WriteBatch)
 # Shorter runs go one WriteChunk each, joining the peer links' own batches: a run of one,
