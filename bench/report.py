@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.against import first_rounds
+from bench.against import SEP, first_rounds, twin
 from bench.workloads import WORKLOADS
 
 REFERENCES = ("qemu-nbd", "nbdkit")
@@ -80,8 +80,8 @@ def against_ratios(medians: dict, label: str) -> dict:
     out = {}
     for wl, per in medians.items():
         for t, rec in per.items():
-            old = per.get(f"{t}@{label}")
-            if "@" in t or old is None:
+            old = per.get(twin(t, label))
+            if SEP in t or old is None:
                 continue
             out.setdefault(wl, {})[t] = {
                 m: _ratio(rec.get(m), old.get(m))
@@ -208,7 +208,7 @@ def markdown(result: dict) -> str:
         for wl, per in result["against"].items():
             m = headline(wl)
             for t, r in per.items():
-                mine, old = med[wl][t], med[wl][f"{t}@{label}"]
+                mine, old = med[wl][t], med[wl][twin(t, label)]
                 cpu = r.get("cpu_us_per_io") or r.get("cpu_us_per_mib")
                 lines.append(f"| {wl} | {t} | {'IOPS' if m == 'iops' else 'MiB/s'} | "
                              f"{_f(mine.get(m), 0 if m == 'iops' else 1)} | "
