@@ -8,7 +8,7 @@ import uuid
 
 from vbp.cluster import HOST_DOWN, live_places
 from vbp.errors import (
-    Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
+    BadValue, Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
 from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
 from vbp.registry.base import SNAPSHOTS_HINT, sized
@@ -288,7 +288,7 @@ def _give_back_lost_grant(reg, name: str, holder: str) -> None:
 def clone(reg, source: str, new_name: str) -> VolumeRecord:
     name, sep, snap = source.partition("@")
     if not sep or not snap:
-        raise InvalidArgument(f"clone source must be NAME@SNAPSHOT, not {source!r}")
+        raise BadValue(f"clone source must be NAME@SNAPSHOT, not {source!r}")
     split_export_name(source)  # (names as they must be: "v@s@x" is none)
     parent = get_volume(reg, name)
     parent.snapshot(snap)
@@ -322,7 +322,7 @@ def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
     rec = get_volume(reg, name)
     Geometry(new_size, rec.chunk_size)  # refuses sizes out of range
     if new_size <= 0:
-        raise InvalidArgument("volume size must be greater than zero")
+        raise BadValue("volume size must be greater than zero")
     if new_size < rec.size:
         if not force:
             raise InvalidArgument(
@@ -348,7 +348,7 @@ def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
 def set_limits(reg, name: str, *, iops: int | None = None, bps=None) -> VolumeRecord:
     """Per-volume QoS limits (0 = unlimited); gateways apply them live."""
     if iops is not None and not 0 <= iops <= SIZE_MAX:  # (bps: parse_size bounds it)
-        raise InvalidArgument(f"--iops must be from 0 (unlimited) to {SIZE_MAX}, not {iops}")
+        raise BadValue(f"--iops must be from 0 (unlimited) to {SIZE_MAX}, not {iops}")
     nbps = None if bps is None else parse_size(bps)
 
     def apply(d: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from vbp.errors import InUse, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import BadValue, InUse, NotFound, RegistryUnavailable, VbpError
 from vbp.sockets import authority
 from vbp.layout import SIZE_MAX, format_size
 
@@ -85,6 +85,8 @@ class VbpGroup(click.Group):
             fail(str(e), EXIT_REGISTRY)
         except InUse as e:
             fail(str(e), EXIT_IN_USE)
+        except BadValue as e:  # (a value that can never do: bad usage, as click's own)
+            fail(str(e), EXIT_USAGE)
         except VbpError as e:
             fail(str(e))
         except OSError as e:

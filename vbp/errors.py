@@ -24,6 +24,13 @@ class InvalidArgument(VbpError, ValueError):
     errno = _errno.EINVAL
 
 
+class BadValue(InvalidArgument):
+    """A value, as the caller wrote it, that nothing in the pool's state could make valid:
+    a size, a name, a count, a URL. The command line's bad usage (exit 2), like click's
+    own errors of range; an InvalidArgument that depends on the pool (a shrink asked
+    without --force, a change already in progress) stays an error (exit 1)."""
+
+
 class NotFound(VbpError, KeyError):
     errno = _errno.ENOENT
 

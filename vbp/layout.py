@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from vbp.errors import InvalidArgument
+from vbp.errors import BadValue, InvalidArgument
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -48,23 +48,23 @@ _SIZE_RE = re.compile(r"^\s*([0-9]{1,40})(?:\.([0-9]{1,20}))?\s*([a-zA-Z]{0,3})\
 def parse_size(text: str | int) -> int:
     """'4M' -> 4194304. Units are binary (K, M, G, T, P, with optional 'iB'/'B')."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise InvalidArgument(f"not a size: {text!r} (examples: 512K, 4M, 1G, 2T)")
+        raise BadValue(f"not a size: {text!r} (examples: 512K, 4M, 1G, 2T)")
     if isinstance(text, int):
         if text < 0:
-            raise InvalidArgument(f"size must not be negative: {text}")
+            raise BadValue(f"size must not be negative: {text}")
         value = text
     else:
         m = _SIZE_RE.match(text) if len(text) <= _SIZE_TEXT_MAX else None
         if not m or m.group(3).lower() not in _UNITS:
             shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
-            raise InvalidArgument(f"not a size: {shown} (examples: 512K, 4M, 1G, 2T)")
+            raise BadValue(f"not a size: {shown} (examples: 512K, 4M, 1G, 2T)")
         whole, frac, unit = m.groups()
         mult = _UNITS[unit.lower()]
         value = int(whole) * mult
         if frac:
             part, rest = divmod(int(frac) * mult, 10 ** len(frac))
             if rest:  # ("1.5" bytes, "1.3K": 1331.2 bytes): never cut silently
-                raise InvalidArgument(f"not a whole number of bytes: {' '.join(text.split())} "
+                raise BadValue(f"not a whole number of bytes: {' '.join(text.split())} "
                                       f"(examples: 1.5G, 4M, 512K)")
             value += part
     if value > SIZE_MAX:
@@ -72,7 +72,7 @@ def parse_size(text: str | int) -> int:
         # (white space, line breaks included, may surround the number and the unit: one line)
         shown = (" ".join(text.split()) if isinstance(text, str) else
                  text if text.bit_length() < 128 else f"{text.bit_length()} bits")
-        raise InvalidArgument(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB less one)")
+        raise BadValue(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB less one)")
     return value
 
 
@@ -87,7 +87,7 @@ def format_size(n: int) -> str:
 
 def check_chunk_size(chunk_size: int) -> int:
     if chunk_size < CHUNK_SIZE_MIN or chunk_size > CHUNK_SIZE_MAX or chunk_size & (chunk_size - 1):
-        raise InvalidArgument(
+        raise BadValue(
             f"chunk size must be a power of two between 1 MiB and 64 MiB, not {chunk_size}"
         )
     return chunk_size
@@ -118,7 +118,7 @@ class Geometry:
     def __post_init__(self) -> None:
         check_chunk_size(self.chunk_size)
         if self.size < 0 or self.size > VOLUME_SIZE_MAX:
-            raise InvalidArgument(f"volume size out of range: {self.size} bytes (at most "
+            raise BadValue(f"volume size out of range: {self.size} bytes (at most "
                                   f"{VOLUME_SIZE_MAX}, 1024 PiB)")
 
     @property

@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 
-from vbp.errors import AlreadyExists, InvalidArgument, NotFound
+from vbp.errors import AlreadyExists, BadValue, InvalidArgument, NotFound
 from vbp.layout import CHUNK_SIZE_DEFAULT, Geometry, check_chunk_size
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # (fullmatch: `$` lets a final newline in)
@@ -49,7 +49,7 @@ MAX_REPLICAS = 7
 
 def check_name(name: str, what: str = "volume") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidArgument(
+        raise BadValue(
             f"invalid {what} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
@@ -254,13 +254,13 @@ def new_volume(
     check_chunk_size(chunk_size)
     Geometry(size, chunk_size)
     if size <= 0:
-        raise InvalidArgument("volume size must be greater than zero")
+        raise BadValue("volume size must be greater than zero")
     if not 1 <= replicas <= MAX_REPLICAS:
-        raise InvalidArgument(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
+        raise BadValue(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
     if min_size is None:
         min_size = min(replicas, max(1, replicas - 1))
     if not 1 <= min_size <= replicas:
-        raise InvalidArgument(f"min-size must be between 1 and replicas ({replicas}), not {min_size}")
+        raise BadValue(f"min-size must be between 1 and replicas ({replicas}), not {min_size}")
     return VolumeRecord(
         name=name,
         size=size,

@@ -195,29 +195,29 @@ def test_long_names_are_printed_whole(vbp):
     (["volume", "clone", "nope@s", "c"], EXIT_NOT_FOUND, "nope"),
     (["volume", "clone", "a@nosnap", "c"], EXIT_NOT_FOUND, "nosnap"),
     (["volume", "create", "a", "--size", "1G"], EXIT_ERROR, "already exists"),
-    (["volume", "create", "b", "--size", "lots"], EXIT_ERROR, "not a size"),
-    (["volume", "create", "b", "--size", "0"], EXIT_ERROR, "greater than zero"),
-    (["volume", "create", "b", "--size", "1G", "--chunk-size", "3M"], EXIT_ERROR, "power of two"),
-    (["volume", "create", "b", "--size", "1G", "--replicas", "2", "--min-size", "3"], EXIT_ERROR, "min-size"),
-    (["volume", "create", "bad/name", "--size", "1G"], EXIT_ERROR, "invalid volume name"),
+    (["volume", "create", "b", "--size", "lots"], EXIT_USAGE, "not a size"),
+    (["volume", "create", "b", "--size", "0"], EXIT_USAGE, "greater than zero"),
+    (["volume", "create", "b", "--size", "1G", "--chunk-size", "3M"], EXIT_USAGE, "power of two"),
+    (["volume", "create", "b", "--size", "1G", "--replicas", "2", "--min-size", "3"], EXIT_USAGE, "min-size"),
+    (["volume", "create", "bad/name", "--size", "1G"], EXIT_USAGE, "invalid volume name"),
     (["volume", "snapshot", "a", "s1"], EXIT_ERROR, "already has a snapshot"),
-    (["volume", "snapshot", "a", "bad@snap"], EXIT_ERROR, "invalid snapshot name"),
-    (["volume", "clone", "a", "c"], EXIT_ERROR, "NAME@SNAPSHOT"),
+    (["volume", "snapshot", "a", "bad@snap"], EXIT_USAGE, "invalid snapshot name"),
+    (["volume", "clone", "a", "c"], EXIT_USAGE, "NAME@SNAPSHOT"),
     (["volume", "clone", "a@s1", "a"], EXIT_ERROR, "already exists"),
     (["volume", "resize", "a", "512M"], EXIT_ERROR, "--force"),
-    (["volume", "resize", "a", "0"], EXIT_ERROR, "greater than zero"),
-    (["volume", "resize", "a", "2000P"], EXIT_ERROR, "at most 1152921504606846976, 1024 PiB"),
-    (["volume", "create", "b", "--size", "\uff11G"], EXIT_ERROR, "not a size"),  # (a full-width 1)
-    (["volume", "create", "b", "--size", "9E"], EXIT_ERROR, "8 EiB less one"),
-    (["volume", "delete", "a@"], EXIT_ERROR, "invalid snapshot name"),
-    (["volume", "delete", "a@s1@x"], EXIT_ERROR, "invalid snapshot name"),
-    (["volume", "clone", "a@s1@x", "c"], EXIT_ERROR, "invalid snapshot name"),
-    (["volume", "resize", "a", "1000000P"], EXIT_ERROR, "size"),
+    (["volume", "resize", "a", "0"], EXIT_USAGE, "greater than zero"),
+    (["volume", "resize", "a", "2000P"], EXIT_USAGE, "at most 1152921504606846976, 1024 PiB"),
+    (["volume", "create", "b", "--size", "\uff11G"], EXIT_USAGE, "not a size"),  # (a full-width 1)
+    (["volume", "create", "b", "--size", "9E"], EXIT_USAGE, "8 EiB less one"),
+    (["volume", "delete", "a@"], EXIT_USAGE, "invalid snapshot name"),
+    (["volume", "delete", "a@s1@x"], EXIT_USAGE, "invalid snapshot name"),
+    (["volume", "clone", "a@s1@x", "c"], EXIT_USAGE, "invalid snapshot name"),
+    (["volume", "resize", "a", "1000000P"], EXIT_USAGE, "size"),
     # (sizes and limits past 64 bits, and numbers of more digits than int() takes)
-    (["volume", "set", "a", "--bps", "99999999999999999999999P"], EXIT_ERROR, "too large"),
-    (["volume", "create", "b", "--size", "9" * 5000], EXIT_ERROR, "not a size"),
-    (["volume", "resize", "a", "9" * 5000], EXIT_ERROR, "not a size"),
-    (["volume", "create", "b", "--size", "1G", "--chunk-size", "9" * 5000], EXIT_ERROR, "not a size"),
+    (["volume", "set", "a", "--bps", "99999999999999999999999P"], EXIT_USAGE, "too large"),
+    (["volume", "create", "b", "--size", "9" * 5000], EXIT_USAGE, "not a size"),
+    (["volume", "resize", "a", "9" * 5000], EXIT_USAGE, "not a size"),
+    (["volume", "create", "b", "--size", "1G", "--chunk-size", "9" * 5000], EXIT_USAGE, "not a size"),
 ], ids=lambda x: " ".join(x)[:60] if isinstance(x, list) else None)
 def test_errors_are_one_line_with_their_exit_code(vbp, args, code, fragment):
     vbp("volume", "create", "a", "--size", "1G")
@@ -345,7 +345,7 @@ def test_host_commands_on_an_unknown_host_are_not_found(vbp, args):
 def test_resize_refused_leaves_the_volume_alone(vbp):
     vbp("volume", "create", "a", "--size", "1G")
     vbp("volume", "resize", "a", "512M", code=EXIT_ERROR)
-    vbp("volume", "resize", "a", "2000P", code=EXIT_ERROR)
+    vbp("volume", "resize", "a", "2000P", code=EXIT_USAGE)
     assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB
 
 
@@ -370,8 +370,10 @@ def test_no_registry_is_a_usage_error(vbp):
 
 
 def test_malformed_registry_url_is_one_line(vbp):
-    r = vbp("volume", "list", code=EXIT_ERROR, env={"VBP_REGISTRY": "nonsense"})
+    r = vbp("volume", "list", code=EXIT_USAGE, env={"VBP_REGISTRY": "nonsense"})
     one_error_line(r, "not a registry URL")
+    r = vbp("volume", "list", code=EXIT_USAGE, env={"VBP_REGISTRY": "etcd://127.0.0.1:99999"})
+    one_error_line(r, "is not HOST:PORT")
 
 
 @pytest.mark.parametrize("args", [
@@ -447,9 +449,9 @@ def test_real_process_json_round_trip(reg_url):
 
 @pytest.mark.parametrize("args, code", [
     (["volume", "show", "ghost"], EXIT_NOT_FOUND),
-    (["volume", "create", "x", "--size", "huge"], EXIT_ERROR),
-    (["volume", "resize", "x", "1000000P"], EXIT_ERROR),
-    (["volume", "set", "x", "--bps", "99999999999999999999999P"], EXIT_ERROR),
+    (["volume", "create", "x", "--size", "huge"], EXIT_USAGE),
+    (["volume", "resize", "x", "1000000P"], EXIT_USAGE),
+    (["volume", "set", "x", "--bps", "99999999999999999999999P"], EXIT_USAGE),
 ])
 def test_real_process_errors_are_one_line_without_traceback(reg_url, args, code):
     env = {"VBP_REGISTRY": reg_url}
@@ -772,14 +774,15 @@ def test_a_name_ending_in_a_newline_is_refused_and_nothing_is_created(vbp, args,
     snapshot, a clone) that no export name, table or script can name."""
     vbp("volume", "create", "a", "--size", "1G")
     vbp("volume", "snapshot", "a", "s1")
-    one_error_line(vbp(*args, code=EXIT_ERROR), f"invalid {what} name")
+    one_error_line(vbp(*args, code=EXIT_USAGE), f"invalid {what} name")
     vols = js(vbp("volume", "list", "--json"))
     assert [v["name"] for v in vols] == ["a"] and vols[0]["snapshots"] == ["s1"]
 
 
 def test_any_name_is_refused_in_one_line_or_stored_as_given(reg_url):
     """Hypothesis: whatever text a name is, `volume create` stores it as given and only if
-    it is made of the documented characters; else one error line, exit 1, nothing made."""
+    it is made of the documented characters; else one error line, exit 2 (bad usage),
+    nothing made."""
     import re
 
     from hypothesis import HealthCheck, given, settings
@@ -804,7 +807,7 @@ def test_any_name_is_refused_in_one_line_or_stored_as_given(reg_url):
             assert r.exit_code == 0 and name in made, r.stderr
             runner.invoke(main, ["volume", "delete", name], env=env)
         else:
-            assert r.exit_code == EXIT_ERROR and name not in made, (name, r.stdout)
+            assert r.exit_code == EXIT_USAGE and name not in made, (name, r.stdout)
             assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: "), r.stderr
 
     check()
@@ -849,7 +852,7 @@ def test_sandbox_up_refuses_a_setting_too_large_for_a_float_in_one_line(vbp, tmp
 def test_an_in_process_memory_registry_is_refused(vbp):
     """memory:// (the tests' in-process registry) lives as long as one vbp command: a
     volume created there "succeeded" and was gone at once."""
-    r = vbp("volume", "create", "a", "--size", "1G", code=EXIT_ERROR, env={"VBP_REGISTRY": "memory://x"})
+    r = vbp("volume", "create", "a", "--size", "1G", code=EXIT_USAGE, env={"VBP_REGISTRY": "memory://x"})
     one_error_line(r, "memory://x")
 
 
@@ -862,7 +865,7 @@ def test_a_size_too_large_with_line_breaks_around_its_unit_is_one_error_line(vbp
     """A size may have white space around its number and unit, line breaks included; the
     "too large" error printed it as given: an error of several lines."""
     vbp("volume", "create", "a", "--size", "1G")
-    one_error_line(vbp(*args, code=EXIT_ERROR), "too large")
+    one_error_line(vbp(*args, code=EXIT_USAGE), "too large")
     assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB
 
 
@@ -870,10 +873,10 @@ def test_a_size_too_large_with_line_breaks_around_its_unit_is_one_error_line(vbp
 def test_a_size_that_is_no_whole_number_of_bytes_is_refused_not_cut(vbp, size):
     """`--size 1.5` made a volume of 1 byte, and `resize a 1.3K` offered 1331 bytes: the
     fraction of a byte was dropped without a word. Refused; 1.5G and 0.5K stay sizes."""
-    one_error_line(vbp("volume", "create", "b", "--size", size, code=EXIT_ERROR),
+    one_error_line(vbp("volume", "create", "b", "--size", size, code=EXIT_USAGE),
                    "not a whole number of bytes")
     vbp("volume", "create", "a", "--size", "1.5G")
-    one_error_line(vbp("volume", "resize", "a", size, code=EXIT_ERROR), "not a whole number of bytes")
+    one_error_line(vbp("volume", "resize", "a", size, code=EXIT_USAGE), "not a whole number of bytes")
     assert js(vbp("volume", "show", "a", "--json"))["size"] == GiB + GiB // 2
     vbp("volume", "create", "c", "--size", "0.5K")
     assert js(vbp("volume", "show", "c", "--json"))["size"] == 512

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from vbp.errors import InvalidArgument
+from vbp.errors import BadValue
 from vbp.registry.base import Lease, Registry, StaleRecord
 
 __all__ = ["open_registry", "Registry", "Lease", "StaleRecord"]
@@ -22,21 +22,21 @@ _ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 def refuse_in_process(url: str) -> None:
     """memory:// lives and dies with one process: a blockd or a vbp command on it shares
-    its pool with nobody (InvalidArgument)."""
+    its pool with nobody (BadValue, an InvalidArgument)."""
     if isinstance(url, str) and url.startswith("memory://"):
-        raise InvalidArgument(f"registry {url!r} is in-process only (simulations and tests): "
+        raise BadValue(f"registry {url!r} is in-process only (simulations and tests): "
                               "use lmdb://DIR or etcd://HOST:PORT[,HOST:PORT...]")
 
 
 def open_registry(url: str) -> Registry:
-    """Open the registry at `url`; InvalidArgument if the URL is malformed."""
+    """Open the registry at `url`; BadValue (an InvalidArgument) if the URL is malformed."""
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(
+        raise BadValue(
             f"not a registry URL: {url!r} (use lmdb://DIR or etcd://HOST:PORT[,HOST:PORT...])")
     scheme, rest = url.split("://", 1)
     if scheme == "lmdb":
         if not rest:
-            raise InvalidArgument(f"registry URL {url!r} names no directory (lmdb://DIR)")
+            raise BadValue(f"registry URL {url!r} names no directory (lmdb://DIR)")
         from vbp.registry.lmdb_backend import LmdbKV
 
         return Registry(LmdbKV(url, rest))
@@ -45,7 +45,7 @@ def open_registry(url: str) -> Registry:
         for ep in endpoints:
             m = _ENDPOINT_RE.match(ep)
             if not m or not 0 < int(m.group(2)) < 65536:
-                raise InvalidArgument(
+                raise BadValue(
                     f"registry URL {url!r}: {ep!r} is not HOST:PORT (etcd://HOST:PORT[,HOST:PORT...])")
         from vbp.registry.etcd_backend import EtcdKV
 
@@ -54,4 +54,4 @@ def open_registry(url: str) -> Registry:
         from vbp.registry.memory_backend import MemoryKV
 
         return Registry(MemoryKV(url, rest))
-    raise InvalidArgument(f"unknown registry scheme {scheme!r} in {url!r} (lmdb://, etcd://)")
+    raise BadValue(f"unknown registry scheme {scheme!r} in {url!r} (lmdb://, etcd://)")

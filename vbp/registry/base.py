@@ -56,6 +56,7 @@ from vbp.cluster import (
 )
 from vbp.errors import (
     AlreadyExists,
+    BadValue,
     Fenced,
     InUse,
     InvalidArgument,
@@ -181,7 +182,7 @@ def _host_in_use(old: HostRecord) -> InUse:
 
 def _name(kind: str, s: str) -> bytes:
     if not isinstance(s, str) or not s or "\x00" in s:
-        raise InvalidArgument(f"invalid {kind}: {s!r} (a non-empty string without NUL)")
+        raise BadValue(f"invalid {kind}: {s!r} (a non-empty string without NUL)")
     return s.encode()
 
 
