@@ -2021,7 +2021,9 @@ class VolumeGateway:
         answered here; any other goes on as the full path would (`_settle_later`, in a
         task; if nothing will ever run it, the connection being gone, `_abandoned`
         keeps its failures for the service and ends the write's in-flight count)."""
-        clean = self.cluster.epoch == epoch
+        # (sent with every copy current: a copy named stale now was marked meanwhile, and
+        # _settle must not count it)
+        clean = self.cluster.epoch == epoch and not (self.stale and self.stale.get(p.index))
         if clean:
             for r in got if mine is None else (*got, mine):
                 if isinstance(r, Exception) or getattr(r, "stale", False):
@@ -2264,9 +2266,16 @@ class VolumeGateway:
         nothing stale: `results`), every local copy too (`here`: None for none, else a
         reply or failure each, None for a write with no local copy), and the epoch is
         the same: their chunks' unflushed notes are taken once per host, and each write
-        is done (_write_done). True then; False, with nothing done, in any other case."""
+        is done (_write_done). True then; False, with nothing done, in any other case:
+        also when the map names a copy of one of their chunks stale now (sent with every
+        copy current, so marked meanwhile: _settle does not count it)."""
         if self.cluster.epoch != epoch:
             return False
+        stale = self.stale
+        if stale:
+            for p in pieces:
+                if stale.get(p.index):
+                    return False
         for r in results:
             if type(r) is not m.Written or r.stale:
                 return False
@@ -2412,6 +2421,12 @@ class VolumeGateway:
                         f"host {h} became a copy of chunk {p.index} while the write was sent")
             hosts = now
             complete = cv.replicas(self.lineage, p.index, self.n)
+        # copies recorded stale while the write was out (another write's failure, a
+        # refresh from the registry: _mark_stale and adopt_stale change the map at once)
+        # hold no complete copy either, though they took this write cleanly
+        now_stale = self.stale.get(p.index)
+        if now_stale:
+            behind |= now_stale
         reported = set()  # copies that say they are stale: their own word, not our map's
         for h, reply in replies.items():
             if h == self.host_id:

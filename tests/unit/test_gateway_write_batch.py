@@ -7,6 +7,7 @@ a large write goes one WriteChunk per write."""
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import replace as dc_replace
 import logging
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import SYNC_AHEAD_MIN, ChunkStore
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import Fenced, InvalidArgument
+from vbp.errors import BelowMinSize, Fenced, InvalidArgument, NoSpace
 from vbp.later import Later
 from vbp import reqid
 from vbp.layout import ChunkKey
@@ -290,6 +291,102 @@ async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others
             for offset, data in writes:
                 assert copy_of(replicas[h], gw, offset // CHUNK, 0, 4096) == data, h
         assert gw._inflight == 0
+
+
+def _marked_stale_on_arrival(gw, reg, replica, hosts) -> None:
+    """When `replica` receives a write to chunk 0, `hosts`' copies of the chunk are
+    recorded stale and the gateway's map learns it (adopt_stale, as from its record
+    sync: a scrub's verdict, another volume of the lineage), before the replies."""
+    real = replica.handle
+
+    def handle(msg, peer=None):
+        if type(msg) in (m.WriteBatch, m.WriteChunk) and 0 in (
+                msg.indexes if type(msg) is m.WriteBatch else (msg.index,)):
+            reg.mark_stale(gw.lineage, 0, sorted(hosts), time.time_ns())
+            gw.adopt_stale(dict(gw.stale), {0: frozenset(hosts)})
+        return real(msg, peer)
+
+    replica.handle = handle
+
+
+async def test_copies_recorded_stale_while_a_run_is_out_do_not_count_for_it(mode):
+    """A run leaves with every copy of its chunk current. While it is out, h2's and h3's
+    copies are recorded stale; both still take it cleanly (neither knows), but only h1
+    holds a complete copy, below min_size (2): its writes fail, as they would sent after
+    the marks. They were acknowledged, counted on three copies (_settle_clean)."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        _marked_stale_on_arrival(gw, reg, replicas["h3"], {"h2", "h3"})
+        writes = [(i * 4096, pattern(i)) for i in range(BATCH_MIN + 2)]  # (all in chunk 0)
+        out = await settled(run(gw, writes))
+        assert MODE["taken"] == took(mode, len(writes))
+        assert kinds(seen["h3"]) == ["WriteBatch"]
+        assert all(isinstance(o, BelowMinSize) for o in out), out
+        assert gw._inflight == 0
+
+
+@pytest.mark.parametrize("path", ["task-less", "general"])
+async def test_copies_recorded_stale_while_a_write_is_out_do_not_count_for_it(path):
+    """As above, for one write: by _replicate_now (settled in _replied, without a task)
+    and by the general path (_replicate_piece, which read the stale copies before the
+    write left)."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        _marked_stale_on_arrival(gw, reg, replicas["h3"], {"h2", "h3"})
+        if path == "general":
+            gw.pool.ready = lambda addresses: False
+        with pytest.raises(BelowMinSize):
+            await gw.write(4096, pattern(1), False)
+        assert gw._inflight == 0
+
+
+@pytest.mark.parametrize("path", ["task-less", "general"])
+async def test_a_copy_a_concurrent_write_left_behind_does_not_count(path):
+    """W0 and W1 (chunk 0, apart) out at once. W0 fails on h2 (NoSpace): it stands on h1
+    and h3, and h2 is recorded stale. W1 reaches h3 once W0 is answered, and h3's copy
+    has meanwhile been recorded stale by someone else: h3 says so. h2 took W1 cleanly but
+    misses the acknowledged W0, so W1 is on one complete copy (h1), below min_size. It
+    was acknowledged: _settle counted the copies stale when W1 left, not those now."""
+    async with three_hosts() as (gw, replicas, reg, seen, _):
+        h2, h3 = replicas["h2"], replicas["h3"]
+        real2, real3 = h2.handle, h3.handle
+        done0 = trio.Event()
+
+        def handle2(msg, peer=None):
+            if type(msg) is m.WriteChunk and msg.index == 0 and msg.offset == 4096:
+                raise NoSpace("h2: no room for W0")
+            return real2(msg, peer)
+
+        def handle3(msg, peer=None):
+            if type(msg) is m.WriteChunk and msg.index == 0 and msg.offset == 8192:
+                async def later():
+                    await done0.wait()
+                    reg.mark_stale(gw.lineage, 0, ["h3"], time.time_ns())
+                    h3.stale_self.add((gw.lineage, 0))
+                    return real3(msg, peer)
+                return later()
+            return real3(msg, peer)
+
+        h2.handle, h3.handle = handle2, handle3
+        if path == "general":
+            gw.pool.ready = lambda addresses: False
+        out = [None, None]
+
+        async def wait(k, w):
+            try:
+                out[k] = await w
+            except Exception as e:
+                out[k] = e
+            if k == 0:
+                done0.set()
+
+        w0 = gw.write(4096, pattern(0), False)
+        w1 = gw.write(8192, pattern(1), False)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait, 0, w0)
+                nursery.start_soon(wait, 1, w1)
+        assert out[0] is None
+        assert sorted(r.host_id for r in reg.list_stale(gw.lineage, 0)) == ["h2", "h3"]
+        assert isinstance(out[1], BelowMinSize), out[1]
 
 
 async def test_a_stale_copy_is_reported_for_its_own_items_only(mode):
