@@ -272,10 +272,13 @@ class ServerHandshake:
         magic, option, length = _OPTION_HEADER.unpack_from(self._in)
         if magic != proto.IHAVEOPT:
             raise self._fail(f"bad option magic {magic:#x}")
-        self._options += 1
+        oversize = length > _max_length(option)
+        if not oversize and len(self._in) < 16 + length:
+            return NEED_DATA  # (its header is parsed again with the rest: not counted yet)
+        self._options += 1  # (once an option is taken, however many receives it took)
         if self._options > MAX_OPTIONS:
             raise self._fail("too many options")
-        if length > _max_length(option):
+        if oversize:
             if option == proto.OPT_EXPORT_NAME:  # no error reply possible: hang up
                 raise self._fail(f"export name of {length} bytes")
             del self._in[:16]
@@ -289,8 +292,6 @@ class ServerHandshake:
                 rtype = proto.REP_ERR_TLS_REQD
             self._skipped = (option, rtype)
             return None
-        if len(self._in) < 16 + length:
-            return NEED_DATA
         data = bytes(self._in[16:16 + length])
         del self._in[:16 + length]
         return self._dispatch(option, data)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from nbd_frontend import proto
 from nbd_frontend.errors import LocalProtocolError, ProtocolError
-from nbd_frontend.handshake import (MAX_OPTION_DATA, MAX_PENDING_OUTPUT, NEED_DATA, PAUSED,
+from nbd_frontend.handshake import (MAX_OPTION_DATA, MAX_OPTIONS, MAX_PENDING_OUTPUT, NEED_DATA, PAUSED,
                                     SEND_DATA, _TRANSITIONS, Aborted, ExportInfo, ExportQuery,
                                     ListQuery, Ready, ServerHandshake, StartTLS, State,
                                     _message)
@@ -682,3 +682,26 @@ def _reply_types(data: bytes) -> list[tuple[int, int]]:
         out.append((option, rtype))
         pos += 20 + length
     return out
+
+
+def test_an_option_arriving_in_many_pieces_counts_once():
+    """The option limit (MAX_OPTIONS, a denial of service past it) counted an option at
+    each receive that brought part of it: one NBD_OPT_INFO of 4112 bytes, fed a byte at
+    a time, ended the connection ("too many options") instead of being answered."""
+    name = "n" * 4090
+    hs, events, out = run(FLAGS + opt(proto.OPT_INFO, info_req(name)), "bytewise")
+    assert [type(e) for e in events] == [ExportQuery] and events[0].name == name
+    assert [r[:2] for r in replies(out)] == [(proto.OPT_INFO, proto.REP_ERR_UNKNOWN)]
+    assert hs._options == 1
+
+
+def test_the_option_limit_counts_options():
+    """MAX_OPTIONS options are answered, each sent in two pieces; the next one ends the
+    connection."""
+    unknown = opt(0x7777, b"x" * 64)
+    parts = [FLAGS] + [p for _ in range(MAX_OPTIONS) for p in (unknown[:20], unknown[20:])]
+    hs, _events, out = run(parts)
+    assert [r[1] for r in replies(out)] == [proto.REP_ERR_UNSUP] * MAX_OPTIONS
+    hs.receive_data(unknown)
+    with pytest.raises(ProtocolError, match="too many options"):
+        hs.next_event()
