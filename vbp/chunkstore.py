@@ -94,8 +94,9 @@ Failure rules:
   fine). Reopening runs recovery; replication must resync the host.
 - New files get their directory fsync'd, so synced data never hangs off a lost name.
 - Disk full: the sidecar is allocated before a slot is taken; a pwrite hitting ENOSPC
-  re-hashes the real pages it may have touched (a failed write may be torn, like on any
-  disk) and leaves holes holes; a chunk created by that request is deleted again. The index
+  re-hashes the pages it may have touched (a failed write may be torn, like on any disk;
+  a hole it reached becomes a real page, see _settle_failed); a chunk created by that
+  request is deleted again. The index
   refuses new chunks past 40% of its map, so flush, fua and delete can always commit; and
   its file keeps INDEX_RESERVE bytes of disk (at most a sixteenth of the filesystem)
   allocated past its end (fallocate, size unchanged), taken again before a new chunk is
