@@ -1056,7 +1056,7 @@ class VolumeGateway:
             log.info("volume=%s chunk=%d event=repair_skipped reason=notes_forgotten",
                      self.name, p.index)
             return
-        for t, a, b in self.replica.written.get((self.lineage, p.index), ()):
+        for t, a, b, _gen in self.replica.written.get((self.lineage, p.index), ()):
             if t >= since and a < p.offset + p.length and p.offset < b:
                 log.info("volume=%s chunk=%d event=repair_skipped reason=newer_write", self.name, p.index)
                 return

@@ -24,11 +24,14 @@ by full copy"):
 - A write reaches the replicas of a chunk in parallel, so it may have landed here and
   still be on its way to the source (delayed, or about to time out and get the source
   recorded stale). Copying the source's older pages over it would undo a write the
-  gateway counts as taken here. So no page a client write reached less than
-  `write_window` (longer than a peer timeout) before the pass began is overwritten (nor a
-  generation of a chunk so written dropped): the chunk waits for a later pass. Only pages
-  that differ from the source are at stake, and a write that landed on both leaves its
-  pages equal, so a busy chunk still converges. Past the window,
+  gateway counts as taken here. So the bytes a client write reached less than
+  `write_window` (longer than a peer timeout) before the pass began keep this copy's
+  bytes when their pages are copied (the rest of those pages comes from the source),
+  and no generation so written is made or dropped: the chunk waits for a later pass.
+  Writes to the chunk's other generations do not count (only the head is written, and a
+  generation is made by its first write, refused during a resync). Once such a write
+  reached the source too, the pages are equal, so a busy chunk still converges, even
+  under a guest writing part of a page again and again. Past the window,
   the write has landed on the source, or the source failed it and is recorded stale in
   the records the pass reads (it is then no source), or it was never acknowledged (a
   gateway does not acknowledge a write whose failures it recorded later than the window:
@@ -430,16 +433,47 @@ class Resync:
             log.info("event=resync_deferred lineage=%s chunk=%d reason=recent_write", lineage, index)
             return False
 
-    def _check_quiet(self, lineage: str, index: int, start: int = 0, end: int | None = None) -> None:
-        """Raise ChunkBusy if a client write may still be on its way to the source (see
-        the theory of operation). Called right before a local change, with no await
-        between, so no write slips in after the check."""
+    def _check_quiet(self, lineage: str, index: int, gen: int, start: int = 0,
+                     end: int | None = None) -> None:
+        """Raise ChunkBusy if a client write to generation `gen` of the chunk may still be
+        on its way to the source (see the theory of operation). Called right before a
+        local change to that generation, with no await between, so no write slips in
+        after the check. Writes to the chunk's other generations cannot be undone by it:
+        a generation is written only while it is the head, and made only by its first
+        write (which a resync refuses meanwhile). Counting them, a guest writing the
+        head kept a snapshot's generation missing here from being made for good."""
         if self.replica is None:
             return
         quiet = self._quiet_since
-        for t, a, b in self.replica.written.get((lineage, index), ()):
-            if t > quiet and (end is None or (a < end and start < b)):
+        for t, a, b, g in self.replica.written.get((lineage, index), ()):
+            if t > quiet and g == gen and (end is None or (a < end and start < b)):
                 raise ChunkBusy()
+
+    def _keep_recent(self, lineage: str, index: int, gen: int, key: ChunkKey, off: int,
+                     length: int, data):
+        """The bytes to write over [off, off+length) of generation `gen` here, `data`
+        the source's (None: holes): those, but where a client write to the generation
+        reached this copy within the write window (it may still be on its way to the
+        source), this copy's own bytes, which hold it (see the theory of operation).
+        Called right before the write, with no await between. Deferring the whole run
+        instead, a stale page that a guest kept writing a part of (a 512-byte sector) at
+        least once a window never converged: its other bytes stayed the stale ones.
+        ChunkBusy if this copy's bytes there cannot be read."""
+        if self.replica is None:
+            return data
+        quiet, end = self._quiet_since, off + length
+        keep = [(max(a, off), min(b, end))
+                for t, a, b, g in self.replica.written.get((lineage, index), ())
+                if t > quiet and g == gen and a < end and off < b]
+        if not keep:
+            return data
+        buf = bytearray(length) if data is None else bytearray(data)
+        try:
+            for a, b in keep:
+                buf[a - off:b - off] = self.store.read(key, a, b - a)
+        except (NotFound, VbpError):  # (a page here that fails its checksum: not now)
+            raise ChunkBusy() from None
+        return bytes(buf)
 
     async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
         # Complete copies only. A target that joined in a data-set change has no record
@@ -565,7 +599,7 @@ class Resync:
             if k.gen in again or self._local_sums(k, 0) != before[k]:
                 changed += 1  # new on the source too, or written meanwhile: look again
                 continue
-            self._check_quiet(lineage, index)
+            self._check_quiet(lineage, index, k.gen)
             self.store.delete(k)
             changed += 1
             log.info("event=divergent_dropped lineage=%s chunk=%d gen=%d", lineage, index, k.gen)
@@ -604,7 +638,7 @@ class Resync:
             # an older one. One of holes only (a copy-up whose written pages were all
             # zeroed or trimmed since) has no run to copy below: it is made here, empty,
             # and the next pass compares it again.
-            self._check_quiet(lineage, index)
+            self._check_quiet(lineage, index, gen)
             self.store.zero(key, 0, chunk_size, chunk_size=chunk_size, version=st.version or None)
             copied += 1
         for first, count, hole in diff_runs(local, remote, MAX_RUN // PAGE_SIZE):
@@ -623,7 +657,7 @@ class Resync:
                     copied += count  # the source lost this generation meanwhile: not clean
                     continue
                 data = reply.data
-            self._check_quiet(lineage, index, off, off + length)
+            data = self._keep_recent(lineage, index, gen, key, off, length, data)
             if not write_pages_if_unchanged(self.store, key, chunk_size, first,
                                             local[first:first + count], data,
                                             min_version=st.version):

@@ -64,7 +64,7 @@ _new_key = tuple.__new__
 _MARKED = (m.WriteChunk, m.ZeroChunk)  # the messages whose chunk Replica.prepare marks
 _FUA = (m.WriteChunk, m.ZeroChunk, m.WriteBatch)  # the messages a FUA flag may come with
 _WRITTEN = m.Written()  # a batch every item of which took its write on a current copy
-_when = itemgetter(0)  # of a `written` note: (time, start, end)
+_when = itemgetter(0)  # of a `written` note: (time, start, end, generation)
 
 
 def gone_below(collected, chain, gen: int | None) -> bool:
@@ -106,8 +106,9 @@ class Replica:
         # those of them that refused to make a generation meanwhile
         self.resyncing: set[tuple[str, int]] = set()
         self.refused: set[tuple[str, int]] = set()
-        # (lineage, index) -> [(time, start, end)] of client writes and zeroes applied here
-        self.written: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
+        # (lineage, index) -> [(time, start, end, generation)] of client writes and zeroes
+        # applied here
+        self.written: dict[tuple[str, int], list[tuple[float, int, int, int]]] = {}
         self.forgotten_until = -math.inf  # notes applied up to then are gone (forget_written)
         # volume -> {(lineage, gen, chunk index): when last written} under the volume's newest
         # token here: the chunks a gateway that took the lease over reconciles (see
@@ -147,7 +148,7 @@ class Replica:
         w = self.written.get((lineage, index))
         if w is None:
             w = self.written[(lineage, index)] = []
-        w.append((now, offset, offset + length))
+        w.append((now, offset, offset + length, gen))
         r = self.recent.get(volume)
         if r is None:
             r = self.recent[volume] = {}

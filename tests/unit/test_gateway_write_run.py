@@ -65,7 +65,7 @@ def state(store: ChunkStore, replica: Replica, gw: VolumeGateway):
     assert {key.lineage for key in store.keys()} <= {gw.lineage}  # (each volume its own)
     chunks = {(key.index, key.gen): (store.read(key, 0, MiB), store.info(key).version)
               for key in store.keys()}
-    written = {index: [(a, b) for _, a, b in v] for (_, index), v in replica.written.items()}
+    written = {index: [(a, b) for _, a, b, _gen in v] for (_, index), v in replica.written.items()}
     recent = {v: [(gen, index) for _, gen, index in marks] for v, marks in replica.recent.items()}
     return chunks, written, recent, {h: set(s) for h, s in gw._unflushed.items() if s}
 
@@ -322,7 +322,7 @@ def test_write_items_leaves_what_write_of_each_would(tmp_path_factory, raw, made
                 got.append((
                     {(k.index, k.gen): (store.read(k, 0, MiB), store.info(k).version) for k in keys},
                     sorted(k.index for k in store._dirty),
-                    {index: [(a, b) for _, a, b in v] for (_, index), v in replica.written.items()},
+                    {index: [(a, b) for _, a, b, _gen in v] for (_, index), v in replica.written.items()},
                     {v: list(marks) for v, marks in replica.recent.items()}))
         assert got[0] == got[1]
 
@@ -361,7 +361,7 @@ def test_write_items_notes_the_page_that_failed_and_names_it(tmp_path, monkeypat
             assert store.read(ChunkKey("L", 0, 1), 4096, 4096) == b"a" * 4096
             assert store.read(ChunkKey("L", 1, 1), 4096, 4096) == b"b" * 4096
             assert store.read(ChunkKey("L", 0, 1), 8192, 4096) == bytes(4096)  # not reached
-            assert {index: [(a, b) for _, a, b in v][1:]
+            assert {index: [(a, b) for _, a, b, _gen in v][1:]
                     for (_, index), v in replica.written.items()} == {
                 0: [(4096, 8192)], 1: [(4096, 8192)], 2: [(4096, 8192)]}
             assert all(store.verify(k) == [] for k in store.keys())

@@ -37,10 +37,10 @@ def test_notes_of_writes_are_forgotten_once_the_window_passed_them():
     """Replica.written keeps, per chunk, the writes applied after the time given to
     forget_written (those at it or before go), and forgets chunks left with none."""
     r = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 1)
-    r.written = {("l", 0): [(1.0, 0, 4096), (2.0, 0, 512), (3.0, 8192, 12288)],
-                 ("l", 1): [(1.5, 0, 4096)]}
+    r.written = {("l", 0): [(1.0, 0, 4096, 1), (2.0, 0, 512, 1), (3.0, 8192, 12288, 2)],
+                 ("l", 1): [(1.5, 0, 4096, 1)]}
     r.forget_written(2.0)
-    assert r.written == {("l", 0): [(3.0, 8192, 12288)]}
+    assert r.written == {("l", 0): [(3.0, 8192, 12288, 2)]}
     r.forget_written(3.0)
     assert r.written == {}
 
