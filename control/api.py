@@ -14,8 +14,8 @@ from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
 from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
     VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
-    delete_snapshot, new_volume, replicas_by_lineage, request_shrink, request_snapshot,
-    same_volume, split_export_name,
+    delete_snapshot, new_volume, pending_abandoned, replicas_by_lineage, request_shrink,
+    request_snapshot, same_volume, split_export_name,
 )
 
 
@@ -95,10 +95,13 @@ def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> 
     fail every request with EIO (blockd keeps the chunks until they noticed)."""
     vol, snap = split_export_name(name)  # (InvalidArgument for "v@" and "v@s@x")
     if snap is not None:
-        get_volume(reg, vol).snapshot(snap)
+        of = get_volume(reg, vol)
+        of.snapshot(snap)
         if not force:
             _refuse_in_use(reg, name, vol, snap, wait)
-        reg.update_volume(vol, lambda d: delete_snapshot(VolumeRecord.from_dict(d), snap).to_dict())
+        # (of the volume checked: not of one made again under its name meanwhile, with a
+        # snapshot of that name, whose users nobody asked about)
+        reg.update_volume(vol, lambda d: delete_snapshot(_still(vol, d, of), snap).to_dict())
         return
     rec = get_volume(reg, name)
     if not force:
@@ -333,6 +336,13 @@ def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
             f"shrink of {name} to {new_size} bytes", timeout, poll)
 
     def apply(d: dict) -> dict:
+        if d.get("shrink_head"):
+            # a shrink in progress would set the size back to its own when it completes
+            now = VolumeRecord.from_dict(d)
+            if not pending_abandoned(now):
+                raise InvalidArgument(f"a shrink of {name!r} is in progress: not grown to "
+                                      f"{new_size} bytes; retry once it is done")
+            d = cancel_pending(now, now.shrink_head).to_dict()  # (never to complete)
         if d["size"] > new_size:  # grown by another call since it was read
             # (written over, it would shrink the volume in one step, with no cut and
             # not through its lease holder: writes acknowledged past the end lost)

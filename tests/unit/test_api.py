@@ -285,6 +285,53 @@ def test_an_abandoned_shrink_keeps_nothing_out():
     assert complete_pending(rec, head) == rec
 
 
+def test_a_grow_during_a_shrink_is_refused_and_one_after_an_abandoned_shrink_cancels_it():
+    """A grow applied while a shrink was requested and not yet completed reported success,
+    and the shrink's completion then set the size back to its own: the grow undone without
+    a word. It is refused while the shrink is in progress; past the shrink's time (its
+    requester gave up), it cancels the shrink in its transaction, so no completion can
+    come after it."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    head = reg.next_id(api.gen_counter(api.get_volume(reg, "v").lineage))
+    reg.update_volume("v", lambda d: request_shrink(
+        VolumeRecord.from_dict(d), MiB, head, time.time() + 60).to_dict())
+    with pytest.raises(InvalidArgument, match="shrink of 'v' is in progress"):
+        api.resize(reg, "v", 8 * MiB)
+    rec = api.get_volume(reg, "v")
+    assert rec.size == 4 * MiB and rec.shrink_head == head
+    assert complete_pending(rec, head).size == MiB  # (what its completion would do)
+    reg.update_volume("v", lambda d: {**d, "shrink_until": time.time() - 1})  # gave up
+    rec = api.resize(reg, "v", 8 * MiB)
+    assert rec.size == 8 * MiB and not rec.shrink_head
+    assert complete_pending(rec, head) == rec
+
+
+def test_a_snapshot_delete_leaves_a_volume_made_again_under_its_name_alone():
+    """`volume delete v@s` checks the volume's snapshot and its users, then removes the
+    snapshot from the record. Had the volume been deleted and made again, with a snapshot
+    of that name, in between, the new volume's snapshot went (its users never asked
+    about). The removal is now of the volume checked: NotFound."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+    api.snapshot(reg, "v", "s", timeout=5)
+    update = reg.update_volume
+    raced: list = []
+
+    def made_again_first(name, fn, lease=None):
+        if not raced:
+            raced.append(None)
+            api.delete_volume(reg, "v", force=True)
+            api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
+            api.snapshot(reg, "v", "s", timeout=5)
+        return update(name, fn, lease)
+
+    reg.update_volume = made_again_first
+    with pytest.raises(NotFound, match="was deleted"):
+        api.delete_volume(reg, "v@s", force=True)
+    assert raced and [s.name for s in api.get_volume(reg, "v").snapshots] == ["s"]
+
+
 def test_limits_past_64_bits_are_refused_before_the_record_is_touched():
     reg = open_registry(f"memory://api-{next(_n)}")
     reg.create_volume("v", new_volume("v", MiB, replicas=1, lineage="l0", head=1, now=0.0).to_dict())
