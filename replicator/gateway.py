@@ -1176,7 +1176,9 @@ class VolumeGateway:
             behind = [h for h in copies if h not in keep] + down
             log.warning("volume=%s chunk=%d gen=%d event=takeover_divergent keep=%s behind=%s",
                         self.name, index, gen, ",".join(keep), ",".join(behind))
-            await self._mark_stale(index, behind)
+            # (under the lease: a reconcile that stalled past it, another gateway holding
+            # it now and writing, must not record that one's current copies stale)
+            await self._mark_stale(index, behind, token=token)
             marked += len(behind)
             answered = [h for h in copies if h in states and h not in keep]
             if len(keep) < self.min_size <= len(keep) + len(answered):
@@ -1272,7 +1274,7 @@ class VolumeGateway:
                                   for gen in set(self.chain))
                 for index, gen in sorted(listed):
                     if not await self._late_copy_agrees(h, index, gen, left):
-                        await self._mark_stale(index, [h])
+                        await self._mark_stale(index, [h], token=token)
             except VbpError as e:
                 log.info("volume=%s event=reconcile_list_failed host=%s error=%s",
                          self.name, h, e)
@@ -2600,14 +2602,16 @@ class VolumeGateway:
         if hosts:
             self.suspects.append((index, tuple(hosts)))
 
-    async def _mark_stale(self, index: int, hosts, replicas=None) -> bool:
+    async def _mark_stale(self, index: int, hosts, replicas=None, token: int = 0) -> bool:
         """Record `hosts` stale for the chunk. If the registry cannot be told: with the
         chunk's `replicas` (a write's outcome), False, and the outcome waits in `unrecorded`
         for the service to settle it; without (nothing written yet), RegistryUnavailable.
         A holder's marks go under its lease (the registry compares it in the same
         transaction): lost to a takeover meanwhile (this host stalled past it), they are
         refused, the gateway is fenced and Fenced raised. The copies its write missed may
-        be the new holder's current ones, which then must not go stale."""
+        be the new holder's current ones, which then must not go stale. `token`: the
+        lease's, for a mark made before the gateway writes with it (a takeover's
+        reconcile); else the gateway's own."""
         if log.isEnabledFor(_INFO):
             self._loglimit.log(log, _INFO, "marked_stale",
                                "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
@@ -2621,8 +2625,9 @@ class VolumeGateway:
         try:
             # the version orders failures: a resync clears a record only if no newer
             # failure re-marked it
-            if self.token:
-                lease = Lease(self.view.volume.name, self.host_id, self.token, 0.0)
+            token = token or self.token
+            if token:
+                lease = Lease(self.view.volume.name, self.host_id, token, 0.0)
                 await self.registry.mark_stale(self.lineage, index, sorted(hosts),
                                                time.time_ns(), lease=lease)
             else:

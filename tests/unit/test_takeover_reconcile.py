@@ -838,3 +838,58 @@ def test_a_replica_restarted_before_the_takeover_still_names_the_dead_holders_la
         sim.sync_maps()
 
     taken_over_after(restarted)
+
+
+def test_a_reconcile_that_lost_its_lease_records_nothing(monkeypatch):
+    """h1 takes h0's orphaned lease over and reconciles; its mark of the copy behind
+    stalls past its lease. h2 takes the lease over, reconciles (the same verdict), the copy
+    is resynced and h2's writes are acknowledged on all three. Then h1's mark goes
+    through: it was made with no lease (the gateway's token is 0 until the reconcile
+    ends) and recorded a copy current for h2 stale again, so h2's next write with one
+    other copy unreachable failed below min_size (EIO). Under the lease it is refused
+    (Fenced): nothing is recorded, and that write stands."""
+    gate, stalled = trio.Event(), trio.Event()
+    real = VolumeGateway._mark_stale
+
+    async def slow_mark(self, index, hosts, replicas=None, token=0):
+        if self.host_id == "h1" and not stalled.is_set():
+            stalled.set()
+            await gate.wait()  # h1's registry call stalls past its lease
+        return await real(self, index, hosts, replicas, token)
+
+    monkeypatch.setattr(VolumeGateway, "_mark_stale", slow_mark)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, old, key, lone = await lone_write_left(nursery)
+            sim.expire_lease("v")  # h0 died with its write on `lone` only
+
+            async def reader():  # h1 opens v: it takes the orphaned lease over
+                try:
+                    await sim.hosts["h1"].provider.open_export("v")
+                except Fenced:  # (its reconcile's mark, refused)
+                    pass
+
+            nursery.start_soon(reader)
+            await stalled.wait()
+            t1 = sim.reg.get_lease("v").token
+            sim.expire_lease("v")  # h1 stalls past its lease; h2 takes it over
+            w = await sim.hosts["h2"].provider.open_export("v")
+            await call(w.write(4096, b"\x07" * 4096, False))
+            lease = sim.reg.get_lease("v")
+            assert lease.holder == "h2" and lease.token > t1
+            assert stale_hosts(sim, rec.lineage, 0) == {lone}  # h2's own verdict
+            await sim.hosts[lone].resync.refresh_stale_self()
+            await trio.sleep(sim.hosts[lone].resync.write_window)
+            await sim.hosts[lone].resync.run_once()
+            assert not stale_hosts(sim, rec.lineage, 0)
+            await call(w.write(8192, b"\x08" * 4096, False))
+            gate.set()  # h1's mark goes through now
+            await trio.sleep(1)
+            assert not stale_hosts(sim, rec.lineage, 0)
+            other = next(h for h in ("h0", "h1", "h2") if h not in (lone, "h2"))
+            sim.hosts["h2"].faults.partition([sim.hosts[other].addr])
+            await call(w.write(12288, b"\x09" * 4096, False))  # on h2 and `lone`: min_size
+            nursery.cancel_scope.cancel()
+
+    run(main)
