@@ -453,6 +453,13 @@ def _proof(secret: bytes, role: bytes, cluster: str, host_id: str, theirs: str,
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
+def _proof_ok(got, want: str) -> bool:
+    """Whether a peer's proof is `want`, in constant time. compare_digest raises
+    TypeError for a str with other than ASCII characters (a hostile peer's): such a proof
+    is wrong, refused as any other."""
+    return type(got) is str and got.isascii() and hmac.compare_digest(got, want)
+
+
 class _ServerSession:
     def __init__(self, stream, handler, cluster, host_id, max_in_flight, max_frame, *,
                  boot: str, peer_rev: Callable[[str], int],
@@ -590,7 +597,7 @@ class _ServerSession:
             want = _proof(self.secret, b"client", self.cluster, hello.host_id, nonce, hello.nonce)
             if type(auth) is not m.Auth:
                 why = f"expected Auth, got {type(auth).__name__}"
-            elif not hmac.compare_digest(auth.proof, want):
+            elif not _proof_ok(auth.proof, want):
                 why = (f"peer authentication failed: host {hello.host_id} does not have this "
                        f"host's peer secret")
             else:
@@ -904,7 +911,7 @@ class _ClientConnection:
                 raise AuthFailed(f"{self.address} authenticates peers: give this host the "
                                  f"pool's peer_secret_file")
             want = _proof(pool.secret, b"server", pool.cluster, reply.host_id, nonce, reply.nonce)
-            if len(reply.nonce) != 2 * NONCE_BYTES or not hmac.compare_digest(reply.proof, want):
+            if len(reply.nonce) != 2 * NONCE_BYTES or not _proof_ok(reply.proof, want):
                 raise AuthFailed(f"{self.address} (host {reply.host_id!r}) failed peer "
                                  f"authentication: it does not have this host's peer secret")
             self.link.queue(0, m.Auth(_proof(pool.secret, b"client", pool.cluster, pool.host_id,

@@ -251,6 +251,25 @@ async def test_without_the_secret_nothing_is_served(caplog):
     assert called == []
 
 
+async def test_a_proof_that_is_not_ascii_is_refused_as_a_wrong_one(caplog):
+    """hmac.compare_digest raises TypeError for a str with other than ASCII characters:
+    an Auth whose proof was "é" escaped the refusal (no `auth` Error, a traceback logged
+    at ERROR for each attempt, past the refusals' log limit)."""
+    async with server(secret=SECRET) as (address, _):
+        for _ in range(3):
+            stream, codec = await raw_client(address, hello=False)
+            await stream.send_all(codec.encode(0, m.Hello(CLUSTER, "raw", m.PROTO_VERSION,
+                                                          "00" * 16)))
+            rid, ok = await next_reply(stream, codec)
+            assert type(ok) is m.HelloOk
+            await stream.send_all(codec.encode(1, m.Auth("\u00e9" * 64)))
+            assert (await next_reply(stream, codec))[1].code == m.AUTH
+            assert await next_reply(stream, codec) is CLOSED
+    assert not [r for r in caplog.records if r.levelno >= 40], "a traceback, not a refusal"
+    assert transport._proof_ok("ab", "ab") and not transport._proof_ok("\u00e9", "ab")
+    assert not transport._proof_ok(b"ab", "ab")
+
+
 async def test_a_server_that_is_not_the_host_the_address_belongs_to_is_refused():
     """The map says h2 listens at the address, and h3 answers there (h2 moved and h3 got
     its port, or a map not refreshed yet): a write counted as h2's copy would be on h3,
