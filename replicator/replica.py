@@ -386,7 +386,6 @@ class Replica:
         if newer:  # a new holder: known once its write is known good (the store's checks)
             check_key((lineage, index, gen))
             check_range(offset, len(data), check_chunk_size(chunk_size))
-            self._adopt_token(volume, token)
         key = _new_key(ChunkKey, (lineage, index, gen))  # ChunkKey(...) less its __new__
         store = self.store
         # noted once the store took it (no checkpoint between), or failed part-way (a full
@@ -403,7 +402,10 @@ class Replica:
             raise
         finally:
             if applied:
-                self._note(volume, lineage, index, offset, len(data), gen)
+                if newer:  # (not before: the store may refuse it, an existing chunk's size
+                    self._adopt_token(volume, token)  # or a bad version, and a request
+                self._note(volume, lineage, index, offset, len(data), gen)  # refused
+                # changes nothing here, its token included)
 
     def write_items(self, volume: str, lineage: str, gen: int, chain, chunk_size: int,
                     fua: bool, epoch: int, token: int, items, until=None) -> int:
@@ -483,16 +485,22 @@ class Replica:
         check_key((lineage, index, gen))
         check_range(offset, length, check_chunk_size(chunk_size))
         self._check_creates(lineage, index, gen)
-        if newer:  # (as write's)
-            self._adopt_token(volume, token)
-        self._note(volume, lineage, index, offset, length, gen)
         base = self._base(lineage, index, gen, chain)
-        if base is None and self.store.resolve(lineage, index, (gen,)) is None:
-            return 0  # nothing in the chain: already reads as zeros, allocate nothing
-        key = ChunkKey(lineage, index, gen)
-        return self.store.zero(
-            key, offset, length, chunk_size=chunk_size, base=base, version=version or None, fua=fua
-        )
+        applied = True
+        try:
+            if base is None and self.store.resolve(lineage, index, (gen,)) is None:
+                return 0  # nothing in the chain: already reads as zeros, allocate nothing
+            key = ChunkKey(lineage, index, gen)
+            return self.store.zero(key, offset, length, chunk_size=chunk_size, base=base,
+                                   version=version or None, fua=fua)
+        except (InvalidArgument, NotFound):  # (refused by the store: as write's)
+            applied = False
+            raise
+        finally:
+            if applied:
+                if newer:
+                    self._adopt_token(volume, token)
+                self._note(volume, lineage, index, offset, length, gen)
 
     async def _synced(self, msg, peer: str | None, reply, sync, *args):
         """`reply` to `msg` once `await sync(*args)` made it durable: a Flush's flush_store,

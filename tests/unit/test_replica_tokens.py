@@ -114,6 +114,15 @@ def test_a_request_refused_leaves_the_newest_token_as_it_was():
                                       big)),
         (StaleEpoch, m.WriteBatch("v", "lin", 1, (1,), (0,), (0,), (4096,), b"y" * 4096, 1 << 20,
                                   False, 0, big)),
+        # refused by the store itself: the chunk here is of 1 MiB, and -1 is no version
+        (InvalidArgument, m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"y" * 4096, 2 << 20, 0, False,
+                                       5, big)),
+        (InvalidArgument, m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"y" * 4096, 1 << 20, -1, False,
+                                       5, big)),
+        (InvalidArgument, m.ZeroChunk("v", "lin", 0, 1, (1,), 0, 4096, 2 << 20, 0, False, 5, big)),
+        (InvalidArgument, m.ZeroChunk("v", "lin", 0, 1, (1,), 0, 4096, 1 << 20, -1, False, 5, big)),
+        (InvalidArgument, m.WriteBatch("v", "lin", 1, (1,), (0,), (0,), (4096,), b"y" * 4096,
+                                       2 << 20, False, 5, big)),
     ]
     for error, msg in refused:
         with pytest.raises(error):
