@@ -625,7 +625,9 @@ class _ServerSession:
                             await self.room.park()
                         link.held = True
                     dispatch(*event)
-                    if len(link.out) >= REPLY_EARLY:  # the gateway can start on these
+                    # (pushed every REPLY_EARLY replies: the gateway can start on these;
+                    # and at once past the backlog: a few large replies are that already)
+                    if len(link.out) >= REPLY_EARLY or link.out_bytes > MAX_REPLY_BACKLOG:
                         link.push()
                         if link.out_bytes > MAX_REPLY_BACKLOG:  # (the socket is full)
                             link.held = False

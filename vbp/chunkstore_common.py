@@ -15,7 +15,7 @@ from operator import not_
 from xxhash import xxh3_64_intdigest
 
 from vbp.errors import InvalidArgument
-from vbp.layout import PAGE_SIZE, ChunkKey
+from vbp.layout import CHUNK_SIZE_MAX, PAGE_SIZE, ChunkKey
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PAGE_MASK = PAGE_SIZE - 1
@@ -108,15 +108,20 @@ def page_checksum(page) -> int:
 
 
 def check_chunk_size(chunk_size) -> int:
-    """A chunk size the store accepts: a power of two, a whole number of pages.
+    """A chunk size the store accepts: a power of two, a whole number of pages, at most
+    CHUNK_SIZE_MAX.
 
-    Looser than vbp.layout.check_chunk_size (1..64 MiB) so tests and simulations may use
-    small chunks; volumes still get their sizes checked by vbp.layout.
+    Looser than vbp.layout.check_chunk_size (1..64 MiB) below, so tests and simulations
+    may use small chunks; volumes still get their sizes checked by vbp.layout. Not above:
+    a peer's write makes a chunk of the size it names, and a read of it is one reply
+    frame (replicator.codec's DEFAULT_MAX_FRAME holds 64 MiB); 1 GiB chunks let a few
+    small requests pin gigabytes of replies.
     """
     if (not isinstance(chunk_size, int) or chunk_size < PAGE_SIZE
-            or chunk_size & (chunk_size - 1) or chunk_size > (1 << 30)):
+            or chunk_size & (chunk_size - 1) or chunk_size > CHUNK_SIZE_MAX):
         raise InvalidArgument(
-            f"chunk size must be a power of two between {PAGE_SIZE} and 1 GiB, not {chunk_size!r}"
+            f"chunk size must be a power of two between {PAGE_SIZE} and {CHUNK_SIZE_MAX}, "
+            f"not {chunk_size!r}"
         )
     return chunk_size
 

@@ -615,6 +615,38 @@ async def test_a_peer_that_does_not_read_its_replies_is_pushed_back(monkeypatch)
         assert len(calls) == n
 
 
+async def test_large_replies_are_pushed_back_from_the_first_past_the_backlog(monkeypatch):
+    """The backlog was looked at only every REPLY_EARLY replies (a large one is two
+    buffers): 16 MiB reads asked by a peer that reads nothing queued four of them, 64 MiB,
+    past a backlog of 4 MiB, before the server stopped reading. Now the first reply past
+    it stops the reading."""
+    monkeypatch.setattr(transport, "MAX_REPLY_BACKLOG", 4 << 20)
+    calls = []
+
+    def handler(msg, peer):
+        calls.append(msg.index)
+        return ok_handler(msg, peer)
+
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        n = 8
+        read = m.ReadChunk("vol", "lin", 0, (1,), 0, 16 << 20, 3)
+        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
+                                       for i in range(n)))
+        with trio.fail_after(5):
+            while not calls:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        assert len(calls) == 1, calls
+        got = set()
+        with trio.fail_after(30):
+            while len(got) < n:
+                rid, reply = await next_reply(stream, codec)
+                assert len(reply.data) == 16 << 20
+                got.add(rid)
+        assert len(calls) == n
+
+
 async def test_a_peer_that_never_reads_its_replies_is_disconnected(monkeypatch):
     """Pushed back (above), a peer that reads none of its replies still held the server's
     backlog (MAX_REPLY_BACKLOG, and the send under way) for as long as it liked. Past

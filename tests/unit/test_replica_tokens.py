@@ -132,3 +132,22 @@ def test_a_request_refused_leaves_the_newest_token_as_it_was():
     assert r.newest_token("v") == 9 and seen == [("v", 7), ("v", 9)]
     with pytest.raises(Fenced):
         r.handle(write(7))
+
+
+def test_a_chunk_larger_than_a_reply_frame_is_never_made():
+    """A peer's write names the size of the chunk it makes, and the store took up to
+    1 GiB: a chunk that large read back whole was a reply no peer could take (frames hold
+    64 MiB), and a few 24-byte ReadChunks pinned gigabytes. Sizes past CHUNK_SIZE_MAX (the
+    largest a volume may have) are refused; 64 MiB is made."""
+    from vbp.errors import InvalidArgument
+    from vbp.layout import CHUNK_SIZE_MAX
+
+    r = Replica(MemoryChunkStore(None, 1 << 30), "h1", lambda: 5)
+    for size in (CHUNK_SIZE_MAX * 2, 1 << 30):
+        with pytest.raises(InvalidArgument, match="power of two between"):
+            r.handle(m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, size, 0, False, 5, 7))
+        with pytest.raises(InvalidArgument):
+            r.handle(m.ZeroChunk("v", "lin", 1, 1, (1,), 0, 4096, size, 0, False, 5, 7))
+    assert not list(r.store.keys())
+    r.handle(m.WriteChunk("v", "lin", 0, 1, (1,), 0, b"x" * 4096, CHUNK_SIZE_MAX, 0, False, 5, 7))
+    assert len(list(r.store.keys())) == 1
