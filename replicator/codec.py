@@ -74,6 +74,33 @@ _unpack_len = _U32.unpack_from
 # see it half-way.
 _packb = msgpack.Packer(autoreset=True).pack
 _unpackb = msgpack.unpackb
+# Frames hold one array of fields, a field being a scalar or an array of ints: never a
+# map, and at most MAX_ARRAYS arrays in all. msgpack builds every object of a frame before
+# the fields are checked, and a map costs some 80 bytes a byte of frame, nested arrays
+# some 25: one 16 MiB frame of empty maps took a host from 54 MiB to 1.4 GiB and held its
+# event loop a second. Both are refused while the frame is decoded (_no_map, _arrays).
+# What is left, scalars in a field's array, costs at most some 17 bytes a byte (8 for
+# small ints), and a server session's codec bounds each array to MAX_ARRAY_ITEMS.
+MAX_ARRAYS = 8
+
+
+def _no_map(_map):
+    """msgpack's object_hook: a map, even an empty one (which max_map_len lets through)."""
+    raise ValueError("a map in a frame")
+
+
+_arrays_seen = [0]  # of the frame being decoded (decoding never yields: one at a time)
+
+
+def _arrays(array):
+    """msgpack's list_hook: every array of the frame being decoded passes here."""
+    _arrays_seen[0] += 1
+    if _arrays_seen[0] > MAX_ARRAYS:
+        raise ValueError(f"more than {MAX_ARRAYS} arrays in one frame")
+    return array
+
+MAX_ARRAY_ITEMS = 1 << 20  # (a chain of generations, the longest array of a request, holds
+# one per snapshot ever taken of the volume, which the registry's record bounds far below)
 
 _KINDS = {
     "str": str,
@@ -212,6 +239,7 @@ def _kind_name(kind) -> str:
 
 
 _SPECS_BY_ID: dict[int, _Spec] = {tid: _Spec(cls, tid) for tid, cls in m.MESSAGE_TYPES.items()}
+assert 1 + max(len(s.tuples) for s in _SPECS_BY_ID.values()) <= MAX_ARRAYS
 _SPECS: dict[type, _Spec] = {s.cls: s for s in _SPECS_BY_ID.values()}
 
 
@@ -234,12 +262,18 @@ class PeerCodec:
     for each message to send (stateless: any number of tasks may call it)."""
 
     __slots__ = ("max_frame", "_buf", "_pos", "_eof", "_error", "_large", "_want", "_filled",
-                 "_pool")
+                 "_pool", "_unpack")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_array_items: int | None = None):
         if max_frame < 16:
             raise ValueError(f"max_frame too small: {max_frame}")
         self.max_frame = max_frame
+        # msgpack's options for a frame (see MAX_ARRAYS): no map, arrays counted, and
+        # `max_array_items` each (a server's: requests; a reply may list a host's chunks)
+        self._unpack = {"raw": False, "use_list": False, "object_hook": _no_map,
+                        "list_hook": _arrays}
+        if max_array_items is not None:
+            self._unpack["max_array_len"] = max_array_items
         # received bytes; those before _pos are consumed. Frames are parsed in place and the
         # consumed prefix is dropped once per receive_data, not once per frame (a burst of
         # small frames would otherwise move the rest of the buffer for every one of them)
@@ -345,10 +379,12 @@ class PeerCodec:
         end = start + n
         try:
             if n < SPLIT_THRESHOLD:  # a copy is cheaper than a memoryview for small frames
-                obj = _unpackb(buf[start:end], raw=False, use_list=False)
+                _arrays_seen[0] = 0
+                obj = _unpackb(buf[start:end], **self._unpack)
             else:
                 with memoryview(buf) as view, view[start:end] as payload:
-                    obj = _unpackb(payload, raw=False, use_list=False)
+                    _arrays_seen[0] = 0
+                    obj = _unpackb(payload, **self._unpack)
         except Exception as exc:
             return self._fail(f"frame is not msgpack: {type(exc).__name__}: {exc}")
         if end == len(buf):  # everything consumed: reuse the buffer from its start
@@ -398,7 +434,8 @@ class PeerCodec:
             if event is not None:
                 return event
             with memoryview(large) as payload:
-                obj = _unpackb(payload, raw=False, use_list=False)
+                _arrays_seen[0] = 0
+                obj = _unpackb(payload, **self._unpack)
         except PeerProtocolError as exc:
             self._failed(str(exc), exc.code)
             raise

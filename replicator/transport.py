@@ -69,7 +69,8 @@ import trio
 from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
 
 from replicator import messages as m
-from replicator.codec import CLOSED, DEFAULT_MAX_FRAME, NEED_DATA, PeerCodec, frame, prepare
+from replicator.codec import (CLOSED, DEFAULT_MAX_FRAME, MAX_ARRAY_ITEMS, NEED_DATA, PeerCodec, frame,
+                             prepare)
 from replicator.errors import (
     AuthFailed,
     ClusterMismatch,
@@ -159,13 +160,14 @@ class _Link:
     requests, the client's requests) queuing wakes the writer task, which sends all that
     is queued at its turn. Only one of the two sends at a time (`sending`)."""
 
-    def __init__(self, stream: trio.SocketStream, max_frame: int, recv_size: int = RECV_SIZE):
+    def __init__(self, stream: trio.SocketStream, max_frame: int, recv_size: int = RECV_SIZE,
+                 max_array_items: int | None = None):
         self.stream = stream
         self.sock = stream.socket
         self.raw = plain_socket(self.sock)  # links are TCP streams: there always is one
         if self.raw is None:
             raise TypeError(f"a peer link needs a socket, not {self.sock!r}")
-        self.codec = PeerCodec(max_frame)
+        self.codec = PeerCodec(max_frame, max_array_items)
         self.out: list = []
         self.out_bytes = 0  # of `out` (a server session's backlog: MAX_REPLY_BACKLOG)
         self.queued = 0  # bytes ever queued: a frame's end is this after its _add
@@ -466,7 +468,7 @@ class _ServerSession:
                  prepare: Callable[[list], None] | None = None,
                  admission: _Admission | None = None, failures: LogLimit | None = None,
                  secret: bytes = b""):
-        self.link = _Link(stream, max_frame, HELLO_RECV)
+        self.link = _Link(stream, max_frame, HELLO_RECV, MAX_ARRAY_ITEMS)  # (requests)
         self.secret = secret
         self.admission = admission if admission is not None else _Admission()
         self.failures = failures if failures is not None else LogLimit()
