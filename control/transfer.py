@@ -243,12 +243,23 @@ _FORMAT_MAGIC = ((0, b"QFI\xfb", "qcow2"), (0, b"QED\x00", "qed"), (0, b"KDMV", 
 def image_format(path) -> str | None:
     """The name of the image format whose header `path` starts with, or None (raw, as far
     as its first bytes tell, or unreadable: the import itself says why). A raw disk may
-    start with such bytes (a qcow2 image stored on a block device): a hint, not a rule."""
+    start with such bytes (a qcow2 image stored on a block device): a hint, not a rule.
+    Opened without waiting (a FIFO's open waits for a writer, a terminal's read for a
+    line: `vbp volume import` hung there before import_file could refuse them), and only
+    a regular file or a block device is read."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(72)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return None  # (import_file refuses it, at once)
+        head = os.pread(fd, 72, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     for at, magic, name in _FORMAT_MAGIC:
         if head[at:at + len(magic)] == magic:
             return name

@@ -265,6 +265,18 @@ def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
     assert "not a regular file or block device" in str(got[0])
 
 
+def test_the_cli_refuses_a_named_pipe_without_waiting_for_a_writer(sandbox, tmp_path):
+    """The same through `vbp volume import`: its look at the image's first bytes (is it
+    a qcow2?) opened the FIFO first, and waited there for good."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    sandbox.vbp("volume", "create", "fifo-target", "--size", "4M", "--replicas", "1")
+    p = sandbox.vbp("volume", "import", fifo, "fifo-target", check=False, timeout=30)
+    assert p.returncode == 1, p.stderr
+    assert "not a regular file or block device" in p.stderr and p.stderr.count("\n") == 1
+    assert transfer.image_format(fifo) is None
+
+
 # --- a server that stops answering ----------------------------------------------------------
 
 
