@@ -290,3 +290,40 @@ def test_a_paged_range_whose_revision_is_compacted_meanwhile_reads_again(etcd_se
     finally:
         reg.close()
         other.close()
+
+
+def test_a_watch_on_a_member_that_never_answers_goes_to_another(cluster):
+    """The member the client talks to takes connections and answers nothing (frozen). A
+    change is made through another member. wait() and changes() waited out their time
+    and answered "nothing changed", every time, never trying another member: a host's
+    map watcher saw the map change only at its next full read. A watch the member never
+    confirmed is now "not known" (True, None), the client moves on, and the next watch,
+    through another member, tells the change."""
+    from vbp.registry.kv import Put
+
+    eps = [cluster.endpoint(i) for i in range(3)]
+    reg = open_registry("etcd://" + ",".join(eps))
+    other = open_registry(f"etcd://{eps[1]}")
+    try:
+        ok, rev = reg.kv.txn([], [Put(b"vbp/cluster/host/a", b"1")])
+        assert reg.kv.wait(b"vbp/cluster/", rev, 0.5) is False  # (confirmed, quiet)
+        assert reg.kv._cur == 0
+        cluster.pause(0)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # (the others elect a leader if member 0 led)
+                try:
+                    other.kv.txn([], [Put(b"vbp/cluster/host/a", b"2")])
+                    break
+                except RegistryUnavailable:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert reg.kv.wait(b"vbp/cluster/", rev, 1.0) is True
+            assert reg.kv._cur != 0
+            keys, at = reg.kv.changes(b"vbp/cluster/", rev, 5.0)
+            assert keys == [b"vbp/cluster/host/a"] and at > rev
+        finally:
+            cluster.resume(0)
+    finally:
+        reg.close()
+        other.close()

@@ -264,14 +264,24 @@ class EtcdKV:
         return bool(d.get("succeeded")), int(d["header"]["revision"])
 
     def _watch(self, prefix: bytes, after_rev: int, timeout: float):
-        """The answers (`result`s) of one watch stream from after_rev + 1, as they come,
-        until a read timeout (`timeout` with nothing more); a last None for a stream that
-        ended or broke (then the registry answered a read: else RegistryUnavailable), or
-        a compacted or cancelled watch: what came after is not known."""
+        """The answers (`result`s) of one watch stream of the changes after after_rev, as
+        they come, until a read timeout (`timeout` with nothing more) once the member
+        confirmed the watch; a last None for a stream that ended, broke or was never
+        confirmed (then the registry answered a read, maybe through another member: else
+        RegistryUnavailable), or a compacted or cancelled watch: what came after is not
+        known.
+
+        The stream starts at after_rev itself, its events there dropped: etcd (3.4) drops
+        a delete made at the very revision the history is compacted to, and a watch from
+        that revision neither tells it nor is cancelled as compacted, so the change was
+        lost; from the revision before, it is cancelled, and the caller reads again. And a
+        member that takes the connection but never answers (stopped, say) was taken for
+        one with nothing to tell, at every wait: the watch never went to another."""
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
-                                   "start_revision": str(after_rev + 1)}}
+                                   "start_revision": str(max(after_rev, 1))}}
         t = httpx.Timeout(CONNECT_TIMEOUT, read=max(timeout, 0.01))
         ep = self.endpoints[self._cur]
+        confirmed = False
         try:
             with self._client.stream("POST", f"http://{ep}/v3/watch", json=body, timeout=t) as r:
                 for line in r.iter_lines():
@@ -281,10 +291,20 @@ class EtcdKV:
                     if result.get("compact_revision") or result.get("canceled"):
                         yield None
                         return
+                    confirmed = True
+                    events = result.get("events")
+                    if events:
+                        new = [e for e in events
+                               if int(e.get("kv", {}).get("mod_revision", 0)) > after_rev]
+                        if len(new) != len(events):
+                            result = {**result, "events": new}
                     yield result
             yield None  # (the stream ended: nothing says what came after)
         except httpx.ReadTimeout:
-            return
+            if confirmed:
+                return
+            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})  # (as below)
+            yield None
         except (httpx.HTTPError, json.JSONDecodeError):
             # read again through _call, which fails over or reports the outage
             self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
