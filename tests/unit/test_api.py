@@ -268,15 +268,22 @@ def test_a_grow_racing_a_larger_grow_does_not_shrink_the_volume():
     assert raced[0].size == 12 * MiB and rec.size == 12 * MiB and not rec.cuts
 
 
-def test_an_abandoned_shrink_keeps_nothing_out():
-    """`vbp volume resize --force` killed while the gateway had not completed its shrink:
-    once past its time, a snapshot or another shrink replaces it; the lease holder never
-    completes it (it would discard what was written since)."""
+def _shrink_requested():
+    """A registry with a volume v of 4 MiB whose shrink to 1 MiB was requested (for a
+    minute) and not completed: (registry, the shrink's head)."""
     reg = open_registry(f"memory://api-{next(_n)}")
     api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
     head = reg.next_id(api.gen_counter(api.get_volume(reg, "v").lineage))
     reg.update_volume("v", lambda d: request_shrink(
         VolumeRecord.from_dict(d), MiB, head, time.time() + 60).to_dict())
+    return reg, head
+
+
+def test_an_abandoned_shrink_keeps_nothing_out():
+    """`vbp volume resize --force` killed while the gateway had not completed its shrink:
+    once past its time, a snapshot or another shrink replaces it; the lease holder never
+    completes it (it would discard what was written since)."""
+    reg, head = _shrink_requested()
     with pytest.raises(InvalidArgument, match="shrink of 'v' is in progress"):
         api.snapshot(reg, "v", "s", timeout=0.2)
     reg.update_volume("v", lambda d: {**d, "shrink_until": time.time() - 1})  # gave up
@@ -291,11 +298,7 @@ def test_a_grow_during_a_shrink_is_refused_and_one_after_an_abandoned_shrink_can
     a word. It is refused while the shrink is in progress; past the shrink's time (its
     requester gave up), it cancels the shrink in its transaction, so no completion can
     come after it."""
-    reg = open_registry(f"memory://api-{next(_n)}")
-    api.create_volume(reg, "v", 4 * MiB, replicas=1, chunk_size=MiB)
-    head = reg.next_id(api.gen_counter(api.get_volume(reg, "v").lineage))
-    reg.update_volume("v", lambda d: request_shrink(
-        VolumeRecord.from_dict(d), MiB, head, time.time() + 60).to_dict())
+    reg, head = _shrink_requested()
     with pytest.raises(InvalidArgument, match="shrink of 'v' is in progress"):
         api.resize(reg, "v", 8 * MiB)
     rec = api.get_volume(reg, "v")

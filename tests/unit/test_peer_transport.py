@@ -583,6 +583,23 @@ async def test_a_failed_connection_leaves_its_reader_no_waiter_to_answer():
             gate.set()
 
 
+@asynccontextmanager
+async def reads_unread(calls: list, n: int, length: int):
+    """A server noting in `calls` the chunk index of each ReadChunk it handles, and a raw
+    client that sent it `n` of `length` bytes each at once and reads no reply yet:
+    yields (its stream, its codec, n)."""
+    def handler(msg, peer):
+        calls.append(msg.index)
+        return ok_handler(msg, peer)
+
+    async with server(handler) as (address, _):
+        stream, codec = await raw_client(address)
+        read = m.ReadChunk("vol", "lin", 0, (1,), 0, length, 3)
+        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
+                                       for i in range(n)))
+        yield stream, codec, n
+
+
 async def test_a_peer_that_does_not_read_its_replies_is_pushed_back(monkeypatch):
     """Replies given at once (ReadChunk) are not requests in flight: a peer that sends
     many and reads none made the server queue every reply. Past MAX_REPLY_BACKLOG bytes
@@ -590,17 +607,7 @@ async def test_a_peer_that_does_not_read_its_replies_is_pushed_back(monkeypatch)
     every request is answered."""
     monkeypatch.setattr(transport, "MAX_REPLY_BACKLOG", 4 << 20)
     calls = []
-
-    def handler(msg, peer):
-        calls.append(msg.index)
-        return ok_handler(msg, peer)
-
-    async with server(handler) as (address, _):
-        stream, codec = await raw_client(address)
-        n = 400
-        read = m.ReadChunk("vol", "lin", 0, (1,), 0, 1 << 20, 3)
-        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
-                                       for i in range(n)))
+    async with reads_unread(calls, 400, 1 << 20) as (stream, codec, n):
         with trio.fail_after(5):
             while len(calls) < 4:
                 await trio.sleep(0.01)
@@ -622,17 +629,7 @@ async def test_large_replies_are_pushed_back_from_the_first_past_the_backlog(mon
     it stops the reading."""
     monkeypatch.setattr(transport, "MAX_REPLY_BACKLOG", 4 << 20)
     calls = []
-
-    def handler(msg, peer):
-        calls.append(msg.index)
-        return ok_handler(msg, peer)
-
-    async with server(handler) as (address, _):
-        stream, codec = await raw_client(address)
-        n = 8
-        read = m.ReadChunk("vol", "lin", 0, (1,), 0, 16 << 20, 3)
-        await stream.send_all(b"".join(codec.encode(i + 1, dataclasses.replace(read, index=i))
-                                       for i in range(n)))
+    async with reads_unread(calls, 8, 16 << 20) as (stream, codec, n):
         with trio.fail_after(5):
             while not calls:
                 await trio.sleep(0.01)
