@@ -99,6 +99,7 @@ def _arrays(array):
         raise ValueError(f"more than {MAX_ARRAYS} arrays in one frame")
     return array
 
+
 MAX_ARRAY_ITEMS = 1 << 20  # (a chain of generations, the longest array of a request, holds
 # one per snapshot ever taken of the volume, which the registry's record bounds far below)
 
@@ -379,12 +380,10 @@ class PeerCodec:
         end = start + n
         try:
             if n < SPLIT_THRESHOLD:  # a copy is cheaper than a memoryview for small frames
-                _arrays_seen[0] = 0
-                obj = _unpackb(buf[start:end], **self._unpack)
+                obj = self._msgpack(buf[start:end])
             else:
                 with memoryview(buf) as view, view[start:end] as payload:
-                    _arrays_seen[0] = 0
-                    obj = _unpackb(payload, **self._unpack)
+                    obj = self._msgpack(payload)
         except Exception as exc:
             return self._fail(f"frame is not msgpack: {type(exc).__name__}: {exc}")
         if end == len(buf):  # everything consumed: reuse the buffer from its start
@@ -434,8 +433,7 @@ class PeerCodec:
             if event is not None:
                 return event
             with memoryview(large) as payload:
-                _arrays_seen[0] = 0
-                obj = _unpackb(payload, **self._unpack)
+                obj = self._msgpack(payload)
         except PeerProtocolError as exc:
             self._failed(str(exc), exc.code)
             raise
@@ -464,6 +462,11 @@ class PeerCodec:
         self._large = None
         self._filled = 0
         self._pool = []
+
+    def _msgpack(self, payload):
+        """The objects of one frame's msgpack, under the codec's limits (MAX_ARRAYS)."""
+        _arrays_seen[0] = 0
+        return _unpackb(payload, **self._unpack)
 
     def _decode(self, obj):
         # Ok, every write's reply, by hand: the same checks and result as below, cheaper

@@ -442,12 +442,19 @@ class Resync:
         a generation is written only while it is the head, and made only by its first
         write (which a resync refuses meanwhile). Counting them, a guest writing the
         head kept a snapshot's generation missing here from being made for good."""
+        if self._recent_writes(lineage, index, gen, start, end):
+            raise ChunkBusy()
+
+    def _recent_writes(self, lineage: str, index: int, gen: int, start: int = 0,
+                       end: int | None = None) -> list[tuple[int, int]]:
+        """(start, end) of each client write to generation `gen` of the chunk that
+        reached this copy since the pass's window began (`_quiet_since`), of those
+        overlapping [start, end) (`end` None: anywhere in the chunk)."""
         if self.replica is None:
-            return
+            return []
         quiet = self._quiet_since
-        for t, a, b, g in self.replica.written.get((lineage, index), ()):
-            if t > quiet and g == gen and (end is None or (a < end and start < b)):
-                raise ChunkBusy()
+        return [(a, b) for t, a, b, g in self.replica.written.get((lineage, index), ())
+                if t > quiet and g == gen and (end is None or (a < end and start < b))]
 
     def _keep_recent(self, lineage: str, index: int, gen: int, key: ChunkKey, off: int,
                      length: int, data):
@@ -459,12 +466,9 @@ class Resync:
         instead, a stale page that a guest kept writing a part of (a 512-byte sector) at
         least once a window never converged: its other bytes stayed the stale ones.
         ChunkBusy if this copy's bytes there cannot be read."""
-        if self.replica is None:
-            return data
-        quiet, end = self._quiet_since, off + length
+        end = off + length
         keep = [(max(a, off), min(b, end))
-                for t, a, b, g in self.replica.written.get((lineage, index), ())
-                if t > quiet and g == gen and a < end and off < b]
+                for a, b in self._recent_writes(lineage, index, gen, off, end)]
         if not keep:
             return data
         buf = bytearray(length) if data is None else bytearray(data)

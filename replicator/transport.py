@@ -69,8 +69,8 @@ import trio
 from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
 
 from replicator import messages as m
-from replicator.codec import (CLOSED, DEFAULT_MAX_FRAME, MAX_ARRAY_ITEMS, NEED_DATA, PeerCodec, frame,
-                             prepare)
+from replicator.codec import (CLOSED, DEFAULT_MAX_FRAME, MAX_ARRAY_ITEMS, NEED_DATA, PeerCodec,
+                              frame, prepare)
 from replicator.errors import (
     AuthFailed,
     ClusterMismatch,

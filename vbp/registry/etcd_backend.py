@@ -300,12 +300,9 @@ class EtcdKV:
                             result = {**result, "events": new}
                     yield result
             yield None  # (the stream ended: nothing says what came after)
-        except httpx.ReadTimeout:
-            if confirmed:
-                return
-            self._call("kv/range", {"key": _b64(prefix), "limit": "1"})  # (as below)
-            yield None
-        except (httpx.HTTPError, json.JSONDecodeError):
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            if confirmed and isinstance(e, httpx.ReadTimeout):
+                return  # (nothing more within `timeout`)
             # read again through _call, which fails over or reports the outage
             self._call("kv/range", {"key": _b64(prefix), "limit": "1"})
             yield None
