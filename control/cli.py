@@ -790,9 +790,13 @@ def volume_import(state, file, name, force, host, timeout, tls):
         click.echo(f"vbp: warning: {file} starts with a {kind} header: import copies raw "
                    f"bytes, so the volume gets the {kind} container, not the disk in it "
                    f"(convert it first: qemu-img convert -O raw {file} {file}.raw)", err=True)
-    with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
-        stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
-                                     tls_certificates=tls)
+    try:
+        with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
+            stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
+                                         tls_certificates=tls)
+    except KeyboardInterrupt:  # (click's "Aborted!" would not say what the volume holds)
+        fail(f"interrupted: volume {name} may hold part of {file} over what it held "
+             f"before; import again to complete it", 130)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"imported {file} into {name}:", stats)))
 

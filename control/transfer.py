@@ -285,6 +285,11 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
             raise InvalidArgument(f"{path}: is a directory")
         if stat.S_ISREG(st.st_mode):
             fsize = st.st_size
+            if not fsize and os.pread(fd, 1, 0):
+                # (procfs and sysfs files say 0 and are read by their contents; taken as
+                # 0 bytes, the import wrote the volume full of zeroes)
+                raise InvalidArgument(f"{path}: says it is empty but reads data (a file "
+                                      f"of /proc or /sys?): copy it to a file first")
         elif stat.S_ISBLK(st.st_mode):
             fsize = os.lseek(fd, 0, os.SEEK_END)
         else:

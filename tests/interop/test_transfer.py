@@ -20,6 +20,7 @@ import threading
 import time
 import tracemalloc
 from contextlib import contextmanager
+from pathlib import Path
 
 import nbd  # python3-libnbd: make test installs it
 import pytest
@@ -690,6 +691,48 @@ def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig
     assert p.returncode != 0 and "Traceback" not in err, err
     assert out.read_bytes() == b"yesterday's backup" * 1000
     assert [x.name for x in out_dir.iterdir()] == ["v.raw"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_cli_import_says_the_volume_is_partly_overwritten(tmp_path, sig):
+    """An import stopped half-way leaves the volume with some of the image over its old
+    contents. It said only click's "Aborted!" (a SIGTERM: the same), which an operator
+    could take for "nothing happened"."""
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"new image" * (8 * MiB // 9) + b"x" * (8 * MiB % 9))
+    log = tmp_path / "nbdkit.log"
+    with pool_on_nbdkit(tmp_path, "--filter=log", "--filter=delay", "memory", "size=8M",
+                        "delay-write=3600", f"logfile={log}") as url:
+        p = subprocess.Popen([sys.executable, "-m", "control.cli", "--registry", url, "volume",
+                              "import", str(image), "v"], cwd=ROOT,
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(200):  # until the copy is under way: the server has a WRITE
+                if (log.exists() and " Write " in log.read_text()) or p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None and " Write " in log.read_text()
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=10)
+        finally:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert err == (f"vbp: error: interrupted: volume v may hold part of {image} over what "
+                   f"it held before; import again to complete it\n"), err
+
+
+def test_a_pseudo_file_that_says_it_is_empty_is_refused(tmp_path):
+    """A /proc file is a regular file of size 0 that reads its contents: imported as
+    0 bytes, the volume was written full of zeroes. Refused before any connection."""
+    proc = Path("/proc/self/status")
+    assert proc.stat().st_size == 0 and proc.read_bytes()
+    with pytest.raises(InvalidArgument, match="says it is empty but reads data"):
+        import_file(proc, "nbd://127.0.0.1:1/never")
+    empty = tmp_path / "empty.raw"  # (a file that is empty: the volume reads as zeroes)
+    empty.touch()
+    with pytest.raises(TransferError):  # (no server there: past the file's checks)
+        import_file(empty, "nbd://127.0.0.1:1/never", timeout=2)
 
 
 def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path):
