@@ -1069,12 +1069,18 @@ class VolumeGateway:
             # says: exactly the bytes it should hold, whatever the peer's state (a copy
             # gone stale that no map here shows yet answers older bytes, which would pass
             # every checksum from then on). The rest is left to the next read or scrub.
+            # And of those, only the pages that fail here: a 1 MiB read with one damaged
+            # page wrote all 256 again.
             key = ChunkKey(self.lineage, p.index, gen)
             version, sums = self.store.page_checksums(key)
             mv = memoryview(data)
-            first = (p.offset + PAGE_SIZE - 1) // PAGE_SIZE
+            failing = self.store.failing_pages(key, p.offset, p.length)
+            if not failing:
+                log.info("volume=%s chunk=%d event=repair_skipped reason=nothing_fails",
+                         self.name, p.index)
+                return
             runs: list[list[int]] = []
-            for page in range(first, (p.offset + p.length) // PAGE_SIZE):
+            for page in failing:
                 at = page * PAGE_SIZE - p.offset
                 s = sums[page]
                 if s and page_checksum(mv[at:at + PAGE_SIZE]) == s:

@@ -671,6 +671,24 @@ class ChunkStore:
             suspects += self._suspects(c, start, n, buf)
         return self._confirmed(c, suspects)
 
+    def failing_pages(self, key: ChunkKey, offset: int, length: int) -> list[int]:
+        """The pages that `length` bytes at `offset` of `key` cover whole and whose bytes
+        fail their checksum now (unreadable ones too, holes never; not counted: the read
+        that met them counted its own): what a read repair has to write again."""
+        c = self._get(key)
+        check_range(offset, length, c.cs)
+        start = (offset + PAGE_MASK) & ~PAGE_MASK
+        n = ((offset + length) & ~PAGE_MASK) - start
+        if n <= 0:
+            return []
+        try:
+            buf = pread_full(c.space.fd, n, c.dbase + start)
+        except OSError as e:  # (the pages the disk cannot read: _suspects with None)
+            if e.errno != errno.EIO:
+                raise
+            buf = None
+        return self._suspects(c, start, n, buf)
+
     async def verify_soon(self, key: ChunkKey) -> list[int]:
         """verify(), with the event loop free while the disk is read. Each step's bytes are
         read in a worker thread and checked on the loop against the checksums as they are

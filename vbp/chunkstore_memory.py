@@ -125,6 +125,13 @@ class MemoryChunkStore:
         self._checksum_errors += len(bad)
         return bad
 
+    def failing_pages(self, key: ChunkKey, offset: int, length: int) -> list[int]:
+        c = self._get(key)
+        check_range(offset, length, c.cs)
+        first, end = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+        return sorted(p for p, (data, s) in c.pages.items()
+                      if first <= p < end and page_checksum(data) != s)
+
     def _get(self, key) -> _MemChunk:
         c = self._chunks.get(key)
         if c is None:

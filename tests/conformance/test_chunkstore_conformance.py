@@ -374,6 +374,25 @@ def test_verify_finds_rotten_pages(factory, store):
         store.verify(ChunkKey("nope", 0, 0))
 
 
+def test_failing_pages_names_the_whole_pages_of_a_range_that_fail_uncounted(factory, store):
+    store.write(K, 0, pattern(16, 12 * PAGE_SIZE), chunk_size=CS)
+    factory.corrupt(store, K, 3)
+    factory.corrupt(store, K, 9)
+    assert store.failing_pages(K, 0, CS) == [3, 9]
+    assert store.failing_pages(K, 3 * PAGE_SIZE, PAGE_SIZE) == [3]
+    assert store.failing_pages(K, 4 * PAGE_SIZE, 5 * PAGE_SIZE) == []  # (4..8)
+    # whole pages only: a range ending inside page 9, or starting inside page 3
+    assert store.failing_pages(K, 3 * PAGE_SIZE + 1, 6 * PAGE_SIZE + 99) == []  # (4..8)
+    assert store.failing_pages(K, 3 * PAGE_SIZE + 1, 7 * PAGE_SIZE - 1) == [9]  # (4..9)
+    assert store.failing_pages(K, 100, 10) == []
+    assert store.failing_pages(K, 14 * PAGE_SIZE, PAGE_SIZE) == []  # (a hole)
+    assert store.stats().checksum_errors == 0
+    with pytest.raises(InvalidArgument):
+        store.failing_pages(K, CS - PAGE_SIZE, 2 * PAGE_SIZE)
+    with pytest.raises(NotFound):
+        store.failing_pages(ChunkKey("nope", 0, 0), 0, PAGE_SIZE)
+
+
 def test_check_reports_pages_that_disagree_with_their_checksums(factory, store):
     store.write(K, 0, pattern(15, 3 * PAGE_SIZE), chunk_size=CS)
     store.write(ChunkKey("lin", 1, 1), PAGE_SIZE, b"x", chunk_size=CS)

@@ -127,6 +127,33 @@ def test_read_repair_fixes_a_page_that_failed_its_checksum():
     in_pool(body)
 
 
+def test_read_repair_writes_only_the_pages_that_fail():
+    """A 1 MiB read that meets one damaged page repairs that page: it wrote all 256 pages
+    of the read again (the same bytes, checked against their checksums, but 1 MiB of
+    writing and dirty cache for 4 KiB of damage)."""
+    async def body(sim, rec, gw, a, b):
+        data = bytes(range(256)) * (MiB // 256)
+        await call(gw.write(0, data, False))
+        key = ChunkKey(rec.lineage, 0, rec.head)
+        store_a = sim.hosts[a].store
+        store_a.corrupt(key, 5)
+        store_a.corrupt(key, 7)
+        writes = []
+        real = store_a.write
+
+        def write(k, offset, buf, **kw):
+            writes.append((offset, len(buf)))
+            return real(k, offset, buf, **kw)
+
+        store_a.write = write
+        await trio.sleep(0.01)
+        assert await read(gw, 0, MiB) == data
+        assert writes == [(5 * 4096, 4096), (7 * 4096, 4096)]
+        assert store_a.read(key, 0, MiB) == data  # no ChecksumError: repaired
+
+    in_pool(body)
+
+
 # --- read plans (VolumeGateway.read_ref keeps what it looked up per chunk) ----------------
 
 
