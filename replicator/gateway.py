@@ -2843,7 +2843,7 @@ class VolumeGateway:
         prev = self._flushing
         if prev is not None and prev.done.is_set() and prev.left is None:
             prev = self._flushing = None  # (one cancelled still owes what it left: kept)
-        prior, self._prior = self._prior, None
+        prior = self._prior  # (left there until a flush waited it out: _flush_after)
         local = set(hosts) <= {self.host_id}
         ahead = self.store.sync_ahead() if local else None
         if local and prev is None and ahead is None and prior is None:
@@ -2892,8 +2892,14 @@ class VolumeGateway:
     def owes_flush(self) -> bool:
         """Something answered here may not be durable on every copy yet beyond this host's
         own store: writes in flight, writes to other hosts since the last flush, a flush
-        under way or one whose client went away (what a close must flush: after_close)."""
-        return bool(self._inflight or self._flushing is not None
+        under way or one whose client went away (what a close must flush: after_close);
+        or what this gateway owes the flushes after it: the close flush of the one before
+        it not waited out yet (after_close), a failure no client was told (flush_unasked).
+        A gateway opened and closed with no FLUSH between (a probe: nbdinfo, qemu-img
+        info) took the one before it's close flush, and dropped it."""
+        prior = self._prior
+        return bool(self._inflight or self._flushing is not None or self._untold is not None
+                    or prior is not None and (not prior.done.is_set() or prior.error is not None)
                     or any(h != self.host_id for h in self._unflushed))
 
     async def _flush_after(self, prev: _Flush | None, mine: _Flush, hosts, sent_at,
@@ -2902,7 +2908,11 @@ class VolumeGateway:
             await self._flush_hosts(hosts, sent_at, ahead)
             hosts, sent_at = {}, {}  # (durable)
             if prior is not None:
+                # Until now the next flush would still wait for it: one cancelled (its
+                # client went away) or failed before here must not take it along.
                 await prior.done.wait()
+                if self._prior is prior:
+                    self._prior = None
                 if prior.error is not None:
                     raise _flush_failed(f"the flush of {self.name} when its last connection "
                                         f"here closed", prior.error)

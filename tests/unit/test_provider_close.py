@@ -255,3 +255,117 @@ async def test_a_close_flush_that_failed_is_not_reported_to_a_clone_made_again_u
         with trio.fail_after(10):
             await flushed(again)
         again.close()
+
+
+# --- what a gateway owes the flushes after it (found by a review) ------------------------
+
+
+def _slow_flushes(replicas, host, release):
+    """A handler for `host` whose Flush waits for `release`."""
+    def handle(msg, peer=None):
+        if type(msg) is m.Flush:
+            async def slow():
+                await release.wait()
+                return await _result(replicas[host].handle(msg, peer))
+            return slow()
+        return replicas[host].handle(msg, peer)
+    return handle
+
+
+async def answered_only_after(gw, replicas, release) -> None:
+    """gw's FLUSH is not answered while h2 has not synced (its Flush held back until
+    `release`), and is once it did."""
+    done = trio.Event()
+
+    async def flush():
+        await flushed(gw)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        await trio.sleep(0.5)
+        assert not done.is_set() and unsynced(replicas)["h2"], (
+            "FLUSH answered while a write answered before it is not synced on h2")
+        release.set()
+        with trio.fail_after(10):
+            await done.wait()
+    assert unsynced(replicas) == {"h1": False, "h2": False, "h3": False}
+
+
+async def test_a_connection_that_never_flushes_passes_the_close_flush_on():
+    """A probe (nbdinfo, qemu-img info) opens and closes the volume while the close flush
+    of the connection before it is under way: the gateway it opened took that flush over,
+    never flushed, and owed nothing at its close, so the flush was dropped and the
+    next connection's FLUSH was answered while h2 had not synced."""
+    replicas = {}
+    release = trio.Event()
+    async with three_hosts({"h2": _slow_flushes(replicas, "h2", release)}) as (reg, found,
+                                                                               provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()  # its close flush waits for h2
+        probe = await provider.open_export("v")
+        probe.close()
+        await answered_only_after(await provider.open_export("v"), replicas, release)
+
+
+async def test_a_flush_whose_client_went_away_leaves_the_close_flush_to_the_next():
+    """The first FLUSH after a reconnect takes the close flush to wait for, and its client
+    goes away before it ends: the next FLUSH (on another connection of the same gateway,
+    multi-conn) must still wait for it; it was answered at once."""
+    replicas = {}
+    release = trio.Event()
+    async with three_hosts({"h2": _slow_flushes(replicas, "h2", release)}) as (reg, found,
+                                                                               provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()
+        first = await provider.open_export("v")
+        second = await provider.open_export("v")
+        assert first is second
+        with trio.move_on_after(0.3):  # (its client goes away)
+            await flushed(first)
+        await answered_only_after(second, replicas, release)
+
+
+async def test_a_failed_close_flush_is_told_after_a_connection_that_never_flushed():
+    """The close flush failed (below min_size); a probe opens and closes the volume with no
+    FLUSH. The next connection's first FLUSH must fail with it, as it does without the
+    probe; the probe's gateway dropped it."""
+    async with close_flush_failed() as (reg, provider):
+        probe = await provider.open_export("v")
+        probe.close()
+        await lease_given_back(reg)
+        await first_flush_fails_once(await provider.open_export("v"))
+
+
+async def test_a_failure_no_client_was_told_outlives_the_gateway():
+    """A flush for a host asking for the lease (flush_unasked) fails below min_size and
+    keeps its failure for the next client FLUSH; a later one succeeds, so nothing is left
+    unflushed. The last connection then closes with no FLUSH: the failure goes to the
+    next connection's first FLUSH, as a close flush's would (it was dropped)."""
+    replicas = {}
+    failing = True
+
+    def refusing(h):
+        def handle(msg, peer=None):
+            if failing and type(msg) is m.Flush:
+                raise LocalFault(f"{h} cannot sync")
+            return replicas[h].handle(msg, peer)
+        return handle
+
+    async with three_hosts({"h2": refusing("h2"), "h3": refusing("h3")}) as (reg, found,
+                                                                             provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        with trio.fail_after(10), pytest.raises(VbpError):
+            await gw.flush_unasked()
+        failing = False
+        with trio.fail_after(10):
+            await gw.flush_unasked()
+        gw.close()
+        await lease_given_back(reg)
+        await first_flush_fails_once(await provider.open_export("v"))
