@@ -3122,8 +3122,10 @@ class VolumeGateway:
             stale = self.stale.get(p.index, ())
             for h in self.cluster.replicas(self.lineage, p.index, self.n):
                 # (as reads: a copy recorded stale, which may not know it yet, may lack the
-                # chunk and would report a hole over written data)
-                if h in stale or not self.cluster.is_up(h):
+                # chunk and would report a hole over written data; and this host's own,
+                # which block_status did not take (not current, or not known to be), asked
+                # through the peer protocol, would answer all the same)
+                if h == self.host_id or h in stale or not self.cluster.is_up(h):
                     continue
                 try:
                     reply = await self._call(h, msg)

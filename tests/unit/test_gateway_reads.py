@@ -367,6 +367,35 @@ def test_what_a_gateway_keeps_per_chunk_for_writes_is_bounded(monkeypatch):
     run(main)
 
 
+def test_block_status_never_asks_this_hosts_copy_when_reads_do_not_trust_it():
+    """A holder past its lease and its serving time (another gateway may have taken the
+    volume over and written) reads from the other copies, never its own. Block status
+    took the remote path too, and asked its own copy there first, over the peer
+    protocol: it reported a hole where reads return the other copy's data, and a client
+    copying by block status (nbdcopy, qemu-img convert) skips those bytes. (Found by a
+    review.)"""
+    async def main():
+        sim = Sim(5, hosts=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", 2 * MiB, replicas=2, min_size=1)
+            first, other = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            here, there = sim.hosts[first], sim.hosts[other]  # (this host asked first)
+            gw = await here.provider.open_export("v")
+            await call(gw.write(0, b"A" * 4096, False))  # takes the lease; chunk 0 here
+            # a write this host's copy missed (another holder's, after this one's lease)
+            there.replica.write("v", rec.lineage, 0, gw.gen, gw.chain, 4096, b"B" * 4096,
+                                rec.chunk_size, 0, False, there.cluster.epoch, gw.token)
+            gw.lease_deadline = gw.serve_until = trio.current_time() - 1
+            assert not gw._own_current()
+            assert await read(gw, 4096, 4096) == b"B" * 4096  # the other copy's bytes
+            assert await call(gw.block_status(4096, 4096)) == [(4096, 0)]  # data, no hole
+            gw.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_block_status_never_asks_a_copy_recorded_stale():
     """This host's copy failed the write that made chunk 0 (b took it, min_size=1) and is
     recorded stale, before its replica has heard so. Block status goes to the current
