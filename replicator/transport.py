@@ -20,7 +20,10 @@ failure logged, with that id as the current one. An exception from the handler b
 `Error` reply (replicator.errors) and the connection lives on; only a protocol error or a broken socket closes it. At most
 `max_in_flight` awaitable requests run per connection: past that the reader stops reading
 and TCP pushes back on the sender; so it does past MAX_REPLY_BACKLOG bytes of replies
-unsent, and a peer that takes none of them for `send_timeout` loses its connection. An
+unsent, and a peer that takes none of them for `send_timeout` loses its connection. A
+peer host that connects again supersedes its earlier connection, which then handles none
+of the requests it still holds (_ServerSession._supersede: they would land after the new
+connection's, older writes over newer). An
 optional `prepare(batch)` sees the (request id, message) pairs of each batch before any
 of them is handled (the replica marks the chunks the batch writes dirty in one commit:
 Replica.prepare); a batch is what one receive completed.
@@ -392,6 +395,7 @@ async def serve_peers(
     bound_port = listeners[0].socket.getsockname()[1]
     boot = secrets.token_hex(8)
     admission = _Admission()
+    newest: dict[str, _ServerSession] = {}  # peer host id -> its last connection (superseded)
     # the lines of requests failed unexpectedly, per peer and failure: a failing disk
     # fails every one (vbp.loglimit)
     failures = LogLimit()
@@ -399,7 +403,8 @@ async def serve_peers(
     async def serve_one(stream: trio.SocketStream) -> None:
         session = _ServerSession(stream, handler, cluster, host_id, max_in_flight, max_frame,
                                  boot=boot, peer_rev=peer_rev, prepare=prepare,
-                                 admission=admission, failures=failures, secret=secret)
+                                 admission=admission, failures=failures, secret=secret,
+                                 newest=newest)
         session.link.send_timeout = send_timeout
         try:
             await session.run()
@@ -467,8 +472,10 @@ class _ServerSession:
                  boot: str, peer_rev: Callable[[str], int],
                  prepare: Callable[[list], None] | None = None,
                  admission: _Admission | None = None, failures: LogLimit | None = None,
-                 secret: bytes = b""):
+                 secret: bytes = b"", newest: dict | None = None):
         self.link = _Link(stream, max_frame, HELLO_RECV, MAX_ARRAY_ITEMS)  # (requests)
+        self.newest = newest if newest is not None else {}
+        self.superseded = False  # the peer connected again since: _supersede
         self.secret = secret
         self.admission = admission if admission is not None else _Admission()
         self.failures = failures if failures is not None else LogLimit()
@@ -491,6 +498,26 @@ class _ServerSession:
         finally:
             if self.address:  # (admitted by the handshake)
                 self.admission.give(self.address)
+            if self.newest.get(self.peer) is self:
+                del self.newest[self.peer]
+
+    def _supersede(self) -> None:
+        """This session is its peer's connection from now on: an earlier one of the same
+        host (self.peer) handles no more of its requests. The peer opened this one because
+        it gave that one up (dead, or silent for a whole request timeout: PeerPool), and
+        failed every call still pending there; it recorded this host stale where those
+        were writes, and goes on writing here. Were the earlier session to handle the
+        requests it holds, received and not handled yet (its reader waiting for room past
+        max_in_flight, behind stalled syncs), it would apply older writes over the newer
+        ones of this connection: a copy differing from the others once its stale record
+        is cleared. Their outcome was unknown to the peer; now they are not applied."""
+        old = self.newest.get(self.peer)
+        self.newest[self.peer] = self
+        if old is not None and old is not self:
+            old.superseded = True
+            old.room.unpark_all()
+            log.info("peer %s connected again: its earlier connection handles no more of "
+                     "its requests", self.peer)
 
     async def _run(self) -> None:
         link = self.link
@@ -500,6 +527,7 @@ class _ServerSession:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if not await self.handshake():
                     return
+            self._supersede()
             link.codec.max_frame = max_frame  # (frames behind the Hello are not parsed yet)
             link.set_recv_size(RECV_SIZE)
             async with trio.open_nursery() as nursery:
@@ -623,8 +651,10 @@ class _ServerSession:
                     if self.in_flight >= self.max_in_flight:  # the rest waits its turn
                         link.held = False
                         link.push()
-                        while self.in_flight >= self.max_in_flight:
+                        while self.in_flight >= self.max_in_flight and not self.superseded:
                             await self.room.park()
+                        if self.superseded:  # (after each wait: _supersede)
+                            return
                         link.held = True
                     dispatch(*event)
                     # (pushed every REPLY_EARLY replies: the gateway can start on these;
@@ -634,6 +664,8 @@ class _ServerSession:
                         if link.out_bytes > MAX_REPLY_BACKLOG:  # (the socket is full)
                             link.held = False
                             await link.drain()
+                            if self.superseded:
+                                return
                             link.held = True
             finally:
                 link.held = False
@@ -645,6 +677,8 @@ class _ServerSession:
             if end is not NEED_DATA:
                 raise end  # a bad frame, after the good ones before it were answered
             await link.receive()
+            if self.superseded:
+                return
 
     def take_batch(self, codec: PeerCodec) -> tuple[list, Any]:
         """Every complete frame received, decoded: ([(request id, message)], what ended
