@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import struct
+import threading
 import time
 
 import pytest
@@ -70,6 +71,17 @@ class Writer:
                 off, seq, _ = pending.pop(cookie)  # (aio_command_completed raised on error)
                 busy.discard(off)
                 self.acked[off] = seq
+        h.flush()
+
+    def write_fresh(self, h, base: int, n: int) -> None:
+        """`n` writes at random in the 16 MiB from `base`, chunks no write reached before
+        (flushed): a copy down meanwhile never held them, so its own recovery at restart
+        knows nothing of them, and only the gateway's stale records bring them there."""
+        for _ in range(n):
+            self.seq += 1
+            off = base + self.rng.randrange(16 * MiB // BLOCK) * BLOCK
+            h.pwrite(payload(self.seq, off), off)
+            self.acked[off] = self.seq
         h.flush()
 
     def verify(self, h) -> None:
@@ -156,11 +168,25 @@ def compare_replicas(sb: SandboxHandle, volume: str, writer: Writer) -> None:
             st.close()
 
 
-def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int) -> None:
+def during(burst, action, after: float = 0.1) -> None:
+    """`action()` from another thread `after` seconds into `burst()`, with writes in
+    flight (a burst shorter than that sees it at its end)."""
+    t = threading.Timer(after, action)
+    t.start()
+    try:
+        burst()
+    finally:
+        t.join()
+
+
+def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int,
+                                 in_flight: bool = False) -> None:
     """Fault test 1: `burst(writer, handle)` writes through host1 (the gateway) before,
-    while and after `host` (a replica of every chunk) is SIGKILLed and restarted. No write
-    may fail (2 of 3 replicas >= min_size), and every acknowledged one reads back, through
-    the gateway and from every replica's own store."""
+    while and after `host` (a replica of every chunk) is SIGKILLed and restarted; while it
+    is down, also to chunks no write reached before (their only record of the missed
+    writes is the gateway's). `in_flight`: the kill and the restart come in the middle of
+    a burst. No write may fail (2 of 3 replicas >= min_size), and every acknowledged one
+    reads back, through the gateway and from every replica's own store."""
     sb = start(tmp_path)
     try:
         sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
@@ -168,9 +194,16 @@ def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int) -> None:
         w = Writer(32 * MiB, seed=seed)
         h = connect(sb.uri("r3", 0))
         burst(w, h)
-        kill(sb, host)
-        burst(w, h)
-        restart(sb)
+        if in_flight:
+            during(lambda: burst(w, h), lambda: kill(sb, host))
+        else:
+            kill(sb, host)
+            burst(w, h)
+        w.write_fresh(h, 32 * MiB, 100)
+        if in_flight:
+            during(lambda: burst(w, h), lambda: restart(sb))
+        else:
+            restart(sb)
         burst(w, h)
         w.verify(h)
         h.shutdown()
@@ -189,7 +222,7 @@ def test_replica_killed_under_writes_in_flight_no_write_fails_or_is_lost(tmp_pat
     """With a guest's queue depth: 32 writes in flight, so the replicas get the writes in
     WriteBatch frames."""
     replica_killed_and_restarted(tmp_path, lambda w, h: w.write_in_flight(h, 3000), seed=4,
-                                 host=1)
+                                 host=1, in_flight=True)
 
 
 def test_gateway_killed_client_reconnects_elsewhere(tmp_path):
@@ -204,11 +237,22 @@ def test_gateway_killed_client_reconnects_elsewhere(tmp_path):
             off = w.rng.randrange(w.region // BLOCK) * BLOCK
             h.pwrite(payload(w.seq, off), off)
             w.acked[off] = w.seq
-        kill(sb, 0)  # the gateway dies
-        h2 = connect(sb.uri("g3", 1))  # the client reconnects to another host
-        t0 = time.monotonic()
-        w.write(h2, 100)  # the first write waits for the old lease to expire, then goes on
-        assert time.monotonic() - t0 < 30
+        from vbp.registry import open_registry
+
+        with open_registry(sb.registry) as reg:
+            old = reg.get_lease("g3")  # (renewed after this, it expires later still)
+            assert old is not None and old.holder == "host1", old
+            kill(sb, 0)  # the gateway dies
+            h2 = connect(sb.uri("g3", 1))  # the client reconnects to another host
+            t0 = time.monotonic()
+            w.write(h2, 1)  # the first write waits for the old lease to expire, then goes on
+            taken_at = time.time()
+            assert time.monotonic() - t0 < 30
+            new = reg.get_lease("g3")
+        assert new.holder == "host2" and new.token > old.token, (old, new)
+        assert taken_at >= old.expires, (
+            f"host2 wrote {old.expires - taken_at:.2f}s before host1's lease expired")
+        w.write(h2, 99)
         w.verify(h2)
         h2.shutdown()
         h3 = connect(sb.uri("g3", 2))
