@@ -63,6 +63,7 @@ import logging
 import math
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import replace as dc_replace
 from functools import partial
 
@@ -480,6 +481,8 @@ class VolumeGateway:
         # chunk index -> {host: count} of stale marks under way (_mark_stale awaiting the
         # registry): the registry may not show them yet, so reads of it count them too
         self._marking: dict[int, dict[str, int]] = {}
+        # the marks begun while each read of the stale records now out is (_marks_during)
+        self._reads: list[dict[int, set]] = []
         # host -> chunk indexes written there since the last flush
         self._unflushed: dict[str, set[int]] = {}
         # remote host -> PeerPool.incarnation of it when the earliest of those writes was
@@ -561,26 +564,45 @@ class VolumeGateway:
         """Our stale map from the registry's records, `await read(lineage)` now: the map
         as it is before the read, and adopt_stale."""
         before = dict(self.stale)
-        self.adopt_stale(before, await read(self.lineage))
+        with self._marks_during() as marked:
+            fresh = await read(self.lineage)
+        self.adopt_stale(before, fresh, marked)
 
-    def adopt_stale(self, before: dict, fresh: dict) -> None:
+    def adopt_stale(self, before: dict, fresh: dict, marked: dict | None = None) -> None:
         """Take `fresh`, the registry's stale records read while our map was `before` (a
         copy taken before the read), as our map: what this gateway added to it meanwhile
-        (a failure, its mark perhaps landing after the read) and the marks still under
-        way stay; the rest is the registry's word."""
+        (a failure, its mark perhaps landing after the read), the marks begun meanwhile
+        (`marked`: _marks_during) and those still under way stay; the rest is the
+        registry's word."""
         out = dict(fresh)
         for index in set(self.stale) | set(self._marking):
-            merged = self._merged_stale(index, before.get(index, ()), fresh.get(index, ()))
+            merged = self._merged_stale(index, before.get(index, ()), fresh.get(index, ()),
+                                        marked)
             if merged:
                 out[index] = merged
         self.stale = out
 
-    def _merged_stale(self, index: int, before, fresh) -> frozenset:
+    def _merged_stale(self, index: int, before, fresh, marked: dict | None = None) -> frozenset:
         """Chunk `index`'s stale hosts once `fresh` (what a read of the registry, begun
         when our map named `before`, says) is taken in: those, what our map gained since
-        `before`, and the marks still under way."""
+        `before`, the marks begun since (`marked`) and the marks still under way. A mark
+        begun and done while the read was out, of a host `before` named already (a copy
+        resynced, its record cleared, that a new write then missed), is in none of the
+        others: the read may predate it, and our map would lose a copy on record."""
         return (frozenset(fresh) | (self.stale.get(index, frozenset()) - frozenset(before))
-                | frozenset(self._marking.get(index, ())))
+                | frozenset(self._marking.get(index, ()))
+                | frozenset(marked.get(index, ()) if marked else ()))
+
+    @contextmanager
+    def _marks_during(self):
+        """{chunk index: hosts} of the marks (_mark_stale) begun while the body runs (a
+        read of the registry's records)."""
+        marked: dict[int, set] = {}
+        self._reads.append(marked)
+        try:
+            yield marked
+        finally:
+            self._reads.remove(marked)
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""
@@ -2547,7 +2569,8 @@ class VolumeGateway:
         if self.registry is None:
             return before | reported
         try:
-            records = await self.registry.list_stale(self.lineage, index)
+            with self._marks_during() as marked:
+                records = await self.registry.list_stale(self.lineage, index)
         except RegistryUnavailable as e:
             self._loglimit.log(log, _WARNING, "stale_check_failed",
                                "volume=%s chunk=%d event=stale_check_failed error=%s", self.name,
@@ -2557,7 +2580,7 @@ class VolumeGateway:
         for i, _took, missed in self.unrecorded:  # ours, not told to the registry yet
             if i == index:
                 named.update(missed)
-        now = self._merged_stale(index, before, named)
+        now = self._merged_stale(index, before, named, marked)
         if before - now:
             log.info("volume=%s chunk=%d event=stale_map_behind current=%s", self.name, index,
                      ",".join(sorted(before - now)))
@@ -2594,12 +2617,14 @@ class VolumeGateway:
         if self.registry is None or not took:
             return took
         try:
-            records = await self.registry.list_stale(self.lineage, index)
+            with self._marks_during() as marked:
+                records = await self.registry.list_stale(self.lineage, index)
         except RegistryUnavailable as e:
             raise RegistryUnavailable(
                 f"chunk {index} of {self.name}: which copies are current could not be checked "
                 f"(registry unreachable): the write is not acknowledged: {e}") from e
-        named = frozenset(r.host_id for r in records) | frozenset(self._marking.get(index, ()))
+        named = (frozenset(r.host_id for r in records) | frozenset(self._marking.get(index, ()))
+                 | frozenset(marked.get(index, ())))
         if named & set(took):
             self.stale[index] = self.stale.get(index, frozenset()) | (named & set(took))
         return [h for h in took if h not in named]
@@ -2623,6 +2648,8 @@ class VolumeGateway:
                                "volume=%s chunk=%d event=marked_stale hosts=%s", self.name, index,
                                ",".join(sorted(hosts)))
         self.stale[index] = self.stale.get(index, frozenset()) | frozenset(hosts)
+        for marked in self._reads:  # (a read of the records out now may predate it)
+            marked.setdefault(index, set()).update(hosts)
         if self.registry is None:
             return True
         marking = self._marking.setdefault(index, {})
