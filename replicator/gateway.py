@@ -2796,6 +2796,11 @@ class VolumeGateway:
                 if left <= 0:
                     raise PeerUnavailable(f"host {h}: no time left to send the write again "
                                           f"on a fresh map")
+                # Past the lease (the map's refresh took long) it is not sent again: a
+                # holder's writes leave while its lease holds, and the next holder may
+                # already have written, or a snapshot frozen this generation, without a
+                # token this copy knows (`vbp volume snapshot` completing one unleased).
+                self._check_writable()
                 replies[h] = await self._send_once(h, msg, left)
                 del failed[h]
             except VbpError as e:
