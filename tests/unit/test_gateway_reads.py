@@ -614,3 +614,34 @@ def test_read_repair_never_writes_a_stale_peers_bytes_over_an_acknowledged_write
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_zeroing_without_holes_yields_to_the_other_clients_between_its_steps():
+    """WRITE_ZEROES with NO_HOLE is written 4 MiB at a time; at replicas=1 each step
+    answers at once, and 768 MiB of them held every other client of the host for half a
+    second (found by a review). Each step now yields: another task runs in between."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(1, hosts=1, zones=1)
+            await sim.start(nursery, loops=False)
+            sim.create_volume("z", 64 * MiB, replicas=1)
+            gw = await sim.hosts["h0"].provider.open_export("z")
+            await call(gw.write(0, b"\x01" * 4096, False))  # (the lease, taken)
+            turns = []
+            done = trio.Event()
+
+            async def other_client():
+                while not done.is_set():
+                    turns.append(None)
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(other_client)
+            await trio.lowlevel.checkpoint()
+            before = len(turns)
+            await call(gw.write_zeroes(0, 64 * MiB, False, False, False))
+            done.set()
+            assert len(turns) - before >= 15, len(turns) - before  # (16 steps)
+            assert await read(gw, 0, 4096) == bytes(4096)
+            nursery.cancel_scope.cancel()
+
+    run(main)
