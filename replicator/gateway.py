@@ -2522,6 +2522,8 @@ class VolumeGateway:
             late = recorded and self._now() - t0 > self.write_window
             if recorded and ok >= self.min_size:
                 ok = len(await self._current_after_failure(p.index, took))
+            if recorded and ok >= self.min_size and len(hosts) > len(complete):
+                ok = await self._still_counted(p.index, took, hosts, replies, failed, behind)
         else:
             recorded, late = True, False
         if ok < self.min_size:
@@ -2631,6 +2633,35 @@ class VolumeGateway:
         if named & set(took):
             self.stale[index] = self.stale.get(index, frozenset()) | (named & set(took))
         return [h for h in took if h not in named]
+
+    async def _still_counted(self, index: int, took, hosts, replies, failed, behind) -> int:
+        """How many complete copies a write counts, `took` counted over the copies a
+        data-set change is leaving (the map under way), once its failures are recorded:
+        the change may have completed before those marks landed, its check of the stale
+        records not seeing them (a review: a joining target that failed the write, just
+        resynced, became the chunk's only copy, stale, elected itself as the source of its
+        resync, and the copy that took the write was collected). The registry's map is
+        read: still that change, `took` stands; another, the map is refreshed and the
+        copies that took the write are counted over the chunk's placement now. Asked
+        only for a write that failed somewhere during a change."""
+        if self.registry is None:
+            return len(took)
+        try:
+            now = await self.registry.cluster_map()
+        except RegistryUnavailable as e:
+            raise RegistryUnavailable(
+                f"chunk {index} of {self.name}: whether the data-set change completed could "
+                f"not be checked (registry unreachable): the write is not acknowledged: "
+                f"{e}") from e
+        if now.mgen == self.cluster.map.mgen:
+            return len(took)
+        if self.refresh_map is not None:
+            await self.refresh_map()
+        behind = set(behind) | set(self.stale.get(index, ()))
+        complete = self.cluster.replicas(self.lineage, index, self.n)
+        log.info("volume=%s chunk=%d event=change_completed_under_write", self.name, index)
+        return len([h for h in complete
+                    if h in hosts and h in replies and h not in failed and h not in behind])
 
     def _suspect(self, index: int, hosts) -> None:
         if hosts:

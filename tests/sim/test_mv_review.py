@@ -203,3 +203,81 @@ def test_a_target_a_volume_made_during_the_completion_step_recorded_stale_keeps_
         assert got == b"W" * 4096
 
     run(main)
+
+
+class _MarkHook:
+    """A gateway's registry that runs `hook` once, right before a mark_stale is sent."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.hook = None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def mark_stale(self, *args, **kwargs):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            await hook()
+        return await self.inner.mark_stale(*args, **kwargs)
+
+
+def test_a_change_completed_while_a_writes_marks_were_on_their_way_is_counted_anew():
+    """replicas=1, min_size=1. Chunk X moves from P to h3 (h3 joins); h3 resyncs X and its
+    record goes. h1's gateway (its map: the change under way) writes W to X: P takes it,
+    h3 fails at once. Before its mark of h3 reaches the registry, the controller completes
+    the change (it listed no record). The mark lands; by the gateway's map W counted on P
+    and was acknowledged. Under the settled map X's only copy is h3, stale: its resync
+    elects itself (every copy stale, it went stale last), P's copy is collected, and W is
+    gone. The write must fail, or read back (found by a review)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = await h3_out(nursery)
+            reg = sim.reg
+            rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
+            await write_all(sim, "v")
+            mv = movers(sim)
+            cmap = await step_all(sim, mv)
+            assert cmap.prev is not None
+            cv = ClusterView(cmap)
+            x = next(i for i in range(CHUNKS) if cv.joining(rec.lineage, i, 1) == ("h3",))
+            target = sim.hosts["h3"]
+            for _ in range(3):
+                await target.run_on(target.resync.run_once)
+            assert not reg.list_stale(rec.lineage, x)
+            g = sim.hosts["h1"]
+            gw = await g.run_on(g.provider.open_export, "v")
+            hooked = _MarkHook(gw.registry)
+            gw.registry = hooked
+
+            async def complete_change():
+                done = await mv["h0"].control_once()
+                assert done.prev is None, done
+
+            hooked.hook = complete_change
+            g.faults.partition([target.addr])
+            try:
+                await g.run_on(lambda: call(gw.write(x * MiB, b"W" * 4096, False)))
+                await g.run_on(lambda: call(gw.flush()))
+                acked = True
+            except VbpError:
+                acked = False
+            g.faults.heal()
+            assert hooked.hook is None  # (the change completed before the mark landed)
+            sim.sync_maps()
+            for _ in range(3):
+                await target.run_on(target.resync.run_once)
+            for hid, h in sim.hosts.items():
+                await h.run_on(mv[hid].collect_misplaced)
+            h2 = sim.hosts["h2"]
+            reader = await h2.run_on(h2.provider.open_export, "v")
+            try:
+                got = extents_bytes(await h2.run_on(lambda: call(reader.read(x * MiB, 4096))),
+                                    x * MiB, 4096)
+            except VbpError as e:
+                got = e
+            nursery.cancel_scope.cancel()
+        if acked:
+            assert got == b"W" * 4096, got if isinstance(got, VbpError) else got[:8]
+
+    run(main)
