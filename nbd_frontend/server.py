@@ -771,6 +771,9 @@ class _Connection:
                 if held is not None:
                     held.waiting.discard(self)
                     self.recharge()
+            # (the writer wakes us as it gives back what it was sending, its client gone,
+            # and then ends the connection: no request more, a 32 MiB read's copy each)
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     def queued(self) -> int:
         """What the replies queued for the writer hold: their bytes, and QUEUED_ITEM more

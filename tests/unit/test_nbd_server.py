@@ -1712,6 +1712,45 @@ async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(pro
     assert held.total == 0  # every connection gave back what it held
 
 
+async def test_a_connection_whose_client_went_away_takes_no_request_more(provider, nursery,
+                                                                        monkeypatch):
+    """The reader waits for room (its fair share, held by the reply being sent); the
+    client resets the connection. The writer's failed send gives back what it was sending
+    and wakes the reader, then ends the connection: the reader took one more request
+    first, a copy of up to 32 MiB for each of many such clients at once (a review saw
+    80 of them hold the event loop for 3-7 s, and a lease lapse)."""
+    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
+    taken = [0]
+    single, reads = server._Connection.dispatch, server._Connection.dispatch_reads
+
+    def dispatch(self, req):
+        taken[0] += 1
+        return single(self, req)
+
+    def dispatch_reads(self, batch):
+        taken[0] += len(batch)
+        return reads(self, batch)
+
+    monkeypatch.setattr(server._Connection, "dispatch", dispatch)
+    monkeypatch.setattr(server._Connection, "dispatch_reads", dispatch_reads)
+    provider.add("big", 64 * MiB)
+    held = server.HeldBytes(MiB)
+    held.add(2 * MiB)  # (other connections' replies: the budget is over)
+    port, ended = await observed_server(nursery, provider, sndbuf=4096, held=held)
+    c = await Client.connect(port, "big", rcvbuf=4096)
+    await c.send(b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i,
+                                      i * 2 * MiB, 2 * MiB) for i in range(4)))  # (one receive)
+    await trio.sleep(0.3)
+    before = taken[0]
+    assert before == 1  # (the first being sent, past the connection's fair share)
+    c.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await c.aclose()  # (a reset)
+    with trio.fail_after(5):
+        while not ended:
+            await trio.sleep(0.02)
+    assert taken[0] == before
+
+
 async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_end(provider,
                                                                                 nursery,
                                                                                 monkeypatch):
