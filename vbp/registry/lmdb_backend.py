@@ -26,6 +26,13 @@ from vbp.registry.kv import Cmp, Item, Op
 
 MAP_SIZE = 1 << 30  # sparse; the registry holds metadata only
 MAX_READERS = 1024
+# Seconds between two sweeps of the reader table by a process that writes (reader_check).
+# A process killed inside a read transaction leaves its slot holding that snapshot, and
+# LMDB reuses no page freed after it: every commit of the processes that stay up takes
+# new pages (about 7 a heartbeat) until the map is full and every write of the registry
+# fails, heartbeats first, so that every host is published down. A sweep at open alone
+# never reaches a blockd that runs for months.
+READER_CHECK_EVERY = 1.0
 
 _ENVS: dict[str, tuple[int, lmdb.Environment, int]] = {}  # path -> (pid, env, refs)
 _ENVS_LOCK = threading.Lock()
@@ -71,6 +78,35 @@ class LmdbKV:
             why = e.strerror if isinstance(e, OSError) and e.strerror else e  # (not the path again)
             raise RegistryUnavailable(f"registry {url}: cannot open LMDB at {self.path}: {why}") from None
         self._closed = False
+        self._swept = time.monotonic()  # (at the open: _open_env)
+
+    def _sweep(self, now: float | None = None) -> None:
+        """Free the reader slots of dead processes, at most every READER_CHECK_EVERY."""
+        now = time.monotonic() if now is None else now
+        if now - self._swept >= READER_CHECK_EVERY:
+            self._swept = now
+            self._env.reader_check()
+
+    def _write(self, fn):
+        """fn(txn) in a write transaction; a full map is met once more after a sweep of
+        the reader table (what a dead reader pinned is free again then)."""
+        self._check()
+        try:
+            self._sweep()
+            try:
+                with self._env.begin(write=True) as t:
+                    return fn(t)
+            except lmdb.MapFullError:
+                self._swept = -READER_CHECK_EVERY
+                self._sweep()
+                with self._env.begin(write=True) as t:
+                    return fn(t)
+        except lmdb.MapFullError as e:
+            raise RegistryUnavailable(
+                f"registry {self.url}: the LMDB map at {self.path} is full "
+                f"({MAP_SIZE >> 20} MiB): {e}") from None
+        except lmdb.Error as e:
+            raise self._fail("write", e) from None
 
     def _fail(self, what: str, e: Exception) -> RegistryUnavailable:
         return RegistryUnavailable(f"registry {self.url}: LMDB {what} failed: {type(e).__name__}: {e}")
@@ -106,20 +142,11 @@ class LmdbKV:
             raise self._fail("read", e) from None
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
-        self._check()
-        try:
-            with self._env.begin(write=True) as t:
-                return local.apply_txn(t.get, t.put, t.delete, compares, ops)
-        except lmdb.Error as e:
-            raise self._fail("write", e) from None
+        return self._write(lambda t: local.apply_txn(t.get, t.put, t.delete, compares, ops))
 
     def keep_alive(self, key: bytes, ttl: float) -> bool:
-        self._check()
-        try:
-            with self._env.begin(write=True) as t:  # (no revision: watchers see nothing)
-                return local.keep_alive(t.get, t.put, key, ttl)
-        except lmdb.Error as e:
-            raise self._fail("write", e) from None
+        # (no revision: watchers see nothing)
+        return self._write(lambda t: local.keep_alive(t.get, t.put, key, ttl))
 
     def wait(self, prefix: bytes, after_rev: int, timeout: float,
              refreshes: bytes | None = None) -> bool:
