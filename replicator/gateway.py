@@ -2644,24 +2644,31 @@ class VolumeGateway:
         read: still that change, `took` stands; another, the map is refreshed and the
         copies that took the write are counted over the chunk's placement now. Asked
         only for a write that failed somewhere during a change."""
-        if self.registry is None:
+        if not await self._change_completed(f"chunk {index} of {self.name}", "write"):
             return len(took)
-        try:
-            now = await self.registry.cluster_map()
-        except RegistryUnavailable as e:
-            raise RegistryUnavailable(
-                f"chunk {index} of {self.name}: whether the data-set change completed could "
-                f"not be checked (registry unreachable): the write is not acknowledged: "
-                f"{e}") from e
-        if now.mgen == self.cluster.map.mgen:
-            return len(took)
-        if self.refresh_map is not None:
-            await self.refresh_map()
         behind = set(behind) | set(self.stale.get(index, ()))
         complete = self.cluster.replicas(self.lineage, index, self.n)
         log.info("volume=%s chunk=%d event=change_completed_under_write", self.name, index)
         return len([h for h in complete
                     if h in hosts and h in replies and h not in failed and h not in behind])
+
+    async def _change_completed(self, what: str, op: str) -> bool:
+        """Whether the registry's data set is another than our map's (its change under
+        way completed, or another began): then the map is refreshed. RegistryUnavailable
+        (`what`'s `op` is not acknowledged) when the registry cannot say."""
+        if self.registry is None:
+            return False
+        try:
+            now = await self.registry.cluster_map()
+        except RegistryUnavailable as e:
+            raise RegistryUnavailable(
+                f"{what}: whether the data-set change completed could not be checked "
+                f"(registry unreachable): the {op} is not acknowledged: {e}") from e
+        if now.mgen == self.cluster.map.mgen:
+            return False
+        if self.refresh_map is not None:
+            await self.refresh_map()
+        return True
 
     def _suspect(self, index: int, hosts) -> None:
         if hosts:
@@ -3078,6 +3085,8 @@ class VolumeGateway:
                 lost.setdefault(idx, []).append(h)
         unrecorded = []
         short = None  # a chunk left with fewer than min_size durable copies: the error
+        changing = self.cluster.map.prev is not None
+        marked = []
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
             behind = self.stale.get(idx, ())
@@ -3087,10 +3096,24 @@ class VolumeGateway:
                     f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
                 continue  # the others' failures are still recorded before it is raised
             if await self._mark_stale(idx, bad, replicas):
+                marked.append(idx)
                 for h in bad:  # recorded: a resync makes the copy whole, not a flush
                     hosts[h].discard(idx)
             else:
                 unrecorded.append(idx)
+        # counted over the copies a data-set change is leaving: as for a write
+        # (_still_counted), the change may have completed before the marks landed, the
+        # copies that failed the flush (a joining one that restarted) now the chunk's own
+        if (changing and marked and short is None
+                and await self._change_completed(f"flush of {self.name}", "flush")):
+            for idx in marked:
+                behind = self.stale.get(idx, ())
+                good = sum(1 for h in self.cluster.replicas(self.lineage, idx, self.n)
+                           if h not in lost[idx] and h not in behind)
+                if good < self.min_size:
+                    short = short or BelowMinSize(
+                        f"flush of {self.name}: chunk {idx} is durable on {good} replicas "
+                        f"of the data set it now has")
         for h in restarted:
             # what a restarted host lost, no later flush brings back: this flush's outcome
             # (its error, the stale records) tells it, once, as fsync reports a lost

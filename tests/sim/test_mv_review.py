@@ -281,3 +281,51 @@ def test_a_change_completed_while_a_writes_marks_were_on_their_way_is_counted_an
             assert got == b"W" * 4096, got if isinstance(got, VbpError) else got[:8]
 
     run(main)
+
+
+def test_a_flush_that_failed_on_a_joining_copy_as_the_change_completed_fails():
+    """The same race on the flush path: W taken by both the copy being left (P) and the
+    joining one (h3), then h3 fails the FLUSH (cut off). The controller completes the
+    change just before the gateway's mark of h3 lands; by the gateway's map W is durable
+    on P, so the flush succeeded, though under the settled map h3 is the chunk's only copy
+    and never made W durable (a restart there loses it, and its resync elects itself).
+    The flush must fail."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = await h3_out(nursery)
+            reg = sim.reg
+            rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
+            await write_all(sim, "v")
+            mv = movers(sim)
+            cmap = await step_all(sim, mv)
+            assert cmap.prev is not None
+            cv = ClusterView(cmap)
+            x = next(i for i in range(CHUNKS) if cv.joining(rec.lineage, i, 1) == ("h3",))
+            target = sim.hosts["h3"]
+            for _ in range(3):
+                await target.run_on(target.resync.run_once)
+            assert not reg.list_stale(rec.lineage, x)
+            g = sim.hosts["h1"]
+            gw = await g.run_on(g.provider.open_export, "v")
+            await g.run_on(lambda: call(gw.write(x * MiB, b"W" * 4096, False)))  # both took it
+            await trio.sleep(10)  # (past the write window: the resync clears h3 again)
+            for _ in range(3):
+                await target.run_on(target.resync.run_once)
+            assert not reg.list_stale(rec.lineage, x)
+            hooked = _MarkHook(gw.registry)
+            gw.registry = hooked
+
+            async def complete_change():
+                done = await mv["h0"].control_once()
+                assert done.prev is None, done
+
+            hooked.hook = complete_change
+            g.faults.partition([target.addr])
+            with pytest.raises(VbpError, match="durable on 0 replicas"):
+                await g.run_on(lambda: call(gw.flush()))
+            g.faults.heal()
+            assert hooked.hook is None  # (the change completed before the mark landed)
+            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {"h3"}
+            nursery.cancel_scope.cancel()
+
+    run(main)
