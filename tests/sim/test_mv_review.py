@@ -222,6 +222,39 @@ class _MarkHook:
         return await self.inner.mark_stale(*args, **kwargs)
 
 
+async def resynced(sim, target, lineage: str, index: int) -> None:
+    for _ in range(3):
+        await target.run_on(target.resync.run_once)
+    assert not sim.reg.list_stale(lineage, index)
+
+
+async def moving_to_h3(nursery):
+    """A volume v (replicas=1, min_size=1) whose chunk x moves from its copy P to h3,
+    which joins and has resynced it; h1's gateway of v (its map: the change under way),
+    whose next mark_stale first completes the change (the controller's step).
+    (sim, rec, x, h3, h1, gateway, movers, the hook)."""
+    sim = await h3_out(nursery)
+    rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
+    await write_all(sim, "v")
+    mv = movers(sim)
+    cmap = await step_all(sim, mv)
+    assert cmap.prev is not None
+    cv = ClusterView(cmap)
+    x = next(i for i in range(CHUNKS) if cv.joining(rec.lineage, i, 1) == ("h3",))
+    target = sim.hosts["h3"]
+    await resynced(sim, target, rec.lineage, x)
+    g = sim.hosts["h1"]
+    gw = await g.run_on(g.provider.open_export, "v")
+    hooked = _MarkHook(gw.registry)
+    gw.registry = hooked
+
+    async def complete_change():
+        done = await mv["h0"].control_once()
+        assert done.prev is None, done
+
+    return sim, rec, x, target, g, gw, mv, hooked, complete_change
+
+
 def test_a_change_completed_while_a_writes_marks_were_on_their_way_is_counted_anew():
     """replicas=1, min_size=1. Chunk X moves from P to h3 (h3 joins); h3 resyncs X and its
     record goes. h1's gateway (its map: the change under way) writes W to X: P takes it,
@@ -232,29 +265,8 @@ def test_a_change_completed_while_a_writes_marks_were_on_their_way_is_counted_an
     gone. The write must fail, or read back (found by a review)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = await h3_out(nursery)
-            reg = sim.reg
-            rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
-            await write_all(sim, "v")
-            mv = movers(sim)
-            cmap = await step_all(sim, mv)
-            assert cmap.prev is not None
-            cv = ClusterView(cmap)
-            x = next(i for i in range(CHUNKS) if cv.joining(rec.lineage, i, 1) == ("h3",))
-            target = sim.hosts["h3"]
-            for _ in range(3):
-                await target.run_on(target.resync.run_once)
-            assert not reg.list_stale(rec.lineage, x)
-            g = sim.hosts["h1"]
-            gw = await g.run_on(g.provider.open_export, "v")
-            hooked = _MarkHook(gw.registry)
-            gw.registry = hooked
-
-            async def complete_change():
-                done = await mv["h0"].control_once()
-                assert done.prev is None, done
-
-            hooked.hook = complete_change
+            sim, rec, x, target, g, gw, mv, hooked, complete = await moving_to_h3(nursery)
+            hooked.hook = complete
             g.faults.partition([target.addr])
             try:
                 await g.run_on(lambda: call(gw.write(x * MiB, b"W" * 4096, False)))
@@ -292,40 +304,17 @@ def test_a_flush_that_failed_on_a_joining_copy_as_the_change_completed_fails():
     The flush must fail."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = await h3_out(nursery)
-            reg = sim.reg
-            rec = sim.create_volume("v", CHUNKS * MiB, replicas=1, min_size=1)
-            await write_all(sim, "v")
-            mv = movers(sim)
-            cmap = await step_all(sim, mv)
-            assert cmap.prev is not None
-            cv = ClusterView(cmap)
-            x = next(i for i in range(CHUNKS) if cv.joining(rec.lineage, i, 1) == ("h3",))
-            target = sim.hosts["h3"]
-            for _ in range(3):
-                await target.run_on(target.resync.run_once)
-            assert not reg.list_stale(rec.lineage, x)
-            g = sim.hosts["h1"]
-            gw = await g.run_on(g.provider.open_export, "v")
+            sim, rec, x, target, g, gw, mv, hooked, complete = await moving_to_h3(nursery)
             await g.run_on(lambda: call(gw.write(x * MiB, b"W" * 4096, False)))  # both took it
             await trio.sleep(10)  # (past the write window: the resync clears h3 again)
-            for _ in range(3):
-                await target.run_on(target.resync.run_once)
-            assert not reg.list_stale(rec.lineage, x)
-            hooked = _MarkHook(gw.registry)
-            gw.registry = hooked
-
-            async def complete_change():
-                done = await mv["h0"].control_once()
-                assert done.prev is None, done
-
-            hooked.hook = complete_change
+            await resynced(sim, target, rec.lineage, x)
+            hooked.hook = complete
             g.faults.partition([target.addr])
             with pytest.raises(VbpError, match="durable on 0 replicas"):
                 await g.run_on(lambda: call(gw.flush()))
             g.faults.heal()
             assert hooked.hook is None  # (the change completed before the mark landed)
-            assert {r.host_id for r in reg.list_stale(rec.lineage, x)} == {"h3"}
+            assert {r.host_id for r in sim.reg.list_stale(rec.lineage, x)} == {"h3"}
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -208,12 +208,8 @@ async def test_trim_write_zeroes_cache(port, provider):
     assert await c.read(8192, 4096) == b"\x01" * 4096
 
 
-async def test_a_client_pipelining_small_reads_lets_the_others_run(port, monkeypatch):
-    """9,000 one-byte READs sent at once, answered at once: the reader took every one
-    received before it let another task run, eight receives of up to 256 KiB apiece,
-    and every other client of the host waited (a review measured 0.5-0.9 s stalls).
-    It now yields after YIELD_REQUESTS; counted here by the requests it dispatched
-    between two turns of another task."""
+def counting_dispatches(monkeypatch) -> list[int]:
+    """[n]: the requests the server's connections dispatch from now on, counted."""
     taken = [0]
     single, reads = server._Connection.dispatch, server._Connection.dispatch_reads
 
@@ -227,6 +223,16 @@ async def test_a_client_pipelining_small_reads_lets_the_others_run(port, monkeyp
 
     monkeypatch.setattr(server._Connection, "dispatch", dispatch)
     monkeypatch.setattr(server._Connection, "dispatch_reads", dispatch_reads)
+    return taken
+
+
+async def test_a_client_pipelining_small_reads_lets_the_others_run(port, monkeypatch):
+    """9,000 one-byte READs sent at once, answered at once: the reader took every one
+    received before it let another task run, eight receives of up to 256 KiB apiece,
+    and every other client of the host waited (a review measured 0.5-0.9 s stalls).
+    It now yields after YIELD_REQUESTS; counted here by the requests it dispatched
+    between two turns of another task."""
+    taken = counting_dispatches(monkeypatch)
     c = await Client.connect(port)
     n = 30000
     between = []
@@ -1720,19 +1726,7 @@ async def test_a_connection_whose_client_went_away_takes_no_request_more(provide
     first, a copy of up to 32 MiB for each of many such clients at once (a review saw
     80 of them hold the event loop for 3-7 s, and a lease lapse)."""
     monkeypatch.setattr(server, "FAIR_SHARE", MiB)
-    taken = [0]
-    single, reads = server._Connection.dispatch, server._Connection.dispatch_reads
-
-    def dispatch(self, req):
-        taken[0] += 1
-        return single(self, req)
-
-    def dispatch_reads(self, batch):
-        taken[0] += len(batch)
-        return reads(self, batch)
-
-    monkeypatch.setattr(server._Connection, "dispatch", dispatch)
-    monkeypatch.setattr(server._Connection, "dispatch_reads", dispatch_reads)
+    taken = counting_dispatches(monkeypatch)
     provider.add("big", 64 * MiB)
     held = server.HeldBytes(MiB)
     held.add(2 * MiB)  # (other connections' replies: the budget is over)

@@ -136,130 +136,6 @@ async def test_a_flush_after_a_reconnect_covers_writes_answered_before_it():
             await flushed(again)
 
 
-async def test_a_flush_on_a_connection_made_during_the_close_flush_waits_for_it():
-    """The client reconnects at once, while the close's flush is still under way (h2 is
-    slow to sync): the new connection's FLUSH is answered only once h2 synced."""
-    replicas = {}
-    release = trio.Event()
-
-    def h2_handle(msg, peer=None):
-        if type(msg) is m.Flush:
-            async def slow():
-                await release.wait()
-                return await _result(replicas["h2"].handle(msg, peer))
-            return slow()
-        return replicas["h2"].handle(msg, peer)
-
-    async with three_hosts({"h2": h2_handle}) as (reg, found, provider):
-        replicas.update(found)
-        gw = await provider.open_export("v")
-        await gw.write(0, b"\x01" * 4096, False)
-        gw.close()
-        again = await provider.open_export("v")  # the close flush waits for h2
-        done = trio.Event()
-
-        async def flush_again():
-            await flushed(again)
-            done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(flush_again)
-            await trio.sleep(0.5)
-            assert not done.is_set()  # not answered while h2 has not synced
-            assert unsynced(replicas)["h2"]
-            release.set()
-            with trio.fail_after(10):
-                await done.wait()
-        assert unsynced(replicas) == {"h1": False, "h2": False, "h3": False}
-
-
-@asynccontextmanager
-async def close_flush_failed():
-    """Three hosts; v written through h1, and its last connection closed while h2 and h3
-    could not sync (the written chunk durable on h1 alone, below min_size); they sync
-    again from then on. (registry, provider)."""
-    replicas = {}
-    failing = True
-
-    def refusing(h):
-        def handle(msg, peer=None):
-            if failing and type(msg) is m.Flush:
-                raise LocalFault(f"{h} cannot sync")
-            return replicas[h].handle(msg, peer)
-        return handle
-
-    async with three_hosts({"h2": refusing("h2"), "h3": refusing("h3")}) as (reg, found,
-                                                                             provider):
-        replicas.update(found)
-        gw = await provider.open_export("v")
-        await gw.write(0, b"\x01" * 4096, False)
-        gw.close()
-        await lease_given_back(reg)
-        failing = False
-        yield reg, provider
-
-
-async def first_flush_fails_once(gw) -> None:
-    """The failed close flush is this gateway's first FLUSH's answer, and only its."""
-    with trio.fail_after(10), pytest.raises(VbpError, match="last connection here closed"):
-        await flushed(gw)
-    with trio.fail_after(10):
-        await flushed(gw)
-
-
-async def test_a_close_flush_that_failed_fails_the_next_flush_once():
-    """h2 and h3 cannot sync when the last connection closes: the written chunk is durable
-    on h1 alone, below min_size. No client is left to tell; the first FLUSH of a
-    connection made since fails (as fsync reports a failed writeback), the next succeeds."""
-    async with close_flush_failed() as (reg, provider):
-        await first_flush_fails_once(await provider.open_export("v"))
-
-
-async def _result(value):
-    return await value if hasattr(value, "__await__") else value
-
-
-async def test_a_close_flush_that_failed_is_not_reported_to_a_clone_made_again_under_its_name():
-    """Clone c of v@s is written through h1 and its last connection closes while h2 and
-    h3 cannot sync: its close flush fails. c is deleted and cloned again from v@s (the
-    same lineage: a clone keeps its parent's) and a VM opens the new c. Its first FLUSH
-    covers nothing the deleted c answered: it must succeed, not report that volume's
-    failed writeback (a new VM's disk failing its first flush)."""
-    replicas = {}
-    failing = False
-
-    def refusing(h):
-        def handle(msg, peer=None):
-            if failing and type(msg) is m.Flush:
-                raise LocalFault(f"{h} cannot sync")
-            return replicas[h].handle(msg, peer)
-        return handle
-
-    async with three_hosts({"h2": refusing("h2"), "h3": refusing("h3")}) as (reg, found,
-                                                                             provider):
-        replicas.update(found)
-        api.snapshot(reg, "v", "s")
-        api.clone(reg, "v@s", "c")
-        failing = True
-        gw = await provider.open_export("c")
-        await gw.write(0, b"\x01" * 4096, False)
-        gw.close()
-        with trio.fail_after(10):
-            while (lease := reg.get_lease("c")) is not None and lease.holder:
-                await trio.sleep(0.05)
-        assert provider.close_flushes["c"][1].error is not None  # (the failure, kept)
-        failing = False
-        api.delete_volume(reg, "c", force=True)
-        api.clone(reg, "v@s", "c")
-        again = await provider.open_export("c")
-        with trio.fail_after(10):
-            await flushed(again)
-        again.close()
-
-
-# --- what a gateway owes the flushes after it (found by a review) ------------------------
-
-
 def _slow_flushes(replicas, host, release):
     """A handler for `host` whose Flush waits for `release`."""
     def handle(msg, peer=None):
@@ -292,11 +168,10 @@ async def answered_only_after(gw, replicas, release) -> None:
     assert unsynced(replicas) == {"h1": False, "h2": False, "h3": False}
 
 
-async def test_a_connection_that_never_flushes_passes_the_close_flush_on():
-    """A probe (nbdinfo, qemu-img info) opens and closes the volume while the close flush
-    of the connection before it is under way: the gateway it opened took that flush over,
-    never flushed, and owed nothing at its close, so the flush was dropped and the
-    next connection's FLUSH was answered while h2 had not synced."""
+@asynccontextmanager
+async def closed_while_h2_syncs():
+    """Three hosts; v written through h1 and its last connection closed, the close flush
+    under way: h2's Flush waits for `release`. (provider, replicas, release)."""
     replicas = {}
     release = trio.Event()
     async with three_hosts({"h2": _slow_flushes(replicas, "h2", release)}) as (reg, found,
@@ -305,6 +180,104 @@ async def test_a_connection_that_never_flushes_passes_the_close_flush_on():
         gw = await provider.open_export("v")
         await gw.write(0, b"\x01" * 4096, False)
         gw.close()  # its close flush waits for h2
+        yield provider, replicas, release
+
+
+async def test_a_flush_on_a_connection_made_during_the_close_flush_waits_for_it():
+    """The client reconnects at once, while the close's flush is still under way (h2 is
+    slow to sync): the new connection's FLUSH is answered only once h2 synced."""
+    async with closed_while_h2_syncs() as (provider, replicas, release):
+        again = await provider.open_export("v")
+        await answered_only_after(again, replicas, release)
+
+
+def refusing_flushes(replicas, failing: list[bool]):
+    """Handlers for h2 and h3 (three_hosts) that fail every Flush while failing[0]."""
+    def refusing(h):
+        def handle(msg, peer=None):
+            if failing[0] and type(msg) is m.Flush:
+                raise LocalFault(f"{h} cannot sync")
+            return replicas[h].handle(msg, peer)
+        return handle
+
+    return {"h2": refusing("h2"), "h3": refusing("h3")}
+
+
+@asynccontextmanager
+async def close_flush_failed():
+    """Three hosts; v written through h1, and its last connection closed while h2 and h3
+    could not sync (the written chunk durable on h1 alone, below min_size); they sync
+    again from then on. (registry, provider)."""
+    replicas = {}
+    failing = [True]
+    async with three_hosts(refusing_flushes(replicas, failing)) as (reg, found, provider):
+        replicas.update(found)
+        gw = await provider.open_export("v")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()
+        await lease_given_back(reg)
+        failing[0] = False
+        yield reg, provider
+
+
+async def first_flush_fails_once(gw) -> None:
+    """The failed close flush is this gateway's first FLUSH's answer, and only its."""
+    with trio.fail_after(10), pytest.raises(VbpError, match="last connection here closed"):
+        await flushed(gw)
+    with trio.fail_after(10):
+        await flushed(gw)
+
+
+async def test_a_close_flush_that_failed_fails_the_next_flush_once():
+    """h2 and h3 cannot sync when the last connection closes: the written chunk is durable
+    on h1 alone, below min_size. No client is left to tell; the first FLUSH of a
+    connection made since fails (as fsync reports a failed writeback), the next succeeds."""
+    async with close_flush_failed() as (reg, provider):
+        await first_flush_fails_once(await provider.open_export("v"))
+
+
+async def _result(value):
+    return await value if hasattr(value, "__await__") else value
+
+
+async def test_a_close_flush_that_failed_is_not_reported_to_a_clone_made_again_under_its_name():
+    """Clone c of v@s is written through h1 and its last connection closes while h2 and
+    h3 cannot sync: its close flush fails. c is deleted and cloned again from v@s (the
+    same lineage: a clone keeps its parent's) and a VM opens the new c. Its first FLUSH
+    covers nothing the deleted c answered: it must succeed, not report that volume's
+    failed writeback (a new VM's disk failing its first flush)."""
+    replicas = {}
+    failing = [False]
+    async with three_hosts(refusing_flushes(replicas, failing)) as (reg, found, provider):
+        replicas.update(found)
+        api.snapshot(reg, "v", "s")
+        api.clone(reg, "v@s", "c")
+        failing[0] = True
+        gw = await provider.open_export("c")
+        await gw.write(0, b"\x01" * 4096, False)
+        gw.close()
+        with trio.fail_after(10):
+            while (lease := reg.get_lease("c")) is not None and lease.holder:
+                await trio.sleep(0.05)
+        assert provider.close_flushes["c"][1].error is not None  # (the failure, kept)
+        failing[0] = False
+        api.delete_volume(reg, "c", force=True)
+        api.clone(reg, "v@s", "c")
+        again = await provider.open_export("c")
+        with trio.fail_after(10):
+            await flushed(again)
+        again.close()
+
+
+# --- what a gateway owes the flushes after it (found by a review) ------------------------
+
+
+async def test_a_connection_that_never_flushes_passes_the_close_flush_on():
+    """A probe (nbdinfo, qemu-img info) opens and closes the volume while the close flush
+    of the connection before it is under way: the gateway it opened took that flush over,
+    never flushed, and owed nothing at its close, so the flush was dropped and the
+    next connection's FLUSH was answered while h2 had not synced."""
+    async with closed_while_h2_syncs() as (provider, replicas, release):
         probe = await provider.open_export("v")
         probe.close()
         await answered_only_after(await provider.open_export("v"), replicas, release)
@@ -314,14 +287,7 @@ async def test_a_flush_whose_client_went_away_leaves_the_close_flush_to_the_next
     """The first FLUSH after a reconnect takes the close flush to wait for, and its client
     goes away before it ends: the next FLUSH (on another connection of the same gateway,
     multi-conn) must still wait for it; it was answered at once."""
-    replicas = {}
-    release = trio.Event()
-    async with three_hosts({"h2": _slow_flushes(replicas, "h2", release)}) as (reg, found,
-                                                                               provider):
-        replicas.update(found)
-        gw = await provider.open_export("v")
-        await gw.write(0, b"\x01" * 4096, False)
-        gw.close()
+    async with closed_while_h2_syncs() as (provider, replicas, release):
         first = await provider.open_export("v")
         second = await provider.open_export("v")
         assert first is second
@@ -347,23 +313,14 @@ async def test_a_failure_no_client_was_told_outlives_the_gateway():
     unflushed. The last connection then closes with no FLUSH: the failure goes to the
     next connection's first FLUSH, as a close flush's would (it was dropped)."""
     replicas = {}
-    failing = True
-
-    def refusing(h):
-        def handle(msg, peer=None):
-            if failing and type(msg) is m.Flush:
-                raise LocalFault(f"{h} cannot sync")
-            return replicas[h].handle(msg, peer)
-        return handle
-
-    async with three_hosts({"h2": refusing("h2"), "h3": refusing("h3")}) as (reg, found,
-                                                                             provider):
+    failing = [True]
+    async with three_hosts(refusing_flushes(replicas, failing)) as (reg, found, provider):
         replicas.update(found)
         gw = await provider.open_export("v")
         await gw.write(0, b"\x01" * 4096, False)
         with trio.fail_after(10), pytest.raises(VbpError):
             await gw.flush_unasked()
-        failing = False
+        failing[0] = False
         with trio.fail_after(10):
             await gw.flush_unasked()
         gw.close()
