@@ -1639,6 +1639,19 @@ class VolumeGateway:
                 for item in items:
                     self._land(item[0])
             return 0
+        if groups and self._now() >= self.lease_deadline:
+            # the lease ran out while the run was taken (read after each full part): the
+            # parts not sent yet are not sent, their writes failed as write() fails them
+            try:
+                self._check_writable()
+            except VbpError as e:
+                for _route, items, _datas in groups.values():
+                    self._inflight += len(items)
+                    later, outcomes = Later(), [None] * len(items)
+                    parts.append(([item[2] for item in items], later))
+                    self._fail_run_items(outcomes, items, e, bug=False)
+                    later.done(outcomes)
+                return taken, parts
         for group in groups.values():
             self._send_part(run, parts, group, epoch, token)
         return taken, parts
@@ -1728,17 +1741,18 @@ class VolumeGateway:
         finally:
             later.done(outcomes)
 
-    def _fail_run_items(self, outcomes: list, items: list, e: Exception) -> None:
+    def _fail_run_items(self, outcomes: list, items: list, e: Exception,
+                        bug: bool = True) -> None:
         """The writes `items` of a run (`outcomes` theirs) that nothing settled fail (a bug
-        met while sending or settling them): those with no outcome yet, or a Later not
-        yet handed on."""
+        met while sending or settling them; `bug` False: with `e` itself): those with no
+        outcome yet, or a Later not yet handed on."""
         for j, (p, _route, _place) in enumerate(items):
             own = outcomes[j]
             if own is None or own.pending:
                 if own is None:
                     own = outcomes[j] = Later()
                 self._write_done(p)
-                own.fail(LocalFault(f"the write could not be replicated: {e!r}"))
+                own.fail(LocalFault(f"the write could not be replicated: {e!r}") if bug else e)
 
     def _zero(self, offset: int, length: int, fua: bool, trim: bool = False):
         self._check_writable()

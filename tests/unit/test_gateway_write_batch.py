@@ -26,7 +26,7 @@ from replicator.transport import PeerPool, serve_peers
 from vbp.chunkstore import SYNC_AHEAD_MIN, ChunkStore
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
-from vbp.errors import BelowMinSize, Fenced, InvalidArgument, NoSpace
+from vbp.errors import BelowMinSize, Fenced, InvalidArgument, LeaseExpired, NoSpace
 from vbp.later import Later
 from vbp import reqid
 from vbp.layout import ChunkKey
@@ -41,10 +41,12 @@ CHUNK = 1 << 20
 
 
 @asynccontextmanager
-async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV), h1_store=None):
+async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV), h1_store=None,
+                      copies: int = 3, size: int = 8 * CHUNK):
     """A gateway on h1 and replicas h1..h3, h2 and h3 served by real serve_peers; yields
     (gateway, replicas, registry, {host: [types of the messages it handled]},
-    {host: cancel scope killing its server})."""
+    {host: cancel scope killing its server}). `copies`: the volume's replicas (min_size
+    2, or 1 for fewer than 3)."""
     reg = open_registry(f"memory://write-batch-{next(_POOLS)}")
     replicas = {h: Replica(h1_store if h == "h1" and h1_store is not None
                            else MemoryChunkStore(None, 1 << 30), h, lambda: 1)
@@ -69,13 +71,15 @@ async def three_hosts(revs=(m.PEER_REV, m.PEER_REV, m.PEER_REV), h1_store=None):
         hosts = tuple(HostRecord(h, f"127.0.0.1:{ports.get(h, 1)}", f"127.0.0.1:{ports.get(h, 1)}",
                                  pod=f"p{h}", peer_rev=rev) for h, rev in zip(("h1", "h2", "h3"), revs))
         cluster = ClusterView(ClusterMap(1, hosts))
-        api.create_volume(reg, "v", "8M", replicas=3, min_size=2, chunk_size="1M")
+        api.create_volume(reg, "v", size, replicas=copies, min_size=min(2, copies - 1),
+                          chunk_size="1M")
         async with PeerPool(CLUSTER, "h1", request_timeout=2) as pool:
             gw = VolumeGateway(view_of(VolumeRecord.from_dict(reg.get_volume("v")), None),
                                host_id="h1", replica=replicas["h1"], cluster=cluster, pool=pool,
                                registry=AsyncRegistry(reg),
                                token=reg.acquire_lease("v", "h1", 3600).token)
-            for i in range(8):  # connections up, every chunk made: the runs below are clean
+            for i in range(size // CHUNK):  # connections up, every chunk made: the runs
+                # below are clean
                 await gw.write(i * CHUNK, b"\x01" * 4096, False)
             for s in seen.values():
                 s.clear()
@@ -147,8 +151,11 @@ def run(gw: VolumeGateway, writes) -> list:
                 IDS.seq += taken
                 answers.append(Taken(parts, taken))
         MODE["taken"] = taken
-        answers += [gw.write(offset, buf, False)
-                    for (offset, _), buf in zip(writes[taken:], bufs[taken:])]
+        for (offset, _), buf in zip(writes[taken:], bufs[taken:]):
+            try:
+                answers.append(gw.write(offset, buf, False))
+            except Exception as e:  # (the server answers it with its errno)
+                answers.append(e)
     finally:
         gw.end_writes()
     for buf in bufs:
@@ -291,6 +298,42 @@ async def test_a_dead_replica_fails_its_batch_and_the_writes_stand_on_the_others
             for offset, data in writes:
                 assert copy_of(replicas[h], gw, offset // CHUNK, 0, 4096) == data, h
         assert gw._inflight == 0
+
+
+async def test_a_run_that_meets_its_lease_deadline_sends_none_of_its_parts_after_it():
+    """The run reads the lease's deadline after each full part (BATCH_ITEMS) it sends.
+    Past it, it stopped taking writes, and then sent the parts it had gathered anyway (a
+    review): with replicas=2 of 3 hosts, 5 writes to a chunk of {h1, h3}, then
+    BATCH_ITEMS to chunks of {h1, h2} (a full part, sent, and the lease gone right after
+    it): the 5 went to h3 after the gateway saw its lease run out, and were acknowledged,
+    while the write after the run was refused (LeaseExpired). They fail as it does."""
+    async with three_hosts(copies=2, size=32 * CHUNK) as (gw, replicas, reg, seen, _):
+        cv = gw.cluster
+        on = {hosts: [i for i in range(gw.size // CHUNK)
+                      if set(cv.write_set(gw.lineage, i, 2)) == set(hosts)]
+              for hosts in (("h1", "h2"), ("h1", "h3"))}
+        a, b = on[("h1", "h2")], on[("h1", "h3")]
+        assert a and b
+        writes = [(b[0] * CHUNK + (j + 1) * 4096, pattern(j)) for j in range(5)]
+        writes += [(a[j % len(a)] * CHUNK + (j // len(a) + 1) * 4096, pattern(j))
+                   for j in range(BATCH_ITEMS)]
+        writes += [(b[0] * CHUNK + 100 * 4096, pattern(7))]  # (after the run: write())
+        now, send_part = gw._now, gw._send_part
+        gone = []
+
+        def sent_then_gone(run_, parts, group, epoch, token):
+            send_part(run_, parts, group, epoch, token)
+            if len(group[1]) >= BATCH_ITEMS:
+                gone.append(True)  # (the lease runs out right after this full part)
+
+        gw._send_part = sent_then_gone
+        gw._now = lambda: now() + (1000.0 if gone else 0.0)
+        gw.lease_deadline = now() + 500.0
+        out = await settled(run_with_write_run(gw, writes))
+        assert gone
+        assert isinstance(out[-1], LeaseExpired), out[-1]
+        assert all(isinstance(o, LeaseExpired) for o in out[:5]), out[:5]
+        assert kinds(seen["h3"]) == [], "h3 got writes sent past the lease"
 
 
 def _marked_stale_on_arrival(gw, reg, replica, hosts) -> None:
