@@ -116,6 +116,10 @@ RECORD_SYNC_GAP = 0.2
 # every STALE_REFRESH_MAX seconds, and a new one at the first period (_refresh_stale).
 STALE_REFRESH_PERIOD = 1.0
 STALE_REFRESH_MAX = 5.0
+# Seconds of a graceful stop (Blockd.stop_budget): at least STOP_MIN, at most STOP_MAX,
+# which leaves the store's own flush and the exit within the unit's TimeoutStopSec=60
+STOP_MIN = 10.0
+STOP_MAX = 45.0
 
 
 class AsyncRegistry:
@@ -1138,6 +1142,10 @@ class VolumeProvider:
                         await gw.flush_now()  # (every copy)
                     else:
                         await flush_store(self.service.store, ahead)
+                except VbpError as e:  # (a copy that could not sync: one line)
+                    log.warning("volume=%s event=close_flush_failed error=%s", export, e)
+                    if flushed is not None:
+                        flushed.error = e
                 except Exception as e:
                     log.exception("volume=%s event=close_flush_failed", export)
                     if flushed is not None:
@@ -1812,7 +1820,15 @@ class Blockd:
         self.published_at = max(self.published_at, t0)
         self.provider.went_through(self.provider.pub_seq)
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    def stop_budget(self) -> float:
+        """Seconds a graceful stop (drain) gives the NBD clients' requests and the close
+        flushes: a write to a peer that hangs ends after peer_timeout (its copy recorded
+        stale), and the flush after it takes as long again; within systemd's
+        TimeoutStopSec (60 s) all the same. A fixed 10 s cut a peer_timeout above about
+        4 s short: the writes taken were dropped unanswered and the close flush failed."""
+        return min(STOP_MAX, max(STOP_MIN, 2 * self.cfg.peer_timeout + WRITE_GRACE + 2.0))
+
+    async def drain(self, timeout: float = STOP_MIN) -> None:
         """Graceful stop, step one: the NBD connections read no more requests, answer the
         ones they took and close (what a client sent and was not answered is not
         acknowledged; a client that does not read its answers is cut off when the time
@@ -2115,6 +2131,6 @@ async def run_until_signal(cfg: Config) -> None:
                              "only when it starts (restart it to apply a change)")
                     continue
                 log.info("event=signal signal=%s", signal.Signals(sig).name)
-                await svc.drain()
+                await svc.drain(svc.stop_budget())
                 nursery.cancel_scope.cancel()
                 break

@@ -25,11 +25,13 @@ def connect(uri):
     return h
 
 
-def small_pool(tmp_path, n=1, capacity="8M") -> SandboxHandle:
+def small_pool(tmp_path, n=1, capacity="8M", settings=()) -> SandboxHandle:
     sb = SandboxHandle(tmp_path / "sb", n)
     sb.capacity = capacity  # (sb.up restarts hosts with the same)
+    sets = [a for kv in settings for a in ("--set", kv)]
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", capacity, "--json", "--set", "gc_interval=0.5", check=False)
+                "--capacity", capacity, "--json", "--set", "gc_interval=0.5", *sets,
+                check=False)
     if p.returncode:
         sb.down()
         raise AssertionError(p.stderr)
@@ -197,10 +199,13 @@ def test_sigterm_answers_the_requests_the_gateway_took(tmp_path):
     """A graceful stop answers what its NBD clients sent before it: 32 writes wait on a
     peer that stopped answering (SIGSTOP: they complete after the peer timeout, that copy
     recorded stale) when the gateway's host gets SIGTERM. Every one is answered, and
-    succeeds; the stop used to close the connection with them unanswered."""
+    succeeds; the stop used to close the connection with them unanswered. With a
+    peer_timeout of 9 s: the writes, then the close flush the stopped peer never answers,
+    take 18 s, past the stop's fixed 10 s of before (which cut the writes off unanswered
+    at 8 s): the stop's time follows peer_timeout (Blockd.stop_budget)."""
     import nbd
 
-    sb = small_pool(tmp_path, n=3, capacity="1G")
+    sb = small_pool(tmp_path, n=3, capacity="1G", settings=["peer_timeout=9"])
     peer = sb.info["hosts"][1]["pid"]
     try:
         sb.vbp("volume", "create", "slow", "--size", "16M", "--replicas", "3")
@@ -227,9 +232,10 @@ def test_sigterm_answers_the_requests_the_gateway_took(tmp_path):
                 h.poll(1000)
         except nbd.Error:
             pass  # the connection ends after the answers
-        _wait_stopped(pid, 15)
+        _wait_stopped(pid, 30)
         assert results == {i: 0 for i in range(32)}, results
         assert "event=stopped" in sb.log(0) and "Traceback" not in sb.log(0)
+        assert "close_flush_failed" not in sb.log(0)  # (h1 and h3 durable: h2 stale)
     finally:
         os.kill(peer, signal.SIGCONT)
         sb.down()
