@@ -39,6 +39,11 @@ CAPACITY_MAX = VOLUME_SIZE_MAX
 # is not one a failover can wait for, and etcd refuses lease TTLs past 9e9 s (blockd
 # exited 1 at its first heartbeat).
 PERIOD_MAX = 86400.0
+# The least of each period: a lease_ttl of 0.01 s failed writes with EIO (the lease ran
+# out between its renewal and the write: "registry unreachable", wrongly), a heartbeat_ttl
+# of 0.001 s kept an idle blockd at half a core (found by a review)
+PERIOD_MIN = {"heartbeat_ttl": 0.5, "lease_ttl": 0.5, "peer_timeout": 0.5, "gc_interval": 0.1,
+              "nbd_send_timeout": 0.5}
 # the keys of seconds that take 0 too, and what 0 means
 ZERO_MEANS = {"scrub_interval": "off", "down_out_interval": "at once"}
 
@@ -173,11 +178,13 @@ class Config:
             raise InvalidArgument(f"{where('capacity')}: key 'capacity': {self.capacity} bytes "
                                   f"is less than the smallest chunk, "
                                   f"{format_size(CHUNK_SIZE_MIN)} (a size: \"100G\")")
-        for key in ("heartbeat_ttl", "lease_ttl", "peer_timeout", "gc_interval",
-                    "nbd_send_timeout"):
+        for key, least in PERIOD_MIN.items():
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
                 raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
+            if v < least:
+                raise InvalidArgument(f"{source}: key {key!r}: must be at least {least:g} "
+                                      f"seconds")
             if v > PERIOD_MAX:
                 raise InvalidArgument(f"{source}: key {key!r}: must be at most {PERIOD_MAX:.0f} "
                                       f"seconds (a day)")
