@@ -1129,7 +1129,7 @@ class _Connection:
 
     def fail(self, req: Request, exc: Exception) -> None:
         errno = to_nbd_errno(exc)
-        if errno == proto.EIO:
+        if errno == proto.EIO or errno == proto.ENOSPC:  # (a failing disk, a full one)
             name = getattr(self.export, "name", "?")
             self.failures.log(log, logging.WARNING, (name, req.command, failure_kind(exc)),
                               "nbd %s of %s failed: %r", proto.CMD_NAMES.get(req.command),

@@ -1945,6 +1945,27 @@ async def test_another_failure_of_the_same_export_is_logged_while_one_repeats(
     assert any("no current replica" in x for x in lines), lines
 
 
+class FullDisk(MemoryExport):
+    def write(self, offset, data, fua):
+        raise NoSpace("no space left for a new chunk of full (test)")
+
+
+async def test_a_write_failing_for_a_full_disk_is_logged(port, provider, caplog):
+    """A full disk fails writes with ENOSPC: logged as a failing disk's EIO is (limited),
+    as the operator guide says. Only EIO was, and a host whose disk filled up said
+    nothing but its start's disk_short warning (found by a review)."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="vbp.nbd")
+    provider.exports["full"] = FullDisk("full", MiB)
+    c = await Client.connect(port, "full")
+    with trio.fail_after(30):
+        assert await c.write(0, b"x" * 4096) == proto.ENOSPC
+    await c.aclose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "vbp.nbd"
+             and r.levelno >= logging.WARNING]
+    assert any("WRITE of full failed" in x and "no space left" in x for x in lines), lines
+
+
 async def test_a_run_of_writes_the_export_takes_at_once_is_answered_in_order(provider, nursery):
     """An export with write_run takes the writes of a run it can, from the first, and
     write() gets the rest, in order: every write is answered, with its own cookie, and
