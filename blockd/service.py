@@ -2040,6 +2040,13 @@ class Blockd:
                   frozenset((lin, frozenset(rs)) for lin, rs in by_lineage.items()))
         if not expired and memo is not None and memo[2] == inputs:
             return 0
+        # The newest token of every volume, before anything goes: a chunk freed here may
+        # be one a gateway deposed without being told still reads, its lease run out cut
+        # off from the registry. `vbp volume resize --force` (or snapshot) completing
+        # without a holder takes a newer token that reaches no copy; with it learnt here,
+        # the deposed gateway's reads are refused (it is fenced), where they read a cut
+        # chunk freed as zeros, or an older generation's bytes (found by a review).
+        self.replica.learn_tokens(await self.registry.lease_tokens())
         # generations no reader's chain holds any more (their volume or snapshot deleted;
         # a clone keeps its snapshot's): a chain that holds one is a gateway's that reads
         # on without having heard of the delete (cut off from the registry past its

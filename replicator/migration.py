@@ -97,7 +97,7 @@ from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
 from vbp.placement import Placement
 from vbp.registry.base import NEVER_CURRENT
-from vbp.volume import replicas_by_lineage
+from vbp.volume import read_chunks, read_size, replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
 
@@ -190,7 +190,8 @@ def lineage_chunks(volumes: list[dict]) -> dict[str, tuple[int, int]]:
     chunks: dict[str, tuple[int, int]] = {}
     for v in volumes:
         n, c = chunks.get(v["lineage"], (0, 0))
-        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, -(-v["size"] // v["chunk_size"])))
+        # (the chunks it reads: a head shrunk since a snapshot reads fewer than it)
+        chunks[v["lineage"]] = (max(n, v["replicas"]), max(c, read_chunks(v)))
     return chunks
 
 
@@ -637,7 +638,7 @@ class DataSetMover:
         if not down:
             return []
         sig = (cmap.epoch, cmap.mgen, down,
-               tuple(sorted((v["lineage"], v["size"], v["chunk_size"], v["replicas"]) for v in vols)))
+               tuple(sorted((v["lineage"], read_size(v), v["chunk_size"], v["replicas"]) for v in vols)))
         if self._waiting is None or self._waiting[0] != sig:
             got = await trio.to_thread.run_sync(sole_holders, cmap, vols, down)
             self._waiting = (sig, got)

@@ -57,7 +57,7 @@ def test_gc_keeps_the_generation_a_resync_left_as_the_only_one():
 
             registry = HeldListing(sim.registry)
             gc_host = SimpleNamespace(store=hb.store, registry=registry, provider=hb.provider,
-                                      _gc_memo=None)
+                                      replica=hb.replica, _gc_memo=None)
             freed = []
             async with trio.open_nursery() as gc:
                 gc.start_soon(lambda: _append(freed, Blockd.collect_garbage_once(gc_host)))

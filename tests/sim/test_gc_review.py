@@ -57,7 +57,7 @@ def test_gc_does_not_mark_what_a_clone_made_during_the_pass_reads():
             h = sim.hosts["h0"]
             registry = HeldAt(sim.registry, "leases_of_deleted")
             gc_host = SimpleNamespace(store=h.store, registry=registry, provider=h.provider,
-                                      _gc_memo=None)
+                                      replica=h.replica, _gc_memo=None)
             freed = []
             async with trio.open_nursery() as gc:
                 gc.start_soon(lambda: _append(freed, Blockd.collect_garbage_once(gc_host)))

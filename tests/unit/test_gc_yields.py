@@ -35,6 +35,9 @@ class DeletedLineage:
     async def host_stats(self):
         return {}
 
+    async def lease_tokens(self):
+        return {}
+
 
 async def test_gc_lets_other_tasks_run_while_it_frees_many_chunks(tmp_path):
     store = ChunkStore(tmp_path / "store", CHUNKS * CHUNK * 2)
@@ -52,7 +55,9 @@ async def test_gc_lets_other_tasks_run_while_it_frees_many_chunks(tmp_path):
 
         store.delete = counted
         host = SimpleNamespace(store=store, registry=DeletedLineage(),
-                               provider=SimpleNamespace(published=lambda: []), _gc_memo=None)
+                               provider=SimpleNamespace(published=lambda: []),
+                               replica=SimpleNamespace(learn_tokens=lambda tokens: None),
+                               _gc_memo=None)
 
         async def other_task():  # (the watchdog, a heartbeat, an NBD connection)
             while True:
