@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -74,7 +75,26 @@ def fail(message: str, code: int = EXIT_ERROR):
 
 
 class VbpGroup(click.Group):
-    """Turns every vbp error into one line and an exit code; never a traceback."""
+    """Turns every vbp error into one line and an exit code; never a traceback. click's
+    own usage errors too (a bad option, a missing argument, a value out of range): one
+    `vbp: error:` line and exit 2, where click printed its usage, a hint and an error on
+    four lines; an interrupt (Ctrl-C, SIGTERM) is one line and exit 130, not
+    "Aborted!"."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "vbp"
+            fail(f"{e.format_message().rstrip('.')} (see '{where} --help')", EXIT_USAGE)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            fail("interrupted", 130)
+        sys.exit(code if type(code) is int else 0)
 
     def invoke(self, ctx):
         try:
@@ -829,9 +849,14 @@ def volume_export(state, name, file, force, host, timeout, tls):
         raise click.BadParameter("writing the image to standard output is not supported: give "
                                  "a file name (./- for a file named -)", param_hint="FILE")
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
-    with _stoppable(), _progress_bar(state, f"export {name}") as progress:
-        stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,
-                                       timeout=timeout, tls_certificates=tls)
+    try:
+        with _stoppable(), _progress_bar(state, f"export {name}") as progress:
+            stats = transfer.export_volume(uri, file, progress=progress, overwrite=force,
+                                           timeout=timeout, tls_certificates=tls)
+    except KeyboardInterrupt:  # (its temporary file is gone: export_volume's cleanup)
+        fail(f"interrupted: {file} was not written"
+             + (" (the file there is as it was)" if force and os.path.exists(file) else ""),
+             130)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"exported {name} to {file}:", stats)))
 
@@ -882,14 +907,17 @@ def _data_role(cmap, host_id: str) -> str:
     return {(True, True): "in", (True, False): "joining", (False, True): "leaving"}.get((now, before), "out")
 
 
-def _host_command(state, host_id, fn, done: str):
+def _host_command(state, host_id, fn, done):
+    """`fn(registry)` on host `host_id`, and what it did: `done`, a line, or a function of
+    the host record after it (its state may not be the one asked for: a host down)."""
     reg = state.registry()
     if reg.cluster_map().host(host_id) is None:
         raise NotFound(f"no host {host_id!r} in the pool")
     cmap = fn(reg)
     h = cmap.host(host_id)
+    line = done(h) if callable(done) else done
     out(state, {"epoch": cmap.epoch, "host": h.to_dict() if h else None},
-        lambda: click.echo(f"{done} (epoch {cmap.epoch})"))
+        lambda: click.echo(f"{line} (epoch {cmap.epoch})"))
     return cmap
 
 
@@ -954,7 +982,9 @@ def host_undrain(state, host_id):
     Example:
       vbp host undrain host3
     """
-    _host_command(state, host_id, lambda r: r.set_host_state(host_id, "up"), f"host {host_id} is up")
+    _host_command(state, host_id, lambda r: r.set_host_state(host_id, "up"),
+                  lambda h: f"host {host_id} is up" if h is None or h.state == "up"
+                  else f"host {host_id} is no longer draining (it is {h.state})")
 
 
 @host.command("remove")

@@ -382,8 +382,11 @@ def test_malformed_registry_url_is_one_line(vbp):
     ["volume", "set", "a", "--iops", "99999999999999999999999"],
 ])
 def test_usage_errors_are_exit_2(vbp, args):
+    """click's own usage errors too are one `vbp: error:` line (they were click's usage,
+    hint and error, four lines), naming the help to read."""
     r = vbp(*args, code=EXIT_USAGE)
-    assert "Error:" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("vbp: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "--help')" in r.stderr and "Traceback" not in r.stderr
 
 
 # --- help --------------------------------------------------------------------------------
@@ -939,3 +942,16 @@ def test_drain_notes_when_no_other_host_is_up_and_ctrl_c_says_it_goes_on(reg_url
     assert err.strip().splitlines()[-1] == (
         "vbp: error: interrupted: host h2 stays draining, its chunks moving off as before "
         "(`vbp host undrain h2` stops that)"), err
+
+
+def test_undrain_of_a_host_that_is_down_says_so(reg_url, vbp):
+    """`host undrain` of a host that is down said "host h1 is up" (a review): it is no
+    longer draining, and still down."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "a:1", "a:2"), 0.3)
+    vbp("host", "drain", "h1")
+    time.sleep(0.6)  # (its heartbeat key gone: down)
+    r = vbp("host", "undrain", "h1")
+    assert r.stdout.startswith("host h1 is no longer draining (it is down)"), r.stdout
