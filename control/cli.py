@@ -1231,6 +1231,10 @@ def pool_scrub(state, volume, timeout):
     rid, hosts = api.request_scrub(reg, volume or "")
     with _scrub_bar(state, f"scrub {volume or 'pool'}") as progress:
         results = api.wait_scrub(reg, rid, hosts, timeout=timeout, progress=progress)
+    cmap = reg.cluster_map()
+    for h in cmap.hosts:  # (down when asked: its copies went unchecked, not clean)
+        if h.state == "down" and h.id in cmap.data_set and h.id not in results:
+            results[h.id] = {"state": "down"}
     total = api.scrub_summary(results)
     data = {"id": rid, "volume": volume or "", "hosts": results, "total": total}
 
@@ -1246,7 +1250,10 @@ def pool_scrub(state, volume, timeout):
                    f"{total['repaired']} repaired, {total['unrepaired']} not repaired"
                    + (f", {total['missing']} missing copies recorded stale for resync"
                       if total["missing"] else "")
-                   + ("" if total["ok"] else " -- NOT CLEAN"))
+                   + ("" if total["ok"] else " -- NOT CLEAN")
+                   + "".join(f"\n{h} {r['state']}: its copies were not checked"
+                             for h, r in sorted(results.items())
+                             if r.get("state") in ("down", "unfinished")))
 
     out(state, data, human)
     if not total["ok"]:

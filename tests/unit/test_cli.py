@@ -955,3 +955,20 @@ def test_undrain_of_a_host_that_is_down_says_so(reg_url, vbp):
     time.sleep(0.6)  # (its heartbeat key gone: down)
     r = vbp("host", "undrain", "h1")
     assert r.stdout.startswith("host h1 is no longer draining (it is down)"), r.stdout
+
+
+def test_a_scrub_names_a_host_of_the_data_set_that_is_down_and_is_not_clean(reg_url, vbp):
+    """A host holding copies that is down when the scrub is asked was left out of it: the
+    scrub said nothing of it and, the others done, exited 0 with its copies unchecked
+    (a review). It is a row of its own, down, and the scrub is not clean."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "a:1", "a:2"), 600)
+        reg.register_host(HostRecord("h2", "b:1", "b:2"), 0.3)
+        reg.set_data_set(reg.cluster_map().mgen, ["h1", "h2"], None)
+    time.sleep(0.6)  # (h2's heartbeat key gone: down)
+    r = vbp("--json", "pool", "scrub", "--timeout", "0.5", code=5)
+    assert js(r)["hosts"]["h2"] == {"state": "down"}
+    r = vbp("pool", "scrub", "--timeout", "0.5", code=5)
+    assert "h2 down: its copies were not checked" in r.stdout, r.stdout
