@@ -87,8 +87,10 @@ def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
         time.sleep(0.1)
 
 
-def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> None:
-    """Delete a volume, or a snapshot when `name` is NAME@SNAP. Hosts free the chunks no
+def delete_volume(reg, name: str, *, force: bool = False,
+                  wait: float = 3.0) -> VolumeRecord | None:
+    """Delete a volume with its snapshots (the record deleted), or a snapshot when `name`
+    is NAME@SNAP (None). Hosts free the chunks no
     reader needs any more in the background (vbp.volume.needed_gens). A snapshot that is
     exported over NBD somewhere, or a volume that is (its write lease live, or exported
     by a host without it) or whose snapshots are, is refused with InUse unless `force`; forced, the open exports
@@ -102,12 +104,13 @@ def delete_volume(reg, name: str, *, force: bool = False, wait: float = 3.0) -> 
         # (of the volume checked: not of one made again under its name meanwhile, with a
         # snapshot of that name, whose users nobody asked about)
         reg.update_volume(vol, lambda d: delete_snapshot(_still(vol, d, of), snap).to_dict())
-        return
+        return None
     rec = get_volume(reg, name)
     if not force:
         _refuse_in_use(reg, name, vol, None, wait, head=True)
     # (the lease judged again in the delete's transaction: one taken since refuses it too)
     reg.delete_volume(rec.name, unless_leased=not force)
+    return rec
 
 
 def refuse_import_in_use(reg, name: str, *, wait: float = 3.0) -> None:

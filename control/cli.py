@@ -589,8 +589,9 @@ def volume_show(state, name):
 @json_flag
 @click.pass_obj
 def volume_delete(state, name, force):
-    """Delete a volume, or one snapshot with NAME@SNAP; hosts free the chunks no volume
-    or snapshot needs any more in the background.
+    """Delete a volume with its snapshots (the output names them), or one snapshot with
+    NAME@SNAP; hosts free the chunks no volume or snapshot needs any more in the
+    background. Clones of its snapshots stay, with what they read.
 
     A snapshot that an NBD client has open (export NAME@SNAP on any host) is not deleted
     (exit code 6) unless --force; then that client's requests fail with EIO from then on.
@@ -604,9 +605,13 @@ def volume_delete(state, name, force):
     """
     from control import api
 
-    api.delete_volume(state.registry(), name, force=force)
-    what = "snapshot" if "@" in name else "volume"
-    out(state, {"deleted": name}, lambda: click.echo(f"deleted {what} {name}"))
+    rec = api.delete_volume(state.registry(), name, force=force)
+    if rec is None:
+        out(state, {"deleted": name}, lambda: click.echo(f"deleted snapshot {name}"))
+        return
+    snaps = [s.name for s in rec.snapshots]
+    out(state, {"deleted": name, "snapshots": snaps}, lambda: click.echo(
+        f"deleted volume {name}" + (f" and its snapshots {', '.join(snaps)}" if snaps else "")))
 
 
 @volume.command("snapshot")

@@ -78,8 +78,9 @@ def test_volume_lifecycle_human(vbp):
     assert "volume vm1 is now 20 GiB" in vbp("volume", "resize", "vm1", "20G").stdout
     r = vbp("volume", "show", "vm1")
     assert "disk1@gold" in r.stdout and "20 GiB" in r.stdout
-    assert "deleted volume vm1" in vbp("volume", "delete", "vm1").stdout
-    assert "deleted volume disk1" in vbp("volume", "delete", "disk1").stdout
+    assert "deleted volume vm1\n" == vbp("volume", "delete", "vm1").stdout
+    assert "deleted volume disk1 and its snapshots gold\n" == vbp("volume", "delete",
+                                                                  "disk1").stdout
     assert vbp("volume", "list").stdout.strip() == "no volumes"
 
 
@@ -101,8 +102,9 @@ def test_volume_lifecycle_json(vbp, where):
     assert [x["name"] for x in j("volume", "list")] == ["disk1", "disk2"]
     assert j("volume", "resize", "disk2", "3G")["size"] == 3 * GiB
     assert j("volume", "resize", "disk2", "2G", "--force")["size"] == 2 * GiB
-    assert j("volume", "delete", "disk2") == {"deleted": "disk2"}
-    assert j("volume", "delete", "disk1") == {"deleted": "disk1"}
+    assert j("volume", "delete", "disk2") == {"deleted": "disk2", "snapshots": []}
+    # (a volume goes with its snapshots: said, as the snapshots it took with it)
+    assert j("volume", "delete", "disk1") == {"deleted": "disk1", "snapshots": ["s1"]}
     assert j("volume", "list") == []
 
 
