@@ -598,11 +598,15 @@ class VolumeGateway:
         """{chunk index: hosts} of the marks (_mark_stale) begun while the body runs (a
         read of the registry's records)."""
         marked: dict[int, set] = {}
-        self._reads.append(marked)
+        reads = self._reads
+        reads.append(marked)
         try:
             yield marked
-        finally:
-            self._reads.remove(marked)
+        finally:  # (this one: list.remove takes the first equal, another read's {})
+            for i, other in enumerate(reads):
+                if other is marked:
+                    del reads[i]
+                    break
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""

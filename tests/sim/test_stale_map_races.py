@@ -102,3 +102,24 @@ def test_the_check_after_a_failure_does_not_count_a_copy_marked_while_its_read_w
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_reads_of_the_records_that_overlap_end_in_any_order():
+    """Two reads out at once, the second ending first, then a mark, then the first: each
+    read's own marks set goes with it. Taken out by equality (list.remove), the second
+    read's end took the first read's empty set, a mark then went to the second's, and
+    the first read's end raised ValueError, failing a client's write (seen in CI, a
+    gateway killed under an import)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, g, gw, victim = await cleared_copy(nursery)
+            first = gw._marks_during()
+            seen_first = first.__enter__()
+            with gw._marks_during():
+                pass
+            await g.run_on(gw._mark_stale, 0, [victim.id])
+            first.__exit__(None, None, None)
+            assert seen_first == {0: {victim.id}} and gw._reads == []
+            nursery.cancel_scope.cancel()
+
+    run(main)
