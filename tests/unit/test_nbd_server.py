@@ -950,25 +950,34 @@ async def test_answers_of_pipelined_large_writes_leave_two_at_a_time(provider, n
     while the server writes) with 8 writes in flight gets every answer, and every write
     lands."""
     import nbd
-    export = provider.exports["slow"] = SlowWrites("slow", 16 * MiB)
     p = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
-    payloads = [random.randbytes(MiB) for _ in range(8)]
+    paired = []
+    for _ in range(5):  # (whether a payload is still arriving when an answer is ready
+        # depends on the machine's load: on a busy one every payload may be in whole
+        # first, and nothing is deferred; a pair in one of five runs shows the deferral,
+        # and no run may hold more than two)
+        export = provider.exports["slow"] = SlowWrites("slow", 16 * MiB)
+        payloads = [random.randbytes(MiB) for _ in range(8)]
 
-    def client() -> None:
-        h = nbd.NBD()
-        h.set_export_name("slow")
-        h.connect_tcp("127.0.0.1", str(p))
-        for i, d in enumerate(payloads):
-            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), i * MiB)
-        while h.aio_in_flight():
-            h.poll(-1)
-        h.shutdown()
+        def client() -> None:
+            h = nbd.NBD()
+            h.set_export_name("slow")
+            h.connect_tcp("127.0.0.1", str(p))
+            for i, d in enumerate(payloads):
+                h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), i * MiB)
+            while h.aio_in_flight():
+                h.poll(-1)
+            h.shutdown()
 
-    with trio.fail_after(20):
-        await trio.to_thread.run_sync(client)
-    assert bytes(export.data[:8 * MiB]) == b"".join(payloads)
-    writes = [count for cmd, count in export.observed if cmd == proto.CMD_WRITE]
-    assert sum(writes) == 8 and max(writes) == 2, writes
+        with trio.fail_after(20):
+            await trio.to_thread.run_sync(client)
+        assert bytes(export.data[:8 * MiB]) == b"".join(payloads)
+        writes = [count for cmd, count in export.observed if cmd == proto.CMD_WRITE]
+        assert sum(writes) == 8 and max(writes) <= 2, writes
+        paired.append(max(writes) == 2)
+        if paired[-1]:
+            break
+    assert any(paired), "no answer was deferred to leave with the next in five runs"
 
 
 async def test_a_held_answer_leaves_when_the_client_sends_no_more(provider, nursery):
