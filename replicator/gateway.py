@@ -1649,24 +1649,26 @@ class VolumeGateway:
             try:
                 self._check_writable()
             except VbpError as e:
-                for _route, items, _datas in groups.values():
-                    self._inflight += len(items)
-                    later, outcomes = Later(), [None] * len(items)
-                    parts.append(([item[2] for item in items], later))
-                    self._fail_run_items(outcomes, items, e, bug=False)
-                    later.done(outcomes)
+                for group in groups.values():
+                    self._send_part(run, parts, group, epoch, token, refused=e)
                 return taken, parts
         for group in groups.values():
             self._send_part(run, parts, group, epoch, token)
         return taken, parts
 
-    def _send_part(self, run: _Run, parts: list, group: tuple, epoch: int, token: int) -> None:
+    def _send_part(self, run: _Run, parts: list, group: tuple, epoch: int, token: int,
+                   refused: VbpError | None = None) -> None:
         """Send `group` ((route, items, datas): _write_run_copies) of a run as one part of
-        it, added to `parts`; counted in flight first (it may settle at once)."""
+        it, added to `parts`; counted in flight first (it may settle at once). `refused`:
+        not sent, its writes failed with it."""
         route, items, datas = group
         self._inflight += len(items)
         later, outcomes = Later(), [None] * len(items)
         parts.append(([item[2] for item in items], later))
+        if refused is not None:
+            self._fail_run_items(outcomes, items, refused, bug=False)
+            later.done(outcomes)
+            return
         try:
             self._send_run_group(run, later, outcomes, route, items, datas, epoch, token)
         except Exception as e:  # (a bug: these writes fail, the others go on)
