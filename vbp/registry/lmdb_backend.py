@@ -80,10 +80,11 @@ class LmdbKV:
         self._closed = False
         self._swept = time.monotonic()  # (at the open: _open_env)
 
-    def _sweep(self, now: float | None = None) -> None:
-        """Free the reader slots of dead processes, at most every READER_CHECK_EVERY."""
-        now = time.monotonic() if now is None else now
-        if now - self._swept >= READER_CHECK_EVERY:
+    def _sweep(self, force: bool = False) -> None:
+        """Free the reader slots of dead processes, at most every READER_CHECK_EVERY
+        (`force`: now)."""
+        now = time.monotonic()
+        if force or now - self._swept >= READER_CHECK_EVERY:
             self._swept = now
             self._env.reader_check()
 
@@ -97,8 +98,7 @@ class LmdbKV:
                 with self._env.begin(write=True) as t:
                     return fn(t)
             except lmdb.MapFullError:
-                self._swept = -READER_CHECK_EVERY
-                self._sweep()
+                self._sweep(force=True)
                 with self._env.begin(write=True) as t:
                     return fn(t)
         except lmdb.MapFullError as e:
