@@ -1444,7 +1444,7 @@ class Blockd:
                                      settle=cfg.peer_timeout + WRITE_GRACE)
             # before serving anything: copies dirty at a crash, and copies others recorded
             # stale while we were away, must not be served as current
-            await self.resync.mark_recovered(self.store.recovered)
+            await self.resync.mark_recovered(self.store.recovered, self.store.recovered_lost)
             self._check_store(cmap)
             peer_host, peer_port = parse_hostport(cfg.listen, "listen")
             nbd_host, nbd_port = parse_hostport(cfg.nbd, "nbd")

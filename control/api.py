@@ -497,9 +497,12 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
     from replicator.gateway import ClusterView
     from replicator.loss import last_current, revert_source, stale_by_chunk, unrecoverable
     from vbp.registry.base import LossVerdict
-    from vbp.volume import note_accepted, read_chunks
+    from vbp.volume import min_size_by_lineage, note_accepted, read_chunks
 
     rec, plan = loss_plan(reg, name, chunks)
+    # the election's threshold: the lineage's, as resync and pool status read it (clones
+    # share the lineage)
+    k = min_size_by_lineage(reg.list_volumes()).get(rec.lineage, rec.min_size)
     when = time.time() if now is None else now
     out = {"volume": name, "lineage": rec.lineage, "time": when, "reverted": [], "zeroed": [],
            "skipped": []}
@@ -514,12 +517,12 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
             view = ClusterView(cmap)
             complete = view.replicas(rec.lineage, index, n)
             stale = stale_by_chunk(records).get((rec.lineage, index), {})
-            if not unrecoverable(complete, stale, view.joining(rec.lineage, index, n)):
+            if not unrecoverable(complete, stale, k, view.joining(rec.lineage, index, n)):
                 return None
             host, reverts = revert_source(complete, stale)
             return LossVerdict(host, note_accepted(losses, when, name, index, host, reverts),
                                {"index": index, "source": host, "reverts": reverts,
-                                "last_current": last_current(complete, stale)},
+                                "last_current": last_current(complete, stale, k)},
                                view.write_set(rec.lineage, index, n))
 
         done = reg.clear_stale_unless_changed(rec.lineage, index, name, decide)

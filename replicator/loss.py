@@ -1,63 +1,97 @@
-"""Unrecoverable chunks and accepted losses: the rule that says a chunk's last current copy
-is gone, shared by resync (replicator.recovery), `vbp pool status` and `vbp volume
-accept-loss` (control.api), so that it is written once.
+"""Unrecoverable chunks and accepted losses: the rule that says which copy of a chunk
+whose copies are all stale holds every acknowledged write, or that none does, shared by
+resync (replicator.recovery), `vbp pool status` and `vbp volume accept-loss`
+(control.api), so that it is written once.
 
 Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
 - A chunk whose copies are all recorded stale is brought to the copy that went stale last
   (its record was made last: while it was current it took every acknowledged write;
-  Resync._resync_all_stale). A record a backfill made (NEVER_CURRENT: a new, empty disk
-  under an old host id) is of a copy that was never current. If it is the newest, the
-  copy on the old disk was the last current one, and with it went writes no other copy
-  holds: the chunk is *unrecoverable*, and no copy is elected (it reads EIO, never older
-  bytes or zeros, unless an operator says otherwise).
+  Resync._resync_all_stale). Since then no write was acknowledged: that needs min_size
+  copies current when its failures are recorded, and every such copy went stale later.
+- Unless that copy lost power (LOST_UNSYNCED: its crash recovery after a reboot recorded
+  it). It then lost what it took since its last flush, and a copy recorded before it may
+  hold more: the newest copy that lost nothing (a "whole" one) holds every write
+  acknowledged before its record; one acknowledged after it was taken by min_size
+  copies recorded later. So the election takes the newest whole copy, unless min_size
+  records are newer than it: then writes may have been acknowledged (and flushed) on
+  those alone, and it takes the newest, which lost only unflushed writes (what a power
+  loss of every copy that held them may lose). Ties (copies recorded by one failure, in
+  one transaction) are not "newer".
+- A record a backfill made (NEVER_CURRENT: a new, empty disk under an old host id) is of
+  a copy that was never current. If the election takes it (its record is the newest),
+  the copy on the old disk held writes no copy left holds: the chunk is
+  *unrecoverable*, and no copy is elected (it reads EIO, never older bytes or zeros,
+  unless an operator says otherwise).
 - The operator's way out (control.api.accept_loss) keeps one copy: the newest that was
-  current once (the chunk goes back to older bytes), else the first in placement order
-  (it holds nothing acknowledged: the chunk is lost, it reads as holes). Its record is
-  removed, the others resync from it. The lineage's loss record keeps what was given up
-  (vbp.volume.AcceptedLoss); hosts whose copies resync from it log it.
+  current once (the chunk goes back to older bytes, or to what a power loss left), else
+  the first in placement order (it holds nothing acknowledged: the chunk is lost, it
+  reads as holes). Its record is removed, the others resync from it. The lineage's loss record
+  keeps what was given up (vbp.volume.AcceptedLoss); hosts whose copies resync from it
+  log it.
 - Everything here is a pure function of registry contents (stale records, the cluster
-  map, volume record dicts): `stale` maps are {host: since_of(record)}.
+  map, volume record dicts): `stale` maps are {host: Miss}, `min_size` the lineage's
+  (min_size_by_lineage).
 """
 
 from __future__ import annotations
 
-from vbp.registry.base import NEVER_CURRENT
-from vbp.volume import accepted_losses, read_chunks, replicas_by_lineage
+from typing import NamedTuple
+
+from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT
+from vbp.volume import accepted_losses, min_size_by_lineage, read_chunks, replicas_by_lineage
 
 
-def since_of(r) -> int:
-    """A stale record's place in a chunk's `stale` map (Resync.resync_chunk): when it was
-    made (`since`), or ~since (below 0) for a copy recorded never current (a backfill's)."""
-    return ~r.since if r.version & NEVER_CURRENT else r.since
+class Miss(NamedTuple):
+    """A stale record as the election reads it."""
+
+    since: int  # the registry revision that made the record: when the copy went stale
+    never: bool = False  # NEVER_CURRENT: a backfill's, the copy was never current
+    lost: bool = False  # LOST_UNSYNCED: a power loss took the copy's unflushed writes
 
 
-def stale_by_chunk(records) -> dict[tuple[str, int], dict[str, int]]:
-    """(lineage, index) -> {host: since_of(record)} over stale records."""
-    out: dict[tuple[str, int], dict[str, int]] = {}
+def miss_of(r) -> Miss:
+    """A stale record's entry in a chunk's `stale` map (Resync.resync_chunk)."""
+    return Miss(r.since, bool(r.version & NEVER_CURRENT), bool(r.version & LOST_UNSYNCED))
+
+
+def stale_by_chunk(records) -> dict[tuple[str, int], dict[str, Miss]]:
+    """(lineage, index) -> {host: miss_of(record)} over stale records."""
+    out: dict[tuple[str, int], dict[str, Miss]] = {}
     for r in records:
-        out.setdefault((r.lineage, r.index), {})[r.host_id] = since_of(r)
+        out.setdefault((r.lineage, r.index), {})[r.host_id] = miss_of(r)
     return out
 
 
-def last_current(complete, stale: dict[str, int]) -> str:
-    """The copy of `complete` whose record is the newest (ties: the first in placement
-    order): when every copy is stale, the one that went stale last (_resync_all_stale)."""
-    def since(h: str) -> int:
-        s = stale.get(h, 0)
-        return ~s if s < 0 else s
-
-    return max(complete, key=lambda h: (since(h), -complete.index(h)))
+def _newest(hosts, complete, stale: dict[str, Miss]) -> str:
+    """The copy of `hosts` whose record is the newest (ties: the first in placement order)."""
+    return max(hosts, key=lambda h: (stale[h].since if h in stale else 0, -complete.index(h)))
 
 
-def newest_lost(complete, stale: dict[str, int]) -> bool:
-    """Every complete copy of the chunk is recorded stale and the newest record is of a
-    copy that was never current (a replaced disk's backfill): resync elects none of them
-    (the newest of the others misses acknowledged writes)."""
+def last_current(complete, stale: dict[str, Miss], min_size: int) -> str:
+    """The copy of `complete` (all recorded stale) that the election takes: the newest
+    record, unless it lost power; then the newest that lost nothing (neither power nor
+    its disk), unless min_size records are newer than that one; then the newest. See
+    the theory of operation."""
+    newest = _newest(complete, complete, stale)
+    if not stale[newest].lost:
+        return newest
+    whole = [h for h in complete if not (stale[h].lost or stale[h].never)]
+    if whole:
+        best = _newest(whole, complete, stale)
+        if sum(1 for h in complete if stale[h].since > stale[best].since) < min_size:
+            return best
+    return newest
+
+
+def newest_lost(complete, stale: dict[str, Miss], min_size: int) -> bool:
+    """Every complete copy of the chunk is recorded stale and the election takes a copy
+    that was never current (a replaced disk's backfill): resync elects none of them (the
+    others miss acknowledged writes)."""
     return (bool(complete) and all(h in stale for h in complete)
-            and stale[last_current(complete, stale)] < 0)
+            and stale[last_current(complete, stale, min_size)].never)
 
 
-def unrecoverable(complete, stale: dict[str, int], joining=()) -> bool:
+def unrecoverable(complete, stale: dict[str, Miss], min_size: int, joining=()) -> bool:
     """newest_lost, and no joining target (a change of data set under way) is without a
     record: such a target resynced from a current copy (its record cleared) and took
     every write since, so it holds every acknowledged write; the chunk reads EIO only
@@ -65,18 +99,18 @@ def unrecoverable(complete, stale: dict[str, int], joining=()) -> bool:
     with its disk, no copy left holds every acknowledged write, and the chunk reads EIO
     until an operator accepts the loss (control.api.accept_loss). The one rule of it,
     for resync, `vbp pool status` and `vbp volume accept-loss`."""
-    return newest_lost(complete, stale) and all(h in stale for h in joining)
+    return newest_lost(complete, stale, min_size) and all(h in stale for h in joining)
 
 
-def revert_source(complete, stale: dict[str, int]) -> tuple[str, bool]:
+def revert_source(complete, stale: dict[str, Miss]) -> tuple[str, bool]:
     """The copy an accepted loss brings the others to, and whether it was ever current:
-    the newest of those that were (what the all-stale election would take with the lost
-    copy left out: older than the acknowledged bytes, but the newest left); with none,
-    the first in placement order (it holds nothing acknowledged: the chunk is lost and
-    reads as holes, but for what writes that failed since left on it)."""
-    once = [h for h in complete if stale.get(h, 0) >= 0]
+    the newest of those that were (older than the acknowledged bytes, or short of what
+    a power loss took, but the newest left); with none, the first in placement order (it
+    holds nothing acknowledged: the chunk is lost and reads as holes, but for what writes
+    that failed since left on it)."""
+    once = [h for h in complete if not stale[h].never]
     if once:
-        return last_current(once, stale), True
+        return _newest(once, complete, stale), True
     return complete[0], False
 
 
@@ -102,20 +136,20 @@ def unrecoverable_chunks(cmap, records, volumes: list[dict]) -> list[dict]:
     chunk is declared lost)."""
     from replicator.gateway import ClusterView  # a view of this map, not a host's
 
-    n_of = replicas_by_lineage(volumes)
+    n_of, min_of = replicas_by_lineage(volumes), min_size_by_lineage(volumes)
     view = ClusterView(cmap)
     out = []
     for (lineage, index), stale in sorted(stale_by_chunk(records).items()):
         n = n_of.get(lineage)
         if not n:
             continue
-        complete = view.replicas(lineage, index, n)
-        if not unrecoverable(complete, stale, view.joining(lineage, index, n)):
+        complete, k = view.replicas(lineage, index, n), min_of[lineage]
+        if not unrecoverable(complete, stale, k, view.joining(lineage, index, n)):
             continue
         source, reverts = revert_source(complete, stale)
         out.append({"lineage": lineage, "index": index,
                     "volumes": sorted(d["name"] for d in volumes if d["lineage"] == lineage
                                       and index < read_chunks(d)),
-                    "copies": list(complete), "last_current": last_current(complete, stale),
+                    "copies": list(complete), "last_current": last_current(complete, stale, k),
                     "source": source, "reverts": reverts})
     return out

@@ -97,7 +97,7 @@ from vbp.errors import NotFound, VbpError
 from vbp.layout import ChunkKey
 from vbp.placement import Placement
 from vbp.registry.base import NEVER_CURRENT
-from vbp.volume import read_chunks, read_size, replicas_by_lineage
+from vbp.volume import min_size_by_lineage, read_chunks, read_size, replicas_by_lineage
 
 log = logging.getLogger("vbp.migration")
 
@@ -406,7 +406,8 @@ def sole_holders(cmap: ClusterMap, volumes: list[dict], down: frozenset[str]) ->
     return sorted(found)
 
 
-def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int]) -> dict[str, int]:
+def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int],
+                    min_of: dict[str, int]) -> dict[str, int]:
     """Joining targets of the change under way that alone hold every acknowledged write of
     some chunk (host -> how many such chunks): every complete copy of it is recorded
     stale, the newest never current (replicator.loss.newest_lost: the last current copy
@@ -423,7 +424,7 @@ def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int]) -> dict[str
     out: dict[str, int] = {}
     for (lineage, index), stale in stale_by_chunk(records).items():
         n = n_of.get(lineage)
-        if not n or not newest_lost(view.replicas(lineage, index, n), stale):
+        if not n or not newest_lost(view.replicas(lineage, index, n), stale, min_of[lineage]):
             continue
         for h in view.joining(lineage, index, n):
             if h not in stale:
@@ -580,7 +581,8 @@ class DataSetMover:
         they hold would count as unrecoverable. One back on a new disk is recorded stale
         by its backfill and holds nothing any more; drained, it is the operator's word
         that it is gone. Logged when it first waits."""
-        held = joining_holders(cmap, await self.registry.list_stale(), replicas_by_lineage(vols))
+        held = joining_holders(cmap, await self.registry.list_stale(), replicas_by_lineage(vols),
+                               min_size_by_lineage(vols))
         out = sorted(set(held) - set(want))
         if out:
             out = sorted(set(out) - await self.registry.draining())

@@ -66,10 +66,11 @@ from vbp.chunkstore import flush_store
 from vbp.errors import InvalidArgument, NoSpace, NotFound, VbpError
 from vbp.layout import PAGE_SIZE, ChunkKey
 from replicator.loss import (
-    accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
+    Miss, accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
 )
-from vbp.registry.base import NEVER_CURRENT  # a backfill's flag: the copy was never current
-from vbp.volume import accepted_losses, replicas_by_lineage
+# flags of a stale record: a backfill's (never current), a power loss's (lost unsynced writes)
+from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT
+from vbp.volume import accepted_losses, min_size_by_lineage, replicas_by_lineage
 
 log = logging.getLogger("vbp.recovery")
 
@@ -126,6 +127,7 @@ class Resync:
         self.full_ratio = 1.0
         self.held_full = 0  # chunks held back by the last pass
         self.chunk_sizes: dict[str, int] = {}
+        self.min_sizes: dict[str, int] = {}  # lineage -> min_size (the all-stale election's)
         self.write_window = 6.0  # seconds; blockd sets its peer timeout + 1
         # chunks resynced at once: each waits on round trips to its source, not on the
         # disk, so one at a time makes the recovery of many stale chunks latency bound
@@ -153,6 +155,7 @@ class Resync:
     async def replicas_by_lineage(self) -> dict[str, int]:
         vols = await self.registry.list_volumes()
         self.chunk_sizes = {d["lineage"]: d["chunk_size"] for d in vols}
+        self.min_sizes = min_size_by_lineage(vols)
         return replicas_by_lineage(vols)
 
     async def _read_accepted(self) -> None:
@@ -196,17 +199,24 @@ class Resync:
                             "the copies kept", a.volume, r.lineage, a.count, a.reverted, a.zeroed,
                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.time)), a.low, a.high)
 
-    async def mark_recovered(self, keys) -> None:
+    async def mark_recovered(self, keys, lost=frozenset()) -> None:
         """After a crash, chunks that were dirty may miss writes the others have. Done
-        before this host serves anything."""
+        before this host serves anything. Those of `lost` (ChunkStore.recovered_lost: a
+        reboot, a power loss) may also have lost writes they took, and are recorded so
+        (LOST_UNSYNCED: replicator.loss.last_current)."""
         n_of = await self.replicas_by_lineage()
-        done = set()
+        done, flagged = set(), 0
+        lost_chunks = {(k.lineage, k.index) for k in lost}
         for k in sorted(keys):
-            if n_of.get(k.lineage, 1) > 1 and (k.lineage, k.index) not in done:
-                done.add((k.lineage, k.index))
-                await self.registry.mark_stale(k.lineage, k.index, [self.host_id], time.time_ns())
+            chunk = (k.lineage, k.index)
+            if n_of.get(k.lineage, 1) > 1 and chunk not in done:
+                done.add(chunk)
+                flag = LOST_UNSYNCED if chunk in lost_chunks else 0
+                flagged += bool(flag)
+                await self.registry.mark_stale(k.lineage, k.index, [self.host_id],
+                                               flag | time.time_ns())
         if done:
-            log.info("event=crash_recovery stale_chunks=%d", len(done))
+            log.info("event=crash_recovery stale_chunks=%d lost_unsynced=%d", len(done), flagged)
         # the store lists them at every open until now (blockd opens it keep_recovered): a
         # start that failed before this point, or a crash, must not lose them
         self.store.forget_recovered()
@@ -377,7 +387,7 @@ class Resync:
         self._progress(await self.refresh_stale_self())
         return cleared
 
-    async def _resync_record(self, r, n: int | None, stale: dict[str, int]) -> bool:
+    async def _resync_record(self, r, n: int | None, stale: dict[str, Miss]) -> bool:
         """Bring the copy one record names current and remove the record; True if done."""
         if n is None:  # the lineage is gone: nothing to bring current
             await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version)
@@ -424,9 +434,9 @@ class Resync:
         if self.on_progress is not None:
             self.on_progress(len(mine), sum(self.chunk_sizes.get(r.lineage, 0) for r in mine))
 
-    async def resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
-        """`stale`: the hosts recorded stale for the chunk -> when their record was made
-        (`since`; ~since, below 0, for a copy that was never current)."""
+    async def resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, Miss]) -> bool:
+        """`stale`: the hosts recorded stale for the chunk -> their record (replicator.loss.Miss:
+        when it was made, and its flags)."""
         try:
             return await self._resync_chunk(lineage, index, n, stale)
         except ChunkBusy:
@@ -479,7 +489,7 @@ class Resync:
             raise ChunkBusy() from None
         return bytes(buf)
 
-    async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, int]) -> bool:
+    async def _resync_chunk(self, lineage: str, index: int, n: int, stale: dict[str, Miss]) -> bool:
         # Complete copies only. A target that joined in a data-set change has no record
         # until the change's scan (or a gateway's first write) marks it, and until then it
         # looks current while it holds nothing: as a source it would make this copy drop
@@ -534,13 +544,17 @@ class Resync:
         acknowledged write may be the one with the most writes. Generations that copy
         lacks hold only unacknowledged writes here and go. Only while every copy is up
         and answers, so that every stale host elects the same one.
-        A copy a backfill recorded (a new, empty disk) is never elected. If its record is
-        the newest, that copy was current when its disk was lost, and with it the only
+        A copy that lost its unflushed writes in a power loss is passed over for the
+        newest that did not, unless min_size such copies went stale after that one
+        (replicator.loss.last_current).
+        A copy a backfill recorded (a new, empty disk) is never elected. If the election
+        takes it, that copy was current when its disk was lost, and with it the only
         copy of writes the others missed: no copy left holds them, and the chunk stays
         unreadable (EIO) rather than be brought to an older one, or to holes."""
-        best = last_current(complete, stale)
-        if newest_lost(complete, stale):
-            if not unrecoverable(complete, stale, joining):
+        k = self.min_sizes.get(lineage, 1)
+        best = last_current(complete, stale, k)
+        if newest_lost(complete, stale, k):
+            if not unrecoverable(complete, stale, k, joining):
                 return False  # a joining target holds it: reads go there once the change completes
             if (lineage, index) in self._unrecoverable:
                 return False

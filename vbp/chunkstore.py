@@ -85,8 +85,10 @@ lower than the chunk's; the rule holds the same.) So the index's versions (read_
 lag the chunks' own by less than VERSION_SLACK while a chunk is marked dirty.
 A mismatch in a chunk that was not dirty is real corruption: it stays, and reads of that
 page raise ChecksumError. `recovered` lists the dirty chunks (and dropped FRESH ones) so
-replication can resync them; opened `keep_recovered`, every open lists them again (they
-are kept in the index with the recovery) until forget_recovered says they are recorded.
+replication can resync them, and `recovered_lost` those of them found after a reboot,
+which may have lost writes taken since their last flush (what the page cache held);
+opened `keep_recovered`, every open lists both again (they are kept in the index with
+the recovery) until forget_recovered says they are recorded.
 
 Failure rules:
 - A failed fdatasync/msync poisons that chunk size's files: every later sync raises
@@ -323,7 +325,7 @@ class ChunkStore:
             fs = os.fstatvfs(self._index_fd)
             self._index_keep = min(INDEX_RESERVE, fs.f_blocks * fs.f_frsize // 16)
             self._reserve_index()  # (a disk full already: the reserve kept before, if any)
-            self.was_clean, self.recovered = self._load()
+            self.was_clean, self.recovered, self.recovered_lost = self._load()
             self.store_id = self._store_id()
         except BaseException as e:
             self._close_files()
@@ -366,7 +368,7 @@ class ChunkStore:
 
     # --- open and recovery ----------------------------------------------------------------
 
-    def _load(self) -> tuple[bool, frozenset[ChunkKey]]:
+    def _load(self) -> tuple[bool, frozenset[ChunkKey], frozenset[ChunkKey]]:
         db = self._db
         with self._env.begin() as txn:
             clean = txn.get(b"clean", db=db["meta"]) == b"1"
@@ -393,6 +395,7 @@ class ChunkStore:
                 if c is not None:
                     (fresh if v == FRESH else dirty).append(c)
             kept = txn.get(b"recovered", db=db["meta"])
+            kept_lost = txn.get(b"recovered_lost", db=db["meta"])
             collected = {bytes(k): bytes(v) for k, v in txn.cursor(db=db["collected"])}
             for k, v in txn.cursor(db=db["marks"]):
                 try:
@@ -406,19 +409,29 @@ class ChunkStore:
                     self._marks[key] = bytes(v).decode("utf-8", "replace")
         self.kept_marks = dict(self._marks)
         self._load_collected(collected)
-        kept = frozenset(dec_key(k) for k in msgpack.unpackb(kept)) if kept else frozenset()
+        kept, kept_lost = (frozenset(dec_key(k) for k in msgpack.unpackb(v)) if v else frozenset()
+                           for v in (kept, kept_lost))
         for sp in self._spaces.values():
             heapq.heapify(sp.free)
         now = boot_id()
-        if now and boot == now.encode():  # the page cache holds the copies whole: as dirty
+        same_boot = bool(now) and boot == now.encode()
+        if same_boot:  # the page cache holds the copies whole: as dirty
             dirty += fresh
             fresh = []
-        recovered = kept | frozenset(c.key for c in dirty + fresh)
-        self._recover(pending, dirty, fresh, now, recovered if self.keep_recovered else kept)
-        return clean, recovered
+        found = frozenset(c.key for c in dirty + fresh)
+        recovered = kept | found
+        # after a reboot (a power loss) the dirty chunks lost the writes they took since
+        # their last flush (the records say so: replicator.recovery.mark_recovered)
+        lost = kept_lost | (frozenset() if same_boot else found)
+        if self.keep_recovered:
+            self._recover(pending, dirty, fresh, now, recovered, lost)
+        else:
+            self._recover(pending, dirty, fresh, now, kept, kept_lost)
+        return clean, recovered, lost
 
     def _recover(self, pending: list[Chunk], dirty: list[Chunk], lost: list[Chunk],
-                 boot: str, keep: frozenset[ChunkKey] = frozenset()) -> None:
+                 boot: str, keep: frozenset[ChunkKey] = frozenset(),
+                 keep_lost: frozenset[ChunkKey] = frozenset()) -> None:
         for c in pending:
             c.space.limbo.append(c.slot)
         for c in lost:  # copy-ups never synced, after a reboot: dropped like PENDING ones
@@ -446,6 +459,9 @@ class ChunkStore:
             txn.put(b"boot", boot.encode(), db=db["meta"])
             if keep:  # (in the transaction that clears their dirty marks)
                 txn.put(b"recovered", msgpack.packb(sorted(enc_key(k) for k in keep)),
+                        db=db["meta"])
+            if keep_lost:
+                txn.put(b"recovered_lost", msgpack.packb(sorted(enc_key(k) for k in keep_lost)),
                         db=db["meta"])
         self._after_free_limbo(freed)  # (free in memory too, as in the index)
         for c in dirty:
@@ -1467,7 +1483,8 @@ class ChunkStore:
         lists only those a crash leaves then."""
         with self._txn() as txn:
             txn.delete(b"recovered", db=self._db["meta"])
-        self.recovered = frozenset()
+            txn.delete(b"recovered_lost", db=self._db["meta"])
+        self.recovered = self.recovered_lost = frozenset()
 
     def close(self) -> None:
         """Flush, mark the store clean, and close it. A flush that fails (a poisoned

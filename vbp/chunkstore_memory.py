@@ -3,7 +3,8 @@
 For deterministic simulation (CONVENTIONS.md 7, 8): a dict of chunks, each a dict of pages
 with their checksums. It also models the non-durable disk: `crash(rng)` returns the store a
 restart would find, where every chunk written since its last flush/fua keeps, page by page,
-either its durable or its newest bytes (chosen by `rng`), and its version goes past the
+either its durable or its newest bytes (chosen by `rng`: a power loss; a process crash
+keeps the newest, `power=False`), and its version goes past the
 durable one (the last a flush or fua acknowledged) by 1 or by VERSION_SLACK (chosen by
 `rng`): ChunkStore's recovery gives such a chunk its persisted version + VERSION_SLACK, and
 the persisted one lags the acknowledged one by anything below VERSION_SLACK, so both ends
@@ -60,6 +61,7 @@ class MemoryChunkStore:
         self._checksum_errors = 0
         self.was_clean = True
         self.recovered: frozenset[ChunkKey] = frozenset()
+        self.recovered_lost: frozenset[ChunkKey] = frozenset()
         self.store_id = uuid.uuid4().hex
         self.collected_gens: dict[str, frozenset[int]] = {}  # (ChunkStore.mark_collected)
 
@@ -319,18 +321,20 @@ class MemoryChunkStore:
 
     def forget_recovered(self) -> None:
         """ChunkStore.forget_recovered."""
-        self.recovered = frozenset()
+        self.recovered = self.recovered_lost = frozenset()
 
     def close(self) -> None:
         self.flush()
 
-    def crash(self, rng: random.Random) -> MemoryChunkStore:
-        """The store as found after a crash: see the module docstring."""
+    def crash(self, rng: random.Random, *, power: bool = True) -> MemoryChunkStore:
+        """The store as found after a crash: see the module docstring. `power=False`: a
+        process crash, the page cache kept (every page its newest bytes)."""
         new = MemoryChunkStore(None, self.capacity)
         new.was_clean = False
         new.store_id = self.store_id  # the same disk
         # listed until forgotten (ChunkStore keep_recovered): a crash before then keeps them
         new.recovered = self.recovered | frozenset(self._dirty)
+        new.recovered_lost = self.recovered_lost | (frozenset(self._dirty) if power else frozenset())
         new._marks = dict(self._marks)
         new.kept_marks = dict(self._marks)
         new._free = {cs: list(v) for cs, v in self._free.items()}
@@ -339,7 +343,7 @@ class MemoryChunkStore:
             d = self._durable[key].copy()
             if key in self._dirty:
                 for p in set(c.pages) | set(d.pages):
-                    pick = c.pages.get(p) if rng.random() < 0.5 else d.pages.get(p)
+                    pick = c.pages.get(p) if not power or rng.random() < 0.5 else d.pages.get(p)
                     if pick is None:
                         d.pages.pop(p, None)
                     else:

@@ -533,3 +533,12 @@ def replicas_by_lineage(records) -> dict[str, int]:
     for d in records:
         out[d["lineage"]] = max(out.get(d["lineage"], 0), d["replicas"])
     return out
+
+
+def min_size_by_lineage(records) -> dict[str, int]:
+    """Lineage -> the fewest copies a write of any of its volumes is acknowledged with
+    (the all-stale election's threshold, replicator.loss.last_current)."""
+    out: dict[str, int] = {}
+    for d in records:
+        out[d["lineage"]] = min(out.get(d["lineage"], d["min_size"]), d["min_size"])
+    return out

@@ -144,6 +144,7 @@ class SimHost:
         self.nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self.recovered: list[ChunkKey] = []
+        self.recovered_lost: frozenset[ChunkKey] = frozenset()
         self.incarnation = 0
 
     def boot(self) -> None:
@@ -163,6 +164,7 @@ class SimHost:
                          capacity=self.capacity, peer_rev=m.PEER_REV)
         self.cluster.set_map(reg.register_host(rec, WALL_TTL))
         self.recovered = sorted(self.store.recovered)  # a frozenset: its order varies per process
+        self.recovered_lost = self.store.recovered_lost
         self.up = True
         self.incarnation += 1
 
@@ -193,8 +195,8 @@ class SimHost:
             # as Blockd.run: the chunks a crash left dirty are recorded stale, and the
             # host learns its stale copies, before it answers a peer (a resync elsewhere
             # must never take one of them for a current source)
-            await self.resync.mark_recovered(self.recovered)
-            self.recovered = []
+            await self.resync.mark_recovered(self.recovered, self.recovered_lost)
+            self.recovered, self.recovered_lost = [], frozenset()
             self.sim.net.serve(self.addr, self.replica.handle, cluster=CLUSTER, host_id=self.id)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -208,13 +210,14 @@ class SimHost:
                 task_status.started()
                 await trio.sleep_forever()
 
-    def crash(self) -> None:
+    def crash(self, *, power: bool = True) -> None:
         """Power loss: the peer address vanishes, every task of the host dies, the disk
-        keeps what its crash model keeps. Leases stay held until they expire."""
+        keeps what its crash model keeps (`power=False`: a process crash, the page cache
+        kept). Leases stay held until they expire."""
         self.sim.net.stop(self.addr)
         if self._scope is not None:
             self._scope.cancel()
-        self.store = self.store.crash(self.sim.rng)
+        self.store = self.store.crash(self.sim.rng, power=power)
         self._gc_memo = None  # (of the store before: its layout count starts again)
         self.up = False
         self.nursery = None
@@ -322,8 +325,8 @@ class Sim:
         if loops:
             nursery.start_soon(self.lease_clock)
 
-    def crash(self, host_id: str, *, declare_down: bool = True) -> None:
-        self.hosts[host_id].crash()
+    def crash(self, host_id: str, *, declare_down: bool = True, power: bool = True) -> None:
+        self.hosts[host_id].crash(power=power)
         if declare_down:  # the heartbeat deadline passed
             self.reg.kv.txn([], [Delete(P_ALIVE + host_id.encode())])
             self.reg.cluster_map()

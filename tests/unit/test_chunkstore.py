@@ -797,6 +797,63 @@ def test_memory_crash_model_lists_the_recovered_until_forgotten():
     assert again.crash(rng).recovered == frozenset()
 
 
+def test_memory_crash_model_says_which_recovered_chunks_lost_power():
+    """A power loss (the default) lists the dirty chunks under recovered_lost too, and
+    keeps per page old or new bytes; a process crash (power=False) keeps the newest bytes
+    and lists none there. Both lists last until forgotten."""
+    k2 = ChunkKey("lin", 1, 1)
+    m = MemoryChunkStore(None, 8 * CS)
+    m.write(K, 0, b"a" * CS, chunk_size=CS)
+    m.flush()
+    m.write(K, 0, b"b" * PAGE_SIZE, chunk_size=CS)
+    kept = m.crash(random.Random(1), power=False)
+    assert kept.recovered == {K} and kept.recovered_lost == frozenset()
+    assert kept.read(K, 0, PAGE_SIZE) == b"b" * PAGE_SIZE
+    kept.write(k2, 0, b"c" * PAGE_SIZE, chunk_size=CS)
+    lost = kept.crash(random.Random(1))
+    assert lost.recovered == {K, k2} and lost.recovered_lost == {k2}
+    assert lost.crash(random.Random(1), power=False).recovered_lost == {k2}
+    lost.forget_recovered()
+    assert lost.recovered_lost == frozenset() == lost.crash(random.Random(1)).recovered_lost
+
+
+def test_recovered_after_a_reboot_are_listed_as_lost_until_forgotten(tmp_path, monkeypatch):
+    """ChunkStore opened keep_recovered (blockd's): the chunks dirty at a crash are listed
+    in `recovered`; after a reboot (another boot id: a power loss) also in
+    `recovered_lost`, at every open until forget_recovered, so a crash before the
+    registry has them keeps the flag (replicator.recovery.mark_recovered)."""
+    from vbp import chunkstore
+
+    boot = ["one"]
+    monkeypatch.setattr(chunkstore, "boot_id", lambda: boot[0])
+    k2 = ChunkKey("lin", 1, 1)
+
+    def reopen():
+        return ChunkStore(tmp_path, 32 * CS, keep_recovered=True)
+
+    s = reopen()
+    s.write(K, 0, b"a", chunk_size=CS)
+    abandon(s)
+    s = reopen()  # the same boot: a process crash
+    assert s.recovered == {K} and s.recovered_lost == frozenset()
+    s.write(k2, 0, b"c", chunk_size=CS)
+    abandon(s)
+    boot[0] = "two"  # the power failed
+    s = reopen()
+    assert s.recovered == {K, k2} and s.recovered_lost == {k2}
+    abandon(s)  # a crash again before the registry had them
+    s = reopen()
+    assert s.recovered == {K, k2} and s.recovered_lost == {k2}
+    s.forget_recovered()
+    assert s.recovered == frozenset() == s.recovered_lost
+    abandon(s)
+    s = reopen()
+    try:
+        assert s.recovered == frozenset() == s.recovered_lost
+    finally:
+        s.close()
+
+
 def test_lmdb_records_are_readable_by_tools(store, tmp_path):
     """The index is plain LMDB: an operator can inspect it with the lmdb package."""
     store.write(K, 0, b"x", chunk_size=CS)

@@ -351,6 +351,7 @@ def test_a_copy_up_never_synced_is_dropped_by_a_power_loss(disk, tmp_path):
     store, base, copy = copy_up_then(disk, tmp_path, lambda s: None)
     try:
         assert store.info(copy) is None and copy in store.recovered
+        assert copy in store.recovered_lost  # (another boot id: its record says so)
         assert store.read(base, 0, PAGE_SIZE) == page_value(1, 0)
         assert store.fsck() == []
     finally:
@@ -369,6 +370,7 @@ def test_a_copy_up_survives_a_process_crash(tmp_path):
     try:
         assert store.read(copy, 0, 2 * PAGE_SIZE) == page_value(1, 0) + page_value(2, 1)
         assert copy in store.recovered and store.fsck() == []
+        assert store.recovered_lost == frozenset()  # (the same boot: nothing lost)
     finally:
         store.close()
 

@@ -7,50 +7,81 @@ from __future__ import annotations
 import random
 
 from replicator.loss import (
-    last_current, revert_source, since_of, stale_by_chunk, unrecoverable,
+    Miss, last_current, miss_of, revert_source, stale_by_chunk, unrecoverable,
 )
-from vbp.registry.base import NEVER_CURRENT, StaleRecord
+from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT, StaleRecord
 
 
-def test_since_of_orders_never_current_records_by_when_they_were_made():
-    assert since_of(StaleRecord("l", 0, "h1", 5, since=7)) == 7
-    assert since_of(StaleRecord("l", 0, "h1", NEVER_CURRENT | 5, since=7)) == ~7 < 0
+def test_miss_of_reads_when_the_record_was_made_and_its_flags():
+    assert miss_of(StaleRecord("l", 0, "h1", 5, since=7)) == Miss(7)
+    assert miss_of(StaleRecord("l", 0, "h1", NEVER_CURRENT | 5, since=7)) == Miss(7, never=True)
+    assert miss_of(StaleRecord("l", 0, "h1", LOST_UNSYNCED | 5, since=7)) == Miss(7, lost=True)
     got = stale_by_chunk([StaleRecord("l", 0, "h1", 5, since=7), StaleRecord("l", 1, "h2", 5, since=3),
                           StaleRecord("l", 0, "h2", NEVER_CURRENT, since=9)])
-    assert got == {("l", 0): {"h1": 7, "h2": ~9}, ("l", 1): {"h2": 3}}
+    assert got == {("l", 0): {"h1": Miss(7), "h2": Miss(9, never=True)}, ("l", 1): {"h2": Miss(3)}}
 
 
 def test_the_examples():
     c = ("a", "b")
-    assert not unrecoverable(c, {"a": ~9})  # b holds no record: current
-    assert unrecoverable(c, {"a": ~9, "b": 5})  # a, lost last, was never current
-    assert revert_source(c, {"a": ~9, "b": 5}) == ("b", True)
-    assert not unrecoverable(c, {"a": ~3, "b": 5})  # b went stale last: resync elects it
-    assert unrecoverable(c, {"a": ~3, "b": ~5})
-    assert revert_source(c, {"a": ~3, "b": ~5}) == ("a", False)  # nothing current: the first
-    assert last_current(c, {"a": 4, "b": 4}) == "a"  # a tie: placement order
-    assert not unrecoverable((), {})
+    N, L = (lambda s: Miss(s, never=True)), (lambda s: Miss(s, lost=True))
+    assert not unrecoverable(c, {"a": N(9)}, 1)  # b holds no record: current
+    assert unrecoverable(c, {"a": N(9), "b": Miss(5)}, 1)  # a, lost last, was never current
+    assert revert_source(c, {"a": N(9), "b": Miss(5)}) == ("b", True)
+    assert not unrecoverable(c, {"a": N(3), "b": Miss(5)}, 1)  # b went stale last: resync elects it
+    assert unrecoverable(c, {"a": N(3), "b": N(5)}, 1)
+    assert revert_source(c, {"a": N(3), "b": N(5)}) == ("a", False)  # nothing current: the first
+    assert last_current(c, {"a": Miss(4), "b": Miss(4)}, 1) == "a"  # a tie: placement order
+    assert not unrecoverable((), {}, 1)
+    # power losses (LOST_UNSYNCED): passed over for the newest whole copy, unless
+    # min_size records are newer than it
+    c = ("a", "b", "c")
+    assert last_current(c, {"a": Miss(3), "b": Miss(5), "c": L(9)}, 2) == "b"
+    assert last_current(c, {"a": Miss(3), "b": L(5), "c": L(9)}, 2) == "c"  # flushed writes on b, c
+    assert last_current(c, {"a": Miss(3), "b": L(5), "c": L(9)}, 3) == "a"
+    assert last_current(c, {"a": Miss(3), "b": Miss(5), "c": L(9)}, 1) == "c"
+    assert last_current(c, {"a": Miss(5), "b": L(5), "c": L(9)}, 2) == "a"  # a tie is not newer
+    assert last_current(c, {"a": L(3), "b": L(5), "c": L(9)}, 2) == "c"  # all lost power
+    assert last_current(c, {"a": Miss(2), "b": N(5), "c": L(9)}, 2) == "c"  # b's old disk counts
+    assert last_current(c, {"a": Miss(2), "b": N(5), "c": L(9)}, 3) == "a"
+    # the newest never current: unrecoverable as before, accept-loss keeps the newest left
+    s = {"a": N(9), "b": Miss(2), "c": L(5)}
+    assert unrecoverable(c, s, 2) and revert_source(c, s) == ("c", True)
+
+
+def naive_election(complete, stale, min_size):
+    """The rule as the theory of operation words it: walk the copies from the newest
+    record; the first is taken unless it lost power; then the first that lost nothing,
+    if fewer than min_size copies were recorded strictly after it; else the first."""
+    newest_first = sorted(complete, key=lambda h: (-stale[h].since, complete.index(h)))
+    if not stale[newest_first[0]].lost:
+        return newest_first[0]
+    for h in newest_first:
+        if not stale[h].lost and not stale[h].never:
+            after = [x for x in complete if stale[x].since > stale[h].since]
+            return h if len(after) < min_size else newest_first[0]
+    return newest_first[0]
 
 
 def test_against_a_naive_reading_on_random_cases():
     rng = random.Random(5)
-    for _ in range(2000):
+    for _ in range(4000):
         hosts = [f"h{i}" for i in range(rng.randint(1, 5))]
         complete = tuple(rng.sample(hosts, rng.randint(1, len(hosts))))
+        k = rng.randint(1, len(complete))
         stale = {}
-        sinces = rng.sample(range(1, 100), len(hosts))
-        for h, s in zip(hosts, sinces):
+        for h in hosts:
             if rng.random() < 0.8:
-                stale[h] = ~s if rng.random() < 0.4 else s
-        made = {h: (~s if s < 0 else s) for h, s in stale.items()}
+                kind = rng.random()
+                stale[h] = Miss(rng.randint(1, 12), never=kind < 0.3, lost=0.3 <= kind < 0.6)
         all_stale = all(h in stale for h in complete)
-        newest = max(complete, key=lambda h: made.get(h, 0))
-        assert unrecoverable(complete, stale) == (all_stale and stale[newest] < 0)
-        if unrecoverable(complete, stale):
-            once = [h for h in complete if stale[h] >= 0]
-            host, reverts = revert_source(complete, stale)
-            assert reverts == bool(once)
-            assert host == (max(once, key=lambda h: made[h]) if once else complete[0])
+        if all_stale:
+            elected = naive_election(complete, stale, k)
+            assert last_current(complete, stale, k) == elected
+        assert unrecoverable(complete, stale, k) == (all_stale and stale[elected].never)
+        if unrecoverable(complete, stale, k):
+            once = [h for h in complete if not stale[h].never]
+            newest = max(once, key=lambda h: (stale[h].since, -complete.index(h))) if once else None
+            assert revert_source(complete, stale) == ((newest, True) if once else (complete[0], False))
 
 
 def test_a_lineage_loss_record_against_a_naive_one_on_random_cases():

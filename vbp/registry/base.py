@@ -138,10 +138,18 @@ class LossVerdict:
     judged: tuple[str, ...] = ()
 
 
-# Flag bit of a stale record's version (see mark_stale): set by a host that came back with
-# an empty store for the copies it misses (replicator.recovery, backfill); such a copy was
-# never current, so resync never elects it as the copy that went stale last.
+# Flag bits of a stale record's version (see mark_stale), read by the all-stale election
+# (replicator.loss.last_current):
+# - NEVER_CURRENT: set by a host that came back with an empty store for the copies it
+#   misses (replicator.recovery, backfill); such a copy was never current, so resync never
+#   elects it as the copy that went stale last.
+# - LOST_UNSYNCED: set by a host's crash recovery after a reboot (a power loss): the copy
+#   lost the writes it took since its last flush, so having gone stale last does not make
+#   it the copy that holds every acknowledged write.
+# The versions are clocks in nanoseconds (time_ns), below both bits until 2043.
 NEVER_CURRENT = 1 << 62
+LOST_UNSYNCED = 1 << 61
+STALE_FLAGS = NEVER_CURRENT | LOST_UNSYNCED
 
 
 def _pack(obj) -> bytes:
@@ -908,8 +916,9 @@ class Registry:
         compares the version): it is asked again. The versions are hosts' clocks
         (time_ns), which differ and may step back; a mark that left a record as it was,
         because its clock was behind the one of an earlier mark, would be lost to a
-        resync clearing meanwhile. The NEVER_CURRENT bit of a version is a flag, not part
-        of the order: once set it stays (the copy was never current).
+        resync clearing meanwhile. The STALE_FLAGS bits of a version are flags, not part
+        of the order: once set they stay until the record goes (the copy was never
+        current; the copy lost unsynced writes).
 
         The records of all `host_ids` move in one transaction. A resync picks its source
         among the copies no record names and clears its own record at the version it read
@@ -940,8 +949,8 @@ class Registry:
                 new = version
                 if item is not None:
                     old = _unpack(item.value)
-                    new = (max((old & ~NEVER_CURRENT) + 1, version & ~NEVER_CURRENT)
-                           | ((old | version) & NEVER_CURRENT))
+                    new = (max((old & ~STALE_FLAGS) + 1, version & ~STALE_FLAGS)
+                           | ((old | version) & STALE_FLAGS))
                 cmps.append(Cmp(key, "mod", item.mod_rev if item else 0))
                 puts.append(Put(key, _pack(new)))
             if any(held.get(key) is None for key in keys):
