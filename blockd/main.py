@@ -43,6 +43,7 @@ CONFIG_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, 
 @click.option("--log-format", type=click.Choice(["kv", "json"]))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help=f"TOML file with any of these settings (default {config_mod.DEFAULT_CONFIG} if it exists).")
+@click.version_option(package_name="vbp", prog_name="blockd", message="%(prog)s %(version)s")
 def main(config_file, **flags):
     """Serve this host's disk to the vbp pool and volumes over NBD.
 

@@ -147,6 +147,7 @@ def table(columns, rows) -> None:
 @click.option("--registry", envvar="VBP_REGISTRY", metavar="URL",
               help="lmdb://DIR or etcd://HOST:PORT[,...]; default $VBP_REGISTRY.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.version_option(package_name="vbp", prog_name="vbp", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx, registry, as_json):
     """vbp: a replicated virtual block pool served over NBD.

@@ -391,6 +391,17 @@ def test_usage_errors_are_exit_2(vbp, args):
     assert "--help')" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_version_of_vbp_and_blockd_is_the_installed_package(vbp):
+    from importlib.metadata import version
+
+    from blockd.main import main as blockd_main
+
+    want = version("vbp")
+    assert vbp("--version").stdout == f"vbp {want}\n"
+    r = CliRunner().invoke(blockd_main, ["--version"], prog_name="blockd")
+    assert (r.exit_code, r.stdout) == (0, f"blockd {want}\n")
+
+
 # --- help --------------------------------------------------------------------------------
 
 
