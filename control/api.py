@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from vbp.cluster import HOST_DOWN, live_places
+from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, live_places
 from vbp.errors import (
     BadValue, Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
@@ -390,11 +390,14 @@ def data_set_status(reg) -> dict:
            # the set being left
            "weights": cmap.factors, "leaving_weights": None if cmap.prev is None else cmap.prev_factors,
            "moving_chunks": 0, "moving_bytes": 0, "unscanned": [], "down": [], "short_of_space": [],
-           "placement": placement_changes(cmap), "down_in": []}
+           "placement": placement_changes(cmap), "down_in": [], "drains_held": []}
     vols = None
     if any(h.state == HOST_DOWN for h in cmap.hosts if h.id in cmap.data_set):
         vols = reg.list_volumes()
         out["down_in"] = down_in_data_set(reg, cmap, vols)
+    if any(h.state == HOST_DRAINING for h in cmap.hosts if h.id in cmap.data_set):
+        vols = reg.list_volumes() if vols is None else vols
+        out["drains_held"] = drains_held(cmap, vols)
     if cmap.prev is not None:
         vols = reg.list_volumes() if vols is None else vols
         n_of = replicas_by_lineage(vols)
@@ -413,6 +416,30 @@ def data_set_status(reg) -> dict:
             for h, need in sorted(left["by_host"].items())
             if h in stats and stats[h].get("free") is not None and stats[h]["free"] < need]
     return out
+
+
+def drains_held(cmap, vols: list[dict]) -> list[dict]:
+    """Draining hosts the data set keeps, and why: fewer hosts are up (not draining, not
+    down) than some volume's replicas (replicator.migration.wanted_data_set keeps every
+    copy where it is then). Each: the host, the hosts up, the most replicas asked for,
+    the volumes that ask for more than are up (the first few) and how many they are."""
+    up = sum(1 for h in cmap.hosts if h.state == HOST_UP)
+    short = sorted((v for v in vols if v["replicas"] > up), key=lambda v: (-v["replicas"], v["name"]))
+    if not short:
+        return []
+    return [{"host": h.id, "up_hosts": up, "replicas": short[0]["replicas"],
+             "volumes": [v["name"] for v in short[:3]], "volume_count": len(short)}
+            for h in cmap.hosts if h.state == HOST_DRAINING and h.id in cmap.data_set]
+
+
+def drain_held_reason(x: dict) -> str:
+    """Why a draining host keeps its chunks (an entry of drains_held), for one line."""
+    vols = ", ".join(x["volumes"]) + (f" and {x['volume_count'] - len(x['volumes'])} more"
+                                       if x["volume_count"] > len(x["volumes"]) else "")
+    return (f"volume{'s' if x['volume_count'] > 1 else ''} {vols} keep{'' if x['volume_count'] > 1 else 's'} "
+            f"{x['replicas']} replicas and only {x['up_hosts']} other host"
+            f"{'' if x['up_hosts'] == 1 else 's'} {'is' if x['up_hosts'] == 1 else 'are'} up "
+            f"(add a host, or lower the replicas)")
 
 
 def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:
@@ -594,8 +621,10 @@ def wait_drained(reg, host_id: str, *, timeout: float, poll: float = 0.5, progre
         if not placed_on(reg, host_id):
             return st
         if time.monotonic() > deadline:
+            held = [x for x in st["drains_held"] if x["host"] == host_id]
             why = (f"{st['moving_chunks']} chunks still moving" if st["leaving"] is not None else
-                   "no change of data set started (too few other hosts for the replica count?)")
+                   f"its chunks stay: {drain_held_reason(held[0])}" if held else
+                   "no change of data set started")
             raise VbpError(f"host {host_id} still holds placed chunks after {timeout:.0f}s: {why}")
         time.sleep(poll)
 

@@ -948,16 +948,16 @@ def host_drain(state, host_id, wait, timeout):
       vbp host remove host3
     """
     if not wait:
-        _nowhere_to_drain(_host_command(state, host_id,
-                                        lambda r: r.set_host_state(host_id, "draining"),
-                                        f"host {host_id} is draining"), host_id)
+        _nowhere_to_drain(state, _host_command(state, host_id,
+                                               lambda r: r.set_host_state(host_id, "draining"),
+                                               f"host {host_id} is draining"), host_id)
         return
     from control import api
 
     reg = state.registry()
     if reg.cluster_map().host(host_id) is None:
         raise NotFound(f"no host {host_id!r} in the pool")
-    _nowhere_to_drain(reg.set_host_state(host_id, "draining"), host_id)
+    _nowhere_to_drain(state, reg.set_host_state(host_id, "draining"), host_id)
     try:
         with _count_bar(state, f"drain {host_id}") as progress:
             st = api.wait_drained(reg, host_id, timeout=timeout, progress=progress)
@@ -969,12 +969,20 @@ def host_drain(state, host_id, wait, timeout):
         lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
 
 
-def _nowhere_to_drain(cmap, host_id: str) -> None:
-    """A note (stderr) when no other host of `cmap` is up to take a draining host's chunks."""
+def _nowhere_to_drain(state, cmap, host_id: str) -> None:
+    """A note (stderr) when the chunks of a host just drained cannot move yet: no other
+    host of `cmap` is up, or too few for a volume's replicas (api.drains_held)."""
+    from control import api
+
     others = [h for h in cmap.hosts if h.id != host_id and h.state == "up"]
     if not others:
         click.echo(f"note: no other host is up: host {host_id}'s chunks stay on it until "
                    "one is", err=True)
+        return
+    held = [x for x in api.drains_held(cmap, state.registry().list_volumes()) if x["host"] == host_id]
+    if held:
+        click.echo(f"note: host {host_id}'s chunks stay on it: {api.drain_held_reason(held[0])}",
+                   err=True)
 
 
 @host.command("undrain")
@@ -1138,7 +1146,13 @@ def pool_status(state, wait, timeout):
 
 def _down_notes(ds: dict) -> None:
     """Down hosts still in the data set: their chunks run degraded until they return or
-    the controller takes them out (after its down_out_interval, or at once if drained)."""
+    the controller takes them out (after its down_out_interval, or at once if drained).
+    Draining hosts whose chunks cannot move (api.drains_held)."""
+    from control import api
+
+    for x in ds.get("drains_held", ()):
+        click.echo(f"warning: {x['host']} is draining but its chunks stay on it: "
+                   f"{api.drain_held_reason(x)}")
     for x in ds.get("down_in", ()):
         h = x["host"]
         if x["kept"]:

@@ -924,6 +924,34 @@ def test_a_volume_with_more_copies_than_the_pool_has_hosts_is_made_with_a_warnin
     reg.close()
 
 
+def test_a_drain_that_cannot_move_anything_says_why(reg_url, vbp):
+    """Three hosts and a volume of three replicas: draining one leaves two up, too few for
+    its replicas, so the data set keeps it and nothing moves. `host drain` says so, `pool
+    status` warns (and lists it in JSON), and a `--wait` that times out names the volume;
+    with a fourth host up the note goes."""
+    from vbp.cluster import HostRecord
+
+    reg = open_registry(reg_url)
+    for i in (1, 2, 3):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 600)
+    reg.set_data_set(0, ["h1", "h2", "h3"], None)
+    vbp("volume", "create", "big", "--size", "1G", "--replicas", "3")
+    vbp("volume", "create", "small", "--size", "1G", "--replicas", "2")
+    why = "volume big keeps 3 replicas and only 2 other hosts are up (add a host, or lower the replicas)"
+    r = vbp("host", "drain", "h3")
+    assert r.stderr == f"note: host h3's chunks stay on it: {why}\n" and "host h3 is draining" in r.stdout
+    assert js(vbp("pool", "status", "--json"))["data_set"]["drains_held"] == [
+        {"host": "h3", "up_hosts": 2, "replicas": 3, "volumes": ["big"], "volume_count": 1}]
+    assert f"warning: h3 is draining but its chunks stay on it: {why}" in vbp("pool", "status").stdout
+    r = vbp("host", "drain", "h3", "--wait", "--timeout", "0.5", code=EXIT_ERROR)
+    assert f"note: host h3's chunks stay on it: {why}" in r.stderr
+    assert f"still holds placed chunks after 0s: its chunks stay: {why}" in r.stderr
+    reg.register_host(HostRecord("h4", "a:1", "a:2", pod="p4", capacity=GiB), 600)
+    assert vbp("host", "drain", "h3").stderr == ""
+    assert js(vbp("pool", "status", "--json"))["data_set"]["drains_held"] == []
+    reg.close()
+
+
 def test_drain_notes_when_no_other_host_is_up_and_ctrl_c_says_it_goes_on(reg_url, vbp):
     """Draining the only host up is taken, with a note that its chunks stay until another
     host is up; Ctrl-C on `drain --wait` says the drain goes on (not click's "Aborted!")."""
