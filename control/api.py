@@ -473,7 +473,7 @@ def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:
 
 def unrecoverable_chunks(reg) -> list[dict]:
     """The chunks that read EIO because their last current copy was lost (every copy is
-    recorded stale and the newest never current): replicator.loss.unrecoverable_chunks
+    recorded stale and the one the election takes never current): replicator.loss.unrecoverable_chunks
     over the registry's records."""
     from replicator.loss import unrecoverable_chunks as find
 
@@ -543,7 +543,7 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
             n = vol["replicas"]  # the lineage's (replicas_by_lineage): a clone takes its parent's
             view = ClusterView(cmap)
             complete = view.replicas(rec.lineage, index, n)
-            stale = stale_by_chunk(records).get((rec.lineage, index), {})
+            stale = stale_by_chunk(records, cmap).get((rec.lineage, index), {})
             if not unrecoverable(complete, stale, k, view.joining(rec.lineage, index, n)):
                 return None
             host, reverts = revert_source(complete, stale)

@@ -8,15 +8,19 @@ Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
   (its record was made last: while it was current it took every acknowledged write;
   Resync._resync_all_stale). Since then no write was acknowledged: that needs min_size
   copies current when its failures are recorded, and every such copy went stale later.
-- Unless that copy lost power (LOST_UNSYNCED: its crash recovery after a reboot recorded
-  it). It then lost what it took since its last flush, and a copy recorded before it may
-  hold more: the newest copy that lost nothing (a "whole" one) holds every write
-  acknowledged before its record; one acknowledged after it was taken by min_size
-  copies recorded later. So the election takes the newest whole copy, unless min_size
-  records are newer than it: then writes may have been acknowledged (and flushed) on
-  those alone, and it takes the newest, which lost only unflushed writes (what a power
-  loss of every copy that held them may lose). Ties (copies recorded by one failure, in
-  one transaction) are not "newer".
+- Unless that copy's record says it may lack writes acknowledged before it was made
+  (LACKS_EARLIER): its crash recovery after a reboot (a power loss took what it took
+  since its last flush), or a resync that cleared it and then found a generation it had
+  not compared. A copy recorded before it may then hold more: the newest copy that lacks
+  nothing (a "whole" one) holds every write acknowledged before its record; one
+  acknowledged after it was taken by min_size copies recorded later. So the election
+  takes the newest whole copy, unless min_size records are newer than it: then writes
+  may have been acknowledged (and flushed) on those alone, and it takes the newest,
+  which lost only unflushed writes (what a power loss of every copy that held them may
+  lose). Ties (copies recorded by one failure, in one transaction) are not "newer".
+  Hosts of an older peer revision elect the newest record whatever its flags, and every
+  host must elect the same copy: the flag is read only once every host of the pool is
+  at LACKS_REV (stale_by_chunk).
 - A record a backfill made (NEVER_CURRENT: a new, empty disk under an old host id) is of
   a copy that was never current. If the election takes it (its record is the newest),
   the copy on the old disk held writes no copy left holds: the chunk is
@@ -37,7 +41,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT
+from replicator.messages import LACKS_REV
+from vbp.registry.base import LACKS_EARLIER, NEVER_CURRENT
 from vbp.volume import accepted_losses, min_size_by_lineage, read_chunks, replicas_by_lineage
 
 
@@ -46,19 +51,29 @@ class Miss(NamedTuple):
 
     since: int  # the registry revision that made the record: when the copy went stale
     never: bool = False  # NEVER_CURRENT: a backfill's, the copy was never current
-    lost: bool = False  # LOST_UNSYNCED: a power loss took the copy's unflushed writes
+    lacks: bool = False  # LACKS_EARLIER: the copy may lack writes from before `since`
 
 
-def miss_of(r) -> Miss:
-    """A stale record's entry in a chunk's `stale` map (Resync.resync_chunk)."""
-    return Miss(r.since, bool(r.version & NEVER_CURRENT), bool(r.version & LOST_UNSYNCED))
+def miss_of(r, lacks: bool = True) -> Miss:
+    """A stale record's entry in a chunk's `stale` map (Resync.resync_chunk); its
+    LACKS_EARLIER flag read only if `lacks`."""
+    return Miss(r.since, bool(r.version & NEVER_CURRENT), lacks and bool(r.version & LACKS_EARLIER))
 
 
-def stale_by_chunk(records) -> dict[tuple[str, int], dict[str, Miss]]:
-    """(lineage, index) -> {host: miss_of(record)} over stale records."""
+def reads_lacks(cmap) -> bool:
+    """Whether the election reads LACKS_EARLIER under `cmap`: every host of the pool is
+    at LACKS_REV (a host of an older revision elects the newest record, and a copy each
+    of two hosts elected would count as current on both)."""
+    return all(h.peer_rev >= LACKS_REV for h in cmap.hosts)
+
+
+def stale_by_chunk(records, cmap) -> dict[tuple[str, int], dict[str, Miss]]:
+    """(lineage, index) -> {host: miss_of(record)} over stale records, as every host of
+    `cmap` elects (reads_lacks)."""
+    lacks = reads_lacks(cmap)
     out: dict[tuple[str, int], dict[str, Miss]] = {}
     for r in records:
-        out.setdefault((r.lineage, r.index), {})[r.host_id] = miss_of(r)
+        out.setdefault((r.lineage, r.index), {})[r.host_id] = miss_of(r, lacks)
     return out
 
 
@@ -69,13 +84,13 @@ def _newest(hosts, complete, stale: dict[str, Miss]) -> str:
 
 def last_current(complete, stale: dict[str, Miss], min_size: int) -> str:
     """The copy of `complete` (all recorded stale) that the election takes: the newest
-    record, unless it lost power; then the newest that lost nothing (neither power nor
-    its disk), unless min_size records are newer than that one; then the newest. See
-    the theory of operation."""
+    record, unless it may lack earlier writes; then the newest whole copy (lacking
+    nothing, current once), unless min_size records are newer than that one; then the
+    newest. See the theory of operation."""
     newest = _newest(complete, complete, stale)
-    if not stale[newest].lost:
+    if not stale[newest].lacks:
         return newest
-    whole = [h for h in complete if not (stale[h].lost or stale[h].never)]
+    whole = [h for h in complete if not (stale[h].lacks or stale[h].never)]
     if whole:
         best = _newest(whole, complete, stale)
         if sum(1 for h in complete if stale[h].since > stale[best].since) < min_size:
@@ -139,7 +154,7 @@ def unrecoverable_chunks(cmap, records, volumes: list[dict]) -> list[dict]:
     n_of, min_of = replicas_by_lineage(volumes), min_size_by_lineage(volumes)
     view = ClusterView(cmap)
     out = []
-    for (lineage, index), stale in sorted(stale_by_chunk(records).items()):
+    for (lineage, index), stale in sorted(stale_by_chunk(records, cmap).items()):
         n = n_of.get(lineage)
         if not n:
             continue

@@ -41,8 +41,10 @@ PROTO_VERSION = 1
 # revision 8 or later). 9: the WantLease request (sent only to hosts of revision 9 or
 # later). 10: peer authentication, `nonce` on Hello, `nonce` and `proof` on HelloOk, the
 # Auth message (sent only by hosts given a peer secret, which every host of such a pool
-# must have: a host of an older revision cannot take part).
-PEER_REV = 10
+# must have: a host of an older revision cannot take part). 11: no new field; the
+# all-stale election reads a stale record's LACKS_EARLIER flag (replicator.loss), which
+# hosts below 11 do not: it does so only once every host is at 11, so all elect alike.
+PEER_REV = 11
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
 # Items a replica takes in one WriteBatch (the gateway sends gateway.BATCH_ITEMS at most):
@@ -53,6 +55,7 @@ COLLECTED_REV = 8  # CollectedGens
 READ_TOKEN_REV = 8  # ReadChunk.token
 WANT_LEASE_REV = 9  # WantLease
 AUTH_REV = 10  # Hello.nonce, HelloOk.nonce and .proof, Auth
+LACKS_REV = 11  # the election reads LACKS_EARLIER (replicator.loss.reads_lacks)
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"

@@ -410,8 +410,8 @@ def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int],
                     min_of: dict[str, int]) -> dict[str, int]:
     """Joining targets of the change under way that alone hold every acknowledged write of
     some chunk (host -> how many such chunks): every complete copy of it is recorded
-    stale, the newest never current (replicator.loss.newest_lost: the last current copy
-    went with a replaced disk), and the target has no record (it resynced from that copy
+    stale, the one the election takes never current (replicator.loss.newest_lost: the
+    last current copy went with a replaced disk), and the target has no record (it resynced from that copy
     and took every write since). A data set that leaves such a target out of the chunk's
     placement leaves the chunk unrecoverable while the target holds it, for
     `vbp volume accept-loss` to revert it to older bytes."""
@@ -422,7 +422,7 @@ def joining_holders(cmap: ClusterMap, records, n_of: dict[str, int],
         return {}
     view = ClusterView(cmap)
     out: dict[str, int] = {}
-    for (lineage, index), stale in stale_by_chunk(records).items():
+    for (lineage, index), stale in stale_by_chunk(records, cmap).items():
         n = n_of.get(lineage)
         if not n or not newest_lost(view.replicas(lineage, index, n), stale, min_of[lineage]):
             continue

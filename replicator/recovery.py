@@ -46,8 +46,8 @@ by full copy"):
   starts no chunk past `pass_time`: the `written` notes it leans on are forgotten only
   between passes, and a throttled pass over much data would keep every write's for hours.
 - Reads never use a stale copy while a current one is reachable (replicator.gateway).
-- A chunk every copy of which is stale, the newest never current, has lost its last
-  current copy (replicator.loss.unrecoverable): no copy is elected, it reads EIO, until
+- A chunk every copy of which is stale, the one the election takes never current, has
+  lost its last current copy (replicator.loss.unrecoverable): no copy is elected, it reads EIO, until
   an operator's `vbp volume accept-loss` removes the record of the copy to keep; the
   copies still stale resync from it as from any source, and log it (event=loss_accepted).
 """
@@ -69,7 +69,7 @@ from replicator.loss import (
     Miss, accepted_by_chunk, last_current, newest_lost, stale_by_chunk, unrecoverable,
 )
 # flags of a stale record: a backfill's (never current), a power loss's (lost unsynced writes)
-from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT
+from vbp.registry.base import LACKS_EARLIER, NEVER_CURRENT
 from vbp.volume import accepted_losses, min_size_by_lineage, replicas_by_lineage
 
 log = logging.getLogger("vbp.recovery")
@@ -203,7 +203,7 @@ class Resync:
         """After a crash, chunks that were dirty may miss writes the others have. Done
         before this host serves anything. Those of `lost` (ChunkStore.recovered_lost: a
         reboot, a power loss) may also have lost writes they took, and are recorded so
-        (LOST_UNSYNCED: replicator.loss.last_current)."""
+        (LACKS_EARLIER: replicator.loss.last_current)."""
         n_of = await self.replicas_by_lineage()
         done, flagged = set(), 0
         lost_chunks = {(k.lineage, k.index) for k in lost}
@@ -211,7 +211,7 @@ class Resync:
             chunk = (k.lineage, k.index)
             if n_of.get(k.lineage, 1) > 1 and chunk not in done:
                 done.add(chunk)
-                flag = LOST_UNSYNCED if chunk in lost_chunks else 0
+                flag = LACKS_EARLIER if chunk in lost_chunks else 0
                 flagged += bool(flag)
                 await self.registry.mark_stale(k.lineage, k.index, [self.host_id],
                                                flag | time.time_ns())
@@ -344,7 +344,7 @@ class Resync:
             self.held_full = 0  # (none left to hold back: `vbp pool status` says so)
             return 0
         # a copy recorded stale by a backfill was never current (see _resync_all_stale)
-        stale_hosts = stale_by_chunk(records)
+        stale_hosts = stale_by_chunk(records, self.cluster.map)
         n_of = await self.replicas_by_lineage()
         await self._read_accepted()
         self._note_accepted(mine)
@@ -409,8 +409,11 @@ class Resync:
                     # a generation this resync never compared is missing here (the gateway's
                     # mark cannot undo the clear when it came first, nor move a backfill's
                     # NEVER_CURRENT record): stale again, and never served as current
+                    # (LACKS_EARLIER: the record is newer than the write it misses, and the
+                    # all-stale election must not take it for whole: replicator.loss)
                     log.info("event=resync_missed_generation lineage=%s chunk=%d", r.lineage, r.index)
-                    await self.registry.mark_stale(r.lineage, r.index, [self.host_id], time.time_ns())
+                    await self.registry.mark_stale(r.lineage, r.index, [self.host_id],
+                                                   LACKS_EARLIER | time.time_ns())
                     return False
                 self._current_again(r.lineage, r.index)
             return True

@@ -797,16 +797,16 @@ def test_a_never_current_stale_record_keeps_its_flag_and_still_moves_up(reg):
 
 
 def test_a_lost_unsynced_flag_stays_with_the_never_current_one_until_the_record_goes(reg):
-    from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT
+    from vbp.registry.base import LACKS_EARLIER, NEVER_CURRENT
 
     reg.mark_stale("lin", 1, ["h1"], 100)  # a gateway's failure
-    reg.mark_stale("lin", 1, ["h1"], LOST_UNSYNCED | 150)  # then its crash recovery, rebooted
-    assert reg.list_stale("lin")[0].version == LOST_UNSYNCED | 150
+    reg.mark_stale("lin", 1, ["h1"], LACKS_EARLIER | 150)  # then its crash recovery, rebooted
+    assert reg.list_stale("lin")[0].version == LACKS_EARLIER | 150
     reg.mark_stale("lin", 1, ["h1"], 120)  # a later failure by a clock behind: one up, kept
-    assert reg.list_stale("lin")[0].version == LOST_UNSYNCED | 151
+    assert reg.list_stale("lin")[0].version == LACKS_EARLIER | 151
     reg.mark_stale("lin", 1, ["h1"], NEVER_CURRENT | 200)  # both flags, one order
-    assert reg.list_stale("lin")[0].version == LOST_UNSYNCED | NEVER_CURRENT | 200
-    assert reg.clear_stale("lin", 1, "h1", LOST_UNSYNCED | NEVER_CURRENT | 200) is True
+    assert reg.list_stale("lin")[0].version == LACKS_EARLIER | NEVER_CURRENT | 200
+    assert reg.clear_stale("lin", 1, "h1", LACKS_EARLIER | NEVER_CURRENT | 200) is True
     reg.mark_stale("lin", 1, ["h1"], 300)  # a new record: no flag carried over
     assert reg.list_stale("lin")[0].version == 300
 

@@ -7,14 +7,17 @@ new bytes; LoseUnsynced makes it keep the old ones everywhere."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace as dc_replace
 
 import pytest
 import trio
 
 from vbp.errors import VbpError
 from vbp.layout import MiB, ChunkKey
-from vbp.registry.base import LOST_UNSYNCED
-from tests.sim.harness import Sim, call, extents_bytes, run
+from vbp.registry.base import LACKS_EARLIER
+from replicator.messages import LACKS_REV
+from replicator.recovery import Resync
+from tests.sim.harness import WALL_TTL, Sim, call, extents_bytes, run
 
 
 class LoseUnsynced(random.Random):
@@ -64,7 +67,7 @@ def test_power_lost_copy_is_not_elected_over_a_copy_holding_an_acknowledged_writ
             assert sim.hosts[c].store.read(key, 0, 4096) == b"\x01" * 4096
             await sim.restart(c)  # crash recovery records c stale: every copy is stale now
             assert {r.host_id for r in sim.reg.list_stale(lin)} == {a, b, c}
-            flagged = {r.host_id for r in sim.reg.list_stale(lin) if r.version & LOST_UNSYNCED}
+            flagged = {r.host_id for r in sim.reg.list_stale(lin) if r.version & LACKS_EARLIER}
             assert flagged == {c}
             faults.heal()
             sim.sync_maps()
@@ -157,7 +160,7 @@ def test_a_process_crash_keeping_the_page_cache_loses_nothing():
                 await call(gw.write(8192, b"\x22" * 4096, False))
             sim.crash(c, power=False)
             await sim.restart(c)
-            assert not any(r.version & LOST_UNSYNCED for r in sim.reg.list_stale(lin))
+            assert not any(r.version & LACKS_EARLIER for r in sim.reg.list_stale(lin))
             faults.heal()
             sim.sync_maps()
             await trio.sleep(10)
@@ -206,7 +209,7 @@ def test_flushed_writes_on_copies_that_all_lost_power_win_over_an_older_copy():
             await sim.restart(c)
             recs = sim.reg.list_stale(lin)
             assert {r.host_id for r in recs} == {a, b, c}
-            assert {r.host_id for r in recs if r.version & LOST_UNSYNCED} == {b, c}
+            assert {r.host_id for r in recs if r.version & LACKS_EARLIER} == {b, c}
             faults.heal()
             sim.sync_maps()
             await trio.sleep(10)
@@ -219,6 +222,60 @@ def test_flushed_writes_on_copies_that_all_lost_power_win_over_an_older_copy():
             key = ChunkKey(lin, 0, rec.head)
             assert all(sim.hosts[h].store.read(key, 0, 4096) == flushed for h in (a, b, c))
             assert got == flushed
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_pool_with_a_host_of_an_older_revision_elects_as_that_host_does():
+    """During an upgrade host by host, a host below LACKS_REV elects the newest record
+    whatever its flags. The others must elect the same copy, or two stale copies of one
+    chunk each elect themselves, clear their records, and the chunk has two "current"
+    copies with different bytes: so the flag is read only once every host is at
+    LACKS_REV (the first test's steps, c not upgraded, b and c resyncing at once)."""
+    async def main():
+        sim = Sim(3, hosts=4, zones=4)
+        async with trio.open_nursery() as nursery:
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
+            lin = rec.lineage
+            a, b, c = sim.hosts["h0"].cluster.replicas(lin, 0, 3)
+            g = next(h for h in sim.hosts if h not in (a, b, c))
+            gw = await sim.hosts[g].provider.open_export("v")
+            await call(gw.write(0, b"\x01" * 4096, False))
+            await call(gw.flush())
+            faults = sim.hosts[g].faults
+            faults.partition([sim.hosts[a].addr])
+            await call(gw.write(0, b"\x11" * 4096, False))
+            faults.partition([sim.hosts[b].addr])
+            with pytest.raises(VbpError):
+                await call(gw.write(8192, b"\x22" * 4096, False))
+            saved, sim.rng = sim.rng, LoseUnsynced()
+            sim.crash(c)
+            sim.rng = saved
+            await sim.restart(c)
+            assert {r.host_id for r in sim.reg.list_stale(lin) if r.version & LACKS_EARLIER} == {c}
+            # c runs the code of revision LACKS_REV - 1: so it says, and so it elects
+            old = sim.reg.cluster_map().host(c)
+            sim.reg.register_host(dc_replace(old, peer_rev=LACKS_REV - 1), WALL_TTL)
+            own = Resync._resync_all_stale
+            r_c = sim.hosts[c].resync
+
+            async def elects_the_newest(lineage, index, complete, stale, joining=()):
+                return await own(r_c, lineage, index, complete,
+                                 {h: x._replace(lacks=False) for h, x in stale.items()}, joining)
+
+            r_c._resync_all_stale = elects_the_newest
+            faults.heal()
+            sim.sync_maps()
+            await trio.sleep(10)
+            async with trio.open_nursery() as both:
+                both.start_soon(sim.hosts[b].resync.run_once)
+                both.start_soon(r_c.run_once)
+            left = {r.host_id for r in sim.reg.list_stale(lin)}
+            key = ChunkKey(lin, 0, rec.head)
+            current = {h: sim.hosts[h].store.read(key, 0, 4096) for h in (a, b, c) if h not in left}
+            assert current and len(set(current.values())) == 1, (left, current)
             nursery.cancel_scope.cancel()
 
     run(main)

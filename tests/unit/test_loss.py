@@ -7,23 +7,42 @@ from __future__ import annotations
 import random
 
 from replicator.loss import (
-    Miss, last_current, miss_of, revert_source, stale_by_chunk, unrecoverable,
+    Miss, last_current, miss_of, reads_lacks, revert_source, stale_by_chunk, unrecoverable,
 )
-from vbp.registry.base import LOST_UNSYNCED, NEVER_CURRENT, StaleRecord
+from replicator.messages import LACKS_REV
+from vbp.cluster import ClusterMap, HostRecord
+from vbp.registry.base import LACKS_EARLIER, NEVER_CURRENT, StaleRecord
+
+
+def pool(*revs: int) -> ClusterMap:
+    return ClusterMap(1, tuple(HostRecord(f"h{i}", f"h{i}:1", f"h{i}:2", peer_rev=r)
+                               for i, r in enumerate(revs, 1)))
 
 
 def test_miss_of_reads_when_the_record_was_made_and_its_flags():
     assert miss_of(StaleRecord("l", 0, "h1", 5, since=7)) == Miss(7)
     assert miss_of(StaleRecord("l", 0, "h1", NEVER_CURRENT | 5, since=7)) == Miss(7, never=True)
-    assert miss_of(StaleRecord("l", 0, "h1", LOST_UNSYNCED | 5, since=7)) == Miss(7, lost=True)
-    got = stale_by_chunk([StaleRecord("l", 0, "h1", 5, since=7), StaleRecord("l", 1, "h2", 5, since=3),
-                          StaleRecord("l", 0, "h2", NEVER_CURRENT, since=9)])
-    assert got == {("l", 0): {"h1": Miss(7), "h2": Miss(9, never=True)}, ("l", 1): {"h2": Miss(3)}}
+    assert miss_of(StaleRecord("l", 0, "h1", LACKS_EARLIER | 5, since=7)) == Miss(7, lacks=True)
+    recs = [StaleRecord("l", 0, "h1", 5, since=7), StaleRecord("l", 1, "h2", 5, since=3),
+            StaleRecord("l", 0, "h2", NEVER_CURRENT | LACKS_EARLIER, since=9)]
+    assert stale_by_chunk(recs, pool(LACKS_REV, LACKS_REV + 1)) == {
+        ("l", 0): {"h1": Miss(7), "h2": Miss(9, never=True, lacks=True)}, ("l", 1): {"h2": Miss(3)}}
+
+
+def test_the_flag_is_read_only_once_every_host_of_the_pool_reads_it():
+    """A host below LACKS_REV elects the newest record whatever its flags: until every
+    host is at LACKS_REV, all elect so (a down one too: it may come back as it was)."""
+    recs = [StaleRecord("l", 0, "h1", 5, since=3), StaleRecord("l", 0, "h2", LACKS_EARLIER | 5, since=9)]
+    assert not reads_lacks(pool(LACKS_REV, LACKS_REV - 1, LACKS_REV))
+    stale = stale_by_chunk(recs, pool(LACKS_REV, LACKS_REV - 1, LACKS_REV))[("l", 0)]
+    assert stale == {"h1": Miss(3), "h2": Miss(9)} and last_current(("h1", "h2"), stale, 2) == "h2"
+    stale = stale_by_chunk(recs, pool(LACKS_REV, LACKS_REV, LACKS_REV))[("l", 0)]
+    assert stale["h2"].lacks and last_current(("h1", "h2"), stale, 2) == "h1"
 
 
 def test_the_examples():
     c = ("a", "b")
-    N, L = (lambda s: Miss(s, never=True)), (lambda s: Miss(s, lost=True))
+    N, L = (lambda s: Miss(s, never=True)), (lambda s: Miss(s, lacks=True))
     assert not unrecoverable(c, {"a": N(9)}, 1)  # b holds no record: current
     assert unrecoverable(c, {"a": N(9), "b": Miss(5)}, 1)  # a, lost last, was never current
     assert revert_source(c, {"a": N(9), "b": Miss(5)}) == ("b", True)
@@ -32,7 +51,7 @@ def test_the_examples():
     assert revert_source(c, {"a": N(3), "b": N(5)}) == ("a", False)  # nothing current: the first
     assert last_current(c, {"a": Miss(4), "b": Miss(4)}, 1) == "a"  # a tie: placement order
     assert not unrecoverable((), {}, 1)
-    # power losses (LOST_UNSYNCED): passed over for the newest whole copy, unless
+    # power losses (LACKS_EARLIER): passed over for the newest whole copy, unless
     # min_size records are newer than it
     c = ("a", "b", "c")
     assert last_current(c, {"a": Miss(3), "b": Miss(5), "c": L(9)}, 2) == "b"
@@ -53,10 +72,10 @@ def naive_election(complete, stale, min_size):
     record; the first is taken unless it lost power; then the first that lost nothing,
     if fewer than min_size copies were recorded strictly after it; else the first."""
     newest_first = sorted(complete, key=lambda h: (-stale[h].since, complete.index(h)))
-    if not stale[newest_first[0]].lost:
+    if not stale[newest_first[0]].lacks:
         return newest_first[0]
     for h in newest_first:
-        if not stale[h].lost and not stale[h].never:
+        if not stale[h].lacks and not stale[h].never:
             after = [x for x in complete if stale[x].since > stale[h].since]
             return h if len(after) < min_size else newest_first[0]
     return newest_first[0]
@@ -72,7 +91,7 @@ def test_against_a_naive_reading_on_random_cases():
         for h in hosts:
             if rng.random() < 0.8:
                 kind = rng.random()
-                stale[h] = Miss(rng.randint(1, 12), never=kind < 0.3, lost=0.3 <= kind < 0.6)
+                stale[h] = Miss(rng.randint(1, 12), never=kind < 0.3, lacks=0.3 <= kind < 0.6)
         all_stale = all(h in stale for h in complete)
         if all_stale:
             elected = naive_election(complete, stale, k)

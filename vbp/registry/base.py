@@ -121,7 +121,8 @@ class StaleRecord:
     version: int
     # the registry revision that created the record: when this copy stopped being current
     # (later failures raise `version`, not this). Orders the copies of a chunk that are all
-    # stale: the one that went stale last holds every acknowledged write (recovery.py).
+    # stale: the one that went stale last holds every acknowledged write, unless its
+    # version's LACKS_EARLIER says otherwise (replicator.loss).
     since: int = field(default=0, compare=False)
 
 
@@ -143,13 +144,13 @@ class LossVerdict:
 # - NEVER_CURRENT: set by a host that came back with an empty store for the copies it
 #   misses (replicator.recovery, backfill); such a copy was never current, so resync never
 #   elects it as the copy that went stale last.
-# - LOST_UNSYNCED: set by a host's crash recovery after a reboot (a power loss): the copy
+# - LACKS_EARLIER: set by a host's crash recovery after a reboot (a power loss): the copy
 #   lost the writes it took since its last flush, so having gone stale last does not make
 #   it the copy that holds every acknowledged write.
 # The versions are clocks in nanoseconds (time_ns), below both bits until 2043.
 NEVER_CURRENT = 1 << 62
-LOST_UNSYNCED = 1 << 61
-STALE_FLAGS = NEVER_CURRENT | LOST_UNSYNCED
+LACKS_EARLIER = 1 << 61
+STALE_FLAGS = NEVER_CURRENT | LACKS_EARLIER
 
 
 def _pack(obj) -> bytes:
