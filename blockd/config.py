@@ -32,7 +32,8 @@ HOT_CHUNKS_MAX = 65536  # 256 GiB of 4 MiB chunks to re-hash after a crash: more
 NBD_CONNECTIONS_MAX = 1_000_000  # (each a file descriptor: more is a typo)
 # the keys that are counts: (least, most, of what)
 COUNTS = {"hot_chunks": (0, HOT_CHUNKS_MAX, "chunks"),
-          "nbd_max_connections": (1, NBD_CONNECTIONS_MAX, "connections")}
+          "nbd_max_connections": (1, NBD_CONNECTIONS_MAX, "connections"),
+          "nbd_max_connections_per_address": (0, NBD_CONNECTIONS_MAX, "connections")}
 # far above any disk; a host's capacity is summed with others' and published in its stats
 CAPACITY_MAX = VOLUME_SIZE_MAX
 # The longest heartbeat and lease TTL, timeout and GC period: a host heard of once a day
@@ -129,6 +130,8 @@ class Config:
     # NBD connections served at once; one more is closed at once
     # (nbd_frontend.server.MAX_CONNECTIONS)
     nbd_max_connections: int = MAX_CONNECTIONS
+    # of them from one client address; 0: half of nbd_max_connections (at least 1)
+    nbd_max_connections_per_address: int = 0
     # a file holding the pool's peer secret, the same on every host: peers then prove to
     # each other that they know it before anything is served (replicator.transport, peer
     # authentication); "": none, any client that names the cluster is a peer
@@ -220,6 +223,10 @@ class Config:
         self.tls_context(source)  # (refused now, not at the first client)
         self.peer_secret(where("peer_secret_file"))  # (likewise)
         return self
+
+    def nbd_max_per_address(self) -> int:
+        """The NBD connections one client address may hold at once."""
+        return self.nbd_max_connections_per_address or max(1, self.nbd_max_connections // 2)
 
     def peer_secret(self, source: str = "config") -> bytes:
         """The pool's peer secret from peer_secret_file (b"" when unset): its bytes, a

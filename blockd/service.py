@@ -1477,7 +1477,8 @@ class Blockd:
                     congestion=nbd_cc, local_congestion=nbd_local_cc, tls=cfg.nbd_tls,
                     tls_context=cfg.tls_context(), stopping=self._nbd_stopping,
                     send_timeout=cfg.nbd_send_timeout, held=self.nbd_held,
-                    max_connections=cfg.nbd_max_connections))
+                    max_connections=cfg.nbd_max_connections,
+                    max_per_address=cfg.nbd_max_per_address()))
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))

@@ -129,6 +129,10 @@ FAIR_SHARE = 4 * 1024 * 1024
 # the whole: each connection may hold FAIR_SHARE and a request past the budget, and a
 # file descriptor.
 MAX_CONNECTIONS = 1024
+# Connections from one client address at once (blockd: nbd_max_connections_per_address;
+# 0 there: half of nbd_max_connections): a client that opens connections and leaves them
+# idle (or sends a payload slowly) holds every slot otherwise, and every other client,
+# whatever its address, is refused. One more is closed as soon as it is accepted.
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
@@ -215,6 +219,7 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                     local_congestion: str = "", tls: str = "off", tls_context=None,
                     stopping: trio.Event | None = None, send_timeout: float = SEND_TIMEOUT,
                     held: HeldBytes | None = None, max_connections: int = MAX_CONNECTIONS,
+                    max_per_address: int | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve NBD on host:port until cancelled; task_status.started(actual_port) once
     listening, so `port = await nursery.start(serve_nbd, provider, host, 0)` works.
@@ -231,7 +236,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     disconnected (SEND_TIMEOUT).
     `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
     not given). `max_connections`: connections served at once; one more is closed at
-    once (MAX_CONNECTIONS).
+    once (MAX_CONNECTIONS). `max_per_address`: those from one client address (no limit
+    of its own without it).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -252,38 +258,62 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
                      tls_context=tls_context, local_congestion=local_congestion,
                      stopping=stopping, send_timeout=send_timeout, held=held,
                      failures=failures)
-    await trio.serve_listeners(partial(_admit, handle, _Slots(max_connections)), listeners)
+    slots = _Slots(max_connections, max_per_address or max_connections)
+    await trio.serve_listeners(partial(_admit, handle, slots), listeners)
 
 
 class _Slots:
-    """The connections a server serves at once, at most `limit` (_admit)."""
+    """The connections a server serves at once, at most `limit`, and at most
+    `per_address` of them from one client address (_admit)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_address: int | None = None) -> None:
         self.limit = limit
+        self.per_address = limit if per_address is None else per_address
         self.taken = 0
+        self.by_address: dict[str, int] = {}
         self.refused = 0  # since the last warning
         self.warned_at = -math.inf
 
 
+def _peer_address(stream) -> str:
+    try:
+        return stream.socket.getpeername()[0]
+    except (AttributeError, OSError, IndexError, TypeError):  # (gone already; not a socket)
+        return ""
+
+
 async def _admit(handle, slots: _Slots, stream) -> None:
-    """handle(stream), unless `slots` are all taken: then the connection is closed at
-    once (the client sees it end before the greeting), and a warning says so, at most
-    every REFUSED_LOG_EVERY seconds."""
-    if slots.taken >= slots.limit:
+    """handle(stream), unless `slots` are all taken, or all those one address may take:
+    then the connection is closed at once (the client sees it end before the greeting),
+    and a warning says so, at most every REFUSED_LOG_EVERY seconds."""
+    address = _peer_address(stream)
+    mine = slots.by_address.get(address, 0)
+    if slots.taken >= slots.limit or mine >= slots.per_address:
         slots.refused += 1
         now = trio.current_time()
         if now - slots.warned_at >= REFUSED_LOG_EVERY:
-            log.warning("nbd connections refused: %d connections open, the most allowed "
-                        "(nbd_max_connections); %d refused since the last warning",
-                        slots.taken, slots.refused)
+            if slots.taken >= slots.limit:
+                log.warning("nbd connections refused: %d connections open, the most allowed "
+                            "(nbd_max_connections); %d refused since the last warning",
+                            slots.taken, slots.refused)
+            else:
+                log.warning("nbd connections refused: %d connections open from %s, the most "
+                            "one address may hold (nbd_max_connections_per_address); %d "
+                            "refused since the last warning", mine, address, slots.refused)
             slots.warned_at, slots.refused = now, 0
         await trio.aclose_forcefully(stream)
         return
     slots.taken += 1
+    slots.by_address[address] = mine + 1
     try:
         await handle(stream)
     finally:
         slots.taken -= 1
+        left = slots.by_address[address] - 1
+        if left:
+            slots.by_address[address] = left
+        else:
+            del slots.by_address[address]
 
 
 async def handle_connection(stream, provider: ExportProvider,

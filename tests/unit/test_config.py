@@ -72,6 +72,7 @@ VALUES = {
     "nbd_tls_ca": (f'"{TLS}/ca.pem"', f"{TLS}/ca.pem"),
     "nbd_send_timeout": ("20", 20.0),
     "nbd_max_connections": ("64", 64),
+    "nbd_max_connections_per_address": ("16", 16),
     "peer_secret_file": (f'"{SECRET}"', str(SECRET)),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
@@ -137,7 +138,7 @@ def test_flags_override_the_file(tmp_path):
              "down_out_interval": 0,
              "nbd_tcp_congestion": "cubic", "nbd_tls": "on", "nbd_tls_cert": str(TLS / "server.pem"),
              "nbd_tls_key": str(TLS / "server.key"), "nbd_tls_ca": "", "nbd_send_timeout": "7",
-             "nbd_max_connections": 9, "peer_secret_file": ""}
+             "nbd_max_connections": 9, "nbd_max_connections_per_address": 3, "peer_secret_file": ""}
     assert set(flags) == set(VALUES)
     cfg = load(path, flags)
     assert cfg.host_id == "h9" and cfg.data_dir == "/d9" and cfg.registry == "lmdb:///r9"
@@ -151,6 +152,7 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.peer_tcp_congestion, cfg.nbd_tcp_congestion) == ("", "cubic")
     assert (cfg.nbd_tls, cfg.nbd_tls_ca, cfg.nbd_send_timeout) == ("on", "", 7.0)
     assert cfg.nbd_max_connections == 9 and cfg.peer_secret_file == ""
+    assert cfg.nbd_max_connections_per_address == 3 == cfg.nbd_max_per_address()
 
 
 def test_nearfull_ratio_defaults_to_085_or_full_ratio_if_lower(tmp_path):
@@ -569,6 +571,18 @@ def test_hot_chunks_is_a_count_of_chunks(tmp_path):
     for i, bad in enumerate(("-1", '"1G"', "true", "2.5", "65537")):
         path = write(tmp_path, REQUIRED + f"hot_chunks = {bad}\n", f"h{i}.toml")
         assert names_key(refused(path), "hot_chunks"), bad
+
+
+def test_nbd_connections_per_address_are_half_the_whole_unless_set(tmp_path):
+    cfg = load(write(tmp_path, REQUIRED), {})
+    assert (cfg.nbd_max_connections_per_address, cfg.nbd_max_per_address()) == (0, 512)
+    cfg = load(write(tmp_path, REQUIRED + "nbd_max_connections = 1\n", "one.toml"), {})
+    assert cfg.nbd_max_per_address() == 1
+    cfg = load(write(tmp_path, REQUIRED + "nbd_max_connections_per_address = 1024\n", "all.toml"), {})
+    assert cfg.nbd_max_per_address() == 1024
+    for i, bad in enumerate(("-1", '"many"', "2.5", "1000001")):
+        path = write(tmp_path, REQUIRED + f"nbd_max_connections_per_address = {bad}\n", f"p{i}.toml")
+        assert names_key(refused(path), "nbd_max_connections_per_address"), bad
 
 
 def test_nbd_max_connections_is_a_count_of_connections(tmp_path):

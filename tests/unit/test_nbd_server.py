@@ -39,14 +39,14 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int, name: str = "disk", *, structured: bool = False,
-                      meta: bool = False, rcvbuf: int = 0) -> "Client":
+                      meta: bool = False, rcvbuf: int = 0, source: str | None = None) -> "Client":
         if rcvbuf:  # (small: what the client does not read stays with the server soon)
             sock = trio.socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             await sock.connect(("127.0.0.1", port))
             c = cls(trio.SocketStream(sock))
         else:
-            c = cls(await trio.open_tcp_stream("127.0.0.1", port))
+            c = cls(await trio.open_tcp_stream("127.0.0.1", port, local_address=source))
         greeting = await c.recv(18)
         assert greeting[:16] == b"NBDMAGICIHAVEOPT"
         await c.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES))
@@ -1807,6 +1807,34 @@ async def test_connections_past_max_connections_are_closed_at_once(provider, nur
                 await trio.sleep(0.05)
     assert await c.read(0, 2) == b"ok"
     for x in (b, c, extra):
+        await x.aclose()
+
+
+async def test_connections_past_those_one_address_may_hold_are_closed_at_once(provider, nursery, caplog):
+    """Past `max_per_address` connections from one client address (blockd:
+    nbd_max_connections_per_address) a new one from it is closed at once, with a warning
+    naming the address; a client of another address is still served, and once one of the
+    first address's ends, it gets a new one. Without it, a client that opens every slot
+    and leaves them idle locks every other client out."""
+    port = await nursery.start(functools.partial(server.serve_nbd, provider, "127.0.0.1", 0,
+                                                 max_connections=4, max_per_address=2))
+    a, b = await Client.connect(port), await Client.connect(port)
+    extra = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+        await extra.recv(18)
+    assert "nbd connections refused: 2 connections open from 127.0.0.1" in caplog.text
+    other = await Client.connect(port, source="127.0.0.2")
+    assert await other.write(0, b"hi") == 0 and await a.read(0, 2) == b"hi"
+    await b.aclose()
+    with trio.fail_after(5):
+        while True:  # (the server sees b's end a moment later)
+            try:
+                c = await Client.connect(port)
+                break
+            except (EOFError, trio.BrokenResourceError):
+                await trio.sleep(0.05)
+    assert await c.read(0, 2) == b"hi"
+    for x in (a, c, extra, other):
         await x.aclose()
 
 
