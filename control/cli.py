@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from vbp.errors import BadValue, InUse, NotFound, RegistryUnavailable, VbpError
+from vbp.errors import BadValue, InUse, InvalidArgument, NotFound, RegistryUnavailable, VbpError
 from vbp.sockets import authority
 from vbp.layout import SIZE_MAX, format_size
 
@@ -219,7 +219,9 @@ def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_regis
 
 
 def _parse_settings(items) -> dict:
-    from blockd.config import Config
+    """--set KEY=VALUE items: each a blockd setting, its value one blockd would take
+    (checked here, a usage error, not at the hosts' start)."""
+    from blockd.config import Config, coerce_setting
 
     out = {}
     for item in items:
@@ -232,6 +234,10 @@ def _parse_settings(items) -> dict:
             out[key] = json.loads(value)
         except ValueError:
             out[key] = value
+        try:
+            coerce_setting(key, out[key], "--set")
+        except InvalidArgument as e:
+            raise click.BadParameter(str(e).removeprefix("--set: "), param_hint="--set") from None
     return out
 
 
@@ -288,8 +294,12 @@ def sandbox_run(state, n, directory, base_port, volume, size, replicas):
     """
     from blockd.sandbox import Sandbox
     from control import api
+    from vbp.layout import parse_size
     from vbp.registry import open_registry
+    from vbp.volume import new_volume
 
+    # the volume's name, size and replicas checked before any host starts (bad usage)
+    new_volume(volume, parse_size(size), replicas=replicas or min(3, n))
     sb = Sandbox(directory)
     # from the start: a Ctrl-C or SIGTERM while the hosts start must stop those started
     # (they run in their own sessions: the terminal's SIGINT does not reach them)
@@ -947,6 +957,7 @@ def host_drain(state, host_id, wait, timeout):
       vbp host drain host3 --wait     # then stop blockd on host3, and:
       vbp host remove host3
     """
+    _timeout_needs_wait(wait)
     if not wait:
         _nowhere_to_drain(state, _host_command(state, host_id,
                                                lambda r: r.set_host_state(host_id, "draining"),
@@ -967,6 +978,13 @@ def host_drain(state, host_id, wait, timeout):
     cmap = reg.cluster_map()
     out(state, {"epoch": cmap.epoch, "host": cmap.host(host_id).to_dict(), "data_set": st},
         lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
+
+
+def _timeout_needs_wait(wait: bool) -> None:
+    """A --timeout given without --wait would be ignored: bad usage."""
+    ctx = click.get_current_context()
+    if not wait and ctx.get_parameter_source("timeout") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--timeout is how long --wait waits: give --wait too")
 
 
 def _nowhere_to_drain(state, cmap, host_id: str) -> None:
@@ -1059,6 +1077,7 @@ def pool_status(state, wait, timeout):
       vbp pool status
       vbp pool status --wait      # after a host came back or was drained
     """
+    _timeout_needs_wait(wait)
     reg = state.registry()
     if wait:
         from control import api

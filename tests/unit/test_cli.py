@@ -382,6 +382,8 @@ def test_malformed_registry_url_is_one_line(vbp):
     ["volume", "bogus"], ["volume", "create", "x"], ["volume", "create", "x", "--size", "1G", "--replicas", "0"],
     ["volume", "show"], ["--no-such-flag"], ["volume", "resize", "a"],
     ["volume", "set", "a", "--iops", "99999999999999999999999"],
+    # (a --timeout without --wait was ignored)
+    ["pool", "status", "--timeout", "5"], ["host", "drain", "h1", "--timeout", "5"],
 ])
 def test_usage_errors_are_exit_2(vbp, args):
     """click's own usage errors too are one `vbp: error:` line (they were click's usage,
@@ -858,11 +860,25 @@ def test_pool_status_wait_with_a_nan_timeout_does_not_wait_for_ever(reg_url):
     assert p.returncode == EXIT_USAGE and "Traceback" not in p.stderr, p.stderr
 
 
-def test_sandbox_up_refuses_a_setting_too_large_for_a_float_in_one_line(vbp, tmp_path):
-    r = vbp("sandbox", "up", "--dir", tmp_path / "sb", "--hosts", "1",
-            "--set", f"gc_interval=1{'0' * 400}", code=EXIT_ERROR)
-    one_error_line(r, "gc_interval")
+@pytest.mark.parametrize("setting", [f"gc_interval=1{'0' * 400}", "lease_ttl=abc", "hot_chunks=-1",
+                                     "foo=1"])
+def test_sandbox_up_refuses_a_bad_setting_as_bad_usage_in_one_line(vbp, tmp_path, setting):
+    """A --set value no blockd would take is bad usage (exit 2), like an unknown key,
+    found before any host starts (it was exit 1, from the first host's start)."""
+    r = vbp("sandbox", "up", "--dir", tmp_path / "sb", "--hosts", "1", "--set", setting,
+            code=EXIT_USAGE)
+    one_error_line(r, setting.partition("=")[0])
+    assert "--set: --set" not in r.stderr
     assert not (tmp_path / "sb" / "host1").exists()
+
+
+@pytest.mark.parametrize("args", [["--size", "1.5.G"], ["--volume", "bad name"], ["--size", "2E"]])
+def test_sandbox_run_checks_its_volume_before_any_host_starts(vbp, tmp_path, args):
+    """`sandbox run` started its hosts and then refused the volume's size (exit 1, hosts
+    left to stop): the volume is bad usage now, found first."""
+    r = vbp("sandbox", "run", "--dir", tmp_path / "sb", "--hosts", "1", *args, code=EXIT_USAGE)
+    assert r.stderr.startswith("vbp: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "sb").exists()
 
 
 def test_an_in_process_memory_registry_is_refused(vbp):
