@@ -2125,20 +2125,31 @@ def sd_notify(state: str) -> None:
 
 
 async def run_until_signal(cfg: Config) -> None:
+    """Run blockd until SIGTERM or SIGINT: then drain and stop. One during the start (which
+    may wait: a host id still alive, a backfill waiting for a down host) stops it at once,
+    nothing being served yet; it was acted on only once the start ended, and a start that
+    then failed died of the signal, re-raised, without its error line."""
     svc = Blockd(cfg)
-    async with trio.open_nursery() as nursery:
-        # SIGHUP too: the signal operators send for a reload (and a closing terminal's),
-        # which would otherwise kill blockd at once, undrained (and systemd does not
-        # restart a service that died of it)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    started = False
+    # SIGHUP too: the signal operators send for a reload (and a closing terminal's), which
+    # would otherwise kill blockd at once, undrained (and systemd does not restart a
+    # service that died of it)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        log.info("event=signal signal=SIGHUP: ignored, blockd reads its settings "
+                                 "only when it starts (restart it to apply a change)")
+                        continue
+                    log.info("event=signal signal=%s%s", signal.Signals(sig).name,
+                             "" if started else ": stopping the start, nothing served yet")
+                    if started:
+                        await svc.drain(svc.stop_budget())
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
             await nursery.start(svc.run)
             freeze_startup_objects()
-            async for sig in signals:
-                if sig == signal.SIGHUP:
-                    log.info("event=signal signal=SIGHUP: ignored, blockd reads its settings "
-                             "only when it starts (restart it to apply a change)")
-                    continue
-                log.info("event=signal signal=%s", signal.Signals(sig).name)
-                await svc.drain(svc.stop_budget())
-                nursery.cancel_scope.cancel()
-                break
+            started = True
