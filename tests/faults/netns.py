@@ -92,6 +92,15 @@ class Net:
     def heal(self, i: int) -> None:
         ip("link", "set", self.veth(i), "up")
 
+    def cut_peers(self, i: int, on: bool = True) -> None:
+        """Cut host i from the other hosts only (`on=False`: heal): blackhole routes to
+        their addresses inside its namespace, so what it sends them fails at once and
+        their packets get no answer; the registry (root_addr) and its clients stay."""
+        for j in range(self.hosts):
+            if j != i:
+                ip("-n", self.ns(i), "route", "add" if on else "del", "blackhole",
+                   f"{self.addr(j)}/32")
+
     def close(self) -> None:
         for ns in self.namespaces:  # deleting a namespace deletes its end of the veth pair
             ip("netns", "del", ns, check=False)

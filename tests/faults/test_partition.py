@@ -243,6 +243,63 @@ def compare_stores(pool: Pool, rec, expected: bytes, failed: dict[int, int]) -> 
             st.close()
 
 
+def test_a_gateway_cut_from_its_peers_alone_acknowledges_no_write(partition_pool):
+    """Fault test 4 with the registry in reach: host1, the gateway, loses its peers but
+    not etcd, so its lease stays and it records the copies it cannot reach stale. Its own
+    copy alone is below min_size=2: every write fails with EIO, none acknowledged (a cut
+    of everything fails them for the registry's sake too, and would not tell), while
+    reads of what was written go on from its copy, current. Healed, the copies resync and
+    every acknowledged write reads back from every replica's store."""
+    import nbd
+
+    pool, net = partition_pool, partition_pool.net
+    pool.vbp("volume", "create", "p3", "--size", "16M", "--replicas", "3", "--min-size", "2",
+             "--chunk-size", "1M")
+    w = Writer(8 * MiB, seed=31)
+    ha = client(pool, 0, "p3")
+    w.write(ha, 60)
+
+    net.cut_peers(0)
+    failed = 0
+    for k in range(8):  # (offsets past the writer's region: never acknowledged there)
+        off = 8 * MiB + k * 1024 * 1024 // 2
+        with pytest.raises(nbd.Error) as e:
+            ha.pwrite(payload(10**6 + k, off), off)
+        assert e.value.errno == "EIO", e.value
+        failed += 1
+    assert "BelowMinSize" in pool.log(0) or "below min_size" in pool.log(0).lower()
+    w.verify(ha)  # reads from host1's own copy, current
+    from vbp.registry import open_registry
+
+    reg = open_registry(pool.registry)
+    assert host_states(pool) == {f"host{i + 1}": "up" for i in range(HOSTS)}
+    assert {r.host_id for r in reg.list_stale()} == {"host2", "host3"}
+
+    net.cut_peers(0, on=False)
+    w.write(ha, 30)  # acknowledged again once the peers are back
+    wait_for("every stale copy resynced", lambda: not reg.list_stale(), timeout=120, every=0.5)
+    w.verify(ha)
+    ha.shutdown()
+    from vbp.volume import VolumeRecord
+
+    rec = VolumeRecord.from_dict(reg.get_volume("p3"))
+    reg.close()
+    pool.stop()
+    from vbp.chunkstore import ChunkStore
+    from vbp.layout import ChunkKey
+
+    for i in range(HOSTS):
+        st = ChunkStore(pool.dir / f"host{i + 1}" / "data" / "chunks", 2 << 30)
+        try:
+            for off, seq in sorted(w.acked.items()):
+                index = off // rec.chunk_size
+                gen = st.resolve(rec.lineage, index, rec.chain)
+                got = st.read(ChunkKey(rec.lineage, index, gen), off % rec.chunk_size, BLOCK)
+                assert got == payload(seq, off), f"host{i + 1} at {off}: {block_seq(got)}, not ({seq}, {off})"
+        finally:
+            st.close()
+
+
 def test_a_cut_off_gateway_past_its_lease_serves_no_reads(partition_pool):
     """host1 holds the lease of p3 and is cut off from everything (peers and registry)
     while its client stays connected (a hypervisor next to it whose storage network
