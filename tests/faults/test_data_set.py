@@ -503,9 +503,18 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
 
     cap4 = 64 * MiB
     try:
-        # host4 just joined the data set: a pool in steady state (the copies that change
-        # moved freed after grace + gc_interval, 8 + 1 s here, and the stats showing it)
-        time.sleep(13)
+        # host4 just joined: the pool in steady state (no volume yet, so nothing moves)
+        # once the data set holds the four hosts, no change is under way and every host
+        # published its stats for it (a fixed 13 s sleep before)
+        with open_registry(sb.registry) as reg:
+            deadline = time.monotonic() + 60
+            while True:
+                m, st = reg.cluster_map(), reg.host_stats()
+                if (m.prev is None and m.data is not None and len(m.data) == 4
+                        and all(st.get(f"host{i}", {}).get("used") is not None for i in (1, 2, 3, 4))):
+                    break
+                assert time.monotonic() < deadline, (m, st)
+                time.sleep(0.5)
         # A lineage that puts 69 copies on host4 within 210 chunks (200 on average): more,
         # and the pool itself ends nearly full on average (243 chunks: 0.88 of all the
         # hosts' capacity), where host4, no fuller than the others, is rightly not lowered
