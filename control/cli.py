@@ -162,6 +162,44 @@ def main(ctx, registry, as_json):
     ctx.obj = State(registry, as_json)
 
 
+# --- shell completion of names ----------------------------------------------------------
+# (`eval "$(vbp completion bash)"`: click asks these as the user presses TAB, with the
+# words typed so far parsed, --registry among them; nothing may be printed, and a registry
+# that is not there, or does not answer, completes nothing)
+
+
+def _registry_for_completion(ctx):
+    url = ctx.find_root().params.get("registry") or os.environ.get("VBP_REGISTRY")
+    return State(url, False).registry()
+
+
+def _complete(ctx, names, incomplete: str) -> list[str]:
+    try:
+        return sorted(n for n in names(_registry_for_completion(ctx)) if n.startswith(incomplete))
+    except Exception:  # (completion must never fail the shell's TAB with a traceback)
+        return []
+
+
+def complete_volume(ctx, param, incomplete: str) -> list[str]:
+    """Volume names."""
+    return _complete(ctx, lambda reg: [d["name"] for d in reg.list_volumes()], incomplete)
+
+
+def complete_volume_or_snapshot(ctx, param, incomplete: str) -> list[str]:
+    """Volume names, and NAME@SNAP once the name is typed with its @."""
+    def names(reg):
+        vols = reg.list_volumes()
+        if "@" not in incomplete:
+            return [d["name"] for d in vols]
+        return [f"{d['name']}@{snap['name']}" for d in vols for snap in d.get("snapshots", ())]
+    return _complete(ctx, names, incomplete)
+
+
+def complete_host(ctx, param, incomplete: str) -> list[str]:
+    """Host ids of the pool."""
+    return _complete(ctx, lambda reg: [h.id for h in reg.cluster_map().hosts], incomplete)
+
+
 # --- sandbox -------------------------------------------------------------------------
 
 
@@ -435,7 +473,7 @@ def _unrecoverable_lines(chunks: list[dict], most: int = 10) -> list[str]:
 
 
 @volume.command("accept-loss")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @click.option("--chunk", "chunks", type=click.IntRange(0), multiple=True, metavar="N",
               help="An unrecoverable chunk of NAME to give up (repeatable).")
 @click.option("--all", "all_", is_flag=True, help="Every unrecoverable chunk of NAME.")
@@ -563,7 +601,7 @@ def volume_list(state):
 
 
 @volume.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @json_flag
 @click.pass_obj
 def volume_show(state, name):
@@ -594,7 +632,7 @@ def volume_show(state, name):
 
 
 @volume.command("delete")
-@click.argument("name", metavar="NAME|NAME@SNAP")
+@click.argument("name", metavar="NAME|NAME@SNAP", shell_complete=complete_volume_or_snapshot)
 @click.option("--force", is_flag=True,
               help="Delete even while NBD clients have it open (their requests then fail).")
 @json_flag
@@ -626,7 +664,7 @@ def volume_delete(state, name, force):
 
 
 @volume.command("snapshot")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @click.argument("snap")
 @json_flag
 @click.pass_obj
@@ -644,7 +682,7 @@ def volume_snapshot(state, name, snap):
 
 
 @volume.command("clone")
-@click.argument("source", metavar="NAME@SNAP")
+@click.argument("source", metavar="NAME@SNAP", shell_complete=complete_volume_or_snapshot)
 @click.argument("new")
 @json_flag
 @click.pass_obj
@@ -663,7 +701,7 @@ def volume_clone(state, source, new):
 
 
 @volume.command("resize")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @click.argument("size")
 @click.option("--force", is_flag=True, help="Allow shrinking (discards data past the new end).")
 @json_flag
@@ -683,7 +721,7 @@ def volume_resize(state, name, size, force):
 
 
 @volume.command("set")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @click.option("--iops", type=click.IntRange(0, SIZE_MAX),
               help="I/O operations per second (0: unlimited).")
 @click.option("--bps", metavar="SIZE", help="Bytes per second, e.g. 50M (0: unlimited).")
@@ -795,7 +833,7 @@ def _file_named(ctx, param, value: str) -> str:
 
 @volume.command("import")
 @click.argument("file", type=click.Path(dir_okay=False), callback=_file_named)
-@click.argument("name")
+@click.argument("name", shell_complete=complete_volume)
 @click.option("--force", is_flag=True,
               help="Import even while NBD clients have NAME open (it changes under them).")
 @click.option("--host", metavar="ID", help="Write through this host (default: the first one up).")
@@ -838,7 +876,7 @@ def volume_import(state, file, name, force, host, timeout, tls):
 
 
 @volume.command("export")
-@click.argument("name", metavar="NAME[@SNAP]")
+@click.argument("name", metavar="NAME[@SNAP]", shell_complete=complete_volume_or_snapshot)
 @click.argument("file", type=click.Path(dir_okay=False), callback=_file_named)  # (a str:
 # a Path makes ./- of -)
 @click.option("--force", is_flag=True,
@@ -938,7 +976,7 @@ def _host_command(state, host_id, fn, done):
 
 
 @host.command("drain")
-@click.argument("host_id")
+@click.argument("host_id", shell_complete=complete_host)
 @click.option("--wait", "wait", is_flag=True, help="Wait until no chunk is placed on the host.")
 @click.option("--timeout", type=Seconds(0), default=3600.0, show_default=True, help="Seconds --wait waits.")
 @json_flag
@@ -1004,7 +1042,7 @@ def _nowhere_to_drain(state, cmap, host_id: str) -> None:
 
 
 @host.command("undrain")
-@click.argument("host_id")
+@click.argument("host_id", shell_complete=complete_host)
 @json_flag
 @click.pass_obj
 def host_undrain(state, host_id):
@@ -1020,7 +1058,7 @@ def host_undrain(state, host_id):
 
 
 @host.command("remove")
-@click.argument("host_id")
+@click.argument("host_id", shell_complete=complete_host)
 @json_flag
 @click.pass_obj
 def host_remove(state, host_id):
@@ -1040,7 +1078,7 @@ def host_remove(state, host_id):
 
 
 @host.command("maintenance")
-@click.argument("host_id")
+@click.argument("host_id", shell_complete=complete_host)
 @click.argument("mode", type=click.Choice(["on", "off"]))
 @json_flag
 @click.pass_obj

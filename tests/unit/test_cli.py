@@ -612,6 +612,39 @@ def test_completion_script_and_completion(shell):
     assert "drain" in got and "remove" not in got
 
 
+def test_completion_completes_volume_snapshot_and_host_names(reg_url, vbp):
+    """TAB after a command that takes a volume, NAME@SNAP or a host id lists those of the
+    registry (--registry or $VBP_REGISTRY); a registry that is not there completes
+    nothing, without an error."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        for i in (1, 2):
+            reg.register_host(HostRecord(f"h{i}", "a:1", "a:2"), 600)
+        reg.register_host(HostRecord("other", "a:1", "a:2"), 600)
+    for name in ("disk1", "disk2", "web"):
+        vbp("volume", "create", name, "--size", "1G", "--replicas", "1")
+    vbp("volume", "snapshot", "disk1", "monday")
+    vbp("volume", "snapshot", "disk1", "tuesday")
+
+    def ask(words: str, registry: str = reg_url) -> list[str]:
+        env = {"_VBP_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+               "VBP_REGISTRY": registry}
+        r = CliRunner().invoke(main, [], env=env, prog_name="vbp")
+        assert r.exit_code == 0 and not r.stderr, (r.stdout, r.stderr)
+        return [line.split(",", 1)[1] for line in r.stdout.splitlines() if line]
+
+    assert ask("vbp volume show d") == ["disk1", "disk2"]
+    assert ask("vbp volume resize ") == ["disk1", "disk2", "web"]
+    assert ask("vbp volume delete disk1@") == ["disk1@monday", "disk1@tuesday"]
+    assert ask("vbp volume clone disk1@t") == ["disk1@tuesday"]
+    assert ask("vbp volume export w") == ["web"]
+    assert ask("vbp host drain h") == ["h1", "h2"]
+    assert ask("vbp --registry " + reg_url + " host maintenance o", registry="") == ["other"]
+    assert ask("vbp volume show d", registry="lmdb:///nonexistent/registry") == []
+
+
 # --- pool scrub (the whole path with real hosts: tests/faults/test_scrub_faults.py) --------
 
 
