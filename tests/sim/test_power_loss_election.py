@@ -2,12 +2,16 @@
 crash recovery after a reboot recorded it stale lost the writes it took since its last
 flush, so being the newest record does not make it the copy that holds every acknowledged
 write. The disk model of the simulation (MemoryChunkStore.crash) keeps, per page, old or
-new bytes; LoseUnsynced makes it keep the old ones everywhere."""
+new bytes; LoseUnsynced makes it keep the old ones everywhere.
+
+Every test: replicas=3, min_size=2, one chunk with copies a, b, c, written through a
+gateway on a fourth host g."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import replace as dc_replace
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -19,6 +23,8 @@ from replicator.messages import LACKS_REV
 from replicator.recovery import Resync
 from tests.sim.harness import WALL_TTL, Sim, call, extents_bytes, run
 
+OLD, ACKED, FAILED = b"\x01" * 4096, b"\x11" * 4096, b"\x22" * 4096
+
 
 class LoseUnsynced(random.Random):
     """The crash model's rng: every unflushed page goes back to its durable bytes (a power
@@ -28,60 +34,88 @@ class LoseUnsynced(random.Random):
         return 0.99
 
 
+async def three_copies(nursery, *, c_first: bool = False) -> SimpleNamespace:
+    """The pool, the volume, its chunk's copies (c first in placement with `c_first`) and
+    the gateway, OLD written and flushed everywhere."""
+    sim = Sim(3, hosts=4, zones=4)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
+    placed = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
+    a, b, c = reversed(placed) if c_first else placed
+    g = next(h for h in sim.hosts if h not in (a, b, c))
+    t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=a, b=b, c=c, g=g,
+                        gw=await sim.hosts[g].provider.open_export("v"),
+                        faults=sim.hosts[g].faults, key=ChunkKey(rec.lineage, 0, rec.head))
+    await call(t.gw.write(0, OLD, False))
+    await call(t.gw.flush())
+    return t
+
+
+def stale(t, flag: int = 0) -> set[str]:
+    return {r.host_id for r in t.sim.reg.list_stale(t.lin) if r.version & flag == flag}
+
+
+async def acked_on_b_and_c(t) -> None:
+    """W1 (ACKED): a cut off, b and c take it: acknowledged (min_size 2), not flushed; a
+    recorded stale."""
+    t.faults.partition([t.sim.hosts[t.a].addr])
+    await call(t.gw.write(0, ACKED, False))
+    assert stale(t) == {t.a}
+
+
+async def failed_on_c_alone(t) -> None:
+    """W2 (FAILED): b cut off too, only c (if up) takes it: EIO, b recorded stale."""
+    t.faults.partition([t.sim.hosts[t.b].addr])
+    with pytest.raises(VbpError):
+        await call(t.gw.write(8192, FAILED, False))
+    assert stale(t) == {t.a, t.b}
+
+
+def lose_power(t, host: str, **kw) -> None:
+    saved, t.sim.rng = t.sim.rng, LoseUnsynced()
+    t.sim.crash(host, **kw)
+    t.sim.rng = saved
+
+
+async def heal_and_resync(t) -> None:
+    t.faults.heal()
+    t.sim.sync_maps()
+    await trio.sleep(10)  # past the write window
+    for _ in range(2):
+        for h in (t.a, t.b, t.c):
+            await t.sim.hosts[h].resync.run_once()
+    assert not t.sim.reg.list_stale(t.lin), t.sim.reg.list_stale(t.lin)
+
+
+async def read_through_gateway(t) -> bytes:
+    await t.gw.refresh_stale(t.sim.hosts[t.g].stale_map)
+    return extents_bytes(await call(t.gw.read(0, 4096)), 0, 4096)
+
+
+def on_copies(t, length: int = 4) -> dict[str, bytes]:
+    return {h: t.sim.hosts[h].store.read(t.key, 0, length) for h in (t.a, t.b, t.c)}
+
+
 def test_power_lost_copy_is_not_elected_over_a_copy_holding_an_acknowledged_write():
-    """replicas=3, min_size=2: a is stale; W1 is acknowledged on b and c, not flushed; W2
-    reaches only c and fails, b recorded stale; c loses power (W1 gone from its disk) and
-    its crash recovery records it stale, the newest record. The election passes over c
-    (its record says it lost unsynced writes) for b, which holds W1: only one copy that
-    lost power went stale after b, below min_size, so nothing was acknowledged after b."""
+    """a is stale; W1 is acknowledged on b and c, not flushed; W2 reaches only c and
+    fails, b recorded stale; c loses power (W1 gone from its disk) and its crash recovery
+    records it stale, the newest record. The election passes over c (its record says it
+    may lack earlier writes) for b, which holds W1: only one record is newer than b's,
+    below min_size, so nothing was acknowledged after b went stale."""
     async def main():
-        sim = Sim(3, hosts=4, zones=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-            lin = rec.lineage
-            a, b, c = sim.hosts["h0"].cluster.replicas(lin, 0, 3)
-            g = next(h for h in sim.hosts if h not in (a, b, c))
-            gw = await sim.hosts[g].provider.open_export("v")
-            old, acked, failed = b"\x00" * 4096, b"\x11" * 4096, b"\x22" * 4096
-            await call(gw.write(0, b"\x01" * 4096, False))
-            await call(gw.flush())  # durable everywhere
-            faults = sim.hosts[g].faults
-            # W1: a unreachable, b and c take it: acknowledged (min_size 2), a recorded stale
-            faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, acked, False))
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a}
-            # W2: b unreachable too; only c takes it: fails (EIO), b recorded stale
-            faults.partition([sim.hosts[b].addr])
-            with pytest.raises(VbpError):
-                await call(gw.write(8192, failed, False))
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a, b}
+            t = await three_copies(nursery)
+            await acked_on_b_and_c(t)
+            await failed_on_c_alone(t)
             # b holds the acknowledged W1 (and every acknowledged write: it was current
             # until W2, the first write that could not be acknowledged)
-            key = ChunkKey(lin, 0, rec.head)
-            assert sim.hosts[b].store.read(key, 0, 4096) == acked
-            # c loses power before any flush: W1 is gone from its disk
-            saved, sim.rng = sim.rng, LoseUnsynced()
-            sim.crash(c)
-            sim.rng = saved
-            assert sim.hosts[c].store.read(key, 0, 4096) == b"\x01" * 4096
-            await sim.restart(c)  # crash recovery records c stale: every copy is stale now
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a, b, c}
-            flagged = {r.host_id for r in sim.reg.list_stale(lin) if r.version & LACKS_EARLIER}
-            assert flagged == {c}
-            faults.heal()
-            sim.sync_maps()
-            await trio.sleep(10)  # past the write window
-            for h in (a, b, c):
-                await sim.hosts[h].resync.run_once()
-            for h in (a, b, c):
-                await sim.hosts[h].resync.run_once()
-            assert not sim.reg.list_stale(lin), sim.reg.list_stale(lin)
-            # the acknowledged write W1 must have survived: b held it
-            await gw.refresh_stale(sim.hosts[g].stale_map)
-            got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
-            on = {h: sim.hosts[h].store.read(key, 0, 4) for h in (a, b, c)}
-            assert got == acked, (got[:4], on, (a, b, c))
+            assert t.sim.hosts[t.b].store.read(t.key, 0, 4096) == ACKED
+            lose_power(t, t.c)  # before any flush: W1 is gone from its disk
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
+            await t.sim.restart(t.c)  # crash recovery records c stale: every copy is stale now
+            assert stale(t) == {t.a, t.b, t.c} and stale(t, LACKS_EARLIER) == {t.c}
+            await heal_and_resync(t)
+            assert await read_through_gateway(t) == ACKED, on_copies(t)
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -91,85 +125,36 @@ def test_power_lost_copy_still_up_in_the_map_is_not_elected_either():
     """The same with a fast reboot (the host still up in the map): the next write fails on
     every copy; b is recorded stale, c (unreachable, power lost) is not; c's restart then
     records it stale, newest and flagged, and b, which holds the acknowledged write, is
-    elected over it."""
+    elected over it (c first in placement: a tie would take it)."""
     async def main():
-        sim = Sim(3, hosts=4, zones=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-            lin = rec.lineage
-            c, b, a = sim.hosts["h0"].cluster.replicas(lin, 0, 3)  # c first in placement
-            g = next(h for h in sim.hosts if h not in (a, b, c))
-            gw = await sim.hosts[g].provider.open_export("v")
-            acked = b"\x11" * 4096
-            await call(gw.write(0, b"\x01" * 4096, False))
-            await call(gw.flush())
-            faults = sim.hosts[g].faults
-            faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, acked, False))  # acknowledged by b and c, not flushed
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a}
-            # c loses power (still up in the map: a fast reboot); the next write fails on
-            # c and on b (cut off): both recorded stale in one transaction
-            saved, sim.rng = sim.rng, LoseUnsynced()
-            sim.crash(c, declare_down=False)
-            sim.rng = saved
-            faults.partition([sim.hosts[b].addr])
-            with pytest.raises(VbpError):
-                await call(gw.write(8192, b"\x22" * 4096, False))
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a, b}
-            await sim.restart(c)  # its crash recovery records it stale: every copy is
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a, b, c}
-            faults.heal()
-            sim.sync_maps()
-            await trio.sleep(10)
-            for _ in range(2):
-                for h in (a, b, c):
-                    await sim.hosts[h].resync.run_once()
-            assert not sim.reg.list_stale(lin), sim.reg.list_stale(lin)
-            await gw.refresh_stale(sim.hosts[g].stale_map)
-            got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
-            key = ChunkKey(lin, 0, rec.head)
-            on = {h: sim.hosts[h].store.read(key, 0, 4) for h in (a, b, c)}
-            assert got == acked, (got[:4], on, (a, b, c))
+            t = await three_copies(nursery, c_first=True)
+            await acked_on_b_and_c(t)
+            lose_power(t, t.c, declare_down=False)
+            await failed_on_c_alone(t)  # (c and b failing it, both recorded in one transaction)
+            await t.sim.restart(t.c)  # its crash recovery records it stale: every copy is
+            assert stale(t) == {t.a, t.b, t.c}
+            await heal_and_resync(t)
+            assert await read_through_gateway(t) == ACKED, on_copies(t)
             nursery.cancel_scope.cancel()
 
     run(main)
 
 
 def test_a_process_crash_keeping_the_page_cache_loses_nothing():
-    """The same steps as the first test with a process crash (SIGKILL, the page cache
-    kept): c keeps what it took, its record is not flagged, and the chunk holds W1 again
+    """The steps of the first test with a process crash (SIGKILL, the page cache kept):
+    c keeps what it took, its record is not flagged, and the chunk holds W1 again
     whichever copy the election takes."""
     async def main():
-        sim = Sim(3, hosts=4, zones=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-            lin = rec.lineage
-            a, b, c = sim.hosts["h0"].cluster.replicas(lin, 0, 3)
-            g = next(h for h in sim.hosts if h not in (a, b, c))
-            gw = await sim.hosts[g].provider.open_export("v")
-            acked = b"\x11" * 4096
-            await call(gw.write(0, b"\x01" * 4096, False))
-            await call(gw.flush())
-            faults = sim.hosts[g].faults
-            faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, acked, False))
-            faults.partition([sim.hosts[b].addr])
-            with pytest.raises(VbpError):
-                await call(gw.write(8192, b"\x22" * 4096, False))
-            sim.crash(c, power=False)
-            await sim.restart(c)
-            assert not any(r.version & LACKS_EARLIER for r in sim.reg.list_stale(lin))
-            faults.heal()
-            sim.sync_maps()
-            await trio.sleep(10)
-            for _ in range(2):
-                for h in (a, b, c):
-                    await sim.hosts[h].resync.run_once()
-            assert not sim.reg.list_stale(lin)
-            await gw.refresh_stale(sim.hosts[g].stale_map)
-            assert extents_bytes(await call(gw.read(0, 4096)), 0, 4096) == acked
+            t = await three_copies(nursery)
+            await acked_on_b_and_c(t)
+            await failed_on_c_alone(t)
+            t.sim.crash(t.c, power=False)
+            await t.sim.restart(t.c)
+            assert stale(t) == {t.a, t.b, t.c} and not stale(t, LACKS_EARLIER)
+            await heal_and_resync(t)
+            assert await read_through_gateway(t) == ACKED
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -178,50 +163,25 @@ def test_a_process_crash_keeping_the_page_cache_loses_nothing():
 def test_flushed_writes_on_copies_that_all_lost_power_win_over_an_older_copy():
     """The other side of the rule: a is stale (cut off); W1 is acknowledged and flushed
     on b and c, W3 acknowledged on them, unflushed; both lose power and come back, their
-    records flagged and newer than a's. min_size (2) copies that lost power went stale
-    after a: writes may have been acknowledged on them alone, so the election takes the
-    newest of them, which kept the flushed W1 (W3 may go: a power loss of every copy that
-    held it, as a disk's cache). Electing a, the copy that did not lose power, would lose
-    the flushed write."""
+    records flagged and newer than a's. min_size (2) records are newer than a's: writes
+    may have been acknowledged on b and c alone, so the election takes the newest of
+    them, which kept the flushed W1 (W3 may go: a power loss of every copy that held it,
+    as a disk's cache). Electing a, the copy that lost nothing, would lose the flushed
+    write."""
     async def main():
-        sim = Sim(3, hosts=4, zones=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-            lin = rec.lineage
-            a, b, c = sim.hosts["h0"].cluster.replicas(lin, 0, 3)
-            g = next(h for h in sim.hosts if h not in (a, b, c))
-            gw = await sim.hosts[g].provider.open_export("v")
-            flushed = b"\x33" * 4096
-            await call(gw.write(0, b"\x01" * 4096, False))
-            await call(gw.flush())
-            faults = sim.hosts[g].faults
-            faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, flushed, False))
-            await call(gw.flush())  # durable on b and c
-            assert {r.host_id for r in sim.reg.list_stale(lin)} == {a}
-            await call(gw.write(8192, b"\x44" * 4096, False))  # acknowledged, unflushed
-            saved, sim.rng = sim.rng, LoseUnsynced()
-            sim.crash(b)
-            sim.crash(c)
-            sim.rng = saved
-            await sim.restart(b)
-            await sim.restart(c)
-            recs = sim.reg.list_stale(lin)
-            assert {r.host_id for r in recs} == {a, b, c}
-            assert {r.host_id for r in recs if r.version & LACKS_EARLIER} == {b, c}
-            faults.heal()
-            sim.sync_maps()
-            await trio.sleep(10)
-            for _ in range(2):
-                for h in (a, b, c):
-                    await sim.hosts[h].resync.run_once()
-            assert not sim.reg.list_stale(lin), sim.reg.list_stale(lin)
-            await gw.refresh_stale(sim.hosts[g].stale_map)
-            got = extents_bytes(await call(gw.read(0, 4096)), 0, 4096)
-            key = ChunkKey(lin, 0, rec.head)
-            assert all(sim.hosts[h].store.read(key, 0, 4096) == flushed for h in (a, b, c))
-            assert got == flushed
+            t = await three_copies(nursery)
+            await acked_on_b_and_c(t)
+            await call(t.gw.flush())  # W1 durable on b and c
+            await call(t.gw.write(8192, b"\x44" * 4096, False))  # W3: acknowledged, unflushed
+            lose_power(t, t.b)
+            lose_power(t, t.c)
+            await t.sim.restart(t.b)
+            await t.sim.restart(t.c)
+            assert stale(t) == {t.a, t.b, t.c} and stale(t, LACKS_EARLIER) == {t.b, t.c}
+            await heal_and_resync(t)
+            assert on_copies(t, 4096) == {h: ACKED for h in (t.a, t.b, t.c)}
+            assert await read_through_gateway(t) == ACKED
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -234,47 +194,32 @@ def test_a_pool_with_a_host_of_an_older_revision_elects_as_that_host_does():
     copies with different bytes: so the flag is read only once every host is at
     LACKS_REV (the first test's steps, c not upgraded, b and c resyncing at once)."""
     async def main():
-        sim = Sim(3, hosts=4, zones=4)
         async with trio.open_nursery() as nursery:
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-            lin = rec.lineage
-            a, b, c = sim.hosts["h0"].cluster.replicas(lin, 0, 3)
-            g = next(h for h in sim.hosts if h not in (a, b, c))
-            gw = await sim.hosts[g].provider.open_export("v")
-            await call(gw.write(0, b"\x01" * 4096, False))
-            await call(gw.flush())
-            faults = sim.hosts[g].faults
-            faults.partition([sim.hosts[a].addr])
-            await call(gw.write(0, b"\x11" * 4096, False))
-            faults.partition([sim.hosts[b].addr])
-            with pytest.raises(VbpError):
-                await call(gw.write(8192, b"\x22" * 4096, False))
-            saved, sim.rng = sim.rng, LoseUnsynced()
-            sim.crash(c)
-            sim.rng = saved
-            await sim.restart(c)
-            assert {r.host_id for r in sim.reg.list_stale(lin) if r.version & LACKS_EARLIER} == {c}
+            t = await three_copies(nursery)
+            await acked_on_b_and_c(t)
+            await failed_on_c_alone(t)
+            lose_power(t, t.c)
+            await t.sim.restart(t.c)
+            assert stale(t, LACKS_EARLIER) == {t.c}
             # c runs the code of revision LACKS_REV - 1: so it says, and so it elects
-            old = sim.reg.cluster_map().host(c)
-            sim.reg.register_host(dc_replace(old, peer_rev=LACKS_REV - 1), WALL_TTL)
+            old = t.sim.reg.cluster_map().host(t.c)
+            t.sim.reg.register_host(dc_replace(old, peer_rev=LACKS_REV - 1), WALL_TTL)
             own = Resync._resync_all_stale
-            r_c = sim.hosts[c].resync
+            r_c = t.sim.hosts[t.c].resync
 
             async def elects_the_newest(lineage, index, complete, stale, joining=()):
                 return await own(r_c, lineage, index, complete,
                                  {h: x._replace(lacks=False) for h, x in stale.items()}, joining)
 
             r_c._resync_all_stale = elects_the_newest
-            faults.heal()
-            sim.sync_maps()
+            t.faults.heal()
+            t.sim.sync_maps()
             await trio.sleep(10)
             async with trio.open_nursery() as both:
-                both.start_soon(sim.hosts[b].resync.run_once)
+                both.start_soon(t.sim.hosts[t.b].resync.run_once)
                 both.start_soon(r_c.run_once)
-            left = {r.host_id for r in sim.reg.list_stale(lin)}
-            key = ChunkKey(lin, 0, rec.head)
-            current = {h: sim.hosts[h].store.read(key, 0, 4096) for h in (a, b, c) if h not in left}
+            left = stale(t)
+            current = {h: data for h, data in on_copies(t, 4096).items() if h not in left}
             assert current and len(set(current.values())) == 1, (left, current)
             nursery.cancel_scope.cancel()
 

@@ -1784,6 +1784,16 @@ async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_en
     assert held.total == 0 and not held.waiting
 
 
+async def connect_once_a_slot_frees(port: int) -> "Client":
+    """A connection taken, once the server saw another one end (a moment after it did)."""
+    with trio.fail_after(5):
+        while True:
+            try:
+                return await Client.connect(port)
+            except (EOFError, trio.BrokenResourceError):
+                await trio.sleep(0.05)
+
+
 async def test_connections_past_max_connections_are_closed_at_once(provider, nursery, caplog):
     """Past `max_connections` (blockd: nbd_max_connections) a new connection is closed as
     soon as it is accepted, before the greeting, and a warning says so; those open are
@@ -1798,13 +1808,7 @@ async def test_connections_past_max_connections_are_closed_at_once(provider, nur
     assert "nbd connections refused" in caplog.text
     assert await a.write(0, b"ok") == 0 and await b.read(0, 2) == b"ok"
     await a.aclose()
-    with trio.fail_after(5):
-        while True:  # (the server sees a's end a moment later)
-            try:
-                c = await Client.connect(port)
-                break
-            except (EOFError, trio.BrokenResourceError):
-                await trio.sleep(0.05)
+    c = await connect_once_a_slot_frees(port)
     assert await c.read(0, 2) == b"ok"
     for x in (b, c, extra):
         await x.aclose()
@@ -1826,13 +1830,7 @@ async def test_connections_past_those_one_address_may_hold_are_closed_at_once(pr
     other = await Client.connect(port, source="127.0.0.2")
     assert await other.write(0, b"hi") == 0 and await a.read(0, 2) == b"hi"
     await b.aclose()
-    with trio.fail_after(5):
-        while True:  # (the server sees b's end a moment later)
-            try:
-                c = await Client.connect(port)
-                break
-            except (EOFError, trio.BrokenResourceError):
-                await trio.sleep(0.05)
+    c = await connect_once_a_slot_frees(port)
     assert await c.read(0, 2) == b"hi"
     for x in (a, c, extra, other):
         await x.aclose()
