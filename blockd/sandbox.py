@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockd.config import coerce_setting, from_settings, parse_hostport
-from vbp.errors import InvalidArgument, VbpError
+from vbp.errors import BadValue, InvalidArgument, VbpError
 
 STATE_FILE = "sandbox.json"
 # blockd settings each host gets from the sandbox as flags (Sandbox._flags), which win over
@@ -236,7 +236,20 @@ class Sandbox:
                         registry: str, n: int = 1) -> None:
         """Refuse settings that blockd would refuse, or never see, naming where they come
         from (`new`: --set; `saved`: the state file), the key and the reason. They are
-        checked as host `h` reads them: its blockd.toml (_config_text) under its flags."""
+        checked as host `h` reads them: its blockd.toml (_config_text) under its flags.
+        A --set the command line gave is bad usage (BadValue: exit 2, as an unknown key
+        is); a value saved in the state file is an error of the sandbox (InvalidArgument)."""
+        try:
+            self._check_merged(saved, new, h, capacity, registry, n)
+        except BadValue:
+            raise
+        except InvalidArgument as e:
+            if str(e).startswith("--set: "):
+                raise BadValue(str(e)) from None
+            raise
+
+    def _check_merged(self, saved: dict, new: dict, h: dict, capacity: str,
+                      registry: str, n: int) -> None:
         file = f"{self.dir / STATE_FILE} settings"
         merged = {**saved, **new}
         for key, value in merged.items():

@@ -901,7 +901,6 @@ def test_sandbox_up_refuses_a_bad_setting_as_bad_usage_in_one_line(vbp, tmp_path
     r = vbp("sandbox", "up", "--dir", tmp_path / "sb", "--hosts", "1", "--set", setting,
             code=EXIT_USAGE)
     one_error_line(r, setting.partition("=")[0])
-    assert "--set: --set" not in r.stderr
     assert not (tmp_path / "sb" / "host1").exists()
 
 

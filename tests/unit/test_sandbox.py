@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from blockd.sandbox import STATE_FILE, Sandbox, SandboxError, pid_alive, port_open, ports_free
-from control.cli import EXIT_ERROR
+from control.cli import EXIT_ERROR, EXIT_USAGE
 from control.cli import main as vbp_main
 from vbp.errors import InvalidArgument
 
@@ -224,10 +224,11 @@ def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, listener):
 ], ids=lambda x: x if "=" in x else None)
 def test_up_refuses_bad_settings_before_saving_or_starting(tmp_path, setting, reason):
     """A --set that blockd would refuse (or never read: the sandbox gives each host those
-    keys as flags) is refused at once, and not saved for every later `up` to fail on."""
+    keys as flags) is refused at once, and not saved for every later `up` to fail on:
+    bad usage (exit 2), as an unknown key is (it was exit 1)."""
     r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--hosts", "1", "--dir", str(tmp_path),
                                       "--base-port", str(free_port()), "--set", setting], prog_name="vbp")
-    assert r.exit_code == EXIT_ERROR, r.output
+    assert r.exit_code == EXIT_USAGE, r.output
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: --set: ") and reason in r.stderr
     assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
 
