@@ -238,13 +238,16 @@ class Sandbox:
         from (`new`: --set; `saved`: the state file), the key and the reason. They are
         checked as host `h` reads them: its blockd.toml (_config_text) under its flags.
         A --set the command line gave is bad usage (BadValue: exit 2, as an unknown key
-        is); a value saved in the state file is an error of the sandbox (InvalidArgument)."""
+        is); the saved settings, checked alone first, are the state file's (InvalidArgument,
+        naming it: a file they name that is gone since, say)."""
+        if new and saved:
+            self._check_merged(saved, {}, h, capacity, registry, n)
         try:
             self._check_merged(saved, new, h, capacity, registry, n)
         except BadValue:
             raise
         except InvalidArgument as e:
-            if str(e).startswith("--set: "):
+            if new and str(e).startswith("--set: "):
                 raise BadValue(str(e)) from None
             raise
 

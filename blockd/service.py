@@ -1394,6 +1394,7 @@ class Blockd:
         # is backfilled, so a crash meanwhile finds it again (see _check_store)
         self.store_id = ""
         self._nbd_scope = trio.CancelScope()  # the NBD frontend's, stopped first (drain)
+        self.serving = False  # the NBD frontend listens (a stop drains from then on)
         self._nbd_stopped = trio.Event()
         self._nbd_stopping = trio.Event()  # set: its connections end gracefully (drain)
 
@@ -1479,6 +1480,7 @@ class Blockd:
                     send_timeout=cfg.nbd_send_timeout, held=self.nbd_held,
                     max_connections=cfg.nbd_max_connections,
                     max_per_address=cfg.nbd_max_per_address()))
+                self.serving = True
                 if cfg.metrics:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, *parse_hostport(cfg.metrics, "metrics"))
@@ -2125,31 +2127,45 @@ def sd_notify(state: str) -> None:
 
 
 async def run_until_signal(cfg: Config) -> None:
-    """Run blockd until SIGTERM or SIGINT: then drain and stop. One during the start (which
-    may wait: a host id still alive, a backfill waiting for a down host) stops it at once,
-    nothing being served yet; it was acted on only once the start ended, and a start that
-    then failed died of the signal, re-raised, without its error line."""
+    """Run blockd until SIGTERM or SIGINT: then drain and stop. One that comes while it
+    starts (a start may wait: a host id still alive, a backfill waiting for a down host)
+    stops the start at once, draining what the NBD frontend took if it listens already;
+    it was acted on only once the start ended, and a start that then failed died of the
+    signal, re-raised, without its error line. Signals are read until blockd has stopped:
+    a second one, or a SIGHUP, during the stop is logged, not re-raised at the end (it
+    would kill the process that stopped cleanly)."""
     svc = Blockd(cfg)
-    started = False
     # SIGHUP too: the signal operators send for a reload (and a closing terminal's), which
     # would otherwise kill blockd at once, undrained (and systemd does not restart a
     # service that died of it)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            async def watch() -> None:
+        async with trio.open_nursery() as watching:
+            stopping = False
+
+            async def watch(service: trio.Nursery) -> None:
+                nonlocal stopping
                 async for sig in signals:
+                    name = signal.Signals(sig).name
                     if sig == signal.SIGHUP:
                         log.info("event=signal signal=SIGHUP: ignored, blockd reads its settings "
                                  "only when it starts (restart it to apply a change)")
-                        continue
-                    log.info("event=signal signal=%s%s", signal.Signals(sig).name,
-                             "" if started else ": stopping the start, nothing served yet")
-                    if started:
-                        await svc.drain(svc.stop_budget())
-                    nursery.cancel_scope.cancel()
-                    return
+                    elif stopping:
+                        log.info("event=signal signal=%s: already stopping", name)
+                    else:
+                        stopping = True
+                        log.info("event=signal signal=%s%s", name, "" if started else
+                                 ": stopping the start" + ("" if svc.serving else ", nothing served yet"))
+                        watching.start_soon(stop, service)
 
-            nursery.start_soon(watch)
-            await nursery.start(svc.run)
-            freeze_startup_objects()
-            started = True
+            async def stop(service: trio.Nursery) -> None:
+                if svc.serving:
+                    await svc.drain(svc.stop_budget())
+                service.cancel_scope.cancel()
+
+            started = False
+            async with trio.open_nursery() as service:
+                watching.start_soon(watch, service)
+                await service.start(svc.run)
+                freeze_startup_objects()
+                started = True
+            watching.cancel_scope.cancel()  # (stopped: the signals read no more)

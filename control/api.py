@@ -419,27 +419,38 @@ def data_set_status(reg) -> dict:
 
 
 def drains_held(cmap, vols: list[dict]) -> list[dict]:
-    """Draining hosts the data set keeps, and why: fewer hosts are up (not draining, not
-    down) than some volume's replicas (replicator.migration.wanted_data_set keeps every
-    copy where it is then). Each: the host, the hosts up, the most replicas asked for,
-    the volumes that ask for more than are up (the first few) and how many they are."""
-    up = sum(1 for h in cmap.hosts if h.state == HOST_UP)
-    short = sorted((v for v in vols if v["replicas"] > up), key=lambda v: (-v["replicas"], v["name"]))
+    """Draining hosts the data set keeps, and why: the controller keeps every copy where
+    it is while fewer hosts count than some volume's replicas (replicator.migration.
+    wanted_data_set: those up, and the down ones of the data set when a volume has one
+    replica). Each: the host, how many others count, the volumes that ask for more
+    copies than that (the first few, each with its replicas) and how many they are."""
+    from replicator.migration import wanted_data_set
+
+    kept = set(wanted_data_set(cmap, vols))
+    held = [h.id for h in cmap.hosts
+            if h.state == HOST_DRAINING and h.id in cmap.data_set and h.id in kept]
+    if not held:
+        return []
+    counted = {h.id for h in cmap.hosts if h.state == HOST_UP}
+    if any(v["replicas"] == 1 for v in vols):
+        counted |= {h.id for h in cmap.hosts if h.state == HOST_DOWN} & set(cmap.data_set)
+    short = sorted((v for v in vols if v["replicas"] > len(counted)),
+                   key=lambda v: (-v["replicas"], v["name"]))
     if not short:
         return []
-    return [{"host": h.id, "up_hosts": up, "replicas": short[0]["replicas"],
-             "volumes": [v["name"] for v in short[:3]], "volume_count": len(short)}
-            for h in cmap.hosts if h.state == HOST_DRAINING and h.id in cmap.data_set]
+    return [{"host": h, "hosts_counted": len(counted),
+             "volumes": [{"name": v["name"], "replicas": v["replicas"]} for v in short[:3]],
+             "volume_count": len(short)} for h in held]
 
 
 def drain_held_reason(x: dict) -> str:
     """Why a draining host keeps its chunks (an entry of drains_held), for one line."""
-    vols = ", ".join(x["volumes"]) + (f" and {x['volume_count'] - len(x['volumes'])} more"
-                                       if x["volume_count"] > len(x["volumes"]) else "")
-    return (f"volume{'s' if x['volume_count'] > 1 else ''} {vols} keep{'' if x['volume_count'] > 1 else 's'} "
-            f"{x['replicas']} replicas and only {x['up_hosts']} other host"
-            f"{'' if x['up_hosts'] == 1 else 's'} {'is' if x['up_hosts'] == 1 else 'are'} up "
-            f"(add a host, or lower the replicas)")
+    vols = ", ".join(f"{v['name']} ({v['replicas']} replicas)" for v in x["volumes"])
+    more = x["volume_count"] - len(x["volumes"])
+    n = x["hosts_counted"]
+    return (f"volume{'s' if x['volume_count'] > 1 else ''} {vols}{f' and {more} more' if more else ''} "
+            f"keep{'' if x['volume_count'] > 1 else 's'} more copies than the {n} other "
+            f"host{'' if n == 1 else 's'} in service (add a host, or lower the replicas)")
 
 
 def down_in_data_set(reg, cmap, vols: list[dict]) -> list[dict]:

@@ -197,7 +197,7 @@ def complete_volume_or_snapshot(ctx, param, incomplete: str) -> list[str]:
 
 def complete_host(ctx, param, incomplete: str) -> list[str]:
     """Host ids of the pool."""
-    return _complete(ctx, lambda reg: [h.id for h in reg.cluster_map().hosts], incomplete)
+    return _complete(ctx, lambda reg: reg.host_ids(), incomplete)
 
 
 # --- sandbox -------------------------------------------------------------------------
@@ -1274,7 +1274,35 @@ def completion(shell):
     from click.shell_completion import get_completion_class
 
     comp = get_completion_class(shell)(main, {}, "vbp", "_VBP_COMPLETE")
-    click.echo(comp.source())
+    source = comp.source()
+    if shell == "bash":
+        source = _bash_words(source)
+    click.echo(source)
+
+
+# bash splits COMP_WORDS at COMP_WORDBREAKS too, '@' among them: NAME@SNAP came to vbp as
+# three words and completed nothing. The words are taken from the line up to the cursor,
+# split at blanks only, and what bash replaces (the word's end after its last break
+# character) is what each completion leaves once that part of the word is taken off.
+_BASH_CLICK_CALL = ('    response=$(env COMP_WORDS="${COMP_WORDS[*]}" COMP_CWORD=$COMP_CWORD '
+                    '_VBP_COMPLETE=bash_complete $1)\n')
+_BASH_VBP_CALL = """    local line="${COMP_LINE:0:COMP_POINT}" keep="" i
+    local -a words
+    IFS=$' \\t' read -r -a words <<< "$line"
+    [[ ${#words[@]} -eq 0 || $line == *[[:space:]] ]] && words+=("")
+    local cur="${words[${#words[@]}-1]}"
+    for ((i = ${#cur} - 1; i >= 0; i--)); do
+        if [[ $COMP_WORDBREAKS == *"${cur:i:1}"* ]]; then keep="${cur:0:i}"; break; fi
+    done
+    response=$(env COMP_WORDS="${words[*]}" COMP_CWORD=$((${#words[@]} - 1)) _VBP_COMPLETE=bash_complete $1)
+"""
+
+
+def _bash_words(source: str) -> str:
+    if _BASH_CLICK_CALL not in source or "COMPREPLY+=($value)" not in source:
+        return source  # (another click: its own script, as it is)
+    return (source.replace(_BASH_CLICK_CALL, _BASH_VBP_CALL)
+            .replace("COMPREPLY+=($value)", 'COMPREPLY+=("${value#"$keep"}")'))
 
 
 @pool.command("scrub")

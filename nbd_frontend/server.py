@@ -132,7 +132,9 @@ MAX_CONNECTIONS = 1024
 # Connections from one client address at once (blockd: nbd_max_connections_per_address;
 # 0 there: half of nbd_max_connections): a client that opens connections and leaves them
 # idle (or sends a payload slowly) holds every slot otherwise, and every other client,
-# whatever its address, is refused. One more is closed as soon as it is accepted.
+# whatever its address, is refused. One more is closed as soon as it is accepted. Not
+# those from this host itself (vbp.sockets.same_host: a hypervisor beside blockd may hold
+# them all, as before the cap).
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
@@ -236,8 +238,8 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     disconnected (SEND_TIMEOUT).
     `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
     not given). `max_connections`: connections served at once; one more is closed at
-    once (MAX_CONNECTIONS). `max_per_address`: those from one client address (no limit
-    of its own without it).
+    once (MAX_CONNECTIONS). `max_per_address`: those from one client address, this
+    host's own excepted (no limit of its own without it).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -275,19 +277,23 @@ class _Slots:
         self.warned_at = -math.inf
 
 
-def _peer_address(stream) -> str:
+def _peer_address(stream) -> str | None:
+    """The client's address, or None for a client on this host (same_host) or one whose
+    address cannot be read: they count toward the whole only."""
     try:
+        if same_host(stream.socket):
+            return None
         return stream.socket.getpeername()[0]
     except (AttributeError, OSError, IndexError, TypeError):  # (gone already; not a socket)
-        return ""
+        return None
 
 
 async def _admit(handle, slots: _Slots, stream) -> None:
     """handle(stream), unless `slots` are all taken, or all those one address may take:
     then the connection is closed at once (the client sees it end before the greeting),
     and a warning says so, at most every REFUSED_LOG_EVERY seconds."""
-    address = _peer_address(stream)
-    mine = slots.by_address.get(address, 0)
+    address = _peer_address(stream) if slots.per_address < slots.limit else None
+    mine = slots.by_address.get(address, 0) if address is not None else 0
     if slots.taken >= slots.limit or mine >= slots.per_address:
         slots.refused += 1
         now = trio.current_time()
@@ -304,16 +310,18 @@ async def _admit(handle, slots: _Slots, stream) -> None:
         await trio.aclose_forcefully(stream)
         return
     slots.taken += 1
-    slots.by_address[address] = mine + 1
+    if address is not None:
+        slots.by_address[address] = mine + 1
     try:
         await handle(stream)
     finally:
         slots.taken -= 1
-        left = slots.by_address[address] - 1
-        if left:
-            slots.by_address[address] = left
-        else:
-            del slots.by_address[address]
+        if address is not None:
+            left = slots.by_address[address] - 1
+            if left:
+                slots.by_address[address] = left
+            else:
+                del slots.by_address[address]
 
 
 async def handle_connection(stream, provider: ExportProvider,

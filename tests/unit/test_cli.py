@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 import sys
@@ -645,6 +646,37 @@ def test_completion_completes_volume_snapshot_and_host_names(reg_url, vbp):
     assert ask("vbp volume show d", registry="lmdb:///nonexistent/registry") == []
 
 
+def test_bash_completes_name_at_snap_although_at_breaks_its_words(reg_url, vbp):
+    """bash splits COMP_WORDS at COMP_WORDBREAKS, '@' among them: `vbp volume delete
+    disk1@mo<TAB>` gave vbp the words disk1, @ and mo, and completed nothing; and bash
+    replaces only the word from the '@' on. The script's function, run as bash runs it
+    (COMP_LINE and COMP_POINT; COMP_WORDS as bash splits them), answers '@monday' there,
+    so that the line reads disk1@monday (checked by hand in an interactive bash)."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "a:1", "a:2"), 600)
+    vbp("volume", "create", "disk1", "--size", "1G", "--replicas", "1")
+    vbp("volume", "snapshot", "disk1", "monday")
+    script = vbp("completion", "bash").stdout
+
+    def tab(line: str, words: str) -> list[str]:
+        prog = (f'{script}\nCOMP_WORDBREAKS=$\' \\t\\n"\\\'><=;|&(:@\'\nCOMP_LINE={shlex.quote(line)}\n'
+                f'COMP_POINT=${{#COMP_LINE}}\nCOMP_WORDS=({words})\n'
+                f'COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))\n_vbp_completion vbp\n'
+                f'printf "%s\\n" "${{COMPREPLY[@]}}"\n')
+        p = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "VBP_REGISTRY": reg_url,
+                                "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"})
+        assert p.returncode == 0 and not p.stderr, p.stderr
+        return [x for x in p.stdout.splitlines() if x]
+
+    assert tab("vbp volume show di", "vbp volume show di") == ["disk1"]
+    assert tab("vbp volume delete disk1@mo", "vbp volume delete disk1 @mo") == ["@monday"]
+    assert tab("vbp volume delete disk1@", "vbp volume delete disk1 @") == ["@monday"]
+    assert tab("vbp volume delete ", "vbp volume delete ''") == ["disk1"]
+
+
 # --- pool scrub (the whole path with real hosts: tests/faults/test_scrub_faults.py) --------
 
 
@@ -985,11 +1017,13 @@ def test_a_drain_that_cannot_move_anything_says_why(reg_url, vbp):
     reg.set_data_set(0, ["h1", "h2", "h3"], None)
     vbp("volume", "create", "big", "--size", "1G", "--replicas", "3")
     vbp("volume", "create", "small", "--size", "1G", "--replicas", "2")
-    why = "volume big keeps 3 replicas and only 2 other hosts are up (add a host, or lower the replicas)"
+    why = ("volume big (3 replicas) keeps more copies than the 2 other hosts in service (add a "
+           "host, or lower the replicas)")
     r = vbp("host", "drain", "h3")
     assert r.stderr == f"note: host h3's chunks stay on it: {why}\n" and "host h3 is draining" in r.stdout
     assert js(vbp("pool", "status", "--json"))["data_set"]["drains_held"] == [
-        {"host": "h3", "up_hosts": 2, "replicas": 3, "volumes": ["big"], "volume_count": 1}]
+        {"host": "h3", "hosts_counted": 2, "volumes": [{"name": "big", "replicas": 3}],
+         "volume_count": 1}]
     assert f"warning: h3 is draining but its chunks stay on it: {why}" in vbp("pool", "status").stdout
     r = vbp("host", "drain", "h3", "--wait", "--timeout", "0.5", code=EXIT_ERROR)
     assert f"note: host h3's chunks stay on it: {why}" in r.stderr
@@ -997,6 +1031,33 @@ def test_a_drain_that_cannot_move_anything_says_why(reg_url, vbp):
     reg.register_host(HostRecord("h4", "a:1", "a:2", pod="p4", capacity=GiB), 600)
     assert vbp("host", "drain", "h3").stderr == ""
     assert js(vbp("pool", "status", "--json"))["data_set"]["drains_held"] == []
+    reg.close()
+
+
+def test_a_drain_is_held_as_the_controller_holds_it(reg_url, vbp):
+    """drains_held follows the controller's rule (wanted_data_set), not a count of its
+    own: a down host still in the data set counts when a volume has one replica (its
+    only copy may be there), so the drain goes on; without that volume it is held, and
+    each volume named says its own replicas."""
+    from control import api
+    from vbp.cluster import HostRecord
+    from vbp.registry.base import P_ALIVE
+    from vbp.registry.kv import Delete
+
+    reg = open_registry(reg_url)
+    for i in (1, 2, 3, 4):
+        reg.register_host(HostRecord(f"h{i}", "a:1", "a:2", pod=f"p{i}", capacity=GiB), 600)
+    reg.set_data_set(0, ["h1", "h2", "h3", "h4"], None)
+    for name, n in (("big", 3), ("pair", 3), ("one", 1)):
+        vbp("volume", "create", name, "--size", "1G", "--replicas", n)
+    reg.kv.txn([], [Delete(P_ALIVE + b"h3")])  # h3 down, still in the data set
+    reg.set_host_state("h4", "draining")
+    assert api.drains_held(reg.cluster_map(), reg.list_volumes()) == []  # h1, h2, h3: three
+    vbp("volume", "delete", "one")
+    [x] = api.drains_held(reg.cluster_map(), reg.list_volumes())
+    assert x["host"] == "h4" and x["hosts_counted"] == 2 and x["volume_count"] == 2
+    assert api.drain_held_reason(x).startswith(
+        "volumes big (3 replicas), pair (3 replicas) keep more copies than the 2 other hosts")
     reg.close()
 
 

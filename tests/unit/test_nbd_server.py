@@ -1814,12 +1814,26 @@ async def test_connections_past_max_connections_are_closed_at_once(provider, nur
         await x.aclose()
 
 
-async def test_connections_past_those_one_address_may_hold_are_closed_at_once(provider, nursery, caplog):
+async def test_connections_of_this_host_are_not_held_to_the_cap_of_an_address(provider, nursery):
+    """A hypervisor beside blockd (loopback, vbp.sockets.same_host) may take every
+    connection, as before the cap of one address."""
+    port = await nursery.start(functools.partial(server.serve_nbd, provider, "127.0.0.1", 0,
+                                                 max_connections=4, max_per_address=2))
+    clients = [await Client.connect(port) for _ in range(4)]
+    assert [await c.read(0, 2) for c in clients] == [b"\0\0"] * 4
+    for c in clients:
+        await c.aclose()
+
+
+async def test_connections_past_those_one_address_may_hold_are_closed_at_once(
+        provider, nursery, caplog, monkeypatch):
     """Past `max_per_address` connections from one client address (blockd:
     nbd_max_connections_per_address) a new one from it is closed at once, with a warning
     naming the address; a client of another address is still served, and once one of the
     first address's ends, it gets a new one. Without it, a client that opens every slot
-    and leaves them idle locks every other client out."""
+    and leaves them idle locks every other client out. (Loopback clients taken for
+    clients of other hosts: those of this host are not capped, test above.)"""
+    monkeypatch.setattr(server, "same_host", lambda sock: False)
     port = await nursery.start(functools.partial(server.serve_nbd, provider, "127.0.0.1", 0,
                                                  max_connections=4, max_per_address=2))
     a, b = await Client.connect(port), await Client.connect(port)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from blockd.sandbox import STATE_FILE, Sandbox, SandboxError, pid_alive, port_open, ports_free
 from control.cli import EXIT_ERROR, EXIT_USAGE
 from control.cli import main as vbp_main
-from vbp.errors import InvalidArgument
+from vbp.errors import BadValue, InvalidArgument
 
 
 # --- pid_alive ---------------------------------------------------------------------------
@@ -231,6 +231,22 @@ def test_up_refuses_bad_settings_before_saving_or_starting(tmp_path, setting, re
     assert r.exit_code == EXIT_USAGE, r.output
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: --set: ") and reason in r.stderr
     assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
+
+
+def test_a_saved_setting_gone_bad_is_the_state_files_fault_not_a_new_sets(tmp_path):
+    """A saved peer_secret_file removed since: an `up` with another, valid --set names the
+    state file (exit 1), as an `up` without one does; it was blamed on --set (bad usage)."""
+    secret = tmp_path / "peer.secret"
+    secret.write_text("x" * 32)
+    os.chmod(secret, 0o600)
+    sb = Sandbox(tmp_path / "sb")
+    h = {"id": "host1", "nbd_port": 20000, "peer_port": 20001}
+    sb._check_settings({"peer_secret_file": str(secret)}, {}, h, "8G", "lmdb:///x")
+    secret.unlink()
+    for new in ({}, {"lease_ttl": 5}):
+        with pytest.raises(InvalidArgument, match=f"{STATE_FILE} settings: key 'peer_secret_file'") as e:
+            sb._check_settings({"peer_secret_file": str(secret)}, new, h, "8G", "lmdb:///x")
+        assert not isinstance(e.value, BadValue)
 
 
 def test_settings_saved_before_are_checked_with_the_new_ones(tmp_path):

@@ -304,6 +304,12 @@ class Registry:
         if too_large is not None:
             raise too_large
 
+    def host_ids(self) -> list[str]:
+        """The ids of the hosts of the pool, read only (cluster_map may write: it publishes
+        a map that changed)."""
+        items, _ = self.kv.range(P_HOST)
+        return sorted(it.key[len(P_HOST):].decode() for it in items)
+
     def cluster_map(self) -> ClusterMap:
         for _ in range(CAS_ATTEMPTS):
             items, _rev = self.kv.range(P_CLUSTER)
