@@ -7,8 +7,8 @@ transactions short (one registry operation each) so no process holds the writer 
 
 LMDB forbids opening one environment twice in a process (closing either handle drops the
 other's POSIX locks), so environments are shared per process and path, and reopened in a
-forked child. TTL keys store an expiry time and read as absent once it has passed; the
-wall clock is the one of this machine, shared by every process using the directory.
+forked child. TTL keys store an expiry on the machine's boot clock, shared by every
+process using the directory, and read as absent once it has passed (vbp.registry.local).
 """
 
 from __future__ import annotations
@@ -119,13 +119,13 @@ class LmdbKV:
         self._check()
         try:
             with self._env.begin() as t:
-                return local.decode(key, t.get(key), time.time()), local.read_rev(t.get)
+                return local.decode(key, t.get(key), local.now()), local.read_rev(t.get)
         except lmdb.Error as e:
             raise self._fail("read", e) from None
 
     def range(self, prefix: bytes) -> tuple[list[Item], int]:
         self._check()
-        now = time.time()
+        at = local.now()
         out = []
         try:
             with self._env.begin() as t:
@@ -134,7 +134,7 @@ class LmdbKV:
                     for k, v in cur:
                         if not k.startswith(prefix):
                             break
-                        it = local.decode(k, v, now)
+                        it = local.decode(k, v, at)
                         if it is not None:
                             out.append(it)
                 return out, local.read_rev(t.get)

@@ -32,13 +32,13 @@ class MemoryKV:
     def get(self, key: bytes) -> tuple[Item | None, int]:
         with self._store.cond:
             d = self._store.data
-            return local.decode(key, d.get(key), time.time()), local.read_rev(d.get)
+            return local.decode(key, d.get(key), local.now()), local.read_rev(d.get)
 
     def range(self, prefix: bytes) -> tuple[list[Item], int]:
-        now = time.time()
+        at = local.now()
         with self._store.cond:
             d = self._store.data
-            items = [local.decode(k, v, now) for k, v in sorted(d.items()) if k.startswith(prefix)]
+            items = [local.decode(k, v, at) for k, v in sorted(d.items()) if k.startswith(prefix)]
             return [it for it in items if it is not None], local.read_rev(d.get)
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:

@@ -1,0 +1,127 @@
+"""TTL keys of the local registries (LMDB, memory) run on the machine's boot clock
+(vbp.registry.local): a step of the wall clock neither expires a live key nor keeps a
+dead one, and a key of another boot, or of the wall-clock format before, has run out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import msgpack
+import pytest
+
+from vbp.cluster import HostRecord
+from vbp.registry import local, open_registry
+from vbp.registry.kv import Put
+
+WALL = time.time
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def url(request, tmp_path):
+    if request.param == "memory":
+        return f"memory://clock-{uuid.uuid4().hex}"
+    return f"lmdb://{tmp_path / 'registry'}"
+
+
+@pytest.fixture
+def reg(url):
+    r = open_registry(url)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def boot_clock(monkeypatch):
+    """The boot clock, moved by hand: `boot_clock.ahead` seconds past the real one."""
+
+    class Clock:
+        ahead = 0.0
+
+        def __call__(self):
+            return time.clock_gettime(time.CLOCK_BOOTTIME) + self.ahead
+
+    c = Clock()
+    monkeypatch.setattr(local, "clock", c, raising=False)
+    return c
+
+
+def put_raw(kv, key: bytes, entry: list) -> None:
+    """Store `entry` as it is, past the KV's encoding (a store written by other code)."""
+    raw = msgpack.packb(entry, use_bin_type=True)
+    if hasattr(kv, "_env"):
+        with kv._env.begin(write=True) as t:
+            t.put(key, raw)
+    else:
+        kv._store.data[key] = raw
+
+
+@pytest.mark.parametrize("step", [7.0, 86400.0, -7.0, -86400.0])
+def test_a_wall_clock_step_moves_no_ttl_key(reg, boot_clock, monkeypatch, step):
+    kv = reg.kv
+    kv.txn([], [Put(b"vbp/t/alive", b"1", 5.0)])
+    monkeypatch.setattr(time, "time", lambda: WALL() + step)
+    assert kv.get(b"vbp/t/alive")[0] is not None
+    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/alive"]
+    assert kv.keep_alive(b"vbp/t/alive", 5.0)
+    boot_clock.ahead = 4.0
+    assert kv.get(b"vbp/t/alive")[0] is not None  # kept alive: 5 s from the refresh
+    boot_clock.ahead = 6.0
+    assert kv.get(b"vbp/t/alive")[0] is None  # run out on the boot clock, step or not
+    assert kv.range(b"vbp/t/")[0] == []
+    assert not kv.keep_alive(b"vbp/t/alive", 5.0)
+
+
+@pytest.mark.parametrize("step", [7.0, -30.0])
+def test_a_wall_clock_step_publishes_no_live_host_down(reg, boot_clock, monkeypatch, step):
+    """The fault the boot clock removes: with the wall clock, a forward step of 7 s
+    published live hosts down until their next heartbeat, and a backward step kept a
+    dead host up for as long as the step."""
+    for i in (1, 2):
+        reg.register_host(HostRecord(f"h{i}", f"127.0.0.1:{7000 + i}", f"127.0.0.1:{8000 + i}"),
+                          5.0)
+    epoch = reg.cluster_map().epoch
+    monkeypatch.setattr(time, "time", lambda: WALL() + step)
+    m = reg.cluster_map()
+    assert [m.host(h).state for h in ("h1", "h2")] == ["up", "up"] and m.epoch == epoch
+    boot_clock.ahead = 3.0
+    reg.heartbeat("h1", 5.0)
+    boot_clock.ahead = 5.5  # h2's last beat was 5.5 s ago, h1's 2.5
+    m = reg.cluster_map()
+    assert m.host("h1").state == "up" and m.host("h2").state == "down"
+
+
+def test_ttl_keys_of_another_boot_have_run_out(reg, monkeypatch):
+    kv = reg.kv
+    kv.txn([], [Put(b"vbp/t/alive", b"1", 3600.0), Put(b"vbp/t/forever", b"2")])
+    before = kv.get(b"vbp/t/alive")[0]
+    monkeypatch.setattr(local, "_boot", "another-boot", raising=False)
+    assert kv.get(b"vbp/t/alive")[0] is None
+    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/forever"]
+    assert not kv.keep_alive(b"vbp/t/alive", 30.0)
+    ok, rev = kv.txn([], [Put(b"vbp/t/alive", b"3", 30.0)])
+    item = kv.get(b"vbp/t/alive")[0]
+    assert item.value == b"3" and item.create_rev == rev > before.create_rev  # a new key
+    assert kv.keep_alive(b"vbp/t/alive", 30.0)
+
+
+def test_ttl_entries_of_the_wall_clock_format_have_run_out(reg):
+    """An entry written before the boot clock ([value, create_rev, mod_rev, expires] with
+    an expiry on the wall clock) reads as absent, without error; one without an expiry
+    reads as it was."""
+    kv = reg.kv
+    put_raw(kv, b"vbp/t/old-alive", [b"1", 1, 1, WALL() + 3600])
+    put_raw(kv, b"vbp/t/old-forever", [b"2", 1, 1, 0])
+    assert kv.get(b"vbp/t/old-alive")[0] is None
+    assert kv.get(b"vbp/t/old-forever")[0].value == b"2"
+    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/old-forever"]
+    assert not kv.keep_alive(b"vbp/t/old-alive", 30.0)
+    ok, _ = kv.txn([], [Put(b"vbp/t/old-alive", b"3", 30.0)])
+    assert ok and kv.get(b"vbp/t/old-alive")[0].value == b"3"
+
+
+def test_the_boot_id_is_the_kernels():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert local.boot_id() == f.read().strip()
+    assert local.now().boot == local.boot_id()
+    assert abs(local.clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
