@@ -2,7 +2,9 @@
 crash recovery after a reboot recorded it stale lost the writes it took since its last
 flush, so being the newest record does not make it the copy that holds every acknowledged
 write. The disk model of the simulation (MemoryChunkStore.crash) keeps, per page, old or
-new bytes; LoseUnsynced makes it keep the old ones everywhere.
+new bytes; LoseUnsynced makes it keep the old ones everywhere. The record's flag that says
+so (LACKS_EARLIER) is also set by a resync that cleared a copy's record and then found a
+generation it had not compared (the last test).
 
 Every test: replicas=3, min_size=2, one chunk with copies a, b, c, written through a
 gateway on a fourth host g."""
@@ -10,6 +12,7 @@ gateway on a fourth host g."""
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace as dc_replace
 from types import SimpleNamespace
 
@@ -19,8 +22,10 @@ import trio
 from vbp.errors import VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import LACKS_EARLIER
+from replicator.loss import last_current, stale_by_chunk
 from replicator.messages import LACKS_REV
 from replicator.recovery import Resync
+from replicator.replica import StaleCopy
 from tests.sim.harness import WALL_TTL, Sim, call, extents_bytes, run
 
 OLD, ACKED, FAILED = b"\x01" * 4096, b"\x11" * 4096, b"\x22" * 4096
@@ -221,6 +226,74 @@ def test_a_pool_with_a_host_of_an_older_revision_elects_as_that_host_does():
             left = stale(t)
             current = {h: data for h, data in on_copies(t, 4096).items() if h not in left}
             assert current and len(set(current.values())) == 1, (left, current)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+class _WhileClearing:
+    """A resync's registry that runs `hook` once while the resync clears a record: after
+    its last comparison, before the record is gone."""
+
+    def __init__(self, registry, hook):
+        self.registry = registry
+        self.hook = hook
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def clear_stale(self, *args):
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        return await self.registry.clear_stale(*args)
+
+
+def test_a_copy_a_resync_records_stale_again_for_a_missed_generation_is_not_elected():
+    """a is stale and resyncs from b. While it clears its record, a snapshot's first
+    write NEW reaches the copies: a refuses to make the generation from its stale base,
+    b and c take it; b and c are then recorded stale (a later failure). The clear wins
+    the race with the gateway's mark of a, so the resync records a stale again itself:
+    the newest record of the chunk, made after the write it misses. It carries
+    LACKS_EARLIER, and the election passes over a for b or c (one record newer than
+    theirs, below min_size), which hold NEW: every copy ends with it. Unflagged, a was
+    elected and b and c dropped NEW's generation as divergent."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await three_copies(nursery)
+            await acked_on_b_and_c(t)
+            t.faults.heal()
+            t.sim.sync_maps()
+            await trio.sleep(10)  # past the write window
+            head = t.sim.snapshot_now("v", "s0")
+            chain = t.sim.volume("v").chain
+            new = b"\x33" * 4096
+
+            async def new_generation_then_b_and_c_stale():
+                refused = []
+                for h in (t.a, t.b, t.c):  # (a gateway whose mark of a lands later)
+                    host = t.sim.hosts[h]
+                    try:
+                        host.replica.write("v", t.lin, 0, head, chain, 4096, new, t.rec.chunk_size,
+                                           0, False, host.cluster.epoch, t.gw.token)
+                    except StaleCopy:
+                        refused.append(h)
+                assert refused == [t.a]
+                t.sim.reg.mark_stale(t.lin, 0, [t.b, t.c], time.time_ns())
+
+            r_a = t.sim.hosts[t.a].resync
+            r_a.registry = _WhileClearing(r_a.registry, new_generation_then_b_and_c_stale)
+            await r_a.run_once()
+            assert stale(t) == {t.a, t.b, t.c} and stale(t, LACKS_EARLIER) == {t.a}
+            records = t.sim.reg.list_stale(t.lin)
+            assert max(records, key=lambda r: r.since).host_id == t.a  # the newest record
+            misses = stale_by_chunk(records, t.sim.reg.cluster_map())[(t.lin, 0)]
+            assert last_current((t.a, t.b, t.c), misses, 2) != t.a
+            await heal_and_resync(t)
+            view = t.sim.volume("v")
+            got = {h: t.sim.replica_bytes(t.sim.hosts[h], view, chain, 0)[4096:8192]
+                   for h in (t.a, t.b, t.c)}
+            assert got == {h: new for h in (t.a, t.b, t.c)}, got
             nursery.cancel_scope.cancel()
 
     run(main)
