@@ -2,7 +2,8 @@
 that come while blockd stops are read, not left pending for trio to raise again once its
 receiver closes (to the default handlers, in blockd: a SIGHUP or a second SIGTERM killed
 the process that had just stopped cleanly). Handlers of this test stand in for the
-default ones, so a signal raised again is seen, not fatal."""
+default ones, so a signal raised again is seen, not fatal. And a stop that comes while a
+real Blockd starts, its NBD frontend listening already, drains what that frontend took."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import signal
 import trio
 
 import blockd.service as service
+from blockd.config import Config
+from control import api
+from nbd_frontend import proto
+from tests.unit.test_nbd_server import Client
+from vbp.registry import open_registry
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -64,3 +70,65 @@ def test_signals_during_the_stop_are_read_and_not_raised_again(monkeypatch, capl
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+class HeldStart(service.Blockd):
+    """Blockd whose start waits, its NBD frontend listening already and its host
+    registered, at its first publication of its stats (a slow registry round trip) until
+    the stop cancels it: `listening` is set then."""
+
+    listening: trio.Event
+
+    async def publish_stats(self, *args, **kwargs):
+        if not self.listening.is_set():
+            self.listening.set()
+            await trio.sleep_forever()
+        return await super().publish_stats(*args, **kwargs)
+
+
+def test_a_stop_during_the_start_drains_what_the_listening_nbd_frontend_took(
+        tmp_path, monkeypatch, caplog):
+    """SIGTERM while blockd's start is past opening the NBD listener: a client connected
+    meanwhile, opened its export and has a write in flight (held back by the volume's
+    IOPS limit). The stop drains: the write is answered and the connection then ends,
+    blockd stops cleanly. Cancelling the start instead dropped the connection with the
+    write unanswered."""
+    cfg = Config(host_id="h1", data_dir=str(tmp_path / "h1"),
+                 registry=f"lmdb://{tmp_path / 'registry'}", listen="127.0.0.1:0",
+                 nbd="127.0.0.1:0", heartbeat_ttl=1.0, peer_timeout=1.0).validate()
+    with open_registry(cfg.registry) as reg:
+        api.create_volume(reg, "v", 8 << 20, replicas=1, chunk_size="1M")
+        api.set_limits(reg, "v", iops=1)  # (one write a second)
+    made: list[HeldStart] = []
+
+    def held_start(cfg):
+        made.append(HeldStart(cfg))
+        return made[-1]
+
+    monkeypatch.setattr(service, "Blockd", held_start)
+    got: dict = {}
+
+    async def main() -> None:
+        HeldStart.listening = trio.Event()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.run_until_signal, cfg)
+                await HeldStart.listening.wait()
+                c = await Client.connect(made[0].nbd_port, "v")
+                assert await c.write(0, b"\x01" * 4096, cookie=1) == 0
+                await c.request(proto.CMD_WRITE, 4096, 4096, b"\x02" * 4096, cookie=2)
+                os.kill(os.getpid(), signal.SIGTERM)
+                try:
+                    got["reply"] = (await c.reply())[:2]
+                    got["after"] = await c.stream.receive_some(1)  # (b"": the server closed)
+                except (EOFError, trio.BrokenResourceError) as e:
+                    got["reply"] = e
+                await c.aclose()
+
+    with caplog.at_level(logging.INFO, logger="vbp.blockd"):
+        trio.run(main)
+    assert got["reply"] == (2, 0), got
+    assert got["after"] == b""
+    assert "event=signal signal=SIGTERM: stopping the start" in caplog.text
+    assert "nothing served yet" not in caplog.text
+    assert "event=stopped" in caplog.text
