@@ -25,12 +25,12 @@ def gen_counter(lineage: str) -> str:
 
 def create_volume(reg, name: str, size, *, replicas: int = 3, min_size: int | None = None,
                   chunk_size=CHUNK_SIZE_DEFAULT) -> VolumeRecord:
+    """A new volume, in a new lineage whose first generation is its head (1). The
+    lineage's counter is created with the record, in one transaction (Registry.
+    create_volume): a create that fails leaves none behind."""
     rec = new_volume(name, parse_size(size), replicas=replicas, min_size=min_size,
                      chunk_size=parse_size(chunk_size))
-    head = reg.next_id(gen_counter(rec.lineage))
-    rec = new_volume(name, rec.size, replicas=replicas, min_size=min_size, chunk_size=rec.chunk_size,
-                     lineage=rec.lineage, head=head, now=rec.created)
-    reg.create_volume(name, rec.to_dict())
+    reg.create_volume(name, rec.to_dict(), counters={gen_counter(rec.lineage): rec.head})
     return rec
 
 

@@ -147,16 +147,19 @@ def test_a_volume_create_whose_answer_was_lost_is_checked_not_reported_failed(et
     """`vbp volume create` whose transaction committed with its answer lost said the
     registry was unavailable, and asked again, that the volume already exists: the create
     never looked whether its record is the one stored. A record is made once (its lineage
-    is new), so the record found there after an unknown outcome is this create's."""
+    is new), so the record found there after an unknown outcome is this create's, and so
+    are the counters made with it."""
     etcd_server.wipe()
     reg = open_registry(etcd_server.url)
     other = open_registry(etcd_server.url)
     try:
         _lose_txn_answers(reg)
-        reg.create_volume("v", {"lineage": "l1", "n": 1})
+        reg.create_volume("v", {"lineage": "l1", "n": 1}, counters={"gen/l1": 1})
         assert other.get_volume("v") == {"lineage": "l1", "n": 1}
+        assert other.next_id("gen/l1") == 2
         with pytest.raises(AlreadyExists):  # someone else's record there: not ours
-            reg.create_volume("v", {"lineage": "l2", "n": 1})
+            reg.create_volume("v", {"lineage": "l2", "n": 1}, counters={"gen/l2": 1})
+        assert other.next_id("gen/l2") == 1  # (none was made)
     finally:
         reg.close()
         other.close()

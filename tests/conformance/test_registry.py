@@ -23,7 +23,7 @@ from vbp.errors import (
     RegistryUnavailable,
 )
 from vbp.registry import Lease, StaleRecord, open_registry
-from vbp.registry.base import K_DATASET, P_STALE
+from vbp.registry.base import K_DATASET, P_STALE, Registry
 from vbp.registry.kv import Put
 
 from .conftest import free_port
@@ -872,6 +872,102 @@ def test_a_volume_created_from_another_checks_it_in_the_same_transaction(reg):
     assert seen == [["s"], []]
     with pytest.raises(NotFound):
         reg.get_volume("d")
+
+
+def _counters(reg) -> dict[str, int]:
+    """The id counters stored: counter name -> last id handed out."""
+    items, _ = reg.kv.range(b"vbp/ctr/")
+    return {it.key[len(b"vbp/ctr/"):].decode(): msgpack.unpackb(it.value) for it in items}
+
+
+def test_a_volume_and_its_counters_are_created_together_or_not_at_all(reg):
+    """A new lineage's generation counter is created in the create's transaction: a
+    create refused (the name taken, or the counter there already) leaves none behind and
+    changes none. It was drawn (next_id) before the create, and stayed when that failed."""
+    reg.create_volume("a", {"name": "a", "lineage": "L1"}, counters={"gen/L1": 1})
+    assert _counters(reg) == {"gen/L1": 1}
+    assert reg.next_id("gen/L1") == 2  # (the counter holds the last one handed out)
+    with pytest.raises(AlreadyExists, match="volume a already exists"):
+        reg.create_volume("a", {"name": "a", "lineage": "L2"}, counters={"gen/L2": 1})
+    with pytest.raises(AlreadyExists, match="counter gen/L1"):
+        reg.create_volume("b", {"name": "b", "lineage": "L1"}, counters={"gen/L1": 1})
+    assert _counters(reg) == {"gen/L1": 2}
+    assert reg.list_volumes() == [{"name": "a", "lineage": "L1"}]
+
+
+def test_the_last_delete_of_a_lineage_removes_its_generation_counter(reg):
+    """A lineage's generation counter goes with its last volume (a clone left keeps it),
+    and so does the counter of a lineage that never had one (a create that failed after
+    drawing it, before the counter was made with the record). Other counters stay. The
+    counters here are drawn with next_id, as they were before they were made with the
+    record."""
+    for name, lineage in (("p", "L1"), ("c", "L1"), ("x", "L2")):
+        reg.next_id(f"gen/{lineage}")
+        reg.create_volume(name, {"name": name, "lineage": lineage})
+    reg.next_id("gen/L9")  # (its volume's create failed)
+    reg.next_id("scrub")
+    reg.next_id("gen")  # (not a lineage's: no `gen/`)
+    assert set(_counters(reg)) == {"gen/L1", "gen/L2", "gen/L9", "scrub", "gen"}
+    reg.delete_volume("p")
+    assert _counters(reg) == {"gen/L1": 2, "gen/L2": 1, "scrub": 1, "gen": 1}
+    reg.delete_volume("c")
+    assert _counters(reg) == {"gen/L2": 1, "scrub": 1, "gen": 1}
+    reg.delete_volume("x")
+    assert _counters(reg) == {"scrub": 1, "gen": 1}
+
+
+class _AfterRange:
+    """A KV that calls `after(prefix)` after each range it answers (a registry call's
+    reads with other calls between them)."""
+
+    def __init__(self, kv, after):
+        self.kv, self.after = kv, after
+        self.url = kv.url
+
+    def range(self, prefix):
+        out = self.kv.range(prefix)
+        self.after(prefix)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+
+def test_a_delete_keeps_the_counter_of_a_volume_created_while_it_sweeps(reg):
+    """The sweep after a delete reads the counters, then the volumes: a volume created
+    between or after the reads has its record in the second, or its counter was not in
+    the first (made with the record). Read the other way round, the counter of one
+    created between them was found with no volume and removed, and its lineage handed
+    out its generations again. Here a volume is created after every read."""
+    reg.create_volume("old", {"name": "old", "lineage": "L0"}, counters={"gen/L0": 1})
+    made: list = []
+
+    def create(prefix):
+        lineage = f"N{len(made)}"
+        made.append(prefix)
+        reg.create_volume(lineage, {"name": lineage, "lineage": lineage}, counters={f"gen/{lineage}": 1})
+
+    Registry(_AfterRange(reg.kv, create)).delete_volume("old")
+    assert len(made) >= 2 and b"vbp/vol/" in made  # (a create after each read of the sweep)
+    assert _counters(reg) == {f"gen/N{i}": 1 for i in range(len(made))}  # L0's gone
+
+
+def test_a_delete_keeps_a_counter_drawn_from_while_it_sweeps(reg):
+    """A counter drawn from between the sweep's reads (a clone or a snapshot that read
+    the lineage's volume before the delete, refused at its commit) is kept: its removal
+    compares the revision read. The next delete removes it."""
+    reg.create_volume("old", {"name": "old", "lineage": "L0"}, counters={"gen/L0": 1})
+    reg.create_volume("other", {"name": "other", "lineage": "L1"}, counters={"gen/L1": 1})
+    drawn: list = []
+
+    def draw(prefix):
+        if prefix == b"vbp/vol/" and not drawn:
+            drawn.append(reg.next_id("gen/L0"))
+
+    Registry(_AfterRange(reg.kv, draw)).delete_volume("old")
+    assert drawn == [2] and _counters(reg) == {"gen/L0": 2, "gen/L1": 1}
+    reg.delete_volume("other")
+    assert _counters(reg) == {}
 
 
 def test_a_lease_handed_back_without_its_takeovers_reconcile_is_still_a_takeover(reg):

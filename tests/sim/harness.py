@@ -372,10 +372,9 @@ class Sim:
         """control.api.create_volume with a seeded lineage: the API draws it from uuid4,
         which would make placement (keyed by lineage) differ on every replay."""
         lineage = next(self._lineages)
-        head = self.reg.next_id(api.gen_counter(lineage))
         rec = new_volume(name, size, replicas=replicas, min_size=min_size, chunk_size=chunk_size,
-                         lineage=lineage, head=head, now=0.0)
-        self.reg.create_volume(name, rec.to_dict())
+                         lineage=lineage, now=0.0)
+        self.reg.create_volume(name, rec.to_dict(), counters={api.gen_counter(lineage): rec.head})
         return rec
 
     async def snapshot(self, name: str, snap: str, timeout: float = 30.0) -> VolumeRecord:

@@ -717,3 +717,50 @@ def test_a_delete_whose_loss_sweep_fails_still_says_the_volume_is_deleted():
     assert reg.get_losses(rec.lineage) is not None  # left behind ...
     api.delete_volume(reg, "x")
     assert reg.get_losses(rec.lineage) is None  # ... until the next delete
+
+
+def gen_counters(reg) -> dict[str, int]:
+    """lineage -> its generation counter (the last generation handed out)."""
+    prefix = b"vbp/ctr/" + api.gen_counter("").encode()
+    items, _ = reg.kv.range(prefix)
+    return {it.key[len(prefix):].decode(): msgpack.unpackb(it.value) for it in items}
+
+
+def test_a_create_that_fails_leaves_no_generation_counter():
+    """`vbp volume create` of a name in use drew a new lineage's first generation
+    (next_id) before its create was refused: a counter key left behind for good, one a
+    failed create. The counter is now made with the record, or not at all."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    rec = api.create_volume(reg, "v", MiB, replicas=1)
+    assert gen_counters(reg) == {rec.lineage: 1}
+    for _ in range(3):
+        with pytest.raises(AlreadyExists):
+            api.create_volume(reg, "v", MiB, replicas=1)
+    assert gen_counters(reg) == {rec.lineage: 1}
+    assert api.snapshot(reg, "v", "s", timeout=5).head == 2  # (it counts on from the head)
+
+
+def test_generations_grow_through_snapshots_and_clones_and_the_counter_goes_with_the_lineage():
+    """create, snapshot, clone, snapshot both, delete the parent, snapshot the clone:
+    every head is a generation the lineage never handed out before. The lineage's
+    counter stays while one of its volumes does (here the clone), and goes with the
+    last one; a new volume starts a lineage of its own at 1."""
+    reg = open_registry(f"memory://api-{next(_n)}")
+    v = api.create_volume(reg, "v", MiB, replicas=1)
+    heads = [v.head]
+    heads.append(api.snapshot(reg, "v", "s1", timeout=5).head)
+    heads.append(api.clone(reg, "v@s1", "c").head)
+    heads.append(api.snapshot(reg, "c", "s2", timeout=5).head)
+    heads.append(api.snapshot(reg, "v", "s3", timeout=5).head)
+    api.delete_volume(reg, "v")
+    assert gen_counters(reg) == {v.lineage: heads[-1]}  # the clone is left
+    heads.append(api.snapshot(reg, "c", "s4", timeout=5).head)
+    heads.append(api.clone(reg, "c@s4", "d").head)
+    assert heads == [1, 2, 3, 4, 5, 6, 7]
+    assert api.get_volume(reg, "d").lineage == v.lineage
+    api.delete_volume(reg, "c")
+    assert gen_counters(reg) == {v.lineage: 7}  # d is left
+    api.delete_volume(reg, "d")
+    assert gen_counters(reg) == {}
+    w = api.create_volume(reg, "v", MiB, replicas=1)
+    assert w.head == 1 and w.lineage != v.lineage and gen_counters(reg) == {w.lineage: 1}

@@ -12,7 +12,10 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
                              as placement weighs them (vbp.cluster.ClusterMap.places)
     vbp/scanned/<host>       the data-set generation whose scan the host finished
     vbp/vol/<name>           a volume record (a msgpack-able dict owned by vbp.volume)
-    vbp/ctr/<name>           an id counter
+    vbp/ctr/<name>           an id counter: the last id handed out (next_id)
+    vbp/ctr/gen/<lineage>    the lineage's generation counter: created with its first
+                             volume's record (create_volume), removed with its last
+                             volume (_forget_lineages)
     vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
     vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
     vbp/loss/<lineage>       {"losses": [...]}: chunks of the lineage an operator gave up
@@ -74,6 +77,7 @@ K_DATASET = b"vbp/cluster/dataset"  # {"hosts", "prev", "gen", "weights", ..., "
 P_SCANNED = b"vbp/scanned/"  # <host> -> the data-set generation whose scan it finished
 P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
+P_CTR_GEN = b"vbp/ctr/gen/"  # <lineage> -> the last generation handed out (control.api.gen_counter)
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
 # put by every mark_stale that creates a record: a change of data set completes only if its
@@ -528,15 +532,32 @@ class Registry:
 
     # --- volumes -------------------------------------------------------------------------
 
-    def create_volume(self, name: str, record: dict) -> None:
+    def create_volume(self, name: str, record: dict, counters: dict[str, int] | None = None) -> None:
+        """Create volume `name` with `record`. `counters` ({counter name: value}, as
+        next_id names and counts them) are created in the same transaction, each only if
+        absent: a new lineage's generation counter at the head its record names. Drawn
+        before the create (next_id), a counter stayed when the create failed; and made
+        apart from the record, a delete's sweep (_forget_lineages) could take it between
+        the two, leaving the volume's lineage to count from 1 again. AlreadyExists, with
+        nothing written, when the name is taken or a counter exists."""
         key = P_VOL + _name("volume name", name)
         value = sized(f"volume {name} record", record, SNAPSHOTS_HINT)
+        ckeys = {P_CTR + _name("counter name", c): n for c, n in (counters or {}).items()}
+        cmps = [Cmp(key, "mod", 0)] + [Cmp(k, "mod", 0) for k in ckeys]
+        ops = [Put(key, value), Put(K_VOL_SEQ, b"")] + [Put(k, _pack(n)) for k, n in ckeys.items()]
         try:
-            ok, _ = self.kv.txn([Cmp(key, "mod", 0)], [Put(key, value), Put(K_VOL_SEQ, b"")])
+            ok, _ = self.kv.txn(cmps, ops)
         except RegistryUnavailable as e:
+            # (the record and its counters are written together or not at all: the record
+            # found there is this create's, counters included)
             ok = self._made_by_us(key, value, e)
-        if not ok:
-            raise AlreadyExists(f"volume {name} already exists")
+        if ok:
+            return
+        taken = [k for k in ckeys if self.kv.get(k)[0] is not None]
+        if taken and self.kv.get(key)[0] is None:
+            raise AlreadyExists(f"volume {name}: counter {taken[0][len(P_CTR):].decode()} "
+                                f"already exists (its lineage is another volume's)")
+        raise AlreadyExists(f"volume {name} already exists")
 
     def _made_by_us(self, key: bytes, value: bytes, failure: RegistryUnavailable) -> bool:
         """After a create's txn failed, maybe with an unknown outcome (etcd: committed,
@@ -636,11 +657,11 @@ class Registry:
         raise self._contended(f"update volume {name}")
 
     def delete_volume(self, name: str, unless_leased: bool = False) -> None:
-        """Delete the volume's record; the loss record of a lineage left with no volume
-        goes too (_forget_lineages), or, the registry failing for that step, at a later
-        delete. `unless_leased`: InUse while its write lease is live, judged in the same
-        transaction (the lease record compared), so a lease taken after a caller's own
-        check cannot be deleted under."""
+        """Delete the volume's record; the loss record and the generation counter of a
+        lineage left with no volume go too (_forget_lineages), or, the registry failing
+        for that step, at a later delete. `unless_leased`: InUse while its write lease is
+        live, judged in the same transaction (the lease record compared), so a lease taken
+        after a caller's own check cannot be deleted under."""
         key = P_VOL + _name("volume name", name)
         lkey = P_LEASE + _name("volume name", name)
         for _ in range(CAS_ATTEMPTS):
@@ -715,21 +736,40 @@ class Registry:
         return out
 
     def _forget_lineages(self) -> None:
-        """Remove the loss records of lineages no volume is left in. Read after the
-        delete, that is final: nothing can join such a lineage again (a clone is made
-        only while its parent's record is there, create_from), and accept-loss writes a
-        lineage's record only while the volume it names is unchanged. Every lineage
-        without volumes, not only the one just left: one whose last delete stopped
-        before this step goes at the next delete."""
-        items, _ = self.kv.range(P_LOSS)
-        if not items:
+        """Remove the loss records and the generation counters (vbp/ctr/gen/<lineage>) of
+        lineages no volume is left in. Read after the delete, that is final: nothing can
+        join such a lineage again (a clone is made only while its parent's record is
+        there, create_from; a new volume makes a new lineage, its counter created with its
+        record, create_volume), and accept-loss writes a lineage's record only while the
+        volume it names is unchanged. Every lineage without volumes, not only the one just
+        left: one whose last delete stopped before this step goes at the next delete.
+
+        Order: the records to remove are read before the volumes. A volume created between
+        the two reads has its record in the second (kept), and one created after both had
+        no counter in the first (a new lineage's counter is made with its record, in one
+        transaction): read the other way round, its counter would be found with no volume
+        and removed, and its lineage would hand out generation 1 again. Each removal
+        compares the key's revision as read: a counter drawn from meanwhile, or made again
+        after (by a clone or a snapshot that read a volume of the lineage before its
+        delete, and is refused at its commit, the volume gone), stays until a later
+        delete. Only `gen/` counters: the others (scrub) belong to no lineage."""
+        losses, _ = self.kv.range(P_LOSS)
+        gens, _ = self.kv.range(P_CTR_GEN)
+        if not losses and not gens:
             return
         live = {_unpack(it.value).get("lineage") for it in self.kv.range(P_VOL)[0]}
-        for it in items:
-            if it.key[len(P_LOSS):].decode() not in live:
-                self.kv.txn([Cmp(it.key, "mod", it.mod_rev)], [Delete(it.key)])
+        for prefix, items in ((P_LOSS, losses), (P_CTR_GEN, gens)):
+            for it in items:
+                if it.key[len(prefix):].decode() not in live:
+                    self.kv.txn([Cmp(it.key, "mod", it.mod_rev)], [Delete(it.key)])
 
     def next_id(self, counter: str) -> int:
+        """The counter's next id (1 for a counter not there yet), stored as its last.
+        A lineage's generation counter is drawn from only for a volume of the lineage
+        read before (a snapshot, a shrink, a clone, each refused if that volume is gone
+        when it commits): a new lineage's counter is created with its first record
+        (create_volume), since a delete removes the counters of lineages with no volume
+        (_forget_lineages)."""
         key = P_CTR + _name("counter name", counter)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
