@@ -49,6 +49,16 @@ PERIOD_MIN = {"heartbeat_ttl": 0.5, "lease_ttl": 0.5, "peer_timeout": 0.5, "gc_i
 ZERO_MEANS = {"scrub_interval": "off", "down_out_interval": "at once"}
 
 
+class SettingError(InvalidArgument):
+    """A setting refused, its message led by where the value came from: `source`, a
+    file, a flag (`flag --capacity`) or whatever the caller named (the sandbox's
+    "--set"). A caller tells its sources apart by `source`, never by the message."""
+
+    def __init__(self, source: str, message: str):
+        super().__init__(f"{source}: {message}")
+        self.source = source
+
+
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = str(text).rpartition(":")
     if not sep or not host:
@@ -147,71 +157,71 @@ class Config:
 
         for key in ("host_id", "data_dir", "registry"):
             if not getattr(self, key):
-                raise InvalidArgument(f"{source}: {key.replace('_', '-')} is required")
+                raise SettingError(source, f"{key.replace('_', '-')} is required")
         # names that go into registry keys, failure domains (zone/pod/host), log lines and
         # tables: the rule of volume names (a newline in one forged a log line)
         for key in ("host_id", "zone", "pod", "cluster"):
             try:
                 check_name(getattr(self, key), key.removesuffix("_id"))
             except InvalidArgument as e:
-                raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
+                raise SettingError(where(key), f"key {key!r}: {e}") from None
         for key in ("listen", "nbd"):
             try:
                 host, _ = parse_hostport(getattr(self, key), key)
                 _advertised(host, key)
             except InvalidArgument as e:
-                raise InvalidArgument(f"{where(key)}: key {key!r}: {e}") from None
+                raise SettingError(where(key), f"key {key!r}: {e}") from None
         if self.listen == self.nbd and not self.listen.endswith(":0"):
-            raise InvalidArgument(f"{where('nbd')}: keys 'listen' and 'nbd' are the same "
-                                  f"address, {self.nbd}: the peer protocol and NBD need a "
-                                  "port each")
+            raise SettingError(where('nbd'), f"keys 'listen' and 'nbd' are the same "
+                               f"address, {self.nbd}: the peer protocol and NBD need a "
+                               "port each")
         try:
             refuse_in_process(self.registry)
         except InvalidArgument as e:
-            raise InvalidArgument(f"{where('registry')}: key 'registry': {e}") from None
+            raise SettingError(where('registry'), f"key 'registry': {e}") from None
         lmdb_dir = self.registry[len("lmdb://"):] if self.registry.startswith("lmdb://") else ""
         for key, path in (("data_dir", self.data_dir), ("registry", lmdb_dir)):
             blocker = _not_a_directory(path) if path else None
             if blocker:
-                raise InvalidArgument(f"{where(key)}: key {key!r}: {blocker} is not a directory")
+                raise SettingError(where(key), f"key {key!r}: {blocker} is not a directory")
         if not 0 < self.capacity <= CAPACITY_MAX:
-            raise InvalidArgument(f"{where('capacity')}: key 'capacity': must be greater than zero and at "
-                                  f"most {format_size(CAPACITY_MAX)}")
+            raise SettingError(where('capacity'), f"key 'capacity': must be greater than zero and at "
+                               f"most {format_size(CAPACITY_MAX)}")
         if self.capacity < CHUNK_SIZE_MIN:  # (a TOML integer is bytes: capacity = 5 is 5 bytes)
-            raise InvalidArgument(f"{where('capacity')}: key 'capacity': {self.capacity} bytes "
-                                  f"is less than the smallest chunk, "
-                                  f"{format_size(CHUNK_SIZE_MIN)} (a size: \"100G\")")
+            raise SettingError(where('capacity'), f"key 'capacity': {self.capacity} bytes "
+                               f"is less than the smallest chunk, "
+                               f"{format_size(CHUNK_SIZE_MIN)} (a size: \"100G\")")
         for key, least in PERIOD_MIN.items():
             v = getattr(self, key)
             if not math.isfinite(v) or v <= 0:
-                raise InvalidArgument(f"{source}: key {key!r}: must be a positive finite number of seconds")
+                raise SettingError(source, f"key {key!r}: must be a positive finite number of seconds")
             if v < least:
-                raise InvalidArgument(f"{source}: key {key!r}: must be at least {least:g} "
-                                      f"seconds")
+                raise SettingError(source, f"key {key!r}: must be at least {least:g} "
+                                   f"seconds")
             if v > PERIOD_MAX:
-                raise InvalidArgument(f"{source}: key {key!r}: must be at most {PERIOD_MAX:.0f} "
-                                      f"seconds (a day)")
+                raise SettingError(source, f"key {key!r}: must be at most {PERIOD_MAX:.0f} "
+                                   f"seconds (a day)")
         for key, zero in ZERO_MEANS.items():
             v = getattr(self, key)
             if not math.isfinite(v) or v < 0:
-                raise InvalidArgument(f"{source}: key {key!r}: must be a finite number of "
-                                      f"seconds, 0 ({zero}) or more")
+                raise SettingError(source, f"key {key!r}: must be a finite number of "
+                                   f"seconds, 0 ({zero}) or more")
         if not 0 < self.full_ratio <= 1:
-            raise InvalidArgument(f"{source}: key 'full_ratio': must be above 0 and at most 1")
+            raise SettingError(source, "key 'full_ratio': must be above 0 and at most 1")
         if self.nearfull_ratio is None:
             self.nearfull_ratio = min(NEARFULL_RATIO, self.full_ratio)
         if not 0 < self.nearfull_ratio <= self.full_ratio:
-            raise InvalidArgument(f"{source}: key 'nearfull_ratio': must be above 0 and at most "
-                                  f"full_ratio ({self.full_ratio})")
+            raise SettingError(source, f"key 'nearfull_ratio': must be above 0 and at most "
+                               f"full_ratio ({self.full_ratio})")
         if self.scrub_rate < 0:
-            raise InvalidArgument(f"{source}: key 'scrub_rate': must be 0 (unlimited) or more")
+            raise SettingError(source, "key 'scrub_rate': must be 0 (unlimited) or more")
         for key, (low, high, _) in COUNTS.items():
             if not low <= getattr(self, key) <= high:
-                raise InvalidArgument(f"{source}: key {key!r}: must be from {low} to {high}")
+                raise SettingError(source, f"key {key!r}: must be from {low} to {high}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise InvalidArgument(f"{where('log_level')}: key 'log_level': must be debug, info, warning or error")
+            raise SettingError(where('log_level'), "key 'log_level': must be debug, info, warning or error")
         if self.log_format not in ("kv", "json"):
-            raise InvalidArgument(f"{where('log_format')}: key 'log_format': must be kv or json")
+            raise SettingError(where('log_format'), "key 'log_format': must be kv or json")
         if self.peer_tcp_congestion is None:  # (a default that never stops a start)
             self.peer_tcp_congestion = _usable_or_system(PEER_CONGESTION)
         for key in ("peer_tcp_congestion", "nbd_tcp_congestion"):
@@ -219,7 +229,7 @@ class Config:
                 continue  # (its default, resolved by nbd_congestion; no name of the kernel's)
             problem = congestion_problem(getattr(self, key))
             if problem:
-                raise InvalidArgument(f"{source}: key {key!r}: {problem}")
+                raise SettingError(source, f"key {key!r}: {problem}")
         self.tls_context(source)  # (refused now, not at the first client)
         self.peer_secret(where("peer_secret_file"))  # (likewise)
         return self
@@ -241,17 +251,17 @@ class Config:
                 mode = os.fstat(f.fileno()).st_mode
                 secret = f.read(PEER_SECRET_MAX + 1)
         except OSError as e:
-            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: "
-                                  f"{e.strerror or e}") from None
+            raise SettingError(source, f"key 'peer_secret_file': {path}: "
+                               f"{e.strerror or e}") from None
         if not stat.S_ISREG(mode):
-            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path}: not a file")
+            raise SettingError(source, f"key 'peer_secret_file': {path}: not a file")
         if mode & 0o077:
-            raise InvalidArgument(f"{source}: key 'peer_secret_file': {path} may be read by "
-                                  f"other users (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+            raise SettingError(source, f"key 'peer_secret_file': {path} may be read by "
+                               f"other users (mode {stat.S_IMODE(mode):o}): chmod 600 it")
         secret = secret.rstrip(b"\r\n")
         if not PEER_SECRET_MIN <= len(secret) <= PEER_SECRET_MAX:
-            raise InvalidArgument(
-                f"{source}: key 'peer_secret_file': {path} holds {len(secret)} bytes; a "
+            raise SettingError(
+                source, f"key 'peer_secret_file': {path} holds {len(secret)} bytes; a "
                 f"secret takes {PEER_SECRET_MIN} to {PEER_SECRET_MAX} (e.g. `head -c 32 "
                 f"/dev/urandom | base64 > {path}`)")
         return secret
@@ -271,23 +281,23 @@ class Config:
         """The NBD port's ssl.SSLContext, None with nbd_tls off; InvalidArgument naming
         the key when the settings do not go together or a file does not load."""
         if self.nbd_tls not in TLS_MODES:
-            raise InvalidArgument(f"{source}: key 'nbd_tls': must be off, on or require, "
-                                  f"not {self.nbd_tls!r}")
+            raise SettingError(source, "key 'nbd_tls': must be off, on or require, "
+                               f"not {self.nbd_tls!r}")
         if self.nbd_tls == "off":
             for key in ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca"):
                 if getattr(self, key):  # (a certificate given and no TLS: not silently)
-                    raise InvalidArgument(f"{source}: key {key!r}: set, but nbd_tls is "
-                                          "off: set nbd_tls to on or require, or remove it")
+                    raise SettingError(source, f"key {key!r}: set, but nbd_tls is "
+                                       "off: set nbd_tls to on or require, or remove it")
             return None
         try:
             ctx = server_context(self.nbd_tls_cert, self.nbd_tls_key, self.nbd_tls_ca)
         except TLSConfigError as e:
-            raise InvalidArgument(f"{source}: key 'nbd_tls_{e.which}': {e} "
-                                  f"(nbd_tls is {self.nbd_tls})") from None
+            raise SettingError(source, f"key 'nbd_tls_{e.which}': {e} "
+                               f"(nbd_tls is {self.nbd_tls})") from None
         try:  # (the mode is known and there is a context: only a CA can be refused here)
             check_tls(self.nbd_tls, ctx)
         except ValueError as e:
-            raise InvalidArgument(f"{source}: key 'nbd_tls_ca': {e}") from None
+            raise SettingError(source, f"key 'nbd_tls_ca': {e}") from None
         return ctx
 
 
@@ -318,7 +328,7 @@ def _coerce(key: str, value, source: str):
     kind = _TYPES[key]
 
     def bad(reason: str):
-        return InvalidArgument(f"{source}: key {key!r}: bad value {value!r} ({reason})")
+        return SettingError(source, f"key {key!r}: bad value {value!r} ({reason})")
 
     if key in ("capacity", "recovery_rate", "scrub_rate"):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -389,7 +399,7 @@ def coerce_setting(raw_key: str, value, source: str):
     against the others: Config.validate does that); its value in Config."""
     key = raw_key.replace("-", "_")
     if key not in _TYPES:
-        raise InvalidArgument(f"{source}: unknown key {raw_key!r}")
+        raise SettingError(source, f"unknown key {raw_key!r}")
     return _coerce(key, value, source)
 
 
@@ -406,7 +416,7 @@ def from_settings(data: dict, overrides: dict, source: str) -> Config:
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key in given:  # (TOML refuses a key twice, but not its two spellings)
-            raise InvalidArgument(f"{source}: key {raw_key!r} is key {given[key]!r} again")
+            raise SettingError(source, f"key {raw_key!r} is key {given[key]!r} again")
         given[key] = raw_key
         setattr(cfg, key, coerce_setting(raw_key, value, source))
     flagged = set()

@@ -22,13 +22,14 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blockd.config import coerce_setting, from_settings, parse_hostport
+from blockd.config import SettingError, coerce_setting, from_settings, parse_hostport
 from vbp.errors import BadValue, InvalidArgument, VbpError
 
 STATE_FILE = "sandbox.json"
 # blockd settings each host gets from the sandbox as flags (Sandbox._flags), which win over
 # its blockd.toml: a --set of one would be silently ignored
 SPAWN_KEYS = ("host_id", "data_dir", "registry", "listen", "nbd", "capacity", "zone", "pod")
+SET = "--set"  # the source of `up --set` settings, as their errors name it (SettingError)
 DEFAULT_BASE_PORT = 10809
 DEFAULT_CAPACITY = "8G"
 
@@ -239,15 +240,14 @@ class Sandbox:
         checked as host `h` reads them: its blockd.toml (_config_text) under its flags.
         A --set the command line gave is bad usage (BadValue: exit 2, as an unknown key
         is); the saved settings, checked alone first, are the state file's (InvalidArgument,
-        naming it: a file they name that is gone since, say)."""
+        naming it: a file they name that is gone since, say), and a flag's (--capacity)
+        stays the flag's. Which is which is the SettingError's source."""
         if new and saved:
             self._check_merged(saved, {}, h, capacity, registry, n)
         try:
             self._check_merged(saved, new, h, capacity, registry, n)
-        except BadValue:
-            raise
-        except InvalidArgument as e:
-            if new and str(e).startswith("--set: "):
+        except SettingError as e:
+            if new and e.source == SET:
                 raise BadValue(str(e)) from None
             raise
 
@@ -256,26 +256,26 @@ class Sandbox:
         file = f"{self.dir / STATE_FILE} settings"
         merged = {**saved, **new}
         for key, value in merged.items():
-            source = "--set" if key in new else file
+            source = SET if key in new else file
             if key.replace("-", "_") in SPAWN_KEYS:
                 flag = {"capacity": "; use --capacity", "registry": "; use --registry"}.get(key, "")
-                raise InvalidArgument(f"{source}: key {key!r}: the sandbox sets it for each "
-                                      f"host{flag}")
+                raise SettingError(source, f"key {key!r}: the sandbox sets it for each "
+                                   f"host{flag}")
             try:
                 (parsed,) = tomllib.loads(_config_text({key: value})).values()
             except ValueError:
-                raise InvalidArgument(f"{source}: key {key!r}: bad value {json.dumps(value)} "
-                                      f"(not a TOML value)") from None
+                raise SettingError(source, f"key {key!r}: bad value {json.dumps(value)} "
+                                   f"(not a TOML value)") from None
             coerce_setting(key, parsed, source)
             if key.replace("-", "_") == "metrics" and parsed and n > 1 \
                     and parse_hostport(parsed, "metrics")[1] != 0:
                 # every host gets the setting: one port cannot be every host's
-                raise InvalidArgument(f"{source}: key {key!r}: {parsed} would be the metrics "
-                                      f"address of each of the {n} hosts; give port 0 (each "
-                                      f"host picks one) or run one host")
+                raise SettingError(source, f"key {key!r}: {parsed} would be the metrics "
+                                   f"address of each of the {n} hosts; give port 0 (each "
+                                   f"host picks one) or run one host")
         # and together (nearfull_ratio at most full_ratio, TLS keys), with the flags
         from_settings(tomllib.loads(_config_text(merged)), self._flags(h, capacity, registry),
-                      "--set" if new else file)
+                      SET if new else file)
 
     def _flags(self, h: dict, capacity: str, registry: str) -> dict[str, str]:
         """The settings host `h` gets as blockd flags (SPAWN_KEYS)."""

@@ -13,7 +13,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from blockd.sandbox import STATE_FILE, Sandbox, SandboxError, pid_alive, port_open, ports_free
+from blockd.config import SettingError, coerce_setting
+from blockd.sandbox import SET, STATE_FILE, Sandbox, SandboxError, pid_alive, port_open, ports_free
 from control.cli import EXIT_ERROR, EXIT_USAGE
 from control.cli import main as vbp_main
 from vbp.errors import BadValue, InvalidArgument
@@ -259,6 +260,28 @@ def test_settings_saved_before_are_checked_with_the_new_ones(tmp_path):
     sb._check_settings({"full_ratio": 0.99}, {"nearfull_ratio": 0.97}, h, "8G", "lmdb:///x")
     with pytest.raises(InvalidArgument, match="--set: key 'nearfull_ratio'"):
         sb._check_settings({"full_ratio": 0.9}, {"nearfull_ratio": 0.97}, h, "8G", "lmdb:///x")
+
+
+def test_a_set_error_is_told_by_its_source_not_by_its_message(tmp_path):
+    """Which errors are --set's (bad usage) is the SettingError's source, not a prefix of
+    its message: a --set value, a pair of them and a key the sandbox sets are BadValue; a
+    --capacity refused with a valid --set given stays the flag's (exit 1), as before."""
+    sb = Sandbox(tmp_path)
+    h = {"id": "host1", "nbd_port": 20000, "peer_port": 20001}
+    for new, why in (({"lease_ttl": "abc"}, "key 'lease_ttl'"),
+                     ({"full_ratio": 0.5, "nearfull_ratio": 0.9}, "key 'nearfull_ratio'"),
+                     ({"zone": "z1"}, "the sandbox sets it")):
+        with pytest.raises(BadValue, match=why) as e:
+            sb._check_settings({}, new, h, "8G", "lmdb:///x")
+        assert str(e.value).startswith("--set: ") and e.value.__cause__ is None
+    with pytest.raises(SettingError) as e:
+        sb._check_settings({}, {"lease_ttl": 5}, h, "1K", "lmdb:///x")
+    assert e.value.source == "flag --capacity" and not isinstance(e.value, BadValue)
+    assert str(e.value).startswith("flag --capacity: key 'capacity': 1024 bytes")
+    # the source, as given: a message of any wording keeps it
+    with pytest.raises(SettingError) as e:
+        coerce_setting("lease_ttl", "abc", SET)
+    assert e.value.source == SET == "--set" and str(e.value).startswith("--set: key 'lease_ttl'")
 
 
 def test_log_tail_and_kill_of_unknown_host(tmp_path):
