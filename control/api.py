@@ -34,6 +34,18 @@ def create_volume(reg, name: str, size, *, replicas: int = 3, min_size: int | No
     return rec
 
 
+def no_such_host(host_id: str) -> VbpError:
+    """The error for `host_id` when the pool has no host of that id: NotFound (exit 3),
+    or BadValue (bad usage, exit 2) when no host can have it: blockd refuses a host_id
+    that is no name (check_name). Looked for first, so that a host registered under such
+    an id before blockd checked them can still be drained and removed."""
+    try:
+        check_name(host_id, "host")
+    except BadValue as e:
+        return e
+    return NotFound(f"no host {host_id!r} in the pool")
+
+
 def get_volume(reg, name: str) -> VolumeRecord:
     check_name(name)
     return VolumeRecord.from_dict(reg.get_volume(name))

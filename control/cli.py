@@ -1,6 +1,7 @@
 """The `vbp` command: thin click layer over control.api and blockd.sandbox.
 
-Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 registry unreachable,
+Exit codes: 0 success, 1 error, 2 bad usage (a malformed value: a size, a name, a host id),
+3 not found (a volume, snapshot or host of the pool; a local file), 4 registry unreachable,
 5 `vbp pool scrub` found damage it could not repair (or a host did not finish).
 6 in use (e.g. deleting a snapshot an NBD client has open; --force overrides).
 """
@@ -960,9 +961,11 @@ def _data_role(cmap, host_id: str) -> str:
 def _host_command(state, host_id, fn, done):
     """`fn(registry)` on host `host_id`, and what it did: `done`, a line, or a function of
     the host record after it (its state may not be the one asked for: a host down)."""
+    from control import api
+
     reg = state.registry()
     if reg.cluster_map().host(host_id) is None:
-        raise NotFound(f"no host {host_id!r} in the pool")
+        raise api.no_such_host(host_id)
     cmap = fn(reg)
     h = cmap.host(host_id)
     line = done(h) if callable(done) else done
@@ -1001,7 +1004,7 @@ def host_drain(state, host_id, wait, timeout):
 
     reg = state.registry()
     if reg.cluster_map().host(host_id) is None:
-        raise NotFound(f"no host {host_id!r} in the pool")
+        raise api.no_such_host(host_id)
     _nowhere_to_drain(state, reg.set_host_state(host_id, "draining"), host_id)
     try:
         with _count_bar(state, f"drain {host_id}") as progress:

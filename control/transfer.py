@@ -107,7 +107,7 @@ def volume_uri(reg, name: str, host: str | None = None, tls: bool = False) -> st
     """nbd://HOST:PORT/NAME for volume or snapshot `name` (NAME or NAME@SNAP), served by
     `host` (an id) or by the first host that is up and not in maintenance; nbds:// with
     `tls` (TLS required). Checks that the volume (and snapshot) exist, so a typo is
-    NotFound before any connection."""
+    NotFound before any connection (a `host` that is no host id: BadValue)."""
     from control import api
     from vbp.cluster import HOST_UP
 
@@ -119,7 +119,7 @@ def volume_uri(reg, name: str, host: str | None = None, tls: bool = False) -> st
     if host is not None:
         hosts = [h for h in hosts if h.id == host]
         if not hosts:
-            raise NotFound(f"no host {host!r} in the pool")
+            raise api.no_such_host(host)
     else:
         hosts = [h for h in hosts if h.state == HOST_UP and not h.maintenance] or \
                 [h for h in hosts if h.state == HOST_UP]

@@ -345,6 +345,36 @@ def test_host_commands_on_an_unknown_host_are_not_found(vbp, args):
     one_error_line(vbp(*args, code=EXIT_NOT_FOUND), "h9")
 
 
+@pytest.mark.parametrize("host_id", ["bad/id", ".h1", "h" * 129, "h1\nlevel=error"])
+def test_a_host_id_that_is_no_name_is_bad_usage_not_not_found(vbp, reg_url, host_id):
+    """No host can have such an id (blockd refuses it at start): bad usage, exit 2, as a
+    bad volume name is; it exited 3 (not found), as a well-formed id of no host does."""
+    vbp("volume", "create", "v", "--size", "1G")
+    with open_registry(reg_url) as reg:
+        from vbp.cluster import HostRecord
+
+        reg.register_host(HostRecord("h1", "127.0.0.1:7800", "127.0.0.1:10809"), 60)
+    for args in (["host", "drain", host_id], ["host", "drain", host_id, "--wait"],
+                 ["host", "undrain", host_id], ["host", "remove", host_id],
+                 ["host", "maintenance", host_id, "on"],
+                 ["volume", "import", "/dev/null", "v", "--host", host_id],
+                 ["volume", "export", "v", "out.raw", "--host", host_id]):
+        one_error_line(vbp(*args, code=EXIT_USAGE), "invalid host name")
+    one_error_line(vbp("volume", "export", "v", "out.raw", "--host", "h9", code=EXIT_NOT_FOUND),
+                   "no host 'h9' in the pool")
+
+
+def test_a_host_registered_under_an_id_that_is_no_name_can_still_be_drained(vbp, reg_url):
+    """A host registered before blockd checked host ids (or by hand) is found as it is:
+    only an id the pool has no host of is judged by its form."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("old host", "a:1", "a:2"), 60)
+    assert vbp("host", "drain", "old host").stdout.startswith("host old host is draining")
+    vbp("host", "undrain", "old host")
+
+
 def test_resize_refused_leaves_the_volume_alone(vbp):
     vbp("volume", "create", "a", "--size", "1G")
     vbp("volume", "resize", "a", "512M", code=EXIT_ERROR)
