@@ -19,7 +19,7 @@ from nbd_frontend.server import MAX_CONNECTIONS, SEND_TIMEOUT
 from nbd_frontend.tls import TLSConfigError, check_tls, server_context
 from replicator.migration import DOWN_OUT_INTERVAL, NEARFULL_RATIO
 from vbp.errors import InvalidArgument
-from vbp.layout import CHUNK_SIZE_MIN, VOLUME_SIZE_MAX, format_size, parse_size
+from vbp.layout import CHUNK_SIZE_MIN, SIZE_MAX, VOLUME_SIZE_MAX, format_size, limit_text, parse_size
 from vbp.registry import refuse_in_process
 from vbp.sockets import congestion_problem
 from vbp.volume import check_name
@@ -186,7 +186,7 @@ class Config:
                 raise SettingError(where(key), f"key {key!r}: {blocker} is not a directory")
         if not 0 < self.capacity <= CAPACITY_MAX:
             raise SettingError(where('capacity'), f"key 'capacity': must be greater than zero and at "
-                               f"most {format_size(CAPACITY_MAX)}")
+                               f"most {limit_text(CAPACITY_MAX)}")
         if self.capacity < CHUNK_SIZE_MIN:  # (a TOML integer is bytes: capacity = 5 is 5 bytes)
             raise SettingError(where('capacity'), f"key 'capacity': {self.capacity} bytes "
                                f"is less than the smallest chunk, "
@@ -336,7 +336,7 @@ def _coerce(key: str, value, source: str):
         if key == "recovery_rate" and value in (0, "0"):
             return 0
         try:
-            return parse_size(value)
+            return parse_size(value, CAPACITY_MAX if key == "capacity" else SIZE_MAX)
         except InvalidArgument as e:
             raise bad(str(e)) from None
     if key in COUNTS:

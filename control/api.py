@@ -10,7 +10,7 @@ from vbp.cluster import HOST_DOWN, HOST_DRAINING, HOST_UP, live_places
 from vbp.errors import (
     BadValue, Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
-from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, Geometry, parse_size
+from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, VOLUME_SIZE_MAX, Geometry, parse_size
 from vbp.registry.base import SNAPSHOTS_HINT, sized
 from vbp.volume import (
     VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
@@ -28,7 +28,7 @@ def create_volume(reg, name: str, size, *, replicas: int = 3, min_size: int | No
     """A new volume, in a new lineage whose first generation is its head (1). The
     lineage's counter is created with the record, in one transaction (Registry.
     create_volume): a create that fails leaves none behind."""
-    rec = new_volume(name, parse_size(size), replicas=replicas, min_size=min_size,
+    rec = new_volume(name, parse_size(size, VOLUME_SIZE_MAX), replicas=replicas, min_size=min_size,
                      chunk_size=parse_size(chunk_size))
     reg.create_volume(name, rec.to_dict(), counters={gen_counter(rec.lineage): rec.head})
     return rec
@@ -336,7 +336,7 @@ def resize(reg, name: str, size, *, force: bool = False, timeout: float = 30.0,
     refuses those past the new end before it completes the shrink, so that no write
     past the new end succeeds once this call returns (one acknowledged into the old
     head after a one-step shrink was lost)."""
-    new_size = parse_size(size)
+    new_size = parse_size(size, VOLUME_SIZE_MAX)
     rec = get_volume(reg, name)
     Geometry(new_size, rec.chunk_size)  # refuses sizes out of range
     if new_size <= 0:

@@ -245,11 +245,12 @@ def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_regis
       vbp sandbox up --hosts 3 --dir var/sandbox
       vbp sandbox up --hosts 4 --dir var/sandbox --set lease_ttl=4   # add a host
     """
+    from blockd.config import CAPACITY_MAX
     from blockd.sandbox import Sandbox
     from vbp.layout import parse_size
 
     if capacity is not None:
-        parse_size(capacity)
+        parse_size(capacity, CAPACITY_MAX)
     sb = Sandbox(directory)
     hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings),
                   registry=sandbox_registry)
@@ -329,12 +330,12 @@ def sandbox_run(state, n, directory, base_port, volume, size, replicas):
     """
     from blockd.sandbox import Sandbox
     from control import api
-    from vbp.layout import parse_size
+    from vbp.layout import VOLUME_SIZE_MAX, parse_size
     from vbp.registry import open_registry
     from vbp.volume import new_volume
 
     # the volume's name, size and replicas checked before any host starts (bad usage)
-    new_volume(volume, parse_size(size), replicas=replicas or min(3, n))
+    new_volume(volume, parse_size(size, VOLUME_SIZE_MAX), replicas=replicas or min(3, n))
     sb = Sandbox(directory)
     # from the start: a Ctrl-C or SIGTERM while the hosts start must stop those started
     # (they run in their own sessions: the terminal's SIGINT does not reach them)

@@ -45,8 +45,9 @@ _SIZE_TEXT_MAX = 64
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,40})(?:\.([0-9]{1,20}))?\s*([a-zA-Z]{0,3})\s*$")
 
 
-def parse_size(text: str | int) -> int:
-    """'4M' -> 4194304. Units are binary (K, M, G, T, P, with optional 'iB'/'B')."""
+def parse_size(text: str | int, most: int = SIZE_MAX) -> int:
+    """'4M' -> 4194304. Units are binary (K, M, G, T, P, E, with optional 'iB'/'B').
+    BadValue past `most`, naming it (a volume's size: VOLUME_SIZE_MAX)."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
         raise BadValue(f"not a size: {text!r} (examples: 512K, 4M, 1G, 2T)")
     if isinstance(text, int):
@@ -67,18 +68,27 @@ def parse_size(text: str | int) -> int:
                 raise BadValue(f"not a whole number of bytes: {' '.join(text.split())} "
                                       f"(examples: 1.5G, 4M, 512K)")
             value += part
-    if value > SIZE_MAX:
+    if value > most:
         # (str() of a huge int raises ValueError itself)
         # (white space, line breaks included, may surround the number and the unit: one line)
         shown = (" ".join(text.split()) if isinstance(text, str) else
                  text if text.bit_length() < 128 else f"{text.bit_length()} bits")
-        raise BadValue(f"size too large: {shown} (at most {SIZE_MAX} bytes, 8 EiB less one)")
+        raise BadValue(f"size too large: {shown} (at most {limit_text(most)})")
     return value
+
+
+def limit_text(n: int) -> str:
+    """A size limit as errors quote it: its bytes and, in units, what it is
+    ('9223372036854775807 bytes, 8 EiB less one'), so that no message says another."""
+    if n > 0 and n & (n + 1) == 0 and n + 1 >= KiB:  # (2**k - 1: a power of two less one)
+        return f"{n} bytes, {format_size(n + 1)} less one"
+    return f"{n} bytes, {format_size(n)}"
 
 
 def format_size(n: int) -> str:
     """4194304 -> '4.0 MiB'; exact powers print without decimals noise."""
-    for unit, mult in (("PiB", 1024 * TiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+    for unit, mult in (("EiB", 1 << 60), ("PiB", 1024 * TiB), ("TiB", TiB), ("GiB", GiB),
+                       ("MiB", MiB), ("KiB", KiB)):
         if n >= mult:
             v = n / mult
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
@@ -119,7 +129,7 @@ class Geometry:
         check_chunk_size(self.chunk_size)
         if self.size < 0 or self.size > VOLUME_SIZE_MAX:
             raise BadValue(f"volume size out of range: {self.size} bytes (at most "
-                                  f"{VOLUME_SIZE_MAX}, 1024 PiB)")
+                           f"{limit_text(VOLUME_SIZE_MAX)})")
 
     @property
     def chunk_count(self) -> int:

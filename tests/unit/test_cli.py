@@ -209,9 +209,12 @@ def test_long_names_are_printed_whole(vbp):
     (["volume", "clone", "a@s1", "a"], EXIT_ERROR, "already exists"),
     (["volume", "resize", "a", "512M"], EXIT_ERROR, "--force"),
     (["volume", "resize", "a", "0"], EXIT_USAGE, "greater than zero"),
-    (["volume", "resize", "a", "2000P"], EXIT_USAGE, "at most 1152921504606846976, 1024 PiB"),
+    # a volume's limit, 1 EiB, however far past it a size is; a rate's, 8 EiB less one
+    (["volume", "resize", "a", "2000P"], EXIT_USAGE, "at most 1152921504606846976 bytes, 1 EiB)"),
     (["volume", "create", "b", "--size", "\uff11G"], EXIT_USAGE, "not a size"),  # (a full-width 1)
-    (["volume", "create", "b", "--size", "9E"], EXIT_USAGE, "8 EiB less one"),
+    (["volume", "create", "b", "--size", "9E"], EXIT_USAGE, "at most 1152921504606846976 bytes, 1 EiB)"),
+    (["volume", "resize", "a", "9E"], EXIT_USAGE, "at most 1152921504606846976 bytes, 1 EiB)"),
+    (["volume", "set", "a", "--bps", "9E"], EXIT_USAGE, "at most 9223372036854775807 bytes, 8 EiB less one)"),
     (["volume", "delete", "a@"], EXIT_USAGE, "invalid snapshot name"),
     (["volume", "delete", "a@s1@x"], EXIT_USAGE, "invalid snapshot name"),
     (["volume", "clone", "a@s1@x", "c"], EXIT_USAGE, "invalid snapshot name"),
@@ -373,6 +376,16 @@ def test_a_host_registered_under_an_id_that_is_no_name_can_still_be_drained(vbp,
         reg.register_host(HostRecord("old host", "a:1", "a:2"), 60)
     assert vbp("host", "drain", "old host").stdout.startswith("host old host is draining")
     vbp("host", "undrain", "old host")
+
+
+@pytest.mark.parametrize("capacity", ["2000P", "9E"])
+def test_a_sandbox_capacity_past_the_limit_is_bad_usage_naming_the_limit(vbp, tmp_path, capacity):
+    """2000P passed vbp's parse_size and was refused as the hosts' setting (exit 1, "at
+    most 1024 PiB"); 9E was bad usage quoting another limit, 8 EiB."""
+    r = vbp("sandbox", "up", "--hosts", "1", "--dir", tmp_path / "sb", "--capacity", capacity,
+            code=EXIT_USAGE)
+    one_error_line(r, f"size too large: {capacity} (at most 1152921504606846976 bytes, 1 EiB)")
+    assert not (tmp_path / "sb").exists()
 
 
 def test_resize_refused_leaves_the_volume_alone(vbp):
