@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import ipaddress
 import math
 import socket
 import ssl
@@ -134,7 +135,7 @@ MAX_CONNECTIONS = 1024
 # idle (or sends a payload slowly) holds every slot otherwise, and every other client,
 # whatever its address, is refused. One more is closed as soon as it is accepted. Not
 # those from this host itself (vbp.sockets.same_host: a hypervisor beside blockd may hold
-# them all, as before the cap).
+# them all, as before the cap). An IPv6 client counts as its /64 (client_of).
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
@@ -278,14 +279,28 @@ class _Slots:
 
 
 def _peer_address(stream) -> str | None:
-    """The client's address, or None for a client on this host (same_host) or one whose
-    address cannot be read: they count toward the whole only."""
+    """The client address the cap of one address counts (client_of), or None for a
+    client on this host (same_host) or one whose address cannot be read: they count
+    toward the whole only."""
     try:
         if same_host(stream.socket):
             return None
-        return stream.socket.getpeername()[0]
-    except (AttributeError, OSError, IndexError, TypeError):  # (gone already; not a socket)
+        return client_of(stream.socket.getpeername()[0])
+    except (AttributeError, OSError, IndexError, TypeError, ValueError):  # (gone already; not a socket)
         return None
+
+
+def client_of(ip: str) -> str:
+    """The client an address stands for, under the cap of one address: an IPv4 address
+    itself (also as an IPv4-mapped IPv6 address, as a dual-stack listener sees it), an
+    IPv6 address's /64: a host is given a whole /64 and may take any address of it
+    (temporary addresses, RFC 8981), so one address each would let it past the cap."""
+    a = ipaddress.ip_address(ip.partition("%")[0])  # (a link-local address's zone)
+    if a.version == 6:
+        if a.ipv4_mapped is not None:
+            return str(a.ipv4_mapped)
+        return str(ipaddress.ip_network((a, 64), strict=False))
+    return str(a)
 
 
 async def _admit(handle, slots: _Slots, stream) -> None:

@@ -1850,6 +1850,45 @@ async def test_connections_past_those_one_address_may_hold_are_closed_at_once(
         await x.aclose()
 
 
+def test_the_cap_of_one_address_counts_an_ipv6_clients_64_as_one():
+    """An IPv6 host is given a /64 and may take any address of it (temporary addresses):
+    counted per address, it would pass the cap with one connection each. An IPv4 client
+    seen by a dual-stack listener (an IPv4-mapped address) is counted as itself."""
+    c = server.client_of
+    assert c("10.0.0.5") == c("::ffff:10.0.0.5") == "10.0.0.5"
+    assert c("2001:db8:1:2:aaaa::1") == c("2001:db8:1:2:bbbb:cccc:dddd:7") == "2001:db8:1:2::/64"
+    assert c("2001:db8:1:3::1") != c("2001:db8:1:2::1")
+    assert c("fe80::1%eth0") == c("fe80::2") == "fe80::/64"
+    assert c("10.0.0.5") != c("10.0.0.6")
+
+
+async def test_connections_from_addresses_of_one_ipv6_64_share_its_cap(
+        provider, nursery, caplog, monkeypatch):
+    """Connections from two addresses of one /64 share the cap of one address; one from
+    another /64 is served. (Loopback clients 127.0.0.N taken for 2001:db8:0:N//2::N: .1
+    and .2 in one /64, .3 in another.)"""
+    monkeypatch.setattr(server, "same_host", lambda sock: False)
+    real = server.client_of
+
+    def as_ipv6(ip):
+        n = int(ip.rsplit(".", 1)[1])
+        return real(f"2001:db8:0:{n // 3:x}::{n:x}")
+
+    monkeypatch.setattr(server, "client_of", as_ipv6)
+    port = await nursery.start(functools.partial(server.serve_nbd, provider, "127.0.0.1", 0,
+                                                 max_connections=4, max_per_address=2))
+    a = await Client.connect(port, source="127.0.0.1")
+    b = await Client.connect(port, source="127.0.0.2")
+    extra = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+        await extra.recv(18)
+    assert "2 connections open from 2001:db8::/64" in caplog.text
+    other = await Client.connect(port, source="127.0.0.3")
+    assert await other.write(0, b"v6") == 0 and await b.read(0, 2) == b"v6"
+    for x in (a, b, extra, other):
+        await x.aclose()
+
+
 async def test_a_later_answer_sent_at_once_gives_back_what_its_write_held(provider, nursery):
     """A write answered by a Later, the only request in flight (QD1), is answered from the
     Later's callback with an inline send, not the writer: what it held in the server's
