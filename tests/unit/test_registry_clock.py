@@ -46,6 +46,14 @@ def boot_clock(monkeypatch):
     return c
 
 
+def raw_entry(kv, key: bytes) -> bytes | None:
+    """The entry stored at `key`, as it is (expired or not)."""
+    if hasattr(kv, "_env"):
+        with kv._env.begin() as t:
+            return t.get(key)
+    return kv._store.data.get(key)
+
+
 def put_raw(kv, key: bytes, entry: list) -> None:
     """Store `entry` as it is, past the KV's encoding (a store written by other code)."""
     raw = msgpack.packb(entry, use_bin_type=True)
@@ -105,23 +113,57 @@ def test_ttl_keys_of_another_boot_have_run_out(reg, monkeypatch):
     assert kv.keep_alive(b"vbp/t/alive", 30.0)
 
 
-def test_ttl_entries_of_the_wall_clock_format_have_run_out(reg):
-    """An entry written before the boot clock ([value, create_rev, mod_rev, expires] with
-    an expiry on the wall clock) reads as absent, without error; one without an expiry
-    reads as it was."""
+def test_a_reboot_takes_every_ttl_key_of_the_boot_before(reg, boot_clock, monkeypatch):
+    """The boot clock starts again at a boot: the first write of the next boot removes
+    the TTL keys of the one before, so that an expiry far ahead on the old clock is not
+    read as far ahead on the new one (a dead host up for hours)."""
+    kv = reg.kv
+    kv.txn([], [Put(b"vbp/t/alive", b"1", 3600.0), Put(b"vbp/t/forever", b"2")])
+    monkeypatch.setattr(local, "_boot", "next-boot", raising=False)
+    boot_clock.ahead = -1800.0  # the new boot's clock reads less than the expiry's
+    assert kv.get(b"vbp/t/alive")[0] is None  # (not yet removed: read as run out)
+    kv.txn([], [Put(b"vbp/t/other", b"3", 60.0)])  # the first write of this boot
+    assert kv.get(b"vbp/t/alive")[0] is None
+    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/forever", b"vbp/t/other"]
+    assert raw_entry(kv, b"vbp/t/alive") is None and raw_entry(kv, b"vbp/t/forever")
+
+
+def test_an_entry_of_the_code_before_is_judged_by_the_wall_clock(reg):
+    """An entry written before the boot clock ([value, create_rev, mod_rev, expires],
+    the expiry on the wall clock) is judged by the wall clock, so that a process of that
+    code sharing the store is seen alive for as long as it beats; keep_alive refuses it
+    (the caller puts it again, on the boot clock)."""
     kv = reg.kv
     put_raw(kv, b"vbp/t/old-alive", [b"1", 1, 1, WALL() + 3600])
+    put_raw(kv, b"vbp/t/old-gone", [b"1", 1, 1, WALL() - 1])
     put_raw(kv, b"vbp/t/old-forever", [b"2", 1, 1, 0])
-    assert kv.get(b"vbp/t/old-alive")[0] is None
-    assert kv.get(b"vbp/t/old-forever")[0].value == b"2"
-    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/old-forever"]
+    assert kv.get(b"vbp/t/old-alive")[0].value == b"1"
+    assert kv.get(b"vbp/t/old-gone")[0] is None
+    assert [it.key for it in kv.range(b"vbp/t/")[0]] == [b"vbp/t/old-alive", b"vbp/t/old-forever"]
     assert not kv.keep_alive(b"vbp/t/old-alive", 30.0)
     ok, _ = kv.txn([], [Put(b"vbp/t/old-alive", b"3", 30.0)])
     assert ok and kv.get(b"vbp/t/old-alive")[0].value == b"3"
+    assert kv.keep_alive(b"vbp/t/old-alive", 30.0)
+
+
+def test_the_code_before_reads_an_entry_of_this_code_as_run_out_without_error(reg):
+    """What the code before the boot clock does with an entry (vbp.registry.local before
+    it): unpack four fields, and take a key whose expiry is not ahead of the wall clock
+    as absent. An entry of this code must unpack so (a fifth field raised ValueError
+    there, and an old blockd died of it), and a TTL entry reads as run out."""
+
+    def old_decode(raw):
+        value, create_rev, mod_rev, expires = msgpack.unpackb(raw, raw=False)
+        return None if expires and expires <= WALL() else value
+
+    kv = reg.kv
+    kv.txn([], [Put(b"vbp/t/alive", b"1", 3600.0), Put(b"vbp/t/forever", b"2")])
+    assert old_decode(raw_entry(kv, b"vbp/t/alive")) is None
+    assert old_decode(raw_entry(kv, b"vbp/t/forever")) == b"2"
 
 
 def test_the_boot_id_is_the_kernels():
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert local.boot_id() == f.read().strip()
-    assert local.now().boot == local.boot_id()
+    assert local.now(lambda key: local.boot_id().encode()).this_boot
     assert abs(local.clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0

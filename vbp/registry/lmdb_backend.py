@@ -119,16 +119,16 @@ class LmdbKV:
         self._check()
         try:
             with self._env.begin() as t:
-                return local.decode(key, t.get(key), local.now()), local.read_rev(t.get)
+                return local.decode(key, t.get(key), local.now(t.get)), local.read_rev(t.get)
         except lmdb.Error as e:
             raise self._fail("read", e) from None
 
     def range(self, prefix: bytes) -> tuple[list[Item], int]:
         self._check()
-        at = local.now()
         out = []
         try:
             with self._env.begin() as t:
+                at = local.now(t.get)
                 cur = t.cursor()
                 if cur.set_range(prefix):
                     for k, v in cur:
@@ -142,7 +142,8 @@ class LmdbKV:
             raise self._fail("read", e) from None
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
-        return self._write(lambda t: local.apply_txn(t.get, t.put, t.delete, compares, ops))
+        return self._write(lambda t: local.apply_txn(t.get, t.put, t.delete,
+                                                     lambda: list(t.cursor()), compares, ops))
 
     def keep_alive(self, key: bytes, ttl: float) -> bool:
         # (no revision: watchers see nothing)

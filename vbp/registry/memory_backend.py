@@ -32,19 +32,20 @@ class MemoryKV:
     def get(self, key: bytes) -> tuple[Item | None, int]:
         with self._store.cond:
             d = self._store.data
-            return local.decode(key, d.get(key), local.now()), local.read_rev(d.get)
+            return local.decode(key, d.get(key), local.now(d.get)), local.read_rev(d.get)
 
     def range(self, prefix: bytes) -> tuple[list[Item], int]:
-        at = local.now()
         with self._store.cond:
             d = self._store.data
+            at = local.now(d.get)
             items = [local.decode(k, v, at) for k, v in sorted(d.items()) if k.startswith(prefix)]
             return [it for it in items if it is not None], local.read_rev(d.get)
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         with self._store.cond:
             d = self._store.data
-            ok, rev = local.apply_txn(d.get, d.__setitem__, d.__delitem__, compares, ops)
+            ok, rev = local.apply_txn(d.get, d.__setitem__, d.__delitem__,
+                                      lambda: list(d.items()), compares, ops)
             if ok and ops:
                 self._store.cond.notify_all()
             return ok, rev
