@@ -583,13 +583,16 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
     return out
 
 
-def accepted_losses(reg, rec: VolumeRecord) -> list:
+def accepted_losses(reg, rec: VolumeRecord, losses: dict | None = None) -> list:
     """The accepted losses (vbp.volume.AcceptedLoss) of the volume's lineage that may
-    reach the volume (a chunk given up lies within its size or a snapshot's), oldest first."""
+    reach the volume (a chunk given up lies within its size or a snapshot's), oldest first.
+    `losses`: every lineage's loss record (Registry.list_losses), read once for many
+    volumes; else the lineage's is read."""
     from vbp.volume import accepted_losses as of, read_chunks
 
     count = read_chunks(rec.to_dict())
-    return [a for a in of(reg.get_losses(rec.lineage)) if a.reaches(count)]
+    record = reg.get_losses(rec.lineage) if losses is None else losses.get(rec.lineage)
+    return [a for a in of(record) if a.reaches(count)]
 
 
 def accepted_losses_by_lineage(reg, vols: list[dict]) -> list[dict]:

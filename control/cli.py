@@ -210,12 +210,30 @@ def sandbox():
 
 
 def _sandbox_dict(sb, hosts):
+    from control.objects import sandbox_host_object
+
+    cmap = _sandbox_map(sb) if hosts else None
     return {
         "dir": str(sb.dir),
         "registry": sb.registry_url,
-        "hosts": [{"id": h.id, "pid": h.pid, "alive": h.alive, "nbd": h.nbd_uri,
-                   "nbd_port": h.nbd_port, "peer_port": h.peer_port} for h in hosts],
+        "hosts": [sandbox_host_object(h, cmap) for h in hosts],
     }
+
+
+def _sandbox_map(sb):
+    """The cluster map of the sandbox's registry, for its hosts' records; None when there
+    is none to read (an embedded registry not made yet: opened, it would be) or it does
+    not answer (status still tells which processes run)."""
+    from vbp.registry import open_registry
+
+    url = sb.registry_url
+    if url == sb.default_registry_url and not (sb.dir / "registry" / "data.mdb").is_file():
+        return None
+    try:
+        with open_registry(url) as reg:
+            return reg.cluster_map()
+    except (VbpError, OSError):
+        return None
 
 
 def _print_hosts(hosts):
@@ -388,10 +406,20 @@ def volume():
     """Create, inspect, snapshot, clone and delete volumes."""
 
 
-def _vol_dict(v):
-    d = v.to_dict()
-    d["snapshots"] = [s.name for s in v.snapshots]
-    return d
+def _vol_dict(reg, v, losses: dict | None = None):
+    """Volume `v` as every command prints it (control.objects.volume_object), with the
+    accepted losses of its lineage that reach it; `losses`: Registry.list_losses, read
+    once for a list."""
+    from control import api
+    from control.objects import volume_object
+
+    return volume_object(v, api.accepted_losses(reg, v, losses))
+
+
+def _out_volume(state, v, human) -> None:
+    """Volume `v` as its object (_vol_dict) with --json, else `human()`: the losses are
+    read only for the JSON."""
+    out(state, _vol_dict(state.registry(), v) if state.json else None, human)
 
 
 def _parent(v, volumes: dict) -> str:
@@ -501,9 +529,10 @@ def volume_accept_loss(state, name, chunks, all_, yes):
     if bool(chunks) == all_:
         raise click.UsageError("give the chunks to accept the loss of: --chunk N (repeatable) or --all")
     reg = state.registry()
-    _rec, plan = api.loss_plan(reg, name, None if all_ else list(chunks))
+    rec, plan = api.loss_plan(reg, name, None if all_ else list(chunks))
     if not plan:
-        out(state, {"volume": name, "reverted": [], "zeroed": [], "skipped": []},
+        out(state, {"volume": name, "lineage": rec.lineage, "time": None, "reverted": [],
+                    "zeroed": [], "skipped": []},
             lambda: click.echo(f"volume {name} has no unrecoverable chunk: nothing to accept"))
         return
     if not yes:
@@ -550,7 +579,7 @@ def volume_create(state, name, size, replicas, min_size, chunk_size):
     v = api.create_volume(state.registry(), name, size, replicas=replicas, min_size=min_size,
                           chunk_size=chunk_size)
     _warn_short_of_hosts(state, v)
-    out(state, _vol_dict(v), lambda: click.echo(
+    _out_volume(state, v, lambda: click.echo(
         f"created volume {v.name}: {format_size(v.size)}, {v.replicas} replicas (min {v.min_size}), "
         f"chunk {format_size(v.chunk_size)}"))
 
@@ -590,9 +619,11 @@ def volume_list(state):
     """
     from control import api
 
-    vols = api.list_volumes(state.registry())
+    reg = state.registry()
+    vols = api.list_volumes(reg)
     by_name = {v.name: v for v in vols}
-    out(state, [_vol_dict(v) for v in vols], lambda: table(
+    losses = reg.list_losses() if state.json else None
+    out(state, [_vol_dict(reg, v, losses) for v in vols] if state.json else None, lambda: table(
         ["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"],
         [(v.name, format_size(v.size), v.replicas, v.min_size, format_size(v.chunk_size),
           len(v.snapshots), _parent(v, by_name)) for v in vols]) if vols else click.echo("no volumes"))
@@ -611,6 +642,7 @@ def volume_show(state, name):
       vbp volume show disk1 --json | jq .snapshots
     """
     from control import api
+    from control.objects import volume_object
 
     reg = state.registry()
     v = api.get_volume(reg, name)
@@ -626,7 +658,7 @@ def volume_show(state, name):
                 pass
         _show_volume(v, accepted, _parent(v, volumes))
 
-    out(state, {**_vol_dict(v), "accepted_losses": [a.to_dict() for a in accepted]}, show)
+    out(state, volume_object(v, accepted), show)
 
 
 @volume.command("delete")
@@ -676,7 +708,7 @@ def volume_snapshot(state, name, snap):
     from control import api
 
     v = api.snapshot(state.registry(), name, snap)
-    out(state, _vol_dict(v), lambda: click.echo(f"created snapshot {name}@{snap}"))
+    _out_volume(state, v, lambda: click.echo(f"created snapshot {name}@{snap}"))
 
 
 @volume.command("clone")
@@ -695,7 +727,7 @@ def volume_clone(state, source, new):
 
     v = api.clone(state.registry(), source, new)
     _warn_short_of_hosts(state, v)
-    out(state, _vol_dict(v), lambda: click.echo(f"created clone {v.name} of {source}"))
+    _out_volume(state, v, lambda: click.echo(f"created clone {v.name} of {source}"))
 
 
 @volume.command("resize")
@@ -715,7 +747,7 @@ def volume_resize(state, name, size, force):
     from control import api
 
     v = api.resize(state.registry(), name, size, force=force)
-    out(state, _vol_dict(v), lambda: click.echo(f"volume {name} is now {format_size(v.size)}"))
+    _out_volume(state, v, lambda: click.echo(f"volume {name} is now {format_size(v.size)}"))
 
 
 @volume.command("set")
@@ -741,7 +773,7 @@ def volume_set(state, name, iops, bps):
     if iops is None and bps is None:
         raise click.UsageError("nothing to set: give --iops and/or --bps")
     v = api.set_limits(state.registry(), name, iops=iops, bps=bps)
-    out(state, _vol_dict(v), lambda: click.echo(
+    _out_volume(state, v, lambda: click.echo(
         f"volume {name}: iops {v.qos_iops or 'unlimited'}, "
         f"bandwidth {format_size(v.qos_bps) + '/s' if v.qos_bps else 'unlimited'}"))
 
@@ -932,12 +964,12 @@ def host_list(state):
       vbp host list
       vbp host list --json | jq '.hosts[] | select(.state == "down") | .id'
     """
+    from control.objects import data_role, host_object
+
     cmap = state.registry().cluster_map()
-    out(state, {"epoch": cmap.epoch, "hosts": [{**h.to_dict(), "data": _data_role(cmap, h.id),
-                                                "reweight": cmap.factors.get(h.id, 1.0)}
-                                               for h in cmap.hosts]}, lambda: table(
+    out(state, {"epoch": cmap.epoch, "hosts": [host_object(cmap, h) for h in cmap.hosts]}, lambda: table(
         ["HOST", "STATE", "DATA", "REWEIGHT", "ZONE", "POD", "CAPACITY", "NBD", "PEER"],
-        [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), _data_role(cmap, h.id),
+        [(h.id, h.state + (" (maintenance)" if h.maintenance else ""), data_role(cmap, h.id),
           _reweight(cmap, h.id), h.zone, h.pod, format_size(h.capacity), authority(h.nbd),
           authority(h.peer))  # (an IPv6 address in brackets: ::1:10809 reads as an address)
          for h in cmap.hosts]))
@@ -952,25 +984,22 @@ def _reweight(cmap, host_id: str) -> str:
     return now
 
 
-def _data_role(cmap, host_id: str) -> str:
-    """in: chunks are placed on it; joining/leaving: while the data set changes; out."""
-    now = host_id in cmap.data_set
-    before = now if cmap.prev is None else host_id in cmap.prev
-    return {(True, True): "in", (True, False): "joining", (False, True): "leaving"}.get((now, before), "out")
-
-
 def _host_command(state, host_id, fn, done):
     """`fn(registry)` on host `host_id`, and what it did: `done`, a line, or a function of
-    the host record after it (its state may not be the one asked for: a host down)."""
+    the host record after it (its state may not be the one asked for: a host down). The
+    JSON has the host's object after it, or, removed, as it was just before."""
     from control import api
+    from control.objects import host_object
 
     reg = state.registry()
-    if reg.cluster_map().host(host_id) is None:
+    before = reg.cluster_map()
+    if before.host(host_id) is None:
         raise api.no_such_host(host_id)
     cmap = fn(reg)
     h = cmap.host(host_id)
     line = done(h) if callable(done) else done
-    out(state, {"epoch": cmap.epoch, "host": h.to_dict() if h else None},
+    obj = host_object(cmap, h) if h is not None else host_object(before, before.host(host_id))
+    out(state, {"epoch": cmap.epoch, "host": obj},
         lambda: click.echo(f"{line} (epoch {cmap.epoch})"))
     return cmap
 
@@ -1013,8 +1042,10 @@ def host_drain(state, host_id, wait, timeout):
     except KeyboardInterrupt:  # (click's "Aborted!" would not say the drain goes on)
         fail(f"interrupted: host {host_id} stays draining, its chunks moving off as before "
              f"(`vbp host undrain {host_id}` stops that)", 130)
+    from control.objects import host_object
+
     cmap = reg.cluster_map()
-    out(state, {"epoch": cmap.epoch, "host": cmap.host(host_id).to_dict(), "data_set": st},
+    out(state, {"epoch": cmap.epoch, "host": host_object(cmap, cmap.host(host_id)), "data_set": st},
         lambda: click.echo(f"host {host_id} is drained: no chunk is placed on it (epoch {cmap.epoch})"))
 
 

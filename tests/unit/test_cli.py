@@ -1165,3 +1165,112 @@ def test_a_scrub_names_a_host_of_the_data_set_that_is_down_and_is_not_clean(reg_
     assert js(r)["hosts"]["h2"] == {"state": "down"}
     r = vbp("pool", "scrub", "--timeout", "0.5", code=5)
     assert "h2 down: its copies were not checked" in r.stdout, r.stdout
+
+
+# --- one JSON object per host and per volume (control.objects) ------------------------------
+
+
+def listed_host(vbp, host_id: str) -> dict:
+    return next(h for h in js(vbp("host", "list", "--json"))["hosts"] if h["id"] == host_id)
+
+
+@pytest.fixture
+def three_hosts(reg_url):
+    """h1 and h6 (an IPv6 address) in the data set; h9 out of it, its heartbeat soon gone."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "10.0.0.1:7800", "10.0.0.1:10809", pod="p1"), 600)
+        reg.register_host(HostRecord("h6", "::1:7801", "::1:10810", pod="p6"), 600)
+        reg.set_data_set(0, ["h1", "h6"], None)
+        reg.register_host(HostRecord("h9", "10.0.0.9:7800", "10.0.0.9:10809", pod="p9"), 0.3)
+
+
+@pytest.mark.parametrize("args", [
+    ["host", "drain", "h6"], ["host", "undrain", "h6"], ["host", "maintenance", "h6", "on"],
+    ["host", "drain", "h9", "--wait", "--timeout", "5"], ["host", "remove", "h9"],
+], ids=["drain", "undrain", "maintenance", "drain-wait", "remove"])
+def test_host_commands_print_the_host_as_host_list_does(vbp, three_hosts, args):
+    """Each prints the host's object of `host list` after it (they printed the bare record:
+    no `data`, no `reweight`, no addresses); `remove` the one listed just before (it
+    printed `host: null`)."""
+    if args[1] == "undrain":
+        vbp("host", "drain", "h6")
+    if args[1] == "remove":
+        time.sleep(0.6)  # (h9's heartbeat gone: it counts as stopped, and may be removed)
+        before = listed_host(vbp, "h9")
+        assert before["state"] == "down" and before["data"] == "out"
+    got = js(vbp(*args, "--json"))
+    if args[1] == "remove":
+        assert got["host"] == before
+        assert "h9" not in [h["id"] for h in js(vbp("host", "list", "--json"))["hosts"]]
+    else:
+        assert got["host"] == listed_host(vbp, args[2])
+    assert got["epoch"] == js(vbp("host", "list", "--json"))["epoch"]
+
+
+def test_host_list_gives_the_addresses_as_a_uri_takes_them(vbp, three_hosts):
+    """`nbd` and `peer` as the record holds them (kept), and the addresses every host
+    object has: an IPv6 address in brackets, the ports, the NBD URI."""
+    h6 = listed_host(vbp, "h6")
+    assert (h6["nbd"], h6["nbd_address"], h6["nbd_port"], h6["nbd_uri"]) == (
+        "::1:10810", "[::1]:10810", 10810, "nbd://[::1]:10810")
+    assert (h6["peer"], h6["peer_address"], h6["peer_port"]) == ("::1:7801", "[::1]:7801", 7801)
+
+
+def shown_volume(vbp, name: str) -> dict:
+    return js(vbp("volume", "show", name, "--json"))
+
+
+@pytest.fixture
+def volume_with_a_loss(vbp, reg_url):
+    """Volume v (lineage lin-v) whose chunk 3 was lost on every copy and given up, with a
+    snapshot s1."""
+    from control.api import gen_counter
+    from tests.unit.test_api import lost_last_copy
+
+    with open_registry(reg_url) as reg:
+        rec, _p, _q = lost_last_copy(reg)
+        reg.next_id(gen_counter(rec.lineage))  # (its head, 1, drawn as create_volume does)
+    vbp("volume", "accept-loss", "v", "--chunk", "3", "--yes")
+    vbp("volume", "snapshot", "v", "s1")
+    assert len(shown_volume(vbp, "v")["accepted_losses"]) == 1
+
+
+@pytest.mark.parametrize("name, args", [
+    ("new", ["volume", "create", "new", "--size", "1G"]),
+    ("v", ["volume", "snapshot", "v", "s2"]),
+    ("c", ["volume", "clone", "v@s1", "c"]),
+    ("v", ["volume", "resize", "v", "16M"]),
+    ("v", ["volume", "set", "v", "--iops", "100"]),
+], ids=["create", "snapshot", "clone", "resize", "set"])
+def test_volume_commands_print_the_volume_as_volume_show_does(vbp, volume_with_a_loss, name, args):
+    """Each prints the object `volume show` prints for the volume after it, the accepted
+    losses of its lineage that reach it included (they left them out)."""
+    got = js(vbp(*args, "--json"))
+    assert got == shown_volume(vbp, name)
+    assert got["accepted_losses"] == ([] if name == "new" else shown_volume(vbp, "v")["accepted_losses"])
+
+
+def test_volume_list_prints_each_volume_as_volume_show_does(vbp, volume_with_a_loss):
+    vbp("volume", "clone", "v@s1", "c")
+    vbp("volume", "create", "new", "--size", "1G")
+    listed = js(vbp("volume", "list", "--json"))
+    assert [v["name"] for v in listed] == ["c", "new", "v"]
+    assert listed == [shown_volume(vbp, v["name"]) for v in listed]
+
+
+def test_accept_loss_names_the_volumes_lineage_whether_or_not_it_accepts_anything(vbp, reg_url):
+    """The answer with nothing to accept had no `lineage` (nor `time`): the same keys as
+    one that accepted a loss, the lineage `volume show` gives."""
+    from tests.unit.test_api import lost_last_copy
+
+    with open_registry(reg_url) as reg:
+        lost_last_copy(reg)
+    shown = shown_volume(vbp, "v")
+    done = js(vbp("volume", "accept-loss", "v", "--all", "--yes", "--json"))
+    nothing = js(vbp("volume", "accept-loss", "v", "--all", "--yes", "--json"))
+    assert sorted(nothing) == sorted(done)
+    for got in (done, nothing):
+        assert (got["volume"], got["lineage"]) == (shown["name"], shown["lineage"])
+    assert nothing["time"] is None and done["time"] == shown_volume(vbp, "v")["accepted_losses"][0]["time"]

@@ -3,6 +3,7 @@ is started here; tests/interop drives real sandboxes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -333,5 +334,69 @@ def test_a_metrics_address_for_every_host_does_not_leave_a_host_that_cannot_star
         else:
             assert "--set: key 'metrics'" in r.stderr, r.stderr
             assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
+    finally:
+        sb.down()
+
+
+# --- JSON: a sandbox host is the host `vbp host list` prints -------------------------------
+
+
+def _json(args, env=None):
+    r = CliRunner().invoke(vbp_main, [*map(str, args), "--json"], env=env, prog_name="vbp")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def _as_listed(sandbox_json: dict, registry: str) -> None:
+    """Each sandbox host has every key of its `host list` object with the same value, but
+    `nbd`, kept a URI as the sandbox printed it (host list's is the record's HOST:PORT,
+    also kept): the addresses as nbd_uri, nbd_address, nbd_port, peer_address, peer_port
+    in both. (The sandbox printed nbd, nbd_port, peer_port, pid and alive only.)"""
+    listed = {h["id"]: h for h in _json(["--registry", registry, "host", "list"])["hosts"]}
+    assert sandbox_json["hosts"] and sandbox_json["registry"] == registry
+    for h in sandbox_json["hosts"]:
+        want = listed[h["id"]]
+        assert {k: v for k, v in h.items() if k in want and k != "nbd"} == {
+            k: v for k, v in want.items() if k != "nbd"}
+        assert h["nbd"] == h["nbd_uri"] == f"nbd://{want['nbd']}"
+        assert sorted(set(h) - set(want)) == ["alive", "pid"]
+
+
+def test_sandbox_status_prints_each_host_as_host_list_does(tmp_path):
+    from vbp.cluster import HostRecord
+    from vbp.registry import open_registry
+
+    sb = Sandbox(tmp_path)
+    sb._save({"base_port": 20000, "hosts": [
+        {"id": "host1", "nbd_port": 20000, "peer_port": 20001, "pid": 0},
+        {"id": "host2", "nbd_port": 20002, "peer_port": 20003, "pid": 0}]})
+    with open_registry(sb.registry_url) as reg:
+        for i, port in ((1, 20000), (2, 20002)):
+            reg.register_host(HostRecord(f"host{i}", f"127.0.0.1:{port + 1}", f"127.0.0.1:{port}",
+                                         pod=f"pod{i}", capacity=1 << 30), 600)
+        reg.set_data_set(0, ["host1"], None)
+    got = _json(["sandbox", "status", "--dir", tmp_path])
+    _as_listed(got, sb.registry_url)
+    assert [(h["data"], h["alive"]) for h in got["hosts"]] == [("in", False), ("out", False)]
+
+
+def test_sandbox_status_without_a_registry_still_gives_the_addresses(tmp_path):
+    """A sandbox whose registry was never made (or does not answer): the processes and
+    the addresses from the sandbox's state, as host list gives them."""
+    Sandbox(tmp_path)._save({"hosts": [{"id": "host1", "nbd_port": 20000, "peer_port": 20001}]})
+    [h] = _json(["sandbox", "status", "--dir", tmp_path])["hosts"]
+    assert h == {"id": "host1", "pid": 0, "alive": False, "nbd": "nbd://127.0.0.1:20000",
+                 "nbd_uri": "nbd://127.0.0.1:20000", "nbd_address": "127.0.0.1:20000",
+                 "nbd_port": 20000, "peer_address": "127.0.0.1:20001", "peer_port": 20001}
+    assert not (tmp_path / "registry").exists()  # (not made by asking)
+
+
+def test_sandbox_up_prints_each_host_as_host_list_does(tmp_path):
+    sb = Sandbox(tmp_path)
+    try:
+        got = _json(["sandbox", "up", "--hosts", "1", "--dir", tmp_path, "--base-port", free_port(),
+                     "--capacity", "1G"])
+        _as_listed(got, sb.registry_url)
+        assert [(h["state"], h["alive"]) for h in got["hosts"]] == [("up", True)]
     finally:
         sb.down()
