@@ -11,7 +11,7 @@ from vbp.errors import (
     BadValue, Fenced, InUse, InvalidArgument, LeaseHeld, NotFound, RegistryUnavailable, VbpError,
 )
 from vbp.layout import CHUNK_SIZE_DEFAULT, SIZE_MAX, VOLUME_SIZE_MAX, Geometry, parse_size
-from vbp.registry.base import SNAPSHOTS_HINT, sized
+from vbp.registry.base import SNAPSHOTS_HINT, named_gens, sized
 from vbp.volume import (
     VolumeRecord, cancel_pending, check_name, clone_from, complete_pending, complete_snapshot,
     delete_snapshot, new_volume, pending_abandoned, replicas_by_lineage, request_shrink,
@@ -21,6 +21,13 @@ from vbp.volume import (
 
 def gen_counter(lineage: str) -> str:
     return f"gen/{lineage}"
+
+
+def next_gen(reg, rec: VolumeRecord) -> int:
+    """A new generation of `rec`'s lineage: the counter's next, and past every generation
+    `rec` names (Registry.next_id's floor: a counter a delete took while the code before
+    created the lineage's first volume)."""
+    return reg.next_id(gen_counter(rec.lineage), floor=max(named_gens(rec.to_dict()), default=0))
 
 
 def create_volume(reg, name: str, size, *, replicas: int = 3, min_size: int | None = None,
@@ -154,7 +161,7 @@ def _two_steps(reg, name: str, request, what: str, timeout: float, poll: float) 
     with the new head generation; the gateway holding the lease completes it once the
     writes under way have ended (blockd's record sync), or, with none, this call does."""
     rec = get_volume(reg, name)
-    head = reg.next_id(gen_counter(rec.lineage))
+    head = next_gen(reg, rec)
     # abandoned if this call is gone well past its timeout without cancelling (killed):
     # a later snapshot or shrink replaces it, and no gateway completes it then
     until = time.time() + timeout + PENDING_GRACE
@@ -310,7 +317,7 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
     split_export_name(source)  # (names as they must be: "v@s@x" is none)
     parent = get_volume(reg, name)
     parent.snapshot(snap)
-    head = reg.next_id(gen_counter(parent.lineage))
+    head = next_gen(reg, parent)
 
     def make(d: dict) -> dict:
         nonlocal head
@@ -321,7 +328,7 @@ def clone(reg, source: str, new_name: str) -> VolumeRecord:
             # the snapshot was deleted and taken again under its name since the head was
             # drawn: its chain holds newer generations, which the clone's head must come
             # after (a shrink's cut hides the generations up to the head by number)
-            head = reg.next_id(gen_counter(parent.lineage))
+            head = next_gen(reg, now)
         return clone_from(now, snap, new_name, head).to_dict()
 
     # in one transaction with a check that the parent's record is unchanged: a snapshot

@@ -1348,3 +1348,20 @@ def test_stats_too_large_for_the_registry_do_not_take_the_host_down(reg):
     with pytest.raises(InvalidArgument, match=r"stats of host h1 .*limit of \d+ bytes"):
         reg.publish_stats("h1", big, 2)
     assert reg.host_stats().get("h1", {}).get("used") != 1
+
+
+def test_a_delete_removes_at_most_sweep_max_leftover_counters(reg, monkeypatch):
+    """The counters the code before left behind (failed creates, deleted lineages) go
+    over the deletes that follow, at most SWEEP_MAX each: the first delete after an
+    upgrade is not one transaction per counter ever leaked."""
+    from vbp.registry import base
+
+    monkeypatch.setattr(base, "SWEEP_MAX", 3)
+    for i in range(5):
+        reg.next_id(f"gen/leaked{i}")
+    for name in ("a", "b"):
+        reg.create_volume(name, {"name": name, "lineage": f"L{name}"})
+    reg.delete_volume("a")
+    assert len(reg.kv.range(base.P_CTR_GEN)[0]) == 2
+    reg.delete_volume("b")
+    assert reg.kv.range(base.P_CTR_GEN)[0] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 
 import msgpack
 import pytest
@@ -764,3 +765,25 @@ def test_generations_grow_through_snapshots_and_clones_and_the_counter_goes_with
     assert gen_counters(reg) == {}
     w = api.create_volume(reg, "v", MiB, replicas=1)
     assert w.head == 1 and w.lineage != v.lineage and gen_counters(reg) == {w.lineage: 1}
+
+
+def test_a_lineage_whose_counter_a_delete_took_draws_past_its_records_generations():
+    """The code before created a volume in two steps: it drew the new lineage's first
+    generation (next_id), then created the record. A delete by this code between the two
+    took the counter (a lineage with no volume yet), and the volume's next snapshot drew
+    generation 1 again: the snapshot was taken for done and not taken. Draws now start
+    past every generation the record names (Registry.next_id's floor). (Found by a
+    review.)"""
+    reg = open_registry(f"memory://{uuid.uuid4().hex}")
+    api.create_volume(reg, "other", MiB, replicas=1)
+    rec = new_volume("v", MiB, replicas=1)  # the code before: the head drawn first
+    head = reg.next_id(api.gen_counter(rec.lineage))
+    rec = new_volume("v", rec.size, replicas=1, lineage=rec.lineage, head=head, now=rec.created)
+    api.delete_volume(reg, "other")  # its sweep: gen/<lineage> with no volume
+    reg.create_volume("v", rec.to_dict())  # ... then the record
+    assert reg.kv.get(b"vbp/ctr/gen/" + rec.lineage.encode())[0] is None
+    s1 = api.snapshot(reg, "v", "s1", timeout=5)
+    assert s1.head == 2 and [(x.name, x.chain) for x in s1.snapshots] == [("s1", (1,))]
+    c = api.clone(reg, "v@s1", "c")
+    assert c.head == 3 and c.lineage == rec.lineage
+    assert api.snapshot(reg, "v", "s2", timeout=5).head == 4

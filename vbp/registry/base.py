@@ -78,6 +78,7 @@ P_SCANNED = b"vbp/scanned/"  # <host> -> the data-set generation whose scan it f
 P_VOL = b"vbp/vol/"
 P_CTR = b"vbp/ctr/"
 P_CTR_GEN = b"vbp/ctr/gen/"  # <lineage> -> the last generation handed out (control.api.gen_counter)
+SWEEP_MAX = 64  # removals of one delete's sweep (Registry._forget_lineages)
 P_LEASE = b"vbp/lease/"
 P_STALE = b"vbp/stale/"
 # put by every mark_stale that creates a record: a change of data set completes only if its
@@ -198,6 +199,16 @@ def _name(kind: str, s: str) -> bytes:
         raise BadValue(f"invalid {kind}: {s!r} (a non-empty string without NUL)")
     return s.encode()
 
+
+
+def named_gens(d: dict) -> set[int]:
+    """The generations a volume record (dict) names: its head chain, a pending head, a
+    shrink's head and its snapshots' chains."""
+    gens = set(d.get("chain", ())) | {d.get("pending", 0), d.get("shrink_head", 0)}
+    for snap in d.get("snapshots", ()):
+        gens.update(snap.get("chain", ()))
+    gens.discard(0)
+    return gens
 
 class Registry:
     def __init__(self, kv: KV) -> None:
@@ -707,10 +718,7 @@ class Registry:
         lineage = d.get("lineage") if isinstance(d, dict) else None
         if not isinstance(lineage, str) or not lineage or "/" in lineage or "\0" in lineage:
             return []
-        gens = set(d.get("chain", ())) | {d.get("pending", 0), d.get("shrink_head", 0)}
-        for snap in d.get("snapshots", ()):
-            gens.update(snap.get("chain", ()))
-        gens.discard(0)
+        gens = named_gens(d)
         gone = P_GONE + lineage.encode() + b"/" + key[len(P_VOL):] + b"/%d" % rev
         return [Put(gone, _pack({"gens": sorted(gens), "at": time.time()}))]
 
@@ -752,28 +760,37 @@ class Registry:
         compares the key's revision as read: a counter drawn from meanwhile, or made again
         after (by a clone or a snapshot that read a volume of the lineage before its
         delete, and is refused at its commit, the volume gone), stays until a later
-        delete. Only `gen/` counters: the others (scrub) belong to no lineage."""
+        delete. Only `gen/` counters: the others (scrub) belong to no lineage. At most
+        SWEEP_MAX removals a delete (the counters the code before left behind, one
+        transaction each, go over the next deletes)."""
         losses, _ = self.kv.range(P_LOSS)
         gens, _ = self.kv.range(P_CTR_GEN)
         if not losses and not gens:
             return
         live = {_unpack(it.value).get("lineage") for it in self.kv.range(P_VOL)[0]}
+        left = SWEEP_MAX
         for prefix, items in ((P_LOSS, losses), (P_CTR_GEN, gens)):
             for it in items:
                 if it.key[len(prefix):].decode() not in live:
+                    if not left:
+                        return
                     self.kv.txn([Cmp(it.key, "mod", it.mod_rev)], [Delete(it.key)])
+                    left -= 1
 
-    def next_id(self, counter: str) -> int:
-        """The counter's next id (1 for a counter not there yet), stored as its last.
-        A lineage's generation counter is drawn from only for a volume of the lineage
-        read before (a snapshot, a shrink, a clone, each refused if that volume is gone
-        when it commits): a new lineage's counter is created with its first record
-        (create_volume), since a delete removes the counters of lineages with no volume
-        (_forget_lineages)."""
+    def next_id(self, counter: str, floor: int = 0) -> int:
+        """The counter's next id, past `floor` too (1 for a counter not there yet and no
+        floor), stored as its last. A lineage's generation counter is drawn from only for
+        a volume of the lineage read before (a snapshot, a shrink, a clone, each refused
+        if that volume is gone when it commits), with the generations its record names
+        as the floor (control.api.next_gen): a new lineage's counter is created with its
+        first record (create_volume), since a delete removes the counters of lineages
+        with no volume (_forget_lineages); the code before drew it first and created the
+        record after, and a delete between the two took the counter of a lineage about
+        to have a volume. The floor keeps such a lineage's next generation new."""
         key = P_CTR + _name("counter name", counter)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
-            n = (_unpack(item.value) if item else 0) + 1
+            n = max(_unpack(item.value) if item else 0, floor) + 1
             ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, _pack(n))])
             if ok:
                 return n
