@@ -265,10 +265,16 @@ def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_regis
     """
     from blockd.config import CAPACITY_MAX
     from blockd.sandbox import Sandbox
-    from vbp.layout import parse_size
+    from vbp.layout import CHUNK_SIZE_MIN, parse_size
 
-    if capacity is not None:
-        parse_size(capacity, CAPACITY_MAX)
+    if capacity is not None:  # (the range blockd's settings check, as bad usage: exit 2)
+        try:
+            least = parse_size(capacity, CAPACITY_MAX)
+        except BadValue as e:
+            raise click.BadParameter(str(e), param_hint="'--capacity'") from None
+        if least < CHUNK_SIZE_MIN:
+            raise click.BadParameter(f"{capacity} is less than the smallest chunk, "
+                                     f"{format_size(CHUNK_SIZE_MIN)}", param_hint="'--capacity'")
     sb = Sandbox(directory)
     hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings),
                   registry=sandbox_registry)

@@ -384,7 +384,20 @@ def test_a_sandbox_capacity_past_the_limit_is_bad_usage_naming_the_limit(vbp, tm
     most 1024 PiB"); 9E was bad usage quoting another limit, 8 EiB."""
     r = vbp("sandbox", "up", "--hosts", "1", "--dir", tmp_path / "sb", "--capacity", capacity,
             code=EXIT_USAGE)
-    one_error_line(r, f"size too large: {capacity} (at most 1152921504606846976 bytes, 1 EiB)")
+    one_error_line(r, f"Invalid value for '--capacity': size too large: {capacity} (at most "
+                      f"1152921504606846976 bytes, 1 EiB)")
+    assert not (tmp_path / "sb").exists()
+
+
+@pytest.mark.parametrize("capacity", ["0", "4K"])
+def test_a_sandbox_capacity_below_a_chunk_is_bad_usage_too(vbp, tmp_path, capacity):
+    """Below the smallest chunk the hosts' settings check refused it (exit 1, "flag
+    --capacity"), where one past the limit was bad usage (exit 2): both are, naming
+    --capacity, before anything starts. (Found by a review.)"""
+    r = vbp("sandbox", "up", "--hosts", "1", "--dir", tmp_path / "sb", "--capacity", capacity,
+            code=EXIT_USAGE)
+    one_error_line(r, f"Invalid value for '--capacity': {capacity} is less than the smallest "
+                      f"chunk, 1 MiB")
     assert not (tmp_path / "sb").exists()
 
 
