@@ -210,6 +210,9 @@ def sandbox():
 
 
 def _sandbox_dict(sb, hosts):
+    """The sandbox's --json: its hosts' objects, from its registry's records (read for
+    --json only: the table needs none of it, and a registry that does not answer would
+    hold it)."""
     from control.objects import sandbox_host_object
 
     cmap = _sandbox_map(sb) if hosts else None
@@ -278,7 +281,7 @@ def sandbox_up(state, n, directory, base_port, capacity, settings, sandbox_regis
     sb = Sandbox(directory)
     hosts = sb.up(n, base_port, capacity, settings=_parse_settings(settings),
                   registry=sandbox_registry)
-    out(state, _sandbox_dict(sb, hosts), lambda: (
+    out(state, _sandbox_dict(sb, hosts) if state.json else None, lambda: (
         _print_hosts(hosts), click.echo(f"\nexport VBP_REGISTRY={sb.registry_url}")))
 
 
@@ -334,7 +337,8 @@ def sandbox_status(state, directory):
 
     sb = Sandbox(directory)
     hosts = sb.hosts()
-    out(state, _sandbox_dict(sb, hosts), lambda: _print_hosts(hosts) if hosts else click.echo("no sandbox here"))
+    out(state, _sandbox_dict(sb, hosts) if state.json else None,
+        lambda: _print_hosts(hosts) if hosts else click.echo("no sandbox here"))
 
 
 @sandbox.command("run")

@@ -48,7 +48,8 @@ def sandbox_host_object(sh, cmap) -> dict:
     h = cmap.host(sh.id) if cmap is not None else None
     base = host_object(cmap, h) if h is not None else {
         "id": sh.id, **addresses(f"127.0.0.1:{sh.nbd_port}", f"127.0.0.1:{sh.peer_port}")}
-    return {**base, "pid": sh.pid, "alive": sh.alive, "nbd": sh.nbd_uri}
+    return {**base, "pid": sh.pid, "alive": sh.alive, "nbd": sh.nbd_uri,
+            "nbd_port": sh.nbd_port, "peer_port": sh.peer_port}
 
 
 def volume_object(v, accepted=()) -> dict:

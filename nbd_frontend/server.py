@@ -290,17 +290,26 @@ def _peer_address(stream) -> str | None:
         return None
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # (RFC 6052: an IPv4 client translated)
+
+
 def client_of(ip: str) -> str:
     """The client an address stands for, under the cap of one address: an IPv4 address
-    itself (also as an IPv4-mapped IPv6 address, as a dual-stack listener sees it), an
-    IPv6 address's /64: a host is given a whole /64 and may take any address of it
-    (temporary addresses, RFC 8981), so one address each would let it past the cap."""
-    a = ipaddress.ip_address(ip.partition("%")[0])  # (a link-local address's zone)
-    if a.version == 6:
-        if a.ipv4_mapped is not None:
-            return str(a.ipv4_mapped)
-        return str(ipaddress.ip_network((a, 64), strict=False))
-    return str(a)
+    itself (also as an IPv4-mapped IPv6 address, as a dual-stack listener sees it, or
+    translated by NAT64's well-known prefix); a global or unique-local IPv6 address's
+    /64: a host is given a whole /64 and may take any address of it (temporary
+    addresses, RFC 8981), so one address each would let it past the cap. A link-local
+    address is itself, with its zone: every link shares fe80::/64."""
+    a = ipaddress.ip_address(ip.partition("%")[0])
+    if a.version == 4:
+        return str(a)
+    if a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    if a in NAT64:
+        return str(ipaddress.IPv4Address(int(a) & 0xFFFFFFFF))
+    if a.is_link_local:
+        return ip
+    return str(ipaddress.ip_network((a, 64), strict=False))
 
 
 async def _admit(handle, slots: _Slots, stream) -> None:

@@ -896,24 +896,24 @@ def test_a_volume_and_its_counters_are_created_together_or_not_at_all(reg):
 
 
 def test_the_last_delete_of_a_lineage_removes_its_generation_counter(reg):
-    """A lineage's generation counter goes with its last volume (a clone left keeps it),
-    and so does the counter of a lineage that never had one (a create that failed after
-    drawing it, before the counter was made with the record). Other counters stay. The
-    counters here are drawn with next_id, as they were before they were made with the
-    record."""
+    """A lineage's generation counter goes with its last volume (a clone left keeps it).
+    The counter of a lineage that never had a volume stays: the code before drew it
+    before it created the record (a create that failed then left it; one under way is
+    about to have its volume). Other counters stay. The counters here are drawn with
+    next_id, as the code before did."""
     for name, lineage in (("p", "L1"), ("c", "L1"), ("x", "L2")):
         reg.next_id(f"gen/{lineage}")
         reg.create_volume(name, {"name": name, "lineage": lineage})
-    reg.next_id("gen/L9")  # (its volume's create failed)
+    reg.next_id("gen/L9")  # (its volume's create failed, or is under way)
     reg.next_id("scrub")
     reg.next_id("gen")  # (not a lineage's: no `gen/`)
     assert set(_counters(reg)) == {"gen/L1", "gen/L2", "gen/L9", "scrub", "gen"}
     reg.delete_volume("p")
-    assert _counters(reg) == {"gen/L1": 2, "gen/L2": 1, "scrub": 1, "gen": 1}
+    assert _counters(reg) == {"gen/L1": 2, "gen/L2": 1, "gen/L9": 1, "scrub": 1, "gen": 1}
     reg.delete_volume("c")
-    assert _counters(reg) == {"gen/L2": 1, "scrub": 1, "gen": 1}
+    assert _counters(reg) == {"gen/L2": 1, "gen/L9": 1, "scrub": 1, "gen": 1}
     reg.delete_volume("x")
-    assert _counters(reg) == {"scrub": 1, "gen": 1}
+    assert _counters(reg) == {"gen/L9": 1, "scrub": 1, "gen": 1}
 
 
 class _AfterRange:
@@ -1351,14 +1351,20 @@ def test_stats_too_large_for_the_registry_do_not_take_the_host_down(reg):
 
 
 def test_a_delete_removes_at_most_sweep_max_leftover_counters(reg, monkeypatch):
-    """The counters the code before left behind (failed creates, deleted lineages) go
-    over the deletes that follow, at most SWEEP_MAX each: the first delete after an
-    upgrade is not one transaction per counter ever leaked."""
+    """The counters the code before left behind (it deleted the lineages' volumes and
+    kept their counters) go over the deletes that follow, at most SWEEP_MAX each: the
+    first delete after an upgrade is not one transaction per counter ever leaked."""
     from vbp.registry import base
 
     monkeypatch.setattr(base, "SWEEP_MAX", 3)
+    sweep = base.Registry._forget_lineages
+    monkeypatch.setattr(base.Registry, "_forget_lineages", lambda self: None)  # (as before)
     for i in range(5):
         reg.next_id(f"gen/leaked{i}")
+        reg.create_volume(f"old{i}", {"name": f"old{i}", "lineage": f"leaked{i}"})
+        reg.delete_volume(f"old{i}")
+    monkeypatch.setattr(base.Registry, "_forget_lineages", sweep)
+    assert len(reg.kv.range(base.P_CTR_GEN)[0]) == 5
     for name in ("a", "b"):
         reg.create_volume(name, {"name": name, "lineage": f"L{name}"})
     reg.delete_volume("a")

@@ -1853,12 +1853,15 @@ async def test_connections_past_those_one_address_may_hold_are_closed_at_once(
 def test_the_cap_of_one_address_counts_an_ipv6_clients_64_as_one():
     """An IPv6 host is given a /64 and may take any address of it (temporary addresses):
     counted per address, it would pass the cap with one connection each. An IPv4 client
-    seen by a dual-stack listener (an IPv4-mapped address) is counted as itself."""
+    seen by a dual-stack listener (an IPv4-mapped address) or through NAT64 is counted as
+    itself; a link-local address as itself (every link shares fe80::/64)."""
     c = server.client_of
     assert c("10.0.0.5") == c("::ffff:10.0.0.5") == "10.0.0.5"
     assert c("2001:db8:1:2:aaaa::1") == c("2001:db8:1:2:bbbb:cccc:dddd:7") == "2001:db8:1:2::/64"
     assert c("2001:db8:1:3::1") != c("2001:db8:1:2::1")
-    assert c("fe80::1%eth0") == c("fe80::2") == "fe80::/64"
+    # every link shares fe80::/64: a link-local address is itself, with its zone
+    assert c("fe80::1%eth0") == "fe80::1%eth0" != c("fe80::2%eth1")
+    assert c("64:ff9b::a00:5") == "10.0.0.5" != c("64:ff9b::b00:5")  # NAT64
     assert c("10.0.0.5") != c("10.0.0.6")
 
 

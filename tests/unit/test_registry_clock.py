@@ -167,3 +167,16 @@ def test_the_boot_id_is_the_kernels():
         assert local.boot_id() == f.read().strip()
     assert local.now(lambda key: local.boot_id().encode()).this_boot
     assert abs(local.clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
+
+
+def test_an_entry_with_the_boot_id_as_a_fifth_field_reads_as_run_out(reg):
+    """For a few minutes this code wrote a TTL entry with a fifth field, the boot id, and
+    its boot-clock expiry as a positive number: such an entry reads as run out (judged by
+    the wall clock, far ahead of it) and is put again, never an error. (Found by a
+    review: the four-field unpacking raised ValueError on every read of the map.)"""
+    kv = reg.kv
+    put_raw(kv, b"vbp/t/five", [b"1", 1, 1, local.clock() + 3600, local.boot_id()])
+    assert kv.get(b"vbp/t/five")[0] is None and kv.range(b"vbp/t/")[0] == []
+    assert not kv.keep_alive(b"vbp/t/five", 30.0)
+    ok, _ = kv.txn([], [Put(b"vbp/t/five", b"2", 30.0)])
+    assert ok and kv.get(b"vbp/t/five")[0].value == b"2"

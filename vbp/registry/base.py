@@ -762,9 +762,19 @@ class Registry:
         delete, and is refused at its commit, the volume gone), stays until a later
         delete. Only `gen/` counters: the others (scrub) belong to no lineage. At most
         SWEEP_MAX removals a delete (the counters the code before left behind, one
-        transaction each, go over the next deletes)."""
+        transaction each, go over the next deletes).
+
+        A counter goes only once a volume of its lineage was deleted (deleted_gens' entry,
+        written with the delete, is there): the code before drew a new lineage's first
+        generation before it created the record, and a counter found then, with no
+        volume yet, is one about to have one (its next draw by that code, without
+        next_gen's floor, would hand out 1 again). Counters that code left behind with no
+        delete since (a failed create) stay."""
         losses, _ = self.kv.range(P_LOSS)
         gens, _ = self.kv.range(P_CTR_GEN)
+        if gens:
+            left_by = {it.key[len(P_GONE):].split(b"/", 1)[0] for it in self.kv.range(P_GONE)[0]}
+            gens = [it for it in gens if it.key[len(P_CTR_GEN):] in left_by]
         if not losses and not gens:
             return
         live = {_unpack(it.value).get("lineage") for it in self.kv.range(P_VOL)[0]}
