@@ -518,3 +518,21 @@ def extents_bytes(extents, offset: int, length: int) -> bytes:
         if data is not None:
             out[off - offset: off - offset + n] = data
     return bytes(out)
+
+
+class WhileClearing:
+    """A resync's registry that runs `hook` once while the resync clears a record: after
+    its last comparison, before the record is gone."""
+
+    def __init__(self, registry, hook):
+        self.registry = registry
+        self.hook = hook
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+    async def clear_stale(self, *args):
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        return await self.registry.clear_stale(*args)

@@ -26,7 +26,7 @@ from replicator.loss import last_current, stale_by_chunk
 from replicator.messages import LACKS_REV
 from replicator.recovery import Resync
 from replicator.replica import StaleCopy
-from tests.sim.harness import WALL_TTL, Sim, call, extents_bytes, run
+from tests.sim.harness import WALL_TTL, Sim, WhileClearing, call, extents_bytes, run
 
 OLD, ACKED, FAILED = b"\x01" * 4096, b"\x11" * 4096, b"\x22" * 4096
 
@@ -231,24 +231,6 @@ def test_a_pool_with_a_host_of_an_older_revision_elects_as_that_host_does():
     run(main)
 
 
-class _WhileClearing:
-    """A resync's registry that runs `hook` once while the resync clears a record: after
-    its last comparison, before the record is gone."""
-
-    def __init__(self, registry, hook):
-        self.registry = registry
-        self.hook = hook
-
-    def __getattr__(self, name):
-        return getattr(self.registry, name)
-
-    async def clear_stale(self, *args):
-        if self.hook is not None:
-            hook, self.hook = self.hook, None
-            await hook()
-        return await self.registry.clear_stale(*args)
-
-
 def test_a_copy_a_resync_records_stale_again_for_a_missed_generation_is_not_elected():
     """a is stale and resyncs from b. While it clears its record, a snapshot's first
     write NEW reaches the copies: a refuses to make the generation from its stale base,
@@ -282,7 +264,7 @@ def test_a_copy_a_resync_records_stale_again_for_a_missed_generation_is_not_elec
                 t.sim.reg.mark_stale(t.lin, 0, [t.b, t.c], time.time_ns())
 
             r_a = t.sim.hosts[t.a].resync
-            r_a.registry = _WhileClearing(r_a.registry, new_generation_then_b_and_c_stale)
+            r_a.registry = WhileClearing(r_a.registry, new_generation_then_b_and_c_stale)
             await r_a.run_once()
             assert stale(t) == {t.a, t.b, t.c} and stale(t, LACKS_EARLIER) == {t.a}
             records = t.sim.reg.list_stale(t.lin)

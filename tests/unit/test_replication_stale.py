@@ -23,7 +23,7 @@ from replicator import messages as m
 from replicator.gateway import WRITE_GRACE
 from replicator.recovery import NEVER_CURRENT
 from replicator.scrub import Scrubber, ScrubReport
-from tests.sim.harness import Sim, call, extents_bytes
+from tests.sim.harness import Sim, WhileClearing, call, extents_bytes
 from vbp.errors import BelowMinSize, RegistryUnavailable, VbpError
 from vbp.later import Later
 from vbp.layout import MiB, ChunkKey
@@ -350,24 +350,6 @@ def test_a_generation_created_during_a_resync_is_brought_current_too():
     run(main)
 
 
-class _WhileClearing:
-    """A registry that runs `hook` once while a resync clears a record: after the last
-    comparison, before the record is gone."""
-
-    def __init__(self, registry, hook):
-        self.registry = registry
-        self.hook = hook
-
-    def __getattr__(self, name):
-        return getattr(self.registry, name)
-
-    async def clear_stale(self, *args):
-        if self.hook is not None:
-            hook, self.hook = self.hook, None
-            await hook()
-        return await self.registry.clear_stale(*args)
-
-
 @pytest.mark.parametrize("version", [1, NEVER_CURRENT])
 def test_a_generation_made_while_a_resync_clears_its_record_leaves_the_copy_stale(version):
     """The last pass of a resync found nothing to copy; while the record was being cleared,
@@ -387,7 +369,7 @@ def test_a_generation_made_while_a_resync_clears_its_record_leaves_the_copy_stal
             sim.reg.mark_stale(rec.lineage, 0, [a], version)
             await trio.sleep(sim.hosts[a].resync.write_window)  # the writes have settled
             resync = sim.hosts[a].resync
-            resync.registry = _WhileClearing(resync.registry,
+            resync.registry = WhileClearing(resync.registry,
                                              functools.partial(snapshot_then_write, sim, gw))
             await resync.run_once()
             assert stale_hosts(sim, rec.lineage) == {a}
