@@ -29,8 +29,8 @@ def test_a_snapshot_of_a_volume_made_again_meanwhile_never_reuses_a_generation(m
     next_id = reg.next_id
     made: list = []
 
-    def racing(counter):
-        n = next_id(counter)
+    def racing(counter, floor=0):
+        n = next_id(counter, floor)
         if counter == api.gen_counter(old.lineage) and not made:
             api.delete_volume(reg, "v", force=True)
             made.append(api.create_volume(reg, "v", MiB, replicas=1))
