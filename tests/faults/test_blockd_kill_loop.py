@@ -480,7 +480,7 @@ def seed_from_env() -> int:
 
 # (iterations per run: each CI run draws a new seed, so runs add up; the suite's time
 # budget, 20 minutes on two cores, sets how many one run takes)
-@pytest.mark.parametrize("hosts,replicas,default_iterations", [(1, 1, 7), (3, 3, 6)],
+@pytest.mark.parametrize("hosts,replicas,default_iterations", [(1, 1, 5), (3, 3, 5)],
                          ids=["replicas1", "replicas3"])
 def test_blockd_killed_at_random_moments(tmp_path, hosts, replicas, default_iterations):
     seed = seed_from_env()
