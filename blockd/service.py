@@ -27,7 +27,9 @@ from blockd.metrics import Metrics, serve_metrics
 from blockd.qos import TokenBucket, VolumeQos
 from nbd_frontend.server import HeldBytes, serve_nbd
 from replicator import messages as m
-from replicator.gateway import WRITE_GRACE, ClusterView, PendingFlush, VolumeGateway
+from replicator.gateway import (
+    WRITE_GRACE, ClusterView, PendingFlush, VolumeGateway, drop_identical,
+)
 from replicator.migration import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
@@ -1201,7 +1203,7 @@ class VolumeProvider:
                 item = gw.suspects[0]
                 index, hosts = item
                 await reg.mark_stale(gw.lineage, index, hosts, time.time_ns())
-                if not _drop_entry(gw.suspects, item):
+                if not drop_identical(gw.suspects, item):
                     continue  # (recorded by another settle at once)
                 log.warning("volume=%s chunk=%d event=unacknowledged_copies_stale hosts=%s",
                             gw.name, index, ",".join(hosts))
@@ -1217,7 +1219,7 @@ class VolumeProvider:
             item = gw.unrecorded[0]
             index, _took, missed = item
             await self.service.registry.mark_stale(gw.lineage, index, missed, time.time_ns())
-            if not _drop_entry(gw.unrecorded, item):
+            if not drop_identical(gw.unrecorded, item):
                 continue  # (recorded by another call at once: a renewal's and a release's)
             log.info("volume=%s chunk=%d event=stale_recorded_late hosts=%s", gw.name, index,
                      ",".join(missed))
@@ -2095,18 +2097,6 @@ class Blockd:
                     log.info("event=gc_chunk lineage=%s index=%d gen=%d", lineage, index, g)
         self._gc_memo = (layout, local, inputs)  # (complete: a failed delete raised)
         return freed
-
-
-def _drop_entry(entries: list, entry) -> bool:
-    """Remove `entry` itself (not an equal one) from `entries`; False if it is gone. Two
-    tasks recording a gateway's failures at once (VolumeProvider._record_missed, settle)
-    each take the first entry and await its mark: a pop of the first entry after it would
-    drop another, never recorded."""
-    for i, e in enumerate(entries):
-        if e is entry:
-            del entries[i]
-            return True
-    return False
 
 
 def sd_notify(state: str) -> None:

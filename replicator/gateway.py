@@ -429,6 +429,18 @@ class ExportFacts:
     max_block: int
 
 
+
+def drop_identical(entries: list, entry) -> bool:
+    """Remove `entry` itself, not an equal one, from `entries`; False if it is gone.
+    (list.remove takes the first equal: two reads' empty marks, or two tasks recording a
+    gateway's failures at once (blockd VolumeProvider._record_missed, settle), each
+    taking the first entry and awaiting its mark, would drop another's.)"""
+    for i, e in enumerate(entries):
+        if e is entry:
+            del entries[i]
+            return True
+    return False
+
 class VolumeGateway:
     """Serves one view (a volume head or a snapshot) of a volume; shared by all NBD
     connections to it on this host. Implements nbd_frontend.export.Export."""
@@ -603,10 +615,7 @@ class VolumeGateway:
         try:
             yield marked
         finally:  # (this one: list.remove takes the first equal, another read's {})
-            for i, other in enumerate(reads):
-                if other is marked:
-                    del reads[i]
-                    break
+            drop_identical(reads, marked)
 
     def set_view(self, view: View) -> None:
         """Adopt a newer record of the volume (new head after a snapshot, resize)."""

@@ -11,9 +11,10 @@ by full copy"):
 - While a chunk is resynced here, a write that would make a new generation of it here
   (the first write after a snapshot) is refused (replicator/replica.py): made from this
   copy's stale base, it would hold stale bytes no pass compares once the last one is done.
-  The gateway records the copy stale again, which undoes the clear or makes it fail; when
-  that cannot (the mark came first, or a backfill's NEVER_CURRENT record), a clear after a
-  refusal records the copy stale again here and it is not served as current.
+  The gateway records the copy stale again, which undoes the clear or makes it fail. As
+  well, a clear after a refusal records the copy stale again here and it is not served as
+  current: nothing then depends on the gateway's mark reaching the registry (no path
+  without it is known; tests/sim/test_power_loss_election.py builds one by hand).
 - Writes keep arriving while a chunk is resynced. A page is overwritten with the source's
   bytes only if its local checksum is still the one the diff was made against (the check
   and the write run without an await between them, so nothing interleaves); a page that
@@ -407,8 +408,9 @@ class Resync:
             if await self.registry.clear_stale(r.lineage, r.index, self.host_id, r.version):
                 if rep is not None and key in rep.refused:
                     # a generation this resync never compared is missing here (the gateway's
-                    # mark cannot undo the clear when it came first, nor move a backfill's
-                    # NEVER_CURRENT record): stale again, and never served as current
+                    # mark cannot undo the clear when it came first; a mark that came before
+                    # it moved the record's version, and the clear failed): stale again, and
+                    # never served as current
                     # (LACKS_EARLIER: the record is newer than the write it misses, and the
                     # all-stale election must not take it for whole: replicator.loss)
                     log.info("event=resync_missed_generation lineage=%s chunk=%d", r.lineage, r.index)
