@@ -12,7 +12,9 @@ bench/results/latest.md for the last committed run.
 Other benchmarks here run on their own: bench.placement, bench.peer_bench,
 bench.chunkstore_bench, bench.metrics_bench, bench.tls_bench (NBD over TLS against the clear,
 beside nbdkit's), bench.fua_beside (a FUA write after large writes, and another volume's
-reads meanwhile).
+reads meanwhile), bench.wakeup_bench (a server's CPU per wakeup: a blocking thread, trio,
+the peer session) and bench.transport_bench (the CPU of a MiB moved between two processes,
+over loopback TCP and over a Unix socket).
 """
 
 from __future__ import annotations
