@@ -391,6 +391,31 @@ def test_sandbox_status_without_a_registry_still_gives_the_addresses(tmp_path):
     assert not (tmp_path / "registry").exists()  # (not made by asking)
 
 
+def test_sandbox_status_reads_the_registry_for_json_only_and_keeps_its_own_ports(
+        tmp_path, monkeypatch):
+    """The table needs nothing of the registry: `sandbox status` without --json opens
+    none (a registry that does not answer held it, and cluster_map may write). With
+    --json, a host's ports are the sandbox's, whatever its record says. (Found by a
+    review.)"""
+    from vbp import registry
+    from vbp.cluster import HostRecord
+    from vbp.registry import open_registry
+
+    sb = Sandbox(tmp_path)
+    sb._save({"base_port": 20000, "hosts": [{"id": "host1", "nbd_port": 20000,
+                                             "peer_port": 20001, "pid": 0}]})
+    with open_registry(sb.registry_url) as reg:  # a record naming other ports
+        reg.register_host(HostRecord("host1", "127.0.0.1:30001", "127.0.0.1:30000"), 600)
+    opened = []
+    real = registry.open_registry
+    monkeypatch.setattr(registry, "open_registry", lambda *a, **k: opened.append(a) or real(*a, **k))
+    r = CliRunner().invoke(vbp_main, ["sandbox", "status", "--dir", str(tmp_path)], prog_name="vbp")
+    assert r.exit_code == 0 and "host1" in r.output and opened == [], (r.output, opened)
+    [h] = _json(["sandbox", "status", "--dir", tmp_path])["hosts"]
+    assert opened and (h["nbd_port"], h["peer_port"]) == (20000, 20001)
+    assert h["nbd_address"] == "127.0.0.1:30000"  # (the record's, as host list gives it)
+
+
 def test_sandbox_up_prints_each_host_as_host_list_does(tmp_path):
     sb = Sandbox(tmp_path)
     try:
