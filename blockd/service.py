@@ -1397,6 +1397,7 @@ class Blockd:
         self.store_id = ""
         self._nbd_scope = trio.CancelScope()  # the NBD frontend's, stopped first (drain)
         self.serving = False  # the NBD frontend listens (a stop drains from then on)
+        self._old_hosts: list[str] = []  # hosts on the code before the boot clock (_warn_old_hosts)
         self._nbd_stopped = trio.Event()
         self._nbd_stopping = trio.Event()  # set: its connections end gracefully (drain)
 
@@ -1490,6 +1491,7 @@ class Blockd:
                     self.host_record(), cfg.heartbeat_ttl, exclusive=self.store.store_id)
                 self.cluster.set_map(cmap)
                 await self.publish_stats()
+                await self._warn_old_hosts()
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._watch_space)
                 if self.replica.backfilling:
@@ -1876,8 +1878,28 @@ class Blockd:
                 log.warning("event=heartbeat_failed error=%s", e)
             except InvalidArgument as e:  # the stats only: the liveness went through
                 log.error("event=stats_too_large error=%s", e)
+            await self._warn_old_hosts()
             st = self.store.stats()
             self.metrics.set_space(st.capacity, st.used, self.disk_free())
+
+    async def _warn_old_hosts(self) -> None:
+        """Log, when the list changes, the hosts of an embedded registry that run the code
+        before its boot clock (Registry.hosts_on_the_wall_clock): they read this host's
+        liveness as run out and publish it down, until every blockd of the machine runs
+        this code (operator guide, section 9)."""
+        try:
+            old = await self.registry.hosts_on_the_wall_clock()
+        except RegistryUnavailable:
+            return
+        if old != self._old_hosts:
+            if old:
+                log.warning("event=hosts_on_the_wall_clock hosts=%s: they run vbp from before the "
+                            "registry's boot clock, read the liveness of this host as run out and "
+                            "publish it down; upgrade every blockd of this machine together "
+                            "(operator guide, section 9)", ",".join(old))
+            else:
+                log.info("event=hosts_on_the_wall_clock hosts=: none left")
+            self._old_hosts = old
 
     async def _watch_space(self) -> None:
         """Publish the stats early when usage moved by SPACE_STEP of capacity; log when it

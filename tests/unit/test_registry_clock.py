@@ -180,3 +180,16 @@ def test_an_entry_with_the_boot_id_as_a_fifth_field_reads_as_run_out(reg):
     assert not kv.keep_alive(b"vbp/t/five", 30.0)
     ok, _ = kv.txn([], [Put(b"vbp/t/five", b"2", 30.0)])
     assert ok and kv.get(b"vbp/t/five")[0].value == b"2"
+
+
+def test_the_hosts_of_the_code_before_are_named(reg):
+    """A host whose liveness key the code before keeps (an expiry on the wall clock) is
+    named, while it is live: it reads the newer hosts' keys as run out and publishes them
+    down, and blockd logs it (Blockd._warn_old_hosts)."""
+    from vbp.registry.base import P_ALIVE
+
+    reg.register_host(HostRecord("h1", "127.0.0.1:7001", "127.0.0.1:8001"), 30.0)
+    put_raw(reg.kv, P_ALIVE + b"h8", [b"1", 1, 1, WALL() + 30])
+    put_raw(reg.kv, P_ALIVE + b"h9", [b"1", 1, 1, WALL() - 1])  # (run out)
+    assert reg.hosts_on_the_wall_clock() == ["h8"]
+    assert reg.host_alive("h8") and not reg.host_alive("h9")

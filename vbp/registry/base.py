@@ -404,6 +404,13 @@ class Registry:
         heartbeat ttl ago."""
         return self.kv.get(P_ALIVE + _name("host id", host_id))[0] is not None
 
+    def hosts_on_the_wall_clock(self) -> list[str]:
+        """Live hosts whose liveness key the code before the boot clock keeps, in an
+        embedded registry (vbp.registry.local): they read the liveness of newer hosts as
+        run out, and publish them down. [] for etcd, whose leases time every host."""
+        keys = getattr(self.kv, "wall_clock_keys", None)
+        return sorted(k[len(P_ALIVE):].decode() for k in keys(P_ALIVE)) if keys else []
+
     def remove_host(self, host_id: str, *, unless_alive: bool = False) -> ClusterMap:
         """Forget a host. Refused while chunks are placed on it (it is in the data set, or in
         the set a change of data set leaves): its copies would vanish from placement before

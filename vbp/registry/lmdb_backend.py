@@ -141,6 +141,25 @@ class LmdbKV:
         except lmdb.Error as e:
             raise self._fail("read", e) from None
 
+    def wall_clock_keys(self, prefix: bytes) -> list[bytes]:
+        """Keys under `prefix` whose live TTL entry the code before the boot clock wrote
+        (vbp.registry.local.on_wall_clock)."""
+        self._check()
+        try:
+            with self._env.begin() as t:
+                at = local.now(t.get)
+                cur = t.cursor()
+                out = []
+                if cur.set_range(prefix):
+                    for k, v in cur:
+                        if not k.startswith(prefix):
+                            break
+                        if local.on_wall_clock(v, at):
+                            out.append(k)
+                return out
+        except lmdb.Error as e:
+            raise self._fail("read", e) from None
+
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         return self._write(lambda t: local.apply_txn(t.get, t.put, t.delete,
                                                      lambda: list(t.cursor()), compares, ops))

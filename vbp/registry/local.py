@@ -102,6 +102,12 @@ def decode(key: bytes, raw: bytes | None, at: Now) -> Item | None:
     return Item(key, value, create_rev, mod_rev)
 
 
+def on_wall_clock(raw: bytes, at: Now) -> bool:
+    """A live TTL entry the code before the boot clock wrote (a positive expiry)."""
+    expires = _fields(raw)[3]
+    return expires > 0 and _live(expires, at)
+
+
 def read_rev(get: Getter) -> int:
     raw = get(REV_KEY)
     return int(raw) if raw else 0

@@ -41,6 +41,13 @@ class MemoryKV:
             items = [local.decode(k, v, at) for k, v in sorted(d.items()) if k.startswith(prefix)]
             return [it for it in items if it is not None], local.read_rev(d.get)
 
+    def wall_clock_keys(self, prefix: bytes) -> list[bytes]:
+        """As LmdbKV.wall_clock_keys."""
+        with self._store.cond:
+            d = self._store.data
+            at = local.now(d.get)
+            return sorted(k for k, v in d.items() if k.startswith(prefix) and local.on_wall_clock(v, at))
+
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         with self._store.cond:
             d = self._store.data
