@@ -573,7 +573,7 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
                 w.write(h, 2)
                 _, used = look()
                 if used > 0.6 * cap4:  # nearer the threshold: the pace of a steady writer
-                    time.sleep(0.5)
+                    time.sleep(0.25)  # (past nearfull it waits for the controller, below)
                 # Past nearfull, the controller reacts within a second or two of host4
                 # publishing it, one step at a time (the next once the change completed and
                 # every host published for the new data set); on a loaded machine (CI runs
