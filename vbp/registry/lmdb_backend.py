@@ -68,6 +68,16 @@ def _close_env(path: str) -> None:
             entry[1].close()
 
 
+
+def _under(t, prefix: bytes):
+    """The (key, entry) pairs of transaction `t` whose key starts with `prefix`, in order."""
+    cur = t.cursor()
+    if cur.set_range(prefix):
+        for k, v in cur:
+            if not k.startswith(prefix):
+                return
+            yield k, v
+
 class LmdbKV:
     def __init__(self, url: str, path: str) -> None:
         self.url = url
@@ -129,14 +139,10 @@ class LmdbKV:
         try:
             with self._env.begin() as t:
                 at = local.now(t.get)
-                cur = t.cursor()
-                if cur.set_range(prefix):
-                    for k, v in cur:
-                        if not k.startswith(prefix):
-                            break
-                        it = local.decode(k, v, at)
-                        if it is not None:
-                            out.append(it)
+                for k, v in _under(t, prefix):
+                    it = local.decode(k, v, at)
+                    if it is not None:
+                        out.append(it)
                 return out, local.read_rev(t.get)
         except lmdb.Error as e:
             raise self._fail("read", e) from None
@@ -148,15 +154,7 @@ class LmdbKV:
         try:
             with self._env.begin() as t:
                 at = local.now(t.get)
-                cur = t.cursor()
-                out = []
-                if cur.set_range(prefix):
-                    for k, v in cur:
-                        if not k.startswith(prefix):
-                            break
-                        if local.on_wall_clock(v, at):
-                            out.append(k)
-                return out
+                return [k for k, v in _under(t, prefix) if local.on_wall_clock(v, at)]
         except lmdb.Error as e:
             raise self._fail("read", e) from None
 
