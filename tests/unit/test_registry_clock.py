@@ -118,9 +118,13 @@ def test_a_reboot_takes_every_ttl_key_of_the_boot_before(reg, boot_clock, monkey
     the TTL keys of the one before, so that an expiry far ahead on the old clock is not
     read as far ahead on the new one (a dead host up for hours)."""
     kv = reg.kv
+    # (the boot before ran for two hours; the new boot's clock, just started, reads less
+    # than that expiry. Moved forward, not back: a boot clock is never negative, and a
+    # machine booted minutes ago has little to go back by)
+    boot_clock.ahead = 7200.0
     kv.txn([], [Put(b"vbp/t/alive", b"1", 3600.0), Put(b"vbp/t/forever", b"2")])
     monkeypatch.setattr(local, "_boot", "next-boot", raising=False)
-    boot_clock.ahead = -1800.0  # the new boot's clock reads less than the expiry's
+    boot_clock.ahead = 0.0
     assert kv.get(b"vbp/t/alive")[0] is None  # (not yet removed: read as run out)
     kv.txn([], [Put(b"vbp/t/other", b"3", 60.0)])  # the first write of this boot
     assert kv.get(b"vbp/t/alive")[0] is None
