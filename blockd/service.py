@@ -1061,7 +1061,9 @@ class VolumeProvider:
 
     def _deadline(self, t0: float) -> float:
         """When a lease granted or renewed by a call started at `t0` must be treated as
-        gone: the registry computed its expiry after t0, and a margin covers the clocks."""
+        gone (trio time: the monotonic clock, which no step of the wall clock moves): the
+        registry put its liveness key after t0, to run out `ttl` later on the store's
+        clock, and a margin covers the clocks' rates."""
         ttl = self.service.cfg.lease_ttl
         return t0 + ttl - min(1.0, ttl / 10)
 

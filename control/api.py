@@ -95,8 +95,10 @@ def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
         if head:
             lease = reg.get_lease(vol)  # (a live one only)
             if lease is not None:
-                users.insert(0, f"{vol} on {lease.holder}, its write lease held for "
-                                f"{max(lease.expires - time.time(), 0):.0f} s more unless renewed")
+                # (no time left is told: the lease runs out on the registry's clock, and
+                # the wall clocks that could tell it may be stepped or skewed)
+                users.insert(0, f"{vol} on {lease.holder}, its write lease held until its "
+                                f"host hands it back or stops renewing it")
         if not users:
             return
         if time.monotonic() > deadline:

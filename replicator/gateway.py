@@ -34,12 +34,12 @@ Theory of operation (DESIGN.md, Data path):
 - A replica at a newer epoch refuses the write (StaleEpoch): the gateway refreshes its map
   and retries once, so a healthy replica is never marked stale for our old map.
 - Self-fencing: `lease_deadline` (trio time) is when the lease the service last took or
-  renewed runs out, counted from before the registry call, so never later than the expiry
-  the registry stores. Past it no write is sent (LeaseExpired): another host may take the
-  lease from then on, and it must find no write of ours still arriving. Nor are this
-  host's own copies read past it (_own_current): the new holder's writes may have missed
-  them. A renewal that succeeds (nobody took the lease meanwhile) moves the deadline and
-  writes and local reads resume.
+  renewed runs out, counted from before the registry call, so never later than the
+  lease's liveness key in the registry runs out (vbp.registry.base). Past it no write is
+  sent (LeaseExpired): another host may take the lease from then on, and it must find no
+  write of ours still arriving. Nor are this host's own copies read past it
+  (_own_current): the new holder's writes may have missed them. A renewal that succeeds
+  (nobody took the lease meanwhile) moves the deadline and writes and local reads resume.
 - A replica failure that cannot be recorded (registry unreachable) fails the write, and
   the outcome waits in `unrecorded` as (chunk, hosts that took it, hosts that missed it).
   The service settles it once the registry answers: if our lease is still the newest, the

@@ -192,6 +192,16 @@ def test_next_id_monotonic_under_concurrency(url, reg):
 # --- leases ----------------------------------------------------------------------------------
 
 
+def wait_run_out(reg, volume: str, timeout: float = 10.0) -> None:
+    """Until the volume's lease has run out, by its liveness key's TTL on the store's clock
+    (etcd keeps a key at least its minimum lease TTL, 1 s here, and expires a lease a
+    little after it)."""
+    deadline = time.monotonic() + timeout
+    while reg.get_lease(volume) is not None:
+        assert time.monotonic() < deadline, f"the lease of {volume} never ran out"
+        time.sleep(0.05)
+
+
 def test_lease_exclusive_and_reacquire(reg):
     assert reg.get_lease("v") is None
     a = reg.acquire_lease("v", "gw-a", 5)
@@ -224,8 +234,7 @@ def test_lease_renew_release(reg):
 
 def test_lease_takeover_after_expiry_fences_old_holder(reg):
     a = reg.acquire_lease("v", "gw-a", 1)
-    time.sleep(1.2)
-    assert reg.get_lease("v") is None
+    wait_run_out(reg, "v")
     b = reg.acquire_lease("v", "gw-b", 5)
     assert b.token > a.token
     with pytest.raises(Fenced, match="gw-b"):
@@ -246,7 +255,7 @@ def test_a_volume_update_under_a_lease_holds_only_while_the_lease_does(reg):
     assert reg.update_volume("v", bump, a)["n"] == 1
     renewed = reg.renew_lease(a, 1)
     assert reg.update_volume("v", bump, renewed)["n"] == 2  # a renewal is the same lease
-    time.sleep(1.2)
+    wait_run_out(reg, "v")
     assert reg.update_volume("v", bump, a)["n"] == 3  # expired, not taken over: still ours
     b = reg.acquire_lease("v", "gw-b", 30)
     with pytest.raises(Fenced):
@@ -280,7 +289,7 @@ def test_stale_marks_under_a_lease_hold_only_while_the_lease_does(reg):
     stale = lambda: sorted(r.host_id for r in reg.list_stale("lin", 3))  # noqa: E731
     a = reg.acquire_lease("v", "gw-a", 1)
     reg.mark_stale("lin", 3, ["h1"], 10, lease=a)
-    time.sleep(1.2)
+    wait_run_out(reg, "v")
     reg.mark_stale("lin", 3, ["h2"], 11, lease=a)  # expired, not taken over: still ours
     assert stale() == ["h1", "h2"]
     b = reg.acquire_lease("v", "gw-b", 30)
@@ -297,7 +306,7 @@ def test_stale_marks_under_a_lease_hold_only_while_the_lease_does(reg):
 
 def test_lease_renew_after_expiry_without_takeover(reg):
     a = reg.acquire_lease("v", "gw-a", 1)
-    time.sleep(1.1)
+    wait_run_out(reg, "v")
     r = reg.renew_lease(a, 5)
     assert r.token == a.token and reg.get_lease("v") == r
 
@@ -320,6 +329,132 @@ def test_lease_tokens_increase_under_contention(url, reg):
 
     tokens = [t for seq in run_threads(4, worker) for t in seq]
     assert tokens and len(set(tokens)) == len(tokens)
+
+
+WALL = time.time
+
+
+@pytest.mark.parametrize("skew", ["reader ahead 7 s", "reader ahead a day", "holder behind 7 s"])
+def test_a_wall_clock_step_or_skew_takes_no_live_lease_over(reg, monkeypatch, skew):
+    """A lease's liveness is its liveness key's TTL, on the store's clock: a reader whose
+    wall clock is ahead of the holder's (stepped forward by NTP, or another machine's)
+    does not see the lease run out, take the volume over, nor count it orphaned. (Judged
+    by the `expires` the holder wrote on its own clock, the lease was taken over.)"""
+    step = {"reader ahead 7 s": 7.0, "reader ahead a day": 86400.0, "holder behind 7 s": -7.0}[skew]
+    reg.create_volume("v", {"name": "v"})
+    if step < 0:
+        monkeypatch.setattr(time, "time", lambda: WALL() + step)
+    a = reg.acquire_lease("v", "gw-a", 5.0)
+    monkeypatch.setattr(time, "time", lambda: WALL() + max(step, 0.0))
+    with pytest.raises(LeaseHeld, match="gw-a"):
+        reg.acquire_lease("v", "gw-b", 5.0)
+    assert reg.get_lease("v") == a
+    assert not reg.lease_orphaned("v") and reg.orphaned_lease("v") is None
+    reg.delete_volume("v")
+    assert reg.leases_of_deleted() == [a]  # (GC holds off: its holder may serve it still)
+    assert reg.renew_lease(a, 5.0).token == a.token
+
+
+def test_a_wall_clock_step_forward_forgets_no_live_lease_of_a_deleted_volume(reg, monkeypatch):
+    """The lease records of deleted volumes are forgotten by their recorded `expires`, a
+    coarse cutoff (blockd: a compaction period), but never while their liveness key is
+    there: its holder may serve the deleted chain still, and GC holds off for it only
+    while the record lists it (leases_of_deleted)."""
+    reg.create_volume("v", {"name": "v"})
+    a = reg.acquire_lease("v", "gw-a", 30.0)
+    reg.delete_volume("v")
+    monkeypatch.setattr(time, "time", lambda: WALL() + 86400.0)
+    assert reg.forget_leases_of_deleted(600.0) == 0
+    assert reg.leases_of_deleted() == [a] and reg.lease_tokens() == {"v": a.token}
+    reg.release_lease(a)
+    assert reg.forget_leases_of_deleted(600.0) == 1 and reg.lease_tokens() == {}
+
+
+def test_a_wall_clock_step_back_keeps_no_run_out_lease(reg, monkeypatch):
+    """The other way: a reader whose wall clock went back (or is behind the holder's) sees
+    a lease run out when its key's TTL has, not an hour later, and takes it over."""
+    reg.create_volume("v", {"name": "v"})
+    a = reg.acquire_lease("v", "gw-a", 0.05)  # (etcd keeps it 1 s at least)
+    monkeypatch.setattr(time, "time", lambda: WALL() - 3600.0)
+    wait_run_out(reg, "v")
+    assert reg.lease_orphaned("v") and reg.orphaned_lease("v").token == a.token
+    reg.delete_volume("v")
+    assert reg.leases_of_deleted() == []
+    b = reg.acquire_lease("v", "gw-b", 5.0)
+    assert b.taken_over and b.token > a.token
+    with pytest.raises(Fenced, match="gw-b"):
+        reg.renew_lease(a, 5.0)
+
+
+def _put_lease_record(reg, volume: str, record: dict, live_token: int | None = None) -> None:
+    """Store a lease record as it is (and, with `live_token`, a liveness key naming it)."""
+    from vbp.registry.base import P_LEASE, P_LEASE_LIVE
+
+    ops = [Put(P_LEASE + volume.encode(), msgpack.packb(record, use_bin_type=True))]
+    if live_token is not None:
+        ops.append(Put(P_LEASE_LIVE + volume.encode(), msgpack.packb(live_token), 30.0))
+    reg.kv.txn([], ops)
+
+
+def test_a_lease_record_of_the_code_before_is_judged_by_its_expires(reg):
+    """A record without `live_key` was written by the code before the liveness key, still
+    running somewhere in a mixed-version pool: it keeps no liveness key, so its `expires`
+    (that code's wall clock) says whether it is held, and its live lease is not taken over."""
+    _put_lease_record(reg, "old", {"holder": "gw-old", "token": 5, "expires": WALL() + 30})
+    _put_lease_record(reg, "gone", {"holder": "gw-old", "token": 6, "expires": WALL() - 1})
+    assert (reg.get_lease("old").holder, reg.get_lease("old").token) == ("gw-old", 5)
+    with pytest.raises(LeaseHeld, match="gw-old"):
+        reg.acquire_lease("old", "gw-new", 5.0)
+    assert not reg.lease_orphaned("old")
+    assert [lease.volume for lease in reg.leases_of_deleted()] == ["old"]  # (no volume record)
+    assert reg.get_lease("gone") is None and reg.orphaned_lease("gone").token == 6
+    b = reg.acquire_lease("gone", "gw-new", 5.0)
+    assert b.taken_over and b.token > 6 and reg.get_lease("gone") == b
+
+
+def test_a_lease_is_held_only_by_a_liveness_key_of_its_own_grant(reg):
+    """A record this code wrote (`live_key`) is held only while its liveness key is there
+    naming its token, whatever its `expires` says: a key left by an earlier grant does
+    not keep a later one."""
+    ahead = {"holder": "gw-a", "token": 7, "expires": WALL() + 3600, "live_key": True}
+    _put_lease_record(reg, "v", ahead)
+    assert reg.get_lease("v") is None and reg.lease_orphaned("v")
+    _put_lease_record(reg, "v", ahead, live_token=6)
+    assert reg.get_lease("v") is None and reg.lease_orphaned("v")
+    _put_lease_record(reg, "v", {**ahead, "expires": WALL() - 3600}, live_token=7)
+    assert reg.get_lease("v").token == 7 and not reg.lease_orphaned("v")
+    with pytest.raises(LeaseHeld):
+        reg.acquire_lease("v", "gw-b", 5.0)
+
+
+class _RenewedMeanwhile:
+    """A KV whose first transaction is preceded by `renew()`: a renewal landing between a
+    grant's reads and its write."""
+
+    def __init__(self, kv, renew):
+        self.kv, self.renew = kv, renew
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+    def txn(self, compares, ops):
+        if self.renew is not None:
+            renew, self.renew = self.renew, None
+            renew()
+        return self.kv.txn(compares, ops)
+
+
+def test_a_grant_racing_a_renewal_is_refused(reg):
+    """gw-b reads gw-a's lease run out, and gw-a renews it before gw-b's write: the
+    grant's compare (the record and its liveness key as read) refuses it, and judged
+    again the lease is held."""
+    a = reg.acquire_lease("v", "gw-a", 0.05)
+    wait_run_out(reg, "v")
+    renewed = []
+    b_reg = Registry(_RenewedMeanwhile(reg.kv, lambda: renewed.append(reg.renew_lease(a, 30.0))))
+    with pytest.raises(LeaseHeld, match="gw-a"):
+        b_reg.acquire_lease("v", "gw-b", 30.0)
+    assert renewed and reg.get_lease("v") == renewed[0]
 
 
 # --- hosts and the cluster map -----------------------------------------------------------------
@@ -761,7 +896,7 @@ def test_lease_tokens_survive_release_and_expiry(reg):
     a = reg.acquire_lease("v1", "h1", 30)
     b = reg.acquire_lease("v2", "h2", 0.01)
     reg.release_lease(a)
-    time.sleep(0.05)
+    wait_run_out(reg, "v2")
     c = reg.acquire_lease("v2", "h3", 30)  # takeover after expiry: a newer token
     assert reg.lease_tokens() == {"v1": a.token, "v2": c.token} and c.token > b.token
 
@@ -774,7 +909,7 @@ def test_a_lease_that_ran_out_unreleased_is_orphaned(reg):
     assert not reg.lease_orphaned("v")  # released
     assert reg.orphaned_lease("v") is None
     ran_out = reg.acquire_lease("v", "gw1", 0.001)
-    time.sleep(0.01)
+    wait_run_out(reg, "v")
     assert reg.lease_orphaned("v")  # ran out: its holder stopped renewing
     assert (reg.orphaned_lease("v").holder, reg.orphaned_lease("v").token) == ("gw1", ran_out.token)
     taken = reg.acquire_lease("v", "gw2", 30)
@@ -975,7 +1110,7 @@ def test_a_lease_handed_back_without_its_takeovers_reconcile_is_still_a_takeover
     back without comparing the copies (it is no gateway): the next grant is a takeover
     still, so the gateway that gets it reconciles. A lease handed back as usual is not."""
     held = reg.acquire_lease("v", "gw1", 0.01)
-    time.sleep(0.02)
+    wait_run_out(reg, "v")
     assert reg.lease_orphaned("v")
     control = reg.acquire_lease("v", "control", 30)
     assert control.taken_over
@@ -1275,8 +1410,8 @@ def test_the_lease_records_of_deleted_volumes_are_forgotten(reg):
     reg.release_lease(reg.acquire_lease("d", "h1", 30.0))  # its volume stays
     for n in "abc":
         reg.delete_volume(n)
-    time.sleep(0.1)
-    assert reg.forget_leases_of_deleted(60.0) == 1  # a; b ran out 0.05 s ago
+    wait_run_out(reg, "b")
+    assert reg.forget_leases_of_deleted(60.0) == 1  # a; b ran out a moment ago
     assert set(reg.lease_tokens()) == {"b", "c", "d"}
     assert reg.forget_leases_of_deleted(0.0) == 1  # b
     assert set(reg.lease_tokens()) == {"c", "d"}

@@ -11,10 +11,11 @@ Theory of operation:
 - One trio run with MockClock(autojump_threshold=0): time is virtual, so timeouts, lease
   periods and resync intervals cost nothing; the same seed gives the same schedule.
 - The registry is the in-process `memory://` one, called inline (no worker thread). Its
-  leases and liveness keys expire on the wall clock (time.time() inside vbp.registry), which
-  a simulation cannot drive: leases are granted for a long wall time and expired in VIRTUAL
-  time by `Sim.lease_clock` (their record is rewritten with expires=0, exactly what an
-  expired lease looks like); a crashed host is declared down by deleting its alive key.
+  leases and liveness keys expire on the machine's boot clock (vbp.registry.local), which
+  a simulation does not drive: leases are granted for a long time and expired in VIRTUAL
+  time by `Sim.lease_clock` (their liveness key deleted and their record's `expires` set
+  to 0, exactly what an expired lease looks like); a crashed host is declared down by
+  deleting its alive key.
 - One `random.Random(seed)` drives everything: workload choices, fault schedule, each
   host's FaultPolicy seed and the crash model of the disks.
 """
@@ -43,7 +44,7 @@ from vbp.cluster import HostRecord
 from vbp.errors import RegistryUnavailable, VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry import open_registry
-from vbp.registry.base import P_ALIVE, P_LEASE
+from vbp.registry.base import P_ALIVE, P_LEASE, P_LEASE_LIVE
 from vbp.registry.kv import Delete, Put
 from vbp.volume import (
     VolumeRecord, cancel_pending, new_volume, request_shrink, request_snapshot, take_snapshot,
@@ -354,7 +355,8 @@ class Sim:
         if token is not None and d["token"] != token:
             return
         d["expires"] = 0.0
-        self.reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True))])
+        self.reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True)),
+                             Delete(P_LEASE_LIVE + volume.encode())])
         self.lease_deadline.pop(volume, None)
 
     def up_hosts(self) -> list[SimHost]:

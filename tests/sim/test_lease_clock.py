@@ -1,6 +1,6 @@
-"""A holder's writes against its lease's deadline, with the registry's wall clock driven by
-the sim's virtual clock (vbp.registry.base's `time`), so that the real lease arithmetic
-runs: a grant or renewal at t expires at t + lease_ttl in the registry, and the holder's
+"""A holder's writes against its lease's deadline, with the registry's clocks driven by
+the sim's virtual clock (vbp.registry.base's `time`, and the boot clock its TTL keys run
+out by, vbp.registry.local.clock), so that the real lease arithmetic runs: a grant or renewal at t expires at t + lease_ttl in the registry, and the holder's
 own deadline is t + lease_ttl - min(1, lease_ttl / 10) (VolumeProvider._deadline).
 Background loops are off: nothing renews the lease, as for a holder cut off from the
 registry. (Found by a review.)"""
@@ -16,10 +16,11 @@ from tests.sim import harness
 from tests.sim.harness import Sim, call, run
 from vbp.errors import VbpError
 from vbp.layout import MiB
-from vbp.registry import base
+from vbp.registry import base, local
 
 K4 = 4096
 EPOCH = 1.7e9
+BOOT = 1e5
 
 
 class _Clock:
@@ -32,9 +33,18 @@ class _Clock:
         return getattr(_time, name)
 
 
+def _boot_clock() -> float:
+    """vbp.registry.local's boot clock, the virtual clock inside the sim's trio run."""
+    try:
+        return BOOT + trio.current_time()
+    except RuntimeError:  # (outside the run: the sim being built)
+        return BOOT
+
+
 @pytest.fixture(autouse=True)
 def virtual_wall_clock(monkeypatch):
     monkeypatch.setattr(base, "time", _Clock())
+    monkeypatch.setattr(local, "clock", _boot_clock)
 
     async def acquire_lease(self, volume, holder, ttl):  # (the real ttl, not WALL_TTL)
         await trio.lowlevel.checkpoint()

@@ -18,7 +18,7 @@ from vbp.errors import (
 )
 from vbp.layout import MiB
 from vbp.registry import open_registry
-from vbp.registry.base import NEVER_CURRENT, P_LEASE
+from vbp.registry.base import NEVER_CURRENT, P_LEASE, P_LEASE_LIVE
 from vbp.registry.kv import Delete, Put
 from vbp.volume import (
     VolumeRecord, complete_pending, complete_snapshot, new_volume, request_shrink, request_snapshot,
@@ -28,11 +28,13 @@ _n = itertools.count()
 
 
 def expire(reg, volume: str) -> None:
-    """What a lease whose TTL ran out looks like (the registry keeps the record)."""
+    """What a lease whose TTL ran out looks like (the registry keeps the record; its
+    liveness key is gone)."""
     key = P_LEASE + volume.encode()
     d = msgpack.unpackb(reg.kv.get(key)[0].value, raw=False)
     d["expires"] = 0.0
-    reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True))])
+    reg.kv.txn([], [Put(key, msgpack.packb(d, use_bin_type=True)),
+                    Delete(P_LEASE_LIVE + volume.encode())])
 
 
 def leased_volume_with_pending_snapshot():

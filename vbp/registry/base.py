@@ -16,7 +16,10 @@ vbp.registry.kv, so the embedded LMDB backend and etcd behave the same. Key layo
     vbp/ctr/gen/<lineage>    the lineage's generation counter: created with its first
                              volume's record (create_volume), removed with its last
                              volume (_forget_lineages)
-    vbp/lease/<volume>       {"holder", "token", "expires"}: the volume's write lease
+    vbp/lease/<volume>       {"holder", "token", "expires", "live_key"}: the volume's write
+                             lease (see the lease liveness rule)
+    vbp/leaselive/<volume>   the token of the lease's grant: a key with the lease's TTL,
+                             put by the grant and each renewal, deleted by the release
     vbp/stale/<lineage>\\0<index:016x>\\0<host>   version a replica missed
     vbp/loss/<lineage>       {"losses": [...]}: chunks of the lineage an operator gave up
                              (vbp volume accept-loss; vbp.volume.AcceptedLoss), bounded;
@@ -40,9 +43,20 @@ release clears its holder, keeps its token), so every grant sees the previous to
 new token is strictly greater than every earlier one for that volume. (Deleting it would
 break this: a CAS on "absent" can succeed after a grant and a release that happened between
 its read and its write.) Renewal keeps the token; a takeover or a release changes the
-record, and renewing then raises Fenced. Lease liveness is judged by the stored `expires`
-(wall clock); fencing tokens keep a clock skew between gateways safe (replicas reject
-writes with an older token).
+record, and renewing then raises Fenced.
+
+Lease liveness rule: a lease is held while its record names a holder and its liveness key
+vbp/leaselive/<volume> is there naming the record's token. The key is put with the lease's
+TTL in the transaction of the grant and of each renewal, and deleted in the release's, so
+it runs out on the store's own clock (the machine's boot clock for the embedded registry,
+etcd's leases): no step of a wall clock, nor a skew between machines, makes a live lease
+look run out (another gateway taking the volume while its holder serves it) or a dead one
+look live. A grant compares both keys, so it commits only on the liveness it judged. The
+record still carries `expires`, the writer's wall clock + TTL, for the code before this
+rule in a mixed-version pool, which judges by it; a record this code writes says
+`live_key`, and one without it (written by that code) is judged by its `expires` on the
+wall clock still, so that an older gateway's live lease is not taken over. Fencing tokens
+keep every case safe all the same (replicas reject writes with an older token).
 """
 
 from __future__ import annotations
@@ -80,6 +94,7 @@ P_CTR = b"vbp/ctr/"
 P_CTR_GEN = b"vbp/ctr/gen/"  # <lineage> -> the last generation handed out (control.api.gen_counter)
 SWEEP_MAX = 64  # removals of one delete's sweep (Registry._forget_lineages)
 P_LEASE = b"vbp/lease/"
+P_LEASE_LIVE = b"vbp/leaselive/"  # <volume> -> the token of the live grant (a TTL key)
 P_STALE = b"vbp/stale/"
 # put by every mark_stale that creates a record: a change of data set completes only if its
 # mod revision is still the one read before the records were listed (set_data_set)
@@ -111,7 +126,9 @@ class Lease:
     volume: str
     holder: str
     token: int
-    expires: float  # time.time() seconds
+    # the writer's time.time() + TTL at the grant or renewal: what the code before the
+    # liveness key judges by (see base's lease liveness rule); this code does not
+    expires: float
     # granted over a holder that never released it (crashed, partitioned, or an earlier
     # incarnation of the same holder): writes it had in flight may have reached only some
     # replicas (blockd reconciles them before its first write)
@@ -160,6 +177,14 @@ STALE_FLAGS = NEVER_CURRENT | LACKS_EARLIER
 
 def _pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+_UNREAD = object()  # (Registry._held: the liveness key not read yet)
+
+
+def _live_value(token: int) -> bytes:
+    """A lease's liveness key's value: the token of the grant it keeps live."""
+    return _pack(token)
 
 
 def _orphaned(item) -> bool:
@@ -820,35 +845,60 @@ class Registry:
         d = _unpack(value)
         return Lease(volume, d["holder"], d["token"], d["expires"])
 
+    def _held(self, volume: str, value: bytes, live=_UNREAD) -> bool:
+        """Whether the lease record `value` of `volume` is held (the lease liveness rule):
+        a holder named, and its liveness key there naming its token (`live`: that key's
+        item as read, None if absent; read here if not given). A record of the code
+        before the key (no `live_key`) is judged by its `expires` on the wall clock."""
+        d = _unpack(value)
+        if not d["holder"]:
+            return False
+        if not d.get("live_key"):
+            return d["expires"] > time.time()
+        if live is _UNREAD:
+            live, _ = self.kv.get(P_LEASE_LIVE + _name("volume name", volume))
+        return live is not None and live.value == _live_value(d["token"])
+
+    def _granted(self, key: bytes, lkey: bytes, lease: Lease, ttl: float, cmps: list[Cmp]) -> bool:
+        """Write `lease` (a grant or a renewal) with its liveness key, for `ttl`, if `cmps`
+        hold."""
+        record = {"holder": lease.holder, "token": lease.token, "expires": lease.expires,
+                  "live_key": True}
+        ok, _ = self.kv.txn(cmps, [Put(key, _pack(record)), Put(lkey, _live_value(lease.token), ttl)])
+        return ok
+
     def acquire_lease(self, volume: str, holder: str, ttl: float) -> Lease:
         """Grant `holder` the write lease. Re-acquiring one's own lease is a fresh grant
-        with a new, greater token (it fences the holder's earlier incarnation)."""
-        key = P_LEASE + _name("volume name", volume)
+        with a new, greater token (it fences the holder's earlier incarnation). The grant
+        compares the record and the liveness key as read: a renewal (or a grant) between
+        the read and the write refuses it, and it judges again."""
+        name = _name("volume name", volume)
+        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
         _name("lease holder", holder)
         for _ in range(CAS_ATTEMPTS):
             item, rev = self.kv.get(key)
-            now = time.time()
+            live, _ = self.kv.get(lkey)
             token = rev + 1
             if item is not None:
                 cur = self._lease_of(volume, item.value)
-                if cur.holder not in ("", holder) and cur.expires > now:
-                    raise LeaseHeld(
-                        f"volume {volume} is leased to {cur.holder} (token {cur.token}) "
-                        f"for {cur.expires - now:.1f}s more"
-                    )
+                if cur.holder not in ("", holder) and self._held(volume, item.value, live):
+                    # (no time left is told: the wall clocks that could tell it are not
+                    # what the lease runs out by)
+                    raise LeaseHeld(f"volume {volume} is leased to {cur.holder} (token "
+                                    f"{cur.token}) until it hands it back or stops renewing it")
                 token = max(token, cur.token + 1)
-            lease = Lease(volume, holder, token, now + ttl,
+            lease = Lease(volume, holder, token, time.time() + ttl,
                           taken_over=item is not None and (cur.holder != "" or _orphaned(item)))
-            value = _pack({"holder": holder, "token": token, "expires": lease.expires})
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev if item else 0)], [Put(key, value)])
-            if ok:
+            if self._granted(key, lkey, lease, ttl, [Cmp(key, "mod", item.mod_rev if item else 0),
+                                                     Cmp(lkey, "mod", live.mod_rev if live else 0)]):
                 return lease
         raise self._contended(f"acquire lease of {volume}")
 
     def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """Extend a lease. Renewing after expiry succeeds if nobody took it over meanwhile
         (its token is still the newest); after a takeover or release it raises Fenced."""
-        key = P_LEASE + _name("volume name", lease.volume)
+        name = _name("volume name", lease.volume)
+        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             cur = self._lease_of(lease.volume, item.value) if item else None
@@ -860,9 +910,9 @@ class Registry:
                     f"by {cur.holder} (token {cur.token})"
                 )
             new = Lease(lease.volume, lease.holder, lease.token, time.time() + ttl)
-            value = _pack({"holder": new.holder, "token": new.token, "expires": new.expires})
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, value)])
-            if ok:
+            # (the record's compare covers the liveness key: only a grant, a renewal or a
+            # release writes it, each with the record)
+            if self._granted(key, lkey, new, ttl, [Cmp(key, "mod", item.mod_rev)]):
                 return new
         raise self._contended(f"renew lease of {lease.volume}")
 
@@ -872,8 +922,10 @@ class Registry:
         this release still see "absent" and reuse an old token. `reconciled=False`: the
         lease was taken over (Lease.taken_over) and handed back without the reconcile a
         gateway runs after a takeover (`vbp volume snapshot` completing a snapshot): the
-        next grant is a takeover still, and lease_orphaned says so."""
-        key = P_LEASE + _name("volume name", lease.volume)
+        next grant is a takeover still, and lease_orphaned says so. Its liveness key goes
+        in the same transaction."""
+        name = _name("volume name", lease.volume)
+        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             if item is None:
@@ -881,10 +933,11 @@ class Registry:
             cur = self._lease_of(lease.volume, item.value)
             if (cur.holder, cur.token) != (lease.holder, lease.token):
                 return
-            released = {"holder": "", "token": cur.token, "expires": 0.0}
+            released = {"holder": "", "token": cur.token, "expires": 0.0, "live_key": True}
             if not reconciled:
                 released["orphaned"] = True
-            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)], [Put(key, _pack(released))])
+            ok, _ = self.kv.txn([Cmp(key, "mod", item.mod_rev)],
+                                [Put(key, _pack(released)), Delete(lkey)])
             if ok:
                 return
         raise self._contended(f"release lease of {lease.volume}")
@@ -904,12 +957,14 @@ class Registry:
         vols, _ = self.kv.range(P_VOL)
         created = {it.key[len(P_VOL):].decode(): it.create_rev for it in vols}
         items, _ = self.kv.range(P_LEASE)
-        now = time.time()
+        lives, _ = self.kv.range(P_LEASE_LIVE)
+        live = {it.key[len(P_LEASE_LIVE):].decode(): it for it in lives}
         out = []
         for it in items:
             lease = self._lease_of(it.key[len(P_LEASE):].decode(), it.value)
             rev = created.get(lease.volume)
-            if lease.holder and lease.expires > now and (rev is None or lease.token <= rev):
+            if (rev is None or lease.token <= rev) and self._held(
+                    lease.volume, it.value, live.get(lease.volume)):
                 out.append(lease)
         return out
 
@@ -919,31 +974,39 @@ class Registry:
         GC pass (leases_of_deleted) and every starting replica (lease_tokens). Safe to
         drop: a later volume of the name gets a greater token at its first grant (a token
         is the store's revision), which is all a replica checks. Each removal compares the
-        lease record and the volume's absence. Returns how many went."""
+        lease record, the volume's absence and the lease's liveness key's. Returns how
+        many went."""
         vols, _ = self.kv.range(P_VOL)
         names = {it.key[len(P_VOL):].decode() for it in vols}
         items, _ = self.kv.range(P_LEASE)
+        # (how long ago is told by the recorded `expires`, the wall clock of the lease's
+        # last writer: a coarse collection, of records run out blockd's COMPACT_PERIOD ago;
+        # that a lease has run out at all is told by its liveness key, compared absent in
+        # the removal, so that a step or skew of the wall clock never drops a live lease
+        # of a deleted volume, which GC holds off for: leases_of_deleted)
         cutoff = time.time() - older_than
         gone = 0
         for it in items:
             name = it.key[len(P_LEASE):]
             if name.decode() in names or _unpack(it.value).get("expires", 0.0) > cutoff:
                 continue  # (a handed back lease says 0.0)
-            ok, _ = self.kv.txn([Cmp(it.key, "mod", it.mod_rev), Cmp(P_VOL + name, "mod", 0)],
+            ok, _ = self.kv.txn([Cmp(it.key, "mod", it.mod_rev), Cmp(P_VOL + name, "mod", 0),
+                                 Cmp(P_LEASE_LIVE + name, "mod", 0)],
                                 [Delete(it.key)])
             gone += ok
         return gone
 
     def get_lease(self, volume: str) -> Lease | None:
+        """The volume's lease if held and not run out (the lease liveness rule), else None."""
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         return self._live_lease(volume, item)
 
     def _live_lease(self, volume: str, item) -> Lease | None:
-        """The lease a lease record (`item`, None: none) holds, if held and not run out."""
-        if item is None:
+        """The lease a lease record (`item`, None: none) holds, if held and not run out
+        (the lease liveness rule: its liveness key read here)."""
+        if item is None or not self._held(volume, item.value):
             return None
-        lease = self._lease_of(volume, item.value)
-        return lease if lease.holder and lease.expires > time.time() else None
+        return self._lease_of(volume, item.value)
 
     def revision(self) -> int:
         """The store's revision now (what compact_history takes, and what volume_changes
@@ -967,7 +1030,7 @@ class Registry:
         if item is None:
             return None
         lease = self._lease_of(volume, item.value)
-        if (bool(lease.holder) and lease.expires <= time.time()) or (
+        if (bool(lease.holder) and not self._held(volume, item.value)) or (
                 not lease.holder and _orphaned(item)):
             return lease
         return None
