@@ -1314,6 +1314,37 @@ def test_stats_join_the_kept_lease_and_a_lease_gone_is_granted_again_on_etcd(etc
         reg.close()
 
 
+def test_a_renewal_keeps_the_lease_of_its_liveness_key_alive_on_etcd(etcd_server, monkeypatch):
+    """A lease renewal grants no etcd lease while its liveness key lives: it keeps the
+    key's lease alive and puts the key again on it (a grant each renewal, and the lease it
+    replaced expiring later, were two raft proposals more an open volume and renewal). A
+    key run out, or revoked here, is put on a lease granted for it; a release forgets the
+    key's lease."""
+    from vbp.registry.base import P_LEASE_LIVE
+
+    etcd_server.wipe()
+    reg = open_registry(etcd_server.url)
+    try:
+        key = base64.b64encode(P_LEASE_LIVE + b"v").decode()
+        lease_of_key = lambda: reg.kv._call("kv/range", {"key": key})["kvs"][0]["lease"]  # noqa: E731
+        a = reg.acquire_lease("v", "gw-a", 30.0)
+        granted = lease_of_key()
+        grants = []
+        real = reg.kv._grant
+        monkeypatch.setattr(reg.kv, "_grant", lambda ttl: grants.append(ttl) or real(ttl))
+        for _ in range(3):
+            a = reg.renew_lease(a, 30.0)
+        assert grants == [] and lease_of_key() == granted and reg.get_lease("v") == a
+        reg.kv._call("lease/revoke", {"ID": granted})  # (the key goes with it)
+        assert reg.get_lease("v") is None
+        a = reg.renew_lease(a, 30.0)
+        assert grants == [30.0] and lease_of_key() != granted and reg.get_lease("v") == a
+        reg.release_lease(a)
+        assert reg.get_lease("v") is None and P_LEASE_LIVE + b"v" not in reg.kv._kept
+    finally:
+        reg.close()
+
+
 def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
     """clear_stale_unless_changed (vbp volume accept-loss): one transaction removes the
     record and rewrites the lineage's loss record (vbp/loss/<lineage>); a record of the

@@ -859,12 +859,14 @@ class Registry:
             live, _ = self.kv.get(P_LEASE_LIVE + _name("volume name", volume))
         return live is not None and live.value == _live_value(d["token"])
 
-    def _granted(self, key: bytes, lkey: bytes, lease: Lease, ttl: float, cmps: list[Cmp]) -> bool:
+    def _granted(self, key: bytes, lkey: bytes, lease: Lease, ttl: float, cmps: list[Cmp],
+                 kept: bool = False) -> bool:
         """Write `lease` (a grant or a renewal) with its liveness key, for `ttl`, if `cmps`
-        hold."""
+        hold; `kept`: the key was kept alive just now (the put joins its lease: Put)."""
         record = {"holder": lease.holder, "token": lease.token, "expires": lease.expires,
                   "live_key": True}
-        ok, _ = self.kv.txn(cmps, [Put(key, _pack(record)), Put(lkey, _live_value(lease.token), ttl)])
+        ok, _ = self.kv.txn(cmps, [Put(key, _pack(record)), Put(
+            lkey, _live_value(lease.token), ttl, lease_of=lkey if kept else None)])
         return ok
 
     def acquire_lease(self, volume: str, holder: str, ttl: float) -> Lease:
@@ -910,9 +912,14 @@ class Registry:
                     f"by {cur.holder} (token {cur.token})"
                 )
             new = Lease(lease.volume, lease.holder, lease.token, time.time() + ttl)
-            # (the record's compare covers the liveness key: only a grant, a renewal or a
-            # release writes it, each with the record)
-            if self._granted(key, lkey, new, ttl, [Cmp(key, "mod", item.mod_rev)]):
+            # The liveness key is kept alive and put again on the lease kept (etcd: no
+            # lease granted a renewal, nor one left behind to expire, two raft proposals
+            # each), as the heartbeat keeps a host's; put on a lease of its own when there
+            # is none to keep (run out). (The record's compare covers the key: only a
+            # grant, a renewal or a release writes it, each with the record; a key kept
+            # alive here that a grant replaced meanwhile is that grant's, just granted.)
+            kept = self.kv.keep_alive(lkey, ttl)
+            if self._granted(key, lkey, new, ttl, [Cmp(key, "mod", item.mod_rev)], kept):
                 return new
         raise self._contended(f"renew lease of {lease.volume}")
 

@@ -249,6 +249,7 @@ class EtcdKV:
                 body_ops.append({"request_put": put})
             elif isinstance(op, Delete):
                 body_ops.append({"request_delete_range": {"key": _b64(op.key)}})
+                self._kept.pop(op.key, None)  # (a key deleted keeps no lease: not remembered)
             else:
                 raise ValueError(f"unknown op {op!r}")
         try:
