@@ -51,7 +51,7 @@ from vbp.volume import (
 )
 
 CLUSTER = "sim"
-WALL_TTL = 1e7  # wall-clock TTL of liveness keys and leases: never reached in a test
+WALL_TTL = 1e7  # TTL of liveness keys and leases: never reached in a test
 
 
 def deterministic_scheduling(seed: int) -> None:

@@ -1,7 +1,8 @@
 """A holder's writes against its lease's deadline, with the registry's clocks driven by
 the sim's virtual clock (vbp.registry.base's `time`, and the boot clock its TTL keys run
-out by, vbp.registry.local.clock), so that the real lease arithmetic runs: a grant or renewal at t expires at t + lease_ttl in the registry, and the holder's
-own deadline is t + lease_ttl - min(1, lease_ttl / 10) (VolumeProvider._deadline).
+out by, vbp.registry.local.clock), so that the real lease arithmetic runs: a grant or
+renewal at t expires at t + lease_ttl in the registry, and the holder's own deadline is
+t + lease_ttl - min(1, lease_ttl / 10) (VolumeProvider._deadline).
 Background loops are off: nothing renews the lease, as for a holder cut off from the
 registry. (Found by a review.)"""
 
