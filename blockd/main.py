@@ -64,10 +64,13 @@ def main(config_file, **flags):
     logs.setup(cfg.host_id, cfg.log_level, cfg.log_format)
     tune_malloc()
     tune_gc()
+    from blockd.clock import BootClock
     from blockd.service import run_until_signal
 
     try:
-        trio.run(run_until_signal, cfg)
+        # (on the boot clock: a suspend of the machine runs leases out here as it does in
+        # the registry; blockd.clock)
+        trio.run(run_until_signal, cfg, clock=BootClock())
     except BaseException as e:
         errors = _operator_errors(e)
         if errors is None:
