@@ -121,10 +121,16 @@ SEND_TIMEOUT = 60.0
 # and MAX_QUEUED (and the send under way), about 160 MiB: without a bound for the whole,
 # a few hundred clients that stop reading, or a slow volume under many, held it all at
 # once. Past it, a connection holding FAIR_SHARE or more takes no new request until the
-# total is back under: the total stays within HELD_LIMIT, the batch that crosses it, and
-# FAIR_SHARE per connection.
+# total is back under, nor a read whose reply would take it past FAIR_SHARE (a 32 MiB
+# read, taken by a connection that held little, held 32 MiB per connection: a review saw
+# 120 clients hold 4.5 GiB): the total stays within HELD_LIMIT, the batch that crosses
+# it, and FAIR_SHARE per connection.
 HELD_LIMIT = 1024 * 1024 * 1024
 FAIR_SHARE = 4 * 1024 * 1024
+# Seconds between two looks at whether the client of a connection waiting for the budget
+# went away (_Connection.wait_budget): nothing else of the connection would notice until
+# the budget is back under, and its read would then be made for no one.
+GONE_CHECK = 1.0
 # Connections of one server at once (blockd: nbd_max_connections); one more is closed as
 # soon as it is accepted, before the greeting. With HELD_LIMIT it bounds the memory of
 # the whole: each connection may hold FAIR_SHARE and a request past the budget, and a
@@ -188,6 +194,17 @@ def max_payload(export) -> int:
     advertises it and the codec refuses longer requests (EINVAL): proto.md wants the two
     to agree, a client abiding by the advertised size being held to no other."""
     return min(getattr(export, "max_block", proto.MAX_PAYLOAD), proto.MAX_PAYLOAD)
+
+
+def _gone(raw: socket.socket) -> bool:
+    """Whether the peer of `raw` closed or reset the connection, by a peek that takes
+    nothing (bytes it sent and this side has not read: not gone)."""
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 class HeldBytes:
@@ -380,8 +397,9 @@ async def handle_connection(stream, provider: ExportProvider,
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
         _bad_client(failures, stream, "nbd TLS error, disconnecting", exc)
-    except trio.TooSlowError:
-        log.info("nbd handshake not done within %g s, disconnecting", HANDSHAKE_TIMEOUT)
+    except trio.TooSlowError:  # (idle connections: anyone can open a thousand)
+        _bad_client(failures, stream, "nbd handshake not done, disconnecting",
+                    f"no export chosen within {HANDSHAKE_TIMEOUT:g} s", logging.INFO)
     except ProtocolError as exc:
         _bad_client(failures, stream, "nbd protocol error, disconnecting", exc)
     except Exception:
@@ -393,17 +411,18 @@ async def handle_connection(stream, provider: ExportProvider,
             await trio.aclose_forcefully(stream)
 
 
-def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException) -> None:
-    """Warn of a client that broke the protocol: a few lines a period per address
-    (`failures`, the server's LogLimit), as anyone who reaches the port can make
-    connections that fail as fast as it likes."""
+def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException | str,
+                level: int = logging.WARNING) -> None:
+    """Warn of a client that broke the protocol (or took too long): a few lines a period
+    per address (`failures`, the server's LogLimit), as anyone who reaches the port can
+    make connections that fail as fast as it likes."""
     # (the socket of a plain stream, or under the TLS channel of an upgraded one)
     address = remote_address(getattr(stream, "socket", None)
                              or getattr(getattr(stream, "channel", None), "sock", None))
     if failures is None:
-        log.warning("%s: %s (client %s)", what, exc, address)
+        log.log(level, "%s: %s (client %s)", what, exc, address)
     else:
-        failures.log(log, logging.WARNING, ("bad_client", address), "%s: %s (client %s)",
+        failures.log(log, level, ("bad_client", address), "%s: %s (client %s)",
                      what, exc, address)
 
 
@@ -722,6 +741,14 @@ class _Connection:
                             run, last = 1, cmd
                         else:
                             run = 0
+                        if (cmd == proto.CMD_READ and self.max_bytes == FAIR_SHARE
+                                and not self.fits(event.length)):
+                            self.push()  # (over the budget: HELD_LIMIT)
+                            if self.to_observe:
+                                self.observe_sent()
+                            if not await self.wait_budget(event.length):
+                                return  # (the client went away meanwhile)
+                            since = 0
                         self.dispatch(event)
                     elif kind is BadRequest:
                         self.queue(codec.reply_error(event.cookie, event.command, event.errno,
@@ -836,6 +863,31 @@ class _Connection:
             # (the writer wakes us as it gives back what it was sending, its client gone,
             # and then ends the connection: no request more, a 32 MiB read's copy each)
             await trio.lowlevel.checkpoint_if_cancelled()
+
+    def fits(self, need: int) -> bool:
+        """Whether a read of `need` bytes may be taken now as far as the server's budget
+        goes: it is not over, or the read fits this connection's FAIR_SHARE with what the
+        connection holds now (recharged)."""
+        self.recharge()
+        return self.max_bytes != FAIR_SHARE or self.charged + need <= FAIR_SHARE
+
+    async def wait_budget(self, need: int) -> bool:
+        """Wait, while the server's budget is over (HELD_LIMIT), until a read of `need`
+        bytes fits this connection's FAIR_SHARE, or the budget is back under. False if the
+        client went away meanwhile (looked at every GONE_CHECK: a peek at the socket; a
+        TLS connection is not looked at, its bytes being the session's)."""
+        held = self.held
+        while not self.fits(need):
+            self.room = trio.Event()
+            held.waiting.add(self)
+            try:
+                with trio.move_on_after(GONE_CHECK):
+                    await self.room.wait()
+            finally:
+                held.waiting.discard(self)
+            if self.raw is not None and _gone(self.raw):
+                return False
+        return True
 
     def queued(self) -> int:
         """What the replies queued for the writer hold: their bytes, and QUEUED_ITEM more

@@ -696,6 +696,27 @@ async def test_idle_handshake_times_out(port, monkeypatch):
             await c.recv(1)
 
 
+async def test_idle_handshakes_log_a_few_lines_a_period_per_address(port, monkeypatch,
+                                                                   caplog):
+    """A thousand connections that never negotiate, from one address, each timed out: a
+    line each filled the log (a review); now a few a period (vbp.loglimit), at INFO."""
+    caplog.set_level(logging.INFO, logger="vbp.nbd")
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.2)
+    idle = []
+    for _ in range(20):
+        c = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        await c.recv(18)
+        idle.append(c)
+    with trio.fail_after(5):
+        for c in idle:
+            with pytest.raises(EOFError):
+                await c.recv(1)
+    lines = [r for r in caplog.records if "handshake not done" in r.getMessage()]
+    assert 1 <= len(lines) <= 5, [r.getMessage() for r in lines]
+    assert all(r.levelno == logging.INFO and "within 0.2 s" in r.getMessage() and
+               "127.0.0.1" in r.getMessage() for r in lines)
+
+
 async def test_export_is_closed_when_the_connection_ends(nursery):
     class Provider(MemoryProvider):
         opened = closed = 0
@@ -1741,17 +1762,93 @@ async def test_a_connection_whose_client_went_away_takes_no_request_more(provide
     held.add(2 * MiB)  # (other connections' replies: the budget is over)
     port, ended = await observed_server(nursery, provider, sndbuf=4096, held=held)
     c = await Client.connect(port, "big", rcvbuf=4096)
+    # (reads of the fair share each: a larger one waits for the budget before it is
+    # taken, test_a_read_past_its_share_waits_for_the_budget_and_not_for_a_client_gone)
     await c.send(b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_READ, i,
-                                      i * 2 * MiB, 2 * MiB) for i in range(4)))  # (one receive)
+                                      i * MiB, MiB) for i in range(4)))  # (one receive)
     await trio.sleep(0.3)
     before = taken[0]
-    assert before == 1  # (the first being sent, past the connection's fair share)
+    assert before == 1  # (the first being sent, the connection at its fair share)
     c.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await c.aclose()  # (a reset)
     with trio.fail_after(5):
         while not ended:
             await trio.sleep(0.02)
     assert taken[0] == before
+
+
+@pytest.mark.parametrize("limit", [4 * MiB, 1 << 40], ids=["budget", "no-budget"])
+async def test_reads_larger_than_a_share_hold_no_more_than_the_share_past_the_budget(
+        provider, nursery, monkeypatch, limit):
+    """Clients that send reads larger than FAIR_SHARE (up to 32 MiB each) and take none of
+    the replies: past the budget, a connection that held less than its share took one such
+    read all the same, and 120 clients of 32 MiB reads held 4.5 GiB against a budget of 1
+    (a review). Such a read now waits until the budget is back under: eight clients of
+    three 8 MiB reads each hold the first's 24 MiB and little more, not 8 MiB each (the
+    control without a budget shows what they would), and a client of small requests is
+    served throughout."""
+    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
+    provider.add("big", 64 * MiB)
+    held = server.HeldBytes(limit)
+    port, ended = await observed_server(nursery, provider, sndbuf=4096, held=held)
+    stuck = []
+    for _ in range(8):
+        c = await Client.connect(port, "big", rcvbuf=4096)
+        for i in range(3):
+            await c.request(proto.CMD_READ, i * 8 * MiB, 8 * MiB, cookie=i)
+        stuck.append(c)
+        await trio.sleep(0.05)
+    other = await Client.connect(port)
+    with trio.fail_after(5):
+        for i in range(20):
+            assert await other.write(i * 4096, b"ok") == 0 and await other.read(i * 4096, 2) == b"ok"
+    await trio.sleep(0.3)
+    print(f"held at most {held.most / MiB:.1f} MiB")
+    if limit == 4 * MiB:
+        assert held.most <= 4 * MiB + 24 * MiB + 8 * MiB, held.most / MiB
+    else:
+        assert held.most >= 8 * 8 * MiB, held.most / MiB
+    for c in stuck + [other]:
+        await c.aclose()
+    with trio.fail_after(5):
+        while len(ended) < 9:
+            await trio.sleep(0.02)
+    assert held.total == 0
+
+
+async def test_a_read_past_its_share_waits_for_the_budget_and_not_for_a_client_gone(
+        provider, nursery, monkeypatch):
+    """A read larger than the connection's share, past the budget, waits before it is
+    taken; its client resets the connection meanwhile. Nothing else of the connection
+    would notice (nothing is being sent): it looks at the socket every GONE_CHECK, and
+    ends without taking the read, which would otherwise be made, up to 32 MiB, for no
+    one once the budget is back under. Once under, a waiting read is taken."""
+    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
+    monkeypatch.setattr(server, "GONE_CHECK", 0.1)
+    taken = counting_dispatches(monkeypatch)
+    provider.add("big", 64 * MiB)
+    held = server.HeldBytes(MiB)
+    held.add(2 * MiB)  # (other connections' replies: the budget is over)
+    port, ended = await observed_server(nursery, provider, held=held)
+    c = await Client.connect(port, "big")
+    await c.request(proto.CMD_READ, 0, 2 * MiB, cookie=1)
+    await trio.sleep(0.3)
+    assert taken[0] == 0  # (waiting for the budget)
+    c.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await c.aclose()  # (a reset)
+    with trio.fail_after(5):
+        while not ended:
+            await trio.sleep(0.02)
+    assert taken[0] == 0
+    d = await Client.connect(port, "big")
+    await d.request(proto.CMD_READ, 0, 2 * MiB, cookie=2)
+    await trio.sleep(0.3)
+    assert taken[0] == 0
+    held.add(-2 * MiB)  # (back under: the waiting read goes)
+    with trio.fail_after(5):
+        cookie, error, data = await d.reply({2: 2 * MiB})
+    assert (cookie, error, len(data)) == (2, 0, 2 * MiB) and taken[0] == 1
+    await d.aclose()
 
 
 async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_end(provider,
