@@ -127,6 +127,11 @@ SEND_TIMEOUT = 60.0
 # it, and FAIR_SHARE per connection.
 HELD_LIMIT = 1024 * 1024 * 1024
 FAIR_SHARE = 4 * 1024 * 1024
+# Seconds a connection waits for a request, with none in flight, before it gives up the
+# payload buffers it keeps for reuse (TransmissionCodec.release_pool): up to POOL_BYTES
+# each, which idle connections held however long they stayed (not in the budget: they
+# hold no request). A TLS connection keeps them (its receive is not cut short).
+POOL_IDLE = 1.0
 # Seconds between two looks at whether the client of a connection waiting for the budget
 # went away (_Connection.wait_budget): nothing else of the connection would notice until
 # the budget is back under, and its read would then be made for no one.
@@ -803,7 +808,16 @@ class _Connection:
                         deferred = False
                         if self.to_observe:
                             self.observe_sent()
-                    n = await receive_wait(raw, buf if head is None else (buf, head))
+                    into = buf if head is None else (buf, head)
+                    if self.inflight or not codec.pool_to_release():
+                        n = await receive_wait(raw, into)
+                    else:  # (idle: after POOL_IDLE, its payload buffers go)
+                        n = -1
+                        with trio.move_on_after(POOL_IDLE):
+                            n = await receive_wait(raw, into)
+                        if n < 0:
+                            codec.release_pool()
+                            n = await receive_wait(raw, into)
                 else:
                     spins += 1
                     if spins >= SPIN_BATCHES or self.inflight:

@@ -1851,6 +1851,39 @@ async def test_a_read_past_its_share_waits_for_the_budget_and_not_for_a_client_g
     await d.aclose()
 
 
+async def test_an_idle_connection_gives_up_its_payload_buffers(provider, nursery, monkeypatch):
+    """Each connection keeps the buffers of its large writes' payloads for reuse, up to
+    POOL_BYTES; a review's 40 connections that wrote a few MiB each and stayed idle held
+    540 MiB, not counted anywhere. With no request for POOL_IDLE and none in flight, a
+    connection gives them up (to the thread's spares, bounded for all); writes coming
+    closer together keep them, and a write after the release is served as before."""
+    from nbd_frontend import transmission
+
+    monkeypatch.setattr(server, "POOL_IDLE", 0.5)
+    monkeypatch.setattr(transmission._here, "spares", [], raising=False)  # (none yet: the
+    codecs = []  # first buffer is the pool's, not one an earlier test released)
+    init = transmission.TransmissionCodec.__init__
+
+    def spied(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        codecs.append(self)
+
+    monkeypatch.setattr(transmission.TransmissionCodec, "__init__", spied)
+    provider.add("big", 16 * MiB)
+    port = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+    c = await Client.connect(port, "big")
+    (codec,) = codecs
+    payload = bytes(range(256)) * (4 * MiB // 256)
+    for i in range(3):  # (closer together than POOL_IDLE: the buffer is kept and reused)
+        assert await c.write(i * 4 * MiB, payload) == 0
+        assert len(codec._pool) == 1
+    await trio.sleep(1.2)
+    assert codec._pool == []
+    assert await c.write(12 * MiB, payload) == 0
+    assert await c.read(12 * MiB, 4 * MiB) == payload
+    await c.aclose()
+
+
 async def test_a_large_writes_payload_counts_in_the_budget_and_is_read_to_its_end(provider,
                                                                                 nursery,
                                                                                 monkeypatch):
