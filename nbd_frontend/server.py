@@ -150,6 +150,7 @@ MAX_CONNECTIONS = 1024
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
+STOP_DRAIN = 1.0  # seconds a graceful stop reads a client's last requests (_end_stopped)
 # Export opens of one negotiation during which its clock stops (_answer_export); later
 # ones count against HANDSHAKE_TIMEOUT: a client asking NBD_OPT_INFO again and again of an
 # export slow to open would otherwise hold its connection for thousands of opens.
@@ -398,6 +399,8 @@ async def handle_connection(stream, provider: ExportProvider,
                                       held=held, failures=failures).run()
             if clean and channel is not stream:
                 await _end_tls(channel)
+            elif clean and stopping is not None and stopping.is_set():
+                await _end_stopped(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         log.debug("nbd connection lost: %r", exc)
     except ssl.SSLError as exc:  # (a record that does not decrypt: anyone can send one)
@@ -429,6 +432,20 @@ def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException
     else:
         failures.log(log, level, ("bad_client", address), "%s: %s (client %s)",
                      what, exc, address)
+
+
+async def _end_stopped(stream) -> None:
+    """The end of a connection a graceful stop closes: its answers sent, this side shut
+    (the client reads them all, then the end), and what the client still sends read and
+    dropped for up to STOP_DRAIN: closed with unread input, the socket would send a
+    reset, which can destroy answers the client has not read yet."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return
+    sock.shutdown(socket.SHUT_WR)
+    with trio.move_on_after(STOP_DRAIN):
+        while await stream.receive_some(64 * 1024):
+            pass
 
 
 async def _end_tls(channel) -> None:
@@ -657,6 +674,7 @@ class _Connection:
         # its caps now: MAX_IN_FLIGHT_BYTES and MAX_QUEUED, FAIR_SHARE while over budget
         self.held = held
         self.charged = 0
+        self.waiting_request: Request | None = None  # taken, waiting for the budget (wait_budget)
         self.max_bytes = MAX_IN_FLIGHT_BYTES
         self.max_queued = MAX_QUEUED
         self.closing = False
@@ -697,6 +715,8 @@ class _Connection:
                     raise
                 watch.cancel()  # the client is gone: stop watching the export
                 watch_stop.cancel()
+                if reading.cancelled_caught:
+                    self.refuse_rest()
                 self.closing = True
                 self.wake.set()
             return not nursery.cancel_scope.cancel_called
@@ -708,6 +728,26 @@ class _Connection:
                 held.add(-self.charged)
                 self.charged = 0
                 self.held = None  # (a Later completing after the end charges nothing)
+
+    def refuse_rest(self) -> None:
+        """A graceful stop: answer the requests received and not taken (the one waiting
+        for the budget, those whole in the receive buffer) with NBD_ESHUTDOWN, as
+        proto.md asks ("Terminating the transmission phase"), rather than leave them
+        unanswered."""
+        codec = self.codec
+        waiting, self.waiting_request = self.waiting_request, None
+        if waiting is not None:
+            self.queue(codec.reply_error(waiting.cookie, waiting.command, proto.ESHUTDOWN,
+                                         "the server is stopping"))
+        while True:
+            try:
+                event = codec.next_event()
+            except ProtocolError:
+                return
+            if type(event) is not Request and type(event) is not BadRequest:
+                return  # NEED_DATA (a request not whole, never answered), or Disconnect
+            self.queue(codec.reply_error(event.cookie, event.command, proto.ESHUTDOWN,
+                                         "the server is stopping"))
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the
@@ -751,8 +791,10 @@ class _Connection:
                             self.push()  # (over the budget: HELD_LIMIT)
                             if self.to_observe:
                                 self.observe_sent()
+                            self.waiting_request = event  # (a stop answers it: refuse_rest)
                             if not await self.wait_budget(event.length):
                                 return  # (the client went away meanwhile)
+                            self.waiting_request = None
                             since = 0
                         self.dispatch(event)
                     elif kind is BadRequest:

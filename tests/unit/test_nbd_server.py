@@ -1872,10 +1872,10 @@ async def test_an_idle_connection_gives_up_its_payload_buffers(provider, nursery
     provider.add("big", 16 * MiB)
     port = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
     c = await Client.connect(port, "big")
-    (codec,) = codecs
     payload = bytes(range(256)) * (4 * MiB // 256)
     for i in range(3):  # (closer together than POOL_IDLE: the buffer is kept and reused)
         assert await c.write(i * 4 * MiB, payload) == 0
+        (codec,) = codecs  # (made once the negotiation is over, on the server's side)
         assert len(codec._pool) == 1
     await trio.sleep(1.2)
     assert codec._pool == []
