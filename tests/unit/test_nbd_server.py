@@ -1708,15 +1708,19 @@ async def test_an_error_chunk_carries_a_protocol_string_whatever_the_error_says(
 
 
 @pytest.mark.parametrize("limit", [4 * MiB, 1 << 40], ids=["budget", "no-budget"])
-async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(provider, nursery,
-                                                                          monkeypatch, limit):
+@pytest.mark.parametrize("reads,size", [(16, MiB), (3, 8 * MiB)], ids=["share", "past-share"])
+async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(
+        provider, nursery, monkeypatch, limit, reads, size):
     """Clients that send reads and take none of the replies: each connection may hold
     MAX_QUEUED of replies and more (about 160 MiB), so a few hundred of them held tens of
     GiB at once. With the server's budget (HeldBytes) past its limit, a connection takes
-    no more requests once it holds FAIR_SHARE: eight such clients of 16 MiB of reads each
-    hold about what the first took before the limit was crossed, and FAIR_SHARE and a
-    request each, not 128 MiB (the control without a budget shows it), while a client
-    with little in flight is served throughout."""
+    no more requests once it holds FAIR_SHARE, nor a read that would take it past its
+    share: eight such clients hold about what the first took before the limit was
+    crossed, and FAIR_SHARE and a read of at most the share each (the control without a
+    budget shows what they would hold), while a client with little in flight is served
+    throughout. (Reads larger than the share, up to 32 MiB: a connection that held less
+    than its share took one all the same, and a review's 120 clients of 32 MiB reads
+    held 4.5 GiB against a budget of 1.)"""
     monkeypatch.setattr(server, "FAIR_SHARE", MiB)
     provider.add("big", 64 * MiB)
     held = server.HeldBytes(limit)
@@ -1724,8 +1728,8 @@ async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(pro
     stuck = []
     for _ in range(8):
         c = await Client.connect(port, "big", rcvbuf=4096)
-        for i in range(16):
-            await c.request(proto.CMD_READ, i * MiB, MiB, cookie=i)
+        for i in range(reads):
+            await c.request(proto.CMD_READ, i * size, size, cookie=i)
         stuck.append(c)
         await trio.sleep(0.05)
     other = await Client.connect(port)
@@ -1735,11 +1739,12 @@ async def test_the_bytes_all_connections_hold_stay_within_the_servers_budget(pro
     await trio.sleep(0.3)
     print(f"held at most {held.most / MiB:.1f} MiB")
     if limit == 4 * MiB:
-        # the first connection's 16 MiB, then at most FAIR_SHARE and one 1 MiB read more
-        # each (and the small client's few bytes)
-        assert held.most <= 4 * MiB + 16 * MiB + 8 * 2 * MiB + MiB, held.most / MiB
+        # the first connection's reads, then at most FAIR_SHARE and one read of the share
+        # more each (and the small client's few bytes)
+        one_more = size if size <= MiB else 0
+        assert held.most <= 4 * MiB + reads * size + 8 * (MiB + one_more) + MiB, held.most / MiB
     else:
-        assert held.most >= 8 * 15 * MiB, held.most / MiB  # (nearly) every reply held at once
+        assert held.most >= 8 * (reads - 1) * size, held.most / MiB  # (nearly) all at once
     for c in stuck + [other]:
         await c.aclose()
     with trio.fail_after(5):
@@ -1775,45 +1780,6 @@ async def test_a_connection_whose_client_went_away_takes_no_request_more(provide
         while not ended:
             await trio.sleep(0.02)
     assert taken[0] == before
-
-
-@pytest.mark.parametrize("limit", [4 * MiB, 1 << 40], ids=["budget", "no-budget"])
-async def test_reads_larger_than_a_share_hold_no_more_than_the_share_past_the_budget(
-        provider, nursery, monkeypatch, limit):
-    """Clients that send reads larger than FAIR_SHARE (up to 32 MiB each) and take none of
-    the replies: past the budget, a connection that held less than its share took one such
-    read all the same, and 120 clients of 32 MiB reads held 4.5 GiB against a budget of 1
-    (a review). Such a read now waits until the budget is back under: eight clients of
-    three 8 MiB reads each hold the first's 24 MiB and little more, not 8 MiB each (the
-    control without a budget shows what they would), and a client of small requests is
-    served throughout."""
-    monkeypatch.setattr(server, "FAIR_SHARE", MiB)
-    provider.add("big", 64 * MiB)
-    held = server.HeldBytes(limit)
-    port, ended = await observed_server(nursery, provider, sndbuf=4096, held=held)
-    stuck = []
-    for _ in range(8):
-        c = await Client.connect(port, "big", rcvbuf=4096)
-        for i in range(3):
-            await c.request(proto.CMD_READ, i * 8 * MiB, 8 * MiB, cookie=i)
-        stuck.append(c)
-        await trio.sleep(0.05)
-    other = await Client.connect(port)
-    with trio.fail_after(5):
-        for i in range(20):
-            assert await other.write(i * 4096, b"ok") == 0 and await other.read(i * 4096, 2) == b"ok"
-    await trio.sleep(0.3)
-    print(f"held at most {held.most / MiB:.1f} MiB")
-    if limit == 4 * MiB:
-        assert held.most <= 4 * MiB + 24 * MiB + 8 * MiB, held.most / MiB
-    else:
-        assert held.most >= 8 * 8 * MiB, held.most / MiB
-    for c in stuck + [other]:
-        await c.aclose()
-    with trio.fail_after(5):
-        while len(ended) < 9:
-            await trio.sleep(0.02)
-    assert held.total == 0
 
 
 async def test_a_read_past_its_share_waits_for_the_budget_and_not_for_a_client_gone(
