@@ -285,6 +285,7 @@ class Pipeline:
             deadline = max(self.last_reply, oldest) + self.timeout
             if not self.h.poll(_poll_ms(deadline - time.monotonic())) and \
                     time.monotonic() >= deadline:
+                self.inflight.clear()
                 raise _silent(self.uri, self.timeout)
 
 
