@@ -18,6 +18,11 @@ from vbp.layout import ChunkKey
 
 MiB = 1024 * 1024
 GRACE = ["--set", "gc_interval=1"]
+# leases of 2.5 s (SETTINGS: 4): a copy a settled change left misplaced is freed a grace of
+# max(2 * lease_ttl, 5 s) after the change (blockd), 5 s instead of 8, and every test here
+# waits for that once or more. The gateway (host1) is never killed here: no lease expiry
+# is waited for.
+LEASE = ["--set", "lease_ttl=2.5"]
 # a host that is down leaves the data set at once (down_out_interval: 600 s by default)
 OUT_AT_ONCE = ["--set", "down_out_interval=0"]
 
@@ -25,7 +30,7 @@ OUT_AT_ONCE = ["--set", "down_out_interval=0"]
 def start(sb: SandboxHandle, n: int, *settings: str) -> None:
     """Start the missing hosts; `settings` (--set KEY=VALUE) are kept for later starts."""
     p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", "2G", "--json", *SETTINGS, *GRACE, *settings, check=False)
+                "--capacity", "2G", "--json", *SETTINGS, *GRACE, *LEASE, *settings, check=False)
     if p.returncode != 0:
         sb.down()
         raise AssertionError(f"sandbox up failed:\n{p.stderr}")
@@ -458,7 +463,8 @@ def test_full_hosts_hold_recovery_and_status_says_so(tmp_path):
     room again (here: a higher full_ratio after a restart) the drain completes."""
     sb = SandboxHandle(tmp_path / "sb", 4)
     p = run_vbp("sandbox", "up", "--hosts", 4, "--dir", sb.dir, "--base-port", sb.base_port,
-                "--capacity", "2G", "--json", *SETTINGS, *GRACE, "--set", "full_ratio=0.005", check=False)
+                "--capacity", "2G", "--json", *SETTINGS, *GRACE, *LEASE, "--set", "full_ratio=0.005",
+                check=False)
     assert p.returncode == 0, p.stderr
     sb.info = json.loads(p.stdout)
     try:
@@ -510,7 +516,7 @@ def test_nearly_full_host_is_reweighted_and_writes_avoid_it(tmp_path):
     sb = SandboxHandle(tmp_path / "sb", 4)
     for n, cap in ((3, "256M"), (4, "64M")):
         p = run_vbp("sandbox", "up", "--hosts", n, "--dir", sb.dir, "--base-port", sb.base_port,
-                    "--capacity", cap, "--json", *SETTINGS, *GRACE, check=False)
+                    "--capacity", cap, "--json", *SETTINGS, *GRACE, *LEASE, check=False)
         if p.returncode != 0:
             sb.down()
             raise AssertionError(f"sandbox up failed:\n{p.stderr}")
