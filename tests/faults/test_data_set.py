@@ -362,11 +362,23 @@ def test_maintenance_restart_moves_nothing(tmp_path):
         before = cluster_map(sb)
         sb.vbp("host", "maintenance", "host3", "on")
         kill(sb, 2)
-        deadline = time.monotonic() + 12  # four times heartbeat_ttl: long enough to be declared down
-        while time.monotonic() < deadline:
-            w.write(h, 10)
-            m = cluster_map(sb)
-            assert m.host("host3").state == "up" and m.data == before.data and m.prev is None, m
+        # Until host3's liveness has run out (heartbeat_ttl after its last heartbeat: any
+        # other host is down from then on) and 3 s more (three passes of the controller),
+        # host3 is up and the data set unchanged. (A fixed 12 s before: four times
+        # heartbeat_ttl.) The liveness is read before the map: a map read after a lapse
+        # was seen is one that would say down.
+        from vbp.registry import open_registry
+
+        lapsed, deadline = None, time.monotonic() + 30
+        with open_registry(sb.registry) as reg:
+            while lapsed is None or time.monotonic() < lapsed + 3:
+                assert time.monotonic() < deadline, "host3's liveness never ran out"
+                w.write(h, 10)
+                gone = not reg.host_alive("host3")
+                m = cluster_map(sb)
+                assert m.host("host3").state == "up" and m.data == before.data and m.prev is None, m
+                if gone and lapsed is None:
+                    lapsed = time.monotonic()
         assert pool_status(sb)["degraded_chunks"] > 0
         start(sb, 4)
         sb.vbp("host", "maintenance", "host3", "off")
