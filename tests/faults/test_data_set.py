@@ -76,6 +76,18 @@ def pool_status(sb: SandboxHandle) -> dict:
     return json.loads(sb.vbp("pool", "status", "--json").stdout)
 
 
+def published_after(sb: SandboxHandle, host: str, t: float, timeout: float = 30) -> None:
+    """Until `host` has published stats computed after `t` (time.time()): its counters as
+    they were then, or later (they ride on its heartbeat, a second apart here)."""
+    from vbp.registry import open_registry
+
+    deadline = time.monotonic() + timeout
+    with open_registry(sb.registry) as reg:
+        while (reg.host_stats().get(host) or {}).get("time", 0) <= t:
+            assert time.monotonic() < deadline, f"{host} published no stats for {timeout}s"
+            time.sleep(0.1)
+
+
 def copies_held(status: dict) -> int:
     """Chunk copies on every host (one volume, no snapshot: one generation per chunk)."""
     return sum(x["chunks"] or 0 for x in status["hosts"])
@@ -409,7 +421,10 @@ def test_host_restarted_within_the_down_out_interval_moves_nothing(tmp_path):
         first_missed = w.seq + 1
         write_until(h, w, lambda: cluster_map(sb).host("host3").state == "down", 30, "host3 down")
 
-        deadline = time.monotonic() + 8  # long enough for a change to start, before
+        # long enough for a change to start, were the interval not kept: the controller
+        # looks every second, and takes a host out at its first look past the interval
+        # (8 s before)
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             w.write(h, 10)
             m = cluster_map(sb)
@@ -428,7 +443,9 @@ def test_host_restarted_within_the_down_out_interval_moves_nothing(tmp_path):
         while pool_status(sb)["degraded_chunks"]:  # (no write meanwhile: what it copies is what it missed)
             assert time.monotonic() < deadline, "host3 not resynced after 120s"
             time.sleep(0.5)
-        time.sleep(2.5)  # the heartbeat publishes the final counters
+        # the final counters: a resync counts its bytes before it clears the stale record
+        # (a fixed 2.5 s before)
+        published_after(sb, "host3", time.time())
         st = pool_status(sb)
         assert st["data_set"]["generation"] == before.mgen and st["data_set"]["down_in"] == []
         copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host3"]
@@ -458,7 +475,9 @@ def test_short_outage_resync_copies_only_what_changed(tmp_path):
         start(sb, 3)
         write_until(h, w, lambda: pool_status(sb)["degraded_chunks"] == 0,
                     120, "host3 resynced")
-        time.sleep(2.5)  # the heartbeat publishes the final counters
+        # the final counters: a resync counts its bytes before it clears the stale record
+        # (a fixed 2.5 s before)
+        published_after(sb, "host3", time.time())
         st = pool_status(sb)
         copied = {x["id"]: x["resync_bytes"] for x in st["hosts"]}["host3"]
         assert 0 < copied <= 2 * missed, (copied, missed)  # not 64 MiB
