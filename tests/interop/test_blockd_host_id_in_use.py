@@ -16,10 +16,14 @@ from tests.conftest import ROOT, stop_process
 
 def _blockd(tmp_path, data: str, log: str, host_id: str = "h1", reg: str = "reg") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a heartbeat_ttl of 2 s (6 by default): a second blockd of a running host's id waits
+    # that long, and a second more, for the liveness of a process of its id that just died
+    conf = tmp_path / "blockd.toml"
+    conf.write_text("heartbeat_ttl = 2\n")
     return subprocess.Popen(
         [sys.executable, "-m", "blockd.main", "--host-id", host_id, "--data-dir", str(tmp_path / data),
          "--registry", f"lmdb://{tmp_path}/{reg}", "--listen", "127.0.0.1:0", "--nbd", "127.0.0.1:0",
-         "--log-level", "info"],
+         "--log-level", "info", "--config", str(conf)],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / log, "wb"))
 
