@@ -89,7 +89,15 @@ def test_thin_terabyte_volume_costs_nothing(tmp_path):
         h.flush()
         assert h.pread(4096, 512 << 30) == bytes(4096)
         h.shutdown()
-        time.sleep(2.5)  # stats ride on the heartbeat
+        # stats ride on the heartbeat: once the host published stats stamped after the
+        # write, they count its chunk (a fixed 2.5 s before: a heartbeat period is 2 s)
+        t, deadline = time.time(), time.monotonic() + 30
+        from vbp.registry import open_registry
+
+        with open_registry(sb.registry) as reg:
+            while (reg.host_stats().get("host1") or {}).get("time", 0) <= t:
+                assert time.monotonic() < deadline, "host1 published no stats for 30 s"
+                time.sleep(0.1)
         st = json.loads(sb.vbp("pool", "status", "--json").stdout)
         assert st["used"] <= 4 * MiB  # one chunk
         data = sb.dir / "host1" / "data"
