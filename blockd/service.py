@@ -122,6 +122,10 @@ STALE_REFRESH_MAX = 5.0
 # which leaves the store's own flush and the exit within the unit's TimeoutStopSec=60
 STOP_MIN = 10.0
 STOP_MAX = 45.0
+# seconds between two data-set steps (Blockd._move_data) at most, and at least when a
+# change of the cluster map wakes the next one early
+DATA_SET_PERIOD = 1.0
+DATA_SET_GAP = 0.1
 
 
 class AsyncRegistry:
@@ -1402,6 +1406,7 @@ class Blockd:
         self._old_hosts: list[str] = []  # hosts on the code before the boot clock (_warn_old_hosts)
         self._nbd_stopped = trio.Event()
         self._nbd_stopping = trio.Event()  # set: its connections end gracefully (drain)
+        self._map_moved = trio.Event()  # set (and replaced) when _watch_map adopts a new map
 
     def host_record(self) -> HostRecord:
         peer_host, _ = parse_hostport(self.cfg.listen, "listen")
@@ -1745,14 +1750,19 @@ class Blockd:
         while True:
             if first_wait:
                 await trio.sleep(period)
-            try:
-                await step()
-            except RegistryUnavailable as e:
-                log.warning("event=%s_skipped error=%s", what, e)
-            except Exception:  # one pass failing must not stop the daemon
-                log.exception("event=%s_failed", what)
+            await Blockd._every_once(what, step)
             if not first_wait:
                 await trio.sleep(period)
+
+    @staticmethod
+    async def _every_once(what: str, step) -> None:
+        """One pass of `step()` for _every: a registry outage and a failure are logged."""
+        try:
+            await step()
+        except RegistryUnavailable as e:
+            log.warning("event=%s_skipped error=%s", what, e)
+        except Exception:  # one pass failing must not stop the daemon
+            log.exception("event=%s_failed", what)
 
     async def _compact_registry(self) -> None:
         """The controller drops the registry's history older than COMPACT_PERIOD (etcd
@@ -1773,7 +1783,11 @@ class Blockd:
 
     async def _move_data(self) -> None:
         """Changes of data set (replicator.migration): the controller step and this host's
-        scan; misplaced copies are freed by the garbage collector."""
+        scan; misplaced copies are freed by the garbage collector. A step every
+        DATA_SET_PERIOD, and one at once (DATA_SET_GAP after the last at the soonest) when
+        the cluster map changes meanwhile: a host registered, went down, or the data set
+        changed. A new pool's hosts were put in the data set up to a second after they
+        all registered (`vbp sandbox up` waits for that), a down host taken out as late."""
         async def step() -> None:
             cmap = await self.mover.control_once()
             if cmap.epoch > self.cluster.epoch:
@@ -1781,7 +1795,13 @@ class Blockd:
             await self.mover.scan_once()
             if await self.mover.measure_misplaced():
                 await self.publish_stats()  # the controller's next reweight waits for it
-        await self._every(1, "data_set_step", step)
+        while True:
+            moved = self._map_moved  # (set by a change from now on, even during the step)
+            begun = trio.current_time()
+            await self._every_once("data_set_step", step)
+            with trio.move_on_after(DATA_SET_PERIOD):
+                await moved.wait()
+            await trio.sleep_until(begun + DATA_SET_GAP)
 
     def disk_free(self) -> int | None:
         """Bytes the data directory's filesystem has free (for an unprivileged user), or
@@ -1942,10 +1962,10 @@ class Blockd:
 
     async def _watch_map(self) -> None:
         while True:
+            asked = self.cluster.epoch
             try:
                 cmap = await trio.to_thread.run_sync(
-                    functools.partial(self.registry.sync.wait_map_change, self.cluster.epoch,
-                                      MAP_WAIT),
+                    functools.partial(self.registry.sync.wait_map_change, asked, MAP_WAIT),
                     abandon_on_cancel=True,
                 )
             except RegistryUnavailable as e:
@@ -1956,8 +1976,17 @@ class Blockd:
                 log.info("event=map_changed epoch=%d hosts=%s", cmap.epoch,
                          ",".join(f"{h.id}:{h.state}" for h in cmap.hosts))
                 self.cluster.set_map(cmap)
-            else:
+                self._map_adopted()
+            elif cmap.epoch == asked:  # (no change within MAP_WAIT)
                 await trio.sleep(0.5)
+            # (else a newer map, which another task adopted meanwhile: the data-set step
+            # read it, or whoever refreshed it; waited for again at once. It slept 0.5 s
+            # then, and missed what came meanwhile: a new pool's last host to register.)
+
+    def _map_adopted(self) -> None:
+        """_watch_map adopted a new map: the data-set step looks at once (_move_data)."""
+        moved, self._map_moved = self._map_moved, trio.Event()
+        moved.set()
 
     async def _renew_leases(self) -> None:
         while True:

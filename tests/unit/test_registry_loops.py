@@ -126,3 +126,113 @@ def _beat_for(b, seconds: float) -> None:
             await b._heartbeat()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _stepping(steps: list):
+    """A Blockd with just what its data-set loop uses: a mover whose controller step
+    records when it ran, on a map that never changes by itself."""
+    from types import SimpleNamespace
+
+    from blockd.service import Blockd
+
+    b = Blockd.__new__(Blockd)
+    b._map_moved = trio.Event()
+    b.cluster = SimpleNamespace(epoch=1)
+
+    async def control_once():
+        steps.append(round(trio.current_time(), 3))
+        return SimpleNamespace(epoch=1)
+
+    async def nothing():
+        return False
+
+    b.mover = SimpleNamespace(control_once=control_once, scan_once=nothing,
+                              measure_misplaced=nothing)
+    return b
+
+
+def test_the_data_set_step_looks_at_once_when_the_map_changes():
+    """A step a second, and one at once when _watch_map adopts a new map (a host
+    registered or went down): a new pool's hosts joined the data set up to a second
+    after the last one registered. A change during a step, or right after one, gets a
+    step DATA_SET_GAP after the last began."""
+    import trio.testing
+
+    from blockd.service import DATA_SET_GAP, DATA_SET_PERIOD
+
+    steps: list = []
+    b = _stepping(steps)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b._move_data)
+            await trio.sleep(0.35)
+            b._map_adopted()
+            await trio.sleep(0.65)  # (t = 1.0)
+            b._map_adopted()
+            b._map_adopted()  # (two changes, one step)
+            await trio.sleep(1.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert DATA_SET_PERIOD == 1.0 and DATA_SET_GAP == 0.1
+    assert steps == [0.0, 0.35, 1.0, 2.0], steps
+
+
+def test_the_data_set_step_waits_its_gap_after_a_change_during_a_step():
+    import trio.testing
+
+    steps: list = []
+    b = _stepping(steps)
+    real = b.mover.control_once
+
+    async def slow_step():
+        await real()
+        if len(steps) == 1:
+            b._map_adopted()  # (a change while the step ran)
+
+    b.mover.control_once = slow_step
+
+    async def main():
+        with trio.move_on_after(1.05):
+            await b._move_data()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert steps == [0.0, 0.1], steps  # (the next: a period after the second)
+
+
+def test_the_map_watch_waits_again_at_once_for_a_map_another_task_adopted():
+    """_watch_map asks for a map newer than the one it has; when the one it gets was
+    adopted meanwhile by another task (the data-set step reads the map too), it asks
+    again at once. It slept 0.5 s then, and a change meanwhile (a new pool's last host
+    registering) reached it, and the data-set step, that much later."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from blockd.service import Blockd
+
+    asks: list = []
+    b = Blockd.__new__(Blockd)
+    b._map_moved = trio.Event()
+    b.cluster = SimpleNamespace(epoch=1, set_map=lambda m: setattr(b.cluster, "epoch", m.epoch))
+    got = threading.Event()
+
+    def wait_map_change(epoch, timeout):
+        asks.append((epoch, time.monotonic()))
+        if len(asks) == 1:
+            b.cluster.epoch = 2  # (the step adopted it while this call ran)
+            return SimpleNamespace(epoch=2, hosts=())
+        got.set()
+        time.sleep(0.05)
+        return SimpleNamespace(epoch=epoch, hosts=())
+
+    b.registry = SimpleNamespace(sync=SimpleNamespace(wait_map_change=wait_map_change))
+
+    async def main():
+        with trio.move_on_after(0.4):
+            await b._watch_map()
+
+    trio.run(main)
+    assert got.is_set() and [e for e, _ in asks[:2]] == [1, 2], asks
+    assert asks[1][1] - asks[0][1] < 0.2, asks
