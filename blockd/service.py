@@ -1065,9 +1065,10 @@ class VolumeProvider:
 
     def _deadline(self, t0: float) -> float:
         """When a lease granted or renewed by a call started at `t0` must be treated as
-        gone (trio time: the monotonic clock, which no step of the wall clock moves): the
-        registry put its liveness key after t0, to run out `ttl` later on the store's
-        clock, and a margin covers the clocks' rates."""
+        gone (trio time: blockd runs trio on the boot clock, blockd.clock, which no step
+        of the wall clock moves and a suspend does not stop): the registry put its
+        liveness key after t0, to run out `ttl` later on the store's clock, and a margin
+        covers the clocks' rates."""
         ttl = self.service.cfg.lease_ttl
         return t0 + ttl - min(1.0, ttl / 10)
 

@@ -735,19 +735,17 @@ class _Connection:
         proto.md asks ("Terminating the transmission phase"), rather than leave them
         unanswered."""
         codec = self.codec
-        waiting, self.waiting_request = self.waiting_request, None
-        if waiting is not None:
-            self.queue(codec.reply_error(waiting.cookie, waiting.command, proto.ESHUTDOWN,
-                                         "the server is stopping"))
+        event, self.waiting_request = self.waiting_request, None
         while True:
+            if event is not None:
+                self.queue(codec.reply_error(event.cookie, event.command, proto.ESHUTDOWN,
+                                             "the server is stopping"))
             try:
                 event = codec.next_event()
             except ProtocolError:
                 return
             if type(event) is not Request and type(event) is not BadRequest:
                 return  # NEED_DATA (a request not whole, never answered), or Disconnect
-            self.queue(codec.reply_error(event.cookie, event.command, proto.ESHUTDOWN,
-                                         "the server is stopping"))
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the

@@ -53,6 +53,16 @@ POOL_BYTES = 16 * 1024 * 1024  # payload buffers kept for reuse per connection, 
 # it, several times the cost of the write (the bytearray before gave back warm memory)
 SPARES_BYTES = 128 * 1024 * 1024  # (QD32 of 4 MiB writes)
 _here = threading.local()
+
+
+def _spares() -> list:
+    """This thread's spare payload buffers (SPARES_BYTES)."""
+    spares = getattr(_here, "spares", None)
+    if spares is None:
+        spares = _here.spares = []
+    return spares
+
+
 MAX_EXTENTS = 1 << 20  # proto.md: no more than 2^20 block status descriptors per chunk
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -374,9 +384,7 @@ class TransmissionCodec:
         holds go to the thread's spares (SPARES_BYTES in all, for any connection to
         take), or are dropped; one still held stays, to be given up at the next call."""
         pool = self._pool
-        spares = getattr(_here, "spares", None)
-        if spares is None:
-            spares = _here.spares = []
+        spares = _spares()
         room = SPARES_BYTES - sum(map(len, spares))
         i = 0
         while i < len(pool):
@@ -402,9 +410,7 @@ class TransmissionCodec:
         # (an anonymous mapping, not a bytearray, which zeroes all of itself at once: its
         # pages become memory only as the payload arrives, so a client that sends the
         # header of a 32 MiB write and stalls costs what it sent, not 32 MiB)
-        spares = getattr(_here, "spares", None)
-        if spares is None:
-            spares = _here.spares = []
+        spares = _spares()
         for i in range(len(spares)):
             if len(spares[i]) >= length and unshared(spares, i):
                 return spares[i]

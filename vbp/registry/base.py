@@ -187,6 +187,12 @@ def _live_value(token: int) -> bytes:
     return _pack(token)
 
 
+def _lease_keys(volume: str) -> tuple[bytes, bytes]:
+    """A volume's lease record key and its liveness key."""
+    name = _name("volume name", volume)
+    return P_LEASE + name, P_LEASE_LIVE + name
+
+
 def _orphaned(item) -> bool:
     """A released lease record that still owes a takeover's reconcile (release_lease)."""
     return bool(_unpack(item.value).get("orphaned"))
@@ -874,8 +880,7 @@ class Registry:
         with a new, greater token (it fences the holder's earlier incarnation). The grant
         compares the record and the liveness key as read: a renewal (or a grant) between
         the read and the write refuses it, and it judges again."""
-        name = _name("volume name", volume)
-        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
+        key, lkey = _lease_keys(volume)
         _name("lease holder", holder)
         for _ in range(CAS_ATTEMPTS):
             item, rev = self.kv.get(key)
@@ -899,8 +904,7 @@ class Registry:
     def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """Extend a lease. Renewing after expiry succeeds if nobody took it over meanwhile
         (its token is still the newest); after a takeover or release it raises Fenced."""
-        name = _name("volume name", lease.volume)
-        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
+        key, lkey = _lease_keys(lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             cur = self._lease_of(lease.volume, item.value) if item else None
@@ -931,8 +935,7 @@ class Registry:
         gateway runs after a takeover (`vbp volume snapshot` completing a snapshot): the
         next grant is a takeover still, and lease_orphaned says so. Its liveness key goes
         in the same transaction."""
-        name = _name("volume name", lease.volume)
-        key, lkey = P_LEASE + name, P_LEASE_LIVE + name
+        key, lkey = _lease_keys(lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
             if item is None:
