@@ -136,15 +136,17 @@ POOL_IDLE = 1.0
 # went away (_Connection.wait_budget): nothing else of the connection would notice until
 # the budget is back under, and its read would then be made for no one.
 GONE_CHECK = 1.0
-# Connections of one server at once (blockd: nbd_max_connections); one more is closed as
-# soon as it is accepted, before the greeting. With HELD_LIMIT it bounds the memory of
-# the whole: each connection may hold FAIR_SHARE and a request past the budget, and a
-# file descriptor.
+# Connections of one server at once (blockd: nbd_max_connections); one more takes the slot
+# of the oldest one still negotiating (_Slots), or, when every one is past its
+# negotiation, is closed as soon as it is accepted, before the greeting. With HELD_LIMIT
+# it bounds the memory of the whole: each connection may hold FAIR_SHARE and a request
+# past the budget, and a file descriptor.
 MAX_CONNECTIONS = 1024
 # Connections from one client address at once (blockd: nbd_max_connections_per_address;
 # 0 there: half of nbd_max_connections): a client that opens connections and leaves them
 # idle (or sends a payload slowly) holds every slot otherwise, and every other client,
-# whatever its address, is refused. One more is closed as soon as it is accepted. Not
+# whatever its address, is refused. One more takes the slot of that address's oldest
+# connection still negotiating, or is closed as soon as it is accepted. Not
 # those from this host itself (vbp.sockets.same_host: a hypervisor beside blockd may hold
 # them all, as before the cap). An IPv6 client counts as its /64 (client_of).
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
@@ -261,9 +263,10 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     `send_timeout`: seconds a client may take none of its replies before it is
     disconnected (SEND_TIMEOUT).
     `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
-    not given). `max_connections`: connections served at once; one more is closed at
-    once (MAX_CONNECTIONS). `max_per_address`: those from one client address, this
-    host's own excepted (no limit of its own without it).
+    not given). `max_connections`: connections served at once (MAX_CONNECTIONS); one
+    more takes the slot of the oldest one still negotiating, else is closed at once.
+    `max_per_address`: those from one client address, this host's own excepted (no
+    limit of its own without it).
     With port 0, give an IP address: a name resolving to several addresses would get a
     different free port per address, and only the first is reported."""
     check_tls(tls, tls_context)
@@ -290,15 +293,92 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
 
 class _Slots:
     """The connections a server serves at once, at most `limit`, and at most
-    `per_address` of them from one client address (_admit)."""
+    `per_address` of them from one client address (_admit). When they are all taken, a
+    new connection takes the slot of the oldest one still negotiating (`negotiating`: no
+    export chosen, none being opened), else it is closed at once."""
 
     def __init__(self, limit: int, per_address: int | None = None) -> None:
         self.limit = limit
         self.per_address = limit if per_address is None else per_address
         self.taken = 0
         self.by_address: dict[str, int] = {}
+        # the slots that may be evicted, oldest first (dicts keep their order)
+        self.negotiating: dict[_Slot, None] = {}
         self.refused = 0  # since the last warning
         self.warned_at = -math.inf
+        self.evicted = 0  # (the same, for the connections evicted)
+        self.evict_warned_at = -math.inf
+
+    def take(self, address: str | None) -> "_Slot":
+        self.taken += 1
+        if address is not None:
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+        slot = _Slot(self, address)
+        self.negotiating[slot] = None
+        return slot
+
+    def give_back(self, slot: "_Slot") -> None:
+        """`slot` is free (its connection ended, or is ending: evicted); once only."""
+        if slot.owner is None:
+            return
+        slot.owner = None
+        self.negotiating.pop(slot, None)
+        self.taken -= 1
+        address = slot.address
+        if address is not None:
+            left = self.by_address[address] - 1
+            if left:
+                self.by_address[address] = left
+            else:
+                del self.by_address[address]
+
+    def victim(self, address: str | None) -> "_Slot | None":
+        """The oldest slot still negotiating (of `address`, if given), or None."""
+        for slot in self.negotiating:
+            if address is None or slot.address == address:
+                return slot
+        return None
+
+    def evict(self, slot: "_Slot", why: str) -> None:
+        """End the connection of `slot` (still negotiating) and free its slot now; a
+        warning says so, at most every REFUSED_LOG_EVERY seconds."""
+        slot.scope.cancel()  # (its task closes the connection as soon as it runs)
+        self.give_back(slot)
+        self.evicted += 1
+        now = trio.current_time()
+        if now - self.evict_warned_at >= REFUSED_LOG_EVERY:
+            log.warning("nbd connections evicted: %s; the oldest connection still "
+                        "negotiating (no export chosen) was closed for a new one, %d "
+                        "since the last warning", why, self.evicted)
+            self.evict_warned_at, self.evicted = now, 0
+
+
+class _Slot:
+    """One connection _admit let in: its client address (None: counted toward the whole
+    only), the cancel scope it runs in, and the _Slots that holds it (None once given
+    back). It may be evicted while in `owner.negotiating`: from its admission until its
+    client chooses an export, except while an export is being opened for it."""
+
+    __slots__ = ("owner", "address", "scope")
+
+    def __init__(self, owner: _Slots, address: str | None) -> None:
+        self.owner: _Slots | None = owner
+        self.address = address
+        self.scope = trio.CancelScope()
+
+    async def hold(self) -> None:
+        """An export is about to be opened for this connection: it is no longer evicted
+        (an open must not be cut short: _answer_export). Cancelled here if it was evicted
+        meanwhile (its task had not run since)."""
+        if self.owner is not None:
+            self.owner.negotiating.pop(self, None)
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def release(self) -> None:
+        """The open is over and the client chose no export (it asked for information, or
+        was refused): it may be evicted again, as the youngest of those negotiating."""
+        if self.owner is not None:
+            self.owner.negotiating[self] = None
 
 
 def _peer_address(stream) -> str | None:
@@ -336,39 +416,50 @@ def client_of(ip: str) -> str:
 
 
 async def _admit(handle, slots: _Slots, stream) -> None:
-    """handle(stream), unless `slots` are all taken, or all those one address may take:
-    then the connection is closed at once (the client sees it end before the greeting),
-    and a warning says so, at most every REFUSED_LOG_EVERY seconds."""
+    """handle(stream), unless `slots` are all taken, or all those one address may take,
+    by connections past the negotiation (or opening an export): then the connection is
+    closed at once (the client sees it end before the greeting), and a warning says so,
+    at most every REFUSED_LOG_EVERY seconds. While some are still negotiating, the
+    oldest of them (of the address, past its cap) is closed instead: connections that
+    never negotiate (anyone can open a thousand and send nothing, and those of this host
+    are held to no cap of an address) otherwise locked every client out for up to
+    HANDSHAKE_TIMEOUT; an established connection is never evicted."""
     address = _peer_address(stream) if slots.per_address < slots.limit else None
     mine = slots.by_address.get(address, 0) if address is not None else 0
-    if slots.taken >= slots.limit or mine >= slots.per_address:
-        slots.refused += 1
-        now = trio.current_time()
-        if now - slots.warned_at >= REFUSED_LOG_EVERY:
-            if slots.taken >= slots.limit:
-                log.warning("nbd connections refused: %d connections open, the most allowed "
-                            "(nbd_max_connections); %d refused since the last warning",
-                            slots.taken, slots.refused)
-            else:
-                log.warning("nbd connections refused: %d connections open from %s, the most "
-                            "one address may hold (nbd_max_connections_per_address); %d "
-                            "refused since the last warning", mine, address, slots.refused)
-            slots.warned_at, slots.refused = now, 0
-        await trio.aclose_forcefully(stream)
-        return
-    slots.taken += 1
-    if address is not None:
-        slots.by_address[address] = mine + 1
+    if mine >= slots.per_address or slots.taken >= slots.limit:
+        mine_full = mine >= slots.per_address
+        victim = slots.victim(address if mine_full else None)
+        if victim is not None:
+            slots.evict(victim, f"{mine} connections open from {address}, the most one "
+                        "address may hold (nbd_max_connections_per_address)" if mine_full
+                        else f"{slots.taken} connections open, the most allowed "
+                        "(nbd_max_connections)")
+        else:
+            _refuse(slots, address, mine)
+            await trio.aclose_forcefully(stream)
+            return
+    slot = slots.take(address)
     try:
-        await handle(stream)
+        with slot.scope:
+            await handle(stream, slot=slot)
     finally:
-        slots.taken -= 1
-        if address is not None:
-            left = slots.by_address[address] - 1
-            if left:
-                slots.by_address[address] = left
-            else:
-                del slots.by_address[address]
+        slots.give_back(slot)
+
+
+def _refuse(slots: _Slots, address: str | None, mine: int) -> None:
+    """Count a connection refused, and warn of it at most every REFUSED_LOG_EVERY s."""
+    slots.refused += 1
+    now = trio.current_time()
+    if now - slots.warned_at >= REFUSED_LOG_EVERY:
+        if slots.taken >= slots.limit:
+            log.warning("nbd connections refused: %d connections open, the most allowed "
+                        "(nbd_max_connections); %d refused since the last warning",
+                        slots.taken, slots.refused)
+        else:
+            log.warning("nbd connections refused: %d connections open from %s, the most "
+                        "one address may hold (nbd_max_connections_per_address); %d "
+                        "refused since the last warning", mine, address, slots.refused)
+        slots.warned_at, slots.refused = now, 0
 
 
 async def handle_connection(stream, provider: ExportProvider,
@@ -377,12 +468,14 @@ async def handle_connection(stream, provider: ExportProvider,
                             stopping: trio.Event | None = None,
                             send_timeout: float = SEND_TIMEOUT,
                             held: HeldBytes | None = None,
-                            failures: LogLimit | None = None) -> None:
+                            failures: LogLimit | None = None,
+                            slot: _Slot | None = None) -> None:
     """Run one NBD connection to its end; never raises (except cancellation). The export
     the client chose is closed when the connection ends, however it ends.
     `local_congestion`, `stopping`, `send_timeout`, `held`: serve_nbd's (no budget for
     the whole without `held`). `failures`: the limit of the warnings of failed requests
-    that the connections of a server share (one of its own without it)."""
+    that the connections of a server share (one of its own without it). `slot`: the
+    connection's _Slot (_admit), told when an export is being opened for it."""
     opened: list = []  # the export opened for this connection, once there is one
     try:
         if stopping is not None and stopping.is_set():
@@ -391,7 +484,7 @@ async def handle_connection(stream, provider: ExportProvider,
             sock = getattr(stream, "socket", None)
             if sock is not None and same_host(sock):
                 apply_congestion(sock, local_congestion, "nbd connection from this host")
-        result = await _handshake(stream, provider, opened, tls, tls_context, stopping)
+        result = await _handshake(stream, provider, opened, tls, tls_context, stopping, slot)
         if result is not None:
             channel, ready, trailing = result  # (channel: the TLS stream after an upgrade)
             clean = await _Connection(channel, opened[0], ready, trailing, ids=ids,
@@ -538,7 +631,7 @@ async def _send_pending(stream, hs: ServerHandshake) -> None:
 
 
 async def _handshake(stream, provider, held: list, tls: str = "off", tls_context=None,
-                     stopping: trio.Event | None = None):
+                     stopping: trio.Event | None = None, slot: _Slot | None = None):
     """Negotiate; return (stream, Ready, trailing bytes) with the export in held[0], or
     None when the client left. The stream is the TLS one if the client upgraded.
 
@@ -553,13 +646,18 @@ async def _handshake(stream, provider, held: list, tls: str = "off", tls_context
     Once `stopping` (serve_nbd's) is set, an export or list asked for is refused with
     NBD_REP_ERR_SHUTDOWN (proto.md: a server being shut down SHOULD error further
     options so), never opened: in blockd an open publishes the export or takes a
-    head's lease while the stop waits for the gateways to close."""
+    head's lease while the stop waits for the gateways to close.
+
+    `slot` (_admit's) is held while an export is opened, and for good once one is: until
+    then a new connection finding every slot taken may close this one (_Slots)."""
     with trio.fail_after(HANDSHAKE_TIMEOUT) as limit:
-        return await _negotiate(stream, provider, held, tls, tls_context, limit, stopping)
+        return await _negotiate(stream, provider, held, tls, tls_context, limit, stopping,
+                                slot)
 
 
 async def _negotiate(stream, provider, held: list, tls: str, tls_context,
-                     limit: trio.CancelScope, stopping: trio.Event | None = None):
+                     limit: trio.CancelScope, stopping: trio.Event | None = None,
+                     slot: _Slot | None = None):
     hs = ServerHandshake(tls)
     await stream.send_all(hs.initial_bytes())
     opens = 0
@@ -579,8 +677,12 @@ async def _negotiate(stream, provider, held: list, tls: str, tls_context,
         elif isinstance(event, ExportQuery):
             await _send_pending(stream, hs)  # (see ListQuery)
             opens += 1
+            if slot is not None:
+                await slot.hold()
             await _answer_export(hs, provider, event, held,
                                  limit if opens <= UNTIMED_OPENS else None)
+            if slot is not None and not held:  # (information only, or refused)
+                slot.release()
         elif isinstance(event, ListQuery):
             # The replies so far go first: a client pipelining options and reading
             # nothing makes us ask the provider (blockd: the registry) no more than its

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+import time
+from functools import partial
 
 import pytest
 import trio
 
-from nbd_frontend import proto
+from nbd_frontend import proto, server
 from nbd_frontend.export import MemoryExport, MemoryProvider
 from nbd_frontend.server import serve_nbd
 from tests.unit.test_nbd_server import Client
@@ -105,3 +107,145 @@ async def test_a_graceful_stop_answers_the_requests_it_will_not_take_with_eshutd
     assert max(done) < min(refused)  # (in order: those taken first)
     for i in done:  # every write answered done is there
         assert export.read(i * 512, 512) == bytes([i % 256]) * 512
+
+
+# --- idle negotiations holding every connection slot ------------------------------------------
+
+
+async def _idle(port: int, source: str | None = None) -> Client:
+    """A connection that reads the greeting and sends nothing (never negotiates)."""
+    c = Client(await trio.open_tcp_stream("127.0.0.1", port, local_address=source))
+    assert (await c.recv(18))[:8] == b"NBDMAGIC"
+    return c
+
+
+async def _ended(c: Client, seconds: float = 5.0) -> bool:
+    """Whether the server closed `c` within `seconds`."""
+    with trio.move_on_after(seconds):
+        try:
+            await c.recv(1)
+        except (EOFError, trio.BrokenResourceError):
+            return True
+        raise AssertionError("the server sent something unasked")
+    return False
+
+
+def _libnbd_read(port: int) -> tuple[float, bytes]:
+    """libnbd connects, reads 4 bytes and disconnects: (seconds it took, the bytes)."""
+    import nbd
+    t0 = time.monotonic()
+    h = nbd.NBD()
+    h.set_export_name("disk")
+    h.connect_tcp("127.0.0.1", str(port))
+    data = h.pread(4, 0)
+    h.shutdown()
+    return time.monotonic() - t0, data
+
+
+async def test_idle_negotiations_holding_every_slot_give_way_to_a_real_client(nursery, caplog):
+    """A review opened 1,030 connections that read the greeting and sent nothing: every
+    slot (nbd_max_connections) was held for HANDSHAKE_TIMEOUT, and a real client was
+    refused for 29 s. Those of this host are held to no cap of an address
+    (nbd_max_connections_per_address), so they alone could fill the slots. Now a new
+    connection finding every slot taken closes the oldest one still negotiating, and
+    it is served at once; a warning or so says so, not a line per eviction."""
+    pytest.importorskip("nbd")
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    port = await nursery.start(partial(serve_nbd, provider, "127.0.0.1", 0,
+                                       max_connections=16, max_per_address=4))
+    idle = [await _idle(port) for _ in range(16)]  # (loopback: past the cap of an address)
+    with trio.fail_after(5):  # (HANDSHAKE_TIMEOUT: 30 s)
+        c = await Client.connect(port)
+    assert await c.write(0, b"ok") == 0 and await c.read(0, 2) == b"ok"
+    seconds, data = await trio.to_thread.run_sync(_libnbd_read, port)
+    assert data == b"ok\0\0" and seconds < 5
+    assert all([await _ended(x) for x in idle[:2]])  # the oldest two made room
+    assert not await _ended(idle[2], 0.2)  # the others are left alone
+    lines = [r for r in caplog.records if "nbd connections evicted" in r.getMessage()]
+    assert len(lines) == 1 and "16 connections open" in lines[0].getMessage()
+    more = [await _idle(port) for _ in range(30)]  # 30 evictions more: no line more
+    assert len([r for r in caplog.records if "evicted" in r.getMessage()]) == 1
+    assert await c.read(0, 2) == b"ok"
+    for x in idle + more + [c]:
+        await x.aclose()
+
+
+async def test_connections_past_their_negotiation_are_never_evicted(nursery, caplog):
+    """An established connection (in transmission) never loses its slot: with every slot
+    held by those, a new connection is closed at once, as before, and they go on."""
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    port = await nursery.start(partial(serve_nbd, provider, "127.0.0.1", 0,
+                                       max_connections=4))
+    ready = [await Client.connect(port) for _ in range(3)]
+    idle = await _idle(port)
+    ready.append(await Client.connect(port))  # (takes the idle one's slot)
+    assert await _ended(idle)
+    extra = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+        await extra.recv(18)
+    assert "nbd connections refused: 4 connections open" in caplog.text
+    for i, c in enumerate(ready):
+        assert await c.write(i, b"x") == 0 and await c.read(i, 1) == b"x"
+    for x in ready + [idle, extra]:
+        await x.aclose()
+
+
+class _GatedOpen(MemoryProvider):
+    """open_export waits for `gate`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.opening = trio.Event()
+
+    async def open_export(self, name):
+        self.opening.set()
+        await self.gate.wait()
+        return super().open_export(name)
+
+
+async def test_a_connection_whose_export_is_being_opened_is_not_evicted(nursery):
+    """The client chose an export and the provider is opening it (blockd: takes a lease,
+    publishes): an open is never cut short, so that connection keeps its slot, and one
+    more is closed at once."""
+    provider = _GatedOpen()
+    provider.add("disk", 1 << 20)
+    port = await nursery.start(partial(serve_nbd, provider, "127.0.0.1", 0,
+                                       max_connections=1))
+    async with trio.open_nursery() as inner:
+        got: list = []
+
+        async def go() -> None:
+            got.append(await Client.connect(port))
+        inner.start_soon(go)
+        with trio.fail_after(5):
+            await provider.opening.wait()
+        extra = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+            await extra.recv(18)
+        provider.gate.set()
+    c = got[0]
+    assert await c.write(0, b"ok") == 0 and await c.read(0, 2) == b"ok"
+    await c.aclose()
+    await extra.aclose()
+
+
+async def test_past_the_cap_of_an_address_its_own_oldest_negotiation_makes_room(
+        nursery, monkeypatch):
+    """Past nbd_max_connections_per_address, a new connection from that address takes
+    the slot of the oldest negotiation of that same address, never another's."""
+    monkeypatch.setattr(server, "same_host", lambda sock: False)
+    provider = MemoryProvider()
+    provider.add("disk", 1 << 20)
+    port = await nursery.start(partial(serve_nbd, provider, "127.0.0.1", 0,
+                                       max_connections=8, max_per_address=2))
+    other = await _idle(port, "127.0.0.2")  # the oldest of all, of another address
+    mine = [await _idle(port), await _idle(port)]
+    c = await Client.connect(port)
+    assert await c.read(0, 2) == b"\0\0"
+    assert await _ended(mine[0])
+    assert not await _ended(other, 0.2) and not await _ended(mine[1], 0.1)
+    for x in mine + [other, c]:
+        await x.aclose()
