@@ -56,9 +56,13 @@ Theory of operation (DESIGN.md "Speed"; proto.md "Ordering of messages and write
   request answered later (task, Later) is observed on its own, from its batch's receipt
   to its answer.
 - NBD_CMD_DISC or end of input: stop reading, finish in-flight requests, send their
-  replies, close. A protocol error (bad magic) is a hard disconnect. Nothing a client
-  sends can take down another connection or the server: every connection's errors are
-  caught and logged in handle_connection.
+  replies, close. A graceful stop (serve_nbd's `stopping`; proto.md "Terminating the
+  transmission phase") takes no request more: those taken are answered, every other one
+  (received before the stop or after, until the client's NBD_CMD_DISC or STOP_DRAIN)
+  with NBD_ESHUTDOWN, then this side is shut (refuse_rest, refuse_more, _end_stopped).
+  A protocol error (bad magic) is a hard disconnect. Nothing a client sends can take
+  down another connection or the server: every connection's errors are caught and
+  logged in handle_connection.
 """
 
 from __future__ import annotations
@@ -152,7 +156,12 @@ MAX_CONNECTIONS = 1024
 REFUSED_LOG_EVERY = 10.0  # seconds between two warnings of connections refused
 HANDSHAKE_TIMEOUT = 30.0  # seconds for the whole negotiation (_handshake)
 TLS_CLOSE_TIMEOUT = 5.0  # seconds for a TLS session's close_notify to leave (_end_tls)
-STOP_DRAIN = 1.0  # seconds a graceful stop reads a client's last requests (_end_stopped)
+# Seconds a graceful stop goes on reading a client's requests to answer them with
+# NBD_ESHUTDOWN, once those taken are answered (_Connection.refuse_more), and then, this
+# side shut, reads what still comes to drop it (_end_stopped). Past it, the refusals go
+# on while requests taken are still unanswered, looked at every STOP_LOOK.
+STOP_DRAIN = 1.0
+STOP_LOOK = 0.05
 # Export opens of one negotiation during which its clock stops (_answer_export); later
 # ones count against HANDSHAKE_TIMEOUT: a client asking NBD_OPT_INFO again and again of an
 # export slow to open would otherwise hold its connection for thousands of opens.
@@ -257,9 +266,11 @@ async def serve_nbd(provider: ExportProvider, host: str, port: int, *,
     attaching here: vbp.sockets.same_host) instead.
     `tls`: "off", "on" (clients may upgrade) or "require", with `tls_context` the server's
     ssl.SSLContext (nbd_frontend.tls.server_context).
-    `stopping`, once set, stops the connections gracefully: no request is read any more,
-    those taken are answered, then the connection closes (a connection made since is
-    closed at once); the caller cancels this once they are gone.
+    `stopping`, once set, stops the connections gracefully: no request is taken any
+    more, those taken are answered, those received since with NBD_ESHUTDOWN until the
+    client disconnects or STOP_DRAIN has passed, then the connection closes (a
+    connection made since is closed at once); the caller cancels this once they are
+    gone.
     `send_timeout`: seconds a client may take none of its replies before it is
     disconnected (SEND_TIMEOUT).
     `held`: the budget of the bytes the connections hold (a HeldBytes of HELD_LIMIT if
@@ -528,8 +539,9 @@ def _bad_client(failures: LogLimit | None, stream, what: str, exc: BaseException
 
 
 async def _end_stopped(stream) -> None:
-    """The end of a connection a graceful stop closes: its answers sent, this side shut
-    (the client reads them all, then the end), and what the client still sends read and
+    """The end of a connection a graceful stop closes: its answers sent (those of the
+    requests received meanwhile too: _Connection.refuse_more), this side shut (the
+    client reads them all, then the end), and what the client still sends read and
     dropped for up to STOP_DRAIN: closed with unread input, the socket would send a
     reset, which can destroy answers the client has not read yet."""
     sock = getattr(stream, "socket", None)
@@ -817,8 +829,14 @@ class _Connection:
                     raise
                 watch.cancel()  # the client is gone: stop watching the export
                 watch_stop.cancel()
-                if reading.cancelled_caught:
-                    self.refuse_rest()
+                if reading.cancelled_caught and not self.refuse_rest():
+                    try:
+                        await self.refuse_more()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError,
+                            OSError) as exc:
+                        log.debug("nbd connection lost: %r", exc)
+                        nursery.cancel_scope.cancel()
+                        return
                 self.closing = True
                 self.wake.set()
             return not nursery.cancel_scope.cancel_called
@@ -831,11 +849,13 @@ class _Connection:
                 self.charged = 0
                 self.held = None  # (a Later completing after the end charges nothing)
 
-    def refuse_rest(self) -> None:
+    def refuse_rest(self) -> bool:
         """A graceful stop: answer the requests received and not taken (the one waiting
         for the budget, those whole in the receive buffer) with NBD_ESHUTDOWN, as
         proto.md asks ("Terminating the transmission phase"), rather than leave them
-        unanswered."""
+        unanswered. True when the client is done: it disconnected (NBD_CMD_DISC), or
+        sent what is not a request; False when it may send more (NEED_DATA: a request
+        not whole is answered once it is, by refuse_more)."""
         codec = self.codec
         event, self.waiting_request = self.waiting_request, None
         while True:
@@ -845,9 +865,56 @@ class _Connection:
             try:
                 event = codec.next_event()
             except ProtocolError:
-                return
+                return True
             if type(event) is not Request and type(event) is not BadRequest:
-                return  # NEED_DATA (a request not whole, never answered), or Disconnect
+                return event is not NEED_DATA
+
+    async def refuse_more(self) -> None:
+        """A graceful stop, after refuse_rest: go on reading, and answer every request
+        with NBD_ESHUTDOWN, until the client disconnects (NBD_CMD_DISC, which proto.md
+        has it send once it receives ESHUTDOWN, or its end of input), or STOP_DRAIN has
+        passed and the requests taken are all answered. proto.md ("Terminating the
+        transmission phase"): the error for the requests in flight at a shutdown "and
+        any subsequently received requests SHOULD be ESHUTDOWN". A client learns of the
+        stop only from an answer, so requests it sends meanwhile (crossing them, or
+        while a write taken is still under way) were read and dropped after this side
+        was shut, never answered. Answered here, before the shutdown of the write side
+        (after it nothing can be sent). A client that takes none of its answers is
+        waited for up to the same deadline (the writer cuts it off at send_timeout)."""
+        codec, raw = self.codec, self.raw
+        self.push()
+        if self.to_observe:
+            self.observe_sent()
+        end = trio.current_time() + STOP_DRAIN
+        while True:
+            await trio.lowlevel.checkpoint()
+            if trio.current_time() >= end:
+                if not self.inflight:
+                    return
+                end = trio.current_time() + STOP_LOOK  # (answers still to come: go on)
+            with trio.move_on_at(end):
+                if self.queued() > self.max_queued:
+                    self.room = trio.Event()  # (set by the writer as it sends)
+                    await self.room.wait()
+                    continue
+                buf = codec.get_buffer()
+                if raw is None:
+                    data = await self.stream.receive_some(len(buf))
+                    n = len(data)
+                    buf[:n] = data
+                else:
+                    head = codec.head_after()
+                    into = buf if head is None else (buf, head)
+                    try:  # (first: a TLS channel may hold bytes the socket does not show)
+                        n = raw.recv_into(into) if head is None else raw.recvmsg_into(into)[0]
+                    except BlockingIOError:
+                        n = await receive_wait(raw, into)
+                if not n:
+                    return
+                codec.commit(n)
+                if self.refuse_rest():
+                    return
+                self.push()
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the

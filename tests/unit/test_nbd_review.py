@@ -249,3 +249,127 @@ async def test_past_the_cap_of_an_address_its_own_oldest_negotiation_makes_room(
     assert not await _ended(other, 0.2) and not await _ended(mine[1], 0.1)
     for x in mine + [other, c]:
         await x.aclose()
+
+
+# --- requests a client sends while a graceful stop is under way ---------------------------------
+
+
+def _request(cmd: int, cookie: int, offset: int = 0, length: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, cmd, cookie, offset, length)
+
+
+async def _stopping_server(nursery, **kwargs):
+    provider = MemoryProvider()
+    export = _GatedExport("disk", 1 << 20)
+    export.gate = trio.Event()
+    provider.exports["disk"] = export
+    stopping = trio.Event()
+    port = await nursery.start(
+        lambda task_status: serve_nbd(provider, "127.0.0.1", 0, stopping=stopping,
+                                      task_status=task_status, **kwargs))
+    return export, stopping, port
+
+
+async def _connect_tls(port: int, client_ctx) -> Client:
+    """A client that upgrades to TLS (NBD_OPT_STARTTLS), then chooses export "disk"."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    plain = Client(stream)
+    await plain.recv(18)
+    await plain.send(struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES)
+                     + struct.pack(">QII", proto.IHAVEOPT, proto.OPT_STARTTLS, 0))
+    assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
+    c = Client(trio.SSLStream(stream, client_ctx, server_hostname="localhost"))
+    reps = await c.option(proto.OPT_GO, struct.pack(">I", 4) + b"disk" + b"\0\0")
+    assert reps[-1][0] == proto.REP_ACK
+    return c
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_requests_sent_during_a_graceful_stop_get_eshutdown_and_disc_ends_it(nursery,
+                                                                                   tls):
+    """proto.md, "Terminating the transmission phase": on a shutdown the error for the
+    requests in flight "and any subsequently received requests SHOULD be ESHUTDOWN",
+    and a client receiving ESHUTDOWN MUST soft disconnect (NBD_CMD_DISC). The stop
+    answered the requests received before it, then, once those taken were answered,
+    shut its side and read and dropped what came for STOP_DRAIN: requests the client
+    sent while a write taken was still under way (it knows of the stop only from an
+    answer) were never answered. Now each is answered with ESHUTDOWN before this side
+    is shut, and the client's NBD_CMD_DISC ends the connection at once (over TLS with
+    the session's close_notify)."""
+    if tls:
+        import ssl
+
+        import trustme
+
+        ca = trustme.CA()
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("localhost").configure_cert(server_ctx)
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        export, stopping, port = await _stopping_server(nursery, tls="require",
+                                                        tls_context=server_ctx)
+        c = await _connect_tls(port, client_ctx)
+    else:
+        export, stopping, port = await _stopping_server(nursery)
+        c = await Client.connect(port, "disk")
+    await c.send(_request(proto.CMD_WRITE, 1, 0, 4) + b"abcd")  # taken, under way
+    await trio.sleep(0.1)
+    stopping.set()
+    await trio.sleep(0.1)
+    await c.send(b"".join(_request(proto.CMD_READ, cookie, 0, 512) for cookie in (2, 3, 4)))
+    await trio.sleep(0.1)
+    export.gate.set()  # the write taken completes
+    await c.send(_request(proto.CMD_FLUSH, 5))  # (after the stop's answers left, too)
+    answers = {}
+    with trio.fail_after(5):
+        while len(answers) < 5:
+            cookie, error, _ = await c.reply()
+            answers[cookie] = error
+    assert answers == {1: 0, 2: proto.ESHUTDOWN, 3: proto.ESHUTDOWN, 4: proto.ESHUTDOWN,
+                       5: proto.ESHUTDOWN}
+    assert export.read(0, 4) == b"abcd"
+    await c.send(_request(proto.CMD_DISC, 6))  # the soft disconnect ESHUTDOWN calls for
+    t0 = trio.current_time()
+    with trio.fail_after(5), pytest.raises(EOFError):
+        await c.recv(1)
+    assert trio.current_time() - t0 < server.STOP_DRAIN / 2  # (not the drain's deadline)
+    await c.aclose()
+
+
+async def test_a_client_that_goes_on_sending_during_a_graceful_stop_is_answered_until_the_end(
+        nursery):
+    """A client that never disconnects: every request it sends during the stop, one
+    whose payload was arriving at the stop included, is answered with ESHUTDOWN, and
+    the connection ends (its end of stream, not a reset) within about STOP_DRAIN."""
+    export, stopping, port = await _stopping_server(nursery)
+    c = await Client.connect(port, "disk")
+    payload = bytes(range(256)) * 256  # 64 KiB
+    await c.send(_request(proto.CMD_WRITE, 1, 0, len(payload)) + payload[:1000])
+    await trio.sleep(0.1)
+    stopping.set()
+    t0 = trio.current_time()
+    await trio.sleep(0.1)
+    await c.send(payload[1000:])  # the rest of the write under way at the stop
+    cookie = 2
+    answers = {}
+    with trio.fail_after(server.STOP_DRAIN + 5):
+        while True:
+            if trio.current_time() - t0 < server.STOP_DRAIN + 1:
+                try:
+                    await c.send(_request(proto.CMD_READ, cookie, 0, 512))
+                    cookie += 1
+                except trio.BrokenResourceError:
+                    pass
+            try:
+                got, error, _ = await c.reply()
+            except EOFError:
+                break
+            answers[got] = error
+    ended = trio.current_time() - t0
+    await c.aclose()
+    assert answers[1] == proto.ESHUTDOWN and export.read(0, 4) != payload[:4]  # (not taken)
+    # (the write's answer came first: the client has two requests out, which the end of
+    # the drain may leave unanswered)
+    assert set(range(1, cookie - 2)) <= set(answers) <= set(range(1, cookie))
+    assert set(answers.values()) == {proto.ESHUTDOWN} and len(answers) > 5
+    assert server.STOP_DRAIN - 0.2 < ended < server.STOP_DRAIN + 1
