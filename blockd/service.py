@@ -753,6 +753,10 @@ class VolumeProvider:
                 # takes it again.
                 await self._release(self._drop_lease(export, lease))
                 raise
+        # Its entry as a head reader goes now (_head_entries: the gateway holds the
+        # token by the time this runs), not at the next heartbeat: else, the client gone
+        # and the lease handed back, the entry still showed a user until then.
+        self.service.nursery.start_soon(self._republish)
         return lease.token
 
     def _drop_lease(self, export: str, lease):
@@ -1109,8 +1113,7 @@ class VolumeProvider:
             return None
         del self.gateways[export], self.refs[export]
         self._forget(export)
-        if gw.read_only or not self._holds(gw, trio.current_time()):
-            self.service.nursery.start_soon(self._republish)  # unpublished now
+        self.service.nursery.start_soon(self._republish)  # unpublished now, and not open
         lease = self.leases.pop(export, None)
         store = self.service.store
         if gw.owes_flush():
@@ -1830,6 +1833,9 @@ class Blockd:
             "down_out": self.mover.down_out(),
             "scrub": self.scrubber.last,
             "exports": self.provider.to_publish(),
+            # every export a client has open here: who a delete or an import must not go
+            # under (control.api._refuse_in_use), a lease holder's volume among them
+            "open": sorted(self.provider.gateways),
         }
 
     async def publish_stats(self) -> None:

@@ -68,8 +68,13 @@ def open_exports(reg, volume: str, snap: str | None = None, *,
     when given), as the hosts publish them (blockd: published while open, and before the
     first read is served); with `head`, also the volume's own exports that read it
     without its write lease (a backup through another host: published alike)."""
+    return _exports_in(reg.host_stats(), volume, snap, head)
+
+
+def _exports_in(stats: dict[str, dict], volume: str, snap: str | None,
+                head: bool) -> list[tuple[str, str]]:
     out = []
-    for host, st in sorted(reg.host_stats().items()):
+    for host, st in sorted(stats.items()):
         for e in st.get("exports", ()):
             export = e.get("export", "") if isinstance(e, dict) else ""
             vol, _, s = export.partition("@")
@@ -78,38 +83,73 @@ def open_exports(reg, volume: str, snap: str | None = None, *,
     return out
 
 
+# The longest a user on its way out is waited for before a delete or an import refuses:
+# a lease runs out within its TTL (blockd's lease_ttl, 10 s by default; `vbp volume
+# snapshot` takes one for 30 s).
+USERS_GOING_WAIT = 30.0
+
+# A host's stats from before blockd published the exports it has open ("open"): its
+# lease holders cannot be told from leases on their way back, and the entry a writer
+# published before it took the lease stayed until the next heartbeat (heartbeat_ttl / 3,
+# 2 s by default): such a lease, or such a host's exports, are waited for this long.
+UNTOLD_GRACE = 3.0
+
+
+def _users(reg, vol: str, snap: str | None, head: bool, snapshots: bool,
+           untold: bool) -> tuple[list[str], bool]:
+    """Who uses `vol` now (_refuse_in_use), and whether one of them stays: a client
+    connected, as its host says. On its way out instead: a write lease whose holder does
+    not have the volume open (a host handing it back after its last client left, one
+    that is down and lets it run out, `vbp volume snapshot` completing a snapshot), and
+    (`untold`) the users of a host that does not say what it has open."""
+    stats = reg.host_stats()
+    found = [(h, e) for h, e in _exports_in(stats, vol, snap, head) if snapshots or "@" not in e]
+    users = [f"{e} on {h}" for h, e in found]
+    stays = any(not (untold and "open" not in stats[h]) for h, _ in found)
+    if head:
+        lease = reg.get_lease(vol)  # (a live one only)
+        if lease is not None:
+            # (no time left is told: the lease runs out on the registry's clock, and the
+            # wall clocks that could tell it may be stepped or skewed)
+            users.insert(0, f"{vol} on {lease.holder}, its write lease held until its host "
+                            f"hands it back or stops renewing it")
+            st = stats.get(lease.holder)
+            if st is not None and "open" in st:
+                stays = stays or vol in st["open"]
+            else:  # (a host down or untold, or no host)
+                stays = stays or st is not None and not untold
+    return users, stays
+
+
 def _refuse_in_use(reg, name: str, vol: str, snap: str | None, wait: float, *,
                    head: bool = False, snapshots: bool = True,
                    forced: str = "their requests then fail with EIO") -> None:
     """Like `rbd rm` with watchers: no deleting what a client reads (the snapshot exports
     of `vol`, of `snap` only when given), nor (`head`) a volume a client has open: its
     exports without the write lease, and the lease (its host holds it from the first
-    writing client's open to the last one's close). A client that just disconnected is
-    unpublished, and its lease given back, within moments, so wait a little before
-    refusing. Without `snapshots`, only the volume's own users count. `forced`: what
-    --force does to them, for the message."""
-    deadline = time.monotonic() + wait
+    writing client's open to the last one's close). Without `snapshots`, only the
+    volume's own users count. `forced`: what --force does to them, for the message.
+
+    Refused at once when every user is a client connected now, as far as the registry
+    can tell (a host publishes the exports it has open as they open and close: a client
+    that disconnected just before is gone from it within the registry write that
+    follows). Users on their way out are waited for, up to `wait` seconds: a lease being
+    handed back, or running out on a host that is down (_users)."""
+    start = time.monotonic()
     while True:
-        users = [f"{e} on {h}" for h, e in open_exports(reg, vol, snap, head=head)
-                 if snapshots or "@" not in e]
-        if head:
-            lease = reg.get_lease(vol)  # (a live one only)
-            if lease is not None:
-                # (no time left is told: the lease runs out on the registry's clock, and
-                # the wall clocks that could tell it may be stepped or skewed)
-                users.insert(0, f"{vol} on {lease.holder}, its write lease held until its "
-                                f"host hands it back or stops renewing it")
+        untold = time.monotonic() - start < min(wait, UNTOLD_GRACE)
+        users, stays = _users(reg, vol, snap, head, snapshots, untold)
         if not users:
             return
-        if time.monotonic() > deadline:
+        if stays or time.monotonic() - start > wait:
             what = f"snapshot {name}" if snap else f"volume {name}"
             raise InUse(f"{what} is open by NBD clients ({'; '.join(users)}); disconnect them, or "
                         f"use --force ({forced})")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def delete_volume(reg, name: str, *, force: bool = False,
-                  wait: float = 3.0) -> VolumeRecord | None:
+                  wait: float = USERS_GOING_WAIT) -> VolumeRecord | None:
     """Delete a volume with its snapshots (the record deleted), or a snapshot when `name`
     is NAME@SNAP (None). Hosts free the chunks no
     reader needs any more in the background (vbp.volume.needed_gens). A snapshot that is
@@ -134,7 +174,7 @@ def delete_volume(reg, name: str, *, force: bool = False,
     return rec
 
 
-def refuse_import_in_use(reg, name: str, *, wait: float = 3.0) -> None:
+def refuse_import_in_use(reg, name: str, *, wait: float = USERS_GOING_WAIT) -> None:
     """InUse while NBD clients have volume `name` itself open (its write lease held for
     one, or it is read through a host without the lease): an import over it would change
     the disk under them, a running VM's (its snapshots' readers do not count: an import

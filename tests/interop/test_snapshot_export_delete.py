@@ -136,8 +136,19 @@ def test_delete_of_a_volume_a_client_has_open_is_refused_then_forced_gives_eio(s
 
     for name in ("vo", "vc"):
         sandbox.vbp("volume", "create", name, "--size", "2M", "--replicas", "3", "--chunk-size", "1M")
+    from control import api
+    from vbp.errors import InUse
+
     h = connect(sandbox.uri("vo", 1))  # served by host2
     h.pwrite(b"O" * MiB, 0)
+    reg = open_registry(sandbox.registry)
+    try:  # refused at once: host2 has it open for a client (it came after a 3 s wait)
+        t0 = time.monotonic()
+        with pytest.raises(InUse, match="vo on host2"):
+            api.delete_volume(reg, "vo")
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        reg.close()
     p = sandbox.vbp("volume", "delete", "vo", check=False)
     assert p.returncode == EXIT_IN_USE, p.stderr
     assert "vo on host2" in p.stderr and "--force" in p.stderr, p.stderr

@@ -14,7 +14,7 @@ from control import api
 from replicator.gateway import ClusterView
 from vbp.cluster import HostRecord
 from vbp.errors import (
-    AlreadyExists, Fenced, InvalidArgument, NotFound, RegistryUnavailable, VbpError,
+    AlreadyExists, Fenced, InUse, InvalidArgument, NotFound, RegistryUnavailable, VbpError,
 )
 from vbp.layout import MiB
 from vbp.registry import open_registry
@@ -797,3 +797,71 @@ def test_a_lineage_whose_counter_was_lost_draws_past_its_records_generations():
     c = api.clone(reg, "v@s1", "c")
     assert c.head == 3 and c.lineage == rec.lineage
     assert api.snapshot(reg, "v", "s2", timeout=5).head == 4
+
+
+# --- a delete or an import of a volume in use: refused at once, or waited for ------------
+
+
+def in_use_by(stats: dict | None, lease_ttl: float = 60.0):
+    """Volume v (with snapshot s), its write lease held by h1, whose published stats are
+    `stats` (None: none, h1 down): (registry, lease)."""
+    reg = open_registry(f"memory://{uuid.uuid4().hex}")
+    api.create_volume(reg, "v", MiB, replicas=1)
+    api.snapshot(reg, "v", "s", timeout=5)
+    lease = reg.acquire_lease("v", "h1", lease_ttl)
+    if stats is not None:
+        reg.publish_stats("h1", stats, 60.0)
+    return reg, lease
+
+
+@pytest.mark.parametrize("call", ["delete", "delete-snapshot-too", "import"])
+def test_a_volume_a_connected_client_writes_is_refused_at_once(call):
+    """h1 has v open for a client and holds its lease: nothing the registry can show
+    will change while the client stays, so the refusal comes at once. It came after a
+    fixed 3 s wait, each time."""
+    reg, _ = in_use_by({"exports": [], "open": ["v"]})
+    reg.publish_stats("h2", {"exports": [{"export": "v@s", "lineage": "l", "chain": [1]}],
+                             "open": ["v@s"]}, 60.0)
+    t0 = time.monotonic()
+    with pytest.raises(InUse, match=r"v on h1, its write lease held") as e:
+        if call == "import":
+            api.refuse_import_in_use(reg, "v")
+        else:
+            api.delete_volume(reg, "v")
+    assert time.monotonic() - t0 < 1.0
+    assert ("v@s on h2" in str(e.value)) == (call != "import")
+    assert reg.get_volume("v")
+
+
+def test_a_lease_its_host_is_handing_back_is_waited_for():
+    """The client left: h1 no longer has v open (published first) and hands the lease
+    back once what it wrote is flushed. The delete waits for that, then deletes."""
+    reg, lease = in_use_by({"exports": [], "open": []})
+    threading.Timer(0.5, reg.release_lease, (lease,)).start()
+    t0 = time.monotonic()
+    assert api.delete_volume(reg, "v").name == "v"
+    assert 0.4 < time.monotonic() - t0 < 5
+    with pytest.raises(NotFound):
+        reg.get_volume("v")
+
+
+def test_a_lease_of_a_host_that_is_down_is_waited_for_until_it_runs_out():
+    """h1 is down (no stats): its lease runs out unrenewed, and the delete goes through
+    then; within `wait` only."""
+    reg, _ = in_use_by(None, lease_ttl=1.0)
+    with pytest.raises(InUse, match="v on h1"):
+        api.delete_volume(reg, "v", wait=0.2)
+    t0 = time.monotonic()
+    assert api.delete_volume(reg, "v").name == "v"
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_host_that_does_not_tell_what_it_has_open_gets_the_old_grace():
+    """A blockd from before "open" in the stats: its lease holder may be one handing the
+    lease back, and a writer's entry as a reader stayed until its next heartbeat: waited
+    for up to UNTOLD_GRACE (or `wait`), then refused."""
+    reg, _ = in_use_by({"exports": [{"export": "v", "lineage": "l", "chain": [1]}]})
+    t0 = time.monotonic()
+    with pytest.raises(InUse, match="v on h1"):
+        api.delete_volume(reg, "v", wait=0.5)
+    assert 0.4 < time.monotonic() - t0 < 2

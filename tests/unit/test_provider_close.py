@@ -326,3 +326,27 @@ async def test_a_failure_no_client_was_told_outlives_the_gateway():
         gw.close()
         await lease_given_back(reg)
         await first_flush_fails_once(await provider.open_export("v"))
+
+
+async def test_a_writer_is_unpublished_as_a_reader_once_it_holds_the_lease_and_at_its_close():
+    """What a host publishes of an export (Blockd.stats: its entries as a reader, and
+    every export open) follows a writer: opened, it is a reader; its first write takes
+    the lease and it is one no more; closed, it is open no more. Each publication comes
+    with the change: the entry as a reader stayed until the next heartbeat (2 s), and a
+    delete in between saw a user in a volume whose client had gone."""
+    async with three_hosts() as (reg, _, provider):
+        published = []
+
+        async def publish_stats():
+            published.append((sorted(e["export"] for e in provider.published()),
+                              sorted(provider.gateways)))
+        provider.service.publish_stats = publish_stats
+        gw = await provider.open_export("v")
+        assert published[-1] == (["v"], ["v"])
+        await gw.write(0, b"\x01" * 4096, False)  # takes the lease
+        await trio.sleep(0.1)
+        assert published[-1] == ([], ["v"])
+        gw.close()
+        await lease_given_back(reg)
+        await trio.sleep(0.1)
+        assert published[-1] == ([], [])
