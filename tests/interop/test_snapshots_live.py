@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import struct
 import threading
 import time
@@ -232,6 +233,13 @@ def connect_with_status(uri):
     return c
 
 
+def _freed(log: str, lineage: str, indexes) -> bool:
+    """Whether a host's log shows garbage collection freeing a generation of each chunk
+    `indexes` of `lineage` (written once: one generation each)."""
+    got = {int(i) for i in re.findall(rf"event=gc_chunk lineage={lineage} index=(\d+) ", log)}
+    return set(indexes) <= got
+
+
 def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
     """Clients connected before a shrink (the gateway holding the lease, and a reader on
     another host) still know the old size. Once their hosts have the new record, every
@@ -253,7 +261,12 @@ def test_shrink_under_open_clients_refuses_requests_past_the_new_end(sandbox):
                 and _errno_of(lambda: reader.pread(BLOCK, 6 * MiB)):
             break
         time.sleep(0.1)
-    time.sleep(2.5)  # garbage collection (every second here) has freed the chunks cut off
+    # garbage collection (every second here) has freed the chunks cut off, on every host
+    lineage = json.loads(sandbox.vbp("volume", "show", "rsr", "--json").stdout)["lineage"]
+    deadline = time.monotonic() + 30
+    while not all(_freed(sandbox.log(i), lineage, range(4, 8)) for i in range(3)):
+        assert time.monotonic() < deadline, "the chunks past the new end were not freed"
+        time.sleep(0.2)
     EINVAL, ENOSPC = (errno.EINVAL, "EINVAL"), (errno.ENOSPC, "ENOSPC")
     for c in (h, reader):
         for length, offset in ((BLOCK, 6 * MiB), (MiB, 5 * MiB), (2 * BLOCK, 4 * MiB - BLOCK),
