@@ -193,9 +193,10 @@ def _lease_keys(volume: str) -> tuple[bytes, bytes]:
     return P_LEASE + name, P_LEASE_LIVE + name
 
 
-def _orphaned(item) -> bool:
-    """A released lease record that still owes a takeover's reconcile (release_lease)."""
-    return bool(_unpack(item.value).get("orphaned"))
+def _orphaned(d: dict) -> bool:
+    """A released lease record (decoded) that still owes a takeover's reconcile
+    (release_lease)."""
+    return bool(d.get("orphaned"))
 
 
 def sized(what: str, record, hint: str = "", old: bytes | None = None) -> bytes:
@@ -663,7 +664,7 @@ class Registry:
         `lkey`) is still `lease` (same holder and token, expired or not); Fenced, `what`
         ending its message, if it is not now (update_volume, mark_stale)."""
         litem, _ = self.kv.get(lkey)
-        cur = self._lease_of(volume, litem.value) if litem else None
+        cur = self._lease_of(volume, _unpack(litem.value)) if litem else None
         if cur is None or (cur.holder, cur.token) != (lease.holder, lease.token) or not cur.holder:
             raise Fenced(f"lease of volume {volume} (token {lease.token}) is no longer "
                          f"held by {lease.holder}{what}")
@@ -846,17 +847,18 @@ class Registry:
 
     # --- volume write leases -------------------------------------------------------------
 
+    # (the lease helpers below take a lease record decoded once by their caller, which
+    # most often needs it for more than one of them)
+
     @staticmethod
-    def _lease_of(volume: str, value: bytes) -> Lease:
-        d = _unpack(value)
+    def _lease_of(volume: str, d: dict) -> Lease:
         return Lease(volume, d["holder"], d["token"], d["expires"])
 
-    def _held(self, volume: str, value: bytes, live=_UNREAD) -> bool:
-        """Whether the lease record `value` of `volume` is held (the lease liveness rule):
-        a holder named, and its liveness key there naming its token (`live`: that key's
-        item as read, None if absent; read here if not given). A record of the code
+    def _held(self, volume: str, d: dict, live=_UNREAD) -> bool:
+        """Whether the lease record `d` (decoded) of `volume` is held (the lease liveness
+        rule): a holder named, and its liveness key there naming its token (`live`: that
+        key's item as read, None if absent; read here if not given). A record of the code
         before the key (no `live_key`) is judged by its `expires` on the wall clock."""
-        d = _unpack(value)
         if not d["holder"]:
             return False
         if not d.get("live_key"):
@@ -886,16 +888,17 @@ class Registry:
             item, rev = self.kv.get(key)
             live, _ = self.kv.get(lkey)
             token = rev + 1
-            if item is not None:
-                cur = self._lease_of(volume, item.value)
-                if cur.holder not in ("", holder) and self._held(volume, item.value, live):
+            d = _unpack(item.value) if item is not None else None
+            if d is not None:
+                cur = self._lease_of(volume, d)
+                if cur.holder not in ("", holder) and self._held(volume, d, live):
                     # (no time left is told: the wall clocks that could tell it are not
                     # what the lease runs out by)
                     raise LeaseHeld(f"volume {volume} is leased to {cur.holder} (token "
                                     f"{cur.token}) until it hands it back or stops renewing it")
                 token = max(token, cur.token + 1)
             lease = Lease(volume, holder, token, time.time() + ttl,
-                          taken_over=item is not None and (cur.holder != "" or _orphaned(item)))
+                          taken_over=d is not None and (cur.holder != "" or _orphaned(d)))
             if self._granted(key, lkey, lease, ttl, [Cmp(key, "mod", item.mod_rev if item else 0),
                                                      Cmp(lkey, "mod", live.mod_rev if live else 0)]):
                 return lease
@@ -907,7 +910,7 @@ class Registry:
         key, lkey = _lease_keys(lease.volume)
         for _ in range(CAS_ATTEMPTS):
             item, _ = self.kv.get(key)
-            cur = self._lease_of(lease.volume, item.value) if item else None
+            cur = self._lease_of(lease.volume, _unpack(item.value)) if item else None
             if cur is None or (cur.token == lease.token and cur.holder == ""):
                 raise Fenced(f"lease of volume {lease.volume} (token {lease.token}) was released")
             if (cur.holder, cur.token) != (lease.holder, lease.token):
@@ -940,7 +943,7 @@ class Registry:
             item, _ = self.kv.get(key)
             if item is None:
                 return
-            cur = self._lease_of(lease.volume, item.value)
+            cur = self._lease_of(lease.volume, _unpack(item.value))
             if (cur.holder, cur.token) != (lease.holder, lease.token):
                 return
             released = {"holder": "", "token": cur.token, "expires": 0.0, "live_key": True}
@@ -971,10 +974,11 @@ class Registry:
         live = {it.key[len(P_LEASE_LIVE):].decode(): it for it in lives}
         out = []
         for it in items:
-            lease = self._lease_of(it.key[len(P_LEASE):].decode(), it.value)
+            d = _unpack(it.value)
+            lease = self._lease_of(it.key[len(P_LEASE):].decode(), d)
             rev = created.get(lease.volume)
             if (rev is None or lease.token <= rev) and self._held(
-                    lease.volume, it.value, live.get(lease.volume)):
+                    lease.volume, d, live.get(lease.volume)):
                 out.append(lease)
         return out
 
@@ -1014,9 +1018,10 @@ class Registry:
     def _live_lease(self, volume: str, item) -> Lease | None:
         """The lease a lease record (`item`, None: none) holds, if held and not run out
         (the lease liveness rule: its liveness key read here)."""
-        if item is None or not self._held(volume, item.value):
+        if item is None:
             return None
-        return self._lease_of(volume, item.value)
+        d = _unpack(item.value)
+        return self._lease_of(volume, d) if self._held(volume, d) else None
 
     def revision(self) -> int:
         """The store's revision now (what compact_history takes, and what volume_changes
@@ -1039,9 +1044,10 @@ class Registry:
         item, _ = self.kv.get(P_LEASE + _name("volume name", volume))
         if item is None:
             return None
-        lease = self._lease_of(volume, item.value)
-        if (bool(lease.holder) and not self._held(volume, item.value)) or (
-                not lease.holder and _orphaned(item)):
+        d = _unpack(item.value)
+        lease = self._lease_of(volume, d)
+        if (bool(lease.holder) and not self._held(volume, d)) or (
+                not lease.holder and _orphaned(d)):
             return lease
         return None
 
