@@ -1345,6 +1345,47 @@ def test_a_renewal_keeps_the_lease_of_its_liveness_key_alive_on_etcd(etcd_server
         reg.close()
 
 
+@pytest.mark.parametrize("how", ["taken-over", "released-elsewhere"])
+def test_a_kept_lease_is_forgotten_once_its_key_is_no_longer_ours_on_etcd(etcd_server, how):
+    """EtcdKV remembers the lease of each key it keeps alive (_kept), for the puts that
+    join it. A write lease's liveness key, kept alive by gw-a's renewals, then taken over
+    by gw-b after it ran out (a migration, a failover), or released by another client: it
+    is no longer gw-a's, and gw-a never touches it again (its renewal is Fenced first).
+    Its entry stayed for the life of the process, one more for each such volume. It goes
+    once the lease it names has run out unrenewed, at the next keep-alive of any key (the
+    heartbeat's); a key put again on a lease of its own, or deleted, here goes at once."""
+    from vbp.registry.base import P_LEASE_LIVE
+
+    etcd_server.wipe()
+    a, b = open_registry(etcd_server.url), open_registry(etcd_server.url)
+    lkey = P_LEASE_LIVE + b"v"
+    try:
+        ttl = max(1.0, a.kv.ttl_floor())
+        a.register_host(host(1), 30.0)
+        a.heartbeat("h1", 30.0, {"used": 1})
+        lease = a.renew_lease(a.acquire_lease("v", "gw-a", ttl), ttl)
+        assert lkey in a.kv._kept  # (kept alive: its lease remembered)
+        if how == "taken-over":
+            deadline = time.monotonic() + ttl + 5
+            while a.get_lease("v") is not None:  # (run out unrenewed)
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert b.acquire_lease("v", "gw-b", 30.0).taken_over
+        else:
+            b.release_lease(lease)
+            time.sleep(ttl + 0.5)  # (what gw-a kept alive runs out meanwhile)
+        a.heartbeat("h1", 30.0, {"used": 2})
+        assert lkey not in a.kv._kept
+        assert set(a.kv._kept) == {b"vbp/cluster/alive/h1"}
+        # a key put again here on a lease of its own: the one kept is forgotten at once
+        a.kv._kept[lkey] = (30, "1234", time.monotonic() + 30)
+        a.kv.txn([], [Put(lkey, b"x", 30.0)])
+        assert lkey not in a.kv._kept
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_stale_record_is_cleared_only_while_what_was_judged_is_unchanged(reg):
     """clear_stale_unless_changed (vbp volume accept-loss): one transaction removes the
     record and rewrites the lineage's loss record (vbp/loss/<lineage>); a record of the

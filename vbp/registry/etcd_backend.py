@@ -83,9 +83,12 @@ class EtcdKV:
         self.endpoints = endpoints
         self._cur = 0
         self._floor: int | None = None  # etcd's minimum lease TTL, once known (ttl_floor)
-        # key -> (TTL asked, its lease) as keep_alive last kept it alive: what a Put with
-        # lease_of joins
-        self._kept: dict[bytes, tuple[int, str]] = {}
+        # key -> (TTL asked, its lease, the monotonic time by which that lease has run out
+        # unless kept alive again) as keep_alive last kept it alive: what a Put with
+        # lease_of joins. Forgotten once that time is past (_forget_lapsed): the key was
+        # taken over or released elsewhere, or is just no longer kept alive here; and at
+        # once when the key is deleted or put on another lease here.
+        self._kept: dict[bytes, tuple[int, str, float]] = {}
         self._client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                                     headers=REQUIRE_LEADER)
 
@@ -212,11 +215,23 @@ class EtcdKV:
         r = self._call("lease/keepalive", {"ID": lease})
         granted = int((r.get("result") or r).get("TTL") or 0)
         asked = _lease_ttl(ttl)
+        self._forget_lapsed()
         if granted > 0 and (granted == asked or granted == self._floor and asked < granted):
-            self._kept[key] = (asked, lease)
+            # (etcd renewed it before its answer came: it runs out by then at the latest)
+            self._kept[key] = (asked, lease, time.monotonic() + granted)
             return True
         self._kept.pop(key, None)
         return False
+
+    def _forget_lapsed(self) -> None:
+        """Forget the kept leases that have run out since they were last kept alive here:
+        a key taken over by another client (a write lease's liveness key, once run out,
+        granted to another host) or released by one is never kept alive here again, and
+        its entry stayed for the life of the process. (Forgetting one is always safe: a
+        put that would have joined it is put on a lease granted for it.)"""
+        now = time.monotonic()
+        for key in [k for k, (_, _, until) in self._kept.items() if until <= now]:
+            del self._kept[key]
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Op]) -> tuple[bool, int]:
         body_cmp = []
@@ -239,13 +254,18 @@ class EtcdKV:
             if isinstance(op, Put):
                 put = {"key": _b64(op.key), "value": _b64(op.value)}
                 kept = self._kept.get(op.lease_of)
-                if op.ttl is not None and kept is not None and kept[0] == _lease_ttl(op.ttl):
+                if op.ttl is not None and kept is not None and kept[0] == _lease_ttl(op.ttl) \
+                        and kept[2] > time.monotonic():
                     put["lease"] = kept[1]
                     joined.append(op.lease_of)
-                elif op.ttl is not None:
-                    if op.ttl not in leases:
-                        leases[op.ttl] = self._grant(op.ttl)
-                    put["lease"] = leases[op.ttl]
+                else:
+                    # (put on a lease of its own, or none: the lease kept for it, if any,
+                    # is no longer the key's)
+                    self._kept.pop(op.key, None)
+                    if op.ttl is not None:
+                        if op.ttl not in leases:
+                            leases[op.ttl] = self._grant(op.ttl)
+                        put["lease"] = leases[op.ttl]
                 body_ops.append({"request_put": put})
             elif isinstance(op, Delete):
                 body_ops.append({"request_delete_range": {"key": _b64(op.key)}})
