@@ -99,7 +99,7 @@ from vbp.placement import MEMO_SIZE, Placement
 from vbp.registry.base import Lease
 from vbp.reqid import current as current_rid
 from vbp.reqid import get as get_rid
-from vbp.volume import View, visible_chain
+from vbp.volume import View, VolumeRecord, same_volume, visible_chain
 
 log = logging.getLogger("vbp.gateway")
 _replica_log = logging.getLogger("vbp.replica")  # (at DEBUG, each local write logs a line)
@@ -1827,11 +1827,28 @@ class VolumeGateway:
         the request: refused, a write `vbp volume resize` had made room for before it
         was sent would fail. (Two syncs: a gateway without the lease adopts a record at
         the first one after it published it.)"""
+        if not await self._grown_maybe(end):
+            raise exc
         for _ in range(RECHECK_SYNCS):
             await self.next_sync()
             if end <= self.size:  # (op checks it again, with no await in between)
                 return await _called(op, *args)
         raise exc
+
+    async def _grown_maybe(self, end: int) -> bool:
+        """False when one read of the volume's record shows it ending before `end` now: a
+        request that came before the read is past the end, as the volume is, with no
+        record sync to wait for (each request past a shrunk end waited for two, 0.2 s
+        at least). True when the record may take it (grown, a shrink still pending), or
+        cannot be told here (no registry, the read failing, the volume deleted or made
+        again under its name, a snapshot's view): the record syncs judge, as before."""
+        if self.registry is None or self.view.read_only:
+            return True
+        try:
+            rec = VolumeRecord.from_dict(await self.registry.get_volume(self.view.volume.name))
+        except VbpError:
+            return True
+        return not same_volume(rec, self.view.volume) or end <= rec.size
 
     def _pieces_end(self, pieces) -> tuple[int, int]:
         """(start, length) of the range of `pieces` (in order, from one request)."""

@@ -805,6 +805,38 @@ def test_a_reader_serves_a_read_past_a_shrunk_end_once_the_volume_is_grown_back(
     run(main)
 
 
+def test_requests_past_a_shrunk_end_the_record_confirms_are_refused_at_once():
+    """A client connected before a shrink of v (8 to 4 MiB): every request past the new
+    end, on the holder (h0) and on a reader (h1) that adopted the shrink, is refused as
+    soon as one read of the record shows the volume still shrunk. Each waited for two
+    passes of record syncs first (at least 2 x RECORD_SYNC_GAP: 0.2 s and more), in case
+    the volume had grown back since: that case still waits, and is served (above)."""
+    async def main():
+        sim = Sim(5, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, gw = await served(nursery, sim, b"A" * 4096, 8 * MiB)
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            await sim.shrink("v", 4 * MiB)
+            while r.size != 4 * MiB or gw.size != 4 * MiB:  # (record syncs)
+                await trio.sleep(0.01)
+            requests = [lambda g: g.read(5 * MiB, 4096), lambda g: g.cache(6 * MiB, 4096),
+                        lambda g: g.block_status(4 * MiB - 4096, 8192)]
+            for h, g in ((h0, gw), (h1, r)):
+                for request in requests + [lambda g: g.write(7 * MiB, b"X" * 4096, False),
+                                           lambda g: g.trim(5 * MiB, 4096, False)]:
+                    t0 = trio.current_time()
+                    with pytest.raises(VbpError) as e:
+                        await h.run_on(lambda: call(request(g)))
+                    assert e.value.errno in (errno.EINVAL, errno.ENOSPC), e.value
+                    assert trio.current_time() - t0 < 0.05
+            assert extents_bytes(await h0.run_on(lambda: call(gw.read(0, 4096))), 0, 4096) == \
+                b"A" * 4096
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_no_hole_zeroing_across_a_shrunk_end_is_refused_whole():
     """Review: a client connected before a shrink zeroes, with NO_HOLE, a range across
     the new end (3 MiB to 5 MiB of v shrunk from 8 to 4 MiB), in two steps (one per
