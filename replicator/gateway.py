@@ -169,6 +169,11 @@ STATUS_RUNS = 16384
 # Record syncs a request past the adopted end waits for before it is refused: the volume
 # may have grown again since a shrink (_unless_grown)
 RECHECK_SYNCS = 2
+# Requests past a shrunk end share their reads of the volume's record (_record_since):
+# each takes the first read that starts after it came, and reads start at most one per
+# this many seconds. A client sending many such requests, or many clients, cost the
+# registry about 1 / PAST_END_READ_GAP reads a second for the volume, not one a request.
+PAST_END_READ_GAP = 0.05
 # WRITE_ZEROES with NO_HOLE writes zeros as data, in requests of at most this many bytes
 # (views of one buffer of zeros: a calloc'd object, whose pages nothing ever writes)
 ZEROS_STEP = 4 * MiB
@@ -441,6 +446,20 @@ def drop_identical(entries: list, entry) -> bool:
             return True
     return False
 
+
+class _RecordRead:
+    """One read of a volume's record that requests past its end share (_record_since):
+    the `seq`th a gateway started, at `started` (trio time)."""
+
+    __slots__ = ("seq", "started", "done", "record")
+
+    def __init__(self, seq: int, started: float) -> None:
+        self.seq = seq
+        self.started = started
+        self.done = trio.Event()
+        self.record: dict | None = None
+
+
 class VolumeGateway:
     """Serves one view (a volume head or a snapshot) of a volume; shared by all NBD
     connections to it on this host. Implements nbd_frontend.export.Export."""
@@ -521,6 +540,8 @@ class VolumeGateway:
         # async () -> None, set by the service: returns once the volume's record has
         # been read again (_unless_grown)
         self.next_sync = None
+        self._record_reads = 0  # reads of the record started for requests past the end
+        self._record_read: _RecordRead | None = None  # the last of them (_record_since)
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
         self._wanting = 0  # writes waiting for the lease (_leased): a client is writing
@@ -1844,11 +1865,39 @@ class VolumeGateway:
         again under its name, a snapshot's view): the record syncs judge, as before."""
         if self.registry is None or self.view.read_only:
             return True
-        try:
-            rec = VolumeRecord.from_dict(await self.registry.get_volume(self.view.volume.name))
-        except VbpError:
+        record = await self._record_since()
+        if record is None:
             return True
+        rec = VolumeRecord.from_dict(record)
         return not same_volume(rec, self.view.volume) or end <= rec.size
+
+    async def _record_since(self) -> dict | None:
+        """The volume's record (None: it could not be read) as a read started after this
+        call read it: what a request that came before the call may be judged by. Callers
+        share reads: each waits for the first one that starts after it was called, and
+        one starts at most every PAST_END_READ_GAP seconds, so requests past the end cost
+        the registry a few reads a second however many there are."""
+        after = self._record_reads
+        while True:
+            r = self._record_read
+            if r is not None and r.seq > after:
+                await r.done.wait()
+                return r.record
+            if r is not None and not r.done.is_set():  # (started before this call: its
+                await r.done.wait()  # answer may be older than the request)
+                continue
+            if r is not None and (wait := r.started + PAST_END_READ_GAP - trio.current_time()) > 0:
+                await trio.sleep(wait)
+                continue
+            self._record_reads += 1
+            r = self._record_read = _RecordRead(self._record_reads, trio.current_time())
+            try:
+                r.record = await self.registry.get_volume(self.view.volume.name)
+            except VbpError:
+                pass
+            finally:  # (cancelled: those sharing it get None, and wait for record syncs)
+                r.done.set()
+            return r.record
 
     def _pieces_end(self, pieces) -> tuple[int, int]:
         """(start, length) of the range of `pieces` (in order, from one request)."""
