@@ -899,9 +899,7 @@ class _Connection:
                     continue
                 buf = codec.get_buffer()
                 if raw is None:
-                    data = await self.stream.receive_some(len(buf))
-                    n = len(data)
-                    buf[:n] = data
+                    n = await self._receive_some(buf)
                 else:
                     head = codec.head_after()
                     into = buf if head is None else (buf, head)
@@ -915,6 +913,14 @@ class _Connection:
                 if self.refuse_rest():
                     return
                 self.push()
+
+    async def _receive_some(self, buf) -> int:
+        """Receive into `buf` through the stream: a TLS channel, or a stream with no plain
+        socket under it (the reader's and refuse_more's way when `raw` is None)."""
+        data = await self.stream.receive_some(len(buf))
+        n = len(data)
+        buf[:n] = data
+        return n
 
     async def _stop_reading(self, reading: trio.CancelScope, watch: trio.CancelScope) -> None:
         """Once serve_nbd is stopping, read no more requests: the reader ends as when the
@@ -1003,9 +1009,7 @@ class _Connection:
                 await self.wait_room()  # (many small replies: checked once a batch)
             buf = codec.get_buffer()
             if raw is None:
-                data = await self.stream.receive_some(len(buf))
-                n = len(data)
-                buf[:n] = data
+                n = await self._receive_some(buf)
             else:
                 head = codec.head_after()
                 try:

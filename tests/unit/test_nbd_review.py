@@ -75,14 +75,7 @@ async def test_a_graceful_stop_answers_the_requests_it_will_not_take_with_eshutd
     answered those taken, dropped the rest unanswered and closed with a reset (unread
     input), which can destroy answers not read yet. Now the requests received and not
     taken get ESHUTDOWN, and the connection ends with its end of stream."""
-    provider = MemoryProvider()
-    export = _GatedExport("disk", 1 << 20)
-    export.gate = trio.Event()
-    provider.exports["disk"] = export
-    stopping = trio.Event()
-    port = await nursery.start(
-        lambda task_status: serve_nbd(provider, "127.0.0.1", 0, stopping=stopping,
-                                      task_status=task_status))
+    export, stopping, port = await _stopping_server(nursery)
     c = await Client.connect(port, "disk")
     n = 300  # (more than MAX_IN_FLIGHT: the reader waits for room with the rest received)
     await c.send(b"".join(struct.pack(">IHHQQI", proto.REQUEST_MAGIC, 0, proto.CMD_WRITE, i,
