@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,11 +175,26 @@ def _registry_for_completion(ctx):
     return State(url, False).registry()
 
 
+# Seconds a TAB waits for the registry's names. An etcd member that takes connections and
+# does not answer (partitioned, stopped under a proxy, a machine gone quiet) costs each
+# call its request timeout, member after member: a TAB held the shell for 5 s a member.
+COMPLETION_WAIT = 1.5
+
+
 def _complete(ctx, names, incomplete: str) -> list[str]:
-    try:
-        return sorted(n for n in names(_registry_for_completion(ctx)) if n.startswith(incomplete))
-    except Exception:  # (completion must never fail the shell's TAB with a traceback)
-        return []
+    found: list[str] = []
+
+    def ask() -> None:
+        try:
+            found.extend(sorted(n for n in names(_registry_for_completion(ctx))
+                                if n.startswith(incomplete)))
+        except Exception:  # (completion must never fail the shell's TAB with a traceback)
+            found.clear()
+    # (in a thread of its own, given up on past the wait: the process then ends with it)
+    asking = threading.Thread(target=ask, name="vbp-completion", daemon=True)
+    asking.start()
+    asking.join(COMPLETION_WAIT)
+    return [] if asking.is_alive() else found
 
 
 def complete_volume(ctx, param, incomplete: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import time
 import sys
@@ -700,6 +701,29 @@ def test_completion_completes_volume_snapshot_and_host_names(reg_url, vbp):
     assert ask("vbp host drain h") == ["h1", "h2"]
     assert ask("vbp --registry " + reg_url + " host maintenance o", registry="") == ["other"]
     assert ask("vbp volume show d", registry="lmdb:///nonexistent/registry") == []
+
+
+def test_completion_gives_up_on_a_registry_that_does_not_answer():
+    """A TAB with an etcd registry whose members take connections and never answer (a
+    member partitioned behind a proxy, a machine gone quiet) completes nothing within
+    COMPLETION_WAIT; it held the shell for the request timeout of each member, one after
+    the other (5 s each, 10 s here). A real `vbp` process, as the shell runs it."""
+    from tests.conftest import run_vbp
+    from control.cli import COMPLETION_WAIT
+
+    quiet = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # (never accepted)
+    try:
+        url = "etcd://" + ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in quiet)
+        env = {"_VBP_COMPLETE": "bash_complete", "COMP_WORDS": "vbp volume show d",
+               "COMP_CWORD": "3", "VBP_REGISTRY": url}
+        t0 = time.monotonic()
+        r = run_vbp(env=env)
+        took = time.monotonic() - t0
+    finally:
+        for s in quiet:
+            s.close()
+    assert r.returncode == 0 and r.stdout.strip() == "" and not r.stderr, r
+    assert took < COMPLETION_WAIT + 3, took  # (the CLI's own start, on a loaded machine)
 
 
 def test_bash_completes_name_at_snap_although_at_breaks_its_words(reg_url, vbp):
