@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from vbp.errors import BadValue, InUse, NotFound, RegistryUnavailable, VbpError
-from vbp.sockets import authority
+from vbp.cluster import authority
 from vbp.layout import SIZE_MAX, format_size
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REGISTRY, EXIT_DAMAGE, EXIT_IN_USE = 1, 2, 3, 4, 5, 6

@@ -7,7 +7,7 @@ it differs from the common one (the sandbox's `nbd`, a URI; `host list`'s `nbd` 
 
 from __future__ import annotations
 
-from vbp.sockets import authority
+from vbp.cluster import authority
 
 
 def data_role(cmap, host_id: str) -> str:

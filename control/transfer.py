@@ -67,7 +67,7 @@ from control.nbd_client import (
 )
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound, VbpError
 from vbp.layout import MiB
-from vbp.sockets import authority
+from vbp.cluster import authority
 
 GRAIN = 64 * 1024  # zero detection granularity inside a block
 ZERO_MAX = 256 * MiB  # bytes per WRITE_ZEROES request

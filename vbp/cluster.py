@@ -17,6 +17,17 @@ HOST_STATES = (HOST_UP, HOST_DOWN, HOST_DRAINING)
 Place = tuple[str, int, str, str]  # (host id, capacity, zone, pod): what placement weighs
 
 
+def authority(hostport: str) -> str:
+    """A host record's HOST:PORT as a URI and a reader take it: an IPv6 address in
+    brackets (blockd's record holds `::1:10809`, the brackets of its --nbd address
+    stripped; `nbd://::1:10809/v` is no URI). Here, not in vbp.sockets, so that the
+    `vbp` commands that print addresses do not import trio (a tenth of a second)."""
+    host, _, port = hostport.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class HostRecord:
     id: str

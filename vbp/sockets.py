@@ -269,13 +269,3 @@ def remote_address(sock) -> str:
         return str(sock.getpeername()[0])
     except (OSError, IndexError, TypeError, AttributeError):
         return "?"
-
-
-def authority(hostport: str) -> str:
-    """A host record's HOST:PORT as a URI and a reader take it: an IPv6 address in
-    brackets (blockd's record holds `::1:10809`, the brackets of its --nbd address
-    stripped; `nbd://::1:10809/v` is no URI)."""
-    host, _, port = hostport.rpartition(":")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"

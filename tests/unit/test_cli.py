@@ -703,6 +703,34 @@ def test_completion_completes_volume_snapshot_and_host_names(reg_url, vbp):
     assert ask("vbp volume show d", registry="lmdb:///nonexistent/registry") == []
 
 
+def test_the_everyday_commands_do_not_load_the_data_path(reg_url, vbp):
+    """`vbp volume list` and its kin read the registry and print: importing trio (through
+    vbp.sockets, for one address formatting function) and the replicator took 0.1 to
+    0.2 s of every such command, a TAB's completion included. A real process each, with
+    the modules it loaded looked at as it exits."""
+    from vbp.cluster import HostRecord
+
+    with open_registry(reg_url) as reg:
+        reg.register_host(HostRecord("h1", "::1:10809", "::1:10810"), 600)
+    vbp("volume", "create", "disk1", "--size", "1G", "--replicas", "1")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('LOADED', sorted(m for m in sys.modules if m in "
+             "('trio', 'replicator.gateway', 'replicator.transport', 'nbd_frontend.server')),"
+             " file=sys.stderr))\n"
+             "from control.cli import main\n"
+             "sys.argv = ['vbp'] + sys.argv[1:]\n"
+             "main()\n")
+    for args in (["volume", "list"], ["volume", "show", "disk1"], ["host", "list"],
+                 ["volume", "create", "disk2", "--size", "1G", "--replicas", "1"],
+                 ["volume", "snapshot", "disk1", "s1"], ["volume", "delete", "disk2"],
+                 ["--json", "host", "list"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                           env={**os.environ, "VBP_REGISTRY": reg_url}, timeout=60)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "LOADED []" in r.stderr, (args, r.stderr)
+    assert "[::1]:10809" in r.stdout  # (the address, formatted as before)
+
+
 def test_completion_gives_up_on_a_registry_that_does_not_answer():
     """A TAB with an etcd registry whose members take connections and never answer (a
     member partitioned behind a proxy, a machine gone quiet) completes nothing within
