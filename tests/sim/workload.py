@@ -24,6 +24,7 @@ from tests.sim.harness import HostDown, Sim, SimHost, call, deterministic_schedu
 from tests.sim.model import Model, first_difference
 from vbp.errors import VbpError
 from vbp.layout import MiB
+from vbp.registry.base import _unpack
 from vbp.volume import VolumeRecord
 
 ZOMBIE_BYTE = 0xEE  # only a gateway that lost its lease ever writes this byte
@@ -285,7 +286,7 @@ class Run:
                 continue
             lease = sim.reg.kv.get(b"vbp/lease/" + c.name.encode())[0]
             self.out.log.append(f"t={trio.current_time():.2f} zombie write acked {c.name} {offset}+{length}")
-            if old.token and lease is not None and sim.reg._lease_of(c.name, lease.value).token != old.token:
+            if old.token and lease is not None and sim.reg._lease_of(c.name, _unpack(lease.value)).token != old.token:
                 self.out.fail(f"t={trio.current_time():.2f} {c.name}: a gateway whose lease was taken "
                               f"over (token {old.token}) had a write acknowledged")
             model.maybe(offset, length)
@@ -294,7 +295,7 @@ class Run:
     def _holds_lease(self, name: str, gw) -> bool:
         """Whether `gw` holds the volume's lease: its token is the newest one granted."""
         item = self.sim.reg.kv.get(b"vbp/lease/" + name.encode())[0]
-        return bool(gw.token) and item is not None and self.sim.reg._lease_of(name, item.value).token == gw.token
+        return bool(gw.token) and item is not None and self.sim.reg._lease_of(name, _unpack(item.value)).token == gw.token
 
     # --- the end ----------------------------------------------------------------------------
 
