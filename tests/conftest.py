@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,22 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed (make test installs it)")
     return path
+
+
+@contextmanager
+def nbdkit_unix(tmp_path, *args):
+    """nbdkit serving `args` (filters, plugin, parameters) on a unix socket in `tmp_path`;
+    yields its URI once it accepts connections. (Its pid file, nbdkit.pid, is written
+    then; the socket file exists from the bind, before the listen, and a connection
+    made between the two is refused.)"""
+    sock, ready = tmp_path / "nbdkit.sock", tmp_path / "nbdkit.pid"
+    p = subprocess.Popen([need("nbdkit"), "-f", "-U", str(sock), "-P", str(ready), *args],
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), p.stderr.read() if p.poll() is not None else "nbdkit did not listen"
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop_process(p)  # (SIGTERM: a stats filter writes its file)

@@ -28,7 +28,7 @@ import pytest
 from control import transfer
 from control.transfer import (TransferError, TransferStats, export_volume, import_file,
                               volume_uri)
-from tests.conftest import ROOT, need, run_vbp, stop_process
+from tests.conftest import ROOT, nbdkit_unix, need, run_vbp, stop_process
 from tests.interop.fragment import fragment
 from vbp.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -281,20 +281,7 @@ def test_the_cli_refuses_a_named_pipe_without_waiting_for_a_writer(sandbox, tmp_
 # --- a server that stops answering ----------------------------------------------------------
 
 
-@contextmanager
-def nbdkit(tmp_path, *args):
-    """nbdkit serving `args` (filters, plugin, parameters) on a unix socket; yields its URI."""
-    sock = tmp_path / "nbdkit.sock"
-    p = subprocess.Popen([need("nbdkit"), "-f", "-U", str(sock), *args], stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if sock.exists() or p.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert sock.exists(), p.stderr.read() if p.poll() is not None else "nbdkit did not listen"
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop_process(p)  # (SIGTERM: the stats filter writes its file)
+nbdkit = nbdkit_unix  # (tests.conftest)
 
 
 def test_export_from_a_server_that_stops_answering_fails_after_the_timeout(tmp_path):

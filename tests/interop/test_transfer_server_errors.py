@@ -10,13 +10,12 @@ import gc
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import pytest
 
 from control.transfer import TransferError, export_volume, import_file
-from tests.conftest import ROOT, need, stop_process
+from tests.conftest import ROOT, nbdkit_unix, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -70,19 +69,7 @@ def test_a_refused_export_says_the_servers_reason(tmp_path):
         assert (tmp_path / "ok.img").stat().st_size == MiB
 
 
-@contextmanager
-def nbdkit(tmp_path, *args):
-    """nbdkit serving `args` on a unix socket; yields its URI."""
-    sock = tmp_path / "nbdkit.sock"
-    p = subprocess.Popen([need("nbdkit"), "-f", "-U", str(sock), *args], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sock.exists(), p.stderr.read() if p.poll() is not None else "nbdkit did not listen"
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop_process(p)
+nbdkit = nbdkit_unix  # (tests.conftest)
 
 
 # a disk of 8 MiB whose range [4 MiB, 6 MiB) fails every read and write with EIO (a
@@ -121,4 +108,4 @@ def test_a_failed_read_names_its_offset_and_leaves_no_file(tmp_path):
         message = failure(lambda: export_volume(uri, out, timeout=10))
     assert "read of 2097152 bytes at offset 4194304" in message
     assert "Input/output error" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nbdkit.sock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nbdkit.pid", "nbdkit.sock"]
