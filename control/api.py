@@ -186,6 +186,26 @@ def refuse_import_in_use(reg, name: str, *, wait: float = USERS_GOING_WAIT) -> N
                    forced="the import then writes under them")
 
 
+def begin_import(reg, name: str, source: str, *, now: float | None = None) -> float:
+    """Record on volume `name` that an import of `source` begins to write it; returns the
+    time recorded, which end_import takes. Until then `vbp volume show` says the volume
+    holds part of `source`: an import that failed, was interrupted or killed left the
+    volume neither its old contents nor the file, and nothing else says so."""
+    began = time.time() if now is None else now
+    reg.update_volume(name, lambda d: {**d, "import_from": source, "import_began": began})
+    return began
+
+
+def end_import(reg, name: str, began: float) -> None:
+    """The import begun at `began` (begin_import) completed: the volume reads as its file.
+    The mark of a later import, still under way, is left to that one."""
+    def apply(d: dict) -> dict:
+        if d.get("import_began") != began:
+            return d
+        return {**d, "import_from": "", "import_began": 0.0}
+    reg.update_volume(name, apply)
+
+
 def _lease_live(reg, name: str) -> bool:
     return reg.get_lease(name) is not None  # (get_lease answers only a lease held and not run out)
 

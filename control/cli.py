@@ -472,8 +472,19 @@ def _show_volume(v, accepted=(), parent: str = "-"):
         ("qos_bps", f"{format_size(v.qos_bps)}/s" if v.qos_bps else "unlimited"),
     ]
     table(["FIELD", "VALUE"], rows)
-    for line in _lost_lines(v.name, v.lost) + _accepted_lines(f"volume {v.name}", accepted):
+    for line in (_import_lines(v) + _lost_lines(v.name, v.lost)
+                 + _accepted_lines(f"volume {v.name}", accepted)):
         click.echo(line)
+
+
+def _import_lines(v) -> list[str]:
+    """A warning for an import into `v` begun and not completed (control.api.begin_import)."""
+    if not v.import_began:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.import_began))
+    return [f"warning: volume {v.name}: the import of {v.import_from} begun {when} has not "
+            f"completed (failed, interrupted, or still running): the volume may hold part "
+            f"of it over what it held before; import again to complete it"]
 
 
 def _lost_lines(name: str, lost) -> list[str]:
@@ -912,21 +923,35 @@ def volume_import(state, file, name, force, host, timeout, tls):
     from control import api, transfer
 
     file = Path(file)
-    uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
+    reg = state.registry()
+    uri = transfer.volume_uri(reg, name, host=host, tls=tls is not None)
     if not force:
-        api.refuse_import_in_use(state.registry(), name)
+        api.refuse_import_in_use(reg, name)
     kind = transfer.image_format(file)
     if kind is not None:
         click.echo(f"vbp: warning: {file} starts with a {kind} header: import copies raw "
                    f"bytes, so the volume gets the {kind} container, not the disk in it "
                    f"(convert it first: qemu-img convert -O raw {file} {file}.raw)", err=True)
+    began: list[float] = []  # (the volume's record says so from the first write on)
     try:
         with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
-            stats = transfer.import_file(file, uri, progress=progress, timeout=timeout,
-                                         tls_certificates=tls)
+            stats = transfer.import_file(
+                file, uri, progress=progress, timeout=timeout, tls_certificates=tls,
+                started=lambda: began.append(api.begin_import(reg, name, str(file.absolute()))))
     except KeyboardInterrupt:  # (click's "Aborted!" would not say what the volume holds)
+        if not began:
+            fail(f"interrupted: volume {name} was not changed", 130)
         fail(f"interrupted: volume {name} may hold part of {file} over what it held "
              f"before; import again to complete it", 130)
+    except VbpError as e:
+        if not began:
+            raise
+        # (a failed import said only why: the volume, neither its old disk nor the file,
+        # looked like any other)
+        fail(f"{e}; volume {name} may hold part of {file} over what it held before "
+             f"(vbp volume show says so until an import completes): import again to "
+             f"complete it")
+    api.end_import(reg, name, began[0])
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"imported {file} into {name}:", stats)))
 

@@ -267,10 +267,13 @@ def image_format(path) -> str | None:
 
 
 def import_file(path, uri: str, *, progress: Progress | None = None,
-                timeout: float = TIMEOUT, tls_certificates=None) -> TransferStats:
+                timeout: float = TIMEOUT, tls_certificates=None,
+                started: Callable[[], None] | None = None) -> TransferStats:
     """Copy the raw image `path` into the volume at NBD `uri`: afterwards the volume reads as
     the file followed by zeroes. Holes and zero runs of the file cost no data transfer.
     Fails if the server leaves the transfer `timeout` seconds without a reply.
+    `started()` is called once the checks are passed, before the first request that
+    writes: from then on a failure leaves the volume holding part of the file.
     `tls_certificates`: the TLS client's directory, for an `nbds://` URI (connect)."""
     nbd = load_binding()
     t0 = time.monotonic()
@@ -297,7 +300,8 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
         os.set_blocking(fd, True)
         h = connect(uri, timeout, tls_certificates)
         try:
-            return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0)
+            return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0,
+                           started)
         except CommandFailed as e:
             raise TransferError(f"import of {path} into {uri} failed: {e}") from None
         except nbd.Error as e:
@@ -310,7 +314,7 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
         os.close(fd)
 
 
-def _import(nbd, pipe, fd, path, fsize, uri, progress, t0) -> TransferStats:
+def _import(nbd, pipe, fd, path, fsize, uri, progress, t0, started) -> TransferStats:
     h = pipe.h
     vsize = h.get_size()
     if h.is_read_only():
@@ -322,6 +326,8 @@ def _import(nbd, pipe, fd, path, fsize, uri, progress, t0) -> TransferStats:
     # the tail's zeroing counts in the progress total: one pass over its map to size it
     tail_zeroes = _ZeroMap(allocation(pipe, fsize, vsize, WINDOW)).needs_zero(fsize, vsize)
     advance = _reporter(progress, fsize + sum(e - s for s, e in tail_zeroes))
+    if started is not None:
+        started()
     copy = _Import(nbd, pipe, fd, path, fsize,
                    _ZeroMap(allocation(pipe, 0, vsize, WINDOW)), advance)
     for start, end, is_data in _file_extents(fd, fsize):

@@ -208,6 +208,11 @@ class VolumeRecord:
     # (host, chunk count, unix time) per host whose disk was replaced while it held the only
     # copy (replicas=1) of chunks placed on it: those chunks are gone and read as zeros
     lost: tuple[tuple[str, int, float], ...] = ()
+    # an import begun and not completed (control.api.begin_import): the file it copies and
+    # the unix time it began ("", 0: none). Failed, interrupted or killed, the volume holds
+    # part of that file over its old contents, and must not look like a finished copy.
+    import_from: str = ""
+    import_began: float = 0.0
 
     @property
     def geometry(self) -> Geometry:

@@ -710,6 +710,47 @@ def test_an_interrupted_cli_import_says_the_volume_is_partly_overwritten(tmp_pat
                    f"it held before; import again to complete it\n"), err
 
 
+def test_a_failed_cli_import_leaves_the_volume_marked_incomplete_until_one_completes(tmp_path):
+    """A host that fails the writes (or dies) half-way: the import failed with the reason
+    alone, and the volume, neither its old disk nor the image, looked like any other in
+    `vbp volume show` (a VM could be booted from it). The error says what the volume
+    holds, and its record says so until an import completes; an import refused before
+    it writes (the image larger than the volume) leaves no such mark."""
+    image = tmp_path / "img.raw"
+    image.write_bytes(random.Random(21).randbytes(4 * MiB))
+    failing = tmp_path / "fail-writes"
+    failing.touch()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with pool_on_nbdkit(tmp_path, "--filter=error", "memory", "size=8M", "error-pwrite=EIO",
+                        "error-pwrite-rate=1", f"error-file={failing}") as url:
+        def vbp(*args):
+            return subprocess.run([sys.executable, "-m", "control.cli", "--registry", url, *args],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+                                  stdin=subprocess.DEVNULL)
+
+        def mark():
+            return json.loads(vbp("--json", "volume", "show", "v").stdout)["import_from"]
+
+        big = tmp_path / "big.raw"
+        big.write_bytes(bytes(9 * MiB))
+        p = vbp("volume", "import", str(big), "v")
+        assert p.returncode == 1 and "larger than the volume" in p.stderr, p.stderr
+        assert mark() == "" and "warning" not in vbp("volume", "show", "v").stdout
+
+        p = vbp("volume", "import", str(image), "v")
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert "Input/output error" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert f"volume v may hold part of {image} over what it held before" in p.stderr
+        assert mark() == str(image)
+        shown = vbp("volume", "show", "v").stdout
+        assert f"the import of {image} begun" in shown and "has not completed" in shown, shown
+
+        failing.unlink()  # the host is well again: the next import completes, and says so
+        p = vbp("volume", "import", str(image), "v")
+        assert p.returncode == 0, p.stderr
+        assert mark() == "" and "warning" not in vbp("volume", "show", "v").stdout
+
+
 def test_a_pseudo_file_that_says_it_is_empty_is_refused(tmp_path):
     """A /proc file is a regular file of size 0 that reads its contents: imported as
     0 bytes, the volume was written full of zeroes. Refused before any connection."""
