@@ -912,22 +912,31 @@ def volume_import(state, file, name, force, host, timeout, tls):
     """Copy the raw image FILE into volume NAME; holes stay holes.
 
     NAME must be at least as big as FILE; afterwards it reads as FILE followed by zeroes.
+    FILE - reads the image from standard input (a pipe: its zero runs stay holes too).
     A volume that NBD clients have open (a running VM's disk) is refused (exit code 6)
     unless --force. A host that stops answering fails the import after --timeout
     seconds; import again (through another host with --host) to finish it.
 
     \b
-    Example:
+    Examples:
       vbp volume create web1 --size 20G && vbp volume import debian.raw web1
+      xz -dc debian.raw.xz | vbp volume import - web1
     """
     from control import api, transfer
 
-    file = Path(file)
+    stdin = file == transfer.STDIN  # (a str: Path("./-") is Path("-"))
+    if stdin and os.isatty(0):
+        raise click.BadParameter("- reads the image from standard input, which is a terminal: "
+                                 "pipe the image into it", param_hint="FILE")
+    path, file = file, Path(file)
+    source = transfer.STDIN_NAME if stdin else str(file.absolute())
+    if stdin:
+        file = Path(transfer.STDIN_NAME)  # (as messages name it)
     reg = state.registry()
     uri = transfer.volume_uri(reg, name, host=host, tls=tls is not None)
     if not force:
         api.refuse_import_in_use(reg, name)
-    kind = transfer.image_format(file)
+    kind = None if stdin else transfer.image_format(file)
     if kind is not None:
         click.echo(f"vbp: warning: {file} starts with a {kind} header: import copies raw "
                    f"bytes, so the volume gets the {kind} container, not the disk in it "
@@ -936,8 +945,9 @@ def volume_import(state, file, name, force, host, timeout, tls):
     try:
         with _stoppable(), _progress_bar(state, f"import {file.name}") as progress:
             stats = transfer.import_file(
-                file, uri, progress=progress, timeout=timeout, tls_certificates=tls,
-                started=lambda: began.append(api.begin_import(reg, name, str(file.absolute()))))
+                path, uri, progress=progress, timeout=timeout,
+                tls_certificates=tls,
+                started=lambda: began.append(api.begin_import(reg, name, source)))
     except KeyboardInterrupt:  # (click's "Aborted!" would not say what the volume holds)
         if not began:
             fail(f"interrupted: volume {name} was not changed", 130)

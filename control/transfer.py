@@ -73,6 +73,8 @@ GRAIN = 64 * 1024  # zero detection granularity inside a block
 ZERO_MAX = 256 * MiB  # bytes per WRITE_ZEROES request
 WINDOW = 128 * MiB  # bytes of block status asked at once: <= 32768 extents of 4 KiB, ~6 MiB
 GAP = 64 * 1024  # data extents closer than this are read as one request, the gap with them
+STDIN = "-"  # import's FILE for standard input
+STDIN_NAME = "standard input"
 
 Progress = Callable[[int, int], None]
 
@@ -215,7 +217,9 @@ def _os_error(e: OSError, path, what: str) -> VbpError:
     return TransferError(f"{what} {path}: {e.strerror or e}")
 
 
-def _reporter(progress: Progress | None, total: int):
+def _reporter(progress: Progress | None, total: int | None):
+    """advance(n): n more bytes done, told to `progress(done, total)` at most every 50 ms
+    (`total` None: not known, a stream's)."""
     state = {"done": 0, "last": 0.0}
 
     def advance(n: int, force: bool = False) -> None:
@@ -223,9 +227,9 @@ def _reporter(progress: Progress | None, total: int):
         if progress is None:
             return
         now = time.monotonic()
-        if force or now - state["last"] >= 0.05 or state["done"] >= total:
+        if force or now - state["last"] >= 0.05 or (total is not None and state["done"] >= total):
             state["last"] = now
-            progress(min(state["done"], total), total)
+            progress(state["done"] if total is None else min(state["done"], total), total)
 
     return advance
 
@@ -277,9 +281,10 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
     `tls_certificates`: the TLS client's directory, for an `nbds://` URI (connect)."""
     nbd = load_binding()
     t0 = time.monotonic()
-    path = os.fspath(path)
+    stdin = os.fspath(path) == STDIN
+    path = STDIN_NAME if stdin else os.fspath(path)
     try:  # (O_NONBLOCK: the open of a named pipe would wait for a writer; refused below)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.dup(0) if stdin else os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise _os_error(e, path, "cannot open") from None
     try:
@@ -295,11 +300,19 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
                                       f"of /proc or /sys?): copy it to a file first")
         elif stat.S_ISBLK(st.st_mode):
             fsize = os.lseek(fd, 0, os.SEEK_END)
+        elif stdin and os.isatty(fd):
+            raise InvalidArgument(f"{path} is a terminal: pipe the image into it "
+                                  f"(xz -dc disk.raw.xz | vbp volume import - NAME)")
+        elif stdin:  # a pipe or a socket: read as it comes, its size known at its end
+            fsize = None
         else:
             raise InvalidArgument(f"{path}: not a regular file or block device")
         os.set_blocking(fd, True)
         h = connect(uri, timeout, tls_certificates)
         try:
+            if fsize is None:
+                return _import_stream(nbd, Pipeline(h, uri, timeout), fd, path, uri, progress,
+                                      t0, started)
             return _import(nbd, Pipeline(h, uri, timeout), fd, path, fsize, uri, progress, t0,
                            started)
         except CommandFailed as e:
@@ -314,11 +327,14 @@ def import_file(path, uri: str, *, progress: Progress | None = None,
         os.close(fd)
 
 
-def _import(nbd, pipe, fd, path, fsize, uri, progress, t0, started) -> TransferStats:
-    h = pipe.h
-    vsize = h.get_size()
+def _writable_size(h, uri) -> int:
     if h.is_read_only():
         raise InvalidArgument(f"{uri} is read-only (a snapshot?); import into a volume")
+    return h.get_size()
+
+
+def _import(nbd, pipe, fd, path, fsize, uri, progress, t0, started) -> TransferStats:
+    vsize = _writable_size(pipe.h, uri)
     if fsize > vsize:
         raise InvalidArgument(
             f"{path} is {fsize} bytes, larger than the volume ({vsize} bytes); "
@@ -342,6 +358,48 @@ def _import(nbd, pipe, fd, path, fsize, uri, progress, t0, started) -> TransferS
     return stats
 
 
+def _import_stream(nbd, pipe, fd, path, uri, progress, t0, started) -> TransferStats:
+    """_import from a pipe (`vbp volume import - NAME`, as `rbd import -`): its size is
+    known only at its end, so it is read in BLOCKs as it comes, and found larger than the
+    volume only once the volume is full."""
+    vsize = _writable_size(pipe.h, uri)
+    advance = _reporter(progress, None)
+    if started is not None:
+        started()
+    copy = _Import(nbd, pipe, fd, path, vsize, _ZeroMap(allocation(pipe, 0, vsize, WINDOW)),
+                   advance)  # (its size the volume's until the end: no zeroing is the tail's)
+    off = 0
+    while True:
+        slot = take_slot(nbd)
+        n = _read_stream(fd, slot.mem)
+        if n == 0 or off + n > vsize:
+            give_slot(slot)
+            if n == 0:
+                break
+            raise TransferError(f"{path} is larger than the volume ({vsize} bytes), found "
+                                f"once its first {off} bytes were imported; grow it with "
+                                f"`vbp volume resize`")
+        copy.piece(slot, n, off)
+        off += n
+    copy.fsize = copy.stats.bytes_total = off
+    if vsize > off:
+        copy.zero(off, vsize)
+    stats = copy.finish()
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _read_stream(fd: int, mem: memoryview) -> int:
+    """Fill `mem` from the pipe `fd`; fewer bytes only at its end."""
+    got = 0
+    while got < len(mem):
+        r = os.readv(fd, [mem[got:]])
+        if r == 0:
+            break
+        got += r
+    return got
+
+
 class _Import:
     """The requests of one import, in file order: the file's data, and zeroes where the
     volume must read as zero and does not yet (`zmap`), with the progress and stats."""
@@ -360,20 +418,24 @@ class _Import:
         off = start
         while off < end:
             n = min(end, (off // BLOCK + 1) * BLOCK) - off
-            slot = self._read(n, off)
-            runs = list(_zero_runs(slot.buf, off, 0, n))
-            if runs == [(0, n, False)]:
-                self._write(slot, n, off)
-            else:
-                for s, e, is_zero in runs:
-                    if is_zero:
-                        self.zero(off + s, off + e)
-                    else:  # copied to a slot's start: a view of this one's middle would
-                        sub = take_slot(self.nbd)  # be one more buffer per write, never freed
-                        sub.mem[:e - s] = slot.mem[s:e]
-                        self._write(sub, e - s, off + s)
-                give_slot(slot)
+            self.piece(self._read(n, off), n, off)
             off += n
+
+    def piece(self, slot: Slot, n: int, off: int) -> None:
+        """Send the `n` bytes of the file at `off` that `slot` holds (at most a BLOCK), its
+        zero runs as zeroes; the slot is given back."""
+        runs = list(_zero_runs(slot.buf, off, 0, n))
+        if runs == [(0, n, False)]:
+            self._write(slot, n, off)
+            return
+        for s, e, is_zero in runs:
+            if is_zero:
+                self.zero(off + s, off + e)
+            else:  # copied to a slot's start: a view of this one's middle would
+                sub = take_slot(self.nbd)  # be one more buffer per write, never freed
+                sub.mem[:e - s] = slot.mem[s:e]
+                self._write(sub, e - s, off + s)
+        give_slot(slot)
 
     def zero(self, a: int, b: int) -> None:
         """Make [a, b) read as zero, sending requests only where it does not yet."""
