@@ -984,15 +984,23 @@ def volume_export(state, name, file, force, host, timeout, tls):
     or interrupted export leaves no partial FILE, and an existing one (--force) whole. A
     host that stops answering fails the export after --timeout seconds.
 
+    FILE - writes the image to standard output (a pipe: holes as zeroes; ./- names a
+    file), the summary going to standard error; a failure leaves it incomplete, as the
+    exit code says.
+
     \b
-    Example:
+    Examples:
       vbp volume export web1@nightly /backup/web1.raw
+      vbp volume export web1@nightly - | zstd > /backup/web1.raw.zst
     """
     from control import transfer
 
-    if file == "-":  # (rbd export's standard output: never a file named "-")
-        raise click.BadParameter("writing the image to standard output is not supported: give "
-                                 "a file name (./- for a file named -)", param_hint="FILE")
+    if file == transfer.STDOUT:  # (rbd export's standard output: never a file named "-")
+        if os.isatty(1):
+            raise click.BadParameter("- writes the image to standard output, which is a "
+                                     "terminal: pipe it into a command or a file",
+                                     param_hint="FILE")
+        return _export_to_stdout(state, name, host, timeout, tls)
     uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
     try:
         with _stoppable(), _progress_bar(state, f"export {name}") as progress:
@@ -1004,6 +1012,25 @@ def volume_export(state, name, file, force, host, timeout, tls):
              130)
     out(state, {"volume": name, "file": str(file), "uri": uri, **stats.to_dict()},
         lambda: click.echo(_transfer_summary(f"exported {name} to {file}:", stats)))
+
+
+def _export_to_stdout(state, name, host, timeout, tls):
+    """`vbp volume export NAME -`: the image on standard output, so everything said goes to
+    standard error (the summary, --json's object too)."""
+    from control import transfer
+
+    uri = transfer.volume_uri(state.registry(), name, host=host, tls=tls is not None)
+    try:
+        with _stoppable(), _progress_bar(state, f"export {name}") as progress:
+            stats = transfer.export_stream(uri, 1, progress=progress, timeout=timeout,
+                                           tls_certificates=tls)
+    except KeyboardInterrupt:
+        fail(f"interrupted: the image of {name} on standard output is incomplete", 130)
+    except transfer.TransferError as e:
+        fail(f"{e}; the image of {name} on standard output is incomplete")
+    data = {"volume": name, "file": transfer.STDOUT_NAME, "uri": uri, **stats.to_dict()}
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if state.json else
+               _transfer_summary(f"exported {name} to {transfer.STDOUT_NAME}:", stats), err=True)
 
 
 # --- hosts ---------------------------------------------------------------------------

@@ -22,6 +22,11 @@ their timeouts, the buffers, the block status read a window at a time):
   complete and synced: a failed `--force` export leaves the old file whole, and no export
   leaves a partial file under the target's name.
 
+- `-`: import reads a pipe on standard input as it comes (its size known at its end, so
+  a stream larger than the volume is found once the volume is full); export writes the
+  volume to standard output in order, its holes as zeroes (a pipe has neither holes nor
+  seeks), the reads still several in flight and written out as the oldest completes.
+
 Memory does not grow with the volume: block status is asked for a `WINDOW` at a time and
 consumed as the copy moves on, and the buffers are those of the requests in flight, reused
 (control/nbd_client.py says why both matter).
@@ -53,6 +58,7 @@ connection failures, a server that stops answering, server errors during the cop
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import secrets
@@ -75,6 +81,8 @@ WINDOW = 128 * MiB  # bytes of block status asked at once: <= 32768 extents of 4
 GAP = 64 * 1024  # data extents closer than this are read as one request, the gap with them
 STDIN = "-"  # import's FILE for standard input
 STDIN_NAME = "standard input"
+STDOUT = "-"  # export's FILE for standard output
+STDOUT_NAME = "standard output"
 
 Progress = Callable[[int, int], None]
 
@@ -560,6 +568,97 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
             except OSError:
                 pass
         disconnect(h)
+
+
+def export_stream(uri: str, fd: int, *, progress: Progress | None = None,
+                  timeout: float = TIMEOUT, tls_certificates=None) -> TransferStats:
+    """Write the volume or snapshot at NBD `uri` to `fd`, a pipe (`vbp volume export NAME
+    -`, as `rbd export NAME -`): in order, its holes as zeroes, since a pipe has no holes
+    and no seek. A failure leaves what the reader got incomplete: the exit code says so."""
+    nbd = load_binding()
+    t0 = time.monotonic()
+    h = connect(uri, timeout, tls_certificates)
+    try:
+        stats = _export_stream(nbd, Pipeline(h, uri, timeout), fd, h.get_size(), progress)
+    except CommandFailed as e:
+        raise TransferError(f"export of {uri} to {STDOUT_NAME} failed: {e}") from None
+    except nbd.Error as e:
+        raise TransferError(f"export of {uri} to {STDOUT_NAME} failed: {reason(e)}") from None
+    except OSError as e:
+        raise TransferError(f"cannot write {STDOUT_NAME}: {e.strerror or e}") from None
+    finally:
+        disconnect(h)
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _export_stream(nbd, pipe, fd, vsize, progress) -> TransferStats:
+    """_export for a pipe: the reads (data extents closer than GAP read together, inside
+    one BLOCK) and the holes between them are queued in volume order, and written out
+    from the head of the queue as the reads complete, whatever their order."""
+    h = pipe.h
+    stats = TransferStats(bytes_total=vsize)
+    advance = _reporter(progress, vsize)
+    zeroes = memoryview(bytes(BLOCK))
+    # [start, end, slot (None: a hole), ready, cookie]; its reads at most `depth`, so
+    # the slots held do not grow when the server answers the oldest last
+    queue: collections.deque[list] = collections.deque()
+    reads = [0]
+
+    def write_out() -> None:
+        while queue and queue[0][3]:
+            start, end, slot, _, _ = queue.popleft()
+            pos = start
+            while pos < end:
+                if slot is None:
+                    pos += os.write(fd, zeroes[:min(end - pos, BLOCK)])
+                else:
+                    pos += os.write(fd, slot.mem[pos - start:end - start])
+            if slot is not None:
+                give_slot(slot)
+                reads[0] -= 1
+            advance(end - start)
+
+    def hole(a: int, b: int) -> None:
+        if b > a:
+            queue.append([a, b, None, True, None])
+            stats.bytes_holes += b - a
+
+    def read(a: int, b: int) -> None:
+        while reads[0] >= pipe.depth:  # (the head is a read not answered yet)
+            pipe.wait(queue[0][4])
+            write_out()
+        slot = take_slot(nbd)
+        item = [a, b, slot, False, None]
+        queue.append(item)
+        reads[0] += 1
+        item[4] = pipe.submit(lambda: h.aio_pread(slot.first(b - a), a),
+                              lambda: item.__setitem__(3, True), ("read", b - a, a))
+        stats.bytes_data += b - a
+        write_out()
+
+    pos, run = 0, None  # queued up to pos; run: the next read
+    for start, end, flags in allocation(pipe, 0, vsize, WINDOW):
+        if flags & STATE_ZERO:
+            continue
+        off = start
+        while off < end:
+            if run is not None and (off - run[1] >= GAP or off // BLOCK != run[0] // BLOCK):
+                hole(pos, run[0])
+                read(*run)
+                pos, run = run[1], None
+            n = min(end, (off // BLOCK + 1) * BLOCK) - off
+            run = (off if run is None else run[0], off + n)
+            off += n
+    if run is not None:
+        hole(pos, run[0])
+        read(*run)
+        pos = run[1]
+    hole(pos, vsize)
+    pipe.drain()
+    write_out()
+    advance(0, force=True)
+    return stats
 
 
 def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:

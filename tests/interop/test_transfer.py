@@ -662,6 +662,38 @@ def test_an_export_to_a_device_is_refused_as_such_with_or_without_force(tmp_path
             export_volume("nbd://127.0.0.1:1/never", "/dev/null", overwrite=overwrite)
 
 
+def test_an_export_to_a_pipe_writes_in_volume_order_whatever_order_the_replies_come(tmp_path):
+    """Several reads are in flight and a server may answer them in any order: this one
+    answers the first block last, half a second after the others (each block a letter).
+    The pipe gets them in order, and the slots (BLOCK each) held stay bounded by the
+    requests in flight, not by the reads answered while the first one waits."""
+    from control import nbd_client
+
+    pread = ('[ $4 -eq 0 ] && sleep 0.5; head -c $3 /dev/zero | '
+             'tr "\\0" "\\\\$(printf %03o $(( $4 / 2097152 % 26 + 65 )))"')
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain():
+        while chunk := os.read(r, MiB):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    nbd_client._free_slots.clear()
+    try:
+        with nbdkit(tmp_path, "eval", "get_size=echo 64M", "thread_model=echo parallel",
+                    f"pread={pread}") as uri:
+            stats = transfer.export_stream(uri, w)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert stats.bytes_total == stats.bytes_data == 64 * MiB
+    assert bytes(got) == b"".join(bytes([65 + i % 26]) * (2 * MiB) for i in range(32))
+    assert len(nbd_client._free_slots) <= nbd_client.DEPTH
+
+
 def test_an_export_to_a_name_of_255_bytes_works(tmp_path):
     """The copy is written to `.NAME.XXXXXXXX.part` beside FILE: for a NAME near the file
     system's limit (255 bytes) that name is too long, and a file name that is fine
@@ -824,23 +856,66 @@ def test_a_pseudo_file_that_says_it_is_empty_is_refused(tmp_path):
         import_file(empty, "nbd://127.0.0.1:1/never", timeout=2)
 
 
-def test_an_export_to_dash_is_refused_not_written_to_a_file_named_dash(tmp_path):
+def test_an_export_to_dash_writes_standard_output_not_a_file_named_dash(tmp_path):
     """`rbd export NAME -` writes to standard output, and so do many tools: `vbp volume
     export v - | gzip > v.gz` made a file named `-` the volume's size (and v.gz of
-    nothing) and said it exported v to -. Refused as bad usage (./- names that file)."""
+    nothing), later refused `-` altogether. Now the image goes to standard output, the
+    summary to standard error; a terminal there is bad usage; ./- names a file."""
     work = tmp_path / "work"
     work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with pool_on_nbdkit(tmp_path, "pattern", "size=8M") as url:
-        p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", url, "volume",
-                            "export", "v", "-"], cwd=work, capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert p.returncode == 2 and "standard output" in p.stderr, (p.returncode, p.stderr)
-        assert p.stdout == "" and list(work.iterdir()) == []
-        p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", url, "volume",
-                            "export", "v", "./-"], cwd=work, capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cmd = [sys.executable, "-m", "control.cli", "--registry", url, "volume", "export", "v"]
+        p = subprocess.run([*cmd, "-"], cwd=work, capture_output=True, timeout=60, env=env)
         assert p.returncode == 0, p.stderr
-        assert (work / "-").stat().st_size == 8 * MiB
+        assert len(p.stdout) == 8 * MiB and list(work.iterdir()) == []
+        assert all(int.from_bytes(p.stdout[o:o + 8], "big") == o for o in range(0, 8 * MiB, 8))
+        assert p.stderr.decode().startswith("exported v to standard output: 8 MiB")
+        p2 = subprocess.run([*cmd, "./-"], cwd=work, capture_output=True, timeout=60, env=env)
+        assert p2.returncode == 0, p2.stderr
+        assert (work / "-").read_bytes() == p.stdout
+
+        leader, follower = os.openpty()
+        try:
+            p = subprocess.run([*cmd, "-"], cwd=work, stdout=follower, stderr=subprocess.PIPE,
+                               text=True, timeout=60, env=env)
+        finally:
+            os.close(leader)
+            os.close(follower)
+        assert p.returncode == 2 and "standard output, which is a terminal" in p.stderr, p.stderr
+
+
+def test_export_to_standard_output_is_the_volume_in_order(sandbox, image, tmp_path):
+    """Through a pipe the image cannot be sparse: the stream is the volume byte for
+    byte, holes as zeroes, a stretch fragmented page by page included, and the summary
+    (--json's object) goes to standard error."""
+    path, _ = image
+    sandbox.vbp("volume", "create", "streamed", "--size", "80M", "--replicas", "1")
+    uri = sandbox.uri("streamed", 0)
+    import_file(path, uri)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rng = random.Random(31)
+    pages = {}
+    for page in range(70 * MiB // PAGE, 72 * MiB // PAGE, 2):  # every other page: data
+        pages[page] = rng.randbytes(PAGE)
+        h.pwrite(pages[page], page * PAGE)
+    h.flush()
+    h.shutdown()
+    want = bytearray(path.read_bytes() + bytes(80 * MiB - FILE_SIZE))
+    for page, data in pages.items():
+        want[page * PAGE:(page + 1) * PAGE] = data
+
+    out = tmp_path / "stream.raw"
+    with open(out, "wb") as f:
+        p = subprocess.run([sys.executable, "-m", "control.cli", "--registry", sandbox.registry,
+                            "--json", "volume", "export", "streamed", "-"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=False, timeout=120, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        f.write(p.stdout)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stderr)["bytes_total"] == 80 * MiB
+    assert out.read_bytes() == bytes(want)
 
 
 def test_an_empty_file_argument_is_refused_as_bad_usage(tmp_path):
