@@ -660,10 +660,16 @@ def volume_list(state):
     vols = api.list_volumes(reg)
     by_name = {v.name: v for v in vols}
     losses = reg.list_losses() if state.json else None
-    out(state, [_vol_dict(reg, v, losses) for v in vols] if state.json else None, lambda: table(
-        ["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"],
-        [(v.name, format_size(v.size), v.replicas, v.min_size, format_size(v.chunk_size),
-          len(v.snapshots), _parent(v, by_name)) for v in vols]) if vols else click.echo("no volumes"))
+    def human():
+        if not vols:
+            return click.echo("no volumes")
+        table(["NAME", "SIZE", "REPLICAS", "MIN", "CHUNK", "SNAPSHOTS", "PARENT"],
+              [(v.name, format_size(v.size), v.replicas, v.min_size, format_size(v.chunk_size),
+                len(v.snapshots), _parent(v, by_name)) for v in vols])
+        for line in (line for v in vols for line in _import_lines(v)):
+            click.echo(line)
+
+    out(state, [_vol_dict(reg, v, losses) for v in vols] if state.json else None, human)
 
 
 @volume.command("show")

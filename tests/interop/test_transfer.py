@@ -836,11 +836,13 @@ def test_a_failed_cli_import_leaves_the_volume_marked_incomplete_until_one_compl
         assert mark() == str(image)
         shown = vbp("volume", "show", "v").stdout
         assert f"the import of {image} begun" in shown and "has not completed" in shown, shown
+        assert "warning: volume v: the import of" in vbp("volume", "list").stdout
 
         failing.unlink()  # the host is well again: the next import completes, and says so
         p = vbp("volume", "import", str(image), "v")
         assert p.returncode == 0, p.stderr
         assert mark() == "" and "warning" not in vbp("volume", "show", "v").stdout
+        assert "warning" not in vbp("volume", "list").stdout
 
 
 def test_a_pseudo_file_that_says_it_is_empty_is_refused(tmp_path):
