@@ -718,22 +718,29 @@ def pool_on_nbdkit(tmp_path, *args):
     from vbp.cluster import HostRecord
     from vbp.registry import open_registry
 
-    port = free_port_range(1)
-    url = f"lmdb://{tmp_path / 'registry'}"
-    reg = open_registry(url)
-    reg.register_host(HostRecord("h1", "127.0.0.1:1", f"127.0.0.1:{port}", capacity=1 << 30), 600)
-    api.create_volume(reg, "v", "8M", replicas=1)
-    reg.close()
-    p = subprocess.Popen([need("nbdkit"), "-f", "-i", "127.0.0.1", "-p", str(port), *args],
-                         stderr=subprocess.PIPE)
+    # nbdkit writes its pid file once it listens; on a port taken meanwhile (the port
+    # was free a moment before: another test's server) it exits, and a connection made
+    # to wait for it would have reached that other server instead: another port then
+    pidfile = tmp_path / "nbdkit.pid"
+    for _ in range(5):
+        port = free_port_range(1)
+        p = subprocess.Popen([need("nbdkit"), "-f", "-P", str(pidfile), "-i", "127.0.0.1",
+                              "-p", str(port), *args], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pidfile.exists():
+            break
+        stop_process(p)
+    else:
+        raise AssertionError(f"nbdkit did not listen: {p.stderr.read()}")
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert p.poll() is None, p.stderr.read()
-                time.sleep(0.05)
+        url = f"lmdb://{tmp_path / 'registry'}"
+        reg = open_registry(url)
+        reg.register_host(HostRecord("h1", "127.0.0.1:1", f"127.0.0.1:{port}",
+                                     capacity=1 << 30), 600)
+        api.create_volume(reg, "v", "8M", replicas=1)
+        reg.close()
         yield url
     finally:
         stop_process(p)
