@@ -65,10 +65,13 @@ class Seconds(click.FloatRange):
     name = "seconds"
 
     def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
-        if math.isnan(v):
+        try:  # (FloatRange's own message: "'abc' is not a valid seconds")
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isnan(number):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        return v
+        return super().convert(number, param, ctx)
 
 
 def fail(message: str, code: int = EXIT_ERROR):

@@ -219,6 +219,9 @@ def _file_extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
 
 def _os_error(e: OSError, path, what: str) -> VbpError:
     if isinstance(e, FileNotFoundError):
+        if what == "cannot create":  # (the file itself is to be made: its directory lacks)
+            where = os.path.dirname(os.path.abspath(path))
+            return NotFound(f"cannot create {path}: no such directory {where}")
         return NotFound(f"{path}: no such file or directory")
     if isinstance(e, IsADirectoryError):
         return InvalidArgument(f"{path}: is a directory")

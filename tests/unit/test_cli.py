@@ -1012,14 +1012,19 @@ def test_any_name_is_refused_in_one_line_or_stored_as_given(reg_url):
     ["pool", "scrub", "--timeout", "nan"],
     ["volume", "import", "/etc/hostname", "a", "--timeout", "nan"],
     ["volume", "export", "a", "/tmp/never-written.raw", "--timeout", "nan"],
+    ["pool", "scrub", "--timeout", "abc"],
+    ["volume", "import", "/etc/hostname", "a", "--timeout", "1O"],
 ], ids=lambda a: " ".join(a))
 def test_a_timeout_that_is_not_a_number_of_seconds_is_a_usage_error(vbp, args):
     """`--timeout nan` passed every check: a deadline of now + nan is never passed, so
     `--wait` and scrub waited for good, and a transfer's poll took int(nan) (ValueError,
-    a traceback); a negative --timeout gave up after the first look."""
+    a traceback); a negative --timeout gave up after the first look. Not a number at all,
+    the message said "'abc' is not a valid seconds"."""
     vbp("volume", "create", "a", "--size", "1G")
     r = vbp(*args, code=EXIT_USAGE)
     assert "--timeout" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if not args[-1].lstrip("-").isdigit():
+        assert f"{args[-1]!r} is not a number of seconds" in r.stderr, r.stderr
 
 
 def test_pool_status_wait_with_a_nan_timeout_does_not_wait_for_ever(reg_url):
