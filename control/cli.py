@@ -876,9 +876,14 @@ def _stoppable():
 
 
 def _transfer_summary(verb, stats):
-    return (f"{verb} {format_size(stats.bytes_total)} in {stats.seconds:.1f}s: "
+    """One line of what an import or export moved. An import's zeroing of the volume past
+    the file's end is said apart: it is not the file's, and it may be most of the work."""
+    line = (f"{verb} {format_size(stats.bytes_total)} in {stats.seconds:.1f}s: "
             f"{format_size(stats.bytes_data)} data, "
             f"{format_size(stats.bytes_zero + stats.bytes_holes)} holes or zeroes")
+    if stats.bytes_tail_zeroed:
+        line += f"; the volume zeroed past the file's end: {format_size(stats.bytes_tail_zeroed)}"
+    return line
 
 
 def _timeout_option(f):

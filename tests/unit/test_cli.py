@@ -703,6 +703,21 @@ def test_completion_completes_volume_snapshot_and_host_names(reg_url, vbp):
     assert ask("vbp volume show d", registry="lmdb:///nonexistent/registry") == []
 
 
+def test_the_import_summary_says_what_it_zeroed_past_the_files_end():
+    """The summary line named the file's data and holes only; zeroing the rest of a
+    larger volume (its old contents past the file) was in --json alone."""
+    from control.cli import _transfer_summary
+    from control.transfer import TransferStats
+
+    stats = TransferStats(bytes_total=3 << 20, bytes_data=2 << 20, bytes_holes=1 << 20,
+                          bytes_tail_zeroed=5 << 20, seconds=1.25)
+    assert _transfer_summary("imported", stats) == (
+        "imported 3 MiB in 1.2s: 2 MiB data, 1 MiB holes or zeroes; the volume zeroed "
+        "past the file's end: 5 MiB")
+    stats.bytes_tail_zeroed = 0
+    assert _transfer_summary("exported", stats).endswith("1 MiB holes or zeroes")
+
+
 def test_the_everyday_commands_do_not_load_the_data_path(reg_url, vbp):
     """`vbp volume list` and its kin read the registry and print: importing trio (through
     vbp.sockets, for one address formatting function) and the replicator took 0.1 to
