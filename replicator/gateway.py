@@ -540,8 +540,8 @@ class VolumeGateway:
         # async () -> None, set by the service: returns once the volume's record has
         # been read again (_unless_grown)
         self.next_sync = None
-        self._record_reads = 0  # reads of the record started for requests past the end
-        self._record_read: _RecordRead | None = None  # the last of them (_record_since)
+        # the last read of the record started for requests past the end (_record_since)
+        self._record_read: _RecordRead | None = None
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
         self._lease_lock = trio.Lock()
         self._wanting = 0  # writes waiting for the lease (_leased): a client is writing
@@ -1877,7 +1877,7 @@ class VolumeGateway:
         share reads: each waits for the first one that starts after it was called, and
         one starts at most every PAST_END_READ_GAP seconds, so requests past the end cost
         the registry a few reads a second however many there are."""
-        after = self._record_reads
+        after = self._record_read.seq if self._record_read is not None else 0
         while True:
             r = self._record_read
             if r is not None and r.seq > after:
@@ -1889,8 +1889,8 @@ class VolumeGateway:
             if r is not None and (wait := r.started + PAST_END_READ_GAP - trio.current_time()) > 0:
                 await trio.sleep(wait)
                 continue
-            self._record_reads += 1
-            r = self._record_read = _RecordRead(self._record_reads, trio.current_time())
+            r = self._record_read = _RecordRead(r.seq + 1 if r is not None else 1,
+                                                trio.current_time())
             try:
                 r.record = await self.registry.get_volume(self.view.volume.name)
             except VbpError:
