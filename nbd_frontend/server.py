@@ -134,7 +134,9 @@ FAIR_SHARE = 4 * 1024 * 1024
 # Seconds a connection waits for a request, with none in flight, before it gives up the
 # payload buffers it keeps for reuse (TransmissionCodec.release_pool): up to POOL_BYTES
 # each, which idle connections held however long they stayed (not in the budget: they
-# hold no request). A TLS connection keeps them (its receive is not cut short).
+# hold no request). A TLS connection too: it waits on its socket through its TLS channel.
+# (Only a stream with no socket under it, trio.SSLStream over a test's memory stream,
+# keeps them.)
 POOL_IDLE = 1.0
 # Seconds between two looks at whether the client of a connection waiting for the budget
 # went away (_Connection.wait_budget): nothing else of the connection would notice until

@@ -608,28 +608,14 @@ async def test_memory_stream_transport():
 async def test_tls_over_a_stream_without_a_socket():
     """STARTTLS where there is no socket under the stream (trio.testing): the server falls
     back to trio.SSLStream, and the connection is served through it."""
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx = _tls_contexts()[0]
     provider = MemoryProvider()
     provider.add("m", 4096)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(server.handle_connection, server_stream, provider,
                                              tls="require", tls_context=server_ctx))
-        plain = Client(client_stream)
-        await plain.recv(18)
-        await plain.send(struct.pack(">I", 3) + struct.pack(">QII", proto.IHAVEOPT,
-                                                             proto.OPT_STARTTLS, 0))
-        assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
-        c = Client(trio.SSLStream(client_stream, client_ctx, server_hostname="localhost"))
-        await _use_m(c)
+        await _use_m(Client(await _starttls(client_stream)))
     assert bytes(provider.exports["m"].data[:3]) == b"abc"
 
 
@@ -639,15 +625,7 @@ async def test_disc_over_tls_shuts_the_tls_session_down(provider, nursery, socke
     TLS session (if one is running), and close[s] the TCP session". The client then reads
     TLS's close_notify, not a TCP close it must take for a truncation attack (the
     standard library raises, libnbd reports the session "non-properly terminated")."""
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx = _tls_contexts()[0]
     provider.add("m", 4096)
     if socketless:
         stream, server_stream = trio.testing.memory_stream_pair()
@@ -658,12 +636,7 @@ async def test_disc_over_tls_shuts_the_tls_session_down(provider, nursery, socke
                                                      tls_context=server_ctx),
                                    provider, "127.0.0.1", 0)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-    plain = Client(stream)
-    await plain.recv(18)
-    await plain.send(struct.pack(">I", 3) + struct.pack(">QII", proto.IHAVEOPT,
-                                                         proto.OPT_STARTTLS, 0))
-    assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
-    tls = trio.SSLStream(stream, client_ctx, server_hostname="localhost")
+    tls = await _starttls(stream)
     await _use_m(Client(tls))
     with trio.fail_after(5):
         assert await tls.receive_some(100) == b""  # close_notify: the clean end
@@ -1817,12 +1790,50 @@ async def test_a_read_past_its_share_waits_for_the_budget_and_not_for_a_client_g
     await d.aclose()
 
 
-async def test_an_idle_connection_gives_up_its_payload_buffers(provider, nursery, monkeypatch):
+async def _tls_client(port: int, name: str) -> Client:
+    """A client of export `name` through STARTTLS (the server's context: _tls_contexts)."""
+    c = Client(await _starttls(await trio.open_tcp_stream("127.0.0.1", port)))
+    await c.send(struct.pack(">QII", proto.IHAVEOPT, proto.OPT_EXPORT_NAME, len(name))
+                 + name.encode())
+    await c.recv(10)
+    return c
+
+
+async def _starttls(stream) -> trio.SSLStream:
+    """`stream` (a new connection) through the greeting and NBD_OPT_STARTTLS, wrapped in
+    TLS with _tls_contexts' client context (the handshake comes with the first use)."""
+    plain = Client(stream)
+    await plain.recv(18)
+    await plain.send(struct.pack(">I", 3) + struct.pack(">QII", proto.IHAVEOPT,
+                                                         proto.OPT_STARTTLS, 0))
+    assert struct.unpack(">QIII", await plain.recv(20))[2] == proto.REP_ACK
+    return trio.SSLStream(stream, _tls_contexts()[1], server_hostname="localhost")
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_contexts():
+    """(server context, client context) of a test CA."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_an_idle_connection_gives_up_its_payload_buffers(provider, nursery, monkeypatch,
+                                                               tls):
     """Each connection keeps the buffers of its large writes' payloads for reuse, up to
     POOL_BYTES; a review's 40 connections that wrote a few MiB each and stayed idle held
     540 MiB, not counted anywhere. With no request for POOL_IDLE and none in flight, a
     connection gives them up (to the thread's spares, bounded for all); writes coming
-    closer together keep them, and a write after the release is served as before."""
+    closer together keep them, and a write after the release is served as before. Over
+    TLS too: the connection receives through its TLS channel as through its socket."""
     from nbd_frontend import transmission
 
     monkeypatch.setattr(server, "POOL_IDLE", 0.5)
@@ -1836,8 +1847,14 @@ async def test_an_idle_connection_gives_up_its_payload_buffers(provider, nursery
 
     monkeypatch.setattr(transmission.TransmissionCodec, "__init__", spied)
     provider.add("big", 16 * MiB)
-    port = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
-    c = await Client.connect(port, "big")
+    if tls:
+        port = await nursery.start(functools.partial(serve_nbd, tls="require",
+                                                     tls_context=_tls_contexts()[0]),
+                                   provider, "127.0.0.1", 0)
+        c = await _tls_client(port, "big")
+    else:
+        port = await nursery.start(serve_nbd, provider, "127.0.0.1", 0)
+        c = await Client.connect(port, "big")
     payload = bytes(range(256)) * (4 * MiB // 256)
     for i in range(3):  # (closer together than POOL_IDLE: the buffer is kept and reused)
         assert await c.write(i * 4 * MiB, payload) == 0
