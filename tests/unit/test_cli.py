@@ -746,6 +746,32 @@ def test_the_everyday_commands_do_not_load_the_data_path(reg_url, vbp):
     assert "[::1]:10809" in r.stdout  # (the address, formatted as before)
 
 
+def test_a_ctrl_c_while_the_command_line_loads_is_one_line_and_exit_130(reg_url):
+    """A Ctrl-C in the first tenth of a second of `vbp` (Python importing the command line,
+    before VbpGroup.main handles interrupts) printed a KeyboardInterrupt traceback. The
+    entry point pyproject.toml declares for `vbp`, in a real process that sends itself
+    SIGINT as control.cli starts importing click (a finder that looks on)."""
+    import tomllib
+
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["vbp"]
+    module, _, function = entry.partition(":")
+    probe = ("import os, signal, sys\n"
+             "class Interrupt:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'click' and 'control.cli' in sys.modules:\n"
+             "            sys.meta_path.remove(self)\n"
+             "            os.kill(os.getpid(), signal.SIGINT)\n"
+             "        return None\n"
+             "sys.meta_path.insert(0, Interrupt())\n"
+             f"from {module} import {function}\n"
+             "sys.argv = ['vbp', 'volume', 'list']\n"
+             f"{function}()\n"
+             "print('not interrupted')\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env={**os.environ, "VBP_REGISTRY": reg_url}, timeout=60)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "vbp: error: interrupted\n", "")
+
+
 def test_completion_gives_up_on_a_registry_that_does_not_answer():
     """A TAB with an etcd registry whose members take connections and never answer (a
     member partitioned behind a proxy, a machine gone quiet) completes nothing within
