@@ -30,7 +30,7 @@ from replicator import messages as m
 from replicator.gateway import (
     WRITE_GRACE, ClusterView, PendingFlush, VolumeGateway, drop_identical,
 )
-from replicator.migration import DataSetMover
+from replicator.mover import DataSetMover
 from replicator.recovery import Resync
 from replicator.replica import Replica
 from replicator.scrub import Scrubber

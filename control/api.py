@@ -613,7 +613,7 @@ def accept_loss(reg, name: str, chunks=None, *, now: float | None = None) -> dic
     being unrecoverable meanwhile (a copy came back, a change of data set moved it), or
     that the volume no longer reaches (deleted, shrunk), is left alone and listed under
     `skipped`."""
-    from replicator.gateway import ClusterView
+    from replicator.view import ClusterView
     from replicator.loss import last_current, revert_source, stale_by_chunk, unrecoverable
     from vbp.registry.base import LossVerdict
     from vbp.volume import min_size_by_lineage, note_accepted, read_chunks

@@ -42,6 +42,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from replicator.messages import LACKS_REV
+from replicator.view import ClusterView
 from vbp.registry.base import LACKS_EARLIER, NEVER_CURRENT
 from vbp.volume import accepted_losses, min_size_by_lineage, read_chunks, replicas_by_lineage
 
@@ -149,7 +150,6 @@ def unrecoverable_chunks(cmap, records, volumes: list[dict]) -> list[dict]:
     the lineage it lies in, the copy lost last (`last_current`), the copy accept-loss
     would keep (`source`) and whether that one was ever current (`reverts`: else the
     chunk is declared lost)."""
-    from replicator.gateway import ClusterView  # a view of this map, not a host's
 
     n_of, min_of = replicas_by_lineage(volumes), min_size_by_lineage(volumes)
     view = ClusterView(cmap)

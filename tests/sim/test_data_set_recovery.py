@@ -17,7 +17,7 @@ import trio.testing
 
 from control import api
 from replicator.gateway import ClusterView
-from replicator.migration import DataSetMover
+from replicator.mover import DataSetMover
 from tests.sim.harness import Sim, call, extents_bytes
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from replicator.gateway import ClusterView
-from replicator.migration import DataSetMover
+from replicator.mover import DataSetMover
 from tests.sim.harness import Sim, call, extents_bytes, run
 from vbp.cluster import ClusterMap
 from vbp.layout import ChunkKey, MiB

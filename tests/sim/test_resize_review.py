@@ -95,7 +95,7 @@ def test_the_controller_completes_a_join_without_the_down_sole_holder_of_a_snaps
     with v shrunk to one chunk after snapshot s): h4 joins while h3, the sole holder of
     chunks of s that move to h4, is down and has not scanned. The change completed."""
     import trio
-    from replicator.migration import DataSetMover
+    from replicator.mover import DataSetMover
     from vbp.registry import open_registry
     from vbp.registry.base import P_ALIVE
     from vbp.registry.kv import Delete

@@ -721,8 +721,9 @@ def test_the_import_summary_says_what_it_zeroed_past_the_files_end():
 def test_the_everyday_commands_do_not_load_the_data_path(reg_url, vbp):
     """`vbp volume list` and its kin read the registry and print: importing trio (through
     vbp.sockets, for one address formatting function) and the replicator took 0.1 to
-    0.2 s of every such command, a TAB's completion included. A real process each, with
-    the modules it loaded looked at as it exits."""
+    0.2 s of every such command, a TAB's completion included; `vbp pool status` plans
+    with the data-set controller's functions and a ClusterView, which came with trio and
+    the gateway. A real process each, with the modules it loaded looked at as it exits."""
     from vbp.cluster import HostRecord
 
     with open_registry(reg_url) as reg:
@@ -738,7 +739,7 @@ def test_the_everyday_commands_do_not_load_the_data_path(reg_url, vbp):
     for args in (["volume", "list"], ["volume", "show", "disk1"], ["host", "list"],
                  ["volume", "create", "disk2", "--size", "1G", "--replicas", "1"],
                  ["volume", "snapshot", "disk1", "s1"], ["volume", "delete", "disk2"],
-                 ["--json", "host", "list"]):
+                 ["pool", "status"], ["--json", "host", "list"]):
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
                            env={**os.environ, "VBP_REGISTRY": reg_url}, timeout=60)
         assert r.returncode == 0, (args, r.stderr)

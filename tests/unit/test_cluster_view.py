@@ -1,9 +1,9 @@
-"""replicator.gateway.ClusterView: the per-map placement caches of a host."""
+"""replicator.view.ClusterView: the per-map placement caches of a host."""
 
 from __future__ import annotations
 
-from replicator import gateway
-from replicator.gateway import ClusterView
+from replicator import view as view_module
+from replicator.view import ClusterView
 from vbp.cluster import ClusterMap, HostRecord
 
 GiB = 1 << 30
@@ -21,7 +21,7 @@ def test_caches_stay_bounded_and_give_the_same_answers(monkeypatch):
     the gateways, scrub and recovery ask it about every chunk they touch: its caches are
     bounded like the placement's memo (about 420 MiB per million chunks otherwise), and an
     answer after a cache is cleared is the one from before."""
-    monkeypatch.setattr(gateway, "VIEW_CACHE_SIZE", 500)
+    monkeypatch.setattr(view_module, "VIEW_CACHE_SIZE", 500)
     cmap = _changing_map()
     view, fresh = ClusterView(cmap), ClusterView(cmap)
     for i in range(3000):

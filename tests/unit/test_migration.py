@@ -1,5 +1,6 @@
-"""replicator.migration's controller without processes: the weight factors it wants from
-the hosts' stats (reweight of nearly full hosts), and the data-set changes it records."""
+"""The data-set controller without processes (replicator.migration's planning, run by
+replicator.mover.DataSetMover): the weight factors it wants from the hosts' stats
+(reweight of nearly full hosts), and the data-set changes it records."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import trio
 
 from replicator.gateway import ClusterView
 from replicator.migration import (
-    DOWN_LOOK_GAP, REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, DataSetMover, sole_holders, wanted_weights,
+    DOWN_LOOK_GAP, REWEIGHT_MARGIN, WEIGHT_MIN, WEIGHTS_REV, sole_holders, wanted_weights,
 )
+from replicator.mover import DataSetMover
 from vbp.chunkstore_memory import MemoryChunkStore
 from vbp.cluster import ClusterMap, HostRecord
 from vbp.layout import ChunkKey, MiB
