@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import secrets
 import stat
@@ -538,7 +539,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
                 os.fchmod(fd, stat.S_IMODE(old.st_mode))
             os.ftruncate(fd, vsize)
         except OSError as e:
-            if tmp is None and os.path.isdir(os.path.dirname(target) or "."):
+            if fd < 0 and os.path.isdir(os.path.dirname(target) or "."):
                 # (the directory is there: the file the copy goes to first could not be
                 # made in it, which is not that `path` is missing: /proc takes no file)
                 raise TransferError(f"cannot create {path}: a new file in "
@@ -554,7 +555,7 @@ def export_volume(uri: str, path, *, progress: Progress | None = None,
         except OSError as e:
             raise _os_error(e, path, "cannot write") from None
         try:
-            _publish(tmp, target, overwrite)
+            _publish(fd, tmp, target, overwrite)
         except FileExistsError:
             raise AlreadyExists(f"{path} exists (--force replaces it)") from None
         except OSError as e:
@@ -684,25 +685,59 @@ def _target(path: str, overwrite: bool) -> tuple[str, os.stat_result | None]:
     return target, old
 
 
-def _temp_beside(path: str) -> tuple[int, str]:
-    """A new empty file `.NAME.XXXXXXXX.part` in the directory of `path` (so a rename can
-    put it in place), with the mode a new `path` would get. NAME cut to 200 bytes: the
-    temporary name must fit the file system's limit (255) whenever `path`'s does."""
-    head, name = os.path.split(path)
-    name = os.fsdecode(os.fsencode(name)[:200])
+def _temp_beside(path: str) -> tuple[int, str | None]:
+    """A new empty file in the directory of `path` (so a link or a rename can put it in
+    place), with the mode a new `path` would get: (its descriptor, its name). It has no
+    name (None) where the file system makes unnamed files (O_TMPFILE: ext4, XFS, Btrfs,
+    tmpfs), so a copy killed before the end (kill -9, a crash, a power cut) leaves
+    nothing behind; _publish names it. Elsewhere, `.NAME.XXXXXXXX.part` (_part_name)."""
+    try:
+        return os.open(os.path.dirname(path) or ".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
+                       0o666), None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise  # (EISDIR, EINVAL: a kernel or file system that knows no O_TMPFILE)
     while True:
-        tmp = os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
+        tmp = _part_name(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:
             continue
 
 
-def _publish(tmp: str, path: str, overwrite: bool) -> None:
-    """Give the complete, synced file `tmp` the name `path`, durably. Without `overwrite`
-    a file that appeared at `path` meanwhile is kept (FileExistsError): a hard link cannot
-    replace one; where the file system has no hard links, a rename after a last check."""
-    if overwrite:
+def _part_name(path: str) -> str:
+    """A name `.NAME.XXXXXXXX.part` beside `path`, for its copy under way. NAME cut to 200
+    bytes: the name must fit the file system's limit (255) whenever `path`'s does."""
+    head, name = os.path.split(path)
+    name = os.fsdecode(os.fsencode(name)[:200])
+    return os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
+
+
+def _publish(fd: int, tmp: str | None, path: str, overwrite: bool) -> None:
+    """Give the complete, synced file `tmp` (None: the unnamed file `fd`) the name `path`,
+    durably. Without `overwrite` a file that appeared at `path` meanwhile is kept
+    (FileExistsError): a hard link cannot replace one; where the file system has no hard
+    links, a rename after a last check. An unnamed file is linked in through /proc
+    (linkat's way for O_TMPFILE files): at `path` directly, or, to replace a file, at a
+    `.part` name first, renamed over it."""
+    if tmp is None:
+        link = functools.partial(_link_unnamed, f"/proc/self/fd/{fd}")
+        if overwrite:
+            while True:
+                part = _part_name(path)
+                try:
+                    link(part)
+                    break
+                except FileExistsError:
+                    continue
+            try:
+                os.rename(part, path)
+            except BaseException:
+                os.unlink(part)
+                raise
+        else:
+            link(path)
+    elif overwrite:
         os.rename(tmp, path)
     else:
         try:
@@ -723,6 +758,18 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
         os.fsync(dfd)
     except OSError:
         pass  # a file system that cannot sync a directory: the rename is as durable as it gets
+    finally:
+        os.close(dfd)
+
+
+def _link_unnamed(proc: str, path: str) -> None:
+    """Link the unnamed file at `proc` (/proc/self/fd/N) in at `path`. linkat must follow
+    the /proc link (AT_SYMLINK_FOLLOW); os.link does that only when given a directory
+    descriptor (else it calls link(), which links the symbolic link itself: EXDEV)."""
+    head, name = os.path.split(path)
+    dfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(proc, name, dst_dir_fd=dfd, follow_symlinks=True)
     finally:
         os.close(dfd)
 

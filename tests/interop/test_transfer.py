@@ -8,6 +8,7 @@ interrupted export leaves no partial file and the file it was to replace whole."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -603,6 +604,67 @@ def test_ctrl_c_during_a_forced_export_leaves_the_old_file_whole(tmp_path):
     assert names(tmp_path) == {"out.img"}
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["new", "forced"])
+def test_an_export_killed_outright_leaves_nothing_behind(tmp_path, force):
+    """`kill -9` of an export (or a crash, a power cut) runs no cleanup: its temporary file
+    was `.FILE.XXXXXXXX.part`, left behind with what it had copied, one more for each such
+    run. It has no name now (O_TMPFILE), so it goes with the process. While the copy is
+    under way the process holds it open, unnamed, in FILE's directory."""
+    out = tmp_path / "out.img"
+    if force:
+        out.write_bytes(b"yesterday's backup" * 1000)
+    log = tmp_path / "nbdkit.log"
+    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
+                "delay-read=3600", f"logfile={log}") as uri:
+        code = ("from control.transfer import export_volume; "
+                f"export_volume({uri!r}, {str(out)!r}, overwrite={force})")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            for _ in range(200):  # until the copy is under way: the server has a READ
+                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None and " Read " in log.read_text()
+            held = [os.readlink(f) for f in Path(f"/proc/{p.pid}/fd").iterdir()]
+            assert [f for f in held if f.startswith(f"{tmp_path}/#")], held  # (unnamed)
+            p.kill()
+            p.wait(timeout=10)
+        finally:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert names(tmp_path) == ({"out.img"} if force else set())
+    if force:
+        assert out.read_bytes() == b"yesterday's backup" * 1000
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "forced"])
+def test_where_files_cannot_be_unnamed_the_export_goes_through_a_part_file(tmp_path,
+                                                                          monkeypatch, force):
+    """A file system without O_TMPFILE (an older NFS, FUSE, vfat) refuses it with
+    EOPNOTSUPP: the copy then goes to `.FILE.XXXXXXXX.part`, renamed or linked into place
+    once complete, and the result is the same. (Every file system here has O_TMPFILE: the
+    refusal is made by a stand-in for os.open.)"""
+    real_open, made = os.open, []
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        made.append(os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(transfer.os, "open", no_tmpfile)
+    out = tmp_path / "out.img"
+    if force:
+        out.write_bytes(b"old")
+    with nbdkit(tmp_path, "pattern", "size=1M") as uri:
+        export_volume(uri, out, overwrite=force)
+    assert [os.path.basename(f) for f in made if f.endswith(".part")] != []
+    assert int.from_bytes(out.read_bytes()[4096:4104], "big") == 4096
+    assert names(tmp_path) == {"out.img"}
+
+
 def test_a_forced_export_replaces_through_a_link_and_keeps_the_mode(tmp_path):
     real, link = tmp_path / "real.img", tmp_path / "link.img"
     real.write_bytes(b"old" * 100)
@@ -769,7 +831,7 @@ def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig
                     break
                 time.sleep(0.05)
             assert p.poll() is None and " Read " in log.read_text()
-            assert len(list(out_dir.iterdir())) == 2  # FILE and the copy beside it
+            assert [x.name for x in out_dir.iterdir()] == ["v.raw"]  # (the copy is unnamed)
             p.send_signal(sig)
             _, err = p.communicate(timeout=10)
         finally:
