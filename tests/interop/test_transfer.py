@@ -559,6 +559,16 @@ def test_memory_stays_bounded_by_the_requests_in_flight(tmp_path):
 # --- an export that fails leaves what was there -------------------------------------------
 
 
+def under_way(p: subprocess.Popen, log: Path, command: str) -> None:
+    """Wait until the transfer of process `p` is under way: nbdkit's log filter (`log`)
+    has a request of `command` ("Read", "Write"), which the delay filter sits on."""
+    for _ in range(200):
+        if (log.exists() and f" {command} " in log.read_text()) or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None and f" {command} " in log.read_text()
+
+
 def names(directory) -> set[str]:
     return {p.name for p in directory.iterdir() if not p.name.startswith("nbdkit")}
 
@@ -576,29 +586,34 @@ def test_a_failed_forced_export_leaves_the_old_file_whole(tmp_path):
     assert names(tmp_path) == {"out.img"}  # no partial new.img, no temporary file
 
 
+@contextmanager
+def export_held(tmp_path, out: Path, overwrite: bool):
+    """A process running export_volume of an nbdkit pattern volume into `out`, yielded
+    once its copy is under way, which the server then holds: its reads never answered.
+    Killed on the way out."""
+    log = tmp_path / "nbdkit.log"
+    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
+                "delay-read=3600", f"logfile={log}") as uri:
+        code = ("from control.transfer import export_volume; "
+                f"export_volume({uri!r}, {str(out)!r}, overwrite={overwrite})")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            under_way(p, log, "Read")
+            yield p
+        finally:
+            p.kill()
+            p.wait()
+
+
 def test_ctrl_c_during_a_forced_export_leaves_the_old_file_whole(tmp_path):
     """vbp's export interrupted while the server sits on its reads: the temporary file
     goes, the file it was to replace stays."""
     out = tmp_path / "out.img"
     out.write_bytes(b"yesterday's backup" * 1000)
-    log = tmp_path / "nbdkit.log"
-    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
-                "delay-read=3600", f"logfile={log}") as uri:
-        code = ("from control.transfer import export_volume; "
-                f"export_volume({uri!r}, {str(out)!r}, overwrite=True)")
-        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
-                             text=True)
-        try:
-            for _ in range(200):  # until the copy is under way: the server has a READ
-                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert p.poll() is None and " Read " in log.read_text()
-            p.send_signal(signal.SIGINT)
-            _, err = p.communicate(timeout=10)
-        finally:
-            p.kill()
-            p.wait()
+    with export_held(tmp_path, out, overwrite=True) as p:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=10)
     assert p.returncode != 0 and "KeyboardInterrupt" in err, err
     assert out.read_bytes() == b"yesterday's backup" * 1000
     assert names(tmp_path) == {"out.img"}
@@ -613,26 +628,11 @@ def test_an_export_killed_outright_leaves_nothing_behind(tmp_path, force):
     out = tmp_path / "out.img"
     if force:
         out.write_bytes(b"yesterday's backup" * 1000)
-    log = tmp_path / "nbdkit.log"
-    with nbdkit(tmp_path, "--filter=log", "--filter=delay", "pattern", "size=8M",
-                "delay-read=3600", f"logfile={log}") as uri:
-        code = ("from control.transfer import export_volume; "
-                f"export_volume({uri!r}, {str(out)!r}, overwrite={force})")
-        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
-                             text=True)
-        try:
-            for _ in range(200):  # until the copy is under way: the server has a READ
-                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert p.poll() is None and " Read " in log.read_text()
-            held = [os.readlink(f) for f in Path(f"/proc/{p.pid}/fd").iterdir()]
-            assert [f for f in held if f.startswith(f"{tmp_path}/#")], held  # (unnamed)
-            p.kill()
-            p.wait(timeout=10)
-        finally:
-            p.kill()
-            p.wait()
+    with export_held(tmp_path, out, overwrite=force) as p:
+        held = [os.readlink(f) for f in Path(f"/proc/{p.pid}/fd").iterdir()]
+        assert [f for f in held if f.startswith(f"{tmp_path}/#")], held  # (unnamed)
+        p.kill()
+        p.wait(timeout=10)
     assert p.returncode == -signal.SIGKILL
     assert names(tmp_path) == ({"out.img"} if force else set())
     if force:
@@ -826,11 +826,7 @@ def test_a_cli_export_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, sig
                               "export", "v", str(out), "--force"], cwd=ROOT,
                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(200):  # until the copy is under way: the server has a READ
-                if (log.exists() and " Read " in log.read_text()) or p.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert p.poll() is None and " Read " in log.read_text()
+            under_way(p, log, "Read")
             assert [x.name for x in out_dir.iterdir()] == ["v.raw"]  # (the copy is unnamed)
             p.send_signal(sig)
             _, err = p.communicate(timeout=10)
@@ -857,11 +853,7 @@ def test_an_interrupted_cli_import_says_the_volume_is_partly_overwritten(tmp_pat
                               "import", str(image), "v"], cwd=ROOT,
                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(200):  # until the copy is under way: the server has a WRITE
-                if (log.exists() and " Write " in log.read_text()) or p.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert p.poll() is None and " Write " in log.read_text()
+            under_way(p, log, "Write")
             p.send_signal(sig)
             _, err = p.communicate(timeout=10)
         finally:
