@@ -907,6 +907,37 @@ def test_a_failed_cli_import_leaves_the_volume_marked_incomplete_until_one_compl
         assert "warning" not in vbp("volume", "list").stdout
 
 
+def test_an_unreadable_image_and_an_unwritable_directory_are_one_line_errors(tmp_path):
+    """What a user who is not root meets: an image file they may not read, a directory
+    they may not write in. Everything here runs as root, which passes permission checks
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): the commands run without those two (setpriv
+    takes them out of the bounding set, so the exec'd vbp does not have them), where a
+    file of mode 000 cannot be read even by root."""
+    setpriv = need("setpriv")
+    image = tmp_path / "secret.img"
+    image.write_bytes(b"x" * 65536)
+    image.chmod(0)
+    out = tmp_path / "backups"
+    out.mkdir()
+    out.chmod(0o555)
+    with pool_on_nbdkit(tmp_path, "memory", "size=8M") as url:
+        def vbp(*args):
+            return subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search",
+                                   str(Path(sys.executable).parent / "vbp"), "--registry",
+                                   url, "volume", *args], capture_output=True, text=True,
+                                  timeout=60)
+
+        r = vbp("import", str(image), "v")
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr == (f"vbp: error: Invalid value for 'FILE': File '{image}' is not "
+                            f"readable (see 'vbp volume import --help')\n")
+        r = vbp("export", "v", str(out / "v.raw"))
+        assert (r.returncode, r.stdout) == (1, ""), r.stderr
+        assert r.stderr == (f"vbp: error: cannot create {out / 'v.raw'}: a new file in {out}: "
+                            f"Permission denied\n")
+    assert list(out.iterdir()) == []
+
+
 def test_a_pseudo_file_that_says_it_is_empty_is_refused(tmp_path):
     """A /proc file is a regular file of size 0 that reads its contents: imported as
     0 bytes, the volume was written full of zeroes. Refused before any connection."""
