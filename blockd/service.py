@@ -110,6 +110,9 @@ MAP_WAIT = 10.0
 # etcd, 20 idle open volumes kept blockd at 15 % of a core and etcd at 11 %).
 RECORD_SYNC_PERIOD = 1.0
 RECORD_SYNC_MAX = 5.0
+# Seconds a request of an export whose serve_until passed waits for the publication and
+# the record reads that renew it (VolumeProvider.renew_serving) before it fails
+RENEW_WAIT = 2.0
 # at most one watch of the records begun a RECORD_SYNC_GAP: a pool whose records change
 # all the time costs a host what the polling every 0.2 s did, not more
 RECORD_SYNC_GAP = 0.2
@@ -189,6 +192,7 @@ class VolumeProvider:
         # for it at once
         self.sync_wanted = False
         self.wake_sync: trio.CancelScope | None = None
+        self._renewing: trio.Event | None = None  # set when the renewal under way ends
         # export -> record syncs under way with its lease (sync_record): the lease is not
         # handed over meanwhile (lease_wanted), or their update under it comes back Fenced
         self._leased_syncs: dict[str, int] = {}
@@ -687,6 +691,7 @@ class VolumeProvider:
             gw.serve_until = -math.inf  # until published and read again (_hold_head)
         gw.refresh_map = svc.refresh_map
         gw.next_sync = self.next_sync
+        gw.renew_serving = self.renew_serving
         gw.metrics = svc.metrics
         set_qos(gw, rec)
         gw.stale = await svc.stale_map(rec.lineage)
@@ -903,6 +908,23 @@ class VolumeProvider:
             self.wake_sync.cancel()
         while self._syncs_ended < want:
             await self._sync_ended.wait()
+
+    async def renew_serving(self) -> None:
+        """For a request of an export whose serve_until passed (VolumeGateway._renewed):
+        publish this host's exports, then have every export read its record (next_sync),
+        at most RENEW_WAIT seconds. The requests that come while one is under way wait
+        for it rather than start another."""
+        with trio.move_on_after(RENEW_WAIT):
+            if self._renewing is not None:
+                await self._renewing.wait()
+                return
+            self._renewing = ended = trio.Event()
+            try:
+                await self._republish()
+                await self.next_sync()
+            finally:
+                self._renewing = None
+                ended.set()
 
     async def sync_records(self, volumes: set[str] | None = None,
                            readers: bool = False) -> set[str]:

@@ -339,6 +339,9 @@ class VolumeGateway:
         # async () -> None, set by the service: returns once the volume's record has
         # been read again (_unless_grown)
         self.next_sync = None
+        # async () -> None, set by the service: publishes this host's exports and has
+        # them read their records again, at once (_renewed)
+        self.renew_serving = None
         # the last read of the record started for requests past the end (_record_since)
         self._record_read: _RecordRead | None = None
         self._short_refresh_at = -math.inf  # when a short map may be refreshed again
@@ -629,6 +632,8 @@ class VolumeGateway:
     def read(self, offset: int, length: int, ref: bool = False):
         if self.settling is not None:
             return self._settled(self.read, offset, length)
+        if self._lapsed():
+            return self._renewed(self.read, offset, length)
         if self.qos is not None and (d := self.qos.delay_for(length)):
             # (its turn come, after a takeover begun meanwhile, as one that came during it)
             return self._throttled(d, self._settled, self._read, offset, length)
@@ -700,6 +705,33 @@ class VolumeGateway:
         _room(self._plans)
         self._plans[index] = c
         return c
+
+    def _lapsed(self) -> bool:
+        """Reads would fail for serve_until (_check_served) while the service can renew
+        it (renew_serving): see _renewed."""
+        return (self.renew_serving is not None and self.gone is None
+                and self._now() > self.serve_until and not (self.token and not self.fenced))
+
+    async def _renewed(self, op, *args):
+        """op(*args) (read, block_status) of an export whose serve_until passed, once the
+        service published this host's exports and read the record again (renew_serving):
+        the way serve_until moves on (VolumeProvider._confirm, _snapshot_gone), asked for
+        at once instead of at the next heartbeat and record sync. A registry that cannot
+        be reached, or a chain no longer in the record, leaves it passed: the request
+        then fails as it did at once before (Unsynced, Unpublished).
+
+        What let it pass with the registry reachable: a client keeping the event loop
+        busy. serve_until is a publication plus 4 s, a heartbeat publishes every 2 s and
+        a reader reads its record every second; `nbdinfo --map` of a 16 TiB volume
+        (4,096 block status requests of 4 GiB, each 14 ms of the loop) delayed them
+        enough, now and then, to fail one request with EIO, and the map with it."""
+        lapsed = self._now() - self.serve_until
+        await self.renew_serving()
+        self._check_served()
+        self._loglimit.log(log, logging.INFO, "serving_renewed", "volume=%s "
+                           "event=serving_renewed lapsed_for=%.3f: the heartbeat or the "
+                           "record reads came late (a busy host)", self.name, lapsed)
+        return await _called(op, *args)
 
     def _check_served(self) -> None:
         """Reads may be answered: the export is not gone, and its serve_until has not
@@ -3070,6 +3102,8 @@ class VolumeGateway:
         would have a client copying by block status skip what its reads return."""
         if self.settling is not None:
             return self._settled(self.block_status, offset, length)
+        if self._lapsed():
+            return self._renewed(self.block_status, offset, length)
         self._check_served()
         if offset + length > self.size:
             return self._past_end(offset, length, PastEnd, (self.block_status, offset, length))

@@ -124,6 +124,29 @@ def test_allocation_map_of_a_fragmented_volume_is_whole(sandbox):
         assert [(e["offset"], e["length"], e["type"]) for e in ext] == want
 
 
+def test_the_map_of_a_large_volume_a_busy_reader_serves_is_whole(tmp_path):
+    """`nbdinfo --map` of a large sparse volume through a host without its lease (a
+    reader): a long run of block status requests, each costing the event loop its time,
+    delays the heartbeat and the record reads that keep a reader serving (serve_until,
+    a publication plus two thirds of heartbeat_ttl). The requests that found it passed
+    failed with EIO, and the map with them: now and then with the defaults (a 16 TiB
+    map), every time with heartbeat_ttl=1.5 (a 1 TiB one). They now have it renewed
+    (VolumeGateway._renewed) and are answered."""
+    from tests.conftest import SandboxHandle, run_vbp
+
+    sb = SandboxHandle(tmp_path / "sb", 3)
+    try:
+        sb.info = json.loads(run_vbp("sandbox", "up", "--hosts", 3, "--dir", sb.dir,
+                                     "--base-port", sb.base_port, "--capacity", "4G", "--json",
+                                     "--set", "heartbeat_ttl=1.5").stdout)
+        sb.vbp("volume", "create", "big", "--size", "1T", "--replicas", "3")
+        p = sh(need("nbdinfo"), "--map", sb.uri("big", host=1), check=False)
+        assert p.returncode == 0, p.stderr + sb.log(1)[-2000:]
+        assert p.stdout.split() == ["0", str(1 << 40), "3", "hole,zero"]
+    finally:
+        sb.down()
+
+
 def test_trim_and_write_zeroes_read_back_zero(sandbox):
     sandbox.vbp("volume", "create", "z", "--size", "16M", "--replicas", "3")
     h = connect(sandbox.uri("z"))

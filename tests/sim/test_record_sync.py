@@ -781,6 +781,52 @@ def test_a_reader_stops_serving_while_its_host_cannot_publish_it():
     run(main)
 
 
+def test_an_export_whose_serving_lapsed_with_the_registry_there_renews_it_for_its_request():
+    """serve_until is a publication plus 4 s, moved on by the heartbeat (every 2 s) and
+    a record read after it (readers every second). A client that keeps the event loop
+    busy delays both: `nbdinfo --map` of a 16 TiB volume, 4,096 block status requests of
+    14 ms each, failed now and then with EIO (Unsynced) with the registry answering all
+    along. Such a request now has the host publish and read the records at once, and is
+    answered; requests that come meanwhile share that one renewal. Reads and block
+    status, of a reader (the head without the lease) and of a snapshot export."""
+    async def main():
+        sim = Sim(13, hosts=3)
+        async with trio.open_nursery() as nursery:
+            h0, w = await served(nursery, sim, b"A" * 4096)
+            await sim.snapshot("v", "s")
+            h1 = sim.hosts["h1"]
+            r = await h1.run_on(h1.provider.open_export, "v")
+            s = await h1.run_on(h1.provider.open_export, "v@s")
+            publish, published = h1.publish_stats, []
+
+            async def counted():
+                published.append(trio.current_time())
+                await publish()
+
+            h1.publish_stats = counted
+            for export in (r, s):
+                assert await read_4k(h1, export) == b"A" * 4096
+                export.serve_until = trio.current_time() - 0.01  # (the loop held up)
+                published.clear()
+                got = []
+
+                async def read_one():
+                    got.append(await read_4k(h1, export))
+
+                async with trio.open_nursery() as readers:  # (five at once: one renewal)
+                    for _ in range(5):
+                        readers.start_soon(read_one)
+                assert got == [b"A" * 4096] * 5 and len(published) == 1
+                assert export.serve_until > trio.current_time()
+                assert await read_4k(h1, export) == b"A" * 4096
+                export.serve_until = trio.current_time() - 0.01
+                got = await h1.run_on(lambda: call(export.block_status(0, 4096)))
+                assert got == [(4096, 0)]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_reader_serves_a_read_past_a_shrunk_end_once_the_volume_is_grown_back():
     """Review: a reader (h1, no lease) adopted a shrink of v, a view it published first;
     the volume is grown back right after. A read past the shrunk end waits for up to two
