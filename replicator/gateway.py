@@ -2425,7 +2425,7 @@ class VolumeGateway:
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
-            marks = self._falling_behind(failed, took, complete, behind)
+            marks = self._falling_behind(failed, took, complete, behind, cv.is_up)
             # When a copy that could be a resync source (current, by our map) failed, the
             # copies that took the write without counting (behind, joining) are marked
             # again with the failed ones, in the same registry transaction: a resync of
@@ -2519,19 +2519,29 @@ class VolumeGateway:
         return set(now)
 
     @staticmethod
-    def _falling_behind(failed, took, complete, behind) -> list[str]:
+    def _falling_behind(failed, took, complete, behind, up=lambda h: True) -> list[str]:
         """The copies a failed write leaves behind, to record stale. Recorded even when the
         write fails below min_size: the current copies that took it are ahead of the others,
         which must resync from them. But when no current copy took it, a current copy that
-        failed still holds every acknowledged write: the first one stays current (the
-        source of every resync of the chunk), or no copy would be left to resync from and
-        the chunk would never converge. And when no current copy took it, the copies that
-        did are recorded too: they were counted behind on what this gateway believed (its
-        stale map lags the registry, a resync may have cleared one since), and they now
-        hold bytes the others lack, so a record must name them whatever we believed."""
+        failed still holds every acknowledged write: one stays current (the source of every
+        resync of the chunk), or no copy would be left to resync from and the chunk would
+        never converge. And when no current copy took it, the copies that did are recorded
+        too: they were counted behind on what this gateway believed (its stale map lags the
+        registry, a resync may have cleared one since), and they now hold bytes the others
+        lack, so a record must name them whatever we believed.
+
+        The one kept is the first whose host is `up` in the map, else the first. A copy
+        on a host that is down may be down for a power loss, which took its unflushed
+        writes: acknowledged writes the copies that failed only for a partition still
+        hold. Kept current, it came back recorded stale by its own crash recovery, newer
+        than the record of the copy that held them, and an all-stale election with
+        min_size 1 took it (replicator.loss.last_current): the acknowledged bytes were
+        lost on every copy (the simulation's seed 5494 of the takeover faults)."""
         out = list(failed)
         if not took:
-            keep = next((h for h in complete if h in failed and h not in behind), None)
+            keep = next((h for h in complete if h in failed and h not in behind and up(h)),
+                        None) or next((h for h in complete if h in failed and h not in behind),
+                                      None)
             if keep is not None:
                 out.remove(keep)
             out += [h for h in complete if h not in failed]

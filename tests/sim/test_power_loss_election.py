@@ -146,6 +146,52 @@ def test_power_lost_copy_still_up_in_the_map_is_not_elected_either():
     run(main)
 
 
+def test_with_min_size_one_the_copy_kept_current_is_not_the_one_on_a_down_host():
+    """replicas=2, min_size=1, copies c (first in placement) and b. W1 is acknowledged on
+    both, unflushed. c loses power and is declared down; b is cut off from the gateway;
+    W2 then fails on both (0 of 2). No copy took it, so one that failed stays current
+    (VolumeGateway._falling_behind): it was c, the first, and b was recorded stale. c
+    came back recorded stale by its crash recovery, flagged (it lost W1) and newer than
+    b's record: with min_size 1 that one newer record made the election take c, and W1
+    was lost on both copies (the simulation's seed 5494 of the takeover faults). The
+    copy kept is now one whose host is up: b, which holds W1."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(3, hosts=4, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", MiB, replicas=2, min_size=1, chunk_size=MiB)
+            c, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+            g = next(h for h in sim.hosts if h not in (b, c))
+            t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=b, b=b, c=c, g=g,
+                                gw=await sim.hosts[g].provider.open_export("v"),
+                                faults=sim.hosts[g].faults,
+                                key=ChunkKey(rec.lineage, 0, rec.head))
+            await call(t.gw.write(0, OLD, False))
+            await call(t.gw.flush())
+            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by both, unflushed
+            lose_power(t, c)  # declared down
+            assert sim.hosts[c].store.read(t.key, 0, 4096) == OLD
+            sim.sync_maps()
+            t.faults.partition([sim.hosts[b].addr])
+            with pytest.raises(VbpError):  # W2: no copy takes it
+                await call(t.gw.write(8192, FAILED, False))
+            assert stale(t) == {c}  # (b, up, holds every acknowledged write: kept current)
+            await sim.restart(c)
+            t.faults.heal()
+            sim.sync_maps()
+            await trio.sleep(10)  # past the write window
+            for _ in range(2):
+                for h in (b, c):
+                    await sim.hosts[h].resync.run_once()
+            assert not sim.reg.list_stale(t.lin), sim.reg.list_stale(t.lin)
+            assert {h: sim.hosts[h].store.read(t.key, 0, 4096) for h in (b, c)} == {
+                b: ACKED, c: ACKED}
+            assert await read_through_gateway(t) == ACKED
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_process_crash_keeping_the_page_cache_loses_nothing():
     """The steps of the first test with a process crash (SIGKILL, the page cache kept):
     c keeps what it took, its record is not flagged, and the chunk holds W1 again
