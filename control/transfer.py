@@ -690,13 +690,15 @@ def _temp_beside(path: str) -> tuple[int, str | None]:
     place), with the mode a new `path` would get: (its descriptor, its name). It has no
     name (None) where the file system makes unnamed files (O_TMPFILE: ext4, XFS, Btrfs,
     tmpfs), so a copy killed before the end (kill -9, a crash, a power cut) leaves
-    nothing behind; _publish names it. Elsewhere, `.NAME.XXXXXXXX.part` (_part_name)."""
-    try:
-        return os.open(os.path.dirname(path) or ".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
-                       0o666), None
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise  # (EISDIR, EINVAL: a kernel or file system that knows no O_TMPFILE)
+    nothing behind; _publish names it (through /proc/self/fd: without /proc mounted, as
+    in some containers, the named file). Elsewhere, `.NAME.XXXXXXXX.part` (_part_name)."""
+    if os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(os.path.dirname(path) or ".",
+                           os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666), None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise  # (EISDIR, EINVAL: a kernel or file system that knows no O_TMPFILE)
     while True:
         tmp = _part_name(path)
         try:

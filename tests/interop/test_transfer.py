@@ -640,21 +640,28 @@ def test_an_export_killed_outright_leaves_nothing_behind(tmp_path, force):
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new", "forced"])
+@pytest.mark.parametrize("why", ["no-tmpfile", "no-proc"])
 def test_where_files_cannot_be_unnamed_the_export_goes_through_a_part_file(tmp_path,
-                                                                          monkeypatch, force):
+                                                                          monkeypatch, force,
+                                                                          why):
     """A file system without O_TMPFILE (an older NFS, FUSE, vfat) refuses it with
-    EOPNOTSUPP: the copy then goes to `.FILE.XXXXXXXX.part`, renamed or linked into place
-    once complete, and the result is the same. (Every file system here has O_TMPFILE: the
-    refusal is made by a stand-in for os.open.)"""
-    real_open, made = os.open, []
+    EOPNOTSUPP; without /proc (some containers) an unnamed file could not be linked in.
+    The copy then goes to `.FILE.XXXXXXXX.part`, renamed or linked into place once
+    complete, and the result is the same. (Every file system here has O_TMPFILE, and
+    /proc is there: stand-ins for os.open and os.path.isdir say otherwise.)"""
+    real_open, real_isdir, made = os.open, os.path.isdir, []
 
     def no_tmpfile(path, flags, *args, **kwargs):
         if flags & os.O_TMPFILE == os.O_TMPFILE:
+            assert why == "no-tmpfile"  # (never tried without /proc)
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         made.append(os.fspath(path))
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(transfer.os, "open", no_tmpfile)
+    if why == "no-proc":
+        monkeypatch.setattr(transfer.os.path, "isdir",
+                            lambda p: False if p == "/proc/self/fd" else real_isdir(p))
     out = tmp_path / "out.img"
     if force:
         out.write_bytes(b"old")
