@@ -1242,15 +1242,19 @@ def test_heartbeats_of_live_hosts_do_not_wake_a_map_watcher_on_etcd(etcd_server)
     period). A refresh changes no map: the watcher reads again only for a real change,
     which still ends the wait at once."""
     b = _Beating(etcd_server, every=0.02)
+    later = None
     try:
         m = b.map
         assert b.reg.wait_map_change(m.epoch, 2.0).epoch == m.epoch
         assert 1 <= len(b.reads) <= 6, len(b.reads)  # not one per heartbeat
         # a real change ends the wait before its timeout
-        threading.Timer(0.3, lambda: b.beats.register_host(host(3), 30)).start()
+        later = threading.Timer(0.3, lambda: b.beats.register_host(host(3), 30))
+        later.start()
         got = b.reg.wait_map_change(m.epoch, 30.0)
         assert got.epoch > m.epoch and got.host("h3") is not None
     finally:
+        if later is not None:  # (its register_host reads the map after its write: the
+            later.join()  # wait above can end first, and a close then failed that read)
         b.close()
 
 
