@@ -691,7 +691,7 @@ def _temp_beside(path: str) -> tuple[int, str | None]:
     name (None) where the file system makes unnamed files (O_TMPFILE: ext4, XFS, Btrfs,
     tmpfs), so a copy killed before the end (kill -9, a crash, a power cut) leaves
     nothing behind; _publish names it (through /proc/self/fd: without /proc mounted, as
-    in some containers, the named file). Elsewhere, `.NAME.XXXXXXXX.part` (_part_name)."""
+    in some containers, the named file). Elsewhere, `.NAME.XXXXXXXX.part` (_at_part_name)."""
     if os.path.isdir("/proc/self/fd"):
         try:
             return os.open(os.path.dirname(path) or ".",
@@ -699,20 +699,22 @@ def _temp_beside(path: str) -> tuple[int, str | None]:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise  # (EISDIR, EINVAL: a kernel or file system that knows no O_TMPFILE)
-    while True:
-        tmp = _part_name(path)
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
-        except FileExistsError:
-            continue
+    return _at_part_name(path, lambda tmp: os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
 
 
-def _part_name(path: str) -> str:
-    """A name `.NAME.XXXXXXXX.part` beside `path`, for its copy under way. NAME cut to 200
-    bytes: the name must fit the file system's limit (255) whenever `path`'s does."""
+def _at_part_name(path: str, make):
+    """(make(name), name) for a new name `.NAME.XXXXXXXX.part` beside `path`, for its copy
+    under way; another name when make raises FileExistsError. NAME cut to 200 bytes: the
+    name must fit the file system's limit (255) whenever `path`'s does."""
     head, name = os.path.split(path)
     name = os.fsdecode(os.fsencode(name)[:200])
-    return os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
+    while True:
+        part = os.path.join(head, f".{name}.{secrets.token_hex(4)}.part")
+        try:
+            return make(part), part
+        except FileExistsError:
+            continue
 
 
 def _publish(fd: int, tmp: str | None, path: str, overwrite: bool) -> None:
@@ -725,13 +727,7 @@ def _publish(fd: int, tmp: str | None, path: str, overwrite: bool) -> None:
     if tmp is None:
         link = functools.partial(_link_unnamed, f"/proc/self/fd/{fd}")
         if overwrite:
-            while True:
-                part = _part_name(path)
-                try:
-                    link(part)
-                    break
-                except FileExistsError:
-                    continue
+            _, part = _at_part_name(path, link)
             try:
                 os.rename(part, path)
             except BaseException:

@@ -2539,9 +2539,8 @@ class VolumeGateway:
         lost on every copy (the simulation's seed 5494 of the takeover faults)."""
         out = list(failed)
         if not took:
-            keep = next((h for h in complete if h in failed and h not in behind and up(h)),
-                        None) or next((h for h in complete if h in failed and h not in behind),
-                                      None)
+            current = [h for h in complete if h in failed and h not in behind]
+            keep = next((h for h in current if up(h)), current[0] if current else None)
             if keep is not None:
                 out.remove(keep)
             out += [h for h in complete if h not in failed]

@@ -290,9 +290,9 @@ class Run:
                                         f"still held {c.name} {offset}+{length}")
                     model.maybe(offset, length)
                     self.zombie_writes.append((c.name, offset, length, start, trio.current_time()))
-                self.zombies_flying.remove(flying)
                 continue
-            self.zombies_flying.remove(flying)
+            finally:
+                self.zombies_flying.remove(flying)
             lease = sim.reg.kv.get(b"vbp/lease/" + c.name.encode())[0]
             self.out.log.append(f"t={trio.current_time():.2f} zombie write acked {c.name} {offset}+{length}")
             if old.token and lease is not None and sim.reg._lease_of(c.name, _unpack(lease.value)).token != old.token:
