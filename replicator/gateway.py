@@ -2411,8 +2411,12 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
+        # with min_size 1 a write no copy took also asks: _falling_behind must know which
+        # of the copies that failed it are current, and our map may still count one that
+        # a resync just cleared behind
         if len(took) < self.min_size and any(
-                h in behind and h not in reported and h not in failed for h in complete):
+                h in behind and h not in reported and (h not in failed or self.min_size == 1)
+                for h in complete):
             behind = await self._behind_by_registry(p.index, reported)
             took = [h for h in complete if h not in failed and h not in behind]
         ok = len(took)
@@ -2425,7 +2429,8 @@ class VolumeGateway:
             if self.metrics is not None:
                 for h, e in failed.items():
                     self.metrics.replica_error(h, _error_kind(e))
-            marks = self._falling_behind(failed, took, complete, behind, cv.is_up)
+            marks = self._falling_behind(failed, took, complete, behind, cv.is_up,
+                                         self.min_size)
             # When a copy that could be a resync source (current, by our map) failed, the
             # copies that took the write without counting (behind, joining) are marked
             # again with the failed ones, in the same registry transaction: a resync of
@@ -2519,30 +2524,36 @@ class VolumeGateway:
         return set(now)
 
     @staticmethod
-    def _falling_behind(failed, took, complete, behind, up=lambda h: True) -> list[str]:
+    def _falling_behind(failed, took, complete, behind, up, min_size: int) -> list[str]:
         """The copies a failed write leaves behind, to record stale. Recorded even when the
         write fails below min_size: the current copies that took it are ahead of the others,
-        which must resync from them. But when no current copy took it, a current copy that
-        failed still holds every acknowledged write: one stays current (the source of every
-        resync of the chunk), or no copy would be left to resync from and the chunk would
-        never converge. And when no current copy took it, the copies that did are recorded
-        too: they were counted behind on what this gateway believed (its stale map lags the
-        registry, a resync may have cleared one since), and they now hold bytes the others
-        lack, so a record must name them whatever we believed.
+        which must resync from them. When no current copy took it, the copies that did are
+        recorded too: they were counted behind on what this gateway believed (its stale map
+        lags the registry, a resync may have cleared one since), and they now hold bytes the
+        others lack, so a record must name them whatever we believed.
 
-        The one kept is the first whose host is `up` in the map, else the first. A copy
-        on a host that is down may be down for a power loss, which took its unflushed
-        writes: acknowledged writes the copies that failed only for a partition still
-        hold. Kept current, it came back recorded stale by its own crash recovery, newer
-        than the record of the copy that held them, and an all-stale election with
-        min_size 1 took it (replicator.loss.last_current): the acknowledged bytes were
-        lost on every copy (the simulation's seed 5494 of the takeover faults)."""
+        When no current copy took it, one current copy that failed is kept current, the
+        source of the chunk's resyncs (the first whose host is `up` in the map, else the
+        first): a copy on a down host may be down for a power loss. Keeping it asserts what
+        the write could not show: that it outlived the failure with every acknowledged
+        write. A copy that lost power came back recorded stale by its own crash recovery,
+        flagged and newer than the others' records, and that election (of a chunk whose
+        copies are all stale, replicator.loss.last_current) passes over the newest
+        flagged copy for a whole one only while fewer than min_size records are newer than
+        the whole one's. With min_size 2 or more the kept copy's record alone is not
+        enough. With min_size 1 it is: the election took the copy kept, and an
+        acknowledged write the others held was lost on every copy (the simulation's seed
+        5494 of the takeover faults, the kept copy's host down in the map; seed 108 of the
+        crash faults, up). So with min_size 1 a copy is kept only if it is the one current
+        copy (the others missed acknowledged writes it holds); of two or more, none is.
+        Every copy is then stale, recorded in one transaction (a tie), and the election,
+        once every copy is up, takes one that did not lose power. Writes to the chunk
+        fail until then (resync runs every second)."""
         out = list(failed)
         if not took:
             current = [h for h in complete if h in failed and h not in behind]
-            keep = next((h for h in current if up(h)), current[0] if current else None)
-            if keep is not None:
-                out.remove(keep)
+            if len(current) == 1 or current and min_size > 1:
+                out.remove(next((h for h in current if up(h)), current[0]))
             out += [h for h in complete if h not in failed]
         return out
 

@@ -146,47 +146,91 @@ def test_power_lost_copy_still_up_in_the_map_is_not_elected_either():
     run(main)
 
 
-def test_with_min_size_one_the_copy_kept_current_is_not_the_one_on_a_down_host():
-    """replicas=2, min_size=1, copies c (first in placement) and b. W1 is acknowledged on
-    both, unflushed. c loses power and is declared down; b is cut off from the gateway;
-    W2 then fails on both (0 of 2). No copy took it, so one that failed stays current
-    (VolumeGateway._falling_behind): it was c, the first, and b was recorded stale. c
-    came back recorded stale by its crash recovery, flagged (it lost W1) and newer than
-    b's record: with min_size 1 that one newer record made the election take c, and W1
-    was lost on both copies (the simulation's seed 5494 of the takeover faults). The
-    copy kept is now one whose host is up: b, which holds W1."""
+async def two_copies(nursery) -> SimpleNamespace:
+    """replicas=2, min_size=1: the pool, the volume, its chunk's copies c (first in
+    placement) and b, and the gateway on a third host; OLD written and flushed."""
+    sim = Sim(3, hosts=4, zones=4)
+    await sim.start(nursery, loops=False)
+    rec = sim.create_volume("v", MiB, replicas=2, min_size=1, chunk_size=MiB)
+    c, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
+    g = next(h for h in sim.hosts if h not in (b, c))
+    t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=b, b=b, c=c, g=g,
+                        gw=await sim.hosts[g].provider.open_export("v"),
+                        faults=sim.hosts[g].faults, key=ChunkKey(rec.lineage, 0, rec.head))
+    await call(t.gw.write(0, OLD, False))
+    await call(t.gw.flush())
+    return t
+
+
+async def no_copy_takes_w2_then_c_restarts(t) -> None:
+    """c has lost power; b is cut off from the gateway: W2 fails on both, and with min_size 1
+    neither is kept current (VolumeGateway._falling_behind). c's restart flags its record,
+    which stays as old as b's; the election takes b."""
+    t.faults.partition([t.sim.hosts[t.b].addr])
+    with pytest.raises(VbpError):  # W2: no copy takes it
+        await call(t.gw.write(8192, FAILED, False))
+    assert stale(t) == {t.b, t.c}
+    await t.sim.restart(t.c)
+    assert stale(t, LACKS_EARLIER) == {t.c}
+    recs = {r.host_id: r.since for r in t.sim.reg.list_stale(t.lin)}
+    assert recs[t.b] == recs[t.c]  # (c's recovery flagged its record, left its age)
+    t.faults.heal()
+    t.sim.sync_maps()
+    await trio.sleep(10)  # past the write window
+    for _ in range(2):
+        for h in (t.b, t.c):
+            await t.sim.hosts[h].resync.run_once()
+    assert not t.sim.reg.list_stale(t.lin), t.sim.reg.list_stale(t.lin)
+    assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
+        t.b: ACKED, t.c: ACKED}
+    assert await read_through_gateway(t) == ACKED
+
+
+@pytest.mark.parametrize("declared_down", [True, False], ids=["down", "up_in_map"])
+def test_with_min_size_one_a_write_no_copy_took_keeps_none_current(declared_down):
+    """W1 is acknowledged on both copies, unflushed; c loses power (declared down, or a
+    fast reboot still up in the map); W2 then fails on both. One copy that failed used
+    to stay current, c (first in placement), and b was recorded stale. c came back
+    recorded stale by its crash recovery, flagged (it lost W1) and newer than b's record:
+    with min_size 1 that one newer record made the election take c, and W1 was lost on
+    both copies (the simulation's seed 5494 of the takeover faults, c down; keeping a copy
+    whose host is up covered that one, not seed 108 of the crash faults, c up)."""
     async def main():
         async with trio.open_nursery() as nursery:
-            sim = Sim(3, hosts=4, zones=4)
-            await sim.start(nursery, loops=False)
-            rec = sim.create_volume("v", MiB, replicas=2, min_size=1, chunk_size=MiB)
-            c, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-            g = next(h for h in sim.hosts if h not in (b, c))
-            t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=b, b=b, c=c, g=g,
-                                gw=await sim.hosts[g].provider.open_export("v"),
-                                faults=sim.hosts[g].faults,
-                                key=ChunkKey(rec.lineage, 0, rec.head))
-            await call(t.gw.write(0, OLD, False))
-            await call(t.gw.flush())
+            t = await two_copies(nursery)
             await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by both, unflushed
-            lose_power(t, c)  # declared down
-            assert sim.hosts[c].store.read(t.key, 0, 4096) == OLD
-            sim.sync_maps()
-            t.faults.partition([sim.hosts[b].addr])
-            with pytest.raises(VbpError):  # W2: no copy takes it
-                await call(t.gw.write(8192, FAILED, False))
-            assert stale(t) == {c}  # (b, up, holds every acknowledged write: kept current)
-            await sim.restart(c)
+            lose_power(t, t.c, declare_down=declared_down)
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
+            t.sim.sync_maps()
+            await no_copy_takes_w2_then_c_restarts(t)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_with_min_size_one_the_copies_kept_are_told_by_the_registry_not_a_lagging_map():
+    """Seed 108 of the crash faults: W1 is acknowledged on c alone (b cut off, recorded
+    stale); b resyncs from c and holds W1, but the gateway's stale map, refreshed about
+    once a second, still counts b behind. c loses power (up in the map) and W2 fails on
+    both: by that map c was the one current copy, kept current, and b recorded stale
+    again; c's restart then made the election take c, which lost W1. The gateway now
+    asks the registry which copies are current: both, so neither is kept."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            t.faults.partition([t.sim.hosts[t.b].addr])
+            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by c alone
+            assert stale(t) == {t.b}
             t.faults.heal()
-            sim.sync_maps()
-            await trio.sleep(10)  # past the write window
-            for _ in range(2):
-                for h in (b, c):
-                    await sim.hosts[h].resync.run_once()
-            assert not sim.reg.list_stale(t.lin), sim.reg.list_stale(t.lin)
-            assert {h: sim.hosts[h].store.read(t.key, 0, 4096) for h in (b, c)} == {
-                b: ACKED, c: ACKED}
-            assert await read_through_gateway(t) == ACKED
+            for _ in range(5):  # past the write window, the gateway's lease kept
+                await trio.sleep(2)
+                await t.sim.hosts[t.g].provider.renew_all()
+            await t.sim.hosts[t.b].resync.run_once()
+            assert not stale(t) and t.sim.hosts[t.b].store.read(t.key, 0, 4096) == ACKED
+            assert t.b in t.gw.stale.get(0, ())  # (not refreshed yet)
+            lose_power(t, t.c, declare_down=False)
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
+            await no_copy_takes_w2_then_c_restarts(t)
             nursery.cancel_scope.cancel()
 
     run(main)
