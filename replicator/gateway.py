@@ -2411,6 +2411,18 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
+        if (len(took) == 1 == self.min_size and took[0] != self.host_id
+                and any(h in complete and h not in behind for h in failed)):
+            # a current copy failed, and one remote copy alone took the write (maybe long
+            # before: the failure may be a timeout): it must still answer, or the write
+            # counts as taken by none (_still_answering)
+            h = took[0]
+            b = sent.get(h)
+            if not await self._still_answering(h, self.pool.incarnation(h) if b is None else b):
+                failed[h] = PeerUnavailable(
+                    f"host {h} took the write to chunk {p.index} of {self.name} but no longer "
+                    f"answers: it may have lost it")
+                took = []
         # with min_size 1 a write no copy took also asks: _falling_behind must know which
         # of the copies that failed it are current, and our map may still count one that
         # a resync just cleared behind
@@ -2485,6 +2497,27 @@ class VolumeGateway:
         (_settle): the peers' request timeout and WRITE_GRACE. blockd gives resync the
         same window and scrub the same settling time."""
         return self.pool.request_timeout + WRITE_GRACE
+
+    async def _still_answering(self, host: str, incarnation: int) -> bool:
+        """Whether `host`, the one copy that took a write (or a flush) another current copy
+        failed, still answers from the process that took it (`incarnation`), asked before
+        the failure is recorded. With min_size 1 the copy that failed is recorded stale on
+        that one copy's word, and the failure may be a timeout, learned a request timeout
+        after the copy's answer. Had the copy lost power meanwhile (unnoticed: its host
+        still up in the map), its crash recovery would record it stale, flagged and newer
+        than the record made now, and the election of a chunk whose copies are all stale
+        (replicator.loss.last_current) takes a flagged copy over a whole one once min_size
+        records are newer than the whole one's: one, at min_size 1. The acknowledged
+        writes it lost (another volume's of the lineage, say) and the other copy held
+        would be lost on both (the simulation's seed 853 of the crash faults, a flush).
+        Given the whole request timeout: a copy taken for gone on a short one would leave
+        the chunk with no current copy, until the host that failed is back. (A write whose
+        marks land past its window is not acknowledged, its marks stand.)"""
+        try:
+            await self.pool.call(self.cluster.address(host), m.Ping(self.cluster.epoch))
+        except VbpError:
+            return False
+        return self.pool.incarnation(host) == incarnation
 
     async def _behind_by_registry(self, index: int, reported: set) -> set:
         """The copies of the chunk behind, by the registry's stale records read now rather
@@ -3033,13 +3066,23 @@ class VolumeGateway:
         short = None  # a chunk left with fewer than min_size durable copies: the error
         changing = self.cluster.map.prev is not None
         marked = []
+        answering: dict[str, bool] = {}
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
             behind = self.stale.get(idx, ())
-            good = sum(1 for h in replicas if h not in bad and h not in behind)
-            if good < self.min_size:
+            good = [h for h in replicas if h not in bad and h not in behind]
+            if (len(good) == 1 == self.min_size and good[0] != self.host_id
+                    and any(h not in behind for h in bad)):
+                # as for a write (_still_answering): the one durable copy, whose answer
+                # may have come a request timeout before the failure, must still answer
+                g = good[0]
+                if g not in answering:
+                    answering[g] = await self._still_answering(g, sent_at.get(g, incarnation(g)))
+                if not answering[g]:
+                    good = []
+            if len(good) < self.min_size:
                 short = short or BelowMinSize(
-                    f"flush of {self.name}: chunk {idx} is durable on {good} replicas")
+                    f"flush of {self.name}: chunk {idx} is durable on {len(good)} replicas")
                 continue  # the others' failures are still recorded before it is raised
             if await self._mark_stale(idx, bad, replicas):
                 marked.append(idx)

@@ -28,7 +28,7 @@ from replicator.recovery import Resync
 from replicator.replica import StaleCopy
 from tests.sim.harness import WALL_TTL, Sim, WhileClearing, call, extents_bytes, run
 
-OLD, ACKED, FAILED = b"\x01" * 4096, b"\x11" * 4096, b"\x22" * 4096
+OLD, ACKED, FAILED, NEW = b"\x01" * 4096, b"\x11" * 4096, b"\x22" * 4096, b"\x33" * 4096
 
 
 class LoseUnsynced(random.Random):
@@ -231,6 +231,108 @@ def test_with_min_size_one_the_copies_kept_are_told_by_the_registry_not_a_laggin
             lose_power(t, t.c, declare_down=False)
             assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
             await no_copy_takes_w2_then_c_restarts(t)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def drop_to(t, host: str, *kinds: str) -> None:
+    """The gateway's messages of `kinds` to `host` are lost: their answers never come, and
+    the gateway learns it a request timeout later."""
+    addr = t.sim.hosts[host].addr
+    t.faults.on_call = lambda a, msg: "drop" if a == addr and type(msg).__name__ in kinds else 0
+
+
+async def elect_and_read(t) -> None:
+    """c restarted, the faults healed, both copies resynced: the chunk is whole again."""
+    t.faults.on_call = lambda a, msg: 0
+    t.sim.sync_maps()
+    await trio.sleep(10)  # past the write window
+    for _ in range(2):
+        for h in (t.b, t.c):
+            await t.sim.hosts[h].resync.run_once()
+    assert not t.sim.reg.list_stale(t.lin), t.sim.reg.list_stale(t.lin)
+
+
+def test_with_min_size_one_a_write_taken_by_a_copy_that_lost_power_since_is_not_acknowledged():
+    """W1 is acknowledged on both copies, unflushed. W2 reaches c, which answers, and b,
+    whose answer never comes; before the gateway gives up on b, c loses power (its host
+    still up in the map). On c's word alone b was recorded stale and W2 acknowledged; c's
+    crash recovery then recorded it stale, flagged, newer than b's record, and with
+    min_size 1 the election took c, which had lost W1 (VolumeGateway._still_answering).
+    Now c is asked again before b is recorded: it does not answer, W2 is taken by no copy
+    and fails, both copies are recorded, and the election takes b."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by both, unflushed
+            drop_to(t, t.b, "WriteChunk", "WriteBatch")
+            outcome = {}
+
+            async def w2():
+                try:
+                    await call(t.gw.write(0, FAILED, False))
+                    outcome["acked"] = True
+                except VbpError as e:
+                    outcome["error"] = e
+
+            nursery.start_soon(w2)
+            await trio.sleep(0.2)  # c answered W2; b's answer is not coming
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == FAILED
+            lose_power(t, t.c, declare_down=False)
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
+            while not outcome:
+                await trio.sleep(0.1)
+            assert "error" in outcome  # (W2 may be lost: c took it and lost it)
+            assert stale(t) == {t.b, t.c}
+            await t.sim.restart(t.c)
+            await elect_and_read(t)
+            # (b never got W2: the copies hold W1 again)
+            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
+                t.b: ACKED, t.c: ACKED}
+            assert await read_through_gateway(t) == ACKED
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_with_min_size_one_a_flush_answered_by_a_copy_that_lost_power_since_records_nothing():
+    """W1 is acknowledged on both copies. A FLUSH reaches c, which syncs and answers, and
+    b, whose answer never comes. Meanwhile W3 is acknowledged on both, unflushed, and c
+    loses power (its host still up in the map): c keeps W1, not W3. On c's earlier answer
+    the flush recorded b stale, and succeeded; c's crash recovery then recorded it stale,
+    newer than b, and with min_size 1 the election took c: W3 was lost on both copies
+    (the simulation's seed 853 of the crash faults, W3 another volume's write). Now c is
+    asked again before b is recorded: it does not answer, the flush fails (b may not have
+    synced), nothing is recorded, and b, still current, holds W3."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await call(t.gw.write(0, ACKED, False))  # W1
+            drop_to(t, t.b, "Flush")
+            outcome = {}
+
+            async def flush():
+                try:
+                    await call(t.gw.flush())
+                    outcome["acked"] = True
+                except VbpError as e:
+                    outcome["error"] = e
+
+            nursery.start_soon(flush)
+            await trio.sleep(0.1)  # c synced and answered; b's answer is not coming
+            await call(t.gw.write(0, NEW, False))  # W3: acknowledged by both, unflushed
+            lose_power(t, t.c, declare_down=False)
+            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == ACKED
+            while not outcome:
+                await trio.sleep(0.1)
+            assert "error" in outcome
+            assert not stale(t)
+            await t.sim.restart(t.c)
+            await elect_and_read(t)
+            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
+                t.b: NEW, t.c: NEW}
+            assert await read_through_gateway(t) == NEW
             nursery.cancel_scope.cancel()
 
     run(main)
