@@ -2411,18 +2411,20 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
-        if (len(took) == 1 == self.min_size and took[0] != self.host_id
-                and any(h in complete and h not in behind for h in failed)):
-            # a current copy failed, and one remote copy alone took the write (maybe long
-            # before: the failure may be a timeout): it must still answer, or the write
-            # counts as taken by none (_still_answering)
-            h = took[0]
-            b = sent.get(h)
-            if not await self._still_answering(h, self.pool.incarnation(h) if b is None else b):
-                failed[h] = PeerUnavailable(
-                    f"host {h} took the write to chunk {p.index} of {self.name} but no longer "
-                    f"answers: it may have lost it")
-                took = []
+        sole = None  # (min_size 1) the one copy left current by a copy's new failure
+        if len(took) == 1 == self.min_size and any(
+                h in complete and h not in behind for h in failed):
+            # a current copy failed, and one copy alone took the write (maybe long before:
+            # the failure may be a timeout): it must still answer, or the write counts as
+            # taken by none; and it syncs once the failure is recorded (_still_answering)
+            sole = took[0]
+            b = sent.get(sole)
+            kept_by = self.pool.incarnation(sole) if b is None else b
+            if sole != self.host_id and not await self._still_answering(sole, kept_by):
+                failed[sole] = PeerUnavailable(
+                    f"host {sole} took the write to chunk {p.index} of {self.name} but no "
+                    f"longer answers: it may have lost it")
+                took, sole = [], None
         # with min_size 1 a write no copy took also asks: _falling_behind must know which
         # of the copies that failed it are current, and our map may still count one that
         # a resync just cleared behind
@@ -2467,6 +2469,9 @@ class VolumeGateway:
                 ok = len(await self._current_after_failure(p.index, took))
             if recorded and ok >= self.min_size and len(hosts) > len(complete):
                 ok = await self._still_counted(p.index, took, hosts, replies, failed, behind)
+            if recorded and ok >= self.min_size and sole is not None:
+                if not await self._synced_sole(sole, kept_by):
+                    ok = 0
         else:
             recorded, late = True, False
         if ok < self.min_size:
@@ -2497,6 +2502,25 @@ class VolumeGateway:
         (_settle): the peers' request timeout and WRITE_GRACE. blockd gives resync the
         same window and scrub the same settling time."""
         return self.pool.request_timeout + WRITE_GRACE
+
+    async def _synced_sole(self, host: str, incarnation: int) -> bool:
+        """Whether `host`, the one copy left current (min_size 1) by a failure just
+        recorded, synced its store since, from the process that took the writes
+        (`incarnation`). Asked after the record, before the write (or the flush) it
+        decides is acknowledged. Every write acknowledged before the record (this
+        volume's, and other volumes' of the lineage) is then durable there, so a power
+        loss of it later loses only what it took alone since: it wins the election of a
+        chunk whose copies are all stale over the copy just recorded, whatever it lost
+        (replicator.loss.last_current; see _still_answering). A copy that does not sync
+        counts as one that did not take the write. Fenced is raised."""
+        msg = m.Flush(self.view.volume.name, self.cluster.epoch, self.token, get_rid())
+        try:
+            await self._send(host, msg)
+        except Fenced:
+            raise
+        except VbpError:
+            return False
+        return host == self.host_id or self.pool.incarnation(host) == incarnation
 
     async def _still_answering(self, host: str, incarnation: int) -> bool:
         """Whether `host`, the one copy that took a write (or a flush) another current copy
@@ -3067,19 +3091,23 @@ class VolumeGateway:
         changing = self.cluster.map.prev is not None
         marked = []
         answering: dict[str, bool] = {}
+        soles: dict[str, int] = {}  # (min_size 1) copy left current alone -> its incarnation
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
             behind = self.stale.get(idx, ())
             good = [h for h in replicas if h not in bad and h not in behind]
-            if (len(good) == 1 == self.min_size and good[0] != self.host_id
-                    and any(h not in behind for h in bad)):
-                # as for a write (_still_answering): the one durable copy, whose answer
-                # may have come a request timeout before the failure, must still answer
-                g = good[0]
-                if g not in answering:
-                    answering[g] = await self._still_answering(g, sent_at.get(g, incarnation(g)))
-                if not answering[g]:
-                    good = []
+            sole = None
+            if len(good) == 1 == self.min_size and any(h not in behind for h in bad):
+                # as for a write (_still_answering, _synced_sole): the one durable copy,
+                # whose answer may have come a request timeout before the failure, must
+                # still answer, and syncs again once the failure is recorded
+                sole = good[0]
+                if sole != self.host_id:
+                    if sole not in answering:
+                        answering[sole] = await self._still_answering(
+                            sole, sent_at.get(sole, incarnation(sole)))
+                    if not answering[sole]:
+                        good, sole = [], None
             if len(good) < self.min_size:
                 short = short or BelowMinSize(
                     f"flush of {self.name}: chunk {idx} is durable on {len(good)} replicas")
@@ -3088,8 +3116,15 @@ class VolumeGateway:
                 marked.append(idx)
                 for h in bad:  # recorded: a resync makes the copy whole, not a flush
                     hosts[h].discard(idx)
+                if sole is not None:
+                    soles[sole] = sent_at.get(sole, incarnation(sole))
             else:
                 unrecorded.append(idx)
+        for h, inc in soles.items():
+            if not await self._synced_sole(h, inc):
+                short = short or BelowMinSize(
+                    f"flush of {self.name}: host {h}, the one current copy of chunks whose "
+                    f"other copies failed, did not sync again")
         # counted over the copies a data-set change is leaving: as for a write
         # (_still_counted), the change may have completed before the marks landed, the
         # copies that failed the flush (a joining one that restarted) now the chunk's own

@@ -219,8 +219,9 @@ def test_with_min_size_one_the_copies_kept_are_told_by_the_registry_not_a_laggin
         async with trio.open_nursery() as nursery:
             t = await two_copies(nursery)
             t.faults.partition([t.sim.hosts[t.b].addr])
-            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by c alone
+            await call(t.gw.write(4096, NEW, False))  # b recorded stale (c synced then)
             assert stale(t) == {t.b}
+            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by c alone, unflushed
             t.faults.heal()
             for _ in range(5):  # past the write window, the gateway's lease kept
                 await trio.sleep(2)
@@ -328,6 +329,68 @@ def test_with_min_size_one_a_flush_answered_by_a_copy_that_lost_power_since_reco
                 await trio.sleep(0.1)
             assert "error" in outcome
             assert not stale(t)
+            await t.sim.restart(t.c)
+            await elect_and_read(t)
+            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
+                t.b: NEW, t.c: NEW}
+            assert await read_through_gateway(t) == NEW
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_with_min_size_one_the_copy_left_current_syncs_before_the_write_counts():
+    """W1 is acknowledged on both copies, unflushed. b is cut off: W2 is acknowledged on
+    c alone, b recorded stale. c then loses power (up in the map) before any flush. Its
+    crash recovery records it stale, flagged and newer than b's record, and with
+    min_size 1 the election takes c: it must hold W1, which b holds too. It did not (its
+    page cache was lost), and W1 was lost on both copies. Now c syncs once b's failure is
+    recorded, before W2 is acknowledged (VolumeGateway._synced_sole): c holds W1 and W2."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by both, unflushed
+            t.faults.partition([t.sim.hosts[t.b].addr])
+            await call(t.gw.write(8192, NEW, False))  # W2: c alone
+            assert stale(t) == {t.b}
+            lose_power(t, t.c, declare_down=False)
+            await t.sim.restart(t.c)  # (synced, it may come back clean: not recorded)
+            t.faults.heal()
+            await elect_and_read(t)
+            for h in (t.b, t.c):
+                store = t.sim.hosts[h].store
+                assert (store.read(t.key, 0, 4096), store.read(t.key, 8192, 4096)) == (ACKED, NEW), h
+            assert await read_through_gateway(t) == ACKED
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_with_min_size_one_a_flush_that_records_a_copy_stale_syncs_the_other_again():
+    """W1 is acknowledged on both copies. A FLUSH reaches c, which syncs and answers, and
+    b, whose answer never comes. Meanwhile W3 is acknowledged on both, unflushed. The
+    flush records b stale (c still answers) and succeeds. c later loses power before any
+    flush: without a second sync it lost W3, which b holds, and the election of the
+    chunk (c's record newer, min_size 1) took c. Now c syncs again once b is recorded,
+    before the flush is acknowledged (VolumeGateway._synced_sole)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await call(t.gw.write(0, ACKED, False))  # W1
+            drop_to(t, t.b, "Flush")
+            outcome = {}
+
+            async def flush():
+                await call(t.gw.flush())
+                outcome["acked"] = True
+
+            nursery.start_soon(flush)
+            await trio.sleep(0.1)  # c synced and answered; b's answer is not coming
+            await call(t.gw.write(0, NEW, False))  # W3: acknowledged by both
+            while not outcome:
+                await trio.sleep(0.1)
+            assert stale(t) == {t.b}
+            lose_power(t, t.c, declare_down=False)
             await t.sim.restart(t.c)
             await elect_and_read(t)
             assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
