@@ -2411,20 +2411,10 @@ class VolumeGateway:
         # acknowledged one, so it holds no complete copy of the chunk. Joining targets are
         # not full copies either.
         took = [h for h in complete if h not in failed and h not in behind]
-        sole = None  # (min_size 1) the one copy left current by a copy's new failure
-        if len(took) == 1 == self.min_size and any(
-                h in complete and h not in behind for h in failed):
-            # a current copy failed, and one copy alone took the write (maybe long before:
-            # the failure may be a timeout): it must still answer, or the write counts as
-            # taken by none; and it syncs once the failure is recorded (_still_answering)
-            sole = took[0]
-            b = sent.get(sole)
-            kept_by = self.pool.incarnation(sole) if b is None else b
-            if sole != self.host_id and not await self._still_answering(sole, kept_by):
-                failed[sole] = PeerUnavailable(
-                    f"host {sole} took the write to chunk {p.index} of {self.name} but no "
-                    f"longer answers: it may have lost it")
-                took, sole = [], None
+        # (min_size 1) the one copy left current by a copy's new failure, and the process
+        # of it that took the write: it syncs once the failure is recorded
+        took, sole, kept_by = await self._sole_left(p.index, took, complete, behind, failed,
+                                                    sent)
         # with min_size 1 a write no copy took also asks: _falling_behind must know which
         # of the copies that failed it are current, and our map may still count one that
         # a resync just cleared behind
@@ -2433,6 +2423,8 @@ class VolumeGateway:
                 for h in complete):
             behind = await self._behind_by_registry(p.index, reported)
             took = [h for h in complete if h not in failed and h not in behind]
+            took, sole, kept_by = await self._sole_left(p.index, took, complete, behind,
+                                                        failed, sent)
         ok = len(took)
         if failed:
             if log.isEnabledFor(_WARNING):
@@ -2503,6 +2495,26 @@ class VolumeGateway:
         same window and scrub the same settling time."""
         return self.pool.request_timeout + WRITE_GRACE
 
+    async def _sole_left(self, index: int, took: list, complete, behind, failed: dict,
+                         sent: dict) -> tuple[list, str | None, int]:
+        """(took, sole, its incarnation): with min_size 1, when a current copy failed the
+        write and one copy alone took it (maybe long before: the failure may be a
+        timeout), that copy must still answer (_still_answering), or it counts as failed
+        and the write as taken by none (took empty); one that does is `sole`, to sync once
+        the failure is recorded (_synced_sole). Otherwise sole is None."""
+        if not (len(took) == 1 == self.min_size
+                and any(h in complete and h not in behind for h in failed)):
+            return took, None, 0
+        h = took[0]
+        b = sent.get(h)
+        incarnation = self.pool.incarnation(h) if b is None else b
+        if h != self.host_id and not await self._still_answering(h, incarnation):
+            failed[h] = PeerUnavailable(
+                f"host {h} took the write to chunk {index} of {self.name} but no longer "
+                f"answers: it may have lost it")
+            return [], None, 0
+        return took, h, incarnation
+
     async def _synced_sole(self, host: str, incarnation: int) -> bool:
         """Whether `host`, the one copy left current (min_size 1) by a failure just
         recorded, synced its store since, from the process that took the writes
@@ -2518,9 +2530,19 @@ class VolumeGateway:
             await self._send(host, msg)
         except Fenced:
             raise
-        except VbpError:
+        except VbpError as e:
+            self._loglimit.log(log, _WARNING, "sole_sync_failed",
+                               "volume=%s event=sole_sync_failed host=%s error=%s", self.name,
+                               host, e)
             return False
-        return host == self.host_id or self.pool.incarnation(host) == incarnation
+        if host != self.host_id and self.pool.incarnation(host) != incarnation:
+            self._loglimit.log(log, _WARNING, "sole_sync_failed",
+                               "volume=%s event=sole_sync_failed host=%s error=restarted",
+                               self.name, host)
+            return False
+        self._loglimit.log(log, _INFO, "sole_synced", "volume=%s event=sole_synced host=%s",
+                           self.name, host)
+        return True
 
     async def _still_answering(self, host: str, incarnation: int) -> bool:
         """Whether `host`, the one copy that took a write (or a flush) another current copy

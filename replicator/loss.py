@@ -17,7 +17,12 @@ Theory of operation (DESIGN.md, Failures; Ceph's `mark_unfound_lost revert`):
   takes the newest whole copy, unless min_size records are newer than it: then writes
   may have been acknowledged (and flushed) on those alone, and it takes the newest,
   which lost only unflushed writes (what a power loss of every copy that held them may
-  lose). Ties (copies recorded by one failure, in one transaction) are not "newer".
+  lose). With min_size 1 a single record decides, and the gateway keeps it so: the copy
+  a new failure leaves the one current copy of a chunk answers a ping before the
+  failure is recorded and syncs after, before the write counts
+  (replicator.gateway._still_answering, _synced_sole); a write no copy took leaves none
+  current (_falling_behind). Ties (copies recorded by one failure, in one transaction)
+  are not "newer".
   Hosts of an older peer revision elect the newest record whatever its flags, and every
   host must elect the same copy: the flag is read only once every host of the pool is
   at LACKS_REV (stale_by_chunk).

@@ -180,17 +180,18 @@ def during(burst, action, after: float = 0.1) -> None:
 
 
 def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int,
-                                 in_flight: bool = False) -> None:
+                                 in_flight: bool = False, replicas: int = 3) -> None:
     """Fault test 1: `burst(writer, handle)` writes through host1 (the gateway) before,
-    while and after `host` (a replica of every chunk) is SIGKILLed and restarted; while it
-    is down, also to chunks no write reached before (their only record of the missed
-    writes is the gateway's). `in_flight`: the kill and the restart come in the middle of
-    a burst. No write may fail (2 of 3 replicas >= min_size), and every acknowledged one
-    reads back, through the gateway and from every replica's own store."""
+    while and after `host` (a replica of every chunk, with 3 `replicas`) is SIGKILLed and
+    restarted; while it is down, also to chunks no write reached before (their only
+    record of the missed writes is the gateway's). `in_flight`: the kill and the restart
+    come in the middle of a burst. No write may fail (replicas - 1 >= min_size, which is
+    replicas - 1), and every acknowledged one reads back, through the gateway and from
+    every replica's own store."""
     sb = start(tmp_path)
     try:
-        sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", "3", "--min-size", "2",
-               "--chunk-size", "1M")
+        sb.vbp("volume", "create", "r3", "--size", "64M", "--replicas", replicas, "--min-size",
+               replicas - 1, "--chunk-size", "1M")
         w = Writer(32 * MiB, seed=seed)
         h = connect(sb.uri("r3", 0))
         burst(w, h)
@@ -209,6 +210,8 @@ def replica_killed_and_restarted(tmp_path, burst, seed: int, host: int,
         h.shutdown()
         wait_no_stale(sb)
         assert "event=resynced" in sb.log(host)
+        if replicas == 2:  # (the gateway's host1 kept the chunks it shares with `host`)
+            assert "event=sole_synced" in sb.log(0)
         compare_replicas(sb, "r3", w)
     finally:
         sb.down()
@@ -223,6 +226,14 @@ def test_replica_killed_under_writes_in_flight_no_write_fails_or_is_lost(tmp_pat
     WriteBatch frames."""
     replica_killed_and_restarted(tmp_path, lambda w, h: w.write_in_flight(h, 3000), seed=4,
                                  host=1, in_flight=True)
+
+
+def test_min_size_one_replica_killed_under_writes_in_flight_no_write_fails_or_is_lost(tmp_path):
+    """replicas=2, min_size=1: the copy a failure leaves current alone is asked whether it
+    still answers, and syncs, before the write counts (replicator.gateway._still_answering,
+    _synced_sole); none of that may fail a write while it answers."""
+    replica_killed_and_restarted(tmp_path, lambda w, h: w.write_in_flight(h, 3000), seed=5,
+                                 host=1, in_flight=True, replicas=2)
 
 
 def test_gateway_killed_client_reconnects_elsewhere(tmp_path):
