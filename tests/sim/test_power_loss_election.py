@@ -42,11 +42,20 @@ class LoseUnsynced(random.Random):
 async def three_copies(nursery, *, c_first: bool = False) -> SimpleNamespace:
     """The pool, the volume, its chunk's copies (c first in placement with `c_first`) and
     the gateway, OLD written and flushed everywhere."""
+    return await copies(nursery, 3, 2, reverse=c_first)
+
+
+async def copies(nursery, n: int, min_size: int, reverse: bool = False) -> SimpleNamespace:
+    """A pool of four hosts, volume v (`n` replicas, `min_size`) and its chunk 0's copies
+    (a, b, c in placement order, the other way with `reverse`; with two, b and c, and a
+    names b), the gateway on a host with no copy; OLD written and flushed everywhere."""
     sim = Sim(3, hosts=4, zones=4)
     await sim.start(nursery, loops=False)
-    rec = sim.create_volume("v", MiB, replicas=3, min_size=2, chunk_size=MiB)
-    placed = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 3)
-    a, b, c = reversed(placed) if c_first else placed
+    rec = sim.create_volume("v", MiB, replicas=n, min_size=min_size, chunk_size=MiB)
+    placed = list(sim.hosts["h0"].cluster.replicas(rec.lineage, 0, n))
+    if reverse:
+        placed.reverse()
+    a, b, c = placed if n == 3 else (placed[1], placed[1], placed[0])
     g = next(h for h in sim.hosts if h not in (a, b, c))
     t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=a, b=b, c=c, g=g,
                         gw=await sim.hosts[g].provider.open_export("v"),
@@ -147,19 +156,8 @@ def test_power_lost_copy_still_up_in_the_map_is_not_elected_either():
 
 
 async def two_copies(nursery) -> SimpleNamespace:
-    """replicas=2, min_size=1: the pool, the volume, its chunk's copies c (first in
-    placement) and b, and the gateway on a third host; OLD written and flushed."""
-    sim = Sim(3, hosts=4, zones=4)
-    await sim.start(nursery, loops=False)
-    rec = sim.create_volume("v", MiB, replicas=2, min_size=1, chunk_size=MiB)
-    c, b = sim.hosts["h0"].cluster.replicas(rec.lineage, 0, 2)
-    g = next(h for h in sim.hosts if h not in (b, c))
-    t = SimpleNamespace(sim=sim, rec=rec, lin=rec.lineage, a=b, b=b, c=c, g=g,
-                        gw=await sim.hosts[g].provider.open_export("v"),
-                        faults=sim.hosts[g].faults, key=ChunkKey(rec.lineage, 0, rec.head))
-    await call(t.gw.write(0, OLD, False))
-    await call(t.gw.flush())
-    return t
+    """replicas=2, min_size=1: copies c (first in placement) and b (copies())."""
+    return await copies(nursery, 2, 1)
 
 
 async def no_copy_takes_w2_then_c_restarts(t) -> None:
@@ -175,15 +173,8 @@ async def no_copy_takes_w2_then_c_restarts(t) -> None:
     recs = {r.host_id: r.since for r in t.sim.reg.list_stale(t.lin)}
     assert recs[t.b] == recs[t.c]  # (c's recovery flagged its record, left its age)
     t.faults.heal()
-    t.sim.sync_maps()
-    await trio.sleep(10)  # past the write window
-    for _ in range(2):
-        for h in (t.b, t.c):
-            await t.sim.hosts[h].resync.run_once()
-    assert not t.sim.reg.list_stale(t.lin), t.sim.reg.list_stale(t.lin)
-    assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
-        t.b: ACKED, t.c: ACKED}
-    assert await read_through_gateway(t) == ACKED
+    await elect(t)
+    await both_hold(t, ACKED)
 
 
 @pytest.mark.parametrize("declared_down", [True, False], ids=["down", "up_in_map"])
@@ -244,7 +235,7 @@ def drop_to(t, host: str, *kinds: str) -> None:
     t.faults.on_call = lambda a, msg: "drop" if a == addr and type(msg).__name__ in kinds else 0
 
 
-async def elect_and_read(t) -> None:
+async def elect(t) -> None:
     """c restarted, the faults healed, both copies resynced: the chunk is whole again."""
     t.faults.on_call = lambda a, msg: 0
     t.sim.sync_maps()
@@ -253,6 +244,35 @@ async def elect_and_read(t) -> None:
         for h in (t.b, t.c):
             await t.sim.hosts[h].resync.run_once()
     assert not t.sim.reg.list_stale(t.lin), t.sim.reg.list_stale(t.lin)
+
+
+def in_background(nursery, op) -> dict:
+    """Start `op()` (a gateway call) as a task: the dict returned gets its outcome,
+    "acked", or "error" (the VbpError)."""
+    outcome: dict = {}
+
+    async def go():
+        try:
+            await call(op())
+            outcome["acked"] = True
+        except VbpError as e:
+            outcome["error"] = e
+
+    nursery.start_soon(go)
+    return outcome
+
+
+async def ended(outcome: dict) -> dict:
+    while not outcome:
+        await trio.sleep(0.1)
+    return outcome
+
+
+async def both_hold(t, data: bytes) -> None:
+    """Both copies' stores, and a read through the gateway, give `data` at offset 0."""
+    assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
+        t.b: data, t.c: data}
+    assert await read_through_gateway(t) == data
 
 
 def test_with_min_size_one_a_write_taken_by_a_copy_that_lost_power_since_is_not_acknowledged():
@@ -268,72 +288,53 @@ def test_with_min_size_one_a_write_taken_by_a_copy_that_lost_power_since_is_not_
             t = await two_copies(nursery)
             await call(t.gw.write(0, ACKED, False))  # W1: acknowledged by both, unflushed
             drop_to(t, t.b, "WriteChunk", "WriteBatch")
-            outcome = {}
-
-            async def w2():
-                try:
-                    await call(t.gw.write(0, FAILED, False))
-                    outcome["acked"] = True
-                except VbpError as e:
-                    outcome["error"] = e
-
-            nursery.start_soon(w2)
+            outcome = in_background(nursery, lambda: t.gw.write(0, FAILED, False))  # W2
             await trio.sleep(0.2)  # c answered W2; b's answer is not coming
             assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == FAILED
             lose_power(t, t.c, declare_down=False)
             assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == OLD
-            while not outcome:
-                await trio.sleep(0.1)
-            assert "error" in outcome  # (W2 may be lost: c took it and lost it)
+            assert "error" in await ended(outcome)  # (W2 may be lost: c took it and lost it)
             assert stale(t) == {t.b, t.c}
             await t.sim.restart(t.c)
-            await elect_and_read(t)
-            # (b never got W2: the copies hold W1 again)
-            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
-                t.b: ACKED, t.c: ACKED}
-            assert await read_through_gateway(t) == ACKED
+            await elect(t)
+            await both_hold(t, ACKED)  # (b never got W2: the copies hold W1 again)
             nursery.cancel_scope.cancel()
 
     run(main)
 
 
-def test_with_min_size_one_a_flush_answered_by_a_copy_that_lost_power_since_records_nothing():
+@pytest.mark.parametrize("power_lost", ["before_b_times_out", "after_the_flush"])
+def test_with_min_size_one_a_flush_that_records_a_copy_stale_needs_the_other_synced(power_lost):
     """W1 is acknowledged on both copies. A FLUSH reaches c, which syncs and answers, and
-    b, whose answer never comes. Meanwhile W3 is acknowledged on both, unflushed, and c
-    loses power (its host still up in the map): c keeps W1, not W3. On c's earlier answer
-    the flush recorded b stale, and succeeded; c's crash recovery then recorded it stale,
-    newer than b, and with min_size 1 the election took c: W3 was lost on both copies
-    (the simulation's seed 853 of the crash faults, W3 another volume's write). Now c is
-    asked again before b is recorded: it does not answer, the flush fails (b may not have
-    synced), nothing is recorded, and b, still current, holds W3."""
+    b, whose answer never comes. Meanwhile W3 is acknowledged on both, unflushed. c loses
+    power (its host still up in the map), before the gateway gives up on b or after the
+    flush. Either way, on c's answer the flush recorded b stale and succeeded; c's crash
+    recovery then recorded it stale, newer than b, and with min_size 1 the election took
+    c, which had lost W3: W3 was lost on both copies (the first case is the simulation's
+    seed 853 of the crash faults, W3 another volume's write). Now c is asked again before
+    b is recorded (VolumeGateway._still_answering): gone, the flush fails and records
+    nothing; there, it syncs again once b is recorded, before the flush is acknowledged
+    (_synced_sole)."""
     async def main():
         async with trio.open_nursery() as nursery:
             t = await two_copies(nursery)
             await call(t.gw.write(0, ACKED, False))  # W1
             drop_to(t, t.b, "Flush")
-            outcome = {}
-
-            async def flush():
-                try:
-                    await call(t.gw.flush())
-                    outcome["acked"] = True
-                except VbpError as e:
-                    outcome["error"] = e
-
-            nursery.start_soon(flush)
+            outcome = in_background(nursery, t.gw.flush)
             await trio.sleep(0.1)  # c synced and answered; b's answer is not coming
             await call(t.gw.write(0, NEW, False))  # W3: acknowledged by both, unflushed
-            lose_power(t, t.c, declare_down=False)
-            assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == ACKED
-            while not outcome:
-                await trio.sleep(0.1)
-            assert "error" in outcome
-            assert not stale(t)
+            if power_lost == "before_b_times_out":
+                lose_power(t, t.c, declare_down=False)
+                assert t.sim.hosts[t.c].store.read(t.key, 0, 4096) == ACKED
+                assert "error" in await ended(outcome)
+                assert not stale(t)
+            else:
+                assert "acked" in await ended(outcome)
+                assert stale(t) == {t.b}
+                lose_power(t, t.c, declare_down=False)
             await t.sim.restart(t.c)
-            await elect_and_read(t)
-            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
-                t.b: NEW, t.c: NEW}
-            assert await read_through_gateway(t) == NEW
+            await elect(t)
+            await both_hold(t, NEW)
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -356,46 +357,11 @@ def test_with_min_size_one_the_copy_left_current_syncs_before_the_write_counts()
             lose_power(t, t.c, declare_down=False)
             await t.sim.restart(t.c)  # (synced, it may come back clean: not recorded)
             t.faults.heal()
-            await elect_and_read(t)
+            await elect(t)
             for h in (t.b, t.c):
                 store = t.sim.hosts[h].store
                 assert (store.read(t.key, 0, 4096), store.read(t.key, 8192, 4096)) == (ACKED, NEW), h
             assert await read_through_gateway(t) == ACKED
-            nursery.cancel_scope.cancel()
-
-    run(main)
-
-
-def test_with_min_size_one_a_flush_that_records_a_copy_stale_syncs_the_other_again():
-    """W1 is acknowledged on both copies. A FLUSH reaches c, which syncs and answers, and
-    b, whose answer never comes. Meanwhile W3 is acknowledged on both, unflushed. The
-    flush records b stale (c still answers) and succeeds. c later loses power before any
-    flush: without a second sync it lost W3, which b holds, and the election of the
-    chunk (c's record newer, min_size 1) took c. Now c syncs again once b is recorded,
-    before the flush is acknowledged (VolumeGateway._synced_sole)."""
-    async def main():
-        async with trio.open_nursery() as nursery:
-            t = await two_copies(nursery)
-            await call(t.gw.write(0, ACKED, False))  # W1
-            drop_to(t, t.b, "Flush")
-            outcome = {}
-
-            async def flush():
-                await call(t.gw.flush())
-                outcome["acked"] = True
-
-            nursery.start_soon(flush)
-            await trio.sleep(0.1)  # c synced and answered; b's answer is not coming
-            await call(t.gw.write(0, NEW, False))  # W3: acknowledged by both
-            while not outcome:
-                await trio.sleep(0.1)
-            assert stale(t) == {t.b}
-            lose_power(t, t.c, declare_down=False)
-            await t.sim.restart(t.c)
-            await elect_and_read(t)
-            assert {h: t.sim.hosts[h].store.read(t.key, 0, 4096) for h in (t.b, t.c)} == {
-                t.b: NEW, t.c: NEW}
-            assert await read_through_gateway(t) == NEW
             nursery.cancel_scope.cancel()
 
     run(main)
