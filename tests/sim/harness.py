@@ -136,6 +136,36 @@ class _Dead:
 _DEAD = _Dead()
 
 
+class _Cut(FaultPolicy):
+    """A crashed host's peer pool: its calls fail, as nothing leaves a dead host."""
+
+    def on_call(self, address, message):
+        return "partition"
+
+
+class _HostRegistry:
+    """One incarnation of a host's registry client (SimRegistry's calls). After its host
+    crashed, every call fails: the shielded tasks of a dead host (a gateway's write
+    settling, a close's flush) go on in the simulation, but a dead host sends nothing,
+    and marks they made after the crash changed the registry under the living hosts
+    (sweep seed 782: a dead host recorded a copy stale and elected itself later)."""
+
+    def __init__(self, inner: SimRegistry):
+        self.inner = inner
+        self.alive = True
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        async def call(*args, **kwargs):
+            if not self.alive:
+                await trio.lowlevel.checkpoint()
+                raise RegistryUnavailable("the host crashed (simulation)")
+            return await fn(*args, **kwargs)
+
+        return call
+
+
 class SimHost:
     """One blockd host. Exposes the attributes VolumeProvider reads from its service."""
 
@@ -170,6 +200,7 @@ class SimHost:
         self.replica.learn_tokens(reg.lease_tokens())  # as Blockd.run
         self.pool = self.sim.net.pool(CLUSTER, self.id, request_timeout=self.sim.peer_timeout,
                                       faults=self.faults)
+        self.registry = _HostRegistry(self.sim.registry)
         self.resync = Resync(self.id, self.store, self.cluster, self.pool, self.registry, self.replica)
         self.resync.write_window = self.sim.peer_timeout + WRITE_GRACE  # as Blockd.run sets it
         self.provider = VolumeProvider(self)
@@ -232,6 +263,10 @@ class SimHost:
         self.sim.net.stop(self.addr)
         if self._scope is not None:
             self._scope.cancel()
+        if isinstance(self.registry, _HostRegistry):
+            self.registry.alive = False
+        if getattr(self, "pool", None) is not None:
+            self.pool.faults = _Cut()
         self.store = self.store.crash(self.sim.rng, power=power)
         self._gc_memo = None  # (of the store before: its layout count starts again)
         self.up = False
