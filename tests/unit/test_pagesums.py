@@ -168,7 +168,13 @@ def test_put_writes_every_byte_in_place_then_each_pages_checksum(tmp_path_factor
     finally:
         os.close(fd)
     whole = put is pagesums.put and cached and CACHESTAT and len(data) > piece * 1000
-    assert took == (len(data) if whole else piece * 1000)
+    if whole:
+        # (or in pieces: the kernel may have dropped a page of the file since it was
+        # written, under the load of another process, as one CI run saw;
+        # test_put_goes_in_one_piece_only_where_every_page_is_cached checks the choice)
+        assert took in (len(data), piece * 1000)
+    else:
+        assert took == piece * 1000
     after = path.read_bytes()
     assert after[at * PAGE_SIZE:(at + n) * PAGE_SIZE] == data
     assert after[:at * PAGE_SIZE] + after[(at + n) * PAGE_SIZE:] == b"\x77" * (2 * PAGE_SIZE + at * PAGE_SIZE)
