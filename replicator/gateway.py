@@ -2391,10 +2391,7 @@ class VolumeGateway:
             if h == self.host_id:
                 self._note_unflushed(h, p.index)
             else:
-                # with no connection when the write left, the reply came over the one
-                # opened for it, still the newest: no restart can complete in between
-                b = sent.get(h)
-                self._note_unflushed(h, p.index, self.pool.incarnation(h) if b is None else b)
+                self._note_unflushed(h, p.index, self._sent_to(sent, h))
             if getattr(reply, "stale", False):
                 reported.add(h)
         behind |= reported
@@ -2495,6 +2492,13 @@ class VolumeGateway:
         same window and scrub the same settling time."""
         return self.pool.request_timeout + WRITE_GRACE
 
+    def _sent_to(self, sent: dict[str, int], host: str) -> int:
+        """The PeerPool.incarnation of remote `host` a write went to (_settle's `sent`).
+        With no connection when the write left, the reply came over the one opened for it,
+        still the newest: no restart can complete in between."""
+        b = sent.get(host)
+        return self.pool.incarnation(host) if b is None else b
+
     async def _sole_left(self, index: int, took: list, complete, behind, failed: dict,
                          sent: dict) -> tuple[list, str | None, int]:
         """(took, sole, its incarnation): with min_size 1, when a current copy failed the
@@ -2506,8 +2510,7 @@ class VolumeGateway:
                 and any(h in complete and h not in behind for h in failed)):
             return took, None, 0
         h = took[0]
-        b = sent.get(h)
-        incarnation = self.pool.incarnation(h) if b is None else b
+        incarnation = self._sent_to(sent, h)
         if h != self.host_id and not await self._still_answering(h, incarnation):
             failed[h] = PeerUnavailable(
                 f"host {h} took the write to chunk {index} of {self.name} but no longer "
@@ -3112,8 +3115,10 @@ class VolumeGateway:
         short = None  # a chunk left with fewer than min_size durable copies: the error
         changing = self.cluster.map.prev is not None
         marked = []
-        answering: dict[str, bool] = {}
-        soles: dict[str, int] = {}  # (min_size 1) copy left current alone -> its incarnation
+        # (min_size 1) a copy left current alone -> the incarnation of it that answered the
+        # ping (None: it did not), and those whose chunks were recorded: they sync again
+        answered: dict[str, int | None] = {}
+        soles: dict[str, int] = {}
         for idx, bad in lost.items():
             replicas = self.cluster.replicas(self.lineage, idx, self.n)
             behind = self.stale.get(idx, ())
@@ -3124,12 +3129,12 @@ class VolumeGateway:
                 # whose answer may have come a request timeout before the failure, must
                 # still answer, and syncs again once the failure is recorded
                 sole = good[0]
-                if sole != self.host_id:
-                    if sole not in answering:
-                        answering[sole] = await self._still_answering(
-                            sole, sent_at.get(sole, incarnation(sole)))
-                    if not answering[sole]:
-                        good, sole = [], None
+                if sole not in answered:
+                    inc = sent_at.get(sole, incarnation(sole))
+                    answered[sole] = inc if (sole == self.host_id or
+                                             await self._still_answering(sole, inc)) else None
+                if answered[sole] is None:
+                    good, sole = [], None
             if len(good) < self.min_size:
                 short = short or BelowMinSize(
                     f"flush of {self.name}: chunk {idx} is durable on {len(good)} replicas")
@@ -3139,7 +3144,7 @@ class VolumeGateway:
                 for h in bad:  # recorded: a resync makes the copy whole, not a flush
                     hosts[h].discard(idx)
                 if sole is not None:
-                    soles[sole] = sent_at.get(sole, incarnation(sole))
+                    soles[sole] = answered[sole]
             else:
                 unrecorded.append(idx)
         for h, inc in soles.items():
