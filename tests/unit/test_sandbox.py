@@ -73,6 +73,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_base(hosts: int = 1) -> int:
+    """A --base-port whose 2 * `hosts` ports (NBD and peer port of each host) were all free
+    at once: a free port alone may have its neighbour taken by another connection (CI63
+    failed so: "ports 58373/58374 for host1 are in use")."""
+    while True:
+        socks = [socket.socket()]
+        try:
+            socks[0].bind(("127.0.0.1", 0))
+            base = socks[0].getsockname()[1]
+            try:
+                for port in range(base + 1, base + 2 * hosts):
+                    socks.append(socket.socket())
+                    socks[-1].bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def test_ports_free(listener):
     port = free_port()
     assert ports_free([port])
@@ -159,7 +180,7 @@ def test_state_round_trip_and_dead_pids(tmp_path):
 def test_unreadable_state_is_a_clear_sandbox_error(tmp_path, content):
     (tmp_path / STATE_FILE).write_bytes(content)
     sb = Sandbox(tmp_path)
-    for call in (sb.hosts, sb.down, lambda: sb.up(1, free_port())):
+    for call in (sb.hosts, sb.down, lambda: sb.up(1, free_base())):
         with pytest.raises(SandboxError) as e:
             call()
         msg = str(e.value)
@@ -229,7 +250,7 @@ def test_up_refuses_bad_settings_before_saving_or_starting(tmp_path, setting, re
     keys as flags) is refused at once, and not saved for every later `up` to fail on:
     bad usage (exit 2), as an unknown key is (it was exit 1)."""
     r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--hosts", "1", "--dir", str(tmp_path),
-                                      "--base-port", str(free_port()), "--set", setting], prog_name="vbp")
+                                      "--base-port", str(free_base()), "--set", setting], prog_name="vbp")
     assert r.exit_code == EXIT_USAGE, r.output
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vbp: error: --set: ") and reason in r.stderr
     assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / "host1").exists()
@@ -327,7 +348,7 @@ def test_a_metrics_address_for_every_host_does_not_leave_a_host_that_cannot_star
     sb = Sandbox(tmp_path)
     try:
         r = CliRunner().invoke(vbp_main, ["sandbox", "up", "--hosts", "2", "--dir", str(tmp_path),
-                                          "--base-port", str(free_port()), "--set",
+                                          "--base-port", str(free_base(2)), "--set",
                                           f"metrics=127.0.0.1:{port}"], prog_name="vbp")
         if r.exit_code == 0:
             assert all(h.alive for h in sb.hosts()), sb.hosts()
@@ -419,7 +440,7 @@ def test_sandbox_status_reads_the_registry_for_json_only_and_keeps_its_own_ports
 def test_sandbox_up_prints_each_host_as_host_list_does(tmp_path):
     sb = Sandbox(tmp_path)
     try:
-        got = _json(["sandbox", "up", "--hosts", "1", "--dir", tmp_path, "--base-port", free_port(),
+        got = _json(["sandbox", "up", "--hosts", "1", "--dir", tmp_path, "--base-port", free_base(),
                      "--capacity", "1G"])
         _as_listed(got, sb.registry_url)
         assert [(h["state"], h["alive"]) for h in got["hosts"]] == [("up", True)]
