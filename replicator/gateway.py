@@ -66,6 +66,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import replace as dc_replace
 from functools import partial
+from operator import itemgetter
 
 import trio
 
@@ -166,6 +167,13 @@ BATCH_MIN = 4
 # 20 ms; a client mapping a range that fragmented asks again for the rest. (qemu-nbd stops
 # at 131072 descriptors, nbdkit at 1048576, proto.md's limit.)
 STATUS_RUNS = 16384
+# BLOCK_STATUS over this many chunks or more asks the hosts at once which they hold
+# (_block_status_scan) instead of placing each chunk (a few µs each) and asking another
+# host for each one it holds. A 4 GiB request of an empty volume (1024 chunks of 4 MiB,
+# 3 hosts on 2 cores): replicas=3, 14 ms chunk by chunk, 0.3 ms scanned here alone;
+# replicas=1, 230 ms with a request per chunk held elsewhere, 13 ms with one per host
+# (_block_status_remote), 1.8 ms scanned. qemu-nbd on a sparse file: 0.08 ms.
+SCAN_CHUNKS = 16
 # Record syncs a request past the adopted end waits for before it is refused: the volume
 # may have grown again since a shrink (_unless_grown)
 RECHECK_SYNCS = 2
@@ -3232,16 +3240,33 @@ class VolumeGateway:
         self._check_served()
         if offset + length > self.size:
             return self._past_end(offset, length, PastEnd, (self.block_status, offset, length))
+        own = self._own_current()
+        if own and not self.cuts:
+            hosts = self._scan_hosts(offset, length)
+            if hosts == (self.host_id,):  # (no peer to ask: answered without a task)
+                try:
+                    reply = self.replica.range_extents(self._range_msg(offset, length))
+                except VbpError:  # (as chunk by chunk: it raises for the client)
+                    return self._block_status_each(offset, length, own)
+                return self._scanned_status(offset, length, {self.host_id: reply}, 1)
+            if hosts is not None:
+                return self._block_status_scan(offset, length, hosts)
+        return self._block_status_each(offset, length, own)
+
+    def _block_status_each(self, offset: int, length: int, own: bool):
+        """block_status chunk by chunk: each placed, and answered by this host's copy when
+        it is current, else asked of another (_block_status_remote)."""
         out: list = []
         remote = []
         pieces = []
         found = 0
+        me, lineage, n, stale = self.host_id, self.lineage, self.n, self.stale
+        everywhere = me in self.cluster.everywhere(n)  # (no chunk to place: a small pool)
         for p in self.geometry.pieces(offset, length):
             pieces.append(p)
-            hosts = self.cluster.replicas(self.lineage, p.index, self.n)
-            if (self.host_id in hosts and self.host_id not in self.stale.get(p.index, ())
-                    and not self.replica.is_stale(self.lineage, p.index)
-                    and self._own_current()):
+            if (own and (everywhere or me in self.cluster.replicas(lineage, p.index, n))
+                    and me not in stale.get(p.index, ())
+                    and not self.replica.is_stale(lineage, p.index)):
                 ext = self.replica.extents(self.lineage, p.index, self.chain_for(p.index),
                                            p.offset, p.length)
                 out.append(ext)
@@ -3256,30 +3281,198 @@ class VolumeGateway:
             return self._block_status_remote(out, remote, pieces)
         return _merge_status(out, pieces)
 
-    async def _block_status_remote(self, out, remote, pieces):
-        for slot, p in remote:
-            msg = m.ChunkExtents(self.lineage, p.index, self.chain_for(p.index), p.offset, p.length,
-                                 self.cluster.epoch, get_rid())
-            ext: object = [(p.length, False)]  # unreachable: reported as data (always correct)
-            stale = self.stale.get(p.index, ())
-            for h in self.cluster.replicas(self.lineage, p.index, self.n):
-                # (as reads: a copy recorded stale, which may not know it yet, may lack the
-                # chunk and would report a hole over written data; and this host's own,
-                # which block_status did not take (not current, or not known to be), asked
-                # through the peer protocol, would answer all the same)
-                if h == self.host_id or h in stale or not self.cluster.is_up(h):
-                    continue
-                try:
-                    reply = await self._call(h, msg)
-                except VbpError:
-                    continue
-                runs = reply.runs
-                ext = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)] if reply.found else None
+    def _scan_hosts(self, offset: int, length: int) -> tuple[str, ...] | None:
+        """The hosts a block status of the range may scan (_block_status_scan), when the
+        range has SCAN_CHUNKS chunks or more, at most RANGE_CHUNKS_MAX: this one alone
+        when it holds a copy of every chunk, else every host chunks are placed on, if
+        each is up and takes RangeExtents; else None."""
+        cs = self.geometry.chunk_size
+        chunks = (offset + length - 1) // cs - offset // cs + 1
+        if not SCAN_CHUNKS <= chunks <= m.RANGE_CHUNKS_MAX:
+            return None
+        if self.host_id in self.cluster.everywhere(self.n):
+            return (self.host_id,)  # (a copy of every chunk here: it alone tells holes)
+        hosts = self.cluster.holders()
+        old = self.cluster.no_range_extents
+        if not hosts or any(not self.cluster.is_up(h) or h in old for h in hosts):
+            return None
+        return hosts
+
+    async def _block_status_scan(self, offset: int, length: int, hosts):
+        """block_status over many chunks of a thin volume, without placing each: the
+        `hosts` (_scan_hosts) say in one RangeExtents each which chunks of the range they
+        hold. A chunk none holds and none has recorded stale is a hole: one of them holds
+        each of its copies, and each said it has nothing there. The others (a fraction of
+        the range: written) are placed, and answered as _block_status_each would: by this
+        host's copy when it is current, else by the first current copy's reply, or asked
+        of it when it was not scanned (_block_status_remote). If a host does not answer,
+        the range goes chunk by chunk after all."""
+        msg = self._range_msg(offset, length)
+        replies: dict = {}
+
+        async def ask(host):
+            try:
+                replies[host] = await self._call(host, msg)
+            except VbpError:
+                pass
+
+        try:
+            if self.host_id in hosts:
+                replies[self.host_id] = self.replica.range_extents(msg)
+            async with trio.open_nursery() as nursery:
+                for h in hosts:
+                    if h != self.host_id:
+                        nursery.start_soon(ask, h)
+        except VbpError:
+            pass
+        return await _called(self._scanned_status, offset, length, replies, len(hosts))
+
+    def _range_msg(self, offset: int, length: int) -> m.RangeExtents:
+        return m.RangeExtents(self.lineage, self.chain, self.geometry.chunk_size, offset,
+                              offset + length, self.cluster.epoch, (), get_rid())
+
+    def _scanned_status(self, offset: int, length: int, replies: dict, hosts: int):
+        """block_status from the RangeRuns `replies` of a scan by `hosts` hosts."""
+        cs = self.geometry.chunk_size
+        seen = _scanned(replies, hosts, (offset + length - 1) // cs - offset // cs + 1)
+        if seen is None:  # (a host did not answer, or not as a replica does)
+            return self._block_status_each(offset, length, self._own_current())
+        held, done = seen
+        first = offset // cs
+        end = min(offset + length, (first + done) * cs)
+        stale = self.stale
+        # the chunks some host holds, or recorded stale: placed and answered one by one
+        special = [i for i in held if first <= i < first + done]
+        if len(stale) <= done:
+            special += (i for i in stale if first <= i < first + done and i not in held)
+        else:
+            special += (i for i in range(first, first + done) if i in stale and i not in held)
+        special.sort()
+        out: list = []
+        remote = []
+        pieces = []
+        found = 0
+        pos = offset
+        me, lineage, n = self.host_id, self.lineage, self.n
+        for i in special:  # (the chunks between are holes: one piece for each gap)
+            start = max(offset, i * cs)
+            if start > pos:
+                pieces.append(Piece(pos >> self._shift, pos & (cs - 1), start - pos, pos - offset))
+                out.append(None)
+                found += 1
+            p = Piece(i, start - i * cs, min(end, (i + 1) * cs) - start, start - offset)
+            pieces.append(p)
+            got = held.get(i, {})
+            left = stale.get(i, ())
+            ext = [(p.length, False)]  # (no current copy answered: data)
+            hosts = self.cluster.replicas(lineage, i, n)
+            if me in replies and me in hosts and me not in left and got.get(me) != -1:
+                ext = got.get(me)
+            else:
+                for h in hosts:
+                    if h == me or h in left:
+                        continue
+                    if h not in replies:
+                        ext = None
+                        remote.append((len(out), p))
+                        break
+                    v = got.get(h)
+                    if v != -1:
+                        ext = v
+                        break
+            out.append(ext)
+            found += 1 if ext is None else len(ext)
+            pos = start + p.length
+            if found >= STATUS_RUNS:
                 break
-            out[slot] = ext
+        else:
+            if end > pos:
+                pieces.append(Piece(pos >> self._shift, pos & (cs - 1), end - pos, pos - offset))
+                out.append(None)
+        if remote:
+            return self._block_status_remote(out, remote, pieces)
         self._check_served()
         self._check_pieces_in(pieces, PastEnd)  # (a shrink adopted meanwhile: as block_status)
         return _merge_status(out, pieces)
+
+    async def _block_status_remote(self, out, remote, pieces):
+        """Fill out[slot] for each (slot, piece) of `remote` from another copy: every host
+        asked at once, each for all its chunks in RangeExtents of up to RANGE_CHUNKS_MAX
+        (one chunk per ChunkExtents for a host of an older revision). A chunk a host could
+        not answer (stale there, unreachable, an error) is asked of its next copy in the
+        next round; with none left it is reported as data (always correct)."""
+        tried: dict[int, set[str]] = {}
+        pending = remote
+        while pending:
+            groups: dict[tuple[str, tuple[int, ...]], list] = {}
+            for slot, p in pending:
+                host = self._extents_host(p.index, tried.setdefault(slot, set()))
+                if host is None:
+                    out[slot] = [(p.length, False)]  # (no copy answered: data)
+                    continue
+                tried[slot].add(host)
+                groups.setdefault((host, self.chain_for(p.index)), []).append((slot, p))
+            pending = []
+            async with trio.open_nursery() as nursery:
+                for (host, chain), items in groups.items():
+                    nursery.start_soon(self._extents_from, host, chain, items, out, pending)
+            pending.sort(key=itemgetter(0))
+        self._check_served()
+        self._check_pieces_in(pieces, PastEnd)  # (a shrink adopted meanwhile: as block_status)
+        return _merge_status(out, pieces)
+
+    def _extents_host(self, index: int, tried: set[str]) -> str | None:
+        """The first copy of the chunk block status may ask that it did not ask yet: not
+        this host's (block_status did not take it: not current, or not known to be; asked
+        through the peer protocol it would answer all the same), not one recorded stale
+        (which may not know it yet, may lack the chunk and would report a hole over
+        written data: as reads), and up."""
+        stale = self.stale.get(index, ())
+        for h in self.cluster.replicas(self.lineage, index, self.n):
+            if h != self.host_id and h not in stale and h not in tried and self.cluster.is_up(h):
+                return h
+        return None
+
+    async def _extents_from(self, host: str, chain, items, out, failed) -> None:
+        """The runs of the chunks of `items` ((slot, piece), ascending) from `host` into
+        `out`; the items it did not answer go to `failed`."""
+        if host in self.cluster.no_range_extents:
+            for slot, p in items:
+                msg = m.ChunkExtents(self.lineage, p.index, chain, p.offset, p.length,
+                                     self.cluster.epoch, get_rid())
+                try:
+                    reply = await self._call(host, msg)
+                except VbpError:
+                    failed.append((slot, p))
+                    continue
+                runs = reply.runs
+                out[slot] = ([(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)]
+                             if reply.found else None)
+            return
+        cs = self.geometry.chunk_size
+        while items:
+            batch = items[:m.RANGE_CHUNKS_MAX]
+            first, last = batch[0][1], batch[-1][1]
+            msg = m.RangeExtents(self.lineage, chain, cs, first.index * cs + first.offset,
+                                 last.index * cs + last.offset + last.length,
+                                 self.cluster.epoch, tuple(p.index for _, p in batch), get_rid())
+            try:
+                reply = await self._call(host, msg)
+            except VbpError:
+                failed += items
+                return
+            seen = _scanned({host: reply}, 1, len(batch))
+            if seen is None:  # (no answer of a replica)
+                failed += items
+                return
+            held, done = seen
+            for slot, p in batch[:done]:
+                v = held.get(p.index, {}).get(host)
+                if v == -1:  # (its copy is stale there)
+                    failed.append((slot, p))
+                else:
+                    out[slot] = v
+            items = items[done:]
 
     def close(self):
         if self.on_close is not None:
@@ -3327,6 +3520,32 @@ def _flush_failed(which: str, error: BaseException) -> VbpError:
     err = VbpError(f"{which} failed: {error}")
     err.errno = getattr(error, "errno", err.errno)
     return err
+
+
+def _scanned(replies: dict, hosts: int, chunks: int):
+    """The RangeRuns `replies` ({host: reply}) of a scan of `chunks` chunks by `hosts` hosts
+    -> ({index: {host: -1 (stale there) or its runs [(length, is_hole)]}} of the chunks
+    some host holds, the chunks every reply answered), or None unless every host replied,
+    each as a replica does."""
+    if len(replies) != hosts:
+        return None
+    held: dict[int, dict] = {}
+    done = chunks
+    for h, r in replies.items():
+        indexes, states, runs = r.indexes, r.states, r.runs
+        if (not 0 < r.done <= chunks or len(indexes) != len(states)
+                or 2 * sum(k for k in states if k > 0) != len(runs)):
+            return None
+        done = min(done, r.done)
+        at = 0
+        for i, k in zip(indexes, states):
+            if k < 0:
+                v = -1
+            else:
+                v = [(runs[j], bool(runs[j + 1])) for j in range(at, at + 2 * k, 2)]
+                at += 2 * k
+            held.setdefault(i, {})[h] = v
+    return held, done
 
 
 def _merge_status(per_piece, pieces) -> list[tuple[int, int]]:

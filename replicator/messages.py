@@ -44,7 +44,8 @@ PROTO_VERSION = 1
 # must have: a host of an older revision cannot take part). 11: no new field; the
 # all-stale election reads a stale record's LACKS_EARLIER flag (replicator.loss), which
 # hosts below 11 do not: it does so only once every host is at 11, so all elect alike.
-PEER_REV = 11
+# 12: the RangeExtents request (sent only to hosts of revision 12 or later).
+PEER_REV = 12
 BOOT_REV = 6  # HelloOk.boot
 BATCH_REV = 7  # WriteBatch
 # Items a replica takes in one WriteBatch (the gateway sends gateway.BATCH_ITEMS at most):
@@ -56,6 +57,15 @@ READ_TOKEN_REV = 8  # ReadChunk.token
 WANT_LEASE_REV = 9  # WantLease
 AUTH_REV = 10  # Hello.nonce, HelloOk.nonce and .proof, Auth
 LACKS_REV = 11  # the election reads LACKS_EARLIER (replicator.loss.reads_lacks)
+RANGE_EXTENTS_REV = 12  # RangeExtents
+# Chunks a replica answers in one RangeExtents: each costs its event loop about a µs (a
+# lookup in the index, a few runs), so 4096 keep a request near a few ms; more is
+# refused whole. A gateway's block status asks for 4 GiB at most, 1024 chunks of 4 MiB.
+RANGE_CHUNKS_MAX = 4096
+# Runs after which a replica stops answering a RangeExtents (after the chunk that passed
+# it; the gateway asks again for the rest): a reply of a few hundred KiB at most, however
+# fragmented the chunks.
+RANGE_RUNS_MAX = 16384
 
 # Error codes (replicator/errors.py maps them to vbp.errors classes, in one place).
 FENCED = "fenced"
@@ -284,6 +294,42 @@ class Extents:
     runs: tuple[int, ...]
 
 
+@_message(30)
+@dataclass(frozen=True, slots=True)
+class RangeExtents:
+    """ChunkExtents for many chunks of `lineage` at once (PEER_REV 12), for a block status
+    over a range of a thin volume: one request per host, not one per chunk. Chunk i
+    covers [i * chunk_size, (i + 1) * chunk_size) of the lineage, and its part within
+    [start, end) is asked, through the newest generation of `chain` held here. The chunks
+    are `indexes` (ascending), or with none given every chunk [start, end) touches; at
+    most RANGE_CHUNKS_MAX either way. Reply: RangeRuns."""
+
+    lineage: str
+    chain: tuple[int, ...]
+    chunk_size: int
+    start: int
+    end: int
+    epoch: int
+    indexes: tuple[int, ...] = ()
+    rid: str = ""
+
+
+@_message(31)
+@dataclass(frozen=True, slots=True)
+class RangeRuns:
+    """Reply to RangeExtents: its first `done` chunks are answered (all of them unless
+    their runs passed RANGE_RUNS_MAX; at least one), and of those, the chunks not a hole
+    here are `indexes`, ascending: `states[k]` is -1 when this host's copy of chunk
+    indexes[k] is stale (ask another copy), else its number of runs, which come next in
+    `runs`, (length, is_hole) pairs flattened as in Extents. A chunk of the first `done`
+    not in `indexes` has no generation of the chain here: a hole."""
+
+    done: int
+    indexes: tuple[int, ...]
+    states: tuple[int, ...]
+    runs: tuple[int, ...]
+
+
 @_message(20)
 @dataclass(frozen=True, slots=True)
 class ChunkGens:
@@ -457,7 +503,7 @@ Message = Union[
     Hello, HelloOk, Error, Ping, Pong, ReadChunk, Data, WriteChunk, ZeroChunk, Flush, Ok,
     ChunkState, ChunkStateReply, ChunkExtents, Extents, ChunkGens, Gens, ChunkIndexes, Indexes,
     DirtyChunks, ScrubChunk, ScrubState, RepairPages, Repaired, WriteBatch, Written,
-    CollectedGens, WantLease, Auth,
+    CollectedGens, WantLease, Auth, RangeExtents, RangeRuns,
 ]
 
 # request type -> the reply type a well-behaved peer answers with (or Error)
@@ -471,6 +517,7 @@ REPLY_TYPES: dict[type, type] = {
     Flush: Ok,
     ChunkState: ChunkStateReply,
     ChunkExtents: Extents,
+    RangeExtents: RangeRuns,
     ChunkGens: Gens,
     CollectedGens: Gens,
     WantLease: Ok,

@@ -525,6 +525,52 @@ class Replica:
             return None
         return self.store.extents(ChunkKey(lineage, index, gen), offset, length)
 
+    def range_extents(self, msg: m.RangeExtents) -> m.RangeRuns:
+        """ChunkExtents of each chunk of a RangeExtents, in order, until their runs pass
+        RANGE_RUNS_MAX. A copy this host has stale is answered -1 (ChunkExtents refuses
+        it), so the gateway asks another copy for that chunk alone. The chunks with no
+        generation here cost a lookup each (ChunkStore.held), not a pass each: a range of
+        a thin volume is mostly holes."""
+        cs, start, end = msg.chunk_size, msg.start, msg.end
+        if cs <= 0 or start < 0 or end <= start:
+            raise InvalidArgument(f"a RangeExtents of [{start}, {end}) in chunks of {cs} bytes")
+        indexes = msg.indexes or range(start // cs, (end - 1) // cs + 1)
+        if len(indexes) > m.RANGE_CHUNKS_MAX:
+            raise InvalidArgument(f"a RangeExtents of {len(indexes)} chunks: "
+                                  f"{m.RANGE_CHUNKS_MAX} at most")
+        if msg.indexes:
+            last = -1
+            for i in indexes:
+                if i <= last or i * cs >= end or (i + 1) * cs <= start:
+                    raise InvalidArgument(f"chunk {i} of a RangeExtents: not ascending, or "
+                                          f"outside [{start}, {end})")
+                last = i
+        lineage, chain, store = msg.lineage, msg.chain, self.store
+        stale_any = self.backfilling or bool(self.stale_self)
+        # (a chunk of a chain with collected generations is no hole unless extents says so)
+        look = indexes if stale_any or lineage in store.collected_gens else store.held(lineage, indexes)
+        held: list[int] = []
+        states: list[int] = []
+        runs: list[int] = []
+        for i in look:
+            if stale_any and self.is_stale(lineage, i):
+                held.append(i)
+                states.append(-1)
+                continue
+            base = i * cs
+            lo, hi = max(start - base, 0), min(end - base, cs)
+            ext = self.extents(lineage, i, chain, lo, hi - lo)
+            if ext is None:
+                continue
+            held.append(i)
+            states.append(len(ext))
+            for n, hole in ext:
+                runs += (n, int(hole))
+            if len(runs) >= 2 * m.RANGE_RUNS_MAX:
+                return m.RangeRuns(bisect.bisect_left(indexes, i) + 1, tuple(held),
+                                   tuple(states), tuple(runs))
+        return m.RangeRuns(len(indexes), tuple(held), tuple(states), tuple(runs))
+
     # --- the peer protocol entry point --------------------------------------------------
 
     def prepare(self, batch) -> None:
@@ -681,6 +727,8 @@ class Replica:
             if ext is None:
                 return m.Extents(False, ())
             return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
+        if type(msg) is m.RangeExtents:
+            return self.range_extents(msg)
         if isinstance(msg, m.ChunkGens):
             self._check_backfilled()
             return m.Gens(tuple(self.store.gens(msg.lineage, msg.index)))
@@ -707,6 +755,6 @@ class Replica:
 
 # the client-facing requests the replica logs (background work logs in its own modules)
 _OPS = {m.WriteChunk: "write", m.WriteBatch: "write_batch", m.ZeroChunk: "zero", m.Flush: "flush",
-        m.ReadChunk: "read", m.ChunkExtents: "block_status"}
+        m.ReadChunk: "read", m.ChunkExtents: "block_status", m.RangeExtents: "block_status"}
 # refusals the gateway handles by retrying (StaleEpoch) or asking another copy (StaleCopy)
 _TRANSIENT = (StaleEpoch, StaleCopy)

@@ -76,6 +76,9 @@ class ClusterView:
         self.no_rid = frozenset(h.id for h in cmap.hosts if h.peer_rev < 1)
         # hosts that do not take WriteBatch: their writes go one WriteChunk each
         self.no_batch = frozenset(h.id for h in cmap.hosts if h.peer_rev < m.BATCH_REV)
+        # hosts that do not take RangeExtents: block status asks them one chunk at a time
+        self.no_range_extents = frozenset(h.id for h in cmap.hosts
+                                          if h.peer_rev < m.RANGE_EXTENTS_REV)
         # hosts that do not take ReadChunk.token: a holder's reads go to them without it
         self.no_read_token = frozenset(h.id for h in cmap.hosts
                                        if h.peer_rev < m.READ_TOKEN_REV)
@@ -97,6 +100,15 @@ class ClusterView:
                 self._cache.clear()
             hosts = self._cache[k] = tuple(self._placement.place(lineage, index, n))
         return hosts
+
+    def holders(self) -> tuple[str, ...]:
+        """The hosts every chunk's `replicas` are among."""
+        return self._placement.hosts
+
+    def everywhere(self, n: int) -> frozenset[str]:
+        """The hosts in `replicas(lineage, index, n)` of every chunk (a pool of n hosts or
+        fewer: all of them), known without placing any chunk."""
+        return self._placement.everywhere(n)
 
     def first_in(self, lineage: str, index: int, among: frozenset[str]) -> bool:
         """Whether the chunk's first replica is one of `among` (vbp.placement.Placement.first_in):

@@ -123,7 +123,7 @@ import time
 import uuid
 from array import array
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import lmdb
 import msgpack
@@ -644,6 +644,12 @@ class ChunkStore:
                 if gen in gens:
                     return gen
         return None
+
+    def held(self, lineage: str, indexes: Iterable[int]) -> list[int]:
+        """The chunks of `indexes` of which some generation is here, in their order: a
+        lookup each (a block status scans a thin volume's ranges with it)."""
+        gens = self._gens
+        return [i for i in indexes if (lineage, i) in gens]
 
     def gens(self, lineage: str, index: int) -> list[int]:
         """The generations of chunk (lineage, index) held here, oldest first: without a

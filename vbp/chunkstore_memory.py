@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from vbp.chunkstore_common import (
     PAGE_MASK, PAGE_SHIFT, ZERO_PAGE, ChunkInfo, StoreStats, check_chunk_size, check_key,
@@ -93,6 +93,12 @@ class MemoryChunkStore:
                 if gen in gens:
                     return gen
         return None
+
+    def held(self, lineage: str, indexes: Iterable[int]) -> list[int]:
+        """The chunks of `indexes` of which some generation is here, in their order: a
+        lookup each (a block status scans a thin volume's ranges with it)."""
+        gens = self._gens
+        return [i for i in indexes if (lineage, i) in gens]
 
     def gens(self, lineage: str, index: int) -> list[int]:
         """The generations of chunk (lineage, index) held here, oldest first: without a

@@ -142,6 +142,17 @@ class Placement:
     def eligible_hosts(self) -> int:
         return len(self._ids)
 
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The eligible hosts, in domain order: every chunk is placed on some of them."""
+        return self._ids
+
+    def everywhere(self, n: int) -> frozenset[str]:
+        """The hosts in `place(lineage, index, n)` of every chunk, without hashing any:
+        with no more eligible hosts than n, each chunk is on all of them (place takes
+        min(n, eligible) hosts); with more, none is sure to be."""
+        return frozenset(self._ids) if 0 < len(self._ids) <= n else frozenset()
+
     def place(self, lineage: str, index: int, n: int) -> tuple[str, ...]:
         """Up to n distinct host ids, primary first (fewer if fewer hosts are eligible)."""
         if n <= 0 or not self._ids:

@@ -305,7 +305,7 @@ def test_delete_and_recreate_same_key(store):
     assert store.read(K, 0, CS) == bytes(10) + b"z" + bytes(CS - 11)
 
 
-def test_keys_and_resolve(store):
+def test_keys_and_resolve(factory, store):
     for lin, idx, gen in [("a", 0, 1), ("a", 0, 3), ("a", 1, 1), ("b", 0, 2)]:
         store.write(ChunkKey(lin, idx, gen), 0, b"x", chunk_size=CS)
     assert sorted(store.keys()) == sorted([ChunkKey("a", 0, 1), ChunkKey("a", 0, 3),
@@ -318,9 +318,15 @@ def test_keys_and_resolve(store):
     assert store.resolve("a", 1, [2]) is None
     assert store.resolve("c", 0, [1]) is None
     assert (store.gens("a", 0), store.gens("a", 1), store.gens("a", 2)) == ([1, 3], [1], [])
+    assert store.held("a", range(0, 4)) == [0, 1]
+    assert store.held("a", [1, 0, 7]) == [1, 0]  # (in the order asked)
+    assert (store.held("b", range(5)), store.held("c", range(5))) == ([0], [])
     for k in list(store.keys("a")):
         store.delete(k)
     assert list(store.keys()) == [ChunkKey("b", 0, 2)]
+    assert store.held("a", range(0, 4)) == []
+    store = factory.reopen(store)  # (the index, read back)
+    assert store.held("b", range(5)) == [0]
 
 
 def test_mixed_chunk_sizes(store):

@@ -76,6 +76,10 @@ EXAMPLES = [
     m.ChunkExtents("lin", 3, (2, 5), 0, 4 << 20, 7),
     m.Extents(True, (4096, 1, 8192, 0)),
     m.Extents(False, ()),
+    m.RangeExtents("lin", (2, 5), 4 << 20, (3 << 22) + 4096, 10 << 22, 7, (3, 5, 9)),
+    m.RangeExtents("lin", (1,), 1 << 20, 0, 4 << 30, 7, rid="r1"),
+    m.RangeRuns(3, (5, 9), (2, -1), (4096, 1, 8192, 0)),
+    m.RangeRuns(1, (), (), ()),
     m.ChunkGens("lin", 3),
     m.Gens((1, 4, 9)),
     m.CollectedGens("lin"),
@@ -136,6 +140,7 @@ def test_type_ids_are_stable():
         "ChunkState": 16, "ChunkStateReply": 17, "ChunkExtents": 18, "Extents": 19,
         "ChunkGens": 20, "Gens": 21, "ChunkIndexes": 22, "Indexes": 23, "DirtyChunks": 24,
         "WriteBatch": 25, "Written": 26, "CollectedGens": 27, "WantLease": 28, "Auth": 29,
+        "RangeExtents": 30, "RangeRuns": 31,
         "ScrubChunk": 40, "ScrubState": 41,
         "RepairPages": 42, "Repaired": 43,
     }
@@ -481,7 +486,7 @@ EVOLVED = [cls for cls in m.MESSAGE_TYPES.values()
 def test_client_data_messages_carry_a_request_id():
     assert {cls.__name__ for cls in EVOLVED} == {
         "ReadChunk", "WriteChunk", "ZeroChunk", "Flush", "ChunkExtents", "Ok", "HelloOk",
-        "WriteBatch", "Written", "Hello"}
+        "WriteBatch", "Written", "Hello", "RangeExtents"}
     for cls in EVOLVED:
         if cls not in (m.Ok, m.HelloOk, m.Written, m.Hello):
             assert "rid" in [f.name for f in _wire_order(cls)]
