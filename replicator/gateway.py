@@ -3354,6 +3354,7 @@ class VolumeGateway:
         found = 0
         pos = offset
         me, lineage, n = self.host_id, self.lineage, self.n
+        everywhere = me in replies and me in self.cluster.everywhere(n)
         for i in special:  # (the chunks between are holes: one piece for each gap)
             start = max(offset, i * cs)
             if start > pos:
@@ -3365,11 +3366,11 @@ class VolumeGateway:
             got = held.get(i, {})
             left = stale.get(i, ())
             ext = [(p.length, False)]  # (no current copy answered: data)
-            hosts = self.cluster.replicas(lineage, i, n)
-            if me in replies and me in hosts and me not in left and got.get(me) != -1:
+            if me not in left and got.get(me) != -1 and (
+                    everywhere or me in replies and me in self.cluster.replicas(lineage, i, n)):
                 ext = got.get(me)
             else:
-                for h in hosts:
+                for h in self.cluster.replicas(lineage, i, n):
                     if h == me or h in left:
                         continue
                     if h not in replies:

@@ -356,3 +356,17 @@ def test_quick_run_against_a_commit_reports_both_codes(tmp_path):
     bad = subprocess.run([*cmd[:-1], "no-such-revision-here"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and "no such commit" in bad.stderr
+
+
+def test_block_status_bench_runs_and_every_target_maps_the_same_pages():
+    """bench.block_status end to end, small: each target maps the whole device, and
+    vbp's maps (replicas 1 and 3 on three hosts) show as many data extents as qemu-nbd's
+    and nbdkit's of a raw file with the same pages written, one each."""
+    p = subprocess.run([sys.executable, "-m", "bench.block_status", "--size-gib", "8",
+                        "--pages", "12", "--request-mib", "512", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("qemu-nbd", "nbdkit", "vbp-r1", "vbp-r3"):
+        assert re.search(rf"round 0 {name} +\d+ requests .* 12 data extents", p.stdout), p.stdout
+    assert re.search(r"median vbp-r3 / qemu-nbd: [\d.]+x", p.stdout), p.stdout
+

@@ -332,3 +332,35 @@ def test_everywhere_names_the_hosts_in_every_chunks_placement(hosts, n, zones, d
     assert every == frozenset.intersection(*map(frozenset, placed)) or not every
     eligible = {h.id for h in records if h.state == "up"}
     assert every == (frozenset(eligible) if len(eligible) <= n else frozenset())
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_a_clone_maps_its_parents_pages_and_its_own(replicas):
+    """A clone of a snapshot reads its parent's chunks until it writes them (the chunks
+    of the snapshot's generation, in the clone's chain): its map shows the parent's
+    pages as data, and its own writes, whether scanned (the whole volume) or chunk by
+    chunk (ranges of fewer than SCAN_CHUNKS chunks); the parent's head, written after
+    the snapshot, does not show through."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim, rec, gw, written, sent = await thin_volume(nursery, replicas)
+            async with trio.open_nursery() as snap:
+                snap.start_soon(sim.snapshot, "v", "s1")
+                chain = gw.chain
+                while gw.chain == chain:
+                    await sim.hosts["h0"].provider.sync_records()
+                    await trio.sleep(0.05)
+            later = max(written) + 3
+            await call(gw.write(later * PAGE, b"\x07" * PAGE, False))  # (the head's alone)
+            sim.clone("v@s1", "c")
+            clone = await sim.hosts["h1"].provider.open_export("c")
+            mine = min(written) + 5
+            await call(clone.write(mine * PAGE, b"\x08" * PAGE, False))
+            want = written | {mine}
+            assert await mapped(clone, 0, SIZE) == expected(want, 0, SIZE)
+            for i in range(0, SIZE // MiB, 4):
+                assert await mapped(clone, i * MiB, 4 * MiB) == expected(want, i * MiB, 4 * MiB)
+            assert await mapped(gw, 0, SIZE) == expected(written | {later}, 0, SIZE)
+            nursery.cancel_scope.cancel()
+
+    run(main)
