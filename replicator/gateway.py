@@ -2637,8 +2637,8 @@ class VolumeGateway:
         crash faults, up). So with min_size 1 a copy is kept only if it is the one current
         copy (the others missed acknowledged writes it holds); of two or more, none is.
         Every copy is then stale, recorded in one transaction (a tie), and the election,
-        once every copy is up, takes one that did not lose power. Writes to the chunk
-        fail until then (resync runs every second)."""
+        once the copy it takes is up, takes one that did not lose power. Writes to the
+        chunk fail until then (resync runs every second)."""
         out = list(failed)
         if not took:
             current = [h for h in complete if h in failed and h not in behind]

@@ -503,8 +503,7 @@ class Resync:
         sources = [h for h in complete
                    if h != self.host_id and h not in stale and self.cluster.is_up(h)]
         if not sources:
-            if (self.host_id in complete and all(h in stale for h in complete)
-                    and all(self.cluster.is_up(h) for h in complete)):
+            if self.host_id in complete and all(h in stale for h in complete):
                 return await self._resync_all_stale(lineage, index, complete, stale,
                                                     self.cluster.joining(lineage, index, n))
         for src in sources:
@@ -547,8 +546,14 @@ class Resync:
         acknowledged, as no current copy was left. Versions cannot choose: a stale copy
         keeps taking writes that then fail below min_size, so the copy that missed an
         acknowledged write may be the one with the most writes. Generations that copy
-        lacks hold only unacknowledged writes here and go. Only while every copy is up
-        and answers, so that every stale host elects the same one.
+        lacks hold only unacknowledged writes here and go.
+        Every stale host elects the same copy: the election reads the registry's records
+        alone. It goes on while copies other than the one it takes are down: a record's
+        age is fixed when it is made (later failures move its version, not its age), and
+        what may still come to a down copy's record, its crash recovery's LACKS_EARLIER or
+        a backfill's NEVER_CURRENT, only passes over that copy more, so never changes a
+        choice that was not that copy. The copy taken is waited for while its host is
+        down: it may hold writes that no other copy holds.
         A copy that lost its unflushed writes in a power loss is passed over for the
         newest that did not, unless min_size such copies went stale after that one
         (replicator.loss.last_current).
@@ -569,6 +574,8 @@ class Resync:
                       "gives it up)", lineage, index, best)
             return False
         self._unrecoverable.discard((lineage, index))
+        if best != self.host_id and not self.cluster.is_up(best):
+            return False
         if best == self.host_id:
             self.stats.chunks += 1
             log.info("event=resynced_all_stale lineage=%s chunk=%d source=self", lineage, index)

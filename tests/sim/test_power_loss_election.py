@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from vbp.errors import VbpError
+from vbp.errors import BelowMinSize, VbpError
 from vbp.layout import MiB, ChunkKey
 from vbp.registry.base import LACKS_EARLIER
 from replicator.loss import last_current, stale_by_chunk
@@ -497,6 +497,74 @@ def test_a_copy_a_resync_records_stale_again_for_a_missed_generation_is_not_elec
             got = {h: t.sim.replica_bytes(t.sim.hosts[h], view, chain, 0)[4096:8192]
                    for h in (t.a, t.b, t.c)}
             assert got == {h: new for h in (t.a, t.b, t.c)}, got
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+async def no_copy_takes_w2(t, down: str) -> None:
+    """W1 (ACKED) acknowledged and flushed on both copies; W2 fails on both (the gateway cut
+    off from them): with min_size 1 neither stays current, both are recorded in one
+    transaction, a tie the election breaks by placement order (c first). Then `down`'s
+    host dies for good (declared down); the gateway's links heal."""
+    await call(t.gw.write(0, ACKED, False))
+    await call(t.gw.flush())
+    t.faults.partition([t.sim.hosts[t.b].addr, t.sim.hosts[t.c].addr])
+    with pytest.raises(VbpError):
+        await call(t.gw.write(8192, FAILED, False))
+    assert stale(t) == {t.b, t.c}
+    t.sim.crash(down, declare_down=True)
+    t.faults.heal()
+    t.sim.sync_maps()
+    await past_the_write_window(t)
+
+
+async def past_the_write_window(t) -> None:
+    for _ in range(5):  # (the gateway's lease kept)
+        await trio.sleep(2)
+        await t.sim.hosts[t.g].provider.renew_all()
+
+
+def test_a_chunk_with_no_current_copy_elects_one_while_another_copy_is_down_for_good():
+    """The copy the election takes (c: the records tie, c is first in placement) is up,
+    b's host is down for good. The election used to wait for every copy's host, so the
+    chunk's writes failed until b came back or an operator accepted a loss. b's record
+    cannot come to change the outcome (a record's age is fixed at its creation; b's
+    crash recovery or a backfill could only flag it, which passes over it more): c is
+    elected now, and the chunk takes writes again, b's copy left stale to resync."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await no_copy_takes_w2(t, t.b)
+            await t.sim.hosts[t.c].resync.run_once()
+            assert stale(t) == {t.b}
+            await call(t.gw.write(4096, NEW, False))  # (min_size 1: c alone takes it)
+            await t.gw.refresh_stale(t.sim.hosts[t.g].stale_map)
+            got = extents_bytes(await call(t.gw.read(0, 8192)), 0, 8192)
+            assert got == ACKED + NEW
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_the_copy_the_election_takes_is_waited_for_while_its_host_is_down():
+    """c, the copy the election takes, is on the host that went down: b, up, is not
+    elected in its place while c's host is down, since c may hold writes b lacks (here
+    it does not: it holds W1, flushed, as b does). c's host comes back, the election
+    takes c, and both copies hold W1."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            t = await two_copies(nursery)
+            await no_copy_takes_w2(t, t.c)
+            for _ in range(3):
+                await t.sim.hosts[t.b].resync.run_once()
+                await past_the_write_window(t)
+            assert stale(t) == {t.b, t.c}
+            with pytest.raises(BelowMinSize):
+                await call(t.gw.write(4096, NEW, False))
+            await t.sim.restart(t.c)
+            await elect(t)
+            await both_hold(t, ACKED)
             nursery.cancel_scope.cancel()
 
     run(main)
