@@ -534,10 +534,11 @@ class Replica:
         cs, start, end = msg.chunk_size, msg.start, msg.end
         if cs <= 0 or start < 0 or end <= start:
             raise InvalidArgument(f"a RangeExtents of [{start}, {end}) in chunks of {cs} bytes")
-        indexes = msg.indexes or range(start // cs, (end - 1) // cs + 1)
-        if len(indexes) > m.RANGE_CHUNKS_MAX:
-            raise InvalidArgument(f"a RangeExtents of {len(indexes)} chunks: "
+        count = len(msg.indexes) or (end - 1) // cs - start // cs + 1  # (no len() of a
+        if count > m.RANGE_CHUNKS_MAX:  # range past 2**63: OverflowError)
+            raise InvalidArgument(f"a RangeExtents of {count} chunks: "
                                   f"{m.RANGE_CHUNKS_MAX} at most")
+        indexes = msg.indexes or range(start // cs, (end - 1) // cs + 1)
         if msg.indexes:
             last = -1
             for i in indexes:

@@ -16,7 +16,7 @@ from dataclasses import replace as dc_replace
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from replicator import gateway
@@ -364,3 +364,30 @@ def test_a_clone_maps_its_parents_pages_and_its_own(replicas):
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=st.builds(m.RangeExtents, lineage=st.sampled_from(["lin", "", "other"]),
+                     chain=st.lists(_ints, max_size=4).map(tuple),
+                     chunk_size=st.one_of(_ints, st.sampled_from([MiB, 4 * MiB, 1])),
+                     start=st.one_of(_ints, st.integers(0, 64 * MiB)),
+                     end=st.one_of(_ints, st.integers(0, 64 * MiB)), epoch=_ints,
+                     indexes=st.one_of(st.just(()), st.lists(st.one_of(_ints, st.integers(0, 70)),
+                                                             max_size=8).map(tuple)),
+                     rid=st.text(max_size=8)))
+@example(msg=m.RangeExtents("lin", (1,), 1, 0, 2**64 - 1, 1))  # (OverflowError, found by
+@example(msg=m.RangeExtents("lin", (1,), 2**63, 0, 2**64 - 1, 1))  # hand: len() of the range)
+def test_any_range_extents_is_answered_or_refused_as_bad_input(msg):
+    """Whatever a peer puts in a RangeExtents that the codec lets through (any 64-bit
+    integers), the replica answers it or refuses it with InvalidArgument (an Error reply
+    to that request), never another exception, and never loops over a range of more
+    than RANGE_CHUNKS_MAX chunks."""
+    replica = replica_with({2: {0, 5}, 3: {1}})
+    try:
+        reply = replica.handle(msg)
+    except InvalidArgument:
+        return
+    assert type(reply) is m.RangeRuns and 1 <= reply.done <= m.RANGE_CHUNKS_MAX
