@@ -3285,7 +3285,9 @@ class VolumeGateway:
         """The hosts a block status of the range may scan (_block_status_scan), when the
         range has SCAN_CHUNKS chunks or more, at most RANGE_CHUNKS_MAX: this one alone
         when it holds a copy of every chunk, else every host chunks are placed on, if
-        each is up and takes RangeExtents; else None."""
+        they are no more than the chunks, each is up and takes RangeExtents; else None.
+        (A scan waits for its slowest host, and in a pool of more hosts than the range
+        has chunks, asking only the chunks' hosts is fewer requests.)"""
         cs = self.geometry.chunk_size
         chunks = (offset + length - 1) // cs - offset // cs + 1
         if not SCAN_CHUNKS <= chunks <= m.RANGE_CHUNKS_MAX:
@@ -3294,7 +3296,8 @@ class VolumeGateway:
             return (self.host_id,)  # (a copy of every chunk here: it alone tells holes)
         hosts = self.cluster.holders()
         old = self.cluster.no_range_extents
-        if not hosts or any(not self.cluster.is_up(h) or h in old for h in hosts):
+        if (not hosts or len(hosts) > chunks  # (more hosts than chunks: ask those holding them)
+                or any(not self.cluster.is_up(h) or h in old for h in hosts)):
             return None
         return hosts
 
@@ -3447,6 +3450,9 @@ class VolumeGateway:
                     failed.append((slot, p))
                     continue
                 runs = reply.runs
+                if reply.found and (not runs or len(runs) % 2 or any(n <= 0 for n in runs[0::2])):
+                    failed.append((slot, p))  # (no answer of a replica)
+                    continue
                 out[slot] = ([(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)]
                              if reply.found else None)
             return
@@ -3534,9 +3540,10 @@ def _scanned(replies: dict, hosts: int, chunks: int):
     done = chunks
     for h, r in replies.items():
         indexes, states, runs = r.indexes, r.states, r.runs
-        if (not 0 < r.done <= chunks or len(indexes) != len(states)
-                or 2 * sum(k for k in states if k > 0) != len(runs)):
-            return None
+        if (not 0 < r.done <= chunks or len(indexes) != len(states) or 0 in states
+                or 2 * sum(k for k in states if k > 0) != len(runs)
+                or any(n <= 0 for n in runs[0::2])):
+            return None  # (a chunk listed has runs, or -1; a run has a length)
         done = min(done, r.done)
         at = 0
         for i, k in zip(indexes, states):

@@ -391,3 +391,50 @@ def test_any_range_extents_is_answered_or_refused_as_bad_input(msg):
     except InvalidArgument:
         return
     assert type(reply) is m.RangeRuns and 1 <= reply.done <= m.RANGE_CHUNKS_MAX
+
+
+@pytest.mark.parametrize("reply", [
+    m.RangeRuns(4, (2,), (0,), ()),  # a chunk listed with no run: its piece would vanish
+    m.RangeRuns(4, (2,), (1,), (0, 1)),  # a run of no length
+    m.RangeRuns(4, (2,), (1,), (-4096, 0)),
+    m.RangeRuns(4, (2,), (2,), (4096, 0)),  # runs missing
+    m.RangeRuns(0, (), (), ()),  # nothing answered
+    m.RangeRuns(5, (), (), ()),  # more than asked
+])
+def test_a_reply_no_replica_sends_fails_the_scan(reply):
+    """A RangeRuns a replica never sends (a peer's bug) makes the scan give up (None: the
+    range goes chunk by chunk), never shifts the runs of the chunks after it: a chunk
+    listed with no run dropped its piece from the merged map, and the next chunk's runs
+    took its place."""
+    good = m.RangeRuns(4, (1,), (1,), (MiB, 0))
+    assert gateway._scanned({"h1": good}, 1, 4) == ({1: {"h1": [(MiB, False)]}}, 4)
+    assert gateway._scanned({"h1": good, "h2": reply}, 2, 4) is None
+
+
+def test_a_small_range_of_a_pool_of_more_hosts_than_chunks_asks_only_their_hosts():
+    """20 hosts, replicas=1, a range of 16 chunks: the scan would ask all 19 other hosts
+    (and wait for the slowest); chunk by chunk asks only the hosts of those chunks, one
+    RangeExtents each. The map is the same."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            sim = Sim(5, hosts=20, zones=4)
+            await sim.start(nursery, loops=False)
+            rec = sim.create_volume("v", SIZE, replicas=1, min_size=1)
+            gw = await sim.hosts["h0"].provider.open_export("v")
+            for i in (0, 5, 9, 15, 40):
+                await call(gw.write(i * MiB + 8192, b"\x05" * PAGE, False))
+            sent: list = []
+            faults = sim.hosts["h0"].faults
+            on_call = faults.on_call
+            faults.on_call = lambda a, msg: sent.append((a, msg)) or on_call(a, msg)
+            written = {(i * MiB + 8192) // PAGE for i in (0, 5, 9, 15)}
+            assert await mapped(gw, 0, 16 * MiB) == expected(written, 0, 16 * MiB)
+            placed = {gw.cluster.replicas(rec.lineage, i, 1)[0] for i in range(16)} - {"h0"}
+            assert {a for a, _ in sent} == {sim.hosts[h].addr for h in placed}
+            assert len(sent) == len(placed) and all(type(msg) is m.RangeExtents for _, msg in sent)
+            sent.clear()  # (the whole volume, 64 chunks: scanned)
+            assert await mapped(gw, 0, SIZE) == expected(written | {40 * MiB // PAGE + 2}, 0, SIZE)
+            assert len(sent) == 19
+            nursery.cancel_scope.cancel()
+
+    run(main)
