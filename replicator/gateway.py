@@ -3288,8 +3288,7 @@ class VolumeGateway:
         they are no more than the chunks, each is up and takes RangeExtents; else None.
         (A scan waits for its slowest host, and in a pool of more hosts than the range
         has chunks, asking only the chunks' hosts is fewer requests.)"""
-        cs = self.geometry.chunk_size
-        chunks = (offset + length - 1) // cs - offset // cs + 1
+        chunks = self.geometry.chunks_touched(offset, length)
         if not SCAN_CHUNKS <= chunks <= m.RANGE_CHUNKS_MAX:
             return None
         if self.host_id in self.cluster.everywhere(self.n):
@@ -3337,7 +3336,7 @@ class VolumeGateway:
     def _scanned_status(self, offset: int, length: int, replies: dict, hosts: int):
         """block_status from the RangeRuns `replies` of a scan by `hosts` hosts."""
         cs = self.geometry.chunk_size
-        seen = _scanned(replies, hosts, (offset + length - 1) // cs - offset // cs + 1)
+        seen = _scanned(replies, hosts, self.geometry.chunks_touched(offset, length))
         if seen is None:  # (a host did not answer, or not as a replica does)
             return self._block_status_each(offset, length, self._own_current())
         held, done = seen
@@ -3358,11 +3357,15 @@ class VolumeGateway:
         pos = offset
         me, lineage, n = self.host_id, self.lineage, self.n
         everywhere = me in replies and me in self.cluster.everywhere(n)
-        for i in special:  # (the chunks between are holes: one piece for each gap)
+
+        def gap(upto: int) -> None:  # (the chunks between are holes: one piece for them)
+            pieces.append(Piece(pos >> self._shift, pos & (cs - 1), upto - pos, pos - offset))
+            out.append(None)
+
+        for i in special:
             start = max(offset, i * cs)
             if start > pos:
-                pieces.append(Piece(pos >> self._shift, pos & (cs - 1), start - pos, pos - offset))
-                out.append(None)
+                gap(start)
                 found += 1
             p = Piece(i, start - i * cs, min(end, (i + 1) * cs) - start, start - offset)
             pieces.append(p)
@@ -3391,8 +3394,7 @@ class VolumeGateway:
                 break
         else:
             if end > pos:
-                pieces.append(Piece(pos >> self._shift, pos & (cs - 1), end - pos, pos - offset))
-                out.append(None)
+                gap(end)
         if remote:
             return self._block_status_remote(out, remote, pieces)
         self._check_served()
@@ -3453,8 +3455,7 @@ class VolumeGateway:
                 if reply.found and (not runs or len(runs) % 2 or any(n <= 0 for n in runs[0::2])):
                     failed.append((slot, p))  # (no answer of a replica)
                     continue
-                out[slot] = ([(runs[i], bool(runs[i + 1])) for i in range(0, len(runs), 2)]
-                             if reply.found else None)
+                out[slot] = _run_pairs(runs, 0, len(runs)) if reply.found else None
             return
         cs = self.geometry.chunk_size
         while items:
@@ -3529,6 +3530,12 @@ def _flush_failed(which: str, error: BaseException) -> VbpError:
     return err
 
 
+def _run_pairs(flat, start: int, stop: int) -> list[tuple[int, bool]]:
+    """The (length, is_hole) runs of flat[start:stop], a peer's (length, is_hole) pairs
+    flattened (Extents, RangeRuns)."""
+    return [(flat[j], bool(flat[j + 1])) for j in range(start, stop, 2)]
+
+
 def _scanned(replies: dict, hosts: int, chunks: int):
     """The RangeRuns `replies` ({host: reply}) of a scan of `chunks` chunks by `hosts` hosts
     -> ({index: {host: -1 (stale there) or its runs [(length, is_hole)]}} of the chunks
@@ -3550,7 +3557,7 @@ def _scanned(replies: dict, hosts: int, chunks: int):
             if k < 0:
                 v = -1
             else:
-                v = [(runs[j], bool(runs[j + 1])) for j in range(at, at + 2 * k, 2)]
+                v = _run_pairs(runs, at, at + 2 * k)
                 at += 2 * k
             held.setdefault(i, {})[h] = v
     return held, done

@@ -565,8 +565,7 @@ class Replica:
                 continue
             held.append(i)
             states.append(len(ext))
-            for n, hole in ext:
-                runs += (n, int(hole))
+            runs += _flat_runs(ext)
             if len(runs) >= 2 * m.RANGE_RUNS_MAX:
                 return m.RangeRuns(bisect.bisect_left(indexes, i) + 1, tuple(held),
                                    tuple(states), tuple(runs))
@@ -727,7 +726,7 @@ class Replica:
             ext = self.extents(msg.lineage, msg.index, msg.chain, msg.offset, msg.length)
             if ext is None:
                 return m.Extents(False, ())
-            return m.Extents(True, tuple(x for n, hole in ext for x in (n, int(hole))))
+            return m.Extents(True, tuple(_flat_runs(ext)))
         if type(msg) is m.RangeExtents:
             return self.range_extents(msg)
         if isinstance(msg, m.ChunkGens):
@@ -752,6 +751,12 @@ class Replica:
         if isinstance(msg, m.Ping):
             return m.Pong(self.host_id, self._epoch())
         raise InvalidArgument(f"unexpected peer message {type(msg).__name__}")
+
+
+def _flat_runs(ext):
+    """A chunk's (length, is_hole) runs as the peer messages carry them: flattened, the
+    flag an int (Extents, RangeRuns)."""
+    return (x for n, hole in ext for x in (n, int(hole)))
 
 
 # the client-facing requests the replica logs (background work logs in its own modules)

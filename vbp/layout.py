@@ -140,6 +140,10 @@ class Geometry:
         start = index * self.chunk_size
         return max(0, min(self.chunk_size, self.size - start))
 
+    def chunks_touched(self, offset: int, length: int) -> int:
+        """How many chunks [offset, offset+length) touches (length > 0)."""
+        return (offset + length - 1) // self.chunk_size - offset // self.chunk_size + 1
+
     def pieces(self, offset: int, length: int) -> Iterator[Piece]:
         """Split [offset, offset+length) into per-chunk pieces. The caller checks bounds."""
         cs = self.chunk_size
